@@ -1,0 +1,1049 @@
+//! Ultimately pseudo-periodic piecewise-linear curves and the operators of (min,+) / (max,+)
+//! algebra on them.
+//!
+//! A [`Curve`] `f` is described on `[0, T + d)` by a list of [`Seg`]s; beyond that it repeats:
+//! `f(t + d) = f(t) + c` for every `t >= T`. Each segment gives the value *at* its start point
+//! and the line on the open interval up to the next start point, so jumps (left- and
+//! right-continuous staircases, the shape of every event-count curve) are represented exactly.
+//!
+//! All operators are exact. The ones whose result has a structure derived from both operands
+//! (convolution, deconvolution, pointwise operations on different periods) compute the result on
+//! a finite window whose length is proven sufficient (see each function) and then extend it
+//! periodically. Results that would need more than [`MAX_SEGMENTS`] segments are refused with
+//! [`CurveError::TooComplex`] instead of exhausting memory.
+
+use crate::q::Q;
+use std::fmt;
+
+/// Upper limit on the number of segments an operation may materialise.
+pub const MAX_SEGMENTS: usize = 2_000_000;
+
+/// Errors of curve operations. They describe the mathematical reason; callers add context.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CurveError {
+    #[error("the result is unbounded ({0})")]
+    Unbounded(&'static str),
+    #[error("the result needs more than {MAX_SEGMENTS} segments (periods with a very large common multiple?)")]
+    TooComplex,
+    #[error("invalid curve: {0}")]
+    Invalid(String),
+    #[error("the operation needs a non-decreasing curve")]
+    NotMonotone,
+}
+
+pub type Result<T> = std::result::Result<T, CurveError>;
+
+/// One piece of a curve: `f(x) = y`, and `f(t) = yr + s (t - x)` for `t` in the open interval
+/// up to the next segment's `x`.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Seg {
+    pub x: Q,
+    pub y: Q,
+    pub yr: Q,
+    pub s: Q,
+}
+
+impl Seg {
+    pub fn new(x: Q, y: Q, yr: Q, s: Q) -> Seg {
+        Seg { x, y, yr, s }
+    }
+    /// A continuous piece starting at `(x, y)` with slope `s`.
+    pub fn line(x: Q, y: Q, s: Q) -> Seg {
+        Seg { x, yr: y.clone(), y, s }
+    }
+    /// The line's value at `t` (meaningful for `t` in the segment's closed interval).
+    pub fn at(&self, t: &Q) -> Q {
+        if self.s.is_zero() {
+            self.yr.clone()
+        } else {
+            &self.yr + &self.s * (t - &self.x)
+        }
+    }
+    fn shifted(&self, dx: &Q, dy: &Q) -> Seg {
+        Seg { x: &self.x + dx, y: &self.y + dy, yr: &self.yr + dy, s: self.s.clone() }
+    }
+}
+
+impl fmt::Debug for Seg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{}: {} | {} {:+}]", self.x, self.y, self.yr, self.s.to_f64())
+    }
+}
+
+/// An ultimately pseudo-periodic piecewise-linear function on `[0, ∞)`.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Curve {
+    segs: Vec<Seg>,
+    t: Q,
+    d: Q,
+    c: Q,
+}
+
+impl fmt::Debug for Curve {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Curve{{T={} d={} c={} {:?}}}", self.t, self.d, self.c, self.segs)
+    }
+}
+
+/// Segment end (start of the next one, or `end` for the last one).
+fn seg_end<'a>(segs: &'a [Seg], i: usize, end: &'a Q) -> &'a Q {
+    segs.get(i + 1).map(|s| &s.x).unwrap_or(end)
+}
+
+/// Index of the segment containing `x` (last with `seg.x <= x`).
+fn find_seg(segs: &[Seg], x: &Q) -> usize {
+    segs.partition_point(|s| &s.x <= x).saturating_sub(1)
+}
+
+/// Value at `x` of a finite segment list (x inside its range).
+fn fin_eval(segs: &[Seg], x: &Q) -> Q {
+    let i = find_seg(segs, x);
+    let s = &segs[i];
+    if &s.x == x {
+        s.y.clone()
+    } else {
+        s.at(x)
+    }
+}
+
+/// Right limit at `x` of a finite segment list.
+fn fin_right(segs: &[Seg], x: &Q) -> Q {
+    segs[find_seg(segs, x)].at(x)
+}
+
+/// Merges adjacent segments that continue each other exactly.
+fn merge_collinear(segs: Vec<Seg>) -> Vec<Seg> {
+    let mut out: Vec<Seg> = Vec::with_capacity(segs.len());
+    for s in segs {
+        if let Some(p) = out.last() {
+            let v = p.at(&s.x);
+            if s.y == v && s.yr == v && s.s == p.s {
+                continue;
+            }
+        }
+        out.push(s);
+    }
+    out
+}
+
+/// Splits a finite list so that `x` is a breakpoint (no-op if it already is or is out of range).
+fn split_at(segs: &mut Vec<Seg>, x: &Q) -> usize {
+    let i = find_seg(segs, x);
+    if &segs[i].x == x {
+        return i;
+    }
+    let v = segs[i].at(x);
+    let s = segs[i].s.clone();
+    segs.insert(i + 1, Seg::new(x.clone(), v.clone(), v, s));
+    i + 1
+}
+
+impl Curve {
+    // ----------------------------------------------------------------- construction
+
+    /// Builds a curve from segments covering at least `[0, t + d)`; segments at or beyond
+    /// `t + d` are dropped and `t` is made a breakpoint.
+    pub fn from_parts(mut segs: Vec<Seg>, t: Q, d: Q, c: Q) -> Result<Curve> {
+        if !d.is_positive() {
+            return Err(CurveError::Invalid(format!("period must be positive, got {d}")));
+        }
+        if t.is_negative() {
+            return Err(CurveError::Invalid(format!("periodic start must be >= 0, got {t}")));
+        }
+        if segs.is_empty() || !segs[0].x.is_zero() {
+            return Err(CurveError::Invalid("segments must start at 0".into()));
+        }
+        if segs.windows(2).any(|w| w[0].x >= w[1].x) {
+            return Err(CurveError::Invalid("segment start points must increase".into()));
+        }
+        let end = &t + &d;
+        segs.retain(|s| s.x < end);
+        split_at(&mut segs, &t);
+        let segs = merge_collinear(segs);
+        let mut c = Curve { segs, t, d, c };
+        // `t` may have been merged away; it must remain a breakpoint.
+        let tt = c.t.clone();
+        split_at(&mut c.segs, &tt);
+        c.shrink_transient();
+        Ok(c)
+    }
+
+    /// `f(t) = v` everywhere.
+    pub fn constant(v: Q) -> Curve {
+        Curve { segs: vec![Seg::line(Q::zero(), v, Q::zero())], t: Q::zero(), d: Q::one(), c: Q::zero() }
+    }
+
+    pub fn zero() -> Curve {
+        Curve::constant(Q::zero())
+    }
+
+    /// `f(0) = at0`, `f(t) = b + r t` for `t > 0`.
+    pub fn affine(at0: Q, b: Q, r: Q) -> Curve {
+        Curve { segs: vec![Seg::new(Q::zero(), at0, b, r.clone())], t: Q::zero(), d: Q::one(), c: r }
+            .fix_origin_pattern()
+    }
+
+    /// `f(t) = max(0, r (t - latency))` (a rate-latency service curve).
+    pub fn rate_latency(r: Q, latency: Q) -> Curve {
+        if latency.is_positive() {
+            let segs = vec![Seg::line(Q::zero(), Q::zero(), Q::zero()), Seg::line(latency.clone(), Q::zero(), r.clone())];
+            Curve { segs, t: latency, d: Q::one(), c: r }
+        } else {
+            Curve { segs: vec![Seg::line(Q::zero(), Q::zero(), r.clone())], t: Q::zero(), d: Q::one(), c: r }
+        }
+    }
+
+    /// When the pattern starts at 0 with a jump there, move the periodic start one period on
+    /// (the value at 0 is special: it is not repeated).
+    fn fix_origin_pattern(self) -> Curve {
+        if self.t.is_zero() && self.segs[0].y != self.segs[0].yr {
+            let segs = self.unroll_raw(&(&self.d + &self.d));
+            let (d, c) = (self.d.clone(), self.c.clone());
+            Curve::from_parts(segs, d.clone(), d, c).unwrap_or(self)
+        } else {
+            self
+        }
+    }
+
+    // ----------------------------------------------------------------- accessors
+
+    pub fn segments(&self) -> &[Seg] {
+        &self.segs
+    }
+    pub fn periodic_start(&self) -> &Q {
+        &self.t
+    }
+    pub fn period(&self) -> &Q {
+        &self.d
+    }
+    pub fn increment(&self) -> &Q {
+        &self.c
+    }
+    /// Long-run rate `c / d`.
+    pub fn rate(&self) -> Q {
+        &self.c / &self.d
+    }
+    fn base_end(&self) -> Q {
+        &self.t + &self.d
+    }
+
+    /// Maps `x` into the described window: returns `(x', k)` with `f(x) = f(x') + k c`.
+    fn reduce(&self, x: &Q) -> (Q, Q) {
+        let end = self.base_end();
+        if x < &end {
+            return (x.clone(), Q::zero());
+        }
+        let k = ((x - &self.t) / &self.d).floor();
+        (x - &k * &self.d, k)
+    }
+
+    pub fn eval(&self, x: &Q) -> Q {
+        let (x, k) = self.reduce(x);
+        fin_eval(&self.segs, &x) + k * &self.c
+    }
+
+    /// `lim f(t)` as `t` decreases to `x`.
+    pub fn eval_right(&self, x: &Q) -> Q {
+        let (x, k) = self.reduce(x);
+        fin_right(&self.segs, &x) + k * &self.c
+    }
+
+    /// `lim f(t)` as `t` increases to `x` (for `x = 0`, `f(0)`).
+    pub fn eval_left(&self, x: &Q) -> Q {
+        if !x.is_positive() {
+            return self.segs[0].y.clone();
+        }
+        let end = self.base_end();
+        let (xr, k) = if x <= &end {
+            (x.clone(), Q::zero())
+        } else {
+            let k = ((x - &self.t) / &self.d).ceil() - Q::one();
+            (x - &k * &self.d, k)
+        };
+        let i = self.segs.partition_point(|s| s.x < xr).saturating_sub(1);
+        self.segs[i].at(&xr) + k * &self.c
+    }
+
+    /// The segments covering `[0, h)`, repeating the pattern as needed.
+    pub fn unroll(&self, h: &Q) -> Result<Vec<Seg>> {
+        let end = self.base_end();
+        if h > &end {
+            let periods = ((h - &end) / &self.d).ceil();
+            let per = self.segs.len() - find_seg(&self.segs, &self.t);
+            let n = periods.to_f64() * per as f64 + self.segs.len() as f64;
+            if !(n <= MAX_SEGMENTS as f64) {
+                return Err(CurveError::TooComplex);
+            }
+        }
+        Ok(self.unroll_raw(h))
+    }
+
+    fn unroll_raw(&self, h: &Q) -> Vec<Seg> {
+        let mut out: Vec<Seg> = self.segs.iter().filter(|s| &s.x < h).cloned().collect();
+        let end = self.base_end();
+        if h <= &end {
+            return out;
+        }
+        let p0 = find_seg(&self.segs, &self.t);
+        let pattern = &self.segs[p0..];
+        let mut k = Q::one();
+        loop {
+            let dx = &k * &self.d;
+            let dy = &k * &self.c;
+            for s in pattern {
+                let n = s.shifted(&dx, &dy);
+                if &n.x >= h {
+                    return out;
+                }
+                out.push(n);
+            }
+            k = k + Q::one();
+        }
+    }
+
+    /// Bounds `m <= f(t) - rate t <= M` over all `t >= 0` (values and one-sided limits).
+    pub fn affine_bounds(&self) -> (Q, Q) {
+        let r = self.rate();
+        let end = self.base_end();
+        let mut lo: Option<Q> = None;
+        let mut hi: Option<Q> = None;
+        let mut see = |v: Q| {
+            if lo.as_ref().map_or(true, |l| &v < l) {
+                lo = Some(v.clone());
+            }
+            if hi.as_ref().map_or(true, |h| &v > h) {
+                hi = Some(v);
+            }
+        };
+        for (i, s) in self.segs.iter().enumerate() {
+            let e = seg_end(&self.segs, i, &end);
+            let rx = &r * &s.x;
+            see(&s.y - &rx);
+            see(&s.yr - &rx);
+            see(s.at(e) - &r * e);
+        }
+        (lo.unwrap_or_default(), hi.unwrap_or_default())
+    }
+
+    /// `true` when `f` never decreases (checked exactly on the description).
+    pub fn is_nondecreasing(&self) -> bool {
+        if self.c.is_negative() {
+            return false;
+        }
+        let end = self.base_end();
+        let mut prev: Option<Q> = None;
+        for (i, s) in self.segs.iter().enumerate() {
+            if let Some(p) = &prev {
+                if &s.y < p {
+                    return false;
+                }
+            }
+            if s.yr < s.y || s.s.is_negative() {
+                return false;
+            }
+            prev = Some(s.at(seg_end(&self.segs, i, &end)));
+        }
+        // The jump into the next period.
+        let first_pattern = &self.segs[find_seg(&self.segs, &self.t)];
+        prev.map_or(true, |p| &first_pattern.y + &self.c >= p)
+    }
+
+    /// Smallest transient start consistent with the periodic description (checked on
+    /// breakpoints), which keeps repeated operations from growing curves needlessly.
+    fn shrink_transient(&mut self) {
+        if self.t.is_zero() {
+            return;
+        }
+        let p0 = find_seg(&self.segs, &self.t);
+        // Candidate starts: breakpoints before t, latest first; stop at the first failure.
+        let mut best = p0;
+        let ext = self.unroll_raw(&(&self.t + &self.d + &self.d));
+        let mut j = p0;
+        while j > 0 {
+            let cand = j - 1;
+            if self.periodic_from(&ext, cand) {
+                best = cand;
+                j = cand;
+            } else {
+                break;
+            }
+        }
+        if best != p0 {
+            let t = self.segs[best].x.clone();
+            let end = &t + &self.d;
+            let mut segs: Vec<Seg> = ext.into_iter().filter(|s| s.x < end).collect();
+            split_at(&mut segs, &t);
+            self.segs = merge_collinear(segs);
+            self.t = t;
+            let tt = self.t.clone();
+            split_at(&mut self.segs, &tt);
+        }
+    }
+
+    /// Whether `f(x + d) = f(x) + c` holds for every `x` in `[segs[i].x, t)`.
+    fn periodic_from(&self, ext: &[Seg], i: usize) -> bool {
+        let x0 = &self.segs[i].x;
+        let mut xs: Vec<Q> = self.segs[i..].iter().map(|s| s.x.clone()).filter(|x| x < &self.t).collect();
+        for s in ext.iter() {
+            let back = &s.x - &self.d;
+            if &back >= x0 && back < self.t {
+                xs.push(back);
+            }
+        }
+        xs.sort();
+        xs.dedup();
+        for x in &xs {
+            let xd = x + &self.d;
+            if fin_eval(ext, &xd) != fin_eval(ext, x) + &self.c
+                || fin_right(ext, &xd) != fin_right(ext, x) + &self.c
+                || ext[find_seg(ext, &xd)].s != ext[find_seg(ext, x)].s
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    // ----------------------------------------------------------------- simple transforms
+
+    /// `k · f`.
+    pub fn scale(&self, k: &Q) -> Curve {
+        let segs = self.segs.iter().map(|s| Seg::new(s.x.clone(), &s.y * k, &s.yr * k, &s.s * k)).collect();
+        Curve::from_parts(segs, self.t.clone(), self.d.clone(), &self.c * k).unwrap_or_else(|_| self.clone())
+    }
+
+    /// `-f`.
+    pub fn neg(&self) -> Curve {
+        self.scale(&Q::int(-1))
+    }
+
+    /// `f + v`.
+    pub fn offset(&self, v: &Q) -> Curve {
+        let segs = self.segs.iter().map(|s| Seg::new(s.x.clone(), &s.y + v, &s.yr + v, s.s.clone())).collect();
+        Curve { segs, t: self.t.clone(), d: self.d.clone(), c: self.c.clone() }
+    }
+
+    /// `g(t) = fill` for `t < delta`, `f(t - delta)` for `t >= delta` (delta >= 0).
+    pub fn shift_right(&self, delta: &Q, fill: &Q) -> Curve {
+        if !delta.is_positive() {
+            return self.clone();
+        }
+        let mut segs = vec![Seg::line(Q::zero(), fill.clone(), Q::zero())];
+        segs.extend(self.segs.iter().map(|s| s.shifted(delta, &Q::zero())));
+        Curve::from_parts(segs, &self.t + delta, self.d.clone(), self.c.clone()).unwrap_or_else(|_| self.clone())
+    }
+
+    /// `g(t) = f(t + delta)` (delta >= 0).
+    pub fn shift_left(&self, delta: &Q) -> Curve {
+        if !delta.is_positive() {
+            return self.clone();
+        }
+        let h = delta + &self.t + &self.d + &self.d;
+        let mut segs = self.unroll_raw(&h);
+        let i = split_at(&mut segs, delta);
+        let segs: Vec<Seg> = segs[i..].iter().map(|s| s.shifted(&-delta, &Q::zero())).collect();
+        let t = if &self.t > delta { &self.t - delta } else { Q::zero() };
+        Curve::from_parts(segs, t, self.d.clone(), self.c.clone()).unwrap_or_else(|_| self.clone())
+    }
+
+    /// The same curve with `f(0)` replaced by `v`.
+    pub fn with_value_at_zero(&self, v: &Q) -> Curve {
+        let mut c = if self.t.is_zero() {
+            let segs = self.unroll_raw(&(&self.d + &self.d));
+            Curve { segs, t: self.d.clone(), d: self.d.clone(), c: self.c.clone() }
+        } else {
+            self.clone()
+        };
+        c.segs[0].y = v.clone();
+        c
+    }
+
+    // ----------------------------------------------------------------- pointwise operations
+
+    fn binary(&self, o: &Curve, op: Op) -> Result<Curve> {
+        let (r1, r2) = (self.rate(), o.rate());
+        let (t, d, c) = match op {
+            Op::Add | Op::Sub => {
+                let l = Q::lcm(&self.d, &o.d).ok_or(CurveError::TooComplex)?;
+                let c1 = &self.c * (&l / &self.d);
+                let c2 = &o.c * (&l / &o.d);
+                let c = if op == Op::Add { c1 + c2 } else { c1 - c2 };
+                (Q::max(&self.t, &o.t), l, c)
+            }
+            Op::Min | Op::Max => {
+                if r1 == r2 {
+                    let l = Q::lcm(&self.d, &o.d).ok_or(CurveError::TooComplex)?;
+                    let c = &r1 * &l;
+                    (Q::max(&self.t, &o.t), l, c)
+                } else {
+                    // The curve of lower rate eventually stays below the other.
+                    let (lo, hi) = if r1 < r2 { (self, o) } else { (o, self) };
+                    let (_, m_lo) = lo.affine_bounds();
+                    let (m_hi, _) = hi.affine_bounds();
+                    let cross = ((m_lo - m_hi) / (hi.rate() - lo.rate())).ceil();
+                    let winner = if op == Op::Min { lo } else { hi };
+                    let t = Q::max(&winner.t, &Q::max(&cross, &Q::zero()));
+                    (t, winner.d.clone(), winner.c.clone())
+                }
+            }
+        };
+        let h = &t + &d;
+        let a = self.unroll(&h)?;
+        let b = o.unroll(&h)?;
+        Curve::from_parts(combine(&a, &b, &h, op), t, d, c)
+    }
+
+    pub fn add(&self, o: &Curve) -> Result<Curve> {
+        self.binary(o, Op::Add)
+    }
+    pub fn sub(&self, o: &Curve) -> Result<Curve> {
+        self.binary(o, Op::Sub)
+    }
+    pub fn min(&self, o: &Curve) -> Result<Curve> {
+        self.binary(o, Op::Min)
+    }
+    pub fn max(&self, o: &Curve) -> Result<Curve> {
+        self.binary(o, Op::Max)
+    }
+
+    /// Pointwise `max(f, 0)`.
+    pub fn clamp_nonnegative(&self) -> Result<Curve> {
+        self.max(&Curve::zero())
+    }
+
+    // ----------------------------------------------------------------- staircases
+
+    /// `⌊f⌋` (`floor = true`) or `⌈f⌉`, an integer staircase.
+    pub fn round(&self, floor: bool) -> Result<Curve> {
+        // An integer increment per period is needed; repeat the period until it is.
+        let mut k = Q::one();
+        while !(&self.c * &k).is_integer() {
+            k = k + Q::one();
+            if k > Q::int(1_000_000) {
+                return Err(CurveError::TooComplex);
+            }
+        }
+        let d = &self.d * &k;
+        let c = &self.c * &k;
+        let end = &self.t + &d;
+        let segs = self.unroll(&end)?;
+        let rnd = |v: &Q| if floor { v.floor() } else { v.ceil() };
+        let mut out = Vec::new();
+        let mut budget = MAX_SEGMENTS;
+        for (i, s) in segs.iter().enumerate() {
+            let e = seg_end(&segs, i, &end).clone();
+            // Just after x the line moves away from yr in the direction of its slope.
+            let right = if s.yr.is_integer() && floor && s.s.is_negative() {
+                &s.yr - &Q::one()
+            } else if s.yr.is_integer() && !floor && s.s.is_positive() {
+                &s.yr + &Q::one()
+            } else {
+                rnd(&s.yr)
+            };
+            out.push(Seg::new(s.x.clone(), rnd(&s.y), right, Q::zero()));
+            if s.s.is_zero() {
+                continue;
+            }
+            // Each integer level crossed strictly inside (x, e).
+            let ve = s.at(&e);
+            let up = s.s.is_positive();
+            let (mut lvl, last) = if up { (s.yr.floor() + Q::one(), ve.ceil() - Q::one()) } else { (s.yr.ceil() - Q::one(), ve.floor() + Q::one()) };
+            while (up && lvl <= last) || (!up && lvl >= last) {
+                let x = &s.x + (&lvl - &s.yr) / &s.s;
+                if x > s.x && x < e {
+                    // At the crossing f = lvl exactly; just after, f is above (up) or below.
+                    let after = if up {
+                        if floor { lvl.clone() } else { &lvl + &Q::one() }
+                    } else if floor {
+                        &lvl - &Q::one()
+                    } else {
+                        lvl.clone()
+                    };
+                    out.push(Seg::new(x, lvl.clone(), after, Q::zero()));
+                    budget = budget.checked_sub(1).ok_or(CurveError::TooComplex)?;
+                }
+                lvl = if up { lvl + Q::one() } else { lvl - Q::one() };
+            }
+        }
+        Curve::from_parts(out, self.t.clone(), d, c)
+    }
+
+    pub fn floor(&self) -> Result<Curve> {
+        self.round(true)
+    }
+    pub fn ceil(&self) -> Result<Curve> {
+        self.round(false)
+    }
+
+    // ----------------------------------------------------------------- (min,+) algebra
+
+    /// Min-plus convolution `(f ⊗ g)(t) = inf_{0<=s<=t} f(t-s) + g(s)`.
+    ///
+    /// Window: equal rates: periodic from `Tf + Tg + lcm(df, dg)` with period `lcm`; otherwise
+    /// the splits that use more than `S*` of the faster curve are never better than putting
+    /// everything on the slower one, so the result follows the slower curve's period from
+    /// `T_slow + S*`.
+    pub fn conv(&self, o: &Curve) -> Result<Curve> {
+        let (rf, rg) = (self.rate(), o.rate());
+        let (t, d, c) = if rf == rg {
+            let l = Q::lcm(&self.d, &o.d).ok_or(CurveError::TooComplex)?;
+            (&self.t + &o.t + &l, l.clone(), &rf * &l)
+        } else {
+            let (slow, fast) = if rf < rg { (self, o) } else { (o, self) };
+            let (ms, mxs) = slow.affine_bounds();
+            let (mf, _) = fast.affine_bounds();
+            let s_star = (fast.eval(&Q::zero()) + &mxs - &ms - &mf) / (fast.rate() - slow.rate());
+            let s_star = Q::max(&s_star.ceil(), &Q::zero());
+            (&slow.t + &s_star, slow.d.clone(), slow.c.clone())
+        };
+        let h = &t + &d;
+        let a = self.unroll(&h)?;
+        let b = o.unroll(&h)?;
+        Curve::from_parts(fin_conv(&a, &b, &h)?, t, d, c)
+    }
+
+    /// Min-plus deconvolution `(f ⊘ g)(t) = sup_{u>=0} f(t+u) - g(u)`.
+    ///
+    /// Finite only when `g` grows at least as fast as `f`. The result repeats with `f`'s period
+    /// from `Tf`; the supremum is attained for `u` below a bound derived from the affine bounds
+    /// (different rates) or within one common period after both transients (equal rates).
+    pub fn deconv(&self, o: &Curve) -> Result<Curve> {
+        let (rf, rg) = (self.rate(), o.rate());
+        if rf > rg {
+            return Err(CurveError::Unbounded("deconvolution by a curve of smaller long-run rate"));
+        }
+        let u_max = if rf == rg {
+            let l = Q::lcm(&self.d, &o.d).ok_or(CurveError::TooComplex)?;
+            Q::max(&self.t, &o.t) + l
+        } else {
+            let (mf, mxf) = self.affine_bounds();
+            let (mg, _) = o.affine_bounds();
+            let u = (&mxf - &mf - &mg + o.eval(&Q::zero())) / (&rg - &rf);
+            Q::max(&u.ceil(), &Q::zero())
+        } + Q::one();
+        let t = self.t.clone();
+        let h = &t + &self.d;
+        let a = self.unroll(&(&h + &u_max))?;
+        let b = o.unroll(&u_max)?;
+        Curve::from_parts(fin_deconv(&a, &(&h + &u_max), &b, &u_max, &h)?, t, self.d.clone(), self.c.clone())
+    }
+
+    /// Max-plus convolution `sup_{0<=s<=t} f(t-s) + g(s)`.
+    pub fn maxplus_conv(&self, o: &Curve) -> Result<Curve> {
+        Ok(self.neg().conv(&o.neg())?.neg())
+    }
+
+    /// Max-plus deconvolution `inf_{u>=0} f(t+u) - g(u)`.
+    pub fn maxplus_deconv(&self, o: &Curve) -> Result<Curve> {
+        Ok(self.neg().deconv(&o.neg())?.neg())
+    }
+
+    /// `sup_{0<=s<=t} f(s)`: the smallest non-decreasing curve above `f`.
+    pub fn running_max(&self) -> Result<Curve> {
+        self.maxplus_conv(&Curve::zero())
+    }
+
+    /// `inf_{u>=t} f(u)`: the largest non-decreasing curve below `f`.
+    pub fn running_min_ahead(&self) -> Result<Curve> {
+        self.maxplus_deconv(&Curve::zero())
+    }
+
+    // ----------------------------------------------------------------- deviations
+
+    /// `sup_t f(t)` (values and one-sided limits); unbounded if `f` grows.
+    pub fn sup(&self) -> Result<Q> {
+        if self.c.is_positive() {
+            return Err(CurveError::Unbounded("supremum of a growing curve"));
+        }
+        let end = self.base_end();
+        let mut best = self.segs[0].y.clone();
+        for (i, s) in self.segs.iter().enumerate() {
+            for v in [&s.y, &s.yr, &s.at(seg_end(&self.segs, i, &end))] {
+                if v > &best {
+                    best = v.clone();
+                }
+            }
+        }
+        Ok(best)
+    }
+
+    /// Vertical deviation `sup_t f(t) - g(t)` (the backlog bound when `f` is an arrival curve
+    /// and `g` a service curve).
+    pub fn vdev(&self, g: &Curve) -> Result<Q> {
+        self.sub(g)?.sup()
+    }
+
+    /// First time `f` reaches `y`: `inf {t >= 0 : f(t) >= y}` (or `> y` when `strict`);
+    /// `None` if never. `f` must be non-decreasing.
+    pub fn first_reach(&self, y: &Q, strict: bool) -> Option<Q> {
+        let hit = |v: &Q| if strict { v > y } else { v >= y };
+        if hit(&self.segs[0].y) {
+            return Some(Q::zero());
+        }
+        // Two periods described: levels above the first period's top are reached after T + d.
+        let h2 = &self.t + &self.d + &self.d;
+        let segs = self.unroll_raw(&h2);
+        let top = segs.last().map(|s| s.at(&h2)).unwrap_or_default();
+        let (y2, shift) = if (strict && y >= &top) || (!strict && y > &top) {
+            if !self.c.is_positive() {
+                return None;
+            }
+            let k = ((y - &top) / &self.c).floor() + Q::one();
+            (y - &k * &self.c, &k * &self.d)
+        } else {
+            (y.clone(), Q::zero())
+        };
+        let y = &y2;
+        let hit = |v: &Q| if strict { v > y } else { v >= y };
+        // Non-decreasing: skip (by bisection) the segments whose top stays below y.
+        let (mut lo, mut hi) = (0usize, segs.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if hit(&segs[mid].at(seg_end(&segs, mid, &h2))) || hit(&segs[mid].y) {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        let start = lo.saturating_sub(1);
+        for (i, s) in segs.iter().enumerate().skip(start) {
+            if hit(&s.y) {
+                return Some(&s.x + &shift);
+            }
+            if hit(&s.yr) {
+                return Some(&s.x + &shift);
+            }
+            let e = seg_end(&segs, i, &h2);
+            if s.s.is_positive() && hit(&s.at(e)) {
+                return Some(&s.x + (y - &s.yr) / &s.s + &shift);
+            }
+        }
+        None
+    }
+
+    /// Horizontal deviation `sup_t inf {τ >= 0 : f(t) <= g(t + τ)}` (the delay bound when `f`
+    /// is an arrival curve and `g` a service curve). Both must be non-decreasing.
+    pub fn hdev(&self, g: &Curve) -> Result<Q> {
+        if !self.is_nondecreasing() || !g.is_nondecreasing() {
+            return Err(CurveError::NotMonotone);
+        }
+        let (rf, rg) = (self.rate(), g.rate());
+        if rf > rg {
+            return Err(CurveError::Unbounded("demand grows faster than service"));
+        }
+        // Levels beyond `top` cannot contribute (see the module documentation of `hdev`).
+        let top = if rf.is_zero() {
+            self.sup()?
+        } else if rf < rg {
+            let (_, mf) = self.affine_bounds();
+            let (mg, _) = g.affine_bounds();
+            let t_star = Q::max(&((mf - mg) / (&rg - &rf)), &Q::zero());
+            self.eval_right(&t_star)
+        } else {
+            let lc = Q::lcm(&self.c, &g.c).ok_or(CurveError::TooComplex)?;
+            let ef = self.eval_left(&(&self.t + &self.d));
+            let eg = g.eval_left(&(&g.t + &g.d));
+            Q::max(&ef, &eg) + lc
+        };
+        let mut levels: Vec<Q> = vec![Q::zero(), top.clone()];
+        for c in [self, g] {
+            let h = match c.first_reach(&top, false) {
+                Some(t) => t + Q::one(),
+                None => return Err(CurveError::Unbounded("service never reaches the demand")),
+            };
+            let segs = c.unroll(&h)?;
+            for (i, s) in segs.iter().enumerate() {
+                let e = seg_end(&segs, i, &h);
+                for v in [s.y.clone(), s.yr.clone(), s.at(e)] {
+                    if !v.is_negative() && v <= top {
+                        levels.push(v);
+                    }
+                }
+            }
+        }
+        levels.sort();
+        levels.dedup();
+        let fsup = if rf.is_zero() { Some(top.clone()) } else { None };
+        let mut best = Q::zero();
+        for y in &levels {
+            let Some(fi) = self.first_reach(y, false) else { continue };
+            let gi = g.first_reach(y, false).ok_or(CurveError::Unbounded("service never reaches the demand"))?;
+            best = Q::max(&best, &(gi - fi));
+            if fsup.as_ref().map_or(true, |s| y < s) {
+                if let Some(fi) = self.first_reach(y, true) {
+                    let gi = g.first_reach(y, true).ok_or(CurveError::Unbounded("service never exceeds the demand"))?;
+                    best = Q::max(&best, &(gi - fi));
+                }
+            }
+        }
+        Ok(best)
+    }
+
+    /// `inf {t > 0 : f(t) <= g(t)}`: the longest busy window when `f` is the total demand and
+    /// `g` the service.
+    pub fn busy_window(&self, g: &Curve) -> Result<Q> {
+        if self.rate() > g.rate() {
+            return Err(CurveError::Unbounded("demand grows faster than service"));
+        }
+        let diff = self.sub(g)?;
+        let h = if diff.c.is_negative() {
+            let (_, mx) = diff.affine_bounds();
+            Q::max(&(mx / -diff.rate()).ceil(), &Q::zero()) + diff.base_end() + Q::one()
+        } else {
+            diff.base_end() + diff.d.clone()
+        };
+        let segs = diff.unroll(&h)?;
+        for (i, s) in segs.iter().enumerate() {
+            if s.x.is_positive() && !s.y.is_positive() {
+                return Ok(s.x.clone());
+            }
+            if !s.yr.is_positive() {
+                return Ok(s.x.clone());
+            }
+            let e = seg_end(&segs, i, &h);
+            if s.s.is_negative() && !s.at(e).is_positive() {
+                let x = &s.x + &s.yr / -&s.s;
+                if &x < e {
+                    return Ok(x);
+                }
+            }
+        }
+        Err(CurveError::Unbounded("the busy window never closes"))
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Op {
+    Add,
+    Sub,
+    Min,
+    Max,
+}
+
+/// Pointwise combination of two finite lists both covering `[0, h)`.
+fn combine(a: &[Seg], b: &[Seg], h: &Q, op: Op) -> Vec<Seg> {
+    let mut xs: Vec<&Q> = a.iter().map(|s| &s.x).chain(b.iter().map(|s| &s.x)).collect();
+    xs.sort();
+    xs.dedup();
+    let mut out = Vec::with_capacity(xs.len());
+    let (mut ia, mut ib) = (0usize, 0usize);
+    for (k, x) in xs.iter().enumerate() {
+        while ia + 1 < a.len() && &a[ia + 1].x <= *x {
+            ia += 1;
+        }
+        while ib + 1 < b.len() && &b[ib + 1].x <= *x {
+            ib += 1;
+        }
+        let (sa, sb) = (&a[ia], &b[ib]);
+        let va = if &sa.x == *x { sa.y.clone() } else { sa.at(x) };
+        let vb = if &sb.x == *x { sb.y.clone() } else { sb.at(x) };
+        let (ra, rb) = (sa.at(x), sb.at(x));
+        let nx = xs.get(k + 1).copied().unwrap_or(h);
+        match op {
+            Op::Add => out.push(Seg::new((*x).clone(), va + vb, ra + rb, &sa.s + &sb.s)),
+            Op::Sub => out.push(Seg::new((*x).clone(), va - vb, ra - rb, &sa.s - &sb.s)),
+            Op::Min | Op::Max => {
+                let pick_a = |l: &Q, r: &Q| if op == Op::Min { l < r } else { l > r };
+                let y = if pick_a(&va, &vb) { va } else { vb };
+                let (la, lb) = (sa.at(nx), sb.at(nx));
+                let first_a = if ra == rb { pick_a(&sa.s, &sb.s) || sa.s == sb.s } else { pick_a(&ra, &rb) };
+                let (f, g) = if first_a { (sa, sb) } else { (sb, sa) };
+                let (rf, lf, lg) = if first_a { (&ra, &la, &lb) } else { (&rb, &lb, &la) };
+                out.push(Seg::new((*x).clone(), y, rf.clone(), f.s.clone()));
+                // The other line takes over strictly inside if the order flips.
+                if pick_a(lg, lf) {
+                    let xc = (*x) + &((&g.at(x) - &f.at(x)) / (&f.s - &g.s));
+                    if &xc > *x && &xc < nx {
+                        let v = f.at(&xc);
+                        out.push(Seg::new(xc, v.clone(), v, g.s.clone()));
+                    }
+                }
+            }
+        }
+    }
+    merge_collinear(out)
+}
+
+/// An elementary piece of a (de)convolution: a point, or a line on an open interval.
+enum Piece {
+    Point(Q, Q),
+    Open { a: Q, b: Q, y0: Q, s: Q },
+}
+
+/// Lower envelope kept as a finite segment list on `[0, h)`, lowered piece by piece.
+struct Envelope {
+    segs: Vec<Seg>,
+    h: Q,
+}
+
+impl Envelope {
+    fn insert(&mut self, p: Piece) {
+        match p {
+            Piece::Point(x, y) => {
+                if x.is_negative() || x >= self.h {
+                    return;
+                }
+                let i = find_seg(&self.segs, &x);
+                let cur = if self.segs[i].x == x { self.segs[i].y.clone() } else { self.segs[i].at(&x) };
+                if y < cur {
+                    let i = split_at(&mut self.segs, &x);
+                    self.segs[i].y = y;
+                }
+            }
+            Piece::Open { a, b, y0, s } => {
+                let zero = Q::zero();
+                if b <= zero || a >= self.h {
+                    return;
+                }
+                let (a, y0) = if a.is_negative() {
+                    let v0 = &y0 + &s * (&zero - &a);
+                    self.insert(Piece::Point(zero.clone(), v0.clone()));
+                    (zero, v0)
+                } else {
+                    (a, y0)
+                };
+                let b = if b > self.h { self.h.clone() } else { b };
+                if a >= b {
+                    return;
+                }
+                let line = |t: &Q| &y0 + &s * (t - &a);
+                // Quick rejection: the piece is nowhere below the envelope.
+                let i0 = find_seg(&self.segs, &a);
+                let mut below = false;
+                let mut i = i0;
+                while i < self.segs.len() && self.segs[i].x < b {
+                    let sg = &self.segs[i];
+                    let lo = if sg.x > a { &sg.x } else { &a };
+                    let nx = seg_end(&self.segs, i, &self.h);
+                    let hi = if nx < &b { nx } else { &b };
+                    if line(lo) < sg.at(lo) || line(hi) < sg.at(hi) || (sg.x > a && line(&sg.x) < sg.y) {
+                        below = true;
+                        break;
+                    }
+                    i += 1;
+                }
+                if !below {
+                    return;
+                }
+                let ia = split_at(&mut self.segs, &a);
+                let ib = if b < self.h { split_at(&mut self.segs, &b) } else { self.segs.len() };
+                let mut rep: Vec<Seg> = Vec::with_capacity(ib - ia + 4);
+                for j in ia..ib {
+                    let sg = &self.segs[j];
+                    let nx = seg_end(&self.segs, j, &self.h).clone();
+                    let pv = line(&sg.x);
+                    let y = if sg.x > a && pv < sg.y { pv.clone() } else { sg.y.clone() };
+                    let (l_env, r_env) = (sg.yr.clone(), sg.at(&nx));
+                    let (l_p, r_p) = (pv, line(&nx));
+                    let env_first = l_env < l_p || (l_env == l_p && sg.s <= s);
+                    if env_first {
+                        rep.push(Seg::new(sg.x.clone(), y, l_env.clone(), sg.s.clone()));
+                        if r_p < r_env {
+                            let xc = &sg.x + (&l_p - &l_env) / (&sg.s - &s);
+                            let v = line(&xc);
+                            rep.push(Seg::new(xc, v.clone(), v, s.clone()));
+                        }
+                    } else {
+                        rep.push(Seg::new(sg.x.clone(), y, l_p.clone(), s.clone()));
+                        if r_env < r_p {
+                            let xc = &sg.x + (&l_env - &l_p) / (&s - &sg.s);
+                            let v = sg.at(&xc);
+                            rep.push(Seg::new(xc, v.clone(), v, sg.s.clone()));
+                        }
+                    }
+                }
+                self.segs.splice(ia..ib, rep);
+            }
+        }
+    }
+}
+
+/// Elements of a finite list: the point at each breakpoint and the open line after it.
+fn elements<'a>(segs: &'a [Seg], end: &'a Q) -> impl Iterator<Item = (&'a Seg, &'a Q)> + 'a {
+    segs.iter().enumerate().map(move |(i, s)| (s, seg_end(segs, i, end)))
+}
+
+/// Min-plus convolution of two finite lists on `[0, h)`.
+fn fin_conv(a: &[Seg], b: &[Seg], h: &Q) -> Result<Vec<Seg>> {
+    // Start from the split that puts everything on `a` (b's point at 0): covers [0, h).
+    let g0 = b[0].y.clone();
+    let mut env = Envelope { segs: a.iter().map(|s| Seg::new(s.x.clone(), &s.y + &g0, &s.yr + &g0, s.s.clone())).collect(), h: h.clone() };
+    if a.len().saturating_mul(b.len()) > MAX_SEGMENTS * 4 {
+        return Err(CurveError::TooComplex);
+    }
+    for (gs, ge) in elements(b, h) {
+        for (fs, fe) in elements(a, h) {
+            let (x0, lf, lg) = (&fs.x + &gs.x, fe - &fs.x, ge - &gs.x);
+            if &x0 >= h {
+                break;
+            }
+            // point ⊗ point
+            if !gs.x.is_zero() {
+                env.insert(Piece::Point(x0.clone(), &fs.y + &gs.y));
+                // f's open line after its point, b's point
+                env.insert(Piece::Open { a: x0.clone(), b: &x0 + &lf, y0: &fs.yr + &gs.y, s: fs.s.clone() });
+            }
+            // f point ⊗ g open
+            env.insert(Piece::Open { a: x0.clone(), b: &x0 + &lg, y0: &fs.y + &gs.yr, s: gs.s.clone() });
+            // open ⊗ open: the smaller slope first
+            let ((l1, s1), (l2, s2)) = if fs.s <= gs.s { ((&lf, &fs.s), (&lg, &gs.s)) } else { ((&lg, &gs.s), (&lf, &fs.s)) };
+            let y0 = &fs.yr + &gs.yr;
+            let xm = &x0 + l1;
+            let ym = &y0 + s1 * l1;
+            env.insert(Piece::Open { a: x0.clone(), b: xm.clone(), y0, s: s1.clone() });
+            env.insert(Piece::Point(xm.clone(), ym.clone()));
+            env.insert(Piece::Open { a: xm.clone(), b: &xm + l2, y0: ym, s: s2.clone() });
+        }
+        if env.segs.len() > MAX_SEGMENTS {
+            return Err(CurveError::TooComplex);
+        }
+    }
+    Ok(merge_collinear(env.segs))
+}
+
+/// Min-plus deconvolution of finite lists: `sup_{u in [0, ub)} f(t+u) - g(u)` for `t in [0, h)`,
+/// with `f` given on `[0, fa_end)` (at least `h + ub`) and `g` on `[0, ub)`.
+fn fin_deconv(fa: &[Seg], fa_end: &Q, g: &[Seg], ub: &Q, h: &Q) -> Result<Vec<Seg>> {
+    // Work on the negation: -result is a lower envelope. Start with u = 0: f(t) - g(0).
+    let g0 = g[0].y.clone();
+    let init: Vec<Seg> = fa.iter().filter(|s| &s.x < h).map(|s| Seg::new(s.x.clone(), &g0 - &s.y, &g0 - &s.yr, -&s.s)).collect();
+    let mut env = Envelope { segs: init, h: h.clone() };
+    if fa.len().saturating_mul(g.len()) > MAX_SEGMENTS * 4 {
+        return Err(CurveError::TooComplex);
+    }
+    for (gs, ge) in elements(g, ub) {
+        let lg = ge - &gs.x;
+        for (fs, fe) in elements(fa, fa_end) {
+            if fe <= &gs.x {
+                continue;
+            }
+            let lf = fe - &fs.x;
+            // Times covered by this pair: t = x - u.
+            if &(&fs.x - ge) >= h {
+                break;
+            }
+            if !gs.x.is_zero() {
+                // f point, g point
+                env.insert(Piece::Point(&fs.x - &gs.x, &gs.y - &fs.y));
+                // f open, g point: t in (xa - ug, xb - ug)
+                env.insert(Piece::Open { a: &fs.x - &gs.x, b: fe - &gs.x, y0: &gs.y - &fs.yr, s: -&fs.s });
+            }
+            // f point, g open (u in (ua, ub)): t in (xf - ub, xf - ua), rising with g's slope.
+            let v_end = &gs.yr + &gs.s * &lg;
+            env.insert(Piece::Open { a: &fs.x - ge, b: &fs.x - &gs.x, y0: &v_end - &fs.y, s: -&gs.s });
+            // f open, g open: max-plus combination, the larger slope first (negated here).
+            let start = &fs.x - ge;
+            let v0 = &fs.yr - &v_end;
+            let ((l1, s1), (l2, s2)) = if fs.s >= gs.s { ((&lf, &fs.s), (&lg, &gs.s)) } else { ((&lg, &gs.s), (&lf, &fs.s)) };
+            let xm = &start + l1;
+            let vm = &v0 + s1 * l1;
+            env.insert(Piece::Open { a: start.clone(), b: xm.clone(), y0: -&v0, s: -s1 });
+            env.insert(Piece::Point(xm.clone(), -&vm));
+            env.insert(Piece::Open { a: xm.clone(), b: &xm + l2, y0: -&vm, s: -s2 });
+        }
+        if env.segs.len() > MAX_SEGMENTS {
+            return Err(CurveError::TooComplex);
+        }
+    }
+    Ok(merge_collinear(env.segs.into_iter().map(|s| Seg::new(s.x, -s.y, -s.yr, -s.s)).collect()))
+}

@@ -1,0 +1,467 @@
+//! Exact rational numbers.
+//!
+//! Bounds must never be rounded, so every time, amount and slope in `rtc` is a [`Q`]. The common
+//! case (numerator and denominator fit in `i64`) is computed without allocation, with `i128`
+//! intermediates; anything larger is promoted to an arbitrary-precision rational, so no
+//! operation can overflow or lose precision.
+
+use num_bigint::BigInt;
+use num_integer::Integer;
+use num_rational::BigRational;
+use num_traits::{One, Signed, ToPrimitive, Zero};
+use std::cmp::Ordering;
+use std::fmt;
+use std::ops::{Add, Div, Mul, Neg, Sub};
+use std::str::FromStr;
+
+/// An exact rational number. Always normalised (positive denominator, lowest terms; the small
+/// representation is used whenever the value fits), so derived equality is value equality.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Q(Repr);
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Repr {
+    Small(i64, i64),
+    Big(Box<BigRational>),
+}
+
+fn gcd_i128(mut a: i128, mut b: i128) -> i128 {
+    a = a.abs();
+    b = b.abs();
+    while b != 0 {
+        let t = a % b;
+        a = b;
+        b = t;
+    }
+    a
+}
+
+impl Q {
+    /// Builds `n / d` from wide integers, normalising. `d` must not be zero.
+    fn from_i128(n: i128, d: i128) -> Q {
+        debug_assert!(d != 0);
+        let (mut n, mut d) = if d < 0 { (-n, -d) } else { (n, d) };
+        let g = gcd_i128(n, d);
+        if g > 1 {
+            n /= g;
+            d /= g;
+        }
+        match (i64::try_from(n), i64::try_from(d)) {
+            (Ok(n), Ok(d)) if n != i64::MIN => Q(Repr::Small(n, d)),
+            _ => Q(Repr::Big(Box::new(BigRational::new_raw(BigInt::from(n), BigInt::from(d))))),
+        }
+    }
+
+    fn from_big(r: BigRational) -> Q {
+        // BigRational arithmetic keeps values reduced; demote if it fits.
+        if let (Some(n), Some(d)) = (r.numer().to_i64(), r.denom().to_i64()) {
+            if n != i64::MIN && d > 0 {
+                return Q(Repr::Small(n, d));
+            }
+        }
+        Q(Repr::Big(Box::new(r)))
+    }
+
+    fn to_big(&self) -> BigRational {
+        match &self.0 {
+            Repr::Small(n, d) => BigRational::new_raw(BigInt::from(*n), BigInt::from(*d)),
+            Repr::Big(b) => (**b).clone(),
+        }
+    }
+
+    /// `n / d`. Returns `None` when `d == 0`.
+    pub fn new(n: i64, d: i64) -> Option<Q> {
+        if d == 0 {
+            None
+        } else {
+            Some(Q::from_i128(n as i128, d as i128))
+        }
+    }
+
+    pub fn int(n: i64) -> Q {
+        Q::from_i128(n as i128, 1)
+    }
+
+    pub fn zero() -> Q {
+        Q(Repr::Small(0, 1))
+    }
+
+    pub fn one() -> Q {
+        Q(Repr::Small(1, 1))
+    }
+
+    pub fn is_zero(&self) -> bool {
+        matches!(self.0, Repr::Small(0, _))
+    }
+
+    pub fn is_positive(&self) -> bool {
+        self.signum() > 0
+    }
+
+    pub fn is_negative(&self) -> bool {
+        self.signum() < 0
+    }
+
+    pub fn signum(&self) -> i32 {
+        match &self.0 {
+            Repr::Small(n, _) => n.signum() as i32,
+            Repr::Big(b) => {
+                if b.is_positive() {
+                    1
+                } else if b.is_negative() {
+                    -1
+                } else {
+                    0
+                }
+            }
+        }
+    }
+
+    pub fn is_integer(&self) -> bool {
+        match &self.0 {
+            Repr::Small(_, d) => *d == 1,
+            Repr::Big(b) => b.is_integer(),
+        }
+    }
+
+    pub fn abs(&self) -> Q {
+        if self.is_negative() {
+            -self
+        } else {
+            self.clone()
+        }
+    }
+
+    /// Largest integer not above `self`.
+    pub fn floor(&self) -> Q {
+        match &self.0 {
+            Repr::Small(n, d) => Q::int(n.div_euclid(*d)),
+            Repr::Big(b) => Q::from_big(b.floor()),
+        }
+    }
+
+    /// Smallest integer not below `self`.
+    pub fn ceil(&self) -> Q {
+        match &self.0 {
+            Repr::Small(n, d) => {
+                let f = n.div_euclid(*d);
+                Q::int(if n.rem_euclid(*d) == 0 { f } else { f + 1 })
+            }
+            Repr::Big(b) => Q::from_big(b.ceil()),
+        }
+    }
+
+    pub fn recip(&self) -> Option<Q> {
+        if self.is_zero() {
+            return None;
+        }
+        match &self.0 {
+            Repr::Small(n, d) => Some(Q::from_i128(*d as i128, *n as i128)),
+            Repr::Big(b) => Some(Q::from_big(b.recip())),
+        }
+    }
+
+    /// Exact division; `None` when dividing by zero.
+    pub fn checked_div(&self, o: &Q) -> Option<Q> {
+        o.recip().map(|r| self * &r)
+    }
+
+    pub fn min(a: &Q, b: &Q) -> Q {
+        if a <= b {
+            a.clone()
+        } else {
+            b.clone()
+        }
+    }
+
+    pub fn max(a: &Q, b: &Q) -> Q {
+        if a >= b {
+            a.clone()
+        } else {
+            b.clone()
+        }
+    }
+
+    /// Least common multiple of two positive rationals: the smallest positive `l` that is an
+    /// integer multiple of both. `None` unless both are positive.
+    pub fn lcm(a: &Q, b: &Q) -> Option<Q> {
+        if !a.is_positive() || !b.is_positive() {
+            return None;
+        }
+        let (a, b) = (a.to_big(), b.to_big());
+        // a = p/q, b = r/s in lowest terms: lcm = lcm(p, r) / gcd(q, s).
+        let n = a.numer().lcm(b.numer());
+        let d = a.denom().gcd(b.denom());
+        Some(Q::from_big(BigRational::new(n, d)))
+    }
+
+    /// Nearest `f64`, for plots and human output only; never for a bound.
+    pub fn to_f64(&self) -> f64 {
+        match &self.0 {
+            Repr::Small(n, d) => *n as f64 / *d as f64,
+            Repr::Big(b) => b.to_f64().unwrap_or(f64::NAN),
+        }
+    }
+
+    /// Integer value if `self` is an integer that fits in `i64`.
+    pub fn to_i64(&self) -> Option<i64> {
+        match &self.0 {
+            Repr::Small(n, 1) => Some(*n),
+            _ => None,
+        }
+    }
+
+    /// Number of integer multiples `k >= 0` of `p` such that `self - k p` is still at least `lo`;
+    /// i.e. `floor((self - lo) / p)` clamped at zero. `p` must be positive.
+    pub fn periods_above(&self, lo: &Q, p: &Q) -> Q {
+        let k = ((self - lo) / p).floor();
+        if k.is_negative() {
+            Q::zero()
+        } else {
+            k
+        }
+    }
+}
+
+impl Default for Q {
+    fn default() -> Q {
+        Q::zero()
+    }
+}
+
+impl From<i64> for Q {
+    fn from(n: i64) -> Q {
+        Q::int(n)
+    }
+}
+
+impl Ord for Q {
+    fn cmp(&self, o: &Q) -> Ordering {
+        match (&self.0, &o.0) {
+            (Repr::Small(a, b), Repr::Small(c, d)) => {
+                ((*a as i128) * (*d as i128)).cmp(&((*c as i128) * (*b as i128)))
+            }
+            _ => self.to_big().cmp(&o.to_big()),
+        }
+    }
+}
+
+impl PartialOrd for Q {
+    fn partial_cmp(&self, o: &Q) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+macro_rules! binop {
+    ($tr:ident, $m:ident, $small:expr, $big:expr) => {
+        impl<'a, 'b> $tr<&'b Q> for &'a Q {
+            type Output = Q;
+            fn $m(self, o: &'b Q) -> Q {
+                if let (Repr::Small(a, b), Repr::Small(c, d)) = (&self.0, &o.0) {
+                    let f: fn(i128, i128, i128, i128) -> Option<(i128, i128)> = $small;
+                    if let Some((n, dd)) = f(*a as i128, *b as i128, *c as i128, *d as i128) {
+                        return Q::from_i128(n, dd);
+                    }
+                }
+                let g: fn(BigRational, BigRational) -> BigRational = $big;
+                Q::from_big(g(self.to_big(), o.to_big()))
+            }
+        }
+        impl $tr<Q> for Q {
+            type Output = Q;
+            fn $m(self, o: Q) -> Q {
+                (&self).$m(&o)
+            }
+        }
+        impl<'b> $tr<&'b Q> for Q {
+            type Output = Q;
+            fn $m(self, o: &'b Q) -> Q {
+                (&self).$m(o)
+            }
+        }
+        impl<'a> $tr<Q> for &'a Q {
+            type Output = Q;
+            fn $m(self, o: Q) -> Q {
+                self.$m(&o)
+            }
+        }
+    };
+}
+
+binop!(
+    Add,
+    add,
+    |a, b, c, d| {
+        if b == d {
+            a.checked_add(c).map(|n| (n, b))
+        } else {
+            let n = a.checked_mul(d)?.checked_add(c.checked_mul(b)?)?;
+            Some((n, b.checked_mul(d)?))
+        }
+    },
+    |x, y| x + y
+);
+binop!(
+    Sub,
+    sub,
+    |a, b, c, d| {
+        if b == d {
+            a.checked_sub(c).map(|n| (n, b))
+        } else {
+            let n = a.checked_mul(d)?.checked_sub(c.checked_mul(b)?)?;
+            Some((n, b.checked_mul(d)?))
+        }
+    },
+    |x, y| x - y
+);
+binop!(
+    Mul,
+    mul,
+    |a, b, c, d| Some((a.checked_mul(c)?, b.checked_mul(d)?)),
+    |x, y| x * y
+);
+// Division by zero is a programming error guarded at every call site (`checked_div` for input).
+binop!(
+    Div,
+    div,
+    |a, b, c, d| {
+        if c == 0 {
+            None
+        } else {
+            Some((a.checked_mul(d)?, b.checked_mul(c)?))
+        }
+    },
+    |x, y| if y.is_zero() { BigRational::zero() } else { x / y }
+);
+
+impl Neg for &Q {
+    type Output = Q;
+    fn neg(self) -> Q {
+        match &self.0 {
+            Repr::Small(n, d) => Q::from_i128(-(*n as i128), *d as i128),
+            Repr::Big(b) => Q::from_big(-(**b).clone()),
+        }
+    }
+}
+
+impl Neg for Q {
+    type Output = Q;
+    fn neg(self) -> Q {
+        -&self
+    }
+}
+
+impl fmt::Display for Q {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Repr::Small(n, 1) => write!(f, "{n}"),
+            Repr::Small(n, d) => write!(f, "{n}/{d}"),
+            Repr::Big(b) => {
+                if b.denom().is_one() {
+                    write!(f, "{}", b.numer())
+                } else {
+                    write!(f, "{}/{}", b.numer(), b.denom())
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Q {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+/// Error parsing a rational.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not an exact number: {0:?} (write an integer, a decimal such as 2.5, or a fraction such as 7/3)")]
+pub struct ParseQError(pub String);
+
+impl FromStr for Q {
+    type Err = ParseQError;
+    /// Parses `12`, `-3`, `2.5`, `7/3` exactly (decimals are not rounded).
+    fn from_str(s: &str) -> Result<Q, ParseQError> {
+        let err = || ParseQError(s.to_string());
+        let t = s.trim();
+        if t.is_empty() || t.len() > 64 {
+            return Err(err());
+        }
+        if let Some((n, d)) = t.split_once('/') {
+            let n: BigInt = n.trim().parse().map_err(|_| err())?;
+            let d: BigInt = d.trim().parse().map_err(|_| err())?;
+            if d.is_zero() {
+                return Err(err());
+            }
+            return Ok(Q::from_big(BigRational::new(n, d)));
+        }
+        let (neg, body) = match t.strip_prefix('-') {
+            Some(b) => (true, b),
+            None => (false, t.strip_prefix('+').unwrap_or(t)),
+        };
+        let (ip, fp) = body.split_once('.').unwrap_or((body, ""));
+        if ip.is_empty() && fp.is_empty() {
+            return Err(err());
+        }
+        if !ip.chars().all(|c| c.is_ascii_digit()) || !fp.chars().all(|c| c.is_ascii_digit()) {
+            return Err(err());
+        }
+        let digits = format!("{ip}{fp}");
+        let n: BigInt = if digits.is_empty() { BigInt::zero() } else { digits.parse().map_err(|_| err())? };
+        let d = num_traits::pow(BigInt::from(10), fp.len());
+        let r = BigRational::new(if neg { -n } else { n }, d);
+        Ok(Q::from_big(r))
+    }
+}
+
+/// Shorthand for an integer rational.
+pub fn q(n: i64) -> Q {
+    Q::int(n)
+}
+
+/// Shorthand for `n / d` with a non-zero constant denominator.
+pub fn qf(n: i64, d: i64) -> Q {
+    Q::from_i128(n as i128, if d == 0 { 1 } else { d as i128 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arithmetic_is_exact_and_promotes() {
+        let a = qf(1, 3);
+        let b = qf(1, 6);
+        assert_eq!(&a + &b, qf(1, 2));
+        let big = Q::int(i64::MAX);
+        let s = &big + &big;
+        assert!(s > big);
+        assert_eq!(&s - &big, big);
+        assert_eq!((&s * &s) / &s, s);
+    }
+
+    #[test]
+    fn floor_ceil_negative() {
+        assert_eq!(qf(-7, 2).floor(), q(-4));
+        assert_eq!(qf(-7, 2).ceil(), q(-3));
+        assert_eq!(qf(7, 2).ceil(), q(4));
+    }
+
+    #[test]
+    fn parse_decimals_exactly() {
+        assert_eq!("2.5".parse::<Q>().unwrap(), qf(5, 2));
+        assert_eq!("0.1".parse::<Q>().unwrap(), qf(1, 10));
+        assert_eq!("-7/14".parse::<Q>().unwrap(), qf(-1, 2));
+        assert!("1/0".parse::<Q>().is_err());
+        assert!("abc".parse::<Q>().is_err());
+        assert!("".parse::<Q>().is_err());
+        assert!(".".parse::<Q>().is_err());
+    }
+
+    #[test]
+    fn lcm_of_rationals() {
+        assert_eq!(Q::lcm(&q(4), &q(6)), Some(q(12)));
+        assert_eq!(Q::lcm(&qf(1, 2), &qf(1, 3)), Some(q(1)));
+        assert_eq!(Q::lcm(&qf(3, 2), &q(2)), Some(q(6)));
+    }
+}

@@ -1,0 +1,373 @@
+//! Property tests: every curve operator against a brute-force evaluation of its definition on a
+//! grid of times, for random ultimately pseudo-periodic curves (with jumps, flat parts, slopes).
+//!
+//! The brute force evaluates infima/suprema over all candidate split points (breakpoints of
+//! both operands and their mirror images) with values and one-sided limits, straight from the
+//! definitions; it shares no code with the operators except `eval`/`unroll`, which are checked
+//! first against a direct periodic extension.
+
+use proptest::prelude::*;
+use rtc::q::{q, qf};
+use rtc::{Curve, Seg, Q};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    fn int(&mut self, lo: i64, hi: i64) -> i64 {
+        lo + (self.next() % ((hi - lo + 1) as u64)) as i64
+    }
+    fn pick(&mut self, v: &[Q]) -> Q {
+        v[self.int(0, v.len() as i64 - 1) as usize].clone()
+    }
+}
+
+/// A random curve; `mono` makes it non-decreasing and starting at 0.
+fn random_curve(r: &mut Rng, mono: bool) -> Curve {
+    let t = qf(r.int(0, 8), 2);
+    let d = qf(r.int(1, 8), 2);
+    let end = &t + &d;
+    let n = r.int(1, 4);
+    let mut xs: Vec<Q> = vec![Q::zero(), t.clone()];
+    for _ in 0..n {
+        xs.push(qf(r.int(0, 40), 4) * &end / q(10));
+    }
+    xs.retain(|x| x < &end);
+    xs.sort();
+    xs.dedup();
+    let slopes = [q(0), q(0), qf(1, 2), q(1), q(2), q(-1), qf(1, 3)];
+    let mut segs = Vec::new();
+    let mut prev_top = Q::zero();
+    for (i, x) in xs.iter().enumerate() {
+        let nx = xs.get(i + 1).cloned().unwrap_or(end.clone());
+        let (y, yr, s) = if mono {
+            let y = if i == 0 { Q::zero() } else { &prev_top + qf(r.int(0, 2), 2) };
+            let yr = &y + qf(r.int(0, 3), 2);
+            let mut s = r.pick(&slopes);
+            if s.is_negative() {
+                s = Q::zero();
+            }
+            (y, yr, s)
+        } else {
+            (qf(r.int(-6, 6), 2), qf(r.int(-6, 6), 2), r.pick(&slopes))
+        };
+        prev_top = &yr + &s * (&nx - x);
+        segs.push(Seg::new(x.clone(), y, yr, s));
+    }
+    let c = if mono {
+        // The next period must start no lower than this one ended.
+        let start = segs.iter().find(|s| s.x == t).map(|s| s.y.clone()).unwrap();
+        let need = &prev_top - &start;
+        Q::max(&need, &Q::zero()) + qf(r.int(0, 4), 2)
+    } else {
+        qf(r.int(-4, 6), 2)
+    };
+    Curve::from_parts(segs, t, d, c).expect("valid random curve")
+}
+
+/// Independent periodic evaluation from the raw description (value, left, right limits).
+#[derive(Clone)]
+struct Brute {
+    segs: Vec<Seg>,
+    t: Q,
+    d: Q,
+    c: Q,
+}
+
+impl Brute {
+    fn of(f: &Curve) -> Brute {
+        Brute { segs: f.segments().to_vec(), t: f.periodic_start().clone(), d: f.period().clone(), c: f.increment().clone() }
+    }
+    fn lift(&self, x: &Q, left: bool) -> (Q, Q) {
+        let end = &self.t + &self.d;
+        let mut k = Q::zero();
+        let mut x = x.clone();
+        while if left { x > end } else { x >= end } {
+            x = x - &self.d;
+            k = k + Q::one();
+        }
+        (x, k)
+    }
+    fn val(&self, x: &Q) -> Q {
+        let (x, k) = self.lift(x, false);
+        let s = self.segs.iter().rev().find(|s| s.x <= x).unwrap();
+        let v = if s.x == x { s.y.clone() } else { &s.yr + &s.s * (&x - &s.x) };
+        v + k * &self.c
+    }
+    fn right(&self, x: &Q) -> Q {
+        let (x, k) = self.lift(x, false);
+        let s = self.segs.iter().rev().find(|s| s.x <= x).unwrap();
+        &s.yr + &s.s * (&x - &s.x) + k * &self.c
+    }
+    fn left(&self, x: &Q) -> Q {
+        if !x.is_positive() {
+            return self.val(x);
+        }
+        let (x, k) = self.lift(x, true);
+        let s = self.segs.iter().rev().find(|s| s.x < x).unwrap();
+        &s.yr + &s.s * (&x - &s.x) + k * &self.c
+    }
+    fn breakpoints(&self, upto: &Q) -> Vec<Q> {
+        let mut out = Vec::new();
+        let mut k = Q::zero();
+        loop {
+            let mut any = false;
+            for s in &self.segs {
+                if k.is_positive() && s.x < self.t {
+                    continue;
+                }
+                let x = &s.x + &k * &self.d;
+                if &x <= upto {
+                    out.push(x);
+                    any = true;
+                }
+            }
+            if !any {
+                break;
+            }
+            k = k + Q::one();
+        }
+        out
+    }
+}
+
+fn grid(h: i64, step_den: i64) -> Vec<Q> {
+    (0..=h * step_den).map(|i| qf(i, step_den)).collect()
+}
+
+fn brute_conv(f: &Brute, g: &Brute, t: &Q) -> Q {
+    let mut cands: Vec<Q> = vec![Q::zero(), t.clone()];
+    cands.extend(g.breakpoints(t));
+    cands.extend(f.breakpoints(t).into_iter().map(|x| t - x));
+    let mut best: Option<Q> = None;
+    let mut see = |v: Q| {
+        if best.as_ref().map_or(true, |b| &v < b) {
+            best = Some(v)
+        }
+    };
+    for s in cands.iter().filter(|s| !s.is_negative() && s <= &t) {
+        let r = t - s;
+        see(f.val(&r) + g.val(s));
+        if s.is_positive() {
+            see(f.right(&r) + g.left(s));
+        }
+        if s < t {
+            see(f.left(&r) + g.right(s));
+        }
+    }
+    best.unwrap()
+}
+
+fn brute_deconv(f: &Brute, g: &Brute, t: &Q, umax: &Q) -> Q {
+    let mut cands: Vec<Q> = vec![Q::zero()];
+    cands.extend(g.breakpoints(umax));
+    cands.extend(f.breakpoints(&(t + umax)).into_iter().map(|x| x - t).filter(|u| !u.is_negative()));
+    let mut best: Option<Q> = None;
+    let mut see = |v: Q| {
+        if best.as_ref().map_or(true, |b| &v > b) {
+            best = Some(v)
+        }
+    };
+    for u in &cands {
+        let x = t + u;
+        see(f.val(&x) - g.val(u));
+        see(f.right(&x) - g.right(u));
+        if u.is_positive() {
+            see(f.left(&x) - g.left(u));
+        }
+    }
+    best.unwrap()
+}
+
+fn check_pointwise(name: &str, got: &Curve, want: impl Fn(&Q) -> Q, h: i64) {
+    for x in grid(h, 4) {
+        assert_eq!(got.eval(&x), want(&x), "{name} at {x}: {got:?}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn eval_matches_periodic_definition(seed in any::<u64>()) {
+        let mut r = Rng(seed);
+        let f = random_curve(&mut r, false);
+        let b = Brute::of(&f);
+        for x in grid(30, 8) {
+            prop_assert_eq!(f.eval(&x), b.val(&x));
+            prop_assert_eq!(f.eval_right(&x), b.right(&x));
+            prop_assert_eq!(f.eval_left(&x), b.left(&x));
+        }
+    }
+
+    #[test]
+    fn pointwise_operators(seed in any::<u64>()) {
+        let mut r = Rng(seed);
+        let f = random_curve(&mut r, false);
+        let g = random_curve(&mut r, false);
+        let (bf, bg) = (Brute::of(&f), Brute::of(&g));
+        check_pointwise("min", &f.min(&g).unwrap(), |x| Q::min(&bf.val(x), &bg.val(x)), 40);
+        check_pointwise("max", &f.max(&g).unwrap(), |x| Q::max(&bf.val(x), &bg.val(x)), 40);
+        check_pointwise("add", &f.add(&g).unwrap(), |x| bf.val(x) + bg.val(x), 40);
+        check_pointwise("sub", &f.sub(&g).unwrap(), |x| bf.val(x) - bg.val(x), 40);
+        let k = qf(r.int(-3, 5), 2);
+        check_pointwise("scale", &f.scale(&k), |x| bf.val(x) * &k, 30);
+        let s = qf(r.int(0, 9), 2);
+        check_pointwise("shift_right", &f.shift_right(&s, &q(7)), |x| if x < &s { q(7) } else { bf.val(&(x - &s)) }, 30);
+        check_pointwise("shift_left", &f.shift_left(&s), |x| bf.val(&(x + &s)), 30);
+        check_pointwise("floor", &f.floor().unwrap(), |x| bf.val(x).floor(), 30);
+        check_pointwise("ceil", &f.ceil().unwrap(), |x| bf.val(x).ceil(), 30);
+    }
+
+    #[test]
+    fn convolution_matches_definition(seed in any::<u64>()) {
+        let mut r = Rng(seed);
+        let m1 = seed % 2 == 0; let f = random_curve(&mut r, m1);
+        let m2 = seed % 3 == 0; let g = random_curve(&mut r, m2);
+        let h = f.conv(&g).unwrap();
+        let (bf, bg) = (Brute::of(&f), Brute::of(&g));
+        for t in grid(30, 4) {
+            prop_assert_eq!(h.eval(&t), brute_conv(&bf, &bg, &t), "t={} f={:?} g={:?} h={:?}", t, f, g, h);
+        }
+        let m = f.maxplus_conv(&g).unwrap();
+        let (nf, ng) = (Brute::of(&f.neg()), Brute::of(&g.neg()));
+        for t in grid(20, 4) {
+            prop_assert_eq!(m.eval(&t), -brute_conv(&nf, &ng, &t));
+        }
+    }
+
+    #[test]
+    fn deconvolution_matches_definition(seed in any::<u64>()) {
+        let mut r = Rng(seed);
+        let f = random_curve(&mut r, true);
+        let g = random_curve(&mut r, true);
+        let (f, g) = if f.rate() <= g.rate() { (f, g) } else { (g, f) };
+        let h = f.deconv(&g).unwrap();
+        let (bf, bg) = (Brute::of(&f), Brute::of(&g));
+        for t in grid(25, 4) {
+            prop_assert_eq!(h.eval(&t), brute_deconv(&bf, &bg, &t, &q(60)), "t={} f={:?} g={:?} h={:?}", t, f, g, h);
+        }
+    }
+
+    #[test]
+    fn deconvolution_general_curves(seed in any::<u64>()) {
+        let mut r = Rng(seed);
+        let f = random_curve(&mut r, false);
+        let g = random_curve(&mut r, false);
+        if f.rate() <= g.rate() {
+            let h = f.deconv(&g).unwrap();
+            let (bf, bg) = (Brute::of(&f), Brute::of(&g));
+            for t in grid(20, 4) {
+                prop_assert_eq!(h.eval(&t), brute_deconv(&bf, &bg, &t, &q(80)), "t={} f={:?} g={:?}", t, f, g);
+            }
+        } else {
+            prop_assert!(f.deconv(&g).is_err());
+        }
+    }
+
+    #[test]
+    fn closures(seed in any::<u64>()) {
+        let mut r = Rng(seed);
+        let f = random_curve(&mut r, false);
+        let b = Brute::of(&f);
+        let m = f.running_max().unwrap();
+        for t in grid(25, 4) {
+            let mut best = b.val(&Q::zero());
+            for x in b.breakpoints(&t).into_iter().chain([t.clone()]) {
+                best = Q::max(&best, &b.val(&x));
+                if x.is_positive() { best = Q::max(&best, &b.left(&x)); }
+                if x < t { best = Q::max(&best, &b.right(&x)); }
+            }
+            prop_assert_eq!(m.eval(&t), best, "t={} f={:?}", t, f);
+        }
+    }
+
+    #[test]
+    fn deviations(seed in any::<u64>()) {
+        let mut r = Rng(seed);
+        let f = random_curve(&mut r, true);
+        let g = random_curve(&mut r, true);
+        let (bf, bg) = (Brute::of(&f), Brute::of(&g));
+        match f.vdev(&g) {
+            Ok(v) => {
+                // Never below any sampled difference, and attained at some breakpoint.
+                let mut best: Option<Q> = None;
+                let h = q(80);
+                let mut pts = bf.breakpoints(&h);
+                pts.extend(bg.breakpoints(&h));
+                for x in pts {
+                    for d in [bf.val(&x) - bg.val(&x), bf.right(&x) - bg.right(&x), bf.left(&x) - bg.left(&x)] {
+                        prop_assert!(d <= v, "vdev {} below {} at {}", v, d, x);
+                        if best.as_ref().map_or(true, |b| &d > b) { best = Some(d); }
+                    }
+                }
+                prop_assert_eq!(best.unwrap(), v);
+            }
+            Err(_) => prop_assert!(f.rate() > g.rate() || (f.rate() == g.rate() && f.rate().is_positive())),
+        }
+        match f.hdev(&g) {
+            Ok(dl) => {
+                // f(t) <= g(t + d) everywhere sampled, and no smaller shift works.
+                let eps = qf(1, 64);
+                let mut tight = false;
+                let mut ts = grid(40, 8);
+                ts.extend(bf.breakpoints(&q(40)));
+                // Where f crosses a level at which g jumps or bends, the supremum is approached
+                // just after the crossing: sample there too.
+                let mut levels = Vec::new();
+                for x in bg.breakpoints(&q(60)) {
+                    levels.extend([bg.val(&x), bg.left(&x), bg.right(&x)]);
+                }
+                for x in bf.breakpoints(&q(40)) {
+                    let (r0, nx) = (bf.right(&x), x.clone() + qf(1, 1_000_000));
+                    let slope = (bf.val(&nx) - &r0) / qf(1, 1_000_000);
+                    if slope.is_positive() {
+                        for l in &levels {
+                            let tc = &x + (l - &r0) / &slope;
+                            if tc >= x && tc < q(40) { ts.push(tc.clone()); ts.push(tc + &eps / q(4)); }
+                        }
+                    }
+                }
+                for t in &ts {
+                    // The infimum need not be attained: compare with the right limit.
+                    prop_assert!(bf.val(t) <= bg.right(&(t + &dl)), "f({})={} > g({}+)", t, bf.val(t), t + &dl);
+                    prop_assert!(bf.right(t) <= bg.right(&(t + &dl)));
+                    if dl.is_positive() {
+                        let d2 = &dl - &eps;
+                        let d2 = if d2.is_negative() { Q::zero() } else { d2 };
+                        if bf.val(t) > bg.val(&(t + &d2)) || bf.right(t) > bg.right(&(t + &d2)) { tight = true; }
+                    }
+                }
+                prop_assert!(dl.is_zero() || tight, "hdev {} not tight f={:?} g={:?}", dl, f, g);
+            }
+            Err(_) => prop_assert!(f.rate() > g.rate() || g.rate().is_zero()),
+        }
+    }
+}
+
+#[test]
+fn staircase_delay_examples() {
+    // Periodic events every 4 with 1 unit of work each, full processor: delay 1, backlog 1.
+    let demand = Curve::from_parts(vec![Seg::new(q(0), q(0), q(1), q(0))], q(0), q(4), q(1)).unwrap();
+    let full = Curve::rate_latency(q(1), q(0));
+    assert_eq!(demand.hdev(&full).unwrap(), q(1));
+    assert_eq!(demand.vdev(&full).unwrap(), q(1));
+    // Behind a latency of 3: delay 4.
+    let rl = Curve::rate_latency(q(1), q(3));
+    assert_eq!(demand.hdev(&rl).unwrap(), q(4));
+    assert_eq!(demand.busy_window(&rl).unwrap(), q(4));
+}
+
+#[test]
+fn debug_seed() {
+    let Ok(seed) = std::env::var("SEED") else { return };
+    let mut r = Rng(seed.parse().unwrap());
+    let f = random_curve(&mut r, true);
+    let g = random_curve(&mut r, true);
+    println!("f = {f:?}\ng = {g:?}\nhdev = {:?}", f.hdev(&g));
+}
