@@ -13,3 +13,6 @@ pub mod q;
 
 pub use curve::{Curve, CurveError, Seg};
 pub use q::Q;
+pub mod models;
+mod network;
+pub mod system;
