@@ -8,6 +8,7 @@
 //! Does not own: file formats, names, reports or any I/O (see the `model` crate and the `vigil`
 //! binary). Every bound here is computed with exact arithmetic and is never optimistic.
 
+pub mod component;
 pub mod curve;
 pub mod q;
 

@@ -1,6 +1,539 @@
-//! Analysis of a network of components (implementation of [`crate::system::analyze`]).
+//! Analysis of a network of components (the implementation of [`crate::system::analyze`]).
+//!
+//! Resources are analysed in dependency order (a resource after every resource that feeds its
+//! tasks). When dependencies are cyclic, all resources are re-analysed until no completion curve
+//! changes (a fixed point), starting from the source streams' curves propagated without jitter.
+
+use crate::component::{self, Pair, TaskBounds, Workload};
+use crate::curve::{Curve, CurveError};
+use crate::models;
+use crate::q::Q;
 use crate::system::*;
 
-pub(crate) fn analyze(sys: &System, _opts: &Options) -> Result<Analysis, AnalysisError> {
-    Err(AnalysisError::Resource { resource: sys.resources.first().map(|r| r.name.clone()).unwrap_or_default(), msg: "not implemented yet".into() })
+struct Ctx<'a> {
+    sys: &'a System,
+    opts: &'a Options,
+    streams: Vec<Pair>,
+    tasks_on: Vec<Vec<usize>>,
+}
+
+fn task_err(sys: &System, i: usize, msg: impl Into<String>) -> AnalysisError {
+    AnalysisError::Task { task: sys.tasks[i].name.clone(), msg: msg.into() }
+}
+
+fn res_err(sys: &System, r: usize, msg: impl Into<String>) -> AnalysisError {
+    AnalysisError::Resource { resource: sys.resources[r].name.clone(), msg: msg.into() }
+}
+
+/// Checks that every index is in range and the task inputs form no cycle.
+fn check_structure(sys: &System) -> Result<(), AnalysisError> {
+    for (i, t) in sys.tasks.iter().enumerate() {
+        if t.resource >= sys.resources.len() {
+            return Err(task_err(sys, i, "unknown resource"));
+        }
+        match t.input {
+            Input::Stream(s) if s >= sys.streams.len() => return Err(task_err(sys, i, "unknown input stream")),
+            Input::Task(j) if j >= sys.tasks.len() => return Err(task_err(sys, i, "unknown input task")),
+            _ => {}
+        }
+        if !t.wcet.is_positive() {
+            return Err(task_err(sys, i, format!("WCET must be positive, got {}", t.wcet)));
+        }
+        if t.bcet.is_negative() || t.bcet > t.wcet {
+            return Err(task_err(sys, i, format!("BCET {} must be in [0, WCET {}]", t.bcet, t.wcet)));
+        }
+        // Follow the inputs: they must end at a stream.
+        let mut cur = i;
+        for _ in 0..=sys.tasks.len() {
+            match sys.tasks[cur].input {
+                Input::Stream(_) => break,
+                Input::Task(j) => cur = j,
+            }
+        }
+        if let Input::Task(_) = sys.tasks[cur].input {
+            return Err(task_err(sys, i, "its inputs form a cycle"));
+        }
+    }
+    for (r, res) in sys.resources.iter().enumerate() {
+        if let ResourceKind::Reservation { host, .. } = &res.kind {
+            if *host >= sys.resources.len() || matches!(sys.resources[*host].kind, ResourceKind::Reservation { .. }) {
+                return Err(res_err(sys, r, "a reservation's host must be a processor"));
+            }
+        }
+        if res.policy == Policy::Tdma && res.cycle.as_ref().map_or(true, |c| !c.is_positive()) {
+            return Err(res_err(sys, r, "TDMA needs a positive cycle"));
+        }
+    }
+    for (c, ch) in sys.chains.iter().enumerate() {
+        let err = |msg: String| AnalysisError::Chain { chain: sys.chains[c].name.clone(), msg };
+        if ch.tasks.is_empty() {
+            return Err(err("has no tasks".into()));
+        }
+        for w in ch.tasks.windows(2) {
+            if w[1] >= sys.tasks.len() || sys.tasks[w[1]].input != Input::Task(w[0]) {
+                return Err(err("consecutive tasks are not connected".into()));
+            }
+        }
+        if ch.tasks.iter().any(|&t| t >= sys.tasks.len()) {
+            return Err(err("unknown task".into()));
+        }
+    }
+    Ok(())
+}
+
+/// Base service curves of a resource.
+fn base_service(sys: &System, r: usize) -> Result<Pair, AnalysisError> {
+    let res = &sys.resources[r];
+    let e = |m: models::ModelError| res_err(sys, r, m.to_string());
+    match &res.kind {
+        ResourceKind::Dedicated { rate } => {
+            if !rate.is_positive() {
+                return Err(res_err(sys, r, format!("rate must be positive, got {rate}")));
+            }
+            Ok(models::dedicated(rate))
+        }
+        ResourceKind::BoundedDelay { rate, latency } => {
+            if !rate.is_positive() || latency.is_negative() {
+                return Err(res_err(sys, r, "rate must be positive and latency not negative"));
+            }
+            Ok(models::bounded_delay(rate, latency))
+        }
+        ResourceKind::Reservation { host, budget, period, supply } => {
+            let (u, l) = models::periodic_resource(budget, period, *supply).map_err(e)?;
+            let speed = host_speed(sys, *host);
+            Ok((u.scale(&speed), l.scale(&speed)))
+        }
+    }
+}
+
+fn host_speed(sys: &System, host: usize) -> Q {
+    match &sys.resources[host].kind {
+        ResourceKind::Dedicated { rate } | ResourceKind::BoundedDelay { rate, .. } => rate.clone(),
+        ResourceKind::Reservation { .. } => Q::one(),
+    }
+}
+
+/// Per-task outcome of one resource analysis.
+struct Outcome {
+    bounds: Option<TaskBounds>,
+    service: Pair,
+    method: &'static str,
+    problem: Option<String>,
+}
+
+fn unbounded(service: &Pair, method: &'static str, why: String) -> Outcome {
+    Outcome { bounds: None, service: service.clone(), method, problem: Some(why) }
+}
+
+fn curve_problem(e: &CurveError) -> String {
+    match e {
+        CurveError::Unbounded(_) => "overload: demand exceeds the service available to this task".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Analyses the tasks of resource `r` given their activation curves and the base service.
+fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], beta: &Pair) -> Vec<(usize, Outcome)> {
+    let sys = ctx.sys;
+    let res = &sys.resources[r];
+    let tasks = &ctx.tasks_on[r];
+    let wl = |i: usize| Workload { wcet: sys.tasks[i].wcet.clone(), bcet: sys.tasks[i].bcet.clone() };
+    let gpc_out = ctx.opts.gpc_outputs;
+    let mut out = Vec::new();
+    match res.policy {
+        Policy::FixedPriority | Policy::FixedPriorityNonPreemptive => {
+            let np = res.policy == Policy::FixedPriorityNonPreemptive;
+            let method = if np { "fp-np: GPC on remaining service minus blocking" } else { "fp: GPC on remaining service" };
+            let mut order: Vec<usize> = tasks.clone();
+            order.sort_by_key(|&i| (sys.tasks[i].priority.unwrap_or(i64::MAX), i));
+            let mut cur: Option<Pair> = Some(beta.clone());
+            let mut why_lost = String::new();
+            for (k, &i) in order.iter().enumerate() {
+                let Some(svc) = cur.clone() else {
+                    out.push((i, unbounded(beta, method, why_lost.clone())));
+                    continue;
+                };
+                let Some(ev) = &inputs[i] else {
+                    out.push((i, unbounded(&svc, method, "its input is unbounded (an upstream task has no bound)".into())));
+                    cur = None;
+                    why_lost = format!("higher-priority task {:?} has an unbounded input", sys.tasks[i].name);
+                    continue;
+                };
+                let svc_i = if np {
+                    let blocking = order[k + 1..].iter().map(|&j| sys.tasks[j].wcet.clone()).max().unwrap_or_default();
+                    match svc.1.offset(&-blocking).clamp_nonnegative() {
+                        Ok(l) => (svc.0.clone(), l),
+                        Err(e) => {
+                            out.push((i, unbounded(&svc, method, curve_problem(&e))));
+                            continue;
+                        }
+                    }
+                } else {
+                    svc.clone()
+                };
+                match component::task_on_service(ev, &wl(i), &svc_i, gpc_out) {
+                    Ok(b) => out.push((i, Outcome { bounds: Some(b), service: svc_i, method, problem: None })),
+                    Err(e) => out.push((i, unbounded(&svc_i, method, curve_problem(&e)))),
+                }
+                match component::remaining_service(&wl(i).demand(ev), &svc) {
+                    Ok(rem) => cur = Some(rem),
+                    Err(e) => {
+                        cur = None;
+                        why_lost = format!("higher-priority task {:?} leaves no bounded service: {}", sys.tasks[i].name, curve_problem(&e));
+                    }
+                }
+            }
+        }
+        Policy::Tdma => {
+            let method = "tdma: GPC on the task's slot";
+            let rate = match &res.kind {
+                ResourceKind::Dedicated { rate } | ResourceKind::BoundedDelay { rate, .. } => rate.clone(),
+                ResourceKind::Reservation { .. } => Q::one(),
+            };
+            let cycle = res.cycle.clone().unwrap_or_else(Q::one);
+            for &i in tasks {
+                let slot = sys.tasks[i].slot.clone().unwrap_or_default();
+                let svc = match models::tdma(&slot, &cycle, &rate) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        out.push((i, unbounded(beta, method, e.to_string())));
+                        continue;
+                    }
+                };
+                let Some(ev) = &inputs[i] else {
+                    out.push((i, unbounded(&svc, method, "its input is unbounded".into())));
+                    continue;
+                };
+                match component::task_on_service(ev, &wl(i), &svc, gpc_out) {
+                    Ok(b) => out.push((i, Outcome { bounds: Some(b), service: svc, method, problem: None })),
+                    Err(e) => out.push((i, unbounded(&svc, method, curve_problem(&e)))),
+                }
+            }
+        }
+        Policy::Edf | Policy::Fifo => {
+            let edf = res.policy == Policy::Edf;
+            let method = if edf { "edf: demand-bound test, busy window" } else { "fifo: aggregate horizontal deviation" };
+            if let Some(&i) = tasks.iter().find(|&&i| inputs[i].is_none()) {
+                let why = format!("task {:?} on this resource has an unbounded input", sys.tasks[i].name);
+                for &j in tasks {
+                    out.push((j, unbounded(beta, method, why.clone())));
+                }
+                return out;
+            }
+            let demands: Vec<Pair> = tasks.iter().map(|&i| wl(i).demand(inputs[i].as_ref().expect("checked above"))).collect();
+            let total = component::sum(demands.iter().map(|d| d.0.clone()));
+            let shared: Result<Vec<Q>, CurveError> = total.and_then(|total| {
+                if edf {
+                    let dl: Vec<(Curve, Q)> = tasks.iter().zip(&demands).map(|(&i, d)| (d.0.clone(), sys.tasks[i].deadline.clone().unwrap_or_default())).collect();
+                    let ok = component::edf_schedulable(&dl, &beta.1)?;
+                    let busy = total.busy_window(&beta.1)?;
+                    Ok(tasks
+                        .iter()
+                        .map(|&i| match (&sys.tasks[i].deadline, ok) {
+                            (Some(d), true) => Q::min(d, &busy),
+                            _ => busy.clone(),
+                        })
+                        .collect())
+                } else {
+                    let d = total.hdev(&beta.1)?;
+                    Ok(vec![d; tasks.len()])
+                }
+            });
+            match shared {
+                Ok(wcrts) => {
+                    for (k, &i) in tasks.iter().enumerate() {
+                        let ev = inputs[i].as_ref().expect("checked above");
+                        let wcrt = wcrts[k].clone();
+                        let bcrt = component::best_case(&sys.tasks[i].bcet, &beta.0);
+                        let b = TaskBounds { backlog: component::backlog_from_wcrt(ev, &wcrt), output: component::propagate_jitter(ev, &wcrt, &bcrt), wcrt, bcrt };
+                        out.push((i, Outcome { bounds: Some(b), service: beta.clone(), method, problem: None }));
+                    }
+                }
+                Err(e) => {
+                    for &i in tasks {
+                        out.push((i, unbounded(beta, method, curve_problem(&e))));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Resources in an order where each comes after the resources feeding it; the flag tells
+/// whether the dependencies were acyclic.
+fn resource_order(sys: &System, tasks_on: &[Vec<usize>]) -> (Vec<usize>, bool) {
+    let n = sys.resources.len();
+    let mut deps: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (r, ts) in tasks_on.iter().enumerate() {
+        for &i in ts {
+            if let Input::Task(j) = sys.tasks[i].input {
+                let src = sys.tasks[j].resource;
+                if src != r && !deps[r].contains(&src) {
+                    deps[r].push(src);
+                }
+            }
+        }
+    }
+    let mut indeg: Vec<usize> = deps.iter().map(|d| d.len()).collect();
+    let mut users: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (r, d) in deps.iter().enumerate() {
+        for &s in d {
+            users[s].push(r);
+        }
+    }
+    let mut order = Vec::with_capacity(n);
+    let mut ready: Vec<usize> = (0..n).filter(|&r| indeg[r] == 0).collect();
+    ready.reverse();
+    while let Some(r) = ready.pop() {
+        order.push(r);
+        for &u in &users[r] {
+            indeg[u] -= 1;
+            if indeg[u] == 0 {
+                ready.push(u);
+            }
+        }
+    }
+    let acyclic = order.len() == n;
+    if !acyclic {
+        let mut seen = vec![false; n];
+        for &r in &order {
+            seen[r] = true;
+        }
+        order.extend((0..n).filter(|&r| !seen[r]));
+    }
+    (order, acyclic)
+}
+
+/// A task's activation curves: from its stream, or the completions of the task feeding it.
+fn input_of(sys: &System, i: usize, streams: &[Pair], outputs: &[Option<Option<Pair>>]) -> Option<Pair> {
+    match sys.tasks[i].input {
+        Input::Stream(s) => Some(streams[s].clone()),
+        Input::Task(j) => match &outputs[j] {
+            Some(o) => o.clone(),
+            // Not analysed yet (cyclic dependencies): start from the source without jitter.
+            None => input_of(sys, j, streams, outputs),
+        },
+    }
+}
+
+pub(crate) fn analyze(sys: &System, opts: &Options) -> Result<Analysis, AnalysisError> {
+    check_structure(sys)?;
+    let mut streams = Vec::with_capacity(sys.streams.len());
+    for s in &sys.streams {
+        streams.push(s.model.curves().map_err(|e| AnalysisError::Stream { stream: s.name.clone(), msg: e.to_string() })?);
+    }
+    let mut tasks_on: Vec<Vec<usize>> = vec![Vec::new(); sys.resources.len()];
+    for (i, t) in sys.tasks.iter().enumerate() {
+        tasks_on[t.resource].push(i);
+    }
+    let mut services = Vec::with_capacity(sys.resources.len());
+    for r in 0..sys.resources.len() {
+        services.push(base_service(sys, r)?);
+    }
+    let ctx = Ctx { sys, opts, streams, tasks_on };
+    let (order, acyclic) = resource_order(sys, &ctx.tasks_on);
+
+    let n = sys.tasks.len();
+    // outputs[i]: None = not analysed yet; Some(None) = analysed, unbounded.
+    let mut outputs: Vec<Option<Option<Pair>>> = vec![None; n];
+    let mut outcomes: Vec<Option<Outcome>> = (0..n).map(|_| None).collect();
+    let mut inputs: Vec<Option<Pair>> = vec![None; n];
+    let mut iterations = 0;
+    let mut converged = acyclic;
+    loop {
+        iterations += 1;
+        let mut changed = false;
+        for &r in &order {
+            if ctx.tasks_on[r].is_empty() {
+                continue;
+            }
+            for &i in &ctx.tasks_on[r] {
+                inputs[i] = input_of(sys, i, &ctx.streams, &outputs);
+            }
+            for (i, o) in analyze_resource(&ctx, r, &inputs, &services[r]) {
+                let new = o.bounds.as_ref().map(|b| b.output.clone());
+                if outputs[i].as_ref() != Some(&new) {
+                    changed = true;
+                }
+                outputs[i] = Some(new);
+                outcomes[i] = Some(o);
+            }
+        }
+        if acyclic {
+            break;
+        }
+        if !changed {
+            converged = true;
+            break;
+        }
+        if iterations >= opts.max_iterations {
+            break;
+        }
+    }
+
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let o = outcomes[i].take().unwrap_or_else(|| unbounded(&services[sys.tasks[i].resource], "none", "not analysed".into()));
+        let input = inputs[i].clone().unwrap_or_else(|| (Curve::zero(), Curve::zero()));
+        let mut problem = o.problem;
+        let bounds = if converged {
+            o.bounds
+        } else {
+            problem = Some(format!("no fixed point after {iterations} iterations of the cyclic dependencies (bounds keep growing)"));
+            None
+        };
+        let r = match bounds {
+            Some(b) => TaskResult {
+                wcrt: Some(b.wcrt),
+                bcrt: b.bcrt,
+                backlog: Some(b.backlog),
+                input: Bounds { upper: input.0, lower: input.1 },
+                output: Bounds { upper: b.output.0, lower: b.output.1 },
+                service: Bounds { upper: o.service.0, lower: o.service.1 },
+                method: o.method,
+                problem,
+            },
+            None => TaskResult {
+                wcrt: None,
+                bcrt: component::best_case(&sys.tasks[i].bcet, &o.service.0),
+                backlog: None,
+                input: Bounds { upper: input.0.clone(), lower: input.1 },
+                output: Bounds { upper: Curve::zero(), lower: Curve::zero() },
+                service: Bounds { upper: o.service.0, lower: o.service.1 },
+                method: o.method,
+                problem,
+            },
+        };
+        tasks.push(r);
+    }
+
+    let chains = sys.chains.iter().map(|c| chain_result(sys, c, &tasks)).collect();
+    let resources = (0..sys.resources.len()).map(|r| resource_result(&ctx, r, &inputs, &services[r], &tasks)).collect();
+    Ok(Analysis { tasks, chains, resources, iterations })
+}
+
+fn chain_result(sys: &System, c: &Chain, tasks: &[TaskResult]) -> ChainResult {
+    let best = c.tasks.iter().fold(Q::zero(), |acc, &i| acc + &tasks[i].bcrt);
+    let per_hop = c.tasks.iter().try_fold(Q::zero(), |acc, &i| tasks[i].wcrt.as_ref().map(|w| acc + w));
+    // Pay bursts only once: valid when every hop serves the stream FIFO through a service
+    // curve of its own (fixed priority or TDMA).
+    let pboo = if c.tasks.len() > 1
+        && per_hop.is_some()
+        && c.tasks.iter().all(|&i| {
+            matches!(sys.resources[sys.tasks[i].resource].policy, Policy::FixedPriority | Policy::FixedPriorityNonPreemptive | Policy::Tdma)
+        }) {
+        let mut svc: Option<Curve> = None;
+        let mut ok = true;
+        for &i in &c.tasks {
+            match component::event_service(&tasks[i].service.lower, &sys.tasks[i].wcet) {
+                Ok(s) => {
+                    svc = match svc.take() {
+                        None => Some(s),
+                        Some(prev) => match prev.conv(&s) {
+                            Ok(x) => Some(x),
+                            Err(_) => {
+                                ok = false;
+                                break;
+                            }
+                        },
+                    }
+                }
+                Err(_) => {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        match (ok, svc) {
+            (true, Some(s)) => tasks[c.tasks[0]].input.upper.hdev(&s).ok(),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let worst = match (&per_hop, &pboo) {
+        (Some(a), Some(b)) => Some(Q::min(a, b)),
+        (Some(a), None) => Some(a.clone()),
+        _ => None,
+    };
+    let slack = match (&c.deadline, &worst) {
+        (Some(d), Some(w)) => Some(d - w),
+        _ => None,
+    };
+    let meets_deadline = c.deadline.as_ref().map(|d| worst.as_ref().is_some_and(|w| w <= d));
+    ChainResult { worst, best, per_hop, pboo, deadline: c.deadline.clone(), slack, meets_deadline }
+}
+
+fn resource_result(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], beta: &Pair, tasks: &[TaskResult]) -> ResourceResult {
+    let sys = ctx.sys;
+    let res = &sys.resources[r];
+    let capacity = beta.1.rate();
+    let mut demand = Q::zero();
+    for &i in &ctx.tasks_on[r] {
+        if let Some(ev) = &inputs[i] {
+            demand = demand + &sys.tasks[i].wcet * ev.0.rate();
+        }
+    }
+    // Reservations hosted here take their share of the host.
+    let mut reserved = Q::zero();
+    for other in &sys.resources {
+        if let ResourceKind::Reservation { host, budget, period, .. } = &other.kind {
+            if *host == r {
+                reserved = reserved + budget / period;
+            }
+        }
+    }
+    let mut utilisation = if capacity.is_positive() { &demand / &capacity } else { Q::zero() };
+    utilisation = utilisation + &reserved;
+    let mut problem = None;
+    if utilisation > Q::one() {
+        problem = Some(format!("overloaded: long-run utilisation {:.1}%", utilisation.to_f64() * 100.0));
+    }
+    let (supply, min_budget) = match &res.kind {
+        ResourceKind::Reservation { period, supply, host, .. } => {
+            let mb = min_budget(ctx, r, inputs, period, *supply, *host);
+            (Some(*supply), mb)
+        }
+        _ => (None, None),
+    };
+    let _ = tasks;
+    ResourceResult { utilisation, capacity, supply, min_budget, problem }
+}
+
+/// Smallest budget (a multiple of the step, at most the period) for which every inner task with
+/// a deadline meets it. Schedulability is monotone in the budget, so bisection is exact on the
+/// grid.
+fn min_budget(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], period: &Q, supply: models::SupplyModel, host: usize) -> Option<Q> {
+    let sys = ctx.sys;
+    let tasks = &ctx.tasks_on[r];
+    if tasks.iter().all(|&i| sys.tasks[i].deadline.is_none()) || !ctx.opts.budget_step.is_positive() {
+        return None;
+    }
+    let speed = host_speed(sys, host);
+    let step = &ctx.opts.budget_step;
+    let feasible = |q: &Q| -> bool {
+        let Ok((u, l)) = models::periodic_resource(q, period, supply) else { return false };
+        let beta = (u.scale(&speed), l.scale(&speed));
+        analyze_resource(ctx, r, inputs, &beta).iter().all(|(i, o)| match (&sys.tasks[*i].deadline, &o.bounds) {
+            (Some(d), Some(b)) => &b.wcrt <= d,
+            (Some(_), None) => false,
+            (None, _) => true,
+        })
+    };
+    let kmax = (period / step).ceil();
+    let at = |k: &Q| Q::min(&(k * step), period);
+    if !feasible(period) {
+        return None;
+    }
+    let (mut lo, mut hi) = (Q::zero(), kmax); // infeasible at lo (budget 0), feasible at hi
+    while &hi - &lo > Q::one() {
+        let mid = ((&lo + &hi) / Q::int(2)).floor();
+        if feasible(&at(&mid)) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Some(at(&hi))
 }
