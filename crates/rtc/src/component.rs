@@ -42,6 +42,13 @@ pub fn remaining_service(alpha: &Pair, beta: &Pair) -> Result<Pair> {
     Ok((upper, lower))
 }
 
+/// Lower remaining service only; the upper service is passed on unchanged (it still bounds
+/// what the lower priorities can get).
+pub fn remaining_lower(alpha: &Pair, beta: &Pair) -> Result<Pair> {
+    let lower = beta.1.sub(&alpha.0)?.running_max()?.clamp_nonnegative()?;
+    Ok((beta.0.clone(), lower))
+}
+
 /// A task's execution demand per activation.
 #[derive(Debug, Clone)]
 pub struct Workload {
@@ -96,13 +103,7 @@ pub fn task_on_service(events: &Pair, w: &Workload, beta: &Pair, gpc_outputs: bo
     let demand = w.demand(events);
     let wcrt = demand.0.hdev(&beta.1)?;
     let bcrt = best_case(&w.bcet, &beta.0);
-    // Completed activations in a window are at least ⌊βl/wcet⌋ after the backlog started.
-    let backlog = if w.wcet.is_positive() {
-        let served = beta.1.scale(&w.wcet.recip().unwrap_or_default()).floor()?;
-        events.0.sub(&served)?.sup()?
-    } else {
-        Q::zero()
-    };
+    let backlog = backlog_from_wcrt(events, &wcrt);
     let mut output = propagate_jitter(events, &wcrt, &bcrt);
     if gpc_outputs && w.bcet.is_positive() {
         let g = gpc(&demand, beta)?;

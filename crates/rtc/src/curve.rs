@@ -16,7 +16,7 @@ use crate::q::Q;
 use std::fmt;
 
 /// Upper limit on the number of segments an operation may materialise.
-pub const MAX_SEGMENTS: usize = 2_000_000;
+pub const MAX_SEGMENTS: usize = 250_000;
 
 /// Errors of curve operations. They describe the mathematical reason; callers add context.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -156,16 +156,22 @@ impl Curve {
         if segs.windows(2).any(|w| w[0].x >= w[1].x) {
             return Err(CurveError::Invalid("segment start points must increase".into()));
         }
+        Ok(Curve::normalized(segs, t, d, c))
+    }
+
+    /// Builds a curve from segments already known to be well formed (start at 0, increasing,
+    /// covering `[0, t + d)`, `d > 0`): cuts, merges, keeps `t` a breakpoint, shrinks `t`.
+    fn normalized(mut segs: Vec<Seg>, t: Q, d: Q, c: Q) -> Curve {
+        debug_assert!(segs.first().is_some_and(|s| s.x.is_zero()) && segs.windows(2).all(|w| w[0].x < w[1].x), "malformed segments {segs:?}");
         let end = &t + &d;
         segs.retain(|s| s.x < end);
-        split_at(&mut segs, &t);
         let segs = merge_collinear(segs);
         let mut c = Curve { segs, t, d, c };
-        // `t` may have been merged away; it must remain a breakpoint.
+        // `t` must remain a breakpoint (merging may have removed it).
         let tt = c.t.clone();
         split_at(&mut c.segs, &tt);
         c.shrink_transient();
-        Ok(c)
+        c
     }
 
     /// `f(t) = v` everywhere.
@@ -199,7 +205,7 @@ impl Curve {
         if self.t.is_zero() && self.segs[0].y != self.segs[0].yr {
             let segs = self.unroll_raw(&(&self.d + &self.d));
             let (d, c) = (self.d.clone(), self.c.clone());
-            Curve::from_parts(segs, d.clone(), d, c).unwrap_or(self)
+            Curve::normalized(segs, d.clone(), d, c)
         } else {
             self
         }
@@ -267,7 +273,7 @@ impl Curve {
     /// The segments covering `[0, h)`, repeating the pattern as needed.
     pub fn unroll(&self, h: &Q) -> Result<Vec<Seg>> {
         let end = self.base_end();
-        if h > &end {
+        if h > &end && !self.is_affine_tail() {
             let periods = ((h - &end) / &self.d).ceil();
             let per = self.segs.len() - find_seg(&self.segs, &self.t);
             let n = periods.to_f64() * per as f64 + self.segs.len() as f64;
@@ -284,6 +290,9 @@ impl Curve {
         if h <= &end {
             return out;
         }
+        if self.is_affine_tail() {
+            return out; // the last segment already extends to infinity
+        }
         let p0 = find_seg(&self.segs, &self.t);
         let pattern = &self.segs[p0..];
         let mut k = Q::one();
@@ -295,9 +304,21 @@ impl Curve {
                 if &n.x >= h {
                     return out;
                 }
-                out.push(n);
+                match out.last() {
+                    Some(p) if p.s == n.s && n.y == n.yr && p.at(&n.x) == n.y => {}
+                    _ => out.push(n),
+                }
             }
             k = k + Q::one();
+        }
+    }
+
+    /// Whether the curve is a single line from `T` on (its pattern is one continuous segment).
+    pub fn is_affine_tail(&self) -> bool {
+        let p0 = find_seg(&self.segs, &self.t);
+        p0 + 1 == self.segs.len() && {
+            let s = &self.segs[p0];
+            s.y == s.yr && &s.s * &self.d == self.c
         }
     }
 
@@ -356,22 +377,38 @@ impl Curve {
         }
         let p0 = find_seg(&self.segs, &self.t);
         // Candidate starts: breakpoints before t, latest first; stop at the first failure.
-        let mut best = p0;
-        let ext = self.unroll_raw(&(&self.t + &self.d + &self.d));
-        let mut j = p0;
-        while j > 0 {
-            let cand = j - 1;
-            if self.periodic_from(&ext, cand) {
-                best = cand;
-                j = cand;
+        // Periodicity from a breakpoint implies it from every later one: bisect.
+        // f on [x + d, T + d) lies within the described window: no unrolling needed.
+        let ext: &[Seg] = &self.segs;
+        if p0 == 0 || !self.periodic_from(ext, p0 - 1) {
+            return;
+        }
+        // Gallop back to bracket the earliest start, then bisect.
+        let (mut lo, mut hi) = (0usize, p0 - 1); // hi: known periodic
+        let mut step = 1;
+        while hi > 0 {
+            let cand = hi.saturating_sub(step);
+            if self.periodic_from(ext, cand) {
+                hi = cand;
+                step *= 2;
             } else {
+                lo = cand + 1;
                 break;
             }
         }
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if self.periodic_from(ext, mid) {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        let best = hi;
         if best != p0 {
             let t = self.segs[best].x.clone();
             let end = &t + &self.d;
-            let mut segs: Vec<Seg> = ext.into_iter().filter(|s| s.x < end).collect();
+            let mut segs: Vec<Seg> = self.segs.iter().filter(|s| s.x < end).cloned().collect();
             split_at(&mut segs, &t);
             self.segs = merge_collinear(segs);
             self.t = t;
@@ -380,28 +417,37 @@ impl Curve {
         }
     }
 
-    /// Whether `f(x + d) = f(x) + c` holds for every `x` in `[segs[i].x, t)`.
+    /// Whether `f(x + d) = f(x) + c` holds for every `x` in `[ext[i].x, t)`; `ext` is the curve
+    /// unrolled over at least `[0, t + 2d)`. One linear walk over both ranges.
     fn periodic_from(&self, ext: &[Seg], i: usize) -> bool {
-        let x0 = &self.segs[i].x;
-        let mut xs: Vec<Q> = self.segs[i..].iter().map(|s| s.x.clone()).filter(|x| x < &self.t).collect();
-        for s in ext.iter() {
-            let back = &s.x - &self.d;
-            if &back >= x0 && back < self.t {
-                xs.push(back);
-            }
-        }
-        xs.sort();
-        xs.dedup();
-        for x in &xs {
-            let xd = x + &self.d;
-            if fin_eval(ext, &xd) != fin_eval(ext, x) + &self.c
-                || fin_right(ext, &xd) != fin_right(ext, x) + &self.c
-                || ext[find_seg(ext, &xd)].s != ext[find_seg(ext, x)].s
-            {
+        let mut x = ext[i].x.clone();
+        let mut a = i;
+        let mut b = find_seg(ext, &(&x + &self.d));
+        loop {
+            let xd = &x + &self.d;
+            let va = if ext[a].x == x { ext[a].y.clone() } else { ext[a].at(&x) };
+            let vb = if ext[b].x == xd { ext[b].y.clone() } else { ext[b].at(&xd) };
+            if vb != va + &self.c || ext[b].at(&xd) != ext[a].at(&x) + &self.c || ext[a].s != ext[b].s {
                 return false;
             }
+            let na = ext.get(a + 1).map(|s| s.x.clone());
+            let nb = ext.get(b + 1).map(|s| &s.x - &self.d);
+            let next = match (na, nb) {
+                (Some(p), Some(q)) => Q::min(&p, &q),
+                (Some(p), None) | (None, Some(p)) => p,
+                (None, None) => return true,
+            };
+            if next >= self.t {
+                return true;
+            }
+            if ext.get(a + 1).is_some_and(|s| s.x == next) {
+                a += 1;
+            }
+            if ext.get(b + 1).is_some_and(|s| &s.x - &self.d == next) {
+                b += 1;
+            }
+            x = next;
         }
-        true
     }
 
     // ----------------------------------------------------------------- simple transforms
@@ -409,7 +455,7 @@ impl Curve {
     /// `k · f`.
     pub fn scale(&self, k: &Q) -> Curve {
         let segs = self.segs.iter().map(|s| Seg::new(s.x.clone(), &s.y * k, &s.yr * k, &s.s * k)).collect();
-        Curve::from_parts(segs, self.t.clone(), self.d.clone(), &self.c * k).unwrap_or_else(|_| self.clone())
+        Curve::normalized(segs, self.t.clone(), self.d.clone(), &self.c * k)
     }
 
     /// `-f`.
@@ -430,7 +476,7 @@ impl Curve {
         }
         let mut segs = vec![Seg::line(Q::zero(), fill.clone(), Q::zero())];
         segs.extend(self.segs.iter().map(|s| s.shifted(delta, &Q::zero())));
-        Curve::from_parts(segs, &self.t + delta, self.d.clone(), self.c.clone()).unwrap_or_else(|_| self.clone())
+        Curve::normalized(segs, &self.t + delta, self.d.clone(), self.c.clone())
     }
 
     /// `g(t) = f(t + delta)` (delta >= 0).
@@ -443,13 +489,14 @@ impl Curve {
         let i = split_at(&mut segs, delta);
         let segs: Vec<Seg> = segs[i..].iter().map(|s| s.shifted(&-delta, &Q::zero())).collect();
         let t = if &self.t > delta { &self.t - delta } else { Q::zero() };
-        Curve::from_parts(segs, t, self.d.clone(), self.c.clone()).unwrap_or_else(|_| self.clone())
+        Curve::normalized(segs, t, self.d.clone(), self.c.clone())
     }
 
     /// The same curve with `f(0)` replaced by `v`.
     pub fn with_value_at_zero(&self, v: &Q) -> Curve {
         let mut c = if self.t.is_zero() {
-            let segs = self.unroll_raw(&(&self.d + &self.d));
+            let mut segs = self.unroll_raw(&(&self.d + &self.d));
+            split_at(&mut segs, &self.d);
             Curve { segs, t: self.d.clone(), d: self.d.clone(), c: self.c.clone() }
         } else {
             self.clone()
@@ -508,6 +555,9 @@ impl Curve {
 
     /// Pointwise `max(f, 0)`.
     pub fn clamp_nonnegative(&self) -> Result<Curve> {
+        if !self.c.is_negative() && !self.inf_on_base().is_negative() {
+            return Ok(self.clone());
+        }
         self.max(&Curve::zero())
     }
 
@@ -638,14 +688,80 @@ impl Curve {
         Ok(self.neg().deconv(&o.neg())?.neg())
     }
 
-    /// `sup_{0<=s<=t} f(s)`: the smallest non-decreasing curve above `f`.
+    /// `sup_{0<=s<=t} f(s)`: the smallest non-decreasing curve above `f` (equal to the max-plus
+    /// convolution with 0, computed by one forward scan).
     pub fn running_max(&self) -> Result<Curve> {
-        self.maxplus_conv(&Curve::zero())
+        let end = self.base_end();
+        let sup_base = self.sup_on_base();
+        if !self.c.is_positive() {
+            // Later periods never exceed the first: constant from T + d on.
+            let segs = self.unroll(&end)?;
+            let mut out = scan_running_max(&segs, &end);
+            out.push(Seg::line(end.clone(), sup_base, Q::zero()));
+            return Curve::from_parts(out, end, Q::one(), Q::zero());
+        }
+        // Once the periodic part has risen above everything before, the result repeats.
+        let (m, _) = self.affine_bounds();
+        let rise = ((&sup_base - &m) / self.rate()).ceil();
+        let t = Q::max(&self.t, &rise);
+        let h = &t + &self.d;
+        let segs = self.unroll(&h)?;
+        Curve::from_parts(scan_running_max(&segs, &h), t, self.d.clone(), self.c.clone())
     }
 
-    /// `inf_{u>=t} f(u)`: the largest non-decreasing curve below `f`.
+    /// `inf_{u>=t} f(u)`: the largest non-decreasing curve below `f` (the max-plus deconvolution
+    /// by 0, computed by one backward scan). Unbounded below if `f` decreases in the long run.
     pub fn running_min_ahead(&self) -> Result<Curve> {
-        self.maxplus_deconv(&Curve::zero())
+        if self.c.is_negative() {
+            return Err(CurveError::Unbounded("infimum ahead of a decreasing curve"));
+        }
+        // inf over [T + d, ∞) is reached within one period (later periods are no lower).
+        let end = self.base_end();
+        let h = &end + &self.d;
+        let segs = self.unroll(&h)?;
+        let tail_inf = {
+            // inf over [end, h): the value and right limit at `end`, then every later piece.
+            let i = find_seg(&segs, &end);
+            let mut m = Q::min(&fin_eval(&segs, &end), &fin_right(&segs, &end));
+            for (k, s) in segs.iter().enumerate().skip(i) {
+                let e = seg_end(&segs, k, &h);
+                if s.x > end {
+                    m = Q::min(&m, &Q::min(&s.y, &s.yr));
+                }
+                m = Q::min(&m, &s.at(e));
+            }
+            m
+        };
+        let out = scan_running_min_ahead(&segs, &h, tail_inf);
+        Curve::from_parts(out, self.t.clone(), self.d.clone(), self.c.clone())
+    }
+
+    /// Infimum over `[0, T + d]` (values and one-sided limits).
+    fn inf_on_base(&self) -> Q {
+        let end = self.base_end();
+        let mut best = self.segs[0].y.clone();
+        for (i, s) in self.segs.iter().enumerate() {
+            for v in [&s.y, &s.yr, &s.at(seg_end(&self.segs, i, &end))] {
+                if v < &best {
+                    best = v.clone();
+                }
+            }
+        }
+        best
+    }
+
+    /// Supremum over `[0, T + d]` (values and one-sided limits).
+    fn sup_on_base(&self) -> Q {
+        let end = self.base_end();
+        let mut best = self.segs[0].y.clone();
+        for (i, s) in self.segs.iter().enumerate() {
+            for v in [&s.y, &s.yr, &s.at(seg_end(&self.segs, i, &end))] {
+                if v > &best {
+                    best = v.clone();
+                }
+            }
+        }
+        best
     }
 
     // ----------------------------------------------------------------- deviations
@@ -676,49 +792,25 @@ impl Curve {
     /// First time `f` reaches `y`: `inf {t >= 0 : f(t) >= y}` (or `> y` when `strict`);
     /// `None` if never. `f` must be non-decreasing.
     pub fn first_reach(&self, y: &Q, strict: bool) -> Option<Q> {
-        let hit = |v: &Q| if strict { v > y } else { v >= y };
-        if hit(&self.segs[0].y) {
-            return Some(Q::zero());
+        let hit = |v: &Q, y: &Q| if strict { v > y } else { v >= y };
+        let end = self.base_end();
+        if let Some(t) = reach_in(&self.segs, 0, &end, y, strict) {
+            return Some(t);
         }
-        // Two periods described: levels above the first period's top are reached after T + d.
-        let h2 = &self.t + &self.d + &self.d;
-        let segs = self.unroll_raw(&h2);
-        let top = segs.last().map(|s| s.at(&h2)).unwrap_or_default();
-        let (y2, shift) = if (strict && y >= &top) || (!strict && y > &top) {
-            if !self.c.is_positive() {
-                return None;
-            }
-            let k = ((y - &top) / &self.c).floor() + Q::one();
-            (y - &k * &self.c, &k * &self.d)
-        } else {
-            (y.clone(), Q::zero())
-        };
-        let y = &y2;
-        let hit = |v: &Q| if strict { v > y } else { v >= y };
-        // Non-decreasing: skip (by bisection) the segments whose top stays below y.
-        let (mut lo, mut hi) = (0usize, segs.len());
-        while lo < hi {
-            let mid = (lo + hi) / 2;
-            if hit(&segs[mid].at(seg_end(&segs, mid, &h2))) || hit(&segs[mid].y) {
-                hi = mid;
-            } else {
-                lo = mid + 1;
-            }
+        // Not within [0, T + d): levels above the top of the base are first reached in the
+        // k-th repetition of the pattern.
+        if !self.c.is_positive() {
+            return None;
         }
-        let start = lo.saturating_sub(1);
-        for (i, s) in segs.iter().enumerate().skip(start) {
-            if hit(&s.y) {
-                return Some(&s.x + &shift);
-            }
-            if hit(&s.yr) {
-                return Some(&s.x + &shift);
-            }
-            let e = seg_end(&segs, i, &h2);
-            if s.s.is_positive() && hit(&s.at(e)) {
-                return Some(&s.x + (y - &s.yr) / &s.s + &shift);
-            }
-        }
-        None
+        let top = fin_left_end(&self.segs, &end);
+        let k = if strict { ((y - &top) / &self.c).floor() + Q::one() } else { Q::max(&((y - &top) / &self.c).ceil(), &Q::one()) };
+        let y2 = y - &k * &self.c;
+        let p0 = find_seg(&self.segs, &self.t);
+        let t = reach_in(&self.segs, p0, &end, &y2, strict).or_else(|| {
+            // Reached exactly at the end of the pattern (approached from the left).
+            hit(&top, &y2).then(|| end.clone())
+        })?;
+        Some(t + k * &self.d)
     }
 
     /// Horizontal deviation `sup_t inf {τ >= 0 : f(t) <= g(t + τ)}` (the delay bound when `f`
@@ -812,12 +904,116 @@ impl Curve {
     }
 }
 
+/// Running maximum of a finite list on `[0, h)`.
+fn scan_running_max(segs: &[Seg], h: &Q) -> Vec<Seg> {
+    let mut out = Vec::with_capacity(segs.len());
+    let mut m: Option<Q> = None;
+    for (i, s) in segs.iter().enumerate() {
+        let e = seg_end(segs, i, h);
+        let v = m.as_ref().map_or(s.y.clone(), |m| Q::max(m, &s.y));
+        let mut cur = v.clone();
+        if s.yr > cur {
+            cur = s.yr.clone();
+        }
+        if s.s.is_positive() && s.yr >= v {
+            out.push(Seg::new(s.x.clone(), v, s.yr.clone(), s.s.clone()));
+            cur = s.at(e);
+        } else if s.s.is_positive() && s.at(e) > cur {
+            // Flat at `cur` until the line climbs above it.
+            let xc = &s.x + (&cur - &s.yr) / &s.s;
+            out.push(Seg::new(s.x.clone(), v, cur.clone(), Q::zero()));
+            out.push(Seg::line(xc, cur, s.s.clone()));
+            cur = s.at(e);
+        } else {
+            out.push(Seg::new(s.x.clone(), v, cur.clone(), Q::zero()));
+        }
+        m = Some(cur);
+    }
+    merge_collinear(out)
+}
+
+/// `inf_{u>=t}` of a finite list on `[0, h)`, given the infimum over `[h, ∞)`.
+fn scan_running_min_ahead(segs: &[Seg], h: &Q, after: Q) -> Vec<Seg> {
+    let mut rev: Vec<Vec<Seg>> = Vec::with_capacity(segs.len());
+    let mut m = after;
+    for (i, s) in segs.iter().enumerate().rev() {
+        let e = seg_end(segs, i, h);
+        let le = s.at(e);
+        let mut piece = Vec::new();
+        // Interior (x, e): min(m, inf of the line over [t, e)).
+        let right = if !s.s.is_positive() {
+            let v = Q::min(&m, &le);
+            piece.push((Q::min(&m, &le), Q::zero(), None));
+            v
+        } else if le <= m {
+            piece.push((s.yr.clone(), s.s.clone(), None));
+            s.yr.clone()
+        } else if s.yr >= m {
+            piece.push((m.clone(), Q::zero(), None));
+            m.clone()
+        } else {
+            let xc = &s.x + (&m - &s.yr) / &s.s;
+            piece.push((s.yr.clone(), s.s.clone(), Some((xc, m.clone()))));
+            s.yr.clone()
+        };
+        let at_x = Q::min(&s.y, &right);
+        let mut segs_here = Vec::new();
+        for (yr, sl, cross) in piece {
+            segs_here.push(Seg::new(s.x.clone(), at_x.clone(), yr, sl));
+            if let Some((xc, mv)) = cross {
+                segs_here.push(Seg::line(xc, mv, Q::zero()));
+            }
+        }
+        m = at_x;
+        rev.push(segs_here);
+    }
+    merge_collinear(rev.into_iter().rev().flatten().collect())
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Op {
     Add,
     Sub,
     Min,
     Max,
+}
+
+/// Left limit at `end` of a finite list covering `[0, end)`.
+fn fin_left_end(segs: &[Seg], end: &Q) -> Q {
+    segs.last().map(|s| s.at(end)).unwrap_or_default()
+}
+
+/// First time in `segs[from..]` (covering up to `end`) at which a non-decreasing list reaches
+/// `y` (`> y` when strict), as an infimum.
+fn reach_in(segs: &[Seg], from: usize, end: &Q, y: &Q, strict: bool) -> Option<Q> {
+    let hit = |v: &Q| if strict { v > y } else { v >= y };
+    let top = |i: usize| segs[i].at(seg_end(segs, i, end));
+    // Bisect for the first segment whose value or top reaches y.
+    let (mut lo, mut hi) = (from, segs.len());
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if hit(&top(mid)) || hit(&segs[mid].y) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    for i in lo.saturating_sub(1).max(from)..segs.len() {
+        let s = &segs[i];
+        if hit(&s.y) || hit(&s.yr) {
+            return Some(s.x.clone());
+        }
+        let e = seg_end(segs, i, end);
+        if s.s.is_positive() && hit(&s.at(e)) {
+            let x = &s.x + (y - &s.yr) / &s.s;
+            // Non-strict: where the line equals y. Strict: the infimum is the same point.
+            return Some(x);
+        }
+        if i > lo + 1 {
+            break;
+        }
+    }
+    None
 }
 
 /// Pointwise combination of two finite lists both covering `[0, h)`.

@@ -16,4 +16,5 @@ pub use curve::{Curve, CurveError, Seg};
 pub use q::Q;
 pub mod models;
 mod network;
+pub mod synthetic;
 pub mod system;

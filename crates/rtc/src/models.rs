@@ -311,3 +311,19 @@ mod tests {
         assert!(periodic_resource(&q(0), &q(4), SupplyModel::WorstCase).is_err());
     }
 }
+
+#[cfg(test)]
+mod shift_tests {
+    use super::*;
+    use crate::q::q;
+    #[test]
+    fn pjd_shift_left() {
+        let (u, _) = EventModel::Pjd { period: q(20), jitter: q(4), min_distance: q(0) }.curves().unwrap();
+        println!("u = {u:?}");
+        let s = u.shift_left(&q(2));
+        println!("s = {s:?}");
+        let z = s.with_value_at_zero(&q(0));
+        println!("z = {z:?}");
+        assert_eq!(z.eval(&q(15)), q(2));
+    }
+}

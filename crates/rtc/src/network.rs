@@ -132,6 +132,80 @@ fn curve_problem(e: &CurveError) -> String {
     }
 }
 
+/// Progress through one fixed-priority resource, highest priority first: each step analyses
+/// one task on the service left by the ones before it.
+struct FpState {
+    r: usize,
+    np: bool,
+    order: Vec<usize>,
+    next: usize,
+    base: Pair,
+    cur: Option<Pair>,
+    why_lost: String,
+}
+
+impl FpState {
+    fn new(sys: &System, r: usize, tasks: &[usize], beta: &Pair) -> FpState {
+        let mut order = tasks.to_vec();
+        order.sort_by_key(|&i| (sys.tasks[i].priority.unwrap_or(i64::MAX), i));
+        let np = sys.resources[r].policy == Policy::FixedPriorityNonPreemptive;
+        FpState { r, np, order, next: 0, base: beta.clone(), cur: Some(beta.clone()), why_lost: String::new() }
+    }
+
+    fn done(&self) -> bool {
+        self.next >= self.order.len()
+    }
+
+    /// Analyses the next task (`input`: its activation curves, `None` if unbounded).
+    fn step(&mut self, ctx: &Ctx, input: Option<&Pair>) -> Outcome {
+        let sys = ctx.sys;
+        let k = self.next;
+        let i = self.order[k];
+        self.next += 1;
+        let _ = self.r;
+        let method = if self.np { "fp-np: GPC on remaining service minus blocking" } else { "fp: GPC on remaining service" };
+        let Some(svc) = self.cur.clone() else {
+            return unbounded(&self.base, method, self.why_lost.clone());
+        };
+        let Some(ev) = input else {
+            self.cur = None;
+            self.why_lost = format!("higher-priority task {:?} has an unbounded input", sys.tasks[i].name);
+            return unbounded(&svc, method, "its input is unbounded (an upstream task has no bound)".into());
+        };
+        let w = Workload { wcet: sys.tasks[i].wcet.clone(), bcet: sys.tasks[i].bcet.clone() };
+        let svc_i = if self.np {
+            let blocking = self.order[k + 1..].iter().map(|&j| sys.tasks[j].wcet.clone()).max().unwrap_or_default();
+            match svc.1.offset(&-blocking).clamp_nonnegative() {
+                Ok(l) => (svc.0.clone(), l),
+                Err(e) => return unbounded(&svc, method, curve_problem(&e)),
+            }
+        } else {
+            svc.clone()
+        };
+        let outcome = match component::task_on_service(ev, &w, &svc_i, ctx.opts.gpc_outputs) {
+            Ok(b) => Outcome { bounds: Some(b), service: svc_i, method, problem: None },
+            Err(e) => unbounded(&svc_i, method, curve_problem(&e)),
+        };
+        if self.next < self.order.len() {
+            // The upper remaining service only matters for the GPC completion curves; without
+            // them the resource's own upper service is kept (a valid, looser upper bound).
+            let rem = if ctx.opts.gpc_outputs {
+                component::remaining_service(&w.demand(ev), &svc)
+            } else {
+                component::remaining_lower(&w.demand(ev), &svc)
+            };
+            match rem {
+                Ok(rem) => self.cur = Some(rem),
+                Err(e) => {
+                    self.cur = None;
+                    self.why_lost = format!("higher-priority task {:?} leaves no bounded service: {}", sys.tasks[i].name, curve_problem(&e));
+                }
+            }
+        }
+        outcome
+    }
+}
+
 /// Analyses the tasks of resource `r` given their activation curves and the base service.
 fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], beta: &Pair) -> Vec<(usize, Outcome)> {
     let sys = ctx.sys;
@@ -142,46 +216,10 @@ fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], beta: &Pair) -
     let mut out = Vec::new();
     match res.policy {
         Policy::FixedPriority | Policy::FixedPriorityNonPreemptive => {
-            let np = res.policy == Policy::FixedPriorityNonPreemptive;
-            let method = if np { "fp-np: GPC on remaining service minus blocking" } else { "fp: GPC on remaining service" };
-            let mut order: Vec<usize> = tasks.clone();
-            order.sort_by_key(|&i| (sys.tasks[i].priority.unwrap_or(i64::MAX), i));
-            let mut cur: Option<Pair> = Some(beta.clone());
-            let mut why_lost = String::new();
-            for (k, &i) in order.iter().enumerate() {
-                let Some(svc) = cur.clone() else {
-                    out.push((i, unbounded(beta, method, why_lost.clone())));
-                    continue;
-                };
-                let Some(ev) = &inputs[i] else {
-                    out.push((i, unbounded(&svc, method, "its input is unbounded (an upstream task has no bound)".into())));
-                    cur = None;
-                    why_lost = format!("higher-priority task {:?} has an unbounded input", sys.tasks[i].name);
-                    continue;
-                };
-                let svc_i = if np {
-                    let blocking = order[k + 1..].iter().map(|&j| sys.tasks[j].wcet.clone()).max().unwrap_or_default();
-                    match svc.1.offset(&-blocking).clamp_nonnegative() {
-                        Ok(l) => (svc.0.clone(), l),
-                        Err(e) => {
-                            out.push((i, unbounded(&svc, method, curve_problem(&e))));
-                            continue;
-                        }
-                    }
-                } else {
-                    svc.clone()
-                };
-                match component::task_on_service(ev, &wl(i), &svc_i, gpc_out) {
-                    Ok(b) => out.push((i, Outcome { bounds: Some(b), service: svc_i, method, problem: None })),
-                    Err(e) => out.push((i, unbounded(&svc_i, method, curve_problem(&e)))),
-                }
-                match component::remaining_service(&wl(i).demand(ev), &svc) {
-                    Ok(rem) => cur = Some(rem),
-                    Err(e) => {
-                        cur = None;
-                        why_lost = format!("higher-priority task {:?} leaves no bounded service: {}", sys.tasks[i].name, curve_problem(&e));
-                    }
-                }
+            let mut st = FpState::new(sys, r, tasks, beta);
+            for _ in 0..st.order.len() {
+                let i = st.order[st.next];
+                out.push((i, st.step(ctx, inputs[i].as_ref())));
             }
         }
         Policy::Tdma => {
@@ -317,6 +355,54 @@ fn input_of(sys: &System, i: usize, streams: &[Pair], outputs: &[Option<Option<P
     }
 }
 
+/// One pass in task-dependency order; `false` (with partial results) if some tasks wait on each
+/// other in a cycle.
+fn ordered_pass(ctx: &Ctx, services: &[Pair], outputs: &mut [Option<Option<Pair>>], outcomes: &mut [Option<Outcome>], inputs: &mut [Option<Pair>]) -> bool {
+    let sys = ctx.sys;
+    let ready = |i: usize, outputs: &[Option<Option<Pair>>]| match sys.tasks[i].input {
+        Input::Stream(_) => true,
+        Input::Task(j) => outputs[j].is_some(),
+    };
+    let mut fp: Vec<Option<FpState>> = (0..sys.resources.len())
+        .map(|r| {
+            matches!(sys.resources[r].policy, Policy::FixedPriority | Policy::FixedPriorityNonPreemptive).then(|| FpState::new(sys, r, &ctx.tasks_on[r], &services[r]))
+        })
+        .collect();
+    let mut whole_done = vec![false; sys.resources.len()];
+    loop {
+        let mut progress = false;
+        for r in 0..sys.resources.len() {
+            if let Some(st) = fp[r].as_mut() {
+                while !st.done() {
+                    let i = st.order[st.next];
+                    if !ready(i, outputs) {
+                        break;
+                    }
+                    inputs[i] = input_of(sys, i, &ctx.streams, outputs);
+                    let o = st.step(ctx, inputs[i].as_ref());
+                    outputs[i] = Some(o.bounds.as_ref().map(|b| b.output.clone()));
+                    outcomes[i] = Some(o);
+                    progress = true;
+                }
+            } else if !whole_done[r] && ctx.tasks_on[r].iter().all(|&i| ready(i, outputs)) {
+                for &i in &ctx.tasks_on[r] {
+                    inputs[i] = input_of(sys, i, &ctx.streams, outputs);
+                }
+                for (i, o) in analyze_resource(ctx, r, inputs, &services[r]) {
+                    outputs[i] = Some(o.bounds.as_ref().map(|b| b.output.clone()));
+                    outcomes[i] = Some(o);
+                }
+                whole_done[r] = true;
+                progress = true;
+            }
+        }
+        if !progress {
+            break;
+        }
+    }
+    outputs.iter().all(|o| o.is_some())
+}
+
 pub(crate) fn analyze(sys: &System, opts: &Options) -> Result<Analysis, AnalysisError> {
     check_structure(sys)?;
     let mut streams = Vec::with_capacity(sys.streams.len());
@@ -332,7 +418,7 @@ pub(crate) fn analyze(sys: &System, opts: &Options) -> Result<Analysis, Analysis
         services.push(base_service(sys, r)?);
     }
     let ctx = Ctx { sys, opts, streams, tasks_on };
-    let (order, acyclic) = resource_order(sys, &ctx.tasks_on);
+    let (order, _) = resource_order(sys, &ctx.tasks_on);
 
     let n = sys.tasks.len();
     // outputs[i]: None = not analysed yet; Some(None) = analysed, unbounded.
@@ -340,8 +426,15 @@ pub(crate) fn analyze(sys: &System, opts: &Options) -> Result<Analysis, Analysis
     let mut outcomes: Vec<Option<Outcome>> = (0..n).map(|_| None).collect();
     let mut inputs: Vec<Option<Pair>> = vec![None; n];
     let mut iterations = 0;
-    let mut converged = acyclic;
-    loop {
+    // First try task by task: a task is analysed as soon as its input and (under fixed
+    // priority) every higher-priority task on its resource are known. This is one exact pass
+    // whenever the task-level dependencies are acyclic, even if the resource graph is not.
+    let ordered = ordered_pass(&ctx, &services, &mut outputs, &mut outcomes, &mut inputs);
+    let mut converged = ordered;
+    if ordered {
+        iterations = 1;
+    }
+    while !ordered {
         iterations += 1;
         let mut changed = false;
         for &r in &order {
@@ -359,9 +452,6 @@ pub(crate) fn analyze(sys: &System, opts: &Options) -> Result<Analysis, Analysis
                 outputs[i] = Some(new);
                 outcomes[i] = Some(o);
             }
-        }
-        if acyclic {
-            break;
         }
         if !changed {
             converged = true;
@@ -423,30 +513,31 @@ fn chain_result(sys: &System, c: &Chain, tasks: &[TaskResult]) -> ChainResult {
         && c.tasks.iter().all(|&i| {
             matches!(sys.resources[sys.tasks[i].resource].policy, Policy::FixedPriority | Policy::FixedPriorityNonPreemptive | Policy::Tdma)
         }) {
-        let mut svc: Option<Curve> = None;
+        // Each hop guarantees at least ⌊βl/wcet⌋ completions, which lies above the rate-latency
+        // curve R (Δ − T − 1/R) with R = rate(βl)/wcet and T the horizontal distance of βl
+        // from its own long-run line. Rate-latency curves concatenate in closed form.
+        let mut rate: Option<Q> = None;
+        let mut latency = Q::zero();
         let mut ok = true;
         for &i in &c.tasks {
-            match component::event_service(&tasks[i].service.lower, &sys.tasks[i].wcet) {
-                Ok(s) => {
-                    svc = match svc.take() {
-                        None => Some(s),
-                        Some(prev) => match prev.conv(&s) {
-                            Ok(x) => Some(x),
-                            Err(_) => {
-                                ok = false;
-                                break;
-                            }
-                        },
-                    }
-                }
+            let bl = &tasks[i].service.lower;
+            let rho = bl.rate();
+            let Some(r_ev) = rho.checked_div(&sys.tasks[i].wcet).filter(|r| r.is_positive()) else {
+                ok = false;
+                break;
+            };
+            // T = sup (Δ − βl(Δ)/ρ): the vertical distance to the line, divided by the rate.
+            match Curve::rate_latency(rho.clone(), Q::zero()).vdev(bl) {
+                Ok(v) => latency = latency + v / &rho + r_ev.recip().unwrap_or_default(),
                 Err(_) => {
                     ok = false;
                     break;
                 }
             }
+            rate = Some(rate.map_or(r_ev.clone(), |r| Q::min(&r, &r_ev)));
         }
-        match (ok, svc) {
-            (true, Some(s)) => tasks[c.tasks[0]].input.upper.hdev(&s).ok(),
+        match (ok, rate) {
+            (true, Some(r)) => tasks[c.tasks[0]].input.upper.hdev(&Curve::rate_latency(r, latency)).ok(),
             _ => None,
         }
     } else {

@@ -25,15 +25,52 @@ enum Repr {
     Big(Box<BigRational>),
 }
 
-fn gcd_i128(mut a: i128, mut b: i128) -> i128 {
-    a = a.abs();
-    b = b.abs();
-    while b != 0 {
-        let t = a % b;
-        a = b;
-        b = t;
+/// Binary GCD (Stein); 64-bit when both fit, which is the common case.
+fn gcd_i128(a: i128, b: i128) -> i128 {
+    let (a, b) = (a.unsigned_abs(), b.unsigned_abs());
+    if a <= u64::MAX as u128 && b <= u64::MAX as u128 {
+        return gcd_u64(a as u64, b as u64) as i128;
     }
-    a
+    let (mut a, mut b) = (a, b);
+    if a == 0 {
+        return b as i128;
+    }
+    if b == 0 {
+        return a as i128;
+    }
+    let shift = (a | b).trailing_zeros();
+    a >>= a.trailing_zeros();
+    loop {
+        b >>= b.trailing_zeros();
+        if a > b {
+            std::mem::swap(&mut a, &mut b);
+        }
+        b -= a;
+        if b == 0 {
+            return (a << shift) as i128;
+        }
+    }
+}
+
+fn gcd_u64(mut a: u64, mut b: u64) -> u64 {
+    if a == 0 {
+        return b;
+    }
+    if b == 0 {
+        return a;
+    }
+    let shift = (a | b).trailing_zeros();
+    a >>= a.trailing_zeros();
+    loop {
+        b >>= b.trailing_zeros();
+        if a > b {
+            std::mem::swap(&mut a, &mut b);
+        }
+        b -= a;
+        if b == 0 {
+            return a << shift;
+        }
+    }
 }
 
 impl Q {
@@ -41,6 +78,13 @@ impl Q {
     fn from_i128(n: i128, d: i128) -> Q {
         debug_assert!(d != 0);
         let (mut n, mut d) = if d < 0 { (-n, -d) } else { (n, d) };
+        if d == 1 {
+            if let Ok(n) = i64::try_from(n) {
+                if n != i64::MIN {
+                    return Q(Repr::Small(n, 1));
+                }
+            }
+        }
         let g = gcd_i128(n, d);
         if g > 1 {
             n /= g;

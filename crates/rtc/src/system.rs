@@ -183,7 +183,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Options {
-        Options { budget_step: Q::one(), gpc_outputs: true, max_iterations: 50 }
+        Options { budget_step: Q::one(), gpc_outputs: false, max_iterations: 50 }
     }
 }
 
