@@ -124,12 +124,43 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Loaded, ModelErr
     if text.len() as u64 > MAX_FILE_BYTES {
         return Err(ModelError::Syntax { file: file.into(), line: 1, msg: format!("file larger than {MAX_FILE_BYTES} bytes") });
     }
-    let raw: raw::RawFile = toml::from_str(text).map_err(|e| ModelError::Syntax {
-        file: file.into(),
-        line: e.span().map(|s| ctx.line_at(s.start)).unwrap_or(1),
-        msg: e.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; "),
+    let raw: raw::RawFile = toml::from_str(text).map_err(|e| {
+        let msg = e.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+        let at = e.span().map(|s| s.start);
+        ModelError::Syntax {
+            file: file.into(),
+            line: at.map(|s| ctx.line_at(s)).unwrap_or(1),
+            msg: match at.and_then(|s| enclosing_item(text, s)) {
+                Some(item) => format!("{item}: {msg}"),
+                None => msg,
+            },
+        }
     })?;
     validate::build(&raw, &ctx, base_dir)
+}
+
+/// `kind "name"` of the `[[kind]]` item that contains byte `at`, for messages about TOML
+/// that could not be read into items.
+fn enclosing_item(text: &str, at: usize) -> Option<String> {
+    let at = (0..=at.min(text.len())).rev().find(|&i| text.is_char_boundary(i))?;
+    let start = if text[at..].starts_with("[[") { Some(at) } else { text[..at].rfind("\n[[").map(|i| i + 1) };
+    let start = start.or_else(|| text.starts_with("[[").then_some(0))?;
+    let rest = &text[start..];
+    let kind = rest.get(2..)?.split("]]").next()?.trim();
+    if kind.is_empty() || kind.len() > 20 || !kind.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return None;
+    }
+    let body = rest.split_once('\n').map(|(_, b)| b).unwrap_or("");
+    let body = &body[..body.find("\n[").map(|i| i + 1).unwrap_or(body.len())];
+    let name = body.lines().find_map(|l| {
+        let v = l.trim().strip_prefix("name")?.trim_start().strip_prefix('=')?.trim();
+        let v = v.strip_prefix('"')?;
+        Some(v[..v.find('"')?].to_string())
+    });
+    Some(match name {
+        Some(n) => format!("{kind} {n:?}"),
+        None => kind.to_string(),
+    })
 }
 
 #[cfg(test)]

@@ -126,7 +126,8 @@ fn syntax_error_has_a_line() {
 
 #[test]
 fn unknown_keys() {
-    fails(&with("wcet = \"1ms\"\npriority = 1\n\n[[task]]\nname = \"send\"", "wcet = \"1ms\"\nprio = 1\n\n[[task]]\nname = \"send\""), 27, "", "unknown field `prio`");
+    fails(&with("wcet = \"1ms\"\npriority = 1\n\n[[task]]\nname = \"send\"", "wcet = \"1ms\"\nprio = 1\n\n[[task]]\nname = \"send\""), 27, "filter", "task \"filter\": unknown field `prio`");
+    fails(&with("name = \"send\"\n", ""), 29, "", "task: missing field `name`");
     fails(&format!("{BASE}\n[[proccessor]]\nname = \"x\"\n"), 47, "", "unknown field `proccessor`");
 }
 

@@ -116,7 +116,7 @@ fn points(c: &Curve, h: &Q) -> Vec<(f64, f64)> {
 
 /// About six round tick values covering `[0, max]`.
 fn ticks(max: f64) -> Vec<f64> {
-    if !(max > 0.0) || !max.is_finite() {
+    if max.is_nan() || max <= 0.0 || !max.is_finite() {
         return vec![0.0];
     }
     let raw = max / 6.0;
