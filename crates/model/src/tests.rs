@@ -313,3 +313,13 @@ fn load_reports_io_errors_and_uses_the_path() {
     let e = load("/no/such/dir/system.toml").unwrap_err().to_string();
     assert!(e.starts_with("/no/such/dir/system.toml: cannot read"), "{e}");
 }
+
+#[test]
+fn the_documented_example_is_valid() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/model-format.md")).unwrap();
+    let start = doc.find("```toml\n").expect("a toml block") + 8;
+    let end = start + doc[start..].find("```").expect("its end");
+    let l = ok(&doc[start..end]);
+    assert_eq!(l.system.tasks.len(), 5);
+    assert_eq!(l.system.chains[0].tasks.len(), 4);
+}
