@@ -89,7 +89,9 @@ impl Loaded {
             AnalysisError::Resource { resource, msg } => {
                 (resource, msg, s.resources.iter().position(|r| &r.name == resource).map(|i| self.resources[i]))
             }
-            AnalysisError::Stream { stream, msg } => (stream, msg, s.streams.iter().position(|r| &r.name == stream).map(|i| self.streams[i])),
+            AnalysisError::Stream { stream, msg } => {
+                (stream, msg, s.streams.iter().position(|r| &r.name == stream).map(|i| self.streams[i]))
+            }
             AnalysisError::Chain { chain, msg } => (chain, msg, s.chains.iter().position(|r| &r.name == chain).map(|i| self.chains[i])),
         };
         let kind = match (e, found) {
@@ -99,7 +101,13 @@ impl Loaded {
             (AnalysisError::Stream { .. }, None) => "stream",
             (AnalysisError::Chain { .. }, None) => "chain",
         };
-        ModelError::Analysis { file: self.file.clone(), line: found.map(|i| i.line).unwrap_or(1), kind, name: name.clone(), msg: msg.clone() }
+        ModelError::Analysis {
+            file: self.file.clone(),
+            line: found.map(|i| i.line).unwrap_or(1),
+            kind,
+            name: name.clone(),
+            msg: msg.clone(),
+        }
     }
 }
 

@@ -90,8 +90,13 @@ fn base_maps_onto_the_system() {
     assert_eq!(s.resources[0].kind, ResourceKind::Dedicated { rate: q("1") });
     assert_eq!(s.resources[2].kind, ResourceKind::Dedicated { rate: q("25/2") });
     assert_eq!(s.resources[2].policy, Policy::Fifo);
-    assert!(matches!(&s.resources[3].kind, ResourceKind::Reservation { host: 1, budget, period, supply: rtc::models::SupplyModel::WorstCase } if budget == &q("2000") && period == &q("10000")));
-    assert_eq!(l.resources.iter().map(|i| i.kind).collect::<Vec<_>>(), [ItemKind::Processor, ItemKind::Processor, ItemKind::Link, ItemKind::Vm]);
+    assert!(
+        matches!(&s.resources[3].kind, ResourceKind::Reservation { host: 1, budget, period, supply: rtc::models::SupplyModel::WorstCase } if budget == &q("2000") && period == &q("10000"))
+    );
+    assert_eq!(
+        l.resources.iter().map(|i| i.kind).collect::<Vec<_>>(),
+        [ItemKind::Processor, ItemKind::Processor, ItemKind::Link, ItemKind::Vm]
+    );
     assert_eq!(l.resources[3].line, 11);
     assert_eq!(s.tasks.len(), 3);
     assert_eq!(s.tasks[0].bcet, q("0"), "bcet defaults to 0");
@@ -106,27 +111,41 @@ fn base_maps_onto_the_system() {
 #[test]
 fn vm_as_a_task() {
     // With a reservation: an inner task named like the VM.
-    let l = ok(&with("period = \"10ms\"\n\n[[stream]]", "period = \"10ms\"\ninput = \"sensor\"\nwcet = \"1ms\"\nbcet = \"0.5ms\"\npriority = 2\ndeadline = \"10ms\"\n\n[[stream]]"));
+    let l = ok(&with(
+        "period = \"10ms\"\n\n[[stream]]",
+        "period = \"10ms\"\ninput = \"sensor\"\nwcet = \"1ms\"\nbcet = \"0.5ms\"\npriority = 2\ndeadline = \"10ms\"\n\n[[stream]]",
+    ));
     let t = l.system.tasks.iter().position(|t| t.name == "vm1").unwrap();
     assert_eq!(l.system.tasks[t].resource, 3);
     assert_eq!(l.tasks[t].kind, ItemKind::Vm);
     assert_eq!(l.system.tasks[t].bcet, q("500"));
     // Without a reservation: a task on the host.
-    let l = ok(&with("[[stream]]", "[[vm]]\nname = \"vm2\"\nhost = \"cpu0\"\ninput = \"sensor\"\nwcet = \"1ms\"\npriority = 5\n\n[[stream]]"));
+    let l =
+        ok(&with("[[stream]]", "[[vm]]\nname = \"vm2\"\nhost = \"cpu0\"\ninput = \"sensor\"\nwcet = \"1ms\"\npriority = 5\n\n[[stream]]"));
     let t = l.system.tasks.iter().position(|t| t.name == "vm2").unwrap();
     assert_eq!(l.system.tasks[t].resource, 0);
 }
 
 #[test]
 fn syntax_error_has_a_line() {
-    fails(&with("wcet = \"1ms\"\npriority = 1\n\n[[task]]\nname = \"send\"", "wcet = \"1ms\"\npriority = = 1\n\n[[task]]\nname = \"send\""), 27, "", "");
+    fails(
+        &with("wcet = \"1ms\"\npriority = 1\n\n[[task]]\nname = \"send\"", "wcet = \"1ms\"\npriority = = 1\n\n[[task]]\nname = \"send\""),
+        27,
+        "",
+        "",
+    );
     let e = fails("[[processor]]\nname = \"a\"\nname = \"b\"\n", 3, "", "duplicate");
     assert!(matches!(e, ModelError::Syntax { .. }));
 }
 
 #[test]
 fn unknown_keys() {
-    fails(&with("wcet = \"1ms\"\npriority = 1\n\n[[task]]\nname = \"send\"", "wcet = \"1ms\"\nprio = 1\n\n[[task]]\nname = \"send\""), 27, "filter", "task \"filter\": unknown field `prio`");
+    fails(
+        &with("wcet = \"1ms\"\npriority = 1\n\n[[task]]\nname = \"send\"", "wcet = \"1ms\"\nprio = 1\n\n[[task]]\nname = \"send\""),
+        27,
+        "filter",
+        "task \"filter\": unknown field `prio`",
+    );
     fails(&with("name = \"send\"\n", ""), 29, "", "task: missing field `name`");
     fails(&format!("{BASE}\n[[proccessor]]\nname = \"x\"\n"), 47, "", "unknown field `proccessor`");
 }
@@ -162,7 +181,12 @@ fn input_cycle() {
 
 #[test]
 fn chains() {
-    fails(&with("tasks = [\"filter\", \"send\", \"control\"]", "tasks = [\"filter\", \"control\"]"), 44, "loop", "\"control\" does not follow \"filter\": its input is \"send\"");
+    fails(
+        &with("tasks = [\"filter\", \"send\", \"control\"]", "tasks = [\"filter\", \"control\"]"),
+        44,
+        "loop",
+        "\"control\" does not follow \"filter\": its input is \"send\"",
+    );
     fails(&with("tasks = [\"filter\", \"send\", \"control\"]", "tasks = [\"filter\", \"send\", \"filter\"]"), 44, "loop", "appears twice");
     fails(&with("tasks = [\"filter\", \"send\", \"control\"]", "tasks = [\"filter\", \"snd\"]"), 44, "loop", "unknown task \"snd\"");
     fails(&with("tasks = [\"filter\", \"send\", \"control\"]", "tasks = []"), 44, "loop", "empty");
@@ -171,7 +195,12 @@ fn chains() {
 
 #[test]
 fn demands() {
-    fails(&with("wcet = \"1ms\"\npriority = 1\n\n[[task]]\nname = \"send\"", "priority = 1\n\n[[task]]\nname = \"send\""), 22, "filter", "missing `wcet`");
+    fails(
+        &with("wcet = \"1ms\"\npriority = 1\n\n[[task]]\nname = \"send\"", "priority = 1\n\n[[task]]\nname = \"send\""),
+        22,
+        "filter",
+        "missing `wcet`",
+    );
     fails(&with("wcet = \"1ms\"", "wcet = \"1ms\"\nbcet = \"2ms\""), 27, "filter", "bcet \"2ms\" exceeds wcet \"1ms\"");
     fails(&with("wcet = \"1ms\"", "wcet = \"0ms\""), 26, "filter", "`wcet` must be positive");
     fails(&with("wcet = \"1ms\"", "wcet = \"-1ms\""), 26, "filter", "`wcet` must be positive");
@@ -202,7 +231,12 @@ fn stream_models() {
     let l = ok(&pjd("jitter = \"1ms\"\nmin_distance = \"1ms\""));
     assert!(matches!(&l.system.streams[0].model, rtc::models::EventModel::Pjd { jitter, .. } if jitter == &q("1000")));
     fails(&pjd("jitter = \"-1ms\""), 20, "sensor", "`jitter` must not be negative");
-    fails(&with("period = \"10ms\"\n\n[[task]]", "period = \"10ms\"\njitter = \"1ms\"\n\n[[task]]"), 21, "sensor", "`jitter` does not apply to a periodic stream");
+    fails(
+        &with("period = \"10ms\"\n\n[[task]]", "period = \"10ms\"\njitter = \"1ms\"\n\n[[task]]"),
+        21,
+        "sensor",
+        "`jitter` does not apply to a periodic stream",
+    );
     fails(&with("model = \"periodic\"", "model = \"poisson\""), 19, "sensor", "unknown model \"poisson\"");
     fails(&with("model = \"periodic\"", "model = \"bursty\""), 17, "sensor", "missing `burst`");
     fails(&with("model = \"periodic\"", "model = \"bursty\"\nburst = 0"), 20, "sensor", "`burst` must be in");
@@ -211,7 +245,9 @@ fn stream_models() {
     ok(&with("model = \"periodic\"\nperiod = \"10ms\"", "model = \"sporadic\"\nmin_distance = \"10ms\""));
     let trace = |t: &str| with("model = \"periodic\"\nperiod = \"10ms\"", &format!("model = \"trace\"\n{t}"));
     let l = ok(&trace("times = [\"0ms\", \"9.5ms\", \"20ms\", \"30ms\", \"41ms\"]"));
-    assert!(matches!(&l.system.streams[0].model, rtc::models::EventModel::Trace { times, window: None } if times.len() == 5 && times[1] == q("9500")));
+    assert!(
+        matches!(&l.system.streams[0].model, rtc::models::EventModel::Trace { times, window: None } if times.len() == 5 && times[1] == q("9500"))
+    );
     fails(&trace("times = [\"0ms\", \"20ms\", \"10ms\"]"), 17, "sensor", "must not decrease");
     fails(&trace("times = [\"0ms\", \"20 fortnights\"]"), 20, "sensor", "unknown time unit");
     fails(&trace("file = \"no-such-trace.txt\""), 20, "sensor", "trace file \"no-such-trace.txt\"");
@@ -234,7 +270,12 @@ fn trace_file_is_read_relative_to_base_dir() {
 
 #[test]
 fn priorities() {
-    fails(&with("priority = 1\n\n[[task]]\nname = \"send\"", "\n[[task]]\nname = \"send\""), 22, "filter", "missing `priority` (required on processor \"cpu0\" with policy fp)");
+    fails(
+        &with("priority = 1\n\n[[task]]\nname = \"send\"", "\n[[task]]\nname = \"send\""),
+        22,
+        "filter",
+        "missing `priority` (required on processor \"cpu0\" with policy fp)",
+    );
     let two = with("[[chain]]", "[[task]]\nname = \"other\"\non = \"cpu0\"\ninput = \"sensor\"\nwcet = \"1ms\"\npriority = 1\n\n[[chain]]");
     fails(&two, 47, "other", "priority 1 is also used by task \"filter\" on processor \"cpu0\"");
     // Links default to fifo: no priority needed.
@@ -258,7 +299,12 @@ fn tdma() {
     fails(&text.replacen("priority = 1", "slot = \"5ms\"", 1), 4, "cpu0", "slots of its tasks add up to 5 ms, more than the cycle 4 ms");
     fails(&with("name = \"cpu0\"", "name = \"cpu0\"\npolicy = \"tdma\""), 3, "cpu0", "policy tdma needs a `cycle`");
     fails(&with("name = \"cpu0\"", "name = \"cpu0\"\ncycle = \"4ms\""), 3, "cpu0", "`cycle` applies only to policy tdma");
-    fails(&with("priority = 1\n\n[[task]]\nname = \"send\"", "priority = 1\nslot = \"1ms\"\n\n[[task]]\nname = \"send\""), 28, "filter", "`slot` applies only to tdma");
+    fails(
+        &with("priority = 1\n\n[[task]]\nname = \"send\"", "priority = 1\nslot = \"1ms\"\n\n[[task]]\nname = \"send\""),
+        28,
+        "filter",
+        "`slot` applies only to tdma",
+    );
 }
 
 #[test]
@@ -278,7 +324,12 @@ fn overload() {
     let e = fails(&with("wcet = \"1ms\"", "wcet = \"11ms\""), 1, "cpu0", "overloaded: long-run utilisation is 110.0%");
     assert!(matches!(e, ModelError::Overload { .. }));
     // Inside a reservation: 3 ms per 10 ms against 2 ms per 10 ms.
-    fails(&with("wcet = \"1ms\"\npriority = 1\n\n[[chain]]", "wcet = \"3ms\"\npriority = 1\n\n[[chain]]"), 11, "vm1", "150.0% (more than 100%) of its reservation");
+    fails(
+        &with("wcet = \"1ms\"\npriority = 1\n\n[[chain]]", "wcet = \"3ms\"\npriority = 1\n\n[[chain]]"),
+        11,
+        "vm1",
+        "150.0% (more than 100%) of its reservation",
+    );
     // Host: two VMs with half and 60%.
     let text = with("[[stream]]", "[[vm]]\nname = \"vm2\"\nhost = \"cpu1\"\nbudget = \"6ms\"\nperiod = \"10ms\"\n\n[[stream]]");
     fails(&text.replacen("budget = \"2ms\"", "budget = \"5ms\"", 1), 4, "cpu1", "110.0%");

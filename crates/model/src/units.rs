@@ -96,7 +96,11 @@ pub fn bandwidth(s: &str) -> Result<Q, String> {
         "MiB" => (1 << 20, 1),
         "GB" => (1_000_000_000, 1),
         "GiB" => (1 << 30, 1),
-        _ => return Err(format!("{s:?}: unknown bandwidth unit {u:?} (use bit/s, kbit/s, Mbit/s, Gbit/s, B/s, kB/s, MB/s, GB/s, KiB/s, MiB/s, GiB/s)")),
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown bandwidth unit {u:?} (use bit/s, kbit/s, Mbit/s, Gbit/s, B/s, kB/s, MB/s, GB/s, KiB/s, MiB/s, GiB/s)"
+            ))
+        }
     };
     let per_unit = Q::new(num, den * 1_000_000).unwrap_or_default();
     let v = number(n, s)? * per_unit;

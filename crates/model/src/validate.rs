@@ -76,8 +76,12 @@ impl<'a> Ctx<'a> {
     fn quantity(&self, s: &Site, key: &str, v: &Val, what: &str, parse: fn(&str) -> std::result::Result<Q, String>) -> Result<Q> {
         match v {
             Val::Str(t) => parse(t).map_err(|e| self.fail(s, Some(key), format!("`{key}`: {e}"))),
-            Val::Int(n) => Err(self.fail(s, Some(key), format!("`{key}` = {n} needs a unit: write a {what} as a string such as {}", example(what)))),
-            Val::Float(x) => Err(self.fail(s, Some(key), format!("`{key}` = {x} needs a unit: write a {what} as a string such as {}", example(what)))),
+            Val::Int(n) => {
+                Err(self.fail(s, Some(key), format!("`{key}` = {n} needs a unit: write a {what} as a string such as {}", example(what))))
+            }
+            Val::Float(x) => {
+                Err(self.fail(s, Some(key), format!("`{key}` = {x} needs a unit: write a {what} as a string such as {}", example(what))))
+            }
         }
     }
 
@@ -199,7 +203,11 @@ struct TaskSpec<'r> {
 pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded> {
     let total = raw.processor.len() + raw.link.len() + raw.vm.len() + raw.stream.len() + raw.task.len() + raw.chain.len();
     if total > MAX_ITEMS {
-        return Err(ModelError::Syntax { file: ctx.file.into(), line: 1, msg: format!("{total} items; at most {MAX_ITEMS} are supported") });
+        return Err(ModelError::Syntax {
+            file: ctx.file.into(),
+            line: 1,
+            msg: format!("{total} items; at most {MAX_ITEMS} are supported"),
+        });
     }
 
     // ------------------------------------------------------------- names
@@ -215,7 +223,11 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
     let mut kind_of: HashMap<&str, (ItemKind, usize)> = HashMap::new();
     for s in &all {
         if !valid_name(&s.name) {
-            return Err(ctx.fail(s, Some("name"), "a name must be 1 to 64 ASCII letters, digits, '_', '-' or '.', starting with a letter, digit or '_'"));
+            return Err(ctx.fail(
+                s,
+                Some("name"),
+                "a name must be 1 to 64 ASCII letters, digits, '_', '-' or '.', starting with a letter, digit or '_'",
+            ));
         }
         if let Some((k, line)) = kind_of.get(s.name.as_str()) {
             return Err(ctx.fail(s, Some("name"), format!("duplicate name: {} {:?} at line {line} has the same name", k.name(), s.name)));
@@ -242,7 +254,11 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
             Some(v) => ctx.nonneg_time(&s, "latency", v)?,
             None => Q::zero(),
         };
-        let kind = if latency.is_positive() { ResourceKind::BoundedDelay { rate: speed, latency } } else { ResourceKind::Dedicated { rate: speed } };
+        let kind = if latency.is_positive() {
+            ResourceKind::BoundedDelay { rate: speed, latency }
+        } else {
+            ResourceKind::Dedicated { rate: speed }
+        };
         res_index.insert(&r.name, sys.resources.len());
         sys.resources.push(Resource { name: r.name.clone(), kind, policy, cycle });
         res_items.push(Item { kind: ItemKind::Processor, line: ctx.line_at(s.span.start) });
@@ -293,7 +309,8 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
                 }
             },
         };
-        let is_task = r.input.is_some() || r.wcet.is_some() || r.bcet.is_some() || r.deadline.is_some() || r.priority.is_some() || r.slot.is_some();
+        let is_task =
+            r.input.is_some() || r.wcet.is_some() || r.bcet.is_some() || r.deadline.is_some() || r.priority.is_some() || r.slot.is_some();
         let resource = match (&r.budget, &r.period) {
             (Some(b), Some(per)) => {
                 let budget = ctx.positive_time(&s, "budget", b)?;
@@ -306,11 +323,22 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
                 let supply = match r.supply.as_deref() {
                     None | Some("worst-case") => SupplyModel::WorstCase,
                     Some("synchronous") | Some("release-synchronous") => SupplyModel::Synchronous,
-                    Some(x) => return Err(ctx.fail(&s, Some("supply"), format!("unknown supply model {x:?} (use \"worst-case\" or \"synchronous\")"))),
+                    Some(x) => {
+                        return Err(ctx.fail(
+                            &s,
+                            Some("supply"),
+                            format!("unknown supply model {x:?} (use \"worst-case\" or \"synchronous\")"),
+                        ))
+                    }
                 };
                 let i = sys.resources.len();
                 res_index.insert(&r.name, i);
-                sys.resources.push(Resource { name: r.name.clone(), kind: ResourceKind::Reservation { host, budget, period, supply }, policy, cycle });
+                sys.resources.push(Resource {
+                    name: r.name.clone(),
+                    kind: ResourceKind::Reservation { host, budget, period, supply },
+                    policy,
+                    cycle,
+                });
                 res_items.push(Item { kind: ItemKind::Vm, line: ctx.line_at(s.span.start) });
                 res_sites.push(s.clone());
                 i
@@ -320,11 +348,19 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
             (None, None) => {
                 for (key, given) in [("policy", r.policy.is_some()), ("supply", r.supply.is_some()), ("cycle", r.cycle.is_some())] {
                     if given {
-                        return Err(ctx.fail(&s, Some(key), format!("`{key}` applies only to a VM with a reservation (`budget` and `period`)")));
+                        return Err(ctx.fail(
+                            &s,
+                            Some(key),
+                            format!("`{key}` applies only to a VM with a reservation (`budget` and `period`)"),
+                        ));
                     }
                 }
                 if !is_task {
-                    return Err(ctx.fail(&s, None, "a VM needs a reservation (`budget` and `period`) or a workload of its own (`input` and `wcet`)"));
+                    return Err(ctx.fail(
+                        &s,
+                        None,
+                        "a VM needs a reservation (`budget` and `period`) or a workload of its own (`input` and `wcet`)",
+                    ));
                 }
                 plain_vms.insert(&r.name, ());
                 host
@@ -389,7 +425,11 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
             (None, Some(on)) => match res_index.get(on) {
                 Some(&r) => r,
                 None if plain_vms.contains_key(on) => {
-                    return Err(ctx.fail(s, Some("on"), format!("VM {on:?} has no reservation (`budget` and `period`), so no task can run inside it")))
+                    return Err(ctx.fail(
+                        s,
+                        Some("on"),
+                        format!("VM {on:?} has no reservation (`budget` and `period`), so no task can run inside it"),
+                    ))
                 }
                 None => {
                     let msg = match what_is(on) {
@@ -417,7 +457,11 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
         let on_link = res_items[resource].kind == ItemKind::Link;
         let (wcet, bcet) = if on_link {
             if t.wcet.is_some() || t.bcet.is_some() {
-                return Err(ctx.fail(s, Some(if t.wcet.is_some() { "wcet" } else { "bcet" }), "a task on a link gives `size` and `min_size` (bytes), not `wcet`/`bcet`"));
+                return Err(ctx.fail(
+                    s,
+                    Some(if t.wcet.is_some() { "wcet" } else { "bcet" }),
+                    "a task on a link gives `size` and `min_size` (bytes), not `wcet`/`bcet`",
+                ));
             }
             let size = match t.size {
                 Some(v) => ctx.size(s, "size", v)?,
@@ -439,7 +483,11 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
             (size, min)
         } else {
             if t.size.is_some() || t.min_size.is_some() {
-                return Err(ctx.fail(s, Some(if t.size.is_some() { "size" } else { "min_size" }), "`size`/`min_size` apply to tasks on links; on a processor or VM give `wcet` and `bcet`"));
+                return Err(ctx.fail(
+                    s,
+                    Some(if t.size.is_some() { "size" } else { "min_size" }),
+                    "`size`/`min_size` apply to tasks on links; on a processor or VM give `wcet` and `bcet`",
+                ));
             }
             let wcet = match t.wcet {
                 Some(v) => ctx.positive_time(s, "wcet", v)?,
@@ -450,7 +498,11 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
                 None => Q::zero(),
             };
             if bcet > wcet {
-                return Err(ctx.fail(s, Some("bcet"), format!("bcet {} exceeds wcet {}", show(t.bcet.unwrap_or(&Val::Int(0))), show(t.wcet.unwrap_or(&Val::Int(0))))));
+                return Err(ctx.fail(
+                    s,
+                    Some("bcet"),
+                    format!("bcet {} exceeds wcet {}", show(t.bcet.unwrap_or(&Val::Int(0))), show(t.wcet.unwrap_or(&Val::Int(0)))),
+                ));
             }
             (wcet, bcet)
         };
@@ -468,15 +520,35 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
         let res = &sys.resources[t.resource];
         let rname = &res.name;
         let rkind = res_items[t.resource].kind.name();
-        if t.resource < processors && sys.resources.iter().any(|r| matches!(r.kind, ResourceKind::Reservation { host, .. } if host == t.resource)) {
-            return Err(ctx.fail(s, if s.kind == ItemKind::Vm { Some("host") } else { Some("on") }, format!("processor {rname:?} hosts VM reservations, so no task can run on it directly (put the task in a VM)")));
+        if t.resource < processors
+            && sys.resources.iter().any(|r| matches!(r.kind, ResourceKind::Reservation { host, .. } if host == t.resource))
+        {
+            return Err(ctx.fail(
+                s,
+                if s.kind == ItemKind::Vm { Some("host") } else { Some("on") },
+                format!("processor {rname:?} hosts VM reservations, so no task can run on it directly (put the task in a VM)"),
+            ));
         }
         match res.policy {
             Policy::FixedPriority | Policy::FixedPriorityNonPreemptive => match t.priority {
-                None => return Err(ctx.fail(s, None, format!("missing `priority` (required on {rkind} {rname:?} with policy {})", policy_name(res.policy)))),
+                None => {
+                    return Err(ctx.fail(
+                        s,
+                        None,
+                        format!("missing `priority` (required on {rkind} {rname:?} with policy {})", policy_name(res.policy)),
+                    ))
+                }
                 Some(p) => {
                     if let Some(&j) = prio_seen.get(&(t.resource, p)) {
-                        return Err(ctx.fail(s, Some("priority"), format!("priority {p} is also used by {} {:?} on {rkind} {rname:?} (priorities must be unique per resource)", task_items[j].kind.name(), sys.tasks[j].name)));
+                        return Err(ctx.fail(
+                            s,
+                            Some("priority"),
+                            format!(
+                                "priority {p} is also used by {} {:?} on {rkind} {rname:?} (priorities must be unique per resource)",
+                                task_items[j].kind.name(),
+                                sys.tasks[j].name
+                            ),
+                        ));
                     }
                     prio_seen.insert((t.resource, p), i);
                 }
@@ -487,16 +559,32 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
             _ => {}
         }
         match (res.policy, &t.slot) {
-            (Policy::Tdma, None) => return Err(ctx.fail(s, None, format!("missing `slot` (required on {rkind} {rname:?} with policy tdma)"))),
+            (Policy::Tdma, None) => {
+                return Err(ctx.fail(s, None, format!("missing `slot` (required on {rkind} {rname:?} with policy tdma)")))
+            }
             (Policy::Tdma, Some(sl)) => slots[t.resource] = &slots[t.resource] + sl,
-            (_, Some(_)) => return Err(ctx.fail(s, Some("slot"), format!("`slot` applies only to tdma, but {rkind} {rname:?} uses {}", policy_name(res.policy)))),
+            (_, Some(_)) => {
+                return Err(ctx.fail(
+                    s,
+                    Some("slot"),
+                    format!("`slot` applies only to tdma, but {rkind} {rname:?} uses {}", policy_name(res.policy)),
+                ))
+            }
             _ => {}
         }
     }
     for (r, res) in sys.resources.iter().enumerate() {
         if let Some(c) = &res.cycle {
             if &slots[r] > c {
-                return Err(ctx.fail(&res_sites[r], Some("cycle"), format!("the slots of its tasks add up to {}, more than the cycle {}", units::human_time(&slots[r]), units::human_time(c))));
+                return Err(ctx.fail(
+                    &res_sites[r],
+                    Some("cycle"),
+                    format!(
+                        "the slots of its tasks add up to {}, more than the cycle {}",
+                        units::human_time(&slots[r]),
+                        units::human_time(c)
+                    ),
+                ));
             }
         }
     }
@@ -516,9 +604,14 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
                 let first = cyc.iter().copied().min().unwrap_or(cur);
                 let pos = cyc.iter().position(|&x| x == first).unwrap_or(0);
                 // `path` follows inputs backwards; print the flow of data, starting at `first`.
-                let mut names: Vec<&str> = cyc[..=pos].iter().rev().chain(cyc[pos + 1..].iter().rev()).map(|&k| sys.tasks[k].name.as_str()).collect();
+                let mut names: Vec<&str> =
+                    cyc[..=pos].iter().rev().chain(cyc[pos + 1..].iter().rev()).map(|&k| sys.tasks[k].name.as_str()).collect();
                 names.push(names[0]);
-                return Err(ctx.fail(&specs[first].site, Some("input"), format!("input cycle: {} (the first task of every path needs a stream as input)", names.join(" → "))));
+                return Err(ctx.fail(
+                    &specs[first].site,
+                    Some("input"),
+                    format!("input cycle: {} (the first task of every path needs a stream as input)", names.join(" → ")),
+                ));
             }
             state[cur] = 1;
             path.push(cur);
@@ -557,7 +650,11 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
                         Input::Task(j) => sys.tasks[j].name.as_str(),
                         Input::Stream(j) => sys.streams[j].name.as_str(),
                     };
-                    return Err(ctx.fail(&s, Some("tasks"), format!("{n:?} does not follow {:?}: its input is {from:?}", sys.tasks[prev].name)));
+                    return Err(ctx.fail(
+                        &s,
+                        Some("tasks"),
+                        format!("{n:?} does not follow {:?}: its input is {from:?}", sys.tasks[prev].name),
+                    ));
                 }
             }
             ids.push(k);
@@ -587,7 +684,11 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
             return Err(overload(r, u, " for the budget/period of the VMs it hosts".into()));
         }
         if u.is_positive() && !matches!(&sys.resources[r].kind, ResourceKind::Dedicated { rate } if rate == &Q::one()) {
-            return Err(ctx.fail(&res_sites[r], None, "a processor hosting VM reservations must have speed 1 and no latency (budgets are in its time)"));
+            return Err(ctx.fail(
+                &res_sites[r],
+                None,
+                "a processor hosting VM reservations must have speed 1 and no latency (budgets are in its time)",
+            ));
         }
     }
     let mut demand: Vec<Q> = vec![Q::zero(); sys.resources.len()];
@@ -649,8 +750,11 @@ fn stream_model(ctx: &Ctx, s: &Site, r: &RawStream, base_dir: &Path) -> Result<E
     if let Some((k, _)) = given.iter().find(|(k, g)| *g && !allowed.contains(k)) {
         return Err(ctx.fail(s, Some(k), format!("`{k}` does not apply to a {model} stream (it takes {})", allowed.join(", "))));
     }
-    let need = |key: &str, v: &Option<Val>| v.clone().ok_or_else(|| ctx.fail(s, None, format!("missing `{key}` (required for a {model} stream)")));
-    let opt_nonneg = |key: &str, v: &Option<Val>| -> Result<Q> { v.as_ref().map(|v| ctx.nonneg_time(s, key, v)).transpose().map(|x| x.unwrap_or_default()) };
+    let need =
+        |key: &str, v: &Option<Val>| v.clone().ok_or_else(|| ctx.fail(s, None, format!("missing `{key}` (required for a {model} stream)")));
+    let opt_nonneg = |key: &str, v: &Option<Val>| -> Result<Q> {
+        v.as_ref().map(|v| ctx.nonneg_time(s, key, v)).transpose().map(|x| x.unwrap_or_default())
+    };
     Ok(match model {
         "periodic" => EventModel::Periodic { period: ctx.positive_time(s, "period", &need("period", &r.period)?)? },
         "pjd" => EventModel::Pjd {

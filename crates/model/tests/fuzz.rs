@@ -24,9 +24,25 @@ impl Rng {
     }
 }
 
-const NUMBERS: &[&str] = &["0", "-1", "-0.5", "99999999999999999999", "1e400", "1/0", "0.0000000001", "abc", "", "nan", "7/3", "1000000", "2.5"];
+const NUMBERS: &[&str] =
+    &["0", "-1", "-0.5", "99999999999999999999", "1e400", "1/0", "0.0000000001", "abc", "", "nan", "7/3", "1000000", "2.5"];
 const UNITS: &[&str] = &["ms", "us", "s", "ns", "parsecs", "", "B", "KiB", "Mbit/s", "µs", "/s"];
-const JUNK: &[&str] = &["[[task]]", "[[vm]]", "[[stream]]", "name = \"x\"", "= =", "\"", "[", "tasks = [\"filter\"]", "input = \"filter\"", "on = \"cpu0\"", "priority = 1", "policy = \"tdma\"", "model = \"trace\"", "times = []"];
+const JUNK: &[&str] = &[
+    "[[task]]",
+    "[[vm]]",
+    "[[stream]]",
+    "name = \"x\"",
+    "= =",
+    "\"",
+    "[",
+    "tasks = [\"filter\"]",
+    "input = \"filter\"",
+    "on = \"cpu0\"",
+    "priority = 1",
+    "policy = \"tdma\"",
+    "model = \"trace\"",
+    "times = []",
+];
 
 fn examples() -> (PathBuf, Vec<(String, String)>) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
@@ -44,7 +60,11 @@ fn examples() -> (PathBuf, Vec<(String, String)>) {
 
 /// Replaces one run of digits (with its decimal point and unit) in `line`.
 fn mutate_number(rng: &mut Rng, line: &str) -> String {
-    let starts: Vec<usize> = line.char_indices().filter(|(i, c)| c.is_ascii_digit() && !line[..*i].ends_with(|p: char| p.is_ascii_digit() || p == '.')).map(|(i, _)| i).collect();
+    let starts: Vec<usize> = line
+        .char_indices()
+        .filter(|(i, c)| c.is_ascii_digit() && !line[..*i].ends_with(|p: char| p.is_ascii_digit() || p == '.'))
+        .map(|(i, _)| i)
+        .collect();
     if starts.is_empty() {
         return format!("{line}{}", *rng.pick(UNITS));
     }

@@ -101,7 +101,13 @@ pub(crate) mod tests {
         let resources = s
             .resources
             .iter()
-            .map(|_| ResourceResult { utilisation: Q::new(1, 2).unwrap(), capacity: Q::one(), supply: None, min_budget: None, problem: None })
+            .map(|_| ResourceResult {
+                utilisation: Q::new(1, 2).unwrap(),
+                capacity: Q::one(),
+                supply: None,
+                min_budget: None,
+                problem: None,
+            })
             .collect();
         Analysis { tasks, chains, resources, iterations: 1 }
     }

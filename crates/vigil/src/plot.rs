@@ -145,7 +145,10 @@ fn render(title: &str, unit: &str, lines: &[Line], h: &Q) -> String {
     let sy = |y: f64| TOP + ph - y / ymax * ph;
 
     let mut s = String::new();
-    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
+    );
     let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
     let _ = writeln!(s, r#"<text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>"#, W / 2.0, esc(title));
     // Grid, ticks and labels.
@@ -190,11 +193,23 @@ fn render(title: &str, unit: &str, lines: &[Line], h: &Q) -> String {
     s.push_str("</g>\n");
     // Legend.
     let (lx, ly) = (LEFT + 12.0, TOP + 10.0);
-    let _ = writeln!(s, r##"<rect x="{lx}" y="{ly}" width="230" height="{}" fill="white" fill-opacity="0.85" stroke="#999"/>"##, 18.0 * lines.len() as f64 + 8.0);
+    let _ = writeln!(
+        s,
+        r##"<rect x="{lx}" y="{ly}" width="230" height="{}" fill="white" fill-opacity="0.85" stroke="#999"/>"##,
+        18.0 * lines.len() as f64 + 8.0
+    );
     for (i, l) in lines.iter().enumerate() {
         let y = ly + 16.0 + 18.0 * i as f64;
         let dash = if l.dashed { r#" stroke-dasharray="6 4""# } else { "" };
-        let _ = writeln!(s, r#"<line x1="{:.2}" y1="{:.2}" x2="{:.2}" y2="{:.2}" stroke="{}" stroke-width="1.8"{dash}/>"#, lx + 8.0, y - 4.0, lx + 38.0, y - 4.0, l.color);
+        let _ = writeln!(
+            s,
+            r#"<line x1="{:.2}" y1="{:.2}" x2="{:.2}" y2="{:.2}" stroke="{}" stroke-width="1.8"{dash}/>"#,
+            lx + 8.0,
+            y - 4.0,
+            lx + 38.0,
+            y - 4.0,
+            l.color
+        );
         let _ = writeln!(s, r#"<text x="{:.2}" y="{y:.2}">{}</text>"#, lx + 46.0, esc(&l.label));
     }
     s.push_str("</svg>\n");

@@ -72,7 +72,11 @@ fn bad_units_exit_2() {
     let body = format!("{VALID_HEAD}[[task]]\nname = \"t\"\non = \"cpu0\"\ninput = \"tick\"\nwcet = \"10 parsecs\"\npriority = 1\n");
     let (out, path) = analyze_text("units", &body, &[]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).starts_with(&format!("{path}:13: task \"t\": `wcet`: \"10 parsecs\": unknown time unit")), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).starts_with(&format!("{path}:13: task \"t\": `wcet`: \"10 parsecs\": unknown time unit")),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
