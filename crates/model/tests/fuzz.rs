@@ -19,8 +19,8 @@ impl Rng {
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n.max(1) as u64) as usize
     }
-    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
-        &xs[self.below(xs.len())]
+    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len())]
     }
 }
 
@@ -66,15 +66,15 @@ fn mutate_number(rng: &mut Rng, line: &str) -> String {
         .map(|(i, _)| i)
         .collect();
     if starts.is_empty() {
-        return format!("{line}{}", *rng.pick(UNITS));
+        return format!("{line}{}", rng.pick(UNITS));
     }
-    let s = *rng.pick(&starts);
+    let s = rng.pick(&starts);
     let e = s + line[s..].find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(line.len() - s);
     let mut repl = rng.pick(NUMBERS).to_string();
     if rng.below(3) == 0 {
         // Also change the unit that follows.
         let ue = e + line[e..].find(|c: char| !c.is_alphabetic() && c != 'µ' && c != '/').unwrap_or(line.len() - e);
-        repl.push_str(*rng.pick(UNITS));
+        repl.push_str(rng.pick(UNITS));
         return format!("{}{}{}", &line[..s], repl, &line[ue..]);
     }
     format!("{}{}{}", &line[..s], repl, &line[e..])
@@ -170,7 +170,7 @@ fn garbage_never_panics() {
     let alphabet: Vec<char> = "[]=\"'#\n .,-0123456789abcdefghijklmnopqrstuvwxyzµ{}/".chars().collect();
     for _ in 0..2000 {
         let len = rng.below(200);
-        let s: String = (0..len).map(|_| *rng.pick(&alphabet)).collect();
+        let s: String = (0..len).map(|_| rng.pick(&alphabet)).collect();
         let r = catch_unwind(|| model::parse(&s, "g.toml", Path::new(".")));
         assert!(r.is_ok(), "parse panicked on {s:?}");
     }
