@@ -1,0 +1,376 @@
+//! Validation rules: each test breaks one rule of a valid file and checks that the message
+//! names the file, the line and the item.
+
+use super::*;
+use rtc::system::{Input, Policy, ResourceKind};
+use rtc::Q;
+
+const BASE: &str = r#"[[processor]]
+name = "cpu0"
+
+[[processor]]
+name = "cpu1"
+
+[[link]]
+name = "eth0"
+bandwidth = "100Mbit/s"
+
+[[vm]]
+name = "vm1"
+host = "cpu1"
+budget = "2ms"
+period = "10ms"
+
+[[stream]]
+name = "sensor"
+model = "periodic"
+period = "10ms"
+
+[[task]]
+name = "filter"
+on = "cpu0"
+input = "sensor"
+wcet = "1ms"
+priority = 1
+
+[[task]]
+name = "send"
+on = "eth0"
+input = "filter"
+size = "1500B"
+
+[[task]]
+name = "control"
+on = "vm1"
+input = "send"
+wcet = "1ms"
+priority = 1
+
+[[chain]]
+name = "loop"
+tasks = ["filter", "send", "control"]
+deadline = "20ms"
+"#;
+
+fn q(s: &str) -> Q {
+    s.parse().unwrap()
+}
+
+fn ok(text: &str) -> Loaded {
+    match parse(text, "t.toml", Path::new(".")) {
+        Ok(l) => l,
+        Err(e) => panic!("expected success, got: {e}"),
+    }
+}
+
+/// Parses `text`, expects an error at `line` that names `name` and contains `fragment`.
+fn fails(text: &str, line: usize, name: &str, fragment: &str) -> ModelError {
+    let e = match parse(text, "t.toml", Path::new(".")) {
+        Ok(_) => panic!("expected an error containing {fragment:?}"),
+        Err(e) => e,
+    };
+    let msg = e.to_string();
+    assert!(msg.starts_with(&format!("t.toml:{line}: ")), "wrong line in: {msg}");
+    assert!(msg.contains(&format!("{name:?}")) || name.is_empty(), "item {name:?} not named in: {msg}");
+    assert!(msg.contains(fragment), "{fragment:?} not in: {msg}");
+    assert!(!msg.contains('\n'), "not one line: {msg}");
+    e
+}
+
+fn with(from: &str, to: &str) -> String {
+    assert!(BASE.contains(from), "{from:?} not in BASE");
+    BASE.replacen(from, to, 1)
+}
+
+#[test]
+fn base_maps_onto_the_system() {
+    let l = ok(BASE);
+    let s = &l.system;
+    assert_eq!(s.resources.len(), 4);
+    assert_eq!(s.resources[0].kind, ResourceKind::Dedicated { rate: q("1") });
+    assert_eq!(s.resources[2].kind, ResourceKind::Dedicated { rate: q("25/2") });
+    assert_eq!(s.resources[2].policy, Policy::Fifo);
+    assert!(
+        matches!(&s.resources[3].kind, ResourceKind::Reservation { host: 1, budget, period, supply: rtc::models::SupplyModel::WorstCase } if budget == &q("2000") && period == &q("10000"))
+    );
+    assert_eq!(
+        l.resources.iter().map(|i| i.kind).collect::<Vec<_>>(),
+        [ItemKind::Processor, ItemKind::Processor, ItemKind::Link, ItemKind::Vm]
+    );
+    assert_eq!(l.resources[3].line, 11);
+    assert_eq!(s.tasks.len(), 3);
+    assert_eq!(s.tasks[0].bcet, q("0"), "bcet defaults to 0");
+    assert_eq!(s.tasks[1].wcet, q("1500"));
+    assert_eq!(s.tasks[1].input, Input::Task(0));
+    assert_eq!(l.tasks[2].line, 35);
+    assert_eq!(l.work_unit(1), "B");
+    assert_eq!(s.chains[0].tasks, vec![0, 1, 2]);
+    assert_eq!(s.chains[0].deadline, Some(q("20000")));
+}
+
+#[test]
+fn vm_as_a_task() {
+    // With a reservation: an inner task named like the VM.
+    let l = ok(&with(
+        "period = \"10ms\"\n\n[[stream]]",
+        "period = \"10ms\"\ninput = \"sensor\"\nwcet = \"1ms\"\nbcet = \"0.5ms\"\npriority = 2\ndeadline = \"10ms\"\n\n[[stream]]",
+    ));
+    let t = l.system.tasks.iter().position(|t| t.name == "vm1").unwrap();
+    assert_eq!(l.system.tasks[t].resource, 3);
+    assert_eq!(l.tasks[t].kind, ItemKind::Vm);
+    assert_eq!(l.system.tasks[t].bcet, q("500"));
+    // Without a reservation: a task on the host.
+    let l =
+        ok(&with("[[stream]]", "[[vm]]\nname = \"vm2\"\nhost = \"cpu0\"\ninput = \"sensor\"\nwcet = \"1ms\"\npriority = 5\n\n[[stream]]"));
+    let t = l.system.tasks.iter().position(|t| t.name == "vm2").unwrap();
+    assert_eq!(l.system.tasks[t].resource, 0);
+}
+
+#[test]
+fn syntax_error_has_a_line() {
+    fails(
+        &with("wcet = \"1ms\"\npriority = 1\n\n[[task]]\nname = \"send\"", "wcet = \"1ms\"\npriority = = 1\n\n[[task]]\nname = \"send\""),
+        27,
+        "",
+        "",
+    );
+    let e = fails("[[processor]]\nname = \"a\"\nname = \"b\"\n", 3, "", "duplicate");
+    assert!(matches!(e, ModelError::Syntax { .. }));
+}
+
+#[test]
+fn unknown_keys() {
+    fails(
+        &with("wcet = \"1ms\"\npriority = 1\n\n[[task]]\nname = \"send\"", "wcet = \"1ms\"\nprio = 1\n\n[[task]]\nname = \"send\""),
+        27,
+        "filter",
+        "task \"filter\": unknown field `prio`",
+    );
+    fails(&with("name = \"send\"\n", ""), 29, "", "task: missing field `name`");
+    fails(&format!("{BASE}\n[[proccessor]]\nname = \"x\"\n"), 47, "", "unknown field `proccessor`");
+}
+
+#[test]
+fn duplicate_names_across_kinds() {
+    fails(&with("name = \"send\"", "name = \"sensor\""), 30, "sensor", "duplicate name: stream \"sensor\" at line 17");
+    fails(&with("name = \"cpu1\"", "name = \"cpu0\""), 5, "cpu0", "duplicate name");
+}
+
+#[test]
+fn bad_names() {
+    fails(&with("name = \"filter\"", "name = \"../etc\""), 23, "../etc", "a name must be");
+}
+
+#[test]
+fn unknown_references() {
+    fails(&with("on = \"cpu0\"", "on = \"cpu9\""), 24, "filter", "unknown resource \"cpu9\"");
+    fails(&with("on = \"cpu0\"", "on = \"sensor\""), 24, "filter", "is a stream, not a processor");
+    fails(&with("input = \"sensor\"", "input = \"sensr\""), 25, "filter", "unknown input \"sensr\"");
+    fails(&with("input = \"sensor\"", "input = \"cpu0\""), 25, "filter", "is a processor, not a stream or task");
+    fails(&with("host = \"cpu1\"", "host = \"cpu7\""), 13, "vm1", "unknown host \"cpu7\"");
+    fails(&with("host = \"cpu1\"", "host = \"eth0\""), 13, "vm1", "is a link, not a processor");
+    fails(&with("on = \"cpu0\"\n", ""), 22, "filter", "missing `on`");
+    fails(&with("input = \"sensor\"\n", ""), 22, "filter", "missing `input`");
+}
+
+#[test]
+fn input_cycle() {
+    fails(&with("input = \"sensor\"", "input = \"control\""), 25, "filter", "input cycle: filter → send → control → filter");
+    fails(&with("input = \"sensor\"", "input = \"filter\""), 25, "filter", "input cycle: filter → filter");
+}
+
+#[test]
+fn chains() {
+    fails(
+        &with("tasks = [\"filter\", \"send\", \"control\"]", "tasks = [\"filter\", \"control\"]"),
+        44,
+        "loop",
+        "\"control\" does not follow \"filter\": its input is \"send\"",
+    );
+    fails(&with("tasks = [\"filter\", \"send\", \"control\"]", "tasks = [\"filter\", \"send\", \"filter\"]"), 44, "loop", "appears twice");
+    fails(&with("tasks = [\"filter\", \"send\", \"control\"]", "tasks = [\"filter\", \"snd\"]"), 44, "loop", "unknown task \"snd\"");
+    fails(&with("tasks = [\"filter\", \"send\", \"control\"]", "tasks = []"), 44, "loop", "empty");
+    fails(&with("deadline = \"20ms\"", "deadline = \"0ms\""), 45, "loop", "must be positive");
+}
+
+#[test]
+fn demands() {
+    fails(
+        &with("wcet = \"1ms\"\npriority = 1\n\n[[task]]\nname = \"send\"", "priority = 1\n\n[[task]]\nname = \"send\""),
+        22,
+        "filter",
+        "missing `wcet`",
+    );
+    fails(&with("wcet = \"1ms\"", "wcet = \"1ms\"\nbcet = \"2ms\""), 27, "filter", "bcet \"2ms\" exceeds wcet \"1ms\"");
+    fails(&with("wcet = \"1ms\"", "wcet = \"0ms\""), 26, "filter", "`wcet` must be positive");
+    fails(&with("wcet = \"1ms\"", "wcet = \"-1ms\""), 26, "filter", "`wcet` must be positive");
+    fails(&with("wcet = \"1ms\"", "wcet = 1"), 26, "filter", "needs a unit");
+    fails(&with("wcet = \"1ms\"", "wcet = \"10 parsecs\""), 26, "filter", "unknown time unit \"parsecs\"");
+    fails(&with("size = \"1500B\"", "wcet = \"1ms\""), 33, "send", "not `wcet`/`bcet`");
+    fails(&with("size = \"1500B\"", "size = \"1500B\"\nmin_size = \"2kB\""), 34, "send", "`min_size` exceeds `size`");
+    fails(&with("size = \"1500B\"", "size = \"15 stones\""), 33, "send", "unknown size unit");
+    fails(&with("size = \"1500B\"\n", ""), 29, "send", "missing `size`");
+    fails(&with("wcet = \"1ms\"", "wcet = \"1ms\"\nsize = \"1B\""), 27, "filter", "apply to tasks on links");
+}
+
+#[test]
+fn periods_and_budgets() {
+    fails(&with("period = \"10ms\"\n\n[[task]]", "period = \"0ms\"\n\n[[task]]"), 20, "sensor", "`period` must be positive");
+    fails(&with("period = \"10ms\"\n\n[[task]]", "period = \"-5ms\"\n\n[[task]]"), 20, "sensor", "`period` must be positive");
+    fails(&with("budget = \"2ms\"", "budget = \"0ms\""), 14, "vm1", "`budget` must be positive");
+    fails(&with("budget = \"2ms\"", "budget = \"12ms\""), 14, "vm1", "budget \"12ms\" exceeds the period \"10ms\"");
+    fails(&with("budget = \"2ms\"\n", ""), 14, "vm1", "`period` needs a `budget`");
+    fails(&with("period = \"10ms\"\n\n[[stream]]", "\n[[stream]]"), 14, "vm1", "`budget` needs a `period`");
+    fails(&with("bandwidth = \"100Mbit/s\"", "bandwidth = \"0Mbit/s\""), 9, "eth0", "`bandwidth` must be positive");
+    fails(&with("bandwidth = \"100Mbit/s\"", "bandwidth = \"100 parsecs/s\""), 9, "eth0", "unknown bandwidth unit");
+}
+
+#[test]
+fn stream_models() {
+    let pjd = |extra: &str| with("model = \"periodic\"", &format!("model = \"pjd\"\n{extra}"));
+    let l = ok(&pjd("jitter = \"1ms\"\nmin_distance = \"1ms\""));
+    assert!(matches!(&l.system.streams[0].model, rtc::models::EventModel::Pjd { jitter, .. } if jitter == &q("1000")));
+    fails(&pjd("jitter = \"-1ms\""), 20, "sensor", "`jitter` must not be negative");
+    fails(
+        &with("period = \"10ms\"\n\n[[task]]", "period = \"10ms\"\njitter = \"1ms\"\n\n[[task]]"),
+        21,
+        "sensor",
+        "`jitter` does not apply to a periodic stream",
+    );
+    fails(&with("model = \"periodic\"", "model = \"poisson\""), 19, "sensor", "unknown model \"poisson\"");
+    fails(&with("model = \"periodic\"", "model = \"bursty\""), 17, "sensor", "missing `burst`");
+    fails(&with("model = \"periodic\"", "model = \"bursty\"\nburst = 0"), 20, "sensor", "`burst` must be in");
+    ok(&with("model = \"periodic\"", "model = \"bursty\"\nburst = 3"));
+    fails(&with("model = \"periodic\"\nperiod = \"10ms\"", "model = \"sporadic\""), 17, "sensor", "missing `min_distance`");
+    ok(&with("model = \"periodic\"\nperiod = \"10ms\"", "model = \"sporadic\"\nmin_distance = \"10ms\""));
+    let trace = |t: &str| with("model = \"periodic\"\nperiod = \"10ms\"", &format!("model = \"trace\"\n{t}"));
+    let l = ok(&trace("times = [\"0ms\", \"9.5ms\", \"20ms\", \"30ms\", \"41ms\"]"));
+    assert!(
+        matches!(&l.system.streams[0].model, rtc::models::EventModel::Trace { times, window: None } if times.len() == 5 && times[1] == q("9500"))
+    );
+    fails(&trace("times = [\"0ms\", \"20ms\", \"10ms\"]"), 17, "sensor", "must not decrease");
+    fails(&trace("times = [\"0ms\", \"20 fortnights\"]"), 20, "sensor", "unknown time unit");
+    fails(&trace("file = \"no-such-trace.txt\""), 20, "sensor", "trace file \"no-such-trace.txt\"");
+    fails(&trace(""), 17, "sensor", "missing `times` or `file`");
+}
+
+#[test]
+fn trace_file_is_read_relative_to_base_dir() {
+    let dir = std::env::temp_dir().join(format!("model-trace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("t.txt"), "# arrivals\n0ms\n10ms\n\n19ms # late\n30ms\n").unwrap();
+    let text = with("model = \"periodic\"\nperiod = \"10ms\"", "model = \"trace\"\nfile = \"t.txt\"");
+    let l = parse(&text, "t.toml", &dir).unwrap();
+    assert!(matches!(&l.system.streams[0].model, rtc::models::EventModel::Trace { times, .. } if times.len() == 4));
+    std::fs::write(dir.join("t.txt"), "0ms\nbogus\n").unwrap();
+    let e = parse(&text, "t.toml", &dir).unwrap_err().to_string();
+    assert!(e.starts_with("t.toml:20: stream \"sensor\": trace file \"t.txt\": line 2:"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn priorities() {
+    fails(
+        &with("priority = 1\n\n[[task]]\nname = \"send\"", "\n[[task]]\nname = \"send\""),
+        22,
+        "filter",
+        "missing `priority` (required on processor \"cpu0\" with policy fp)",
+    );
+    let two = with("[[chain]]", "[[task]]\nname = \"other\"\non = \"cpu0\"\ninput = \"sensor\"\nwcet = \"1ms\"\npriority = 1\n\n[[chain]]");
+    fails(&two, 47, "other", "priority 1 is also used by task \"filter\" on processor \"cpu0\"");
+    // Links default to fifo: no priority needed.
+    ok(BASE);
+}
+
+#[test]
+fn edf_needs_deadlines() {
+    let text = with("name = \"cpu0\"", "name = \"cpu0\"\npolicy = \"edf\"");
+    fails(&text, 23, "filter", "missing `deadline` (required on processor \"cpu0\" with policy edf)");
+    ok(&text.replacen("priority = 1", "deadline = \"5ms\"", 1));
+    fails(&with("bandwidth", "policy = \"edf\"\nbandwidth"), 9, "eth0", "edf is not available on links");
+    fails(&with("name = \"cpu0\"", "name = \"cpu0\"\npolicy = \"rr\""), 3, "cpu0", "unknown policy \"rr\"");
+}
+
+#[test]
+fn tdma() {
+    let text = with("name = \"cpu0\"", "name = \"cpu0\"\npolicy = \"tdma\"\ncycle = \"4ms\"");
+    fails(&text, 24, "filter", "missing `slot`");
+    ok(&text.replacen("priority = 1", "slot = \"2ms\"", 1));
+    fails(&text.replacen("priority = 1", "slot = \"5ms\"", 1), 4, "cpu0", "slots of its tasks add up to 5 ms, more than the cycle 4 ms");
+    fails(&with("name = \"cpu0\"", "name = \"cpu0\"\npolicy = \"tdma\""), 3, "cpu0", "policy tdma needs a `cycle`");
+    fails(&with("name = \"cpu0\"", "name = \"cpu0\"\ncycle = \"4ms\""), 3, "cpu0", "`cycle` applies only to policy tdma");
+    fails(
+        &with("priority = 1\n\n[[task]]\nname = \"send\"", "priority = 1\nslot = \"1ms\"\n\n[[task]]\nname = \"send\""),
+        28,
+        "filter",
+        "`slot` applies only to tdma",
+    );
+}
+
+#[test]
+fn vm_rules() {
+    fails(&with("on = \"cpu0\"", "on = \"cpu1\""), 24, "filter", "hosts VM reservations");
+    fails(&with("budget = \"2ms\"\nperiod = \"10ms\"\n", ""), 11, "vm1", "a VM needs a reservation");
+    fails(&with("host = \"cpu1\"\n", ""), 11, "vm1", "missing `host`");
+    fails(&with("host = \"cpu1\"", "host = \"cpu1\"\nsupply = \"lucky\""), 14, "vm1", "unknown supply model");
+    let l = ok(&with("host = \"cpu1\"", "host = \"cpu1\"\nsupply = \"synchronous\""));
+    assert!(matches!(l.system.resources[3].kind, ResourceKind::Reservation { supply: rtc::models::SupplyModel::Synchronous, .. }));
+    fails(&with("name = \"cpu1\"", "name = \"cpu1\"\nspeed = 2"), 4, "cpu1", "must have speed 1");
+}
+
+#[test]
+fn overload() {
+    // 11 ms of work every 10 ms.
+    let e = fails(&with("wcet = \"1ms\"", "wcet = \"11ms\""), 1, "cpu0", "overloaded: long-run utilisation is 110.0%");
+    assert!(matches!(e, ModelError::Overload { .. }));
+    // Inside a reservation: 3 ms per 10 ms against 2 ms per 10 ms.
+    fails(
+        &with("wcet = \"1ms\"\npriority = 1\n\n[[chain]]", "wcet = \"3ms\"\npriority = 1\n\n[[chain]]"),
+        11,
+        "vm1",
+        "150.0% (more than 100%) of its reservation",
+    );
+    // Host: two VMs with half and 60%.
+    let text = with("[[stream]]", "[[vm]]\nname = \"vm2\"\nhost = \"cpu1\"\nbudget = \"6ms\"\nperiod = \"10ms\"\n\n[[stream]]");
+    fails(&text.replacen("budget = \"2ms\"", "budget = \"5ms\"", 1), 4, "cpu1", "110.0%");
+    // Link: 1500 B every 10 µs on 12.5 B/µs.
+    fails(&with("period = \"10ms\"\n\n[[task]]", "period = \"10us\"\n\n[[task]]"), 1, "cpu0", "overloaded");
+}
+
+#[test]
+fn absurd_sizes() {
+    fails(&with("period = \"10ms\"\n\n[[task]]", "period = \"5000000000s\"\n\n[[task]]"), 20, "sensor", "too large");
+    let speed = with("name = \"cpu0\"", "name = \"cpu0\"\nspeed = 1e300");
+    fails(&speed, 3, "cpu0", "`speed` must be in");
+    let mut many = String::new();
+    for i in 0..=MAX_ITEMS {
+        many.push_str(&format!("[[processor]]\nname = \"p{i}\"\n"));
+    }
+    let e = parse(&many, "t.toml", Path::new(".")).unwrap_err().to_string();
+    assert!(e.contains("at most 100000"), "{e}");
+}
+
+#[test]
+fn locate_points_at_the_item() {
+    let l = ok(BASE);
+    let e = l.locate(&rtc::system::AnalysisError::Task { task: "send".into(), msg: "boom".into() });
+    assert_eq!(e.to_string(), "t.toml:29: task \"send\": cannot be analysed: boom");
+    let e = l.locate(&rtc::system::AnalysisError::Resource { resource: "vm1".into(), msg: "x".into() });
+    assert!(e.to_string().starts_with("t.toml:11: vm \"vm1\""));
+}
+
+#[test]
+fn load_reports_io_errors_and_uses_the_path() {
+    let e = load("/no/such/dir/system.toml").unwrap_err().to_string();
+    assert!(e.starts_with("/no/such/dir/system.toml: cannot read"), "{e}");
+}
+
+#[test]
+fn the_documented_example_is_valid() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/model-format.md")).unwrap();
+    let start = doc.find("```toml\n").expect("a toml block") + 8;
+    let end = start + doc[start..].find("```").expect("its end");
+    let l = ok(&doc[start..end]);
+    assert_eq!(l.system.tasks.len(), 5);
+    assert_eq!(l.system.chains[0].tasks.len(), 4);
+}

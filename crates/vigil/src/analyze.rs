@@ -1,0 +1,138 @@
+//! `vigil analyze FILE [--json] [--plot DIR]`.
+
+use crate::{plot, table, Outcome};
+use anyhow::Context;
+use model::report::Report;
+use rtc::system::{analyze, Options};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// System description (TOML, see docs/model-format.md).
+    pub file: PathBuf,
+    /// Print the report as JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Write one SVG per task (DIR/<task>.svg) with its arrival and service curves.
+    #[arg(long, value_name = "DIR")]
+    pub plot: Option<PathBuf>,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<Outcome> {
+    // Invalid input is reported as one line (file:line first) and is not an `anyhow` error
+    // chain, so print it here.
+    let loaded = match model::load(&args.file) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(Outcome::Invalid);
+        }
+    };
+    let analysis = match analyze(&loaded.system, &Options::default()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{}", loaded.locate(&e));
+            return Ok(Outcome::Invalid);
+        }
+    };
+    let report = Report::new(&loaded, &analysis);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report).context("cannot serialise the report")?);
+    } else {
+        table::print(&report);
+    }
+    if let Some(dir) = &args.plot {
+        let written = plot::write_all(dir, &loaded, &analysis)?;
+        if !args.json {
+            println!("\nwrote {} plot(s) to {}", written, dir.display());
+        }
+    }
+    Ok(if report.all_deadlines_met { Outcome::Ok } else { Outcome::Miss })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use rtc::system::{Analysis, Bounds, ChainResult, Input, ResourceResult, TaskResult};
+    use rtc::Q;
+
+    /// A made-up analysis of the right shape (source stream curves as input, the resource's
+    /// full rate as service, response time = WCET), to exercise reporting and plotting.
+    pub fn fake(l: &model::Loaded) -> Analysis {
+        let s = &l.system;
+        let tasks = s
+            .tasks
+            .iter()
+            .map(|t| {
+                let mut src = t.input;
+                while let Input::Task(j) = src {
+                    src = s.tasks[j].input;
+                }
+                let Input::Stream(k) = src else { unreachable!() };
+                let (upper, lower) = s.streams[k].model.curves().unwrap();
+                let (su, sl) = rtc::models::dedicated(&Q::one());
+                TaskResult {
+                    wcrt: Some(t.wcet.clone()),
+                    bcrt: t.bcet.clone(),
+                    backlog: Some(Q::one()),
+                    input: Bounds { upper: upper.clone(), lower: lower.clone() },
+                    output: Bounds { upper, lower },
+                    service: Bounds { upper: su, lower: sl },
+                    method: "fake",
+                    problem: None,
+                }
+            })
+            .collect();
+        let chains = s
+            .chains
+            .iter()
+            .map(|c| {
+                let w = c.tasks.iter().fold(Q::zero(), |a, &t| a + &s.tasks[t].wcet);
+                ChainResult {
+                    worst: Some(w.clone()),
+                    best: Q::zero(),
+                    per_hop: Some(w.clone()),
+                    pboo: None,
+                    deadline: c.deadline.clone(),
+                    slack: c.deadline.as_ref().map(|d| d - &w),
+                    meets_deadline: c.deadline.as_ref().map(|d| &w <= d),
+                }
+            })
+            .collect();
+        let resources = s
+            .resources
+            .iter()
+            .map(|_| ResourceResult {
+                utilisation: Q::new(1, 2).unwrap(),
+                capacity: Q::one(),
+                supply: None,
+                min_budget: None,
+                problem: None,
+            })
+            .collect();
+        Analysis { tasks, chains, resources, iterations: 1 }
+    }
+
+    #[test]
+    fn table_json_and_plots_of_every_example() {
+        let keep = std::env::var_os("VIGIL_KEEP_PLOTS");
+        let dir = keep.clone().map(Into::into).unwrap_or_else(|| std::env::temp_dir().join(format!("vigil-plots-{}", std::process::id())));
+        for f in ["simple", "control-loop", "overload-miss", "edf", "tdma", "trace"] {
+            let l = model::load(format!("{}/../../examples/{f}.toml", env!("CARGO_MANIFEST_DIR"))).unwrap();
+            let a = fake(&l);
+            let r = model::report::Report::new(&l, &a);
+            crate::table::print(&r);
+            let v: serde_json::Value = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+            assert_eq!(v["tasks"].as_array().unwrap().len(), l.system.tasks.len());
+            assert!(v["tasks"][0]["wcrt_us"].is_string() && v["tasks"][0]["wcrt_ms"].is_f64());
+            let n = crate::plot::write_all(&dir, &l, &a).unwrap();
+            assert_eq!(n, l.system.tasks.len());
+            for t in &l.system.tasks {
+                let svg = std::fs::read_to_string(dir.join(format!("{}.svg", t.name))).unwrap();
+                assert!(svg.contains("<path") && svg.contains("service lower"), "{f}: {}", t.name);
+            }
+        }
+        if keep.is_none() {
+            std::fs::remove_dir_all(&dir).ok();
+        }
+    }
+}

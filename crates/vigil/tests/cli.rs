@@ -1,0 +1,172 @@
+//! Runs the real `vigil` binary on the example files and on broken inputs, and checks exit
+//! codes (0 deadlines hold, 1 a deadline is missed, 2 invalid input), `--json` and `--plot`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(name)
+}
+
+fn vigil(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vigil")).args(args).output().expect("the vigil binary runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A scratch folder for this test, empty.
+fn scratch(test: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vigil-cli-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+/// Writes `body` to a file and runs `vigil analyze` on it.
+fn analyze_text(test: &str, body: &str, extra: &[&str]) -> (Output, String) {
+    let d = scratch(test);
+    let f = d.join("system.toml");
+    std::fs::write(&f, body).expect("write system.toml");
+    let path = f.display().to_string();
+    let mut args = vec!["analyze", path.as_str()];
+    args.extend_from_slice(extra);
+    (vigil(&args), path)
+}
+
+const VALID_HEAD: &str = "[[processor]]\nname = \"cpu0\"\n\n[[stream]]\nname = \"tick\"\nmodel = \"periodic\"\nperiod = \"10ms\"\n\n";
+
+// ------------------------------------------------------------------ invalid input: exit 2
+
+#[test]
+fn unknown_resource_exits_2_with_file_and_line() {
+    let body = format!("{VALID_HEAD}[[task]]\nname = \"filter\"\non = \"cpu9\"\ninput = \"tick\"\nwcet = \"1ms\"\npriority = 1\n");
+    let (out, path) = analyze_text("unknown", &body, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert_eq!(err.trim_end(), format!("{path}:11: task \"filter\": unknown resource \"cpu9\""));
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn syntax_error_exits_2() {
+    let (out, path) = analyze_text("syntax", "[[processor]]\nname = \"cpu0\nspeed = 1\n", &["--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).starts_with(&format!("{path}:2: ")), "{}", text(&out.stderr));
+    assert!(out.stdout.is_empty(), "no JSON for invalid input");
+}
+
+#[test]
+fn overload_exits_2_and_names_the_resource() {
+    let body = format!("{VALID_HEAD}[[task]]\nname = \"hog\"\non = \"cpu0\"\ninput = \"tick\"\nwcet = \"12ms\"\npriority = 1\n");
+    let (out, path) = analyze_text("overload", &body, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.starts_with(&format!("{path}:1: processor \"cpu0\": overloaded: long-run utilisation is 120.0%")), "{err}");
+}
+
+#[test]
+fn bad_units_exit_2() {
+    let body = format!("{VALID_HEAD}[[task]]\nname = \"t\"\non = \"cpu0\"\ninput = \"tick\"\nwcet = \"10 parsecs\"\npriority = 1\n");
+    let (out, path) = analyze_text("units", &body, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).starts_with(&format!("{path}:13: task \"t\": `wcet`: \"10 parsecs\": unknown time unit")),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn missing_file_and_bad_usage_exit_2() {
+    let out = vigil(&["analyze", "/no/such/system.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).starts_with("/no/such/system.toml: cannot read"));
+    assert_eq!(vigil(&[]).status.code(), Some(2));
+    assert_eq!(vigil(&["analyze"]).status.code(), Some(2));
+    assert_eq!(vigil(&["frobnicate"]).status.code(), Some(2));
+}
+
+#[test]
+fn every_example_is_valid_input() {
+    // Whatever the analysis says, no example may be rejected by the model.
+    for f in ["simple.toml", "control-loop.toml", "overload-miss.toml", "edf.toml", "tdma.toml", "trace.toml"] {
+        if let Err(e) = model::load(example(f)) {
+            panic!("{f}: {e}");
+        }
+    }
+}
+
+// ------------------------------------------------------------------ real analysis
+
+#[test]
+#[ignore = "needs rtc::network::analyze"]
+fn simple_meets_its_deadlines() {
+    let out = vigil(&["analyze", &example("simple.toml").display().to_string()]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{}", text(&out.stderr));
+    for t in ["sample", "control", "log", "cpu0", "all deadlines met"] {
+        assert!(stdout.contains(t), "{t:?} missing from:\n{stdout}");
+    }
+    assert!(!stdout.contains("MISS"));
+}
+
+#[test]
+#[ignore = "needs rtc::network::analyze"]
+fn every_schedulable_example_exits_0() {
+    for f in ["simple.toml", "control-loop.toml", "edf.toml", "tdma.toml", "trace.toml"] {
+        let out = vigil(&["analyze", &example(f).display().to_string()]);
+        assert_eq!(out.status.code(), Some(0), "{f}:\n{}\n{}", text(&out.stdout), text(&out.stderr));
+    }
+}
+
+#[test]
+#[ignore = "needs rtc::network::analyze"]
+fn a_missed_deadline_exits_1() {
+    let out = vigil(&["analyze", &example("overload-miss.toml").display().to_string()]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("MISS"), "{stdout}");
+    assert!(stdout.contains("DEADLINES NOT MET"), "{stdout}");
+}
+
+#[test]
+#[ignore = "needs rtc::network::analyze"]
+fn json_report_parses() {
+    let out = vigil(&["analyze", &example("control-loop.toml").display().to_string(), "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    assert_eq!(v["all_deadlines_met"], serde_json::Value::Bool(true));
+    let chain = &v["chains"][0];
+    assert_eq!(chain["name"], "loop");
+    assert_eq!(chain["verdict"], "ok");
+    assert!(chain["worst_us"].is_string() && chain["worst_ms"].is_f64());
+    let tasks = v["tasks"].as_array().expect("tasks");
+    assert_eq!(tasks.len(), 7);
+    assert!(tasks.iter().all(|t| t["verdict"] == "ok" && t["wcrt_us"].is_string()));
+    let ctrl = v["resources"].as_array().expect("resources").iter().find(|r| r["name"] == "ctrl").expect("VM ctrl");
+    assert_eq!(ctrl["kind"], "vm");
+    assert_eq!(ctrl["supply"], "worst-case");
+    // The overloaded example reports the miss in JSON too.
+    let out = vigil(&["analyze", &example("overload-miss.toml").display().to_string(), "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    assert_eq!(v["all_deadlines_met"], serde_json::Value::Bool(false));
+    assert!(v["tasks"].as_array().expect("tasks").iter().any(|t| t["verdict"] == "MISS"));
+}
+
+#[test]
+#[ignore = "needs rtc::network::analyze"]
+fn plot_writes_one_svg_per_task() {
+    let d = scratch("plot").join("plots");
+    let dir = d.display().to_string();
+    let out = vigil(&["analyze", &example("control-loop.toml").display().to_string(), "--plot", &dir]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    for t in ["filter", "msg", "controller", "actuate", "housekeeping", "bulk", "monitor"] {
+        let svg = std::fs::read_to_string(d.join(format!("{t}.svg"))).unwrap_or_else(|e| panic!("{t}.svg: {e}"));
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{t}.svg is not an SVG");
+        assert!(svg.contains("demand upper") && svg.contains("service lower") && svg.matches("<path").count() == 4, "{t}.svg");
+    }
+}
