@@ -143,7 +143,7 @@ impl Curve {
 
     /// Builds a curve from segments covering at least `[0, t + d)`; segments at or beyond
     /// `t + d` are dropped and `t` is made a breakpoint.
-    pub fn from_parts(mut segs: Vec<Seg>, t: Q, d: Q, c: Q) -> Result<Curve> {
+    pub fn from_parts(segs: Vec<Seg>, t: Q, d: Q, c: Q) -> Result<Curve> {
         if !d.is_positive() {
             return Err(CurveError::Invalid(format!("period must be positive, got {d}")));
         }

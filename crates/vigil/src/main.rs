@@ -9,6 +9,7 @@
 //! 2 invalid input or another error (one line on stderr, `file:line:` first).
 
 mod analyze;
+mod bench;
 mod plot;
 mod table;
 
@@ -26,6 +27,8 @@ struct Cli {
 enum Command {
     /// Analyse a system description: worst/best-case latencies, backlogs, utilisation, verdicts.
     Analyze(analyze::Args),
+    /// Measure the analysis: time per system size and per curve operation (tables).
+    Bench(bench::Args),
 }
 
 /// How a command ended, as far as the exit status is concerned.
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Analyze(args) => analyze::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     let outcome = result.unwrap_or_else(|e| {
         eprintln!("{}", format!("{e:#}").replace('\n', " "));

@@ -102,7 +102,7 @@ fn every_example_is_valid_input() {
 // ------------------------------------------------------------------ real analysis
 
 #[test]
-#[ignore = "needs rtc::network::analyze"]
+
 fn simple_meets_its_deadlines() {
     let out = vigil(&["analyze", &example("simple.toml").display().to_string()]);
     let stdout = text(&out.stdout);
@@ -114,7 +114,7 @@ fn simple_meets_its_deadlines() {
 }
 
 #[test]
-#[ignore = "needs rtc::network::analyze"]
+
 fn every_schedulable_example_exits_0() {
     for f in ["simple.toml", "control-loop.toml", "edf.toml", "tdma.toml", "trace.toml"] {
         let out = vigil(&["analyze", &example(f).display().to_string()]);
@@ -123,7 +123,7 @@ fn every_schedulable_example_exits_0() {
 }
 
 #[test]
-#[ignore = "needs rtc::network::analyze"]
+
 fn a_missed_deadline_exits_1() {
     let out = vigil(&["analyze", &example("overload-miss.toml").display().to_string()]);
     let stdout = text(&out.stdout);
@@ -133,7 +133,7 @@ fn a_missed_deadline_exits_1() {
 }
 
 #[test]
-#[ignore = "needs rtc::network::analyze"]
+
 fn json_report_parses() {
     let out = vigil(&["analyze", &example("control-loop.toml").display().to_string(), "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -158,7 +158,7 @@ fn json_report_parses() {
 }
 
 #[test]
-#[ignore = "needs rtc::network::analyze"]
+
 fn plot_writes_one_svg_per_task() {
     let d = scratch("plot").join("plots");
     let dir = d.display().to_string();

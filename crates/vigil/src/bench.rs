@@ -1,0 +1,144 @@
+//! `vigil bench analysis`: how long a full analysis takes as systems grow, and what the curve
+//! operations underneath cost. Prints tables (or JSON); timings are medians of repeated runs.
+
+use crate::Outcome;
+use rtc::component::{self, Workload};
+use rtc::models::{self, EventModel};
+use rtc::q::Q;
+use rtc::synthetic;
+use rtc::system::{analyze, Options};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// What to measure.
+    #[arg(value_enum, default_value = "analysis")]
+    what: What,
+    /// System sizes in tasks (3-hop chains over shared links, 10 tasks per processor).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![10, 100, 1000, 10000])]
+    sizes: Vec<usize>,
+    /// Repetitions per measurement (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    repeat: usize,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum What {
+    Analysis,
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn time<T>(repeat: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
+    let mut times = Vec::with_capacity(repeat);
+    let mut last = None;
+    for _ in 0..repeat.max(1) {
+        let t = Instant::now();
+        let r = f();
+        times.push(t.elapsed());
+        last = Some(r);
+    }
+    (median(times), last.expect("at least one run"))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub fn run(args: &Args) -> anyhow::Result<Outcome> {
+    let What::Analysis = args.what;
+    let mut rows = Vec::new();
+    let mut prev: Option<(usize, f64)> = None;
+    for &n in &args.sizes {
+        let sys = synthetic::distributed_chains(n, 7);
+        // Large systems are slow to repeat; one run says enough there.
+        let repeat = if n >= 5000 { 1 } else { args.repeat };
+        let (t, a) = time(repeat, || analyze(&sys, &Options::default()));
+        let a = a.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (tg, _) = time(repeat.min(3), || analyze(&sys, &Options { gpc_outputs: true, ..Options::default() }));
+        let unbounded = a.tasks.iter().filter(|t| t.wcrt.is_none()).count();
+        let procs = sys.resources.iter().filter(|r| r.name.starts_with("cpu")).count();
+        let growth = prev.map(|(pn, pt)| (ms(t) / pt) / (n as f64 / pn as f64));
+        rows.push(serde_json::json!({
+            "tasks": sys.tasks.len(), "processors": procs, "links": sys.resources.len() - procs,
+            "chains": sys.chains.len(), "analysis_ms": ms(t), "us_per_task": ms(t) * 1e3 / sys.tasks.len() as f64,
+            "with_gpc_outputs_ms": ms(tg), "gpc_outputs_ratio": ms(tg) / ms(t),
+            "growth_vs_linear": growth, "unbounded_tasks": unbounded, "iterations": a.iterations,
+        }));
+        prev = Some((n, ms(t)));
+    }
+    let ops = curve_ops(args.repeat.max(20));
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "analysis": rows, "curve_operations": ops }))?);
+        return Ok(Outcome::Ok);
+    }
+    println!("Full analysis of synthetic systems (3-hop chains: task, 100 Mbit/s link, task)");
+    println!("{:>7} {:>6} {:>6} {:>7} {:>12} {:>10} {:>14} {:>9} {:>16}", "tasks", "cpus", "links", "chains", "analysis", "µs/task", "+GPC outputs", "ratio", "growth/linear");
+    for r in &rows {
+        println!(
+            "{:>7} {:>6} {:>6} {:>7} {:>9.1} ms {:>10.1} {:>11.1} ms {:>8.2}x {:>16}",
+            r["tasks"],
+            r["processors"],
+            r["links"],
+            r["chains"],
+            r["analysis_ms"].as_f64().unwrap_or_default(),
+            r["us_per_task"].as_f64().unwrap_or_default(),
+            r["with_gpc_outputs_ms"].as_f64().unwrap_or_default(),
+            r["gpc_outputs_ratio"].as_f64().unwrap_or_default(),
+            r["growth_vs_linear"].as_f64().map(|g| format!("{g:.2}x")).unwrap_or_else(|| "-".into()),
+        );
+    }
+    println!();
+    println!("Curve operations (median of {} runs)", args.repeat.max(20));
+    println!("{:<58} {:>10} {:>10}", "operation", "µs", "segments");
+    for o in &ops {
+        println!("{:<58} {:>10.1} {:>10}", o["op"].as_str().unwrap_or_default(), o["us"].as_f64().unwrap_or_default(), o["segments"]);
+    }
+    Ok(Outcome::Ok)
+}
+
+fn curve_ops(repeat: usize) -> Vec<serde_json::Value> {
+    let q = Q::int;
+    let pjd = |p: i64, j: i64| EventModel::Pjd { period: q(p), jitter: q(j), min_distance: q(0) }.curves().expect("valid model");
+    let a = pjd(10_000, 3_000);
+    let b = pjd(25_000, 0);
+    let full = models::dedicated(&q(1));
+    let cbs = models::periodic_resource(&q(2_000), &q(5_000), models::SupplyModel::WorstCase).expect("valid reservation");
+    let demand = a.0.scale(&q(1_500));
+    let mut out = Vec::new();
+    let mut op = |name: &str, f: &mut dyn FnMut() -> usize| {
+        let mut times = Vec::with_capacity(repeat);
+        let mut segs = 0;
+        for _ in 0..repeat {
+            let t = Instant::now();
+            segs = f();
+            times.push(t.elapsed());
+        }
+        out.push(serde_json::json!({ "op": name, "us": median(times).as_secs_f64() * 1e6, "segments": segs }));
+    };
+    op("PJD arrival curves (P=10ms, J=3ms)", &mut || pjd(10_000, 3_000).0.segments().len());
+    op("min of two staircases (10 ms, 25 ms)", &mut || a.0.min(&b.0).map(|c| c.segments().len()).unwrap_or(0));
+    op("sum of two staircases (10 ms, 25 ms)", &mut || a.0.add(&b.0).map(|c| c.segments().len()).unwrap_or(0));
+    op("min-plus convolution: demand ⊗ CBS supply", &mut || demand.conv(&cbs.1).map(|c| c.segments().len()).unwrap_or(0));
+    op("min-plus deconvolution: demand ⊘ CBS supply", &mut || demand.deconv(&cbs.1).map(|c| c.segments().len()).unwrap_or(0));
+    op("horizontal deviation (delay): demand vs CBS supply", &mut || demand.hdev(&cbs.1).map(|_| 1).unwrap_or(0));
+    op("vertical deviation (backlog): demand vs CBS supply", &mut || demand.vdev(&cbs.1).map(|_| 1).unwrap_or(0));
+    op("remaining service after one task (full processor)", &mut || {
+        component::remaining_service(&(demand.clone(), a.1.scale(&q(1_000))), &full).map(|r| r.1.segments().len()).unwrap_or(0)
+    });
+    op("fixed-priority task on a CBS reservation (GPC)", &mut || {
+        let w = Workload { wcet: q(1_500), bcet: q(1_000) };
+        component::task_on_service(&a, &w, &cbs, false).map(|_| 1).unwrap_or(0)
+    });
+    op("same, with GPC completion curves", &mut || {
+        let w = Workload { wcet: q(1_500), bcet: q(1_000) };
+        component::task_on_service(&a, &w, &cbs, true).map(|b| b.output.0.segments().len()).unwrap_or(0)
+    });
+    out
+}
