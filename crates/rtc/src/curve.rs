@@ -380,15 +380,16 @@ impl Curve {
         // Periodicity from a breakpoint implies it from every later one: bisect.
         // f on [x + d, T + d) lies within the described window: no unrolling needed.
         let ext: &[Seg] = &self.segs;
-        if p0 == 0 || !self.periodic_from(ext, p0 - 1) {
+        if p0 == 0 || !self.periodic_from(ext, p0 - 1, &self.t) {
             return;
         }
-        // Gallop back to bracket the earliest start, then bisect.
+        // Gallop back to bracket the earliest start, then bisect. Each check only covers the
+        // stretch not yet known to be periodic (up to the start of the last success).
         let (mut lo, mut hi) = (0usize, p0 - 1); // hi: known periodic
         let mut step = 1;
         while hi > 0 {
             let cand = hi.saturating_sub(step);
-            if self.periodic_from(ext, cand) {
+            if self.periodic_from(ext, cand, &ext[hi].x) {
                 hi = cand;
                 step *= 2;
             } else {
@@ -398,7 +399,7 @@ impl Curve {
         }
         while lo < hi {
             let mid = (lo + hi) / 2;
-            if self.periodic_from(ext, mid) {
+            if self.periodic_from(ext, mid, &ext[hi].x) {
                 hi = mid;
             } else {
                 lo = mid + 1;
@@ -419,7 +420,7 @@ impl Curve {
 
     /// Whether `f(x + d) = f(x) + c` holds for every `x` in `[ext[i].x, t)`; `ext` is the curve
     /// unrolled over at least `[0, t + 2d)`. One linear walk over both ranges.
-    fn periodic_from(&self, ext: &[Seg], i: usize) -> bool {
+    fn periodic_from(&self, ext: &[Seg], i: usize, upto: &Q) -> bool {
         let mut x = ext[i].x.clone();
         let mut a = i;
         let mut b = find_seg(ext, &(&x + &self.d));
@@ -437,7 +438,7 @@ impl Curve {
                 (Some(p), None) | (None, Some(p)) => p,
                 (None, None) => return true,
             };
-            if next >= self.t {
+            if &next >= upto {
                 return true;
             }
             if ext.get(a + 1).is_some_and(|s| s.x == next) {
@@ -700,10 +701,30 @@ impl Curve {
             out.push(Seg::line(end.clone(), sup_base, Q::zero()));
             return Curve::from_parts(out, end, Q::one(), Q::zero());
         }
-        // Once the periodic part has risen above everything before, the result repeats.
-        let (m, _) = self.affine_bounds();
-        let rise = ((&sup_base - &m) / self.rate()).ceil();
-        let t = Q::max(&self.t, &rise);
+        // For t >= T + d, r(t + d) = r(t) + c as soon as sup[T, t] f >= sup[0, T) f. Since
+        // sup[T, T + jd] f >= sup[T, T + d] f + (j − 1) c, that holds from
+        // T + (1 + max(0, ⌈(sup[0,T) − sup[T,T+d]) / c⌉)) d on.
+        let _ = sup_base;
+        let p0 = find_seg(&self.segs, &self.t);
+        let sup_of = |segs: &[Seg], first: usize, last_end: &Q| -> Option<Q> {
+            let mut m: Option<Q> = None;
+            for (i, s) in segs.iter().enumerate().skip(first) {
+                let e = seg_end(segs, i, last_end);
+                for v in [s.y.clone(), s.yr.clone(), s.at(e)] {
+                    if m.as_ref().map_or(true, |x| &v > x) {
+                        m = Some(v);
+                    }
+                }
+            }
+            m
+        };
+        let pattern_sup = sup_of(&self.segs, p0, &end).unwrap_or_default();
+        let k = Q::one()
+            + match sup_of(&self.segs[..p0], 0, &self.t) {
+                Some(pre) if pre > pattern_sup => ((pre - &pattern_sup) / &self.c).ceil(),
+                _ => Q::zero(),
+            };
+        let t = &self.t + &k * &self.d;
         let h = &t + &self.d;
         let segs = self.unroll(&h)?;
         Curve::from_parts(scan_running_max(&segs, &h), t, self.d.clone(), self.c.clone())

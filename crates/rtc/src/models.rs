@@ -245,7 +245,13 @@ pub fn periodic_resource(budget: &Q, period: &Q, model: SupplyModel) -> Result<(
             )?;
             Ok((upper, lower))
         }
-        SupplyModel::Synchronous => tdma(q, p, &Q::one()),
+        SupplyModel::Synchronous => {
+            // The lower curve relies on windows starting with a period; the upper curve must
+            // hold for every window, so it is the worst-case one.
+            let (upper, _) = periodic_resource(budget, period, SupplyModel::WorstCase)?;
+            let (_, lower) = tdma(q, p, &Q::one())?;
+            Ok((upper, lower))
+        }
     }
 }
 

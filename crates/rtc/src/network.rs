@@ -63,6 +63,11 @@ fn check_structure(sys: &System) -> Result<(), AnalysisError> {
         if res.policy == Policy::Tdma && res.cycle.as_ref().map_or(true, |c| !c.is_positive()) {
             return Err(res_err(sys, r, "TDMA needs a positive cycle"));
         }
+        if res.policy == Policy::Tdma && !matches!(res.kind, ResourceKind::Dedicated { .. }) {
+            // Slots are cut from a dedicated resource's full rate; under a reservation or a
+            // latency the slot supply would be overstated.
+            return Err(res_err(sys, r, "TDMA is only supported on a dedicated processor or link"));
+        }
     }
     for (c, ch) in sys.chains.iter().enumerate() {
         let err = |msg: String| AnalysisError::Chain { chain: sys.chains[c].name.clone(), msg };

@@ -53,11 +53,17 @@ fn gcd_i128(a: i128, b: i128) -> i128 {
 }
 
 fn gcd_u64(mut a: u64, mut b: u64) -> u64 {
-    if a == 0 {
-        return b;
+    // Denominators are usually small and numerators large: one division first brings both
+    // operands down to the size of the smaller one.
+    if a < b {
+        std::mem::swap(&mut a, &mut b);
     }
     if b == 0 {
         return a;
+    }
+    a %= b;
+    if a == 0 {
+        return b;
     }
     let shift = (a | b).trailing_zeros();
     a >>= a.trailing_zeros();

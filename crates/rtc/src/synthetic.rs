@@ -20,7 +20,7 @@ impl Rng {
     }
 }
 
-/// Periods in microseconds (1 ms … 100 ms; their common multiple is 200 ms).
+/// Periods in microseconds (1 ms … 100 ms; their least common multiple is 100 ms).
 const PERIODS_US: [i64; 8] = [1_000, 2_000, 5_000, 10_000, 20_000, 25_000, 50_000, 100_000];
 
 /// About `tasks` tasks (a multiple of 3): `tasks/3` chains, each a task on one of `tasks/10`

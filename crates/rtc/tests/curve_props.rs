@@ -370,15 +370,6 @@ fn staircase_delay_examples() {
     assert_eq!(demand.busy_window(&rl).unwrap(), q(4));
 }
 
-#[test]
-fn debug_seed()
-    let Ok(seed) = std::env::var("SEED") else { return };
-    let mut r = Rng(seed.parse().unwrap());
-    let f = random_curve(&mut r, true);
-    let g = random_curve(&mut r, true);
-    println!("f = {f:?}\ng = {g:?}\nhdev = {:?}", f.hdev(&g));
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
     #[test]

@@ -23,6 +23,9 @@ pub struct Args {
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
+    /// Skip the (slower) runs with GPC completion curves.
+    #[arg(long)]
+    no_gpc_outputs: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -61,7 +64,11 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         let repeat = if n >= 5000 { 1 } else { args.repeat };
         let (t, a) = time(repeat, || analyze(&sys, &Options::default()));
         let a = a.map_err(|e| anyhow::anyhow!("{e}"))?;
-        let (tg, _) = time(repeat.min(3), || analyze(&sys, &Options { gpc_outputs: true, ..Options::default() }));
+        let tg = if args.no_gpc_outputs {
+            Duration::ZERO
+        } else {
+            time(repeat.min(3), || analyze(&sys, &Options { gpc_outputs: true, ..Options::default() })).0
+        };
         let unbounded = a.tasks.iter().filter(|t| t.wcrt.is_none()).count();
         let procs = sys.resources.iter().filter(|r| r.name.starts_with("cpu")).count();
         let growth = prev.map(|(pn, pt)| (ms(t) / pt) / (n as f64 / pn as f64));
