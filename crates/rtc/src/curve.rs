@@ -892,6 +892,27 @@ impl Curve {
         Ok(best)
     }
 
+    /// `sup_t (r·t − f(t))`: how far `f` falls below the line through the origin with slope
+    /// `r`. Finite when `f` grows at least at rate `r` in the long run.
+    pub fn max_below_line(&self, r: &Q) -> Result<Q> {
+        if &self.rate() < r {
+            return Err(CurveError::Unbounded("curve falls ever further below the line"));
+        }
+        // With equal rates the difference repeats from T on; with a larger rate it only shrinks.
+        let end = self.base_end();
+        let mut best: Option<Q> = None;
+        for (i, s) in self.segs.iter().enumerate() {
+            let e = seg_end(&self.segs, i, &end);
+            let rx = r * &s.x;
+            for v in [&rx - &s.y, &rx - &s.yr, r * e - s.at(e)] {
+                if best.as_ref().map_or(true, |b| &v > b) {
+                    best = Some(v);
+                }
+            }
+        }
+        Ok(best.unwrap_or_default())
+    }
+
     /// `inf {t > 0 : f(t) <= g(t)}`: the longest busy window when `f` is the total demand and
     /// `g` the service.
     pub fn busy_window(&self, g: &Curve) -> Result<Q> {

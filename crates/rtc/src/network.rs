@@ -532,7 +532,7 @@ fn chain_result(sys: &System, c: &Chain, tasks: &[TaskResult]) -> ChainResult {
                 break;
             };
             // T = sup (Δ − βl(Δ)/ρ): the vertical distance to the line, divided by the rate.
-            match Curve::rate_latency(rho.clone(), Q::zero()).vdev(bl) {
+            match bl.max_below_line(&rho) {
                 Ok(v) => latency = latency + v / &rho + r_ev.recip().unwrap_or_default(),
                 Err(_) => {
                     ok = false;

@@ -83,6 +83,17 @@ impl Q {
     /// Builds `n / d` from wide integers, normalising. `d` must not be zero.
     fn from_i128(n: i128, d: i128) -> Q {
         debug_assert!(d != 0);
+        // Common case: both fit in 64 bits; reduce with 64-bit arithmetic only.
+        if let (Ok(n64), Ok(d64)) = (i64::try_from(n), i64::try_from(d)) {
+            if n64 != i64::MIN && d64 != i64::MIN {
+                let (n64, d64) = if d64 < 0 { (-n64, -d64) } else { (n64, d64) };
+                if d64 == 1 {
+                    return Q(Repr::Small(n64, 1));
+                }
+                let g = gcd_u64(n64.unsigned_abs(), d64 as u64) as i64;
+                return if g > 1 { Q(Repr::Small(n64 / g, d64 / g)) } else { Q(Repr::Small(n64, d64)) };
+            }
+        }
         let (mut n, mut d) = if d < 0 { (-n, -d) } else { (n, d) };
         if d == 1 {
             if let Ok(n) = i64::try_from(n) {
