@@ -277,7 +277,7 @@ impl Curve {
             let periods = ((h - &end) / &self.d).ceil();
             let per = self.segs.len() - find_seg(&self.segs, &self.t);
             let n = periods.to_f64() * per as f64 + self.segs.len() as f64;
-            if !(n <= MAX_SEGMENTS as f64) {
+            if n.is_nan() || n > MAX_SEGMENTS as f64 {
                 return Err(CurveError::TooComplex);
             }
         }
@@ -329,10 +329,10 @@ impl Curve {
         let mut lo: Option<Q> = None;
         let mut hi: Option<Q> = None;
         let mut see = |v: Q| {
-            if lo.as_ref().map_or(true, |l| &v < l) {
+            if lo.as_ref().is_none_or(|l| &v < l) {
                 lo = Some(v.clone());
             }
-            if hi.as_ref().map_or(true, |h| &v > h) {
+            if hi.as_ref().is_none_or(|h| &v > h) {
                 hi = Some(v);
             }
         };
@@ -366,7 +366,7 @@ impl Curve {
         }
         // The jump into the next period.
         let first_pattern = &self.segs[find_seg(&self.segs, &self.t)];
-        prev.map_or(true, |p| &first_pattern.y + &self.c >= p)
+        prev.is_none_or(|p| &first_pattern.y + &self.c >= p)
     }
 
     /// Smallest transient start consistent with the periodic description (checked on
@@ -711,7 +711,7 @@ impl Curve {
             for (i, s) in segs.iter().enumerate().skip(first) {
                 let e = seg_end(segs, i, last_end);
                 for v in [s.y.clone(), s.yr.clone(), s.at(e)] {
-                    if m.as_ref().map_or(true, |x| &v > x) {
+                    if m.as_ref().is_none_or(|x| &v > x) {
                         m = Some(v);
                     }
                 }
@@ -882,7 +882,7 @@ impl Curve {
             let Some(fi) = self.first_reach(y, false) else { continue };
             let gi = g.first_reach(y, false).ok_or(CurveError::Unbounded("service never reaches the demand"))?;
             best = Q::max(&best, &(gi - fi));
-            if fsup.as_ref().map_or(true, |s| y < s) {
+            if fsup.as_ref().is_none_or(|s| y < s) {
                 if let Some(fi) = self.first_reach(y, true) {
                     let gi = g.first_reach(y, true).ok_or(CurveError::Unbounded("service never exceeds the demand"))?;
                     best = Q::max(&best, &(gi - fi));
@@ -905,7 +905,7 @@ impl Curve {
             let e = seg_end(&self.segs, i, &end);
             let rx = r * &s.x;
             for v in [&rx - &s.y, &rx - &s.yr, r * e - s.at(e)] {
-                if best.as_ref().map_or(true, |b| &v > b) {
+                if best.as_ref().is_none_or(|b| &v > b) {
                     best = Some(v);
                 }
             }

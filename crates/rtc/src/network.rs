@@ -60,7 +60,7 @@ fn check_structure(sys: &System) -> Result<(), AnalysisError> {
                 return Err(res_err(sys, r, "a reservation's host must be a processor"));
             }
         }
-        if res.policy == Policy::Tdma && res.cycle.as_ref().map_or(true, |c| !c.is_positive()) {
+        if res.policy == Policy::Tdma && res.cycle.as_ref().is_none_or(|c| !c.is_positive()) {
             return Err(res_err(sys, r, "TDMA needs a positive cycle"));
         }
         if res.policy == Policy::Tdma && !matches!(res.kind, ResourceKind::Dedicated { .. }) {
@@ -439,7 +439,9 @@ pub(crate) fn analyze(sys: &System, opts: &Options) -> Result<Analysis, Analysis
     if ordered {
         iterations = 1;
     }
-    while !ordered {
+    let mut gave_up = false;
+    // Otherwise iterate over whole resources until no completion curve changes.
+    while !converged {
         iterations += 1;
         let mut changed = false;
         for &r in &order {
@@ -463,9 +465,11 @@ pub(crate) fn analyze(sys: &System, opts: &Options) -> Result<Analysis, Analysis
             break;
         }
         if iterations >= opts.max_iterations {
+            gave_up = true;
             break;
         }
     }
+    debug_assert!(converged != gave_up);
 
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
@@ -632,4 +636,53 @@ fn min_budget(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], period: &Q, supply: 
         }
     }
     Some(at(&hi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::EventModel;
+    use crate::q::q;
+
+    /// Two chains crossing two processors with opposite priorities: a1 (low, P1) → a2 (high,
+    /// P2) and b1 (low, P2) → b2 (high, P1). Each low task waits for a high task whose input
+    /// waits for the other low task: a cycle that only a fixed point resolves.
+    fn crossing() -> System {
+        let cpu = |n: &str| Resource { name: n.into(), kind: ResourceKind::Dedicated { rate: q(1) }, policy: Policy::FixedPriority, cycle: None };
+        let task = |n: &str, r, input, prio| Task { name: n.into(), resource: r, input, wcet: q(2), bcet: q(1), priority: Some(prio), deadline: None, slot: None };
+        System {
+            resources: vec![cpu("p1"), cpu("p2")],
+            streams: vec![
+                Stream { name: "sa".into(), model: EventModel::Periodic { period: q(10) } },
+                Stream { name: "sb".into(), model: EventModel::Periodic { period: q(12) } },
+            ],
+            tasks: vec![
+                task("a1", 0, Input::Stream(0), 2),
+                task("a2", 1, Input::Task(0), 1),
+                task("b1", 1, Input::Stream(1), 2),
+                task("b2", 0, Input::Task(2), 1),
+            ],
+            chains: vec![Chain { name: "a".into(), tasks: vec![0, 1], deadline: Some(q(20)) }],
+        }
+    }
+
+    #[test]
+    fn cyclic_dependencies_reach_a_fixed_point() {
+        let sys = crossing();
+        let a = analyze(&sys, &Options::default()).unwrap();
+        assert!(a.iterations > 1, "needs iteration");
+        assert!(a.tasks.iter().all(|t| t.wcrt.is_some()), "{:?}", a.tasks.iter().map(|t| &t.problem).collect::<Vec<_>>());
+        // High-priority tasks see only their own work; low ones one job of the other chain.
+        assert_eq!(a.tasks[1].wcrt, Some(q(2)));
+        assert_eq!(a.tasks[3].wcrt, Some(q(2)));
+        assert!(a.tasks[0].wcrt.as_ref().is_some_and(|w| w >= &q(4)));
+        assert!(a.all_deadlines_met(&sys));
+    }
+
+    #[test]
+    fn an_iteration_limit_withdraws_every_bound() {
+        let sys = crossing();
+        let a = analyze(&sys, &Options { max_iterations: 1, ..Options::default() }).unwrap();
+        assert!(a.tasks.iter().all(|t| t.wcrt.is_none() && t.problem.as_deref().is_some_and(|p| p.contains("fixed point"))));
+    }
 }

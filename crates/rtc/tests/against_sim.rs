@@ -33,7 +33,7 @@ fn specs(ts: &[T], r: &mut gen::Rng, jm: JitterMode, em: ExecMode) -> Vec<TaskSp
 
 fn modes(k: u64) -> (JitterMode, ExecMode) {
     let jm = [JitterMode::Zero, JitterMode::Random, JitterMode::Burst][(k % 3) as usize];
-    let em = if k % 2 == 0 { ExecMode::Wcet } else { ExecMode::Random };
+    let em = if k.is_multiple_of(2) { ExecMode::Wcet } else { ExecMode::Random };
     (jm, em)
 }
 

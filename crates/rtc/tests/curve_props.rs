@@ -147,7 +147,7 @@ fn brute_conv(f: &Brute, g: &Brute, t: &Q) -> Q {
     cands.extend(f.breakpoints(t).into_iter().map(|x| t - x));
     let mut best: Option<Q> = None;
     let mut see = |v: Q| {
-        if best.as_ref().map_or(true, |b| &v < b) {
+        if best.as_ref().is_none_or(|b| &v < b) {
             best = Some(v)
         }
     };
@@ -170,7 +170,7 @@ fn brute_deconv(f: &Brute, g: &Brute, t: &Q, umax: &Q) -> Q {
     cands.extend(f.breakpoints(&(t + umax)).into_iter().map(|x| x - t).filter(|u| !u.is_negative()));
     let mut best: Option<Q> = None;
     let mut see = |v: Q| {
-        if best.as_ref().map_or(true, |b| &v > b) {
+        if best.as_ref().is_none_or(|b| &v > b) {
             best = Some(v)
         }
     };
@@ -310,7 +310,7 @@ proptest! {
                 for x in pts {
                     for d in [bf.val(&x) - bg.val(&x), bf.right(&x) - bg.right(&x), bf.left(&x) - bg.left(&x)] {
                         prop_assert!(d <= v, "vdev {} below {} at {}", v, d, x);
-                        if best.as_ref().map_or(true, |b| &d > b) { best = Some(d); }
+                        if best.as_ref().is_none_or(|b| &d > b) { best = Some(d); }
                     }
                 }
                 prop_assert_eq!(best.unwrap(), v);
