@@ -128,6 +128,10 @@ pub struct RawTask {
     pub priority: Option<i64>,
     pub deadline: Option<Val>,
     pub slot: Option<Val>,
+    /// Most work of 1, 2, … consecutive activations (times).
+    pub workload_upper: Option<Vec<Val>>,
+    /// Least work of 1, 2, … consecutive activations (times).
+    pub workload_lower: Option<Vec<Val>>,
 }
 
 #[derive(Debug, Deserialize)]

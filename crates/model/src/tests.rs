@@ -374,3 +374,16 @@ fn the_documented_example_is_valid() {
     assert_eq!(l.system.tasks.len(), 5);
     assert_eq!(l.system.chains[0].tasks.len(), 4);
 }
+
+#[test]
+fn workload_curves() {
+    let l = ok(&with("wcet = \"1ms\"", "wcet = \"1ms\"\nworkload_upper = [\"1ms\", \"1.5ms\", \"2ms\"]"));
+    let t = l.system.tasks.iter().find(|t| t.name == "filter").expect("filter");
+    let w = t.workload.as_ref().expect("workload curves");
+    assert_eq!(w.upper, vec![q("1000"), q("1500"), q("2000")]);
+    assert_eq!(w.lower, vec![q("0")]);
+    fails(&with("wcet = \"1ms\"", "wcet = \"1ms\"\nworkload_upper = [\"2ms\"]"), 27, "filter", "must start with the WCET");
+    fails(&with("wcet = \"1ms\"", "wcet = \"1ms\"\nworkload_upper = [\"1ms\", \"0.5ms\"]"), 27, "filter", "decreases at 2 activations");
+    fails(&with("wcet = \"1ms\"", "wcet = \"1ms\"\nworkload_upper = [\"1ms\", \"3ms\"]"), 27, "filter", "beyond 2 × 1000");
+    fails(&with("size = \"1500B\"", "size = \"1500B\"\nworkload_upper = [\"1ms\"]"), 34, "send", "processors or VMs");
+}

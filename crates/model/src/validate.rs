@@ -198,6 +198,8 @@ struct TaskSpec<'r> {
     priority: Option<i64>,
     deadline: Option<&'r Val>,
     slot: Option<&'r Val>,
+    workload_upper: Option<&'r Vec<Val>>,
+    workload_lower: Option<&'r Vec<Val>>,
 }
 
 pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded> {
@@ -379,6 +381,8 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
                 priority: r.priority,
                 deadline: r.deadline.as_ref(),
                 slot: r.slot.as_ref(),
+                workload_upper: None,
+                workload_lower: None,
             });
         }
     }
@@ -412,6 +416,8 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
             priority: r.priority,
             deadline: r.deadline.as_ref(),
             slot: r.slot.as_ref(),
+            workload_upper: r.workload_upper.as_ref(),
+            workload_lower: r.workload_lower.as_ref(),
         });
     }
     specs.sort_by_key(|t| t.site.span.start);
@@ -506,9 +512,27 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
             }
             (wcet, bcet)
         };
+        let workload = if t.workload_upper.is_some() || t.workload_lower.is_some() {
+            if on_link {
+                let key = if t.workload_upper.is_some() { "workload_upper" } else { "workload_lower" };
+                return Err(ctx.fail(s, Some(key), "workload curves apply to tasks on processors or VMs"));
+            }
+            let curve = |key: &str, v: Option<&Vec<Val>>, first: &Q| -> Result<Vec<Q>> {
+                match v {
+                    Some(vs) => vs.iter().map(|x| ctx.nonneg_time(s, key, x)).collect(),
+                    None => Ok(vec![first.clone()]),
+                }
+            };
+            let w = rtc::models::WorkloadCurve { upper: curve("workload_upper", t.workload_upper, &wcet)?, lower: curve("workload_lower", t.workload_lower, &bcet)? };
+            let key = if t.workload_upper.is_some() { "workload_upper" } else { "workload_lower" };
+            w.validate(&wcet, &bcet).map_err(|e| ctx.fail(s, Some(key), e.to_string()))?;
+            Some(w)
+        } else {
+            None
+        };
         let deadline = t.deadline.map(|v| ctx.positive_time(s, "deadline", v)).transpose()?;
         let slot = t.slot.map(|v| ctx.positive_time(s, "slot", v)).transpose()?;
-        sys.tasks.push(Task { name: s.name.clone(), resource, input, wcet, bcet, priority: t.priority, deadline, slot });
+        sys.tasks.push(Task { name: s.name.clone(), resource, input, wcet, bcet, priority: t.priority, deadline, slot, workload });
         task_items.push(Item { kind: s.kind, line: ctx.line_at(s.span.start) });
     }
 

@@ -54,12 +54,22 @@ pub fn remaining_lower(alpha: &Pair, beta: &Pair) -> Result<Pair> {
 pub struct Workload {
     pub wcet: Q,
     pub bcet: Q,
+    /// Workload curves over consecutive activations, when known.
+    pub curves: Option<crate::models::WorkloadCurve>,
 }
 
 impl Workload {
-    /// Demand curves `(wcet·αu, bcet·αl)` of activation curves.
+    pub fn constant(wcet: Q, bcet: Q) -> Workload {
+        Workload { wcet, bcet, curves: None }
+    }
+
+    /// Demand curves: `(γu ∘ αu, γl ∘ αl)` with workload curves, else `(wcet·αu, bcet·αl)`.
+    /// (The constant form is always valid, since the curves never exceed k·wcet or fall below
+    /// k·bcet; it is used when the activation curves are not integer staircases.)
     pub fn demand(&self, events: &Pair) -> Pair {
-        (events.0.scale(&self.wcet), events.1.scale(&self.bcet))
+        let up = self.curves.as_ref().and_then(|g| g.compose(&events.0, true).ok()).unwrap_or_else(|| events.0.scale(&self.wcet));
+        let lo = self.curves.as_ref().and_then(|g| g.compose(&events.1, false).ok()).unwrap_or_else(|| events.1.scale(&self.bcet));
+        (up, lo)
     }
 }
 
@@ -161,7 +171,7 @@ mod tests {
         let mut got = Vec::new();
         for (c, t) in [(1, 4), (2, 6), (3, 12)] {
             let ev = EventModel::Periodic { period: q(t) }.curves().unwrap();
-            let w = Workload { wcet: q(c), bcet: q(c) };
+            let w = Workload::constant(q(c), q(c));
             let b = task_on_service(&ev, &w, &beta, true).unwrap();
             got.push(b.wcrt.clone());
             beta = remaining_service(&w.demand(&ev), &beta).unwrap();
@@ -172,7 +182,7 @@ mod tests {
     #[test]
     fn gpc_output_is_within_input_shifted() {
         let ev = EventModel::Periodic { period: q(10) }.curves().unwrap();
-        let w = Workload { wcet: q(4), bcet: q(2) };
+        let w = Workload::constant(q(4), q(2));
         let b = task_on_service(&ev, &w, &dedicated(&q(1)), true).unwrap();
         assert_eq!(b.wcrt, q(4));
         assert_eq!(b.bcrt, q(2));

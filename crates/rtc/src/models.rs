@@ -255,6 +255,63 @@ pub fn periodic_resource(budget: &Q, period: &Q, model: SupplyModel) -> Result<(
     }
 }
 
+/// Workload curves: the most (`upper[k-1]`) and least (`lower[k-1]`) work of any `k`
+/// consecutive activations, for `k = 1..=n`; beyond `n` extended by sub-additivity (upper) and
+/// super-additivity (lower), which every true workload curve satisfies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadCurve {
+    pub upper: Vec<Q>,
+    pub lower: Vec<Q>,
+}
+
+impl WorkloadCurve {
+    /// Checks the curves against the per-activation bounds `wcet` and `bcet`.
+    pub fn validate(&self, wcet: &Q, bcet: &Q) -> Result<()> {
+        for (name, g, per, up) in [("upper", &self.upper, wcet, true), ("lower", &self.lower, bcet, false)] {
+            need(!g.is_empty(), || format!("workload {name} curve is empty"))?;
+            need(g.len() <= 10_000, || format!("workload {name} curve has more than 10000 entries"))?;
+            need(&g[0] == per, || format!("workload {name} curve must start with the {} ({per}), got {}", if up { "WCET" } else { "BCET" }, g[0]))?;
+            for (k, w) in g.windows(2).enumerate() {
+                need(w[1] >= w[0], || format!("workload {name} curve decreases at {} activations", k + 2))?;
+            }
+            for (k, v) in g.iter().enumerate() {
+                let lim = per * &Q::int(k as i64 + 1);
+                need(if up { v <= &lim } else { v >= &lim }, || format!("workload {name} curve at {} activations is {v}, beyond {} × {per}", k + 1, k + 1))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `γ(k)` for any `k >= 0`.
+    fn at(g: &[Q], k: &Q) -> Q {
+        let n = Q::int(g.len() as i64);
+        let full = (k / &n).floor();
+        let rest = k - &(&full * &n);
+        let part = rest.to_i64().filter(|r| *r > 0).map(|r| g[(r - 1) as usize].clone()).unwrap_or_default();
+        full * &g[g.len() - 1] + part
+    }
+
+    /// `γ ∘ α` for an event-count staircase `α` (integer values, flat pieces).
+    pub fn compose(&self, events: &Curve, upper: bool) -> Result<Curve> {
+        let g = if upper { &self.upper } else { &self.lower };
+        let segs = events.segments();
+        if segs.iter().any(|s| !s.s.is_zero() || !s.y.is_integer() || !s.yr.is_integer() || s.y.is_negative()) || !events.increment().is_integer() {
+            return Err(ModelError::Invalid("workload curves apply to integer event staircases only".into()));
+        }
+        let n = g.len() as i64;
+        let c = events.increment().to_i64().ok_or_else(|| ModelError::Invalid("increment too large".into()))?;
+        // Repeat the period until it adds a whole number of workload-curve lengths.
+        let m = if c == 0 { 1 } else { n / num_integer::gcd(c, n) };
+        let d = events.period() * &Q::int(m);
+        let cm = Q::int(c * m);
+        let end = events.periodic_start() + &d;
+        let base = events.unroll(&end)?;
+        let mapped = base.iter().map(|s| Seg::new(s.x.clone(), Self::at(g, &s.y), Self::at(g, &s.yr), Q::zero())).collect();
+        let inc = (&cm / &Q::int(n)) * &g[g.len() - 1];
+        Ok(Curve::from_parts(mapped, events.periodic_start().clone(), d, inc)?)
+    }
+}
+
 /// Demand curves (work) from event curves: `wcet · αu`, `bcet · αl`.
 pub fn demand(events: &(Curve, Curve), wcet: &Q, bcet: &Q) -> (Curve, Curve) {
     (events.0.scale(wcet), events.1.scale(bcet))

@@ -42,6 +42,9 @@ fn check_structure(sys: &System) -> Result<(), AnalysisError> {
         if t.bcet.is_negative() || t.bcet > t.wcet {
             return Err(task_err(sys, i, format!("BCET {} must be in [0, WCET {}]", t.bcet, t.wcet)));
         }
+        if let Some(g) = &t.workload {
+            g.validate(&t.wcet, &t.bcet).map_err(|e| task_err(sys, i, e.to_string()))?;
+        }
         // Follow the inputs: they must end at a stream.
         let mut cur = i;
         for _ in 0..=sys.tasks.len() {
@@ -177,7 +180,7 @@ impl FpState {
             self.why_lost = format!("higher-priority task {:?} has an unbounded input", sys.tasks[i].name);
             return unbounded(&svc, method, "its input is unbounded (an upstream task has no bound)".into());
         };
-        let w = Workload { wcet: sys.tasks[i].wcet.clone(), bcet: sys.tasks[i].bcet.clone() };
+        let w = Workload { wcet: sys.tasks[i].wcet.clone(), bcet: sys.tasks[i].bcet.clone(), curves: sys.tasks[i].workload.clone() };
         let svc_i = if self.np {
             let blocking = self.order[k + 1..].iter().map(|&j| sys.tasks[j].wcet.clone()).max().unwrap_or_default();
             match svc.1.offset(&-blocking).clamp_nonnegative() {
@@ -216,7 +219,7 @@ fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], beta: &Pair) -
     let sys = ctx.sys;
     let res = &sys.resources[r];
     let tasks = &ctx.tasks_on[r];
-    let wl = |i: usize| Workload { wcet: sys.tasks[i].wcet.clone(), bcet: sys.tasks[i].bcet.clone() };
+    let wl = |i: usize| Workload { wcet: sys.tasks[i].wcet.clone(), bcet: sys.tasks[i].bcet.clone(), curves: sys.tasks[i].workload.clone() };
     let gpc_out = ctx.opts.gpc_outputs;
     let mut out = Vec::new();
     match res.policy {
@@ -649,7 +652,7 @@ mod tests {
     /// waits for the other low task: a cycle that only a fixed point resolves.
     fn crossing() -> System {
         let cpu = |n: &str| Resource { name: n.into(), kind: ResourceKind::Dedicated { rate: q(1) }, policy: Policy::FixedPriority, cycle: None };
-        let task = |n: &str, r, input, prio| Task { name: n.into(), resource: r, input, wcet: q(2), bcet: q(1), priority: Some(prio), deadline: None, slot: None };
+        let task = |n: &str, r, input, prio| Task { name: n.into(), resource: r, input, wcet: q(2), bcet: q(1), priority: Some(prio), deadline: None, slot: None, workload: None };
         System {
             resources: vec![cpu("p1"), cpu("p2")],
             streams: vec![

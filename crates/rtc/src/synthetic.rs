@@ -55,9 +55,9 @@ pub fn distributed_chains(tasks: usize, seed: u64) -> System {
         let bytes = bytes_max.clamp(64, 1500) * (50 + r.below(50) as i64) / 100;
         let base = sys.tasks.len();
         let prio = |p: i64| p * 1000 + (c as i64 % 1000);
-        sys.tasks.push(Task { name: format!("c{c}.sense"), resource: p1, input: Input::Stream(c), wcet: Q::int(wcet.max(1)), bcet: Q::int(wcet.max(2) / 2), priority: Some(prio(period)), deadline: None, slot: None });
-        sys.tasks.push(Task { name: format!("c{c}.msg"), resource: link, input: Input::Task(base), wcet: Q::int(bytes.max(64)), bcet: Q::int(64), priority: Some(prio(period)), deadline: None, slot: None });
-        sys.tasks.push(Task { name: format!("c{c}.act"), resource: p2, input: Input::Task(base + 1), wcet: Q::int(wcet.max(1)), bcet: Q::int(wcet.max(2) / 2), priority: Some(prio(period)), deadline: None, slot: None });
+        sys.tasks.push(Task { name: format!("c{c}.sense"), resource: p1, input: Input::Stream(c), wcet: Q::int(wcet.max(1)), bcet: Q::int(wcet.max(2) / 2), priority: Some(prio(period)), deadline: None, slot: None, workload: None });
+        sys.tasks.push(Task { name: format!("c{c}.msg"), resource: link, input: Input::Task(base), wcet: Q::int(bytes.max(64)), bcet: Q::int(64), priority: Some(prio(period)), deadline: None, slot: None, workload: None });
+        sys.tasks.push(Task { name: format!("c{c}.act"), resource: p2, input: Input::Task(base + 1), wcet: Q::int(wcet.max(1)), bcet: Q::int(wcet.max(2) / 2), priority: Some(prio(period)), deadline: None, slot: None, workload: None });
         sys.chains.push(Chain { name: format!("c{c}"), tasks: vec![base, base + 1, base + 2], deadline: Some(Q::int(3 * period)) });
     }
     sys

@@ -6,7 +6,7 @@
 //! `rate` units of work per time unit, and a task's execution demand is in units of work
 //! (processing time at rate 1 for processors, bytes for links).
 
-use crate::models::{EventModel, SupplyModel};
+use crate::models::{EventModel, SupplyModel, WorkloadCurve};
 use crate::q::Q;
 use crate::Curve;
 
@@ -73,6 +73,8 @@ pub struct Task {
     pub deadline: Option<Q>,
     /// TDMA slot length (only on TDMA resources).
     pub slot: Option<Q>,
+    /// Work of k consecutive activations, tighter than k·wcet / k·bcet (optional).
+    pub workload: Option<WorkloadCurve>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

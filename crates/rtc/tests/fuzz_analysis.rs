@@ -59,6 +59,7 @@ fn random_system(r: &mut Rng) -> System {
             priority: if r.int(0, 5) == 0 { None } else { Some(r.int(0, 3)) },
             deadline: if r.int(0, 2) == 0 { None } else { Some(num(r)) },
             slot: if r.int(0, 1) == 0 { None } else { Some(num(r)) },
+            workload: None,
         });
     }
     for i in 0..r.int(0, 3) {

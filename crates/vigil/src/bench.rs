@@ -142,11 +142,11 @@ fn curve_ops(repeat: usize) -> Vec<serde_json::Value> {
         component::remaining_service(&(demand.clone(), a.1.scale(&q(1_000))), &full).map(|r| r.1.segments().len()).unwrap_or(0)
     });
     op("fixed-priority task on a CBS reservation (GPC)", &mut || {
-        let w = Workload { wcet: q(1_500), bcet: q(1_000) };
+        let w = Workload::constant(q(1_500), q(1_000));
         component::task_on_service(&a, &w, &cbs, false).map(|_| 1).unwrap_or(0)
     });
     op("same, with GPC completion curves", &mut || {
-        let w = Workload { wcet: q(1_500), bcet: q(1_000) };
+        let w = Workload::constant(q(1_500), q(1_000));
         component::task_on_service(&a, &w, &cbs, true).map(|b| b.output.0.segments().len()).unwrap_or(0)
     });
     out

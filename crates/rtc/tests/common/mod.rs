@@ -73,6 +73,7 @@ pub fn single_resource(ts: &[T], kind: ResourceKind, policy: Policy) -> System {
             priority: Some(i as i64),
             deadline: Some(q(t.d)),
             slot: None,
+            workload: None,
         });
     }
     sys
