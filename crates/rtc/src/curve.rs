@@ -759,25 +759,21 @@ impl Curve {
 
     /// Infimum over `[0, T + d]` (values and one-sided limits).
     fn inf_on_base(&self) -> Q {
-        let end = self.base_end();
-        let mut best = self.segs[0].y.clone();
-        for (i, s) in self.segs.iter().enumerate() {
-            for v in [&s.y, &s.yr, &s.at(seg_end(&self.segs, i, &end))] {
-                if v < &best {
-                    best = v.clone();
-                }
-            }
-        }
-        best
+        self.extreme_on_base(|v, best| v < best)
     }
 
     /// Supremum over `[0, T + d]` (values and one-sided limits).
     fn sup_on_base(&self) -> Q {
+        self.extreme_on_base(|v, best| v > best)
+    }
+
+    /// The value, right limit or left limit over `[0, T + d]` that `better` prefers.
+    fn extreme_on_base(&self, better: impl Fn(&Q, &Q) -> bool) -> Q {
         let end = self.base_end();
         let mut best = self.segs[0].y.clone();
         for (i, s) in self.segs.iter().enumerate() {
             for v in [&s.y, &s.yr, &s.at(seg_end(&self.segs, i, &end))] {
-                if v > &best {
+                if better(v, &best) {
                     best = v.clone();
                 }
             }
@@ -792,16 +788,8 @@ impl Curve {
         if self.c.is_positive() {
             return Err(CurveError::Unbounded("supremum of a growing curve"));
         }
-        let end = self.base_end();
-        let mut best = self.segs[0].y.clone();
-        for (i, s) in self.segs.iter().enumerate() {
-            for v in [&s.y, &s.yr, &s.at(seg_end(&self.segs, i, &end))] {
-                if v > &best {
-                    best = v.clone();
-                }
-            }
-        }
-        Ok(best)
+        // Later periods never rise above the first.
+        Ok(self.sup_on_base())
     }
 
     /// Vertical deviation `sup_t f(t) - g(t)` (the backlog bound when `f` is an arrival curve
