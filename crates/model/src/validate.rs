@@ -523,7 +523,10 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
                     None => Ok(vec![first.clone()]),
                 }
             };
-            let w = rtc::models::WorkloadCurve { upper: curve("workload_upper", t.workload_upper, &wcet)?, lower: curve("workload_lower", t.workload_lower, &bcet)? };
+            let w = rtc::models::WorkloadCurve {
+                upper: curve("workload_upper", t.workload_upper, &wcet)?,
+                lower: curve("workload_lower", t.workload_lower, &bcet)?,
+            };
             let key = if t.workload_upper.is_some() { "workload_upper" } else { "workload_lower" };
             w.validate(&wcet, &bcet).map_err(|e| ctx.fail(s, Some(key), e.to_string()))?;
             Some(w)

@@ -127,15 +127,6 @@ pub fn task_on_service(events: &Pair, w: &Workload, beta: &Pair, gpc_outputs: bo
     Ok(TaskBounds { wcrt, bcrt, backlog, output })
 }
 
-/// Event-domain service curve of a task: at least `⌊βl / wcet⌋` activations are completed
-/// (used to concatenate hops of a chain).
-pub fn event_service(beta_lower: &Curve, wcet: &Q) -> Result<Curve> {
-    match wcet.recip() {
-        Some(r) => beta_lower.scale(&r).floor(),
-        None => Err(CurveError::Invalid("zero WCET".into())),
-    }
-}
-
 /// EDF demand-bound test on service `beta_lower`: `Σ wcet_i αu_i(Δ − D_i) <= βl(Δ)` for all Δ.
 pub fn edf_schedulable(demands: &[(Curve, Q)], beta_lower: &Curve) -> Result<bool> {
     let mut total = Curve::zero();

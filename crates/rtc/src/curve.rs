@@ -162,7 +162,10 @@ impl Curve {
     /// Builds a curve from segments already known to be well formed (start at 0, increasing,
     /// covering `[0, t + d)`, `d > 0`): cuts, merges, keeps `t` a breakpoint, shrinks `t`.
     fn normalized(mut segs: Vec<Seg>, t: Q, d: Q, c: Q) -> Curve {
-        debug_assert!(segs.first().is_some_and(|s| s.x.is_zero()) && segs.windows(2).all(|w| w[0].x < w[1].x), "malformed segments {segs:?}");
+        debug_assert!(
+            segs.first().is_some_and(|s| s.x.is_zero()) && segs.windows(2).all(|w| w[0].x < w[1].x),
+            "malformed segments {segs:?}"
+        );
         let end = &t + &d;
         segs.retain(|s| s.x < end);
         let segs = merge_collinear(segs);
@@ -185,8 +188,7 @@ impl Curve {
 
     /// `f(0) = at0`, `f(t) = b + r t` for `t > 0`.
     pub fn affine(at0: Q, b: Q, r: Q) -> Curve {
-        Curve { segs: vec![Seg::new(Q::zero(), at0, b, r.clone())], t: Q::zero(), d: Q::one(), c: r }
-            .fix_origin_pattern()
+        Curve { segs: vec![Seg::new(Q::zero(), at0, b, r.clone())], t: Q::zero(), d: Q::one(), c: r }.fix_origin_pattern()
     }
 
     /// `f(t) = max(0, r (t - latency))` (a rate-latency service curve).
@@ -598,13 +600,18 @@ impl Curve {
             // Each integer level crossed strictly inside (x, e).
             let ve = s.at(&e);
             let up = s.s.is_positive();
-            let (mut lvl, last) = if up { (s.yr.floor() + Q::one(), ve.ceil() - Q::one()) } else { (s.yr.ceil() - Q::one(), ve.floor() + Q::one()) };
+            let (mut lvl, last) =
+                if up { (s.yr.floor() + Q::one(), ve.ceil() - Q::one()) } else { (s.yr.ceil() - Q::one(), ve.floor() + Q::one()) };
             while (up && lvl <= last) || (!up && lvl >= last) {
                 let x = &s.x + (&lvl - &s.yr) / &s.s;
                 if x > s.x && x < e {
                     // At the crossing f = lvl exactly; just after, f is above (up) or below.
                     let after = if up {
-                        if floor { lvl.clone() } else { &lvl + &Q::one() }
+                        if floor {
+                            lvl.clone()
+                        } else {
+                            &lvl + &Q::one()
+                        }
                     } else if floor {
                         &lvl - &Q::one()
                     } else {
@@ -693,18 +700,16 @@ impl Curve {
     /// convolution with 0, computed by one forward scan).
     pub fn running_max(&self) -> Result<Curve> {
         let end = self.base_end();
-        let sup_base = self.sup_on_base();
         if !self.c.is_positive() {
             // Later periods never exceed the first: constant from T + d on.
             let segs = self.unroll(&end)?;
             let mut out = scan_running_max(&segs, &end);
-            out.push(Seg::line(end.clone(), sup_base, Q::zero()));
+            out.push(Seg::line(end.clone(), self.sup_on_base(), Q::zero()));
             return Curve::from_parts(out, end, Q::one(), Q::zero());
         }
         // For t >= T + d, r(t + d) = r(t) + c as soon as sup[T, t] f >= sup[0, T) f. Since
         // sup[T, T + jd] f >= sup[T, T + d] f + (j − 1) c, that holds from
         // T + (1 + max(0, ⌈(sup[0,T) − sup[T,T+d]) / c⌉)) d on.
-        let _ = sup_base;
         let p0 = find_seg(&self.segs, &self.t);
         let sup_of = |segs: &[Seg], first: usize, last_end: &Q| -> Option<Q> {
             let mut m: Option<Q> = None;

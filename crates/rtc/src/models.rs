@@ -52,8 +52,7 @@ fn ceil_staircase(p: &Q) -> Curve {
 
 /// `⌊Δ / p⌋`.
 fn floor_staircase(p: &Q) -> Curve {
-    Curve::from_parts(vec![Seg::line(Q::zero(), Q::zero(), Q::zero())], Q::zero(), p.clone(), Q::one())
-        .unwrap_or_else(|_| Curve::zero())
+    Curve::from_parts(vec![Seg::line(Q::zero(), Q::zero(), Q::zero())], Q::zero(), p.clone(), Q::one()).unwrap_or_else(|_| Curve::zero())
 }
 
 impl EventModel {
@@ -230,7 +229,11 @@ pub fn periodic_resource(budget: &Q, period: &Q, model: SupplyModel) -> Result<(
         SupplyModel::WorstCase => {
             // Lower (Shin & Lee): nothing for 2(P−Q), then Q at rate 1, then P−Q idle, ...
             let lower = Curve::from_parts(
-                vec![Seg::line(Q::zero(), Q::zero(), Q::zero()), Seg::line(&gap + &gap, Q::zero(), Q::one()), Seg::line(&gap + &gap + q, q.clone(), Q::zero())],
+                vec![
+                    Seg::line(Q::zero(), Q::zero(), Q::zero()),
+                    Seg::line(&gap + &gap, Q::zero(), Q::one()),
+                    Seg::line(&gap + &gap + q, q.clone(), Q::zero()),
+                ],
                 &gap + &gap,
                 p.clone(),
                 q.clone(),
@@ -238,7 +241,11 @@ pub fn periodic_resource(budget: &Q, period: &Q, model: SupplyModel) -> Result<(
             // Upper: the end of one budget then a whole budget back to back, then the pattern.
             let two_q = q + q;
             let upper = Curve::from_parts(
-                vec![Seg::line(Q::zero(), Q::zero(), Q::one()), Seg::line(q.clone(), q.clone(), Q::one()), Seg::line(two_q.clone(), two_q, Q::zero())],
+                vec![
+                    Seg::line(Q::zero(), Q::zero(), Q::one()),
+                    Seg::line(q.clone(), q.clone(), Q::one()),
+                    Seg::line(two_q.clone(), two_q, Q::zero()),
+                ],
                 q.clone(),
                 p.clone(),
                 q.clone(),
@@ -270,13 +277,17 @@ impl WorkloadCurve {
         for (name, g, per, up) in [("upper", &self.upper, wcet, true), ("lower", &self.lower, bcet, false)] {
             need(!g.is_empty(), || format!("workload {name} curve is empty"))?;
             need(g.len() <= 10_000, || format!("workload {name} curve has more than 10000 entries"))?;
-            need(&g[0] == per, || format!("workload {name} curve must start with the {} ({per}), got {}", if up { "WCET" } else { "BCET" }, g[0]))?;
+            need(&g[0] == per, || {
+                format!("workload {name} curve must start with the {} ({per}), got {}", if up { "WCET" } else { "BCET" }, g[0])
+            })?;
             for (k, w) in g.windows(2).enumerate() {
                 need(w[1] >= w[0], || format!("workload {name} curve decreases at {} activations", k + 2))?;
             }
             for (k, v) in g.iter().enumerate() {
                 let lim = per * &Q::int(k as i64 + 1);
-                need(if up { v <= &lim } else { v >= &lim }, || format!("workload {name} curve at {} activations is {v}, beyond {} × {per}", k + 1, k + 1))?;
+                need(if up { v <= &lim } else { v >= &lim }, || {
+                    format!("workload {name} curve at {} activations is {v}, beyond {} × {per}", k + 1, k + 1)
+                })?;
             }
         }
         Ok(())
@@ -295,7 +306,9 @@ impl WorkloadCurve {
     pub fn compose(&self, events: &Curve, upper: bool) -> Result<Curve> {
         let g = if upper { &self.upper } else { &self.lower };
         let segs = events.segments();
-        if segs.iter().any(|s| !s.s.is_zero() || !s.y.is_integer() || !s.yr.is_integer() || s.y.is_negative()) || !events.increment().is_integer() {
+        if segs.iter().any(|s| !s.s.is_zero() || !s.y.is_integer() || !s.yr.is_integer() || s.y.is_negative())
+            || !events.increment().is_integer()
+        {
             return Err(ModelError::Invalid("workload curves apply to integer event staircases only".into()));
         }
         let n = g.len() as i64;
@@ -310,11 +323,6 @@ impl WorkloadCurve {
         let inc = (&cm / &Q::int(n)) * &g[g.len() - 1];
         Ok(Curve::from_parts(mapped, events.periodic_start().clone(), d, inc)?)
     }
-}
-
-/// Demand curves (work) from event curves: `wcet · αu`, `bcet · αl`.
-pub fn demand(events: &(Curve, Curve), wcet: &Q, bcet: &Q) -> (Curve, Curve) {
-    (events.0.scale(wcet), events.1.scale(bcet))
 }
 
 #[cfg(test)]
@@ -359,7 +367,7 @@ mod tests {
         assert_eq!(u.eval(&q(0)), q(0));
         assert_eq!(u.eval(&q(1)), q(1));
         assert_eq!(u.eval(&q(6)), q(2)); // 20, 25
-        // Longest gap is 15 (25 → 40): a window of 15 always holds one event, of 14 not.
+                                         // Longest gap is 15 (25 → 40): a window of 15 always holds one event, of 14 not.
         assert_eq!(l.eval(&q(14)), q(0));
         assert_eq!(l.eval(&q(15)), q(1));
         assert!(EventModel::Trace { times: vec![q(1)], window: None }.curves().is_err());

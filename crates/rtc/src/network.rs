@@ -143,7 +143,6 @@ fn curve_problem(e: &CurveError) -> String {
 /// Progress through one fixed-priority resource, highest priority first: each step analyses
 /// one task on the service left by the ones before it.
 struct FpState {
-    r: usize,
     np: bool,
     order: Vec<usize>,
     next: usize,
@@ -157,7 +156,7 @@ impl FpState {
         let mut order = tasks.to_vec();
         order.sort_by_key(|&i| (sys.tasks[i].priority.unwrap_or(i64::MAX), i));
         let np = sys.resources[r].policy == Policy::FixedPriorityNonPreemptive;
-        FpState { r, np, order, next: 0, base: beta.clone(), cur: Some(beta.clone()), why_lost: String::new() }
+        FpState { np, order, next: 0, base: beta.clone(), cur: Some(beta.clone()), why_lost: String::new() }
     }
 
     fn done(&self) -> bool {
@@ -170,7 +169,6 @@ impl FpState {
         let k = self.next;
         let i = self.order[k];
         self.next += 1;
-        let _ = self.r;
         let method = if self.np { "fp-np: GPC on remaining service minus blocking" } else { "fp: GPC on remaining service" };
         let Some(svc) = self.cur.clone() else {
             return unbounded(&self.base, method, self.why_lost.clone());
@@ -206,7 +204,8 @@ impl FpState {
                 Ok(rem) => self.cur = Some(rem),
                 Err(e) => {
                     self.cur = None;
-                    self.why_lost = format!("higher-priority task {:?} leaves no bounded service: {}", sys.tasks[i].name, curve_problem(&e));
+                    self.why_lost =
+                        format!("higher-priority task {:?} leaves no bounded service: {}", sys.tasks[i].name, curve_problem(&e));
                 }
             }
         }
@@ -219,7 +218,8 @@ fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], beta: &Pair) -
     let sys = ctx.sys;
     let res = &sys.resources[r];
     let tasks = &ctx.tasks_on[r];
-    let wl = |i: usize| Workload { wcet: sys.tasks[i].wcet.clone(), bcet: sys.tasks[i].bcet.clone(), curves: sys.tasks[i].workload.clone() };
+    let wl =
+        |i: usize| Workload { wcet: sys.tasks[i].wcet.clone(), bcet: sys.tasks[i].bcet.clone(), curves: sys.tasks[i].workload.clone() };
     let gpc_out = ctx.opts.gpc_outputs;
     let mut out = Vec::new();
     match res.policy {
@@ -270,7 +270,11 @@ fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], beta: &Pair) -
             let total = component::sum(demands.iter().map(|d| d.0.clone()));
             let shared: Result<Vec<Q>, CurveError> = total.and_then(|total| {
                 if edf {
-                    let dl: Vec<(Curve, Q)> = tasks.iter().zip(&demands).map(|(&i, d)| (d.0.clone(), sys.tasks[i].deadline.clone().unwrap_or_default())).collect();
+                    let dl: Vec<(Curve, Q)> = tasks
+                        .iter()
+                        .zip(&demands)
+                        .map(|(&i, d)| (d.0.clone(), sys.tasks[i].deadline.clone().unwrap_or_default()))
+                        .collect();
                     let ok = component::edf_schedulable(&dl, &beta.1)?;
                     let busy = total.busy_window(&beta.1)?;
                     Ok(tasks
@@ -291,7 +295,12 @@ fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], beta: &Pair) -
                         let ev = inputs[i].as_ref().expect("checked above");
                         let wcrt = wcrts[k].clone();
                         let bcrt = component::best_case(&sys.tasks[i].bcet, &beta.0);
-                        let b = TaskBounds { backlog: component::backlog_from_wcrt(ev, &wcrt), output: component::propagate_jitter(ev, &wcrt, &bcrt), wcrt, bcrt };
+                        let b = TaskBounds {
+                            backlog: component::backlog_from_wcrt(ev, &wcrt),
+                            output: component::propagate_jitter(ev, &wcrt, &bcrt),
+                            wcrt,
+                            bcrt,
+                        };
                         out.push((i, Outcome { bounds: Some(b), service: beta.clone(), method, problem: None }));
                     }
                 }
@@ -365,7 +374,13 @@ fn input_of(sys: &System, i: usize, streams: &[Pair], outputs: &[Option<Option<P
 
 /// One pass in task-dependency order; `false` (with partial results) if some tasks wait on each
 /// other in a cycle.
-fn ordered_pass(ctx: &Ctx, services: &[Pair], outputs: &mut [Option<Option<Pair>>], outcomes: &mut [Option<Outcome>], inputs: &mut [Option<Pair>]) -> bool {
+fn ordered_pass(
+    ctx: &Ctx,
+    services: &[Pair],
+    outputs: &mut [Option<Option<Pair>>],
+    outcomes: &mut [Option<Outcome>],
+    inputs: &mut [Option<Pair>],
+) -> bool {
     let sys = ctx.sys;
     let ready = |i: usize, outputs: &[Option<Option<Pair>>]| match sys.tasks[i].input {
         Input::Stream(_) => true,
@@ -373,7 +388,8 @@ fn ordered_pass(ctx: &Ctx, services: &[Pair], outputs: &mut [Option<Option<Pair>
     };
     let mut fp: Vec<Option<FpState>> = (0..sys.resources.len())
         .map(|r| {
-            matches!(sys.resources[r].policy, Policy::FixedPriority | Policy::FixedPriorityNonPreemptive).then(|| FpState::new(sys, r, &ctx.tasks_on[r], &services[r]))
+            matches!(sys.resources[r].policy, Policy::FixedPriority | Policy::FixedPriorityNonPreemptive)
+                .then(|| FpState::new(sys, r, &ctx.tasks_on[r], &services[r]))
         })
         .collect();
     let mut whole_done = vec![false; sys.resources.len()];
@@ -511,7 +527,7 @@ pub(crate) fn analyze(sys: &System, opts: &Options) -> Result<Analysis, Analysis
     }
 
     let chains = sys.chains.iter().map(|c| chain_result(sys, c, &tasks)).collect();
-    let resources = (0..sys.resources.len()).map(|r| resource_result(&ctx, r, &inputs, &services[r], &tasks)).collect();
+    let resources = (0..sys.resources.len()).map(|r| resource_result(&ctx, r, &inputs, &services[r])).collect();
     Ok(Analysis { tasks, chains, resources, iterations })
 }
 
@@ -568,7 +584,7 @@ fn chain_result(sys: &System, c: &Chain, tasks: &[TaskResult]) -> ChainResult {
     ChainResult { worst, best, per_hop, pboo, deadline: c.deadline.clone(), slack, meets_deadline }
 }
 
-fn resource_result(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], beta: &Pair, tasks: &[TaskResult]) -> ResourceResult {
+fn resource_result(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], beta: &Pair) -> ResourceResult {
     let sys = ctx.sys;
     let res = &sys.resources[r];
     let capacity = beta.1.rate();
@@ -600,7 +616,6 @@ fn resource_result(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], beta: &Pair, ta
         }
         _ => (None, None),
     };
-    let _ = tasks;
     ResourceResult { utilisation, capacity, supply, min_budget, problem }
 }
 
@@ -651,8 +666,19 @@ mod tests {
     /// P2) and b1 (low, P2) → b2 (high, P1). Each low task waits for a high task whose input
     /// waits for the other low task: a cycle that only a fixed point resolves.
     fn crossing() -> System {
-        let cpu = |n: &str| Resource { name: n.into(), kind: ResourceKind::Dedicated { rate: q(1) }, policy: Policy::FixedPriority, cycle: None };
-        let task = |n: &str, r, input, prio| Task { name: n.into(), resource: r, input, wcet: q(2), bcet: q(1), priority: Some(prio), deadline: None, slot: None, workload: None };
+        let cpu =
+            |n: &str| Resource { name: n.into(), kind: ResourceKind::Dedicated { rate: q(1) }, policy: Policy::FixedPriority, cycle: None };
+        let task = |n: &str, r, input, prio| Task {
+            name: n.into(),
+            resource: r,
+            input,
+            wcet: q(2),
+            bcet: q(1),
+            priority: Some(prio),
+            deadline: None,
+            slot: None,
+            workload: None,
+        };
         System {
             resources: vec![cpu("p1"), cpu("p2")],
             streams: vec![

@@ -25,33 +25,19 @@ enum Repr {
     Big(Box<BigRational>),
 }
 
-/// Binary GCD (Stein); 64-bit when both fit, which is the common case.
+/// GCD of wide values: 64-bit (the common case) by [`gcd_u64`], otherwise Euclid.
 fn gcd_i128(a: i128, b: i128) -> i128 {
-    let (a, b) = (a.unsigned_abs(), b.unsigned_abs());
+    let (mut a, mut b) = (a.unsigned_abs(), b.unsigned_abs());
     if a <= u64::MAX as u128 && b <= u64::MAX as u128 {
         return gcd_u64(a as u64, b as u64) as i128;
     }
-    let (mut a, mut b) = (a, b);
-    if a == 0 {
-        return b as i128;
+    while b != 0 {
+        (a, b) = (b, a % b);
     }
-    if b == 0 {
-        return a as i128;
-    }
-    let shift = (a | b).trailing_zeros();
-    a >>= a.trailing_zeros();
-    loop {
-        b >>= b.trailing_zeros();
-        if a > b {
-            std::mem::swap(&mut a, &mut b);
-        }
-        b -= a;
-        if b == 0 {
-            return (a << shift) as i128;
-        }
-    }
+    a as i128
 }
 
+/// Binary GCD (Stein) after one division that brings both operands to the smaller one's size.
 fn gcd_u64(mut a: u64, mut b: u64) -> u64 {
     // Denominators are usually small and numerators large: one division first brings both
     // operands down to the size of the smaller one.
@@ -271,17 +257,6 @@ impl Q {
             _ => None,
         }
     }
-
-    /// Number of integer multiples `k >= 0` of `p` such that `self - k p` is still at least `lo`;
-    /// i.e. `floor((self - lo) / p)` clamped at zero. `p` must be positive.
-    pub fn periods_above(&self, lo: &Q, p: &Q) -> Q {
-        let k = ((self - lo) / p).floor();
-        if k.is_negative() {
-            Q::zero()
-        } else {
-            k
-        }
-    }
 }
 
 impl Default for Q {
@@ -299,9 +274,7 @@ impl From<i64> for Q {
 impl Ord for Q {
     fn cmp(&self, o: &Q) -> Ordering {
         match (&self.0, &o.0) {
-            (Repr::Small(a, b), Repr::Small(c, d)) => {
-                ((*a as i128) * (*d as i128)).cmp(&((*c as i128) * (*b as i128)))
-            }
+            (Repr::Small(a, b), Repr::Small(c, d)) => ((*a as i128) * (*d as i128)).cmp(&((*c as i128) * (*b as i128))),
             _ => self.to_big().cmp(&o.to_big()),
         }
     }
@@ -375,12 +348,7 @@ binop!(
     },
     |x, y| x - y
 );
-binop!(
-    Mul,
-    mul,
-    |a, b, c, d| Some((a.checked_mul(c)?, b.checked_mul(d)?)),
-    |x, y| x * y
-);
+binop!(Mul, mul, |a, b, c, d| Some((a.checked_mul(c)?, b.checked_mul(d)?)), |x, y| x * y);
 // Division by zero is a programming error guarded at every call site (`checked_div` for input).
 binop!(
     Div,

@@ -34,12 +34,22 @@ pub fn distributed_chains(tasks: usize, seed: u64) -> System {
     let mut r = Rng(seed);
     let mut sys = System::default();
     for p in 0..procs {
-        sys.resources.push(Resource { name: format!("cpu{p}"), kind: ResourceKind::Dedicated { rate: Q::one() }, policy: Policy::FixedPriority, cycle: None });
+        sys.resources.push(Resource {
+            name: format!("cpu{p}"),
+            kind: ResourceKind::Dedicated { rate: Q::one() },
+            policy: Policy::FixedPriority,
+            cycle: None,
+        });
     }
     // 100 Mbit/s = 12.5 bytes per microsecond.
     let bw = Q::new(25, 2).unwrap_or_else(Q::one);
     for l in 0..links {
-        sys.resources.push(Resource { name: format!("link{l}"), kind: ResourceKind::Dedicated { rate: bw.clone() }, policy: Policy::FixedPriority, cycle: None });
+        sys.resources.push(Resource {
+            name: format!("link{l}"),
+            kind: ResourceKind::Dedicated { rate: bw.clone() },
+            policy: Policy::FixedPriority,
+            cycle: None,
+        });
     }
     let per_proc = (2 * chains).div_ceil(procs) as i64;
     let per_link = chains.div_ceil(links) as i64;
@@ -55,9 +65,39 @@ pub fn distributed_chains(tasks: usize, seed: u64) -> System {
         let bytes = bytes_max.clamp(64, 1500) * (50 + r.below(50) as i64) / 100;
         let base = sys.tasks.len();
         let prio = |p: i64| p * 1000 + (c as i64 % 1000);
-        sys.tasks.push(Task { name: format!("c{c}.sense"), resource: p1, input: Input::Stream(c), wcet: Q::int(wcet.max(1)), bcet: Q::int(wcet.max(2) / 2), priority: Some(prio(period)), deadline: None, slot: None, workload: None });
-        sys.tasks.push(Task { name: format!("c{c}.msg"), resource: link, input: Input::Task(base), wcet: Q::int(bytes.max(64)), bcet: Q::int(64), priority: Some(prio(period)), deadline: None, slot: None, workload: None });
-        sys.tasks.push(Task { name: format!("c{c}.act"), resource: p2, input: Input::Task(base + 1), wcet: Q::int(wcet.max(1)), bcet: Q::int(wcet.max(2) / 2), priority: Some(prio(period)), deadline: None, slot: None, workload: None });
+        sys.tasks.push(Task {
+            name: format!("c{c}.sense"),
+            resource: p1,
+            input: Input::Stream(c),
+            wcet: Q::int(wcet.max(1)),
+            bcet: Q::int(wcet.max(2) / 2),
+            priority: Some(prio(period)),
+            deadline: None,
+            slot: None,
+            workload: None,
+        });
+        sys.tasks.push(Task {
+            name: format!("c{c}.msg"),
+            resource: link,
+            input: Input::Task(base),
+            wcet: Q::int(bytes.max(64)),
+            bcet: Q::int(64),
+            priority: Some(prio(period)),
+            deadline: None,
+            slot: None,
+            workload: None,
+        });
+        sys.tasks.push(Task {
+            name: format!("c{c}.act"),
+            resource: p2,
+            input: Input::Task(base + 1),
+            wcet: Q::int(wcet.max(1)),
+            bcet: Q::int(wcet.max(2) / 2),
+            priority: Some(prio(period)),
+            deadline: None,
+            slot: None,
+            workload: None,
+        });
         sys.chains.push(Chain { name: format!("c{c}"), tasks: vec![base, base + 1, base + 2], deadline: Some(Q::int(3 * period)) });
     }
     sys

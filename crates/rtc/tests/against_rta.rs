@@ -69,7 +69,9 @@ fn fp_on_supply<S: SupplyBound, R: RequestBound>(sup: &S, tua: &R, hp: &[R], lim
     let L = fixed_point::search(sup, limit, |L| hp.iter().map(|r| r.service_needed(L)).sum::<Service>() + tua.service_needed(L))?;
     let max = Offset::from_time_zero(L);
     fixed_point::max_response_time(demand::step_offsets(tua).take_while(|a| *a < max).map(|a| {
-        let af = fixed_point::search(sup, limit, |af| tua.service_needed(a.closed_since_time_zero()) + hp.iter().map(|r| r.service_needed(af)).sum::<Service>())?;
+        let af = fixed_point::search(sup, limit, |af| {
+            tua.service_needed(a.closed_since_time_zero()) + hp.iter().map(|r| r.service_needed(af)).sum::<Service>()
+        })?;
         Ok(af.saturating_sub(a.since_time_zero()))
     }))
 }
@@ -91,7 +93,11 @@ fn fixed_priority_equals_classical_rta() {
         for i in 0..ts.len() {
             let want = classical_rta(&ts, i);
             assert_eq!(got[i], want, "task {i} of {ts:?}");
-            let lib = fully_preemptive::dedicated_uniproc_rta(&rbf(&ts[i]), &ts[..i].iter().map(rbf).collect::<Vec<_>>(), Duration::from(1_000_000));
+            let lib = fully_preemptive::dedicated_uniproc_rta(
+                &rbf(&ts[i]),
+                &ts[..i].iter().map(rbf).collect::<Vec<_>>(),
+                Duration::from(1_000_000),
+            );
             assert_eq!(got[i], lib.ok().map(|d| u64::from(d) as i64), "crate disagrees: task {i} of {ts:?}");
             checked += 1;
         }
@@ -122,7 +128,11 @@ fn periodic_resource_equals_prosa_supply_analysis() {
                 Err(_) => {
                     let load: f64 = ts[..=i].iter().map(|t| t.c as f64 / t.p as f64).sum();
                     let share = budget as f64 / period as f64;
-                    assert!(got[i].is_none() || (load - share).abs() < 1e-9, "task {i} of {ts:?} on ({budget}, {period}): rtc {:?}, Prosa none", got[i]);
+                    assert!(
+                        got[i].is_none() || (load - share).abs() < 1e-9,
+                        "task {i} of {ts:?} on ({budget}, {period}): rtc {:?}, Prosa none",
+                        got[i]
+                    );
                 }
             }
         }
@@ -140,7 +150,11 @@ fn nonpreemptive_bound_is_safe_against_prosa() {
         for i in 0..ts.len() {
             let arr = Sporadic::new(Duration::from(ts[i].p as u64), Duration::from(0));
             let blocking = ts[i + 1..].iter().map(|t| t.c).max().unwrap_or(0);
-            let tua = fully_nonpreemptive::TaskUnderAnalysis { wcet: wcet::Scalar::new(Service::from(ts[i].c as u64)), arrivals: &arr, blocking_bound: Service::from(blocking as u64) };
+            let tua = fully_nonpreemptive::TaskUnderAnalysis {
+                wcet: wcet::Scalar::new(Service::from(ts[i].c as u64)),
+                arrivals: &arr,
+                blocking_bound: Service::from(blocking as u64),
+            };
             let lib = fully_nonpreemptive::dedicated_uniproc_rta(&tua, &rbfs[..i], Duration::from(1_000_000));
             if let Ok(exact) = lib {
                 let ours = got[i].unwrap_or_else(|| panic!("rtc unbounded where Prosa bounds {exact:?}: {ts:?}"));
@@ -166,8 +180,12 @@ fn edf_verdict_agrees_with_prosa() {
         let rbfs: Vec<_> = ts.iter().map(rbf).collect();
         let lib_ok = (0..ts.len()).all(|i| {
             let tua = edf::fully_preemptive::Task { rbf: &rbfs[i], deadline: Duration::from(ts[i].d as u64) };
-            let others: Vec<_> = (0..ts.len()).filter(|&j| j != i).map(|j| edf::fully_preemptive::Task { rbf: &rbfs[j], deadline: Duration::from(ts[j].d as u64) }).collect();
-            edf::fully_preemptive::dedicated_uniproc_rta(&tua, &others, Duration::from(1_000_000)).is_ok_and(|rt| u64::from(rt) as i64 <= ts[i].d)
+            let others: Vec<_> = (0..ts.len())
+                .filter(|&j| j != i)
+                .map(|j| edf::fully_preemptive::Task { rbf: &rbfs[j], deadline: Duration::from(ts[j].d as u64) })
+                .collect();
+            edf::fully_preemptive::dedicated_uniproc_rta(&tua, &others, Duration::from(1_000_000))
+                .is_ok_and(|rt| u64::from(rt) as i64 <= ts[i].d)
         });
         assert_eq!(ours, lib_ok, "EDF verdict differs for {ts:?}");
         both[ours as usize] += 1;

@@ -72,7 +72,8 @@ fn fixed_priority_bounds_hold_and_are_reached() {
         let ts = random_taskset(&mut r, n, 90, false);
         let sys = single_resource(&ts, dedicated(), Policy::FixedPriority);
         let a = analyze(&sys, &Options::default()).unwrap();
-        let out = simulate(sim::Policy::FixedPriorityPreemptive, &Supply::Full, &specs(&ts, &mut g, JitterMode::Zero, ExecMode::Wcet), HORIZON);
+        let out =
+            simulate(sim::Policy::FixedPriorityPreemptive, &Supply::Full, &specs(&ts, &mut g, JitterMode::Zero, ExecMode::Wcet), HORIZON);
         for (i, (t, o)) in a.tasks.iter().zip(&out.tasks).enumerate() {
             assert_eq!(Some(o.max_response), t.wcrt.as_ref().map(int), "task {i} of {ts:?}");
         }
@@ -127,7 +128,11 @@ fn tdma_bounds_hold() {
             start += slots[i];
             let out = simulate(sim::Policy::FixedPriorityPreemptive, &supply, std::slice::from_ref(spec), HORIZON);
             if let Some(w) = &a.tasks[i].wcrt {
-                assert!(out.tasks[0].max_response <= int(w), "tdma task {i}: {} > {w}; {ts:?} slots {slots:?}/{cycle}", out.tasks[0].max_response);
+                assert!(
+                    out.tasks[0].max_response <= int(w),
+                    "tdma task {i}: {} > {w}; {ts:?} slots {slots:?}/{cycle}",
+                    out.tasks[0].max_response
+                );
             }
         }
     }
@@ -204,7 +209,14 @@ fn two_hop_chains_hold_end_to_end() {
         let mut sp2 = Vec::new();
         for i in 0..n {
             let done: Vec<i64> = out1.tasks[i].completions.iter().flatten().copied().collect();
-            assert_within_curve(&format!("stage-1 output of {:?} wcrt {:?} bcrt {} out {:?}", s1[i], a.tasks[i].wcrt, a.tasks[i].bcrt, a.tasks[i].output.upper), &done, &a.tasks[i].output.upper);
+            assert_within_curve(
+                &format!(
+                    "stage-1 output of {:?} wcrt {:?} bcrt {} out {:?}",
+                    s1[i], a.tasks[i].wcrt, a.tasks[i].bcrt, a.tasks[i].output.upper
+                ),
+                &done,
+                &a.tasks[i].output.upper,
+            );
             let c = int(&sys.tasks[n + i].wcet);
             let ex = gen::exec_times(done.len(), 0, c, &mut g, em);
             sp2.push(TaskSpec::new(prio[i] as i64, 0, &done, &ex));
@@ -237,8 +249,28 @@ fn workload_curves_tighten_and_hold() {
         sys.streams.push(Stream { name: "a".into(), model: EventModel::Periodic { period: q(5) } });
         sys.streams.push(Stream { name: "b".into(), model: EventModel::Periodic { period: q(20) } });
         let wl = with_curves.then(|| WorkloadCurve { upper: gamma_up.clone(), lower: gamma_lo.clone() });
-        sys.tasks.push(Task { name: "mf".into(), resource: 0, input: Input::Stream(0), wcet: q(3), bcet: q(1), priority: Some(0), deadline: None, slot: None, workload: wl });
-        sys.tasks.push(Task { name: "low".into(), resource: 0, input: Input::Stream(1), wcet: q(6), bcet: q(6), priority: Some(1), deadline: None, slot: None, workload: None });
+        sys.tasks.push(Task {
+            name: "mf".into(),
+            resource: 0,
+            input: Input::Stream(0),
+            wcet: q(3),
+            bcet: q(1),
+            priority: Some(0),
+            deadline: None,
+            slot: None,
+            workload: wl,
+        });
+        sys.tasks.push(Task {
+            name: "low".into(),
+            resource: 0,
+            input: Input::Stream(1),
+            wcet: q(6),
+            bcet: q(6),
+            priority: Some(1),
+            deadline: None,
+            slot: None,
+            workload: None,
+        });
         sys
     };
     let with = analyze(&build(true), &Options::default()).unwrap();
@@ -252,7 +284,12 @@ fn workload_curves_tighten_and_hold() {
             let ea: Vec<i64> = (0..ra.len()).map(|k| frames[(k + phase) % 3]).collect();
             let rb = gen::periodic(20, 0, HORIZON);
             let eb = vec![6; rb.len()];
-            let out = simulate(sim::Policy::FixedPriorityPreemptive, &Supply::Full, &[TaskSpec::new(0, 0, &ra, &ea), TaskSpec::new(1, 0, &rb, &eb)], HORIZON);
+            let out = simulate(
+                sim::Policy::FixedPriorityPreemptive,
+                &Supply::Full,
+                &[TaskSpec::new(0, 0, &ra, &ea), TaskSpec::new(1, 0, &rb, &eb)],
+                HORIZON,
+            );
             assert!(q(out.tasks[1].max_response) <= w, "phase {phase} offset {offset}: {} > {w}", out.tasks[1].max_response);
             worst = worst.max(out.tasks[1].max_response);
         }

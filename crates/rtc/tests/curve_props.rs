@@ -6,26 +6,12 @@
 //! definitions; it shares no code with the operators except `eval`/`unroll`, which are checked
 //! first against a direct periodic extension.
 
+mod common;
+
+use common::Rng;
 use proptest::prelude::*;
 use rtc::q::{q, qf};
 use rtc::{Curve, Seg, Q};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
-    }
-    fn int(&mut self, lo: i64, hi: i64) -> i64 {
-        lo + (self.next() % ((hi - lo + 1) as u64)) as i64
-    }
-    fn pick(&mut self, v: &[Q]) -> Q {
-        v[self.int(0, v.len() as i64 - 1) as usize].clone()
-    }
-}
 
 /// A random curve; `mono` makes it non-decreasing and starting at 0.
 fn random_curve(r: &mut Rng, mono: bool) -> Curve {

@@ -32,9 +32,21 @@ fn random_system(r: &mut Rng) -> System {
         let kind = match if i == 0 { 0 } else { r.int(0, 5) } {
             0..=2 => ResourceKind::Dedicated { rate: num(r) },
             3 => ResourceKind::BoundedDelay { rate: num(r), latency: num(r) },
-            _ => ResourceKind::Reservation { host: if r.int(0, 9) == 0 { idx(r, nr) } else { 0 }, budget: num(r), period: num(r), supply: if r.int(0, 1) == 0 { SupplyModel::WorstCase } else { SupplyModel::Synchronous } },
+            _ => ResourceKind::Reservation {
+                host: if r.int(0, 9) == 0 { idx(r, nr) } else { 0 },
+                budget: num(r),
+                period: num(r),
+                supply: if r.int(0, 1) == 0 { SupplyModel::WorstCase } else { SupplyModel::Synchronous },
+            },
         };
-        let policy = r.pick(&[Policy::FixedPriority, Policy::FixedPriority, Policy::FixedPriorityNonPreemptive, Policy::Edf, Policy::Fifo, Policy::Tdma]);
+        let policy = r.pick(&[
+            Policy::FixedPriority,
+            Policy::FixedPriority,
+            Policy::FixedPriorityNonPreemptive,
+            Policy::Edf,
+            Policy::Fifo,
+            Policy::Tdma,
+        ]);
         let cycle = if policy == Policy::Tdma || r.int(0, 9) == 0 { Some(num(r)) } else { None };
         sys.resources.push(Resource { name: format!("r{i}"), kind, policy, cycle });
     }
@@ -44,12 +56,19 @@ fn random_system(r: &mut Rng) -> System {
             1 => EventModel::Pjd { period: num(r), jitter: num(r), min_distance: num(r) },
             2 => EventModel::Sporadic { min_distance: num(r) },
             3 => EventModel::Bursty { period: num(r), burst: r.int(-1, 5), min_distance: num(r) },
-            _ => EventModel::Trace { times: (0..r.int(0, 6)).map(|_| num(r)).collect(), window: if r.int(0, 1) == 0 { Some(num(r)) } else { None } },
+            _ => EventModel::Trace {
+                times: (0..r.int(0, 6)).map(|_| num(r)).collect(),
+                window: if r.int(0, 1) == 0 { Some(num(r)) } else { None },
+            },
         };
         sys.streams.push(Stream { name: format!("s{i}"), model });
     }
     for i in 0..nt {
-        let input = if i > 0 && r.int(0, 2) == 0 { Input::Task(if r.int(0, 30) == 0 { idx(r, nt) } else { r.int(0, i as i64 - 1) as usize }) } else { Input::Stream(idx(r, ns)) };
+        let input = if i > 0 && r.int(0, 2) == 0 {
+            Input::Task(if r.int(0, 30) == 0 { idx(r, nt) } else { r.int(0, i as i64 - 1) as usize })
+        } else {
+            Input::Stream(idx(r, ns))
+        };
         sys.tasks.push(Task {
             name: format!("t{i}"),
             resource: idx(r, nr),
@@ -67,7 +86,9 @@ fn random_system(r: &mut Rng) -> System {
         let tasks: Vec<usize> = if nt > 0 && r.int(0, 3) > 0 {
             let mut path = vec![r.int(0, nt as i64 - 1) as usize];
             while let (Input::Task(j), true) = (sys.tasks[path[0]].input, path.len() < 4) {
-                if path.contains(&j) { break; }
+                if path.contains(&j) {
+                    break;
+                }
                 path.insert(0, j);
             }
             path

@@ -3,10 +3,7 @@
 /// Maximum number of `releases` (sorted ascending) inside any half-open
 /// window `[t, t + delta)`; 0 when `delta <= 0`.
 pub fn max_events_in_window(releases: &[i64], delta: i64) -> usize {
-    assert!(
-        releases.windows(2).all(|w| w[0] <= w[1]),
-        "max_events_in_window: releases must be sorted"
-    );
+    assert!(releases.windows(2).all(|w| w[0] <= w[1]), "max_events_in_window: releases must be sorted");
     if delta <= 0 {
         return 0;
     }

@@ -36,10 +36,7 @@ impl Rng {
 pub fn periodic(period: i64, offset: i64, horizon: i64) -> Vec<i64> {
     assert!(period > 0, "periodic: period must be positive");
     assert!(offset >= 0, "periodic: offset must be non-negative");
-    (0..)
-        .map(|k| offset + k * period)
-        .take_while(|&r| r < horizon)
-        .collect()
+    (0..).map(|k| offset + k * period).take_while(|&r| r < horizon).collect()
 }
 
 /// How [`pjd`] chooses jitters.
@@ -61,20 +58,10 @@ pub enum JitterMode {
 /// least `min_distance` apart (`1 <= min_distance <= period`). Any such
 /// trace has at most `ceil((Δ+J)/P)` and `ceil(Δ/d)` releases in every
 /// half-open window of length `Δ > 0`.
-pub fn pjd(
-    period: i64,
-    jitter: i64,
-    min_distance: i64,
-    horizon: i64,
-    rng: &mut Rng,
-    mode: JitterMode,
-) -> Vec<i64> {
+pub fn pjd(period: i64, jitter: i64, min_distance: i64, horizon: i64, rng: &mut Rng, mode: JitterMode) -> Vec<i64> {
     assert!(period > 0, "pjd: period must be positive");
     assert!(jitter >= 0, "pjd: jitter must be non-negative");
-    assert!(
-        (1..=period).contains(&min_distance),
-        "pjd: min_distance must be in [1, period]"
-    );
+    assert!((1..=period).contains(&min_distance), "pjd: min_distance must be in [1, period]");
     let mut out: Vec<i64> = Vec::new();
     for k in 0.. {
         let base = k * period;
@@ -89,9 +76,7 @@ pub fn pjd(
         };
         // Push forward for the minimum distance. This never leaves the jitter
         // window: prev + d <= (k-1)P + J + d <= kP + J because d <= P.
-        let r = out
-            .last()
-            .map_or(wanted, |&prev| wanted.max(prev + min_distance));
+        let r = out.last().map_or(wanted, |&prev| wanted.max(prev + min_distance));
         debug_assert!(r <= base + jitter);
         if r >= horizon {
             break;
@@ -105,10 +90,7 @@ pub fn pjd(
 /// `[min_distance, min_distance + max_extra_gap]`.
 pub fn sporadic(min_distance: i64, max_extra_gap: i64, horizon: i64, rng: &mut Rng) -> Vec<i64> {
     assert!(min_distance >= 1, "sporadic: min_distance must be positive");
-    assert!(
-        max_extra_gap >= 0,
-        "sporadic: max_extra_gap must be non-negative"
-    );
+    assert!(max_extra_gap >= 0, "sporadic: max_extra_gap must be non-negative");
     let mut out = Vec::new();
     let mut r = 0;
     while r < horizon {
@@ -131,10 +113,7 @@ pub enum ExecMode {
 
 /// `n` execution times in `[bcet, wcet]` (`0 <= bcet <= wcet`).
 pub fn exec_times(n: usize, bcet: i64, wcet: i64, rng: &mut Rng, mode: ExecMode) -> Vec<i64> {
-    assert!(
-        0 <= bcet && bcet <= wcet,
-        "exec_times: need 0 <= bcet <= wcet"
-    );
+    assert!(0 <= bcet && bcet <= wcet, "exec_times: need 0 <= bcet <= wcet");
     (0..n)
         .map(|_| match mode {
             ExecMode::Random => rng.range(bcet, wcet),
@@ -182,19 +161,13 @@ mod tests {
                 let tr = pjd(p, j, d, horizon, &mut rng, mode);
                 for (k, &x) in tr.iter().enumerate() {
                     let base = k as i64 * p;
-                    assert!(
-                        base <= x && x <= base + j && x < horizon,
-                        "{mode:?} job {k}"
-                    );
+                    assert!(base <= x && x <= base + j && x < horizon, "{mode:?} job {k}");
                     assert!(k == 0 || x - tr[k - 1] >= d);
                 }
                 assert_eq!(tr.len() as i64, ceil_div(horizon, p).min(tr.len() as i64));
                 for delta in (1..4 * p + j).chain([7 * p + j]) {
                     let bound = ceil_div(delta + j, p).min(ceil_div(delta, d)) as usize;
-                    assert!(
-                        max_events_in_window(&tr, delta) <= bound,
-                        "{mode:?} Δ={delta}"
-                    );
+                    assert!(max_events_in_window(&tr, delta) <= bound, "{mode:?} Δ={delta}");
                 }
             }
         }
@@ -208,10 +181,7 @@ mod tests {
             let bound = ceil_div(delta + 25, 10).min(ceil_div(delta, 2)) as usize;
             assert_eq!(max_events_in_window(&tr, delta), bound, "Δ={delta}");
         }
-        assert_eq!(
-            pjd(10, 25, 2, 35, &mut Rng::new(0), JitterMode::Zero),
-            vec![0, 10, 20, 30]
-        );
+        assert_eq!(pjd(10, 25, 2, 35, &mut Rng::new(0), JitterMode::Zero), vec![0, 10, 20, 30]);
     }
 
     #[test]

@@ -33,10 +33,7 @@ impl Supply {
     pub fn tdma(slot_start: i64, slot_len: i64, cycle: i64, horizon: i64) -> Supply {
         assert!(cycle > 0, "tdma: cycle must be positive");
         assert!(slot_len > 0, "tdma: slot_len must be positive");
-        assert!(
-            slot_start >= 0 && slot_start + slot_len <= cycle,
-            "tdma: slot must lie within the cycle"
-        );
+        assert!(slot_start >= 0 && slot_start + slot_len <= cycle, "tdma: slot must lie within the cycle");
         Supply::periodic_resource(slot_len, cycle, horizon, |_| slot_start)
     }
 
@@ -45,25 +42,14 @@ impl Supply {
     /// of `budget` ticks starting at `k*period + placement(k)`, where
     /// `0 <= placement(k) <= period - budget`. Models periodic-resource / CBS
     /// servers whose budget may be consumed anywhere within each period.
-    pub fn periodic_resource(
-        budget: i64,
-        period: i64,
-        horizon: i64,
-        mut placement: impl FnMut(usize) -> i64,
-    ) -> Supply {
+    pub fn periodic_resource(budget: i64, period: i64, horizon: i64, mut placement: impl FnMut(usize) -> i64) -> Supply {
         assert!(period > 0, "periodic_resource: period must be positive");
-        assert!(
-            (0..=period).contains(&budget),
-            "periodic_resource: budget must be in [0, period]"
-        );
+        assert!((0..=period).contains(&budget), "periodic_resource: budget must be in [0, period]");
         let mut intervals = Vec::new();
         let mut k = 0usize;
         while (k as i64) * period < horizon {
             let offset = placement(k);
-            assert!(
-                (0..=period - budget).contains(&offset),
-                "periodic_resource: placement({k}) = {offset} outside [0, period - budget]"
-            );
+            assert!((0..=period - budget).contains(&offset), "periodic_resource: placement({k}) = {offset} outside [0, period - budget]");
             if budget > 0 {
                 let start = k as i64 * period + offset;
                 intervals.push((start, start + budget));
@@ -78,10 +64,7 @@ impl Supply {
             for (i, &(s, e)) in iv.iter().enumerate() {
                 assert!(s < e, "Supply::Intervals: interval {i} [{s},{e}) is empty");
                 if i > 0 {
-                    assert!(
-                        iv[i - 1].1 <= s,
-                        "Supply::Intervals: interval {i} overlaps or is out of order"
-                    );
+                    assert!(iv[i - 1].1 <= s, "Supply::Intervals: interval {i} overlaps or is out of order");
                 }
             }
         }
@@ -125,21 +108,9 @@ pub struct TaskSpec {
 impl TaskSpec {
     /// Zip `releases` with `execs` (which must have the same length).
     pub fn new(priority: i64, deadline: i64, releases: &[i64], execs: &[i64]) -> TaskSpec {
-        assert_eq!(
-            releases.len(),
-            execs.len(),
-            "TaskSpec::new: length mismatch"
-        );
-        let jobs = releases
-            .iter()
-            .zip(execs)
-            .map(|(&release, &exec)| Job { release, exec })
-            .collect();
-        TaskSpec {
-            priority,
-            deadline,
-            jobs,
-        }
+        assert_eq!(releases.len(), execs.len(), "TaskSpec::new: length mismatch");
+        let jobs = releases.iter().zip(execs).map(|(&release, &exec)| Job { release, exec }).collect();
+        TaskSpec { priority, deadline, jobs }
     }
 }
 
@@ -161,12 +132,7 @@ pub struct TaskOutcome {
 
 impl TaskOutcome {
     fn empty(task: &TaskSpec) -> TaskOutcome {
-        TaskOutcome {
-            completions: vec![None; task.jobs.len()],
-            max_response: 0,
-            max_backlog: 0,
-            max_backlog_work: 0,
-        }
+        TaskOutcome { completions: vec![None; task.jobs.len()], max_response: 0, max_backlog: 0, max_backlog_work: 0 }
     }
 }
 
@@ -190,24 +156,15 @@ struct State {
 
 /// The task whose head job should get the processor at this instant, among
 /// tasks whose head job is released (`running` is a started non-preemptive job).
-fn select(
-    policy: Policy,
-    tasks: &[TaskSpec],
-    st: &[State],
-    running: Option<usize>,
-) -> Option<usize> {
+fn select(policy: Policy, tasks: &[TaskSpec], st: &[State], running: Option<usize>) -> Option<usize> {
     if running.is_some() {
         return running;
     }
     let ready = (0..tasks.len()).filter(|&i| st[i].head < st[i].released);
     let head = |i: usize| tasks[i].jobs[st[i].head];
     match policy {
-        Policy::FixedPriorityPreemptive | Policy::FixedPriorityNonPreemptive => {
-            ready.min_by_key(|&i| (tasks[i].priority, i))
-        }
-        Policy::Edf => {
-            ready.min_by_key(|&i| (head(i).release.saturating_add(tasks[i].deadline), i))
-        }
+        Policy::FixedPriorityPreemptive | Policy::FixedPriorityNonPreemptive => ready.min_by_key(|&i| (tasks[i].priority, i)),
+        Policy::Edf => ready.min_by_key(|&i| (head(i).release.saturating_add(tasks[i].deadline), i)),
         Policy::Fifo => ready.min_by_key(|&i| (head(i).release, i)),
     }
 }
@@ -220,23 +177,13 @@ pub fn simulate(policy: Policy, supply: &Supply, tasks: &[TaskSpec], horizon: i6
     for (i, task) in tasks.iter().enumerate() {
         let mut prev = 0;
         for (k, job) in task.jobs.iter().enumerate() {
-            assert!(
-                job.exec >= 0 && job.release >= prev,
-                "simulate: task {i} job {k}: need exec >= 0 and sorted releases >= 0"
-            );
+            assert!(job.exec >= 0 && job.release >= prev, "simulate: task {i} job {k}: need exec >= 0 and sorted releases >= 0");
             prev = job.release;
         }
     }
     let mut out: Vec<TaskOutcome> = tasks.iter().map(TaskOutcome::empty).collect();
-    let mut st: Vec<State> = tasks
-        .iter()
-        .map(|t| State {
-            released: 0,
-            head: 0,
-            remaining: t.jobs.first().map_or(0, |j| j.exec),
-            pending_work: 0,
-        })
-        .collect();
+    let mut st: Vec<State> =
+        tasks.iter().map(|t| State { released: 0, head: 0, remaining: t.jobs.first().map_or(0, |j| j.exec), pending_work: 0 }).collect();
     let complete = |i: usize, t: i64, st: &mut [State], out: &mut [TaskOutcome]| {
         let s = &mut st[i];
         let job = tasks[i].jobs[s.head];
@@ -295,11 +242,7 @@ pub fn simulate(policy: Policy, supply: &Supply, tasks: &[TaskSpec], horizon: i6
             t = next_release.min(wake).min(horizon);
             continue;
         };
-        let end = t
-            .saturating_add(st[i].remaining)
-            .min(change)
-            .min(next_release)
-            .min(horizon);
+        let end = t.saturating_add(st[i].remaining).min(change).min(next_release).min(horizon);
         st[i].remaining -= end - t;
         st[i].pending_work -= end - t;
         t = end;
@@ -323,11 +266,7 @@ mod tests {
     }
 
     fn rm_set(h: i64) -> Vec<TaskSpec> {
-        vec![
-            periodic_task(1, 1, 4, h),
-            periodic_task(2, 2, 6, h),
-            periodic_task(3, 3, 12, h),
-        ]
+        vec![periodic_task(1, 1, 4, h), periodic_task(2, 2, 6, h), periodic_task(3, 3, 12, h)]
     }
 
     fn responses(r: &SimResult) -> Vec<i64> {
@@ -335,21 +274,12 @@ mod tests {
     }
 
     fn completions(r: &SimResult, i: usize) -> Vec<i64> {
-        r.tasks[i]
-            .completions
-            .iter()
-            .map(|c| c.unwrap_or(-1))
-            .collect()
+        r.tasks[i].completions.iter().map(|c| c.unwrap_or(-1)).collect()
     }
 
     #[test]
     fn fp_preemptive_rate_monotonic() {
-        let r = simulate(
-            Policy::FixedPriorityPreemptive,
-            &Supply::Full,
-            &rm_set(12),
-            12,
-        );
+        let r = simulate(Policy::FixedPriorityPreemptive, &Supply::Full, &rm_set(12), 12);
         assert_eq!(responses(&r), vec![1, 3, 10]);
         assert_eq!(completions(&r, 0), vec![1, 5, 9]);
         assert_eq!(completions(&r, 1), vec![3, 8]);
@@ -359,12 +289,7 @@ mod tests {
     #[test]
     fn fp_non_preemptive() {
         // 0-1 t0, 1-3 t1, 3-6 t2 (blocks t0@4), 6-7 t0, 7-9 t1@6, 9-10 t0@8.
-        let r = simulate(
-            Policy::FixedPriorityNonPreemptive,
-            &Supply::Full,
-            &rm_set(12),
-            12,
-        );
+        let r = simulate(Policy::FixedPriorityNonPreemptive, &Supply::Full, &rm_set(12), 12);
         assert_eq!(completions(&r, 0), vec![1, 7, 10]);
         assert_eq!(completions(&r, 1), vec![3, 9]);
         assert_eq!(completions(&r, 2), vec![6]);
@@ -386,10 +311,7 @@ mod tests {
 
     #[test]
     fn fifo_ignores_priorities() {
-        let tasks = vec![
-            TaskSpec::new(9, 0, &[1, 2, 8], &[3, 1, 1]),
-            TaskSpec::new(0, 0, &[0, 3, 8], &[2, 1, 1]),
-        ];
+        let tasks = vec![TaskSpec::new(9, 0, &[1, 2, 8], &[3, 1, 1]), TaskSpec::new(0, 0, &[0, 3, 8], &[2, 1, 1])];
         let r = simulate(Policy::Fifo, &Supply::Full, &tasks, 20);
         assert_eq!(completions(&r, 0), vec![5, 6, 9]);
         assert_eq!(completions(&r, 1), vec![2, 7, 10]);
@@ -424,31 +346,18 @@ mod tests {
         // Low-priority job starts at 0, paused by the gap [2,5); the
         // high-priority job released at 1 must wait until it completes.
         let supply = Supply::Intervals(vec![(0, 2), (5, 100)]);
-        let tasks = vec![
-            TaskSpec::new(0, 0, &[1], &[1]),
-            TaskSpec::new(1, 0, &[0], &[3]),
-        ];
+        let tasks = vec![TaskSpec::new(0, 0, &[1], &[1]), TaskSpec::new(1, 0, &[0], &[3])];
         let np = simulate(Policy::FixedPriorityNonPreemptive, &supply, &tasks, 100);
-        assert_eq!(
-            (completions(&np, 0), completions(&np, 1)),
-            (vec![7], vec![6])
-        );
+        assert_eq!((completions(&np, 0), completions(&np, 1)), (vec![7], vec![6]));
         let p = simulate(Policy::FixedPriorityPreemptive, &supply, &tasks, 100);
         assert_eq!((completions(&p, 0), completions(&p, 1)), (vec![2], vec![7]));
     }
 
     #[test]
     fn backlog_counts_completion_before_release() {
-        let tasks = vec![
-            periodic_task(0, 2, 2, 10),
-            TaskSpec::new(1, 0, &[0, 0, 0], &[1, 0, 1]),
-        ];
+        let tasks = vec![periodic_task(0, 2, 2, 10), TaskSpec::new(1, 0, &[0, 0, 0], &[1, 0, 1])];
         let r = simulate(Policy::FixedPriorityPreemptive, &Supply::Full, &tasks, 10);
-        let b: Vec<_> = r
-            .tasks
-            .iter()
-            .map(|t| (t.max_backlog, t.max_backlog_work))
-            .collect();
+        let b: Vec<_> = r.tasks.iter().map(|t| (t.max_backlog, t.max_backlog_work)).collect();
         assert_eq!(b, vec![(1, 2), (3, 2)]);
         assert_eq!(r.tasks[1].completions, vec![None, None, None]); // starved
     }
@@ -467,19 +376,13 @@ mod tests {
         let tasks = vec![periodic_task(1, 3, 10, h), periodic_task(2, 7, 25, h)];
         let supply = Supply::tdma(0, 8, 10, h);
         let r = simulate(Policy::FixedPriorityPreemptive, &supply, &tasks, h);
-        assert!(r
-            .tasks
-            .iter()
-            .all(|t| t.completions.iter().rev().skip(1).all(Option::is_some)));
+        assert!(r.tasks.iter().all(|t| t.completions.iter().rev().skip(1).all(Option::is_some)));
     }
 
     /// Independent tick-by-tick reference implementation of the same semantics.
     fn reference(policy: Policy, supply: &Supply, tasks: &[TaskSpec], horizon: i64) -> SimResult {
         let n = tasks.len();
-        let mut rem: Vec<Vec<i64>> = tasks
-            .iter()
-            .map(|t| t.jobs.iter().map(|j| j.exec).collect())
-            .collect();
+        let mut rem: Vec<Vec<i64>> = tasks.iter().map(|t| t.jobs.iter().map(|j| j.exec).collect()).collect();
         let (mut released, mut head) = (vec![0usize; n], vec![0usize; n]);
         let mut out: Vec<TaskOutcome> = tasks.iter().map(TaskOutcome::empty).collect();
         let mut running: Option<usize> = None;
@@ -490,9 +393,7 @@ mod tests {
                 }
                 let o = &mut out[i];
                 o.max_backlog = o.max_backlog.max(released[i] - head[i]);
-                o.max_backlog_work = o
-                    .max_backlog_work
-                    .max(rem[i][head[i]..released[i]].iter().sum());
+                o.max_backlog_work = o.max_backlog_work.max(rem[i][head[i]..released[i]].iter().sum());
             }
             let avail = match supply {
                 Supply::Full => true,
@@ -507,11 +408,7 @@ mod tests {
                         _ => (tasks[i].priority, i),
                     }
                 };
-                let pick = running.or_else(|| {
-                    (0..n)
-                        .filter(|&i| head[i] < released[i])
-                        .min_by_key(|&i| key(i))
-                });
+                let pick = running.or_else(|| (0..n).filter(|&i| head[i] < released[i]).min_by_key(|&i| key(i)));
                 let Some(i) = pick else { break };
                 let k = head[i];
                 if rem[i][k] > 0 {
@@ -540,12 +437,7 @@ mod tests {
     #[test]
     fn event_driven_matches_unit_stepping() {
         let mut rng = gen::Rng::new(7);
-        let policies = [
-            Policy::FixedPriorityPreemptive,
-            Policy::FixedPriorityNonPreemptive,
-            Policy::Edf,
-            Policy::Fifo,
-        ];
+        let policies = [Policy::FixedPriorityPreemptive, Policy::FixedPriorityNonPreemptive, Policy::Edf, Policy::Fifo];
         for _ in 0..200 {
             let horizon = 120;
             let n = rng.range(1, 4) as usize;

@@ -87,7 +87,10 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         return Ok(Outcome::Ok);
     }
     println!("Full analysis of synthetic systems (3-hop chains: task, 100 Mbit/s link, task)");
-    println!("{:>7} {:>6} {:>6} {:>7} {:>12} {:>10} {:>14} {:>9} {:>16}", "tasks", "cpus", "links", "chains", "analysis", "µs/task", "+GPC outputs", "ratio", "growth/linear");
+    println!(
+        "{:>7} {:>6} {:>6} {:>7} {:>12} {:>10} {:>14} {:>9} {:>16}",
+        "tasks", "cpus", "links", "chains", "analysis", "µs/task", "+GPC outputs", "ratio", "growth/linear"
+    );
     for r in &rows {
         let n = |k: &str| r[k].as_u64().unwrap_or_default();
         println!(
@@ -107,7 +110,12 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     println!("Curve operations (median of {} runs)", args.repeat.max(20));
     println!("{:<58} {:>10} {:>10}", "operation", "µs", "segments");
     for o in &ops {
-        println!("{:<58} {:>10.1} {:>10}", o["op"].as_str().unwrap_or_default(), o["us"].as_f64().unwrap_or_default(), o["segments"].as_u64().unwrap_or_default());
+        println!(
+            "{:<58} {:>10.1} {:>10}",
+            o["op"].as_str().unwrap_or_default(),
+            o["us"].as_f64().unwrap_or_default(),
+            o["segments"].as_u64().unwrap_or_default()
+        );
     }
     Ok(Outcome::Ok)
 }

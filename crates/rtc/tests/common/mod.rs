@@ -62,7 +62,11 @@ pub fn single_resource(ts: &[T], kind: ResourceKind, policy: Policy) -> System {
     for (i, t) in ts.iter().enumerate() {
         sys.streams.push(Stream {
             name: format!("s{i}"),
-            model: if t.j == 0 { EventModel::Periodic { period: q(t.p) } } else { EventModel::Pjd { period: q(t.p), jitter: q(t.j), min_distance: q(0) } },
+            model: if t.j == 0 {
+                EventModel::Periodic { period: q(t.p) }
+            } else {
+                EventModel::Pjd { period: q(t.p), jitter: q(t.j), min_distance: q(0) }
+            },
         });
         sys.tasks.push(Task {
             name: format!("t{i}"),
