@@ -4,6 +4,7 @@
 //! (min,+)/(max,+) operators ([`curve`]), event, resource and workload models ([`models`]), the
 //! greedy processing component and scheduling policies ([`component`]), the analysis of a whole
 //! network of components with chains and reservations ([`system`], implemented in `network`),
+//! its incremental re-analysis after a change ([`incremental`]),
 //! and synthetic systems for benchmarks ([`synthetic`]).
 //!
 //! Does not own: file formats, names, reports or any I/O (see the `model` crate and the `vigil`
@@ -12,6 +13,7 @@
 
 pub mod component;
 pub mod curve;
+pub mod incremental;
 pub mod models;
 mod network;
 pub mod q;

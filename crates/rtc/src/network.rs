@@ -10,11 +10,11 @@ use crate::models;
 use crate::q::Q;
 use crate::system::*;
 
-struct Ctx<'a> {
-    sys: &'a System,
-    opts: &'a Options,
-    streams: Vec<Pair>,
-    tasks_on: Vec<Vec<usize>>,
+pub(crate) struct Ctx<'a> {
+    pub sys: &'a System,
+    pub opts: &'a Options,
+    pub streams: Vec<Pair>,
+    pub tasks_on: Vec<Vec<usize>>,
 }
 
 fn task_err(sys: &System, i: usize, msg: impl Into<String>) -> AnalysisError {
@@ -26,7 +26,7 @@ fn res_err(sys: &System, r: usize, msg: impl Into<String>) -> AnalysisError {
 }
 
 /// Checks that every index is in range and the task inputs form no cycle.
-fn check_structure(sys: &System) -> Result<(), AnalysisError> {
+pub(crate) fn check_structure(sys: &System) -> Result<(), AnalysisError> {
     for (i, t) in sys.tasks.iter().enumerate() {
         if t.resource >= sys.resources.len() {
             return Err(task_err(sys, i, "unknown resource"));
@@ -36,8 +36,9 @@ fn check_structure(sys: &System) -> Result<(), AnalysisError> {
             Input::Task(j) if j >= sys.tasks.len() => return Err(task_err(sys, i, "unknown input task")),
             _ => {}
         }
-        if !t.wcet.is_positive() {
-            return Err(task_err(sys, i, format!("WCET must be positive, got {}", t.wcet)));
+        // Zero work is allowed: the planner zeroes the work of the tasks of a VM it sheds.
+        if t.wcet.is_negative() {
+            return Err(task_err(sys, i, format!("WCET must not be negative, got {}", t.wcet)));
         }
         if t.bcet.is_negative() || t.bcet > t.wcet {
             return Err(task_err(sys, i, format!("BCET {} must be in [0, WCET {}]", t.bcet, t.wcet)));
@@ -90,7 +91,7 @@ fn check_structure(sys: &System) -> Result<(), AnalysisError> {
 }
 
 /// Base service curves of a resource.
-fn base_service(sys: &System, r: usize) -> Result<Pair, AnalysisError> {
+pub(crate) fn base_service(sys: &System, r: usize) -> Result<Pair, AnalysisError> {
     let res = &sys.resources[r];
     let e = |m: models::ModelError| res_err(sys, r, m.to_string());
     match &res.kind {
@@ -114,7 +115,7 @@ fn base_service(sys: &System, r: usize) -> Result<Pair, AnalysisError> {
     }
 }
 
-fn host_speed(sys: &System, host: usize) -> Q {
+pub(crate) fn host_speed(sys: &System, host: usize) -> Q {
     match &sys.resources[host].kind {
         ResourceKind::Dedicated { rate } | ResourceKind::BoundedDelay { rate, .. } => rate.clone(),
         ResourceKind::Reservation { .. } => Q::one(),
@@ -122,11 +123,11 @@ fn host_speed(sys: &System, host: usize) -> Q {
 }
 
 /// Per-task outcome of one resource analysis.
-struct Outcome {
-    bounds: Option<TaskBounds>,
-    service: Pair,
-    method: &'static str,
-    problem: Option<String>,
+pub(crate) struct Outcome {
+    pub(crate) bounds: Option<TaskBounds>,
+    pub(crate) service: Pair,
+    pub(crate) method: &'static str,
+    pub(crate) problem: Option<String>,
 }
 
 fn unbounded(service: &Pair, method: &'static str, why: String) -> Outcome {
@@ -142,29 +143,29 @@ fn curve_problem(e: &CurveError) -> String {
 
 /// Progress through one fixed-priority resource, highest priority first: each step analyses
 /// one task on the service left by the ones before it.
-struct FpState {
+pub(crate) struct FpState {
     np: bool,
-    order: Vec<usize>,
-    next: usize,
+    pub(crate) order: Vec<usize>,
+    pub(crate) next: usize,
     base: Pair,
     cur: Option<Pair>,
     why_lost: String,
 }
 
 impl FpState {
-    fn new(sys: &System, r: usize, tasks: &[usize], beta: &Pair) -> FpState {
+    pub(crate) fn new(sys: &System, r: usize, tasks: &[usize], beta: &Pair) -> FpState {
         let mut order = tasks.to_vec();
         order.sort_by_key(|&i| (sys.tasks[i].priority.unwrap_or(i64::MAX), i));
         let np = sys.resources[r].policy == Policy::FixedPriorityNonPreemptive;
         FpState { np, order, next: 0, base: beta.clone(), cur: Some(beta.clone()), why_lost: String::new() }
     }
 
-    fn done(&self) -> bool {
+    pub(crate) fn done(&self) -> bool {
         self.next >= self.order.len()
     }
 
     /// Analyses the next task (`input`: its activation curves, `None` if unbounded).
-    fn step(&mut self, ctx: &Ctx, input: Option<&Pair>) -> Outcome {
+    pub(crate) fn step(&mut self, ctx: &Ctx, input: Option<&Pair>) -> Outcome {
         let sys = ctx.sys;
         let k = self.next;
         let i = self.order[k];
@@ -214,7 +215,7 @@ impl FpState {
 }
 
 /// Analyses the tasks of resource `r` given their activation curves and the base service.
-fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], beta: &Pair) -> Vec<(usize, Outcome)> {
+pub(crate) fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], beta: &Pair) -> Vec<(usize, Outcome)> {
     let sys = ctx.sys;
     let res = &sys.resources[r];
     let tasks = &ctx.tasks_on[r];
@@ -317,7 +318,7 @@ fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], beta: &Pair) -
 
 /// Resources in an order where each comes after the resources feeding it; the flag tells
 /// whether the dependencies were acyclic.
-fn resource_order(sys: &System, tasks_on: &[Vec<usize>]) -> (Vec<usize>, bool) {
+pub(crate) fn resource_order(sys: &System, tasks_on: &[Vec<usize>]) -> (Vec<usize>, bool) {
     let n = sys.resources.len();
     let mut deps: Vec<Vec<usize>> = vec![Vec::new(); n];
     for (r, ts) in tasks_on.iter().enumerate() {
@@ -494,36 +495,13 @@ pub(crate) fn analyze(sys: &System, opts: &Options) -> Result<Analysis, Analysis
     for i in 0..n {
         let o = outcomes[i].take().unwrap_or_else(|| unbounded(&services[sys.tasks[i].resource], "none", "not analysed".into()));
         let input = inputs[i].clone().unwrap_or_else(|| (Curve::zero(), Curve::zero()));
-        let mut problem = o.problem;
-        let bounds = if converged {
-            o.bounds
+        let o = if converged {
+            o
         } else {
-            problem = Some(format!("no fixed point after {iterations} iterations of the cyclic dependencies (bounds keep growing)"));
-            None
+            let why = format!("no fixed point after {iterations} iterations of the cyclic dependencies (bounds keep growing)");
+            Outcome { bounds: None, problem: Some(why), ..o }
         };
-        let r = match bounds {
-            Some(b) => TaskResult {
-                wcrt: Some(b.wcrt),
-                bcrt: b.bcrt,
-                backlog: Some(b.backlog),
-                input: Bounds { upper: input.0, lower: input.1 },
-                output: Bounds { upper: b.output.0, lower: b.output.1 },
-                service: Bounds { upper: o.service.0, lower: o.service.1 },
-                method: o.method,
-                problem,
-            },
-            None => TaskResult {
-                wcrt: None,
-                bcrt: component::best_case(&sys.tasks[i].bcet, &o.service.0),
-                backlog: None,
-                input: Bounds { upper: input.0.clone(), lower: input.1 },
-                output: Bounds { upper: Curve::zero(), lower: Curve::zero() },
-                service: Bounds { upper: o.service.0, lower: o.service.1 },
-                method: o.method,
-                problem,
-            },
-        };
-        tasks.push(r);
+        tasks.push(task_result(sys, i, o, input));
     }
 
     let chains = sys.chains.iter().map(|c| chain_result(sys, c, &tasks)).collect();
@@ -531,7 +509,33 @@ pub(crate) fn analyze(sys: &System, opts: &Options) -> Result<Analysis, Analysis
     Ok(Analysis { tasks, chains, resources, iterations })
 }
 
-fn chain_result(sys: &System, c: &Chain, tasks: &[TaskResult]) -> ChainResult {
+/// The reported result of task `i` from its outcome and its activation curves.
+pub(crate) fn task_result(sys: &System, i: usize, o: Outcome, input: Pair) -> TaskResult {
+    match o.bounds {
+        Some(b) => TaskResult {
+            wcrt: Some(b.wcrt),
+            bcrt: b.bcrt,
+            backlog: Some(b.backlog),
+            input: Bounds { upper: input.0, lower: input.1 },
+            output: Bounds { upper: b.output.0, lower: b.output.1 },
+            service: Bounds { upper: o.service.0, lower: o.service.1 },
+            method: o.method,
+            problem: o.problem,
+        },
+        None => TaskResult {
+            wcrt: None,
+            bcrt: component::best_case(&sys.tasks[i].bcet, &o.service.0),
+            backlog: None,
+            input: Bounds { upper: input.0, lower: input.1 },
+            output: Bounds { upper: Curve::zero(), lower: Curve::zero() },
+            service: Bounds { upper: o.service.0, lower: o.service.1 },
+            method: o.method,
+            problem: o.problem,
+        },
+    }
+}
+
+pub(crate) fn chain_result(sys: &System, c: &Chain, tasks: &[TaskResult]) -> ChainResult {
     let best = c.tasks.iter().fold(Q::zero(), |acc, &i| acc + &tasks[i].bcrt);
     let per_hop = c.tasks.iter().try_fold(Q::zero(), |acc, &i| tasks[i].wcrt.as_ref().map(|w| acc + w));
     // Pay bursts only once: valid when every hop serves the stream FIFO through a service
@@ -584,7 +588,7 @@ fn chain_result(sys: &System, c: &Chain, tasks: &[TaskResult]) -> ChainResult {
     ChainResult { worst, best, per_hop, pboo, deadline: c.deadline.clone(), slack, meets_deadline }
 }
 
-fn resource_result(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], beta: &Pair) -> ResourceResult {
+pub(crate) fn resource_result(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], beta: &Pair) -> ResourceResult {
     let sys = ctx.sys;
     let res = &sys.resources[r];
     let capacity = beta.1.rate();
