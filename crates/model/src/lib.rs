@@ -12,12 +12,14 @@
 //! Inside the [`System`] time is in microseconds; the work of a task on a processor or VM is in
 //! microseconds of processing time, on a link in bytes.
 
+mod deploy;
 mod error;
 mod raw;
 pub mod report;
 pub mod units;
 mod validate;
 
+pub use deploy::{Checkpoint, Deployment, Host, Message, Mode, Placement, Vm, VmPlace};
 pub use error::ModelError;
 pub use validate::{MAX_FILE_BYTES, MAX_ITEMS, MAX_TRACE};
 
@@ -28,6 +30,7 @@ use std::path::Path;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ItemKind {
+    Host,
     Processor,
     Link,
     Vm,
@@ -39,6 +42,7 @@ pub enum ItemKind {
 impl ItemKind {
     pub fn name(&self) -> &'static str {
         match self {
+            ItemKind::Host => "host",
             ItemKind::Processor => "processor",
             ItemKind::Link => "link",
             ItemKind::Vm => "vm",
@@ -69,6 +73,8 @@ pub struct Loaded {
     pub streams: Vec<Item>,
     pub tasks: Vec<Item>,
     pub chains: Vec<Item>,
+    /// Hosts, VM modes and placements, when the file has `[[host]]` items.
+    pub deployment: Option<Deployment>,
 }
 
 impl Loaded {

@@ -49,6 +49,8 @@ impl<'de> Deserialize<'de> for Val {
 #[serde(deny_unknown_fields)]
 pub struct RawFile {
     #[serde(default)]
+    pub host: Vec<Spanned<RawHost>>,
+    #[serde(default)]
     pub processor: Vec<Spanned<RawProcessor>>,
     #[serde(default)]
     pub link: Vec<Spanned<RawLink>>,
@@ -60,6 +62,15 @@ pub struct RawFile {
     pub task: Vec<Spanned<RawTask>>,
     #[serde(default)]
     pub chain: Vec<Spanned<RawChain>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHost {
+    pub name: String,
+    pub memory: Option<Val>,
+    pub processors: Option<Vec<String>>,
+    pub loopback: Option<Val>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,6 +91,8 @@ pub struct RawLink {
     pub policy: Option<String>,
     pub cycle: Option<Val>,
     pub latency: Option<Val>,
+    /// The host whose network port this link is.
+    pub host: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +112,15 @@ pub struct RawVm {
     pub priority: Option<i64>,
     pub deadline: Option<Val>,
     pub slot: Option<Val>,
+    // Deployment (hosts, redundancy, replication):
+    pub instances: Option<Vec<String>>,
+    pub mode: Option<String>,
+    pub criticality: Option<i64>,
+    pub memory: Option<Val>,
+    pub backup: Option<String>,
+    pub checkpoint_size: Option<Val>,
+    pub checkpoint_interval: Option<Val>,
+    pub checkpoint_priority: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -124,6 +124,19 @@ pub fn human_time(us: &Q) -> String {
     format!("{} {unit}", trim_float(x, 4))
 }
 
+/// Formats a size in bytes for humans, in binary units: `1.5 GiB`, `512 MiB`, `64 B`.
+pub fn human_size(bytes: &Q) -> String {
+    let v = bytes.to_f64();
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut k = 0;
+    let mut x = v;
+    while x.abs() >= 1024.0 && k + 1 < units.len() {
+        x /= 1024.0;
+        k += 1;
+    }
+    format!("{} {}", trim_float(x, 4), units[k])
+}
+
 /// `x` with at most `sig` significant digits, without trailing zeros.
 pub fn trim_float(x: f64, sig: usize) -> String {
     if x == 0.0 || !x.is_finite() {

@@ -32,10 +32,16 @@ pub(crate) struct Ctx<'a> {
 
 /// An item of the file: what to call it in a message, and where it is.
 #[derive(Clone, Debug)]
-struct Site {
-    kind: ItemKind,
-    name: String,
-    span: Range<usize>,
+pub(crate) struct Site {
+    pub kind: ItemKind,
+    pub name: String,
+    pub span: Range<usize>,
+}
+
+impl Site {
+    pub fn new(kind: ItemKind, name: &str, span: Range<usize>) -> Site {
+        Site { kind, name: name.to_string(), span }
+    }
 }
 
 impl<'a> Ctx<'a> {
@@ -63,7 +69,7 @@ impl<'a> Ctx<'a> {
         self.line_at(start)
     }
 
-    fn fail(&self, s: &Site, key: Option<&str>, msg: impl Into<String>) -> ModelError {
+    pub(crate) fn fail(&self, s: &Site, key: Option<&str>, msg: impl Into<String>) -> ModelError {
         ModelError::Invalid {
             file: self.file.to_string(),
             line: self.key_line(&s.span, key),
@@ -73,7 +79,14 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn quantity(&self, s: &Site, key: &str, v: &Val, what: &str, parse: fn(&str) -> std::result::Result<Q, String>) -> Result<Q> {
+    pub(crate) fn quantity(
+        &self,
+        s: &Site,
+        key: &str,
+        v: &Val,
+        what: &str,
+        parse: fn(&str) -> std::result::Result<Q, String>,
+    ) -> Result<Q> {
         match v {
             Val::Str(t) => parse(t).map_err(|e| self.fail(s, Some(key), format!("`{key}`: {e}"))),
             Val::Int(n) => {
@@ -89,7 +102,7 @@ impl<'a> Ctx<'a> {
         self.quantity(s, key, v, "time", units::time)
     }
 
-    fn positive_time(&self, s: &Site, key: &str, v: &Val) -> Result<Q> {
+    pub(crate) fn positive_time(&self, s: &Site, key: &str, v: &Val) -> Result<Q> {
         let t = self.time(s, key, v)?;
         if !t.is_positive() {
             return Err(self.fail(s, Some(key), format!("`{key}` must be positive, got {}", show(v))));
@@ -105,7 +118,7 @@ impl<'a> Ctx<'a> {
         Ok(t)
     }
 
-    fn size(&self, s: &Site, key: &str, v: &Val) -> Result<Q> {
+    pub(crate) fn size(&self, s: &Site, key: &str, v: &Val) -> Result<Q> {
         self.quantity(s, key, v, "size", units::size)
     }
 
@@ -203,7 +216,7 @@ struct TaskSpec<'r> {
 }
 
 pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded> {
-    let total = raw.processor.len() + raw.link.len() + raw.vm.len() + raw.stream.len() + raw.task.len() + raw.chain.len();
+    let total = raw.host.len() + raw.processor.len() + raw.link.len() + raw.vm.len() + raw.stream.len() + raw.task.len() + raw.chain.len();
     if total > MAX_ITEMS {
         return Err(ModelError::Syntax {
             file: ctx.file.into(),
@@ -215,6 +228,7 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
     // ------------------------------------------------------------- names
     let mut all: Vec<Site> = Vec::with_capacity(total);
     let site = |kind, name: &str, span: Range<usize>| Site { kind, name: name.to_string(), span };
+    all.extend(raw.host.iter().map(|p| site(ItemKind::Host, &p.get_ref().name, p.span())));
     all.extend(raw.processor.iter().map(|p| site(ItemKind::Processor, &p.get_ref().name, p.span())));
     all.extend(raw.link.iter().map(|p| site(ItemKind::Link, &p.get_ref().name, p.span())));
     all.extend(raw.vm.iter().map(|p| site(ItemKind::Vm, &p.get_ref().name, p.span())));
@@ -298,7 +312,13 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
     let mut plain_vms: HashMap<&str, ()> = HashMap::new();
     for p in &raw.vm {
         let (r, s) = (p.get_ref(), site(ItemKind::Vm, &p.get_ref().name, p.span()));
-        let host = match r.host.as_deref() {
+        let first = r.instances.as_ref().and_then(|l| l.first());
+        if let (Some(h), Some(f)) = (&r.host, first) {
+            if h != f {
+                return Err(ctx.fail(&s, Some("host"), "give `host` or `instances`, not both"));
+            }
+        }
+        let host = match r.host.as_deref().or(first.map(String::as_str)) {
             None => return Err(ctx.fail(&s, None, "missing `host` (the processor it runs on)")),
             Some(h) => match res_index.get(h) {
                 Some(&i) if i < processors => i,
@@ -691,6 +711,21 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
         chain_items.push(Item { kind: ItemKind::Chain, line: ctx.line_at(s.span.start) });
     }
 
+    // ------------------------------------------------------------- hosts and VM deployment
+    let deployment = crate::deploy::build(crate::deploy::Parts {
+        raw,
+        ctx,
+        sys: &mut sys,
+        res_items: &mut res_items,
+        task_items: &mut task_items,
+        stream_items: &mut stream_items,
+        stream_rates: &mut stream_rates,
+        task_index: &task_index,
+        res_index: &res_index,
+        processors,
+        links: raw.link.len(),
+    })?;
+
     // ------------------------------------------------------------- long-run load
     let overload = |r: usize, u: &Q, detail: String| ModelError::Overload {
         file: ctx.file.into(),
@@ -749,6 +784,7 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
         streams: stream_items,
         tasks: task_items,
         chains: chain_items,
+        deployment,
     })
 }
 
