@@ -195,6 +195,8 @@ impl Deployment {
             }
         }
         for m in &self.messages {
+            let sender_runs = self.vm_of_task[m.sender].is_none_or(|v| place.vms[v].running());
+            set_work(&mut sys.tasks[m.task], &base.tasks[m.task], sender_runs);
             let Some(from) = self.host_of_task(base, place, m.sender) else { continue };
             let local = m.receivers.iter().all(|&r| self.host_of_task(base, place, r) == Some(from));
             let h = &self.hosts[from];

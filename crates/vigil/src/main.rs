@@ -3,13 +3,15 @@
 //! Thin glue: each subcommand lives in its own module and returns an [`Outcome`] that becomes
 //! the exit status. `vigil analyze FILE` loads a system description (the `model` crate),
 //! analyses it (`rtc`), and prints a table, JSON (`--json`) or SVG plots of the curves
-//! (`--plot DIR`).
+//! (`--plot DIR`). `vigil plan FILE` computes, for every fault scenario, the reconfiguration
+//! (the `planner` crate).
 //!
 //! Exit status: 0 every deadline holds, 1 a deadline is missed or a bound is unbounded,
 //! 2 invalid input or another error (one line on stderr, `file:line:` first).
 
 mod analyze;
 mod bench;
+mod plan;
 mod plot;
 mod table;
 
@@ -27,6 +29,8 @@ struct Cli {
 enum Command {
     /// Analyse a system description: worst/best-case latencies, backlogs, utilisation, verdicts.
     Analyze(analyze::Args),
+    /// Plan the reconfiguration for every fault scenario (hosts, and links with --links).
+    Plan(plan::Args),
     /// Measure the analysis: time per system size and per curve operation (tables).
     Bench(bench::Args),
 }
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Analyze(args) => analyze::run(&args),
+        Command::Plan(args) => plan::run(&args),
         Command::Bench(args) => bench::run(&args),
     };
     let outcome = result.unwrap_or_else(|e| {

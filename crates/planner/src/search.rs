@@ -1,0 +1,611 @@
+//! The search for the best placement under one fault scenario.
+//!
+//! A placement is compared with another by its [`Cost`], lexicographically: deadlines missed;
+//! then, for each criticality level from the highest down, VMs stopped (shed) and VMs that lose
+//! their remote backup; then VMs moved; and last (larger is better) the smallest slack.
+//!
+//! Two searches share the same choices and costs:
+//! - [`branch_and_bound`]: depth-first over every VM's choices (where its instances run, where
+//!   its backup is, or stopped), pruning a branch as soon as it breaks a processor's or a host's
+//!   capacity, or its cost so far already exceeds the best complete placement. When it finishes
+//!   within its budget of evaluations, its placement is optimal.
+//! - [`greedy`]: places the VMs the fault displaced (most critical first) where they leave the
+//!   most room, gives new backups to VMs that lost theirs, then repairs missed deadlines by
+//!   moving the VMs involved and, if that fails, by shedding the least critical VMs. Fast, not
+//!   always optimal; it seeds the branch and bound with a good bound.
+//!
+//! [`exhaustive`] enumerates every combination of choices with no pruning and analyses each in
+//! full: the reference the tests compare the two against.
+
+use crate::eval::{verdict, Evaluator, Verdict, World};
+use model::{Deployment, Placement, VmPlace};
+use rtc::system::{analyze, AnalysisError, System};
+use rtc::Q;
+use std::cmp::Ordering;
+
+/// The discrete part of a placement's cost (smaller is better; compared field by field).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct Cost {
+    /// Deadlines missed (or bounds lost), not counting those given up with a stopped VM.
+    pub misses: usize,
+    /// For each criticality level, highest first: (VMs stopped, VMs without their backup).
+    pub levels: Vec<(usize, usize)>,
+    /// VMs moved (migrated, or backups moved) that the fault did not force to move.
+    pub moves: usize,
+}
+
+/// A placement with its cost and verdict.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    pub place: Placement,
+    pub cost: Cost,
+    pub verdict: Verdict,
+}
+
+impl Scored {
+    /// Strictly better than `other`: a smaller cost, or the same cost and more slack.
+    pub fn better_than(&self, other: &Scored) -> bool {
+        match self.cost.cmp(&other.cost) {
+            Ordering::Less => true,
+            Ordering::Greater => false,
+            Ordering::Equal => match (&self.verdict.slack, &other.verdict.slack) {
+                (Some(a), Some(b)) => a > b,
+                (Some(_), None) => false,
+                (None, _) => false,
+            },
+        }
+    }
+}
+
+/// One scenario's search problem.
+pub struct Problem<'a> {
+    pub base: &'a System,
+    pub dep: &'a Deployment,
+    pub world: World,
+    pub initial: Placement,
+    /// Distinct criticalities, highest first.
+    pub levels: Vec<i64>,
+    /// Per VM: index into `levels`.
+    pub level_of: Vec<usize>,
+    /// Per VM: its primary instance is on a failed host.
+    pub displaced: Vec<bool>,
+    /// VMs in search order: displaced ones first, most critical first.
+    pub order: Vec<usize>,
+}
+
+impl<'a> Problem<'a> {
+    pub fn new(base: &'a System, dep: &'a Deployment, world: World) -> Problem<'a> {
+        let initial = dep.initial();
+        let mut levels: Vec<i64> = dep.vms.iter().map(|v| v.criticality).collect();
+        levels.sort_unstable_by(|a, b| b.cmp(a));
+        levels.dedup();
+        let level_of = dep.vms.iter().map(|v| levels.iter().position(|&l| l == v.criticality).unwrap_or(0)).collect();
+        let displaced: Vec<bool> = initial
+            .vms
+            .iter()
+            .map(|p| p.instances.first().and_then(|&c| dep.host_of_processor(c)).is_none_or(|h| world.host_down[h]))
+            .collect();
+        let mut order: Vec<usize> = (0..dep.vms.len()).collect();
+        order.sort_by_key(|&v| {
+            let backup_lost = initial.vms[v].backup.is_some_and(|b| world.port_down[b]);
+            (!(displaced[v] || backup_lost), std::cmp::Reverse(dep.vms[v].criticality), std::cmp::Reverse(dep.vms[v].share.clone()), v)
+        });
+        Problem { base, dep, world, initial, levels, level_of, displaced, order }
+    }
+
+    fn host(&self, processor: usize) -> usize {
+        self.dep.host_of_processor(processor).unwrap_or(0)
+    }
+
+    fn live_hosts(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.dep.hosts.len()).filter(|&h| !self.world.host_down[h])
+    }
+
+    /// The backup a VM had, if it can still serve as one (alive and reachable).
+    fn old_backup(&self, v: usize) -> Option<usize> {
+        self.initial.vms[v].backup.filter(|&b| !self.world.port_down[b])
+    }
+
+    /// The host holding a displaced VM's state (its backup), if it is alive.
+    fn state_host(&self, v: usize) -> Option<usize> {
+        self.initial.vms[v].backup.filter(|&b| !self.world.host_down[b])
+    }
+
+    /// (moves, stopped, lost its backup) of one VM's choice.
+    pub fn vm_cost(&self, v: usize, p: &VmPlace) -> (usize, bool, bool) {
+        if !p.running() {
+            return (0, true, false);
+        }
+        let init = &self.initial.vms[v];
+        let h = self.host(p.instances[0]);
+        let mut moves = 0;
+        if !self.displaced[v] {
+            if p.instances != init.instances {
+                moves += 1;
+            }
+            if let Some(b0) = self.old_backup(v) {
+                if h != b0 && p.backup != Some(b0) {
+                    moves += 1;
+                }
+            }
+        } else if let Some(b) = self.state_host(v) {
+            if h != b {
+                moves += 1;
+            }
+        }
+        let lost = self.dep.vms[v].mode.remote() && p.backup.is_none();
+        (moves, false, lost)
+    }
+
+    /// The cost of a whole placement, with `misses` from its verdict.
+    pub fn cost(&self, place: &Placement, misses: usize) -> Cost {
+        let mut c = Cost { misses, levels: vec![(0, 0); self.levels.len()], moves: 0 };
+        for (v, p) in place.vms.iter().enumerate() {
+            let (m, stopped, lost) = self.vm_cost(v, p);
+            c.moves += m;
+            let l = &mut c.levels[self.level_of[v]];
+            l.0 += stopped as usize;
+            l.1 += lost as usize;
+        }
+        c
+    }
+
+    /// Every choice for VM `v`: where its instances run and where its backup is, or stopped.
+    /// The choice that changes least comes first, stopping last.
+    pub fn choices(&self, v: usize, loads: &Loads) -> Vec<VmPlace> {
+        let vm = &self.dep.vms[v];
+        let init = &self.initial.vms[v];
+        let mut prims: Vec<Vec<usize>> = Vec::new();
+        if !self.displaced[v] {
+            prims.push(init.instances.clone());
+        }
+        // A displaced VM resumes first where its state is.
+        let mut hosts: Vec<usize> = self.live_hosts().collect();
+        if let Some(b) = self.state_host(v).filter(|_| self.displaced[v]) {
+            hosts.sort_by_key(|&h| h != b);
+        }
+        for h in hosts {
+            if vm.instances.len() == 1 {
+                for &c in &self.dep.hosts[h].processors {
+                    if prims.first() != Some(&vec![c]) {
+                        prims.push(vec![c]);
+                    }
+                }
+            } else if prims.first().is_none_or(|p| self.host(p[0]) != h) {
+                if let Some(list) = loads.fit_instances(self, v, h) {
+                    prims.push(list);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for instances in prims {
+            let h = self.host(instances[0]);
+            let mut backups: Vec<Option<usize>> = Vec::new();
+            if vm.mode.remote() {
+                if let Some(b0) = self.old_backup(v).filter(|&b| b != h && !self.displaced[v]) {
+                    backups.push(Some(b0));
+                }
+                if !self.world.port_down[h] {
+                    for b in self.live_hosts() {
+                        if b != h && !self.world.port_down[b] && !backups.contains(&Some(b)) {
+                            backups.push(Some(b));
+                        }
+                    }
+                }
+            }
+            backups.push(None);
+            for backup in backups {
+                out.push(VmPlace { instances: instances.clone(), backup });
+            }
+        }
+        out.push(VmPlace { instances: vec![], backup: None });
+        out
+    }
+}
+
+/// What the placed VMs take of each processor and host.
+#[derive(Debug, Clone)]
+pub struct Loads {
+    /// Per resource (processors): share taken.
+    share: Vec<Q>,
+    /// Per processor: VMs running as plain tasks (they cannot share a processor with
+    /// reservations).
+    plain: Vec<usize>,
+    reserved: Vec<usize>,
+    /// Per host: memory taken.
+    memory: Vec<Q>,
+}
+
+impl Loads {
+    pub fn empty(p: &Problem) -> Loads {
+        let n = p.base.resources.len();
+        Loads { share: vec![Q::zero(); n], plain: vec![0; n], reserved: vec![0; n], memory: vec![Q::zero(); p.dep.hosts.len()] }
+    }
+
+    pub fn of(p: &Problem, place: &Placement) -> Loads {
+        let mut l = Loads::empty(p);
+        for (v, vp) in place.vms.iter().enumerate() {
+            l.add(p, v, vp, true);
+        }
+        l
+    }
+
+    pub fn add(&mut self, p: &Problem, v: usize, vp: &VmPlace, add: bool) {
+        let vm = &p.dep.vms[v];
+        let plain = vm.reservation.is_none();
+        for &c in &vp.instances {
+            if add {
+                self.share[c] = &self.share[c] + &vm.share;
+            } else {
+                self.share[c] = &self.share[c] - &vm.share;
+            }
+            let counter = if plain { &mut self.plain[c] } else { &mut self.reserved[c] };
+            if add {
+                *counter += 1;
+            } else {
+                *counter -= 1;
+            }
+        }
+        if let Some(&c) = vp.instances.first() {
+            let h = p.host(c);
+            let m = &vm.memory * &Q::int(vp.instances.len() as i64);
+            self.memory[h] = if add { &self.memory[h] + &m } else { &self.memory[h] - &m };
+        }
+        if let (Some(b), true) = (vp.backup, vp.running()) {
+            self.memory[b] = if add { &self.memory[b] + &vm.memory } else { &self.memory[b] - &vm.memory };
+        }
+    }
+
+    /// Whether VM `v` placed as `vp` fits on top of these loads.
+    pub fn fits(&self, p: &Problem, v: usize, vp: &VmPlace) -> bool {
+        let vm = &p.dep.vms[v];
+        let plain = vm.reservation.is_none();
+        let mut extra: Vec<(usize, Q)> = Vec::new();
+        for &c in &vp.instances {
+            if (plain && self.reserved[c] > 0) || (!plain && self.plain[c] > 0) {
+                return false;
+            }
+            match extra.iter_mut().find(|(x, _)| *x == c) {
+                Some((_, s)) => *s = &*s + &vm.share,
+                None => extra.push((c, vm.share.clone())),
+            }
+        }
+        if extra.iter().any(|(c, s)| &self.share[*c] + s > Q::one()) {
+            return false;
+        }
+        let mut mem: Vec<(usize, Q)> = Vec::new();
+        if let Some(&c) = vp.instances.first() {
+            mem.push((p.host(c), &vm.memory * &Q::int(vp.instances.len() as i64)));
+        }
+        if let (Some(b), true) = (vp.backup, vp.running()) {
+            mem.push((b, vm.memory.clone()));
+        }
+        mem.iter().all(|(h, m)| &self.memory[*h] + m <= p.dep.hosts[*h].memory)
+    }
+
+    /// Processors of host `h` for the instances of VM `v`, each on the processor with the most
+    /// room left (None if they do not fit).
+    pub fn fit_instances(&self, p: &Problem, v: usize, h: usize) -> Option<Vec<usize>> {
+        let vm = &p.dep.vms[v];
+        let mut share: Vec<(usize, Q)> = p.dep.hosts[h].processors.iter().map(|&c| (c, self.share[c].clone())).collect();
+        let mut out = Vec::new();
+        for _ in 0..vm.instances.len() {
+            let (c, s) =
+                share.iter_mut().filter(|(c, s)| &*s + &vm.share <= Q::one() && self.plain[*c] == 0).min_by(|a, b| a.1.cmp(&b.1))?;
+            *s = &*s + &vm.share;
+            out.push(*c);
+        }
+        out.sort_unstable();
+        Some(out)
+    }
+
+    /// Room left on processor `c`.
+    pub fn free(&self, c: usize) -> Q {
+        Q::one() - &self.share[c]
+    }
+
+    pub fn free_memory(&self, p: &Problem, h: usize) -> Q {
+        &p.dep.hosts[h].memory - &self.memory[h]
+    }
+}
+
+/// How hard to search.
+#[derive(Debug, Clone)]
+pub struct SearchOptions {
+    /// Most placements the branch and bound evaluates before it gives up proving optimality.
+    pub exact_budget: usize,
+    /// Alternatives tried per VM when the greedy search repairs or improves a placement.
+    pub alternatives: usize,
+}
+
+impl Default for SearchOptions {
+    fn default() -> SearchOptions {
+        SearchOptions { exact_budget: 20_000, alternatives: 4 }
+    }
+}
+
+fn score(p: &Problem, ev: &mut Evaluator, place: Placement) -> Result<Scored, AnalysisError> {
+    let verdict = ev.evaluate(&p.world, &place)?;
+    let cost = p.cost(&place, verdict.misses);
+    Ok(Scored { place, cost, verdict })
+}
+
+/// Greedy placement with repair (see the module documentation).
+pub fn greedy(p: &Problem, ev: &mut Evaluator, opts: &SearchOptions) -> Result<Scored, AnalysisError> {
+    let mut place = p.initial.clone();
+    // Start from what survives: displaced VMs are unplaced, dead or unreachable backups gone.
+    for v in 0..place.vms.len() {
+        if p.displaced[v] {
+            place.vms[v] = VmPlace { instances: vec![], backup: None };
+        } else if place.vms[v].backup.is_some() && p.old_backup(v).is_none() {
+            place.vms[v].backup = None;
+        }
+    }
+    let mut loads = Loads::of(p, &place);
+    for &v in &p.order {
+        if !p.displaced[v] {
+            continue;
+        }
+        let mut best: Option<(usize, Q, VmPlace)> = None;
+        for c in p.choices(v, &loads) {
+            if !c.running() || !loads.fits(p, v, &c) {
+                continue;
+            }
+            // Place the instances now, the backup below; fewest moves, then the most room.
+            let c = VmPlace { instances: c.instances, backup: None };
+            let (moves, _, _) = p.vm_cost(v, &c);
+            let room = c.instances.iter().map(|&x| loads.free(x)).min().unwrap_or_default();
+            if best.as_ref().is_none_or(|(m, r, _)| moves < *m || (moves == *m && room > *r)) {
+                best = Some((moves, room, c));
+            }
+        }
+        if let Some((_, _, c)) = best {
+            loads.add(p, v, &c, true);
+            place.vms[v] = c;
+        }
+    }
+    give_backups(p, &mut place, &mut loads);
+    let mut cur = score(p, ev, place)?;
+
+    // Repair missed deadlines by moving the VMs involved, then by shedding.
+    for _round in 0..2 * p.dep.vms.len() + 2 {
+        if cur.cost.misses == 0 {
+            break;
+        }
+        let involved = involved_vms(p, &cur.verdict);
+        let mut improved: Option<Scored> = None;
+        for &v in &involved {
+            for alt in alternatives(p, &cur.place, v, opts.alternatives) {
+                let mut place = cur.place.clone();
+                place.vms[v] = alt;
+                let s = score(p, ev, place)?;
+                if s.better_than(improved.as_ref().unwrap_or(&cur)) {
+                    improved = Some(s);
+                }
+            }
+        }
+        if let Some(s) = improved {
+            cur = s;
+            continue;
+        }
+        // Shed the least critical running VM, preferring those involved in the misses.
+        let victim = (0..p.dep.vms.len())
+            .filter(|&v| cur.place.vms[v].running())
+            .min_by_key(|&v| (p.dep.vms[v].criticality, !involved.contains(&v), std::cmp::Reverse(p.dep.vms[v].share.clone())));
+        let Some(victim) = victim else { break };
+        let mut place = cur.place.clone();
+        place.vms[victim] = VmPlace { instances: vec![], backup: None };
+        let mut loads = Loads::of(p, &place);
+        give_backups(p, &mut place, &mut loads);
+        cur = score(p, ev, place)?;
+    }
+
+    // With deadlines met, try other processors for the displaced VMs: more slack at no cost.
+    if cur.cost.misses == 0 {
+        for &v in &p.order {
+            if !p.displaced[v] || !cur.place.vms[v].running() {
+                continue;
+            }
+            for alt in alternatives(p, &cur.place, v, opts.alternatives) {
+                let mut place = cur.place.clone();
+                place.vms[v] = alt;
+                let s = score(p, ev, place)?;
+                if s.better_than(&cur) {
+                    cur = s;
+                }
+            }
+        }
+    }
+    Ok(cur)
+}
+
+/// Gives a backup to every running remote-mode VM without one: on the reachable host with the
+/// most free memory.
+fn give_backups(p: &Problem, place: &mut Placement, loads: &mut Loads) {
+    for &v in &p.order {
+        let vm = &p.dep.vms[v];
+        let cur = &place.vms[v];
+        if !vm.mode.remote() || !cur.running() || cur.backup.is_some() {
+            continue;
+        }
+        let h = p.host(cur.instances[0]);
+        if p.world.port_down[h] {
+            continue;
+        }
+        let best = p
+            .live_hosts()
+            .filter(|&b| b != h && !p.world.port_down[b])
+            .filter(|&b| loads.free_memory(p, b) >= vm.memory)
+            .max_by(|&a, &b| loads.free_memory(p, a).cmp(&loads.free_memory(p, b)).then(b.cmp(&a)));
+        if let Some(b) = best {
+            let np = VmPlace { instances: cur.instances.clone(), backup: Some(b) };
+            loads.add(p, v, &place.vms[v], false);
+            loads.add(p, v, &np, true);
+            place.vms[v] = np;
+        }
+    }
+}
+
+/// Up to `k` other running choices for VM `v` that fit, the roomiest first.
+fn alternatives(p: &Problem, place: &Placement, v: usize, k: usize) -> Vec<VmPlace> {
+    let mut loads = Loads::of(p, place);
+    loads.add(p, v, &place.vms[v], false);
+    let mut alts: Vec<(Q, VmPlace)> = p
+        .choices(v, &loads)
+        .into_iter()
+        .filter(|c| c.running() && c != &place.vms[v] && loads.fits(p, v, c))
+        .filter(|c| !p.dep.vms[v].mode.remote() || c.backup.is_some() || place.vms[v].backup.is_none())
+        .map(|c| (c.instances.iter().map(|&x| loads.free(x)).min().unwrap_or_default(), c))
+        .collect();
+    alts.sort_by(|a, b| b.0.cmp(&a.0));
+    // One per distinct instance list: the backup that comes with it is the first offered.
+    let mut seen: Vec<Vec<usize>> = Vec::new();
+    let mut out = Vec::new();
+    for (_, c) in alts {
+        if !seen.contains(&c.instances) {
+            seen.push(c.instances.clone());
+            out.push(c);
+            if out.len() == k {
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// VMs whose tasks or messages are in a missed deadline.
+fn involved_vms(p: &Problem, v: &Verdict) -> Vec<usize> {
+    let mut tasks: Vec<usize> = v.missed_tasks.clone();
+    tasks.extend(v.undeliverable.iter().copied());
+    for &c in &v.missed_chains {
+        tasks.extend(p.base.chains[c].tasks.iter().copied());
+    }
+    let mut out: Vec<usize> = Vec::new();
+    for t in tasks {
+        let owner = p.dep.vm_of_task[t].or_else(|| {
+            // A message belongs to its sender's VM.
+            p.dep.messages.iter().find(|m| m.task == t).and_then(|m| p.dep.vm_of_task[m.sender])
+        });
+        if let Some(o) = owner {
+            if !out.contains(&o) {
+                out.push(o);
+            }
+        }
+    }
+    out
+}
+
+/// Branch and bound from an incumbent. Returns the best placement and whether the search
+/// finished (then it is optimal).
+pub fn branch_and_bound(p: &Problem, ev: &mut Evaluator, incumbent: Scored, budget: usize) -> Result<(Scored, bool), AnalysisError> {
+    struct Bb<'p, 'a, 'e> {
+        p: &'p Problem<'a>,
+        ev: &'p mut Evaluator<'e>,
+        best: Scored,
+        leaves: usize,
+        budget: usize,
+        aborted: bool,
+    }
+    fn dfs(bb: &mut Bb, k: usize, place: &mut Placement, loads: &mut Loads, partial: &Cost) -> Result<(), AnalysisError> {
+        if bb.aborted {
+            return Ok(());
+        }
+        let p = bb.p;
+        if k == p.order.len() {
+            if bb.leaves >= bb.budget {
+                bb.aborted = true;
+                return Ok(());
+            }
+            bb.leaves += 1;
+            let s = score(p, bb.ev, place.clone())?;
+            if s.better_than(&bb.best) {
+                bb.best = s;
+            }
+            return Ok(());
+        }
+        // Only the VMs decided so far are in `loads`: pruning on capacity is then sound.
+        let v = p.order[k];
+        let keep = place.vms[v].clone();
+        for c in p.choices(v, loads) {
+            if !loads.fits(p, v, &c) {
+                continue;
+            }
+            let (m, stopped, lost) = p.vm_cost(v, &c);
+            let mut next = partial.clone();
+            next.moves += m;
+            next.levels[p.level_of[v]].0 += stopped as usize;
+            next.levels[p.level_of[v]].1 += lost as usize;
+            if next > bb.best.cost {
+                continue;
+            }
+            loads.add(p, v, &c, true);
+            place.vms[v] = c.clone();
+            dfs(bb, k + 1, place, loads, &next)?;
+            loads.add(p, v, &c, false);
+            if bb.aborted {
+                break;
+            }
+        }
+        place.vms[v] = keep;
+        Ok(())
+    }
+    let mut place = p.initial.clone();
+    let mut loads = Loads::empty(p);
+    let mut bb = Bb { p, ev, best: incumbent, leaves: 0, budget, aborted: false };
+    let zero = Cost { misses: 0, levels: vec![(0, 0); p.levels.len()], moves: 0 };
+    dfs(&mut bb, 0, &mut place, &mut loads, &zero)?;
+    Ok((bb.best, !bb.aborted))
+}
+
+/// Every combination of every VM's choices, each analysed in full, no pruning: the reference
+/// for tests (exponential; only for a handful of VMs).
+pub fn exhaustive(p: &Problem) -> Result<Scored, AnalysisError> {
+    let n = p.dep.vms.len();
+    let empty = Loads::empty(p);
+    // Choices per VM, independent of the others (instances of multi-instance VMs are fitted
+    // on an empty host, which lists every host).
+    let per_vm: Vec<Vec<VmPlace>> = (0..n).map(|v| p.choices(v, &empty)).collect();
+    let mut idx = vec![0usize; n];
+    let mut best: Option<Scored> = None;
+    let mut sys = p.base.clone();
+    loop {
+        let place = Placement { vms: (0..n).map(|v| per_vm[v][idx[v]].clone()).collect() };
+        if capacity_ok(p, &place) {
+            p.dep.apply(p.base, &place, &mut sys);
+            let an = analyze(&sys, &crate::eval::planning_options())?;
+            let verdict = verdict(p.base, p.dep, &p.world, &place, &an);
+            let s = Scored { cost: p.cost(&place, verdict.misses), place, verdict };
+            if best.as_ref().is_none_or(|b| s.better_than(b)) {
+                best = Some(s);
+            }
+        }
+        // Next combination.
+        let mut k = 0;
+        loop {
+            if k == n {
+                return Ok(best.expect("stopping every VM always fits"));
+            }
+            idx[k] += 1;
+            if idx[k] < per_vm[k].len() {
+                break;
+            }
+            idx[k] = 0;
+            k += 1;
+        }
+    }
+}
+
+/// Processor shares and host memory within capacity, every VM on live hosts.
+pub fn capacity_ok(p: &Problem, place: &Placement) -> bool {
+    let mut loads = Loads::empty(p);
+    for (v, vp) in place.vms.iter().enumerate() {
+        if vp.instances.iter().any(|&c| p.world.host_down[p.host(c)]) || vp.backup.is_some_and(|b| p.world.host_down[b]) {
+            return false;
+        }
+        if !loads.fits(p, v, vp) {
+            return false;
+        }
+        loads.add(p, v, vp, true);
+    }
+    true
+}
