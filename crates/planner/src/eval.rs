@@ -43,6 +43,8 @@ pub struct Verdict {
     pub misses: usize,
     /// Smallest slack over the deadlines kept (None when there are none).
     pub slack: Option<Q>,
+    /// The tasks whose deadline (a task's own, or its chain's) has that smallest slack.
+    pub tightest: Vec<usize>,
     /// Tasks whose deadline (or bound) fails, by index.
     pub missed_tasks: Vec<usize>,
     pub missed_chains: Vec<usize>,
@@ -59,6 +61,8 @@ pub struct Verdict {
 /// Work counters, for the benchmark and the report.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Stats {
+    /// Scenarios planned.
+    pub scenarios: usize,
     /// Placements evaluated (analysed or found in the memo).
     pub evaluations: usize,
     /// Evaluations answered from the memo.
@@ -69,6 +73,17 @@ pub struct Stats {
     pub tasks_reused: usize,
     /// Analyses that had to cover the whole system.
     pub full_analyses: usize,
+}
+
+impl Stats {
+    pub fn add(&mut self, o: &Stats) {
+        self.scenarios += o.scenarios;
+        self.evaluations += o.evaluations;
+        self.memo_hits += o.memo_hits;
+        self.tasks_reanalysed += o.tasks_reanalysed;
+        self.tasks_reused += o.tasks_reused;
+        self.full_analyses += o.full_analyses;
+    }
 }
 
 /// Analyses placements one after another, each incrementally from the previous one, and
@@ -102,6 +117,14 @@ impl<'a> Evaluator<'a> {
             memo: HashMap::new(),
             stats: Stats::default(),
         }
+    }
+
+    /// Continues from `an`, the analysis of the initial placement (the system as loaded):
+    /// the next evaluation re-analyses only what its placement changes from there.
+    pub fn restart_from(&mut self, an: &Analysis) {
+        self.stats.scenarios += 1;
+        self.cur.clone_from(self.base);
+        self.an = Some(an.clone());
     }
 
     /// The verdict on `place` in `world`.
@@ -180,6 +203,7 @@ pub fn verdict(base: &System, dep: &Deployment, world: &World, place: &Placement
     let mut v = Verdict {
         misses: 0,
         slack: None,
+        tightest: vec![],
         missed_tasks: vec![],
         missed_chains: vec![],
         given_up_chains: vec![],
@@ -187,11 +211,11 @@ pub fn verdict(base: &System, dep: &Deployment, world: &World, place: &Placement
         lost_tasks: (0..n).filter(|&t| lost[t]).collect(),
         lost_chains: vec![],
     };
-    let mut take_slack = |s: Q| {
-        v.slack = Some(match v.slack.take() {
-            Some(x) => Q::min(&x, &s),
-            None => s,
-        })
+    let mut take_slack = |s: Q, tasks: &[usize]| {
+        if v.slack.as_ref().is_none_or(|x| &s < x) {
+            v.slack = Some(s);
+            v.tightest = tasks.to_vec();
+        }
     };
     for t in 0..n {
         if given_up[t] || lost[t] {
@@ -202,7 +226,7 @@ pub fn verdict(base: &System, dep: &Deployment, world: &World, place: &Placement
             && match (&r.wcrt, &base.tasks[t].deadline) {
                 (None, _) => false,
                 (Some(w), Some(d)) => {
-                    take_slack(d - w);
+                    take_slack(d - w, &[t]);
                     w <= d
                 }
                 (Some(_), None) => true,
@@ -225,7 +249,7 @@ pub fn verdict(base: &System, dep: &Deployment, world: &World, place: &Placement
             && match (&r.worst, &ch.deadline) {
                 (None, _) => false,
                 (Some(w), Some(d)) => {
-                    take_slack(d - w);
+                    take_slack(d - w, &ch.tasks);
                     w <= d
                 }
                 (Some(_), None) => true,

@@ -111,6 +111,16 @@ impl<'a> Problem<'a> {
         self.initial.vms[v].backup.filter(|&b| !self.world.host_down[b])
     }
 
+    /// How many combinations of choices the VMs the fault forces to change have (displaced
+    /// VMs, and VMs whose backup is lost).
+    pub fn forced_space(&self) -> f64 {
+        let empty = Loads::empty(self);
+        (0..self.dep.vms.len())
+            .filter(|&v| self.displaced[v] || (self.initial.vms[v].backup.is_some() && self.old_backup(v).is_none()))
+            .map(|v| self.choices(v, &empty).len() as f64)
+            .product()
+    }
+
     /// (moves, stopped, lost its backup) of one VM's choice.
     pub fn vm_cost(&self, v: usize, p: &VmPlace) -> (usize, bool, bool) {
         if !p.running() {
@@ -400,10 +410,13 @@ pub fn greedy(p: &Problem, ev: &mut Evaluator, opts: &SearchOptions) -> Result<S
         cur = score(p, ev, place)?;
     }
 
-    // With deadlines met, try other processors for the displaced VMs: more slack at no cost.
+    // With deadlines met, try other processors for the displaced VMs that share a resource
+    // with the tightest deadline: more slack at no cost. (Moving any other VM cannot raise
+    // the smallest slack, except by unloading those resources indirectly.)
     if cur.cost.misses == 0 {
+        let near = near_tightest(p, &cur);
         for &v in &p.order {
-            if !p.displaced[v] || !cur.place.vms[v].running() {
+            if !p.displaced[v] || !cur.place.vms[v].running() || !near.contains(&v) {
                 continue;
             }
             for alt in alternatives(p, &cur.place, v, opts.alternatives) {
@@ -417,6 +430,33 @@ pub fn greedy(p: &Problem, ev: &mut Evaluator, opts: &SearchOptions) -> Result<S
         }
     }
     Ok(cur)
+}
+
+/// VMs with a task (or message, or checkpoint stream) on a resource used by the tasks with the
+/// smallest slack, or on the processors of those tasks' VMs.
+fn near_tightest(p: &Problem, s: &Scored) -> Vec<usize> {
+    let mut sys = p.base.clone();
+    p.dep.apply(p.base, &s.place, &mut sys);
+    let host_proc = |r: usize| match &sys.resources[r].kind {
+        rtc::system::ResourceKind::Reservation { host, .. } => *host,
+        _ => r,
+    };
+    let used: Vec<usize> = s.verdict.tightest.iter().flat_map(|&t| [sys.tasks[t].resource, host_proc(sys.tasks[t].resource)]).collect();
+    let mut out = Vec::new();
+    for (t, task) in sys.tasks.iter().enumerate() {
+        if !used.contains(&task.resource) && !used.contains(&host_proc(task.resource)) {
+            continue;
+        }
+        let owner = p.dep.vm_of_task[t]
+            .or_else(|| p.dep.messages.iter().find(|m| m.task == t).and_then(|m| p.dep.vm_of_task[m.sender]))
+            .or_else(|| p.dep.vms.iter().position(|v| v.checkpoint.as_ref().is_some_and(|c| c.task == t)));
+        if let Some(o) = owner {
+            if !out.contains(&o) {
+                out.push(o);
+            }
+        }
+    }
+    out
 }
 
 /// Gives a backup to every running remote-mode VM without one: on the reachable host with the

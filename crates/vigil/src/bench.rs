@@ -1,5 +1,7 @@
 //! `vigil bench analysis`: how long a full analysis takes as systems grow, and what the curve
-//! operations underneath cost. Prints tables (or JSON); timings are medians of repeated runs.
+//! operations underneath cost. `vigil bench plan`: how long planning every single-host failure
+//! takes for synthetic clusters, against what full re-analyses would cost. Prints tables (or
+//! JSON); timings are medians of repeated runs.
 
 use crate::Outcome;
 use rtc::component::{self, Workload};
@@ -26,11 +28,17 @@ pub struct Args {
     /// Skip the (slower) runs with GPC completion curves.
     #[arg(long)]
     no_gpc_outputs: bool,
+    /// Cluster sizes for `plan`, as VMSxHOSTS.
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["50x5".to_string(), "200x20".to_string(), "1000x100".to_string()])]
+    clusters: Vec<String>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
 enum What {
+    /// The analysis of synthetic systems and the curve operations.
     Analysis,
+    /// Planning every single-host failure of synthetic clusters.
+    Plan,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -55,7 +63,9 @@ fn ms(d: Duration) -> f64 {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
-    let What::Analysis = args.what;
+    if let What::Plan = args.what {
+        return plan(args);
+    }
     let mut rows = Vec::new();
     let mut prev: Option<(usize, f64)> = None;
     for &n in &args.sizes {
@@ -158,4 +168,82 @@ fn curve_ops(repeat: usize) -> Vec<serde_json::Value> {
         component::task_on_service(&a, &w, &cbs, true).map(|b| b.output.0.segments().len()).unwrap_or(0)
     });
     out
+}
+
+/// Planning all single-host failures of synthetic clusters (see `planner::synthetic`).
+fn plan(args: &Args) -> anyhow::Result<Outcome> {
+    use planner::{plan_all, scenario, synthetic, Coverage, SearchOptions};
+    let mut rows = Vec::new();
+    for spec in &args.clusters {
+        let (vms, hosts) = spec
+            .split_once('x')
+            .and_then(|(v, h)| Some((v.parse::<usize>().ok()?, h.parse::<usize>().ok()?)))
+            .ok_or_else(|| anyhow::anyhow!("cluster size {spec:?}: write VMSxHOSTS, e.g. 200x20"))?;
+        let text = synthetic::cluster(vms, hosts, 11);
+        let loaded = model::parse(&text, "synthetic.toml", std::path::Path::new(".")).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let dep = loaded.deployment.as_ref().ok_or_else(|| anyhow::anyhow!("synthetic cluster without hosts"))?;
+        let scenarios = scenario::enumerate(dep, &[], 1, false);
+        let repeat = if vms >= 1000 { 1.max(args.repeat.min(3)) } else { args.repeat };
+        let opts = SearchOptions::default();
+        let (t, table) = time(repeat, || plan_all(&loaded.system, dep, &scenarios, &opts));
+        let table = table.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (t_full, _) = time(repeat, || analyze(&loaded.system, &planner::eval::planning_options()));
+        let st = table.stats;
+        let analysed = st.evaluations - st.memo_hits;
+        let count = |c: Coverage| table.plans.iter().filter(|p| p.coverage == c).count();
+        rows.push(serde_json::json!({
+            "vms": vms, "hosts": hosts, "tasks": loaded.system.tasks.len(), "scenarios": scenarios.len(),
+            "plan_ms": ms(t), "ms_per_scenario": ms(t) / scenarios.len() as f64,
+            "evaluations": st.evaluations, "memo_hits": st.memo_hits,
+            "tasks_reanalysed": st.tasks_reanalysed, "tasks_reused": st.tasks_reused,
+            "full_analysis_ms": ms(t_full),
+            "speedup_vs_full_reanalysis": ms(t_full) * analysed as f64 / ms(t),
+            "optimal": table.plans.iter().filter(|p| p.method == "optimal").count(),
+            "covered": count(Coverage::Covered), "degraded": count(Coverage::Degraded), "uncoverable": count(Coverage::Uncoverable),
+        }));
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "plan": rows }))?);
+        return Ok(Outcome::Ok);
+    }
+    println!("Planning every single-host failure of synthetic clusters (median of runs)");
+    println!(
+        "{:>5} {:>6} {:>6} {:>9} {:>11} {:>9} {:>6} {:>10} {:>8} {:>13} {:>10} {:>8} {:>22}",
+        "VMs",
+        "hosts",
+        "tasks",
+        "scenarios",
+        "plan",
+        "/scenario",
+        "evals",
+        "memo hits",
+        "reused",
+        "1 full anal.",
+        "vs full",
+        "optimal",
+        "covered/degraded/unc."
+    );
+    for r in &rows {
+        let n = |k: &str| r[k].as_u64().unwrap_or_default();
+        let f = |k: &str| r[k].as_f64().unwrap_or_default();
+        let reused = n("tasks_reused") as f64 / (n("tasks_reused") + n("tasks_reanalysed")).max(1) as f64;
+        println!(
+            "{:>5} {:>6} {:>6} {:>9} {:>8.1} ms {:>6.1} ms {:>6} {:>10} {:>7.1}% {:>10.2} ms {:>9.1}x {:>8} {:>22}",
+            n("vms"),
+            n("hosts"),
+            n("tasks"),
+            n("scenarios"),
+            f("plan_ms"),
+            f("ms_per_scenario"),
+            n("evaluations"),
+            n("memo_hits"),
+            reused * 100.0,
+            f("full_analysis_ms"),
+            f("speedup_vs_full_reanalysis"),
+            n("optimal"),
+            format!("{}/{}/{}", n("covered"), n("degraded"), n("uncoverable")),
+        );
+    }
+    println!("\n\"vs full\": (placements analysed × one full analysis) / planning time — what incremental re-analysis saves.");
+    Ok(Outcome::Ok)
 }
