@@ -276,8 +276,24 @@ pub(crate) fn build(p: Parts) -> Result<Option<Deployment>> {
             return Err(ctx.fail(&s, Some("host"), format!("unknown host {:?} (the file has no [[host]])", l.get_ref().host)));
         }
         if let Some(v) = raw.vm.iter().find(|v| deployment_keys(v.get_ref())) {
-            let s = Site::new(ItemKind::Vm, &v.get_ref().name, v.span());
-            return Err(ctx.fail(&s, None, "instances, mode, criticality, memory, backup and checkpoints need [[host]] items"));
+            let r = v.get_ref();
+            let s = Site::new(ItemKind::Vm, &r.name, v.span());
+            let given = [
+                ("instances", r.instances.is_some()),
+                ("mode", r.mode.is_some()),
+                ("criticality", r.criticality.is_some()),
+                ("memory", r.memory.is_some()),
+                ("backup", r.backup.is_some()),
+                ("checkpoint_size", r.checkpoint_size.is_some()),
+                ("checkpoint_interval", r.checkpoint_interval.is_some()),
+                ("checkpoint_priority", r.checkpoint_priority.is_some()),
+            ];
+            let key = given.iter().find(|(_, g)| *g).map(|(k, _)| *k);
+            return Err(ctx.fail(
+                &s,
+                key,
+                format!("`{}` describes a deployment, which needs [[host]] items (see docs/model-format.md)", key.unwrap_or("memory")),
+            ));
         }
         return Ok(None);
     }

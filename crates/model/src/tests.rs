@@ -387,3 +387,114 @@ fn workload_curves() {
     fails(&with("wcet = \"1ms\"", "wcet = \"1ms\"\nworkload_upper = [\"1ms\", \"3ms\"]"), 27, "filter", "beyond 2 × 1000");
     fails(&with("size = \"1500B\"", "size = \"1500B\"\nworkload_upper = [\"1ms\"]"), 34, "send", "processors or VMs");
 }
+
+// ------------------------------------------------------------------ hosts and deployment
+
+const CLUSTER: &str = include_str!("../../../examples/cluster.toml");
+
+fn cluster_with(from: &str, to: &str) -> String {
+    assert!(CLUSTER.contains(from), "{from:?} not in examples/cluster.toml");
+    CLUSTER.replacen(from, to, 1)
+}
+
+/// 1-based line of the first occurrence of `needle` in `text`.
+fn line_of(text: &str, needle: &str) -> usize {
+    let at = text.find(needle).unwrap_or_else(|| panic!("{needle:?} not in text"));
+    1 + text[..at].matches('\n').count()
+}
+
+#[test]
+fn the_cluster_example_maps_onto_a_deployment() {
+    let l = ok(CLUSTER);
+    let d = l.deployment.as_ref().expect("hosts");
+    assert_eq!(d.hosts.len(), 3);
+    assert_eq!(d.vms.len(), 4);
+    let relay = &d.vms[0];
+    assert_eq!((relay.mode, relay.criticality), (Mode::Remote, 3));
+    assert_eq!(d.hosts[relay.backup.expect("backup")].name, "hostB");
+    assert_eq!(relay.memory, q("2147483648"));
+    // The checkpoint stream is a message on the primary's port, competing with its traffic.
+    let cp = relay.checkpoint.as_ref().expect("checkpoints");
+    let t = &l.system.tasks[cp.task];
+    assert_eq!((t.name.as_str(), l.system.resources[t.resource].name.as_str()), ("relay.checkpoint", "portA"));
+    assert_eq!(t.wcet, q("2097152"));
+    // The voter's second instance is a reservation of its own on c1.
+    let voter = &d.vms[2];
+    assert_eq!((voter.mode, voter.instances.len(), voter.extra_reservations.len()), (Mode::Local, 2, 1));
+    // Messages between hosts leave on the sender's port; the planner re-routes them.
+    assert_eq!(d.messages.len(), 2);
+    let trip = l.system.tasks.iter().position(|t| t.name == "trip").expect("trip");
+    assert_eq!(l.system.resources[l.system.tasks[trip].resource].name, "portA");
+    // Moving the voter next to the relay makes "trip" local: it goes over hostA's loopback.
+    let mut place = d.initial();
+    let a0 = l.system.resources.iter().position(|r| r.name == "a1").expect("a1");
+    place.vms[2].instances = vec![a0, a0];
+    let mut sys = l.system.clone();
+    d.apply(&l.system, &place, &mut sys);
+    assert_eq!(sys.resources[sys.tasks[trip].resource].name, "hostA.loopback");
+    // Stopping the relay stops its work and its checkpoints.
+    place.vms[0].instances.clear();
+    d.apply(&l.system, &place, &mut sys);
+    assert!(sys.tasks[cp.task].wcet.is_zero());
+    assert!(sys.tasks[l.system.tasks.iter().position(|t| t.name == "protect").expect("protect")].wcet.is_zero());
+}
+
+#[test]
+fn deployment_errors_name_the_item_and_line() {
+    // A remote backup on the VM's own host.
+    let t = cluster_with("backup = \"hostB\"", "backup = \"hostA\"");
+    fails(&t, line_of(&t, "backup = \"hostA\""), "relay", "a remote backup must be on another host");
+    // An instance on an unknown processor, or on a processor of no host.
+    let t = cluster_with("host = \"a0\"", "host = \"z9\"");
+    fails(&t, line_of(&t, "host = \"z9\""), "relay", "unknown host \"z9\"");
+    let t = cluster_with("instances = [\"c0\", \"c1\"]", "instances = [\"c0\", \"q1\"]");
+    fails(&t, line_of(&t, "instances = [\"c0\", \"q1\"]"), "voter", "unknown processor \"q1\"");
+    let t = cluster_with("host = \"a0\"", "host = \"spare\"").replacen("[[link]]", "[[processor]]\nname = \"spare\"\n\n[[link]]", 1);
+    fails(&t, line_of(&t, "host = \"spare\""), "relay", "belongs to no host");
+    // Local instances on two hosts.
+    let t = cluster_with("instances = [\"c0\", \"c1\"]", "instances = [\"c0\", \"b1\"]");
+    fails(&t, line_of(&t, "instances = [\"c0\", \"b1\"]"), "voter", "of different hosts");
+    // Memory over a host's capacity (instances and backups count).
+    let t = cluster_with("memory = \"6GiB\"", "memory = \"15GiB\"");
+    fails(&t, line_of(&t, "memory = \"16GiB\""), "hostA", "more than its memory 16 GiB");
+    // Modes and their keys.
+    let t = cluster_with("mode = \"local\"", "mode = \"normal\"");
+    fails(&t, line_of(&t, "instances = [\"c0\", \"c1\"]"), "voter", "2 instances, but mode normal runs one");
+    let t = cluster_with("mode = \"local\"", "mode = \"mirror\"");
+    fails(&t, line_of(&t, "mode = \"mirror\""), "voter", "unknown mode \"mirror\"");
+    let t = cluster_with("backup = \"hostC\"\n", "");
+    fails(&t, line_of(&t, "mode = \"remote\"\ncriticality = 2"), "control", "needs a `backup` host");
+    let t = cluster_with("name = \"logger\"\nhost = \"a1\"", "name = \"logger\"\nhost = \"a1\"\nbackup = \"hostB\"");
+    fails(&t, line_of(&t, "backup = \"hostB\"\nbudget = \"4ms\""), "logger", "`backup` given, but mode normal keeps none");
+    let t = cluster_with("checkpoint_size = \"2MiB\"\n", "");
+    fails(&t, line_of(&t, "[[vm]]\nname = \"relay\""), "relay", "missing `checkpoint_size`");
+    let t = cluster_with("checkpoint_priority = 20\n", "");
+    fails(&t, line_of(&t, "[[vm]]\nname = \"relay\""), "relay", "missing `checkpoint_priority`");
+    let t = cluster_with("criticality = 3", "criticality = -1");
+    fails(&t, line_of(&t, "criticality = -1"), "relay", "`criticality` must be an integer");
+    let t = cluster_with("memory = \"2GiB\"\n", "");
+    fails(&t, line_of(&t, "[[vm]]\nname = \"relay\""), "relay", "missing `memory`");
+    // Hosts and ports.
+    let t = cluster_with("processors = [\"b0\", \"b1\"]", "processors = [\"b0\", \"a1\"]");
+    fails(&t, line_of(&t, "processors = [\"b0\", \"a1\"]"), "hostB", "already belongs to host \"hostA\"");
+    let t = cluster_with("name = \"portB\"\nhost = \"hostB\"", "name = \"portB\"\nhost = \"hostA\"");
+    fails(&t, line_of(&t, "name = \"portB\"") + 1, "portB", "already has a port");
+    let t = cluster_with("name = \"portC\"\nhost = \"hostC\"", "name = \"portC\"\nhost = \"hostD\"");
+    fails(&t, line_of(&t, "host = \"hostD\""), "portC", "unknown host \"hostD\"");
+    // A message on the port of a host its sender does not run on.
+    let t = cluster_with("on = \"portA\"", "on = \"portB\"");
+    fails(&t, line_of(&t, "on = \"portB\"\ninput = \"protect\""), "trip", "its sender \"protect\" runs on host \"hostA\"");
+    // Messages on ports move between ports: their priorities must be unique across ports.
+    let t = cluster_with("checkpoint_priority = 21", "checkpoint_priority = 2");
+    fails(&t, line_of(&t, "[[vm]]\nname = \"control\""), "control", "unique across all ports");
+    // A plain task directly on a host's processor.
+    let t = cluster_with("on = \"logger\"", "on = \"b1\"");
+    fails(&t, line_of(&t, "on = \"b1\""), "log", "only VMs run on a host's processors");
+    // Deployment keys without hosts.
+    fails(
+        &with("budget = \"2ms\"", "budget = \"2ms\"\nmemory = \"1GiB\""),
+        15,
+        "vm1",
+        "`memory` describes a deployment, which needs [[host]] items",
+    );
+}

@@ -92,7 +92,7 @@ fn missing_file_and_bad_usage_exit_2() {
 #[test]
 fn every_example_is_valid_input() {
     // Whatever the analysis says, no example may be rejected by the model.
-    for f in ["simple.toml", "control-loop.toml", "overload-miss.toml", "edf.toml", "tdma.toml", "trace.toml"] {
+    for f in ["simple.toml", "control-loop.toml", "overload-miss.toml", "edf.toml", "tdma.toml", "trace.toml", "cluster.toml"] {
         if let Err(e) = model::load(example(f)) {
             panic!("{f}: {e}");
         }
@@ -116,7 +116,7 @@ fn simple_meets_its_deadlines() {
 #[test]
 
 fn every_schedulable_example_exits_0() {
-    for f in ["simple.toml", "control-loop.toml", "edf.toml", "tdma.toml", "trace.toml"] {
+    for f in ["simple.toml", "control-loop.toml", "edf.toml", "tdma.toml", "trace.toml", "cluster.toml"] {
         let out = vigil(&["analyze", &example(f).display().to_string()]);
         assert_eq!(out.status.code(), Some(0), "{f}:\n{}\n{}", text(&out.stdout), text(&out.stderr));
     }
@@ -169,4 +169,65 @@ fn plot_writes_one_svg_per_task() {
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{t}.svg is not an SVG");
         assert!(svg.contains("demand upper") && svg.contains("service lower") && svg.matches("<path").count() == 4, "{t}.svg");
     }
+}
+
+// ------------------------------------------------------------------ vigil plan
+
+#[test]
+fn plan_covers_every_single_host_failure_of_the_cluster() {
+    let out = vigil(&["plan", &example("cluster.toml").display().to_string()]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{}", text(&out.stderr));
+    for t in [
+        "Scenario hostA: covered (optimal",
+        "activate backup of relay (held on hostB)",
+        "start new backup of relay on",
+        "Scenario hostC: covered",
+        "restart voter on",
+        "3 covered, 0 degraded, 0 uncoverable",
+    ] {
+        assert!(stdout.contains(t), "{t:?} missing from:\n{stdout}");
+    }
+}
+
+#[test]
+fn plan_with_two_faults_and_links_exits_1_and_says_what_is_given_up() {
+    let out = vigil(&["plan", &example("cluster.toml").display().to_string(), "--faults", "2", "--links", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let plans = v["plans"].as_array().expect("plans");
+    // 3 hosts and 4 links: 7 single faults and 21 pairs.
+    assert_eq!(plans.len(), 28);
+    let by = |name: &str| plans.iter().find(|p| p["scenario"] == name).unwrap_or_else(|| panic!("scenario {name}"));
+    // Losing two of three hosts leaves room for the most critical VMs only.
+    let ab = by("hostA+hostB");
+    assert_eq!(ab["coverage"], "degraded");
+    assert!(ab["given_up"].as_array().expect("list").iter().any(|g| g["kind"] == "vm"), "{ab}");
+    // The fieldbus is a fixed link: what runs over it is lost whatever the plan.
+    let f = by("fieldbus");
+    assert_eq!(f["coverage"], "uncoverable");
+    assert!(f["lost"].as_array().expect("list").iter().any(|x| x == "protection"), "{f}");
+    // Every action is one of the documented kinds.
+    for p in plans {
+        for a in p["actions"].as_array().expect("actions") {
+            let k = a["action"].as_str().expect("kind");
+            assert!(["stop", "stop-backup", "migrate", "activate-backup", "restart", "start-backup"].contains(&k), "{a}");
+        }
+    }
+}
+
+#[test]
+fn plan_rejects_files_without_hosts_and_bad_flags() {
+    let out = vigil(&["plan", &example("simple.toml").display().to_string()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("no [[host]] items"), "{}", text(&out.stderr));
+    let out = vigil(&["plan", &example("cluster.toml").display().to_string(), "--faults", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    let d = scratch("plan-bad");
+    let f = d.join("c.toml");
+    let bad = std::fs::read_to_string(example("cluster.toml")).expect("example").replacen("backup = \"hostB\"", "backup = \"hostA\"", 1);
+    std::fs::write(&f, bad).expect("write");
+    let out = vigil(&["plan", &f.display().to_string()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("vm \"relay\": backup on host \"hostA\""), "{}", text(&out.stderr));
 }
