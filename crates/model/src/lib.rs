@@ -3,10 +3,12 @@
 //! Owns: the TOML format that describes processors, links, VMs (CBS reservations), event
 //! streams, tasks and chains (see `docs/model-format.md`); units ("10ms", "1500B",
 //! "100Mbit/s", parsed exactly); validation with `file:line` messages; the mapping onto
-//! [`rtc::system::System`]; and the [`report::Report`] that maps analysis results back onto
-//! names for humans and JSON.
+//! [`rtc::system::System`]; hosts and VM deployment ([`Deployment`]: modes, criticality,
+//! memory, instances, backups, checkpoint streams) and how a [`Placement`] rewrites the
+//! system; and the [`report::Report`] that maps analysis results back onto names for humans
+//! and JSON.
 //!
-//! Does not own: the analysis itself (`rtc`), printing, plotting or exit codes (the `vigil`
+//! Does not own: the analysis itself (`rtc`), the search for placements (`planner`), printing, plotting or exit codes (the `vigil`
 //! binary). Nothing here panics on bad input: every problem is a [`ModelError`].
 //!
 //! Inside the [`System`] time is in microseconds; the work of a task on a processor or VM is in
