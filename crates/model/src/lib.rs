@@ -136,7 +136,7 @@ pub fn load(path: impl AsRef<Path>) -> Result<Loaded, ModelError> {
 /// Validates a system description given as text. `file` names it in messages; `base_dir`
 /// resolves trace files.
 pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Loaded, ModelError> {
-    let ctx = validate::Ctx { file, text };
+    let ctx = validate::Ctx::new(file, text);
     if text.len() as u64 > MAX_FILE_BYTES {
         return Err(ModelError::Syntax { file: file.into(), line: 1, msg: format!("file larger than {MAX_FILE_BYTES} bytes") });
     }

@@ -28,6 +28,8 @@ type Result<T> = std::result::Result<T, ModelError>;
 pub(crate) struct Ctx<'a> {
     pub file: &'a str,
     pub text: &'a str,
+    /// Byte offsets where lines 2, 3, … start.
+    line_starts: Vec<usize>,
 }
 
 /// An item of the file: what to call it in a message, and where it is.
@@ -45,9 +47,14 @@ impl Site {
 }
 
 impl<'a> Ctx<'a> {
+    pub fn new(file: &'a str, text: &'a str) -> Ctx<'a> {
+        let line_starts = text.bytes().enumerate().filter(|(_, b)| *b == b'\n').map(|(i, _)| i + 1).collect();
+        Ctx { file, text, line_starts }
+    }
+
+    /// 1-based line of byte `off`.
     pub fn line_at(&self, off: usize) -> usize {
-        let end = off.min(self.text.len());
-        1 + self.text.as_bytes()[..end].iter().filter(|b| **b == b'\n').count()
+        1 + self.line_starts.partition_point(|&s| s <= off.min(self.text.len()))
     }
 
     /// The line of `key = ...` inside the item, or the item's first line.

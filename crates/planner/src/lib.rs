@@ -26,7 +26,7 @@ pub mod search;
 pub mod synthetic;
 
 pub use eval::{Evaluator, Stats, World};
-pub use plan::{Action, ChainRow, Coverage, GivenUp, Plan};
+pub use plan::{Action, ChainRow, Coverage, GivenUp, Plan, VmRow};
 pub use scenario::Scenario;
 pub use search::{Cost, SearchOptions};
 

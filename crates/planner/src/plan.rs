@@ -99,8 +99,20 @@ pub struct Plan {
     pub cost: Cost,
     /// Placements evaluated for this scenario.
     pub evaluations: usize,
+    /// Where every VM runs once the plan is executed.
+    pub vms: Vec<VmRow>,
     #[serde(skip)]
     pub placement: Placement,
+}
+
+/// A VM's place after the plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmRow {
+    pub vm: String,
+    /// Processors of its instances (empty: stopped).
+    pub instances: Vec<String>,
+    pub host: Option<String>,
+    pub backup: Option<String>,
 }
 
 fn ms(q: &Q) -> f64 {
@@ -239,6 +251,17 @@ pub fn build(
         method: if optimal { "optimal" } else { "heuristic" },
         cost: best.cost.clone(),
         evaluations: stats.evaluations,
+        vms: dep
+            .vms
+            .iter()
+            .zip(&best.place.vms)
+            .map(|(vm, pl)| VmRow {
+                vm: vm.name.clone(),
+                instances: pl.instances.iter().map(pname).collect(),
+                host: pl.instances.first().and_then(|&c| dep.host_of_processor(c)).map(hname),
+                backup: pl.backup.map(hname),
+            })
+            .collect(),
         placement: best.place.clone(),
     })
 }

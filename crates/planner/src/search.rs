@@ -163,13 +163,26 @@ impl<'a> Problem<'a> {
     /// Every choice for VM `v`: where its instances run and where its backup is, or stopped.
     /// The choice that changes least comes first, stopping last.
     pub fn choices(&self, v: usize, loads: &Loads) -> Vec<VmPlace> {
+        let mut out = Vec::new();
+        for instances in self.primaries(v, loads) {
+            let h = self.host(instances[0]);
+            for backup in self.backups(v, h) {
+                out.push(VmPlace { instances: instances.clone(), backup });
+            }
+        }
+        out.push(VmPlace { instances: vec![], backup: None });
+        out
+    }
+
+    /// Where VM `v`'s instances can run: where they are first (unless displaced), then, for a
+    /// displaced VM, the host holding its state, then every live host.
+    pub fn primaries(&self, v: usize, loads: &Loads) -> Vec<Vec<usize>> {
         let vm = &self.dep.vms[v];
         let init = &self.initial.vms[v];
         let mut prims: Vec<Vec<usize>> = Vec::new();
         if !self.displaced[v] {
             prims.push(init.instances.clone());
         }
-        // A displaced VM resumes first where its state is.
         let mut hosts: Vec<usize> = self.live_hosts().collect();
         if let Some(b) = self.state_host(v).filter(|_| self.displaced[v]) {
             hosts.sort_by_key(|&h| h != b);
@@ -187,29 +200,27 @@ impl<'a> Problem<'a> {
                 }
             }
         }
-        let mut out = Vec::new();
-        for instances in prims {
-            let h = self.host(instances[0]);
-            let mut backups: Vec<Option<usize>> = Vec::new();
-            if vm.mode.remote() {
-                if let Some(b0) = self.old_backup(v).filter(|&b| b != h && !self.displaced[v]) {
-                    backups.push(Some(b0));
-                }
-                if !self.world.port_down[h] {
-                    for b in self.live_hosts() {
-                        if b != h && !self.world.port_down[b] && !backups.contains(&Some(b)) {
-                            backups.push(Some(b));
-                        }
+        prims
+    }
+
+    /// Where VM `v`'s backup can be when its instances run on host `h`: where it is (if still
+    /// usable), every other reachable host, or none.
+    pub fn backups(&self, v: usize, h: usize) -> Vec<Option<usize>> {
+        let mut backups: Vec<Option<usize>> = Vec::new();
+        if self.dep.vms[v].mode.remote() {
+            if let Some(b0) = self.old_backup(v).filter(|&b| b != h && !self.displaced[v]) {
+                backups.push(Some(b0));
+            }
+            if !self.world.port_down[h] {
+                for b in self.live_hosts() {
+                    if b != h && !self.world.port_down[b] && !backups.contains(&Some(b)) {
+                        backups.push(Some(b));
                     }
                 }
             }
-            backups.push(None);
-            for backup in backups {
-                out.push(VmPlace { instances: instances.clone(), backup });
-            }
         }
-        out.push(VmPlace { instances: vec![], backup: None });
-        out
+        backups.push(None);
+        backups
     }
 }
 
@@ -357,12 +368,12 @@ pub fn greedy(p: &Problem, ev: &mut Evaluator, opts: &SearchOptions) -> Result<S
             continue;
         }
         let mut best: Option<(usize, Q, VmPlace)> = None;
-        for c in p.choices(v, &loads) {
-            if !c.running() || !loads.fits(p, v, &c) {
+        for instances in p.primaries(v, &loads) {
+            // Place the instances now, the backup below; fewest moves, then the most room.
+            let c = VmPlace { instances, backup: None };
+            if !loads.fits(p, v, &c) {
                 continue;
             }
-            // Place the instances now, the backup below; fewest moves, then the most room.
-            let c = VmPlace { instances: c.instances, backup: None };
             let (moves, _, _) = p.vm_cost(v, &c);
             let room = c.instances.iter().map(|&x| loads.free(x)).min().unwrap_or_default();
             if best.as_ref().is_none_or(|(m, r, _)| moves < *m || (moves == *m && room > *r)) {
@@ -486,31 +497,40 @@ fn give_backups(p: &Problem, place: &mut Placement, loads: &mut Loads) {
     }
 }
 
-/// Up to `k` other running choices for VM `v` that fit, the roomiest first.
+/// Up to `k` other running choices for VM `v` that fit, the roomiest first; each keeps the
+/// VM's backup if it can, or gets the reachable host with the most free memory.
 fn alternatives(p: &Problem, place: &Placement, v: usize, k: usize) -> Vec<VmPlace> {
     let mut loads = Loads::of(p, place);
-    loads.add(p, v, &place.vms[v], false);
-    let mut alts: Vec<(Q, VmPlace)> = p
-        .choices(v, &loads)
-        .into_iter()
-        .filter(|c| c.running() && c != &place.vms[v] && loads.fits(p, v, c))
-        .filter(|c| !p.dep.vms[v].mode.remote() || c.backup.is_some() || place.vms[v].backup.is_none())
-        .map(|c| (c.instances.iter().map(|&x| loads.free(x)).min().unwrap_or_default(), c))
-        .collect();
-    alts.sort_by(|a, b| b.0.cmp(&a.0));
-    // One per distinct instance list: the backup that comes with it is the first offered.
-    let mut seen: Vec<Vec<usize>> = Vec::new();
-    let mut out = Vec::new();
-    for (_, c) in alts {
-        if !seen.contains(&c.instances) {
-            seen.push(c.instances.clone());
-            out.push(c);
-            if out.len() == k {
-                break;
-            }
+    let cur = &place.vms[v];
+    loads.add(p, v, cur, false);
+    let vm = &p.dep.vms[v];
+    let mut alts: Vec<(Q, VmPlace)> = Vec::new();
+    for instances in p.primaries(v, &loads) {
+        if instances == cur.instances {
+            continue;
+        }
+        let h = p.host(instances[0]);
+        let backup = if cur.backup.is_some_and(|b| b != h && !p.world.port_down[h]) {
+            cur.backup
+        } else if vm.mode.remote() && cur.backup.is_some() {
+            p.backups(v, h)
+                .into_iter()
+                .flatten()
+                .filter(|&b| loads.free_memory(p, b) >= vm.memory)
+                .max_by(|&a, &b| loads.free_memory(p, a).cmp(&loads.free_memory(p, b)).then(b.cmp(&a)))
+        } else {
+            None
+        };
+        if vm.mode.remote() && cur.backup.is_some() && backup.is_none() {
+            continue;
+        }
+        let c = VmPlace { instances, backup };
+        if loads.fits(p, v, &c) {
+            alts.push((c.instances.iter().map(|&x| loads.free(x)).min().unwrap_or_default(), c));
         }
     }
-    out
+    alts.sort_by(|a, b| b.0.cmp(&a.0));
+    alts.into_iter().take(k).map(|(_, c)| c).collect()
 }
 
 /// VMs whose tasks or messages are in a missed deadline.

@@ -56,12 +56,19 @@ pub fn cluster(vms: usize, hosts: usize, seed: u64) -> String {
             _ => "normal",
         };
         let n = if mode == "local" { 2 } else { 1 };
-        let share_pct = r.int(10, 35);
+        let mut share_pct = r.int(10, 35);
         let mut cores = Vec::new();
         for _ in 0..n {
             let c = (0..CORES).min_by_key(|&c| load[host][c]).unwrap_or(0);
-            load[host][c] += share_pct;
             cores.push(c);
+        }
+        // Keep every processor at most 90 % loaded.
+        for &c in &cores {
+            let same = cores.iter().filter(|&&x| x == c).count() as i64;
+            share_pct = share_pct.min((90 - load[host][c]) / same).max(1);
+        }
+        for &c in &cores {
+            load[host][c] += share_pct;
         }
         let period_ms = [5, 10, 20][r.int(0, 2) as usize];
         // The task uses at most 60 % of the reservation in the long run.

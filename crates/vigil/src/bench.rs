@@ -4,6 +4,7 @@
 //! JSON); timings are medians of repeated runs.
 
 use crate::Outcome;
+use anyhow::Context;
 use rtc::component::{self, Workload};
 use rtc::models::{self, EventModel};
 use rtc::q::Q;
@@ -31,6 +32,9 @@ pub struct Args {
     /// Cluster sizes for `plan`, as VMSxHOSTS.
     #[arg(long, value_delimiter = ',', default_values_t = vec!["50x5".to_string(), "200x20".to_string(), "1000x100".to_string()])]
     clusters: Vec<String>,
+    /// Also write each synthetic cluster to DIR/cluster-VMSxHOSTS.toml (for `vigil plan`).
+    #[arg(long, value_name = "DIR")]
+    save: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -180,6 +184,10 @@ fn plan(args: &Args) -> anyhow::Result<Outcome> {
             .and_then(|(v, h)| Some((v.parse::<usize>().ok()?, h.parse::<usize>().ok()?)))
             .ok_or_else(|| anyhow::anyhow!("cluster size {spec:?}: write VMSxHOSTS, e.g. 200x20"))?;
         let text = synthetic::cluster(vms, hosts, 11);
+        if let Some(dir) = &args.save {
+            let f = dir.join(format!("cluster-{vms}x{hosts}.toml"));
+            std::fs::write(&f, &text).with_context(|| format!("cannot write {}", f.display()))?;
+        }
         let loaded = model::parse(&text, "synthetic.toml", std::path::Path::new(".")).map_err(|e| anyhow::anyhow!("{e}"))?;
         let dep = loaded.deployment.as_ref().ok_or_else(|| anyhow::anyhow!("synthetic cluster without hosts"))?;
         let scenarios = scenario::enumerate(dep, &[], 1, false);
