@@ -12,6 +12,7 @@ mod analyze;
 mod bench;
 mod plot;
 mod table;
+mod vm;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -29,6 +30,8 @@ enum Command {
     Analyze(analyze::Args),
     /// Measure the analysis: time per system size and per curve operation (tables).
     Bench(bench::Args),
+    /// Run, restore and control unikernel virtual machines (see `vigil vm --help`).
+    Vm(vm::Args),
 }
 
 /// How a command ended, as far as the exit status is concerned.
@@ -47,6 +50,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Analyze(args) => analyze::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Vm(args) => {
+            return match vm::run(&args) {
+                Ok(status) => ExitCode::from(status),
+                Err(e) => {
+                    eprintln!("{}", format!("{e:#}").replace('\n', " "));
+                    ExitCode::from(Outcome::Invalid as u8)
+                }
+            }
+        }
     };
     let outcome = result.unwrap_or_else(|e| {
         eprintln!("{}", format!("{e:#}").replace('\n', " "));
