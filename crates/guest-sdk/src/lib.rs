@@ -5,7 +5,8 @@
 //! allocator over the region the boot information page gives, `memcpy`/`memset`/`memmove`/
 //! `memcmp`/`bcmp`, a panic handler that reports on the console and exits with status 101, and
 //! typed wrappers for every paravirtual device ([`console`], [`clock`], [`idle`], [`block`],
-//! [`net`], [`exit`]). It does not own the ABI numbers (`vmm-abi`) or any network stack.
+//! [`net`], [`exit`]), and with the `net-stack` feature a smoltcp interface over the network
+//! device ([`netstack`]). It does not own the ABI numbers (`vmm-abi`).
 //!
 //! The guest runs in 64-bit user mode with IOPL 3, single-threaded and without interrupts, so
 //! the global state here needs no locking.
@@ -20,6 +21,8 @@ pub mod console;
 mod heap;
 mod mem;
 pub mod net;
+#[cfg(feature = "net-stack")]
+pub mod netstack;
 mod port;
 mod start;
 

@@ -82,3 +82,71 @@ pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
     panic!("timed out waiting for {what}");
 }
+
+/// A network namespace with a tap device `vtap0` at 10.77.0.1/24, deleted on drop. The VM
+/// runs on a thread that has entered the namespace (so its tap lives there) and clients run
+/// with `ip netns exec`.
+pub struct NetNs {
+    pub name: String,
+}
+
+pub const HOST_IP: &str = "10.77.0.1";
+pub const GUEST_IP: &str = "10.77.0.2";
+pub const TAP: &str = "vtap0";
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip").args(args).output().expect("cannot run ip (package iproute2)");
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+impl NetNs {
+    pub fn new(tag: &str) -> NetNs {
+        let name = format!("vigil-{tag}-{}", std::process::id());
+        let _ = std::process::Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&["netns", "add", &name]);
+        let ns = NetNs { name };
+        ns.exec_ip(&["link", "set", "lo", "up"]);
+        ns.exec_ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]);
+        ns.exec_ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
+        ns.exec_ip(&["link", "set", TAP, "up"]);
+        ns
+    }
+
+    fn exec_ip(&self, args: &[&str]) {
+        let mut all = vec!["netns", "exec", &self.name, "ip"];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+
+    /// Moves the calling thread into the namespace; the handle does not delete it.
+    pub fn enter_and_forget(self) {
+        self.enter();
+        std::mem::forget(self);
+    }
+
+    /// Moves the calling thread into the namespace.
+    pub fn enter(&self) {
+        let path = format!("/var/run/netns/{}", self.name);
+        let f = std::fs::File::open(&path).expect("open netns");
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a valid namespace fd; it affects only the calling thread.
+        let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+    }
+
+    /// Runs a command inside the namespace and returns (success, stdout, stderr).
+    pub fn run(&self, cmd: &str, args: &[&str]) -> (bool, String, String) {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name, cmd])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
