@@ -59,3 +59,44 @@ fn kv_serves_redis_cli_and_redis_benchmark() {
     assert!(ctl.call(Command::Quit).ok);
     assert_eq!(runner.join().expect("VM thread").expect("run"), Stop::Quit);
 }
+
+#[test]
+fn stream_sends_the_promised_bytes_and_compute_runs() {
+    if skip_without_kvm("stream_sends_the_promised_bytes_and_compute_runs") {
+        return;
+    }
+    let image = guest("stream");
+    let ns = NetNs::new("stream");
+    let console = Console::default();
+    let (ctl, inbox) = channel_pair().expect("control channel");
+    let out = console.clone();
+    let ns_name = ns.name.clone();
+    let runner = std::thread::spawn(move || {
+        NetNs { name: ns_name }.enter_and_forget();
+        let mut config = VmConfig::new(image, 64);
+        config.tap = Some(TAP.into());
+        config.net.ip = GUEST_IP.parse().expect("ip");
+        config.net.prefix_len = 24;
+        config.args = vec!["5".into()];
+        let mut vm = Vm::create(config, out.boxed()).expect("create VM");
+        vm.run(Some(&inbox))
+    });
+    wait_for("stream to serve", || console.text().contains("stream: serving on 10.77.0.2:5001"));
+    let (ok, stdout, stderr) = ns.run("bash", &["-c", &format!("cat < /dev/tcp/{GUEST_IP}/5001 | cksum")]);
+    assert!(ok, "{stderr}");
+    let expected: Vec<u8> = (0..5_000_000u32).map(|i| ((i % 65536) % 251) as u8).collect();
+    let dir = common::scratch("stream");
+    std::fs::write(dir.join("expected"), &expected).expect("write");
+    let (_, want, _) = ns.run("bash", &["-c", &format!("cksum < {}", dir.join("expected").display())]);
+    assert_eq!(stdout, want, "the stream's bytes");
+    wait_for("stream to report", || console.text().contains("stream: sent 5000000 bytes"));
+    assert!(ctl.call(Command::Quit).ok);
+    assert_eq!(runner.join().expect("VM thread").expect("run"), Stop::Quit);
+
+    let console = Console::default();
+    let mut config = VmConfig::new(guest("compute"), 32);
+    config.args = vec!["4".into(), "20".into(), "10".into()];
+    let mut vm = Vm::create(config, console.boxed()).expect("create VM");
+    assert_eq!(vm.run(None).expect("run"), Stop::Exited(0));
+    assert!(console.text().contains("compute: done 20 passes"), "{}", console.text());
+}
