@@ -26,11 +26,16 @@ pub struct Args {
     /// Skip the (slower) runs with GPC completion curves.
     #[arg(long)]
     no_gpc_outputs: bool,
+    /// `vmm`: directory with the release-built guests (and kv-native).
+    #[arg(long, default_value = "target/release")]
+    guests: std::path::PathBuf,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
 enum What {
     Analysis,
+    /// The VMM: exits, boot, snapshot/restore, dirty log, kv versus native (needs root, KVM).
+    Vmm,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -55,7 +60,10 @@ fn ms(d: Duration) -> f64 {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
-    let What::Analysis = args.what;
+    if let What::Vmm = args.what {
+        crate::bench_vmm::run(&args.guests, args.json)?;
+        return Ok(Outcome::Ok);
+    }
     let mut rows = Vec::new();
     let mut prev: Option<(usize, f64)> = None;
     for &n in &args.sizes {

@@ -10,6 +10,7 @@
 
 mod analyze;
 mod bench;
+mod bench_vmm;
 mod plot;
 mod table;
 mod vm;
@@ -28,7 +29,7 @@ struct Cli {
 enum Command {
     /// Analyse a system description: worst/best-case latencies, backlogs, utilisation, verdicts.
     Analyze(analyze::Args),
-    /// Measure the analysis: time per system size and per curve operation (tables).
+    /// Measure the analysis (time per system size and per curve operation) or the VMM (`vmm`).
     Bench(bench::Args),
     /// Run, restore and control unikernel virtual machines (see `vigil vm --help`).
     Vm(vm::Args),

@@ -3,6 +3,7 @@
 //! - `count N [DELAY_MS]` (default `count 10`): prints `count i` for i in 1..=N, idling DELAY_MS
 //!   between lines, then `done sum=S` and exits 0;
 //! - `exit S`: exits with status S;
+//! - `clock N`: reads the clock N times (N port exits), prints `clock N calls T ns`;
 //! - `dirty OFFSET_PAGES P1,P2,...`: writes one byte in each listed page of the heap (page
 //!   numbers relative to heap start + OFFSET_PAGES), prints `dirtied K`, exits 0;
 //! - `disk`: reads sector 0, writes its bytes reversed into sector 1, prints both checksums;
@@ -46,6 +47,15 @@ fn main() -> u32 {
             0
         }
         "exit" => parse(a.next(), 0) as u32,
+        "clock" => {
+            let n = parse(a.next(), 10_000).max(1);
+            let start = guest_sdk::now_ns();
+            for _ in 0..n {
+                core::hint::black_box(guest_sdk::now_ns());
+            }
+            println!("clock {n} calls {} ns", guest_sdk::now_ns() - start);
+            0
+        }
         "dirty" => {
             let info = guest_sdk::boot_info();
             let base = info.heap_start + parse(a.next(), 0) * 4096;
