@@ -155,6 +155,8 @@ pub const BLOCK_OK: u32 = 0;
 pub const BLOCK_IO_ERROR: u32 = 1;
 /// Largest number of descriptors in one block request.
 pub const BLOCK_MAX_DESCS: u32 = 256;
+/// Largest number of sectors in one descriptor (1 MiB).
+pub const BLOCK_MAX_SECTORS: u32 = 2048;
 
 /// A batch of frames: `count` [`NetBuf`]s at `bufs`. For transmit the VMM sends each
 /// `buf[i].len` bytes and writes `done` = frames sent; for receive it fills up to `count`
