@@ -193,7 +193,10 @@ impl Store {
 }
 
 /// Parses one request: `Ok(None)` when incomplete, else the arguments and the bytes used.
-fn parse(b: &[u8]) -> Result<Option<(Vec<&[u8]>, usize)>, ProtocolError> {
+/// A parsed request's arguments and the number of bytes it took.
+type Parsed<'a> = (Vec<&'a [u8]>, usize);
+
+fn parse(b: &[u8]) -> Result<Option<Parsed<'_>>, ProtocolError> {
     if b.is_empty() {
         return Ok(None);
     }

@@ -86,7 +86,7 @@ fn run_pause_snapshot_and_restore_in_a_new_process() {
     reader.join().expect("reader");
     let before = lines.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let last: u64 = before.iter().filter_map(|l| l.strip_prefix("count ")?.parse().ok()).max().expect("counted");
-    assert!(last >= 10 && last < 200, "last count {last}");
+    assert!((10..200).contains(&last), "last count {last}");
 
     let out = vigil().args(["vm", "restore"]).arg(&snap).output().expect("restore");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -110,7 +110,7 @@ impl Vm {
 
     /// KVM VM, vCPU, memory and devices, but nothing in memory and no registers set.
     pub(crate) fn bare(config: VmConfig, console: Box<dyn Write + Send>) -> Result<Self> {
-        let mem_bytes = config.mem_mib.checked_mul(1 << 20).unwrap_or(u64::MAX);
+        let mem_bytes = config.mem_mib.saturating_mul(1 << 20);
         if !(MIN_MEM..=MAX_MEM).contains(&mem_bytes) {
             return Err(Error::Config(format!("memory {} MiB is outside {}..={} MiB", config.mem_mib, MIN_MEM >> 20, MAX_MEM >> 20)));
         }

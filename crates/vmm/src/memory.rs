@@ -16,7 +16,7 @@ pub struct GuestMem {
 impl GuestMem {
     /// Maps `size` bytes (a multiple of the page size) of zeroed guest memory.
     pub fn new(size: u64) -> Result<Self> {
-        if size == 0 || size % PAGE_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Config(format!("memory size {size} is not a positive multiple of 4 KiB")));
         }
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
@@ -64,7 +64,7 @@ impl GuestMem {
 
     /// Reads a plain-data value (a request block) at `addr`, which must be 8-byte aligned.
     pub fn read_obj<T: Pod>(&self, addr: u64) -> Result<T, String> {
-        if addr % 8 != 0 {
+        if !addr.is_multiple_of(8) {
             return Err(format!("request block at 0x{addr:x} is not 8-byte aligned"));
         }
         let mut v = T::zeroed();

@@ -32,7 +32,7 @@ fn main() -> u32 {
             ws[i] = ws[i].wrapping_mul(6364136223846793005).wrapping_add(pass ^ i as u64);
             sum = sum.rotate_left(5) ^ ws[i];
         }
-        if pass % every == 0 {
+        if pass.is_multiple_of(every) {
             let ms = (guest_sdk::now_ns() - start) / 1_000_000;
             println!("compute: pass {pass} sum {sum:x} after {ms} ms");
         }

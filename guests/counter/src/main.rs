@@ -92,8 +92,9 @@ fn main() -> u32 {
             0
         }
         "fault" => {
-            // SAFETY: deliberately invalid: address 0 is unmapped, the fault is the test.
-            unsafe { core::ptr::write_volatile(8 as *mut u64, 1) };
+            // SAFETY: deliberately invalid: page 0 is unmapped (the dangling pointer is address 8),
+            // the fault is the test.
+            unsafe { core::ptr::write_volatile(core::ptr::dangling_mut::<u64>(), 1) };
             0
         }
         "panic" => panic!("asked to panic"),

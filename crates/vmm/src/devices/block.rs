@@ -109,7 +109,7 @@ mod tests {
         };
         let (mut served, mut refused) = (0, 0);
         for _ in 0..5000 {
-            let pick = |v: u64, small: u64, big: u64| if v % 4 == 0 { big } else { v % small };
+            let pick = |v: u64, small: u64, big: u64| if v.is_multiple_of(4) { big } else { v % small };
             let descs = 0x1000 * (1 + next() % 8);
             let req = BlockRequest {
                 count: pick(next(), 4, next() as u32 as u64) as u32,
