@@ -37,6 +37,16 @@ enum VmCommand {
         #[command(flatten)]
         api: ApiArg,
     },
+    /// Network output buffering (for replication): hold, seal (prints the epoch), release
+    /// EPOCH (sends the output of sealed epochs up to EPOCH), unhold.
+    NetOutput {
+        #[arg(value_parser = ["hold", "seal", "release", "unhold"])]
+        action: String,
+        /// Epoch for `release`.
+        epoch: Option<u64>,
+        #[command(flatten)]
+        api: ApiArg,
+    },
     /// End a running VM.
     Quit(ApiArg),
 }
@@ -139,6 +149,15 @@ pub fn run(args: &Args) -> Result<u8> {
         VmCommand::Snapshot { dir, api } => {
             let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
             simple(&api.api, Command::Snapshot { dir })
+        }
+        VmCommand::NetOutput { action, epoch, api } => {
+            let cmd = match action.as_str() {
+                "hold" => Command::NetHold,
+                "seal" => Command::NetSeal,
+                "release" => Command::NetRelease { epoch: epoch.context("release needs an EPOCH")? },
+                _ => Command::NetUnhold,
+            };
+            simple(&api.api, cmd)
         }
         VmCommand::DirtyLog { action, api } => {
             let cmd = match action.as_str() {

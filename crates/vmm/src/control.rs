@@ -28,6 +28,14 @@ pub enum Command {
     DirtyLogStop,
     /// Return and clear the pages dirtied since the last call.
     DirtyLogGetAndClear,
+    /// Hold the VM's network output back from now on (checkpoint replication).
+    NetHold,
+    /// Close the current epoch of held output; the reply carries its number.
+    NetSeal,
+    /// Send the held output of every sealed epoch up to `epoch`.
+    NetRelease { epoch: u64 },
+    /// Stop holding: send everything held.
+    NetUnhold,
     /// End the VM.
     Quit,
 }
@@ -43,14 +51,17 @@ pub struct Reply {
     /// Dirty page numbers (guest-physical address / 4096), ascending.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub dirty_pages: Option<Vec<u64>>,
+    /// The epoch a `net-seal` closed, or frames sent by `net-release`/`net-unhold`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub value: Option<u64>,
 }
 
 impl Reply {
     pub fn ok() -> Self {
-        Reply { ok: true, error: None, status: None, dirty_pages: None }
+        Reply { ok: true, error: None, status: None, dirty_pages: None, value: None }
     }
     pub fn err(e: impl ToString) -> Self {
-        Reply { ok: false, error: Some(e.to_string()), status: None, dirty_pages: None }
+        Reply { ok: false, error: Some(e.to_string()), status: None, dirty_pages: None, value: None }
     }
 }
 

@@ -372,6 +372,21 @@ impl Vm {
             Command::DirtyLogStart => self.set_dirty_logging(true).map(|_| Reply::ok()),
             Command::DirtyLogStop => self.set_dirty_logging(false).map(|_| Reply::ok()),
             Command::DirtyLogGetAndClear => self.dirty_pages_get_and_clear().map(|p| Reply { dirty_pages: Some(p), ..Reply::ok() }),
+            Command::NetHold | Command::NetSeal | Command::NetRelease { .. } | Command::NetUnhold => match self.tap.as_mut() {
+                None => Err(Error::Config("the VM has no network device".into())),
+                Some(tap) => {
+                    let value = match cmd {
+                        Command::NetHold => {
+                            tap.hold();
+                            None
+                        }
+                        Command::NetSeal => Some(tap.seal()),
+                        Command::NetRelease { epoch } => Some(tap.release(epoch) as u64),
+                        _ => Some(tap.unhold() as u64),
+                    };
+                    Ok(Reply { value, ..Reply::ok() })
+                }
+            },
             Command::Quit => return (Reply::ok(), Some(Stop::Quit)),
         };
         (r.unwrap_or_else(Reply::err), None)

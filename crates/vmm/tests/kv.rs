@@ -100,3 +100,51 @@ fn stream_sends_the_promised_bytes_and_compute_runs() {
     assert_eq!(vm.run(None).expect("run"), Stop::Exited(0));
     assert!(console.text().contains("compute: done 20 passes"), "{}", console.text());
 }
+
+#[test]
+fn held_network_output_reaches_clients_only_when_released() {
+    if skip_without_kvm("held_network_output_reaches_clients_only_when_released") {
+        return;
+    }
+    let image = guest("kv");
+    let ns = NetNs::new("hold");
+    let console = Console::default();
+    let (ctl, inbox) = channel_pair().expect("control channel");
+    let out = console.clone();
+    let ns_name = ns.name.clone();
+    let runner = std::thread::spawn(move || {
+        NetNs { name: ns_name }.enter_and_forget();
+        let mut config = VmConfig::new(image, 64);
+        config.tap = Some(TAP.into());
+        config.net.ip = GUEST_IP.parse().expect("ip");
+        config.net.prefix_len = 24;
+        let mut vm = Vm::create(config, out.boxed()).expect("create VM");
+        vm.run(Some(&inbox))
+    });
+    wait_for("kv to serve", || console.text().contains("kv: serving"));
+    assert!(ctl.call(Command::NetHold).ok);
+    let mut client = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name, "redis-cli", "-h", GUEST_IP, "SET", "k", "held"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("redis-cli");
+    // The guest answers ARP and the handshake, but nothing leaves the VMM: the client waits.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(client.try_wait().expect("poll client").is_none(), "the client got an answer while output was held");
+    // Release epoch by epoch (as checkpoint acknowledgements would) until the client is done.
+    let mut released = 0;
+    for _ in 0..1000 {
+        if client.try_wait().expect("poll client").is_some() {
+            break;
+        }
+        let epoch = ctl.call(Command::NetSeal).value.expect("epoch");
+        released += ctl.call(Command::NetRelease { epoch }).value.expect("released");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let done = client.wait_with_output().expect("client output");
+    assert_eq!(String::from_utf8_lossy(&done.stdout).trim(), "OK");
+    assert!(released > 0);
+    assert!(ctl.call(Command::NetUnhold).ok);
+    assert!(ctl.call(Command::Quit).ok);
+    assert_eq!(runner.join().expect("VM thread").expect("run"), Stop::Quit);
+}

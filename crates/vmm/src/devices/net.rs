@@ -6,12 +6,27 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use vmm_abi::{NetBuf, NetRequest, FRAME_MAX, FRAME_MIN, NET_MAX_BUFS};
 
 /// A tap device (layer 2, no packet-information header), non-blocking.
+///
+/// Output can be held back (for checkpoint replication: a client must never see output of
+/// state the backup could not reproduce): while holding, transmitted frames collect in the
+/// current epoch; [`Tap::seal`] closes an epoch and [`Tap::release`] sends the frames of
+/// every sealed epoch up to a given one.
 pub struct Tap {
     fd: OwnedFd,
     name: String,
     /// Frames dropped because the host sent something larger than a guest buffer.
     pub dropped: u64,
+    hold: bool,
+    current: Vec<Vec<u8>>,
+    sealed: std::collections::VecDeque<(u64, Vec<Vec<u8>>)>,
+    next_epoch: u64,
+    held_bytes: usize,
+    /// Frames dropped because more than [`HOLD_LIMIT`] bytes were held.
+    pub hold_dropped: u64,
 }
+
+/// Most bytes of output held back at once; beyond it frames are dropped (TCP resends them).
+pub const HOLD_LIMIT: usize = 64 << 20;
 
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
@@ -45,7 +60,17 @@ impl Tap {
         if r < 0 {
             return Err(err(format!("TUNSETIFF: {}", std::io::Error::last_os_error())));
         }
-        Ok(Tap { fd, name: name.to_owned(), dropped: 0 })
+        Ok(Tap {
+            fd,
+            name: name.to_owned(),
+            dropped: 0,
+            hold: false,
+            current: Vec::new(),
+            sealed: Default::default(),
+            next_epoch: 1,
+            held_bytes: 0,
+            hold_dropped: 0,
+        })
     }
 
     /// Interface name.
@@ -70,6 +95,16 @@ impl Tap {
             }
             let f = &mut frame[..b.len as usize];
             mem.read(b.addr, f).map_err(|e| format!("transmit buffer {i}: {e}"))?;
+            if self.hold {
+                if self.held_bytes + f.len() <= HOLD_LIMIT {
+                    self.held_bytes += f.len();
+                    self.current.push(f.to_vec());
+                } else {
+                    self.hold_dropped += 1;
+                }
+                done += 1;
+                continue;
+            }
             // SAFETY: writes `f.len()` initialised bytes from a live buffer to our own fd.
             let n = unsafe { libc::write(self.fd.as_raw_fd(), f.as_ptr().cast(), f.len()) };
             if n < 0 {
@@ -110,6 +145,46 @@ impl Tap {
             }
         }
         finish(mem, addr, req, &bufs, done)
+    }
+
+    /// Starts holding output back.
+    pub fn hold(&mut self) {
+        self.hold = true;
+    }
+
+    /// Closes the current epoch of held output and returns its number (1, 2, ...).
+    pub fn seal(&mut self) -> u64 {
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        self.sealed.push_back((epoch, std::mem::take(&mut self.current)));
+        epoch
+    }
+
+    /// Sends the held frames of every sealed epoch up to `epoch`; returns how many.
+    pub fn release(&mut self, epoch: u64) -> usize {
+        let mut sent = 0;
+        while self.sealed.front().is_some_and(|(e, _)| *e <= epoch) {
+            let Some((_, frames)) = self.sealed.pop_front() else { break };
+            for f in frames {
+                self.held_bytes -= f.len();
+                // SAFETY: writes `f.len()` initialised bytes from a live buffer to our own fd.
+                unsafe { libc::write(self.fd.as_raw_fd(), f.as_ptr().cast(), f.len()) };
+                sent += 1;
+            }
+        }
+        sent
+    }
+
+    /// Stops holding: seals and releases everything held.
+    pub fn unhold(&mut self) -> usize {
+        let e = self.seal();
+        self.hold = false;
+        self.release(e)
+    }
+
+    /// Frames held back (sealed or not).
+    pub fn held_frames(&self) -> usize {
+        self.current.len() + self.sealed.iter().map(|(_, f)| f.len()).sum::<usize>()
     }
 
     /// Whether a frame is waiting.
