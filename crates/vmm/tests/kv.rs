@@ -148,3 +148,64 @@ fn held_network_output_reaches_clients_only_when_released() {
     assert!(ctl.call(Command::Quit).ok);
     assert_eq!(runner.join().expect("VM thread").expect("run"), Stop::Quit);
 }
+
+#[test]
+fn kv_state_and_an_open_connection_survive_snapshot_and_restore() {
+    if skip_without_kvm("kv_state_and_an_open_connection_survive_snapshot_and_restore") {
+        return;
+    }
+    let image = guest("kv");
+    let ns = NetNs::new("kvsnap");
+    let snap = common::scratch("kv-snapshot");
+    let console = Console::default();
+    let (ctl, inbox) = channel_pair().expect("control channel");
+    let out = console.clone();
+    let ns_name = ns.name.clone();
+    let snap_dir = snap.clone();
+    let runner = std::thread::spawn(move || {
+        NetNs { name: ns_name }.enter_and_forget();
+        let mut config = VmConfig::new(image, 64);
+        config.tap = Some(TAP.into());
+        config.net.ip = GUEST_IP.parse().expect("ip");
+        config.net.prefix_len = 24;
+        let mut vm = Vm::create(config, out.boxed()).expect("create VM");
+        let first = vm.run(Some(&inbox)).expect("run");
+        drop(vm);
+        // A new VM from the snapshot, on the same tap (the old one is gone).
+        let mut restored = Vm::restore(&snap_dir, &Default::default(), out.boxed()).expect("restore");
+        restored.resume();
+        let (ctl2, inbox2) = channel_pair().expect("control channel");
+        (first, ctl2, std::thread::spawn(move || restored.run(Some(&inbox2))))
+    });
+    wait_for("kv to serve", || console.text().contains("kv: serving"));
+    let cli = |args: &[&str]| {
+        let mut all = vec!["-h", GUEST_IP];
+        all.extend_from_slice(args);
+        let (ok, stdout, stderr) = ns.run("redis-cli", &all);
+        assert!(ok, "redis-cli {args:?}: {stderr}");
+        stdout.trim_end().to_string()
+    };
+    assert_eq!(cli(&["SET", "survivor", "yes"]), "OK");
+    assert_eq!(cli(&["INCRBY", "n", "41"]), "41");
+    // A connection opened before the snapshot (this test thread joins the namespace).
+    ns.enter();
+    let mut conn = std::net::TcpStream::connect((GUEST_IP, 6379)).expect("connect");
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(10))).expect("timeout");
+    let mut ask = |req: &[u8], want: &[u8]| {
+        use std::io::{Read, Write};
+        conn.write_all(req).expect("send");
+        let mut got = vec![0; want.len()];
+        conn.read_exact(&mut got).expect("reply");
+        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(want));
+    };
+    ask(b"*3\r\n$3\r\nSET\r\n$4\r\nconn\r\n$6\r\nbefore\r\n", b"+OK\r\n");
+    assert!(ctl.call(Command::Snapshot { dir: snap.clone() }).ok);
+    assert!(ctl.call(Command::Quit).ok);
+    let (first, ctl2, restored) = runner.join().expect("VM thread");
+    assert_eq!(first, Stop::Quit);
+    assert_eq!(cli(&["GET", "survivor"]), "yes");
+    assert_eq!(cli(&["INCR", "n"]), "42");
+    ask(b"*2\r\n$3\r\nGET\r\n$4\r\nconn\r\n", b"$6\r\nbefore\r\n");
+    assert!(ctl2.call(Command::Quit).ok);
+    assert_eq!(restored.join().expect("restored VM").expect("run"), Stop::Quit);
+}
