@@ -78,6 +78,14 @@ fn run_pause_snapshot_and_restore_in_a_new_process() {
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    ctl(&["dirty-log", "start"], &api);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let dirty = ctl(&["dirty-log", "get"], &api);
+    assert!(dirty.contains("\"dirty_pages\":["), "{dirty}");
+    ctl(&["dirty-log", "stop"], &api);
+    let refused = vigil().args(["vm", "dirty-log", "get", "--api"]).arg(&api).output().expect("run vigil");
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("dirty logging is off"));
     ctl(&["pause"], &api);
     assert!(ctl(&["status"], &api).contains("\"paused\":true"));
     ctl(&["snapshot", snap.to_str().expect("utf-8 path")], &api);
