@@ -24,6 +24,8 @@ fn counter_counts_prints_and_exits() {
     assert_eq!(out, "count 1\ncount 2\ncount 3\ncount 4\ncount 5\ndone sum=15\n");
     let (stop, _) = run_counter(&["exit", "42"]);
     assert_eq!(stop, Stop::Exited(42));
+    let (stop, out) = run_counter(&["heap", "30000"]);
+    assert_eq!((stop, out.as_str()), (Stop::Exited(0), "heap ok 30000\n"));
 }
 
 #[test]

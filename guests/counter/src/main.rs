@@ -3,6 +3,8 @@
 //! - `count N [DELAY_MS]` (default `count 10`): prints `count i` for i in 1..=N, idling DELAY_MS
 //!   between lines, then `done sum=S` and exits 0;
 //! - `exit S`: exits with status S;
+//! - `heap N`: N random allocations, frees and reallocations, each block filled with a
+//!   pattern that is checked before it is freed; prints `heap ok N`;
 //! - `clock N`: reads the clock N times (N port exits), prints `clock N calls T ns`;
 //! - `dirty OFFSET_PAGES P1,P2,...`: writes one byte in each listed page of the heap (page
 //!   numbers relative to heap start + OFFSET_PAGES), prints `dirtied K`, exits 0;
@@ -13,6 +15,8 @@
 //! - `badaddr`: asks the console to print from outside guest memory.
 #![no_std]
 #![no_main]
+
+extern crate alloc;
 
 use guest_sdk::{args, println};
 
@@ -47,6 +51,7 @@ fn main() -> u32 {
             0
         }
         "exit" => parse(a.next(), 0) as u32,
+        "heap" => heap_check(parse(a.next(), 20_000)),
         "clock" => {
             let n = parse(a.next(), 10_000).max(1);
             let start = guest_sdk::now_ns();
@@ -114,4 +119,46 @@ fn main() -> u32 {
             2
         }
     }
+}
+
+/// Exercises the guest SDK's allocator: random sizes and alignments, interleaved frees and
+/// reallocations; every live block keeps its own byte pattern.
+fn heap_check(n: u64) -> u32 {
+    use alloc::vec::Vec;
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut live: Vec<(Vec<u8>, u8)> = Vec::new();
+    for i in 0..n {
+        let r = next();
+        if (r % 3 != 0 && live.len() < 400) || live.is_empty() {
+            let size = if r % 50 == 0 { (r >> 8) as usize % 100_000 } else { (r >> 8) as usize % 300 };
+            let tag = (i % 251) as u8;
+            live.push((alloc::vec![tag; size], tag));
+        } else {
+            let k = (r >> 8) as usize % live.len();
+            let (v, tag) = live.swap_remove(k);
+            if v.iter().any(|b| *b != tag) {
+                println!("heap corrupted at step {i}");
+                return 4;
+            }
+            if r % 5 == 0 {
+                let mut v = v;
+                v.resize(v.len() * 2 + 1, tag);
+                live.push((v, tag));
+            }
+        }
+    }
+    for (v, tag) in &live {
+        if v.iter().any(|b| b != tag) {
+            println!("heap corrupted at the end");
+            return 4;
+        }
+    }
+    println!("heap ok {n}");
+    0
 }
