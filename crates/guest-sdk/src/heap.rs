@@ -42,6 +42,8 @@ pub(crate) fn init() {
     }
 }
 
+// SAFETY: `alloc` returns blocks inside the heap that no other live allocation overlaps,
+// aligned as asked (or null); `dealloc` puts a block back exactly once (the caller's contract).
 unsafe impl GlobalAlloc for Heap {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let size = layout.size().max(1).next_multiple_of(UNIT);
