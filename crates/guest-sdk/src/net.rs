@@ -48,3 +48,24 @@ pub fn receive(frames: &mut [Frame], lens: &mut [usize]) -> usize {
     }
     done
 }
+
+/// Idles like [`crate::idle`] and receives in the same exit: up to `frames.len()` frames that
+/// wait when the idle ends. Returns the wake-up and how many frames were received (`lens[i]`
+/// is the length of frame i); `wake.net_rx` then says whether more frames wait.
+pub fn idle_receive(deadline_ns: u64, frames: &mut [Frame], lens: &mut [usize]) -> (crate::clock::Wake, usize) {
+    crate::console::flush();
+    let mut bufs = [NetBuf::default(); vmm_abi::NET_MAX_BUFS as usize];
+    let n = frames.len().min(lens.len()).min(bufs.len());
+    for (b, f) in bufs.iter_mut().zip(frames.iter_mut()).take(n) {
+        *b = NetBuf { addr: f.as_mut_ptr() as u64, len: FRAME_MAX, _pad: 0 };
+    }
+    let mut rx = NetRequest { count: n as u32, done: 0, bufs: bufs.as_ptr() as u64 };
+    let mut req = vmm_abi::IdleRequest { deadline_ns, rx: &mut rx as *mut NetRequest as u64, ..Default::default() };
+    crate::port::request(vmm_abi::PORT_IDLE, &mut req);
+    let done = (rx.done as usize).min(n);
+    for (l, b) in lens.iter_mut().zip(&bufs).take(done) {
+        *l = b.len as usize;
+    }
+    let wake = crate::clock::Wake { now_ns: req.now_ns, net_rx: req.events & vmm_abi::EVENT_NET_RX != 0 };
+    (wake, done)
+}

@@ -135,7 +135,8 @@ impl Stack {
         changed == smoltcp::iface::PollResult::SocketStateChanged
     }
 
-    /// Idles until a frame arrives or the stack's next timer, unless frames are known to wait.
+    /// Idles until a frame arrives or the stack's next timer, unless frames are known to wait;
+    /// frames waiting at the end of the wait arrive in the same exit.
     pub fn wait(&mut self) {
         if self.device.rx_more || !self.device.rx.is_empty() {
             return;
@@ -145,7 +146,11 @@ impl Stack {
             Some(d) => crate::now_ns().saturating_add(d.total_micros() * 1000),
             None => u64::MAX,
         };
-        let wake = crate::idle(deadline);
+        let mut lens = [0usize; RX_BATCH];
+        let (wake, n) = net::idle_receive(deadline, &mut self.device.frames[..], &mut lens);
+        for (f, len) in self.device.frames.iter().zip(&lens).take(n) {
+            self.device.rx.push_back(f[..*len].to_vec());
+        }
         self.device.rx_more = wake.net_rx;
     }
 }

@@ -115,13 +115,16 @@ pub struct ClockRequest {
 }
 
 /// Idle: block until an event or until the clock reaches `deadline_ns` (u64::MAX: no
-/// deadline). The VMM writes the time and the pending events ([`EVENT_NET_RX`]).
+/// deadline). The VMM writes the time and the pending events ([`EVENT_NET_RX`]). When `rx` is
+/// not 0 it is the address of a [`NetRequest`] that the VMM handles as [`PORT_NET_RX`] would
+/// once the wait ends (its `done` is 0 when no frame waits), saving the guest one exit.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct IdleRequest {
     pub deadline_ns: u64,
     pub now_ns: u64,
     pub events: u64,
+    pub rx: u64,
 }
 /// A frame is waiting to be received.
 pub const EVENT_NET_RX: u64 = 1;

@@ -412,7 +412,17 @@ impl Vm {
             PORT_EXIT => return Ok(Some(Stop::Exited(value))),
             PORT_IDLE => {
                 let req: IdleRequest = self.mem.read_obj(addr)?;
+                if req.rx != 0 && self.tap.is_none() {
+                    return Err("idle with a receive request but the VM has no network device".into());
+                }
                 let events = self.idle(req.deadline_ns, inbox);
+                if let (Some(tap), true) = (self.tap.as_mut(), req.rx != 0) {
+                    tap.receive(&mut self.mem, req.rx)?;
+                }
+                let events = match &self.tap {
+                    Some(t) if req.rx != 0 => events & !EVENT_NET_RX | if t.readable() { EVENT_NET_RX } else { 0 },
+                    _ => events,
+                };
                 self.mem.write_obj(addr, &IdleRequest { now_ns: self.clock.now_ns(), events, ..req })?;
             }
             PORT_BLOCK => match self.block.as_mut() {
