@@ -259,6 +259,24 @@ pub fn run(guests: &Path, json: bool) -> Result<()> {
                 .with_context(|| format!("compute said {text:?}"))?;
             Ok(40.0 / (ms.max(1.0) / 1e3))
         };
+        // The alternative to write-protection faults: compare pages against the last checkpoint.
+        let mut config = VmConfig::new(&compute, 512);
+        config.args = vec!["128".into(), "3".into(), "3".into()];
+        let mut vm = Vm::create(config, Box::new(std::io::sink()))?;
+        let t = Instant::now();
+        let before = vm.memory().as_slice()?.to_vec();
+        let copy = t.elapsed().as_secs_f64() * 2.0;
+        vm.run(None)?;
+        let now = vm.memory().as_slice()?;
+        let t = Instant::now();
+        let changed = before.chunks_exact(4096).zip(now.chunks_exact(4096)).filter(|(a, b)| a != b).count();
+        let compare = t.elapsed().as_secs_f64() * 2.0;
+        row(
+            &mut rows,
+            "compare pages with last checkpoint / copy, per GiB",
+            format!("{:.0} ms / {:.0} ms", compare * 1e3, copy * 1e3),
+            &format!("host memcmp of a 512 MiB VM, {changed} pages changed (guest rewrote 128 MiB)"),
+        );
         let off = pass_rate(false)?;
         let on = pass_rate(true)?;
         row(
