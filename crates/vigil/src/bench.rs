@@ -35,6 +35,9 @@ pub struct Args {
     /// Also write each synthetic cluster to DIR/cluster-VMSxHOSTS.toml (for `vigil plan`).
     #[arg(long, value_name = "DIR")]
     save: Option<std::path::PathBuf>,
+    /// `vmm`: directory with the release-built guests (and kv-native).
+    #[arg(long, default_value = "target/release")]
+    guests: std::path::PathBuf,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -43,6 +46,8 @@ enum What {
     Analysis,
     /// Planning every single-host failure of synthetic clusters.
     Plan,
+    /// The VMM: exits, boot, snapshot/restore, dirty log, kv versus native (needs root, KVM).
+    Vmm,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -69,6 +74,10 @@ fn ms(d: Duration) -> f64 {
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     if let What::Plan = args.what {
         return plan(args);
+    }
+    if let What::Vmm = args.what {
+        crate::bench_vmm::run(&args.guests, args.json)?;
+        return Ok(Outcome::Ok);
     }
     let mut rows = Vec::new();
     let mut prev: Option<(usize, f64)> = None;

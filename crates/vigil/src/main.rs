@@ -4,16 +4,18 @@
 //! the exit status. `vigil analyze FILE` loads a system description (the `model` crate),
 //! analyses it (`rtc`), and prints a table, JSON (`--json`) or SVG plots of the curves
 //! (`--plot DIR`). `vigil plan FILE` computes, for every fault scenario, the reconfiguration
-//! (the `planner` crate).
+//! (the `planner` crate). `vigil vm …` runs and controls unikernel VMs (the `vmm` crate).
 //!
 //! Exit status: 0 every deadline holds, 1 a deadline is missed or a bound is unbounded,
 //! 2 invalid input or another error (one line on stderr, `file:line:` first).
 
 mod analyze;
 mod bench;
+mod bench_vmm;
 mod plan;
 mod plot;
 mod table;
+mod vm;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -31,8 +33,10 @@ enum Command {
     Analyze(analyze::Args),
     /// Plan the reconfiguration for every fault scenario (hosts, and links with --links).
     Plan(plan::Args),
-    /// Measure the analysis: time per system size and per curve operation (tables).
+    /// Measure the analysis (`analysis`), the planner (`plan`) or the VMM (`vmm`): tables.
     Bench(bench::Args),
+    /// Run, restore and control unikernel virtual machines (see `vigil vm --help`).
+    Vm(vm::Args),
 }
 
 /// How a command ended, as far as the exit status is concerned.
@@ -52,6 +56,15 @@ fn main() -> ExitCode {
         Command::Analyze(args) => analyze::run(&args),
         Command::Plan(args) => plan::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Vm(args) => {
+            return match vm::run(&args) {
+                Ok(status) => ExitCode::from(status),
+                Err(e) => {
+                    eprintln!("{}", format!("{e:#}").replace('\n', " "));
+                    ExitCode::from(Outcome::Invalid as u8)
+                }
+            }
+        }
     };
     let outcome = result.unwrap_or_else(|e| {
         eprintln!("{}", format!("{e:#}").replace('\n', " "));

@@ -1,0 +1,124 @@
+//! `vigil vm` end to end with real KVM: run, control over the API socket, snapshot, and restore
+//! in a new process.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+fn vigil() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vigil"))
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Builds a guest in its own target directory (no lock shared with the outer cargo).
+fn guest(name: &str) -> PathBuf {
+    let target = workspace().join("target/guests");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(workspace())
+        .args(["build", "--release", "--quiet", "-p", name, "--target-dir"])
+        .arg(&target)
+        .output()
+        .expect("cannot run cargo");
+    assert!(out.status.success(), "building {name}: {}", String::from_utf8_lossy(&out.stderr));
+    target.join("release").join(name)
+}
+
+fn no_kvm(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return false;
+    }
+    eprintln!("{test}: skipped: /dev/kvm is absent on this host");
+    true
+}
+
+fn ctl(args: &[&str], api: &Path) -> String {
+    let out = vigil().arg("vm").args(args).arg("--api").arg(api).output().expect("run vigil");
+    assert!(out.status.success(), "vigil vm {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn run_pause_snapshot_and_restore_in_a_new_process() {
+    if no_kvm("run_pause_snapshot_and_restore_in_a_new_process") {
+        return;
+    }
+    let image = guest("counter");
+    let dir = workspace().join(format!("target/vm-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let api = dir.join("api.sock");
+    let snap = dir.join("snap");
+    let mut child = vigil()
+        .args(["vm", "run", "--mem", "16", "--image"])
+        .arg(&image)
+        .arg("--api")
+        .arg(&api)
+        .args(["--", "count", "200", "5"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start vigil vm run");
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let lines = lines.clone();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                lines.lock().unwrap_or_else(|e| e.into_inner()).push(l);
+            }
+        })
+    };
+    for _ in 0..2000 {
+        if lines.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|l| l == "count 10") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    ctl(&["dirty-log", "start"], &api);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let dirty = ctl(&["dirty-log", "get"], &api);
+    assert!(dirty.contains("\"dirty_pages\":["), "{dirty}");
+    ctl(&["dirty-log", "stop"], &api);
+    let refused = vigil().args(["vm", "dirty-log", "get", "--api"]).arg(&api).output().expect("run vigil");
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("dirty logging is off"));
+    ctl(&["pause"], &api);
+    assert!(ctl(&["status"], &api).contains("\"paused\":true"));
+    ctl(&["snapshot", snap.to_str().expect("utf-8 path")], &api);
+    ctl(&["quit"], &api);
+    assert!(child.wait().expect("wait").success());
+    reader.join().expect("reader");
+    let before = lines.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let last: u64 = before.iter().filter_map(|l| l.strip_prefix("count ")?.parse().ok()).max().expect("counted");
+    assert!((10..200).contains(&last), "last count {last}");
+
+    let out = vigil().args(["vm", "restore"]).arg(&snap).output().expect("restore");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let expected: String = (last + 1..=200).map(|i| format!("count {i}\n")).collect::<String>() + "done sum=20100\n";
+    assert_eq!(text, expected);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn exit_statuses_and_errors() {
+    if no_kvm("exit_statuses_and_errors") {
+        return;
+    }
+    let image = guest("counter");
+    let run = |args: &[&str]| vigil().args(["vm", "run", "--mem", "16", "--image"]).arg(&image).arg("--").args(args).output().expect("run");
+    assert_eq!(run(&["exit", "9"]).status.code(), Some(9));
+    let fault = run(&["fault"]);
+    assert_eq!(fault.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&fault.stderr).contains("guest fault: triple fault"));
+    let bad = vigil().args(["vm", "run", "--image", "Cargo.toml"]).output().expect("run");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("Cargo.toml: not an ELF file"));
+    let none = vigil().args(["vm", "status", "--api", "/nonexistent/sock"]).output().expect("run");
+    assert_eq!(none.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("/nonexistent/sock"));
+}

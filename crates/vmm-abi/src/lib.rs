@@ -1,0 +1,188 @@
+//! The guest/VMM ABI of vigil's VMM, version [`ABI_VERSION`] (documented in `docs/vmm-abi.md`).
+//!
+//! Owns the numbers both sides must agree on: the guest-physical memory layout, the boot
+//! information page, the device ports and the layout of every request block. It holds no code
+//! that touches a device; the VMM (`vmm`) and the guest SDK (`guest-sdk`) both depend on it.
+//! `no_std`, no dependencies.
+#![no_std]
+
+/// Version of this ABI, in the boot information page. Bumped on any incompatible change.
+pub const ABI_VERSION: u32 = 1;
+
+/// Size of a guest page (the unit of the dirty log).
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Guest-physical address of the GDT and TSS page (the VMM owns it).
+pub const GDT_ADDR: u64 = 0x1000;
+/// Guest-physical address of the boot information page ([`BootInfo`] then the arguments).
+pub const BOOT_INFO_ADDR: u64 = 0x2000;
+/// Guest-physical address of the top-level page table (PML4); PDPT, the first 2 MiB's page
+/// table and the page directories follow, up to [`PAGE_TABLES_END`].
+pub const PML4_ADDR: u64 = 0x3000;
+/// End of the page-table area.
+pub const PAGE_TABLES_END: u64 = 0x10000;
+/// Lowest address an image segment may be loaded at.
+pub const IMAGE_MIN_ADDR: u64 = 0x20_0000;
+/// Size of the stack the VMM reserves at the top of guest memory.
+pub const STACK_SIZE: u64 = 1 << 20;
+/// Largest guest memory: request blocks are passed as 32-bit addresses, so all of memory must
+/// lie below 4 GiB.
+pub const MAX_MEM: u64 = 4 << 30;
+/// Smallest guest memory: image area, heap and stack must fit.
+pub const MIN_MEM: u64 = 4 << 20;
+
+/// Magic value at the start of the boot information page.
+pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"VIGILBI1");
+/// Offset of the NUL-separated argument strings inside the boot information page.
+pub const ARGS_OFFSET: u64 = 0x100;
+/// Largest total size of the argument strings (NULs included).
+pub const ARGS_MAX: u64 = PAGE_SIZE - ARGS_OFFSET;
+
+/// The boot information page, at [`BOOT_INFO_ADDR`], written by the VMM before the first
+/// instruction. All integers little-endian, all addresses guest-physical (= guest-virtual).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BootInfo {
+    /// [`BOOT_MAGIC`].
+    pub magic: u64,
+    /// [`ABI_VERSION`].
+    pub abi_version: u32,
+    /// Number of arguments at [`ARGS_OFFSET`].
+    pub argc: u32,
+    /// Guest memory size in bytes.
+    pub mem_size: u64,
+    /// First byte of the heap (page-aligned, after the image).
+    pub heap_start: u64,
+    /// Heap size in bytes (up to the stack).
+    pub heap_size: u64,
+    /// Initial stack pointer + 8 (16-byte aligned; the guest starts with rsp = stack_top - 8).
+    pub stack_top: u64,
+    /// Disk size in 512-byte sectors (0: no disk).
+    pub disk_sectors: u64,
+    /// 1 when a network device is attached.
+    pub has_net: u32,
+    /// IPv4 prefix length of `ipv4`.
+    pub prefix_len: u32,
+    /// MAC address of the network device.
+    pub mac: [u8; 6],
+    /// Padding.
+    pub _pad: [u8; 2],
+    /// IPv4 address (0.0.0.0: none configured).
+    pub ipv4: [u8; 4],
+    /// IPv4 gateway (0.0.0.0: none).
+    pub gateway: [u8; 4],
+    /// Total bytes of argument strings at [`ARGS_OFFSET`] (NULs included).
+    pub args_len: u32,
+    /// Padding.
+    pub _pad2: u32,
+}
+
+/// Port I/O protocol: the guest executes `out dx, eax` with `dx` = port and `eax` = the
+/// guest-physical address of a request block (except [`PORT_EXIT`], where `eax` is the exit
+/// status). The VMM handles the request before the instruction completes and writes results
+/// into the block. Request blocks must be 8-byte aligned and lie inside guest memory.
+pub const PORT_CONSOLE: u16 = 0x510;
+/// Clock: [`ClockRequest`].
+pub const PORT_CLOCK: u16 = 0x511;
+/// Exit: `eax` = exit status (0..=255 reported to the host).
+pub const PORT_EXIT: u16 = 0x512;
+/// Idle: [`IdleRequest`].
+pub const PORT_IDLE: u16 = 0x513;
+/// Block device: [`BlockRequest`].
+pub const PORT_BLOCK: u16 = 0x514;
+/// Network transmit: [`NetRequest`] with [`NetBuf`]s to send.
+pub const PORT_NET_TX: u16 = 0x515;
+/// Network receive: [`NetRequest`] with [`NetBuf`]s to fill.
+pub const PORT_NET_RX: u16 = 0x516;
+
+/// Console write: `len` bytes at `addr` (at most [`CONSOLE_MAX`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConsoleRequest {
+    pub addr: u64,
+    pub len: u64,
+}
+/// Largest console write.
+pub const CONSOLE_MAX: u64 = 64 * 1024;
+
+/// Clock read: the VMM writes the guest's monotonic time in nanoseconds. It starts near 0 at
+/// first boot and is continuous across pause, snapshot and restore (it does not advance while
+/// the VM is paused).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClockRequest {
+    pub now_ns: u64,
+}
+
+/// Idle: block until an event or until the clock reaches `deadline_ns` (u64::MAX: no
+/// deadline). The VMM writes the time and the pending events ([`EVENT_NET_RX`]). When `rx` is
+/// not 0 it is the address of a [`NetRequest`] that the VMM handles as [`PORT_NET_RX`] would
+/// once the wait ends (its `done` is 0 when no frame waits), saving the guest one exit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IdleRequest {
+    pub deadline_ns: u64,
+    pub now_ns: u64,
+    pub events: u64,
+    pub rx: u64,
+}
+/// A frame is waiting to be received.
+pub const EVENT_NET_RX: u64 = 1;
+
+/// Sector size of the block device.
+pub const SECTOR_SIZE: u64 = 512;
+/// A batch of block operations: `count` [`BlockDesc`]s at `descs`. The VMM performs them in
+/// order and writes `status` ([`BLOCK_OK`] or [`BLOCK_IO_ERROR`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BlockRequest {
+    pub count: u32,
+    pub status: u32,
+    pub descs: u64,
+}
+/// One block operation: `op` ([`BLOCK_READ`] / [`BLOCK_WRITE`]), `sectors` sectors starting at
+/// `sector`, to or from the buffer at `buf`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BlockDesc {
+    pub op: u32,
+    pub sectors: u32,
+    pub sector: u64,
+    pub buf: u64,
+}
+pub const BLOCK_READ: u32 = 0;
+pub const BLOCK_WRITE: u32 = 1;
+/// Also a flush: writes reach the host file before the request completes.
+pub const BLOCK_FLUSH: u32 = 2;
+pub const BLOCK_OK: u32 = 0;
+pub const BLOCK_IO_ERROR: u32 = 1;
+/// Largest number of descriptors in one block request.
+pub const BLOCK_MAX_DESCS: u32 = 256;
+/// Largest number of sectors in one descriptor (1 MiB).
+pub const BLOCK_MAX_SECTORS: u32 = 2048;
+
+/// A batch of frames: `count` [`NetBuf`]s at `bufs`. For transmit the VMM sends each
+/// `buf[i].len` bytes and writes `done` = frames sent; for receive it fills up to `count`
+/// buffers (each of capacity `len` >= [`FRAME_MAX`]), writes each frame's length into its
+/// `len`, and `done` = frames received.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NetRequest {
+    pub count: u32,
+    pub done: u32,
+    pub bufs: u64,
+}
+/// One frame buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NetBuf {
+    pub addr: u64,
+    pub len: u32,
+    pub _pad: u32,
+}
+/// Largest Ethernet frame (no FCS, no VLAN tag).
+pub const FRAME_MAX: u32 = 1514;
+/// Smallest Ethernet frame the VMM sends (header only).
+pub const FRAME_MIN: u32 = 14;
+/// Largest number of buffers in one network request.
+pub const NET_MAX_BUFS: u32 = 64;

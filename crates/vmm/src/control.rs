@@ -1,0 +1,191 @@
+//! Talking to a running VM from another thread: commands go through a channel, and a kick
+//! (eventfd + signal) brings the vCPU thread out of KVM_RUN or out of an idle wait.
+
+use std::cell::Cell;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Once};
+
+use crate::{Error, Result};
+
+/// A request to the VM.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Command {
+    /// Stop the vCPU at the next instruction boundary; the clock stops too.
+    Pause,
+    /// Continue after a pause.
+    Resume,
+    /// Write a snapshot into a directory (pauses first; stays paused).
+    Snapshot { dir: PathBuf },
+    /// Report the state.
+    Status,
+    /// Start KVM dirty logging (and clear what was collected).
+    DirtyLogStart,
+    /// Stop KVM dirty logging.
+    DirtyLogStop,
+    /// Return and clear the pages dirtied since the last call.
+    DirtyLogGetAndClear,
+    /// Hold the VM's network output back from now on (checkpoint replication).
+    NetHold,
+    /// Close the current epoch of held output; the reply carries its number.
+    NetSeal,
+    /// Send the held output of every sealed epoch up to `epoch`.
+    NetRelease { epoch: u64 },
+    /// Stop holding: send everything held.
+    NetUnhold,
+    /// End the VM.
+    Quit,
+}
+
+/// The VM's answer.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub status: Option<crate::Status>,
+    /// Dirty page numbers (guest-physical address / 4096), ascending.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub dirty_pages: Option<Vec<u64>>,
+    /// The epoch a `net-seal` closed, or frames sent by `net-release`/`net-unhold`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub value: Option<u64>,
+}
+
+impl Reply {
+    pub fn ok() -> Self {
+        Reply { ok: true, error: None, status: None, dirty_pages: None, value: None }
+    }
+    pub fn err(e: impl ToString) -> Self {
+        Reply { ok: false, error: Some(e.to_string()), status: None, dirty_pages: None, value: None }
+    }
+}
+
+type Request = (Command, Sender<Reply>);
+
+/// The sending side, cloneable, used by the API server (or a test).
+#[derive(Clone)]
+pub struct Controller {
+    tx: Sender<Request>,
+    shared: Arc<Shared>,
+}
+
+/// The receiving side, owned by the vCPU thread.
+pub struct Inbox {
+    pub(crate) rx: Receiver<Request>,
+    pub(crate) shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    /// Wakes an idle wait.
+    pub(crate) event: OwnedFd,
+    /// pthread_t of the vCPU thread (0: not running yet).
+    thread: AtomicU64,
+}
+
+/// Creates a connected controller and inbox.
+pub fn channel_pair() -> Result<(Controller, Inbox)> {
+    install_kick_handler();
+    // SAFETY: eventfd(2) with constant flags; the result is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::Os(format!("eventfd: {}", std::io::Error::last_os_error())));
+    }
+    // SAFETY: `fd` is a fresh descriptor owned by nothing else.
+    let event = unsafe { OwnedFd::from_raw_fd(fd) };
+    let shared = Arc::new(Shared { event, thread: AtomicU64::new(0) });
+    let (tx, rx) = channel();
+    Ok((Controller { tx, shared: shared.clone() }, Inbox { rx, shared }))
+}
+
+impl Controller {
+    /// Sends a command and waits for the reply.
+    pub fn call(&self, cmd: Command) -> Reply {
+        let (rtx, rrx) = channel();
+        if self.tx.send((cmd, rtx)).is_err() {
+            return Reply::err("the VM has stopped");
+        }
+        self.shared.kick();
+        rrx.recv().unwrap_or_else(|_| Reply::err("the VM has stopped"))
+    }
+}
+
+impl Shared {
+    fn kick(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+        unsafe { libc::write(self.event.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        let t = self.thread.load(Ordering::Acquire);
+        if t != 0 {
+            // SAFETY: `t` is the pthread_t of the vCPU thread, stored while it runs and cleared
+            // (by `Inbox::detach`) before it ends.
+            unsafe { libc::pthread_kill(t as libc::pthread_t, kick_signal()) };
+        }
+    }
+
+    pub(crate) fn drain(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd.
+        unsafe { libc::read(self.event.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+}
+
+impl Inbox {
+    /// Registers the calling thread as the vCPU thread, with `run` the vCPU's kvm_run page.
+    pub(crate) fn attach(&self, run: *mut kvm_bindings::kvm_run) {
+        KVM_RUN.with(|c| c.set(run));
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.shared.thread.store(me as u64, Ordering::Release);
+    }
+
+    /// Unregisters the vCPU thread.
+    pub(crate) fn detach(&self) {
+        self.shared.thread.store(0, Ordering::Release);
+        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.detach();
+    }
+}
+
+thread_local! {
+    /// The kvm_run page of the vCPU running on this thread, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_bindings::kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 1
+}
+
+extern "C" fn on_kick(_: libc::c_int) {
+    // Setting immediate_exit makes a KVM_RUN that is about to start return EINTR at once; one
+    // already running returns EINTR because of the signal itself.
+    let run = KVM_RUN.with(|c| c.get());
+    if !run.is_null() {
+        // SAFETY: `run` is this thread's mapped kvm_run page (registered by `attach`, cleared by
+        // `detach` before the vCPU is dropped); a byte store is async-signal-safe.
+        unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+    }
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: installs a handler that only performs a byte store; no SA_RESTART, so a
+        // blocking call of the vCPU thread (ppoll) returns EINTR.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_kick as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
+        }
+    });
+}

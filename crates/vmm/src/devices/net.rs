@@ -1,0 +1,210 @@
+//! The network device: Ethernet frames between the guest and a host tap device.
+
+use crate::memory::GuestMem;
+use crate::{Error, Result};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use vmm_abi::{NetBuf, NetRequest, FRAME_MAX, FRAME_MIN, NET_MAX_BUFS};
+
+/// A tap device (layer 2, no packet-information header), non-blocking.
+///
+/// Output can be held back (for checkpoint replication: a client must never see output of
+/// state the backup could not reproduce): while holding, transmitted frames collect in the
+/// current epoch; [`Tap::seal`] closes an epoch and [`Tap::release`] sends the frames of
+/// every sealed epoch up to a given one.
+pub struct Tap {
+    fd: OwnedFd,
+    name: String,
+    /// Frames dropped because the host sent something larger than a guest buffer.
+    pub dropped: u64,
+    hold: bool,
+    current: Vec<Vec<u8>>,
+    sealed: std::collections::VecDeque<(u64, Vec<Vec<u8>>)>,
+    next_epoch: u64,
+    held_bytes: usize,
+    /// Frames dropped because more than [`HOLD_LIMIT`] bytes were held.
+    pub hold_dropped: u64,
+}
+
+/// Most bytes of output held back at once; beyond it frames are dropped (TCP resends them).
+pub const HOLD_LIMIT: usize = 64 << 20;
+
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+impl Tap {
+    /// Opens (or creates) the tap device `name` through /dev/net/tun.
+    pub fn open(name: &str) -> Result<Self> {
+        let err = |reason: String| Error::Tap { name: name.to_owned(), reason };
+        if name.is_empty() || name.len() >= 16 || name.contains('/') {
+            return Err(err("interface names have 1 to 15 characters".into()));
+        }
+        // SAFETY: a plain open(2) of a constant NUL-terminated path.
+        let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(err(format!("cannot open /dev/net/tun: {}", std::io::Error::last_os_error())));
+        }
+        // SAFETY: `fd` was just opened and is owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut req = IfReq { name: [0; 16], flags: IFF_TAP | IFF_NO_PI, _pad: [0; 22] };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` has the layout of.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) };
+        if r < 0 {
+            return Err(err(format!("TUNSETIFF: {}", std::io::Error::last_os_error())));
+        }
+        Ok(Tap {
+            fd,
+            name: name.to_owned(),
+            dropped: 0,
+            hold: false,
+            current: Vec::new(),
+            sealed: Default::default(),
+            next_epoch: 1,
+            held_bytes: 0,
+            hold_dropped: 0,
+        })
+    }
+
+    /// Interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// File descriptor (for poll).
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Handles a transmit request at `addr`: sends each buffer as one frame.
+    pub fn transmit(&mut self, mem: &mut GuestMem, addr: u64) -> Result<(), String> {
+        let req: NetRequest = mem.read_obj(addr)?;
+        let bufs = read_bufs(mem, &req)?;
+        let mut frame = [0u8; FRAME_MAX as usize];
+        let mut done = 0;
+        for (i, b) in bufs.iter().enumerate() {
+            if !(FRAME_MIN..=FRAME_MAX).contains(&b.len) {
+                return Err(format!("transmit buffer {i}: frame of {} bytes (must be {FRAME_MIN}..={FRAME_MAX})", b.len));
+            }
+            let f = &mut frame[..b.len as usize];
+            mem.read(b.addr, f).map_err(|e| format!("transmit buffer {i}: {e}"))?;
+            if self.hold {
+                if self.held_bytes + f.len() <= HOLD_LIMIT {
+                    self.held_bytes += f.len();
+                    self.current.push(f.to_vec());
+                } else {
+                    self.hold_dropped += 1;
+                }
+                done += 1;
+                continue;
+            }
+            // SAFETY: writes `f.len()` initialised bytes from a live buffer to our own fd.
+            let n = unsafe { libc::write(self.fd.as_raw_fd(), f.as_ptr().cast(), f.len()) };
+            if n < 0 {
+                // Full queue or link down: the frame is lost, as on a real wire.
+                break;
+            }
+            done += 1;
+        }
+        mem.write_obj(addr, &NetRequest { done, ..req })
+    }
+
+    /// Handles a receive request at `addr`: fills buffers with waiting frames.
+    pub fn receive(&mut self, mem: &mut GuestMem, addr: u64) -> Result<(), String> {
+        let req: NetRequest = mem.read_obj(addr)?;
+        let mut bufs = read_bufs(mem, &req)?;
+        let mut frame = [0u8; 65536];
+        let mut done = 0u32;
+        for (i, b) in bufs.iter_mut().enumerate() {
+            if b.len < FRAME_MAX {
+                return Err(format!("receive buffer {i}: capacity {} is below {FRAME_MAX}", b.len));
+            }
+            mem.check(b.addr, b.len as u64).map_err(|e| format!("receive buffer {i}: {e}"))?;
+            loop {
+                // SAFETY: reads into our own stack buffer of the given length.
+                let n = unsafe { libc::read(self.fd.as_raw_fd(), frame.as_mut_ptr().cast(), frame.len()) };
+                if n <= 0 {
+                    return finish(mem, addr, req, &bufs[..done as usize], done);
+                }
+                let n = n as usize;
+                if n > FRAME_MAX as usize {
+                    self.dropped += 1;
+                    continue;
+                }
+                mem.write(b.addr, &frame[..n])?;
+                b.len = n as u32;
+                done += 1;
+                break;
+            }
+        }
+        finish(mem, addr, req, &bufs, done)
+    }
+
+    /// Starts holding output back.
+    pub fn hold(&mut self) {
+        self.hold = true;
+    }
+
+    /// Closes the current epoch of held output and returns its number (1, 2, ...).
+    pub fn seal(&mut self) -> u64 {
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        self.sealed.push_back((epoch, std::mem::take(&mut self.current)));
+        epoch
+    }
+
+    /// Sends the held frames of every sealed epoch up to `epoch`; returns how many.
+    pub fn release(&mut self, epoch: u64) -> usize {
+        let mut sent = 0;
+        while self.sealed.front().is_some_and(|(e, _)| *e <= epoch) {
+            let Some((_, frames)) = self.sealed.pop_front() else { break };
+            for f in frames {
+                self.held_bytes -= f.len();
+                // SAFETY: writes `f.len()` initialised bytes from a live buffer to our own fd.
+                unsafe { libc::write(self.fd.as_raw_fd(), f.as_ptr().cast(), f.len()) };
+                sent += 1;
+            }
+        }
+        sent
+    }
+
+    /// Stops holding: seals and releases everything held.
+    pub fn unhold(&mut self) -> usize {
+        let e = self.seal();
+        self.hold = false;
+        self.release(e)
+    }
+
+    /// Frames held back (sealed or not).
+    pub fn held_frames(&self) -> usize {
+        self.current.len() + self.sealed.iter().map(|(_, f)| f.len()).sum::<usize>()
+    }
+
+    /// Whether a frame is waiting.
+    pub fn readable(&self) -> bool {
+        let mut p = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: polls one valid pollfd without blocking.
+        unsafe { libc::poll(&mut p, 1, 0) > 0 && p.revents & libc::POLLIN != 0 }
+    }
+}
+
+fn read_bufs(mem: &GuestMem, req: &NetRequest) -> Result<Vec<NetBuf>, String> {
+    if req.count > NET_MAX_BUFS {
+        return Err(format!("network request with {} buffers (at most {NET_MAX_BUFS})", req.count));
+    }
+    (0..req.count as u64).map(|i| mem.read_obj(req.bufs + i * std::mem::size_of::<NetBuf>() as u64)).collect()
+}
+
+fn finish(mem: &mut GuestMem, addr: u64, req: NetRequest, filled: &[NetBuf], done: u32) -> Result<(), String> {
+    for (i, b) in filled.iter().enumerate() {
+        mem.write_obj(req.bufs + i as u64 * std::mem::size_of::<NetBuf>() as u64, b)?;
+    }
+    mem.write_obj(addr, &NetRequest { done, ..req })
+}

@@ -1,0 +1,39 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the VMM itself (not in the guest: a misbehaving guest ends
+/// its run with [`crate::Stop::Fault`] instead).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("KVM: {op}: {source}")]
+    Kvm { op: &'static str, source: kvm_ioctls::Error },
+    #[error("guest memory: {0}")]
+    Memory(String),
+    #[error("guest image {path}: {reason}")]
+    Image { path: PathBuf, reason: String },
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("tap device {name}: {reason}")]
+    Tap { name: String, reason: String },
+    #[error("invalid VM configuration: {0}")]
+    Config(String),
+    #[error("snapshot {dir}: {reason}")]
+    Snapshot { dir: PathBuf, reason: String },
+    #[error("control API {path}: {reason}")]
+    Api { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Os(String),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub(crate) fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { op, source }
+}
+
+pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.into();
+    move |source| Error::Io { what, path, source }
+}

@@ -1,0 +1,31 @@
+//! vigil's virtual machine monitor on Linux KVM (rust-vmm crates).
+//!
+//! Owns one machine: guest memory, the vCPU set up to start directly in 64-bit user mode with
+//! IOPL 3 on identity-mapped pages (the design for this project's nested-PVM hosts, see
+//! DESIGN §3), loading a static ELF unikernel image, the boot information page, the
+//! paravirtual devices behind the ports of `vmm-abi` (console, clock, exit, idle, block, network
+//! over a tap device), pause/resume, snapshot and restore, dirty-page tracking, and the control
+//! API over a Unix socket. It does not own replication (it only offers what replication needs:
+//! pause, dirty pages, device state), scheduling reservations, or the guests themselves.
+//!
+//! A misbehaving guest never makes the VMM fail: every malformed request, crash or unexpected
+//! exit ends the run with [`Stop::Fault`] and a reason.
+
+pub mod api;
+mod arch;
+pub mod control;
+pub mod devices;
+mod error;
+pub mod loader;
+mod machine;
+pub mod memory;
+pub mod snapshot;
+
+pub use control::{channel_pair, Command, Controller, Inbox, Reply};
+pub use error::{Error, Result};
+pub use machine::{pages_of, NetConfig, Status, Stop, Vm, VmConfig};
+
+/// Whether this host has KVM (tests skip only when it does not).
+pub fn kvm_available() -> bool {
+    std::path::Path::new("/dev/kvm").exists()
+}

@@ -1,0 +1,516 @@
+//! The machine: KVM VM and vCPU, guest memory, devices, and the run loop that dispatches port
+//! I/O exits to devices and control commands between exits.
+
+use crate::arch;
+use crate::control::{Command, Inbox, Reply};
+use crate::devices::{block::Block, clock::Clock, net::Tap};
+use crate::error::kvm as kvm_err;
+use crate::memory::{GuestMem, Pod};
+use crate::{Error, Result};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use vmm_abi::*;
+
+/// How to build a VM.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct VmConfig {
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// Guest image (ELF).
+    pub image: PathBuf,
+    /// Disk image file.
+    pub disk: Option<PathBuf>,
+    /// Tap device for the network card.
+    pub tap: Option<String>,
+    /// Network configuration handed to the guest.
+    pub net: NetConfig,
+    /// Arguments handed to the guest.
+    pub args: Vec<String>,
+    /// Start with KVM dirty logging on.
+    pub dirty_log: bool,
+}
+
+/// Network configuration handed to the guest in the boot page.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct NetConfig {
+    pub mac: [u8; 6],
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Ipv4Addr,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig { mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56], ip: Ipv4Addr::UNSPECIFIED, prefix_len: 0, gateway: Ipv4Addr::UNSPECIFIED }
+    }
+}
+
+impl VmConfig {
+    /// A configuration with defaults for everything but the image and memory.
+    pub fn new(image: impl Into<PathBuf>, mem_mib: u64) -> Self {
+        VmConfig { mem_mib, image: image.into(), disk: None, tap: None, net: NetConfig::default(), args: vec![], dirty_log: false }
+    }
+}
+
+/// Why a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// The guest called exit with this status.
+    Exited(u32),
+    /// The guest broke the ABI or crashed (triple fault, emulation failure, bad request...).
+    Fault(String),
+    /// A `quit` command ended the VM.
+    Quit,
+}
+
+/// What `status` reports.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Status {
+    pub paused: bool,
+    pub guest_ns: u64,
+    pub mem_bytes: u64,
+    pub dirty_logging: bool,
+    pub exits: u64,
+}
+
+/// A virtual machine with one vCPU.
+pub struct Vm {
+    _kvm: Kvm,
+    vm: VmFd,
+    vcpu: VcpuFd,
+    pub(crate) mem: GuestMem,
+    pub(crate) config: VmConfig,
+    pub(crate) clock: Clock,
+    pub(crate) block: Option<Block>,
+    pub(crate) tap: Option<Tap>,
+    console: Box<dyn Write + Send>,
+    pub(crate) dirty_logging: bool,
+    paused: bool,
+    /// KVM_RUN left an exit whose completion needs one more KVM_RUN (see `settle`).
+    unsettled: bool,
+    exits: u64,
+}
+
+impl Vm {
+    /// Creates the VM, loads the image and writes the boot page; the vCPU is ready at entry.
+    pub fn create(config: VmConfig, console: Box<dyn Write + Send>) -> Result<Self> {
+        let mut vm = Self::bare(config, console)?;
+        let loaded = crate::loader::load_file(&vm.config.image.clone(), &mut vm.mem)?;
+        arch::write_page_tables(&mut vm.mem)?;
+        arch::write_gdt(&mut vm.mem)?;
+        let stack_top = vm.mem.size();
+        vm.write_boot_info(loaded.end, stack_top)?;
+        arch::setup_sregs(&vm.vcpu)?;
+        arch::setup_regs(&vm.vcpu, loaded.entry, stack_top)?;
+        Ok(vm)
+    }
+
+    /// KVM VM, vCPU, memory and devices, but nothing in memory and no registers set.
+    pub(crate) fn bare(config: VmConfig, console: Box<dyn Write + Send>) -> Result<Self> {
+        let mem_bytes = config.mem_mib.saturating_mul(1 << 20);
+        if !(MIN_MEM..=MAX_MEM).contains(&mem_bytes) {
+            return Err(Error::Config(format!("memory {} MiB is outside {}..={} MiB", config.mem_mib, MIN_MEM >> 20, MAX_MEM >> 20)));
+        }
+        let args_len: usize = config.args.iter().map(|a| a.len() + 1).sum();
+        if args_len as u64 > ARGS_MAX || config.args.iter().any(|a| a.contains('\0')) {
+            return Err(Error::Config(format!("guest arguments take {args_len} bytes (at most {ARGS_MAX}, no NUL)")));
+        }
+        let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let mem = GuestMem::new(mem_bytes)?;
+        let block = config.disk.as_deref().map(Block::open).transpose()?;
+        let tap = config.tap.as_deref().map(Tap::open).transpose()?;
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        let dirty = config.dirty_log;
+        let mut m = Vm {
+            _kvm: kvm,
+            vm,
+            vcpu,
+            mem,
+            config,
+            clock: Clock::new(0),
+            block,
+            tap,
+            console,
+            dirty_logging: false,
+            paused: false,
+            unsettled: false,
+            exits: 0,
+        };
+        m.set_memory_slot(dirty)?;
+        Ok(m)
+    }
+
+    fn set_memory_slot(&mut self, log_dirty: bool) -> Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            guest_phys_addr: 0,
+            memory_size: self.mem.size(),
+            userspace_addr: self.mem.host_base()? as u64,
+        };
+        // SAFETY: the region describes our own mapping, which lives as long as the VM (the
+        // `Vm` owns both and drops the VM fd first: fields drop in declaration order).
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        self.dirty_logging = log_dirty;
+        Ok(())
+    }
+
+    fn write_boot_info(&mut self, image_end: u64, stack_top: u64) -> Result<()> {
+        let c = &self.config;
+        let heap_start = image_end.max(IMAGE_MIN_ADDR);
+        let heap_end = stack_top - STACK_SIZE;
+        if heap_start >= heap_end {
+            return Err(Error::Config(format!("the image leaves no room for a heap in {} MiB", c.mem_mib)));
+        }
+        let mut args = Vec::new();
+        for a in &c.args {
+            args.extend_from_slice(a.as_bytes());
+            args.push(0);
+        }
+        let info = BootInfo {
+            magic: BOOT_MAGIC,
+            abi_version: ABI_VERSION,
+            argc: c.args.len() as u32,
+            mem_size: self.mem.size(),
+            heap_start,
+            heap_size: heap_end - heap_start,
+            stack_top,
+            disk_sectors: self.block.as_ref().map_or(0, |b| b.sectors()),
+            has_net: self.tap.is_some() as u32,
+            prefix_len: c.net.prefix_len as u32,
+            mac: c.net.mac,
+            _pad: [0; 2],
+            ipv4: c.net.ip.octets(),
+            gateway: c.net.gateway.octets(),
+            args_len: args.len() as u32,
+            _pad2: 0,
+        };
+        self.mem.write_obj(BOOT_INFO_ADDR, &info).map_err(Error::Memory)?;
+        self.mem.write(BOOT_INFO_ADDR + ARGS_OFFSET, &args).map_err(Error::Memory)?;
+        self.mem.take_vmm_dirty();
+        Ok(())
+    }
+
+    /// The current state.
+    pub fn status(&self) -> Status {
+        Status {
+            paused: self.paused,
+            guest_ns: self.clock.now_ns(),
+            mem_bytes: self.mem.size(),
+            dirty_logging: self.dirty_logging,
+            exits: self.exits,
+        }
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    /// Turns KVM dirty logging on or off.
+    pub fn set_dirty_logging(&mut self, on: bool) -> Result<()> {
+        if on && !self.dirty_logging {
+            // Start from a clean slate: what the VMM wrote before counts as already known.
+            self.mem.take_vmm_dirty();
+        }
+        self.set_memory_slot(on)
+    }
+
+    /// Pages dirtied since the last call (KVM's log OR pages the VMM wrote), as a bitmap of
+    /// one bit per page, and clears them. Without dirty logging only the VMM's own writes are
+    /// known, so this is an error.
+    pub fn dirty_bitmap_get_and_clear(&mut self) -> Result<Vec<u64>> {
+        if !self.dirty_logging {
+            return Err(Error::Config("dirty logging is off (start it first)".into()));
+        }
+        let mut bits = self.vm.get_dirty_log(0, self.mem.size() as usize).map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+        let vmm = self.mem.take_vmm_dirty();
+        for (b, v) in bits.iter_mut().zip(vmm) {
+            *b |= v;
+        }
+        Ok(bits)
+    }
+
+    /// Pages dirtied since the last call, as ascending page numbers.
+    pub fn dirty_pages_get_and_clear(&mut self) -> Result<Vec<u64>> {
+        let bits = self.dirty_bitmap_get_and_clear()?;
+        Ok(pages_of(&bits))
+    }
+
+    /// Runs until the guest exits or faults, or a `quit` command arrives. Commands from
+    /// `inbox` are handled between exits.
+    pub fn run(&mut self, inbox: Option<&Inbox>) -> Result<Stop> {
+        if let Some(i) = inbox {
+            i.attach(self.vcpu.get_kvm_run());
+        }
+        let result = self.run_loop(inbox);
+        if let Some(i) = inbox {
+            i.detach();
+        }
+        self.clock.pause();
+        let _ = self.console.flush();
+        result
+    }
+
+    fn run_loop(&mut self, inbox: Option<&Inbox>) -> Result<Stop> {
+        if !self.paused {
+            self.clock.resume();
+        }
+        loop {
+            if let Some(inbox) = inbox {
+                self.vcpu.set_kvm_immediate_exit(0);
+                if let Some(stop) = self.handle_commands(inbox)? {
+                    return Ok(stop);
+                }
+            }
+            let exit = match self.vcpu.run() {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    if data.len() == 4 {
+                        Exit::Out(port, u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
+                    } else {
+                        Exit::Fault(format!("{}-byte write to port 0x{port:x} (the ABI uses 4-byte `out dx, eax`)", data.len()))
+                    }
+                }
+                Ok(VcpuExit::IoIn(port, _)) => Exit::Fault(format!("read from port 0x{port:x} (no device reads ports)")),
+                Ok(VcpuExit::MmioRead(a, _)) | Ok(VcpuExit::MmioWrite(a, _)) => {
+                    Exit::Fault(format!("access to guest-physical 0x{a:x}, outside guest memory"))
+                }
+                Ok(VcpuExit::Shutdown) => Exit::Fault("triple fault (KVM shutdown exit): the guest crashed".into()),
+                Ok(VcpuExit::InternalError) => {
+                    let sub = self.vcpu.get_kvm_run().exit_reason;
+                    Exit::Fault(format!("KVM internal error (emulation failure?), exit reason {sub}"))
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => Exit::Fault(format!("KVM entry failure, reason 0x{reason:x} on cpu {cpu}")),
+                Ok(VcpuExit::Hlt) => Exit::Fault("hlt".into()),
+                Ok(other) => Exit::Fault(format!("unexpected KVM exit {other:?}")),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
+                Err(e) => return Err(Error::Kvm { op: "KVM_RUN", source: e }),
+            };
+            self.exits += 1;
+            match exit {
+                Exit::Interrupted => self.unsettled = false,
+                Exit::Out(port, value) => {
+                    self.unsettled = true;
+                    match self.port_out(port, value, inbox) {
+                        Ok(None) => {}
+                        Ok(Some(stop)) => return Ok(stop),
+                        Err(reason) => return Ok(Stop::Fault(self.describe(format!("port 0x{port:x}: {reason}")))),
+                    }
+                }
+                Exit::Fault(reason) => return Ok(Stop::Fault(self.describe(reason))),
+            }
+        }
+    }
+
+    fn describe(&self, reason: String) -> String {
+        match self.vcpu.get_regs() {
+            Ok(r) => format!("{reason} (rip=0x{:x} rsp=0x{:x} rflags=0x{:x})", r.rip, r.rsp, r.rflags),
+            Err(_) => reason,
+        }
+    }
+
+    /// Completes a pending exit (KVM finishes an I/O instruction only on the next KVM_RUN), so
+    /// that the registers read next are the ones after it.
+    pub(crate) fn settle(&mut self) -> Result<()> {
+        if self.unsettled {
+            self.vcpu.set_kvm_immediate_exit(1);
+            let r = self.vcpu.run();
+            let interrupted = matches!(&r, Err(e) if e.errno() == libc::EINTR);
+            drop(r);
+            self.vcpu.set_kvm_immediate_exit(0);
+            if !interrupted {
+                return Err(Error::Os("KVM_RUN with immediate_exit did not return EINTR".into()));
+            }
+            self.unsettled = false;
+        }
+        Ok(())
+    }
+
+    fn handle_commands(&mut self, inbox: &Inbox) -> Result<Option<Stop>> {
+        inbox.shared.drain();
+        loop {
+            let next = if self.paused { inbox.rx.recv().ok() } else { inbox.rx.try_recv().ok() };
+            let Some((cmd, reply)) = next else {
+                return Ok(None);
+            };
+            let (answer, stop) = self.command(cmd);
+            let _ = reply.send(answer);
+            if stop.is_some() {
+                return Ok(stop);
+            }
+            if !self.paused {
+                inbox.shared.drain();
+            }
+        }
+    }
+
+    /// Pauses the VM (the vCPU is already out of KVM_RUN when this is called).
+    pub fn pause(&mut self) -> Result<()> {
+        if !self.paused {
+            self.settle()?;
+            self.clock.pause();
+            self.paused = true;
+        }
+        Ok(())
+    }
+
+    fn command(&mut self, cmd: Command) -> (Reply, Option<Stop>) {
+        let r = match cmd {
+            Command::Pause => self.pause().map(|_| Reply::ok()),
+            Command::Resume => {
+                self.unpause();
+                Ok(Reply::ok())
+            }
+            Command::Status => Ok(Reply { status: Some(self.status()), ..Reply::ok() }),
+            Command::Snapshot { dir } => self.pause().and_then(|_| self.snapshot(&dir)).map(|_| Reply::ok()),
+            Command::DirtyLogStart => self.set_dirty_logging(true).map(|_| Reply::ok()),
+            Command::DirtyLogStop => self.set_dirty_logging(false).map(|_| Reply::ok()),
+            Command::DirtyLogGetAndClear => self.dirty_pages_get_and_clear().map(|p| Reply { dirty_pages: Some(p), ..Reply::ok() }),
+            Command::NetHold | Command::NetSeal | Command::NetRelease { .. } | Command::NetUnhold => match self.tap.as_mut() {
+                None => Err(Error::Config("the VM has no network device".into())),
+                Some(tap) => {
+                    let value = match cmd {
+                        Command::NetHold => {
+                            tap.hold();
+                            None
+                        }
+                        Command::NetSeal => Some(tap.seal()),
+                        Command::NetRelease { epoch } => Some(tap.release(epoch) as u64),
+                        _ => Some(tap.unhold() as u64),
+                    };
+                    Ok(Reply { value, ..Reply::ok() })
+                }
+            },
+            Command::Quit => return (Reply::ok(), Some(Stop::Quit)),
+        };
+        (r.unwrap_or_else(Reply::err), None)
+    }
+
+    fn port_out(&mut self, port: u16, value: u32, inbox: Option<&Inbox>) -> Result<Option<Stop>, String> {
+        let addr = value as u64;
+        match port {
+            PORT_CONSOLE => {
+                let req: ConsoleRequest = self.mem.read_obj(addr)?;
+                if req.len > CONSOLE_MAX {
+                    return Err(format!("console write of {} bytes (at most {CONSOLE_MAX})", req.len));
+                }
+                let mut buf = vec![0; req.len as usize];
+                self.mem.read(req.addr, &mut buf)?;
+                let _ = self.console.write_all(&buf);
+                let _ = self.console.flush();
+            }
+            PORT_CLOCK => {
+                self.mem.read_obj::<ClockRequest>(addr)?;
+                self.mem.write_obj(addr, &ClockRequest { now_ns: self.clock.now_ns() })?;
+            }
+            PORT_EXIT => return Ok(Some(Stop::Exited(value))),
+            PORT_IDLE => {
+                let req: IdleRequest = self.mem.read_obj(addr)?;
+                if req.rx != 0 && self.tap.is_none() {
+                    return Err("idle with a receive request but the VM has no network device".into());
+                }
+                let events = self.idle(req.deadline_ns, inbox);
+                if let (Some(tap), true) = (self.tap.as_mut(), req.rx != 0) {
+                    tap.receive(&mut self.mem, req.rx)?;
+                }
+                let events = match &self.tap {
+                    Some(t) if req.rx != 0 => events & !EVENT_NET_RX | if t.readable() { EVENT_NET_RX } else { 0 },
+                    _ => events,
+                };
+                self.mem.write_obj(addr, &IdleRequest { now_ns: self.clock.now_ns(), events, ..req })?;
+            }
+            PORT_BLOCK => match self.block.as_mut() {
+                Some(b) => b.request(&mut self.mem, addr)?,
+                None => return Err("block request but the VM has no disk".into()),
+            },
+            PORT_NET_TX | PORT_NET_RX => {
+                let Some(tap) = self.tap.as_mut() else {
+                    return Err("network request but the VM has no network device".into());
+                };
+                if port == PORT_NET_TX {
+                    tap.transmit(&mut self.mem, addr)?
+                } else {
+                    tap.receive(&mut self.mem, addr)?
+                }
+            }
+            _ => return Err("no device at this port".into()),
+        }
+        Ok(None)
+    }
+
+    /// Blocks until a frame arrives, a command is sent, or guest time reaches `deadline`.
+    fn idle(&mut self, deadline: u64, inbox: Option<&Inbox>) -> u64 {
+        let mut fds = Vec::with_capacity(2);
+        if let Some(t) = &self.tap {
+            fds.push(libc::pollfd { fd: t.raw_fd(), events: libc::POLLIN, revents: 0 });
+        }
+        if let Some(i) = inbox {
+            use std::os::fd::AsRawFd;
+            fds.push(libc::pollfd { fd: i.shared.event.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        }
+        let now = self.clock.now_ns();
+        if deadline > now {
+            let wait = deadline - now;
+            let ts = libc::timespec { tv_sec: (wait / 1_000_000_000).min(i32::MAX as u64) as i64, tv_nsec: (wait % 1_000_000_000) as i64 };
+            let tsp = if deadline == u64::MAX { std::ptr::null() } else { &ts as *const libc::timespec };
+            // SAFETY: `fds` is a live array of `fds.len()` pollfds, `tsp` null or a live
+            // timespec. EINTR (a kick) simply ends the wait.
+            unsafe { libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, tsp, std::ptr::null()) };
+        }
+        match &self.tap {
+            Some(t) if t.readable() => EVENT_NET_RX,
+            _ => 0,
+        }
+    }
+
+    pub(crate) fn vcpu(&self) -> &VcpuFd {
+        &self.vcpu
+    }
+
+    pub(crate) fn mark_paused(&mut self) {
+        self.paused = true;
+    }
+
+    pub(crate) fn unpause(&mut self) {
+        self.paused = false;
+        self.clock.resume();
+    }
+
+    /// Whether the VM is paused.
+    pub fn paused(&self) -> bool {
+        self.paused
+    }
+}
+
+enum Exit {
+    Out(u16, u32),
+    Fault(String),
+    Interrupted,
+}
+
+/// Page numbers of the set bits of a bitmap.
+pub fn pages_of(bits: &[u64]) -> Vec<u64> {
+    let mut pages = Vec::new();
+    for (w, &word) in bits.iter().enumerate() {
+        let mut x = word;
+        while x != 0 {
+            let b = x.trailing_zeros() as u64;
+            pages.push(w as u64 * 64 + b);
+            x &= x - 1;
+        }
+    }
+    pages
+}
+
+// SAFETY: `Vm` owns its fds and mapping; the raw kvm_run pointer inside `VcpuFd` is only used
+// by the thread that runs the VM.
+unsafe impl Send for Vm {}
+
+#[allow(dead_code)]
+fn _assert_pod<T: Pod>() {}

@@ -1,0 +1,164 @@
+//! `counter`: the minimal vigil test guest. Arguments (after `--` on the VMM's command line):
+//!
+//! - `count N [DELAY_MS]` (default `count 10`): prints `count i` for i in 1..=N, idling DELAY_MS
+//!   between lines, then `done sum=S` and exits 0;
+//! - `exit S`: exits with status S;
+//! - `heap N`: N random allocations, frees and reallocations, each block filled with a
+//!   pattern that is checked before it is freed; prints `heap ok N`;
+//! - `clock N`: reads the clock N times (N port exits), prints `clock N calls T ns`;
+//! - `dirty OFFSET_PAGES P1,P2,...`: writes one byte in each listed page of the heap (page
+//!   numbers relative to heap start + OFFSET_PAGES), prints `dirtied K`, exits 0;
+//! - `disk`: reads sector 0, writes its bytes reversed into sector 1, prints both checksums;
+//! - `fault`: writes to an unmapped address (triple fault, there is no guest IDT);
+//! - `panic`: panics;
+//! - `badport`: writes to a port that no device owns;
+//! - `badaddr`: asks the console to print from outside guest memory.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use guest_sdk::{args, println};
+
+guest_sdk::entry!(main);
+
+fn parse(s: Option<&str>, default: u64) -> u64 {
+    s.and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+fn main() -> u32 {
+    let mut a = args();
+    match a.next().unwrap_or("count") {
+        "count" => {
+            let n = parse(a.next(), 10);
+            let delay = parse(a.next(), 0) * 1_000_000;
+            let mut sum = 0u64;
+            let mut last = guest_sdk::now_ns();
+            for i in 1..=n {
+                sum += i;
+                println!("count {i}");
+                if delay > 0 {
+                    guest_sdk::clock::sleep_ns(delay);
+                }
+                let now = guest_sdk::now_ns();
+                if now < last {
+                    println!("clock went backwards: {last} -> {now}");
+                    return 1;
+                }
+                last = now;
+            }
+            println!("done sum={sum}");
+            0
+        }
+        "exit" => parse(a.next(), 0) as u32,
+        "heap" => heap_check(parse(a.next(), 20_000)),
+        "clock" => {
+            let n = parse(a.next(), 10_000).max(1);
+            let start = guest_sdk::now_ns();
+            for _ in 0..n {
+                core::hint::black_box(guest_sdk::now_ns());
+            }
+            println!("clock {n} calls {} ns", guest_sdk::now_ns() - start);
+            0
+        }
+        "dirty" => {
+            let info = guest_sdk::boot_info();
+            let base = info.heap_start + parse(a.next(), 0) * 4096;
+            let mut k = 0;
+            for p in a.next().unwrap_or("").split(',').filter(|s| !s.is_empty()) {
+                let page = parse(Some(p), 0);
+                let addr = base + page * 4096;
+                if addr + 4096 > info.heap_start + info.heap_size {
+                    println!("page {page} outside the heap");
+                    return 2;
+                }
+                // SAFETY: the address is inside the heap region, which this mode never
+                // allocates from, so nothing else refers to it.
+                unsafe { core::ptr::write_volatile((addr + 8) as *mut u64, 0x5157_0000 + page) };
+                k += 1;
+            }
+            println!("dirtied {k}");
+            0
+        }
+        "disk" => {
+            let mut s0 = [0u8; 512];
+            if guest_sdk::block::read(0, &mut s0).is_err() {
+                println!("disk read failed");
+                return 3;
+            }
+            let mut s1 = s0;
+            s1.reverse();
+            if guest_sdk::block::write(1, &s1).is_err() || guest_sdk::block::flush().is_err() {
+                println!("disk write failed");
+                return 3;
+            }
+            let sum: u64 = s0.iter().map(|b| *b as u64).sum();
+            println!("disk sectors={} sum={sum}", guest_sdk::block::sectors());
+            0
+        }
+        "fault" => {
+            // SAFETY: deliberately invalid: page 0 is unmapped (the dangling pointer is address 8),
+            // the fault is the test.
+            unsafe { core::ptr::write_volatile(core::ptr::dangling_mut::<u64>(), 1) };
+            0
+        }
+        "panic" => panic!("asked to panic"),
+        "badport" => {
+            // SAFETY: deliberately talks to a port no device owns; the VMM must stop the guest.
+            unsafe { core::arch::asm!("out dx, eax", in("dx") 0x5ffu16, in("eax") 0u32) };
+            0
+        }
+        "badaddr" => {
+            let req = [0xffff_f000u64, 16];
+            // SAFETY: deliberately hands the console an address outside guest memory.
+            unsafe { core::arch::asm!("out dx, eax", in("dx") guest_sdk::abi::PORT_CONSOLE, in("eax") req.as_ptr() as u32) };
+            0
+        }
+        other => {
+            println!("unknown mode {other}");
+            2
+        }
+    }
+}
+
+/// Exercises the guest SDK's allocator: random sizes and alignments, interleaved frees and
+/// reallocations; every live block keeps its own byte pattern.
+fn heap_check(n: u64) -> u32 {
+    use alloc::vec::Vec;
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut live: Vec<(Vec<u8>, u8)> = Vec::new();
+    for i in 0..n {
+        let r = next();
+        if (r % 3 != 0 && live.len() < 400) || live.is_empty() {
+            let size = if r % 50 == 0 { (r >> 8) as usize % 100_000 } else { (r >> 8) as usize % 300 };
+            let tag = (i % 251) as u8;
+            live.push((alloc::vec![tag; size], tag));
+        } else {
+            let k = (r >> 8) as usize % live.len();
+            let (v, tag) = live.swap_remove(k);
+            if v.iter().any(|b| *b != tag) {
+                println!("heap corrupted at step {i}");
+                return 4;
+            }
+            if r % 5 == 0 {
+                let mut v = v;
+                v.resize(v.len() * 2 + 1, tag);
+                live.push((v, tag));
+            }
+        }
+    }
+    for (v, tag) in &live {
+        if v.iter().any(|b| b != tag) {
+            println!("heap corrupted at the end");
+            return 4;
+        }
+    }
+    println!("heap ok {n}");
+    0
+}

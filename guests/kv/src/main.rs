@@ -1,0 +1,101 @@
+//! `kv`: a Redis-protocol key-value server (the logic is `kv-core`) on TCP port 6379 (or the
+//! first argument), over smoltcp on the VM's network device. Prints `kv: serving on IP:PORT`
+//! once it accepts connections.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::vec;
+use alloc::vec::Vec;
+use guest_sdk::netstack::Stack;
+use guest_sdk::println;
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::tcp;
+
+guest_sdk::entry!(main);
+
+/// Most connections at once (each has 2 × 32 KiB of socket buffers).
+const MAX_CONNS: usize = 128;
+const BUF: usize = 32 * 1024;
+/// Sockets kept listening, so that simultaneous connection attempts all find one.
+const LISTENERS: usize = 64;
+
+struct Conn {
+    handle: SocketHandle,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    closing: bool,
+}
+
+fn listen(stack: &mut Stack, port: u16) -> Option<Conn> {
+    let mut s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; BUF]), tcp::SocketBuffer::new(vec![0; BUF]));
+    s.set_nagle_enabled(false);
+    s.set_ack_delay(None);
+    s.listen(port).ok()?;
+    Some(Conn { handle: stack.sockets.add(s), input: Vec::new(), output: Vec::new(), closing: false })
+}
+
+fn main() -> u32 {
+    let port = guest_sdk::args().next().and_then(|p| p.parse().ok()).unwrap_or(6379u16);
+    let Some(mut stack) = Stack::new() else {
+        println!("kv: no network device");
+        return 2;
+    };
+    let mut store = kv_core::Store::new();
+    let mut conns: Vec<Conn> = Vec::new();
+    let ip = guest_sdk::boot_info().ipv4;
+    println!("kv: serving on {}.{}.{}.{}:{port}", ip[0], ip[1], ip[2], ip[3]);
+    loop {
+        stack.poll();
+        let mut progress = false;
+        conns.retain_mut(|c| {
+            let s = stack.sockets.get_mut::<tcp::Socket>(c.handle);
+            if s.can_recv() {
+                let _ = s.recv(|buf| {
+                    c.input.extend_from_slice(buf);
+                    (buf.len(), ())
+                });
+                if store.serve(&mut c.input, &mut c.output).is_err() {
+                    c.closing = true;
+                }
+                progress = true;
+            }
+            if !c.output.is_empty() && s.can_send() {
+                if let Ok(n) = s.send_slice(&c.output) {
+                    c.output.drain(..n);
+                    progress = true;
+                }
+            }
+            if c.closing && c.output.is_empty() {
+                s.close();
+            }
+            match s.state() {
+                tcp::State::CloseWait if c.output.is_empty() => {
+                    s.close();
+                    true
+                }
+                tcp::State::Closed | tcp::State::TimeWait => {
+                    stack.sockets.remove(c.handle);
+                    false
+                }
+                _ => true,
+            }
+        });
+        let listening = conns.iter().filter(|c| stack.sockets.get::<tcp::Socket>(c.handle).state() == tcp::State::Listen).count();
+        for _ in listening..LISTENERS.min(MAX_CONNS.saturating_sub(conns.len())) {
+            match listen(&mut stack, port) {
+                Some(c) => conns.push(c),
+                None => {
+                    println!("kv: cannot listen on port {port}");
+                    return 2;
+                }
+            }
+        }
+        if progress {
+            stack.poll();
+        } else {
+            stack.wait();
+        }
+    }
+}
