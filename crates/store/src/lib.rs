@@ -19,8 +19,10 @@
 //! hypervisor under vigil), replication of the store across hosts (an etcd backend is planned,
 //! see `docs/store.md`), or the policy of what vigil writes where.
 
+pub mod log;
 pub mod path;
 pub mod perms;
+pub mod server;
 pub mod state;
 pub mod wire;
 
@@ -53,7 +55,6 @@ pub enum Error {
 }
 
 impl Error {
-    #[allow(dead_code)]
     pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { what, path: path.into(), source }
     }

@@ -11,6 +11,7 @@
 mod analyze;
 mod bench;
 mod plot;
+mod store;
 mod table;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +30,8 @@ enum Command {
     Analyze(analyze::Args),
     /// Measure the analysis: time per system size and per curve operation (tables).
     Bench(bench::Args),
+    /// The XenStore-compatible control-plane store: serve it, or supervise it.
+    Store(store::Args),
 }
 
 /// How a command ended, as far as the exit status is concerned.
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Analyze(args) => analyze::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Store(args) => store::run(&args),
     };
     let outcome = result.unwrap_or_else(|e| {
         eprintln!("{}", format!("{e:#}").replace('\n', " "));

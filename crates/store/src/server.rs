@@ -1,0 +1,162 @@
+//! The thin driver: serves the [`Store`] state machine on a Unix socket, with the durable
+//! [`Backend`] underneath. Every socket client is dom0 (privileged), as with Xen's xenstored.
+//!
+//! One reader and one writer thread per connection; requests are handled one at a time under a
+//! lock, and a request's mutations are appended and synced to the backend *before* its reply and
+//! watch events are queued. If the backend fails, memory is ahead of disk: the server exits
+//! (status 70) so that its supervisor restarts it from the durable state.
+//!
+//! Nothing but the tree and the domains survives a restart: connections, watches and open
+//! transactions are gone. Clients see the socket close; a transaction in flight was not
+//! committed (its END gets no reply), and [`crate::Client`] reconnects, re-registers its watches
+//! and tells the caller `EAGAIN`.
+
+use crate::log::{Backend, LogBackend};
+use crate::state::{ConnId, Errno, Quota, Store};
+use crate::wire::{self, Msg, MsgType, HEADER_LEN, PAYLOAD_MAX};
+use crate::{Error, Result};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Where the server listens and keeps its data.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub data: PathBuf,
+    pub quota: Quota,
+}
+
+struct Inner {
+    store: Store,
+    backend: Box<dyn Backend>,
+    writers: HashMap<ConnId, Sender<Vec<u8>>>,
+}
+
+/// A loaded store bound to its socket.
+pub struct Server {
+    listener: UnixListener,
+    inner: Arc<Mutex<Inner>>,
+    socket: PathBuf,
+}
+
+fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    // A panic in another connection thread must not stop the store; the state machine never
+    // leaves a half-applied request behind (it applies whole mutations), so recover the guard.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Rebuilds a store from the backend's history.
+pub fn recover(backend: &mut dyn Backend, quota: Quota, data: &Path) -> Result<Store> {
+    let mut store = Store::new(quota);
+    for (i, batch) in backend.load()?.into_iter().enumerate() {
+        for m in &batch {
+            store.apply(m).map_err(|what| Error::Corrupt { path: data.to_path_buf(), offset: i as u64, what })?;
+        }
+    }
+    Ok(store)
+}
+
+impl Server {
+    /// Loads the data directory and binds the socket (replacing a stale socket file).
+    pub fn bind(cfg: &Config) -> Result<Server> {
+        let mut backend = LogBackend::open(&cfg.data)?;
+        let store = recover(&mut backend, cfg.quota, &cfg.data)?;
+        if let Ok(meta) = std::fs::symlink_metadata(&cfg.socket) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(Error::io("refusing to replace non-socket", &cfg.socket, std::io::ErrorKind::AlreadyExists.into()));
+            }
+            std::fs::remove_file(&cfg.socket).map_err(|e| Error::io("removing stale socket", &cfg.socket, e))?;
+        }
+        let listener = UnixListener::bind(&cfg.socket).map_err(|e| Error::io("binding", &cfg.socket, e))?;
+        let inner = Inner { store, backend: Box::new(backend), writers: HashMap::new() };
+        Ok(Server { listener, inner: Arc::new(Mutex::new(inner)), socket: cfg.socket.clone() })
+    }
+
+    /// Number of nodes after recovery (for the start-up message).
+    pub fn nodes(&self) -> usize {
+        lock(&self.inner).store.len()
+    }
+
+    /// Accepts connections forever.
+    pub fn run(self) -> Result<()> {
+        for stream in self.listener.incoming() {
+            let stream = stream.map_err(|e| Error::io("accepting on", &self.socket, e))?;
+            let inner = Arc::clone(&self.inner);
+            std::thread::spawn(move || serve_conn(inner, stream));
+        }
+        Ok(())
+    }
+}
+
+fn serve_conn(inner: Arc<Mutex<Inner>>, stream: UnixStream) {
+    let Ok(mut out) = stream.try_clone() else { return };
+    let (tx, rx) = channel::<Vec<u8>>();
+    let conn = {
+        let mut g = lock(&inner);
+        let id = g.store.connect(0);
+        g.writers.insert(id, tx);
+        id
+    };
+    let writer = std::thread::spawn(move || {
+        for bytes in rx {
+            if out.write_all(&bytes).is_err() {
+                break;
+            }
+        }
+        let _ = out.shutdown(std::net::Shutdown::Both);
+    });
+    let mut stream = stream;
+    loop {
+        let mut h = [0u8; HEADER_LEN];
+        if stream.read_exact(&mut h).is_err() {
+            break;
+        }
+        let (ty, req_id, tx_id, len) = wire::parse_header(&h);
+        if len as usize > PAYLOAD_MAX {
+            // The stream cannot be resynchronised: answer and close, as xenstored does.
+            let e = Msg::new(MsgType::Error, req_id, tx_id, wire::strings(&[Errno::E2BIG.name()]));
+            if let Some(w) = lock(&inner).writers.get(&conn) {
+                let _ = w.send(e.encode());
+            }
+            break;
+        }
+        let mut payload = vec![0u8; len as usize];
+        if stream.read_exact(&mut payload).is_err() {
+            break;
+        }
+        let msg = Msg { ty, req_id, tx_id, payload };
+        let mut g = lock(&inner);
+        let g = &mut *g;
+        let out = g.store.handle(conn, &msg);
+        if !out.mutations.is_empty() {
+            if let Err(e) = g.backend.append(&out.mutations) {
+                eprintln!("vigil store: {e}; exiting so that the supervisor restarts from the durable state");
+                std::process::exit(70);
+            }
+            if g.backend.wants_compaction() {
+                let snap = g.store.snapshot();
+                if let Err(e) = g.backend.compact(&snap) {
+                    eprintln!("vigil store: compaction failed: {e}; exiting");
+                    std::process::exit(70);
+                }
+            }
+        }
+        for (to, m) in out.sends {
+            if let Some(w) = g.writers.get(&to) {
+                let _ = w.send(m.encode());
+            }
+        }
+    }
+    {
+        let mut g = lock(&inner);
+        g.store.disconnect(conn);
+        g.writers.remove(&conn);
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    let _ = writer.join();
+}
