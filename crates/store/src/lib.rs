@@ -19,13 +19,16 @@
 //! hypervisor under vigil), replication of the store across hosts (an etcd backend is planned,
 //! see `docs/store.md`), or the policy of what vigil writes where.
 
+pub mod client;
 pub mod log;
 pub mod path;
 pub mod perms;
 pub mod server;
 pub mod state;
+pub mod supervisor;
 pub mod wire;
 
+pub use client::Client;
 pub use state::{ConnId, DomId, Errno, Store};
 
 use std::path::PathBuf;

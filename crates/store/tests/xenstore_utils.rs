@@ -93,6 +93,7 @@ fn watch_fires_initially_and_on_change() {
     }
     let s = start("watch");
     ok(&s, "xenstore-write", &["/w/x", "0"]);
+    #[allow(clippy::zombie_processes)] // waited for by wait_with_output below
     let child = Command::new("/usr/bin/xenstore-watch")
         .args(["-n", "3", "/w"])
         .env("XENSTORED_PATH", &s)

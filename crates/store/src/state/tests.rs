@@ -12,7 +12,10 @@ fn req(ty: MsgType, tx: u32, parts: &[&[u8]]) -> Msg {
 }
 
 /// Sends and returns (reply payload or error name, events per connection).
-fn call(s: &mut Store, c: ConnId, m: Msg) -> (Result<Vec<u8>, String>, Vec<(ConnId, String, String)>) {
+/// A reply (payload or errno name) and the watch events (connection, path, token).
+type Answer = (Result<Vec<u8>, String>, Vec<(ConnId, String, String)>);
+
+fn call(s: &mut Store, c: ConnId, m: Msg) -> Answer {
     let out = s.handle(c, &m);
     let (to, reply) = &out.sends[0];
     assert_eq!(*to, c);
@@ -194,7 +197,7 @@ fn start(s: &mut Store, c: ConnId) -> u32 {
     String::from_utf8(r).expect("utf8").trim_end_matches('\0').parse().expect("id")
 }
 
-fn end(s: &mut Store, c: ConnId, tx: u32, commit: bool) -> (Result<Vec<u8>, String>, Vec<(ConnId, String, String)>) {
+fn end(s: &mut Store, c: ConnId, tx: u32, commit: bool) -> Answer {
     call(s, c, req(MsgType::TransactionEnd, tx, &[if commit { b"T" } else { b"F" }]))
 }
 
