@@ -157,6 +157,6 @@ fn serve_conn(inner: Arc<Mutex<Inner>>, stream: UnixStream) {
         g.store.disconnect(conn);
         g.writers.remove(&conn);
     }
-    let _ = stream.shutdown(std::net::Shutdown::Both);
+    // The writer drains what is queued (an error reply, say), then shuts the socket down.
     let _ = writer.join();
 }
