@@ -238,9 +238,41 @@ impl Client {
         self.request("rm", path, MsgType::Rm, wire::strings(&[path])).map(|_| ())
     }
 
+    /// Children of `path`; lists longer than one payload are fetched with `DIRECTORY_PART`
+    /// (restarting if the node changes in between, as libxenstore does).
     pub fn directory(&mut self, path: &str) -> Result<Vec<String>> {
-        let p = self.request("directory", path, MsgType::Directory, wire::strings(&[path]))?;
-        Ok(names(&p))
+        match self.request("directory", path, MsgType::Directory, wire::strings(&[path])) {
+            Ok(p) => Ok(names(&p)),
+            Err(Error::Store { errno: Errno::E2BIG, .. }) => self.directory_parts(path),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn directory_parts(&mut self, path: &str) -> Result<Vec<String>> {
+        'again: for _ in 0..100 {
+            let mut all = Vec::new();
+            let mut gen: Option<Vec<u8>> = None;
+            loop {
+                let off = all.len().to_string();
+                let p = self.request("directory_part", path, MsgType::DirectoryPart, wire::strings(&[path, off.as_str()]))?;
+                let Some(g) = p.iter().position(|b| *b == 0) else {
+                    return Err(Error::Protocol("DIRECTORY_PART reply without generation".into()));
+                };
+                if gen.get_or_insert_with(|| p[..g].to_vec()) != &p[..g] {
+                    continue 'again;
+                }
+                let body = &p[g + 1..];
+                let done = body == [0] || body.ends_with(&[0, 0]);
+                all.extend_from_slice(if done { &body[..body.len() - 1] } else { body });
+                if done {
+                    return Ok(names(&all));
+                }
+                if body.is_empty() {
+                    return Err(Error::Protocol("DIRECTORY_PART made no progress".into()));
+                }
+            }
+        }
+        Err(Error::Store { op: "directory", path: path.to_string(), errno: Errno::EAGAIN })
     }
 
     /// Permission strings (`b0`, `r5`, ...), owner first.

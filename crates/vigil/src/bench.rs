@@ -26,11 +26,19 @@ pub struct Args {
     /// Skip the (slower) runs with GPC completion curves.
     #[arg(long)]
     no_gpc_outputs: bool,
+    /// `store`: operations per measurement.
+    #[arg(long, default_value_t = 2000)]
+    ops: usize,
+    /// `store`: crashes and hangs injected (each).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
 enum What {
     Analysis,
+    /// The store server: operations per second, latency, supervision times.
+    Store,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -55,7 +63,9 @@ fn ms(d: Duration) -> f64 {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
-    let What::Analysis = args.what;
+    if let What::Store = args.what {
+        return crate::bench_store::run(args.ops, args.rounds, args.json);
+    }
     let mut rows = Vec::new();
     let mut prev: Option<(usize, f64)> = None;
     for &n in &args.sizes {

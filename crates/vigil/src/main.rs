@@ -10,6 +10,7 @@
 
 mod analyze;
 mod bench;
+mod bench_store;
 mod plot;
 mod store;
 mod table;

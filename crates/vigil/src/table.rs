@@ -5,7 +5,7 @@ use model::units::{human_time, trim_float};
 use rtc::Q;
 
 /// Left-aligned columns separated by two spaces.
-fn render(title: &str, head: &[&str], rows: &[Vec<String>]) -> String {
+pub(crate) fn render(title: &str, head: &[&str], rows: &[Vec<String>]) -> String {
     let mut w: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {

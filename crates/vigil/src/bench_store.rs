@@ -1,0 +1,186 @@
+//! `vigil bench store`: throughput and latency of the store server (a real `vigil store serve`
+//! child process, its data directory on disk, every write fsync'ed), and the supervisor's
+//! detection and recovery times for crashes (SIGKILL) and hangs (SIGSTOP).
+
+use crate::Outcome;
+use anyhow::Context;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use store::supervisor::{Config, Supervisor};
+use store::Client;
+
+/// Latency samples of one kind of operation.
+struct Series {
+    name: &'static str,
+    samples: Vec<Duration>,
+    wall: Duration,
+}
+
+impl Series {
+    fn pct(&self, p: f64) -> f64 {
+        let mut v = self.samples.clone();
+        v.sort();
+        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+        v.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    }
+    fn rate(&self) -> f64 {
+        self.samples.len() as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+}
+
+fn measure(name: &'static str, n: usize, mut f: impl FnMut(usize) -> anyhow::Result<()>) -> anyhow::Result<Series> {
+    let mut samples = Vec::with_capacity(n);
+    let start = Instant::now();
+    for i in 0..n {
+        let t = Instant::now();
+        f(i)?;
+        samples.push(t.elapsed());
+    }
+    Ok(Series { name, samples, wall: start.elapsed() })
+}
+
+fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
+    let st = std::process::Command::new("kill").args([sig, &pid.to_string()]).status().context("running kill")?;
+    anyhow::ensure!(st.success(), "kill {sig} {pid} failed");
+    Ok(())
+}
+
+fn config(dir: &Path, period: Duration, misses: u32) -> anyhow::Result<Config> {
+    let socket = dir.join("sock");
+    Ok(Config {
+        program: std::env::current_exe().context("locating the vigil binary")?,
+        args: vec!["store".into(), "serve".into(), "--socket".into(), socket.clone().into(), "--data".into(), dir.join("data").into()],
+        socket,
+        period,
+        misses,
+        start_timeout: Duration::from_secs(10),
+    })
+}
+
+pub fn run(ops: usize, rounds: usize, json: bool) -> anyhow::Result<Outcome> {
+    let dir: PathBuf = std::env::temp_dir().join(format!("vigil-bench-store-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let period = Duration::from_millis(20);
+    let mut sup = Supervisor::start(config(&dir, period, 3)?)?;
+    let socket = dir.join("sock");
+    let mut c = Client::connect(&socket)?;
+    let value = vec![b'v'; 64];
+
+    let mut series = Vec::new();
+    series.push(measure("write (64 B, fsync'ed)", ops, |i| Ok(c.write(&format!("/bench/k{}", i % 1000), &value)?))?);
+    series.push(measure("read", ops, |i| Ok(c.read(&format!("/bench/k{}", i % 1000)).map(|_| ())?))?);
+    series.push(measure("directory (1,000 children)", ops / 10, |_| Ok(c.directory("/bench").map(|_| ())?))?);
+    series.push(measure("transaction (read + write + commit)", ops / 4, |i| {
+        Ok(c.transaction(|tx| {
+            let k = format!("/bench/tx{}", i % 100);
+            let n = tx.try_read(&k)?.map_or(0, |v| v.len());
+            tx.write(&k, &vec![b'x'; (n + 1) % 64])
+        })?)
+    })?);
+    // Four writers at once: requests are serialised and each is fsync'ed on its own.
+    let wall = Instant::now();
+    let per = ops / 4;
+    let handles: Vec<_> = (0..4)
+        .map(|w| {
+            let socket = socket.clone();
+            std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
+                let mut c = Client::connect(&socket)?;
+                let mut s = Vec::with_capacity(per);
+                for i in 0..per {
+                    let t = Instant::now();
+                    c.write(&format!("/bench/par{w}/k{i}"), b"1")?;
+                    s.push(t.elapsed());
+                }
+                Ok(s)
+            })
+        })
+        .collect();
+    let mut samples = Vec::new();
+    for h in handles {
+        samples.extend(h.join().map_err(|_| anyhow::anyhow!("writer thread panicked"))??);
+    }
+    series.push(Series { name: "write, 4 clients", samples, wall: wall.elapsed() });
+
+    // Supervision: crashes and hangs.
+    let mut crash = Vec::new();
+    let mut hang = Vec::new();
+    for r in 0..rounds * 2 {
+        std::thread::sleep(Duration::from_millis(30));
+        let kind = if r % 2 == 0 { "-KILL" } else { "-STOP" };
+        let t0 = Instant::now();
+        signal(sup.pid(), kind)?;
+        let i = loop {
+            if let Some(i) = sup.step()? {
+                break i;
+            }
+        };
+        c.read("/bench/k1").context("reading after recovery")?;
+        let row = (i.detected_at.duration_since(t0), i.recovery);
+        if r % 2 == 0 {
+            crash.push(row);
+        } else {
+            hang.push(row);
+        }
+    }
+    sup.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let sup_rows: Vec<(&str, f64, f64, f64)> = [("crash (SIGKILL)", &crash), ("hang (SIGSTOP)", &hang)]
+        .iter()
+        .map(|(n, v)| {
+            let mut d: Vec<f64> = v.iter().map(|r| ms(r.0)).collect();
+            let mut rec: Vec<f64> = v.iter().map(|r| ms(r.1)).collect();
+            let max = d.iter().copied().fold(0.0, f64::max);
+            (*n, med(&mut d), max, med(&mut rec))
+        })
+        .collect();
+    if json {
+        let ops: Vec<_> = series
+            .iter()
+            .map(|s| serde_json::json!({"operation": s.name, "count": s.samples.len(), "per_second": s.rate(), "p50_us": s.pct(0.5), "p99_us": s.pct(0.99)}))
+            .collect();
+        let sup: Vec<_> = sup_rows
+            .iter()
+            .map(|r| serde_json::json!({"fault": r.0, "detection_median_ms": r.1, "detection_max_ms": r.2, "recovery_median_ms": r.3, "rounds": rounds}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"operations": ops, "supervision": sup, "heartbeat_period_ms": ms(period), "misses": 3})
+            )?
+        );
+    } else {
+        let rows: Vec<Vec<String>> = series
+            .iter()
+            .map(|s| {
+                vec![
+                    s.name.to_string(),
+                    s.samples.len().to_string(),
+                    format!("{:.0}", s.rate()),
+                    format!("{:.0}", s.pct(0.5)),
+                    format!("{:.0}", s.pct(0.99)),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            crate::table::render(
+                "store operations (one client unless stated)",
+                &["operation", "count", "per second", "p50 µs", "p99 µs"],
+                &rows
+            )
+        );
+        println!();
+        let rows: Vec<Vec<String>> =
+            sup_rows.iter().map(|r| vec![r.0.to_string(), format!("{:.1}", r.1), format!("{:.1}", r.2), format!("{:.1}", r.3)]).collect();
+        let title = format!("supervision (heartbeat every {:.0} ms, hang after 3 misses; {rounds} rounds each)", ms(period));
+        print!("{}", crate::table::render(&title, &["fault", "detection median ms", "detection max ms", "recovery median ms"], &rows));
+    }
+    Ok(Outcome::Ok)
+}
