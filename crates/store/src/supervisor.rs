@@ -9,6 +9,7 @@ use crate::{Error, Result};
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -84,10 +85,21 @@ impl Supervisor {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let mut child: Child = Command::new(&self.cfg.program)
-            .args(&self.cfg.args)
-            .spawn()
-            .map_err(|e| Error::io("starting supervised", &self.cfg.program, e))?;
+        let mut cmd = Command::new(&self.cfg.program);
+        cmd.args(&self.cfg.args);
+        // The child dies with the supervisor (more precisely: with the thread that spawned it),
+        // so that stopping the supervisor never leaves an unsupervised store behind.
+        // SAFETY: the closure runs between fork and exec; it only calls prctl(2), which is
+        // async-signal-safe, and allocates nothing.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child: Child = cmd.spawn().map_err(|e| Error::io("starting supervised", &self.cfg.program, e))?;
         self.pid = child.id();
         let tx = self.exited_tx.clone();
         std::thread::spawn(move || {
