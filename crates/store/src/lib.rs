@@ -20,6 +20,7 @@
 //! see `docs/store.md`), or the policy of what vigil writes where.
 
 pub mod client;
+pub mod etcd;
 pub mod log;
 pub mod path;
 pub mod perms;

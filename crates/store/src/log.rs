@@ -67,7 +67,7 @@ fn record(payload: &[u8]) -> Vec<u8> {
     out
 }
 
-fn batch_payload(batch: &[Mutation]) -> Vec<u8> {
+pub(crate) fn batch_payload(batch: &[Mutation]) -> Vec<u8> {
     let mut p = Vec::new();
     for m in batch {
         let b = m.encode();
@@ -77,7 +77,7 @@ fn batch_payload(batch: &[Mutation]) -> Vec<u8> {
     p
 }
 
-fn parse_batch(p: &[u8]) -> Option<Vec<Mutation>> {
+pub(crate) fn parse_batch(p: &[u8]) -> Option<Vec<Mutation>> {
     let mut out = Vec::new();
     let mut rest = p;
     while !rest.is_empty() {

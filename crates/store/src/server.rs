@@ -11,6 +11,7 @@
 //! committed (its END gets no reply), and [`crate::Client`] reconnects, re-registers its watches
 //! and tells the caller `EAGAIN`.
 
+use crate::etcd::EtcdBackend;
 use crate::log::{Backend, LogBackend};
 use crate::state::{ConnId, Errno, Quota, Store};
 use crate::wire::{self, Msg, MsgType, HEADER_LEN, PAYLOAD_MAX};
@@ -26,8 +27,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 #[derive(Debug, Clone)]
 pub struct Config {
     pub socket: PathBuf,
+    /// Data directory of the embedded log backend (unused with `etcd`).
     pub data: PathBuf,
     pub quota: Quota,
+    /// Keep the log in etcd instead: member endpoints (`host:port`) and a key prefix.
+    pub etcd: Option<(Vec<String>, String)>,
 }
 
 struct Inner {
@@ -63,8 +67,11 @@ pub fn recover(backend: &mut dyn Backend, quota: Quota, data: &Path) -> Result<S
 impl Server {
     /// Loads the data directory and binds the socket (replacing a stale socket file).
     pub fn bind(cfg: &Config) -> Result<Server> {
-        let mut backend = LogBackend::open(&cfg.data)?;
-        let store = recover(&mut backend, cfg.quota, &cfg.data)?;
+        let mut backend: Box<dyn Backend> = match &cfg.etcd {
+            Some((endpoints, prefix)) => Box::new(EtcdBackend::new(endpoints.clone(), prefix)?),
+            None => Box::new(LogBackend::open(&cfg.data)?),
+        };
+        let store = recover(backend.as_mut(), cfg.quota, &cfg.data)?;
         if let Ok(meta) = std::fs::symlink_metadata(&cfg.socket) {
             use std::os::unix::fs::FileTypeExt;
             if !meta.file_type().is_socket() {
@@ -73,7 +80,7 @@ impl Server {
             std::fs::remove_file(&cfg.socket).map_err(|e| Error::io("removing stale socket", &cfg.socket, e))?;
         }
         let listener = UnixListener::bind(&cfg.socket).map_err(|e| Error::io("binding", &cfg.socket, e))?;
-        let inner = Inner { store, backend: Box::new(backend), writers: HashMap::new() };
+        let inner = Inner { store, backend, writers: HashMap::new() };
         Ok(Server { listener, inner: Arc::new(Mutex::new(inner)), socket: cfg.socket.clone() })
     }
 

@@ -21,6 +21,12 @@ enum Command {
         /// Directory of the durable log and snapshot.
         #[arg(long)]
         data: PathBuf,
+        /// Keep the log in this etcd cluster instead (comma-separated host:port client endpoints).
+        #[arg(long, value_delimiter = ',')]
+        etcd: Vec<String>,
+        /// Key prefix in etcd.
+        #[arg(long, default_value = "vigil/store")]
+        etcd_prefix: String,
     },
     /// Run `vigil store serve` as a supervised child: heartbeat it, restart it on crash or hang.
     Supervise {
@@ -41,8 +47,9 @@ enum Command {
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     match &args.command {
-        Command::Serve { socket, data } => {
-            let cfg = store::server::Config { socket: socket.clone(), data: data.clone(), quota: Default::default() };
+        Command::Serve { socket, data, etcd, etcd_prefix } => {
+            let etcd = (!etcd.is_empty()).then(|| (etcd.clone(), etcd_prefix.clone()));
+            let cfg = store::server::Config { socket: socket.clone(), data: data.clone(), quota: Default::default(), etcd };
             let server = store::server::Server::bind(&cfg).context("vigil store serve")?;
             eprintln!("vigil store: {} nodes recovered from {}, listening on {}", server.nodes(), data.display(), socket.display());
             server.run().context("vigil store serve")?;
