@@ -44,7 +44,7 @@ pub fn b64encode(data: &[u8]) -> String {
 /// Inverse of [`b64encode`]; `None` on anything else.
 pub fn b64decode(s: &str) -> Option<Vec<u8>> {
     let s = s.as_bytes();
-    if s.len() % 4 != 0 {
+    if s.len() & 3 != 0 {
         return None;
     }
     let val = |c: u8| B64.iter().position(|b| *b == c).map(|p| p as u32);
@@ -166,7 +166,13 @@ impl EtcdBackend {
         Ok(out)
     }
 
-    fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>> {
+    /// A plain etcd put (used to compare the store with etcd used directly).
+    pub fn put(&mut self, key: &str, value: &[u8]) -> Result<()> {
+        self.post("/v3/kv/put", json!({"key": b64encode(key.as_bytes()), "value": b64encode(value)})).map(|_| ())
+    }
+
+    /// A plain etcd get: the value of `key`, if any.
+    pub fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>> {
         let v = self.post("/v3/kv/range", json!({"key": b64encode(key.as_bytes())}))?;
         match v["kvs"].as_array().and_then(|a| a.first()) {
             None => Ok(None),

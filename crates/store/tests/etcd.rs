@@ -117,7 +117,7 @@ fn three_member_cluster_survives_one_member_and_a_new_front_end() {
     b1.append(std::slice::from_ref(&m)).expect("first append");
     assert!(b2.append(std::slice::from_ref(&m)).is_err(), "second front end fenced off");
     // Compaction keeps the state.
-    b1.compact(&[m.clone()]).expect("compact");
+    b1.compact(std::slice::from_ref(&m)).expect("compact");
     let mut b3 = EtcdBackend::new(cluster.endpoints.clone(), &format!("{prefix}-fence")).expect("backend");
     assert_eq!(b3.load().expect("load after compaction"), vec![vec![m.clone()]]);
     b3.append(std::slice::from_ref(&m)).expect("append after compaction");

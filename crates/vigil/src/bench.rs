@@ -32,6 +32,9 @@ pub struct Args {
     /// `store`: crashes and hangs injected (each).
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// `store`: also start a one-member etcd (/usr/bin/etcd) and compare with etcd used directly.
+    #[arg(long)]
+    etcd: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -64,7 +67,7 @@ fn ms(d: Duration) -> f64 {
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     if let What::Store = args.what {
-        return crate::bench_store::run(args.ops, args.rounds, args.json);
+        return crate::bench_store::run(args.ops, args.rounds, args.etcd, args.json);
     }
     let mut rows = Vec::new();
     let mut prev: Option<(usize, f64)> = None;

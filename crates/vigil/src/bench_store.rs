@@ -57,7 +57,7 @@ fn config(dir: &Path, period: Duration, misses: u32) -> anyhow::Result<Config> {
     })
 }
 
-pub fn run(ops: usize, rounds: usize, json: bool) -> anyhow::Result<Outcome> {
+pub fn run(ops: usize, rounds: usize, with_etcd: bool, json: bool) -> anyhow::Result<Outcome> {
     let dir: PathBuf = std::env::temp_dir().join(format!("vigil-bench-store-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -124,6 +124,7 @@ pub fn run(ops: usize, rounds: usize, json: bool) -> anyhow::Result<Outcome> {
         }
     }
     sup.shutdown();
+    let vs_etcd = if with_etcd { compare_with_etcd(&dir, ops / 4)? } else { Vec::new() };
     let _ = std::fs::remove_dir_all(&dir);
 
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -181,6 +182,56 @@ pub fn run(ops: usize, rounds: usize, json: bool) -> anyhow::Result<Outcome> {
             sup_rows.iter().map(|r| vec![r.0.to_string(), format!("{:.1}", r.1), format!("{:.1}", r.2), format!("{:.1}", r.3)]).collect();
         let title = format!("supervision (heartbeat every {:.0} ms, hang after 3 misses; {rounds} rounds each)", ms(period));
         print!("{}", crate::table::render(&title, &["fault", "detection median ms", "detection max ms", "recovery median ms"], &rows));
+        if !vs_etcd.is_empty() {
+            println!();
+            let rows: Vec<Vec<String>> = vs_etcd
+                .iter()
+                .map(|(n, a, b)| vec![n.to_string(), format!("{a:.0}"), format!("{b:.0}"), format!("{:.2}", a / b)])
+                .collect();
+            let title = "store with the etcd backend vs etcd used directly (1 local member, same HTTP client, one client)";
+            print!("{}", crate::table::render(title, &["operation", "store on etcd /s", "etcd direct /s", "ratio"], &rows));
+        }
     }
     Ok(Outcome::Ok)
+}
+
+/// Starts a one-member etcd, measures writes and reads through the store (etcd backend) and
+/// directly on etcd: (operation, store per second, etcd per second).
+fn compare_with_etcd(dir: &Path, n: usize) -> anyhow::Result<Vec<(&'static str, f64, f64)>> {
+    let port = 32379 + (std::process::id() % 500) as u16 * 2;
+    let client = format!("http://127.0.0.1:{port}");
+    let peer = format!("http://127.0.0.1:{}", port + 1);
+    let mut etcd = std::process::Command::new("/usr/bin/etcd")
+        .args(["--name", "bench", "--data-dir"])
+        .arg(dir.join("etcd"))
+        .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+        .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer, "--initial-cluster", &format!("bench={peer}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting /usr/bin/etcd (Debian package etcd-server)")?;
+    let result = (|| -> anyhow::Result<Vec<(&'static str, f64, f64)>> {
+        let ep = vec![format!("127.0.0.1:{port}")];
+        let mut direct = store::etcd::EtcdBackend::new(ep.clone(), "bench-direct")?;
+        let start = Instant::now();
+        while direct.get("ready").is_err() {
+            anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "etcd did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let value = vec![b'v'; 64];
+        let d_put = measure("put", n, |i| Ok(direct.put(&format!("bench/k{}", i % 1000), &value)?))?;
+        let d_get = measure("get", n, |i| Ok(direct.get(&format!("bench/k{}", i % 1000)).map(|_| ())?))?;
+        let mut cfg = config(&dir.join("on-etcd"), Duration::from_millis(100), 3)?;
+        std::fs::create_dir_all(dir.join("on-etcd"))?;
+        cfg.args.extend(["--etcd".into(), ep[0].clone().into(), "--etcd-prefix".into(), "bench-store".into()]);
+        let mut sup = Supervisor::start(cfg)?;
+        let mut c = Client::connect(&dir.join("on-etcd").join("sock"))?;
+        let s_put = measure("write", n, |i| Ok(c.write(&format!("/bench/k{}", i % 1000), &value)?))?;
+        let s_get = measure("read", n, |i| Ok(c.read(&format!("/bench/k{}", i % 1000)).map(|_| ())?))?;
+        sup.shutdown();
+        Ok(vec![("write (64 B)", s_put.rate(), d_put.rate()), ("read", s_get.rate(), d_get.rate())])
+    })();
+    let _ = etcd.kill();
+    let _ = etcd.wait();
+    result
 }
