@@ -78,7 +78,7 @@ pub struct EtcdBackend {
 }
 
 fn err(what: String) -> Error {
-    Error::Io { what: "etcd", path: PathBuf::from(what), source: std::io::Error::other("request failed") }
+    Error::Etcd(what)
 }
 
 impl EtcdBackend {

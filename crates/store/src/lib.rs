@@ -9,6 +9,8 @@
 //! - [`path`] and [`perms`]: path validation/canonicalisation and permission strings.
 //! - [`log`]: the embedded durable backend — an append-only, checksummed, fsync'ed log of
 //!   mutations, replayed on start and compacted into a snapshot.
+//! - [`etcd`]: the replicated backend — the same log kept in an etcd cluster through its v3
+//!   JSON gateway, one etcd transaction per acknowledged request.
 //! - [`server`]: the thin driver serving the state machine on a Unix socket (the one Xen's
 //!   `libxenstore` reaches through `XENSTORED_PATH`).
 //! - [`client`]: a typed client with reconnect and retry (exactly-once transactions).
@@ -16,8 +18,7 @@
 //!   hang, and measures detection and recovery times.
 //!
 //! It does not own: the shared-memory ring transport used by real guests (there is no Xen
-//! hypervisor under vigil), replication of the store across hosts (an etcd backend is planned,
-//! see `docs/store.md`), or the policy of what vigil writes where.
+//! hypervisor under vigil), running etcd itself, or the policy of what vigil writes where.
 
 pub mod client;
 pub mod etcd;
@@ -53,6 +54,9 @@ pub enum Error {
     /// The server could not be reached before the deadline.
     #[error("store at {} unreachable for {secs:.1} s: {last}", path.display())]
     Unreachable { path: PathBuf, secs: f64, last: String },
+    /// No etcd member answered a request (or the cluster refused it).
+    #[error("etcd: {0}")]
+    Etcd(String),
     /// A supervised child could not be started or controlled.
     #[error("supervisor: {0}")]
     Supervisor(String),
