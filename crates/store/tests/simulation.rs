@@ -105,7 +105,14 @@ proptest! {
         }
         // Finish round-robin; a lone client always commits, so this ends.
         let mut guard = 0;
-        while clients.iter_mut().fold(false, |any, c| c.step(&mut s, &mut log) || any) {
+        loop {
+            let mut any = false;
+            for c in clients.iter_mut() {
+                any |= c.step(&mut s, &mut log);
+            }
+            if !any {
+                break;
+            }
             guard += 1;
             prop_assert!(guard < 10_000);
         }
