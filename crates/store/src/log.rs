@@ -28,6 +28,17 @@ pub trait Backend: Send {
     fn load(&mut self) -> Result<Vec<Vec<Mutation>>>;
     /// Makes one batch durable.
     fn append(&mut self, batch: &[Mutation]) -> Result<()>;
+    /// Writes a batch without waiting for it to be durable; a later sync through
+    /// [`Backend::syncer`] makes it (and everything written before it) durable. This lets the
+    /// server commit many requests with one sync (group commit). By default it is `append`.
+    fn write(&mut self, batch: &[Mutation]) -> Result<()> {
+        self.append(batch)
+    }
+    /// A handle on the current log file whose `sync_data` makes everything written so far
+    /// durable, usable without holding the backend; `None` if `write` is durable by itself.
+    fn syncer(&self) -> Result<Option<File>> {
+        Ok(None)
+    }
     /// Whether the history has grown enough to be worth compacting.
     fn wants_compaction(&self) -> bool;
     /// Replaces the history with `snapshot` (the mutations that rebuild the current state).
@@ -215,12 +226,25 @@ impl Backend for LogBackend {
     }
 
     fn append(&mut self, batch: &[Mutation]) -> Result<()> {
+        self.write(batch)?;
+        let path = self.log_path(self.n);
+        let f = self.file.as_mut().ok_or_else(|| Error::io("syncing", &path, std::io::Error::other("log not loaded")))?;
+        f.sync_data().map_err(|e| Error::io("syncing", &path, e))
+    }
+
+    fn write(&mut self, batch: &[Mutation]) -> Result<()> {
         let rec = record(&batch_payload(batch));
         let path = self.log_path(self.n);
         let f = self.file.as_mut().ok_or_else(|| Error::io("appending to", &path, std::io::Error::other("log not loaded")))?;
-        f.write_all(&rec).and_then(|_| f.sync_data()).map_err(|e| Error::io("appending to", &path, e))?;
+        f.write_all(&rec).map_err(|e| Error::io("appending to", &path, e))?;
         self.log_bytes += rec.len() as u64;
         Ok(())
+    }
+
+    fn syncer(&self) -> Result<Option<File>> {
+        let path = self.log_path(self.n);
+        let f = self.file.as_ref().ok_or_else(|| Error::io("syncing", &path, std::io::Error::other("log not loaded")))?;
+        f.try_clone().map(Some).map_err(|e| Error::io("duplicating handle of", &path, e))
     }
 
     fn wants_compaction(&self) -> bool {

@@ -1,9 +1,12 @@
 //! The thin driver: serves the [`Store`] state machine on a Unix socket, with the durable
 //! [`Backend`] underneath. Every socket client is dom0 (privileged), as with Xen's xenstored.
 //!
-//! One reader and one writer thread per connection; requests are handled one at a time under a
-//! lock, and a request's mutations are appended and synced to the backend *before* its reply and
-//! watch events are queued. If the backend fails, memory is ahead of disk: the server exits
+//! One reader and one writer thread per connection. Requests are applied to the state machine
+//! one at a time under a lock, and their mutations written to the backend in that order; then,
+//! outside the lock, one `fdatasync` makes every request written so far durable (group commit:
+//! concurrent clients share a sync). Every reply and watch event — of reads too — is held back
+//! until the sync covering all writes made before it completes, so no client ever sees state
+//! that a crash could take back. If the backend fails, memory is ahead of disk: the server exits
 //! (status 70) so that its supervisor restarts it from the durable state.
 //!
 //! Nothing but the tree and the domains survives a restart: connections, watches and open
@@ -16,10 +19,11 @@ use crate::log::{Backend, LogBackend};
 use crate::state::{ConnId, Errno, Quota, Store};
 use crate::wire::{self, Msg, MsgType, HEADER_LEN, PAYLOAD_MAX};
 use crate::{Error, Result};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -38,12 +42,71 @@ struct Inner {
     store: Store,
     backend: Box<dyn Backend>,
     writers: HashMap<ConnId, Sender<Vec<u8>>>,
+    /// Requests whose mutations were written to the backend, in order.
+    written: u64,
+    /// Messages waiting for the sync covering `written` as it was when they were produced.
+    pending: VecDeque<(u64, Vec<(ConnId, Vec<u8>)>)>,
+}
+
+/// Shared by the connection threads. Lock order: `sync` before `inner`.
+struct Shared {
+    inner: Mutex<Inner>,
+    /// Held by the one thread syncing; others wait and usually find their request covered.
+    sync: Mutex<()>,
+    /// `written` as of the last completed sync.
+    synced: AtomicU64,
+}
+
+fn fatal(e: &Error) -> ! {
+    eprintln!("vigil store: {e}; exiting so that the supervisor restarts from the durable state");
+    std::process::exit(70);
+}
+
+/// Group commit: one `fdatasync` makes every request written so far durable.
+fn make_durable(shared: &Shared, seq: u64) {
+    if shared.synced.load(Ordering::Acquire) >= seq {
+        return;
+    }
+    let _one = shared.sync.lock().unwrap_or_else(|p| p.into_inner());
+    if shared.synced.load(Ordering::Acquire) >= seq {
+        return;
+    }
+    // Read the target and the file together: earlier log files were made durable by the
+    // compaction that replaced them.
+    let (target, file) = {
+        let g = lock(&shared.inner);
+        (g.written, g.backend.syncer())
+    };
+    match file {
+        Ok(Some(f)) => {
+            if let Err(e) = f.sync_data() {
+                fatal(&Error::io("syncing the store log", "log", e));
+            }
+        }
+        Ok(None) => {}
+        Err(e) => fatal(&e),
+    }
+    shared.synced.store(target, Ordering::Release);
+}
+
+/// Sends every queued message whose writes are durable, in order.
+fn deliver(shared: &Shared) {
+    let mut g = lock(&shared.inner);
+    let synced = shared.synced.load(Ordering::Acquire);
+    while g.pending.front().is_some_and(|(seq, _)| *seq <= synced) {
+        let Some((_, sends)) = g.pending.pop_front() else { break };
+        for (to, bytes) in sends {
+            if let Some(w) = g.writers.get(&to) {
+                let _ = w.send(bytes);
+            }
+        }
+    }
 }
 
 /// A loaded store bound to its socket.
 pub struct Server {
     listener: UnixListener,
-    inner: Arc<Mutex<Inner>>,
+    shared: Arc<Shared>,
     socket: PathBuf,
 }
 
@@ -80,31 +143,32 @@ impl Server {
             std::fs::remove_file(&cfg.socket).map_err(|e| Error::io("removing stale socket", &cfg.socket, e))?;
         }
         let listener = UnixListener::bind(&cfg.socket).map_err(|e| Error::io("binding", &cfg.socket, e))?;
-        let inner = Inner { store, backend, writers: HashMap::new() };
-        Ok(Server { listener, inner: Arc::new(Mutex::new(inner)), socket: cfg.socket.clone() })
+        let inner = Inner { store, backend, writers: HashMap::new(), written: 0, pending: VecDeque::new() };
+        let shared = Shared { inner: Mutex::new(inner), sync: Mutex::new(()), synced: AtomicU64::new(0) };
+        Ok(Server { listener, shared: Arc::new(shared), socket: cfg.socket.clone() })
     }
 
     /// Number of nodes after recovery (for the start-up message).
     pub fn nodes(&self) -> usize {
-        lock(&self.inner).store.len()
+        lock(&self.shared.inner).store.len()
     }
 
     /// Accepts connections forever.
     pub fn run(self) -> Result<()> {
         for stream in self.listener.incoming() {
             let stream = stream.map_err(|e| Error::io("accepting on", &self.socket, e))?;
-            let inner = Arc::clone(&self.inner);
-            std::thread::spawn(move || serve_conn(inner, stream));
+            let shared = Arc::clone(&self.shared);
+            std::thread::spawn(move || serve_conn(shared, stream));
         }
         Ok(())
     }
 }
 
-fn serve_conn(inner: Arc<Mutex<Inner>>, stream: UnixStream) {
+fn serve_conn(shared: Arc<Shared>, stream: UnixStream) {
     let Ok(mut out) = stream.try_clone() else { return };
     let (tx, rx) = channel::<Vec<u8>>();
     let conn = {
-        let mut g = lock(&inner);
+        let mut g = lock(&shared.inner);
         let id = g.store.connect(0);
         g.writers.insert(id, tx);
         id
@@ -127,7 +191,7 @@ fn serve_conn(inner: Arc<Mutex<Inner>>, stream: UnixStream) {
         if len as usize > PAYLOAD_MAX {
             // The stream cannot be resynchronised: answer and close, as xenstored does.
             let e = Msg::new(MsgType::Error, req_id, tx_id, wire::strings(&[Errno::E2BIG.name()]));
-            if let Some(w) = lock(&inner).writers.get(&conn) {
+            if let Some(w) = lock(&shared.inner).writers.get(&conn) {
                 let _ = w.send(e.encode());
             }
             break;
@@ -137,30 +201,33 @@ fn serve_conn(inner: Arc<Mutex<Inner>>, stream: UnixStream) {
             break;
         }
         let msg = Msg { ty, req_id, tx_id, payload };
-        let mut g = lock(&inner);
-        let g = &mut *g;
-        let out = g.store.handle(conn, &msg);
-        if !out.mutations.is_empty() {
-            if let Err(e) = g.backend.append(&out.mutations) {
-                eprintln!("vigil store: {e}; exiting so that the supervisor restarts from the durable state");
-                std::process::exit(70);
-            }
-            if g.backend.wants_compaction() {
-                let snap = g.store.snapshot();
-                if let Err(e) = g.backend.compact(&snap) {
-                    eprintln!("vigil store: compaction failed: {e}; exiting");
-                    std::process::exit(70);
+        let seq = {
+            let mut g = lock(&shared.inner);
+            let g = &mut *g;
+            let out = g.store.handle(conn, &msg);
+            if !out.mutations.is_empty() {
+                if let Err(e) = g.backend.write(&out.mutations) {
+                    fatal(&e);
+                }
+                g.written += 1;
+                if g.backend.wants_compaction() {
+                    let snap = g.store.snapshot();
+                    if let Err(e) = g.backend.compact(&snap) {
+                        fatal(&e);
+                    }
                 }
             }
-        }
-        for (to, m) in out.sends {
-            if let Some(w) = g.writers.get(&to) {
-                let _ = w.send(m.encode());
-            }
-        }
+            // Replies wait for the sync that covers every write made so far (reads included:
+            // nothing is shown that a crash could take back).
+            let seq = g.written;
+            g.pending.push_back((seq, out.sends.into_iter().map(|(to, m)| (to, m.encode())).collect()));
+            seq
+        };
+        make_durable(&shared, seq);
+        deliver(&shared);
     }
     {
-        let mut g = lock(&inner);
+        let mut g = lock(&shared.inner);
         g.store.disconnect(conn);
         g.writers.remove(&conn);
     }
