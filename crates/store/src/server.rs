@@ -38,6 +38,9 @@ pub struct Config {
     pub etcd: Option<(Vec<String>, String)>,
 }
 
+/// Encoded messages and the connections they go to.
+type Outgoing = Vec<(ConnId, Vec<u8>)>;
+
 struct Inner {
     store: Store,
     backend: Box<dyn Backend>,
@@ -45,7 +48,7 @@ struct Inner {
     /// Requests whose mutations were written to the backend, in order.
     written: u64,
     /// Messages waiting for the sync covering `written` as it was when they were produced.
-    pending: VecDeque<(u64, Vec<(ConnId, Vec<u8>)>)>,
+    pending: VecDeque<(u64, Outgoing)>,
 }
 
 /// Shared by the connection threads. Lock order: `sync` before `inner`.
