@@ -11,7 +11,7 @@ use store::Client;
 
 /// Latency samples of one kind of operation.
 struct Series {
-    name: &'static str,
+    name: String,
     samples: Vec<Duration>,
     wall: Duration,
 }
@@ -28,7 +28,7 @@ impl Series {
     }
 }
 
-fn measure(name: &'static str, n: usize, mut f: impl FnMut(usize) -> anyhow::Result<()>) -> anyhow::Result<Series> {
+fn measure(name: &str, n: usize, mut f: impl FnMut(usize) -> anyhow::Result<()>) -> anyhow::Result<Series> {
     let mut samples = Vec::with_capacity(n);
     let start = Instant::now();
     for i in 0..n {
@@ -36,7 +36,7 @@ fn measure(name: &'static str, n: usize, mut f: impl FnMut(usize) -> anyhow::Res
         f(i)?;
         samples.push(t.elapsed());
     }
-    Ok(Series { name, samples, wall: start.elapsed() })
+    Ok(Series { name: name.to_string(), samples, wall: start.elapsed() })
 }
 
 fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
@@ -70,7 +70,8 @@ pub fn run(ops: usize, rounds: usize, with_etcd: bool, json: bool) -> anyhow::Re
     let mut series = Vec::new();
     series.push(measure("write (64 B, fsync'ed)", ops, |i| Ok(c.write(&format!("/bench/k{}", i % 1000), &value)?))?);
     series.push(measure("read", ops, |i| Ok(c.read(&format!("/bench/k{}", i % 1000)).map(|_| ())?))?);
-    series.push(measure("directory (1,000 children)", ops / 10, |_| Ok(c.directory("/bench").map(|_| ())?))?);
+    let children = format!("directory ({} children)", ops.min(1000));
+    series.push(measure(&children, ops / 10, |_| Ok(c.directory("/bench").map(|_| ())?))?);
     series.push(measure("transaction (read + write + commit)", ops / 4, |i| {
         Ok(c.transaction(|tx| {
             let k = format!("/bench/tx{}", i % 100);
@@ -100,7 +101,7 @@ pub fn run(ops: usize, rounds: usize, with_etcd: bool, json: bool) -> anyhow::Re
     for h in handles {
         samples.extend(h.join().map_err(|_| anyhow::anyhow!("writer thread panicked"))??);
     }
-    series.push(Series { name: "write, 4 clients", samples, wall: wall.elapsed() });
+    series.push(Series { name: "write, 4 clients".into(), samples, wall: wall.elapsed() });
 
     // Supervision: crashes and hangs.
     let mut crash = Vec::new();
