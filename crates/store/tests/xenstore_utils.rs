@@ -126,3 +126,34 @@ fn child_status(c: &std::process::Child) -> std::io::Result<Option<i32>> {
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.id()))?;
     Ok(stat.split(") ").nth(1).and_then(|s| s.chars().next()).filter(|c| *c == 'Z').map(|_| 0))
 }
+
+#[test]
+fn introduce_and_release_fire_special_watches_seen_by_xenstore_watch() {
+    if !tools_present() {
+        return;
+    }
+    let s = start("special");
+    #[allow(clippy::zombie_processes)] // waited for by wait_with_output below
+    let child = Command::new("/usr/bin/xenstore-watch")
+        .args(["-n", "3", "@releaseDomain"])
+        .env("XENSTORED_PATH", &s)
+        .env_remove("XENSTORE_DOMAIN_INTERFACE")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("xenstore-watch starts");
+    let mut c = store::Client::connect(&s).expect("client");
+    // Introduce and release domains until the watcher has its initial event and two releases.
+    let mut domid = 1;
+    loop {
+        if let Ok(Some(_)) = child_status(&child) {
+            break;
+        }
+        c.introduce(domid).expect("introduce");
+        c.release(domid).expect("release");
+        domid += 1;
+        assert!(domid < 1000, "xenstore-watch never saw 3 @releaseDomain events");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("watch output");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "@releaseDomain\n@releaseDomain\n@releaseDomain\n");
+}
