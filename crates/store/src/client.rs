@@ -384,6 +384,16 @@ impl Client {
         }
     }
 
+    /// Removes this client's transaction marker (see the module doc) and disconnects. A client
+    /// that is dropped without `close` leaves its marker node behind.
+    pub fn close(mut self) -> Result<()> {
+        if self.tx_seq > 0 {
+            let marker = format!("/vigil/clients/{}", self.id);
+            self.rm(&marker)?;
+        }
+        Ok(())
+    }
+
     /// [`Client::transaction_once`], rerun on `EAGAIN` (up to 100 times).
     pub fn transaction<T>(&mut self, mut f: impl FnMut(&mut Tx<'_>) -> Result<T>) -> Result<T> {
         let mut last = None;

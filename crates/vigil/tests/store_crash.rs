@@ -164,6 +164,11 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     logged.sort();
     committed.sort();
     assert_eq!(logged, committed, "exactly the committed transactions are in the store; none reported EAGAIN is");
+    let mut closer = Client::connect(&socket).expect("connects");
+    closer.transaction(|tx| tx.write("/crash/closer", b"1")).expect("transaction");
+    assert_eq!(check.directory("/vigil/clients").expect("markers").len(), 3, "two tx clients and this one");
+    closer.close().expect("close removes the marker");
+    assert_eq!(check.directory("/vigil/clients").expect("markers").len(), 2);
     let (events, watcher_reconnects) = watcher.join().expect("watcher thread");
     assert!(watcher_reconnects >= 1 && events >= 2, "{watcher_reconnects} reconnects, {events} events");
     assert_eq!(incidents.len(), kills);
