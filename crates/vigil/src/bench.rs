@@ -38,6 +38,15 @@ pub struct Args {
     /// `vmm`: directory with the release-built guests (and kv-native).
     #[arg(long, default_value = "target/release")]
     guests: std::path::PathBuf,
+    /// `store`: operations per measurement.
+    #[arg(long, default_value_t = 2000)]
+    ops: usize,
+    /// `store`: crashes and hangs injected (each).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// `store`: also start a one-member etcd (/usr/bin/etcd) and compare with etcd used directly.
+    #[arg(long)]
+    etcd: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -48,6 +57,8 @@ enum What {
     Plan,
     /// The VMM: exits, boot, snapshot/restore, dirty log, kv versus native (needs root, KVM).
     Vmm,
+    /// The store server: operations per second, latency, supervision times.
+    Store,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -78,6 +89,9 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     if let What::Vmm = args.what {
         crate::bench_vmm::run(&args.guests, args.json)?;
         return Ok(Outcome::Ok);
+    }
+    if let What::Store = args.what {
+        return crate::bench_store::run(args.ops, args.rounds, args.etcd, args.json);
     }
     let mut rows = Vec::new();
     let mut prev: Option<(usize, f64)> = None;

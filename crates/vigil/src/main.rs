@@ -4,16 +4,19 @@
 //! the exit status. `vigil analyze FILE` loads a system description (the `model` crate),
 //! analyses it (`rtc`), and prints a table, JSON (`--json`) or SVG plots of the curves
 //! (`--plot DIR`). `vigil plan FILE` computes, for every fault scenario, the reconfiguration
-//! (the `planner` crate). `vigil vm …` runs and controls unikernel VMs (the `vmm` crate).
+//! (the `planner` crate). `vigil vm …` runs and controls unikernel VMs (the `vmm` crate);
+//! `vigil store …` serves or supervises the control-plane store (the `store` crate).
 //!
 //! Exit status: 0 every deadline holds, 1 a deadline is missed or a bound is unbounded,
 //! 2 invalid input or another error (one line on stderr, `file:line:` first).
 
 mod analyze;
 mod bench;
+mod bench_store;
 mod bench_vmm;
 mod plan;
 mod plot;
+mod store;
 mod table;
 mod vm;
 
@@ -33,10 +36,12 @@ enum Command {
     Analyze(analyze::Args),
     /// Plan the reconfiguration for every fault scenario (hosts, and links with --links).
     Plan(plan::Args),
-    /// Measure the analysis (`analysis`), the planner (`plan`) or the VMM (`vmm`): tables.
+    /// Measure the analysis (`analysis`), the planner (`plan`), the VMM (`vmm`) or the store (`store`): tables.
     Bench(bench::Args),
     /// Run, restore and control unikernel virtual machines (see `vigil vm --help`).
     Vm(vm::Args),
+    /// The XenStore-compatible control-plane store: serve it, or supervise it.
+    Store(store::Args),
 }
 
 /// How a command ended, as far as the exit status is concerned.
@@ -65,6 +70,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Store(args) => store::run(&args),
     };
     let outcome = result.unwrap_or_else(|e| {
         eprintln!("{}", format!("{e:#}").replace('\n', " "));

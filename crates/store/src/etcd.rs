@@ -1,0 +1,316 @@
+//! The etcd backend: the store's mutation log kept in an etcd cluster (v3 API through its JSON
+//! gRPC gateway, plain HTTP/1.1 on loopback or a trusted network — no TLS, no auth), so that the
+//! durable state survives the loss of a host, not only of a process.
+//!
+//! Keys under a prefix `P`:
+//! - `P/log/<seq, 20 digits>`: one batch of mutations per acknowledged request (one XenStore
+//!   transaction = one batch = one key). Appending is an etcd transaction "create this key if
+//!   its create_revision is 0": exactly one front end can own each sequence number, so a second
+//!   front end on the same prefix is fenced off (its append fails, it exits and reloads).
+//! - `P/snap/current` = `<gen> <covered seq> <chunks>` and `P/snap/<gen>/<i>`: the compacted
+//!   state; log keys up to `covered` are deleted in the same etcd transaction that switches
+//!   `snap/current`.
+//!
+//! etcd acknowledges a put once a majority of members has it in its log (fsync'ed), so a reply
+//! sent after `append` returns survives the loss of any minority of members.
+
+use crate::log::{batch_payload, parse_batch, Backend};
+use crate::state::Mutation;
+use crate::{Error, Result};
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 with padding (what the gateway uses for `bytes` fields).
+pub fn b64encode(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Inverse of [`b64encode`]; `None` on anything else.
+pub fn b64decode(s: &str) -> Option<Vec<u8>> {
+    let s = s.as_bytes();
+    if s.len() & 3 != 0 {
+        return None;
+    }
+    let val = |c: u8| B64.iter().position(|b| *b == c).map(|p| p as u32);
+    let mut out = Vec::with_capacity(s.len() / 4 * 3);
+    for (k, q) in s.chunks(4).enumerate() {
+        let last = k == s.len() / 4 - 1;
+        let pad = q.iter().rev().take_while(|c| **c == b'=').count();
+        if pad > 2 || (pad > 0 && !last) {
+            return None;
+        }
+        let mut n = 0u32;
+        for (i, &c) in q.iter().enumerate() {
+            n |= if i < 4 - pad { val(c)? } else { 0 } << (18 - 6 * i);
+        }
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..3 - pad]);
+    }
+    Some(out)
+}
+
+/// The etcd-backed log.
+pub struct EtcdBackend {
+    endpoints: Vec<String>,
+    prefix: String,
+    /// Endpoint that answered last (tried first).
+    current: usize,
+    next_seq: u64,
+    appended_since_snapshot: u64,
+    snap_gen: u64,
+    timeout: Duration,
+}
+
+fn err(what: String) -> Error {
+    Error::Etcd(what)
+}
+
+impl EtcdBackend {
+    /// `endpoints` are `host:port` of the members' client URLs; `prefix` separates stores.
+    pub fn new(endpoints: Vec<String>, prefix: &str) -> Result<EtcdBackend> {
+        if endpoints.is_empty() {
+            return Err(Error::Protocol("etcd backend needs at least one endpoint".into()));
+        }
+        Ok(EtcdBackend {
+            endpoints,
+            prefix: prefix.trim_end_matches('/').to_string(),
+            current: 0,
+            next_seq: 1,
+            appended_since_snapshot: 0,
+            snap_gen: 0,
+            timeout: Duration::from_secs(5),
+        })
+    }
+
+    fn post_once(&self, ep: &str, path: &str, body: &str) -> std::result::Result<Value, String> {
+        let addr = ep.to_socket_addrs().map_err(|e| e.to_string())?.next().ok_or("no address")?;
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(self.timeout)).map_err(|e| e.to_string())?;
+        s.set_write_timeout(Some(self.timeout)).map_err(|e| e.to_string())?;
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: {ep}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).map_err(|e| e.to_string())?;
+        let split = resp.windows(4).position(|w| w == b"\r\n\r\n").ok_or("no HTTP header end")?;
+        let head = String::from_utf8_lossy(&resp[..split]);
+        let status = head.split_whitespace().nth(1).unwrap_or("");
+        let body = &resp[split + 4..];
+        if status != "200" {
+            return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(body)));
+        }
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+            let body = dechunk(body).ok_or("malformed chunked response")?;
+            return serde_json::from_slice(&body).map_err(|e| e.to_string());
+        }
+        serde_json::from_slice(body).map_err(|e| e.to_string())
+    }
+
+    /// POSTs to the first endpoint that answers, starting with the one that answered last.
+    fn post(&mut self, path: &str, body: Value) -> Result<Value> {
+        let body = body.to_string();
+        let mut last = String::new();
+        // Two passes: a member may be electing a leader for a moment.
+        for pass in 0..2 {
+            for k in 0..self.endpoints.len() {
+                let i = (self.current + k) % self.endpoints.len();
+                match self.post_once(&self.endpoints[i], path, &body) {
+                    Ok(v) => {
+                        self.current = i;
+                        return Ok(v);
+                    }
+                    Err(e) => last = format!("{last}{}: {e}; ", self.endpoints[i]),
+                }
+            }
+            if pass == 0 {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+        Err(err(format!("{path} on every endpoint failed: {last}")))
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}/{rest}", self.prefix)
+    }
+
+    fn log_key(&self, seq: u64) -> String {
+        self.key(&format!("log/{seq:020}"))
+    }
+
+    fn range(&mut self, from: &str, to: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let v = self.post("/v3/kv/range", json!({"key": b64encode(from.as_bytes()), "range_end": b64encode(to.as_bytes())}))?;
+        let mut out = Vec::new();
+        for kv in v["kvs"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+            let k = kv["key"].as_str().and_then(b64decode).ok_or_else(|| err(format!("bad key in range {from}")))?;
+            let val = kv["value"].as_str().map_or(Some(Vec::new()), b64decode).ok_or_else(|| err(format!("bad value in range {from}")))?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), val));
+        }
+        Ok(out)
+    }
+
+    /// A plain etcd put (used to compare the store with etcd used directly).
+    pub fn put(&mut self, key: &str, value: &[u8]) -> Result<()> {
+        self.post("/v3/kv/put", json!({"key": b64encode(key.as_bytes()), "value": b64encode(value)})).map(|_| ())
+    }
+
+    /// A plain etcd get: the value of `key`, if any.
+    pub fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>> {
+        let v = self.post("/v3/kv/range", json!({"key": b64encode(key.as_bytes())}))?;
+        match v["kvs"].as_array().and_then(|a| a.first()) {
+            None => Ok(None),
+            Some(kv) => {
+                Ok(Some(kv["value"].as_str().map_or(Some(Vec::new()), b64decode).ok_or_else(|| err(format!("bad value of {key}")))?))
+            }
+        }
+    }
+}
+
+/// Decodes an HTTP/1.1 chunked body.
+fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = b.windows(2).position(|w| w == b"\r\n")?;
+        let line = std::str::from_utf8(&b[..eol]).ok()?;
+        let size = usize::from_str_radix(line.split(';').next()?.trim(), 16).ok()?;
+        b = &b[eol + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(b.get(..size)?);
+        b = b.get(size + 2..)?;
+    }
+}
+
+fn corrupt(key: &str, what: &str) -> Error {
+    Error::Corrupt { path: PathBuf::from(format!("etcd:{key}")), offset: 0, what: what.into() }
+}
+
+impl Backend for EtcdBackend {
+    fn load(&mut self) -> Result<Vec<Vec<Mutation>>> {
+        let mut batches = Vec::new();
+        let cur = self.key("snap/current");
+        let mut covered = 0;
+        if let Some(v) = self.get(&cur)? {
+            let text = String::from_utf8_lossy(&v).into_owned();
+            let f: Vec<u64> = text.split(' ').filter_map(|x| x.parse().ok()).collect();
+            let [gen, cov, chunks] = f[..] else { return Err(corrupt(&cur, "bad snapshot header")) };
+            let mut all = Vec::new();
+            for i in 0..chunks {
+                let k = self.key(&format!("snap/{gen}/{i:010}"));
+                let b = self.get(&k)?.ok_or_else(|| corrupt(&k, "missing snapshot chunk"))?;
+                all.extend(parse_batch(&b).ok_or_else(|| corrupt(&k, "bad snapshot chunk"))?);
+            }
+            batches.push(all);
+            covered = cov;
+            self.snap_gen = gen;
+        }
+        let from = self.log_key(covered + 1);
+        let to = self.key("log0"); // '0' follows '/': the end of the log/ range
+        let mut last = covered;
+        for (k, v) in self.range(&from, &to)? {
+            let seq: u64 = k.rsplit('/').next().and_then(|s| s.parse().ok()).ok_or_else(|| corrupt(&k, "bad log key"))?;
+            if seq != last + 1 {
+                return Err(corrupt(&k, &format!("log gap after {last}")));
+            }
+            batches.push(parse_batch(&v).ok_or_else(|| corrupt(&k, "bad batch"))?);
+            last = seq;
+        }
+        self.next_seq = last + 1;
+        Ok(batches)
+    }
+
+    fn append(&mut self, batch: &[Mutation]) -> Result<()> {
+        let key = b64encode(self.log_key(self.next_seq).as_bytes());
+        let v = self.post(
+            "/v3/kv/txn",
+            json!({
+                "compare": [{"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
+                "success": [{"request_put": {"key": key, "value": b64encode(&batch_payload(batch))}}],
+            }),
+        )?;
+        if v["succeeded"].as_bool() != Some(true) {
+            return Err(err(format!("log slot {} taken by another front end", self.next_seq)));
+        }
+        self.next_seq += 1;
+        self.appended_since_snapshot += 1;
+        Ok(())
+    }
+
+    fn wants_compaction(&self) -> bool {
+        self.appended_since_snapshot >= 10_000
+    }
+
+    fn compact(&mut self, snapshot: &[Mutation]) -> Result<()> {
+        let gen = self.snap_gen + 1;
+        let chunks: Vec<&[Mutation]> = snapshot.chunks(256).collect();
+        for (i, c) in chunks.iter().enumerate() {
+            let k = self.key(&format!("snap/{gen}/{i:010}"));
+            self.post("/v3/kv/put", json!({"key": b64encode(k.as_bytes()), "value": b64encode(&batch_payload(c))}))?;
+        }
+        let covered = self.next_seq - 1;
+        let cur = b64encode(self.key("snap/current").as_bytes());
+        let next = b64encode(self.log_key(self.next_seq).as_bytes());
+        // Switch the snapshot and drop the covered log, unless someone appended meanwhile.
+        let v = self.post(
+            "/v3/kv/txn",
+            json!({
+                "compare": [{"key": next, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
+                "success": [
+                    {"request_put": {"key": cur, "value": b64encode(format!("{gen} {covered} {}", chunks.len()).as_bytes())}},
+                    {"request_delete_range": {"key": b64encode(self.log_key(0).as_bytes()), "range_end": next}},
+                ],
+            }),
+        )?;
+        if v["succeeded"].as_bool() != Some(true) {
+            return Err(err("compaction raced with another front end".into()));
+        }
+        let old = self.key(&format!("snap/{}/", self.snap_gen));
+        let old_end = self.key(&format!("snap/{}0", self.snap_gen));
+        self.post("/v3/kv/deleterange", json!({"key": b64encode(old.as_bytes()), "range_end": b64encode(old_end.as_bytes())}))?;
+        self.snap_gen = gen;
+        self.appended_since_snapshot = 0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_roundtrip() {
+        for s in [&b""[..], b"f", b"fo", b"foo", b"foob", b"fooba", b"foobar", &[0, 255, 128, 7]] {
+            assert_eq!(b64decode(&b64encode(s)).as_deref(), Some(s));
+        }
+        assert_eq!(b64encode(b"foo"), "Zm9v");
+        assert_eq!(b64encode(b"fo"), "Zm8=");
+        assert_eq!(b64decode("Zm9_"), None);
+        assert_eq!(b64decode("Zm8"), None);
+        assert_eq!(b64decode("Z==="), None);
+    }
+
+    #[test]
+    fn chunked_bodies() {
+        assert_eq!(dechunk(b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n").as_deref(), Some(&b"abcde"[..]));
+        assert_eq!(dechunk(b"5\r\nab"), None);
+        assert_eq!(dechunk(b"zz\r\n"), None);
+    }
+}

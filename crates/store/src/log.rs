@@ -1,0 +1,332 @@
+//! The embedded durable backend: an append-only log of checksummed records, one record per
+//! acknowledged request (a transaction is one record, so it is replayed whole or not at all),
+//! written and `fdatasync`'ed before the reply leaves the server.
+//!
+//! Files in the data directory:
+//! - `log.<n>`: records `[len: u32 LE][crc32: u32 LE][payload]`; the payload is a batch of
+//!   mutations, each `[len: u32 LE][bytes]` ([`Mutation::encode`]).
+//! - `snapshot`: the same record format; the first record holds `n`, meaning "this snapshot
+//!   contains everything up to and including `log.<n>`". Written to `snapshot.tmp`, synced,
+//!   renamed, directory synced.
+//!
+//! Compaction: start `log.<n+1>`, write the snapshot for `n`, delete `log.<n>`. A crash at any
+//! point leaves a consistent pair. On load a torn tail (a record cut short, or a bad checksum
+//! followed only by zeros or nothing) is dropped and the file truncated there; a bad record with
+//! valid data after it is reported as [`Error::Corrupt`].
+
+use crate::state::Mutation;
+use crate::{Error, Result};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Where acknowledged mutations are kept. `append` returns only when the batch survives a crash
+/// of the process (and of the machine, as far as `fdatasync` promises).
+pub trait Backend: Send {
+    /// Every batch made durable so far, oldest first (after the last compaction, the snapshot
+    /// comes first as one batch).
+    fn load(&mut self) -> Result<Vec<Vec<Mutation>>>;
+    /// Makes one batch durable.
+    fn append(&mut self, batch: &[Mutation]) -> Result<()>;
+    /// Writes a batch without waiting for it to be durable; a later sync through
+    /// [`Backend::syncer`] makes it (and everything written before it) durable. This lets the
+    /// server commit many requests with one sync (group commit). By default it is `append`.
+    fn write(&mut self, batch: &[Mutation]) -> Result<()> {
+        self.append(batch)
+    }
+    /// A handle on the current log file whose `sync_data` makes everything written so far
+    /// durable, usable without holding the backend; `None` if `write` is durable by itself.
+    fn syncer(&self) -> Result<Option<File>> {
+        Ok(None)
+    }
+    /// Whether the history has grown enough to be worth compacting.
+    fn wants_compaction(&self) -> bool;
+    /// Replaces the history with `snapshot` (the mutations that rebuild the current state).
+    fn compact(&mut self, snapshot: &[Mutation]) -> Result<()>;
+}
+
+const CRC_TABLE: [u32; 256] = {
+    let mut t = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            k += 1;
+        }
+        t[i] = c;
+        i += 1;
+    }
+    t
+};
+
+/// CRC-32 (IEEE 802.3, the polynomial of zlib and Ethernet).
+pub fn crc32(data: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in data {
+        c = CRC_TABLE[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8);
+    }
+    !c
+}
+
+fn record(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + payload.len());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+pub(crate) fn batch_payload(batch: &[Mutation]) -> Vec<u8> {
+    let mut p = Vec::new();
+    for m in batch {
+        let b = m.encode();
+        p.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        p.extend_from_slice(&b);
+    }
+    p
+}
+
+pub(crate) fn parse_batch(p: &[u8]) -> Option<Vec<Mutation>> {
+    let mut out = Vec::new();
+    let mut rest = p;
+    while !rest.is_empty() {
+        let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let body = rest.get(4..4 + len)?;
+        out.push(Mutation::decode(body)?);
+        rest = &rest[4 + len..];
+    }
+    Some(out)
+}
+
+/// Reads the records of a file: the payloads, and the length of the valid prefix (shorter than
+/// the file if the tail is torn).
+fn read_records(path: &Path, bytes: &[u8]) -> Result<(Vec<Vec<u8>>, usize)> {
+    let mut out = Vec::new();
+    let mut off = 0usize;
+    while off < bytes.len() {
+        let rest = &bytes[off..];
+        let torn = || rest.iter().all(|b| *b == 0);
+        let Some(h) = rest.get(..8) else { break };
+        let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+        let Some(payload) = rest.get(8..8 + len) else { break };
+        if len == 0 || crc32(payload) != crc {
+            if 8 + len >= rest.len() || torn() {
+                break;
+            }
+            return Err(Error::Corrupt { path: path.to_path_buf(), offset: off as u64, what: "bad checksum".into() });
+        }
+        out.push(payload.to_vec());
+        off += 8 + len;
+    }
+    Ok((out, off))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("syncing directory", dir, e))
+}
+
+/// The log-structured backend in one directory.
+pub struct LogBackend {
+    dir: PathBuf,
+    /// Number of the log file being appended to.
+    n: u64,
+    file: Option<File>,
+    log_bytes: u64,
+    snapshot_bytes: u64,
+}
+
+impl LogBackend {
+    /// Opens (creating if needed) the data directory. Call [`Backend::load`] before appending.
+    pub fn open(dir: &Path) -> Result<LogBackend> {
+        fs::create_dir_all(dir).map_err(|e| Error::io("creating data directory", dir, e))?;
+        Ok(LogBackend { dir: dir.to_path_buf(), n: 0, file: None, log_bytes: 0, snapshot_bytes: 0 })
+    }
+
+    fn log_path(&self, n: u64) -> PathBuf {
+        self.dir.join(format!("log.{n}"))
+    }
+
+    fn logs(&self) -> Result<Vec<u64>> {
+        let rd = fs::read_dir(&self.dir).map_err(|e| Error::io("listing data directory", &self.dir, e))?;
+        let mut ns = Vec::new();
+        for e in rd {
+            let e = e.map_err(|e| Error::io("listing data directory", &self.dir, e))?;
+            if let Some(n) = e.file_name().to_str().and_then(|s| s.strip_prefix("log.")).and_then(|s| s.parse().ok()) {
+                ns.push(n);
+            }
+        }
+        ns.sort();
+        Ok(ns)
+    }
+
+    fn open_log(&mut self, n: u64) -> Result<()> {
+        let path = self.log_path(n);
+        let f = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::io("opening log", &path, e))?;
+        self.log_bytes = f.metadata().map_err(|e| Error::io("reading log size", &path, e))?.len();
+        sync_dir(&self.dir)?;
+        self.file = Some(f);
+        self.n = n;
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    let mut b = Vec::new();
+    File::open(path).and_then(|mut f| f.read_to_end(&mut b)).map_err(|e| Error::io("reading", path, e))?;
+    Ok(b)
+}
+
+impl Backend for LogBackend {
+    fn load(&mut self) -> Result<Vec<Vec<Mutation>>> {
+        let mut batches = Vec::new();
+        let snap = self.dir.join("snapshot");
+        let mut covered = 0u64;
+        if snap.exists() {
+            let bytes = read_file(&snap)?;
+            let (recs, valid) = read_records(&snap, &bytes)?;
+            let corrupt = |what: &str| Error::Corrupt { path: snap.clone(), offset: valid as u64, what: what.into() };
+            if valid != bytes.len() || recs.is_empty() {
+                return Err(corrupt("truncated snapshot"));
+            }
+            covered = std::str::from_utf8(&recs[0]).ok().and_then(|s| s.parse().ok()).ok_or_else(|| corrupt("bad header"))?;
+            let mut all = Vec::new();
+            for r in &recs[1..] {
+                all.extend(parse_batch(r).ok_or_else(|| corrupt("bad mutation"))?);
+            }
+            batches.push(all);
+            self.snapshot_bytes = bytes.len() as u64;
+        }
+        let mut last = covered + 1;
+        for n in self.logs()? {
+            let path = self.log_path(n);
+            if n <= covered {
+                fs::remove_file(&path).map_err(|e| Error::io("removing compacted log", &path, e))?;
+                continue;
+            }
+            let bytes = read_file(&path)?;
+            let (recs, valid) = read_records(&path, &bytes)?;
+            for (i, r) in recs.iter().enumerate() {
+                batches.push(parse_batch(r).ok_or_else(|| Error::Corrupt {
+                    path: path.clone(),
+                    offset: i as u64,
+                    what: format!("record {i} holds no valid mutations"),
+                })?);
+            }
+            if valid < bytes.len() {
+                let f = OpenOptions::new().write(true).open(&path).map_err(|e| Error::io("opening log", &path, e))?;
+                f.set_len(valid as u64).and_then(|_| f.sync_all()).map_err(|e| Error::io("truncating torn tail of", &path, e))?;
+            }
+            last = n;
+        }
+        self.open_log(last)?;
+        Ok(batches)
+    }
+
+    fn append(&mut self, batch: &[Mutation]) -> Result<()> {
+        self.write(batch)?;
+        let path = self.log_path(self.n);
+        let f = self.file.as_mut().ok_or_else(|| Error::io("syncing", &path, std::io::Error::other("log not loaded")))?;
+        f.sync_data().map_err(|e| Error::io("syncing", &path, e))
+    }
+
+    fn write(&mut self, batch: &[Mutation]) -> Result<()> {
+        let rec = record(&batch_payload(batch));
+        let path = self.log_path(self.n);
+        let f = self.file.as_mut().ok_or_else(|| Error::io("appending to", &path, std::io::Error::other("log not loaded")))?;
+        f.write_all(&rec).map_err(|e| Error::io("appending to", &path, e))?;
+        self.log_bytes += rec.len() as u64;
+        Ok(())
+    }
+
+    fn syncer(&self) -> Result<Option<File>> {
+        let path = self.log_path(self.n);
+        let f = self.file.as_ref().ok_or_else(|| Error::io("syncing", &path, std::io::Error::other("log not loaded")))?;
+        f.try_clone().map(Some).map_err(|e| Error::io("duplicating handle of", &path, e))
+    }
+
+    fn wants_compaction(&self) -> bool {
+        self.log_bytes > (1 << 20).max(2 * self.snapshot_bytes)
+    }
+
+    fn compact(&mut self, snapshot: &[Mutation]) -> Result<()> {
+        let old = self.n;
+        self.open_log(old + 1)?;
+        let tmp = self.dir.join("snapshot.tmp");
+        let mut bytes = record(old.to_string().as_bytes());
+        for chunk in snapshot.chunks(256) {
+            bytes.extend(record(&batch_payload(chunk)));
+        }
+        let mut f = File::create(&tmp).map_err(|e| Error::io("creating", &tmp, e))?;
+        f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io("writing", &tmp, e))?;
+        let snap = self.dir.join("snapshot");
+        fs::rename(&tmp, &snap).map_err(|e| Error::io("renaming snapshot into", &snap, e))?;
+        sync_dir(&self.dir)?;
+        self.snapshot_bytes = bytes.len() as u64;
+        let path = self.log_path(old);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("removing compacted log", &path, e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::perms::Perms;
+
+    fn put(p: &str, v: &str) -> Mutation {
+        Mutation::Put { path: p.into(), value: v.as_bytes().to_vec(), perms: Perms::owned_by(0) }
+    }
+
+    fn tmpdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("vigil-store-log-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn crc_matches_reference() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn append_load_torn_tail_and_compaction() {
+        let d = tmpdir("basic");
+        let mut b = LogBackend::open(&d).unwrap();
+        assert!(b.load().unwrap().is_empty());
+        b.append(&[put("/a", "1")]).unwrap();
+        b.append(&[put("/b", "2"), put("/b/c", "3")]).unwrap();
+        drop(b);
+        // A torn tail: half a record.
+        let log = d.join("log.1");
+        let mut f = OpenOptions::new().append(true).open(&log).unwrap();
+        f.write_all(&record(&batch_payload(&[put("/x", "lost")]))[..10]).unwrap();
+        drop(f);
+        let mut b = LogBackend::open(&d).unwrap();
+        assert_eq!(b.load().unwrap(), vec![vec![put("/a", "1")], vec![put("/b", "2"), put("/b/c", "3")]]);
+        b.append(&[put("/d", "4")]).unwrap();
+        b.compact(&[put("/a", "1"), put("/d", "4")]).unwrap();
+        b.append(&[put("/e", "5")]).unwrap();
+        drop(b);
+        assert!(!log.exists());
+        let mut b = LogBackend::open(&d).unwrap();
+        assert_eq!(b.load().unwrap(), vec![vec![put("/a", "1"), put("/d", "4")], vec![put("/e", "5")]]);
+        drop(b);
+        // Corruption in the middle is an error, not silently dropped data.
+        let log = d.join("log.2");
+        let mut f = OpenOptions::new().append(true).open(&log).unwrap();
+        f.write_all(&record(&batch_payload(&[put("/f", "6")]))).unwrap();
+        drop(f);
+        let mut bytes = fs::read(&log).unwrap();
+        bytes[9] ^= 0xff;
+        fs::write(&log, &bytes).unwrap();
+        let err = LogBackend::open(&d).unwrap().load().unwrap_err().to_string();
+        assert!(err.contains("log.2") && err.contains("bad checksum"), "{err}");
+        let _ = fs::remove_dir_all(&d);
+    }
+}

@@ -1,0 +1,239 @@
+//! The thin driver: serves the [`Store`] state machine on a Unix socket, with the durable
+//! [`Backend`] underneath. Every socket client is dom0 (privileged), as with Xen's xenstored.
+//!
+//! One reader and one writer thread per connection. Requests are applied to the state machine
+//! one at a time under a lock, and their mutations written to the backend in that order; then,
+//! outside the lock, one `fdatasync` makes every request written so far durable (group commit:
+//! concurrent clients share a sync). Every reply and watch event — of reads too — is held back
+//! until the sync covering all writes made before it completes, so no client ever sees state
+//! that a crash could take back. If the backend fails, memory is ahead of disk: the server exits
+//! (status 70) so that its supervisor restarts it from the durable state.
+//!
+//! Nothing but the tree and the domains survives a restart: connections, watches and open
+//! transactions are gone. Clients see the socket close; a transaction in flight was not
+//! committed (its END gets no reply), and [`crate::Client`] reconnects, re-registers its watches
+//! and tells the caller `EAGAIN`.
+
+use crate::etcd::EtcdBackend;
+use crate::log::{Backend, LogBackend};
+use crate::state::{ConnId, Errno, Quota, Store};
+use crate::wire::{self, Msg, MsgType, HEADER_LEN, PAYLOAD_MAX};
+use crate::{Error, Result};
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Where the server listens and keeps its data.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub socket: PathBuf,
+    /// Data directory of the embedded log backend (unused with `etcd`).
+    pub data: PathBuf,
+    pub quota: Quota,
+    /// Keep the log in etcd instead: member endpoints (`host:port`) and a key prefix.
+    pub etcd: Option<(Vec<String>, String)>,
+}
+
+/// Encoded messages and the connections they go to.
+type Outgoing = Vec<(ConnId, Vec<u8>)>;
+
+struct Inner {
+    store: Store,
+    backend: Box<dyn Backend>,
+    writers: HashMap<ConnId, Sender<Vec<u8>>>,
+    /// Requests whose mutations were written to the backend, in order.
+    written: u64,
+    /// Messages waiting for the sync covering `written` as it was when they were produced.
+    pending: VecDeque<(u64, Outgoing)>,
+}
+
+/// Shared by the connection threads. Lock order: `sync` before `inner`.
+struct Shared {
+    inner: Mutex<Inner>,
+    /// Held by the one thread syncing; others wait and usually find their request covered.
+    sync: Mutex<()>,
+    /// `written` as of the last completed sync.
+    synced: AtomicU64,
+}
+
+fn fatal(e: &Error) -> ! {
+    eprintln!("vigil store: {e}; exiting so that the supervisor restarts from the durable state");
+    std::process::exit(70);
+}
+
+/// Group commit: one `fdatasync` makes every request written so far durable.
+fn make_durable(shared: &Shared, seq: u64) {
+    if shared.synced.load(Ordering::Acquire) >= seq {
+        return;
+    }
+    let _one = shared.sync.lock().unwrap_or_else(|p| p.into_inner());
+    if shared.synced.load(Ordering::Acquire) >= seq {
+        return;
+    }
+    // Read the target and the file together: earlier log files were made durable by the
+    // compaction that replaced them.
+    let (target, file) = {
+        let g = lock(&shared.inner);
+        (g.written, g.backend.syncer())
+    };
+    match file {
+        Ok(Some(f)) => {
+            if let Err(e) = f.sync_data() {
+                fatal(&Error::io("syncing the store log", "log", e));
+            }
+        }
+        Ok(None) => {}
+        Err(e) => fatal(&e),
+    }
+    shared.synced.store(target, Ordering::Release);
+}
+
+/// Sends every queued message whose writes are durable, in order.
+fn deliver(shared: &Shared) {
+    let mut g = lock(&shared.inner);
+    let synced = shared.synced.load(Ordering::Acquire);
+    while g.pending.front().is_some_and(|(seq, _)| *seq <= synced) {
+        let Some((_, sends)) = g.pending.pop_front() else { break };
+        for (to, bytes) in sends {
+            if let Some(w) = g.writers.get(&to) {
+                let _ = w.send(bytes);
+            }
+        }
+    }
+}
+
+/// A loaded store bound to its socket.
+pub struct Server {
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    socket: PathBuf,
+}
+
+fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    // A panic in another connection thread must not stop the store; the state machine never
+    // leaves a half-applied request behind (it applies whole mutations), so recover the guard.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Rebuilds a store from the backend's history.
+pub fn recover(backend: &mut dyn Backend, quota: Quota, data: &Path) -> Result<Store> {
+    let mut store = Store::new(quota);
+    for (i, batch) in backend.load()?.into_iter().enumerate() {
+        for m in &batch {
+            store.apply(m).map_err(|what| Error::Corrupt { path: data.to_path_buf(), offset: i as u64, what })?;
+        }
+    }
+    Ok(store)
+}
+
+impl Server {
+    /// Loads the data directory and binds the socket (replacing a stale socket file).
+    pub fn bind(cfg: &Config) -> Result<Server> {
+        let mut backend: Box<dyn Backend> = match &cfg.etcd {
+            Some((endpoints, prefix)) => Box::new(EtcdBackend::new(endpoints.clone(), prefix)?),
+            None => Box::new(LogBackend::open(&cfg.data)?),
+        };
+        let store = recover(backend.as_mut(), cfg.quota, &cfg.data)?;
+        if let Ok(meta) = std::fs::symlink_metadata(&cfg.socket) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(Error::io("refusing to replace non-socket", &cfg.socket, std::io::ErrorKind::AlreadyExists.into()));
+            }
+            std::fs::remove_file(&cfg.socket).map_err(|e| Error::io("removing stale socket", &cfg.socket, e))?;
+        }
+        let listener = UnixListener::bind(&cfg.socket).map_err(|e| Error::io("binding", &cfg.socket, e))?;
+        let inner = Inner { store, backend, writers: HashMap::new(), written: 0, pending: VecDeque::new() };
+        let shared = Shared { inner: Mutex::new(inner), sync: Mutex::new(()), synced: AtomicU64::new(0) };
+        Ok(Server { listener, shared: Arc::new(shared), socket: cfg.socket.clone() })
+    }
+
+    /// Number of nodes after recovery (for the start-up message).
+    pub fn nodes(&self) -> usize {
+        lock(&self.shared.inner).store.len()
+    }
+
+    /// Accepts connections forever.
+    pub fn run(self) -> Result<()> {
+        for stream in self.listener.incoming() {
+            let stream = stream.map_err(|e| Error::io("accepting on", &self.socket, e))?;
+            let shared = Arc::clone(&self.shared);
+            std::thread::spawn(move || serve_conn(shared, stream));
+        }
+        Ok(())
+    }
+}
+
+fn serve_conn(shared: Arc<Shared>, stream: UnixStream) {
+    let Ok(mut out) = stream.try_clone() else { return };
+    let (tx, rx) = channel::<Vec<u8>>();
+    let conn = {
+        let mut g = lock(&shared.inner);
+        let id = g.store.connect(0);
+        g.writers.insert(id, tx);
+        id
+    };
+    let writer = std::thread::spawn(move || {
+        for bytes in rx {
+            if out.write_all(&bytes).is_err() {
+                break;
+            }
+        }
+        let _ = out.shutdown(std::net::Shutdown::Both);
+    });
+    let mut stream = stream;
+    loop {
+        let mut h = [0u8; HEADER_LEN];
+        if stream.read_exact(&mut h).is_err() {
+            break;
+        }
+        let (ty, req_id, tx_id, len) = wire::parse_header(&h);
+        if len as usize > PAYLOAD_MAX {
+            // The stream cannot be resynchronised: answer and close, as xenstored does.
+            let e = Msg::new(MsgType::Error, req_id, tx_id, wire::strings(&[Errno::E2BIG.name()]));
+            if let Some(w) = lock(&shared.inner).writers.get(&conn) {
+                let _ = w.send(e.encode());
+            }
+            break;
+        }
+        let mut payload = vec![0u8; len as usize];
+        if stream.read_exact(&mut payload).is_err() {
+            break;
+        }
+        let msg = Msg { ty, req_id, tx_id, payload };
+        let seq = {
+            let mut g = lock(&shared.inner);
+            let g = &mut *g;
+            let out = g.store.handle(conn, &msg);
+            if !out.mutations.is_empty() {
+                if let Err(e) = g.backend.write(&out.mutations) {
+                    fatal(&e);
+                }
+                g.written += 1;
+                if g.backend.wants_compaction() {
+                    let snap = g.store.snapshot();
+                    if let Err(e) = g.backend.compact(&snap) {
+                        fatal(&e);
+                    }
+                }
+            }
+            // Replies wait for the sync that covers every write made so far (reads included:
+            // nothing is shown that a crash could take back).
+            let seq = g.written;
+            g.pending.push_back((seq, out.sends.into_iter().map(|(to, m)| (to, m.encode())).collect()));
+            seq
+        };
+        make_durable(&shared, seq);
+        deliver(&shared);
+    }
+    {
+        let mut g = lock(&shared.inner);
+        g.store.disconnect(conn);
+        g.writers.remove(&conn);
+    }
+    // The writer drains what is queued (an error reply, say), then shuts the socket down.
+    let _ = writer.join();
+}

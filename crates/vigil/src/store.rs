@@ -1,0 +1,83 @@
+//! `vigil store ...`: runs vigil's XenStore-compatible store (the `store` crate) — `serve` one
+//! server, or `supervise` one under a supervisor that heartbeats and restarts it.
+
+use crate::Outcome;
+use anyhow::Context;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Serve the store on a Unix socket (point xenstore-* tools at it with XENSTORED_PATH).
+    Serve {
+        /// Unix socket to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Directory of the durable log and snapshot.
+        #[arg(long)]
+        data: PathBuf,
+        /// Keep the log in this etcd cluster instead (comma-separated host:port client endpoints).
+        #[arg(long, value_delimiter = ',')]
+        etcd: Vec<String>,
+        /// Key prefix in etcd.
+        #[arg(long, default_value = "vigil/store")]
+        etcd_prefix: String,
+    },
+    /// Run `vigil store serve` as a supervised child: heartbeat it, restart it on crash or hang.
+    Supervise {
+        /// Unix socket the store listens on.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Directory of the durable log and snapshot.
+        #[arg(long)]
+        data: PathBuf,
+        /// Milliseconds between heartbeats.
+        #[arg(long, default_value_t = 100)]
+        period_ms: u64,
+        /// Missed heartbeats in a row that mean the store hangs.
+        #[arg(long, default_value_t = 3)]
+        misses: u32,
+    },
+}
+
+pub fn run(args: &Args) -> anyhow::Result<Outcome> {
+    match &args.command {
+        Command::Serve { socket, data, etcd, etcd_prefix } => {
+            let etcd = (!etcd.is_empty()).then(|| (etcd.clone(), etcd_prefix.clone()));
+            let cfg = store::server::Config { socket: socket.clone(), data: data.clone(), quota: Default::default(), etcd };
+            let server = store::server::Server::bind(&cfg).context("vigil store serve")?;
+            eprintln!("vigil store: {} nodes recovered from {}, listening on {}", server.nodes(), data.display(), socket.display());
+            server.run().context("vigil store serve")?;
+            Ok(Outcome::Ok)
+        }
+        Command::Supervise { socket, data, period_ms, misses } => {
+            let cfg = store::supervisor::Config {
+                program: std::env::current_exe().context("locating the vigil binary")?,
+                args: vec!["store".into(), "serve".into(), "--socket".into(), socket.into(), "--data".into(), data.into()],
+                socket: socket.clone(),
+                period: std::time::Duration::from_millis((*period_ms).max(1)),
+                misses: (*misses).max(1),
+                start_timeout: std::time::Duration::from_secs(30),
+            };
+            let sup = store::supervisor::Supervisor::start(cfg).context("vigil store supervise")?;
+            eprintln!("vigil store supervise: store running as pid {}", sup.pid());
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            sup.run(&stop, |i| {
+                eprintln!(
+                    "vigil store supervise: pid {} {:?}; restarted as pid {} in {:.1} ms",
+                    i.old_pid,
+                    i.cause,
+                    i.new_pid,
+                    i.recovery.as_secs_f64() * 1e3
+                )
+            })
+            .context("vigil store supervise")?;
+            Ok(Outcome::Ok)
+        }
+    }
+}
