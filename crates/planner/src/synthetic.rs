@@ -9,22 +9,9 @@
 //! Deadlines are the analysed worst case of the initial placement times 1.2–2, so the
 //! initial placement meets them and a fault can break them.
 
+use rtc::synthetic::Rng;
 use rtc::system::{analyze, Options};
 use std::fmt::Write;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
-    }
-    fn int(&mut self, lo: i64, hi: i64) -> i64 {
-        lo + (self.next() % ((hi - lo + 1) as u64)) as i64
-    }
-}
 
 const CORES: usize = 4;
 

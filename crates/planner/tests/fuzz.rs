@@ -3,20 +3,7 @@
 //! error.
 
 use planner::{plan_all, scenario, SearchOptions};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
+use rtc::synthetic::Rng;
 
 const WORDS: [&str; 14] =
     ["hostA", "hostB", "hostC", "a0", "b1", "c0", "portA", "portC", "remote", "local", "normal", "0", "1GiB", "100ms"];

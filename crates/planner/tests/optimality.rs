@@ -7,21 +7,8 @@
 use planner::eval::World;
 use planner::search::{branch_and_bound, exhaustive, greedy, Problem, SearchOptions};
 use planner::{plan_all, scenario, Coverage, Evaluator};
+use rtc::synthetic::Rng;
 use std::fmt::Write;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
-    }
-    fn int(&mut self, lo: i64, hi: i64) -> i64 {
-        lo + (self.next() % ((hi - lo + 1) as u64)) as i64
-    }
-}
 
 /// A random cluster: 3 hosts with 1 or 2 processors and a port each, 3 or 4 VMs with
 /// reservations in random modes, a chain through two VMs with a message between hosts, a
