@@ -14,7 +14,7 @@
 //! followed only by zeros or nothing) is dropped and the file truncated there; a bad record with
 //! valid data after it is reported as [`Error::Corrupt`].
 
-use crate::state::Mutation;
+use crate::state::{DomId, Mutation};
 use crate::{Error, Result};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -37,6 +37,30 @@ pub trait Backend: Send {
     /// A handle on the current log file whose `sync_data` makes everything written so far
     /// durable, usable without holding the backend; `None` if `write` is durable by itself.
     fn syncer(&self) -> Result<Option<File>> {
+        Ok(None)
+    }
+    /// Appends unless another front end sharing the log appended first: then `Ok(false)`, and
+    /// the caller must [`Backend::catch_up`] and try again. A log nobody shares always appends.
+    fn try_write(&mut self, batch: &[Mutation]) -> Result<bool> {
+        self.write(batch).map(|()| true)
+    }
+    /// Batches other front ends appended since this one last loaded, appended or caught up,
+    /// oldest first. Empty for a log nobody shares.
+    fn catch_up(&mut self) -> Result<Vec<Vec<Mutation>>> {
+        Ok(Vec::new())
+    }
+    /// Ties `domid`'s lifetime to this front end (an etcd lease it keeps alive); called before
+    /// the `Introduce` is appended. A no-op where the backend has no leases.
+    fn hold_domain(&mut self, _domid: DomId) -> Result<()> {
+        Ok(())
+    }
+    /// The domain was released: forget its lease key. A no-op where the backend has no leases.
+    fn drop_domain(&mut self, _domid: DomId) -> Result<()> {
+        Ok(())
+    }
+    /// Domains whose front end is alive (their lease holds), or `None` if the backend does not
+    /// track domain lifetimes.
+    fn held_domains(&mut self) -> Result<Option<Vec<DomId>>> {
         Ok(None)
     }
     /// Whether the history has grown enough to be worth compacting.

@@ -78,6 +78,7 @@ fn three_member_cluster_survives_one_member_and_a_new_front_end() {
         data: dir.join("unused"),
         quota: Default::default(),
         etcd: Some((cluster.endpoints.clone(), prefix.clone())),
+        etcd_lease_ttl: 0,
     };
     let a = Server::bind(&cfg("a.sock")).expect("front end a");
     std::thread::spawn(move || a.run());
