@@ -5,11 +5,18 @@
 //! Keys under a prefix `P`:
 //! - `P/log/<seq, 20 digits>`: one batch of mutations per acknowledged request (one XenStore
 //!   transaction = one batch = one key). Appending is an etcd transaction "create this key if
-//!   its create_revision is 0": exactly one front end can own each sequence number, so a second
-//!   front end on the same prefix is fenced off (its append fails, it exits and reloads).
+//!   its create_revision is 0 and `P/snap/current` is unchanged": exactly one front end owns
+//!   each sequence number. Several front ends share a prefix: one that loses the race catches
+//!   up ([`Backend::catch_up`]) and retries (the server does this);
+//!   [`Backend::append`] itself fails on a lost race.
 //! - `P/snap/current` = `<gen> <covered seq> <chunks>` and `P/snap/<gen>/<i>`: the compacted
 //!   state; log keys up to `covered` are deleted in the same etcd transaction that switches
 //!   `snap/current`.
+//! - `P/domains/<domid>`: a domain introduced through a front end, attached to that front end's
+//!   lease; it disappears when the front end dies and the lease expires, and the survivors then
+//!   release the domain.
+//!
+//! [`follow`] keeps a streaming `/v3/watch` on `P/` open to learn of other front ends' appends.
 //!
 //! etcd acknowledges a put once a majority of members has it in its log (fsync'ed), so a reply
 //! sent after `append` returns survives the loss of any minority of members.

@@ -9,6 +9,11 @@
 //! that a crash could take back. If the backend fails, memory is ahead of disk: the server exits
 //! (status 70) so that its supervisor restarts it from the durable state.
 //!
+//! With the etcd backend the log may be shared with other front ends: a request whose log slot
+//! another front end took is undone, the missing entries applied, and the request handled again
+//! (`commit`); a follower thread applies other front ends' entries as the etcd watch reports
+//! them and releases domains whose lease expired.
+//!
 //! Nothing but the tree and the domains survives a restart: connections, watches and open
 //! transactions are gone. Clients see the socket close; a transaction in flight was not
 //! committed (its END gets no reply), and [`crate::Client`] reconnects, re-registers its watches
