@@ -271,19 +271,52 @@ impl EtcdBackend {
     }
 }
 
+/// What the watch stream said (see [`follow`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Signal {
+    /// The data names a `DELETE` (such as a domain key whose lease expired), or the stream
+    /// broke or stayed silent for a period: check the domains.
+    pub deleted: bool,
+    /// The newest log entry the data names (0: none), or `None` if unknown (a torn message, a
+    /// silent period, a broken stream): read the log to find out.
+    pub newest: Option<u64>,
+}
+
+/// Reads one piece of the watch stream: whether it names a `DELETE`, and the newest log
+/// sequence number among its keys (`None` if a message may be torn or a key does not parse).
+fn scan_watch_data(data: &[u8], log_prefix: &str) -> Signal {
+    let deleted = data.windows(8).any(|w| w == b"\"DELETE\"");
+    if !data.ends_with(b"\n") {
+        return Signal { deleted, newest: None };
+    }
+    let text = String::from_utf8_lossy(data);
+    let mut newest = 0;
+    for piece in text.split("\"key\":\"").skip(1) {
+        let Some(key) = piece.split('"').next().and_then(b64decode) else { return Signal { deleted, newest: None } };
+        let key = String::from_utf8_lossy(&key);
+        if let Some(seq) = key.strip_prefix(log_prefix) {
+            let Ok(seq) = seq.parse::<u64>() else { return Signal { deleted, newest: None } };
+            newest = newest.max(seq);
+        }
+    }
+    Signal { deleted, newest: Some(newest) }
+}
+
 /// Follows everything under `prefix` with the gateway's streaming `/v3/watch` (one long HTTP
-/// response, one JSON message per event): calls `wake(deleted)` whenever the stream delivers
-/// data (`deleted`: the data names a `DELETE`, such as a domain key whose lease expired), and
+/// response, one JSON message per event): calls `wake` whenever the stream delivers data, and
 /// also whenever `period` passes without data, or the stream breaks (then it reconnects to the
-/// next member). The stream is only a signal: the caller reads the log itself, so a missed or
-/// torn event costs at most one `period`. Never returns.
-pub fn follow(endpoints: Vec<String>, prefix: &str, period: Duration, mut wake: impl FnMut(bool)) -> ! {
+/// next member). The stream is only a signal: the caller reads the log itself when the signal
+/// names entries it lacks or is unknown, so a missed or torn event costs at most one `period`.
+/// Never returns.
+pub fn follow(endpoints: Vec<String>, prefix: &str, period: Duration, mut wake: impl FnMut(Signal)) -> ! {
     let prefix = prefix.trim_end_matches('/');
     let body = json!({"create_request": {
         "key": b64encode(format!("{prefix}/").as_bytes()),
         "range_end": b64encode(format!("{prefix}0").as_bytes()),
     }})
     .to_string();
+    let log_prefix = format!("{prefix}/log/");
+    let unknown = |deleted| Signal { deleted, newest: None };
     let mut i = 0;
     loop {
         let ep = endpoints[i % endpoints.len().max(1)].clone();
@@ -300,17 +333,19 @@ pub fn follow(endpoints: Vec<String>, prefix: &str, period: Duration, mut wake: 
             Ok(s)
         };
         if let Ok(mut s) = open() {
+            // Entries appended before the watch existed.
+            wake(unknown(false));
             let mut buf = vec![0u8; 1 << 16];
             loop {
                 match s.read(&mut buf) {
                     Ok(0) => break,
-                    Ok(n) => wake(buf[..n].windows(8).any(|w| w == b"\"DELETE\"")),
-                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => wake(false),
+                    Ok(n) => wake(scan_watch_data(&buf[..n], &log_prefix)),
+                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => wake(unknown(false)),
                     Err(_) => break,
                 }
             }
         }
-        wake(true);
+        wake(unknown(true));
         std::thread::sleep(period.min(Duration::from_millis(200)));
     }
 }
@@ -414,6 +449,10 @@ impl Backend for EtcdBackend {
         Ok(batches)
     }
 
+    fn applied_upto(&self) -> Option<u64> {
+        Some(self.next_seq - 1)
+    }
+
     fn hold_domain(&mut self, domid: DomId) -> Result<()> {
         let lease = self.lease()?;
         let k = b64encode(self.domain_key(domid).as_bytes());
@@ -494,6 +533,23 @@ mod tests {
         assert_eq!(b64decode("Zm9_"), None);
         assert_eq!(b64decode("Zm8"), None);
         assert_eq!(b64decode("Z==="), None);
+    }
+
+    #[test]
+    fn watch_data_names_the_newest_log_entry() {
+        let key = |k: &str| b64encode(k.as_bytes());
+        let msg = format!(
+            "{{\"result\":{{\"events\":[{{\"kv\":{{\"key\":\"{}\"}}}},{{\"kv\":{{\"key\":\"{}\"}}}}]}}}}\n",
+            key("P/log/00000000000000000007"),
+            key("P/domains/3")
+        );
+        let s = scan_watch_data(msg.as_bytes(), "P/log/");
+        assert_eq!((s.deleted, s.newest), (false, Some(7)));
+        let s = scan_watch_data(&msg.as_bytes()[..msg.len() - 10], "P/log/");
+        assert_eq!(s.newest, None, "torn");
+        let del = format!("{{\"result\":{{\"events\":[{{\"type\":\"DELETE\",\"kv\":{{\"key\":\"{}\"}}}}]}}}}\n", key("P/domains/3"));
+        let s = scan_watch_data(del.as_bytes(), "P/log/");
+        assert_eq!((s.deleted, s.newest), (true, Some(0)));
     }
 
     #[test]

@@ -49,6 +49,10 @@ pub trait Backend: Send {
     fn catch_up(&mut self) -> Result<Vec<Vec<Mutation>>> {
         Ok(Vec::new())
     }
+    /// The newest log entry this front end has applied, where the log is shared (else `None`).
+    fn applied_upto(&self) -> Option<u64> {
+        None
+    }
     /// Ties `domid`'s lifetime to this front end (an etcd lease it keeps alive); called before
     /// the `Introduce` is appended. A no-op where the backend has no leases.
     fn hold_domain(&mut self, _domid: DomId) -> Result<()> {

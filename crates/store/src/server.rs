@@ -19,7 +19,7 @@
 //! committed (its END gets no reply), and [`crate::Client`] reconnects, re-registers its watches
 //! and tells the caller `EAGAIN`.
 
-use crate::etcd::{follow, EtcdBackend};
+use crate::etcd::{follow, EtcdBackend, Signal};
 use crate::log::{Backend, LogBackend};
 use crate::state::{Checkpoint, ConnId, Errno, Mutation, Output, Quota, Store};
 use crate::wire::{self, Msg, MsgType, HEADER_LEN, PAYLOAD_MAX};
@@ -195,11 +195,17 @@ fn commit(g: &mut Inner, mut f: impl FnMut(&mut Store, bool) -> (Option<Checkpoi
 
 /// The follower's step: apply what other front ends appended, then (when `reap`) release the
 /// domains whose lease key is gone (their front end died and the lease expired).
-fn follow_step(shared: &Shared, reap: bool) {
+fn follow_step(shared: &Shared, signal: Signal, reap: bool) {
     let seq = {
         let mut g = lock(&shared.inner);
         let g = &mut *g;
-        match catch_up(g) {
+        // Skip the range request when the watch named only entries applied already (this front
+        // end's own appends, mostly).
+        let lacking = match (signal.newest, g.backend.applied_upto()) {
+            (Some(newest), Some(have)) => newest > have,
+            _ => true,
+        };
+        match if lacking { catch_up(g) } else { Ok(()) } {
             Ok(()) => {}
             Err(e @ Error::Etcd(_)) => eprintln!("vigil store: following the etcd log: {e}"),
             Err(e) => fatal(&e),
@@ -268,12 +274,12 @@ impl Server {
             std::thread::spawn(move || {
                 let period = Duration::from_secs(1);
                 let mut last_reap = Instant::now();
-                follow(endpoints, &prefix, period, |deleted| {
-                    let reap = deleted || last_reap.elapsed() >= period;
+                follow(endpoints, &prefix, period, |signal| {
+                    let reap = signal.deleted || last_reap.elapsed() >= period;
                     if reap {
                         last_reap = Instant::now();
                     }
-                    follow_step(&follower, reap);
+                    follow_step(&follower, signal, reap);
                 })
             });
         }
