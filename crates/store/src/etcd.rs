@@ -200,7 +200,12 @@ impl EtcdBackend {
             std::thread::sleep(period);
             match ka.post("/v3/lease/keepalive", json!({"ID": id.to_string()})) {
                 Ok(v) if int(&v["result"]["TTL"]) > 0 => {}
-                Ok(v) => eprintln!("vigil store: etcd lease {id} for introduced domains is gone ({v})"),
+                Ok(v) => {
+                    // Expired (this front end was cut off longer than the TTL): the others
+                    // release its domains; the next introduction grants a new lease.
+                    eprintln!("vigil store: etcd lease {id} for introduced domains is gone ({v})");
+                    return;
+                }
                 Err(e) => eprintln!("vigil store: keeping etcd lease {id} alive: {e}"),
             }
         });
@@ -454,9 +459,18 @@ impl Backend for EtcdBackend {
     }
 
     fn hold_domain(&mut self, domid: DomId) -> Result<()> {
-        let lease = self.lease()?;
         let k = b64encode(self.domain_key(domid).as_bytes());
-        self.post("/v3/kv/put", json!({"key": k, "value": b64encode(b"held"), "lease": lease.to_string()})).map(|_| ())
+        let lease = self.lease()?;
+        match self.post("/v3/kv/put", json!({"key": k, "value": b64encode(b"held"), "lease": lease.to_string()})) {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("lease not found") => {
+                // The lease expired: grant a new one.
+                self.lease = None;
+                let lease = self.lease()?;
+                self.post("/v3/kv/put", json!({"key": k, "value": b64encode(b"held"), "lease": lease.to_string()})).map(|_| ())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn drop_domain(&mut self, domid: DomId) -> Result<()> {
