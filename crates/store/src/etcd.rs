@@ -7,7 +7,8 @@
 //!   transaction = one batch = one key). Appending is an etcd transaction "create this key if
 //!   its create_revision is 0 and `P/snap/current` is unchanged": exactly one front end owns
 //!   each sequence number. Several front ends share a prefix: one that loses the race catches
-//!   up ([`Backend::catch_up`]) and retries (the server does this);
+//!   up ([`Backend::catch_up`], which reloads everything if a compaction removed entries it
+//!   lacks) and retries (the server does this);
 //!   [`Backend::append`] itself fails on a lost race.
 //! - `P/snap/current` = `<gen> <covered seq> <chunks>` and `P/snap/<gen>/<i>`: the compacted
 //!   state; log keys up to `covered` are deleted in the same etcd transaction that switches
@@ -21,7 +22,7 @@
 //! etcd acknowledges a put once a majority of members has it in its log (fsync'ed), so a reply
 //! sent after `append` returns survives the loss of any minority of members.
 
-use crate::log::{batch_payload, parse_batch, Backend};
+use crate::log::{batch_payload, parse_batch, Backend, CatchUp};
 use crate::state::{DomId, Mutation};
 use crate::{Error, Result};
 use serde_json::{json, Value};
@@ -423,18 +424,13 @@ impl Backend for EtcdBackend {
         self.try_append(batch)
     }
 
-    fn catch_up(&mut self) -> Result<Vec<Vec<Mutation>>> {
-        let behind = |seq: u64| {
-            corrupt(
-                "log",
-                &format!("another front end compacted the log past entry {seq}, which this one has not applied; restart to reload"),
-            )
-        };
+    fn catch_up(&mut self) -> Result<CatchUp> {
         if self.snap_stale {
             self.snap_stale = false;
             if let Some((gen, covered, _, rev)) = self.snap_header()? {
                 if covered >= self.next_seq {
-                    return Err(behind(self.next_seq));
+                    // Another front end compacted entries this one lacks: start over.
+                    return Ok(CatchUp::Reload(self.load()?));
                 }
                 self.snap_gen = gen;
                 self.snap_rev = rev;
@@ -446,12 +442,12 @@ impl Backend for EtcdBackend {
         for (k, v) in self.range(&from, &to)? {
             let seq: u64 = k.rsplit('/').next().and_then(|s| s.parse().ok()).ok_or_else(|| corrupt(&k, "bad log key"))?;
             if seq != self.next_seq {
-                return Err(behind(self.next_seq));
+                return Ok(CatchUp::Reload(self.load()?));
             }
             batches.push(parse_batch(&v).ok_or_else(|| corrupt(&k, "bad batch"))?);
             self.next_seq += 1;
         }
-        Ok(batches)
+        Ok(CatchUp::Entries(batches))
     }
 
     fn applied_upto(&self) -> Option<u64> {

@@ -20,6 +20,16 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+/// What [`Backend::catch_up`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CatchUp {
+    /// The entries others appended since, oldest first.
+    Entries(Vec<Vec<Mutation>>),
+    /// Another front end compacted entries this one had not applied: the whole history, as
+    /// [`Backend::load`] returns it, to rebuild the state from.
+    Reload(Vec<Vec<Mutation>>),
+}
+
 /// Where acknowledged mutations are kept. `append` returns only when the batch survives a crash
 /// of the process (and of the machine, as far as `fdatasync` promises).
 pub trait Backend: Send {
@@ -45,9 +55,10 @@ pub trait Backend: Send {
         self.write(batch).map(|()| true)
     }
     /// Batches other front ends appended since this one last loaded, appended or caught up,
-    /// oldest first. Empty for a log nobody shares.
-    fn catch_up(&mut self) -> Result<Vec<Vec<Mutation>>> {
-        Ok(Vec::new())
+    /// oldest first (none for a log nobody shares) — or the whole history again if another
+    /// front end compacted entries this one lacks.
+    fn catch_up(&mut self) -> Result<CatchUp> {
+        Ok(CatchUp::Entries(Vec::new()))
     }
     /// The newest log entry this front end has applied, where the log is shared (else `None`).
     fn applied_upto(&self) -> Option<u64> {

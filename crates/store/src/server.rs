@@ -20,7 +20,7 @@
 //! and tells the caller `EAGAIN`.
 
 use crate::etcd::{follow, EtcdBackend, Signal};
-use crate::log::{Backend, LogBackend};
+use crate::log::{Backend, CatchUp, LogBackend};
 use crate::state::{Checkpoint, ConnId, Errno, Mutation, Output, Quota, Store};
 use crate::wire::{self, Msg, MsgType, HEADER_LEN, PAYLOAD_MAX};
 use crate::{Error, Result};
@@ -134,11 +134,22 @@ fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 /// Applies what other front ends appended to a shared log and queues the watch events it
 /// fires for this front end's connections.
 fn catch_up(g: &mut Inner) -> Result<()> {
-    for batch in g.backend.catch_up()? {
-        let sends = g.store.apply_remote(&batch).map_err(|what| Error::Corrupt { path: "etcd:log".into(), offset: 0, what })?;
-        let seq = g.written;
-        g.pending.push_back((seq, sends.into_iter().map(|(to, m)| (to, m.encode())).collect()));
-    }
+    let corrupt = |what| Error::Corrupt { path: "etcd:log".into(), offset: 0, what };
+    let sends = match g.backend.catch_up()? {
+        CatchUp::Entries(batches) => {
+            let mut sends = Vec::new();
+            for batch in batches {
+                sends.extend(g.store.apply_remote(&batch).map_err(corrupt)?);
+            }
+            sends
+        }
+        CatchUp::Reload(batches) => {
+            eprintln!("vigil store: another front end compacted entries this one lacked; reloading the state");
+            g.store.reload(&batches).map_err(corrupt)?
+        }
+    };
+    let seq = g.written;
+    g.pending.push_back((seq, sends.into_iter().map(|(to, m)| (to, m.encode())).collect()));
     Ok(())
 }
 

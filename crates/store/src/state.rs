@@ -598,6 +598,31 @@ impl Store {
         Ok(sends)
     }
 
+    /// Replaces the tree with the one `batches` rebuild (another front end compacted log
+    /// entries this store had not applied). Connections, watches and open transactions stay:
+    /// every node gets a newer generation, so an open transaction that looked at any existing
+    /// node fails with `EAGAIN`, and every watch fires once with its own path, as after a
+    /// reconnect, so that watchers re-read.
+    pub fn reload(&mut self, batches: &[Vec<Mutation>]) -> Result<Vec<(ConnId, Msg)>, String> {
+        let mut tree = Tree::new();
+        tree.gen = self.tree.gen;
+        for m in batches.iter().flatten() {
+            tree.apply(m)?;
+        }
+        let gen = tree.bump();
+        if let Some(root) = tree.nodes.get_mut("/") {
+            root.gen = gen;
+        }
+        self.tree = tree;
+        let mut sends = Vec::new();
+        for (&id, c) in &self.conns {
+            for w in &c.watches {
+                sends.push((id, watch_event(c.domid, w, &w.abs)));
+            }
+        }
+        Ok(sends)
+    }
+
     /// Domains introduced so far (dom0 excluded).
     pub fn domains(&self) -> Vec<DomId> {
         self.tree.domains.keys().copied().collect()

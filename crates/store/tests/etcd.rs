@@ -119,6 +119,9 @@ fn three_member_cluster_survives_one_member_and_a_new_front_end() {
     assert!(b2.append(std::slice::from_ref(&m)).is_err(), "a backend behind the log loses its append");
     // Compaction keeps the state.
     b1.compact(std::slice::from_ref(&m)).expect("compact");
+    // The backend behind (it lacks entry 1, now folded into the snapshot) reloads when it
+    // catches up.
+    assert_eq!(b2.catch_up().expect("catch up"), store::log::CatchUp::Reload(vec![vec![m.clone()]]));
     let mut b3 = EtcdBackend::new(cluster.endpoints.clone(), &format!("{prefix}-fence")).expect("backend");
     assert_eq!(b3.load().expect("load after compaction"), vec![vec![m.clone()]]);
     b3.append(std::slice::from_ref(&m)).expect("append after compaction");

@@ -350,4 +350,15 @@ fn rollback_apply_remote_and_revalidate() {
     assert_eq!(s.domains(), [4]);
     assert_eq!(s.apply_remote(&[Mutation::Release { domid: 4 }]).expect("applies").len(), 1);
     assert!(s.domains().is_empty());
+    // Reload after another front end's compaction: open transactions fail, watches fire once.
+    let tx = start(&mut s, a);
+    assert_eq!(read(&mut s, a, tx, "/c"), Ok(b"5".to_vec()));
+    ok_(&mut s, a, req(MsgType::Write, tx, &[b"/c", b"6"]));
+    let snap = s.snapshot();
+    let sends =
+        s.reload(&[snap, vec![Mutation::Put { path: "/z".into(), value: b"1".to_vec(), perms: Perms::owned_by(0) }]]).expect("reloads");
+    assert_eq!(sends.len(), 2, "each watch of w fires once");
+    assert_eq!(read(&mut s, a, 0, "/z"), Ok(b"1".to_vec()));
+    assert_eq!(read(&mut s, a, 0, "/c/d/e"), Ok(b"x".to_vec()));
+    assert_eq!(end(&mut s, a, tx, true).0, Err("EAGAIN".into()));
 }
