@@ -10,7 +10,8 @@
 //! - [`log`]: the embedded durable backend — an append-only, checksummed, fsync'ed log of
 //!   mutations, replayed on start and compacted into a snapshot.
 //! - [`etcd`]: the replicated backend — the same log kept in an etcd cluster through its v3
-//!   JSON gateway, one etcd transaction per acknowledged request.
+//!   JSON gateway, one etcd transaction per acknowledged request; several front ends may share
+//!   it (each follows the others' appends), and introduced domains live on etcd leases.
 //! - [`server`]: the thin driver serving the state machine on a Unix socket (the one Xen's
 //!   `libxenstore` reaches through `XENSTORED_PATH`).
 //! - [`client`]: a typed client with reconnect and retry (exactly-once transactions).

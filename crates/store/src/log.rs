@@ -14,11 +14,21 @@
 //! followed only by zeros or nothing) is dropped and the file truncated there; a bad record with
 //! valid data after it is reported as [`Error::Corrupt`].
 
-use crate::state::Mutation;
+use crate::state::{DomId, Mutation};
 use crate::{Error, Result};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+
+/// What [`Backend::catch_up`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CatchUp {
+    /// The entries others appended since, oldest first.
+    Entries(Vec<Vec<Mutation>>),
+    /// Another front end compacted entries this one had not applied: the whole history, as
+    /// [`Backend::load`] returns it, to rebuild the state from.
+    Reload(Vec<Vec<Mutation>>),
+}
 
 /// Where acknowledged mutations are kept. `append` returns only when the batch survives a crash
 /// of the process (and of the machine, as far as `fdatasync` promises).
@@ -37,6 +47,35 @@ pub trait Backend: Send {
     /// A handle on the current log file whose `sync_data` makes everything written so far
     /// durable, usable without holding the backend; `None` if `write` is durable by itself.
     fn syncer(&self) -> Result<Option<File>> {
+        Ok(None)
+    }
+    /// Appends unless another front end sharing the log appended first: then `Ok(false)`, and
+    /// the caller must [`Backend::catch_up`] and try again. A log nobody shares always appends.
+    fn try_write(&mut self, batch: &[Mutation]) -> Result<bool> {
+        self.write(batch).map(|()| true)
+    }
+    /// Batches other front ends appended since this one last loaded, appended or caught up,
+    /// oldest first (none for a log nobody shares) — or the whole history again if another
+    /// front end compacted entries this one lacks.
+    fn catch_up(&mut self) -> Result<CatchUp> {
+        Ok(CatchUp::Entries(Vec::new()))
+    }
+    /// The newest log entry this front end has applied, where the log is shared (else `None`).
+    fn applied_upto(&self) -> Option<u64> {
+        None
+    }
+    /// Ties `domid`'s lifetime to this front end (an etcd lease it keeps alive); called before
+    /// the `Introduce` is appended. A no-op where the backend has no leases.
+    fn hold_domain(&mut self, _domid: DomId) -> Result<()> {
+        Ok(())
+    }
+    /// The domain was released: forget its lease key. A no-op where the backend has no leases.
+    fn drop_domain(&mut self, _domid: DomId) -> Result<()> {
+        Ok(())
+    }
+    /// Domains whose front end is alive (their lease holds), or `None` if the backend does not
+    /// track domain lifetimes.
+    fn held_domains(&mut self) -> Result<Option<Vec<DomId>>> {
         Ok(None)
     }
     /// Whether the history has grown enough to be worth compacting.

@@ -9,14 +9,19 @@
 //! that a crash could take back. If the backend fails, memory is ahead of disk: the server exits
 //! (status 70) so that its supervisor restarts it from the durable state.
 //!
+//! With the etcd backend the log may be shared with other front ends: a request whose log slot
+//! another front end took is undone, the missing entries applied, and the request handled again
+//! (`commit`); a follower thread applies other front ends' entries as the etcd watch reports
+//! them and releases domains whose lease expired.
+//!
 //! Nothing but the tree and the domains survives a restart: connections, watches and open
 //! transactions are gone. Clients see the socket close; a transaction in flight was not
 //! committed (its END gets no reply), and [`crate::Client`] reconnects, re-registers its watches
 //! and tells the caller `EAGAIN`.
 
-use crate::etcd::EtcdBackend;
-use crate::log::{Backend, LogBackend};
-use crate::state::{ConnId, Errno, Quota, Store};
+use crate::etcd::{follow, EtcdBackend, Signal};
+use crate::log::{Backend, CatchUp, LogBackend};
+use crate::state::{Checkpoint, ConnId, Errno, Mutation, Output, Quota, Store};
 use crate::wire::{self, Msg, MsgType, HEADER_LEN, PAYLOAD_MAX};
 use crate::{Error, Result};
 use std::collections::{HashMap, VecDeque};
@@ -26,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// Where the server listens and keeps its data.
 #[derive(Debug, Clone)]
@@ -36,6 +42,9 @@ pub struct Config {
     pub quota: Quota,
     /// Keep the log in etcd instead: member endpoints (`host:port`) and a key prefix.
     pub etcd: Option<(Vec<String>, String)>,
+    /// With `etcd`: TTL in seconds of the lease that ties the domains this front end introduces
+    /// to its life (0: 10 s).
+    pub etcd_lease_ttl: u64,
 }
 
 /// Encoded messages and the connections they go to.
@@ -49,6 +58,9 @@ struct Inner {
     written: u64,
     /// Messages waiting for the sync covering `written` as it was when they were produced.
     pending: VecDeque<(u64, Outgoing)>,
+    /// The backend's log may be shared with other front ends (etcd): take a checkpoint before
+    /// each mutating request, to undo it if another front end appended first.
+    shared_log: bool,
 }
 
 /// Shared by the connection threads. Lock order: `sync` before `inner`.
@@ -119,6 +131,117 @@ fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Applies what other front ends appended to a shared log and queues the watch events it
+/// fires for this front end's connections.
+fn catch_up(g: &mut Inner) -> Result<()> {
+    let corrupt = |what| Error::Corrupt { path: "etcd:log".into(), offset: 0, what };
+    let sends = match g.backend.catch_up()? {
+        CatchUp::Entries(batches) => {
+            let mut sends = Vec::new();
+            for batch in batches {
+                sends.extend(g.store.apply_remote(&batch).map_err(corrupt)?);
+            }
+            sends
+        }
+        CatchUp::Reload(batches) => {
+            eprintln!("vigil store: another front end compacted entries this one lacked; reloading the state");
+            g.store.reload(&batches).map_err(corrupt)?
+        }
+    };
+    let seq = g.written;
+    g.pending.push_back((seq, sends.into_iter().map(|(to, m)| (to, m.encode())).collect()));
+    Ok(())
+}
+
+/// Runs `f` (one request, or an internal change) on the store and makes its mutations durable,
+/// in the backend's order. With a shared log, `f` returns a checkpoint taken before it changed
+/// anything; if another front end took the log slot, the change is undone, the new entries are
+/// applied (their watch events queued first) and `f` runs again on the newer state — so a
+/// transaction validates against everything committed before it, and fails with `EAGAIN` if
+/// that touched its read set.
+fn commit(g: &mut Inner, mut f: impl FnMut(&mut Store, bool) -> (Option<Checkpoint>, Output)) -> Output {
+    loop {
+        let (cp, out) = f(&mut g.store, g.shared_log);
+        if out.mutations.is_empty() {
+            return out;
+        }
+        // The lease key goes first: a front end that sees the domain introduced in the log
+        // also finds its key, unless the lease has expired.
+        for m in &out.mutations {
+            if let Mutation::Introduce { domid } = m {
+                if let Err(e) = g.backend.hold_domain(*domid) {
+                    fatal(&e);
+                }
+            }
+        }
+        match g.backend.try_write(&out.mutations) {
+            Ok(true) => {}
+            Ok(false) => {
+                let Some(cp) = cp else { fatal(&Error::Etcd("log slot lost by a request without a checkpoint".into())) };
+                g.store.rollback(cp);
+                if let Err(e) = catch_up(g) {
+                    fatal(&e);
+                }
+                continue;
+            }
+            Err(e) => fatal(&e),
+        }
+        g.written += 1;
+        for m in &out.mutations {
+            if let Mutation::Release { domid } = m {
+                if let Err(e) = g.backend.drop_domain(*domid) {
+                    eprintln!("vigil store: removing the lease key of released domain {domid}: {e}");
+                }
+            }
+        }
+        if g.backend.wants_compaction() {
+            let snap = g.store.snapshot();
+            if let Err(e) = g.backend.compact(&snap) {
+                fatal(&e);
+            }
+        }
+        return out;
+    }
+}
+
+/// The follower's step: apply what other front ends appended, then (when `reap`) release the
+/// domains whose lease key is gone (their front end died and the lease expired).
+fn follow_step(shared: &Shared, signal: Signal, reap: bool) {
+    let seq = {
+        let mut g = lock(&shared.inner);
+        let g = &mut *g;
+        // Skip the range request when the watch named only entries applied already (this front
+        // end's own appends, mostly).
+        let lacking = match (signal.newest, g.backend.applied_upto()) {
+            (Some(newest), Some(have)) => newest > have,
+            _ => true,
+        };
+        match if lacking { catch_up(g) } else { Ok(()) } {
+            Ok(()) => {}
+            Err(e @ Error::Etcd(_)) => eprintln!("vigil store: following the etcd log: {e}"),
+            Err(e) => fatal(&e),
+        }
+        if reap {
+            match g.backend.held_domains() {
+                Ok(Some(held)) => {
+                    for d in g.store.domains() {
+                        if !held.contains(&d) {
+                            let out = commit(g, |s, _| (Some(s.checkpoint_tree()), s.release_domain(d)));
+                            let seq = g.written;
+                            g.pending.push_back((seq, out.sends.into_iter().map(|(to, m)| (to, m.encode())).collect()));
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => eprintln!("vigil store: reading domain leases: {e}"),
+            }
+        }
+        g.written
+    };
+    make_durable(shared, seq);
+    deliver(shared);
+}
+
 /// Rebuilds a store from the backend's history.
 pub fn recover(backend: &mut dyn Backend, quota: Quota, data: &Path) -> Result<Store> {
     let mut store = Store::new(quota);
@@ -134,7 +257,13 @@ impl Server {
     /// Loads the data directory and binds the socket (replacing a stale socket file).
     pub fn bind(cfg: &Config) -> Result<Server> {
         let mut backend: Box<dyn Backend> = match &cfg.etcd {
-            Some((endpoints, prefix)) => Box::new(EtcdBackend::new(endpoints.clone(), prefix)?),
+            Some((endpoints, prefix)) => {
+                let mut b = EtcdBackend::new(endpoints.clone(), prefix)?;
+                if cfg.etcd_lease_ttl > 0 {
+                    b.set_lease_ttl(cfg.etcd_lease_ttl);
+                }
+                Box::new(b)
+            }
             None => Box::new(LogBackend::open(&cfg.data)?),
         };
         let store = recover(backend.as_mut(), cfg.quota, &cfg.data)?;
@@ -146,9 +275,26 @@ impl Server {
             std::fs::remove_file(&cfg.socket).map_err(|e| Error::io("removing stale socket", &cfg.socket, e))?;
         }
         let listener = UnixListener::bind(&cfg.socket).map_err(|e| Error::io("binding", &cfg.socket, e))?;
-        let inner = Inner { store, backend, writers: HashMap::new(), written: 0, pending: VecDeque::new() };
-        let shared = Shared { inner: Mutex::new(inner), sync: Mutex::new(()), synced: AtomicU64::new(0) };
-        Ok(Server { listener, shared: Arc::new(shared), socket: cfg.socket.clone() })
+        let shared_log = cfg.etcd.is_some();
+        let inner = Inner { store, backend, writers: HashMap::new(), written: 0, pending: VecDeque::new(), shared_log };
+        let shared = Arc::new(Shared { inner: Mutex::new(inner), sync: Mutex::new(()), synced: AtomicU64::new(0) });
+        if let Some((endpoints, prefix)) = &cfg.etcd {
+            // Follow the shared log: apply what other front ends append, fire watches, reap
+            // domains whose lease expired (on a DELETE event, and at least every second).
+            let (endpoints, prefix, follower) = (endpoints.clone(), prefix.clone(), Arc::clone(&shared));
+            std::thread::spawn(move || {
+                let period = Duration::from_secs(1);
+                let mut last_reap = Instant::now();
+                follow(endpoints, &prefix, period, |signal| {
+                    let reap = signal.deleted || last_reap.elapsed() >= period;
+                    if reap {
+                        last_reap = Instant::now();
+                    }
+                    follow_step(&follower, signal, reap);
+                })
+            });
+        }
+        Ok(Server { listener, shared, socket: cfg.socket.clone() })
     }
 
     /// Number of nodes after recovery (for the start-up message).
@@ -207,19 +353,7 @@ fn serve_conn(shared: Arc<Shared>, stream: UnixStream) {
         let seq = {
             let mut g = lock(&shared.inner);
             let g = &mut *g;
-            let out = g.store.handle(conn, &msg);
-            if !out.mutations.is_empty() {
-                if let Err(e) = g.backend.write(&out.mutations) {
-                    fatal(&e);
-                }
-                g.written += 1;
-                if g.backend.wants_compaction() {
-                    let snap = g.store.snapshot();
-                    if let Err(e) = g.backend.compact(&snap) {
-                        fatal(&e);
-                    }
-                }
-            }
+            let out = commit(g, |s, shared_log| (if shared_log { s.checkpoint(conn, &msg) } else { None }, s.handle(conn, &msg)));
             // Replies wait for the sync that covers every write made so far (reads included:
             // nothing is shown that a crash could take back).
             let seq = g.written;

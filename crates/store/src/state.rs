@@ -288,7 +288,7 @@ struct Watch {
     token: String,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Tx {
     tree: Tree,
     touched: HashMap<String, u64>,
@@ -311,6 +311,13 @@ pub struct Store {
     next_conn: ConnId,
     next_tx: u32,
     quota: Quota,
+}
+
+/// The state before a request, to undo it ([`Store::checkpoint`], [`Store::rollback`]).
+#[derive(Debug)]
+pub struct Checkpoint {
+    tree: Tree,
+    tx: Option<(ConnId, u32, Tx)>,
 }
 
 /// One operation's view: either the live tree, or a transaction's copy with its read set.
@@ -519,6 +526,106 @@ impl Store {
     /// Whether domain `domid` is introduced.
     pub fn is_introduced(&self, domid: DomId) -> bool {
         domid == 0 || self.tree.domains.contains_key(&domid)
+    }
+
+    /// What [`Store::rollback`] needs to undo a request that mutates: the tree, and for a
+    /// `TRANSACTION_END` the transaction itself. `None` for requests that change nothing
+    /// durable (reads, watches, `TRANSACTION_START`), which need no undo. Costs a copy of the
+    /// tree (O(nodes)); only a front end sharing its log with others takes one.
+    pub fn checkpoint(&self, conn: ConnId, msg: &Msg) -> Option<Checkpoint> {
+        use MsgType as T;
+        match MsgType::from_u32(msg.ty)? {
+            T::Write | T::Mkdir | T::Rm | T::SetPerms if msg.tx_id != 0 => None,
+            T::Write | T::Mkdir | T::Rm | T::SetPerms | T::Introduce | T::Release | T::SetTarget => {
+                Some(Checkpoint { tree: self.tree.clone(), tx: None })
+            }
+            T::TransactionEnd => {
+                let tx = self.conns.get(&conn).and_then(|c| c.txs.get(&msg.tx_id)).cloned();
+                Some(Checkpoint { tree: self.tree.clone(), tx: tx.map(|t| (conn, msg.tx_id, t)) })
+            }
+            _ => None,
+        }
+    }
+
+    /// A checkpoint of the tree alone (before an internal change such as [`Store::release_domain`]).
+    pub fn checkpoint_tree(&self) -> Checkpoint {
+        Checkpoint { tree: self.tree.clone(), tx: None }
+    }
+
+    /// Undoes everything since `cp` was taken: the request's mutations were not made durable
+    /// (another front end took the log slot), so it will be handled again after catching up.
+    pub fn rollback(&mut self, cp: Checkpoint) {
+        self.tree = cp.tree;
+        if let Some((conn, id, tx)) = cp.tx {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.txs.insert(id, tx);
+            }
+        }
+    }
+
+    /// Applies a batch that another front end appended to the shared log and returns the watch
+    /// events it causes for this store's connections. Events are derived from the mutations:
+    /// one per node written (a node created only as the missing parent of another node of the
+    /// batch fires nothing), one per removed subtree, `@introduceDomain` / `@releaseDomain`.
+    pub fn apply_remote(&mut self, batch: &[Mutation]) -> Result<Vec<(ConnId, Msg)>, String> {
+        let mut events = Vec::new();
+        for (i, m) in batch.iter().enumerate() {
+            match m {
+                Mutation::Put { path, perms, .. } => {
+                    let created = !self.tree.nodes.contains_key(path);
+                    let parent_of_later =
+                        batch[i + 1..].iter().any(|n| matches!(n, Mutation::Put { path: q, .. } if path::parent(q) == Some(path.as_str())));
+                    if !(created && parent_of_later) {
+                        events.push(Event { path: path.clone(), recursive: false, perms: Some(perms.clone()) });
+                    }
+                }
+                Mutation::DelTree { path } => {
+                    let perms = self.tree.nodes.get(path).map(|n| n.perms.clone());
+                    events.push(Event { path: path.clone(), recursive: true, perms });
+                }
+                Mutation::Introduce { domid } if !self.tree.domains.contains_key(domid) => {
+                    events.push(Event { path: "@introduceDomain".into(), recursive: false, perms: None });
+                }
+                Mutation::Release { domid } if self.tree.domains.contains_key(domid) => {
+                    events.push(Event { path: "@releaseDomain".into(), recursive: false, perms: None });
+                }
+                _ => {}
+            }
+            self.tree.apply(m)?;
+        }
+        let mut sends = Vec::new();
+        self.fire(&events, &mut sends);
+        Ok(sends)
+    }
+
+    /// Replaces the tree with the one `batches` rebuild (another front end compacted log
+    /// entries this store had not applied). Connections, watches and open transactions stay:
+    /// every node gets a newer generation, so an open transaction that looked at any existing
+    /// node fails with `EAGAIN`, and every watch fires once with its own path, as after a
+    /// reconnect, so that watchers re-read.
+    pub fn reload(&mut self, batches: &[Vec<Mutation>]) -> Result<Vec<(ConnId, Msg)>, String> {
+        let mut tree = Tree::new();
+        tree.gen = self.tree.gen;
+        for m in batches.iter().flatten() {
+            tree.apply(m)?;
+        }
+        let gen = tree.bump();
+        if let Some(root) = tree.nodes.get_mut("/") {
+            root.gen = gen;
+        }
+        self.tree = tree;
+        let mut sends = Vec::new();
+        for (&id, c) in &self.conns {
+            for w in &c.watches {
+                sends.push((id, watch_event(c.domid, w, &w.abs)));
+            }
+        }
+        Ok(sends)
+    }
+
+    /// Domains introduced so far (dom0 excluded).
+    pub fn domains(&self) -> Vec<DomId> {
+        self.tree.domains.keys().copied().collect()
     }
 
     /// vigil's hook when a VM starts: introduces the domain and fires `@introduceDomain`.

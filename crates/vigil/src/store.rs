@@ -27,6 +27,10 @@ enum Command {
         /// Key prefix in etcd.
         #[arg(long, default_value = "vigil/store")]
         etcd_prefix: String,
+        /// With --etcd: seconds after the death of this front end until the domains it
+        /// introduced are released (the TTL of its etcd lease).
+        #[arg(long, default_value_t = 10)]
+        etcd_lease_ttl: u64,
     },
     /// Run `vigil store serve` as a supervised child: heartbeat it, restart it on crash or hang.
     Supervise {
@@ -47,9 +51,15 @@ enum Command {
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     match &args.command {
-        Command::Serve { socket, data, etcd, etcd_prefix } => {
+        Command::Serve { socket, data, etcd, etcd_prefix, etcd_lease_ttl } => {
             let etcd = (!etcd.is_empty()).then(|| (etcd.clone(), etcd_prefix.clone()));
-            let cfg = store::server::Config { socket: socket.clone(), data: data.clone(), quota: Default::default(), etcd };
+            let cfg = store::server::Config {
+                socket: socket.clone(),
+                data: data.clone(),
+                quota: Default::default(),
+                etcd,
+                etcd_lease_ttl: *etcd_lease_ttl,
+            };
             let server = store::server::Server::bind(&cfg).context("vigil store serve")?;
             eprintln!("vigil store: {} nodes recovered from {}, listening on {}", server.nodes(), data.display(), socket.display());
             server.run().context("vigil store serve")?;

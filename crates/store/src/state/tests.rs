@@ -310,3 +310,55 @@ fn snapshot_and_mutations_rebuild_the_store() {
     assert_eq!(from_snap.snapshot(), s.snapshot());
     assert!(replayed.is_introduced(3));
 }
+
+/// The shared-log path of a front end: a commit that lost its log slot is undone, the other
+/// front end's entries are applied (firing this store's watches), and the commit is handled
+/// again — validating against the newer state.
+#[test]
+fn rollback_apply_remote_and_revalidate() {
+    let mut s = Store::default();
+    let a = s.connect(0);
+    let w = s.connect(0);
+    write(&mut s, a, "/c", "0");
+    ok_(&mut s, w, req(MsgType::Watch, 0, &[b"/c", b"t"]));
+    let tx = start(&mut s, a);
+    assert_eq!(read(&mut s, a, tx, "/c"), Ok(b"0".to_vec()));
+    ok_(&mut s, a, req(MsgType::Write, tx, &[b"/c", b"1"]));
+    let commit = req(MsgType::TransactionEnd, tx, &[b"T"]);
+    let cp = s.checkpoint(a, &commit).expect("a commit takes a checkpoint");
+    assert!(s.checkpoint(a, &req(MsgType::Read, 0, &[b"/c"])).is_none());
+    assert!(s.checkpoint(a, &req(MsgType::Write, tx, &[b"/c", b"1"])).is_none(), "writes inside a transaction change nothing durable");
+    let out = s.handle(a, &commit);
+    assert_eq!(out.mutations.len(), 1);
+    // The slot was taken by another front end's write of /c (and of a new /d/e).
+    s.rollback(cp);
+    assert_eq!(read(&mut s, a, 0, "/c"), Ok(b"0".to_vec()), "undone");
+    let remote = vec![
+        Mutation::Put { path: "/c".into(), value: b"5".to_vec(), perms: Perms::owned_by(0) },
+        Mutation::Put { path: "/c/d".into(), value: vec![], perms: Perms::owned_by(0) },
+        Mutation::Put { path: "/c/d/e".into(), value: b"x".to_vec(), perms: Perms::owned_by(0) },
+    ];
+    let sends = s.apply_remote(&remote).expect("applies");
+    let paths: Vec<String> = sends.iter().map(|(_, m)| String::from_utf8_lossy(wire::split(&m.payload)[0]).into_owned()).collect();
+    assert_eq!(paths, ["/c", "/c/d/e"], "one event per written node; a created parent fires nothing");
+    // Handled again: the transaction read /c, which changed: EAGAIN.
+    assert_eq!(call(&mut s, a, commit).0, Err("EAGAIN".into()));
+    assert_eq!(read(&mut s, a, 0, "/c"), Ok(b"5".to_vec()));
+    // Remote domain changes fire the special watches.
+    ok_(&mut s, w, req(MsgType::Watch, 0, &[b"@releaseDomain", b"r"]));
+    assert_eq!(s.apply_remote(&[Mutation::Introduce { domid: 4 }]).expect("applies").len(), 0);
+    assert_eq!(s.domains(), [4]);
+    assert_eq!(s.apply_remote(&[Mutation::Release { domid: 4 }]).expect("applies").len(), 1);
+    assert!(s.domains().is_empty());
+    // Reload after another front end's compaction: open transactions fail, watches fire once.
+    let tx = start(&mut s, a);
+    assert_eq!(read(&mut s, a, tx, "/c"), Ok(b"5".to_vec()));
+    ok_(&mut s, a, req(MsgType::Write, tx, &[b"/c", b"6"]));
+    let snap = s.snapshot();
+    let sends =
+        s.reload(&[snap, vec![Mutation::Put { path: "/z".into(), value: b"1".to_vec(), perms: Perms::owned_by(0) }]]).expect("reloads");
+    assert_eq!(sends.len(), 2, "each watch of w fires once");
+    assert_eq!(read(&mut s, a, 0, "/z"), Ok(b"1".to_vec()));
+    assert_eq!(read(&mut s, a, 0, "/c/d/e"), Ok(b"x".to_vec()));
+    assert_eq!(end(&mut s, a, tx, true).0, Err("EAGAIN".into()));
+}
