@@ -87,6 +87,8 @@ struct RunArgs {
     /// Start with dirty-page logging on.
     #[arg(long)]
     dirty_log: bool,
+    #[command(flatten)]
+    domain: DomainArgs,
     /// Arguments for the guest.
     #[arg(last = true)]
     args: Vec<String>,
@@ -108,6 +110,48 @@ struct RestoreArgs {
     /// Stay paused until a `resume` on the control socket.
     #[arg(long, requires = "api")]
     paused: bool,
+    #[command(flatten)]
+    domain: DomainArgs,
+}
+
+/// Announcing the VM in the control-plane store (`vigil store serve`).
+#[derive(ClapArgs)]
+struct DomainArgs {
+    /// Store socket: the VM is introduced there as a domain when it starts (@introduceDomain,
+    /// /local/domain/<domid>) and released when it stops (@releaseDomain).
+    #[arg(long, requires = "domid", value_name = "SOCKET")]
+    store: Option<PathBuf>,
+    /// Domain id of the VM in the store (1 and up; 0 is the control domain).
+    #[arg(long, requires = "store", value_parser = clap::value_parser!(u32).range(1..))]
+    domid: Option<u32>,
+}
+
+/// The VM's domain in the store, released when dropped.
+struct Domain {
+    client: store::Client,
+    domid: u32,
+}
+
+impl Domain {
+    fn introduce(a: &DomainArgs, what: &str) -> Result<Option<Domain>> {
+        let (Some(socket), Some(domid)) = (&a.store, a.domid) else { return Ok(None) };
+        let mut client = store::Client::connect(socket).with_context(|| format!("store {}", socket.display()))?;
+        let base = format!("/local/domain/{domid}");
+        client.write(&format!("{base}/name"), what.as_bytes()).with_context(|| format!("store: cannot write {base}/name"))?;
+        client.write(&format!("{base}/state"), b"running").with_context(|| format!("store: cannot write {base}/state"))?;
+        client.introduce(domid).with_context(|| format!("store: cannot introduce domain {domid}"))?;
+        Ok(Some(Domain { client, domid }))
+    }
+}
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        let base = format!("/local/domain/{}", self.domid);
+        let released = self.client.release(self.domid).and_then(|_| self.client.rm(&base));
+        if let Err(e) = released {
+            eprintln!("store: cannot release domain {}: {e}", self.domid);
+        }
+    }
 }
 
 /// Runs a `vigil vm` subcommand; returns the process exit status.
@@ -132,6 +176,8 @@ pub fn run(args: &Args) -> Result<u8> {
                 config.net.mac = parse_mac(mac)?;
             }
             let vm = Vm::create(config, Box::new(std::io::stdout())).with_context(|| format!("cannot start {}", a.image.display()))?;
+            let name = a.image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let _domain = Domain::introduce(&a.domain, &name)?;
             drive(vm, a.api.as_deref())
         }
         VmCommand::Restore(a) => {
@@ -140,6 +186,7 @@ pub fn run(args: &Args) -> Result<u8> {
             if !a.paused {
                 vm.resume();
             }
+            let _domain = Domain::introduce(&a.domain, &a.dir.display().to_string())?;
             drive(vm, a.api.as_deref())
         }
         VmCommand::Pause(api) => simple(&api.api, Command::Pause),

@@ -122,3 +122,58 @@ fn exit_statuses_and_errors() {
     assert_eq!(none.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&none.stderr).contains("/nonexistent/sock"));
 }
+
+/// `vigil vm run --store SOCKET --domid N` introduces the VM in the control-plane store when it
+/// starts and releases it when it stops: a store client sees @introduceDomain, the domain's
+/// nodes while it runs, then @releaseDomain and the nodes gone.
+#[test]
+fn a_vm_is_introduced_and_released_in_the_store() {
+    if no_kvm("a_vm_is_introduced_and_released_in_the_store") {
+        return;
+    }
+    let image = guest("counter");
+    let dir = std::env::temp_dir().join(format!("vigil-vm-store-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let cfg = store::server::Config {
+        socket: dir.join("store.sock"),
+        data: dir.join("data"),
+        quota: Default::default(),
+        etcd: None,
+        etcd_lease_ttl: 0,
+    };
+    let server = store::server::Server::bind(&cfg).expect("store binds");
+    std::thread::spawn(move || server.run());
+    let mut watcher = store::Client::connect(&cfg.socket).expect("watcher connects");
+    watcher.watch("@introduceDomain", "intro").expect("watch");
+    watcher.watch("@releaseDomain", "release").expect("watch");
+    watcher.watch("/local/domain/5/state", "state").expect("watch");
+    let mut events = Vec::new();
+    let mut drain = |c: &mut store::Client, events: &mut Vec<String>| {
+        while let Some(e) = c.next_event(std::time::Duration::from_millis(300)).expect("events") {
+            events.push(format!("{} {}", e.token, e.path));
+        }
+    };
+    drain(&mut watcher, &mut events);
+    events.clear(); // the firings that come with setting a watch
+    let out = vigil()
+        .args(["vm", "run", "--mem", "16", "--store"])
+        .arg(&cfg.socket)
+        .args(["--domid", "5", "--image"])
+        .arg(&image)
+        .args(["--", "exit", "7"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
+    drain(&mut watcher, &mut events);
+    let pos = |e: &str| events.iter().position(|x| x == e).unwrap_or_else(|| panic!("{e:?} not in {events:?}"));
+    assert!(pos("state /local/domain/5/state") < pos("intro @introduceDomain"));
+    assert!(pos("intro @introduceDomain") < pos("release @releaseDomain"));
+    assert_eq!(watcher.try_read("/local/domain/5").expect("read"), None, "the domain's nodes are removed");
+    // Without a store the VM does not start.
+    let out =
+        vigil().args(["vm", "run", "--store", "/nonexistent/store.sock", "--domid", "5", "--image"]).arg(&image).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/store.sock"), "{}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}
