@@ -103,6 +103,8 @@ pub fn run(ops: usize, rounds: usize, with_etcd: bool, json: bool) -> anyhow::Re
     }
     series.push(Series { name: "write, 4 clients".into(), samples, wall: wall.elapsed() });
 
+    let overhead = supervision_overhead(&dir, &mut c, ops)?;
+
     // Supervision: crashes and hangs.
     let mut crash = Vec::new();
     let mut hang = Vec::new();
@@ -151,11 +153,16 @@ pub fn run(ops: usize, rounds: usize, with_etcd: bool, json: bool) -> anyhow::Re
             .iter()
             .map(|r| serde_json::json!({"fault": r.0, "detection_median_ms": r.1, "detection_max_ms": r.2, "recovery_median_ms": r.3, "rounds": rounds}))
             .collect();
+        let over: Vec<_> = overhead
+            .iter()
+            .map(|(n, a, b)| serde_json::json!({"operation": n, "supervised_per_second": a, "unsupervised_per_second": b, "ratio": a / b}))
+            .collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"operations": ops, "supervision": sup, "heartbeat_period_ms": ms(period), "misses": 3})
-            )?
+            serde_json::to_string_pretty(&serde_json::json!({
+                "operations": ops, "supervision": sup, "supervision_overhead": over,
+                "heartbeat_period_ms": ms(period), "misses": 3
+            }))?
         );
     } else {
         let rows: Vec<Vec<String>> = series
@@ -183,6 +190,14 @@ pub fn run(ops: usize, rounds: usize, with_etcd: bool, json: bool) -> anyhow::Re
             sup_rows.iter().map(|r| vec![r.0.to_string(), format!("{:.1}", r.1), format!("{:.1}", r.2), format!("{:.1}", r.3)]).collect();
         let title = format!("supervision (heartbeat every {:.0} ms, hang after 3 misses; {rounds} rounds each)", ms(period));
         print!("{}", crate::table::render(&title, &["fault", "detection median ms", "detection max ms", "recovery median ms"], &rows));
+        println!();
+        let rows: Vec<Vec<String>> =
+            overhead.iter().map(|(n, a, b)| vec![n.to_string(), format!("{a:.0}"), format!("{b:.0}"), format!("{:.3}", a / b)]).collect();
+        let title = format!(
+            "overhead of supervision (heartbeat every {:.0} ms): the same server with and without its supervisor, alternating, medians of 5",
+            ms(period)
+        );
+        print!("{}", crate::table::render(&title, &["operation", "supervised /s", "unsupervised /s", "ratio"], &rows));
         if !vs_etcd.is_empty() {
             println!();
             let rows: Vec<Vec<String>> = vs_etcd
@@ -194,6 +209,55 @@ pub fn run(ops: usize, rounds: usize, with_etcd: bool, json: bool) -> anyhow::Re
         }
     }
     Ok(Outcome::Ok)
+}
+
+/// Reads and writes per second through the supervised server (`sup_client`) and through a second,
+/// unsupervised `vigil store serve`, measured alternately five times: (operation, supervised,
+/// unsupervised), medians.
+fn supervision_overhead(dir: &Path, sup_client: &mut Client, ops: usize) -> anyhow::Result<Vec<(&'static str, f64, f64)>> {
+    let socket = dir.join("plain.sock");
+    let mut child = std::process::Command::new(std::env::current_exe().context("locating the vigil binary")?)
+        .args(["store", "serve", "--socket"])
+        .arg(&socket)
+        .arg("--data")
+        .arg(dir.join("plain-data"))
+        .spawn()
+        .context("starting an unsupervised store")?;
+    let result = (|| -> anyhow::Result<Vec<(&'static str, f64, f64)>> {
+        let t0 = Instant::now();
+        while !socket.exists() {
+            anyhow::ensure!(t0.elapsed() < Duration::from_secs(10), "the unsupervised store did not start");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut plain = Client::connect(&socket)?;
+        let value = vec![b'v'; 64];
+        let n = (ops / 2).max(10);
+        let mut out = Vec::new();
+        for (name, write) in [("read", false), ("write (64 B, fsync'ed)", true)] {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for _ in 0..5 {
+                for (c, into) in [(&mut *sup_client, &mut a), (&mut plain, &mut b)] {
+                    let s = measure(name, n, |i| {
+                        let k = format!("/bench/k{}", i % 1000);
+                        if write {
+                            c.write(&k, &value)?;
+                        } else {
+                            c.try_read(&k)?;
+                        }
+                        Ok(())
+                    })?;
+                    into.push(s.rate());
+                }
+            }
+            a.sort_by(f64::total_cmp);
+            b.sort_by(f64::total_cmp);
+            out.push((name, a[2], b[2]));
+        }
+        Ok(out)
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
 }
 
 /// Starts a one-member etcd, measures writes and reads through the store (etcd backend) and
