@@ -23,6 +23,10 @@ impl Rng {
     pub fn int(&mut self, lo: i64, hi: i64) -> i64 {
         lo + (self.next() % ((hi - lo + 1).max(1) as u64)) as i64
     }
+    /// One element of `v` (which must not be empty).
+    pub fn pick<T: Clone>(&mut self, v: &[T]) -> T {
+        v[self.below(v.len())].clone()
+    }
 }
 
 /// Periods in microseconds (1 ms … 100 ms; their least common multiple is 100 ms).

@@ -15,6 +15,7 @@
 //! - [`server`]: the thin driver serving the state machine on a Unix socket (the one Xen's
 //!   `libxenstore` reaches through `XENSTORED_PATH`).
 //! - [`client`]: a typed client with reconnect and retry (exactly-once transactions).
+//! - [`loopback_etcd`]: a three-member etcd cluster on loopback, for tests and benchmarks.
 //! - [`supervisor`]: runs a component as a child process, heartbeats it, restarts it on crash or
 //!   hang, and measures detection and recovery times.
 //!
@@ -24,6 +25,7 @@
 pub mod client;
 pub mod etcd;
 pub mod log;
+pub mod loopback_etcd;
 pub mod path;
 pub mod perms;
 pub mod server;

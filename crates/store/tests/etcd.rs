@@ -3,52 +3,15 @@
 //! the replacement of the store front end; a raw backend behind the log loses its append.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use store::etcd::EtcdBackend;
 use store::log::Backend;
+use store::loopback_etcd::LoopbackEtcd;
 use store::server::{Config, Server};
 use store::Client;
 
-struct Cluster {
-    members: Vec<Child>,
-    endpoints: Vec<String>,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for m in &mut self.members {
-            let _ = m.kill();
-            let _ = m.wait();
-        }
-    }
-}
-
-fn start_cluster(dir: &Path) -> Cluster {
-    let base = 31000 + (std::process::id() % 400) as u16 * 8;
-    let peers: Vec<String> = (0..3).map(|i| format!("m{i}=http://127.0.0.1:{}", base + 3 + i)).collect();
-    let mut members = Vec::new();
-    let mut endpoints = Vec::new();
-    for i in 0..3u16 {
-        let client = format!("http://127.0.0.1:{}", base + i);
-        let peer = format!("http://127.0.0.1:{}", base + 3 + i);
-        let log = std::fs::File::create(dir.join(format!("m{i}.log"))).expect("log file");
-        members.push(
-            Command::new("/usr/bin/etcd")
-                .args(["--name", &format!("m{i}"), "--data-dir"])
-                .arg(dir.join(format!("m{i}")))
-                .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-                .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-                .args(["--initial-cluster", &peers.join(","), "--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", "vigil-test", "--heartbeat-interval", "50", "--election-timeout", "500"])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("etcd starts"),
-        );
-        endpoints.push(format!("127.0.0.1:{}", base + i));
-    }
-    Cluster { members, endpoints }
+fn start_cluster(dir: &Path) -> LoopbackEtcd {
+    LoopbackEtcd::start(dir, 31000 + (std::process::id() % 400) as u16 * 8, "vigil-test").expect("etcd starts")
 }
 
 #[test]
@@ -73,11 +36,12 @@ fn three_member_cluster_survives_one_member_and_a_new_front_end() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    let endpoints = cluster.endpoints.clone();
     let cfg = |name: &str| Config {
         socket: dir.join(name),
         data: dir.join("unused"),
         quota: Default::default(),
-        etcd: Some((cluster.endpoints.clone(), prefix.clone())),
+        etcd: Some((endpoints.clone(), prefix.clone())),
         etcd_lease_ttl: 0,
     };
     let a = Server::bind(&cfg("a.sock")).expect("front end a");
@@ -93,8 +57,7 @@ fn three_member_cluster_survives_one_member_and_a_new_front_end() {
     .expect("transaction");
 
     // Lose a member; the store keeps acknowledging writes through the other two.
-    let _ = cluster.members[0].kill();
-    let _ = cluster.members[0].wait();
+    cluster.kill(0);
     for i in 20..40 {
         c.write(&format!("/e/k{i}"), i.to_string().as_bytes()).expect("write with one member down");
     }

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use store::etcd::EtcdBackend;
 use store::log::Backend;
+use store::loopback_etcd::LoopbackEtcd;
 use store::server::{Config, Server};
 use store::{Client, Errno, Error};
 
@@ -23,31 +24,10 @@ impl Drop for Procs {
     }
 }
 
-fn start_cluster(dir: &Path) -> (Procs, Vec<String>) {
-    let base = 34400 + (std::process::id() % 300) as u16 * 8;
-    let peers: Vec<String> = (0..3).map(|i| format!("m{i}=http://127.0.0.1:{}", base + 3 + i)).collect();
-    let mut members = Vec::new();
-    let mut endpoints = Vec::new();
-    for i in 0..3u16 {
-        let client = format!("http://127.0.0.1:{}", base + i);
-        let peer = format!("http://127.0.0.1:{}", base + 3 + i);
-        let log = std::fs::File::create(dir.join(format!("m{i}.log"))).expect("log file");
-        members.push(
-            Command::new("/usr/bin/etcd")
-                .args(["--name", &format!("m{i}"), "--data-dir"])
-                .arg(dir.join(format!("m{i}")))
-                .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-                .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-                .args(["--initial-cluster", &peers.join(","), "--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", "vigil-test", "--heartbeat-interval", "50", "--election-timeout", "500"])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("etcd starts"),
-        );
-        endpoints.push(format!("127.0.0.1:{}", base + i));
-    }
-    (Procs(members), endpoints)
+fn start_cluster(dir: &Path) -> (LoopbackEtcd, Vec<String>) {
+    let cluster = LoopbackEtcd::start(dir, 34400 + (std::process::id() % 300) as u16 * 8, "vigil-shared").expect("etcd starts");
+    let endpoints = cluster.endpoints.clone();
+    (cluster, endpoints)
 }
 
 fn config(dir: &Path, name: &str, endpoints: &[String], prefix: &str, ttl: u64) -> Config {

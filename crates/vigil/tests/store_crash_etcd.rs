@@ -3,48 +3,13 @@
 //! loses a member: every acknowledged write is present afterwards.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use store::loopback_etcd::LoopbackEtcd;
 use store::supervisor::{Cause, Config, Supervisor};
 use store::Client;
-
-struct Cluster(Vec<Child>);
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for m in &mut self.0 {
-            let _ = m.kill();
-            let _ = m.wait();
-        }
-    }
-}
-
-fn etcd_cluster(dir: &Path, base: u16) -> (Cluster, Vec<String>) {
-    let peers: Vec<String> = (0..3).map(|i| format!("m{i}=http://127.0.0.1:{}", base + 3 + i)).collect();
-    let mut members = Vec::new();
-    let mut endpoints = Vec::new();
-    for i in 0..3u16 {
-        let client = format!("http://127.0.0.1:{}", base + i);
-        let peer = format!("http://127.0.0.1:{}", base + 3 + i);
-        members.push(
-            Command::new("/usr/bin/etcd")
-                .args(["--name", &format!("m{i}"), "--data-dir"])
-                .arg(dir.join(format!("m{i}")))
-                .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-                .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-                .args(["--initial-cluster", &peers.join(","), "--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", "vigil-crash", "--heartbeat-interval", "50", "--election-timeout", "500"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("etcd starts"),
-        );
-        endpoints.push(format!("127.0.0.1:{}", base + i));
-    }
-    (Cluster(members), endpoints)
-}
 
 #[test]
 fn sigkill_of_the_store_on_etcd_loses_nothing_acknowledged() {
@@ -55,7 +20,8 @@ fn sigkill_of_the_store_on_etcd_loses_nothing_acknowledged() {
     let dir: PathBuf = std::env::temp_dir().join(format!("vigil-store-crash-etcd-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let (mut cluster, endpoints) = etcd_cluster(&dir, 35000 + (std::process::id() % 400) as u16 * 8);
+    let mut cluster = LoopbackEtcd::start(&dir, 35000 + (std::process::id() % 400) as u16 * 8, "vigil-crash").expect("etcd starts");
+    let endpoints = cluster.endpoints.clone();
     let socket = dir.join("sock");
     let cfg = Config {
         program: env!("CARGO_BIN_EXE_vigil").into(),
@@ -108,8 +74,7 @@ fn sigkill_of_the_store_on_etcd_loses_nothing_acknowledged() {
         std::thread::sleep(Duration::from_millis(100 + x % 200));
         if round == 2 {
             // Lose one etcd member as well.
-            let _ = cluster.0[1].kill();
-            let _ = cluster.0[1].wait();
+            cluster.kill(1);
         }
         let st = Command::new("kill").args(["-KILL", &sup.pid().to_string()]).status().expect("kill runs");
         assert!(st.success());

@@ -149,7 +149,7 @@ fn a_vm_is_introduced_and_released_in_the_store() {
     watcher.watch("@releaseDomain", "release").expect("watch");
     watcher.watch("/local/domain/5/state", "state").expect("watch");
     let mut events = Vec::new();
-    let mut drain = |c: &mut store::Client, events: &mut Vec<String>| {
+    let drain = |c: &mut store::Client, events: &mut Vec<String>| {
         while let Some(e) = c.next_event(std::time::Duration::from_millis(300)).expect("events") {
             events.push(format!("{} {}", e.token, e.path));
         }

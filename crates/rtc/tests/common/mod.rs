@@ -6,22 +6,7 @@ use rtc::q::q;
 use rtc::system::*;
 use rtc::Q;
 
-pub struct Rng(pub u64);
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
-    }
-    pub fn int(&mut self, lo: i64, hi: i64) -> i64 {
-        lo + (self.next() % ((hi - lo + 1) as u64)) as i64
-    }
-    pub fn pick<T: Clone>(&mut self, v: &[T]) -> T {
-        v[self.int(0, v.len() as i64 - 1) as usize].clone()
-    }
-}
+pub use rtc::synthetic::Rng;
 
 /// Periods with a small common multiple (120), as real task sets tend to have.
 pub const PERIODS: [i64; 11] = [4, 5, 6, 8, 10, 12, 15, 20, 24, 30, 40];
