@@ -1,0 +1,361 @@
+//! The backup's side of the protocol as a pure state machine (events in, actions out, time
+//! passed in). The driver keeps the replica (memory, vCPU state, disk) and the staging buffer
+//! of the checkpoint being received; this machine decides what to do with each message.
+//!
+//! A checkpoint is applied only when it has arrived whole: its epoch is the one after the
+//! last committed epoch, its [`Msg::Commit`] counts match the pages and disk writes received,
+//! and the driver's validation of the contents passes. Anything else is refused with a
+//! reason and the last committed state is kept. Disk writes are held until their epoch
+//! commits. When the primary falls silent for the timeout, the backup asks the arbiter for
+//! the lease as the registered backup session, and takes over from the last committed
+//! checkpoint once it has it (uncommitted disk writes are dropped).
+
+use crate::lease::{Answer, Request};
+use crate::wire::Msg;
+use crate::Timing;
+
+/// What happened, as the driver reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Time passed (call at least at [`Backup::next_wakeup`]).
+    Tick,
+    /// A primary connected.
+    Connected,
+    /// A message from the primary.
+    Received(Msg),
+    /// The primary's stream is damaged (bad checksum, truncated frame...): refuse and drop it.
+    Corrupt { reason: String },
+    /// The connection to the primary broke.
+    Disconnected { reason: String },
+    /// The driver applied (or failed to apply) the checkpoint of [`Action::Apply`].
+    Applied { epoch: u64, result: Result<(), String> },
+    /// The arbiter answered the takeover request sent at `sent_at`.
+    Lease { sent_at: u64, answer: Result<Answer, String> },
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// A new session: discard any replica and staging; prepare an empty replica for `config`.
+    Reset { session: u64, vm: String, mem_bytes: u64, config: Vec<u8> },
+    /// Write initial-synchronisation memory into the replica.
+    WriteSync { first_page: u64, data: Vec<u8> },
+    /// Stage dirty pages of the checkpoint being received.
+    Stage { epoch: u64, pages: Vec<u64>, data: Vec<u8> },
+    /// Discard the staged pages (the checkpoint was refused).
+    DiscardStaged,
+    /// Apply the staged pages, the vCPU state and the clock to the replica, then write the
+    /// epoch's disk writes (in order) to the disk; report [`Event::Applied`]. Validate
+    /// everything before changing anything.
+    Apply { epoch: u64, guest_ns: u64, vcpu: Vec<u8>, disk: Vec<(u64, Vec<u8>)> },
+    /// Send a message to the primary.
+    Send(Msg),
+    /// Close the connection to the primary.
+    Disconnect { reason: String },
+    /// Send a request to the arbiter; report [`Event::Lease`].
+    Lease(Request),
+    /// Build the VM from the replica (committed through `epoch`), attach its network on this
+    /// host, announce its addresses and run it; the arbiter granted the lease at `granted_at`.
+    TakeOver { epoch: u64, granted_at: u64 },
+    /// The replica can never be used (the primary dropped this backup, or never completed a
+    /// checkpoint); wait for a new session.
+    Abandon { reason: String },
+    /// A change worth telling the operator.
+    Notice(Notice),
+}
+
+/// Operator-visible changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// A checkpoint was committed.
+    Committed { epoch: u64, pages: u64, disk_writes: u64 },
+    /// A checkpoint or message was refused.
+    Refused { epoch: u64, reason: String },
+    /// The primary has been silent for the timeout; asking for the lease.
+    Suspecting { silent_ns: u64 },
+    /// The primary is heard again.
+    PrimaryBack,
+    /// The arbiter says the primary's lease is still live.
+    LeaseHeld { holder: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No session.
+    Waiting,
+    /// A session; `committed` is the last committed epoch (None until the first commit).
+    Replica { session: u64, committed: Option<u64> },
+    /// Asking the arbiter for the lease.
+    Suspecting { session: u64, committed: u64 },
+    /// Took over: the driver runs the VM now.
+    Active,
+}
+
+/// The backup's protocol state.
+#[derive(Debug)]
+pub struct Backup {
+    vm: String,
+    holder: String,
+    timing: Timing,
+    phase: Phase,
+    connected: bool,
+    /// Epoch and page count of the checkpoint being staged.
+    staging: Option<(u64, u64)>,
+    /// Disk writes not yet committed: (epoch, offset, data).
+    disk: Vec<(u64, u64, Vec<u8>)>,
+    /// Disk writes in the checkpoint being applied.
+    committed_writes: u64,
+    last_heard: u64,
+    last_sent: u64,
+    heartbeat_seq: u64,
+    lease_pending: bool,
+    next_try: u64,
+}
+
+impl Backup {
+    /// A backup known to the arbiter as `holder`.
+    pub fn new(holder: &str, timing: Timing) -> Backup {
+        Backup {
+            vm: String::new(),
+            holder: holder.to_owned(),
+            timing,
+            phase: Phase::Waiting,
+            connected: false,
+            staging: None,
+            disk: Vec::new(),
+            committed_writes: 0,
+            last_heard: 0,
+            last_sent: 0,
+            heartbeat_seq: 0,
+            lease_pending: false,
+            next_try: 0,
+        }
+    }
+
+    /// The last committed epoch of the current session.
+    pub fn committed(&self) -> Option<u64> {
+        match self.phase {
+            Phase::Replica { committed, .. } => committed,
+            Phase::Suspecting { committed, .. } => Some(committed),
+            _ => None,
+        }
+    }
+
+    /// Whether the backup took over.
+    pub fn active(&self) -> bool {
+        self.phase == Phase::Active
+    }
+
+    /// Handles one event at time `now`.
+    pub fn handle(&mut self, now: u64, event: Event) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.phase == Phase::Active {
+            return out;
+        }
+        match event {
+            Event::Tick => {}
+            Event::Connected => {
+                self.connected = true;
+                self.last_heard = now;
+                self.last_sent = now;
+            }
+            Event::Received(msg) => {
+                if self.connected {
+                    self.heard(now, &mut out);
+                    self.received(msg, &mut out);
+                }
+            }
+            Event::Corrupt { reason } => {
+                let epoch = self.expected_epoch().unwrap_or(0);
+                self.refuse(epoch, reason, &mut out);
+            }
+            Event::Disconnected { reason: _ } => {
+                self.connected = false;
+                self.discard_staging(&mut out);
+            }
+            Event::Applied { epoch, result } => match (result, self.phase) {
+                (Ok(()), Phase::Replica { session, .. }) => {
+                    let pages = self.staging.take().map_or(0, |(_, n)| n);
+                    self.phase = Phase::Replica { session, committed: Some(epoch) };
+                    out.push(Action::Send(Msg::Ack { epoch }));
+                    self.last_sent = now;
+                    let writes = self.committed_writes;
+                    out.push(Action::Notice(Notice::Committed { epoch, pages, disk_writes: writes }));
+                }
+                (Ok(()), _) => {}
+                (Err(reason), _) => self.refuse(epoch, reason, &mut out),
+            },
+            Event::Lease { sent_at, answer } => {
+                self.lease_pending = false;
+                if let Phase::Suspecting { committed, .. } = self.phase {
+                    match answer {
+                        Ok(Answer::Granted { .. }) => {
+                            self.phase = Phase::Active;
+                            self.disk.clear();
+                            self.discard_staging(&mut out);
+                            out.push(Action::Disconnect { reason: "taking over".into() });
+                            out.push(Action::TakeOver { epoch: committed, granted_at: sent_at });
+                            return out;
+                        }
+                        Ok(Answer::Held { holder, left_us }) => {
+                            out.push(Action::Notice(Notice::LeaseHeld { holder }));
+                            self.next_try = now.saturating_add((left_us * 1000).min(self.timing.lease_renew_ns));
+                        }
+                        Ok(Answer::Revoked) => {
+                            self.abandon("the primary dropped this backup (the arbiter no longer registers its session)", &mut out);
+                        }
+                        Ok(Answer::Unknown) | Err(_) => self.next_try = now.saturating_add(self.timing.lease_renew_ns / 4),
+                    }
+                }
+            }
+        }
+        self.poll(now, &mut out);
+        out
+    }
+
+    fn heard(&mut self, now: u64, out: &mut Vec<Action>) {
+        self.last_heard = now;
+        if let Phase::Suspecting { session, committed } = self.phase {
+            self.phase = Phase::Replica { session, committed: Some(committed) };
+            out.push(Action::Notice(Notice::PrimaryBack));
+        }
+    }
+
+    fn expected_epoch(&self) -> Option<u64> {
+        match self.phase {
+            Phase::Replica { committed: Some(c), .. } => Some(c + 1),
+            _ => self.staging.map(|(e, _)| e),
+        }
+    }
+
+    fn received(&mut self, msg: Msg, out: &mut Vec<Action>) {
+        match msg {
+            Msg::Hello { session, vm, mem_bytes, config } => {
+                self.vm = vm.clone();
+                self.phase = Phase::Replica { session, committed: None };
+                self.staging = None;
+                self.disk.clear();
+                out.push(Action::Reset { session, vm, mem_bytes, config });
+            }
+            Msg::Heartbeat { .. } => {}
+            Msg::Sync { first_page, data } => match self.phase {
+                Phase::Replica { committed: None, .. } if self.staging.is_none() => out.push(Action::WriteSync { first_page, data }),
+                _ => self.refuse(0, "initial-synchronisation memory outside the synchronisation".into(), out),
+            },
+            Msg::DiskWrite { epoch, offset, data } => {
+                if !matches!(self.phase, Phase::Replica { .. }) {
+                    return self.refuse(epoch, "disk write before a hello".into(), out);
+                }
+                if self.expected_epoch().is_some_and(|e| epoch < e) {
+                    return self.refuse(epoch, format!("disk write for epoch {epoch}, which is already committed"), out);
+                }
+                self.disk.push((epoch, offset, data));
+            }
+            Msg::Pages { epoch, pages, data } => {
+                if !matches!(self.phase, Phase::Replica { .. }) {
+                    return self.refuse(epoch, "pages before a hello".into(), out);
+                }
+                if let Some(e) = self.expected_epoch() {
+                    if e != epoch {
+                        return self.refuse(epoch, format!("pages of epoch {epoch} out of order (expected epoch {e})"), out);
+                    }
+                }
+                let n = self.staging.map_or(0, |(_, n)| n) + pages.len() as u64;
+                self.staging = Some((epoch, n));
+                out.push(Action::Stage { epoch, pages, data });
+            }
+            Msg::Commit { epoch, guest_ns, pages, disk_writes, vcpu } => {
+                if !matches!(self.phase, Phase::Replica { .. }) {
+                    return self.refuse(epoch, "commit before a hello".into(), out);
+                }
+                if let Some(e) = self.expected_epoch() {
+                    if e != epoch {
+                        return self.refuse(epoch, format!("commit of epoch {epoch} out of order (expected epoch {e})"), out);
+                    }
+                }
+                let staged = self.staging.map_or(0, |(_, n)| n);
+                if staged != pages {
+                    return self.refuse(epoch, format!("incomplete checkpoint: {staged} of {pages} pages arrived"), out);
+                }
+                let mine = self.disk.iter().filter(|(e, _, _)| *e == epoch).count() as u64;
+                if mine != disk_writes || self.disk.iter().any(|(e, _, _)| *e > epoch) {
+                    return self.refuse(epoch, format!("incomplete checkpoint: {mine} of {disk_writes} disk writes arrived"), out);
+                }
+                // Writes tagged before the first committed epoch belong to the synchronisation.
+                let (commit, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.disk).into_iter().partition(|(e, _, _)| *e <= epoch);
+                self.disk = keep;
+                self.committed_writes = commit.len() as u64;
+                self.staging = Some((epoch, staged));
+                out.push(Action::Apply { epoch, guest_ns, vcpu, disk: commit.into_iter().map(|(_, o, d)| (o, d)).collect() });
+            }
+            other => self.refuse(0, format!("unexpected {} message from the primary", other.kind()), out),
+        }
+    }
+
+    fn discard_staging(&mut self, out: &mut Vec<Action>) {
+        if self.staging.take().is_some() {
+            out.push(Action::DiscardStaged);
+        }
+    }
+
+    fn refuse(&mut self, epoch: u64, reason: String, out: &mut Vec<Action>) {
+        self.discard_staging(out);
+        self.disk.clear();
+        out.push(Action::Send(Msg::Refuse { epoch, reason: reason.clone() }));
+        out.push(Action::Disconnect { reason: reason.clone() });
+        out.push(Action::Notice(Notice::Refused { epoch, reason }));
+        self.connected = false;
+    }
+
+    fn abandon(&mut self, reason: &str, out: &mut Vec<Action>) {
+        self.phase = Phase::Waiting;
+        self.disk.clear();
+        self.discard_staging(out);
+        out.push(Action::Abandon { reason: reason.into() });
+    }
+
+    fn poll(&mut self, now: u64, out: &mut Vec<Action>) {
+        let silent = now.saturating_sub(self.last_heard);
+        match self.phase {
+            Phase::Replica { session, committed } if silent > self.timing.timeout_ns => match committed {
+                Some(committed) => {
+                    self.phase = Phase::Suspecting { session, committed };
+                    self.next_try = now;
+                    out.push(Action::Notice(Notice::Suspecting { silent_ns: silent }));
+                }
+                None => self.abandon("the primary fell silent before the first checkpoint: there is no state to take over", out),
+            },
+            Phase::Replica { .. } if self.connected && now.saturating_sub(self.last_sent) >= self.timing.heartbeat_ns => {
+                self.last_sent = now;
+                self.heartbeat_seq += 1;
+                out.push(Action::Send(Msg::Heartbeat { seq: self.heartbeat_seq }));
+            }
+            _ => {}
+        }
+        if let Phase::Suspecting { session, .. } = self.phase {
+            if !self.lease_pending && now >= self.next_try {
+                self.lease_pending = true;
+                out.push(Action::Lease(Request::Takeover {
+                    vm: self.vm.clone(),
+                    holder: self.holder.clone(),
+                    session,
+                    ttl_us: self.timing.lease_ttl_ns / 1000,
+                }));
+            }
+        }
+    }
+
+    /// When the driver must call [`Backup::handle`] with [`Event::Tick`] at the latest.
+    pub fn next_wakeup(&self, now: u64) -> u64 {
+        let mut w = now.saturating_add(self.timing.heartbeat_ns);
+        if let Phase::Replica { .. } = self.phase {
+            w = w.min(self.last_heard.saturating_add(self.timing.timeout_ns + 1));
+        }
+        if let Phase::Suspecting { .. } = self.phase {
+            if !self.lease_pending {
+                w = w.min(self.next_try);
+            }
+        }
+        w.max(now)
+    }
+}

@@ -1,0 +1,454 @@
+//! The primary's side of the protocol as a pure state machine: events in, actions out, time
+//! passed in by the caller (ns on a monotonic clock). No I/O; the driver ([`crate::driver`])
+//! performs the actions and feeds back what happened.
+//!
+//! Per epoch: the driver pauses the VM, stages the dirty pages and vCPU state, seals the
+//! epoch's network output, resumes the VM ([`Action::Checkpoint`] → [`Event::Staged`]) and
+//! streams the checkpoint; the backup's acknowledgement lets the output of that epoch out
+//! ([`Action::Release`]). At most one checkpoint is unacknowledged. Output is released only
+//! while the arbiter's lease is valid by this side's clock and registers the backup that
+//! acknowledged it (see [`crate::lease`]); without a backup, once the arbiter confirms that
+//! no backup may take over, output flows unheld and the VM runs unprotected.
+
+use crate::lease::{Answer, Request};
+use crate::policy::{Done, Policy, View};
+use crate::wire::Msg;
+use crate::Timing;
+
+/// What happened, as the driver reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Time passed (the driver calls this at least at [`Primary::next_wakeup`]).
+    Tick,
+    /// A connection to the backup is up; `session` is a fresh random id for it.
+    Connected { session: u64 },
+    /// Connecting to the backup failed.
+    ConnectFailed { reason: String },
+    /// All of memory went out for the initial synchronisation.
+    SyncSent,
+    /// A checkpoint was staged (the VM runs again) and queued for sending; it closed network
+    /// epoch `epoch`, in which the VM sent `output_frames` frames.
+    Staged { epoch: u64, output_frames: u64 },
+    /// A message from the backup.
+    Received(Msg),
+    /// The connection to the backup broke.
+    BackupLost { reason: String },
+    /// The VM sent network output into the open epoch.
+    Output,
+    /// The arbiter answered a lease request sent at `sent_at` (or could not be reached).
+    Lease { sent_at: u64, answer: Result<Answer, String> },
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Connect to the backup; report [`Event::Connected`] or [`Event::ConnectFailed`].
+    Connect,
+    /// Hold the VM's network output back by epoch and log dirty pages (and mirror disk writes).
+    Hold,
+    /// Send a hello for `session`, then all of guest memory while the VM runs; report
+    /// [`Event::SyncSent`].
+    StartSync { session: u64 },
+    /// Take a checkpoint; report [`Event::Staged`].
+    Checkpoint,
+    /// Send the held output of every epoch up to `epoch`.
+    Release { epoch: u64 },
+    /// Stop holding output (send what is held) and stop logging: the VM runs unprotected.
+    Unhold,
+    /// Send a message to the backup.
+    Send(Msg),
+    /// Close the backup connection.
+    Disconnect { reason: String },
+    /// Send a request to the arbiter; report [`Event::Lease`].
+    Lease(Request),
+    /// Another copy holds the lease: stop the VM now and never release output again.
+    Fenced { holder: String },
+    /// A change worth telling the operator (and the metrics).
+    Notice(Notice),
+}
+
+/// Operator-visible changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// Synchronising a new backup (session).
+    Syncing { session: u64 },
+    /// The backup holds a committed replica: the VM is protected.
+    Protected { session: u64 },
+    /// No backup: the VM runs unprotected.
+    Unprotected { reason: String },
+    /// A checkpoint was acknowledged `duration_ns` after it started.
+    Acked { epoch: u64, duration_ns: u64, mode: &'static str },
+    /// Output of epochs up to `epoch` went out; the oldest of it had waited `delay_ns`.
+    Released { epoch: u64, delay_ns: Option<u64> },
+    /// The arbiter could not be reached.
+    ArbiterUnreachable { reason: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// No backup; try again at the given time.
+    Idle {
+        retry_at: u64,
+    },
+    Connecting,
+    /// Hello and memory are going out; no checkpoint acknowledged yet.
+    Syncing {
+        session: u64,
+        sync_sent: bool,
+    },
+    Protected {
+        session: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Inflight {
+    epoch: u64,
+    started: u64,
+    output_frames: u64,
+}
+
+/// The primary's protocol state.
+#[derive(Debug)]
+pub struct Primary {
+    vm: String,
+    holder: String,
+    timing: Timing,
+    policy: Box<dyn Policy>,
+    link: Link,
+    holding: bool,
+    checkpointing: bool,
+    inflight: Option<Inflight>,
+    /// Highest epoch sealed, acknowledged, released.
+    sealed: u64,
+    acked: u64,
+    released: u64,
+    /// First output of each sealed-but-unreleased epoch (epoch, time).
+    output_times: Vec<(u64, u64)>,
+    last_start: u64,
+    output_since: Option<u64>,
+    last_heard: u64,
+    last_sent: u64,
+    heartbeat_seq: u64,
+    lease_valid_until: u64,
+    lease_pending: bool,
+    next_renew: u64,
+    /// The backup registration the arbiter last confirmed (`None`: unknown yet).
+    registered: Option<Option<u64>>,
+    ever_granted: bool,
+    fenced: bool,
+}
+
+impl Primary {
+    /// A primary for VM `vm`, known to the arbiter as `holder`. Call [`Primary::start`] next.
+    pub fn new(vm: &str, holder: &str, timing: Timing, policy: Box<dyn Policy>) -> Primary {
+        Primary {
+            vm: vm.to_owned(),
+            holder: holder.to_owned(),
+            timing,
+            policy,
+            link: Link::Idle { retry_at: 0 },
+            holding: false,
+            checkpointing: false,
+            inflight: None,
+            sealed: 0,
+            acked: 0,
+            released: 0,
+            output_times: Vec::new(),
+            last_start: 0,
+            output_since: None,
+            last_heard: 0,
+            last_sent: 0,
+            heartbeat_seq: 0,
+            lease_valid_until: 0,
+            lease_pending: false,
+            next_renew: 0,
+            registered: None,
+            ever_granted: false,
+            fenced: false,
+        }
+    }
+
+    /// Starts protection: output is held until the arbiter grants the lease, and a backup is
+    /// sought at once.
+    pub fn start(&mut self, now: u64) -> Vec<Action> {
+        self.holding = true;
+        self.last_start = now;
+        let mut out = vec![Action::Hold];
+        self.poll(now, &mut out);
+        out
+    }
+
+    /// Continues as the primary after a takeover: the lease was granted at `granted_at` with
+    /// no backup registered, so the VM runs unprotected until a new backup joins.
+    pub fn after_takeover(&mut self, now: u64, granted_at: u64) -> Vec<Action> {
+        self.lease_valid_until = granted_at.saturating_add(self.timing.lease_ttl_ns);
+        self.registered = Some(None);
+        self.ever_granted = true;
+        self.next_renew = granted_at.saturating_add(self.timing.lease_renew_ns);
+        self.holding = false;
+        self.last_start = now;
+        let mut out = vec![Action::Notice(Notice::Unprotected { reason: "took over; no backup yet".into() })];
+        self.poll(now, &mut out);
+        out
+    }
+
+    /// Replaces the checkpoint policy (takes effect from the next checkpoint).
+    pub fn set_policy(&mut self, policy: Box<dyn Policy>) {
+        self.policy = policy;
+    }
+
+    /// The current policy's name and mode.
+    pub fn policy(&self) -> (String, &'static str) {
+        (self.policy.name(), self.policy.mode())
+    }
+
+    /// Whether a backup holds a committed replica.
+    pub fn protected(&self) -> bool {
+        matches!(self.link, Link::Protected { .. })
+    }
+
+    /// Whether the lease was lost to another copy.
+    pub fn fenced(&self) -> bool {
+        self.fenced
+    }
+
+    /// Highest epoch whose output was released.
+    pub fn released(&self) -> u64 {
+        self.released
+    }
+
+    /// Handles one event at time `now`.
+    pub fn handle(&mut self, now: u64, event: Event) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.fenced {
+            return out;
+        }
+        match event {
+            Event::Tick => {}
+            Event::Connected { session } => {
+                if self.link == Link::Connecting {
+                    self.link = Link::Syncing { session, sync_sent: false };
+                    self.last_heard = now;
+                    self.last_sent = now;
+                    if !self.holding {
+                        self.holding = true;
+                        out.push(Action::Hold);
+                    }
+                    out.push(Action::StartSync { session });
+                    out.push(Action::Notice(Notice::Syncing { session }));
+                    // Register the new backup with the arbiter at once.
+                    self.next_renew = now;
+                } else {
+                    out.push(Action::Disconnect { reason: "not expecting a connection".into() });
+                }
+            }
+            Event::ConnectFailed { reason: _ } => {
+                if self.link == Link::Connecting {
+                    self.link = Link::Idle { retry_at: now.saturating_add(self.timing.reconnect_ns) };
+                }
+            }
+            Event::SyncSent => {
+                if let Link::Syncing { session, .. } = self.link {
+                    self.link = Link::Syncing { session, sync_sent: true };
+                }
+            }
+            Event::Staged { epoch, output_frames } => {
+                self.checkpointing = false;
+                self.sealed = self.sealed.max(epoch);
+                if let Some(t) = self.output_since.take() {
+                    self.output_times.push((epoch, t));
+                }
+                if self.connected() {
+                    self.inflight = Some(Inflight { epoch, started: self.last_start, output_frames });
+                }
+            }
+            Event::Received(msg) => self.received(now, msg, &mut out),
+            Event::BackupLost { reason } => self.lose_backup(now, reason, &mut out),
+            Event::Output => {
+                if self.holding && self.output_since.is_none() {
+                    self.output_since = Some(now);
+                }
+            }
+            Event::Lease { sent_at, answer } => {
+                self.lease_pending = false;
+                match answer {
+                    Ok(Answer::Granted { backup }) => {
+                        self.lease_valid_until = sent_at.saturating_add(self.timing.lease_ttl_ns);
+                        self.registered = Some(backup);
+                        self.ever_granted = true;
+                        self.next_renew = if backup == self.wanted() { sent_at.saturating_add(self.timing.lease_renew_ns) } else { now };
+                    }
+                    Ok(Answer::Held { left_us, .. }) if !self.ever_granted => {
+                        // Another copy's lease has not run out yet (a previous run): wait.
+                        self.next_renew = now.saturating_add(left_us.saturating_mul(1000)).saturating_add(1);
+                    }
+                    Ok(Answer::Held { holder, .. }) => {
+                        self.fenced = true;
+                        out.push(Action::Fenced { holder });
+                        return out;
+                    }
+                    Ok(Answer::Revoked) | Ok(Answer::Unknown) => {
+                        // Not answers to a renewal; try again.
+                        self.next_renew = now.saturating_add(self.timing.lease_renew_ns / 4);
+                    }
+                    Err(reason) => {
+                        self.next_renew = now.saturating_add(self.timing.lease_renew_ns / 4);
+                        out.push(Action::Notice(Notice::ArbiterUnreachable { reason }));
+                    }
+                }
+            }
+        }
+        self.poll(now, &mut out);
+        out
+    }
+
+    fn connected(&self) -> bool {
+        matches!(self.link, Link::Syncing { .. } | Link::Protected { .. })
+    }
+
+    fn session(&self) -> Option<u64> {
+        match self.link {
+            Link::Syncing { session, .. } | Link::Protected { session } => Some(session),
+            _ => None,
+        }
+    }
+
+    /// The backup the arbiter should register.
+    fn wanted(&self) -> Option<u64> {
+        self.session()
+    }
+
+    fn received(&mut self, now: u64, msg: Msg, out: &mut Vec<Action>) {
+        if !self.connected() {
+            return;
+        }
+        self.last_heard = now;
+        match msg {
+            Msg::Heartbeat { .. } => {}
+            Msg::Ack { epoch } => match self.inflight {
+                Some(f) if f.epoch == epoch => {
+                    self.inflight = None;
+                    self.acked = epoch;
+                    let done = Done { epoch, duration_ns: now.saturating_sub(f.started), output_frames: f.output_frames };
+                    self.policy.done(&done);
+                    out.push(Action::Notice(Notice::Acked { epoch, duration_ns: done.duration_ns, mode: self.policy.mode() }));
+                    if let Link::Syncing { session, .. } = self.link {
+                        self.link = Link::Protected { session };
+                        out.push(Action::Notice(Notice::Protected { session }));
+                    }
+                }
+                _ => self.lose_backup(now, format!("acknowledgement of epoch {epoch}, which is not in flight"), out),
+            },
+            Msg::Refuse { epoch, reason } => self.lose_backup(now, format!("the backup refused epoch {epoch}: {reason}"), out),
+            other => self.lose_backup(now, format!("unexpected {} message from the backup", other.kind()), out),
+        }
+    }
+
+    fn lose_backup(&mut self, now: u64, reason: String, out: &mut Vec<Action>) {
+        if self.connected() || self.link == Link::Connecting {
+            out.push(Action::Disconnect { reason: reason.clone() });
+            out.push(Action::Notice(Notice::Unprotected { reason }));
+        }
+        self.link = Link::Idle { retry_at: now.saturating_add(self.timing.reconnect_ns) };
+        self.inflight = None;
+        // Deregister the backup at once, so held output can go.
+        self.next_renew = now;
+    }
+
+    fn poll(&mut self, now: u64, out: &mut Vec<Action>) {
+        if self.fenced {
+            return;
+        }
+        // The lease.
+        if !self.lease_pending && now >= self.next_renew {
+            self.lease_pending = true;
+            out.push(Action::Lease(Request::Renew {
+                vm: self.vm.clone(),
+                holder: self.holder.clone(),
+                ttl_us: self.timing.lease_ttl_ns / 1000,
+                backup: self.wanted(),
+            }));
+        }
+        // The backup link.
+        match self.link {
+            Link::Idle { retry_at } if now >= retry_at => {
+                self.link = Link::Connecting;
+                out.push(Action::Connect);
+            }
+            Link::Syncing { .. } | Link::Protected { .. } => {
+                if now.saturating_sub(self.last_heard) > self.timing.timeout_ns {
+                    let ms = now.saturating_sub(self.last_heard) as f64 / 1e6;
+                    self.lose_backup(now, format!("no word from the backup for {ms:.0} ms"), out);
+                } else if now.saturating_sub(self.last_sent) >= self.timing.heartbeat_ns {
+                    self.last_sent = now;
+                    self.heartbeat_seq += 1;
+                    out.push(Action::Send(Msg::Heartbeat { seq: self.heartbeat_seq }));
+                }
+            }
+            _ => {}
+        }
+        // The next checkpoint.
+        let ready = match self.link {
+            Link::Syncing { sync_sent, .. } => sync_sent && self.acked_all(),
+            Link::Protected { .. } => {
+                let view = View { now, last_start: self.last_start, output_since: self.output_since };
+                self.acked_all() && now >= self.policy.next(&view)
+            }
+            _ => false,
+        };
+        if ready && !self.checkpointing && self.inflight.is_none() {
+            self.checkpointing = true;
+            self.last_start = now;
+            self.last_sent = now;
+            out.push(Action::Checkpoint);
+        }
+        self.release(now, out);
+    }
+
+    fn acked_all(&self) -> bool {
+        self.inflight.is_none()
+    }
+
+    fn release(&mut self, now: u64, out: &mut Vec<Action>) {
+        if now >= self.lease_valid_until || self.registered != Some(self.wanted()) {
+            return;
+        }
+        let upto = match self.session() {
+            Some(_) => self.acked,
+            None => self.sealed,
+        };
+        if upto > self.released {
+            self.released = upto;
+            let oldest = self.output_times.iter().filter(|(e, _)| *e <= upto).map(|(_, t)| *t).min();
+            self.output_times.retain(|(e, _)| *e > upto);
+            out.push(Action::Release { epoch: upto });
+            out.push(Action::Notice(Notice::Released { epoch: upto, delay_ns: oldest.map(|t| now.saturating_sub(t)) }));
+        }
+        if self.session().is_none() && self.holding && !self.checkpointing {
+            self.holding = false;
+            self.output_since = None;
+            self.output_times.clear();
+            out.push(Action::Unhold);
+        }
+    }
+
+    /// When the driver must call [`Primary::handle`] with [`Event::Tick`] at the latest.
+    pub fn next_wakeup(&self, now: u64) -> u64 {
+        let t = &self.timing;
+        let mut w = now.saturating_add(t.heartbeat_ns);
+        if !self.lease_pending {
+            w = w.min(self.next_renew);
+        }
+        if let Link::Idle { retry_at } = self.link {
+            w = w.min(retry_at);
+        }
+        if let Link::Protected { .. } = self.link {
+            if self.inflight.is_none() && !self.checkpointing {
+                let view = View { now, last_start: self.last_start, output_since: self.output_since };
+                w = w.min(self.policy.next(&view));
+            }
+        }
+        w.max(now)
+    }
+}
