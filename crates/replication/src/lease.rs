@@ -86,6 +86,11 @@ impl Table {
         }
     }
 
+    /// The last holder of `vm`'s lease (live or expired) and the backup session it registers.
+    pub fn record(&self, vm: &str) -> Option<(&str, Option<u64>)> {
+        self.leases.get(vm).map(|l| (l.holder.as_str(), l.backup))
+    }
+
     /// The holder of `vm`'s lease at `now_us`, if it is live.
     pub fn holder(&self, vm: &str, now_us: u64) -> Option<&str> {
         self.leases.get(vm).filter(|l| l.expires_us > now_us).map(|l| l.holder.as_str())

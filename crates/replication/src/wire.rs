@@ -305,7 +305,7 @@ fn decode_payload(kind: u8, payload: Vec<u8>) -> Result<Msg, WireError> {
         K_SYNC => {
             let first_page = f.u64("first page")?;
             let data = std::mem::take(&mut f.rest).to_vec();
-            if data.is_empty() || data.len() % PAGE != 0 {
+            if data.is_empty() || !data.len().is_multiple_of(PAGE) {
                 return Err(f.bad(format!("{} bytes of memory is not a positive number of whole pages", data.len())));
             }
             Msg::Sync { first_page, data }

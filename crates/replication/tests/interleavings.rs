@@ -1,0 +1,740 @@
+//! The protocol state machines in a deterministic simulated world: a primary with a model VM
+//! (memory of a few pages, network output held by epoch), a backup with its replica, the
+//! arbiter's lease table, and a network that delays, loses and reorders messages. Crashes of
+//! either side are injected at every step of a run, and random faults over many seeds.
+//!
+//! Checked at every step:
+//! - no split brain: whoever releases output holds the arbiter's live lease at that moment;
+//! - no acknowledged output lost: at a takeover, the replica's state is at least the state
+//!   behind every output any client has seen;
+//! - the backup applies only whole checkpoints, in order: after each commit its memory equals
+//!   the primary's memory at that checkpoint, byte for byte;
+//! - and, without faults, output flows and a crashed primary is replaced within the timeout
+//!   plus the lease.
+
+use replication::backup::{self, Backup};
+use replication::lease::{Answer, Request, Table};
+use replication::policy;
+use replication::primary::{self, Primary};
+use replication::wire::{Msg, PAGE};
+use replication::Timing;
+use std::collections::{BTreeMap, HashSet};
+
+const MS: u64 = 1_000_000;
+const CELLS: usize = 8;
+
+#[derive(Clone, Copy, Debug)]
+struct Faults {
+    max_delay_ms: u64,
+    loss: f64,
+    reorder: bool,
+    crash_primary_at: Option<u64>,
+    crash_backup_at: Option<u64>,
+    /// A fresh backup comes up this long after the backup crashed.
+    new_backup_after_ms: Option<u64>,
+    /// Cut the link between the hosts (both directions, not the arbiter) for this window.
+    cut: Option<(u64, u64)>,
+    /// Isolate the first primary's host (from the backup and the arbiter) for this window.
+    isolate: Option<(u64, u64)>,
+    apply_failure: f64,
+}
+
+impl Faults {
+    fn none() -> Faults {
+        Faults {
+            max_delay_ms: 1,
+            loss: 0.0,
+            reorder: false,
+            crash_primary_at: None,
+            crash_backup_at: None,
+            new_backup_after_ms: None,
+            cut: None,
+            isolate: None,
+            apply_failure: 0.0,
+        }
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn chance(&mut self, p: f64) -> bool {
+        (self.next() % 1_000_000) as f64 / 1e6 < p
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+}
+
+/// The model VM: memory cells (one per page), output held by epoch.
+#[derive(Clone, Debug)]
+struct ModelVm {
+    mem: [u64; CELLS],
+    state: u64,
+    dirty: HashSet<usize>,
+    holding: bool,
+    open: Vec<u64>,
+    sealed: Vec<(u64, Vec<u64>)>,
+    epoch: u64,
+}
+
+impl ModelVm {
+    fn new(mem: [u64; CELLS], state: u64) -> ModelVm {
+        ModelVm { mem, state, dirty: HashSet::new(), holding: false, open: vec![], sealed: vec![], epoch: 0 }
+    }
+    fn work(&mut self, rng: &mut Rng) -> Option<u64> {
+        self.state += 1;
+        let cell = (self.state as usize * 7) % CELLS;
+        self.mem[cell] = self.state;
+        self.dirty.insert(cell);
+        rng.chance(0.3).then_some(self.state)
+    }
+}
+
+fn page(v: u64) -> Vec<u8> {
+    let mut p = vec![0u8; PAGE];
+    p[..8].copy_from_slice(&v.to_le_bytes());
+    p
+}
+fn cell_of(data: &[u8]) -> u64 {
+    u64::from_le_bytes(data[..8].try_into().expect("8 bytes"))
+}
+
+struct PrimaryNode {
+    name: String,
+    sm: Primary,
+    vm: ModelVm,
+    /// Memory at each checkpoint, for checking the replica.
+    at_checkpoint: BTreeMap<u64, ([u64; CELLS], u64)>,
+    /// Sync cells still to send (cell index, at time).
+    sync_queue: Vec<usize>,
+    sync_session: Option<u64>,
+    fenced: bool,
+}
+
+struct BackupNode {
+    name: String,
+    sm: Backup,
+    replica: [u64; CELLS],
+    replica_state: u64,
+    staged: Vec<(usize, u64)>,
+    committed_epochs: Vec<u64>,
+}
+
+enum Wire {
+    ToBackup(Msg),
+    ToPrimary(Msg),
+}
+
+struct World {
+    now: u64,
+    rng: Rng,
+    faults: Faults,
+    timing: Timing,
+    arbiter: Table,
+    primaries: Vec<PrimaryNode>,
+    backup: Option<BackupNode>,
+    /// The current connection id (None: no connection), and which primary it belongs to.
+    conn: Option<(u64, String)>,
+    next_conn: u64,
+    inflight: Vec<(u64, u64, u64, Wire)>,             // (deliver_at, seq, conn, msg)
+    lease_inflight: Vec<(u64, String, u64, Request)>, // (deliver_at, node, sent_at, req)
+    lease_answers: Vec<(u64, String, u64, Answer)>,
+    lease_errors: Vec<(u64, String, u64)>,
+    seq: u64,
+    /// Highest VM state behind any output a client saw.
+    seen: u64,
+    outputs_seen: u64,
+    takeovers: Vec<u64>,
+    log: Vec<String>,
+    vm_name: String,
+    /// The primary crashed while protected by a live backup.
+    crashed_protected: bool,
+}
+
+impl World {
+    fn new(seed: u64, faults: Faults) -> World {
+        let timing = Timing::default();
+        let primary = Primary::new("vm", "host-a", timing, policy::parse("adaptive").expect("policy"));
+        World {
+            now: 0,
+            rng: Rng(seed | 1),
+            faults,
+            timing,
+            arbiter: Table::default(),
+            primaries: vec![PrimaryNode {
+                name: "host-a".into(),
+                sm: primary,
+                vm: ModelVm::new([0; CELLS], 0),
+                at_checkpoint: BTreeMap::new(),
+                sync_queue: vec![],
+                sync_session: None,
+                fenced: false,
+            }],
+            backup: Some(BackupNode::new("host-b", timing)),
+            conn: None,
+            next_conn: 1,
+            inflight: vec![],
+            lease_inflight: vec![],
+            lease_answers: vec![],
+            lease_errors: vec![],
+            seq: 0,
+            seen: 0,
+            outputs_seen: 0,
+            takeovers: vec![],
+            log: vec![],
+            vm_name: "vm".into(),
+            crashed_protected: false,
+        }
+    }
+
+    fn delay(&mut self) -> u64 {
+        let d = self.rng.below(self.faults.max_delay_ms * MS + 1);
+        if self.faults.reorder {
+            d
+        } else {
+            // In order: never before the last message in flight.
+            let last = self.inflight.iter().map(|m| m.0).max().unwrap_or(0);
+            (self.now + d).max(last) - self.now
+        }
+    }
+
+    fn cut(&self) -> bool {
+        let within = |w: Option<(u64, u64)>| w.is_some_and(|(a, b)| self.now >= a * MS && self.now < b * MS);
+        within(self.faults.cut) || within(self.faults.isolate) && self.conn.as_ref().is_some_and(|c| c.1 == "host-a")
+    }
+
+    fn isolated(&self, node: &str) -> bool {
+        node == "host-a" && self.faults.isolate.is_some_and(|(a, b)| self.now >= a * MS && self.now < b * MS)
+    }
+
+    fn send(&mut self, w: Wire) {
+        let Some((conn, _)) = self.conn else { return };
+        if self.rng.chance(self.faults.loss) || self.cut() {
+            return;
+        }
+        let at = self.now + self.delay();
+        self.seq += 1;
+        self.inflight.push((at, self.seq, conn, w));
+    }
+
+    fn primary_actions(&mut self, i: usize, actions: Vec<primary::Action>) {
+        let mut queue: std::collections::VecDeque<primary::Action> = actions.into();
+        while let Some(a) = queue.pop_front() {
+            let name = self.primaries[i].name.clone();
+            if self.primaries[i].fenced {
+                return;
+            }
+            match a {
+                primary::Action::Connect => {
+                    let ok = self.backup.is_some() && !self.cut() && self.conn.is_none();
+                    let ev = if ok {
+                        let id = self.next_conn;
+                        self.next_conn += 1;
+                        self.conn = Some((id, name.clone()));
+                        let now = self.now;
+                        if let Some(b) = self.backup.as_mut() {
+                            let acts = b.sm.handle(now, backup::Event::Connected);
+                            assert!(acts.iter().all(|a| matches!(a, backup::Action::Notice(_))));
+                        }
+                        primary::Event::Connected { session: self.rng.next() }
+                    } else {
+                        primary::Event::ConnectFailed { reason: "no backup".into() }
+                    };
+                    let now = self.now;
+                    queue.extend(self.primaries[i].sm.handle(now, ev));
+                }
+                primary::Action::Hold => {
+                    let vm = &mut self.primaries[i].vm;
+                    vm.holding = true;
+                    vm.dirty.clear();
+                }
+                primary::Action::StartSync { session } => {
+                    self.send(Wire::ToBackup(Msg::Hello {
+                        session,
+                        vm: self.vm_name.clone(),
+                        mem_bytes: (CELLS * PAGE) as u64,
+                        config: vec![],
+                    }));
+                    let p = &mut self.primaries[i];
+                    p.sync_queue = (0..CELLS).collect();
+                    p.sync_session = Some(session);
+                }
+                primary::Action::Checkpoint => {
+                    let p = &mut self.primaries[i];
+                    p.vm.epoch += 1;
+                    let epoch = p.vm.epoch;
+                    let open = std::mem::take(&mut p.vm.open);
+                    let frames = open.len() as u64;
+                    p.vm.sealed.push((epoch, open));
+                    let mut dirty: Vec<usize> = p.vm.dirty.drain().collect();
+                    dirty.sort();
+                    p.at_checkpoint.insert(epoch, (p.vm.mem, p.vm.state));
+                    let pages: Vec<(usize, u64)> = dirty.iter().map(|&c| (c, p.vm.mem[c])).collect();
+                    let state = p.vm.state;
+                    for (c, v) in &pages {
+                        self.send(Wire::ToBackup(Msg::Pages { epoch, pages: vec![*c as u64], data: page(*v) }));
+                    }
+                    self.send(Wire::ToBackup(Msg::Commit {
+                        epoch,
+                        guest_ns: state,
+                        pages: pages.len() as u64,
+                        disk_writes: 0,
+                        vcpu: state.to_le_bytes().to_vec(),
+                    }));
+                    let now = self.now;
+                    queue.extend(self.primaries[i].sm.handle(now, primary::Event::Staged { epoch, output_frames: frames }));
+                }
+                primary::Action::Release { epoch } => {
+                    let vm = &mut self.primaries[i].vm;
+                    let mut out = vec![];
+                    vm.sealed.retain(|(e, f)| {
+                        if *e <= epoch {
+                            out.extend(f.iter().copied());
+                            false
+                        } else {
+                            true
+                        }
+                    });
+                    self.emit(&name, out);
+                }
+                primary::Action::Unhold => {
+                    let vm = &mut self.primaries[i].vm;
+                    vm.holding = false;
+                    let mut out: Vec<u64> = vm.sealed.drain(..).flat_map(|(_, f)| f).collect();
+                    out.append(&mut vm.open);
+                    self.emit(&name, out);
+                }
+                primary::Action::Send(m) => {
+                    if self.conn.as_ref().is_some_and(|(_, o)| *o == name) {
+                        self.send(Wire::ToBackup(m));
+                    }
+                }
+                primary::Action::Disconnect { .. } => {
+                    if self.conn.as_ref().is_some_and(|(_, o)| *o == name) {
+                        self.disconnect("primary closed");
+                    }
+                    self.primaries[i].sync_queue.clear();
+                }
+                primary::Action::Lease(req) => {
+                    let at = self.now + self.rng.below(2 * MS);
+                    self.lease_inflight.push((at, name.clone(), self.now, req));
+                }
+                primary::Action::Fenced { .. } => {
+                    self.log.push(format!("{} {name} fenced", self.now / MS));
+                    self.primaries[i].fenced = true;
+                }
+                primary::Action::Notice(n) => self.log.push(format!("{} {name} {n:?}", self.now / MS)),
+            }
+        }
+    }
+
+    fn emit(&mut self, node: &str, out: Vec<u64>) {
+        if out.is_empty() {
+            return;
+        }
+        // No split brain: only the live lease holder lets output out, or, when no backup is
+        // registered (so no one can take over), the last holder.
+        let holder = self.arbiter.holder(&self.vm_name, self.now / 1000);
+        let sole = self.arbiter.record(&self.vm_name) == Some((node, None));
+        assert!(holder == Some(node) || sole, "t={} ms: {node} released output without holding the lease\n{}", self.now / MS, self.tail());
+        for s in out {
+            self.seen = self.seen.max(s);
+            self.outputs_seen += 1;
+        }
+    }
+
+    fn disconnect(&mut self, why: &str) {
+        if let Some((_, owner)) = self.conn.take() {
+            let now = self.now;
+            if let Some(b) = self.backup.as_mut() {
+                let acts = b.sm.handle(now, backup::Event::Disconnected { reason: why.into() });
+                self.backup_actions(acts);
+            }
+            if let Some(i) = self.primaries.iter().position(|p| p.name == owner) {
+                let acts = self.primaries[i].sm.handle(now, primary::Event::BackupLost { reason: why.into() });
+                self.primary_actions(i, acts);
+            }
+        }
+    }
+
+    fn backup_actions(&mut self, actions: Vec<backup::Action>) {
+        let mut queue: std::collections::VecDeque<backup::Action> = actions.into();
+        while let Some(a) = queue.pop_front() {
+            let now = self.now;
+            let fail = self.rng.chance(self.faults.apply_failure);
+            let Some(b) = self.backup.as_mut() else { return };
+            match a {
+                backup::Action::Reset { .. } => {
+                    b.replica = [0; CELLS];
+                    b.replica_state = 0;
+                    b.staged.clear();
+                    b.committed_epochs.clear();
+                }
+                backup::Action::WriteSync { first_page, data } => b.replica[first_page as usize] = cell_of(&data),
+                backup::Action::Stage { pages, data, .. } => b.staged.push((pages[0] as usize, cell_of(&data))),
+                backup::Action::DiscardStaged => b.staged.clear(),
+                backup::Action::Apply { epoch, vcpu, .. } => {
+                    let result = if fail {
+                        Err("injected validation failure".to_string())
+                    } else {
+                        for (c, v) in b.staged.drain(..) {
+                            b.replica[c] = v;
+                        }
+                        b.replica_state = u64::from_le_bytes(vcpu[..8].try_into().expect("state"));
+                        b.committed_epochs.push(epoch);
+                        Ok(())
+                    };
+                    if result.is_ok() {
+                        // The replica is exactly the primary's memory at that checkpoint.
+                        let owner = self.conn.as_ref().map(|c| c.1.clone());
+                        let p = self.primaries.iter().find(|p| Some(&p.name) == owner.as_ref()).expect("a connected primary");
+                        let b = self.backup.as_ref().expect("backup");
+                        assert_eq!(
+                            Some(&(b.replica, b.replica_state)),
+                            p.at_checkpoint.get(&epoch),
+                            "t={} ms: replica differs from the primary at epoch {epoch}\n{}",
+                            now / MS,
+                            self.tail()
+                        );
+                    }
+                    let b = self.backup.as_mut().expect("backup");
+                    queue.extend(b.sm.handle(now, backup::Event::Applied { epoch, result }));
+                }
+                backup::Action::Send(m) => self.send(Wire::ToPrimary(m)),
+                backup::Action::Disconnect { reason } => self.disconnect(&reason),
+                backup::Action::Lease(req) => {
+                    let at = now + self.rng.below(2 * MS);
+                    let name = b.name.clone();
+                    self.lease_inflight.push((at, name, now, req));
+                }
+                backup::Action::TakeOver { epoch, granted_at } => {
+                    let b = self.backup.take().expect("backup");
+                    assert_eq!(b.committed_epochs.last(), Some(&epoch), "takes over from its last commit");
+                    // Nothing a client saw is lost.
+                    assert!(
+                        b.replica_state >= self.seen,
+                        "t={} ms: took over at state {} but clients saw output of state {}\n{}",
+                        now / MS,
+                        b.replica_state,
+                        self.seen,
+                        self.tail()
+                    );
+                    self.takeovers.push(now);
+                    self.log.push(format!("{} {} takes over at epoch {epoch} state {}", now / MS, b.name, b.replica_state));
+                    let mut sm = Primary::new("vm", &b.name, self.timing, policy::parse("adaptive").expect("policy"));
+                    let acts = sm.after_takeover(now, granted_at);
+                    let mut vm = ModelVm::new(b.replica, b.replica_state);
+                    vm.epoch = epoch;
+                    self.primaries.push(PrimaryNode {
+                        name: b.name.clone(),
+                        sm,
+                        vm,
+                        at_checkpoint: BTreeMap::new(),
+                        sync_queue: vec![],
+                        sync_session: None,
+                        fenced: false,
+                    });
+                    let i = self.primaries.len() - 1;
+                    self.primary_actions(i, acts);
+                    return;
+                }
+                backup::Action::Abandon { reason } => self.log.push(format!("{} backup abandons: {reason}", now / MS)),
+                backup::Action::Notice(n) => self.log.push(format!("{} backup {n:?}", now / MS)),
+            }
+        }
+    }
+
+    fn tail(&self) -> String {
+        self.log.iter().rev().take(25).rev().cloned().collect::<Vec<_>>().join("\n")
+    }
+
+    fn step(&mut self) {
+        if self.now == 0 {
+            let acts = self.primaries[0].sm.start(0);
+            self.primary_actions(0, acts);
+        }
+        self.now += MS / 2;
+        let now = self.now;
+        // Crashes.
+        if self.faults.crash_primary_at == Some(now / MS) && !self.primaries.is_empty() {
+            let p = self.primaries.remove(0);
+            if p.sm.protected() && self.backup.is_some() {
+                self.crashed_protected = true;
+            }
+            self.log.push(format!("{} CRASH {}", now / MS, p.name));
+            if self.conn.as_ref().is_some_and(|c| c.1 == p.name) {
+                // The backup sees nothing at once (a dead host sends no FIN).
+                self.conn = None;
+            }
+        }
+        if self.faults.crash_backup_at == Some(now / MS) && self.backup.is_some() {
+            self.backup = None;
+            self.log.push(format!("{} CRASH backup", now / MS));
+            if let Some((_, owner)) = self.conn.take() {
+                if let Some(i) = self.primaries.iter().position(|p| p.name == owner) {
+                    let acts = self.primaries[i].sm.handle(now, primary::Event::BackupLost { reason: "reset".into() });
+                    self.primary_actions(i, acts);
+                }
+            }
+        }
+        if let (Some(at), Some(after)) = (self.faults.crash_backup_at, self.faults.new_backup_after_ms) {
+            if now / MS == at + after && self.backup.is_none() && now.is_multiple_of(MS) {
+                self.log.push(format!("{} new backup", now / MS));
+                self.backup = Some(BackupNode::new("host-c", self.timing));
+            }
+        }
+        // The arbiter.
+        let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.lease_inflight).into_iter().partition(|r| r.0 <= now);
+        self.lease_inflight = rest;
+        for (_, node, sent_at, req) in due {
+            if self.isolated(&node) {
+                // The driver's arbiter client times out.
+                self.lease_errors.push((now + 30 * MS, node, sent_at));
+                continue;
+            }
+            let answer = self.arbiter.handle(now / 1000, &req);
+            let at = now + self.rng.below(2 * MS);
+            self.lease_answers.push((at, node, sent_at, answer));
+        }
+        let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.lease_errors).into_iter().partition(|r| r.0 <= now);
+        self.lease_errors = rest;
+        for (_, node, sent_at) in due {
+            if let Some(i) = self.primaries.iter().position(|p| p.name == node) {
+                let acts = self.primaries[i].sm.handle(now, primary::Event::Lease { sent_at, answer: Err("timed out".into()) });
+                self.primary_actions(i, acts);
+            }
+        }
+        let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.lease_answers).into_iter().partition(|r| r.0 <= now);
+        self.lease_answers = rest;
+        for (_, node, sent_at, answer) in due {
+            if self.isolated(&node) {
+                continue;
+            }
+            if let Some(i) = self.primaries.iter().position(|p| p.name == node) {
+                let acts = self.primaries[i].sm.handle(now, primary::Event::Lease { sent_at, answer: Ok(answer) });
+                self.primary_actions(i, acts);
+            } else if self.backup.as_ref().is_some_and(|b| b.name == node) {
+                let acts = self.backup.as_mut().expect("backup").sm.handle(now, backup::Event::Lease { sent_at, answer: Ok(answer) });
+                self.backup_actions(acts);
+            }
+        }
+        // The network.
+        let mut due: Vec<_> = Vec::new();
+        let mut rest = Vec::new();
+        for m in std::mem::take(&mut self.inflight) {
+            if m.0 <= now {
+                due.push(m)
+            } else {
+                rest.push(m)
+            }
+        }
+        self.inflight = rest;
+        due.sort_by_key(|m| (m.0, m.1));
+        for (_, _, conn, w) in due {
+            if self.conn.as_ref().map(|c| c.0) != Some(conn) {
+                continue;
+            }
+            match w {
+                Wire::ToBackup(m) => {
+                    if let Some(b) = self.backup.as_mut() {
+                        let acts = b.sm.handle(now, backup::Event::Received(m));
+                        self.backup_actions(acts);
+                    }
+                }
+                Wire::ToPrimary(m) => {
+                    let owner = self.conn.as_ref().map(|c| c.1.clone());
+                    if let Some(i) = self.primaries.iter().position(|p| Some(&p.name) == owner.as_ref()) {
+                        let acts = self.primaries[i].sm.handle(now, primary::Event::Received(m));
+                        self.primary_actions(i, acts);
+                    }
+                }
+            }
+        }
+        // The VMs and their syncs.
+        for i in 0..self.primaries.len() {
+            if self.primaries[i].fenced {
+                continue;
+            }
+            if let Some(s) = self.primaries[i].vm.work(&mut self.rng) {
+                let name = self.primaries[i].name.clone();
+                let vm = &mut self.primaries[i].vm;
+                if vm.holding {
+                    vm.open.push(s);
+                    let acts = self.primaries[i].sm.handle(now, primary::Event::Output);
+                    self.primary_actions(i, acts);
+                } else {
+                    self.emit(&name, vec![s]);
+                }
+            }
+            if let Some(c) = self.primaries[i].sync_queue.first().copied() {
+                self.primaries[i].sync_queue.remove(0);
+                let v = self.primaries[i].vm.mem[c];
+                let name = self.primaries[i].name.clone();
+                if self.conn.as_ref().is_some_and(|x| x.1 == name) {
+                    self.send(Wire::ToBackup(Msg::Sync { first_page: c as u64, data: page(v) }));
+                }
+                if self.primaries[i].sync_queue.is_empty() && self.primaries[i].sync_session.take().is_some() {
+                    let acts = self.primaries[i].sm.handle(now, primary::Event::SyncSent);
+                    self.primary_actions(i, acts);
+                }
+            }
+            let acts = self.primaries[i].sm.handle(now, primary::Event::Tick);
+            self.primary_actions(i, acts);
+        }
+        if let Some(b) = self.backup.as_mut() {
+            let acts = b.sm.handle(now, backup::Event::Tick);
+            self.backup_actions(acts);
+        }
+    }
+
+    fn run(&mut self, ms: u64) {
+        for _ in 0..ms * 2 {
+            self.step();
+        }
+    }
+
+    fn protected(&self) -> bool {
+        self.primaries.iter().any(|p| !p.fenced && p.sm.protected())
+    }
+}
+
+impl BackupNode {
+    fn new(name: &str, timing: Timing) -> BackupNode {
+        BackupNode {
+            name: name.into(),
+            sm: Backup::new(name, timing),
+            replica: [0; CELLS],
+            replica_state: 0,
+            staged: vec![],
+            committed_epochs: vec![],
+        }
+    }
+}
+
+#[test]
+fn without_faults_output_flows_and_the_vm_stays_protected() {
+    let mut w = World::new(1, Faults::none());
+    w.run(2000);
+    assert!(w.protected(), "{}", w.tail());
+    let p = &w.primaries[0];
+    assert!(p.vm.epoch > 20, "only {} checkpoints in 2 s", p.vm.epoch);
+    assert!(w.outputs_seen > 100, "only {} outputs released", w.outputs_seen);
+    assert!(p.vm.state - w.seen < 200, "output lags: state {} seen {}", p.vm.state, w.seen);
+    assert!(w.takeovers.is_empty());
+}
+
+#[test]
+fn a_crashed_primary_is_replaced_within_timeout_plus_lease() {
+    let mut w = World::new(2, Faults { crash_primary_at: Some(700), ..Faults::none() });
+    w.run(1500);
+    assert_eq!(w.takeovers.len(), 1, "{}", w.tail());
+    let t = w.takeovers[0] - 700 * MS;
+    let limit = w.timing.timeout_ns.max(w.timing.lease_ttl_ns) + w.timing.lease_renew_ns + 10 * MS;
+    assert!(t <= limit, "takeover {} ms after the crash (limit {} ms)", t / MS, limit / MS);
+    // The new primary's output flows (unprotected: no backup left).
+    let before = w.outputs_seen;
+    w.run(300);
+    assert!(w.outputs_seen > before);
+}
+
+#[test]
+fn a_crashed_backup_leaves_the_primary_running_and_a_new_backup_protects_it_again() {
+    let mut w = World::new(3, Faults { crash_backup_at: Some(600), new_backup_after_ms: Some(400), ..Faults::none() });
+    w.run(900);
+    assert!(!w.protected());
+    let before = w.outputs_seen;
+    w.run(80);
+    assert!(w.outputs_seen > before, "the unprotected primary's output flows\n{}", w.tail());
+    w.run(1000);
+    assert!(w.protected(), "protected again by the new backup\n{}", w.tail());
+    assert!(w.takeovers.is_empty());
+}
+
+#[test]
+fn a_cut_between_the_hosts_causes_no_split_brain() {
+    let mut w = World::new(4, Faults { cut: Some((500, 900)), ..Faults::none() });
+    w.run(2500);
+    // The primary kept the lease, so the backup could not take over; it was dropped and a
+    // new session protects the VM again after the link heals.
+    assert!(w.takeovers.is_empty(), "{}", w.tail());
+    assert!(w.protected(), "{}", w.tail());
+}
+
+#[test]
+fn an_isolated_primary_stops_releasing_before_the_backup_takes_over() {
+    let mut w = World::new(5, Faults { isolate: Some((500, 900)), ..Faults::none() });
+    w.run(1500);
+    assert_eq!(w.takeovers.len(), 1, "{}", w.tail());
+    assert!(w.primaries[0].fenced, "the old primary learns it was deposed\n{}", w.tail());
+    assert!(w.log.iter().any(|l| l.contains("ArbiterUnreachable")));
+}
+
+#[test]
+fn crashes_at_every_step() {
+    // A short run, crashing one side at each half-millisecond step in turn.
+    for side in 0..2 {
+        for t in 1..=400u64 {
+            let crash = t;
+            let f = if side == 0 {
+                Faults { crash_primary_at: Some(crash), max_delay_ms: 2, ..Faults::none() }
+            } else {
+                Faults { crash_backup_at: Some(crash), new_backup_after_ms: Some(50), max_delay_ms: 2, ..Faults::none() }
+            };
+            let mut w = World::new(100 + t, f);
+            w.run(crash + 400);
+            if side == 1 {
+                assert!(w.takeovers.is_empty());
+            }
+        }
+    }
+}
+
+#[test]
+fn random_delay_loss_reordering_and_crashes() {
+    let mut takeovers = 0;
+    let mut refused = 0;
+    let mut clean_crashes = 0;
+    for seed in 0..600u64 {
+        let mut r = Rng(seed * 7919 + 13);
+        let f = Faults {
+            max_delay_ms: 1 + r.below(30),
+            loss: [0.0, 0.001, 0.01, 0.05][r.below(4) as usize],
+            reorder: r.chance(0.4),
+            crash_primary_at: r.chance(0.5).then(|| 50 + r.below(800)),
+            crash_backup_at: r.chance(0.3).then(|| 50 + r.below(800)),
+            new_backup_after_ms: r.chance(0.5).then(|| r.below(300)),
+            cut: r.chance(0.3).then(|| {
+                let a = r.below(800);
+                (a, a + r.below(300))
+            }),
+            isolate: r.chance(0.2).then(|| {
+                let a = r.below(800);
+                (a, a + r.below(400))
+            }),
+            apply_failure: [0.0, 0.02][r.below(2) as usize],
+        };
+        let mut w = World::new(seed + 1, f);
+        w.run(1200);
+        takeovers += w.takeovers.len();
+        // A primary that crashes while protected, with the backup reachable, is replaced.
+        let clean = w.crashed_protected && f.crash_backup_at.is_none() && f.cut.is_none() && f.isolate.is_none() && f.loss == 0.0;
+        if clean {
+            clean_crashes += 1;
+            assert_eq!(w.takeovers.len(), 1, "seed {seed} {f:?}\n{}", w.tail());
+        }
+        refused += w.log.iter().filter(|l| l.contains("Refused")).count();
+    }
+    // The faults did bite.
+    assert!(clean_crashes >= 8 && takeovers >= 50, "{clean_crashes} clean crashes, {takeovers} takeovers");
+    assert!(refused > 20, "only {refused} refusals");
+}
