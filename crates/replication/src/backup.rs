@@ -40,6 +40,8 @@ pub enum Action {
     Reset { session: u64, vm: String, mem_bytes: u64, config: Vec<u8> },
     /// Write initial-synchronisation memory into the replica.
     WriteSync { first_page: u64, data: Vec<u8> },
+    /// Write initial-synchronisation disk contents to the disk.
+    WriteDisk { offset: u64, data: Vec<u8> },
     /// Stage dirty pages of the checkpoint being received.
     Stage { epoch: u64, pages: Vec<u64>, data: Vec<u8> },
     /// Discard the staged pages (the checkpoint was refused).
@@ -105,6 +107,10 @@ pub struct Backup {
     disk: Vec<(u64, u64, Vec<u8>)>,
     /// Disk writes in the checkpoint being applied.
     committed_writes: u64,
+    /// Initial synchronisation: pages and disk chunks received, and whether it ended.
+    sync_pages: u64,
+    sync_chunks: u64,
+    sync_done: bool,
     last_heard: u64,
     last_sent: u64,
     heartbeat_seq: u64,
@@ -124,6 +130,9 @@ impl Backup {
             staging: None,
             disk: Vec::new(),
             committed_writes: 0,
+            sync_pages: 0,
+            sync_chunks: 0,
+            sync_done: false,
             last_heard: 0,
             last_sent: 0,
             heartbeat_seq: 0,
@@ -235,12 +244,36 @@ impl Backup {
                 self.phase = Phase::Replica { session, committed: None };
                 self.staging = None;
                 self.disk.clear();
+                (self.sync_pages, self.sync_chunks, self.sync_done) = (0, 0, false);
                 out.push(Action::Reset { session, vm, mem_bytes, config });
             }
             Msg::Heartbeat { .. } => {}
             Msg::Sync { first_page, data } => match self.phase {
-                Phase::Replica { committed: None, .. } if self.staging.is_none() => out.push(Action::WriteSync { first_page, data }),
+                Phase::Replica { committed: None, .. } if !self.sync_done => {
+                    self.sync_pages += (data.len() / crate::wire::PAGE) as u64;
+                    out.push(Action::WriteSync { first_page, data })
+                }
                 _ => self.refuse(0, "initial-synchronisation memory outside the synchronisation".into(), out),
+            },
+            Msg::DiskSync { offset, data } => match self.phase {
+                Phase::Replica { committed: None, .. } if !self.sync_done => {
+                    self.sync_chunks += 1;
+                    out.push(Action::WriteDisk { offset, data })
+                }
+                _ => self.refuse(0, "initial-synchronisation disk contents outside the synchronisation".into(), out),
+            },
+            Msg::SyncEnd { pages, disk_chunks } => match self.phase {
+                Phase::Replica { committed: None, .. } if !self.sync_done => {
+                    if (pages, disk_chunks) != (self.sync_pages, self.sync_chunks) {
+                        let reason = format!(
+                            "incomplete synchronisation: {} of {pages} pages and {} of {disk_chunks} disk chunks arrived",
+                            self.sync_pages, self.sync_chunks
+                        );
+                        return self.refuse(0, reason, out);
+                    }
+                    self.sync_done = true;
+                }
+                _ => self.refuse(0, "end of synchronisation outside the synchronisation".into(), out),
             },
             Msg::DiskWrite { epoch, offset, data } => {
                 if !matches!(self.phase, Phase::Replica { .. }) {
@@ -255,6 +288,9 @@ impl Backup {
                 if !matches!(self.phase, Phase::Replica { .. }) {
                     return self.refuse(epoch, "pages before a hello".into(), out);
                 }
+                if !self.sync_done {
+                    return self.refuse(epoch, "checkpoint pages before the end of the synchronisation".into(), out);
+                }
                 if let Some(e) = self.expected_epoch() {
                     if e != epoch {
                         return self.refuse(epoch, format!("pages of epoch {epoch} out of order (expected epoch {e})"), out);
@@ -267,6 +303,9 @@ impl Backup {
             Msg::Commit { epoch, guest_ns, pages, disk_writes, vcpu } => {
                 if !matches!(self.phase, Phase::Replica { .. }) {
                     return self.refuse(epoch, "commit before a hello".into(), out);
+                }
+                if !self.sync_done {
+                    return self.refuse(epoch, "checkpoint before the end of the synchronisation".into(), out);
                 }
                 if let Some(e) = self.expected_epoch() {
                     if e != epoch {

@@ -29,6 +29,11 @@ pub enum Msg {
     /// Primary → backup: guest memory from the initial synchronisation (whole pages starting
     /// at `first_page`), sent while the VM runs.
     Sync { first_page: u64, data: Vec<u8> },
+    /// Primary → backup: the initial synchronisation is complete; how many pages and disk
+    /// chunks it sent (the backup checks it received them all).
+    SyncEnd { pages: u64, disk_chunks: u64 },
+    /// Primary → backup: disk contents from the initial synchronisation (written at once).
+    DiskSync { offset: u64, data: Vec<u8> },
     /// Primary → backup: one guest disk write made during `epoch` (held until it commits).
     DiskWrite { epoch: u64, offset: u64, data: Vec<u8> },
     /// Primary → backup: dirty pages of the checkpoint closing `epoch`.
@@ -73,6 +78,8 @@ const K_COMMIT: u8 = 5;
 const K_ACK: u8 = 6;
 const K_REFUSE: u8 = 7;
 const K_HEARTBEAT: u8 = 8;
+const K_DISK_SYNC: u8 = 9;
+const K_SYNC_END: u8 = 10;
 
 fn kind_name(k: u8) -> &'static str {
     match k {
@@ -84,6 +91,8 @@ fn kind_name(k: u8) -> &'static str {
         K_ACK => "ack",
         K_REFUSE => "refuse",
         K_HEARTBEAT => "heartbeat",
+        K_DISK_SYNC => "disk-sync",
+        K_SYNC_END => "sync-end",
         _ => "unknown",
     }
 }
@@ -104,6 +113,8 @@ impl Msg {
             Msg::Ack { .. } => K_ACK,
             Msg::Refuse { .. } => K_REFUSE,
             Msg::Heartbeat { .. } => K_HEARTBEAT,
+            Msg::DiskSync { .. } => K_DISK_SYNC,
+            Msg::SyncEnd { .. } => K_SYNC_END,
         }
     }
 
@@ -120,6 +131,15 @@ impl Msg {
             Msg::Sync { first_page, data } => {
                 h.extend_from_slice(&first_page.to_le_bytes());
                 data
+            }
+            Msg::DiskSync { offset, data } => {
+                h.extend_from_slice(&offset.to_le_bytes());
+                data
+            }
+            Msg::SyncEnd { pages, disk_chunks } => {
+                h.extend_from_slice(&pages.to_le_bytes());
+                h.extend_from_slice(&disk_chunks.to_le_bytes());
+                &[]
             }
             Msg::DiskWrite { epoch, offset, data } => {
                 h.extend_from_slice(&epoch.to_le_bytes());
@@ -310,6 +330,17 @@ fn decode_payload(kind: u8, payload: Vec<u8>) -> Result<Msg, WireError> {
             }
             Msg::Sync { first_page, data }
         }
+        K_DISK_SYNC => {
+            let offset = f.u64("offset")?;
+            let data = std::mem::take(&mut f.rest).to_vec();
+            Msg::DiskSync { offset, data }
+        }
+        K_SYNC_END => {
+            let pages = f.u64("page count")?;
+            let disk_chunks = f.u64("disk chunk count")?;
+            f.end()?;
+            Msg::SyncEnd { pages, disk_chunks }
+        }
         K_DISK => {
             let epoch = f.u64("epoch")?;
             let offset = f.u64("offset")?;
@@ -399,6 +430,8 @@ mod tests {
             Msg::Hello { session: 7, vm: "kv".into(), mem_bytes: 64 << 20, config: b"{\"x\":1}".to_vec() },
             Msg::Sync { first_page: 3, data: vec![9; 2 * PAGE] },
             Msg::DiskWrite { epoch: 4, offset: 512, data: vec![1; 512] },
+            Msg::DiskSync { offset: 1 << 20, data: vec![3; 4096] },
+            Msg::SyncEnd { pages: 16384, disk_chunks: 3 },
             Msg::Pages { epoch: 4, pages: vec![1, 5], data: vec![2; 2 * PAGE] },
             Msg::Commit { epoch: 4, guest_ns: 123, pages: 2, disk_writes: 1, vcpu: vec![5; 100] },
             Msg::Ack { epoch: 4 },
@@ -466,7 +499,7 @@ mod tests {
         }
 
         #[test]
-        fn mutated_frames_never_panic_and_never_decode_to_something_else(i in 0usize..8, pos in any::<usize>(), bit in 0u8..8) {
+        fn mutated_frames_never_panic_and_never_decode_to_something_else(i in 0usize..10, pos in any::<usize>(), bit in 0u8..8) {
             let m = samples()[i].clone();
             let mut b = encode(&m);
             let p = pos % b.len();

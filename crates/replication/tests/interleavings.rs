@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, HashSet};
 
 const MS: u64 = 1_000_000;
 const CELLS: usize = 8;
+const DISK: usize = 4;
 
 #[derive(Clone, Copy, Debug)]
 struct Faults {
@@ -79,6 +80,7 @@ impl Rng {
 #[derive(Clone, Debug)]
 struct ModelVm {
     mem: [u64; CELLS],
+    disk: [u64; DISK],
     state: u64,
     dirty: HashSet<usize>,
     holding: bool,
@@ -88,15 +90,22 @@ struct ModelVm {
 }
 
 impl ModelVm {
-    fn new(mem: [u64; CELLS], state: u64) -> ModelVm {
-        ModelVm { mem, state, dirty: HashSet::new(), holding: false, open: vec![], sealed: vec![], epoch: 0 }
+    fn new(mem: [u64; CELLS], disk: [u64; DISK], state: u64) -> ModelVm {
+        ModelVm { mem, disk, state, dirty: HashSet::new(), holding: false, open: vec![], sealed: vec![], epoch: 0 }
     }
-    fn work(&mut self, rng: &mut Rng) -> Option<u64> {
+    /// One step of guest work: a memory write, maybe a disk write (returned as its block),
+    /// maybe network output (returned as the state it shows).
+    fn work(&mut self, rng: &mut Rng) -> (Option<usize>, Option<u64>) {
         self.state += 1;
         let cell = (self.state as usize * 7) % CELLS;
         self.mem[cell] = self.state;
         self.dirty.insert(cell);
-        rng.chance(0.3).then_some(self.state)
+        let disk = rng.chance(0.1).then(|| {
+            let b = self.state as usize % DISK;
+            self.disk[b] = self.state;
+            b
+        });
+        (disk, rng.chance(0.3).then_some(self.state))
     }
 }
 
@@ -109,12 +118,16 @@ fn cell_of(data: &[u8]) -> u64 {
     u64::from_le_bytes(data[..8].try_into().expect("8 bytes"))
 }
 
+type Snap = ([u64; CELLS], [u64; DISK], u64);
+
 struct PrimaryNode {
     name: String,
     sm: Primary,
     vm: ModelVm,
-    /// Memory at each checkpoint, for checking the replica.
-    at_checkpoint: BTreeMap<u64, ([u64; CELLS], u64)>,
+    /// Memory, disk and state at each checkpoint, for checking the replica.
+    at_checkpoint: BTreeMap<u64, Snap>,
+    /// Disk writes sent per epoch on the current connection.
+    disk_sent: BTreeMap<u64, u64>,
     /// Sync cells still to send (cell index, at time).
     sync_queue: Vec<usize>,
     sync_session: Option<u64>,
@@ -125,6 +138,7 @@ struct BackupNode {
     name: String,
     sm: Backup,
     replica: [u64; CELLS],
+    disk: [u64; DISK],
     replica_state: u64,
     staged: Vec<(usize, u64)>,
     committed_epochs: Vec<u64>,
@@ -174,8 +188,9 @@ impl World {
             primaries: vec![PrimaryNode {
                 name: "host-a".into(),
                 sm: primary,
-                vm: ModelVm::new([0; CELLS], 0),
+                vm: ModelVm::new([0; CELLS], [0; DISK], 0),
                 at_checkpoint: BTreeMap::new(),
+                disk_sent: BTreeMap::new(),
                 sync_queue: vec![],
                 sync_session: None,
                 fenced: false,
@@ -265,7 +280,12 @@ impl World {
                         mem_bytes: (CELLS * PAGE) as u64,
                         config: vec![],
                     }));
+                    let disk = self.primaries[i].vm.disk;
+                    for (b, v) in disk.iter().enumerate() {
+                        self.send(Wire::ToBackup(Msg::DiskSync { offset: b as u64, data: page(*v) }));
+                    }
                     let p = &mut self.primaries[i];
+                    p.disk_sent.clear();
                     p.sync_queue = (0..CELLS).collect();
                     p.sync_session = Some(session);
                 }
@@ -278,7 +298,8 @@ impl World {
                     p.vm.sealed.push((epoch, open));
                     let mut dirty: Vec<usize> = p.vm.dirty.drain().collect();
                     dirty.sort();
-                    p.at_checkpoint.insert(epoch, (p.vm.mem, p.vm.state));
+                    p.at_checkpoint.insert(epoch, (p.vm.mem, p.vm.disk, p.vm.state));
+                    let disk_writes = p.disk_sent.remove(&epoch).unwrap_or(0);
                     let pages: Vec<(usize, u64)> = dirty.iter().map(|&c| (c, p.vm.mem[c])).collect();
                     let state = p.vm.state;
                     for (c, v) in &pages {
@@ -288,7 +309,7 @@ impl World {
                         epoch,
                         guest_ns: state,
                         pages: pages.len() as u64,
-                        disk_writes: 0,
+                        disk_writes,
                         vcpu: state.to_le_bytes().to_vec(),
                     }));
                     let now = self.now;
@@ -376,6 +397,7 @@ impl World {
             match a {
                 backup::Action::Reset { .. } => {
                     b.replica = [0; CELLS];
+                    b.disk = [0; DISK];
                     b.replica_state = 0;
                     b.staged.clear();
                     b.committed_epochs.clear();
@@ -383,12 +405,16 @@ impl World {
                 backup::Action::WriteSync { first_page, data } => b.replica[first_page as usize] = cell_of(&data),
                 backup::Action::Stage { pages, data, .. } => b.staged.push((pages[0] as usize, cell_of(&data))),
                 backup::Action::DiscardStaged => b.staged.clear(),
-                backup::Action::Apply { epoch, vcpu, .. } => {
+                backup::Action::WriteDisk { offset, data } => b.disk[offset as usize] = cell_of(&data),
+                backup::Action::Apply { epoch, vcpu, disk, .. } => {
                     let result = if fail {
                         Err("injected validation failure".to_string())
                     } else {
                         for (c, v) in b.staged.drain(..) {
                             b.replica[c] = v;
+                        }
+                        for (o, d) in &disk {
+                            b.disk[*o as usize] = cell_of(d);
                         }
                         b.replica_state = u64::from_le_bytes(vcpu[..8].try_into().expect("state"));
                         b.committed_epochs.push(epoch);
@@ -400,7 +426,7 @@ impl World {
                         let p = self.primaries.iter().find(|p| Some(&p.name) == owner.as_ref()).expect("a connected primary");
                         let b = self.backup.as_ref().expect("backup");
                         assert_eq!(
-                            Some(&(b.replica, b.replica_state)),
+                            Some(&(b.replica, b.disk, b.replica_state)),
                             p.at_checkpoint.get(&epoch),
                             "t={} ms: replica differs from the primary at epoch {epoch}\n{}",
                             now / MS,
@@ -433,13 +459,14 @@ impl World {
                     self.log.push(format!("{} {} takes over at epoch {epoch} state {}", now / MS, b.name, b.replica_state));
                     let mut sm = Primary::new("vm", &b.name, self.timing, policy::parse("adaptive").expect("policy"));
                     let acts = sm.after_takeover(now, granted_at);
-                    let mut vm = ModelVm::new(b.replica, b.replica_state);
+                    let mut vm = ModelVm::new(b.replica, b.disk, b.replica_state);
                     vm.epoch = epoch;
                     self.primaries.push(PrimaryNode {
                         name: b.name.clone(),
                         sm,
                         vm,
                         at_checkpoint: BTreeMap::new(),
+                        disk_sent: BTreeMap::new(),
                         sync_queue: vec![],
                         sync_session: None,
                         fenced: false,
@@ -565,7 +592,18 @@ impl World {
             if self.primaries[i].fenced {
                 continue;
             }
-            if let Some(s) = self.primaries[i].vm.work(&mut self.rng) {
+            let (disk, output) = self.primaries[i].vm.work(&mut self.rng);
+            let name = self.primaries[i].name.clone();
+            if let Some(b) = disk {
+                let vm = &self.primaries[i].vm;
+                if vm.holding && self.conn.as_ref().is_some_and(|c| c.1 == name) {
+                    let epoch = vm.epoch + 1;
+                    let data = page(vm.disk[b]);
+                    *self.primaries[i].disk_sent.entry(epoch).or_default() += 1;
+                    self.send(Wire::ToBackup(Msg::DiskWrite { epoch, offset: b as u64, data }));
+                }
+            }
+            if let Some(s) = output {
                 let name = self.primaries[i].name.clone();
                 let vm = &mut self.primaries[i].vm;
                 if vm.holding {
@@ -584,6 +622,9 @@ impl World {
                     self.send(Wire::ToBackup(Msg::Sync { first_page: c as u64, data: page(v) }));
                 }
                 if self.primaries[i].sync_queue.is_empty() && self.primaries[i].sync_session.take().is_some() {
+                    if self.conn.as_ref().is_some_and(|x| x.1 == name) {
+                        self.send(Wire::ToBackup(Msg::SyncEnd { pages: CELLS as u64, disk_chunks: DISK as u64 }));
+                    }
                     let acts = self.primaries[i].sm.handle(now, primary::Event::SyncSent);
                     self.primary_actions(i, acts);
                 }
@@ -614,6 +655,7 @@ impl BackupNode {
             name: name.into(),
             sm: Backup::new(name, timing),
             replica: [0; CELLS],
+            disk: [0; DISK],
             replica_state: 0,
             staged: vec![],
             committed_epochs: vec![],
