@@ -123,6 +123,44 @@ fn replica_follows_checkpoints_and_takes_over() {
 }
 
 #[test]
+fn initial_copy_under_heavy_writes_then_checkpoints_make_an_exact_replica() {
+    if skip_without_kvm("initial_copy_under_heavy_writes_then_checkpoints_make_an_exact_replica") {
+        return;
+    }
+    // compute rewrites every page of an 8 MiB working set over and over, so many pages change
+    // while the view copies them.
+    let console = Console::default();
+    let mut config = VmConfig::new(guest("compute"), 64);
+    config.args = vec!["8".into(), "0".into(), "1000".into()];
+    let mut vm = Vm::create(config.clone(), console.boxed()).expect("create VM");
+    let (ctl, inbox) = channel_pair().expect("control channel");
+    let runner = std::thread::spawn(move || vm.run(Some(&inbox)));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(ctl.call(Command::Protect { mirror: None }).ok);
+    let view = ctl.call(Command::MemoryView).memory_view.expect("view");
+    let mut replica = Replica::new(config).expect("replica");
+    initial_copy(&view, &mut replica);
+    let mut buffer = None;
+    let mut dirty = vec![];
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(20));
+        let c = checkpoint(&ctl, buffer.take());
+        replica.apply(&c).expect("apply");
+        dirty.push(c.pages.len());
+        buffer = Some(c.data);
+    }
+    assert!(dirty.iter().any(|d| *d > 100), "compute dirtied only {dirty:?} pages per epoch");
+    assert!(ctl.call(Command::Pause).ok);
+    let last = checkpoint(&ctl, buffer);
+    replica.apply(&last).expect("apply");
+    let primary = snapshot_of(&view);
+    let replica_mem = replica.memory().as_slice().expect("replica memory");
+    assert!(first_difference(&primary, replica_mem).is_none(), "page {:?} differs", first_difference(&primary, replica_mem));
+    assert!(ctl.call(Command::Quit).ok);
+    assert_eq!(runner.join().expect("VM thread").expect("run"), Stop::Quit);
+}
+
+#[test]
 fn bad_checkpoints_are_refused_and_leave_the_replica_untouched() {
     if skip_without_kvm("bad_checkpoints_are_refused_and_leave_the_replica_untouched") {
         return;
