@@ -216,3 +216,20 @@ fn install_kick_handler() {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_process_commands_stay_out_of_the_json_api() {
+        for cmd in ["protect", "checkpoint", "memory-view"] {
+            let json = format!(r#"{{"cmd":"{cmd}"}}"#);
+            assert!(serde_json::from_str::<Command>(&json).is_err(), "{cmd} parsed");
+        }
+        assert!(matches!(serde_json::from_str(r#"{"cmd":"unprotect"}"#), Ok(Command::Unprotect)));
+        assert!(matches!(serde_json::from_str(r#"{"cmd":"announce","count":3}"#), Ok(Command::Announce { count: 3 })));
+        let reply = Reply { checkpoint: Some(Box::default()), ..Reply::ok() };
+        assert_eq!(serde_json::to_string(&reply).expect("json"), r#"{"ok":true}"#);
+    }
+}
