@@ -118,6 +118,99 @@ fn ping(addr: &str) -> bool {
     s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// One checkpoint as the bench saw it.
+struct Sample {
+    pages: f64,
+    pause_ms: f64,
+    copy_ms: f64,
+    /// Command round trip from the bench thread (kick included).
+    call_ms: f64,
+}
+
+/// Checkpoint cost against the number of dirty pages: the counter guest dirties a chosen
+/// number of pages per round and idles; after each round the bench takes a checkpoint (reusing
+/// the previous checkpoint's buffer, as a replication driver would) and reads the pause and
+/// copy times the vCPU thread measured.
+fn checkpoint_rows(counter: &Path, rows: &mut Vec<Row>) -> Result<()> {
+    let samples = 7;
+    let mut fixed = vec![];
+    for (pages, fresh) in [(0u64, false), (64, false), (1024, false), (8192, false), (32768, false), (32768, true)] {
+        let console = Console::default();
+        let (ctl, inbox) = channel_pair()?;
+        let mut config = VmConfig::new(counter, 256);
+        config.args = vec!["rounds".into(), pages.to_string(), "0".into(), "20".into()];
+        let mut vm = Vm::create(config, Box::new(console.clone()))?;
+        let runner = std::thread::spawn(move || vm.run(Some(&inbox)));
+        let result = (|| -> Result<Vec<Sample>> {
+            wait_for("round 1", Duration::from_secs(20), || console.text().contains("round 1\n"))?;
+            if !ctl.call(Command::Protect { mirror: None }).ok {
+                bail!("protect failed");
+            }
+            let mut buffer = None;
+            let mut out = vec![];
+            let mut round = 1;
+            while out.len() < samples {
+                round += 1;
+                let line = format!("round {round}\n");
+                wait_for(&line, Duration::from_secs(60), || console.text().contains(&line))?;
+                let t = Instant::now();
+                let r = ctl.call(Command::Checkpoint { buffer: buffer.take() });
+                let call = t.elapsed().as_secs_f64() * 1e3;
+                let Some(c) = r.checkpoint else {
+                    bail!("checkpoint failed: {:?}", r.error);
+                };
+                // The first checkpoint after protect also holds what the guest wrote
+                // between protect and its round: skip it.
+                if round > 2 {
+                    out.push(Sample {
+                        pages: c.pages.len() as f64,
+                        pause_ms: c.pause_ns as f64 / 1e6,
+                        copy_ms: c.copy_ns as f64 / 1e6,
+                        call_ms: call,
+                    });
+                }
+                if !fresh {
+                    buffer = Some(c.data);
+                }
+            }
+            Ok(out)
+        })();
+        ctl.call(Command::Quit);
+        let _ = runner.join();
+        let out = result?;
+        let dirty = median(out.iter().map(|s| s.pages).collect());
+        let pause = median(out.iter().map(|s| s.pause_ms).collect());
+        let copy = median(out.iter().map(|s| s.copy_ms).collect());
+        let call = median(out.iter().map(|s| s.call_ms).collect());
+        let rate = if copy > 0.0 { dirty * 4096.0 / (copy / 1e3) / 1e9 } else { f64::NAN };
+        if !fresh {
+            fixed.push(pause - copy);
+        }
+        row(
+            rows,
+            &format!("checkpoint, {pages} pages dirtied{}", if fresh { " (fresh buffer)" } else { "" }),
+            format!("{pause:.3} ms"),
+            &format!(
+                "vCPU pause; copy {copy:.3} ms = {rate:.2} GB/s for {dirty:.0} dirty pages; pause - copy {:.0} µs; command round trip {call:.3} ms; median of {samples}",
+                (pause - copy) * 1e3
+            ),
+        );
+    }
+    let fixed = median(fixed);
+    row(
+        rows,
+        "checkpoint fixed cost (pause - copy)",
+        format!("{:.0} µs", fixed * 1e3),
+        "median over the rows above: dirty log get-and-clear, vCPU state, clock, epoch seal",
+    );
+    Ok(())
+}
+
 pub fn run(guests: &Path, json: bool) -> Result<()> {
     if !vmm::kvm_available() {
         bail!("/dev/kvm is absent: nothing to measure");
@@ -286,6 +379,8 @@ pub fn run(guests: &Path, json: bool) -> Result<()> {
             &format!("slowdown ×{:.1} with get-and-clear every ~1 ms", off / on.max(1e-9)),
         );
     }
+
+    checkpoint_rows(&counter, &mut rows)?;
 
     // kv: start to serving, and redis-benchmark VM versus native.
     match (image("kv"), Netns::new()) {

@@ -36,12 +36,31 @@ pub enum Command {
     NetRelease { epoch: u64 },
     /// Stop holding: send everything held.
     NetUnhold,
+    /// Start protection (checkpoint replication, see [`crate::checkpoint`]): dirty logging
+    /// on (from a clean slate), network output held (with a tap), and every guest disk write
+    /// also sent on `mirror` (with a disk). In-process only.
+    #[serde(skip)]
+    Protect { mirror: Option<Sender<crate::checkpoint::DiskWrite>> },
+    /// End protection: dirty logging off, all held output sent, no more disk mirroring.
+    Unprotect,
+    /// Take a checkpoint of the protected VM: the reply's `checkpoint`. `buffer` is an old
+    /// checkpoint's `data` to reuse (copying into a buffer whose pages are already mapped is
+    /// several times faster). In-process only.
+    #[serde(skip)]
+    Checkpoint { buffer: Option<Vec<u8>> },
+    /// A view of all of guest memory for another thread (the reply's `memory_view`).
+    /// In-process only.
+    #[serde(skip)]
+    MemoryView,
+    /// Announce the VM's MAC and IP address on its tap (gratuitous ARP request and reply,
+    /// `count` times each) after a takeover; the reply's `value` is the frames sent.
+    Announce { count: u32 },
     /// End the VM.
     Quit,
 }
 
 /// The VM's answer.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Reply {
     pub ok: bool,
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -51,17 +70,25 @@ pub struct Reply {
     /// Dirty page numbers (guest-physical address / 4096), ascending.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub dirty_pages: Option<Vec<u64>>,
-    /// The epoch a `net-seal` closed, or frames sent by `net-release`/`net-unhold`.
+    /// The epoch a `net-seal` closed, or frames sent by `net-release`/`net-unhold`/`announce`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub value: Option<u64>,
+    /// What `Command::Checkpoint` took (in-process only).
+    #[serde(skip)]
+    pub checkpoint: Option<Box<crate::checkpoint::Checkpoint>>,
+    /// What `Command::MemoryView` returns (in-process only).
+    #[serde(skip)]
+    pub memory_view: Option<crate::memory::MemoryView>,
 }
 
 impl Reply {
+    /// Success, nothing more to say.
     pub fn ok() -> Self {
-        Reply { ok: true, error: None, status: None, dirty_pages: None, value: None }
+        Reply { ok: true, ..Default::default() }
     }
+    /// Failure with a reason.
     pub fn err(e: impl ToString) -> Self {
-        Reply { ok: false, error: Some(e.to_string()), status: None, dirty_pages: None, value: None }
+        Reply { ok: false, error: Some(e.to_string()), ..Default::default() }
     }
 }
 
@@ -188,4 +215,21 @@ fn install_kick_handler() {
             libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_process_commands_stay_out_of_the_json_api() {
+        for cmd in ["protect", "checkpoint", "memory-view"] {
+            let json = format!(r#"{{"cmd":"{cmd}"}}"#);
+            assert!(serde_json::from_str::<Command>(&json).is_err(), "{cmd} parsed");
+        }
+        assert!(matches!(serde_json::from_str(r#"{"cmd":"unprotect"}"#), Ok(Command::Unprotect)));
+        assert!(matches!(serde_json::from_str(r#"{"cmd":"announce","count":3}"#), Ok(Command::Announce { count: 3 })));
+        let reply = Reply { checkpoint: Some(Box::default()), ..Reply::ok() };
+        assert_eq!(serde_json::to_string(&reply).expect("json"), r#"{"ok":true}"#);
+    }
 }

@@ -22,6 +22,10 @@ pub enum Error {
     Snapshot { dir: PathBuf, reason: String },
     #[error("control API {path}: {reason}")]
     Api { path: PathBuf, reason: String },
+    #[error("checkpoint of epoch {epoch}: {reason}")]
+    Checkpoint { epoch: u64, reason: String },
+    #[error("replica: {0}")]
+    Replica(String),
     #[error("{0}")]
     Os(String),
 }

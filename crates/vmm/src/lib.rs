@@ -4,15 +4,17 @@
 //! IOPL 3 on identity-mapped pages (the design for this project's nested-PVM hosts, see
 //! DESIGN §3), loading a static ELF unikernel image, the boot information page, the
 //! paravirtual devices behind the ports of `vmm-abi` (console, clock, exit, idle, block, network
-//! over a tap device), pause/resume, snapshot and restore, dirty-page tracking, and the control
-//! API over a Unix socket. It does not own replication (it only offers what replication needs:
-//! pause, dirty pages, device state), scheduling reservations, or the guests themselves.
+//! over a tap device), pause/resume, snapshot and restore, dirty-page tracking, the primitives of
+//! checkpoint replication (protection, checkpoints, replicas, takeover: [`checkpoint`]), and the
+//! control API over a Unix socket. It does not own the replication protocol (the `replication`
+//! crate drives these primitives), scheduling reservations, or the guests themselves.
 //!
 //! A misbehaving guest never makes the VMM fail: every malformed request, crash or unexpected
 //! exit ends the run with [`Stop::Fault`] and a reason.
 
 pub mod api;
 mod arch;
+pub mod checkpoint;
 pub mod control;
 pub mod devices;
 mod error;
@@ -21,9 +23,11 @@ mod machine;
 pub mod memory;
 pub mod snapshot;
 
+pub use checkpoint::{Checkpoint, DiskWrite, Replica};
 pub use control::{channel_pair, Command, Controller, Inbox, Reply};
 pub use error::{Error, Result};
 pub use machine::{pages_of, NetConfig, Status, Stop, Vm, VmConfig};
+pub use memory::MemoryView;
 
 /// Whether this host has KVM (tests skip only when it does not).
 pub fn kvm_available() -> bool {

@@ -55,6 +55,15 @@ impl VmConfig {
     }
 }
 
+/// Guest memory size of `config` in bytes, checked against the ABI's limits.
+pub(crate) fn mem_bytes(config: &VmConfig) -> Result<u64> {
+    let mem_bytes = config.mem_mib.saturating_mul(1 << 20);
+    if !(MIN_MEM..=MAX_MEM).contains(&mem_bytes) {
+        return Err(Error::Config(format!("memory {} MiB is outside {}..={} MiB", config.mem_mib, MIN_MEM >> 20, MAX_MEM >> 20)));
+    }
+    Ok(mem_bytes)
+}
+
 /// Why a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stop {
@@ -92,6 +101,10 @@ pub struct Vm {
     /// KVM_RUN left an exit whose completion needs one more KVM_RUN (see `settle`).
     unsettled: bool,
     exits: u64,
+    /// Checkpoint replication state while protected (see `checkpoint.rs`).
+    pub(crate) protection: Option<crate::checkpoint::Protection>,
+    /// The number the next protection epoch gets (epochs are never reused by a VM).
+    pub(crate) next_epoch: u64,
 }
 
 impl Vm {
@@ -110,17 +123,25 @@ impl Vm {
 
     /// KVM VM, vCPU, memory and devices, but nothing in memory and no registers set.
     pub(crate) fn bare(config: VmConfig, console: Box<dyn Write + Send>) -> Result<Self> {
-        let mem_bytes = config.mem_mib.saturating_mul(1 << 20);
-        if !(MIN_MEM..=MAX_MEM).contains(&mem_bytes) {
-            return Err(Error::Config(format!("memory {} MiB is outside {}..={} MiB", config.mem_mib, MIN_MEM >> 20, MAX_MEM >> 20)));
-        }
+        Self::bare_with(config, console, None)
+    }
+
+    /// As [`Vm::bare`], with `mem` (of the configured size) moved in instead of fresh memory.
+    pub(crate) fn bare_with(config: VmConfig, console: Box<dyn Write + Send>, mem: Option<GuestMem>) -> Result<Self> {
+        let mem_bytes = mem_bytes(&config)?;
         let args_len: usize = config.args.iter().map(|a| a.len() + 1).sum();
         if args_len as u64 > ARGS_MAX || config.args.iter().any(|a| a.contains('\0')) {
             return Err(Error::Config(format!("guest arguments take {args_len} bytes (at most {ARGS_MAX}, no NUL)")));
         }
         let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        let mem = GuestMem::new(mem_bytes)?;
+        let mem = match mem {
+            Some(m) if m.size() != mem_bytes => {
+                return Err(Error::Config(format!("memory of {} bytes for a VM configured with {mem_bytes}", m.size())))
+            }
+            Some(m) => m,
+            None => GuestMem::new(mem_bytes)?,
+        };
         let block = config.disk.as_deref().map(Block::open).transpose()?;
         let tap = config.tap.as_deref().map(Tap::open).transpose()?;
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
@@ -141,6 +162,8 @@ impl Vm {
             paused: false,
             unsettled: false,
             exits: 0,
+            protection: None,
+            next_epoch: 1,
         };
         m.set_memory_slot(dirty)?;
         Ok(m)
@@ -369,9 +392,15 @@ impl Vm {
             }
             Command::Status => Ok(Reply { status: Some(self.status()), ..Reply::ok() }),
             Command::Snapshot { dir } => self.pause().and_then(|_| self.snapshot(&dir)).map(|_| Reply::ok()),
+            Command::DirtyLogStart | Command::DirtyLogStop | Command::DirtyLogGetAndClear if self.protection.is_some() => {
+                Err(Error::Config("the VM is protected: checkpoints collect its dirty pages (unprotect first)".into()))
+            }
             Command::DirtyLogStart => self.set_dirty_logging(true).map(|_| Reply::ok()),
             Command::DirtyLogStop => self.set_dirty_logging(false).map(|_| Reply::ok()),
             Command::DirtyLogGetAndClear => self.dirty_pages_get_and_clear().map(|p| Reply { dirty_pages: Some(p), ..Reply::ok() }),
+            Command::NetHold | Command::NetSeal | Command::NetUnhold if self.protection.is_some() => {
+                Err(Error::Config("the VM is protected: checkpoints seal its output epochs (unprotect first)".into()))
+            }
             Command::NetHold | Command::NetSeal | Command::NetRelease { .. } | Command::NetUnhold => match self.tap.as_mut() {
                 None => Err(Error::Config("the VM has no network device".into())),
                 Some(tap) => {
@@ -387,6 +416,11 @@ impl Vm {
                     Ok(Reply { value, ..Reply::ok() })
                 }
             },
+            Command::Protect { mirror } => self.protect(mirror).map(|_| Reply::ok()),
+            Command::Unprotect => self.unprotect().map(|_| Reply::ok()),
+            Command::Checkpoint { buffer } => self.checkpoint(buffer).map(|c| Reply { checkpoint: Some(Box::new(c)), ..Reply::ok() }),
+            Command::MemoryView => self.mem.view().map(|v| Reply { memory_view: Some(v), ..Reply::ok() }),
+            Command::Announce { count } => self.announce(count).map(|n| Reply { value: Some(n), ..Reply::ok() }),
             Command::Quit => return (Reply::ok(), Some(Stop::Quit)),
         };
         (r.unwrap_or_else(Reply::err), None)

@@ -2,12 +2,14 @@
 //! and the bitmap of pages the VMM itself wrote (KVM's dirty log does not see those).
 
 use crate::{Error, Result};
+use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_abi::PAGE_SIZE;
 
-/// The guest's RAM.
+/// The guest's RAM. The mapping is shared (`Arc`) so that a [`MemoryView`] keeps it alive
+/// after the VM has ended.
 pub struct GuestMem {
-    mem: GuestMemoryMmap,
+    mem: Arc<GuestMemoryMmap>,
     size: u64,
     /// One bit per page the VMM wrote since the last [`GuestMem::take_vmm_dirty`].
     vmm_dirty: Vec<u64>,
@@ -22,7 +24,7 @@ impl GuestMem {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
             .map_err(|e| Error::Memory(format!("cannot map {} MiB: {e}", size >> 20)))?;
         let pages = size / PAGE_SIZE;
-        Ok(GuestMem { mem, size, vmm_dirty: vec![0; pages.div_ceil(64) as usize] })
+        Ok(GuestMem { mem: Arc::new(mem), size, vmm_dirty: vec![0; pages.div_ceil(64) as usize] })
     }
 
     /// Size in bytes.
@@ -108,6 +110,91 @@ impl GuestMem {
         let base = self.host_base()?;
         // SAFETY: as in `as_slice`, and `&mut self` excludes other VMM access.
         Ok(unsafe { std::slice::from_raw_parts_mut(base, self.size as usize) })
+    }
+}
+
+impl GuestMem {
+    /// A read-only view of all of guest memory for another thread, valid while the vCPU runs
+    /// (see [`MemoryView`]).
+    pub fn view(&self) -> Result<MemoryView> {
+        let base = self.host_base()? as usize;
+        Ok(MemoryView { _mapping: self.mem.clone(), base, size: self.size })
+    }
+
+    /// Copies `pages` whole pages starting at page `first` to the end of `out` (which keeps
+    /// its capacity between calls: no zeroing, no page faults on a reused buffer).
+    pub(crate) fn append_pages(&self, first: u64, pages: u64, out: &mut Vec<u8>) -> Result<(), String> {
+        let (addr, len) = (first * PAGE_SIZE, pages * PAGE_SIZE);
+        self.check(addr, len)?;
+        let base = self.host_base().map_err(|e| e.to_string())?;
+        // SAFETY: `[addr, addr+len)` lies inside the mapping (checked), which lives as long as
+        // `self`; this runs on the vCPU thread while the vCPU is out of KVM_RUN, so nothing
+        // writes those bytes concurrently.
+        out.extend_from_slice(unsafe { std::slice::from_raw_parts(base.add(addr as usize), len as usize) });
+        Ok(())
+    }
+}
+
+/// All of a VM's guest memory, readable from any thread while the vCPU keeps running (for the
+/// initial synchronisation of a backup). Cloneable; keeps the mapping alive even after the VM
+/// has ended.
+///
+/// Reads race with the guest's (and the VMM's) writes: a page being written while it is
+/// copied may come out torn. That is what it is for: dirty logging is on before the view is
+/// read, so every page written meanwhile is dirty and the next checkpoint sends it again.
+#[derive(Clone)]
+pub struct MemoryView {
+    /// Keeps the mapping alive.
+    _mapping: Arc<GuestMemoryMmap>,
+    /// Host address of guest-physical 0 inside `mem`.
+    base: usize,
+    size: u64,
+}
+
+impl std::fmt::Debug for MemoryView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MemoryView({} bytes)", self.size)
+    }
+}
+
+impl MemoryView {
+    /// Size of guest memory in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Number of pages.
+    pub fn pages(&self) -> u64 {
+        self.size / PAGE_SIZE
+    }
+
+    /// Copies guest memory from `offset` into `buf`.
+    pub fn copy_range(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match offset.checked_add(buf.len() as u64) {
+            Some(end) if end <= self.size => {}
+            _ => {
+                return Err(Error::Memory(format!(
+                    "view range 0x{offset:x}+{} is outside guest memory (0x{:x} bytes)",
+                    buf.len(),
+                    self.size
+                )))
+            }
+        }
+        // SAFETY: the range lies inside the mapping (checked above), which `self._mapping` keeps
+        // mapped. The guest (through KVM) and the vCPU thread may write these bytes while we
+        // copy them: this is a racy read of plain bytes from memory shared with another agent,
+        // like reading a buffer shared with another process. `u8` has no invalid values, the
+        // copy goes into our own buffer and no reference to guest memory outlives the call, so
+        // the worst outcome is a torn copy, which the caller accepts (dirty logging makes the
+        // next checkpoint resend every page written meanwhile).
+        unsafe { std::ptr::copy_nonoverlapping((self.base + offset as usize) as *const u8, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    /// Copies page `page` into `buf`.
+    pub fn read_page(&self, page: u64, buf: &mut [u8; PAGE_SIZE as usize]) -> Result<()> {
+        let offset = page.checked_mul(PAGE_SIZE).ok_or_else(|| Error::Memory(format!("page {page} is out of range")))?;
+        self.copy_range(offset, buf)
     }
 }
 

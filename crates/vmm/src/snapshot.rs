@@ -5,7 +5,7 @@
 use crate::devices::clock::Clock;
 use crate::error::kvm;
 use crate::machine::{Vm, VmConfig};
-use crate::memory::Pod;
+use crate::memory::{GuestMem, Pod};
 use crate::{Error, Result};
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs, kvm_xcrs, kvm_xsave};
 use std::io::Write;
@@ -35,6 +35,77 @@ pub struct RestoreOverrides {
     pub disk: Option<PathBuf>,
 }
 
+impl RestoreOverrides {
+    /// `config` with the overridden settings replaced.
+    pub fn apply(&self, mut config: VmConfig) -> VmConfig {
+        if self.tap.is_some() {
+            config.tap = self.tap.clone();
+        }
+        if self.disk.is_some() {
+            config.disk = self.disk.clone();
+        }
+        config
+    }
+}
+
+/// A parsed vCPU state blob: everything KVM needs to continue the vCPU.
+pub(crate) struct VcpuState {
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    fpu: kvm_fpu,
+    xcrs: kvm_xcrs,
+    xsave: Option<kvm_xsave>,
+}
+
+impl VcpuState {
+    /// Parses a blob written by `Vm::vcpu_state`, checking magic, version and every size.
+    pub(crate) fn parse(b: &[u8]) -> Result<VcpuState, String> {
+        if b.len() < 12 || &b[..8] != VCPU_MAGIC {
+            return Err("not a vCPU state blob (bad magic)".into());
+        }
+        let version = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+        if version != SNAPSHOT_VERSION {
+            return Err(format!("format version {version}"));
+        }
+        let mut rest = &b[12..];
+        let mut part = |name: &str| -> Result<&[u8], String> {
+            let len = rest.get(..4).ok_or(format!("truncated before {name}"))?;
+            let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            let data = rest.get(4..4usize.saturating_add(len)).ok_or(format!("truncated in {name}"))?;
+            rest = &rest[4 + len..];
+            Ok(data)
+        };
+        fn pod<T: Pod>(name: &str, data: &[u8]) -> Result<T, String> {
+            let mut v = T::zeroed();
+            if data.len() != std::mem::size_of::<T>() {
+                return Err(format!("{name} has {} bytes, expected {}", data.len(), std::mem::size_of::<T>()));
+            }
+            v.as_bytes_mut().copy_from_slice(data);
+            Ok(v)
+        }
+        let regs: kvm_regs = pod("regs", part("regs")?)?;
+        let sregs: kvm_sregs = pod("sregs", part("sregs")?)?;
+        let fpu: kvm_fpu = pod("fpu", part("fpu")?)?;
+        let xcrs: kvm_xcrs = pod("xcrs", part("xcrs")?)?;
+        let xsave_bytes = part("xsave")?;
+        let xsave = match xsave_bytes.len() {
+            0 => None,
+            4096 => {
+                let mut x = kvm_xsave::default();
+                for (w, c) in x.region.iter_mut().zip(xsave_bytes.chunks_exact(4)) {
+                    *w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+                Some(x)
+            }
+            n => return Err(format!("xsave has {n} bytes, expected 0 or 4096")),
+        };
+        if !rest.is_empty() {
+            return Err(format!("{} bytes after the xsave area", rest.len()));
+        }
+        Ok(VcpuState { regs, sregs, fpu, xcrs, xsave })
+    }
+}
+
 fn err(dir: &Path, reason: impl ToString) -> Error {
     Error::Snapshot { dir: dir.to_owned(), reason: reason.to_string() }
 }
@@ -58,7 +129,9 @@ impl Vm {
         Ok(())
     }
 
-    fn vcpu_state(&self) -> Result<Vec<u8>> {
+    /// The vCPU state blob (`vcpu0.bin`; also carried by checkpoints). The vCPU must be
+    /// settled (see [`Vm::pause`]).
+    pub(crate) fn vcpu_state(&self) -> Result<Vec<u8>> {
         let v = self.vcpu();
         let regs = v.get_regs().map_err(kvm("KVM_GET_REGS"))?;
         let sregs = v.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
@@ -94,83 +167,58 @@ impl Vm {
         if m.abi_version != vmm_abi::ABI_VERSION {
             return Err(err(dir, format!("guest ABI version {} (this VMM speaks {})", m.abi_version, vmm_abi::ABI_VERSION)));
         }
-        let mut config = m.config.clone();
-        if overrides.tap.is_some() {
-            config.tap = overrides.tap.clone();
+        let config = overrides.apply(m.config.clone());
+        let mut mem = GuestMem::new(config.mem_mib.saturating_mul(1 << 20))?;
+        let mem_path = dir.join("memory.bin");
+        let mut f = std::fs::File::open(&mem_path).map_err(crate::error::io("cannot open snapshot memory", &mem_path))?;
+        let len = f.metadata().map_err(crate::error::io("cannot stat snapshot memory", &mem_path))?.len();
+        if len != mem.size() {
+            return Err(err(dir, format!("memory.bin has {len} bytes, vm.json says {}", mem.size())));
         }
-        if overrides.disk.is_some() {
-            config.disk = overrides.disk.clone();
-        }
-        let mut vm = Vm::bare(config, console)?;
+        let cpu_path = dir.join("vcpu0.bin");
+        let cpu = std::fs::read(&cpu_path).map_err(crate::error::io("cannot read vCPU state", &cpu_path))?;
+        let cpu = VcpuState::parse(&cpu).map_err(|reason| err(dir, format!("vcpu0.bin: {reason}")))?;
+        std::io::Read::read_exact(&mut f, mem.as_mut_slice()?).map_err(crate::error::io("cannot read snapshot memory", &mem_path))?;
+        let vm = Vm::assemble(config, console, mem, &cpu, m.guest_ns)?;
         let disk_sectors = vm.block.as_ref().map_or(0, |b| b.sectors());
         if disk_sectors != m.disk_sectors {
             return Err(err(dir, format!("the disk has {disk_sectors} sectors, the snapshot expects {}", m.disk_sectors)));
         }
-        let mem_path = dir.join("memory.bin");
-        let mut f = std::fs::File::open(&mem_path).map_err(crate::error::io("cannot open snapshot memory", &mem_path))?;
-        let len = f.metadata().map_err(crate::error::io("cannot stat snapshot memory", &mem_path))?.len();
-        if len != vm.mem.size() {
-            return Err(err(dir, format!("memory.bin has {len} bytes, vm.json says {}", vm.mem.size())));
-        }
-        std::io::Read::read_exact(&mut f, vm.mem.as_mut_slice()?).map_err(crate::error::io("cannot read snapshot memory", &mem_path))?;
-        vm.mem.take_vmm_dirty();
-        let cpu_path = dir.join("vcpu0.bin");
-        let cpu = std::fs::read(&cpu_path).map_err(crate::error::io("cannot read vCPU state", &cpu_path))?;
-        vm.set_vcpu_state(&cpu).map_err(|reason| err(dir, format!("vcpu0.bin: {reason}")))??;
-        vm.clock = Clock::new(m.guest_ns);
+        Ok(vm)
+    }
+
+    /// A new, paused VM from saved parts (snapshot restore and replica takeover): KVM VM and
+    /// devices for `config`, `mem` moved in, the vCPU set to `cpu`, the clock continuing at
+    /// `guest_ns`.
+    pub(crate) fn assemble(
+        config: VmConfig,
+        console: Box<dyn Write + Send>,
+        mut mem: GuestMem,
+        cpu: &VcpuState,
+        guest_ns: u64,
+    ) -> Result<Self> {
+        mem.take_vmm_dirty();
+        let mut vm = Vm::bare_with(config, console, Some(mem))?;
+        vm.set_vcpu_state(cpu)?;
+        vm.clock = Clock::new(guest_ns);
         vm.mark_paused();
         Ok(vm)
     }
 
-    fn set_vcpu_state(&mut self, b: &[u8]) -> Result<Result<()>, String> {
-        if b.len() < 12 || &b[..8] != VCPU_MAGIC {
-            return Err("not a vCPU state file (bad magic)".into());
-        }
-        let version = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
-        if version != SNAPSHOT_VERSION {
-            return Err(format!("format version {version}"));
-        }
-        let mut rest = &b[12..];
-        let mut part = |name: &str| -> Result<Vec<u8>, String> {
-            let len = rest.get(..4).ok_or(format!("truncated before {name}"))?;
-            let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
-            let data = rest.get(4..4 + len).ok_or(format!("truncated in {name}"))?.to_vec();
-            rest = &rest[4 + len..];
-            Ok(data)
-        };
-        fn pod<T: Pod>(name: &str, data: &[u8]) -> Result<T, String> {
-            let mut v = T::zeroed();
-            if data.len() != std::mem::size_of::<T>() {
-                return Err(format!("{name} has {} bytes, expected {}", data.len(), std::mem::size_of::<T>()));
-            }
-            v.as_bytes_mut().copy_from_slice(data);
-            Ok(v)
-        }
-        let regs: kvm_regs = pod("regs", &part("regs")?)?;
-        let sregs: kvm_sregs = pod("sregs", &part("sregs")?)?;
-        let fpu: kvm_fpu = pod("fpu", &part("fpu")?)?;
-        let xcrs: kvm_xcrs = pod("xcrs", &part("xcrs")?)?;
-        let xsave_bytes = part("xsave")?;
+    fn set_vcpu_state(&mut self, s: &VcpuState) -> Result<()> {
         let v = self.vcpu();
-        let apply = || -> Result<()> {
-            v.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
-            if xcrs.nr_xcrs > 0 {
-                v.set_xcrs(&xcrs).map_err(kvm("KVM_SET_XCRS"))?;
-            }
-            v.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU"))?;
-            if xsave_bytes.len() == 4096 {
-                let mut x = kvm_xsave::default();
-                for (w, c) in x.region.iter_mut().zip(xsave_bytes.chunks_exact(4)) {
-                    *w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
-                // SAFETY: `x` is a plain 4 KiB xsave area (no extra FAM entries), the legacy
-                // size KVM_SET_XSAVE reads.
-                unsafe { v.set_xsave(&x) }.map_err(kvm("KVM_SET_XSAVE"))?;
-            }
-            v.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
-            Ok(())
-        };
-        Ok(apply())
+        v.set_sregs(&s.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+        if s.xcrs.nr_xcrs > 0 {
+            v.set_xcrs(&s.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
+        }
+        v.set_fpu(&s.fpu).map_err(kvm("KVM_SET_FPU"))?;
+        if let Some(x) = &s.xsave {
+            // SAFETY: `x` is a plain 4 KiB xsave area (no extra FAM entries), the legacy size
+            // KVM_SET_XSAVE reads.
+            unsafe { v.set_xsave(x) }.map_err(kvm("KVM_SET_XSAVE"))?;
+        }
+        v.set_regs(&s.regs).map_err(kvm("KVM_SET_REGS"))?;
+        Ok(())
     }
 
     /// Resumes a paused VM (before or between runs).

@@ -9,6 +9,11 @@
 //! - `dirty OFFSET_PAGES P1,P2,...`: writes one byte in each listed page of the heap (page
 //!   numbers relative to heap start + OFFSET_PAGES), prints `dirtied K`, exits 0;
 //! - `disk`: reads sector 0, writes its bytes reversed into sector 1, prints both checksums;
+//! - `disklog N [DELAY_MS]`: for i in 1..=N writes sector i mod (disk sectors) filled with the
+//!   byte i mod 256, prints `wrote i`, idles DELAY_MS; then `disklog done` (checkpoint tests);
+//! - `rounds PAGES [ROUNDS] [DELAY_MS]`: in each round r = 1, 2, ... (ROUNDS, 0 = forever)
+//!   writes one word into each page of a PAGES-page buffer, prints `round r`, idles DELAY_MS (default
+//!   20): dirties a known number of pages per round (checkpoint benchmarks);
 //! - `fault`: writes to an unmapped address (triple fault, there is no guest IDT);
 //! - `panic`: panics;
 //! - `badport`: writes to a port that no device owns;
@@ -94,6 +99,51 @@ fn main() -> u32 {
             }
             let sum: u64 = s0.iter().map(|b| *b as u64).sum();
             println!("disk sectors={} sum={sum}", guest_sdk::block::sectors());
+            0
+        }
+        "disklog" => {
+            let n = parse(a.next(), 10);
+            let delay = parse(a.next(), 0) * 1_000_000;
+            let sectors = guest_sdk::block::sectors();
+            if sectors == 0 {
+                println!("disklog: no disk");
+                return 3;
+            }
+            for i in 1..=n {
+                let buf = [i as u8; 512];
+                if guest_sdk::block::write(i % sectors, &buf).is_err() {
+                    println!("disk write failed");
+                    return 3;
+                }
+                println!("wrote {i}");
+                if delay > 0 {
+                    guest_sdk::clock::sleep_ns(delay);
+                }
+            }
+            println!("disklog done");
+            0
+        }
+        "rounds" => {
+            let pages = parse(a.next(), 64) as usize;
+            let rounds = parse(a.next(), 0);
+            let delay = parse(a.next(), 20) * 1_000_000;
+            let mut ws = alloc::vec::Vec::new();
+            if ws.try_reserve_exact(pages * 512).is_err() {
+                println!("rounds: cannot allocate {pages} pages");
+                return 2;
+            }
+            ws.resize(pages * 512, 0u64);
+            let mut r = 0;
+            while rounds == 0 || r < rounds {
+                r += 1;
+                for p in 0..pages {
+                    // Volatile, so that every round really writes every page.
+                    // SAFETY: `p * 512 < ws.len()`, a valid, aligned element of `ws`.
+                    unsafe { core::ptr::write_volatile(ws.as_mut_ptr().add(p * 512), r) };
+                }
+                println!("round {r}");
+                guest_sdk::clock::sleep_ns(delay);
+            }
             0
         }
         "fault" => {

@@ -1,10 +1,12 @@
 //! The block device: a host file, read and written in 512-byte sectors, in batches.
 
+use crate::checkpoint::DiskWrite;
 use crate::memory::GuestMem;
 use crate::{error::io, Result};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
 use vmm_abi::{
     BlockDesc, BlockRequest, BLOCK_FLUSH, BLOCK_IO_ERROR, BLOCK_MAX_DESCS, BLOCK_MAX_SECTORS, BLOCK_OK, BLOCK_READ, BLOCK_WRITE,
     SECTOR_SIZE,
@@ -15,6 +17,16 @@ pub struct Block {
     file: File,
     path: PathBuf,
     sectors: u64,
+    mirror: Option<Mirror>,
+}
+
+/// Where guest writes are mirrored while the VM is protected.
+struct Mirror {
+    tx: Sender<DiskWrite>,
+    /// The open epoch the next writes belong to.
+    epoch: u64,
+    /// The receiver went away (at this epoch): replication is broken.
+    lost: Option<u64>,
 }
 
 impl Block {
@@ -22,7 +34,25 @@ impl Block {
     pub fn open(path: &Path) -> Result<Self> {
         let file = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(io("cannot open disk", path))?;
         let len = file.metadata().map_err(io("cannot stat disk", path))?.len();
-        Ok(Block { file, path: path.to_owned(), sectors: len / SECTOR_SIZE })
+        Ok(Block { file, path: path.to_owned(), sectors: len / SECTOR_SIZE, mirror: None })
+    }
+
+    /// Mirrors every guest write from now on to `tx`, tagged with `epoch` (until
+    /// [`Block::set_mirror_epoch`] changes it); `None` stops mirroring.
+    pub fn set_mirror(&mut self, tx: Option<Sender<DiskWrite>>, epoch: u64) {
+        self.mirror = tx.map(|tx| Mirror { tx, epoch, lost: None });
+    }
+
+    /// The epoch of the writes from now on.
+    pub fn set_mirror_epoch(&mut self, epoch: u64) {
+        if let Some(m) = &mut self.mirror {
+            m.epoch = epoch;
+        }
+    }
+
+    /// The epoch in which the mirror's receiver was found gone, if it was.
+    pub fn mirror_lost(&self) -> Option<u64> {
+        self.mirror.as_ref().and_then(|m| m.lost)
     }
 
     /// Size in sectors.
@@ -76,6 +106,11 @@ impl Block {
                     if self.file.write_all_at(&buf, off).is_err() {
                         status = BLOCK_IO_ERROR;
                         break;
+                    }
+                    if let Some(m) = self.mirror.as_mut().filter(|m| m.lost.is_none()) {
+                        if m.tx.send(DiskWrite { epoch: m.epoch, offset: off, data: buf.clone() }).is_err() {
+                            m.lost = Some(m.epoch);
+                        }
                     }
                 }
                 op => return Err(format!("block descriptor {i}: unknown operation {op}")),

@@ -160,6 +160,44 @@ impl Tap {
         epoch
     }
 
+    /// Closes the current epoch as [`Tap::seal`] does and also returns how many frames and
+    /// bytes it holds.
+    pub fn seal_counted(&mut self) -> (u64, u64, u64) {
+        let frames = self.current.len() as u64;
+        let bytes = self.current.iter().map(|f| f.len() as u64).sum();
+        (self.seal(), frames, bytes)
+    }
+
+    /// The number the epoch being filled now will get when it is sealed.
+    pub fn open_epoch(&self) -> u64 {
+        self.next_epoch
+    }
+
+    /// Makes the epoch being filled now number `epoch`, if that is higher than its number
+    /// (so that output epochs line up with checkpoint epochs).
+    pub fn raise_open_epoch(&mut self, epoch: u64) {
+        self.next_epoch = self.next_epoch.max(epoch);
+    }
+
+    /// Whether output is being held.
+    pub fn holding(&self) -> bool {
+        self.hold
+    }
+
+    /// Writes one frame from the VMM itself (not the guest) to the tap at once, bypassing any
+    /// hold (announcements after a takeover).
+    pub fn send_frame(&self, frame: &[u8]) -> Result<()> {
+        // SAFETY: writes `frame.len()` initialised bytes from a live buffer to our own fd.
+        let n = unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+        if n != frame.len() as isize {
+            return Err(Error::Tap {
+                name: self.name.clone(),
+                reason: format!("cannot send a frame: {}", std::io::Error::last_os_error()),
+            });
+        }
+        Ok(())
+    }
+
     /// Sends the held frames of every sealed epoch up to `epoch`; returns how many.
     pub fn release(&mut self, epoch: u64) -> usize {
         let mut sent = 0;
