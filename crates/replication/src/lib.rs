@@ -11,9 +11,11 @@
 //! `vmm` crate (pause, dirty pages, held output, replica) and sockets.
 
 pub mod backup;
+pub mod driver;
 pub mod lease;
 pub mod policy;
 pub mod primary;
+pub mod testbed;
 pub mod wire;
 
 /// Timing of heartbeats, failure detection and the lease, shared by both sides (ns).

@@ -128,6 +128,10 @@ struct PrimaryNode {
     at_checkpoint: BTreeMap<u64, Snap>,
     /// Disk writes sent per epoch on the current connection.
     disk_sent: BTreeMap<u64, u64>,
+    /// The sender: mirrored disk writes and checkpoint frames waiting to go out (as in the
+    /// real driver, writes made after a checkpoint may overtake its frames).
+    mirror: Vec<Msg>,
+    outq: Vec<Msg>,
     /// Sync cells still to send (cell index, at time).
     sync_queue: Vec<usize>,
     sync_session: Option<u64>,
@@ -191,6 +195,8 @@ impl World {
                 vm: ModelVm::new([0; CELLS], [0; DISK], 0),
                 at_checkpoint: BTreeMap::new(),
                 disk_sent: BTreeMap::new(),
+                mirror: vec![],
+                outq: vec![],
                 sync_queue: vec![],
                 sync_session: None,
                 fenced: false,
@@ -286,6 +292,8 @@ impl World {
                     }
                     let p = &mut self.primaries[i];
                     p.disk_sent.clear();
+                    p.mirror.clear();
+                    p.outq.clear();
                     p.sync_queue = (0..CELLS).collect();
                     p.sync_session = Some(session);
                 }
@@ -303,15 +311,15 @@ impl World {
                     let pages: Vec<(usize, u64)> = dirty.iter().map(|&c| (c, p.vm.mem[c])).collect();
                     let state = p.vm.state;
                     for (c, v) in &pages {
-                        self.send(Wire::ToBackup(Msg::Pages { epoch, pages: vec![*c as u64], data: page(*v) }));
+                        p.outq.push(Msg::Pages { epoch, pages: vec![*c as u64], data: page(*v) });
                     }
-                    self.send(Wire::ToBackup(Msg::Commit {
+                    p.outq.push(Msg::Commit {
                         epoch,
                         guest_ns: state,
                         pages: pages.len() as u64,
                         disk_writes,
                         vcpu: state.to_le_bytes().to_vec(),
-                    }));
+                    });
                     let now = self.now;
                     queue.extend(self.primaries[i].sm.handle(now, primary::Event::Staged { epoch, output_frames: frames }));
                 }
@@ -467,6 +475,8 @@ impl World {
                         vm,
                         at_checkpoint: BTreeMap::new(),
                         disk_sent: BTreeMap::new(),
+                        mirror: vec![],
+                        outq: vec![],
                         sync_queue: vec![],
                         sync_session: None,
                         fenced: false,
@@ -600,7 +610,7 @@ impl World {
                     let epoch = vm.epoch + 1;
                     let data = page(vm.disk[b]);
                     *self.primaries[i].disk_sent.entry(epoch).or_default() += 1;
-                    self.send(Wire::ToBackup(Msg::DiskWrite { epoch, offset: b as u64, data }));
+                    self.primaries[i].mirror.push(Msg::DiskWrite { epoch, offset: b as u64, data });
                 }
             }
             if let Some(s) = output {
@@ -627,6 +637,14 @@ impl World {
                     }
                     let acts = self.primaries[i].sm.handle(now, primary::Event::SyncSent);
                     self.primary_actions(i, acts);
+                }
+            }
+            // The sender: mirrored writes first, then queued checkpoint frames.
+            let mirror = std::mem::take(&mut self.primaries[i].mirror);
+            let outq = std::mem::take(&mut self.primaries[i].outq);
+            if self.conn.as_ref().is_some_and(|c| c.1 == name) {
+                for m in mirror.into_iter().chain(outq) {
+                    self.send(Wire::ToBackup(m));
                 }
             }
             let acts = self.primaries[i].sm.handle(now, primary::Event::Tick);

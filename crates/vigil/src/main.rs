@@ -14,8 +14,10 @@ mod analyze;
 mod bench;
 mod bench_store;
 mod bench_vmm;
+mod demo;
 mod plan;
 mod plot;
+mod replicate;
 mod store;
 mod table;
 mod vm;
@@ -42,6 +44,13 @@ enum Command {
     Vm(vm::Args),
     /// The XenStore-compatible control-plane store: serve it, or supervise it.
     Store(store::Args),
+    /// Be the backup host of a protected VM (`vigil vm run --protect`): keep its replica, take
+    /// over when the primary dies.
+    Backup(replicate::BackupArgs),
+    /// Serve the fencing leases that decide which copy of a protected VM may release output.
+    Arbiter(replicate::ArbiterArgs),
+    /// Demonstrations: `vigil demo failover`.
+    Demo(demo::Args),
 }
 
 /// How a command ended, as far as the exit status is concerned.
@@ -55,22 +64,28 @@ pub enum Outcome {
     Invalid = 2,
 }
 
+/// The exit status of a command that runs a VM (its own status, or 2 with the error).
+fn status(r: anyhow::Result<u8>) -> ExitCode {
+    match r {
+        Ok(status) => ExitCode::from(status),
+        Err(e) => {
+            eprintln!("{}", format!("{e:#}").replace('\n', " "));
+            ExitCode::from(Outcome::Invalid as u8)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Analyze(args) => analyze::run(&args),
         Command::Plan(args) => plan::run(&args),
         Command::Bench(args) => bench::run(&args),
-        Command::Vm(args) => {
-            return match vm::run(&args) {
-                Ok(status) => ExitCode::from(status),
-                Err(e) => {
-                    eprintln!("{}", format!("{e:#}").replace('\n', " "));
-                    ExitCode::from(Outcome::Invalid as u8)
-                }
-            }
-        }
+        Command::Vm(args) => return status(vm::run(&args)),
         Command::Store(args) => store::run(&args),
+        Command::Backup(args) => return status(replicate::backup(&args)),
+        Command::Arbiter(args) => return status(replicate::arbiter(&args)),
+        Command::Demo(args) => return status(demo::run(&args)),
     };
     let outcome = result.unwrap_or_else(|e| {
         eprintln!("{}", format!("{e:#}").replace('\n', " "));

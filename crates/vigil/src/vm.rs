@@ -15,7 +15,7 @@ pub struct Args {
 #[derive(Subcommand)]
 enum VmCommand {
     /// Boot a guest image. Exit status: the guest's, 3 if the guest faulted, 2 on VMM errors.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Continue a VM from a snapshot directory, in this new process.
     Restore(RestoreArgs),
     /// Pause a running VM (its clock stops).
@@ -89,6 +89,8 @@ struct RunArgs {
     dirty_log: bool,
     #[command(flatten)]
     domain: DomainArgs,
+    #[command(flatten)]
+    protect: crate::replicate::ProtectArgs,
     /// Arguments for the guest.
     #[arg(last = true)]
     args: Vec<String>,
@@ -178,6 +180,9 @@ pub fn run(args: &Args) -> Result<u8> {
             let vm = Vm::create(config, Box::new(std::io::stdout())).with_context(|| format!("cannot start {}", a.image.display()))?;
             let name = a.image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let _domain = Domain::introduce(&a.domain, &name)?;
+            if a.protect.protect.is_some() {
+                return crate::replicate::run_protected(vm, &a.protect, &name, a.disk.clone(), a.api.as_deref());
+            }
             drive(vm, a.api.as_deref())
         }
         VmCommand::Restore(a) => {

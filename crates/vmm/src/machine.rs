@@ -516,6 +516,17 @@ impl Vm {
         self.clock.resume();
     }
 
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// A counter of the network frames the guest sent while output was held (it only grows;
+    /// `None` without a network device).
+    pub fn output_counter(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicU64>> {
+        self.tap.as_ref().map(|t| t.output_counter())
+    }
+
     /// Whether the VM is paused.
     pub fn paused(&self) -> bool {
         self.paused

@@ -1,10 +1,13 @@
 //! `kv`: a Redis-protocol key-value server (the logic is `kv-core`) on TCP port 6379 (or the
 //! first argument), over smoltcp on the VM's network device. Prints `kv: serving on IP:PORT`
-//! once it accepts connections.
+//! once it accepts connections. With a disk, requests are logged there before their replies
+//! go out and replayed at start ([`disklog`]).
 #![no_std]
 #![no_main]
 
 extern crate alloc;
+
+mod disklog;
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -38,11 +41,12 @@ fn listen(stack: &mut Stack, port: u16) -> Option<Conn> {
 
 fn main() -> u32 {
     let port = guest_sdk::args().next().and_then(|p| p.parse().ok()).unwrap_or(6379u16);
+    let mut store = kv_core::Store::new();
+    let mut log = disklog::DiskLog::open(&mut store);
     let Some(mut stack) = Stack::new() else {
         println!("kv: no network device");
         return 2;
     };
-    let mut store = kv_core::Store::new();
     let mut conns: Vec<Conn> = Vec::new();
     let ip = guest_sdk::boot_info().ipv4;
     println!("kv: serving on {}.{}.{}.{}:{port}", ip[0], ip[1], ip[2], ip[3]);
@@ -56,8 +60,15 @@ fn main() -> u32 {
                     c.input.extend_from_slice(buf);
                     (buf.len(), ())
                 });
+                let before = log.as_ref().map(|_| c.input.clone());
                 if store.serve(&mut c.input, &mut c.output).is_err() {
                     c.closing = true;
+                }
+                if let (Some(log), Some(before)) = (log.as_mut(), before) {
+                    let used = before.len() - c.input.len();
+                    if used > 0 {
+                        log.append(&before[..used]);
+                    }
                 }
                 progress = true;
             }

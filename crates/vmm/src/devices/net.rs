@@ -23,6 +23,9 @@ pub struct Tap {
     held_bytes: usize,
     /// Frames dropped because more than [`HOLD_LIMIT`] bytes were held.
     pub hold_dropped: u64,
+    /// Frames the guest sent while output was held, ever (read by a replication driver to
+    /// learn that output is waiting).
+    held_total: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Most bytes of output held back at once; beyond it frames are dropped (TCP resends them).
@@ -70,6 +73,7 @@ impl Tap {
             next_epoch: 1,
             held_bytes: 0,
             hold_dropped: 0,
+            held_total: Default::default(),
         })
     }
 
@@ -96,6 +100,7 @@ impl Tap {
             let f = &mut frame[..b.len as usize];
             mem.read(b.addr, f).map_err(|e| format!("transmit buffer {i}: {e}"))?;
             if self.hold {
+                self.held_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if self.held_bytes + f.len() <= HOLD_LIMIT {
                     self.held_bytes += f.len();
                     self.current.push(f.to_vec());
@@ -218,6 +223,11 @@ impl Tap {
         let e = self.seal();
         self.hold = false;
         self.release(e)
+    }
+
+    /// The count of frames the guest sent while output was held (it only grows).
+    pub fn output_counter(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.held_total.clone()
     }
 
     /// Frames held back (sealed or not).

@@ -1,0 +1,327 @@
+//! The backup's driver: accepts the primary's connection, keeps the replica (memory and vCPU
+//! in a `vmm::checkpoint::Replica`, the disk in a file) as [`crate::backup::Backup`] decides,
+//! and on takeover builds the VM from the replica on this host, announces it, and continues
+//! as a primary ([`super::primary`]).
+
+use super::primary::{self, Outcome, Start};
+use super::stats::{self, Shared, Stats};
+use super::{spawn_arbiter, spawn_reader, Clock, Input};
+use crate::backup::{Action, Backup, Event, Notice};
+use crate::wire::{self, WireError};
+use crate::Timing;
+use std::collections::VecDeque;
+use std::io::{BufWriter, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmm::checkpoint::{Checkpoint, Replica};
+use vmm::snapshot::RestoreOverrides;
+use vmm::{Command, Vm, VmConfig};
+
+/// How to run a backup.
+pub struct Options {
+    /// Address to listen on for the primary (HOST:PORT).
+    pub listen: String,
+    /// This host's name at the arbiter.
+    pub holder: String,
+    /// The arbiter's address.
+    pub arbiter: String,
+    /// The tap device the VM gets on this host after a takeover.
+    pub tap: Option<String>,
+    /// This host's copy of the VM's disk.
+    pub disk: Option<PathBuf>,
+    pub timing: Timing,
+    /// Print a line per event worth seeing (commits are counted, not printed).
+    pub stats_lines: bool,
+    /// Metrics address (and, after a takeover, the policy switch).
+    pub control: Option<String>,
+    /// The VM's control socket after a takeover.
+    pub api: Option<PathBuf>,
+    /// After a takeover: the new backup to protect the VM with, and the policy.
+    pub then_protect: Option<String>,
+    pub then_policy: String,
+}
+
+struct Conn {
+    id: u64,
+    stream: TcpStream,
+    w: BufWriter<TcpStream>,
+}
+
+/// Runs the backup until it takes over and the VM it then runs stops (or is fenced).
+pub fn run(opts: Options) -> Result<Outcome, String> {
+    let clock = Clock::new();
+    let (tx, rx) = channel::<Input>();
+    let listener = TcpListener::bind(&opts.listen).map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
+    eprintln!("backup: listening on {}", listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
+    let ltx = tx.clone();
+    std::thread::Builder::new()
+        .name("repl-accept".into())
+        .spawn(move || {
+            for s in listener.incoming().flatten() {
+                if ltx.send(Input::Accepted { stream: s }).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    let arbiter = spawn_arbiter(&opts.arbiter, Duration::from_nanos(opts.timing.lease_ttl_ns), clock, tx.clone());
+    let stats: Shared = Arc::new(Mutex::new(Stats { vm: String::new(), role: "backup", ..Stats::default() }));
+    let mut control_bound = false;
+    if let Some(addr) = &opts.control {
+        stats::serve(addr, stats.clone(), None).map_err(|e| format!("control address {addr}: {e}"))?;
+        control_bound = true;
+    }
+    let mut sm = Backup::new(&opts.holder, opts.timing);
+    let mut st = State { replica: None, pages: Vec::new(), data: Vec::new(), conn: None, next_conn: 1, suspected_at: None };
+    let mut actions: VecDeque<Action> = VecDeque::new();
+    loop {
+        while let Some(a) = actions.pop_front() {
+            let now = clock.now();
+            match a {
+                Action::Reset { session, vm, mem_bytes, config } => {
+                    st.replica = None;
+                    st.pages.clear();
+                    st.data.clear();
+                    let made = serde_json::from_slice::<VmConfig>(&config)
+                        .map_err(|e| format!("the primary's VM configuration: {e}"))
+                        .and_then(|c| {
+                            if c.mem_mib.saturating_mul(1 << 20) != mem_bytes {
+                                return Err(format!("the hello says {mem_bytes} bytes of memory, the configuration {} MiB", c.mem_mib));
+                            }
+                            Replica::new(c).map_err(|e| e.to_string())
+                        });
+                    match made {
+                        Ok(r) => {
+                            eprintln!("backup: new session {session:x} for VM {vm} ({} MiB)", mem_bytes >> 20);
+                            stats.lock().unwrap_or_else(|e| e.into_inner()).vm = vm;
+                            st.replica = Some(r);
+                        }
+                        Err(reason) => actions.extend(sm.handle(now, Event::Corrupt { reason })),
+                    }
+                }
+                Action::WriteSync { first_page, data } => {
+                    let r = match st.replica.as_mut() {
+                        Some(r) => r.write_pages(first_page, &data).map_err(|e| e.to_string()),
+                        None => Err("no replica".to_string()),
+                    };
+                    if let Err(reason) = r {
+                        actions.extend(sm.handle(now, Event::Corrupt { reason }));
+                    }
+                }
+                Action::WriteDisk { offset, data } => {
+                    if let Err(reason) = write_disk(opts.disk.as_ref(), &[(offset, data)]) {
+                        actions.extend(sm.handle(now, Event::Corrupt { reason }));
+                    }
+                }
+                Action::Stage { pages, data, .. } => {
+                    st.pages.extend_from_slice(&pages);
+                    st.data.extend_from_slice(&data);
+                }
+                Action::DiscardStaged => {
+                    st.pages.clear();
+                    st.data.clear();
+                }
+                Action::Apply { epoch, guest_ns, vcpu, disk } => {
+                    let c = Checkpoint {
+                        epoch,
+                        pages: std::mem::take(&mut st.pages),
+                        data: std::mem::take(&mut st.data),
+                        vcpu,
+                        guest_ns,
+                        ..Checkpoint::default()
+                    };
+                    let result = match st.replica.as_mut() {
+                        Some(r) => r.apply(&c).map_err(|e| e.to_string()).and_then(|_| write_disk(opts.disk.as_ref(), &disk)),
+                        None => Err("no replica".to_string()),
+                    };
+                    st.data = c.data;
+                    st.data.clear();
+                    st.pages = c.pages;
+                    st.pages.clear();
+                    actions.extend(sm.handle(now, Event::Applied { epoch, result }));
+                }
+                Action::Send(m) => {
+                    if let Some(c) = st.conn.as_mut() {
+                        let r = wire::write_msg(&mut c.w, &m).and_then(|_| c.w.flush());
+                        if let Err(e) = r {
+                            let reason = format!("sending to the primary: {e}");
+                            st.close();
+                            actions.extend(sm.handle(now, Event::Disconnected { reason }));
+                        }
+                    }
+                }
+                Action::Disconnect { reason } => {
+                    if st.conn.is_some() {
+                        eprintln!("backup: connection to the primary closed: {reason}");
+                    }
+                    st.close();
+                }
+                Action::Lease(req) => {
+                    let _ = arbiter.send(req);
+                }
+                Action::TakeOver { epoch, granted_at } => {
+                    let replica = st.replica.take().ok_or("internal: takeover without a replica")?;
+                    let since = st.suspected_at.map(|t| Instant::now().duration_since(t).as_secs_f64() * 1e3).unwrap_or(0.0);
+                    eprintln!("backup: TAKING OVER from epoch {epoch} ({since:.1} ms after suspecting the primary)");
+                    stats.lock().unwrap_or_else(|e| e.into_inner()).takeovers += 1;
+                    let vm_name = stats.lock().unwrap_or_else(|e| e.into_inner()).vm.clone();
+                    return take_over(replica, &opts, &vm_name, granted_at, clock, control_bound);
+                }
+                Action::Abandon { reason } => {
+                    eprintln!("backup: replica abandoned: {reason}");
+                    st.replica = None;
+                }
+                Action::Notice(n) => {
+                    let mut s = stats.lock().unwrap_or_else(|e| e.into_inner());
+                    match &n {
+                        Notice::Committed { epoch, pages, .. } => {
+                            s.checkpoints += 1;
+                            s.pages_total += pages;
+                            s.bytes_total += pages * wire::PAGE as u64;
+                            s.protected = true;
+                            s.last.epoch = *epoch;
+                            s.last.dirty_pages = *pages;
+                            if *epoch == 1 || s.checkpoints == 1 {
+                                eprintln!("backup: first checkpoint committed (epoch {epoch}): the VM is protected");
+                            }
+                        }
+                        Notice::Refused { .. } => {
+                            s.refused += 1;
+                            eprintln!("backup: {n:?}");
+                        }
+                        Notice::Suspecting { .. } => {
+                            st.suspected_at = Some(Instant::now());
+                            eprintln!("backup: {n:?}");
+                        }
+                        _ => {
+                            if opts.stats_lines || !matches!(n, Notice::LeaseHeld { .. }) {
+                                eprintln!("backup: {n:?}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let now = clock.now();
+        let wait = sm.next_wakeup(now).saturating_sub(now).min(5_000_000);
+        let input = match rx.recv_timeout(Duration::from_nanos(wait)) {
+            Ok(i) => Some(i),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => return Err("internal: the driver's channel closed".into()),
+        };
+        let now = clock.now();
+        let current = st.conn.as_ref().map(|c| c.id);
+        let event = match input {
+            None => Some(Event::Tick),
+            Some(Input::Accepted { stream }) => {
+                st.close();
+                let id = st.next_conn;
+                st.next_conn += 1;
+                let _ = stream.set_nodelay(true);
+                match (stream.try_clone(), stream.try_clone()) {
+                    (Ok(r), Ok(w)) => {
+                        spawn_reader(id, r, tx.clone());
+                        st.conn = Some(Conn { id, stream, w: BufWriter::new(w) });
+                        Some(Event::Connected)
+                    }
+                    _ => None,
+                }
+            }
+            Some(Input::Frame { conn, msg }) if Some(conn) == current => Some(match msg {
+                Ok(m) => Event::Received(m),
+                Err(WireError::Closed) => {
+                    st.close();
+                    Event::Disconnected { reason: "the primary closed the connection".into() }
+                }
+                Err(WireError::Io(e)) => {
+                    st.close();
+                    Event::Disconnected { reason: e }
+                }
+                Err(e) => Event::Corrupt { reason: e.to_string() },
+            }),
+            Some(Input::Lease { sent_at, answer }) => Some(Event::Lease { sent_at, answer }),
+            Some(_) => None,
+        };
+        if let Some(ev) = event {
+            actions.extend(sm.handle(now, ev));
+        }
+    }
+}
+
+struct State {
+    replica: Option<Replica>,
+    pages: Vec<u64>,
+    data: Vec<u8>,
+    conn: Option<Conn>,
+    next_conn: u64,
+    suspected_at: Option<Instant>,
+}
+
+impl State {
+    fn close(&mut self) {
+        if let Some(c) = self.conn.take() {
+            let _ = c.stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn write_disk(disk: Option<&PathBuf>, writes: &[(u64, Vec<u8>)]) -> Result<(), String> {
+    if writes.is_empty() {
+        return Ok(());
+    }
+    let Some(path) = disk else {
+        return Err("the primary mirrors a disk but this backup has no --disk".into());
+    };
+    let f = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| format!("disk {}: {e}", path.display()))?;
+    for (offset, data) in writes {
+        f.write_all_at(data, *offset).map_err(|e| format!("disk {} at {offset}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn take_over(
+    replica: Replica,
+    opts: &Options,
+    vm_name: &str,
+    granted_at: u64,
+    clock: Clock,
+    control_bound: bool,
+) -> Result<Outcome, String> {
+    let t0 = Instant::now();
+    let overrides = RestoreOverrides { tap: opts.tap.clone(), disk: opts.disk.clone() };
+    let mut vm = Vm::from_replica(replica, &overrides, Box::new(std::io::stdout())).map_err(|e| format!("takeover: {e}"))?;
+    vm.resume();
+    if vm.announce(1).is_err() {
+        eprintln!("backup: the VM has no network address to announce");
+    }
+    let (ctl, inbox) = vmm::channel_pair().map_err(|e| e.to_string())?;
+    let _api = match &opts.api {
+        Some(p) => Some(vmm::api::serve(p, ctl.clone()).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    eprintln!("backup: the VM runs on this host ({:.1} ms to build it)", t0.elapsed().as_secs_f64() * 1e3);
+    // Announce again a little later, for switches that missed the first frames.
+    let actl = ctl.clone();
+    std::thread::spawn(move || {
+        for ms in [20, 100, 500] {
+            std::thread::sleep(Duration::from_millis(ms));
+            let _ = actl.call(Command::Announce { count: 1 });
+        }
+    });
+    let popts = primary::Options {
+        vm: vm_name.to_owned(),
+        holder: opts.holder.clone(),
+        backup: opts.then_protect.clone(),
+        arbiter: opts.arbiter.clone(),
+        policy: crate::policy::parse(&opts.then_policy)?,
+        timing: opts.timing,
+        stats_lines: opts.stats_lines,
+        control: if control_bound { None } else { opts.control.clone() },
+        disk: opts.disk.clone(),
+    };
+    primary::run(vm, ctl, inbox, popts, Start::TakeOver { granted_at }, clock)
+}

@@ -1,0 +1,565 @@
+//! The primary's driver: runs a VM under protection, performing the actions of
+//! [`crate::primary::Primary`] with the VMM (protect, checkpoint, release, unprotect), a TCP
+//! connection to the backup (a reader thread and a sender thread that streams memory, disk
+//! writes and checkpoints in order), and the arbiter.
+//!
+//! The sender keeps the order the backup relies on: the disk writes of an epoch are taken
+//! from the VMM's mirror channel and written before that epoch's checkpoint, and the commit
+//! frame says how many there were.
+
+use super::stats::{self, EpochStats, Shared, Stats};
+use super::{random_id, spawn_arbiter, spawn_reader, Clock, Input};
+use crate::policy::Policy;
+use crate::primary::{Action, Event, Notice, Primary};
+use crate::wire::{self, Msg, PAGE};
+use crate::Timing;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::{BufWriter, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmm::checkpoint::{Checkpoint, DiskWrite};
+use vmm::memory::MemoryView;
+use vmm::{Command, Controller, Inbox, Stop, Vm};
+
+/// How to protect a VM.
+pub struct Options {
+    /// The VM's name (its lease at the arbiter).
+    pub vm: String,
+    /// This host's name at the arbiter.
+    pub holder: String,
+    /// The backup's address (HOST:PORT); `None`: run unprotected (after a takeover with no
+    /// new backup).
+    pub backup: Option<String>,
+    /// The arbiter's address (HOST:PORT).
+    pub arbiter: String,
+    pub policy: Box<dyn Policy>,
+    pub timing: Timing,
+    /// Print a line per checkpoint on stderr.
+    pub stats_lines: bool,
+    /// Serve metrics and the policy switch on this address.
+    pub control: Option<String>,
+    /// The VM's disk file (mirrored and synchronised to the backup), if it has one.
+    pub disk: Option<PathBuf>,
+}
+
+/// How the driver ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The VM stopped (exit, fault or quit).
+    Stopped(Stop),
+    /// Another copy took the lease: this VM was stopped.
+    Fenced { holder: String },
+}
+
+/// How the driver starts.
+pub enum Start {
+    /// A new primary: output is held until the arbiter grants the lease.
+    Fresh,
+    /// A backup that just took over; the lease was granted at `granted_at` (by `clock`).
+    TakeOver { granted_at: u64 },
+}
+
+enum Out {
+    Msg(Msg),
+    Sync { view: MemoryView, disk: Option<PathBuf> },
+    Checkpoint(Box<Checkpoint>),
+}
+
+struct Link {
+    id: u64,
+    stream: TcpStream,
+    out: Sender<Out>,
+}
+
+/// Runs `vm` (on its own thread, controlled through `ctl`/`inbox`) under protection until it
+/// stops or is fenced. `clock` is the state machine's clock (shared with a backup driver
+/// that took over).
+pub fn run(vm: Vm, ctl: Controller, inbox: Inbox, opts: Options, start: Start, clock: Clock) -> Result<Outcome, String> {
+    let (tx, rx) = channel::<Input>();
+    let vm_tx = tx.clone();
+    let mut vm = vm;
+    let config = serde_json::to_vec(vm.config()).map_err(|e| format!("the VM's configuration: {e}"))?;
+    let output_counter = vm.output_counter();
+    std::thread::Builder::new()
+        .name("vcpu0".into())
+        .spawn(move || {
+            let r = vm.run(Some(&inbox)).map_err(|e| e.to_string());
+            let _ = vm_tx.send(Input::VmStopped(r));
+        })
+        .map_err(|e| format!("cannot start the vCPU thread: {e}"))?;
+    Driver::new(ctl, opts, clock, tx, config, output_counter)?.run(rx, start)
+}
+
+struct Driver {
+    ctl: Controller,
+    opts: Options,
+    clock: Clock,
+    tx: Sender<Input>,
+    arbiter: Sender<crate::lease::Request>,
+    stats: Shared,
+    link: Option<Link>,
+    next_conn: u64,
+    connecting: Option<u64>,
+    mirror_tx: Sender<DiskWrite>,
+    mirror_rx: Arc<Mutex<Receiver<DiskWrite>>>,
+    spare: Vec<Vec<u8>>,
+    pending: BTreeMap<u64, EpochStats>,
+    output_counter: Option<Arc<AtomicU64>>,
+    output_seen: u64,
+    /// The VM's configuration (JSON), for the backup's replica.
+    config: Vec<u8>,
+    /// Print every action and its duration (`VIGIL_DEBUG` set).
+    debug: bool,
+    protected_logged: bool,
+}
+
+impl Driver {
+    fn new(
+        ctl: Controller,
+        opts: Options,
+        clock: Clock,
+        tx: Sender<Input>,
+        config: Vec<u8>,
+        output_counter: Option<Arc<AtomicU64>>,
+    ) -> Result<Driver, String> {
+        let arbiter = spawn_arbiter(&opts.arbiter, Duration::from_nanos(opts.timing.lease_ttl_ns), clock, tx.clone());
+        let stats: Shared = Arc::new(Mutex::new(Stats {
+            vm: opts.vm.clone(),
+            role: "primary",
+            policy: opts.policy.name(),
+            mode: opts.policy.mode(),
+            ..Stats::default()
+        }));
+        if let Some(addr) = &opts.control {
+            let (ptx, prx) = channel::<String>();
+            let fwd = tx.clone();
+            std::thread::spawn(move || {
+                for name in prx {
+                    let _ = fwd.send(Input::Policy(name));
+                }
+            });
+            let bound = stats::serve(addr, stats.clone(), Some(ptx)).map_err(|e| format!("control address {addr}: {e}"))?;
+            eprintln!("{}: metrics on http://{bound}/metrics", opts.vm);
+        }
+        let (mirror_tx, mirror_rx) = channel();
+        Ok(Driver {
+            ctl,
+            opts,
+            clock,
+            tx,
+            arbiter,
+            stats,
+            link: None,
+            next_conn: 1,
+            connecting: None,
+            mirror_tx,
+            mirror_rx: Arc::new(Mutex::new(mirror_rx)),
+            spare: Vec::new(),
+            pending: BTreeMap::new(),
+            output_counter,
+            output_seen: 0,
+            config,
+            debug: std::env::var_os("VIGIL_DEBUG").is_some(),
+            protected_logged: false,
+        })
+    }
+
+    fn log(&self, what: impl std::fmt::Display) {
+        eprintln!("{}: {what}", self.opts.vm);
+    }
+
+    fn run(mut self, rx: Receiver<Input>, start: Start) -> Result<Outcome, String> {
+        let timing = self.opts.timing;
+        let policy = std::mem::replace(&mut self.opts.policy, Box::new(crate::policy::Adaptive::default()));
+        let mut sm = Primary::new(&self.opts.vm, &self.opts.holder, timing, policy);
+        let now = self.clock.now();
+        let mut actions: VecDeque<Action> = match start {
+            Start::Fresh => sm.start(now),
+            Start::TakeOver { granted_at } => sm.after_takeover(now, granted_at),
+        }
+        .into();
+        loop {
+            while let Some(a) = actions.pop_front() {
+                let t0 = Instant::now();
+                let what = if self.debug { format!("{a:?}") } else { String::new() };
+                if let Some(outcome) = self.act(&mut sm, a, &mut actions)? {
+                    return Ok(outcome);
+                }
+                if self.debug {
+                    eprintln!(
+                        "debug {:.3} {:.3} ms: {}",
+                        self.clock.now() as f64 / 1e6,
+                        t0.elapsed().as_secs_f64() * 1e3,
+                        &what[..what.len().min(100)]
+                    );
+                }
+            }
+            let now = self.clock.now();
+            let wait = sm.next_wakeup(now).saturating_sub(now).min(1_000_000);
+            let input = match rx.recv_timeout(Duration::from_nanos(wait)) {
+                Ok(i) => Some(i),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return Err("internal: the driver's channel closed".into()),
+            };
+            let now = self.clock.now();
+            let event = match input {
+                None => Some(Event::Tick),
+                Some(i) => match self.input(&mut sm, i)? {
+                    Ok(ev) => ev,
+                    Err(outcome) => return Ok(outcome),
+                },
+            };
+            if let Some(ev) = event {
+                actions.extend(sm.handle(now, ev));
+            }
+            if let Some(c) = &self.output_counter {
+                let n = c.load(Ordering::Relaxed);
+                if n != self.output_seen {
+                    self.output_seen = n;
+                    actions.extend(sm.handle(now, Event::Output));
+                }
+            }
+        }
+    }
+
+    /// Turns a helper thread's report into a state-machine event (or the end).
+    fn input(&mut self, sm: &mut Primary, input: Input) -> Result<Result<Option<Event>, Outcome>, String> {
+        let current = self.link.as_ref().map(|l| l.id);
+        Ok(Ok(match input {
+            Input::Frame { conn, msg } if Some(conn) == current => Some(match msg {
+                Ok(m) => Event::Received(m),
+                Err(e) => Event::BackupLost { reason: format!("backup connection: {e}") },
+            }),
+            Input::Frame { .. } | Input::Accepted { .. } => None,
+            Input::Connected { conn, stream } if Some(conn) == self.connecting => {
+                self.connecting = None;
+                match stream {
+                    Ok(stream) => {
+                        self.attach(conn, stream)?;
+                        Some(Event::Connected { session: random_id() })
+                    }
+                    Err(reason) => Some(Event::ConnectFailed { reason }),
+                }
+            }
+            Input::Connected { .. } => None,
+            Input::Lease { sent_at, answer } => Some(Event::Lease { sent_at, answer }),
+            Input::SyncSent { conn } if Some(conn) == current => Some(Event::SyncSent),
+            Input::SyncSent { .. } => None,
+            Input::Sent { conn: _, epoch, transfer_ns, buffer } => {
+                self.spare.push(buffer);
+                if let Some(e) = self.pending.get_mut(&epoch) {
+                    e.transfer_ns = transfer_ns;
+                }
+                None
+            }
+            Input::SendFailed { conn, reason } if Some(conn) == current => Some(Event::BackupLost { reason }),
+            Input::SendFailed { .. } => None,
+            Input::VmStopped(r) => {
+                let stop = r?;
+                self.log(format!("the VM stopped: {stop:?}"));
+                return Ok(Err(Outcome::Stopped(stop)));
+            }
+            Input::Policy(name) => {
+                if let Ok(p) = crate::policy::parse(&name) {
+                    sm.set_policy(p);
+                    self.log(format!("checkpoint policy now {name}"));
+                    self.stats.lock().unwrap_or_else(|e| e.into_inner()).policy = name;
+                }
+                None
+            }
+        }))
+    }
+
+    fn attach(&mut self, id: u64, stream: TcpStream) -> Result<(), String> {
+        let _ = stream.set_nodelay(true);
+        let reader = stream.try_clone().map_err(|e| format!("backup connection: {e}"))?;
+        let writer = stream.try_clone().map_err(|e| format!("backup connection: {e}"))?;
+        spawn_reader(id, reader, self.tx.clone());
+        let out = spawn_sender(id, writer, self.mirror_rx.clone(), self.tx.clone());
+        self.link = Some(Link { id, stream, out });
+        Ok(())
+    }
+
+    fn call(&self, cmd: Command) -> Result<vmm::Reply, String> {
+        // Only the command's name: a checkpoint command carries a buffer of megabytes.
+        let what = match &cmd {
+            Command::Protect { .. } => "protect",
+            Command::Unprotect => "unprotect",
+            Command::Checkpoint { .. } => "checkpoint",
+            Command::MemoryView => "memory-view",
+            Command::NetRelease { .. } => "net-release",
+            Command::Quit => "quit",
+            _ => "command",
+        };
+        let r = self.ctl.call(cmd);
+        if r.ok {
+            Ok(r)
+        } else {
+            Err(format!("VM command {what}: {}", r.error.unwrap_or_default()))
+        }
+    }
+
+    fn act(&mut self, sm: &mut Primary, action: Action, more: &mut VecDeque<Action>) -> Result<Option<Outcome>, String> {
+        match action {
+            Action::Connect => {
+                let id = self.next_conn;
+                self.next_conn += 1;
+                self.connecting = Some(id);
+                let tx = self.tx.clone();
+                let addr = self.opts.backup.clone();
+                std::thread::spawn(move || {
+                    let stream = match addr {
+                        None => Err("no backup configured".to_string()),
+                        Some(a) => connect(&a, Duration::from_millis(500)),
+                    };
+                    let _ = tx.send(Input::Connected { conn: id, stream });
+                });
+            }
+            Action::Hold => {
+                let mirror = self.opts.disk.as_ref().map(|_| self.mirror_tx.clone());
+                self.call(Command::Protect { mirror })?;
+            }
+            Action::StartSync { session } => {
+                let view = self.call(Command::MemoryView)?.memory_view.ok_or("the VM returned no memory view")?;
+                let config = self.config.clone();
+                if let Some(l) = &self.link {
+                    let hello = Msg::Hello { session, vm: self.opts.vm.clone(), mem_bytes: view.size(), config };
+                    let _ = l.out.send(Out::Msg(hello));
+                    let _ = l.out.send(Out::Sync { view, disk: self.opts.disk.clone() });
+                }
+            }
+            Action::Checkpoint => {
+                let t0 = Instant::now();
+                let buffer = self.spare.pop();
+                let reply = self.call(Command::Checkpoint { buffer })?;
+                let pause_ns = t0.elapsed().as_nanos() as u64;
+                let c = reply.checkpoint.ok_or("the VM returned no checkpoint")?;
+                let (epoch, output_frames) = (c.epoch, c.output_frames);
+                let e = EpochStats {
+                    epoch,
+                    pause_ns,
+                    vmm_pause_ns: c.pause_ns,
+                    copy_ns: c.copy_ns,
+                    dirty_pages: c.pages.len() as u64,
+                    bytes: c.data.len() as u64,
+                    output_frames,
+                    mode: sm.policy().1,
+                    ..EpochStats::default()
+                };
+                self.pending.insert(epoch, e);
+                while self.pending.len() > 64 {
+                    self.pending.pop_first();
+                }
+                match &self.link {
+                    Some(l) => {
+                        let _ = l.out.send(Out::Checkpoint(c));
+                    }
+                    None => self.spare.push(c.data),
+                }
+                more.extend(sm.handle(self.clock.now(), Event::Staged { epoch, output_frames }));
+            }
+            Action::Release { epoch } => {
+                self.call(Command::NetRelease { epoch })?;
+            }
+            Action::Unhold => {
+                self.call(Command::Unprotect)?;
+            }
+            Action::Send(m) => {
+                if let Some(l) = &self.link {
+                    let _ = l.out.send(Out::Msg(m));
+                }
+            }
+            Action::Disconnect { reason } => {
+                if let Some(l) = self.link.take() {
+                    let _ = l.stream.shutdown(Shutdown::Both);
+                    self.log(format!("backup connection closed: {reason}"));
+                }
+            }
+            Action::Lease(req) => {
+                let _ = self.arbiter.send(req);
+            }
+            Action::Fenced { holder } => {
+                self.log(format!("fenced: {holder} holds the lease; stopping this copy"));
+                let _ = self.ctl.call(Command::Quit);
+                return Ok(Some(Outcome::Fenced { holder }));
+            }
+            Action::Notice(n) => self.notice(n),
+        }
+        Ok(None)
+    }
+
+    fn notice(&mut self, n: Notice) {
+        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        match n {
+            Notice::Syncing { session } => {
+                drop(stats);
+                self.log(format!("synchronising a new backup (session {session:x})"));
+            }
+            Notice::Protected { session } => {
+                stats.protected = true;
+                drop(stats);
+                self.log(format!("protected: the backup holds a committed replica (session {session:x})"));
+                self.protected_logged = true;
+            }
+            Notice::Unprotected { reason } => {
+                stats.protected = false;
+                drop(stats);
+                self.log(format!("UNPROTECTED: {reason}; the VM keeps running and accepts a new backup"));
+            }
+            Notice::Acked { epoch, duration_ns, mode } => {
+                stats.mode = mode;
+                if let Some(e) = self.pending.get_mut(&epoch) {
+                    e.ack_ns = duration_ns;
+                    stats.checkpoints += 1;
+                    stats.pause_ns_total += e.pause_ns;
+                    stats.bytes_total += e.bytes;
+                    stats.pages_total += e.dirty_pages;
+                    stats.last = e.clone();
+                }
+            }
+            Notice::Released { epoch, delay_ns } => {
+                if let Some(d) = delay_ns {
+                    stats.output_delay_ns_total += d;
+                    stats.released_with_output += 1;
+                }
+                if let Some(mut e) = self.pending.remove(&epoch) {
+                    e.output_delay_ns = delay_ns;
+                    if stats.last.epoch == epoch {
+                        stats.last.output_delay_ns = delay_ns;
+                    }
+                    if self.opts.stats_lines {
+                        drop(stats);
+                        self.log(e.line());
+                    }
+                }
+                self.pending.retain(|k, _| *k > epoch);
+            }
+            Notice::ArbiterUnreachable { reason } => {
+                drop(stats);
+                self.log(format!("arbiter unreachable ({reason}): output waits"));
+            }
+        }
+    }
+}
+
+fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, String> {
+    let sa =
+        addr.to_socket_addrs().map_err(|e| format!("backup {addr}: {e}"))?.next().ok_or_else(|| format!("backup {addr}: no address"))?;
+    TcpStream::connect_timeout(&sa, timeout).map_err(|e| format!("backup {addr}: {e}"))
+}
+
+/// The sender thread of one connection.
+fn spawn_sender(conn: u64, stream: TcpStream, mirror: Arc<Mutex<Receiver<DiskWrite>>>, tx: Sender<Input>) -> Sender<Out> {
+    let (otx, orx) = channel::<Out>();
+    let _ = std::thread::Builder::new().name(format!("repl-send-{conn}")).spawn(move || {
+        let mut s = Sender_ { w: BufWriter::with_capacity(1 << 20, stream), mirror, counts: HashMap::new(), synced: false };
+        let result = (|| -> Result<(), String> {
+            loop {
+                match orx.recv_timeout(Duration::from_millis(2)) {
+                    Ok(Out::Msg(m)) => {
+                        s.drain_mirror()?;
+                        wire::write_msg(&mut s.w, &m).map_err(|e| e.to_string())?;
+                        s.w.flush().map_err(|e| e.to_string())?;
+                    }
+                    Ok(Out::Sync { view, disk }) => {
+                        s.sync(&view, disk.as_deref())?;
+                        let _ = tx.send(Input::SyncSent { conn });
+                    }
+                    Ok(Out::Checkpoint(c)) => {
+                        let t0 = Instant::now();
+                        s.drain_mirror()?;
+                        let disk_writes = s.counts.remove(&c.epoch).unwrap_or(0);
+                        let commit = Msg::Commit {
+                            epoch: c.epoch,
+                            guest_ns: c.guest_ns,
+                            pages: c.pages.len() as u64,
+                            disk_writes,
+                            vcpu: c.vcpu.clone(),
+                        };
+                        wire::write_checkpoint(&mut s.w, c.epoch, &c.pages, &c.data, &commit).map_err(|e| e.to_string())?;
+                        s.w.flush().map_err(|e| e.to_string())?;
+                        let transfer_ns = t0.elapsed().as_nanos() as u64;
+                        let _ = tx.send(Input::Sent { conn, epoch: c.epoch, transfer_ns, buffer: c.data });
+                    }
+                    Err(RecvTimeoutError::Timeout) => {
+                        s.drain_mirror()?;
+                        s.w.flush().map_err(|e| e.to_string())?;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                }
+            }
+        })();
+        if let Err(reason) = result {
+            let _ = tx.send(Input::SendFailed { conn, reason: format!("sending to the backup: {reason}") });
+        }
+    });
+    otx
+}
+
+struct Sender_ {
+    w: BufWriter<TcpStream>,
+    mirror: Arc<Mutex<Receiver<DiskWrite>>>,
+    /// Disk writes sent per epoch on this connection.
+    counts: HashMap<u64, u64>,
+    /// Whether the synchronisation started (disk writes go out only after it: the ones
+    /// before are in what it reads).
+    synced: bool,
+}
+
+impl Sender_ {
+    fn drain_mirror(&mut self) -> Result<(), String> {
+        if !self.synced {
+            return Ok(());
+        }
+        let rx = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
+        while let Ok(d) = rx.try_recv() {
+            *self.counts.entry(d.epoch).or_default() += 1;
+            wire::write_msg(&mut self.w, &Msg::DiskWrite { epoch: d.epoch, offset: d.offset, data: d.data }).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// All of memory, then all of the disk, while the VM runs; then the counts.
+    fn sync(&mut self, view: &MemoryView, disk: Option<&std::path::Path>) -> Result<(), String> {
+        // Writes queued before the synchronisation are in what it reads.
+        {
+            let rx = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
+            while rx.try_recv().is_ok() {}
+        }
+        self.counts.clear();
+        self.synced = true;
+        const CHUNK: u64 = 256;
+        let pages = view.pages();
+        let mut first = 0;
+        while first < pages {
+            let n = CHUNK.min(pages - first);
+            let mut data = vec![0u8; n as usize * PAGE];
+            view.copy_range(first * PAGE as u64, &mut data).map_err(|e| e.to_string())?;
+            wire::write_msg(&mut self.w, &Msg::Sync { first_page: first, data }).map_err(|e| e.to_string())?;
+            first += n;
+        }
+        let mut chunks = 0;
+        if let Some(path) = disk {
+            let f = std::fs::File::open(path).map_err(|e| format!("disk {}: {e}", path.display()))?;
+            let len = f.metadata().map_err(|e| format!("disk {}: {e}", path.display()))?.len();
+            let mut off = 0;
+            while off < len {
+                let n = (len - off).min(1 << 20) as usize;
+                let mut data = vec![0u8; n];
+                f.read_exact_at(&mut data, off).map_err(|e| format!("disk {}: {e}", path.display()))?;
+                wire::write_msg(&mut self.w, &Msg::DiskSync { offset: off, data }).map_err(|e| e.to_string())?;
+                chunks += 1;
+                off += n as u64;
+                // Writes made after this chunk was read follow it.
+                self.drain_mirror()?;
+            }
+        }
+        wire::write_msg(&mut self.w, &Msg::SyncEnd { pages, disk_chunks: chunks }).map_err(|e| e.to_string())?;
+        self.w.flush().map_err(|e| e.to_string())
+    }
+}

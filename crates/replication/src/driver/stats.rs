@@ -1,0 +1,182 @@
+//! Live replication statistics: one line per epoch (with `--stats`), and the same figures as
+//! Prometheus metrics on a small HTTP endpoint that also lets an operator switch the
+//! checkpoint policy while the VM runs (`POST /policy` with the policy name as the body).
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+
+/// Figures of one checkpoint, as the primary saw them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EpochStats {
+    pub epoch: u64,
+    /// Time the driver waited for the VM to pause, copy and resume (an upper bound of the
+    /// guest's stop), and the VMM's own measure of it.
+    pub pause_ns: u64,
+    pub vmm_pause_ns: u64,
+    pub copy_ns: u64,
+    pub dirty_pages: u64,
+    pub bytes: u64,
+    /// From handing the checkpoint to the sender to its last byte on the socket.
+    pub transfer_ns: u64,
+    /// From the start of the checkpoint to the backup's acknowledgement.
+    pub ack_ns: u64,
+    /// How long the oldest output of the epoch waited before it was released.
+    pub output_delay_ns: Option<u64>,
+    pub output_frames: u64,
+    pub mode: &'static str,
+}
+
+impl EpochStats {
+    /// The human-readable line printed with `--stats`.
+    pub fn line(&self) -> String {
+        let ms = |ns: u64| ns as f64 / 1e6;
+        let mut s = format!(
+            "epoch {} pause {:.3} ms (vmm {:.3}, copy {:.3}) dirty {} pages {} KiB transfer {:.3} ms ack {:.3} ms",
+            self.epoch,
+            ms(self.pause_ns),
+            ms(self.vmm_pause_ns),
+            ms(self.copy_ns),
+            self.dirty_pages,
+            self.bytes / 1024,
+            ms(self.transfer_ns),
+            ms(self.ack_ns)
+        );
+        match self.output_delay_ns {
+            Some(d) => {
+                let _ = write!(s, " output {} frames delayed {:.3} ms", self.output_frames, ms(d));
+            }
+            None => s.push_str(" output none"),
+        }
+        let _ = write!(s, " mode {}", self.mode);
+        s
+    }
+}
+
+/// Everything the metrics endpoint shows.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub vm: String,
+    pub role: &'static str,
+    pub protected: bool,
+    pub policy: String,
+    pub mode: &'static str,
+    pub checkpoints: u64,
+    pub pause_ns_total: u64,
+    pub bytes_total: u64,
+    pub pages_total: u64,
+    pub output_delay_ns_total: u64,
+    pub released_with_output: u64,
+    pub refused: u64,
+    pub takeovers: u64,
+    pub last: EpochStats,
+}
+
+impl Stats {
+    /// The Prometheus text exposition.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        let l = format!("vm=\"{}\",role=\"{}\"", self.vm, self.role);
+        let s = |ns: u64| ns as f64 / 1e9;
+        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+            let _ = writeln!(
+                out,
+                "# HELP vigil_replication_{name} {help}\n# TYPE vigil_replication_{name} {kind}\nvigil_replication_{name}{{{l}}} {value}"
+            );
+        };
+        metric("protected", "gauge", "1 while a backup holds a committed replica.", (self.protected as u8).to_string());
+        metric("checkpoints_total", "counter", "Checkpoints acknowledged.", self.checkpoints.to_string());
+        metric("pause_seconds_total", "counter", "Time the VM spent paused for checkpoints.", s(self.pause_ns_total).to_string());
+        metric("bytes_total", "counter", "Checkpoint page bytes sent to the backup.", self.bytes_total.to_string());
+        metric("dirty_pages_total", "counter", "Dirty pages checkpointed.", self.pages_total.to_string());
+        metric(
+            "output_delay_seconds_total",
+            "counter",
+            "Sum over epochs with output of how long it was held.",
+            s(self.output_delay_ns_total).to_string(),
+        );
+        metric("epochs_with_output_total", "counter", "Released epochs that held output.", self.released_with_output.to_string());
+        metric("refused_total", "counter", "Checkpoints the backup refused.", self.refused.to_string());
+        metric("takeovers_total", "counter", "Takeovers by this backup.", self.takeovers.to_string());
+        let e = &self.last;
+        metric("last_epoch", "gauge", "Epoch of the last acknowledged checkpoint.", e.epoch.to_string());
+        metric("last_pause_seconds", "gauge", "Pause of the last checkpoint.", s(e.pause_ns).to_string());
+        metric("last_copy_seconds", "gauge", "Page copying within the last pause.", s(e.copy_ns).to_string());
+        metric("last_dirty_pages", "gauge", "Dirty pages of the last checkpoint.", e.dirty_pages.to_string());
+        metric("last_transfer_seconds", "gauge", "Transfer time of the last checkpoint.", s(e.transfer_ns).to_string());
+        metric("last_ack_seconds", "gauge", "Start to acknowledgement of the last checkpoint.", s(e.ack_ns).to_string());
+        metric(
+            "last_output_delay_seconds",
+            "gauge",
+            "Hold time of the last released output.",
+            s(e.output_delay_ns.unwrap_or(0)).to_string(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP vigil_replication_policy The checkpoint policy and its mode.\n# TYPE vigil_replication_policy gauge\nvigil_replication_policy{{{l},policy=\"{}\",mode=\"{}\"}} 1",
+            self.policy, self.mode
+        );
+        out
+    }
+}
+
+/// Shared statistics.
+pub type Shared = Arc<Mutex<Stats>>;
+
+/// Serves `GET /metrics` (Prometheus text) and `POST /policy` (body: a policy name, sent on
+/// `policy`) on `addr`, on a thread. Returns the bound address.
+pub fn serve(addr: &str, stats: Shared, policy: Option<Sender<String>>) -> std::io::Result<std::net::SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
+    std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+            let Ok(clone) = conn.try_clone() else { continue };
+            let mut r = BufReader::new(clone);
+            let mut request = String::new();
+            if r.read_line(&mut request).is_err() {
+                continue;
+            }
+            let mut length = 0usize;
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = h.split_once(':') {
+                    if k.eq_ignore_ascii_case("content-length") {
+                        length = v.trim().parse().unwrap_or(0).min(4096);
+                    }
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = r.read_exact(&mut body);
+            let mut parts = request.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (status, text) = match (method, path) {
+                ("GET", "/metrics") => ("200 OK", stats.lock().unwrap_or_else(|e| e.into_inner()).prometheus()),
+                ("POST", "/policy") => {
+                    let name = String::from_utf8_lossy(&body).trim().to_string();
+                    match (crate::policy::parse(&name), &policy) {
+                        (Ok(_), Some(tx)) => {
+                            let _ = tx.send(name.clone());
+                            ("200 OK", format!("policy {name}\n"))
+                        }
+                        (Ok(_), None) => ("409 Conflict", "no policy to change here\n".into()),
+                        (Err(e), _) => ("400 Bad Request", format!("{e}\n")),
+                    }
+                }
+                _ => ("404 Not Found", "GET /metrics or POST /policy\n".into()),
+            };
+            let _ = write!(
+                conn,
+                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{text}",
+                text.len()
+            );
+        }
+    })?;
+    Ok(bound)
+}

@@ -1,0 +1,163 @@
+//! A two-host testbed in network namespaces, for `vigil demo failover`, the failover tests and
+//! `vigil bench replication`: a switch (a bridge, where the arbiter lives), host A and host B
+//! (each with a bridge joining the VM's tap to the switch, and a direct replication link to
+//! the other host), and a client.
+//!
+//! ```text
+//!   client 10.99.0.100 ──┐
+//!                        switch br0 10.99.0.254 (arbiter :7000)
+//!   host A br 10.99.0.1 ─┤                      ├─ host B br 10.99.0.2
+//!     └ tap vtap (VM 10.99.0.50)                   └ tap vtap (VM after a takeover)
+//!   host A rep 10.98.0.1 ─────── replication link ─────── host B rep 10.98.0.2
+//! ```
+//! Everything is deleted when the [`Testbed`] is dropped.
+
+use std::process::{Command, Output};
+
+/// The VM's address and MAC, the same on either host.
+pub const VM_IP: &str = "10.99.0.50";
+pub const VM_MAC: &str = "52:54:00:99:00:50";
+pub const CLIENT_IP: &str = "10.99.0.100";
+pub const ARBITER: &str = "10.99.0.254:7000";
+/// The tap device name on each host.
+pub const TAP: &str = "vtap";
+
+/// One of the two hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Host {
+    A,
+    B,
+}
+
+impl Host {
+    /// The other host.
+    pub fn other(self) -> Host {
+        match self {
+            Host::A => Host::B,
+            Host::B => Host::A,
+        }
+    }
+    /// Address on the replication link.
+    pub fn rep_ip(self) -> &'static str {
+        match self {
+            Host::A => "10.98.0.1",
+            Host::B => "10.98.0.2",
+        }
+    }
+    /// Where this host's backup listens.
+    pub fn backup_addr(self) -> String {
+        format!("{}:7100", self.rep_ip())
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Host::A => "host-a",
+            Host::B => "host-b",
+        }
+    }
+}
+
+/// The namespaces and links; removed on drop.
+pub struct Testbed {
+    pub switch: String,
+    pub a: String,
+    pub b: String,
+    pub client: String,
+}
+
+fn ip(args: &[&str]) -> Result<Output, String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("cannot run ip (package iproute2): {e}"))?;
+    if !out.status.success() {
+        return Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(out)
+}
+
+impl Testbed {
+    /// Builds the testbed; `tag` keeps concurrent testbeds apart (at most 6 characters).
+    pub fn new(tag: &str) -> Result<Testbed, String> {
+        let tb = Testbed { switch: format!("vg{tag}-sw"), a: format!("vg{tag}-a"), b: format!("vg{tag}-b"), client: format!("vg{tag}-c") };
+        tb.remove();
+        for ns in [&tb.switch, &tb.a, &tb.b, &tb.client] {
+            ip(&["netns", "add", ns])?;
+            tb.exec(ns, &["link", "set", "lo", "up"])?;
+        }
+        tb.exec(&tb.switch, &["link", "add", "br0", "type", "bridge"])?;
+        tb.exec(&tb.switch, &["addr", "add", "10.99.0.254/24", "dev", "br0"])?;
+        tb.exec(&tb.switch, &["link", "set", "br0", "up"])?;
+        // The client.
+        tb.veth(&tb.client, "eth0", &tb.switch, "to-client")?;
+        tb.exec(&tb.switch, &["link", "set", "to-client", "master", "br0"])?;
+        tb.exec(&tb.client, &["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"])?;
+        // The hosts.
+        for (h, ns, lan) in [(Host::A, &tb.a, "10.99.0.1/24"), (Host::B, &tb.b, "10.99.0.2/24")] {
+            let port = format!("to-{}", h.name());
+            tb.veth(ns, "uplink", &tb.switch, &port)?;
+            tb.exec(&tb.switch, &["link", "set", &port, "master", "br0"])?;
+            tb.exec(ns, &["link", "add", "hostbr", "type", "bridge"])?;
+            tb.exec(ns, &["link", "set", "uplink", "master", "hostbr"])?;
+            tb.exec(ns, &["tuntap", "add", "dev", TAP, "mode", "tap"])?;
+            tb.exec(ns, &["link", "set", TAP, "master", "hostbr"])?;
+            tb.exec(ns, &["link", "set", TAP, "up"])?;
+            tb.exec(ns, &["addr", "add", lan, "dev", "hostbr"])?;
+            tb.exec(ns, &["link", "set", "hostbr", "up"])?;
+        }
+        tb.veth(&tb.a, "rep", &tb.b, "rep")?;
+        tb.exec(&tb.a, &["addr", "add", "10.98.0.1/24", "dev", "rep"])?;
+        tb.exec(&tb.b, &["addr", "add", "10.98.0.2/24", "dev", "rep"])?;
+        Ok(tb)
+    }
+
+    fn veth(&self, ns1: &str, n1: &str, ns2: &str, n2: &str) -> Result<(), String> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp1 = format!("vgt{}x{n}", std::process::id() % 100000);
+        let tmp2 = format!("vgu{}x{n}", std::process::id() % 100000);
+        ip(&["link", "add", &tmp1, "type", "veth", "peer", "name", &tmp2])?;
+        ip(&["link", "set", &tmp1, "netns", ns1])?;
+        ip(&["link", "set", &tmp2, "netns", ns2])?;
+        self.exec(ns1, &["link", "set", &tmp1, "name", n1])?;
+        self.exec(ns2, &["link", "set", &tmp2, "name", n2])?;
+        self.exec(ns1, &["link", "set", n1, "up"])?;
+        self.exec(ns2, &["link", "set", n2, "up"])?;
+        Ok(())
+    }
+
+    /// Runs `ip ARGS` in namespace `ns`.
+    pub fn exec(&self, ns: &str, args: &[&str]) -> Result<(), String> {
+        let mut all = vec!["netns", "exec", ns, "ip"];
+        all.extend_from_slice(args);
+        ip(&all).map(|_| ())
+    }
+
+    /// A host's namespace.
+    pub fn ns(&self, h: Host) -> &str {
+        match h {
+            Host::A => &self.a,
+            Host::B => &self.b,
+        }
+    }
+
+    /// A command that runs `program` inside namespace `ns`.
+    pub fn command(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).arg(program);
+        c
+    }
+
+    /// Cuts (or restores) the replication link between the hosts.
+    pub fn set_replication_link(&self, up: bool) -> Result<(), String> {
+        self.exec(&self.a, &["link", "set", "rep", if up { "up" } else { "down" }])
+    }
+
+    fn remove(&self) {
+        for ns in [&self.switch, &self.a, &self.b, &self.client] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}

@@ -1,0 +1,495 @@
+//! Checkpoint replication end to end, with real KVM, real processes in network namespaces
+//! (`replication::testbed`) and a real client (`redis-cli`) that keeps one TCP connection open
+//! throughout:
+//! - the primary's VMM is SIGKILLed at random moments, again and again (the backup takes over,
+//!   a new backup is started on the dead host, and so on): every acknowledged write is there,
+//!   the connection is never reset, every request gets exactly one answer (an INCR counter
+//!   counts without gap or repeat), and the disk log the VM keeps holds every acknowledged
+//!   write and no torn record;
+//! - the backup is killed, the link between the hosts is cut, and delayed: the primary carries
+//!   on, the backup never takes over, and protection resumes.
+
+use replication::testbed::{Host, Testbed, ARBITER, TAP, VM_IP, VM_MAC};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn guest(name: &str) -> PathBuf {
+    let target = workspace().join("target/guests");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(workspace())
+        .args(["build", "--release", "--quiet", "-p", name, "--target-dir"])
+        .arg(&target)
+        .output()
+        .expect("cannot run cargo");
+    assert!(out.status.success(), "building {name}: {}", String::from_utf8_lossy(&out.stderr));
+    target.join("release").join(name)
+}
+
+/// The tests run one at a time: each runs two VMs and their drivers on a 2-core machine.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn no_kvm(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return false;
+    }
+    eprintln!("{test}: skipped: /dev/kvm is absent on this host");
+    true
+}
+
+/// A process in a namespace, its stdout and stderr in a log file.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(ns: &str, args: &[String], log: PathBuf) -> Proc {
+        let f = std::fs::File::create(&log).expect("log file");
+        let child = Testbed::command(ns, env!("CARGO_BIN_EXE_vigil"))
+            .args(args)
+            .stdout(f.try_clone().expect("log"))
+            .stderr(f)
+            .spawn()
+            .expect("spawn vigil");
+        Proc { child, log }
+    }
+    fn text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    fn count(&self, needle: &str) -> usize {
+        self.text().matches(needle).count()
+    }
+    fn wait_count(&self, needle: &str, n: usize, secs: u64) {
+        let t = Instant::now();
+        while self.count(needle) < n {
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "timed out waiting for {needle:?} x{n} in {}:\n{}",
+                self.log.display(),
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Cluster {
+    tb: Testbed,
+    dir: PathBuf,
+    _arbiter: Proc,
+    primary: (Host, Proc),
+    backup: Option<(Host, Proc)>,
+    image: PathBuf,
+    n: usize,
+}
+
+fn disk(dir: &Path, h: Host) -> PathBuf {
+    dir.join(format!("disk-{}", h.name()))
+}
+
+impl Cluster {
+    /// kv protected on host A (its backup on host B), both with a disk.
+    fn start(tag: &str) -> Cluster {
+        let mut c = Cluster::new(tag);
+        c.start_primary(&Host::B.backup_addr());
+        c
+    }
+
+    /// The testbed, the arbiter and a backup on host B.
+    fn new(tag: &str) -> Cluster {
+        let tb = Testbed::new(tag).expect("testbed");
+        let dir = workspace().join(format!("target/failover-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        for h in [Host::A, Host::B] {
+            std::fs::write(disk(&dir, h), vec![0u8; 8 << 20]).expect("disk");
+        }
+        let image = guest("kv");
+        let arbiter = Proc::spawn(&tb.switch, &["arbiter".into(), "--listen".into(), ARBITER.into()], dir.join("arbiter.log"));
+        std::thread::sleep(Duration::from_millis(100));
+        let mut c = Cluster { tb, dir, _arbiter: arbiter, primary: (Host::A, dummy()), backup: None, image, n: 0 };
+        c.start_backup(Host::B);
+        c
+    }
+
+    /// kv on host A, protected by the backup at `protect`.
+    fn start_primary(&mut self, protect: &str) {
+        let c = self;
+        let args: Vec<String> = [
+            "vm",
+            "run",
+            "--mem",
+            "32",
+            "--tap",
+            TAP,
+            "--ip",
+            &format!("{VM_IP}/24"),
+            "--mac",
+            VM_MAC,
+            "--protect",
+            protect,
+            "--arbiter",
+            ARBITER,
+            "--holder",
+            "host-a",
+            "--name",
+            "kv",
+            "--image",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([c.image.display().to_string(), "--disk".into(), disk(&c.dir, Host::A).display().to_string()])
+        .collect();
+        let p = Proc::spawn(&c.tb.a, &args, c.dir.join("primary-0.log"));
+        p.wait_count("kv: serving on", 1, 20);
+        p.wait_count("protected: the backup holds", 1, 20);
+        c.primary = (Host::A, p);
+    }
+
+    fn start_backup(&mut self, h: Host) {
+        self.n += 1;
+        let args: Vec<String> = [
+            "backup",
+            "--listen",
+            &h.backup_addr(),
+            "--arbiter",
+            ARBITER,
+            "--holder",
+            h.name(),
+            "--tap",
+            TAP,
+            "--protect",
+            &h.other().backup_addr(),
+            "--disk",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([disk(&self.dir, h).display().to_string()])
+        .collect();
+        let p = Proc::spawn(self.tb.ns(h), &args, self.dir.join(format!("backup-{}-{}.log", self.n, h.name())));
+        p.wait_count("backup: listening", 1, 10);
+        self.backup = Some((h, p));
+    }
+}
+
+fn dummy() -> Proc {
+    let child = Command::new("true").spawn().expect("true");
+    Proc { child, log: PathBuf::from("/dev/null") }
+}
+
+/// A long-lived `redis-cli` in the client namespace: one TCP connection, one request per line.
+struct Client {
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+    child: Child,
+}
+
+impl Client {
+    fn new(tb: &Testbed) -> Client {
+        let mut child = Testbed::command(&tb.client, "redis-cli")
+            .args(["-h", VM_IP, "-p", "6379"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("redis-cli (package redis-tools)");
+        let stdin = child.stdin.take().expect("stdin");
+        let (tx, lines) = channel();
+        for out in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for l in BufReader::new(out).lines().map_while(Result::ok) {
+                    let _ = tx.send(l);
+                }
+            });
+        }
+        Client { stdin, lines, child }
+    }
+
+    fn call(&mut self, cmd: &str) -> String {
+        writeln!(self.stdin, "{cmd}").expect("write to redis-cli");
+        self.stdin.flush().expect("flush");
+        self.lines.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("no answer to {cmd:?} within 20 s"))
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes keys and counts with INCR until stopped; returns the acknowledged keys and the
+/// longest wait for an answer.
+fn drive(mut client: Client, stop: Arc<AtomicBool>, done: Arc<AtomicU64>, errors: Arc<Mutex<Vec<String>>>) -> (Client, u64, Duration) {
+    let mut i = 0u64;
+    let mut longest = Duration::ZERO;
+    while !stop.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        let a = client.call(&format!("SET k{i} v{i}"));
+        let b = client.call("INCR ctr");
+        longest = longest.max(t.elapsed());
+        if a != "OK" || b != (i + 1).to_string() {
+            errors.lock().expect("errors").push(format!("request {i}: SET answered {a:?}, INCR answered {b:?} (expected {})", i + 1));
+            break;
+        }
+        i += 1;
+        done.store(i, Ordering::Relaxed);
+    }
+    (client, i, longest)
+}
+
+fn local_port(tb: &Testbed) -> String {
+    let out = Testbed::command(&tb.client, "ss").args(["-Htn", "state", "established"]).output().expect("ss");
+    String::from_utf8_lossy(&out.stdout).split_whitespace().find(|w| w.starts_with("10.99.0.100:")).unwrap_or("").to_string()
+}
+
+#[test]
+fn sigkill_the_primary_again_and_again_with_a_client_watching() {
+    if no_kvm("sigkill_the_primary_again_and_again_with_a_client_watching") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = Cluster::start("k");
+    let client = Client::new(&c.tb);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let (s, d, e) = (stop.clone(), done.clone(), errors.clone());
+    let driver = std::thread::spawn(move || drive(client, s, d, e));
+    while done.load(Ordering::Relaxed) < 20 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let port = local_port(&c.tb);
+    assert!(!port.is_empty(), "the client's connection is established");
+    let mut seed = std::env::var("VIGIL_FAILOVER_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(std::process::id() as u64 * 2654435761 % 1000003 + 1);
+    eprintln!("failover seed {seed}");
+    let rounds = 6;
+    let mut outages = vec![];
+    for round in 0..rounds {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(150 + seed % 600));
+        let before = done.load(Ordering::Relaxed);
+        let (dead, mut victim) = std::mem::replace(&mut c.primary, (Host::A, dummy()));
+        if victim.text().contains("fenced") {
+            // The machine stalled the primary longer than the lease: the backup already took
+            // over (safely: the primary was fenced). Kill it all the same.
+            eprintln!("round {round}: the primary had already been fenced before the kill");
+        }
+        let t_kill = Instant::now();
+        victim.kill();
+        let (survivor, backup) = c.backup.take().expect("a backup");
+        assert_eq!(survivor, dead.other());
+        backup.wait_count("TAKING OVER", 1, 10);
+        // The client carries on.
+        while done.load(Ordering::Relaxed) <= before + 2 {
+            assert!(t_kill.elapsed() < Duration::from_secs(15), "round {round}: the client is stuck after the takeover\n{}", backup.text());
+            assert!(errors.lock().expect("errors").is_empty(), "{:?}", errors.lock());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        outages.push(t_kill.elapsed());
+        c.primary = (survivor, backup);
+        c.start_backup(dead);
+        c.primary.1.wait_count("protected: the backup holds", 1, 20);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (mut client, n, longest) = driver.join().expect("client thread");
+    let errs = errors.lock().expect("errors").clone();
+    assert!(errs.is_empty(), "client errors: {errs:?}");
+    assert_eq!(local_port(&c.tb), port, "the client's TCP connection survived every failover");
+    // Every acknowledged write is present, and the counter counted every request once.
+    for i in 0..n {
+        assert_eq!(client.call(&format!("GET k{i}")), format!("v{i}"), "acknowledged write k{i}");
+    }
+    assert_eq!(client.call("GET ctr"), n.to_string());
+    eprintln!("{rounds} failovers, {n} requests; outage (kill to the client's next answers) {outages:?}; longest request {longest:?}");
+    drop(client);
+    // The disk: stop the last primary and boot kv afresh from its disk; the log replays every
+    // acknowledged write and ends clean (no half-written record).
+    let (h, mut last) = std::mem::replace(&mut c.primary, (Host::A, dummy()));
+    last.kill();
+    if let Some((_, mut b)) = c.backup.take() {
+        b.kill();
+    }
+    let args: Vec<String> = ["vm", "run", "--mem", "32", "--tap", TAP, "--ip", &format!("{VM_IP}/24"), "--mac", VM_MAC, "--image"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([c.image.display().to_string(), "--disk".into(), disk(&c.dir, h).display().to_string()])
+        .collect();
+    let fresh = Proc::spawn(c.tb.ns(h), &args, c.dir.join("fresh.log"));
+    fresh.wait_count("kv: serving on", 1, 20);
+    let replay = fresh.text().lines().find(|l| l.contains("disk log")).unwrap_or_default().to_string();
+    assert!(replay.contains("(clean)"), "{replay}");
+    let mut check = Client::new(&c.tb);
+    assert_eq!(check.call("GET ctr"), n.to_string(), "{replay}");
+    for i in (0..n).step_by(7).chain([n - 1]) {
+        assert_eq!(check.call(&format!("GET k{i}")), format!("v{i}"), "k{i} after replaying the disk log ({replay})");
+    }
+}
+
+/// A TCP proxy on the replication link that delays everything by an adjustable time: it runs
+/// in host A's namespace, listens on `listen` and forwards to `to`.
+struct DelayProxy {
+    delay_ms: Arc<AtomicU64>,
+}
+
+impl DelayProxy {
+    fn start(ns: &str, listen: &str, to: &str) -> DelayProxy {
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let (d, ns, listen, to) = (delay_ms.clone(), ns.to_string(), listen.to_string(), to.to_string());
+        let (ready_tx, ready) = channel();
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("netns");
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on a valid namespace fd; it moves only this thread (and the
+            // threads it starts).
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+            let l = std::net::TcpListener::bind(&listen).expect("proxy listen");
+            let _ = ready_tx.send(());
+            for c in l.incoming().flatten() {
+                let Ok(s) = std::net::TcpStream::connect(&to) else { continue };
+                for (mut from, into) in [(c.try_clone().expect("clone"), s.try_clone().expect("clone")), (s, c)] {
+                    let d = d.clone();
+                    std::thread::spawn(move || {
+                        let (tx, rx) = channel::<(Instant, Vec<u8>)>();
+                        let mut w = into.try_clone().expect("clone");
+                        std::thread::spawn(move || {
+                            for (due, buf) in rx {
+                                let now = Instant::now();
+                                if due > now {
+                                    std::thread::sleep(due - now);
+                                }
+                                if w.write_all(&buf).is_err() {
+                                    let _ = w.shutdown(std::net::Shutdown::Both);
+                                    return;
+                                }
+                            }
+                            let _ = w.shutdown(std::net::Shutdown::Write);
+                        });
+                        let mut buf = vec![0u8; 1 << 16];
+                        loop {
+                            match std::io::Read::read(&mut from, &mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    let due = Instant::now() + Duration::from_millis(d.load(Ordering::Relaxed));
+                                    if tx.send((due, buf[..n].to_vec())).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = into.shutdown(std::net::Shutdown::Read);
+                    });
+                }
+            }
+        });
+        ready.recv_timeout(Duration::from_secs(5)).expect("proxy up");
+        DelayProxy { delay_ms }
+    }
+}
+
+#[test]
+fn a_dead_backup_a_cut_link_and_a_slow_link_never_split_the_brain() {
+    if no_kvm("a_dead_backup_a_cut_link_and_a_slow_link_never_split_the_brain") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The primary reaches its backup through a delaying proxy on host A.
+    let proxy_addr = "10.98.0.1:7200";
+    let mut c = Cluster::new("s");
+    let proxy = DelayProxy::start(&c.tb.a, proxy_addr, &Host::B.backup_addr());
+    c.start_primary(proxy_addr);
+    let (cl, proxy) = (&mut c, &proxy);
+    let client = Client::new(&cl.tb);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let (s, d, e) = (stop.clone(), done.clone(), errors.clone());
+    let driver = std::thread::spawn(move || drive(client, s, d, e));
+    let progress = |what: &str| {
+        let before = done.load(Ordering::Relaxed);
+        let t = Instant::now();
+        while done.load(Ordering::Relaxed) < before + 20 {
+            assert!(t.elapsed() < Duration::from_secs(10), "the client is stuck {what}");
+            assert!(errors.lock().expect("errors").is_empty(), "{:?}", errors.lock());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    progress("at the start");
+    let port = local_port(&cl.tb);
+    let primary_log = |cl: &Cluster| cl.primary.1.text();
+
+    // 1. The backup dies: the primary carries on unprotected, then a new backup protects it.
+    let (_, mut b) = cl.backup.take().expect("backup");
+    b.kill();
+    cl.primary.1.wait_count("UNPROTECTED", 1, 10);
+    progress("while unprotected");
+    cl.start_backup(Host::B);
+    cl.primary.1.wait_count("protected: the backup holds", 2, 20);
+    progress("after the new backup");
+
+    // 2. The link between the hosts is cut: the backup suspects the primary but the arbiter
+    //    refuses it the lease; the primary drops it and carries on; protection resumes.
+    cl.tb.set_replication_link(false).expect("cut");
+    cl.primary.1.wait_count("UNPROTECTED", 2, 10);
+    let backup = &cl.backup.as_ref().expect("backup").1;
+    backup.wait_count("Suspecting", 1, 10);
+    progress("while the link is cut");
+    std::thread::sleep(Duration::from_millis(500));
+    cl.tb.set_replication_link(true).expect("restore");
+    cl.primary.1.wait_count("protected: the backup holds", 3, 20);
+    progress("after the link is back");
+
+    // 3. A slow link (30 ms each way) keeps protection; a very slow one (400 ms) is a failure
+    //    again, and protection resumes when it is fast again.
+    proxy.delay_ms.store(30, Ordering::Relaxed);
+    progress("with a 30 ms link");
+    let unprotected = primary_log(cl).matches("UNPROTECTED").count();
+    proxy.delay_ms.store(400, Ordering::Relaxed);
+    cl.primary.1.wait_count("UNPROTECTED", unprotected + 1, 10);
+    progress("with a 400 ms link");
+    proxy.delay_ms.store(0, Ordering::Relaxed);
+    cl.primary.1.wait_count("protected: the backup holds", 4, 20);
+    progress("with the link fast again");
+
+    stop.store(true, Ordering::Relaxed);
+    let (mut client, n, _) = driver.join().expect("client");
+    assert!(errors.lock().expect("errors").is_empty());
+    assert_eq!(client.call("GET ctr"), n.to_string());
+    assert_eq!(local_port(&cl.tb), port, "one TCP connection throughout");
+    // Never two VMs: no backup ever took over; the arbiter refused the cut-off backup.
+    let logs: String =
+        std::fs::read_dir(&cl.dir).expect("dir").flatten().map(|e| std::fs::read_to_string(e.path()).unwrap_or_default()).collect();
+    assert!(!logs.contains("TAKING OVER"), "a backup took over while the primary lived");
+    assert!(logs.contains("LeaseHeld") || logs.contains("replica abandoned"), "the cut-off backup asked for the lease");
+}
