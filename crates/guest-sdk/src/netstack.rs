@@ -135,6 +135,13 @@ impl Stack {
         changed == smoltcp::iface::PollResult::SocketStateChanged
     }
 
+    /// Like [`Stack::poll`], but asks the device for frames even when the last receive did not
+    /// suggest more (for guests that never idle: one exit each time).
+    pub fn poll_busy(&mut self) -> bool {
+        self.device.rx_more = true;
+        self.poll()
+    }
+
     /// Idles until a frame arrives or the stack's next timer, unless frames are known to wait;
     /// frames waiting at the end of the wait arrive in the same exit.
     pub fn wait(&mut self) {

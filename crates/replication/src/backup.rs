@@ -400,3 +400,110 @@ impl Backup {
         w.max(now)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn synced() -> Backup {
+        let mut b = Backup::new("b", Timing::default());
+        b.handle(0, Event::Connected);
+        b.handle(1, Event::Received(Msg::Hello { session: 9, vm: "vm".into(), mem_bytes: 8192, config: vec![] }));
+        b.handle(2, Event::Received(Msg::Sync { first_page: 0, data: vec![0; 8192] }));
+        b.handle(3, Event::Received(Msg::SyncEnd { pages: 2, disk_chunks: 0 }));
+        b
+    }
+
+    fn commit(epoch: u64, pages: u64, disk_writes: u64) -> Event {
+        Event::Received(Msg::Commit { epoch, guest_ns: 0, pages, disk_writes, vcpu: vec![1] })
+    }
+
+    fn refused(out: &[Action]) -> Option<String> {
+        out.iter().find_map(|a| match a {
+            Action::Send(Msg::Refuse { reason, .. }) => Some(reason.clone()),
+            _ => None,
+        })
+    }
+
+    fn apply(b: &mut Backup, epoch: u64) {
+        b.handle(10 * epoch, Event::Received(Msg::Pages { epoch, pages: vec![1], data: vec![7; 4096] }));
+        let out = b.handle(10 * epoch + 1, commit(epoch, 1, 0));
+        assert!(out.iter().any(|a| matches!(a, Action::Apply { epoch: e, .. } if *e == epoch)), "{out:?}");
+        let out = b.handle(10 * epoch + 2, Event::Applied { epoch, result: Ok(()) });
+        assert!(out.contains(&Action::Send(Msg::Ack { epoch })));
+    }
+
+    #[test]
+    fn whole_checkpoints_in_order_are_applied_and_acknowledged() {
+        let mut b = synced();
+        apply(&mut b, 5);
+        apply(&mut b, 6);
+        assert_eq!(b.committed(), Some(6));
+    }
+
+    #[test]
+    fn a_truncated_checkpoint_is_refused_and_the_last_commit_kept() {
+        let mut b = synced();
+        apply(&mut b, 1);
+        b.handle(20, Event::Received(Msg::Pages { epoch: 2, pages: vec![1], data: vec![7; 4096] }));
+        let out = b.handle(21, commit(2, 3, 0));
+        assert!(refused(&out).is_some_and(|r| r.contains("1 of 3 pages")), "{out:?}");
+        assert!(out.contains(&Action::DiscardStaged));
+        assert!(!out.iter().any(|a| matches!(a, Action::Apply { .. })));
+        assert_eq!(b.committed(), Some(1));
+    }
+
+    #[test]
+    fn a_missing_disk_write_is_refused() {
+        let mut b = synced();
+        apply(&mut b, 1);
+        b.handle(20, Event::Received(Msg::DiskWrite { epoch: 2, offset: 0, data: vec![1; 512] }));
+        // A write of the next epoch may come early; it does not count for this one.
+        b.handle(21, Event::Received(Msg::DiskWrite { epoch: 3, offset: 512, data: vec![2; 512] }));
+        let out = b.handle(22, commit(2, 0, 2));
+        assert!(refused(&out).is_some_and(|r| r.contains("1 of 2 disk writes")), "{out:?}");
+        assert_eq!(b.committed(), Some(1));
+    }
+
+    #[test]
+    fn out_of_order_and_corrupt_checkpoints_are_refused() {
+        let mut b = synced();
+        apply(&mut b, 1);
+        let out = b.handle(20, Event::Received(Msg::Pages { epoch: 3, pages: vec![1], data: vec![7; 4096] }));
+        assert!(refused(&out).is_some_and(|r| r.contains("out of order (expected epoch 2)")), "{out:?}");
+        assert_eq!(b.committed(), Some(1));
+        let mut b = synced();
+        apply(&mut b, 1);
+        let out = b.handle(20, Event::Corrupt { reason: "bad checksum on a pages frame".into() });
+        assert!(refused(&out).is_some_and(|r| r.contains("bad checksum")), "{out:?}");
+        let out = b.handle(21, Event::Applied { epoch: 2, result: Err("page 99999 is outside guest memory".into()) });
+        assert!(refused(&out).is_some_and(|r| r.contains("outside guest memory")), "{out:?}");
+        assert_eq!(b.committed(), Some(1));
+    }
+
+    #[test]
+    fn checkpoints_before_the_end_of_the_synchronisation_are_refused() {
+        let mut b = Backup::new("b", Timing::default());
+        b.handle(0, Event::Connected);
+        b.handle(1, Event::Received(Msg::Hello { session: 9, vm: "vm".into(), mem_bytes: 8192, config: vec![] }));
+        b.handle(2, Event::Received(Msg::Sync { first_page: 0, data: vec![0; 4096] }));
+        let out = b.handle(3, Event::Received(Msg::SyncEnd { pages: 2, disk_chunks: 0 }));
+        assert!(refused(&out).is_some_and(|r| r.contains("1 of 2 pages")), "{out:?}");
+    }
+
+    #[test]
+    fn a_silent_primary_leads_to_a_takeover_only_with_the_lease() {
+        let t = Timing::default();
+        let mut b = synced();
+        apply(&mut b, 1);
+        let out = b.handle(100 + t.timeout_ns, Event::Tick);
+        let Some(Action::Lease(Request::Takeover { session: 9, .. })) = out.iter().find(|a| matches!(a, Action::Lease(_))) else {
+            panic!("no takeover request: {out:?}");
+        };
+        let out = b.handle(200 + t.timeout_ns, Event::Lease { sent_at: 150, answer: Ok(Answer::Held { holder: "a".into(), left_us: 10 }) });
+        assert!(!out.iter().any(|a| matches!(a, Action::TakeOver { .. })));
+        let out = b.handle(300 + t.timeout_ns, Event::Lease { sent_at: 250, answer: Ok(Answer::Granted { backup: None }) });
+        assert!(out.contains(&Action::TakeOver { epoch: 1, granted_at: 250 }), "{out:?}");
+        assert!(b.active());
+    }
+}

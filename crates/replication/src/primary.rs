@@ -137,6 +137,7 @@ pub struct Primary {
     registered: Option<Option<u64>>,
     ever_granted: bool,
     fenced: bool,
+    stopped: bool,
 }
 
 impl Primary {
@@ -166,6 +167,7 @@ impl Primary {
             registered: None,
             ever_granted: false,
             fenced: false,
+            stopped: false,
         }
     }
 
@@ -190,6 +192,26 @@ impl Primary {
         self.last_start = now;
         let mut out = vec![Action::Notice(Notice::Unprotected { reason: "took over; no backup yet".into() })];
         self.poll(now, &mut out);
+        out
+    }
+
+    /// The VM stopped on its own (it exited, or was told to quit): drop the backup and
+    /// register "no backup" at the arbiter, so that the backup does not take over a VM that
+    /// ended on purpose. Nothing else happens afterwards.
+    pub fn stop(&mut self, _now: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.connected() || self.link == Link::Connecting {
+            out.push(Action::Disconnect { reason: "the VM stopped".into() });
+        }
+        self.link = Link::Idle { retry_at: u64::MAX };
+        self.inflight = None;
+        self.stopped = true;
+        out.push(Action::Lease(Request::Renew {
+            vm: self.vm.clone(),
+            holder: self.holder.clone(),
+            ttl_us: self.timing.lease_ttl_ns / 1000,
+            backup: None,
+        }));
         out
     }
 
@@ -221,7 +243,7 @@ impl Primary {
     /// Handles one event at time `now`.
     pub fn handle(&mut self, now: u64, event: Event) -> Vec<Action> {
         let mut out = Vec::new();
-        if self.fenced {
+        if self.fenced || self.stopped {
             return out;
         }
         match event {
@@ -450,5 +472,21 @@ impl Primary {
             }
         }
         w.max(now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stopped_vm_deregisters_its_backup_and_does_nothing_more() {
+        let mut p = Primary::new("vm", "a", Timing::default(), Box::new(crate::policy::Adaptive::default()));
+        p.start(0);
+        p.handle(1, Event::Connected { session: 7 });
+        let out = p.stop(2);
+        assert!(out.contains(&Action::Disconnect { reason: "the VM stopped".into() }));
+        assert!(out.iter().any(|a| matches!(a, Action::Lease(Request::Renew { backup: None, .. }))));
+        assert!(p.handle(1_000_000_000, Event::Tick).is_empty());
     }
 }

@@ -44,6 +44,15 @@ pub struct Args {
     /// `store`: crashes and hangs injected (each).
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// `replication`: the checkpoint policies to compare.
+    #[arg(long, value_delimiter = ',', default_values_t = ["fixed:25", "fixed:100", "floating", "network", "adaptive"].map(String::from).to_vec())]
+    policies: Vec<String>,
+    /// `replication`: failovers to time.
+    #[arg(long, default_value_t = 3)]
+    failovers: usize,
+    /// `replication`: only time failovers.
+    #[arg(long)]
+    failover_only: bool,
     /// `store`: also start a one-member etcd (/usr/bin/etcd) and compare with etcd used directly.
     #[arg(long)]
     etcd: bool,
@@ -59,6 +68,9 @@ enum What {
     Vmm,
     /// The store server: operations per second, latency, supervision times.
     Store,
+    /// Checkpoint replication: every workload unprotected and under every policy, pause
+    /// against dirty pages, failover time (needs root, KVM).
+    Replication,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -88,6 +100,10 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     }
     if let What::Vmm = args.what {
         crate::bench_vmm::run(&args.guests, args.json)?;
+        return Ok(Outcome::Ok);
+    }
+    if let What::Replication = args.what {
+        crate::bench_replication::run(&args.policies, args.failovers, args.failover_only, args.json)?;
         return Ok(Outcome::Ok);
     }
     if let What::Store = args.what {

@@ -132,61 +132,75 @@ struct Sample {
     call_ms: f64,
 }
 
-/// Checkpoint cost against the number of dirty pages: the counter guest dirties a chosen
-/// number of pages per round and idles; after each round the bench takes a checkpoint (reusing
-/// the previous checkpoint's buffer, as a replication driver would) and reads the pause and
-/// copy times the vCPU thread measured.
+/// Checkpoint cost with `pages` dirtied per round: the counter guest dirties them and idles;
+/// after each round the bench takes a checkpoint (reusing the previous checkpoint's buffer, as
+/// a replication driver would, unless `fresh`) and reads the pause and copy times the vCPU
+/// thread measured. Returns the medians of (dirty pages, pause ms, copy ms, call ms).
+fn checkpoint_medians(counter: &Path, pages: u64, fresh: bool) -> Result<(f64, f64, f64, f64)> {
+    let samples = 7;
+    let console = Console::default();
+    let (ctl, inbox) = channel_pair()?;
+    let mut config = VmConfig::new(counter, 256);
+    config.args = vec!["rounds".into(), pages.to_string(), "0".into(), "20".into()];
+    let mut vm = Vm::create(config, Box::new(console.clone()))?;
+    let runner = std::thread::spawn(move || vm.run(Some(&inbox)));
+    let result = (|| -> Result<Vec<Sample>> {
+        wait_for("round 1", Duration::from_secs(20), || console.text().contains("round 1\n"))?;
+        if !ctl.call(Command::Protect { mirror: None }).ok {
+            bail!("protect failed");
+        }
+        let mut buffer = None;
+        let mut out = vec![];
+        let mut round = 1;
+        while out.len() < samples {
+            round += 1;
+            let line = format!("round {round}\n");
+            wait_for(&line, Duration::from_secs(60), || console.text().contains(&line))?;
+            let t = Instant::now();
+            let r = ctl.call(Command::Checkpoint { buffer: buffer.take() });
+            let call = t.elapsed().as_secs_f64() * 1e3;
+            let Some(c) = r.checkpoint else {
+                bail!("checkpoint failed: {:?}", r.error);
+            };
+            // The first checkpoint after protect also holds what the guest wrote between
+            // protect and its round: skip it.
+            if round > 2 {
+                out.push(Sample {
+                    pages: c.pages.len() as f64,
+                    pause_ms: c.pause_ns as f64 / 1e6,
+                    copy_ms: c.copy_ns as f64 / 1e6,
+                    call_ms: call,
+                });
+            }
+            if !fresh {
+                buffer = Some(c.data);
+            }
+        }
+        Ok(out)
+    })();
+    ctl.call(Command::Quit);
+    let _ = runner.join();
+    let out = result?;
+    Ok((
+        median(out.iter().map(|s| s.pages).collect()),
+        median(out.iter().map(|s| s.pause_ms).collect()),
+        median(out.iter().map(|s| s.copy_ms).collect()),
+        median(out.iter().map(|s| s.call_ms).collect()),
+    ))
+}
+
+/// Checkpoint pause against dirty pages (0 to 32,768), reusing buffers: (dirty pages,
+/// pause ms, copy ms, call ms) medians, for `vigil bench replication`.
+pub fn checkpoint_samples(counter: &Path) -> Result<Vec<(f64, f64, f64, f64)>> {
+    [0u64, 64, 1024, 8192, 32768].iter().map(|&p| checkpoint_medians(counter, p, false)).collect()
+}
+
+/// The checkpoint rows of `vigil bench vmm`.
 fn checkpoint_rows(counter: &Path, rows: &mut Vec<Row>) -> Result<()> {
     let samples = 7;
     let mut fixed = vec![];
     for (pages, fresh) in [(0u64, false), (64, false), (1024, false), (8192, false), (32768, false), (32768, true)] {
-        let console = Console::default();
-        let (ctl, inbox) = channel_pair()?;
-        let mut config = VmConfig::new(counter, 256);
-        config.args = vec!["rounds".into(), pages.to_string(), "0".into(), "20".into()];
-        let mut vm = Vm::create(config, Box::new(console.clone()))?;
-        let runner = std::thread::spawn(move || vm.run(Some(&inbox)));
-        let result = (|| -> Result<Vec<Sample>> {
-            wait_for("round 1", Duration::from_secs(20), || console.text().contains("round 1\n"))?;
-            if !ctl.call(Command::Protect { mirror: None }).ok {
-                bail!("protect failed");
-            }
-            let mut buffer = None;
-            let mut out = vec![];
-            let mut round = 1;
-            while out.len() < samples {
-                round += 1;
-                let line = format!("round {round}\n");
-                wait_for(&line, Duration::from_secs(60), || console.text().contains(&line))?;
-                let t = Instant::now();
-                let r = ctl.call(Command::Checkpoint { buffer: buffer.take() });
-                let call = t.elapsed().as_secs_f64() * 1e3;
-                let Some(c) = r.checkpoint else {
-                    bail!("checkpoint failed: {:?}", r.error);
-                };
-                // The first checkpoint after protect also holds what the guest wrote
-                // between protect and its round: skip it.
-                if round > 2 {
-                    out.push(Sample {
-                        pages: c.pages.len() as f64,
-                        pause_ms: c.pause_ns as f64 / 1e6,
-                        copy_ms: c.copy_ns as f64 / 1e6,
-                        call_ms: call,
-                    });
-                }
-                if !fresh {
-                    buffer = Some(c.data);
-                }
-            }
-            Ok(out)
-        })();
-        ctl.call(Command::Quit);
-        let _ = runner.join();
-        let out = result?;
-        let dirty = median(out.iter().map(|s| s.pages).collect());
-        let pause = median(out.iter().map(|s| s.pause_ms).collect());
-        let copy = median(out.iter().map(|s| s.copy_ms).collect());
-        let call = median(out.iter().map(|s| s.call_ms).collect());
+        let (dirty, pause, copy, call) = checkpoint_medians(counter, pages, fresh)?;
         let rate = if copy > 0.0 { dirty * 4096.0 / (copy / 1e3) / 1e9 } else { f64::NAN };
         if !fresh {
             fixed.push(pause - copy);

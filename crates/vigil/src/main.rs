@@ -12,6 +12,7 @@
 
 mod analyze;
 mod bench;
+mod bench_replication;
 mod bench_store;
 mod bench_vmm;
 mod demo;
@@ -38,7 +39,7 @@ enum Command {
     Analyze(analyze::Args),
     /// Plan the reconfiguration for every fault scenario (hosts, and links with --links).
     Plan(plan::Args),
-    /// Measure the analysis (`analysis`), the planner (`plan`), the VMM (`vmm`) or the store (`store`): tables.
+    /// Measure the analysis, the planner, the VMM, the store or replication: tables.
     Bench(bench::Args),
     /// Run, restore and control unikernel virtual machines (see `vigil vm --help`).
     Vm(vm::Args),

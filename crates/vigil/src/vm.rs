@@ -160,6 +160,11 @@ impl Drop for Domain {
 pub fn run(args: &Args) -> Result<u8> {
     match &args.command {
         VmCommand::Run(a) => {
+            if a.protect.protect.is_some() {
+                // Check the protection options before starting anything.
+                replication::policy::parse(&a.protect.policy).map_err(anyhow::Error::msg)?;
+                a.protect.timing.timing()?;
+            }
             let mut config = VmConfig::new(&a.image, a.mem);
             config.disk = a.disk.clone();
             config.tap = a.tap.clone();

@@ -231,3 +231,48 @@ fn plan_rejects_files_without_hosts_and_bad_flags() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("vm \"relay\": backup on host \"hostA\""), "{}", text(&out.stderr));
 }
+
+#[test]
+fn bad_replication_options_exit_2_and_say_why() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["vm", "run", "--image", "/nonexistent", "--protect", "127.0.0.1:1"], "--arbiter"),
+        (
+            &["vm", "run", "--image", "/nonexistent", "--protect", "127.0.0.1:1", "--arbiter", "127.0.0.1:2", "--policy", "slow"],
+            "unknown checkpoint policy \"slow\"",
+        ),
+        (
+            &["vm", "run", "--image", "/nonexistent", "--protect", "127.0.0.1:1", "--arbiter", "127.0.0.1:2", "--policy", "fixed:0"],
+            "outside (0, 60000]",
+        ),
+        (
+            &[
+                "vm",
+                "run",
+                "--image",
+                "/nonexistent",
+                "--protect",
+                "127.0.0.1:1",
+                "--arbiter",
+                "127.0.0.1:2",
+                "--heartbeat-ms",
+                "50",
+                "--timeout-ms",
+                "40",
+            ],
+            "heartbeat interval (50 ms) must be positive and below the timeout (40 ms)",
+        ),
+        (
+            &["backup", "--listen", "127.0.0.1:0", "--arbiter", "127.0.0.1:1", "--disk", "/nonexistent/disk"],
+            "/nonexistent/disk: no such file",
+        ),
+        (&["backup", "--listen", "127.0.0.1:0", "--arbiter", "127.0.0.1:1", "--policy", "often"], "unknown checkpoint policy \"often\""),
+        (&["backup", "--listen", "256.0.0.1:7", "--arbiter", "127.0.0.1:1"], "cannot listen on 256.0.0.1:7"),
+        (&["arbiter", "--listen", "nowhere"], "cannot listen on nowhere"),
+        (&["bench", "replication", "--policies", "fixed:25,bogus"], "unknown checkpoint policy \"bogus\""),
+    ];
+    for (args, want) in cases {
+        let out = vigil(args);
+        assert_eq!(out.status.code(), Some(2), "vigil {args:?}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(want), "vigil {args:?}: expected {want:?} in {}", text(&out.stderr));
+    }
+}

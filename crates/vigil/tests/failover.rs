@@ -154,6 +154,9 @@ impl Cluster {
             "host-a",
             "--name",
             "kv",
+            "--control",
+            "10.99.0.1:9100",
+            "--stats",
             "--image",
         ]
         .iter()
@@ -447,6 +450,33 @@ fn a_dead_backup_a_cut_link_and_a_slow_link_never_split_the_brain() {
     };
     progress("at the start");
     let port = local_port(&cl.tb);
+
+    // The primary's metrics and the live policy switch, with curl.
+    let curl = |args: &[&str]| {
+        let out = Testbed::command(&cl.tb.a, "curl").args(["-s", "--max-time", "5"]).args(args).output().expect("curl (package curl)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let m = curl(&["http://10.99.0.1:9100/metrics"]);
+    assert!(m.contains("vigil_replication_protected{vm=\"kv\",role=\"primary\"} 1"), "{m}");
+    let ckpts = |m: &str| -> u64 {
+        m.lines()
+            .find(|l| l.starts_with("vigil_replication_checkpoints_total"))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(ckpts(&m) > 0, "{m}");
+    assert!(m.contains("policy=\"adaptive\""), "{m}");
+    assert_eq!(curl(&["-X", "POST", "--data", "network", "http://10.99.0.1:9100/policy"]), "policy network\n");
+    assert_eq!(curl(&["-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "--data", "often", "http://10.99.0.1:9100/policy"]), "400");
+    progress("under the network policy");
+    let m = curl(&["http://10.99.0.1:9100/metrics"]);
+    assert!(m.contains("policy=\"network\""), "{m}");
+    let text = cl.primary.1.text();
+    let line = text.lines().rev().find(|l| l.contains(": epoch ")).unwrap_or_default().to_string();
+    for field in ["pause", "dirty", "transfer", "ack", "mode "] {
+        assert!(line.contains(field), "per-epoch statistics line {line:?} lacks {field}");
+    }
+    assert_eq!(curl(&["-X", "POST", "--data", "adaptive", "http://10.99.0.1:9100/policy"]), "policy adaptive\n");
     let primary_log = |cl: &Cluster| cl.primary.1.text();
 
     // 1. The backup dies: the primary carries on unprotected, then a new backup protects it.

@@ -196,12 +196,24 @@ impl Vm {
     /// time from its clock. `overrides` name this host's tap and disk. Resume it, then
     /// [`Vm::announce`] it.
     pub fn from_replica(replica: Replica, overrides: &RestoreOverrides, console: Box<dyn Write + Send>) -> Result<Vm> {
+        Vm::from_replica_with_tap(replica, overrides, console, None)
+    }
+
+    /// As [`Vm::from_replica`], with the network on `tap`, a tap device the caller opened
+    /// beforehand (a backup keeps its tap open while it waits, so that the device's carrier, and
+    /// the bridge port it is on, are up the moment it takes over).
+    pub fn from_replica_with_tap(
+        replica: Replica,
+        overrides: &RestoreOverrides,
+        console: Box<dyn Write + Send>,
+        tap: Option<crate::devices::net::Tap>,
+    ) -> Result<Vm> {
         let Some(blob) = replica.vcpu.as_deref() else {
             return Err(Error::Replica("no checkpoint has been applied: there is no vCPU state to start from".into()));
         };
         let cpu = VcpuState::parse(blob).map_err(|e| Error::Replica(format!("vCPU state: {e}")))?;
         let config = overrides.apply(replica.config);
-        let mut vm = Vm::assemble(config, console, replica.mem, &cpu, replica.guest_ns)?;
+        let mut vm = Vm::assemble(config, console, replica.mem, &cpu, replica.guest_ns, tap)?;
         vm.next_epoch = replica.epoch + 1;
         Ok(vm)
     }

@@ -123,11 +123,12 @@ impl Vm {
 
     /// KVM VM, vCPU, memory and devices, but nothing in memory and no registers set.
     pub(crate) fn bare(config: VmConfig, console: Box<dyn Write + Send>) -> Result<Self> {
-        Self::bare_with(config, console, None)
+        Self::bare_with(config, console, None, None)
     }
 
-    /// As [`Vm::bare`], with `mem` (of the configured size) moved in instead of fresh memory.
-    pub(crate) fn bare_with(config: VmConfig, console: Box<dyn Write + Send>, mem: Option<GuestMem>) -> Result<Self> {
+    /// As [`Vm::bare`], with `mem` (of the configured size) moved in instead of fresh memory,
+    /// and `tap` (already open) instead of opening the configured one.
+    pub(crate) fn bare_with(config: VmConfig, console: Box<dyn Write + Send>, mem: Option<GuestMem>, tap: Option<Tap>) -> Result<Self> {
         let mem_bytes = mem_bytes(&config)?;
         let args_len: usize = config.args.iter().map(|a| a.len() + 1).sum();
         if args_len as u64 > ARGS_MAX || config.args.iter().any(|a| a.contains('\0')) {
@@ -143,7 +144,10 @@ impl Vm {
             None => GuestMem::new(mem_bytes)?,
         };
         let block = config.disk.as_deref().map(Block::open).transpose()?;
-        let tap = config.tap.as_deref().map(Tap::open).transpose()?;
+        let tap = match tap {
+            Some(t) => Some(t),
+            None => config.tap.as_deref().map(Tap::open).transpose()?,
+        };
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
@@ -521,10 +525,17 @@ impl Vm {
         &self.config
     }
 
-    /// A counter of the network frames the guest sent while output was held (it only grows;
-    /// `None` without a network device).
-    pub fn output_counter(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicU64>> {
-        self.tap.as_ref().map(|t| t.output_counter())
+    /// Sets the function the vCPU thread calls for the first network frame held back in each
+    /// epoch (so a replication driver learns at once that output waits). Returns false when
+    /// the VM has no network device.
+    pub fn set_output_hook(&mut self, hook: Box<dyn Fn() + Send>) -> bool {
+        match self.tap.as_mut() {
+            Some(t) => {
+                t.set_output_hook(Some(hook));
+                true
+            }
+            None => false,
+        }
     }
 
     /// Whether the VM is paused.

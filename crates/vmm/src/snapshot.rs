@@ -179,7 +179,7 @@ impl Vm {
         let cpu = std::fs::read(&cpu_path).map_err(crate::error::io("cannot read vCPU state", &cpu_path))?;
         let cpu = VcpuState::parse(&cpu).map_err(|reason| err(dir, format!("vcpu0.bin: {reason}")))?;
         std::io::Read::read_exact(&mut f, mem.as_mut_slice()?).map_err(crate::error::io("cannot read snapshot memory", &mem_path))?;
-        let vm = Vm::assemble(config, console, mem, &cpu, m.guest_ns)?;
+        let vm = Vm::assemble(config, console, mem, &cpu, m.guest_ns, None)?;
         let disk_sectors = vm.block.as_ref().map_or(0, |b| b.sectors());
         if disk_sectors != m.disk_sectors {
             return Err(err(dir, format!("the disk has {disk_sectors} sectors, the snapshot expects {}", m.disk_sectors)));
@@ -196,9 +196,10 @@ impl Vm {
         mut mem: GuestMem,
         cpu: &VcpuState,
         guest_ns: u64,
+        tap: Option<crate::devices::net::Tap>,
     ) -> Result<Self> {
         mem.take_vmm_dirty();
-        let mut vm = Vm::bare_with(config, console, Some(mem))?;
+        let mut vm = Vm::bare_with(config, console, Some(mem), tap)?;
         vm.set_vcpu_state(cpu)?;
         vm.clock = Clock::new(guest_ns);
         vm.mark_paused();

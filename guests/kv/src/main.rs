@@ -1,6 +1,8 @@
 //! `kv`: a Redis-protocol key-value server (the logic is `kv-core`) on TCP port 6379 (or the
 //! first argument), over smoltcp on the VM's network device. Prints `kv: serving on IP:PORT`
-//! once it accepts connections. With a disk, requests are logged there before their replies
+//! once it accepts connections. A second argument `BUSY_MIB` adds background computation
+//! (a mixed workload): whenever no request is waiting, kv rewrites a slice of a working set
+//! of that many MiB instead of idling. With a disk, requests are logged there before their replies
 //! go out and replayed at start ([`disklog`]).
 #![no_std]
 #![no_main]
@@ -40,7 +42,17 @@ fn listen(stack: &mut Stack, port: u16) -> Option<Conn> {
 }
 
 fn main() -> u32 {
-    let port = guest_sdk::args().next().and_then(|p| p.parse().ok()).unwrap_or(6379u16);
+    let mut args = guest_sdk::args();
+    let port = args.next().and_then(|p| p.parse().ok()).unwrap_or(6379u16);
+    let busy_mib: usize = args.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let mut busy: Vec<u64> = Vec::new();
+    if busy.try_reserve_exact(busy_mib << 17).is_err() {
+        println!("kv: cannot allocate {busy_mib} MiB of working set");
+        return 2;
+    }
+    busy.resize(busy_mib << 17, 0);
+    let mut busy_at = 0usize;
+    let mut busy_pass = 0u64;
     let mut store = kv_core::Store::new();
     let mut log = disklog::DiskLog::open(&mut store);
     let Some(mut stack) = Stack::new() else {
@@ -105,6 +117,20 @@ fn main() -> u32 {
         }
         if progress {
             stack.poll();
+        } else if !busy.is_empty() {
+            // Background work: one word per page over 1/16 of the working set, then poll.
+            let slice = (busy.len() / 16).max(512);
+            let end = (busy_at + slice).min(busy.len());
+            for i in (busy_at..end).step_by(512) {
+                busy[i] = busy[i].wrapping_mul(6364136223846793005).wrapping_add(busy_pass ^ i as u64);
+            }
+            busy_at = if end >= busy.len() {
+                busy_pass += 1;
+                0
+            } else {
+                end
+            };
+            stack.poll_busy();
         } else {
             stack.wait();
         }

@@ -18,6 +18,7 @@ use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm::checkpoint::{Checkpoint, Replica};
+use vmm::devices::net::Tap;
 use vmm::snapshot::RestoreOverrides;
 use vmm::{Command, Vm, VmConfig};
 
@@ -75,6 +76,11 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
         stats::serve(addr, stats.clone(), None).map_err(|e| format!("control address {addr}: {e}"))?;
         control_bound = true;
     }
+    let standby = match &opts.tap {
+        Some(name) => Some(Standby::open(name)?),
+        None => None,
+    };
+    let mut standby = standby;
     let mut sm = Backup::new(&opts.holder, opts.timing);
     let mut st = State { replica: None, pages: Vec::new(), data: Vec::new(), conn: None, next_conn: 1, suspected_at: None };
     let mut actions: VecDeque<Action> = VecDeque::new();
@@ -169,7 +175,8 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                     eprintln!("backup: TAKING OVER from epoch {epoch} ({since:.1} ms after suspecting the primary)");
                     stats.lock().unwrap_or_else(|e| e.into_inner()).takeovers += 1;
                     let vm_name = stats.lock().unwrap_or_else(|e| e.into_inner()).vm.clone();
-                    return take_over(replica, &opts, &vm_name, granted_at, clock, control_bound);
+                    let tap = standby.take().map(Standby::end);
+                    return take_over(replica, &opts, &vm_name, granted_at, clock, control_bound, tap);
                 }
                 Action::Abandon { reason } => {
                     eprintln!("backup: replica abandoned: {reason}");
@@ -283,6 +290,43 @@ fn write_disk(disk: Option<&PathBuf>, writes: &[(u64, Vec<u8>)]) -> Result<(), S
     Ok(())
 }
 
+/// The tap device held open while the backup waits, its frames discarded, so that its carrier
+/// (and the bridge port it is on) is up when the VM takes it over: a carrier that comes up only
+/// at the takeover can keep the bridge from forwarding for up to a second (Linux rate-limits
+/// link-state changes).
+struct Standby {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<Tap>,
+}
+
+impl Standby {
+    fn open(name: &str) -> Result<Standby, String> {
+        let tap = Tap::open(name).map_err(|e| e.to_string())?;
+        let (stop, stopped) = channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("tap-standby".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while stopped.try_recv().is_err() {
+                    let mut p = libc::pollfd { fd: tap.raw_fd(), events: libc::POLLIN, revents: 0 };
+                    // SAFETY: polls one valid pollfd for at most 5 ms.
+                    if unsafe { libc::poll(&mut p, 1, 5) } > 0 {
+                        // SAFETY: reads into our own buffer of its length from the tap's fd.
+                        while unsafe { libc::read(tap.raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+                    }
+                }
+                tap
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(Standby { stop, thread })
+    }
+
+    fn end(self) -> Option<Tap> {
+        let _ = self.stop.send(());
+        self.thread.join().ok()
+    }
+}
+
 fn take_over(
     replica: Replica,
     opts: &Options,
@@ -290,10 +334,12 @@ fn take_over(
     granted_at: u64,
     clock: Clock,
     control_bound: bool,
+    tap: Option<Option<Tap>>,
 ) -> Result<Outcome, String> {
     let t0 = Instant::now();
     let overrides = RestoreOverrides { tap: opts.tap.clone(), disk: opts.disk.clone() };
-    let mut vm = Vm::from_replica(replica, &overrides, Box::new(std::io::stdout())).map_err(|e| format!("takeover: {e}"))?;
+    let vm = Vm::from_replica_with_tap(replica, &overrides, Box::new(std::io::stdout()), tap.flatten());
+    let mut vm = vm.map_err(|e| format!("takeover: {e}"))?;
     vm.resume();
     if vm.announce(1).is_err() {
         eprintln!("backup: the VM has no network address to announce");

@@ -53,6 +53,8 @@ pub enum Input {
     SendFailed { conn: u64, reason: String },
     /// The VM stopped.
     VmStopped(Result<vmm::Stop, String>),
+    /// The VM put the first frame of output into the open epoch.
+    Output,
     /// An operator asked for another checkpoint policy.
     Policy(String),
 }

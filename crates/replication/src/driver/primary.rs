@@ -18,7 +18,6 @@ use std::io::{BufWriter, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -84,7 +83,11 @@ pub fn run(vm: Vm, ctl: Controller, inbox: Inbox, opts: Options, start: Start, c
     let vm_tx = tx.clone();
     let mut vm = vm;
     let config = serde_json::to_vec(vm.config()).map_err(|e| format!("the VM's configuration: {e}"))?;
-    let output_counter = vm.output_counter();
+    let has_net = vm.config().tap.is_some();
+    let hook_tx = tx.clone();
+    vm.set_output_hook(Box::new(move || {
+        let _ = hook_tx.send(Input::Output);
+    }));
     std::thread::Builder::new()
         .name("vcpu0".into())
         .spawn(move || {
@@ -92,7 +95,9 @@ pub fn run(vm: Vm, ctl: Controller, inbox: Inbox, opts: Options, start: Start, c
             let _ = vm_tx.send(Input::VmStopped(r));
         })
         .map_err(|e| format!("cannot start the vCPU thread: {e}"))?;
-    Driver::new(ctl, opts, clock, tx, config, output_counter)?.run(rx, start)
+    let mut driver = Driver::new(ctl, opts, clock, tx, config)?;
+    driver.has_net = has_net;
+    driver.run(rx, start)
 }
 
 struct Driver {
@@ -109,24 +114,17 @@ struct Driver {
     mirror_rx: Arc<Mutex<Receiver<DiskWrite>>>,
     spare: Vec<Vec<u8>>,
     pending: BTreeMap<u64, EpochStats>,
-    output_counter: Option<Arc<AtomicU64>>,
-    output_seen: u64,
     /// The VM's configuration (JSON), for the backup's replica.
     config: Vec<u8>,
     /// Print every action and its duration (`VIGIL_DEBUG` set).
     debug: bool,
+    /// Whether the VM has a network device (output to release).
+    has_net: bool,
     protected_logged: bool,
 }
 
 impl Driver {
-    fn new(
-        ctl: Controller,
-        opts: Options,
-        clock: Clock,
-        tx: Sender<Input>,
-        config: Vec<u8>,
-        output_counter: Option<Arc<AtomicU64>>,
-    ) -> Result<Driver, String> {
+    fn new(ctl: Controller, opts: Options, clock: Clock, tx: Sender<Input>, config: Vec<u8>) -> Result<Driver, String> {
         let arbiter = spawn_arbiter(&opts.arbiter, Duration::from_nanos(opts.timing.lease_ttl_ns), clock, tx.clone());
         let stats: Shared = Arc::new(Mutex::new(Stats {
             vm: opts.vm.clone(),
@@ -161,10 +159,9 @@ impl Driver {
             mirror_rx: Arc::new(Mutex::new(mirror_rx)),
             spare: Vec::new(),
             pending: BTreeMap::new(),
-            output_counter,
-            output_seen: 0,
             config,
             debug: std::env::var_os("VIGIL_DEBUG").is_some(),
+            has_net: true,
             protected_logged: false,
         })
     }
@@ -200,7 +197,7 @@ impl Driver {
                 }
             }
             let now = self.clock.now();
-            let wait = sm.next_wakeup(now).saturating_sub(now).min(1_000_000);
+            let wait = sm.next_wakeup(now).saturating_sub(now).min(5_000_000);
             let input = match rx.recv_timeout(Duration::from_nanos(wait)) {
                 Ok(i) => Some(i),
                 Err(RecvTimeoutError::Timeout) => None,
@@ -211,18 +208,39 @@ impl Driver {
                 None => Some(Event::Tick),
                 Some(i) => match self.input(&mut sm, i)? {
                     Ok(ev) => ev,
-                    Err(outcome) => return Ok(outcome),
+                    Err(outcome) => {
+                        self.finish(&mut sm, &rx);
+                        return Ok(outcome);
+                    }
                 },
             };
             if let Some(ev) = event {
                 actions.extend(sm.handle(now, ev));
             }
-            if let Some(c) = &self.output_counter {
-                let n = c.load(Ordering::Relaxed);
-                if n != self.output_seen {
-                    self.output_seen = n;
-                    actions.extend(sm.handle(now, Event::Output));
+        }
+    }
+
+    /// The VM stopped: tell the arbiter that no backup may take over a VM that ended, and wait
+    /// (a little) for its answer.
+    fn finish(&mut self, sm: &mut Primary, rx: &Receiver<Input>) {
+        for a in sm.stop(self.clock.now()) {
+            match a {
+                Action::Disconnect { .. } => {
+                    if let Some(l) = self.link.take() {
+                        let _ = l.stream.shutdown(Shutdown::Both);
+                    }
                 }
+                Action::Lease(req) => {
+                    let _ = self.arbiter.send(req);
+                }
+                _ => {}
+            }
+        }
+        let deadline = Instant::now() + Duration::from_nanos(self.opts.timing.lease_ttl_ns);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(Input::Lease { .. }) | Err(_) => break,
+                Ok(_) => {}
             }
         }
     }
@@ -264,6 +282,7 @@ impl Driver {
                 self.log(format!("the VM stopped: {stop:?}"));
                 return Ok(Err(Outcome::Stopped(stop)));
             }
+            Input::Output => Some(Event::Output),
             Input::Policy(name) => {
                 if let Ok(p) = crate::policy::parse(&name) {
                     sm.set_policy(p);
@@ -364,7 +383,9 @@ impl Driver {
                 more.extend(sm.handle(self.clock.now(), Event::Staged { epoch, output_frames }));
             }
             Action::Release { epoch } => {
-                self.call(Command::NetRelease { epoch })?;
+                if self.has_net {
+                    self.call(Command::NetRelease { epoch })?;
+                }
             }
             Action::Unhold => {
                 self.call(Command::Unprotect)?;

@@ -23,9 +23,10 @@ pub struct Tap {
     held_bytes: usize,
     /// Frames dropped because more than [`HOLD_LIMIT`] bytes were held.
     pub hold_dropped: u64,
-    /// Frames the guest sent while output was held, ever (read by a replication driver to
-    /// learn that output is waiting).
-    held_total: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Called (on the vCPU thread) for the first frame held in each epoch: a replication
+    /// driver learns at once that output is waiting.
+    output_hook: Option<Box<dyn Fn() + Send>>,
+    hook_armed: bool,
 }
 
 /// Most bytes of output held back at once; beyond it frames are dropped (TCP resends them).
@@ -73,7 +74,8 @@ impl Tap {
             next_epoch: 1,
             held_bytes: 0,
             hold_dropped: 0,
-            held_total: Default::default(),
+            output_hook: None,
+            hook_armed: true,
         })
     }
 
@@ -100,7 +102,12 @@ impl Tap {
             let f = &mut frame[..b.len as usize];
             mem.read(b.addr, f).map_err(|e| format!("transmit buffer {i}: {e}"))?;
             if self.hold {
-                self.held_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if self.hook_armed {
+                    self.hook_armed = false;
+                    if let Some(hook) = &self.output_hook {
+                        hook();
+                    }
+                }
                 if self.held_bytes + f.len() <= HOLD_LIMIT {
                     self.held_bytes += f.len();
                     self.current.push(f.to_vec());
@@ -155,12 +162,14 @@ impl Tap {
     /// Starts holding output back.
     pub fn hold(&mut self) {
         self.hold = true;
+        self.hook_armed = true;
     }
 
     /// Closes the current epoch of held output and returns its number (1, 2, ...).
     pub fn seal(&mut self) -> u64 {
         let epoch = self.next_epoch;
         self.next_epoch += 1;
+        self.hook_armed = true;
         self.sealed.push_back((epoch, std::mem::take(&mut self.current)));
         epoch
     }
@@ -225,9 +234,10 @@ impl Tap {
         self.release(e)
     }
 
-    /// The count of frames the guest sent while output was held (it only grows).
-    pub fn output_counter(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
-        self.held_total.clone()
+    /// Sets the function called for the first frame held in each epoch.
+    pub fn set_output_hook(&mut self, hook: Option<Box<dyn Fn() + Send>>) {
+        self.output_hook = hook;
+        self.hook_armed = true;
     }
 
     /// Frames held back (sealed or not).

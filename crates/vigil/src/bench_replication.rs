@@ -1,0 +1,491 @@
+//! `vigil bench replication`: what checkpoint replication costs, per workload and policy.
+//!
+//! In the two-host testbed (`replication::testbed`), each workload runs once without
+//! protection and once under each checkpoint policy, with its backup on the other host:
+//! - `compute`: a compute-bound guest rewriting an 8 MiB working set 100,000 times (run time);
+//! - `stream`: a guest sending 50 MB over TCP to a client (throughput);
+//! - `kv`: redis-benchmark against the kv guest, one connection (latency) and 16 (throughput);
+//! - `mixed`: the same against kv while it also rewrites a working set in the background.
+//! Then the checkpoint pause against the number of dirty pages, the checkpoint throughput to
+//! the backup, and the failover time as a client sees it.
+
+use crate::demo::build_guest;
+use anyhow::{bail, Context, Result};
+use replication::testbed::{Host, Testbed, ARBITER, TAP, VM_IP, VM_MAC};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(ns: &str, args: &[String], log: PathBuf) -> Result<Proc> {
+        let f = std::fs::File::create(&log)?;
+        let exe = std::env::current_exe()?;
+        let child = Testbed::command(ns, exe).args(args).stdout(f.try_clone()?).stderr(f).spawn().context("cannot start vigil")?;
+        Ok(Proc { child, log })
+    }
+    fn text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    fn wait_for(&mut self, needle: &str, secs: u64) -> Result<()> {
+        let t = Instant::now();
+        while !self.text().contains(needle) {
+            if t.elapsed() > Duration::from_secs(secs) || self.child.try_wait()?.is_some() {
+                bail!("waiting for {needle:?} in {}:\n{}", self.log.display(), self.text());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+/// Per-checkpoint figures parsed from the primary's `--stats` lines.
+#[derive(Default, Clone)]
+struct Epochs {
+    n: usize,
+    pause_ms: Vec<f64>,
+    pages: Vec<f64>,
+    bytes: f64,
+    transfer_ms: f64,
+    ack_ms: Vec<f64>,
+    delay_ms: Vec<f64>,
+}
+
+fn parse_epochs(text: &str) -> Epochs {
+    let mut e = Epochs::default();
+    for l in text.lines().filter(|l| l.contains(": epoch ")) {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let after = |key: &str| w.iter().position(|x| *x == key).and_then(|i| w.get(i + 1)).and_then(|v| v.parse::<f64>().ok());
+        e.n += 1;
+        e.pause_ms.extend(after("pause"));
+        e.pages.extend(after("dirty"));
+        e.bytes += after("pages").unwrap_or(0.0) * 1024.0;
+        e.transfer_ms += after("transfer").unwrap_or(0.0);
+        e.ack_ms.extend(after("ack"));
+        e.delay_ms.extend(after("delayed"));
+    }
+    e
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+struct Bed {
+    tb: Testbed,
+    dir: PathBuf,
+    _arbiter: Proc,
+    images: std::collections::HashMap<&'static str, PathBuf>,
+    run: usize,
+}
+
+impl Bed {
+    /// Starts `image` on host A (protected with `policy` unless `None`) and its backup on B.
+    fn start(&mut self, image: &str, net: bool, policy: Option<&str>, guest_args: &[&str]) -> Result<(Proc, Option<Proc>)> {
+        self.start_with(image, net, policy, guest_args, true)
+    }
+
+    /// Like `start`; `wait` says whether to wait until the VM is protected.
+    fn start_with(
+        &mut self,
+        image: &str,
+        net: bool,
+        policy: Option<&str>,
+        guest_args: &[&str],
+        wait: bool,
+    ) -> Result<(Proc, Option<Proc>)> {
+        self.run += 1;
+        let backup = match policy {
+            Some(_) => {
+                let mut b = Proc::spawn(
+                    &self.tb.b,
+                    &s(&["backup", "--listen", &Host::B.backup_addr(), "--arbiter", ARBITER, "--holder", "host-b", "--tap", TAP]),
+                    self.dir.join(format!("{}-backup.log", self.run)),
+                )?;
+                b.wait_for("listening", 10)?;
+                Some(b)
+            }
+            None => None,
+        };
+        let mut args = s(&["vm", "run", "--mem", "64", "--image"]);
+        args.push(self.images[image].display().to_string());
+        args.extend(s(&["--api", &self.dir.join(format!("{}.api", self.run)).display().to_string()]));
+        if net {
+            args.extend(s(&["--tap", TAP, "--ip", &format!("{VM_IP}/24"), "--mac", VM_MAC]));
+        }
+        if let Some(p) = policy {
+            args.extend(s(&[
+                "--protect",
+                &Host::B.backup_addr(),
+                "--arbiter",
+                ARBITER,
+                "--holder",
+                "host-a",
+                "--name",
+                image,
+                "--policy",
+                p,
+                "--stats",
+            ]));
+        }
+        args.push("--".into());
+        args.extend(s(guest_args));
+        let mut p = Proc::spawn(&self.tb.a, &args, self.dir.join(format!("{}-primary.log", self.run)))?;
+        if policy.is_some() && wait {
+            p.wait_for("protected: the backup holds", 30)?;
+        }
+        Ok((p, backup))
+    }
+
+    fn quit(&self, mut p: Proc) -> Result<String> {
+        let api = self.dir.join(format!("{}.api", self.run));
+        let _ = vmm::api::call(&api, &vmm::Command::Quit);
+        let t = Instant::now();
+        while p.child.try_wait()?.is_none() && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let text = p.text();
+        p.kill();
+        Ok(text)
+    }
+}
+
+/// Reads everything the stream guest sends, from inside the client namespace.
+fn stream_client(ns: &str) -> Result<(u64, Duration)> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::scope(|sc| {
+        sc.spawn(|| -> Result<(u64, Duration)> {
+            let f = std::fs::File::open(&path)?;
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on a valid namespace fd moves only this (scoped) thread.
+            if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns {path}: {}", std::io::Error::last_os_error());
+            }
+            let addr = format!("{VM_IP}:5001").parse().expect("constant");
+            let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            c.set_read_timeout(Some(Duration::from_secs(60)))?;
+            let t = Instant::now();
+            let mut buf = vec![0u8; 1 << 16];
+            let mut n = 0u64;
+            loop {
+                match c.read(&mut buf)? {
+                    0 => break,
+                    k => n += k as u64,
+                }
+            }
+            Ok((n, t.elapsed()))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("stream client panicked"))?
+    })
+}
+
+/// redis-benchmark from the client namespace: (requests per second, p50 latency ms) over SET
+/// and GET.
+fn redis_bench(ns: &str, clients: u32, requests: u32) -> Result<(f64, f64)> {
+    let out = Testbed::command(ns, "timeout")
+        .args(["120", "redis-benchmark", "-h", VM_IP, "-n", &requests.to_string(), "-c", &clients.to_string(), "-t", "set,get", "--csv"])
+        .output()
+        .context("cannot run redis-benchmark (package redis-tools)")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut rps = vec![];
+    let mut p50 = vec![];
+    for l in text.lines().filter(|l| l.starts_with("\"SET\"") || l.starts_with("\"GET\"")) {
+        let f: Vec<f64> = l.split(',').skip(1).filter_map(|x| x.trim_matches('"').parse().ok()).collect();
+        if f.len() >= 4 {
+            rps.push(f[0]);
+            p50.push(f[3]);
+        }
+    }
+    if rps.len() != 2 {
+        bail!("redis-benchmark gave no SET/GET results: {text} {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((rps.iter().sum::<f64>() / 2.0, p50.iter().sum::<f64>() / 2.0))
+}
+
+#[derive(Default, Clone)]
+struct Row {
+    policy: String,
+    compute_s: f64,
+    stream_mbs: f64,
+    kv_p50_ms: f64,
+    kv_rps: f64,
+    mixed_p50_ms: f64,
+    mixed_rps: f64,
+    epochs: Epochs,
+    seconds: f64,
+}
+
+pub fn run(policies: &[String], failovers: usize, failover_only: bool, json: bool) -> Result<()> {
+    for p in policies {
+        replication::policy::parse(p).map_err(anyhow::Error::msg)?;
+    }
+    if !Path::new("/dev/kvm").exists() {
+        bail!("vigil bench replication needs /dev/kvm");
+    }
+    let mut images = std::collections::HashMap::new();
+    for g in ["kv", "compute", "stream", "counter"] {
+        images.insert(g, build_guest(g)?);
+    }
+    let dir = std::env::temp_dir().join(format!("vigil-bench-replication-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let tb = Testbed::new("bench").map_err(anyhow::Error::msg)?;
+    let mut arbiter = Proc::spawn(&tb.switch, &s(&["arbiter", "--listen", ARBITER]), dir.join("arbiter.log"))?;
+    arbiter.wait_for("serving leases", 10)?;
+    let mut bed = Bed { tb, dir: dir.clone(), _arbiter: arbiter, images, run: 0 };
+    let mut rows = Vec::new();
+    let modes: Vec<Option<&str>> = std::iter::once(None).chain(policies.iter().map(|p| Some(p.as_str()))).collect();
+    let modes = if failover_only { vec![] } else { modes };
+    for mode in modes {
+        let name = mode.unwrap_or("unprotected").to_string();
+        eprintln!("bench replication: {name}");
+        let mut row = Row { policy: name, ..Row::default() };
+        let mut log = String::new();
+        let mut seconds = 0.0;
+        // compute: 8 MiB working set, 100,000 passes (from start to exit, the initial
+        // synchronisation of the protected runs included).
+        {
+            let t0 = Instant::now();
+            let (mut p, b) = bed.start_with("compute", false, mode, &["8", "100000", "10000000"], false)?;
+            let t = t0;
+            while p.child.try_wait()?.is_none() {
+                if t.elapsed() > Duration::from_secs(300) {
+                    bail!("compute did not finish within 300 s");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            row.compute_s = t0.elapsed().as_secs_f64();
+            seconds += row.compute_s;
+            log.push_str(&p.text());
+            drop(b);
+        }
+        // stream: 50 MB to a client.
+        {
+            let (mut p, b) = bed.start("stream", true, mode, &["50"])?;
+            p.wait_for("stream: serving", 20)?;
+            let (n, d) = stream_client(&bed.tb.client)?;
+            if n != 50_000_000 {
+                bail!("the stream client got {n} bytes, not 50,000,000");
+            }
+            row.stream_mbs = n as f64 / 1e6 / d.as_secs_f64();
+            seconds += d.as_secs_f64();
+            log.push_str(&bed.quit(p)?);
+            drop(b);
+        }
+        // kv and mixed.
+        for busy in ["0", "8"] {
+            let (mut p, b) = bed.start("kv", true, mode, &["6379", busy])?;
+            p.wait_for("kv: serving", 20)?;
+            let t = Instant::now();
+            let (_, p50) = redis_bench(&bed.tb.client, 1, 100)?;
+            let (rps, _) = redis_bench(&bed.tb.client, 16, 2000)?;
+            seconds += t.elapsed().as_secs_f64();
+            if busy == "0" {
+                (row.kv_p50_ms, row.kv_rps) = (p50, rps);
+            } else {
+                (row.mixed_p50_ms, row.mixed_rps) = (p50, rps);
+            }
+            log.push_str(&bed.quit(p)?);
+            drop(b);
+        }
+        row.epochs = parse_epochs(&log);
+        row.seconds = seconds;
+        rows.push(row);
+    }
+    let checkpoints = if failover_only { vec![] } else { checkpoint_table(&bed)? };
+    let failover = failovers_measured(&mut bed, failovers, None)?;
+    let failover_fast_client = failovers_measured(&mut bed, failovers, Some(10))?;
+    let base = rows.first().cloned().unwrap_or_default();
+    if json {
+        let j: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "policy": r.policy, "compute_s": r.compute_s, "stream_mb_per_s": r.stream_mbs, "kv_p50_ms": r.kv_p50_ms,
+                    "kv_rps": r.kv_rps, "mixed_p50_ms": r.mixed_p50_ms, "mixed_rps": r.mixed_rps, "checkpoints": r.epochs.n,
+                    "median_pause_ms": median(&r.epochs.pause_ms), "median_dirty_pages": median(&r.epochs.pages),
+                    "median_ack_ms": median(&r.epochs.ack_ms), "median_output_delay_ms": median(&r.epochs.delay_ms),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"policies": j, "failover_ms": failover, "failover_rto_min_10ms": failover_fast_client})
+            )?
+        );
+        return Ok(());
+    }
+    println!("Checkpoint replication: each workload unprotected and under each policy (backup on the other host)");
+    println!("ratios are relative to the unprotected run (time: higher is slower; throughput: lower is slower)\n");
+    println!(
+        "{:<14} {:>10} {:>8} {:>11} {:>8} {:>10} {:>9} {:>10} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>9}",
+        "policy",
+        "compute s",
+        "ratio",
+        "stream MB/s",
+        "ratio",
+        "kv p50 ms",
+        "ratio",
+        "kv req/s",
+        "ratio",
+        "mixed p50",
+        "ratio",
+        "mixed r/s",
+        "ratio",
+        "ckpt/s",
+        "pause ms"
+    );
+    for r in &rows {
+        let rate = if r.seconds > 0.0 { r.epochs.n as f64 / r.seconds } else { 0.0 };
+        println!(
+            "{:<14} {:>10.2} {:>8.2} {:>11.1} {:>8.2} {:>10.2} {:>9.2} {:>10.0} {:>9.2} {:>10.2} {:>9.2} {:>9.0} {:>8.2} {:>8.0} {:>9.3}",
+            r.policy,
+            r.compute_s,
+            r.compute_s / base.compute_s,
+            r.stream_mbs,
+            r.stream_mbs / base.stream_mbs,
+            r.kv_p50_ms,
+            r.kv_p50_ms / base.kv_p50_ms,
+            r.kv_rps,
+            r.kv_rps / base.kv_rps,
+            r.mixed_p50_ms,
+            r.mixed_p50_ms / base.mixed_p50_ms,
+            r.mixed_rps,
+            r.mixed_rps / base.mixed_rps,
+            rate,
+            median(&r.epochs.pause_ms),
+        );
+    }
+    let all: Vec<&Epochs> = rows.iter().skip(1).map(|r| &r.epochs).collect();
+    let bytes: f64 = all.iter().map(|e| e.bytes).sum();
+    let transfer: f64 = all.iter().map(|e| e.transfer_ms).sum();
+    println!("\nCheckpoint pause against dirty pages (the counter guest dirties a chosen number of pages; median of 7)");
+    println!("{:>12} {:>12} {:>12} {:>12} {:>12}", "dirty pages", "pause ms", "copy ms", "GB/s copy", "call ms");
+    for (pages, pause, copy, call) in &checkpoints {
+        let rate = if *copy > 0.0 { pages * 4096.0 / (copy / 1e3) / 1e9 } else { f64::NAN };
+        println!("{pages:>12.0} {pause:>12.3} {copy:>12.3} {rate:>12.2} {call:>12.3}");
+    }
+    println!(
+        "\nCheckpoint throughput to the backup: {:.0} MB in {:.0} ms of sending = {:.0} MB/s (all protected runs)",
+        bytes / 1e6,
+        transfer,
+        if transfer > 0.0 { bytes / 1e6 / (transfer / 1e3) } else { 0.0 }
+    );
+    for (runs, client) in [(&failover, "a default Linux client"), (&failover_fast_client, "a client with rto_min 10ms on its route")] {
+        if runs.is_empty() {
+            continue;
+        }
+        let (takeover, answer): (Vec<f64>, Vec<f64>) = runs.iter().copied().unzip();
+        println!(
+            "Failover (kv, adaptive, SIGKILL of the primary's VMM, {} runs, {client}): takeover {:.0} ms, first answer {:.0} ms after the kill (medians; answers {:.0}..{:.0})",
+            runs.len(),
+            median(&takeover),
+            median(&answer),
+            answer.iter().copied().fold(f64::INFINITY, f64::min),
+            answer.iter().copied().fold(0.0, f64::max)
+        );
+    }
+    println!("  (takeover: the backup's timeout + the lease + building the VM; the rest is the client's TCP retransmission timer, 200 ms at least by default on Linux)");
+    Ok(())
+}
+
+/// Pause against dirty pages, with the counter guest (see `vigil bench vmm`).
+fn checkpoint_table(bed: &Bed) -> Result<Vec<(f64, f64, f64, f64)>> {
+    crate::bench_vmm::checkpoint_samples(&bed.images["counter"])
+}
+
+/// Kills the primary of a protected kv while redis-cli writes; returns (takeover ms, first
+/// answer ms) per run.
+fn failovers_measured(bed: &mut Bed, runs: usize, rto_min_ms: Option<u32>) -> Result<Vec<(f64, f64)>> {
+    let mut out = Vec::new();
+    match rto_min_ms {
+        Some(ms) => bed.tb.exec(&bed.tb.client, &["route", "replace", "10.99.0.0/24", "dev", "eth0", "rto_min", &format!("{ms}ms")]),
+        None => bed.tb.exec(&bed.tb.client, &["route", "replace", "10.99.0.0/24", "dev", "eth0"]),
+    }
+    .map_err(anyhow::Error::msg)?;
+    for _ in 0..runs {
+        let (mut p, b) = bed.start("kv", true, Some("adaptive"), &[])?;
+        let mut b = b.context("a backup")?;
+        p.wait_for("kv: serving", 20)?;
+        let mut cli = Testbed::command(&bed.tb.client, "redis-cli")
+            .args(["-h", VM_IP])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("redis-cli (package redis-tools)")?;
+        let mut stdin = cli.stdin.take().context("stdin")?;
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(cli.stdout.take().context("stdout")?));
+        let (tx, rx) = std::sync::mpsc::channel::<Instant>();
+        let writer = std::thread::spawn(move || -> Result<()> {
+            for i in 0..100_000u64 {
+                writeln!(stdin, "INCR n")?;
+                stdin.flush()?;
+                let l = lines.next().context("redis-cli ended")??;
+                if l != (i + 1).to_string() {
+                    bail!("INCR answered {l}, expected {}", i + 1);
+                }
+                if tx.send(Instant::now()).is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        });
+        // Let it run, then kill the primary.
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(500) {
+            let _ = rx.recv_timeout(Duration::from_millis(50));
+        }
+        while rx.try_recv().is_ok() {}
+        let kill = Instant::now();
+        p.kill();
+        let first = loop {
+            let at = rx.recv_timeout(Duration::from_secs(10)).context("no answer within 10 s of the kill")?;
+            // Answers already on their way when the primary died do not count.
+            if at.duration_since(kill) > Duration::from_millis(1) {
+                break at.duration_since(kill);
+            }
+        };
+        b.wait_for("TAKING OVER", 5)?;
+        let text = b.text();
+        let after: f64 = text
+            .lines()
+            .find(|l| l.contains("TAKING OVER"))
+            .and_then(|l| l.split('(').nth(1)?.split_whitespace().next()?.parse().ok())
+            .unwrap_or(f64::NAN);
+        let build: f64 = text
+            .lines()
+            .find(|l| l.contains("ms to build it"))
+            .and_then(|l| l.split('(').nth(1)?.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0);
+        out.push((60.0 + after + build, first.as_secs_f64() * 1e3));
+        drop(rx);
+        let _ = cli.kill();
+        let _ = cli.wait();
+        let _ = writer.join();
+        b.kill();
+    }
+    Ok(out)
+}
