@@ -508,6 +508,55 @@ impl Curve {
         c
     }
 
+    // ----------------------------------------------------------------- truncation
+
+    /// A safe *upper* approximation: `f` on `[0, h)`, then the line `rate·t + M` from `h` on,
+    /// where `M = sup (f(t) − rate·t)` ([`Curve::affine_bounds`]), so the result never lies
+    /// below `f`. For upper (arrival, demand) curves whose values beyond `h` cannot influence a
+    /// bound (`docs/analysis.md` §9). Its tail is one line, so sums and differences with other
+    /// truncated curves stay within about `[0, h)` instead of spanning a common period.
+    pub fn truncate_above(&self, h: &Q) -> Result<Curve> {
+        self.truncate(h, true)
+    }
+
+    /// A safe *lower* approximation: `f` on `[0, h)`, then `max(f(h⁻), rate·t + m)` from `h` on
+    /// (only `rate·t + m` when `f` is not non-decreasing), where `m = inf (f(t) − rate·t)`, so the
+    /// result never lies above `f` and is non-decreasing when `f` is. For lower (service)
+    /// curves; see [`Curve::truncate_above`].
+    pub fn truncate_below(&self, h: &Q) -> Result<Curve> {
+        self.truncate(h, false)
+    }
+
+    fn truncate(&self, h: &Q, upper: bool) -> Result<Curve> {
+        if !h.is_positive() || (self.is_affine_tail() && h >= &self.base_end()) {
+            // Nothing to cut: the curve is already one line from before `h` on.
+            return Ok(self.clone());
+        }
+        let r = self.rate();
+        let (m, mx) = self.affine_bounds();
+        let mut segs = self.unroll(h)?;
+        let line_at_h = &r * h + if upper { &mx } else { &m };
+        // A non-decreasing lower curve stays at least at its left limit at h.
+        let floor = (!upper && self.is_nondecreasing()).then(|| self.eval_left(h)).filter(|f| f > &line_at_h);
+        match floor {
+            Some(f) if r.is_positive() => {
+                // Flat until the line reaches f (strictly after h, since f is above it at h).
+                let t0 = (&f - &m) / &r;
+                segs.push(Seg::line(h.clone(), f.clone(), Q::zero()));
+                segs.push(Seg::line(t0.clone(), f, r.clone()));
+                Curve::from_parts(segs, t0, Q::one(), r)
+            }
+            Some(f) => {
+                segs.push(Seg::line(h.clone(), f, Q::zero()));
+                Curve::from_parts(segs, h.clone(), Q::one(), Q::zero())
+            }
+            None => {
+                segs.push(Seg::line(h.clone(), line_at_h, r.clone()));
+                Curve::from_parts(segs, h.clone(), Q::one(), r)
+            }
+        }
+    }
+
     // ----------------------------------------------------------------- pointwise operations
 
     fn binary(&self, o: &Curve, op: Op) -> Result<Curve> {
@@ -883,6 +932,24 @@ impl Curve {
             }
         }
         Ok(best)
+    }
+
+    /// `sup (r·t − f(t))` over `t` in `[0, h)` (values and one-sided limits, including the
+    /// left limit at `h`): how far `f` falls below the line before `h`.
+    pub fn max_below_line_before(&self, r: &Q, h: &Q) -> Q {
+        let segs = self.unroll_raw(h);
+        let Some(first) = segs.first() else { return -&self.segs[0].y };
+        let mut best = r * &first.x - &first.y;
+        for (i, s) in segs.iter().enumerate() {
+            let e = seg_end(&segs, i, h);
+            let rx = r * &s.x;
+            for v in [&rx - &s.y, &rx - &s.yr, r * e - s.at(e)] {
+                if v > best {
+                    best = v;
+                }
+            }
+        }
+        best
     }
 
     /// `sup_t (r·t − f(t))`: how far `f` falls below the line through the origin with slope

@@ -126,12 +126,14 @@ pub(crate) fn host_speed(sys: &System, host: usize) -> Q {
 pub(crate) struct Outcome {
     pub(crate) bounds: Option<TaskBounds>,
     pub(crate) service: Pair,
+    /// The service is exact before this time and a lower bound after it (`None`: exact).
+    pub(crate) exact_until: Option<Q>,
     pub(crate) method: &'static str,
     pub(crate) problem: Option<String>,
 }
 
 fn unbounded(service: &Pair, method: &'static str, why: String) -> Outcome {
-    Outcome { bounds: None, service: service.clone(), method, problem: Some(why) }
+    Outcome { bounds: None, service: service.clone(), exact_until: None, method, problem: Some(why) }
 }
 
 fn curve_problem(e: &CurveError) -> String {
@@ -143,6 +145,16 @@ fn curve_problem(e: &CurveError) -> String {
 
 /// Progress through one fixed-priority resource, highest priority first: each step analyses
 /// one task on the service left by the ones before it.
+///
+/// Without GPC completion curves only the lower remaining service is chained, and it is kept
+/// *truncated at a horizon* H (`docs/analysis.md` §9): exact on [0, H), a safe lower line
+/// beyond, computed from demands that are exact on [0, H) and a safe upper line beyond. Each
+/// task's delay is accepted only when a check proves it equal to the delay on the exact curves;
+/// otherwise H is doubled and the service rebuilt, and when H would exceed a few common periods
+/// of the curves involved the state falls back to exact curves (the analysis as without
+/// truncation). Delays, backlogs and completion curves are therefore exactly those of the
+/// untruncated analysis; the service curves reported for the tasks are lower bounds that are
+/// exact on [0, H).
 pub(crate) struct FpState {
     np: bool,
     pub(crate) order: Vec<usize>,
@@ -150,6 +162,14 @@ pub(crate) struct FpState {
     base: Pair,
     cur: Option<Pair>,
     why_lost: String,
+    /// Horizon of the truncated service in `cur`; `None`: exact curves.
+    horizon: Option<Q>,
+    /// Whether the horizon has been chosen (at the first task analysed).
+    started: bool,
+    /// Whether truncation may be used at all.
+    may_truncate: bool,
+    /// Tasks whose upper demand has been taken out of `cur`, to rebuild it with another horizon.
+    served: Vec<(usize, Curve)>,
 }
 
 impl FpState {
@@ -157,11 +177,71 @@ impl FpState {
         let mut order = tasks.to_vec();
         order.sort_by_key(|&i| (sys.tasks[i].priority.unwrap_or(i64::MAX), i));
         let np = sys.resources[r].policy == Policy::FixedPriorityNonPreemptive;
-        FpState { np, order, next: 0, base: beta.clone(), cur: Some(beta.clone()), why_lost: String::new() }
+        FpState {
+            np,
+            order,
+            next: 0,
+            base: beta.clone(),
+            cur: Some(beta.clone()),
+            why_lost: String::new(),
+            horizon: None,
+            started: false,
+            may_truncate: true,
+            served: Vec::new(),
+        }
     }
 
     pub(crate) fn done(&self) -> bool {
         self.next >= self.order.len()
+    }
+
+    /// Recomputes `cur` from the base service and the demands served so far, truncated at `h`
+    /// (`None`: exactly, with the same errors the untruncated chain would have met). An error
+    /// with a horizon is returned (the caller falls back to exact curves).
+    fn rebuild(&mut self, sys: &System, h: Option<Q>) -> Result<(), CurveError> {
+        let mut cur = match &h {
+            Some(h) => (self.base.0.clone(), self.base.1.truncate_below(h)?),
+            None => self.base.clone(),
+        };
+        self.horizon = h.clone();
+        for (i, d) in &self.served {
+            let alpha = match &h {
+                Some(h) => (d.truncate_above(h)?, Curve::zero()),
+                None => (d.clone(), Curve::zero()),
+            };
+            match component::remaining_lower(&alpha, &cur) {
+                Ok(rem) => cur = rem,
+                Err(e) if h.is_some() => return Err(e),
+                Err(e) => {
+                    self.cur = None;
+                    self.why_lost =
+                        format!("higher-priority task {:?} leaves no bounded service: {}", sys.tasks[*i].name, curve_problem(&e));
+                    return Ok(());
+                }
+            }
+        }
+        self.cur = Some(cur);
+        Ok(())
+    }
+
+    /// Switches to exact curves.
+    fn exact(&mut self, sys: &System) {
+        let _ = self.rebuild(sys, None);
+    }
+
+    /// The next horizon after `h` failed, or `None` (exact) once it would cover more than two
+    /// common periods past the periodic starts of the curves involved: truncation no longer
+    /// saves anything there.
+    fn grow(&self, h: &Q, demand: &Curve) -> Option<Q> {
+        let curves = std::iter::once(&self.base.1).chain(self.served.iter().map(|(_, d)| d)).chain(std::iter::once(demand));
+        let mut period = Q::one();
+        let mut start = Q::zero();
+        for c in curves {
+            period = Q::lcm(&period, c.period())?;
+            start = Q::max(&start, c.periodic_start());
+        }
+        let next = h * Q::int(2);
+        (next <= (start + period) * Q::int(2)).then_some(next)
     }
 
     /// Analyses the next task (`input`: its activation curves, `None` if unbounded).
@@ -171,38 +251,83 @@ impl FpState {
         let i = self.order[k];
         self.next += 1;
         let method = if self.np { "fp-np: GPC on remaining service minus blocking" } else { "fp: GPC on remaining service" };
-        let Some(svc) = self.cur.clone() else {
+        if self.cur.is_none() {
             return unbounded(&self.base, method, self.why_lost.clone());
-        };
+        }
         let Some(ev) = input else {
-            self.cur = None;
+            let svc = self.cur.take().unwrap_or_else(|| self.base.clone());
             self.why_lost = format!("higher-priority task {:?} has an unbounded input", sys.tasks[i].name);
-            return unbounded(&svc, method, "its input is unbounded (an upstream task has no bound)".into());
+            let o = unbounded(&svc, method, "its input is unbounded (an upstream task has no bound)".into());
+            return Outcome { exact_until: self.horizon.clone(), ..o };
         };
         let w = Workload { wcet: sys.tasks[i].wcet.clone(), bcet: sys.tasks[i].bcet.clone(), curves: sys.tasks[i].workload.clone() };
-        let svc_i = if self.np {
-            let blocking = self.order[k + 1..].iter().map(|&j| sys.tasks[j].wcet.clone()).max().unwrap_or_default();
-            match svc.1.offset(&-blocking).clamp_nonnegative() {
-                Ok(l) => (svc.0.clone(), l),
-                Err(e) => return unbounded(&svc, method, curve_problem(&e)),
+        let demand = w.demand(ev);
+        if !self.started {
+            self.started = true;
+            // The GPC completion curves need the exact upper service (and `running_min_ahead`
+            // looks ahead in time): truncate only without them.
+            if !ctx.opts.gpc_outputs && self.may_truncate {
+                let h = first_horizon(&demand.0, &self.base.1);
+                if self.rebuild(sys, Some(h)).is_err() {
+                    self.exact(sys);
+                }
             }
-        } else {
-            svc.clone()
-        };
-        let outcome = match component::task_on_service(ev, &w, &svc_i, ctx.opts.gpc_outputs) {
-            Ok(b) => Outcome { bounds: Some(b), service: svc_i, method, problem: None },
-            Err(e) => unbounded(&svc_i, method, curve_problem(&e)),
+        }
+        let blocking = if self.np { self.order[k + 1..].iter().map(|&j| sys.tasks[j].wcet.clone()).max() } else { None };
+        // Analyse on the current service; with a horizon, accept only a provably exact delay.
+        let (svc, outcome) = loop {
+            let Some(svc) = self.cur.clone() else {
+                return unbounded(&self.base, method, self.why_lost.clone());
+            };
+            let svc_i = match &blocking {
+                Some(b) => match svc.1.offset(&-b).clamp_nonnegative() {
+                    Ok(l) => (svc.0.clone(), l),
+                    Err(_) if self.horizon.is_some() => {
+                        self.exact(sys);
+                        continue;
+                    }
+                    // As without truncation, the task's demand is then not taken out.
+                    Err(e) => return unbounded(&svc, method, curve_problem(&e)),
+                },
+                None => svc.clone(),
+            };
+            let res = component::task_on_service(ev, &w, &svc_i, ctx.opts.gpc_outputs);
+            let Some(h) = self.horizon.clone() else {
+                let outcome = match res {
+                    Ok(b) => Outcome { bounds: Some(b), service: svc_i, exact_until: None, method, problem: None },
+                    Err(e) => unbounded(&svc_i, method, curve_problem(&e)),
+                };
+                break (svc, outcome);
+            };
+            match res {
+                Ok(b) if delay_is_exact(&h, &demand.0, &svc_i.1, &b.wcrt) => {
+                    break (svc, Outcome { bounds: Some(b), service: svc_i, exact_until: Some(h), method, problem: None });
+                }
+                _ => match self.grow(&h, &demand.0) {
+                    Some(h2) => {
+                        if self.rebuild(sys, Some(h2)).is_err() {
+                            self.exact(sys);
+                        }
+                    }
+                    None => self.exact(sys),
+                },
+            }
         };
         if self.next < self.order.len() {
+            self.served.push((i, demand.0.clone()));
             // The upper remaining service only matters for the GPC completion curves; without
             // them the resource's own upper service is kept (a valid, looser upper bound).
             let rem = if ctx.opts.gpc_outputs {
-                component::remaining_service(&w.demand(ev), &svc)
+                component::remaining_service(&demand, &svc)
             } else {
-                component::remaining_lower(&w.demand(ev), &svc)
+                match &self.horizon {
+                    Some(h) => demand.0.truncate_above(h).and_then(|d| component::remaining_lower(&(d, Curve::zero()), &svc)),
+                    None => component::remaining_lower(&demand, &svc),
+                }
             };
             match rem {
                 Ok(rem) => self.cur = Some(rem),
+                Err(_) if self.horizon.is_some() => self.exact(sys),
                 Err(e) => {
                     self.cur = None;
                     self.why_lost =
@@ -212,6 +337,44 @@ impl FpState {
         }
         outcome
     }
+}
+
+/// A first horizon for a fixed-priority resource: twice the point where the linear upper bound
+/// of the first task's demand meets the linear lower bound of the service (at least 1).
+fn first_horizon(demand: &Curve, service: &Curve) -> Q {
+    let (r, rho) = (demand.rate(), service.rate());
+    let (_, b) = demand.affine_bounds();
+    let (m, _) = service.affine_bounds();
+    let t = if rho > r { (b - m) / (rho - r) } else { Q::one() };
+    Q::max(&(t * Q::int(2)), &Q::one())
+}
+
+/// Whether `delay` = hdev(`demand`, `service`), computed on a lower service curve that is exact
+/// on [0, h) (and lower beyond), equals the delay on the exact service. Levels below the left
+/// limit Y0 of the service at h are first reached before h on both curves, so they give the
+/// same deviation; for a level y >= Y0 reached by the demand at t, t >= (y − b)/r (demand
+/// <= r·t + b) and the truncated service reaches y by max(h, (y − m)/ρ) (service >= ρ·t + m),
+/// so the deviation there is at most TB = max(h − (Y0 − b)/r, (Y0 − m)/ρ − (Y0 − b)/r) (both
+/// terms decrease with y when ρ > r). If TB < delay, the delay is attained below Y0 and is exact
+/// (`docs/analysis.md` §9).
+fn delay_is_exact(h: &Q, demand: &Curve, service: &Curve, delay: &Q) -> bool {
+    if delay.is_zero() {
+        return true; // the exact delay is never below the truncated one, and never negative
+    }
+    let (r, rho) = (demand.rate(), service.rate());
+    let (_, b) = demand.affine_bounds();
+    let (m, _) = service.affine_bounds();
+    let y0 = service.eval_left(h);
+    if r.is_zero() {
+        // The demand never exceeds b: no level at or above Y0 > b is ever reached.
+        return y0 > b;
+    }
+    if !r.is_positive() || rho <= r {
+        return false;
+    }
+    let reach_demand = (&y0 - &b) / &r;
+    let tb = Q::max(&(h - &reach_demand), &((&y0 - &m) / &rho - &reach_demand));
+    &tb < delay
 }
 
 /// Analyses the tasks of resource `r` given their activation curves and the base service.
@@ -252,7 +415,7 @@ pub(crate) fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], bet
                     continue;
                 };
                 match component::task_on_service(ev, &wl(i), &svc, gpc_out) {
-                    Ok(b) => out.push((i, Outcome { bounds: Some(b), service: svc, method, problem: None })),
+                    Ok(b) => out.push((i, Outcome { bounds: Some(b), service: svc, exact_until: None, method, problem: None })),
                     Err(e) => out.push((i, unbounded(&svc, method, curve_problem(&e)))),
                 }
             }
@@ -302,7 +465,7 @@ pub(crate) fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], bet
                             wcrt,
                             bcrt,
                         };
-                        out.push((i, Outcome { bounds: Some(b), service: beta.clone(), method, problem: None }));
+                        out.push((i, Outcome { bounds: Some(b), service: beta.clone(), exact_until: None, method, problem: None }));
                     }
                 }
                 Err(e) => {
@@ -519,6 +682,7 @@ pub(crate) fn task_result(sys: &System, i: usize, o: Outcome, input: Pair) -> Ta
             input: Bounds { upper: input.0, lower: input.1 },
             output: Bounds { upper: b.output.0, lower: b.output.1 },
             service: Bounds { upper: o.service.0, lower: o.service.1 },
+            service_exact_until: o.exact_until,
             method: o.method,
             problem: o.problem,
         },
@@ -529,6 +693,7 @@ pub(crate) fn task_result(sys: &System, i: usize, o: Outcome, input: Pair) -> Ta
             input: Bounds { upper: input.0, lower: input.1 },
             output: Bounds { upper: Curve::zero(), lower: Curve::zero() },
             service: Bounds { upper: o.service.0, lower: o.service.1 },
+            service_exact_until: o.exact_until,
             method: o.method,
             problem: o.problem,
         },
@@ -545,32 +710,28 @@ pub(crate) fn chain_result(sys: &System, c: &Chain, tasks: &[TaskResult]) -> Cha
         && c.tasks.iter().all(|&i| {
             matches!(sys.resources[sys.tasks[i].resource].policy, Policy::FixedPriority | Policy::FixedPriorityNonPreemptive | Policy::Tdma)
         }) {
-        // Each hop guarantees at least ⌊βl/wcet⌋ completions, which lies above the rate-latency
-        // curve R (Δ − T − 1/R) with R = rate(βl)/wcet and T the horizontal distance of βl
-        // from its own long-run line. Rate-latency curves concatenate in closed form.
-        let mut rate: Option<Q> = None;
-        let mut latency = Q::zero();
-        let mut ok = true;
-        for &i in &c.tasks {
-            let bl = &tasks[i].service.lower;
-            let rho = bl.rate();
-            let Some(r_ev) = rho.checked_div(&sys.tasks[i].wcet).filter(|r| r.is_positive()) else {
-                ok = false;
-                break;
-            };
-            // T = sup (Δ − βl(Δ)/ρ): the vertical distance to the line, divided by the rate.
-            match bl.max_below_line(&rho) {
-                Ok(v) => latency = latency + v / &rho + r_ev.recip().unwrap_or_default(),
-                Err(_) => {
-                    ok = false;
-                    break;
-                }
+        // With truncated services (`FpState`), max_below_line of the reported curve is an
+        // upper bound of the exact one and the part before the horizon a lower bound; the
+        // bound is monotone in them. When the two results differ and the lower one could be
+        // the chain's worst case, the hops' services are recomputed exactly, so `worst` is
+        // always what the exact services give (`docs/analysis.md` §9).
+        let upper = pboo_bound(sys, c, tasks, |_, bl, rho| bl.max_below_line(rho).ok());
+        if c.tasks.iter().all(|&i| tasks[i].service_exact_until.is_none()) {
+            upper
+        } else {
+            let lower = pboo_bound(sys, c, tasks, |i, bl, rho| match &tasks[i].service_exact_until {
+                Some(h) => Some(bl.max_below_line_before(rho, h)),
+                None => bl.max_below_line(rho).ok(),
+            });
+            match (&lower, &per_hop) {
+                (Some(lo), Some(ph)) if Some(lo) != upper.as_ref() && lo < ph => pboo_bound(sys, c, tasks, |i, bl, rho| {
+                    if tasks[i].service_exact_until.is_none() {
+                        return bl.max_below_line(rho).ok();
+                    }
+                    exact_service(sys, tasks, i)?.1.max_below_line(rho).ok()
+                }),
+                _ => upper,
             }
-            rate = Some(rate.map_or(r_ev.clone(), |r| Q::min(&r, &r_ev)));
-        }
-        match (ok, rate) {
-            (true, Some(r)) => tasks[c.tasks[0]].input.upper.hdev(&Curve::rate_latency(r, latency)).ok(),
-            _ => None,
         }
     } else {
         None
@@ -586,6 +747,48 @@ pub(crate) fn chain_result(sys: &System, c: &Chain, tasks: &[TaskResult]) -> Cha
     };
     let meets_deadline = c.deadline.as_ref().map(|d| worst.as_ref().is_some_and(|w| w <= d));
     ChainResult { worst, best, per_hop, pboo, deadline: c.deadline.clone(), slack, meets_deadline }
+}
+
+/// The pay-bursts-only-once bound of chain `c`, with `v(i, βl_i, ρ_i)` giving sup (ρ_i·Δ − βl_i(Δ))
+/// for each hop (`None`: no bound).
+fn pboo_bound(sys: &System, c: &Chain, tasks: &[TaskResult], v: impl Fn(usize, &Curve, &Q) -> Option<Q>) -> Option<Q> {
+    // Each hop guarantees at least ⌊βl/wcet⌋ completions, which lies above the rate-latency
+    // curve R (Δ − T − 1/R) with R = rate(βl)/wcet and T the horizontal distance of βl
+    // from its own long-run line. Rate-latency curves concatenate in closed form.
+    let mut rate: Option<Q> = None;
+    let mut latency = Q::zero();
+    for &i in &c.tasks {
+        let bl = &tasks[i].service.lower;
+        let rho = bl.rate();
+        let r_ev = rho.checked_div(&sys.tasks[i].wcet).filter(|r| r.is_positive())?;
+        // T = sup (Δ − βl(Δ)/ρ): the vertical distance to the line, divided by the rate.
+        latency = latency + v(i, bl, &rho)? / &rho + r_ev.recip().unwrap_or_default();
+        rate = Some(rate.map_or(r_ev.clone(), |r| Q::min(&r, &r_ev)));
+    }
+    tasks[c.tasks[0]].input.upper.hdev(&Curve::rate_latency(rate?, latency)).ok()
+}
+
+/// The exact (untruncated) service of fixed-priority task `i`, replaying its resource's
+/// higher-priority tasks on their recorded activation curves.
+fn exact_service(sys: &System, tasks: &[TaskResult], i: usize) -> Option<Pair> {
+    let r = sys.tasks[i].resource;
+    let on: Vec<usize> = (0..sys.tasks.len()).filter(|&j| sys.tasks[j].resource == r).collect();
+    let beta = base_service(sys, r).ok()?;
+    let opts = Options::default();
+    let mut tasks_on = vec![Vec::new(); sys.resources.len()];
+    tasks_on[r] = on.clone();
+    let ctx = Ctx { sys, opts: &opts, streams: Vec::new(), tasks_on };
+    let mut st = FpState::new(sys, r, &on, &beta);
+    st.may_truncate = false;
+    while !st.done() {
+        let j = st.order[st.next];
+        let input = (tasks[j].input.upper.clone(), tasks[j].input.lower.clone());
+        let o = st.step(&ctx, Some(&input));
+        if j == i {
+            return Some(o.service);
+        }
+    }
+    None
 }
 
 pub(crate) fn resource_result(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], beta: &Pair) -> ResourceResult {

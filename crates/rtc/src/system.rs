@@ -114,6 +114,10 @@ pub struct TaskResult {
     pub output: Bounds,
     /// Service available to this task (work units).
     pub service: Bounds,
+    /// Provenance of `service`: `None` when it is the exact service; `Some(h)` when the
+    /// fixed-priority analysis kept it truncated at the horizon `h` (exact before `h`, a lower
+    /// bound after it; the task's own bounds are still exact, see `docs/analysis.md` §9).
+    pub service_exact_until: Option<Q>,
     /// Which analysis produced the bound.
     pub method: &'static str,
     /// Why no bound could be given, when `wcrt` is `None`.
