@@ -15,6 +15,8 @@ pub(crate) struct Ctx<'a> {
     pub opts: &'a Options,
     pub streams: Vec<Pair>,
     pub tasks_on: Vec<Vec<usize>>,
+    /// Whether fixed-priority service chains may be truncated at a horizon (see [`FpState`]).
+    pub truncate: bool,
 }
 
 fn task_err(sys: &System, i: usize, msg: impl Into<String>) -> AnalysisError {
@@ -166,8 +168,6 @@ pub(crate) struct FpState {
     horizon: Option<Q>,
     /// Whether the horizon has been chosen (at the first task analysed).
     started: bool,
-    /// Whether truncation may be used at all.
-    may_truncate: bool,
     /// Tasks whose upper demand has been taken out of `cur`, to rebuild it with another horizon.
     served: Vec<(usize, Curve)>,
 }
@@ -186,7 +186,6 @@ impl FpState {
             why_lost: String::new(),
             horizon: None,
             started: false,
-            may_truncate: true,
             served: Vec::new(),
         }
     }
@@ -266,7 +265,7 @@ impl FpState {
             self.started = true;
             // The GPC completion curves need the exact upper service (and `running_min_ahead`
             // looks ahead in time): truncate only without them.
-            if !ctx.opts.gpc_outputs && self.may_truncate {
+            if !ctx.opts.gpc_outputs && ctx.truncate {
                 let h = first_horizon(&demand.0, &self.base.1);
                 if self.rebuild(sys, Some(h)).is_err() {
                     self.exact(sys);
@@ -591,7 +590,13 @@ fn ordered_pass(
     outputs.iter().all(|o| o.is_some())
 }
 
+/// The whole analysis with truncated fixed-priority services (as [`crate::system::analyze`]).
 pub(crate) fn analyze(sys: &System, opts: &Options) -> Result<Analysis, AnalysisError> {
+    analyze_with(sys, opts, true)
+}
+
+/// The whole analysis; `truncate`: whether fixed-priority services may be truncated.
+pub(crate) fn analyze_with(sys: &System, opts: &Options, truncate: bool) -> Result<Analysis, AnalysisError> {
     check_structure(sys)?;
     let mut streams = Vec::with_capacity(sys.streams.len());
     for s in &sys.streams {
@@ -605,7 +610,7 @@ pub(crate) fn analyze(sys: &System, opts: &Options) -> Result<Analysis, Analysis
     for r in 0..sys.resources.len() {
         services.push(base_service(sys, r)?);
     }
-    let ctx = Ctx { sys, opts, streams, tasks_on };
+    let ctx = Ctx { sys, opts, streams, tasks_on, truncate };
     let (order, _) = resource_order(sys, &ctx.tasks_on);
 
     let n = sys.tasks.len();
@@ -777,9 +782,8 @@ fn exact_service(sys: &System, tasks: &[TaskResult], i: usize) -> Option<Pair> {
     let opts = Options::default();
     let mut tasks_on = vec![Vec::new(); sys.resources.len()];
     tasks_on[r] = on.clone();
-    let ctx = Ctx { sys, opts: &opts, streams: Vec::new(), tasks_on };
+    let ctx = Ctx { sys, opts: &opts, streams: Vec::new(), tasks_on, truncate: false };
     let mut st = FpState::new(sys, r, &on, &beta);
-    st.may_truncate = false;
     while !st.done() {
         let j = st.order[st.next];
         let input = (tasks[j].input.upper.clone(), tasks[j].input.lower.clone());
