@@ -515,7 +515,7 @@ mod tests {
         // equal results and a canonical representation (derived equality is value equality).
         let mut r = crate::synthetic::Rng(3);
         let edge = [0, 1, -1, 2, 3, 6, 25, 1 << 31, i64::MAX, i64::MIN + 1, i64::MAX / 3, 1_000_000_007];
-        let mut pick = |r: &mut crate::synthetic::Rng| {
+        let pick = |r: &mut crate::synthetic::Rng| {
             let v = if r.below(3) == 0 { edge[r.below(edge.len())] } else { r.int(-1000, 1000) };
             if r.below(2) == 0 {
                 v
