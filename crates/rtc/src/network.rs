@@ -228,10 +228,12 @@ impl FpState {
         let _ = self.rebuild(sys, None);
     }
 
-    /// The next horizon after `h` failed, or `None` (exact) once it would cover more than two
-    /// common periods past the periodic starts of the curves involved: truncation no longer
-    /// saves anything there.
-    fn grow(&self, h: &Q, demand: &Curve) -> Option<Q> {
+    /// The next horizon after `h` failed for a task whose delay on the truncated service was
+    /// `delay` (if any): at least twice `h` and three times that delay (the exact delay is no
+    /// larger, and a horizon a few times the delay usually passes the check). `None` (exact
+    /// curves) once it would cover more than two common periods past the periodic starts of the
+    /// curves involved: truncation no longer saves anything there.
+    fn grow(&self, h: &Q, demand: &Curve, delay: Option<&Q>) -> Option<Q> {
         let curves = std::iter::once(&self.base.1).chain(self.served.iter().map(|(_, d)| d)).chain(std::iter::once(demand));
         let mut period = Q::one();
         let mut start = Q::zero();
@@ -239,7 +241,10 @@ impl FpState {
             period = Q::lcm(&period, c.period())?;
             start = Q::max(&start, c.periodic_start());
         }
-        let next = h * Q::int(2);
+        let mut next = h * Q::int(2);
+        if let Some(d) = delay {
+            next = Q::max(&next, &(d * Q::int(3)).ceil());
+        }
         (next <= (start + period) * Q::int(2)).then_some(next)
     }
 
@@ -302,7 +307,7 @@ impl FpState {
                 Ok(b) if delay_is_exact(&h, &demand.0, &svc_i.1, &b.wcrt) => {
                     break (svc, Outcome { bounds: Some(b), service: svc_i, exact_until: Some(h), method, problem: None });
                 }
-                _ => match self.grow(&h, &demand.0) {
+                _ => match self.grow(&h, &demand.0, res.as_ref().ok().map(|b| &b.wcrt)) {
                     Some(h2) => {
                         if self.rebuild(sys, Some(h2)).is_err() {
                             self.exact(sys);
@@ -345,7 +350,7 @@ fn first_horizon(demand: &Curve, service: &Curve) -> Q {
     let (_, b) = demand.affine_bounds();
     let (m, _) = service.affine_bounds();
     let t = if rho > r { (b - m) / (rho - r) } else { Q::one() };
-    Q::max(&(t * Q::int(2)), &Q::one())
+    Q::max(&(t * Q::int(2)).ceil(), &Q::one())
 }
 
 /// Whether `delay` = hdev(`demand`, `service`), computed on a lower service curve that is exact
@@ -535,8 +540,23 @@ fn input_of(sys: &System, i: usize, streams: &[Pair], outputs: &[Option<Option<P
     }
 }
 
+/// The work of one resource in one round of [`ordered_pass`]: its fixed-priority state (if it
+/// has one) and, after the round, the tasks analysed with their inputs and outcomes.
+struct Job {
+    r: usize,
+    fp: Option<FpState>,
+    done: Vec<(usize, Option<Pair>, Outcome)>,
+}
+
 /// One pass in task-dependency order; `false` (with partial results) if some tasks wait on each
 /// other in a cycle.
+///
+/// Rounds: in each, every resource analyses the tasks that are ready given the results of the
+/// previous rounds (a task once its input is known and, under fixed priority, every
+/// higher-priority task there is done; other policies once all their inputs are known). The
+/// resources of a round are independent, so they run on all available cores; each task's
+/// result depends only on its inputs and its resource's earlier tasks, so it is the same
+/// whatever the number of threads.
 fn ordered_pass(
     ctx: &Ctx,
     services: &[Pair],
@@ -556,38 +576,89 @@ fn ordered_pass(
         })
         .collect();
     let mut whole_done = vec![false; sys.resources.len()];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_THREADS);
     loop {
-        let mut progress = false;
+        let mut jobs = Vec::new();
         for r in 0..sys.resources.len() {
-            if let Some(st) = fp[r].as_mut() {
-                while !st.done() {
-                    let i = st.order[st.next];
-                    if !ready(i, outputs) {
-                        break;
-                    }
-                    inputs[i] = input_of(sys, i, &ctx.streams, outputs);
-                    let o = st.step(ctx, inputs[i].as_ref());
-                    outputs[i] = Some(o.bounds.as_ref().map(|b| b.output.clone()));
-                    outcomes[i] = Some(o);
-                    progress = true;
-                }
-            } else if !whole_done[r] && ctx.tasks_on[r].iter().all(|&i| ready(i, outputs)) {
-                for &i in &ctx.tasks_on[r] {
-                    inputs[i] = input_of(sys, i, &ctx.streams, outputs);
-                }
-                for (i, o) in analyze_resource(ctx, r, inputs, &services[r]) {
-                    outputs[i] = Some(o.bounds.as_ref().map(|b| b.output.clone()));
-                    outcomes[i] = Some(o);
-                }
-                whole_done[r] = true;
-                progress = true;
+            let has_work = match &fp[r] {
+                Some(st) => !st.done() && ready(st.order[st.next], outputs),
+                None => !whole_done[r] && ctx.tasks_on[r].iter().all(|&i| ready(i, outputs)),
+            };
+            if has_work {
+                jobs.push(Job { r, fp: fp[r].take(), done: Vec::new() });
             }
         }
-        if !progress {
+        if jobs.is_empty() {
             break;
+        }
+        let snapshot: &[Option<Option<Pair>>] = outputs;
+        let run = |job: &mut Job| {
+            let r = job.r;
+            match job.fp.as_mut() {
+                Some(st) => {
+                    while !st.done() {
+                        let i = st.order[st.next];
+                        if !ready(i, snapshot) {
+                            break;
+                        }
+                        let input = input_of(sys, i, &ctx.streams, snapshot);
+                        let o = st.step(ctx, input.as_ref());
+                        job.done.push((i, input, o));
+                    }
+                }
+                None => {
+                    let mut ins: Vec<Option<Pair>> = vec![None; sys.tasks.len()];
+                    for &i in &ctx.tasks_on[r] {
+                        ins[i] = input_of(sys, i, &ctx.streams, snapshot);
+                    }
+                    for (i, o) in analyze_resource(ctx, r, &ins, &services[r]) {
+                        job.done.push((i, ins[i].take(), o));
+                    }
+                }
+            }
+        };
+        run_all(&mut jobs, threads, run);
+        for job in jobs {
+            if job.fp.is_none() {
+                whole_done[job.r] = true;
+            }
+            fp[job.r] = job.fp;
+            for (i, input, o) in job.done {
+                outputs[i] = Some(o.bounds.as_ref().map(|b| b.output.clone()));
+                inputs[i] = input;
+                outcomes[i] = Some(o);
+            }
         }
     }
     outputs.iter().all(|o| o.is_some())
+}
+
+/// Threads used by [`ordered_pass`] at most.
+const MAX_THREADS: usize = 8;
+
+/// Runs `f` on every job, on up to `threads` threads (the caller's included), each taking the
+/// next unclaimed job.
+fn run_all<F: Fn(&mut Job) + Sync>(jobs: &mut [Job], threads: usize, f: F) {
+    let n = threads.min(jobs.len());
+    if n <= 1 {
+        jobs.iter_mut().for_each(&f);
+        return;
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<std::sync::Mutex<&mut Job>> = jobs.iter_mut().map(std::sync::Mutex::new).collect();
+    let work = || loop {
+        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(slot) = slots.get(k) else { break };
+        // Each slot is claimed by exactly one thread, so the lock is never contended.
+        let mut job = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut job);
+    };
+    std::thread::scope(|s| {
+        for _ in 1..n {
+            s.spawn(work);
+        }
+        work();
+    });
 }
 
 /// The whole analysis with truncated fixed-priority services (as [`crate::system::analyze`]).
@@ -716,27 +787,41 @@ pub(crate) fn chain_result(sys: &System, c: &Chain, tasks: &[TaskResult]) -> Cha
             matches!(sys.resources[sys.tasks[i].resource].policy, Policy::FixedPriority | Policy::FixedPriorityNonPreemptive | Policy::Tdma)
         }) {
         // With truncated services (`FpState`), max_below_line of the reported curve is an
-        // upper bound of the exact one and the part before the horizon a lower bound; the
-        // bound is monotone in them. When the two results differ and the lower one could be
-        // the chain's worst case, the hops' services are recomputed exactly, so `worst` is
-        // always what the exact services give (`docs/analysis.md` §9).
-        let upper = pboo_bound(sys, c, tasks, |_, bl, rho| bl.max_below_line(rho).ok());
-        if c.tasks.iter().all(|&i| tasks[i].service_exact_until.is_none()) {
-            upper
-        } else {
-            let lower = pboo_bound(sys, c, tasks, |i, bl, rho| match &tasks[i].service_exact_until {
-                Some(h) => Some(bl.max_below_line_before(rho, h)),
-                None => bl.max_below_line(rho).ok(),
-            });
-            match (&lower, &per_hop) {
-                (Some(lo), Some(ph)) if Some(lo) != upper.as_ref() && lo < ph => pboo_bound(sys, c, tasks, |i, bl, rho| {
-                    if tasks[i].service_exact_until.is_none() {
-                        return bl.max_below_line(rho).ok();
+        // upper bound of the exact one and the part before the horizon a lower bound, so the
+        // latency L of the rate-latency curve lies between L_lo and L_up. The bound is
+        // max(0, L + sup(αu/R − Δ)), which moves by at most the change of L: when
+        // pboo(L_up) − (L_up − L_lo) is not below the per-hop sum, neither is the exact pboo and
+        // `worst` is the per-hop sum either way; otherwise the hops' services are recomputed
+        // exactly, so `worst` is always what the exact services give (`docs/analysis.md` §9).
+        let input = &tasks[c.tasks[0]].input.upper;
+        let bound = |(r, l): (Q, Q)| input.hdev(&Curve::rate_latency(r, l)).ok();
+        let up = pboo_params(sys, c, tasks, |_, bl, rho| bl.max_below_line(rho).ok());
+        let pboo_up = up.clone().and_then(bound);
+        match (&up, &pboo_up, &per_hop) {
+            (Some((r, l_up)), Some(p_up), Some(ph)) if c.tasks.iter().any(|&i| tasks[i].service_exact_until.is_some()) => {
+                let lo = pboo_params(sys, c, tasks, |i, bl, rho| match &tasks[i].service_exact_until {
+                    Some(h) => Some(bl.max_below_line_before(rho, h)),
+                    None => bl.max_below_line(rho).ok(),
+                });
+                match lo {
+                    Some((_, l_lo)) if &l_lo != l_up && &(p_up - &(l_up - &l_lo)) < ph => {
+                        let p_lo = bound((r.clone(), l_lo));
+                        if p_lo.as_ref().is_some_and(|p| p < ph) {
+                            pboo_params(sys, c, tasks, |i, bl, rho| {
+                                if tasks[i].service_exact_until.is_none() {
+                                    return bl.max_below_line(rho).ok();
+                                }
+                                exact_service(sys, tasks, i)?.1.max_below_line(rho).ok()
+                            })
+                            .and_then(bound)
+                        } else {
+                            pboo_up
+                        }
                     }
-                    exact_service(sys, tasks, i)?.1.max_below_line(rho).ok()
-                }),
-                _ => upper,
+                    _ => pboo_up,
+                }
             }
+            _ => pboo_up,
         }
     } else {
         None
@@ -754,9 +839,10 @@ pub(crate) fn chain_result(sys: &System, c: &Chain, tasks: &[TaskResult]) -> Cha
     ChainResult { worst, best, per_hop, pboo, deadline: c.deadline.clone(), slack, meets_deadline }
 }
 
-/// The pay-bursts-only-once bound of chain `c`, with `v(i, βl_i, ρ_i)` giving sup (ρ_i·Δ − βl_i(Δ))
-/// for each hop (`None`: no bound).
-fn pboo_bound(sys: &System, c: &Chain, tasks: &[TaskResult], v: impl Fn(usize, &Curve, &Q) -> Option<Q>) -> Option<Q> {
+/// The rate R and latency L of the rate-latency service the hops of chain `c` guarantee
+/// together (pay bursts only once), with `v(i, βl_i, ρ_i)` giving sup (ρ_i·Δ − βl_i(Δ)) for each
+/// hop (`None`: no bound).
+fn pboo_params(sys: &System, c: &Chain, tasks: &[TaskResult], v: impl Fn(usize, &Curve, &Q) -> Option<Q>) -> Option<(Q, Q)> {
     // Each hop guarantees at least ⌊βl/wcet⌋ completions, which lies above the rate-latency
     // curve R (Δ − T − 1/R) with R = rate(βl)/wcet and T the horizontal distance of βl
     // from its own long-run line. Rate-latency curves concatenate in closed form.
@@ -770,7 +856,7 @@ fn pboo_bound(sys: &System, c: &Chain, tasks: &[TaskResult], v: impl Fn(usize, &
         latency = latency + v(i, bl, &rho)? / &rho + r_ev.recip().unwrap_or_default();
         rate = Some(rate.map_or(r_ev.clone(), |r| Q::min(&r, &r_ev)));
     }
-    tasks[c.tasks[0]].input.upper.hdev(&Curve::rate_latency(rate?, latency)).ok()
+    Some((rate?, latency))
 }
 
 /// The exact (untruncated) service of fixed-priority task `i`, replaying its resource's
