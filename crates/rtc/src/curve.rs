@@ -53,7 +53,7 @@ impl Seg {
     }
     /// The line's value at `t` (meaningful for `t` in the segment's closed interval).
     pub fn at(&self, t: &Q) -> Q {
-        if self.s.is_zero() {
+        if self.s.is_zero() || t == &self.x {
             self.yr.clone()
         } else {
             &self.yr + &self.s * (t - &self.x)
@@ -116,8 +116,8 @@ fn merge_collinear(segs: Vec<Seg>) -> Vec<Seg> {
     let mut out: Vec<Seg> = Vec::with_capacity(segs.len());
     for s in segs {
         if let Some(p) = out.last() {
-            let v = p.at(&s.x);
-            if s.y == v && s.yr == v && s.s == p.s {
+            // Cheap tests first: most neighbours differ in slope or jump.
+            if s.s == p.s && s.y == s.yr && s.y == p.at(&s.x) {
                 continue;
             }
         }
@@ -510,19 +510,21 @@ impl Curve {
 
     // ----------------------------------------------------------------- truncation
 
-    /// A safe *upper* approximation: `f` on `[0, h)`, then the line `rate·t + M` from `h` on,
+    /// A safe *upper* approximation: `f` on `[0, h)`, then the line `rate·t + ⌈M⌉` from `h` on,
     /// where `M = sup (f(t) − rate·t)` ([`Curve::affine_bounds`]), so the result never lies
     /// below `f`. For upper (arrival, demand) curves whose values beyond `h` cannot influence a
     /// bound (`docs/analysis.md` §9). Its tail is one line, so sums and differences with other
-    /// truncated curves stay within about `[0, h)` instead of spanning a common period.
+    /// truncated curves stay within about `[0, h)` instead of spanning a common period. (The
+    /// offset is rounded to an integer to keep later breakpoints on small denominators.)
     pub fn truncate_above(&self, h: &Q) -> Result<Curve> {
         self.truncate(h, true)
     }
 
-    /// A safe *lower* approximation: `f` on `[0, h)`, then `max(f(h⁻), rate·t + m)` from `h` on
-    /// (only `rate·t + m` when `f` is not non-decreasing), where `m = inf (f(t) − rate·t)`, so the
-    /// result never lies above `f` and is non-decreasing when `f` is. For lower (service)
-    /// curves; see [`Curve::truncate_above`].
+    /// A safe *lower* approximation: `f` on `[0, h)`, then from `h` on `f(h⁻)` until the line
+    /// `rate·t + ⌊m⌋` has passed it (at an integer time), then that line, where
+    /// `m = inf (f(t) − rate·t)`; only the line when `f` is not non-decreasing. The result never
+    /// lies above `f`, and it is non-decreasing when `f` is. For lower (service) curves; see
+    /// [`Curve::truncate_above`].
     pub fn truncate_below(&self, h: &Q) -> Result<Curve> {
         self.truncate(h, false)
     }
@@ -534,16 +536,19 @@ impl Curve {
         }
         let r = self.rate();
         let (m, mx) = self.affine_bounds();
+        let off = if upper { mx.ceil() } else { m.floor() };
         let mut segs = self.unroll(h)?;
-        let line_at_h = &r * h + if upper { &mx } else { &m };
+        let line_at_h = &r * h + &off;
         // A non-decreasing lower curve stays at least at its left limit at h.
         let floor = (!upper && self.is_nondecreasing()).then(|| self.eval_left(h)).filter(|f| f > &line_at_h);
         match floor {
             Some(f) if r.is_positive() => {
-                // Flat until the line reaches f (strictly after h, since f is above it at h).
-                let t0 = (&f - &m) / &r;
-                segs.push(Seg::line(h.clone(), f.clone(), Q::zero()));
-                segs.push(Seg::line(t0.clone(), f, r.clone()));
+                // Flat until an integer time at which the line has reached f (after h, since f is
+                // above the line at h); below both f and the line until then, so still below `self`.
+                let t0 = ((&f - &off) / &r).ceil();
+                let y0 = &r * &t0 + &off;
+                segs.push(Seg::line(h.clone(), f, Q::zero()));
+                segs.push(Seg::line(t0.clone(), y0, r.clone()));
                 Curve::from_parts(segs, t0, Q::one(), r)
             }
             Some(f) => {
@@ -1120,9 +1125,32 @@ fn reach_in(segs: &[Seg], from: usize, end: &Q, y: &Q, strict: bool) -> Option<Q
 
 /// Pointwise combination of two finite lists both covering `[0, h)`.
 fn combine(a: &[Seg], b: &[Seg], h: &Q, op: Op) -> Vec<Seg> {
-    let mut xs: Vec<&Q> = a.iter().map(|s| &s.x).chain(b.iter().map(|s| &s.x)).collect();
-    xs.sort();
-    xs.dedup();
+    // Both lists are sorted: merge their breakpoints.
+    let mut xs: Vec<&Q> = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0usize, 0usize);
+    while i < a.len() || j < b.len() {
+        let x = match (a.get(i), b.get(j)) {
+            (Some(p), Some(q)) if p.x < q.x => {
+                i += 1;
+                &p.x
+            }
+            (Some(p), Some(q)) if p.x == q.x => {
+                i += 1;
+                j += 1;
+                &p.x
+            }
+            (_, Some(q)) => {
+                j += 1;
+                &q.x
+            }
+            (Some(p), None) => {
+                i += 1;
+                &p.x
+            }
+            (None, None) => break,
+        };
+        xs.push(x);
+    }
     let mut out = Vec::with_capacity(xs.len());
     let (mut ia, mut ib) = (0usize, 0usize);
     for (k, x) in xs.iter().enumerate() {
