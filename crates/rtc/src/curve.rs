@@ -348,6 +348,36 @@ impl Curve {
         (lo.unwrap_or_default(), hi.unwrap_or_default())
     }
 
+    /// `inf (f(t) − rate·t)` over `t >= h` (values and one-sided limits): the offset of the best
+    /// lower line of slope `rate` from `h` on (at least the `m` of [`Curve::affine_bounds`]).
+    pub fn affine_lower_from(&self, h: &Q) -> Q {
+        let r = self.rate();
+        let end = self.base_end();
+        // From T on, f(t) − r·t repeats with period d: every phase of it comes again after h.
+        let start = if h < &self.t { h } else { &self.t };
+        let mut lo: Option<Q> = None;
+        let mut see = |v: Q| {
+            if lo.as_ref().is_none_or(|l| &v < l) {
+                lo = Some(v);
+            }
+        };
+        for (i, s) in self.segs.iter().enumerate() {
+            let e = seg_end(&self.segs, i, &end);
+            if e <= start {
+                continue;
+            }
+            if &s.x >= start {
+                let rx = &r * &s.x;
+                see(&s.y - &rx);
+                see(&s.yr - &rx);
+            } else {
+                see(s.at(start) - &r * start);
+            }
+            see(s.at(e) - &r * e);
+        }
+        lo.unwrap_or_default()
+    }
+
     /// `true` when `f` never decreases (checked exactly on the description).
     pub fn is_nondecreasing(&self) -> bool {
         if self.c.is_negative() {
@@ -906,6 +936,7 @@ impl Curve {
             Q::max(&ef, &eg) + lc
         };
         let mut levels: Vec<Q> = vec![Q::zero(), top.clone()];
+        let mut unrolled: Vec<(Vec<Seg>, Q)> = Vec::with_capacity(2);
         for c in [self, g] {
             let h = match c.first_reach(&top, false) {
                 Some(t) => t + Q::one(),
@@ -920,18 +951,27 @@ impl Curve {
                     }
                 }
             }
+            unrolled.push((segs, h));
         }
         levels.sort();
         levels.dedup();
+        // Every level below `top` is first reached (and exceeded) inside the unrolled windows, so
+        // increasing levels are found by forward scans; `top` itself may be exceeded only later.
+        let sweep = |k: usize| Sweep { segs: &unrolled[k].0, end: &unrolled[k].1, i: 0 };
+        let (mut sf, mut sg, mut sf_strict, mut sg_strict) = (sweep(0), sweep(1), sweep(0), sweep(1));
         let fsup = if rf.is_zero() { Some(top.clone()) } else { None };
         let mut best = Q::zero();
         for y in &levels {
-            let Some(fi) = self.first_reach(y, false) else { continue };
-            let gi = g.first_reach(y, false).ok_or(CurveError::Unbounded("service never reaches the demand"))?;
+            let inside = y < &top;
+            let reach = |sw: &mut Sweep, c: &Curve, strict: bool| {
+                if inside { sw.reach(y, strict) } else { None }.or_else(|| c.first_reach(y, strict))
+            };
+            let Some(fi) = reach(&mut sf, self, false) else { continue };
+            let gi = reach(&mut sg, g, false).ok_or(CurveError::Unbounded("service never reaches the demand"))?;
             best = Q::max(&best, &(gi - fi));
             if fsup.as_ref().is_none_or(|s| y < s) {
-                if let Some(fi) = self.first_reach(y, true) {
-                    let gi = g.first_reach(y, true).ok_or(CurveError::Unbounded("service never exceeds the demand"))?;
+                if let Some(fi) = reach(&mut sf_strict, self, true) {
+                    let gi = reach(&mut sg_strict, g, true).ok_or(CurveError::Unbounded("service never exceeds the demand"))?;
                     best = Q::max(&best, &(gi - fi));
                 }
             }
@@ -1008,6 +1048,33 @@ impl Curve {
             }
         }
         Err(CurveError::Unbounded("the busy window never closes"))
+    }
+}
+
+/// Forward scan for the first time a non-decreasing finite list (covering `[0, end)`) reaches
+/// each of a series of increasing levels: the linear-time counterpart of [`reach_in`] (same
+/// answers), since the segment where a level is first reached never moves back as it rises.
+struct Sweep<'a> {
+    segs: &'a [Seg],
+    end: &'a Q,
+    i: usize,
+}
+
+impl Sweep<'_> {
+    /// `inf {t : f(t) >= y}` (`> y` when `strict`) within the list; `None` if not reached there.
+    fn reach(&mut self, y: &Q, strict: bool) -> Option<Q> {
+        let hit = |v: &Q| if strict { v > y } else { v >= y };
+        while let Some(s) = self.segs.get(self.i) {
+            if hit(&s.y) || hit(&s.yr) {
+                return Some(s.x.clone());
+            }
+            let e = seg_end(self.segs, self.i, self.end);
+            if s.s.is_positive() && hit(&s.at(e)) {
+                return Some(&s.x + (y - &s.yr) / &s.s);
+            }
+            self.i += 1;
+        }
+        None
     }
 }
 

@@ -152,9 +152,9 @@ fn curve_problem(e: &CurveError) -> String {
 /// *truncated at a horizon* H (`docs/analysis.md` §9): exact on [0, H), a safe lower line
 /// beyond, computed from demands that are exact on [0, H) and a safe upper line beyond. Each
 /// task's delay is accepted only when a check proves it equal to the delay on the exact curves;
-/// otherwise H is doubled and the service rebuilt, and when H would exceed a few common periods
-/// of the curves involved the state falls back to exact curves (the analysis as without
-/// truncation). Delays, backlogs and completion curves are therefore exactly those of the
+/// otherwise H grows (at least doubles, see [`FpState::grow`]) and the service is rebuilt, and
+/// when H would exceed about half the window the exact curves need, the state falls back to
+/// exact curves (the analysis as without truncation). Delays, backlogs and completion curves are therefore exactly those of the
 /// untruncated analysis; the service curves reported for the tasks are lower bounds that are
 /// exact on [0, H).
 pub(crate) struct FpState {
@@ -231,8 +231,9 @@ impl FpState {
     /// The next horizon after `h` failed for a task whose delay on the truncated service was
     /// `delay` (if any): at least twice `h` and three times that delay (the exact delay is no
     /// larger, and a horizon a few times the delay usually passes the check). `None` (exact
-    /// curves) once it would cover more than two common periods past the periodic starts of the
-    /// curves involved: truncation no longer saves anything there.
+    /// curves) once it would exceed half of one common period past the periodic starts of the
+    /// curves involved (about half the window the exact curves are computed on): truncation saves
+    /// too little there to pay for more rebuilds.
     fn grow(&self, h: &Q, demand: &Curve, delay: Option<&Q>) -> Option<Q> {
         let curves = std::iter::once(&self.base.1).chain(self.served.iter().map(|(_, d)| d)).chain(std::iter::once(demand));
         let mut period = Q::one();
@@ -245,7 +246,7 @@ impl FpState {
         if let Some(d) = delay {
             next = Q::max(&next, &(d * Q::int(3)).ceil());
         }
-        (next <= (start + period) * Q::int(2)).then_some(next)
+        (&next * Q::int(2) <= start + period).then_some(next)
     }
 
     /// Analyses the next task (`input`: its activation curves, `None` if unbounded).
@@ -357,9 +358,9 @@ fn first_horizon(demand: &Curve, service: &Curve) -> Q {
 /// on [0, h) (and lower beyond), equals the delay on the exact service. Levels below the left
 /// limit Y0 of the service at h are first reached before h on both curves, so they give the
 /// same deviation; for a level y >= Y0 reached by the demand at t, t >= (y − b)/r (demand
-/// <= r·t + b) and the truncated service reaches y by max(h, (y − m)/ρ) (service >= ρ·t + m),
-/// so the deviation there is at most TB = max(h − (Y0 − b)/r, (Y0 − m)/ρ − (Y0 − b)/r) (both
-/// terms decrease with y when ρ > r). If TB < delay, the delay is attained below Y0 and is exact
+/// <= r·t + b) and the truncated service reaches y by max(h, (y − m)/ρ) (service >= ρ·t + m
+/// for t >= h), so the deviation there is at most TB = max(h − (Y0 − b)/r,
+/// (Y0 − m)/ρ − (Y0 − b)/r) (both terms decrease with y when ρ > r). If TB < delay, the delay is attained below Y0 and is exact
 /// (`docs/analysis.md` §9).
 fn delay_is_exact(h: &Q, demand: &Curve, service: &Curve, delay: &Q) -> bool {
     if delay.is_zero() {
@@ -367,7 +368,7 @@ fn delay_is_exact(h: &Q, demand: &Curve, service: &Curve, delay: &Q) -> bool {
     }
     let (r, rho) = (demand.rate(), service.rate());
     let (_, b) = demand.affine_bounds();
-    let (m, _) = service.affine_bounds();
+    let m = service.affine_lower_from(h);
     let y0 = service.eval_left(h);
     if r.is_zero() {
         // The demand never exceeds b: no level at or above Y0 > b is ever reached.
@@ -576,7 +577,7 @@ fn ordered_pass(
         })
         .collect();
     let mut whole_done = vec![false; sys.resources.len()];
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_THREADS);
+    let threads = threads();
     loop {
         let mut jobs = Vec::new();
         for r in 0..sys.resources.len() {
@@ -636,16 +637,21 @@ fn ordered_pass(
 /// Threads used by [`ordered_pass`] at most.
 const MAX_THREADS: usize = 8;
 
+/// Threads for independent work: the available cores, at most [`MAX_THREADS`].
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_THREADS)
+}
+
 /// Runs `f` on every job, on up to `threads` threads (the caller's included), each taking the
 /// next unclaimed job.
-fn run_all<F: Fn(&mut Job) + Sync>(jobs: &mut [Job], threads: usize, f: F) {
+fn run_all<T: Send, F: Fn(&mut T) + Sync>(jobs: &mut [T], threads: usize, f: F) {
     let n = threads.min(jobs.len());
     if n <= 1 {
         jobs.iter_mut().for_each(&f);
         return;
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let slots: Vec<std::sync::Mutex<&mut Job>> = jobs.iter_mut().map(std::sync::Mutex::new).collect();
+    let slots: Vec<std::sync::Mutex<&mut T>> = jobs.iter_mut().map(std::sync::Mutex::new).collect();
     let work = || loop {
         let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let Some(slot) = slots.get(k) else { break };
@@ -743,7 +749,10 @@ pub(crate) fn analyze_with(sys: &System, opts: &Options, truncate: bool) -> Resu
         tasks.push(task_result(sys, i, o, input));
     }
 
-    let chains = sys.chains.iter().map(|c| chain_result(sys, c, &tasks)).collect();
+    // Chains are independent of each other: all cores.
+    let mut chains: Vec<(usize, Option<ChainResult>)> = (0..sys.chains.len()).map(|c| (c, None)).collect();
+    run_all(&mut chains, threads(), |(c, r)| *r = Some(chain_result(sys, &sys.chains[*c], &tasks)));
+    let chains = chains.into_iter().filter_map(|(_, r)| r).collect();
     let resources = (0..sys.resources.len()).map(|r| resource_result(&ctx, r, &inputs, &services[r])).collect();
     Ok(Analysis { tasks, chains, resources, iterations })
 }

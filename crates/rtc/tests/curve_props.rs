@@ -398,6 +398,13 @@ proptest! {
         if mono {
             prop_assert!(lo.is_nondecreasing(), "{:?} -> {:?}", f, lo);
         }
+        // The lower line from h on holds there and is no worse than the global one.
+        let m = f.affine_lower_from(&h);
+        prop_assert!(m >= f.affine_bounds().0);
+        for x in grid(60, 8).into_iter().filter(|x| x >= &h) {
+            prop_assert!(f.eval(&x) - f.rate() * &x >= m, "{:?} from {}: {} at {}", f, h, m, x);
+            prop_assert!(f.eval_right(&x) - f.rate() * &x >= m, "{:?} from {}: {} at {}", f, h, m, x);
+        }
         prop_assert_eq!(up.rate(), f.rate());
         prop_assert_eq!(lo.rate(), f.rate());
         for x in grid(60, 8) {
