@@ -577,7 +577,7 @@ fn ordered_pass(
         })
         .collect();
     let mut whole_done = vec![false; sys.resources.len()];
-    let threads = threads();
+    let threads = threads(sys);
     loop {
         let mut jobs = Vec::new();
         for r in 0..sys.resources.len() {
@@ -637,8 +637,15 @@ fn ordered_pass(
 /// Threads used by [`ordered_pass`] at most.
 const MAX_THREADS: usize = 8;
 
-/// Threads for independent work: the available cores, at most [`MAX_THREADS`].
-fn threads() -> usize {
+/// Systems with fewer tasks are analysed on one thread (starting threads would cost more).
+const MIN_TASKS_FOR_THREADS: usize = 64;
+
+/// Threads for independent work in `sys`: the available cores, at most [`MAX_THREADS`], and one
+/// for small systems.
+fn threads(sys: &System) -> usize {
+    if sys.tasks.len() < MIN_TASKS_FOR_THREADS {
+        return 1;
+    }
     std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_THREADS)
 }
 
@@ -751,7 +758,7 @@ pub(crate) fn analyze_with(sys: &System, opts: &Options, truncate: bool) -> Resu
 
     // Chains are independent of each other: all cores.
     let mut chains: Vec<(usize, Option<ChainResult>)> = (0..sys.chains.len()).map(|c| (c, None)).collect();
-    run_all(&mut chains, threads(), |(c, r)| *r = Some(chain_result(sys, &sys.chains[*c], &tasks)));
+    run_all(&mut chains, threads(sys), |(c, r)| *r = Some(chain_result(sys, &sys.chains[*c], &tasks)));
     let chains = chains.into_iter().filter_map(|(_, r)| r).collect();
     let resources = (0..sys.resources.len()).map(|r| resource_result(&ctx, r, &inputs, &services[r])).collect();
     Ok(Analysis { tasks, chains, resources, iterations })
