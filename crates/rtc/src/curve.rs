@@ -53,7 +53,7 @@ impl Seg {
     }
     /// The line's value at `t` (meaningful for `t` in the segment's closed interval).
     pub fn at(&self, t: &Q) -> Q {
-        if self.s.is_zero() {
+        if self.s.is_zero() || t == &self.x {
             self.yr.clone()
         } else {
             &self.yr + &self.s * (t - &self.x)
@@ -116,8 +116,8 @@ fn merge_collinear(segs: Vec<Seg>) -> Vec<Seg> {
     let mut out: Vec<Seg> = Vec::with_capacity(segs.len());
     for s in segs {
         if let Some(p) = out.last() {
-            let v = p.at(&s.x);
-            if s.y == v && s.yr == v && s.s == p.s {
+            // Cheap tests first: most neighbours differ in slope or jump.
+            if s.s == p.s && s.y == s.yr && s.y == p.at(&s.x) {
                 continue;
             }
         }
@@ -348,6 +348,36 @@ impl Curve {
         (lo.unwrap_or_default(), hi.unwrap_or_default())
     }
 
+    /// `inf (f(t) − rate·t)` over `t >= h` (values and one-sided limits): the offset of the best
+    /// lower line of slope `rate` from `h` on (at least the `m` of [`Curve::affine_bounds`]).
+    pub fn affine_lower_from(&self, h: &Q) -> Q {
+        let r = self.rate();
+        let end = self.base_end();
+        // From T on, f(t) − r·t repeats with period d: every phase of it comes again after h.
+        let start = if h < &self.t { h } else { &self.t };
+        let mut lo: Option<Q> = None;
+        let mut see = |v: Q| {
+            if lo.as_ref().is_none_or(|l| &v < l) {
+                lo = Some(v);
+            }
+        };
+        for (i, s) in self.segs.iter().enumerate() {
+            let e = seg_end(&self.segs, i, &end);
+            if e <= start {
+                continue;
+            }
+            if &s.x >= start {
+                let rx = &r * &s.x;
+                see(&s.y - &rx);
+                see(&s.yr - &rx);
+            } else {
+                see(s.at(start) - &r * start);
+            }
+            see(s.at(e) - &r * e);
+        }
+        lo.unwrap_or_default()
+    }
+
     /// `true` when `f` never decreases (checked exactly on the description).
     pub fn is_nondecreasing(&self) -> bool {
         if self.c.is_negative() {
@@ -506,6 +536,60 @@ impl Curve {
         };
         c.segs[0].y = v.clone();
         c
+    }
+
+    // ----------------------------------------------------------------- truncation
+
+    /// A safe *upper* approximation: `f` on `[0, h)`, then the line `rate·t + ⌈M⌉` from `h` on,
+    /// where `M = sup (f(t) − rate·t)` ([`Curve::affine_bounds`]), so the result never lies
+    /// below `f`. For upper (arrival, demand) curves whose values beyond `h` cannot influence a
+    /// bound (`docs/analysis.md` §9). Its tail is one line, so sums and differences with other
+    /// truncated curves stay within about `[0, h)` instead of spanning a common period. (The
+    /// offset is rounded to an integer to keep later breakpoints on small denominators.)
+    pub fn truncate_above(&self, h: &Q) -> Result<Curve> {
+        self.truncate(h, true)
+    }
+
+    /// A safe *lower* approximation: `f` on `[0, h)`, then from `h` on `f(h⁻)` until the line
+    /// `rate·t + ⌊m⌋` has passed it (at an integer time), then that line, where
+    /// `m = inf (f(t) − rate·t)`; only the line when `f` is not non-decreasing. The result never
+    /// lies above `f`, and it is non-decreasing when `f` is. For lower (service) curves; see
+    /// [`Curve::truncate_above`].
+    pub fn truncate_below(&self, h: &Q) -> Result<Curve> {
+        self.truncate(h, false)
+    }
+
+    fn truncate(&self, h: &Q, upper: bool) -> Result<Curve> {
+        if !h.is_positive() || (self.is_affine_tail() && h >= &self.base_end()) {
+            // Nothing to cut: the curve is already one line from before `h` on.
+            return Ok(self.clone());
+        }
+        let r = self.rate();
+        let (m, mx) = self.affine_bounds();
+        let off = if upper { mx.ceil() } else { m.floor() };
+        let mut segs = self.unroll(h)?;
+        let line_at_h = &r * h + &off;
+        // A non-decreasing lower curve stays at least at its left limit at h.
+        let floor = (!upper && self.is_nondecreasing()).then(|| self.eval_left(h)).filter(|f| f > &line_at_h);
+        match floor {
+            Some(f) if r.is_positive() => {
+                // Flat until an integer time at which the line has reached f (after h, since f is
+                // above the line at h); below both f and the line until then, so still below `self`.
+                let t0 = ((&f - &off) / &r).ceil();
+                let y0 = &r * &t0 + &off;
+                segs.push(Seg::line(h.clone(), f, Q::zero()));
+                segs.push(Seg::line(t0.clone(), y0, r.clone()));
+                Curve::from_parts(segs, t0, Q::one(), r)
+            }
+            Some(f) => {
+                segs.push(Seg::line(h.clone(), f, Q::zero()));
+                Curve::from_parts(segs, h.clone(), Q::one(), Q::zero())
+            }
+            None => {
+                segs.push(Seg::line(h.clone(), line_at_h, r.clone()));
+                Curve::from_parts(segs, h.clone(), Q::one(), r)
+            }
+        }
     }
 
     // ----------------------------------------------------------------- pointwise operations
@@ -852,6 +936,7 @@ impl Curve {
             Q::max(&ef, &eg) + lc
         };
         let mut levels: Vec<Q> = vec![Q::zero(), top.clone()];
+        let mut unrolled: Vec<(Vec<Seg>, Q)> = Vec::with_capacity(2);
         for c in [self, g] {
             let h = match c.first_reach(&top, false) {
                 Some(t) => t + Q::one(),
@@ -866,23 +951,50 @@ impl Curve {
                     }
                 }
             }
+            unrolled.push((segs, h));
         }
         levels.sort();
         levels.dedup();
+        // Every level below `top` is first reached (and exceeded) inside the unrolled windows, so
+        // increasing levels are found by forward scans; `top` itself may be exceeded only later.
+        let sweep = |k: usize| Sweep { segs: &unrolled[k].0, end: &unrolled[k].1, i: 0 };
+        let (mut sf, mut sg, mut sf_strict, mut sg_strict) = (sweep(0), sweep(1), sweep(0), sweep(1));
         let fsup = if rf.is_zero() { Some(top.clone()) } else { None };
         let mut best = Q::zero();
         for y in &levels {
-            let Some(fi) = self.first_reach(y, false) else { continue };
-            let gi = g.first_reach(y, false).ok_or(CurveError::Unbounded("service never reaches the demand"))?;
+            let inside = y < &top;
+            let reach = |sw: &mut Sweep, c: &Curve, strict: bool| {
+                if inside { sw.reach(y, strict) } else { None }.or_else(|| c.first_reach(y, strict))
+            };
+            let Some(fi) = reach(&mut sf, self, false) else { continue };
+            let gi = reach(&mut sg, g, false).ok_or(CurveError::Unbounded("service never reaches the demand"))?;
             best = Q::max(&best, &(gi - fi));
             if fsup.as_ref().is_none_or(|s| y < s) {
-                if let Some(fi) = self.first_reach(y, true) {
-                    let gi = g.first_reach(y, true).ok_or(CurveError::Unbounded("service never exceeds the demand"))?;
+                if let Some(fi) = reach(&mut sf_strict, self, true) {
+                    let gi = reach(&mut sg_strict, g, true).ok_or(CurveError::Unbounded("service never exceeds the demand"))?;
                     best = Q::max(&best, &(gi - fi));
                 }
             }
         }
         Ok(best)
+    }
+
+    /// `sup (r·t − f(t))` over `t` in `[0, h)` (values and one-sided limits, including the
+    /// left limit at `h`): how far `f` falls below the line before `h`.
+    pub fn max_below_line_before(&self, r: &Q, h: &Q) -> Q {
+        let segs = self.unroll_raw(h);
+        let Some(first) = segs.first() else { return -&self.segs[0].y };
+        let mut best = r * &first.x - &first.y;
+        for (i, s) in segs.iter().enumerate() {
+            let e = seg_end(&segs, i, h);
+            let rx = r * &s.x;
+            for v in [&rx - &s.y, &rx - &s.yr, r * e - s.at(e)] {
+                if v > best {
+                    best = v;
+                }
+            }
+        }
+        best
     }
 
     /// `sup_t (r·t − f(t))`: how far `f` falls below the line through the origin with slope
@@ -936,6 +1048,33 @@ impl Curve {
             }
         }
         Err(CurveError::Unbounded("the busy window never closes"))
+    }
+}
+
+/// Forward scan for the first time a non-decreasing finite list (covering `[0, end)`) reaches
+/// each of a series of increasing levels: the linear-time counterpart of [`reach_in`] (same
+/// answers), since the segment where a level is first reached never moves back as it rises.
+struct Sweep<'a> {
+    segs: &'a [Seg],
+    end: &'a Q,
+    i: usize,
+}
+
+impl Sweep<'_> {
+    /// `inf {t : f(t) >= y}` (`> y` when `strict`) within the list; `None` if not reached there.
+    fn reach(&mut self, y: &Q, strict: bool) -> Option<Q> {
+        let hit = |v: &Q| if strict { v > y } else { v >= y };
+        while let Some(s) = self.segs.get(self.i) {
+            if hit(&s.y) || hit(&s.yr) {
+                return Some(s.x.clone());
+            }
+            let e = seg_end(self.segs, self.i, self.end);
+            if s.s.is_positive() && hit(&s.at(e)) {
+                return Some(&s.x + (y - &s.yr) / &s.s);
+            }
+            self.i += 1;
+        }
+        None
     }
 }
 
@@ -1053,9 +1192,32 @@ fn reach_in(segs: &[Seg], from: usize, end: &Q, y: &Q, strict: bool) -> Option<Q
 
 /// Pointwise combination of two finite lists both covering `[0, h)`.
 fn combine(a: &[Seg], b: &[Seg], h: &Q, op: Op) -> Vec<Seg> {
-    let mut xs: Vec<&Q> = a.iter().map(|s| &s.x).chain(b.iter().map(|s| &s.x)).collect();
-    xs.sort();
-    xs.dedup();
+    // Both lists are sorted: merge their breakpoints.
+    let mut xs: Vec<&Q> = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0usize, 0usize);
+    while i < a.len() || j < b.len() {
+        let x = match (a.get(i), b.get(j)) {
+            (Some(p), Some(q)) if p.x < q.x => {
+                i += 1;
+                &p.x
+            }
+            (Some(p), Some(q)) if p.x == q.x => {
+                i += 1;
+                j += 1;
+                &p.x
+            }
+            (_, Some(q)) => {
+                j += 1;
+                &q.x
+            }
+            (Some(p), None) => {
+                i += 1;
+                &p.x
+            }
+            (None, None) => break,
+        };
+        xs.push(x);
+    }
     let mut out = Vec::with_capacity(xs.len());
     let (mut ia, mut ib) = (0usize, 0usize);
     for (k, x) in xs.iter().enumerate() {

@@ -91,7 +91,7 @@ pub fn reanalyze(old: &System, prev: Analysis, sys: &System, opts: &Options) -> 
         }
     }
 
-    let ctx = Ctx { sys, opts, streams: Vec::new(), tasks_on };
+    let ctx = Ctx { sys, opts, streams: Vec::new(), tasks_on, truncate: true };
     let mut stream_curves: HashMap<usize, Pair> = HashMap::new();
     let mut new: Vec<Option<TaskResult>> = (0..sys.tasks.len()).map(|_| None).collect();
     let mut changed = vec![false; sys.tasks.len()];

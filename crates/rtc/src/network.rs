@@ -15,6 +15,8 @@ pub(crate) struct Ctx<'a> {
     pub opts: &'a Options,
     pub streams: Vec<Pair>,
     pub tasks_on: Vec<Vec<usize>>,
+    /// Whether fixed-priority service chains may be truncated at a horizon (see [`FpState`]).
+    pub truncate: bool,
 }
 
 fn task_err(sys: &System, i: usize, msg: impl Into<String>) -> AnalysisError {
@@ -126,12 +128,14 @@ pub(crate) fn host_speed(sys: &System, host: usize) -> Q {
 pub(crate) struct Outcome {
     pub(crate) bounds: Option<TaskBounds>,
     pub(crate) service: Pair,
+    /// The service is exact before this time and a lower bound after it (`None`: exact).
+    pub(crate) exact_until: Option<Q>,
     pub(crate) method: &'static str,
     pub(crate) problem: Option<String>,
 }
 
 fn unbounded(service: &Pair, method: &'static str, why: String) -> Outcome {
-    Outcome { bounds: None, service: service.clone(), method, problem: Some(why) }
+    Outcome { bounds: None, service: service.clone(), exact_until: None, method, problem: Some(why) }
 }
 
 fn curve_problem(e: &CurveError) -> String {
@@ -143,6 +147,16 @@ fn curve_problem(e: &CurveError) -> String {
 
 /// Progress through one fixed-priority resource, highest priority first: each step analyses
 /// one task on the service left by the ones before it.
+///
+/// Without GPC completion curves only the lower remaining service is chained, and it is kept
+/// *truncated at a horizon* H (`docs/analysis.md` §9): exact on [0, H), a safe lower line
+/// beyond, computed from demands that are exact on [0, H) and a safe upper line beyond. Each
+/// task's delay is accepted only when a check proves it equal to the delay on the exact curves;
+/// otherwise H grows (at least doubles, see [`FpState::grow`]) and the service is rebuilt, and
+/// when H would exceed about half the window the exact curves need, the state falls back to
+/// exact curves (the analysis as without truncation). Delays, backlogs and completion curves are therefore exactly those of the
+/// untruncated analysis; the service curves reported for the tasks are lower bounds that are
+/// exact on [0, H).
 pub(crate) struct FpState {
     np: bool,
     pub(crate) order: Vec<usize>,
@@ -150,6 +164,12 @@ pub(crate) struct FpState {
     base: Pair,
     cur: Option<Pair>,
     why_lost: String,
+    /// Horizon of the truncated service in `cur`; `None`: exact curves.
+    horizon: Option<Q>,
+    /// Whether the horizon has been chosen (at the first task analysed).
+    started: bool,
+    /// Tasks whose upper demand has been taken out of `cur`, to rebuild it with another horizon.
+    served: Vec<(usize, Curve)>,
 }
 
 impl FpState {
@@ -157,11 +177,76 @@ impl FpState {
         let mut order = tasks.to_vec();
         order.sort_by_key(|&i| (sys.tasks[i].priority.unwrap_or(i64::MAX), i));
         let np = sys.resources[r].policy == Policy::FixedPriorityNonPreemptive;
-        FpState { np, order, next: 0, base: beta.clone(), cur: Some(beta.clone()), why_lost: String::new() }
+        FpState {
+            np,
+            order,
+            next: 0,
+            base: beta.clone(),
+            cur: Some(beta.clone()),
+            why_lost: String::new(),
+            horizon: None,
+            started: false,
+            served: Vec::new(),
+        }
     }
 
     pub(crate) fn done(&self) -> bool {
         self.next >= self.order.len()
+    }
+
+    /// Recomputes `cur` from the base service and the demands served so far, truncated at `h`
+    /// (`None`: exactly, with the same errors the untruncated chain would have met). An error
+    /// with a horizon is returned (the caller falls back to exact curves).
+    fn rebuild(&mut self, sys: &System, h: Option<Q>) -> Result<(), CurveError> {
+        let mut cur = match &h {
+            Some(h) => (self.base.0.clone(), self.base.1.truncate_below(h)?),
+            None => self.base.clone(),
+        };
+        self.horizon = h.clone();
+        for (i, d) in &self.served {
+            let alpha = match &h {
+                Some(h) => (d.truncate_above(h)?, Curve::zero()),
+                None => (d.clone(), Curve::zero()),
+            };
+            match component::remaining_lower(&alpha, &cur) {
+                Ok(rem) => cur = rem,
+                Err(e) if h.is_some() => return Err(e),
+                Err(e) => {
+                    self.cur = None;
+                    self.why_lost =
+                        format!("higher-priority task {:?} leaves no bounded service: {}", sys.tasks[*i].name, curve_problem(&e));
+                    return Ok(());
+                }
+            }
+        }
+        self.cur = Some(cur);
+        Ok(())
+    }
+
+    /// Switches to exact curves.
+    fn exact(&mut self, sys: &System) {
+        let _ = self.rebuild(sys, None);
+    }
+
+    /// The next horizon after `h` failed for a task whose delay on the truncated service was
+    /// `delay` (if any): at least twice `h` and three times that delay (the exact delay is no
+    /// larger, and a horizon a few times the delay usually passes the check). `None` (exact
+    /// curves) once it would exceed half of one common period past the periodic starts of the
+    /// curves involved (about half the window the exact curves are computed on): truncation saves
+    /// too little there to pay for more rebuilds.
+    fn grow(&self, h: &Q, demand: &Curve, delay: Option<&Q>) -> Option<Q> {
+        let curves = std::iter::once(&self.base.1).chain(self.served.iter().map(|(_, d)| d)).chain(std::iter::once(demand));
+        let mut period = Q::one();
+        let mut start = Q::zero();
+        for c in curves {
+            period = Q::lcm(&period, c.period())?;
+            start = Q::max(&start, c.periodic_start());
+        }
+        let mut next = h * Q::int(2);
+        if let Some(d) = delay {
+            next = Q::max(&next, &(d * Q::int(3)).ceil());
+        }
+        (&next * Q::int(2) <= start + period).then_some(next)
     }
 
     /// Analyses the next task (`input`: its activation curves, `None` if unbounded).
@@ -171,38 +256,83 @@ impl FpState {
         let i = self.order[k];
         self.next += 1;
         let method = if self.np { "fp-np: GPC on remaining service minus blocking" } else { "fp: GPC on remaining service" };
-        let Some(svc) = self.cur.clone() else {
+        if self.cur.is_none() {
             return unbounded(&self.base, method, self.why_lost.clone());
-        };
+        }
         let Some(ev) = input else {
-            self.cur = None;
+            let svc = self.cur.take().unwrap_or_else(|| self.base.clone());
             self.why_lost = format!("higher-priority task {:?} has an unbounded input", sys.tasks[i].name);
-            return unbounded(&svc, method, "its input is unbounded (an upstream task has no bound)".into());
+            let o = unbounded(&svc, method, "its input is unbounded (an upstream task has no bound)".into());
+            return Outcome { exact_until: self.horizon.clone(), ..o };
         };
         let w = Workload { wcet: sys.tasks[i].wcet.clone(), bcet: sys.tasks[i].bcet.clone(), curves: sys.tasks[i].workload.clone() };
-        let svc_i = if self.np {
-            let blocking = self.order[k + 1..].iter().map(|&j| sys.tasks[j].wcet.clone()).max().unwrap_or_default();
-            match svc.1.offset(&-blocking).clamp_nonnegative() {
-                Ok(l) => (svc.0.clone(), l),
-                Err(e) => return unbounded(&svc, method, curve_problem(&e)),
+        let demand = w.demand(ev);
+        if !self.started {
+            self.started = true;
+            // The GPC completion curves need the exact upper service (and `running_min_ahead`
+            // looks ahead in time): truncate only without them.
+            if !ctx.opts.gpc_outputs && ctx.truncate {
+                let h = first_horizon(&demand.0, &self.base.1);
+                if self.rebuild(sys, Some(h)).is_err() {
+                    self.exact(sys);
+                }
             }
-        } else {
-            svc.clone()
-        };
-        let outcome = match component::task_on_service(ev, &w, &svc_i, ctx.opts.gpc_outputs) {
-            Ok(b) => Outcome { bounds: Some(b), service: svc_i, method, problem: None },
-            Err(e) => unbounded(&svc_i, method, curve_problem(&e)),
+        }
+        let blocking = if self.np { self.order[k + 1..].iter().map(|&j| sys.tasks[j].wcet.clone()).max() } else { None };
+        // Analyse on the current service; with a horizon, accept only a provably exact delay.
+        let (svc, outcome) = loop {
+            let Some(svc) = self.cur.clone() else {
+                return unbounded(&self.base, method, self.why_lost.clone());
+            };
+            let svc_i = match &blocking {
+                Some(b) => match svc.1.offset(&-b).clamp_nonnegative() {
+                    Ok(l) => (svc.0.clone(), l),
+                    Err(_) if self.horizon.is_some() => {
+                        self.exact(sys);
+                        continue;
+                    }
+                    // As without truncation, the task's demand is then not taken out.
+                    Err(e) => return unbounded(&svc, method, curve_problem(&e)),
+                },
+                None => svc.clone(),
+            };
+            let res = component::task_on_service(ev, &w, &svc_i, ctx.opts.gpc_outputs);
+            let Some(h) = self.horizon.clone() else {
+                let outcome = match res {
+                    Ok(b) => Outcome { bounds: Some(b), service: svc_i, exact_until: None, method, problem: None },
+                    Err(e) => unbounded(&svc_i, method, curve_problem(&e)),
+                };
+                break (svc, outcome);
+            };
+            match res {
+                Ok(b) if delay_is_exact(&h, &demand.0, &svc_i.1, &b.wcrt) => {
+                    break (svc, Outcome { bounds: Some(b), service: svc_i, exact_until: Some(h), method, problem: None });
+                }
+                _ => match self.grow(&h, &demand.0, res.as_ref().ok().map(|b| &b.wcrt)) {
+                    Some(h2) => {
+                        if self.rebuild(sys, Some(h2)).is_err() {
+                            self.exact(sys);
+                        }
+                    }
+                    None => self.exact(sys),
+                },
+            }
         };
         if self.next < self.order.len() {
+            self.served.push((i, demand.0.clone()));
             // The upper remaining service only matters for the GPC completion curves; without
             // them the resource's own upper service is kept (a valid, looser upper bound).
             let rem = if ctx.opts.gpc_outputs {
-                component::remaining_service(&w.demand(ev), &svc)
+                component::remaining_service(&demand, &svc)
             } else {
-                component::remaining_lower(&w.demand(ev), &svc)
+                match &self.horizon {
+                    Some(h) => demand.0.truncate_above(h).and_then(|d| component::remaining_lower(&(d, Curve::zero()), &svc)),
+                    None => component::remaining_lower(&demand, &svc),
+                }
             };
             match rem {
                 Ok(rem) => self.cur = Some(rem),
+                Err(_) if self.horizon.is_some() => self.exact(sys),
                 Err(e) => {
                     self.cur = None;
                     self.why_lost =
@@ -212,6 +342,44 @@ impl FpState {
         }
         outcome
     }
+}
+
+/// A first horizon for a fixed-priority resource: twice the point where the linear upper bound
+/// of the first task's demand meets the linear lower bound of the service (at least 1).
+fn first_horizon(demand: &Curve, service: &Curve) -> Q {
+    let (r, rho) = (demand.rate(), service.rate());
+    let (_, b) = demand.affine_bounds();
+    let (m, _) = service.affine_bounds();
+    let t = if rho > r { (b - m) / (rho - r) } else { Q::one() };
+    Q::max(&(t * Q::int(2)).ceil(), &Q::one())
+}
+
+/// Whether `delay` = hdev(`demand`, `service`), computed on a lower service curve that is exact
+/// on [0, h) (and lower beyond), equals the delay on the exact service. Levels below the left
+/// limit Y0 of the service at h are first reached before h on both curves, so they give the
+/// same deviation; for a level y >= Y0 reached by the demand at t, t >= (y − b)/r (demand
+/// <= r·t + b) and the truncated service reaches y by max(h, (y − m)/ρ) (service >= ρ·t + m
+/// for t >= h), so the deviation there is at most TB = max(h − (Y0 − b)/r,
+/// (Y0 − m)/ρ − (Y0 − b)/r) (both terms decrease with y when ρ > r). If TB < delay, the delay is attained below Y0 and is exact
+/// (`docs/analysis.md` §9).
+fn delay_is_exact(h: &Q, demand: &Curve, service: &Curve, delay: &Q) -> bool {
+    if delay.is_zero() {
+        return true; // the exact delay is never below the truncated one, and never negative
+    }
+    let (r, rho) = (demand.rate(), service.rate());
+    let (_, b) = demand.affine_bounds();
+    let m = service.affine_lower_from(h);
+    let y0 = service.eval_left(h);
+    if r.is_zero() {
+        // The demand never exceeds b: no level at or above Y0 > b is ever reached.
+        return y0 > b;
+    }
+    if !r.is_positive() || rho <= r {
+        return false;
+    }
+    let reach_demand = (&y0 - &b) / &r;
+    let tb = Q::max(&(h - &reach_demand), &((&y0 - &m) / &rho - &reach_demand));
+    &tb < delay
 }
 
 /// Analyses the tasks of resource `r` given their activation curves and the base service.
@@ -252,7 +420,7 @@ pub(crate) fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], bet
                     continue;
                 };
                 match component::task_on_service(ev, &wl(i), &svc, gpc_out) {
-                    Ok(b) => out.push((i, Outcome { bounds: Some(b), service: svc, method, problem: None })),
+                    Ok(b) => out.push((i, Outcome { bounds: Some(b), service: svc, exact_until: None, method, problem: None })),
                     Err(e) => out.push((i, unbounded(&svc, method, curve_problem(&e)))),
                 }
             }
@@ -302,7 +470,7 @@ pub(crate) fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], bet
                             wcrt,
                             bcrt,
                         };
-                        out.push((i, Outcome { bounds: Some(b), service: beta.clone(), method, problem: None }));
+                        out.push((i, Outcome { bounds: Some(b), service: beta.clone(), exact_until: None, method, problem: None }));
                     }
                 }
                 Err(e) => {
@@ -373,8 +541,23 @@ fn input_of(sys: &System, i: usize, streams: &[Pair], outputs: &[Option<Option<P
     }
 }
 
+/// The work of one resource in one round of [`ordered_pass`]: its fixed-priority state (if it
+/// has one) and, after the round, the tasks analysed with their inputs and outcomes.
+struct Job {
+    r: usize,
+    fp: Option<FpState>,
+    done: Vec<(usize, Option<Pair>, Outcome)>,
+}
+
 /// One pass in task-dependency order; `false` (with partial results) if some tasks wait on each
 /// other in a cycle.
+///
+/// Rounds: in each, every resource analyses the tasks that are ready given the results of the
+/// previous rounds (a task once its input is known and, under fixed priority, every
+/// higher-priority task there is done; other policies once all their inputs are known). The
+/// resources of a round are independent, so they run on all available cores; each task's
+/// result depends only on its inputs and its resource's earlier tasks, so it is the same
+/// whatever the number of threads.
 fn ordered_pass(
     ctx: &Ctx,
     services: &[Pair],
@@ -394,41 +577,110 @@ fn ordered_pass(
         })
         .collect();
     let mut whole_done = vec![false; sys.resources.len()];
+    let threads = threads(sys);
     loop {
-        let mut progress = false;
+        let mut jobs = Vec::new();
         for r in 0..sys.resources.len() {
-            if let Some(st) = fp[r].as_mut() {
-                while !st.done() {
-                    let i = st.order[st.next];
-                    if !ready(i, outputs) {
-                        break;
-                    }
-                    inputs[i] = input_of(sys, i, &ctx.streams, outputs);
-                    let o = st.step(ctx, inputs[i].as_ref());
-                    outputs[i] = Some(o.bounds.as_ref().map(|b| b.output.clone()));
-                    outcomes[i] = Some(o);
-                    progress = true;
-                }
-            } else if !whole_done[r] && ctx.tasks_on[r].iter().all(|&i| ready(i, outputs)) {
-                for &i in &ctx.tasks_on[r] {
-                    inputs[i] = input_of(sys, i, &ctx.streams, outputs);
-                }
-                for (i, o) in analyze_resource(ctx, r, inputs, &services[r]) {
-                    outputs[i] = Some(o.bounds.as_ref().map(|b| b.output.clone()));
-                    outcomes[i] = Some(o);
-                }
-                whole_done[r] = true;
-                progress = true;
+            let has_work = match &fp[r] {
+                Some(st) => !st.done() && ready(st.order[st.next], outputs),
+                None => !whole_done[r] && ctx.tasks_on[r].iter().all(|&i| ready(i, outputs)),
+            };
+            if has_work {
+                jobs.push(Job { r, fp: fp[r].take(), done: Vec::new() });
             }
         }
-        if !progress {
+        if jobs.is_empty() {
             break;
+        }
+        let snapshot: &[Option<Option<Pair>>] = outputs;
+        let run = |job: &mut Job| {
+            let r = job.r;
+            match job.fp.as_mut() {
+                Some(st) => {
+                    while !st.done() {
+                        let i = st.order[st.next];
+                        if !ready(i, snapshot) {
+                            break;
+                        }
+                        let input = input_of(sys, i, &ctx.streams, snapshot);
+                        let o = st.step(ctx, input.as_ref());
+                        job.done.push((i, input, o));
+                    }
+                }
+                None => {
+                    let mut ins: Vec<Option<Pair>> = vec![None; sys.tasks.len()];
+                    for &i in &ctx.tasks_on[r] {
+                        ins[i] = input_of(sys, i, &ctx.streams, snapshot);
+                    }
+                    for (i, o) in analyze_resource(ctx, r, &ins, &services[r]) {
+                        job.done.push((i, ins[i].take(), o));
+                    }
+                }
+            }
+        };
+        run_all(&mut jobs, threads, run);
+        for job in jobs {
+            if job.fp.is_none() {
+                whole_done[job.r] = true;
+            }
+            fp[job.r] = job.fp;
+            for (i, input, o) in job.done {
+                outputs[i] = Some(o.bounds.as_ref().map(|b| b.output.clone()));
+                inputs[i] = input;
+                outcomes[i] = Some(o);
+            }
         }
     }
     outputs.iter().all(|o| o.is_some())
 }
 
+/// Threads used by [`ordered_pass`] at most.
+const MAX_THREADS: usize = 8;
+
+/// Systems with fewer tasks are analysed on one thread (starting threads would cost more).
+const MIN_TASKS_FOR_THREADS: usize = 64;
+
+/// Threads for independent work in `sys`: the available cores, at most [`MAX_THREADS`], and one
+/// for small systems.
+fn threads(sys: &System) -> usize {
+    if sys.tasks.len() < MIN_TASKS_FOR_THREADS {
+        return 1;
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_THREADS)
+}
+
+/// Runs `f` on every job, on up to `threads` threads (the caller's included), each taking the
+/// next unclaimed job.
+fn run_all<T: Send, F: Fn(&mut T) + Sync>(jobs: &mut [T], threads: usize, f: F) {
+    let n = threads.min(jobs.len());
+    if n <= 1 {
+        jobs.iter_mut().for_each(&f);
+        return;
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<std::sync::Mutex<&mut T>> = jobs.iter_mut().map(std::sync::Mutex::new).collect();
+    let work = || loop {
+        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(slot) = slots.get(k) else { break };
+        // Each slot is claimed by exactly one thread, so the lock is never contended.
+        let mut job = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut job);
+    };
+    std::thread::scope(|s| {
+        for _ in 1..n {
+            s.spawn(work);
+        }
+        work();
+    });
+}
+
+/// The whole analysis with truncated fixed-priority services (as [`crate::system::analyze`]).
 pub(crate) fn analyze(sys: &System, opts: &Options) -> Result<Analysis, AnalysisError> {
+    analyze_with(sys, opts, true)
+}
+
+/// The whole analysis; `truncate`: whether fixed-priority services may be truncated.
+pub(crate) fn analyze_with(sys: &System, opts: &Options, truncate: bool) -> Result<Analysis, AnalysisError> {
     check_structure(sys)?;
     let mut streams = Vec::with_capacity(sys.streams.len());
     for s in &sys.streams {
@@ -442,7 +694,7 @@ pub(crate) fn analyze(sys: &System, opts: &Options) -> Result<Analysis, Analysis
     for r in 0..sys.resources.len() {
         services.push(base_service(sys, r)?);
     }
-    let ctx = Ctx { sys, opts, streams, tasks_on };
+    let ctx = Ctx { sys, opts, streams, tasks_on, truncate };
     let (order, _) = resource_order(sys, &ctx.tasks_on);
 
     let n = sys.tasks.len();
@@ -504,7 +756,10 @@ pub(crate) fn analyze(sys: &System, opts: &Options) -> Result<Analysis, Analysis
         tasks.push(task_result(sys, i, o, input));
     }
 
-    let chains = sys.chains.iter().map(|c| chain_result(sys, c, &tasks)).collect();
+    // Chains are independent of each other: all cores.
+    let mut chains: Vec<(usize, Option<ChainResult>)> = (0..sys.chains.len()).map(|c| (c, None)).collect();
+    run_all(&mut chains, threads(sys), |(c, r)| *r = Some(chain_result(sys, &sys.chains[*c], &tasks)));
+    let chains = chains.into_iter().filter_map(|(_, r)| r).collect();
     let resources = (0..sys.resources.len()).map(|r| resource_result(&ctx, r, &inputs, &services[r])).collect();
     Ok(Analysis { tasks, chains, resources, iterations })
 }
@@ -519,6 +774,7 @@ pub(crate) fn task_result(sys: &System, i: usize, o: Outcome, input: Pair) -> Ta
             input: Bounds { upper: input.0, lower: input.1 },
             output: Bounds { upper: b.output.0, lower: b.output.1 },
             service: Bounds { upper: o.service.0, lower: o.service.1 },
+            service_exact_until: o.exact_until,
             method: o.method,
             problem: o.problem,
         },
@@ -529,6 +785,7 @@ pub(crate) fn task_result(sys: &System, i: usize, o: Outcome, input: Pair) -> Ta
             input: Bounds { upper: input.0, lower: input.1 },
             output: Bounds { upper: Curve::zero(), lower: Curve::zero() },
             service: Bounds { upper: o.service.0, lower: o.service.1 },
+            service_exact_until: o.exact_until,
             method: o.method,
             problem: o.problem,
         },
@@ -545,32 +802,42 @@ pub(crate) fn chain_result(sys: &System, c: &Chain, tasks: &[TaskResult]) -> Cha
         && c.tasks.iter().all(|&i| {
             matches!(sys.resources[sys.tasks[i].resource].policy, Policy::FixedPriority | Policy::FixedPriorityNonPreemptive | Policy::Tdma)
         }) {
-        // Each hop guarantees at least ⌊βl/wcet⌋ completions, which lies above the rate-latency
-        // curve R (Δ − T − 1/R) with R = rate(βl)/wcet and T the horizontal distance of βl
-        // from its own long-run line. Rate-latency curves concatenate in closed form.
-        let mut rate: Option<Q> = None;
-        let mut latency = Q::zero();
-        let mut ok = true;
-        for &i in &c.tasks {
-            let bl = &tasks[i].service.lower;
-            let rho = bl.rate();
-            let Some(r_ev) = rho.checked_div(&sys.tasks[i].wcet).filter(|r| r.is_positive()) else {
-                ok = false;
-                break;
-            };
-            // T = sup (Δ − βl(Δ)/ρ): the vertical distance to the line, divided by the rate.
-            match bl.max_below_line(&rho) {
-                Ok(v) => latency = latency + v / &rho + r_ev.recip().unwrap_or_default(),
-                Err(_) => {
-                    ok = false;
-                    break;
+        // With truncated services (`FpState`), max_below_line of the reported curve is an
+        // upper bound of the exact one and the part before the horizon a lower bound, so the
+        // latency L of the rate-latency curve lies between L_lo and L_up. The bound is
+        // max(0, L + sup(αu/R − Δ)), which moves by at most the change of L: when
+        // pboo(L_up) − (L_up − L_lo) is not below the per-hop sum, neither is the exact pboo and
+        // `worst` is the per-hop sum either way; otherwise the hops' services are recomputed
+        // exactly, so `worst` is always what the exact services give (`docs/analysis.md` §9).
+        let input = &tasks[c.tasks[0]].input.upper;
+        let bound = |(r, l): (Q, Q)| input.hdev(&Curve::rate_latency(r, l)).ok();
+        let up = pboo_params(sys, c, tasks, |_, bl, rho| bl.max_below_line(rho).ok());
+        let pboo_up = up.clone().and_then(bound);
+        match (&up, &pboo_up, &per_hop) {
+            (Some((r, l_up)), Some(p_up), Some(ph)) if c.tasks.iter().any(|&i| tasks[i].service_exact_until.is_some()) => {
+                let lo = pboo_params(sys, c, tasks, |i, bl, rho| match &tasks[i].service_exact_until {
+                    Some(h) => Some(bl.max_below_line_before(rho, h)),
+                    None => bl.max_below_line(rho).ok(),
+                });
+                match lo {
+                    Some((_, l_lo)) if &l_lo != l_up && &(p_up - &(l_up - &l_lo)) < ph => {
+                        let p_lo = bound((r.clone(), l_lo));
+                        if p_lo.as_ref().is_some_and(|p| p < ph) {
+                            pboo_params(sys, c, tasks, |i, bl, rho| {
+                                if tasks[i].service_exact_until.is_none() {
+                                    return bl.max_below_line(rho).ok();
+                                }
+                                exact_service(sys, tasks, i)?.1.max_below_line(rho).ok()
+                            })
+                            .and_then(bound)
+                        } else {
+                            pboo_up
+                        }
+                    }
+                    _ => pboo_up,
                 }
             }
-            rate = Some(rate.map_or(r_ev.clone(), |r| Q::min(&r, &r_ev)));
-        }
-        match (ok, rate) {
-            (true, Some(r)) => tasks[c.tasks[0]].input.upper.hdev(&Curve::rate_latency(r, latency)).ok(),
-            _ => None,
+            _ => pboo_up,
         }
     } else {
         None
@@ -586,6 +853,48 @@ pub(crate) fn chain_result(sys: &System, c: &Chain, tasks: &[TaskResult]) -> Cha
     };
     let meets_deadline = c.deadline.as_ref().map(|d| worst.as_ref().is_some_and(|w| w <= d));
     ChainResult { worst, best, per_hop, pboo, deadline: c.deadline.clone(), slack, meets_deadline }
+}
+
+/// The rate R and latency L of the rate-latency service the hops of chain `c` guarantee
+/// together (pay bursts only once), with `v(i, βl_i, ρ_i)` giving sup (ρ_i·Δ − βl_i(Δ)) for each
+/// hop (`None`: no bound).
+fn pboo_params(sys: &System, c: &Chain, tasks: &[TaskResult], v: impl Fn(usize, &Curve, &Q) -> Option<Q>) -> Option<(Q, Q)> {
+    // Each hop guarantees at least ⌊βl/wcet⌋ completions, which lies above the rate-latency
+    // curve R (Δ − T − 1/R) with R = rate(βl)/wcet and T the horizontal distance of βl
+    // from its own long-run line. Rate-latency curves concatenate in closed form.
+    let mut rate: Option<Q> = None;
+    let mut latency = Q::zero();
+    for &i in &c.tasks {
+        let bl = &tasks[i].service.lower;
+        let rho = bl.rate();
+        let r_ev = rho.checked_div(&sys.tasks[i].wcet).filter(|r| r.is_positive())?;
+        // T = sup (Δ − βl(Δ)/ρ): the vertical distance to the line, divided by the rate.
+        latency = latency + v(i, bl, &rho)? / &rho + r_ev.recip().unwrap_or_default();
+        rate = Some(rate.map_or(r_ev.clone(), |r| Q::min(&r, &r_ev)));
+    }
+    Some((rate?, latency))
+}
+
+/// The exact (untruncated) service of fixed-priority task `i`, replaying its resource's
+/// higher-priority tasks on their recorded activation curves.
+fn exact_service(sys: &System, tasks: &[TaskResult], i: usize) -> Option<Pair> {
+    let r = sys.tasks[i].resource;
+    let on: Vec<usize> = (0..sys.tasks.len()).filter(|&j| sys.tasks[j].resource == r).collect();
+    let beta = base_service(sys, r).ok()?;
+    let opts = Options::default();
+    let mut tasks_on = vec![Vec::new(); sys.resources.len()];
+    tasks_on[r] = on.clone();
+    let ctx = Ctx { sys, opts: &opts, streams: Vec::new(), tasks_on, truncate: false };
+    let mut st = FpState::new(sys, r, &on, &beta);
+    while !st.done() {
+        let j = st.order[st.next];
+        let input = (tasks[j].input.upper.clone(), tasks[j].input.lower.clone());
+        let o = st.step(&ctx, Some(&input));
+        if j == i {
+            return Some(o.service);
+        }
+    }
+    None
 }
 
 pub(crate) fn resource_result(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], beta: &Pair) -> ResourceResult {

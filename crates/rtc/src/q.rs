@@ -274,6 +274,7 @@ impl From<i64> for Q {
 impl Ord for Q {
     fn cmp(&self, o: &Q) -> Ordering {
         match (&self.0, &o.0) {
+            (Repr::Small(a, b), Repr::Small(c, d)) if b == d => a.cmp(c),
             (Repr::Small(a, b), Repr::Small(c, d)) => ((*a as i128) * (*d as i128)).cmp(&((*c as i128) * (*b as i128))),
             _ => self.to_big().cmp(&o.to_big()),
         }
@@ -286,15 +287,62 @@ impl PartialOrd for Q {
     }
 }
 
+/// A small result that is already in lowest terms (no gcd needed), if it is representable.
+fn small(n: i128, d: i128) -> Option<Q> {
+    match (i64::try_from(n), i64::try_from(d)) {
+        (Ok(n), Ok(d)) if n != i64::MIN => Some(Q(Repr::Small(n, d))),
+        _ => None,
+    }
+}
+
+/// `a/b ± c/d` for reduced small operands (`sub` negates `c`), without a gcd on the result in the
+/// common cases: equal denominators of 1 need none, and coprime denominators give a result in
+/// lowest terms directly (Knuth, TAOCP 4.5.1: a prime of `bd` divides exactly one of `b`, `d`,
+/// hence not `ad + cb`).
+fn add_small(a: i64, b: i64, c: i64, d: i64) -> Q {
+    let (a, b, c, d) = (a as i128, b as i128, c as i128, d as i128);
+    if b == d {
+        // Both in i64 range, so the sum fits in i128.
+        return if b == 1 { small(a + c, 1).unwrap_or_else(|| Q::from_i128(a + c, 1)) } else { Q::from_i128(a + c, b) };
+    }
+    // |a|, |c| < 2^63 and 0 < b, d < 2^63: every product and the sum fit in i128.
+    let (n, den) = (a * d + c * b, b * d);
+    if gcd_u64(b as u64, d as u64) == 1 {
+        if let Some(q) = small(n, den) {
+            return q;
+        }
+    }
+    Q::from_i128(n, den)
+}
+
+/// `a/b · c/d` for reduced small operands. With an integer operand one gcd on the small values
+/// (the other denominator against the integer) leaves the result in lowest terms.
+fn mul_small(a: i64, b: i64, c: i64, d: i64) -> Q {
+    if b == 1 && d == 1 {
+        let n = a as i128 * c as i128;
+        return small(n, 1).unwrap_or_else(|| Q::from_i128(n, 1));
+    }
+    if b == 1 || d == 1 {
+        // n/den · k with gcd(n, den) = 1: cancel g = gcd(k, den); gcd(n·k/g, den/g) = 1.
+        // (64-bit division: k is never i64::MIN and g >= 1.)
+        let (n, den, k) = if d == 1 { (a, b, c) } else { (c, d, a) };
+        let g = gcd_u64(k.unsigned_abs(), den as u64) as i64;
+        if let Some(q) = small(n as i128 * (k / g) as i128, (den / g) as i128) {
+            return q;
+        }
+    }
+    Q::from_i128(a as i128 * c as i128, b as i128 * d as i128)
+}
+
 macro_rules! binop {
     ($tr:ident, $m:ident, $small:expr, $big:expr) => {
         impl<'a, 'b> $tr<&'b Q> for &'a Q {
             type Output = Q;
             fn $m(self, o: &'b Q) -> Q {
                 if let (Repr::Small(a, b), Repr::Small(c, d)) = (&self.0, &o.0) {
-                    let f: fn(i128, i128, i128, i128) -> Option<(i128, i128)> = $small;
-                    if let Some((n, dd)) = f(*a as i128, *b as i128, *c as i128, *d as i128) {
-                        return Q::from_i128(n, dd);
+                    let f: fn(i64, i64, i64, i64) -> Option<Q> = $small;
+                    if let Some(q) = f(*a, *b, *c, *d) {
+                        return q;
                     }
                 }
                 let g: fn(BigRational, BigRational) -> BigRational = $big;
@@ -322,46 +370,20 @@ macro_rules! binop {
     };
 }
 
-binop!(
-    Add,
-    add,
-    |a, b, c, d| {
-        if b == d {
-            a.checked_add(c).map(|n| (n, b))
-        } else {
-            let n = a.checked_mul(d)?.checked_add(c.checked_mul(b)?)?;
-            Some((n, b.checked_mul(d)?))
-        }
-    },
-    |x, y| x + y
-);
-binop!(
-    Sub,
-    sub,
-    |a, b, c, d| {
-        if b == d {
-            a.checked_sub(c).map(|n| (n, b))
-        } else {
-            let n = a.checked_mul(d)?.checked_sub(c.checked_mul(b)?)?;
-            Some((n, b.checked_mul(d)?))
-        }
-    },
-    |x, y| x - y
-);
-binop!(Mul, mul, |a, b, c, d| Some((a.checked_mul(c)?, b.checked_mul(d)?)), |x, y| x * y);
+// Small operands never overflow i128 intermediates (|n| < 2^63, 0 < d < 2^63), so the small
+// paths always answer; the big closures serve big operands.
+binop!(Add, add, |a, b, c, d| Some(add_small(a, b, c, d)), |x, y| x + y);
+// -c cannot overflow: a small numerator is never i64::MIN.
+binop!(Sub, sub, |a, b, c, d| Some(add_small(a, b, -c, d)), |x, y| x - y);
+binop!(Mul, mul, |a, b, c, d| Some(mul_small(a, b, c, d)), |x, y| x * y);
 // Division by zero is a programming error guarded at every call site (`checked_div` for input).
-binop!(
-    Div,
-    div,
-    |a, b, c, d| {
-        if c == 0 {
-            None
-        } else {
-            Some((a.checked_mul(d)?, b.checked_mul(c)?))
-        }
-    },
-    |x, y| if y.is_zero() { BigRational::zero() } else { x / y }
-);
+binop!(Div, div, |a, b, c, d| if c == 0 { None } else { Some(Q::from_i128(a as i128 * d as i128, b as i128 * c as i128)) }, |x, y| if y
+    .is_zero()
+{
+    BigRational::zero()
+} else {
+    x / y
+});
 
 impl Neg for &Q {
     type Output = Q;
@@ -485,6 +507,34 @@ mod tests {
         assert!("abc".parse::<Q>().is_err());
         assert!("".parse::<Q>().is_err());
         assert!(".".parse::<Q>().is_err());
+    }
+
+    #[test]
+    fn fast_paths_agree_with_big_rationals() {
+        // Random small operands, including extremes, against BigRational (always reduced):
+        // equal results and a canonical representation (derived equality is value equality).
+        let mut r = crate::synthetic::Rng(3);
+        let edge = [0, 1, -1, 2, 3, 6, 25, 1 << 31, i64::MAX, i64::MIN + 1, i64::MAX / 3, 1_000_000_007];
+        let pick = |r: &mut crate::synthetic::Rng| {
+            let v = if r.below(3) == 0 { edge[r.below(edge.len())] } else { r.int(-1000, 1000) };
+            if r.below(2) == 0 {
+                v
+            } else {
+                v.wrapping_mul(r.int(1, 7))
+            }
+        };
+        for _ in 0..20_000 {
+            let (n1, n2) = (pick(&mut r), pick(&mut r));
+            let (d1, d2) = (pick(&mut r).unsigned_abs().max(1) as i64, pick(&mut r).unsigned_abs().max(1) as i64);
+            let (d1, d2) = (if d1 < 0 { 1 } else { d1 }, if d2 < 0 { 1 } else { d2 });
+            let (x, y) = (Q::from_i128(n1 as i128, d1 as i128), Q::from_i128(n2 as i128, d2 as i128));
+            let (bx, by) = (x.to_big(), y.to_big());
+            for (got, want) in [(&x + &y, &bx + &by), (&x - &y, &bx - &by), (&x * &y, &bx * &by)] {
+                assert_eq!(got, Q::from_big(want.clone()), "{x} {y}");
+                assert_eq!(got.to_big(), want, "{x} {y}");
+            }
+            assert_eq!(x.cmp(&y), bx.cmp(&by), "{x} {y}");
+        }
     }
 
     #[test]

@@ -114,6 +114,10 @@ pub struct TaskResult {
     pub output: Bounds,
     /// Service available to this task (work units).
     pub service: Bounds,
+    /// Provenance of `service`: `None` when it is the exact service; `Some(h)` when the
+    /// fixed-priority analysis kept it truncated at the horizon `h` (exact before `h`, a lower
+    /// bound after it; the task's own bounds are still exact, see `docs/analysis.md` §9).
+    pub service_exact_until: Option<Q>,
     /// Which analysis produced the bound.
     pub method: &'static str,
     /// Why no bound could be given, when `wcrt` is `None`.
@@ -203,6 +207,18 @@ pub enum AnalysisError {
 }
 
 /// Analyses the whole system.
+///
+/// Fixed-priority service curves are kept truncated at a horizon that is verified for each
+/// task (`docs/analysis.md` §9): every delay, backlog, completion curve, verdict and chain worst
+/// case is the one the exact curves give, while [`TaskResult::service`] may be a lower bound
+/// after [`TaskResult::service_exact_until`] and [`ChainResult::pboo`] may be looser where it
+/// is not the chain's worst case. [`analyze_exact_services`] keeps every curve exact.
 pub fn analyze(sys: &System, opts: &Options) -> Result<Analysis, AnalysisError> {
     crate::network::analyze(sys, opts)
+}
+
+/// [`analyze`] with exact service curves everywhere (no truncation; slower on systems with
+/// long common periods). The task bounds, verdicts and chain worst cases are the same.
+pub fn analyze_exact_services(sys: &System, opts: &Options) -> Result<Analysis, AnalysisError> {
+    crate::network::analyze_with(sys, opts, false)
 }

@@ -382,3 +382,46 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    /// Truncation keeps the curve on [0, h) and only ever moves it up (`truncate_above`) or down
+    /// (`truncate_below`, which also stays non-decreasing when the curve is), values and
+    /// one-sided limits.
+    #[test]
+    fn truncation_is_exact_before_the_horizon_and_safe_after(seed in any::<u64>()) {
+        let mut r = Rng(seed);
+        let mono = r.int(0, 1) == 1;
+        let f = random_curve(&mut r, mono);
+        let h = qf(r.int(1, 40), 2);
+        let (up, lo) = (f.truncate_above(&h).unwrap(), f.truncate_below(&h).unwrap());
+        if mono {
+            prop_assert!(lo.is_nondecreasing(), "{:?} -> {:?}", f, lo);
+        }
+        // The lower line from h on holds there and is no worse than the global one.
+        let m = f.affine_lower_from(&h);
+        prop_assert!(m >= f.affine_bounds().0);
+        for x in grid(60, 8).into_iter().filter(|x| x >= &h) {
+            prop_assert!(f.eval(&x) - f.rate() * &x >= m, "{:?} from {}: {} at {}", f, h, m, x);
+            prop_assert!(f.eval_right(&x) - f.rate() * &x >= m, "{:?} from {}: {} at {}", f, h, m, x);
+        }
+        prop_assert_eq!(up.rate(), f.rate());
+        prop_assert_eq!(lo.rate(), f.rate());
+        for x in grid(60, 8) {
+            let v = [(f.eval(&x), up.eval(&x), lo.eval(&x)), (f.eval_right(&x), up.eval_right(&x), lo.eval_right(&x))];
+            for (fv, uv, lv) in v {
+                if x < h {
+                    prop_assert_eq!(&uv, &fv, "above at {}: {:?} -> {:?}", x, f, up);
+                    prop_assert_eq!(&lv, &fv, "below at {}: {:?} -> {:?}", x, f, lo);
+                } else {
+                    prop_assert!(uv >= fv, "above at {}: {:?} -> {:?}", x, f, up);
+                    prop_assert!(lv <= fv, "below at {}: {:?} -> {:?}", x, f, lo);
+                }
+            }
+            if x <= h {
+                prop_assert_eq!(up.eval_left(&x), f.eval_left(&x));
+                prop_assert_eq!(lo.eval_left(&x), f.eval_left(&x));
+            }
+        }
+    }
+}

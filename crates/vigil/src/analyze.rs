@@ -77,6 +77,7 @@ pub(crate) mod tests {
                     input: Bounds { upper: upper.clone(), lower: lower.clone() },
                     output: Bounds { upper, lower },
                     service: Bounds { upper: su, lower: sl },
+                    service_exact_until: None,
                     method: "fake",
                     problem: None,
                 }
