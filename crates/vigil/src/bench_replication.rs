@@ -453,7 +453,12 @@ fn failovers_measured(bed: &mut Bed, runs: usize, rto_min_ms: Option<u32>) -> Re
             }
             Ok(())
         });
-        // Let it run, then kill the primary.
+        // Wait until the client is answered (its first SYN may go to the host that ran the VM
+        // in the previous run, until the switch learns where the VM is now), let it run, then
+        // kill the primary.
+        for _ in 0..20 {
+            rx.recv_timeout(Duration::from_secs(10)).context("the client got no answers")?;
+        }
         let t = Instant::now();
         while t.elapsed() < Duration::from_millis(500) {
             let _ = rx.recv_timeout(Duration::from_millis(50));

@@ -182,7 +182,13 @@ pub fn run(args: &Args) -> Result<u8> {
             if let Some(mac) = &a.mac {
                 config.net.mac = parse_mac(mac)?;
             }
-            let vm = Vm::create(config, Box::new(std::io::stdout())).with_context(|| format!("cannot start {}", a.image.display()))?;
+            let announce = config.tap.is_some() && !config.net.ip.is_unspecified();
+            let mut vm = Vm::create(config, Box::new(std::io::stdout())).with_context(|| format!("cannot start {}", a.image.display()))?;
+            if announce {
+                // Tell the switches where the VM's address lives now (it may have run
+                // elsewhere before).
+                vm.announce(1).context("cannot announce the VM's address")?;
+            }
             let name = a.image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let _domain = Domain::introduce(&a.domain, &name)?;
             if a.protect.protect.is_some() {
