@@ -6,52 +6,26 @@
 //! - `stream`: a guest sending 50 MB over TCP to a client (throughput);
 //! - `kv`: redis-benchmark against the kv guest, one connection (latency) and 16 (throughput);
 //! - `mixed`: the same against kv while it also rewrites a working set in the background.
+//!
 //! Then the checkpoint pause against the number of dirty pages, the checkpoint throughput to
 //! the backup, and the failover time as a client sees it.
 
 use crate::demo::build_guest;
 use anyhow::{bail, Context, Result};
-use replication::testbed::{Host, Testbed, ARBITER, TAP, VM_IP, VM_MAC};
+use replication::testbed::{Host, Proc, Testbed, ARBITER, TAP, VM_IP, VM_MAC};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-struct Proc {
-    child: Child,
-    log: PathBuf,
+/// Starts `vigil ARGS` in namespace `ns`, logging to `log`.
+fn spawn(ns: &str, args: &[String], log: PathBuf) -> Result<Proc> {
+    Proc::spawn(ns, std::env::current_exe()?, args, log).map_err(anyhow::Error::msg)
 }
 
-impl Proc {
-    fn spawn(ns: &str, args: &[String], log: PathBuf) -> Result<Proc> {
-        let f = std::fs::File::create(&log)?;
-        let exe = std::env::current_exe()?;
-        let child = Testbed::command(ns, exe).args(args).stdout(f.try_clone()?).stderr(f).spawn().context("cannot start vigil")?;
-        Ok(Proc { child, log })
-    }
-    fn text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-    fn wait_for(&mut self, needle: &str, secs: u64) -> Result<()> {
-        let t = Instant::now();
-        while !self.text().contains(needle) {
-            if t.elapsed() > Duration::from_secs(secs) || self.child.try_wait()?.is_some() {
-                bail!("waiting for {needle:?} in {}:\n{}", self.log.display(), self.text());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(())
-    }
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// Waits until `needle` appears in the process's log.
+fn wait_for(p: &mut Proc, needle: &str, secs: u64) -> Result<()> {
+    p.wait_for(needle, 1, secs).map_err(anyhow::Error::msg)
 }
 
 fn s(v: &[&str]) -> Vec<String> {
@@ -118,12 +92,12 @@ impl Bed {
         self.run += 1;
         let backup = match policy {
             Some(_) => {
-                let mut b = Proc::spawn(
+                let mut b = spawn(
                     &self.tb.b,
                     &s(&["backup", "--listen", &Host::B.backup_addr(), "--arbiter", ARBITER, "--holder", "host-b", "--tap", TAP]),
                     self.dir.join(format!("{}-backup.log", self.run)),
                 )?;
-                b.wait_for("listening", 10)?;
+                wait_for(&mut b, "listening", 10)?;
                 Some(b)
             }
             None => None,
@@ -151,9 +125,9 @@ impl Bed {
         }
         args.push("--".into());
         args.extend(s(guest_args));
-        let mut p = Proc::spawn(&self.tb.a, &args, self.dir.join(format!("{}-primary.log", self.run)))?;
+        let mut p = spawn(&self.tb.a, &args, self.dir.join(format!("{}-primary.log", self.run)))?;
         if policy.is_some() && wait {
-            p.wait_for("protected: the backup holds", 30)?;
+            wait_for(&mut p, "protected: the backup holds", 30)?;
         }
         Ok((p, backup))
     }
@@ -252,8 +226,8 @@ pub fn run(policies: &[String], failovers: usize, failover_only: bool, json: boo
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let tb = Testbed::new("bench").map_err(anyhow::Error::msg)?;
-    let mut arbiter = Proc::spawn(&tb.switch, &s(&["arbiter", "--listen", ARBITER]), dir.join("arbiter.log"))?;
-    arbiter.wait_for("serving leases", 10)?;
+    let mut arbiter = spawn(&tb.switch, &s(&["arbiter", "--listen", ARBITER]), dir.join("arbiter.log"))?;
+    wait_for(&mut arbiter, "serving leases", 10)?;
     let mut bed = Bed { tb, dir: dir.clone(), _arbiter: arbiter, images, run: 0 };
     let mut rows = Vec::new();
     let modes: Vec<Option<&str>> = std::iter::once(None).chain(policies.iter().map(|p| Some(p.as_str()))).collect();
@@ -284,7 +258,7 @@ pub fn run(policies: &[String], failovers: usize, failover_only: bool, json: boo
         // stream: 50 MB to a client.
         {
             let (mut p, b) = bed.start("stream", true, mode, &["50"])?;
-            p.wait_for("stream: serving", 20)?;
+            wait_for(&mut p, "stream: serving", 20)?;
             let (n, d) = stream_client(&bed.tb.client)?;
             if n != 50_000_000 {
                 bail!("the stream client got {n} bytes, not 50,000,000");
@@ -297,7 +271,7 @@ pub fn run(policies: &[String], failovers: usize, failover_only: bool, json: boo
         // kv and mixed.
         for busy in ["0", "8"] {
             let (mut p, b) = bed.start("kv", true, mode, &["6379", busy])?;
-            p.wait_for("kv: serving", 20)?;
+            wait_for(&mut p, "kv: serving", 20)?;
             let t = Instant::now();
             let (_, p50) = redis_bench(&bed.tb.client, 1, 100)?;
             let (rps, _) = redis_bench(&bed.tb.client, 16, 2000)?;
@@ -429,7 +403,7 @@ fn failovers_measured(bed: &mut Bed, runs: usize, rto_min_ms: Option<u32>) -> Re
     for _ in 0..runs {
         let (mut p, b) = bed.start("kv", true, Some("adaptive"), &[])?;
         let mut b = b.context("a backup")?;
-        p.wait_for("kv: serving", 20)?;
+        wait_for(&mut p, "kv: serving", 20)?;
         let mut cli = Testbed::command(&bed.tb.client, "redis-cli")
             .args(["-h", VM_IP])
             .stdin(Stdio::piped())
@@ -473,7 +447,7 @@ fn failovers_measured(bed: &mut Bed, runs: usize, rto_min_ms: Option<u32>) -> Re
                 break at.duration_since(kill);
             }
         };
-        b.wait_for("TAKING OVER", 5)?;
+        wait_for(&mut b, "TAKING OVER", 5)?;
         let text = b.text();
         let after: f64 = text
             .lines()

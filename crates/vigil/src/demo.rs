@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use replication::testbed::{Host, Testbed, ARBITER, TAP, VM_IP, VM_MAC};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
@@ -40,19 +40,7 @@ fn workspace() -> PathBuf {
 
 /// Builds a guest (release) in `target/guests` and returns its image.
 pub fn build_guest(name: &str) -> Result<PathBuf> {
-    let target = workspace().join("target/guests");
-    let image = target.join("release").join(name);
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(workspace())
-        .args(["build", "--release", "--quiet", "-p", name, "--target-dir"])
-        .arg(&target)
-        .output()
-        .context("cannot run cargo to build the guest")?;
-    if !out.status.success() {
-        bail!("building guest {name}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(image)
+    replication::testbed::build_guest(&workspace(), name).map_err(anyhow::Error::msg)
 }
 
 struct Proc {

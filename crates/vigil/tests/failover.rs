@@ -9,7 +9,7 @@
 //! - the backup is killed, the link between the hosts is cut, and delayed: the primary carries
 //!   on, the backup never takes over, and protection resumes.
 
-use replication::testbed::{Host, Testbed, ARBITER, TAP, VM_IP, VM_MAC};
+use replication::testbed::{Host, Proc, Testbed, ARBITER, TAP, VM_IP, VM_MAC};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -20,19 +20,6 @@ use std::time::{Duration, Instant};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn guest(name: &str) -> PathBuf {
-    let target = workspace().join("target/guests");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(workspace())
-        .args(["build", "--release", "--quiet", "-p", name, "--target-dir"])
-        .arg(&target)
-        .output()
-        .expect("cannot run cargo");
-    assert!(out.status.success(), "building {name}: {}", String::from_utf8_lossy(&out.stderr));
-    target.join("release").join(name)
 }
 
 /// The tests run one at a time: each runs two VMs and their drivers on a 2-core machine.
@@ -46,29 +33,17 @@ fn no_kvm(test: &str) -> bool {
     true
 }
 
-/// A process in a namespace, its stdout and stderr in a log file.
-struct Proc {
-    child: Child,
-    log: PathBuf,
+/// Starts `vigil ARGS` in namespace `ns`, logging to `log`.
+fn spawn(ns: &str, args: &[String], log: PathBuf) -> Proc {
+    Proc::spawn(ns, env!("CARGO_BIN_EXE_vigil"), args, log).expect("spawn vigil")
 }
 
-impl Proc {
-    fn spawn(ns: &str, args: &[String], log: PathBuf) -> Proc {
-        let f = std::fs::File::create(&log).expect("log file");
-        let child = Testbed::command(ns, env!("CARGO_BIN_EXE_vigil"))
-            .args(args)
-            .stdout(f.try_clone().expect("log"))
-            .stderr(f)
-            .spawn()
-            .expect("spawn vigil");
-        Proc { child, log }
-    }
-    fn text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-    fn count(&self, needle: &str) -> usize {
-        self.text().matches(needle).count()
-    }
+trait WaitCount {
+    /// Waits (at most `secs`) until `needle` occurred `n` times in the log.
+    fn wait_count(&self, needle: &str, n: usize, secs: u64);
+}
+
+impl WaitCount for Proc {
     fn wait_count(&self, needle: &str, n: usize, secs: u64) {
         let t = Instant::now();
         while self.count(needle) < n {
@@ -80,16 +55,6 @@ impl Proc {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-    }
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -124,8 +89,8 @@ impl Cluster {
         for h in [Host::A, Host::B] {
             std::fs::write(disk(&dir, h), vec![0u8; 8 << 20]).expect("disk");
         }
-        let image = guest("kv");
-        let arbiter = Proc::spawn(&tb.switch, &["arbiter".into(), "--listen".into(), ARBITER.into()], dir.join("arbiter.log"));
+        let image = replication::testbed::build_guest(&workspace(), "kv").expect("the kv guest");
+        let arbiter = spawn(&tb.switch, &["arbiter".into(), "--listen".into(), ARBITER.into()], dir.join("arbiter.log"));
         std::thread::sleep(Duration::from_millis(100));
         let mut c = Cluster { tb, dir, _arbiter: arbiter, primary: (Host::A, dummy()), backup: None, image, n: 0 };
         c.start_backup(Host::B);
@@ -163,7 +128,7 @@ impl Cluster {
         .map(|s| s.to_string())
         .chain([c.image.display().to_string(), "--disk".into(), disk(&c.dir, Host::A).display().to_string()])
         .collect();
-        let p = Proc::spawn(&c.tb.a, &args, c.dir.join("primary-0.log"));
+        let p = spawn(&c.tb.a, &args, c.dir.join("primary-0.log"));
         p.wait_count("kv: serving on", 1, 20);
         p.wait_count("protected: the backup holds", 1, 20);
         c.primary = (Host::A, p);
@@ -189,7 +154,7 @@ impl Cluster {
         .map(|s| s.to_string())
         .chain([disk(&self.dir, h).display().to_string()])
         .collect();
-        let p = Proc::spawn(self.tb.ns(h), &args, self.dir.join(format!("backup-{}-{}.log", self.n, h.name())));
+        let p = spawn(self.tb.ns(h), &args, self.dir.join(format!("backup-{}-{}.log", self.n, h.name())));
         p.wait_count("backup: listening", 1, 10);
         self.backup = Some((h, p));
     }
@@ -349,7 +314,7 @@ fn sigkill_the_primary_again_and_again_with_a_client_watching() {
         .map(|s| s.to_string())
         .chain([c.image.display().to_string(), "--disk".into(), disk(&c.dir, h).display().to_string()])
         .collect();
-    let fresh = Proc::spawn(c.tb.ns(h), &args, c.dir.join("fresh.log"));
+    let fresh = spawn(c.tb.ns(h), &args, c.dir.join("fresh.log"));
     fresh.wait_count("kv: serving on", 1, 20);
     let replay = fresh.text().lines().find(|l| l.contains("disk log")).unwrap_or_default().to_string();
     assert!(replay.contains("(clean)"), "{replay}");
