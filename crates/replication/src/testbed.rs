@@ -54,6 +54,30 @@ impl Host {
             Host::B => "host-b",
         }
     }
+
+    /// `vigil backup` arguments for this host (listening on its replication address, the
+    /// VM's tap); after a takeover it protects the VM with a backup on `then_protect`.
+    pub fn backup_args(self, then_protect: Option<Host>) -> Vec<String> {
+        let mut a = strings(&["backup", "--listen", &self.backup_addr(), "--arbiter", ARBITER, "--holder", self.name(), "--tap", TAP]);
+        if let Some(h) = then_protect {
+            a.extend(strings(&["--protect", &h.backup_addr()]));
+        }
+        a
+    }
+
+    /// `vigil vm run` arguments that protect VM `vm` on this host with the backup at `backup`.
+    pub fn protect_args(self, backup: &str, vm: &str) -> Vec<String> {
+        strings(&["--protect", backup, "--arbiter", ARBITER, "--holder", self.name(), "--name", vm])
+    }
+}
+
+/// `vigil vm run` arguments giving the VM its network on the testbed (tap, address, MAC).
+pub fn vm_net_args() -> Vec<String> {
+    strings(&["--tap", TAP, "--ip", &format!("{VM_IP}/24"), "--mac", VM_MAC])
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
 }
 
 /// The namespaces and links; removed on drop.

@@ -12,7 +12,7 @@
 
 use crate::demo::build_guest;
 use anyhow::{bail, Context, Result};
-use replication::testbed::{Host, Proc, Testbed, ARBITER, TAP, VM_IP, VM_MAC};
+use replication::testbed::{vm_net_args, Host, Proc, Testbed, ARBITER, VM_IP};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -92,11 +92,7 @@ impl Bed {
         self.run += 1;
         let backup = match policy {
             Some(_) => {
-                let mut b = spawn(
-                    &self.tb.b,
-                    &s(&["backup", "--listen", &Host::B.backup_addr(), "--arbiter", ARBITER, "--holder", "host-b", "--tap", TAP]),
-                    self.dir.join(format!("{}-backup.log", self.run)),
-                )?;
+                let mut b = spawn(&self.tb.b, &Host::B.backup_args(None), self.dir.join(format!("{}-backup.log", self.run)))?;
                 wait_for(&mut b, "listening", 10)?;
                 Some(b)
             }
@@ -106,22 +102,11 @@ impl Bed {
         args.push(self.images[image].display().to_string());
         args.extend(s(&["--api", &self.dir.join(format!("{}.api", self.run)).display().to_string()]));
         if net {
-            args.extend(s(&["--tap", TAP, "--ip", &format!("{VM_IP}/24"), "--mac", VM_MAC]));
+            args.extend(vm_net_args());
         }
         if let Some(p) = policy {
-            args.extend(s(&[
-                "--protect",
-                &Host::B.backup_addr(),
-                "--arbiter",
-                ARBITER,
-                "--holder",
-                "host-a",
-                "--name",
-                image,
-                "--policy",
-                p,
-                "--stats",
-            ]));
+            args.extend(Host::A.protect_args(&Host::B.backup_addr(), image));
+            args.extend(s(&["--policy", p, "--stats"]));
         }
         args.push("--".into());
         args.extend(s(guest_args));

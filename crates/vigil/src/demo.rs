@@ -5,7 +5,7 @@
 //! takeover and the client carrying on.
 
 use anyhow::{bail, Context, Result};
-use replication::testbed::{Host, Testbed, ARBITER, TAP, VM_IP, VM_MAC};
+use replication::testbed::{vm_net_args, Host, Testbed, ARBITER, VM_IP};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -107,42 +107,12 @@ pub fn run(args: &Args) -> Result<u8> {
     let _arbiter = spawn(&tb.switch, "arbiter", &["arbiter".into(), "--listen".into(), ARBITER.into()], &tx)?;
     until(&rx, "serving leases", 10)?;
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    let _backup = spawn(
-        &tb.b,
-        "host B",
-        &s(&["backup", "--listen", &Host::B.backup_addr(), "--arbiter", ARBITER, "--holder", "host-b", "--tap", TAP]),
-        &tx,
-    )?;
+    let _backup = spawn(&tb.b, "host B", &Host::B.backup_args(None), &tx)?;
     until(&rx, "listening", 10)?;
-    let mut primary = spawn(
-        &tb.a,
-        "host A",
-        &s(&[
-            "vm",
-            "run",
-            "--mem",
-            "32",
-            "--tap",
-            TAP,
-            "--ip",
-            &format!("{VM_IP}/24"),
-            "--mac",
-            VM_MAC,
-            "--protect",
-            &Host::B.backup_addr(),
-            "--arbiter",
-            ARBITER,
-            "--holder",
-            "host-a",
-            "--name",
-            "kv",
-            "--policy",
-            policy,
-            "--image",
-            &image.display().to_string(),
-        ]),
-        &tx,
-    )?;
+    let mut args = s(&["vm", "run", "--mem", "32", "--policy", policy, "--image", &image.display().to_string()]);
+    args.extend(vm_net_args());
+    args.extend(Host::A.protect_args(&Host::B.backup_addr(), "kv"));
+    let mut primary = spawn(&tb.a, "host A", &args, &tx)?;
     until(&rx, "protected: the backup holds", 20)?;
     println!("== the client (redis-cli, one TCP connection) writes keys and counts");
     let mut cli = Testbed::command(&tb.client, "redis-cli")

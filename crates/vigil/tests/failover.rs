@@ -9,7 +9,7 @@
 //! - the backup is killed, the link between the hosts is cut, and delayed: the primary carries
 //!   on, the backup never takes over, and protection resumes.
 
-use replication::testbed::{Host, Proc, Testbed, ARBITER, TAP, VM_IP, VM_MAC};
+use replication::testbed::{vm_net_args, Host, Proc, Testbed, ARBITER, TAP, VM_IP, VM_MAC};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -100,34 +100,11 @@ impl Cluster {
     /// kv on host A, protected by the backup at `protect`.
     fn start_primary(&mut self, protect: &str) {
         let c = self;
-        let args: Vec<String> = [
-            "vm",
-            "run",
-            "--mem",
-            "32",
-            "--tap",
-            TAP,
-            "--ip",
-            &format!("{VM_IP}/24"),
-            "--mac",
-            VM_MAC,
-            "--protect",
-            protect,
-            "--arbiter",
-            ARBITER,
-            "--holder",
-            "host-a",
-            "--name",
-            "kv",
-            "--control",
-            "10.99.0.1:9100",
-            "--stats",
-            "--image",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([c.image.display().to_string(), "--disk".into(), disk(&c.dir, Host::A).display().to_string()])
-        .collect();
+        let mut args: Vec<String> = ["vm", "run", "--mem", "32"].map(String::from).to_vec();
+        args.extend(vm_net_args());
+        args.extend(Host::A.protect_args(protect, "kv"));
+        args.extend(["--control", "10.99.0.1:9100", "--stats", "--image"].map(String::from));
+        args.extend([c.image.display().to_string(), "--disk".into(), disk(&c.dir, Host::A).display().to_string()]);
         let p = spawn(&c.tb.a, &args, c.dir.join("primary-0.log"));
         p.wait_count("kv: serving on", 1, 20);
         p.wait_count("protected: the backup holds", 1, 20);
@@ -136,24 +113,8 @@ impl Cluster {
 
     fn start_backup(&mut self, h: Host) {
         self.n += 1;
-        let args: Vec<String> = [
-            "backup",
-            "--listen",
-            &h.backup_addr(),
-            "--arbiter",
-            ARBITER,
-            "--holder",
-            h.name(),
-            "--tap",
-            TAP,
-            "--protect",
-            &h.other().backup_addr(),
-            "--disk",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([disk(&self.dir, h).display().to_string()])
-        .collect();
+        let mut args = h.backup_args(Some(h.other()));
+        args.extend(["--disk".into(), disk(&self.dir, h).display().to_string()]);
         let p = spawn(self.tb.ns(h), &args, self.dir.join(format!("backup-{}-{}.log", self.n, h.name())));
         p.wait_count("backup: listening", 1, 10);
         self.backup = Some((h, p));
