@@ -18,6 +18,8 @@ mod deploy;
 mod error;
 mod raw;
 pub mod report;
+pub mod run;
+pub mod text;
 pub mod units;
 mod validate;
 
@@ -77,6 +79,8 @@ pub struct Loaded {
     pub chains: Vec<Item>,
     /// Hosts, VM modes and placements, when the file has `[[host]]` items.
     pub deployment: Option<Deployment>,
+    /// How VMs run (`[[run]]` items, for `vigil up`).
+    pub runs: Vec<run::Run>,
 }
 
 impl Loaded {
@@ -152,7 +156,10 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Loaded, ModelErr
             },
         }
     })?;
-    validate::build(&raw, &ctx, base_dir)
+    let mut loaded = validate::build(&raw, &ctx, base_dir)?;
+    let vms: Vec<String> = loaded.deployment.as_ref().map(|d| d.vms.iter().map(|v| v.name.clone()).collect()).unwrap_or_default();
+    loaded.runs = run::build(&raw.run, &ctx, &vms)?;
+    Ok(loaded)
 }
 
 /// `kind "name"` of the `[[kind]]` item that contains byte `at`, for messages about TOML

@@ -62,6 +62,9 @@ pub struct RawFile {
     pub task: Vec<Spanned<RawTask>>,
     #[serde(default)]
     pub chain: Vec<Spanned<RawChain>>,
+    /// How VMs run (`vigil up`), see `crate::run`.
+    #[serde(default)]
+    pub run: Vec<Spanned<crate::run::RawRun>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -58,7 +58,7 @@ impl<'a> Ctx<'a> {
     }
 
     /// The line of `key = ...` inside the item, or the item's first line.
-    fn key_line(&self, span: &Range<usize>, key: Option<&str>) -> usize {
+    pub(crate) fn key_line(&self, span: &Range<usize>, key: Option<&str>) -> usize {
         let start = span.start.min(self.text.len());
         let end = span.end.clamp(start, self.text.len());
         if let (Some(key), Some(body)) = (key, self.text.get(start..end)) {
@@ -792,6 +792,7 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
         tasks: task_items,
         chains: chain_items,
         deployment,
+        runs: Vec::new(),
     })
 }
 

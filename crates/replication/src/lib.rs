@@ -5,18 +5,33 @@
 //!   time passed in), tested deterministically through delays, losses, reordering and crashes;
 //! - [`wire`]: the checksummed frames on the TCP connection;
 //! - [`policy`]: when to checkpoint (`fixed:T`, `floating`, `network`, `adaptive`);
-//! - [`lease`]: fencing — the arbiter's lease table, its line protocol, server and client.
+//! - [`lease`]: fencing — the arbiter's lease table and its line protocol.
 //!
-//! It does not own the VM: the drivers in the `vigil` binary perform the actions with the
-//! `vmm` crate (pause, dirty pages, held output, replica) and sockets.
+//! It does no I/O and does not own the VM: the drivers in the `agent` crate perform the
+//! actions with the `vmm` crate (pause, dirty pages, held output, replica), sockets and
+//! threads, and serve the arbiter.
 
 pub mod backup;
-pub mod driver;
 pub mod lease;
 pub mod policy;
 pub mod primary;
-pub mod testbed;
 pub mod wire;
+
+pub use policy::PolicySpec;
+
+/// What can be wrong with replication's settings and protocol lines.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A checkpoint policy that does not parse.
+    #[error("checkpoint policy {name:?}: {reason}")]
+    Policy { name: String, reason: String },
+    /// Heartbeat and lease timing that break the protocol's assumptions.
+    #[error("{0}")]
+    Timing(String),
+    /// A lease request or answer that does not parse.
+    #[error("{0}")]
+    Lease(String),
+}
 
 /// Timing of heartbeats, failure detection and the lease, shared by both sides (ns).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,20 +57,20 @@ impl Default for Timing {
 
 impl Timing {
     /// Checks the relations the protocol relies on.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Error> {
         if self.heartbeat_ns == 0 || self.heartbeat_ns >= self.timeout_ns {
-            return Err(format!(
+            return Err(Error::Timing(format!(
                 "the heartbeat interval ({} ms) must be positive and below the timeout ({} ms)",
                 self.heartbeat_ns / 1_000_000,
                 self.timeout_ns / 1_000_000
-            ));
+            )));
         }
         if self.lease_renew_ns == 0 || self.lease_renew_ns * 2 > self.lease_ttl_ns {
-            return Err(format!(
+            return Err(Error::Timing(format!(
                 "the lease renewal interval ({} ms) must be positive and at most half the lease ({} ms)",
                 self.lease_renew_ns / 1_000_000,
                 self.lease_ttl_ns / 1_000_000
-            ));
+            )));
         }
         Ok(())
     }

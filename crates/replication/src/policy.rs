@@ -5,6 +5,7 @@
 //! the interval, its duration sets the pace (DESIGN §4). Policies are chosen per VM by name
 //! ([`parse`]) and can be swapped while the VM runs.
 
+use crate::Error;
 use std::fmt;
 
 const MS: u64 = 1_000_000;
@@ -186,35 +187,73 @@ fn fmt_ms(ns: u64) -> String {
     }
 }
 
-/// The policy names [`parse`] accepts, for help texts.
+/// The policy names [`PolicySpec`] parses, for help texts.
 pub const NAMES: &str = "fixed:T (T in ms), floating, network, adaptive[:BASE:MAX] (ms)";
 
-/// A policy from its name: `fixed:25`, `fixed:100`, `floating`, `network`, `adaptive`,
-/// `adaptive:25:200`.
-pub fn parse(s: &str) -> Result<Box<dyn Policy>, String> {
-    let ms = |t: &str| -> Result<u64, String> {
-        let v: f64 = t.parse().map_err(|_| format!("policy {s:?}: {t:?} is not a number of milliseconds"))?;
-        if !(v.is_finite() && v > 0.0 && v <= 60_000.0) {
-            return Err(format!("policy {s:?}: {t} ms is outside (0, 60000]"));
+/// A checkpoint policy as it is named (`fixed:25`, `floating`, `network`, `adaptive`,
+/// `adaptive:25:200`): parsed once where it enters (a flag, a model file, the policy switch),
+/// then passed typed; [`PolicySpec::build`] makes a fresh policy of that kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicySpec {
+    Fixed { interval_ns: u64 },
+    Floating,
+    Network,
+    Adaptive { base_ns: u64, max_ns: u64 },
+}
+
+impl Default for PolicySpec {
+    fn default() -> Self {
+        PolicySpec::Adaptive { base_ns: 25 * MS, max_ns: 200 * MS }
+    }
+}
+
+impl PolicySpec {
+    /// A new policy of this kind, in its initial mode.
+    pub fn build(&self) -> Box<dyn Policy> {
+        match *self {
+            PolicySpec::Fixed { interval_ns } => Box::new(Fixed { interval_ns }),
+            PolicySpec::Floating => Box::new(Floating::default()),
+            PolicySpec::Network => Box::new(NetworkDriven::default()),
+            PolicySpec::Adaptive { base_ns, max_ns } => Box::new(Adaptive::new(base_ns, max_ns)),
         }
-        Ok((v * MS as f64).round() as u64)
-    };
-    let mut parts = s.split(':');
-    let head = parts.next().unwrap_or_default();
-    let args: Vec<&str> = parts.collect();
-    match (head, args.as_slice()) {
-        ("fixed", [t]) => Ok(Box::new(Fixed { interval_ns: ms(t)? })),
-        ("floating", []) => Ok(Box::new(Floating::default())),
-        ("network", []) => Ok(Box::new(NetworkDriven::default())),
-        ("adaptive", []) => Ok(Box::new(Adaptive::default())),
-        ("adaptive", [b, m]) => {
-            let (b, m) = (ms(b)?, ms(m)?);
-            if b > m {
-                return Err(format!("policy {s:?}: the base interval exceeds the limit"));
+    }
+}
+
+impl fmt::Display for PolicySpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.build().name())
+    }
+}
+
+impl std::str::FromStr for PolicySpec {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<PolicySpec, Error> {
+        let bad = |reason: String| Error::Policy { name: s.to_owned(), reason };
+        let ms = |t: &str| -> Result<u64, Error> {
+            let v: f64 = t.parse().map_err(|_| bad(format!("{t:?} is not a number of milliseconds")))?;
+            if !(v.is_finite() && v > 0.0 && v <= 60_000.0) {
+                return Err(bad(format!("{t} ms is outside (0, 60000]")));
             }
-            Ok(Box::new(Adaptive::new(b, m)))
+            Ok((v * MS as f64).round() as u64)
+        };
+        let mut parts = s.split(':');
+        let head = parts.next().unwrap_or_default();
+        let args: Vec<&str> = parts.collect();
+        match (head, args.as_slice()) {
+            ("fixed", [t]) => Ok(PolicySpec::Fixed { interval_ns: ms(t)? }),
+            ("floating", []) => Ok(PolicySpec::Floating),
+            ("network", []) => Ok(PolicySpec::Network),
+            ("adaptive", []) => Ok(PolicySpec::default()),
+            ("adaptive", [b, m]) => {
+                let (base_ns, max_ns) = (ms(b)?, ms(m)?);
+                if base_ns > max_ns {
+                    return Err(bad("the base interval exceeds the limit".into()));
+                }
+                Ok(PolicySpec::Adaptive { base_ns, max_ns })
+            }
+            _ => Err(bad(format!("unknown checkpoint policy (expected {NAMES})"))),
         }
-        _ => Err(format!("unknown checkpoint policy {s:?} (expected {NAMES})")),
     }
 }
 
@@ -229,17 +268,19 @@ mod tests {
     #[test]
     fn names_round_trip_and_bad_names_are_explained() {
         for n in ["fixed:25", "fixed:100", "floating", "network", "adaptive", "adaptive:10:500", "fixed:2.5"] {
-            assert_eq!(parse(n).expect(n).name(), n);
+            let spec: PolicySpec = n.parse().expect(n);
+            assert_eq!(spec.build().name(), n);
+            assert_eq!(spec.to_string(), n);
         }
         for bad in ["fixed", "fixed:0", "fixed:x", "fixed:-3", "slow", "adaptive:50:10", "network:3", ""] {
-            let e = parse(bad).unwrap_err();
+            let e = bad.parse::<PolicySpec>().unwrap_err().to_string();
             assert!(e.contains("policy"), "{bad}: {e}");
         }
     }
 
     #[test]
     fn fixed_and_floating_intervals() {
-        let f = parse("fixed:25").expect("fixed");
+        let f = "fixed:25".parse::<PolicySpec>().expect("fixed").build();
         assert_eq!(f.next(&view(0, 1000, Some(0))), 1000 + 25 * MS);
         let mut fl = Floating::default();
         assert_eq!(fl.next(&view(0, 0, None)), 25 * MS);

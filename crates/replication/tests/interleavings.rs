@@ -182,7 +182,7 @@ struct World {
 impl World {
     fn new(seed: u64, faults: Faults) -> World {
         let timing = Timing::default();
-        let primary = Primary::new("vm", "host-a", timing, policy::parse("adaptive").expect("policy"));
+        let primary = Primary::new("vm", "host-a", timing, policy::PolicySpec::default().build());
         World {
             now: 0,
             rng: Rng(seed | 1),
@@ -465,7 +465,7 @@ impl World {
                     );
                     self.takeovers.push(now);
                     self.log.push(format!("{} {} takes over at epoch {epoch} state {}", now / MS, b.name, b.replica_state));
-                    let mut sm = Primary::new("vm", &b.name, self.timing, policy::parse("adaptive").expect("policy"));
+                    let mut sm = Primary::new("vm", &b.name, self.timing, policy::PolicySpec::default().build());
                     let acts = sm.after_takeover(now, granted_at);
                     let mut vm = ModelVm::new(b.replica, b.disk, b.replica_state);
                     vm.epoch = epoch;

@@ -15,22 +15,18 @@
 //! - [`server`]: the thin driver serving the state machine on a Unix socket (the one Xen's
 //!   `libxenstore` reaches through `XENSTORED_PATH`).
 //! - [`client`]: a typed client with reconnect and retry (exactly-once transactions).
-//! - [`loopback_etcd`]: a three-member etcd cluster on loopback, for tests and benchmarks.
-//! - [`supervisor`]: runs a component as a child process, heartbeats it, restarts it on crash or
-//!   hang, and measures detection and recovery times.
 //!
 //! It does not own: the shared-memory ring transport used by real guests (there is no Xen
-//! hypervisor under vigil), running etcd itself, or the policy of what vigil writes where.
+//! hypervisor under vigil), running etcd itself, supervising the server (the `agent` crate's
+//! supervisor does), or the policy of what vigil writes where.
 
 pub mod client;
 pub mod etcd;
 pub mod log;
-pub mod loopback_etcd;
 pub mod path;
 pub mod perms;
 pub mod server;
 pub mod state;
-pub mod supervisor;
 pub mod wire;
 
 pub use client::Client;
@@ -60,13 +56,10 @@ pub enum Error {
     /// No etcd member answered a request (or the cluster refused it).
     #[error("etcd: {0}")]
     Etcd(String),
-    /// A supervised child could not be started or controlled.
-    #[error("supervisor: {0}")]
-    Supervisor(String),
 }
 
 impl Error {
-    pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { what, path: path.into(), source }
     }
 }

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use store::etcd::EtcdBackend;
 use store::log::Backend;
-use store::loopback_etcd::LoopbackEtcd;
 use store::server::{Config, Server};
 use store::Client;
+use testbed::etcd::LoopbackEtcd;
 
 fn start_cluster(dir: &Path) -> LoopbackEtcd {
     LoopbackEtcd::start(dir, 31000 + (std::process::id() % 400) as u16 * 8, "vigil-test").expect("etcd starts")

@@ -9,9 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use store::etcd::EtcdBackend;
 use store::log::Backend;
-use store::loopback_etcd::LoopbackEtcd;
 use store::server::{Config, Server};
 use store::{Client, Errno, Error};
+use testbed::etcd::LoopbackEtcd;
 
 struct Procs(Vec<Child>);
 

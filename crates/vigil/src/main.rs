@@ -5,17 +5,16 @@
 //! analyses it (`rtc`), and prints a table, JSON (`--json`) or SVG plots of the curves
 //! (`--plot DIR`). `vigil plan FILE` computes, for every fault scenario, the reconfiguration
 //! (the `planner` crate). `vigil vm …` runs and controls unikernel VMs (the `vmm` crate);
-//! `vigil store …` serves or supervises the control-plane store (the `store` crate).
+//! `vigil store …` serves or supervises the control-plane store (the `store` crate);
+//! `vigil backup` and `vigil arbiter` run a backup host and the fencing arbiter, and
+//! `vigil vm run` a VM from its spec (the `agent` crate); `vigil bench …` and `vigil demo …`
+//! are the `bench` crate's.
 //!
 //! Exit status: 0 every deadline holds, 1 a deadline is missed or a bound is unbounded,
 //! 2 invalid input or another error (one line on stderr, `file:line:` first).
 
 mod analyze;
-mod bench;
-mod bench_replication;
-mod bench_store;
-mod bench_vmm;
-mod demo;
+mod cluster;
 mod plan;
 mod plot;
 mod replicate;
@@ -40,7 +39,7 @@ enum Command {
     /// Plan the reconfiguration for every fault scenario (hosts, and links with --links).
     Plan(plan::Args),
     /// Measure the analysis, the planner, the VMM, the store or replication: tables.
-    Bench(bench::Args),
+    Bench(bench::analysis::Args),
     /// Run, restore and control unikernel virtual machines (see `vigil vm --help`).
     Vm(vm::Args),
     /// The XenStore-compatible control-plane store: serve it, or supervise it.
@@ -50,8 +49,21 @@ enum Command {
     Backup(replicate::BackupArgs),
     /// Serve the fencing leases that decide which copy of a protected VM may release output.
     Arbiter(replicate::ArbiterArgs),
+    /// Bring up a cluster on this machine from a model: hosts as network namespaces, the
+    /// store, the arbiter, an agent per host, the managers, every VM.
+    Up(cluster::UpArgs),
+    /// The cluster's hosts, VMs, plan in force and events (exit 0 when all is well).
+    Status(cluster::StatusArgs),
+    /// Fault injection: kill a host's agent and VMMs (SIGKILL) and cut its link.
+    Fail(cluster::FailArgs),
+    /// Stop the cluster and remove its namespaces.
+    Down(cluster::DirArgs),
+    /// Be the agent of one host: run what the manager places there.
+    Agent(cluster::AgentArgs),
+    /// Be a manager: elected leader, it executes the plan for every host failure.
+    Manager(cluster::ManagerArgs),
     /// Demonstrations: `vigil demo failover`.
-    Demo(demo::Args),
+    Demo(bench::demo::Args),
 }
 
 /// How a command ended, as far as the exit status is concerned.
@@ -76,17 +88,32 @@ fn status(r: anyhow::Result<u8>) -> ExitCode {
     }
 }
 
+/// Log lines (`tracing`) on stderr: info and up, or the level in `VIGIL_LOG`
+/// (error, warn, info, debug, trace).
+fn init_logging() {
+    let level = std::env::var("VIGIL_LOG").ok().and_then(|l| l.parse().ok()).unwrap_or(tracing::Level::INFO);
+    let level = if std::env::var_os("VIGIL_DEBUG").is_some() { tracing::Level::DEBUG } else { level };
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).with_target(false).with_max_level(level).init();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging();
     let result = match cli.command {
         Command::Analyze(args) => analyze::run(&args),
         Command::Plan(args) => plan::run(&args),
-        Command::Bench(args) => bench::run(&args),
+        Command::Bench(args) => bench::analysis::run(&args).map(|()| Outcome::Ok),
         Command::Vm(args) => return status(vm::run(&args)),
         Command::Store(args) => store::run(&args),
         Command::Backup(args) => return status(replicate::backup(&args)),
         Command::Arbiter(args) => return status(replicate::arbiter(&args)),
-        Command::Demo(args) => return status(demo::run(&args)),
+        Command::Demo(args) => return status(bench::demo::run(&args)),
+        Command::Up(args) => return status(cluster::up(&args)),
+        Command::Status(args) => return status(cluster::status(&args)),
+        Command::Fail(args) => return status(cluster::fail(&args)),
+        Command::Down(args) => return status(cluster::down(&args)),
+        Command::Agent(args) => return status(cluster::agent(&args)),
+        Command::Manager(args) => return status(cluster::manager(&args)),
     };
     let outcome = result.unwrap_or_else(|e| {
         eprintln!("{}", format!("{e:#}").replace('\n', " "));

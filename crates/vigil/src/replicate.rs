@@ -1,11 +1,11 @@
 //! `vigil arbiter` (the fencing lease service), `vigil backup` (the backup host's side of
 //! checkpoint replication) and the `--protect` options of `vigil vm run` (the primary's side).
-//! The `replication` crate does the work.
+//! The `agent` crate does the work.
 
-use anyhow::{bail, Context, Result};
+use agent::vm::{hostname, BackupSpec, Protection, TimingSpec};
+use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
-use replication::driver::{self, primary::Outcome};
-use replication::Timing;
+use replication::PolicySpec;
 use std::path::PathBuf;
 
 /// Heartbeat, failure detection and lease timing (both sides should agree).
@@ -26,17 +26,8 @@ pub struct TimingArgs {
 }
 
 impl TimingArgs {
-    pub fn timing(&self) -> Result<Timing> {
-        const MS: u64 = 1_000_000;
-        let t = Timing {
-            heartbeat_ns: self.heartbeat_ms * MS,
-            timeout_ns: self.timeout_ms * MS,
-            lease_ttl_ns: self.lease_ms * MS,
-            lease_renew_ns: self.renew_ms * MS,
-            reconnect_ns: Timing::default().reconnect_ns,
-        };
-        t.validate().map_err(anyhow::Error::msg)?;
-        Ok(t)
+    pub fn spec(&self) -> TimingSpec {
+        TimingSpec { heartbeat_ms: self.heartbeat_ms, timeout_ms: self.timeout_ms, lease_ms: self.lease_ms, renew_ms: self.renew_ms }
     }
 }
 
@@ -52,7 +43,7 @@ pub struct ProtectArgs {
     pub arbiter: Option<String>,
     /// Checkpoint policy: fixed:T (ms), floating, network, adaptive[:BASE:MAX].
     #[arg(long, default_value = "adaptive")]
-    pub policy: String,
+    pub policy: PolicySpec,
     /// The VM's name at the arbiter (default: the image's file name).
     #[arg(long)]
     pub name: Option<String>,
@@ -72,12 +63,16 @@ pub struct ProtectArgs {
 /// `vigil backup`.
 #[derive(ClapArgs)]
 pub struct BackupArgs {
+    /// Run the backup a spec file describes (JSON `agent::vm::BackupSpec`, as the agent
+    /// writes them).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "arbiter"])]
+    spec: Option<PathBuf>,
     /// Address to listen on for the primary (HOST:PORT).
-    #[arg(long)]
-    listen: String,
+    #[arg(long, required_unless_present = "spec")]
+    listen: Option<String>,
     /// The fencing arbiter at HOST:PORT.
-    #[arg(long)]
-    arbiter: String,
+    #[arg(long, required_unless_present = "spec")]
+    arbiter: Option<String>,
     /// This host's name at the arbiter (default: the host name).
     #[arg(long)]
     holder: Option<String>,
@@ -101,7 +96,7 @@ pub struct BackupArgs {
     protect: Option<String>,
     /// After a takeover, the checkpoint policy.
     #[arg(long, default_value = "adaptive")]
-    policy: String,
+    policy: PolicySpec,
     #[command(flatten)]
     timing: TimingArgs,
 }
@@ -114,79 +109,47 @@ pub struct ArbiterArgs {
     listen: String,
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".into())
-}
-
-/// Exit status of a protected VM's process: the guest's, 3 if it faulted, 4 if fenced.
-pub fn outcome_status(o: Outcome) -> u8 {
-    match o {
-        Outcome::Stopped(vmm::Stop::Exited(s)) => s.min(255) as u8,
-        Outcome::Stopped(vmm::Stop::Quit) => 0,
-        Outcome::Stopped(vmm::Stop::Fault(reason)) => {
-            eprintln!("guest fault: {reason}");
-            3
-        }
-        Outcome::Fenced { .. } => 4,
+impl ProtectArgs {
+    /// The protection these options ask for (none without `--protect`), checked.
+    pub fn protection(&self) -> Result<Option<Protection>> {
+        let Some(backup) = self.protect.clone() else { return Ok(None) };
+        let p = Protection {
+            backup,
+            arbiter: self.arbiter.clone().context("--protect needs --arbiter")?,
+            holder: self.holder.clone().unwrap_or_else(hostname),
+            policy: self.policy,
+            timing: self.timing.spec(),
+            stats: self.stats,
+            control: self.control.clone(),
+        };
+        p.timing.timing()?;
+        Ok(Some(p))
     }
-}
-
-/// Runs `vm` protected (the primary's side).
-pub fn run_protected(vm: vmm::Vm, p: &ProtectArgs, name: &str, disk: Option<PathBuf>, api: Option<&std::path::Path>) -> Result<u8> {
-    let arbiter = p.arbiter.clone().context("--protect needs --arbiter")?;
-    let policy = replication::policy::parse(&p.policy).map_err(anyhow::Error::msg)?;
-    let (ctl, inbox) = vmm::channel_pair()?;
-    let _api = match api {
-        Some(path) => Some(vmm::api::serve(path, ctl.clone())?),
-        None => None,
-    };
-    let opts = driver::primary::Options {
-        vm: p.name.clone().unwrap_or_else(|| name.to_owned()),
-        holder: p.holder.clone().unwrap_or_else(hostname),
-        backup: p.protect.clone(),
-        arbiter,
-        policy,
-        timing: p.timing.timing()?,
-        stats_lines: p.stats,
-        control: p.control.clone(),
-        disk,
-    };
-    let outcome =
-        driver::primary::run(vm, ctl, inbox, opts, driver::primary::Start::Fresh, driver::Clock::new()).map_err(anyhow::Error::msg)?;
-    Ok(outcome_status(outcome))
 }
 
 /// `vigil backup`: runs until it took over and the VM stopped.
 pub fn backup(a: &BackupArgs) -> Result<u8> {
-    replication::policy::parse(&a.policy).map_err(anyhow::Error::msg)?;
-    let opts = driver::backup::Options {
-        listen: a.listen.clone(),
-        holder: a.holder.clone().unwrap_or_else(hostname),
-        arbiter: a.arbiter.clone(),
-        tap: a.tap.clone(),
-        disk: a.disk.clone(),
-        timing: a.timing.timing()?,
-        stats_lines: a.stats,
-        control: a.control.clone(),
-        api: a.api.clone(),
-        then_protect: a.protect.clone(),
-        then_policy: a.policy.clone(),
-    };
-    if let Some(d) = &opts.disk {
-        if !d.exists() {
-            bail!("--disk {}: no such file (give the backup a copy of the VM's disk image, of the same size)", d.display());
-        }
+    if let Some(file) = &a.spec {
+        return Ok(agent::vm::run_backup(&crate::vm::load_spec::<BackupSpec>(file)?)?);
     }
-    let outcome = driver::backup::run(opts).map_err(anyhow::Error::msg)?;
-    Ok(outcome_status(outcome))
+    let spec = BackupSpec {
+        listen: a.listen.clone().context("--listen")?,
+        arbiter: a.arbiter.clone().context("--arbiter")?,
+        holder: a.holder.clone().unwrap_or_else(hostname),
+        tap: a.tap.clone(),
+        bridge: None,
+        disk: a.disk.clone(),
+        api: a.api.clone(),
+        control: a.control.clone(),
+        stats: a.stats,
+        then_protect: a.protect.clone(),
+        then_policy: a.policy,
+        timing: a.timing.spec(),
+    };
+    Ok(agent::vm::run_backup(&spec)?)
 }
 
 /// `vigil arbiter`: serves leases until killed.
 pub fn arbiter(a: &ArbiterArgs) -> Result<u8> {
-    let listener = std::net::TcpListener::bind(&a.listen).with_context(|| format!("cannot listen on {}", a.listen))?;
-    let arb = replication::lease::serve(listener)?;
-    eprintln!("arbiter: serving leases on {}", arb.addr);
-    loop {
-        std::thread::park();
-    }
+    match agent::vm::serve_arbiter(&a.listen)? {}
 }

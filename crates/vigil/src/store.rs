@@ -66,7 +66,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             Ok(Outcome::Ok)
         }
         Command::Supervise { socket, data, period_ms, misses } => {
-            let cfg = store::supervisor::Config {
+            let cfg = agent::supervisor::Config {
                 program: std::env::current_exe().context("locating the vigil binary")?,
                 args: vec!["store".into(), "serve".into(), "--socket".into(), socket.into(), "--data".into(), data.into()],
                 socket: socket.clone(),
@@ -74,7 +74,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                 misses: (*misses).max(1),
                 start_timeout: std::time::Duration::from_secs(30),
             };
-            let sup = store::supervisor::Supervisor::start(cfg).context("vigil store supervise")?;
+            let sup = agent::supervisor::Supervisor::start(cfg).context("vigil store supervise")?;
             eprintln!("vigil store supervise: store running as pid {}", sup.pid());
             let stop = std::sync::atomic::AtomicBool::new(false);
             sup.run(&stop, |i| {

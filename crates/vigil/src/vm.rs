@@ -1,10 +1,12 @@
-//! `vigil vm`: run, restore and control unikernel VMs (the `vmm` crate does the work).
+//! `vigil vm`: run, restore and control unikernel VMs (the `agent` and `vmm` crates do the work).
 
+use agent::vm::{Ipv4Cidr, Mac, NetSpec, Scheduling};
+use agent::VmSpec;
 use anyhow::{bail, Context, Result};
 use clap::{Args as ClapArgs, Subcommand};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use vmm::{api, snapshot::RestoreOverrides, Command, Stop, Vm, VmConfig};
+use vmm::{api, snapshot::RestoreOverrides, Command};
 
 #[derive(ClapArgs)]
 pub struct Args {
@@ -60,9 +62,13 @@ struct ApiArg {
 
 #[derive(ClapArgs)]
 struct RunArgs {
+    /// Run the VM a spec file describes (JSON `agent::VmSpec`, as the agent writes them);
+    /// no other option is taken then.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["image", "args"])]
+    spec: Option<PathBuf>,
     /// Guest image (static ELF built with the guest SDK).
-    #[arg(long)]
-    image: PathBuf,
+    #[arg(long, required_unless_present = "spec")]
+    image: Option<PathBuf>,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 64)]
     mem: u64,
@@ -74,19 +80,25 @@ struct RunArgs {
     tap: Option<String>,
     /// Guest IPv4 address with prefix length, e.g. 10.0.0.2/24.
     #[arg(long)]
-    ip: Option<String>,
+    ip: Option<Ipv4Cidr>,
     /// Guest IPv4 gateway.
     #[arg(long)]
     gateway: Option<Ipv4Addr>,
     /// Guest MAC address, e.g. 52:54:00:12:34:56.
     #[arg(long)]
-    mac: Option<String>,
+    mac: Option<Mac>,
     /// Control socket.
     #[arg(long)]
     api: Option<PathBuf>,
     /// Start with dirty-page logging on.
     #[arg(long)]
     dirty_log: bool,
+    /// Pin the VMM to these CPUs (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "CPU,...")]
+    cpus: Vec<usize>,
+    /// Run the vCPU under SCHED_FIFO at this real-time priority (1..=99).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=99))]
+    priority: Option<u8>,
     #[command(flatten)]
     domain: DomainArgs,
     #[command(flatten)]
@@ -128,31 +140,9 @@ struct DomainArgs {
     domid: Option<u32>,
 }
 
-/// The VM's domain in the store, released when dropped.
-struct Domain {
-    client: store::Client,
-    domid: u32,
-}
-
-impl Domain {
-    fn introduce(a: &DomainArgs, what: &str) -> Result<Option<Domain>> {
-        let (Some(socket), Some(domid)) = (&a.store, a.domid) else { return Ok(None) };
-        let mut client = store::Client::connect(socket).with_context(|| format!("store {}", socket.display()))?;
-        let base = format!("/local/domain/{domid}");
-        client.write(&format!("{base}/name"), what.as_bytes()).with_context(|| format!("store: cannot write {base}/name"))?;
-        client.write(&format!("{base}/state"), b"running").with_context(|| format!("store: cannot write {base}/state"))?;
-        client.introduce(domid).with_context(|| format!("store: cannot introduce domain {domid}"))?;
-        Ok(Some(Domain { client, domid }))
-    }
-}
-
-impl Drop for Domain {
-    fn drop(&mut self) {
-        let base = format!("/local/domain/{}", self.domid);
-        let released = self.client.release(self.domid).and_then(|_| self.client.rm(&base));
-        if let Err(e) = released {
-            eprintln!("store: cannot release domain {}: {e}", self.domid);
-        }
+impl DomainArgs {
+    fn spec(&self) -> Option<agent::domain::DomainSpec> {
+        Some(agent::domain::DomainSpec { store: self.store.clone()?, domid: self.domid? })
     }
 }
 
@@ -160,50 +150,30 @@ impl Drop for Domain {
 pub fn run(args: &Args) -> Result<u8> {
     match &args.command {
         VmCommand::Run(a) => {
-            if a.protect.protect.is_some() {
-                // Check the protection options before starting anything.
-                replication::policy::parse(&a.protect.policy).map_err(anyhow::Error::msg)?;
-                a.protect.timing.timing()?;
+            if let Some(file) = &a.spec {
+                return Ok(agent::vm::run(&load_spec::<VmSpec>(file)?)?);
             }
-            let mut config = VmConfig::new(&a.image, a.mem);
-            config.disk = a.disk.clone();
-            config.tap = a.tap.clone();
-            config.args = a.args.clone();
-            config.dirty_log = a.dirty_log;
-            if let Some(ip) = &a.ip {
-                let (addr, prefix) = ip.split_once('/').unwrap_or((ip, "24"));
-                config.net.ip = addr.parse().with_context(|| format!("--ip {ip}: bad address"))?;
-                config.net.prefix_len =
-                    prefix.parse().ok().filter(|p| *p <= 32).with_context(|| format!("--ip {ip}: bad prefix length"))?;
+            let image = a.image.clone().context("--image or --spec")?;
+            let mut spec = VmSpec::new(&image, a.mem);
+            spec.args = a.args.clone();
+            spec.disk = a.disk.clone();
+            spec.api = a.api.clone();
+            spec.dirty_log = a.dirty_log;
+            spec.domain = a.domain.spec();
+            spec.net = a.tap.clone().map(|tap| NetSpec { tap, ip: a.ip, gateway: a.gateway, mac: a.mac, bridge: None });
+            if a.tap.is_none() && (a.ip.is_some() || a.gateway.is_some() || a.mac.is_some()) {
+                bail!("--ip, --gateway and --mac need --tap");
             }
-            if let Some(g) = a.gateway {
-                config.net.gateway = g;
+            spec.scheduling = Scheduling { cpus: a.cpus.clone(), fifo_priority: a.priority };
+            if let Some(name) = &a.protect.name {
+                spec.name = name.clone();
             }
-            if let Some(mac) = &a.mac {
-                config.net.mac = parse_mac(mac)?;
-            }
-            let announce = config.tap.is_some() && !config.net.ip.is_unspecified();
-            let mut vm = Vm::create(config, Box::new(std::io::stdout())).with_context(|| format!("cannot start {}", a.image.display()))?;
-            if announce {
-                // Tell the switches where the VM's address lives now (it may have run
-                // elsewhere before).
-                vm.announce(1).context("cannot announce the VM's address")?;
-            }
-            let name = a.image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let _domain = Domain::introduce(&a.domain, &name)?;
-            if a.protect.protect.is_some() {
-                return crate::replicate::run_protected(vm, &a.protect, &name, a.disk.clone(), a.api.as_deref());
-            }
-            drive(vm, a.api.as_deref())
+            spec.protection = a.protect.protection()?;
+            Ok(agent::vm::run(&spec)?)
         }
         VmCommand::Restore(a) => {
             let overrides = RestoreOverrides { tap: a.tap.clone(), disk: a.disk.clone() };
-            let mut vm = Vm::restore(&a.dir, &overrides, Box::new(std::io::stdout()))?;
-            if !a.paused {
-                vm.resume();
-            }
-            let _domain = Domain::introduce(&a.domain, &a.dir.display().to_string())?;
-            drive(vm, a.api.as_deref())
+            Ok(agent::vm::restore(&a.dir, &overrides, a.paused, a.api.as_deref(), a.domain.spec().as_ref())?)
         }
         VmCommand::Pause(api) => simple(&api.api, Command::Pause),
         VmCommand::Resume(api) => simple(&api.api, Command::Resume),
@@ -233,27 +203,10 @@ pub fn run(args: &Args) -> Result<u8> {
     }
 }
 
-fn drive(mut vm: Vm, api_path: Option<&Path>) -> Result<u8> {
-    let (_server, inbox) = match api_path {
-        Some(p) => {
-            let (ctl, inbox) = vmm::channel_pair()?;
-            (Some(api::serve(p, ctl)?), Some(inbox))
-        }
-        None => {
-            if vm.paused() {
-                bail!("a paused VM needs --api to be resumed");
-            }
-            (None, None)
-        }
-    };
-    match vm.run(inbox.as_ref())? {
-        Stop::Exited(s) => Ok(s.min(255) as u8),
-        Stop::Quit => Ok(0),
-        Stop::Fault(reason) => {
-            eprintln!("guest fault: {reason}");
-            Ok(3)
-        }
-    }
+/// A JSON spec file; the error names the file and what is wrong.
+pub fn load_spec<T: serde::de::DeserializeOwned>(file: &Path) -> Result<T> {
+    let text = std::fs::read(file).with_context(|| format!("spec {}", file.display()))?;
+    serde_json::from_slice(&text).map_err(|e| anyhow::anyhow!("spec {}: line {}: {e}", file.display(), e.line()))
 }
 
 fn simple(path: &Path, cmd: Command) -> Result<u8> {
@@ -263,9 +216,4 @@ fn simple(path: &Path, cmd: Command) -> Result<u8> {
     }
     println!("{}", serde_json::to_string(&reply)?);
     Ok(0)
-}
-
-fn parse_mac(s: &str) -> Result<[u8; 6]> {
-    let parts: Vec<u8> = s.split(':').map(|p| u8::from_str_radix(p, 16)).collect::<Result<_, _>>().with_context(|| format!("--mac {s}"))?;
-    parts.try_into().map_err(|_| anyhow::anyhow!("--mac {s}: six bytes expected"))
 }

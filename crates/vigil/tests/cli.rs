@@ -238,7 +238,7 @@ fn bad_replication_options_exit_2_and_say_why() {
         (&["vm", "run", "--image", "/nonexistent", "--protect", "127.0.0.1:1"], "--arbiter"),
         (
             &["vm", "run", "--image", "/nonexistent", "--protect", "127.0.0.1:1", "--arbiter", "127.0.0.1:2", "--policy", "slow"],
-            "unknown checkpoint policy \"slow\"",
+            "checkpoint policy \"slow\": unknown",
         ),
         (
             &["vm", "run", "--image", "/nonexistent", "--protect", "127.0.0.1:1", "--arbiter", "127.0.0.1:2", "--policy", "fixed:0"],
@@ -265,10 +265,10 @@ fn bad_replication_options_exit_2_and_say_why() {
             &["backup", "--listen", "127.0.0.1:0", "--arbiter", "127.0.0.1:1", "--disk", "/nonexistent/disk"],
             "/nonexistent/disk: no such file",
         ),
-        (&["backup", "--listen", "127.0.0.1:0", "--arbiter", "127.0.0.1:1", "--policy", "often"], "unknown checkpoint policy \"often\""),
+        (&["backup", "--listen", "127.0.0.1:0", "--arbiter", "127.0.0.1:1", "--policy", "often"], "checkpoint policy \"often\": unknown"),
         (&["backup", "--listen", "256.0.0.1:7", "--arbiter", "127.0.0.1:1"], "cannot listen on 256.0.0.1:7"),
         (&["arbiter", "--listen", "nowhere"], "cannot listen on nowhere"),
-        (&["bench", "replication", "--policies", "fixed:25,bogus"], "unknown checkpoint policy \"bogus\""),
+        (&["bench", "replication", "--policies", "fixed:25,bogus"], "checkpoint policy \"bogus\": unknown"),
     ];
     for (args, want) in cases {
         let out = vigil(args);

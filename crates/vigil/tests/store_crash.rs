@@ -4,11 +4,11 @@
 //! reported EAGAIN, and watches fire again after reconnecting. A SIGSTOP'ed (hung) server is
 //! detected by missed heartbeats and replaced.
 
+use agent::supervisor::{Cause, Config, Supervisor};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use store::supervisor::{Cause, Config, Supervisor};
 use store::{Client, Errno};
 
 fn setup(name: &str) -> (PathBuf, Config) {

@@ -2,14 +2,14 @@
 //! writes, with the log in a 3-member etcd cluster on loopback (Debian's etcd-server) that also
 //! loses a member: every acknowledged write is present afterwards.
 
+use agent::supervisor::{Cause, Config, Supervisor};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use store::loopback_etcd::LoopbackEtcd;
-use store::supervisor::{Cause, Config, Supervisor};
 use store::Client;
+use testbed::etcd::LoopbackEtcd;
 
 #[test]
 fn sigkill_of_the_store_on_etcd_loses_nothing_acknowledged() {

@@ -1,14 +1,14 @@
 //! The backup's driver: accepts the primary's connection, keeps the replica (memory and vCPU
-//! in a `vmm::checkpoint::Replica`, the disk in a file) as [`crate::backup::Backup`] decides,
+//! in a `vmm::checkpoint::Replica`, the disk in a file) as [`replication::backup::Backup`] decides,
 //! and on takeover builds the VM from the replica on this host, announces it, and continues
 //! as a primary ([`super::primary`]).
 
 use super::primary::{self, Outcome, Start};
 use super::stats::{self, Shared, Stats};
 use super::{spawn_arbiter, spawn_reader, Clock, Input};
-use crate::backup::{Action, Backup, Event, Notice};
-use crate::wire::{self, WireError};
-use crate::Timing;
+use replication::backup::{Action, Backup, Event, Notice};
+use replication::wire::{self, WireError};
+use replication::{PolicySpec, Timing};
 use std::collections::VecDeque;
 use std::io::{BufWriter, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -43,7 +43,7 @@ pub struct Options {
     pub api: Option<PathBuf>,
     /// After a takeover: the new backup to protect the VM with, and the policy.
     pub then_protect: Option<String>,
-    pub then_policy: String,
+    pub then_policy: PolicySpec,
 }
 
 struct Conn {
@@ -57,7 +57,7 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
     let clock = Clock::new();
     let (tx, rx) = channel::<Input>();
     let listener = TcpListener::bind(&opts.listen).map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
-    eprintln!("backup: listening on {}", listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
+    tracing::info!("backup: listening on {}", listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
     let ltx = tx.clone();
     std::thread::Builder::new()
         .name("repl-accept".into())
@@ -102,7 +102,7 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                         });
                     match made {
                         Ok(r) => {
-                            eprintln!("backup: new session {session:x} for VM {vm} ({} MiB)", mem_bytes >> 20);
+                            tracing::info!("backup: new session {session:x} for VM {vm} ({} MiB)", mem_bytes >> 20);
                             stats.lock().unwrap_or_else(|e| e.into_inner()).vm = vm;
                             st.replica = Some(r);
                         }
@@ -162,7 +162,7 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                 }
                 Action::Disconnect { reason } => {
                     if st.conn.is_some() {
-                        eprintln!("backup: connection to the primary closed: {reason}");
+                        tracing::info!("backup: connection to the primary closed: {reason}");
                     }
                     st.close();
                 }
@@ -172,14 +172,14 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                 Action::TakeOver { epoch, granted_at } => {
                     let replica = st.replica.take().ok_or("internal: takeover without a replica")?;
                     let since = st.suspected_at.map(|t| Instant::now().duration_since(t).as_secs_f64() * 1e3).unwrap_or(0.0);
-                    eprintln!("backup: TAKING OVER from epoch {epoch} ({since:.1} ms after suspecting the primary)");
+                    tracing::info!("backup: TAKING OVER from epoch {epoch} ({since:.1} ms after suspecting the primary)");
                     stats.lock().unwrap_or_else(|e| e.into_inner()).takeovers += 1;
                     let vm_name = stats.lock().unwrap_or_else(|e| e.into_inner()).vm.clone();
                     let tap = standby.take().map(Standby::end);
                     return take_over(replica, &opts, &vm_name, granted_at, clock, control_bound, tap);
                 }
                 Action::Abandon { reason } => {
-                    eprintln!("backup: replica abandoned: {reason}");
+                    tracing::info!("backup: replica abandoned: {reason}");
                     st.replica = None;
                 }
                 Action::Notice(n) => {
@@ -193,20 +193,20 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                             s.last.epoch = *epoch;
                             s.last.dirty_pages = *pages;
                             if *epoch == 1 || s.checkpoints == 1 {
-                                eprintln!("backup: first checkpoint committed (epoch {epoch}): the VM is protected");
+                                tracing::info!("backup: first checkpoint committed (epoch {epoch}): the VM is protected");
                             }
                         }
                         Notice::Refused { .. } => {
                             s.refused += 1;
-                            eprintln!("backup: {n:?}");
+                            tracing::info!("backup: {n:?}");
                         }
                         Notice::Suspecting { .. } => {
                             st.suspected_at = Some(Instant::now());
-                            eprintln!("backup: {n:?}");
+                            tracing::info!("backup: {n:?}");
                         }
                         _ => {
                             if opts.stats_lines || !matches!(n, Notice::LeaseHeld { .. }) {
-                                eprintln!("backup: {n:?}");
+                                tracing::info!("backup: {n:?}");
                             }
                         }
                     }
@@ -342,14 +342,14 @@ fn take_over(
     let mut vm = vm.map_err(|e| format!("takeover: {e}"))?;
     vm.resume();
     if vm.announce(1).is_err() {
-        eprintln!("backup: the VM has no network address to announce");
+        tracing::info!("backup: the VM has no network address to announce");
     }
     let (ctl, inbox) = vmm::channel_pair().map_err(|e| e.to_string())?;
     let _api = match &opts.api {
         Some(p) => Some(vmm::api::serve(p, ctl.clone()).map_err(|e| e.to_string())?),
         None => None,
     };
-    eprintln!("backup: the VM runs on this host ({:.1} ms to build it)", t0.elapsed().as_secs_f64() * 1e3);
+    tracing::info!("backup: the VM runs on this host ({:.1} ms to build it)", t0.elapsed().as_secs_f64() * 1e3);
     // Announce again a little later, for switches that missed the first frames.
     let actl = ctl.clone();
     std::thread::spawn(move || {
@@ -363,7 +363,7 @@ fn take_over(
         holder: opts.holder.clone(),
         backup: opts.then_protect.clone(),
         arbiter: opts.arbiter.clone(),
-        policy: crate::policy::parse(&opts.then_policy)?,
+        policy: opts.then_policy,
         timing: opts.timing,
         stats_lines: opts.stats_lines,
         control: if control_bound { None } else { opts.control.clone() },

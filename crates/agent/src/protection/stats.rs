@@ -1,15 +1,17 @@
-//! Live replication statistics: one line per epoch (with `--stats`), and the same figures as
+//! Live replication statistics: one JSON line per epoch (with `--stats`), and the same figures as
 //! Prometheus metrics on a small HTTP endpoint that also lets an operator switch the
 //! checkpoint policy while the VM runs (`POST /policy` with the policy name as the body).
 
+use replication::PolicySpec;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
-/// Figures of one checkpoint, as the primary saw them.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Figures of one checkpoint, as the primary saw them; with `--stats` each is printed as one
+/// JSON line on stderr (the record, never text to be parsed back).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EpochStats {
     pub epoch: u64,
     /// Time the driver waited for the VM to pause, copy and resume (an upper bound of the
@@ -26,32 +28,27 @@ pub struct EpochStats {
     /// How long the oldest output of the epoch waited before it was released.
     pub output_delay_ns: Option<u64>,
     pub output_frames: u64,
-    pub mode: &'static str,
+    pub mode: std::borrow::Cow<'static, str>,
 }
 
 impl EpochStats {
-    /// The human-readable line printed with `--stats`.
-    pub fn line(&self) -> String {
-        let ms = |ns: u64| ns as f64 / 1e6;
-        let mut s = format!(
-            "epoch {} pause {:.3} ms (vmm {:.3}, copy {:.3}) dirty {} pages {} KiB transfer {:.3} ms ack {:.3} ms",
-            self.epoch,
-            ms(self.pause_ns),
-            ms(self.vmm_pause_ns),
-            ms(self.copy_ns),
-            self.dirty_pages,
-            self.bytes / 1024,
-            ms(self.transfer_ns),
-            ms(self.ack_ns)
-        );
-        match self.output_delay_ns {
-            Some(d) => {
-                let _ = write!(s, " output {} frames delayed {:.3} ms", self.output_frames, ms(d));
-            }
-            None => s.push_str(" output none"),
-        }
-        let _ = write!(s, " mode {}", self.mode);
-        s
+    /// Key of the JSON line (`{"checkpoint": {...}}`), so that readers of a mixed log find it.
+    pub const KEY: &'static str = "checkpoint";
+
+    /// Prints the record as one JSON line on stderr (what `--stats` asks for: data, not a log).
+    pub fn emit(&self) {
+        let line = serde_json::json!({ Self::KEY: self });
+        eprintln!("{line}");
+    }
+
+    /// The records in `text` (the lines [`EpochStats::emit`] printed; other lines are skipped).
+    pub fn parse_all(text: &str) -> Vec<EpochStats> {
+        text.lines()
+            .filter_map(|l| l.find('{').map(|i| &l[i..]))
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|mut v| v.get_mut(Self::KEY).map(serde_json::Value::take))
+            .filter_map(|v| serde_json::from_value(v).ok())
+            .collect()
     }
 }
 
@@ -127,7 +124,7 @@ pub type Shared = Arc<Mutex<Stats>>;
 
 /// Serves `GET /metrics` (Prometheus text) and `POST /policy` (body: a policy name, sent on
 /// `policy`) on `addr`, on a thread. Returns the bound address.
-pub fn serve(addr: &str, stats: Shared, policy: Option<Sender<String>>) -> std::io::Result<std::net::SocketAddr> {
+pub fn serve(addr: &str, stats: Shared, policy: Option<Sender<PolicySpec>>) -> std::io::Result<std::net::SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
     std::thread::Builder::new().name("metrics".into()).spawn(move || {
@@ -160,10 +157,10 @@ pub fn serve(addr: &str, stats: Shared, policy: Option<Sender<String>>) -> std::
                 ("GET", "/metrics") => ("200 OK", stats.lock().unwrap_or_else(|e| e.into_inner()).prometheus()),
                 ("POST", "/policy") => {
                     let name = String::from_utf8_lossy(&body).trim().to_string();
-                    match (crate::policy::parse(&name), &policy) {
-                        (Ok(_), Some(tx)) => {
-                            let _ = tx.send(name.clone());
-                            ("200 OK", format!("policy {name}\n"))
+                    match (name.parse::<PolicySpec>(), &policy) {
+                        (Ok(spec), Some(tx)) => {
+                            let _ = tx.send(spec);
+                            ("200 OK", format!("policy {spec}\n"))
                         }
                         (Ok(_), None) => ("409 Conflict", "no policy to change here\n".into()),
                         (Err(e), _) => ("400 Bad Request", format!("{e}\n")),

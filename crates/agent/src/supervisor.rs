@@ -4,7 +4,6 @@
 //! heartbeats in a row go unanswered; the child is then killed with SIGKILL). Every incident is
 //! reported with its detection and recovery times.
 
-use crate::wire::{self, decode, Msg, MsgType};
 use crate::{Error, Result};
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -15,6 +14,7 @@ use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
+use store::wire::{self, decode, Msg, MsgType};
 
 /// What to run and how to watch it.
 #[derive(Debug, Clone)]

@@ -1,6 +1,6 @@
 //! `vigil bench replication`: what checkpoint replication costs, per workload and policy.
 //!
-//! In the two-host testbed (`replication::testbed`), each workload runs once without
+//! In the two-host testbed (`testbed::twohost`), each workload runs once without
 //! protection and once under each checkpoint policy, with its backup on the other host:
 //! - `compute`: a compute-bound guest rewriting an 8 MiB working set 100,000 times (run time);
 //! - `stream`: a guest sending 50 MB over TCP to a client (throughput);
@@ -10,13 +10,14 @@
 //! Then the checkpoint pause against the number of dirty pages, the checkpoint throughput to
 //! the backup, and the failover time as a client sees it.
 
-use crate::demo::build_guest;
+use agent::protection::stats::EpochStats;
 use anyhow::{bail, Context, Result};
-use replication::testbed::{vm_net_args, Host, Proc, Testbed, ARBITER, VM_IP};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use testbed::twohost::{vm_net_args, Host, Testbed, ARBITER, VM_IP};
+use testbed::Proc;
 
 /// Starts `vigil ARGS` in namespace `ns`, logging to `log`.
 fn spawn(ns: &str, args: &[String], log: PathBuf) -> Result<Proc> {
@@ -32,7 +33,7 @@ fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
 }
 
-/// Per-checkpoint figures parsed from the primary's `--stats` lines.
+/// Per-checkpoint figures from the primary's `--stats` records.
 #[derive(Default, Clone)]
 struct Epochs {
     n: usize,
@@ -45,17 +46,16 @@ struct Epochs {
 }
 
 fn parse_epochs(text: &str) -> Epochs {
+    let ms = |ns: u64| ns as f64 / 1e6;
     let mut e = Epochs::default();
-    for l in text.lines().filter(|l| l.contains(": epoch ")) {
-        let w: Vec<&str> = l.split_whitespace().collect();
-        let after = |key: &str| w.iter().position(|x| *x == key).and_then(|i| w.get(i + 1)).and_then(|v| v.parse::<f64>().ok());
+    for r in EpochStats::parse_all(text) {
         e.n += 1;
-        e.pause_ms.extend(after("pause"));
-        e.pages.extend(after("dirty"));
-        e.bytes += after("pages").unwrap_or(0.0) * 1024.0;
-        e.transfer_ms += after("transfer").unwrap_or(0.0);
-        e.ack_ms.extend(after("ack"));
-        e.delay_ms.extend(after("delayed"));
+        e.pause_ms.push(ms(r.pause_ns));
+        e.pages.push(r.dirty_pages as f64);
+        e.bytes += r.bytes as f64;
+        e.transfer_ms += ms(r.transfer_ns);
+        e.ack_ms.push(ms(r.ack_ns));
+        e.delay_ms.extend(r.output_delay_ns.map(ms));
     }
     e
 }
@@ -196,16 +196,14 @@ struct Row {
     seconds: f64,
 }
 
-pub fn run(policies: &[String], failovers: usize, failover_only: bool, json: bool) -> Result<()> {
-    for p in policies {
-        replication::policy::parse(p).map_err(anyhow::Error::msg)?;
-    }
+pub fn run(policies: &[replication::PolicySpec], failovers: usize, failover_only: bool, json: bool) -> Result<()> {
+    let policies: Vec<String> = policies.iter().map(ToString::to_string).collect();
     if !Path::new("/dev/kvm").exists() {
         bail!("vigil bench replication needs /dev/kvm");
     }
     let mut images = std::collections::HashMap::new();
     for g in ["kv", "compute", "stream", "counter"] {
-        images.insert(g, build_guest(g)?);
+        images.insert(g, testbed::guest(g).map_err(anyhow::Error::msg)?);
     }
     let dir = std::env::temp_dir().join(format!("vigil-bench-replication-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -373,7 +371,7 @@ pub fn run(policies: &[String], failovers: usize, failover_only: bool, json: boo
 
 /// Pause against dirty pages, with the counter guest (see `vigil bench vmm`).
 fn checkpoint_table(bed: &Bed) -> Result<Vec<(f64, f64, f64, f64)>> {
-    crate::bench_vmm::checkpoint_samples(&bed.images["counter"])
+    crate::vmm::checkpoint_samples(&bed.images["counter"])
 }
 
 /// Kills the primary of a protected kv while redis-cli writes; returns (takeover ms, first

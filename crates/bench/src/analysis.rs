@@ -3,7 +3,6 @@
 //! takes for synthetic clusters, against what full re-analyses would cost. Prints tables (or
 //! JSON); timings are medians of repeated runs.
 
-use crate::Outcome;
 use anyhow::Context;
 use rtc::component::{self, Workload};
 use rtc::models::{self, EventModel};
@@ -45,8 +44,8 @@ pub struct Args {
     #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// `replication`: the checkpoint policies to compare.
-    #[arg(long, value_delimiter = ',', default_values_t = ["fixed:25", "fixed:100", "floating", "network", "adaptive"].map(String::from).to_vec())]
-    policies: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_values = ["fixed:25", "fixed:100", "floating", "network", "adaptive"])]
+    policies: Vec<replication::PolicySpec>,
     /// `replication`: failovers to time.
     #[arg(long, default_value_t = 3)]
     failovers: usize,
@@ -94,20 +93,20 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-pub fn run(args: &Args) -> anyhow::Result<Outcome> {
+pub fn run(args: &Args) -> anyhow::Result<()> {
     if let What::Plan = args.what {
         return plan(args);
     }
     if let What::Vmm = args.what {
-        crate::bench_vmm::run(&args.guests, args.json)?;
-        return Ok(Outcome::Ok);
+        crate::vmm::run(&args.guests, args.json)?;
+        return Ok(());
     }
     if let What::Replication = args.what {
-        crate::bench_replication::run(&args.policies, args.failovers, args.failover_only, args.json)?;
-        return Ok(Outcome::Ok);
+        crate::replication::run(&args.policies, args.failovers, args.failover_only, args.json)?;
+        return Ok(());
     }
     if let What::Store = args.what {
-        return crate::bench_store::run(args.ops, args.rounds, args.etcd, args.json);
+        return crate::store::run(args.ops, args.rounds, args.etcd, args.json);
     }
     let mut rows = Vec::new();
     let mut prev: Option<(usize, f64)> = None;
@@ -137,7 +136,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let ops = curve_ops(args.repeat.max(20));
     if args.json {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "analysis": rows, "curve_operations": ops }))?);
-        return Ok(Outcome::Ok);
+        return Ok(());
     }
     println!("Full analysis of synthetic systems (3-hop chains: task, 100 Mbit/s link, task)");
     println!(
@@ -170,7 +169,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             o["segments"].as_u64().unwrap_or_default()
         );
     }
-    Ok(Outcome::Ok)
+    Ok(())
 }
 
 fn curve_ops(repeat: usize) -> Vec<serde_json::Value> {
@@ -214,7 +213,7 @@ fn curve_ops(repeat: usize) -> Vec<serde_json::Value> {
 }
 
 /// Planning all single-host failures of synthetic clusters (see `planner::synthetic`).
-fn plan(args: &Args) -> anyhow::Result<Outcome> {
+fn plan(args: &Args) -> anyhow::Result<()> {
     use planner::{plan_all, scenario, synthetic, Coverage, SearchOptions};
     let mut rows = Vec::new();
     for spec in &args.clusters {
@@ -251,7 +250,7 @@ fn plan(args: &Args) -> anyhow::Result<Outcome> {
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "plan": rows }))?);
-        return Ok(Outcome::Ok);
+        return Ok(());
     }
     println!("Planning every single-host failure of synthetic clusters (median of runs)");
     println!(
@@ -292,5 +291,5 @@ fn plan(args: &Args) -> anyhow::Result<Outcome> {
         );
     }
     println!("\n\"vs full\": (placements analysed × one full analysis) / planning time — what incremental re-analysis saves.");
-    Ok(Outcome::Ok)
+    Ok(())
 }

@@ -1,5 +1,6 @@
-//! The thin I/O drivers: they run the state machines of [`crate::primary`] and
-//! [`crate::backup`] against a real VM (the `vmm` crate), TCP connections and the arbiter.
+//! Protection of a VM by checkpoint replication: the thin I/O drivers that run the state
+//! machines of [`replication::primary`] and [`replication::backup`] against a real VM (the
+//! `vmm` crate), TCP connections and the arbiter.
 //!
 //! Each driver is one loop on one thread that owns the state machine. Everything that can
 //! block — reading the peer's frames, sending a checkpoint, asking the arbiter, the VM itself
@@ -10,8 +11,10 @@ pub mod backup;
 pub mod primary;
 pub mod stats;
 
-use crate::lease::{self, Answer, Request};
-use crate::wire::{self, Msg, WireError};
+use crate::arbiter;
+use replication::lease::{Answer, Request};
+use replication::wire::{self, Msg, WireError};
+use replication::PolicySpec;
 use std::net::TcpStream;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::{Duration, Instant};
@@ -56,7 +59,7 @@ pub enum Input {
     /// The VM put the first frame of output into the open epoch.
     Output,
     /// An operator asked for another checkpoint policy.
-    Policy(String),
+    Policy(PolicySpec),
 }
 
 /// Reads frames from `stream` on a thread until it fails, tagging them with `conn`.
@@ -76,7 +79,7 @@ pub fn spawn_reader(conn: u64, stream: TcpStream, tx: Sender<Input>) {
 /// Sends arbiter requests from a thread (one at a time, with a timeout) and reports answers.
 pub fn spawn_arbiter(addr: &str, timeout: Duration, clock: Clock, tx: Sender<Input>) -> Sender<Request> {
     let (rtx, rrx): (Sender<Request>, Receiver<Request>) = channel();
-    let mut client = lease::Client::new(addr, timeout);
+    let mut client = arbiter::Client::new(addr, timeout);
     let _ = std::thread::Builder::new().name("repl-arbiter".into()).spawn(move || {
         for req in rrx {
             let sent_at = clock.now();

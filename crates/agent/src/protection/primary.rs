@@ -1,5 +1,5 @@
 //! The primary's driver: runs a VM under protection, performing the actions of
-//! [`crate::primary::Primary`] with the VMM (protect, checkpoint, release, unprotect), a TCP
+//! [`replication::primary::Primary`] with the VMM (protect, checkpoint, release, unprotect), a TCP
 //! connection to the backup (a reader thread and a sender thread that streams memory, disk
 //! writes and checkpoints in order), and the arbiter.
 //!
@@ -9,10 +9,10 @@
 
 use super::stats::{self, EpochStats, Shared, Stats};
 use super::{random_id, spawn_arbiter, spawn_reader, Clock, Input};
-use crate::policy::Policy;
-use crate::primary::{Action, Event, Notice, Primary};
-use crate::wire::{self, Msg, PAGE};
-use crate::Timing;
+use replication::primary::{Action, Event, Notice, Primary};
+use replication::wire::{self, Msg, PAGE};
+use replication::PolicySpec;
+use replication::Timing;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{BufWriter, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
@@ -36,9 +36,9 @@ pub struct Options {
     pub backup: Option<String>,
     /// The arbiter's address (HOST:PORT).
     pub arbiter: String,
-    pub policy: Box<dyn Policy>,
+    pub policy: PolicySpec,
     pub timing: Timing,
-    /// Print a line per checkpoint on stderr.
+    /// Print a JSON line per checkpoint on stderr ([`EpochStats`]).
     pub stats_lines: bool,
     /// Serve metrics and the policy switch on this address.
     pub control: Option<String>,
@@ -105,7 +105,7 @@ struct Driver {
     opts: Options,
     clock: Clock,
     tx: Sender<Input>,
-    arbiter: Sender<crate::lease::Request>,
+    arbiter: Sender<replication::lease::Request>,
     stats: Shared,
     link: Option<Link>,
     next_conn: u64,
@@ -129,12 +129,12 @@ impl Driver {
         let stats: Shared = Arc::new(Mutex::new(Stats {
             vm: opts.vm.clone(),
             role: "primary",
-            policy: opts.policy.name(),
-            mode: opts.policy.mode(),
+            policy: opts.policy.to_string(),
+            mode: opts.policy.build().mode(),
             ..Stats::default()
         }));
         if let Some(addr) = &opts.control {
-            let (ptx, prx) = channel::<String>();
+            let (ptx, prx) = channel::<PolicySpec>();
             let fwd = tx.clone();
             std::thread::spawn(move || {
                 for name in prx {
@@ -142,7 +142,7 @@ impl Driver {
                 }
             });
             let bound = stats::serve(addr, stats.clone(), Some(ptx)).map_err(|e| format!("control address {addr}: {e}"))?;
-            eprintln!("{}: metrics on http://{bound}/metrics", opts.vm);
+            tracing::info!("{}: metrics on http://{bound}/metrics", opts.vm);
         }
         let (mirror_tx, mirror_rx) = channel();
         Ok(Driver {
@@ -167,12 +167,12 @@ impl Driver {
     }
 
     fn log(&self, what: impl std::fmt::Display) {
-        eprintln!("{}: {what}", self.opts.vm);
+        tracing::info!("{}: {what}", self.opts.vm);
     }
 
     fn run(mut self, rx: Receiver<Input>, start: Start) -> Result<Outcome, String> {
         let timing = self.opts.timing;
-        let policy = std::mem::replace(&mut self.opts.policy, Box::new(crate::policy::Adaptive::default()));
+        let policy = self.opts.policy.build();
         let mut sm = Primary::new(&self.opts.vm, &self.opts.holder, timing, policy);
         let now = self.clock.now();
         let mut actions: VecDeque<Action> = match start {
@@ -188,8 +188,8 @@ impl Driver {
                     return Ok(outcome);
                 }
                 if self.debug {
-                    eprintln!(
-                        "debug {:.3} {:.3} ms: {}",
+                    tracing::debug!(
+                        "{:.3} {:.3} ms: {}",
                         self.clock.now() as f64 / 1e6,
                         t0.elapsed().as_secs_f64() * 1e3,
                         &what[..what.len().min(100)]
@@ -283,12 +283,10 @@ impl Driver {
                 return Ok(Err(Outcome::Stopped(stop)));
             }
             Input::Output => Some(Event::Output),
-            Input::Policy(name) => {
-                if let Ok(p) = crate::policy::parse(&name) {
-                    sm.set_policy(p);
-                    self.log(format!("checkpoint policy now {name}"));
-                    self.stats.lock().unwrap_or_else(|e| e.into_inner()).policy = name;
-                }
+            Input::Policy(spec) => {
+                sm.set_policy(spec.build());
+                self.log(format!("checkpoint policy now {spec}"));
+                self.stats.lock().unwrap_or_else(|e| e.into_inner()).policy = spec.to_string();
                 None
             }
         }))
@@ -367,7 +365,7 @@ impl Driver {
                     dirty_pages: c.pages.len() as u64,
                     bytes: c.data.len() as u64,
                     output_frames,
-                    mode: sm.policy().1,
+                    mode: sm.policy().1.into(),
                     ..EpochStats::default()
                 };
                 self.pending.insert(epoch, e);
@@ -455,7 +453,7 @@ impl Driver {
                     }
                     if self.opts.stats_lines {
                         drop(stats);
-                        self.log(e.line());
+                        e.emit();
                     }
                 }
                 self.pending.retain(|k, _| *k > epoch);

@@ -2,11 +2,10 @@
 //! child process, its data directory on disk, every write fsync'ed), and the supervisor's
 //! detection and recovery times for crashes (SIGKILL) and hangs (SIGSTOP).
 
-use crate::Outcome;
+use agent::supervisor::{Config, Supervisor};
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use store::supervisor::{Config, Supervisor};
 use store::Client;
 
 /// Latency samples of one kind of operation.
@@ -57,7 +56,7 @@ fn config(dir: &Path, period: Duration, misses: u32) -> anyhow::Result<Config> {
     })
 }
 
-pub fn run(ops: usize, rounds: usize, with_etcd: bool, json: bool) -> anyhow::Result<Outcome> {
+pub fn run(ops: usize, rounds: usize, with_etcd: bool, json: bool) -> anyhow::Result<()> {
     let dir: PathBuf = std::env::temp_dir().join(format!("vigil-bench-store-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -179,7 +178,7 @@ pub fn run(ops: usize, rounds: usize, with_etcd: bool, json: bool) -> anyhow::Re
             .collect();
         print!(
             "{}",
-            crate::table::render(
+            model::text::table(
                 "store operations (one client unless stated)",
                 &["operation", "count", "per second", "p50 µs", "p99 µs"],
                 &rows
@@ -189,7 +188,7 @@ pub fn run(ops: usize, rounds: usize, with_etcd: bool, json: bool) -> anyhow::Re
         let rows: Vec<Vec<String>> =
             sup_rows.iter().map(|r| vec![r.0.to_string(), format!("{:.1}", r.1), format!("{:.1}", r.2), format!("{:.1}", r.3)]).collect();
         let title = format!("supervision (heartbeat every {:.0} ms, hang after 3 misses; {rounds} rounds each)", ms(period));
-        print!("{}", crate::table::render(&title, &["fault", "detection median ms", "detection max ms", "recovery median ms"], &rows));
+        print!("{}", model::text::table(&title, &["fault", "detection median ms", "detection max ms", "recovery median ms"], &rows));
         println!();
         let rows: Vec<Vec<String>> =
             overhead.iter().map(|(n, a, b)| vec![n.to_string(), format!("{a:.0}"), format!("{b:.0}"), format!("{:.3}", a / b)]).collect();
@@ -197,7 +196,7 @@ pub fn run(ops: usize, rounds: usize, with_etcd: bool, json: bool) -> anyhow::Re
             "overhead of supervision (heartbeat every {:.0} ms): the same server with and without its supervisor, alternating, medians of 5",
             ms(period)
         );
-        print!("{}", crate::table::render(&title, &["operation", "supervised /s", "unsupervised /s", "ratio"], &rows));
+        print!("{}", model::text::table(&title, &["operation", "supervised /s", "unsupervised /s", "ratio"], &rows));
         if !vs_etcd.is_empty() {
             println!();
             let rows: Vec<Vec<String>> = vs_etcd
@@ -205,10 +204,10 @@ pub fn run(ops: usize, rounds: usize, with_etcd: bool, json: bool) -> anyhow::Re
                 .map(|(n, a, b)| vec![n.to_string(), format!("{a:.0}"), format!("{b:.0}"), format!("{:.2}", a / b)])
                 .collect();
             let title = "store with the etcd backend vs etcd used directly (1 local member, same HTTP client, one client)";
-            print!("{}", crate::table::render(title, &["operation", "store on etcd /s", "etcd direct /s", "ratio"], &rows));
+            print!("{}", model::text::table(title, &["operation", "store on etcd /s", "etcd direct /s", "ratio"], &rows));
         }
     }
-    Ok(Outcome::Ok)
+    Ok(())
 }
 
 /// Reads and writes per second through the supervised server (`sup_client`) and through a second,

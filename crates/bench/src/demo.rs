@@ -1,16 +1,16 @@
 //! `vigil demo failover`: one command that shows checkpoint replication at work. It builds the
 //! `kv` guest, creates a client namespace and two host namespaces joined by a bridge
-//! (`replication::testbed`), runs `kv` protected on host A with its backup on host B, drives
+//! (`testbed::twohost`), runs `kv` protected on host A with its backup on host B, drives
 //! it with `redis-cli` over one TCP connection, kills host A's VMM with SIGKILL, and shows the
 //! takeover and the client carrying on.
 
 use anyhow::{bail, Context, Result};
-use replication::testbed::{vm_net_args, Host, Testbed, ARBITER, VM_IP};
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
+use testbed::twohost::{vm_net_args, Host, Testbed, ARBITER, VM_IP};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -24,7 +24,7 @@ enum What {
     Failover {
         /// Checkpoint policy of the primary.
         #[arg(long, default_value = "adaptive")]
-        policy: String,
+        policy: replication::PolicySpec,
         /// Requests the client makes before the kill.
         #[arg(long, default_value_t = 200)]
         before: u64,
@@ -32,15 +32,6 @@ enum What {
         #[arg(long, default_value_t = 200)]
         after: u64,
     },
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Builds a guest (release) in `target/guests` and returns its image.
-pub fn build_guest(name: &str) -> Result<PathBuf> {
-    replication::testbed::build_guest(&workspace(), name).map_err(anyhow::Error::msg)
 }
 
 struct Proc {
@@ -95,12 +86,11 @@ fn echo(rx: &Receiver<String>) {
 
 pub fn run(args: &Args) -> Result<u8> {
     let What::Failover { policy, before, after } = &args.what;
-    replication::policy::parse(policy).map_err(anyhow::Error::msg)?;
     if !Path::new("/dev/kvm").exists() {
         bail!("the demo needs /dev/kvm");
     }
     println!("== building the kv guest");
-    let image = build_guest("kv")?;
+    let image = testbed::guest("kv").map_err(anyhow::Error::msg)?;
     println!("== creating namespaces: client, switch (arbiter), host A, host B");
     let tb = Testbed::new("demo").map_err(anyhow::Error::msg)?;
     let (tx, rx) = channel();
@@ -109,7 +99,7 @@ pub fn run(args: &Args) -> Result<u8> {
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let _backup = spawn(&tb.b, "host B", &Host::B.backup_args(None), &tx)?;
     until(&rx, "listening", 10)?;
-    let mut args = s(&["vm", "run", "--mem", "32", "--policy", policy, "--image", &image.display().to_string()]);
+    let mut args = s(&["vm", "run", "--mem", "32", "--policy", &policy.to_string(), "--image", &image.display().to_string()]);
     args.extend(vm_net_args());
     args.extend(Host::A.protect_args(&Host::B.backup_addr(), "kv"));
     let mut primary = spawn(&tb.a, "host A", &args, &tx)?;

@@ -1,0 +1,237 @@
+//! The cluster's state in the control-plane store (DESIGN §7): where each record lives and
+//! what it holds. Agents and the manager talk only through these nodes, so any of them can
+//! restart and carry on; `xenstore-ls /vigil` shows the whole cluster.
+//!
+//! ```text
+//! /vigil/hosts/<host>/heartbeat   agent's liveness counter, rewritten every period
+//! /vigil/hosts/<host>/agent       AgentRecord: the agent process that holds the host
+//! /vigil/hosts/<host>/fence       Fence: the host was declared failed at this generation
+//! /vigil/vms/<vm>/desired         Desired: where each copy should run (written by the manager)
+//! /vigil/vms/<vm>/actual/<host>   Actual: what the host's agent runs for the VM
+//! /vigil/manager/leader           Leader: the manager that may act, and its generation
+//! /vigil/manager/generation       the last generation handed out (only grows)
+//! /vigil/plans/<n>                a plan of the current table (its failed hosts inside)
+//! /vigil/plans/@meta              PlanMeta: which configuration the table was computed for
+//! /vigil/progress                 Progress: the plan being executed and how far it got
+//! /vigil/events/<seq>             Event: the cluster's event log (seq zero-padded)
+//! ```
+//! Every value is one JSON document (or a decimal number for counters).
+
+use crate::vm::{BackupSpec, VmSpec};
+use serde::{Deserialize, Serialize};
+
+pub const ROOT: &str = "/vigil";
+pub const HOSTS: &str = "/vigil/hosts";
+pub const VMS: &str = "/vigil/vms";
+pub const LEADER: &str = "/vigil/manager/leader";
+pub const GENERATION: &str = "/vigil/manager/generation";
+pub const PLANS: &str = "/vigil/plans";
+pub const PLAN_META: &str = "/vigil/plans/@meta";
+pub const PROGRESS: &str = "/vigil/progress";
+pub const EVENTS: &str = "/vigil/events";
+
+pub fn heartbeat_path(host: &str) -> String {
+    format!("{HOSTS}/{host}/heartbeat")
+}
+pub fn agent_path(host: &str) -> String {
+    format!("{HOSTS}/{host}/agent")
+}
+pub fn fence_path(host: &str) -> String {
+    format!("{HOSTS}/{host}/fence")
+}
+pub fn desired_path(vm: &str) -> String {
+    format!("{VMS}/{vm}/desired")
+}
+pub fn actual_dir(vm: &str) -> String {
+    format!("{VMS}/{vm}/actual")
+}
+pub fn actual_path(vm: &str, host: &str) -> String {
+    format!("{VMS}/{vm}/actual/{host}")
+}
+pub fn plan_path(index: usize) -> String {
+    format!("{PLANS}/{index}")
+}
+pub fn event_path(seq: u64) -> String {
+    format!("{EVENTS}/{seq:010}")
+}
+
+/// The agent process holding a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub pid: u32,
+    /// Random per agent start: tells a restarted agent from the one before.
+    pub incarnation: u64,
+}
+
+/// A host declared failed by the manager of `generation`; its agent must stop acting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fence {
+    pub generation: u64,
+}
+
+/// Where each copy of a VM should run. Written by the manager only; `generation` is the
+/// manager generation that wrote it (an agent ignores a record older than one it acted on).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Desired {
+    pub generation: u64,
+    /// The running copy (none: the VM is stopped).
+    pub primary: Option<Placed>,
+    /// The backup copy (remote-backup mode).
+    #[serde(default)]
+    pub backup: Option<PlacedBackup>,
+}
+
+/// The running copy of a VM on a host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Placed {
+    pub host: String,
+    pub spec: VmSpec,
+    /// Restart it on this host when its VMM crashes (normal mode); a protected VM is
+    /// recovered by its backup instead.
+    #[serde(default)]
+    pub restart: bool,
+}
+
+/// The backup copy of a VM on a host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlacedBackup {
+    pub host: String,
+    pub spec: BackupSpec,
+}
+
+/// What a copy is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CopyState {
+    /// The VMM runs the VM.
+    Running,
+    /// The backup keeps the replica.
+    Backup,
+    /// The VM ended by itself (its guest exited).
+    Exited,
+    /// The VMM failed to start or crashed; see `detail`.
+    Failed,
+}
+
+/// What an agent runs for a VM on its host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actual {
+    pub state: CopyState,
+    /// The VMM's process.
+    pub pid: u32,
+    /// Generation of the desired record this copy was started for.
+    pub generation: u64,
+    /// Times the agent restarted it.
+    #[serde(default)]
+    pub restarts: u32,
+    #[serde(default)]
+    pub detail: String,
+}
+
+/// The manager allowed to act.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leader {
+    pub id: String,
+    pub generation: u64,
+    /// Rewritten every period while it leads.
+    pub beat: u64,
+}
+
+/// Which configuration the plan table is for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanMeta {
+    pub generation: u64,
+    /// Hosts already failed when the table was computed.
+    pub failed: Vec<String>,
+    pub scenarios: usize,
+    pub compute_ms: f64,
+}
+
+/// The plan under execution: a manager that dies halfway is finished by the next leader.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub scenario: String,
+    /// Hosts failed, this scenario included.
+    pub failed: Vec<String>,
+    /// Actions of the plan done so far (the next one to do).
+    pub done: usize,
+    pub total: usize,
+    pub generation: u64,
+}
+
+/// One line of the event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Wall-clock time, ms since the Unix epoch.
+    pub at_ms: u64,
+    pub source: String,
+    pub what: String,
+}
+
+impl Event {
+    pub fn now(source: &str, what: impl Into<String>) -> Event {
+        let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        Event { at_ms, source: source.into(), what: what.into() }
+    }
+}
+
+/// Reads a JSON record; `None` when the node does not exist.
+pub fn read<T: serde::de::DeserializeOwned>(c: &mut store::Client, path: &str) -> crate::Result<Option<T>> {
+    match c.try_read(path)? {
+        None => Ok(None),
+        Some(bytes) => {
+            serde_json::from_slice(&bytes).map(Some).map_err(|e| crate::Error::Cluster(format!("{path}: not a valid record: {e}")))
+        }
+    }
+}
+
+/// Writes a JSON record.
+pub fn write<T: Serialize>(c: &mut store::Client, path: &str, value: &T) -> crate::Result<()> {
+    let bytes = serde_json::to_vec(value).map_err(|e| crate::Error::Cluster(format!("{path}: {e}")))?;
+    c.write(path, &bytes)?;
+    Ok(())
+}
+
+/// Appends an event to the log (sequence numbers from a counter node, in a transaction).
+pub fn log_event(c: &mut store::Client, ev: &Event) -> crate::Result<u64> {
+    let bytes = serde_json::to_vec(ev).map_err(|e| crate::Error::Cluster(e.to_string()))?;
+    let seq = c.transaction(|tx| {
+        let next = tx.try_read(&format!("{EVENTS}/@next"))?.and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok()).unwrap_or(0);
+        tx.write(&format!("{EVENTS}/@next"), (next + 1).to_string().as_bytes())?;
+        tx.write(&event_path(next), &bytes)?;
+        Ok(next)
+    })?;
+    Ok(seq)
+}
+
+/// The event log, oldest first (at most the last `limit`).
+pub fn events(c: &mut store::Client, limit: usize) -> crate::Result<Vec<Event>> {
+    let mut names: Vec<String> = match c.directory(EVENTS) {
+        Ok(n) => n.into_iter().filter(|n| !n.starts_with('@')).collect(),
+        Err(store::Error::Store { errno: store::Errno::ENOENT, .. }) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    names.sort();
+    let skip = names.len().saturating_sub(limit);
+    let mut out = Vec::new();
+    for n in &names[skip..] {
+        if let Some(e) = read::<Event>(c, &format!("{EVENTS}/{n}"))? {
+            out.push(e);
+        }
+    }
+    Ok(out)
+}
+
+/// The children of a directory node (none when it does not exist).
+pub fn children(c: &mut store::Client, path: &str) -> crate::Result<Vec<String>> {
+    match c.directory(path) {
+        Ok(n) => Ok(n),
+        Err(store::Error::Store { errno: store::Errno::ENOENT, .. }) => Ok(Vec::new()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A counter node's value (0 when missing or not a number).
+pub fn read_counter(c: &mut store::Client, path: &str) -> crate::Result<Option<u64>> {
+    Ok(c.try_read(path)?.and_then(|v| String::from_utf8(v).ok()?.trim().parse().ok()))
+}

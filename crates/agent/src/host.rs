@@ -1,0 +1,421 @@
+//! The host agent's loop (`vigil agent --host NAME`): holds the host's liveness lease in the
+//! store (a heartbeat counter), turns the desired state of the VMs placed on the host into
+//! running VMM processes, reports what runs, restarts a crashed VMM per the VM's mode, and
+//! re-adopts its VMMs when the agent itself restarts.
+//!
+//! VMMs run as their own processes (`vigil vm run --spec FILE`, `vigil backup --spec FILE`) in
+//! their own session, so an agent that crashes or is upgraded never takes its VMs down. The
+//! agent keeps nothing it cannot find again: the specs are in the store, the VMMs' pids in
+//! the store's `actual` records and its state directory.
+//!
+//! Authority: the agent acts only while it holds its host. It stops when the manager fenced
+//! the host (`/vigil/hosts/<host>/fence`), and it stops its VMs when it could not renew its
+//! heartbeat for half the lease (a host cut off from the cluster must not keep serving what
+//! the manager is about to start elsewhere: self-fencing).
+
+use crate::cluster::{self, Actual, AgentRecord, CopyState, Desired, Event, Fence};
+use crate::{Error, Result};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How an agent runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The host's name (as in the model).
+    pub host: String,
+    /// The store's socket.
+    pub store: PathBuf,
+    /// Spec files, VMM logs and the lock that keeps a second agent out.
+    pub state_dir: PathBuf,
+    /// The `vigil` executable the VMM processes run.
+    pub exe: PathBuf,
+    /// Heartbeat period.
+    pub period: Duration,
+    /// The lease: the manager declares the host failed after this long without a heartbeat.
+    pub lease: Duration,
+}
+
+/// Which copy of a VM a process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Primary,
+    Backup,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Backup => "backup",
+        }
+    }
+}
+
+/// A VMM process of this host.
+struct Copy {
+    role: Role,
+    pid: u32,
+    /// Our own child (we can reap it); `None` for a process adopted after a restart.
+    child: Option<Child>,
+    /// The spec file it runs.
+    spec: Vec<u8>,
+    generation: u64,
+    restarts: u32,
+    /// When to try starting it again after a crash.
+    retry_at: Option<Instant>,
+    state: CopyState,
+    detail: String,
+}
+
+/// Runs the agent until it is fenced or killed. Returns `Ok` when the manager fenced the host.
+pub fn run(cfg: &Config) -> Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| Error::io("cannot create", &cfg.state_dir, e))?;
+    let _lock = lock(&cfg.state_dir.join("agent.lock"), &cfg.host)?;
+    let mut store = store::Client::connect(&cfg.store)?;
+    store.set_retry_for(cfg.lease / 2);
+    store.set_request_timeout(cfg.lease / 2);
+    let incarnation = crate::protection::random_id();
+    cluster::write(&mut store, &cluster::agent_path(&cfg.host), &AgentRecord { pid: std::process::id(), incarnation })?;
+    // A fence left from before this agent started belongs to an earlier failure of the host:
+    // only a fence written while we hold the host stops us.
+    let fenced_before = cluster::read::<Fence>(&mut store, &cluster::fence_path(&cfg.host))?.map(|f| f.generation);
+    let mut agent = Agent { cfg: cfg.clone(), copies: BTreeMap::new(), beat: 0, last_renewal: Instant::now(), fenced_before };
+    agent.beat = cluster::read_counter(&mut store, &cluster::heartbeat_path(&cfg.host))?.unwrap_or(0);
+    agent.adopt(&mut store)?;
+    let _ = cluster::log_event(&mut store, &Event::now(&cfg.host, format!("agent started (pid {})", std::process::id())));
+    tracing::info!("agent {}: holding the host; {} VMM(s) adopted", cfg.host, agent.copies.len());
+    loop {
+        let t0 = Instant::now();
+        match agent.step(&mut store) {
+            Ok(Step::Go) => {}
+            Ok(Step::Fenced(generation)) => {
+                agent.stop_all("the manager fenced the host");
+                let _ = cluster::log_event(
+                    &mut store,
+                    &Event::now(&cfg.host, format!("agent stopped: host fenced at generation {generation}")),
+                );
+                return Ok(());
+            }
+            Err(e) => tracing::warn!("agent {}: {e}", cfg.host),
+        }
+        if agent.last_renewal.elapsed() > cfg.lease / 2 && !agent.copies.is_empty() {
+            agent.stop_all("cannot renew the host's lease: self-fencing");
+        }
+        std::thread::sleep(cfg.period.saturating_sub(t0.elapsed()));
+    }
+}
+
+enum Step {
+    Go,
+    Fenced(u64),
+}
+
+struct Agent {
+    cfg: Config,
+    copies: BTreeMap<String, Copy>,
+    beat: u64,
+    last_renewal: Instant,
+    fenced_before: Option<u64>,
+}
+
+impl Agent {
+    fn step(&mut self, store: &mut store::Client) -> Result<Step> {
+        let started = Instant::now();
+        self.beat += 1;
+        store.write(&cluster::heartbeat_path(&self.cfg.host), self.beat.to_string().as_bytes())?;
+        self.last_renewal = started;
+        if let Some(f) = cluster::read::<Fence>(store, &cluster::fence_path(&self.cfg.host))? {
+            if Some(f.generation) != self.fenced_before {
+                return Ok(Step::Fenced(f.generation));
+            }
+        }
+        self.reap();
+        self.reconcile(store)?;
+        Ok(Step::Go)
+    }
+
+    /// Notices VMMs that ended.
+    fn reap(&mut self) {
+        for (vm, c) in self.copies.iter_mut() {
+            if !matches!(c.state, CopyState::Running | CopyState::Backup) {
+                continue;
+            }
+            let ended = match c.child.as_mut() {
+                Some(child) => match child.try_wait() {
+                    Ok(Some(st)) => Some(st.code().map_or_else(|| format!("killed by {st}"), |s| format!("exit status {s}"))),
+                    Ok(None) => None,
+                    Err(e) => Some(format!("cannot wait: {e}")),
+                },
+                None => (!alive(c.pid)).then(|| "ended (adopted, status unknown)".to_string()),
+            };
+            if let Some(how) = ended {
+                let clean = how == "exit status 0";
+                tracing::warn!("agent {}: {} of {vm} (pid {}) {how}", self.cfg.host, c.role.name(), c.pid);
+                c.state = if clean { CopyState::Exited } else { CopyState::Failed };
+                c.detail = how;
+                c.child = None;
+                c.retry_at = Some(Instant::now() + backoff(c.restarts));
+            }
+        }
+    }
+
+    fn reconcile(&mut self, store: &mut store::Client) -> Result<()> {
+        let host = self.cfg.host.clone();
+        let mut wanted: BTreeMap<String, (Role, Vec<u8>, u64, bool)> = BTreeMap::new();
+        for vm in cluster::children(store, cluster::VMS)? {
+            let Some(d) = cluster::read::<Desired>(store, &cluster::desired_path(&vm))? else { continue };
+            if let Some(p) = d.primary.as_ref().filter(|p| p.host == host) {
+                let spec = serde_json::to_vec_pretty(&p.spec).map_err(|e| Error::Cluster(e.to_string()))?;
+                wanted.insert(vm, (Role::Primary, spec, d.generation, p.restart));
+            } else if let Some(b) = d.backup.as_ref().filter(|b| b.host == host) {
+                let spec = serde_json::to_vec_pretty(&b.spec).map_err(|e| Error::Cluster(e.to_string()))?;
+                wanted.insert(vm, (Role::Backup, spec, d.generation, false));
+            }
+        }
+        // Stop what is no longer wanted here.
+        let unwanted: Vec<String> = self.copies.keys().filter(|vm| !wanted.contains_key(*vm)).cloned().collect();
+        for vm in unwanted {
+            if let Some(mut c) = self.copies.remove(&vm) {
+                stop(&mut c);
+                tracing::info!("agent {host}: stopped the {} of {vm}", c.role.name());
+                let _ = store.rm(&cluster::actual_path(&vm, &host));
+                let _ = cluster::log_event(store, &Event::now(&host, format!("stopped the {} of {vm}", c.role.name())));
+            }
+        }
+        for (vm, (role, spec, generation, restart)) in wanted {
+            let action = match self.copies.get_mut(&vm) {
+                None => Some("started"),
+                Some(c) if c.role == Role::Backup && role == Role::Primary && matches!(c.state, CopyState::Running | CopyState::Backup) => {
+                    // The backup took over (or is about to): the same process runs the VM now.
+                    c.role = Role::Primary;
+                    c.generation = generation;
+                    c.state = CopyState::Running;
+                    c.spec = spec.clone();
+                    let _ = cluster::log_event(store, &Event::now(&host, format!("{vm}: the backup runs the VM now (pid {})", c.pid)));
+                    None
+                }
+                Some(c) if c.role != role => {
+                    stop(c);
+                    Some("restarted in its new role")
+                }
+                Some(c) if c.role == Role::Backup && c.spec != spec && c.state == CopyState::Backup => {
+                    // Where it listens or what it does after a takeover changed: start over
+                    // (the primary synchronises it again).
+                    stop(c);
+                    Some("restarted with a new spec")
+                }
+                Some(c) if matches!(c.state, CopyState::Running | CopyState::Backup) => {
+                    c.generation = c.generation.max(generation);
+                    None
+                }
+                Some(c) if c.state == CopyState::Failed && (restart || c.role == Role::Backup) => {
+                    if c.retry_at.is_some_and(|t| Instant::now() < t) {
+                        None
+                    } else {
+                        Some("restarted after a crash")
+                    }
+                }
+                Some(_) => None,
+            };
+            if let Some(why) = action {
+                let restarts = self.copies.get(&vm).map_or(0, |c| c.restarts + u32::from(why == "restarted after a crash"));
+                match self.spawn(&vm, role, &spec) {
+                    Ok((child, pid)) => {
+                        let state = if role == Role::Primary { CopyState::Running } else { CopyState::Backup };
+                        tracing::info!("agent {host}: {why} the {} of {vm} (pid {pid})", role.name());
+                        let _ = cluster::log_event(store, &Event::now(&host, format!("{why} the {} of {vm} (pid {pid})", role.name())));
+                        self.copies.insert(
+                            vm.clone(),
+                            Copy {
+                                role,
+                                pid,
+                                child: Some(child),
+                                spec,
+                                generation,
+                                restarts,
+                                retry_at: None,
+                                state,
+                                detail: String::new(),
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        tracing::error!("agent {host}: cannot start the {} of {vm}: {e}", role.name());
+                        self.copies.insert(
+                            vm.clone(),
+                            Copy {
+                                role,
+                                pid: 0,
+                                child: None,
+                                spec,
+                                generation,
+                                restarts,
+                                retry_at: Some(Instant::now() + backoff(restarts)),
+                                state: CopyState::Failed,
+                                detail: e.to_string(),
+                            },
+                        );
+                    }
+                }
+            }
+            if let Some(c) = self.copies.get(&vm) {
+                let actual =
+                    Actual { state: c.state, pid: c.pid, generation: c.generation, restarts: c.restarts, detail: c.detail.clone() };
+                let path = cluster::actual_path(&vm, &host);
+                if cluster::read::<Actual>(store, &path)?.as_ref() != Some(&actual) {
+                    cluster::write(store, &path, &actual)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn spec_file(&self, vm: &str, role: Role) -> PathBuf {
+        self.cfg.state_dir.join(format!("{vm}.{}.json", role.name()))
+    }
+
+    fn spawn(&self, vm: &str, role: Role, spec: &[u8]) -> Result<(Child, u32)> {
+        let tap = match role {
+            Role::Primary => serde_json::from_slice::<crate::VmSpec>(spec).ok().and_then(|s| s.net).map(|n| (n.tap, n.bridge)),
+            Role::Backup => serde_json::from_slice::<crate::vm::BackupSpec>(spec).ok().and_then(|s| Some((s.tap?, s.bridge))),
+        };
+        if let Some((tap, Some(bridge))) = tap {
+            ensure_tap(&tap, &bridge).map_err(|reason| Error::Spec { vm: vm.into(), reason })?;
+        }
+        let file = self.spec_file(vm, role);
+        std::fs::write(&file, spec).map_err(|e| Error::io("cannot write", &file, e))?;
+        let log_path = self.cfg.state_dir.join(format!("{vm}.{}.log", role.name()));
+        let log = File::options().create(true).append(true).open(&log_path).map_err(|e| Error::io("cannot open", &log_path, e))?;
+        let log2 = log.try_clone().map_err(|e| Error::io("cannot open", &log_path, e))?;
+        let mut cmd = Command::new(&self.cfg.exe);
+        match role {
+            Role::Primary => cmd.args(["vm", "run", "--spec"]),
+            Role::Backup => cmd.args(["backup", "--spec"]),
+        };
+        cmd.arg(&file).stdin(Stdio::null()).stdout(log).stderr(log2);
+        // SAFETY: between fork and exec the closure only calls setsid(2), which is
+        // async-signal-safe and allocates nothing.
+        unsafe {
+            // Its own session: the VMM outlives the agent (a crashed agent must not take its
+            // VMs down) and signals to the agent's process group do not reach it.
+            cmd.pre_exec(|| {
+                if libc::setsid() == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| Error::io("cannot start", &self.cfg.exe, e))?;
+        let pid = child.id();
+        Ok((child, pid))
+    }
+
+    /// Takes over the VMMs a previous agent of this host started and that still run.
+    fn adopt(&mut self, store: &mut store::Client) -> Result<()> {
+        for vm in cluster::children(store, cluster::VMS)? {
+            let Some(a) = cluster::read::<Actual>(store, &cluster::actual_path(&vm, &self.cfg.host))? else { continue };
+            if !matches!(a.state, CopyState::Running | CopyState::Backup) {
+                continue;
+            }
+            let role = if a.state == CopyState::Backup { Role::Backup } else { Role::Primary };
+            let file = self.spec_file(&vm, role);
+            if a.pid != 0 && alive(a.pid) && runs_file(a.pid, &file) {
+                let spec = std::fs::read(&file).unwrap_or_default();
+                tracing::info!("agent {}: adopted the {} of {vm} (pid {})", self.cfg.host, role.name(), a.pid);
+                self.copies.insert(
+                    vm.clone(),
+                    Copy {
+                        role,
+                        pid: a.pid,
+                        child: None,
+                        spec,
+                        generation: a.generation,
+                        restarts: a.restarts,
+                        retry_at: None,
+                        state: a.state,
+                        detail: String::new(),
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn stop_all(&mut self, why: &str) {
+        tracing::warn!("agent {}: {why}: stopping {} VMM(s)", self.cfg.host, self.copies.len());
+        for c in self.copies.values_mut() {
+            stop(c);
+        }
+        self.copies.clear();
+    }
+}
+
+/// Creates tap `tap` (if missing), attaches it to `bridge` and brings it up.
+fn ensure_tap(tap: &str, bridge: &str) -> std::result::Result<(), String> {
+    let ip = |args: &[&str]| -> std::result::Result<(), String> {
+        let out = Command::new("ip").args(args).output().map_err(|e| format!("cannot run ip (package iproute2): {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        }
+    };
+    if !Path::new("/sys/class/net").join(tap).exists() {
+        ip(&["tuntap", "add", "dev", tap, "mode", "tap"])?;
+    }
+    ip(&["link", "set", tap, "master", bridge])?;
+    ip(&["link", "set", tap, "up"])
+}
+
+fn backoff(restarts: u32) -> Duration {
+    Duration::from_millis(100u64 << restarts.min(6))
+}
+
+fn stop(c: &mut Copy) {
+    if c.pid != 0 && matches!(c.state, CopyState::Running | CopyState::Backup) {
+        // SAFETY: kill(2) with a pid we started or adopted (checked alive and running our
+        // spec file); no memory is involved.
+        unsafe { libc::kill(c.pid as i32, libc::SIGKILL) };
+    }
+    if let Some(mut child) = c.child.take() {
+        let _ = child.wait();
+    }
+    c.state = CopyState::Failed;
+}
+
+/// Whether process `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|st| st != "Z" && st != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Whether process `pid` runs with `file` among its arguments (a VMM of ours, not a reused pid).
+fn runs_file(pid: u32, file: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let want = file.as_os_str().as_encoded_bytes();
+    cmdline.split(|b| *b == 0).any(|a| a == want)
+}
+
+/// An exclusive lock on `path` for as long as the file stays open: a second agent for the same
+/// host (same state directory) is refused; a crashed agent's lock goes with its process.
+fn lock(path: &Path, host: &str) -> Result<File> {
+    let f = File::options().create(true).truncate(false).write(true).open(path).map_err(|e| Error::io("cannot open", path, e))?;
+    // SAFETY: flock(2) on a descriptor we own.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let holder = std::fs::read_to_string(path).unwrap_or_default();
+        return Err(Error::Cluster(format!(
+            "host {host} already has an agent{} (lock {} held)",
+            if holder.trim().is_empty() { String::new() } else { format!(" (pid {})", holder.trim()) },
+            path.display()
+        )));
+    }
+    let _ = f.set_len(0);
+    let _ = std::io::Write::write_all(&mut &f, std::process::id().to_string().as_bytes());
+    Ok(f)
+}

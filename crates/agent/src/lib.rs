@@ -1,0 +1,31 @@
+//! `agent` — vigil's host agent: everything that acts on one host.
+//!
+//! It owns:
+//! - [`host`]: the agent's loop — the host's liveness lease, desired state in the store turned
+//!   into running VMM processes, re-adoption after its own restart, self-fencing;
+//! - [`cluster`]: the cluster's records in the store and where they live (shared with the
+//!   manager);
+//! - [`vm`]: running one VM from one [`VmSpec`] (image, memory, network, disk, domain,
+//!   protection, CPU placement and scheduling), a backup host's side ([`vm::run_backup`]) and
+//!   the fencing arbiter ([`vm::serve_arbiter`]);
+//! - [`protection`]: the thin drivers that run `replication`'s primary and backup state
+//!   machines over the `vmm` crate, TCP and threads, and their statistics and metrics;
+//! - [`arbiter`]: the lease table of `replication::lease` served over TCP, and its client;
+//! - [`domain`]: a VM's registration as a XenStore domain in the control-plane store;
+//! - [`supervisor`]: runs a host component (the store server) as a child process, heartbeats
+//!   it and restarts it alone on a crash or hang.
+//!
+//! It does not own the protocols (`replication`, `store`), the machine (`vmm`), or decisions
+//! about where VMs should run (the manager's).
+
+pub mod arbiter;
+pub mod cluster;
+pub mod domain;
+mod error;
+pub mod host;
+pub mod protection;
+pub mod supervisor;
+pub mod vm;
+
+pub use error::{Error, Result};
+pub use vm::VmSpec;

@@ -1,0 +1,523 @@
+//! Running one VM from one [`VmSpec`]: its image, memory, network, disk, domain registration,
+//! protection (remote-backup mode) and scheduling. `vigil vm run` and the agent's VMM
+//! processes both come here; `vigil backup` runs [`run_backup`], `vigil arbiter` [`serve_arbiter`].
+
+use crate::domain::{Domain, DomainSpec};
+use crate::protection::{self, primary::Outcome};
+use crate::{Error, Result};
+use replication::{PolicySpec, Timing};
+use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use vmm::{api, Stop, Vm, VmConfig};
+
+/// Everything needed to start a VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// The VM's name (its lease, its domain's name, its log lines).
+    pub name: String,
+    /// Guest image (a static ELF built with the guest SDK).
+    pub image: PathBuf,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Arguments handed to the guest.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Disk image file.
+    #[serde(default)]
+    pub disk: Option<PathBuf>,
+    /// Network card.
+    #[serde(default)]
+    pub net: Option<NetSpec>,
+    /// Control socket of the VMM.
+    #[serde(default)]
+    pub api: Option<PathBuf>,
+    /// Start with dirty-page logging on.
+    #[serde(default)]
+    pub dirty_log: bool,
+    /// Announce the VM in the store as a domain.
+    #[serde(default)]
+    pub domain: Option<DomainSpec>,
+    /// Remote-backup mode: replicate to a backup host.
+    #[serde(default)]
+    pub protection: Option<Protection>,
+    /// CPU placement and scheduling of the VMM.
+    #[serde(default)]
+    pub scheduling: Scheduling,
+}
+
+/// The VM's network card.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetSpec {
+    /// Tap device (created if missing).
+    pub tap: String,
+    /// The guest's address, if it has one.
+    #[serde(default)]
+    pub ip: Option<Ipv4Cidr>,
+    #[serde(default)]
+    pub gateway: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub mac: Option<Mac>,
+    /// A bridge the agent attaches the tap to before the VM starts.
+    #[serde(default)]
+    pub bridge: Option<String>,
+}
+
+/// An IPv4 address with its prefix length (`10.0.0.2/24`; `/24` when omitted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = s.split_once('/').unwrap_or((s, "24"));
+        let addr = addr.parse().map_err(|_| format!("{s:?}: bad IPv4 address"))?;
+        let prefix_len = prefix.parse().ok().filter(|p| *p <= 32).ok_or_else(|| format!("{s:?}: bad prefix length"))?;
+        Ok(Ipv4Cidr { addr, prefix_len })
+    }
+}
+
+impl std::fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// A MAC address (`52:54:00:12:34:56`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mac(pub [u8; 6]);
+
+impl FromStr for Mac {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<u8> =
+            s.split(':').map(|p| u8::from_str_radix(p, 16)).collect::<Result<_, _>>().map_err(|_| format!("{s:?}: bad MAC address"))?;
+        parts.try_into().map(Mac).map_err(|_| format!("{s:?}: a MAC address has six bytes"))
+    }
+}
+
+impl std::fmt::Display for Mac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    }
+}
+
+/// Serde through `FromStr` and `Display`, for the small value types above.
+macro_rules! serde_via_str {
+    ($($t:ty),*) => {$(
+        impl Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    )*};
+}
+serde_via_str!(Ipv4Cidr, Mac);
+
+/// Remote-backup mode: where the backup and the arbiter are, and how to checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Protection {
+    /// The backup's replication address (`vigil backup --listen`), HOST:PORT.
+    pub backup: String,
+    /// The fencing arbiter, HOST:PORT.
+    pub arbiter: String,
+    /// This host's name at the arbiter.
+    pub holder: String,
+    #[serde(with = "policy_str", default)]
+    pub policy: PolicySpec,
+    #[serde(default)]
+    pub timing: TimingSpec,
+    /// Print a JSON line of statistics per checkpoint on stderr.
+    #[serde(default)]
+    pub stats: bool,
+    /// Serve Prometheus metrics and the policy switch here (HOST:PORT).
+    #[serde(default)]
+    pub control: Option<String>,
+}
+
+mod policy_str {
+    use replication::PolicySpec;
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(p: &PolicySpec, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(p)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PolicySpec, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Heartbeat, failure detection and lease timing in milliseconds (both sides should agree).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimingSpec {
+    pub heartbeat_ms: u64,
+    pub timeout_ms: u64,
+    pub lease_ms: u64,
+    pub renew_ms: u64,
+}
+
+impl Default for TimingSpec {
+    fn default() -> Self {
+        let t = Timing::default();
+        const MS: u64 = 1_000_000;
+        TimingSpec {
+            heartbeat_ms: t.heartbeat_ns / MS,
+            timeout_ms: t.timeout_ns / MS,
+            lease_ms: t.lease_ttl_ns / MS,
+            renew_ms: t.lease_renew_ns / MS,
+        }
+    }
+}
+
+impl TimingSpec {
+    /// The protocol's timing, checked.
+    pub fn timing(&self) -> Result<Timing> {
+        const MS: u64 = 1_000_000;
+        let t = Timing {
+            heartbeat_ns: self.heartbeat_ms * MS,
+            timeout_ns: self.timeout_ms * MS,
+            lease_ttl_ns: self.lease_ms * MS,
+            lease_renew_ns: self.renew_ms * MS,
+            reconnect_ns: Timing::default().reconnect_ns,
+        };
+        t.validate()?;
+        Ok(t)
+    }
+}
+
+/// Where and how the VMM's threads run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scheduling {
+    /// Pin the VMM to these CPUs (the model's processor of the VM).
+    #[serde(default)]
+    pub cpus: Vec<usize>,
+    /// Run the vCPU under SCHED_FIFO at this priority (1..=99): the model's fixed priority.
+    #[serde(default)]
+    pub fifo_priority: Option<u8>,
+}
+
+/// How a VM's run ended, as an exit status: the guest's own, 3 if it faulted, 4 if another
+/// copy of it took over (fenced).
+pub fn exit_status(o: &Outcome) -> u8 {
+    match o {
+        Outcome::Stopped(Stop::Exited(s)) => (*s).min(255) as u8,
+        Outcome::Stopped(Stop::Quit) => 0,
+        Outcome::Stopped(Stop::Fault(reason)) => {
+            tracing::error!("guest fault: {reason}");
+            3
+        }
+        Outcome::Fenced { .. } => 4,
+    }
+}
+
+impl VmSpec {
+    /// A VM of `memory_mib` MiB from `image`, named after the image's file name.
+    pub fn new(image: impl Into<PathBuf>, memory_mib: u64) -> VmSpec {
+        let image = image.into();
+        let name = image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "vm".into());
+        VmSpec {
+            name,
+            image,
+            memory_mib,
+            args: Vec::new(),
+            disk: None,
+            net: None,
+            api: None,
+            dirty_log: false,
+            domain: None,
+            protection: None,
+            scheduling: Scheduling::default(),
+        }
+    }
+
+    fn err(&self, reason: impl Into<String>) -> Error {
+        Error::Spec { vm: self.name.clone(), reason: reason.into() }
+    }
+
+    /// Checks what can be checked before anything starts.
+    pub fn check(&self) -> Result<()> {
+        if let Some(p) = &self.protection {
+            p.timing.timing()?;
+        }
+        if let Some(d) = &self.disk {
+            if !d.exists() {
+                return Err(self.err(format!("disk {}: no such file", d.display())));
+            }
+        }
+        if let Some(p) = self.scheduling.fifo_priority {
+            if !(1..=99).contains(&p) {
+                return Err(self.err(format!("real-time priority {p} is outside 1..=99")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The VMM's configuration.
+    pub fn vm_config(&self) -> VmConfig {
+        let mut config = VmConfig::new(&self.image, self.memory_mib);
+        config.disk = self.disk.clone();
+        config.args = self.args.clone();
+        config.dirty_log = self.dirty_log;
+        if let Some(net) = &self.net {
+            config.tap = Some(net.tap.clone());
+            if let Some(ip) = net.ip {
+                config.net.ip = ip.addr;
+                config.net.prefix_len = ip.prefix_len;
+            }
+            if let Some(g) = net.gateway {
+                config.net.gateway = g;
+            }
+            if let Some(m) = net.mac {
+                config.net.mac = m.0;
+            }
+        }
+        config
+    }
+}
+
+/// Applies the spec's CPU placement to the calling thread (threads it starts later inherit it).
+pub fn apply_placement(spec: &VmSpec) -> Result<()> {
+    if spec.scheduling.cpus.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in &spec.scheduling.cpus {
+        if c >= libc::CPU_SETSIZE as usize {
+            return Err(spec.err(format!("CPU {c} does not exist")));
+        }
+        // SAFETY: c is below CPU_SETSIZE, checked above.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the calling thread.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        return Err(spec.err(format!("cannot pin to CPUs {:?}: {}", spec.scheduling.cpus, std::io::Error::last_os_error())));
+    }
+    Ok(())
+}
+
+/// Applies the spec's real-time priority to the calling thread (the vCPU's).
+pub fn apply_priority(spec: &VmSpec) -> Result<()> {
+    let Some(prio) = spec.scheduling.fifo_priority else { return Ok(()) };
+    let param = libc::sched_param { sched_priority: i32::from(prio) };
+    // SAFETY: `param` is a valid sched_param; pid 0 is the calling thread.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+        return Err(spec.err(format!("cannot run at SCHED_FIFO priority {prio}: {}", std::io::Error::last_os_error())));
+    }
+    Ok(())
+}
+
+/// Runs the VM of `spec` in this process until it stops (or, protected, is fenced); returns
+/// the exit status ([`exit_status`]).
+pub fn run(spec: &VmSpec) -> Result<u8> {
+    spec.check()?;
+    apply_placement(spec)?;
+    let config = spec.vm_config();
+    let announce = config.tap.is_some() && !config.net.ip.is_unspecified();
+    let mut vm = Vm::create(config, Box::new(std::io::stdout())).map_err(|source| Error::Vmm { vm: spec.name.clone(), source })?;
+    if announce {
+        // Tell the switches where the VM's address lives now (it may have run elsewhere before).
+        vm.announce(1).map_err(|source| Error::Vmm { vm: spec.name.clone(), source })?;
+    }
+    let _domain = spec.domain.as_ref().map(|d| Domain::introduce(d, &spec.name)).transpose()?;
+    if let Some(p) = &spec.protection {
+        return run_protected(vm, spec, p);
+    }
+    apply_priority(spec)?;
+    drive(vm, spec.api.as_deref(), &spec.name)
+}
+
+/// Restores a VM from a snapshot directory and runs it.
+pub fn restore(
+    dir: &Path,
+    overrides: &vmm::snapshot::RestoreOverrides,
+    paused: bool,
+    api: Option<&Path>,
+    domain: Option<&DomainSpec>,
+) -> Result<u8> {
+    let name = dir.display().to_string();
+    let mut vm = Vm::restore(dir, overrides, Box::new(std::io::stdout())).map_err(|source| Error::Vmm { vm: name.clone(), source })?;
+    if !paused {
+        vm.resume();
+    }
+    let _domain = domain.map(|d| Domain::introduce(d, &name)).transpose()?;
+    drive(vm, api, &name)
+}
+
+fn drive(mut vm: Vm, api_path: Option<&Path>, name: &str) -> Result<u8> {
+    let vmm_err = |source| Error::Vmm { vm: name.to_owned(), source };
+    let (_server, inbox) = match api_path {
+        Some(p) => {
+            let (ctl, inbox) = vmm::channel_pair().map_err(vmm_err)?;
+            (Some(api::serve(p, ctl).map_err(vmm_err)?), Some(inbox))
+        }
+        None => {
+            if vm.paused() {
+                return Err(Error::Spec { vm: name.into(), reason: "a paused VM needs a control socket to be resumed".into() });
+            }
+            (None, None)
+        }
+    };
+    let stop = vm.run(inbox.as_ref()).map_err(vmm_err)?;
+    Ok(exit_status(&Outcome::Stopped(stop)))
+}
+
+fn run_protected(vm: Vm, spec: &VmSpec, p: &Protection) -> Result<u8> {
+    let vmm_err = |source| Error::Vmm { vm: spec.name.clone(), source };
+    let (ctl, inbox) = vmm::channel_pair().map_err(vmm_err)?;
+    let _api = match &spec.api {
+        Some(path) => Some(vmm::api::serve(path, ctl.clone()).map_err(vmm_err)?),
+        None => None,
+    };
+    let opts = protection::primary::Options {
+        vm: spec.name.clone(),
+        holder: p.holder.clone(),
+        backup: Some(p.backup.clone()),
+        arbiter: p.arbiter.clone(),
+        policy: p.policy,
+        timing: p.timing.timing()?,
+        stats_lines: p.stats,
+        control: p.control.clone(),
+        disk: spec.disk.clone(),
+    };
+    let outcome = protection::primary::run(vm, ctl, inbox, opts, protection::primary::Start::Fresh, protection::Clock::new())
+        .map_err(|reason| Error::Replication { vm: spec.name.clone(), reason })?;
+    Ok(exit_status(&outcome))
+}
+
+/// The backup host's side of a protected VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupSpec {
+    /// Address to listen on for the primary (HOST:PORT).
+    pub listen: String,
+    /// The fencing arbiter (HOST:PORT).
+    pub arbiter: String,
+    /// This host's name at the arbiter.
+    pub holder: String,
+    /// The tap device the VM gets on this host after a takeover.
+    #[serde(default)]
+    pub tap: Option<String>,
+    /// A bridge the agent attaches the tap to before the backup starts.
+    #[serde(default)]
+    pub bridge: Option<String>,
+    /// This host's copy of the VM's disk.
+    #[serde(default)]
+    pub disk: Option<PathBuf>,
+    /// The VM's control socket after a takeover.
+    #[serde(default)]
+    pub api: Option<PathBuf>,
+    /// Metrics address.
+    #[serde(default)]
+    pub control: Option<String>,
+    /// Print protocol events.
+    #[serde(default)]
+    pub stats: bool,
+    /// After a takeover: protect the VM with a new backup here.
+    #[serde(default)]
+    pub then_protect: Option<String>,
+    #[serde(with = "policy_str", default)]
+    pub then_policy: PolicySpec,
+    #[serde(default)]
+    pub timing: TimingSpec,
+}
+
+/// Runs the backup until it took over and the VM it then ran stopped; returns the exit status.
+pub fn run_backup(b: &BackupSpec) -> Result<u8> {
+    let timing = b.timing.timing()?;
+    if let Some(d) = &b.disk {
+        if !d.exists() {
+            return Err(Error::Spec {
+                vm: "backup".into(),
+                reason: format!("disk {}: no such file (give the backup a copy of the VM's disk image, of the same size)", d.display()),
+            });
+        }
+    }
+    let opts = protection::backup::Options {
+        listen: b.listen.clone(),
+        holder: b.holder.clone(),
+        arbiter: b.arbiter.clone(),
+        tap: b.tap.clone(),
+        disk: b.disk.clone(),
+        timing,
+        stats_lines: b.stats,
+        control: b.control.clone(),
+        api: b.api.clone(),
+        then_protect: b.then_protect.clone(),
+        then_policy: b.then_policy,
+    };
+    let outcome = protection::backup::run(opts).map_err(|reason| Error::Replication { vm: format!("backup on {}", b.listen), reason })?;
+    Ok(exit_status(&outcome))
+}
+
+/// Serves fencing leases on `listen` until the process ends.
+pub fn serve_arbiter(listen: &str) -> Result<std::convert::Infallible> {
+    let listener = std::net::TcpListener::bind(listen).map_err(|e| Error::io("cannot listen on", listen, e))?;
+    let arb = crate::arbiter::serve(listener).map_err(|e| Error::io("arbiter on", listen, e))?;
+    tracing::info!("arbiter: serving leases on {}", arb.addr);
+    loop {
+        std::thread::park();
+    }
+}
+
+/// This machine's host name.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_round_trip_through_json_and_bad_values_are_named() {
+        let mut s = VmSpec::new("/images/kv", 64);
+        s.net = Some(NetSpec {
+            tap: "vtap".into(),
+            ip: Some("10.0.0.2/24".parse().unwrap()),
+            gateway: None,
+            mac: Some("52:54:00:00:00:01".parse().unwrap()),
+            bridge: None,
+        });
+        s.protection = Some(Protection {
+            backup: "10.98.0.2:7100".into(),
+            arbiter: "10.99.0.254:7000".into(),
+            holder: "host-a".into(),
+            policy: "fixed:25".parse().unwrap(),
+            timing: TimingSpec::default(),
+            stats: false,
+            control: None,
+        });
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains("\"policy\":\"fixed:25\"") && json.contains("\"10.0.0.2/24\""), "{json}");
+        assert_eq!(serde_json::from_str::<VmSpec>(&json).unwrap(), s);
+        let bad = json.replace("fixed:25", "fixed:0");
+        let e = serde_json::from_str::<VmSpec>(&bad).unwrap_err().to_string();
+        assert!(e.contains("policy") && e.contains("fixed:0"), "{e}");
+        for (v, want) in [("10.0.0.300/24", "bad IPv4"), ("10.0.0.1/40", "prefix"), ("10.0.0.1/x", "prefix")] {
+            assert!(v.parse::<Ipv4Cidr>().unwrap_err().contains(want), "{v}");
+        }
+        assert!("52:54:00".parse::<Mac>().unwrap_err().contains("six bytes"));
+        assert!("zz:54:00:00:00:00".parse::<Mac>().is_err());
+    }
+
+    #[test]
+    fn check_names_the_vm_and_the_problem() {
+        let mut s = VmSpec::new("/images/kv", 64);
+        s.disk = Some("/nonexistent/disk.img".into());
+        let e = s.check().unwrap_err().to_string();
+        assert!(e.starts_with("VM kv:") && e.contains("/nonexistent/disk.img"), "{e}");
+        s.disk = None;
+        s.scheduling.fifo_priority = Some(0);
+        assert!(s.check().unwrap_err().to_string().contains("priority 0"));
+    }
+}

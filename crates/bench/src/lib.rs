@@ -1,0 +1,18 @@
+//! `bench` — vigil's benchmarks and demonstrations, as library calls the `vigil` binary maps
+//! its `bench` and `demo` subcommands to.
+//!
+//! - [`analysis`]: `vigil bench analysis|plan|vmm|store|replication` (the dispatcher, and the
+//!   analysis and planning measurements);
+//! - [`vmm`], [`store`], [`replication`]: the VMM, the store and checkpoint replication measured
+//!   against real KVM, real clients and real servers;
+//! - [`demo`]: `vigil demo failover`.
+//!
+//! Every figure is a median or a range over repeated runs, printed as a table (or JSON).
+//! It sets up its scenes with the `testbed` fixtures; nothing in vigil depends on it but the
+//! binary.
+
+pub mod analysis;
+pub mod demo;
+pub mod replication;
+pub mod store;
+pub mod vmm;

@@ -1,0 +1,245 @@
+//! The manager's loop (`vigil manager`): win the election, keep the plan table current, watch
+//! the hosts' leases, and on a failure fence the host, look its plan up and drive it through
+//! the agents by rewriting the VMs' desired state. Nothing is computed between the failure
+//! and the plan's execution; the table for the new configuration is computed afterwards, in
+//! the background.
+
+use crate::detector::Detector;
+use crate::election::{Election, Role};
+use crate::runtime::{initial_targets, Layout};
+use crate::table::{key, plan_name, Table};
+use agent::cluster::{self, Desired, Event, Fence, Progress};
+use model::Loaded;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, TryRecvError};
+use std::time::{Duration, Instant};
+
+/// How a manager runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This manager's id in the election.
+    pub id: String,
+    pub store: PathBuf,
+    /// Loop period (election renewal, heartbeat reads).
+    pub period: Duration,
+    /// Lease of the leader and of the hosts.
+    pub lease: Duration,
+    /// Grace for hosts never heard from since this manager began to lead.
+    pub grace: Duration,
+    /// Fault scenarios of up to this many hosts are planned from the initial configuration.
+    pub faults: usize,
+}
+
+/// Runs the manager until killed.
+pub fn run(cfg: &Config, loaded: &Loaded, layout: &Layout) -> agent::Result<()> {
+    let mut store = store::Client::connect(&cfg.store)?;
+    store.set_retry_for(cfg.lease / 2);
+    store.set_request_timeout(cfg.lease / 2);
+    let mut election = Election::new(cfg.id.clone(), cfg.lease);
+    let mut lead: Option<Lead> = None;
+    let clock = Instant::now();
+    loop {
+        let t0 = Instant::now();
+        match election.step(&mut store) {
+            Ok(Role::Leader { generation, took_over }) => {
+                if took_over || lead.is_none() {
+                    let _ = cluster::log_event(&mut store, &Event::now(&cfg.id, format!("manager leads with generation {generation}")));
+                    lead = Some(Lead::start(cfg, loaded, layout, &mut store, generation, clock)?);
+                }
+            }
+            Ok(Role::Standby { .. }) => lead = None,
+            Err(e) => tracing::warn!("manager {}: election: {e}", cfg.id),
+        }
+        if let Some(l) = lead.as_mut() {
+            if election.may_act() {
+                if let Err(e) = l.step(cfg, loaded, layout, &mut store, clock) {
+                    tracing::warn!("manager {}: {e}", cfg.id);
+                }
+            }
+        }
+        std::thread::sleep(cfg.period.saturating_sub(t0.elapsed()));
+    }
+}
+
+/// The leader's state: rebuilt from the store each time this manager takes the lead.
+struct Lead {
+    generation: u64,
+    failed: Vec<String>,
+    table: Table,
+    detector: Detector,
+    /// A table being computed in the background.
+    pending: Option<Receiver<Result<Table, String>>>,
+}
+
+impl Lead {
+    fn start(
+        cfg: &Config,
+        loaded: &Loaded,
+        layout: &Layout,
+        store: &mut store::Client,
+        generation: u64,
+        clock: Instant,
+    ) -> agent::Result<Lead> {
+        let hosts: Vec<String> = loaded.deployment.as_ref().map(|d| d.hosts.iter().map(|h| h.name.clone()).collect()).unwrap_or_default();
+        let now = clock.elapsed().as_nanos() as u64;
+        let mut detector = Detector::new(hosts.iter().cloned(), cfg.lease.as_nanos() as u64, cfg.grace.as_nanos() as u64, now);
+        let progress: Option<Progress> = cluster::read(store, cluster::PROGRESS)?;
+        let failed = progress.as_ref().map(|p| p.failed.clone()).unwrap_or_default();
+        for h in &failed {
+            detector.mark_failed(h);
+        }
+        let mut table = Table::load(store)?;
+        let fresh = table.meta.as_ref().is_some_and(|m| m.failed == key(&failed)) && table.lookup(&failed).is_some()
+            || failed.is_empty() && table.meta.as_ref().is_some_and(|m| m.failed.is_empty());
+        if !fresh {
+            // No table for this configuration yet (first start): compute it before anything
+            // can fail, and keep it.
+            let t0 = Instant::now();
+            table = Table::compute(loaded, &failed, cfg.faults, generation).map_err(|e| agent::Error::Cluster(format!("planning: {e}")))?;
+            table.save(store)?;
+            let _ = cluster::log_event(
+                store,
+                &Event::now(
+                    &cfg.id,
+                    format!("plan table computed: {} scenarios in {:.0} ms", table.plans.len(), t0.elapsed().as_secs_f64() * 1e3),
+                ),
+            );
+        }
+        let mut lead = Lead { generation, failed: failed.clone(), table, detector, pending: None };
+        // Finish a plan a previous leader began, or place the VMs for the first time.
+        let any_desired =
+            cluster::children(store, cluster::VMS)?.iter().any(|vm| store.try_read(&cluster::desired_path(vm)).ok().flatten().is_some());
+        match progress {
+            Some(p) if p.done < p.total => {
+                let _ = cluster::log_event(
+                    store,
+                    &Event::now(
+                        &cfg.id,
+                        format!("finishing plan {} ({}/{} done by generation {})", p.scenario, p.done, p.total, p.generation),
+                    ),
+                );
+                lead.execute(cfg, loaded, layout, store, &p.failed.clone(), Instant::now())?;
+            }
+            _ if !any_desired => {
+                let desired = layout.desired(loaded, &initial_targets(loaded), &[], &lead.table, generation);
+                for (vm, d) in &desired {
+                    cluster::write(store, &cluster::desired_path(vm), d)?;
+                }
+                let _ = cluster::log_event(store, &Event::now(&cfg.id, format!("{} VM(s) placed as the model says", desired.len())));
+            }
+            _ => {}
+        }
+        Ok(lead)
+    }
+
+    fn step(&mut self, cfg: &Config, loaded: &Loaded, layout: &Layout, store: &mut store::Client, clock: Instant) -> agent::Result<()> {
+        // A table computed in the background replaces the current one.
+        if let Some(rx) = &self.pending {
+            match rx.try_recv() {
+                Ok(Ok(t)) => {
+                    t.save(store)?;
+                    let ms = t.meta.as_ref().map_or(0.0, |m| m.compute_ms);
+                    let _ = cluster::log_event(
+                        store,
+                        &Event::now(
+                            &cfg.id,
+                            format!("plan table recomputed for failed {:?}: {} scenarios in {ms:.0} ms", self.failed, t.plans.len()),
+                        ),
+                    );
+                    self.table = t;
+                    self.pending = None;
+                }
+                Ok(Err(e)) => {
+                    let _ = cluster::log_event(store, &Event::now(&cfg.id, format!("cannot recompute the plan table: {e}")));
+                    self.pending = None;
+                }
+                Err(TryRecvError::Empty) => {}
+                Err(TryRecvError::Disconnected) => self.pending = None,
+            }
+        }
+        let hosts: Vec<String> = loaded.deployment.as_ref().map(|d| d.hosts.iter().map(|h| h.name.clone()).collect()).unwrap_or_default();
+        for h in &hosts {
+            let beat = cluster::read_counter(store, &cluster::heartbeat_path(h))?;
+            self.detector.observe(h, beat, clock.elapsed().as_nanos() as u64);
+        }
+        let expired = self.detector.expired(clock.elapsed().as_nanos() as u64);
+        if expired.is_empty() {
+            return Ok(());
+        }
+        let detected = Instant::now();
+        for h in &expired {
+            cluster::write(store, &cluster::fence_path(h), &Fence { generation: self.generation })?;
+            let _ = cluster::log_event(
+                store,
+                &Event::now(&cfg.id, format!("host {h} failed: lease expired; fenced at generation {}", self.generation)),
+            );
+        }
+        let mut failed = self.failed.clone();
+        failed.extend(expired);
+        let failed = key(&failed);
+        self.execute(cfg, loaded, layout, store, &failed, detected)?;
+        // The next table, for the configuration now in force, in the background.
+        let (tx, rx) = channel();
+        let (loaded2, failed2, faults, generation) = (loaded.clone(), failed.clone(), cfg.faults, self.generation);
+        std::thread::spawn(move || {
+            let _ = tx.send(Table::compute(&loaded2, &failed2, faults, generation).map_err(|e| e.to_string()));
+        });
+        self.pending = Some(rx);
+        Ok(())
+    }
+
+    /// Drives the plan for `failed`: the desired records of every VM whose target changed,
+    /// the progress recorded after each, so that a successor finishes what this one began.
+    fn execute(
+        &mut self,
+        cfg: &Config,
+        loaded: &Loaded,
+        layout: &Layout,
+        store: &mut store::Client,
+        failed: &[String],
+        detected: Instant,
+    ) -> agent::Result<()> {
+        let name = plan_name(failed);
+        let Some(plan) = self.table.lookup(failed).cloned() else {
+            let _ = cluster::log_event(
+                store,
+                &Event::now(&cfg.id, format!("no plan for scenario {name}: nothing done (the table does not cover it)")),
+            );
+            self.failed = failed.to_vec();
+            return Ok(());
+        };
+        let desired = layout.desired(loaded, &plan.targets, failed, &self.table, self.generation);
+        let mut changes: BTreeMap<String, Desired> = BTreeMap::new();
+        for (vm, d) in desired {
+            let cur: Option<Desired> = cluster::read(store, &cluster::desired_path(&vm))?;
+            let same = cur.as_ref().is_some_and(|c| c.primary == d.primary && c.backup == d.backup);
+            if !same {
+                changes.insert(vm, d);
+            }
+        }
+        let total = changes.len();
+        let mut progress = Progress { scenario: name.clone(), failed: failed.to_vec(), done: 0, total, generation: self.generation };
+        cluster::write(store, cluster::PROGRESS, &progress)?;
+        let _ = cluster::log_event(
+            store,
+            &Event::now(
+                &cfg.id,
+                format!(
+                    "plan {name} started {:.1} ms after detection: {} ({} VM(s) to change)",
+                    detected.elapsed().as_secs_f64() * 1e3,
+                    plan.actions.join("; "),
+                    total
+                ),
+            ),
+        );
+        for (vm, d) in changes {
+            cluster::write(store, &cluster::desired_path(&vm), &d)?;
+            progress.done += 1;
+            cluster::write(store, cluster::PROGRESS, &progress)?;
+        }
+        let _ = cluster::log_event(store, &Event::now(&cfg.id, format!("plan {name} written ({} coverage)", plan.coverage)));
+        self.failed = failed.to_vec();
+        Ok(())
+    }
+}

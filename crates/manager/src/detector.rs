@@ -1,0 +1,155 @@
+//! Host failure detection from lease heartbeats, as a pure state machine (time passed in).
+//!
+//! Each agent rewrites its host's heartbeat counter every period. The detector remembers, by
+//! the manager's own monotonic clock, when it last saw each counter change; a host whose
+//! counter has not changed for the lease is declared failed — once. The agent stops acting
+//! when it could not renew for half the lease (counted from the start of its last successful
+//! write, which is before the detector saw it), so the host has stopped before the detector
+//! declares it failed.
+//!
+//! A host never heard from is given `grace` from the detector's start (agents starting up).
+
+use std::collections::BTreeMap;
+
+/// What the detector thinks of a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// Not heard from yet (within the start-up grace).
+    Unknown,
+    Alive,
+    /// Declared failed: its lease expired.
+    Failed,
+}
+
+#[derive(Debug, Clone)]
+struct View {
+    last: Option<u64>,
+    changed_at: u64,
+    state: Liveness,
+}
+
+/// The detector: hosts, their last heartbeat and when it changed (ns on the caller's clock).
+#[derive(Debug, Clone)]
+pub struct Detector {
+    lease_ns: u64,
+    grace_ns: u64,
+    hosts: BTreeMap<String, View>,
+}
+
+impl Detector {
+    /// Watches `hosts` from `now`; a host's lease is `lease_ns`, the start-up grace `grace_ns`.
+    pub fn new(hosts: impl IntoIterator<Item = String>, lease_ns: u64, grace_ns: u64, now: u64) -> Detector {
+        let hosts = hosts.into_iter().map(|h| (h, View { last: None, changed_at: now, state: Liveness::Unknown })).collect();
+        Detector { lease_ns, grace_ns, hosts }
+    }
+
+    /// A host the caller already knows has failed (a plan executed before a manager restart).
+    pub fn mark_failed(&mut self, host: &str) {
+        if let Some(v) = self.hosts.get_mut(host) {
+            v.state = Liveness::Failed;
+        }
+    }
+
+    /// The heartbeat counter read for `host` at `now` (`None`: no heartbeat node).
+    pub fn observe(&mut self, host: &str, value: Option<u64>, now: u64) {
+        let Some(v) = self.hosts.get_mut(host) else { return };
+        if value.is_some() && value != v.last {
+            let first = v.last.is_none();
+            v.last = value;
+            // The first value seen proves nothing about when it was written: count the lease
+            // from now, as for a change.
+            v.changed_at = now;
+            if v.state == Liveness::Unknown && !first {
+                v.state = Liveness::Alive;
+            } else if v.state == Liveness::Unknown {
+                // Seen once; alive once it changes again, or failed if it never does.
+            }
+        }
+    }
+
+    /// Hosts whose lease expired since the last call (each reported once).
+    pub fn expired(&mut self, now: u64) -> Vec<String> {
+        let mut out = Vec::new();
+        for (h, v) in self.hosts.iter_mut() {
+            let limit = match v.state {
+                Liveness::Failed => continue,
+                Liveness::Alive => self.lease_ns,
+                // Seen once: the lease runs from when it was seen. Never seen: the grace.
+                Liveness::Unknown if v.last.is_some() => self.lease_ns,
+                Liveness::Unknown => self.grace_ns.max(self.lease_ns),
+            };
+            if now.saturating_sub(v.changed_at) > limit {
+                v.state = Liveness::Failed;
+                out.push(h.clone());
+            }
+        }
+        out
+    }
+
+    pub fn state(&self, host: &str) -> Option<Liveness> {
+        self.hosts.get(host).map(|v| v.state)
+    }
+
+    /// Time since `host`'s counter last changed.
+    pub fn silent_for(&self, host: &str, now: u64) -> Option<u64> {
+        self.hosts.get(host).map(|v| now.saturating_sub(v.changed_at))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn a_host_fails_once_after_a_lease_of_silence_and_never_before() {
+        let mut d = Detector::new(["a".to_string(), "b".to_string()], 100 * MS, 1000 * MS, 0);
+        for t in (0..=500).step_by(10) {
+            d.observe("a", Some(t / 10), t * MS);
+            d.observe("b", Some(t / 10), t * MS);
+            assert!(d.expired(t * MS).is_empty(), "at {t} ms");
+        }
+        assert_eq!(d.state("a"), Some(Liveness::Alive));
+        // b stops at 500 ms; a goes on.
+        for t in (510..=700).step_by(10) {
+            d.observe("a", Some(t / 10), t * MS);
+            d.observe("b", Some(50), t * MS);
+            let e = d.expired(t * MS);
+            if t <= 600 {
+                assert!(e.is_empty(), "b silent for {} ms only", t - 500);
+            } else if t == 610 {
+                assert_eq!(e, vec!["b".to_string()]);
+            } else {
+                assert!(e.is_empty(), "reported once");
+            }
+        }
+        assert_eq!(d.state("b"), Some(Liveness::Failed));
+        assert_eq!(d.state("a"), Some(Liveness::Alive));
+    }
+
+    #[test]
+    fn a_host_never_heard_from_fails_after_the_grace_and_a_stale_counter_proves_nothing() {
+        let mut d = Detector::new(["a".to_string(), "b".to_string()], 100 * MS, 1000 * MS, 0);
+        // a's counter is there from a previous run (first read at 400 ms) but never changes.
+        for t in (400..=500).step_by(50) {
+            d.observe("a", Some(7), t * MS);
+            assert!(d.expired(t * MS).is_empty(), "within the lease at {t} ms");
+        }
+        // a: its first value restarted its clock, nothing more: it fails a lease later.
+        let mut d2 = d.clone();
+        assert_eq!(d2.expired(1000 * MS), vec!["a".to_string()]);
+        for t in (0..=1000).step_by(50) {
+            assert!(d.expired(t * MS).iter().all(|h| h == "a"), "b within its grace at {t} ms");
+        }
+        assert_eq!(d.expired(1001 * MS), vec!["b".to_string()], "b was never heard from");
+    }
+
+    #[test]
+    fn known_failures_are_not_reported_again() {
+        let mut d = Detector::new(["a".to_string()], 100 * MS, 100 * MS, 0);
+        d.mark_failed("a");
+        assert!(d.expired(10_000 * MS).is_empty());
+        d.observe("unknown-host", Some(1), 0);
+    }
+}

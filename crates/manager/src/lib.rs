@@ -1,0 +1,23 @@
+//! `manager` — the management unit of vigil's MMS (DESIGN §7): the one component that decides
+//! where VMs run.
+//!
+//! It owns:
+//! - [`election`]: leader election through the store (one manager acts, a standby takes over;
+//!   generations that only grow);
+//! - [`detector`]: host failure detection from the agents' lease heartbeats, a pure state
+//!   machine;
+//! - [`table`]: the plan table — a `planner` plan for every fault scenario of the current
+//!   configuration, in memory and in the store;
+//! - [`runtime`]: the cluster's network layout and each VM copy's `VmSpec` from the model;
+//! - [`daemon`]: the loop that ties them: fence, look up, drive the agents through the
+//!   desired state, recompute in the background.
+//!
+//! It does not run VMs (the agents do), analyse or plan (`rtc`, `planner`), or keep state
+//! anywhere but the store.
+
+pub mod daemon;
+pub mod detector;
+pub mod election;
+pub mod local;
+pub mod runtime;
+pub mod table;

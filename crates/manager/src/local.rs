@@ -1,0 +1,512 @@
+//! The embedded cluster on one machine (`vigil up`): hosts as network namespaces joined by a
+//! bridge, the store under its supervisor, the fencing arbiter, an agent per host, the
+//! manager (and standbys), all as detached processes; `vigil status`, `vigil fail HOST` and
+//! `vigil down` find them through the cluster file `<dir>/cluster.json`.
+//!
+//! ```text
+//!   field ns   10.99.0.100 ──┐            (clients, sensors, actuators)
+//!   switch ns  br0 10.99.0.254, the arbiter on :7000
+//!   host i ns  uplink ── hostbr 10.99.0.<i+1> ── vt<k> (VM k's tap; VM addresses from [[run]])
+//! ```
+
+use crate::runtime::{Layout, REPLICATION_PORT};
+use agent::vm::TimingSpec;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The LAN prefix of the embedded cluster.
+pub const LAN: [u8; 3] = [10, 99, 0];
+pub const ARBITER_PORT: u16 = 7000;
+pub const FIELD_IP: &str = "10.99.0.100";
+pub const BRIDGE: &str = "hostbr";
+
+/// What `vigil up` started, kept in `<dir>/cluster.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterFile {
+    pub model: PathBuf,
+    pub dir: PathBuf,
+    pub store: PathBuf,
+    pub tag: String,
+    pub switch_ns: String,
+    pub field_ns: String,
+    /// Host name → its namespace.
+    pub host_ns: BTreeMap<String, String>,
+    pub host_ip: BTreeMap<String, Ipv4Addr>,
+    /// Process name → pid (store, arbiter, agent:<host>, manager:<n>).
+    pub pids: BTreeMap<String, u32>,
+    pub images: BTreeMap<String, PathBuf>,
+    pub lease_ms: u64,
+    pub period_ms: u64,
+}
+
+impl ClusterFile {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join("cluster.json")
+    }
+
+    pub fn load(dir: &Path) -> Result<ClusterFile, String> {
+        let p = Self::path(dir);
+        let text =
+            std::fs::read(&p).map_err(|e| format!("{}: {e} (is a cluster up? `vigil up MODEL --dir {}`)", p.display(), dir.display()))?;
+        serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", p.display()))
+    }
+
+    pub fn save(&self) -> Result<(), String> {
+        let p = Self::path(&self.dir);
+        std::fs::write(&p, serde_json::to_vec_pretty(self).unwrap_or_default()).map_err(|e| format!("{}: {e}", p.display()))
+    }
+
+    /// The layout the manager places VMs with.
+    pub fn layout(&self) -> Layout {
+        Layout {
+            host_ip: self.host_ip.clone(),
+            arbiter: format!("{}.254:{ARBITER_PORT}", lan()),
+            bridge: BRIDGE.into(),
+            images: self.images.clone(),
+            run_dir: self.dir.join("run"),
+            timing: TimingSpec::default(),
+        }
+    }
+}
+
+fn lan() -> String {
+    format!("{}.{}.{}", LAN[0], LAN[1], LAN[2])
+}
+
+/// Runs `ip ARGS`; the error quotes it.
+pub fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("cannot run ip (package iproute2): {e}"))?;
+    if !out.status.success() {
+        return Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(())
+}
+
+fn ns_ip(ns: &str, args: &[&str]) -> Result<(), String> {
+    let mut all = vec!["-n", ns];
+    all.extend_from_slice(args);
+    ip(&all)
+}
+
+/// A veth pair between two namespaces, named `n1` in `ns1` and `n2` in `ns2`, both up.
+fn veth(ns1: &str, n1: &str, ns2: &str, n2: &str, tag: &str) -> Result<(), String> {
+    let t1 = format!("vgx{tag}{}", std::process::id() % 10000);
+    let t2 = format!("vgy{tag}{}", std::process::id() % 10000);
+    ip(&["link", "add", &t1, "type", "veth", "peer", "name", &t2])?;
+    ip(&["link", "set", &t1, "netns", ns1])?;
+    ip(&["link", "set", &t2, "netns", ns2])?;
+    ns_ip(ns1, &["link", "set", &t1, "name", n1])?;
+    ns_ip(ns2, &["link", "set", &t2, "name", n2])?;
+    ns_ip(ns1, &["link", "set", n1, "up"])?;
+    ns_ip(ns2, &["link", "set", n2, "up"])
+}
+
+/// Builds the namespaces of a cluster of `hosts`; returns (switch, field, host → ns, host → ip).
+pub fn build_network(
+    tag: &str,
+    hosts: &[String],
+) -> Result<(String, String, BTreeMap<String, String>, BTreeMap<String, Ipv4Addr>), String> {
+    if hosts.len() > 90 {
+        return Err(format!("{} hosts: the embedded cluster has room for 90", hosts.len()));
+    }
+    let sw = format!("vg{tag}-sw");
+    let field = format!("vg{tag}-f");
+    remove_network(tag, hosts.len());
+    ip(&["netns", "add", &sw])?;
+    ns_ip(&sw, &["link", "set", "lo", "up"])?;
+    ns_ip(&sw, &["link", "add", "br0", "type", "bridge"])?;
+    ns_ip(&sw, &["addr", "add", &format!("{}.254/24", lan()), "dev", "br0"])?;
+    ns_ip(&sw, &["link", "set", "br0", "up"])?;
+    ip(&["netns", "add", &field])?;
+    ns_ip(&field, &["link", "set", "lo", "up"])?;
+    veth(&field, "eth0", &sw, "to-field", tag)?;
+    ns_ip(&sw, &["link", "set", "to-field", "master", "br0"])?;
+    ns_ip(&field, &["addr", "add", &format!("{FIELD_IP}/24"), "dev", "eth0"])?;
+    let mut host_ns = BTreeMap::new();
+    let mut host_ip = BTreeMap::new();
+    for (i, h) in hosts.iter().enumerate() {
+        let ns = format!("vg{tag}-h{i}");
+        let addr = Ipv4Addr::new(LAN[0], LAN[1], LAN[2], 1 + i as u8);
+        ip(&["netns", "add", &ns])?;
+        ns_ip(&ns, &["link", "set", "lo", "up"])?;
+        let port = format!("to-h{i}");
+        veth(&ns, "uplink", &sw, &port, tag)?;
+        ns_ip(&sw, &["link", "set", &port, "master", "br0"])?;
+        ns_ip(&ns, &["link", "add", BRIDGE, "type", "bridge"])?;
+        ns_ip(&ns, &["link", "set", "uplink", "master", BRIDGE])?;
+        ns_ip(&ns, &["addr", "add", &format!("{addr}/24"), "dev", BRIDGE])?;
+        ns_ip(&ns, &["link", "set", BRIDGE, "up"])?;
+        host_ns.insert(h.clone(), ns);
+        host_ip.insert(h.clone(), addr);
+    }
+    Ok((sw, field, host_ns, host_ip))
+}
+
+/// Removes the namespaces of cluster `tag` (those that exist).
+pub fn remove_network(tag: &str, hosts: usize) {
+    let mut names = vec![format!("vg{tag}-sw"), format!("vg{tag}-f")];
+    names.extend((0..hosts.max(16)).map(|i| format!("vg{tag}-h{i}")));
+    for n in names {
+        if Path::new("/run/netns").join(&n).exists() {
+            let _ = Command::new("ip").args(["netns", "del", &n]).output();
+        }
+    }
+}
+
+/// Starts `program ARGS` (inside namespace `ns` if given) in its own session, detached, its
+/// output in `log`; returns its pid.
+pub fn spawn_detached(ns: Option<&str>, program: &Path, args: &[String], log: &Path) -> Result<u32, String> {
+    use std::os::unix::process::CommandExt;
+    let f = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let f2 = f.try_clone().map_err(|e| format!("{}: {e}", log.display()))?;
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    };
+    cmd.args(args).stdin(Stdio::null()).stdout(f).stderr(f2);
+    // SAFETY: between fork and exec the closure only calls setsid(2), which is
+    // async-signal-safe and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+    let pid = child.id();
+    // Not our business to wait for it: it is reaped by whoever adopts it when we exit; a
+    // thread reaps it if it ends while we still run.
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = child.wait();
+    });
+    Ok(pid)
+}
+
+/// SIGKILLs `pid` if it is alive.
+pub fn kill(pid: u32) {
+    if pid != 0 {
+        // SAFETY: kill(2) on a pid; no memory involved.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+}
+
+/// The replication port of VM number `index`.
+pub fn replication_port(index: usize) -> u16 {
+    REPLICATION_PORT + index as u16
+}
+
+/// What `vigil up` needs.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub model: PathBuf,
+    pub dir: PathBuf,
+    /// Keeps concurrent clusters' namespaces apart (at most 4 characters).
+    pub tag: String,
+    /// The `vigil` executable every process runs.
+    pub exe: PathBuf,
+    /// Managers to start (one leads, the others stand by).
+    pub managers: usize,
+    pub faults: usize,
+    pub lease_ms: u64,
+    pub period_ms: u64,
+    /// How long to wait for every VM to run.
+    pub wait: std::time::Duration,
+}
+
+fn pids_in(ns: &str) -> Vec<u32> {
+    Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Finds each `[[run]]` image: a path as written, `target/release/NAME`, or a guest of the
+/// workspace in the current directory, built with cargo.
+pub fn resolve_images(loaded: &model::Loaded) -> Result<BTreeMap<String, PathBuf>, String> {
+    let mut out = BTreeMap::new();
+    for r in &loaded.runs {
+        if out.contains_key(&r.image) {
+            continue;
+        }
+        let as_path = Path::new(&r.image);
+        let release = Path::new("target/release").join(&r.image);
+        let found = if as_path.is_file() {
+            Some(as_path.to_path_buf())
+        } else if release.is_file() {
+            Some(release)
+        } else if Path::new("guests").join(&r.image).join("Cargo.toml").is_file() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            eprintln!("vigil up: building guest {} (cargo build --release -p {})", r.image, r.image);
+            let st = Command::new(cargo).args(["build", "--release", "--quiet", "-p", &r.image]).status();
+            match st {
+                Ok(s) if s.success() && release.is_file() => Some(release),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        let p = found.ok_or_else(|| {
+            format!(
+                "{}:{}: run {:?}: image {:?} not found (a path, target/release/{0}, or a guest of this workspace)",
+                loaded.file, r.line, r.vm, r.image
+            )
+        })?;
+        out.insert(r.image.clone(), std::fs::canonicalize(&p).unwrap_or(p));
+    }
+    Ok(out)
+}
+
+/// Brings a cluster up; returns its file once every VM with a `[[run]]` item runs.
+pub fn up(o: &UpOptions) -> Result<ClusterFile, String> {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("vigil up needs root (it creates network namespaces and tap devices)".into());
+    }
+    if !Path::new("/dev/kvm").exists() {
+        return Err("vigil up needs /dev/kvm (the VMs run on KVM)".into());
+    }
+    if o.tag.is_empty() || o.tag.len() > 4 || !o.tag.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(format!("--tag {:?}: 1 to 4 letters or digits", o.tag));
+    }
+    let loaded = model::load(&o.model).map_err(|e| e.to_string())?;
+    let dep = loaded.deployment.as_ref().ok_or_else(|| format!("{}: no [[host]] items: nothing to run", o.model.display()))?;
+    if loaded.runs.is_empty() {
+        return Err(format!("{}: no [[run]] items: no VM says how it runs (image, address)", o.model.display()));
+    }
+    if let Ok(old) = ClusterFile::load(&o.dir) {
+        if old.pids.values().any(|&p| agent::host::alive(p)) {
+            return Err(format!("a cluster is already up in {} (`vigil down --dir {0}` first)", o.dir.display()));
+        }
+    }
+    let images = resolve_images(&loaded)?;
+    let model = std::fs::canonicalize(&o.model).map_err(|e| format!("{}: {e}", o.model.display()))?;
+    std::fs::create_dir_all(o.dir.join("run")).map_err(|e| format!("{}: {e}", o.dir.display()))?;
+    let dir = std::fs::canonicalize(&o.dir).map_err(|e| format!("{}: {e}", o.dir.display()))?;
+    let hosts: Vec<String> = dep.hosts.iter().map(|h| h.name.clone()).collect();
+    let (switch_ns, field_ns, host_ns, host_ip) = build_network(&o.tag, &hosts)?;
+    let store = dir.join("store.sock");
+    let mut cf = ClusterFile {
+        model,
+        dir: dir.clone(),
+        store: store.clone(),
+        tag: o.tag.clone(),
+        switch_ns: switch_ns.clone(),
+        field_ns,
+        host_ns: host_ns.clone(),
+        host_ip,
+        pids: BTreeMap::new(),
+        images,
+        lease_ms: o.lease_ms,
+        period_ms: o.period_ms,
+    };
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let _ = std::fs::remove_dir_all(dir.join("store-data"));
+    let pid = spawn_detached(
+        None,
+        &o.exe,
+        &s(&["store", "supervise", "--socket", &store.display().to_string(), "--data", &dir.join("store-data").display().to_string()]),
+        &dir.join("store.log"),
+    )?;
+    cf.pids.insert("store".into(), pid);
+    cf.save()?;
+    let mut client =
+        store::Client::connect(&store).map_err(|e| format!("the store did not come up: {e} (see {})", dir.join("store.log").display()))?;
+    let _ = client.rm(agent::cluster::ROOT);
+    let arbiter = format!("{}.254:{ARBITER_PORT}", lan());
+    let pid = spawn_detached(Some(&switch_ns), &o.exe, &s(&["arbiter", "--listen", &arbiter]), &dir.join("arbiter.log"))?;
+    cf.pids.insert("arbiter".into(), pid);
+    for (h, ns) in &host_ns {
+        let state = dir.join("hosts").join(h);
+        std::fs::create_dir_all(&state).map_err(|e| format!("{}: {e}", state.display()))?;
+        let args = s(&[
+            "agent",
+            "--host",
+            h,
+            "--store",
+            &store.display().to_string(),
+            "--state",
+            &state.display().to_string(),
+            "--period-ms",
+            &o.period_ms.to_string(),
+            "--lease-ms",
+            &o.lease_ms.to_string(),
+            "--respawn",
+        ]);
+        let pid = spawn_detached(Some(ns), &o.exe, &args, &dir.join(format!("agent-{h}.log")))?;
+        cf.pids.insert(format!("agent:{h}"), pid);
+    }
+    for m in 0..o.managers.max(1) {
+        let args = s(&["manager", "--dir", &dir.display().to_string(), "--id", &format!("m{m}"), "--faults", &o.faults.to_string()]);
+        let pid = spawn_detached(None, &o.exe, &args, &dir.join(format!("manager-m{m}.log")))?;
+        cf.pids.insert(format!("manager:m{m}"), pid);
+    }
+    cf.save()?;
+    let start = std::time::Instant::now();
+    loop {
+        let st = status(&cf)?;
+        if st.vms.iter().all(|v| v.serving) {
+            return Ok(cf);
+        }
+        if start.elapsed() > o.wait {
+            let waiting: Vec<String> = st.vms.iter().filter(|v| !v.serving).map(|v| format!("{} ({})", v.vm, v.detail)).collect();
+            return Err(format!(
+                "not every VM runs after {:.0} s: {} (logs in {})",
+                o.wait.as_secs_f64(),
+                waiting.join(", "),
+                dir.display()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Stops everything of the cluster in `dir` and removes its namespaces.
+pub fn down(dir: &Path) -> Result<(), String> {
+    let cf = ClusterFile::load(dir)?;
+    for ns in cf.host_ns.values().chain([&cf.switch_ns, &cf.field_ns]) {
+        for p in pids_in(ns) {
+            kill(p);
+        }
+    }
+    for &p in cf.pids.values() {
+        kill(p);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    remove_network(&cf.tag, cf.host_ns.len());
+    let _ = std::fs::remove_file(ClusterFile::path(dir));
+    Ok(())
+}
+
+/// Fault injection: SIGKILL of every process of `host` (its agent and its VMMs) and its link
+/// to the switch cut.
+pub fn fail(dir: &Path, host: &str) -> Result<Vec<u32>, String> {
+    let cf = ClusterFile::load(dir)?;
+    let ns = cf
+        .host_ns
+        .get(host)
+        .ok_or_else(|| format!("unknown host {host:?} (hosts: {})", cf.host_ns.keys().cloned().collect::<Vec<_>>().join(", ")))?;
+    let pids = pids_in(ns);
+    for &p in &pids {
+        kill(p);
+    }
+    ns_ip(ns, &["link", "set", "uplink", "down"])?;
+    Ok(pids)
+}
+
+/// One VM in `vigil status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmStatus {
+    pub vm: String,
+    pub mode: String,
+    pub host: Option<String>,
+    pub backup: Option<String>,
+    /// Its running copy runs where the desired state puts it.
+    pub serving: bool,
+    pub detail: String,
+}
+
+/// One host in `vigil status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostStatus {
+    pub host: String,
+    pub heartbeat: Option<u64>,
+    pub fenced: bool,
+    pub agent_pid: Option<u32>,
+}
+
+/// `vigil status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub leader: Option<agent::cluster::Leader>,
+    pub hosts: Vec<HostStatus>,
+    pub vms: Vec<VmStatus>,
+    pub failed: Vec<String>,
+    /// The plan in force (for the failed hosts) and its chains.
+    pub plan: Option<crate::table::StoredPlan>,
+    /// Scenarios of the table and how each is covered.
+    pub coverage: BTreeMap<String, String>,
+    pub events: Vec<agent::cluster::Event>,
+    /// Every VM serves where the plan puts it and every chain of the plan holds.
+    pub ok: bool,
+}
+
+/// Reads the cluster's state from its store.
+pub fn status(cf: &ClusterFile) -> Result<Status, String> {
+    use agent::cluster::{self, Actual, AgentRecord, CopyState, Desired, Fence, Progress};
+    let e = |e: agent::Error| e.to_string();
+    let mut c = store::Client::connect(&cf.store).map_err(|e| e.to_string())?;
+    c.set_retry_for(std::time::Duration::from_secs(2));
+    let loaded = model::load(&cf.model).map_err(|e| e.to_string())?;
+    let mut hosts = Vec::new();
+    for h in cf.host_ns.keys() {
+        hosts.push(HostStatus {
+            host: h.clone(),
+            heartbeat: cluster::read_counter(&mut c, &cluster::heartbeat_path(h)).map_err(e)?,
+            fenced: cluster::read::<Fence>(&mut c, &cluster::fence_path(h)).map_err(e)?.is_some(),
+            agent_pid: cluster::read::<AgentRecord>(&mut c, &cluster::agent_path(h)).map_err(e)?.map(|a| a.pid),
+        });
+    }
+    let progress: Option<Progress> = cluster::read(&mut c, cluster::PROGRESS).map_err(e)?;
+    let failed = progress.as_ref().map(|p| p.failed.clone()).unwrap_or_default();
+    let table = crate::table::Table::load(&mut c).map_err(e)?;
+    let plan = table.lookup(&failed).cloned();
+    let mut vms = Vec::new();
+    let dep = loaded.deployment.as_ref();
+    for r in &loaded.runs {
+        let mode =
+            dep.and_then(|d| d.vms.iter().find(|v| v.name == r.vm)).map(|v| format!("{:?}", v.mode).to_lowercase()).unwrap_or_default();
+        let d: Option<Desired> = cluster::read(&mut c, &cluster::desired_path(&r.vm)).map_err(e)?;
+        let host = d.as_ref().and_then(|d| d.primary.as_ref().map(|p| p.host.clone()));
+        let backup = d.as_ref().and_then(|d| d.backup.as_ref().map(|b| b.host.clone()));
+        let actual: Option<Actual> = match &host {
+            Some(h) => cluster::read(&mut c, &cluster::actual_path(&r.vm, h)).map_err(e)?,
+            None => None,
+        };
+        let serving = actual.as_ref().is_some_and(|a| a.state == CopyState::Running);
+        let detail = match (&d, &actual) {
+            (None, _) => "not placed yet".to_string(),
+            (Some(_), None) if host.is_none() => "stopped by the plan".to_string(),
+            (Some(_), None) => "not started yet".to_string(),
+            (Some(_), Some(a)) => format!(
+                "{:?} pid {} restarts {}{}",
+                a.state,
+                a.pid,
+                a.restarts,
+                if a.detail.is_empty() { String::new() } else { format!(" ({})", a.detail) }
+            )
+            .to_lowercase(),
+        };
+        vms.push(VmStatus {
+            vm: r.vm.clone(),
+            mode,
+            host,
+            backup,
+            serving: serving || d.as_ref().is_some_and(|d| d.primary.is_none()),
+            detail,
+        });
+    }
+    let coverage = table.plans.values().map(|p| (crate::table::plan_name(&p.failed), p.coverage.clone())).collect();
+    let chains_ok = plan.as_ref().is_none_or(|p| p.chains.iter().all(|ch| ch.status == "ok"));
+    let ok = vms.iter().all(|v| v.serving) && chains_ok && plan.is_some();
+    Ok(Status {
+        leader: cluster::read(&mut c, cluster::LEADER).map_err(e)?,
+        hosts,
+        vms,
+        failed,
+        plan,
+        coverage,
+        events: cluster::events(&mut c, 20).map_err(e)?,
+        ok,
+    })
+}

@@ -1,0 +1,180 @@
+//! From the model to running VMs: the cluster's network layout and the `VmSpec` of each copy
+//! of each VM on a host (its tap on the host's bridge, its address, its control socket, its
+//! protection by a backup on another host, the arbiter).
+
+use crate::table::{key, Table, Target};
+use agent::cluster::{Desired, Placed, PlacedBackup};
+use agent::vm::{BackupSpec, Ipv4Cidr, Mac, NetSpec, Protection, TimingSpec};
+use agent::VmSpec;
+use model::Loaded;
+use model::Mode;
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+/// First TCP port of the backups' replication listeners (one per VM: port + VM index).
+pub const REPLICATION_PORT: u16 = 7100;
+
+/// Where things are on the cluster's network.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// Each host's address on the cluster's LAN (its backups listen there).
+    pub host_ip: BTreeMap<String, Ipv4Addr>,
+    /// The fencing arbiter, HOST:PORT.
+    pub arbiter: String,
+    /// The bridge in each host that the VMs' taps join.
+    pub bridge: String,
+    /// Guest images by the name `[[run]]` gives.
+    pub images: BTreeMap<String, PathBuf>,
+    /// Directory for the VMs' control sockets.
+    pub run_dir: PathBuf,
+    /// Heartbeat and lease timing of replication.
+    pub timing: TimingSpec,
+}
+
+/// One VM of the model that runs.
+struct Runnable<'a> {
+    index: usize,
+    run: &'a model::run::Run,
+    mode: Mode,
+}
+
+fn runnables(loaded: &Loaded) -> Vec<Runnable<'_>> {
+    let Some(dep) = &loaded.deployment else { return Vec::new() };
+    loaded
+        .runs
+        .iter()
+        .filter_map(|r| dep.vms.iter().position(|v| v.name == r.vm).map(|i| Runnable { index: i, run: r, mode: dep.vms[i].mode }))
+        .collect()
+}
+
+impl Layout {
+    fn addr(&self, host: &str, index: usize) -> Option<String> {
+        self.host_ip.get(host).map(|ip| format!("{ip}:{}", REPLICATION_PORT as usize + index))
+    }
+
+    fn tap(index: usize) -> String {
+        format!("vt{index}")
+    }
+
+    fn image(&self, r: &model::run::Run) -> PathBuf {
+        self.images.get(&r.image).cloned().unwrap_or_else(|| PathBuf::from(&r.image))
+    }
+
+    fn net(&self, index: usize, r: &model::run::Run) -> Option<NetSpec> {
+        let (addr, prefix_len) = r.ip?;
+        let o = addr.octets();
+        Some(NetSpec {
+            tap: Self::tap(index),
+            ip: Some(Ipv4Cidr { addr, prefix_len }),
+            gateway: None,
+            mac: Some(Mac([0x52, 0x54, o[0], o[1], o[2], o[3]])),
+            bridge: Some(self.bridge.clone()),
+        })
+    }
+
+    fn policy(r: &model::run::Run) -> replication::PolicySpec {
+        r.policy.as_deref().and_then(|p| p.parse().ok()).unwrap_or_default()
+    }
+
+    /// The spec of `r`'s running copy on `host`, protected by a backup on `backup`.
+    fn primary(&self, x: &Runnable, host: &str, backup: Option<&str>) -> VmSpec {
+        let r = x.run;
+        let mut s = VmSpec::new(self.image(r), r.memory_mib);
+        s.name = r.vm.clone();
+        s.args = r.args.clone();
+        s.net = self.net(x.index, r);
+        s.api = Some(self.run_dir.join(format!("{}.{host}.sock", r.vm)));
+        s.protection = backup.and_then(|b| self.addr(b, x.index)).map(|addr| Protection {
+            backup: addr,
+            arbiter: self.arbiter.clone(),
+            holder: host.to_string(),
+            policy: Self::policy(r),
+            timing: self.timing,
+            stats: false,
+            control: None,
+        });
+        s
+    }
+
+    /// The spec of `r`'s backup on `host`; after a takeover it protects the VM with a backup
+    /// on `then`.
+    fn backup(&self, x: &Runnable, host: &str, then: Option<&str>) -> Option<BackupSpec> {
+        let r = x.run;
+        Some(BackupSpec {
+            listen: self.addr(host, x.index)?,
+            arbiter: self.arbiter.clone(),
+            holder: host.to_string(),
+            tap: self.net(x.index, r).map(|n| n.tap),
+            bridge: Some(self.bridge.clone()),
+            disk: None,
+            api: Some(self.run_dir.join(format!("{}.{host}.sock", r.vm))),
+            control: None,
+            stats: false,
+            then_protect: then.and_then(|t| self.addr(t, x.index)),
+            then_policy: Self::policy(r),
+            timing: self.timing,
+        })
+    }
+
+    /// The desired records that put every runnable VM where `targets` say, for the
+    /// configuration where `failed` hosts have failed. A backup's next backup (after it takes
+    /// over) is the one the plan for its primary's host failing chooses, from `table`.
+    pub fn desired(
+        &self,
+        loaded: &Loaded,
+        targets: &[Target],
+        failed: &[String],
+        table: &Table,
+        generation: u64,
+    ) -> BTreeMap<String, Desired> {
+        let mut out = BTreeMap::new();
+        for x in runnables(loaded) {
+            let t = targets.iter().find(|t| t.vm == x.run.vm);
+            let host = t.and_then(|t| t.host.clone());
+            let remote = matches!(x.mode, Mode::Remote | Mode::LocalRemote);
+            let backup = t.and_then(|t| t.backup.clone()).filter(|_| remote);
+            let primary =
+                host.as_deref().map(|h| Placed { host: h.to_string(), spec: self.primary(&x, h, backup.as_deref()), restart: !remote });
+            let backup = match (&host, &backup) {
+                (Some(h), Some(b)) => {
+                    let mut next = failed.to_vec();
+                    next.push(h.clone());
+                    let then = table
+                        .lookup(&key(&next))
+                        .and_then(|p| p.target(&x.run.vm))
+                        .filter(|t| t.host.as_deref() == Some(b))
+                        .and_then(|t| t.backup.clone());
+                    self.backup(&x, b, then.as_deref()).map(|spec| PlacedBackup { host: b.clone(), spec })
+                }
+                _ => None,
+            };
+            out.insert(x.run.vm.clone(), Desired { generation, primary, backup });
+        }
+        out
+    }
+}
+
+/// Where every VM runs as the model describes it (no failure).
+pub fn initial_targets(loaded: &Loaded) -> Vec<Target> {
+    let Some(dep) = &loaded.deployment else { return Vec::new() };
+    dep.vms
+        .iter()
+        .map(|v| Target {
+            vm: v.name.clone(),
+            host: v.instances.first().and_then(|&p| dep.host_of_processor(p)).map(|h| dep.hosts[h].name.clone()),
+            backup: v.backup.map(|h| dep.hosts[h].name.clone()),
+        })
+        .collect()
+}
+
+/// What cannot run: a VM whose image is missing (named with the file and line of its item).
+pub fn check_images(loaded: &Loaded, layout: &Layout) -> Result<(), String> {
+    for r in &loaded.runs {
+        let p = layout.image(r);
+        if !p.is_file() {
+            return Err(format!("{}:{}: run {:?}: image {} not found", loaded.file, r.line, r.vm, p.display()));
+        }
+    }
+    Ok(())
+}

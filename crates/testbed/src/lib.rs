@@ -1,0 +1,28 @@
+//! Test fixtures of vigil: what the integration tests, the benchmarks and the demonstrations
+//! set up around the system under test, never part of it.
+//!
+//! - [`twohost`]: a two-host testbed in network namespaces (a switch, hosts A and B with a
+//!   direct replication link, a client);
+//! - [`Proc`]: a process started inside a namespace with its output in a log file;
+//! - [`build_guest`]: guest images built from this workspace;
+//! - [`etcd`]: a three-member etcd cluster on loopback.
+//!
+//! Only test code (as a dev-dependency) and the `bench` crate use it; no library of vigil does.
+
+pub mod etcd;
+mod guest;
+mod proc;
+pub mod twohost;
+
+pub use guest::build_guest;
+pub use proc::Proc;
+
+/// The root of this workspace (where `cargo build -p GUEST` works).
+pub fn workspace() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Builds guest `name` of this workspace (see [`build_guest`]).
+pub fn guest(name: &str) -> Result<std::path::PathBuf, String> {
+    build_guest(&workspace(), name)
+}

@@ -1,0 +1,247 @@
+//! `vigil up`, `status`, `fail`, `down` (the embedded cluster), `vigil agent` and
+//! `vigil manager`: argument mapping only; the `manager` and `agent` crates do the work.
+
+use anyhow::{bail, Context, Result};
+use manager::local::{self, ClusterFile, UpOptions};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where the embedded cluster keeps its files.
+fn default_dir() -> PathBuf {
+    PathBuf::from("/run/vigil")
+}
+
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// The system description (with [[host]] and [[run]] items).
+    model: PathBuf,
+    /// Directory for the cluster's store, logs and sockets.
+    #[arg(long, default_value_os_t = default_dir())]
+    dir: PathBuf,
+    /// Tag of the cluster's namespaces (vg<TAG>-h0, ...), 1 to 4 letters or digits.
+    #[arg(long, default_value = "c")]
+    tag: String,
+    /// Managers to start: one leads, the others stand by.
+    #[arg(long, default_value_t = 2)]
+    managers: usize,
+    /// Plan for every set of up to K failed hosts.
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    faults: usize,
+    /// Hosts' and the manager's lease (ms).
+    #[arg(long, default_value_t = 300)]
+    lease_ms: u64,
+    /// Heartbeat period (ms).
+    #[arg(long, default_value_t = 50)]
+    period_ms: u64,
+    /// Seconds to wait for every VM to run.
+    #[arg(long, default_value_t = 60)]
+    wait: u64,
+}
+
+#[derive(clap::Args)]
+pub struct DirArgs {
+    /// The cluster's directory (`vigil up --dir`).
+    #[arg(long, default_value_os_t = default_dir())]
+    dir: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    dir: DirArgs,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct FailArgs {
+    /// The host to fail.
+    host: String,
+    #[command(flatten)]
+    dir: DirArgs,
+}
+
+#[derive(clap::Args)]
+pub struct AgentArgs {
+    /// The host this agent holds (as named in the model).
+    #[arg(long)]
+    host: String,
+    /// The store's socket.
+    #[arg(long)]
+    store: PathBuf,
+    /// Directory for spec files, VMM logs and the agent's lock.
+    #[arg(long)]
+    state: PathBuf,
+    #[arg(long, default_value_t = 50)]
+    period_ms: u64,
+    #[arg(long, default_value_t = 300)]
+    lease_ms: u64,
+    /// Run the agent as a child and start it again at once whenever it dies (what an init
+    /// system does for it): its VMMs keep running meanwhile and are re-adopted.
+    #[arg(long)]
+    respawn: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ManagerArgs {
+    /// The embedded cluster's directory (model, store and layout from its cluster file).
+    #[arg(long)]
+    dir: PathBuf,
+    /// This manager's id in the election.
+    #[arg(long)]
+    id: String,
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    faults: usize,
+}
+
+pub fn up(a: &UpArgs) -> Result<u8> {
+    let exe = std::env::current_exe().context("cannot find the vigil executable")?;
+    let o = UpOptions {
+        model: a.model.clone(),
+        dir: a.dir.clone(),
+        tag: a.tag.clone(),
+        exe,
+        managers: a.managers,
+        faults: a.faults,
+        lease_ms: a.lease_ms,
+        period_ms: a.period_ms,
+        wait: Duration::from_secs(a.wait),
+    };
+    let cf = local::up(&o).map_err(anyhow::Error::msg)?;
+    print_status(&local::status(&cf).map_err(anyhow::Error::msg)?);
+    println!("cluster up: `vigil status --dir {0}`, `vigil fail HOST --dir {0}`, `vigil down --dir {0}`", cf.dir.display());
+    Ok(0)
+}
+
+pub fn status(a: &StatusArgs) -> Result<u8> {
+    let cf = ClusterFile::load(&a.dir.dir).map_err(anyhow::Error::msg)?;
+    let st = local::status(&cf).map_err(anyhow::Error::msg)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        print_status(&st);
+    }
+    Ok(if st.ok { 0 } else { 1 })
+}
+
+pub fn fail(a: &FailArgs) -> Result<u8> {
+    let pids = local::fail(&a.dir.dir, &a.host).map_err(anyhow::Error::msg)?;
+    println!("host {}: {} process(es) killed (SIGKILL), its link cut", a.host, pids.len());
+    Ok(0)
+}
+
+pub fn down(a: &DirArgs) -> Result<u8> {
+    local::down(&a.dir).map_err(anyhow::Error::msg)?;
+    Ok(0)
+}
+
+pub fn agent(a: &AgentArgs) -> Result<u8> {
+    if a.period_ms == 0 || a.period_ms * 3 > a.lease_ms {
+        bail!("--period-ms {} must be positive and at most a third of --lease-ms {}", a.period_ms, a.lease_ms);
+    }
+    let exe = std::env::current_exe().context("cannot find the vigil executable")?;
+    if a.respawn {
+        let args: Vec<String> = std::env::args().skip(1).filter(|x| x != "--respawn").collect();
+        return respawn(&exe, &args);
+    }
+    let cfg = agent::host::Config {
+        host: a.host.clone(),
+        store: a.store.clone(),
+        state_dir: a.state.clone(),
+        exe,
+        period: Duration::from_millis(a.period_ms),
+        lease: Duration::from_millis(a.lease_ms),
+    };
+    agent::host::run(&cfg)?;
+    Ok(0)
+}
+
+/// Keeps `exe ARGS` running: starts it again when it dies (at once, then backing off while
+/// it keeps dying within a second); ends when it ends with status 0.
+fn respawn(exe: &std::path::Path, args: &[String]) -> Result<u8> {
+    let mut fast_deaths = 0u32;
+    loop {
+        let started = std::time::Instant::now();
+        let st = std::process::Command::new(exe).args(args).status().context("cannot start the agent")?;
+        if st.success() {
+            return Ok(0);
+        }
+        fast_deaths = if started.elapsed() < Duration::from_secs(1) { fast_deaths + 1 } else { 0 };
+        tracing::warn!("agent ended ({st}); starting it again");
+        if fast_deaths > 3 {
+            std::thread::sleep(Duration::from_millis(100 << fast_deaths.min(6)));
+        }
+    }
+}
+
+pub fn manager(a: &ManagerArgs) -> Result<u8> {
+    let cf = ClusterFile::load(&a.dir).map_err(anyhow::Error::msg)?;
+    let loaded = model::load(&cf.model).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg = manager::daemon::Config {
+        id: a.id.clone(),
+        store: cf.store.clone(),
+        period: Duration::from_millis(cf.period_ms),
+        lease: Duration::from_millis(cf.lease_ms),
+        grace: Duration::from_millis(cf.lease_ms * 10),
+        faults: a.faults,
+    };
+    manager::daemon::run(&cfg, &loaded, &cf.layout())?;
+    Ok(0)
+}
+
+fn print_status(st: &local::Status) {
+    let leader = st.leader.as_ref().map_or("none".to_string(), |l| format!("{} (generation {})", l.id, l.generation));
+    println!("manager: {leader}; failed hosts: {}", if st.failed.is_empty() { "none".into() } else { st.failed.join(", ") });
+    let rows: Vec<Vec<String>> = st
+        .hosts
+        .iter()
+        .map(|h| {
+            vec![
+                h.host.clone(),
+                h.heartbeat.map_or("-".into(), |b| b.to_string()),
+                if h.fenced { "FENCED".into() } else { "ok".into() },
+                h.agent_pid.map_or("-".into(), |p| p.to_string()),
+            ]
+        })
+        .collect();
+    print!("{}", model::text::table("hosts", &["host", "heartbeat", "state", "agent pid"], &rows));
+    let rows: Vec<Vec<String>> = st
+        .vms
+        .iter()
+        .map(|v| {
+            vec![
+                v.vm.clone(),
+                v.mode.clone(),
+                v.host.clone().unwrap_or_else(|| "-".into()),
+                v.backup.clone().unwrap_or_else(|| "-".into()),
+                if v.serving { "serving".into() } else { "DOWN".into() },
+                v.detail.clone(),
+            ]
+        })
+        .collect();
+    print!("{}", model::text::table("VMs", &["vm", "mode", "host", "backup", "state", "detail"], &rows));
+    if let Some(p) = &st.plan {
+        let rows: Vec<Vec<String>> = p
+            .chains
+            .iter()
+            .map(|c| {
+                let ms = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.3} ms"));
+                vec![c.chain.clone(), ms(c.worst_ms), ms(c.deadline_ms), c.status.clone()]
+            })
+            .collect();
+        print!(
+            "{}",
+            model::text::table(
+                &format!("plan in force: {} ({})", p.scenario, p.coverage),
+                &["chain", "worst", "deadline", "status"],
+                &rows
+            )
+        );
+    }
+    let cov: Vec<String> = st.coverage.iter().map(|(s, c)| format!("{s}: {c}")).collect();
+    println!("plan table: {}", cov.join(", "));
+    for e in st.events.iter().rev().take(8).rev() {
+        println!("  event [{}] {}", e.source, e.what);
+    }
+}
