@@ -5,6 +5,7 @@
 //!   direct replication link, a client);
 //! - [`Proc`]: a process started inside a namespace with its output in a log file;
 //! - [`build_guest`]: guest images built from this workspace;
+//! - [`redis`]: a long-lived `redis-cli` client, one TCP connection;
 //! - [`etcd`]: a three-member etcd cluster on loopback.
 //!
 //! Only test code (as a dev-dependency) and the `bench` crate use it; no library of vigil does.
@@ -12,6 +13,7 @@
 pub mod etcd;
 mod guest;
 mod proc;
+pub mod redis;
 pub mod twohost;
 
 pub use guest::build_guest;

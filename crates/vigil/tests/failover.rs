@@ -9,11 +9,11 @@
 //! - the backup is killed, the link between the hosts is cut, and delayed: the primary carries
 //!   on, the backup never takes over, and protection resumes.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use testbed::twohost::{vm_net_args, Host, Testbed, ARBITER, TAP, VM_IP, VM_MAC};
@@ -127,50 +127,10 @@ fn dummy() -> Proc {
     Proc { child, log: PathBuf::from("/dev/null") }
 }
 
-/// A long-lived `redis-cli` in the client namespace: one TCP connection, one request per line.
-struct Client {
-    stdin: ChildStdin,
-    lines: Receiver<String>,
-    child: Child,
-}
+type Client = testbed::redis::RedisClient;
 
-impl Client {
-    fn new(tb: &Testbed) -> Client {
-        let mut child = Testbed::command(&tb.client, "redis-cli")
-            .args(["-h", VM_IP, "-p", "6379"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("redis-cli (package redis-tools)");
-        let stdin = child.stdin.take().expect("stdin");
-        let (tx, lines) = channel();
-        for out in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")),
-        ] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for l in BufReader::new(out).lines().map_while(Result::ok) {
-                    let _ = tx.send(l);
-                }
-            });
-        }
-        Client { stdin, lines, child }
-    }
-
-    fn call(&mut self, cmd: &str) -> String {
-        writeln!(self.stdin, "{cmd}").expect("write to redis-cli");
-        self.stdin.flush().expect("flush");
-        self.lines.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("no answer to {cmd:?} within 20 s"))
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn new_client(tb: &Testbed) -> Client {
+    Client::new(&tb.client, VM_IP, 6379)
 }
 
 /// Writes keys and counts with INCR until stopped; returns the acknowledged keys and the
@@ -194,8 +154,7 @@ fn drive(mut client: Client, stop: Arc<AtomicBool>, done: Arc<AtomicU64>, errors
 }
 
 fn local_port(tb: &Testbed) -> String {
-    let out = Testbed::command(&tb.client, "ss").args(["-Htn", "state", "established"]).output().expect("ss");
-    String::from_utf8_lossy(&out.stdout).split_whitespace().find(|w| w.starts_with("10.99.0.100:")).unwrap_or("").to_string()
+    testbed::redis::local_port(&tb.client, &format!("{VM_IP}:6379"))
 }
 
 #[test]
@@ -205,7 +164,7 @@ fn sigkill_the_primary_again_and_again_with_a_client_watching() {
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut c = Cluster::start("k");
-    let client = Client::new(&c.tb);
+    let client = new_client(&c.tb);
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(Mutex::new(Vec::new()));
@@ -280,7 +239,7 @@ fn sigkill_the_primary_again_and_again_with_a_client_watching() {
     fresh.wait_count("kv: serving on", 1, 20);
     let replay = fresh.text().lines().find(|l| l.contains("disk log")).unwrap_or_default().to_string();
     assert!(replay.contains("(clean)"), "{replay}");
-    let mut check = Client::new(&c.tb);
+    let mut check = new_client(&c.tb);
     assert_eq!(check.call("GET ctr"), n.to_string(), "{replay}");
     for i in (0..n).step_by(7).chain([n - 1]) {
         assert_eq!(check.call(&format!("GET k{i}")), format!("v{i}"), "k{i} after replaying the disk log ({replay})");
@@ -360,7 +319,7 @@ fn a_dead_backup_a_cut_link_and_a_slow_link_never_split_the_brain() {
     let proxy = DelayProxy::start(&c.tb.a, proxy_addr, &Host::B.backup_addr());
     c.start_primary(proxy_addr);
     let (cl, proxy) = (&mut c, &proxy);
-    let client = Client::new(&cl.tb);
+    let client = new_client(&cl.tb);
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(Mutex::new(Vec::new()));

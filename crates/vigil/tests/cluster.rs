@@ -1,0 +1,296 @@
+//! The MMS end to end (`vigil up`, `status`, `fail`, `down`), with real KVM, real processes
+//! in network namespaces, and real clients (`redis-cli`):
+//! - a host is SIGKILLed with its VMMs and its link cut: the manager fences it and executes
+//!   the precomputed plan; the replicated VM's client loses no acknowledged write on the same
+//!   TCP connection; the unreplicated VM is restarted where the plan says; every chain of the
+//!   plan in force holds;
+//! - the leading manager, an agent (its VMMs left running) and the store's server are killed:
+//!   a standby leads with a higher generation, the agent is back and re-adopts its VMMs, the
+//!   store comes back, no host is failed for it; then a host failure is handled by the new
+//!   leader;
+//! - bad input: a model that cannot run, `vigil fail` of an unknown host or without a
+//!   cluster, an agent started twice for one host.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use testbed::redis::{local_port, RedisClient};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn vigil(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vigil")).args(args).output().expect("run vigil")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn no_kvm(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return false;
+    }
+    eprintln!("{test}: skipped: /dev/kvm is absent on this host");
+    true
+}
+
+fn workdir(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../target/cluster-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("work dir");
+    d
+}
+
+/// examples/substation.toml with the kv guest built from this workspace.
+fn model(dir: &Path) -> PathBuf {
+    let kv = testbed::guest("kv").expect("the kv guest");
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/substation.toml")).expect("example");
+    let p = dir.join("substation.toml");
+    std::fs::write(&p, text.replace("image = \"kv\"", &format!("image = {:?}", kv.display().to_string()))).expect("model");
+    p
+}
+
+/// A cluster brought up by `vigil up`, brought down when dropped.
+struct Up {
+    dir: PathBuf,
+}
+
+impl Up {
+    fn start(name: &str, tag: &str) -> Up {
+        let dir = workdir(name);
+        let m = model(&dir);
+        let cluster = dir.join("cluster");
+        let out = vigil(&["up", &m.display().to_string(), "--dir", &cluster.display().to_string(), "--tag", tag, "--wait", "60"]);
+        let up = Up { dir: cluster };
+        assert!(out.status.success(), "vigil up: {}{}", text(&out.stdout), text(&out.stderr));
+        up
+    }
+
+    fn d(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    fn status(&self) -> (bool, serde_json::Value) {
+        let out = vigil(&["status", "--json", "--dir", &self.d()]);
+        let v =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("status JSON: {e}: {}{}", text(&out.stdout), text(&out.stderr)));
+        (out.status.code() == Some(0), v)
+    }
+
+    /// Waits (at most `secs`) until `f` holds for the status.
+    fn wait(&self, what: &str, secs: u64, f: impl Fn(bool, &serde_json::Value) -> bool) -> serde_json::Value {
+        let t = Instant::now();
+        loop {
+            let (ok, v) = self.status();
+            if f(ok, &v) {
+                return v;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "waiting for {what}: {}",
+                serde_json::to_string_pretty(&v).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn file(&self) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.dir.join("cluster.json")).expect("cluster.json")).expect("cluster.json")
+    }
+
+    fn field_ns(&self) -> String {
+        self.file()["field_ns"].as_str().expect("field ns").to_string()
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = vigil(&["down", "--dir", &self.d()]);
+    }
+}
+
+fn vm<'a>(st: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    st["vms"].as_array().and_then(|v| v.iter().find(|x| x["vm"] == name)).unwrap_or_else(|| panic!("VM {name} in {st}"))
+}
+
+fn kill(pid: u64) {
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+}
+
+/// Writes `SET k<i> v<i>` and `INCR ctr` on one connection until stopped.
+fn drive(mut c: RedisClient, stop: Arc<AtomicBool>, done: Arc<AtomicU64>, errors: Arc<Mutex<Vec<String>>>) -> (RedisClient, u64) {
+    let mut i = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let a = c.call(&format!("SET k{i} v{i}"));
+        let b = c.call("INCR ctr");
+        if a != "OK" || b != (i + 1).to_string() {
+            errors.lock().expect("errors").push(format!("request {i}: SET answered {a:?}, INCR {b:?}"));
+            break;
+        }
+        i += 1;
+        done.store(i, Ordering::Relaxed);
+    }
+    (c, i)
+}
+
+#[test]
+fn a_failed_host_is_handled_by_its_plan_and_no_acknowledged_write_is_lost() {
+    if no_kvm("a_failed_host_is_handled_by_its_plan_and_no_acknowledged_write_is_lost") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let up = Up::start("fail", "t1");
+    let st = up.wait("every VM serving where the model puts it", 30, |ok, _| ok);
+    assert_eq!(vm(&st, "relay")["host"], "hostA");
+    assert_eq!(vm(&st, "logger")["host"], "hostA");
+    let field = up.field_ns();
+    let client = RedisClient::new(&field, "10.99.0.50", 6379);
+    let (stop, done, errors) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Vec::new())));
+    let (s, d, e) = (stop.clone(), done.clone(), errors.clone());
+    let driver = std::thread::spawn(move || drive(client, s, d, e));
+    while done.load(Ordering::Relaxed) < 30 {
+        assert!(errors.lock().unwrap().is_empty(), "{:?}", errors.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let port = local_port(&field, "10.99.0.50:6379");
+    assert!(!port.is_empty());
+
+    let before = done.load(Ordering::Relaxed);
+    let t_kill = Instant::now();
+    let out = vigil(&["fail", "hostA", "--dir", &up.d()]);
+    assert!(out.status.success(), "vigil fail: {}", text(&out.stderr));
+    // The client carries on (the backup on hostB took over).
+    while done.load(Ordering::Relaxed) <= before + 2 {
+        assert!(t_kill.elapsed() < Duration::from_secs(20), "the client is stuck after the failure");
+        assert!(errors.lock().unwrap().is_empty(), "{:?}", errors.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let answered = t_kill.elapsed();
+    let st = up.wait("the plan for hostA executed", 30, |ok, v| ok && v["failed"] == serde_json::json!(["hostA"]));
+    let settled = t_kill.elapsed();
+    eprintln!("kill -> client answered again: {answered:?}; kill -> every VM serving per the plan: {settled:?}");
+    // Where the plan says: relay activated on hostB, its new backup on hostC; logger restarted on hostC.
+    assert_eq!(vm(&st, "relay")["host"], "hostB", "{st}");
+    assert_eq!(vm(&st, "relay")["backup"], "hostC", "{st}");
+    assert_eq!(vm(&st, "logger")["host"], "hostC", "{st}");
+    for ch in st["plan"]["chains"].as_array().expect("chains") {
+        assert_eq!(ch["status"], "ok", "{ch}");
+    }
+    let events: Vec<String> = st["events"].as_array().unwrap().iter().map(|e| e["what"].as_str().unwrap_or("").to_string()).collect();
+    assert!(events.iter().any(|e| e.contains("host hostA failed")), "{events:?}");
+    // The restarted logger answers on its address.
+    let mut logger = RedisClient::new(&field, "10.99.0.52", 6379);
+    assert_eq!(logger.call("PING"), "PONG");
+
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (mut c, n) = driver.join().expect("client");
+    assert!(errors.lock().unwrap().is_empty(), "{:?}", errors.lock().unwrap());
+    assert_eq!(local_port(&field, "10.99.0.50:6379"), port, "the client's TCP connection survived");
+    for i in (0..n).step_by(7).chain([n - 1]) {
+        assert_eq!(c.call(&format!("GET k{i}")), format!("v{i}"), "acknowledged write k{i} lost ({n} writes)");
+    }
+    assert_eq!(c.call("GET ctr"), n.to_string());
+    eprintln!("{n} acknowledged writes, all present");
+}
+
+#[test]
+fn the_manager_an_agent_and_the_store_restart_without_a_failover() {
+    if no_kvm("the_manager_an_agent_and_the_store_restart_without_a_failover") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let up = Up::start("restart", "t2");
+    let st = up.wait("every VM serving", 30, |ok, _| ok);
+    let g1 = st["leader"]["generation"].as_u64().expect("generation");
+    let leader = st["leader"]["id"].as_str().unwrap().to_string();
+    let pids_before: Vec<String> =
+        ["relay", "control", "logger"].iter().map(|n| vm(&st, n)["detail"].as_str().unwrap().to_string()).collect();
+    let field = up.field_ns();
+    let mut c = RedisClient::new(&field, "10.99.0.51", 6379);
+    assert_eq!(c.call("SET before restarts"), "OK");
+
+    // 1. The leading manager dies: the standby leads, with a higher generation.
+    kill(up.file()["pids"][format!("manager:{leader}")].as_u64().expect("manager pid"));
+    let st = up.wait("a new leader", 10, |_, v| v["leader"]["id"].as_str().is_some_and(|id| id != leader));
+    assert!(st["leader"]["generation"].as_u64().unwrap() > g1);
+
+    // 2. hostB's agent dies with its VMMs running: it is started again and re-adopts them.
+    let agent =
+        vm(&st, "control")["host"].as_str().map(|_| ()).and(st["hosts"].as_array().unwrap().iter().find(|h| h["host"] == "hostB")).unwrap()
+            ["agent_pid"]
+            .as_u64()
+            .unwrap();
+    kill(agent);
+    up.wait("hostB's agent back", 10, |_, v| {
+        v["hosts"].as_array().unwrap().iter().any(|h| h["host"] == "hostB" && h["agent_pid"].as_u64().is_some_and(|p| p != agent))
+    });
+
+    // 3. The store's server dies (its supervisor starts it again).
+    let sup = up.file()["pids"]["store"].as_u64().unwrap();
+    let children = std::fs::read_to_string(format!("/proc/{sup}/task/{sup}/children")).unwrap_or_default();
+    let server: u64 = children.split_whitespace().next().and_then(|p| p.parse().ok()).expect("the store server's pid");
+    kill(server);
+    std::thread::sleep(Duration::from_millis(1500));
+    let st = up.wait("the cluster as before", 10, |ok, _| ok);
+    assert_eq!(st["failed"], serde_json::json!([]), "no host was failed for these restarts: {st}");
+    let pids_after: Vec<String> =
+        ["relay", "control", "logger"].iter().map(|n| vm(&st, n)["detail"].as_str().unwrap().to_string()).collect();
+    assert_eq!(pids_before, pids_after, "the VMMs kept running");
+    assert_eq!(c.call("GET before"), "restarts", "the VM kept its state and its connection");
+
+    // A host the cluster does not have.
+    let out = vigil(&["fail", "hostZ", "--dir", &up.d()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("unknown host \"hostZ\" (hosts: hostA, hostB, hostC)"), "{}", text(&out.stderr));
+
+    // 4. The new leader handles a host failure.
+    assert!(vigil(&["fail", "hostB", "--dir", &up.d()]).status.success());
+    let st = up.wait("the plan for hostB executed", 30, |ok, v| ok && v["failed"] == serde_json::json!(["hostB"]));
+    assert_eq!(vm(&st, "control")["host"], "hostC", "{st}");
+    assert_eq!(c.call("GET before"), "restarts", "control's state survived its host");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let dir = workdir("bad");
+    let nothing = dir.join("none");
+    let out = vigil(&["fail", "hostA", "--dir", &nothing.display().to_string()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("is a cluster up?"), "{}", text(&out.stderr));
+    let out = vigil(&["status", "--dir", &nothing.display().to_string()]);
+    assert_eq!(out.status.code(), Some(2));
+
+    // A model without [[run]] items; a model whose image is missing.
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let out = vigil(&["up", &ex.join("cluster.toml").display().to_string(), "--dir", &dir.join("c1").display().to_string()]);
+    assert_eq!(out.status.code(), Some(2));
+    let e = text(&out.stderr);
+    assert!(e.contains("no [[run]] items") || e.contains("needs root") || e.contains("needs /dev/kvm"), "{e}");
+    let m = std::fs::read_to_string(ex.join("substation.toml")).unwrap().replace("image = \"kv\"", "image = \"/nonexistent/guest\"");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, m).unwrap();
+    let out = vigil(&["up", &bad.display().to_string(), "--dir", &dir.join("c2").display().to_string()]);
+    assert_eq!(out.status.code(), Some(2));
+    let e = text(&out.stderr);
+    assert!(
+        e.contains("bad.toml:") && e.contains("run \"relay\"") && e.contains("not found")
+            || e.contains("needs root")
+            || e.contains("needs /dev/kvm"),
+        "{e}"
+    );
+
+    // An agent started twice for one host (same state directory): the second is refused.
+    let state = dir.join("state");
+    let store = dir.join("no-store.sock");
+    let args = ["agent", "--host", "hostA", "--store", store.to_str().unwrap(), "--state", state.to_str().unwrap()];
+    let mut first = Command::new(env!("CARGO_BIN_EXE_vigil")).args(args).spawn().expect("first agent");
+    std::thread::sleep(Duration::from_millis(500));
+    let out = vigil(&args);
+    let _ = first.kill();
+    let _ = first.wait();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("host hostA already has an agent"), "{}", text(&out.stderr));
+}
