@@ -14,6 +14,7 @@
 //! /vigil/plans/@meta              PlanMeta: which configuration the table was computed for
 //! /vigil/progress                 Progress: the plan being executed and how far it got
 //! /vigil/events/<seq>             Event: the cluster's event log (seq zero-padded)
+//! /vigil/chains/<chain>           Measured: a chain's end-to-end latency as the field measures it
 //! ```
 //! Every value is one JSON document (or a decimal number for counters).
 
@@ -29,6 +30,33 @@ pub const PLANS: &str = "/vigil/plans";
 pub const PLAN_META: &str = "/vigil/plans/@meta";
 pub const PROGRESS: &str = "/vigil/progress";
 pub const EVENTS: &str = "/vigil/events";
+pub const CHAINS: &str = "/vigil/chains";
+
+pub fn chain_path(chain: &str) -> String {
+    format!("{CHAINS}/{chain}")
+}
+
+/// A chain's end-to-end latency measured by the field side (a periodic source's request to
+/// the chain's VM, the sink timing the answer), over the last window and in total.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Measured {
+    pub vm: String,
+    /// Requests answered, in total.
+    pub samples: u64,
+    /// Over the last window: how many, and their latency quantiles (ms).
+    pub window: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub last_ms: f64,
+    /// Answers later than the chain's deadline, and requests that failed (connection lost),
+    /// in total.
+    pub over_deadline: u64,
+    pub failures: u64,
+    pub deadline_ms: Option<f64>,
+    /// When this was written (ms since the Unix epoch).
+    pub at_ms: u64,
+}
 
 pub fn heartbeat_path(host: &str) -> String {
     format!("{HOSTS}/{host}/heartbeat")

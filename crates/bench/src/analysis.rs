@@ -46,6 +46,9 @@ pub struct Args {
     /// `replication`: the checkpoint policies to compare.
     #[arg(long, value_delimiter = ',', default_values = ["fixed:25", "fixed:100", "floating", "network", "adaptive"])]
     policies: Vec<replication::PolicySpec>,
+    /// `cluster`: host kills to time.
+    #[arg(long, default_value_t = 10)]
+    kills: usize,
     /// `replication`: failovers to time.
     #[arg(long, default_value_t = 3)]
     failovers: usize,
@@ -67,6 +70,8 @@ enum What {
     Vmm,
     /// The store server: operations per second, latency, supervision times.
     Store,
+    /// The MMS: a host of a real cluster killed again and again (needs root, KVM).
+    Cluster,
     /// Checkpoint replication: every workload unprotected and under every policy, pause
     /// against dirty pages, failover time (needs root, KVM).
     Replication,
@@ -104,6 +109,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if let What::Replication = args.what {
         crate::replication::run(&args.policies, args.failovers, args.failover_only, args.json)?;
         return Ok(());
+    }
+    if let What::Cluster = args.what {
+        return crate::cluster::run(args.kills, args.json);
     }
     if let What::Store = args.what {
         return crate::store::run(args.ops, args.rounds, args.etcd, args.json);

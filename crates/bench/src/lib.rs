@@ -5,6 +5,8 @@
 //!   analysis and planning measurements);
 //! - [`vmm`], [`store`], [`replication`]: the VMM, the store and checkpoint replication measured
 //!   against real KVM, real clients and real servers;
+//! - [`cluster`]: the MMS reacting to host failures of a real cluster, manager failover, plan
+//!   table computation;
 //! - [`demo`]: `vigil demo failover`.
 //!
 //! Every figure is a median or a range over repeated runs, printed as a table (or JSON).
@@ -12,6 +14,7 @@
 //! binary.
 
 pub mod analysis;
+pub mod cluster;
 pub mod demo;
 pub mod replication;
 pub mod store;

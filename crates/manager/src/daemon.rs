@@ -21,8 +21,11 @@ pub struct Config {
     /// This manager's id in the election.
     pub id: String,
     pub store: PathBuf,
-    /// Loop period (election renewal, heartbeat reads).
+    /// Election renewal period.
     pub period: Duration,
+    /// How often the leader reads the hosts' heartbeats (detection is within the lease plus
+    /// this).
+    pub poll: Duration,
     /// Lease of the leader and of the hosts.
     pub lease: Duration,
     /// Grace for hosts never heard from since this manager began to lead.
@@ -39,17 +42,27 @@ pub fn run(cfg: &Config, loaded: &Loaded, layout: &Layout) -> agent::Result<()> 
     let mut election = Election::new(cfg.id.clone(), cfg.lease);
     let mut lead: Option<Lead> = None;
     let clock = Instant::now();
+    let mut renewed = Instant::now() - cfg.period;
     loop {
         let t0 = Instant::now();
-        match election.step(&mut store) {
-            Ok(Role::Leader { generation, took_over }) => {
-                if took_over || lead.is_none() {
-                    let _ = cluster::log_event(&mut store, &Event::now(&cfg.id, format!("manager leads with generation {generation}")));
-                    lead = Some(Lead::start(cfg, loaded, layout, &mut store, generation, clock)?);
+        let step = if t0.duration_since(renewed) >= cfg.period || lead.is_none() {
+            renewed = t0;
+            Some(election.step(&mut store))
+        } else {
+            None
+        };
+        match step {
+            None => {}
+            Some(step) => match step {
+                Ok(Role::Leader { generation, took_over }) => {
+                    if took_over || lead.is_none() {
+                        let _ = cluster::log_event(&mut store, &Event::now(&cfg.id, format!("manager leads with generation {generation}")));
+                        lead = Some(Lead::start(cfg, loaded, layout, &mut store, generation, clock)?);
+                    }
                 }
-            }
-            Ok(Role::Standby { .. }) => lead = None,
-            Err(e) => tracing::warn!("manager {}: election: {e}", cfg.id),
+                Ok(Role::Standby { .. }) => lead = None,
+                Err(e) => tracing::warn!("manager {}: election: {e}", cfg.id),
+            },
         }
         if let Some(l) = lead.as_mut() {
             if election.may_act() {
@@ -58,7 +71,8 @@ pub fn run(cfg: &Config, loaded: &Loaded, layout: &Layout) -> agent::Result<()> 
                 }
             }
         }
-        std::thread::sleep(cfg.period.saturating_sub(t0.elapsed()));
+        let tick = if lead.is_some() { cfg.poll } else { cfg.period };
+        std::thread::sleep(tick.saturating_sub(t0.elapsed()));
     }
 }
 

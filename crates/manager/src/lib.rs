@@ -9,6 +9,8 @@
 //! - [`table`]: the plan table — a `planner` plan for every fault scenario of the current
 //!   configuration, in memory and in the store;
 //! - [`runtime`]: the cluster's network layout and each VM copy's `VmSpec` from the model;
+//! - [`field`]: the model's field side — periodic sources and timing sinks that measure each
+//!   chain's end-to-end latency through its running VM;
 //! - [`daemon`]: the loop that ties them: fence, look up, drive the agents through the
 //!   desired state, recompute in the background.
 //!
@@ -18,6 +20,7 @@
 pub mod daemon;
 pub mod detector;
 pub mod election;
+pub mod field;
 pub mod local;
 pub mod runtime;
 pub mod table;

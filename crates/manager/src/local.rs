@@ -68,6 +68,7 @@ impl ClusterFile {
             images: self.images.clone(),
             run_dir: self.dir.join("run"),
             timing: TimingSpec::default(),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -346,6 +347,8 @@ pub fn up(o: &UpOptions) -> Result<ClusterFile, String> {
         let pid = spawn_detached(Some(ns), &o.exe, &args, &dir.join(format!("agent-{h}.log")))?;
         cf.pids.insert(format!("agent:{h}"), pid);
     }
+    let pid = spawn_detached(Some(&cf.field_ns), &o.exe, &s(&["field", "--dir", &dir.display().to_string()]), &dir.join("field.log"))?;
+    cf.pids.insert("field".into(), pid);
     for m in 0..o.managers.max(1) {
         let args = s(&["manager", "--dir", &dir.display().to_string(), "--id", &format!("m{m}"), "--faults", &o.faults.to_string()]);
         let pid = spawn_detached(None, &o.exe, &args, &dir.join(format!("manager-m{m}.log")))?;
@@ -437,6 +440,8 @@ pub struct Status {
     /// Scenarios of the table and how each is covered.
     pub coverage: BTreeMap<String, String>,
     pub events: Vec<agent::cluster::Event>,
+    /// Each probed chain's measured latency, beside its bound in the plan in force.
+    pub measured: BTreeMap<String, agent::cluster::Measured>,
     /// Every VM serves where the plan puts it and every chain of the plan holds.
     pub ok: bool,
 }
@@ -499,6 +504,12 @@ pub fn status(cf: &ClusterFile) -> Result<Status, String> {
     let coverage = table.plans.values().map(|p| (crate::table::plan_name(&p.failed), p.coverage.clone())).collect();
     let chains_ok = plan.as_ref().is_none_or(|p| p.chains.iter().all(|ch| ch.status == "ok"));
     let ok = vms.iter().all(|v| v.serving) && chains_ok && plan.is_some();
+    let mut measured = BTreeMap::new();
+    for ch in &loaded.system.chains {
+        if let Some(m) = cluster::read::<agent::cluster::Measured>(&mut c, &cluster::chain_path(&ch.name)).map_err(e)? {
+            measured.insert(ch.name.clone(), m);
+        }
+    }
     Ok(Status {
         leader: cluster::read(&mut c, cluster::LEADER).map_err(e)?,
         hosts,
@@ -507,6 +518,7 @@ pub fn status(cf: &ClusterFile) -> Result<Status, String> {
         plan,
         coverage,
         events: cluster::events(&mut c, 20).map_err(e)?,
+        measured,
         ok,
     })
 }

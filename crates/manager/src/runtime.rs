@@ -30,6 +30,8 @@ pub struct Layout {
     pub run_dir: PathBuf,
     /// Heartbeat and lease timing of replication.
     pub timing: TimingSpec,
+    /// CPUs of the machine: a VM on a host's k-th processor is pinned to CPU k modulo this.
+    pub cpus: usize,
 }
 
 /// One VM of the model that runs.
@@ -78,13 +80,14 @@ impl Layout {
     }
 
     /// The spec of `r`'s running copy on `host`, protected by a backup on `backup`.
-    fn primary(&self, x: &Runnable, host: &str, backup: Option<&str>) -> VmSpec {
+    fn primary(&self, x: &Runnable, host: &str, backup: Option<&str>, cpus: Vec<usize>) -> VmSpec {
         let r = x.run;
         let mut s = VmSpec::new(self.image(r), r.memory_mib);
         s.name = r.vm.clone();
         s.args = r.args.clone();
         s.net = self.net(x.index, r);
         s.api = Some(self.run_dir.join(format!("{}.{host}.sock", r.vm)));
+        s.scheduling.cpus = cpus;
         s.protection = backup.and_then(|b| self.addr(b, x.index)).map(|addr| Protection {
             backup: addr,
             arbiter: self.arbiter.clone(),
@@ -134,8 +137,12 @@ impl Layout {
             let host = t.and_then(|t| t.host.clone());
             let remote = matches!(x.mode, Mode::Remote | Mode::LocalRemote);
             let backup = t.and_then(|t| t.backup.clone()).filter(|_| remote);
-            let primary =
-                host.as_deref().map(|h| Placed { host: h.to_string(), spec: self.primary(&x, h, backup.as_deref()), restart: !remote });
+            let cpus = t.map(|t| self.cpus_of(loaded, h_or(&host), &t.processors)).unwrap_or_default();
+            let primary = host.as_deref().map(|h| Placed {
+                host: h.to_string(),
+                spec: self.primary(&x, h, backup.as_deref(), cpus.clone()),
+                restart: !remote,
+            });
             let backup = match (&host, &backup) {
                 (Some(h), Some(b)) => {
                     let mut next = failed.to_vec();
@@ -155,6 +162,27 @@ impl Layout {
     }
 }
 
+fn h_or(h: &Option<String>) -> &str {
+    h.as_deref().unwrap_or("")
+}
+
+impl Layout {
+    /// The CPUs for `processors` of `host`: each processor's position among its host's,
+    /// modulo the machine's CPUs (the model's processors are the host's cores).
+    fn cpus_of(&self, loaded: &Loaded, host: &str, processors: &[String]) -> Vec<usize> {
+        let Some(dep) = &loaded.deployment else { return Vec::new() };
+        let Some(h) = dep.hosts.iter().find(|h| h.name == host) else { return Vec::new() };
+        let mut cpus: Vec<usize> = processors
+            .iter()
+            .filter_map(|p| h.processors.iter().position(|&r| loaded.system.resources[r].name == *p))
+            .map(|k| k % self.cpus.max(1))
+            .collect();
+        cpus.sort();
+        cpus.dedup();
+        cpus
+    }
+}
+
 /// Where every VM runs as the model describes it (no failure).
 pub fn initial_targets(loaded: &Loaded) -> Vec<Target> {
     let Some(dep) = &loaded.deployment else { return Vec::new() };
@@ -164,6 +192,7 @@ pub fn initial_targets(loaded: &Loaded) -> Vec<Target> {
             vm: v.name.clone(),
             host: v.instances.first().and_then(|&p| dep.host_of_processor(p)).map(|h| dep.hosts[h].name.clone()),
             backup: v.backup.map(|h| dep.hosts[h].name.clone()),
+            processors: v.instances.iter().map(|&p| loaded.system.resources[p].name.clone()).collect(),
         })
         .collect()
 }

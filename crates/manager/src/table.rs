@@ -24,6 +24,9 @@ pub struct Target {
     pub host: Option<String>,
     /// Its backup's host.
     pub backup: Option<String>,
+    /// The model processors its instances run on (on its host).
+    #[serde(default)]
+    pub processors: Vec<String>,
 }
 
 /// A chain's worst case under a plan.
@@ -60,7 +63,11 @@ impl StoredPlan {
             coverage: format!("{:?}", p.coverage).to_lowercase(),
             actions: p.actions.iter().map(ToString::to_string).collect(),
             given_up: p.given_up.iter().map(|g| serde_json::to_string(g).unwrap_or_default()).collect(),
-            targets: p.vms.iter().map(|v| Target { vm: v.vm.clone(), host: v.host.clone(), backup: v.backup.clone() }).collect(),
+            targets: p
+                .vms
+                .iter()
+                .map(|v| Target { vm: v.vm.clone(), host: v.host.clone(), backup: v.backup.clone(), processors: v.instances.clone() })
+                .collect(),
             chains: p
                 .chains
                 .iter()

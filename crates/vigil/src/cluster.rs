@@ -95,6 +95,23 @@ pub struct ManagerArgs {
     faults: usize,
 }
 
+#[derive(clap::Args)]
+pub struct FieldArgs {
+    /// The embedded cluster's directory.
+    #[arg(long)]
+    dir: PathBuf,
+}
+
+pub fn field(a: &FieldArgs) -> Result<u8> {
+    let cf = ClusterFile::load(&a.dir).map_err(anyhow::Error::msg)?;
+    let loaded = model::load(&cf.model).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let probes = manager::field::probes(&loaded);
+    for p in &probes {
+        tracing::info!("field: chain {} through VM {} at {}, a request every {:?}", p.chain, p.vm, p.addr, p.period);
+    }
+    manager::field::run(&cf.store, probes, Duration::from_millis(500))
+}
+
 pub fn up(a: &UpArgs) -> Result<u8> {
     let exe = std::env::current_exe().context("cannot find the vigil executable")?;
     let o = UpOptions {
@@ -182,6 +199,7 @@ pub fn manager(a: &ManagerArgs) -> Result<u8> {
         id: a.id.clone(),
         store: cf.store.clone(),
         period: Duration::from_millis(cf.period_ms),
+        poll: Duration::from_millis(10),
         lease: Duration::from_millis(cf.lease_ms),
         grace: Duration::from_millis(cf.lease_ms * 10),
         faults: a.faults,
@@ -227,17 +245,15 @@ fn print_status(st: &local::Status) {
             .iter()
             .map(|c| {
                 let ms = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.3} ms"));
-                vec![c.chain.clone(), ms(c.worst_ms), ms(c.deadline_ms), c.status.clone()]
+                let m = st.measured.get(&c.chain);
+                let measured = m.map_or("-".into(), |m| format!("{:.2} / {:.2} / {:.2} ms", m.p50_ms, m.p99_ms, m.max_ms));
+                let late = m.map_or("-".into(), |m| format!("{} of {}", m.over_deadline, m.samples));
+                vec![c.chain.clone(), ms(c.worst_ms), ms(c.deadline_ms), c.status.clone(), measured, late]
             })
             .collect();
-        print!(
-            "{}",
-            model::text::table(
-                &format!("plan in force: {} ({})", p.scenario, p.coverage),
-                &["chain", "worst", "deadline", "status"],
-                &rows
-            )
-        );
+        let scenario = if p.failed.is_empty() { "no host failed".to_string() } else { format!("{} failed", p.failed.join(", ")) };
+        let title = format!("plan in force: {scenario} ({})", p.coverage);
+        print!("{}", model::text::table(&title, &["chain", "bound", "deadline", "analysis", "measured p50 / p99 / max", "late"], &rows));
     }
     let cov: Vec<String> = st.coverage.iter().map(|(s, c)| format!("{s}: {c}")).collect();
     println!("plan table: {}", cov.join(", "));

@@ -62,6 +62,8 @@ enum Command {
     Agent(cluster::AgentArgs),
     /// Be a manager: elected leader, it executes the plan for every host failure.
     Manager(cluster::ManagerArgs),
+    /// Be the field side of the model: periodic sources and timing sinks per chain.
+    Field(cluster::FieldArgs),
     /// Demonstrations: `vigil demo failover`.
     Demo(bench::demo::Args),
 }
@@ -114,6 +116,7 @@ fn main() -> ExitCode {
         Command::Down(args) => return status(cluster::down(&args)),
         Command::Agent(args) => return status(cluster::agent(&args)),
         Command::Manager(args) => return status(cluster::manager(&args)),
+        Command::Field(args) => return status(cluster::field(&args)),
     };
     let outcome = result.unwrap_or_else(|e| {
         eprintln!("{}", format!("{e:#}").replace('\n', " "));

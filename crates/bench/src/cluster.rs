@@ -1,0 +1,249 @@
+//! `vigil bench cluster`: how fast the MMS reacts to a host failure, over repeated kills of a
+//! real cluster (`vigil up examples/substation.toml`, real KVM, a `redis-cli` client on the
+//! replicated VM): kill → detected and fenced → plan started → the replicated VM answers
+//! again → the restarted VM answers → every VM serving where the plan says (its deadlines
+//! verified by the precomputed analysis). Also the manager's failover time and how long the
+//! plan table takes to compute, for the example and for synthetic clusters.
+
+use anyhow::{bail, Context, Result};
+use manager::table::Table;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use testbed::redis::RedisClient;
+
+fn now_ms() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+}
+
+fn vigil(args: &[&str]) -> Result<std::process::Output> {
+    let exe = std::env::current_exe().context("cannot find the vigil executable")?;
+    Command::new(exe).args(args).output().context("vigil")
+}
+
+fn status(dir: &str) -> Result<serde_json::Value> {
+    let out = vigil(&["status", "--json", "--dir", dir])?;
+    serde_json::from_slice(&out.stdout).with_context(|| format!("status: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+fn event_ms(st: &serde_json::Value, needle: &str) -> Option<f64> {
+    st["events"].as_array()?.iter().find(|e| e["what"].as_str().is_some_and(|w| w.contains(needle))).and_then(|e| e["at_ms"].as_f64())
+}
+
+fn quantiles(v: &[f64]) -> (f64, f64, f64) {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let q = |x: f64| v.get(((v.len().max(1) - 1) as f64 * x).round() as usize).copied().unwrap_or(f64::NAN);
+    (q(0.5), q(0.9), v.last().copied().unwrap_or(f64::NAN))
+}
+
+/// The example with the kv guest of this workspace.
+fn model(dir: &Path) -> Result<PathBuf> {
+    let kv = testbed::guest("kv").map_err(anyhow::Error::msg)?;
+    let text = std::fs::read_to_string(testbed::workspace().join("examples/substation.toml"))?;
+    let p = dir.join("substation.toml");
+    std::fs::write(&p, text.replace("image = \"kv\"", &format!("image = {:?}", kv.display().to_string())))?;
+    Ok(p)
+}
+
+struct Down(String);
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = vigil(&["down", "--dir", &self.0]);
+    }
+}
+
+/// One kill of hostA; the times (ms after the kill) of each step.
+fn one(model: &Path, dir: &Path) -> Result<[f64; 6]> {
+    let d = dir.display().to_string();
+    let out = vigil(&["up", &model.display().to_string(), "--dir", &d, "--tag", "bc", "--wait", "60"])?;
+    let _down = Down(d.clone());
+    if !out.status.success() {
+        bail!("vigil up: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let field = status(&d)
+        .ok()
+        .and(std::fs::read(dir.join("cluster.json")).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let field = field.and_then(|f| f["field_ns"].as_str().map(String::from)).context("field namespace")?;
+    let (tx, rx) = std::sync::mpsc::channel::<f64>();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (f2, s2) = (field.clone(), stop.clone());
+    let client = std::thread::spawn(move || {
+        let mut c = RedisClient::new(&f2, "10.99.0.50", 6379);
+        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+            if c.call("INCR bench").starts_with(|ch: char| ch.is_ascii_digit()) {
+                let _ = tx.send(now_ms());
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    while rx.try_recv().is_ok() {}
+    let t_kill = now_ms();
+    let out = vigil(&["fail", "hostA", "--dir", &d])?;
+    if !out.status.success() {
+        bail!("vigil fail: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // The replicated VM's outage: the longest silence of the client around the kill; it
+    // answers again at the end of that silence.
+    let mut answers = vec![t_kill];
+    let mut replicated = f64::NAN;
+    while now_ms() - t_kill < 3000.0 {
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(t) => answers.push(t),
+            Err(_) => bail!("the replicated VM never answered after the kill"),
+        }
+    }
+    let mut longest = 0.0;
+    for w in answers.windows(2) {
+        if w[1] - w[0] > longest {
+            longest = w[1] - w[0];
+            replicated = w[1] - t_kill;
+        }
+    }
+    let start = Instant::now();
+    let st = loop {
+        let st = status(&d)?;
+        let logger_on_c =
+            st["vms"].as_array().is_some_and(|v| v.iter().any(|x| x["vm"] == "logger" && x["host"] == "hostC" && x["serving"] == true));
+        if logger_on_c && st["failed"] == serde_json::json!(["hostA"]) && st["ok"] == true {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("the plan did not complete: {st}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let all_serving = now_ms() - t_kill;
+    let restarted = loop {
+        let out = Command::new("ip").args(["netns", "exec", &field, "redis-cli", "-h", "10.99.0.52", "PING"]).output()?;
+        if String::from_utf8_lossy(&out.stdout).trim() == "PONG" {
+            break now_ms() - t_kill;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("the restarted logger never answered");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = client.join();
+    let detected = event_ms(&st, "host hostA failed").context("no failure event")? - t_kill;
+    let started = event_ms(&st, "plan hostA started").context("no plan event")? - t_kill;
+    let written = event_ms(&st, "plan hostA written").context("no plan event")? - t_kill;
+    Ok([detected, started, written, replicated, restarted, all_serving])
+}
+
+/// The leading manager killed: ms until the standby leads.
+fn manager_failover(model: &Path, dir: &Path) -> Result<f64> {
+    let d = dir.display().to_string();
+    let out = vigil(&["up", &model.display().to_string(), "--dir", &d, "--tag", "bc", "--wait", "60"])?;
+    let _down = Down(d.clone());
+    if !out.status.success() {
+        bail!("vigil up: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let st = status(&d)?;
+    let leader = st["leader"]["id"].as_str().context("a leader")?.to_string();
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("cluster.json"))?)?;
+    let pid = file["pids"][format!("manager:{leader}")].as_u64().context("leader pid")?;
+    let t = now_ms();
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    loop {
+        let st = status(&d)?;
+        if st["leader"]["id"].as_str().is_some_and(|id| id != leader) {
+            let took = st["events"].as_array().and_then(|v| {
+                v.iter()
+                    .rev()
+                    .find(|e| e["what"].as_str().is_some_and(|w| w.starts_with("manager leads")))
+                    .and_then(|e| e["at_ms"].as_f64())
+            });
+            return Ok(took.unwrap_or_else(now_ms) - t);
+        }
+        if now_ms() - t > 20_000.0 {
+            bail!("no standby took over");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+pub fn run(kills: usize, json: bool) -> Result<()> {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/kvm").exists() {
+        bail!("vigil bench cluster needs root and /dev/kvm");
+    }
+    let dir = testbed::workspace().join("target/bench-cluster");
+    std::fs::create_dir_all(&dir)?;
+    let model = model(&dir)?;
+    let mut rows: Vec<[f64; 6]> = Vec::new();
+    for k in 0..kills {
+        let r = one(&model, &dir.join("c"))?;
+        eprintln!("kill {}/{kills}: detected {:.0} ms, plan started {:.0} ms, replicated VM answers {:.0} ms, restarted VM answers {:.0} ms, all serving {:.0} ms", k + 1, r[0], r[1], r[3], r[4], r[5]);
+        rows.push(r);
+    }
+    let mut failovers = Vec::new();
+    for _ in 0..3 {
+        failovers.push(manager_failover(&model, &dir.join("c"))?);
+    }
+    // Plan-table computation: the example, and synthetic clusters.
+    let loaded = model::load(&model).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut tables = Vec::new();
+    let t = Instant::now();
+    let tb = Table::compute(&loaded, &[], 1, 1).map_err(|e| anyhow::anyhow!("{e}"))?;
+    tables.push(("examples/substation.toml".to_string(), tb.plans.len(), t.elapsed().as_secs_f64() * 1e3));
+    let t = Instant::now();
+    let tb = Table::compute(&loaded, &["hostA".to_string()], 1, 1).map_err(|e| anyhow::anyhow!("{e}"))?;
+    tables.push(("examples/substation.toml, hostA failed".to_string(), tb.plans.len(), t.elapsed().as_secs_f64() * 1e3));
+    for (vms, hosts) in [(200, 20)] {
+        let text = planner::synthetic::cluster(vms, hosts, 11);
+        let loaded = model::parse(&text, "synthetic.toml", Path::new(".")).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let t = Instant::now();
+        let tb = Table::compute(&loaded, &[], 1, 1).map_err(|e| anyhow::anyhow!("{e}"))?;
+        tables.push((format!("synthetic {vms} VMs / {hosts} hosts"), tb.plans.len(), t.elapsed().as_secs_f64() * 1e3));
+    }
+    let names = [
+        "detected and fenced",
+        "plan started",
+        "plan written",
+        "replicated VM answers",
+        "restarted VM answers",
+        "every VM serving (plan verified)",
+    ];
+    if json {
+        let steps: Vec<_> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let v: Vec<f64> = rows.iter().map(|r| r[i]).collect();
+                let (p50, p90, max) = quantiles(&v);
+                serde_json::json!({"step": n, "p50_ms": p50, "p90_ms": p90, "max_ms": max, "samples": v})
+            })
+            .collect();
+        let (p50, p90, max) = quantiles(&failovers);
+        let t: Vec<_> = tables.iter().map(|(n, s, ms)| serde_json::json!({"configuration": n, "scenarios": s, "ms": ms})).collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"kills": kills, "steps": steps, "manager_failover_ms": {"p50": p50, "p90": p90, "max": max, "samples": failovers}, "plan_tables": t})
+            )?
+        );
+        return Ok(());
+    }
+    let mut out: Vec<Vec<String>> = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let v: Vec<f64> = rows.iter().map(|r| r[i]).collect();
+        let (p50, p90, max) = quantiles(&v);
+        out.push(vec![n.to_string(), format!("{p50:.0}"), format!("{p90:.0}"), format!("{max:.0}")]);
+    }
+    print!(
+        "{}",
+        model::text::table(
+            &format!("host failure (SIGKILL of hostA's agent and VMMs, link cut), {kills} kills; ms after the kill"),
+            &["step", "p50", "p90", "max"],
+            &out
+        )
+    );
+    let (p50, p90, max) = quantiles(&failovers);
+    println!("manager failover (leader SIGKILLed, {} times): p50 {p50:.0} ms, p90 {p90:.0} ms, max {max:.0} ms", failovers.len());
+    let t: Vec<Vec<String>> = tables.iter().map(|(n, s, ms)| vec![n.clone(), s.to_string(), format!("{ms:.0}")]).collect();
+    print!("{}", model::text::table("plan table computation", &["configuration", "scenarios", "ms"], &t));
+    Ok(())
+}
