@@ -55,6 +55,7 @@ impl Drop for Down {
 
 /// One kill of hostA; the times (ms after the kill) of each step.
 fn one(model: &Path, dir: &Path) -> Result<[f64; 6]> {
+    let _ = std::fs::remove_dir_all(dir);
     let d = dir.display().to_string();
     let out = vigil(&["up", &model.display().to_string(), "--dir", &d, "--tag", "bc", "--wait", "60"])?;
     let _down = Down(d.clone());
@@ -77,6 +78,15 @@ fn one(model: &Path, dir: &Path) -> Result<[f64; 6]> {
             }
         }
     });
+    // Kill only a protected VM: wait for its backup's first commit (and a second more).
+    let log = dir.join("hosts/hostA/relay.primary.log");
+    let start = Instant::now();
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("protected: the backup holds") {
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("relay never became protected ({})", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     std::thread::sleep(Duration::from_millis(1000));
     while rx.try_recv().is_ok() {}
     let t_kill = now_ms();
@@ -84,6 +94,40 @@ fn one(model: &Path, dir: &Path) -> Result<[f64; 6]> {
     if !out.status.success() {
         bail!("vigil fail: {}", String::from_utf8_lossy(&out.stderr));
     }
+    // Meanwhile: when the plan is complete (every VM serving where it says), and when the
+    // restarted logger answers.
+    let (d2, f2) = (d.clone(), field.clone());
+    let plan_done = std::thread::spawn(move || -> Result<(f64, serde_json::Value)> {
+        let start = Instant::now();
+        loop {
+            let st = status(&d2)?;
+            let logger_on_c =
+                st["vms"].as_array().is_some_and(|v| v.iter().any(|x| x["vm"] == "logger" && x["host"] == "hostC" && x["serving"] == true));
+            if logger_on_c && st["failed"] == serde_json::json!(["hostA"]) && st["ok"] == true {
+                return Ok((now_ms() - t_kill, st));
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("the plan did not complete: {st}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let restarted = std::thread::spawn(move || -> Result<f64> {
+        let start = Instant::now();
+        loop {
+            // A short timeout per try: a connection attempt that finds nobody would otherwise
+            // wait for the client's SYN retransmission (1 s).
+            let out =
+                Command::new("ip").args(["netns", "exec", &f2, "timeout", "0.05", "redis-cli", "-h", "10.99.0.52", "PING"]).output()?;
+            if String::from_utf8_lossy(&out.stdout).trim() == "PONG" {
+                return Ok(now_ms() - t_kill);
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("the restarted logger never answered");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
     // The replicated VM's outage: the longest silence of the client around the kill; it
     // answers again at the end of that silence.
     let mut answers = vec![t_kill];
@@ -101,30 +145,14 @@ fn one(model: &Path, dir: &Path) -> Result<[f64; 6]> {
             replicated = w[1] - t_kill;
         }
     }
-    let start = Instant::now();
-    let st = loop {
-        let st = status(&d)?;
-        let logger_on_c =
-            st["vms"].as_array().is_some_and(|v| v.iter().any(|x| x["vm"] == "logger" && x["host"] == "hostC" && x["serving"] == true));
-        if logger_on_c && st["failed"] == serde_json::json!(["hostA"]) && st["ok"] == true {
-            break st;
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!("the plan did not complete: {st}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let all_serving = now_ms() - t_kill;
-    let restarted = loop {
-        let out = Command::new("ip").args(["netns", "exec", &field, "redis-cli", "-h", "10.99.0.52", "PING"]).output()?;
-        if String::from_utf8_lossy(&out.stdout).trim() == "PONG" {
-            break now_ms() - t_kill;
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!("the restarted logger never answered");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    if replicated > 500.0 {
+        // Keep the logs of a slow failover for a look.
+        let keep = dir.with_extension(format!("slow-{}", t_kill as u64));
+        let _ = Command::new("cp").args(["-r", &d, &keep.display().to_string()]).status();
+        eprintln!("slow failover ({replicated:.0} ms): logs in {}", keep.display());
+    }
+    let (all_serving, st) = plan_done.join().map_err(|_| anyhow::anyhow!("status thread"))??;
+    let restarted = restarted.join().map_err(|_| anyhow::anyhow!("ping thread"))??;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = client.join();
     let detected = event_ms(&st, "host hostA failed").context("no failure event")? - t_kill;

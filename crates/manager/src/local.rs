@@ -67,7 +67,11 @@ impl ClusterFile {
             bridge: BRIDGE.into(),
             images: self.images.clone(),
             run_dir: self.dir.join("run"),
-            timing: TimingSpec::default(),
+            // A little more patient than replication's defaults (60 ms timeout, 90 ms lease):
+            // on a small machine running the whole cluster, a stall of the host must not drop
+            // a backup; a takeover still completes well before a client's first TCP
+            // retransmission (200 ms).
+            timing: TimingSpec { heartbeat_ms: 10, timeout_ms: 100, lease_ms: 120, renew_ms: 20 },
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }

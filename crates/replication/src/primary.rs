@@ -46,6 +46,10 @@ pub enum Action {
     Connect,
     /// Hold the VM's network output back by epoch and log dirty pages (and mirror disk writes).
     Hold,
+    /// Log dirty pages and mirror disk writes, output not held (a new backup synchronises).
+    Track,
+    /// Start holding the output of a VM already tracked ([`Action::Track`]).
+    HoldOutput,
     /// Send a hello for `session`, then all of guest memory while the VM runs; report
     /// [`Event::SyncSent`].
     StartSync { session: u64 },
@@ -117,6 +121,8 @@ pub struct Primary {
     policy: Box<dyn Policy>,
     link: Link,
     holding: bool,
+    /// Dirty pages and disk writes tracked (the VMM protects the VM).
+    tracking: bool,
     checkpointing: bool,
     inflight: Option<Inflight>,
     /// Highest epoch sealed, acknowledged, released.
@@ -150,6 +156,7 @@ impl Primary {
             policy,
             link: Link::Idle { retry_at: 0 },
             holding: false,
+            tracking: false,
             checkpointing: false,
             inflight: None,
             sealed: 0,
@@ -175,6 +182,7 @@ impl Primary {
     /// sought at once.
     pub fn start(&mut self, now: u64) -> Vec<Action> {
         self.holding = true;
+        self.tracking = true;
         self.last_start = now;
         let mut out = vec![Action::Hold];
         self.poll(now, &mut out);
@@ -189,6 +197,7 @@ impl Primary {
         self.ever_granted = true;
         self.next_renew = granted_at.saturating_add(self.timing.lease_renew_ns);
         self.holding = false;
+        self.tracking = false;
         self.last_start = now;
         let mut out = vec![Action::Notice(Notice::Unprotected { reason: "took over; no backup yet".into() })];
         self.poll(now, &mut out);
@@ -250,17 +259,20 @@ impl Primary {
             Event::Tick => {}
             Event::Connected { session } => {
                 if self.link == Link::Connecting {
+                    // Dirty pages and disk writes are tracked from now on, but output keeps
+                    // flowing while the new backup synchronises: until it holds a committed
+                    // replica it is not registered with the arbiter and cannot take over, so
+                    // nothing released now can be contradicted. Output is held from the
+                    // checkpoint that ends the synchronisation.
                     self.link = Link::Syncing { session, sync_sent: false };
                     self.last_heard = now;
                     self.last_sent = now;
-                    if !self.holding {
-                        self.holding = true;
-                        out.push(Action::Hold);
+                    if !self.tracking {
+                        self.tracking = true;
+                        out.push(Action::Track);
                     }
                     out.push(Action::StartSync { session });
                     out.push(Action::Notice(Notice::Syncing { session }));
-                    // Register the new backup with the arbiter at once.
-                    self.next_renew = now;
                 } else {
                     out.push(Action::Disconnect { reason: "not expecting a connection".into() });
                 }
@@ -338,7 +350,11 @@ impl Primary {
 
     /// The backup the arbiter should register.
     fn wanted(&self) -> Option<u64> {
-        self.session()
+        // Only a backup with a committed replica is registered (may take over).
+        match self.link {
+            Link::Protected { session } => Some(session),
+            _ => None,
+        }
     }
 
     fn received(&mut self, now: u64, msg: Msg, out: &mut Vec<Action>) {
@@ -420,6 +436,12 @@ impl Primary {
             _ => false,
         };
         if ready && !self.checkpointing && self.inflight.is_none() {
+            if !self.holding {
+                // The checkpoint that ends a synchronisation: output from here on waits for
+                // the acknowledgement of its epoch.
+                self.holding = true;
+                out.push(Action::HoldOutput);
+            }
             self.checkpointing = true;
             self.last_start = now;
             self.last_sent = now;
@@ -447,8 +469,9 @@ impl Primary {
             out.push(Action::Release { epoch: upto });
             out.push(Action::Notice(Notice::Released { epoch: upto, delay_ns: oldest.map(|t| now.saturating_sub(t)) }));
         }
-        if self.session().is_none() && self.holding && !self.checkpointing {
+        if self.session().is_none() && (self.holding || self.tracking) && !self.checkpointing {
             self.holding = false;
+            self.tracking = false;
             self.output_since = None;
             self.output_times.clear();
             out.push(Action::Unhold);

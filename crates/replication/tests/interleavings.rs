@@ -84,6 +84,8 @@ struct ModelVm {
     state: u64,
     dirty: HashSet<usize>,
     holding: bool,
+    /// Dirty pages and disk writes tracked (protected).
+    tracking: bool,
     open: Vec<u64>,
     sealed: Vec<(u64, Vec<u64>)>,
     epoch: u64,
@@ -91,7 +93,7 @@ struct ModelVm {
 
 impl ModelVm {
     fn new(mem: [u64; CELLS], disk: [u64; DISK], state: u64) -> ModelVm {
-        ModelVm { mem, disk, state, dirty: HashSet::new(), holding: false, open: vec![], sealed: vec![], epoch: 0 }
+        ModelVm { mem, disk, state, dirty: HashSet::new(), holding: false, tracking: false, open: vec![], sealed: vec![], epoch: 0 }
     }
     /// One step of guest work: a memory write, maybe a disk write (returned as its block),
     /// maybe network output (returned as the state it shows).
@@ -277,8 +279,15 @@ impl World {
                 primary::Action::Hold => {
                     let vm = &mut self.primaries[i].vm;
                     vm.holding = true;
+                    vm.tracking = true;
                     vm.dirty.clear();
                 }
+                primary::Action::Track => {
+                    let vm = &mut self.primaries[i].vm;
+                    vm.tracking = true;
+                    vm.dirty.clear();
+                }
+                primary::Action::HoldOutput => self.primaries[i].vm.holding = true,
                 primary::Action::StartSync { session } => {
                     self.send(Wire::ToBackup(Msg::Hello {
                         session,
@@ -339,6 +348,7 @@ impl World {
                 primary::Action::Unhold => {
                     let vm = &mut self.primaries[i].vm;
                     vm.holding = false;
+                    vm.tracking = false;
                     let mut out: Vec<u64> = vm.sealed.drain(..).flat_map(|(_, f)| f).collect();
                     out.append(&mut vm.open);
                     self.emit(&name, out);
@@ -606,7 +616,7 @@ impl World {
             let name = self.primaries[i].name.clone();
             if let Some(b) = disk {
                 let vm = &self.primaries[i].vm;
-                if vm.holding && self.conn.as_ref().is_some_and(|c| c.1 == name) {
+                if vm.tracking && self.conn.as_ref().is_some_and(|c| c.1 == name) {
                     let epoch = vm.epoch + 1;
                     let data = page(vm.disk[b]);
                     *self.primaries[i].disk_sent.entry(epoch).or_default() += 1;

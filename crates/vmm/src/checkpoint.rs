@@ -94,7 +94,7 @@ impl Vm {
     /// (if the VM has a tap) and every guest disk write also sent on `mirror` (if the VM has a
     /// disk; `None` leaves the disk unmirrored, for shared storage). Call it before reading a
     /// [`crate::memory::MemoryView`] for the initial copy.
-    pub fn protect(&mut self, mirror: Option<Sender<DiskWrite>>) -> Result<()> {
+    pub fn protect(&mut self, mirror: Option<Sender<DiskWrite>>, hold: bool) -> Result<()> {
         if self.protection.is_some() {
             return Err(Error::Config("the VM is already protected".into()));
         }
@@ -106,12 +106,27 @@ impl Vm {
         }
         if let Some(tap) = self.tap.as_mut() {
             tap.raise_open_epoch(epoch);
-            tap.hold();
+            if hold {
+                tap.hold();
+            }
         }
         if let Some(block) = self.block.as_mut() {
             block.set_mirror(mirror, epoch);
         }
         self.protection = Some(Protection { epoch });
+        Ok(())
+    }
+
+    /// Starts holding the network output of a protected VM that was protected without holding
+    /// it (while a new backup synchronises, output may flow: that backup cannot take over yet).
+    /// Output from now on waits in the open epoch for its checkpoint's acknowledgement.
+    pub fn hold_output(&mut self) -> Result<()> {
+        if self.protection.is_none() {
+            return Err(Error::Config("the VM is not protected (send protect first)".into()));
+        }
+        if let Some(tap) = self.tap.as_mut() {
+            tap.hold();
+        }
         Ok(())
     }
 

@@ -37,10 +37,13 @@ pub enum Command {
     /// Stop holding: send everything held.
     NetUnhold,
     /// Start protection (checkpoint replication, see [`crate::checkpoint`]): dirty logging
-    /// on (from a clean slate), network output held (with a tap), and every guest disk write
-    /// also sent on `mirror` (with a disk). In-process only.
+    /// on (from a clean slate), network output held if `hold` (with a tap), and every guest
+    /// disk write also sent on `mirror` (with a disk). In-process only.
     #[serde(skip)]
-    Protect { mirror: Option<Sender<crate::checkpoint::DiskWrite>> },
+    Protect { mirror: Option<Sender<crate::checkpoint::DiskWrite>>, hold: bool },
+    /// Start holding the output of a VM protected with `hold: false`. In-process only.
+    #[serde(skip)]
+    HoldOutput,
     /// End protection: dirty logging off, all held output sent, no more disk mirroring.
     Unprotect,
     /// Take a checkpoint of the protected VM: the reply's `checkpoint`. `buffer` is an old

@@ -420,7 +420,8 @@ impl Vm {
                     Ok(Reply { value, ..Reply::ok() })
                 }
             },
-            Command::Protect { mirror } => self.protect(mirror).map(|_| Reply::ok()),
+            Command::Protect { mirror, hold } => self.protect(mirror, hold).map(|_| Reply::ok()),
+            Command::HoldOutput => self.hold_output().map(|_| Reply::ok()),
             Command::Unprotect => self.unprotect().map(|_| Reply::ok()),
             Command::Checkpoint { buffer } => self.checkpoint(buffer).map(|c| Reply { checkpoint: Some(Box::new(c)), ..Reply::ok() }),
             Command::MemoryView => self.mem.view().map(|v| Reply { memory_view: Some(v), ..Reply::ok() }),

@@ -59,11 +59,11 @@ fn replica_follows_checkpoints_and_takes_over() {
         (vm, stop)
     });
     wait_for("count 5", || console.text().contains("count 5\n"));
-    assert!(ctl.call(Command::Protect { mirror: None }).ok);
+    assert!(ctl.call(Command::Protect { mirror: None, hold: true }).ok);
     // While protected, nobody else may collect dirty pages or seal epochs.
     let r = ctl.call(Command::DirtyLogGetAndClear);
     assert!(!r.ok && r.error.as_deref().unwrap_or("").contains("protected"), "{r:?}");
-    assert!(!ctl.call(Command::Protect { mirror: None }).ok, "protected twice");
+    assert!(!ctl.call(Command::Protect { mirror: None, hold: true }).ok, "protected twice");
 
     // Initial copy while the guest keeps counting.
     let view = ctl.call(Command::MemoryView).memory_view.expect("memory view");
@@ -136,7 +136,7 @@ fn initial_copy_under_heavy_writes_then_checkpoints_make_an_exact_replica() {
     let (ctl, inbox) = channel_pair().expect("control channel");
     let runner = std::thread::spawn(move || vm.run(Some(&inbox)));
     std::thread::sleep(Duration::from_millis(100));
-    assert!(ctl.call(Command::Protect { mirror: None }).ok);
+    assert!(ctl.call(Command::Protect { mirror: None, hold: true }).ok);
     let view = ctl.call(Command::MemoryView).memory_view.expect("view");
     let mut replica = Replica::new(config).expect("replica");
     initial_copy(&view, &mut replica);
@@ -169,7 +169,7 @@ fn bad_checkpoints_are_refused_and_leave_the_replica_untouched() {
     config.args = vec!["count".into(), "3".into()];
     let mut vm = Vm::create(config.clone(), Console::default().boxed()).expect("create VM");
     assert!(vm.checkpoint(None).is_err(), "a checkpoint without protection");
-    vm.protect(None).expect("protect");
+    vm.protect(None, true).expect("protect");
     let first = vm.checkpoint(None).expect("checkpoint");
     let mut good = vm.checkpoint(None).expect("checkpoint");
     assert_eq!((first.epoch, good.epoch), (1, 2));
@@ -241,7 +241,7 @@ fn disk_writes_are_mirrored_with_their_epoch() {
     config.args = vec!["disklog".into(), n.to_string(), "3".into()];
     let mut vm = Vm::create(config, console.boxed()).expect("create VM");
     let (tx, rx) = std::sync::mpsc::channel();
-    vm.protect(Some(tx)).expect("protect");
+    vm.protect(Some(tx), true).expect("protect");
     let (ctl, inbox) = channel_pair().expect("control channel");
     let runner = std::thread::spawn(move || {
         let stop = vm.run(Some(&inbox));
@@ -383,7 +383,7 @@ fn output_after_checkpoint_k_waits_for_release_of_k_plus_1() {
     wait_for("kv to serve", || console.text().contains("kv: serving"));
     ns.enter();
     let sniff = Sniffer::open(TAP);
-    assert!(ctl.call(Command::Protect { mirror: None }).ok);
+    assert!(ctl.call(Command::Protect { mirror: None, hold: true }).ok);
     let k = checkpoint(&ctl, None);
     assert!(ctl.call(Command::NetRelease { epoch: k.epoch }).ok);
     std::thread::sleep(Duration::from_millis(50));
@@ -465,7 +465,7 @@ fn kv_fails_over_to_the_replica_with_state_and_connection() {
     assert_eq!(cli(&["SET", "early", "before protection"]), "OK");
 
     // Protect, copy memory while kv runs, then checkpoint + apply + release every few ms.
-    assert!(ctl.call(Command::Protect { mirror: None }).ok);
+    assert!(ctl.call(Command::Protect { mirror: None, hold: true }).ok);
     let view = ctl.call(Command::MemoryView).memory_view.expect("view");
     let mut replica = Replica::new(config.clone()).expect("replica");
     initial_copy(&view, &mut replica);

@@ -337,9 +337,12 @@ impl Driver {
                     let _ = tx.send(Input::Connected { conn: id, stream });
                 });
             }
-            Action::Hold => {
+            Action::Hold | Action::Track => {
                 let mirror = self.opts.disk.as_ref().map(|_| self.mirror_tx.clone());
-                self.call(Command::Protect { mirror })?;
+                self.call(Command::Protect { mirror, hold: matches!(action, Action::Hold) })?;
+            }
+            Action::HoldOutput => {
+                self.call(Command::HoldOutput)?;
             }
             Action::StartSync { session } => {
                 let view = self.call(Command::MemoryView)?.memory_view.ok_or("the VM returned no memory view")?;
