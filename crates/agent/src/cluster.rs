@@ -154,6 +154,9 @@ pub struct Actual {
     pub restarts: u32,
     #[serde(default)]
     pub detail: String,
+    /// A replicated running copy: whether its backup holds a committed replica.
+    #[serde(default)]
+    pub protected: Option<bool>,
 }
 
 /// The manager allowed to act.

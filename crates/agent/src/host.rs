@@ -263,8 +263,17 @@ impl Agent {
                 }
             }
             if let Some(c) = self.copies.get(&vm) {
-                let actual =
-                    Actual { state: c.state, pid: c.pid, generation: c.generation, restarts: c.restarts, detail: c.detail.clone() };
+                let protected = (c.role == Role::Primary && c.state == CopyState::Running)
+                    .then(|| crate::protection::primary::ReplicationState::load(&self.state_file(&vm)).map(|s| s.protected))
+                    .flatten();
+                let actual = Actual {
+                    state: c.state,
+                    pid: c.pid,
+                    generation: c.generation,
+                    restarts: c.restarts,
+                    detail: c.detail.clone(),
+                    protected,
+                };
                 let path = cluster::actual_path(&vm, &host);
                 if cluster::read::<Actual>(store, &path)?.as_ref() != Some(&actual) {
                     cluster::write(store, &path, &actual)?;
@@ -278,7 +287,32 @@ impl Agent {
         self.cfg.state_dir.join(format!("{vm}.{}.json", role.name()))
     }
 
+    /// Where a VM's replication state is kept on this host (whichever process runs it).
+    fn state_file(&self, vm: &str) -> PathBuf {
+        self.cfg.state_dir.join(format!("{vm}.replication.json"))
+    }
+
+    /// The spec as this host runs it: with its local replication state file.
+    fn localise(&self, vm: &str, role: Role, spec: &[u8]) -> Vec<u8> {
+        let file = Some(self.state_file(vm));
+        let _ = std::fs::remove_file(self.state_file(vm));
+        let out = match role {
+            Role::Primary => serde_json::from_slice::<crate::VmSpec>(spec).ok().map(|mut s| {
+                if let Some(p) = s.protection.as_mut() {
+                    p.state_file = file;
+                }
+                serde_json::to_vec_pretty(&s)
+            }),
+            Role::Backup => serde_json::from_slice::<crate::vm::BackupSpec>(spec).ok().map(|mut s| {
+                s.state_file = file;
+                serde_json::to_vec_pretty(&s)
+            }),
+        };
+        out.and_then(Result::ok).unwrap_or_else(|| spec.to_vec())
+    }
+
     fn spawn(&self, vm: &str, role: Role, spec: &[u8]) -> Result<(Child, u32)> {
+        let spec = &self.localise(vm, role, spec)[..];
         let tap = match role {
             Role::Primary => serde_json::from_slice::<crate::VmSpec>(spec).ok().and_then(|s| s.net).map(|n| (n.tap, n.bridge)),
             Role::Backup => serde_json::from_slice::<crate::vm::BackupSpec>(spec).ok().and_then(|s| Some((s.tap?, s.bridge))),

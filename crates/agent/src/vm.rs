@@ -144,6 +144,9 @@ pub struct Protection {
     /// Serve Prometheus metrics and the policy switch here (HOST:PORT).
     #[serde(default)]
     pub control: Option<String>,
+    /// Keep the replication state here (JSON, for the agent).
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
 }
 
 mod policy_str {
@@ -389,6 +392,7 @@ fn run_protected(vm: Vm, spec: &VmSpec, p: &Protection) -> Result<u8> {
         stats_lines: p.stats,
         control: p.control.clone(),
         disk: spec.disk.clone(),
+        state_file: p.state_file.clone(),
     };
     let outcome = protection::primary::run(vm, ctl, inbox, opts, protection::primary::Start::Fresh, protection::Clock::new())
         .map_err(|reason| Error::Replication { vm: spec.name.clone(), reason })?;
@@ -429,6 +433,9 @@ pub struct BackupSpec {
     pub then_policy: PolicySpec,
     #[serde(default)]
     pub timing: TimingSpec,
+    /// After a takeover: keep the replication state here (JSON, for the agent).
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
 }
 
 /// Runs the backup until it took over and the VM it then ran stopped; returns the exit status.
@@ -454,6 +461,7 @@ pub fn run_backup(b: &BackupSpec) -> Result<u8> {
         api: b.api.clone(),
         then_protect: b.then_protect.clone(),
         then_policy: b.then_policy,
+        state_file: b.state_file.clone(),
     };
     let outcome = protection::backup::run(opts).map_err(|reason| Error::Replication { vm: format!("backup on {}", b.listen), reason })?;
     Ok(exit_status(&outcome))
@@ -496,6 +504,7 @@ mod tests {
             timing: TimingSpec::default(),
             stats: false,
             control: None,
+            state_file: None,
         });
         let json = serde_json::to_string(&s).unwrap();
         assert!(json.contains("\"policy\":\"fixed:25\"") && json.contains("\"10.0.0.2/24\""), "{json}");

@@ -40,9 +40,20 @@ pub struct ClusterFile {
     pub images: BTreeMap<String, PathBuf>,
     pub lease_ms: u64,
     pub period_ms: u64,
+    /// Distributed mode: each host's own store front end (the managers' is `store`), all on
+    /// the etcd cluster at these endpoints.
+    #[serde(default)]
+    pub host_store: BTreeMap<String, PathBuf>,
+    #[serde(default)]
+    pub etcd: Vec<String>,
 }
 
 impl ClusterFile {
+    /// The store socket the agent of `host` uses.
+    pub fn store_of(&self, host: &str) -> PathBuf {
+        self.host_store.get(host).cloned().unwrap_or_else(|| self.store.clone())
+    }
+
     pub fn path(dir: &Path) -> PathBuf {
         dir.join("cluster.json")
     }
@@ -226,7 +237,14 @@ pub struct UpOptions {
     pub period_ms: u64,
     /// How long to wait for every VM to run.
     pub wait: std::time::Duration,
+    /// Distributed mode: a three-member etcd cluster on the switch, a store front end per
+    /// host (in the host's namespace, so it reaches etcd over the host's link) and one for the
+    /// managers.
+    pub etcd: bool,
 }
+
+/// Debian's etcd-server.
+pub const ETCD: &str = "/usr/bin/etcd";
 
 fn pids_in(ns: &str) -> Vec<u32> {
     Command::new("ip")
@@ -314,16 +332,52 @@ pub fn up(o: &UpOptions) -> Result<ClusterFile, String> {
         images,
         lease_ms: o.lease_ms,
         period_ms: o.period_ms,
+        host_store: BTreeMap::new(),
+        etcd: Vec::new(),
     };
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let _ = std::fs::remove_dir_all(dir.join("store-data"));
-    let pid = spawn_detached(
-        None,
-        &o.exe,
-        &s(&["store", "supervise", "--socket", &store.display().to_string(), "--data", &dir.join("store-data").display().to_string()]),
-        &dir.join("store.log"),
-    )?;
+    let mut etcd_args: Vec<String> = Vec::new();
+    if o.etcd {
+        if !Path::new(ETCD).is_file() {
+            return Err(format!("--etcd needs {ETCD} (Debian package etcd-server)"));
+        }
+        let peers: Vec<String> = (0..3).map(|i| format!("m{i}=http://{}.254:{}", lan(), 2380 + 100 * i)).collect();
+        let _ = std::fs::remove_dir_all(dir.join("etcd"));
+        for i in 0..3u16 {
+            let client = format!("http://{}.254:{}", lan(), 2379 + 100 * i);
+            let peer = format!("http://{}.254:{}", lan(), 2380 + 100 * i);
+            let data = dir.join("etcd").join(format!("m{i}"));
+            let mut args = s(&["--name", &format!("m{i}"), "--data-dir", &data.display().to_string()]);
+            args.extend(s(&["--listen-client-urls", &client, "--advertise-client-urls", &client]));
+            args.extend(s(&["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer]));
+            args.extend(s(&["--initial-cluster", &peers.join(","), "--initial-cluster-state", "new"]));
+            args.extend(s(&["--initial-cluster-token", &format!("vigil-{}", o.tag), "--heartbeat-interval", "50", "--election-timeout", "500"]));
+            let pid = spawn_detached(Some(&switch_ns), Path::new(ETCD), &args, &dir.join(format!("etcd-m{i}.log")))?;
+            cf.pids.insert(format!("etcd:m{i}"), pid);
+            cf.etcd.push(format!("{}.254:{}", lan(), 2379 + 100 * i));
+        }
+        etcd_args = s(&["--etcd", &cf.etcd.join(","), "--etcd-prefix", &format!("vigil/{}", o.tag)]);
+    }
+    let mut store_args = s(&["store", "supervise", "--socket", &store.display().to_string(), "--data", &dir.join("store-data").display().to_string()]);
+    store_args.extend(etcd_args.iter().cloned());
+    // With etcd the managers' front end sits on the switch (it reaches etcd there).
+    let store_ns = o.etcd.then_some(switch_ns.as_str());
+    let pid = spawn_detached(store_ns, &o.exe, &store_args, &dir.join("store.log"))?;
     cf.pids.insert("store".into(), pid);
+    if o.etcd {
+        for (h, ns) in &host_ns {
+            let hd = dir.join("hosts").join(h);
+            std::fs::create_dir_all(&hd).map_err(|e| format!("{}: {e}", hd.display()))?;
+            let sock = hd.join("store.sock");
+            let _ = std::fs::remove_dir_all(hd.join("store-data"));
+            let mut a = s(&["store", "supervise", "--socket", &sock.display().to_string(), "--data", &hd.join("store-data").display().to_string()]);
+            a.extend(etcd_args.iter().cloned());
+            let pid = spawn_detached(Some(ns), &o.exe, &a, &dir.join(format!("store-{h}.log")))?;
+            cf.pids.insert(format!("store:{h}"), pid);
+            cf.host_store.insert(h.clone(), sock);
+        }
+    }
     cf.save()?;
     let mut client =
         store::Client::connect(&store).map_err(|e| format!("the store did not come up: {e} (see {})", dir.join("store.log").display()))?;
@@ -339,7 +393,7 @@ pub fn up(o: &UpOptions) -> Result<ClusterFile, String> {
             "--host",
             h,
             "--store",
-            &store.display().to_string(),
+            &cf.store_of(h).display().to_string(),
             "--state",
             &state.display().to_string(),
             "--period-ms",
@@ -396,19 +450,32 @@ pub fn down(dir: &Path) -> Result<(), String> {
 }
 
 /// Fault injection: SIGKILL of every process of `host` (its agent and its VMMs) and its link
-/// to the switch cut.
-pub fn fail(dir: &Path, host: &str) -> Result<Vec<u32>, String> {
+/// to the switch cut; with `partition`, only the link is cut (its processes live on, cut off).
+pub fn fail(dir: &Path, host: &str, partition: bool) -> Result<Vec<u32>, String> {
     let cf = ClusterFile::load(dir)?;
-    let ns = cf
-        .host_ns
-        .get(host)
-        .ok_or_else(|| format!("unknown host {host:?} (hosts: {})", cf.host_ns.keys().cloned().collect::<Vec<_>>().join(", ")))?;
-    let pids = pids_in(ns);
+    let ns = host_ns(&cf, host)?;
+    let pids = if partition { Vec::new() } else { pids_in(ns) };
     for &p in &pids {
         kill(p);
     }
     ns_ip(ns, &["link", "set", "uplink", "down"])?;
     Ok(pids)
+}
+
+/// Restores the link of a host cut off by [`fail`].
+pub fn heal(dir: &Path, host: &str) -> Result<(), String> {
+    let cf = ClusterFile::load(dir)?;
+    ns_ip(host_ns(&cf, host)?, &["link", "set", "uplink", "up"])
+}
+
+fn host_ns<'a>(cf: &'a ClusterFile, host: &str) -> Result<&'a String, String> {
+    cf.host_ns.get(host).ok_or_else(|| format!("unknown host {host:?} (hosts: {})", cf.host_ns.keys().cloned().collect::<Vec<_>>().join(", ")))
+}
+
+/// The pids of the processes in `host`'s namespace (its agent, VMMs, store front end).
+pub fn host_pids(dir: &Path, host: &str) -> Result<Vec<u32>, String> {
+    let cf = ClusterFile::load(dir)?;
+    Ok(pids_in(host_ns(&cf, host)?))
 }
 
 /// One VM in `vigil status`.
@@ -420,6 +487,9 @@ pub struct VmStatus {
     pub backup: Option<String>,
     /// Its running copy runs where the desired state puts it.
     pub serving: bool,
+    /// Remote-backup mode: `protected` (its backup holds a committed replica) or
+    /// `unprotected`; `-` otherwise.
+    pub replication: String,
     pub detail: String,
 }
 
@@ -496,12 +566,20 @@ pub fn status(cf: &ClusterFile) -> Result<Status, String> {
             )
             .to_lowercase(),
         };
+        let replication = match actual.as_ref().and_then(|a| a.protected) {
+            Some(true) => "protected",
+            Some(false) => "unprotected",
+            None if backup.is_some() => "unprotected",
+            None => "-",
+        }
+        .to_string();
         vms.push(VmStatus {
             vm: r.vm.clone(),
             mode,
             host,
             backup,
             serving: serving || d.as_ref().is_some_and(|d| d.primary.is_none()),
+            replication,
             detail,
         });
     }

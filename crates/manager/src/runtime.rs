@@ -96,6 +96,7 @@ impl Layout {
             timing: self.timing,
             stats: false,
             control: None,
+            state_file: None,
         });
         s
     }
@@ -117,6 +118,7 @@ impl Layout {
             then_protect: then.and_then(|t| self.addr(t, x.index)),
             then_policy: Self::policy(r),
             timing: self.timing,
+            state_file: None,
         })
     }
 

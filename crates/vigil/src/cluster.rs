@@ -36,6 +36,10 @@ pub struct UpArgs {
     /// Seconds to wait for every VM to run.
     #[arg(long, default_value_t = 60)]
     wait: u64,
+    /// Distributed mode: a 3-member etcd cluster (/usr/bin/etcd) on the switch, a store front
+    /// end per host on it.
+    #[arg(long)]
+    etcd: bool,
 }
 
 #[derive(clap::Args)]
@@ -58,6 +62,12 @@ pub struct StatusArgs {
 pub struct FailArgs {
     /// The host to fail.
     host: String,
+    /// Only cut the host's link (a partition): its processes live on, cut off.
+    #[arg(long)]
+    partition: bool,
+    /// Restore the link of a host failed with --partition.
+    #[arg(long, conflicts_with = "partition")]
+    heal: bool,
     #[command(flatten)]
     dir: DirArgs,
 }
@@ -124,6 +134,7 @@ pub fn up(a: &UpArgs) -> Result<u8> {
         lease_ms: a.lease_ms,
         period_ms: a.period_ms,
         wait: Duration::from_secs(a.wait),
+        etcd: a.etcd,
     };
     let cf = local::up(&o).map_err(anyhow::Error::msg)?;
     print_status(&local::status(&cf).map_err(anyhow::Error::msg)?);
@@ -143,8 +154,17 @@ pub fn status(a: &StatusArgs) -> Result<u8> {
 }
 
 pub fn fail(a: &FailArgs) -> Result<u8> {
-    let pids = local::fail(&a.dir.dir, &a.host).map_err(anyhow::Error::msg)?;
-    println!("host {}: {} process(es) killed (SIGKILL), its link cut", a.host, pids.len());
+    if a.heal {
+        local::heal(&a.dir.dir, &a.host).map_err(anyhow::Error::msg)?;
+        println!("host {}: its link restored", a.host);
+        return Ok(0);
+    }
+    let pids = local::fail(&a.dir.dir, &a.host, a.partition).map_err(anyhow::Error::msg)?;
+    if a.partition {
+        println!("host {}: its link cut (its processes run on)", a.host);
+    } else {
+        println!("host {}: {} process(es) killed (SIGKILL), its link cut", a.host, pids.len());
+    }
     Ok(0)
 }
 
@@ -234,11 +254,12 @@ fn print_status(st: &local::Status) {
                 v.host.clone().unwrap_or_else(|| "-".into()),
                 v.backup.clone().unwrap_or_else(|| "-".into()),
                 if v.serving { "serving".into() } else { "DOWN".into() },
+                v.replication.clone(),
                 v.detail.clone(),
             ]
         })
         .collect();
-    print!("{}", model::text::table("VMs", &["vm", "mode", "host", "backup", "state", "detail"], &rows));
+    print!("{}", model::text::table("VMs", &["vm", "mode", "host", "backup", "state", "replication", "detail"], &rows));
     if let Some(p) = &st.plan {
         let rows: Vec<Vec<String>> = p
             .chains

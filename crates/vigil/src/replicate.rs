@@ -121,6 +121,7 @@ impl ProtectArgs {
             timing: self.timing.spec(),
             stats: self.stats,
             control: self.control.clone(),
+            state_file: None,
         };
         p.timing.timing()?;
         Ok(Some(p))
@@ -144,6 +145,7 @@ pub fn backup(a: &BackupArgs) -> Result<u8> {
         stats: a.stats,
         then_protect: a.protect.clone(),
         then_policy: a.policy,
+        state_file: None,
         timing: a.timing.spec(),
     };
     Ok(agent::vm::run_backup(&spec)?)

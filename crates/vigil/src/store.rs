@@ -11,35 +11,47 @@ pub struct Args {
     command: Command,
 }
 
+/// Where and how a store server runs (`serve` and `supervise` take the same).
+#[derive(clap::Args, Clone)]
+struct ServeArgs {
+    /// Unix socket to listen on.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Directory of the durable log and snapshot.
+    #[arg(long)]
+    data: PathBuf,
+    /// Keep the log in this etcd cluster instead (comma-separated host:port client endpoints).
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Key prefix in etcd.
+    #[arg(long, default_value = "vigil/store")]
+    etcd_prefix: String,
+    /// With --etcd: seconds after the death of this front end until the domains it
+    /// introduced are released (the TTL of its etcd lease).
+    #[arg(long, default_value_t = 10)]
+    etcd_lease_ttl: u64,
+}
+
+impl ServeArgs {
+    /// The same options as `vigil store serve` arguments.
+    fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = vec!["--socket".into(), self.socket.clone().into(), "--data".into(), self.data.clone().into()];
+        if !self.etcd.is_empty() {
+            a.extend(["--etcd".into(), self.etcd.join(",").into(), "--etcd-prefix".into(), self.etcd_prefix.clone().into()]);
+            a.extend(["--etcd-lease-ttl".into(), self.etcd_lease_ttl.to_string().into()]);
+        }
+        a
+    }
+}
+
 #[derive(clap::Subcommand)]
 enum Command {
     /// Serve the store on a Unix socket (point xenstore-* tools at it with XENSTORED_PATH).
-    Serve {
-        /// Unix socket to listen on.
-        #[arg(long)]
-        socket: PathBuf,
-        /// Directory of the durable log and snapshot.
-        #[arg(long)]
-        data: PathBuf,
-        /// Keep the log in this etcd cluster instead (comma-separated host:port client endpoints).
-        #[arg(long, value_delimiter = ',')]
-        etcd: Vec<String>,
-        /// Key prefix in etcd.
-        #[arg(long, default_value = "vigil/store")]
-        etcd_prefix: String,
-        /// With --etcd: seconds after the death of this front end until the domains it
-        /// introduced are released (the TTL of its etcd lease).
-        #[arg(long, default_value_t = 10)]
-        etcd_lease_ttl: u64,
-    },
+    Serve(ServeArgs),
     /// Run `vigil store serve` as a supervised child: heartbeat it, restart it on crash or hang.
     Supervise {
-        /// Unix socket the store listens on.
-        #[arg(long)]
-        socket: PathBuf,
-        /// Directory of the durable log and snapshot.
-        #[arg(long)]
-        data: PathBuf,
+        #[command(flatten)]
+        serve: ServeArgs,
         /// Milliseconds between heartbeats.
         #[arg(long, default_value_t = 100)]
         period_ms: u64,
@@ -51,7 +63,7 @@ enum Command {
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     match &args.command {
-        Command::Serve { socket, data, etcd, etcd_prefix, etcd_lease_ttl } => {
+        Command::Serve(ServeArgs { socket, data, etcd, etcd_prefix, etcd_lease_ttl }) => {
             let etcd = (!etcd.is_empty()).then(|| (etcd.clone(), etcd_prefix.clone()));
             let cfg = store::server::Config {
                 socket: socket.clone(),
@@ -61,24 +73,26 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                 etcd_lease_ttl: *etcd_lease_ttl,
             };
             let server = store::server::Server::bind(&cfg).context("vigil store serve")?;
-            eprintln!("vigil store: {} nodes recovered from {}, listening on {}", server.nodes(), data.display(), socket.display());
+            tracing::info!("vigil store: {} nodes recovered from {}, listening on {}", server.nodes(), data.display(), socket.display());
             server.run().context("vigil store serve")?;
             Ok(Outcome::Ok)
         }
-        Command::Supervise { socket, data, period_ms, misses } => {
+        Command::Supervise { serve, period_ms, misses } => {
+            let mut args: Vec<std::ffi::OsString> = vec!["store".into(), "serve".into()];
+            args.extend(serve.to_args());
             let cfg = agent::supervisor::Config {
                 program: std::env::current_exe().context("locating the vigil binary")?,
-                args: vec!["store".into(), "serve".into(), "--socket".into(), socket.into(), "--data".into(), data.into()],
-                socket: socket.clone(),
+                args,
+                socket: serve.socket.clone(),
                 period: std::time::Duration::from_millis((*period_ms).max(1)),
                 misses: (*misses).max(1),
                 start_timeout: std::time::Duration::from_secs(30),
             };
             let sup = agent::supervisor::Supervisor::start(cfg).context("vigil store supervise")?;
-            eprintln!("vigil store supervise: store running as pid {}", sup.pid());
+            tracing::info!("vigil store supervise: store running as pid {}", sup.pid());
             let stop = std::sync::atomic::AtomicBool::new(false);
             sup.run(&stop, |i| {
-                eprintln!(
+                tracing::warn!(
                     "vigil store supervise: pid {} {:?}; restarted as pid {} in {:.1} ms",
                     i.old_pid,
                     i.cause,

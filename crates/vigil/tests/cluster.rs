@@ -142,7 +142,8 @@ fn a_failed_host_is_handled_by_its_plan_and_no_acknowledged_write_is_lost() {
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let up = Up::start("fail", "t1");
-    let st = up.wait("every VM serving where the model puts it", 30, |ok, _| ok);
+    // A replicated VM survives its host once its backup holds a committed replica.
+    let st = up.wait("every VM serving where the model puts it, relay protected", 30, |ok, v| ok && vm(v, "relay")["replication"] == "protected");
     assert_eq!(vm(&st, "relay")["host"], "hostA");
     assert_eq!(vm(&st, "logger")["host"], "hostA");
     let field = up.field_ns();
@@ -169,6 +170,7 @@ fn a_failed_host_is_handled_by_its_plan_and_no_acknowledged_write_is_lost() {
     }
     let answered = t_kill.elapsed();
     let st = up.wait("the plan for hostA executed", 30, |ok, v| ok && v["failed"] == serde_json::json!(["hostA"]));
+    up.wait("relay protected again (by its new backup)", 30, |_, v| vm(v, "relay")["replication"] == "protected");
     let settled = t_kill.elapsed();
     eprintln!("kill -> client answered again: {answered:?}; kill -> every VM serving per the plan: {settled:?}");
     // Where the plan says: relay activated on hostB, its new backup on hostC; logger restarted on hostC.
@@ -203,7 +205,7 @@ fn the_manager_an_agent_and_the_store_restart_without_a_failover() {
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let up = Up::start("restart", "t2");
-    let st = up.wait("every VM serving", 30, |ok, _| ok);
+    let st = up.wait("every VM serving, control protected", 30, |ok, v| ok && vm(v, "control")["replication"] == "protected");
     let g1 = st["leader"]["generation"].as_u64().expect("generation");
     let leader = st["leader"]["id"].as_str().unwrap().to_string();
     let pids_before: Vec<String> =

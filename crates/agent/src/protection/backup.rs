@@ -44,6 +44,8 @@ pub struct Options {
     /// After a takeover: the new backup to protect the VM with, and the policy.
     pub then_protect: Option<String>,
     pub then_policy: PolicySpec,
+    /// After a takeover: where the primary keeps its replication state.
+    pub state_file: Option<PathBuf>,
 }
 
 struct Conn {
@@ -368,6 +370,7 @@ fn take_over(
         stats_lines: opts.stats_lines,
         control: if control_bound { None } else { opts.control.clone() },
         disk: opts.disk.clone(),
+        state_file: opts.state_file.clone(),
     };
     primary::run(vm, ctl, inbox, popts, Start::TakeOver { granted_at }, clock)
 }

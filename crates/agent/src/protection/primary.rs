@@ -44,6 +44,30 @@ pub struct Options {
     pub control: Option<String>,
     /// The VM's disk file (mirrored and synchronised to the backup), if it has one.
     pub disk: Option<PathBuf>,
+    /// Keep the replication state ([`ReplicationState`], JSON) in this file for the agent.
+    pub state_file: Option<PathBuf>,
+}
+
+/// Whether a VM is protected, as its driver last reported it (the agent reads it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicationState {
+    pub protected: bool,
+    pub detail: String,
+}
+
+impl ReplicationState {
+    /// Writes it to `path` atomically (a new file renamed over the old one).
+    pub fn save(&self, path: &std::path::Path) {
+        let tmp = path.with_extension("tmp");
+        let ok = serde_json::to_vec(self).ok().is_some_and(|b| std::fs::write(&tmp, b).is_ok());
+        if !ok || std::fs::rename(&tmp, path).is_err() {
+            tracing::warn!("cannot write the replication state to {}", path.display());
+        }
+    }
+
+    pub fn load(path: &std::path::Path) -> Option<ReplicationState> {
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    }
 }
 
 /// How the driver ended.
@@ -425,12 +449,18 @@ impl Driver {
             Notice::Protected { session } => {
                 stats.protected = true;
                 drop(stats);
+                if let Some(f) = &self.opts.state_file {
+                    ReplicationState { protected: true, detail: format!("session {session:x}") }.save(f);
+                }
                 self.log(format!("protected: the backup holds a committed replica (session {session:x})"));
                 self.protected_logged = true;
             }
             Notice::Unprotected { reason } => {
                 stats.protected = false;
                 drop(stats);
+                if let Some(f) = &self.opts.state_file {
+                    ReplicationState { protected: false, detail: reason.clone() }.save(f);
+                }
                 self.log(format!("UNPROTECTED: {reason}; the VM keeps running and accepts a new backup"));
             }
             Notice::Acked { epoch, duration_ns, mode } => {
