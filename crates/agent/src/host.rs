@@ -100,10 +100,15 @@ pub fn run(cfg: &Config) -> Result<()> {
                 );
                 return Ok(());
             }
-            Err(e) => tracing::warn!("agent {}: {e}", cfg.host),
-        }
-        if agent.last_renewal.elapsed() > cfg.lease / 2 && !agent.copies.is_empty() {
-            agent.stop_all("cannot renew the host's lease: self-fencing");
+            Err(e) => {
+                tracing::warn!("agent {}: {e}", cfg.host);
+                // The lease could not be renewed: once half of it has gone by since the last
+                // renewal, the manager may soon declare the host failed and start its VMs
+                // elsewhere; stop them first.
+                if agent.last_renewal.elapsed() > cfg.lease / 2 && !agent.copies.is_empty() {
+                    agent.stop_all("cannot renew the host's lease: self-fencing");
+                }
+            }
         }
         std::thread::sleep(cfg.period.saturating_sub(t0.elapsed()));
     }
@@ -123,11 +128,26 @@ struct Agent {
 }
 
 impl Agent {
-    fn step(&mut self, store: &mut store::Client) -> Result<Step> {
+    /// Rewrites the heartbeat (renews the host's lease).
+    fn renew(&mut self, store: &mut store::Client) -> Result<()> {
         let started = Instant::now();
         self.beat += 1;
         store.write(&cluster::heartbeat_path(&self.cfg.host), self.beat.to_string().as_bytes())?;
         self.last_renewal = started;
+        Ok(())
+    }
+
+    /// Before acting: the agent may act only within half a lease of its last renewal (so the
+    /// manager cannot have declared the host failed); renew first if that has run out.
+    fn fresh(&mut self, store: &mut store::Client) -> Result<()> {
+        if self.last_renewal.elapsed() >= self.cfg.lease / 4 {
+            self.renew(store)?;
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, store: &mut store::Client) -> Result<Step> {
+        self.renew(store)?;
         if let Some(f) = cluster::read::<Fence>(store, &cluster::fence_path(&self.cfg.host))? {
             if Some(f.generation) != self.fenced_before {
                 return Ok(Step::Fenced(f.generation));
@@ -222,6 +242,7 @@ impl Agent {
                 Some(_) => None,
             };
             if let Some(why) = action {
+                self.fresh(store)?;
                 let restarts = self.copies.get(&vm).map_or(0, |c| c.restarts + u32::from(why == "restarted after a crash"));
                 match self.spawn(&vm, role, &spec) {
                     Ok((child, pid)) => {

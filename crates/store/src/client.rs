@@ -200,12 +200,22 @@ impl Client {
         }
     }
 
-    /// A request outside transactions: retried across reconnects (idempotent ones only).
+    /// A request outside transactions: retried across reconnects (idempotent ones only), for
+    /// at most the retry time in all — a store that accepts connections but never answers (a
+    /// front end cut off from its etcd cluster) is unreachable too.
     fn request(&mut self, op: &'static str, path: &str, ty: MsgType, payload: Vec<u8>) -> Result<Vec<u8>> {
+        let start = Instant::now();
         loop {
             match self.attempt(ty, 0, payload.clone()) {
                 Ok(p) => return Ok(p),
                 Err(Fail::Errno(errno)) => return Err(Error::Store { op, path: path.to_string(), errno }),
+                Err(Fail::Lost) if start.elapsed() >= self.retry_for => {
+                    return Err(Error::Unreachable {
+                        path: self.socket.clone(),
+                        secs: start.elapsed().as_secs_f64(),
+                        last: format!("{op} {path}: no answer"),
+                    })
+                }
                 Err(Fail::Lost) => self.reconnect()?,
             }
         }
@@ -394,13 +404,17 @@ impl Client {
         Ok(())
     }
 
-    /// [`Client::transaction_once`], rerun on `EAGAIN` (up to 100 times).
+    /// [`Client::transaction_once`], rerun on `EAGAIN` (up to 100 times, within the retry time).
     pub fn transaction<T>(&mut self, mut f: impl FnMut(&mut Tx<'_>) -> Result<T>) -> Result<T> {
         let mut last = None;
+        let start = Instant::now();
         for _ in 0..100 {
             match self.transaction_once(&mut f) {
                 Err(Error::Store { errno: Errno::EAGAIN, .. }) => last = Some(Errno::EAGAIN),
                 r => return r,
+            }
+            if start.elapsed() >= self.retry_for {
+                break;
             }
         }
         Err(Error::Store { op: "transaction", path: String::new(), errno: last.unwrap_or(Errno::EAGAIN) })

@@ -8,6 +8,9 @@
 //!   a standby leads with a higher generation, the agent is back and re-adopts its VMMs, the
 //!   store comes back, no host is failed for it; then a host failure is handled by the new
 //!   leader;
+//! - distributed, on a 3-member etcd cluster with a store front end per host: a host cut off
+//!   by a partition with its processes alive stops its VMs before the manager declares it
+//!   failed, and ends when the link comes back; no acknowledged write is lost;
 //! - bad input: a model that cannot run, `vigil fail` of an unknown host or without a
 //!   cluster, an agent started twice for one host.
 
@@ -59,10 +62,16 @@ struct Up {
 
 impl Up {
     fn start(name: &str, tag: &str) -> Up {
+        Up::start_with(name, tag, &[])
+    }
+
+    fn start_with(name: &str, tag: &str, extra: &[&str]) -> Up {
         let dir = workdir(name);
         let m = model(&dir);
         let cluster = dir.join("cluster");
-        let out = vigil(&["up", &m.display().to_string(), "--dir", &cluster.display().to_string(), "--tag", tag, "--wait", "60"]);
+        let mut args = vec!["up", m.to_str().unwrap(), "--dir", cluster.to_str().unwrap(), "--tag", tag, "--wait", "60"];
+        args.extend_from_slice(extra);
+        let out = vigil(&args);
         let up = Up { dir: cluster };
         assert!(out.status.success(), "vigil up: {}{}", text(&out.stdout), text(&out.stderr));
         up
@@ -253,6 +262,80 @@ fn the_manager_an_agent_and_the_store_restart_without_a_failover() {
     let st = up.wait("the plan for hostB executed", 30, |ok, v| ok && v["failed"] == serde_json::json!(["hostB"]));
     assert_eq!(vm(&st, "control")["host"], "hostC", "{st}");
     assert_eq!(c.call("GET before"), "restarts", "control's state survived its host");
+}
+
+/// The processes of a host's namespace whose command line contains `needle`.
+fn processes(ns_pids: &[u32], needle: &str) -> Vec<u32> {
+    ns_pids
+        .iter()
+        .copied()
+        .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle)))
+        .collect()
+}
+
+fn ns_pids(ns: &str) -> Vec<u32> {
+    let out = Command::new("ip").args(["netns", "pids", ns]).output().expect("ip netns pids");
+    text(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect()
+}
+
+#[test]
+fn distributed_on_etcd_a_partitioned_host_stops_before_its_vms_run_elsewhere() {
+    if no_kvm("distributed_on_etcd_a_partitioned_host_stops_before_its_vms_run_elsewhere") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let up = Up::start_with("etcd", "t3", &["--etcd"]);
+    let file = up.file();
+    assert_eq!(file["etcd"].as_array().map(Vec::len), Some(3), "three etcd members: {file}");
+    assert_eq!(file["host_store"].as_object().map(|m| m.len()), Some(3), "a store front end per host: {file}");
+    up.wait("every VM serving, relay protected", 60, |ok, v| ok && vm(v, "relay")["replication"] == "protected");
+    let field = up.field_ns();
+    let client = RedisClient::new(&field, "10.99.0.50", 6379);
+    let (stop, done, errors) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Vec::new())));
+    let (s, d, e) = (stop.clone(), done.clone(), errors.clone());
+    let driver = std::thread::spawn(move || drive(client, s, d, e));
+    while done.load(Ordering::Relaxed) < 30 {
+        assert!(errors.lock().unwrap().is_empty(), "{:?}", errors.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let port = local_port(&field, "10.99.0.50:6379");
+    let host_a = file["host_ns"]["hostA"].as_str().unwrap().to_string();
+    assert!(!processes(&ns_pids(&host_a), "vm run").is_empty(), "hostA runs VMMs");
+
+    // hostA is cut off: its agent cannot renew its lease in the store (its front end cannot
+    // reach etcd), the relay's primary cannot renew at the arbiter.
+    let before = done.load(Ordering::Relaxed);
+    assert!(vigil(&["fail", "hostA", "--partition", "--dir", &up.d()]).status.success());
+    let st = up.wait("the plan for hostA executed", 30, |_, v| v["failed"] == serde_json::json!(["hostA"]));
+    // By the time the manager acted, hostA's own agent had stopped its VMs (self-fencing).
+    let left = processes(&ns_pids(&host_a), "--spec");
+    assert!(left.is_empty(), "hostA's VMMs still run when the plan executes: {left:?}\n{st}");
+    while done.load(Ordering::Relaxed) <= before + 2 {
+        assert!(errors.lock().unwrap().is_empty(), "{:?}", errors.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let st = up.wait("every VM serving where the plan says", 30, |ok, v| ok && v["failed"] == serde_json::json!(["hostA"]));
+    assert_eq!(vm(&st, "relay")["host"], "hostB", "{st}");
+    assert_eq!(vm(&st, "logger")["host"], "hostC", "{st}");
+
+    // The link comes back: hostA's agent finds its host fenced and ends; nothing of hostA
+    // answers for the relay (its address is served by hostB only).
+    assert!(vigil(&["fail", "hostA", "--heal", "--dir", &up.d()]).status.success());
+    let t = Instant::now();
+    while !processes(&ns_pids(&host_a), " agent ").is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(15), "hostA's agent still runs after the link came back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(processes(&ns_pids(&host_a), "--spec").is_empty());
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (mut c, n) = driver.join().expect("client");
+    assert!(errors.lock().unwrap().is_empty(), "{:?}", errors.lock().unwrap());
+    assert_eq!(local_port(&field, "10.99.0.50:6379"), port, "the client's TCP connection survived");
+    for i in (0..n).step_by(5).chain([n - 1]) {
+        assert_eq!(c.call(&format!("GET k{i}")), format!("v{i}"), "acknowledged write k{i} lost ({n} writes)");
+    }
+    assert_eq!(c.call("GET ctr"), n.to_string());
 }
 
 #[test]
