@@ -123,6 +123,84 @@ pub struct Server {
     listener: UnixListener,
     shared: Arc<Shared>,
     socket: PathBuf,
+    stats: Arc<Stats>,
+}
+
+/// File descriptors kept free for the server's own use (log files, compaction, etcd
+/// connections) when the connection limit is derived from `RLIMIT_NOFILE`.
+const FD_RESERVE: u64 = 64;
+
+/// Counters of a running server, for metrics ([`Stats::prometheus`]; also answered to
+/// `XS_CONTROL metrics`).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections open now.
+    pub connections_open: AtomicU64,
+    /// Connections accepted since start.
+    pub connections_accepted: AtomicU64,
+    /// Connections closed at once because the server was at its connection or descriptor limit.
+    pub connections_refused: AtomicU64,
+    /// `accept` failures (descriptor exhaustion included); the server keeps serving.
+    pub accept_errors: AtomicU64,
+    /// The connection limit in force (from `RLIMIT_NOFILE`).
+    pub connections_max: AtomicU64,
+}
+
+impl Stats {
+    /// The counters in Prometheus' text format.
+    pub fn prometheus(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut out = String::new();
+        for (name, kind, help, v) in [
+            ("vigil_store_connections", "gauge", "Connections open now.", g(&self.connections_open)),
+            ("vigil_store_connections_max", "gauge", "Connection limit (from RLIMIT_NOFILE).", g(&self.connections_max)),
+            ("vigil_store_connections_accepted_total", "counter", "Connections accepted.", g(&self.connections_accepted)),
+            (
+                "vigil_store_connections_refused_total",
+                "counter",
+                "Connections closed at once at the connection or descriptor limit.",
+                g(&self.connections_refused),
+            ),
+            ("vigil_store_accept_errors_total", "counter", "accept() failures (the server keeps serving).", g(&self.accept_errors)),
+        ] {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+        }
+        out
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit where allowed; returns the soft limit
+/// in force afterwards.
+pub fn raise_fd_limit() -> u64 {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit only writes into the struct we pass, which lives on our stack.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return 1024;
+    }
+    if r.rlim_cur < r.rlim_max {
+        // An infinite hard limit is refused by the kernel above nr_open: try the common cap.
+        for want in [r.rlim_max, 1 << 20] {
+            let n = libc::rlimit { rlim_cur: want.min(r.rlim_max), rlim_max: r.rlim_max };
+            // SAFETY: setrlimit only reads the struct we pass.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &n) } == 0 {
+                r.rlim_cur = n.rlim_cur;
+                break;
+            }
+        }
+    }
+    r.rlim_cur as u64
+}
+
+/// Logs at most one line per `period` for a repeated condition (`last` holds the last time).
+fn rate_limited(last: &mut Option<Instant>, period: Duration, msg: impl FnOnce() -> String) {
+    let due = match last {
+        Some(t) => t.elapsed() >= period,
+        None => true,
+    };
+    if due {
+        eprintln!("vigil store: {}", msg());
+        *last = Some(Instant::now());
+    }
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -294,7 +372,17 @@ impl Server {
                 })
             });
         }
-        Ok(Server { listener, shared, socket: cfg.socket.clone() })
+        let stats = Arc::new(Stats::default());
+        // Two descriptors per connection (the stream and its writer's clone).
+        let fds = raise_fd_limit();
+        let max = fds.saturating_sub(FD_RESERVE.min(fds / 4)) / 2;
+        stats.connections_max.store(max.max(1), Ordering::Relaxed);
+        Ok(Server { listener, shared, socket: cfg.socket.clone(), stats })
+    }
+
+    /// The server's counters (connections, refusals), live while it runs.
+    pub fn stats(&self) -> Arc<Stats> {
+        Arc::clone(&self.stats)
     }
 
     /// Number of nodes after recovery (for the start-up message).
@@ -302,18 +390,60 @@ impl Server {
         lock(&self.shared.inner).store.len()
     }
 
-    /// Accepts connections forever.
+    /// Accepts connections forever. Resource exhaustion never stops it: at the connection limit
+    /// (derived from `RLIMIT_NOFILE`, leaving descriptors for the log) a new connection is
+    /// closed at once; when `accept` fails for lack of descriptors, a spare descriptor is
+    /// released to accept and close the waiting connection; every such event is counted and
+    /// logged (at most once a second).
     pub fn run(self) -> Result<()> {
-        for stream in self.listener.incoming() {
-            let stream = stream.map_err(|e| Error::io("accepting on", &self.socket, e))?;
-            let shared = Arc::clone(&self.shared);
-            std::thread::spawn(move || serve_conn(shared, stream));
+        let stats = &self.stats;
+        let mut spare = std::fs::File::open("/dev/null").ok();
+        let mut last_log = None;
+        let period = Duration::from_secs(1);
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    let exhausted = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                    rate_limited(&mut last_log, period, || {
+                        format!("accepting on {}: {e}; refusing new connections until descriptors free up", self.socket.display())
+                    });
+                    if exhausted && spare.take().is_some() {
+                        if self.listener.accept().is_ok() {
+                            stats.connections_refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        spare = std::fs::File::open("/dev/null").ok();
+                    } else {
+                        // ENOMEM, ENOBUFS, or no spare: let the pressure pass.
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    continue;
+                }
+            };
+            let open = stats.connections_open.load(Ordering::Relaxed);
+            if open >= stats.connections_max.load(Ordering::Relaxed) {
+                stats.connections_refused.fetch_add(1, Ordering::Relaxed);
+                rate_limited(&mut last_log, period, || format!("{open} connections open, at the limit; refusing new ones"));
+                continue;
+            }
+            stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+            stats.connections_open.fetch_add(1, Ordering::Relaxed);
+            let (shared, st) = (Arc::clone(&self.shared), Arc::clone(stats));
+            let spawned = std::thread::Builder::new().name("store-conn".into()).spawn(move || {
+                serve_conn(shared, stream, &st);
+                st.connections_open.fetch_sub(1, Ordering::Relaxed);
+            });
+            if let Err(e) = spawned {
+                stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+                stats.connections_refused.fetch_add(1, Ordering::Relaxed);
+                rate_limited(&mut last_log, period, || format!("starting a connection thread: {e}; refusing the connection"));
+            }
         }
-        Ok(())
     }
 }
 
-fn serve_conn(shared: Arc<Shared>, stream: UnixStream) {
+fn serve_conn(shared: Arc<Shared>, stream: UnixStream, stats: &Stats) {
     let Ok(mut out) = stream.try_clone() else { return };
     let (tx, rx) = channel::<Vec<u8>>();
     let conn = {
@@ -322,7 +452,7 @@ fn serve_conn(shared: Arc<Shared>, stream: UnixStream) {
         g.writers.insert(id, tx);
         id
     };
-    let writer = std::thread::spawn(move || {
+    let writer = std::thread::Builder::new().name("store-out".into()).spawn(move || {
         for bytes in rx {
             if out.write_all(&bytes).is_err() {
                 break;
@@ -330,6 +460,12 @@ fn serve_conn(shared: Arc<Shared>, stream: UnixStream) {
         }
         let _ = out.shutdown(std::net::Shutdown::Both);
     });
+    let Ok(writer) = writer else {
+        let mut g = lock(&shared.inner);
+        g.store.disconnect(conn);
+        g.writers.remove(&conn);
+        return;
+    };
     let mut stream = stream;
     loop {
         let mut h = [0u8; HEADER_LEN];
@@ -350,6 +486,16 @@ fn serve_conn(shared: Arc<Shared>, stream: UnixStream) {
             break;
         }
         let msg = Msg { ty, req_id, tx_id, payload };
+        if ty == MsgType::Control as u32 && msg.payload.starts_with(b"metrics\0") {
+            // vigil's extension: the server's counters, in Prometheus' text format.
+            let mut text = stats.prometheus().into_bytes();
+            text.truncate(PAYLOAD_MAX - 1);
+            text.push(0);
+            if let Some(w) = lock(&shared.inner).writers.get(&conn) {
+                let _ = w.send(Msg { ty, req_id, tx_id, payload: text }.encode());
+            }
+            continue;
+        }
         let seq = {
             let mut g = lock(&shared.inner);
             let g = &mut *g;
