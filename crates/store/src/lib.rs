@@ -23,6 +23,7 @@
 //! hypervisor under vigil), running etcd itself, or the policy of what vigil writes where.
 
 pub mod client;
+mod epoll;
 pub mod etcd;
 pub mod log;
 pub mod loopback_etcd;

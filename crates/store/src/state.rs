@@ -523,6 +523,13 @@ impl Store {
         self.conns.remove(&conn);
     }
 
+    /// One event per watch of `conn`, each with the watch's own path (as when it was set): what
+    /// a driver sends after it had to drop events for `conn`, so that the watcher re-reads.
+    pub fn watch_resync(&self, conn: ConnId) -> Vec<Msg> {
+        let Some(c) = self.conns.get(&conn) else { return Vec::new() };
+        c.watches.iter().map(|w| watch_event(c.domid, w, &w.abs)).collect()
+    }
+
     /// Whether domain `domid` is introduced.
     pub fn is_introduced(&self, domid: DomId) -> bool {
         domid == 0 || self.tree.domains.contains_key(&domid)
