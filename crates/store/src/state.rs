@@ -163,11 +163,20 @@ pub struct Quota {
     pub watches_per_conn: usize,
     /// Open transactions per connection (`ENOSPC` beyond).
     pub transactions_per_conn: usize,
+    /// Size of a node's record (value, permissions and child names, as xenstored 4.17 counts
+    /// them) an unprivileged domain may write (`ENOSPC` at or beyond).
+    pub node_size: usize,
+}
+
+/// A node's size as xenstored 4.17 stores it: a 24-byte header, 8 bytes per permission, the
+/// value, and the children's names with their nuls.
+fn record_size(value: usize, perms: &Perms, children: usize) -> usize {
+    24 + 8 * perms.entries().len() + value + children
 }
 
 impl Default for Quota {
     fn default() -> Self {
-        Quota { nodes_per_domain: 1000, watches_per_conn: 128, transactions_per_conn: 10 }
+        Quota { nodes_per_domain: 1000, watches_per_conn: 128, transactions_per_conn: 10, node_size: 2048 }
     }
 }
 
@@ -371,6 +380,10 @@ impl Ctx<'_> {
             if !self.access(&n.perms).can_write() {
                 return Err(Errno::EACCES);
             }
+            let children: usize = n.children.iter().map(|c| c.len() + 1).sum();
+            if self.domid != 0 && record_size(value.len(), &n.perms, children) >= self.quota.node_size {
+                return Err(Errno::ENOSPC);
+            }
             self.record(Mutation::Put { path: path.to_string(), value, perms: n.perms.clone() })?;
             self.events.push(Event { path: path.to_string(), recursive: false, perms: Some(n.perms) });
             return Ok(());
@@ -395,6 +408,14 @@ impl Ctx<'_> {
         if self.domid != 0 {
             let owned = self.tree.nodes.values().filter(|n| n.perms.owner() == self.domid).count();
             if owned + missing.len() > self.quota.nodes_per_domain {
+                return Err(Errno::ENOSPC);
+            }
+            let value_len = value.as_ref().map_or(0, Vec::len);
+            let top = missing.last().map(|p| path::leaf(p).len() + 1).unwrap_or(0);
+            let anc_children: usize = anc_node.children.iter().map(|c| c.len() + 1).sum();
+            if record_size(value_len, &perms, 0) >= self.quota.node_size
+                || record_size(anc_node.value.len(), &anc_node.perms, anc_children + top) >= self.quota.node_size
+            {
                 return Err(Errno::ENOSPC);
             }
         }
@@ -714,12 +735,18 @@ impl Store {
         events: &mut Vec<Event>,
         after: &mut Vec<(ConnId, Msg)>,
     ) -> Result<Vec<u8>, Errno> {
-        let ty = MsgType::from_u32(msg.ty).ok_or(Errno::EINVAL)?;
+        // Xen: types it has no handler for (WATCH_EVENT and ERROR included) get ENOSYS.
+        let ty = MsgType::from_u32(msg.ty).filter(|t| !matches!(t, MsgType::WatchEvent | MsgType::Error)).ok_or(Errno::ENOSYS)?;
         let quota = self.quota;
         let c = self.conns.get_mut(&conn).ok_or(Errno::EINVAL)?;
         let domid = c.domid;
         let target = self.tree.domains.get(&domid).copied().flatten();
         let privileged = domid == 0;
+        // Xen looks the transaction up for every type but WATCH and UNWATCH: an unknown id is
+        // ENOENT (TRANSACTION_START inside a known one is EBUSY, below).
+        if msg.tx_id != 0 && !matches!(ty, MsgType::Watch | MsgType::Unwatch) && !c.txs.contains_key(&msg.tx_id) {
+            return Err(Errno::ENOENT);
+        }
         let p = &msg.payload;
         use MsgType as T;
         match ty {
@@ -795,7 +822,8 @@ impl Store {
                 } else {
                     canonical(domid, &raw)?
                 };
-                let pos = c.watches.iter().position(|w| w.raw == raw && w.token == token);
+                // Xen compares canonical paths: `x` and `/local/domain/<id>/x` are one watch.
+                let pos = c.watches.iter().position(|w| w.abs == abs && w.token == token);
                 if ty == T::Unwatch {
                     let i = pos.ok_or(Errno::ENOENT)?;
                     c.watches.remove(i);
@@ -804,7 +832,7 @@ impl Store {
                 if pos.is_some() {
                     return Err(Errno::EEXIST);
                 }
-                if c.watches.len() >= quota.watches_per_conn {
+                if !privileged && c.watches.len() >= quota.watches_per_conn {
                     return Err(Errno::E2BIG);
                 }
                 let w = Watch { raw: raw.clone(), abs, token };
@@ -817,7 +845,7 @@ impl Store {
                 if msg.tx_id != 0 {
                     return Err(Errno::EBUSY);
                 }
-                if c.txs.len() >= quota.transactions_per_conn {
+                if !privileged && c.txs.len() >= quota.transactions_per_conn {
                     return Err(Errno::ENOSPC);
                 }
                 let mut id = self.next_tx;
@@ -862,7 +890,8 @@ impl Store {
                         }
                         // mfn and event channel are recorded by real xenstored; vigil has no ring.
                         utf8(parts[1])?.parse::<i64>().map_err(|_| Errno::EINVAL)?;
-                        utf8(parts[2])?.parse::<u32>().map_err(|_| Errno::EINVAL)?;
+                        // Xen: `port <= 0` is EINVAL.
+                        utf8(parts[2])?.parse::<u32>().ok().filter(|p| *p > 0).ok_or(Errno::EINVAL)?;
                         if !self.tree.domains.contains_key(&d) {
                             let m = Mutation::Introduce { domid: d };
                             let _ = self.tree.apply(&m);
@@ -914,7 +943,7 @@ impl Store {
                     _ => Err(Errno::EINVAL),
                 }
             }
-            T::WatchEvent | T::Error => Err(Errno::EINVAL),
+            T::WatchEvent | T::Error => Err(Errno::ENOSYS),
         }
     }
 }
