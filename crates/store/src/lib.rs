@@ -14,6 +14,7 @@
 //!   it (each follows the others' appends), and introduced domains live on etcd leases.
 //! - [`server`]: the thin driver serving the state machine on a Unix socket (the one Xen's
 //!   `libxenstore` reaches through `XENSTORED_PATH`).
+//! - [`bench`]: measurements (transactions on large trees, other clients' latency meanwhile).
 //! - [`client`]: a typed client with reconnect and retry (exactly-once transactions).
 //! - [`loopback_etcd`]: a three-member etcd cluster on loopback, for tests and benchmarks.
 //! - [`supervisor`]: runs a component as a child process, heartbeats it, restarts it on crash or
@@ -22,6 +23,7 @@
 //! It does not own: the shared-memory ring transport used by real guests (there is no Xen
 //! hypervisor under vigil), running etcd itself, or the policy of what vigil writes where.
 
+pub mod bench;
 pub mod client;
 mod epoll;
 pub mod etcd;

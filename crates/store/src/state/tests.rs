@@ -405,3 +405,79 @@ fn xen_quotas_watch_and_transaction_for_unprivileged_only() {
     start(&mut s, d0);
     start(&mut s, d0);
 }
+
+mod overlay {
+    //! A transaction sees the live tree through an overlay of what it changed: inside one, with
+    //! no concurrent change, every read must equal what the same operations give outside a
+    //! transaction, and the commit must leave the same tree.
+    use super::*;
+    use proptest::prelude::*;
+
+    const PATHS: [&str; 9] = ["/a", "/a/b", "/a/b/c", "/a/d", "/e", "/e/f", "/a/b/c/g", "/a/d/h", "/e/f/i"];
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write(usize, u8),
+        Mkdir(usize),
+        Rm(usize),
+        Chmod(usize, u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let p = 0..PATHS.len();
+        prop_oneof![
+            (p.clone(), any::<u8>()).prop_map(|(i, v)| Op::Write(i, v)),
+            p.clone().prop_map(Op::Mkdir),
+            p.clone().prop_map(Op::Rm),
+            (p, 0..3u8).prop_map(|(i, d)| Op::Chmod(i, d)),
+        ]
+    }
+
+    fn msg(o: &Op, tx: u32) -> Msg {
+        match o {
+            Op::Write(i, v) => req(MsgType::Write, tx, &[PATHS[*i].as_bytes(), &[b'a' + v % 26]]),
+            Op::Mkdir(i) => req(MsgType::Mkdir, tx, &[PATHS[*i].as_bytes()]),
+            Op::Rm(i) => req(MsgType::Rm, tx, &[PATHS[*i].as_bytes()]),
+            Op::Chmod(i, d) => req(MsgType::SetPerms, tx, &[PATHS[*i].as_bytes(), format!("b{d}").as_bytes(), b"r9"]),
+        }
+    }
+
+    /// Every read of every path (and of `/`), as answered in `tx`.
+    fn reads(s: &mut Store, c: ConnId, tx: u32) -> Vec<Answer> {
+        let mut out = Vec::new();
+        for p in PATHS.iter().chain(["/"].iter()) {
+            for ty in [MsgType::Read, MsgType::Directory, MsgType::GetPerms] {
+                out.push(call(s, c, req(ty, tx, &[p.as_bytes()])));
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+        #[test]
+        fn transaction_view_equals_direct_application(setup in proptest::collection::vec(op(), 0..12), ops in proptest::collection::vec(op(), 1..20)) {
+            let mut a = Store::default();
+            let mut b = Store::default();
+            let ca = a.connect(0);
+            let cb = b.connect(0);
+            for o in &setup {
+                let (ra, _) = call(&mut a, ca, msg(o, 0));
+                let (rb, _) = call(&mut b, cb, msg(o, 0));
+                prop_assert_eq!(ra, rb);
+            }
+            let tx = start(&mut a, ca);
+            for o in &ops {
+                let ra = call(&mut a, ca, msg(o, tx)).0;
+                let rb = call(&mut b, cb, msg(o, 0)).0;
+                prop_assert_eq!(ra, rb, "{:?}", o);
+                let va: Vec<_> = reads(&mut a, ca, tx).into_iter().map(|x| x.0).collect();
+                let vb: Vec<_> = reads(&mut b, cb, 0).into_iter().map(|x| x.0).collect();
+                prop_assert_eq!(va, vb);
+            }
+            prop_assert_eq!(end(&mut a, ca, tx, true).0, Ok(b"OK\0".to_vec()));
+            prop_assert_eq!(a.snapshot(), b.snapshot());
+            prop_assert_eq!(a.len(), b.len());
+        }
+    }
+}
