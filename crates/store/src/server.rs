@@ -302,8 +302,8 @@ fn commit(g: &mut Inner, mut f: impl FnMut(&mut Store, bool) -> (Option<Checkpoi
             }
         }
         if g.backend.wants_compaction() {
-            let snap = g.store.snapshot();
-            if let Err(e) = g.backend.compact(&snap) {
+            let Inner { store, backend, .. } = &mut *g;
+            if let Err(e) = backend.compact_from(&mut store.snapshot_iter()) {
                 fatal(&e);
             }
         }

@@ -427,14 +427,15 @@ impl Store {
 
     /// Mutations that rebuild the current tree and domains from an empty store.
     pub fn snapshot(&self) -> Vec<Mutation> {
-        let mut out = self.tree.puts();
-        for (&domid, &target) in &self.tree.domains {
-            out.push(Mutation::Introduce { domid });
-            if let Some(target) = target {
-                out.push(Mutation::Target { domid, target });
-            }
-        }
-        out
+        self.snapshot_iter().collect()
+    }
+
+    /// [`Store::snapshot`], one mutation at a time (compaction writes them as they come).
+    pub fn snapshot_iter(&self) -> impl Iterator<Item = Mutation> + '_ {
+        let domains = self.tree.domains.iter().flat_map(|(&domid, &target)| {
+            std::iter::once(Mutation::Introduce { domid }).chain(target.map(|target| Mutation::Target { domid, target }))
+        });
+        self.tree.puts().chain(domains)
     }
 
     /// Number of nodes (including `/`).

@@ -241,6 +241,28 @@ fn raw_call(s: &mut UnixStream, ty: MsgType, tx: u32, payload: &[u8]) -> Msg {
     }
 }
 
+/// Nodes store a path component, not their full path: memory grows with the number of nodes,
+/// not with the square of the depth. Forty paths 1,000 levels deep (40,000 nodes).
+#[test]
+fn deep_paths_cost_linear_memory() {
+    let srv = Served::start("deep");
+    let mut s = UnixStream::connect(&srv.sock).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let before = srv.rss_kib();
+    for i in 0..40 {
+        let path = format!("/d{i}{}", "/a".repeat(1000));
+        let m = raw_call(&mut s, MsgType::Write, 0, format!("{path}\0v").as_bytes());
+        assert_eq!(m.payload, b"OK\0", "{}", String::from_utf8_lossy(&m.payload));
+    }
+    let after = srv.rss_kib();
+    println!("40 writes 1,001 levels deep: server RSS {before} -> {after} KiB");
+    // Full paths per node would hold 40 x 1,001 x ~1 KB = ~40 MB; components hold ~200 bytes
+    // a node, plus what one request's mutations (one full path per created node) take.
+    assert!(after < before + 16 * 1024, "RSS grew from {before} to {after} KiB");
+    let m = raw_call(&mut s, MsgType::Read, 0, format!("/d39{}\0", "/a".repeat(1000)).as_bytes());
+    assert_eq!(m.payload, b"v");
+}
+
 /// Starting a transaction copies nothing (copy on touch): ten open transactions on a
 /// 100,000-node tree cost next to no memory, and other clients are served meanwhile.
 #[test]

@@ -221,17 +221,41 @@ impl Tree {
         Ok(())
     }
 
-    /// Every node as a `Put`, parents before children.
-    pub fn puts(&self) -> Vec<Mutation> {
-        let mut out = Vec::with_capacity(self.count);
-        let mut stack = vec![("/".to_string(), &self.root)];
-        while let Some((p, n)) = stack.pop() {
-            for (c, child) in n.children.iter().rev() {
-                stack.push((path::join(&p, c), child));
-            }
-            out.push(Mutation::Put { path: p, value: n.value.clone(), perms: n.perms.clone() });
+    /// Every node as a `Put`, parents before children, made one at a time (what is held at
+    /// once is the path to the current node).
+    pub fn puts(&self) -> Puts<'_> {
+        Puts { root: Some(&self.root), stack: Vec::new() }
+    }
+}
+
+/// The iterator of [`Tree::puts`]: depth first, children in name order.
+pub(super) struct Puts<'a> {
+    root: Option<&'a Node>,
+    stack: Vec<(String, Box<dyn DoubleEndedIterator<Item = (&'a str, &'a Node)> + 'a>)>,
+}
+
+impl Iterator for Puts<'_> {
+    type Item = Mutation;
+
+    fn next(&mut self) -> Option<Mutation> {
+        let put = |path: String, n: &Node| Mutation::Put { path, value: n.value.clone(), perms: n.perms.clone() };
+        if let Some(root) = self.root.take() {
+            self.stack.push(("/".to_string(), root.children.iter()));
+            return Some(put("/".to_string(), root));
         }
-        out
+        loop {
+            let (parent, children) = self.stack.last_mut()?;
+            match children.next() {
+                Some((name, n)) => {
+                    let p = path::join(parent, name);
+                    self.stack.push((p.clone(), n.children.iter()));
+                    return Some(put(p, n));
+                }
+                None => {
+                    self.stack.pop();
+                }
+            }
+        }
     }
 }
 
