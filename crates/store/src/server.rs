@@ -217,7 +217,7 @@ pub fn raise_fd_limit() -> u64 {
             }
         }
     }
-    r.rlim_cur as u64
+    r.rlim_cur
 }
 
 /// Logs at most one line per `period` for a repeated condition (`last` holds the last time).
@@ -613,8 +613,13 @@ impl Loop<'_> {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(_) => {
-                        c.read_closed = true;
+                        // Reset by the peer: nothing more can be delivered either.
+                        self.server.stats.output_queued_bytes.fetch_sub(c.out_bytes as u64, Ordering::Relaxed);
                         c.out.clear();
+                        c.out_bytes = 0;
+                        c.sent = 0;
+                        c.read_closed = true;
+                        c.inbuf.clear();
                         break;
                     }
                 }
@@ -792,10 +797,8 @@ impl Loop<'_> {
             return;
         }
         let want = c.wanted(&limits);
-        if want != c.interest {
-            if self.ep.modify(c.stream.as_raw_fd(), want, id).is_ok() {
-                c.interest = want;
-            }
+        if want != c.interest && self.ep.modify(c.stream.as_raw_fd(), want, id).is_ok() {
+            c.interest = want;
         }
     }
 

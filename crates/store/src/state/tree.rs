@@ -89,7 +89,7 @@ impl Children {
     }
 
     /// Names and nodes, sorted by name.
-    pub fn iter(&self) -> Box<dyn DoubleEndedIterator<Item = (&str, &Node)> + '_> {
+    pub fn iter(&self) -> ChildIter<'_> {
         match self {
             Children::Few(v) => Box::new(v.iter().map(|(k, n)| (&**k, n))),
             Children::Many(m) => Box::new(m.iter().map(|(k, n)| (&**k, n))),
@@ -228,10 +228,13 @@ impl Tree {
     }
 }
 
+/// Children of one node, in name order.
+type ChildIter<'a> = Box<dyn DoubleEndedIterator<Item = (&'a str, &'a Node)> + 'a>;
+
 /// The iterator of [`Tree::puts`]: depth first, children in name order.
 pub(super) struct Puts<'a> {
     root: Option<&'a Node>,
-    stack: Vec<(String, Box<dyn DoubleEndedIterator<Item = (&'a str, &'a Node)> + 'a>)>,
+    stack: Vec<(String, ChildIter<'a>)>,
 }
 
 impl Iterator for Puts<'_> {
