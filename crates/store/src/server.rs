@@ -444,17 +444,27 @@ impl Server {
             dirty: BTreeSet::new(),
             overflowed: BTreeSet::new(),
             spare: std::fs::File::open("/dev/null").ok(),
+            accept_paused_until: None,
             last_log: None,
             scratch: vec![0u8; 64 * 1024],
         };
         let mut buf = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
         let mut events = Vec::with_capacity(buf.len());
         loop {
-            let timeout = if lp.ready.is_empty() { -1 } else { 0 };
+            let timeout = match lp.accept_paused_until {
+                _ if !lp.ready.is_empty() => 0,
+                Some(t) => t.saturating_duration_since(Instant::now()).as_millis().min(1000) as i32,
+                None => -1,
+            };
             if let Err(e) = lp.ep.wait(&mut events, &mut buf, timeout) {
                 rate_limited(&mut lp.last_log, Duration::from_secs(1), || format!("epoll_wait: {e}"));
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
+            }
+            if lp.accept_paused_until.is_some_and(|t| Instant::now() >= t)
+                && lp.ep.modify(self.listener.as_raw_fd(), epoll::IN, LISTENER).is_ok()
+            {
+                lp.accept_paused_until = None;
             }
             for ev in &events {
                 match ev.key {
@@ -508,6 +518,8 @@ struct Loop<'a> {
     /// Connections whose watch events were dropped (each watch fires again once drained).
     overflowed: BTreeSet<ConnId>,
     spare: Option<std::fs::File>,
+    /// `accept` failed without a remedy: the listener is unwatched until then.
+    accept_paused_until: Option<Instant>,
     last_log: Option<Instant>,
     scratch: Vec<u8>,
 }
@@ -555,7 +567,11 @@ impl Loop<'_> {
                         self.spare = std::fs::File::open("/dev/null").ok();
                         continue;
                     }
-                    // ENOMEM, ENOBUFS, or no spare: leave the rest waiting for the next round.
+                    // ENOMEM, ENOBUFS, or no spare: stop watching the listener for a while (it
+                    // stays readable, so the loop would spin), and leave the rest waiting.
+                    if self.ep.modify(self.server.listener.as_raw_fd(), 0, LISTENER).is_ok() {
+                        self.accept_paused_until = Some(Instant::now() + Duration::from_millis(100));
+                    }
                     return;
                 }
             };
