@@ -16,9 +16,12 @@ use crate::{Error, Result};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Transactions the busy client runs, at least, while the other client's reads are measured.
+const DURING_TXS: u64 = 20;
 
 /// Children per directory in [`populate`]'s layout.
 const FANOUT: usize = 1000;
@@ -75,8 +78,10 @@ pub struct TxReport {
     /// Another client's reads, nothing else running.
     pub read_idle: Summary,
     /// The same reads while a client runs read-modify-write transactions back to back and ten
-    /// more transactions stay open.
+    /// more transactions stay open (at least `rounds` reads, and until 20 transactions ran).
     pub read_during: Summary,
+    /// Transactions the busy client committed or saw fail while those reads ran.
+    pub txs_during: u64,
     /// Resident memory of this process before and after opening ten transactions (each of
     /// which read one node), in KiB.
     pub rss_before_open_kib: u64,
@@ -203,25 +208,30 @@ pub fn transactions(nodes: usize, rounds: usize) -> Result<TxReport> {
     }
     let rss_after_open_kib = rss_kib();
 
+    // Reads go on until `rounds` are done and the other client has run at least
+    // `DURING_TXS` transactions meanwhile, so that they overlap transactions however slow.
     let stop = Arc::new(AtomicBool::new(false));
-    let (stop2, sock2) = (Arc::clone(&stop), sock.clone());
+    let done = Arc::new(AtomicU64::new(0));
+    let (stop2, done2, sock2) = (Arc::clone(&stop), Arc::clone(&done), sock.clone());
     let busy = std::thread::spawn(move || -> Result<u64> {
         let mut c = Raw::open(&sock2)?;
-        let mut n = 0;
         while !stop2.load(Ordering::Relaxed) {
             c.rmw(key)?;
-            n += 1;
+            done2.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(n)
+        Ok(done2.load(Ordering::Relaxed))
     });
+    while done.load(Ordering::Relaxed) == 0 && !busy.is_finished() {
+        std::thread::yield_now();
+    }
     let mut read_during = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
+    while read_during.len() < rounds || (done.load(Ordering::Relaxed) < DURING_TXS && !busy.is_finished()) {
         let t = Instant::now();
         b.call(MsgType::Read, 0, wire::strings(&[other_key]))?;
         read_during.push(t.elapsed());
     }
     stop.store(true, Ordering::Relaxed);
-    busy.join().map_err(|_| Error::Protocol("bench: transaction thread panicked".into()))??;
+    let txs_during = busy.join().map_err(|_| Error::Protocol("bench: transaction thread panicked".into()))??;
     drop(holder);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(TxReport {
@@ -230,6 +240,7 @@ pub fn transactions(nodes: usize, rounds: usize) -> Result<TxReport> {
         rmw: Summary::of(rmw),
         read_idle: Summary::of(read_idle),
         read_during: Summary::of(read_during),
+        txs_during,
         rss_before_open_kib,
         rss_after_open_kib,
     })
@@ -239,17 +250,17 @@ pub fn transactions(nodes: usize, rounds: usize) -> Result<TxReport> {
 pub fn table(reports: &[TxReport]) -> String {
     let us = |d: Duration| format!("{:.0}", d.as_secs_f64() * 1e6);
     let mut out = String::from(
-        "nodes      tx start p50/p99/max µs   rmw tx p50/p99/max µs    other read idle p50/p99/max µs  during p50/p99/max µs   RSS +10 open tx\n",
+        "nodes      tx start p50/p99/max µs   rmw tx p50/p99/max µs    other read idle p50/p99/max µs  during (reads, txs) p50/p99/max µs   RSS +10 open tx\n",
     );
     for r in reports {
         let s = |x: &Summary| format!("{}/{}/{}", us(x.p50), us(x.p99), us(x.max));
         out.push_str(&format!(
-            "{:<10} {:<26} {:<24} {:<31} {:<23} {} KiB\n",
+            "{:<10} {:<26} {:<24} {:<31} {:<35} {} KiB\n",
             r.nodes,
             s(&r.start),
             s(&r.rmw),
             s(&r.read_idle),
-            s(&r.read_during),
+            format!("({}, {}) {}", r.read_during.count, r.txs_during, s(&r.read_during)),
             r.rss_after_open_kib as i64 - r.rss_before_open_kib as i64
         ));
     }
