@@ -35,6 +35,10 @@ impl Drop for Served {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The data lives in /dev/shm (memory): remove it.
+        if let Some(dir) = self.sock.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
