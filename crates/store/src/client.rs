@@ -300,7 +300,9 @@ impl Client {
     /// Introduces domain `domid` (fires `@introduceDomain`).
     pub fn introduce(&mut self, domid: u32) -> Result<()> {
         let d = domid.to_string();
-        self.request("introduce", &d, MsgType::Introduce, wire::strings(&[d.as_str(), "0", "0"])).map(|_| ())
+        // vigil has no shared ring or event channel: mfn 0 and port 1 are placeholders (Xen,
+        // and so the store, refuse port 0).
+        self.request("introduce", &d, MsgType::Introduce, wire::strings(&[d.as_str(), "0", "1"])).map(|_| ())
     }
 
     /// Releases domain `domid` (fires `@releaseDomain`).

@@ -14,13 +14,16 @@
 //!   it (each follows the others' appends), and introduced domains live on etcd leases.
 //! - [`server`]: the thin driver serving the state machine on a Unix socket (the one Xen's
 //!   `libxenstore` reaches through `XENSTORED_PATH`).
+//! - [`bench`]: measurements (transactions on large trees, other clients' latency meanwhile).
 //! - [`client`]: a typed client with reconnect and retry (exactly-once transactions).
 //!
 //! It does not own: the shared-memory ring transport used by real guests (there is no Xen
 //! hypervisor under vigil), running etcd itself, supervising the server (the `agent` crate's
 //! supervisor does), or the policy of what vigil writes where.
 
+pub mod bench;
 pub mod client;
+mod epoll;
 pub mod etcd;
 pub mod log;
 pub mod path;

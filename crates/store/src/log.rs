@@ -82,6 +82,13 @@ pub trait Backend: Send {
     fn wants_compaction(&self) -> bool;
     /// Replaces the history with `snapshot` (the mutations that rebuild the current state).
     fn compact(&mut self, snapshot: &[Mutation]) -> Result<()>;
+    /// [`Backend::compact`] from mutations made one at a time, so that a backend that can
+    /// write them as they come never holds the whole snapshot (the log backend does; by default
+    /// they are collected first).
+    fn compact_from(&mut self, snapshot: &mut dyn Iterator<Item = Mutation>) -> Result<()> {
+        let all: Vec<Mutation> = snapshot.collect();
+        self.compact(&all)
+    }
 }
 
 const CRC_TABLE: [u32; 256] = {
@@ -291,19 +298,38 @@ impl Backend for LogBackend {
     }
 
     fn compact(&mut self, snapshot: &[Mutation]) -> Result<()> {
+        self.compact_from(&mut snapshot.iter().cloned())
+    }
+
+    /// Writes the snapshot 256 mutations to a record as they come: the snapshot is never whole
+    /// in memory.
+    fn compact_from(&mut self, snapshot: &mut dyn Iterator<Item = Mutation>) -> Result<()> {
         let old = self.n;
         self.open_log(old + 1)?;
         let tmp = self.dir.join("snapshot.tmp");
-        let mut bytes = record(old.to_string().as_bytes());
-        for chunk in snapshot.chunks(256) {
-            bytes.extend(record(&batch_payload(chunk)));
+        let f = File::create(&tmp).map_err(|e| Error::io("creating", &tmp, e))?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, f);
+        let wr = |e| Error::io("writing", &tmp, e);
+        let header = record(old.to_string().as_bytes());
+        out.write_all(&header).map_err(wr)?;
+        let mut written = header.len() as u64;
+        let mut chunk = Vec::with_capacity(256);
+        loop {
+            chunk.clear();
+            chunk.extend((&mut *snapshot).take(256));
+            if chunk.is_empty() {
+                break;
+            }
+            let rec = record(&batch_payload(&chunk));
+            out.write_all(&rec).map_err(wr)?;
+            written += rec.len() as u64;
         }
-        let mut f = File::create(&tmp).map_err(|e| Error::io("creating", &tmp, e))?;
-        f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io("writing", &tmp, e))?;
+        let f = out.into_inner().map_err(|e| wr(e.into_error()))?;
+        f.sync_all().map_err(wr)?;
         let snap = self.dir.join("snapshot");
         fs::rename(&tmp, &snap).map_err(|e| Error::io("renaming snapshot into", &snap, e))?;
         sync_dir(&self.dir)?;
-        self.snapshot_bytes = bytes.len() as u64;
+        self.snapshot_bytes = written;
         let path = self.log_path(old);
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),

@@ -1,12 +1,19 @@
 //! The thin driver: serves the [`Store`] state machine on a Unix socket, with the durable
 //! [`Backend`] underneath. Every socket client is dom0 (privileged), as with Xen's xenstored.
 //!
-//! One reader and one writer thread per connection. Requests are applied to the state machine
-//! one at a time under a lock, and their mutations written to the backend in that order; then,
-//! outside the lock, one `fdatasync` makes every request written so far durable (group commit:
-//! concurrent clients share a sync). Every reply and watch event — of reads too — is held back
-//! until the sync covering all writes made before it completes, so no client ever sees state
-//! that a crash could take back. If the backend fails, memory is ahead of disk: the server exits
+//! One thread runs an event loop (`epoll`, level-triggered) over the listener and every
+//! connection, so a connection costs memory (its buffers and its state-machine entry), not a
+//! thread. Each round reads what the ready connections sent, applies their complete requests to
+//! the state machine one at a time, writes their mutations to the backend in that order, then
+//! one `fdatasync` makes the whole round durable (group commit: every connection and every
+//! pipelined request of a round share a sync). Every reply and watch event — of reads too — is
+//! held back until the sync covering all writes made before it completes, so no client ever sees
+//! state that a crash could take back.
+//!
+//! Memory per connection is bounded ([`Limits`]): while a connection's queued output exceeds
+//! `out_queue_bytes`, the server reads no more of its requests (its replies cannot pile up) and
+//! drops the watch events due to it; once its queue has drained, each of its watches fires once
+//! with its own path, as after a reconnect, so the watcher re-reads and misses no change. If the backend fails, memory is ahead of disk: the server exits
 //! (status 70) so that its supervisor restarts it from the durable state.
 //!
 //! With the etcd backend the log may be shared with other front ends: a request whose log slot
@@ -19,17 +26,17 @@
 //! committed (its END gets no reply), and [`crate::Client`] reconnects, re-registers its watches
 //! and tells the caller `EAGAIN`.
 
+use crate::epoll::{self, Epoll, Wake};
 use crate::etcd::{follow, EtcdBackend, Signal};
 use crate::log::{Backend, CatchUp, LogBackend};
 use crate::state::{Checkpoint, ConnId, Errno, Mutation, Output, Quota, Store};
 use crate::wire::{self, Msg, MsgType, HEADER_LEN, PAYLOAD_MAX};
 use crate::{Error, Result};
-use std::collections::{HashMap, VecDeque};
-use std::io::{Read, Write};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -53,7 +60,6 @@ type Outgoing = Vec<(ConnId, Vec<u8>)>;
 struct Inner {
     store: Store,
     backend: Box<dyn Backend>,
-    writers: HashMap<ConnId, Sender<Vec<u8>>>,
     /// Requests whose mutations were written to the backend, in order.
     written: u64,
     /// Messages waiting for the sync covering `written` as it was when they were produced.
@@ -70,6 +76,8 @@ struct Shared {
     sync: Mutex<()>,
     /// `written` as of the last completed sync.
     synced: AtomicU64,
+    /// Wakes the event loop when another thread (the etcd follower) queued messages.
+    wake: Wake,
 }
 
 fn fatal(e: &Error) -> ! {
@@ -104,25 +112,124 @@ fn make_durable(shared: &Shared, seq: u64) {
     shared.synced.store(target, Ordering::Release);
 }
 
-/// Sends every queued message whose writes are durable, in order.
-fn deliver(shared: &Shared) {
-    let mut g = lock(&shared.inner);
-    let synced = shared.synced.load(Ordering::Acquire);
-    while g.pending.front().is_some_and(|(seq, _)| *seq <= synced) {
-        let Some((_, sends)) = g.pending.pop_front() else { break };
-        for (to, bytes) in sends {
-            if let Some(w) = g.writers.get(&to) {
-                let _ = w.send(bytes);
-            }
-        }
-    }
-}
-
 /// A loaded store bound to its socket.
 pub struct Server {
     listener: UnixListener,
     shared: Arc<Shared>,
     socket: PathBuf,
+    stats: Arc<Stats>,
+    limits: Limits,
+}
+
+/// Bounds on what one connection may make the server hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Bytes of replies and watch events queued for a connection beyond which the server stops
+    /// reading its requests and drops the watch events due to it (each of its watches fires once
+    /// again when the queue has drained).
+    pub out_queue_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { out_queue_bytes: 256 * 1024 }
+    }
+}
+
+/// File descriptors kept free for the server's own use (log files, compaction, etcd
+/// connections) when the connection limit is derived from `RLIMIT_NOFILE`.
+const FD_RESERVE: u64 = 64;
+
+/// Counters of a running server, for metrics ([`Stats::prometheus`]; also answered to
+/// `XS_CONTROL metrics`).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections open now.
+    pub connections_open: AtomicU64,
+    /// Connections accepted since start.
+    pub connections_accepted: AtomicU64,
+    /// Connections closed at once because the server was at its connection or descriptor limit.
+    pub connections_refused: AtomicU64,
+    /// `accept` failures (descriptor exhaustion included); the server keeps serving.
+    pub accept_errors: AtomicU64,
+    /// The connection limit in force (from `RLIMIT_NOFILE`).
+    pub connections_max: AtomicU64,
+    /// Watch events not queued because their connection's output queue was full.
+    pub watch_events_dropped: AtomicU64,
+    /// Times a connection was paused (not read) because its output queue was full.
+    pub connections_paused: AtomicU64,
+    /// Bytes of replies and events queued for all connections now.
+    pub output_queued_bytes: AtomicU64,
+}
+
+impl Stats {
+    /// The counters in Prometheus' text format.
+    pub fn prometheus(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut out = String::new();
+        for (name, kind, help, v) in [
+            ("vigil_store_connections", "gauge", "Connections open now.", g(&self.connections_open)),
+            ("vigil_store_connections_max", "gauge", "Connection limit (from RLIMIT_NOFILE).", g(&self.connections_max)),
+            ("vigil_store_connections_accepted_total", "counter", "Connections accepted.", g(&self.connections_accepted)),
+            (
+                "vigil_store_connections_refused_total",
+                "counter",
+                "Connections closed at once at the connection or descriptor limit.",
+                g(&self.connections_refused),
+            ),
+            ("vigil_store_accept_errors_total", "counter", "accept() failures (the server keeps serving).", g(&self.accept_errors)),
+            (
+                "vigil_store_watch_events_dropped_total",
+                "counter",
+                "Watch events dropped at a full output queue.",
+                g(&self.watch_events_dropped),
+            ),
+            (
+                "vigil_store_connections_paused_total",
+                "counter",
+                "Connections not read while their output queue was full.",
+                g(&self.connections_paused),
+            ),
+            ("vigil_store_output_queued_bytes", "gauge", "Bytes queued for all connections.", g(&self.output_queued_bytes)),
+        ] {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+        }
+        out
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit where allowed; returns the soft limit
+/// in force afterwards.
+pub fn raise_fd_limit() -> u64 {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit only writes into the struct we pass, which lives on our stack.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return 1024;
+    }
+    if r.rlim_cur < r.rlim_max {
+        // An infinite hard limit is refused by the kernel above nr_open: try the common cap.
+        for want in [r.rlim_max, 1 << 20] {
+            let n = libc::rlimit { rlim_cur: want.min(r.rlim_max), rlim_max: r.rlim_max };
+            // SAFETY: setrlimit only reads the struct we pass.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &n) } == 0 {
+                r.rlim_cur = n.rlim_cur;
+                break;
+            }
+        }
+    }
+    r.rlim_cur
+}
+
+/// Logs at most one line per `period` for a repeated condition (`last` holds the last time).
+fn rate_limited(last: &mut Option<Instant>, period: Duration, msg: impl FnOnce() -> String) {
+    let due = match last {
+        Some(t) => t.elapsed() >= period,
+        None => true,
+    };
+    if due {
+        eprintln!("vigil store: {}", msg());
+        *last = Some(Instant::now());
+    }
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -195,8 +302,8 @@ fn commit(g: &mut Inner, mut f: impl FnMut(&mut Store, bool) -> (Option<Checkpoi
             }
         }
         if g.backend.wants_compaction() {
-            let snap = g.store.snapshot();
-            if let Err(e) = g.backend.compact(&snap) {
+            let Inner { store, backend, .. } = &mut *g;
+            if let Err(e) = backend.compact_from(&mut store.snapshot_iter()) {
                 fatal(&e);
             }
         }
@@ -239,7 +346,7 @@ fn follow_step(shared: &Shared, signal: Signal, reap: bool) {
         g.written
     };
     make_durable(shared, seq);
-    deliver(shared);
+    shared.wake.wake();
 }
 
 /// Rebuilds a store from the backend's history.
@@ -276,8 +383,9 @@ impl Server {
         }
         let listener = UnixListener::bind(&cfg.socket).map_err(|e| Error::io("binding", &cfg.socket, e))?;
         let shared_log = cfg.etcd.is_some();
-        let inner = Inner { store, backend, writers: HashMap::new(), written: 0, pending: VecDeque::new(), shared_log };
-        let shared = Arc::new(Shared { inner: Mutex::new(inner), sync: Mutex::new(()), synced: AtomicU64::new(0) });
+        let inner = Inner { store, backend, written: 0, pending: VecDeque::new(), shared_log };
+        let wake = Wake::new().map_err(|e| Error::io("creating an eventfd for", &cfg.socket, e))?;
+        let shared = Arc::new(Shared { inner: Mutex::new(inner), sync: Mutex::new(()), synced: AtomicU64::new(0), wake });
         if let Some((endpoints, prefix)) = &cfg.etcd {
             // Follow the shared log: apply what other front ends append, fire watches, reap
             // domains whose lease expired (on a DELETE event, and at least every second).
@@ -294,7 +402,16 @@ impl Server {
                 })
             });
         }
-        Ok(Server { listener, shared, socket: cfg.socket.clone() })
+        let stats = Arc::new(Stats::default());
+        let fds = raise_fd_limit();
+        let max = fds.saturating_sub(FD_RESERVE.min(fds / 4));
+        stats.connections_max.store(max.max(1), Ordering::Relaxed);
+        Ok(Server { listener, shared, socket: cfg.socket.clone(), stats, limits: Limits::default() })
+    }
+
+    /// The server's counters (connections, refusals), live while it runs.
+    pub fn stats(&self) -> Arc<Stats> {
+        Arc::clone(&self.stats)
     }
 
     /// Number of nodes after recovery (for the start-up message).
@@ -302,72 +419,411 @@ impl Server {
         lock(&self.shared.inner).store.len()
     }
 
-    /// Accepts connections forever.
+    /// Changes the per-connection bounds (before [`Server::run`]).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// Serves forever on one thread (see the module documentation). Resource exhaustion never
+    /// stops it: at the connection limit (derived from `RLIMIT_NOFILE`, leaving descriptors for
+    /// the log) a new connection is closed at once; when `accept` fails for lack of descriptors,
+    /// a spare descriptor is released to accept and close the waiting connection; every such
+    /// event is counted and logged (at most once a second). Returns only if the event loop
+    /// cannot be set up.
     pub fn run(self) -> Result<()> {
-        for stream in self.listener.incoming() {
-            let stream = stream.map_err(|e| Error::io("accepting on", &self.socket, e))?;
-            let shared = Arc::clone(&self.shared);
-            std::thread::spawn(move || serve_conn(shared, stream));
+        let ep = Epoll::new().map_err(|e| Error::io("creating an epoll instance for", &self.socket, e))?;
+        let setup = |e| Error::io("registering the listener of", &self.socket, e);
+        self.listener.set_nonblocking(true).map_err(setup)?;
+        ep.add(self.listener.as_raw_fd(), epoll::IN, LISTENER).map_err(setup)?;
+        ep.add(self.shared.wake.raw(), epoll::IN, WAKE).map_err(setup)?;
+        let mut lp = Loop {
+            ep,
+            server: &self,
+            conns: HashMap::new(),
+            ready: BTreeSet::new(),
+            dirty: BTreeSet::new(),
+            overflowed: BTreeSet::new(),
+            spare: std::fs::File::open("/dev/null").ok(),
+            accept_paused_until: None,
+            last_log: None,
+            scratch: vec![0u8; 64 * 1024],
+        };
+        let mut buf = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
+        let mut events = Vec::with_capacity(buf.len());
+        loop {
+            let timeout = match lp.accept_paused_until {
+                _ if !lp.ready.is_empty() => 0,
+                Some(t) => t.saturating_duration_since(Instant::now()).as_millis().min(1000) as i32,
+                None => -1,
+            };
+            if let Err(e) = lp.ep.wait(&mut events, &mut buf, timeout) {
+                rate_limited(&mut lp.last_log, Duration::from_secs(1), || format!("epoll_wait: {e}"));
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            if lp.accept_paused_until.is_some_and(|t| Instant::now() >= t)
+                && lp.ep.modify(self.listener.as_raw_fd(), epoll::IN, LISTENER).is_ok()
+            {
+                lp.accept_paused_until = None;
+            }
+            for ev in &events {
+                match ev.key {
+                    LISTENER => lp.accept_all(),
+                    WAKE => self.shared.wake.drain(),
+                    id => lp.on_event(id, ev.events),
+                }
+            }
+            let seq = lp.process();
+            if let Some(seq) = seq {
+                make_durable(&self.shared, seq);
+            }
+            lp.deliver();
         }
-        Ok(())
     }
 }
 
-fn serve_conn(shared: Arc<Shared>, stream: UnixStream) {
-    let Ok(mut out) = stream.try_clone() else { return };
-    let (tx, rx) = channel::<Vec<u8>>();
-    let conn = {
+const LISTENER: u64 = u64::MAX;
+const WAKE: u64 = u64::MAX - 1;
+/// Requests of one connection handled per round before the others get their turn.
+const ROUND_REQUESTS: usize = 64;
+/// Unprocessed input buffered per connection before the server stops reading it.
+const IN_BUFFER: usize = 2 * (HEADER_LEN + PAYLOAD_MAX);
+
+/// One client connection as the event loop sees it.
+struct Conn {
+    stream: UnixStream,
+    /// Received bytes not yet framed into requests.
+    inbuf: Vec<u8>,
+    /// Encoded messages to send, the first one `sent` bytes in.
+    out: VecDeque<Vec<u8>>,
+    sent: usize,
+    out_bytes: usize,
+    /// Watch events were dropped: fire every watch once when the queue has drained.
+    overflowed: bool,
+    /// The client closed its sending side (or sent an unframeable header): answer what was
+    /// received, then close.
+    read_closed: bool,
+    /// Readiness the connection is registered for.
+    interest: u32,
+}
+
+struct Loop<'a> {
+    ep: Epoll,
+    server: &'a Server,
+    conns: HashMap<ConnId, Conn>,
+    /// Connections with buffered input that may hold complete requests.
+    ready: BTreeSet<ConnId>,
+    /// Connections whose registration or life may change after this round.
+    dirty: BTreeSet<ConnId>,
+    /// Connections whose watch events were dropped (each watch fires again once drained).
+    overflowed: BTreeSet<ConnId>,
+    spare: Option<std::fs::File>,
+    /// `accept` failed without a remedy: the listener is unwatched until then.
+    accept_paused_until: Option<Instant>,
+    last_log: Option<Instant>,
+    scratch: Vec<u8>,
+}
+
+impl Conn {
+    fn paused(&self, limits: &Limits) -> bool {
+        self.out_bytes >= limits.out_queue_bytes
+    }
+
+    fn wanted(&self, limits: &Limits) -> u32 {
+        let mut w = 0;
+        if !self.read_closed && !self.paused(limits) && self.inbuf.len() < IN_BUFFER {
+            w |= epoll::IN;
+        }
+        if !self.out.is_empty() {
+            w |= epoll::OUT;
+        }
+        w
+    }
+}
+
+impl Loop<'_> {
+    fn stats(&self) -> &Stats {
+        &self.server.stats
+    }
+
+    fn accept_all(&mut self) {
+        let period = Duration::from_secs(1);
+        loop {
+            let stream = match self.server.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.stats().accept_errors.fetch_add(1, Ordering::Relaxed);
+                    let exhausted = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                    let sock = self.server.socket.display().to_string();
+                    rate_limited(&mut self.last_log, period, || {
+                        format!("accepting on {sock}: {e}; refusing new connections until descriptors free up")
+                    });
+                    if exhausted && self.spare.take().is_some() {
+                        if self.server.listener.accept().is_ok() {
+                            self.stats().connections_refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.spare = std::fs::File::open("/dev/null").ok();
+                        continue;
+                    }
+                    // ENOMEM, ENOBUFS, or no spare: stop watching the listener for a while (it
+                    // stays readable, so the loop would spin), and leave the rest waiting.
+                    if self.ep.modify(self.server.listener.as_raw_fd(), 0, LISTENER).is_ok() {
+                        self.accept_paused_until = Some(Instant::now() + Duration::from_millis(100));
+                    }
+                    return;
+                }
+            };
+            let open = self.conns.len() as u64;
+            if open >= self.stats().connections_max.load(Ordering::Relaxed) {
+                self.stats().connections_refused.fetch_add(1, Ordering::Relaxed);
+                rate_limited(&mut self.last_log, period, || format!("{open} connections open, at the limit; refusing new ones"));
+                continue;
+            }
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let id = lock(&self.server.shared.inner).store.connect(0);
+            if let Err(e) = self.ep.add(stream.as_raw_fd(), epoll::IN, id) {
+                lock(&self.server.shared.inner).store.disconnect(id);
+                self.stats().connections_refused.fetch_add(1, Ordering::Relaxed);
+                rate_limited(&mut self.last_log, period, || format!("registering a connection: {e}; refusing it"));
+                continue;
+            }
+            self.stats().connections_accepted.fetch_add(1, Ordering::Relaxed);
+            self.stats().connections_open.fetch_add(1, Ordering::Relaxed);
+            let conn = Conn {
+                stream,
+                inbuf: Vec::new(),
+                out: VecDeque::new(),
+                sent: 0,
+                out_bytes: 0,
+                overflowed: false,
+                read_closed: false,
+                interest: epoll::IN,
+            };
+            self.conns.insert(id, conn);
+        }
+    }
+
+    fn on_event(&mut self, id: ConnId, events: u32) {
+        self.dirty.insert(id);
+        if events & (epoll::OUT | epoll::HUP | epoll::ERR) != 0 {
+            self.flush(id);
+        }
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        if events & epoll::ERR != 0 && events & epoll::IN == 0 {
+            self.close(id);
+            return;
+        }
+        if events & (epoll::IN | epoll::HUP) != 0 && !c.read_closed {
+            let fd = c.stream.as_raw_fd();
+            while c.inbuf.len() < IN_BUFFER {
+                match epoll::recv(fd, &mut self.scratch) {
+                    Ok(0) => {
+                        c.read_closed = true;
+                        break;
+                    }
+                    Ok(n) => c.inbuf.extend_from_slice(&self.scratch[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        // Reset by the peer: nothing more can be delivered either.
+                        self.server.stats.output_queued_bytes.fetch_sub(c.out_bytes as u64, Ordering::Relaxed);
+                        c.out.clear();
+                        c.out_bytes = 0;
+                        c.sent = 0;
+                        c.read_closed = true;
+                        c.inbuf.clear();
+                        break;
+                    }
+                }
+            }
+            self.ready.insert(id);
+        }
+    }
+
+    /// Handles the complete requests of the ready connections (at most [`ROUND_REQUESTS`] each);
+    /// returns the backend position the round's replies wait for.
+    fn process(&mut self) -> Option<u64> {
+        if self.ready.is_empty() {
+            return None;
+        }
+        let limits = self.server.limits;
+        let shared = &self.server.shared;
         let mut g = lock(&shared.inner);
-        let id = g.store.connect(0);
-        g.writers.insert(id, tx);
-        id
-    };
-    let writer = std::thread::spawn(move || {
-        for bytes in rx {
-            if out.write_all(&bytes).is_err() {
-                break;
+        let g = &mut *g;
+        let mut again = BTreeSet::new();
+        for &id in &self.ready {
+            let Some(c) = self.conns.get_mut(&id) else { continue };
+            self.dirty.insert(id);
+            let mut used = 0;
+            let mut handled = 0;
+            while handled < ROUND_REQUESTS && !c.paused(&limits) {
+                let frame = match wire::decode(&c.inbuf[used..]) {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(_) => {
+                        // The stream cannot be resynchronised: answer and close, as xenstored does.
+                        let mut h = [0u8; HEADER_LEN];
+                        h.copy_from_slice(&c.inbuf[used..used + HEADER_LEN]);
+                        let (_, req_id, tx_id, _) = wire::parse_header(&h);
+                        let e = Msg::new(MsgType::Error, req_id, tx_id, wire::strings(&[Errno::E2BIG.name()]));
+                        g.pending.push_back((g.written, vec![(id, e.encode())]));
+                        c.read_closed = true;
+                        used = c.inbuf.len();
+                        break;
+                    }
+                };
+                let (msg, n) = frame;
+                used += n;
+                handled += 1;
+                if msg.ty == MsgType::Control as u32 && msg.payload.starts_with(b"metrics\0") {
+                    // vigil's extension: the server's counters, in Prometheus' text format.
+                    let mut text = self.server.stats.prometheus().into_bytes();
+                    text.truncate(PAYLOAD_MAX - 1);
+                    text.push(0);
+                    let reply = Msg { ty: msg.ty, req_id: msg.req_id, tx_id: msg.tx_id, payload: text };
+                    g.pending.push_back((g.written, vec![(id, reply.encode())]));
+                    continue;
+                }
+                let out = commit(g, |s, shared_log| (if shared_log { s.checkpoint(id, &msg) } else { None }, s.handle(id, &msg)));
+                // Replies wait for the sync that covers every write made so far (reads included:
+                // nothing is shown that a crash could take back).
+                let seq = g.written;
+                g.pending.push_back((seq, out.sends.into_iter().map(|(to, m)| (to, m.encode())).collect()));
+            }
+            c.inbuf.drain(..used);
+            if c.inbuf.is_empty() && c.inbuf.capacity() > IN_BUFFER {
+                c.inbuf = Vec::new();
+            }
+            if handled == ROUND_REQUESTS && !c.paused(&limits) {
+                again.insert(id);
             }
         }
-        let _ = out.shutdown(std::net::Shutdown::Both);
-    });
-    let mut stream = stream;
-    loop {
-        let mut h = [0u8; HEADER_LEN];
-        if stream.read_exact(&mut h).is_err() {
-            break;
-        }
-        let (ty, req_id, tx_id, len) = wire::parse_header(&h);
-        if len as usize > PAYLOAD_MAX {
-            // The stream cannot be resynchronised: answer and close, as xenstored does.
-            let e = Msg::new(MsgType::Error, req_id, tx_id, wire::strings(&[Errno::E2BIG.name()]));
-            if let Some(w) = lock(&shared.inner).writers.get(&conn) {
-                let _ = w.send(e.encode());
-            }
-            break;
-        }
-        let mut payload = vec![0u8; len as usize];
-        if stream.read_exact(&mut payload).is_err() {
-            break;
-        }
-        let msg = Msg { ty, req_id, tx_id, payload };
-        let seq = {
+        self.ready = again;
+        Some(g.written)
+    }
+
+    /// Moves every message whose writes are durable to its connection's queue (dropping watch
+    /// events at a full queue), sends what the sockets take, and closes finished connections.
+    fn deliver(&mut self) {
+        let limits = self.server.limits;
+        let mut touched = BTreeSet::new();
+        {
+            let shared = &self.server.shared;
             let mut g = lock(&shared.inner);
-            let g = &mut *g;
-            let out = commit(g, |s, shared_log| (if shared_log { s.checkpoint(conn, &msg) } else { None }, s.handle(conn, &msg)));
-            // Replies wait for the sync that covers every write made so far (reads included:
-            // nothing is shown that a crash could take back).
-            let seq = g.written;
-            g.pending.push_back((seq, out.sends.into_iter().map(|(to, m)| (to, m.encode())).collect()));
-            seq
-        };
-        make_durable(&shared, seq);
-        deliver(&shared);
+            let synced = shared.synced.load(Ordering::Acquire);
+            while g.pending.front().is_some_and(|(seq, _)| *seq <= synced) {
+                let Some((_, sends)) = g.pending.pop_front() else { break };
+                for (to, bytes) in sends {
+                    let Some(c) = self.conns.get_mut(&to) else { continue };
+                    let event = bytes[..4] == (MsgType::WatchEvent as u32).to_le_bytes();
+                    if event && (c.overflowed || c.paused(&limits)) {
+                        c.overflowed = true;
+                        self.overflowed.insert(to);
+                        self.server.stats.watch_events_dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let was_paused = c.paused(&limits);
+                    c.out_bytes += bytes.len();
+                    self.server.stats.output_queued_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    c.out.push_back(bytes);
+                    if !was_paused && c.paused(&limits) {
+                        self.server.stats.connections_paused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    touched.insert(to);
+                }
+            }
+            // Watchers whose events were dropped and whose queue has drained: every watch fires
+            // once with its own path, so that they re-read.
+            let drained: Vec<ConnId> =
+                self.overflowed.iter().copied().filter(|id| self.conns.get(id).is_none_or(|c| c.out.is_empty())).collect();
+            for id in drained {
+                self.overflowed.remove(&id);
+                if let Some(c) = self.conns.get_mut(&id) {
+                    c.overflowed = false;
+                    for m in g.store.watch_resync(id) {
+                        let bytes = m.encode();
+                        c.out_bytes += bytes.len();
+                        self.server.stats.output_queued_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                        c.out.push_back(bytes);
+                    }
+                    touched.insert(id);
+                }
+            }
+        }
+        for &id in &touched {
+            self.flush(id);
+        }
+        // Close connections that are done, and register the rest for what they wait for.
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.extend(touched);
+        for id in dirty {
+            self.settle(id);
+        }
     }
-    {
-        let mut g = lock(&shared.inner);
-        g.store.disconnect(conn);
-        g.writers.remove(&conn);
+
+    /// Sends what the socket takes without blocking.
+    fn flush(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        let limits = self.server.limits;
+        let was_paused = c.paused(&limits);
+        let fd = c.stream.as_raw_fd();
+        while let Some(front) = c.out.front() {
+            match epoll::send(fd, &front[c.sent..]) {
+                Ok(n) => {
+                    c.sent += n;
+                    if c.sent == front.len() {
+                        let len = front.len();
+                        c.out.pop_front();
+                        c.sent = 0;
+                        c.out_bytes -= len;
+                        self.server.stats.output_queued_bytes.fetch_sub(len as u64, Ordering::Relaxed);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    // The peer is gone: nothing more can be delivered.
+                    self.server.stats.output_queued_bytes.fetch_sub(c.out_bytes as u64, Ordering::Relaxed);
+                    c.out.clear();
+                    c.out_bytes = 0;
+                    c.sent = 0;
+                    c.read_closed = true;
+                    c.inbuf.clear();
+                    break;
+                }
+            }
+        }
+        if was_paused && !c.paused(&limits) && !c.inbuf.is_empty() {
+            // Resume the requests it sent while paused.
+            self.ready.insert(id);
+        }
     }
-    // The writer drains what is queued (an error reply, say), then shuts the socket down.
-    let _ = writer.join();
+
+    /// Closes a connection that has nothing left to do, or updates its registration.
+    fn settle(&mut self, id: ConnId) {
+        let limits = self.server.limits;
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        let pending_input = !c.inbuf.is_empty() && self.ready.contains(&id);
+        if c.read_closed && c.out.is_empty() && !pending_input && !c.overflowed {
+            self.close(id);
+            return;
+        }
+        let want = c.wanted(&limits);
+        if want != c.interest && self.ep.modify(c.stream.as_raw_fd(), want, id).is_ok() {
+            c.interest = want;
+        }
+    }
+
+    fn close(&mut self, id: ConnId) {
+        let Some(c) = self.conns.remove(&id) else { return };
+        let _ = self.ep.delete(c.stream.as_raw_fd());
+        self.server.stats.output_queued_bytes.fetch_sub(c.out_bytes as u64, Ordering::Relaxed);
+        self.server.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+        self.ready.remove(&id);
+        lock(&self.server.shared.inner).store.disconnect(id);
+    }
 }

@@ -7,16 +7,18 @@
 //! mutations (recovery), and [`Store::snapshot`] lists the mutations that rebuild the current
 //! state (compaction).
 //!
-//! Transactions are optimistic: `TRANSACTION_START` copies the tree; operations in the
-//! transaction run on the copy and record the generation of every node they look at; at
+//! Transactions are optimistic and copy on touch, as xenstored's: `TRANSACTION_START` copies
+//! nothing; operations in the transaction see the live tree through an overlay of the nodes the
+//! transaction changed, and record the generation of every node they look at; at
 //! `TRANSACTION_END T` the transaction commits only if none of those nodes changed since
 //! (otherwise `EAGAIN`), and its mutations are then applied to the live tree as one batch.
 
 use crate::path::{self, canonical, is_child};
 use crate::perms::{Access, Perm, Perms};
 use crate::wire::{self, Msg, MsgType, PAYLOAD_MAX};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
+use tree::{NodeRef, Overlay, Tree, View};
 
 /// A Xen domain id; 0 is the privileged control domain (every socket client is dom0).
 pub type DomId = u32;
@@ -163,11 +165,20 @@ pub struct Quota {
     pub watches_per_conn: usize,
     /// Open transactions per connection (`ENOSPC` beyond).
     pub transactions_per_conn: usize,
+    /// Size of a node's record (value, permissions and child names, as xenstored 4.17 counts
+    /// them) an unprivileged domain may write (`ENOSPC` at or beyond).
+    pub node_size: usize,
+}
+
+/// A node's size as xenstored 4.17 stores it: a 24-byte header, 8 bytes per permission, the
+/// value, and the children's names with their nuls.
+fn record_size(value: usize, perms: &Perms, children: usize) -> usize {
+    24 + 8 * perms.entries().len() + value + children
 }
 
 impl Default for Quota {
     fn default() -> Self {
-        Quota { nodes_per_domain: 1000, watches_per_conn: 128, transactions_per_conn: 10 }
+        Quota { nodes_per_domain: 1000, watches_per_conn: 128, transactions_per_conn: 10, node_size: 2048 }
     }
 }
 
@@ -178,95 +189,6 @@ pub struct Output {
     pub mutations: Vec<Mutation>,
     /// Messages to send, in order: the reply first, then watch events.
     pub sends: Vec<(ConnId, Msg)>,
-}
-
-#[derive(Debug, Clone)]
-struct Node {
-    value: Vec<u8>,
-    perms: Perms,
-    children: BTreeSet<String>,
-    gen: u64,
-}
-
-#[derive(Debug, Clone)]
-struct Tree {
-    nodes: HashMap<String, Node>,
-    /// Introduced domains and the domain each one targets.
-    domains: BTreeMap<DomId, Option<DomId>>,
-    gen: u64,
-}
-
-impl Tree {
-    fn new() -> Tree {
-        let root = Node { value: Vec::new(), perms: Perms::owned_by(0), children: BTreeSet::new(), gen: 0 };
-        Tree { nodes: HashMap::from([("/".to_string(), root)]), domains: BTreeMap::new(), gen: 0 }
-    }
-
-    fn gen_of(&self, path: &str) -> u64 {
-        self.nodes.get(path).map_or(0, |n| n.gen)
-    }
-
-    fn bump(&mut self) -> u64 {
-        self.gen += 1;
-        self.gen
-    }
-
-    /// Applies one mutation; `Err` if it does not fit the tree (a Put without parent).
-    fn apply(&mut self, m: &Mutation) -> Result<(), String> {
-        match m {
-            Mutation::Put { path, value, perms } => {
-                let gen = self.bump();
-                if let Some(n) = self.nodes.get_mut(path) {
-                    n.value.clone_from(value);
-                    n.perms = perms.clone();
-                    n.gen = gen;
-                    return Ok(());
-                }
-                let parent = path::parent(path).ok_or_else(|| format!("put of {path:?} without parent"))?;
-                let p = self.nodes.get_mut(parent).ok_or_else(|| format!("put of {path:?}: parent missing"))?;
-                p.children.insert(path::leaf(path).to_string());
-                p.gen = gen;
-                let node = Node { value: value.clone(), perms: perms.clone(), children: BTreeSet::new(), gen };
-                self.nodes.insert(path.clone(), node);
-            }
-            Mutation::DelTree { path } => {
-                let gen = self.bump();
-                let parent = path::parent(path).ok_or_else(|| "removal of /".to_string())?;
-                if let Some(p) = self.nodes.get_mut(parent) {
-                    p.children.remove(path::leaf(path));
-                    p.gen = gen;
-                }
-                let mut stack = vec![path.clone()];
-                while let Some(p) = stack.pop() {
-                    if let Some(n) = self.nodes.remove(&p) {
-                        stack.extend(n.children.iter().map(|c| path::join(&p, c)));
-                    }
-                }
-            }
-            Mutation::Introduce { domid } => {
-                self.domains.entry(*domid).or_insert(None);
-            }
-            Mutation::Release { domid } => {
-                self.domains.remove(domid);
-            }
-            Mutation::Target { domid, target } => {
-                self.domains.insert(*domid, Some(*target));
-            }
-        }
-        Ok(())
-    }
-
-    fn subtree(&self, path: &str) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut stack = vec![path.to_string()];
-        while let Some(p) = stack.pop() {
-            if let Some(n) = self.nodes.get(&p) {
-                stack.extend(n.children.iter().map(|c| path::join(&p, c)));
-                out.push(p);
-            }
-        }
-        out
-    }
 }
 
 /// A change that may fire watches.
@@ -290,8 +212,7 @@ struct Watch {
 
 #[derive(Debug, Clone)]
 struct Tx {
-    tree: Tree,
-    touched: HashMap<String, u64>,
+    overlay: Overlay,
     mutations: Vec<Mutation>,
     events: Vec<Event>,
 }
@@ -320,10 +241,9 @@ pub struct Checkpoint {
     tx: Option<(ConnId, u32, Tx)>,
 }
 
-/// One operation's view: either the live tree, or a transaction's copy with its read set.
+/// One operation's view: either the live tree, or a transaction's overlay with its read set.
 struct Ctx<'a> {
-    tree: &'a mut Tree,
-    touched: Option<&'a mut HashMap<String, u64>>,
+    view: View<'a>,
     mutations: &'a mut Vec<Mutation>,
     events: &'a mut Vec<Event>,
     domid: DomId,
@@ -331,45 +251,63 @@ struct Ctx<'a> {
     quota: Quota,
 }
 
+/// What an operation needs to know of a node before it changes anything.
+struct Info {
+    perms: Perms,
+    value: Vec<u8>,
+}
+
 impl Ctx<'_> {
     fn touch(&mut self, path: &str) {
-        if let Some(t) = self.touched.as_deref_mut() {
-            if !t.contains_key(path) {
-                t.insert(path.to_string(), self.tree.gen_of(path));
-            }
-        }
+        self.view.touch(path);
     }
 
-    fn node(&mut self, path: &str) -> Option<&Node> {
-        self.touch(path);
-        self.tree.nodes.get(path)
+    /// The node at `path` in this view (recording that the operation looked at it).
+    fn node(&mut self, path: &str) -> Option<Info> {
+        self.view.touch(path);
+        self.view.get(path).map(|n| Info { perms: n.perms().clone(), value: n.value().to_vec() })
+    }
+
+    fn exists(&mut self, path: &str) -> bool {
+        self.view.touch(path);
+        self.view.get(path).is_some()
     }
 
     fn access(&self, perms: &Perms) -> Access {
         perms.access(self.domid, self.target)
     }
 
-    fn readable(&mut self, path: &str) -> Result<Node, Errno> {
-        let n = self.node(path).cloned().ok_or(Errno::ENOENT)?;
-        if self.access(&n.perms).can_read() {
+    /// Checks that `path` exists and may be read; then `self.view.get(path)` has it.
+    fn readable(&mut self, path: &str) -> Result<NodeRef<'_>, Errno> {
+        self.view.touch(path);
+        let n = self.view.get(path).ok_or(Errno::ENOENT)?;
+        if n.perms().access(self.domid, self.target).can_read() {
             Ok(n)
         } else {
             Err(Errno::EACCES)
         }
     }
 
+    /// Bytes of the child names of `path` with their nuls (for the node size quota).
+    fn children_bytes(&self, path: &str) -> usize {
+        self.view.get(path).map_or(0, NodeRef::children_bytes)
+    }
+
     fn record(&mut self, m: Mutation) -> Result<(), Errno> {
-        self.tree.apply(&m).map_err(|_| Errno::EINVAL)?;
+        self.view.apply(&m).map_err(|_| Errno::EINVAL)?;
         self.mutations.push(m);
         Ok(())
     }
 
     /// WRITE (`value` is `Some`) or MKDIR (`None`).
     fn write(&mut self, path: &str, value: Option<Vec<u8>>) -> Result<(), Errno> {
-        if let Some(n) = self.node(path).cloned() {
+        if let Some(n) = self.node(path) {
             let Some(value) = value else { return Ok(()) };
             if !self.access(&n.perms).can_write() {
                 return Err(Errno::EACCES);
+            }
+            if self.domid != 0 && record_size(value.len(), &n.perms, self.children_bytes(path)) >= self.quota.node_size {
+                return Err(Errno::ENOSPC);
             }
             self.record(Mutation::Put { path: path.to_string(), value, perms: n.perms.clone() })?;
             self.events.push(Event { path: path.to_string(), recursive: false, perms: Some(n.perms) });
@@ -380,7 +318,7 @@ impl Ctx<'_> {
         let mut missing = vec![path.to_string()];
         let mut anc = path::parent(path).ok_or(Errno::EINVAL)?.to_string();
         let anc_node = loop {
-            match self.node(&anc).cloned() {
+            match self.node(&anc) {
                 Some(n) => break n,
                 None => {
                     missing.push(anc.clone());
@@ -393,8 +331,15 @@ impl Ctx<'_> {
         }
         let perms = if self.domid == 0 { anc_node.perms.clone() } else { anc_node.perms.with_owner(self.domid) };
         if self.domid != 0 {
-            let owned = self.tree.nodes.values().filter(|n| n.perms.owner() == self.domid).count();
-            if owned + missing.len() > self.quota.nodes_per_domain {
+            if self.view.owned(self.domid) + missing.len() > self.quota.nodes_per_domain {
+                return Err(Errno::ENOSPC);
+            }
+            let value_len = value.as_ref().map_or(0, Vec::len);
+            let top = missing.last().map(|p| path::leaf(p).len() + 1).unwrap_or(0);
+            let anc_children = self.children_bytes(&anc);
+            if record_size(value_len, &perms, 0) >= self.quota.node_size
+                || record_size(anc_node.value.len(), &anc_node.perms, anc_children + top) >= self.quota.node_size
+            {
                 return Err(Errno::ENOSPC);
             }
         }
@@ -409,15 +354,17 @@ impl Ctx<'_> {
 
     fn rm(&mut self, path: &str) -> Result<(), Errno> {
         let parent = path::parent(path).ok_or(Errno::EINVAL)?.to_string();
-        let Some(n) = self.node(path).cloned() else {
-            return if self.node(&parent).is_some() { Ok(()) } else { Err(Errno::ENOENT) };
+        let Some(n) = self.node(path) else {
+            return if self.exists(&parent) { Ok(()) } else { Err(Errno::ENOENT) };
         };
         if !self.access(&n.perms).can_write() {
             return Err(Errno::EACCES);
         }
         self.touch(&parent);
-        for p in self.tree.subtree(path) {
-            self.touch(&p);
+        if matches!(self.view, View::Tx(..)) {
+            for p in self.view.subtree(path) {
+                self.touch(&p);
+            }
         }
         self.record(Mutation::DelTree { path: path.to_string() })?;
         self.events.push(Event { path: path.to_string(), recursive: true, perms: Some(n.perms) });
@@ -425,7 +372,7 @@ impl Ctx<'_> {
     }
 
     fn set_perms(&mut self, path: &str, perms: Perms) -> Result<(), Errno> {
-        let n = self.node(path).cloned().ok_or(Errno::ENOENT)?;
+        let n = self.node(path).ok_or(Errno::ENOENT)?;
         if !self.access(&n.perms).can_write() {
             return Err(Errno::EACCES);
         }
@@ -480,25 +427,20 @@ impl Store {
 
     /// Mutations that rebuild the current tree and domains from an empty store.
     pub fn snapshot(&self) -> Vec<Mutation> {
-        let mut paths: Vec<&String> = self.tree.nodes.keys().collect();
-        paths.sort();
-        let mut out = Vec::with_capacity(paths.len() + self.tree.domains.len());
-        for p in paths {
-            let n = &self.tree.nodes[p];
-            out.push(Mutation::Put { path: p.clone(), value: n.value.clone(), perms: n.perms.clone() });
-        }
-        for (&domid, &target) in &self.tree.domains {
-            out.push(Mutation::Introduce { domid });
-            if let Some(target) = target {
-                out.push(Mutation::Target { domid, target });
-            }
-        }
-        out
+        self.snapshot_iter().collect()
+    }
+
+    /// [`Store::snapshot`], one mutation at a time (compaction writes them as they come).
+    pub fn snapshot_iter(&self) -> impl Iterator<Item = Mutation> + '_ {
+        let domains = self.tree.domains.iter().flat_map(|(&domid, &target)| {
+            std::iter::once(Mutation::Introduce { domid }).chain(target.map(|target| Mutation::Target { domid, target }))
+        });
+        self.tree.puts().chain(domains)
     }
 
     /// Number of nodes (including `/`).
     pub fn len(&self) -> usize {
-        self.tree.nodes.len()
+        self.tree.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -507,7 +449,7 @@ impl Store {
 
     /// Value of a node, for tests and local inspection (no permission check).
     pub fn value(&self, path: &str) -> Option<&[u8]> {
-        self.tree.nodes.get(path).map(|n| n.value.as_slice())
+        self.tree.get(path).map(|n| n.value.as_slice())
     }
 
     /// A new connection of domain `domid` (0 for socket clients).
@@ -521,6 +463,13 @@ impl Store {
     /// Forgets a connection: its watches and open transactions (aborted).
     pub fn disconnect(&mut self, conn: ConnId) {
         self.conns.remove(&conn);
+    }
+
+    /// One event per watch of `conn`, each with the watch's own path (as when it was set): what
+    /// a driver sends after it had to drop events for `conn`, so that the watcher re-reads.
+    pub fn watch_resync(&self, conn: ConnId) -> Vec<Msg> {
+        let Some(c) = self.conns.get(&conn) else { return Vec::new() };
+        c.watches.iter().map(|w| watch_event(c.domid, w, &w.abs)).collect()
     }
 
     /// Whether domain `domid` is introduced.
@@ -572,7 +521,7 @@ impl Store {
         for (i, m) in batch.iter().enumerate() {
             match m {
                 Mutation::Put { path, perms, .. } => {
-                    let created = !self.tree.nodes.contains_key(path);
+                    let created = self.tree.get(path).is_none();
                     let parent_of_later =
                         batch[i + 1..].iter().any(|n| matches!(n, Mutation::Put { path: q, .. } if path::parent(q) == Some(path.as_str())));
                     if !(created && parent_of_later) {
@@ -580,7 +529,7 @@ impl Store {
                     }
                 }
                 Mutation::DelTree { path } => {
-                    let perms = self.tree.nodes.get(path).map(|n| n.perms.clone());
+                    let perms = self.tree.get(path).map(|n| n.perms.clone());
                     events.push(Event { path: path.clone(), recursive: true, perms });
                 }
                 Mutation::Introduce { domid } if !self.tree.domains.contains_key(domid) => {
@@ -610,9 +559,7 @@ impl Store {
             tree.apply(m)?;
         }
         let gen = tree.bump();
-        if let Some(root) = tree.nodes.get_mut("/") {
-            root.gen = gen;
-        }
+        tree.touch_root(gen);
         self.tree = tree;
         let mut sends = Vec::new();
         for (&id, c) in &self.conns {
@@ -707,12 +654,18 @@ impl Store {
         events: &mut Vec<Event>,
         after: &mut Vec<(ConnId, Msg)>,
     ) -> Result<Vec<u8>, Errno> {
-        let ty = MsgType::from_u32(msg.ty).ok_or(Errno::EINVAL)?;
+        // Xen: types it has no handler for (WATCH_EVENT and ERROR included) get ENOSYS.
+        let ty = MsgType::from_u32(msg.ty).filter(|t| !matches!(t, MsgType::WatchEvent | MsgType::Error)).ok_or(Errno::ENOSYS)?;
         let quota = self.quota;
         let c = self.conns.get_mut(&conn).ok_or(Errno::EINVAL)?;
         let domid = c.domid;
         let target = self.tree.domains.get(&domid).copied().flatten();
         let privileged = domid == 0;
+        // Xen looks the transaction up for every type but WATCH and UNWATCH: an unknown id is
+        // ENOENT (TRANSACTION_START inside a known one is EBUSY, below).
+        if msg.tx_id != 0 && !matches!(ty, MsgType::Watch | MsgType::Unwatch) && !c.txs.contains_key(&msg.tx_id) {
+            return Err(Errno::ENOENT);
+        }
         let p = &msg.payload;
         use MsgType as T;
         match ty {
@@ -727,27 +680,24 @@ impl Store {
                     _ => one_arg(p)?,
                 };
                 let path = canonical(domid, path_arg)?;
-                let (tree, touched, tx_muts, tx_events) = if msg.tx_id == 0 {
-                    (&mut self.tree, None, mutations, events)
+                let (view, tx_muts, tx_events) = if msg.tx_id == 0 {
+                    (View::Live(&mut self.tree), mutations, events)
                 } else {
                     let tx = c.txs.get_mut(&msg.tx_id).ok_or(Errno::ENOENT)?;
-                    (&mut tx.tree, Some(&mut tx.touched), &mut tx.mutations, &mut tx.events)
+                    (View::Tx(&self.tree, &mut tx.overlay), &mut tx.mutations, &mut tx.events)
                 };
-                let mut cx = Ctx { tree, touched, mutations: tx_muts, events: tx_events, domid, target, quota };
+                let mut cx = Ctx { view, mutations: tx_muts, events: tx_events, domid, target, quota };
                 match ty {
-                    T::Read => Ok(cx.readable(&path)?.value),
-                    T::Directory => {
-                        let n = cx.readable(&path)?;
-                        Ok(wire::strings(&n.children.iter().collect::<Vec<_>>()))
-                    }
+                    T::Read => Ok(cx.readable(&path)?.value().to_vec()),
+                    T::Directory => Ok(wire::strings(&cx.readable(&path)?.children())),
                     T::DirectoryPart => {
                         let offset: usize = parts.get(1).and_then(|o| utf8(o).ok()?.parse().ok()).ok_or(Errno::EINVAL)?;
                         let n = cx.readable(&path)?;
-                        let all = wire::strings(&n.children.iter().collect::<Vec<_>>());
+                        let all = wire::strings(&n.children());
                         if offset > all.len() {
                             return Err(Errno::EINVAL);
                         }
-                        let mut out = format!("{}\0", n.gen).into_bytes();
+                        let mut out = format!("{}\0", n.gen()).into_bytes();
                         let room = PAYLOAD_MAX - out.len() - 1;
                         let rest = &all[offset..];
                         if rest.len() <= room {
@@ -760,7 +710,7 @@ impl Store {
                         }
                         Ok(out)
                     }
-                    T::GetPerms => Ok(cx.readable(&path)?.perms.encode()),
+                    T::GetPerms => Ok(cx.readable(&path)?.perms().encode()),
                     T::Write => {
                         let i = p.iter().position(|b| *b == 0).ok_or(Errno::EINVAL)?;
                         cx.write(&path, Some(p[i + 1..].to_vec())).map(|_| ok())
@@ -788,7 +738,8 @@ impl Store {
                 } else {
                     canonical(domid, &raw)?
                 };
-                let pos = c.watches.iter().position(|w| w.raw == raw && w.token == token);
+                // Xen compares canonical paths: `x` and `/local/domain/<id>/x` are one watch.
+                let pos = c.watches.iter().position(|w| w.abs == abs && w.token == token);
                 if ty == T::Unwatch {
                     let i = pos.ok_or(Errno::ENOENT)?;
                     c.watches.remove(i);
@@ -797,7 +748,7 @@ impl Store {
                 if pos.is_some() {
                     return Err(Errno::EEXIST);
                 }
-                if c.watches.len() >= quota.watches_per_conn {
+                if !privileged && c.watches.len() >= quota.watches_per_conn {
                     return Err(Errno::E2BIG);
                 }
                 let w = Watch { raw: raw.clone(), abs, token };
@@ -810,7 +761,7 @@ impl Store {
                 if msg.tx_id != 0 {
                     return Err(Errno::EBUSY);
                 }
-                if c.txs.len() >= quota.transactions_per_conn {
+                if !privileged && c.txs.len() >= quota.transactions_per_conn {
                     return Err(Errno::ENOSPC);
                 }
                 let mut id = self.next_tx;
@@ -818,7 +769,8 @@ impl Store {
                     id = id.wrapping_add(1);
                 }
                 self.next_tx = id.wrapping_add(1);
-                let tx = Tx { tree: self.tree.clone(), touched: HashMap::new(), mutations: Vec::new(), events: Vec::new() };
+                // Copy on touch: nothing is copied now (O(1)).
+                let tx = Tx { overlay: Overlay::default(), mutations: Vec::new(), events: Vec::new() };
                 c.txs.insert(id, tx);
                 Ok(format!("{id}\0").into_bytes())
             }
@@ -832,7 +784,7 @@ impl Store {
                 if !commit {
                     return Ok(ok());
                 }
-                if tx.touched.iter().any(|(p, g)| self.tree.gen_of(p) != *g) {
+                if tx.overlay.touched.iter().any(|(p, g)| self.tree.gen_of(p) != *g) {
                     return Err(Errno::EAGAIN);
                 }
                 for m in &tx.mutations {
@@ -855,7 +807,8 @@ impl Store {
                         }
                         // mfn and event channel are recorded by real xenstored; vigil has no ring.
                         utf8(parts[1])?.parse::<i64>().map_err(|_| Errno::EINVAL)?;
-                        utf8(parts[2])?.parse::<u32>().map_err(|_| Errno::EINVAL)?;
+                        // Xen: `port <= 0` is EINVAL.
+                        utf8(parts[2])?.parse::<u32>().ok().filter(|p| *p > 0).ok_or(Errno::EINVAL)?;
                         if !self.tree.domains.contains_key(&d) {
                             let m = Mutation::Introduce { domid: d };
                             let _ = self.tree.apply(&m);
@@ -907,7 +860,7 @@ impl Store {
                     _ => Err(Errno::EINVAL),
                 }
             }
-            T::WatchEvent | T::Error => Err(Errno::EINVAL),
+            T::WatchEvent | T::Error => Err(Errno::ENOSYS),
         }
     }
 }
@@ -921,6 +874,8 @@ fn watch_event(domid: DomId, w: &Watch, abs: &str) -> Msg {
     };
     Msg::new(MsgType::WatchEvent, 0, 0, wire::strings(&[shown.as_str(), w.token.as_str()]))
 }
+
+mod tree;
 
 #[cfg(test)]
 mod tests;

@@ -63,14 +63,14 @@ fn protocol_errors_and_disconnects() {
     // Unknown type, bad paths, non-UTF-8: errors, and the connection stays usable.
     let mut s = raw(&sock);
     for (ty, payload, want) in [
-        (999u32, b"x\0".to_vec(), "EINVAL"),
-        (20, vec![], "EINVAL"),
+        (999u32, b"x\0".to_vec(), "ENOSYS"),
+        (20, vec![], "ENOSYS"),
         (MsgType::Read as u32, b"/a b\0".to_vec(), "EINVAL"),
         (MsgType::Read as u32, vec![b'/', 0xff, 0xfe, 0], "EINVAL"),
         (MsgType::Read as u32, b"/ok".to_vec(), "EINVAL"),
         (MsgType::Write as u32, b"/no-nul".to_vec(), "EINVAL"),
         (MsgType::TransactionEnd as u32, b"T\0".to_vec(), "ENOENT"),
-        (MsgType::WatchEvent as u32, b"/a\0t\0".to_vec(), "EINVAL"),
+        (MsgType::WatchEvent as u32, b"/a\0t\0".to_vec(), "ENOSYS"),
         (MsgType::Read as u32, format!("/{}\0", "a".repeat(4000)).into_bytes(), "EINVAL"),
     ] {
         s.write_all(&Msg { ty, req_id: 7, tx_id: 0, payload }.encode()).expect("send");

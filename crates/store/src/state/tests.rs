@@ -85,9 +85,9 @@ fn binary_values_and_unknown_types() {
     write(&mut s, c, "/bin", "a\0b\u{ff}");
     assert_eq!(read(&mut s, c, 0, "/bin"), Ok("a\0b\u{ff}".as_bytes().to_vec()));
     let m = Msg { ty: 999, req_id: 42, tx_id: 0, payload: vec![] };
-    assert_eq!(call(&mut s, c, m).0, Err("EINVAL".into()));
+    assert_eq!(call(&mut s, c, m).0, Err("ENOSYS".into()));
     let m = Msg { ty: 20, req_id: 42, tx_id: 0, payload: vec![] };
-    assert_eq!(call(&mut s, c, m).0, Err("EINVAL".into()));
+    assert_eq!(call(&mut s, c, m).0, Err("ENOSYS".into()));
     assert_eq!(err(&mut s, c, req(MsgType::Read, 0, &[&[0xff, 0xfe]])), "EINVAL");
     assert_eq!(err(&mut s, c, Msg::new(MsgType::Read, 42, 0, b"/a".to_vec())), "EINVAL", "missing nul");
 }
@@ -241,16 +241,24 @@ fn transactions_commit_abort_and_conflict() {
     write(&mut s, b, "/t/m/deep", "3");
     assert_eq!(end(&mut s, a, tx, true).0, Err("EAGAIN".into()));
     assert_eq!(err(&mut s, a, req(MsgType::TransactionEnd, 999, &[b"T"])), "ENOENT");
-    assert_eq!(err(&mut s, a, req(MsgType::TransactionStart, 5, &[b""])), "EBUSY");
+    // Xen: an unknown id in the header is ENOENT, a start inside an open one EBUSY.
+    assert_eq!(err(&mut s, a, req(MsgType::TransactionStart, 5, &[b""])), "ENOENT");
+    let tx = start(&mut s, a);
+    assert_eq!(err(&mut s, a, req(MsgType::TransactionStart, tx, &[b""])), "EBUSY");
 }
 
 #[test]
 fn transaction_quota_and_disconnect() {
     let mut s = Store::new(Quota { transactions_per_conn: 2, ..Quota::default() });
-    let a = s.connect(0);
+    let a = s.connect(5);
     start(&mut s, a);
     start(&mut s, a);
     assert_eq!(err(&mut s, a, req(MsgType::TransactionStart, 0, &[b""])), "ENOSPC");
+    // dom0 is not held to the quota (Xen applies it to unprivileged domains only).
+    let d0 = s.connect(0);
+    for _ in 0..5 {
+        start(&mut s, d0);
+    }
     s.disconnect(a);
     assert_eq!(err(&mut s, a, req(MsgType::Read, 0, &[b"/"])), "EINVAL");
 }
@@ -361,4 +369,115 @@ fn rollback_apply_remote_and_revalidate() {
     assert_eq!(read(&mut s, a, 0, "/z"), Ok(b"1".to_vec()));
     assert_eq!(read(&mut s, a, 0, "/c/d/e"), Ok(b"x".to_vec()));
     assert_eq!(end(&mut s, a, tx, true).0, Err("EAGAIN".into()));
+}
+
+/// Xen 4.17's `write_node`: an unprivileged domain's node record (24-byte header, 8 bytes per
+/// permission, value, child names) must stay under `quota_max_entry_size` (2048): `ENOSPC`.
+#[test]
+fn xen_quotas_node_size_for_unprivileged_domains() {
+    let mut s = Store::default();
+    let d0 = s.connect(0);
+    let d5 = s.connect(5);
+    ok_(&mut s, d0, req(MsgType::Mkdir, 0, &[b"/local/domain/5"]));
+    ok_(&mut s, d0, req(MsgType::SetPerms, 0, &[b"/local/domain/5", b"b5"]));
+    // 24 + 8 + 2015 = 2047 fits; one byte more does not.
+    write(&mut s, d5, "v", &"x".repeat(2015));
+    assert_eq!(err(&mut s, d5, req(MsgType::Write, 0, &[b"v", "x".repeat(2016).as_bytes()])), "ENOSPC");
+    assert_eq!(err(&mut s, d5, req(MsgType::Write, 0, &[b"new", "x".repeat(3000).as_bytes()])), "ENOSPC");
+    // dom0 has no such quota.
+    write(&mut s, d0, "/local/domain/5/v", &"x".repeat(4000));
+}
+
+/// Xen applies the watch and transaction quotas to unprivileged domains only.
+#[test]
+fn xen_quotas_watch_and_transaction_for_unprivileged_only() {
+    let mut s = Store::new(Quota { watches_per_conn: 2, transactions_per_conn: 1, ..Quota::default() });
+    let d0 = s.connect(0);
+    let d5 = s.connect(5);
+    for p in [&b"/a"[..], b"/b", b"/c"] {
+        ok_(&mut s, d0, req(MsgType::Watch, 0, &[p, b"t"]));
+    }
+    ok_(&mut s, d5, req(MsgType::Watch, 0, &[b"/a", b"t"]));
+    ok_(&mut s, d5, req(MsgType::Watch, 0, &[b"/b", b"t"]));
+    assert_eq!(err(&mut s, d5, req(MsgType::Watch, 0, &[b"/c", b"t"])), "E2BIG");
+    start(&mut s, d5);
+    assert_eq!(err(&mut s, d5, req(MsgType::TransactionStart, 0, &[b""])), "ENOSPC");
+    start(&mut s, d0);
+    start(&mut s, d0);
+}
+
+mod overlay {
+    //! A transaction sees the live tree through an overlay of what it changed: inside one, with
+    //! no concurrent change, every read must equal what the same operations give outside a
+    //! transaction, and the commit must leave the same tree.
+    use super::*;
+    use proptest::prelude::*;
+
+    const PATHS: [&str; 9] = ["/a", "/a/b", "/a/b/c", "/a/d", "/e", "/e/f", "/a/b/c/g", "/a/d/h", "/e/f/i"];
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write(usize, u8),
+        Mkdir(usize),
+        Rm(usize),
+        Chmod(usize, u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let p = 0..PATHS.len();
+        prop_oneof![
+            (p.clone(), any::<u8>()).prop_map(|(i, v)| Op::Write(i, v)),
+            p.clone().prop_map(Op::Mkdir),
+            p.clone().prop_map(Op::Rm),
+            (p, 0..3u8).prop_map(|(i, d)| Op::Chmod(i, d)),
+        ]
+    }
+
+    fn msg(o: &Op, tx: u32) -> Msg {
+        match o {
+            Op::Write(i, v) => req(MsgType::Write, tx, &[PATHS[*i].as_bytes(), &[b'a' + v % 26]]),
+            Op::Mkdir(i) => req(MsgType::Mkdir, tx, &[PATHS[*i].as_bytes()]),
+            Op::Rm(i) => req(MsgType::Rm, tx, &[PATHS[*i].as_bytes()]),
+            Op::Chmod(i, d) => req(MsgType::SetPerms, tx, &[PATHS[*i].as_bytes(), format!("b{d}").as_bytes(), b"r9"]),
+        }
+    }
+
+    /// Every read of every path (and of `/`), as answered in `tx`.
+    fn reads(s: &mut Store, c: ConnId, tx: u32) -> Vec<Answer> {
+        let mut out = Vec::new();
+        for p in PATHS.iter().chain(["/"].iter()) {
+            for ty in [MsgType::Read, MsgType::Directory, MsgType::GetPerms] {
+                out.push(call(s, c, req(ty, tx, &[p.as_bytes()])));
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+        #[test]
+        fn transaction_view_equals_direct_application(setup in proptest::collection::vec(op(), 0..12), ops in proptest::collection::vec(op(), 1..20)) {
+            let mut a = Store::default();
+            let mut b = Store::default();
+            let ca = a.connect(0);
+            let cb = b.connect(0);
+            for o in &setup {
+                let (ra, _) = call(&mut a, ca, msg(o, 0));
+                let (rb, _) = call(&mut b, cb, msg(o, 0));
+                prop_assert_eq!(ra, rb);
+            }
+            let tx = start(&mut a, ca);
+            for o in &ops {
+                let ra = call(&mut a, ca, msg(o, tx)).0;
+                let rb = call(&mut b, cb, msg(o, 0)).0;
+                prop_assert_eq!(ra, rb, "{:?}", o);
+                let va: Vec<_> = reads(&mut a, ca, tx).into_iter().map(|x| x.0).collect();
+                let vb: Vec<_> = reads(&mut b, cb, 0).into_iter().map(|x| x.0).collect();
+                prop_assert_eq!(va, vb);
+            }
+            prop_assert_eq!(end(&mut a, ca, tx, true).0, Ok(b"OK\0".to_vec()));
+            prop_assert_eq!(a.snapshot(), b.snapshot());
+            prop_assert_eq!(a.len(), b.len());
+        }
+    }
 }
