@@ -207,6 +207,19 @@ pub fn run(ops: usize, rounds: usize, with_etcd: bool, json: bool) -> anyhow::Re
             print!("{}", model::text::table(title, &["operation", "store on etcd /s", "etcd direct /s", "ratio"], &rows));
         }
     }
+    // Transactions against the size of the tree (copy on touch: their cost follows what they
+    // touch, not the tree).
+    let mut reports = Vec::new();
+    for nodes in [1_000, 100_000, 1_000_000] {
+        reports.push(store::bench::transactions(nodes, if nodes >= 1_000_000 { 200 } else { rounds.max(1) * 100 })?);
+    }
+    if json {
+        let r: Vec<String> = reports.iter().map(|r| format!("{r:?}")).collect();
+        println!("{}", serde_json::json!({ "transactions": r }));
+    } else {
+        println!();
+        print!("{}", store::bench::table(&reports));
+    }
     Ok(())
 }
 

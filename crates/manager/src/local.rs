@@ -352,14 +352,22 @@ pub fn up(o: &UpOptions) -> Result<ClusterFile, String> {
             args.extend(s(&["--listen-client-urls", &client, "--advertise-client-urls", &client]));
             args.extend(s(&["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer]));
             args.extend(s(&["--initial-cluster", &peers.join(","), "--initial-cluster-state", "new"]));
-            args.extend(s(&["--initial-cluster-token", &format!("vigil-{}", o.tag), "--heartbeat-interval", "50", "--election-timeout", "500"]));
+            args.extend(s(&[
+                "--initial-cluster-token",
+                &format!("vigil-{}", o.tag),
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+            ]));
             let pid = spawn_detached(Some(&switch_ns), Path::new(ETCD), &args, &dir.join(format!("etcd-m{i}.log")))?;
             cf.pids.insert(format!("etcd:m{i}"), pid);
             cf.etcd.push(format!("{}.254:{}", lan(), 2379 + 100 * i));
         }
         etcd_args = s(&["--etcd", &cf.etcd.join(","), "--etcd-prefix", &format!("vigil/{}", o.tag)]);
     }
-    let mut store_args = s(&["store", "supervise", "--socket", &store.display().to_string(), "--data", &dir.join("store-data").display().to_string()]);
+    let mut store_args =
+        s(&["store", "supervise", "--socket", &store.display().to_string(), "--data", &dir.join("store-data").display().to_string()]);
     store_args.extend(etcd_args.iter().cloned());
     // With etcd the managers' front end sits on the switch (it reaches etcd there).
     let store_ns = o.etcd.then_some(switch_ns.as_str());
@@ -371,7 +379,8 @@ pub fn up(o: &UpOptions) -> Result<ClusterFile, String> {
             std::fs::create_dir_all(&hd).map_err(|e| format!("{}: {e}", hd.display()))?;
             let sock = hd.join("store.sock");
             let _ = std::fs::remove_dir_all(hd.join("store-data"));
-            let mut a = s(&["store", "supervise", "--socket", &sock.display().to_string(), "--data", &hd.join("store-data").display().to_string()]);
+            let mut a =
+                s(&["store", "supervise", "--socket", &sock.display().to_string(), "--data", &hd.join("store-data").display().to_string()]);
             a.extend(etcd_args.iter().cloned());
             let pid = spawn_detached(Some(ns), &o.exe, &a, &dir.join(format!("store-{h}.log")))?;
             cf.pids.insert(format!("store:{h}"), pid);
@@ -469,7 +478,9 @@ pub fn heal(dir: &Path, host: &str) -> Result<(), String> {
 }
 
 fn host_ns<'a>(cf: &'a ClusterFile, host: &str) -> Result<&'a String, String> {
-    cf.host_ns.get(host).ok_or_else(|| format!("unknown host {host:?} (hosts: {})", cf.host_ns.keys().cloned().collect::<Vec<_>>().join(", ")))
+    cf.host_ns
+        .get(host)
+        .ok_or_else(|| format!("unknown host {host:?} (hosts: {})", cf.host_ns.keys().cloned().collect::<Vec<_>>().join(", ")))
 }
 
 /// The pids of the processes in `host`'s namespace (its agent, VMMs, store front end).

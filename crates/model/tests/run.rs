@@ -32,12 +32,20 @@ fn bad_run_items_are_named_with_their_line() {
     let line_of = |needle: &str| base[..base.find(needle).expect(needle)].lines().count() + 1;
     let cases: Vec<(String, usize, &str)> = vec![
         (base.replace("vm = \"logger\"\nimage", "vm = \"loger\"\nimage"), line_of("vm = \"logger\"\nimage"), "no [[vm]] named \"loger\""),
-        (base.replace("memory = \"32MiB\"\nip = \"10.99.0.51/24\"", "memory = \"3MB\"\nip = \"10.99.0.51/24\""), line_of("ip = \"10.99.0.51/24\"") - 1, "whole number of MiB"),
+        (
+            base.replace("memory = \"32MiB\"\nip = \"10.99.0.51/24\"", "memory = \"3MB\"\nip = \"10.99.0.51/24\""),
+            line_of("ip = \"10.99.0.51/24\"") - 1,
+            "whole number of MiB",
+        ),
         (base.replace("ip = \"10.99.0.51/24\"", "ip = \"10.99.0.500/24\""), line_of("ip = \"10.99.0.51/24\""), "not an IPv4 address"),
         (base.replace("ip = \"10.99.0.51/24\"", "ip = \"10.99.0.51/33\""), line_of("ip = \"10.99.0.51/24\""), "prefix length"),
         (base.replace("ip = \"10.99.0.51/24\"", "ip = \"10.99.0.50/24\""), line_of("ip = \"10.99.0.51/24\""), "VM \"relay\"'s address too"),
         (base.replace("port = 6379\npolicy", "port = 70000\npolicy"), line_of("port = 6379\npolicy"), "not a TCP port"),
-        (base.replace("vm = \"control\"\nimage = \"kv\"\n", "vm = \"control\"\n"), line_of("vm = \"control\"\nimage") - 1, "missing key `image`"),
+        (
+            base.replace("vm = \"control\"\nimage = \"kv\"\n", "vm = \"control\"\n"),
+            line_of("vm = \"control\"\nimage") - 1,
+            "missing key `image`",
+        ),
         (base.replace("vm = \"logger\"\nimage", "vm = \"relay\"\nimage"), line_of("vm = \"logger\"\nimage"), "already has a [[run]] item"),
     ];
     for (text, line, want) in cases {

@@ -204,10 +204,10 @@ impl EtcdBackend {
                 Ok(v) => {
                     // Expired (this front end was cut off longer than the TTL): the others
                     // release its domains; the next introduction grants a new lease.
-                    eprintln!("vigil store: etcd lease {id} for introduced domains is gone ({v})");
+                    tracing::warn!("vigil store: etcd lease {id} for introduced domains is gone ({v})");
                     return;
                 }
-                Err(e) => eprintln!("vigil store: keeping etcd lease {id} alive: {e}"),
+                Err(e) => tracing::warn!("vigil store: keeping etcd lease {id} alive: {e}"),
             }
         });
         self.lease = Some(id);

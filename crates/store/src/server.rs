@@ -81,7 +81,7 @@ struct Shared {
 }
 
 fn fatal(e: &Error) -> ! {
-    eprintln!("vigil store: {e}; exiting so that the supervisor restarts from the durable state");
+    tracing::warn!("vigil store: {e}; exiting so that the supervisor restarts from the durable state");
     std::process::exit(70);
 }
 
@@ -227,7 +227,7 @@ fn rate_limited(last: &mut Option<Instant>, period: Duration, msg: impl FnOnce()
         None => true,
     };
     if due {
-        eprintln!("vigil store: {}", msg());
+        tracing::warn!("vigil store: {}", msg());
         *last = Some(Instant::now());
     }
 }
@@ -251,7 +251,7 @@ fn catch_up(g: &mut Inner) -> Result<()> {
             sends
         }
         CatchUp::Reload(batches) => {
-            eprintln!("vigil store: another front end compacted entries this one lacked; reloading the state");
+            tracing::warn!("vigil store: another front end compacted entries this one lacked; reloading the state");
             g.store.reload(&batches).map_err(corrupt)?
         }
     };
@@ -297,7 +297,7 @@ fn commit(g: &mut Inner, mut f: impl FnMut(&mut Store, bool) -> (Option<Checkpoi
         for m in &out.mutations {
             if let Mutation::Release { domid } = m {
                 if let Err(e) = g.backend.drop_domain(*domid) {
-                    eprintln!("vigil store: removing the lease key of released domain {domid}: {e}");
+                    tracing::warn!("vigil store: removing the lease key of released domain {domid}: {e}");
                 }
             }
         }
@@ -325,7 +325,7 @@ fn follow_step(shared: &Shared, signal: Signal, reap: bool) {
         };
         match if lacking { catch_up(g) } else { Ok(()) } {
             Ok(()) => {}
-            Err(e @ Error::Etcd(_)) => eprintln!("vigil store: following the etcd log: {e}"),
+            Err(e @ Error::Etcd(_)) => tracing::warn!("vigil store: following the etcd log: {e}"),
             Err(e) => fatal(&e),
         }
         if reap {
@@ -340,7 +340,7 @@ fn follow_step(shared: &Shared, signal: Signal, reap: bool) {
                     }
                 }
                 Ok(None) => {}
-                Err(e) => eprintln!("vigil store: reading domain leases: {e}"),
+                Err(e) => tracing::warn!("vigil store: reading domain leases: {e}"),
             }
         }
         g.written

@@ -152,7 +152,8 @@ fn a_failed_host_is_handled_by_its_plan_and_no_acknowledged_write_is_lost() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let up = Up::start("fail", "t1");
     // A replicated VM survives its host once its backup holds a committed replica.
-    let st = up.wait("every VM serving where the model puts it, relay protected", 30, |ok, v| ok && vm(v, "relay")["replication"] == "protected");
+    let st = up
+        .wait("every VM serving where the model puts it, relay protected", 30, |ok, v| ok && vm(v, "relay")["replication"] == "protected");
     assert_eq!(vm(&st, "relay")["host"], "hostA");
     assert_eq!(vm(&st, "logger")["host"], "hostA");
     let field = up.field_ns();
@@ -269,7 +270,9 @@ fn processes(ns_pids: &[u32], needle: &str) -> Vec<u32> {
     ns_pids
         .iter()
         .copied()
-        .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle)))
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
+        })
         .collect()
 }
 
