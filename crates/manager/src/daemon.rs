@@ -76,6 +76,16 @@ pub fn run(cfg: &Config, loaded: &Loaded, layout: &Layout) -> agent::Result<()> 
     }
 }
 
+/// Fault injection for tests: `VIGIL_MANAGER_CRASH=ID:N` makes manager ID die (abort, like a
+/// SIGKILL) right after the N-th desired record of a plan, halfway through it.
+fn crash_point(id: &str, done: usize) {
+    let Ok(spec) = std::env::var("VIGIL_MANAGER_CRASH") else { return };
+    if spec.split_once(':').is_some_and(|(who, n)| who == id && n.parse() == Ok(done)) {
+        tracing::error!("manager {id}: crashing after {done} action(s) of the plan (VIGIL_MANAGER_CRASH)");
+        std::process::abort();
+    }
+}
+
 /// The leader's state: rebuilt from the store each time this manager takes the lead.
 struct Lead {
     generation: u64,
@@ -104,11 +114,23 @@ impl Lead {
             detector.mark_failed(h);
         }
         let mut table = Table::load(store)?;
-        let fresh = table.meta.as_ref().is_some_and(|m| m.failed == key(&failed)) && table.lookup(&failed).is_some()
-            || failed.is_empty() && table.meta.as_ref().is_some_and(|m| m.failed.is_empty());
-        if !fresh {
-            // No table for this configuration yet (first start): compute it before anything
-            // can fail, and keep it.
+        let current = table.meta.as_ref().is_some_and(|m| m.failed == key(&failed));
+        // The table in the store has the plan for the configuration in force (a predecessor
+        // computed it, before or after the failures): use it at once, and bring the table up
+        // to date in the background if it was computed for an earlier configuration.
+        let usable = table.lookup(&failed).is_some();
+        let mut pending = None;
+        if usable && !current {
+            let (tx, rx) = channel();
+            let (loaded2, failed2, faults) = (loaded.clone(), failed.clone(), cfg.faults);
+            std::thread::spawn(move || {
+                let _ = tx.send(Table::compute(&loaded2, &failed2, faults, generation).map_err(|e| e.to_string()));
+            });
+            pending = Some(rx);
+        }
+        if !usable {
+            // No plan for this configuration yet (first start): compute the table before
+            // anything can fail, and keep it.
             let t0 = Instant::now();
             table = Table::compute(loaded, &failed, cfg.faults, generation).map_err(|e| agent::Error::Cluster(format!("planning: {e}")))?;
             table.save(store)?;
@@ -120,7 +142,7 @@ impl Lead {
                 ),
             );
         }
-        let mut lead = Lead { generation, failed: failed.clone(), table, detector, pending: None };
+        let mut lead = Lead { generation, failed: failed.clone(), table, detector, pending };
         // Finish a plan a previous leader began, or place the VMs for the first time.
         let any_desired =
             cluster::children(store, cluster::VMS)?.iter().any(|vm| store.try_read(&cluster::desired_path(vm)).ok().flatten().is_some());
@@ -251,6 +273,7 @@ impl Lead {
             cluster::write(store, &cluster::desired_path(&vm), &d)?;
             progress.done += 1;
             cluster::write(store, cluster::PROGRESS, &progress)?;
+            crash_point(&cfg.id, progress.done);
         }
         let _ = cluster::log_event(store, &Event::now(&cfg.id, format!("plan {name} written ({} coverage)", plan.coverage)));
         self.failed = failed.to_vec();

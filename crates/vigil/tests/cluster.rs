@@ -8,6 +8,8 @@
 //!   a standby leads with a higher generation, the agent is back and re-adopts its VMMs, the
 //!   store comes back, no host is failed for it; then a host failure is handled by the new
 //!   leader;
+//! - the leading manager dies halfway through a plan (after its first desired record): the
+//!   next leader finishes it from the progress record;
 //! - distributed, on a 3-member etcd cluster with a store front end per host: a host cut off
 //!   by a partition with its processes alive stops its VMs before the manager declares it
 //!   failed, and ends when the link comes back; no acknowledged write is lost;
@@ -66,12 +68,17 @@ impl Up {
     }
 
     fn start_with(name: &str, tag: &str, extra: &[&str]) -> Up {
+        Up::start_env(name, tag, extra, &[])
+    }
+
+    /// With `env` set for `vigil up` (and so for every process it starts).
+    fn start_env(name: &str, tag: &str, extra: &[&str], env: &[(&str, &str)]) -> Up {
         let dir = workdir(name);
         let m = model(&dir);
         let cluster = dir.join("cluster");
         let mut args = vec!["up", m.to_str().unwrap(), "--dir", cluster.to_str().unwrap(), "--tag", tag, "--wait", "60"];
         args.extend_from_slice(extra);
-        let out = vigil(&args);
+        let out = Command::new(env!("CARGO_BIN_EXE_vigil")).args(&args).envs(env.iter().copied()).output().expect("run vigil");
         let up = Up { dir: cluster };
         assert!(out.status.success(), "vigil up: {}{}", text(&out.stdout), text(&out.stderr));
         up
@@ -263,6 +270,36 @@ fn the_manager_an_agent_and_the_store_restart_without_a_failover() {
     let st = up.wait("the plan for hostB executed", 30, |ok, v| ok && v["failed"] == serde_json::json!(["hostB"]));
     assert_eq!(vm(&st, "control")["host"], "hostC", "{st}");
     assert_eq!(c.call("GET before"), "restarts", "control's state survived its host");
+}
+
+#[test]
+fn a_manager_that_dies_halfway_through_a_plan_is_finished_by_the_next_leader() {
+    if no_kvm("a_manager_that_dies_halfway_through_a_plan_is_finished_by_the_next_leader") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Manager m0 dies (aborts) right after the first desired record of a plan.
+    let up = Up::start_env("halfway", "t4", &[], &[("VIGIL_MANAGER_CRASH", "m0:1")]);
+    let st = up.wait("every VM serving, relay protected", 30, |ok, v| ok && vm(v, "relay")["replication"] == "protected");
+    let leader = st["leader"]["id"].as_str().unwrap().to_string();
+    if leader != "m0" {
+        // Make m0 the leader: the crash point is set for m0 only.
+        let pid = up.file()["pids"][format!("manager:{leader}")].as_u64().unwrap();
+        kill(pid);
+        up.wait("m0 leading", 10, |_, v| v["leader"]["id"] == "m0");
+    }
+    let g = up.status().1["leader"]["generation"].as_u64().unwrap();
+    let mut c = RedisClient::new(&up.field_ns(), "10.99.0.50", 6379);
+    assert_eq!(c.call("SET before halfway"), "OK");
+    assert!(vigil(&["fail", "hostA", "--dir", &up.d()]).status.success());
+    let st = up.wait("the plan for hostA finished by another manager", 30, |ok, v| {
+        ok && v["failed"] == serde_json::json!(["hostA"]) && v["leader"]["generation"].as_u64().is_some_and(|n| n > g)
+    });
+    let events: Vec<String> = st["events"].as_array().unwrap().iter().map(|e| e["what"].as_str().unwrap_or("").to_string()).collect();
+    assert!(events.iter().any(|e| e.starts_with("finishing plan hostA (1/")), "{events:?}");
+    assert_eq!(vm(&st, "relay")["host"], "hostB", "{st}");
+    assert_eq!(vm(&st, "logger")["host"], "hostC", "{st}");
+    assert_eq!(c.call("GET before"), "halfway");
 }
 
 /// The processes of a host's namespace whose command line contains `needle`.
