@@ -188,6 +188,10 @@ pub struct Progress {
     pub done: usize,
     pub total: usize,
     pub generation: u64,
+    /// Where the placement in force differs from the plan's (so the plan's analysis does not
+    /// cover it).
+    #[serde(default)]
+    pub deviations: Vec<String>,
 }
 
 /// One line of the event log.

@@ -158,7 +158,7 @@ impl Lead {
                 lead.execute(cfg, loaded, layout, store, &p.failed.clone(), Instant::now())?;
             }
             _ if !any_desired => {
-                let desired = layout.desired(loaded, &initial_targets(loaded), &[], &lead.table, generation);
+                let (desired, _) = layout.desired(loaded, &initial_targets(loaded), &[], &lead.table, generation, &BTreeMap::new());
                 for (vm, d) in &desired {
                     cluster::write(store, &cluster::desired_path(vm), d)?;
                 }
@@ -245,17 +245,32 @@ impl Lead {
             self.failed = failed.to_vec();
             return Ok(());
         };
-        let desired = layout.desired(loaded, &plan.targets, failed, &self.table, self.generation);
+        let mut current: BTreeMap<String, Desired> = BTreeMap::new();
+        for vm in cluster::children(store, cluster::VMS)? {
+            if let Some(d) = cluster::read::<Desired>(store, &cluster::desired_path(&vm))? {
+                current.insert(vm, d);
+            }
+        }
+        let (desired, deviations) = layout.desired(loaded, &plan.targets, failed, &self.table, self.generation, &current);
         let mut changes: BTreeMap<String, Desired> = BTreeMap::new();
         for (vm, d) in desired {
-            let cur: Option<Desired> = cluster::read(store, &cluster::desired_path(&vm))?;
-            let same = cur.as_ref().is_some_and(|c| c.primary == d.primary && c.backup == d.backup);
+            let same = current.get(&vm).is_some_and(|c| c.primary == d.primary && c.backup == d.backup);
             if !same {
                 changes.insert(vm, d);
             }
         }
         let total = changes.len();
-        let mut progress = Progress { scenario: name.clone(), failed: failed.to_vec(), done: 0, total, generation: self.generation };
+        for d in &deviations {
+            let _ = cluster::log_event(store, &Event::now(&cfg.id, format!("plan {name}: DEVIATION: {d}")));
+        }
+        let mut progress = Progress {
+            scenario: name.clone(),
+            failed: failed.to_vec(),
+            done: 0,
+            total,
+            generation: self.generation,
+            deviations: deviations.clone(),
+        };
         cluster::write(store, cluster::PROGRESS, &progress)?;
         let _ = cluster::log_event(
             store,

@@ -527,6 +527,8 @@ pub struct Status {
     pub events: Vec<agent::cluster::Event>,
     /// Each probed chain's measured latency, beside its bound in the plan in force.
     pub measured: BTreeMap<String, agent::cluster::Measured>,
+    /// Where the placement in force differs from the plan's (not covered by its analysis).
+    pub deviations: Vec<String>,
     /// Every VM serves where the plan puts it and every chain of the plan holds.
     pub ok: bool,
 }
@@ -596,7 +598,8 @@ pub fn status(cf: &ClusterFile) -> Result<Status, String> {
     }
     let coverage = table.plans.values().map(|p| (crate::table::plan_name(&p.failed), p.coverage.clone())).collect();
     let chains_ok = plan.as_ref().is_none_or(|p| p.chains.iter().all(|ch| ch.status == "ok"));
-    let ok = vms.iter().all(|v| v.serving) && chains_ok && plan.is_some();
+    let deviations = progress.as_ref().map(|p| p.deviations.clone()).unwrap_or_default();
+    let ok = vms.iter().all(|v| v.serving) && chains_ok && plan.is_some() && deviations.is_empty();
     let mut measured = BTreeMap::new();
     for ch in &loaded.system.chains {
         if let Some(m) = cluster::read::<agent::cluster::Measured>(&mut c, &cluster::chain_path(&ch.name)).map_err(e)? {
@@ -612,6 +615,7 @@ pub fn status(cf: &ClusterFile) -> Result<Status, String> {
         coverage,
         events: cluster::events(&mut c, 20).map_err(e)?,
         measured,
+        deviations,
         ok,
     })
 }

@@ -125,6 +125,12 @@ impl Layout {
     /// The desired records that put every runnable VM where `targets` say, for the
     /// configuration where `failed` hosts have failed. A backup's next backup (after it takes
     /// over) is the one the plan for its primary's host failing chooses, from `table`.
+    ///
+    /// A move that would need the VM's state carried to another host — a running VM moved off
+    /// a live host (`migrate`), or a backup activated on a host other than the one holding
+    /// the replica — is not done (live migration is not implemented yet): the VM stays where
+    /// its state is, and the deviation is returned, so that the placement in force is never
+    /// mistaken for the analysed one.
     pub fn desired(
         &self,
         loaded: &Loaded,
@@ -132,13 +138,38 @@ impl Layout {
         failed: &[String],
         table: &Table,
         generation: u64,
-    ) -> BTreeMap<String, Desired> {
+        current: &BTreeMap<String, Desired>,
+    ) -> (BTreeMap<String, Desired>, Vec<String>) {
         let mut out = BTreeMap::new();
+        let mut deviations = Vec::new();
         for x in runnables(loaded) {
-            let t = targets.iter().find(|t| t.vm == x.run.vm);
-            let host = t.and_then(|t| t.host.clone());
+            let vm = &x.run.vm;
+            let t = targets.iter().find(|t| t.vm == *vm);
+            let mut host = t.and_then(|t| t.host.clone());
             let remote = matches!(x.mode, Mode::Remote | Mode::LocalRemote);
-            let backup = t.and_then(|t| t.backup.clone()).filter(|_| remote);
+            let mut backup = t.and_then(|t| t.backup.clone()).filter(|_| remote);
+            let cur = current.get(vm);
+            let cur_host = cur.and_then(|c| c.primary.as_ref()).map(|p| p.host.clone());
+            let cur_backup = cur.and_then(|c| c.backup.as_ref()).map(|b| b.host.clone());
+            let alive = |h: &String| !failed.contains(h);
+            // Where the VM's state is now: its live host, or its backup's host after a takeover.
+            let state_at = match (&cur_host, &cur_backup) {
+                (Some(h), _) if alive(h) => Some(h.clone()),
+                (_, Some(b)) if remote && alive(b) => Some(b.clone()),
+                _ => None,
+            };
+            if let (Some(s), Some(h)) = (&state_at, &host) {
+                if s != h {
+                    deviations
+                        .push(format!("{vm}: the plan moves it to {h}, which needs live migration (not implemented): it stays on {s}"));
+                    host = Some(s.clone());
+                }
+            }
+            if backup.is_some() && backup == host {
+                deviations
+                    .push(format!("{vm}: its backup cannot share its host {}: it runs without a backup", host.as_deref().unwrap_or("")));
+                backup = None;
+            }
             let cpus = t.map(|t| self.cpus_of(loaded, h_or(&host), &t.processors)).unwrap_or_default();
             let primary = host.as_deref().map(|h| Placed {
                 host: h.to_string(),
@@ -160,7 +191,7 @@ impl Layout {
             };
             out.insert(x.run.vm.clone(), Desired { generation, primary, backup });
         }
-        out
+        (out, deviations)
     }
 }
 

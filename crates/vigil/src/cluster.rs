@@ -276,6 +276,9 @@ fn print_status(st: &local::Status) {
         let title = format!("plan in force: {scenario} ({})", p.coverage);
         print!("{}", model::text::table(&title, &["chain", "bound", "deadline", "analysis", "measured p50 / p99 / max", "late"], &rows));
     }
+    for d in &st.deviations {
+        println!("DEVIATION from the plan: {d}");
+    }
     let cov: Vec<String> = st.coverage.iter().map(|(s, c)| format!("{s}: {c}")).collect();
     println!("plan table: {}", cov.join(", "));
     for e in st.events.iter().rev().take(8).rev() {
