@@ -8,6 +8,7 @@
 //! /vigil/hosts/<host>/fence       Fence: the host was declared failed at this generation
 //! /vigil/vms/<vm>/desired         Desired: where each copy should run (written by the manager)
 //! /vigil/vms/<vm>/actual/<host>   Actual: what the host's agent runs for the VM
+//! /vigil/vms/<vm>/migration       Migration: the source's snapshot of a migrating VM is ready
 //! /vigil/manager/leader           Leader: the manager that may act, and its generation
 //! /vigil/manager/generation       the last generation handed out (only grows)
 //! /vigil/plans/<n>                a plan of the current table (its failed hosts inside)
@@ -118,6 +119,31 @@ pub struct Placed {
     /// recovered by its backup instead.
     #[serde(default)]
     pub restart: bool,
+    /// The VM moves here from a live host: that host's agent snapshots it into `dir` and
+    /// stops it, this one restores it (stop-and-copy migration).
+    #[serde(default)]
+    pub migrate_from: Option<MigrateFrom>,
+}
+
+/// Where a migrating VM comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateFrom {
+    pub host: String,
+    pub dir: std::path::PathBuf,
+}
+
+/// A migration's source side done: the VM was paused and its snapshot written to `dir`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Migration {
+    pub dir: std::path::PathBuf,
+    pub from: String,
+    /// When the VM was paused (ms since the Unix epoch) and how long the snapshot took.
+    pub paused_at_ms: u64,
+    pub snapshot_ms: f64,
+}
+
+pub fn migration_path(vm: &str) -> String {
+    format!("{VMS}/{vm}/migration")
 }
 
 /// The backup copy of a VM on a host.

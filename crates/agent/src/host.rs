@@ -83,7 +83,8 @@ pub fn run(cfg: &Config) -> Result<()> {
     // A fence left from before this agent started belongs to an earlier failure of the host:
     // only a fence written while we hold the host stops us.
     let fenced_before = cluster::read::<Fence>(&mut store, &cluster::fence_path(&cfg.host))?.map(|f| f.generation);
-    let mut agent = Agent { cfg: cfg.clone(), copies: BTreeMap::new(), beat: 0, last_renewal: Instant::now(), fenced_before };
+    let mut agent =
+        Agent { cfg: cfg.clone(), copies: BTreeMap::new(), beat: 0, last_renewal: Instant::now(), fenced_before, waiting: BTreeMap::new() };
     agent.beat = cluster::read_counter(&mut store, &cluster::heartbeat_path(&cfg.host))?.unwrap_or(0);
     agent.adopt(&mut store)?;
     let _ = cluster::log_event(&mut store, &Event::now(&cfg.host, format!("agent started (pid {})", std::process::id())));
@@ -125,6 +126,8 @@ struct Agent {
     beat: u64,
     last_renewal: Instant,
     fenced_before: Option<u64>,
+    /// VMs migrating here, waiting for their source's snapshot since.
+    waiting: BTreeMap<String, Instant>,
 }
 
 impl Agent {
@@ -186,27 +189,65 @@ impl Agent {
     fn reconcile(&mut self, store: &mut store::Client) -> Result<()> {
         let host = self.cfg.host.clone();
         let mut wanted: BTreeMap<String, (Role, Vec<u8>, u64, bool)> = BTreeMap::new();
+        let mut moving_out: BTreeMap<String, (String, PathBuf)> = BTreeMap::new();
+        let mut moving_in: BTreeMap<String, cluster::MigrateFrom> = BTreeMap::new();
         for vm in cluster::children(store, cluster::VMS)? {
             let Some(d) = cluster::read::<Desired>(store, &cluster::desired_path(&vm))? else { continue };
             if let Some(p) = d.primary.as_ref().filter(|p| p.host == host) {
                 let spec = serde_json::to_vec_pretty(&p.spec).map_err(|e| Error::Cluster(e.to_string()))?;
-                wanted.insert(vm, (Role::Primary, spec, d.generation, p.restart));
+                wanted.insert(vm.clone(), (Role::Primary, spec, d.generation, p.restart));
+                if let Some(m) = &p.migrate_from {
+                    moving_in.insert(vm, m.clone());
+                }
             } else if let Some(b) = d.backup.as_ref().filter(|b| b.host == host) {
                 let spec = serde_json::to_vec_pretty(&b.spec).map_err(|e| Error::Cluster(e.to_string()))?;
                 wanted.insert(vm, (Role::Backup, spec, d.generation, false));
+            } else if let Some(p) = d.primary.as_ref() {
+                if let Some(m) = p.migrate_from.as_ref().filter(|m| m.host == host) {
+                    moving_out.insert(vm, (p.host.clone(), m.dir.clone()));
+                }
             }
         }
-        // Stop what is no longer wanted here.
+        // Stop what is no longer wanted here; a VM migrating away is snapshotted first.
         let unwanted: Vec<String> = self.copies.keys().filter(|vm| !wanted.contains_key(*vm)).cloned().collect();
         for vm in unwanted {
             if let Some(mut c) = self.copies.remove(&vm) {
+                if let (Some((to, dir)), Role::Primary, CopyState::Running) = (moving_out.get(&vm), c.role, c.state) {
+                    match self.migrate_out(store, &vm, &mut c, dir) {
+                        Ok(m) => {
+                            let what = format!("{vm}: migrating to {to}: paused and snapshotted in {:.1} ms", m.snapshot_ms);
+                            tracing::info!("agent {host}: {what}");
+                            let _ = cluster::log_event(store, &Event::now(&host, what));
+                        }
+                        Err(e) => {
+                            tracing::error!("agent {host}: {vm}: migration to {to} failed: {e}");
+                            let _ = cluster::log_event(store, &Event::now(&host, format!("{vm}: migration to {to} failed: {e}")));
+                        }
+                    }
+                }
                 stop(&mut c);
                 tracing::info!("agent {host}: stopped the {} of {vm}", c.role.name());
                 let _ = store.rm(&cluster::actual_path(&vm, &host));
                 let _ = cluster::log_event(store, &Event::now(&host, format!("stopped the {} of {vm}", c.role.name())));
             }
         }
-        for (vm, (role, spec, generation, restart)) in wanted {
+        for (vm, (role, mut spec, generation, restart)) in wanted {
+            // A VM migrating here starts from its source's snapshot once it is written, or
+            // afresh if the source is gone (fenced) or never delivers.
+            if let (Some(m), None) = (moving_in.get(&vm), self.copies.get(&vm)) {
+                let ready = cluster::read::<cluster::Migration>(store, &cluster::migration_path(&vm))?.is_some_and(|r| r.dir == m.dir);
+                let since = *self.waiting.entry(vm.clone()).or_insert_with(Instant::now);
+                let source_fenced = cluster::read::<Fence>(store, &cluster::fence_path(&m.host))?.is_some();
+                if !ready {
+                    if !(source_fenced || since.elapsed() > MIGRATION_WAIT) {
+                        continue;
+                    }
+                    spec = fresh_spec(&spec);
+                    let _ =
+                        cluster::log_event(store, &Event::now(&host, format!("{vm}: no snapshot from {} (gone): starting afresh", m.host)));
+                }
+            }
+            self.waiting.remove(&vm);
             let action = match self.copies.get_mut(&vm) {
                 None => Some("started"),
                 Some(c) if c.role == Role::Backup && role == Role::Primary && matches!(c.state, CopyState::Running | CopyState::Backup) => {
@@ -243,6 +284,9 @@ impl Agent {
             };
             if let Some(why) = action {
                 self.fresh(store)?;
+                if why == "restarted after a crash" {
+                    spec = fresh_spec(&spec);
+                }
                 let restarts = self.copies.get(&vm).map_or(0, |c| c.restarts + u32::from(why == "restarted after a crash"));
                 match self.spawn(&vm, role, &spec) {
                     Ok((child, pid)) => {
@@ -369,6 +413,30 @@ impl Agent {
         Ok((child, pid))
     }
 
+    /// The source side of a migration: pauses the VM and writes its snapshot into `dir`
+    /// through its control socket, tells the destination (the migration record), and ends it.
+    fn migrate_out(&mut self, store: &mut store::Client, vm: &str, c: &mut Copy, dir: &Path) -> Result<cluster::Migration> {
+        let spec: crate::VmSpec = serde_json::from_slice(&c.spec).map_err(|e| Error::Cluster(format!("{vm}: its spec: {e}")))?;
+        let api = spec.api.ok_or_else(|| Error::Spec { vm: vm.into(), reason: "no control socket: cannot migrate".into() })?;
+        let paused_at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let t0 = Instant::now();
+        let _ = std::fs::remove_dir_all(dir);
+        let reply = vmm::api::call(&api, &vmm::Command::Snapshot { dir: dir.to_path_buf() })
+            .map_err(|source| Error::Vmm { vm: vm.into(), source })?;
+        if !reply.ok {
+            return Err(Error::Spec { vm: vm.into(), reason: format!("snapshot: {}", reply.error.unwrap_or_default()) });
+        }
+        let m = cluster::Migration {
+            dir: dir.to_path_buf(),
+            from: self.cfg.host.clone(),
+            paused_at_ms,
+            snapshot_ms: t0.elapsed().as_secs_f64() * 1e3,
+        };
+        cluster::write(store, &cluster::migration_path(vm), &m)?;
+        let _ = vmm::api::call(&api, &vmm::Command::Quit);
+        Ok(m)
+    }
+
     /// Takes over the VMMs a previous agent of this host started and that still run.
     fn adopt(&mut self, store: &mut store::Client) -> Result<()> {
         for vm in cluster::children(store, cluster::VMS)? {
@@ -424,6 +492,20 @@ fn ensure_tap(tap: &str, bridge: &str) -> std::result::Result<(), String> {
     }
     ip(&["link", "set", tap, "master", bridge])?;
     ip(&["link", "set", tap, "up"])
+}
+
+/// How long a migration's destination waits for the source's snapshot before starting afresh.
+const MIGRATION_WAIT: Duration = Duration::from_secs(10);
+
+/// A primary's spec without its snapshot to restore (a fresh start).
+fn fresh_spec(spec: &[u8]) -> Vec<u8> {
+    match serde_json::from_slice::<crate::VmSpec>(spec) {
+        Ok(mut s) if s.restore.is_some() => {
+            s.restore = None;
+            serde_json::to_vec_pretty(&s).unwrap_or_else(|_| spec.to_vec())
+        }
+        _ => spec.to_vec(),
+    }
 }
 
 fn backoff(restarts: u32) -> Duration {

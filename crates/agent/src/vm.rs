@@ -45,6 +45,10 @@ pub struct VmSpec {
     /// CPU placement and scheduling of the VMM.
     #[serde(default)]
     pub scheduling: Scheduling,
+    /// Continue the VM from this snapshot directory instead of booting the image (the
+    /// destination of a migration).
+    #[serde(default)]
+    pub restore: Option<PathBuf>,
 }
 
 /// The VM's network card.
@@ -240,6 +244,7 @@ impl VmSpec {
             domain: None,
             protection: None,
             scheduling: Scheduling::default(),
+            restore: None,
         }
     }
 
@@ -325,6 +330,9 @@ pub fn apply_priority(spec: &VmSpec) -> Result<()> {
 pub fn run(spec: &VmSpec) -> Result<u8> {
     spec.check()?;
     apply_placement(spec)?;
+    if let Some(dir) = &spec.restore {
+        return run_restored(spec, dir);
+    }
     let config = spec.vm_config();
     let announce = config.tap.is_some() && !config.net.ip.is_unspecified();
     let mut vm = Vm::create(config, Box::new(std::io::stdout())).map_err(|source| Error::Vmm { vm: spec.name.clone(), source })?;
@@ -336,6 +344,23 @@ pub fn run(spec: &VmSpec) -> Result<u8> {
     if let Some(p) = &spec.protection {
         return run_protected(vm, spec, p);
     }
+    apply_priority(spec)?;
+    drive(vm, spec.api.as_deref(), &spec.name)
+}
+
+/// The destination of a migration: the VM continues from the source's snapshot on this host's
+/// tap, announces its address here, and runs.
+fn run_restored(spec: &VmSpec, dir: &Path) -> Result<u8> {
+    let vmm_err = |source| Error::Vmm { vm: spec.name.clone(), source };
+    let overrides = vmm::snapshot::RestoreOverrides { tap: spec.net.as_ref().map(|n| n.tap.clone()), disk: spec.disk.clone() };
+    let t0 = std::time::Instant::now();
+    let mut vm = Vm::restore(dir, &overrides, Box::new(std::io::stdout())).map_err(vmm_err)?;
+    if spec.net.as_ref().is_some_and(|n| n.ip.is_some()) {
+        vm.announce(1).map_err(vmm_err)?;
+    }
+    vm.resume();
+    tracing::info!("{}: restored from {} in {:.1} ms and resumed", spec.name, dir.display(), t0.elapsed().as_secs_f64() * 1e3);
+    let _domain = spec.domain.as_ref().map(|d| Domain::introduce(d, &spec.name)).transpose()?;
     apply_priority(spec)?;
     drive(vm, spec.api.as_deref(), &spec.name)
 }

@@ -76,11 +76,13 @@ pub fn run(cfg: &Config, loaded: &Loaded, layout: &Layout) -> agent::Result<()> 
     }
 }
 
-/// Fault injection for tests: `VIGIL_MANAGER_CRASH=ID:N` makes manager ID die (abort, like a
-/// SIGKILL) right after the N-th desired record of a plan, halfway through it.
-fn crash_point(id: &str, done: usize) {
+/// Fault injection for tests: `VIGIL_MANAGER_CRASH=WHO:N` makes the manager WHO (its id, or
+/// `g<generation>` for whichever leads with that generation) die (abort, like a SIGKILL) right
+/// after the N-th desired record of a plan, halfway through it.
+fn crash_point(id: &str, generation: u64, done: usize) {
     let Ok(spec) = std::env::var("VIGIL_MANAGER_CRASH") else { return };
-    if spec.split_once(':').is_some_and(|(who, n)| who == id && n.parse() == Ok(done)) {
+    let me = |who: &str| who == id || who == format!("g{generation}");
+    if spec.split_once(':').is_some_and(|(who, n)| me(who) && n.parse() == Ok(done)) {
         tracing::error!("manager {id}: crashing after {done} action(s) of the plan (VIGIL_MANAGER_CRASH)");
         std::process::abort();
     }
@@ -288,7 +290,7 @@ impl Lead {
             cluster::write(store, &cluster::desired_path(&vm), &d)?;
             progress.done += 1;
             cluster::write(store, cluster::PROGRESS, &progress)?;
-            crash_point(&cfg.id, progress.done);
+            crash_point(&cfg.id, self.generation, progress.done);
         }
         let _ = cluster::log_event(store, &Event::now(&cfg.id, format!("plan {name} written ({} coverage)", plan.coverage)));
         self.failed = failed.to_vec();

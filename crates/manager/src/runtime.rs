@@ -3,7 +3,7 @@
 //! protection by a backup on another host, the arbiter).
 
 use crate::table::{key, Table, Target};
-use agent::cluster::{Desired, Placed, PlacedBackup};
+use agent::cluster::{Desired, MigrateFrom, Placed, PlacedBackup};
 use agent::vm::{BackupSpec, Ipv4Cidr, Mac, NetSpec, Protection, TimingSpec};
 use agent::VmSpec;
 use model::Loaded;
@@ -158,11 +158,18 @@ impl Layout {
                 (_, Some(b)) if remote && alive(b) => Some(b.clone()),
                 _ => None,
             };
+            let mut migrate_from = None;
             if let (Some(s), Some(h)) = (&state_at, &host) {
                 if s != h {
-                    deviations
-                        .push(format!("{vm}: the plan moves it to {h}, which needs live migration (not implemented): it stays on {s}"));
-                    host = Some(s.clone());
+                    if !remote && cur_host.as_ref() == Some(s) {
+                        // A running VM moved off a live host: stop-and-copy migration.
+                        migrate_from = Some(MigrateFrom { host: s.clone(), dir: self.run_dir.join(format!("migrate-{vm}-{generation}")) });
+                    } else {
+                        deviations.push(format!(
+                            "{vm}: the plan moves it to {h}, which needs its replica carried there (not implemented): it stays on {s}"
+                        ));
+                        host = Some(s.clone());
+                    }
                 }
             }
             if backup.is_some() && backup == host {
@@ -171,10 +178,10 @@ impl Layout {
                 backup = None;
             }
             let cpus = t.map(|t| self.cpus_of(loaded, h_or(&host), &t.processors)).unwrap_or_default();
-            let primary = host.as_deref().map(|h| Placed {
-                host: h.to_string(),
-                spec: self.primary(&x, h, backup.as_deref(), cpus.clone()),
-                restart: !remote,
+            let primary = host.as_deref().map(|h| {
+                let mut spec = self.primary(&x, h, backup.as_deref(), cpus.clone());
+                spec.restore = migrate_from.as_ref().map(|m| m.dir.clone());
+                Placed { host: h.to_string(), spec, restart: !remote, migrate_from: migrate_from.clone() }
             });
             let backup = match (&host, &backup) {
                 (Some(h), Some(b)) => {

@@ -13,6 +13,8 @@
 //! - distributed, on a 3-member etcd cluster with a store front end per host: a host cut off
 //!   by a partition with its processes alive stops its VMs before the manager declares it
 //!   failed, and ends when the link comes back; no acknowledged write is lost;
+//! - a plan that migrates a running VM off a live host (examples/crowded.toml): the VM moves
+//!   with its state and its clients' TCP connections (stop-and-copy through a snapshot);
 //! - bad input: a model that cannot run, `vigil fail` of an unknown host or without a
 //!   cluster, an agent started twice for one host.
 
@@ -50,9 +52,14 @@ fn workdir(name: &str) -> PathBuf {
 
 /// examples/substation.toml with the kv guest built from this workspace.
 fn model(dir: &Path) -> PathBuf {
+    example(dir, "substation.toml")
+}
+
+/// An example with the kv guest built from this workspace.
+fn example(dir: &Path, name: &str) -> PathBuf {
     let kv = testbed::guest("kv").expect("the kv guest");
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/substation.toml")).expect("example");
-    let p = dir.join("substation.toml");
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(name)).expect("example");
+    let p = dir.join(name);
     std::fs::write(&p, text.replace("image = \"kv\"", &format!("image = {:?}", kv.display().to_string()))).expect("model");
     p
 }
@@ -73,8 +80,12 @@ impl Up {
 
     /// With `env` set for `vigil up` (and so for every process it starts).
     fn start_env(name: &str, tag: &str, extra: &[&str], env: &[(&str, &str)]) -> Up {
+        Up::start_model(name, tag, "substation.toml", extra, env)
+    }
+
+    fn start_model(name: &str, tag: &str, example_name: &str, extra: &[&str], env: &[(&str, &str)]) -> Up {
         let dir = workdir(name);
-        let m = model(&dir);
+        let m = example(&dir, example_name);
         let cluster = dir.join("cluster");
         let mut args = vec!["up", m.to_str().unwrap(), "--dir", cluster.to_str().unwrap(), "--tag", tag, "--wait", "60"];
         args.extend_from_slice(extra);
@@ -278,16 +289,10 @@ fn a_manager_that_dies_halfway_through_a_plan_is_finished_by_the_next_leader() {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    // Manager m0 dies (aborts) right after the first desired record of a plan.
-    let up = Up::start_env("halfway", "t4", &[], &[("VIGIL_MANAGER_CRASH", "m0:1")]);
-    let st = up.wait("every VM serving, relay protected", 30, |ok, v| ok && vm(v, "relay")["replication"] == "protected");
-    let leader = st["leader"]["id"].as_str().unwrap().to_string();
-    if leader != "m0" {
-        // Make m0 the leader: the crash point is set for m0 only.
-        let pid = up.file()["pids"][format!("manager:{leader}")].as_u64().unwrap();
-        kill(pid);
-        up.wait("m0 leading", 10, |_, v| v["leader"]["id"] == "m0");
-    }
+    // The manager that leads with generation 1 dies (aborts) right after the first desired
+    // record of a plan.
+    let up = Up::start_env("halfway", "t4", &[], &[("VIGIL_MANAGER_CRASH", "g1:1")]);
+    up.wait("every VM serving, relay protected", 30, |ok, v| ok && vm(v, "relay")["replication"] == "protected");
     let g = up.status().1["leader"]["generation"].as_u64().unwrap();
     let mut c = RedisClient::new(&up.field_ns(), "10.99.0.50", 6379);
     assert_eq!(c.call("SET before halfway"), "OK");
@@ -300,6 +305,50 @@ fn a_manager_that_dies_halfway_through_a_plan_is_finished_by_the_next_leader() {
     assert_eq!(vm(&st, "relay")["host"], "hostB", "{st}");
     assert_eq!(vm(&st, "logger")["host"], "hostC", "{st}");
     assert_eq!(c.call("GET before"), "halfway");
+}
+
+#[test]
+fn a_plan_that_migrates_a_running_vm_carries_its_state_and_its_connections() {
+    if no_kvm("a_plan_that_migrates_a_running_vm_carries_its_state_and_its_connections") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // examples/crowded.toml: when hostA fails, the plan migrates the cache (normal mode, on
+    // the live hostB) to hostC to make room for the relay's activation on hostB.
+    let up = Up::start_model("migrate", "t5", "crowded.toml", &[], &[]);
+    up.wait("every VM serving, relay protected", 30, |ok, v| ok && vm(v, "relay")["replication"] == "protected");
+    let field = up.field_ns();
+    let client = RedisClient::new(&field, "10.99.0.51", 6379);
+    let (stop, done, errors) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Vec::new())));
+    let (s, d, e) = (stop.clone(), done.clone(), errors.clone());
+    let driver = std::thread::spawn(move || drive(client, s, d, e));
+    while done.load(Ordering::Relaxed) < 30 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let port = local_port(&field, "10.99.0.51:6379");
+    assert!(vigil(&["fail", "hostA", "--dir", &up.d()]).status.success());
+    let st = up.wait("the cache migrated to hostC", 30, |ok, v| {
+        ok && vm(v, "cache")["host"] == "hostC" && v["failed"] == serde_json::json!(["hostA"])
+    });
+    assert_eq!(vm(&st, "relay")["host"], "hostB", "{st}");
+    assert!(st["deviations"].as_array().is_some_and(Vec::is_empty), "{st}");
+    let events: Vec<String> = st["events"].as_array().unwrap().iter().map(|e| e["what"].as_str().unwrap_or("").to_string()).collect();
+    assert!(events.iter().any(|e| e.contains("cache: migrating to hostC: paused and snapshotted")), "{events:?}");
+    let before = done.load(Ordering::Relaxed);
+    let t = Instant::now();
+    while done.load(Ordering::Relaxed) <= before + 5 {
+        assert!(t.elapsed() < Duration::from_secs(20), "the cache's client is stuck after the migration");
+        assert!(errors.lock().unwrap().is_empty(), "{:?}", errors.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (mut c, n) = driver.join().expect("client");
+    assert!(errors.lock().unwrap().is_empty(), "{:?}", errors.lock().unwrap());
+    assert_eq!(local_port(&field, "10.99.0.51:6379"), port, "the client's TCP connection survived the migration");
+    for i in (0..n).step_by(5).chain([n - 1]) {
+        assert_eq!(c.call(&format!("GET k{i}")), format!("v{i}"), "write k{i} lost in the migration ({n} writes)");
+    }
+    assert_eq!(c.call("GET ctr"), n.to_string());
 }
 
 /// The processes of a host's namespace whose command line contains `needle`.
