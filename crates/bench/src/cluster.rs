@@ -160,6 +160,69 @@ fn one(model: &Path, dir: &Path) -> Result<[f64; 6]> {
     Ok([detected, started, written, replicated, restarted, all_serving])
 }
 
+/// examples/crowded.toml with the cache VM given `mem_mib` of memory and a background writer
+/// of `busy_mib` (kv's second argument).
+fn crowded(dir: &Path, mem_mib: u64, busy_mib: u64) -> Result<PathBuf> {
+    let kv = testbed::guest("kv").map_err(anyhow::Error::msg)?;
+    let text = std::fs::read_to_string(testbed::workspace().join("examples/crowded.toml"))?;
+    let text = text.replace("image = \"kv\"", &format!("image = {:?}", kv.display().to_string()));
+    let cache = format!("vm = \"cache\"\nimage = {:?}\nmemory = \"32MiB\"", kv.display().to_string());
+    anyhow::ensure!(text.contains(&cache), "examples/crowded.toml: the cache's [[run]] item changed");
+    let text = text.replace(&cache, &format!("vm = \"cache\"\nimage = {:?}\nmemory = \"{mem_mib}MiB\"\nargs = [\"6379\", \"{busy_mib}\"]", kv.display().to_string()));
+    let p = dir.join(format!("crowded-{mem_mib}-{busy_mib}.toml"));
+    std::fs::write(&p, text)?;
+    Ok(p)
+}
+
+/// One migration of the cache (hostA's failure makes the plan migrate it from hostB to
+/// hostC): the client's longest silence (the downtime) and the source's pause-and-snapshot.
+fn migration(model: &Path, dir: &Path) -> Result<(f64, f64)> {
+    let _ = std::fs::remove_dir_all(dir);
+    let d = dir.display().to_string();
+    let out = vigil(&["up", &model.display().to_string(), "--dir", &d, "--tag", "bm", "--wait", "60"])?;
+    let _down = Down(d.clone());
+    if !out.status.success() {
+        bail!("vigil up: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let start = Instant::now();
+    while !status(&d)?["vms"].as_array().is_some_and(|v| v.iter().any(|x| x["vm"] == "relay" && x["replication"] == "protected")) {
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("relay never became protected");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("cluster.json"))?)?;
+    let field = file["field_ns"].as_str().context("field namespace")?.to_string();
+    let (tx, rx) = std::sync::mpsc::channel::<f64>();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s2 = stop.clone();
+    let client = std::thread::spawn(move || {
+        let mut c = RedisClient::new(&field, "10.99.0.51", 6379);
+        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+            if c.call("INCR bench").starts_with(|ch: char| ch.is_ascii_digit()) {
+                let _ = tx.send(now_ms());
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    while rx.try_recv().is_ok() {}
+    let t_kill = now_ms();
+    vigil(&["fail", "hostA", "--dir", &d])?;
+    let mut answers = vec![t_kill];
+    while now_ms() - t_kill < 4000.0 {
+        answers.push(rx.recv_timeout(Duration::from_secs(20)).context("the migrated VM never answered")?);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = client.join();
+    let downtime = answers.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
+    let st = status(&d)?;
+    let snap = st["events"]
+        .as_array()
+        .and_then(|v| v.iter().find_map(|e| e["what"].as_str()?.split("paused and snapshotted in ").nth(1)?.split(' ').next()?.parse::<f64>().ok()))
+        .context("no migration happened")?;
+    Ok((downtime, snap))
+}
+
 /// The leading manager killed: ms until the standby leads.
 fn manager_failover(model: &Path, dir: &Path) -> Result<f64> {
     let d = dir.display().to_string();
@@ -209,6 +272,20 @@ pub fn run(kills: usize, json: bool) -> Result<()> {
     let mut failovers = Vec::new();
     for _ in 0..3 {
         failovers.push(manager_failover(&model, &dir.join("c"))?);
+    }
+    // Stop-and-copy migration against the VM's memory and its dirty rate.
+    let mut migrations = Vec::new();
+    for (mem, busy) in [(32u64, 0u64), (32, 8), (64, 0), (64, 32)] {
+        let m = crowded(&dir, mem, busy)?;
+        let mut down = Vec::new();
+        let mut snap = Vec::new();
+        for _ in 0..3 {
+            let (d, s) = migration(&m, &dir.join("m"))?;
+            down.push(d);
+            snap.push(s);
+        }
+        eprintln!("migration of a {mem} MiB VM writing {busy} MiB: downtime {down:.0?} ms, snapshot {snap:.0?} ms");
+        migrations.push((mem, busy, quantiles(&down), quantiles(&snap)));
     }
     // Plan-table computation: the example, and synthetic clusters.
     let loaded = model::load(&model).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -270,6 +347,18 @@ pub fn run(kills: usize, json: bool) -> Result<()> {
     );
     let (p50, p90, max) = quantiles(&failovers);
     println!("manager failover (leader SIGKILLed, {} times): p50 {p50:.0} ms, p90 {p90:.0} ms, max {max:.0} ms", failovers.len());
+    let m: Vec<Vec<String>> = migrations
+        .iter()
+        .map(|(mem, busy, d, s)| vec![format!("{mem}"), format!("{busy}"), format!("{:.0}", d.0), format!("{:.0}", d.2), format!("{:.0}", s.0)])
+        .collect();
+    print!(
+        "{}",
+        model::text::table(
+            "stop-and-copy migration (the cache of examples/crowded.toml, 3 runs each); ms",
+            &["memory MiB", "writing MiB", "downtime p50", "downtime max", "pause+snapshot p50"],
+            &m
+        )
+    );
     let t: Vec<Vec<String>> = tables.iter().map(|(n, s, ms)| vec![n.clone(), s.to_string(), format!("{ms:.0}")]).collect();
     print!("{}", model::text::table("plan table computation", &["configuration", "scenarios", "ms"], &t));
     Ok(())

@@ -157,7 +157,8 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Loaded, ModelErr
         }
     })?;
     let mut loaded = validate::build(&raw, &ctx, base_dir)?;
-    let vms: Vec<String> = loaded.deployment.as_ref().map(|d| d.vms.iter().map(|v| v.name.clone()).collect()).unwrap_or_default();
+    let vms: Vec<(String, f64)> =
+        loaded.deployment.as_ref().map(|d| d.vms.iter().map(|v| (v.name.clone(), v.memory.to_f64())).collect()).unwrap_or_default();
     loaded.runs = run::build(&raw.run, &ctx, &vms)?;
     Ok(loaded)
 }

@@ -53,15 +53,16 @@ fn fail(ctx: &Ctx, name: &str, span: &Range<usize>, key: Option<&str>, msg: impl
 }
 
 /// Checks the `[[run]]` items against the deployment's VMs.
-pub(crate) fn build(raw: &[Spanned<RawRun>], ctx: &Ctx, vms: &[String]) -> Result<Vec<Run>, ModelError> {
+pub(crate) fn build(raw: &[Spanned<RawRun>], ctx: &Ctx, vms: &[(String, f64)]) -> Result<Vec<Run>, ModelError> {
     let mut out: Vec<Run> = Vec::new();
     for item in raw {
         let span = item.span();
         let r = item.get_ref();
         let f = |key: Option<&str>, msg: String| fail(ctx, &r.vm, &span, key, msg);
-        if !vms.contains(&r.vm) {
-            return Err(f(Some("vm"), format!("no [[vm]] named {:?} with a host (known: {})", r.vm, vms.join(", "))));
-        }
+        let Some(&(_, reserved)) = vms.iter().find(|(n, _)| *n == r.vm) else {
+            let known: Vec<&str> = vms.iter().map(|(n, _)| n.as_str()).collect();
+            return Err(f(Some("vm"), format!("no [[vm]] named {:?} with a host (known: {})", r.vm, known.join(", "))));
+        };
         if let Some(prev) = out.iter().find(|x| x.vm == r.vm) {
             return Err(f(Some("vm"), format!("the VM already has a [[run]] item at line {}", prev.line)));
         }
@@ -76,6 +77,12 @@ pub(crate) fn build(raw: &[Spanned<RawRun>], ctx: &Ctx, vms: &[String]) -> Resul
                 let mib = q.to_f64() / (1u64 << 20) as f64;
                 if !(1.0..=65536.0).contains(&mib) || mib.fract() != 0.0 {
                     return Err(f(Some("memory"), format!("{s}: a whole number of MiB from 1MiB to 64GiB")));
+                }
+                if mib * (1u64 << 20) as f64 > reserved {
+                    return Err(f(
+                        Some("memory"),
+                        format!("{s} is more than the {} MiB its [[vm]] reserves on a host", reserved / (1u64 << 20) as f64),
+                    ));
                 }
                 mib as u64
             }

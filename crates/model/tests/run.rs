@@ -37,6 +37,11 @@ fn bad_run_items_are_named_with_their_line() {
             line_of("ip = \"10.99.0.51/24\"") - 1,
             "whole number of MiB",
         ),
+        (
+            base.replace("memory = \"32MiB\"\nip = \"10.99.0.51/24\"", "memory = \"512MiB\"\nip = \"10.99.0.51/24\""),
+            line_of("ip = \"10.99.0.51/24\"") - 1,
+            "more than the 256 MiB its [[vm]] reserves",
+        ),
         (base.replace("ip = \"10.99.0.51/24\"", "ip = \"10.99.0.500/24\""), line_of("ip = \"10.99.0.51/24\""), "not an IPv4 address"),
         (base.replace("ip = \"10.99.0.51/24\"", "ip = \"10.99.0.51/33\""), line_of("ip = \"10.99.0.51/24\""), "prefix length"),
         (base.replace("ip = \"10.99.0.51/24\"", "ip = \"10.99.0.50/24\""), line_of("ip = \"10.99.0.51/24\""), "VM \"relay\"'s address too"),
