@@ -96,6 +96,8 @@ struct Lead {
     detector: Detector,
     /// A table being computed in the background.
     pending: Option<Receiver<Result<Table, String>>>,
+    /// When the heartbeats were last read.
+    last_round: Option<Instant>,
 }
 
 impl Lead {
@@ -144,7 +146,7 @@ impl Lead {
                 ),
             );
         }
-        let mut lead = Lead { generation, failed: failed.clone(), table, detector, pending };
+        let mut lead = Lead { generation, failed: failed.clone(), table, detector, pending, last_round: None };
         // Finish a plan a previous leader began, or place the VMs for the first time.
         let any_desired =
             cluster::children(store, cluster::VMS)?.iter().any(|vm| store.try_read(&cluster::desired_path(vm)).ok().flatten().is_some());
@@ -197,9 +199,22 @@ impl Lead {
             }
         }
         let hosts: Vec<String> = loaded.deployment.as_ref().map(|d| d.hosts.iter().map(|h| h.name.clone()).collect()).unwrap_or_default();
+        let round = Instant::now();
+        let mut beats = Vec::with_capacity(hosts.len());
         for h in &hosts {
-            let beat = cluster::read_counter(store, &cluster::heartbeat_path(h))?;
-            self.detector.observe(h, beat, clock.elapsed().as_nanos() as u64);
+            beats.push(cluster::read_counter(store, &cluster::heartbeat_path(h))?);
+        }
+        let now = clock.elapsed().as_nanos() as u64;
+        // Reads that took long, or a long time since the last good round, mean this manager
+        // could not see the heartbeats: restart every lease rather than fail hosts for it.
+        let gap = self.last_round.map_or(Duration::ZERO, |t| t.elapsed());
+        if round.elapsed() > cfg.lease / 4 || gap > cfg.lease / 4 + cfg.poll {
+            self.detector.restart_leases(now);
+            tracing::warn!("manager {}: the store was slow ({:.0} ms since the last reading): leases restarted", cfg.id, gap.as_secs_f64() * 1e3);
+        }
+        self.last_round = Some(Instant::now());
+        for (h, beat) in hosts.iter().zip(beats) {
+            self.detector.observe(h, beat, now);
         }
         let expired = self.detector.expired(clock.elapsed().as_nanos() as u64);
         if expired.is_empty() {

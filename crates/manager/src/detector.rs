@@ -86,6 +86,17 @@ impl Detector {
         out
     }
 
+    /// The caller could not read the heartbeats for a while (its own store was slow or
+    /// unreachable): what it missed is unknown, so every lease restarts from `now` — a stall
+    /// of the store is never taken for the failure of every host.
+    pub fn restart_leases(&mut self, now: u64) {
+        for v in self.hosts.values_mut() {
+            if v.state != Liveness::Failed {
+                v.changed_at = v.changed_at.max(now);
+            }
+        }
+    }
+
     pub fn state(&self, host: &str) -> Option<Liveness> {
         self.hosts.get(host).map(|v| v.state)
     }
@@ -143,6 +154,18 @@ mod tests {
             assert!(d.expired(t * MS).iter().all(|h| h == "a"), "b within its grace at {t} ms");
         }
         assert_eq!(d.expired(1001 * MS), vec!["b".to_string()], "b was never heard from");
+    }
+
+    #[test]
+    fn a_stalled_observer_restarts_the_leases_instead_of_failing_everyone() {
+        let mut d = Detector::new(["a".to_string()], 100 * MS, 100 * MS, 0);
+        d.observe("a", Some(1), 0);
+        d.observe("a", Some(2), 10 * MS);
+        // The observer could not read for 500 ms; when it can again, a gets a new lease.
+        d.restart_leases(510 * MS);
+        d.observe("a", Some(2), 510 * MS);
+        assert!(d.expired(600 * MS).is_empty());
+        assert_eq!(d.expired(611 * MS), vec!["a".to_string()], "and fails if it stays silent for a lease after that");
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub struct Layout {
     pub run_dir: PathBuf,
     /// Heartbeat and lease timing of replication.
     pub timing: TimingSpec,
-    /// CPUs of the machine: a VM on a host's k-th processor is pinned to CPU k modulo this.
+    /// CPUs of the machine (VMs are pinned to one per model processor when there are enough).
     pub cpus: usize,
 }
 
@@ -207,16 +207,21 @@ fn h_or(h: &Option<String>) -> &str {
 }
 
 impl Layout {
-    /// The CPUs for `processors` of `host`: each processor's position among its host's,
-    /// modulo the machine's CPUs (the model's processors are the host's cores).
+    /// The CPUs for `processors` (of `host`): on the embedded cluster every host shares this
+    /// machine, so each model processor gets its own CPU (its position among all the hosts'
+    /// processors) — when the machine has that many; otherwise nothing is pinned (pinning
+    /// several hosts' VMs to one CPU would only make them compete).
     fn cpus_of(&self, loaded: &Loaded, host: &str, processors: &[String]) -> Vec<usize> {
         let Some(dep) = &loaded.deployment else { return Vec::new() };
-        let Some(h) = dep.hosts.iter().find(|h| h.name == host) else { return Vec::new() };
-        let mut cpus: Vec<usize> = processors
-            .iter()
-            .filter_map(|p| h.processors.iter().position(|&r| loaded.system.resources[r].name == *p))
-            .map(|k| k % self.cpus.max(1))
-            .collect();
+        if dep.hosts.iter().all(|h| h.name != host) {
+            return Vec::new();
+        }
+        let all: Vec<usize> = dep.hosts.iter().flat_map(|h| h.processors.iter().copied()).collect();
+        if all.len() > self.cpus {
+            return Vec::new();
+        }
+        let mut cpus: Vec<usize> =
+            processors.iter().filter_map(|p| all.iter().position(|&r| loaded.system.resources[r].name == *p)).collect();
         cpus.sort();
         cpus.dedup();
         cpus

@@ -28,7 +28,7 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 1, value_name = "K")]
     faults: usize,
     /// Hosts' and the manager's lease (ms).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 500)]
     lease_ms: u64,
     /// Heartbeat period (ms).
     #[arg(long, default_value_t = 50)]
@@ -85,7 +85,7 @@ pub struct AgentArgs {
     state: PathBuf,
     #[arg(long, default_value_t = 50)]
     period_ms: u64,
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 500)]
     lease_ms: u64,
     /// Run the agent as a child and start it again at once whenever it dies (what an init
     /// system does for it): its VMMs keep running meanwhile and are re-adopted.

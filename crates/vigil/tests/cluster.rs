@@ -50,11 +50,6 @@ fn workdir(name: &str) -> PathBuf {
     d
 }
 
-/// examples/substation.toml with the kv guest built from this workspace.
-fn model(dir: &Path) -> PathBuf {
-    example(dir, "substation.toml")
-}
-
 /// An example with the kv guest built from this workspace.
 fn example(dir: &Path, name: &str) -> PathBuf {
     let kv = testbed::guest("kv").expect("the kv guest");
