@@ -12,6 +12,24 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use testbed::redis::RedisClient;
 
+/// A cluster whose replicated VM never got protected after `vigil up` (a start-up stall seen
+/// now and then, not yet understood): the round is run again, and counted.
+const NOT_PROTECTED: &str = "relay never became protected";
+
+/// Runs `f` again (up to 3 times in all) when the cluster did not get the relay protected.
+fn retry<T>(stalls: &mut usize, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    for _ in 0..2 {
+        match f() {
+            Err(e) if e.to_string() == NOT_PROTECTED => {
+                *stalls += 1;
+                eprintln!("start-up stall: {e}; running the round again");
+            }
+            r => return r,
+        }
+    }
+    f()
+}
+
 fn now_ms() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
@@ -81,8 +99,11 @@ fn one(model: &Path, dir: &Path) -> Result<[f64; 6]> {
     // Kill only a protected VM: wait for its backup's first commit (and a second more).
     let start = Instant::now();
     while !status(&d)?["vms"].as_array().is_some_and(|v| v.iter().any(|x| x["vm"] == "relay" && x["replication"] == "protected")) {
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!("relay never became protected");
+        if start.elapsed() > Duration::from_secs(15) {
+            let keep = format!("{d}.stall-{}", now_ms() as u64);
+            let _ = Command::new("cp").args(["-r", &d, &keep]).status();
+            eprintln!("logs of the stall in {keep}");
+            bail!("{NOT_PROTECTED}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -168,7 +189,10 @@ fn crowded(dir: &Path, mem_mib: u64, busy_mib: u64) -> Result<PathBuf> {
     let text = text.replace("image = \"kv\"", &format!("image = {:?}", kv.display().to_string()));
     let cache = format!("vm = \"cache\"\nimage = {:?}\nmemory = \"32MiB\"", kv.display().to_string());
     anyhow::ensure!(text.contains(&cache), "examples/crowded.toml: the cache's [[run]] item changed");
-    let text = text.replace(&cache, &format!("vm = \"cache\"\nimage = {:?}\nmemory = \"{mem_mib}MiB\"\nargs = [\"6379\", \"{busy_mib}\"]", kv.display().to_string()));
+    let text = text.replace(
+        &cache,
+        &format!("vm = \"cache\"\nimage = {:?}\nmemory = \"{mem_mib}MiB\"\nargs = [\"6379\", \"{busy_mib}\"]", kv.display().to_string()),
+    );
     let p = dir.join(format!("crowded-{mem_mib}-{busy_mib}.toml"));
     std::fs::write(&p, text)?;
     Ok(p)
@@ -186,8 +210,11 @@ fn migration(model: &Path, dir: &Path) -> Result<(f64, f64)> {
     }
     let start = Instant::now();
     while !status(&d)?["vms"].as_array().is_some_and(|v| v.iter().any(|x| x["vm"] == "relay" && x["replication"] == "protected")) {
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!("relay never became protected");
+        if start.elapsed() > Duration::from_secs(15) {
+            let keep = format!("{d}.stall-{}", now_ms() as u64);
+            let _ = Command::new("cp").args(["-r", &d, &keep]).status();
+            eprintln!("logs of the stall in {keep}");
+            bail!("{NOT_PROTECTED}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -218,7 +245,9 @@ fn migration(model: &Path, dir: &Path) -> Result<(f64, f64)> {
     let st = status(&d)?;
     let snap = st["events"]
         .as_array()
-        .and_then(|v| v.iter().find_map(|e| e["what"].as_str()?.split("paused and snapshotted in ").nth(1)?.split(' ').next()?.parse::<f64>().ok()))
+        .and_then(|v| {
+            v.iter().find_map(|e| e["what"].as_str()?.split("paused and snapshotted in ").nth(1)?.split(' ').next()?.parse::<f64>().ok())
+        })
         .context("no migration happened")?;
     Ok((downtime, snap))
 }
@@ -264,8 +293,9 @@ pub fn run(kills: usize, json: bool) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let model = model(&dir)?;
     let mut rows: Vec<[f64; 6]> = Vec::new();
+    let mut stalls = 0;
     for k in 0..kills {
-        let r = one(&model, &dir.join("c"))?;
+        let r = retry(&mut stalls, || one(&model, &dir.join("c")))?;
         eprintln!("kill {}/{kills}: detected {:.0} ms, plan started {:.0} ms, replicated VM answers {:.0} ms, restarted VM answers {:.0} ms, all serving {:.0} ms", k + 1, r[0], r[1], r[3], r[4], r[5]);
         rows.push(r);
     }
@@ -280,7 +310,7 @@ pub fn run(kills: usize, json: bool) -> Result<()> {
         let mut down = Vec::new();
         let mut snap = Vec::new();
         for _ in 0..3 {
-            let (d, s) = migration(&m, &dir.join("m"))?;
+            let (d, s) = retry(&mut stalls, || migration(&m, &dir.join("m")))?;
             down.push(d);
             snap.push(s);
         }
@@ -345,11 +375,14 @@ pub fn run(kills: usize, json: bool) -> Result<()> {
             &out
         )
     );
+    println!("start-up stalls (a replicated VM never protected after vigil up; the round was run again): {stalls}");
     let (p50, p90, max) = quantiles(&failovers);
     println!("manager failover (leader SIGKILLed, {} times): p50 {p50:.0} ms, p90 {p90:.0} ms, max {max:.0} ms", failovers.len());
     let m: Vec<Vec<String>> = migrations
         .iter()
-        .map(|(mem, busy, d, s)| vec![format!("{mem}"), format!("{busy}"), format!("{:.0}", d.0), format!("{:.0}", d.2), format!("{:.0}", s.0)])
+        .map(|(mem, busy, d, s)| {
+            vec![format!("{mem}"), format!("{busy}"), format!("{:.0}", d.0), format!("{:.0}", d.2), format!("{:.0}", s.0)]
+        })
         .collect();
     print!(
         "{}",

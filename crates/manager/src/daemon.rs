@@ -210,7 +210,11 @@ impl Lead {
         let gap = self.last_round.map_or(Duration::ZERO, |t| t.elapsed());
         if round.elapsed() > cfg.lease / 4 || gap > cfg.lease / 4 + cfg.poll {
             self.detector.restart_leases(now);
-            tracing::warn!("manager {}: the store was slow ({:.0} ms since the last reading): leases restarted", cfg.id, gap.as_secs_f64() * 1e3);
+            tracing::warn!(
+                "manager {}: the store was slow ({:.0} ms since the last reading): leases restarted",
+                cfg.id,
+                gap.as_secs_f64() * 1e3
+            );
         }
         self.last_round = Some(Instant::now());
         for (h, beat) in hosts.iter().zip(beats) {

@@ -134,6 +134,7 @@ pub fn build_network(
     ip(&["netns", "add", &sw])?;
     ns_ip(&sw, &["link", "set", "lo", "up"])?;
     ns_ip(&sw, &["link", "add", "br0", "type", "bridge"])?;
+    ns_ip(&sw, &["link", "set", "br0", "address", "02:99:00:00:00:fe"])?;
     ns_ip(&sw, &["addr", "add", &format!("{}.254/24", lan()), "dev", "br0"])?;
     ns_ip(&sw, &["link", "set", "br0", "up"])?;
     ip(&["netns", "add", &field])?;
@@ -152,6 +153,9 @@ pub fn build_network(
         veth(&ns, "uplink", &sw, &port, tag)?;
         ns_ip(&sw, &["link", "set", &port, "master", "br0"])?;
         ns_ip(&ns, &["link", "add", BRIDGE, "type", "bridge"])?;
+        // A fixed address: a bridge whose address is not set takes its lowest port's, which
+        // changes as VM taps join, and the other hosts' ARP caches then point at a tap.
+        ns_ip(&ns, &["link", "set", BRIDGE, "address", &format!("02:99:00:00:01:{:02x}", i + 1)])?;
         ns_ip(&ns, &["link", "set", "uplink", "master", BRIDGE])?;
         ns_ip(&ns, &["addr", "add", &format!("{addr}/24"), "dev", BRIDGE])?;
         ns_ip(&ns, &["link", "set", BRIDGE, "up"])?;

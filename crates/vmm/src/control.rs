@@ -140,7 +140,16 @@ impl Controller {
             return Reply::err("the VM has stopped");
         }
         self.shared.kick();
-        rrx.recv().unwrap_or_else(|_| Reply::err("the VM has stopped"))
+        // Kick again while no reply comes: a kick that raced with the vCPU thread's start (no
+        // thread to signal yet, the eventfd drained) must not leave the command waiting for
+        // the guest's next exit, which an idle guest may never make.
+        loop {
+            match rrx.recv_timeout(std::time::Duration::from_millis(20)) {
+                Ok(r) => return r,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => self.shared.kick(),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Reply::err("the VM has stopped"),
+            }
+        }
     }
 }
 
