@@ -71,49 +71,108 @@ impl Drop for Down {
     }
 }
 
-/// One kill of hostA; the times (ms after the kill) of each step.
-fn one(model: &Path, dir: &Path) -> Result<[f64; 6]> {
-    let _ = std::fs::remove_dir_all(dir);
-    let d = dir.display().to_string();
-    let out = vigil(&["up", &model.display().to_string(), "--dir", &d, "--tag", "bc", "--wait", "60"])?;
-    let _down = Down(d.clone());
-    if !out.status.success() {
-        bail!("vigil up: {}", String::from_utf8_lossy(&out.stderr));
+/// A cluster brought up for one round (down when dropped), its replicated relay protected.
+struct Scene {
+    d: String,
+    field: String,
+    _down: Down,
+}
+
+impl Scene {
+    fn up(model: &Path, dir: &Path, tag: &str) -> Result<Scene> {
+        let _ = std::fs::remove_dir_all(dir);
+        let d = dir.display().to_string();
+        let out = vigil(&["up", &model.display().to_string(), "--dir", &d, "--tag", tag, "--wait", "60"])?;
+        let down = Down(d.clone());
+        if !out.status.success() {
+            bail!("vigil up: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let file: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("cluster.json"))?)?;
+        let field = file["field_ns"].as_str().context("field namespace")?.to_string();
+        // Kill only a protected VM: wait for its backup's first commit.
+        let start = Instant::now();
+        while !status(&d)?["vms"].as_array().is_some_and(|v| v.iter().any(|x| x["vm"] == "relay" && x["replication"] == "protected")) {
+            if start.elapsed() > Duration::from_secs(15) {
+                let keep = format!("{d}.stall-{}", now_ms() as u64);
+                let _ = Command::new("cp").args(["-r", &d, &keep]).status();
+                eprintln!("logs of the stall in {keep}");
+                bail!("{NOT_PROTECTED}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Scene { d, field, _down: down })
     }
-    let field = status(&d)
-        .ok()
-        .and(std::fs::read(dir.join("cluster.json")).ok())
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
-    let field = field.and_then(|f| f["field_ns"].as_str().map(String::from)).context("field namespace")?;
-    let (tx, rx) = std::sync::mpsc::channel::<f64>();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (f2, s2) = (field.clone(), stop.clone());
-    let client = std::thread::spawn(move || {
-        let mut c = RedisClient::new(&f2, "10.99.0.50", 6379);
-        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
-            if c.call("INCR bench").starts_with(|ch: char| ch.is_ascii_digit()) {
-                let _ = tx.send(now_ms());
+
+    /// A client sending `INCR` to `ip:6379` on one connection, over and over.
+    fn client(&self, ip: &str) -> Pinger {
+        let (tx, rx) = std::sync::mpsc::channel::<f64>();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (field, ip, s2) = (self.field.clone(), ip.to_string(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut c = RedisClient::new(&field, &ip, 6379);
+            while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                if c.call("INCR bench").starts_with(|ch: char| ch.is_ascii_digit()) {
+                    let _ = tx.send(now_ms());
+                }
+            }
+        });
+        Pinger { rx, stop, thread }
+    }
+
+    /// `vigil fail hostA`; returns when it was issued.
+    fn fail_host_a(&self) -> Result<f64> {
+        let t_kill = now_ms();
+        let out = vigil(&["fail", "hostA", "--dir", &self.d])?;
+        if !out.status.success() {
+            bail!("vigil fail: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(t_kill)
+    }
+}
+
+/// A client's answers, timed.
+struct Pinger {
+    rx: std::sync::mpsc::Receiver<f64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Pinger {
+    /// Forgets the answers so far.
+    fn clear(&self) {
+        while self.rx.try_recv().is_ok() {}
+    }
+
+    /// Collects answers for `ms` after `t0`; the end of the longest silence from `t0` on (ms
+    /// after `t0`) and its length.
+    fn silence(&self, t0: f64, ms: f64) -> Result<(f64, f64)> {
+        let mut answers = vec![t0];
+        while now_ms() - t0 < ms {
+            answers.push(self.rx.recv_timeout(Duration::from_secs(20)).context("the VM never answered after the fault")?);
+        }
+        let mut best = (f64::NAN, 0.0);
+        for w in answers.windows(2) {
+            if w[1] - w[0] > best.1 {
+                best = (w[1] - t0, w[1] - w[0]);
             }
         }
-    });
-    // Kill only a protected VM: wait for its backup's first commit (and a second more).
-    let start = Instant::now();
-    while !status(&d)?["vms"].as_array().is_some_and(|v| v.iter().any(|x| x["vm"] == "relay" && x["replication"] == "protected")) {
-        if start.elapsed() > Duration::from_secs(15) {
-            let keep = format!("{d}.stall-{}", now_ms() as u64);
-            let _ = Command::new("cp").args(["-r", &d, &keep]).status();
-            eprintln!("logs of the stall in {keep}");
-            bail!("{NOT_PROTECTED}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+        Ok(best)
     }
+
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
+}
+
+/// One kill of hostA; the times (ms after the kill) of each step.
+fn one(model: &Path, dir: &Path) -> Result<[f64; 6]> {
+    let scene = Scene::up(model, dir, "bc")?;
+    let (d, field) = (scene.d.clone(), scene.field.clone());
+    let pinger = scene.client("10.99.0.50");
     std::thread::sleep(Duration::from_millis(1000));
-    while rx.try_recv().is_ok() {}
-    let t_kill = now_ms();
-    let out = vigil(&["fail", "hostA", "--dir", &d])?;
-    if !out.status.success() {
-        bail!("vigil fail: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    pinger.clear();
+    let t_kill = scene.fail_host_a()?;
     // Meanwhile: when the plan is complete (every VM serving where it says), and when the
     // restarted logger answers.
     let (d2, f2) = (d.clone(), field.clone());
@@ -150,21 +209,7 @@ fn one(model: &Path, dir: &Path) -> Result<[f64; 6]> {
     });
     // The replicated VM's outage: the longest silence of the client around the kill; it
     // answers again at the end of that silence.
-    let mut answers = vec![t_kill];
-    let mut replicated = f64::NAN;
-    while now_ms() - t_kill < 3000.0 {
-        match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(t) => answers.push(t),
-            Err(_) => bail!("the replicated VM never answered after the kill"),
-        }
-    }
-    let mut longest = 0.0;
-    for w in answers.windows(2) {
-        if w[1] - w[0] > longest {
-            longest = w[1] - w[0];
-            replicated = w[1] - t_kill;
-        }
-    }
+    let (replicated, _) = pinger.silence(t_kill, 3000.0)?;
     if replicated > 500.0 {
         // Keep the logs of a slow failover for a look.
         let keep = dir.with_extension(format!("slow-{}", t_kill as u64));
@@ -173,8 +218,7 @@ fn one(model: &Path, dir: &Path) -> Result<[f64; 6]> {
     }
     let (all_serving, st) = plan_done.join().map_err(|_| anyhow::anyhow!("status thread"))??;
     let restarted = restarted.join().map_err(|_| anyhow::anyhow!("ping thread"))??;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = client.join();
+    pinger.stop();
     let detected = event_ms(&st, "host hostA failed").context("no failure event")? - t_kill;
     let started = event_ms(&st, "plan hostA started").context("no plan event")? - t_kill;
     let written = event_ms(&st, "plan hostA written").context("no plan event")? - t_kill;
@@ -201,47 +245,14 @@ fn crowded(dir: &Path, mem_mib: u64, busy_mib: u64) -> Result<PathBuf> {
 /// One migration of the cache (hostA's failure makes the plan migrate it from hostB to
 /// hostC): the client's longest silence (the downtime) and the source's pause-and-snapshot.
 fn migration(model: &Path, dir: &Path) -> Result<(f64, f64)> {
-    let _ = std::fs::remove_dir_all(dir);
-    let d = dir.display().to_string();
-    let out = vigil(&["up", &model.display().to_string(), "--dir", &d, "--tag", "bm", "--wait", "60"])?;
-    let _down = Down(d.clone());
-    if !out.status.success() {
-        bail!("vigil up: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let start = Instant::now();
-    while !status(&d)?["vms"].as_array().is_some_and(|v| v.iter().any(|x| x["vm"] == "relay" && x["replication"] == "protected")) {
-        if start.elapsed() > Duration::from_secs(15) {
-            let keep = format!("{d}.stall-{}", now_ms() as u64);
-            let _ = Command::new("cp").args(["-r", &d, &keep]).status();
-            eprintln!("logs of the stall in {keep}");
-            bail!("{NOT_PROTECTED}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("cluster.json"))?)?;
-    let field = file["field_ns"].as_str().context("field namespace")?.to_string();
-    let (tx, rx) = std::sync::mpsc::channel::<f64>();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let s2 = stop.clone();
-    let client = std::thread::spawn(move || {
-        let mut c = RedisClient::new(&field, "10.99.0.51", 6379);
-        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
-            if c.call("INCR bench").starts_with(|ch: char| ch.is_ascii_digit()) {
-                let _ = tx.send(now_ms());
-            }
-        }
-    });
+    let scene = Scene::up(model, dir, "bm")?;
+    let pinger = scene.client("10.99.0.51");
     std::thread::sleep(Duration::from_millis(1000));
-    while rx.try_recv().is_ok() {}
-    let t_kill = now_ms();
-    vigil(&["fail", "hostA", "--dir", &d])?;
-    let mut answers = vec![t_kill];
-    while now_ms() - t_kill < 4000.0 {
-        answers.push(rx.recv_timeout(Duration::from_secs(20)).context("the migrated VM never answered")?);
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = client.join();
-    let downtime = answers.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
+    pinger.clear();
+    let t_kill = scene.fail_host_a()?;
+    let (_, downtime) = pinger.silence(t_kill, 4000.0)?;
+    pinger.stop();
+    let d = scene.d.clone();
     let st = status(&d)?;
     let snap = st["events"]
         .as_array()

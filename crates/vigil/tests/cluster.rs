@@ -157,6 +157,61 @@ fn drive(mut c: RedisClient, stop: Arc<AtomicBool>, done: Arc<AtomicU64>, errors
     (c, i)
 }
 
+/// A client writing `SET k<i> v<i>` and `INCR ctr` on one connection to `ip:6379`, from the
+/// field namespace, on its own thread.
+struct Writer {
+    field: String,
+    peer: String,
+    port: String,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    errors: Arc<Mutex<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<(RedisClient, u64)>>,
+}
+
+impl Writer {
+    /// Starts writing and waits for 30 acknowledged writes.
+    fn start(field: &str, ip: &str) -> Writer {
+        let client = RedisClient::new(field, ip, 6379);
+        let (stop, done, errors) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Vec::new())));
+        let (s, d, e) = (stop.clone(), done.clone(), errors.clone());
+        let thread = Some(std::thread::spawn(move || drive(client, s, d, e)));
+        let mut w = Writer { field: field.into(), peer: format!("{ip}:6379"), port: String::new(), stop, done, errors, thread };
+        w.carry_on(30, Duration::from_secs(20));
+        w.port = local_port(field, &w.peer);
+        assert!(!w.port.is_empty(), "the client's connection is established");
+        w
+    }
+
+    fn done(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more writes were acknowledged (no error meanwhile).
+    fn carry_on(&self, n: u64, limit: Duration) {
+        let (before, t) = (self.done(), Instant::now());
+        while self.done() < before + n {
+            assert!(self.errors.lock().unwrap().is_empty(), "{:?}", self.errors.lock().unwrap());
+            assert!(t.elapsed() < limit, "the client is stuck ({} writes acknowledged)", self.done());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Stops writing, then checks on the same connection that every acknowledged write is
+    /// there and the counter counted each once; returns how many there were.
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let (mut c, n) = self.thread.take().expect("writer").join().expect("client");
+        assert!(self.errors.lock().unwrap().is_empty(), "{:?}", self.errors.lock().unwrap());
+        assert_eq!(local_port(&self.field, &self.peer), self.port, "the client's TCP connection survived");
+        for i in (0..n).step_by(5).chain([n - 1]) {
+            assert_eq!(c.call(&format!("GET k{i}")), format!("v{i}"), "acknowledged write k{i} lost ({n} writes)");
+        }
+        assert_eq!(c.call("GET ctr"), n.to_string());
+        n
+    }
+}
+
 #[test]
 fn a_failed_host_is_handled_by_its_plan_and_no_acknowledged_write_is_lost() {
     if no_kvm("a_failed_host_is_handled_by_its_plan_and_no_acknowledged_write_is_lost") {
@@ -170,27 +225,12 @@ fn a_failed_host_is_handled_by_its_plan_and_no_acknowledged_write_is_lost() {
     assert_eq!(vm(&st, "relay")["host"], "hostA");
     assert_eq!(vm(&st, "logger")["host"], "hostA");
     let field = up.field_ns();
-    let client = RedisClient::new(&field, "10.99.0.50", 6379);
-    let (stop, done, errors) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Vec::new())));
-    let (s, d, e) = (stop.clone(), done.clone(), errors.clone());
-    let driver = std::thread::spawn(move || drive(client, s, d, e));
-    while done.load(Ordering::Relaxed) < 30 {
-        assert!(errors.lock().unwrap().is_empty(), "{:?}", errors.lock().unwrap());
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let port = local_port(&field, "10.99.0.50:6379");
-    assert!(!port.is_empty());
-
-    let before = done.load(Ordering::Relaxed);
+    let writer = Writer::start(&field, "10.99.0.50");
     let t_kill = Instant::now();
     let out = vigil(&["fail", "hostA", "--dir", &up.d()]);
     assert!(out.status.success(), "vigil fail: {}", text(&out.stderr));
     // The client carries on (the backup on hostB took over).
-    while done.load(Ordering::Relaxed) <= before + 2 {
-        assert!(t_kill.elapsed() < Duration::from_secs(20), "the client is stuck after the failure");
-        assert!(errors.lock().unwrap().is_empty(), "{:?}", errors.lock().unwrap());
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    writer.carry_on(3, Duration::from_secs(20));
     let answered = t_kill.elapsed();
     let st = up.wait("the plan for hostA executed", 30, |ok, v| ok && v["failed"] == serde_json::json!(["hostA"]));
     up.wait("relay protected again (by its new backup)", 30, |_, v| vm(v, "relay")["replication"] == "protected");
@@ -210,14 +250,7 @@ fn a_failed_host_is_handled_by_its_plan_and_no_acknowledged_write_is_lost() {
     assert_eq!(logger.call("PING"), "PONG");
 
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    let (mut c, n) = driver.join().expect("client");
-    assert!(errors.lock().unwrap().is_empty(), "{:?}", errors.lock().unwrap());
-    assert_eq!(local_port(&field, "10.99.0.50:6379"), port, "the client's TCP connection survived");
-    for i in (0..n).step_by(7).chain([n - 1]) {
-        assert_eq!(c.call(&format!("GET k{i}")), format!("v{i}"), "acknowledged write k{i} lost ({n} writes)");
-    }
-    assert_eq!(c.call("GET ctr"), n.to_string());
+    let n = writer.finish();
     eprintln!("{n} acknowledged writes, all present");
 }
 
@@ -312,15 +345,7 @@ fn a_plan_that_migrates_a_running_vm_carries_its_state_and_its_connections() {
     // the live hostB) to hostC to make room for the relay's activation on hostB.
     let up = Up::start_model("migrate", "t5", "crowded.toml", &[], &[]);
     up.wait("every VM serving, relay protected", 30, |ok, v| ok && vm(v, "relay")["replication"] == "protected");
-    let field = up.field_ns();
-    let client = RedisClient::new(&field, "10.99.0.51", 6379);
-    let (stop, done, errors) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Vec::new())));
-    let (s, d, e) = (stop.clone(), done.clone(), errors.clone());
-    let driver = std::thread::spawn(move || drive(client, s, d, e));
-    while done.load(Ordering::Relaxed) < 30 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let port = local_port(&field, "10.99.0.51:6379");
+    let writer = Writer::start(&up.field_ns(), "10.99.0.51");
     assert!(vigil(&["fail", "hostA", "--dir", &up.d()]).status.success());
     let st = up.wait("the cache migrated to hostC", 30, |ok, v| {
         ok && vm(v, "cache")["host"] == "hostC" && v["failed"] == serde_json::json!(["hostA"])
@@ -329,21 +354,8 @@ fn a_plan_that_migrates_a_running_vm_carries_its_state_and_its_connections() {
     assert!(st["deviations"].as_array().is_some_and(Vec::is_empty), "{st}");
     let events: Vec<String> = st["events"].as_array().unwrap().iter().map(|e| e["what"].as_str().unwrap_or("").to_string()).collect();
     assert!(events.iter().any(|e| e.contains("cache: migrating to hostC: paused and snapshotted")), "{events:?}");
-    let before = done.load(Ordering::Relaxed);
-    let t = Instant::now();
-    while done.load(Ordering::Relaxed) <= before + 5 {
-        assert!(t.elapsed() < Duration::from_secs(20), "the cache's client is stuck after the migration");
-        assert!(errors.lock().unwrap().is_empty(), "{:?}", errors.lock().unwrap());
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    stop.store(true, Ordering::Relaxed);
-    let (mut c, n) = driver.join().expect("client");
-    assert!(errors.lock().unwrap().is_empty(), "{:?}", errors.lock().unwrap());
-    assert_eq!(local_port(&field, "10.99.0.51:6379"), port, "the client's TCP connection survived the migration");
-    for i in (0..n).step_by(5).chain([n - 1]) {
-        assert_eq!(c.call(&format!("GET k{i}")), format!("v{i}"), "write k{i} lost in the migration ({n} writes)");
-    }
-    assert_eq!(c.call("GET ctr"), n.to_string());
+    writer.carry_on(5, Duration::from_secs(20));
+    writer.finish();
 }
 
 /// The processes of a host's namespace whose command line contains `needle`.
@@ -375,31 +387,18 @@ fn distributed_on_etcd_a_partitioned_host_stops_before_its_vms_run_elsewhere() {
     assert_eq!(file["etcd"].as_array().map(Vec::len), Some(3), "three etcd members: {file}");
     assert_eq!(file["host_store"].as_object().map(|m| m.len()), Some(3), "a store front end per host: {file}");
     up.wait("every VM serving, relay protected", 60, |ok, v| ok && vm(v, "relay")["replication"] == "protected");
-    let field = up.field_ns();
-    let client = RedisClient::new(&field, "10.99.0.50", 6379);
-    let (stop, done, errors) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Vec::new())));
-    let (s, d, e) = (stop.clone(), done.clone(), errors.clone());
-    let driver = std::thread::spawn(move || drive(client, s, d, e));
-    while done.load(Ordering::Relaxed) < 30 {
-        assert!(errors.lock().unwrap().is_empty(), "{:?}", errors.lock().unwrap());
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let port = local_port(&field, "10.99.0.50:6379");
+    let writer = Writer::start(&up.field_ns(), "10.99.0.50");
     let host_a = file["host_ns"]["hostA"].as_str().unwrap().to_string();
     assert!(!processes(&ns_pids(&host_a), "vm run").is_empty(), "hostA runs VMMs");
 
     // hostA is cut off: its agent cannot renew its lease in the store (its front end cannot
     // reach etcd), the relay's primary cannot renew at the arbiter.
-    let before = done.load(Ordering::Relaxed);
     assert!(vigil(&["fail", "hostA", "--partition", "--dir", &up.d()]).status.success());
     let st = up.wait("the plan for hostA executed", 30, |_, v| v["failed"] == serde_json::json!(["hostA"]));
     // By the time the manager acted, hostA's own agent had stopped its VMs (self-fencing).
     let left = processes(&ns_pids(&host_a), "--spec");
     assert!(left.is_empty(), "hostA's VMMs still run when the plan executes: {left:?}\n{st}");
-    while done.load(Ordering::Relaxed) <= before + 2 {
-        assert!(errors.lock().unwrap().is_empty(), "{:?}", errors.lock().unwrap());
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    writer.carry_on(3, Duration::from_secs(20));
     let st = up.wait("every VM serving where the plan says", 30, |ok, v| ok && v["failed"] == serde_json::json!(["hostA"]));
     assert_eq!(vm(&st, "relay")["host"], "hostB", "{st}");
     assert_eq!(vm(&st, "logger")["host"], "hostC", "{st}");
@@ -414,14 +413,7 @@ fn distributed_on_etcd_a_partitioned_host_stops_before_its_vms_run_elsewhere() {
     }
     assert!(processes(&ns_pids(&host_a), "--spec").is_empty());
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    let (mut c, n) = driver.join().expect("client");
-    assert!(errors.lock().unwrap().is_empty(), "{:?}", errors.lock().unwrap());
-    assert_eq!(local_port(&field, "10.99.0.50:6379"), port, "the client's TCP connection survived");
-    for i in (0..n).step_by(5).chain([n - 1]) {
-        assert_eq!(c.call(&format!("GET k{i}")), format!("v{i}"), "acknowledged write k{i} lost ({n} writes)");
-    }
-    assert_eq!(c.call("GET ctr"), n.to_string());
+    writer.finish();
 }
 
 #[test]
