@@ -569,7 +569,8 @@ pub fn status(cf: &ClusterFile) -> Result<Status, String> {
             Some(h) => cluster::read(&mut c, &cluster::actual_path(&r.vm, h)).map_err(e)?,
             None => None,
         };
-        let serving = actual.as_ref().is_some_and(|a| a.state == CopyState::Running);
+        // A failed host's records are stale: nothing it reports counts.
+        let serving = actual.as_ref().is_some_and(|a| a.state == CopyState::Running) && host.as_ref().is_some_and(|h| !failed.contains(h));
         let detail = match (&d, &actual) {
             (None, _) => "not placed yet".to_string(),
             (Some(_), None) if host.is_none() => "stopped by the plan".to_string(),
@@ -603,7 +604,8 @@ pub fn status(cf: &ClusterFile) -> Result<Status, String> {
     let coverage = table.plans.values().map(|p| (crate::table::plan_name(&p.failed), p.coverage.clone())).collect();
     let chains_ok = plan.as_ref().is_none_or(|p| p.chains.iter().all(|ch| ch.status == "ok"));
     let deviations = progress.as_ref().map(|p| p.deviations.clone()).unwrap_or_default();
-    let ok = vms.iter().all(|v| v.serving) && chains_ok && plan.is_some() && deviations.is_empty();
+    let plan_done = progress.as_ref().is_none_or(|p| p.done >= p.total);
+    let ok = vms.iter().all(|v| v.serving) && chains_ok && plan.is_some() && deviations.is_empty() && plan_done;
     let mut measured = BTreeMap::new();
     for ch in &loaded.system.chains {
         if let Some(m) = cluster::read::<agent::cluster::Measured>(&mut c, &cluster::chain_path(&ch.name)).map_err(e)? {
