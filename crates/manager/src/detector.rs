@@ -101,10 +101,6 @@ impl Detector {
         self.hosts.get(host).map(|v| v.state)
     }
 
-    /// Time since `host`'s counter last changed.
-    pub fn silent_for(&self, host: &str, now: u64) -> Option<u64> {
-        self.hosts.get(host).map(|v| now.saturating_sub(v.changed_at))
-    }
 }
 
 #[cfg(test)]

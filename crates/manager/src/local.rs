@@ -9,7 +9,7 @@
 //!   host i ns  uplink ── hostbr 10.99.0.<i+1> ── vt<k> (VM k's tap; VM addresses from [[run]])
 //! ```
 
-use crate::runtime::{Layout, REPLICATION_PORT};
+use crate::runtime::Layout;
 use agent::vm::TimingSpec;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -220,10 +220,6 @@ pub fn kill(pid: u32) {
     }
 }
 
-/// The replication port of VM number `index`.
-pub fn replication_port(index: usize) -> u16 {
-    REPLICATION_PORT + index as u16
-}
 
 /// What `vigil up` needs.
 #[derive(Debug, Clone)]
@@ -487,11 +483,6 @@ fn host_ns<'a>(cf: &'a ClusterFile, host: &str) -> Result<&'a String, String> {
         .ok_or_else(|| format!("unknown host {host:?} (hosts: {})", cf.host_ns.keys().cloned().collect::<Vec<_>>().join(", ")))
 }
 
-/// The pids of the processes in `host`'s namespace (its agent, VMMs, store front end).
-pub fn host_pids(dir: &Path, host: &str) -> Result<Vec<u32>, String> {
-    let cf = ClusterFile::load(dir)?;
-    Ok(pids_in(host_ns(&cf, host)?))
-}
 
 /// One VM in `vigil status`.
 #[derive(Debug, Clone, Serialize)]
