@@ -1,5 +1,5 @@
 //! Checkpoint replication end to end, with real KVM, real processes in network namespaces
-//! (`replication::testbed`) and a real client (`redis-cli`) that keeps one TCP connection open
+//! (`testbed::twohost`) and a real client (`redis-cli`) that keeps one TCP connection open
 //! throughout:
 //! - the primary's VMM is SIGKILLed at random moments, again and again (the backup takes over,
 //!   a new backup is started on the dead host, and so on): every acknowledged write is there,
