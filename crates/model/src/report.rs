@@ -74,9 +74,11 @@ pub struct TaskReport {
     pub wcrt_ms: Option<f64>,
     pub bcrt_us: String,
     pub bcrt_ms: f64,
-    /// Largest number of pending activations (exact, and as a float).
+    /// Largest number of pending activations, in events (exact, and as a float).
     pub backlog: Option<String>,
     pub backlog_events: Option<f64>,
+    /// Largest pending work, in `work_unit` (exact): µs of processing, or bytes on a link.
+    pub backlog_work: Option<String>,
     pub deadline_us: Option<String>,
     pub deadline_ms: Option<f64>,
     pub verdict: Verdict,
@@ -103,6 +105,11 @@ pub struct ResourceReport {
     /// For a VM: the smallest budget for its period that keeps every inner deadline.
     pub min_budget_us: Option<String>,
     pub min_budget_ms: Option<f64>,
+    /// For EDF and FIFO resources (one shared queue): the largest pending work of all tasks
+    /// together, in `work_unit` (exact).
+    pub backlog_work: Option<String>,
+    /// `µs` of processing, or `B` on a link.
+    pub work_unit: &'static str,
     pub problem: Option<String>,
 }
 
@@ -183,6 +190,7 @@ impl Report {
                 bcrt_ms: r.bcrt.to_f64() / 1000.0,
                 backlog: us(r.backlog.as_ref()),
                 backlog_events: r.backlog.as_ref().map(Q::to_f64),
+                backlog_work: us(r.backlog_work.as_ref()),
                 deadline_us: us(t.deadline.as_ref()),
                 deadline_ms: ms(t.deadline.as_ref()),
                 verdict: Verdict::of(r.wcrt.as_ref(), t.deadline.as_ref()),
@@ -212,6 +220,8 @@ impl Report {
                     supply: r.supply.map(|s| s.name()).or(declared),
                     min_budget_us: us(r.min_budget.as_ref()),
                     min_budget_ms: ms(r.min_budget.as_ref()),
+                    backlog_work: us(r.backlog.as_ref()),
+                    work_unit: if item.kind == ItemKind::Link { "B" } else { "µs" },
                     problem: r.problem.clone(),
                 }
             })

@@ -305,7 +305,7 @@ impl FpState {
                 break (svc, outcome);
             };
             match res {
-                Ok(b) if delay_is_exact(&h, &demand.0, &svc_i.1, &b.wcrt) => {
+                Ok(b) if delay_is_exact(&h, &demand.0, &svc_i.1, &b.wcrt) && backlog_is_exact(&h, ev, &w, &demand.0, &svc_i.1, &b) => {
                     break (svc, Outcome { bounds: Some(b), service: svc_i, exact_until: Some(h), method, problem: None });
                 }
                 _ => match self.grow(&h, &demand.0, res.as_ref().ok().map(|b| &b.wcrt)) {
@@ -382,6 +382,44 @@ fn delay_is_exact(h: &Q, demand: &Curve, service: &Curve, delay: &Q) -> bool {
     &tb < delay
 }
 
+/// Whether the backlogs of `b` (computed by [`component::backlog_on_service`] on a lower
+/// service curve exact on [0, h) and lower beyond) equal those on the exact service. The
+/// deviation sup (D − βl) on the truncated curve is never below the exact one, and both agree
+/// on [0, h). For t >= h the truncated service is at least Y0 = βl(h⁻) and at least ρ·t + m, and
+/// D(t) <= r·t + b, so D − βl there is at most TB = b − Y0 (r = 0) or (r − ρ)·h + b − m
+/// (ρ > r; the bound decreases with t). A deviation V > TB is therefore attained before h, where
+/// it is also the exact one. Work: V = the reported work backlog (unless 0, which is exact as
+/// the deviation is never negative); events: E = ⌈V/wcet⌉ with V > wcet·(E − 1) (the cap by
+/// the WCRT window is exact too, since the WCRT is). `docs/analysis.md` §4.
+fn backlog_is_exact(h: &Q, ev: &Pair, w: &Workload, demand: &Curve, service: &Curve, b: &TaskBounds) -> bool {
+    let tail_bound = |d: &Curve| -> Option<Q> {
+        let (r, rho) = (d.rate(), service.rate());
+        let (_, top) = d.affine_bounds();
+        if r.is_zero() {
+            Some(top - service.eval_left(h))
+        } else if rho > r {
+            Some((&r - &rho) * h + top - service.affine_lower_from(h))
+        } else {
+            None
+        }
+    };
+    let work_ok = b.backlog_work.is_zero() || tail_bound(demand).is_some_and(|tb| tb < b.backlog_work);
+    if !work_ok {
+        return false;
+    }
+    if !w.wcet.is_positive() || b.backlog.is_zero() {
+        return true;
+    }
+    let scaled;
+    let d = if w.curves.is_none() {
+        demand
+    } else {
+        scaled = ev.0.scale(&w.wcet);
+        &scaled
+    };
+    tail_bound(d).is_some_and(|tb| tb <= &w.wcet * (&b.backlog - Q::one()))
+}
+
 /// Analyses the tasks of resource `r` given their activation curves and the base service.
 pub(crate) fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], beta: &Pair) -> Vec<(usize, Outcome)> {
     let sys = ctx.sys;
@@ -437,6 +475,7 @@ pub(crate) fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], bet
             }
             let demands: Vec<Pair> = tasks.iter().map(|&i| wl(i).demand(inputs[i].as_ref().expect("checked above"))).collect();
             let total = component::sum(demands.iter().map(|d| d.0.clone()));
+            let total_backlog = total.as_ref().ok().and_then(|t| total_backlog(t, &beta.1));
             let shared: Result<Vec<Q>, CurveError> = total.and_then(|total| {
                 if edf {
                     let dl: Vec<(Curve, Q)> = tasks
@@ -464,8 +503,15 @@ pub(crate) fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], bet
                         let ev = inputs[i].as_ref().expect("checked above");
                         let wcrt = wcrts[k].clone();
                         let bcrt = component::best_case(&sys.tasks[i].bcet, &beta.0);
+                        // Per task, only the activations of one WCRT window are known to be
+                        // pending; the resource's total is exact (`ResourceResult::backlog`).
+                        let work = demands[k].0.eval_right(&wcrt);
                         let b = TaskBounds {
                             backlog: component::backlog_from_wcrt(ev, &wcrt),
+                            backlog_work: match &total_backlog {
+                                Some(t) => Q::min(&work, t),
+                                None => work,
+                            },
                             output: component::propagate_jitter(ev, &wcrt, &bcrt),
                             wcrt,
                             bcrt,
@@ -482,6 +528,12 @@ pub(crate) fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], bet
         }
     }
     out
+}
+
+/// Pending work of a whole work-conserving resource: sup (Σ demand − βl), at least 0 (`None`
+/// when unbounded or too complex).
+fn total_backlog(total: &Curve, service_lower: &Curve) -> Option<Q> {
+    total.vdev(service_lower).ok().map(|v| Q::max(&v, &Q::zero()))
 }
 
 /// Resources in an order where each comes after the resources feeding it; the flag tells
@@ -771,6 +823,7 @@ pub(crate) fn task_result(sys: &System, i: usize, o: Outcome, input: Pair) -> Ta
             wcrt: Some(b.wcrt),
             bcrt: b.bcrt,
             backlog: Some(b.backlog),
+            backlog_work: Some(b.backlog_work),
             input: Bounds { upper: input.0, lower: input.1 },
             output: Bounds { upper: b.output.0, lower: b.output.1 },
             service: Bounds { upper: o.service.0, lower: o.service.1 },
@@ -782,6 +835,7 @@ pub(crate) fn task_result(sys: &System, i: usize, o: Outcome, input: Pair) -> Ta
             wcrt: None,
             bcrt: component::best_case(&sys.tasks[i].bcet, &o.service.0),
             backlog: None,
+            backlog_work: None,
             input: Bounds { upper: input.0, lower: input.1 },
             output: Bounds { upper: Curve::zero(), lower: Curve::zero() },
             service: Bounds { upper: o.service.0, lower: o.service.1 },
@@ -929,7 +983,22 @@ pub(crate) fn resource_result(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], beta
         }
         _ => (None, None),
     };
-    ResourceResult { utilisation, capacity, supply, min_budget, problem }
+    // Every policy but TDMA is work-conserving: the resource holds at most sup (Σ demand − βl)
+    // of pending work whichever task it serves first. Computed where the sum is needed anyway
+    // (EDF, FIFO); for fixed priority the per-task backlogs are exact and the sum would span
+    // the common period of every input.
+    let backlog = match res.policy {
+        Policy::Edf | Policy::Fifo => {
+            let ds = ctx.tasks_on[r].iter().map(|&i| {
+                let w =
+                    Workload { wcet: sys.tasks[i].wcet.clone(), bcet: sys.tasks[i].bcet.clone(), curves: sys.tasks[i].workload.clone() };
+                inputs[i].as_ref().map(|ev| w.demand(ev).0)
+            });
+            ds.collect::<Option<Vec<Curve>>>().and_then(|ds| component::sum(ds).ok()).and_then(|t| total_backlog(&t, &beta.1))
+        }
+        _ => None,
+    };
+    ResourceResult { utilisation, capacity, supply, min_budget, backlog, problem }
 }
 
 /// Smallest budget (a multiple of the step, at most the period) for which every inner task with

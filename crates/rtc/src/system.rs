@@ -106,8 +106,13 @@ pub struct TaskResult {
     pub wcrt: Option<Q>,
     /// Best-case response time.
     pub bcrt: Q,
-    /// Largest number of pending activations; `None` when unbounded.
+    /// Largest number of pending activations (events); `None` when unbounded. Exact (the
+    /// vertical deviation) for tasks with a service of their own (fixed priority, TDMA, on
+    /// any resource); for EDF and FIFO the activations of one WCRT window (sound).
     pub backlog: Option<Q>,
+    /// Largest pending work (work units: processing time, or bytes on a link), with the same
+    /// provenance as `backlog`; for EDF and FIFO also at most the resource's total.
+    pub backlog_work: Option<Q>,
     /// Activation arrival curves (events).
     pub input: Bounds,
     /// Completion arrival curves (events).
@@ -149,6 +154,9 @@ pub struct ResourceResult {
     /// For a reservation: the smallest budget (for its period, on a grid of `budget_step`)
     /// that keeps every inner task's deadline.
     pub min_budget: Option<Q>,
+    /// Largest pending work of all its tasks together (work units), exact, for resources
+    /// scheduled EDF or FIFO (one shared queue or buffer); `None` for the others.
+    pub backlog: Option<Q>,
     pub problem: Option<String>,
 }
 

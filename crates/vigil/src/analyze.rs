@@ -74,6 +74,7 @@ pub(crate) mod tests {
                     wcrt: Some(t.wcet.clone()),
                     bcrt: t.bcet.clone(),
                     backlog: Some(Q::one()),
+                    backlog_work: Some(t.wcet.clone()),
                     input: Bounds { upper: upper.clone(), lower: lower.clone() },
                     output: Bounds { upper, lower },
                     service: Bounds { upper: su, lower: sl },
@@ -107,6 +108,7 @@ pub(crate) mod tests {
                 capacity: Q::one(),
                 supply: None,
                 min_budget: None,
+                backlog: None,
                 problem: None,
             })
             .collect();

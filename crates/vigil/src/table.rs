@@ -69,7 +69,7 @@ pub fn print(r: &Report) {
             ]
         })
         .collect();
-    out += &render("Tasks", &["name", "on", "wcrt", "bcrt", "backlog", "deadline", "verdict", "method"], &rows);
+    out += &render("Tasks", &["name", "on", "wcrt", "bcrt", "backlog (events)", "deadline", "verdict", "method"], &rows);
     out.push('\n');
     let rows: Vec<Vec<String>> = r
         .resources
