@@ -276,3 +276,31 @@ fn bad_replication_options_exit_2_and_say_why() {
         assert!(text(&out.stderr).contains(want), "vigil {args:?}: expected {want:?} in {}", text(&out.stderr));
     }
 }
+
+/// A VM of period 30 ms whose one task needs 26 ms every 70 ms: under the worst-case supply the
+/// job released at 0 gets Q + max(0, 2Q − 20 ms) by 70 ms, so the smallest budget is 46/3 ms
+/// exactly; on a 1 ms grid it is 16 ms, on a 0.5 ms grid 15.5 ms.
+#[test]
+fn minimal_budget_is_exact_and_on_the_chosen_grid() {
+    let body = "[[processor]]\nname = \"host\"\n\n[[vm]]\nname = \"vm\"\nhost = \"host\"\nbudget = \"30ms\"\nperiod = \"30ms\"\n\n\
+                [[stream]]\nname = \"s\"\nmodel = \"periodic\"\nperiod = \"70ms\"\n\n\
+                [[task]]\nname = \"t\"\non = \"vm\"\ninput = \"s\"\nwcet = \"26ms\"\npriority = 1\ndeadline = \"70ms\"\n";
+    let vm = |extra: &[&str]| {
+        let (out, _) = analyze_text("budget", body, extra);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+        v["resources"].as_array().expect("resources").iter().find(|r| r["name"] == "vm").expect("vm").clone()
+    };
+    let r = vm(&["--json", "--budget-step", "1ms"]);
+    assert_eq!(r["min_budget_exact_us"], "46000/3");
+    assert_eq!(r["min_budget_us"], "16000");
+    assert!(r["supply_convention"].as_str().is_some_and(|c| c.contains("anywhere")));
+    assert_eq!(r["min_budgets"][1]["supply"], "release-synchronous");
+    assert!(r["min_budgets"][1]["supply_convention"].as_str().is_some_and(|c| c.contains("end of each period")));
+    let r = vm(&["--json", "--budget-step", "500us"]);
+    assert_eq!(r["min_budget_us"], "15500");
+    let (out, _) = analyze_text("budget-table", body, &["--budget-step", "1ms"]);
+    assert!(text(&out.stdout).contains("(exact 46/3 ms)"), "{}", text(&out.stdout));
+    let (out, _) = analyze_text("budget-bad", body, &["--budget-step", "-1ms"]);
+    assert_eq!(out.status.code(), Some(2));
+}
