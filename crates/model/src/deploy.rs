@@ -102,6 +102,9 @@ pub struct Vm {
     /// Long-run share of a processor one instance takes (budget/period, or its task's load).
     pub share: Q,
     pub checkpoint: Option<Checkpoint>,
+    /// VMs whose instances must never run on the same host as this one's (anti-affinity,
+    /// symmetric: each lists the other), sorted.
+    pub apart: Vec<usize>,
 }
 
 /// A message that travels between hosts and is routed by the placement of its sender.
@@ -156,6 +159,22 @@ impl Deployment {
     /// Host of a processor.
     pub fn host_of_processor(&self, p: usize) -> Option<usize> {
         self.host_of.get(p).copied().flatten()
+    }
+
+    /// The first pair of running VMs (a, b, their host) that `place` puts on one host although
+    /// they must be kept apart (`apart`), if any.
+    pub fn apart_violation(&self, place: &Placement) -> Option<(usize, usize, usize)> {
+        let host = |v: usize| place.vms[v].instances.first().and_then(|&p| self.host_of_processor(p));
+        for (a, vm) in self.vms.iter().enumerate() {
+            for &b in vm.apart.iter().filter(|&&b| b > a) {
+                if let (Some(ha), Some(hb)) = (host(a), host(b)) {
+                    if ha == hb {
+                        return Some((a, b, ha));
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// Host a task runs on under `place` (None for tasks off the hosts, or of a stopped VM).
@@ -269,6 +288,7 @@ pub(crate) fn build(p: Parts) -> Result<Option<Deployment>> {
             || v.checkpoint_size.is_some()
             || v.checkpoint_interval.is_some()
             || v.checkpoint_priority.is_some()
+            || v.apart.is_some()
     };
     if raw.host.is_empty() {
         if let Some(l) = raw.link.iter().find(|l| l.get_ref().host.is_some()) {
@@ -287,6 +307,7 @@ pub(crate) fn build(p: Parts) -> Result<Option<Deployment>> {
                 ("checkpoint_size", r.checkpoint_size.is_some()),
                 ("checkpoint_interval", r.checkpoint_interval.is_some()),
                 ("checkpoint_priority", r.checkpoint_priority.is_some()),
+                ("apart", r.apart.is_some()),
             ];
             let key = given.iter().find(|(_, g)| *g).map(|(k, _)| *k);
             return Err(ctx.fail(
@@ -574,7 +595,39 @@ pub(crate) fn build(p: Parts) -> Result<Option<Deployment>> {
             tasks,
             share,
             checkpoint,
+            apart: Vec::new(),
         });
+    }
+    // Anti-affinity: resolve the names, make the relation symmetric, and check that the
+    // placement as written keeps it.
+    for (vi, v) in raw.vm.iter().enumerate() {
+        let (r, s) = (v.get_ref(), Site::new(ItemKind::Vm, &v.get_ref().name, v.span()));
+        for other in r.apart.iter().flatten() {
+            let Some(o) = vms.iter().position(|x| &x.name == other) else {
+                return Err(ctx.fail(
+                    &s,
+                    Some("apart"),
+                    format!("unknown VM {other:?} (`apart` lists VMs this one must never share a host with)"),
+                ));
+            };
+            if o == vi {
+                return Err(ctx.fail(&s, Some("apart"), "a VM cannot be kept apart from itself"));
+            }
+            for (a, b) in [(vi, o), (o, vi)] {
+                if !vms[a].apart.contains(&b) {
+                    vms[a].apart.push(b);
+                    vms[a].apart.sort_unstable();
+                }
+            }
+            let (ha, hb) = (host_of[vms[vi].instances[0]], host_of[vms[o].instances[0]]);
+            if let (Some(ha), true) = (ha, ha == hb) {
+                return Err(ctx.fail(
+                    &s,
+                    Some("apart"),
+                    format!("it must never share a host with VM {other:?} (`apart`), but both run on host {:?}", hosts[ha].name),
+                ));
+            }
+        }
     }
     for (h, host) in hosts.iter().enumerate() {
         if used_memory[h] > host.memory {

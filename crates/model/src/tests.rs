@@ -440,6 +440,30 @@ fn the_cluster_example_maps_onto_a_deployment() {
 }
 
 #[test]
+fn anti_affinity_is_parsed_symmetric_and_checked() {
+    // relay (hostA) apart from control (hostB): kept both ways.
+    let t = cluster_with("name = \"relay\"\nhost = \"a0\"", "name = \"relay\"\nhost = \"a0\"\napart = [\"control\"]");
+    let l = crate::parse(&t, "cluster.toml", std::path::Path::new(".")).unwrap();
+    let d = l.deployment.as_ref().unwrap();
+    let (relay, control) = (d.vms.iter().position(|v| v.name == "relay").unwrap(), d.vms.iter().position(|v| v.name == "control").unwrap());
+    assert_eq!(d.vms[relay].apart, vec![control]);
+    assert_eq!(d.vms[control].apart, vec![relay]);
+    assert_eq!(d.apart_violation(&d.initial()), None);
+    // Moving control onto relay's host breaks it; the check names both.
+    let mut place = d.initial();
+    place.vms[control].instances = vec![d.vms[relay].instances[0]];
+    assert_eq!(d.apart_violation(&place), Some((relay, control, 0)));
+    // Errors: unknown VM, itself, and a placement as written that shares a host.
+    let apart = |list: &str| cluster_with("name = \"relay\"\nhost = \"a0\"", &format!("name = \"relay\"\nhost = \"a0\"\napart = {list}"));
+    let t = apart("[\"ghost\"]");
+    fails(&t, line_of(&t, "apart = "), "relay", "unknown VM \"ghost\"");
+    let t = apart("[\"relay\"]");
+    fails(&t, line_of(&t, "apart = "), "relay", "cannot be kept apart from itself");
+    let t = apart("[\"logger\"]");
+    fails(&t, line_of(&t, "apart = "), "relay", "must never share a host with VM \"logger\" (`apart`), but both run on host \"hostA\"");
+}
+
+#[test]
 fn deployment_errors_name_the_item_and_line() {
     // A remote backup on the VM's own host.
     let t = cluster_with("backup = \"hostB\"", "backup = \"hostA\"");

@@ -140,6 +140,15 @@ pub fn build(
             msg: "internal error: the incremental analysis disagrees with the full analysis of the plan".into(),
         });
     }
+    if let Some((a, b, h)) = dep.apart_violation(&best.place) {
+        return Err(AnalysisError::Resource {
+            resource: scenario.name(dep, base),
+            msg: format!(
+                "internal error: the plan puts VMs {:?} and {:?} on host {:?} although they must be kept apart",
+                dep.vms[a].name, dep.vms[b].name, dep.hosts[h].name
+            ),
+        });
+    }
     let pname = |c: &usize| base.resources[*c].name.clone();
     let hname = |h: usize| dep.hosts[h].name.clone();
     let mut actions = Vec::new();

@@ -235,12 +235,21 @@ pub struct Loads {
     reserved: Vec<usize>,
     /// Per host: memory taken.
     memory: Vec<Q>,
+    /// Per host: the running VMs whose instances are on it (for anti-affinity).
+    on_host: Vec<Vec<usize>>,
 }
 
 impl Loads {
     pub fn empty(p: &Problem) -> Loads {
         let n = p.base.resources.len();
-        Loads { share: vec![Q::zero(); n], plain: vec![0; n], reserved: vec![0; n], memory: vec![Q::zero(); p.dep.hosts.len()] }
+        let hosts = p.dep.hosts.len();
+        Loads {
+            share: vec![Q::zero(); n],
+            plain: vec![0; n],
+            reserved: vec![0; n],
+            memory: vec![Q::zero(); hosts],
+            on_host: vec![Vec::new(); hosts],
+        }
     }
 
     pub fn of(p: &Problem, place: &Placement) -> Loads {
@@ -271,6 +280,11 @@ impl Loads {
             let h = p.host(c);
             let m = &vm.memory * &Q::int(vp.instances.len() as i64);
             self.memory[h] = if add { &self.memory[h] + &m } else { &self.memory[h] - &m };
+            if add {
+                self.on_host[h].push(v);
+            } else if let Some(k) = self.on_host[h].iter().position(|&x| x == v) {
+                self.on_host[h].swap_remove(k);
+            }
         }
         if let (Some(b), true) = (vp.backup, vp.running()) {
             self.memory[b] = if add { &self.memory[b] + &vm.memory } else { &self.memory[b] - &vm.memory };
@@ -294,6 +308,12 @@ impl Loads {
         if extra.iter().any(|(c, s)| &self.share[*c] + s > Q::one()) {
             return false;
         }
+        // Anti-affinity: no VM it must be kept apart from already runs on that host.
+        if let Some(&c) = vp.instances.first() {
+            if p.dep.vms[v].apart.iter().any(|u| self.on_host[p.host(c)].contains(u)) {
+                return false;
+            }
+        }
         let mut mem: Vec<(usize, Q)> = Vec::new();
         if let Some(&c) = vp.instances.first() {
             mem.push((p.host(c), &vm.memory * &Q::int(vp.instances.len() as i64)));
@@ -308,6 +328,9 @@ impl Loads {
     /// room left (None if they do not fit).
     pub fn fit_instances(&self, p: &Problem, v: usize, h: usize) -> Option<Vec<usize>> {
         let vm = &p.dep.vms[v];
+        if vm.apart.iter().any(|u| self.on_host[h].contains(u)) {
+            return None;
+        }
         let mut share: Vec<(usize, Q)> = p.dep.hosts[h].processors.iter().map(|&c| (c, self.share[c].clone())).collect();
         let mut out = Vec::new();
         for _ in 0..vm.instances.len() {
@@ -620,6 +643,12 @@ pub fn branch_and_bound(p: &Problem, ev: &mut Evaluator, incumbent: Scored, budg
 /// Every combination of every VM's choices, each analysed in full, no pruning: the reference
 /// for tests (exponential; only for a handful of VMs).
 pub fn exhaustive(p: &Problem) -> Result<Scored, AnalysisError> {
+    exhaustive_where(p, |_| true)
+}
+
+/// [`exhaustive`] over the placements `keep` accepts (besides capacity): lets a test impose a
+/// constraint independently of the planner's own checks.
+pub fn exhaustive_where(p: &Problem, keep: impl Fn(&Placement) -> bool) -> Result<Scored, AnalysisError> {
     let n = p.dep.vms.len();
     let empty = Loads::empty(p);
     // Choices per VM, independent of the others (instances of multi-instance VMs are fitted
@@ -630,7 +659,7 @@ pub fn exhaustive(p: &Problem) -> Result<Scored, AnalysisError> {
     let mut sys = p.base.clone();
     loop {
         let place = Placement { vms: (0..n).map(|v| per_vm[v][idx[v]].clone()).collect() };
-        if capacity_ok(p, &place) {
+        if capacity_ok(p, &place) && keep(&place) {
             p.dep.apply(p.base, &place, &mut sys);
             let an = analyze(&sys, &crate::eval::planning_options())?;
             let verdict = verdict(p.base, p.dep, &p.world, &place, &an);

@@ -14,6 +14,13 @@ use std::fmt::Write;
 /// reservations in random modes, a chain through two VMs with a message between hosts, a
 /// chain inside one VM, and deadlines from tight to loose.
 fn random_cluster(r: &mut Rng) -> String {
+    random_cluster_apart(r, false).0
+}
+
+/// [`random_cluster`], and with `apart` some VMs kept apart from the one before them (on
+/// another host at first): the cluster's text and the pairs kept apart.
+fn random_cluster_apart(r: &mut Rng, apart: bool) -> (String, Vec<(usize, usize)>) {
+    let mut pairs = Vec::new();
     let hosts = 3;
     let per = r.int(1, 2) as usize;
     let vms = if per == 1 { 4 } else { 3 };
@@ -45,6 +52,10 @@ fn random_cluster(r: &mut Rng) -> String {
             r.int(0, 2),
             r.int(1, 3)
         );
+        if apart && v > 0 && r.int(0, 2) > 0 {
+            let _ = writeln!(s, "apart = [\"vm{}\"]", v - 1);
+            pairs.push((v - 1, v));
+        }
         if mode == "remote" {
             let _ = writeln!(
                 s,
@@ -70,7 +81,7 @@ fn random_cluster(r: &mut Rng) -> String {
     let _ = writeln!(s, "[[task]]\nname = \"react\"\non = \"vm1\"\ninput = \"msg\"\nwcet = \"{}us\"\npriority = 2\n", r.int(100, 1500));
     let _ = writeln!(s, "[[chain]]\nname = \"pipeline\"\ntasks = [\"work0\", \"msg\", \"react\"]\ndeadline = \"{}ms\"\n", r.int(20, 120));
     let _ = writeln!(s, "[[chain]]\nname = \"local\"\ntasks = [\"work2\"]\ndeadline = \"{}ms\"\n", r.int(8, 60));
-    s
+    (s, pairs)
 }
 
 #[test]
@@ -137,4 +148,63 @@ fn plans_of_the_example_are_validated_and_covered() {
         assert!(p.chains.iter().all(|c| c.status == "ok"));
         assert!(!p.actions.is_empty());
     }
+}
+
+/// Anti-affinity: on random clusters where some VMs must be kept apart, every plan keeps them
+/// apart, and the branch and bound's plan is optimal among the placements that do: equal in cost
+/// and slack to an exhaustive enumeration of the same cluster *without* the constraint in the
+/// model, filtered by a check written here (the hosts of the two VMs' first instances differ).
+#[test]
+fn anti_affinity_is_kept_and_plans_stay_optimal() {
+    let mut r = Rng(0xa9a7);
+    let (mut checked, mut binding) = (0, 0);
+    let mut attempts = 0;
+    while checked < 60 && attempts < 600 {
+        attempts += 1;
+        let (text, pairs) = random_cluster_apart(&mut r, true);
+        if pairs.is_empty() {
+            continue;
+        }
+        let free_text: String = text.lines().filter(|l| !l.starts_with("apart")).map(|l| format!("{l}\n")).collect();
+        let (Ok(loaded), Ok(free)) = (
+            model::parse(&text, "random.toml", std::path::Path::new(".")),
+            model::parse(&free_text, "random.toml", std::path::Path::new(".")),
+        ) else {
+            continue;
+        };
+        let dep = loaded.deployment.as_ref().expect("the cluster has hosts");
+        let free_dep = free.deployment.as_ref().expect("the cluster has hosts");
+        let base = &loaded.system;
+        let host = |place: &model::Placement, v: usize| place.vms[v].instances.first().map(|&c| free_dep.host_of[c]);
+        let apart_ok = |place: &model::Placement| pairs.iter().all(|&(a, b)| host(place, a).is_none() || host(place, a) != host(place, b));
+        let scenarios = scenario::enumerate(dep, &[], 1, false);
+        for s in &scenarios {
+            let p = Problem::new(base, dep, World::new(dep, base, s));
+            let mut ev = Evaluator::new(base, dep);
+            let g = greedy(&p, &mut ev, &SearchOptions::default()).expect("analysable");
+            assert!(apart_ok(&g.place), "greedy broke anti-affinity {pairs:?}: {:?}\n{text}", g.place);
+            let (best, optimal) = branch_and_bound(&p, &mut ev, g, 1_000_000).expect("analysable");
+            assert!(optimal);
+            assert!(apart_ok(&best.place), "branch and bound broke anti-affinity {pairs:?}: {:?}\n{text}", best.place);
+            let fp = Problem::new(&free.system, free_dep, World::new(free_dep, &free.system, s));
+            let truth = planner::search::exhaustive_where(&fp, apart_ok).expect("analysable");
+            assert_eq!(
+                (best.cost.clone(), best.verdict.slack.clone()),
+                (truth.cost.clone(), truth.verdict.slack.clone()),
+                "scenario {s:?} of\n{text}\nbranch and bound {:?}\nexhaustive {:?}",
+                best.place,
+                truth.place
+            );
+            let unconstrained = exhaustive(&fp).expect("analysable");
+            if unconstrained.better_than(&truth) {
+                binding += 1;
+            }
+            checked += 1;
+        }
+        let table = plan_all(base, dep, &scenarios, &SearchOptions::default()).expect("plans");
+        assert!(table.plans.iter().all(|p| apart_ok(&p.placement)));
+    }
+    assert!(checked >= 60, "only {checked} scenarios in {attempts} attempts");
+    assert!(binding * 10 >= checked, "the constraint decided only {binding} of {checked} scenarios");
+    eprintln!("{checked} scenarios with anti-affinity optimal; the constraint changed the best plan in {binding}");
 }
