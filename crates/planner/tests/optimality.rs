@@ -208,3 +208,53 @@ fn anti_affinity_is_kept_and_plans_stay_optimal() {
     assert!(binding * 10 >= checked, "the constraint decided only {binding} of {checked} scenarios");
     eprintln!("{checked} scenarios with anti-affinity optimal; the constraint changed the best plan in {binding}");
 }
+
+/// Every plan's task rows (the JSON of `vigil plan`) agree with a full analysis of the system
+/// rebuilt here from the plan's placement: the same response times, deadlines and slack, `ok`
+/// exactly when the bound is within the deadline, and `given-up` exactly for the tasks of
+/// stopped VMs.
+#[test]
+fn plan_task_rows_agree_with_a_full_analysis_of_the_placement() {
+    let mut r = Rng(0x7a5c);
+    let mut rows = 0;
+    for _ in 0..40 {
+        let text = random_cluster(&mut r);
+        let Ok(loaded) = model::parse(&text, "random.toml", std::path::Path::new(".")) else { continue };
+        let dep = loaded.deployment.as_ref().expect("hosts");
+        let base = &loaded.system;
+        let scenarios = scenario::enumerate(dep, &[], 1, false);
+        let table = plan_all(base, dep, &scenarios, &SearchOptions::default()).expect("plans");
+        for p in &table.plans {
+            let mut sys = base.clone();
+            dep.apply(base, &p.placement, &mut sys);
+            let an = rtc::system::analyze(&sys, &rtc::system::Options { budget_step: rtc::Q::zero(), ..Default::default() })
+                .expect("analysable");
+            assert_eq!(p.tasks.len(), base.tasks.len());
+            for (t, row) in p.tasks.iter().enumerate() {
+                assert_eq!(row.task, base.tasks[t].name);
+                assert_eq!(row.resource, sys.resources[sys.tasks[t].resource].name);
+                let stopped = dep.vm_of_task[t].is_some_and(|v| !p.placement.vms[v].running());
+                if stopped {
+                    assert_eq!(row.status, "given-up", "{row:?}");
+                    continue;
+                }
+                if row.status == "given-up" {
+                    continue; // a message whose sender is stopped
+                }
+                let w = an.tasks[t].wcrt.clone();
+                assert_eq!(row.wcrt_us, w.as_ref().map(|w| w.to_string()), "{row:?}");
+                let d = base.tasks[t].deadline.clone();
+                assert_eq!(row.deadline_us, d.as_ref().map(|d| d.to_string()));
+                assert_eq!(row.slack_us, w.as_ref().zip(d.as_ref()).map(|(w, d)| (d - w).to_string()));
+                let ok = match (&w, &d) {
+                    (Some(w), Some(d)) => w <= d,
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                };
+                assert_eq!(row.status == "ok", ok, "{row:?}");
+                rows += 1;
+            }
+        }
+    }
+    assert!(rows > 500, "{rows}");
+}

@@ -304,3 +304,42 @@ fn minimal_budget_is_exact_and_on_the_chosen_grid() {
     let (out, _) = analyze_text("budget-bad", body, &["--budget-step", "-1ms"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A displaced VM that fits nowhere: the plan has no action, and the text says so without
+/// claiming nothing was needed; a quick pass (`--budget 0`) that leaves a scenario degraded says
+/// it was only the quick pass; `--json` gives per-task response times, deadlines and slack.
+#[test]
+fn plan_text_is_consistent_and_json_has_task_rows() {
+    let d = scratch("plan-text");
+    let f = d.join("c.toml");
+    let body = "[[host]]\nname = \"h0\"\nmemory = \"8GiB\"\nprocessors = [\"p0\"]\n\n\
+                [[host]]\nname = \"h1\"\nmemory = \"4GiB\"\nprocessors = [\"p1\"]\n\n\
+                [[processor]]\nname = \"p0\"\n\n[[processor]]\nname = \"p1\"\n\n\
+                [[vm]]\nname = \"big\"\nhost = \"p0\"\nbudget = \"2ms\"\nperiod = \"10ms\"\nmemory = \"6GiB\"\n\n\
+                [[vm]]\nname = \"small\"\nhost = \"p1\"\nbudget = \"2ms\"\nperiod = \"10ms\"\nmemory = \"1GiB\"\n\n\
+                [[stream]]\nname = \"s\"\nmodel = \"periodic\"\nperiod = \"20ms\"\n\n\
+                [[task]]\nname = \"t\"\non = \"small\"\ninput = \"s\"\nwcet = \"1ms\"\npriority = 1\ndeadline = \"30ms\"\n";
+    std::fs::write(&f, body).expect("write");
+    let path = f.display().to_string();
+    let out = vigil(&["plan", &path]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let h0 = stdout.split("Scenario h0").nth(1).expect("scenario h0");
+    let h0 = h0.split("\n\n").next().unwrap_or_default();
+    assert!(!h0.contains("no action needed"), "{h0}");
+    assert!(h0.contains("(no action: what survived stays as it is)"), "{h0}");
+    assert!(h0.contains("VM big not restarted: its host failed"), "{h0}");
+    // JSON: per-task rows after the plan.
+    let out = vigil(&["plan", &path, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let plans = v["plans"].as_array().expect("plans");
+    let p1 = plans.iter().find(|p| p["scenario"] == "h1").expect("scenario h1");
+    let t = p1["tasks"].as_array().expect("tasks").iter().find(|t| t["task"] == "t").expect("task t").clone();
+    assert_eq!(t["status"], "ok", "{t}");
+    assert!(t["wcrt_us"].is_string() && t["deadline_us"] == "30000" && t["slack_us"].is_string(), "{t}");
+    // The cluster example with the quick pass only: hostB is degraded, and the plan says the
+    // full search did not run (the full search covers it).
+    let out = vigil(&["plan", &example("cluster.toml").display().to_string(), "--budget", "0"]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("Scenario hostB: DEGRADED (quick pass only: a better plan may exist"), "{stdout}");
+}
