@@ -2,7 +2,9 @@
 //!
 //! A placement is compared with another by its [`Cost`], lexicographically: deadlines missed;
 //! then, for each criticality level from the highest down, VMs stopped (shed) and VMs that lose
-//! their remote backup; then VMs moved; and last (larger is better) the smallest slack.
+//! their remote backup; then running VMs the fault did not touch that are migrated; then bytes
+//! copied between hosts; then bytes copied while a VM is down; then VMs moved; and last (larger
+//! is better) the smallest slack.
 //!
 //! Two searches share the same choices and costs:
 //! - [`branch_and_bound`]: depth-first over every VM's choices (where its instances run, where
@@ -23,15 +25,60 @@ use rtc::system::{analyze, AnalysisError, System};
 use rtc::Q;
 use std::cmp::Ordering;
 
-/// The discrete part of a placement's cost (smaller is better; compared field by field).
+/// The discrete part of a placement's cost (smaller is better; compared field by field, in
+/// this order; `docs/planning.md` "Which plan is best").
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 pub struct Cost {
     /// Deadlines missed (or bounds lost), not counting those given up with a stopped VM.
     pub misses: usize,
     /// For each criticality level, highest first: (VMs stopped, VMs without their backup).
     pub levels: Vec<(usize, usize)>,
-    /// VMs moved (migrated, or backups moved) that the fault did not force to move.
+    /// Running VMs the fault did not touch that are migrated (their service is disturbed).
+    pub untouched_moved: usize,
+    /// Bytes copied between hosts: a migration copies the VM's memory (per instance), resuming a
+    /// displaced VM on another host than its backup's copies the replica, and every new backup
+    /// copies the VM's memory.
+    #[serde(serialize_with = "as_text")]
+    pub bytes: Q,
+    /// Bytes copied while a VM is down: the replica of a displaced VM resumed on another host
+    /// than its backup's (live migrations and new backups run beside the service).
+    #[serde(serialize_with = "as_text")]
+    pub downtime_bytes: Q,
+    /// VMs moved: migrated, resumed away from their backup's host, or whose backup moved though
+    /// the fault left it usable (reported as the plan's moves).
     pub moves: usize,
+}
+
+fn as_text<S: serde::Serializer>(q: &Q, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&q.to_string())
+}
+
+/// What one VM's choice costs (see [`Cost`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmCost {
+    pub stopped: bool,
+    /// A remote-mode VM without a backup.
+    pub lost: bool,
+    pub untouched_moved: usize,
+    pub bytes: Q,
+    pub downtime_bytes: Q,
+    pub moves: usize,
+}
+
+impl Cost {
+    pub fn zero(levels: usize) -> Cost {
+        Cost { misses: 0, levels: vec![(0, 0); levels], untouched_moved: 0, bytes: Q::zero(), downtime_bytes: Q::zero(), moves: 0 }
+    }
+
+    /// Adds VM choice `c` at criticality level `level`.
+    pub fn add(&mut self, level: usize, c: &VmCost) {
+        self.levels[level].0 += c.stopped as usize;
+        self.levels[level].1 += c.lost as usize;
+        self.untouched_moved += c.untouched_moved;
+        self.bytes = &self.bytes + &c.bytes;
+        self.downtime_bytes = &self.downtime_bytes + &c.downtime_bytes;
+        self.moves += c.moves;
+    }
 }
 
 /// A placement with its cost and verdict.
@@ -121,41 +168,49 @@ impl<'a> Problem<'a> {
             .product()
     }
 
-    /// (moves, stopped, lost its backup) of one VM's choice.
-    pub fn vm_cost(&self, v: usize, p: &VmPlace) -> (usize, bool, bool) {
+    /// What one VM's choice costs.
+    pub fn vm_cost(&self, v: usize, p: &VmPlace) -> VmCost {
         if !p.running() {
-            return (0, true, false);
+            return VmCost { stopped: true, ..VmCost::default() };
         }
+        let vm = &self.dep.vms[v];
         let init = &self.initial.vms[v];
         let h = self.host(p.instances[0]);
-        let mut moves = 0;
+        let mut c = VmCost { lost: vm.mode.remote() && p.backup.is_none(), ..VmCost::default() };
+        // The backup kept as it was (if still usable), or none: anything else is a new copy.
+        let mut kept_backup = None;
         if !self.displaced[v] {
             if p.instances != init.instances {
-                moves += 1;
+                c.untouched_moved = 1;
+                c.moves += 1;
+                c.bytes = &vm.memory * &Q::int(p.instances.len() as i64);
             }
             if let Some(b0) = self.old_backup(v) {
                 if h != b0 && p.backup != Some(b0) {
-                    moves += 1;
+                    c.moves += 1;
                 }
+                kept_backup = Some(b0);
             }
         } else if let Some(b) = self.state_host(v) {
             if h != b {
-                moves += 1;
+                // The replica is copied to the new host before the VM resumes there.
+                c.moves += 1;
+                c.bytes = vm.memory.clone();
+                c.downtime_bytes = vm.memory.clone();
             }
         }
-        let lost = self.dep.vms[v].mode.remote() && p.backup.is_none();
-        (moves, false, lost)
+        if p.backup.is_some() && p.backup != kept_backup {
+            c.bytes = &c.bytes + &vm.memory;
+        }
+        c
     }
 
     /// The cost of a whole placement, with `misses` from its verdict.
     pub fn cost(&self, place: &Placement, misses: usize) -> Cost {
-        let mut c = Cost { misses, levels: vec![(0, 0); self.levels.len()], moves: 0 };
+        let mut c = Cost::zero(self.levels.len());
+        c.misses = misses;
         for (v, p) in place.vms.iter().enumerate() {
-            let (m, stopped, lost) = self.vm_cost(v, p);
-            c.moves += m;
-            let l = &mut c.levels[self.level_of[v]];
-            l.0 += stopped as usize;
-            l.1 += lost as usize;
+            c.add(self.level_of[v], &self.vm_cost(v, p));
         }
         c
     }
@@ -390,17 +445,18 @@ pub fn greedy(p: &Problem, ev: &mut Evaluator, opts: &SearchOptions) -> Result<S
         if !p.displaced[v] {
             continue;
         }
-        let mut best: Option<(usize, Q, VmPlace)> = None;
+        let mut best: Option<((usize, Q, Q, usize), Q, VmPlace)> = None;
         for instances in p.primaries(v, &loads) {
             // Place the instances now, the backup below; fewest moves, then the most room.
             let c = VmPlace { instances, backup: None };
             if !loads.fits(p, v, &c) {
                 continue;
             }
-            let (moves, _, _) = p.vm_cost(v, &c);
+            let vc = p.vm_cost(v, &c);
+            let disturb = (vc.untouched_moved, vc.bytes, vc.downtime_bytes, vc.moves);
             let room = c.instances.iter().map(|&x| loads.free(x)).min().unwrap_or_default();
-            if best.as_ref().is_none_or(|(m, r, _)| moves < *m || (moves == *m && room > *r)) {
-                best = Some((moves, room, c));
+            if best.as_ref().is_none_or(|(m, r, _)| disturb < *m || (&disturb == m && room > *r)) {
+                best = Some((disturb, room, c));
             }
         }
         if let Some((_, _, c)) = best {
@@ -613,11 +669,10 @@ pub fn branch_and_bound(p: &Problem, ev: &mut Evaluator, incumbent: Scored, budg
             if !loads.fits(p, v, &c) {
                 continue;
             }
-            let (m, stopped, lost) = p.vm_cost(v, &c);
+            // Every part of the cost only grows as VMs are added, so a partial cost already
+            // above the best complete one cannot lead to a better placement.
             let mut next = partial.clone();
-            next.moves += m;
-            next.levels[p.level_of[v]].0 += stopped as usize;
-            next.levels[p.level_of[v]].1 += lost as usize;
+            next.add(p.level_of[v], &p.vm_cost(v, &c));
             if next > bb.best.cost {
                 continue;
             }
@@ -635,7 +690,7 @@ pub fn branch_and_bound(p: &Problem, ev: &mut Evaluator, incumbent: Scored, budg
     let mut place = p.initial.clone();
     let mut loads = Loads::empty(p);
     let mut bb = Bb { p, ev, best: incumbent, leaves: 0, budget, aborted: false };
-    let zero = Cost { misses: 0, levels: vec![(0, 0); p.levels.len()], moves: 0 };
+    let zero = Cost::zero(p.levels.len());
     dfs(&mut bb, 0, &mut place, &mut loads, &zero)?;
     Ok((bb.best, !bb.aborted))
 }

@@ -258,3 +258,49 @@ fn plan_task_rows_agree_with_a_full_analysis_of_the_placement() {
     }
     assert!(rows > 500, "{rows}");
 }
+
+/// The plan's cost says what its actions do: untouched VMs migrated, bytes copied (migrations,
+/// replicas resumed on another host, new backups) and bytes copied while a VM is down, computed
+/// here from the actions alone. With `branch_and_bound_matches_exhaustive_enumeration`, the
+/// plans are optimal under that order.
+#[test]
+fn plan_cost_matches_its_actions() {
+    use planner::Action;
+    let mut r = Rng(0x3b1d);
+    let (mut plans, mut copying) = (0, 0);
+    for _ in 0..60 {
+        let text = random_cluster(&mut r);
+        let Ok(loaded) = model::parse(&text, "random.toml", std::path::Path::new(".")) else { continue };
+        let dep = loaded.deployment.as_ref().expect("hosts");
+        let base = &loaded.system;
+        let links: Vec<usize> = dep.hosts.iter().filter_map(|h| h.port).collect();
+        let scenarios = scenario::enumerate(dep, &links, 1, true);
+        let table = plan_all(base, dep, &scenarios, &SearchOptions::default()).expect("plans");
+        let mem = |vm: &str| dep.vms.iter().find(|v| v.name == vm).expect("vm").memory.clone();
+        let host_of = |proc: &str| {
+            let c = base.resources.iter().position(|x| x.name == proc).expect("processor");
+            dep.hosts[dep.host_of_processor(c).expect("host")].name.clone()
+        };
+        for p in &table.plans {
+            let (mut untouched, mut bytes, mut down) = (0, rtc::Q::zero(), rtc::Q::zero());
+            for a in &p.actions {
+                match a {
+                    Action::Migrate { vm, to, .. } => {
+                        untouched += 1;
+                        bytes = bytes + mem(vm) * rtc::Q::int(to.len() as i64);
+                    }
+                    Action::ActivateBackup { vm, host, on } if host_of(&on[0]) != *host => {
+                        bytes = bytes + mem(vm);
+                        down = down + mem(vm);
+                    }
+                    Action::StartBackup { vm, .. } => bytes = bytes + mem(vm),
+                    _ => {}
+                }
+            }
+            assert_eq!((p.cost.untouched_moved, &p.cost.bytes, &p.cost.downtime_bytes), (untouched, &bytes, &down), "{p:#?}");
+            plans += 1;
+            copying += usize::from(bytes.is_positive());
+        }
+    }
+    assert!(plans > 200 && copying * 4 > plans, "{plans} plans, {copying} copy something");
+}

@@ -67,7 +67,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                 ("budget exhausted", _) => format!("heuristic: the search stopped at --budget {}", args.budget),
                 _ => p.method.to_string(),
             };
-            out += &format!("Scenario {}: {} ({how}, {} moves)\n", p.scenario, coverage_name(p.coverage), p.moves);
+            let copied = model::units::human_size(&p.cost.bytes);
+            out += &format!("Scenario {}: {} ({how}, {} moves, {copied} copied)\n", p.scenario, coverage_name(p.coverage), p.moves);
             if p.actions.is_empty() {
                 let nothing_lost = p.given_up.is_empty() && p.missed.is_empty() && p.lost.is_empty();
                 out += if nothing_lost { "  (no action needed)\n" } else { "  (no action: what survived stays as it is)\n" };
