@@ -103,7 +103,8 @@ fn plan_some(
         };
         let mut stats = ev.stats;
         stats.evaluations -= before;
-        plans.push(plan::build(base, dep, &world, s, &p, &best, search, &stats)?);
+        let validation = if opts.full_validation { plan::Validation::Full } else { plan::Validation::FromStart(start) };
+        plans.push(plan::build(base, dep, &world, s, &p, &best, search, &stats, validation)?);
     }
     Ok((plans, ev.stats))
 }

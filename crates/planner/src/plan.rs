@@ -148,7 +148,20 @@ fn ms(q: &Q) -> f64 {
     q.to_f64() / 1000.0
 }
 
-/// Validates `best` by a full analysis of the system it gives, and describes it.
+/// How a plan is validated: the analysis of the system it gives, computed independently of
+/// the search's chain of incremental analyses, must give the search's verdict.
+#[derive(Debug, Clone, Copy)]
+pub enum Validation<'a> {
+    /// A full analysis of the plan's system.
+    Full,
+    /// An incremental analysis from the analysis of the initial placement (the system as
+    /// loaded, `start`): only what the plan's placement changes, and what depends on it, is
+    /// analysed again (`rtc::incremental`, equal to the full analysis by its tests).
+    FromStart(&'a rtc::system::Analysis),
+}
+
+/// Validates `best` by an analysis of the system it gives (see [`Validation`]), and describes it.
+#[allow(clippy::too_many_arguments)]
 pub fn build(
     base: &System,
     dep: &Deployment,
@@ -158,16 +171,20 @@ pub fn build(
     best: &Scored,
     search: &'static str,
     stats: &Stats,
+    validation: Validation,
 ) -> Result<Plan, AnalysisError> {
     let optimal = search == "complete";
     let mut sys = base.clone();
     dep.apply(base, &best.place, &mut sys);
-    let an = analyze(&sys, &crate::eval::planning_options())?;
+    let an = match validation {
+        Validation::Full => analyze(&sys, &crate::eval::planning_options())?,
+        Validation::FromStart(start) => rtc::incremental::reanalyze(base, start.clone(), &sys, &crate::eval::planning_options())?.0,
+    };
     let full = verdict(base, dep, world, &best.place, &an);
     if full != best.verdict {
         return Err(AnalysisError::Resource {
             resource: scenario.name(dep, base),
-            msg: "internal error: the incremental analysis disagrees with the full analysis of the plan".into(),
+            msg: "internal error: the search's analysis disagrees with the validating analysis of the plan".into(),
         });
     }
     if let Some((a, b, h)) = dep.apart_violation(&best.place) {

@@ -304,3 +304,30 @@ fn plan_cost_matches_its_actions() {
     }
     assert!(plans > 200 && copying * 4 > plans, "{plans} plans, {copying} copy something");
 }
+
+/// Validating each plan incrementally from the initial placement's analysis gives exactly the
+/// plans (placements, actions, task and chain rows, costs) of validating it by a full analysis,
+/// on random clusters (host and link failures, up to two faults) and on a synthetic cluster.
+#[test]
+fn incremental_validation_gives_the_plans_of_full_validation() {
+    let mut r = Rng(0x5ca1e);
+    let mut texts: Vec<String> = (0..25).map(|_| random_cluster(&mut r)).collect();
+    texts.push(planner::synthetic::cluster(120, 12, 5));
+    let mut plans = 0;
+    for text in &texts {
+        let Ok(loaded) = model::parse(text, "random.toml", std::path::Path::new(".")) else { continue };
+        let dep = loaded.deployment.as_ref().expect("hosts");
+        let links: Vec<usize> = dep.hosts.iter().filter_map(|h| h.port).collect();
+        let faults = if dep.vms.len() > 10 { 1 } else { 2 };
+        let scenarios = scenario::enumerate(dep, &links, faults, dep.vms.len() <= 10);
+        let json = |full: bool| {
+            let opts = SearchOptions { full_validation: full, ..SearchOptions::default() };
+            let t = plan_all(&loaded.system, dep, &scenarios, &opts).expect("plans");
+            serde_json::to_string(&t.plans).expect("json")
+        };
+        let (inc, full) = (json(false), json(true));
+        assert_eq!(inc, full);
+        plans += scenarios.len();
+    }
+    assert!(plans > 300, "{plans}");
+}

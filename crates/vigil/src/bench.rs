@@ -32,6 +32,10 @@ pub struct Args {
     /// Cluster sizes for `plan`, as VMSxHOSTS.
     #[arg(long, value_delimiter = ',', default_values_t = vec!["50x5".to_string(), "200x20".to_string(), "1000x100".to_string()])]
     clusters: Vec<String>,
+    /// `plan`: validate every plan by a full analysis (the default validates incrementally
+    /// from the initial placement's analysis; both give the same plans).
+    #[arg(long)]
+    full_validation: bool,
     /// Also write each synthetic cluster to DIR/cluster-VMSxHOSTS.toml (for `vigil plan`).
     #[arg(long, value_name = "DIR")]
     save: Option<std::path::PathBuf>,
@@ -231,7 +235,7 @@ fn plan(args: &Args) -> anyhow::Result<Outcome> {
         let dep = loaded.deployment.as_ref().ok_or_else(|| anyhow::anyhow!("synthetic cluster without hosts"))?;
         let scenarios = scenario::enumerate(dep, &[], 1, false);
         let repeat = if vms >= 1000 { 1.max(args.repeat.min(3)) } else { args.repeat };
-        let opts = SearchOptions::default();
+        let opts = SearchOptions { full_validation: args.full_validation, ..SearchOptions::default() };
         let (t, table) = time(repeat, || plan_all(&loaded.system, dep, &scenarios, &opts));
         let table = table.map_err(|e| anyhow::anyhow!("{e}"))?;
         let (t_full, _) = time(repeat, || analyze(&loaded.system, &planner::eval::planning_options()));
