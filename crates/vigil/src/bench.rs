@@ -138,9 +138,19 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         }));
         prev = Some((n, ms(t)));
     }
+    // The workload of the comparison with pyCPA (examples/pycpa/compare.py): independent tasks.
+    let indep = synthetic::independent_fp(1000, 10, 7);
+    let (t_indep, a_indep) = time(args.repeat, || analyze(&indep, &Options::default()));
+    let indep_row = serde_json::json!({
+        "tasks": indep.tasks.len(), "processors": indep.resources.len(), "analysis_ms": ms(t_indep),
+        "unbounded_tasks": a_indep.map(|a| a.tasks.iter().filter(|t| t.wcrt.is_none()).count()).unwrap_or(indep.tasks.len()),
+    });
     let ops = curve_ops(args.repeat.max(20));
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "analysis": rows, "curve_operations": ops }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "analysis": rows, "independent_fp": indep_row, "curve_operations": ops }))?
+        );
         return Ok(Outcome::Ok);
     }
     println!("Full analysis of synthetic systems (3-hop chains: task, 100 Mbit/s link, task)");
@@ -163,6 +173,12 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             r["growth_vs_linear"].as_f64().map(|g| format!("{g:.2}x")).unwrap_or_else(|| "-".into()),
         );
     }
+    println!(
+        "\n{} independent fixed-priority tasks on {} processors (the pyCPA comparison's workload, examples/pycpa): {:.1} ms",
+        indep.tasks.len(),
+        indep.resources.len(),
+        ms(t_indep)
+    );
     println!();
     println!("Curve operations (median of {} runs)", args.repeat.max(20));
     println!("{:<58} {:>10} {:>10}", "operation", "µs", "segments");
