@@ -470,7 +470,9 @@ pub fn greedy(p: &Problem, ev: &mut Evaluator, opts: &SearchOptions) -> Result<S
         if !p.displaced[v] {
             continue;
         }
-        let mut best: Option<((usize, Q, Q, usize), Q, VmPlace)> = None;
+        // (disturbance: untouched moved, bytes, downtime bytes, moves), room, choice.
+        type Candidate = ((usize, Q, Q, usize), Q, VmPlace);
+        let mut best: Option<Candidate> = None;
         for instances in p.primaries(v, &loads) {
             // Place the instances now, the backup below; fewest moves, then the most room.
             let c = VmPlace { instances, backup: None };

@@ -112,20 +112,6 @@ pub fn distributed_chains(tasks: usize, seed: u64) -> System {
     sys
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn small_synthetic_system_is_schedulable() {
-        let sys = distributed_chains(30, 1);
-        assert_eq!(sys.tasks.len(), 30);
-        let a = analyze(&sys, &Options::default()).unwrap();
-        assert!(a.tasks.iter().all(|t| t.wcrt.is_some()), "{:?}", a.tasks.iter().map(|t| &t.problem).collect::<Vec<_>>());
-        assert!(a.chains.iter().all(|c| c.worst.is_some()));
-    }
-}
-
 /// `tasks` independent tasks, `per_processor` on each processor (preemptive fixed priority,
 /// rate-monotonic), periodic or with a jitter of a tenth of the period, periods 1–100 ms,
 /// utilisation at most 70 % per processor: the workload of the comparison with pyCPA
@@ -171,4 +157,18 @@ pub fn independent_fp(tasks: usize, per_processor: usize, seed: u64) -> System {
         }
     }
     sys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_synthetic_system_is_schedulable() {
+        let sys = distributed_chains(30, 1);
+        assert_eq!(sys.tasks.len(), 30);
+        let a = analyze(&sys, &Options::default()).unwrap();
+        assert!(a.tasks.iter().all(|t| t.wcrt.is_some()), "{:?}", a.tasks.iter().map(|t| &t.problem).collect::<Vec<_>>());
+        assert!(a.chains.iter().all(|c| c.worst.is_some()));
+    }
 }
