@@ -282,15 +282,23 @@ pub fn build(
         })
         .collect();
     let stopped = |t: usize| dep.vm_of_task.get(t).copied().flatten().is_some_and(|v| !best.place.vms[v].running());
-    let tasks = (0..base.tasks.len())
+    // Per task (linear in the system, whatever the number of messages and misses).
+    let n = base.tasks.len();
+    let mut given_up_task: Vec<bool> = (0..n).map(stopped).collect();
+    for m in dep.messages.iter().filter(|m| stopped(m.sender)) {
+        given_up_task[m.task] = true;
+    }
+    let (mut lost_task, mut missed_task) = (vec![false; n], vec![false; n]);
+    full.lost_tasks.iter().for_each(|&t| lost_task[t] = true);
+    full.missed_tasks.iter().for_each(|&t| missed_task[t] = true);
+    let tasks = (0..n)
         .map(|t| {
             let r = &an.tasks[t];
-            let sender_stopped = dep.messages.iter().any(|m| m.task == t && stopped(m.sender));
-            let status = if full.lost_tasks.contains(&t) {
+            let status = if lost_task[t] {
                 "lost"
-            } else if stopped(t) || sender_stopped {
+            } else if given_up_task[t] {
                 "given-up"
-            } else if full.missed_tasks.contains(&t) {
+            } else if missed_task[t] {
                 "MISS"
             } else if r.wcrt.is_none() {
                 // A checkpoint stream has no deadline and is not counted as a miss.
