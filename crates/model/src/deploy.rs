@@ -187,18 +187,24 @@ impl Deployment {
 
     /// Rewrites `sys` (built from this deployment) for `place`. `base` is the system as
     /// loaded; only resource assignments, reservation hosts and the work of stopped VMs and
-    /// unused checkpoint streams change.
+    /// unused checkpoint streams change. Every one of those fields is written, from `place` or
+    /// (for a stopped VM, a message of a stopped sender, a checkpoint stream without a port)
+    /// from `base`, so the result depends only on `base` and `place`, not on what `sys` held:
+    /// a scratch system can be reused for any placement.
     pub fn apply(&self, base: &System, place: &Placement, sys: &mut System) {
         for (v, vm) in self.vms.iter().enumerate() {
             let pl = &place.vms[v];
             let running = pl.running();
-            for (r, &p) in vm.reservation.iter().chain(&vm.extra_reservations).zip(&pl.instances) {
-                if let ResourceKind::Reservation { host, .. } = &mut sys.resources[*r].kind {
-                    *host = p;
+            for (k, r) in vm.reservation.iter().chain(&vm.extra_reservations).enumerate() {
+                let to = pl.instances.get(k).copied();
+                if let (ResourceKind::Reservation { host, .. }, ResourceKind::Reservation { host: h0, .. }) =
+                    (&mut sys.resources[*r].kind, &base.resources[*r].kind)
+                {
+                    *host = to.unwrap_or(*h0);
                 }
             }
-            if let (Some(t), Some(&p)) = (vm.task, pl.instances.first()) {
-                sys.tasks[t].resource = p;
+            if let Some(t) = vm.task {
+                sys.tasks[t].resource = pl.instances.first().copied().unwrap_or(base.tasks[t].resource);
             }
             for &t in &vm.tasks {
                 set_work(&mut sys.tasks[t], &base.tasks[t], running);
@@ -208,15 +214,16 @@ impl Deployment {
                 let port = primary.and_then(|h| self.hosts[h].port);
                 let active = running && pl.backup.is_some() && port.is_some();
                 set_work(&mut sys.tasks[c.task], &base.tasks[c.task], active);
-                if let Some(port) = port {
-                    sys.tasks[c.task].resource = port;
-                }
+                sys.tasks[c.task].resource = port.unwrap_or(base.tasks[c.task].resource);
             }
         }
         for m in &self.messages {
             let sender_runs = self.vm_of_task[m.sender].is_none_or(|v| place.vms[v].running());
             set_work(&mut sys.tasks[m.task], &base.tasks[m.task], sender_runs);
-            let Some(from) = self.host_of_task(base, place, m.sender) else { continue };
+            let Some(from) = self.host_of_task(base, place, m.sender) else {
+                sys.tasks[m.task].resource = base.tasks[m.task].resource;
+                continue;
+            };
             let local = m.receivers.iter().all(|&r| self.host_of_task(base, place, r) == Some(from));
             let h = &self.hosts[from];
             sys.tasks[m.task].resource = match (local, h.port) {

@@ -522,3 +522,35 @@ fn deployment_errors_name_the_item_and_line() {
         "`memory` describes a deployment, which needs [[host]] items",
     );
 }
+
+/// `Deployment::apply` gives a system that depends only on the base system and the placement:
+/// applying random placements one after another onto one scratch system always gives what
+/// applying the last one to a fresh copy of the base gives (stopped VMs, messages of stopped
+/// senders and checkpoint streams included). The planner reuses scratch systems on this.
+#[test]
+fn apply_depends_only_on_the_placement() {
+    let l = crate::parse(CLUSTER, "cluster.toml", Path::new(".")).unwrap();
+    let d = l.deployment.as_ref().unwrap();
+    let base = &l.system;
+    let mut rng = rtc::synthetic::Rng(17);
+    let mut scratch = base.clone();
+    for _ in 0..300 {
+        let mut place = d.initial();
+        for (v, vm) in d.vms.iter().enumerate() {
+            if rng.below(3) == 0 {
+                place.vms[v] = crate::VmPlace { instances: vec![], backup: None };
+                continue;
+            }
+            let h = rng.below(d.hosts.len());
+            let procs = &d.hosts[h].processors;
+            place.vms[v].instances = (0..vm.instances.len()).map(|_| procs[rng.below(procs.len())]).collect();
+            place.vms[v].backup = if vm.mode.remote() { Some((h + 1 + rng.below(d.hosts.len() - 1)) % d.hosts.len()) } else { None };
+        }
+        d.apply(base, &place, &mut scratch);
+        let mut fresh = base.clone();
+        d.apply(base, &place, &mut fresh);
+        assert_eq!(scratch, fresh, "{place:?}");
+    }
+    d.apply(base, &d.initial(), &mut scratch);
+    assert_eq!(&scratch, base);
+}
