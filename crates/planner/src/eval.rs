@@ -165,6 +165,13 @@ impl<'a> Evaluator<'a> {
         Ok(v)
     }
 
+    /// The system of `place` (built in the evaluator's scratch space, without copying the
+    /// base system: placements differ only in the fields `Deployment::apply` writes).
+    pub fn system_of(&mut self, place: &Placement) -> &System {
+        self.dep.apply(self.base, place, &mut self.scratch);
+        &self.scratch
+    }
+
     /// The system and analysis of the placement evaluated last (not from the memo).
     pub fn current(&self) -> (&System, Option<&Analysis>) {
         (&self.cur, self.an.as_ref())

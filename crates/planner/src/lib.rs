@@ -104,7 +104,8 @@ fn plan_some(
         let mut stats = ev.stats;
         stats.evaluations -= before;
         let validation = if opts.full_validation { plan::Validation::Full } else { plan::Validation::FromStart(start) };
-        plans.push(plan::build(base, dep, &world, s, &p, &best, search, &stats, validation)?);
+        let sys = ev.system_of(&best.place);
+        plans.push(plan::build(base, dep, &world, s, &p, &best, search, &stats, validation, sys)?);
     }
     Ok((plans, ev.stats))
 }

@@ -160,7 +160,8 @@ pub enum Validation<'a> {
     FromStart(&'a rtc::system::Analysis),
 }
 
-/// Validates `best` by an analysis of the system it gives (see [`Validation`]), and describes it.
+/// Validates `best` by an analysis of the system it gives (`sys`, which must be `best.place`
+/// applied to `base`; see [`Validation`]), and describes it.
 #[allow(clippy::too_many_arguments)]
 pub fn build(
     base: &System,
@@ -172,13 +173,12 @@ pub fn build(
     search: &'static str,
     stats: &Stats,
     validation: Validation,
+    sys: &System,
 ) -> Result<Plan, AnalysisError> {
     let optimal = search == "complete";
-    let mut sys = base.clone();
-    dep.apply(base, &best.place, &mut sys);
     let an = match validation {
-        Validation::Full => analyze(&sys, &crate::eval::planning_options())?,
-        Validation::FromStart(start) => rtc::incremental::reanalyze(base, start.clone(), &sys, &crate::eval::planning_options())?.0,
+        Validation::Full => analyze(sys, &crate::eval::planning_options())?,
+        Validation::FromStart(start) => rtc::incremental::reanalyze(base, start.clone(), sys, &crate::eval::planning_options())?.0,
     };
     let full = verdict(base, dep, world, &best.place, &an);
     if full != best.verdict {

@@ -531,7 +531,7 @@ pub fn greedy(p: &Problem, ev: &mut Evaluator, opts: &SearchOptions) -> Result<S
     // with the tightest deadline: more slack at no cost. (Moving any other VM cannot raise
     // the smallest slack, except by unloading those resources indirectly.)
     if cur.cost.misses == 0 {
-        let near = near_tightest(p, &cur);
+        let near = near_tightest(p, &cur, ev.system_of(&cur.place));
         for &v in &p.order {
             if !p.displaced[v] || !cur.place.vms[v].running() || !near.contains(&v) {
                 continue;
@@ -551,9 +551,7 @@ pub fn greedy(p: &Problem, ev: &mut Evaluator, opts: &SearchOptions) -> Result<S
 
 /// VMs with a task (or message, or checkpoint stream) on a resource used by the tasks with the
 /// smallest slack, or on the processors of those tasks' VMs.
-fn near_tightest(p: &Problem, s: &Scored) -> Vec<usize> {
-    let mut sys = p.base.clone();
-    p.dep.apply(p.base, &s.place, &mut sys);
+fn near_tightest(p: &Problem, s: &Scored, sys: &System) -> Vec<usize> {
     let host_proc = |r: usize| match &sys.resources[r].kind {
         rtc::system::ResourceKind::Reservation { host, .. } => *host,
         _ => r,
