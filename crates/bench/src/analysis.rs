@@ -31,6 +31,10 @@ pub struct Args {
     /// Cluster sizes for `plan`, as VMSxHOSTS.
     #[arg(long, value_delimiter = ',', default_values_t = vec!["50x5".to_string(), "200x20".to_string(), "1000x100".to_string()])]
     clusters: Vec<String>,
+    /// `plan`: validate every plan by a full analysis (the default validates incrementally
+    /// from the initial placement's analysis; both give the same plans).
+    #[arg(long)]
+    full_validation: bool,
     /// Also write each synthetic cluster to DIR/cluster-VMSxHOSTS.toml (for `vigil plan`).
     #[arg(long, value_name = "DIR")]
     save: Option<std::path::PathBuf>,
@@ -141,9 +145,19 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         }));
         prev = Some((n, ms(t)));
     }
+    // The workload of the comparison with pyCPA (examples/pycpa/compare.py): independent tasks.
+    let indep = synthetic::independent_fp(1000, 10, 7);
+    let (t_indep, a_indep) = time(args.repeat, || analyze(&indep, &Options::default()));
+    let indep_row = serde_json::json!({
+        "tasks": indep.tasks.len(), "processors": indep.resources.len(), "analysis_ms": ms(t_indep),
+        "unbounded_tasks": a_indep.map(|a| a.tasks.iter().filter(|t| t.wcrt.is_none()).count()).unwrap_or(indep.tasks.len()),
+    });
     let ops = curve_ops(args.repeat.max(20));
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "analysis": rows, "curve_operations": ops }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "analysis": rows, "independent_fp": indep_row, "curve_operations": ops }))?
+        );
         return Ok(());
     }
     println!("Full analysis of synthetic systems (3-hop chains: task, 100 Mbit/s link, task)");
@@ -166,6 +180,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             r["growth_vs_linear"].as_f64().map(|g| format!("{g:.2}x")).unwrap_or_else(|| "-".into()),
         );
     }
+    println!(
+        "\n{} independent fixed-priority tasks on {} processors (the pyCPA comparison's workload, examples/pycpa): {:.1} ms",
+        indep.tasks.len(),
+        indep.resources.len(),
+        ms(t_indep)
+    );
     println!();
     println!("Curve operations (median of {} runs)", args.repeat.max(20));
     println!("{:<58} {:>10} {:>10}", "operation", "µs", "segments");
@@ -238,7 +258,7 @@ fn plan(args: &Args) -> anyhow::Result<()> {
         let dep = loaded.deployment.as_ref().ok_or_else(|| anyhow::anyhow!("synthetic cluster without hosts"))?;
         let scenarios = scenario::enumerate(dep, &[], 1, false);
         let repeat = if vms >= 1000 { 1.max(args.repeat.min(3)) } else { args.repeat };
-        let opts = SearchOptions::default();
+        let opts = SearchOptions { full_validation: args.full_validation, ..SearchOptions::default() };
         let (t, table) = time(repeat, || plan_all(&loaded.system, dep, &scenarios, &opts));
         let table = table.map_err(|e| anyhow::anyhow!("{e}"))?;
         let (t_full, _) = time(repeat, || analyze(&loaded.system, &planner::eval::planning_options()));

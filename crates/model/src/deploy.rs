@@ -102,6 +102,9 @@ pub struct Vm {
     /// Long-run share of a processor one instance takes (budget/period, or its task's load).
     pub share: Q,
     pub checkpoint: Option<Checkpoint>,
+    /// VMs whose instances must never run on the same host as this one's (anti-affinity,
+    /// symmetric: each lists the other), sorted.
+    pub apart: Vec<usize>,
 }
 
 /// A message that travels between hosts and is routed by the placement of its sender.
@@ -158,6 +161,22 @@ impl Deployment {
         self.host_of.get(p).copied().flatten()
     }
 
+    /// The first pair of running VMs (a, b, their host) that `place` puts on one host although
+    /// they must be kept apart (`apart`), if any.
+    pub fn apart_violation(&self, place: &Placement) -> Option<(usize, usize, usize)> {
+        let host = |v: usize| place.vms[v].instances.first().and_then(|&p| self.host_of_processor(p));
+        for (a, vm) in self.vms.iter().enumerate() {
+            for &b in vm.apart.iter().filter(|&&b| b > a) {
+                if let (Some(ha), Some(hb)) = (host(a), host(b)) {
+                    if ha == hb {
+                        return Some((a, b, ha));
+                    }
+                }
+            }
+        }
+        None
+    }
+
     /// Host a task runs on under `place` (None for tasks off the hosts, or of a stopped VM).
     pub fn host_of_task(&self, sys: &System, place: &Placement, task: usize) -> Option<usize> {
         match self.vm_of_task[task] {
@@ -168,18 +187,24 @@ impl Deployment {
 
     /// Rewrites `sys` (built from this deployment) for `place`. `base` is the system as
     /// loaded; only resource assignments, reservation hosts and the work of stopped VMs and
-    /// unused checkpoint streams change.
+    /// unused checkpoint streams change. Every one of those fields is written, from `place` or
+    /// (for a stopped VM, a message of a stopped sender, a checkpoint stream without a port)
+    /// from `base`, so the result depends only on `base` and `place`, not on what `sys` held:
+    /// a scratch system can be reused for any placement.
     pub fn apply(&self, base: &System, place: &Placement, sys: &mut System) {
         for (v, vm) in self.vms.iter().enumerate() {
             let pl = &place.vms[v];
             let running = pl.running();
-            for (r, &p) in vm.reservation.iter().chain(&vm.extra_reservations).zip(&pl.instances) {
-                if let ResourceKind::Reservation { host, .. } = &mut sys.resources[*r].kind {
-                    *host = p;
+            for (k, r) in vm.reservation.iter().chain(&vm.extra_reservations).enumerate() {
+                let to = pl.instances.get(k).copied();
+                if let (ResourceKind::Reservation { host, .. }, ResourceKind::Reservation { host: h0, .. }) =
+                    (&mut sys.resources[*r].kind, &base.resources[*r].kind)
+                {
+                    *host = to.unwrap_or(*h0);
                 }
             }
-            if let (Some(t), Some(&p)) = (vm.task, pl.instances.first()) {
-                sys.tasks[t].resource = p;
+            if let Some(t) = vm.task {
+                sys.tasks[t].resource = pl.instances.first().copied().unwrap_or(base.tasks[t].resource);
             }
             for &t in &vm.tasks {
                 set_work(&mut sys.tasks[t], &base.tasks[t], running);
@@ -189,15 +214,16 @@ impl Deployment {
                 let port = primary.and_then(|h| self.hosts[h].port);
                 let active = running && pl.backup.is_some() && port.is_some();
                 set_work(&mut sys.tasks[c.task], &base.tasks[c.task], active);
-                if let Some(port) = port {
-                    sys.tasks[c.task].resource = port;
-                }
+                sys.tasks[c.task].resource = port.unwrap_or(base.tasks[c.task].resource);
             }
         }
         for m in &self.messages {
             let sender_runs = self.vm_of_task[m.sender].is_none_or(|v| place.vms[v].running());
             set_work(&mut sys.tasks[m.task], &base.tasks[m.task], sender_runs);
-            let Some(from) = self.host_of_task(base, place, m.sender) else { continue };
+            let Some(from) = self.host_of_task(base, place, m.sender) else {
+                sys.tasks[m.task].resource = base.tasks[m.task].resource;
+                continue;
+            };
             let local = m.receivers.iter().all(|&r| self.host_of_task(base, place, r) == Some(from));
             let h = &self.hosts[from];
             sys.tasks[m.task].resource = match (local, h.port) {
@@ -269,6 +295,7 @@ pub(crate) fn build(p: Parts) -> Result<Option<Deployment>> {
             || v.checkpoint_size.is_some()
             || v.checkpoint_interval.is_some()
             || v.checkpoint_priority.is_some()
+            || v.apart.is_some()
     };
     if raw.host.is_empty() {
         if let Some(l) = raw.link.iter().find(|l| l.get_ref().host.is_some()) {
@@ -287,6 +314,7 @@ pub(crate) fn build(p: Parts) -> Result<Option<Deployment>> {
                 ("checkpoint_size", r.checkpoint_size.is_some()),
                 ("checkpoint_interval", r.checkpoint_interval.is_some()),
                 ("checkpoint_priority", r.checkpoint_priority.is_some()),
+                ("apart", r.apart.is_some()),
             ];
             let key = given.iter().find(|(_, g)| *g).map(|(k, _)| *k);
             return Err(ctx.fail(
@@ -574,7 +602,39 @@ pub(crate) fn build(p: Parts) -> Result<Option<Deployment>> {
             tasks,
             share,
             checkpoint,
+            apart: Vec::new(),
         });
+    }
+    // Anti-affinity: resolve the names, make the relation symmetric, and check that the
+    // placement as written keeps it.
+    for (vi, v) in raw.vm.iter().enumerate() {
+        let (r, s) = (v.get_ref(), Site::new(ItemKind::Vm, &v.get_ref().name, v.span()));
+        for other in r.apart.iter().flatten() {
+            let Some(o) = vms.iter().position(|x| &x.name == other) else {
+                return Err(ctx.fail(
+                    &s,
+                    Some("apart"),
+                    format!("unknown VM {other:?} (`apart` lists VMs this one must never share a host with)"),
+                ));
+            };
+            if o == vi {
+                return Err(ctx.fail(&s, Some("apart"), "a VM cannot be kept apart from itself"));
+            }
+            for (a, b) in [(vi, o), (o, vi)] {
+                if !vms[a].apart.contains(&b) {
+                    vms[a].apart.push(b);
+                    vms[a].apart.sort_unstable();
+                }
+            }
+            let (ha, hb) = (host_of[vms[vi].instances[0]], host_of[vms[o].instances[0]]);
+            if let (Some(ha), true) = (ha, ha == hb) {
+                return Err(ctx.fail(
+                    &s,
+                    Some("apart"),
+                    format!("it must never share a host with VM {other:?} (`apart`), but both run on host {:?}", hosts[ha].name),
+                ));
+            }
+        }
     }
     for (h, host) in hosts.iter().enumerate() {
         if used_memory[h] > host.memory {

@@ -74,9 +74,11 @@ pub struct TaskReport {
     pub wcrt_ms: Option<f64>,
     pub bcrt_us: String,
     pub bcrt_ms: f64,
-    /// Largest number of pending activations (exact, and as a float).
+    /// Largest number of pending activations, in events (exact, and as a float).
     pub backlog: Option<String>,
     pub backlog_events: Option<f64>,
+    /// Largest pending work, in `work_unit` (exact): µs of processing, or bytes on a link.
+    pub backlog_work: Option<String>,
     pub deadline_us: Option<String>,
     pub deadline_ms: Option<f64>,
     pub verdict: Verdict,
@@ -100,10 +102,37 @@ pub struct ResourceReport {
     pub capacity_unit: &'static str,
     /// For a VM: the supply model its tasks were analysed with.
     pub supply: Option<&'static str>,
-    /// For a VM: the smallest budget for its period that keeps every inner deadline.
+    /// For a VM: where its supply model assumes the budget comes in each period.
+    pub supply_convention: Option<&'static str>,
+    /// For a VM: the smallest budget for its period that keeps every inner deadline, under
+    /// its supply model, on the grid of `--budget-step`.
     pub min_budget_us: Option<String>,
     pub min_budget_ms: Option<f64>,
+    /// The same, exactly (a rational number of µs, such as `"80000/3"`).
+    pub min_budget_exact_us: Option<String>,
+    pub min_budget_exact_ms: Option<f64>,
+    /// The smallest budgets under both supply models (its own first).
+    pub min_budgets: Vec<MinBudgetReport>,
+    /// For EDF and FIFO resources (one shared queue): the largest pending work of all tasks
+    /// together, in `work_unit` (exact).
+    pub backlog_work: Option<String>,
+    /// `µs` of processing, or `B` on a link.
+    pub work_unit: &'static str,
     pub problem: Option<String>,
+}
+
+/// The smallest budget of a VM under one supply model.
+#[derive(Debug, Clone, Serialize)]
+pub struct MinBudgetReport {
+    pub supply: &'static str,
+    pub supply_convention: &'static str,
+    /// On the grid of `--budget-step` (capped at the period).
+    pub grid_us: Option<String>,
+    pub grid_ms: Option<f64>,
+    /// Exact; `None` when even the whole period misses a deadline, or when the demands are not
+    /// staircases (then only the grid value is known).
+    pub exact_us: Option<String>,
+    pub exact_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -183,6 +212,7 @@ impl Report {
                 bcrt_ms: r.bcrt.to_f64() / 1000.0,
                 backlog: us(r.backlog.as_ref()),
                 backlog_events: r.backlog.as_ref().map(Q::to_f64),
+                backlog_work: us(r.backlog_work.as_ref()),
                 deadline_us: us(t.deadline.as_ref()),
                 deadline_ms: ms(t.deadline.as_ref()),
                 verdict: Verdict::of(r.wcrt.as_ref(), t.deadline.as_ref()),
@@ -210,8 +240,28 @@ impl Report {
                     capacity: r.capacity.to_string(),
                     capacity_unit: if item.kind == ItemKind::Link { "B/µs" } else { "µs/µs" },
                     supply: r.supply.map(|s| s.name()).or(declared),
+                    supply_convention: match &res.kind {
+                        ResourceKind::Reservation { supply, .. } => Some(r.supply.unwrap_or(*supply).convention()),
+                        _ => None,
+                    },
                     min_budget_us: us(r.min_budget.as_ref()),
                     min_budget_ms: ms(r.min_budget.as_ref()),
+                    min_budget_exact_us: us(r.min_budgets.first().and_then(|m| m.exact.as_ref())),
+                    min_budget_exact_ms: ms(r.min_budgets.first().and_then(|m| m.exact.as_ref())),
+                    min_budgets: r
+                        .min_budgets
+                        .iter()
+                        .map(|m| MinBudgetReport {
+                            supply: m.supply.name(),
+                            supply_convention: m.supply.convention(),
+                            grid_us: us(m.grid.as_ref()),
+                            grid_ms: ms(m.grid.as_ref()),
+                            exact_us: us(m.exact.as_ref()),
+                            exact_ms: ms(m.exact.as_ref()),
+                        })
+                        .collect(),
+                    backlog_work: us(r.backlog.as_ref()),
+                    work_unit: if item.kind == ItemKind::Link { "B" } else { "µs" },
                     problem: r.problem.clone(),
                 }
             })

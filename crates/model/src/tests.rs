@@ -440,6 +440,30 @@ fn the_cluster_example_maps_onto_a_deployment() {
 }
 
 #[test]
+fn anti_affinity_is_parsed_symmetric_and_checked() {
+    // relay (hostA) apart from control (hostB): kept both ways.
+    let t = cluster_with("name = \"relay\"\nhost = \"a0\"", "name = \"relay\"\nhost = \"a0\"\napart = [\"control\"]");
+    let l = crate::parse(&t, "cluster.toml", std::path::Path::new(".")).unwrap();
+    let d = l.deployment.as_ref().unwrap();
+    let (relay, control) = (d.vms.iter().position(|v| v.name == "relay").unwrap(), d.vms.iter().position(|v| v.name == "control").unwrap());
+    assert_eq!(d.vms[relay].apart, vec![control]);
+    assert_eq!(d.vms[control].apart, vec![relay]);
+    assert_eq!(d.apart_violation(&d.initial()), None);
+    // Moving control onto relay's host breaks it; the check names both.
+    let mut place = d.initial();
+    place.vms[control].instances = vec![d.vms[relay].instances[0]];
+    assert_eq!(d.apart_violation(&place), Some((relay, control, 0)));
+    // Errors: unknown VM, itself, and a placement as written that shares a host.
+    let apart = |list: &str| cluster_with("name = \"relay\"\nhost = \"a0\"", &format!("name = \"relay\"\nhost = \"a0\"\napart = {list}"));
+    let t = apart("[\"ghost\"]");
+    fails(&t, line_of(&t, "apart = "), "relay", "unknown VM \"ghost\"");
+    let t = apart("[\"relay\"]");
+    fails(&t, line_of(&t, "apart = "), "relay", "cannot be kept apart from itself");
+    let t = apart("[\"logger\"]");
+    fails(&t, line_of(&t, "apart = "), "relay", "must never share a host with VM \"logger\" (`apart`), but both run on host \"hostA\"");
+}
+
+#[test]
 fn deployment_errors_name_the_item_and_line() {
     // A remote backup on the VM's own host.
     let t = cluster_with("backup = \"hostB\"", "backup = \"hostA\"");
@@ -497,4 +521,36 @@ fn deployment_errors_name_the_item_and_line() {
         "vm1",
         "`memory` describes a deployment, which needs [[host]] items",
     );
+}
+
+/// `Deployment::apply` gives a system that depends only on the base system and the placement:
+/// applying random placements one after another onto one scratch system always gives what
+/// applying the last one to a fresh copy of the base gives (stopped VMs, messages of stopped
+/// senders and checkpoint streams included). The planner reuses scratch systems on this.
+#[test]
+fn apply_depends_only_on_the_placement() {
+    let l = crate::parse(CLUSTER, "cluster.toml", Path::new(".")).unwrap();
+    let d = l.deployment.as_ref().unwrap();
+    let base = &l.system;
+    let mut rng = rtc::synthetic::Rng(17);
+    let mut scratch = base.clone();
+    for _ in 0..300 {
+        let mut place = d.initial();
+        for (v, vm) in d.vms.iter().enumerate() {
+            if rng.below(3) == 0 {
+                place.vms[v] = crate::VmPlace { instances: vec![], backup: None };
+                continue;
+            }
+            let h = rng.below(d.hosts.len());
+            let procs = &d.hosts[h].processors;
+            place.vms[v].instances = (0..vm.instances.len()).map(|_| procs[rng.below(procs.len())]).collect();
+            place.vms[v].backup = if vm.mode.remote() { Some((h + 1 + rng.below(d.hosts.len() - 1)) % d.hosts.len()) } else { None };
+        }
+        d.apply(base, &place, &mut scratch);
+        let mut fresh = base.clone();
+        d.apply(base, &place, &mut fresh);
+        assert_eq!(scratch, fresh, "{place:?}");
+    }
+    d.apply(base, &d.initial(), &mut scratch);
+    assert_eq!(&scratch, base);
 }

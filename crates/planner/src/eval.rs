@@ -123,7 +123,11 @@ impl<'a> Evaluator<'a> {
     /// the next evaluation re-analyses only what its placement changes from there.
     pub fn restart_from(&mut self, an: &Analysis) {
         self.stats.scenarios += 1;
-        self.cur.clone_from(self.base);
+        // Placements differ only in the fields `Deployment::apply` writes, and the system as
+        // loaded is the initial placement applied: applying it again restores `cur` without
+        // copying the whole system (names included).
+        self.dep.apply(self.base, &self.dep.initial(), &mut self.cur);
+        debug_assert!(self.cur == *self.base);
         self.an = Some(an.clone());
     }
 
@@ -159,6 +163,13 @@ impl<'a> Evaluator<'a> {
             self.memo.insert(key, v.clone());
         }
         Ok(v)
+    }
+
+    /// The system of `place` (built in the evaluator's scratch space, without copying the
+    /// base system: placements differ only in the fields `Deployment::apply` writes).
+    pub fn system_of(&mut self, place: &Placement) -> &System {
+        self.dep.apply(self.base, place, &mut self.scratch);
+        &self.scratch
     }
 
     /// The system and analysis of the placement evaluated last (not from the memo).

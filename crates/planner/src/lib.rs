@@ -26,7 +26,7 @@ pub mod search;
 pub mod synthetic;
 
 pub use eval::{Evaluator, Stats, World};
-pub use plan::{Action, ChainRow, Coverage, GivenUp, Plan, VmRow};
+pub use plan::{Action, ChainRow, Coverage, GivenUp, Plan, TaskRow, VmRow};
 pub use scenario::Scenario;
 pub use search::{Cost, SearchOptions};
 
@@ -95,14 +95,17 @@ fn plan_some(
         let greedy = search::greedy(&p, &mut ev, opts)?;
         // The branch and bound must at least try every choice of the VMs the fault forces to
         // change; when that alone exceeds the budget it cannot finish: not started.
-        let (best, optimal) = if opts.exact_budget > 0 && p.forced_space() <= opts.exact_budget as f64 {
-            search::branch_and_bound(&p, &mut ev, greedy, opts.exact_budget)?
+        let (best, search) = if opts.exact_budget > 0 && p.forced_space() <= opts.exact_budget as f64 {
+            let (best, optimal) = search::branch_and_bound(&p, &mut ev, greedy, opts.exact_budget)?;
+            (best, if optimal { "complete" } else { "budget exhausted" })
         } else {
-            (greedy, false)
+            (greedy, "quick pass")
         };
         let mut stats = ev.stats;
         stats.evaluations -= before;
-        plans.push(plan::build(base, dep, &world, s, &p, &best, optimal, &stats)?);
+        let validation = if opts.full_validation { plan::Validation::Full } else { plan::Validation::FromStart(start) };
+        let sys = ev.system_of(&best.place);
+        plans.push(plan::build(base, dep, &world, s, &p, &best, search, &stats, validation, sys)?);
     }
     Ok((plans, ev.stats))
 }

@@ -45,8 +45,9 @@ impl std::fmt::Display for Action {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum GivenUp {
-    /// A VM is stopped.
-    Vm { vm: String, criticality: i64 },
+    /// A VM is stopped: shed by the plan, or (`displaced`) its host failed and the plan does
+    /// not restart it.
+    Vm { vm: String, criticality: i64, displaced: bool },
     /// A VM with a remote-backup mode runs without a backup.
     FaultTolerance { vm: String, criticality: i64 },
     /// A VM's state died with its host and its backup's host: it restarts from scratch.
@@ -96,6 +97,13 @@ pub struct Plan {
     pub chains: Vec<ChainRow>,
     /// `optimal` (the branch and bound finished) or `heuristic`.
     pub method: &'static str,
+    /// How far the search went: `complete` (the branch and bound finished: optimal),
+    /// `quick pass` (greedy with repair only: `--budget 0`, or the forced choices alone
+    /// outnumber the budget), or `budget exhausted` (the branch and bound stopped at its budget).
+    /// A heuristic plan that is not covered may have a covered alternative.
+    pub search: &'static str,
+    /// Every task after the plan: response time, deadline, slack and status.
+    pub tasks: Vec<TaskRow>,
     pub cost: Cost,
     /// Placements evaluated for this scenario.
     pub evaluations: usize,
@@ -103,6 +111,27 @@ pub struct Plan {
     pub vms: Vec<VmRow>,
     #[serde(skip)]
     pub placement: Placement,
+}
+
+/// A task after the plan (also messages and checkpoint streams).
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskRow {
+    pub task: String,
+    /// The VM it runs in, if any.
+    pub vm: Option<String>,
+    /// The processor, link or reservation it runs on after the plan.
+    pub resource: String,
+    /// Worst-case response time (µs exact, and ms); `None` when unbounded, given up or lost.
+    pub wcrt_us: Option<String>,
+    pub wcrt_ms: Option<f64>,
+    pub deadline_us: Option<String>,
+    pub deadline_ms: Option<f64>,
+    pub slack_us: Option<String>,
+    pub slack_ms: Option<f64>,
+    /// `ok`, `MISS` (over its deadline, unbounded or undeliverable), `given-up` (its VM, or the
+    /// sender of its message, is stopped), `lost` (on a failed fixed link) or `unbounded` (a
+    /// checkpoint stream without a bound: it has no deadline, so the plan does not count it).
+    pub status: &'static str,
 }
 
 /// A VM's place after the plan.
@@ -119,7 +148,21 @@ fn ms(q: &Q) -> f64 {
     q.to_f64() / 1000.0
 }
 
-/// Validates `best` by a full analysis of the system it gives, and describes it.
+/// How a plan is validated: the analysis of the system it gives, computed independently of
+/// the search's chain of incremental analyses, must give the search's verdict.
+#[derive(Debug, Clone, Copy)]
+pub enum Validation<'a> {
+    /// A full analysis of the plan's system.
+    Full,
+    /// An incremental analysis from the analysis of the initial placement (the system as
+    /// loaded, `start`): only what the plan's placement changes, and what depends on it, is
+    /// analysed again (`rtc::incremental`, equal to the full analysis by its tests).
+    FromStart(&'a rtc::system::Analysis),
+}
+
+/// Validates `best` by an analysis of the system it gives (`sys`, which must be `best.place`
+/// applied to `base`; see [`Validation`]), and describes it.
+#[allow(clippy::too_many_arguments)]
 pub fn build(
     base: &System,
     dep: &Deployment,
@@ -127,17 +170,30 @@ pub fn build(
     scenario: &Scenario,
     p: &Problem,
     best: &Scored,
-    optimal: bool,
+    search: &'static str,
     stats: &Stats,
+    validation: Validation,
+    sys: &System,
 ) -> Result<Plan, AnalysisError> {
-    let mut sys = base.clone();
-    dep.apply(base, &best.place, &mut sys);
-    let an = analyze(&sys, &crate::eval::planning_options())?;
+    let optimal = search == "complete";
+    let an = match validation {
+        Validation::Full => analyze(sys, &crate::eval::planning_options())?,
+        Validation::FromStart(start) => rtc::incremental::reanalyze(base, start.clone(), sys, &crate::eval::planning_options())?.0,
+    };
     let full = verdict(base, dep, world, &best.place, &an);
     if full != best.verdict {
         return Err(AnalysisError::Resource {
             resource: scenario.name(dep, base),
-            msg: "internal error: the incremental analysis disagrees with the full analysis of the plan".into(),
+            msg: "internal error: the search's analysis disagrees with the validating analysis of the plan".into(),
+        });
+    }
+    if let Some((a, b, h)) = dep.apart_violation(&best.place) {
+        return Err(AnalysisError::Resource {
+            resource: scenario.name(dep, base),
+            msg: format!(
+                "internal error: the plan puts VMs {:?} and {:?} on host {:?} although they must be kept apart",
+                dep.vms[a].name, dep.vms[b].name, dep.hosts[h].name
+            ),
         });
     }
     let pname = |c: &usize| base.resources[*c].name.clone();
@@ -156,7 +212,7 @@ pub fn build(
             if let Some(b) = init.backup.filter(|&b| !world.host_down[b]) {
                 stop_backups.push(Action::StopBackup { vm: vm.name.clone(), host: hname(b) });
             }
-            given_up.push(GivenUp::Vm { vm: vm.name.clone(), criticality: vm.criticality });
+            given_up.push(GivenUp::Vm { vm: vm.name.clone(), criticality: vm.criticality, displaced });
             continue;
         }
         let on: Vec<String> = fin.instances.iter().map(pname).collect();
@@ -225,6 +281,49 @@ pub fn build(
             }
         })
         .collect();
+    let stopped = |t: usize| dep.vm_of_task.get(t).copied().flatten().is_some_and(|v| !best.place.vms[v].running());
+    // Per task (linear in the system, whatever the number of messages and misses).
+    let n = base.tasks.len();
+    let mut given_up_task: Vec<bool> = (0..n).map(stopped).collect();
+    for m in dep.messages.iter().filter(|m| stopped(m.sender)) {
+        given_up_task[m.task] = true;
+    }
+    let (mut lost_task, mut missed_task) = (vec![false; n], vec![false; n]);
+    full.lost_tasks.iter().for_each(|&t| lost_task[t] = true);
+    full.missed_tasks.iter().for_each(|&t| missed_task[t] = true);
+    let tasks = (0..n)
+        .map(|t| {
+            let r = &an.tasks[t];
+            let status = if lost_task[t] {
+                "lost"
+            } else if given_up_task[t] {
+                "given-up"
+            } else if missed_task[t] {
+                "MISS"
+            } else if r.wcrt.is_none() {
+                // A checkpoint stream has no deadline and is not counted as a miss.
+                "unbounded"
+            } else {
+                "ok"
+            };
+            let live = matches!(status, "ok" | "MISS");
+            let wcrt = r.wcrt.as_ref().filter(|_| live);
+            let deadline = base.tasks[t].deadline.as_ref();
+            let slack = wcrt.zip(deadline).map(|(w, d)| d - w);
+            TaskRow {
+                task: base.tasks[t].name.clone(),
+                vm: dep.vm_of_task[t].map(|v| dep.vms[v].name.clone()),
+                resource: sys.resources[sys.tasks[t].resource].name.clone(),
+                wcrt_us: wcrt.map(|w| w.to_string()),
+                wcrt_ms: wcrt.map(ms),
+                deadline_us: deadline.map(|d| d.to_string()),
+                deadline_ms: deadline.map(ms),
+                slack_us: slack.as_ref().map(|s| s.to_string()),
+                slack_ms: slack.as_ref().map(ms),
+                status,
+            }
+        })
+        .collect();
     let mut missed: Vec<String> = full.missed_tasks.iter().map(|&t| base.tasks[t].name.clone()).collect();
     missed.extend(full.missed_chains.iter().map(|&c| base.chains[c].name.clone()));
     let mut lost: Vec<String> = full.lost_tasks.iter().map(|&t| base.tasks[t].name.clone()).collect();
@@ -249,6 +348,8 @@ pub fn build(
         min_slack_ms: full.slack.as_ref().map(ms),
         chains,
         method: if optimal { "optimal" } else { "heuristic" },
+        search,
+        tasks,
         cost: best.cost.clone(),
         evaluations: stats.evaluations,
         vms: dep

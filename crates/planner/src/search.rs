@@ -2,7 +2,9 @@
 //!
 //! A placement is compared with another by its [`Cost`], lexicographically: deadlines missed;
 //! then, for each criticality level from the highest down, VMs stopped (shed) and VMs that lose
-//! their remote backup; then VMs moved; and last (larger is better) the smallest slack.
+//! their remote backup; then running VMs the fault did not touch that are migrated; then bytes
+//! copied between hosts; then bytes copied while a VM is down; then VMs moved; and last (larger
+//! is better) the smallest slack.
 //!
 //! Two searches share the same choices and costs:
 //! - [`branch_and_bound`]: depth-first over every VM's choices (where its instances run, where
@@ -23,15 +25,60 @@ use rtc::system::{analyze, AnalysisError, System};
 use rtc::Q;
 use std::cmp::Ordering;
 
-/// The discrete part of a placement's cost (smaller is better; compared field by field).
+/// The discrete part of a placement's cost (smaller is better; compared field by field, in
+/// this order; `docs/planning.md` "Which plan is best").
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 pub struct Cost {
     /// Deadlines missed (or bounds lost), not counting those given up with a stopped VM.
     pub misses: usize,
     /// For each criticality level, highest first: (VMs stopped, VMs without their backup).
     pub levels: Vec<(usize, usize)>,
-    /// VMs moved (migrated, or backups moved) that the fault did not force to move.
+    /// Running VMs the fault did not touch that are migrated (their service is disturbed).
+    pub untouched_moved: usize,
+    /// Bytes copied between hosts: a migration copies the VM's memory (per instance), resuming a
+    /// displaced VM on another host than its backup's copies the replica, and every new backup
+    /// copies the VM's memory.
+    #[serde(serialize_with = "as_text")]
+    pub bytes: Q,
+    /// Bytes copied while a VM is down: the replica of a displaced VM resumed on another host
+    /// than its backup's (live migrations and new backups run beside the service).
+    #[serde(serialize_with = "as_text")]
+    pub downtime_bytes: Q,
+    /// VMs moved: migrated, resumed away from their backup's host, or whose backup moved though
+    /// the fault left it usable (reported as the plan's moves).
     pub moves: usize,
+}
+
+fn as_text<S: serde::Serializer>(q: &Q, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&q.to_string())
+}
+
+/// What one VM's choice costs (see [`Cost`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmCost {
+    pub stopped: bool,
+    /// A remote-mode VM without a backup.
+    pub lost: bool,
+    pub untouched_moved: usize,
+    pub bytes: Q,
+    pub downtime_bytes: Q,
+    pub moves: usize,
+}
+
+impl Cost {
+    pub fn zero(levels: usize) -> Cost {
+        Cost { misses: 0, levels: vec![(0, 0); levels], untouched_moved: 0, bytes: Q::zero(), downtime_bytes: Q::zero(), moves: 0 }
+    }
+
+    /// Adds VM choice `c` at criticality level `level`.
+    pub fn add(&mut self, level: usize, c: &VmCost) {
+        self.levels[level].0 += c.stopped as usize;
+        self.levels[level].1 += c.lost as usize;
+        self.untouched_moved += c.untouched_moved;
+        self.bytes = &self.bytes + &c.bytes;
+        self.downtime_bytes = &self.downtime_bytes + &c.downtime_bytes;
+        self.moves += c.moves;
+    }
 }
 
 /// A placement with its cost and verdict.
@@ -115,47 +162,77 @@ impl<'a> Problem<'a> {
     /// VMs, and VMs whose backup is lost).
     pub fn forced_space(&self) -> f64 {
         let empty = Loads::empty(self);
-        (0..self.dep.vms.len())
-            .filter(|&v| self.displaced[v] || (self.initial.vms[v].backup.is_some() && self.old_backup(v).is_none()))
-            .map(|v| self.choices(v, &empty).len() as f64)
-            .product()
+        let mut space = 1.0;
+        for v in
+            (0..self.dep.vms.len()).filter(|&v| self.displaced[v] || (self.initial.vms[v].backup.is_some() && self.old_backup(v).is_none()))
+        {
+            // As many as `choices(v, &empty).len()`, counted without building them.
+            let n: usize = self.primaries(v, &empty).iter().map(|inst| self.backup_count(v, self.host(inst[0]))).sum::<usize>() + 1;
+            space *= n as f64;
+            if space > 1e18 {
+                break; // far beyond any budget
+            }
+        }
+        space
     }
 
-    /// (moves, stopped, lost its backup) of one VM's choice.
-    pub fn vm_cost(&self, v: usize, p: &VmPlace) -> (usize, bool, bool) {
-        if !p.running() {
-            return (0, true, false);
+    /// `backups(v, h).len()`, without building the list.
+    fn backup_count(&self, v: usize, h: usize) -> usize {
+        if !self.dep.vms[v].mode.remote() {
+            return 1;
         }
+        let kept = self.old_backup(v).filter(|&b| b != h && !self.displaced[v]);
+        let others = if self.world.port_down[h] {
+            0
+        } else {
+            self.live_hosts().filter(|&b| b != h && !self.world.port_down[b] && Some(b) != kept).count()
+        };
+        usize::from(kept.is_some()) + others + 1
+    }
+
+    /// What one VM's choice costs.
+    pub fn vm_cost(&self, v: usize, p: &VmPlace) -> VmCost {
+        if !p.running() {
+            return VmCost { stopped: true, ..VmCost::default() };
+        }
+        let vm = &self.dep.vms[v];
         let init = &self.initial.vms[v];
         let h = self.host(p.instances[0]);
-        let mut moves = 0;
+        let mut c = VmCost { lost: vm.mode.remote() && p.backup.is_none(), ..VmCost::default() };
+        // The backup kept as it was (if still usable), or none: anything else is a new copy.
+        let mut kept_backup = None;
         if !self.displaced[v] {
             if p.instances != init.instances {
-                moves += 1;
+                c.untouched_moved = 1;
+                c.moves += 1;
+                c.bytes = &vm.memory * &Q::int(p.instances.len() as i64);
             }
             if let Some(b0) = self.old_backup(v) {
                 if h != b0 && p.backup != Some(b0) {
-                    moves += 1;
+                    c.moves += 1;
                 }
+                kept_backup = Some(b0);
             }
         } else if let Some(b) = self.state_host(v) {
             if h != b {
-                moves += 1;
+                // The replica is copied to the new host before the VM resumes there.
+                c.moves += 1;
+                c.bytes = vm.memory.clone();
+                c.downtime_bytes = vm.memory.clone();
             }
         }
-        let lost = self.dep.vms[v].mode.remote() && p.backup.is_none();
-        (moves, false, lost)
+        if p.backup.is_some() && p.backup != kept_backup {
+            c.bytes = &c.bytes + &vm.memory;
+        }
+        c
     }
 
     /// The cost of a whole placement, with `misses` from its verdict.
     pub fn cost(&self, place: &Placement, misses: usize) -> Cost {
-        let mut c = Cost { misses, levels: vec![(0, 0); self.levels.len()], moves: 0 };
+        let mut c = Cost::zero(self.levels.len());
+        c.misses = misses;
         for (v, p) in place.vms.iter().enumerate() {
-            let (m, stopped, lost) = self.vm_cost(v, p);
-            c.moves += m;
-            let l = &mut c.levels[self.level_of[v]];
-            l.0 += stopped as usize;
-            l.1 += lost as usize;
+            c.add(self.level_of[v], &self.vm_cost(v, p));
         }
         c
     }
@@ -235,12 +312,21 @@ pub struct Loads {
     reserved: Vec<usize>,
     /// Per host: memory taken.
     memory: Vec<Q>,
+    /// Per host: the running VMs whose instances are on it (for anti-affinity).
+    on_host: Vec<Vec<usize>>,
 }
 
 impl Loads {
     pub fn empty(p: &Problem) -> Loads {
         let n = p.base.resources.len();
-        Loads { share: vec![Q::zero(); n], plain: vec![0; n], reserved: vec![0; n], memory: vec![Q::zero(); p.dep.hosts.len()] }
+        let hosts = p.dep.hosts.len();
+        Loads {
+            share: vec![Q::zero(); n],
+            plain: vec![0; n],
+            reserved: vec![0; n],
+            memory: vec![Q::zero(); hosts],
+            on_host: vec![Vec::new(); hosts],
+        }
     }
 
     pub fn of(p: &Problem, place: &Placement) -> Loads {
@@ -271,6 +357,11 @@ impl Loads {
             let h = p.host(c);
             let m = &vm.memory * &Q::int(vp.instances.len() as i64);
             self.memory[h] = if add { &self.memory[h] + &m } else { &self.memory[h] - &m };
+            if add {
+                self.on_host[h].push(v);
+            } else if let Some(k) = self.on_host[h].iter().position(|&x| x == v) {
+                self.on_host[h].swap_remove(k);
+            }
         }
         if let (Some(b), true) = (vp.backup, vp.running()) {
             self.memory[b] = if add { &self.memory[b] + &vm.memory } else { &self.memory[b] - &vm.memory };
@@ -294,6 +385,12 @@ impl Loads {
         if extra.iter().any(|(c, s)| &self.share[*c] + s > Q::one()) {
             return false;
         }
+        // Anti-affinity: no VM it must be kept apart from already runs on that host.
+        if let Some(&c) = vp.instances.first() {
+            if p.dep.vms[v].apart.iter().any(|u| self.on_host[p.host(c)].contains(u)) {
+                return false;
+            }
+        }
         let mut mem: Vec<(usize, Q)> = Vec::new();
         if let Some(&c) = vp.instances.first() {
             mem.push((p.host(c), &vm.memory * &Q::int(vp.instances.len() as i64)));
@@ -308,6 +405,9 @@ impl Loads {
     /// room left (None if they do not fit).
     pub fn fit_instances(&self, p: &Problem, v: usize, h: usize) -> Option<Vec<usize>> {
         let vm = &p.dep.vms[v];
+        if vm.apart.iter().any(|u| self.on_host[h].contains(u)) {
+            return None;
+        }
         let mut share: Vec<(usize, Q)> = p.dep.hosts[h].processors.iter().map(|&c| (c, self.share[c].clone())).collect();
         let mut out = Vec::new();
         for _ in 0..vm.instances.len() {
@@ -337,11 +437,14 @@ pub struct SearchOptions {
     pub exact_budget: usize,
     /// Alternatives tried per VM when the greedy search repairs or improves a placement.
     pub alternatives: usize,
+    /// Validate each plan by a full analysis instead of an incremental one from the initial
+    /// placement's analysis (`plan::Validation`); both give the same plans (tested).
+    pub full_validation: bool,
 }
 
 impl Default for SearchOptions {
     fn default() -> SearchOptions {
-        SearchOptions { exact_budget: 20_000, alternatives: 4 }
+        SearchOptions { exact_budget: 20_000, alternatives: 4, full_validation: false }
     }
 }
 
@@ -367,17 +470,20 @@ pub fn greedy(p: &Problem, ev: &mut Evaluator, opts: &SearchOptions) -> Result<S
         if !p.displaced[v] {
             continue;
         }
-        let mut best: Option<(usize, Q, VmPlace)> = None;
+        // (disturbance: untouched moved, bytes, downtime bytes, moves), room, choice.
+        type Candidate = ((usize, Q, Q, usize), Q, VmPlace);
+        let mut best: Option<Candidate> = None;
         for instances in p.primaries(v, &loads) {
             // Place the instances now, the backup below; fewest moves, then the most room.
             let c = VmPlace { instances, backup: None };
             if !loads.fits(p, v, &c) {
                 continue;
             }
-            let (moves, _, _) = p.vm_cost(v, &c);
+            let vc = p.vm_cost(v, &c);
+            let disturb = (vc.untouched_moved, vc.bytes, vc.downtime_bytes, vc.moves);
             let room = c.instances.iter().map(|&x| loads.free(x)).min().unwrap_or_default();
-            if best.as_ref().is_none_or(|(m, r, _)| moves < *m || (moves == *m && room > *r)) {
-                best = Some((moves, room, c));
+            if best.as_ref().is_none_or(|(m, r, _)| disturb < *m || (&disturb == m && room > *r)) {
+                best = Some((disturb, room, c));
             }
         }
         if let Some((_, _, c)) = best {
@@ -425,7 +531,7 @@ pub fn greedy(p: &Problem, ev: &mut Evaluator, opts: &SearchOptions) -> Result<S
     // with the tightest deadline: more slack at no cost. (Moving any other VM cannot raise
     // the smallest slack, except by unloading those resources indirectly.)
     if cur.cost.misses == 0 {
-        let near = near_tightest(p, &cur);
+        let near = near_tightest(p, &cur, ev.system_of(&cur.place));
         for &v in &p.order {
             if !p.displaced[v] || !cur.place.vms[v].running() || !near.contains(&v) {
                 continue;
@@ -445,9 +551,7 @@ pub fn greedy(p: &Problem, ev: &mut Evaluator, opts: &SearchOptions) -> Result<S
 
 /// VMs with a task (or message, or checkpoint stream) on a resource used by the tasks with the
 /// smallest slack, or on the processors of those tasks' VMs.
-fn near_tightest(p: &Problem, s: &Scored) -> Vec<usize> {
-    let mut sys = p.base.clone();
-    p.dep.apply(p.base, &s.place, &mut sys);
+fn near_tightest(p: &Problem, s: &Scored, sys: &System) -> Vec<usize> {
     let host_proc = |r: usize| match &sys.resources[r].kind {
         rtc::system::ResourceKind::Reservation { host, .. } => *host,
         _ => r,
@@ -590,11 +694,10 @@ pub fn branch_and_bound(p: &Problem, ev: &mut Evaluator, incumbent: Scored, budg
             if !loads.fits(p, v, &c) {
                 continue;
             }
-            let (m, stopped, lost) = p.vm_cost(v, &c);
+            // Every part of the cost only grows as VMs are added, so a partial cost already
+            // above the best complete one cannot lead to a better placement.
             let mut next = partial.clone();
-            next.moves += m;
-            next.levels[p.level_of[v]].0 += stopped as usize;
-            next.levels[p.level_of[v]].1 += lost as usize;
+            next.add(p.level_of[v], &p.vm_cost(v, &c));
             if next > bb.best.cost {
                 continue;
             }
@@ -612,7 +715,7 @@ pub fn branch_and_bound(p: &Problem, ev: &mut Evaluator, incumbent: Scored, budg
     let mut place = p.initial.clone();
     let mut loads = Loads::empty(p);
     let mut bb = Bb { p, ev, best: incumbent, leaves: 0, budget, aborted: false };
-    let zero = Cost { misses: 0, levels: vec![(0, 0); p.levels.len()], moves: 0 };
+    let zero = Cost::zero(p.levels.len());
     dfs(&mut bb, 0, &mut place, &mut loads, &zero)?;
     Ok((bb.best, !bb.aborted))
 }
@@ -620,6 +723,12 @@ pub fn branch_and_bound(p: &Problem, ev: &mut Evaluator, incumbent: Scored, budg
 /// Every combination of every VM's choices, each analysed in full, no pruning: the reference
 /// for tests (exponential; only for a handful of VMs).
 pub fn exhaustive(p: &Problem) -> Result<Scored, AnalysisError> {
+    exhaustive_where(p, |_| true)
+}
+
+/// [`exhaustive`] over the placements `keep` accepts (besides capacity): lets a test impose a
+/// constraint independently of the planner's own checks.
+pub fn exhaustive_where(p: &Problem, keep: impl Fn(&Placement) -> bool) -> Result<Scored, AnalysisError> {
     let n = p.dep.vms.len();
     let empty = Loads::empty(p);
     // Choices per VM, independent of the others (instances of multi-instance VMs are fitted
@@ -630,7 +739,7 @@ pub fn exhaustive(p: &Problem) -> Result<Scored, AnalysisError> {
     let mut sys = p.base.clone();
     loop {
         let place = Placement { vms: (0..n).map(|v| per_vm[v][idx[v]].clone()).collect() };
-        if capacity_ok(p, &place) {
+        if capacity_ok(p, &place) && keep(&place) {
             p.dep.apply(p.base, &place, &mut sys);
             let an = analyze(&sys, &crate::eval::planning_options())?;
             let verdict = verdict(p.base, p.dep, &p.world, &place, &an);
@@ -668,4 +777,35 @@ pub fn capacity_ok(p: &Problem, place: &Placement) -> bool {
         loads.add(p, v, vp, true);
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `forced_space` counts the choices it used to build: on the example and a synthetic
+    /// cluster, for every single-host failure, it equals the product of `choices(..).len()`.
+    #[test]
+    fn forced_space_counts_the_choices() {
+        let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/cluster.toml")).unwrap();
+        for text in [example, crate::synthetic::cluster(60, 6, 3)] {
+            let l = model::parse(&text, "c.toml", std::path::Path::new(".")).unwrap();
+            let dep = l.deployment.as_ref().unwrap();
+            let links: Vec<usize> = dep.hosts.iter().filter_map(|h| h.port).collect();
+            for s in crate::scenario::enumerate(dep, &links, 1, true) {
+                let p = Problem::new(&l.system, dep, crate::eval::World::new(dep, &l.system, &s));
+                let empty = Loads::empty(&p);
+                let built: f64 = (0..dep.vms.len())
+                    .filter(|&v| p.displaced[v] || (p.initial.vms[v].backup.is_some() && p.old_backup(v).is_none()))
+                    .map(|v| p.choices(v, &empty).len() as f64)
+                    .product();
+                let counted = p.forced_space();
+                if built > 1e18 {
+                    assert!(counted > 1e18, "{s:?}: {counted} vs {built}");
+                } else {
+                    assert_eq!(counted, built, "{s:?}");
+                }
+            }
+        }
+    }
 }

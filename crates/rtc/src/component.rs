@@ -80,6 +80,8 @@ pub struct TaskBounds {
     pub bcrt: Q,
     /// Pending activations (events).
     pub backlog: Q,
+    /// Pending work (work units): released and not yet served.
+    pub backlog_work: Q,
     /// Completion curves (events).
     pub output: Pair,
 }
@@ -107,13 +109,44 @@ pub fn backlog_from_wcrt(events: &Pair, wcrt: &Q) -> Q {
     events.0.eval_right(wcrt)
 }
 
+/// Backlog of a task that gets the lower service `service_lower` for itself and serves its
+/// activations FIFO, as `(events, work)`:
+///
+/// - work: the vertical deviation sup (γu∘αu − βl) of its upper demand `demand_upper` and the
+///   service, exact for the model;
+/// - events: `⌈sup (wcet·αu − βl) / wcet⌉`. At time t in a busy window that started at s, at
+///   most A = ⌊αu((t − s)⁺)⌋ activations arrived and at least ⌊βl(t − s)/wcet⌋ completed (each
+///   needs at most wcet), so the backlog is an integer below αu − βl/wcet + 1, hence at most
+///   ⌈V/wcet⌉ with V the deviation; when αu is integer-valued (every event model) this is
+///   exactly sup (αu − ⌊βl/wcet⌋). It is also capped by the activations of one WCRT window
+///   ([`backlog_from_wcrt`]), which it never exceeds when exact.
+///
+/// A deviation that cannot be computed (a curve error) falls back to the WCRT window.
+pub fn backlog_on_service(events: &Pair, w: &Workload, demand_upper: &Curve, service_lower: &Curve, wcrt: &Q) -> (Q, Q) {
+    let by_wcrt = backlog_from_wcrt(events, wcrt);
+    let work_by_wcrt = demand_upper.eval_right(wcrt);
+    let work = match demand_upper.vdev(service_lower) {
+        Ok(v) => Q::min(&Q::max(&v, &Q::zero()), &work_by_wcrt),
+        Err(_) => work_by_wcrt,
+    };
+    if !w.wcet.is_positive() {
+        return (by_wcrt, work);
+    }
+    let v = if w.curves.is_none() { Ok(work.clone()) } else { events.0.scale(&w.wcet).vdev(service_lower) };
+    let events = match v {
+        Ok(v) => Q::min(&Q::max(&(v / &w.wcet).ceil(), &Q::zero()), &by_wcrt),
+        Err(_) => by_wcrt,
+    };
+    (events, work)
+}
+
 /// Analysis of a task that gets the service `beta` for itself and serves its activations FIFO
 /// (a GPC in the event domain).
 pub fn task_on_service(events: &Pair, w: &Workload, beta: &Pair, gpc_outputs: bool) -> Result<TaskBounds> {
     let demand = w.demand(events);
     let wcrt = demand.0.hdev(&beta.1)?;
     let bcrt = best_case(&w.bcet, &beta.0);
-    let backlog = backlog_from_wcrt(events, &wcrt);
+    let (backlog, backlog_work) = backlog_on_service(events, w, &demand.0, &beta.1, &wcrt);
     let mut output = propagate_jitter(events, &wcrt, &bcrt);
     if gpc_outputs && w.bcet.is_positive() {
         let g = gpc(&demand, beta)?;
@@ -124,7 +157,7 @@ pub fn task_on_service(events: &Pair, w: &Workload, beta: &Pair, gpc_outputs: bo
         let lo = g.output.1.scale(&w.wcet.recip().unwrap_or_default()).ceil()?.offset(&-Q::one()).clamp_nonnegative()?;
         output.1 = output.1.max(&lo)?;
     }
-    Ok(TaskBounds { wcrt, bcrt, backlog, output })
+    Ok(TaskBounds { wcrt, bcrt, backlog, backlog_work, output })
 }
 
 /// EDF demand-bound test on service `beta_lower`: `Σ wcet_i αu_i(Δ − D_i) <= βl(Δ)` for all Δ.

@@ -14,6 +14,7 @@
 
 use crate::q::Q;
 use std::fmt;
+use std::sync::Arc;
 
 /// Upper limit on the number of segments an operation may materialise.
 pub const MAX_SEGMENTS: usize = 250_000;
@@ -73,7 +74,9 @@ impl fmt::Debug for Seg {
 /// An ultimately pseudo-periodic piecewise-linear function on `[0, ∞)`.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Curve {
-    segs: Vec<Seg>,
+    /// Shared: cloning a curve (analyses hold thousands, and the planner copies analyses) only
+    /// bumps a count; operators build new segment lists.
+    segs: Arc<Vec<Seg>>,
     t: Q,
     d: Q,
     c: Q,
@@ -169,17 +172,17 @@ impl Curve {
         let end = &t + &d;
         segs.retain(|s| s.x < end);
         let segs = merge_collinear(segs);
-        let mut c = Curve { segs, t, d, c };
+        let mut c = Curve { segs: Arc::new(segs), t, d, c };
         // `t` must remain a breakpoint (merging may have removed it).
         let tt = c.t.clone();
-        split_at(&mut c.segs, &tt);
+        split_at(Arc::make_mut(&mut c.segs), &tt);
         c.shrink_transient();
         c
     }
 
     /// `f(t) = v` everywhere.
     pub fn constant(v: Q) -> Curve {
-        Curve { segs: vec![Seg::line(Q::zero(), v, Q::zero())], t: Q::zero(), d: Q::one(), c: Q::zero() }
+        Curve { segs: Arc::new(vec![Seg::line(Q::zero(), v, Q::zero())]), t: Q::zero(), d: Q::one(), c: Q::zero() }
     }
 
     pub fn zero() -> Curve {
@@ -188,16 +191,16 @@ impl Curve {
 
     /// `f(0) = at0`, `f(t) = b + r t` for `t > 0`.
     pub fn affine(at0: Q, b: Q, r: Q) -> Curve {
-        Curve { segs: vec![Seg::new(Q::zero(), at0, b, r.clone())], t: Q::zero(), d: Q::one(), c: r }.fix_origin_pattern()
+        Curve { segs: Arc::new(vec![Seg::new(Q::zero(), at0, b, r.clone())]), t: Q::zero(), d: Q::one(), c: r }.fix_origin_pattern()
     }
 
     /// `f(t) = max(0, r (t - latency))` (a rate-latency service curve).
     pub fn rate_latency(r: Q, latency: Q) -> Curve {
         if latency.is_positive() {
             let segs = vec![Seg::line(Q::zero(), Q::zero(), Q::zero()), Seg::line(latency.clone(), Q::zero(), r.clone())];
-            Curve { segs, t: latency, d: Q::one(), c: r }
+            Curve { segs: Arc::new(segs), t: latency, d: Q::one(), c: r }
         } else {
-            Curve { segs: vec![Seg::line(Q::zero(), Q::zero(), r.clone())], t: Q::zero(), d: Q::one(), c: r }
+            Curve { segs: Arc::new(vec![Seg::line(Q::zero(), Q::zero(), r.clone())]), t: Q::zero(), d: Q::one(), c: r }
         }
     }
 
@@ -443,10 +446,10 @@ impl Curve {
             let end = &t + &self.d;
             let mut segs: Vec<Seg> = self.segs.iter().filter(|s| s.x < end).cloned().collect();
             split_at(&mut segs, &t);
-            self.segs = merge_collinear(segs);
+            self.segs = Arc::new(merge_collinear(segs));
             self.t = t;
             let tt = self.t.clone();
-            split_at(&mut self.segs, &tt);
+            split_at(Arc::make_mut(&mut self.segs), &tt);
         }
     }
 
@@ -498,8 +501,8 @@ impl Curve {
 
     /// `f + v`.
     pub fn offset(&self, v: &Q) -> Curve {
-        let segs = self.segs.iter().map(|s| Seg::new(s.x.clone(), &s.y + v, &s.yr + v, s.s.clone())).collect();
-        Curve { segs, t: self.t.clone(), d: self.d.clone(), c: self.c.clone() }
+        let segs = self.segs.iter().map(|s| Seg::new(s.x.clone(), &s.y + v, &s.yr + v, s.s.clone())).collect::<Vec<Seg>>();
+        Curve { segs: Arc::new(segs), t: self.t.clone(), d: self.d.clone(), c: self.c.clone() }
     }
 
     /// `g(t) = fill` for `t < delta`, `f(t - delta)` for `t >= delta` (delta >= 0).
@@ -530,11 +533,11 @@ impl Curve {
         let mut c = if self.t.is_zero() {
             let mut segs = self.unroll_raw(&(&self.d + &self.d));
             split_at(&mut segs, &self.d);
-            Curve { segs, t: self.d.clone(), d: self.d.clone(), c: self.c.clone() }
+            Curve { segs: Arc::new(segs), t: self.d.clone(), d: self.d.clone(), c: self.c.clone() }
         } else {
             self.clone()
         };
-        c.segs[0].y = v.clone();
+        Arc::make_mut(&mut c.segs)[0].y = v.clone();
         c
     }
 

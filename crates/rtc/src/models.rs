@@ -180,6 +180,16 @@ impl SupplyModel {
             SupplyModel::Synchronous => "release-synchronous",
         }
     }
+
+    /// The convention the model assumes about where the budget comes in each period.
+    pub fn convention(&self) -> &'static str {
+        match self {
+            SupplyModel::WorstCase => {
+                "budget anywhere in each period (at the start of one and the end of the next: longest blackout 2(P - Q))"
+            }
+            SupplyModel::Synchronous => "periods start with the task releases, budget at the end of each period (longest blackout P - Q)",
+        }
+    }
 }
 
 /// Service of a dedicated resource: `rate · Δ` (upper, lower).

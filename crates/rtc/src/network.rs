@@ -305,7 +305,7 @@ impl FpState {
                 break (svc, outcome);
             };
             match res {
-                Ok(b) if delay_is_exact(&h, &demand.0, &svc_i.1, &b.wcrt) => {
+                Ok(b) if delay_is_exact(&h, &demand.0, &svc_i.1, &b.wcrt) && backlog_is_exact(&h, ev, &w, &demand.0, &svc_i.1, &b) => {
                     break (svc, Outcome { bounds: Some(b), service: svc_i, exact_until: Some(h), method, problem: None });
                 }
                 _ => match self.grow(&h, &demand.0, res.as_ref().ok().map(|b| &b.wcrt)) {
@@ -382,6 +382,44 @@ fn delay_is_exact(h: &Q, demand: &Curve, service: &Curve, delay: &Q) -> bool {
     &tb < delay
 }
 
+/// Whether the backlogs of `b` (computed by [`component::backlog_on_service`] on a lower
+/// service curve exact on [0, h) and lower beyond) equal those on the exact service. The
+/// deviation sup (D − βl) on the truncated curve is never below the exact one, and both agree
+/// on [0, h). For t >= h the truncated service is at least Y0 = βl(h⁻) and at least ρ·t + m, and
+/// D(t) <= r·t + b, so D − βl there is at most TB = b − Y0 (r = 0) or (r − ρ)·h + b − m
+/// (ρ > r; the bound decreases with t). A deviation V > TB is therefore attained before h, where
+/// it is also the exact one. Work: V = the reported work backlog (unless 0, which is exact as
+/// the deviation is never negative); events: E = ⌈V/wcet⌉ with V > wcet·(E − 1) (the cap by
+/// the WCRT window is exact too, since the WCRT is). `docs/analysis.md` §4.
+fn backlog_is_exact(h: &Q, ev: &Pair, w: &Workload, demand: &Curve, service: &Curve, b: &TaskBounds) -> bool {
+    let tail_bound = |d: &Curve| -> Option<Q> {
+        let (r, rho) = (d.rate(), service.rate());
+        let (_, top) = d.affine_bounds();
+        if r.is_zero() {
+            Some(top - service.eval_left(h))
+        } else if rho > r {
+            Some((&r - &rho) * h + top - service.affine_lower_from(h))
+        } else {
+            None
+        }
+    };
+    let work_ok = b.backlog_work.is_zero() || tail_bound(demand).is_some_and(|tb| tb < b.backlog_work);
+    if !work_ok {
+        return false;
+    }
+    if !w.wcet.is_positive() || b.backlog.is_zero() {
+        return true;
+    }
+    let scaled;
+    let d = if w.curves.is_none() {
+        demand
+    } else {
+        scaled = ev.0.scale(&w.wcet);
+        &scaled
+    };
+    tail_bound(d).is_some_and(|tb| tb <= &w.wcet * (&b.backlog - Q::one()))
+}
+
 /// Analyses the tasks of resource `r` given their activation curves and the base service.
 pub(crate) fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], beta: &Pair) -> Vec<(usize, Outcome)> {
     let sys = ctx.sys;
@@ -437,6 +475,7 @@ pub(crate) fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], bet
             }
             let demands: Vec<Pair> = tasks.iter().map(|&i| wl(i).demand(inputs[i].as_ref().expect("checked above"))).collect();
             let total = component::sum(demands.iter().map(|d| d.0.clone()));
+            let total_backlog = total.as_ref().ok().and_then(|t| total_backlog(t, &beta.1));
             let shared: Result<Vec<Q>, CurveError> = total.and_then(|total| {
                 if edf {
                     let dl: Vec<(Curve, Q)> = tasks
@@ -464,8 +503,15 @@ pub(crate) fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], bet
                         let ev = inputs[i].as_ref().expect("checked above");
                         let wcrt = wcrts[k].clone();
                         let bcrt = component::best_case(&sys.tasks[i].bcet, &beta.0);
+                        // Per task, only the activations of one WCRT window are known to be
+                        // pending; the resource's total is exact (`ResourceResult::backlog`).
+                        let work = demands[k].0.eval_right(&wcrt);
                         let b = TaskBounds {
                             backlog: component::backlog_from_wcrt(ev, &wcrt),
+                            backlog_work: match &total_backlog {
+                                Some(t) => Q::min(&work, t),
+                                None => work,
+                            },
                             output: component::propagate_jitter(ev, &wcrt, &bcrt),
                             wcrt,
                             bcrt,
@@ -482,6 +528,12 @@ pub(crate) fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], bet
         }
     }
     out
+}
+
+/// Pending work of a whole work-conserving resource: sup (Σ demand − βl), at least 0 (`None`
+/// when unbounded or too complex).
+fn total_backlog(total: &Curve, service_lower: &Curve) -> Option<Q> {
+    total.vdev(service_lower).ok().map(|v| Q::max(&v, &Q::zero()))
 }
 
 /// Resources in an order where each comes after the resources feeding it; the flag tells
@@ -771,6 +823,7 @@ pub(crate) fn task_result(sys: &System, i: usize, o: Outcome, input: Pair) -> Ta
             wcrt: Some(b.wcrt),
             bcrt: b.bcrt,
             backlog: Some(b.backlog),
+            backlog_work: Some(b.backlog_work),
             input: Bounds { upper: input.0, lower: input.1 },
             output: Bounds { upper: b.output.0, lower: b.output.1 },
             service: Bounds { upper: o.service.0, lower: o.service.1 },
@@ -782,6 +835,7 @@ pub(crate) fn task_result(sys: &System, i: usize, o: Outcome, input: Pair) -> Ta
             wcrt: None,
             bcrt: component::best_case(&sys.tasks[i].bcet, &o.service.0),
             backlog: None,
+            backlog_work: None,
             input: Bounds { upper: input.0, lower: input.1 },
             output: Bounds { upper: Curve::zero(), lower: Curve::zero() },
             service: Bounds { upper: o.service.0, lower: o.service.1 },
@@ -922,25 +976,46 @@ pub(crate) fn resource_result(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], beta
     if utilisation > Q::one() {
         problem = Some(format!("overloaded: long-run utilisation {:.1}%", utilisation.to_f64() * 100.0));
     }
-    let (supply, min_budget) = match &res.kind {
-        ResourceKind::Reservation { period, supply, host, .. } => {
-            let mb = min_budget(ctx, r, inputs, period, *supply, *host);
-            (Some(*supply), mb)
-        }
-        _ => (None, None),
+    let (supply, min_budgets) = match &res.kind {
+        ResourceKind::Reservation { period, supply, host, .. } => (Some(*supply), min_budgets(ctx, r, inputs, period, *supply, *host)),
+        _ => (None, Vec::new()),
     };
-    ResourceResult { utilisation, capacity, supply, min_budget, problem }
+    let min_budget = min_budgets.first().and_then(|m| m.grid.clone());
+    // Every policy but TDMA is work-conserving: the resource holds at most sup (Σ demand − βl)
+    // of pending work whichever task it serves first. Computed where the sum is needed anyway
+    // (EDF, FIFO); for fixed priority the per-task backlogs are exact and the sum would span
+    // the common period of every input.
+    let backlog = match res.policy {
+        Policy::Edf | Policy::Fifo => {
+            let ds = ctx.tasks_on[r].iter().map(|&i| {
+                let w =
+                    Workload { wcet: sys.tasks[i].wcet.clone(), bcet: sys.tasks[i].bcet.clone(), curves: sys.tasks[i].workload.clone() };
+                inputs[i].as_ref().map(|ev| w.demand(ev).0)
+            });
+            ds.collect::<Option<Vec<Curve>>>().and_then(|ds| component::sum(ds).ok()).and_then(|t| total_backlog(&t, &beta.1))
+        }
+        _ => None,
+    };
+    ResourceResult { utilisation, capacity, supply, min_budget, min_budgets, backlog, problem }
 }
 
-/// Smallest budget (a multiple of the step, at most the period) for which every inner task with
-/// a deadline meets it. Schedulability is monotone in the budget, so bisection is exact on the
-/// grid.
-fn min_budget(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], period: &Q, supply: models::SupplyModel, host: usize) -> Option<Q> {
+/// Smallest budgets of reservation `r` under the declared supply model and the other one.
+fn min_budgets(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], period: &Q, declared: models::SupplyModel, host: usize) -> Vec<MinBudget> {
     let sys = ctx.sys;
-    let tasks = &ctx.tasks_on[r];
-    if tasks.iter().all(|&i| sys.tasks[i].deadline.is_none()) || !ctx.opts.budget_step.is_positive() {
-        return None;
+    if ctx.tasks_on[r].iter().all(|&i| sys.tasks[i].deadline.is_none()) || !ctx.opts.budget_step.is_positive() {
+        return Vec::new();
     }
+    let other = match declared {
+        models::SupplyModel::WorstCase => models::SupplyModel::Synchronous,
+        models::SupplyModel::Synchronous => models::SupplyModel::WorstCase,
+    };
+    [declared, other].into_iter().map(|m| min_budget(ctx, r, inputs, period, m, host)).collect()
+}
+
+/// Smallest budget for one supply model: on the grid of `budget_step` (at most the period),
+/// and exactly. Schedulability is monotone in the budget, so bisection is exact on the grid.
+fn min_budget(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], period: &Q, supply: models::SupplyModel, host: usize) -> MinBudget {
+    let sys = ctx.sys;
     let speed = host_speed(sys, host);
     let step = &ctx.opts.budget_step;
     let feasible = |q: &Q| -> bool {
@@ -952,10 +1027,11 @@ fn min_budget(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], period: &Q, supply: 
             (None, _) => true,
         })
     };
+    let none = MinBudget { supply, grid: None, exact: None };
     let kmax = (period / step).ceil();
     let at = |k: &Q| Q::min(&(k * step), period);
     if !feasible(period) {
-        return None;
+        return none;
     }
     let (mut lo, mut hi) = (Q::zero(), kmax); // infeasible at lo (budget 0), feasible at hi
     while &hi - &lo > Q::one() {
@@ -966,7 +1042,142 @@ fn min_budget(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], period: &Q, supply: 
             lo = mid;
         }
     }
-    Some(at(&hi))
+    let grid = at(&hi);
+    let exact = exact_min_budget(ctx, r, inputs, period, supply, &speed, &feasible, at(&lo), grid.clone());
+    MinBudget { supply, grid: Some(grid), exact }
+}
+
+/// The exact smallest budget in (`lo`, `hi`] (`lo` infeasible, `hi` feasible), or `None` when
+/// the argument below does not apply (a demand that is not a staircase, no closing busy window).
+///
+/// Every deadline test of the analysis on a reservation reduces to conditions sbf_Q(s) ≥ v, for
+/// times s and work v from a finite set: a fixed-priority or FIFO delay ≤ D holds iff each
+/// level y = α(t⁺) reached at t is served by t + D, i.e. some s ≤ t + D has
+/// sbf_Q(s) ≥ W(s) + y (W: the higher-priority or other demand, plus any blocking), and with
+/// staircase demands only the s where W steps (or s = t + D) matter; the EDF test needs
+/// sbf_Q(s) ≥ dbf(s⁺) at the steps of the dbf. All those s and v (v divided by the host speed)
+/// are integer multiples of a unit u: the gcd of every breakpoint, value, period and increment
+/// of the demands, the deadlines, the blocking terms and P. For a fixed s, sbf_Q(s) is piecewise
+/// linear in Q: kQ + max(0, s − 2(P − Q) − kP) for the worst case (k the number of whole
+/// periods), kQ + max(0, s − (k + 1)P + Q) for the release-synchronous model, so the smallest Q
+/// meeting it is v/k, (v − s + (k + 2)P)/(k + 2) or (v − s + (k + 1)P)/(k + 1): u·N/m with an
+/// integer N and 1 ≤ m ≤ M = ⌊S/P⌋ + 2, where S bounds the s that matter (the busy window at
+/// `lo` plus the largest deadline; the window only shrinks as Q grows). The smallest feasible
+/// budget is the largest of these per-condition minima, so it has that form too. Two distinct
+/// such values differ by at least u/M², so once bisection has narrowed (lo, hi] below that
+/// width, the simplest rational in (lo/u, hi/u] (scaled by u) is the minimum; it is checked
+/// feasible.
+#[allow(clippy::too_many_arguments)]
+fn exact_min_budget(
+    ctx: &Ctx,
+    r: usize,
+    inputs: &[Option<Pair>],
+    period: &Q,
+    supply: models::SupplyModel,
+    speed: &Q,
+    feasible: &dyn Fn(&Q) -> bool,
+    mut lo: Q,
+    mut hi: Q,
+) -> Option<Q> {
+    let sys = ctx.sys;
+    let res = &sys.resources[r];
+    let tasks = &ctx.tasks_on[r];
+    // The tasks that influence a deadline: all of them on a shared queue, the higher
+    // priorities of the last task with a deadline (and it) under fixed priority.
+    let mut relevant: Vec<usize> = tasks.clone();
+    let np = res.policy == Policy::FixedPriorityNonPreemptive;
+    if matches!(res.policy, Policy::FixedPriority | Policy::FixedPriorityNonPreemptive) {
+        relevant.sort_by_key(|&i| (sys.tasks[i].priority.unwrap_or(i64::MAX), i));
+        let last = relevant.iter().rposition(|&i| sys.tasks[i].deadline.is_some())?;
+        relevant.truncate(last + 1);
+    }
+    let mut unit = period.clone();
+    let mut see = |v: &Q| unit = Q::gcd(&unit, v);
+    let mut demands = Vec::new();
+    let mut rate = Q::zero();
+    let mut dmax = Q::zero();
+    for &i in &relevant {
+        let t = &sys.tasks[i];
+        let w = Workload { wcet: t.wcet.clone(), bcet: t.bcet.clone(), curves: t.workload.clone() };
+        let d = w.demand(inputs[i].as_ref()?).0.scale(&speed.recip()?);
+        if d.segments().iter().any(|s| !s.s.is_zero()) {
+            return None;
+        }
+        for s in d.segments() {
+            see(&s.x);
+            see(&s.y);
+            see(&s.yr);
+        }
+        see(d.period());
+        see(d.increment());
+        see(d.periodic_start());
+        if let Some(dl) = &t.deadline {
+            see(dl);
+            dmax = Q::max(&dmax, dl);
+        }
+        rate = rate + d.rate();
+        demands.push(d);
+    }
+    // Non-preemptive blocking: any lower-priority WCET (all tasks, to be safe).
+    let mut blocking = Q::zero();
+    if np {
+        for &i in tasks {
+            let b = &sys.tasks[i].wcet / speed;
+            see(&b);
+            blocking = Q::max(&blocking, &b);
+        }
+    }
+    let unit = unit;
+    if !unit.is_positive() {
+        return None;
+    }
+    // Below the long-run demand no budget keeps the last relevant deadline.
+    let floor = &rate * period;
+    if floor > lo && floor <= hi {
+        if feasible(&floor) {
+            return Some(floor);
+        }
+        lo = floor;
+    }
+    // A bound on the busy window at `lo` from linear bounds (cheap whatever the common period
+    // of the demands): demand <= rate·t + b + blocking, and sbf_lo(t) >= (lo/P)·(t − L) with
+    // the longest blackout L = 2(P − lo) (worst case) or P − lo (release-synchronous), so the
+    // window closes by (b + blocking + ρL)/(ρ − rate) when ρ = lo/P > rate (bisect until so).
+    let top = demands.iter().fold(blocking, |acc, d| acc + d.affine_bounds().1);
+    let mut busy = None;
+    for _ in 0..64 {
+        let rho = &lo / period;
+        if rho > rate {
+            let blackout = match supply {
+                models::SupplyModel::WorstCase => (period - &lo) * Q::int(2),
+                models::SupplyModel::Synchronous => period - &lo,
+            };
+            busy = Some((&top + &rho * &blackout) / (&rho - &rate));
+            break;
+        }
+        let mid = (&lo + &hi) / Q::int(2);
+        if feasible(&mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    let s_max = Q::max(&busy?, &Q::zero()) + dmax;
+    let m = (&s_max / period).floor() + Q::int(2);
+    let width = &unit / (&m * &m);
+    for _ in 0..400 {
+        if &hi - &lo < width {
+            let x = Q::simplest_in(&(&lo / &unit), false, Some(&(&hi / &unit)), true) * &unit;
+            return feasible(&x).then_some(x);
+        }
+        let mid = (&lo + &hi) / Q::int(2);
+        if feasible(&mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    None
 }
 
 #[cfg(test)]

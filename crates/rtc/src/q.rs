@@ -242,6 +242,33 @@ impl Q {
         Some(Q::from_big(BigRational::new(n, d)))
     }
 
+    /// Greatest common divisor of two rationals: the largest `g > 0` of which both are integer
+    /// multiples (`gcd(p/q, r/s) = gcd(p, r) / lcm(q, s)`); `|b|` when `a` is 0.
+    pub fn gcd(a: &Q, b: &Q) -> Q {
+        let (a, b) = (a.to_big(), b.to_big());
+        let n = a.numer().gcd(b.numer());
+        let d = a.denom().lcm(b.denom());
+        Q::from_big(BigRational::new(n, d))
+    }
+
+    /// The simplest rational (smallest denominator, then smallest numerator) in the interval
+    /// from `lo` to `hi` (`None`: unbounded above), each end included or not as told; `lo >= 0`
+    /// and the interval must not be empty. Continued-fraction descent.
+    pub fn simplest_in(lo: &Q, lo_incl: bool, hi: Option<&Q>, hi_incl: bool) -> Q {
+        let n = if lo_incl { lo.ceil() } else { lo.floor() + Q::one() };
+        match hi {
+            Some(h) if !(&n < h || (&n == h && hi_incl)) => {}
+            _ => return n,
+        }
+        // No integer inside: x = f + 1/y with f = ⌊lo⌋ and y in (1/(hi − f), 1/(lo − f)).
+        let f = lo.floor();
+        let h = hi.expect("checked above");
+        let ylo = (h - &f).recip().expect("hi > f");
+        let yhi = (lo - &f).recip();
+        let y = Q::simplest_in(&ylo, hi_incl, yhi.as_ref(), lo_incl);
+        f + y.recip().expect("y >= 1")
+    }
+
     /// Nearest `f64`, for plots and human output only; never for a bound.
     pub fn to_f64(&self) -> f64 {
         match &self.0 {

@@ -112,6 +112,53 @@ pub fn distributed_chains(tasks: usize, seed: u64) -> System {
     sys
 }
 
+/// `tasks` independent tasks, `per_processor` on each processor (preemptive fixed priority,
+/// rate-monotonic), periodic or with a jitter of a tenth of the period, periods 1–100 ms,
+/// utilisation at most 70 % per processor: the workload of the comparison with pyCPA
+/// (`examples/pycpa/compare.py` writes the same kind of system as files for both tools).
+pub fn independent_fp(tasks: usize, per_processor: usize, seed: u64) -> System {
+    let mut r = Rng(seed);
+    let per = per_processor.max(1);
+    let procs = tasks.div_ceil(per).max(1);
+    let mut sys = System::default();
+    for p in 0..procs {
+        sys.resources.push(Resource {
+            name: format!("cpu{p}"),
+            kind: ResourceKind::Dedicated { rate: Q::one() },
+            policy: Policy::FixedPriority,
+            cycle: None,
+        });
+        let mut periods: Vec<i64> = (0..per).map(|_| r.pick(&PERIODS_US)).collect();
+        periods.sort_unstable();
+        let mut left = 0.7;
+        for (k, &period) in periods.iter().enumerate() {
+            let share = left / (per - k) as f64 * (0.5 + 0.5 * (r.below(1000) as f64 / 1000.0));
+            let c = ((period as f64 * share) as i64).max(1);
+            left -= c as f64 / period as f64;
+            let jitter = if r.below(3) == 0 { period / 10 } else { 0 };
+            let model = if jitter > 0 {
+                EventModel::Pjd { period: Q::int(period), jitter: Q::int(jitter), min_distance: Q::zero() }
+            } else {
+                EventModel::Periodic { period: Q::int(period) }
+            };
+            let i = sys.tasks.len();
+            sys.streams.push(Stream { name: format!("s{i}"), model });
+            sys.tasks.push(Task {
+                name: format!("t{p}_{k}"),
+                resource: p,
+                input: Input::Stream(i),
+                wcet: Q::int(c),
+                bcet: Q::int(c),
+                priority: Some(k as i64 + 1),
+                deadline: None,
+                slot: None,
+                workload: None,
+            });
+        }
+    }
+    sys
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

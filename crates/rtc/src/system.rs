@@ -106,8 +106,13 @@ pub struct TaskResult {
     pub wcrt: Option<Q>,
     /// Best-case response time.
     pub bcrt: Q,
-    /// Largest number of pending activations; `None` when unbounded.
+    /// Largest number of pending activations (events); `None` when unbounded. Exact (the
+    /// vertical deviation) for tasks with a service of their own (fixed priority, TDMA, on
+    /// any resource); for EDF and FIFO the activations of one WCRT window (sound).
     pub backlog: Option<Q>,
+    /// Largest pending work (work units: processing time, or bytes on a link), with the same
+    /// provenance as `backlog`; for EDF and FIFO also at most the resource's total.
+    pub backlog_work: Option<Q>,
     /// Activation arrival curves (events).
     pub input: Bounds,
     /// Completion arrival curves (events).
@@ -147,9 +152,29 @@ pub struct ResourceResult {
     /// Supply model used for a reservation's tasks.
     pub supply: Option<SupplyModel>,
     /// For a reservation: the smallest budget (for its period, on a grid of `budget_step`)
-    /// that keeps every inner task's deadline.
+    /// that keeps every inner task's deadline, under the declared supply model.
     pub min_budget: Option<Q>,
+    /// For a reservation with inner deadlines: the smallest budget under each supply model
+    /// (the declared one first), on the grid and exactly.
+    pub min_budgets: Vec<MinBudget>,
+    /// Largest pending work of all its tasks together (work units), exact, for resources
+    /// scheduled EDF or FIFO (one shared queue or buffer); `None` for the others.
+    pub backlog: Option<Q>,
     pub problem: Option<String>,
+}
+
+/// The smallest budget of a reservation (for its period) that keeps every inner task's
+/// deadline under one supply model, with the reservation's inputs held fixed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MinBudget {
+    pub supply: SupplyModel,
+    /// The smallest multiple of [`Options::budget_step`] (capped at the period); `None` when
+    /// even the whole period misses a deadline.
+    pub grid: Option<Q>,
+    /// The exact smallest budget, a rational (`docs/analysis.md` §5); `None` when even the
+    /// whole period misses a deadline, or when the demands are not staircases (then only the
+    /// grid value is known).
+    pub exact: Option<Q>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

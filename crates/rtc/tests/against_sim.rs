@@ -44,6 +44,12 @@ fn check(name: &str, ts: &[T], a: &Analysis, out: &sim::SimResult) {
         if let Some(b) = &t.backlog {
             assert!(o.max_backlog as i64 <= int(&b.ceil()), "{name}: task {i} backlog {} > {b}; {ts:?}", o.max_backlog);
         }
+        if let Some(b) = &t.backlog_work {
+            assert!(q(o.max_backlog_work) <= *b, "{name}: task {i} pending work {} > {b}; {ts:?}", o.max_backlog_work);
+        }
+    }
+    if let Some(b) = &a.resources[0].backlog {
+        assert!(q(out.max_total_backlog_work) <= *b, "{name}: total pending work {} > {b}; {ts:?}", out.max_total_backlog_work);
     }
 }
 

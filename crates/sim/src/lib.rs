@@ -140,6 +140,9 @@ impl TaskOutcome {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SimResult {
     pub tasks: Vec<TaskOutcome>,
+    /// Maximum pending demand of all tasks together at any instant (ticks),
+    /// measured like [`TaskOutcome::max_backlog_work`].
+    pub max_total_backlog_work: i64,
 }
 
 /// Per-task mutable state during simulation.
@@ -196,6 +199,7 @@ pub fn simulate(policy: Policy, supply: &Supply, tasks: &[TaskSpec], horizon: i6
     let mut t: i64 = 0;
     let mut running: Option<usize> = None; // started non-preemptive job
     let mut cursor = 0usize; // first supply interval with end > t
+    let mut max_total = 0i64;
     while t < horizon {
         // Releases at or before t (completions at t were already processed).
         let mut next_release = i64::MAX;
@@ -212,6 +216,7 @@ pub fn simulate(policy: Policy, supply: &Supply, tasks: &[TaskSpec], horizon: i6
             o.max_backlog = o.max_backlog.max(s.released - s.head);
             o.max_backlog_work = o.max_backlog_work.max(s.pending_work);
         }
+        max_total = max_total.max(st.iter().map(|s| s.pending_work).sum());
         // Choose a job; zero-exec jobs complete instantly when chosen.
         let chosen = loop {
             match select(policy, tasks, &st, running) {
@@ -253,7 +258,7 @@ pub fn simulate(policy: Policy, supply: &Supply, tasks: &[TaskSpec], horizon: i6
             running = Some(i);
         }
     }
-    SimResult { tasks: out }
+    SimResult { tasks: out, max_total_backlog_work: max_total }
 }
 
 #[cfg(test)]
@@ -317,6 +322,8 @@ mod tests {
         assert_eq!(completions(&r, 1), vec![2, 7, 10]);
         assert_eq!(r.tasks[0].max_backlog, 2);
         assert_eq!(r.tasks[0].max_backlog_work, 4); // both pending at t=2
+                                                    // t=1: 3 (task 0) + 1 left of task 1's first job; t=2 and t=3 also 4 in all.
+        assert_eq!(r.max_total_backlog_work, 4);
     }
 
     #[test]
@@ -386,15 +393,20 @@ mod tests {
         let (mut released, mut head) = (vec![0usize; n], vec![0usize; n]);
         let mut out: Vec<TaskOutcome> = tasks.iter().map(TaskOutcome::empty).collect();
         let mut running: Option<usize> = None;
+        let mut max_total = 0i64;
         for t in 0..horizon {
+            let mut total = 0;
             for i in 0..n {
                 while released[i] < tasks[i].jobs.len() && tasks[i].jobs[released[i]].release <= t {
                     released[i] += 1;
                 }
                 let o = &mut out[i];
                 o.max_backlog = o.max_backlog.max(released[i] - head[i]);
-                o.max_backlog_work = o.max_backlog_work.max(rem[i][head[i]..released[i]].iter().sum());
+                let pending: i64 = rem[i][head[i]..released[i]].iter().sum();
+                o.max_backlog_work = o.max_backlog_work.max(pending);
+                total += pending;
             }
+            max_total = max_total.max(total);
             let avail = match supply {
                 Supply::Full => true,
                 Supply::Intervals(iv) => iv.iter().any(|&(s, e)| s <= t && t < e),
@@ -431,7 +443,7 @@ mod tests {
                 }
             }
         }
-        SimResult { tasks: out }
+        SimResult { tasks: out, max_total_backlog_work: max_total }
     }
 
     #[test]

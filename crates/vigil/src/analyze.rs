@@ -16,6 +16,17 @@ pub struct Args {
     /// Write one SVG per task (DIR/<task>.svg) with its arrival and service curves.
     #[arg(long, value_name = "DIR")]
     pub plot: Option<PathBuf>,
+    /// Grid of the minimal VM budgets (a time such as 1us, 10us, 0.5ms); the exact minimum is
+    /// reported beside it. 0 skips the search.
+    #[arg(long, value_name = "TIME", default_value = "1us", value_parser = budget_step)]
+    pub budget_step: rtc::Q,
+}
+
+fn budget_step(s: &str) -> Result<rtc::Q, String> {
+    if s.trim() == "0" {
+        return Ok(rtc::Q::zero());
+    }
+    model::units::time(s).and_then(|q| if q.is_positive() { Ok(q) } else { Err(format!("{s:?}: the budget step must be positive (or 0)")) })
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
@@ -28,7 +39,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             return Ok(Outcome::Invalid);
         }
     };
-    let analysis = match analyze(&loaded.system, &Options::default()) {
+    let analysis = match analyze(&loaded.system, &Options { budget_step: args.budget_step.clone(), ..Options::default() }) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("{}", loaded.locate(&e));
@@ -74,6 +85,7 @@ pub(crate) mod tests {
                     wcrt: Some(t.wcet.clone()),
                     bcrt: t.bcet.clone(),
                     backlog: Some(Q::one()),
+                    backlog_work: Some(t.wcet.clone()),
                     input: Bounds { upper: upper.clone(), lower: lower.clone() },
                     output: Bounds { upper, lower },
                     service: Bounds { upper: su, lower: sl },
@@ -107,6 +119,8 @@ pub(crate) mod tests {
                 capacity: Q::one(),
                 supply: None,
                 min_budget: None,
+                min_budgets: Vec::new(),
+                backlog: None,
                 problem: None,
             })
             .collect();

@@ -61,9 +61,17 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     } else {
         let mut out = String::new();
         for p in &table.plans {
-            out += &format!("Scenario {}: {} ({}, {} moves)\n", p.scenario, coverage_name(p.coverage), p.method, p.moves);
+            let how = match (p.search, p.coverage) {
+                ("quick pass", Coverage::Covered) => "heuristic: quick pass only".to_string(),
+                ("quick pass", _) => "quick pass only: a better plan may exist; heuristic".to_string(),
+                ("budget exhausted", _) => format!("heuristic: the search stopped at --budget {}", args.budget),
+                _ => p.method.to_string(),
+            };
+            let copied = model::units::human_size(&p.cost.bytes);
+            out += &format!("Scenario {}: {} ({how}, {} moves, {copied} copied)\n", p.scenario, coverage_name(p.coverage), p.moves);
             if p.actions.is_empty() {
-                out += "  (no action needed)\n";
+                let nothing_lost = p.given_up.is_empty() && p.missed.is_empty() && p.lost.is_empty();
+                out += if nothing_lost { "  (no action needed)\n" } else { "  (no action: what survived stays as it is)\n" };
             }
             for (k, a) in p.actions.iter().enumerate() {
                 out += &format!("  {}. {a}\n", k + 1);
@@ -142,7 +150,10 @@ fn coverage_name(c: Coverage) -> &'static str {
 
 fn given_up(g: &planner::GivenUp) -> String {
     match g {
-        planner::GivenUp::Vm { vm, criticality } => format!("VM {vm} stopped (criticality {criticality})"),
+        planner::GivenUp::Vm { vm, criticality, displaced: false } => format!("VM {vm} stopped (criticality {criticality})"),
+        planner::GivenUp::Vm { vm, criticality, displaced: true } => {
+            format!("VM {vm} not restarted: its host failed and the plan has no place for it (criticality {criticality})")
+        }
         planner::GivenUp::FaultTolerance { vm, criticality } => format!("VM {vm} runs without a backup (criticality {criticality})"),
         planner::GivenUp::State { vm } => format!("VM {vm} lost its state (host and backup failed); restarted fresh"),
         planner::GivenUp::Chain { chain } => format!("chain {chain} (passes through a stopped VM)"),

@@ -49,7 +49,7 @@ pub fn print(r: &Report) {
             ]
         })
         .collect();
-    out += &render("Tasks", &["name", "on", "wcrt", "bcrt", "backlog", "deadline", "verdict", "method"], &rows);
+    out += &render("Tasks", &["name", "on", "wcrt", "bcrt", "backlog (events)", "deadline", "verdict", "method"], &rows);
     out.push('\n');
     let rows: Vec<Vec<String>> = r
         .resources
@@ -61,7 +61,14 @@ pub fn print(r: &Report) {
                 x.policy.to_string(),
                 format!("{}%", trim_float(x.utilisation_percent, 4)),
                 x.supply.unwrap_or("-").to_string(),
-                t(&x.min_budget_us, "-"),
+                match (&x.min_budget_exact_us, &x.min_budget_us) {
+                    (Some(e), Some(g)) if e != g => {
+                        // The exact value as a rational number of ms (e.g. 80/3 ms).
+                        let exact = e.parse::<Q>().map(|q| format!("{} ms", q / Q::int(1000))).unwrap_or_default();
+                        format!("{} (exact {exact})", t(&Some(g.clone()), "-"))
+                    }
+                    _ => t(&x.min_budget_us, "-"),
+                },
             ]
         })
         .collect();

@@ -276,3 +276,70 @@ fn bad_replication_options_exit_2_and_say_why() {
         assert!(text(&out.stderr).contains(want), "vigil {args:?}: expected {want:?} in {}", text(&out.stderr));
     }
 }
+
+/// A VM of period 30 ms whose one task needs 26 ms every 70 ms: under the worst-case supply the
+/// job released at 0 gets Q + max(0, 2Q − 20 ms) by 70 ms, so the smallest budget is 46/3 ms
+/// exactly; on a 1 ms grid it is 16 ms, on a 0.5 ms grid 15.5 ms.
+#[test]
+fn minimal_budget_is_exact_and_on_the_chosen_grid() {
+    let body = "[[processor]]\nname = \"host\"\n\n[[vm]]\nname = \"vm\"\nhost = \"host\"\nbudget = \"30ms\"\nperiod = \"30ms\"\n\n\
+                [[stream]]\nname = \"s\"\nmodel = \"periodic\"\nperiod = \"70ms\"\n\n\
+                [[task]]\nname = \"t\"\non = \"vm\"\ninput = \"s\"\nwcet = \"26ms\"\npriority = 1\ndeadline = \"70ms\"\n";
+    let vm = |extra: &[&str]| {
+        let (out, _) = analyze_text("budget", body, extra);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+        v["resources"].as_array().expect("resources").iter().find(|r| r["name"] == "vm").expect("vm").clone()
+    };
+    let r = vm(&["--json", "--budget-step", "1ms"]);
+    assert_eq!(r["min_budget_exact_us"], "46000/3");
+    assert_eq!(r["min_budget_us"], "16000");
+    assert!(r["supply_convention"].as_str().is_some_and(|c| c.contains("anywhere")));
+    assert_eq!(r["min_budgets"][1]["supply"], "release-synchronous");
+    assert!(r["min_budgets"][1]["supply_convention"].as_str().is_some_and(|c| c.contains("end of each period")));
+    let r = vm(&["--json", "--budget-step", "500us"]);
+    assert_eq!(r["min_budget_us"], "15500");
+    let (out, _) = analyze_text("budget-table", body, &["--budget-step", "1ms"]);
+    assert!(text(&out.stdout).contains("(exact 46/3 ms)"), "{}", text(&out.stdout));
+    let (out, _) = analyze_text("budget-bad", body, &["--budget-step", "-1ms"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// A displaced VM that fits nowhere: the plan has no action, and the text says so without
+/// claiming nothing was needed; a quick pass (`--budget 0`) that leaves a scenario degraded says
+/// it was only the quick pass; `--json` gives per-task response times, deadlines and slack.
+#[test]
+fn plan_text_is_consistent_and_json_has_task_rows() {
+    let d = scratch("plan-text");
+    let f = d.join("c.toml");
+    let body = "[[host]]\nname = \"h0\"\nmemory = \"8GiB\"\nprocessors = [\"p0\"]\n\n\
+                [[host]]\nname = \"h1\"\nmemory = \"4GiB\"\nprocessors = [\"p1\"]\n\n\
+                [[processor]]\nname = \"p0\"\n\n[[processor]]\nname = \"p1\"\n\n\
+                [[vm]]\nname = \"big\"\nhost = \"p0\"\nbudget = \"2ms\"\nperiod = \"10ms\"\nmemory = \"6GiB\"\n\n\
+                [[vm]]\nname = \"small\"\nhost = \"p1\"\nbudget = \"2ms\"\nperiod = \"10ms\"\nmemory = \"1GiB\"\n\n\
+                [[stream]]\nname = \"s\"\nmodel = \"periodic\"\nperiod = \"20ms\"\n\n\
+                [[task]]\nname = \"t\"\non = \"small\"\ninput = \"s\"\nwcet = \"1ms\"\npriority = 1\ndeadline = \"30ms\"\n";
+    std::fs::write(&f, body).expect("write");
+    let path = f.display().to_string();
+    let out = vigil(&["plan", &path]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let h0 = stdout.split("Scenario h0").nth(1).expect("scenario h0");
+    let h0 = h0.split("\n\n").next().unwrap_or_default();
+    assert!(!h0.contains("no action needed"), "{h0}");
+    assert!(h0.contains("(no action: what survived stays as it is)"), "{h0}");
+    assert!(h0.contains("VM big not restarted: its host failed"), "{h0}");
+    // JSON: per-task rows after the plan.
+    let out = vigil(&["plan", &path, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let plans = v["plans"].as_array().expect("plans");
+    let p1 = plans.iter().find(|p| p["scenario"] == "h1").expect("scenario h1");
+    let t = p1["tasks"].as_array().expect("tasks").iter().find(|t| t["task"] == "t").expect("task t").clone();
+    assert_eq!(t["status"], "ok", "{t}");
+    assert!(t["wcrt_us"].is_string() && t["deadline_us"] == "30000" && t["slack_us"].is_string(), "{t}");
+    // The cluster example with the quick pass only: hostB is degraded, and the plan says the
+    // full search did not run (the full search covers it).
+    let out = vigil(&["plan", &example("cluster.toml").display().to_string(), "--budget", "0"]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("Scenario hostB: DEGRADED (quick pass only: a better plan may exist"), "{stdout}");
+}
