@@ -100,7 +100,6 @@ impl Detector {
     pub fn state(&self, host: &str) -> Option<Liveness> {
         self.hosts.get(host).map(|v| v.state)
     }
-
 }
 
 #[cfg(test)]

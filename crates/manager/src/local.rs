@@ -220,7 +220,6 @@ pub fn kill(pid: u32) {
     }
 }
 
-
 /// What `vigil up` needs.
 #[derive(Debug, Clone)]
 pub struct UpOptions {
@@ -482,7 +481,6 @@ fn host_ns<'a>(cf: &'a ClusterFile, host: &str) -> Result<&'a String, String> {
         .get(host)
         .ok_or_else(|| format!("unknown host {host:?} (hosts: {})", cf.host_ns.keys().cloned().collect::<Vec<_>>().join(", ")))
 }
-
 
 /// One VM in `vigil status`.
 #[derive(Debug, Clone, Serialize)]
