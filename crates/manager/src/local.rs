@@ -522,6 +522,10 @@ pub struct Status {
     pub measured: BTreeMap<String, agent::cluster::Measured>,
     /// Where the placement in force differs from the plan's (not covered by its analysis).
     pub deviations: Vec<String>,
+    /// Chains whose measured latency (the last window's maximum) exceeds their analysed bound
+    /// in the plan in force: the model misses something that runs (replication's output delay,
+    /// the VMM's overhead, a loaded host).
+    pub above_bound: Vec<String>,
     /// Every VM serves where the plan puts it and every chain of the plan holds.
     pub ok: bool,
 }
@@ -601,6 +605,16 @@ pub fn status(cf: &ClusterFile) -> Result<Status, String> {
             measured.insert(ch.name.clone(), m);
         }
     }
+    let above_bound = plan
+        .as_ref()
+        .map(|p| {
+            p.chains
+                .iter()
+                .filter(|ch| measured.get(&ch.chain).zip(ch.worst_ms).is_some_and(|(m, w): (&agent::cluster::Measured, f64)| m.max_ms > w))
+                .map(|ch| ch.chain.clone())
+                .collect()
+        })
+        .unwrap_or_default();
     Ok(Status {
         leader: cluster::read(&mut c, cluster::LEADER).map_err(e)?,
         hosts,
@@ -611,6 +625,7 @@ pub fn status(cf: &ClusterFile) -> Result<Status, String> {
         events: cluster::events(&mut c, 20).map_err(e)?,
         measured,
         deviations,
+        above_bound,
         ok,
     })
 }

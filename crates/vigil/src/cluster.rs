@@ -267,7 +267,12 @@ fn print_status(st: &local::Status) {
             .map(|c| {
                 let ms = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.3} ms"));
                 let m = st.measured.get(&c.chain);
-                let measured = m.map_or("-".into(), |m| format!("{:.2} / {:.2} / {:.2} ms", m.p50_ms, m.p99_ms, m.max_ms));
+                // A measured latency above the analysed bound means the model (or the analysis)
+                // misses something that runs: say so where it shows.
+                let above = m.zip(c.worst_ms).is_some_and(|(m, w)| m.max_ms > w);
+                let measured = m.map_or("-".into(), |m| {
+                    format!("{:.2} / {:.2} / {:.2} ms{}", m.p50_ms, m.p99_ms, m.max_ms, if above { " ABOVE THE BOUND" } else { "" })
+                });
                 let late = m.map_or("-".into(), |m| format!("{} of {}", m.over_deadline, m.samples));
                 vec![c.chain.clone(), ms(c.worst_ms), ms(c.deadline_ms), c.status.clone(), measured, late]
             })
