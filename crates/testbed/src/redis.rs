@@ -54,14 +54,27 @@ impl Drop for RedisClient {
 }
 
 /// The local address (`ip:port`) of the established TCP connection from namespace `ns` to
-/// `peer` (`ip:port`); empty when there is none.
+/// `peer` (`ip:port`); empty when there is none (the first, when there are several).
 pub fn local_port(ns: &str, peer: &str) -> String {
-    let out = Command::new("ip").args(["netns", "exec", ns, "ss", "-Htn", "state", "established"]).output().expect("ss");
+    local_ports(ns, peer).into_iter().next().unwrap_or_default()
+}
+
+/// The local addresses of every established TCP connection from namespace `ns` to `peer`.
+pub fn local_ports(ns: &str, peer: &str) -> Vec<String> {
+    client_ports(ns, peer, "")
+}
+
+/// The local addresses of the established TCP connections from namespace `ns` to `peer` that
+/// belong to a process named `process` (every process when empty): tells a `redis-cli` client
+/// from other clients of the same server.
+pub fn client_ports(ns: &str, peer: &str, process: &str) -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "exec", ns, "ss", "-Htnp", "state", "established"]).output().expect("ss");
+    let owner = format!("((\"{process}\",");
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find_map(|l| {
+        .filter_map(|l| {
             let w: Vec<&str> = l.split_whitespace().collect();
-            (w.len() >= 4 && w[3] == peer).then(|| w[2].to_string())
+            (w.len() >= 4 && w[3] == peer && (process.is_empty() || l.contains(&owner))).then(|| w[2].to_string())
         })
-        .unwrap_or_default()
+        .collect()
 }

@@ -23,7 +23,7 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use testbed::redis::{local_port, RedisClient};
+use testbed::redis::{client_ports, RedisClient};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -172,14 +172,16 @@ struct Writer {
 impl Writer {
     /// Starts writing and waits for 30 acknowledged writes.
     fn start(field: &str, ip: &str) -> Writer {
+        // The field side's probe is connected to the same VM too: ours is redis-cli's.
         let client = RedisClient::new(field, ip, 6379);
         let (stop, done, errors) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Vec::new())));
         let (s, d, e) = (stop.clone(), done.clone(), errors.clone());
         let thread = Some(std::thread::spawn(move || drive(client, s, d, e)));
         let mut w = Writer { field: field.into(), peer: format!("{ip}:6379"), port: String::new(), stop, done, errors, thread };
         w.carry_on(30, Duration::from_secs(20));
-        w.port = local_port(field, &w.peer);
-        assert!(!w.port.is_empty(), "the client's connection is established");
+        let mine = client_ports(field, &w.peer, "redis-cli");
+        assert_eq!(mine.len(), 1, "redis-cli's one connection: {mine:?}");
+        w.port = mine[0].clone();
         w
     }
 
@@ -203,7 +205,8 @@ impl Writer {
         self.stop.store(true, Ordering::Relaxed);
         let (mut c, n) = self.thread.take().expect("writer").join().expect("client");
         assert!(self.errors.lock().unwrap().is_empty(), "{:?}", self.errors.lock().unwrap());
-        assert_eq!(local_port(&self.field, &self.peer), self.port, "the client's TCP connection survived");
+        let now = client_ports(&self.field, &self.peer, "redis-cli");
+        assert_eq!(now, vec![self.port.clone()], "the client's TCP connection survived");
         for i in (0..n).step_by(5).chain([n - 1]) {
             assert_eq!(c.call(&format!("GET k{i}")), format!("v{i}"), "acknowledged write k{i} lost ({n} writes)");
         }
