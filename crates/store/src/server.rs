@@ -525,6 +525,17 @@ struct Loop<'a> {
 }
 
 impl Conn {
+    /// The peer is gone (reset): nothing more can be read or delivered; the queued output is
+    /// dropped and no longer counted.
+    fn discard(&mut self, stats: &Stats) {
+        stats.output_queued_bytes.fetch_sub(self.out_bytes as u64, Ordering::Relaxed);
+        self.out.clear();
+        self.out_bytes = 0;
+        self.sent = 0;
+        self.read_closed = true;
+        self.inbuf.clear();
+    }
+
     fn paused(&self, limits: &Limits) -> bool {
         self.out_bytes >= limits.out_queue_bytes
     }
@@ -630,12 +641,7 @@ impl Loop<'_> {
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(_) => {
                         // Reset by the peer: nothing more can be delivered either.
-                        self.server.stats.output_queued_bytes.fetch_sub(c.out_bytes as u64, Ordering::Relaxed);
-                        c.out.clear();
-                        c.out_bytes = 0;
-                        c.sent = 0;
-                        c.read_closed = true;
-                        c.inbuf.clear();
+                        c.discard(&self.server.stats);
                         break;
                     }
                 }
@@ -787,12 +793,7 @@ impl Loop<'_> {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => {
                     // The peer is gone: nothing more can be delivered.
-                    self.server.stats.output_queued_bytes.fetch_sub(c.out_bytes as u64, Ordering::Relaxed);
-                    c.out.clear();
-                    c.out_bytes = 0;
-                    c.sent = 0;
-                    c.read_closed = true;
-                    c.inbuf.clear();
+                    c.discard(&self.server.stats);
                     break;
                 }
             }

@@ -8,22 +8,18 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-use store::server::{Config, Server};
 use store::wire::{decode, Msg, MsgType};
 use store::Client;
+
+mod common;
+use common::next;
 
 const CHILD_ENV: &str = "VIGIL_STORE_MEM_TEST_SOCKET";
 
 /// Not a test on its own: the server half, run in a child process by the tests below.
 #[test]
 fn child_server() {
-    let Some(sock) = std::env::var_os(CHILD_ENV) else { return };
-    let sock = PathBuf::from(sock);
-    let data = sock.with_extension("data");
-    let cfg = Config { socket: sock, data, quota: Default::default(), etcd: None, etcd_lease_ttl: 0 };
-    let server = Server::bind(&cfg).expect("server binds");
-    let r = server.run();
-    panic!("the server stopped: {r:?}");
+    common::child_server(CHILD_ENV);
 }
 
 struct Served {
@@ -84,20 +80,6 @@ impl Served {
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim_end_matches('\0').parse().ok())
             .unwrap_or_else(|| panic!("{name} in {text}"))
-    }
-}
-
-fn next(s: &mut UnixStream) -> Option<Msg> {
-    let mut buf = Vec::new();
-    loop {
-        if let Ok(Some((m, _))) = decode(&buf) {
-            return Some(m);
-        }
-        let mut chunk = [0u8; 4096];
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
     }
 }
 

@@ -5,12 +5,13 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-use store::server::{Config, Server};
 use store::wire::{decode, Msg, MsgType};
 use store::Client;
+
+mod common;
 
 const CHILD_ENV: &str = "VIGIL_STORE_FD_TEST_SOCKET";
 const LIMIT: u32 = 64;
@@ -18,13 +19,7 @@ const LIMIT: u32 = 64;
 /// Not a test on its own: the server half, run in a child process by `refuses_beyond_fd_limit`.
 #[test]
 fn child_server() {
-    let Some(sock) = std::env::var_os(CHILD_ENV) else { return };
-    let sock = PathBuf::from(sock);
-    let data = sock.with_extension("data");
-    let cfg = Config { socket: sock, data, quota: Default::default(), etcd: None, etcd_lease_ttl: 0 };
-    let server = Server::bind(&cfg).expect("server binds");
-    let r = server.run();
-    panic!("the server stopped: {r:?}");
+    common::child_server(CHILD_ENV);
 }
 
 fn metrics(sock: &Path) -> Option<String> {

@@ -1,22 +1,18 @@
 //! Malformed traffic on a real socket: the server answers with the protocol error or closes
 //! that one connection, and keeps serving everyone else.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
-use store::server::{Config, Server};
-use store::wire::{decode, Msg, MsgType};
+use store::wire::{Msg, MsgType};
 use store::Client;
 
+mod common;
+use common::next;
+
 fn start(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vigil-malformed-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let cfg = Config { socket: dir.join("sock"), data: dir.join("data"), quota: Default::default(), etcd: None, etcd_lease_ttl: 0 };
-    let server = Server::bind(&cfg).expect("server binds");
-    std::thread::spawn(move || server.run());
-    cfg.socket
+    common::start("malformed", name)
 }
 
 fn raw(sock: &PathBuf) -> UnixStream {
@@ -26,20 +22,6 @@ fn raw(sock: &PathBuf) -> UnixStream {
 }
 
 /// Reads one message, or `None` at end of stream.
-fn next(s: &mut UnixStream) -> Option<Msg> {
-    let mut buf = Vec::new();
-    loop {
-        if let Ok(Some((m, _))) = decode(&buf) {
-            return Some(m);
-        }
-        let mut chunk = [0u8; 4096];
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
 fn error_name(m: &Msg) -> String {
     assert_eq!(m.ty, MsgType::Error as u32, "{m:?}");
     String::from_utf8_lossy(&m.payload).trim_end_matches('\0').to_string()

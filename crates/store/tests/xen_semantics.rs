@@ -8,17 +8,12 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
-use store::server::{Config, Server};
 use store::wire::{decode, Msg, MsgType};
 
+mod common;
+
 fn start(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vigil-xensem-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let cfg = Config { socket: dir.join("sock"), data: dir.join("data"), quota: Default::default(), etcd: None, etcd_lease_ttl: 0 };
-    let server = Server::bind(&cfg).expect("server binds");
-    std::thread::spawn(move || server.run());
-    cfg.socket
+    common::start("xensem", name)
 }
 
 struct Conn {

@@ -4,7 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
-use store::server::{Config, Server};
+
+mod common;
+
+fn start(name: &str) -> PathBuf {
+    common::start("xsutils", name)
+}
 
 fn tools_present() -> bool {
     let ok = Path::new("/usr/bin/xenstore-read").exists();
@@ -12,16 +17,6 @@ fn tools_present() -> bool {
         println!("SKIPPED: /usr/bin/xenstore-read is absent (install Debian package xenstore-utils; scripts/test does)");
     }
     ok
-}
-
-fn start(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vigil-xsutils-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let cfg = Config { socket: dir.join("sock"), data: dir.join("data"), quota: Default::default(), etcd: None, etcd_lease_ttl: 0 };
-    let server = Server::bind(&cfg).expect("server binds");
-    std::thread::spawn(move || server.run());
-    cfg.socket
 }
 
 fn tool(sock: &Path, name: &str, args: &[&str]) -> Output {
