@@ -1,46 +1,179 @@
 //! The fencing arbiter's I/O: the lease table of [`replication::lease`] served over TCP (one
-//! line per request and answer), and the client the replication drivers use.
+//! line per request and answer, each carrying an HMAC tag under the cluster's key), its durable
+//! state in a file, and the client the replication drivers use.
+//!
+//! A request line is `<request> <tag>` with the tag over the request; the answer line is
+//! `<answer> <tag>` with the tag over the request *and* the answer, so an answer cannot be
+//! replayed to another request. A line without a valid tag gets `error not authenticated`
+//! and the connection is closed. (A replayed request can only renew a lease for the copy that
+//! holds it, or repeat a takeover that the generation has already moved past: neither grants
+//! anything to anyone new.)
+//!
+//! The table's durable state is written (to a temporary file, synced, renamed) before the
+//! answer to any request that changed it goes out; a restarted arbiter reads it back and
+//! waits out the leases it may have granted ([`replication::lease::Table::restore`]).
+//!
+//! Bounded: lines of at most [`MAX_LINE`] bytes, at most [`MAX_CONNECTIONS`] connections (one
+//! thread each), and a connection idle for [`IDLE`] is closed.
 
+use crate::auth::{hex, unhex, Key};
+use crate::{Error, Result};
 use replication::lease::{Answer, Request, Table};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Longest request or answer line (bytes, without the newline).
+pub const MAX_LINE: usize = 1024;
+/// Connections served at once; more are answered `error busy` and closed.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A connection that sends nothing for this long is closed.
+pub const IDLE: Duration = Duration::from_secs(30);
 
 /// A running arbiter (its threads end with the process).
 pub struct Arbiter {
     pub addr: SocketAddr,
 }
 
-/// Serves the lease table on `listener`, one thread per connection.
-pub fn serve(listener: TcpListener) -> std::io::Result<Arbiter> {
-    let addr = listener.local_addr()?;
-    let table = Arc::new(Mutex::new(Table::default()));
+struct Durable {
+    table: Table,
+    path: PathBuf,
+    stored: u64,
+}
+
+impl Durable {
+    /// Stores the table if it changed since it was last stored.
+    fn sync(&mut self) -> std::io::Result<()> {
+        if self.table.version() != self.stored {
+            store_file(&self.path, self.table.encode().as_bytes())?;
+            self.stored = self.table.version();
+        }
+        Ok(())
+    }
+}
+
+/// Writes `bytes` to `path` atomically and durably (temporary file, fsync, rename, fsync of
+/// the directory).
+pub fn store_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Loads the lease table from `state` (a new, empty one if the file does not exist yet, which
+/// is stored at once) and serves it on `listener`.
+pub fn serve(listener: TcpListener, state: &Path, key: Key) -> Result<Arbiter> {
+    let addr = listener.local_addr().map_err(|e| Error::io("arbiter socket", state, e))?;
+    let (table, recovered) = match std::fs::read_to_string(state) {
+        Ok(text) => (Table::restore(&text).map_err(|e| Error::Cluster(format!("lease table {}: {e}", state.display())))?, true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Table::default(), false),
+        Err(e) => return Err(Error::io("cannot read the lease table", state, e)),
+    };
+    let mut durable = Durable { table, path: state.to_owned(), stored: u64::MAX };
+    durable.sync().map_err(|e| Error::io("cannot store the lease table", state, e))?;
+    if recovered {
+        tracing::info!("arbiter: lease table restored from {}; waiting out the leases granted before the restart", state.display());
+    }
+    let durable = Arc::new(Mutex::new(durable));
+    let key = Arc::new(key);
     let epoch = Instant::now();
-    std::thread::Builder::new().name("arbiter".into()).spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { continue };
-            let table = table.clone();
-            let _ = std::thread::Builder::new().name("arbiter-conn".into()).spawn(move || {
-                let _ = conn.set_nodelay(true);
-                let Ok(mut out) = conn.try_clone() else { return };
-                for line in BufReader::new(conn).lines() {
-                    let Ok(line) = line else { return };
-                    let answer = match Request::parse(&line) {
-                        Ok(req) => {
-                            let now = epoch.elapsed().as_micros() as u64;
-                            table.lock().unwrap_or_else(|e| e.into_inner()).handle(now, &req).to_line()
-                        }
-                        Err(e) => format!("error {e}"),
-                    };
-                    if out.write_all(format!("{answer}\n").as_bytes()).is_err() {
-                        return;
+    let open = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name("arbiter".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    open.fetch_sub(1, Ordering::SeqCst);
+                    let _ = conn.write_all(b"error busy: too many connections\n");
+                    continue;
+                }
+                let (durable, key, open) = (durable.clone(), key.clone(), open.clone());
+                let spawned = std::thread::Builder::new().name("arbiter-conn".into()).spawn(move || {
+                    serve_connection(conn, &durable, &key, epoch);
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+                if spawned.is_err() {
+                    tracing::warn!("arbiter: cannot start a thread for a connection");
+                }
+            }
+        })
+        .map_err(|e| Error::io("cannot start the arbiter thread for", state, e))?;
+    Ok(Arbiter { addr })
+}
+
+/// Reads one line of at most `max` bytes (without its newline). `Ok(None)` at the end of the
+/// stream; an error for a longer line.
+pub fn read_line(r: &mut impl BufRead, max: usize) -> std::io::Result<Option<Vec<u8>>> {
+    let mut line = Vec::new();
+    let n = r.by_ref().take(max as u64 + 1).read_until(b'\n', &mut line)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    } else if line.len() > max {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("a line longer than {max} bytes")));
+    }
+    Ok(Some(line))
+}
+
+fn serve_connection(conn: TcpStream, durable: &Mutex<Durable>, key: &Key, epoch: Instant) {
+    let _ = conn.set_nodelay(true);
+    let _ = conn.set_read_timeout(Some(IDLE));
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
+    let Ok(mut out) = conn.try_clone() else { return };
+    let mut r = BufReader::with_capacity(MAX_LINE + 1, conn);
+    loop {
+        let line = match read_line(&mut r, MAX_LINE) {
+            Ok(Some(l)) => l,
+            Ok(None) => return,
+            Err(e) => {
+                let _ = out.write_all(format!("error {e}\n").as_bytes());
+                return;
+            }
+        };
+        let Ok(line) = String::from_utf8(line) else {
+            let _ = out.write_all(b"error not UTF-8\n");
+            continue;
+        };
+        let Some((request, tag)) = line.trim_end().rsplit_once(' ') else {
+            let _ = out.write_all(b"error not authenticated\n");
+            return;
+        };
+        if !unhex(tag).is_some_and(|t| key.verify(&[b"vigil-lease-request", request.as_bytes()], &t)) {
+            let _ = out.write_all(b"error not authenticated\n");
+            return;
+        }
+        let answer = match Request::parse(request) {
+            Ok(req) => {
+                let now = epoch.elapsed().as_micros() as u64;
+                let mut d = durable.lock().unwrap_or_else(|e| e.into_inner());
+                let answer = d.table.handle(now, &req);
+                match d.sync() {
+                    Ok(()) => answer.to_line(),
+                    Err(e) => {
+                        tracing::warn!("arbiter: cannot store the lease table {}: {e}", d.path.display());
+                        format!("error cannot store the lease table: {e}")
                     }
                 }
-            });
+            }
+            Err(e) => format!("error {e}"),
+        };
+        let tag = key.tag(&[b"vigil-lease-answer", request.as_bytes(), answer.as_bytes()]);
+        if out.write_all(format!("{answer} {}\n", hex(&tag)).as_bytes()).is_err() {
+            return;
         }
-    })?;
-    Ok(Arbiter { addr })
+    }
 }
 
 /// A connection to the arbiter; reconnects on the next request after an error.
@@ -48,12 +181,13 @@ pub struct Client {
     addr: String,
     conn: Option<(TcpStream, BufReader<TcpStream>)>,
     timeout: Duration,
+    key: Key,
 }
 
 impl Client {
     /// A client for the arbiter at `addr` (host:port); connects lazily.
-    pub fn new(addr: &str, timeout: Duration) -> Client {
-        Client { addr: addr.to_owned(), conn: None, timeout }
+    pub fn new(addr: &str, timeout: Duration, key: Key) -> Client {
+        Client { addr: addr.to_owned(), conn: None, timeout, key }
     }
 
     /// Sends a request and waits (at most the timeout) for the answer.
@@ -66,28 +200,34 @@ impl Client {
     }
 
     fn try_request(&mut self, req: &Request) -> Result<Answer, String> {
+        let fail = |e: &dyn std::fmt::Display| format!("arbiter {}: {e}", self.addr);
         if self.conn.is_none() {
             use std::net::ToSocketAddrs;
-            let addr = self
-                .addr
-                .to_socket_addrs()
-                .map_err(|e| format!("arbiter {}: {e}", self.addr))?
-                .next()
-                .ok_or_else(|| format!("arbiter {}: no address", self.addr))?;
-            let s = TcpStream::connect_timeout(&addr, self.timeout).map_err(|e| format!("arbiter {}: {e}", self.addr))?;
+            let addr = self.addr.to_socket_addrs().map_err(|e| fail(&e))?.next().ok_or_else(|| fail(&"no address"))?;
+            let s = TcpStream::connect_timeout(&addr, self.timeout).map_err(|e| fail(&e))?;
             let _ = s.set_nodelay(true);
-            s.set_read_timeout(Some(self.timeout)).map_err(|e| e.to_string())?;
-            let r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
+            s.set_read_timeout(Some(self.timeout)).map_err(|e| fail(&e))?;
+            let r = BufReader::new(s.try_clone().map_err(|e| fail(&e))?);
             self.conn = Some((s, r));
         }
-        let Some((w, r)) = self.conn.as_mut() else { return Err("not connected".into()) };
-        w.write_all(format!("{}\n", req.to_line()).as_bytes()).map_err(|e| format!("arbiter {}: {e}", self.addr))?;
-        let mut line = String::new();
-        match r.read_line(&mut line) {
-            Ok(0) => Err(format!("arbiter {}: connection closed", self.addr)),
-            Ok(_) => Answer::parse(line.trim_end()).map_err(|e| format!("arbiter {}: {e}", self.addr)),
-            Err(e) => Err(format!("arbiter {}: {e}", self.addr)),
+        let request = req.to_line();
+        let tag = self.key.tag(&[b"vigil-lease-request", request.as_bytes()]);
+        let Some((w, r)) = self.conn.as_mut() else { return Err(fail(&"not connected")) };
+        w.write_all(format!("{request} {}\n", hex(&tag)).as_bytes()).map_err(|e| fail(&e))?;
+        let line = match read_line(r, MAX_LINE) {
+            Ok(Some(l)) => String::from_utf8(l).map_err(|_| fail(&"an answer that is not UTF-8"))?,
+            Ok(None) => return Err(fail(&"connection closed")),
+            Err(e) => return Err(fail(&e)),
+        };
+        if let Some(e) = line.strip_prefix("error ") {
+            let e = e.rsplit_once(' ').filter(|(_, t)| t.len() == 32).map_or(e, |(m, _)| m);
+            return Err(fail(&e));
         }
+        let (answer, tag) = line.rsplit_once(' ').ok_or_else(|| fail(&"an answer without a tag"))?;
+        if !unhex(tag).is_some_and(|t| self.key.verify(&[b"vigil-lease-answer", request.as_bytes(), answer.as_bytes()], &t)) {
+            return Err(fail(&"an answer that is not authenticated (another cluster's key?)"));
+        }
+        Answer::parse(answer).map_err(|e| fail(&e))
     }
 }
 
@@ -95,21 +235,77 @@ impl Client {
 mod tests {
     use super::*;
 
+    fn key(b: u8) -> Key {
+        Key::from_bytes(vec![b; 32]).expect("key")
+    }
+
+    fn state(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("vigil-arbiter-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("dir");
+        d.join("leases")
+    }
+
+    fn raw(addr: SocketAddr, send: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        s.write_all(send).expect("write");
+        let mut line = String::new();
+        let _ = BufReader::new(s).read_line(&mut line);
+        line
+    }
+
     #[test]
-    fn the_server_answers_over_tcp() {
-        let a = serve(TcpListener::bind("127.0.0.1:0").expect("bind")).expect("serve");
-        let mut c = Client::new(&a.addr.to_string(), Duration::from_secs(2));
-        assert_eq!(
-            c.request(&Request::Renew { vm: "v".into(), holder: "a".into(), ttl_us: 10_000_000, backup: Some(4) }),
-            Ok(Answer::Granted { backup: Some(4) })
-        );
-        let mut d = Client::new(&a.addr.to_string(), Duration::from_secs(2));
+    fn the_server_answers_over_tcp_and_keeps_its_table_across_restarts() {
+        let path = state("restart");
+        let a = serve(TcpListener::bind("127.0.0.1:0").expect("bind"), &path, key(1)).expect("serve");
+        let mut c = Client::new(&a.addr.to_string(), Duration::from_secs(2), key(1));
+        let renew = |gen| Request::Renew { vm: "v".into(), holder: "a".into(), gen, ttl_us: 300_000, backup: Some(4) };
+        assert_eq!(c.request(&renew(0)), Ok(Answer::Granted { gen: 1, backup: Some(4) }));
+        let mut d = Client::new(&a.addr.to_string(), Duration::from_secs(2), key(1));
         let r = d.request(&Request::Takeover { vm: "v".into(), holder: "b".into(), session: 4, ttl_us: 1 });
         assert!(matches!(r, Ok(Answer::Held { .. })), "{r:?}");
-        let mut raw = TcpStream::connect(a.addr).expect("connect");
-        raw.write_all(b"hello\n").expect("write");
-        let mut line = String::new();
-        BufReader::new(raw).read_line(&mut line).expect("read");
-        assert!(line.starts_with("error bad request"), "{line}");
+        // "Restart": a second server on the same file.
+        let b = serve(TcpListener::bind("127.0.0.1:0").expect("bind"), &path, key(1)).expect("serve again");
+        let mut c2 = Client::new(&b.addr.to_string(), Duration::from_secs(2), key(1));
+        assert_eq!(c2.request(&renew(1)), Ok(Answer::Granted { gen: 1, backup: Some(4) }), "the holder keeps its lease");
+        let claim = Request::Renew { vm: "v".into(), holder: "z".into(), gen: 0, ttl_us: 1000, backup: None };
+        assert!(matches!(c2.request(&claim), Ok(Answer::Recovering { .. })));
+        // A damaged table is named, with its line.
+        std::fs::write(&path, "vigil-leases 1\nlease v a zero -\n").expect("write");
+        let e = serve(TcpListener::bind("127.0.0.1:0").expect("bind"), &path, key(1)).err().expect("refused").to_string();
+        assert!(e.contains("leases") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn unauthenticated_oversized_and_garbage_lines_get_errors() {
+        let a = serve(TcpListener::bind("127.0.0.1:0").expect("bind"), &state("hostile"), key(1)).expect("serve");
+        assert!(raw(a.addr, b"hello\n").starts_with("error not authenticated"));
+        assert!(raw(a.addr, b"renew v a 0 1000 - 00112233445566778899aabbccddeeff\n").starts_with("error not authenticated"));
+        assert!(raw(a.addr, &[0xff, 0xfe, b'\n']).starts_with("error not UTF-8"));
+        let long = vec![b'x'; 100_000];
+        assert!(raw(a.addr, &long).starts_with("error a line longer than 1024 bytes"));
+        // Another cluster's key: the client says so.
+        let mut c = Client::new(&a.addr.to_string(), Duration::from_secs(2), key(2));
+        let e = c.request(&Request::Renew { vm: "v".into(), holder: "a".into(), gen: 0, ttl_us: 1000, backup: None }).unwrap_err();
+        assert!(e.contains("not authenticated"), "{e}");
+        // A bad request with a good tag is explained.
+        let k = key(1);
+        let bad = "steal v";
+        let tag = hex(&k.tag(&[b"vigil-lease-request", bad.as_bytes()]));
+        assert!(raw(a.addr, format!("{bad} {tag}\n").as_bytes()).starts_with("error bad request"));
+    }
+
+    #[test]
+    fn connections_are_bounded_and_idle_ones_do_not_block_others() {
+        let a = serve(TcpListener::bind("127.0.0.1:0").expect("bind"), &state("bounded"), key(1)).expect("serve");
+        let idle: Vec<TcpStream> = (0..MAX_CONNECTIONS).map(|_| TcpStream::connect(a.addr).expect("connect")).collect();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(raw(a.addr, b"").starts_with("error busy"), "one too many");
+        drop(idle);
+        std::thread::sleep(Duration::from_millis(200));
+        let mut c = Client::new(&a.addr.to_string(), Duration::from_secs(2), key(1));
+        let r = c.request(&Request::Renew { vm: "v".into(), holder: "a".into(), gen: 0, ttl_us: 1000, backup: None });
+        assert!(matches!(r, Ok(Answer::Granted { .. })), "{r:?}");
     }
 }

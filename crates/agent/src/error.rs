@@ -27,6 +27,9 @@ pub enum Error {
     /// agent for one host, a fenced host).
     #[error("cluster: {0}")]
     Cluster(String),
+    /// A key file that cannot serve as the cluster's key.
+    #[error("{0}")]
+    Key(String),
     /// A supervised child could not be started or controlled.
     #[error("supervisor: {0}")]
     Supervisor(String),

@@ -19,6 +19,7 @@
 //! about where VMs should run (the manager's).
 
 pub mod arbiter;
+pub mod auth;
 pub mod cluster;
 pub mod domain;
 mod error;

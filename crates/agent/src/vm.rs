@@ -151,6 +151,8 @@ pub struct Protection {
     /// Keep the replication state here (JSON, for the agent).
     #[serde(default)]
     pub state_file: Option<PathBuf>,
+    /// The cluster's key file: the backup and the arbiter authenticate with it.
+    pub key_file: PathBuf,
 }
 
 mod policy_str {
@@ -418,6 +420,7 @@ fn run_protected(vm: Vm, spec: &VmSpec, p: &Protection) -> Result<u8> {
         control: p.control.clone(),
         disk: spec.disk.clone(),
         state_file: p.state_file.clone(),
+        key: crate::auth::Key::load(&p.key_file)?,
     };
     let outcome = protection::primary::run(vm, ctl, inbox, opts, protection::primary::Start::Fresh, protection::Clock::new())
         .map_err(|reason| Error::Replication { vm: spec.name.clone(), reason })?;
@@ -461,6 +464,8 @@ pub struct BackupSpec {
     /// After a takeover: keep the replication state here (JSON, for the agent).
     #[serde(default)]
     pub state_file: Option<PathBuf>,
+    /// The cluster's key file: the primary and the arbiter authenticate with it.
+    pub key_file: PathBuf,
 }
 
 /// Runs the backup until it took over and the VM it then ran stopped; returns the exit status.
@@ -487,15 +492,18 @@ pub fn run_backup(b: &BackupSpec) -> Result<u8> {
         then_protect: b.then_protect.clone(),
         then_policy: b.then_policy,
         state_file: b.state_file.clone(),
+        key: crate::auth::Key::load(&b.key_file)?,
     };
     let outcome = protection::backup::run(opts).map_err(|reason| Error::Replication { vm: format!("backup on {}", b.listen), reason })?;
     Ok(exit_status(&outcome))
 }
 
-/// Serves fencing leases on `listen` until the process ends.
-pub fn serve_arbiter(listen: &str) -> Result<std::convert::Infallible> {
+/// Serves fencing leases on `listen` until the process ends, keeping the lease table's
+/// durable state in `state` and authenticating clients with the key in `key_file`.
+pub fn serve_arbiter(listen: &str, state: &Path, key_file: &Path) -> Result<std::convert::Infallible> {
+    let key = crate::auth::Key::load(key_file)?;
     let listener = std::net::TcpListener::bind(listen).map_err(|e| Error::io("cannot listen on", listen, e))?;
-    let arb = crate::arbiter::serve(listener).map_err(|e| Error::io("arbiter on", listen, e))?;
+    let arb = crate::arbiter::serve(listener, state, key)?;
     tracing::info!("arbiter: serving leases on {}", arb.addr);
     loop {
         std::thread::park();
@@ -530,6 +538,7 @@ mod tests {
             stats: false,
             control: None,
             state_file: None,
+            key_file: "/etc/vigil/key".into(),
         });
         let json = serde_json::to_string(&s).unwrap();
         assert!(json.contains("\"policy\":\"fixed:25\"") && json.contains("\"10.0.0.2/24\""), "{json}");

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
-use testbed::twohost::{vm_net_args, Host, Testbed, ARBITER, VM_IP};
+use testbed::twohost::{vm_net_args, Host, Testbed, VM_IP};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -94,7 +94,8 @@ pub fn run(args: &Args) -> Result<u8> {
     println!("== creating namespaces: client, switch (arbiter), host A, host B");
     let tb = Testbed::new("demo").map_err(anyhow::Error::msg)?;
     let (tx, rx) = channel();
-    let _arbiter = spawn(&tb.switch, "arbiter", &["arbiter".into(), "--listen".into(), ARBITER.into()], &tx)?;
+    let state = std::env::temp_dir().join(format!("vigil-demo-{}.leases", std::process::id()));
+    let _arbiter = spawn(&tb.switch, "arbiter", &testbed::twohost::arbiter_args(&state), &tx)?;
     until(&rx, "serving leases", 10)?;
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let _backup = spawn(&tb.b, "host B", &Host::B.backup_args(None), &tx)?;

@@ -16,7 +16,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use testbed::twohost::{vm_net_args, Host, Testbed, ARBITER, VM_IP};
+use testbed::twohost::{vm_net_args, Host, Testbed, VM_IP};
 use testbed::Proc;
 
 /// Starts `vigil ARGS` in namespace `ns`, logging to `log`.
@@ -209,7 +209,7 @@ pub fn run(policies: &[replication::PolicySpec], failovers: usize, failover_only
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let tb = Testbed::new("bench").map_err(anyhow::Error::msg)?;
-    let mut arbiter = spawn(&tb.switch, &s(&["arbiter", "--listen", ARBITER]), dir.join("arbiter.log"))?;
+    let mut arbiter = spawn(&tb.switch, &testbed::twohost::arbiter_args(&dir.join("arbiter.leases")), dir.join("arbiter.log"))?;
     wait_for(&mut arbiter, "serving leases", 10)?;
     let mut bed = Bed { tb, dir: dir.clone(), _arbiter: arbiter, images, run: 0 };
     let mut rows = Vec::new();

@@ -70,11 +70,17 @@ impl ClusterFile {
         std::fs::write(&p, serde_json::to_vec_pretty(self).unwrap_or_default()).map_err(|e| format!("{}: {e}", p.display()))
     }
 
+    /// The cluster's key (written by `vigil up`).
+    pub fn key_file(&self) -> PathBuf {
+        self.dir.join("cluster.key")
+    }
+
     /// The layout the manager places VMs with.
     pub fn layout(&self) -> Layout {
         Layout {
             host_ip: self.host_ip.clone(),
             arbiter: format!("{}.254:{ARBITER_PORT}", lan()),
+            key_file: self.key_file(),
             bridge: BRIDGE.into(),
             images: self.images.clone(),
             run_dir: self.dir.join("run"),
@@ -391,7 +397,11 @@ pub fn up(o: &UpOptions) -> Result<ClusterFile, String> {
         store::Client::connect(&store).map_err(|e| format!("the store did not come up: {e} (see {})", dir.join("store.log").display()))?;
     let _ = client.rm(agent::cluster::ROOT);
     let arbiter = format!("{}.254:{ARBITER_PORT}", lan());
-    let pid = spawn_detached(Some(&switch_ns), &o.exe, &s(&["arbiter", "--listen", &arbiter]), &dir.join("arbiter.log"))?;
+    agent::auth::Key::generate(&cf.key_file()).map_err(|e| e.to_string())?;
+    let state = dir.join("arbiter.leases").display().to_string();
+    let key = cf.key_file().display().to_string();
+    let args = s(&["arbiter", "--listen", &arbiter, "--state", &state, "--key-file", &key]);
+    let pid = spawn_detached(Some(&switch_ns), &o.exe, &args, &dir.join("arbiter.log"))?;
     cf.pids.insert("arbiter".into(), pid);
     for (h, ns) in &host_ns {
         let state = dir.join("hosts").join(h);

@@ -22,6 +22,8 @@ pub struct Layout {
     pub host_ip: BTreeMap<String, Ipv4Addr>,
     /// The fencing arbiter, HOST:PORT.
     pub arbiter: String,
+    /// The cluster's key file (replication and the arbiter authenticate peers with it).
+    pub key_file: PathBuf,
     /// The bridge in each host that the VMs' taps join.
     pub bridge: String,
     /// Guest images by the name `[[run]]` gives.
@@ -97,6 +99,7 @@ impl Layout {
             stats: false,
             control: None,
             state_file: None,
+            key_file: self.key_file.clone(),
         });
         s
     }
@@ -119,6 +122,7 @@ impl Layout {
             then_policy: Self::policy(r),
             timing: self.timing,
             state_file: None,
+            key_file: self.key_file.clone(),
         })
     }
 

@@ -58,7 +58,7 @@ pub enum Action {
     Lease(Request),
     /// Build the VM from the replica (committed through `epoch`), attach its network on this
     /// host, announce its addresses and run it; the arbiter granted the lease at `granted_at`.
-    TakeOver { epoch: u64, granted_at: u64 },
+    TakeOver { epoch: u64, granted_at: u64, gen: u64 },
     /// The replica can never be used (the primary dropped this backup, or never completed a
     /// checkpoint); wait for a new session.
     Abandon { reason: String },
@@ -79,6 +79,9 @@ pub enum Notice {
     PrimaryBack,
     /// The arbiter says the primary's lease is still live.
     LeaseHeld { holder: String },
+    /// The lease cannot be had now for another reason (the arbiter is unreachable, waits
+    /// after a restart, or lost its state): said once until it answers normally again.
+    ArbiterTrouble { reason: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +119,7 @@ pub struct Backup {
     heartbeat_seq: u64,
     lease_pending: bool,
     next_try: u64,
+    arbiter_trouble: bool,
 }
 
 impl Backup {
@@ -138,6 +142,7 @@ impl Backup {
             heartbeat_seq: 0,
             lease_pending: false,
             next_try: 0,
+            arbiter_trouble: false,
         }
     }
 
@@ -197,29 +202,56 @@ impl Backup {
             Event::Lease { sent_at, answer } => {
                 self.lease_pending = false;
                 if let Phase::Suspecting { committed, .. } = self.phase {
+                    if matches!(answer, Ok(Answer::Granted { .. } | Answer::Held { .. } | Answer::Revoked)) {
+                        self.arbiter_trouble = false;
+                    }
                     match answer {
-                        Ok(Answer::Granted { .. }) => {
+                        Ok(Answer::Granted { gen, .. }) => {
                             self.phase = Phase::Active;
                             self.disk.clear();
                             self.discard_staging(&mut out);
                             out.push(Action::Disconnect { reason: "taking over".into() });
-                            out.push(Action::TakeOver { epoch: committed, granted_at: sent_at });
+                            out.push(Action::TakeOver { epoch: committed, granted_at: sent_at, gen });
                             return out;
                         }
                         Ok(Answer::Held { holder, left_us }) => {
                             out.push(Action::Notice(Notice::LeaseHeld { holder }));
-                            self.next_try = now.saturating_add((left_us * 1000).min(self.timing.lease_renew_ns));
+                            self.next_try = now.saturating_add(left_us.saturating_mul(1000).min(self.timing.lease_renew_ns));
                         }
                         Ok(Answer::Revoked) => {
                             self.abandon("the primary dropped this backup (the arbiter no longer registers its session)", &mut out);
                         }
-                        Ok(Answer::Unknown) | Err(_) => self.next_try = now.saturating_add(self.timing.lease_renew_ns / 4),
+                        Ok(Answer::Recovering { left_us }) => {
+                            self.next_try = now.saturating_add(left_us.saturating_mul(1000)).saturating_add(1);
+                            let reason = format!("the arbiter restarted and waits {} ms before granting leases", left_us / 1000);
+                            self.trouble(reason, &mut out);
+                        }
+                        Ok(Answer::Unknown) => {
+                            self.next_try = now.saturating_add(self.timing.lease_renew_ns / 4);
+                            self.trouble("the arbiter has no record of this VM's lease (was its state lost?)".into(), &mut out);
+                        }
+                        Ok(Answer::Superseded { holder, .. }) => {
+                            // Not an answer to a takeover; keep asking.
+                            self.next_try = now.saturating_add(self.timing.lease_renew_ns / 4);
+                            self.trouble(format!("unexpected answer: superseded by {holder}"), &mut out);
+                        }
+                        Err(reason) => {
+                            self.next_try = now.saturating_add(self.timing.lease_renew_ns / 4);
+                            self.trouble(reason, &mut out);
+                        }
                     }
                 }
             }
         }
         self.poll(now, &mut out);
         out
+    }
+
+    fn trouble(&mut self, reason: String, out: &mut Vec<Action>) {
+        if !self.arbiter_trouble {
+            self.arbiter_trouble = true;
+            out.push(Action::Notice(Notice::ArbiterTrouble { reason }));
+        }
     }
 
     fn heard(&mut self, now: u64, out: &mut Vec<Action>) {
@@ -502,8 +534,8 @@ mod tests {
         };
         let out = b.handle(200 + t.timeout_ns, Event::Lease { sent_at: 150, answer: Ok(Answer::Held { holder: "a".into(), left_us: 10 }) });
         assert!(!out.iter().any(|a| matches!(a, Action::TakeOver { .. })));
-        let out = b.handle(300 + t.timeout_ns, Event::Lease { sent_at: 250, answer: Ok(Answer::Granted { backup: None }) });
-        assert!(out.contains(&Action::TakeOver { epoch: 1, granted_at: 250 }), "{out:?}");
+        let out = b.handle(300 + t.timeout_ns, Event::Lease { sent_at: 250, answer: Ok(Answer::Granted { gen: 2, backup: None }) });
+        assert!(out.contains(&Action::TakeOver { epoch: 1, granted_at: 250, gen: 2 }), "{out:?}");
         assert!(b.active());
     }
 }

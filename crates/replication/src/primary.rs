@@ -84,8 +84,11 @@ pub enum Notice {
     Acked { epoch: u64, duration_ns: u64, mode: &'static str },
     /// Output of epochs up to `epoch` went out; the oldest of it had waited `delay_ns`.
     Released { epoch: u64, delay_ns: Option<u64> },
-    /// The arbiter could not be reached.
+    /// The arbiter could not be reached or cannot grant the lease yet (said once, until
+    /// [`Notice::ArbiterBack`]).
     ArbiterUnreachable { reason: String },
+    /// The arbiter granted the lease again after trouble.
+    ArbiterBack,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +145,10 @@ pub struct Primary {
     /// The backup registration the arbiter last confirmed (`None`: unknown yet).
     registered: Option<Option<u64>>,
     ever_granted: bool,
+    /// The lease's generation granted to this copy (0: none yet).
+    gen: u64,
+    /// The arbiter's trouble was reported (reported once until it grants again).
+    arbiter_trouble: bool,
     fenced: bool,
     stopped: bool,
 }
@@ -173,6 +180,8 @@ impl Primary {
             next_renew: 0,
             registered: None,
             ever_granted: false,
+            gen: 0,
+            arbiter_trouble: false,
             fenced: false,
             stopped: false,
         }
@@ -189,9 +198,11 @@ impl Primary {
         out
     }
 
-    /// Continues as the primary after a takeover: the lease was granted at `granted_at` with
-    /// no backup registered, so the VM runs unprotected until a new backup joins.
-    pub fn after_takeover(&mut self, now: u64, granted_at: u64) -> Vec<Action> {
+    /// Continues as the primary after a takeover: the lease was granted at `granted_at` under
+    /// generation `gen` with no backup registered, so the VM runs unprotected until a new
+    /// backup joins.
+    pub fn after_takeover(&mut self, now: u64, granted_at: u64, gen: u64) -> Vec<Action> {
+        self.gen = gen;
         self.lease_valid_until = granted_at.saturating_add(self.timing.lease_ttl_ns);
         self.registered = Some(None);
         self.ever_granted = true;
@@ -218,10 +229,16 @@ impl Primary {
         out.push(Action::Lease(Request::Renew {
             vm: self.vm.clone(),
             holder: self.holder.clone(),
+            gen: self.gen,
             ttl_us: self.timing.lease_ttl_ns / 1000,
             backup: None,
         }));
         out
+    }
+
+    /// The lease's generation this copy holds (0: not granted yet).
+    pub fn generation(&self) -> u64 {
+        self.gen
     }
 
     /// Replaces the checkpoint policy (takes effect from the next checkpoint).
@@ -306,8 +323,20 @@ impl Primary {
             }
             Event::Lease { sent_at, answer } => {
                 self.lease_pending = false;
+                if answer.is_ok() && self.arbiter_trouble && matches!(answer, Ok(Answer::Granted { .. })) {
+                    self.arbiter_trouble = false;
+                    out.push(Action::Notice(Notice::ArbiterBack));
+                }
                 match answer {
-                    Ok(Answer::Granted { backup }) => {
+                    Ok(Answer::Granted { gen, .. }) if self.gen != 0 && gen != self.gen => {
+                        // Cannot come from a correct arbiter: never release under another
+                        // generation than the one this copy was granted.
+                        self.fenced = true;
+                        out.push(Action::Fenced { holder: format!("generation {gen} (this copy holds {})", self.gen) });
+                        return out;
+                    }
+                    Ok(Answer::Granted { gen, backup }) => {
+                        self.gen = gen;
                         self.lease_valid_until = sent_at.saturating_add(self.timing.lease_ttl_ns);
                         self.registered = Some(backup);
                         self.ever_granted = true;
@@ -322,19 +351,40 @@ impl Primary {
                         out.push(Action::Fenced { holder });
                         return out;
                     }
-                    Ok(Answer::Revoked) | Ok(Answer::Unknown) => {
-                        // Not answers to a renewal; try again.
+                    Ok(Answer::Superseded { gen, holder }) => {
+                        self.fenced = true;
+                        out.push(Action::Fenced {
+                            holder: format!("{holder} (lease generation {gen} superseded this copy's {})", self.gen),
+                        });
+                        return out;
+                    }
+                    Ok(Answer::Recovering { left_us }) => {
+                        self.next_renew = now.saturating_add(left_us.saturating_mul(1000)).saturating_add(1);
+                        self.trouble(format!("the arbiter restarted and waits {} ms before granting leases", left_us / 1000), &mut out);
+                    }
+                    Ok(Answer::Revoked) => self.next_renew = now.saturating_add(self.timing.lease_renew_ns / 4),
+                    Ok(Answer::Unknown) => {
+                        // A renewal under a generation the arbiter has no record of: its
+                        // state was lost. Output waits; keep asking.
                         self.next_renew = now.saturating_add(self.timing.lease_renew_ns / 4);
+                        self.trouble("the arbiter has no record of this VM's lease (was its state lost?)".into(), &mut out);
                     }
                     Err(reason) => {
                         self.next_renew = now.saturating_add(self.timing.lease_renew_ns / 4);
-                        out.push(Action::Notice(Notice::ArbiterUnreachable { reason }));
+                        self.trouble(reason, &mut out);
                     }
                 }
             }
         }
         self.poll(now, &mut out);
         out
+    }
+
+    fn trouble(&mut self, reason: String, out: &mut Vec<Action>) {
+        if !self.arbiter_trouble {
+            self.arbiter_trouble = true;
+            out.push(Action::Notice(Notice::ArbiterUnreachable { reason }));
+        }
     }
 
     fn connected(&self) -> bool {
@@ -404,6 +454,7 @@ impl Primary {
             out.push(Action::Lease(Request::Renew {
                 vm: self.vm.clone(),
                 holder: self.holder.clone(),
+                gen: self.gen,
                 ttl_us: self.timing.lease_ttl_ns / 1000,
                 backup: self.wanted(),
             }));

@@ -1,10 +1,13 @@
 //! The protocol state machines in a deterministic simulated world: a primary with a model VM
 //! (memory of a few pages, network output held by epoch), a backup with its replica, the
 //! arbiter's lease table, and a network that delays, loses and reorders messages. Crashes of
-//! either side are injected at every step of a run, and random faults over many seeds.
+//! either side and restarts of the arbiter (which keeps only its durable state) are injected
+//! at every step of a run, and random faults over many seeds; copies are paused and continued
+//! (SIGSTOP, a frozen host) at chosen moments.
 //!
 //! Checked at every step:
-//! - no split brain: whoever releases output holds the arbiter's live lease at that moment;
+//! - no split brain: whoever releases output holds the newest generation of the lease, live in
+//!   real time (not by the arbiter's possibly restarted clock) at that moment;
 //! - no acknowledged output lost: at a takeover, the replica's state is at least the state
 //!   behind every output any client has seen;
 //! - the backup applies only whole checkpoints, in order: after each commit its memory equals
@@ -38,6 +41,10 @@ struct Faults {
     /// Isolate the first primary's host (from the backup and the arbiter) for this window.
     isolate: Option<(u64, u64)>,
     apply_failure: f64,
+    /// The arbiter is down in this window and restarts from its durable state at its end.
+    arbiter_down: Option<(u64, u64)>,
+    /// Pause these copies (by name) in these windows (ms).
+    pauses: &'static [(&'static str, u64, u64)],
 }
 
 impl Faults {
@@ -52,6 +59,8 @@ impl Faults {
             cut: None,
             isolate: None,
             apply_failure: 0.0,
+            arbiter_down: None,
+            pauses: &[],
         }
     }
 }
@@ -161,6 +170,10 @@ struct World {
     faults: Faults,
     timing: Timing,
     arbiter: Table,
+    /// When the arbiter last (re)started: its clock counts from here.
+    arbiter_epoch: u64,
+    /// Every grant in real time: generation → (holder, expiry).
+    grants: BTreeMap<u64, (String, u64)>,
     primaries: Vec<PrimaryNode>,
     backup: Option<BackupNode>,
     /// The current connection id (None: no connection), and which primary it belongs to.
@@ -191,6 +204,8 @@ impl World {
             faults,
             timing,
             arbiter: Table::default(),
+            arbiter_epoch: 0,
+            grants: BTreeMap::new(),
             primaries: vec![PrimaryNode {
                 name: "host-a".into(),
                 sm: primary,
@@ -381,11 +396,13 @@ impl World {
         if out.is_empty() {
             return;
         }
-        // No split brain: only the live lease holder lets output out, or, when no backup is
-        // registered (so no one can take over), the last holder.
-        let holder = self.arbiter.holder(&self.vm_name, self.now / 1000);
+        // No split brain: only the holder of the newest generation, while it is live, lets
+        // output out, or, when no backup is registered (so no one can take over), the last
+        // holder.
+        let newest = self.grants.last_key_value().map(|(_, (h, exp))| (h.as_str(), *exp));
+        let live = newest.is_some_and(|(h, exp)| h == node && exp > self.now);
         let sole = self.arbiter.record(&self.vm_name) == Some((node, None));
-        assert!(holder == Some(node) || sole, "t={} ms: {node} released output without holding the lease\n{}", self.now / MS, self.tail());
+        assert!(live || sole, "t={} ms: {node} released output without holding the lease\n{}", self.now / MS, self.tail());
         for s in out {
             self.seen = self.seen.max(s);
             self.outputs_seen += 1;
@@ -399,11 +416,20 @@ impl World {
                 let acts = b.sm.handle(now, backup::Event::Disconnected { reason: why.into() });
                 self.backup_actions(acts);
             }
-            if let Some(i) = self.primaries.iter().position(|p| p.name == owner) {
+            // A paused primary notices later (its heartbeats go unanswered).
+            if let Some(i) = self.primaries.iter().position(|p| p.name == owner && !self.paused(&p.name)) {
                 let acts = self.primaries[i].sm.handle(now, primary::Event::BackupLost { reason: why.into() });
                 self.primary_actions(i, acts);
             }
         }
+    }
+
+    fn paused(&self, node: &str) -> bool {
+        self.faults.pauses.iter().any(|(n, a, b)| *n == node && self.now >= a * MS && self.now < b * MS)
+    }
+
+    fn arbiter_down(&self) -> bool {
+        self.faults.arbiter_down.is_some_and(|(a, b)| self.now >= a * MS && self.now < b * MS)
     }
 
     fn backup_actions(&mut self, actions: Vec<backup::Action>) {
@@ -461,7 +487,7 @@ impl World {
                     let name = b.name.clone();
                     self.lease_inflight.push((at, name, now, req));
                 }
-                backup::Action::TakeOver { epoch, granted_at } => {
+                backup::Action::TakeOver { epoch, granted_at, gen } => {
                     let b = self.backup.take().expect("backup");
                     assert_eq!(b.committed_epochs.last(), Some(&epoch), "takes over from its last commit");
                     // Nothing a client saw is lost.
@@ -476,7 +502,7 @@ impl World {
                     self.takeovers.push(now);
                     self.log.push(format!("{} {} takes over at epoch {epoch} state {}", now / MS, b.name, b.replica_state));
                     let mut sm = Primary::new("vm", &b.name, self.timing, policy::PolicySpec::default().build());
-                    let acts = sm.after_takeover(now, granted_at);
+                    let acts = sm.after_takeover(now, granted_at, gen);
                     let mut vm = ModelVm::new(b.replica, b.disk, b.replica_state);
                     vm.epoch = epoch;
                     self.primaries.push(PrimaryNode {
@@ -515,7 +541,10 @@ impl World {
         // Crashes.
         if self.faults.crash_primary_at == Some(now / MS) && !self.primaries.is_empty() {
             let p = self.primaries.remove(0);
-            if p.sm.protected() && self.backup.is_some() {
+            // Protected: a backup holds a committed replica and the arbiter registers it
+            // (only then may it take over).
+            let registered = self.arbiter.record(&self.vm_name).is_some_and(|(h, b)| h == p.name && b.is_some());
+            if p.sm.protected() && registered && self.backup.is_some() {
                 self.crashed_protected = true;
             }
             self.log.push(format!("{} CRASH {}", now / MS, p.name));
@@ -540,28 +569,49 @@ impl World {
                 self.backup = Some(BackupNode::new("host-c", self.timing));
             }
         }
-        // The arbiter.
+        // The arbiter: it restarts from its durable state (what it stored before answering)
+        // with a fresh clock.
+        if self.faults.arbiter_down.is_some_and(|(_, b)| now == b * MS) {
+            self.arbiter = Table::restore(&self.arbiter.encode()).expect("the durable state restores");
+            self.arbiter_epoch = now;
+            self.log.push(format!("{} arbiter restarts", now / MS));
+        }
         let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.lease_inflight).into_iter().partition(|r| r.0 <= now);
         self.lease_inflight = rest;
         for (_, node, sent_at, req) in due {
-            if self.isolated(&node) {
+            if self.isolated(&node) || self.arbiter_down() {
                 // The driver's arbiter client times out.
                 self.lease_errors.push((now + 30 * MS, node, sent_at));
                 continue;
             }
-            let answer = self.arbiter.handle(now / 1000, &req);
+            let answer = self.arbiter.handle((now - self.arbiter_epoch) / 1000, &req);
+            if let Answer::Granted { gen, .. } = answer {
+                let ttl = match &req {
+                    Request::Renew { ttl_us, .. } | Request::Takeover { ttl_us, .. } => ttl_us * 1000,
+                };
+                let e = self.grants.entry(gen).or_insert((node.clone(), 0));
+                assert_eq!(e.0, node, "generation {gen} granted to two copies");
+                e.1 = e.1.max(now + ttl);
+            }
+            self.log.push(format!("{} arbiter {} -> {}", now / MS, req.to_line(), answer.to_line()));
             let at = now + self.rng.below(2 * MS);
             self.lease_answers.push((at, node, sent_at, answer));
         }
-        let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.lease_errors).into_iter().partition(|r| r.0 <= now);
+        let (due, rest): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.lease_errors).into_iter().partition(|r| r.0 <= now && !self.paused(&r.1));
         self.lease_errors = rest;
         for (_, node, sent_at) in due {
             if let Some(i) = self.primaries.iter().position(|p| p.name == node) {
                 let acts = self.primaries[i].sm.handle(now, primary::Event::Lease { sent_at, answer: Err("timed out".into()) });
                 self.primary_actions(i, acts);
+            } else if self.backup.as_ref().is_some_and(|b| b.name == node) {
+                let answer = Err("timed out".into());
+                let acts = self.backup.as_mut().expect("backup").sm.handle(now, backup::Event::Lease { sent_at, answer });
+                self.backup_actions(acts);
             }
         }
-        let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.lease_answers).into_iter().partition(|r| r.0 <= now);
+        let (due, rest): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.lease_answers).into_iter().partition(|r| r.0 <= now && !self.paused(&r.1));
         self.lease_answers = rest;
         for (_, node, sent_at, answer) in due {
             if self.isolated(&node) {
@@ -578,8 +628,9 @@ impl World {
         // The network.
         let mut due: Vec<_> = Vec::new();
         let mut rest = Vec::new();
+        let owner_paused = self.conn.as_ref().is_some_and(|c| self.paused(&c.1));
         for m in std::mem::take(&mut self.inflight) {
-            if m.0 <= now {
+            if m.0 <= now && !(owner_paused && matches!(m.3, Wire::ToPrimary(_))) {
                 due.push(m)
             } else {
                 rest.push(m)
@@ -609,7 +660,7 @@ impl World {
         }
         // The VMs and their syncs.
         for i in 0..self.primaries.len() {
-            if self.primaries[i].fenced {
+            if self.primaries[i].fenced || self.paused(&self.primaries[i].name) {
                 continue;
             }
             let (disk, output) = self.primaries[i].vm.work(&mut self.rng);
@@ -660,7 +711,8 @@ impl World {
             let acts = self.primaries[i].sm.handle(now, primary::Event::Tick);
             self.primary_actions(i, acts);
         }
-        if let Some(b) = self.backup.as_mut() {
+        let backup_paused = self.backup.as_ref().is_some_and(|b| self.paused(&b.name));
+        if let Some(b) = self.backup.as_mut().filter(|_| !backup_paused) {
             let acts = b.sm.handle(now, backup::Event::Tick);
             self.backup_actions(acts);
         }
@@ -792,12 +844,22 @@ fn random_delay_loss_reordering_and_crashes() {
                 (a, a + r.below(400))
             }),
             apply_failure: [0.0, 0.02][r.below(2) as usize],
+            arbiter_down: r.chance(0.3).then(|| {
+                let a = 20 + r.below(800);
+                (a, a + 1 + r.below(300))
+            }),
+            pauses: &[],
         };
         let mut w = World::new(seed + 1, f);
         w.run(1200);
         takeovers += w.takeovers.len();
         // A primary that crashes while protected, with the backup reachable, is replaced.
-        let clean = w.crashed_protected && f.crash_backup_at.is_none() && f.cut.is_none() && f.isolate.is_none() && f.loss == 0.0;
+        let clean = w.crashed_protected
+            && f.crash_backup_at.is_none()
+            && f.cut.is_none()
+            && f.isolate.is_none()
+            && f.loss == 0.0
+            && f.arbiter_down.is_none_or(|(_, b)| b < 900);
         if clean {
             clean_crashes += 1;
             assert_eq!(w.takeovers.len(), 1, "seed {seed} {f:?}\n{}", w.tail());
@@ -807,4 +869,61 @@ fn random_delay_loss_reordering_and_crashes() {
     // The faults did bite.
     assert!(clean_crashes >= 8 && takeovers >= 50, "{clean_crashes} clean crashes, {takeovers} takeovers");
     assert!(refused > 20, "only {refused} refusals");
+}
+
+/// The reported loss of acknowledged writes: the primary is paused, the backup takes over and
+/// serves, the new primary is paused too, the arbiter restarts, and the old primary continues.
+/// The restarted arbiter must not hand the lease to the stale copy.
+#[test]
+fn a_restarted_arbiter_never_hands_the_lease_to_a_stale_primary() {
+    let f = Faults { pauses: &[("host-a", 300, 1200), ("host-b", 700, 2000)], arbiter_down: Some((800, 850)), ..Faults::none() };
+    let mut w = World::new(11, f);
+    w.run(1600);
+    assert_eq!(w.takeovers.len(), 1, "{}", w.tail());
+    assert!(w.takeovers[0] < 700 * MS, "host-b took over before it was paused\n{}", w.tail());
+    assert!(w.primaries[0].fenced, "the stale primary stops when it wakes\n{}", w.tail());
+    assert!(w.log.iter().any(|l| l.contains("renew vm host-a 1") && l.contains("denied superseded 2 host-b")), "{}", w.tail());
+    // host-b wakes up and carries on under its generation.
+    w.run(800);
+    let before = w.outputs_seen;
+    w.run(200);
+    assert!(w.outputs_seen > before, "{}", w.tail());
+}
+
+/// The VM is not lost when its primary dies while the arbiter is down: once the arbiter is
+/// back and has waited out the leases it may have granted, the backup takes over, and it
+/// said once (not at every retry) why it could not yet.
+#[test]
+fn the_primary_dies_while_the_arbiter_is_down_and_the_backup_takes_over_when_it_returns() {
+    let f = Faults { arbiter_down: Some((500, 900)), crash_primary_at: Some(600), ..Faults::none() };
+    let mut w = World::new(12, f);
+    w.run(1500);
+    assert_eq!(w.takeovers.len(), 1, "{}", w.tail());
+    let after = w.takeovers[0] - 900 * MS;
+    let limit = 30 * MS + w.timing.lease_ttl_ns + 2 * w.timing.lease_renew_ns;
+    assert!(after <= limit, "took over {} ms after the arbiter returned (limit {} ms)\n{}", after / MS, limit / MS, w.tail());
+    let said = w.log.iter().filter(|l| l.contains("backup ArbiterTrouble")).count();
+    assert_eq!(said, 1, "{}", w.tail());
+    let primary_said = w.log.iter().filter(|l| l.contains("host-a ArbiterUnreachable")).count();
+    assert!(primary_said <= 1, "the primary repeated itself {primary_said} times");
+}
+
+#[test]
+fn arbiter_restarts_at_every_step() {
+    let mut replaced = 0;
+    for t in 1..=300u64 {
+        let down = (t, t + 1 + (t * 37) % 250);
+        let crash = (t % 3 == 0).then_some(t + (t * 13) % 300);
+        let f = Faults { arbiter_down: Some(down), crash_primary_at: crash, max_delay_ms: 2, ..Faults::none() };
+        let mut w = World::new(500 + t, f);
+        w.run(down.1 + 900);
+        if crash.is_some() && w.crashed_protected {
+            assert_eq!(w.takeovers.len(), 1, "t={t} {f:?}\n{}", w.tail());
+            replaced += 1;
+        } else if crash.is_none() {
+            assert!(w.takeovers.is_empty(), "t={t}: a takeover without a failure\n{}", w.tail());
+            assert!(w.protected(), "t={t}: protection resumes after the restart\n{}", w.tail());
+        }
+    }
+    assert!(replaced >= 50, "only {replaced} runs crashed a protected primary");
 }

@@ -58,7 +58,20 @@ impl Host {
     /// `vigil backup` arguments for this host (listening on its replication address, the
     /// VM's tap); after a takeover it protects the VM with a backup on `then_protect`.
     pub fn backup_args(self, then_protect: Option<Host>) -> Vec<String> {
-        let mut a = strings(&["backup", "--listen", &self.backup_addr(), "--arbiter", ARBITER, "--holder", self.name(), "--tap", TAP]);
+        let key = key_file().display().to_string();
+        let mut a = strings(&[
+            "backup",
+            "--listen",
+            &self.backup_addr(),
+            "--arbiter",
+            ARBITER,
+            "--holder",
+            self.name(),
+            "--tap",
+            TAP,
+            "--key-file",
+            &key,
+        ]);
         if let Some(h) = then_protect {
             a.extend(strings(&["--protect", &h.backup_addr()]));
         }
@@ -67,8 +80,28 @@ impl Host {
 
     /// `vigil vm run` arguments that protect VM `vm` on this host with the backup at `backup`.
     pub fn protect_args(self, backup: &str, vm: &str) -> Vec<String> {
-        strings(&["--protect", backup, "--arbiter", ARBITER, "--holder", self.name(), "--name", vm])
+        let key = key_file().display().to_string();
+        strings(&["--protect", backup, "--arbiter", ARBITER, "--holder", self.name(), "--name", vm, "--key-file", &key])
     }
+}
+
+/// `vigil arbiter` arguments serving leases on [`ARBITER`], its lease table in `state`.
+pub fn arbiter_args(state: &std::path::Path) -> Vec<String> {
+    let key = key_file().display().to_string();
+    strings(&["arbiter", "--listen", ARBITER, "--state", &state.display().to_string(), "--key-file", &key])
+}
+
+/// The testbed's cluster key (32 random bytes, written once per boot of the machine).
+pub fn key_file() -> std::path::PathBuf {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = std::env::temp_dir().join("vigil-testbed.key");
+    if let Ok(mut f) = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
+        let mut k = [0u8; 32];
+        let _ = std::fs::File::open("/dev/urandom").and_then(|mut u| std::io::Read::read_exact(&mut u, &mut k));
+        let _ = f.write_all(&k);
+    }
+    path
 }
 
 /// `vigil vm run` arguments giving the VM its network on the testbed (tap, address, MAC).

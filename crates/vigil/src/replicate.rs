@@ -56,6 +56,10 @@ pub struct ProtectArgs {
     /// Serve Prometheus metrics (GET /metrics) and the policy switch (POST /policy) here.
     #[arg(long, value_name = "HOST:PORT")]
     pub control: Option<String>,
+    /// The cluster's key file (16 to 4096 bytes, e.g. `head -c 32 /dev/urandom`): the
+    /// backup and the arbiter authenticate with it.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
     #[command(flatten)]
     pub timing: TimingArgs,
 }
@@ -97,6 +101,9 @@ pub struct BackupArgs {
     /// After a takeover, the checkpoint policy.
     #[arg(long, default_value = "adaptive")]
     policy: PolicySpec,
+    /// The cluster's key file: the primary and the arbiter authenticate with it.
+    #[arg(long, value_name = "FILE", required_unless_present = "spec")]
+    key_file: Option<PathBuf>,
     #[command(flatten)]
     timing: TimingArgs,
 }
@@ -107,6 +114,14 @@ pub struct ArbiterArgs {
     /// Address to listen on (HOST:PORT).
     #[arg(long)]
     listen: String,
+    /// The lease table's durable state (created if missing): generations, holders and
+    /// registered backups survive a restart, and a restarted arbiter waits out the leases it
+    /// may have granted before it grants new ones.
+    #[arg(long, value_name = "FILE")]
+    state: PathBuf,
+    /// The cluster's key file: only clients holding it get leases.
+    #[arg(long, value_name = "FILE")]
+    key_file: PathBuf,
 }
 
 impl ProtectArgs {
@@ -122,6 +137,7 @@ impl ProtectArgs {
             stats: self.stats,
             control: self.control.clone(),
             state_file: None,
+            key_file: self.key_file.clone().context("--protect needs --key-file (the cluster's key)")?,
         };
         p.timing.timing()?;
         Ok(Some(p))
@@ -147,11 +163,12 @@ pub fn backup(a: &BackupArgs) -> Result<u8> {
         then_policy: a.policy,
         state_file: None,
         timing: a.timing.spec(),
+        key_file: a.key_file.clone().context("--key-file")?,
     };
     Ok(agent::vm::run_backup(&spec)?)
 }
 
 /// `vigil arbiter`: serves leases until killed.
 pub fn arbiter(a: &ArbiterArgs) -> Result<u8> {
-    match agent::vm::serve_arbiter(&a.listen)? {}
+    match agent::vm::serve_arbiter(&a.listen, &a.state, &a.key_file)? {}
 }

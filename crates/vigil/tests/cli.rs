@@ -237,11 +237,37 @@ fn bad_replication_options_exit_2_and_say_why() {
     let cases: &[(&[&str], &str)] = &[
         (&["vm", "run", "--image", "/nonexistent", "--protect", "127.0.0.1:1"], "--arbiter"),
         (
-            &["vm", "run", "--image", "/nonexistent", "--protect", "127.0.0.1:1", "--arbiter", "127.0.0.1:2", "--policy", "slow"],
+            &[
+                "vm",
+                "run",
+                "--image",
+                "/nonexistent",
+                "--protect",
+                "127.0.0.1:1",
+                "--arbiter",
+                "127.0.0.1:2",
+                "--key-file",
+                "KEY",
+                "--policy",
+                "slow",
+            ],
             "checkpoint policy \"slow\": unknown",
         ),
         (
-            &["vm", "run", "--image", "/nonexistent", "--protect", "127.0.0.1:1", "--arbiter", "127.0.0.1:2", "--policy", "fixed:0"],
+            &[
+                "vm",
+                "run",
+                "--image",
+                "/nonexistent",
+                "--protect",
+                "127.0.0.1:1",
+                "--arbiter",
+                "127.0.0.1:2",
+                "--key-file",
+                "KEY",
+                "--policy",
+                "fixed:0",
+            ],
             "outside (0, 60000]",
         ),
         (
@@ -254,6 +280,8 @@ fn bad_replication_options_exit_2_and_say_why() {
                 "127.0.0.1:1",
                 "--arbiter",
                 "127.0.0.1:2",
+                "--key-file",
+                "KEY",
                 "--heartbeat-ms",
                 "50",
                 "--timeout-ms",
@@ -262,16 +290,45 @@ fn bad_replication_options_exit_2_and_say_why() {
             "heartbeat interval (50 ms) must be positive and below the timeout (40 ms)",
         ),
         (
-            &["backup", "--listen", "127.0.0.1:0", "--arbiter", "127.0.0.1:1", "--disk", "/nonexistent/disk"],
+            &["backup", "--listen", "127.0.0.1:0", "--arbiter", "127.0.0.1:1", "--key-file", "KEY", "--disk", "/nonexistent/disk"],
             "/nonexistent/disk: no such file",
         ),
-        (&["backup", "--listen", "127.0.0.1:0", "--arbiter", "127.0.0.1:1", "--policy", "often"], "checkpoint policy \"often\": unknown"),
-        (&["backup", "--listen", "256.0.0.1:7", "--arbiter", "127.0.0.1:1"], "cannot listen on 256.0.0.1:7"),
-        (&["arbiter", "--listen", "nowhere"], "cannot listen on nowhere"),
+        (
+            &["backup", "--listen", "127.0.0.1:0", "--arbiter", "127.0.0.1:1", "--key-file", "KEY", "--policy", "often"],
+            "checkpoint policy \"often\": unknown",
+        ),
+        (&["backup", "--listen", "256.0.0.1:7", "--arbiter", "127.0.0.1:1", "--key-file", "KEY"], "cannot listen on 256.0.0.1:7"),
+        (&["backup", "--listen", "127.0.0.1:0", "--arbiter", "127.0.0.1:1"], "--key-file"),
+        (
+            &["backup", "--listen", "127.0.0.1:0", "--arbiter", "127.0.0.1:1", "--key-file", "SHORT"],
+            "a key has 16 to 4096 bytes, this one 8",
+        ),
+        (&["vm", "run", "--image", "/nonexistent", "--protect", "127.0.0.1:1", "--arbiter", "127.0.0.1:2"], "--protect needs --key-file"),
+        (&["arbiter", "--listen", "nowhere", "--state", "STATE", "--key-file", "KEY"], "cannot listen on nowhere"),
+        (&["arbiter", "--listen", "127.0.0.1:0", "--key-file", "KEY"], "--state"),
+        (&["arbiter", "--listen", "127.0.0.1:0", "--state", "STATE", "--key-file", "/nonexistent/key"], "key file /nonexistent/key"),
+        (&["arbiter", "--listen", "127.0.0.1:0", "--state", "BADSTATE", "--key-file", "KEY"], "line 2: unexpected line"),
         (&["bench", "replication", "--policies", "fixed:25,bogus"], "checkpoint policy \"bogus\": unknown"),
     ];
+    let dir = std::env::temp_dir().join(format!("vigil-cli-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("key"), [7u8; 32]).expect("key");
+    std::fs::write(dir.join("short"), [7u8; 8]).expect("key");
+    std::fs::write(dir.join("bad"), "vigil-leases 1\nsteal everything\n").expect("state");
+    let path = |n: &str| dir.join(n).display().to_string();
+    let (key, short, state, bad) = (path("key"), path("short"), path("state"), path("bad"));
     for (args, want) in cases {
-        let out = vigil(args);
+        let args: Vec<&str> = args
+            .iter()
+            .map(|a| match *a {
+                "KEY" => key.as_str(),
+                "SHORT" => short.as_str(),
+                "STATE" => state.as_str(),
+                "BADSTATE" => bad.as_str(),
+                a => a,
+            })
+            .collect();
+        let out = vigil(&args);
         assert_eq!(out.status.code(), Some(2), "vigil {args:?}: {}", text(&out.stderr));
         assert!(text(&out.stderr).contains(want), "vigil {args:?}: expected {want:?} in {}", text(&out.stderr));
     }

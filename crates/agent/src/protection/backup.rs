@@ -5,7 +5,8 @@
 
 use super::primary::{self, Outcome, Start};
 use super::stats::{self, Shared, Stats};
-use super::{spawn_arbiter, spawn_reader, Clock, Input};
+use super::{handshake, spawn_arbiter, spawn_reader, Clock, Input, Side};
+use crate::auth::Key;
 use replication::backup::{Action, Backup, Event, Notice};
 use replication::wire::{self, WireError};
 use replication::{PolicySpec, Timing};
@@ -14,6 +15,7 @@ use std::io::{BufWriter, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,7 +48,12 @@ pub struct Options {
     pub then_policy: PolicySpec,
     /// After a takeover: where the primary keeps its replication state.
     pub state_file: Option<PathBuf>,
+    /// The cluster's key (the arbiter and the primary authenticate with it).
+    pub key: Key,
 }
+
+/// Connections authenticating at once; more are closed at once.
+const MAX_HANDSHAKES: usize = 8;
 
 struct Conn {
     id: u64,
@@ -61,17 +68,36 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
     let listener = TcpListener::bind(&opts.listen).map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
     tracing::info!("backup: listening on {}", listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
     let ltx = tx.clone();
+    let key = opts.key.clone();
     std::thread::Builder::new()
         .name("repl-accept".into())
         .spawn(move || {
-            for s in listener.incoming().flatten() {
-                if ltx.send(Input::Accepted { stream: s }).is_err() {
-                    return;
+            // Each connection authenticates on its own thread (a bounded number at once), so
+            // a peer that stalls holds up no one, and only an authenticated primary reaches
+            // the loop (where it replaces the session: a restarted primary starts anew).
+            let busy = Arc::new(AtomicUsize::new(0));
+            let refusals = Arc::new(Mutex::new(Refusals::default()));
+            for mut s in listener.incoming().flatten() {
+                if busy.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                    refusals.lock().unwrap_or_else(|e| e.into_inner()).refused("?", "too many connections authenticating at once");
+                    continue;
                 }
+                let (ltx, key, busy, refusals) = (ltx.clone(), key.clone(), busy.clone(), refusals.clone());
+                let _ = std::thread::Builder::new().name("repl-auth".into()).spawn(move || {
+                    let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                    match handshake(&mut s, &key, Side::Backup, Duration::from_secs(2)) {
+                        Ok(()) => {
+                            let _ = ltx.send(Input::Accepted { stream: s });
+                        }
+                        Err(e) => refusals.lock().unwrap_or_else(|e| e.into_inner()).refused(&peer, &e),
+                    }
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                });
             }
         })
         .map_err(|e| e.to_string())?;
-    let arbiter = spawn_arbiter(&opts.arbiter, Duration::from_nanos(opts.timing.lease_ttl_ns), clock, tx.clone());
+    let arbiter = spawn_arbiter(&opts.arbiter, Duration::from_nanos(opts.timing.lease_ttl_ns), opts.key.clone(), clock, tx.clone());
     let stats: Shared = Arc::new(Mutex::new(Stats { vm: String::new(), role: "backup", ..Stats::default() }));
     let mut control_bound = false;
     if let Some(addr) = &opts.control {
@@ -171,14 +197,16 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                 Action::Lease(req) => {
                     let _ = arbiter.send(req);
                 }
-                Action::TakeOver { epoch, granted_at } => {
+                Action::TakeOver { epoch, granted_at, gen } => {
                     let replica = st.replica.take().ok_or("internal: takeover without a replica")?;
                     let since = st.suspected_at.map(|t| Instant::now().duration_since(t).as_secs_f64() * 1e3).unwrap_or(0.0);
-                    tracing::info!("backup: TAKING OVER from epoch {epoch} ({since:.1} ms after suspecting the primary)");
+                    tracing::info!(
+                        "backup: TAKING OVER from epoch {epoch} under lease generation {gen} ({since:.1} ms after suspecting the primary)"
+                    );
                     stats.lock().unwrap_or_else(|e| e.into_inner()).takeovers += 1;
                     let vm_name = stats.lock().unwrap_or_else(|e| e.into_inner()).vm.clone();
                     let tap = standby.take().map(Standby::end);
-                    return take_over(replica, &opts, &vm_name, granted_at, clock, control_bound, tap);
+                    return take_over(replica, &opts, &vm_name, (granted_at, gen), clock, control_bound, tap);
                 }
                 Action::Abandon { reason } => {
                     tracing::info!("backup: replica abandoned: {reason}");
@@ -261,6 +289,26 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
     }
 }
 
+/// Refused connections, logged at most once a second (a flood must not fill the log).
+#[derive(Default)]
+struct Refusals {
+    last: Option<Instant>,
+    unsaid: u64,
+}
+
+impl Refusals {
+    fn refused(&mut self, peer: &str, why: &str) {
+        if self.last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            self.unsaid += 1;
+            return;
+        }
+        let more = std::mem::take(&mut self.unsaid);
+        let more = if more > 0 { format!(" ({more} more refused before this one)") } else { String::new() };
+        tracing::warn!("backup: connection from {peer} refused: {why}{more}");
+        self.last = Some(Instant::now());
+    }
+}
+
 struct State {
     replica: Option<Replica>,
     pages: Vec<u64>,
@@ -333,7 +381,7 @@ fn take_over(
     replica: Replica,
     opts: &Options,
     vm_name: &str,
-    granted_at: u64,
+    (granted_at, gen): (u64, u64),
     clock: Clock,
     control_bound: bool,
     tap: Option<Option<Tap>>,
@@ -371,6 +419,7 @@ fn take_over(
         control: if control_bound { None } else { opts.control.clone() },
         disk: opts.disk.clone(),
         state_file: opts.state_file.clone(),
+        key: opts.key.clone(),
     };
-    primary::run(vm, ctl, inbox, popts, Start::TakeOver { granted_at }, clock)
+    primary::run(vm, ctl, inbox, popts, Start::TakeOver { granted_at, gen }, clock)
 }

@@ -6,15 +6,21 @@
 //! block — reading the peer's frames, sending a checkpoint, asking the arbiter, the VM itself
 //! — runs on its own thread and reports to the loop through one channel of [`Input`]s, so the
 //! loop only ever waits in one place and the order of events is the order the machine sees.
+//!
+//! Every replication connection starts with a mutual challenge–response under the cluster's
+//! key ([`handshake`]) before the state machine hears of it: a peer without the key never
+//! reaches a session, let alone replaces the live one.
 
 pub mod backup;
 pub mod primary;
 pub mod stats;
 
 use crate::arbiter;
+use crate::auth::{self, Key, TAG};
 use replication::lease::{Answer, Request};
 use replication::wire::{self, Msg, WireError};
 use replication::PolicySpec;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::{Duration, Instant};
@@ -77,9 +83,9 @@ pub fn spawn_reader(conn: u64, stream: TcpStream, tx: Sender<Input>) {
 }
 
 /// Sends arbiter requests from a thread (one at a time, with a timeout) and reports answers.
-pub fn spawn_arbiter(addr: &str, timeout: Duration, clock: Clock, tx: Sender<Input>) -> Sender<Request> {
+pub fn spawn_arbiter(addr: &str, timeout: Duration, key: Key, clock: Clock, tx: Sender<Input>) -> Sender<Request> {
     let (rtx, rrx): (Sender<Request>, Receiver<Request>) = channel();
-    let mut client = arbiter::Client::new(addr, timeout);
+    let mut client = arbiter::Client::new(addr, timeout, key);
     let _ = std::thread::Builder::new().name("repl-arbiter".into()).spawn(move || {
         for req in rrx {
             let sent_at = clock.now();
@@ -101,4 +107,105 @@ pub fn random_id() -> u64 {
     let t =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64) ^ std::process::id() as u64;
     u64::from_le_bytes(b) ^ t.rotate_left(32)
+}
+
+/// The two sides of a replication connection's authentication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Primary,
+    Backup,
+}
+
+const MAGIC: &[u8; 8] = b"VIGILRP1";
+
+/// Mutual authentication of a new replication connection under the cluster's key, within
+/// `timeout`: the backup sends a magic and a fresh nonce, the primary answers with its own
+/// nonce and a tag over both, the backup answers with a tag over both in the other order.
+/// Each side proves it holds the key on a challenge the other chose; nothing of the session
+/// flows before both succeeded.
+pub fn handshake(stream: &mut TcpStream, key: &Key, side: Side, timeout: Duration) -> Result<(), String> {
+    let old = stream.read_timeout().ok().flatten();
+    stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    let r = exchange(stream, key, side);
+    stream.set_read_timeout(old).map_err(|e| e.to_string())?;
+    r
+}
+
+fn exchange(s: &mut TcpStream, key: &Key, side: Side) -> Result<(), String> {
+    let io = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => "the peer closed the connection during authentication (another cluster's key?)".to_string(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => "the peer did not authenticate in time".to_string(),
+        _ => format!("authentication: {e}"),
+    };
+    let mut mine = [0u8; 16];
+    auth::random(&mut mine).map_err(io)?;
+    match side {
+        Side::Backup => {
+            let mut hello = [0u8; 24];
+            hello[..8].copy_from_slice(MAGIC);
+            hello[8..].copy_from_slice(&mine);
+            s.write_all(&hello).map_err(io)?;
+            let mut answer = [0u8; 16 + TAG];
+            s.read_exact(&mut answer).map_err(io)?;
+            let theirs = &answer[..16];
+            if !key.verify(&[b"vigil-repl-primary", &mine, theirs], &answer[16..]) {
+                return Err("the peer is not authenticated (wrong key, or not a vigil primary)".into());
+            }
+            s.write_all(&key.tag(&[b"vigil-repl-backup", theirs, &mine])).map_err(io)
+        }
+        Side::Primary => {
+            let mut hello = [0u8; 24];
+            s.read_exact(&mut hello).map_err(io)?;
+            if &hello[..8] != MAGIC {
+                return Err("the peer is not a vigil backup".into());
+            }
+            let theirs = &hello[8..];
+            let mut answer = [0u8; 16 + TAG];
+            answer[..16].copy_from_slice(&mine);
+            answer[16..].copy_from_slice(&key.tag(&[b"vigil-repl-primary", theirs, &mine]));
+            s.write_all(&answer).map_err(io)?;
+            let mut tag = [0u8; TAG];
+            s.read_exact(&mut tag).map_err(io)?;
+            if !key.verify(&[b"vigil-repl-backup", &mine, theirs], &tag) {
+                return Err("the backup is not authenticated (wrong key)".into());
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn pair(kp: Key, kb: Key) -> (Result<(), String>, Result<(), String>) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let b = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().expect("accept");
+            handshake(&mut s, &kb, Side::Backup, Duration::from_secs(2))
+        });
+        let mut s = TcpStream::connect(addr).expect("connect");
+        let p = handshake(&mut s, &kp, Side::Primary, Duration::from_secs(2));
+        drop(s);
+        (p, b.join().expect("join"))
+    }
+
+    #[test]
+    fn only_peers_with_the_same_key_get_through() {
+        let k = |b| Key::from_bytes(vec![b; 32]).expect("key");
+        assert_eq!(pair(k(1), k(1)), (Ok(()), Ok(())));
+        let (p, b) = pair(k(1), k(2));
+        assert!(b.is_err_and(|e| e.contains("not authenticated")));
+        assert!(p.is_err(), "the primary learns it too");
+        // A peer that says nothing is timed out.
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let _idle = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (mut s, _) = l.accept().expect("accept");
+        let t = std::time::Instant::now();
+        let e = handshake(&mut s, &k(1), Side::Backup, Duration::from_millis(200)).unwrap_err();
+        assert!(e.contains("in time"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
 }

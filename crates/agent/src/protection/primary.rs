@@ -8,7 +8,8 @@
 //! frame says how many there were.
 
 use super::stats::{self, EpochStats, Shared, Stats};
-use super::{random_id, spawn_arbiter, spawn_reader, Clock, Input};
+use super::{handshake, random_id, spawn_arbiter, spawn_reader, Clock, Input, Side};
+use crate::auth::Key;
 use replication::primary::{Action, Event, Notice, Primary};
 use replication::wire::{self, Msg, PAGE};
 use replication::PolicySpec;
@@ -46,6 +47,8 @@ pub struct Options {
     pub disk: Option<PathBuf>,
     /// Keep the replication state ([`ReplicationState`], JSON) in this file for the agent.
     pub state_file: Option<PathBuf>,
+    /// The cluster's key (the arbiter and the backup authenticate with it).
+    pub key: Key,
 }
 
 /// Whether a VM is protected, as its driver last reported it (the agent reads it).
@@ -83,8 +86,9 @@ pub enum Outcome {
 pub enum Start {
     /// A new primary: output is held until the arbiter grants the lease.
     Fresh,
-    /// A backup that just took over; the lease was granted at `granted_at` (by `clock`).
-    TakeOver { granted_at: u64 },
+    /// A backup that just took over; the lease was granted at `granted_at` (by `clock`) under
+    /// generation `gen`.
+    TakeOver { granted_at: u64, gen: u64 },
 }
 
 enum Out {
@@ -149,7 +153,7 @@ struct Driver {
 
 impl Driver {
     fn new(ctl: Controller, opts: Options, clock: Clock, tx: Sender<Input>, config: Vec<u8>) -> Result<Driver, String> {
-        let arbiter = spawn_arbiter(&opts.arbiter, Duration::from_nanos(opts.timing.lease_ttl_ns), clock, tx.clone());
+        let arbiter = spawn_arbiter(&opts.arbiter, Duration::from_nanos(opts.timing.lease_ttl_ns), opts.key.clone(), clock, tx.clone());
         let stats: Shared = Arc::new(Mutex::new(Stats {
             vm: opts.vm.clone(),
             role: "primary",
@@ -201,7 +205,7 @@ impl Driver {
         let now = self.clock.now();
         let mut actions: VecDeque<Action> = match start {
             Start::Fresh => sm.start(now),
-            Start::TakeOver { granted_at } => sm.after_takeover(now, granted_at),
+            Start::TakeOver { granted_at, gen } => sm.after_takeover(now, granted_at, gen),
         }
         .into();
         loop {
@@ -353,10 +357,14 @@ impl Driver {
                 self.connecting = Some(id);
                 let tx = self.tx.clone();
                 let addr = self.opts.backup.clone();
+                let key = self.opts.key.clone();
                 std::thread::spawn(move || {
                     let stream = match addr {
                         None => Err("no backup configured".to_string()),
-                        Some(a) => connect(&a, Duration::from_millis(500)),
+                        Some(a) => connect(&a, Duration::from_millis(500)).and_then(|mut s| {
+                            handshake(&mut s, &key, Side::Primary, Duration::from_millis(500)).map_err(|e| format!("backup {a}: {e}"))?;
+                            Ok(s)
+                        }),
                     };
                     let _ = tx.send(Input::Connected { conn: id, stream });
                 });
@@ -493,7 +501,11 @@ impl Driver {
             }
             Notice::ArbiterUnreachable { reason } => {
                 drop(stats);
-                self.log(format!("arbiter unreachable ({reason}): output waits"));
+                self.log(format!("no lease from the arbiter ({reason}): output waits (said once, until the arbiter grants again)"));
+            }
+            Notice::ArbiterBack => {
+                drop(stats);
+                self.log("the arbiter grants the lease again");
             }
         }
     }
