@@ -48,7 +48,7 @@ pub struct Args {
     #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// `replication`: the checkpoint policies to compare.
-    #[arg(long, value_delimiter = ',', default_values = ["fixed:25", "fixed:100", "floating", "network", "adaptive"])]
+    #[arg(long, value_delimiter = ',', default_value = "fixed:25,fixed:100,floating,network,adaptive")]
     policies: Vec<replication::PolicySpec>,
     /// `cluster`: host kills to time.
     #[arg(long, default_value_t = 10)]

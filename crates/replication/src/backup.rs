@@ -9,10 +9,22 @@
 //! commits. When the primary falls silent for the timeout, the backup asks the arbiter for
 //! the lease as the registered backup session, and takes over from the last committed
 //! checkpoint once it has it (uncommitted disk writes are dropped).
+//!
+//! The backup also keeps the network output of its last committed epochs that the primary
+//! had not yet reported released ([`Msg::Output`]), and hands it to the driver with the
+//! takeover to send again at once: a reply the dead primary never released reaches the
+//! client now, not at its TCP stack's next retransmission (a second, for smoltcp). A TCP peer
+//! drops what it already had; a datagram may arrive twice.
 
 use crate::lease::{Answer, Request};
 use crate::wire::Msg;
 use crate::Timing;
+use std::collections::VecDeque;
+
+/// Most bytes of network output kept for sending again after a takeover (staged for one
+/// epoch, and kept over the committed epochs). Beyond it the oldest is dropped: the guest's
+/// own retransmissions cover it.
+pub const MAX_OUTPUT: usize = 64 << 20;
 
 /// What happened, as the driver reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +70,9 @@ pub enum Action {
     Lease(Request),
     /// Build the VM from the replica (committed through `epoch`), attach its network on this
     /// host, announce its addresses and run it; the arbiter granted the lease at `granted_at`.
-    TakeOver { epoch: u64, granted_at: u64, gen: u64 },
+    /// `replay` is the output of the committed epochs the primary had not reported released:
+    /// send it again at once.
+    TakeOver { epoch: u64, granted_at: u64, gen: u64, replay: Vec<u8> },
     /// The replica can never be used (the primary dropped this backup, or never completed a
     /// checkpoint); wait for a new session.
     Abandon { reason: String },
@@ -106,6 +120,13 @@ pub struct Backup {
     connected: bool,
     /// Epoch and page count of the checkpoint being staged.
     staging: Option<(u64, u64)>,
+    /// Pages of the VM's memory (from the hello): no checkpoint stages more.
+    mem_pages: u64,
+    /// Network output of the checkpoint being received, then of the committed epochs not
+    /// known released (epoch, frames), and the highest epoch the primary reported released.
+    staged_output: Vec<u8>,
+    kept_output: VecDeque<(u64, Vec<u8>)>,
+    released: u64,
     /// Disk writes not yet committed: (epoch, offset, data).
     disk: Vec<(u64, u64, Vec<u8>)>,
     /// Disk writes in the checkpoint being applied.
@@ -132,6 +153,10 @@ impl Backup {
             phase: Phase::Waiting,
             connected: false,
             staging: None,
+            mem_pages: 0,
+            staged_output: Vec::new(),
+            kept_output: VecDeque::new(),
+            released: 0,
             disk: Vec::new(),
             committed_writes: 0,
             sync_pages: 0,
@@ -184,13 +209,18 @@ impl Backup {
                 self.refuse(epoch, reason, &mut out);
             }
             Event::Disconnected { reason: _ } => {
+                // Nothing of an unfinished checkpoint is kept (a new session starts anew, a
+                // takeover uses only the committed replica).
                 self.connected = false;
                 self.discard_staging(&mut out);
+                self.disk = Vec::new();
+                self.staged_output = Vec::new();
             }
             Event::Applied { epoch, result } => match (result, self.phase) {
                 (Ok(()), Phase::Replica { session, .. }) => {
                     let pages = self.staging.take().map_or(0, |(_, n)| n);
                     self.phase = Phase::Replica { session, committed: Some(epoch) };
+                    self.keep_output(epoch);
                     out.push(Action::Send(Msg::Ack { epoch }));
                     self.last_sent = now;
                     let writes = self.committed_writes;
@@ -211,7 +241,9 @@ impl Backup {
                             self.disk.clear();
                             self.discard_staging(&mut out);
                             out.push(Action::Disconnect { reason: "taking over".into() });
-                            out.push(Action::TakeOver { epoch: committed, granted_at: sent_at, gen });
+                            let released = self.released;
+                            let replay = self.kept_output.drain(..).filter(|(e, _)| *e > released).flat_map(|(_, f)| f).collect();
+                            out.push(Action::TakeOver { epoch: committed, granted_at: sent_at, gen, replay });
                             return out;
                         }
                         Ok(Answer::Held { holder, left_us }) => {
@@ -273,9 +305,13 @@ impl Backup {
         match msg {
             Msg::Hello { session, vm, mem_bytes, config } => {
                 self.vm = vm.clone();
+                self.mem_pages = mem_bytes / crate::wire::PAGE as u64;
                 self.phase = Phase::Replica { session, committed: None };
                 self.staging = None;
                 self.disk.clear();
+                self.staged_output = Vec::new();
+                self.kept_output.clear();
+                self.released = 0;
                 (self.sync_pages, self.sync_chunks, self.sync_done) = (0, 0, false);
                 out.push(Action::Reset { session, vm, mem_bytes, config });
             }
@@ -329,6 +365,10 @@ impl Backup {
                     }
                 }
                 let n = self.staging.map_or(0, |(_, n)| n) + pages.len() as u64;
+                if n > self.mem_pages {
+                    let reason = format!("epoch {epoch} stages {n} pages, more than the VM's {} pages", self.mem_pages);
+                    return self.refuse(epoch, reason, out);
+                }
                 self.staging = Some((epoch, n));
                 out.push(Action::Stage { epoch, pages, data });
             }
@@ -361,7 +401,36 @@ impl Backup {
                 self.staging = Some((epoch, staged));
                 out.push(Action::Apply { epoch, guest_ns, vcpu, disk: commit.into_iter().map(|(_, o, d)| (o, d)).collect() });
             }
+            Msg::Output { epoch, released, frames } => {
+                if !matches!(self.phase, Phase::Replica { .. }) || !self.sync_done {
+                    return self.refuse(epoch, "network output before the end of the synchronisation".into(), out);
+                }
+                if let Some(e) = self.expected_epoch().filter(|e| *e != epoch) {
+                    return self.refuse(epoch, format!("output of epoch {epoch} out of order (expected epoch {e})"), out);
+                }
+                if self.staged_output.len() + frames.len() > MAX_OUTPUT {
+                    return self.refuse(epoch, format!("epoch {epoch} has more than {} MiB of network output", MAX_OUTPUT >> 20), out);
+                }
+                self.released = self.released.max(released);
+                self.staged_output.extend_from_slice(&frames);
+            }
             other => self.refuse(0, format!("unexpected {} message from the primary", other.kind()), out),
+        }
+    }
+
+    /// Keeps the just-committed epoch's output; forgets what is known released and, beyond
+    /// [`MAX_OUTPUT`], the oldest.
+    fn keep_output(&mut self, epoch: u64) {
+        let frames = std::mem::take(&mut self.staged_output);
+        if !frames.is_empty() {
+            self.kept_output.push_back((epoch, frames));
+        }
+        let released = self.released;
+        self.kept_output.retain(|(e, _)| *e > released);
+        let mut total: usize = self.kept_output.iter().map(|(_, f)| f.len()).sum();
+        while total > MAX_OUTPUT {
+            let Some((_, f)) = self.kept_output.pop_front() else { break };
+            total -= f.len();
         }
     }
 
@@ -373,6 +442,7 @@ impl Backup {
 
     fn refuse(&mut self, epoch: u64, reason: String, out: &mut Vec<Action>) {
         self.discard_staging(out);
+        self.staged_output = Vec::new();
         self.disk.clear();
         out.push(Action::Send(Msg::Refuse { epoch, reason: reason.clone() }));
         out.push(Action::Disconnect { reason: reason.clone() });
@@ -486,6 +556,18 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_of_more_pages_than_the_vm_has_is_refused_and_freed() {
+        let mut b = synced();
+        apply(&mut b, 1);
+        // The VM has 2 pages (8192 bytes): a third page in one epoch is refused.
+        b.handle(20, Event::Received(Msg::Pages { epoch: 2, pages: vec![0, 1], data: vec![7; 8192] }));
+        let out = b.handle(21, Event::Received(Msg::Pages { epoch: 2, pages: vec![1], data: vec![7; 4096] }));
+        assert!(refused(&out).is_some_and(|r| r.contains("3 pages, more than the VM's 2")), "{out:?}");
+        assert!(out.contains(&Action::DiscardStaged));
+        assert_eq!(b.committed(), Some(1));
+    }
+
+    #[test]
     fn a_missing_disk_write_is_refused() {
         let mut b = synced();
         apply(&mut b, 1);
@@ -535,7 +617,39 @@ mod tests {
         let out = b.handle(200 + t.timeout_ns, Event::Lease { sent_at: 150, answer: Ok(Answer::Held { holder: "a".into(), left_us: 10 }) });
         assert!(!out.iter().any(|a| matches!(a, Action::TakeOver { .. })));
         let out = b.handle(300 + t.timeout_ns, Event::Lease { sent_at: 250, answer: Ok(Answer::Granted { gen: 2, backup: None }) });
-        assert!(out.contains(&Action::TakeOver { epoch: 1, granted_at: 250, gen: 2 }), "{out:?}");
+        assert!(out.contains(&Action::TakeOver { epoch: 1, granted_at: 250, gen: 2, replay: vec![] }), "{out:?}");
         assert!(b.active());
+    }
+
+    #[test]
+    fn a_takeover_sends_again_the_committed_output_not_known_released() {
+        let t = Timing::default();
+        let mut b = synced();
+        let output = |b: &mut Backup, now, epoch, released, byte: u8| {
+            let frames = [&4u32.to_le_bytes()[..], &[byte; 4]].concat();
+            let out = b.handle(now, Event::Received(Msg::Output { epoch, released, frames }));
+            assert!(refused(&out).is_none(), "{out:?}");
+        };
+        // Epoch 1's output (released by the time epoch 3 is sent), epoch 2's and epoch 3's
+        // (not known released), and epoch 4's, which never commits.
+        for (e, released) in [(1, 0), (2, 0), (3, 1), (4, 1)] {
+            output(&mut b, 10 * e, e, released, e as u8);
+            if e < 4 {
+                apply(&mut b, e);
+            }
+        }
+        let out = b.handle(100 + t.timeout_ns, Event::Tick);
+        assert!(out.iter().any(|a| matches!(a, Action::Lease(_))));
+        let out = b.handle(300 + t.timeout_ns, Event::Lease { sent_at: 250, answer: Ok(Answer::Granted { gen: 2, backup: None }) });
+        let Some(Action::TakeOver { epoch: 3, replay, .. }) = out.iter().find(|a| matches!(a, Action::TakeOver { .. })) else {
+            panic!("{out:?}");
+        };
+        let want: Vec<u8> = [2u8, 3].iter().flat_map(|e| [&4u32.to_le_bytes()[..], &[*e; 4]].concat()).collect();
+        assert_eq!(*replay, want);
+        // Output for the wrong epoch is refused.
+        let mut b = synced();
+        apply(&mut b, 1);
+        let out = b.handle(50, Event::Received(Msg::Output { epoch: 5, released: 0, frames: vec![] }));
+        assert!(refused(&out).is_some_and(|r| r.contains("out of order")), "{out:?}");
     }
 }

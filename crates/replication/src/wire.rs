@@ -5,7 +5,8 @@
 //! frame   = magic "VRPL" (4) | kind (1) | payload length (4, LE) | payload | crc32 (4, LE)
 //! ```
 //!
-//! A checkpoint travels as any number of [`Msg::Pages`] frames followed by one
+//! A checkpoint travels as any number of [`Msg::Pages`] frames, the epoch's network output
+//! ([`Msg::Output`], kept by the backup only to send again after a takeover), and one
 //! [`Msg::Commit`] frame that says how many pages and disk writes the epoch had, so the backup
 //! can tell a complete checkpoint from a truncated one. Integers are little-endian. Every
 //! decoding error names what was wrong; nothing here panics on hostile input.
@@ -41,6 +42,11 @@ pub enum Msg {
     /// Primary → backup: the end of the checkpoint closing `epoch`: the vCPU state, the guest
     /// clock, and counts to check the checkpoint arrived whole.
     Commit { epoch: u64, guest_ns: u64, pages: u64, disk_writes: u64, vcpu: Vec<u8> },
+    /// Primary → backup: network output of `epoch` (frames as 4-byte LE lengths and bytes,
+    /// an epoch's output may span several messages), and the highest epoch whose output the
+    /// primary had released. The backup sends the committed epochs' output it does not know
+    /// released again when it takes over.
+    Output { epoch: u64, released: u64, frames: Vec<u8> },
     /// Backup → primary: the checkpoint closing `epoch` is applied (and its disk writes too).
     Ack { epoch: u64 },
     /// Backup → primary: a checkpoint was refused; the backup keeps its last committed state.
@@ -80,6 +86,10 @@ const K_REFUSE: u8 = 7;
 const K_HEARTBEAT: u8 = 8;
 const K_DISK_SYNC: u8 = 9;
 const K_SYNC_END: u8 = 10;
+const K_OUTPUT: u8 = 11;
+
+/// Largest network frame carried in [`Msg::Output`].
+pub const MAX_NET_FRAME: usize = 65535;
 
 fn kind_name(k: u8) -> &'static str {
     match k {
@@ -93,6 +103,7 @@ fn kind_name(k: u8) -> &'static str {
         K_HEARTBEAT => "heartbeat",
         K_DISK_SYNC => "disk-sync",
         K_SYNC_END => "sync-end",
+        K_OUTPUT => "output",
         _ => "unknown",
     }
 }
@@ -115,6 +126,7 @@ impl Msg {
             Msg::Heartbeat { .. } => K_HEARTBEAT,
             Msg::DiskSync { .. } => K_DISK_SYNC,
             Msg::SyncEnd { .. } => K_SYNC_END,
+            Msg::Output { .. } => K_OUTPUT,
         }
     }
 
@@ -159,6 +171,11 @@ impl Msg {
                     h.extend_from_slice(&v.to_le_bytes());
                 }
                 vcpu
+            }
+            Msg::Output { epoch, released, frames } => {
+                h.extend_from_slice(&epoch.to_le_bytes());
+                h.extend_from_slice(&released.to_le_bytes());
+                frames
             }
             Msg::Ack { epoch } => {
                 h.extend_from_slice(&epoch.to_le_bytes());
@@ -366,6 +383,15 @@ fn decode_payload(kind: u8, payload: Vec<u8>) -> Result<Msg, WireError> {
             let vcpu = std::mem::take(&mut f.rest).to_vec();
             Msg::Commit { epoch, guest_ns, pages, disk_writes, vcpu }
         }
+        K_OUTPUT => {
+            let epoch = f.u64("epoch")?;
+            let released = f.u64("released epoch")?;
+            let frames = std::mem::take(&mut f.rest).to_vec();
+            if let Err(reason) = check_frames(&frames) {
+                return Err(f.bad(reason));
+            }
+            Msg::Output { epoch, released, frames }
+        }
         K_ACK => {
             let epoch = f.u64("epoch")?;
             f.end()?;
@@ -384,6 +410,45 @@ fn decode_payload(kind: u8, payload: Vec<u8>) -> Result<Msg, WireError> {
         k => return Err(WireError::UnknownKind(k)),
     };
     Ok(msg)
+}
+
+/// Checks that `frames` is a sequence of network frames, each a 4-byte LE length (1 to
+/// [`MAX_NET_FRAME`]) and its bytes.
+pub fn check_frames(mut frames: &[u8]) -> Result<usize, String> {
+    let mut n = 0;
+    while !frames.is_empty() {
+        let Some(len) = frames.get(..4) else { return Err(format!("output frame {n}: length cut short")) };
+        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        if len == 0 || len > MAX_NET_FRAME {
+            return Err(format!("output frame {n}: length {len} outside 1..={MAX_NET_FRAME}"));
+        }
+        if frames.len() < 4 + len {
+            return Err(format!("output frame {n}: {len} bytes announced, {} there", frames.len() - 4));
+        }
+        frames = &frames[4 + len..];
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Writes an epoch's network output as [`Msg::Output`] frames of at most 16 MiB each, cut at
+/// network-frame boundaries (nothing if there is no output).
+pub fn write_output(w: &mut impl Write, epoch: u64, released: u64, mut frames: &[u8]) -> io::Result<()> {
+    const CHUNK: usize = 16 << 20;
+    while !frames.is_empty() {
+        let mut cut = 0;
+        while cut < frames.len() {
+            let len = frames.get(cut..cut + 4).map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+            if cut > 0 && cut + 4 + len > CHUNK {
+                break;
+            }
+            cut = (cut + 4 + len).min(frames.len());
+        }
+        let (chunk, rest) = frames.split_at(cut);
+        write_msg(w, &Msg::Output { epoch, released, frames: chunk.to_vec() })?;
+        frames = rest;
+    }
+    Ok(())
 }
 
 /// Splits a staged checkpoint's dirty pages into [`Msg::Pages`] frames of at most
@@ -437,7 +502,47 @@ mod tests {
             Msg::Ack { epoch: 4 },
             Msg::Refuse { epoch: 5, reason: "bad".into() },
             Msg::Heartbeat { seq: 99 },
+            Msg::Output { epoch: 4, released: 3, frames: frames(&[&[1; 60], &[2; 1514]]) },
         ]
+    }
+
+    fn frames(list: &[&[u8]]) -> Vec<u8> {
+        let mut v = Vec::new();
+        for f in list {
+            v.extend_from_slice(&(f.len() as u32).to_le_bytes());
+            v.extend_from_slice(f);
+        }
+        v
+    }
+
+    #[test]
+    fn output_is_cut_at_frame_boundaries_and_bad_frames_are_named() {
+        let big: Vec<u8> = vec![7; 60_000];
+        let many: Vec<&[u8]> = std::iter::repeat_n(&big[..], 600).collect();
+        let all = frames(&many);
+        let mut out = Vec::new();
+        write_output(&mut out, 9, 8, &all).expect("write");
+        let mut r = &out[..];
+        let mut got = Vec::new();
+        let mut n = 0;
+        while let Ok(Msg::Output { epoch: 9, released: 8, frames: f }) = read_msg(&mut r) {
+            assert!(f.len() <= 16 << 20);
+            got.extend(f);
+            n += 1;
+        }
+        assert!(n >= 3, "{n} messages");
+        assert_eq!(got, all);
+        let mut none = Vec::new();
+        write_output(&mut none, 1, 0, &[]).expect("write");
+        assert!(none.is_empty());
+        for (bad, want) in [
+            (vec![1u8, 0], "length cut short"),
+            (vec![0, 0, 0, 0], "outside 1..=65535"),
+            (vec![9, 0, 0, 0, 1], "9 bytes announced, 1 there"),
+        ] {
+            let e = decode(&encode(&Msg::Output { epoch: 1, released: 0, frames: bad })).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
     }
 
     #[test]
@@ -499,7 +604,7 @@ mod tests {
         }
 
         #[test]
-        fn mutated_frames_never_panic_and_never_decode_to_something_else(i in 0usize..10, pos in any::<usize>(), bit in 0u8..8) {
+        fn mutated_frames_never_panic_and_never_decode_to_something_else(i in 0usize..11, pos in any::<usize>(), bit in 0u8..8) {
             let m = samples()[i].clone();
             let mut b = encode(&m);
             let p = pos % b.len();

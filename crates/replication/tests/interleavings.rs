@@ -192,6 +192,8 @@ struct World {
     vm_name: String,
     /// The primary crashed while protected by a live backup.
     crashed_protected: bool,
+    /// Outputs sent again at takeovers.
+    replayed: u64,
 }
 
 impl World {
@@ -232,6 +234,7 @@ impl World {
             log: vec![],
             vm_name: "vm".into(),
             crashed_protected: false,
+            replayed: 0,
         }
     }
 
@@ -336,6 +339,13 @@ impl World {
                     let state = p.vm.state;
                     for (c, v) in &pages {
                         p.outq.push(Msg::Pages { epoch, pages: vec![*c as u64], data: page(*v) });
+                    }
+                    // The epoch's output travels with the checkpoint (each output is the VM
+                    // state it shows, as an 8-byte frame).
+                    let sealed = &p.vm.sealed.last().expect("just sealed").1;
+                    if !sealed.is_empty() {
+                        let frames = sealed.iter().flat_map(|v| [&8u32.to_le_bytes()[..], &v.to_le_bytes()[..]].concat()).collect();
+                        p.outq.push(Msg::Output { epoch, released: p.sm.released(), frames });
                     }
                     p.outq.push(Msg::Commit {
                         epoch,
@@ -487,7 +497,7 @@ impl World {
                     let name = b.name.clone();
                     self.lease_inflight.push((at, name, now, req));
                 }
-                backup::Action::TakeOver { epoch, granted_at, gen } => {
+                backup::Action::TakeOver { epoch, granted_at, gen, replay } => {
                     let b = self.backup.take().expect("backup");
                     assert_eq!(b.committed_epochs.last(), Some(&epoch), "takes over from its last commit");
                     // Nothing a client saw is lost.
@@ -518,6 +528,13 @@ impl World {
                         fenced: false,
                     });
                     let i = self.primaries.len() - 1;
+                    // The output of committed epochs not known released goes out again: none
+                    // of it may come from beyond the replica's state.
+                    let again: Vec<u64> =
+                        replay.chunks_exact(12).map(|f| u64::from_le_bytes(f[4..].try_into().expect("8 bytes"))).collect();
+                    assert!(again.iter().all(|s| *s <= b.replica_state), "replayed output beyond the replica: {again:?}");
+                    self.replayed += again.len() as u64;
+                    self.emit(&b.name, again);
                     self.primary_actions(i, acts);
                     return;
                 }
@@ -826,6 +843,7 @@ fn random_delay_loss_reordering_and_crashes() {
     let mut takeovers = 0;
     let mut refused = 0;
     let mut clean_crashes = 0;
+    let mut replayed = 0;
     for seed in 0..600u64 {
         let mut r = Rng(seed * 7919 + 13);
         let f = Faults {
@@ -853,6 +871,7 @@ fn random_delay_loss_reordering_and_crashes() {
         let mut w = World::new(seed + 1, f);
         w.run(1200);
         takeovers += w.takeovers.len();
+        replayed += w.replayed;
         // A primary that crashes while protected, with the backup reachable, is replaced.
         let clean = w.crashed_protected
             && f.crash_backup_at.is_none()
@@ -868,6 +887,7 @@ fn random_delay_loss_reordering_and_crashes() {
     }
     // The faults did bite.
     assert!(clean_crashes >= 8 && takeovers >= 50, "{clean_crashes} clean crashes, {takeovers} takeovers");
+    assert!(replayed > 20, "only {replayed} outputs sent again at takeovers");
     assert!(refused > 20, "only {refused} refusals");
 }
 

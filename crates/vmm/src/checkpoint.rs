@@ -59,6 +59,11 @@ pub struct Checkpoint {
     pub output_frames: u64,
     /// Bytes of those frames.
     pub output_bytes: u64,
+    /// A copy of those frames, each as a 4-byte little-endian length and its bytes: the
+    /// backup keeps the output of its last committed epochs and sends it again when it takes
+    /// over ([`Vm::send_frames`]), so that a client owed a reply the dead primary never
+    /// released gets it at once, not at its next retransmission.
+    pub output: Vec<u8>,
     /// How long the vCPU was held out of guest mode for this checkpoint, measured on the
     /// vCPU thread from handling the command to resuming (without the kick that got it out).
     pub pause_ns: u64,
@@ -189,13 +194,13 @@ impl Vm {
         let copy_ns = copy_start.elapsed().as_nanos() as u64;
         let vcpu = self.vcpu_state().map_err(fail)?;
         let guest_ns = self.clock.now_ns();
-        let (mut output_frames, mut output_bytes) = (0, 0);
+        let (mut output_frames, mut output_bytes, mut output) = (0, 0, Vec::new());
         if let Some(tap) = self.tap.as_mut() {
-            let (sealed, frames, bytes) = tap.seal_counted();
+            let (sealed, frames, bytes, copy) = tap.seal_copied();
             if sealed != epoch {
                 return Err(Error::Checkpoint { epoch, reason: format!("the network sealed epoch {sealed} instead") });
             }
-            (output_frames, output_bytes) = (frames, bytes);
+            (output_frames, output_bytes, output) = (frames, bytes, copy);
         }
         if let Some(block) = self.block.as_mut() {
             block.set_mirror_epoch(epoch + 1);
@@ -203,7 +208,17 @@ impl Vm {
         if let Some(p) = self.protection.as_mut() {
             p.epoch = epoch + 1;
         }
-        Ok(Checkpoint { epoch, pages, data, vcpu, guest_ns, output_frames, output_bytes, pause_ns: 0, copy_ns })
+        Ok(Checkpoint { epoch, pages, data, vcpu, guest_ns, output_frames, output_bytes, output, pause_ns: 0, copy_ns })
+    }
+
+    /// Sends network frames encoded as [`Checkpoint::output`] holds them on this VM's tap at
+    /// once (after a takeover: the output of committed epochs the old primary may not have
+    /// released); returns how many went out.
+    pub fn send_frames(&self, frames: &[u8]) -> Result<usize> {
+        match self.tap.as_ref() {
+            Some(tap) => tap.send_frames(frames),
+            None => Ok(0),
+        }
     }
 
     /// Builds a new, paused VM on this host from a replica (a takeover): the replica's memory

@@ -156,8 +156,9 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                     st.data.extend_from_slice(&data);
                 }
                 Action::DiscardStaged => {
-                    st.pages.clear();
-                    st.data.clear();
+                    // Freed, not only emptied: a peer that never commits must not keep memory.
+                    st.pages = Vec::new();
+                    st.data = Vec::new();
                 }
                 Action::Apply { epoch, guest_ns, vcpu, disk } => {
                     let c = Checkpoint {
@@ -197,7 +198,7 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                 Action::Lease(req) => {
                     let _ = arbiter.send(req);
                 }
-                Action::TakeOver { epoch, granted_at, gen } => {
+                Action::TakeOver { epoch, granted_at, gen, replay } => {
                     let replica = st.replica.take().ok_or("internal: takeover without a replica")?;
                     let since = st.suspected_at.map(|t| Instant::now().duration_since(t).as_secs_f64() * 1e3).unwrap_or(0.0);
                     tracing::info!(
@@ -206,7 +207,8 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                     stats.lock().unwrap_or_else(|e| e.into_inner()).takeovers += 1;
                     let vm_name = stats.lock().unwrap_or_else(|e| e.into_inner()).vm.clone();
                     let tap = standby.take().map(Standby::end);
-                    return take_over(replica, &opts, &vm_name, (granted_at, gen), clock, control_bound, tap);
+                    let lease = (granted_at, gen);
+                    return take_over(replica, &opts, &vm_name, lease, &replay, clock, control_bound, tap);
                 }
                 Action::Abandon { reason } => {
                     tracing::info!("backup: replica abandoned: {reason}");
@@ -382,6 +384,7 @@ fn take_over(
     opts: &Options,
     vm_name: &str,
     (granted_at, gen): (u64, u64),
+    replay: &[u8],
     clock: Clock,
     control_bound: bool,
     tap: Option<Option<Tap>>,
@@ -393,6 +396,13 @@ fn take_over(
     vm.resume();
     if vm.announce(1).is_err() {
         tracing::info!("backup: the VM has no network address to announce");
+    }
+    // What the old primary may not have released of the committed epochs, at once: a client
+    // owed a reply gets it now (TCP drops what it already had).
+    match vm.send_frames(replay) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("backup: sent again {n} frames of output from the last committed epochs"),
+        Err(e) => tracing::warn!("backup: cannot send the last committed epochs' output again: {e}"),
     }
     let (ctl, inbox) = vmm::channel_pair().map_err(|e| e.to_string())?;
     let _api = match &opts.api {

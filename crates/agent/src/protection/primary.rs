@@ -93,8 +93,12 @@ pub enum Start {
 
 enum Out {
     Msg(Msg),
-    Sync { view: MemoryView, disk: Option<PathBuf> },
-    Checkpoint(Box<Checkpoint>),
+    Sync {
+        view: MemoryView,
+        disk: Option<PathBuf>,
+    },
+    /// A checkpoint, and the highest epoch whose output was released when it was taken.
+    Checkpoint(Box<Checkpoint>, u64),
 }
 
 struct Link {
@@ -409,7 +413,7 @@ impl Driver {
                 }
                 match &self.link {
                     Some(l) => {
-                        let _ = l.out.send(Out::Checkpoint(c));
+                        let _ = l.out.send(Out::Checkpoint(c, sm.released()));
                     }
                     None => self.spare.push(c.data),
                 }
@@ -534,9 +538,10 @@ fn spawn_sender(conn: u64, stream: TcpStream, mirror: Arc<Mutex<Receiver<DiskWri
                         s.sync(&view, disk.as_deref())?;
                         let _ = tx.send(Input::SyncSent { conn });
                     }
-                    Ok(Out::Checkpoint(c)) => {
+                    Ok(Out::Checkpoint(c, released)) => {
                         let t0 = Instant::now();
                         s.drain_mirror()?;
+                        wire::write_output(&mut s.w, c.epoch, released, &c.output).map_err(|e| e.to_string())?;
                         let disk_writes = s.counts.remove(&c.epoch).unwrap_or(0);
                         let commit = Msg::Commit {
                             epoch: c.epoch,

@@ -182,6 +182,33 @@ impl Tap {
         (self.seal(), frames, bytes)
     }
 
+    /// Closes the current epoch as [`Tap::seal_counted`] does and also returns a copy of its
+    /// frames, each as a 4-byte little-endian length and its bytes (what a backup keeps to
+    /// send again after a takeover: [`Tap::send_frames`]).
+    pub fn seal_copied(&mut self) -> (u64, u64, u64, Vec<u8>) {
+        let mut copy = Vec::with_capacity(self.current.iter().map(|f| f.len() + 4).sum());
+        for f in &self.current {
+            copy.extend_from_slice(&(f.len() as u32).to_le_bytes());
+            copy.extend_from_slice(f);
+        }
+        let (epoch, frames, bytes) = self.seal_counted();
+        (epoch, frames, bytes, copy)
+    }
+
+    /// Sends frames encoded as [`Tap::seal_copied`] returns them, at once (bypassing any
+    /// hold); returns how many. An encoding that does not parse sends nothing past the fault.
+    pub fn send_frames(&self, mut frames: &[u8]) -> Result<usize> {
+        let mut sent = 0;
+        while frames.len() >= 4 {
+            let n = u32::from_le_bytes([frames[0], frames[1], frames[2], frames[3]]) as usize;
+            let Some(f) = frames.get(4..4 + n) else { break };
+            self.send_frame(f)?;
+            sent += 1;
+            frames = &frames[4 + n..];
+        }
+        Ok(sent)
+    }
+
     /// The number the epoch being filled now will get when it is sealed.
     pub fn open_epoch(&self) -> u64 {
         self.next_epoch
