@@ -207,8 +207,8 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                     stats.lock().unwrap_or_else(|e| e.into_inner()).takeovers += 1;
                     let vm_name = stats.lock().unwrap_or_else(|e| e.into_inner()).vm.clone();
                     let tap = standby.take().map(Standby::end);
-                    let lease = (granted_at, gen);
-                    return take_over(replica, &opts, &vm_name, lease, &replay, clock, control_bound, tap);
+                    let grant = Grant { at: granted_at, gen, replay };
+                    return take_over(replica, &opts, &vm_name, grant, clock, control_bound, tap);
                 }
                 Action::Abandon { reason } => {
                     tracing::info!("backup: replica abandoned: {reason}");
@@ -379,12 +379,19 @@ impl Standby {
     }
 }
 
+/// The lease a takeover was granted (when, by `clock`, and under which generation), and the
+/// committed output to send again.
+struct Grant {
+    at: u64,
+    gen: u64,
+    replay: Vec<u8>,
+}
+
 fn take_over(
     replica: Replica,
     opts: &Options,
     vm_name: &str,
-    (granted_at, gen): (u64, u64),
-    replay: &[u8],
+    grant: Grant,
     clock: Clock,
     control_bound: bool,
     tap: Option<Option<Tap>>,
@@ -399,7 +406,7 @@ fn take_over(
     }
     // What the old primary may not have released of the committed epochs, at once: a client
     // owed a reply gets it now (TCP drops what it already had).
-    match vm.send_frames(replay) {
+    match vm.send_frames(&grant.replay) {
         Ok(0) => {}
         Ok(n) => tracing::info!("backup: sent again {n} frames of output from the last committed epochs"),
         Err(e) => tracing::warn!("backup: cannot send the last committed epochs' output again: {e}"),
@@ -431,5 +438,5 @@ fn take_over(
         state_file: opts.state_file.clone(),
         key: opts.key.clone(),
     };
-    primary::run(vm, ctl, inbox, popts, Start::TakeOver { granted_at, gen }, clock)
+    primary::run(vm, ctl, inbox, popts, Start::TakeOver { granted_at: grant.at, gen: grant.gen }, clock)
 }
