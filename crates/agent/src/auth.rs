@@ -81,6 +81,19 @@ impl Key {
     }
 }
 
+impl Key {
+    /// The bearer token of the replication control endpoint's `POST /policy` (a tag of a
+    /// fixed label: anyone with the key can compute it, no one without).
+    pub fn control_token(&self) -> String {
+        hex(&self.tag(&[b"vigil-control-token"]))
+    }
+}
+
+/// Whether `a` and `b` are equal, in time that does not depend on where they differ.
+pub fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
 /// Fills `buf` from the kernel's random source.
 pub fn random(buf: &mut [u8]) -> std::io::Result<()> {
     use std::io::Read;

@@ -49,6 +49,9 @@ enum Command {
     Backup(replicate::BackupArgs),
     /// Serve the fencing leases that decide which copy of a protected VM may release output.
     Arbiter(replicate::ArbiterArgs),
+    /// The cluster key that authenticates replication, leases and the policy switch: make
+    /// one, or print the bearer token of `POST /policy`.
+    Key(replicate::KeyArgs),
     /// Bring up a cluster on this machine from a model: hosts as network namespaces, the
     /// store, the arbiter, an agent per host, the managers, every VM.
     Up(cluster::UpArgs),
@@ -109,6 +112,7 @@ fn main() -> ExitCode {
         Command::Store(args) => store::run(&args),
         Command::Backup(args) => return status(replicate::backup(&args)),
         Command::Arbiter(args) => return status(replicate::arbiter(&args)),
+        Command::Key(args) => return status(replicate::key(&args)),
         Command::Demo(args) => return status(bench::demo::run(&args)),
         Command::Up(args) => return status(cluster::up(&args)),
         Command::Status(args) => return status(cluster::status(&args)),

@@ -172,3 +172,30 @@ pub fn backup(a: &BackupArgs) -> Result<u8> {
 pub fn arbiter(a: &ArbiterArgs) -> Result<u8> {
     match agent::vm::serve_arbiter(&a.listen, &a.state, &a.key_file)? {}
 }
+
+/// `vigil key`.
+#[derive(ClapArgs)]
+pub struct KeyArgs {
+    #[command(subcommand)]
+    what: KeyCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum KeyCommand {
+    /// Write a new random key to FILE (mode 0600); an existing file is left as it is.
+    New { file: PathBuf },
+    /// Print the bearer token that `POST /policy` on a `--control` address needs.
+    Token {
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
+    },
+}
+
+/// `vigil key new|token`.
+pub fn key(a: &KeyArgs) -> Result<u8> {
+    match &a.what {
+        KeyCommand::New { file } => agent::auth::Key::generate(file)?,
+        KeyCommand::Token { key_file } => println!("{}", agent::auth::Key::load(key_file)?.control_token()),
+    }
+    Ok(0)
+}

@@ -352,8 +352,24 @@ fn a_dead_backup_a_cut_link_and_a_slow_link_never_split_the_brain() {
     };
     assert!(ckpts(&m) > 0, "{m}");
     assert!(m.contains("policy=\"adaptive\""), "{m}");
-    assert_eq!(curl(&["-X", "POST", "--data", "network", "http://10.99.0.1:9100/policy"]), "policy network\n");
-    assert_eq!(curl(&["-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "--data", "often", "http://10.99.0.1:9100/policy"]), "400");
+    let token = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["key", "token", "--key-file", &testbed::twohost::key_file().display().to_string()])
+        .output()
+        .expect("vigil key token");
+    let auth = format!("Authorization: Bearer {}", String::from_utf8_lossy(&token.stdout).trim());
+    let code = |args: &[&str]| curl(&[&["-o", "/dev/null", "-w", "%{http_code}"], args].concat());
+    assert_eq!(code(&["-X", "POST", "--data", "network", "http://10.99.0.1:9100/policy"]), "401", "no token, no switch");
+    assert_eq!(code(&["-H", "Authorization: Bearer 00", "-X", "POST", "--data", "network", "http://10.99.0.1:9100/policy"]), "401");
+    assert_eq!(curl(&["-H", &auth, "-X", "POST", "--data", "network", "http://10.99.0.1:9100/policy"]), "policy network\n");
+    assert_eq!(code(&["-H", &auth, "-X", "POST", "--data", "often", "http://10.99.0.1:9100/policy"]), "400");
+    // A client that connects and says nothing does not hold up the metrics.
+    let _idle: Vec<_> = (0..3)
+        .map(|_| Testbed::command(&cl.tb.a, "bash").args(["-c", "exec 3<>/dev/tcp/10.99.0.1/9100; sleep 5"]).spawn().expect("bash"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    assert!(curl(&["http://10.99.0.1:9100/metrics"]).contains("vigil_replication_protected"));
+    assert!(t.elapsed() < Duration::from_secs(1), "metrics took {:?} with idle clients about", t.elapsed());
     progress("under the network policy");
     let m = curl(&["http://10.99.0.1:9100/metrics"]);
     assert!(m.contains("policy=\"network\""), "{m}");
@@ -361,7 +377,7 @@ fn a_dead_backup_a_cut_link_and_a_slow_link_never_split_the_brain() {
     let records = agent::protection::stats::EpochStats::parse_all(&text);
     let last = records.last().expect("per-epoch statistics records (JSON lines) from --stats");
     assert!(last.epoch > 0 && last.pause_ns > 0 && last.ack_ns >= last.pause_ns && !last.mode.is_empty(), "{last:?}");
-    assert_eq!(curl(&["-X", "POST", "--data", "adaptive", "http://10.99.0.1:9100/policy"]), "policy adaptive\n");
+    assert_eq!(curl(&["-H", &auth, "-X", "POST", "--data", "adaptive", "http://10.99.0.1:9100/policy"]), "policy adaptive\n");
     let primary_log = |cl: &Cluster| cl.primary.1.text();
 
     // 1. The backup dies: the primary carries on unprotected, then a new backup protects it.

@@ -173,7 +173,8 @@ impl Driver {
                     let _ = fwd.send(Input::Policy(name));
                 }
             });
-            let bound = stats::serve(addr, stats.clone(), Some(ptx)).map_err(|e| format!("control address {addr}: {e}"))?;
+            let bound =
+                stats::serve(addr, stats.clone(), Some((ptx, opts.key.clone()))).map_err(|e| format!("control address {addr}: {e}"))?;
             tracing::info!("{}: metrics on http://{bound}/metrics", opts.vm);
         }
         let (mirror_tx, mirror_rx) = channel();
