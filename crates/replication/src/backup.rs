@@ -231,7 +231,16 @@ impl Backup {
             },
             Event::Lease { sent_at, answer } => {
                 self.lease_pending = false;
-                if let Phase::Suspecting { committed, .. } = self.phase {
+                // A grant that arrives after the primary was heard again still stands: the
+                // arbiter moved the lease to this backup, so the primary is fenced and only
+                // this copy can keep the VM alive (its replica holds everything the primary
+                // released: it released only what this backup acknowledged).
+                let granted = matches!(answer, Ok(Answer::Granted { .. }));
+                let phase = match self.phase {
+                    Phase::Replica { session, committed: Some(committed) } if granted => Phase::Suspecting { session, committed },
+                    p => p,
+                };
+                if let Phase::Suspecting { committed, .. } = phase {
                     if matches!(answer, Ok(Answer::Granted { .. } | Answer::Held { .. } | Answer::Revoked)) {
                         self.arbiter_trouble = false;
                     }
@@ -304,6 +313,11 @@ impl Backup {
     fn received(&mut self, msg: Msg, out: &mut Vec<Action>) {
         match msg {
             Msg::Hello { session, vm, mem_bytes, config } => {
+                if self.lease_pending && self.committed().is_some() {
+                    // The replica may be about to be needed: the arbiter may grant the takeover
+                    // it was asked for. A new session waits until it has answered.
+                    return self.refuse(0, "a takeover request is pending at the arbiter; try again".into(), out);
+                }
                 self.vm = vm.clone();
                 self.mem_pages = mem_bytes / crate::wire::PAGE as u64;
                 self.phase = Phase::Replica { session, committed: None };
@@ -651,5 +665,27 @@ mod tests {
         apply(&mut b, 1);
         let out = b.handle(50, Event::Received(Msg::Output { epoch: 5, released: 0, frames: vec![] }));
         assert!(refused(&out).is_some_and(|r| r.contains("out of order")), "{out:?}");
+    }
+
+    /// Found by `vigil bench replication` on a loaded host: the primary stalls past the
+    /// timeout, the backup asks for the lease, the primary is heard again, then the grant
+    /// arrives. Dropping it would leave the VM with no copy at all (the primary is fenced by
+    /// the grant): the backup must take over.
+    #[test]
+    fn a_grant_that_arrives_after_the_primary_was_heard_again_is_taken() {
+        let t = Timing::default();
+        let mut b = synced();
+        apply(&mut b, 1);
+        let out = b.handle(100 + t.timeout_ns, Event::Tick);
+        assert!(out.iter().any(|a| matches!(a, Action::Lease(Request::Takeover { .. }))), "{out:?}");
+        let out = b.handle(110 + t.timeout_ns, Event::Received(Msg::Heartbeat { seq: 5 }));
+        assert!(out.contains(&Action::Notice(Notice::PrimaryBack)));
+        // A new session cannot start while the request is out.
+        let hello = Msg::Hello { session: 10, vm: "vm".into(), mem_bytes: 8192, config: vec![] };
+        let out = b.handle(111 + t.timeout_ns, Event::Received(hello));
+        assert!(refused(&out).is_some_and(|r| r.contains("takeover request is pending")), "{out:?}");
+        let out = b.handle(120 + t.timeout_ns, Event::Lease { sent_at: 100, answer: Ok(Answer::Granted { gen: 2, backup: None }) });
+        assert!(out.iter().any(|a| matches!(a, Action::TakeOver { epoch: 1, gen: 2, .. })), "{out:?}");
+        assert!(b.active());
     }
 }

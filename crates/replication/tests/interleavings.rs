@@ -45,6 +45,8 @@ struct Faults {
     arbiter_down: Option<(u64, u64)>,
     /// Pause these copies (by name) in these windows (ms).
     pauses: &'static [(&'static str, u64, u64)],
+    /// Largest delay of a lease request, and of its answer (ms).
+    arbiter_delay_ms: u64,
 }
 
 impl Faults {
@@ -61,6 +63,7 @@ impl Faults {
             apply_failure: 0.0,
             arbiter_down: None,
             pauses: &[],
+            arbiter_delay_ms: 2,
         }
     }
 }
@@ -390,7 +393,7 @@ impl World {
                     self.primaries[i].sync_queue.clear();
                 }
                 primary::Action::Lease(req) => {
-                    let at = self.now + self.rng.below(2 * MS);
+                    let at = self.now + self.rng.below(self.faults.arbiter_delay_ms * MS);
                     self.lease_inflight.push((at, name.clone(), self.now, req));
                 }
                 primary::Action::Fenced { .. } => {
@@ -493,7 +496,7 @@ impl World {
                 backup::Action::Send(m) => self.send(Wire::ToPrimary(m)),
                 backup::Action::Disconnect { reason } => self.disconnect(&reason),
                 backup::Action::Lease(req) => {
-                    let at = now + self.rng.below(2 * MS);
+                    let at = now + self.rng.below(self.faults.arbiter_delay_ms * MS);
                     let name = b.name.clone();
                     self.lease_inflight.push((at, name, now, req));
                 }
@@ -611,7 +614,7 @@ impl World {
                 e.1 = e.1.max(now + ttl);
             }
             self.log.push(format!("{} arbiter {} -> {}", now / MS, req.to_line(), answer.to_line()));
-            let at = now + self.rng.below(2 * MS);
+            let at = now + self.rng.below(self.faults.arbiter_delay_ms * MS);
             self.lease_answers.push((at, node, sent_at, answer));
         }
         let (due, rest): (Vec<_>, Vec<_>) =
@@ -867,6 +870,7 @@ fn random_delay_loss_reordering_and_crashes() {
                 (a, a + 1 + r.below(300))
             }),
             pauses: &[],
+            arbiter_delay_ms: 2,
         };
         let mut w = World::new(seed + 1, f);
         w.run(1200);
@@ -946,4 +950,28 @@ fn arbiter_restarts_at_every_step() {
         }
     }
     assert!(replaced >= 50, "only {replaced} runs crashed a protected primary");
+}
+
+/// A primary that stalls for about the timeout (a loaded host) and comes back: whatever the
+/// arbiter decided, some copy keeps running the VM — if the backup was granted the lease
+/// after the primary was heard again, the backup takes over (the primary is fenced).
+#[test]
+fn a_stalled_primary_that_comes_back_never_leaves_the_vm_without_a_copy() {
+    static PAUSES: std::sync::OnceLock<Vec<[(&'static str, u64, u64); 1]>> = std::sync::OnceLock::new();
+    let pauses = PAUSES.get_or_init(|| (40..200).step_by(2).map(|len| [("host-a", 300, 300 + len)]).collect());
+    let mut takeovers = 0;
+    for (i, p) in pauses.iter().enumerate() {
+        for seed in 0..3 {
+            let f = Faults { pauses: p, max_delay_ms: 2, arbiter_delay_ms: 15, ..Faults::none() };
+            let mut w = World::new(900 + i as u64 * 7 + seed, f);
+            w.run(1200);
+            takeovers += w.takeovers.len();
+            let alive: Vec<_> = w.primaries.iter().filter(|p| !p.fenced).map(|p| p.name.clone()).collect();
+            assert_eq!(alive.len(), 1, "pause {:?} seed {seed}: copies running {alive:?}\n{}", p, w.tail());
+            let before = w.outputs_seen;
+            w.run(200);
+            assert!(w.outputs_seen > before, "pause {:?} seed {seed}: no output after the stall\n{}", p, w.tail());
+        }
+    }
+    assert!(takeovers > 10, "the stalls did cause takeovers ({takeovers})");
 }
