@@ -194,6 +194,23 @@ struct Row {
     mixed_rps: f64,
     epochs: Epochs,
     seconds: f64,
+    /// Workloads during which the backup took over (the primary stalled past the timeout on
+    /// a loaded host): from then on the VM ran unprotected, so those figures are not the
+    /// policy's.
+    spoiled: Vec<&'static str>,
+    /// Times the backup suspected the primary (a stall of at least the timeout).
+    suspicions: usize,
+}
+
+/// Notes whether the backup of a finished workload took over or suspected the primary.
+fn check_backup(row: &mut Row, what: &'static str, b: Option<Proc>) {
+    if let Some(b) = b {
+        let text = b.text();
+        row.suspicions += text.matches("Suspecting").count();
+        if text.contains("TAKING OVER") {
+            row.spoiled.push(what);
+        }
+    }
 }
 
 pub fn run(policies: &[replication::PolicySpec], failovers: usize, failover_only: bool, json: bool) -> Result<()> {
@@ -236,7 +253,7 @@ pub fn run(policies: &[replication::PolicySpec], failovers: usize, failover_only
             row.compute_s = t0.elapsed().as_secs_f64();
             seconds += row.compute_s;
             log.push_str(&p.text());
-            drop(b);
+            check_backup(&mut row, "compute", b);
         }
         // stream: 50 MB to a client.
         {
@@ -249,7 +266,7 @@ pub fn run(policies: &[replication::PolicySpec], failovers: usize, failover_only
             row.stream_mbs = n as f64 / 1e6 / d.as_secs_f64();
             seconds += d.as_secs_f64();
             log.push_str(&bed.quit(p)?);
-            drop(b);
+            check_backup(&mut row, "stream", b);
         }
         // kv and mixed.
         for busy in ["0", "8"] {
@@ -265,7 +282,7 @@ pub fn run(policies: &[replication::PolicySpec], failovers: usize, failover_only
                 (row.mixed_p50_ms, row.mixed_rps) = (p50, rps);
             }
             log.push_str(&bed.quit(p)?);
-            drop(b);
+            check_backup(&mut row, if busy == "0" { "kv" } else { "mixed" }, b);
         }
         row.epochs = parse_epochs(&log);
         row.seconds = seconds;
@@ -284,6 +301,7 @@ pub fn run(policies: &[replication::PolicySpec], failovers: usize, failover_only
                     "kv_rps": r.kv_rps, "mixed_p50_ms": r.mixed_p50_ms, "mixed_rps": r.mixed_rps, "checkpoints": r.epochs.n,
                     "median_pause_ms": median(&r.epochs.pause_ms), "median_dirty_pages": median(&r.epochs.pages),
                     "median_ack_ms": median(&r.epochs.ack_ms), "median_output_delay_ms": median(&r.epochs.delay_ms),
+                    "taken_over_during": r.spoiled, "suspicions": r.suspicions,
                 })
             })
             .collect();
@@ -336,6 +354,19 @@ pub fn run(policies: &[replication::PolicySpec], failovers: usize, failover_only
             median(&r.epochs.pause_ms),
         );
     }
+    for r in rows.iter().filter(|r| !r.spoiled.is_empty() || r.suspicions > 0) {
+        let spoiled = if r.spoiled.is_empty() {
+            String::new()
+        } else {
+            format!("; the backup TOOK OVER during {} (those figures are of an unprotected VM, not of the policy)", r.spoiled.join(", "))
+        };
+        println!(
+            "  {}: the backup suspected a stalled primary {} times (host load {:.1}){spoiled}",
+            r.policy,
+            r.suspicions,
+            load_average()
+        );
+    }
     let all: Vec<&Epochs> = rows.iter().skip(1).map(|r| &r.epochs).collect();
     let bytes: f64 = all.iter().map(|e| e.bytes).sum();
     let transfer: f64 = all.iter().map(|e| e.transfer_ms).sum();
@@ -356,17 +387,30 @@ pub fn run(policies: &[replication::PolicySpec], failovers: usize, failover_only
             continue;
         }
         let (takeover, answer): (Vec<f64>, Vec<f64>) = runs.iter().copied().unzip();
+        let q = |v: &[f64], p: f64| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v.get(((v.len() as f64 * p).ceil() as usize).saturating_sub(1)).copied().unwrap_or(f64::NAN)
+        };
         println!(
-            "Failover (kv, adaptive, SIGKILL of the primary's VMM, {} runs, {client}): takeover {:.0} ms, first answer {:.0} ms after the kill (medians; answers {:.0}..{:.0})",
+            "Failover (kv, adaptive, SIGKILL of the primary's VMM, {} kills, {client}): takeover {:.0} ms (median); the client's first answer after the kill: min {:.0}, p50 {:.0}, p90 {:.0}, p99 {:.0}, max {:.0} ms; {} of {} within 150 ms",
             runs.len(),
             median(&takeover),
-            median(&answer),
-            answer.iter().copied().fold(f64::INFINITY, f64::min),
-            answer.iter().copied().fold(0.0, f64::max)
+            q(&answer, 0.0),
+            q(&answer, 0.5),
+            q(&answer, 0.9),
+            q(&answer, 0.99),
+            q(&answer, 1.0),
+            answer.iter().filter(|a| **a <= 150.0).count(),
+            answer.len()
         );
     }
     println!("  (takeover: the backup's timeout + the lease + building the VM; the rest is the client's TCP retransmission timer, 200 ms at least by default on Linux)");
     Ok(())
+}
+
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg").ok().and_then(|t| t.split_whitespace().next()?.parse().ok()).unwrap_or(f64::NAN)
 }
 
 /// Pause against dirty pages, with the counter guest (see `vigil bench vmm`).
