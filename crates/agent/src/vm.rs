@@ -344,10 +344,24 @@ pub fn run(spec: &VmSpec) -> Result<u8> {
     }
     let _domain = spec.domain.as_ref().map(|d| Domain::introduce(d, &spec.name)).transpose()?;
     if let Some(p) = &spec.protection {
-        return run_protected(vm, spec, p);
+        return run_protected(vm, spec, p, announce);
     }
     apply_priority(spec)?;
-    drive(vm, spec.api.as_deref(), &spec.name)
+    drive(vm, spec.api.as_deref(), &spec.name, announce)
+}
+
+/// Announces the VM's address again 20, 100 and 500 ms from now: the first announcement can
+/// be lost while the bridge port of a newly opened tap comes up, and a switch that still sends
+/// the VM's traffic to the host it ran on before would keep its clients away until the VM
+/// speaks first (seen in `vigil bench replication`: after 30 runs alternating hosts, a fresh
+/// VM got no client for 10 s).
+fn announce_again(ctl: vmm::Controller) {
+    std::thread::spawn(move || {
+        for ms in [20, 80, 400] {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            let _ = ctl.call(vmm::Command::Announce { count: 1 });
+        }
+    });
 }
 
 /// The destination of a migration: the VM continues from the source's snapshot on this host's
@@ -364,7 +378,7 @@ fn run_restored(spec: &VmSpec, dir: &Path) -> Result<u8> {
     tracing::info!("{}: restored from {} in {:.1} ms and resumed", spec.name, dir.display(), t0.elapsed().as_secs_f64() * 1e3);
     let _domain = spec.domain.as_ref().map(|d| Domain::introduce(d, &spec.name)).transpose()?;
     apply_priority(spec)?;
-    drive(vm, spec.api.as_deref(), &spec.name)
+    drive(vm, spec.api.as_deref(), &spec.name, spec.net.as_ref().is_some_and(|n| n.ip.is_some()))
 }
 
 /// Restores a VM from a snapshot directory and runs it.
@@ -381,30 +395,31 @@ pub fn restore(
         vm.resume();
     }
     let _domain = domain.map(|d| Domain::introduce(d, &name)).transpose()?;
-    drive(vm, api, &name)
+    drive(vm, api, &name, false)
 }
 
-fn drive(mut vm: Vm, api_path: Option<&Path>, name: &str) -> Result<u8> {
+/// Runs `vm` until it stops, serving its control socket at `api_path`; with `announce`, its
+/// address is announced again shortly after the start ([`announce_again`]).
+fn drive(mut vm: Vm, api_path: Option<&Path>, name: &str, announce: bool) -> Result<u8> {
     let vmm_err = |source| Error::Vmm { vm: name.to_owned(), source };
-    let (_server, inbox) = match api_path {
-        Some(p) => {
-            let (ctl, inbox) = vmm::channel_pair().map_err(vmm_err)?;
-            (Some(api::serve(p, ctl).map_err(vmm_err)?), Some(inbox))
-        }
-        None => {
-            if vm.paused() {
-                return Err(Error::Spec { vm: name.into(), reason: "a paused VM needs a control socket to be resumed".into() });
-            }
-            (None, None)
-        }
-    };
-    let stop = vm.run(inbox.as_ref()).map_err(vmm_err)?;
+    if api_path.is_none() && vm.paused() {
+        return Err(Error::Spec { vm: name.into(), reason: "a paused VM needs a control socket to be resumed".into() });
+    }
+    let (ctl, inbox) = vmm::channel_pair().map_err(vmm_err)?;
+    let _server = api_path.map(|p| api::serve(p, ctl.clone())).transpose().map_err(vmm_err)?;
+    if announce {
+        announce_again(ctl);
+    }
+    let stop = vm.run(Some(&inbox)).map_err(vmm_err)?;
     Ok(exit_status(&Outcome::Stopped(stop)))
 }
 
-fn run_protected(vm: Vm, spec: &VmSpec, p: &Protection) -> Result<u8> {
+fn run_protected(vm: Vm, spec: &VmSpec, p: &Protection, announce: bool) -> Result<u8> {
     let vmm_err = |source| Error::Vmm { vm: spec.name.clone(), source };
     let (ctl, inbox) = vmm::channel_pair().map_err(vmm_err)?;
+    if announce {
+        announce_again(ctl.clone());
+    }
     let _api = match &spec.api {
         Some(path) => Some(vmm::api::serve(path, ctl.clone()).map_err(vmm_err)?),
         None => None,

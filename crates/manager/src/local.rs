@@ -46,6 +46,21 @@ pub struct ClusterFile {
     pub host_store: BTreeMap<String, PathBuf>,
     #[serde(default)]
     pub etcd: Vec<String>,
+    /// Processes the keeper (`vigil keep`) starts again when they die: the arbiter, the
+    /// field, the managers (as systemd's `Restart=always` would on real hosts). A host's
+    /// agent is not among them: a dead host is the manager's business.
+    #[serde(default)]
+    pub kept: BTreeMap<String, Kept>,
+}
+
+/// How to start a kept process again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kept {
+    pub ns: Option<String>,
+    pub args: Vec<String>,
+    pub log: PathBuf,
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 impl ClusterFile {
@@ -65,9 +80,21 @@ impl ClusterFile {
         serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", p.display()))
     }
 
+    /// Writes it atomically (a temporary file renamed over the old one).
     pub fn save(&self) -> Result<(), String> {
         let p = Self::path(&self.dir);
-        std::fs::write(&p, serde_json::to_vec_pretty(self).unwrap_or_default()).map_err(|e| format!("{}: {e}", p.display()))
+        let tmp = p.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).unwrap_or_default())
+            .and_then(|_| std::fs::rename(&tmp, &p))
+            .map_err(|e| format!("{}: {e}", p.display()))
+    }
+
+    /// Starts a process the keeper will start again if it dies.
+    fn spawn_kept(&mut self, name: &str, exe: &Path, ns: Option<&str>, args: Vec<String>, log: PathBuf) -> Result<(), String> {
+        let pid = spawn_detached(ns, exe, &args, &log)?;
+        self.pids.insert(name.to_string(), pid);
+        self.kept.insert(name.to_string(), Kept { ns: ns.map(String::from), args, log, restarts: 0 });
+        Ok(())
     }
 
     /// The cluster's key (written by `vigil up`).
@@ -339,6 +366,7 @@ pub fn up(o: &UpOptions) -> Result<ClusterFile, String> {
         period_ms: o.period_ms,
         host_store: BTreeMap::new(),
         etcd: Vec::new(),
+        kept: BTreeMap::new(),
     };
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let _ = std::fs::remove_dir_all(dir.join("store-data"));
@@ -401,8 +429,7 @@ pub fn up(o: &UpOptions) -> Result<ClusterFile, String> {
     let state = dir.join("arbiter.leases").display().to_string();
     let key = cf.key_file().display().to_string();
     let args = s(&["arbiter", "--listen", &arbiter, "--state", &state, "--key-file", &key]);
-    let pid = spawn_detached(Some(&switch_ns), &o.exe, &args, &dir.join("arbiter.log"))?;
-    cf.pids.insert("arbiter".into(), pid);
+    cf.spawn_kept("arbiter", &o.exe, Some(&switch_ns), args, dir.join("arbiter.log"))?;
     for (h, ns) in &host_ns {
         let state = dir.join("hosts").join(h);
         std::fs::create_dir_all(&state).map_err(|e| format!("{}: {e}", state.display()))?;
@@ -423,13 +450,15 @@ pub fn up(o: &UpOptions) -> Result<ClusterFile, String> {
         let pid = spawn_detached(Some(ns), &o.exe, &args, &dir.join(format!("agent-{h}.log")))?;
         cf.pids.insert(format!("agent:{h}"), pid);
     }
-    let pid = spawn_detached(Some(&cf.field_ns), &o.exe, &s(&["field", "--dir", &dir.display().to_string()]), &dir.join("field.log"))?;
-    cf.pids.insert("field".into(), pid);
+    let field_ns = cf.field_ns.clone();
+    cf.spawn_kept("field", &o.exe, Some(&field_ns), s(&["field", "--dir", &dir.display().to_string()]), dir.join("field.log"))?;
     for m in 0..o.managers.max(1) {
         let args = s(&["manager", "--dir", &dir.display().to_string(), "--id", &format!("m{m}"), "--faults", &o.faults.to_string()]);
-        let pid = spawn_detached(None, &o.exe, &args, &dir.join(format!("manager-m{m}.log")))?;
-        cf.pids.insert(format!("manager:m{m}"), pid);
+        cf.spawn_kept(&format!("manager:m{m}"), &o.exe, None, args, dir.join(format!("manager-m{m}.log")))?;
     }
+    cf.save()?;
+    let pid = spawn_detached(None, &o.exe, &s(&["keep", "--dir", &dir.display().to_string()]), &dir.join("keeper.log"))?;
+    cf.pids.insert("keeper".into(), pid);
     cf.save()?;
     let start = std::time::Instant::now();
     loop {
@@ -453,6 +482,10 @@ pub fn up(o: &UpOptions) -> Result<ClusterFile, String> {
 /// Stops everything of the cluster in `dir` and removes its namespaces.
 pub fn down(dir: &Path) -> Result<(), String> {
     let cf = ClusterFile::load(dir)?;
+    // The keeper first, or it would start again what is stopped next.
+    if let Some(&k) = cf.pids.get("keeper") {
+        kill(k);
+    }
     for ns in cf.host_ns.values().chain([&cf.switch_ns, &cf.field_ns]) {
         for p in pids_in(ns) {
             kill(p);
@@ -465,6 +498,53 @@ pub fn down(dir: &Path) -> Result<(), String> {
     remove_network(&cf.tag, cf.host_ns.len());
     let _ = std::fs::remove_file(ClusterFile::path(dir));
     Ok(())
+}
+
+/// Whether process `pid` runs (exists and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|state| state != "Z"),
+        Err(_) => false,
+    }
+}
+
+/// The keeper of the cluster in `dir` (`vigil keep`): every `period`, starts again each kept
+/// process that died (same namespace and arguments; its log goes on in `<log>.<n>`), counts
+/// the restart in `cluster.json` and in the store's event log. Returns when `cluster.json` is
+/// gone (`vigil down`).
+pub fn keep(dir: &Path, exe: &Path, period: std::time::Duration) -> Result<(), String> {
+    loop {
+        std::thread::sleep(period);
+        let Ok(mut cf) = ClusterFile::load(dir) else { return Ok(()) };
+        let mut changed = Vec::new();
+        for (name, k) in cf.kept.clone() {
+            if cf.pids.get(&name).is_some_and(|&p| alive(p)) {
+                continue;
+            }
+            let n = k.restarts + 1;
+            let log = PathBuf::from(format!("{}.{n}", k.log.display()));
+            match spawn_detached(k.ns.as_deref(), exe, &k.args, &log) {
+                Ok(pid) => {
+                    let was = cf.pids.insert(name.clone(), pid).unwrap_or(0);
+                    if let Some(e) = cf.kept.get_mut(&name) {
+                        e.restarts = n;
+                    }
+                    eprintln!("keeper: {name} (pid {was}) had died; started again as pid {pid} (restart {n}, log {})", log.display());
+                    changed.push(format!("{name} had died; the keeper started it again (restart {n})"));
+                }
+                Err(e) => eprintln!("keeper: cannot start {name} again: {e}"),
+            }
+        }
+        if !changed.is_empty() {
+            cf.save()?;
+            if let Ok(mut c) = store::Client::connect(&cf.store) {
+                let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+                for what in changed {
+                    let _ = agent::cluster::log_event(&mut c, &agent::cluster::Event { at_ms, source: "keeper".into(), what });
+                }
+            }
+        }
+    }
 }
 
 /// Fault injection: SIGKILL of every process of `host` (its agent and its VMMs) and its link

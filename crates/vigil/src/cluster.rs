@@ -112,6 +112,13 @@ pub struct FieldArgs {
     dir: PathBuf,
 }
 
+/// `vigil keep`: the keeper of a `vigil up` cluster (started by it).
+pub fn keep(a: &FieldArgs) -> Result<u8> {
+    let exe = std::env::current_exe().context("cannot find the vigil executable")?;
+    manager::local::keep(&a.dir, &exe, Duration::from_millis(100)).map_err(anyhow::Error::msg)?;
+    Ok(0)
+}
+
 pub fn field(a: &FieldArgs) -> Result<u8> {
     let cf = ClusterFile::load(&a.dir).map_err(anyhow::Error::msg)?;
     let loaded = model::load(&cf.model).map_err(|e| anyhow::anyhow!("{e}"))?;

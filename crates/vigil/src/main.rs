@@ -67,6 +67,9 @@ enum Command {
     Manager(cluster::ManagerArgs),
     /// Be the field side of the model: periodic sources and timing sinks per chain.
     Field(cluster::FieldArgs),
+    /// Be the keeper of a `vigil up` cluster: start its arbiter, field and managers again when
+    /// they die (started by `vigil up`).
+    Keep(cluster::FieldArgs),
     /// Demonstrations: `vigil demo failover`.
     Demo(bench::demo::Args),
 }
@@ -121,6 +124,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => return status(cluster::agent(&args)),
         Command::Manager(args) => return status(cluster::manager(&args)),
         Command::Field(args) => return status(cluster::field(&args)),
+        Command::Keep(args) => return status(cluster::keep(&args)),
     };
     let outcome = result.unwrap_or_else(|e| {
         eprintln!("{}", format!("{e:#}").replace('\n', " "));

@@ -302,12 +302,34 @@ fn the_manager_an_agent_and_the_store_restart_without_a_failover() {
     assert_eq!(pids_before, pids_after, "the VMMs kept running");
     assert_eq!(c.call("GET before"), "restarts", "the VM kept its state and its connection");
 
+    // 4. The arbiter and the field die too; the keeper starts them (and the manager killed in
+    // step 1) again, and replication carries on with the restarted arbiter.
+    let f = up.file();
+    let (arbiter, field_pid) = (f["pids"]["arbiter"].as_u64().unwrap(), f["pids"]["field"].as_u64().unwrap());
+    kill(arbiter);
+    kill(field_pid);
+    let t = std::time::Instant::now();
+    loop {
+        let f = up.file();
+        let restarted = |name: &str| f["kept"][name]["restarts"].as_u64().unwrap_or(0) >= 1;
+        if restarted("arbiter") && restarted("field") && restarted(&format!("manager:{leader}")) {
+            assert_ne!(f["pids"]["arbiter"].as_u64(), Some(arbiter));
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "the keeper did not start them again: {f}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let st = up.wait("control protected with the restarted arbiter", 15, |ok, v| ok && vm(v, "control")["replication"] == "protected");
+    let events = st["events"].to_string();
+    assert!(events.contains("arbiter had died; the keeper started it again"), "{events}");
+    assert_eq!(c.call("GET before"), "restarts");
+
     // A host the cluster does not have.
     let out = vigil(&["fail", "hostZ", "--dir", &up.d()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("unknown host \"hostZ\" (hosts: hostA, hostB, hostC)"), "{}", text(&out.stderr));
 
-    // 4. The new leader handles a host failure.
+    // 5. The new leader handles a host failure.
     assert!(vigil(&["fail", "hostB", "--dir", &up.d()]).status.success());
     let st = up.wait("the plan for hostB executed", 30, |ok, v| ok && v["failed"] == serde_json::json!(["hostB"]));
     assert_eq!(vm(&st, "control")["host"], "hostC", "{st}");
