@@ -164,17 +164,7 @@ fn sigkill_the_primary_again_and_again_with_a_client_watching() {
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut c = Cluster::start("k");
-    let client = new_client(&c.tb);
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(Mutex::new(Vec::new()));
-    let (s, d, e) = (stop.clone(), done.clone(), errors.clone());
-    let driver = std::thread::spawn(move || drive(client, s, d, e));
-    while done.load(Ordering::Relaxed) < 20 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let port = local_port(&c.tb);
-    assert!(!port.is_empty(), "the client's connection is established");
+    let (driver, stop, done, errors, port) = start_client(&c);
     let mut seed = std::env::var("VIGIL_FAILOVER_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -460,9 +450,21 @@ fn audit(
     n
 }
 
-fn start_client(
-    c: &Cluster,
-) -> (std::thread::JoinHandle<(Client, u64, Duration)>, Arc<AtomicBool>, Arc<AtomicU64>, Arc<Mutex<Vec<String>>>, String) {
+type Driven = (std::thread::JoinHandle<(Client, u64, Duration)>, Arc<AtomicBool>, Arc<AtomicU64>, Arc<Mutex<Vec<String>>>, String);
+
+/// With KVM (else `None`, said on stderr): the one-at-a-time lock, a protected kv cluster
+/// tagged `tag`, and a client driving it.
+fn protected_kv_with_a_client(test: &str, tag: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Cluster, Driven)> {
+    if no_kvm(test) {
+        return None;
+    }
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(tag);
+    let driven = start_client(&c);
+    Some((serial, c, driven))
+}
+
+fn start_client(c: &Cluster) -> Driven {
     let client = new_client(&c.tb);
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
@@ -490,12 +492,11 @@ impl Cluster {
 /// write is lost and the client's connection survives.
 #[test]
 fn a_restarted_arbiter_never_hands_the_lease_to_a_stale_primary() {
-    if no_kvm("a_restarted_arbiter_never_hands_the_lease_to_a_stale_primary") {
+    let Some((_serial, mut c, (driver, stop, done, errors, port))) =
+        protected_kv_with_a_client("a_restarted_arbiter_never_hands_the_lease_to_a_stale_primary", "g")
+    else {
         return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut c = Cluster::start("g");
-    let (driver, stop, done, errors, port) = start_client(&c);
+    };
     let (_, a) = std::mem::replace(&mut c.primary, (Host::A, dummy()));
     let (_, b) = c.backup.take().expect("backup");
     signal(&a, "-STOP");
@@ -523,12 +524,11 @@ fn a_restarted_arbiter_never_hands_the_lease_to_a_stale_primary() {
 /// refused and disturb nothing.
 #[test]
 fn the_primary_dies_while_the_arbiter_is_down_and_strangers_are_refused() {
-    if no_kvm("the_primary_dies_while_the_arbiter_is_down_and_strangers_are_refused") {
+    let Some((_serial, mut c, (driver, stop, done, errors, port))) =
+        protected_kv_with_a_client("the_primary_dies_while_the_arbiter_is_down_and_strangers_are_refused", "d")
+    else {
         return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut c = Cluster::start("d");
-    let (driver, stop, done, errors, port) = start_client(&c);
+    };
     // Strangers on the replication port: garbage, silence, a wrong key.
     let backup_addr = Host::B.backup_addr();
     let (h, p) = backup_addr.split_once(':').expect("host:port");
