@@ -9,9 +9,11 @@
 //! holds it, or repeat a takeover that the generation has already moved past: neither grants
 //! anything to anyone new.)
 //!
-//! The table's durable state is written (to a temporary file, synced, renamed) before the
-//! answer to any request that changed it goes out; a restarted arbiter reads it back and
-//! waits out the leases it may have granted ([`replication::lease::Table::restore`]).
+//! The table's durable state is written before the answer to any request that changed it goes
+//! out — to a file (temporary file, synced, renamed) or to the cluster's store (one node per
+//! VM under [`STORE_ROOT`], so that with the store on etcd the table is replicated and an
+//! arbiter started on another host finds it) — and a restarted arbiter reads it back and waits
+//! out the leases it may have granted ([`replication::lease::Table::restore`]).
 //!
 //! Bounded: lines of at most [`MAX_LINE`] bytes, at most [`MAX_CONNECTIONS`] connections (one
 //! thread each), and a connection idle for [`IDLE`] is closed.
@@ -38,20 +40,120 @@ pub struct Arbiter {
     pub addr: SocketAddr,
 }
 
+/// Where the lease table's durable state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// A file.
+    File(PathBuf),
+    /// The cluster store at this socket, under [`STORE_ROOT`].
+    Store(PathBuf),
+}
+
+/// The store path of the lease table: `ceiling` and `leases/<vm>`, each one line of
+/// [`Table::encode`].
+pub const STORE_ROOT: &str = "/vigil/arbiter";
+
+impl std::str::FromStr for State {
+    type Err = String;
+    /// `store:SOCKET` or a file path.
+    fn from_str(s: &str) -> Result<State, String> {
+        match s.strip_prefix("store:") {
+            Some("") => Err("store: needs the store's socket (store:/run/vigil/store.sock)".into()),
+            Some(sock) => Ok(State::Store(sock.into())),
+            None if s.is_empty() => Err("an empty path".into()),
+            None => Ok(State::File(s.into())),
+        }
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            State::File(p) => write!(f, "{}", p.display()),
+            State::Store(p) => write!(f, "store:{}", p.display()),
+        }
+    }
+}
+
 struct Durable {
     table: Table,
-    path: PathBuf,
+    state: State,
+    store: Option<store::Client>,
+    /// The lines last stored (store backend: only changed ones are written).
+    stored_lines: std::collections::BTreeMap<String, String>,
     stored: u64,
 }
 
 impl Durable {
     /// Stores the table if it changed since it was last stored.
     fn sync(&mut self) -> std::io::Result<()> {
-        if self.table.version() != self.stored {
-            store_file(&self.path, self.table.encode().as_bytes())?;
-            self.stored = self.table.version();
+        if self.table.version() == self.stored {
+            return Ok(());
         }
+        let text = self.table.encode();
+        match &self.state {
+            State::File(path) => store_file(path, text.as_bytes())?,
+            State::Store(sock) => {
+                let lines = store_lines(&text);
+                if self.store.is_none() {
+                    self.store = Some(store::Client::connect(sock).map_err(std::io::Error::other)?);
+                }
+                let c = self.store.as_mut().expect("connected above");
+                let changed: Vec<(&String, &String)> = lines.iter().filter(|(k, v)| self.stored_lines.get(*k) != Some(v)).collect();
+                let r = c.transaction(|tx| {
+                    for (k, v) in &changed {
+                        tx.write(&format!("{STORE_ROOT}/{k}"), v.as_bytes())?;
+                    }
+                    Ok(())
+                });
+                if let Err(e) = r {
+                    self.store = None;
+                    return Err(std::io::Error::other(e));
+                }
+                self.stored_lines = lines;
+            }
+        }
+        self.stored = self.table.version();
         Ok(())
+    }
+}
+
+/// The table's text as store nodes: `ceiling` → its line, `leases/<vm>` → the VM's line.
+fn store_lines(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["ceiling", ..] => Some(("ceiling".to_string(), l.to_string())),
+            ["lease", vm, ..] => Some((format!("leases/{vm}"), l.to_string())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Reads the table's text back: `None` when nothing was ever stored.
+fn load(state: &State) -> Result<Option<String>> {
+    match state {
+        State::File(path) => match std::fs::read_to_string(path) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("cannot read the lease table", path, e)),
+        },
+        State::Store(sock) => {
+            let mut c = store::Client::connect(sock)?;
+            let Some(ceiling) = c.try_read(&format!("{STORE_ROOT}/ceiling"))? else { return Ok(None) };
+            let mut text = format!("vigil-leases 1\n{}\n", String::from_utf8_lossy(&ceiling));
+            let vms = match c.directory(&format!("{STORE_ROOT}/leases")) {
+                Ok(v) => v,
+                Err(store::Error::Store { errno: store::Errno::ENOENT, .. }) => Vec::new(),
+                Err(e) => return Err(e.into()),
+            };
+            for vm in vms {
+                if let Some(line) = c.try_read(&format!("{STORE_ROOT}/leases/{vm}"))? {
+                    text.push_str(&String::from_utf8_lossy(&line));
+                    text.push('\n');
+                }
+            }
+            Ok(Some(text))
+        }
     }
 }
 
@@ -69,19 +171,18 @@ pub fn store_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Loads the lease table from `state` (a new, empty one if the file does not exist yet, which
-/// is stored at once) and serves it on `listener`.
-pub fn serve(listener: TcpListener, state: &Path, key: Key) -> Result<Arbiter> {
-    let addr = listener.local_addr().map_err(|e| Error::io("arbiter socket", state, e))?;
-    let (table, recovered) = match std::fs::read_to_string(state) {
-        Ok(text) => (Table::restore(&text).map_err(|e| Error::Cluster(format!("lease table {}: {e}", state.display())))?, true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Table::default(), false),
-        Err(e) => return Err(Error::io("cannot read the lease table", state, e)),
+/// Loads the lease table from `state` (a new, empty one if nothing was stored yet, which is
+/// stored at once) and serves it on `listener`.
+pub fn serve(listener: TcpListener, state: &State, key: Key) -> Result<Arbiter> {
+    let addr = listener.local_addr().map_err(|e| Error::Cluster(format!("arbiter socket: {e}")))?;
+    let (table, recovered) = match load(state)? {
+        Some(text) => (Table::restore(&text).map_err(|e| Error::Cluster(format!("lease table {state}: {e}")))?, true),
+        None => (Table::default(), false),
     };
-    let mut durable = Durable { table, path: state.to_owned(), stored: u64::MAX };
-    durable.sync().map_err(|e| Error::io("cannot store the lease table", state, e))?;
+    let mut durable = Durable { table, state: state.clone(), store: None, stored_lines: Default::default(), stored: u64::MAX };
+    durable.sync().map_err(|e| Error::Cluster(format!("cannot store the lease table in {state}: {e}")))?;
     if recovered {
-        tracing::info!("arbiter: lease table restored from {}; waiting out the leases granted before the restart", state.display());
+        tracing::info!("arbiter: lease table restored from {state}; waiting out the leases granted before the restart");
     }
     let durable = Arc::new(Mutex::new(durable));
     let key = Arc::new(key);
@@ -107,7 +208,7 @@ pub fn serve(listener: TcpListener, state: &Path, key: Key) -> Result<Arbiter> {
                 }
             }
         })
-        .map_err(|e| Error::io("cannot start the arbiter thread for", state, e))?;
+        .map_err(|e| Error::Cluster(format!("cannot start the arbiter's thread: {e}")))?;
     Ok(Arbiter { addr })
 }
 
@@ -162,7 +263,7 @@ fn serve_connection(conn: TcpStream, durable: &Mutex<Durable>, key: &Key, epoch:
                 match d.sync() {
                     Ok(()) => answer.to_line(),
                     Err(e) => {
-                        tracing::warn!("arbiter: cannot store the lease table {}: {e}", d.path.display());
+                        tracing::warn!("arbiter: cannot store the lease table in {}: {e}", d.state);
                         format!("error cannot store the lease table: {e}")
                     }
                 }
@@ -239,11 +340,15 @@ mod tests {
         Key::from_bytes(vec![b; 32]).expect("key")
     }
 
-    fn state(name: &str) -> PathBuf {
+    fn state(name: &str) -> State {
+        State::File(dir(name).join("leases"))
+    }
+
+    fn dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("vigil-arbiter-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).expect("dir");
-        d.join("leases")
+        d
     }
 
     fn raw(addr: SocketAddr, send: &[u8]) -> String {
@@ -272,7 +377,8 @@ mod tests {
         let claim = Request::Renew { vm: "v".into(), holder: "z".into(), gen: 0, ttl_us: 1000, backup: None };
         assert!(matches!(c2.request(&claim), Ok(Answer::Recovering { .. })));
         // A damaged table is named, with its line.
-        std::fs::write(&path, "vigil-leases 1\nlease v a zero -\n").expect("write");
+        let State::File(file) = &path else { unreachable!() };
+        std::fs::write(file, "vigil-leases 1\nlease v a zero -\n").expect("write");
         let e = serve(TcpListener::bind("127.0.0.1:0").expect("bind"), &path, key(1)).err().expect("refused").to_string();
         assert!(e.contains("leases") && e.contains("line 2"), "{e}");
     }
@@ -307,5 +413,35 @@ mod tests {
         let mut c = Client::new(&a.addr.to_string(), Duration::from_secs(2), key(1));
         let r = c.request(&Request::Renew { vm: "v".into(), holder: "a".into(), gen: 0, ttl_us: 1000, backup: None });
         assert!(matches!(r, Ok(Answer::Granted { .. })), "{r:?}");
+    }
+
+    /// The table kept in the cluster store: a second arbiter (another host, after the first
+    /// died) finds the generations and registrations there.
+    #[test]
+    fn the_table_in_the_store_survives_the_arbiter() {
+        let d = dir("store");
+        let cfg = store::server::Config {
+            socket: d.join("sock"),
+            data: d.join("data"),
+            quota: Default::default(),
+            etcd: None,
+            etcd_lease_ttl: 0,
+        };
+        let server = store::server::Server::bind(&cfg).expect("store");
+        std::thread::spawn(move || server.run());
+        let state: State = format!("store:{}", cfg.socket.display()).parse().expect("state");
+        let a = serve(TcpListener::bind("127.0.0.1:0").expect("bind"), &state, key(1)).expect("serve");
+        let mut c = Client::new(&a.addr.to_string(), Duration::from_secs(2), key(1));
+        for vm in ["v", "w"] {
+            let r = c.request(&Request::Renew { vm: vm.into(), holder: "a".into(), gen: 0, ttl_us: 300_000, backup: Some(4) });
+            assert_eq!(r, Ok(Answer::Granted { gen: 1, backup: Some(4) }));
+        }
+        let b = serve(TcpListener::bind("127.0.0.1:0").expect("bind"), &state, key(1)).expect("serve again");
+        let mut c2 = Client::new(&b.addr.to_string(), Duration::from_secs(2), key(1));
+        let stale = Request::Renew { vm: "w".into(), holder: "z".into(), gen: 7, ttl_us: 1000, backup: None };
+        assert_eq!(c2.request(&stale), Ok(Answer::Superseded { gen: 1, holder: "a".into() }));
+        let claim = Request::Renew { vm: "v".into(), holder: "z".into(), gen: 0, ttl_us: 1000, backup: None };
+        assert!(matches!(c2.request(&claim), Ok(Answer::Recovering { .. })));
+        assert!("store:".parse::<State>().is_err());
     }
 }

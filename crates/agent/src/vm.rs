@@ -514,8 +514,9 @@ pub fn run_backup(b: &BackupSpec) -> Result<u8> {
 }
 
 /// Serves fencing leases on `listen` until the process ends, keeping the lease table's
-/// durable state in `state` and authenticating clients with the key in `key_file`.
-pub fn serve_arbiter(listen: &str, state: &Path, key_file: &Path) -> Result<std::convert::Infallible> {
+/// durable state in `state` (a file, or the cluster store) and authenticating clients with the
+/// key in `key_file`.
+pub fn serve_arbiter(listen: &str, state: &crate::arbiter::State, key_file: &Path) -> Result<std::convert::Infallible> {
     let key = crate::auth::Key::load(key_file)?;
     let listener = std::net::TcpListener::bind(listen).map_err(|e| Error::io("cannot listen on", listen, e))?;
     let arb = crate::arbiter::serve(listener, state, key)?;

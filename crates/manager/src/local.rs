@@ -426,7 +426,9 @@ pub fn up(o: &UpOptions) -> Result<ClusterFile, String> {
     let _ = client.rm(agent::cluster::ROOT);
     let arbiter = format!("{}.254:{ARBITER_PORT}", lan());
     agent::auth::Key::generate(&cf.key_file()).map_err(|e| e.to_string())?;
-    let state = dir.join("arbiter.leases").display().to_string();
+    // The lease table's durable state lives in the cluster store (on etcd with --etcd: then
+    // it is replicated, and an arbiter started anywhere finds it).
+    let state = format!("store:{}", cf.store.display());
     let key = cf.key_file().display().to_string();
     let args = s(&["arbiter", "--listen", &arbiter, "--state", &state, "--key-file", &key]);
     cf.spawn_kept("arbiter", &o.exe, Some(&switch_ns), args, dir.join("arbiter.log"))?;

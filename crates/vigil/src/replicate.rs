@@ -114,11 +114,12 @@ pub struct ArbiterArgs {
     /// Address to listen on (HOST:PORT).
     #[arg(long)]
     listen: String,
-    /// The lease table's durable state (created if missing): generations, holders and
+    /// The lease table's durable state (created if missing): a file, or `store:SOCKET` for the
+    /// cluster store (replicated when the store runs on etcd). Generations, holders and
     /// registered backups survive a restart, and a restarted arbiter waits out the leases it
     /// may have granted before it grants new ones.
-    #[arg(long, value_name = "FILE")]
-    state: PathBuf,
+    #[arg(long, value_name = "FILE|store:SOCKET")]
+    state: agent::arbiter::State,
     /// The cluster's key file: only clients holding it get leases.
     #[arg(long, value_name = "FILE")]
     key_file: PathBuf,
