@@ -123,16 +123,29 @@ pub fn backlog_from_wcrt(events: &Pair, wcrt: &Q) -> Q {
 ///
 /// A deviation that cannot be computed (a curve error) falls back to the WCRT window.
 pub fn backlog_on_service(events: &Pair, w: &Workload, demand_upper: &Curve, service_lower: &Curve, wcrt: &Q) -> (Q, Q) {
+    backlog_of_deviations(events, w, demand_upper, wcrt, |d| d.vdev(service_lower))
+}
+
+/// [`backlog_on_service`] with the vertical deviation from the service given by `vdev` (of the
+/// upper demand, and of `wcet·αu` when the task has workload curves). Both results are
+/// non-decreasing functions of the deviations.
+pub(crate) fn backlog_of_deviations(
+    events: &Pair,
+    w: &Workload,
+    demand_upper: &Curve,
+    wcrt: &Q,
+    mut vdev: impl FnMut(&Curve) -> Result<Q>,
+) -> (Q, Q) {
     let by_wcrt = backlog_from_wcrt(events, wcrt);
     let work_by_wcrt = demand_upper.eval_right(wcrt);
-    let work = match demand_upper.vdev(service_lower) {
+    let work = match vdev(demand_upper) {
         Ok(v) => Q::min(&Q::max(&v, &Q::zero()), &work_by_wcrt),
         Err(_) => work_by_wcrt,
     };
     if !w.wcet.is_positive() {
         return (by_wcrt, work);
     }
-    let v = if w.curves.is_none() { Ok(work.clone()) } else { events.0.scale(&w.wcet).vdev(service_lower) };
+    let v = if w.curves.is_none() { Ok(work.clone()) } else { vdev(&events.0.scale(&w.wcet)) };
     let events = match v {
         Ok(v) => Q::min(&Q::max(&(v / &w.wcet).ceil(), &Q::zero()), &by_wcrt),
         Err(_) => by_wcrt,

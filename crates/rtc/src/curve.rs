@@ -890,6 +890,25 @@ impl Curve {
         self.sub(g)?.sup()
     }
 
+    /// `sup_t f(t) − g(t)` over `t` in `[0, h)` (values and one-sided limits, including the
+    /// left limit at `h`): the part of the vertical deviation seen before `h`, never above
+    /// [`Curve::vdev`]. It depends only on both curves on `[0, h)`. `h` must be positive.
+    pub fn vdev_before(&self, g: &Curve, h: &Q) -> Result<Q> {
+        if !h.is_positive() {
+            return Err(CurveError::Invalid(format!("window end must be positive, got {h}")));
+        }
+        let d = combine(&self.unroll(h)?, &g.unroll(h)?, h, Op::Sub);
+        let mut best = d[0].y.clone();
+        for (i, s) in d.iter().enumerate() {
+            for v in [&s.y, &s.yr, &s.at(seg_end(&d, i, h))] {
+                if v > &best {
+                    best = v.clone();
+                }
+            }
+        }
+        Ok(best)
+    }
+
     /// First time `f` reaches `y`: `inf {t >= 0 : f(t) >= y}` (or `> y` when `strict`);
     /// `None` if never. `f` must be non-decreasing.
     pub fn first_reach(&self, y: &Q, strict: bool) -> Option<Q> {

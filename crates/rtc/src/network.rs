@@ -17,6 +17,22 @@ pub(crate) struct Ctx<'a> {
     pub tasks_on: Vec<Vec<usize>>,
     /// Whether fixed-priority service chains may be truncated at a horizon (see [`FpState`]).
     pub truncate: bool,
+    /// Per task: whether it belongs to a chain of two or more tasks (whose pay-bursts-only-once
+    /// bound reads the services reported for it; see [`FpState`]).
+    pub chained: Vec<bool>,
+}
+
+/// [`Ctx::chained`] for `sys`.
+pub(crate) fn chained_tasks(sys: &System) -> Vec<bool> {
+    let mut chained = vec![false; sys.tasks.len()];
+    for c in sys.chains.iter().filter(|c| c.tasks.len() > 1) {
+        for &i in &c.tasks {
+            if let Some(x) = chained.get_mut(i) {
+                *x = true;
+            }
+        }
+    }
+    chained
 }
 
 fn task_err(sys: &System, i: usize, msg: impl Into<String>) -> AnalysisError {
@@ -170,10 +186,17 @@ pub(crate) struct FpState {
     started: bool,
     /// Tasks whose upper demand has been taken out of `cur`, to rebuild it with another horizon.
     served: Vec<(usize, Curve)>,
+    /// Whether backlogs may also be proven exact from the deviation before the horizon (see
+    /// [`backlog_is_exact`]): only where no task belongs to a chain of several tasks. That test
+    /// lets a horizon stop growing earlier, which changes the reported services after it, and
+    /// a chain's pboo (when it does not decide the worst case) is computed from them; elsewhere
+    /// nothing reported depends on the horizon.
+    backlog_below_h: bool,
 }
 
 impl FpState {
-    pub(crate) fn new(sys: &System, r: usize, tasks: &[usize], beta: &Pair) -> FpState {
+    pub(crate) fn new(ctx: &Ctx, r: usize, tasks: &[usize], beta: &Pair) -> FpState {
+        let sys = ctx.sys;
         let mut order = tasks.to_vec();
         order.sort_by_key(|&i| (sys.tasks[i].priority.unwrap_or(i64::MAX), i));
         let np = sys.resources[r].policy == Policy::FixedPriorityNonPreemptive;
@@ -187,6 +210,7 @@ impl FpState {
             horizon: None,
             started: false,
             served: Vec::new(),
+            backlog_below_h: !tasks.iter().any(|&i| ctx.chained.get(i).copied().unwrap_or(true)),
         }
     }
 
@@ -203,6 +227,18 @@ impl FpState {
             None => self.base.clone(),
         };
         self.horizon = h.clone();
+        if let (Some(h), false) = (&h, self.served.is_empty()) {
+            // One difference and one running maximum for all the served demands at once:
+            // since every demand is non-decreasing and starts at 0 or above,
+            // max(sup_{s<=t}(max(sup_{u<=s}(β − a)(u), 0) − b(s)), 0) = max(sup_{s<=t}(β − a − b)(s), 0),
+            // so this is the function the step-by-step chain gives.
+            let mut total = Curve::zero();
+            for (_, d) in &self.served {
+                total = total.add(&d.truncate_above(h)?)?;
+            }
+            self.cur = Some(component::remaining_lower(&(total, Curve::zero()), &cur)?);
+            return Ok(());
+        }
         for (i, d) in &self.served {
             let alpha = match &h {
                 Some(h) => (d.truncate_above(h)?, Curve::zero()),
@@ -305,7 +341,10 @@ impl FpState {
                 break (svc, outcome);
             };
             match res {
-                Ok(b) if delay_is_exact(&h, &demand.0, &svc_i.1, &b.wcrt) && backlog_is_exact(&h, ev, &w, &demand.0, &svc_i.1, &b) => {
+                Ok(b)
+                    if delay_is_exact(&h, &demand.0, &svc_i.1, &b.wcrt)
+                        && backlog_is_exact(&h, ev, &w, &demand.0, &svc_i.1, &b, self.backlog_below_h) =>
+                {
                     break (svc, Outcome { bounds: Some(b), service: svc_i, exact_until: Some(h), method, problem: None });
                 }
                 _ => match self.grow(&h, &demand.0, res.as_ref().ok().map(|b| &b.wcrt)) {
@@ -383,15 +422,28 @@ fn delay_is_exact(h: &Q, demand: &Curve, service: &Curve, delay: &Q) -> bool {
 }
 
 /// Whether the backlogs of `b` (computed by [`component::backlog_on_service`] on a lower
-/// service curve exact on [0, h) and lower beyond) equal those on the exact service. The
-/// deviation sup (D − βl) on the truncated curve is never below the exact one, and both agree
-/// on [0, h). For t >= h the truncated service is at least Y0 = βl(h⁻) and at least ρ·t + m, and
+/// service curve exact on [0, h) and lower beyond) equal those on the exact service
+/// (`docs/analysis.md` §4 and §9). The deviation V_t = sup (D − βl) on the truncated curve is
+/// never below the exact V, and both agree on [0, h), so V_lo = sup over [0, h) of D − βl
+/// (`Curve::vdev_before`) is never above V. Both backlogs are non-decreasing functions of the
+/// deviations (capped by the WCRT window, which is exact since the WCRT is): when the values
+/// from V_lo equal those from V_t, they are the exact ones. A cheaper sufficient test first:
+/// for t >= h the truncated service is at least Y0 = βl(h⁻) and at least ρ·t + m, and
 /// D(t) <= r·t + b, so D − βl there is at most TB = b − Y0 (r = 0) or (r − ρ)·h + b − m
 /// (ρ > r; the bound decreases with t). A deviation V > TB is therefore attained before h, where
 /// it is also the exact one. Work: V = the reported work backlog (unless 0, which is exact as
-/// the deviation is never negative); events: E = ⌈V/wcet⌉ with V > wcet·(E − 1) (the cap by
-/// the WCRT window is exact too, since the WCRT is). `docs/analysis.md` §4.
-fn backlog_is_exact(h: &Q, ev: &Pair, w: &Workload, demand: &Curve, service: &Curve, b: &TaskBounds) -> bool {
+/// the deviation is never negative); events: E = ⌈V/wcet⌉ with V > wcet·(E − 1).
+fn backlog_is_exact(h: &Q, ev: &Pair, w: &Workload, demand: &Curve, service: &Curve, b: &TaskBounds, below_h: bool) -> bool {
+    backlog_tail_is_below(h, ev, w, demand, service, b)
+        || below_h && {
+            let mut failed = false;
+            let lo = component::backlog_of_deviations(ev, w, demand, &b.wcrt, |d| d.vdev_before(service, h).inspect_err(|_| failed = true));
+            !failed && lo.0 == b.backlog && lo.1 == b.backlog_work
+        }
+}
+
+/// The tail-bound test of [`backlog_is_exact`].
+fn backlog_tail_is_below(h: &Q, ev: &Pair, w: &Workload, demand: &Curve, service: &Curve, b: &TaskBounds) -> bool {
     let tail_bound = |d: &Curve| -> Option<Q> {
         let (r, rho) = (d.rate(), service.rate());
         let (_, top) = d.affine_bounds();
@@ -431,7 +483,7 @@ pub(crate) fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], bet
     let mut out = Vec::new();
     match res.policy {
         Policy::FixedPriority | Policy::FixedPriorityNonPreemptive => {
-            let mut st = FpState::new(sys, r, tasks, beta);
+            let mut st = FpState::new(ctx, r, tasks, beta);
             for _ in 0..st.order.len() {
                 let i = st.order[st.next];
                 out.push((i, st.step(ctx, inputs[i].as_ref())));
@@ -625,7 +677,7 @@ fn ordered_pass(
     let mut fp: Vec<Option<FpState>> = (0..sys.resources.len())
         .map(|r| {
             matches!(sys.resources[r].policy, Policy::FixedPriority | Policy::FixedPriorityNonPreemptive)
-                .then(|| FpState::new(sys, r, &ctx.tasks_on[r], &services[r]))
+                .then(|| FpState::new(ctx, r, &ctx.tasks_on[r], &services[r]))
         })
         .collect();
     let mut whole_done = vec![false; sys.resources.len()];
@@ -746,7 +798,7 @@ pub(crate) fn analyze_with(sys: &System, opts: &Options, truncate: bool) -> Resu
     for r in 0..sys.resources.len() {
         services.push(base_service(sys, r)?);
     }
-    let ctx = Ctx { sys, opts, streams, tasks_on, truncate };
+    let ctx = Ctx { sys, opts, streams, tasks_on, truncate, chained: chained_tasks(sys) };
     let (order, _) = resource_order(sys, &ctx.tasks_on);
 
     let n = sys.tasks.len();
@@ -938,8 +990,8 @@ fn exact_service(sys: &System, tasks: &[TaskResult], i: usize) -> Option<Pair> {
     let opts = Options::default();
     let mut tasks_on = vec![Vec::new(); sys.resources.len()];
     tasks_on[r] = on.clone();
-    let ctx = Ctx { sys, opts: &opts, streams: Vec::new(), tasks_on, truncate: false };
-    let mut st = FpState::new(sys, r, &on, &beta);
+    let ctx = Ctx { sys, opts: &opts, streams: Vec::new(), tasks_on, truncate: false, chained: Vec::new() };
+    let mut st = FpState::new(&ctx, r, &on, &beta);
     while !st.done() {
         let j = st.order[st.next];
         let input = (tasks[j].input.upper.clone(), tasks[j].input.lower.clone());
