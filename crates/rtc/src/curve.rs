@@ -887,7 +887,15 @@ impl Curve {
     /// Vertical deviation `sup_t f(t) - g(t)` (the backlog bound when `f` is an arrival curve
     /// and `g` a service curve).
     pub fn vdev(&self, g: &Curve) -> Result<Q> {
-        self.sub(g)?.sup()
+        // sup (f − g) over the window of f − g (`Curve::sub`), without building that curve:
+        // beyond it, the difference repeats with the increment it has over one common period.
+        let l = Q::lcm(&self.d, &g.d).ok_or(CurveError::TooComplex)?;
+        let c = &self.c * (&l / &self.d) - &g.c * (&l / &g.d);
+        let sup = self.vdev_before(g, &(Q::max(&self.t, &g.t) + &l))?;
+        if c.is_positive() {
+            return Err(CurveError::Unbounded("supremum of a growing curve"));
+        }
+        Ok(sup)
     }
 
     /// `sup_t f(t) − g(t)` over `t` in `[0, h)` (values and one-sided limits, including the

@@ -221,23 +221,35 @@ impl FpState {
     /// Recomputes `cur` from the base service and the demands served so far, truncated at `h`
     /// (`None`: exactly, with the same errors the untruncated chain would have met). An error
     /// with a horizon is returned (the caller falls back to exact curves).
+    ///
+    /// The served demands are taken out all at once (one difference, one running maximum):
+    /// every demand is non-decreasing and at least 0, so
+    /// max(sup_{s<=t}(max(sup_{u<=s}(β − a)(u), 0) − b(s)), 0) = max(sup_{s<=t}(β − a − b)(s), 0),
+    /// the function the step-by-step chain gives. Should that fail on exact curves (too many
+    /// segments), the chain is replayed step by step for its errors.
     fn rebuild(&mut self, sys: &System, h: Option<Q>) -> Result<(), CurveError> {
         let mut cur = match &h {
             Some(h) => (self.base.0.clone(), self.base.1.truncate_below(h)?),
             None => self.base.clone(),
         };
         self.horizon = h.clone();
-        if let (Some(h), false) = (&h, self.served.is_empty()) {
-            // One difference and one running maximum for all the served demands at once:
-            // since every demand is non-decreasing and starts at 0 or above,
-            // max(sup_{s<=t}(max(sup_{u<=s}(β − a)(u), 0) − b(s)), 0) = max(sup_{s<=t}(β − a − b)(s), 0),
-            // so this is the function the step-by-step chain gives.
-            let mut total = Curve::zero();
-            for (_, d) in &self.served {
-                total = total.add(&d.truncate_above(h)?)?;
+        if !self.served.is_empty() {
+            let at_once = self
+                .served
+                .iter()
+                .try_fold(Curve::zero(), |total, (_, d)| match &h {
+                    Some(h) => total.add(&d.truncate_above(h)?),
+                    None => total.add(d),
+                })
+                .and_then(|total| component::remaining_lower(&(total, Curve::zero()), &cur));
+            match at_once {
+                Ok(rem) => {
+                    self.cur = Some(rem);
+                    return Ok(());
+                }
+                Err(e) if h.is_some() => return Err(e),
+                Err(_) => {}
             }
-            self.cur = Some(component::remaining_lower(&(total, Curve::zero()), &cur)?);
-            return Ok(());
         }
         for (i, d) in &self.served {
             let alpha = match &h {

@@ -235,6 +235,12 @@ impl Q {
         if !a.is_positive() || !b.is_positive() {
             return None;
         }
+        if let (Repr::Small(p, q), Repr::Small(r, s)) = (&a.0, &b.0) {
+            // Positive and in lowest terms: lcm(p, r) / gcd(q, s), also in lowest terms.
+            let (p, r) = (*p as u64, *r as u64);
+            let n = (p / gcd_u64(p, r)) as i128 * r as i128;
+            return Some(Q::from_i128(n, gcd_u64(*q as u64, *s as u64) as i128));
+        }
         let (a, b) = (a.to_big(), b.to_big());
         // a = p/q, b = r/s in lowest terms: lcm = lcm(p, r) / gcd(q, s).
         let n = a.numer().lcm(b.numer());
@@ -561,6 +567,10 @@ mod tests {
                 assert_eq!(got.to_big(), want, "{x} {y}");
             }
             assert_eq!(x.cmp(&y), bx.cmp(&by), "{x} {y}");
+            if x.is_positive() && y.is_positive() {
+                let want = BigRational::new(bx.numer().lcm(by.numer()), bx.denom().gcd(by.denom()));
+                assert_eq!(Q::lcm(&x, &y), Some(Q::from_big(want)), "{x} {y}");
+            }
         }
     }
 
