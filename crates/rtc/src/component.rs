@@ -158,11 +158,16 @@ pub(crate) fn backlog_of_deviations(
 pub fn task_on_service(events: &Pair, w: &Workload, beta: &Pair, gpc_outputs: bool) -> Result<TaskBounds> {
     let demand = w.demand(events);
     let wcrt = demand.0.hdev(&beta.1)?;
+    task_bounds(events, w, &demand, beta, wcrt, gpc_outputs)
+}
+
+/// [`task_on_service`] once the demand (`w.demand(events)`) and the delay are known.
+pub(crate) fn task_bounds(events: &Pair, w: &Workload, demand: &Pair, beta: &Pair, wcrt: Q, gpc_outputs: bool) -> Result<TaskBounds> {
     let bcrt = best_case(&w.bcet, &beta.0);
     let (backlog, backlog_work) = backlog_on_service(events, w, &demand.0, &beta.1, &wcrt);
     let mut output = propagate_jitter(events, &wcrt, &bcrt);
     if gpc_outputs && w.bcet.is_positive() {
-        let g = gpc(&demand, beta)?;
+        let g = gpc(demand, beta)?;
         // Completions in a window with w work processed: at most ⌈w/bcet⌉ + 1, at least
         // ⌈w/wcet⌉ − 1 (partial jobs at both ends of the window).
         let up = g.output.0.scale(&w.bcet.recip().unwrap_or_default()).ceil()?.offset(&Q::one()).with_value_at_zero(&Q::zero());

@@ -344,22 +344,26 @@ impl FpState {
                 },
                 None => svc.clone(),
             };
-            let res = component::task_on_service(ev, &w, &svc_i, ctx.opts.gpc_outputs);
             let Some(h) = self.horizon.clone() else {
-                let outcome = match res {
+                let outcome = match component::task_on_service(ev, &w, &svc_i, ctx.opts.gpc_outputs) {
                     Ok(b) => Outcome { bounds: Some(b), service: svc_i, exact_until: None, method, problem: None },
                     Err(e) => unbounded(&svc_i, method, curve_problem(&e)),
                 };
                 break (svc, outcome);
             };
+            // The delay first; backlogs and completion curves only once it is proven exact.
+            let delay = demand.0.hdev(&svc_i.1);
+            let res = match &delay {
+                Ok(d) if delay_is_exact(&h, &demand.0, &svc_i.1, d) => {
+                    component::task_bounds(ev, &w, &demand, &svc_i, d.clone(), ctx.opts.gpc_outputs).ok()
+                }
+                _ => None,
+            };
             match res {
-                Ok(b)
-                    if delay_is_exact(&h, &demand.0, &svc_i.1, &b.wcrt)
-                        && backlog_is_exact(&h, ev, &w, &demand.0, &svc_i.1, &b, self.backlog_below_h) =>
-                {
+                Some(b) if backlog_is_exact(&h, ev, &w, &demand.0, &svc_i.1, &b, self.backlog_below_h) => {
                     break (svc, Outcome { bounds: Some(b), service: svc_i, exact_until: Some(h), method, problem: None });
                 }
-                _ => match self.grow(&h, &demand.0, res.as_ref().ok().map(|b| &b.wcrt)) {
+                _ => match self.grow(&h, &demand.0, delay.as_ref().ok()) {
                     Some(h2) => {
                         if self.rebuild(sys, Some(h2)).is_err() {
                             self.exact(sys);
