@@ -222,34 +222,22 @@ impl FpState {
     /// (`None`: exactly, with the same errors the untruncated chain would have met). An error
     /// with a horizon is returned (the caller falls back to exact curves).
     ///
-    /// The served demands are taken out all at once (one difference, one running maximum):
-    /// every demand is non-decreasing and at least 0, so
+    /// With a horizon, the served demands are taken out all at once (one difference, one
+    /// running maximum): every demand is non-decreasing and at least 0, so
     /// max(sup_{s<=t}(max(sup_{u<=s}(β − a)(u), 0) − b(s)), 0) = max(sup_{s<=t}(β − a − b)(s), 0),
-    /// the function the step-by-step chain gives. Should that fail on exact curves (too many
-    /// segments), the chain is replayed step by step for its errors.
+    /// the function the step-by-step chain gives. Exact curves are rebuilt step by step, as the
+    /// untruncated analysis computes them (the same function may come out with another periodic
+    /// start at once, and exact services are compared curve for curve).
     fn rebuild(&mut self, sys: &System, h: Option<Q>) -> Result<(), CurveError> {
         let mut cur = match &h {
             Some(h) => (self.base.0.clone(), self.base.1.truncate_below(h)?),
             None => self.base.clone(),
         };
         self.horizon = h.clone();
-        if !self.served.is_empty() {
-            let at_once = self
-                .served
-                .iter()
-                .try_fold(Curve::zero(), |total, (_, d)| match &h {
-                    Some(h) => total.add(&d.truncate_above(h)?),
-                    None => total.add(d),
-                })
-                .and_then(|total| component::remaining_lower(&(total, Curve::zero()), &cur));
-            match at_once {
-                Ok(rem) => {
-                    self.cur = Some(rem);
-                    return Ok(());
-                }
-                Err(e) if h.is_some() => return Err(e),
-                Err(_) => {}
-            }
+        if let (Some(h), false) = (&h, self.served.is_empty()) {
+            let total = self.served.iter().try_fold(Curve::zero(), |total, (_, d)| total.add(&d.truncate_above(h)?))?;
+            self.cur = Some(component::remaining_lower(&(total, Curve::zero()), &cur)?);
+            return Ok(());
         }
         for (i, d) in &self.served {
             let alpha = match &h {
