@@ -341,12 +341,15 @@ impl Curve {
                 hi = Some(v);
             }
         };
+        // r·x at each breakpoint is computed once (it is r·e of the segment before).
+        let mut rx = &r * &self.segs[0].x;
         for (i, s) in self.segs.iter().enumerate() {
             let e = seg_end(&self.segs, i, &end);
-            let rx = &r * &s.x;
+            let re = &r * e;
             see(&s.y - &rx);
             see(&s.yr - &rx);
-            see(s.at(e) - &r * e);
+            see(s.at(e) - &re);
+            rx = re;
         }
         (lo.unwrap_or_default(), hi.unwrap_or_default())
     }
