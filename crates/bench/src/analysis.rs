@@ -201,7 +201,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         ms(t_indep)
     );
     println!(
-        "  as `vigil analyze --json` does it, in-process: parse {:.1} ms ({} kB), analysis, report {:.1} ms; file to JSON {:.1} ms",
+        "  as `vigil analyze --json` does it, in-process: parse {:.1} ms ({} kB file), JSON report {:.1} ms; file to JSON {:.1} ms",
         ms(t_parse),
         text.len() / 1000,
         ms(t_report),
