@@ -4,7 +4,8 @@
     compare.py gen N PROCS DIR      write DIR/system.toml (vigil) and DIR/system.json (pyCPA)
     compare.py pycpa DIR/system.json  analyse with pyCPA (PYTHONPATH must reach pycpa), print
                                       one "task wcrt_us" line per task
-    compare.py check DIR            run both, compare every WCRT, time both processes
+    compare.py check DIR [VIGIL [RUNS]]  run both RUNS times (default 9), alternating, compare
+                                      every WCRT, print medians of the process times and the load
 
 N tasks on PROCS processors (N/PROCS each, rate-monotonic priorities), periodic with jitter,
 periods 1-100 ms, utilisation at most 70 % per processor; times in integer µs, so both tools
@@ -64,9 +65,10 @@ def timed(cmd, env=None):
     return time.perf_counter() - t, out
 
 
-def check(d, vigil="target/release/vigil", repeat=5):
+def check(d, vigil="target/release/vigil", repeat=9):
     env = dict(os.environ, PYTHONPATH=os.environ.get("PYCPA", ""))
     tp, vp = [], []
+    load0 = os.getloadavg()[0]
     for _ in range(repeat):
         t, p = timed([sys.executable, __file__, "pycpa", os.path.join(d, "system.json")], env)
         tp.append(t)
@@ -78,6 +80,7 @@ def check(d, vigil="target/release/vigil", repeat=5):
     tp.sort(), vp.sort()
     m = lambda xs: xs[len(xs) // 2]
     print(f"{len(theirs)} tasks, {len(diff)} different bounds{(': ' + str(diff[:5])) if diff else ''}")
+    print(f"{repeat} runs each, load average {load0:.1f} before and {os.getloadavg()[0]:.1f} after")
     print(f"pyCPA {m(tp) * 1000:.0f} ms (min {tp[0] * 1000:.0f}), vigil {m(vp) * 1000:.1f} ms (min {vp[0] * 1000:.1f}), "
           f"ratio of medians {m(tp) / m(vp):.0f}x (range {tp[0] / vp[-1]:.0f}-{tp[-1] / vp[0]:.0f}x)")
     return 1 if diff else 0
@@ -90,4 +93,4 @@ if __name__ == "__main__":
     elif a[1] == "pycpa":
         pycpa(a[2])
     elif a[1] == "check":
-        sys.exit(check(a[2], *(a[3:4] or [])))
+        sys.exit(check(a[2], *(a[3:4] or []), *[int(x) for x in a[4:5]]))

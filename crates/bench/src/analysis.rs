@@ -145,12 +145,26 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         }));
         prev = Some((n, ms(t)));
     }
-    // The workload of the comparison with pyCPA (examples/pycpa/compare.py): independent tasks.
+    // The workload of the comparison with pyCPA (examples/pycpa/compare.py): independent tasks,
+    // analysed alone and as `vigil analyze --json` does (file text in, JSON report out).
     let indep = synthetic::independent_fp(1000, 10, 7);
     let (t_indep, a_indep) = time(args.repeat, || analyze(&indep, &Options::default()));
+    let text = system_toml(&indep);
+    let here = std::path::Path::new(".");
+    let (t_parse, loaded) = time(args.repeat, || model::parse(&text, "independent.toml", here));
+    let loaded = loaded.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let a = a_indep.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (t_report, json) = time(args.repeat, || serde_json::to_string_pretty(&model::report::Report::new(&loaded, &a)));
+    json?;
+    let (t_whole, _) = time(args.repeat, || -> anyhow::Result<String> {
+        let l = model::parse(&text, "independent.toml", here).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let a = analyze(&l.system, &Options::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(serde_json::to_string_pretty(&model::report::Report::new(&l, &a))?)
+    });
     let indep_row = serde_json::json!({
         "tasks": indep.tasks.len(), "processors": indep.resources.len(), "analysis_ms": ms(t_indep),
-        "unbounded_tasks": a_indep.map(|a| a.tasks.iter().filter(|t| t.wcrt.is_none()).count()).unwrap_or(indep.tasks.len()),
+        "unbounded_tasks": a.tasks.iter().filter(|t| t.wcrt.is_none()).count(),
+        "file_bytes": text.len(), "parse_ms": ms(t_parse), "report_json_ms": ms(t_report), "file_to_json_ms": ms(t_whole),
     });
     let ops = curve_ops(args.repeat.max(20));
     if args.json {
@@ -186,6 +200,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         indep.resources.len(),
         ms(t_indep)
     );
+    println!(
+        "  as `vigil analyze --json` does it, in-process: parse {:.1} ms ({} kB file), JSON report {:.1} ms; file to JSON {:.1} ms",
+        ms(t_parse),
+        text.len() / 1000,
+        ms(t_report),
+        ms(t_whole)
+    );
     println!();
     println!("Curve operations (median of {} runs)", args.repeat.max(20));
     println!("{:<58} {:>10} {:>10}", "operation", "µs", "segments");
@@ -198,6 +219,39 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `sys` (streams, processors and tasks only) in the file format, written as
+/// `examples/pycpa/compare.py` writes its systems: times in integer µs.
+fn system_toml(sys: &rtc::system::System) -> String {
+    use rtc::system::Input;
+    use std::fmt::Write;
+    let us = |q: &Q| q.to_i64().map(|v| format!("{v}us")).unwrap_or_else(|| format!("{}us", q.to_f64()));
+    let mut out = String::new();
+    for r in &sys.resources {
+        let _ = writeln!(out, "[[processor]]\nname = \"{}\"\npolicy = \"fp\"\n", r.name);
+    }
+    for s in &sys.streams {
+        let model = match &s.model {
+            EventModel::Pjd { period, jitter, .. } => format!("model = \"pjd\"\nperiod = \"{}\"\njitter = \"{}\"", us(period), us(jitter)),
+            EventModel::Periodic { period } => format!("model = \"periodic\"\nperiod = \"{}\"", us(period)),
+            other => format!("# not written: {other:?}"),
+        };
+        let _ = writeln!(out, "[[stream]]\nname = \"{}\"\n{model}\n", s.name);
+    }
+    for t in &sys.tasks {
+        let Input::Stream(i) = t.input else { continue };
+        let _ = writeln!(
+            out,
+            "[[task]]\nname = \"{}\"\non = \"{}\"\ninput = \"{}\"\nwcet = \"{}\"\npriority = {}\n",
+            t.name,
+            sys.resources[t.resource].name,
+            sys.streams[i].name,
+            us(&t.wcet),
+            t.priority.unwrap_or_default()
+        );
+    }
+    out
 }
 
 fn curve_ops(repeat: usize) -> Vec<serde_json::Value> {

@@ -140,7 +140,7 @@ pub fn load(path: impl AsRef<Path>) -> Result<Loaded, ModelError> {
 /// Validates a system description given as text. `file` names it in messages; `base_dir`
 /// resolves trace files.
 pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Loaded, ModelError> {
-    let ctx = validate::Ctx::new(file, text);
+    let mut ctx = validate::Ctx::new(file, text);
     if text.len() as u64 > MAX_FILE_BYTES {
         return Err(ModelError::Syntax { file: file.into(), line: 1, msg: format!("file larger than {MAX_FILE_BYTES} bytes") });
     }
@@ -156,6 +156,7 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Loaded, ModelErr
             },
         }
     })?;
+    ctx.set_items(&raw);
     let mut loaded = validate::build(&raw, &ctx, base_dir)?;
     let vms: Vec<(String, f64)> =
         loaded.deployment.as_ref().map(|d| d.vms.iter().map(|v| (v.name.clone(), v.memory.to_f64())).collect()).unwrap_or_default();

@@ -45,10 +45,11 @@ pub fn time(s: &str) -> Result<Q, String> {
     let v = number(n, s)? * scale;
     check_magnitude(&v, s, "µs")?;
     // Denominators up to 10^6 µs (1 ps, or fractions such as 1/3 ms) keep the analysis fast.
-    let den_ok = match v.to_string().split_once('/') {
-        None => true,
-        Some((_, d)) => d.parse::<u64>().is_ok_and(|d| d <= 1_000_000),
-    };
+    let den_ok = v.is_integer()
+        || match v.to_string().split_once('/') {
+            None => true,
+            Some((_, d)) => d.parse::<u64>().is_ok_and(|d| d <= 1_000_000),
+        };
     if !den_ok {
         return Err(format!("{s:?} is finer than the resolution of 1 ps"));
     }

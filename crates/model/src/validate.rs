@@ -30,6 +30,9 @@ pub(crate) struct Ctx<'a> {
     pub text: &'a str,
     /// Byte offsets where lines 2, 3, … start.
     line_starts: Vec<usize>,
+    /// Byte offsets where the items (`[[kind]]` tables) start, in order (see
+    /// [`Ctx::set_items`]).
+    item_starts: Vec<usize>,
 }
 
 /// An item of the file: what to call it in a message, and where it is.
@@ -49,7 +52,25 @@ impl Site {
 impl<'a> Ctx<'a> {
     pub fn new(file: &'a str, text: &'a str) -> Ctx<'a> {
         let line_starts = text.bytes().enumerate().filter(|(_, b)| *b == b'\n').map(|(i, _)| i + 1).collect();
-        Ctx { file, text, line_starts }
+        Ctx { file, text, line_starts, item_starts: Vec::new() }
+    }
+
+    /// Records where the items of `raw` start. An item's span covers its `[[kind]]` header
+    /// only; its keys are the lines up to the next item.
+    pub(crate) fn set_items(&mut self, raw: &crate::raw::RawFile) {
+        let mut starts: Vec<usize> = [
+            raw.host.iter().map(|x| x.span().start).collect::<Vec<_>>(),
+            raw.processor.iter().map(|x| x.span().start).collect(),
+            raw.link.iter().map(|x| x.span().start).collect(),
+            raw.vm.iter().map(|x| x.span().start).collect(),
+            raw.stream.iter().map(|x| x.span().start).collect(),
+            raw.task.iter().map(|x| x.span().start).collect(),
+            raw.chain.iter().map(|x| x.span().start).collect(),
+            raw.run.iter().map(|x| x.span().start).collect(),
+        ]
+        .concat();
+        starts.sort_unstable();
+        self.item_starts = starts;
     }
 
     /// 1-based line of byte `off`.
@@ -60,7 +81,8 @@ impl<'a> Ctx<'a> {
     /// The line of `key = ...` inside the item, or the item's first line.
     pub(crate) fn key_line(&self, span: &Range<usize>, key: Option<&str>) -> usize {
         let start = span.start.min(self.text.len());
-        let end = span.end.clamp(start, self.text.len());
+        let next = self.item_starts.get(self.item_starts.partition_point(|&s| s <= start)).copied().unwrap_or(self.text.len());
+        let end = span.end.max(next).clamp(start, self.text.len());
         if let (Some(key), Some(body)) = (key, self.text.get(start..end)) {
             let mut off = start;
             for l in body.split_inclusive('\n') {

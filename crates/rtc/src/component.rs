@@ -123,16 +123,29 @@ pub fn backlog_from_wcrt(events: &Pair, wcrt: &Q) -> Q {
 ///
 /// A deviation that cannot be computed (a curve error) falls back to the WCRT window.
 pub fn backlog_on_service(events: &Pair, w: &Workload, demand_upper: &Curve, service_lower: &Curve, wcrt: &Q) -> (Q, Q) {
+    backlog_of_deviations(events, w, demand_upper, wcrt, |d| d.vdev(service_lower))
+}
+
+/// [`backlog_on_service`] with the vertical deviation from the service given by `vdev` (of the
+/// upper demand, and of `wcet·αu` when the task has workload curves). Both results are
+/// non-decreasing functions of the deviations.
+pub(crate) fn backlog_of_deviations(
+    events: &Pair,
+    w: &Workload,
+    demand_upper: &Curve,
+    wcrt: &Q,
+    mut vdev: impl FnMut(&Curve) -> Result<Q>,
+) -> (Q, Q) {
     let by_wcrt = backlog_from_wcrt(events, wcrt);
     let work_by_wcrt = demand_upper.eval_right(wcrt);
-    let work = match demand_upper.vdev(service_lower) {
+    let work = match vdev(demand_upper) {
         Ok(v) => Q::min(&Q::max(&v, &Q::zero()), &work_by_wcrt),
         Err(_) => work_by_wcrt,
     };
     if !w.wcet.is_positive() {
         return (by_wcrt, work);
     }
-    let v = if w.curves.is_none() { Ok(work.clone()) } else { events.0.scale(&w.wcet).vdev(service_lower) };
+    let v = if w.curves.is_none() { Ok(work.clone()) } else { vdev(&events.0.scale(&w.wcet)) };
     let events = match v {
         Ok(v) => Q::min(&Q::max(&(v / &w.wcet).ceil(), &Q::zero()), &by_wcrt),
         Err(_) => by_wcrt,
@@ -145,11 +158,16 @@ pub fn backlog_on_service(events: &Pair, w: &Workload, demand_upper: &Curve, ser
 pub fn task_on_service(events: &Pair, w: &Workload, beta: &Pair, gpc_outputs: bool) -> Result<TaskBounds> {
     let demand = w.demand(events);
     let wcrt = demand.0.hdev(&beta.1)?;
+    task_bounds(events, w, &demand, beta, wcrt, gpc_outputs)
+}
+
+/// [`task_on_service`] once the demand (`w.demand(events)`) and the delay are known.
+pub(crate) fn task_bounds(events: &Pair, w: &Workload, demand: &Pair, beta: &Pair, wcrt: Q, gpc_outputs: bool) -> Result<TaskBounds> {
     let bcrt = best_case(&w.bcet, &beta.0);
     let (backlog, backlog_work) = backlog_on_service(events, w, &demand.0, &beta.1, &wcrt);
     let mut output = propagate_jitter(events, &wcrt, &bcrt);
     if gpc_outputs && w.bcet.is_positive() {
-        let g = gpc(&demand, beta)?;
+        let g = gpc(demand, beta)?;
         // Completions in a window with w work processed: at most ⌈w/bcet⌉ + 1, at least
         // ⌈w/wcet⌉ − 1 (partial jobs at both ends of the window).
         let up = g.output.0.scale(&w.bcet.recip().unwrap_or_default()).ceil()?.offset(&Q::one()).with_value_at_zero(&Q::zero());

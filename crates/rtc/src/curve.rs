@@ -341,12 +341,15 @@ impl Curve {
                 hi = Some(v);
             }
         };
+        // r·x at each breakpoint is computed once (it is r·e of the segment before).
+        let mut rx = &r * &self.segs[0].x;
         for (i, s) in self.segs.iter().enumerate() {
             let e = seg_end(&self.segs, i, &end);
-            let rx = &r * &s.x;
+            let re = &r * e;
             see(&s.y - &rx);
             see(&s.yr - &rx);
-            see(s.at(e) - &r * e);
+            see(s.at(e) - &re);
+            rx = re;
         }
         (lo.unwrap_or_default(), hi.unwrap_or_default())
     }
@@ -887,7 +890,34 @@ impl Curve {
     /// Vertical deviation `sup_t f(t) - g(t)` (the backlog bound when `f` is an arrival curve
     /// and `g` a service curve).
     pub fn vdev(&self, g: &Curve) -> Result<Q> {
-        self.sub(g)?.sup()
+        // sup (f − g) over the window of f − g (`Curve::sub`), without building that curve:
+        // beyond it, the difference repeats with the increment it has over one common period.
+        let l = Q::lcm(&self.d, &g.d).ok_or(CurveError::TooComplex)?;
+        let c = &self.c * (&l / &self.d) - &g.c * (&l / &g.d);
+        let sup = self.vdev_before(g, &(Q::max(&self.t, &g.t) + &l))?;
+        if c.is_positive() {
+            return Err(CurveError::Unbounded("supremum of a growing curve"));
+        }
+        Ok(sup)
+    }
+
+    /// `sup_t f(t) − g(t)` over `t` in `[0, h)` (values and one-sided limits, including the
+    /// left limit at `h`): the part of the vertical deviation seen before `h`, never above
+    /// [`Curve::vdev`]. It depends only on both curves on `[0, h)`. `h` must be positive.
+    pub fn vdev_before(&self, g: &Curve, h: &Q) -> Result<Q> {
+        if !h.is_positive() {
+            return Err(CurveError::Invalid(format!("window end must be positive, got {h}")));
+        }
+        let d = combine(&self.unroll(h)?, &g.unroll(h)?, h, Op::Sub);
+        let mut best = d[0].y.clone();
+        for (i, s) in d.iter().enumerate() {
+            for v in [&s.y, &s.yr, &s.at(seg_end(&d, i, h))] {
+                if v > &best {
+                    best = v.clone();
+                }
+            }
+        }
+        Ok(best)
     }
 
     /// First time `f` reaches `y`: `inf {t >= 0 : f(t) >= y}` (or `> y` when `strict`);

@@ -91,7 +91,7 @@ pub fn reanalyze(old: &System, prev: Analysis, sys: &System, opts: &Options) -> 
         }
     }
 
-    let ctx = Ctx { sys, opts, streams: Vec::new(), tasks_on, truncate: true };
+    let ctx = Ctx { sys, opts, streams: Vec::new(), tasks_on, truncate: true, chained: crate::network::chained_tasks(sys) };
     let mut stream_curves: HashMap<usize, Pair> = HashMap::new();
     let mut new: Vec<Option<TaskResult>> = (0..sys.tasks.len()).map(|_| None).collect();
     let mut changed = vec![false; sys.tasks.len()];
@@ -137,7 +137,7 @@ pub fn reanalyze(old: &System, prev: Analysis, sys: &System, opts: &Options) -> 
         };
         let outcomes = match sys.resources[r].policy {
             Policy::FixedPriority | Policy::FixedPriorityNonPreemptive => {
-                let mut st = FpState::new(sys, r, tasks, &beta);
+                let mut st = FpState::new(&ctx, r, tasks, &beta);
                 let mut out = Vec::with_capacity(tasks.len());
                 while !st.done() {
                     let i = st.order[st.next];

@@ -17,6 +17,22 @@ pub(crate) struct Ctx<'a> {
     pub tasks_on: Vec<Vec<usize>>,
     /// Whether fixed-priority service chains may be truncated at a horizon (see [`FpState`]).
     pub truncate: bool,
+    /// Per task: whether it belongs to a chain of two or more tasks (whose pay-bursts-only-once
+    /// bound reads the services reported for it; see [`FpState`]).
+    pub chained: Vec<bool>,
+}
+
+/// [`Ctx::chained`] for `sys`.
+pub(crate) fn chained_tasks(sys: &System) -> Vec<bool> {
+    let mut chained = vec![false; sys.tasks.len()];
+    for c in sys.chains.iter().filter(|c| c.tasks.len() > 1) {
+        for &i in &c.tasks {
+            if let Some(x) = chained.get_mut(i) {
+                *x = true;
+            }
+        }
+    }
+    chained
 }
 
 fn task_err(sys: &System, i: usize, msg: impl Into<String>) -> AnalysisError {
@@ -170,10 +186,17 @@ pub(crate) struct FpState {
     started: bool,
     /// Tasks whose upper demand has been taken out of `cur`, to rebuild it with another horizon.
     served: Vec<(usize, Curve)>,
+    /// Whether backlogs may also be proven exact from the deviation before the horizon (see
+    /// [`backlog_is_exact`]): only where no task belongs to a chain of several tasks. That test
+    /// lets a horizon stop growing earlier, which changes the reported services after it, and
+    /// a chain's pboo (when it does not decide the worst case) is computed from them; elsewhere
+    /// nothing reported depends on the horizon.
+    backlog_below_h: bool,
 }
 
 impl FpState {
-    pub(crate) fn new(sys: &System, r: usize, tasks: &[usize], beta: &Pair) -> FpState {
+    pub(crate) fn new(ctx: &Ctx, r: usize, tasks: &[usize], beta: &Pair) -> FpState {
+        let sys = ctx.sys;
         let mut order = tasks.to_vec();
         order.sort_by_key(|&i| (sys.tasks[i].priority.unwrap_or(i64::MAX), i));
         let np = sys.resources[r].policy == Policy::FixedPriorityNonPreemptive;
@@ -187,6 +210,7 @@ impl FpState {
             horizon: None,
             started: false,
             served: Vec::new(),
+            backlog_below_h: !tasks.iter().any(|&i| ctx.chained.get(i).copied().unwrap_or(true)),
         }
     }
 
@@ -197,12 +221,24 @@ impl FpState {
     /// Recomputes `cur` from the base service and the demands served so far, truncated at `h`
     /// (`None`: exactly, with the same errors the untruncated chain would have met). An error
     /// with a horizon is returned (the caller falls back to exact curves).
+    ///
+    /// With a horizon, the served demands are taken out all at once (one difference, one
+    /// running maximum): every demand is non-decreasing and at least 0, so
+    /// max(sup_{s<=t}(max(sup_{u<=s}(β − a)(u), 0) − b(s)), 0) = max(sup_{s<=t}(β − a − b)(s), 0),
+    /// the function the step-by-step chain gives. Exact curves are rebuilt step by step, as the
+    /// untruncated analysis computes them (the same function may come out with another periodic
+    /// start at once, and exact services are compared curve for curve).
     fn rebuild(&mut self, sys: &System, h: Option<Q>) -> Result<(), CurveError> {
         let mut cur = match &h {
             Some(h) => (self.base.0.clone(), self.base.1.truncate_below(h)?),
             None => self.base.clone(),
         };
         self.horizon = h.clone();
+        if let (Some(h), false) = (&h, self.served.is_empty()) {
+            let total = self.served.iter().try_fold(Curve::zero(), |total, (_, d)| total.add(&d.truncate_above(h)?))?;
+            self.cur = Some(component::remaining_lower(&(total, Curve::zero()), &cur)?);
+            return Ok(());
+        }
         for (i, d) in &self.served {
             let alpha = match &h {
                 Some(h) => (d.truncate_above(h)?, Curve::zero()),
@@ -296,19 +332,26 @@ impl FpState {
                 },
                 None => svc.clone(),
             };
-            let res = component::task_on_service(ev, &w, &svc_i, ctx.opts.gpc_outputs);
             let Some(h) = self.horizon.clone() else {
-                let outcome = match res {
+                let outcome = match component::task_on_service(ev, &w, &svc_i, ctx.opts.gpc_outputs) {
                     Ok(b) => Outcome { bounds: Some(b), service: svc_i, exact_until: None, method, problem: None },
                     Err(e) => unbounded(&svc_i, method, curve_problem(&e)),
                 };
                 break (svc, outcome);
             };
+            // The delay first; backlogs and completion curves only once it is proven exact.
+            let delay = demand.0.hdev(&svc_i.1);
+            let res = match &delay {
+                Ok(d) if delay_is_exact(&h, &demand.0, &svc_i.1, d) => {
+                    component::task_bounds(ev, &w, &demand, &svc_i, d.clone(), ctx.opts.gpc_outputs).ok()
+                }
+                _ => None,
+            };
             match res {
-                Ok(b) if delay_is_exact(&h, &demand.0, &svc_i.1, &b.wcrt) && backlog_is_exact(&h, ev, &w, &demand.0, &svc_i.1, &b) => {
+                Some(b) if backlog_is_exact(&h, ev, &w, &demand.0, &svc_i.1, &b, self.backlog_below_h) => {
                     break (svc, Outcome { bounds: Some(b), service: svc_i, exact_until: Some(h), method, problem: None });
                 }
-                _ => match self.grow(&h, &demand.0, res.as_ref().ok().map(|b| &b.wcrt)) {
+                _ => match self.grow(&h, &demand.0, delay.as_ref().ok()) {
                     Some(h2) => {
                         if self.rebuild(sys, Some(h2)).is_err() {
                             self.exact(sys);
@@ -383,15 +426,28 @@ fn delay_is_exact(h: &Q, demand: &Curve, service: &Curve, delay: &Q) -> bool {
 }
 
 /// Whether the backlogs of `b` (computed by [`component::backlog_on_service`] on a lower
-/// service curve exact on [0, h) and lower beyond) equal those on the exact service. The
-/// deviation sup (D − βl) on the truncated curve is never below the exact one, and both agree
-/// on [0, h). For t >= h the truncated service is at least Y0 = βl(h⁻) and at least ρ·t + m, and
+/// service curve exact on [0, h) and lower beyond) equal those on the exact service
+/// (`docs/analysis.md` §4 and §9). The deviation V_t = sup (D − βl) on the truncated curve is
+/// never below the exact V, and both agree on [0, h), so V_lo = sup over [0, h) of D − βl
+/// (`Curve::vdev_before`) is never above V. Both backlogs are non-decreasing functions of the
+/// deviations (capped by the WCRT window, which is exact since the WCRT is): when the values
+/// from V_lo equal those from V_t, they are the exact ones. A cheaper sufficient test first:
+/// for t >= h the truncated service is at least Y0 = βl(h⁻) and at least ρ·t + m, and
 /// D(t) <= r·t + b, so D − βl there is at most TB = b − Y0 (r = 0) or (r − ρ)·h + b − m
 /// (ρ > r; the bound decreases with t). A deviation V > TB is therefore attained before h, where
 /// it is also the exact one. Work: V = the reported work backlog (unless 0, which is exact as
-/// the deviation is never negative); events: E = ⌈V/wcet⌉ with V > wcet·(E − 1) (the cap by
-/// the WCRT window is exact too, since the WCRT is). `docs/analysis.md` §4.
-fn backlog_is_exact(h: &Q, ev: &Pair, w: &Workload, demand: &Curve, service: &Curve, b: &TaskBounds) -> bool {
+/// the deviation is never negative); events: E = ⌈V/wcet⌉ with V > wcet·(E − 1).
+fn backlog_is_exact(h: &Q, ev: &Pair, w: &Workload, demand: &Curve, service: &Curve, b: &TaskBounds, below_h: bool) -> bool {
+    backlog_tail_is_below(h, ev, w, demand, service, b)
+        || below_h && {
+            let mut failed = false;
+            let lo = component::backlog_of_deviations(ev, w, demand, &b.wcrt, |d| d.vdev_before(service, h).inspect_err(|_| failed = true));
+            !failed && lo.0 == b.backlog && lo.1 == b.backlog_work
+        }
+}
+
+/// The tail-bound test of [`backlog_is_exact`].
+fn backlog_tail_is_below(h: &Q, ev: &Pair, w: &Workload, demand: &Curve, service: &Curve, b: &TaskBounds) -> bool {
     let tail_bound = |d: &Curve| -> Option<Q> {
         let (r, rho) = (d.rate(), service.rate());
         let (_, top) = d.affine_bounds();
@@ -431,7 +487,7 @@ pub(crate) fn analyze_resource(ctx: &Ctx, r: usize, inputs: &[Option<Pair>], bet
     let mut out = Vec::new();
     match res.policy {
         Policy::FixedPriority | Policy::FixedPriorityNonPreemptive => {
-            let mut st = FpState::new(sys, r, tasks, beta);
+            let mut st = FpState::new(ctx, r, tasks, beta);
             for _ in 0..st.order.len() {
                 let i = st.order[st.next];
                 out.push((i, st.step(ctx, inputs[i].as_ref())));
@@ -625,7 +681,7 @@ fn ordered_pass(
     let mut fp: Vec<Option<FpState>> = (0..sys.resources.len())
         .map(|r| {
             matches!(sys.resources[r].policy, Policy::FixedPriority | Policy::FixedPriorityNonPreemptive)
-                .then(|| FpState::new(sys, r, &ctx.tasks_on[r], &services[r]))
+                .then(|| FpState::new(ctx, r, &ctx.tasks_on[r], &services[r]))
         })
         .collect();
     let mut whole_done = vec![false; sys.resources.len()];
@@ -746,7 +802,7 @@ pub(crate) fn analyze_with(sys: &System, opts: &Options, truncate: bool) -> Resu
     for r in 0..sys.resources.len() {
         services.push(base_service(sys, r)?);
     }
-    let ctx = Ctx { sys, opts, streams, tasks_on, truncate };
+    let ctx = Ctx { sys, opts, streams, tasks_on, truncate, chained: chained_tasks(sys) };
     let (order, _) = resource_order(sys, &ctx.tasks_on);
 
     let n = sys.tasks.len();
@@ -938,8 +994,8 @@ fn exact_service(sys: &System, tasks: &[TaskResult], i: usize) -> Option<Pair> {
     let opts = Options::default();
     let mut tasks_on = vec![Vec::new(); sys.resources.len()];
     tasks_on[r] = on.clone();
-    let ctx = Ctx { sys, opts: &opts, streams: Vec::new(), tasks_on, truncate: false };
-    let mut st = FpState::new(sys, r, &on, &beta);
+    let ctx = Ctx { sys, opts: &opts, streams: Vec::new(), tasks_on, truncate: false, chained: Vec::new() };
+    let mut st = FpState::new(&ctx, r, &on, &beta);
     while !st.done() {
         let j = st.order[st.next];
         let input = (tasks[j].input.upper.clone(), tasks[j].input.lower.clone());

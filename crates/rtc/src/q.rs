@@ -235,6 +235,12 @@ impl Q {
         if !a.is_positive() || !b.is_positive() {
             return None;
         }
+        if let (Repr::Small(p, q), Repr::Small(r, s)) = (&a.0, &b.0) {
+            // Positive and in lowest terms: lcm(p, r) / gcd(q, s), also in lowest terms.
+            let (p, r) = (*p as u64, *r as u64);
+            let n = (p / gcd_u64(p, r)) as i128 * r as i128;
+            return Some(Q::from_i128(n, gcd_u64(*q as u64, *s as u64) as i128));
+        }
         let (a, b) = (a.to_big(), b.to_big());
         // a = p/q, b = r/s in lowest terms: lcm = lcm(p, r) / gcd(q, s).
         let n = a.numer().lcm(b.numer());
@@ -299,11 +305,18 @@ impl From<i64> for Q {
 }
 
 impl Ord for Q {
+    #[inline]
     fn cmp(&self, o: &Q) -> Ordering {
+        #[inline(never)]
+        fn general(x: &Q, o: &Q) -> Ordering {
+            match (&x.0, &o.0) {
+                (Repr::Small(a, b), Repr::Small(c, d)) => ((*a as i128) * (*d as i128)).cmp(&((*c as i128) * (*b as i128))),
+                _ => x.to_big().cmp(&o.to_big()),
+            }
+        }
         match (&self.0, &o.0) {
             (Repr::Small(a, b), Repr::Small(c, d)) if b == d => a.cmp(c),
-            (Repr::Small(a, b), Repr::Small(c, d)) => ((*a as i128) * (*d as i128)).cmp(&((*c as i128) * (*b as i128))),
-            _ => self.to_big().cmp(&o.to_big()),
+            _ => general(self, o),
         }
     }
 }
@@ -362,18 +375,30 @@ fn mul_small(a: i64, b: i64, c: i64, d: i64) -> Q {
 }
 
 macro_rules! binop {
-    ($tr:ident, $m:ident, $small:expr, $big:expr) => {
+    ($tr:ident, $m:ident, $int:expr, $small:expr, $big:expr) => {
         impl<'a, 'b> $tr<&'b Q> for &'a Q {
             type Output = Q;
+            /// Integers (the most common operands: times in µs) inline, the rest out of line.
+            #[inline]
             fn $m(self, o: &'b Q) -> Q {
-                if let (Repr::Small(a, b), Repr::Small(c, d)) = (&self.0, &o.0) {
-                    let f: fn(i64, i64, i64, i64) -> Option<Q> = $small;
-                    if let Some(q) = f(*a, *b, *c, *d) {
-                        return q;
+                if let (Repr::Small(a, 1), Repr::Small(c, 1)) = (&self.0, &o.0) {
+                    let f: fn(i64, i64) -> Option<i64> = $int;
+                    if let Some(n) = f(*a, *c).filter(|&n| n != i64::MIN) {
+                        return Q(Repr::Small(n, 1));
                     }
                 }
-                let g: fn(BigRational, BigRational) -> BigRational = $big;
-                Q::from_big(g(self.to_big(), o.to_big()))
+                #[inline(never)]
+                fn general(x: &Q, o: &Q) -> Q {
+                    if let (Repr::Small(a, b), Repr::Small(c, d)) = (&x.0, &o.0) {
+                        let f: fn(i64, i64, i64, i64) -> Option<Q> = $small;
+                        if let Some(q) = f(*a, *b, *c, *d) {
+                            return q;
+                        }
+                    }
+                    let g: fn(BigRational, BigRational) -> BigRational = $big;
+                    Q::from_big(g(x.to_big(), o.to_big()))
+                }
+                general(self, o)
             }
         }
         impl $tr<Q> for Q {
@@ -399,18 +424,19 @@ macro_rules! binop {
 
 // Small operands never overflow i128 intermediates (|n| < 2^63, 0 < d < 2^63), so the small
 // paths always answer; the big closures serve big operands.
-binop!(Add, add, |a, b, c, d| Some(add_small(a, b, c, d)), |x, y| x + y);
+binop!(Add, add, i64::checked_add, |a, b, c, d| Some(add_small(a, b, c, d)), |x, y| x + y);
 // -c cannot overflow: a small numerator is never i64::MIN.
-binop!(Sub, sub, |a, b, c, d| Some(add_small(a, b, -c, d)), |x, y| x - y);
-binop!(Mul, mul, |a, b, c, d| Some(mul_small(a, b, c, d)), |x, y| x * y);
+binop!(Sub, sub, i64::checked_sub, |a, b, c, d| Some(add_small(a, b, -c, d)), |x, y| x - y);
+binop!(Mul, mul, i64::checked_mul, |a, b, c, d| Some(mul_small(a, b, c, d)), |x, y| x * y);
 // Division by zero is a programming error guarded at every call site (`checked_div` for input).
-binop!(Div, div, |a, b, c, d| if c == 0 { None } else { Some(Q::from_i128(a as i128 * d as i128, b as i128 * c as i128)) }, |x, y| if y
-    .is_zero()
-{
-    BigRational::zero()
-} else {
-    x / y
-});
+// (A quotient of integers needs a gcd: no integer path.)
+binop!(
+    Div,
+    div,
+    |_, _| None,
+    |a, b, c, d| if c == 0 { None } else { Some(Q::from_i128(a as i128 * d as i128, b as i128 * c as i128)) },
+    |x, y| if y.is_zero() { BigRational::zero() } else { x / y }
+);
 
 impl Neg for &Q {
     type Output = Q;
@@ -561,6 +587,10 @@ mod tests {
                 assert_eq!(got.to_big(), want, "{x} {y}");
             }
             assert_eq!(x.cmp(&y), bx.cmp(&by), "{x} {y}");
+            if x.is_positive() && y.is_positive() {
+                let want = BigRational::new(bx.numer().lcm(by.numer()), bx.denom().gcd(by.denom()));
+                assert_eq!(Q::lcm(&x, &y), Some(Q::from_big(want)), "{x} {y}");
+            }
         }
     }
 

@@ -425,3 +425,36 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    /// `vdev_before`: the largest difference (values and one-sided limits, the left limit at `h`
+    /// included) at the breakpoints of both curves before `h`, never above `vdev`.
+    #[test]
+    fn vertical_deviation_before_a_horizon(seed in any::<u64>()) {
+        let mut r = Rng(seed);
+        let (mono_f, mono_g) = (r.int(0, 1) == 1, r.int(0, 1) == 1);
+        let f = random_curve(&mut r, mono_f);
+        let g = random_curve(&mut r, mono_g);
+        let h = qf(r.int(1, 60), 2);
+        let (bf, bg) = (Brute::of(&f), Brute::of(&g));
+        let got = f.vdev_before(&g, &h).unwrap();
+        let mut pts: Vec<Q> = bf.breakpoints(&h).into_iter().chain(bg.breakpoints(&h)).filter(|x| x < &h).collect();
+        pts.push(h.clone());
+        let mut best: Option<Q> = None;
+        for x in pts {
+            let mut ds = vec![bf.left(&x) - bg.left(&x)];
+            if x < h {
+                ds.extend([bf.val(&x) - bg.val(&x), bf.right(&x) - bg.right(&x)]);
+            }
+            for d in ds {
+                if best.as_ref().is_none_or(|b| &d > b) { best = Some(d); }
+            }
+        }
+        prop_assert_eq!(&got, &best.unwrap(), "{:?} {:?} before {}", f, g, h);
+        if let Ok(v) = f.vdev(&g) {
+            prop_assert!(got <= v);
+        }
+        prop_assert!(f.vdev_before(&g, &Q::zero()).is_err());
+    }
+}

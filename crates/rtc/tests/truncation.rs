@@ -128,10 +128,29 @@ fn truncated_services_give_the_exact_bounds() {
     assert!(decided > 0 && truncated > 0, "{decided} chains decided by pboo, {truncated} truncated services");
 }
 
+/// Without chains of several tasks, backlogs are also accepted from the deviation before the
+/// horizon (`network::backlog_is_exact`), so horizons stop growing earlier: the same random
+/// networks with only their one-task chains.
+#[test]
+fn truncated_services_without_multi_task_chains() {
+    let mut r = Rng(2028);
+    let mut truncated = 0;
+    for round in 0..150 {
+        let mut sys = random_system(&mut r);
+        sys.chains.retain(|c| c.tasks.len() == 1);
+        truncated += compare(&sys, &format!("random system {round} without multi-task chains")).1;
+    }
+    assert!(truncated > 0);
+}
+
 #[test]
 fn truncated_services_on_the_benchmark_systems() {
     for (n, seed) in [(30, 1), (99, 7), (300, 3)] {
         let (_, truncated) = compare(&rtc::synthetic::distributed_chains(n, seed), &format!("distributed_chains({n}, {seed})"));
+        assert!(truncated > 0);
+    }
+    for (n, per, seed) in [(40, 4, 1), (150, 10, 7)] {
+        let (_, truncated) = compare(&rtc::synthetic::independent_fp(n, per, seed), &format!("independent_fp({n}, {per}, {seed})"));
         assert!(truncated > 0);
     }
 }
