@@ -25,6 +25,7 @@ pub mod domain;
 mod error;
 pub mod host;
 pub mod protection;
+pub mod realtime;
 pub mod supervisor;
 pub mod vm;
 

@@ -213,6 +213,22 @@ pub struct Scheduling {
     /// Run the vCPU under SCHED_FIFO at this priority (1..=99): the model's fixed priority.
     #[serde(default)]
     pub fifo_priority: Option<u8>,
+    /// Run the vCPU under this hard CBS reservation (SCHED_DEADLINE): the model's budget and
+    /// period.
+    #[serde(default)]
+    pub reservation: Option<crate::realtime::Reservation>,
+}
+
+impl Scheduling {
+    /// Applies the reservation or the priority to the calling thread (the vCPU's; call it after
+    /// the VMM's other threads are started, so they stay outside).
+    pub fn apply_to_vcpu(&self) -> Result<(), String> {
+        match (self.reservation, self.fifo_priority) {
+            (Some(r), _) => crate::realtime::reserve(r),
+            (None, Some(p)) => crate::realtime::fifo(p),
+            (None, None) => Ok(()),
+        }
+    }
 }
 
 /// How a VM's run ended, as an exit status: the guest's own, 3 if it faulted, 4 if another
@@ -316,17 +332,6 @@ pub fn apply_placement(spec: &VmSpec) -> Result<()> {
     Ok(())
 }
 
-/// Applies the spec's real-time priority to the calling thread (the vCPU's).
-pub fn apply_priority(spec: &VmSpec) -> Result<()> {
-    let Some(prio) = spec.scheduling.fifo_priority else { return Ok(()) };
-    let param = libc::sched_param { sched_priority: i32::from(prio) };
-    // SAFETY: `param` is a valid sched_param; pid 0 is the calling thread.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
-        return Err(spec.err(format!("cannot run at SCHED_FIFO priority {prio}: {}", std::io::Error::last_os_error())));
-    }
-    Ok(())
-}
-
 /// Runs the VM of `spec` in this process until it stops (or, protected, is fenced); returns
 /// the exit status ([`exit_status`]).
 pub fn run(spec: &VmSpec) -> Result<u8> {
@@ -346,8 +351,7 @@ pub fn run(spec: &VmSpec) -> Result<u8> {
     if let Some(p) = &spec.protection {
         return run_protected(vm, spec, p, announce);
     }
-    apply_priority(spec)?;
-    drive(vm, spec.api.as_deref(), &spec.name, announce)
+    drive(vm, spec.api.as_deref(), &spec.name, announce, &spec.scheduling)
 }
 
 /// Announces the VM's address again 20, 100 and 500 ms from now: the first announcement can
@@ -377,8 +381,7 @@ fn run_restored(spec: &VmSpec, dir: &Path) -> Result<u8> {
     vm.resume();
     tracing::info!("{}: restored from {} in {:.1} ms and resumed", spec.name, dir.display(), t0.elapsed().as_secs_f64() * 1e3);
     let _domain = spec.domain.as_ref().map(|d| Domain::introduce(d, &spec.name)).transpose()?;
-    apply_priority(spec)?;
-    drive(vm, spec.api.as_deref(), &spec.name, spec.net.as_ref().is_some_and(|n| n.ip.is_some()))
+    drive(vm, spec.api.as_deref(), &spec.name, spec.net.as_ref().is_some_and(|n| n.ip.is_some()), &spec.scheduling)
 }
 
 /// Restores a VM from a snapshot directory and runs it.
@@ -395,12 +398,13 @@ pub fn restore(
         vm.resume();
     }
     let _domain = domain.map(|d| Domain::introduce(d, &name)).transpose()?;
-    drive(vm, api, &name, false)
+    drive(vm, api, &name, false, &Scheduling::default())
 }
 
 /// Runs `vm` until it stops, serving its control socket at `api_path`; with `announce`, its
-/// address is announced again shortly after the start ([`announce_again`]).
-fn drive(mut vm: Vm, api_path: Option<&Path>, name: &str, announce: bool) -> Result<u8> {
+/// address is announced again shortly after the start ([`announce_again`]). The calling thread
+/// runs the vCPU, under `sched` (applied once every other thread is started).
+fn drive(mut vm: Vm, api_path: Option<&Path>, name: &str, announce: bool, sched: &Scheduling) -> Result<u8> {
     let vmm_err = |source| Error::Vmm { vm: name.to_owned(), source };
     if api_path.is_none() && vm.paused() {
         return Err(Error::Spec { vm: name.into(), reason: "a paused VM needs a control socket to be resumed".into() });
@@ -410,6 +414,7 @@ fn drive(mut vm: Vm, api_path: Option<&Path>, name: &str, announce: bool) -> Res
     if announce {
         announce_again(ctl);
     }
+    sched.apply_to_vcpu().map_err(|reason| Error::Spec { vm: name.into(), reason })?;
     let stop = vm.run(Some(&inbox)).map_err(vmm_err)?;
     Ok(exit_status(&Outcome::Stopped(stop)))
 }
@@ -436,6 +441,7 @@ fn run_protected(vm: Vm, spec: &VmSpec, p: &Protection, announce: bool) -> Resul
         disk: spec.disk.clone(),
         state_file: p.state_file.clone(),
         key: crate::auth::Key::load(&p.key_file)?,
+        vcpu_sched: spec.scheduling.clone(),
     };
     let outcome = protection::primary::run(vm, ctl, inbox, opts, protection::primary::Start::Fresh, protection::Clock::new())
         .map_err(|reason| Error::Replication { vm: spec.name.clone(), reason })?;

@@ -32,7 +32,8 @@ pub struct Layout {
     pub run_dir: PathBuf,
     /// Heartbeat and lease timing of replication.
     pub timing: TimingSpec,
-    /// CPUs of the machine (VMs are pinned to one per model processor when there are enough).
+    /// CPUs of the machine (VMs are pinned to one per model processor when there are enough;
+    /// then a VM with a reservation in the model also runs its vCPU under it, SCHED_DEADLINE).
     pub cpus: usize,
 }
 
@@ -182,8 +183,10 @@ impl Layout {
                 backup = None;
             }
             let cpus = t.map(|t| self.cpus_of(loaded, h_or(&host), &t.processors)).unwrap_or_default();
+            let reservation = if cpus.is_empty() { None } else { reservation_of(loaded, x.index) };
             let primary = host.as_deref().map(|h| {
                 let mut spec = self.primary(&x, h, backup.as_deref(), cpus.clone());
+                spec.scheduling.reservation = reservation;
                 spec.restore = migrate_from.as_ref().map(|m| m.dir.clone());
                 Placed { host: h.to_string(), spec, restart: !remote, migrate_from: migrate_from.clone() }
             });
@@ -203,6 +206,21 @@ impl Layout {
             out.insert(x.run.vm.clone(), Desired { generation, primary, backup });
         }
         (out, deviations)
+    }
+}
+
+/// The CBS reservation the model gives VM `index` (its `budget` every `period`: the runtime
+/// rounded up, the period down, to whole microseconds, so the reservation is never less than
+/// the analysed one).
+fn reservation_of(loaded: &Loaded, index: usize) -> Option<agent::realtime::Reservation> {
+    let r = loaded.deployment.as_ref()?.vms.get(index)?.reservation?;
+    match &loaded.system.resources.get(r)?.kind {
+        rtc::system::ResourceKind::Reservation { budget, period, .. } => {
+            let runtime_us = budget.ceil().to_f64() as u64;
+            let period_us = period.floor().to_f64() as u64;
+            (runtime_us > 0 && runtime_us <= period_us).then_some(agent::realtime::Reservation { runtime_us, period_us })
+        }
+        _ => None,
     }
 }
 

@@ -97,8 +97,12 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',', value_name = "CPU,...")]
     cpus: Vec<usize>,
     /// Run the vCPU under SCHED_FIFO at this real-time priority (1..=99).
-    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=99))]
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=99), conflicts_with = "reservation")]
     priority: Option<u8>,
+    /// Run the vCPU under a hard CBS reservation (SCHED_DEADLINE): runtime Q every period P,
+    /// e.g. `2ms/10ms` (the VMM's other threads stay outside it).
+    #[arg(long, value_name = "Q/P")]
+    reservation: Option<agent::realtime::Reservation>,
     #[command(flatten)]
     domain: DomainArgs,
     #[command(flatten)]
@@ -164,7 +168,7 @@ pub fn run(args: &Args) -> Result<u8> {
             if a.tap.is_none() && (a.ip.is_some() || a.gateway.is_some() || a.mac.is_some()) {
                 bail!("--ip, --gateway and --mac need --tap");
             }
-            spec.scheduling = Scheduling { cpus: a.cpus.clone(), fifo_priority: a.priority };
+            spec.scheduling = Scheduling { cpus: a.cpus.clone(), fifo_priority: a.priority, reservation: a.reservation };
             if let Some(name) = &a.protect.name {
                 spec.name = name.clone();
             }

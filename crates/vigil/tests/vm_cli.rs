@@ -177,3 +177,78 @@ fn a_vm_is_introduced_and_released_in_the_store() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/store.sock"), "{}", String::from_utf8_lossy(&out.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--reservation Q/P`: the vCPU of a guest that never stops computing gets Q/P of a CPU
+/// (measured from the vCPU thread's own CPU time in `vigil vm status`), and a reservation the
+/// host cannot admit is refused with the kernel's reason.
+#[test]
+fn a_reservation_is_enforced_and_admission_failure_is_explained() {
+    if no_kvm("a_reservation_is_enforced_and_admission_failure_is_explained") {
+        return;
+    }
+    let image = guest("compute");
+    let dir = workspace().join(format!("target/vm-rt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let api = dir.join("api.sock");
+    let mut child = vigil()
+        .args(["vm", "run", "--mem", "16", "--reservation", "2ms/10ms", "--image"])
+        .arg(&image)
+        .arg("--api")
+        .arg(&api)
+        .args(["--", "1", "1000000000", "1000000000"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start vigil vm run");
+    let status = |api: &Path| -> serde_json::Value {
+        let out: serde_json::Value = serde_json::from_str(&ctl(&["status"], api)).expect("json");
+        out["status"]["vcpu"].clone()
+    };
+    for _ in 0..500 {
+        if api.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let a = status(&api);
+    let t = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let b = status(&api);
+    let wall = t.elapsed().as_nanos() as f64;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(a["policy"], "deadline", "{a}");
+    assert_eq!((a["runtime_us"].as_u64(), a["period_us"].as_u64()), (Some(2000), Some(10000)), "{a}");
+    let share = (b["cpu_ns"].as_u64().unwrap() - a["cpu_ns"].as_u64().unwrap()) as f64 / wall;
+    eprintln!("the vCPU under 2ms/10ms used {:.1} % of a CPU", share * 100.0);
+    assert!((0.14..=0.22).contains(&share), "a 2ms/10ms reservation gave {:.1} % of a CPU", share * 100.0);
+
+    // Fill the host's deadline bandwidth from this process (the dead VM's is released by its
+    // zero-lag time, within a period), then ask for more.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let filler = agent::realtime::Filler::fill();
+    let mut refused = vigil()
+        .args(["vm", "run", "--mem", "16", "--reservation", "2ms/10ms", "--image"])
+        .arg(&image)
+        .args(["--", "1", "1000000000", "1000000000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    let t = std::time::Instant::now();
+    while refused.try_wait().expect("wait").is_none() {
+        if t.elapsed() > std::time::Duration::from_secs(10) {
+            let _ = refused.kill();
+            panic!("a reservation beyond the host's bandwidth was admitted");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = refused.wait_with_output().expect("output");
+    drop(filler);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("refused by admission control") && err.contains("20.0 %"), "{err}");
+    let out = vigil().args(["vm", "run", "--mem", "16", "--reservation", "12ms/10ms", "--image"]).arg(&image).output().expect("run");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exceeds the period"), "{}", String::from_utf8_lossy(&out.stderr));
+}

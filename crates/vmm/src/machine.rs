@@ -83,6 +83,71 @@ pub struct Status {
     pub mem_bytes: u64,
     pub dirty_logging: bool,
     pub exits: u64,
+    /// How the vCPU thread is scheduled and what it consumed (read on that thread).
+    #[serde(default)]
+    pub vcpu: Option<VcpuSched>,
+}
+
+/// The vCPU thread's scheduling policy and consumption.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct VcpuSched {
+    /// `other`, `fifo`, `rr`, `deadline`, ...
+    pub policy: String,
+    /// SCHED_FIFO/RR priority.
+    pub priority: u32,
+    /// SCHED_DEADLINE runtime and period (µs).
+    pub runtime_us: u64,
+    pub period_us: u64,
+    /// CPU time the thread has used, time it waited runnable, and how many times it ran
+    /// (`/proc/thread-self/schedstat`).
+    pub cpu_ns: u64,
+    pub wait_ns: u64,
+    pub timeslices: u64,
+}
+
+impl VcpuSched {
+    /// The calling thread's.
+    pub fn of_this_thread() -> Option<VcpuSched> {
+        #[repr(C)]
+        #[derive(Default)]
+        struct Attr {
+            size: u32,
+            policy: u32,
+            flags: u64,
+            nice: i32,
+            priority: u32,
+            runtime: u64,
+            deadline: u64,
+            period: u64,
+        }
+        let mut a = Attr::default();
+        // SAFETY: sched_getattr(2) on the calling thread writes at most `size` bytes into `a`,
+        // a live struct of that size.
+        let rc = unsafe { libc::syscall(libc::SYS_sched_getattr, 0, &mut a as *mut Attr, std::mem::size_of::<Attr>() as u32, 0) };
+        if rc != 0 {
+            return None;
+        }
+        let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+        let mut f = stat.split_whitespace().map(|x| x.parse::<u64>().unwrap_or(0));
+        let policy = match a.policy {
+            0 => "other",
+            1 => "fifo",
+            2 => "rr",
+            3 => "batch",
+            5 => "idle",
+            6 => "deadline",
+            _ => "unknown",
+        };
+        Some(VcpuSched {
+            policy: policy.into(),
+            priority: a.priority,
+            runtime_us: a.runtime / 1000,
+            period_us: a.period / 1000,
+            cpu_ns: f.next().unwrap_or(0),
+            wait_ns: f.next().unwrap_or(0),
+            timeslices: f.next().unwrap_or(0),
+        })
+    }
 }
 
 /// A virtual machine with one vCPU.
@@ -232,6 +297,7 @@ impl Vm {
             mem_bytes: self.mem.size(),
             dirty_logging: self.dirty_logging,
             exits: self.exits,
+            vcpu: VcpuSched::of_this_thread(),
         }
     }
 

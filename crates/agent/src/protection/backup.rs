@@ -437,6 +437,7 @@ fn take_over(
         disk: opts.disk.clone(),
         state_file: opts.state_file.clone(),
         key: opts.key.clone(),
+        vcpu_sched: Default::default(),
     };
     primary::run(vm, ctl, inbox, popts, Start::TakeOver { granted_at: grant.at, gen: grant.gen }, clock)
 }

@@ -49,6 +49,8 @@ pub struct Options {
     pub state_file: Option<PathBuf>,
     /// The cluster's key (the arbiter and the backup authenticate with it).
     pub key: Key,
+    /// The vCPU thread's real-time scheduling (applied by that thread when it starts).
+    pub vcpu_sched: crate::vm::Scheduling,
 }
 
 /// Whether a VM is protected, as its driver last reported it (the agent reads it).
@@ -120,10 +122,11 @@ pub fn run(vm: Vm, ctl: Controller, inbox: Inbox, opts: Options, start: Start, c
     vm.set_output_hook(Box::new(move || {
         let _ = hook_tx.send(Input::Output);
     }));
+    let sched = opts.vcpu_sched.clone();
     std::thread::Builder::new()
         .name("vcpu0".into())
         .spawn(move || {
-            let r = vm.run(Some(&inbox)).map_err(|e| e.to_string());
+            let r = sched.apply_to_vcpu().and_then(|()| vm.run(Some(&inbox)).map_err(|e| e.to_string()));
             let _ = vm_tx.send(Input::VmStopped(r));
         })
         .map_err(|e| format!("cannot start the vCPU thread: {e}"))?;
