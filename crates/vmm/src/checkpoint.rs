@@ -11,7 +11,7 @@
 //!
 //! **Epochs.** While protected, the VM is always in an open epoch `k` (1, 2, ...). Checkpoint
 //! `k` closes it: its [`Checkpoint::epoch`] is `k`, it seals the network output of epoch `k`
-//! (release it with `NetRelease { epoch: k }` once the backup acknowledged `k`), and the disk
+//! (release it with `ReleaseAcked { epoch: k }` once the backup acknowledged `k`), and the disk
 //! writes of epoch `k` are exactly the [`DiskWrite`]s tagged `k`, all sent on the mirror channel
 //! before the checkpoint's reply (so a driver that has received checkpoint `k` finds every
 //! write of epoch `k` already in the channel). Epoch numbers never repeat within a VM, also
@@ -253,6 +253,9 @@ impl Vm {
     /// any hold. Returns the frames sent. Repeat it a few times, some tens of milliseconds
     /// apart, after a takeover.
     pub fn announce(&mut self, count: u32) -> Result<u64> {
+        if count > MAX_ANNOUNCE {
+            return Err(Error::Config(format!("announce {count} rounds: at most {MAX_ANNOUNCE}")));
+        }
         let Some(tap) = self.tap.as_ref() else {
             return Err(Error::Config("the VM has no network device to announce".into()));
         };
@@ -271,6 +274,9 @@ impl Vm {
         Ok(sent)
     }
 }
+
+/// Most rounds one `announce` sends.
+pub const MAX_ANNOUNCE: u32 = 16;
 
 /// Makes room for `len` bytes in `data`. A new allocation is asked to use transparent huge
 /// pages: first-touch page faults dominate a copy into fresh memory on these hosts (measured

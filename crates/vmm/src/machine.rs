@@ -402,8 +402,8 @@ impl Vm {
             Command::DirtyLogStart => self.set_dirty_logging(true).map(|_| Reply::ok()),
             Command::DirtyLogStop => self.set_dirty_logging(false).map(|_| Reply::ok()),
             Command::DirtyLogGetAndClear => self.dirty_pages_get_and_clear().map(|p| Reply { dirty_pages: Some(p), ..Reply::ok() }),
-            Command::NetHold | Command::NetSeal | Command::NetUnhold if self.protection.is_some() => {
-                Err(Error::Config("the VM is protected: checkpoints seal its output epochs (unprotect first)".into()))
+            Command::NetHold | Command::NetSeal | Command::NetUnhold | Command::NetRelease { .. } if self.protection.is_some() => {
+                Err(Error::Config("the VM is protected: checkpoints seal its output epochs and the backup's acknowledgements release them (unprotect first)".into()))
             }
             Command::NetHold | Command::NetSeal | Command::NetRelease { .. } | Command::NetUnhold => match self.tap.as_mut() {
                 None => Err(Error::Config("the VM has no network device".into())),
@@ -419,6 +419,11 @@ impl Vm {
                     };
                     Ok(Reply { value, ..Reply::ok() })
                 }
+            },
+            Command::ReleaseAcked { epoch } => match (&self.protection, self.tap.as_mut()) {
+                (None, _) => Err(Error::Config("the VM is not protected (send net-release)".into())),
+                (_, None) => Err(Error::Config("the VM has no network device".into())),
+                (Some(_), Some(tap)) => Ok(Reply { value: Some(tap.release(epoch) as u64), ..Reply::ok() }),
             },
             Command::Protect { mirror, hold } => self.protect(mirror, hold).map(|_| Reply::ok()),
             Command::HoldOutput => self.hold_output().map(|_| Reply::ok()),

@@ -385,7 +385,7 @@ fn output_after_checkpoint_k_waits_for_release_of_k_plus_1() {
     let sniff = Sniffer::open(TAP);
     assert!(ctl.call(Command::Protect { mirror: None, hold: true }).ok);
     let k = checkpoint(&ctl, None);
-    assert!(ctl.call(Command::NetRelease { epoch: k.epoch }).ok);
+    assert!(ctl.call(Command::ReleaseAcked { epoch: k.epoch }).ok);
     std::thread::sleep(Duration::from_millis(50));
     sniff.from(mac);
 
@@ -402,12 +402,12 @@ fn output_after_checkpoint_k_waits_for_release_of_k_plus_1() {
     assert_eq!(k1.epoch, k.epoch + 1);
     assert!(k1.output_frames > 0 && k1.output_bytes >= 42 * k1.output_frames, "{k1:?}");
     // Sealed is not released; releasing k again sends nothing.
-    assert_eq!(ctl.call(Command::NetRelease { epoch: k.epoch }).value, Some(0));
+    assert_eq!(ctl.call(Command::ReleaseAcked { epoch: k.epoch }).value, Some(0));
     std::thread::sleep(Duration::from_millis(200));
     assert!(sniff.from(mac).is_empty(), "sealed output of epoch {} on the wire before its release", k1.epoch);
     assert!(client.try_wait().expect("poll").is_none(), "the client got an answer while output was held");
     // Releasing k+1 puts exactly its frames on the wire (later output stays held).
-    assert_eq!(ctl.call(Command::NetRelease { epoch: k1.epoch }).value, Some(k1.output_frames));
+    assert_eq!(ctl.call(Command::ReleaseAcked { epoch: k1.epoch }).value, Some(k1.output_frames));
     let mut seen = vec![];
     wait_for("released frames on the wire", || {
         seen.extend(sniff.from(mac));
@@ -424,7 +424,7 @@ fn output_after_checkpoint_k_waits_for_release_of_k_plus_1() {
             break;
         }
         let c = checkpoint(&ctl, None);
-        assert!(ctl.call(Command::NetRelease { epoch: c.epoch }).ok);
+        assert!(ctl.call(Command::ReleaseAcked { epoch: c.epoch }).ok);
         std::thread::sleep(Duration::from_millis(5));
     }
     let done = client.wait_with_output().expect("client");
@@ -478,7 +478,7 @@ fn kv_fails_over_to_the_replica_with_state_and_connection() {
             let mut c = checkpoint(&ctl2, buffer.take());
             replica.apply(&c).expect("apply");
             // The backup has it: release the epoch's output.
-            assert!(ctl2.call(Command::NetRelease { epoch: c.epoch }).ok);
+            assert!(ctl2.call(Command::ReleaseAcked { epoch: c.epoch }).ok);
             outputs += c.output_frames;
             buffer = Some(std::mem::take(&mut c.data));
             std::thread::sleep(Duration::from_millis(4));

@@ -342,7 +342,7 @@ impl Driver {
             Command::Unprotect => "unprotect",
             Command::Checkpoint { .. } => "checkpoint",
             Command::MemoryView => "memory-view",
-            Command::NetRelease { .. } => "net-release",
+            Command::ReleaseAcked { .. } => "release",
             Command::Quit => "quit",
             _ => "command",
         };
@@ -422,7 +422,7 @@ impl Driver {
             }
             Action::Release { epoch } => {
                 if self.has_net {
-                    self.call(Command::NetRelease { epoch })?;
+                    self.call(Command::ReleaseAcked { epoch })?;
                 }
             }
             Action::Unhold => {
