@@ -112,10 +112,11 @@ struct RunArgs {
 struct RestoreArgs {
     /// Snapshot directory.
     dir: PathBuf,
-    /// Tap device (default: the one in the snapshot).
+    /// Tap device; required when the snapshot's VM had one (a snapshot's host paths are not
+    /// trusted: the command line confirms them).
     #[arg(long)]
     tap: Option<String>,
-    /// Disk image (default: the one in the snapshot).
+    /// Disk image; required when the snapshot's VM had one (as for --tap).
     #[arg(long)]
     disk: Option<PathBuf>,
     /// Control socket.

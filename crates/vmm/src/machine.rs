@@ -317,7 +317,7 @@ impl Vm {
                 Ok(VcpuExit::Hlt) => Exit::Fault("hlt".into()),
                 Ok(other) => Exit::Fault(format!("unexpected KVM exit {other:?}")),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
-                Err(e) => return Err(Error::Kvm { op: "KVM_RUN", source: e }),
+                Err(e) => return Err(Error::Kvm { op: "KVM_RUN", errno: e }),
             };
             self.exits += 1;
             match exit {
