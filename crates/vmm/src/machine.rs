@@ -309,10 +309,7 @@ impl Vm {
                     Exit::Fault(format!("access to guest-physical 0x{a:x}, outside guest memory"))
                 }
                 Ok(VcpuExit::Shutdown) => Exit::Fault("triple fault (KVM shutdown exit): the guest crashed".into()),
-                Ok(VcpuExit::InternalError) => {
-                    let sub = self.vcpu.get_kvm_run().exit_reason;
-                    Exit::Fault(format!("KVM internal error (emulation failure?), exit reason {sub}"))
-                }
+                Ok(VcpuExit::InternalError) => Exit::Fault(self.internal_error()),
                 Ok(VcpuExit::FailEntry(reason, cpu)) => Exit::Fault(format!("KVM entry failure, reason 0x{reason:x} on cpu {cpu}")),
                 Ok(VcpuExit::Hlt) => Exit::Fault("hlt".into()),
                 Ok(other) => Exit::Fault(format!("unexpected KVM exit {other:?}")),
@@ -333,6 +330,26 @@ impl Vm {
                 Exit::Fault(reason) => return Ok(Stop::Fault(self.describe(reason))),
             }
         }
+    }
+
+    /// What KVM said about an internal-error exit: the suberror by name and its data words.
+    fn internal_error(&mut self) -> String {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: after a KVM_EXIT_INTERNAL_ERROR exit, `internal` is the union member KVM
+        // filled in; it is plain data, valid for any bit pattern.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let what = match internal.suberror {
+            kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => {
+                "emulation failure (KVM could not emulate an instruction: a jump or access past guest memory, or an instruction this host cannot run for the guest)"
+            }
+            kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "an exception while delivering another (simultaneous exceptions)",
+            kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "an exit while delivering an event",
+            kvm_bindings::KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON => "an exit reason KVM did not expect",
+            _ => "unknown suberror",
+        };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        let data: Vec<String> = internal.data[..n].iter().map(|d| format!("0x{d:x}")).collect();
+        format!("KVM internal error: {what} (suberror {}, data [{}])", internal.suberror, data.join(", "))
     }
 
     fn describe(&self, reason: String) -> String {
