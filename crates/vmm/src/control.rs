@@ -44,7 +44,7 @@ pub enum Command {
     /// on (from a clean slate), network output held if `hold` (with a tap), and every guest
     /// disk write also sent on `mirror` (with a disk). In-process only.
     #[serde(skip)]
-    Protect { mirror: Option<Sender<crate::checkpoint::DiskWrite>>, hold: bool },
+    Protect { mirror: Option<crate::mirror::MirrorSender>, hold: bool },
     /// Start holding the output of a VM protected with `hold: false`. In-process only.
     #[serde(skip)]
     HoldOutput,

@@ -240,7 +240,7 @@ fn disk_writes_are_mirrored_with_their_epoch() {
     let n = 40u64;
     config.args = vec!["disklog".into(), n.to_string(), "3".into()];
     let mut vm = Vm::create(config, console.boxed()).expect("create VM");
-    let (tx, rx) = std::sync::mpsc::channel();
+    let (tx, rx) = vmm::mirror_channel(vmm::mirror::MIRROR_LIMIT);
     vm.protect(Some(tx), true).expect("protect");
     let (ctl, inbox) = channel_pair().expect("control channel");
     let runner = std::thread::spawn(move || {
@@ -262,7 +262,7 @@ fn disk_writes_are_mirrored_with_their_epoch() {
         // When checkpoint k is taken, every write of epoch k is in the channel already, and
         // none of an earlier epoch arrives later (writes of epoch k+1 may follow at once: the
         // guest runs on).
-        pending.extend(rx.try_iter());
+        pending.extend(std::iter::from_fn(|| rx.try_recv()));
         let tags: Vec<u64> = pending.iter().map(|w| w.epoch).collect();
         assert!(tags.windows(2).all(|t| t[0] <= t[1]), "epochs out of order: {tags:?}");
         assert!(tags.iter().all(|e| (c.epoch..=c.epoch + 1).contains(e)), "after checkpoint {}: writes tagged {tags:?}", c.epoch);
@@ -275,7 +275,7 @@ fn disk_writes_are_mirrored_with_their_epoch() {
     assert_eq!(stop.expect("run"), Stop::Exited(0), "{}", console.text());
     // The last epoch, closed by a checkpoint of the stopped VM.
     let c = vm.checkpoint(None).expect("checkpoint after the run");
-    pending.extend(rx.try_iter());
+    pending.extend(std::iter::from_fn(|| rx.try_recv()));
     assert!(
         pending.iter().all(|w| w.epoch == c.epoch),
         "last epoch {}: {:?}",

@@ -22,9 +22,9 @@ use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vmm::checkpoint::{Checkpoint, DiskWrite};
+use vmm::checkpoint::Checkpoint;
 use vmm::memory::MemoryView;
-use vmm::{Command, Controller, Inbox, Stop, Vm};
+use vmm::{Command, Controller, Inbox, MirrorReceiver, MirrorSender, Stop, Vm};
 
 /// How to protect a VM.
 pub struct Options {
@@ -142,8 +142,8 @@ struct Driver {
     link: Option<Link>,
     next_conn: u64,
     connecting: Option<u64>,
-    mirror_tx: Sender<DiskWrite>,
-    mirror_rx: Arc<Mutex<Receiver<DiskWrite>>>,
+    mirror_tx: MirrorSender,
+    mirror_rx: Arc<Mutex<MirrorReceiver>>,
     spare: Vec<Vec<u8>>,
     pending: BTreeMap<u64, EpochStats>,
     /// The VM's configuration (JSON), for the backup's replica.
@@ -177,7 +177,7 @@ impl Driver {
                 stats::serve(addr, stats.clone(), Some((ptx, opts.key.clone()))).map_err(|e| format!("control address {addr}: {e}"))?;
             tracing::info!("{}: metrics on http://{bound}/metrics", opts.vm);
         }
-        let (mirror_tx, mirror_rx) = channel();
+        let (mirror_tx, mirror_rx) = vmm::mirror_channel(vmm::mirror::MIRROR_LIMIT);
         Ok(Driver {
             ctl,
             opts,
@@ -395,8 +395,9 @@ impl Driver {
                 let buffer = self.spare.pop();
                 let reply = self.call(Command::Checkpoint { buffer })?;
                 let pause_ns = t0.elapsed().as_nanos() as u64;
-                let c = reply.checkpoint.ok_or("the VM returned no checkpoint")?;
+                let mut c = reply.checkpoint.ok_or("the VM returned no checkpoint")?;
                 let (epoch, output_frames) = (c.epoch, c.output_frames);
+                let mirror_lost = c.disk_mirror_lost.take();
                 let e = EpochStats {
                     epoch,
                     pause_ns,
@@ -413,12 +414,16 @@ impl Driver {
                     self.pending.pop_first();
                 }
                 match &self.link {
-                    Some(l) => {
+                    Some(l) if mirror_lost.is_none() => {
                         let _ = l.out.send(Out::Checkpoint(c, sm.released()));
                     }
-                    None => self.spare.push(c.data),
+                    _ => self.spare.push(c.data),
                 }
                 more.extend(sm.handle(self.clock.now(), Event::Staged { epoch, output_frames }));
+                if let Some(reason) = mirror_lost {
+                    // The backup missed disk writes: drop it; protection starts anew.
+                    more.extend(sm.handle(self.clock.now(), Event::BackupLost { reason: format!("disk mirror: {reason}") }));
+                }
             }
             Action::Release { epoch } => {
                 if self.has_net {
@@ -438,6 +443,9 @@ impl Driver {
                     let _ = l.stream.shutdown(Shutdown::Both);
                     self.log(format!("backup connection closed: {reason}"));
                 }
+                // No backup needs the queued disk writes now (a new one synchronises from the
+                // disk), and a full mirror would keep the guest waiting.
+                self.mirror_rx.lock().unwrap_or_else(|e| e.into_inner()).clear();
             }
             Action::Lease(req) => {
                 let _ = self.arbiter.send(req);
@@ -523,7 +531,7 @@ fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, String> {
 }
 
 /// The sender thread of one connection.
-fn spawn_sender(conn: u64, stream: TcpStream, mirror: Arc<Mutex<Receiver<DiskWrite>>>, tx: Sender<Input>) -> Sender<Out> {
+fn spawn_sender(conn: u64, stream: TcpStream, mirror: Arc<Mutex<MirrorReceiver>>, tx: Sender<Input>) -> Sender<Out> {
     let (otx, orx) = channel::<Out>();
     let _ = std::thread::Builder::new().name(format!("repl-send-{conn}")).spawn(move || {
         let mut s = Sender_ { w: BufWriter::with_capacity(1 << 20, stream), mirror, counts: HashMap::new(), synced: false };
@@ -573,7 +581,7 @@ fn spawn_sender(conn: u64, stream: TcpStream, mirror: Arc<Mutex<Receiver<DiskWri
 
 struct Sender_ {
     w: BufWriter<TcpStream>,
-    mirror: Arc<Mutex<Receiver<DiskWrite>>>,
+    mirror: Arc<Mutex<MirrorReceiver>>,
     /// Disk writes sent per epoch on this connection.
     counts: HashMap<u64, u64>,
     /// Whether the synchronisation started (disk writes go out only after it: the ones
@@ -583,11 +591,14 @@ struct Sender_ {
 
 impl Sender_ {
     fn drain_mirror(&mut self) -> Result<(), String> {
+        let rx = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
         if !self.synced {
+            // What the guest writes before the synchronisation is in what it reads: drop it
+            // (the mirror is bounded, and a full one makes the guest wait).
+            rx.clear();
             return Ok(());
         }
-        let rx = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
-        while let Ok(d) = rx.try_recv() {
+        while let Some(d) = rx.try_recv() {
             *self.counts.entry(d.epoch).or_default() += 1;
             wire::write_msg(&mut self.w, &Msg::DiskWrite { epoch: d.epoch, offset: d.offset, data: d.data }).map_err(|e| e.to_string())?;
         }
@@ -597,10 +608,7 @@ impl Sender_ {
     /// All of memory, then all of the disk, while the VM runs; then the counts.
     fn sync(&mut self, view: &MemoryView, disk: Option<&std::path::Path>) -> Result<(), String> {
         // Writes queued before the synchronisation are in what it reads.
-        {
-            let rx = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
-            while rx.try_recv().is_ok() {}
-        }
+        self.mirror.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.counts.clear();
         self.synced = true;
         const CHUNK: u64 = 256;

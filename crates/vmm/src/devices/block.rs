@@ -2,11 +2,11 @@
 
 use crate::checkpoint::DiskWrite;
 use crate::memory::GuestMem;
+use crate::mirror::{MirrorSender, MIRROR_STALL};
 use crate::{error::io, Result};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::Sender;
 use vmm_abi::{
     BlockDesc, BlockRequest, BLOCK_FLUSH, BLOCK_IO_ERROR, BLOCK_MAX_DESCS, BLOCK_MAX_SECTORS, BLOCK_OK, BLOCK_READ, BLOCK_WRITE,
     SECTOR_SIZE,
@@ -22,11 +22,12 @@ pub struct Block {
 
 /// Where guest writes are mirrored while the VM is protected.
 struct Mirror {
-    tx: Sender<DiskWrite>,
+    tx: MirrorSender,
     /// The open epoch the next writes belong to.
     epoch: u64,
-    /// The receiver went away (at this epoch): replication is broken.
-    lost: Option<u64>,
+    /// Mirroring stopped (the receiver went away, or took nothing for too long): why, with
+    /// the epoch. The backup missed writes from then on.
+    lost: Option<String>,
 }
 
 impl Block {
@@ -39,7 +40,7 @@ impl Block {
 
     /// Mirrors every guest write from now on to `tx`, tagged with `epoch` (until
     /// [`Block::set_mirror_epoch`] changes it); `None` stops mirroring.
-    pub fn set_mirror(&mut self, tx: Option<Sender<DiskWrite>>, epoch: u64) {
+    pub fn set_mirror(&mut self, tx: Option<MirrorSender>, epoch: u64) {
         self.mirror = tx.map(|tx| Mirror { tx, epoch, lost: None });
     }
 
@@ -50,9 +51,9 @@ impl Block {
         }
     }
 
-    /// The epoch in which the mirror's receiver was found gone, if it was.
-    pub fn mirror_lost(&self) -> Option<u64> {
-        self.mirror.as_ref().and_then(|m| m.lost)
+    /// Why mirroring stopped (and in which epoch), if it did.
+    pub fn mirror_lost(&self) -> Option<&str> {
+        self.mirror.as_ref().and_then(|m| m.lost.as_deref())
     }
 
     /// Size in sectors.
@@ -108,8 +109,10 @@ impl Block {
                         break;
                     }
                     if let Some(m) = self.mirror.as_mut().filter(|m| m.lost.is_none()) {
-                        if m.tx.send(DiskWrite { epoch: m.epoch, offset: off, data: buf.clone() }).is_err() {
-                            m.lost = Some(m.epoch);
+                        // Waits while the mirror is full: the guest writes at the pace the
+                        // backup takes them.
+                        if let Err(e) = m.tx.send(DiskWrite { epoch: m.epoch, offset: off, data: buf.clone() }, MIRROR_STALL) {
+                            m.lost = Some(format!("epoch {}: {e}", m.epoch));
                         }
                     }
                 }
