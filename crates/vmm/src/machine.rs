@@ -95,7 +95,7 @@ pub struct Vm {
     pub(crate) clock: Clock,
     pub(crate) block: Option<Block>,
     pub(crate) tap: Option<Tap>,
-    console: Box<dyn Write + Send>,
+    console: crate::devices::console::Console,
     pub(crate) dirty_logging: bool,
     paused: bool,
     /// KVM_RUN left an exit whose completion needs one more KVM_RUN (see `settle`).
@@ -161,7 +161,7 @@ impl Vm {
             clock: Clock::new(0),
             block,
             tap,
-            console,
+            console: crate::devices::console::Console::new(console),
             dirty_logging: false,
             paused: false,
             unsettled: false,
@@ -281,7 +281,7 @@ impl Vm {
             i.detach();
         }
         self.clock.pause();
-        let _ = self.console.flush();
+        self.console.flush();
         result
     }
 
@@ -463,8 +463,7 @@ impl Vm {
                 }
                 let mut buf = vec![0; req.len as usize];
                 self.mem.read(req.addr, &mut buf)?;
-                let _ = self.console.write_all(&buf);
-                let _ = self.console.flush();
+                self.console.write(&buf);
             }
             PORT_CLOCK => {
                 self.mem.read_obj::<ClockRequest>(addr)?;
