@@ -105,6 +105,9 @@ pub struct Vm {
     pub(crate) protection: Option<crate::checkpoint::Protection>,
     /// The number the next protection epoch gets (epochs are never reused by a VM).
     pub(crate) next_epoch: u64,
+    /// The port exit being handled must be issued again by the guest (a block request
+    /// waiting for room in the disk mirror): its request block address.
+    retry_block: Option<u64>,
 }
 
 impl Vm {
@@ -168,6 +171,7 @@ impl Vm {
             exits: 0,
             protection: None,
             next_epoch: 1,
+            retry_block: None,
         };
         m.set_memory_slot(dirty)?;
         Ok(m)
@@ -322,7 +326,19 @@ impl Vm {
                 Exit::Out(port, value) => {
                     self.unsettled = true;
                     match self.port_out(port, value, inbox) {
-                        Ok(None) => {}
+                        Ok(None) => {
+                            if let Some(addr) = self.retry_block.take() {
+                                if self.rewind_out()? {
+                                    if let Some(stop) = self.wait_for_mirror(addr, inbox)? {
+                                        return Ok(stop);
+                                    }
+                                } else if let Some(Err(reason)) = self.block.as_mut().map(|b| b.request(&mut self.mem, addr)) {
+                                    // Not rewindable: the request runs now, its writes
+                                    // waiting for room one by one.
+                                    return Ok(Stop::Fault(self.describe(format!("port 0x{port:x}: {reason}"))));
+                                }
+                            }
+                        }
                         Ok(Some(stop)) => return Ok(stop),
                         Err(reason) => return Ok(Stop::Fault(self.describe(format!("port 0x{port:x}: {reason}")))),
                     }
@@ -356,6 +372,48 @@ impl Vm {
         match self.vcpu.get_regs() {
             Ok(r) => format!("{reason} (rip=0x{:x} rsp=0x{:x} rflags=0x{:x})", r.rip, r.rsp, r.rflags),
             Err(_) => reason,
+        }
+    }
+
+    /// Completes the pending `out` and puts the guest back on it, so that it issues it again
+    /// (and a checkpoint taken meanwhile records the request as not yet made). KVM leaves
+    /// `rip` on the instruction until the next KVM_RUN completes it; PVM (measured here) has
+    /// already moved it past: then the instruction is the one-byte `out dx, eax` (0xEF) before
+    /// `rip`. False (the instruction completed, not rewound) when neither holds.
+    fn rewind_out(&mut self) -> Result<bool> {
+        let before = self.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        self.settle()?;
+        let mut regs = self.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        let start = if regs.rip != before.rip {
+            Some(before.rip)
+        } else {
+            let mut op = [0u8];
+            let at = before.rip.checked_sub(1);
+            at.filter(|a| self.mem.read(*a, &mut op).is_ok() && op[0] == 0xef)
+        };
+        let Some(start) = start else { return Ok(false) };
+        regs.rip = start;
+        self.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        Ok(true)
+    }
+
+    /// The block request at `addr` does not fit in the disk mirror and the guest was put back
+    /// on its `out`: serves commands until the request fits.
+    fn wait_for_mirror(&mut self, addr: u64, inbox: Option<&Inbox>) -> Result<Option<Stop>> {
+        loop {
+            if let Some(inbox) = inbox {
+                self.vcpu.set_kvm_immediate_exit(0);
+                if let Some(stop) = self.handle_commands(inbox)? {
+                    return Ok(Some(stop));
+                }
+            }
+            let ready = match self.block.as_mut() {
+                Some(b) => b.ready(&self.mem, addr, std::time::Duration::from_millis(2)),
+                None => true,
+            };
+            if ready {
+                return Ok(None);
+            }
         }
     }
 
@@ -486,7 +544,13 @@ impl Vm {
                 self.mem.write_obj(addr, &IdleRequest { now_ns: self.clock.now_ns(), events, ..req })?;
             }
             PORT_BLOCK => match self.block.as_mut() {
-                Some(b) => b.request(&mut self.mem, addr)?,
+                Some(b) => {
+                    if b.ready(&self.mem, addr, std::time::Duration::ZERO) {
+                        b.request(&mut self.mem, addr)?
+                    } else {
+                        self.retry_block = Some(addr)
+                    }
+                }
                 None => return Err("block request but the VM has no disk".into()),
             },
             PORT_NET_TX | PORT_NET_RX => {

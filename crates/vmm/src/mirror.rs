@@ -1,9 +1,12 @@
 //! The disk mirror: guest disk writes on their way from the block device (on the vCPU thread)
 //! to the replication driver's sender, bounded by bytes.
 //!
-//! When the queue is full the block device waits (the guest's disk I/O slows to the pace at
-//! which the driver sends writes to the backup). If the driver takes nothing for
-//! [`MIRROR_STALL`], the wait ends: the queued writes are dropped, mirroring stops, and the
+//! A block request whose writes do not fit waits before it starts (the guest's disk I/O slows
+//! to the pace at which the driver sends writes to the backup): the VMM puts the guest back on
+//! its `out` instruction and serves control commands (checkpoints included) meanwhile, then
+//! lets the guest issue it again. Only a request larger than the whole mirror waits inside
+//! (after the mirror emptied), write by write. If the driver takes nothing for
+//! [`MIRROR_STALL`], waiting ends: the queued writes are dropped, mirroring stops, and the
 //! next checkpoint says so ([`crate::Checkpoint::disk_mirror_lost`]): the backup missed
 //! writes, so the driver must drop it and synchronise a backup anew.
 
@@ -111,6 +114,40 @@ impl MirrorSender {
             }
             q = self.shared.changed.wait_timeout(q, stall - waited).unwrap_or_else(|e| e.into_inner()).0;
         }
+    }
+
+    /// Waits up to `wait` until writes of `need` bytes fit (an empty mirror takes any
+    /// amount): `Ok(true)` when they do.
+    pub fn wait_room(&self, need: usize, wait: Duration) -> Result<bool, MirrorError> {
+        let deadline = Instant::now() + wait;
+        let mut q = self.shared.lock();
+        loop {
+            if q.receiver_gone {
+                return Err(MirrorError::Gone);
+            }
+            if q.bytes == 0 || q.bytes.saturating_add(need) <= self.shared.limit {
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            q = self.shared.changed.wait_timeout(q, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Bytes the receiver has taken so far (progress).
+    pub fn taken(&self) -> u64 {
+        self.shared.lock().taken
+    }
+
+    /// Drops every queued write (mirroring has stopped).
+    pub fn drop_queued(&self) -> usize {
+        let mut q = self.shared.lock();
+        let bytes = q.bytes;
+        q.writes.clear();
+        q.bytes = 0;
+        bytes
     }
 
     /// Bytes queued now.

@@ -230,7 +230,22 @@ fn disk_writes_are_mirrored_with_their_epoch() {
     if skip_without_kvm("disk_writes_are_mirrored_with_their_epoch") {
         return;
     }
-    let dir = scratch("ckpt-disk");
+    mirrored_writes(vmm::mirror::MIRROR_LIMIT, "ckpt-disk");
+}
+
+/// A mirror with room for two writes: requests that do not fit wait (the guest is put back on
+/// its `out`, checkpoints are taken meanwhile), and still every write is mirrored exactly
+/// once, in order, tagged with its epoch, and lands on the disk.
+#[test]
+fn a_full_disk_mirror_delays_writes_without_losing_or_repeating_any() {
+    if skip_without_kvm("a_full_disk_mirror_delays_writes_without_losing_or_repeating_any") {
+        return;
+    }
+    mirrored_writes(1024, "ckpt-disk-full");
+}
+
+fn mirrored_writes(limit: usize, tag: &str) {
+    let dir = scratch(tag);
     let disk = dir.join("disk.img");
     let sectors = 16u64;
     std::fs::write(&disk, vec![0u8; sectors as usize * 512]).expect("disk");
@@ -240,7 +255,7 @@ fn disk_writes_are_mirrored_with_their_epoch() {
     let n = 40u64;
     config.args = vec!["disklog".into(), n.to_string(), "3".into()];
     let mut vm = Vm::create(config, console.boxed()).expect("create VM");
-    let (tx, rx) = vmm::mirror_channel(vmm::mirror::MIRROR_LIMIT);
+    let (tx, rx) = vmm::mirror_channel(limit);
     vm.protect(Some(tx), true).expect("protect");
     let (ctl, inbox) = channel_pair().expect("control channel");
     let runner = std::thread::spawn(move || {

@@ -539,7 +539,9 @@ fn spawn_sender(conn: u64, stream: TcpStream, mirror: Arc<Mutex<MirrorReceiver>>
             loop {
                 match orx.recv_timeout(Duration::from_millis(2)) {
                     Ok(Out::Msg(m)) => {
-                        s.drain_mirror()?;
+                        // A heartbeat (or a hello) goes ahead of queued disk writes: it needs
+                        // no order with them, and behind a full mirror on a slow link it
+                        // would arrive seconds late.
                         wire::write_msg(&mut s.w, &m).map_err(|e| e.to_string())?;
                         s.w.flush().map_err(|e| e.to_string())?;
                     }
@@ -565,7 +567,8 @@ fn spawn_sender(conn: u64, stream: TcpStream, mirror: Arc<Mutex<MirrorReceiver>>
                         let _ = tx.send(Input::Sent { conn, epoch: c.epoch, transfer_ns, buffer: c.data });
                     }
                     Err(RecvTimeoutError::Timeout) => {
-                        s.drain_mirror()?;
+                        // A slice at a time, so that a checkpoint waits behind at most one.
+                        s.drain_mirror_upto(Some(1 << 20))?;
                         s.w.flush().map_err(|e| e.to_string())?;
                     }
                     Err(RecvTimeoutError::Disconnected) => return Ok(()),
@@ -590,8 +593,17 @@ struct Sender_ {
 }
 
 impl Sender_ {
+    /// Sends the disk writes queued now (not those the guest adds meanwhile: a guest that
+    /// writes as fast as the link carries would keep a drain going for ever).
     fn drain_mirror(&mut self) -> Result<(), String> {
+        self.drain_mirror_upto(None)
+    }
+
+    /// Sends queued disk writes: about `limit` bytes of them, or those queued now.
+    fn drain_mirror_upto(&mut self, limit: Option<usize>) -> Result<(), String> {
+        let mut taken = 0;
         let rx = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
+        let limit = limit.unwrap_or_else(|| rx.queued_bytes());
         if !self.synced {
             // What the guest writes before the synchronisation is in what it reads: drop it
             // (the mirror is bounded, and a full one makes the guest wait).
@@ -599,8 +611,12 @@ impl Sender_ {
             return Ok(());
         }
         while let Some(d) = rx.try_recv() {
+            taken += d.data.len();
             *self.counts.entry(d.epoch).or_default() += 1;
             wire::write_msg(&mut self.w, &Msg::DiskWrite { epoch: d.epoch, offset: d.offset, data: d.data }).map_err(|e| e.to_string())?;
+            if taken >= limit {
+                break;
+            }
         }
         Ok(())
     }
@@ -620,6 +636,10 @@ impl Sender_ {
             view.copy_range(first * PAGE as u64, &mut data).map_err(|e| e.to_string())?;
             wire::write_msg(&mut self.w, &Msg::Sync { first_page: first, data }).map_err(|e| e.to_string())?;
             first += n;
+            // Disk writes the guest makes meanwhile go out too (the backup holds them until
+            // their epoch commits, after the synchronisation), as many bytes as the chunk: a
+            // guest waiting for room in the mirror must not wait for the whole memory.
+            self.drain_mirror_upto(Some(n as usize * PAGE))?;
         }
         let mut chunks = 0;
         if let Some(path) = disk {
@@ -633,8 +653,10 @@ impl Sender_ {
                 wire::write_msg(&mut self.w, &Msg::DiskSync { offset: off, data }).map_err(|e| e.to_string())?;
                 chunks += 1;
                 off += n as u64;
-                // Writes made after this chunk was read follow it.
-                self.drain_mirror()?;
+                // Writes made after this chunk was read follow it; at most as many bytes as
+                // the chunk, so that a guest writing without pause shares the link with the
+                // synchronisation instead of starving it (the rest stays queued, in order).
+                self.drain_mirror_upto(Some(n))?;
             }
         }
         wire::write_msg(&mut self.w, &Msg::SyncEnd { pages, disk_chunks: chunks }).map_err(|e| e.to_string())?;

@@ -28,6 +28,8 @@ struct Mirror {
     /// Mirroring stopped (the receiver went away, or took nothing for too long): why, with
     /// the epoch. The backup missed writes from then on.
     lost: Option<String>,
+    /// A request has waited for room since then, when the receiver had taken so many bytes.
+    waiting: Option<(std::time::Instant, u64)>,
 }
 
 impl Block {
@@ -41,7 +43,7 @@ impl Block {
     /// Mirrors every guest write from now on to `tx`, tagged with `epoch` (until
     /// [`Block::set_mirror_epoch`] changes it); `None` stops mirroring.
     pub fn set_mirror(&mut self, tx: Option<MirrorSender>, epoch: u64) {
-        self.mirror = tx.map(|tx| Mirror { tx, epoch, lost: None });
+        self.mirror = tx.map(|tx| Mirror { tx, epoch, lost: None, waiting: None });
     }
 
     /// The epoch of the writes from now on.
@@ -64,6 +66,47 @@ impl Block {
     /// The backing file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the request at `addr` may run now: while the VM is protected, its writes must
+    /// fit in the disk mirror (an empty mirror takes any request). Waits up to `wait` for
+    /// room. When the mirror's receiver takes nothing for [`MIRROR_STALL`], mirroring stops
+    /// (see [`Block::mirror_lost`]) and the request may run.
+    pub fn ready(&mut self, mem: &GuestMem, addr: u64, wait: std::time::Duration) -> bool {
+        let Some(m) = self.mirror.as_mut().filter(|m| m.lost.is_none()) else { return true };
+        let need = write_bytes(mem, addr);
+        if need == 0 {
+            return true;
+        }
+        match m.tx.wait_room(need, wait) {
+            Ok(true) => {
+                m.waiting = None;
+                true
+            }
+            Ok(false) => {
+                let taken = m.tx.taken();
+                match m.waiting {
+                    Some((since, t)) if t == taken => {
+                        if since.elapsed() < MIRROR_STALL {
+                            return false;
+                        }
+                        let queued = m.tx.drop_queued();
+                        let e = crate::mirror::MirrorError::Stalled { queued, waited: since.elapsed() };
+                        m.lost = Some(format!("epoch {}: {e}", m.epoch));
+                        m.waiting = None;
+                        true
+                    }
+                    _ => {
+                        m.waiting = Some((std::time::Instant::now(), taken));
+                        false
+                    }
+                }
+            }
+            Err(e) => {
+                m.lost = Some(format!("epoch {}: {e}", m.epoch));
+                true
+            }
+        }
     }
 
     /// Handles one [`BlockRequest`] at `addr`. Host I/O errors become `BLOCK_IO_ERROR` for the
@@ -121,6 +164,19 @@ impl Block {
         }
         mem.write_obj(addr, &BlockRequest { status, ..req })
     }
+}
+
+/// Bytes a block request would write (0 when it cannot be read: it will fault).
+fn write_bytes(mem: &GuestMem, addr: u64) -> usize {
+    let Ok(req) = mem.read_obj::<BlockRequest>(addr) else { return 0 };
+    let mut total = 0usize;
+    for i in 0..req.count.min(BLOCK_MAX_DESCS) as u64 {
+        let Ok(d) = mem.read_obj::<BlockDesc>(req.descs.wrapping_add(i * std::mem::size_of::<BlockDesc>() as u64)) else { break };
+        if d.op == BLOCK_WRITE && d.sectors <= BLOCK_MAX_SECTORS {
+            total += d.sectors as usize * SECTOR_SIZE as usize;
+        }
+    }
+    total
 }
 
 #[cfg(test)]
