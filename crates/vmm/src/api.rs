@@ -148,9 +148,17 @@ pub fn call(path: &Path, cmd: &Command) -> Result<Reply> {
     let mut conn = UnixStream::connect(path).map_err(|e| api_err(format!("cannot connect: {e}")))?;
     let mut text = serde_json::to_string(cmd).map_err(|e| api_err(e.to_string()))?;
     text.push('\n');
-    conn.write_all(text.as_bytes()).map_err(|e| api_err(format!("cannot send: {e}")))?;
+    // The server may have answered and closed before reading (too many clients): a failed
+    // send still leaves its reply to read.
+    let sent = conn.write_all(text.as_bytes());
     let mut line = String::new();
-    BufReader::new(conn.take(1 << 30)).read_line(&mut line).map_err(|e| api_err(format!("cannot read the reply: {e}")))?;
+    let read = BufReader::new(conn.take(1 << 30)).read_line(&mut line);
+    match (sent, read) {
+        (_, Ok(n)) if n > 0 => {}
+        (Err(e), _) => return Err(api_err(format!("cannot send: {e}"))),
+        (Ok(()), Err(e)) => return Err(api_err(format!("cannot read the reply: {e}"))),
+        (Ok(()), Ok(_)) => return Err(api_err("the VM closed the connection without a reply".into())),
+    }
     serde_json::from_str(&line).map_err(|e| api_err(format!("bad reply {line:?}: {e}")))
 }
 
