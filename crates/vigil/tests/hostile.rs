@@ -290,13 +290,20 @@ fn a_disk_flood_over_a_slow_replication_link_stays_bounded() {
     let _arbiter =
         Proc::spawn(&tb.switch, vigil(), &["arbiter".into(), "--listen".into(), ARBITER.into()], dir.join("arbiter.log")).expect("arbiter");
     std::thread::sleep(Duration::from_millis(100));
+    // Failure detection at 1 s instead of 60 ms on both sides: this test is about memory on a
+    // saturated link of a loaded 2-core machine, where a 16 MiB guest request alone can hold
+    // the vCPU thread for tens of milliseconds; the failure detector is the failover tests'.
+    let timing: Vec<String> =
+        ["--heartbeat-ms", "50", "--timeout-ms", "1000", "--lease-ms", "1500", "--renew-ms", "100"].map(String::from).to_vec();
     let mut backup_args = Host::B.backup_args(None);
     backup_args.extend(["--disk".into(), db.display().to_string()]);
+    backup_args.extend(timing.clone());
     let mut backup = Proc::spawn(&tb.b, vigil(), &backup_args, dir.join("backup.log")).expect("backup");
     backup.wait_for("backup: listening", 1, 10).expect("backup listening");
     let mut args: Vec<String> = ["vm", "run", "--mem", "16", "--disk"].map(String::from).to_vec();
     args.push(da.display().to_string());
     args.extend(Host::A.protect_args(&Host::B.backup_addr(), "hostile"));
+    args.extend(timing);
     // The flood starts once the backup is synchronised (a guest can time it so).
     args.extend(["--image".into(), hostile().display().to_string(), "--".into(), "disk-flood".into(), flood_mib.into(), "3000".into()]);
     let mut primary = Proc::spawn(&tb.a, vigil(), &args, dir.join("primary.log")).expect("primary");
