@@ -36,6 +36,16 @@ pub enum Error {
 }
 
 impl Error {
+    /// The exit status of a VM's process that ends with this error: invalid input (a VM
+    /// specification, replication settings) or a VMM that could not run the VM
+    /// ([`crate::vm::status`]).
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            Error::Spec { .. } | Error::Settings(_) => crate::vm::status::INVALID,
+            _ => crate::vm::status::VMM_ERROR,
+        }
+    }
+
     pub fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { what, path: path.into(), source }
     }

@@ -231,18 +231,74 @@ impl Scheduling {
     }
 }
 
-/// How a VM's run ended, as an exit status: the guest's own, 3 if it faulted, 4 if another
-/// copy of it took over (fenced).
-pub fn exit_status(o: &Outcome) -> u8 {
-    match o {
-        Outcome::Stopped(Stop::Exited(s)) => (*s).min(255) as u8,
-        Outcome::Stopped(Stop::Quit) => 0,
-        Outcome::Stopped(Stop::Fault(reason)) => {
-            tracing::error!("guest fault: {reason}");
-            3
-        }
-        Outcome::Fenced { .. } => 4,
+/// The exit statuses of a process that runs a VM (`vigil vm run`, `vigil vm restore`,
+/// `vigil backup`): each status means one thing.
+pub mod status {
+    /// An invalid command line or VM specification (options, spec file): nothing ran. The
+    /// same status as every other `vigil` command's invalid input.
+    pub const INVALID: u8 = 2;
+    /// The guest exited with a status up to this one: the process exits with the same status.
+    pub const GUEST_MAX: u8 = 123;
+    /// The guest exited with a status above [`GUEST_MAX`] (its own status is reported on
+    /// stderr and in `--json`).
+    pub const GUEST_OUT_OF_RANGE: u8 = 124;
+    /// The VMM failed: invalid input (image, snapshot, options), KVM, host I/O.
+    pub const VMM_ERROR: u8 = 125;
+    /// The guest faulted (broke the ABI, crashed, or KVM could not run it).
+    pub const GUEST_FAULT: u8 = 126;
+    /// Another copy of the VM took over (fenced): this one was stopped.
+    pub const FENCED: u8 = 127;
+}
+
+/// How a VM's run ended, for people (stderr) and tools (`--json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunReport {
+    /// The VM.
+    pub vm: String,
+    /// `exited`, `quit`, `fault`, `fenced` or `error`.
+    pub outcome: String,
+    /// The guest's own exit status (`exited` only), whatever its value.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub guest_status: Option<u32>,
+    /// The fault's reason, the holder that fenced this copy, or the error.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub detail: Option<String>,
+    /// The process's exit status (see [`status`]).
+    pub exit_status: u8,
+}
+
+impl RunReport {
+    /// The report of a run that ended with `o`; says on stderr (log) what is not a plain
+    /// exit 0.
+    pub fn of(vm: &str, o: &Outcome) -> RunReport {
+        let (outcome, guest_status, detail, exit_status) = match o {
+            Outcome::Stopped(Stop::Exited(s)) => {
+                let st = if *s <= status::GUEST_MAX as u32 { *s as u8 } else { status::GUEST_OUT_OF_RANGE };
+                if *s != 0 {
+                    tracing::info!("{vm}: guest exited with status {s} (exit status {st})");
+                }
+                ("exited", Some(*s), None, st)
+            }
+            Outcome::Stopped(Stop::Quit) => ("quit", None, None, 0),
+            Outcome::Stopped(Stop::Fault(reason)) => {
+                tracing::error!("guest fault: {reason}");
+                ("fault", None, Some(reason.clone()), status::GUEST_FAULT)
+            }
+            Outcome::Fenced { holder } => ("fenced", None, Some(holder.clone()), status::FENCED),
+        };
+        RunReport { vm: vm.to_owned(), outcome: outcome.into(), guest_status, detail, exit_status }
     }
+
+    /// The report of a run that could not be done (the error is printed by the caller):
+    /// `exit_status` is [`status::INVALID`] or [`status::VMM_ERROR`] (see [`Error::exit_status`]).
+    pub fn error(vm: &str, error: String, exit_status: u8) -> RunReport {
+        RunReport { vm: vm.to_owned(), outcome: "error".into(), guest_status: None, detail: Some(error), exit_status }
+    }
+}
+
+/// How a VM's run ended, as an exit status ([`status`]).
+pub fn exit_status(o: &Outcome) -> u8 {
+    RunReport::of("vm", o).exit_status
 }
 
 impl VmSpec {
@@ -335,6 +391,11 @@ pub fn apply_placement(spec: &VmSpec) -> Result<()> {
 /// Runs the VM of `spec` in this process until it stops (or, protected, is fenced); returns
 /// the exit status ([`exit_status`]).
 pub fn run(spec: &VmSpec) -> Result<u8> {
+    run_outcome(spec).map(|o| exit_status(&o))
+}
+
+/// As [`run`], returning how the run ended.
+pub fn run_outcome(spec: &VmSpec) -> Result<Outcome> {
     spec.check()?;
     apply_placement(spec)?;
     if let Some(dir) = &spec.restore {
@@ -370,7 +431,7 @@ fn announce_again(ctl: vmm::Controller) {
 
 /// The destination of a migration: the VM continues from the source's snapshot on this host's
 /// tap, announces its address here, and runs.
-fn run_restored(spec: &VmSpec, dir: &Path) -> Result<u8> {
+fn run_restored(spec: &VmSpec, dir: &Path) -> Result<Outcome> {
     let vmm_err = |source| Error::Vmm { vm: spec.name.clone(), source };
     let overrides = vmm::snapshot::RestoreOverrides { tap: spec.net.as_ref().map(|n| n.tap.clone()), disk: spec.disk.clone() };
     let t0 = std::time::Instant::now();
@@ -384,14 +445,14 @@ fn run_restored(spec: &VmSpec, dir: &Path) -> Result<u8> {
     drive(vm, spec.api.as_deref(), &spec.name, spec.net.as_ref().is_some_and(|n| n.ip.is_some()), &spec.scheduling)
 }
 
-/// Restores a VM from a snapshot directory and runs it.
+/// Restores a VM from a snapshot directory and runs it; returns how the run ended.
 pub fn restore(
     dir: &Path,
     overrides: &vmm::snapshot::RestoreOverrides,
     paused: bool,
     api: Option<&Path>,
     domain: Option<&DomainSpec>,
-) -> Result<u8> {
+) -> Result<Outcome> {
     let name = dir.display().to_string();
     let mut vm = Vm::restore(dir, overrides, Box::new(std::io::stdout())).map_err(|source| Error::Vmm { vm: name.clone(), source })?;
     if !paused {
@@ -404,7 +465,7 @@ pub fn restore(
 /// Runs `vm` until it stops, serving its control socket at `api_path`; with `announce`, its
 /// address is announced again shortly after the start ([`announce_again`]). The calling thread
 /// runs the vCPU, under `sched` (applied once every other thread is started).
-fn drive(mut vm: Vm, api_path: Option<&Path>, name: &str, announce: bool, sched: &Scheduling) -> Result<u8> {
+fn drive(mut vm: Vm, api_path: Option<&Path>, name: &str, announce: bool, sched: &Scheduling) -> Result<Outcome> {
     let vmm_err = |source| Error::Vmm { vm: name.to_owned(), source };
     if api_path.is_none() && vm.paused() {
         return Err(Error::Spec { vm: name.into(), reason: "a paused VM needs a control socket to be resumed".into() });
@@ -416,10 +477,10 @@ fn drive(mut vm: Vm, api_path: Option<&Path>, name: &str, announce: bool, sched:
     }
     sched.apply_to_vcpu().map_err(|reason| Error::Spec { vm: name.into(), reason })?;
     let stop = vm.run(Some(&inbox)).map_err(vmm_err)?;
-    Ok(exit_status(&Outcome::Stopped(stop)))
+    Ok(Outcome::Stopped(stop))
 }
 
-fn run_protected(vm: Vm, spec: &VmSpec, p: &Protection, announce: bool) -> Result<u8> {
+fn run_protected(vm: Vm, spec: &VmSpec, p: &Protection, announce: bool) -> Result<Outcome> {
     let vmm_err = |source| Error::Vmm { vm: spec.name.clone(), source };
     let (ctl, inbox) = vmm::channel_pair().map_err(vmm_err)?;
     if announce {
@@ -445,7 +506,7 @@ fn run_protected(vm: Vm, spec: &VmSpec, p: &Protection, announce: bool) -> Resul
     };
     let outcome = protection::primary::run(vm, ctl, inbox, opts, protection::primary::Start::Fresh, protection::Clock::new())
         .map_err(|reason| Error::Replication { vm: spec.name.clone(), reason })?;
-    Ok(exit_status(&outcome))
+    Ok(outcome)
 }
 
 /// The backup host's side of a protected VM.

@@ -26,6 +26,10 @@ use std::collections::VecDeque;
 /// own retransmissions cover it.
 pub const MAX_OUTPUT: usize = 64 << 20;
 
+/// Most bytes of disk writes held for epochs not yet committed; beyond it the checkpoint is
+/// refused (protection ends with the reason, and the primary synchronises a backup anew).
+pub const DISK_HOLD_LIMIT: usize = 256 << 20;
+
 /// What happened, as the driver reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -129,6 +133,8 @@ pub struct Backup {
     released: u64,
     /// Disk writes not yet committed: (epoch, offset, data).
     disk: Vec<(u64, u64, Vec<u8>)>,
+    /// Bytes of data in `disk` (counted from the last time it was empty).
+    disk_bytes: usize,
     /// Disk writes in the checkpoint being applied.
     committed_writes: u64,
     /// Initial synchronisation: pages and disk chunks received, and whether it ended.
@@ -158,6 +164,7 @@ impl Backup {
             kept_output: VecDeque::new(),
             released: 0,
             disk: Vec::new(),
+            disk_bytes: 0,
             committed_writes: 0,
             sync_pages: 0,
             sync_chunks: 0,
@@ -364,6 +371,17 @@ impl Backup {
                 if self.expected_epoch().is_some_and(|e| epoch < e) {
                     return self.refuse(epoch, format!("disk write for epoch {epoch}, which is already committed"), out);
                 }
+                if self.disk.is_empty() {
+                    self.disk_bytes = 0;
+                }
+                self.disk_bytes = self.disk_bytes.saturating_add(data.len());
+                if self.disk_bytes > DISK_HOLD_LIMIT {
+                    let reason = format!(
+                        "disk writes of uncommitted epochs exceed {} MiB held (epoch {epoch}): the primary writes faster than checkpoints commit",
+                        DISK_HOLD_LIMIT >> 20
+                    );
+                    return self.refuse(epoch, reason, out);
+                }
                 self.disk.push((epoch, offset, data));
             }
             Msg::Pages { epoch, pages, data } => {
@@ -410,6 +428,7 @@ impl Backup {
                 }
                 // Writes tagged before the first committed epoch belong to the synchronisation.
                 let (commit, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.disk).into_iter().partition(|(e, _, _)| *e <= epoch);
+                self.disk_bytes = keep.iter().map(|(_, _, d)| d.len()).sum();
                 self.disk = keep;
                 self.committed_writes = commit.len() as u64;
                 self.staging = Some((epoch, staged));
@@ -591,6 +610,35 @@ mod tests {
         let out = b.handle(22, commit(2, 0, 2));
         assert!(refused(&out).is_some_and(|r| r.contains("1 of 2 disk writes")), "{out:?}");
         assert_eq!(b.committed(), Some(1));
+    }
+
+    /// The backup holds uncommitted disk writes in memory: a primary that streams writes for
+    /// an epoch that never commits is refused at the limit, not followed until memory runs out.
+    #[test]
+    fn uncommitted_disk_writes_are_bounded() {
+        let mut b = synced();
+        apply(&mut b, 1);
+        let chunk = 1 << 20;
+        for i in 0..DISK_HOLD_LIMIT / chunk {
+            let out = b.handle(20, Event::Received(Msg::DiskWrite { epoch: 2, offset: 0, data: vec![1; chunk] }));
+            assert!(refused(&out).is_none(), "write {i}: {out:?}");
+        }
+        let out = b.handle(21, Event::Received(Msg::DiskWrite { epoch: 2, offset: 0, data: vec![1; 512] }));
+        assert!(refused(&out).is_some_and(|r| r.contains("exceed 256 MiB held (epoch 2)")), "{out:?}");
+        assert_eq!(b.committed(), Some(1));
+        // Committed writes no longer count.
+        let mut b = synced();
+        apply(&mut b, 1);
+        for e in 2..6u64 {
+            for _ in 0..DISK_HOLD_LIMIT / chunk / 2 {
+                b.handle(20, Event::Received(Msg::DiskWrite { epoch: e, offset: 0, data: vec![1; chunk] }));
+            }
+            b.handle(10 * e, Event::Received(Msg::Pages { epoch: e, pages: vec![1], data: vec![7; 4096] }));
+            let out = b.handle(10 * e + 1, commit(e, 1, (DISK_HOLD_LIMIT / chunk / 2) as u64));
+            assert!(out.iter().any(|a| matches!(a, Action::Apply { .. })), "epoch {e}: {out:?}");
+            b.handle(10 * e + 2, Event::Applied { epoch: e, result: Ok(()) });
+        }
+        assert_eq!(b.committed(), Some(5));
     }
 
     #[test]

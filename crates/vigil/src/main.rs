@@ -85,15 +85,31 @@ pub enum Outcome {
     Invalid = 2,
 }
 
-/// The exit status of a command that runs a VM (its own status, or 2 with the error).
+/// The exit status of a command that returns its own (or 2 with the error).
 fn status(r: anyhow::Result<u8>) -> ExitCode {
     match r {
         Ok(status) => ExitCode::from(status),
         Err(e) => {
-            eprintln!("{}", format!("{e:#}").replace('\n', " "));
+            eprintln!("{}", describe(&e));
             ExitCode::from(Outcome::Invalid as u8)
         }
     }
+}
+
+/// An error and its causes on one line, each cause said once (an error's message often
+/// includes its source's already).
+pub(crate) fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string().replace('\n', " ");
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 /// Log lines (`tracing`) on stderr: info and up, or the level in `VIGIL_LOG`
@@ -127,7 +143,7 @@ fn main() -> ExitCode {
         Command::Keep(args) => return status(cluster::keep(&args)),
     };
     let outcome = result.unwrap_or_else(|e| {
-        eprintln!("{}", format!("{e:#}").replace('\n', " "));
+        eprintln!("{}", describe(&e));
         Outcome::Invalid
     });
     ExitCode::from(outcome as u8)

@@ -1,6 +1,6 @@
 //! `vigil vm`: run, restore and control unikernel VMs (the `agent` and `vmm` crates do the work).
 
-use agent::vm::{Ipv4Cidr, Mac, NetSpec, Scheduling};
+use agent::vm::{Ipv4Cidr, Mac, NetSpec, RunReport, Scheduling};
 use agent::VmSpec;
 use anyhow::{bail, Context, Result};
 use clap::{Args as ClapArgs, Subcommand};
@@ -16,9 +16,11 @@ pub struct Args {
 
 #[derive(Subcommand)]
 enum VmCommand {
-    /// Boot a guest image. Exit status: the guest's, 3 if the guest faulted, 2 on VMM errors.
+    /// Boot a guest image. Exit status: the guest's own (0-123), 124 the guest's status was
+    /// above 123 (it is printed on stderr and in --json), 125 the VMM failed (bad input, KVM,
+    /// I/O), 126 the guest faulted, 127 another copy took over (fenced).
     Run(Box<RunArgs>),
-    /// Continue a VM from a snapshot directory, in this new process.
+    /// Continue a VM from a snapshot directory, in this new process (exit status as `run`).
     Restore(RestoreArgs),
     /// Pause a running VM (its clock stops).
     Pause(ApiArg),
@@ -93,6 +95,10 @@ struct RunArgs {
     /// Start with dirty-page logging on.
     #[arg(long)]
     dirty_log: bool,
+    /// When the VM ends, print how as one JSON line on stdout (after the guest's output):
+    /// outcome, the guest's own status, the fault, the exit status.
+    #[arg(long)]
+    json: bool,
     /// Pin the VMM to these CPUs (comma-separated).
     #[arg(long, value_delimiter = ',', value_name = "CPU,...")]
     cpus: Vec<usize>,
@@ -116,10 +122,11 @@ struct RunArgs {
 struct RestoreArgs {
     /// Snapshot directory.
     dir: PathBuf,
-    /// Tap device (default: the one in the snapshot).
+    /// Tap device; required when the snapshot's VM had one (a snapshot's host paths are not
+    /// trusted: the command line confirms them).
     #[arg(long)]
     tap: Option<String>,
-    /// Disk image (default: the one in the snapshot).
+    /// Disk image; required when the snapshot's VM had one (as for --tap).
     #[arg(long)]
     disk: Option<PathBuf>,
     /// Control socket.
@@ -128,6 +135,9 @@ struct RestoreArgs {
     /// Stay paused until a `resume` on the control socket.
     #[arg(long, requires = "api")]
     paused: bool,
+    /// As `run --json`.
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     domain: DomainArgs,
 }
@@ -154,30 +164,14 @@ impl DomainArgs {
 pub fn run(args: &Args) -> Result<u8> {
     match &args.command {
         VmCommand::Run(a) => {
-            if let Some(file) = &a.spec {
-                return Ok(agent::vm::run(&load_spec::<VmSpec>(file)?)?);
-            }
-            let image = a.image.clone().context("--image or --spec")?;
-            let mut spec = VmSpec::new(&image, a.mem);
-            spec.args = a.args.clone();
-            spec.disk = a.disk.clone();
-            spec.api = a.api.clone();
-            spec.dirty_log = a.dirty_log;
-            spec.domain = a.domain.spec();
-            spec.net = a.tap.clone().map(|tap| NetSpec { tap, ip: a.ip, gateway: a.gateway, mac: a.mac, bridge: None });
-            if a.tap.is_none() && (a.ip.is_some() || a.gateway.is_some() || a.mac.is_some()) {
-                bail!("--ip, --gateway and --mac need --tap");
-            }
-            spec.scheduling = Scheduling { cpus: a.cpus.clone(), fifo_priority: a.priority, reservation: a.reservation };
-            if let Some(name) = &a.protect.name {
-                spec.name = name.clone();
-            }
-            spec.protection = a.protect.protection()?;
-            Ok(agent::vm::run(&spec)?)
+            let name = a.spec.as_ref().or(a.image.as_ref()).and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned());
+            let name = a.protect.name.clone().or(name).unwrap_or_else(|| "vm".into());
+            Ok(finish(a.json, &name, run_spec(a).and_then(|spec| Ok(agent::vm::run_outcome(&spec)?))))
         }
         VmCommand::Restore(a) => {
             let overrides = RestoreOverrides { tap: a.tap.clone(), disk: a.disk.clone() };
-            Ok(agent::vm::restore(&a.dir, &overrides, a.paused, a.api.as_deref(), a.domain.spec().as_ref())?)
+            let outcome = agent::vm::restore(&a.dir, &overrides, a.paused, a.api.as_deref(), a.domain.spec().as_ref());
+            Ok(finish(a.json, &a.dir.display().to_string(), outcome.map_err(anyhow::Error::from)))
         }
         VmCommand::Pause(api) => simple(&api.api, Command::Pause),
         VmCommand::Resume(api) => simple(&api.api, Command::Resume),
@@ -205,6 +199,56 @@ pub fn run(args: &Args) -> Result<u8> {
             simple(&api.api, cmd)
         }
     }
+}
+
+/// The VM spec `vigil vm run` describes.
+fn run_spec(a: &RunArgs) -> Result<VmSpec> {
+    if let Some(file) = &a.spec {
+        return load_spec::<VmSpec>(file);
+    }
+    let image = a.image.clone().context("--image or --spec")?;
+    let mut spec = VmSpec::new(&image, a.mem);
+    spec.args = a.args.clone();
+    spec.disk = a.disk.clone();
+    spec.api = a.api.clone();
+    spec.dirty_log = a.dirty_log;
+    spec.domain = a.domain.spec();
+    spec.net = a.tap.clone().map(|tap| NetSpec { tap, ip: a.ip, gateway: a.gateway, mac: a.mac, bridge: None });
+    if a.tap.is_none() && (a.ip.is_some() || a.gateway.is_some() || a.mac.is_some()) {
+        bail!("--ip, --gateway and --mac need --tap");
+    }
+    spec.scheduling = Scheduling { cpus: a.cpus.clone(), fifo_priority: a.priority, reservation: a.reservation };
+    if let Some(name) = &a.protect.name {
+        spec.name = name.clone();
+    }
+    spec.protection = a.protect.protection()?;
+    Ok(spec)
+}
+
+/// Reports how a VM's run ended (an error on stderr; with `json`, a [`RunReport`] line on
+/// stdout) and returns its exit status (`agent::vm::status`).
+fn finish(json: bool, vm: &str, r: Result<agent::protection::primary::Outcome>) -> u8 {
+    let report = match r {
+        Ok(o) => RunReport::of(vm, &o),
+        Err(e) => {
+            let text = crate::describe(&e);
+            eprintln!("{text}");
+            RunReport::error(vm, text, error_status(&e))
+        }
+    };
+    if json {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = out.flush();
+        let _ = writeln!(out, "{}", serde_json::to_string(&report).unwrap_or_default());
+    }
+    report.exit_status
+}
+
+/// The exit status of a VM's process that ends with `e`: invalid input (the command line,
+/// a spec file, a VM specification) or a VMM that could not run the VM.
+pub fn error_status(e: &anyhow::Error) -> u8 {
+    e.downcast_ref::<agent::Error>().map_or(agent::vm::status::INVALID, agent::Error::exit_status)
 }
 
 /// A JSON spec file; the error names the file and what is wrong.

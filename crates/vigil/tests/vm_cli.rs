@@ -110,14 +110,40 @@ fn exit_statuses_and_errors() {
         return;
     }
     let image = guest("counter");
-    let run = |args: &[&str]| vigil().args(["vm", "run", "--mem", "16", "--image"]).arg(&image).arg("--").args(args).output().expect("run");
-    assert_eq!(run(&["exit", "9"]).status.code(), Some(9));
+    let run = |args: &[&str]| {
+        vigil().args(["vm", "run", "--json", "--mem", "16", "--image"]).arg(&image).arg("--").args(args).output().expect("run")
+    };
+    let report = |out: &std::process::Output| -> serde_json::Value {
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.lines().last().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {text}"))
+    };
+    // Exit statuses mean one thing each: the guest's own up to 123, 124 above it (the exact
+    // status on stderr and in --json), 125 a VMM error, 126 a guest fault.
+    for (status, code) in [(0u32, 0), (3, 3), (9, 9), (123, 123), (125, 124), (300, 124), (u32::MAX, 124)] {
+        let out = run(&["exit", &status.to_string()]);
+        assert_eq!(out.status.code(), Some(code), "guest status {status}");
+        let r = report(&out);
+        assert_eq!(
+            (r["outcome"].as_str(), r["guest_status"].as_u64(), r["exit_status"].as_u64()),
+            (Some("exited"), Some(status as u64), Some(code as u64))
+        );
+        if status != 0 {
+            assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("guest exited with status {status}")), "{status}");
+        }
+    }
     let fault = run(&["fault"]);
-    assert_eq!(fault.status.code(), Some(3));
+    assert_eq!(fault.status.code(), Some(126));
     assert!(String::from_utf8_lossy(&fault.stderr).contains("guest fault: triple fault"));
-    let bad = vigil().args(["vm", "run", "--image", "Cargo.toml"]).output().expect("run");
-    assert_eq!(bad.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("Cargo.toml: not an ELF file"));
+    assert_eq!(report(&fault)["outcome"], "fault");
+    let bad = vigil().args(["vm", "run", "--json", "--image", "Cargo.toml"]).output().expect("run");
+    assert_eq!(bad.status.code(), Some(125));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("Cargo.toml: not an ELF file"), "{stderr}");
+    assert_eq!(report(&bad)["outcome"], "error");
+    let missing = vigil().args(["vm", "run", "--image", "/nonexistent/image"]).output().expect("run");
+    assert_eq!(missing.status.code(), Some(125));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(stderr.matches("No such file").count(), 1, "the cause once: {stderr}");
     let none = vigil().args(["vm", "status", "--api", "/nonexistent/sock"]).output().expect("run");
     assert_eq!(none.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&none.stderr).contains("/nonexistent/sock"));
@@ -170,10 +196,10 @@ fn a_vm_is_introduced_and_released_in_the_store() {
     assert!(pos("state /local/domain/5/state") < pos("intro @introduceDomain"));
     assert!(pos("intro @introduceDomain") < pos("release @releaseDomain"));
     assert_eq!(watcher.try_read("/local/domain/5").expect("read"), None, "the domain's nodes are removed");
-    // Without a store the VM does not start.
+    // Without a store the VM does not start (a VMM error, 125).
     let out =
         vigil().args(["vm", "run", "--store", "/nonexistent/store.sock", "--domid", "5", "--image"]).arg(&image).output().expect("run");
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/store.sock"), "{}", String::from_utf8_lossy(&out.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }

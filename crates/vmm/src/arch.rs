@@ -14,10 +14,13 @@ const PDPT_ADDR: u64 = PML4_ADDR + 0x1000;
 const PT0_ADDR: u64 = PML4_ADDR + 0x2000;
 const PD_ADDR: u64 = PML4_ADDR + 0x3000;
 const TSS_ADDR: u64 = GDT_ADDR + 0x100;
-/// The TSS's I/O permission bitmap (all zero: every port of the first 2048 allowed) follows
-/// the 0x68-byte TSS; its limit covers the bitmap and a terminating 0xff byte.
+/// The TSS's I/O permission bitmap follows the 0x68-byte TSS: 257 zero bytes allow ports
+/// 0–2055 (the ABI's 0–2047, and the bytes 2048–2050 that a 4-byte access at 2045–2047 also
+/// touches, so that such an access reaches the VMM, which reports "no device", instead of
+/// faulting); the limit covers the bitmap and a terminating 0xff byte.
 const TSS_IOMAP_OFFSET: u64 = 0x68;
-const TSS_LIMIT: u64 = TSS_IOMAP_OFFSET + 256;
+const TSS_IOMAP_BYTES: u64 = 257;
+const TSS_LIMIT: u64 = TSS_IOMAP_OFFSET + TSS_IOMAP_BYTES;
 
 /// Selectors: user data (RPL 3), user 64-bit code (RPL 3), TSS.
 const USER_DS: u16 = 0x18 | 3;

@@ -11,7 +11,7 @@
 //!
 //! **Epochs.** While protected, the VM is always in an open epoch `k` (1, 2, ...). Checkpoint
 //! `k` closes it: its [`Checkpoint::epoch`] is `k`, it seals the network output of epoch `k`
-//! (release it with `NetRelease { epoch: k }` once the backup acknowledged `k`), and the disk
+//! (release it with `ReleaseAcked { epoch: k }` once the backup acknowledged `k`), and the disk
 //! writes of epoch `k` are exactly the [`DiskWrite`]s tagged `k`, all sent on the mirror channel
 //! before the checkpoint's reply (so a driver that has received checkpoint `k` finds every
 //! write of epoch `k` already in the channel). Epoch numbers never repeat within a VM, also
@@ -19,11 +19,11 @@
 
 use crate::machine::{pages_of, Vm, VmConfig};
 use crate::memory::GuestMem;
+use crate::mirror::MirrorSender;
 use crate::snapshot::{RestoreOverrides, VcpuState};
 use crate::{Error, Result};
 use std::io::Write;
 use std::net::Ipv4Addr;
-use std::sync::mpsc::Sender;
 use std::time::Instant;
 use vmm_abi::PAGE_SIZE;
 
@@ -69,6 +69,11 @@ pub struct Checkpoint {
     pub pause_ns: u64,
     /// Of `pause_ns`, the time spent copying pages.
     pub copy_ns: u64,
+    /// Set when disk mirroring stopped during this protection (the mirror stayed full with
+    /// nothing taken for [`crate::mirror::MIRROR_STALL`], or its receiver is gone): the
+    /// backup missed disk writes, so the driver must drop it (unprotect) and synchronise a
+    /// backup anew. The checkpoint itself is sound.
+    pub disk_mirror_lost: Option<String>,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -83,6 +88,7 @@ impl std::fmt::Debug for Checkpoint {
             .field("output_bytes", &self.output_bytes)
             .field("pause_ns", &self.pause_ns)
             .field("copy_ns", &self.copy_ns)
+            .field("disk_mirror_lost", &self.disk_mirror_lost)
             .finish()
     }
 }
@@ -97,9 +103,10 @@ impl Vm {
     /// Starts protection: KVM dirty logging on (what was collected before is dropped, so the
     /// first checkpoint holds the pages dirtied from now on), network output held from now on
     /// (if the VM has a tap) and every guest disk write also sent on `mirror` (if the VM has a
-    /// disk; `None` leaves the disk unmirrored, for shared storage). Call it before reading a
+    /// disk; `None` leaves the disk unmirrored, for shared storage). The mirror is bounded by
+    /// bytes ([`crate::mirror`]): while it is full, guest disk writes wait. Call it before reading a
     /// [`crate::memory::MemoryView`] for the initial copy.
-    pub fn protect(&mut self, mirror: Option<Sender<DiskWrite>>, hold: bool) -> Result<()> {
+    pub fn protect(&mut self, mirror: Option<MirrorSender>, hold: bool) -> Result<()> {
         if self.protection.is_some() {
             return Err(Error::Config("the VM is already protected".into()));
         }
@@ -166,9 +173,6 @@ impl Vm {
         let Some(epoch) = self.protected_epoch() else {
             return Err(Error::Config("the VM is not protected (send protect first)".into()));
         };
-        if let Some(lost) = self.block.as_ref().and_then(|b| b.mirror_lost()) {
-            return Err(Error::Checkpoint { epoch, reason: format!("the disk mirror's receiver is gone (since epoch {lost})") });
-        }
         let was_paused = self.paused();
         self.pause()?;
         let taken = self.capture(epoch, buffer.unwrap_or_default());
@@ -208,7 +212,8 @@ impl Vm {
         if let Some(p) = self.protection.as_mut() {
             p.epoch = epoch + 1;
         }
-        Ok(Checkpoint { epoch, pages, data, vcpu, guest_ns, output_frames, output_bytes, output, pause_ns: 0, copy_ns })
+        let disk_mirror_lost = self.block.as_ref().and_then(|b| b.mirror_lost()).map(str::to_owned);
+        Ok(Checkpoint { epoch, pages, data, vcpu, guest_ns, output_frames, output_bytes, output, pause_ns: 0, copy_ns, disk_mirror_lost })
     }
 
     /// Sends network frames encoded as [`Checkpoint::output`] holds them on this VM's tap at
@@ -253,6 +258,9 @@ impl Vm {
     /// any hold. Returns the frames sent. Repeat it a few times, some tens of milliseconds
     /// apart, after a takeover.
     pub fn announce(&mut self, count: u32) -> Result<u64> {
+        if count > MAX_ANNOUNCE {
+            return Err(Error::Config(format!("announce {count} rounds: at most {MAX_ANNOUNCE}")));
+        }
         let Some(tap) = self.tap.as_ref() else {
             return Err(Error::Config("the VM has no network device to announce".into()));
         };
@@ -271,6 +279,9 @@ impl Vm {
         Ok(sent)
     }
 }
+
+/// Most rounds one `announce` sends.
+pub const MAX_ANNOUNCE: u32 = 16;
 
 /// Makes room for `len` bytes in `data`. A new allocation is asked to use transparent huge
 /// pages: first-touch page faults dominate a copy into fresh memory on these hosts (measured

@@ -4,9 +4,8 @@
 use std::cell::Cell;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 
 use crate::{Error, Result};
 
@@ -36,11 +35,16 @@ pub enum Command {
     NetRelease { epoch: u64 },
     /// Stop holding: send everything held.
     NetUnhold,
+    /// Send the held output of every epoch up to `epoch` of a protected VM, which the backup
+    /// acknowledged (the replication driver's `net-release`). In-process only: over the API,
+    /// `net-release` is refused while the VM is protected.
+    #[serde(skip)]
+    ReleaseAcked { epoch: u64 },
     /// Start protection (checkpoint replication, see [`crate::checkpoint`]): dirty logging
     /// on (from a clean slate), network output held if `hold` (with a tap), and every guest
     /// disk write also sent on `mirror` (with a disk). In-process only.
     #[serde(skip)]
-    Protect { mirror: Option<Sender<crate::checkpoint::DiskWrite>>, hold: bool },
+    Protect { mirror: Option<crate::mirror::MirrorSender>, hold: bool },
     /// Start holding the output of a VM protected with `hold: false`. In-process only.
     #[serde(skip)]
     HoldOutput,
@@ -56,7 +60,8 @@ pub enum Command {
     #[serde(skip)]
     MemoryView,
     /// Announce the VM's MAC and IP address on its tap (gratuitous ARP request and reply,
-    /// `count` times each) after a takeover; the reply's `value` is the frames sent.
+    /// `count` times each, at most [`crate::checkpoint::MAX_ANNOUNCE`]) after a takeover; the
+    /// reply's `value` is the frames sent.
     Announce { count: u32 },
     /// End the VM.
     Quit,
@@ -113,8 +118,10 @@ pub struct Inbox {
 pub(crate) struct Shared {
     /// Wakes an idle wait.
     pub(crate) event: OwnedFd,
-    /// pthread_t of the vCPU thread (0: not running yet).
-    thread: AtomicU64,
+    /// pthread_t of the vCPU thread (`None`: not running). A kick signals the thread while
+    /// holding this lock, and the thread clears it (taking the lock) before it ends, so a
+    /// signal never goes to a thread that has ended.
+    thread: Mutex<Option<libc::pthread_t>>,
 }
 
 /// Creates a connected controller and inbox.
@@ -127,7 +134,7 @@ pub fn channel_pair() -> Result<(Controller, Inbox)> {
     }
     // SAFETY: `fd` is a fresh descriptor owned by nothing else.
     let event = unsafe { OwnedFd::from_raw_fd(fd) };
-    let shared = Arc::new(Shared { event, thread: AtomicU64::new(0) });
+    let shared = Arc::new(Shared { event, thread: Mutex::new(None) });
     let (tx, rx) = channel();
     Ok((Controller { tx, shared: shared.clone() }, Inbox { rx, shared }))
 }
@@ -158,11 +165,12 @@ impl Shared {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64 to our eventfd.
         unsafe { libc::write(self.event.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        let t = self.thread.load(Ordering::Acquire);
-        if t != 0 {
-            // SAFETY: `t` is the pthread_t of the vCPU thread, stored while it runs and cleared
-            // (by `Inbox::detach`) before it ends.
-            unsafe { libc::pthread_kill(t as libc::pthread_t, kick_signal()) };
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = *thread {
+            // SAFETY: `t` is the pthread_t of the vCPU thread, stored by `Inbox::attach` on that
+            // thread and cleared by `Inbox::detach` under this same lock before the thread ends;
+            // we hold the lock, so the thread is alive during the call.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
         }
     }
 
@@ -179,12 +187,12 @@ impl Inbox {
         KVM_RUN.with(|c| c.set(run));
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
-        self.shared.thread.store(me as u64, Ordering::Release);
+        *self.shared.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(me);
     }
 
     /// Unregisters the vCPU thread.
     pub(crate) fn detach(&self) {
-        self.shared.thread.store(0, Ordering::Release);
+        *self.shared.thread.lock().unwrap_or_else(|e| e.into_inner()) = None;
         KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
     }
 }
@@ -239,6 +247,7 @@ mod tests {
             let json = format!(r#"{{"cmd":"{cmd}"}}"#);
             assert!(serde_json::from_str::<Command>(&json).is_err(), "{cmd} parsed");
         }
+        assert!(serde_json::from_str::<Command>(r#"{"cmd":"release-acked","epoch":1}"#).is_err());
         assert!(matches!(serde_json::from_str(r#"{"cmd":"unprotect"}"#), Ok(Command::Unprotect)));
         assert!(matches!(serde_json::from_str(r#"{"cmd":"announce","count":3}"#), Ok(Command::Announce { count: 3 })));
         let reply = Reply { checkpoint: Some(Box::default()), ..Reply::ok() };

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 /// its run with [`crate::Stop::Fault`] instead).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("KVM: {op}: {source}")]
-    Kvm { op: &'static str, source: kvm_ioctls::Error },
+    #[error("KVM: {op}: {errno}")]
+    Kvm { op: &'static str, errno: kvm_ioctls::Error },
     #[error("guest memory: {0}")]
     Memory(String),
     #[error("guest image {path}: {reason}")]
@@ -28,13 +28,15 @@ pub enum Error {
     Replica(String),
     #[error("{0}")]
     Os(String),
+    #[error("KVM refused the vCPU state: {0}")]
+    VcpuRejected(String),
 }
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 pub(crate) fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
-    move |source| Error::Kvm { op, source }
+    move |errno| Error::Kvm { op, errno }
 }
 
 pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {

@@ -21,6 +21,7 @@ mod error;
 pub mod loader;
 mod machine;
 pub mod memory;
+pub mod mirror;
 pub mod snapshot;
 
 pub use checkpoint::{Checkpoint, DiskWrite, Replica};
@@ -28,6 +29,7 @@ pub use control::{channel_pair, Command, Controller, Inbox, Reply};
 pub use error::{Error, Result};
 pub use machine::{pages_of, NetConfig, Status, Stop, Vm, VmConfig};
 pub use memory::MemoryView;
+pub use mirror::{mirror_channel, MirrorReceiver, MirrorSender};
 
 /// Whether this host has KVM (tests skip only when it does not).
 pub fn kvm_available() -> bool {

@@ -32,13 +32,32 @@ fn u64_at(b: &[u8], o: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?))
 }
 
-/// Reads the image file and loads it into `mem`.
+/// Largest image file read: the largest guest memory (the ABI's `MAX_MEM`).
+pub const IMAGE_MAX: u64 = vmm_abi::MAX_MEM;
+
+/// Reads the image file and loads it into `mem`. Only a regular file of at most
+/// [`IMAGE_MAX`] bytes is read (not a device, a FIFO or `/dev/zero`).
 pub fn load_file(path: &Path, mem: &mut GuestMem) -> Result<Loaded> {
-    let bytes = std::fs::read(path).map_err(crate::error::io("cannot read guest image", path))?;
-    load(&bytes, mem).map_err(|reason| Error::Image { path: path.to_owned(), reason })
+    let image_err = |reason: String| Error::Image { path: path.to_owned(), reason };
+    let f = std::fs::File::open(path).map_err(crate::error::io("cannot read guest image", path))?;
+    let meta = f.metadata().map_err(crate::error::io("cannot stat guest image", path))?;
+    if !meta.is_file() {
+        return Err(image_err("not a regular file".into()));
+    }
+    if meta.len() > IMAGE_MAX {
+        return Err(image_err(format!("{} bytes, more than the largest guest memory ({IMAGE_MAX} bytes)", meta.len())));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    std::io::Read::read_to_end(&mut std::io::Read::take(f, IMAGE_MAX + 1), &mut bytes)
+        .map_err(crate::error::io("cannot read guest image", path))?;
+    if bytes.len() as u64 > IMAGE_MAX {
+        return Err(image_err(format!("grew beyond {IMAGE_MAX} bytes while being read")));
+    }
+    load(&bytes, mem).map_err(image_err)
 }
 
 /// Validates an ELF image and copies its loadable segments into `mem` (zero-filling .bss).
+/// Never panics, whatever the bytes: every offset and size is computed with checked arithmetic.
 pub fn load(b: &[u8], mem: &mut GuestMem) -> Result<Loaded, String> {
     if b.len() < 64 || &b[..4] != b"\x7fELF" {
         return Err("not an ELF file (bad magic)".into());
@@ -62,7 +81,7 @@ pub fn load(b: &[u8], mem: &mut GuestMem) -> Result<Loaded, String> {
         return Err(format!("ELF type {e_type} is not an executable"));
     }
     let entry = u64_at(b, 24).ok_or_else(short)?;
-    let phoff = u64_at(b, 32).ok_or_else(short)? as usize;
+    let phoff = u64_at(b, 32).ok_or_else(short)?;
     let phentsize = u16_at(b, 54).ok_or_else(short)? as usize;
     let phnum = u16_at(b, 56).ok_or_else(short)? as usize;
     if phentsize < 56 || phnum == 0 || phnum > 64 {
@@ -72,8 +91,13 @@ pub fn load(b: &[u8], mem: &mut GuestMem) -> Result<Loaded, String> {
     let mut end = 0u64;
     let mut entry_ok = false;
     for i in 0..phnum {
-        let o = phoff.checked_add(i * phentsize).ok_or("program header offset overflows")?;
-        let ph = b.get(o..o + 56).ok_or_else(|| format!("program header {i} lies outside the file"))?;
+        let outside = || format!("program header {i} lies outside the file");
+        let o = (i as u64)
+            .checked_mul(phentsize as u64)
+            .and_then(|x| x.checked_add(phoff))
+            .and_then(|o| usize::try_from(o).ok())
+            .ok_or_else(outside)?;
+        let ph = o.checked_add(56).and_then(|end| b.get(o..end)).ok_or_else(outside)?;
         let p_type = u32_at(ph, 0).ok_or_else(short)?;
         if p_type == PT_INTERP || p_type == PT_DYNAMIC {
             return Err("dynamically linked image: link guests with -static -no-pie".into());
@@ -100,10 +124,11 @@ pub fn load(b: &[u8], mem: &mut GuestMem) -> Result<Loaded, String> {
         }
         let data = offset
             .checked_add(filesz)
-            .and_then(|e| b.get(offset as usize..e as usize))
+            .and_then(|e| b.get(usize::try_from(offset).ok()?..usize::try_from(e).ok()?))
             .ok_or_else(|| format!("segment {i}: file range {offset}+{filesz} lies outside the file ({} bytes)", b.len()))?;
         mem.write(vaddr, data)?;
         let zeros = [0u8; 65536];
+        // vaddr + filesz <= vaddr + memsz = seg_end, which did not overflow.
         let mut at = vaddr + filesz;
         while at < seg_end {
             let n = (seg_end - at).min(zeros.len() as u64);
@@ -186,5 +211,46 @@ mod tests {
             }
         }
         assert!(refused > 1000);
+    }
+
+    /// The overflow the hostile-file tests found: a program header offset near `u64::MAX`.
+    #[test]
+    fn program_header_offset_near_the_top_is_refused() {
+        let mut mem = GuestMem::new(8 << 20).expect("memory");
+        for phoff in [u64::MAX, u64::MAX - 55, u64::MAX - 56 * 63, (usize::MAX - 10) as u64] {
+            let mut b = tiny();
+            b[32..40].copy_from_slice(&phoff.to_le_bytes());
+            let e = load(&b, &mut mem).expect_err("refused");
+            assert!(e.contains("outside the file"), "{e}");
+        }
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// Any bytes: refused with a reason or loaded inside the image area, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut mem = GuestMem::new(8 << 20).expect("memory");
+            if let Ok(l) = load(&bytes, &mut mem) {
+                prop_assert!(l.end <= mem.size());
+            }
+        }
+
+        /// The valid image with fields overwritten by arbitrary values (header and program
+        /// header words): refused with a reason or loaded inside the image area.
+        #[test]
+        fn fields_overwritten_never_panic(at in 0usize..136, width in prop_oneof![Just(1usize), Just(2), Just(4), Just(8)], value in any::<u64>()) {
+            let mut b = tiny();
+            let end = (at + width).min(b.len());
+            b[at..end].copy_from_slice(&value.to_le_bytes()[..end - at]);
+            let mut mem = GuestMem::new(8 << 20).expect("memory");
+            match load(&b, &mut mem) {
+                Ok(l) => prop_assert!(l.entry >= IMAGE_MIN_ADDR && l.end <= mem.size() - STACK_SIZE),
+                Err(reason) => prop_assert!(!reason.is_empty()),
+            }
+        }
     }
 }

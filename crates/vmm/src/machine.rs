@@ -160,7 +160,7 @@ pub struct Vm {
     pub(crate) clock: Clock,
     pub(crate) block: Option<Block>,
     pub(crate) tap: Option<Tap>,
-    console: Box<dyn Write + Send>,
+    console: crate::devices::console::Console,
     pub(crate) dirty_logging: bool,
     paused: bool,
     /// KVM_RUN left an exit whose completion needs one more KVM_RUN (see `settle`).
@@ -170,6 +170,9 @@ pub struct Vm {
     pub(crate) protection: Option<crate::checkpoint::Protection>,
     /// The number the next protection epoch gets (epochs are never reused by a VM).
     pub(crate) next_epoch: u64,
+    /// The port exit being handled must be issued again by the guest (a block request
+    /// waiting for room in the disk mirror): its request block address.
+    retry_block: Option<u64>,
 }
 
 impl Vm {
@@ -226,13 +229,14 @@ impl Vm {
             clock: Clock::new(0),
             block,
             tap,
-            console,
+            console: crate::devices::console::Console::new(console),
             dirty_logging: false,
             paused: false,
             unsettled: false,
             exits: 0,
             protection: None,
             next_epoch: 1,
+            retry_block: None,
         };
         m.set_memory_slot(dirty)?;
         Ok(m)
@@ -347,7 +351,7 @@ impl Vm {
             i.detach();
         }
         self.clock.pause();
-        let _ = self.console.flush();
+        self.console.flush();
         result
     }
 
@@ -375,15 +379,12 @@ impl Vm {
                     Exit::Fault(format!("access to guest-physical 0x{a:x}, outside guest memory"))
                 }
                 Ok(VcpuExit::Shutdown) => Exit::Fault("triple fault (KVM shutdown exit): the guest crashed".into()),
-                Ok(VcpuExit::InternalError) => {
-                    let sub = self.vcpu.get_kvm_run().exit_reason;
-                    Exit::Fault(format!("KVM internal error (emulation failure?), exit reason {sub}"))
-                }
+                Ok(VcpuExit::InternalError) => Exit::Fault(self.internal_error()),
                 Ok(VcpuExit::FailEntry(reason, cpu)) => Exit::Fault(format!("KVM entry failure, reason 0x{reason:x} on cpu {cpu}")),
                 Ok(VcpuExit::Hlt) => Exit::Fault("hlt".into()),
                 Ok(other) => Exit::Fault(format!("unexpected KVM exit {other:?}")),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
-                Err(e) => return Err(Error::Kvm { op: "KVM_RUN", source: e }),
+                Err(e) => return Err(Error::Kvm { op: "KVM_RUN", errno: e }),
             };
             self.exits += 1;
             match exit {
@@ -391,7 +392,19 @@ impl Vm {
                 Exit::Out(port, value) => {
                     self.unsettled = true;
                     match self.port_out(port, value, inbox) {
-                        Ok(None) => {}
+                        Ok(None) => {
+                            if let Some(addr) = self.retry_block.take() {
+                                if self.rewind_out()? {
+                                    if let Some(stop) = self.wait_for_mirror(addr, inbox)? {
+                                        return Ok(stop);
+                                    }
+                                } else if let Some(Err(reason)) = self.block.as_mut().map(|b| b.request(&mut self.mem, addr)) {
+                                    // Not rewindable: the request runs now, its writes
+                                    // waiting for room one by one.
+                                    return Ok(Stop::Fault(self.describe(format!("port 0x{port:x}: {reason}"))));
+                                }
+                            }
+                        }
                         Ok(Some(stop)) => return Ok(stop),
                         Err(reason) => return Ok(Stop::Fault(self.describe(format!("port 0x{port:x}: {reason}")))),
                     }
@@ -401,10 +414,72 @@ impl Vm {
         }
     }
 
+    /// What KVM said about an internal-error exit: the suberror by name and its data words.
+    fn internal_error(&mut self) -> String {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: after a KVM_EXIT_INTERNAL_ERROR exit, `internal` is the union member KVM
+        // filled in; it is plain data, valid for any bit pattern.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let what = match internal.suberror {
+            kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => {
+                "emulation failure (KVM could not emulate an instruction: a jump or access past guest memory, or an instruction this host cannot run for the guest)"
+            }
+            kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "an exception while delivering another (simultaneous exceptions)",
+            kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "an exit while delivering an event",
+            kvm_bindings::KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON => "an exit reason KVM did not expect",
+            _ => "unknown suberror",
+        };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        let data: Vec<String> = internal.data[..n].iter().map(|d| format!("0x{d:x}")).collect();
+        format!("KVM internal error: {what} (suberror {}, data [{}])", internal.suberror, data.join(", "))
+    }
+
     fn describe(&self, reason: String) -> String {
         match self.vcpu.get_regs() {
             Ok(r) => format!("{reason} (rip=0x{:x} rsp=0x{:x} rflags=0x{:x})", r.rip, r.rsp, r.rflags),
             Err(_) => reason,
+        }
+    }
+
+    /// Completes the pending `out` and puts the guest back on it, so that it issues it again
+    /// (and a checkpoint taken meanwhile records the request as not yet made). KVM leaves
+    /// `rip` on the instruction until the next KVM_RUN completes it; PVM (measured here) has
+    /// already moved it past: then the instruction is the one-byte `out dx, eax` (0xEF) before
+    /// `rip`. False (the instruction completed, not rewound) when neither holds.
+    fn rewind_out(&mut self) -> Result<bool> {
+        let before = self.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        self.settle()?;
+        let mut regs = self.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        let start = if regs.rip != before.rip {
+            Some(before.rip)
+        } else {
+            let mut op = [0u8];
+            let at = before.rip.checked_sub(1);
+            at.filter(|a| self.mem.read(*a, &mut op).is_ok() && op[0] == 0xef)
+        };
+        let Some(start) = start else { return Ok(false) };
+        regs.rip = start;
+        self.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        Ok(true)
+    }
+
+    /// The block request at `addr` does not fit in the disk mirror and the guest was put back
+    /// on its `out`: serves commands until the request fits.
+    fn wait_for_mirror(&mut self, addr: u64, inbox: Option<&Inbox>) -> Result<Option<Stop>> {
+        loop {
+            if let Some(inbox) = inbox {
+                self.vcpu.set_kvm_immediate_exit(0);
+                if let Some(stop) = self.handle_commands(inbox)? {
+                    return Ok(Some(stop));
+                }
+            }
+            let ready = match self.block.as_mut() {
+                Some(b) => b.ready(&self.mem, addr, std::time::Duration::from_millis(2)),
+                None => true,
+            };
+            if ready {
+                return Ok(None);
+            }
         }
     }
 
@@ -468,8 +543,8 @@ impl Vm {
             Command::DirtyLogStart => self.set_dirty_logging(true).map(|_| Reply::ok()),
             Command::DirtyLogStop => self.set_dirty_logging(false).map(|_| Reply::ok()),
             Command::DirtyLogGetAndClear => self.dirty_pages_get_and_clear().map(|p| Reply { dirty_pages: Some(p), ..Reply::ok() }),
-            Command::NetHold | Command::NetSeal | Command::NetUnhold if self.protection.is_some() => {
-                Err(Error::Config("the VM is protected: checkpoints seal its output epochs (unprotect first)".into()))
+            Command::NetHold | Command::NetSeal | Command::NetUnhold | Command::NetRelease { .. } if self.protection.is_some() => {
+                Err(Error::Config("the VM is protected: checkpoints seal its output epochs and the backup's acknowledgements release them (unprotect first)".into()))
             }
             Command::NetHold | Command::NetSeal | Command::NetRelease { .. } | Command::NetUnhold => match self.tap.as_mut() {
                 None => Err(Error::Config("the VM has no network device".into())),
@@ -485,6 +560,11 @@ impl Vm {
                     };
                     Ok(Reply { value, ..Reply::ok() })
                 }
+            },
+            Command::ReleaseAcked { epoch } => match (&self.protection, self.tap.as_mut()) {
+                (None, _) => Err(Error::Config("the VM is not protected (send net-release)".into())),
+                (_, None) => Err(Error::Config("the VM has no network device".into())),
+                (Some(_), Some(tap)) => Ok(Reply { value: Some(tap.release(epoch) as u64), ..Reply::ok() }),
             },
             Command::Protect { mirror, hold } => self.protect(mirror, hold).map(|_| Reply::ok()),
             Command::HoldOutput => self.hold_output().map(|_| Reply::ok()),
@@ -507,8 +587,7 @@ impl Vm {
                 }
                 let mut buf = vec![0; req.len as usize];
                 self.mem.read(req.addr, &mut buf)?;
-                let _ = self.console.write_all(&buf);
-                let _ = self.console.flush();
+                self.console.write(&buf);
             }
             PORT_CLOCK => {
                 self.mem.read_obj::<ClockRequest>(addr)?;
@@ -531,7 +610,13 @@ impl Vm {
                 self.mem.write_obj(addr, &IdleRequest { now_ns: self.clock.now_ns(), events, ..req })?;
             }
             PORT_BLOCK => match self.block.as_mut() {
-                Some(b) => b.request(&mut self.mem, addr)?,
+                Some(b) => {
+                    if b.ready(&self.mem, addr, std::time::Duration::ZERO) {
+                        b.request(&mut self.mem, addr)?
+                    } else {
+                        self.retry_block = Some(addr)
+                    }
+                }
                 None => return Err("block request but the VM has no disk".into()),
             },
             PORT_NET_TX | PORT_NET_RX => {

@@ -230,7 +230,22 @@ fn disk_writes_are_mirrored_with_their_epoch() {
     if skip_without_kvm("disk_writes_are_mirrored_with_their_epoch") {
         return;
     }
-    let dir = scratch("ckpt-disk");
+    mirrored_writes(vmm::mirror::MIRROR_LIMIT, "ckpt-disk");
+}
+
+/// A mirror with room for two writes: requests that do not fit wait (the guest is put back on
+/// its `out`, checkpoints are taken meanwhile), and still every write is mirrored exactly
+/// once, in order, tagged with its epoch, and lands on the disk.
+#[test]
+fn a_full_disk_mirror_delays_writes_without_losing_or_repeating_any() {
+    if skip_without_kvm("a_full_disk_mirror_delays_writes_without_losing_or_repeating_any") {
+        return;
+    }
+    mirrored_writes(1024, "ckpt-disk-full");
+}
+
+fn mirrored_writes(limit: usize, tag: &str) {
+    let dir = scratch(tag);
     let disk = dir.join("disk.img");
     let sectors = 16u64;
     std::fs::write(&disk, vec![0u8; sectors as usize * 512]).expect("disk");
@@ -240,7 +255,7 @@ fn disk_writes_are_mirrored_with_their_epoch() {
     let n = 40u64;
     config.args = vec!["disklog".into(), n.to_string(), "3".into()];
     let mut vm = Vm::create(config, console.boxed()).expect("create VM");
-    let (tx, rx) = std::sync::mpsc::channel();
+    let (tx, rx) = vmm::mirror_channel(limit);
     vm.protect(Some(tx), true).expect("protect");
     let (ctl, inbox) = channel_pair().expect("control channel");
     let runner = std::thread::spawn(move || {
@@ -262,7 +277,7 @@ fn disk_writes_are_mirrored_with_their_epoch() {
         // When checkpoint k is taken, every write of epoch k is in the channel already, and
         // none of an earlier epoch arrives later (writes of epoch k+1 may follow at once: the
         // guest runs on).
-        pending.extend(rx.try_iter());
+        pending.extend(std::iter::from_fn(|| rx.try_recv()));
         let tags: Vec<u64> = pending.iter().map(|w| w.epoch).collect();
         assert!(tags.windows(2).all(|t| t[0] <= t[1]), "epochs out of order: {tags:?}");
         assert!(tags.iter().all(|e| (c.epoch..=c.epoch + 1).contains(e)), "after checkpoint {}: writes tagged {tags:?}", c.epoch);
@@ -275,7 +290,7 @@ fn disk_writes_are_mirrored_with_their_epoch() {
     assert_eq!(stop.expect("run"), Stop::Exited(0), "{}", console.text());
     // The last epoch, closed by a checkpoint of the stopped VM.
     let c = vm.checkpoint(None).expect("checkpoint after the run");
-    pending.extend(rx.try_iter());
+    pending.extend(std::iter::from_fn(|| rx.try_recv()));
     assert!(
         pending.iter().all(|w| w.epoch == c.epoch),
         "last epoch {}: {:?}",
@@ -385,7 +400,7 @@ fn output_after_checkpoint_k_waits_for_release_of_k_plus_1() {
     let sniff = Sniffer::open(TAP);
     assert!(ctl.call(Command::Protect { mirror: None, hold: true }).ok);
     let k = checkpoint(&ctl, None);
-    assert!(ctl.call(Command::NetRelease { epoch: k.epoch }).ok);
+    assert!(ctl.call(Command::ReleaseAcked { epoch: k.epoch }).ok);
     std::thread::sleep(Duration::from_millis(50));
     sniff.from(mac);
 
@@ -402,12 +417,12 @@ fn output_after_checkpoint_k_waits_for_release_of_k_plus_1() {
     assert_eq!(k1.epoch, k.epoch + 1);
     assert!(k1.output_frames > 0 && k1.output_bytes >= 42 * k1.output_frames, "{k1:?}");
     // Sealed is not released; releasing k again sends nothing.
-    assert_eq!(ctl.call(Command::NetRelease { epoch: k.epoch }).value, Some(0));
+    assert_eq!(ctl.call(Command::ReleaseAcked { epoch: k.epoch }).value, Some(0));
     std::thread::sleep(Duration::from_millis(200));
     assert!(sniff.from(mac).is_empty(), "sealed output of epoch {} on the wire before its release", k1.epoch);
     assert!(client.try_wait().expect("poll").is_none(), "the client got an answer while output was held");
     // Releasing k+1 puts exactly its frames on the wire (later output stays held).
-    assert_eq!(ctl.call(Command::NetRelease { epoch: k1.epoch }).value, Some(k1.output_frames));
+    assert_eq!(ctl.call(Command::ReleaseAcked { epoch: k1.epoch }).value, Some(k1.output_frames));
     let mut seen = vec![];
     wait_for("released frames on the wire", || {
         seen.extend(sniff.from(mac));
@@ -424,7 +439,7 @@ fn output_after_checkpoint_k_waits_for_release_of_k_plus_1() {
             break;
         }
         let c = checkpoint(&ctl, None);
-        assert!(ctl.call(Command::NetRelease { epoch: c.epoch }).ok);
+        assert!(ctl.call(Command::ReleaseAcked { epoch: c.epoch }).ok);
         std::thread::sleep(Duration::from_millis(5));
     }
     let done = client.wait_with_output().expect("client");
@@ -478,7 +493,7 @@ fn kv_fails_over_to_the_replica_with_state_and_connection() {
             let mut c = checkpoint(&ctl2, buffer.take());
             replica.apply(&c).expect("apply");
             // The backup has it: release the epoch's output.
-            assert!(ctl2.call(Command::NetRelease { epoch: c.epoch }).ok);
+            assert!(ctl2.call(Command::ReleaseAcked { epoch: c.epoch }).ok);
             outputs += c.output_frames;
             buffer = Some(std::mem::take(&mut c.data));
             std::thread::sleep(Duration::from_millis(4));

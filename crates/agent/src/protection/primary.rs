@@ -22,9 +22,9 @@ use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vmm::checkpoint::{Checkpoint, DiskWrite};
+use vmm::checkpoint::Checkpoint;
 use vmm::memory::MemoryView;
-use vmm::{Command, Controller, Inbox, Stop, Vm};
+use vmm::{Command, Controller, Inbox, MirrorReceiver, MirrorSender, Stop, Vm};
 
 /// How to protect a VM.
 pub struct Options {
@@ -145,8 +145,8 @@ struct Driver {
     link: Option<Link>,
     next_conn: u64,
     connecting: Option<u64>,
-    mirror_tx: Sender<DiskWrite>,
-    mirror_rx: Arc<Mutex<Receiver<DiskWrite>>>,
+    mirror_tx: MirrorSender,
+    mirror_rx: Arc<Mutex<MirrorReceiver>>,
     spare: Vec<Vec<u8>>,
     pending: BTreeMap<u64, EpochStats>,
     /// The VM's configuration (JSON), for the backup's replica.
@@ -180,7 +180,7 @@ impl Driver {
                 stats::serve(addr, stats.clone(), Some((ptx, opts.key.clone()))).map_err(|e| format!("control address {addr}: {e}"))?;
             tracing::info!("{}: metrics on http://{bound}/metrics", opts.vm);
         }
-        let (mirror_tx, mirror_rx) = channel();
+        let (mirror_tx, mirror_rx) = vmm::mirror_channel(vmm::mirror::MIRROR_LIMIT);
         Ok(Driver {
             ctl,
             opts,
@@ -345,7 +345,7 @@ impl Driver {
             Command::Unprotect => "unprotect",
             Command::Checkpoint { .. } => "checkpoint",
             Command::MemoryView => "memory-view",
-            Command::NetRelease { .. } => "net-release",
+            Command::ReleaseAcked { .. } => "release",
             Command::Quit => "quit",
             _ => "command",
         };
@@ -398,8 +398,9 @@ impl Driver {
                 let buffer = self.spare.pop();
                 let reply = self.call(Command::Checkpoint { buffer })?;
                 let pause_ns = t0.elapsed().as_nanos() as u64;
-                let c = reply.checkpoint.ok_or("the VM returned no checkpoint")?;
+                let mut c = reply.checkpoint.ok_or("the VM returned no checkpoint")?;
                 let (epoch, output_frames) = (c.epoch, c.output_frames);
+                let mirror_lost = c.disk_mirror_lost.take();
                 let e = EpochStats {
                     epoch,
                     pause_ns,
@@ -416,16 +417,20 @@ impl Driver {
                     self.pending.pop_first();
                 }
                 match &self.link {
-                    Some(l) => {
+                    Some(l) if mirror_lost.is_none() => {
                         let _ = l.out.send(Out::Checkpoint(c, sm.released()));
                     }
-                    None => self.spare.push(c.data),
+                    _ => self.spare.push(c.data),
                 }
                 more.extend(sm.handle(self.clock.now(), Event::Staged { epoch, output_frames }));
+                if let Some(reason) = mirror_lost {
+                    // The backup missed disk writes: drop it; protection starts anew.
+                    more.extend(sm.handle(self.clock.now(), Event::BackupLost { reason: format!("disk mirror: {reason}") }));
+                }
             }
             Action::Release { epoch } => {
                 if self.has_net {
-                    self.call(Command::NetRelease { epoch })?;
+                    self.call(Command::ReleaseAcked { epoch })?;
                 }
             }
             Action::Unhold => {
@@ -441,6 +446,9 @@ impl Driver {
                     let _ = l.stream.shutdown(Shutdown::Both);
                     self.log(format!("backup connection closed: {reason}"));
                 }
+                // No backup needs the queued disk writes now (a new one synchronises from the
+                // disk), and a full mirror would keep the guest waiting.
+                self.mirror_rx.lock().unwrap_or_else(|e| e.into_inner()).clear();
             }
             Action::Lease(req) => {
                 let _ = self.arbiter.send(req);
@@ -526,7 +534,7 @@ fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, String> {
 }
 
 /// The sender thread of one connection.
-fn spawn_sender(conn: u64, stream: TcpStream, mirror: Arc<Mutex<Receiver<DiskWrite>>>, tx: Sender<Input>) -> Sender<Out> {
+fn spawn_sender(conn: u64, stream: TcpStream, mirror: Arc<Mutex<MirrorReceiver>>, tx: Sender<Input>) -> Sender<Out> {
     let (otx, orx) = channel::<Out>();
     let _ = std::thread::Builder::new().name(format!("repl-send-{conn}")).spawn(move || {
         let mut s = Sender_ { w: BufWriter::with_capacity(1 << 20, stream), mirror, counts: HashMap::new(), synced: false };
@@ -534,7 +542,9 @@ fn spawn_sender(conn: u64, stream: TcpStream, mirror: Arc<Mutex<Receiver<DiskWri
             loop {
                 match orx.recv_timeout(Duration::from_millis(2)) {
                     Ok(Out::Msg(m)) => {
-                        s.drain_mirror()?;
+                        // A heartbeat (or a hello) goes ahead of queued disk writes: it needs
+                        // no order with them, and behind a full mirror on a slow link it
+                        // would arrive seconds late.
                         wire::write_msg(&mut s.w, &m).map_err(|e| e.to_string())?;
                         s.w.flush().map_err(|e| e.to_string())?;
                     }
@@ -560,7 +570,8 @@ fn spawn_sender(conn: u64, stream: TcpStream, mirror: Arc<Mutex<Receiver<DiskWri
                         let _ = tx.send(Input::Sent { conn, epoch: c.epoch, transfer_ns, buffer: c.data });
                     }
                     Err(RecvTimeoutError::Timeout) => {
-                        s.drain_mirror()?;
+                        // A slice at a time, so that a checkpoint waits behind at most one.
+                        s.drain_mirror_upto(Some(1 << 20))?;
                         s.w.flush().map_err(|e| e.to_string())?;
                     }
                     Err(RecvTimeoutError::Disconnected) => return Ok(()),
@@ -576,7 +587,7 @@ fn spawn_sender(conn: u64, stream: TcpStream, mirror: Arc<Mutex<Receiver<DiskWri
 
 struct Sender_ {
     w: BufWriter<TcpStream>,
-    mirror: Arc<Mutex<Receiver<DiskWrite>>>,
+    mirror: Arc<Mutex<MirrorReceiver>>,
     /// Disk writes sent per epoch on this connection.
     counts: HashMap<u64, u64>,
     /// Whether the synchronisation started (disk writes go out only after it: the ones
@@ -585,14 +596,30 @@ struct Sender_ {
 }
 
 impl Sender_ {
+    /// Sends the disk writes queued now (not those the guest adds meanwhile: a guest that
+    /// writes as fast as the link carries would keep a drain going for ever).
     fn drain_mirror(&mut self) -> Result<(), String> {
+        self.drain_mirror_upto(None)
+    }
+
+    /// Sends queued disk writes: about `limit` bytes of them, or those queued now.
+    fn drain_mirror_upto(&mut self, limit: Option<usize>) -> Result<(), String> {
+        let mut taken = 0;
+        let rx = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
+        let limit = limit.unwrap_or_else(|| rx.queued_bytes());
         if !self.synced {
+            // What the guest writes before the synchronisation is in what it reads: drop it
+            // (the mirror is bounded, and a full one makes the guest wait).
+            rx.clear();
             return Ok(());
         }
-        let rx = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
-        while let Ok(d) = rx.try_recv() {
+        while let Some(d) = rx.try_recv() {
+            taken += d.data.len();
             *self.counts.entry(d.epoch).or_default() += 1;
             wire::write_msg(&mut self.w, &Msg::DiskWrite { epoch: d.epoch, offset: d.offset, data: d.data }).map_err(|e| e.to_string())?;
+            if taken >= limit {
+                break;
+            }
         }
         Ok(())
     }
@@ -600,10 +627,7 @@ impl Sender_ {
     /// All of memory, then all of the disk, while the VM runs; then the counts.
     fn sync(&mut self, view: &MemoryView, disk: Option<&std::path::Path>) -> Result<(), String> {
         // Writes queued before the synchronisation are in what it reads.
-        {
-            let rx = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
-            while rx.try_recv().is_ok() {}
-        }
+        self.mirror.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.counts.clear();
         self.synced = true;
         const CHUNK: u64 = 256;
@@ -615,6 +639,10 @@ impl Sender_ {
             view.copy_range(first * PAGE as u64, &mut data).map_err(|e| e.to_string())?;
             wire::write_msg(&mut self.w, &Msg::Sync { first_page: first, data }).map_err(|e| e.to_string())?;
             first += n;
+            // Disk writes the guest makes meanwhile go out too (the backup holds them until
+            // their epoch commits, after the synchronisation), as many bytes as the chunk: a
+            // guest waiting for room in the mirror must not wait for the whole memory.
+            self.drain_mirror_upto(Some(n as usize * PAGE))?;
         }
         let mut chunks = 0;
         if let Some(path) = disk {
@@ -628,8 +656,10 @@ impl Sender_ {
                 wire::write_msg(&mut self.w, &Msg::DiskSync { offset: off, data }).map_err(|e| e.to_string())?;
                 chunks += 1;
                 off += n as u64;
-                // Writes made after this chunk was read follow it.
-                self.drain_mirror()?;
+                // Writes made after this chunk was read follow it; at most as many bytes as
+                // the chunk, so that a guest writing without pause shares the link with the
+                // synchronisation instead of starving it (the rest stays queued, in order).
+                self.drain_mirror_upto(Some(n))?;
             }
         }
         wire::write_msg(&mut self.w, &Msg::SyncEnd { pages, disk_chunks: chunks }).map_err(|e| e.to_string())?;

@@ -2,11 +2,11 @@
 
 use crate::checkpoint::DiskWrite;
 use crate::memory::GuestMem;
+use crate::mirror::{MirrorSender, MIRROR_STALL};
 use crate::{error::io, Result};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::Sender;
 use vmm_abi::{
     BlockDesc, BlockRequest, BLOCK_FLUSH, BLOCK_IO_ERROR, BLOCK_MAX_DESCS, BLOCK_MAX_SECTORS, BLOCK_OK, BLOCK_READ, BLOCK_WRITE,
     SECTOR_SIZE,
@@ -22,11 +22,14 @@ pub struct Block {
 
 /// Where guest writes are mirrored while the VM is protected.
 struct Mirror {
-    tx: Sender<DiskWrite>,
+    tx: MirrorSender,
     /// The open epoch the next writes belong to.
     epoch: u64,
-    /// The receiver went away (at this epoch): replication is broken.
-    lost: Option<u64>,
+    /// Mirroring stopped (the receiver went away, or took nothing for too long): why, with
+    /// the epoch. The backup missed writes from then on.
+    lost: Option<String>,
+    /// A request has waited for room since then, when the receiver had taken so many bytes.
+    waiting: Option<(std::time::Instant, u64)>,
 }
 
 impl Block {
@@ -39,8 +42,8 @@ impl Block {
 
     /// Mirrors every guest write from now on to `tx`, tagged with `epoch` (until
     /// [`Block::set_mirror_epoch`] changes it); `None` stops mirroring.
-    pub fn set_mirror(&mut self, tx: Option<Sender<DiskWrite>>, epoch: u64) {
-        self.mirror = tx.map(|tx| Mirror { tx, epoch, lost: None });
+    pub fn set_mirror(&mut self, tx: Option<MirrorSender>, epoch: u64) {
+        self.mirror = tx.map(|tx| Mirror { tx, epoch, lost: None, waiting: None });
     }
 
     /// The epoch of the writes from now on.
@@ -50,9 +53,9 @@ impl Block {
         }
     }
 
-    /// The epoch in which the mirror's receiver was found gone, if it was.
-    pub fn mirror_lost(&self) -> Option<u64> {
-        self.mirror.as_ref().and_then(|m| m.lost)
+    /// Why mirroring stopped (and in which epoch), if it did.
+    pub fn mirror_lost(&self) -> Option<&str> {
+        self.mirror.as_ref().and_then(|m| m.lost.as_deref())
     }
 
     /// Size in sectors.
@@ -63,6 +66,47 @@ impl Block {
     /// The backing file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the request at `addr` may run now: while the VM is protected, its writes must
+    /// fit in the disk mirror (an empty mirror takes any request). Waits up to `wait` for
+    /// room. When the mirror's receiver takes nothing for [`MIRROR_STALL`], mirroring stops
+    /// (see [`Block::mirror_lost`]) and the request may run.
+    pub fn ready(&mut self, mem: &GuestMem, addr: u64, wait: std::time::Duration) -> bool {
+        let Some(m) = self.mirror.as_mut().filter(|m| m.lost.is_none()) else { return true };
+        let need = write_bytes(mem, addr);
+        if need == 0 {
+            return true;
+        }
+        match m.tx.wait_room(need, wait) {
+            Ok(true) => {
+                m.waiting = None;
+                true
+            }
+            Ok(false) => {
+                let taken = m.tx.taken();
+                match m.waiting {
+                    Some((since, t)) if t == taken => {
+                        if since.elapsed() < MIRROR_STALL {
+                            return false;
+                        }
+                        let queued = m.tx.drop_queued();
+                        let e = crate::mirror::MirrorError::Stalled { queued, waited: since.elapsed() };
+                        m.lost = Some(format!("epoch {}: {e}", m.epoch));
+                        m.waiting = None;
+                        true
+                    }
+                    _ => {
+                        m.waiting = Some((std::time::Instant::now(), taken));
+                        false
+                    }
+                }
+            }
+            Err(e) => {
+                m.lost = Some(format!("epoch {}: {e}", m.epoch));
+                true
+            }
+        }
     }
 
     /// Handles one [`BlockRequest`] at `addr`. Host I/O errors become `BLOCK_IO_ERROR` for the
@@ -108,8 +152,10 @@ impl Block {
                         break;
                     }
                     if let Some(m) = self.mirror.as_mut().filter(|m| m.lost.is_none()) {
-                        if m.tx.send(DiskWrite { epoch: m.epoch, offset: off, data: buf.clone() }).is_err() {
-                            m.lost = Some(m.epoch);
+                        // Waits while the mirror is full: the guest writes at the pace the
+                        // backup takes them.
+                        if let Err(e) = m.tx.send(DiskWrite { epoch: m.epoch, offset: off, data: buf.clone() }, MIRROR_STALL) {
+                            m.lost = Some(format!("epoch {}: {e}", m.epoch));
                         }
                     }
                 }
@@ -118,6 +164,19 @@ impl Block {
         }
         mem.write_obj(addr, &BlockRequest { status, ..req })
     }
+}
+
+/// Bytes a block request would write (0 when it cannot be read: it will fault).
+fn write_bytes(mem: &GuestMem, addr: u64) -> usize {
+    let Ok(req) = mem.read_obj::<BlockRequest>(addr) else { return 0 };
+    let mut total = 0usize;
+    for i in 0..req.count.min(BLOCK_MAX_DESCS) as u64 {
+        let Ok(d) = mem.read_obj::<BlockDesc>(req.descs.wrapping_add(i * std::mem::size_of::<BlockDesc>() as u64)) else { break };
+        if d.op == BLOCK_WRITE && d.sectors <= BLOCK_MAX_SECTORS {
+            total += d.sectors as usize * SECTOR_SIZE as usize;
+        }
+    }
+    total
 }
 
 #[cfg(test)]

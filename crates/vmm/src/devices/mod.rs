@@ -3,4 +3,5 @@
 
 pub mod block;
 pub mod clock;
+pub mod console;
 pub mod net;

@@ -17,20 +17,115 @@ pub struct Tap {
     /// Frames dropped because the host sent something larger than a guest buffer.
     pub dropped: u64,
     hold: bool,
-    current: Vec<Vec<u8>>,
-    sealed: std::collections::VecDeque<(u64, Vec<Vec<u8>>)>,
-    next_epoch: u64,
-    held_bytes: usize,
-    /// Frames dropped because more than [`HOLD_LIMIT`] bytes were held.
-    pub hold_dropped: u64,
+    held: Held,
     /// Called (on the vCPU thread) for the first frame held in each epoch: a replication
     /// driver learns at once that output is waiting.
     output_hook: Option<Box<dyn Fn() + Send>>,
     hook_armed: bool,
 }
 
-/// Most bytes of output held back at once; beyond it frames are dropped (TCP resends them).
+/// Most bytes of memory that held-back output takes at once (frames and their per-frame
+/// overhead: frames are packed into [`HOLD_CHUNK`]-byte chunks, and every chunk counts
+/// whole); beyond it frames are dropped (TCP resends them).
 pub const HOLD_LIMIT: usize = 64 << 20;
+
+/// Size of one chunk of held frames: each frame takes 2 bytes of length and its bytes.
+pub const HOLD_CHUNK: usize = 64 << 10;
+
+/// The frames of one output epoch, packed into chunks (`[len: u16 LE][frame]`...), so that
+/// many small frames cost their bytes, not an allocation each.
+#[derive(Default)]
+struct EpochFrames {
+    chunks: Vec<Vec<u8>>,
+    frames: u64,
+    bytes: u64,
+}
+
+impl EpochFrames {
+    fn frames(&self) -> impl Iterator<Item = &[u8]> {
+        self.chunks.iter().flat_map(|c| {
+            let mut rest = &c[..];
+            std::iter::from_fn(move || {
+                let (len, tail) = rest.split_at_checked(2)?;
+                let n = u16::from_le_bytes([len[0], len[1]]) as usize;
+                let (frame, tail) = tail.split_at_checked(n)?;
+                rest = tail;
+                Some(frame)
+            })
+        })
+    }
+}
+
+/// Output held back by epoch (see [`Tap`]), its memory bounded by [`HOLD_LIMIT`].
+pub(crate) struct Held {
+    current: EpochFrames,
+    sealed: std::collections::VecDeque<(u64, EpochFrames)>,
+    next_epoch: u64,
+    /// Bytes of chunks allocated (sealed or not).
+    bytes: usize,
+    limit: usize,
+    /// Frames dropped because the limit was reached.
+    pub dropped: u64,
+}
+
+impl Held {
+    pub(crate) fn new(limit: usize) -> Held {
+        Held { current: EpochFrames::default(), sealed: Default::default(), next_epoch: 1, bytes: 0, limit, dropped: 0 }
+    }
+
+    /// Holds `frame` (at most 65535 bytes) in the open epoch; false (and counted) when the
+    /// limit leaves no room.
+    pub(crate) fn push(&mut self, frame: &[u8]) -> bool {
+        let need = 2 + frame.len();
+        let Ok(len) = u16::try_from(frame.len()) else {
+            self.dropped += 1;
+            return false;
+        };
+        if self.current.chunks.last().is_none_or(|c| c.len() + need > HOLD_CHUNK) {
+            if self.bytes + HOLD_CHUNK > self.limit {
+                self.dropped += 1;
+                return false;
+            }
+            self.current.chunks.push(Vec::with_capacity(HOLD_CHUNK));
+            self.bytes += HOLD_CHUNK;
+        }
+        let Some(chunk) = self.current.chunks.last_mut() else { return false };
+        chunk.extend_from_slice(&len.to_le_bytes());
+        chunk.extend_from_slice(frame);
+        self.current.frames += 1;
+        self.current.bytes += frame.len() as u64;
+        true
+    }
+
+    /// Closes the open epoch: its number, frames and bytes.
+    pub(crate) fn seal(&mut self) -> (u64, u64, u64) {
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        let e = std::mem::take(&mut self.current);
+        let counts = (epoch, e.frames, e.bytes);
+        self.sealed.push_back((epoch, e));
+        counts
+    }
+
+    /// Hands the frames of every sealed epoch up to `epoch` to `send`, frees them, and returns
+    /// how many there were.
+    pub(crate) fn release(&mut self, epoch: u64, mut send: impl FnMut(&[u8])) -> usize {
+        let mut sent = 0;
+        while self.sealed.front().is_some_and(|(e, _)| *e <= epoch) {
+            let Some((_, frames)) = self.sealed.pop_front() else { break };
+            for f in frames.frames() {
+                send(f);
+                sent += 1;
+            }
+            self.bytes -= frames.chunks.len() * HOLD_CHUNK;
+        }
+        sent
+    }
+
+    fn frames(&self) -> usize {
+        (self.current.frames + self.sealed.iter().map(|(_, f)| f.frames).sum::<u64>()) as usize
+    }
+}
 
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
@@ -64,19 +159,7 @@ impl Tap {
         if r < 0 {
             return Err(err(format!("TUNSETIFF: {}", std::io::Error::last_os_error())));
         }
-        Ok(Tap {
-            fd,
-            name: name.to_owned(),
-            dropped: 0,
-            hold: false,
-            current: Vec::new(),
-            sealed: Default::default(),
-            next_epoch: 1,
-            held_bytes: 0,
-            hold_dropped: 0,
-            output_hook: None,
-            hook_armed: true,
-        })
+        Ok(Tap { fd, name: name.to_owned(), dropped: 0, hold: false, held: Held::new(HOLD_LIMIT), output_hook: None, hook_armed: true })
     }
 
     /// Interface name.
@@ -108,12 +191,8 @@ impl Tap {
                         hook();
                     }
                 }
-                if self.held_bytes + f.len() <= HOLD_LIMIT {
-                    self.held_bytes += f.len();
-                    self.current.push(f.to_vec());
-                } else {
-                    self.hold_dropped += 1;
-                }
+                // Beyond the limit the frame is dropped, like a frame lost on a wire.
+                self.held.push(f);
                 done += 1;
                 continue;
             }
@@ -167,27 +246,23 @@ impl Tap {
 
     /// Closes the current epoch of held output and returns its number (1, 2, ...).
     pub fn seal(&mut self) -> u64 {
-        let epoch = self.next_epoch;
-        self.next_epoch += 1;
-        self.hook_armed = true;
-        self.sealed.push_back((epoch, std::mem::take(&mut self.current)));
-        epoch
+        self.seal_counted().0
     }
 
     /// Closes the current epoch as [`Tap::seal`] does and also returns how many frames and
     /// bytes it holds.
     pub fn seal_counted(&mut self) -> (u64, u64, u64) {
-        let frames = self.current.len() as u64;
-        let bytes = self.current.iter().map(|f| f.len() as u64).sum();
-        (self.seal(), frames, bytes)
+        self.hook_armed = true;
+        self.held.seal()
     }
 
     /// Closes the current epoch as [`Tap::seal_counted`] does and also returns a copy of its
     /// frames, each as a 4-byte little-endian length and its bytes (what a backup keeps to
     /// send again after a takeover: [`Tap::send_frames`]).
     pub fn seal_copied(&mut self) -> (u64, u64, u64, Vec<u8>) {
-        let mut copy = Vec::with_capacity(self.current.iter().map(|f| f.len() + 4).sum());
-        for f in &self.current {
+        let current = &self.held.current;
+        let mut copy = Vec::with_capacity((current.bytes + 4 * current.frames) as usize);
+        for f in current.frames() {
             copy.extend_from_slice(&(f.len() as u32).to_le_bytes());
             copy.extend_from_slice(f);
         }
@@ -211,13 +286,18 @@ impl Tap {
 
     /// The number the epoch being filled now will get when it is sealed.
     pub fn open_epoch(&self) -> u64 {
-        self.next_epoch
+        self.held.next_epoch
     }
 
     /// Makes the epoch being filled now number `epoch`, if that is higher than its number
     /// (so that output epochs line up with checkpoint epochs).
     pub fn raise_open_epoch(&mut self, epoch: u64) {
-        self.next_epoch = self.next_epoch.max(epoch);
+        self.held.next_epoch = self.held.next_epoch.max(epoch);
+    }
+
+    /// Frames dropped because more than [`HOLD_LIMIT`] bytes were held.
+    pub fn hold_dropped(&self) -> u64 {
+        self.held.dropped
     }
 
     /// Whether output is being held.
@@ -241,17 +321,11 @@ impl Tap {
 
     /// Sends the held frames of every sealed epoch up to `epoch`; returns how many.
     pub fn release(&mut self, epoch: u64) -> usize {
-        let mut sent = 0;
-        while self.sealed.front().is_some_and(|(e, _)| *e <= epoch) {
-            let Some((_, frames)) = self.sealed.pop_front() else { break };
-            for f in frames {
-                self.held_bytes -= f.len();
-                // SAFETY: writes `f.len()` initialised bytes from a live buffer to our own fd.
-                unsafe { libc::write(self.fd.as_raw_fd(), f.as_ptr().cast(), f.len()) };
-                sent += 1;
-            }
-        }
-        sent
+        let fd = self.fd.as_raw_fd();
+        self.held.release(epoch, |f| {
+            // SAFETY: writes `f.len()` initialised bytes from a live buffer to our own fd.
+            unsafe { libc::write(fd, f.as_ptr().cast(), f.len()) };
+        })
     }
 
     /// Stops holding: seals and releases everything held.
@@ -269,7 +343,7 @@ impl Tap {
 
     /// Frames held back (sealed or not).
     pub fn held_frames(&self) -> usize {
-        self.current.len() + self.sealed.iter().map(|(_, f)| f.len()).sum::<usize>()
+        self.held.frames()
     }
 
     /// Whether a frame is waiting.
@@ -292,4 +366,44 @@ fn finish(mem: &mut GuestMem, addr: u64, req: NetRequest, filled: &[NetBuf], don
         mem.write_obj(req.bufs + i as u64 * std::mem::size_of::<NetBuf>() as u64, b)?;
     }
     mem.write_obj(addr, &NetRequest { done, ..req })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The case that held 268 MB against a 64 MiB limit: many minimum-size frames. Memory is
+    /// counted with its overhead, so the limit bounds what is allocated.
+    #[test]
+    fn small_frames_are_held_within_the_limit_and_released_in_order() {
+        let limit = 1 << 20;
+        let mut h = Held::new(limit);
+        let mut pushed = 0u32;
+        for i in 0..200_000u32 {
+            let frame = [i as u8; 14];
+            if h.push(&frame) {
+                pushed += 1;
+            }
+        }
+        assert!(h.bytes <= limit, "{} bytes held", h.bytes);
+        let allocated: usize = h.current.chunks.iter().map(|c| c.capacity()).sum();
+        assert!(allocated <= limit, "{allocated} bytes allocated");
+        assert_eq!(pushed as usize, (limit / HOLD_CHUNK) * (HOLD_CHUNK / 16));
+        assert_eq!(h.dropped, 200_000 - pushed as u64);
+        let (epoch, frames, bytes) = h.seal();
+        assert_eq!((epoch, frames, bytes), (1, pushed as u64, 14 * pushed as u64));
+        assert!(!h.push(&[1; 1514]), "still full until released");
+        let mut seen = 0u32;
+        let released = h.release(1, |f| {
+            assert_eq!(f, &[seen as u8; 14]);
+            seen += 1;
+        });
+        assert_eq!((released, seen), (pushed as usize, pushed));
+        assert_eq!(h.bytes, 0);
+        assert!(h.push(&[9; 1514]) && h.push(&[8; 14]));
+        h.seal();
+        let mut lens = vec![];
+        h.release(2, |f| lens.push(f.len()));
+        assert_eq!(lens, [1514, 14]);
+    }
 }
