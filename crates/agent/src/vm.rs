@@ -224,7 +224,7 @@ impl Scheduling {
     /// the VMM's other threads are started, so they stay outside).
     pub fn apply_to_vcpu(&self) -> Result<(), String> {
         match (self.reservation, self.fifo_priority) {
-            (Some(r), _) => crate::realtime::reserve(r),
+            (Some(r), _) => crate::realtime::reserve_vcpu(r),
             (None, Some(p)) => crate::realtime::fifo(p),
             (None, None) => Ok(()),
         }
@@ -452,6 +452,7 @@ pub fn restore(
     paused: bool,
     api: Option<&Path>,
     domain: Option<&DomainSpec>,
+    sched: &Scheduling,
 ) -> Result<Outcome> {
     let name = dir.display().to_string();
     let mut vm = Vm::restore(dir, overrides, Box::new(std::io::stdout())).map_err(|source| Error::Vmm { vm: name.clone(), source })?;
@@ -459,7 +460,7 @@ pub fn restore(
         vm.resume();
     }
     let _domain = domain.map(|d| Domain::introduce(d, &name)).transpose()?;
-    drive(vm, api, &name, false, &Scheduling::default())
+    drive(vm, api, &name, false, sched)
 }
 
 /// Runs `vm` until it stops, serving its control socket at `api_path`; with `announce`, its
@@ -548,6 +549,10 @@ pub struct BackupSpec {
     pub state_file: Option<PathBuf>,
     /// The cluster's key file: the primary and the arbiter authenticate with it.
     pub key_file: PathBuf,
+    /// After a takeover: how the VM's vCPU runs (its reservation or priority, as on the
+    /// primary).
+    #[serde(default)]
+    pub scheduling: Scheduling,
 }
 
 /// Runs the backup until it took over and the VM it then ran stopped; returns the exit status.
@@ -575,6 +580,7 @@ pub fn run_backup(b: &BackupSpec) -> Result<u8> {
         then_policy: b.then_policy,
         state_file: b.state_file.clone(),
         key: crate::auth::Key::load(&b.key_file)?,
+        vcpu_sched: b.scheduling.clone(),
     };
     let outcome = protection::backup::run(opts).map_err(|reason| Error::Replication { vm: format!("backup on {}", b.listen), reason })?;
     Ok(exit_status(&outcome))

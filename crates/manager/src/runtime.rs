@@ -124,6 +124,7 @@ impl Layout {
             timing: self.timing,
             state_file: None,
             key_file: self.key_file.clone(),
+            scheduling: Default::default(),
         })
     }
 
@@ -183,7 +184,8 @@ impl Layout {
                 backup = None;
             }
             let cpus = t.map(|t| self.cpus_of(loaded, h_or(&host), &t.processors)).unwrap_or_default();
-            let reservation = if cpus.is_empty() { None } else { reservation_of(loaded, x.index) };
+            let reservation =
+                if cpus.is_empty() || agent::realtime::deadline_vcpus_stall() { None } else { reservation_of(loaded, x.index) };
             let primary = host.as_deref().map(|h| {
                 let mut spec = self.primary(&x, h, backup.as_deref(), cpus.clone());
                 spec.scheduling.reservation = reservation;
@@ -199,7 +201,10 @@ impl Layout {
                         .and_then(|p| p.target(&x.run.vm))
                         .filter(|t| t.host.as_deref() == Some(b))
                         .and_then(|t| t.backup.clone());
-                    self.backup(&x, b, then.as_deref()).map(|spec| PlacedBackup { host: b.clone(), spec })
+                    self.backup(&x, b, then.as_deref()).map(|mut spec| {
+                        spec.scheduling.reservation = reservation;
+                        PlacedBackup { host: b.clone(), spec }
+                    })
                 }
                 _ => None,
             };

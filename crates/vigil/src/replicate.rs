@@ -104,6 +104,10 @@ pub struct BackupArgs {
     /// The cluster's key file: the primary and the arbiter authenticate with it.
     #[arg(long, value_name = "FILE", required_unless_present = "spec")]
     key_file: Option<PathBuf>,
+    /// After a takeover, run the vCPU under this hard CBS reservation (SCHED_DEADLINE), e.g.
+    /// `2ms/10ms`.
+    #[arg(long, value_name = "Q/P")]
+    reservation: Option<agent::realtime::Reservation>,
     #[command(flatten)]
     timing: TimingArgs,
 }
@@ -165,6 +169,7 @@ pub fn backup(a: &BackupArgs) -> Result<u8> {
         state_file: None,
         timing: a.timing.spec(),
         key_file: a.key_file.clone().context("--key-file")?,
+        scheduling: agent::vm::Scheduling { reservation: a.reservation, ..Default::default() },
     };
     Ok(agent::vm::run_backup(&spec)?)
 }

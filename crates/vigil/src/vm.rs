@@ -135,6 +135,9 @@ struct RestoreArgs {
     /// Stay paused until a `resume` on the control socket.
     #[arg(long, requires = "api")]
     paused: bool,
+    /// Run the vCPU under a hard CBS reservation (SCHED_DEADLINE), e.g. `2ms/10ms`.
+    #[arg(long, value_name = "Q/P")]
+    reservation: Option<agent::realtime::Reservation>,
     /// As `run --json`.
     #[arg(long)]
     json: bool,
@@ -170,7 +173,8 @@ pub fn run(args: &Args) -> Result<u8> {
         }
         VmCommand::Restore(a) => {
             let overrides = RestoreOverrides { tap: a.tap.clone(), disk: a.disk.clone() };
-            let outcome = agent::vm::restore(&a.dir, &overrides, a.paused, a.api.as_deref(), a.domain.spec().as_ref());
+            let sched = Scheduling { cpus: Vec::new(), fifo_priority: None, reservation: a.reservation };
+            let outcome = agent::vm::restore(&a.dir, &overrides, a.paused, a.api.as_deref(), a.domain.spec().as_ref(), &sched);
             Ok(finish(a.json, &a.dir.display().to_string(), outcome.map_err(anyhow::Error::from)))
         }
         VmCommand::Pause(api) => simple(&api.api, Command::Pause),

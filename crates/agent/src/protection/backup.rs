@@ -50,6 +50,8 @@ pub struct Options {
     pub state_file: Option<PathBuf>,
     /// The cluster's key (the arbiter and the primary authenticate with it).
     pub key: Key,
+    /// After a takeover: the vCPU thread's real-time scheduling.
+    pub vcpu_sched: crate::vm::Scheduling,
 }
 
 /// Connections authenticating at once; more are closed at once.
@@ -437,7 +439,7 @@ fn take_over(
         disk: opts.disk.clone(),
         state_file: opts.state_file.clone(),
         key: opts.key.clone(),
-        vcpu_sched: Default::default(),
+        vcpu_sched: opts.vcpu_sched.clone(),
     };
     primary::run(vm, ctl, inbox, popts, Start::TakeOver { granted_at: grant.at, gen: grant.gen }, clock)
 }
