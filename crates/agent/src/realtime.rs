@@ -58,22 +58,6 @@ impl<'de> Deserialize<'de> for Reservation {
     }
 }
 
-/// `struct sched_attr` of sched_setattr(2).
-#[repr(C)]
-#[derive(Default)]
-struct SchedAttr {
-    size: u32,
-    policy: u32,
-    flags: u64,
-    nice: i32,
-    priority: u32,
-    runtime: u64,
-    deadline: u64,
-    period: u64,
-}
-
-const SCHED_DEADLINE: u32 = 6;
-
 /// Whether this host's KVM is the nested PVM backend (`kvm_pvm` loaded), on which a vCPU
 /// thread under SCHED_DEADLINE makes no progress: measured, a guest computing for 19 ms did not
 /// finish in 10 s under any reservation (2ms/10ms to 900ms/1000ms), its thread spinning in the
@@ -96,21 +80,14 @@ pub fn reserve_vcpu(r: Reservation) -> Result<(), String> {
 
 /// Puts the calling thread under `r`; the error says why the kernel refused, in its terms.
 pub fn reserve(r: Reservation) -> Result<(), String> {
-    let attr = SchedAttr {
-        size: std::mem::size_of::<SchedAttr>() as u32,
-        policy: SCHED_DEADLINE,
+    let attr = vmm::sched::SchedAttr {
+        policy: vmm::sched::SCHED_DEADLINE,
         runtime: r.runtime_us * 1000,
         deadline: r.period_us * 1000,
         period: r.period_us * 1000,
-        ..SchedAttr::default()
+        ..Default::default()
     };
-    // SAFETY: sched_setattr(2) on the calling thread (pid 0) reads `attr`, a live, fully
-    // initialised struct sched_attr whose `size` field is its size.
-    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
+    let Err(e) = vmm::sched::set(attr) else { return Ok(()) };
     Err(match e.raw_os_error() {
         Some(libc::EBUSY) => format!(
             "reservation {r} refused by admission control: the host has not {:.1} % of a CPU left for deadline tasks ({})",

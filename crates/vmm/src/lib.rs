@@ -22,6 +22,7 @@ pub mod loader;
 mod machine;
 pub mod memory;
 pub mod mirror;
+pub mod sched;
 pub mod snapshot;
 
 pub use checkpoint::{Checkpoint, DiskWrite, Replica};

@@ -108,25 +108,7 @@ pub struct VcpuSched {
 impl VcpuSched {
     /// The calling thread's.
     pub fn of_this_thread() -> Option<VcpuSched> {
-        #[repr(C)]
-        #[derive(Default)]
-        struct Attr {
-            size: u32,
-            policy: u32,
-            flags: u64,
-            nice: i32,
-            priority: u32,
-            runtime: u64,
-            deadline: u64,
-            period: u64,
-        }
-        let mut a = Attr::default();
-        // SAFETY: sched_getattr(2) on the calling thread writes at most `size` bytes into `a`,
-        // a live struct of that size.
-        let rc = unsafe { libc::syscall(libc::SYS_sched_getattr, 0, &mut a as *mut Attr, std::mem::size_of::<Attr>() as u32, 0) };
-        if rc != 0 {
-            return None;
-        }
+        let a = crate::sched::get()?;
         let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
         let mut f = stat.split_whitespace().map(|x| x.parse::<u64>().unwrap_or(0));
         let policy = match a.policy {
