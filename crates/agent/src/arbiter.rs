@@ -23,7 +23,7 @@ use crate::{Error, Result};
 use replication::lease::{Answer, Request, Table};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -92,7 +92,7 @@ impl Durable {
         }
         let text = self.table.encode();
         match &self.state {
-            State::File(path) => store_file(path, text.as_bytes())?,
+            State::File(path) => crate::replace_file(path, text.as_bytes())?,
             State::Store(sock) => {
                 let lines = store_lines(&text);
                 if self.store.is_none() {
@@ -155,20 +155,6 @@ fn load(state: &State) -> Result<Option<String>> {
             Ok(Some(text))
         }
     }
-}
-
-/// Writes `bytes` to `path` atomically and durably (temporary file, fsync, rename, fsync of
-/// the directory).
-pub fn store_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Loads the lease table from `state` (a new, empty one if nothing was stored yet, which is

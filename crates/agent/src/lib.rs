@@ -30,4 +30,22 @@ pub mod supervisor;
 pub mod vm;
 
 pub use error::{Error, Result};
+
+/// Replaces the file at `path` with `bytes` atomically and durably: a temporary file beside it,
+/// fsync, rename over it, fsync of the directory. A crash at any moment leaves the old
+/// contents or the new, never a mix.
+pub fn replace_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
+}
 pub use vm::VmSpec;

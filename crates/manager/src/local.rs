@@ -80,13 +80,10 @@ impl ClusterFile {
         serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", p.display()))
     }
 
-    /// Writes it atomically (a temporary file renamed over the old one).
+    /// Writes it atomically ([`agent::replace_file`]).
     pub fn save(&self) -> Result<(), String> {
         let p = Self::path(&self.dir);
-        let tmp = p.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self).unwrap_or_default())
-            .and_then(|_| std::fs::rename(&tmp, &p))
-            .map_err(|e| format!("{}: {e}", p.display()))
+        agent::replace_file(&p, &serde_json::to_vec_pretty(self).unwrap_or_default()).map_err(|e| format!("{}: {e}", p.display()))
     }
 
     /// Starts a process the keeper will start again if it dies.

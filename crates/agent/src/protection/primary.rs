@@ -61,11 +61,10 @@ pub struct ReplicationState {
 }
 
 impl ReplicationState {
-    /// Writes it to `path` atomically (a new file renamed over the old one).
+    /// Writes it to `path` atomically ([`crate::replace_file`]).
     pub fn save(&self, path: &std::path::Path) {
-        let tmp = path.with_extension("tmp");
-        let ok = serde_json::to_vec(self).ok().is_some_and(|b| std::fs::write(&tmp, b).is_ok());
-        if !ok || std::fs::rename(&tmp, path).is_err() {
+        let ok = serde_json::to_vec(self).ok().is_some_and(|b| crate::replace_file(path, &b).is_ok());
+        if !ok {
             tracing::warn!("cannot write the replication state to {}", path.display());
         }
     }
