@@ -12,6 +12,8 @@
 //!   machines over the `vmm` crate, TCP and threads, and their statistics and metrics;
 //! - [`arbiter`]: the lease table of `replication::lease` served over TCP, and its client;
 //! - [`domain`]: a VM's registration as a XenStore domain in the control-plane store;
+//! - [`voter`]: local redundancy: N instances of a VM behind one address, replies voted,
+//!   faulty instances repaired from a healthy one's snapshot;
 //! - [`supervisor`]: runs a host component (the store server) as a child process, heartbeats
 //!   it and restarts it alone on a crash or hang.
 //!
@@ -28,6 +30,7 @@ pub mod protection;
 pub mod realtime;
 pub mod supervisor;
 pub mod vm;
+pub mod voter;
 
 pub use error::{Error, Result};
 

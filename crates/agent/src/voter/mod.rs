@@ -1,0 +1,21 @@
+//! Local redundancy (DESIGN §2, mode `local`): N instances of one VM on one host, fed the same
+//! input, their output voted, a faulty instance repaired from a healthy one's snapshot.
+//!
+//! - [`resp`]: where Redis-protocol requests and replies begin and end;
+//! - [`core`]: the voter and its repair protocol as a pure state machine (events in, actions
+//!   out, time passed in);
+//! - [`driver`]: the thin I/O around it: the VM's one TCP listening address, a connection to
+//!   every instance per client connection (each instance in its own network namespace, all
+//!   with the same guest address), the instances' VMM processes, snapshot and restore through
+//!   their control sockets.
+//!
+//! Why here (the agent's side, a process of its own per voted VM) and not in the VMM: a VMM
+//! runs one VM and knows nothing of its siblings; the voter must see all N, and must vote on
+//! *replies*, which exist only above TCP (the instances' TCP stacks segment, acknowledge and
+//! time their frames differently, so frames cannot be compared). It owns no VM: a crashed VMM
+//! is one fault it masks; a crashed voter takes the VM's address down until it is restarted,
+//! like a crashed VMM of a normal-mode VM.
+
+pub mod core;
+pub mod driver;
+pub mod resp;
