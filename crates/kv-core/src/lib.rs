@@ -24,11 +24,21 @@ pub struct ProtocolError(pub &'static str);
 #[derive(Default)]
 pub struct Store {
     map: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Fault injection (N-version tests): every `wrong_every`-th reply is wrong; 0 never.
+    wrong_every: u64,
+    replies: u64,
 }
 
 impl Store {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Makes one reply in `every` wrong (0: none), the way a design fault of one version
+    /// would: still a valid reply, with another value (an integer one more, a string with a
+    /// changed byte, an empty string instead of nil, `+OJ` instead of `+OK`).
+    pub fn inject_wrong_answers(&mut self, every: u64) {
+        self.wrong_every = every;
     }
 
     /// Number of keys.
@@ -51,7 +61,12 @@ impl Store {
                 Ok(Some((args, used))) => {
                     pos += used;
                     if !args.is_empty() {
+                        let start = out.len();
                         self.execute(&args, out);
+                        self.replies += 1;
+                        if self.wrong_every > 0 && self.replies % self.wrong_every == 0 {
+                            corrupt(out, start);
+                        }
                     }
                 }
                 Ok(None) => {
@@ -242,6 +257,23 @@ fn parse(b: &[u8]) -> Result<Option<Parsed<'_>>, ProtocolError> {
     Ok(Some((args, pos)))
 }
 
+/// Makes the reply that starts at `start` of `out` wrong and keeps it a valid reply.
+fn corrupt(out: &mut Vec<u8>, start: usize) {
+    if &out[start..] == b"$-1\r\n" {
+        out.truncate(start);
+        out.extend_from_slice(b"$0\r\n\r\n");
+        return;
+    }
+    // The last byte before the final CRLF: a digit goes one up (9 to 8), a letter changes.
+    let Some(i) = out.len().checked_sub(3).filter(|&i| i > start) else { return };
+    out[i] = match out[i] {
+        b'9' => b'8',
+        d @ b'0'..=b'8' => d + 1,
+        b'K' => b'J',
+        c => c ^ 1,
+    };
+}
+
 fn find_crlf(b: &[u8], from: usize) -> Option<usize> {
     b.get(from..)?.windows(2).position(|w| w == b"\r\n").map(|p| p + from)
 }
@@ -333,6 +365,16 @@ mod tests {
         store.serve(&mut i, &mut o).expect("well-formed");
         assert!(i.is_empty(), "left {:?}", std::string::String::from_utf8_lossy(&i));
         o
+    }
+
+    #[test]
+    fn injected_wrong_answers_are_valid_and_wrong() {
+        let mut s = Store::new();
+        s.inject_wrong_answers(2);
+        assert_eq!(run(&mut s, b"INCR n\r\nINCR n\r\n"), b":1\r\n:3\r\n");
+        assert_eq!(run(&mut s, b"GET x\r\nGET x\r\n"), b"$-1\r\n$0\r\n\r\n");
+        assert_eq!(run(&mut s, b"SET a 1\r\nSET a 1\r\n"), b"+OK\r\n+OJ\r\n");
+        assert_eq!(run(&mut s, b"INCR n\r\nINCR n\r\n"), b":3\r\n:5\r\n", "the state stays right");
     }
 
     #[test]

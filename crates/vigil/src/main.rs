@@ -15,6 +15,7 @@
 
 mod analyze;
 mod cluster;
+mod local;
 mod plan;
 mod plot;
 mod replicate;
@@ -42,6 +43,9 @@ enum Command {
     Bench(bench::analysis::Args),
     /// Run, restore and control unikernel virtual machines (see `vigil vm --help`).
     Vm(vm::Args),
+    /// Run a VM in local redundancy: N instances on this host, replies voted, faulty
+    /// instances repaired from a healthy one's snapshot.
+    Local(local::Args),
     /// The XenStore-compatible control-plane store: serve it, or supervise it.
     Store(store::Args),
     /// Be the backup host of a protected VM (`vigil vm run --protect`): keep its replica, take
@@ -128,6 +132,7 @@ fn main() -> ExitCode {
         Command::Plan(args) => plan::run(&args),
         Command::Bench(args) => bench::analysis::run(&args).map(|()| Outcome::Ok),
         Command::Vm(args) => return status(vm::run(&args)),
+        Command::Local(args) => return status(local::run(&args)),
         Command::Store(args) => store::run(&args),
         Command::Backup(args) => return status(replicate::backup(&args)),
         Command::Arbiter(args) => return status(replicate::arbiter(&args)),

@@ -2,7 +2,8 @@
 //! first argument), over smoltcp on the VM's network device. Prints `kv: serving on IP:PORT`
 //! once it accepts connections. A second argument `BUSY_MIB` adds background computation
 //! (a mixed workload): whenever no request is waiting, kv rewrites a slice of a working set
-//! of that many MiB instead of idling. With a disk, requests are logged there before their replies
+//! of that many MiB instead of idling. An argument `wrong=N` makes one reply in N wrong (a
+//! design fault, for the N-version tests of local redundancy). With a disk, requests are logged there before their replies
 //! go out and replayed at start ([`disklog`]).
 #![no_std]
 #![no_main]
@@ -42,7 +43,9 @@ fn listen(stack: &mut Stack, port: u16) -> Option<Conn> {
 }
 
 fn main() -> u32 {
-    let mut args = guest_sdk::args();
+    // `wrong=N` anywhere: one reply in N is wrong (N-version tests of local redundancy).
+    let wrong: u64 = guest_sdk::args().find_map(|a| a.strip_prefix("wrong=")).and_then(|n| n.parse().ok()).unwrap_or(0);
+    let mut args = guest_sdk::args().filter(|a| !a.starts_with("wrong="));
     let port = args.next().and_then(|p| p.parse().ok()).unwrap_or(6379u16);
     let busy_mib: usize = args.next().and_then(|p| p.parse().ok()).unwrap_or(0);
     let mut busy: Vec<u64> = Vec::new();
@@ -54,6 +57,10 @@ fn main() -> u32 {
     let mut busy_at = 0usize;
     let mut busy_pass = 0u64;
     let mut store = kv_core::Store::new();
+    if wrong > 0 {
+        println!("kv: one reply in {wrong} is wrong");
+        store.inject_wrong_answers(wrong);
+    }
     let mut log = disklog::DiskLog::open(&mut store);
     let Some(mut stack) = Stack::new() else {
         println!("kv: no network device");

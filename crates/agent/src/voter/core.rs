@@ -291,6 +291,10 @@ struct ConnState {
     /// Where an instance under repair starts (the donor's position at the snapshot).
     hold: Vec<Option<u64>>,
     eof: bool,
+    /// The client is gone; the connection stays until every instance has been given and has
+    /// answered its requests (an instance under repair catches up on them, so that its state
+    /// is the others').
+    gone: bool,
 }
 
 /// Counters, for statistics and tests.
@@ -350,7 +354,7 @@ impl Voter {
 
     /// Open client connections.
     pub fn connections(&self) -> usize {
-        self.conns.len()
+        self.conns.values().filter(|cs| !cs.gone).count()
     }
 
     /// The votes needed for a reply now.
@@ -395,6 +399,10 @@ impl Voter {
             Event::Tick => self.tick(),
         }
         self.maybe_start_repair();
+        let gone: Vec<Conn> = self.conns.iter().filter(|(_, cs)| cs.gone).map(|(c, _)| *c).collect();
+        for c in gone {
+            self.reap(c);
+        }
         std::mem::take(&mut self.out)
     }
 
@@ -451,6 +459,7 @@ impl Voter {
             links: (0..n).map(|_| None).collect(),
             hold: vec![None; n],
             eof: false,
+            gone: false,
         };
         for i in 0..n {
             match self.states[i] {
@@ -562,6 +571,10 @@ impl Voter {
         let Some(link) = cs.links[i].as_mut() else { return };
         let mut bytes = Vec::new();
         let mut count = 0;
+        #[cfg(test)]
+        if link.next < cs.req_base {
+            panic!("instance {i} connection {c}: request {} forgotten (base {}), states {:?} repair {:?} hold {:?} gone {}", link.next, cs.req_base, self.states, self.repair, cs.hold, cs.gone);
+        }
         while link.next < upto {
             let Some(r) = cs.reqs.get((link.next - cs.req_base) as usize) else { break };
             bytes.extend_from_slice(r);
@@ -724,6 +737,11 @@ impl Voter {
             let primary = (policy == Policy::PreferPrimary && slot.votes[0].is_some() && voting[0]).then_some(0);
             self.out.push(Action::Report(Report::Disagreement { conn: c, seq, chosen: primary }));
             if primary.is_none() {
+                if cs.gone {
+                    // Nobody to suppress it from: the instances' states differ and stay so.
+                    slot.decided = slot.votes[who].clone();
+                    return;
+                }
                 self.drop_conn_with_close(c);
                 return;
             }
@@ -751,7 +769,7 @@ impl Voter {
             cs.emitted += 1;
             self.counters.replies += 1;
         }
-        if !bytes.is_empty() {
+        if !bytes.is_empty() && !cs.gone {
             self.out.push(Action::ToClient(c, bytes));
         }
         while cs.slot_base < cs.emitted {
@@ -767,6 +785,7 @@ impl Voter {
         }
         self.trim(c);
         self.maybe_close(c);
+        self.reap(c);
     }
 
     /// Forgets the requests no instance needs any more.
@@ -795,25 +814,54 @@ impl Voter {
 
     fn maybe_close(&mut self, c: Conn) {
         let Some(cs) = self.conns.get(&c) else { return };
-        if cs.eof && cs.emitted == cs.total {
+        if cs.eof && !cs.gone && cs.emitted == cs.total {
             self.drop_conn_with_close(c);
         }
     }
 
     fn drop_conn_with_close(&mut self, c: Conn) {
-        if self.conns.contains_key(&c) {
+        if self.conns.get(&c).is_some_and(|cs| !cs.gone) {
             self.out.push(Action::CloseClient(c));
             self.drop_conn(c);
         }
     }
 
     fn drop_conn(&mut self, c: Conn) {
-        let Some(cs) = self.conns.remove(&c) else { return };
-        for (i, l) in cs.links.iter().enumerate() {
-            if l.is_some() {
-                self.out.push(Action::Disconnect(i, c));
+        let Some(cs) = self.conns.get_mut(&c) else { return };
+        cs.gone = true;
+        cs.eof = true;
+        cs.inbuf.clear();
+        self.reap(c);
+    }
+
+    /// Forgets a connection whose client is gone once no instance needs it any more; closes
+    /// each instance's side as soon as that instance has answered everything.
+    fn reap(&mut self, c: Conn) {
+        let states = self.states.clone();
+        let Some(cs) = self.conns.get_mut(&c) else { return };
+        if !cs.gone {
+            return;
+        }
+        let total = cs.total;
+        let mut all = true;
+        for (i, state) in states.iter().enumerate() {
+            let done = match state {
+                State::Live | State::Joining { .. } => cs.links[i].as_ref().is_none_or(|l| l.next == total && l.got == total && l.open),
+                State::Restoring { .. } => cs.hold[i].is_none(),
+                State::Faulty { .. } => true,
+            };
+            if done {
+                if cs.links[i].take().is_some() {
+                    self.out.push(Action::Disconnect(i, c));
+                }
+            } else {
+                all = false;
             }
         }
+        if !all {
+            return;
+        }
+        self.conns.remove(&c);
         self.check_quiescent();
         if let Some(r) = self.repair {
             if r.stage == Stage::Joining {
@@ -922,9 +970,10 @@ impl Voter {
         let conns: Vec<Conn> = self.conns.keys().copied().collect();
         for c in conns {
             let Some(cs) = self.conns.get_mut(&c) else { continue };
-            // The snapshot holds the donor's state after the requests it was given (a
-            // connection it has no link for, it has seen nothing of).
-            cs.hold[r.target] = Some(cs.links[d].as_ref().map_or(0, |l| l.next));
+            // The snapshot holds the donor's state after the requests it was given. A live
+            // donor has a link on every connection but those of gone clients it has answered
+            // completely.
+            cs.hold[r.target] = Some(cs.links[d].as_ref().map_or(cs.total, |l| l.next));
             let total = cs.total;
             self.give(d, c, total);
         }

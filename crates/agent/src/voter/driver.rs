@@ -1,1 +1,639 @@
+//! The voter's thin I/O driver: runs a voted VM's N instances (each `vigil vm run` in a
+//! network namespace of its own, all with the same guest address and MAC, so a snapshot of
+//! one continues as another), listens on the VM's one address, and carries bytes, process
+//! exits, snapshots and restores between the world and [`super::core::Voter`].
+//!
+//! Threads: one owns the voter (it ticks every 10 ms); one accepts clients; one reads and one
+//! writes each socket (a peer that stops reading never blocks the voter: at most
+//! [`MAX_QUEUED`] bytes wait for it, then it is closed, and writes time out); one per instance
+//! opens connections inside the instance's namespace; one waits for each VMM process; snapshot
+//! and readiness after a restore run on worker threads, so the voter serves on meanwhile. At
+//! most [`MAX_CLIENTS`] clients at once (one more is closed at once).
+//!
+//! What the driver reports (faults, repairs) goes to `tracing`, to `<dir>/events.jsonl` (one
+//! JSON object a line) and the instances' state to `<dir>/local.json`.
 
+use super::core::{Action, Config, Conn, Event, Instance, Nanos, Report, Voter};
+use crate::{Error, Result};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::time::{Duration, Instant};
+
+/// Most client connections at once.
+pub const MAX_CLIENTS: usize = 64;
+/// The guest's address inside each instance's namespace (and the host side of its tap).
+pub const GUEST_IP: &str = "10.250.0.2";
+pub const HOST_IP: &str = "10.250.0.1";
+pub const GUEST_MAC: &str = "52:54:00:fa:00:02";
+pub const TAP: &str = "vt0";
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// One instance: its namespace and how its VMM is started.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct InstanceSpec {
+    /// Network namespace (a name under /run/netns).
+    pub netns: String,
+    /// Guest image (instances may run different images: N-version).
+    pub image: PathBuf,
+    pub mem_mib: u64,
+    /// Arguments for the guest.
+    pub args: Vec<String>,
+}
+
+/// A voted VM.
+#[derive(Debug, Clone)]
+pub struct GroupSpec {
+    pub vm: String,
+    /// The VM's address, where clients connect.
+    pub listen: SocketAddr,
+    /// The guest's port.
+    pub port: u16,
+    pub instances: Vec<InstanceSpec>,
+    /// The `vigil` binary (for `vm run` and `vm restore`).
+    pub vigil: PathBuf,
+    /// Control sockets, snapshots, logs, events, state.
+    pub dir: PathBuf,
+    pub config: Config,
+}
+
+/// Creates instance `netns` with the tap [`TAP`] (host side [`HOST_IP`]/24), replacing an
+/// old one of that name.
+pub fn create_netns(netns: &str) -> Result<()> {
+    let _ = Command::new("ip").args(["netns", "del", netns]).output();
+    let steps: [&[&str]; 5] = [
+        &["netns", "add", netns],
+        &["-n", netns, "link", "set", "lo", "up"],
+        &["-n", netns, "tuntap", "add", "dev", TAP, "mode", "tap"],
+        &["-n", netns, "addr", "add", &format!("{HOST_IP}/24"), "dev", TAP],
+        &["-n", netns, "link", "set", TAP, "up"],
+    ];
+    for args in steps {
+        let out = Command::new("ip").args(args).output().map_err(|e| Error::io("cannot run", "ip", e))?;
+        if !out.status.success() {
+            return Err(Error::Spec {
+                vm: netns.into(),
+                reason: format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Blocks SIGTERM and SIGINT in this thread and every thread it starts from now on, and
+/// starts a thread that, on either, runs `cleanup` and ends the process with status 0 (the
+/// VMMs die with it). Call before any other thread starts.
+pub fn exit_on_signal(cleanup: impl FnOnce() + Send + 'static) -> Result<()> {
+    // SAFETY: plain signal-set manipulation on local values; the mask applies to this thread
+    // and is inherited by the threads it starts.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    std::thread::Builder::new()
+        .name("voter-signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: sigwait on a set of blocked signals, writing into a local.
+            unsafe { libc::sigwait(&set, &mut sig) };
+            tracing::info!("signal {sig}: stopping");
+            cleanup();
+            std::process::exit(0);
+        })
+        .map_err(|e| Error::io("cannot start a thread for", "signals", e))?;
+    Ok(())
+}
+
+/// Removes an instance's namespace.
+pub fn delete_netns(netns: &str) {
+    let _ = Command::new("ip").args(["netns", "del", netns]).output();
+}
+
+/// Runs `f` on a new thread inside network namespace `netns` (sockets it creates stay there).
+fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::io::Result<std::thread::JoinHandle<T>> {
+    let path = Path::new("/run/netns").join(netns);
+    let file = std::fs::File::open(&path)?;
+    std::thread::Builder::new().name(format!("netns-{netns}")).spawn(move || {
+        // SAFETY: setns on this thread only (network namespaces are per thread); the file
+        // descriptor is open for the call. On failure the thread stays where it was and the
+        // connections it opens fail to reach the guest, which is reported as a lost instance.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            tracing::error!("setns into {}: {}", path.display(), std::io::Error::last_os_error());
+        }
+        f()
+    })
+}
+
+enum Msg {
+    Event(Event),
+    Accepted(Conn, TcpStream),
+    Connected(Instance, Conn, TcpStream),
+    /// Bytes or an end from a link with this id.
+    Link(u64, Instance, Conn, Option<Vec<u8>>, String),
+    /// An instance's process (of this incarnation) ended.
+    Exited(Instance, u64, String),
+}
+
+struct Proc {
+    pid: u32,
+    incarnation: u64,
+}
+
+/// The instances' state, as `<dir>/local.json` has it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct GroupState {
+    pub vm: String,
+    pub listen: SocketAddr,
+    pub instances: Vec<InstanceState>,
+    pub repairs: u64,
+    pub faults: u64,
+    pub replies: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct InstanceState {
+    pub netns: String,
+    pub pid: u32,
+    pub live: bool,
+    pub incarnation: u64,
+}
+
+fn api_path(dir: &Path, i: Instance) -> PathBuf {
+    dir.join(format!("i{i}.sock"))
+}
+
+fn start_vmm(spec: &GroupSpec, i: Instance, restore_from: Option<&Path>) -> Result<Child> {
+    let inst = &spec.instances[i];
+    let api = api_path(&spec.dir, i);
+    let _ = std::fs::remove_file(&api);
+    let log_path = spec.dir.join(format!("i{i}.log"));
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| Error::io("cannot open", &log_path, e))?;
+    let log2 = log.try_clone().map_err(|e| Error::io("cannot open", &log_path, e))?;
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &inst.netns]).arg(&spec.vigil).args(["vm"]);
+    match restore_from {
+        Some(dir) => {
+            cmd.arg("restore").arg(dir).args(["--tap", TAP, "--api"]).arg(&api);
+        }
+        None => {
+            cmd.args(["run", "--image"]).arg(&inst.image).args(["--mem", &inst.mem_mib.to_string(), "--tap", TAP]);
+            cmd.args(["--ip", &format!("{GUEST_IP}/24"), "--mac", GUEST_MAC, "--api"]).arg(&api).arg("--").args(&inst.args);
+        }
+    }
+    cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
+    // SAFETY: only async-signal-safe calls (prctl, sigemptyset, pthread_sigmask) between fork
+    // and exec. The VMM dies with the voter
+    // (the signal follows the thread that forks it: always the voter's own thread, which lives
+    // as long as the process).
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            // The voter blocks SIGTERM and SIGINT (a thread waits for them); the VMM does not.
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(|e| Error::io("cannot start", &spec.vigil, e))
+}
+
+/// Waits until the instance's control socket answers (the VMM runs).
+fn wait_api(api: &Path, limit: Duration) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        if vmm::api::call(api, &vmm::Command::Status).is_ok_and(|r| r.ok) {
+            return Ok(());
+        }
+        if t.elapsed() > limit {
+            return Err(Error::Spec { vm: api.display().to_string(), reason: "the VMM's control socket did not answer".into() });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Whether `pid` is a process that has not ended (a zombie has ended).
+fn process_runs(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z"),
+        Err(_) => false,
+    }
+}
+
+fn watch(tx: Sender<Msg>, i: Instance, incarnation: u64, mut child: Child) {
+    let _ = std::thread::Builder::new().name(format!("vmm-wait-{i}")).spawn(move || {
+        let why = match child.wait() {
+            Ok(s) => format!("its VMM ended: {s}"),
+            Err(e) => format!("cannot wait for its VMM: {e}"),
+        };
+        let _ = tx.send(Msg::Exited(i, incarnation, why));
+    });
+}
+
+/// Most bytes queued for one socket's writer; a peer that takes no more is closed.
+const MAX_QUEUED: usize = 16 << 20;
+
+enum Out {
+    Data(Vec<u8>),
+    /// Write what is queued, then close.
+    Close,
+}
+
+/// One socket's writes, on a thread of their own: a peer that does not read (a stopped
+/// instance, a slow client) never blocks the voter.
+struct Writer {
+    tx: Sender<Out>,
+    queued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    sock: TcpStream,
+}
+
+impl Writer {
+    fn new(sock: TcpStream, on_error: impl FnOnce(String) + Send + 'static) -> std::io::Result<Writer> {
+        let (tx, rx) = channel::<Out>();
+        let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (mut w, q) = (sock.try_clone()?, queued.clone());
+        std::thread::Builder::new().name("voter-write".into()).spawn(move || {
+            for out in rx {
+                match out {
+                    Out::Data(b) => {
+                        if let Err(e) = w.write_all(&b) {
+                            let _ = w.shutdown(Shutdown::Both);
+                            on_error(format!("write: {e}"));
+                            return;
+                        }
+                        q.fetch_sub(b.len(), std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Out::Close => break,
+                }
+            }
+            let _ = w.shutdown(Shutdown::Both);
+        })?;
+        Ok(Writer { tx, queued, sock })
+    }
+
+    /// Queues bytes; `false` when the peer has too much unread already.
+    fn send(&self, b: Vec<u8>) -> bool {
+        let q = self.queued.fetch_add(b.len(), std::sync::atomic::Ordering::Relaxed);
+        q + b.len() <= MAX_QUEUED && self.tx.send(Out::Data(b)).is_ok()
+    }
+
+    /// Closes after what is queued.
+    fn close(self) {
+        let _ = self.tx.send(Out::Close);
+    }
+
+    /// Closes now (the reader sees the end at once).
+    fn abort(self) {
+        let _ = self.sock.shutdown(Shutdown::Both);
+    }
+}
+
+fn reader(tx: Sender<Msg>, mut s: TcpStream, what: impl Fn(Option<Vec<u8>>, String) -> Msg + Send + 'static) {
+    let _ = std::thread::Builder::new().name("voter-read".into()).spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => {
+                    let _ = tx.send(what(None, "closed".into()));
+                    return;
+                }
+                Ok(n) => {
+                    if tx.send(what(Some(buf[..n].to_vec()), String::new())).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let _ = tx.send(what(None, e.to_string()));
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// Starts the instances, waits until each guest accepts connections (`ready` limit), then
+/// serves clients until the process ends. Returns only on a setup error.
+pub fn run(spec: GroupSpec, ready: Duration) -> Result<()> {
+    let n = spec.instances.len();
+    if n != spec.config.n {
+        return Err(Error::Spec { vm: spec.vm.clone(), reason: format!("{} instances given for n = {}", n, spec.config.n) });
+    }
+    let mut voter = Voter::new(spec.config.clone()).map_err(|reason| Error::Spec { vm: spec.vm.clone(), reason })?;
+    std::fs::create_dir_all(&spec.dir).map_err(|e| Error::io("cannot create", &spec.dir, e))?;
+    let (tx, rx) = channel::<Msg>();
+    // The instances.
+    let mut procs = Vec::new();
+    for i in 0..n {
+        let child = start_vmm(&spec, i, None)?;
+        procs.push(Proc { pid: child.id(), incarnation: 0 });
+        watch(tx.clone(), i, 0, child);
+    }
+    // Connectors, one per instance, inside its namespace.
+    let target: SocketAddr = SocketAddr::new(GUEST_IP.parse().expect("constant address"), spec.port);
+    let mut connectors: Vec<Sender<Conn>> = Vec::new();
+    for (i, inst) in spec.instances.iter().enumerate() {
+        let (ctx, crx) = channel::<Conn>();
+        let tx = tx.clone();
+        in_netns(&inst.netns, move || {
+            for c in crx {
+                match TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) {
+                    Ok(s) => {
+                        let _ = s.set_nodelay(true);
+                        let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+                        let _ = tx.send(Msg::Connected(i, c, s));
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Msg::Event(Event::InstanceLost(i, c, format!("cannot connect to {target}: {e}"))));
+                    }
+                }
+            }
+        })
+        .map_err(|e| Error::io("cannot enter the namespace of", &inst.netns, e))?;
+        connectors.push(ctx);
+    }
+    // Every guest serving before the VM's address opens.
+    let t = Instant::now();
+    for (i, inst) in spec.instances.iter().enumerate() {
+        loop {
+            let ok = in_netns(&inst.netns, move || TcpStream::connect_timeout(&target, CONNECT_TIMEOUT).is_ok())
+                .map_err(|e| Error::io("cannot enter the namespace of", &inst.netns, e))?
+                .join()
+                .unwrap_or(false);
+            if ok {
+                break;
+            }
+            if t.elapsed() > ready {
+                return Err(Error::Spec { vm: spec.vm.clone(), reason: format!("instance {i} does not serve on {target} after {ready:?} (see {})", spec.dir.join(format!("i{i}.log")).display()) });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let listener = TcpListener::bind(spec.listen).map_err(|e| Error::io("cannot listen on", spec.listen.to_string(), e))?;
+    {
+        let tx = tx.clone();
+        std::thread::Builder::new()
+            .name("voter-accept".into())
+            .spawn(move || {
+                let mut next: Conn = 1;
+                for s in listener.incoming() {
+                    let Ok(s) = s else { continue };
+                    let _ = s.set_nodelay(true);
+                    let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+                    if tx.send(Msg::Accepted(next, s)).is_err() {
+                        return;
+                    }
+                    next += 1;
+                }
+            })
+            .map_err(|e| Error::io("cannot start a thread for", spec.listen.to_string(), e))?;
+    }
+    tracing::info!("{}: {} instances voted behind {}", spec.vm, n, spec.listen);
+    let mut d = Driver { spec, tx, procs, connectors, clients: HashMap::new(), links: HashMap::new(), next_link: 1, start: Instant::now(), events: None };
+    d.write_state(&voter);
+    d.serve(&mut voter, rx);
+    Ok(())
+}
+
+struct Driver {
+    spec: GroupSpec,
+    tx: Sender<Msg>,
+    procs: Vec<Proc>,
+    connectors: Vec<Sender<Conn>>,
+    clients: HashMap<Conn, Writer>,
+    /// (instance, conn) → (link id, writer).
+    links: HashMap<(Instance, Conn), (u64, Writer)>,
+    next_link: u64,
+    start: Instant,
+    events: Option<std::fs::File>,
+}
+
+impl Driver {
+    fn now(&self) -> Nanos {
+        self.start.elapsed().as_nanos() as Nanos
+    }
+
+    fn serve(&mut self, voter: &mut Voter, rx: Receiver<Msg>) {
+        let mut last_tick = Instant::now();
+        loop {
+            let msg = rx.recv_timeout(Duration::from_millis(10));
+            let mut events = Vec::new();
+            match msg {
+                Ok(Msg::Event(e)) => events.push(e),
+                Ok(Msg::Accepted(c, s)) => {
+                    if self.clients.len() >= MAX_CLIENTS {
+                        tracing::warn!("{}: a client over the limit of {MAX_CLIENTS} closed", self.spec.vm);
+                        let _ = s.shutdown(Shutdown::Both);
+                    } else {
+                        let tx = self.tx.clone();
+                        let w = s.try_clone().and_then(|w| {
+                            Writer::new(w, move |_| {
+                                let _ = tx.send(Msg::Event(Event::ClientClosed(c)));
+                            })
+                        });
+                        if let Ok(w) = w {
+                            reader(self.tx.clone(), s, move |b, _| match b {
+                                Some(b) => Msg::Event(Event::ClientBytes(c, b)),
+                                None => Msg::Event(Event::ClientEof(c)),
+                            });
+                            self.clients.insert(c, w);
+                            events.push(Event::ClientOpened(c));
+                        }
+                    }
+                }
+                Ok(Msg::Connected(i, c, s)) => {
+                    let id = self.next_link;
+                    self.next_link += 1;
+                    let tx = self.tx.clone();
+                    let w = s.try_clone().and_then(|w| Writer::new(w, move |why| {
+                        let _ = tx.send(Msg::Link(id, i, c, None, why));
+                    }));
+                    match w {
+                        Ok(w) => {
+                            reader(self.tx.clone(), s, move |b, why| Msg::Link(id, i, c, b, why));
+                            self.links.insert((i, c), (id, w));
+                            events.push(Event::InstanceConnected(i, c));
+                        }
+                        Err(e) => events.push(Event::InstanceLost(i, c, e.to_string())),
+                    }
+                }
+                Ok(Msg::Link(id, i, c, b, why)) => {
+                    if self.links.get(&(i, c)).is_some_and(|l| l.0 == id) {
+                        match b {
+                            Some(b) => events.push(Event::InstanceBytes(i, c, b)),
+                            None => {
+                                if let Some((_, w)) = self.links.remove(&(i, c)) {
+                                    w.abort();
+                                }
+                                events.push(Event::InstanceLost(i, c, why));
+                            }
+                        }
+                    }
+                }
+                Ok(Msg::Exited(i, inc, why)) => {
+                    if self.procs[i].incarnation == inc {
+                        events.push(Event::InstanceExited(i, why));
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            if last_tick.elapsed() >= Duration::from_millis(10) {
+                last_tick = Instant::now();
+                events.push(Event::Tick);
+            }
+            for e in events {
+                let mut queue = std::collections::VecDeque::from([e]);
+                while let Some(e) = queue.pop_front() {
+                    let now = self.now();
+                    for a in voter.handle(now, e) {
+                        if let Some(back) = self.act(voter, a) {
+                            queue.push_back(back);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Does one action; an event it causes at once (a failed write) is returned.
+    fn act(&mut self, voter: &Voter, a: Action) -> Option<Event> {
+        match a {
+            Action::ToClient(c, b) => {
+                if let Some(w) = self.clients.get(&c) {
+                    if !w.send(b) {
+                        if let Some(w) = self.clients.remove(&c) {
+                            w.abort();
+                        }
+                        return Some(Event::ClientClosed(c));
+                    }
+                }
+            }
+            Action::CloseClient(c) => {
+                if let Some(w) = self.clients.remove(&c) {
+                    w.close();
+                }
+            }
+            Action::Connect(i, c) => {
+                let _ = self.connectors[i].send(c);
+            }
+            Action::ToInstance(i, c, b) => {
+                if let Some((_, w)) = self.links.get(&(i, c)) {
+                    if !w.send(b) {
+                        if let Some((_, w)) = self.links.remove(&(i, c)) {
+                            w.abort();
+                        }
+                        return Some(Event::InstanceLost(i, c, format!("more than {MAX_QUEUED} bytes unread")));
+                    }
+                }
+            }
+            Action::Disconnect(i, c) => {
+                if let Some((_, w)) = self.links.remove(&(i, c)) {
+                    w.abort();
+                }
+            }
+            Action::Stop(i) => {
+                // SIGKILL also ends a stopped (hung) process; the waiter thread reaps it.
+                let pid = self.procs[i].pid as libc::pid_t;
+                // SAFETY: kill(2) on the pid of a child this driver started and has not reaped
+                // (its waiter reaps it only after it ends, so the pid is not reused before).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                // A new incarnation number: the old process's exit is no news.
+                self.procs[i].incarnation += 1;
+                self.write_state(voter);
+            }
+            Action::Snapshot(d) => {
+                let (api, dir, tx) = (api_path(&self.spec.dir, d), self.spec.dir.join(format!("snap-{d}")), self.tx.clone());
+                let _ = std::thread::Builder::new().name("voter-snapshot".into()).spawn(move || {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    let r = vmm::api::call(&api, &vmm::Command::Snapshot { dir: dir.clone() });
+                    let resumed = vmm::api::call(&api, &vmm::Command::Resume);
+                    let ev = match (r, resumed) {
+                        (Ok(r), Ok(q)) if r.ok && q.ok => Event::SnapshotTaken(d),
+                        (Ok(r), _) if !r.ok => Event::SnapshotFailed(d, r.error.unwrap_or_default()),
+                        (Err(e), _) | (_, Err(e)) => Event::SnapshotFailed(d, e.to_string()),
+                        (_, Ok(q)) => Event::SnapshotFailed(d, format!("resume: {}", q.error.unwrap_or_default())),
+                    };
+                    let _ = tx.send(Msg::Event(ev));
+                });
+            }
+            Action::Restore { instance, donor } => {
+                // The stopped process must have let go of the tap (its exit closes it).
+                let old = self.procs[instance].pid;
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_millis(500) && process_runs(old) {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                let dir = self.spec.dir.join(format!("snap-{donor}"));
+                match start_vmm(&self.spec, instance, Some(&dir)) {
+                    Err(e) => return Some(Event::RestoreFailed(instance, e.to_string())),
+                    Ok(child) => {
+                        let inc = self.procs[instance].incarnation + 1;
+                        self.procs[instance] = Proc { pid: child.id(), incarnation: inc };
+                        watch(self.tx.clone(), instance, inc, child);
+                        let (api, tx) = (api_path(&self.spec.dir, instance), self.tx.clone());
+                        let _ = std::thread::Builder::new().name("voter-restore".into()).spawn(move || {
+                            let ev = match wait_api(&api, Duration::from_secs(10)) {
+                                Ok(()) => Event::Restored(instance),
+                                Err(e) => Event::RestoreFailed(instance, e.to_string()),
+                            };
+                            let _ = tx.send(Msg::Event(ev));
+                        });
+                    }
+                }
+            }
+            Action::Report(r) => self.report(voter, &r),
+        }
+        None
+    }
+
+    fn report(&mut self, voter: &Voter, r: &Report) {
+        match r {
+            Report::Fault { .. } | Report::Disagreement { .. } | Report::Degraded { .. } | Report::RepairFailed { .. } => {
+                tracing::warn!("{}: {r:?}", self.spec.vm)
+            }
+            _ => tracing::info!("{}: {r:?}", self.spec.vm),
+        }
+        if self.events.is_none() {
+            let path = self.spec.dir.join("events.jsonl");
+            self.events = std::fs::OpenOptions::new().create(true).append(true).open(path).ok();
+        }
+        if let Some(f) = self.events.as_mut() {
+            let line = serde_json::json!({ "at_ms": self.start.elapsed().as_millis() as u64, "vm": self.spec.vm, "event": r });
+            let _ = writeln!(f, "{line}");
+        }
+        self.write_state(voter);
+    }
+
+    fn write_state(&self, voter: &Voter) {
+        let state = GroupState {
+            vm: self.spec.vm.clone(),
+            listen: self.spec.listen,
+            instances: (0..self.spec.instances.len())
+                .map(|i| InstanceState {
+                    netns: self.spec.instances[i].netns.clone(),
+                    pid: self.procs[i].pid,
+                    live: voter.is_live(i),
+                    incarnation: self.procs[i].incarnation,
+                })
+                .collect(),
+            repairs: voter.counters.repairs,
+            faults: voter.counters.faults,
+            replies: voter.counters.replies,
+        };
+        if let Ok(text) = serde_json::to_vec_pretty(&state) {
+            let _ = crate::replace_file(&self.spec.dir.join("local.json"), &text);
+        }
+    }
+}

@@ -268,6 +268,9 @@ struct Sim {
     snapshots: HashMap<Instance, Server>,
     /// Client connection → replies received, requests sent.
     clients: BTreeMap<Conn, (Vec<u8>, u64)>,
+    /// The three connections in use (a closed one is replaced by a new one).
+    active: [Conn; 3],
+    closed: Vec<Conn>,
     pending: VecDeque<Event>,
     stopped: Vec<Instance>,
     /// The instance made faulty and not yet stopped (one fault at a time: the voter masks one).
@@ -287,7 +290,10 @@ impl Sim {
     fn apply(&mut self, acts: Vec<Action>) {
         for a in acts {
             match a {
-                Action::ToClient(c, b) => self.clients.get_mut(&c).expect("client").0.extend_from_slice(&b),
+                Action::ToClient(c, b) => {
+                    assert!(!self.closed.contains(&c), "a reply to closed connection {c}");
+                    self.clients.get_mut(&c).expect("client").0.extend_from_slice(&b)
+                }
                 Action::CloseClient(c) => panic!("connection {c} closed"),
                 Action::Connect(i, c) => {
                     if self.servers[i].is_some() {
@@ -348,9 +354,22 @@ impl Sim {
             e
         } else {
             match self.rand(10) {
+                0 if self.rand(2) == 0 => {
+                    // A client that has all its replies closes; a new one takes its place.
+                    let k = self.rand(3) as usize;
+                    let c = self.active[k];
+                    match self.clients.get(&c) {
+                        Some((got, sent)) if got.iter().filter(|b| **b == b'\n').count() as u64 == *sent => {
+                            self.closed.push(c);
+                            self.active[k] = self.active.iter().max().copied().unwrap_or(0) + 1;
+                            Event::ClientClosed(c)
+                        }
+                        _ => Event::Tick,
+                    }
+                }
                 0..=3 => {
                     // A client sends INCR on its own key.
-                    let c = self.rand(3);
+                    let c = self.active[self.rand(3) as usize];
                     let e = self.clients.entry(c).or_default();
                     e.1 += 1;
                     let first = e.1 == 1;
@@ -440,6 +459,8 @@ fn simulation_never_shows_a_wrong_or_lost_reply() {
             clients: BTreeMap::new(),
             pending: VecDeque::new(),
             stopped: Vec::new(),
+            active: [0, 1, 2],
+            closed: Vec::new(),
             injected: None,
             seed,
             log: Vec::new(),
@@ -493,5 +514,12 @@ fn simulation_never_shows_a_wrong_or_lost_reply() {
             }
         }
         assert_eq!(sim.v.live(), 3, "seed {seed}: every fault repaired (stopped {:?})", sim.stopped);
+        // Every instance holds the same state (a repaired one caught up, closed connections
+        // included).
+        let states: Vec<_> = sim.servers.iter().map(|s| s.as_ref().map(|s| s.counts.clone())).collect();
+        assert!(states.iter().all(|x| *x == states[0]), "seed {seed}: states differ: {states:?}");
+        assert!(sim.closed.len() > 3, "seed {seed}: connections were closed");
+        assert!(sim.v.connections() <= 3);
+        assert_eq!(sim.v.conns.len(), sim.v.connections(), "seed {seed}: a gone client's connection kept");
     }
 }

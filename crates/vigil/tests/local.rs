@@ -1,0 +1,294 @@
+//! Local redundancy end to end (`vigil local`): real KVM guests (the kv guest, one of them an
+//! N-version build answering wrongly one reply in 1,000), real redis-benchmark and a checking
+//! client on the VM's one address; instances SIGKILLed, SIGSTOPped and outvoted while they
+//! serve; every reply right, none lost, every faulty instance repaired from a snapshot.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn vigil() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vigil"))
+}
+
+fn no_kvm(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return false;
+    }
+    eprintln!("{test}: skipped: /dev/kvm is absent on this host");
+    true
+}
+
+/// A `vigil local` process; ended (SIGTERM: it removes its namespaces) on drop.
+struct Local {
+    child: Child,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Local {
+    fn start(tag: &str, port: u16, n: usize, extra: &[&str]) -> Local {
+        let dir = testbed::workspace().join(format!("target/local-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let image = testbed::guest("kv").expect("kv guest");
+        let log = std::fs::File::create(dir.join("voter.log")).expect("log");
+        let child = vigil()
+            .args(["local", "--vm", tag, "--listen", &format!("127.0.0.1:{port}"), "--port", "6379", "-n", &n.to_string()])
+            .args(["--netns-prefix", &format!("vgl{tag}-"), "--dir"])
+            .arg(&dir)
+            .arg("--image")
+            .arg(&image)
+            .args(extra)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start vigil local");
+        let mut l = Local { child, dir, port };
+        let t = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(60), "vigil local does not serve: {}", l.log());
+            assert!(l.child.try_wait().expect("wait").is_none(), "vigil local ended: {}", l.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        l
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("voter.log")).unwrap_or_default()
+    }
+
+    fn events(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.dir.join("events.jsonl")).unwrap_or_default();
+        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    fn count(&self, report: &str, instance: u64) -> usize {
+        self.events().iter().filter(|e| e["event"]["report"] == report && e["event"]["instance"] == instance).count()
+    }
+
+    fn pid(&self, i: usize) -> i32 {
+        let text = std::fs::read_to_string(self.dir.join("local.json")).expect("local.json");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("local.json is JSON");
+        v["instances"][i]["pid"].as_i64().expect("pid") as i32
+    }
+
+    /// Waits until instance `i` has been repaired `n` times.
+    fn wait_repaired(&self, i: u64, n: usize) -> Duration {
+        let t = Instant::now();
+        while self.count("repaired", i) < n {
+            assert!(t.elapsed() < Duration::from_secs(30), "instance {i} not repaired {n} times: {:#?}\n{}", self.events(), self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        t.elapsed()
+    }
+
+    /// What `redis-cli GET key` says on instance `i` directly (inside its namespace).
+    fn get_direct(&self, tag: &str, i: usize, key: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &format!("vgl{tag}-{i}"), "redis-cli", "-h", "10.250.0.2", "-p", "6379", "GET", key])
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) of the child this test started, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client that checks every reply: INCR of its own keys, 8 pipelined at a time, on one
+/// connection; returns the number of replies, or what was wrong.
+fn checking_client(port: u16, key: &str, stop: Arc<AtomicBool>) -> Result<u64, String> {
+    let s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let mut w = s.try_clone().map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(s);
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let mut batch = String::new();
+        for _ in 0..8 {
+            batch.push_str(&format!("INCR {key}\r\n"));
+        }
+        w.write_all(batch.as_bytes()).map_err(|e| format!("after {n} replies: write: {e}"))?;
+        for _ in 0..8 {
+            n += 1;
+            let mut line = String::new();
+            match r.read_line(&mut line) {
+                Ok(0) => return Err(format!("connection closed after {} replies", n - 1)),
+                Ok(_) => {}
+                Err(e) => return Err(format!("reply {n} lost: {e}")),
+            }
+            if line != format!(":{n}\r\n") {
+                return Err(format!("reply {n} is wrong: {line:?}"));
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// redis-benchmark runs, one after the other, until `stop`; each must finish without error.
+fn benchmarks(port: u16, stop: Arc<AtomicBool>) -> Result<usize, String> {
+    let mut runs = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let out = Command::new("redis-benchmark")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "set,get,incr", "-n", "3000", "-c", "4", "-P", "4", "-q"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run redis-benchmark (package redis-tools): {e}"))?;
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if !out.status.success() || text.contains("rror") || text.contains("closed") || !text.contains("INCR") {
+            return Err(format!("redis-benchmark run {runs}: {}: {text}", out.status));
+        }
+        runs += 1;
+    }
+    Ok(runs)
+}
+
+#[test]
+fn three_instances_mask_a_kill_a_stop_and_wrong_answers() {
+    if no_kvm("three_instances_mask_a_kill_a_stop_and_wrong_answers") {
+        return;
+    }
+    let tag = "t3";
+    let port = 16379;
+    let local = Local::start(tag, port, 3, &["--arg-of", "2=wrong=1000", "--hang-timeout-ms", "500"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..2)
+        .map(|k| {
+            let stop = stop.clone();
+            std::thread::spawn(move || checking_client(port, &format!("check{k}"), stop))
+        })
+        .collect();
+    let bench = {
+        let stop = stop.clone();
+        std::thread::spawn(move || benchmarks(port, stop))
+    };
+    // The N-version instance answers wrongly within its first 1,000 replies: outvoted, repaired.
+    let took = local.wait_repaired(2, 1);
+    eprintln!("instance 2 (wrong answers) repaired after {took:?}");
+    // A crash.
+    let pid0 = local.pid(0);
+    // SAFETY: kill(2) of a VMM process of this test's `vigil local`.
+    unsafe { libc::kill(pid0, libc::SIGKILL) };
+    let took = local.wait_repaired(0, 1);
+    eprintln!("instance 0 (SIGKILL) repaired after {took:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    // A hang.
+    let pid1 = local.pid(1);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid1, libc::SIGSTOP) };
+    let took = local.wait_repaired(1, 1);
+    eprintln!("instance 1 (SIGSTOP) repaired after {took:?}");
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    for (k, c) in clients.into_iter().enumerate() {
+        let n = c.join().expect("client thread").unwrap_or_else(|e| panic!("checking client {k}: {e}\n{}", local.log()));
+        assert!(n > 100, "client {k}: only {n} replies");
+        eprintln!("checking client {k}: {n} replies, all right");
+    }
+    let runs = bench.join().expect("bench thread").unwrap_or_else(|e| panic!("{e}\n{}", local.log()));
+    eprintln!("redis-benchmark: {runs} runs without an error");
+    let faults: Vec<String> = local.events().iter().filter(|e| e["event"]["report"] == "fault").map(|e| e["event"].to_string()).collect();
+    assert!(faults.iter().any(|f| f.contains("\"instance\":2") && f.contains("outvoted")), "{faults:?}");
+    assert!(faults.iter().any(|f| f.contains("\"instance\":0") && f.contains("crashed")), "{faults:?}");
+    assert!(faults.iter().any(|f| f.contains("\"instance\":1") && f.contains("hung")), "{faults:?}");
+    assert!(!local.events().iter().any(|e| e["event"]["report"] == "disagreement"));
+    // The repaired instances hold the same state as the others.
+    for key in ["check0", "check1"] {
+        let values: Vec<String> = (0..3).map(|i| local.get_direct(tag, i, key)).collect();
+        assert!(values.iter().all(|v| *v == values[0] && !v.is_empty()), "{key}: {values:?}");
+    }
+}
+
+/// One INCR on a new connection (redis-cli), its reply.
+fn incr(port: u16, key: &str) -> String {
+    let out = Command::new("redis-cli").args(["-p", &port.to_string(), "INCR", key]).output().expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn two_instances_disagreeing_prefer_the_primary() {
+    if no_kvm("two_instances_disagreeing_prefer_the_primary") {
+        return;
+    }
+    let port = 16380;
+    let local = Local::start("p2", port, 2, &["--arg-of", "1=wrong=4", "--policy", "prefer-primary"]);
+    for k in 1..=12 {
+        assert_eq!(incr(port, "n"), k.to_string(), "{}", local.log());
+    }
+    let d: Vec<_> = local.events().into_iter().filter(|e| e["event"]["report"] == "disagreement").collect();
+    assert!(!d.is_empty() && d.iter().all(|e| e["event"]["chosen"] == 0), "{d:?}");
+    // The secondary was outvoted and repaired from the primary: no wrong answers any more.
+    local.wait_repaired(1, 1);
+    let before = local.events().iter().filter(|e| e["event"]["report"] == "disagreement").count();
+    for k in 13..=24 {
+        assert_eq!(incr(port, "n"), k.to_string());
+    }
+    let after = local.events().iter().filter(|e| e["event"]["report"] == "disagreement").count();
+    assert_eq!(before, after, "the repaired instance has the primary's (right) version");
+}
+
+#[test]
+fn two_instances_disagreeing_suppress_and_alarm() {
+    if no_kvm("two_instances_disagreeing_suppress_and_alarm") {
+        return;
+    }
+    let port = 16381;
+    let local = Local::start("s2", port, 2, &["--arg-of", "1=wrong=3", "--policy", "suppress"]);
+    let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut w = s.try_clone().expect("clone");
+    let mut r = BufReader::new(s);
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        if w.write_all(b"INCR n\r\n").is_err() {
+            break;
+        }
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        seen.push(line);
+    }
+    // The replies before the disagreement are right; the disputed one never arrives: the
+    // connection is closed instead.
+    assert!(seen.len() < 5, "{seen:?}");
+    for (k, line) in seen.iter().enumerate() {
+        assert_eq!(*line, format!(":{}\r\n", k + 1));
+    }
+    let d: Vec<_> = local.events().into_iter().filter(|e| e["event"]["report"] == "disagreement").collect();
+    assert_eq!(d.len(), 1, "{d:?}\n{}", local.log());
+    assert!(d[0]["event"]["chosen"].is_null());
+    assert!(local.log().contains("Disagreement"), "the alarm is logged: {}", local.log());
+}
+
+#[test]
+fn bad_input_is_named() {
+    let out = vigil().args(["local", "--listen", "127.0.0.1:1", "--dir", "/tmp/x", "--image", "/nonexistent/kv"]).output().expect("vigil");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("image /nonexistent/kv: no such file"));
+    let me = std::env::current_exe().expect("exe");
+    let out = vigil().args(["local", "--listen", "127.0.0.1:1", "--dir", "/tmp/x", "-n", "3", "--arg-of", "3=x", "--image"]).arg(&me).output().expect("vigil");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("there is no instance 3"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = vigil().args(["local", "--listen", "127.0.0.1:1", "--dir", "/tmp/x", "-n", "9", "--image"]).arg(&me).output().expect("vigil");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 to 7"), "{}", String::from_utf8_lossy(&out.stderr));
+}
