@@ -1,28 +1,33 @@
 //! The voter as a pure state machine: [`Event`]s in (client bytes, instance bytes, connections,
-//! process exits, repair steps, the time), [`Action`]s out (voted replies to the client, input
-//! to the instances, connections to open and close, instances to stop, snapshot and restore,
-//! and [`Report`]s of faults and repairs). No sockets, no clocks, no threads: the driver
-//! ([`super::driver`]) does the I/O and passes the time in, and the tests here drive every
-//! interleaving deterministically.
+//! process exits, repair steps, the time), [`Action`]s out (voted replies to the clients,
+//! input to the instances, connections to open and close, instances to stop, snapshot and
+//! restore, and [`Report`]s of faults and repairs). No sockets, no clocks, no threads: the
+//! driver ([`super::driver`]) does the I/O and passes the time in, and the tests here drive
+//! every interleaving deterministically.
 //!
-//! The model. A client connection carries a sequence of requests; every request is given to
-//! every live instance on that instance's own connection, and every instance answers each with
-//! exactly one reply, in order. Reply `r` of the connection is *voted*: once a value has the
-//! quorum's votes it is the connection's reply `r`, sent to the client in order. The quorum is a
+//! The model. Every client connection carries a sequence of requests. The voter puts all
+//! clients' requests into **one total order** and gives that same sequence to every instance
+//! on one connection per instance, so every instance executes the same requests in the same
+//! order (two clients incrementing one key get the same answers from every instance: replica
+//! determinism, which separate connections per client would not give, since each instance
+//! would interleave them as its own timing says). Every instance answers each request with
+//! exactly one reply, in order. Reply `r` is *voted*: once a value has the quorum's votes it
+//! is the reply of request `r`, sent to the client that asked, in order. The quorum is a
 //! majority of the configured `n` instances (2 of 3; 2 of 2), lowered to the number of live
 //! instances when fewer remain (degraded, reported). When no value can reach the quorum any
 //! more (2 instances disagreeing, or 3 different answers) the [`Policy`] decides: take the
-//! primary's (instance 0) reply, or suppress the reply and close the client's connection (fail
-//! silent), and report.
+//! primary's (instance 0) reply, or suppress the reply and close that client's connection
+//! (fail silent), and report. One consequence: per-connection state of the protocol (Redis's
+//! `SELECT`, `MULTI`) is shared by all clients; the kv guest has none.
 //!
 //! Faults: an instance whose process ends or whose connection breaks has *crashed*; one that
-//! leaves a request it was given unanswered for `hang_timeout` has *hung*; one whose reply
-//! differs from the voted one is *outvoted*; one whose bytes are no valid reply broke the
-//! *protocol*. A faulty instance is stopped and repaired: a live *donor* gets no new input
-//! until it has answered everything it was given (quiescent), is snapshotted, gets its backlog
-//! and serves on; the faulty instance is restored from the snapshot, connected again, and given
-//! every request after the donor's position at the snapshot, which the voter keeps until then.
-//! One repair runs at a time.
+//! leaves a request unanswered for `hang_timeout` has *hung*; one whose reply differs from the
+//! voted one is *outvoted*; one whose bytes are no valid reply broke the *protocol*. A faulty
+//! instance is stopped and repaired: a live *donor* gets no new input until it has answered
+//! everything it was given and all of that is voted (quiescent), is snapshotted, gets its
+//! backlog and serves on; the faulty instance is restored from the snapshot, connected again,
+//! and given every request after the donor's position at the snapshot, which the voter keeps
+//! until then. One repair runs at a time.
 
 use super::resp;
 use std::collections::VecDeque;
@@ -34,7 +39,7 @@ pub type Conn = u64;
 /// Monotonic time in nanoseconds.
 pub type Nanos = u64;
 
-/// Most replies of one connection not yet sent or not yet answered by every instance.
+/// Most requests of one client not yet answered.
 pub const MAX_OUTSTANDING: u64 = 1 << 16;
 /// Most instances of one VM.
 pub const MAX_INSTANCES: usize = 7;
@@ -89,8 +94,8 @@ pub struct Config {
     pub hang_timeout: Nanos,
     /// Longest request and longest reply, in bytes.
     pub max_message: usize,
-    /// Most bytes of requests kept per connection (not yet answered by every instance, or kept
-    /// for an instance under repair); a client beyond it is disconnected.
+    /// Most bytes of requests kept (not yet given to every instance, or kept for an instance
+    /// under repair); a client beyond it is disconnected.
     pub max_backlog: usize,
     /// Time between a failed repair and the next attempt.
     pub repair_backoff: Nanos,
@@ -116,9 +121,10 @@ impl Config {
 pub enum Fault {
     /// Its process ended or its connection broke.
     Crashed { reason: String },
-    /// It left reply `seq` of connection `conn` unanswered for the hang timeout.
+    /// It left request `seq` (of the total order; a request of client `conn`) unanswered for
+    /// the hang timeout.
     Hung { conn: Conn, seq: u64 },
-    /// Its reply `seq` of connection `conn` differed from the voted one.
+    /// Its reply to request `seq` (of client `conn`) differed from the voted one.
     Outvoted { conn: Conn, seq: u64 },
     /// It sent bytes that are no valid reply (or a reply to no request).
     Protocol { reason: String },
@@ -128,8 +134,8 @@ impl std::fmt::Display for Fault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Fault::Crashed { reason } => write!(f, "crashed ({reason})"),
-            Fault::Hung { conn, seq } => write!(f, "hung (no reply {seq} on connection {conn})"),
-            Fault::Outvoted { conn, seq } => write!(f, "outvoted (reply {seq} on connection {conn})"),
+            Fault::Hung { conn, seq } => write!(f, "hung (no reply to request {seq}, of client {conn})"),
+            Fault::Outvoted { conn, seq } => write!(f, "outvoted (reply to request {seq}, of client {conn})"),
             Fault::Protocol { reason } => write!(f, "protocol error ({reason})"),
         }
     }
@@ -177,14 +183,17 @@ pub enum Report {
 pub enum Event {
     ClientOpened(Conn),
     ClientBytes(Conn, Vec<u8>),
-    /// The client will send nothing more (half close): replies still go out, then it closes.
+    /// The client will send nothing more (half close): its replies still go out, then it
+    /// closes.
     ClientEof(Conn),
+    /// The client is gone: its requests are still executed (the instances' states must
+    /// stay equal), its replies dropped.
     ClientClosed(Conn),
-    /// The driver's connection to the instance for the client connection is open.
-    InstanceConnected(Instance, Conn),
-    InstanceBytes(Instance, Conn, Vec<u8>),
+    /// The driver's connection to the instance is open.
+    InstanceConnected(Instance),
+    InstanceBytes(Instance, Vec<u8>),
     /// The instance's connection could not be opened, ended or failed.
-    InstanceLost(Instance, Conn, String),
+    InstanceLost(Instance, String),
     /// The instance's process ended.
     InstanceExited(Instance, String),
     /// The donor's snapshot (asked by [`Action::Snapshot`]) is written and the donor runs again.
@@ -201,12 +210,13 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     ToClient(Conn, Vec<u8>),
+    /// Close the client's connection after what was sent to it.
     CloseClient(Conn),
-    /// Open the instance's connection for this client connection; answer with
-    /// [`Event::InstanceConnected`] or [`Event::InstanceLost`].
-    Connect(Instance, Conn),
-    ToInstance(Instance, Conn, Vec<u8>),
-    Disconnect(Instance, Conn),
+    /// Open the connection to the instance; answer with [`Event::InstanceConnected`] or
+    /// [`Event::InstanceLost`].
+    Connect(Instance),
+    ToInstance(Instance, Vec<u8>),
+    Disconnect(Instance),
     /// Stop the instance's process (it is faulty).
     Stop(Instance),
     /// Snapshot the donor (pause, write, resume); answer with [`Event::SnapshotTaken`].
@@ -230,7 +240,7 @@ enum State {
     Restoring {
         since: Nanos,
     },
-    /// Restored; its connections are opening.
+    /// Restored; its connection is opening.
     Joining {
         since: Nanos,
     },
@@ -251,7 +261,7 @@ struct Repair {
     stage: Stage,
 }
 
-/// One instance's side of one client connection.
+/// The voter's connection to one instance.
 #[derive(Debug, Default)]
 struct Link {
     open: bool,
@@ -269,32 +279,25 @@ struct Link {
 
 #[derive(Debug)]
 struct Slot {
+    conn: Conn,
     votes: Vec<Option<Vec<u8>>>,
     decided: Option<Vec<u8>>,
+    /// No reply could be decided and the policy suppressed it.
+    suppressed: bool,
 }
 
-#[derive(Debug)]
-struct ConnState {
+impl Slot {
+    fn resolved(&self) -> bool {
+        self.decided.is_some() || self.suppressed
+    }
+}
+
+#[derive(Debug, Default)]
+struct Client {
     inbuf: Vec<u8>,
-    /// Requests from `req_base` on.
-    reqs: VecDeque<Vec<u8>>,
-    req_base: u64,
-    req_bytes: usize,
-    /// Requests so far (with a reply).
-    total: u64,
-    /// Replies from `slot_base` on.
-    slots: VecDeque<Slot>,
-    slot_base: u64,
-    /// Next reply to send to the client.
-    emitted: u64,
-    links: Vec<Option<Link>>,
-    /// Where an instance under repair starts (the donor's position at the snapshot).
-    hold: Vec<Option<u64>>,
+    /// Requests not yet answered.
+    pending: u64,
     eof: bool,
-    /// The client is gone; the connection stays until every instance has been given and has
-    /// answered its requests (an instance under repair catches up on them, so that its state
-    /// is the others').
-    gone: bool,
 }
 
 /// Counters, for statistics and tests.
@@ -311,7 +314,20 @@ pub struct Counters {
 pub struct Voter {
     cfg: Config,
     states: Vec<State>,
-    conns: std::collections::BTreeMap<Conn, ConnState>,
+    clients: std::collections::BTreeMap<Conn, Client>,
+    /// The total order: requests from `req_base` on (kept while an instance still needs
+    /// them), `total` so far.
+    reqs: VecDeque<Vec<u8>>,
+    req_base: u64,
+    req_bytes: usize,
+    total: u64,
+    /// Replies from `slot_base` on; `emitted` is the next to send.
+    slots: VecDeque<Slot>,
+    slot_base: u64,
+    emitted: u64,
+    links: Vec<Option<Link>>,
+    /// Where an instance under repair starts (the donor's position at the snapshot).
+    hold: Vec<Option<u64>>,
     repair: Option<Repair>,
     degraded: bool,
     now: Nanos,
@@ -327,14 +343,34 @@ impl Voter {
         }
         Ok(Voter {
             states: vec![State::Live; cfg.n],
+            links: (0..cfg.n).map(|_| None).collect(),
+            hold: vec![None; cfg.n],
             cfg,
-            conns: Default::default(),
+            clients: Default::default(),
+            reqs: VecDeque::new(),
+            req_base: 0,
+            req_bytes: 0,
+            total: 0,
+            slots: VecDeque::new(),
+            slot_base: 0,
+            emitted: 0,
             repair: None,
             degraded: false,
             now: 0,
             out: Vec::new(),
             counters: Counters::default(),
         })
+    }
+
+    /// The first actions: connect to every instance.
+    pub fn start(&mut self) -> Vec<Action> {
+        for i in 0..self.cfg.n {
+            if self.links[i].is_none() && self.is_live(i) {
+                self.links[i] = Some(Link::default());
+                self.out.push(Action::Connect(i));
+            }
+        }
+        std::mem::take(&mut self.out)
     }
 
     /// Whether the instance serves (takes part in votes).
@@ -347,14 +383,14 @@ impl Voter {
         self.states.iter().filter(|s| matches!(s, State::Live)).count()
     }
 
-    /// Whether a repair is under way.
+    /// The instance under repair, if any.
     pub fn repairing(&self) -> Option<Instance> {
         self.repair.map(|r| r.target)
     }
 
     /// Open client connections.
     pub fn connections(&self) -> usize {
-        self.conns.values().filter(|cs| !cs.gone).count()
+        self.clients.len()
     }
 
     /// The votes needed for a reply now.
@@ -366,21 +402,24 @@ impl Voter {
     pub fn handle(&mut self, now: Nanos, ev: Event) -> Vec<Action> {
         self.now = self.now.max(now);
         match ev {
-            Event::ClientOpened(c) => self.client_opened(c),
+            Event::ClientOpened(c) => {
+                self.clients.insert(c, Client::default());
+            }
             Event::ClientBytes(c, b) => self.client_bytes(c, b),
             Event::ClientEof(c) => {
-                if let Some(cs) = self.conns.get_mut(&c) {
-                    cs.eof = true;
+                if let Some(cl) = self.clients.get_mut(&c) {
+                    cl.eof = true;
                 }
                 self.maybe_close(c);
             }
-            Event::ClientClosed(c) => self.drop_conn(c),
-            Event::InstanceConnected(i, c) => self.instance_connected(i, c),
-            Event::InstanceBytes(i, c, b) => self.instance_bytes(i, c, b),
-            Event::InstanceLost(i, c, why) => {
-                let has = self.conns.get(&c).is_some_and(|cs| cs.links.get(i).is_some_and(Option::is_some));
-                if has {
-                    self.fault(i, Fault::Crashed { reason: format!("connection {c}: {why}") });
+            Event::ClientClosed(c) => {
+                self.clients.remove(&c);
+            }
+            Event::InstanceConnected(i) => self.instance_connected(i),
+            Event::InstanceBytes(i, b) => self.instance_bytes(i, b),
+            Event::InstanceLost(i, why) => {
+                if self.links.get(i).is_some_and(Option::is_some) {
+                    self.fault(i, Fault::Crashed { reason: format!("connection: {why}") });
                 }
             }
             Event::InstanceExited(i, why) => self.fault(i, Fault::Crashed { reason: why }),
@@ -399,10 +438,6 @@ impl Voter {
             Event::Tick => self.tick(),
         }
         self.maybe_start_repair();
-        let gone: Vec<Conn> = self.conns.iter().filter(|(_, cs)| cs.gone).map(|(c, _)| *c).collect();
-        for c in gone {
-            self.reap(c);
-        }
         std::mem::take(&mut self.out)
     }
 
@@ -410,24 +445,18 @@ impl Voter {
     #[cfg(test)]
     fn check(&self) -> Result<(), String> {
         let q = self.quorum();
-        for (c, cs) in &self.conns {
-            if cs.slot_base + cs.slots.len() as u64 != cs.total || cs.emitted < cs.slot_base {
-                return Err(format!("connection {c}: slots out of step: {}", self.debug_conn(*c)));
+        if self.slot_base + self.slots.len() as u64 != self.total || self.emitted < self.slot_base {
+            return Err(format!("slots out of step: {}", self.debug()));
+        }
+        for (k, slot) in self.slots.iter().enumerate() {
+            if slot.resolved() {
+                continue;
             }
-            for (k, slot) in cs.slots.iter().enumerate() {
-                if slot.decided.is_some() {
-                    continue;
-                }
-                for i in 0..self.cfg.n {
-                    let Some(v) = slot.votes[i].as_ref().filter(|_| self.is_voting(i)) else { continue };
-                    let count = (0..self.cfg.n).filter(|&j| self.is_voting(j) && slot.votes[j].as_ref() == Some(v)).count();
-                    if count >= q {
-                        return Err(format!(
-                            "connection {c}: reply {} has a quorum and is undecided: {}",
-                            cs.slot_base + k as u64,
-                            self.debug_conn(*c)
-                        ));
-                    }
+            for i in 0..self.cfg.n {
+                let Some(v) = slot.votes[i].as_ref().filter(|_| self.is_voting(i)) else { continue };
+                let count = (0..self.cfg.n).filter(|&j| self.is_voting(j) && slot.votes[j].as_ref() == Some(v)).count();
+                if count >= q {
+                    return Err(format!("reply {} has a quorum and is undecided: {}", self.slot_base + k as u64, self.debug()));
                 }
             }
         }
@@ -435,50 +464,20 @@ impl Voter {
     }
 
     #[cfg(test)]
-    fn debug_conn(&self, c: Conn) -> String {
-        let Some(cs) = self.conns.get(&c) else { return "no connection".into() };
-        let slot = cs.slots.get((cs.emitted - cs.slot_base) as usize).map(|s| format!("{:?}", s));
-        let links: Vec<_> = cs.links.iter().map(|l| l.as_ref().map(|l| (l.open, l.next, l.got, l.queued, l.rbuf.len()))).collect();
+    fn debug(&self) -> String {
+        let slot = self.slots.get((self.emitted - self.slot_base) as usize).map(|s| format!("{:?}", s));
+        let links: Vec<_> = self.links.iter().map(|l| l.as_ref().map(|l| (l.open, l.next, l.got, l.queued, l.rbuf.len()))).collect();
         format!(
-            "emitted {} slot_base {} total {} req_base {} slot {slot:?} links {links:?} states {:?} repair {:?}",
-            cs.emitted, cs.slot_base, cs.total, cs.req_base, self.states, self.repair
+            "emitted {} slot_base {} total {} req_base {} slot {slot:?} links {links:?} states {:?} repair {:?} hold {:?}",
+            self.emitted, self.slot_base, self.total, self.req_base, self.states, self.repair, self.hold
         )
-    }
-
-    fn client_opened(&mut self, c: Conn) {
-        let n = self.cfg.n;
-        let mut cs = ConnState {
-            inbuf: Vec::new(),
-            reqs: VecDeque::new(),
-            req_base: 0,
-            req_bytes: 0,
-            total: 0,
-            slots: VecDeque::new(),
-            slot_base: 0,
-            emitted: 0,
-            links: (0..n).map(|_| None).collect(),
-            hold: vec![None; n],
-            eof: false,
-            gone: false,
-        };
-        for i in 0..n {
-            match self.states[i] {
-                State::Live | State::Joining { .. } => {
-                    cs.links[i] = Some(Link::default());
-                    self.out.push(Action::Connect(i, c));
-                }
-                State::Restoring { .. } => cs.hold[i] = Some(0),
-                State::Faulty { .. } => {}
-            }
-        }
-        self.conns.insert(c, cs);
     }
 
     fn client_error(&mut self, c: Conn, reason: &str) {
         self.out.push(Action::Report(Report::ClientError { conn: c, reason: reason.to_string() }));
-        if let Some(cs) = self.conns.get_mut(&c) {
-            cs.inbuf.clear();
-            cs.eof = true;
+        if let Some(cl) = self.clients.get_mut(&c) {
+            cl.inbuf.clear();
+            cl.eof = true;
         }
         // The replies to the requests before it still go out; then the connection closes.
         self.maybe_close(c);
@@ -486,8 +485,8 @@ impl Voter {
 
     fn client_bytes(&mut self, c: Conn, b: Vec<u8>) {
         let (framing, max) = (self.cfg.framing, self.cfg.max_message);
-        let Some(cs) = self.conns.get_mut(&c) else { return };
-        if cs.eof {
+        let Some(cl) = self.clients.get_mut(&c) else { return };
+        if cl.eof {
             return;
         }
         let mut reqs = Vec::new();
@@ -501,11 +500,11 @@ impl Voter {
                 }
             }
             Framing::Resp => {
-                cs.inbuf.extend_from_slice(&b);
+                cl.inbuf.extend_from_slice(&b);
                 loop {
-                    match resp::request(&cs.inbuf, max) {
+                    match resp::request(&cl.inbuf, max) {
                         Ok(Some(r)) => {
-                            let req: Vec<u8> = cs.inbuf.drain(..r.len).collect();
+                            let req: Vec<u8> = cl.inbuf.drain(..r.len).collect();
                             if r.replies {
                                 reqs.push(req);
                             }
@@ -521,40 +520,33 @@ impl Voter {
         }
         let pushed = !reqs.is_empty();
         for r in reqs {
-            let too_much = self
-                .conns
-                .get(&c)
-                .is_some_and(|cs| cs.req_bytes + r.len() > self.cfg.max_backlog || cs.total - cs.slot_base >= MAX_OUTSTANDING);
-            if too_much {
+            let pending = self.clients.get(&c).map_or(0, |cl| cl.pending);
+            if self.req_bytes + r.len() > self.cfg.max_backlog || pending >= MAX_OUTSTANDING {
                 err = Some("too many requests outstanding");
                 break;
             }
-            self.push_request(c, r);
+            self.req_bytes += r.len();
+            self.reqs.push_back(r);
+            self.total += 1;
+            self.slots.push_back(Slot { conn: c, votes: vec![None; self.cfg.n], decided: None, suppressed: false });
+            self.counters.requests += 1;
+            if let Some(cl) = self.clients.get_mut(&c) {
+                cl.pending += 1;
+            }
         }
         if pushed {
             // One write per instance for all the requests of this read.
             let quiescing = self.quiescing_donor();
-            let total = self.conns.get(&c).map_or(0, |cs| cs.total);
             for i in 0..self.cfg.n {
                 if Some(i) != quiescing && matches!(self.states[i], State::Live | State::Joining { .. }) {
-                    self.give(i, c, total);
+                    self.give(i, self.total);
                 }
             }
-            self.trim(c);
+            self.trim();
         }
         if let Some(e) = err {
             self.client_error(c, e);
         }
-    }
-
-    fn push_request(&mut self, c: Conn, req: Vec<u8>) {
-        let n = self.cfg.n;
-        let Some(cs) = self.conns.get_mut(&c) else { return };
-        cs.total += 1;
-        cs.req_bytes += req.len();
-        cs.reqs.push_back(req);
-        cs.slots.push_back(Slot { votes: vec![None; n], decided: None });
-        self.counters.requests += 1;
     }
 
     fn quiescing_donor(&self) -> Option<Instance> {
@@ -564,19 +556,18 @@ impl Voter {
         }
     }
 
-    /// Gives instance `i` the connection's requests up to (not including) `upto`.
-    fn give(&mut self, i: Instance, c: Conn, upto: u64) {
+    /// Gives instance `i` the requests up to (not including) `upto`.
+    fn give(&mut self, i: Instance, upto: u64) {
         let now = self.now;
-        let Some(cs) = self.conns.get_mut(&c) else { return };
-        let Some(link) = cs.links[i].as_mut() else { return };
+        let Some(link) = self.links[i].as_mut() else { return };
+        #[cfg(test)]
+        if link.next < self.req_base {
+            panic!("instance {i}: request {} forgotten (base {})", link.next, self.req_base);
+        }
         let mut bytes = Vec::new();
         let mut count = 0;
-        #[cfg(test)]
-        if link.next < cs.req_base {
-            panic!("instance {i} connection {c}: request {} forgotten (base {}), states {:?} repair {:?} hold {:?} gone {}", link.next, cs.req_base, self.states, self.repair, cs.hold, cs.gone);
-        }
         while link.next < upto {
-            let Some(r) = cs.reqs.get((link.next - cs.req_base) as usize) else { break };
+            let Some(r) = self.reqs.get((link.next - self.req_base) as usize) else { break };
             bytes.extend_from_slice(r);
             link.next += 1;
             count += 1;
@@ -585,37 +576,32 @@ impl Voter {
             return;
         }
         if link.open {
-            link.sent_at.extend(std::iter::repeat(now).take(count as usize));
-            self.out.push(Action::ToInstance(i, c, bytes));
+            link.sent_at.extend(std::iter::repeat_n(now, count as usize));
+            self.out.push(Action::ToInstance(i, bytes));
         } else {
             link.queue.extend_from_slice(&bytes);
             link.queued += count;
         }
     }
 
-    fn instance_connected(&mut self, i: Instance, c: Conn) {
+    fn instance_connected(&mut self, i: Instance) {
         let now = self.now;
-        let Some(cs) = self.conns.get_mut(&c) else {
-            self.out.push(Action::Disconnect(i, c));
-            return;
-        };
-        let Some(link) = cs.links.get_mut(i).and_then(Option::as_mut) else {
-            self.out.push(Action::Disconnect(i, c));
+        let Some(link) = self.links.get_mut(i).and_then(Option::as_mut) else {
+            self.out.push(Action::Disconnect(i));
             return;
         };
         link.open = true;
         if !link.queue.is_empty() {
-            link.sent_at.extend(std::iter::repeat(now).take(link.queued as usize));
+            link.sent_at.extend(std::iter::repeat_n(now, link.queued as usize));
             link.queued = 0;
-            self.out.push(Action::ToInstance(i, c, std::mem::take(&mut link.queue)));
+            self.out.push(Action::ToInstance(i, std::mem::take(&mut link.queue)));
         }
         self.maybe_joined(i);
     }
 
     fn maybe_joined(&mut self, i: Instance) {
         let State::Joining { since } = self.states[i] else { return };
-        let all_open = self.conns.values().all(|cs| cs.links[i].as_ref().is_none_or(|l| l.open));
-        if !all_open {
+        if !self.links[i].as_ref().is_some_and(|l| l.open) {
             return;
         }
         self.states[i] = State::Live;
@@ -626,13 +612,12 @@ impl Voter {
         self.check_degraded();
     }
 
-    fn instance_bytes(&mut self, i: Instance, c: Conn, b: Vec<u8>) {
-        if !matches!(self.states.get(i), Some(State::Live | State::Joining { .. })) {
+    fn instance_bytes(&mut self, i: Instance, b: Vec<u8>) {
+        if !self.is_voting(i) {
             return;
         }
         let (framing, max) = (self.cfg.framing, self.cfg.max_message);
-        let Some(cs) = self.conns.get_mut(&c) else { return };
-        let Some(link) = cs.links[i].as_mut() else { return };
+        let Some(link) = self.links[i].as_mut() else { return };
         let mut frames = Vec::new();
         let mut bad = None;
         match framing {
@@ -652,15 +637,15 @@ impl Voter {
             }
         }
         for f in frames {
-            let Some(link) = self.conns.get_mut(&c).and_then(|cs| cs.links[i].as_mut()) else { return };
+            let Some(link) = self.links[i].as_mut() else { return };
             if link.got >= link.next - link.queued {
-                self.fault(i, Fault::Protocol { reason: format!("a reply on connection {c} to no request") });
+                self.fault(i, Fault::Protocol { reason: "a reply to no request".into() });
                 return;
             }
             let seq = link.got;
             link.got += 1;
             link.sent_at.pop_front();
-            self.vote(i, c, seq, f);
+            self.vote(i, seq, f);
             if !self.is_voting(i) {
                 return;
             }
@@ -669,7 +654,7 @@ impl Voter {
             self.fault(i, Fault::Protocol { reason });
             return;
         }
-        self.emit(c);
+        self.emit();
         self.check_quiescent();
     }
 
@@ -677,36 +662,36 @@ impl Voter {
         matches!(self.states[i], State::Live | State::Joining { .. })
     }
 
-    fn vote(&mut self, i: Instance, c: Conn, seq: u64, value: Vec<u8>) {
-        let Some(cs) = self.conns.get_mut(&c) else { return };
-        if seq < cs.slot_base {
+    fn vote(&mut self, i: Instance, seq: u64, value: Vec<u8>) {
+        if seq < self.slot_base {
             return; // decided and every live instance had answered: nothing to compare
         }
-        let Some(slot) = cs.slots.get_mut((seq - cs.slot_base) as usize) else { return };
+        let Some(slot) = self.slots.get_mut((seq - self.slot_base) as usize) else { return };
+        let conn = slot.conn;
         match &slot.decided {
-            Some(d) if *d != value => {
-                self.fault(i, Fault::Outvoted { conn: c, seq });
-            }
+            Some(d) if *d != value => self.fault(i, Fault::Outvoted { conn, seq }),
             Some(_) => slot.votes[i] = Some(value),
+            None if slot.suppressed => slot.votes[i] = Some(value),
             None => {
                 slot.votes[i] = Some(value);
-                self.decide(c, seq);
+                self.decide(seq);
             }
         }
     }
 
-    /// Decides reply `seq` of connection `c` if it can be decided now.
-    fn decide(&mut self, c: Conn, seq: u64) {
+    /// Decides reply `seq` if it can be decided now (the caller sends what is decided, so
+    /// that the replies of one read go out in one write per client).
+    fn decide(&mut self, seq: u64) {
         let quorum = self.quorum();
         let (n, policy) = (self.cfg.n, self.cfg.policy);
         let voting: Vec<bool> = (0..n).map(|i| self.is_voting(i)).collect();
         let live: Vec<bool> = (0..n).map(|i| self.is_live(i)).collect();
-        let Some(cs) = self.conns.get_mut(&c) else { return };
-        if seq < cs.slot_base {
+        if seq < self.slot_base {
             return;
         }
-        let Some(slot) = cs.slots.get_mut((seq - cs.slot_base) as usize) else { return };
-        if slot.decided.is_some() {
+        let links = &self.links;
+        let Some(slot) = self.slots.get_mut((seq - self.slot_base) as usize) else { return };
+        if slot.resolved() {
             return;
         }
         // The largest group of equal votes, from instances that vote.
@@ -721,152 +706,110 @@ impl Voter {
         let Some((count, who)) = best else { return };
         // Live instances that will still answer it (a quiescing donor is given the request
         // after its snapshot; an instance restored after it never answers it).
-        let pending = (0..n).filter(|&i| live[i] && slot.votes[i].is_none() && cs.links[i].as_ref().is_some_and(|l| l.got <= seq)).count();
+        let pending = (0..n).filter(|&i| live[i] && slot.votes[i].is_none() && links[i].as_ref().is_some_and(|l| l.got <= seq)).count();
         let all_agree = (0..n).all(|i| !voting[i] || slot.votes[i].is_none() || slot.votes[i] == slot.votes[who]);
+        let conn = slot.conn;
         let chosen = if count >= quorum {
-            Some(who)
+            who
         } else if count + pending >= quorum {
             return; // wait for more votes
         } else if all_agree {
             // Every instance that can answer it did, and all agree (the others failed before
             // answering): the best there is.
-            Some(who)
+            who
         } else {
             // No majority can form any more.
             self.counters.disagreements += 1;
             let primary = (policy == Policy::PreferPrimary && slot.votes[0].is_some() && voting[0]).then_some(0);
-            self.out.push(Action::Report(Report::Disagreement { conn: c, seq, chosen: primary }));
-            if primary.is_none() {
-                if cs.gone {
-                    // Nobody to suppress it from: the instances' states differ and stay so.
-                    slot.decided = slot.votes[who].clone();
+            self.out.push(Action::Report(Report::Disagreement { conn, seq, chosen: primary }));
+            match primary {
+                Some(p) => p,
+                None => {
+                    // The client's connection closes when the replies before it are sent.
+                    slot.suppressed = true;
                     return;
                 }
-                self.drop_conn_with_close(c);
-                return;
             }
-            primary
         };
-        let Some(w) = chosen else { return };
-        let value = slot.votes[w].clone();
+        let value = slot.votes[chosen].clone();
         let losers: Vec<Instance> = (0..n).filter(|&i| voting[i] && slot.votes[i].is_some() && slot.votes[i] != value).collect();
         slot.decided = value;
         for i in losers {
-            self.fault(i, Fault::Outvoted { conn: c, seq });
+            self.fault(i, Fault::Outvoted { conn, seq });
         }
-        self.emit(c);
     }
 
     /// Sends the decided replies in order, forgets what every live instance has answered.
-    fn emit(&mut self, c: Conn) {
+    fn emit(&mut self) {
         let n = self.cfg.n;
-        let live: Vec<bool> = (0..n).map(|i| self.is_live(i)).collect();
-        let Some(cs) = self.conns.get_mut(&c) else { return };
-        let mut bytes = Vec::new();
-        while let Some(slot) = cs.slots.get((cs.emitted - cs.slot_base) as usize) {
-            let Some(d) = &slot.decided else { break };
-            bytes.extend_from_slice(d);
-            cs.emitted += 1;
-            self.counters.replies += 1;
+        let mut out: Vec<(Conn, Vec<u8>)> = Vec::new();
+        while let Some(slot) = self.slots.get((self.emitted - self.slot_base) as usize) {
+            if !slot.resolved() {
+                break;
+            }
+            if slot.suppressed && self.clients.remove(&slot.conn).is_some() {
+                if let Some(k) = out.iter().position(|(c, _)| *c == slot.conn) {
+                    let (c, b) = out.remove(k);
+                    self.out.push(Action::ToClient(c, b));
+                }
+                self.out.push(Action::CloseClient(slot.conn));
+            }
+            if let (Some(d), Some(cl)) = (&slot.decided, self.clients.get_mut(&slot.conn)) {
+                cl.pending = cl.pending.saturating_sub(1);
+                match out.iter_mut().find(|(c, _)| *c == slot.conn) {
+                    Some((_, b)) => b.extend_from_slice(d),
+                    None => out.push((slot.conn, d.clone())),
+                }
+                self.counters.replies += 1;
+            }
+            self.emitted += 1;
         }
-        if !bytes.is_empty() && !cs.gone {
-            self.out.push(Action::ToClient(c, bytes));
+        let touched: Vec<Conn> = out.iter().map(|(c, _)| *c).collect();
+        for (c, b) in out {
+            self.out.push(Action::ToClient(c, b));
         }
-        while cs.slot_base < cs.emitted {
-            let seq = cs.slot_base;
+        while self.slot_base < self.emitted {
+            let seq = self.slot_base;
             // Kept until every live instance has answered (a quiescing donor's backlog too), so
             // that every reply is compared.
-            let all = (0..n).all(|i| !live[i] || cs.links[i].as_ref().is_none_or(|l| l.got > seq));
+            let all = (0..n).all(|i| !self.is_live(i) || self.links[i].as_ref().is_none_or(|l| l.got > seq));
             if !all {
                 break;
             }
-            cs.slots.pop_front();
-            cs.slot_base += 1;
+            self.slots.pop_front();
+            self.slot_base += 1;
         }
-        self.trim(c);
-        self.maybe_close(c);
-        self.reap(c);
+        self.trim();
+        for c in touched {
+            self.maybe_close(c);
+        }
     }
 
     /// Forgets the requests no instance needs any more.
-    fn trim(&mut self, c: Conn) {
-        let n = self.cfg.n;
-        let states = self.states.clone();
-        let Some(cs) = self.conns.get_mut(&c) else { return };
-        let mut need = cs.total;
-        for i in 0..n {
-            let p = match states[i] {
-                State::Live | State::Joining { .. } => cs.links[i].as_ref().map(|l| l.next),
-                State::Restoring { .. } => cs.hold[i],
+    fn trim(&mut self) {
+        let mut need = self.total;
+        for i in 0..self.cfg.n {
+            let p = match self.states[i] {
+                State::Live | State::Joining { .. } => self.links[i].as_ref().map(|l| l.next),
+                State::Restoring { .. } => self.hold[i],
                 State::Faulty { .. } => None,
             };
             if let Some(p) = p {
                 need = need.min(p);
             }
         }
-        while cs.req_base < need {
-            if let Some(r) = cs.reqs.pop_front() {
-                cs.req_bytes -= r.len();
+        while self.req_base < need {
+            if let Some(r) = self.reqs.pop_front() {
+                self.req_bytes -= r.len();
             }
-            cs.req_base += 1;
+            self.req_base += 1;
         }
     }
 
     fn maybe_close(&mut self, c: Conn) {
-        let Some(cs) = self.conns.get(&c) else { return };
-        if cs.eof && !cs.gone && cs.emitted == cs.total {
-            self.drop_conn_with_close(c);
-        }
-    }
-
-    fn drop_conn_with_close(&mut self, c: Conn) {
-        if self.conns.get(&c).is_some_and(|cs| !cs.gone) {
+        if self.clients.get(&c).is_some_and(|cl| cl.eof && cl.pending == 0) {
+            self.clients.remove(&c);
             self.out.push(Action::CloseClient(c));
-            self.drop_conn(c);
-        }
-    }
-
-    fn drop_conn(&mut self, c: Conn) {
-        let Some(cs) = self.conns.get_mut(&c) else { return };
-        cs.gone = true;
-        cs.eof = true;
-        cs.inbuf.clear();
-        self.reap(c);
-    }
-
-    /// Forgets a connection whose client is gone once no instance needs it any more; closes
-    /// each instance's side as soon as that instance has answered everything.
-    fn reap(&mut self, c: Conn) {
-        let states = self.states.clone();
-        let Some(cs) = self.conns.get_mut(&c) else { return };
-        if !cs.gone {
-            return;
-        }
-        let total = cs.total;
-        let mut all = true;
-        for (i, state) in states.iter().enumerate() {
-            let done = match state {
-                State::Live | State::Joining { .. } => cs.links[i].as_ref().is_none_or(|l| l.next == total && l.got == total && l.open),
-                State::Restoring { .. } => cs.hold[i].is_none(),
-                State::Faulty { .. } => true,
-            };
-            if done {
-                if cs.links[i].take().is_some() {
-                    self.out.push(Action::Disconnect(i, c));
-                }
-            } else {
-                all = false;
-            }
-        }
-        if !all {
-            return;
-        }
-        self.conns.remove(&c);
-        self.check_quiescent();
-        if let Some(r) = self.repair {
-            if r.stage == Stage::Joining {
-                self.maybe_joined(r.target);
-            }
         }
     }
 
@@ -888,38 +831,31 @@ impl Voter {
                 // The donor failed: the repair starts again with another donor.
                 let t = r.target;
                 self.repair = None;
+                if matches!(self.states[t], State::Restoring { .. } | State::Joining { .. }) {
+                    self.out.push(Action::Stop(t));
+                }
                 self.states[t] = State::Faulty { since: self.now, retry_at: self.now };
-                for cs in self.conns.values_mut() {
-                    cs.hold[t] = None;
+                self.hold[t] = None;
+                if self.links[t].take().is_some() {
+                    self.out.push(Action::Disconnect(t));
                 }
             }
         }
-        let conns: Vec<Conn> = self.conns.keys().copied().collect();
-        for &c in &conns {
-            if let Some(cs) = self.conns.get_mut(&c) {
-                if cs.links[i].take().is_some() {
-                    self.out.push(Action::Disconnect(i, c));
-                }
-                cs.hold[i] = None;
-                // Its votes are void (a restored incarnation votes afresh).
-                for slot in cs.slots.iter_mut() {
-                    slot.votes[i] = None;
-                }
-            }
+        if self.links[i].take().is_some() {
+            self.out.push(Action::Disconnect(i));
+        }
+        self.hold[i] = None;
+        // Its votes are void (a restored incarnation votes afresh).
+        for slot in self.slots.iter_mut() {
+            slot.votes[i] = None;
         }
         self.out.push(Action::Stop(i));
         self.check_degraded();
         // What waited on i may be decidable now.
-        for &c in &conns {
-            let undecided: Vec<u64> = match self.conns.get(&c) {
-                Some(cs) => (cs.emitted..cs.total).collect(),
-                None => continue,
-            };
-            for seq in undecided {
-                self.decide(c, seq);
-            }
-            self.emit(c);
+        for seq in self.emitted..self.total {
+            self.decide(seq);
         }
+        self.emit();
         self.check_quiescent();
     }
 
@@ -944,15 +880,14 @@ impl Voter {
         self.check_quiescent();
     }
 
-    /// A quiescing donor that has answered all it was given is snapshotted.
+    /// A quiescing donor that has answered all it was given, all of it voted, is snapshotted:
+    /// an instance restored from it never has to answer anything before its position.
     fn check_quiescent(&mut self) {
         let Some(r) = self.repair else { return };
         if r.stage != Stage::Quiescing {
             return;
         }
-        // The donor has answered all it was given, and every one of those replies is voted:
-        // an instance restored from it never has to answer anything before its position.
-        let quiet = self.conns.values().all(|cs| cs.links[r.donor].as_ref().is_none_or(|l| l.got == l.next && cs.emitted >= l.next));
+        let quiet = self.links[r.donor].as_ref().is_some_and(|l| l.open && l.got == l.next && self.emitted >= l.next);
         if quiet {
             self.repair = Some(Repair { stage: Stage::Snapshotting, ..r });
             self.out.push(Action::Snapshot(r.donor));
@@ -967,16 +902,9 @@ impl Voter {
         };
         self.states[r.target] = State::Restoring { since };
         self.repair = Some(Repair { stage: Stage::Restoring, ..r });
-        let conns: Vec<Conn> = self.conns.keys().copied().collect();
-        for c in conns {
-            let Some(cs) = self.conns.get_mut(&c) else { continue };
-            // The snapshot holds the donor's state after the requests it was given. A live
-            // donor has a link on every connection but those of gone clients it has answered
-            // completely.
-            cs.hold[r.target] = Some(cs.links[d].as_ref().map_or(cs.total, |l| l.next));
-            let total = cs.total;
-            self.give(d, c, total);
-        }
+        // The snapshot holds the donor's state after the requests it was given.
+        self.hold[r.target] = Some(self.links[d].as_ref().map_or(self.total, |l| l.next));
+        self.give(d, self.total);
         self.out.push(Action::Restore { instance: r.target, donor: d });
     }
 
@@ -988,17 +916,11 @@ impl Voter {
         };
         self.states[i] = State::Joining { since };
         self.repair = Some(Repair { stage: Stage::Joining, ..r });
-        let conns: Vec<Conn> = self.conns.keys().copied().collect();
-        for c in conns {
-            let Some(cs) = self.conns.get_mut(&c) else { continue };
-            let from = cs.hold[i].take().unwrap_or(cs.total);
-            cs.links[i] = Some(Link { next: from, got: from, ..Link::default() });
-            let total = cs.total;
-            self.out.push(Action::Connect(i, c));
-            self.give(i, c, total);
-            self.trim(c);
-        }
-        self.maybe_joined(i);
+        let from = self.hold[i].take().unwrap_or(self.total);
+        self.links[i] = Some(Link { next: from, got: from, ..Link::default() });
+        self.out.push(Action::Connect(i));
+        self.give(i, self.total);
+        self.trim();
     }
 
     fn repair_failed(&mut self, reason: String) {
@@ -1009,33 +931,30 @@ impl Voter {
             State::Live => self.now,
         };
         self.states[r.target] = State::Faulty { since, retry_at: self.now + self.cfg.repair_backoff };
-        let conns: Vec<Conn> = self.conns.keys().copied().collect();
-        for c in conns {
-            if let Some(cs) = self.conns.get_mut(&c) {
-                cs.hold[r.target] = None;
-                let total = cs.total;
-                self.give(r.donor, c, total);
-                self.trim(c);
-            }
+        self.hold[r.target] = None;
+        if self.links[r.target].take().is_some() {
+            self.out.push(Action::Disconnect(r.target));
         }
+        self.give(r.donor, self.total);
+        self.trim();
         self.out.push(Action::Stop(r.target));
     }
 
     fn tick(&mut self) {
         let (now, timeout) = (self.now, self.cfg.hang_timeout);
         let mut hung = Vec::new();
-        for (&c, cs) in &self.conns {
-            for (i, l) in cs.links.iter().enumerate() {
-                let Some(l) = l else { continue };
-                if let Some(&t) = l.sent_at.front() {
-                    if now.saturating_sub(t) > timeout && self.is_voting(i) {
-                        hung.push((i, c, l.got));
-                    }
+        for (i, l) in self.links.iter().enumerate() {
+            let Some(l) = l else { continue };
+            if let Some(&t) = l.sent_at.front() {
+                if now.saturating_sub(t) > timeout && self.is_voting(i) {
+                    let seq = l.got;
+                    let conn = self.slots.get(seq.wrapping_sub(self.slot_base) as usize).map_or(0, |s| s.conn);
+                    hung.push((i, conn, seq));
                 }
             }
         }
-        for (i, c, seq) in hung {
-            self.fault(i, Fault::Hung { conn: c, seq });
+        for (i, conn, seq) in hung {
+            self.fault(i, Fault::Hung { conn, seq });
         }
     }
 }

@@ -3,10 +3,11 @@
 //! one continues as another), listens on the VM's one address, and carries bytes, process
 //! exits, snapshots and restores between the world and [`super::core::Voter`].
 //!
-//! Threads: one owns the voter (it ticks every 10 ms); one accepts clients; one reads and one
-//! writes each socket (a peer that stops reading never blocks the voter: at most
+//! The voter keeps one connection to each instance (all clients' requests in one order, see
+//! [`super::core`]). Threads: one owns the voter (it ticks every 10 ms); one accepts clients;
+//! one reads and one writes each socket (a peer that stops reading never blocks the voter: at most
 //! [`MAX_QUEUED`] bytes wait for it, then it is closed, and writes time out); one per instance
-//! opens connections inside the instance's namespace; one waits for each VMM process; snapshot
+//! opens its connection inside the instance's namespace; one waits for each VMM process; snapshot
 //! and readiness after a restore run on worker threads, so the voter serves on meanwhile. At
 //! most [`MAX_CLIENTS`] clients at once (one more is closed at once).
 //!
@@ -33,6 +34,7 @@ pub const GUEST_MAC: &str = "52:54:00:fa:00:02";
 pub const TAP: &str = "vt0";
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const CONNECT_ATTEMPTS: usize = 3;
 
 /// One instance: its namespace and how its VMM is started.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -137,9 +139,9 @@ fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'stat
 enum Msg {
     Event(Event),
     Accepted(Conn, TcpStream),
-    Connected(Instance, Conn, TcpStream),
+    Connected(Instance, TcpStream),
     /// Bytes or an end from a link with this id.
-    Link(u64, Instance, Conn, Option<Vec<u8>>, String),
+    Link(u64, Instance, Option<Vec<u8>>, String),
     /// An instance's process (of this incarnation) ended.
     Exited(Instance, u64, String),
 }
@@ -342,22 +344,30 @@ pub fn run(spec: GroupSpec, ready: Duration) -> Result<()> {
     }
     // Connectors, one per instance, inside its namespace.
     let target: SocketAddr = SocketAddr::new(GUEST_IP.parse().expect("constant address"), spec.port);
-    let mut connectors: Vec<Sender<Conn>> = Vec::new();
+    let mut connectors: Vec<Sender<()>> = Vec::new();
     for (i, inst) in spec.instances.iter().enumerate() {
-        let (ctx, crx) = channel::<Conn>();
+        let (ctx, crx) = channel::<()>();
         let tx = tx.clone();
         in_netns(&inst.netns, move || {
-            for c in crx {
-                match TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) {
-                    Ok(s) => {
-                        let _ = s.set_nodelay(true);
-                        let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
-                        let _ = tx.send(Msg::Connected(i, c, s));
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Msg::Event(Event::InstanceLost(i, c, format!("cannot connect to {target}: {e}"))));
+            for () in crx {
+                // A guest just restored may take a moment to answer: a few attempts.
+                let mut last = None;
+                for _ in 0..CONNECT_ATTEMPTS {
+                    match TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) {
+                        Ok(s) => {
+                            let _ = s.set_nodelay(true);
+                            let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+                            last = Some(Ok(s));
+                            break;
+                        }
+                        Err(e) => last = Some(Err(e)),
                     }
                 }
+                let _ = match last {
+                    Some(Ok(s)) => tx.send(Msg::Connected(i, s)),
+                    Some(Err(e)) => tx.send(Msg::Event(Event::InstanceLost(i, format!("cannot connect to {target}: {e}")))),
+                    None => Ok(()),
+                };
             }
         })
         .map_err(|e| Error::io("cannot enter the namespace of", &inst.netns, e))?;
@@ -375,7 +385,13 @@ pub fn run(spec: GroupSpec, ready: Duration) -> Result<()> {
                 break;
             }
             if t.elapsed() > ready {
-                return Err(Error::Spec { vm: spec.vm.clone(), reason: format!("instance {i} does not serve on {target} after {ready:?} (see {})", spec.dir.join(format!("i{i}.log")).display()) });
+                return Err(Error::Spec {
+                    vm: spec.vm.clone(),
+                    reason: format!(
+                        "instance {i} does not serve on {target} after {ready:?} (see {})",
+                        spec.dir.join(format!("i{i}.log")).display()
+                    ),
+                });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -400,8 +416,21 @@ pub fn run(spec: GroupSpec, ready: Duration) -> Result<()> {
             .map_err(|e| Error::io("cannot start a thread for", spec.listen.to_string(), e))?;
     }
     tracing::info!("{}: {} instances voted behind {}", spec.vm, n, spec.listen);
-    let mut d = Driver { spec, tx, procs, connectors, clients: HashMap::new(), links: HashMap::new(), next_link: 1, start: Instant::now(), events: None };
+    let mut d = Driver {
+        spec,
+        tx,
+        procs,
+        connectors,
+        clients: HashMap::new(),
+        links: HashMap::new(),
+        next_link: 1,
+        start: Instant::now(),
+        events: None,
+    };
     d.write_state(&voter);
+    for a in voter.start() {
+        d.act(&voter, a);
+    }
     d.serve(&mut voter, rx);
     Ok(())
 }
@@ -410,10 +439,10 @@ struct Driver {
     spec: GroupSpec,
     tx: Sender<Msg>,
     procs: Vec<Proc>,
-    connectors: Vec<Sender<Conn>>,
+    connectors: Vec<Sender<()>>,
     clients: HashMap<Conn, Writer>,
-    /// (instance, conn) → (link id, writer).
-    links: HashMap<(Instance, Conn), (u64, Writer)>,
+    /// Instance → (link id, writer).
+    links: HashMap<Instance, (u64, Writer)>,
     next_link: u64,
     start: Instant,
     events: Option<std::fs::File>,
@@ -452,31 +481,35 @@ impl Driver {
                         }
                     }
                 }
-                Ok(Msg::Connected(i, c, s)) => {
+                Ok(Msg::Connected(i, s)) => {
                     let id = self.next_link;
                     self.next_link += 1;
                     let tx = self.tx.clone();
-                    let w = s.try_clone().and_then(|w| Writer::new(w, move |why| {
-                        let _ = tx.send(Msg::Link(id, i, c, None, why));
-                    }));
+                    let w = s.try_clone().and_then(|w| {
+                        Writer::new(w, move |why| {
+                            let _ = tx.send(Msg::Link(id, i, None, why));
+                        })
+                    });
                     match w {
                         Ok(w) => {
-                            reader(self.tx.clone(), s, move |b, why| Msg::Link(id, i, c, b, why));
-                            self.links.insert((i, c), (id, w));
-                            events.push(Event::InstanceConnected(i, c));
+                            reader(self.tx.clone(), s, move |b, why| Msg::Link(id, i, b, why));
+                            if let Some((_, old)) = self.links.insert(i, (id, w)) {
+                                old.abort();
+                            }
+                            events.push(Event::InstanceConnected(i));
                         }
-                        Err(e) => events.push(Event::InstanceLost(i, c, e.to_string())),
+                        Err(e) => events.push(Event::InstanceLost(i, e.to_string())),
                     }
                 }
-                Ok(Msg::Link(id, i, c, b, why)) => {
-                    if self.links.get(&(i, c)).is_some_and(|l| l.0 == id) {
+                Ok(Msg::Link(id, i, b, why)) => {
+                    if self.links.get(&i).is_some_and(|l| l.0 == id) {
                         match b {
-                            Some(b) => events.push(Event::InstanceBytes(i, c, b)),
+                            Some(b) => events.push(Event::InstanceBytes(i, b)),
                             None => {
-                                if let Some((_, w)) = self.links.remove(&(i, c)) {
+                                if let Some((_, w)) = self.links.remove(&i) {
                                     w.abort();
                                 }
-                                events.push(Event::InstanceLost(i, c, why));
+                                events.push(Event::InstanceLost(i, why));
                             }
                         }
                     }
@@ -525,21 +558,21 @@ impl Driver {
                     w.close();
                 }
             }
-            Action::Connect(i, c) => {
-                let _ = self.connectors[i].send(c);
+            Action::Connect(i) => {
+                let _ = self.connectors[i].send(());
             }
-            Action::ToInstance(i, c, b) => {
-                if let Some((_, w)) = self.links.get(&(i, c)) {
+            Action::ToInstance(i, b) => {
+                if let Some((_, w)) = self.links.get(&i) {
                     if !w.send(b) {
-                        if let Some((_, w)) = self.links.remove(&(i, c)) {
+                        if let Some((_, w)) = self.links.remove(&i) {
                             w.abort();
                         }
-                        return Some(Event::InstanceLost(i, c, format!("more than {MAX_QUEUED} bytes unread")));
+                        return Some(Event::InstanceLost(i, format!("more than {MAX_QUEUED} bytes unread")));
                     }
                 }
             }
-            Action::Disconnect(i, c) => {
-                if let Some((_, w)) = self.links.remove(&(i, c)) {
+            Action::Disconnect(i) => {
+                if let Some((_, w)) = self.links.remove(&i) {
                     w.abort();
                 }
             }
