@@ -79,6 +79,9 @@ enum What {
     /// Checkpoint replication: every workload unprotected and under every policy, pause
     /// against dirty pages, failover time (needs root, KVM).
     Replication,
+    /// Local redundancy: voting's latency and throughput for 1-3 instances against one used
+    /// directly, repair time (needs root, KVM, redis-tools; `--kills` repairs).
+    Voting,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -113,6 +116,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if let What::Replication = args.what {
         crate::replication::run(&args.policies, args.failovers, args.failover_only, args.json)?;
         return Ok(());
+    }
+    if let What::Voting = args.what {
+        return crate::voting::run(args.kills, args.json);
     }
     if let What::Cluster = args.what {
         return crate::cluster::run(args.kills, args.json);

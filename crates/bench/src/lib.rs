@@ -7,6 +7,7 @@
 //!   against real KVM, real clients and real servers;
 //! - [`cluster`]: the MMS reacting to host failures of a real cluster, manager failover, plan
 //!   table computation;
+//! - [`voting`]: local redundancy's cost (latency, throughput) and repair time;
 //! - [`demo`]: `vigil demo failover`.
 //!
 //! Every figure is a median or a range over repeated runs, printed as a table (or JSON).
@@ -19,3 +20,4 @@ pub mod demo;
 pub mod replication;
 pub mod store;
 pub mod vmm;
+pub mod voting;
