@@ -382,7 +382,9 @@ impl Agent {
             Role::Primary => serde_json::from_slice::<crate::VmSpec>(spec).ok().and_then(|s| s.net).map(|n| (n.tap, n.bridge)),
             Role::Backup => serde_json::from_slice::<crate::vm::BackupSpec>(spec).ok().and_then(|s| Some((s.tap?, s.bridge))),
         };
-        if let Some((tap, Some(bridge))) = tap {
+        // A voted VM's instances have taps of their own (`vigil local`).
+        let local = role == Role::Primary && serde_json::from_slice::<crate::VmSpec>(spec).ok().is_some_and(|s| s.local.is_some());
+        if let (Some((tap, Some(bridge))), false) = (tap, local) {
             ensure_tap(&tap, &bridge).map_err(|reason| Error::Spec { vm: vm.into(), reason })?;
         }
         let file = self.spec_file(vm, role);
@@ -392,6 +394,7 @@ impl Agent {
         let log2 = log.try_clone().map_err(|e| Error::io("cannot open", &log_path, e))?;
         let mut cmd = Command::new(&self.cfg.exe);
         match role {
+            Role::Primary if local => cmd.arg("local").arg("--store").arg(&self.cfg.store).arg("--spec"),
             Role::Primary => cmd.args(["vm", "run", "--spec"]),
             Role::Backup => cmd.args(["backup", "--spec"]),
         };

@@ -49,6 +49,9 @@ pub struct VmSpec {
     /// destination of a migration).
     #[serde(default)]
     pub restore: Option<PathBuf>,
+    /// Local redundancy: run it as voted instances (`vigil local --spec`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<crate::voter::LocalSpec>,
 }
 
 /// The VM's network card.
@@ -319,6 +322,7 @@ impl VmSpec {
             protection: None,
             scheduling: Scheduling::default(),
             restore: None,
+            local: None,
         }
     }
 

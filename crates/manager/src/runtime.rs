@@ -42,6 +42,8 @@ struct Runnable<'a> {
     index: usize,
     run: &'a model::run::Run,
     mode: Mode,
+    /// Its instances (more than one in local redundancy).
+    instances: usize,
 }
 
 fn runnables(loaded: &Loaded) -> Vec<Runnable<'_>> {
@@ -49,7 +51,14 @@ fn runnables(loaded: &Loaded) -> Vec<Runnable<'_>> {
     loaded
         .runs
         .iter()
-        .filter_map(|r| dep.vms.iter().position(|v| v.name == r.vm).map(|i| Runnable { index: i, run: r, mode: dep.vms[i].mode }))
+        .filter_map(|r| {
+            dep.vms.iter().position(|v| v.name == r.vm).map(|i| Runnable {
+                index: i,
+                run: r,
+                mode: dep.vms[i].mode,
+                instances: dep.vms[i].instances.len(),
+            })
+        })
         .collect()
 }
 
@@ -91,6 +100,18 @@ impl Layout {
         s.net = self.net(x.index, r);
         s.api = Some(self.run_dir.join(format!("{}.{host}.sock", r.vm)));
         s.scheduling.cpus = cpus;
+        // Local redundancy: voted instances behind the VM's address (mode local+remote is
+        // not run that way yet: it runs as remote).
+        if x.mode == Mode::Local && x.instances > 1 {
+            if let Some(port) = r.port {
+                s.local = Some(agent::voter::LocalSpec {
+                    instances: x.instances,
+                    port,
+                    policy: agent::voter::core::Policy::PreferPrimary,
+                    hang_timeout_ms: 500,
+                });
+            }
+        }
         s.protection = backup.and_then(|b| self.addr(b, x.index)).map(|addr| Protection {
             backup: addr,
             arbiter: self.arbiter.clone(),

@@ -61,7 +61,15 @@ pub struct StatusArgs {
 #[derive(clap::Args)]
 pub struct FailArgs {
     /// The host to fail.
-    host: String,
+    #[arg(required_unless_present = "instance")]
+    host: Option<String>,
+    /// Fail one instance of a voted VM (mode `local`) instead, as VM#K (K from 1): its VMM
+    /// is SIGKILLed (a crash), or SIGSTOPped with --hang; the voter masks it and repairs it.
+    #[arg(long, value_name = "VM#K", conflicts_with_all = ["host", "partition", "heal"])]
+    instance: Option<String>,
+    /// With --instance: a hang (SIGSTOP) instead of a crash.
+    #[arg(long, requires = "instance")]
+    hang: bool,
     /// Only cut the host's link (a partition): its processes live on, cut off.
     #[arg(long)]
     partition: bool,
@@ -161,17 +169,53 @@ pub fn status(a: &StatusArgs) -> Result<u8> {
 }
 
 pub fn fail(a: &FailArgs) -> Result<u8> {
+    if let Some(inst) = &a.instance {
+        return fail_instance(&a.dir.dir, inst, a.hang);
+    }
+    let Some(host) = &a.host else { bail!("which host? (or --instance VM#K)") };
     if a.heal {
-        local::heal(&a.dir.dir, &a.host).map_err(anyhow::Error::msg)?;
-        println!("host {}: its link restored", a.host);
+        local::heal(&a.dir.dir, host).map_err(anyhow::Error::msg)?;
+        println!("host {host}: its link restored");
         return Ok(0);
     }
-    let pids = local::fail(&a.dir.dir, &a.host, a.partition).map_err(anyhow::Error::msg)?;
+    let pids = local::fail(&a.dir.dir, host, a.partition).map_err(anyhow::Error::msg)?;
     if a.partition {
-        println!("host {}: its link cut (its processes run on)", a.host);
+        println!("host {host}: its link cut (its processes run on)");
     } else {
-        println!("host {}: {} process(es) killed (SIGKILL), its link cut", a.host, pids.len());
+        println!("host {host}: {} process(es) killed (SIGKILL), its link cut", pids.len());
     }
+    Ok(0)
+}
+
+/// `vigil fail --instance VM#K`: the instance's VMM, found in the voter's `local.json` on
+/// whichever host runs the VM, SIGKILLed or SIGSTOPped.
+fn fail_instance(dir: &std::path::Path, which: &str, hang: bool) -> Result<u8> {
+    let Some((vm, k)) = which.split_once('#') else { bail!("--instance {which:?}: expected VM#K (K from 1)") };
+    let k: usize = k.parse().ok().filter(|&k| k >= 1).with_context(|| format!("--instance {which:?}: K is a number from 1"))?;
+    let hosts = std::fs::read_dir(dir.join("hosts")).with_context(|| format!("no cluster in {} (vigil up?)", dir.display()))?;
+    let mut found = None;
+    for h in hosts.flatten() {
+        let state = h.path().join(format!("{vm}.primary.json.local")).join("local.json");
+        let Ok(text) = std::fs::read_to_string(&state) else { continue };
+        let v: agent::voter::driver::GroupState =
+            serde_json::from_str(&text).with_context(|| format!("{}: not a voter's state", state.display()))?;
+        let newer = std::fs::metadata(&state).and_then(|m| m.modified()).ok();
+        if found.as_ref().is_none_or(|(_, t, _)| newer > *t) {
+            found = Some((v, newer, h.file_name().to_string_lossy().into_owned()));
+        }
+    }
+    let Some((state, _, host)) = found else { bail!("VM {vm:?} runs no voted instances in this cluster (mode local)") };
+    let Some(inst) = state.instances.get(k - 1) else { bail!("VM {vm} has {} instances: there is no #{k}", state.instances.len()) };
+    // A pid that no longer names a VMM is refused (its command line is checked first).
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", inst.pid)).unwrap_or_default();
+    if !String::from_utf8_lossy(&cmdline).contains("vm\0") {
+        bail!("{vm}#{k}: its VMM (pid {}) is not running", inst.pid);
+    }
+    let out = std::process::Command::new("kill").args([if hang { "-STOP" } else { "-KILL" }, &inst.pid.to_string()]).output()?;
+    if !out.status.success() {
+        bail!("{vm}#{k}: kill {}: {}", inst.pid, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    println!("{vm}#{k} on {host}: VMM {} {}", inst.pid, if hang { "stopped (SIGSTOP): a hang" } else { "killed (SIGKILL): a crash" });
     Ok(0)
 }
 

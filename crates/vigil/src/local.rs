@@ -12,12 +12,21 @@ use std::time::Duration;
 
 #[derive(ClapArgs)]
 pub struct Args {
+    /// Run the VM a spec file describes (JSON `agent::VmSpec` with a `local` section, as the
+    /// agent writes them for a VM of mode `local`): its address becomes the voter's (added to
+    /// the spec's bridge), the instances' namespaces are `vl<pid>-<i>`, state in
+    /// `<spec>.local/`.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "image"])]
+    spec: Option<PathBuf>,
+    /// The cluster store's socket: faults and repairs go to its event log.
+    #[arg(long, value_name = "SOCKET")]
+    store: Option<PathBuf>,
     /// The VM's name (its instances' namespaces are `<netns-prefix><i>`).
     #[arg(long, default_value = "vm")]
     vm: String,
     /// Where clients connect: the VM's one address and port.
-    #[arg(long)]
-    listen: SocketAddr,
+    #[arg(long, required_unless_present = "spec")]
+    listen: Option<SocketAddr>,
     /// The guest's port (default: the port of --listen).
     #[arg(long)]
     port: Option<u16>,
@@ -25,8 +34,8 @@ pub struct Args {
     #[arg(long, short = 'n', default_value_t = 3)]
     instances: usize,
     /// Guest image of every instance.
-    #[arg(long)]
-    image: PathBuf,
+    #[arg(long, required_unless_present = "spec")]
+    image: Option<PathBuf>,
     /// Another image for instance K (N-version), as K=PATH; repeatable.
     #[arg(long, value_name = "K=PATH")]
     image_of: Vec<String>,
@@ -44,8 +53,8 @@ pub struct Args {
     #[arg(long, default_value_t = 500)]
     hang_timeout_ms: u64,
     /// Control sockets, snapshots, logs, events.jsonl and local.json.
-    #[arg(long)]
-    dir: PathBuf,
+    #[arg(long, required_unless_present = "spec")]
+    dir: Option<PathBuf>,
     /// Prefix of the instances' namespace names.
     #[arg(long, default_value = "vgl-")]
     netns_prefix: String,
@@ -70,17 +79,91 @@ fn indexed(items: &[String], n: usize, what: &str) -> Result<Vec<(usize, String)
     Ok(out)
 }
 
+/// What to run: from the command line or from a spec file.
+struct Plan {
+    vm: String,
+    listen: SocketAddr,
+    port: u16,
+    n: usize,
+    image: PathBuf,
+    mem: u64,
+    args: Vec<String>,
+    dir: PathBuf,
+    prefix: String,
+    policy: Policy,
+    hang_timeout_ms: u64,
+    /// The VM's address, added to this bridge while the voter runs.
+    identity: Option<(std::net::Ipv4Addr, String)>,
+}
+
+fn plan(a: &Args) -> Result<Plan> {
+    let Some(file) = &a.spec else {
+        let (Some(listen), Some(image), Some(dir)) = (a.listen, a.image.clone(), a.dir.clone()) else {
+            bail!("--listen, --image and --dir are needed without --spec");
+        };
+        return Ok(Plan {
+            vm: a.vm.clone(),
+            listen,
+            port: a.port.unwrap_or(listen.port()),
+            n: a.instances,
+            image,
+            mem: a.mem,
+            args: a.args.clone(),
+            dir,
+            prefix: a.netns_prefix.clone(),
+            policy: a.policy,
+            hang_timeout_ms: a.hang_timeout_ms,
+            identity: None,
+        });
+    };
+    let text = std::fs::read(file).with_context(|| format!("spec {}", file.display()))?;
+    let spec: agent::VmSpec = serde_json::from_slice(&text).with_context(|| format!("spec {}: not a VM spec", file.display()))?;
+    let Some(local) = spec.local.clone() else { bail!("spec {}: VM {} has no `local` section", file.display(), spec.name) };
+    let Some(net) = spec.net.clone() else {
+        bail!("spec {}: VM {} has no network (a voted VM needs its address)", file.display(), spec.name)
+    };
+    let Some(ip) = net.ip else { bail!("spec {}: VM {} has no address", file.display(), spec.name) };
+    let mut dir = file.as_os_str().to_owned();
+    dir.push(".local");
+    Ok(Plan {
+        vm: spec.name.clone(),
+        listen: SocketAddr::new(ip.addr.into(), local.port),
+        port: local.port,
+        n: local.instances,
+        image: spec.image.clone(),
+        mem: spec.memory_mib,
+        args: spec.args.clone(),
+        dir: dir.into(),
+        prefix: {
+            driver::remove_stale_netns();
+            format!("vl{}-", std::process::id())
+        },
+        policy: local.policy,
+        hang_timeout_ms: local.hang_timeout_ms,
+        identity: net.bridge.map(|b| (ip.addr, b)),
+    })
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("ip").args(args).output().context("cannot run ip (package iproute2)")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
 /// Runs the voted VM until the process is ended; returns the exit status.
 pub fn run(a: &Args) -> Result<u8> {
-    let n = a.instances;
+    let p = plan(a)?;
+    let n = p.n;
     if n == 0 || n > agent::voter::core::MAX_INSTANCES {
         bail!("-n {n}: a voted VM has 1 to {} instances", agent::voter::core::MAX_INSTANCES);
     }
-    if !a.image.is_file() {
-        bail!("image {}: no such file", a.image.display());
+    if !p.image.is_file() {
+        bail!("image {}: no such file", p.image.display());
     }
     let mut instances: Vec<InstanceSpec> = (0..n)
-        .map(|i| InstanceSpec { netns: format!("{}{i}", a.netns_prefix), image: a.image.clone(), mem_mib: a.mem, args: a.args.clone() })
+        .map(|i| InstanceSpec { netns: format!("{}{i}", p.prefix), image: p.image.clone(), mem_mib: p.mem, args: p.args.clone() })
         .collect();
     for (k, path) in indexed(&a.image_of, n, "image-of")? {
         if !std::path::Path::new(&path).is_file() {
@@ -92,29 +175,38 @@ pub fn run(a: &Args) -> Result<u8> {
         instances[k].args.push(arg);
     }
     let names: Vec<String> = instances.iter().map(|i| i.netns.clone()).collect();
-    driver::exit_on_signal(move || {
+    let identity = p.identity.clone();
+    let cleanup = move || {
         for ns in &names {
             driver::delete_netns(ns);
         }
-    })?;
-    let mut config = Config::new(n, a.policy);
-    config.hang_timeout = a.hang_timeout_ms.max(1) * 1_000_000;
+        if let Some((addr, bridge)) = &identity {
+            let _ = ip(&["addr", "del", &format!("{addr}/32"), "dev", bridge]);
+        }
+    };
+    driver::exit_on_signal(cleanup.clone())?;
+    if let Some((addr, bridge)) = &p.identity {
+        // The VM's one network identity, on the host's bridge: clients reach the voter there.
+        let _ = ip(&["addr", "del", &format!("{addr}/32"), "dev", bridge]);
+        ip(&["addr", "add", &format!("{addr}/32"), "dev", bridge])?;
+    }
+    let mut config = Config::new(n, p.policy);
+    config.hang_timeout = p.hang_timeout_ms.max(1) * 1_000_000;
     for inst in &instances {
         driver::create_netns(&inst.netns)?;
     }
     let spec = GroupSpec {
-        vm: a.vm.clone(),
-        listen: a.listen,
-        port: a.port.unwrap_or(a.listen.port()),
+        vm: p.vm.clone(),
+        listen: p.listen,
+        port: p.port,
         instances: instances.clone(),
         vigil: std::env::current_exe().context("cannot find the vigil binary")?,
-        dir: a.dir.clone(),
+        dir: p.dir.clone(),
         config,
+        store: a.store.clone(),
     };
     let result = driver::run(spec, Duration::from_millis(a.ready_ms));
-    for inst in &instances {
-        driver::delete_netns(&inst.netns);
-    }
+    cleanup();
     result?;
     Ok(0)
 }

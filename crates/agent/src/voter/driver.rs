@@ -62,6 +62,27 @@ pub struct GroupSpec {
     /// Control sockets, snapshots, logs, events, state.
     pub dir: PathBuf,
     pub config: Config,
+    /// The cluster store: faults and repairs go to its event log too (`vigil status`).
+    pub store: Option<PathBuf>,
+}
+
+/// A thread that appends what it is sent to the store's event log (a store that does not
+/// answer delays only this thread; the voter never waits for it).
+fn store_logger(socket: PathBuf, vm: String) -> Sender<String> {
+    let (tx, rx) = channel::<String>();
+    let _ = std::thread::Builder::new().name("voter-events".into()).spawn(move || {
+        let mut client: Option<store::Client> = None;
+        for what in rx {
+            if client.is_none() {
+                client = store::Client::connect(&socket).ok();
+            }
+            let Some(c) = client.as_mut() else { continue };
+            if crate::cluster::log_event(c, &crate::cluster::Event::now(&format!("voter:{vm}"), what)).is_err() {
+                client = None;
+            }
+        }
+    });
+    tx
 }
 
 /// Creates instance `netns` with the tap [`TAP`] (host side [`HOST_IP`]/24), replacing an
@@ -113,6 +134,19 @@ pub fn exit_on_signal(cleanup: impl FnOnce() + Send + 'static) -> Result<()> {
         })
         .map_err(|e| Error::io("cannot start a thread for", "signals", e))?;
     Ok(())
+}
+
+/// Removes the namespaces `vl<PID>-<i>` of `vigil local --spec` processes that have ended
+/// (SIGKILLed voters cannot remove their own).
+pub fn remove_stale_netns() {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else { return };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("vl").and_then(|r| r.split_once('-')).and_then(|(p, _)| p.parse::<u32>().ok()) else { continue };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            delete_netns(&name);
+        }
+    }
 }
 
 /// Removes an instance's namespace.
@@ -416,7 +450,9 @@ pub fn run(spec: GroupSpec, ready: Duration) -> Result<()> {
             .map_err(|e| Error::io("cannot start a thread for", spec.listen.to_string(), e))?;
     }
     tracing::info!("{}: {} instances voted behind {}", spec.vm, n, spec.listen);
+    let store_events = spec.store.clone().map(|s| store_logger(s, spec.vm.clone()));
     let mut d = Driver {
+        store_events,
         spec,
         tx,
         procs,
@@ -446,6 +482,7 @@ struct Driver {
     next_link: u64,
     start: Instant,
     events: Option<std::fs::File>,
+    store_events: Option<Sender<String>>,
 }
 
 impl Driver {
@@ -641,6 +678,16 @@ impl Driver {
         if self.events.is_none() {
             let path = self.spec.dir.join("events.jsonl");
             self.events = std::fs::OpenOptions::new().create(true).append(true).open(path).ok();
+        }
+        if let Some(tx) = &self.store_events {
+            let what = match r {
+                Report::Fault { instance, fault } => format!("{}#{}: {fault}; repairing", self.spec.vm, instance + 1),
+                Report::Repaired { instance, donor, took } => {
+                    format!("{}#{}: repaired from #{}'s snapshot in {} ms", self.spec.vm, instance + 1, donor + 1, took / 1_000_000)
+                }
+                other => format!("{}: {other:?}", self.spec.vm),
+            };
+            let _ = tx.send(what);
         }
         if let Some(f) = self.events.as_mut() {
             let line = serde_json::json!({ "at_ms": self.start.elapsed().as_millis() as u64, "vm": self.spec.vm, "event": r });

@@ -19,3 +19,23 @@
 pub mod core;
 pub mod driver;
 pub mod resp;
+
+/// A VM's local redundancy, as its [`crate::VmSpec`] gives it (`vigil up`, model mode
+/// `local`): the VM's address is the spec's network address, the guest's port `port`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LocalSpec {
+    pub instances: usize,
+    pub port: u16,
+    #[serde(default = "prefer_primary")]
+    pub policy: core::Policy,
+    #[serde(default = "hang_timeout_ms")]
+    pub hang_timeout_ms: u64,
+}
+
+fn prefer_primary() -> core::Policy {
+    core::Policy::PreferPrimary
+}
+
+fn hang_timeout_ms() -> u64 {
+    500
+}
