@@ -495,6 +495,8 @@ pub fn down(dir: &Path) -> Result<(), String> {
     }
     std::thread::sleep(std::time::Duration::from_millis(100));
     remove_network(&cf.tag, cf.host_ns.len());
+    // The namespaces of voted VMs' instances (their voters were killed above).
+    agent::voter::driver::remove_stale_netns();
     let _ = std::fs::remove_file(ClusterFile::path(dir));
     Ok(())
 }

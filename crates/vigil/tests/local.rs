@@ -308,3 +308,79 @@ fn bad_input_is_named() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("1 to 7"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `vigil up` runs a mode-local VM voted (examples/voted.toml: the relay as 3 instances);
+/// `vigil fail --instance` crashes one and hangs another while a client (redis-cli, one TCP
+/// connection, from the field) increments a counter: every reply right, the same connection
+/// throughout, both repaired, the events in `vigil status`.
+#[test]
+fn vigil_up_runs_a_voted_vm_and_fail_instance_is_masked() {
+    if no_kvm("vigil_up_runs_a_voted_vm_and_fail_instance_is_masked") {
+        return;
+    }
+    let dir = testbed::workspace().join(format!("target/local-up-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let kv = testbed::guest("kv").expect("kv guest");
+    let text = std::fs::read_to_string(testbed::workspace().join("examples/voted.toml")).expect("example");
+    let model = dir.join("voted.toml");
+    std::fs::write(&model, text.replace("image = \"kv\"", &format!("image = {:?}", kv.display().to_string()))).expect("model");
+    let cluster = dir.join("cluster");
+    let d = cluster.display().to_string();
+    struct Down(String);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            let _ = vigil().args(["down", "--dir", &self.0]).output();
+        }
+    }
+    let out = vigil().args(["up", &model.display().to_string(), "--dir", &d, "--tag", "vl", "--wait", "60"]).output().expect("vigil up");
+    let _down = Down(d.clone());
+    assert!(out.status.success(), "vigil up: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // The voter opens the VM's address once all three guests serve.
+    let t = Instant::now();
+    loop {
+        let out =
+            Command::new("ip").args(["netns", "exec", "vgvl-f", "redis-cli", "-h", "10.99.0.50", "PING"]).output().expect("redis-cli");
+        if String::from_utf8_lossy(&out.stdout).trim() == "PONG" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the relay does not answer: {}", String::from_utf8_lossy(&out.stdout));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut c = testbed::redis::RedisClient::new("vgvl-f", "10.99.0.50", 6379);
+    let mut n = 0;
+    let mut incr = |c: &mut testbed::redis::RedisClient, times: usize| {
+        for _ in 0..times {
+            n += 1;
+            assert_eq!(c.call("INCR voted"), n.to_string());
+        }
+    };
+    incr(&mut c, 50);
+    let out = vigil().args(["fail", "--instance", "relay#2", "--dir", &d]).output().expect("vigil fail");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    incr(&mut c, 50);
+    let out = vigil().args(["fail", "--instance", "relay#3", "--hang", "--dir", &d]).output().expect("vigil fail");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    incr(&mut c, 50);
+    // Both repaired: the events, in the store's log, shown by vigil status.
+    let t = Instant::now();
+    loop {
+        let out = vigil().args(["status", "--dir", &d]).output().expect("vigil status");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("relay#2: repaired") && text.contains("relay#3: repaired") {
+            assert!(text.contains("relay#2: crashed") && text.contains("relay#3: hung"), "{text}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "not repaired: {text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    incr(&mut c, 50);
+    // Bad input: an unknown VM, an instance that does not exist.
+    let out = vigil().args(["fail", "--instance", "nosuch#1", "--dir", &d]).output().expect("vigil fail");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("runs no voted instances"));
+    let out = vigil().args(["fail", "--instance", "relay#4", "--dir", &d]).output().expect("vigil fail");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has 3 instances: there is no #4"), "{}", String::from_utf8_lossy(&out.stderr));
+    drop(_down);
+    let _ = std::fs::remove_dir_all(&dir);
+}
