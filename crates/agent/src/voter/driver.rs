@@ -143,7 +143,7 @@ pub fn remove_stale_netns() {
     for e in dir.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(pid) = name.strip_prefix("vl").and_then(|r| r.split_once('-')).and_then(|(p, _)| p.parse::<u32>().ok()) else { continue };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        if !process_runs(pid) {
             delete_netns(&name);
         }
     }
