@@ -124,6 +124,8 @@ pub struct RawVm {
     pub checkpoint_size: Option<Val>,
     pub checkpoint_interval: Option<Val>,
     pub checkpoint_priority: Option<i64>,
+    /// Local redundancy: the voter's delay bound per reply (a component of the analysis).
+    pub voting_delay: Option<Val>,
     /// VMs it must never share a host with (anti-affinity, symmetric).
     pub apart: Option<Vec<String>>,
 }

@@ -554,3 +554,34 @@ fn apply_depends_only_on_the_placement() {
     d.apply(base, &d.initial(), &mut scratch);
     assert_eq!(&scratch, base);
 }
+
+/// A local-mode VM's `voting_delay`: a voter component after each of its tasks, inside every
+/// chain through it, and a bound that grows by the voter's delay; the key only on mode local.
+#[test]
+fn voting_delay_is_a_component_of_the_chains() {
+    let base = ok(CLUSTER);
+    let t = cluster_with("mode = \"local\"\n", "mode = \"local\"\nvoting_delay = \"1ms\"\n");
+    let voted = ok(&t);
+    let sys = &voted.system;
+    let vote = sys.tasks.iter().position(|x| x.name == "vote.vote").expect("the voter of task vote");
+    let apply = sys.tasks.iter().position(|x| x.name == "apply.vote").expect("the voter of task apply");
+    let voter = &sys.resources[sys.tasks[vote].resource];
+    assert_eq!(voter.name, "voter.voter");
+    assert!(matches!(&voter.kind, rtc::system::ResourceKind::BoundedDelay { latency, .. } if *latency == q("1000")));
+    let protection = sys.chains.iter().find(|c| c.name == "protection").expect("chain");
+    assert_eq!(protection.tasks.last(), Some(&vote), "the voted reply ends the chain");
+    let regulation = sys.chains.iter().find(|c| c.name == "regulation").expect("chain");
+    assert_eq!(regulation.tasks.last(), Some(&apply));
+    let bound = |l: &Loaded, chain: &str| {
+        let a = rtc::system::analyze(&l.system, &rtc::system::Options::default()).expect("analysis");
+        let i = l.system.chains.iter().position(|c| c.name == chain).expect("chain");
+        a.chains[i].worst.clone().expect("bounded")
+    };
+    let (before, after) = (bound(&base, "protection"), bound(&voted, "protection"));
+    assert!(after >= &before + &q("1000"), "{before} + the voting delay <= {after}");
+    // Only local redundancy votes.
+    let t = cluster_with("name = \"logger\"\nhost = \"a1\"", "name = \"logger\"\nhost = \"a1\"\nvoting_delay = \"1ms\"");
+    fails(&t, line_of(&t, "voting_delay"), "logger", "`voting_delay` applies only to local redundancy");
+    let t = cluster_with("mode = \"local\"\n", "mode = \"local\"\nvoting_delay = \"-1ms\"\n");
+    fails(&t, line_of(&t, "voting_delay"), "voter", "voting_delay");
+}
