@@ -383,7 +383,8 @@ fn vigil_up_runs_a_voted_vm_and_fail_instance_is_masked() {
         let out = vigil().args(["status", "--dir", &d, "--json"]).output().expect("vigil status");
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
         let m = &v["measured"]["protection"];
-        let bound = v["plan"]["chains"].as_array().and_then(|a| a.iter().find(|c| c["chain"] == "protection")).map(|c| c["worst_ms"].clone());
+        let bound =
+            v["plan"]["chains"].as_array().and_then(|a| a.iter().find(|c| c["chain"] == "protection")).map(|c| c["worst_ms"].clone());
         if m["max_ms"].is_number() && v["above_bound"].as_array().is_some_and(|a| a.is_empty()) {
             eprintln!("protection: measured {} (p50 {} ms, max {} ms), bound {:?} ms", m, m["p50_ms"], m["max_ms"], bound);
             break;
