@@ -400,3 +400,51 @@ fn vigil_up_runs_a_voted_vm_and_fail_instance_is_masked() {
     drop(_down);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A periodic datagram chain through the voter: a sensor sends `INCR sensor` every 5 ms over
+/// UDP to the VM's address, each voted reply comes back as one datagram (the actuation), while
+/// an N-version instance answers wrongly (one in 200), one instance is SIGKILLed and another
+/// SIGSTOPped: every actuation right, none lost, in order.
+#[test]
+fn a_periodic_datagram_chain_is_voted_per_message() {
+    if no_kvm("a_periodic_datagram_chain_is_voted_per_message") {
+        return;
+    }
+    let port = 16382;
+    let local = Local::start("dg", port, 3, &["--arg-of", "2=wrong=200", "--hang-timeout-ms", "500"]);
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    sock.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    sock.connect(("127.0.0.1", port)).expect("connect");
+    let mut late = 0;
+    let mut worst = Duration::ZERO;
+    let mut buf = [0u8; 256];
+    for k in 1..=1200u32 {
+        let t = Instant::now();
+        sock.send(b"INCR sensor\r\n").expect("send");
+        let n = sock.recv(&mut buf).unwrap_or_else(|e| panic!("actuation {k} lost: {e}\n{}", local.log()));
+        assert_eq!(&buf[..n], format!(":{k}\r\n").as_bytes(), "actuation {k}");
+        let took = t.elapsed();
+        worst = worst.max(took);
+        if took > Duration::from_millis(5) {
+            late += 1;
+        }
+        match k {
+            400 => {
+                // SAFETY: kill(2) of a VMM process of this test's `vigil local`.
+                unsafe { libc::kill(local.pid(0), libc::SIGKILL) };
+            }
+            800 => {
+                // SAFETY: as above.
+                unsafe { libc::kill(local.pid(1), libc::SIGSTOP) };
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(5).saturating_sub(took));
+    }
+    eprintln!("1200 actuations right; {late} took over 5 ms, the longest {worst:?}");
+    let faults: Vec<String> = local.events().iter().filter(|e| e["event"]["report"] == "fault").map(|e| e["event"].to_string()).collect();
+    assert!(faults.iter().any(|f| f.contains("\"instance\":2") && f.contains("outvoted")), "{faults:?}");
+    assert!(faults.iter().any(|f| f.contains("\"instance\":0") && f.contains("crashed")), "{faults:?}");
+    assert!(faults.iter().any(|f| f.contains("\"instance\":1") && f.contains("hung")), "{faults:?}");
+    local.wait_repaired(1, 1);
+}

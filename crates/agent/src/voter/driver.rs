@@ -18,7 +18,7 @@ use super::core::{Action, Config, Conn, Event, Instance, Nanos, Report, Voter};
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -27,6 +27,11 @@ use std::time::{Duration, Instant};
 
 /// Most client connections at once.
 pub const MAX_CLIENTS: usize = 64;
+/// Most datagram sources at once (a source silent for [`SOURCE_IDLE`] is forgotten).
+pub const MAX_SOURCES: usize = 64;
+pub const SOURCE_IDLE: Duration = Duration::from_secs(60);
+/// Datagram sources are the voter's clients from this identifier on.
+const SOURCE_BASE: Conn = 1 << 40;
 /// The guest's address inside each instance's namespace (and the host side of its tap).
 pub const GUEST_IP: &str = "10.250.0.2";
 pub const HOST_IP: &str = "10.250.0.1";
@@ -173,6 +178,8 @@ fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'stat
 enum Msg {
     Event(Event),
     Accepted(Conn, TcpStream),
+    /// A datagram to the VM's address from this source.
+    Datagram(SocketAddr, Vec<u8>),
     Connected(Instance, TcpStream),
     /// Bytes or an end from a link with this id.
     Link(u64, Instance, Option<Vec<u8>>, String),
@@ -449,7 +456,31 @@ pub fn run(spec: GroupSpec, ready: Duration) -> Result<()> {
             })
             .map_err(|e| Error::io("cannot start a thread for", spec.listen.to_string(), e))?;
     }
-    tracing::info!("{}: {} instances voted behind {}", spec.vm, n, spec.listen);
+    // Datagrams to the same address and port: each a request (or several) of the client that
+    // is its source, in the same total order as the TCP clients'; each voted reply goes back
+    // to the source as one datagram.
+    let udp = UdpSocket::bind(spec.listen).map_err(|e| Error::io("cannot listen (UDP) on", spec.listen.to_string(), e))?;
+    {
+        let (tx, r) = (tx.clone(), udp.try_clone().map_err(|e| Error::io("cannot use", spec.listen.to_string(), e))?);
+        std::thread::Builder::new()
+            .name("voter-udp".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    match r.recv_from(&mut buf) {
+                        Ok((n, src)) => {
+                            if tx.send(Msg::Datagram(src, buf[..n].to_vec())).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            })
+            .map_err(|e| Error::io("cannot start a thread for", spec.listen.to_string(), e))?;
+    }
+    tracing::info!("{}: {} instances voted behind {} (TCP and UDP)", spec.vm, n, spec.listen);
     let store_events = spec.store.clone().map(|s| store_logger(s, spec.vm.clone()));
     let mut d = Driver {
         store_events,
@@ -462,6 +493,10 @@ pub fn run(spec: GroupSpec, ready: Duration) -> Result<()> {
         next_link: 1,
         start: Instant::now(),
         events: None,
+        udp,
+        sources: HashMap::new(),
+        source_of: HashMap::new(),
+        next_source: SOURCE_BASE,
     };
     d.write_state(&voter);
     for a in voter.start() {
@@ -483,6 +518,11 @@ struct Driver {
     start: Instant,
     events: Option<std::fs::File>,
     store_events: Option<Sender<String>>,
+    udp: UdpSocket,
+    /// Datagram source → (its client identifier, when it last sent).
+    sources: HashMap<SocketAddr, (Conn, Instant)>,
+    source_of: HashMap<Conn, SocketAddr>,
+    next_source: Conn,
 }
 
 impl Driver {
@@ -516,6 +556,30 @@ impl Driver {
                             self.clients.insert(c, w);
                             events.push(Event::ClientOpened(c));
                         }
+                    }
+                }
+                Ok(Msg::Datagram(src, b)) => {
+                    let known = self.sources.get_mut(&src).map(|(c, seen)| {
+                        *seen = Instant::now();
+                        *c
+                    });
+                    let c = match known {
+                        Some(c) => Some(c),
+                        None if self.sources.len() < MAX_SOURCES => {
+                            let c = self.next_source;
+                            self.next_source += 1;
+                            self.sources.insert(src, (c, Instant::now()));
+                            self.source_of.insert(c, src);
+                            events.push(Event::ClientOpened(c));
+                            Some(c)
+                        }
+                        None => {
+                            tracing::warn!("{}: a datagram from {src} dropped: {MAX_SOURCES} sources already", self.spec.vm);
+                            None
+                        }
+                    };
+                    if let Some(c) = c {
+                        events.push(Event::ClientBytes(c, b));
                     }
                 }
                 Ok(Msg::Connected(i, s)) => {
@@ -562,6 +626,13 @@ impl Driver {
             if last_tick.elapsed() >= Duration::from_millis(10) {
                 last_tick = Instant::now();
                 events.push(Event::Tick);
+                let idle: Vec<SocketAddr> = self.sources.iter().filter(|(_, (_, t))| t.elapsed() > SOURCE_IDLE).map(|(a, _)| *a).collect();
+                for a in idle {
+                    if let Some((c, _)) = self.sources.remove(&a) {
+                        self.source_of.remove(&c);
+                        events.push(Event::ClientClosed(c));
+                    }
+                }
             }
             for e in events {
                 let mut queue = std::collections::VecDeque::from([e]);
@@ -580,6 +651,18 @@ impl Driver {
     /// Does one action; an event it causes at once (a failed write) is returned.
     fn act(&mut self, voter: &Voter, a: Action) -> Option<Event> {
         match a {
+            Action::ToClient(c, b) if c >= SOURCE_BASE => {
+                if let Some(src) = self.source_of.get(&c) {
+                    if let Err(e) = self.udp.send_to(&b, src) {
+                        tracing::warn!("{}: a reply to {src} not sent: {e}", self.spec.vm);
+                    }
+                }
+            }
+            Action::CloseClient(c) if c >= SOURCE_BASE => {
+                if let Some(src) = self.source_of.remove(&c) {
+                    self.sources.remove(&src);
+                }
+            }
             Action::ToClient(c, b) => {
                 if let Some(w) = self.clients.get(&c) {
                     if !w.send(b) {
