@@ -63,8 +63,9 @@ impl Store {
                     if !args.is_empty() {
                         let start = out.len();
                         self.execute(&args, out);
-                        self.replies += 1;
-                        if self.wrong_every > 0 && self.replies % self.wrong_every == 0 {
+                        let debug = args[0].eq_ignore_ascii_case(b"DEBUG");
+                        self.replies += u64::from(!debug);
+                        if !debug && self.wrong_every > 0 && self.replies % self.wrong_every == 0 {
                             corrupt(out, start);
                         }
                     }
@@ -172,6 +173,16 @@ impl Store {
                 out.extend_from_slice(b"+OK\r\n");
             }
             b"SELECT" | b"QUIT" => out.extend_from_slice(b"+OK\r\n"),
+            // Fault injection (`vigil fail --instance VM#K --wrong N`): from now on one reply
+            // in N is wrong.
+            b"DEBUG" if argc == 3 && args[1].eq_ignore_ascii_case(b"WRONG-ANSWERS") => match parse_i64(args[2]) {
+                Some(n) if n >= 0 => {
+                    self.wrong_every = n as u64;
+                    self.replies = 0;
+                    out.extend_from_slice(b"+OK\r\n");
+                }
+                _ => error(out, "ERR value is not an integer or out of range"),
+            },
             b"CONFIG" if argc >= 3 && args[1].eq_ignore_ascii_case(b"GET") => {
                 // No configuration to speak of: every asked parameter reads as empty.
                 array_header(out, (argc - 2) * 2);
@@ -375,6 +386,9 @@ mod tests {
         assert_eq!(run(&mut s, b"GET x\r\nGET x\r\n"), b"$-1\r\n$0\r\n\r\n");
         assert_eq!(run(&mut s, b"SET a 1\r\nSET a 1\r\n"), b"+OK\r\n+OJ\r\n");
         assert_eq!(run(&mut s, b"INCR n\r\nINCR n\r\n"), b":3\r\n:5\r\n", "the state stays right");
+        // Turned on and off at run time.
+        assert_eq!(run(&mut s, b"DEBUG WRONG-ANSWERS 0\r\nINCR n\r\nINCR n\r\n"), b"+OK\r\n:5\r\n:6\r\n");
+        assert_eq!(run(&mut s, b"DEBUG WRONG-ANSWERS 1\r\nINCR n\r\n"), b"+OK\r\n:8\r\n");
     }
 
     #[test]

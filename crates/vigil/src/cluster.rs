@@ -70,6 +70,10 @@ pub struct FailArgs {
     /// With --instance: a hang (SIGSTOP) instead of a crash.
     #[arg(long, requires = "instance")]
     hang: bool,
+    /// With --instance: from now on one reply in N of that instance is wrong (the kv guest's
+    /// `DEBUG WRONG-ANSWERS N`, sent to it alone through the voter) instead of a crash.
+    #[arg(long, value_name = "N", requires = "instance", conflicts_with = "hang")]
+    wrong: Option<u64>,
     /// Only cut the host's link (a partition): its processes live on, cut off.
     #[arg(long)]
     partition: bool,
@@ -170,7 +174,7 @@ pub fn status(a: &StatusArgs) -> Result<u8> {
 
 pub fn fail(a: &FailArgs) -> Result<u8> {
     if let Some(inst) = &a.instance {
-        return fail_instance(&a.dir.dir, inst, a.hang);
+        return fail_instance(&a.dir.dir, inst, a.hang, a.wrong);
     }
     let Some(host) = &a.host else { bail!("which host? (or --instance VM#K)") };
     if a.heal {
@@ -189,7 +193,7 @@ pub fn fail(a: &FailArgs) -> Result<u8> {
 
 /// `vigil fail --instance VM#K`: the instance's VMM, found in the voter's `local.json` on
 /// whichever host runs the VM, SIGKILLed or SIGSTOPped.
-fn fail_instance(dir: &std::path::Path, which: &str, hang: bool) -> Result<u8> {
+fn fail_instance(dir: &std::path::Path, which: &str, hang: bool, wrong: Option<u64>) -> Result<u8> {
     let Some((vm, k)) = which.split_once('#') else { bail!("--instance {which:?}: expected VM#K (K from 1)") };
     let k: usize = k.parse().ok().filter(|&k| k >= 1).with_context(|| format!("--instance {which:?}: K is a number from 1"))?;
     let hosts = std::fs::read_dir(dir.join("hosts")).with_context(|| format!("no cluster in {} (vigil up?)", dir.display()))?;
@@ -200,12 +204,27 @@ fn fail_instance(dir: &std::path::Path, which: &str, hang: bool) -> Result<u8> {
         let v: agent::voter::driver::GroupState =
             serde_json::from_str(&text).with_context(|| format!("{}: not a voter's state", state.display()))?;
         let newer = std::fs::metadata(&state).and_then(|m| m.modified()).ok();
-        if found.as_ref().is_none_or(|(_, t, _)| newer > *t) {
-            found = Some((v, newer, h.file_name().to_string_lossy().into_owned()));
+        if found.as_ref().is_none_or(|(_, t, _, _)| newer > *t) {
+            found = Some((v, newer, h.file_name().to_string_lossy().into_owned(), state.with_file_name("voter.sock")));
         }
     }
-    let Some((state, _, host)) = found else { bail!("VM {vm:?} runs no voted instances in this cluster (mode local)") };
+    let Some((state, _, host, control)) = found else { bail!("VM {vm:?} runs no voted instances in this cluster (mode local)") };
     let Some(inst) = state.instances.get(k - 1) else { bail!("VM {vm} has {} instances: there is no #{k}", state.instances.len()) };
+    if let Some(n) = wrong {
+        use std::io::{BufRead, Write};
+        let control = std::fs::canonicalize(&control).unwrap_or(control);
+        let mut s =
+            std::os::unix::net::UnixStream::connect(&control).with_context(|| format!("the voter of {vm} ({})", control.display()))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        writeln!(s, "inject {} DEBUG WRONG-ANSWERS {n}", k - 1)?;
+        let mut answer = String::new();
+        std::io::BufReader::new(s).read_line(&mut answer)?;
+        if answer.trim() != "ok" {
+            bail!("{vm}#{k}: the voter says {}", answer.trim());
+        }
+        println!("{vm}#{k} on {host}: one reply in {n} is wrong from now on");
+        return Ok(0);
+    }
     // A pid that no longer names a VMM is refused (its command line is checked first).
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", inst.pid)).unwrap_or_default();
     if !String::from_utf8_lossy(&cmdline).contains("vm\0") {

@@ -310,9 +310,10 @@ fn bad_input_is_named() {
 }
 
 /// `vigil up` runs a mode-local VM voted (examples/voted.toml: the relay as 3 instances);
-/// `vigil fail --instance` crashes one and hangs another while a client (redis-cli, one TCP
-/// connection, from the field) increments a counter: every reply right, the same connection
-/// throughout, both repaired, the events in `vigil status`.
+/// `vigil fail --instance` crashes one, hangs another and makes the third answer wrongly
+/// while a client (redis-cli, one TCP connection, from the field) increments a counter: every
+/// reply right, the same connection throughout, all three repaired, the events in `vigil
+/// status`.
 #[test]
 fn vigil_up_runs_a_voted_vm_and_fail_instance_is_masked() {
     if no_kvm("vigil_up_runs_a_voted_vm_and_fail_instance_is_masked") {
@@ -355,25 +356,36 @@ fn vigil_up_runs_a_voted_vm_and_fail_instance_is_masked() {
             assert_eq!(c.call("INCR voted"), n.to_string());
         }
     };
+    // One fault at a time (a majority of three masks one): each repaired before the next.
+    let wait_for = |what: &str| {
+        let t = Instant::now();
+        loop {
+            let out = vigil().args(["status", "--dir", &d]).output().expect("vigil status");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if text.contains(what) {
+                return text;
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "no {what:?}: {text}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
     incr(&mut c, 50);
     let out = vigil().args(["fail", "--instance", "relay#2", "--dir", &d]).output().expect("vigil fail");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     incr(&mut c, 50);
+    let text = wait_for("relay#2: repaired");
+    assert!(text.contains("relay#2: crashed"), "{text}");
     let out = vigil().args(["fail", "--instance", "relay#3", "--hang", "--dir", &d]).output().expect("vigil fail");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     incr(&mut c, 50);
-    // Both repaired: the events, in the store's log, shown by vigil status.
-    let t = Instant::now();
-    loop {
-        let out = vigil().args(["status", "--dir", &d]).output().expect("vigil status");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if text.contains("relay#2: repaired") && text.contains("relay#3: repaired") {
-            assert!(text.contains("relay#2: crashed") && text.contains("relay#3: hung"), "{text}");
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(20), "not repaired: {text}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let text = wait_for("relay#3: repaired");
+    assert!(text.contains("relay#3: hung"), "{text}");
+    // A wrong answer, one reply in 5, injected into the running relay#1 (the primary).
+    let out = vigil().args(["fail", "--instance", "relay#1", "--wrong", "5", "--dir", &d]).output().expect("vigil fail");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    incr(&mut c, 50);
+    let text = wait_for("relay#1: repaired");
+    assert!(text.contains("relay#1: outvoted"), "{text}");
     incr(&mut c, 50);
     // Away from repairs (each pauses the donor for its snapshot), the voted chain's measured
     // latency stays under its analysed bound, which counts the voting delay.

@@ -202,6 +202,9 @@ pub enum Event {
     /// The instance runs again from the donor's snapshot ([`Action::Restore`]).
     Restored(Instance),
     RestoreFailed(Instance, String),
+    /// Fault injection: send these bytes (one request) to instance `i` alone, outside the
+    /// total order; its one reply is dropped unvoted.
+    Inject(Instance, Vec<u8>),
     /// Time passed (the driver ticks a few times per hang timeout).
     Tick,
 }
@@ -275,6 +278,8 @@ struct Link {
     rbuf: Vec<u8>,
     /// When each sent, unanswered request was sent.
     sent_at: VecDeque<Nanos>,
+    /// Injected requests: each one's reply comes after this many replies, and is dropped.
+    injected: VecDeque<u64>,
 }
 
 #[derive(Debug)]
@@ -433,6 +438,12 @@ impl Voter {
             Event::RestoreFailed(i, why) => {
                 if matches!(self.repair, Some(r) if r.target == i && r.stage == Stage::Restoring) {
                     self.repair_failed(format!("restore: {why}"));
+                }
+            }
+            Event::Inject(i, b) => {
+                if let Some(l) = self.links.get_mut(i).and_then(Option::as_mut).filter(|l| l.open && l.queued == 0) {
+                    l.injected.push_back(l.next);
+                    self.out.push(Action::ToInstance(i, b));
                 }
             }
             Event::Tick => self.tick(),
@@ -638,6 +649,10 @@ impl Voter {
         }
         for f in frames {
             let Some(link) = self.links[i].as_mut() else { return };
+            if link.injected.front() == Some(&link.got) {
+                link.injected.pop_front();
+                continue;
+            }
             if link.got >= link.next - link.queued {
                 self.fault(i, Fault::Protocol { reason: "a reply to no request".into() });
                 return;

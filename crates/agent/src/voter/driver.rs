@@ -266,6 +266,58 @@ fn wait_api(api: &Path, limit: Duration) -> Result<()> {
     }
 }
 
+/// The voter's control socket (`<dir>/voter.sock`), for fault injection: one line
+/// `inject K REQUEST` (at most 256 bytes) sends REQUEST (an inline Redis request) to instance
+/// K alone, its reply dropped (`vigil fail --instance VM#K --wrong N` sends
+/// `DEBUG WRONG-ANSWERS N`). Answers `ok` or `error: …`; one client at a time, 2 s each.
+fn control(path: &Path, n: usize, tx: Sender<Msg>) -> Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| Error::io("cannot listen on", path, e))?;
+    std::thread::Builder::new()
+        .name("voter-control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
+                let mut line = Vec::new();
+                let mut byte = [0u8; 1];
+                while line.len() <= 256 && matches!(conn.read(&mut byte), Ok(1)) && byte[0] != b'\n' {
+                    line.push(byte[0]);
+                }
+                let answer = match parse_control(&line, n) {
+                    Ok((k, req)) => {
+                        let _ = tx.send(Msg::Event(Event::Inject(k, req)));
+                        "ok".to_string()
+                    }
+                    Err(e) => format!("error: {e}"),
+                };
+                let _ = writeln!(conn, "{answer}");
+            }
+        })
+        .map_err(|e| Error::io("cannot start a thread for", path, e))?;
+    Ok(())
+}
+
+/// `inject K REQUEST` → (K, REQUEST as one framed request).
+fn parse_control(line: &[u8], n: usize) -> std::result::Result<(Instance, Vec<u8>), String> {
+    if line.len() > 256 {
+        return Err("line longer than 256 bytes".into());
+    }
+    let text = std::str::from_utf8(line).map_err(|_| "not UTF-8".to_string())?.trim();
+    let mut words = text.splitn(3, ' ');
+    let (Some("inject"), Some(k), Some(req)) = (words.next(), words.next(), words.next()) else {
+        return Err(format!("expected `inject K REQUEST`, got {text:?}"));
+    };
+    let k: Instance = k.parse().ok().filter(|&k| k < n).ok_or_else(|| format!("no instance {k:?} (0..{n})"))?;
+    let mut req = req.as_bytes().to_vec();
+    req.extend_from_slice(b"\r\n");
+    match super::resp::request(&req, 256) {
+        Ok(Some(r)) if r.len == req.len() && r.replies => Ok((k, req)),
+        _ => Err(format!("{text:?}: not one request")),
+    }
+}
+
 /// Whether `pid` is a process that has not ended (a zombie has ended).
 fn process_runs(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -479,6 +531,10 @@ pub fn run(spec: GroupSpec, ready: Duration) -> Result<()> {
                 }
             })
             .map_err(|e| Error::io("cannot start a thread for", spec.listen.to_string(), e))?;
+    }
+    // Fault injection only: the VM serves without it (a directory too deep for a socket path).
+    if let Err(e) = control(&spec.dir.join("voter.sock"), n, tx.clone()) {
+        tracing::warn!("{}: no control socket: {e}", spec.vm);
     }
     tracing::info!("{}: {} instances voted behind {} (TCP and UDP)", spec.vm, n, spec.listen);
     let store_events = spec.store.clone().map(|s| store_logger(s, spec.vm.clone()));
@@ -798,5 +854,21 @@ impl Driver {
         if let Ok(text) = serde_json::to_vec_pretty(&state) {
             let _ = crate::replace_file(&self.spec.dir.join("local.json"), &text);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_lines() {
+        assert_eq!(parse_control(b"inject 2 DEBUG WRONG-ANSWERS 100", 3), Ok((2, b"DEBUG WRONG-ANSWERS 100\r\n".to_vec())));
+        assert!(parse_control(b"inject 3 PING", 3).unwrap_err().contains("no instance"));
+        assert!(parse_control(b"inject x PING", 3).is_err());
+        assert!(parse_control(b"wrong 1", 3).unwrap_err().contains("expected"));
+        assert!(parse_control(b"inject 1 PING\r\nPING", 3).is_err(), "one request only");
+        assert!(parse_control(&[b'a'; 300], 3).is_err());
+        assert!(parse_control(&[0xff, 0xfe], 3).is_err());
     }
 }

@@ -518,3 +518,19 @@ fn simulation_never_shows_a_wrong_or_lost_reply() {
         assert!(sim.stopped.len() >= 2, "seed {seed}: faults were injected");
     }
 }
+
+#[test]
+fn an_injected_request_goes_to_one_instance_and_its_reply_is_not_voted() {
+    let mut v = voter(3, Policy::Suppress);
+    v.handle(0, Event::ClientOpened(1));
+    v.handle(0, Event::ClientBytes(1, b"INCR k\r\n".to_vec()));
+    let acts = v.handle(0, Event::Inject(2, b"DEBUG WRONG-ANSWERS 1\r\n".to_vec()));
+    assert_eq!(acts, vec![Action::ToInstance(2, b"DEBUG WRONG-ANSWERS 1\r\n".to_vec())]);
+    v.handle(0, Event::ClientBytes(1, b"INCR k\r\n".to_vec()));
+    v.handle(0, bytes(0, b":1\r\n:2\r\n"));
+    let acts = v.handle(0, bytes(2, b":1\r\n+OK\r\n:3\r\n"));
+    assert_eq!(to_client(&acts), b":1\r\n", "the +OK is no vote: instance 2's next reply is request 1's");
+    let acts = v.handle(0, bytes(1, b":1\r\n:2\r\n"));
+    assert_eq!(to_client(&acts), b":2\r\n");
+    assert!(reports(&acts).contains(&Report::Fault { instance: 2, fault: Fault::Outvoted { conn: 1, seq: 1 } }), "{acts:?}");
+}
