@@ -216,9 +216,12 @@ fn three_instances_mask_a_kill_a_stop_and_wrong_answers() {
     eprintln!("redis-benchmark: {runs} runs without an error");
     let faults: Vec<String> = local.events().iter().filter(|e| e["event"]["report"] == "fault").map(|e| e["event"].to_string()).collect();
     assert!(faults.iter().any(|f| f.contains("\"instance\":2") && f.contains("outvoted")), "{faults:?}");
+    // A SIGKILLed VMM whose teardown takes longer than the hang timeout (a loaded machine)
+    // is seen hung before its exit is: either verdict is right.
     for i in 0..3 {
-        assert!(faults.iter().any(|f| f.contains(&format!("\"instance\":{i}")) && f.contains("crashed")), "{faults:?}");
-        assert!(faults.iter().any(|f| f.contains(&format!("\"instance\":{i}")) && f.contains("hung")), "{faults:?}");
+        let of_i: Vec<&String> = faults.iter().filter(|f| f.contains(&format!("\"instance\":{i}"))).collect();
+        assert!(of_i.len() >= 2 && of_i.iter().any(|f| f.contains("hung")), "{faults:?}");
+        assert!(of_i.iter().all(|f| f.contains("hung") || f.contains("crashed") || f.contains("outvoted")), "{faults:?}");
     }
     assert_eq!(faults.len(), 7, "one wrong answer, three crashes, three hangs, nothing else: {faults:?}");
     assert!(!local.events().iter().any(|e| e["event"]["report"] == "disagreement"));
@@ -456,7 +459,9 @@ fn a_periodic_datagram_chain_is_voted_per_message() {
     eprintln!("1200 actuations right; {late} took over 5 ms, the longest {worst:?}");
     let faults: Vec<String> = local.events().iter().filter(|e| e["event"]["report"] == "fault").map(|e| e["event"].to_string()).collect();
     assert!(faults.iter().any(|f| f.contains("\"instance\":2") && f.contains("outvoted")), "{faults:?}");
-    assert!(faults.iter().any(|f| f.contains("\"instance\":0") && f.contains("crashed")), "{faults:?}");
+    // The SIGKILLed one: crashed, or hung when its VMM takes longer than the hang timeout to die.
+    assert!(faults.iter().any(|f| f.contains("\"instance\":0") && (f.contains("crashed") || f.contains("hung"))), "{faults:?}");
     assert!(faults.iter().any(|f| f.contains("\"instance\":1") && f.contains("hung")), "{faults:?}");
+    assert_eq!(faults.len(), 3, "{faults:?}");
     local.wait_repaired(1, 1);
 }
