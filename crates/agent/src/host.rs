@@ -328,9 +328,11 @@ impl Agent {
                 }
             }
             if let Some(c) = self.copies.get(&vm) {
-                let protected = (c.role == Role::Primary && c.state == CopyState::Running)
-                    .then(|| crate::protection::primary::ReplicationState::load(&self.state_file(&vm)).map(|s| s.protected))
+                let replication = (c.role == Role::Primary && c.state == CopyState::Running)
+                    .then(|| crate::protection::primary::ReplicationState::load(&self.state_file(&vm)))
                     .flatten();
+                let protected = replication.as_ref().map(|s| s.protected);
+                let replication = replication.and_then(|s| s.figures);
                 let actual = Actual {
                     state: c.state,
                     pid: c.pid,
@@ -338,6 +340,7 @@ impl Agent {
                     restarts: c.restarts,
                     detail: c.detail.clone(),
                     protected,
+                    replication,
                 };
                 let path = cluster::actual_path(&vm, &host);
                 if cluster::read::<Actual>(store, &path)?.as_ref() != Some(&actual) {

@@ -82,7 +82,7 @@ impl Scene {
     fn up(model: &Path, dir: &Path, tag: &str) -> Result<Scene> {
         let _ = std::fs::remove_dir_all(dir);
         let d = dir.display().to_string();
-        let out = vigil(&["up", &model.display().to_string(), "--dir", &d, "--tag", tag, "--wait", "60"])?;
+        let out = vigil(&["up", &model.display().to_string(), "--dir", &d, "--tag", tag, "--wait", "60", "--http-port", "0"])?;
         let down = Down(d.clone());
         if !out.status.success() {
             bail!("vigil up: {}", String::from_utf8_lossy(&out.stderr));
@@ -266,7 +266,7 @@ fn migration(model: &Path, dir: &Path) -> Result<(f64, f64)> {
 /// The leading manager killed: ms until the standby leads.
 fn manager_failover(model: &Path, dir: &Path) -> Result<f64> {
     let d = dir.display().to_string();
-    let out = vigil(&["up", &model.display().to_string(), "--dir", &d, "--tag", "bc", "--wait", "60"])?;
+    let out = vigil(&["up", &model.display().to_string(), "--dir", &d, "--tag", "bc", "--wait", "60", "--http-port", "0"])?;
     let _down = Down(d.clone());
     if !out.status.success() {
         bail!("vigil up: {}", String::from_utf8_lossy(&out.stderr));

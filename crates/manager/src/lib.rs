@@ -11,6 +11,7 @@
 //! - [`runtime`]: the cluster's network layout and each VM copy's `VmSpec` from the model;
 //! - [`field`]: the model's field side — periodic sources and timing sinks that measure each
 //!   chain's end-to-end latency through its running VM;
+//! - [`dashboard`]: the web page and Prometheus metrics every manager serves (from the store);
 //! - [`daemon`]: the loop that ties them: fence, look up, drive the agents through the
 //!   desired state, recompute in the background.
 //!
@@ -18,6 +19,7 @@
 //! anywhere but the store.
 
 pub mod daemon;
+pub mod dashboard;
 pub mod detector;
 pub mod election;
 pub mod field;

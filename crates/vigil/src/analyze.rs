@@ -1,7 +1,8 @@
 //! `vigil analyze FILE [--json] [--plot DIR]`.
 
-use crate::{plot, table, Outcome};
+use crate::{table, Outcome};
 use anyhow::Context;
+use model::plot;
 use model::report::Report;
 use rtc::system::{analyze, Options};
 use std::path::PathBuf;
@@ -53,7 +54,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         table::print(&report);
     }
     if let Some(dir) = &args.plot {
-        let written = plot::write_all(dir, &loaded, &analysis)?;
+        let written = plot::write_all(dir, &loaded, &analysis).map_err(anyhow::Error::msg)?;
         if !args.json {
             println!("\nwrote {} plot(s) to {}", written, dir.display());
         }
@@ -143,7 +144,7 @@ pub(crate) mod tests {
             let v: serde_json::Value = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
             assert_eq!(v["tasks"].as_array().unwrap().len(), l.system.tasks.len());
             assert!(v["tasks"][0]["wcrt_us"].is_string() && v["tasks"][0]["wcrt_ms"].is_f64());
-            let n = crate::plot::write_all(&dir, &l, &a).unwrap();
+            let n = model::plot::write_all(&dir, &l, &a).unwrap();
             assert_eq!(n, l.system.tasks.len());
             for t in &l.system.tasks {
                 let svg = std::fs::read_to_string(dir.join(format!("{}.svg", t.name))).unwrap();

@@ -16,7 +16,6 @@
 mod analyze;
 mod cluster;
 mod plan;
-mod plot;
 mod replicate;
 mod store;
 mod table;

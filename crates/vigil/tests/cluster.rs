@@ -82,7 +82,8 @@ impl Up {
         let dir = workdir(name);
         let m = example(&dir, example_name);
         let cluster = dir.join("cluster");
-        let mut args = vec!["up", m.to_str().unwrap(), "--dir", cluster.to_str().unwrap(), "--tag", tag, "--wait", "60"];
+        let mut args =
+            vec!["up", m.to_str().unwrap(), "--dir", cluster.to_str().unwrap(), "--tag", tag, "--wait", "60", "--http-port", "0"];
         args.extend_from_slice(extra);
         let out = Command::new(env!("CARGO_BIN_EXE_vigil")).args(&args).envs(env.iter().copied()).output().expect("run vigil");
         let up = Up { dir: cluster };
@@ -481,4 +482,107 @@ fn bad_input_gets_a_clear_error() {
     let _ = first.wait();
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("host hostA already has an agent"), "{}", text(&out.stderr));
+}
+
+/// `curl -s URL` (a client no one here wrote): status code and body.
+fn curl(url: &str, extra: &[&str]) -> (String, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "10", "-w", "\n%{http_code}"])
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("run curl (package curl)");
+    let t = text(&out.stdout);
+    let (body, code) = t.rsplit_once('\n').unwrap_or(("", ""));
+    (code.to_string(), body.to_string())
+}
+
+#[test]
+fn the_dashboard_shows_the_cluster_in_a_real_browser_and_follows_a_host_failure() {
+    if no_kvm("the_dashboard_shows_the_cluster_in_a_real_browser_and_follows_a_host_failure") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let up = Up::start("dashboard", "t6");
+    let st = up.wait("every VM serving, relay protected with figures, chains measured", 30, |ok, v| {
+        ok && vm(v, "relay")["replication"] == "protected"
+            && vm(v, "relay")["figures"]["checkpoints"].as_u64() > Some(0)
+            && v["measured"].as_object().is_some_and(|m| m.len() == 2)
+    });
+    // The dashboard's snapshot follows the store within its refresh period.
+    std::thread::sleep(Duration::from_millis(1200));
+    // Every manager serves a dashboard (a standby too) and says where in the store.
+    let urls = st["dashboards"].as_object().expect("dashboards");
+    assert_eq!(urls.len(), 2, "{st}");
+    let url = urls["m0"].as_str().expect("m0's URL").to_string();
+
+    // Prometheus metrics for every host, VM and chain, read with curl.
+    let (code, metrics) = curl(&format!("{url}metrics"), &[]);
+    assert_eq!(code, "200", "{metrics}");
+    for host in ["hostA", "hostB", "hostC"] {
+        assert!(metrics.contains(&format!("vigil_host_up{{host=\"{host}\"}} 1")), "{metrics}");
+    }
+    for needle in [
+        "vigil_cluster_ok 1",
+        "vigil_vm_serving{vm=\"logger\",host=\"hostA\",mode=\"normal\"} 1",
+        "vigil_vm_protected{vm=\"relay\",host=\"hostA\",mode=\"remote\"} 1",
+        "vigil_vm_checkpoints_per_second{vm=\"relay\"",
+        "vigil_chain_latency_seconds{chain=\"protection\",vm=\"relay\",quantile=\"0.99\"}",
+        "vigil_chain_bound_seconds{chain=\"regulation\",vm=\"control\"}",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing from:\n{metrics}");
+    }
+    // Bad requests get errors, not the page.
+    assert_eq!(curl(&format!("{url}nothing"), &[]).0, "404");
+    assert_eq!(curl(&format!("{url}api/state"), &["-X", "POST", "-d", "x"]).0, "405");
+    assert_eq!(curl(&format!("{url}plot/no-such-task.svg"), &[]).0, "404");
+    let mut raw = std::net::TcpStream::connect(url.trim_start_matches("http://").trim_end_matches('/')).expect("connect");
+    use std::io::{Read, Write};
+    raw.write_all(b"\x16\x03\x01garbage\r\n\r\n").expect("write");
+    let mut answer = String::new();
+    let _ = raw.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.0 400"), "{answer}");
+
+    // The page in headless Chromium.
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).expect("artifacts dir");
+    let browser = testbed::browser::Browser::start().expect("headless chromium (packages chromium, chromium-driver)");
+    browser.goto(&url).expect("open the dashboard");
+    let count =
+        |b: &testbed::browser::Browser, css: &str| b.script(&format!("return document.querySelectorAll({css:?}).length")).ok()?.as_u64();
+    browser
+        .wait_for("the example cluster on the page", Duration::from_secs(20), |b| {
+            let ok = b.text("#verdict").ok()? == "ok";
+            let hosts = count(b, "#hosts tr[data-state=up]")? == 3;
+            let vms = count(b, "#vms tbody tr")? == 3;
+            let plans = count(b, "#plans tbody tr")? == 4;
+            let chains = b.text("#chains tr[data-chain=protection]").ok()?.contains("relay");
+            let protected = b.text("#vms tr[data-vm=relay]").ok()?.contains("protected");
+            // The plot of the selected task is drawn (an SVG the browser decoded).
+            let plot =
+                b.script("const i = document.querySelector('#plot img'); return !!i && i.complete && i.naturalWidth > 0").ok()? == true;
+            (ok && hosts && vms && plans && chains && protected && plot).then_some(())
+        })
+        .unwrap();
+    assert_eq!(browser.text("#scenario").unwrap(), "none");
+    browser.screenshot(&artifacts.join("dashboard-before.png")).expect("screenshot");
+
+    // A host fails: the page follows (host failed, plan hostA in force, VMs moved).
+    let out = vigil(&["fail", "hostA", "--dir", &up.d()]);
+    assert!(out.status.success(), "vigil fail: {}", text(&out.stderr));
+    browser
+        .wait_for("the page to show hostA failed and its plan in force", Duration::from_secs(30), |b| {
+            let failed = count(b, "#hosts tr[data-host=hostA][data-state=failed]")? == 1;
+            let scenario = b.text("#scenario").ok()? == "hostA";
+            let relay = b.text("#vms tr[data-vm=relay] td.host").ok()? == "hostB";
+            let logger = b.text("#vms tr[data-vm=logger] td.host").ok()? == "hostC";
+            let event = b.text("#events").ok()?.contains("host hostA failed");
+            let in_force = b.text("#plans tr.inforce").ok()?.starts_with("hostA (in force)");
+            (failed && scenario && relay && logger && event && in_force).then_some(())
+        })
+        .unwrap();
+    browser.screenshot(&artifacts.join("dashboard-after-hostA-failed.png")).expect("screenshot");
+    let (_, metrics) = curl(&format!("{url}metrics"), &[]);
+    assert!(metrics.contains("vigil_host_fenced{host=\"hostA\"} 1") && metrics.contains("vigil_failed_hosts 1"), "{metrics}");
+    eprintln!("screenshots in {}", artifacts.display());
 }
