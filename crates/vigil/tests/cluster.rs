@@ -503,6 +503,10 @@ fn the_dashboard_shows_the_cluster_in_a_real_browser_and_follows_a_host_failure(
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The browser first: its start loads the machine, which must not stall the cluster's VMs
+    // (a stall of ~100 ms makes a backup take over).
+    let browser = testbed::browser::Browser::start().expect("headless chromium (packages chromium, chromium-driver)");
+    browser.goto("about:blank").expect("a blank page");
     let up = Up::start("dashboard", "t6");
     let st = up.wait("every VM serving, relay protected with figures, chains measured", 30, |ok, v| {
         ok && vm(v, "relay")["replication"] == "protected"
@@ -546,7 +550,6 @@ fn the_dashboard_shows_the_cluster_in_a_real_browser_and_follows_a_host_failure(
     // The page in headless Chromium.
     let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-artifacts");
     std::fs::create_dir_all(&artifacts).expect("artifacts dir");
-    let browser = testbed::browser::Browser::start().expect("headless chromium (packages chromium, chromium-driver)");
     browser.goto(&url).expect("open the dashboard");
     let count =
         |b: &testbed::browser::Browser, css: &str| b.script(&format!("return document.querySelectorAll({css:?}).length")).ok()?.as_u64();
