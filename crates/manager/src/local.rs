@@ -114,6 +114,7 @@ impl ClusterFile {
             // retransmission (200 ms).
             timing: TimingSpec { heartbeat_ms: 10, timeout_ms: 100, lease_ms: 120, renew_ms: 20 },
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            analysed: BTreeMap::new(),
         }
     }
 }

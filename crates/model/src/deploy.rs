@@ -78,7 +78,8 @@ pub struct Checkpoint {
     /// Longest pause of the VM per checkpoint: its reservations' blackout while protected.
     pub pause: Option<Q>,
     /// Longest hold of an output until its checkpoint is acknowledged, and the VM's tasks whose
-    /// completions leave the VM (or end a chain) and are held so while protected.
+    /// completions leave the VM (or end a chain) and are held so while protected (when a
+    /// commit is declared).
     pub commit: Option<Q>,
     pub held: Vec<usize>,
 }
@@ -663,7 +664,7 @@ pub(crate) fn build(p: Parts) -> Result<Option<Deployment>> {
     // Held output: a protected VM's tasks whose completions leave the VM (a consumer elsewhere)
     // or end a chain (the actuation goes out).
     for v in vms.iter_mut() {
-        let Some(c) = v.checkpoint.as_mut().filter(|c| c.commit.is_some()) else { continue };
+        let Some(c) = v.checkpoint.as_mut() else { continue };
         let inside = |t: usize| v.tasks.contains(&t);
         c.held = v
             .tasks

@@ -18,6 +18,7 @@ mod deploy;
 mod error;
 pub mod plot;
 mod raw;
+pub mod replication;
 pub mod report;
 pub mod run;
 pub mod text;

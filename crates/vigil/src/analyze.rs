@@ -1,4 +1,4 @@
-//! `vigil analyze FILE [--json] [--plot DIR]`.
+//! `vigil analyze FILE [--json] [--plot DIR] [--intervals]`.
 
 use crate::{table, Outcome};
 use anyhow::Context;
@@ -21,6 +21,10 @@ pub struct Args {
     /// reported beside it. 0 skips the search.
     #[arg(long, value_name = "TIME", default_value = "1us", value_parser = budget_step)]
     pub budget_step: rtc::Q,
+    /// For every VM with a remote backup: the longest fixed checkpoint interval whose pauses
+    /// and held output keep every deadline (what `policy = "analysed"` runs).
+    #[arg(long)]
+    pub intervals: bool,
 }
 
 fn budget_step(s: &str) -> Result<rtc::Q, String> {
@@ -59,11 +63,41 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             println!("\nwrote {} plot(s) to {}", written, dir.display());
         }
     }
+    if args.intervals && !args.json {
+        print_intervals(&loaded);
+    }
     let outcome = if report.all_deadlines_met { Outcome::Ok } else { Outcome::Miss };
     // The process ends after this command: freeing thousands of curves one by one would only
     // cost time (a few % of `vigil analyze` on 1,000 tasks).
     std::mem::forget((loaded, analysis, report));
     Ok(outcome)
+}
+
+fn print_intervals(l: &model::Loaded) {
+    let vms: Vec<String> = l.deployment.iter().flat_map(|d| &d.vms).filter(|v| v.checkpoint.is_some()).map(|v| v.name.clone()).collect();
+    let ms = |q: &rtc::Q| model::units::human_time(q);
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|vm| match model::replication::largest_fixed_interval(l, vm, None) {
+            Ok(c) => vec![
+                vm.clone(),
+                ms(&c.pause),
+                c.interval.as_ref().map_or("none keeps every deadline".into(), |t| format!("fixed:{}", trim_ms(t))),
+                c.commit.as_ref().map_or("-".into(), ms),
+            ],
+            Err(e) => vec![vm.clone(), "-".into(), e, "-".into()],
+        })
+        .collect();
+    println!();
+    print!(
+        "{}",
+        model::text::table("Checkpoint intervals (longest that keeps every deadline)", &["vm", "pause", "policy", "output hold"], &rows)
+    );
+}
+
+/// A time in µs as milliseconds for a policy name (`2.5`, `50`).
+fn trim_ms(us: &rtc::Q) -> String {
+    model::units::trim_float(us.to_f64() / 1000.0, 3)
 }
 
 #[cfg(test)]

@@ -281,7 +281,17 @@ pub fn manager(a: &ManagerArgs) -> Result<u8> {
             Err(e) => tracing::error!("manager {}: NO DASHBOARD: cannot listen on {addr}: {e}", a.id),
         }
     }
-    manager::daemon::run(&cfg, &loaded, &cf.layout())?;
+    let mut layout = cf.layout();
+    let notes = layout.analyse_policies(&loaded);
+    if !notes.is_empty() {
+        if let Ok(mut c) = store::Client::connect(&cf.store) {
+            for n in notes {
+                tracing::info!("manager {}: {n}", a.id);
+                let _ = agent::cluster::log_event(&mut c, &agent::cluster::Event::now(&a.id, n));
+            }
+        }
+    }
+    manager::daemon::run(&cfg, &loaded, &layout)?;
     Ok(0)
 }
 
