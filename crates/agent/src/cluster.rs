@@ -189,6 +189,31 @@ pub struct Actual {
     /// A replicated running copy: its checkpoints over the last second.
     #[serde(default)]
     pub replication: Option<ReplicationFigures>,
+    /// The guest's jobs over the last read of its marks (`agent::monitor::PERIOD`).
+    #[serde(default)]
+    pub jobs: Option<JobFigures>,
+}
+
+/// A VM's job execution times over the last read (a quarter second), from the marks its guest writes
+/// (`agent::monitor`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobFigures {
+    /// Jobs that ended in the window, and since monitoring began.
+    pub jobs: u64,
+    pub total_jobs: u64,
+    pub exec_p50_us: f64,
+    pub exec_p99_us: f64,
+    pub exec_max_us: f64,
+    /// The last (up to) 64 jobs, and their median execution time: what the manager compares
+    /// with the model (a preempted job or two do not move it).
+    #[serde(default)]
+    pub recent_jobs: u64,
+    #[serde(default)]
+    pub recent_p50_us: f64,
+    /// Marks overwritten before they were read.
+    pub lost: u64,
+    /// When the window ended (ms since the Unix epoch).
+    pub at_ms: u64,
 }
 
 /// A protected VM's replication over the last second, as its primary measured it.

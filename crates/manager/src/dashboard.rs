@@ -191,7 +191,7 @@ fn publish(snap: &Mutex<Snapshot>, loaded: &Loaded, id: &str, st: Status) {
 
 /// The model's system rewritten for `plan`'s placement (the initial placement without a
 /// plan), and its analysis.
-fn analyse(loaded: &Loaded, plan: Option<&StoredPlan>) -> Option<(System, Analysis)> {
+pub(crate) fn analyse(loaded: &Loaded, plan: Option<&StoredPlan>) -> Option<(System, Analysis)> {
     let dep = loaded.deployment.as_ref()?;
     let sys = &loaded.system;
     let place = match plan {

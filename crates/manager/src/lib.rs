@@ -6,6 +6,8 @@
 //!   generations that only grow);
 //! - [`detector`]: host failure detection from the agents' lease heartbeats, a pure state
 //!   machine;
+//! - [`drift`]: the running VMs' measured execution times against the model's WCETs (alerts,
+//!   and the model with the observed values that the plan table is then computed from);
 //! - [`table`]: the plan table — a `planner` plan for every fault scenario of the current
 //!   configuration, in memory and in the store;
 //! - [`runtime`]: the cluster's network layout and each VM copy's `VmSpec` from the model;
@@ -21,6 +23,7 @@
 pub mod daemon;
 pub mod dashboard;
 pub mod detector;
+pub mod drift;
 pub mod election;
 pub mod field;
 pub mod local;

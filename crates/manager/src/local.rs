@@ -592,6 +592,10 @@ pub struct VmStatus {
     pub replication: String,
     /// A protected VM's checkpoints over the last second.
     pub figures: Option<agent::cluster::ReplicationFigures>,
+    /// Its jobs' measured execution times (the last quarter second), and the WCET the model
+    /// declares for them (µs; `manager::drift`).
+    pub jobs: Option<agent::cluster::JobFigures>,
+    pub wcet_us: Option<f64>,
     pub detail: String,
 }
 
@@ -700,6 +704,8 @@ pub fn status_of(c: &mut store::Client, loaded: &model::Loaded) -> Result<Status
             serving: serving || d.as_ref().is_some_and(|d| d.primary.is_none()),
             replication,
             figures: actual.as_ref().and_then(|a| a.replication.clone()),
+            jobs: actual.as_ref().and_then(|a| a.jobs.clone()),
+            wcet_us: crate::drift::compared_task(loaded, &r.vm).map(|(_, w)| w),
             detail,
         });
     }

@@ -76,7 +76,11 @@ function render(s) {
     const repl = v.replication === "-" ? "–" : tag(v.replication, v.replication === "protected" ? "ok" : "bad");
     return el("tr", { "data-vm": v.vm, "data-host": v.host || "" },
       el("td", { title: v.detail }, v.vm), el("td", {}, v.mode), el("td", { class: "host" }, v.host || "stopped"), el("td", {}, v.backup || "–"),
-      el("td", {}, v.serving ? tag("yes", "ok") : tag("no", "bad")), el("td", {}, repl),
+      el("td", {}, v.serving ? tag("yes", "ok") : tag("no", "bad")),
+      el("td", { class: "num exec" }, v.jobs && v.jobs.jobs > 0 ? (v.wcet_us && v.jobs.exec_p99_us > v.wcet_us
+        ? el("span", { class: "bad" }, `${v.jobs.exec_p99_us.toFixed(0)} / ${v.wcet_us.toFixed(0)}`)
+        : `${v.jobs.exec_p99_us.toFixed(0)} / ${v.wcet_us ? v.wcet_us.toFixed(0) : "–"}`) : "–"),
+      el("td", {}, repl),
       el("td", { class: "num" }, f ? f.per_second.toFixed(1) : "–"),
       el("td", { class: "num" }, f ? `${ms(f.pause_mean_ms)} / ${ms(f.pause_max_ms)}` : "–"),
       el("td", { class: "num" }, f ? `${ms(f.output_delay_mean_ms)} / ${ms(f.output_delay_max_ms)}` : "–"));
