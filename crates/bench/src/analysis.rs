@@ -44,7 +44,7 @@ pub struct Args {
     /// `store`: operations per measurement.
     #[arg(long, default_value_t = 2000)]
     ops: usize,
-    /// `store`: crashes and hangs injected (each).
+    /// `store`: crashes and hangs injected (each); `monitoring`: rounds of marks on and off.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// `replication`: the checkpoint policies to compare.
@@ -79,6 +79,9 @@ enum What {
     /// Checkpoint replication: every workload unprotected and under every policy, pause
     /// against dirty pages, failover time (needs root, KVM).
     Replication,
+    /// What job marks cost a guest: kv under redis-benchmark with marks on and off, and the
+    /// VMM's read of a full trace ring (needs root, KVM).
+    Monitoring,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -116,6 +119,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     if let What::Cluster = args.what {
         return crate::cluster::run(args.kills, args.json);
+    }
+    if let What::Monitoring = args.what {
+        return crate::vmm::monitoring(&args.guests, args.rounds.max(1), args.json);
     }
     if let What::Store = args.what {
         return crate::store::run(args.ops, args.rounds, args.etcd, args.json);
