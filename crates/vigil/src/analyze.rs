@@ -25,6 +25,10 @@ pub struct Args {
     /// and held output keep every deadline (what `policy = "analysed"` runs).
     #[arg(long)]
     pub intervals: bool,
+    /// Substitute what the running cluster (`vigil up --dir DIR`) measured: each VM's job
+    /// execution time (the median of its recent jobs) where it exceeds the declared WCET.
+    #[arg(long, value_name = "DIR")]
+    pub observed: Option<PathBuf>,
 }
 
 fn budget_step(s: &str) -> Result<rtc::Q, String> {
@@ -43,6 +47,10 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             eprintln!("{e}");
             return Ok(Outcome::Invalid);
         }
+    };
+    let loaded = match &args.observed {
+        Some(dir) => observed(loaded, dir)?,
+        None => loaded,
     };
     let analysis = match analyze(&loaded.system, &Options { budget_step: args.budget_step.clone(), ..Options::default() }) {
         Ok(a) => a,
@@ -71,6 +79,25 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     // cost time (a few % of `vigil analyze` on 1,000 tasks).
     std::mem::forget((loaded, analysis, report));
     Ok(outcome)
+}
+
+/// The model with the execution times the cluster in `dir` measured, where they exceed the
+/// declared WCETs (`manager::drift`); each substitution is said on stderr.
+fn observed(loaded: model::Loaded, dir: &std::path::Path) -> anyhow::Result<model::Loaded> {
+    let cf = manager::local::ClusterFile::load(dir).map_err(anyhow::Error::msg)?;
+    let st = manager::local::status(&cf).map_err(anyhow::Error::msg)?;
+    let mut observed = std::collections::BTreeMap::new();
+    for v in &st.vms {
+        let (Some(j), Some(w)) = (&v.jobs, v.wcet_us) else { continue };
+        if j.recent_jobs >= manager::drift::MIN_JOBS && j.recent_p50_us > w {
+            eprintln!("observed: VM {}: execution time {:.0} µs (declared {w:.0} µs)", v.vm, j.recent_p50_us);
+            observed.insert(v.vm.clone(), j.recent_p50_us);
+        }
+    }
+    if observed.is_empty() {
+        eprintln!("observed: every VM's measured execution time is within its model");
+    }
+    Ok(manager::drift::observed_model(&loaded, &observed))
 }
 
 fn print_intervals(l: &model::Loaded) {

@@ -69,6 +69,14 @@ pub struct StatusArgs {
 }
 
 #[derive(clap::Args)]
+pub struct TraceArgs {
+    /// The VM.
+    vm: String,
+    #[command(flatten)]
+    dir: DirArgs,
+}
+
+#[derive(clap::Args)]
 pub struct FailArgs {
     /// The host to fail.
     host: String,
@@ -201,6 +209,34 @@ pub fn status(a: &StatusArgs) -> Result<u8> {
 fn chrono_now() -> String {
     let s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     format!("{:02}:{:02}:{:02} UTC", s / 3600 % 24, s / 60 % 60, s % 60)
+}
+
+/// `vigil trace VM`: what the cluster measures of one VM, as JSON: its job execution times
+/// beside its WCET, its replication, the chains it serves (measured beside analysed), and the
+/// events that name it.
+pub fn trace(a: &TraceArgs) -> Result<u8> {
+    let cf = ClusterFile::load(&a.dir.dir).map_err(anyhow::Error::msg)?;
+    let st = local::status(&cf).map_err(anyhow::Error::msg)?;
+    let Some(v) = st.vms.iter().find(|v| v.vm == a.vm) else {
+        bail!("no VM {:?} in the cluster (VMs: {})", a.vm, st.vms.iter().map(|v| v.vm.as_str()).collect::<Vec<_>>().join(", "));
+    };
+    let chains: Vec<serde_json::Value> = st
+        .measured
+        .iter()
+        .filter(|(_, m)| m.vm == a.vm)
+        .map(|(c, m)| {
+            let bound = st.plan.as_ref().and_then(|p| p.chains.iter().find(|x| &x.chain == c));
+            serde_json::json!({ "chain": c, "measured": m, "bound_ms": bound.and_then(|b| b.worst_ms), "deadline_ms": m.deadline_ms })
+        })
+        .collect();
+    let events: Vec<&agent::cluster::Event> = st.events.iter().filter(|e| e.what.contains(&a.vm)).collect();
+    let out = serde_json::json!({
+        "vm": v.vm, "host": v.host, "backup": v.backup, "serving": v.serving,
+        "jobs": v.jobs, "wcet_us": v.wcet_us, "replication": v.figures, "protection": v.replication,
+        "chains": chains, "events": events,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(0)
 }
 
 pub fn fail(a: &FailArgs) -> Result<u8> {

@@ -646,6 +646,20 @@ fn a_vm_slower_than_its_model_is_detected_and_the_plan_table_follows() {
     );
     // And the plan table is not the one computed from the declared model any more.
     assert_ne!(st["plans"], before, "the plan table changed");
+    // The CLI: `vigil trace relay` (as JSON) and `vigil analyze --observed`.
+    let out = vigil(&["trace", "relay", "--dir", &up.d()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let t: serde_json::Value = serde_json::from_slice(&out.stdout).expect("trace JSON");
+    assert_eq!(t["wcet_us"].as_f64(), Some(800.0), "{t}");
+    assert!(t["jobs"]["recent_p50_us"].as_f64() > Some(800.0), "{t}");
+    assert!(t["events"].as_array().unwrap().iter().any(|e| e["what"].as_str().unwrap_or("").contains("ALERT: VM relay")), "{t}");
+    assert!(!vigil(&["trace", "ghost", "--dir", &up.d()]).status.success());
+    let model = up.file()["model"].as_str().expect("model path").to_string();
+    let plain = vigil(&["analyze", &model]);
+    assert_eq!(plain.status.code(), Some(0), "{}", text(&plain.stdout));
+    let observed = vigil(&["analyze", &model, "--observed", &up.d()]);
+    assert_eq!(observed.status.code(), Some(1), "the observed model misses a deadline: {}", text(&observed.stdout));
+    assert!(text(&observed.stderr).contains("observed: VM relay: execution time"), "{}", text(&observed.stderr));
     // And the alert time: from the relay's start to the alert, and to the new table.
     let at = |needle: &str| {
         st["events"]
