@@ -204,6 +204,10 @@ pub struct JobFigures {
     pub exec_p50_us: f64,
     pub exec_p99_us: f64,
     pub exec_max_us: f64,
+    /// The observed arrival curve: (window length in ms, the most jobs started in any window
+    /// of that length over the last 2 s).
+    #[serde(default)]
+    pub arrivals: Vec<(f64, u64)>,
     /// The last (up to) 64 jobs, and their median execution time: what the manager compares
     /// with the model (a preempted job or two do not move it).
     #[serde(default)]

@@ -19,6 +19,12 @@ pub const TIMEOUT: Duration = Duration::from_millis(300);
 const MAX_OPEN: usize = 256;
 /// The last this many execution times give the rolling median.
 pub const RECENT: usize = 64;
+/// Window lengths (ms) of the observed arrival curve: the most job starts in any window of
+/// each length over the last [`ARRIVAL_HISTORY_MS`].
+pub const ARRIVAL_WINDOWS_MS: [f64; 10] = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
+pub const ARRIVAL_HISTORY_MS: f64 = 2000.0;
+/// Most starts remembered for the arrival curve.
+const MAX_STARTS: usize = 8192;
 
 /// Marks to figures for one VM.
 #[derive(Debug, Default)]
@@ -27,6 +33,8 @@ pub struct Jobs {
     open: BTreeMap<u32, u64>,
     total: u64,
     recent: std::collections::VecDeque<f64>,
+    /// Start TSCs of the last [`ARRIVAL_HISTORY_MS`].
+    starts: std::collections::VecDeque<u64>,
 }
 
 impl Jobs {
@@ -43,6 +51,12 @@ impl Jobs {
                         self.open.pop_first();
                     }
                     self.open.insert(m.id, m.tsc);
+                    if self.starts.len() == MAX_STARTS {
+                        self.starts.pop_front();
+                    }
+                    if self.starts.back().is_none_or(|&b| m.tsc >= b) {
+                        self.starts.push_back(m.tsc);
+                    }
                 }
                 vmm_abi::MARK_END => {
                     if let Some(s) = self.open.remove(&m.id) {
@@ -54,6 +68,14 @@ impl Jobs {
                 _ => {}
             }
         }
+        let per_ms = t.tsc_khz as f64;
+        if let Some(&newest) = self.starts.back() {
+            let horizon = (ARRIVAL_HISTORY_MS * per_ms) as u64;
+            while self.starts.front().is_some_and(|&f| newest - f > horizon) {
+                self.starts.pop_front();
+            }
+        }
+        let arrivals = ARRIVAL_WINDOWS_MS.iter().map(|&w| (w, most_in_window(&self.starts, (w * per_ms) as u64))).collect();
         self.total += exec_us.len() as u64;
         for &e in &exec_us {
             if self.recent.len() == RECENT {
@@ -71,12 +93,25 @@ impl Jobs {
             exec_p50_us: q(0.5),
             exec_p99_us: q(0.99),
             exec_max_us: exec_us.last().copied().unwrap_or(0.0),
+            arrivals,
             recent_jobs: recent.len() as u64,
             recent_p50_us: recent.get(recent.len() / 2).copied().unwrap_or(0.0),
             lost: t.lost,
             at_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
         })
     }
+}
+
+/// The most of the sorted `times` in any half-open window `[t, t + len)`.
+fn most_in_window(times: &std::collections::VecDeque<u64>, len: u64) -> u64 {
+    let (mut best, mut lo) = (0usize, 0usize);
+    for hi in 0..times.len() {
+        while times[hi] - times[lo] >= len {
+            lo += 1;
+        }
+        best = best.max(hi - lo + 1);
+    }
+    best as u64
 }
 
 struct Watched {
@@ -152,6 +187,20 @@ mod tests {
         assert_eq!((f.recent_jobs, f.recent_p50_us), (2, 200.0));
         // No frequency: nothing to say.
         assert!(j.figures(&Trace::default()).is_none());
+    }
+
+    #[test]
+    fn starts_become_an_observed_arrival_curve() {
+        let mut j = Jobs::default();
+        // 1 MHz: 1000 ticks per ms. Starts every 5 ms, then three within 1 ms.
+        let mut marks: Vec<Mark> = (0..10).map(|i| Mark { kind: vmm_abi::MARK_START, id: i, tsc: i as u64 * 5000 }).collect();
+        marks.extend([45_200, 45_400].iter().enumerate().map(|(k, &tsc)| Mark { kind: vmm_abi::MARK_START, id: 100 + k as u32, tsc }));
+        let f = j.figures(&Trace { tsc_khz: 1000, lost: 0, marks }).unwrap();
+        let at = |w: f64| f.arrivals.iter().find(|a| a.0 == w).map(|a| a.1);
+        assert_eq!(at(1.0), Some(3), "45000, 45200, 45400 within 1 ms");
+        assert_eq!(at(5.0), Some(3));
+        assert_eq!(at(10.0), Some(4));
+        assert_eq!(at(1000.0), Some(12));
     }
 
     #[test]

@@ -116,6 +116,10 @@ struct Lead {
     observed: BTreeMap<String, f64>,
     model: Option<Loaded>,
     last_drift_check: Instant,
+    /// The upper arrival curves of the VMs' compared tasks under the plan in force (for the
+    /// scenario named), and the VMs already alerted for a burst under it.
+    arrival_curves: Option<(String, BTreeMap<String, rtc::Curve>)>,
+    burst_alerted: std::collections::BTreeSet<String>,
 }
 
 impl Lead {
@@ -176,6 +180,8 @@ impl Lead {
             observed: BTreeMap::new(),
             model: None,
             last_drift_check: Instant::now(),
+            arrival_curves: None,
+            burst_alerted: Default::default(),
         };
         // Finish a plan a previous leader began, or place the VMs for the first time.
         let any_desired =
@@ -307,6 +313,21 @@ impl Lead {
     /// take longer than its WCET is reported (an ALERT event naming it and by how much), and
     /// the plan table is recomputed from the model with the observed times.
     fn check_drift(&mut self, cfg: &Config, loaded: &Loaded, store: &mut store::Client) -> agent::Result<()> {
+        // The arrival curves the placement in force gives each VM's jobs.
+        let scenario = crate::table::plan_name(&self.failed);
+        if self.arrival_curves.as_ref().is_none_or(|(s, _)| *s != scenario) {
+            let model = self.model.as_ref().unwrap_or(loaded);
+            let mut curves = BTreeMap::new();
+            if let Some((_, a)) = crate::dashboard::analyse(model, self.table.lookup(&self.failed)) {
+                for r in &loaded.runs {
+                    if let Some((t, _)) = crate::drift::compared_task(model, &r.vm) {
+                        curves.insert(r.vm.clone(), a.tasks[t].input.upper.clone());
+                    }
+                }
+            }
+            self.arrival_curves = Some((scenario, curves));
+            self.burst_alerted.clear();
+        }
         let mut found = Vec::new();
         for r in &loaded.runs {
             let Some(d) = cluster::read::<agent::cluster::Desired>(store, &cluster::desired_path(&r.vm))? else { continue };
@@ -317,6 +338,13 @@ impl Lead {
             };
             if let Some(d) = crate::drift::check(loaded, &r.vm, &jobs, self.observed.get(&r.vm).copied()) {
                 found.push(d);
+            }
+            let upper = self.arrival_curves.as_ref().and_then(|(_, c)| c.get(&r.vm));
+            if let (Some(upper), false) = (upper, self.burst_alerted.contains(&r.vm)) {
+                if let Some(b) = crate::drift::check_arrivals(loaded, &r.vm, &jobs, upper) {
+                    let _ = cluster::log_event(store, &Event::now(&cfg.id, format!("ALERT: {b}")));
+                    self.burst_alerted.insert(r.vm.clone());
+                }
             }
         }
         if found.is_empty() {
@@ -353,6 +381,7 @@ impl Lead {
             }
         }
         self.model = Some(model.clone());
+        self.arrival_curves = None;
         let (tx, rx) = channel();
         let (failed, faults, generation) = (self.failed.clone(), cfg.faults, self.generation);
         std::thread::spawn(move || {

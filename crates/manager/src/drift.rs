@@ -79,6 +79,41 @@ pub fn check(l: &Loaded, vm: &str, jobs: &JobFigures, known_us: Option<f64>) -> 
     })
 }
 
+/// More activations of a VM's jobs in some window than the model's arrival curve allows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Burst {
+    pub vm: String,
+    pub task: String,
+    pub window_ms: f64,
+    pub observed: u64,
+    pub allowed: u64,
+}
+
+impl std::fmt::Display for Burst {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "VM {}: {} jobs started within {} ms, the model allows at most {} (the arrival curve of task {}'s input) — {} more",
+            self.vm,
+            self.observed,
+            self.window_ms,
+            self.allowed,
+            self.task,
+            self.observed - self.allowed
+        )
+    }
+}
+
+/// The first window of `jobs.arrivals` in which `vm`'s jobs started more often than `upper`
+/// (the upper arrival curve of its compared task's input, time in µs) allows.
+pub fn check_arrivals(l: &Loaded, vm: &str, jobs: &JobFigures, upper: &rtc::Curve) -> Option<Burst> {
+    let (t, _) = compared_task(l, vm)?;
+    jobs.arrivals.iter().find_map(|&(window_ms, observed)| {
+        let allowed = upper.eval_right(&Q::int((window_ms * 1000.0).round() as i64)).floor().to_f64().max(0.0) as u64;
+        (observed > allowed).then(|| Burst { vm: vm.to_string(), task: l.system.tasks[t].name.clone(), window_ms, observed, allowed })
+    })
+}
+
 /// The model with the observed execution times (µs, by VM) in place of the declared WCETs of
 /// the compared tasks (never below what the model declares).
 pub fn observed_model(l: &Loaded, observed: &BTreeMap<String, f64>) -> Loaded {
@@ -112,6 +147,7 @@ mod tests {
             exec_p50_us: median,
             exec_p99_us: max,
             exec_max_us: max,
+            arrivals: Vec::new(),
             recent_jobs: 40,
             recent_p50_us: median,
             lost: 0,
@@ -144,5 +180,22 @@ mod tests {
         let a = rtc::system::analyze(&m.system, &rtc::system::Options::default()).unwrap();
         assert!(!a.all_deadlines_met(&m.system));
         assert!(rtc::system::analyze(&l.system, &rtc::system::Options::default()).unwrap().all_deadlines_met(&l.system));
+    }
+
+    #[test]
+    fn a_burst_above_the_arrival_curve_is_named() {
+        let l = substation();
+        let a = rtc::system::analyze(&l.system, &rtc::system::Options::default()).unwrap();
+        let (t, _) = compared_task(&l, "relay").unwrap();
+        let upper = &a.tasks[t].input.upper;
+        // The samples every 5 ms (jitter 0.5 ms): what the model allows is never an alert.
+        let allowed = |ms: f64| upper.eval_right(&Q::int((ms * 1000.0) as i64)).floor().to_f64() as u64;
+        let fine = JobFigures { arrivals: vec![(5.0, allowed(5.0)), (100.0, allowed(100.0))], ..jobs(100.0, 100.0) };
+        assert_eq!(check_arrivals(&l, "relay", &fine, upper), None);
+        let burst = JobFigures { arrivals: vec![(1.0, allowed(1.0)), (5.0, allowed(5.0) + 7)], ..jobs(100.0, 100.0) };
+        let b = check_arrivals(&l, "relay", &burst, upper).expect("burst");
+        assert_eq!((b.window_ms, b.observed - b.allowed), (5.0, 7));
+        assert!(b.to_string().starts_with("VM relay: "), "{b}");
+        assert!(b.to_string().contains("the arrival curve of task protect's input"), "{b}");
     }
 }

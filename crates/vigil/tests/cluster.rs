@@ -660,6 +660,35 @@ fn a_vm_slower_than_its_model_is_detected_and_the_plan_table_follows() {
     let observed = vigil(&["analyze", &model, "--observed", &up.d()]);
     assert_eq!(observed.status.code(), Some(1), "the observed model misses a deadline: {}", text(&observed.stdout));
     assert!(text(&observed.stderr).contains("observed: VM relay: execution time"), "{}", text(&observed.stderr));
+    // Arrivals: a client no one here wrote floods control (modelled as a 20 ms periodic
+    // stream) with requests: more jobs start in a window than its arrival curve allows.
+    assert!(!e.iter().any(|x| x.contains("jobs started within")), "no burst alert before the flood: {e:?}");
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &up.field_ns(),
+            "redis-benchmark",
+            "-h",
+            "10.99.0.51",
+            "-p",
+            "6379",
+            "-n",
+            "3000",
+            "-c",
+            "4",
+            "-t",
+            "ping",
+            "-q",
+        ])
+        .output()
+        .expect("redis-benchmark (package redis-tools)");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let st2 = up
+        .wait("the burst alert", 10, |_, v| events(v).iter().any(|x| x.contains("ALERT: VM control") && x.contains("jobs started within")));
+    let burst = events(&st2).into_iter().find(|x| x.contains("jobs started within")).unwrap();
+    assert!(burst.contains("the arrival curve of task regulate's input"), "{burst}");
+    eprintln!("{burst}");
     // And the alert time: from the relay's start to the alert, and to the new table.
     let at = |needle: &str| {
         st["events"]
