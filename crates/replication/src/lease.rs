@@ -191,11 +191,10 @@ impl Table {
     pub fn restore(text: &str) -> Result<Table, Error> {
         let mut t = Table::default();
         let mut lines = text.lines().enumerate();
-        let version = match lines.next() {
-            Some((_, "vigil-leases 1")) => 1,
-            Some((_, "vigil-leases 2")) => 2,
+        match lines.next() {
+            Some((_, "vigil-leases 1" | "vigil-leases 2")) => {}
             _ => return Err(Error::Lease("line 1: not a lease table (expected `vigil-leases 2`)".into())),
-        };
+        }
         for (i, line) in lines {
             let bad = |what: &str| Error::Lease(format!("line {}: {what}: {line:?}", i + 1));
             let w: Vec<&str> = line.split_whitespace().collect();
@@ -204,7 +203,9 @@ impl Table {
                 ["ceiling", us] => {
                     t.ceiling_us = us.parse().ok().filter(|u| *u <= MAX_TTL_US).ok_or_else(|| bad("bad ceiling"))?;
                 }
-                ["lease", vm, holder, gen, backup, rest @ ..] if rest.len() == (version == 2) as usize => {
+                // Lines of either version may meet (the store keeps one line per VM, written
+                // by whichever arbiter last changed it).
+                ["lease", vm, holder, gen, backup, rest @ ..] if rest.len() <= 1 => {
                     if !word_ok(vm) || !word_ok(holder) {
                         return Err(bad("bad name"));
                     }
@@ -454,12 +455,15 @@ mod tests {
         assert!(Request::parse("renew kv a 0 60000001 -").unwrap_err().to_string().contains("outside"));
         assert!(Request::parse("steal kv").unwrap_err().to_string().contains("bad request"));
         assert!(Answer::parse("granted x").is_err());
+        // Lines of both versions in one table (the store keeps each VM's last line).
+        let mixed = Table::restore("vigil-leases 2\nceiling 5\nlease a x 1 -\nlease b y 2 3 4\n").expect("mixed versions");
+        assert_eq!((mixed.generation("a"), mixed.generation("b")), (1, 2));
         for (text, what) in [
             ("", "line 1"),
             ("vigil-leases 1\nceiling x\n", "line 2: bad ceiling"),
             ("vigil-leases 1\nlease kv a 0 -\n", "line 2: bad generation"),
             ("vigil-leases 1\nlease kv a 1 -\nlease kv b 2 -\n", "line 3: a second lease"),
-            ("vigil-leases 2\nlease kv a 1 -\n", "line 2: unexpected"),
+            ("vigil-leases 2\nlease kv a 1 - - 3\n", "line 2: unexpected"),
             ("vigil-leases 2\nlease kv a 1 - x\n", "line 2: bad backup session"),
             ("vigil-leases 1\nsteal\n", "line 2: unexpected"),
         ] {
