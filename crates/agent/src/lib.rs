@@ -14,6 +14,8 @@
 //! - [`domain`]: a VM's registration as a XenStore domain in the control-plane store;
 //! - [`voter`]: local redundancy: N instances of a VM behind one address, replies voted,
 //!   faulty instances repaired from a healthy one's snapshot;
+//! - [`monitor`]: the guests' job marks read from their VMMs, turned into execution times;
+//! - [`http`]: the small bounded HTTP server of vigil's endpoints (metrics, dashboard);
 //! - [`supervisor`]: runs a host component (the store server) as a child process, heartbeats
 //!   it and restarts it alone on a crash or hang.
 //!
@@ -26,6 +28,8 @@ pub mod cluster;
 pub mod domain;
 mod error;
 pub mod host;
+pub mod http;
+pub mod monitor;
 pub mod protection;
 pub mod realtime;
 pub mod supervisor;

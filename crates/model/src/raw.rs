@@ -126,6 +126,12 @@ pub struct RawVm {
     pub checkpoint_priority: Option<i64>,
     /// Local redundancy: the voter's delay bound per reply (a component of the analysis).
     pub voting_delay: Option<Val>,
+    /// Longest pause of the VM for one checkpoint (its reservation loses that much service
+    /// once per `checkpoint_interval`).
+    pub checkpoint_pause: Option<Val>,
+    /// Longest time a network output of the VM is held until the checkpoint that covers it is
+    /// acknowledged (added to chains whose output leaves the VM).
+    pub output_commit: Option<Val>,
     /// VMs it must never share a host with (anti-affinity, symmetric).
     pub apart: Option<Vec<String>>,
 }

@@ -5,6 +5,12 @@
 //! of that many MiB instead of idling. An argument `wrong=N` makes one reply in N wrong (a
 //! design fault, for the N-version tests of local redundancy). With a disk, requests are logged there before their replies
 //! go out and replayed at start ([`disklog`]).
+//!
+//! Options (anywhere among the arguments): `work_us=N` adds N µs of busy work (TSC-timed) to
+//! each batch of requests a connection delivers — a calibrated execution time, raised to make
+//! a VM exceed the WCET its model declares; `trace=0` stops the job marks (on by default: each
+//! batch is one job, marked started and ended in the trace ring, which the VMM reads without
+//! an exit).
 #![no_std]
 #![no_main]
 
@@ -43,11 +49,41 @@ fn listen(stack: &mut Stack, port: u16) -> Option<Conn> {
 }
 
 fn main() -> u32 {
-    // `wrong=N` anywhere: one reply in N is wrong (N-version tests of local redundancy).
-    let wrong: u64 = guest_sdk::args().find_map(|a| a.strip_prefix("wrong=")).and_then(|n| n.parse().ok()).unwrap_or(0);
-    let mut args = guest_sdk::args().filter(|a| !a.starts_with("wrong="));
+    let (mut work_us, mut trace) = (0u64, true);
+    // `wrong=N`: one reply in N is wrong (N-version tests of local redundancy).
+    let mut wrong = 0u64;
+    let mut positional = alloc::vec::Vec::new();
+    for a in guest_sdk::args() {
+        match a.split_once('=') {
+            Some(("work_us", v)) => match v.parse() {
+                Ok(n) => work_us = n,
+                Err(_) => {
+                    println!("kv: work_us={v}: not a number of microseconds");
+                    return 2;
+                }
+            },
+            Some(("trace", v)) => trace = v != "0",
+            Some(("wrong", v)) => match v.parse() {
+                Ok(n) => wrong = n,
+                Err(_) => {
+                    println!("kv: wrong={v}: not a number");
+                    return 2;
+                }
+            },
+            Some((k, _)) => {
+                println!("kv: unknown option {k:?} (work_us=N, trace=0|1, wrong=N)");
+                return 2;
+            }
+            None => positional.push(a),
+        }
+    }
+    let mut args = positional.into_iter();
     let port = args.next().and_then(|p| p.parse().ok()).unwrap_or(6379u16);
     let busy_mib: usize = args.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    if work_us > 0 {
+        guest_sdk::trace::tsc_per_us();
+    }
+    let mut job = 0u32;
     let mut busy: Vec<u64> = Vec::new();
     if busy.try_reserve_exact(busy_mib << 17).is_err() {
         println!("kv: cannot allocate {busy_mib} MiB of working set");
@@ -80,8 +116,16 @@ fn main() -> u32 {
                     (buf.len(), ())
                 });
                 let before = log.as_ref().map(|_| c.input.clone());
+                job = job.wrapping_add(1);
+                if trace {
+                    guest_sdk::trace::start(job);
+                }
+                guest_sdk::trace::spin_us(work_us);
                 if store.serve(&mut c.input, &mut c.output).is_err() {
                     c.closing = true;
+                }
+                if trace {
+                    guest_sdk::trace::end(job);
                 }
                 if let (Some(log), Some(before)) = (log.as_mut(), before) {
                     let used = before.len() - c.input.len();
