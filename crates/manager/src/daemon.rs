@@ -121,6 +121,9 @@ struct Lead {
     /// alerted again when its excess doubles).
     arrival_curves: Option<(String, BTreeMap<String, rtc::Curve>)>,
     burst_alerted: BTreeMap<String, u64>,
+    /// Chains whose measured latency was reported above their bound, by plan, with the
+    /// latency reported (again when it doubles).
+    above_alerted: BTreeMap<String, f64>,
 }
 
 impl Lead {
@@ -183,6 +186,7 @@ impl Lead {
             last_drift_check: Instant::now(),
             arrival_curves: None,
             burst_alerted: Default::default(),
+            above_alerted: Default::default(),
         };
         // Finish a plan a previous leader began, or place the VMs for the first time.
         let any_desired =
@@ -392,6 +396,28 @@ impl Lead {
             }
             self.arrival_curves = Some((scenario, curves));
             self.burst_alerted.clear();
+            self.above_alerted.clear();
+        }
+        // A measured latency above its analysed bound is a bug in the model or the analysis.
+        if let Some(plan) = self.table.lookup(&self.failed) {
+            for c in &plan.chains {
+                let Some(bound) = c.worst_ms else { continue };
+                let Some(m) = cluster::read::<agent::cluster::Measured>(store, &cluster::chain_path(&c.chain))? else { continue };
+                if m.window == 0 || m.max_ms <= bound || self.above_alerted.get(&c.chain).is_some_and(|&x| m.max_ms < 2.0 * x) {
+                    continue;
+                }
+                self.above_alerted.insert(c.chain.clone(), m.max_ms);
+                let _ = cluster::log_event(
+                    store,
+                    &Event::now(
+                        &cfg.id,
+                        format!(
+                            "ALERT: chain {} (VM {}): measured {:.2} ms, above its analysed bound {bound:.2} ms — the model or the analysis misses something that runs",
+                            c.chain, m.vm, m.max_ms
+                        ),
+                    ),
+                );
+            }
         }
         let mut found = Vec::new();
         for r in &loaded.runs {

@@ -662,6 +662,11 @@ fn a_vm_slower_than_its_model_is_detected_and_the_plan_table_follows() {
     let observed = vigil(&["analyze", &model, "--observed", &up.d()]);
     assert_eq!(observed.status.code(), Some(1), "the observed model misses a deadline: {}", text(&observed.stdout));
     assert!(text(&observed.stderr).contains("observed: VM relay: execution time"), "{}", text(&observed.stderr));
+    // What the field measures through the slow relay is above the bound of the plan in force:
+    // said loudly.
+    up.wait("the chain's above-bound alert", 15, |_, v| {
+        events(v).iter().any(|x| x.starts_with("ALERT: chain protection (VM relay): measured"))
+    });
     // Arrivals: a client no one here wrote floods control (modelled as a 20 ms periodic
     // stream) with requests: more jobs start in a window than its arrival curve allows.
     let out = Command::new("ip")
