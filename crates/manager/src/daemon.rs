@@ -124,7 +124,14 @@ struct Lead {
     /// Chains whose measured latency was reported above their bound, by plan, with the
     /// latency reported (again when it doubles).
     above_alerted: BTreeMap<String, f64>,
+    /// When the placement in force last changed (or this manager began to lead): latencies
+    /// measured before [`SETTLE`] has passed belong to the change (VMs starting, backups
+    /// synchronising), which the analysis does not cover.
+    settled_from: Instant,
 }
+
+/// How long after a change of placement measured latencies are not held against the bounds.
+pub const SETTLE: Duration = Duration::from_secs(3);
 
 impl Lead {
     fn start(
@@ -187,6 +194,7 @@ impl Lead {
             arrival_curves: None,
             burst_alerted: Default::default(),
             above_alerted: Default::default(),
+            settled_from: Instant::now(),
         };
         // Finish a plan a previous leader began, or place the VMs for the first time.
         let any_desired =
@@ -397,9 +405,11 @@ impl Lead {
             self.arrival_curves = Some((scenario, curves));
             self.burst_alerted.clear();
             self.above_alerted.clear();
+            self.settled_from = Instant::now();
         }
         // A measured latency above its analysed bound is a bug in the model or the analysis.
-        if let Some(plan) = self.table.lookup(&self.failed) {
+        let settled = self.settled_from.elapsed() >= SETTLE;
+        if let Some(plan) = self.table.lookup(&self.failed).filter(|_| settled) {
             for c in &plan.chains {
                 let Some(bound) = c.worst_ms else { continue };
                 let Some(m) = cluster::read::<agent::cluster::Measured>(store, &cluster::chain_path(&c.chain))? else { continue };
