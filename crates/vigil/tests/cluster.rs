@@ -654,6 +654,9 @@ fn a_vm_slower_than_its_model_is_detected_and_the_plan_table_follows() {
     let t: serde_json::Value = serde_json::from_slice(&out.stdout).expect("trace JSON");
     assert_eq!(t["wcet_us"].as_f64(), Some(800.0), "{t}");
     assert!(t["jobs"]["recent_p50_us"].as_f64() > Some(800.0), "{t}");
+    let arrivals = t["arrivals"].as_array().expect("arrival curve");
+    assert_eq!(arrivals.len(), 10, "{t}");
+    assert!(arrivals.iter().all(|a| a["allowed"].as_u64().is_some()), "{t}");
     assert!(t["events"].as_array().unwrap().iter().any(|e| e["what"].as_str().unwrap_or("").contains("ALERT: VM relay")), "{t}");
     assert!(!vigil(&["trace", "ghost", "--dir", &up.d()]).status.success());
     let model = up.file()["model"].as_str().expect("model path").to_string();
