@@ -337,14 +337,15 @@ impl Agent {
                 }
             }
             if let Some(c) = self.copies.get(&vm) {
-                let replication = (c.role == Role::Primary && c.state == CopyState::Running)
+                let state = self.reported_state(&vm, c);
+                let replication = (state == CopyState::Running && c.role == Role::Primary || self.took_over(&vm, c))
                     .then(|| crate::protection::primary::ReplicationState::load(&self.state_file(&vm)))
                     .flatten();
                 let protected = replication.as_ref().map(|s| s.protected);
                 let replication = replication.and_then(|s| s.figures);
-                let jobs = (c.state == CopyState::Running).then(|| self.monitor.figures(&vm)).flatten();
+                let jobs = (state == CopyState::Running).then(|| self.monitor.figures(&vm)).flatten();
                 let actual = Actual {
-                    state: c.state,
+                    state,
                     pid: c.pid,
                     generation: c.generation,
                     restarts: c.restarts,
@@ -363,7 +364,7 @@ impl Agent {
         let watched = self
             .copies
             .iter()
-            .filter(|(_, c)| c.state == CopyState::Running)
+            .filter(|(vm, c)| self.reported_state(vm, c) == CopyState::Running)
             .filter_map(|(vm, c)| {
                 let spec: serde_json::Value = serde_json::from_slice(&c.spec).ok()?;
                 Some((vm.clone(), PathBuf::from(spec.get("api")?.as_str()?)))
@@ -371,6 +372,23 @@ impl Agent {
             .collect();
         self.monitor.watch(watched);
         Ok(())
+    }
+
+    /// A backup copy whose process took the VM over: its replication driver (the primary's,
+    /// since the takeover) has written the VM's replication state, which no backup writes
+    /// (the file is removed whenever a copy is started here).
+    fn took_over(&self, vm: &str, c: &Copy) -> bool {
+        c.role == Role::Backup && c.state == CopyState::Backup && self.state_file(vm).exists()
+    }
+
+    /// What the copy is doing, as the cluster should see it: a backup that took over runs the
+    /// VM (so the manager can adopt the takeover; `manager::daemon`).
+    fn reported_state(&self, vm: &str, c: &Copy) -> CopyState {
+        if self.took_over(vm, c) {
+            CopyState::Running
+        } else {
+            c.state
+        }
     }
 
     fn spec_file(&self, vm: &str, role: Role) -> PathBuf {

@@ -8,7 +8,7 @@ use crate::detector::Detector;
 use crate::election::{Election, Role};
 use crate::runtime::{initial_targets, Layout};
 use crate::table::{key, plan_name, Table};
-use agent::cluster::{self, Desired, Event, Fence, Progress};
+use agent::cluster::{self, CopyState, Desired, Event, Fence, Progress};
 use model::Loaded;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -117,10 +117,21 @@ struct Lead {
     model: Option<Loaded>,
     last_drift_check: Instant,
     /// The upper arrival curves of the VMs' compared tasks under the plan in force (for the
-    /// scenario named), and the VMs already alerted for a burst under it.
+    /// scenario named), and the largest excess already alerted per VM under it (a burst is
+    /// alerted again when its excess doubles).
     arrival_curves: Option<(String, BTreeMap<String, rtc::Curve>)>,
-    burst_alerted: std::collections::BTreeSet<String>,
+    burst_alerted: BTreeMap<String, u64>,
+    /// Chains whose measured latency was reported above their bound, by plan, with the
+    /// latency reported (again when it doubles).
+    above_alerted: BTreeMap<String, f64>,
+    /// When the placement in force last changed (or this manager began to lead): latencies
+    /// measured before [`SETTLE`] has passed belong to the change (VMs starting, backups
+    /// synchronising), which the analysis does not cover.
+    settled_from: Instant,
 }
+
+/// How long after a change of placement measured latencies are not held against the bounds.
+pub const SETTLE: Duration = Duration::from_secs(3);
 
 impl Lead {
     fn start(
@@ -182,6 +193,8 @@ impl Lead {
             last_drift_check: Instant::now(),
             arrival_curves: None,
             burst_alerted: Default::default(),
+            above_alerted: Default::default(),
+            settled_from: Instant::now(),
         };
         // Finish a plan a previous leader began, or place the VMs for the first time.
         let any_desired =
@@ -257,6 +270,7 @@ impl Lead {
         }
         if self.last_drift_check.elapsed() >= DRIFT_CHECK {
             self.last_drift_check = Instant::now();
+            self.check_takeovers(cfg, loaded, layout, store)?;
             self.check_drift(cfg, loaded, store)?;
         }
         let hosts: Vec<String> = loaded.deployment.as_ref().map(|d| d.hosts.iter().map(|h| h.name.clone()).collect()).unwrap_or_default();
@@ -309,6 +323,69 @@ impl Lead {
         Ok(())
     }
 
+    /// A replicated VM whose backup took over while its primary's host lives (the primary lost
+    /// its lease — stalled, cut off from the arbiter, its VMM died — and was fenced): the
+    /// backup runs the VM now, but the desired state still names the old primary. The VM is
+    /// given the placement the plan for its primary's host's failure gives it (the backup's
+    /// host, and a new backup), analysed with the rest of that plan; nothing else moves. Only
+    /// a primary whose agent reports it stopped counts (a dead host's records stay stale, and
+    /// its failure is the detector's).
+    fn check_takeovers(&mut self, cfg: &Config, loaded: &Loaded, layout: &Layout, store: &mut store::Client) -> agent::Result<()> {
+        let mut current: Option<BTreeMap<String, Desired>> = None;
+        for r in &loaded.runs {
+            let Some(d) = cluster::read::<Desired>(store, &cluster::desired_path(&r.vm))? else { continue };
+            let (Some(p), Some(b)) = (&d.primary, &d.backup) else { continue };
+            if self.failed.contains(&p.host) || self.failed.contains(&b.host) {
+                continue;
+            }
+            let state = |h: &str, store: &mut store::Client| -> agent::Result<Option<CopyState>> {
+                Ok(cluster::read::<agent::cluster::Actual>(store, &cluster::actual_path(&r.vm, h))?.map(|a| a.state))
+            };
+            let took_over = state(&b.host, store)? == Some(CopyState::Running);
+            let primary_stopped = matches!(state(&p.host, store)?, Some(CopyState::Failed | CopyState::Exited));
+            if !(took_over && primary_stopped) {
+                continue;
+            }
+            let hypothetical = key(&[self.failed.clone(), vec![p.host.clone()]].concat());
+            let Some(plan) = self.table.lookup(&hypothetical).cloned() else {
+                let _ = cluster::log_event(
+                    store,
+                    &Event::now(&cfg.id, format!("{}: its backup on {} took over, but no plan covers {} failing", r.vm, b.host, p.host)),
+                );
+                continue;
+            };
+            if current.is_none() {
+                let mut all = BTreeMap::new();
+                for vm in cluster::children(store, cluster::VMS)? {
+                    if let Some(x) = cluster::read::<Desired>(store, &cluster::desired_path(&vm))? {
+                        all.insert(vm, x);
+                    }
+                }
+                current = Some(all);
+            }
+            let cur = current.as_ref().expect("read above");
+            let (desired, _) = layout.desired(loaded, &plan.targets, &hypothetical, &self.table, self.generation, cur);
+            let Some(next) = desired.get(&r.vm).filter(|n| n.primary.as_ref().is_some_and(|x| x.host == b.host)) else { continue };
+            cluster::write(store, &cluster::desired_path(&r.vm), next)?;
+            let _ = cluster::log_event(
+                store,
+                &Event::now(
+                    &cfg.id,
+                    format!(
+                        "{}: its backup on {} took over while {} lives (the primary lost its lease): it runs on {} now, backup {} (plan {}'s placement for it)",
+                        r.vm,
+                        b.host,
+                        p.host,
+                        b.host,
+                        next.backup.as_ref().map_or("none".to_string(), |x| x.host.clone()),
+                        plan_name(&hypothetical),
+                    ),
+                ),
+            );
+        }
+        Ok(())
+    }
+
     /// Compares each running VM's measured execution times with the model: a VM whose jobs
     /// take longer than its WCET is reported (an ALERT event naming it and by how much), and
     /// the plan table is recomputed from the model with the observed times.
@@ -327,6 +404,30 @@ impl Lead {
             }
             self.arrival_curves = Some((scenario, curves));
             self.burst_alerted.clear();
+            self.above_alerted.clear();
+            self.settled_from = Instant::now();
+        }
+        // A measured latency above its analysed bound is a bug in the model or the analysis.
+        let settled = self.settled_from.elapsed() >= SETTLE;
+        if let Some(plan) = self.table.lookup(&self.failed).filter(|_| settled) {
+            for c in &plan.chains {
+                let Some(bound) = c.worst_ms else { continue };
+                let Some(m) = cluster::read::<agent::cluster::Measured>(store, &cluster::chain_path(&c.chain))? else { continue };
+                if m.window == 0 || m.max_ms <= bound || self.above_alerted.get(&c.chain).is_some_and(|&x| m.max_ms < 2.0 * x) {
+                    continue;
+                }
+                self.above_alerted.insert(c.chain.clone(), m.max_ms);
+                let _ = cluster::log_event(
+                    store,
+                    &Event::now(
+                        &cfg.id,
+                        format!(
+                            "ALERT: chain {} (VM {}): measured {:.2} ms, above its analysed bound {bound:.2} ms — the model or the analysis misses something that runs",
+                            c.chain, m.vm, m.max_ms
+                        ),
+                    ),
+                );
+            }
         }
         let mut found = Vec::new();
         for r in &loaded.runs {
@@ -340,10 +441,11 @@ impl Lead {
                 found.push(d);
             }
             let upper = self.arrival_curves.as_ref().and_then(|(_, c)| c.get(&r.vm));
-            if let (Some(upper), false) = (upper, self.burst_alerted.contains(&r.vm)) {
-                if let Some(b) = crate::drift::check_arrivals(loaded, &r.vm, &jobs, upper) {
+            if let Some(b) = upper.and_then(|u| crate::drift::check_arrivals(loaded, &r.vm, &jobs, u)) {
+                let excess = b.observed - b.allowed;
+                if self.burst_alerted.get(&r.vm).is_none_or(|&before| excess >= 2 * before) {
                     let _ = cluster::log_event(store, &Event::now(&cfg.id, format!("ALERT: {b}")));
-                    self.burst_alerted.insert(r.vm.clone());
+                    self.burst_alerted.insert(r.vm.clone(), excess);
                 }
             }
         }

@@ -104,14 +104,30 @@ impl std::fmt::Display for Burst {
     }
 }
 
-/// The first window of `jobs.arrivals` in which `vm`'s jobs started more often than `upper`
-/// (the upper arrival curve of its compared task's input, time in µs) allows.
+/// The window of `jobs.arrivals` in which `vm`'s jobs started more often than `upper` (the
+/// upper arrival curve of its compared task's input, time in µs) allows, by the most.
 pub fn check_arrivals(l: &Loaded, vm: &str, jobs: &JobFigures, upper: &rtc::Curve) -> Option<Burst> {
     let (t, _) = compared_task(l, vm)?;
-    jobs.arrivals.iter().find_map(|&(window_ms, observed)| {
-        let allowed = upper.eval_right(&Q::int((window_ms * 1000.0).round() as i64)).floor().to_f64().max(0.0) as u64;
-        (observed > allowed).then(|| Burst { vm: vm.to_string(), task: l.system.tasks[t].name.clone(), window_ms, observed, allowed })
-    })
+    // The window exceeded by the most.
+    jobs.arrivals
+        .iter()
+        .filter_map(|&(window_ms, observed)| {
+            let allowed = upper.eval_right(&Q::int((window_ms * 1000.0).round() as i64)).floor().to_f64().max(0.0) as u64;
+            (observed > allowed).then(|| Burst { vm: vm.to_string(), task: l.system.tasks[t].name.clone(), window_ms, observed, allowed })
+        })
+        .max_by_key(|b| b.observed - b.allowed)
+}
+
+/// The arrival curve `vm`'s jobs may follow under `plan` (its compared task's input upper
+/// curve), at each of the monitor's window lengths: (window in ms, most activations allowed).
+pub fn allowed_arrivals(l: &Loaded, plan: Option<&crate::table::StoredPlan>, vm: &str) -> Vec<(f64, u64)> {
+    let Some((t, _)) = compared_task(l, vm) else { return Vec::new() };
+    let Some((_, a)) = crate::dashboard::analyse(l, plan) else { return Vec::new() };
+    let upper = &a.tasks[t].input.upper;
+    agent::monitor::ARRIVAL_WINDOWS_MS
+        .iter()
+        .map(|&w| (w, upper.eval_right(&Q::int((w * 1000.0).round() as i64)).floor().to_f64().max(0.0) as u64))
+        .collect()
 }
 
 /// The model with the observed execution times (µs, by VM) in place of the declared WCETs of

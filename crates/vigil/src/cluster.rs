@@ -242,9 +242,19 @@ pub fn trace(a: &TraceArgs) -> Result<u8> {
         })
         .collect();
     let events: Vec<&agent::cluster::Event> = st.events.iter().filter(|e| e.what.contains(&a.vm)).collect();
+    // The arrival curve: what the monitor observed beside what the model allows.
+    let loaded = model::load(&cf.model).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let observed = v.jobs.as_ref().map(|j| j.arrivals.clone()).unwrap_or_default();
+    let arrivals: Vec<serde_json::Value> = manager::drift::allowed_arrivals(&loaded, st.plan.as_ref(), &a.vm)
+        .into_iter()
+        .map(|(w, allowed)| {
+            let seen = observed.iter().find(|o| o.0 == w).map(|o| o.1);
+            serde_json::json!({ "window_ms": w, "observed": seen, "allowed": allowed })
+        })
+        .collect();
     let out = serde_json::json!({
         "vm": v.vm, "host": v.host, "backup": v.backup, "serving": v.serving,
-        "jobs": v.jobs, "wcet_us": v.wcet_us, "replication": v.figures, "protection": v.replication,
+        "jobs": v.jobs, "wcet_us": v.wcet_us, "arrivals": arrivals, "replication": v.figures, "protection": v.replication,
         "chains": chains, "events": events,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);

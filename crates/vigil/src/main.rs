@@ -125,8 +125,19 @@ fn init_logging() {
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).with_target(false).with_max_level(level).init();
 }
 
+/// Commands that only print a report end quietly when their reader goes away (`vigil status |
+/// head`), as Unix tools do; the long-running ones (servers, agents, VMMs) keep SIGPIPE ignored
+/// so that a peer closing a socket is an error to handle, not their death.
+fn printing_only(c: &Command) -> bool {
+    matches!(c, Command::Analyze(_) | Command::Plan(_) | Command::Status(_) | Command::Trace(_))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if printing_only(&cli.command) {
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     init_logging();
     let result = match cli.command {
         Command::Analyze(args) => analyze::run(&args),

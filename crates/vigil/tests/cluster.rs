@@ -636,8 +636,10 @@ fn a_vm_slower_than_its_model_is_detected_and_the_plan_table_follows() {
     let median = jobs["recent_p50_us"].as_f64().expect("job figures");
     assert!((1900.0..100_000.0).contains(&median), "{jobs}");
     assert_eq!(vm(&st, "relay")["wcet_us"].as_f64(), Some(800.0));
-    // The other VMs do what their model says: no alert for them.
-    assert!(!e.iter().any(|x| x.contains("ALERT: VM control") || x.contains("ALERT: VM logger")), "{e:?}");
+    // The other VMs' jobs take what their model says: no execution-time alert for them (their
+    // arrivals may be alerted: the field's requests jitter on a loaded host, while the model
+    // says strictly periodic).
+    assert!(!e.iter().any(|x| x.contains("ALERT: VM control: measured") || x.contains("ALERT: VM logger: measured")), "{e:?}");
     // The new analysis: where the VMs run now, the protection chain misses its deadline.
     assert!(
         e.iter().any(|x| x.starts_with("with the observed execution times, where the VMs run now: chain protection: bound")
@@ -652,6 +654,9 @@ fn a_vm_slower_than_its_model_is_detected_and_the_plan_table_follows() {
     let t: serde_json::Value = serde_json::from_slice(&out.stdout).expect("trace JSON");
     assert_eq!(t["wcet_us"].as_f64(), Some(800.0), "{t}");
     assert!(t["jobs"]["recent_p50_us"].as_f64() > Some(800.0), "{t}");
+    let arrivals = t["arrivals"].as_array().expect("arrival curve");
+    assert_eq!(arrivals.len(), 10, "{t}");
+    assert!(arrivals.iter().all(|a| a["allowed"].as_u64().is_some()), "{t}");
     assert!(t["events"].as_array().unwrap().iter().any(|e| e["what"].as_str().unwrap_or("").contains("ALERT: VM relay")), "{t}");
     assert!(!vigil(&["trace", "ghost", "--dir", &up.d()]).status.success());
     let model = up.file()["model"].as_str().expect("model path").to_string();
@@ -660,9 +665,13 @@ fn a_vm_slower_than_its_model_is_detected_and_the_plan_table_follows() {
     let observed = vigil(&["analyze", &model, "--observed", &up.d()]);
     assert_eq!(observed.status.code(), Some(1), "the observed model misses a deadline: {}", text(&observed.stdout));
     assert!(text(&observed.stderr).contains("observed: VM relay: execution time"), "{}", text(&observed.stderr));
+    // What the field measures through the slow relay is above the bound of the plan in force:
+    // said loudly.
+    up.wait("the chain's above-bound alert", 15, |_, v| {
+        events(v).iter().any(|x| x.starts_with("ALERT: chain protection (VM relay): measured"))
+    });
     // Arrivals: a client no one here wrote floods control (modelled as a 20 ms periodic
     // stream) with requests: more jobs start in a window than its arrival curve allows.
-    assert!(!e.iter().any(|x| x.contains("jobs started within")), "no burst alert before the flood: {e:?}");
     let out = Command::new("ip")
         .args([
             "netns",
@@ -705,4 +714,36 @@ fn a_vm_slower_than_its_model_is_detected_and_the_plan_table_follows() {
         at("ALERT: VM relay") - started,
         at("with the observed execution times of relay") - started
     );
+}
+
+/// The relay's primary VMM is stopped (SIGSTOP) long enough for its backup to take over, then
+/// continued: it is fenced (its lease superseded), its host lives on. The manager adopts the
+/// takeover — the relay runs on the backup's host with a new backup, as the plan for its host's
+/// failure places it — and the client on its one TCP connection loses no acknowledged write.
+/// (Before, the VM stayed "not serving" with its desired state naming the fenced copy.)
+#[test]
+fn a_takeover_while_the_primary_host_lives_is_adopted() {
+    if no_kvm("a_takeover_while_the_primary_host_lives_is_adopted") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let up = Up::start("takeover", "t8");
+    let st = up.wait("relay protected", 30, |ok, v| ok && vm(v, "relay")["replication"] == "protected");
+    let detail = vm(&st, "relay")["detail"].as_str().unwrap_or("").to_string();
+    let pid: u64 = detail.split_whitespace().skip_while(|w| *w != "pid").nth(1).and_then(|p| p.parse().ok()).expect("relay's pid");
+    let writer = Writer::start(&up.field_ns(), "10.99.0.50");
+    let _ = Command::new("kill").args(["-STOP", &pid.to_string()]).status();
+    std::thread::sleep(Duration::from_millis(600));
+    let _ = Command::new("kill").args(["-CONT", &pid.to_string()]).status();
+    writer.carry_on(3, Duration::from_secs(20));
+    let st = up.wait("relay adopted on hostB with a new backup", 30, |ok, v| {
+        ok && vm(v, "relay")["host"] == "hostB" && vm(v, "relay")["replication"] == "protected"
+    });
+    assert_eq!(vm(&st, "relay")["backup"], "hostC", "{st}");
+    assert!(st["failed"].as_array().is_some_and(|f| f.is_empty()), "no host failed: {st}");
+    let events: Vec<String> = st["events"].as_array().unwrap().iter().map(|e| e["what"].as_str().unwrap_or("").to_string()).collect();
+    assert!(events.iter().any(|e| e.contains("relay: its backup on hostB took over while hostA lives")), "{events:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let n = writer.finish();
+    eprintln!("{n} acknowledged writes, all present");
 }

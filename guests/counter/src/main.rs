@@ -14,6 +14,8 @@
 //! - `rounds PAGES [ROUNDS] [DELAY_MS]`: in each round r = 1, 2, ... (ROUNDS, 0 = forever)
 //!   writes one word into each page of a PAGES-page buffer, prints `round r`, idles DELAY_MS (default
 //!   20): dirties a known number of pages per round (checkpoint benchmarks);
+//! - `rdtsc N`: reads the TSC N times, prints `rdtsc N calls T ns` (what a trace mark's
+//!   timestamp costs);
 //! - `marks N`: writes N job marks (start and end of N/2 jobs) into the trace ring, prints
 //!   `marks done`, then idles until stopped (trace benchmarks and tests);
 //! - `fault`: writes to an unmapped address (triple fault, there is no guest IDT);
@@ -36,6 +38,17 @@ fn parse(s: Option<&str>, default: u64) -> u64 {
 fn main() -> u32 {
     let mut a = args();
     match a.next().unwrap_or("count") {
+        "rdtsc" => {
+            let n = parse(a.next(), 100_000);
+            let t0 = guest_sdk::now_ns();
+            let mut x = 0u64;
+            for _ in 0..n {
+                x = x.wrapping_add(guest_sdk::trace::tsc());
+            }
+            let t1 = guest_sdk::now_ns();
+            println!("rdtsc {n} calls {} ns (x {})", t1 - t0, x & 1);
+            0
+        }
         "marks" => {
             let n = parse(a.next(), 1000);
             for i in 0..n / 2 {
