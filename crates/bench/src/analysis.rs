@@ -79,6 +79,9 @@ enum What {
     /// Checkpoint replication: every workload unprotected and under every policy, pause
     /// against dirty pages, failover time (needs root, KVM).
     Replication,
+    /// Dirty-page tracking: the guest's cost of a write-protection fault, the host's cost of
+    /// comparing pages (needs KVM).
+    Tracking,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -109,6 +112,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if let What::Vmm = args.what {
         crate::vmm::run(&args.guests, args.json)?;
         return Ok(());
+    }
+    if let What::Tracking = args.what {
+        return crate::tracking::run(&args.guests, args.json);
     }
     if let What::Replication = args.what {
         crate::replication::run(&args.policies, args.failovers, args.failover_only, args.json)?;

@@ -18,4 +18,5 @@ pub mod cluster;
 pub mod demo;
 pub mod replication;
 pub mod store;
+pub mod tracking;
 pub mod vmm;
