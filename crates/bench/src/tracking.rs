@@ -118,8 +118,14 @@ pub fn run(guests: &std::path::Path, json: bool) -> Result<()> {
             "pass_us_unlogged": per_pass_off * 1e6, "pages": on.pages, "collections": on.collections,
         }));
     }
+    let mut cals = vec![];
+    for _ in 0..3 {
+        cals.push(vmm::tracking::Calibration::measure()?);
+    }
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"load": load.trim(), "fault": rows}))?);
+        let c: Vec<_> =
+            cals.iter().map(|c| serde_json::json!({"fault_ns": c.fault_ns, "compare_ns_per_page": c.compare_ns_per_page})).collect();
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"load": load.trim(), "fault": rows, "calibration": c}))?);
         return Ok(());
     }
     println!("Dirty tracking on this host (load {})", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
@@ -128,6 +134,9 @@ pub fn run(guests: &std::path::Path, json: bool) -> Result<()> {
             "  logging, log collected every {} ms: {:.1} µs per first write to a page ({} pages, {} collections); unlogged pass over {ws} MiB {:.1} µs",
             r["epoch_ms"], r["fault_us"].as_f64().unwrap_or(f64::NAN), r["pages"], r["collections"], r["pass_us_unlogged"].as_f64().unwrap_or(f64::NAN)
         );
+    }
+    for c in &cals {
+        println!("  VMM calibration (probe VM, ~0.4 s): {c}");
     }
     Ok(())
 }

@@ -17,10 +17,11 @@
 //! write of epoch `k` already in the channel). Epoch numbers never repeat within a VM, also
 //! across unprotect/protect.
 
-use crate::machine::{pages_of, Vm, VmConfig};
+use crate::machine::{Vm, VmConfig};
 use crate::memory::GuestMem;
 use crate::mirror::MirrorSender;
 use crate::snapshot::{RestoreOverrides, VcpuState};
+use crate::tracking::{Chooser, DirtyTracker, Observation, TrackingChoice, TrackingMode};
 use crate::{Error, Result};
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -74,6 +75,16 @@ pub struct Checkpoint {
     /// backup missed disk writes, so the driver must drop it (unprotect) and synchronise a
     /// backup anew. The checkpoint itself is sound.
     pub disk_mirror_lost: Option<String>,
+    /// How this epoch's dirty pages were found ([`crate::tracking`]).
+    pub tracking: Option<TrackingMode>,
+    /// How the next epoch's will be (differs from `tracking` after a switch).
+    pub next_tracking: Option<TrackingMode>,
+    /// Of `pause_ns`, the time spent finding the dirty pages (collecting KVM's log, or
+    /// comparing memory against the shadow).
+    pub find_ns: u64,
+    /// Of `pause_ns`, the time a switch of tracking took (bringing the shadow up to date,
+    /// turning logging on or off).
+    pub switch_ns: u64,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -89,6 +100,10 @@ impl std::fmt::Debug for Checkpoint {
             .field("pause_ns", &self.pause_ns)
             .field("copy_ns", &self.copy_ns)
             .field("disk_mirror_lost", &self.disk_mirror_lost)
+            .field("tracking", &self.tracking)
+            .field("next_tracking", &self.next_tracking)
+            .field("find_ns", &self.find_ns)
+            .field("switch_ns", &self.switch_ns)
             .finish()
     }
 }
@@ -97,6 +112,10 @@ impl std::fmt::Debug for Checkpoint {
 pub(crate) struct Protection {
     /// The open epoch.
     epoch: u64,
+    /// Finds each epoch's dirty pages.
+    tracker: DirtyTracker,
+    /// Chooses each epoch's tracking mode.
+    chooser: Chooser,
 }
 
 impl Vm {
@@ -125,7 +144,12 @@ impl Vm {
         if let Some(block) = self.block.as_mut() {
             block.set_mirror(mirror, epoch);
         }
-        self.protection = Some(Protection { epoch });
+        if self.config.tracking == TrackingChoice::Auto {
+            // Starts the host's calibration in the background (log mode until it is known).
+            let _ = crate::tracking::host_calibration();
+        }
+        let tracker = DirtyTracker::new(self.mem.pages());
+        self.protection = Some(Protection { epoch, tracker, chooser: Chooser::new(self.config.tracking) });
         Ok(())
     }
 
@@ -158,6 +182,18 @@ impl Vm {
         self.set_dirty_logging(false)
     }
 
+    /// Chooses how dirty pages are found: from the next checkpoint's epoch on while protected
+    /// (the checkpoint closing the open epoch switches), else from the next protection on.
+    pub fn set_tracking(&mut self, choice: TrackingChoice) {
+        self.config.tracking = choice;
+        if let Some(p) = self.protection.as_mut() {
+            p.chooser.set_choice(choice);
+        }
+        if choice == TrackingChoice::Auto {
+            let _ = crate::tracking::host_calibration();
+        }
+    }
+
     /// The open epoch while protected.
     pub fn protected_epoch(&self) -> Option<u64> {
         self.protection.as_ref().map(|p| p.epoch)
@@ -187,8 +223,25 @@ impl Vm {
 
     fn capture(&mut self, epoch: u64, mut data: Vec<u8>) -> Result<Checkpoint> {
         let fail = |e: Error| Error::Checkpoint { epoch, reason: e.to_string() };
-        let bits = self.dirty_bitmap_get_and_clear().map_err(fail)?;
-        let pages = pages_of(&bits);
+        let vmm_written = self.mem.take_vmm_dirty();
+        let calibration = match self.config.tracking {
+            TrackingChoice::Auto => crate::tracking::host_calibration(),
+            TrackingChoice::Fixed(_) => None,
+        };
+        let total = self.mem.pages();
+        let (mut log, mem, protection) = self.tracking_parts();
+        let Some(Protection { tracker, chooser, .. }) = protection else {
+            return Err(Error::Checkpoint { epoch, reason: "the VM is not protected".into() });
+        };
+        let mem = mem.as_slice().map_err(fail)?;
+        let closed = tracker
+            .close_epoch(mem, &vmm_written, &mut log, |c| {
+                let mode = c.mode.unwrap_or(TrackingMode::Log);
+                let o = Observation { mode, dirty: c.pages.len() as u64, pages: total, find_ns: c.find_ns };
+                chooser.next(&o, calibration.as_ref())
+            })
+            .map_err(|reason| Error::Checkpoint { epoch, reason: format!("dirty tracking: {reason}") })?;
+        let pages = closed.pages;
         let copy_start = Instant::now();
         data.clear();
         reserve_staging(&mut data, pages.len() * PAGE);
@@ -213,7 +266,23 @@ impl Vm {
             p.epoch = epoch + 1;
         }
         let disk_mirror_lost = self.block.as_ref().and_then(|b| b.mirror_lost()).map(str::to_owned);
-        Ok(Checkpoint { epoch, pages, data, vcpu, guest_ns, output_frames, output_bytes, output, pause_ns: 0, copy_ns, disk_mirror_lost })
+        Ok(Checkpoint {
+            epoch,
+            pages,
+            data,
+            vcpu,
+            guest_ns,
+            output_frames,
+            output_bytes,
+            output,
+            pause_ns: 0,
+            copy_ns,
+            disk_mirror_lost,
+            tracking: closed.mode,
+            next_tracking: closed.next,
+            find_ns: closed.find_ns,
+            switch_ns: closed.switch_ns,
+        })
     }
 
     /// Sends network frames encoded as [`Checkpoint::output`] holds them on this VM's tap at

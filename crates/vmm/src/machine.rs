@@ -31,6 +31,9 @@ pub struct VmConfig {
     pub args: Vec<String>,
     /// Start with KVM dirty logging on.
     pub dirty_log: bool,
+    /// How a protected VM's checkpoints find dirty pages (see [`crate::tracking`]).
+    #[serde(default)]
+    pub tracking: crate::tracking::TrackingChoice,
 }
 
 /// Network configuration handed to the guest in the boot page.
@@ -51,7 +54,16 @@ impl Default for NetConfig {
 impl VmConfig {
     /// A configuration with defaults for everything but the image and memory.
     pub fn new(image: impl Into<PathBuf>, mem_mib: u64) -> Self {
-        VmConfig { mem_mib, image: image.into(), disk: None, tap: None, net: NetConfig::default(), args: vec![], dirty_log: false }
+        VmConfig {
+            mem_mib,
+            image: image.into(),
+            disk: None,
+            tap: None,
+            net: NetConfig::default(),
+            args: vec![],
+            dirty_log: false,
+            tracking: Default::default(),
+        }
     }
 }
 
@@ -129,6 +141,49 @@ impl VcpuSched {
             wait_ns: f.next().unwrap_or(0),
             timeslices: f.next().unwrap_or(0),
         })
+    }
+}
+
+/// Sets guest memory as KVM's memory slot 0, with or without dirty logging (turning logging on
+/// starts a clean log).
+fn memory_slot(vm: &VmFd, mem: &GuestMem, log_dirty: bool) -> Result<()> {
+    slot_region(vm, mem.size(), mem.host_base()? as u64, log_dirty)
+}
+
+fn slot_region(vm: &VmFd, size: u64, host_base: u64, log_dirty: bool) -> Result<()> {
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+        guest_phys_addr: 0,
+        memory_size: size,
+        userspace_addr: host_base,
+    };
+    // SAFETY: the region describes the VM's own guest memory mapping, which lives as long as
+    // the VM (the `Vm` owns both and drops the VM fd first: fields drop in declaration order).
+    unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
+}
+
+/// KVM's dirty log of a VM's memory, as [`crate::tracking::DirtyLog`] sees it.
+pub(crate) struct KvmLog<'a> {
+    vm: &'a VmFd,
+    mem_size: u64,
+    host_base: Result<u64>,
+    logging: &'a mut bool,
+}
+
+impl crate::tracking::DirtyLog for KvmLog<'_> {
+    fn get_and_clear(&mut self) -> std::result::Result<Vec<u64>, String> {
+        if !*self.logging {
+            return Err("dirty logging is off".into());
+        }
+        self.vm.get_dirty_log(0, self.mem_size as usize).map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"))
+    }
+
+    fn set_enabled(&mut self, on: bool) -> std::result::Result<(), String> {
+        let base = self.host_base.as_ref().map_err(|e| e.to_string())?;
+        slot_region(self.vm, self.mem_size, *base, on).map_err(|e| e.to_string())?;
+        *self.logging = on;
+        Ok(())
     }
 }
 
@@ -225,18 +280,24 @@ impl Vm {
     }
 
     fn set_memory_slot(&mut self, log_dirty: bool) -> Result<()> {
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
-            guest_phys_addr: 0,
-            memory_size: self.mem.size(),
-            userspace_addr: self.mem.host_base()? as u64,
-        };
-        // SAFETY: the region describes our own mapping, which lives as long as the VM (the
-        // `Vm` owns both and drops the VM fd first: fields drop in declaration order).
-        unsafe { self.vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        memory_slot(&self.vm, &self.mem, log_dirty)?;
         self.dirty_logging = log_dirty;
         Ok(())
+    }
+
+    /// The parts a checkpoint's dirty tracking works on at once: the tracker's KVM log, guest
+    /// memory, and the protection state.
+    pub(crate) fn tracking_parts(&mut self) -> (KvmLog<'_>, &GuestMem, Option<&mut crate::checkpoint::Protection>) {
+        (
+            KvmLog {
+                vm: &self.vm,
+                mem_size: self.mem.size(),
+                host_base: self.mem.host_base().map(|b| b as u64),
+                logging: &mut self.dirty_logging,
+            },
+            &self.mem,
+            self.protection.as_mut(),
+        )
     }
 
     fn write_boot_info(&mut self, image_end: u64, stack_top: u64) -> Result<()> {
@@ -552,6 +613,10 @@ impl Vm {
             Command::HoldOutput => self.hold_output().map(|_| Reply::ok()),
             Command::Unprotect => self.unprotect().map(|_| Reply::ok()),
             Command::Checkpoint { buffer } => self.checkpoint(buffer).map(|c| Reply { checkpoint: Some(Box::new(c)), ..Reply::ok() }),
+            Command::Tracking { choice } => {
+                self.set_tracking(choice);
+                Ok(Reply::ok())
+            }
             Command::MemoryView => self.mem.view().map(|v| Reply { memory_view: Some(v), ..Reply::ok() }),
             Command::Announce { count } => self.announce(count).map(|n| Reply { value: Some(n), ..Reply::ok() }),
             Command::Quit => return (Reply::ok(), Some(Stop::Quit)),

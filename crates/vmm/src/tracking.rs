@@ -1,0 +1,575 @@
+//! Dirty-page tracking for checkpoints: which pages of a protected VM changed in an epoch.
+//!
+//! Owns the two ways of finding them and the switch between them, per epoch:
+//! - [`TrackingMode::Log`]: KVM's dirty log. Cheap for the host, but on nested PVM hosts every
+//!   first guest write to a page after each collection takes a write-protection fault
+//!   (measured 16–26 µs, `vigil bench tracking`), so a guest that rewrites thousands of pages
+//!   per epoch spends most of its time in faults.
+//! - [`TrackingMode::Compare`]: logging off (no faults at all); at the checkpoint, every page
+//!   is compared against a *shadow* copy of guest memory as of the last checkpoint, and the
+//!   pages that differ are the dirty ones (and are copied into the shadow). Costs the host a
+//!   pass over memory during the pause (~0.3 µs a page), independent of the dirty rate.
+//!
+//! [`DirtyTracker`] keeps the shadow and the invariant that makes a switch lose nothing:
+//! every page whose shadow may differ from memory at the last checkpoint is in `stale`; in
+//! compare mode `stale` is empty. [`Chooser`] decides the next epoch's mode from measured
+//! figures (dirty pages, the compare's own time, the host's fault cost from [`Calibration`]).
+//! The tracker does no I/O: the VMM gives it guest memory and a [`DirtyLog`] (KVM's), and the
+//! deterministic simulation of the replication protocol gives it a model VM's.
+//!
+//! Not owned here: copying the dirty pages into a checkpoint (`checkpoint.rs`), the protocol.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use vmm_abi::PAGE_SIZE;
+
+const PAGE: usize = PAGE_SIZE as usize;
+
+/// How an epoch's dirty pages are found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrackingMode {
+    /// KVM's dirty log (write-protection faults in the guest).
+    Log,
+    /// Comparing memory against the last checkpoint's copy (no faults; a pass over memory at
+    /// each checkpoint).
+    Compare,
+}
+
+impl fmt::Display for TrackingMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TrackingMode::Log => "log",
+            TrackingMode::Compare => "compare",
+        })
+    }
+}
+
+/// The tracking a protected VM asks for: one mode always, or chosen per epoch. Written as
+/// `auto`, `log` or `compare` (also in JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum TrackingChoice {
+    /// Per epoch, whichever [`Chooser`] estimates cheaper.
+    #[default]
+    Auto,
+    /// Always this mode.
+    Fixed(TrackingMode),
+}
+
+impl fmt::Display for TrackingChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TrackingChoice::Auto => f.write_str("auto"),
+            TrackingChoice::Fixed(m) => m.fmt(f),
+        }
+    }
+}
+
+impl From<TrackingChoice> for String {
+    fn from(c: TrackingChoice) -> String {
+        c.to_string()
+    }
+}
+
+impl TryFrom<String> for TrackingChoice {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl FromStr for TrackingChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(TrackingChoice::Auto),
+            "log" => Ok(TrackingChoice::Fixed(TrackingMode::Log)),
+            "compare" => Ok(TrackingChoice::Fixed(TrackingMode::Compare)),
+            _ => Err(format!("unknown dirty tracking {s:?} (auto, log or compare)")),
+        }
+    }
+}
+
+/// A dirty log: KVM's, or a model's in a simulation.
+pub trait DirtyLog {
+    /// The pages the guest wrote since the last call (or since the log was enabled), one bit
+    /// per page, and clears them. Only called while enabled.
+    fn get_and_clear(&mut self) -> Result<Vec<u64>, String>;
+    /// Turns logging on (from a clean log) or off.
+    fn set_enabled(&mut self, on: bool) -> Result<(), String>;
+}
+
+/// What closing an epoch found.
+#[derive(Debug, Clone, Default)]
+pub struct Closed {
+    /// The pages that changed since the last checkpoint, ascending.
+    pub pages: Vec<u64>,
+    /// The mode of the epoch just closed.
+    pub mode: Option<TrackingMode>,
+    /// The mode of the epoch opened.
+    pub next: Option<TrackingMode>,
+    /// Time spent finding the pages (collecting the log, or comparing).
+    pub find_ns: u64,
+    /// Time spent bringing the shadow up to date for a switch to compare mode, and switching
+    /// logging on or off.
+    pub switch_ns: u64,
+    /// Pages copied into the shadow for a switch to compare mode.
+    pub shadow_filled: u64,
+}
+
+/// Per-VM tracking state while protected (see the module comment).
+pub struct DirtyTracker {
+    mode: TrackingMode,
+    pages: u64,
+    /// Guest memory as of the last checkpoint, except the pages in `stale` (empty until the
+    /// first switch to compare mode).
+    shadow: Vec<u8>,
+    /// One bit per page whose shadow may be out of date (all of them while `shadow` is empty).
+    stale: Vec<u64>,
+}
+
+impl DirtyTracker {
+    /// A tracker in log mode for a VM of `pages` pages; the caller has just turned the dirty
+    /// log on from a clean slate (so the first epoch's pages are what it collects).
+    pub fn new(pages: u64) -> DirtyTracker {
+        DirtyTracker { mode: TrackingMode::Log, pages, shadow: Vec::new(), stale: vec![0; pages.div_ceil(64) as usize] }
+    }
+
+    /// The mode of the open epoch.
+    pub fn mode(&self) -> TrackingMode {
+        self.mode
+    }
+
+    /// Pages whose shadow is out of date (what a switch to compare mode would copy).
+    pub fn stale_pages(&self) -> u64 {
+        if self.shadow.is_empty() {
+            return self.pages;
+        }
+        self.stale.iter().map(|w| w.count_ones() as u64).sum()
+    }
+
+    /// Closes the open epoch at a checkpoint (the guest stopped): returns the pages that
+    /// changed since the last checkpoint — found by the open epoch's mode, plus `vmm_written`
+    /// (one bit per page the VMM itself wrote; KVM's log does not see those) — and opens the
+    /// next epoch in the mode `choose` picks from what was found. `mem` is all of guest memory
+    /// as it is now.
+    ///
+    /// A switch loses nothing: to compare mode, the shadow is brought up to date (every stale
+    /// page and every page of this epoch copied) and logging turned off; to log mode, logging
+    /// is turned on from a clean log, and the shadow, current now, goes stale page by page as
+    /// later epochs' logs say.
+    pub fn close_epoch(
+        &mut self,
+        mem: &[u8],
+        vmm_written: &[u64],
+        log: &mut dyn DirtyLog,
+        choose: impl FnOnce(&Closed) -> TrackingMode,
+    ) -> Result<Closed, String> {
+        if mem.len() as u64 != self.pages * PAGE_SIZE {
+            return Err(format!("{} bytes of memory for a tracker of {} pages", mem.len(), self.pages));
+        }
+        let t = Instant::now();
+        let mut closed = Closed { mode: Some(self.mode), ..Closed::default() };
+        let mut bits: Vec<u64> = vec![0; self.stale.len()];
+        for (b, v) in bits.iter_mut().zip(vmm_written) {
+            *b |= v;
+        }
+        match self.mode {
+            TrackingMode::Log => {
+                for (b, v) in bits.iter_mut().zip(log.get_and_clear()?) {
+                    *b |= v;
+                }
+                closed.pages = pages_of_bits(&bits, self.pages);
+                for (s, b) in self.stale.iter_mut().zip(&bits) {
+                    *s |= b;
+                }
+            }
+            TrackingMode::Compare => {
+                // Invariant: in compare mode the shadow is all of memory at the last checkpoint.
+                let mut pages = Vec::new();
+                for (p, (now, old)) in mem.chunks_exact(PAGE).zip(self.shadow.chunks_exact_mut(PAGE)).enumerate() {
+                    let vmm = bits.get(p / 64).is_some_and(|w| w & (1 << (p % 64)) != 0);
+                    if vmm || now != &*old {
+                        old.copy_from_slice(now);
+                        pages.push(p as u64);
+                    }
+                }
+                closed.pages = pages;
+            }
+        }
+        closed.find_ns = t.elapsed().as_nanos() as u64;
+        let next = choose(&closed);
+        let t = Instant::now();
+        match (self.mode, next) {
+            (TrackingMode::Log, TrackingMode::Compare) => {
+                if self.shadow.is_empty() {
+                    self.shadow = mem.to_vec();
+                    closed.shadow_filled = self.pages;
+                } else {
+                    for p in pages_of_bits(&self.stale, self.pages) {
+                        let at = p as usize * PAGE;
+                        self.shadow[at..at + PAGE].copy_from_slice(&mem[at..at + PAGE]);
+                        closed.shadow_filled += 1;
+                    }
+                }
+                self.stale.iter_mut().for_each(|w| *w = 0);
+                log.set_enabled(false)?;
+            }
+            (TrackingMode::Compare, TrackingMode::Log) => log.set_enabled(true)?,
+            _ => {}
+        }
+        closed.switch_ns = t.elapsed().as_nanos() as u64;
+        closed.next = Some(next);
+        self.mode = next;
+        Ok(closed)
+    }
+}
+
+/// Ascending page numbers of the set bits, below `pages`.
+fn pages_of_bits(bits: &[u64], pages: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    for (i, &w) in bits.iter().enumerate() {
+        let mut w = w;
+        while w != 0 {
+            let p = i as u64 * 64 + w.trailing_zeros() as u64;
+            if p < pages {
+                out.push(p);
+            }
+            w &= w - 1;
+        }
+    }
+    out
+}
+
+/// What the chooser learns from one closed epoch.
+#[derive(Debug, Clone, Copy)]
+pub struct Observation {
+    /// The mode of the epoch.
+    pub mode: TrackingMode,
+    /// Its dirty pages.
+    pub dirty: u64,
+    /// All of the VM's pages.
+    pub pages: u64,
+    /// How long finding them took (for compare mode: the pass over memory).
+    pub find_ns: u64,
+}
+
+/// Chooses each epoch's tracking from measured costs, in units of guest time lost per epoch:
+/// log mode costs `dirty × fault` (the guest's write-protection faults), compare mode costs the
+/// pass over memory in the pause (`pages × compare cost per page`, measured by every compare
+/// epoch, first from the host calibration). Switches when the other mode is estimated at least
+/// [`Chooser::MARGIN`] times cheaper, and not within [`Chooser::DWELL`] epochs of the last
+/// switch (a switch to compare mode costs a copy of the stale pages). Without a fault-cost
+/// calibration it keeps log mode.
+#[derive(Debug, Clone)]
+pub struct Chooser {
+    choice: TrackingChoice,
+    /// Compare cost per page (ns), smoothed.
+    compare_ns_per_page: Option<f64>,
+    since_switch: u32,
+    current: TrackingMode,
+}
+
+impl Chooser {
+    /// How much cheaper the other mode must be estimated for a switch.
+    pub const MARGIN: f64 = 1.5;
+    /// Epochs to stay in a mode after a switch.
+    pub const DWELL: u32 = 8;
+
+    /// A chooser for `choice`, starting in log mode.
+    pub fn new(choice: TrackingChoice) -> Chooser {
+        Chooser { choice, compare_ns_per_page: None, since_switch: 0, current: TrackingMode::Log }
+    }
+
+    /// The choice it follows.
+    pub fn choice(&self) -> TrackingChoice {
+        self.choice
+    }
+
+    /// Follows `choice` from the next epoch on (a fixed mode applies at once, whatever the
+    /// dwell).
+    pub fn set_choice(&mut self, choice: TrackingChoice) {
+        self.choice = choice;
+    }
+
+    /// Estimated cost per epoch of (log, compare) for `o`'s dirty pages, in ns of guest time,
+    /// with `cal` the host calibration.
+    pub fn estimates(&self, o: &Observation, cal: &Calibration) -> (f64, f64) {
+        let per_page = self.compare_ns_per_page.unwrap_or(cal.compare_ns_per_page);
+        (o.dirty as f64 * cal.fault_ns, o.pages as f64 * per_page)
+    }
+
+    /// The mode for the next epoch, after `o` (the epoch just closed), with the host's
+    /// calibration if there is one.
+    pub fn next(&mut self, o: &Observation, cal: Option<&Calibration>) -> TrackingMode {
+        if o.mode == TrackingMode::Compare && o.pages > 0 {
+            let sample = o.find_ns as f64 / o.pages as f64;
+            self.compare_ns_per_page = Some(match self.compare_ns_per_page {
+                Some(v) => 0.8 * v + 0.2 * sample,
+                None => sample,
+            });
+        }
+        self.current = o.mode;
+        self.since_switch = self.since_switch.saturating_add(1);
+        let next = match (self.choice, cal) {
+            (TrackingChoice::Fixed(m), _) => m,
+            (TrackingChoice::Auto, None) => TrackingMode::Log,
+            (TrackingChoice::Auto, Some(cal)) => {
+                let (log, cmp) = self.estimates(o, cal);
+                match o.mode {
+                    _ if self.since_switch < Self::DWELL => o.mode,
+                    TrackingMode::Log if log > Self::MARGIN * cmp => TrackingMode::Compare,
+                    TrackingMode::Compare if cmp > Self::MARGIN * log => TrackingMode::Log,
+                    m => m,
+                }
+            }
+        };
+        if next != o.mode {
+            self.since_switch = 0;
+        }
+        next
+    }
+}
+
+/// This host's costs of the two tracking modes, measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Calibration {
+    /// Guest time of one write-protection fault (first write to a page after a collection).
+    pub fault_ns: f64,
+    /// Host time to compare one unchanged page against its copy.
+    pub compare_ns_per_page: f64,
+}
+
+impl fmt::Display for Calibration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:.1} µs per dirty-log fault, {:.0} ns per page compared", self.fault_ns / 1e3, self.compare_ns_per_page)
+    }
+}
+
+/// How often the background calibration measures again.
+pub const RECALIBRATE: Duration = Duration::from_secs(60);
+
+static LATEST: Mutex<Option<Calibration>> = Mutex::new(None);
+static STARTED: OnceLock<()> = OnceLock::new();
+
+/// The host's latest calibration, if one has been measured. The first call starts a background
+/// thread that measures it (a probe VM for about half a second: [`Calibration::measure`]) and
+/// again every [`RECALIBRATE`] while the process lives; until the first result, `None`.
+pub fn host_calibration() -> Option<Calibration> {
+    STARTED.get_or_init(|| {
+        let _ = std::thread::Builder::new().name("calibrate".into()).spawn(|| loop {
+            match Calibration::measure() {
+                Ok(c) => *LATEST.lock().unwrap_or_else(|e| e.into_inner()) = Some(c),
+                Err(e) => eprintln!("vmm: dirty-tracking calibration failed (log mode only until it works): {e}"),
+            }
+            std::thread::sleep(RECALIBRATE);
+        });
+    });
+    *LATEST.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Guest code of the probe VM (64-bit, user mode, loaded at `IMAGE_MIN_ADDR`): forever, add
+/// one to the first word of each of `PROBE_PAGES` pages from `PROBE_BASE` on, then count the
+/// pass in the word at `PROBE_COUNTER`. No exits: the host reads the counter from memory.
+fn probe_code(pages: u32) -> Vec<u8> {
+    let mut c = vec![0xBF]; // mov edi, PROBE_BASE
+    c.extend_from_slice(&(PROBE_BASE as u32).to_le_bytes());
+    c.push(0xB9); // mov ecx, pages
+    c.extend_from_slice(&pages.to_le_bytes());
+    c.extend_from_slice(&[0x48, 0xFF, 0x07]); // 10: inc qword [rdi]
+    c.extend_from_slice(&[0x48, 0x81, 0xC7, 0x00, 0x10, 0x00, 0x00]); // add rdi, 4096
+    c.extend_from_slice(&[0xFF, 0xC9]); // dec ecx
+    c.extend_from_slice(&[0x75, 0xF2]); // jnz 10
+    c.push(0xB8); // mov eax, PROBE_COUNTER
+    c.extend_from_slice(&(PROBE_COUNTER as u32).to_le_bytes());
+    c.extend_from_slice(&[0x48, 0xFF, 0x00]); // inc qword [rax]
+    c.extend_from_slice(&[0xEB, 0xDE]); // jmp 0
+    c
+}
+
+const PROBE_COUNTER: u64 = vmm_abi::IMAGE_MIN_ADDR + 0x1000;
+const PROBE_BASE: u64 = vmm_abi::IMAGE_MIN_ADDR + 0x20_0000;
+const PROBE_PAGES: u32 = 512;
+const PROBE_MIB: u64 = 8;
+
+impl Calibration {
+    /// Measures this host: a probe VM rewrites 512 pages in a loop, first without dirty logging
+    /// (its pass rate), then with the log collected every 10 ms; each page in a collected log
+    /// took one fault, so the fault cost is (time − collections − the passes' own time at the
+    /// unlogged rate) / pages collected. The compare cost is a host pass over 4 MiB of equal
+    /// pages. Takes about half a second.
+    pub fn measure() -> crate::Result<Calibration> {
+        use crate::{channel_pair, Command, Error, Vm, VmConfig};
+        let mut config = VmConfig::new("(dirty-tracking probe)", PROBE_MIB);
+        config.dirty_log = false;
+        let mut vm = Vm::bare(config, Box::new(std::io::sink()))?;
+        vm.mem.write(vmm_abi::IMAGE_MIN_ADDR, &probe_code(PROBE_PAGES)).map_err(Error::Memory)?;
+        crate::arch::write_page_tables(&mut vm.mem)?;
+        crate::arch::write_gdt(&mut vm.mem)?;
+        let top = vm.mem.size();
+        crate::arch::setup_sregs(vm.vcpu())?;
+        crate::arch::setup_regs(vm.vcpu(), vmm_abi::IMAGE_MIN_ADDR, top)?;
+        let view = vm.mem.view()?;
+        let counter = || -> crate::Result<u64> {
+            let mut b = [0u8; 8];
+            view.copy_range(PROBE_COUNTER, &mut b)?;
+            Ok(u64::from_le_bytes(b))
+        };
+        let (ctl, inbox) = channel_pair()?;
+        let runner = std::thread::spawn(move || vm.run(Some(&inbox)));
+        let result = (|| -> crate::Result<Calibration> {
+            // Unlogged pass rate (after a warm-up that maps every page).
+            std::thread::sleep(Duration::from_millis(30));
+            let (t0, c0) = (Instant::now(), counter()?);
+            std::thread::sleep(Duration::from_millis(100));
+            let (t1, c1) = (Instant::now(), counter()?);
+            let pass_ns = (t1 - t0).as_nanos() as f64 / (c1 - c0).max(1) as f64;
+            // Logged: collect every 10 ms.
+            let r = ctl.call(Command::DirtyLogStart);
+            if !r.ok {
+                return Err(Error::Config(format!("probe: dirty-log-start: {}", r.error.unwrap_or_default())));
+            }
+            let (t2, c2) = (Instant::now(), counter()?);
+            let (mut pages, mut collecting) = (0u64, Duration::ZERO);
+            while t2.elapsed() < Duration::from_millis(250) {
+                std::thread::sleep(Duration::from_millis(10));
+                let t = Instant::now();
+                let r = ctl.call(Command::DirtyLogGetAndClear);
+                collecting += t.elapsed();
+                pages += r.dirty_pages.map_or(0, |p| p.len() as u64);
+            }
+            let (t3, c3) = (Instant::now(), counter()?);
+            let logged = (t3 - t2).as_nanos() as f64 - collecting.as_nanos() as f64 - (c3 - c2) as f64 * pass_ns;
+            let fault_ns = (logged / pages.max(1) as f64).max(1.0);
+            Ok(Calibration { fault_ns, compare_ns_per_page: compare_cost() })
+        })();
+        let _ = ctl.call(Command::Quit);
+        let _ = runner.join();
+        result
+    }
+}
+
+/// Host time to compare one unchanged page with its copy (a pass over 4 MiB, best of 7: the
+/// least disturbed by other work on the host).
+fn compare_cost() -> f64 {
+    let a = vec![7u8; 4 << 20];
+    let b = a.clone();
+    let mut best = f64::MAX;
+    for _ in 0..7 {
+        let t = Instant::now();
+        let differing = a.chunks_exact(PAGE).zip(b.chunks_exact(PAGE)).filter(|(x, y)| x != y).count();
+        std::hint::black_box(differing);
+        best = best.min(t.elapsed().as_nanos() as f64 / (a.len() / PAGE) as f64);
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A model dirty log over a byte memory: records the pages written while enabled.
+    struct ModelLog {
+        on: bool,
+        bits: Vec<u64>,
+    }
+    impl DirtyLog for ModelLog {
+        fn get_and_clear(&mut self) -> Result<Vec<u64>, String> {
+            if !self.on {
+                return Err("logging is off".into());
+            }
+            let n = self.bits.len();
+            Ok(std::mem::replace(&mut self.bits, vec![0; n]))
+        }
+        fn set_enabled(&mut self, on: bool) -> Result<(), String> {
+            self.on = on;
+            self.bits.iter_mut().for_each(|w| *w = 0);
+            Ok(())
+        }
+    }
+
+    fn write(mem: &mut [u8], log: &mut ModelLog, page: usize, byte: usize, v: u8) {
+        mem[page * PAGE + byte] = v;
+        if log.on {
+            log.bits[page / 64] |= 1 << (page % 64);
+        }
+    }
+
+    /// Random writes (some writing the value already there, some by the "VMM" outside the
+    /// log), random modes per epoch: a replica updated with each epoch's pages equals memory
+    /// after every epoch.
+    #[test]
+    fn switching_at_random_never_loses_a_page() {
+        let pages = 200usize;
+        let mut mem = vec![0u8; pages * PAGE];
+        let mut replica = mem.clone();
+        let mut log = ModelLog { on: true, bits: vec![0; pages.div_ceil(64)] };
+        let mut t = DirtyTracker::new(pages as u64);
+        let mut seed = 0x1234_5678_9abc_def1u64;
+        let mut rnd = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut switches = 0;
+        for epoch in 0..400 {
+            let mut vmm = vec![0u64; pages.div_ceil(64)];
+            let writes = rnd(3) * rnd(60);
+            for _ in 0..writes {
+                // Few places and values, so that pages often return to an earlier content.
+                let (p, b, v) = (rnd(pages as u64) as usize, rnd(4) as usize * 8, rnd(2) as u8);
+                if rnd(10) == 0 {
+                    mem[p * PAGE + b] = v;
+                    vmm[p / 64] |= 1 << (p % 64);
+                } else {
+                    write(&mut mem, &mut log, p, b, v);
+                }
+            }
+            let next = if rnd(3) == 0 { TrackingMode::Compare } else { TrackingMode::Log };
+            switches += (next != t.mode()) as u32;
+            let closed = t.close_epoch(&mem, &vmm, &mut log, |_| next).expect("close");
+            for p in closed.pages {
+                let at = p as usize * PAGE;
+                replica[at..at + PAGE].copy_from_slice(&mem[at..at + PAGE]);
+            }
+            assert!(replica == mem, "replica differs after epoch {epoch}");
+        }
+        assert!(switches > 50);
+    }
+
+    #[test]
+    fn the_chooser_prefers_compare_for_many_dirty_pages_and_log_for_few() {
+        let cal = Calibration { fault_ns: 20_000.0, compare_ns_per_page: 300.0 };
+        let mut c = Chooser::new(TrackingChoice::Auto);
+        let heavy = Observation { mode: TrackingMode::Log, dirty: 2000, pages: 16384, find_ns: 50_000 };
+        let mut mode = TrackingMode::Log;
+        for _ in 0..Chooser::DWELL + 1 {
+            mode = c.next(&Observation { mode, ..heavy }, Some(&cal));
+        }
+        assert_eq!(mode, TrackingMode::Compare);
+        let light = Observation { mode, dirty: 10, pages: 16384, find_ns: 16384 * 300 };
+        for _ in 0..Chooser::DWELL + 1 {
+            mode = c.next(&Observation { mode, ..light }, Some(&cal));
+        }
+        assert_eq!(mode, TrackingMode::Log);
+        // No calibration: log; fixed: that mode.
+        assert_eq!(Chooser::new(TrackingChoice::Auto).next(&heavy, None), TrackingMode::Log);
+        let fixed = TrackingChoice::Fixed(TrackingMode::Compare);
+        assert_eq!(Chooser::new(fixed).next(&light, None), TrackingMode::Compare);
+        assert_eq!("compare".parse::<TrackingChoice>(), Ok(fixed));
+        assert!("hash".parse::<TrackingChoice>().is_err());
+    }
+
+    #[test]
+    fn probe_code_jumps_land_on_the_loop_starts() {
+        let c = probe_code(4);
+        assert_eq!(c.len(), 34);
+        assert_eq!(&c[10..13], &[0x48, 0xFF, 0x07]);
+        assert_eq!(24 + (c[23] as i8) as i64, 10);
+        assert_eq!(34 + (c[33] as i8) as i64, 0);
+    }
+}
