@@ -36,6 +36,10 @@ pub struct VmSpec {
     /// Start with dirty-page logging on.
     #[serde(default)]
     pub dirty_log: bool,
+    /// How a protected VM's checkpoints find dirty pages: `auto` (per epoch, from measured
+    /// costs), `log` or `compare` (`vmm::tracking`).
+    #[serde(default)]
+    pub tracking: vmm::TrackingChoice,
     /// Announce the VM in the store as a domain.
     #[serde(default)]
     pub domain: Option<DomainSpec>,
@@ -315,6 +319,7 @@ impl VmSpec {
             net: None,
             api: None,
             dirty_log: false,
+            tracking: Default::default(),
             domain: None,
             protection: None,
             scheduling: Scheduling::default(),
@@ -350,6 +355,7 @@ impl VmSpec {
         config.disk = self.disk.clone();
         config.args = self.args.clone();
         config.dirty_log = self.dirty_log;
+        config.tracking = self.tracking;
         if let Some(net) = &self.net {
             config.tap = Some(net.tap.clone());
             if let Some(ip) = net.ip {

@@ -56,6 +56,13 @@ pub struct Args {
     /// `replication`: failovers to time.
     #[arg(long, default_value_t = 3)]
     failovers: usize,
+    /// `replication`: dirty tracking of the protected VMs (auto, log, compare).
+    #[arg(long, default_value = "auto")]
+    tracking: vmm::TrackingChoice,
+    /// `replication`: seconds `compute` may run (beyond, its time is estimated from its
+    /// progress).
+    #[arg(long, default_value_t = 300)]
+    compute_limit: u64,
     /// `replication`: only time failovers.
     #[arg(long)]
     failover_only: bool,
@@ -117,7 +124,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         return crate::tracking::run(&args.guests, args.json);
     }
     if let What::Replication = args.what {
-        crate::replication::run(&args.policies, args.failovers, args.failover_only, args.json)?;
+        let opts = crate::replication::Options {
+            failovers: args.failovers,
+            failover_only: args.failover_only,
+            json: args.json,
+            tracking: args.tracking,
+            compute_limit: Duration::from_secs(args.compute_limit),
+        };
+        crate::replication::run(&args.policies, &opts)?;
         return Ok(());
     }
     if let What::Cluster = args.what {

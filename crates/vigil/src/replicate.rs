@@ -53,6 +53,10 @@ pub struct ProtectArgs {
     /// Print a line of statistics per checkpoint on stderr.
     #[arg(long)]
     pub stats: bool,
+    /// How checkpoints find dirty pages: auto (per epoch, the cheaper of the two as measured
+    /// on this host), log (KVM's dirty log) or compare (against the last checkpoint's copy).
+    #[arg(long, default_value = "auto")]
+    pub tracking: vmm::TrackingChoice,
     /// Serve Prometheus metrics (GET /metrics) and the policy switch (POST /policy) here.
     #[arg(long, value_name = "HOST:PORT")]
     pub control: Option<String>,

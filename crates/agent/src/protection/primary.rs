@@ -409,6 +409,10 @@ impl Driver {
                     bytes: c.data.len() as u64,
                     output_frames,
                     mode: sm.policy().1.into(),
+                    tracking: c.tracking,
+                    next_tracking: c.next_tracking,
+                    find_ns: c.find_ns,
+                    switch_ns: c.switch_ns,
                     ..EpochStats::default()
                 };
                 self.pending.insert(epoch, e);
@@ -494,6 +498,7 @@ impl Driver {
                     stats.pause_ns_total += e.pause_ns;
                     stats.bytes_total += e.bytes;
                     stats.pages_total += e.dirty_pages;
+                    stats.compare_epochs += (e.tracking == Some(vmm::TrackingMode::Compare)) as u64;
                     stats.last = e.clone();
                 }
             }

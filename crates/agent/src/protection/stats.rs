@@ -29,6 +29,18 @@ pub struct EpochStats {
     pub output_delay_ns: Option<u64>,
     pub output_frames: u64,
     pub mode: std::borrow::Cow<'static, str>,
+    /// How the epoch's dirty pages were found (`log` or `compare`, `vmm::tracking`), and how
+    /// the next epoch's will be.
+    #[serde(default)]
+    pub tracking: Option<vmm::TrackingMode>,
+    #[serde(default)]
+    pub next_tracking: Option<vmm::TrackingMode>,
+    /// Of the VMM's pause, finding the dirty pages (collecting the log or comparing memory),
+    /// and switching the tracking.
+    #[serde(default)]
+    pub find_ns: u64,
+    #[serde(default)]
+    pub switch_ns: u64,
 }
 
 impl EpochStats {
@@ -68,6 +80,8 @@ pub struct Stats {
     pub released_with_output: u64,
     pub refused: u64,
     pub takeovers: u64,
+    /// Acknowledged epochs tracked by comparing memory.
+    pub compare_epochs: u64,
     pub last: EpochStats,
 }
 
@@ -102,6 +116,13 @@ impl Stats {
         metric("last_pause_seconds", "gauge", "Pause of the last checkpoint.", s(e.pause_ns).to_string());
         metric("last_copy_seconds", "gauge", "Page copying within the last pause.", s(e.copy_ns).to_string());
         metric("last_dirty_pages", "gauge", "Dirty pages of the last checkpoint.", e.dirty_pages.to_string());
+        metric("last_find_seconds", "gauge", "Finding the dirty pages within the last pause.", s(e.find_ns).to_string());
+        metric(
+            "compare_epochs_total",
+            "counter",
+            "Acknowledged epochs whose dirty pages were found by comparing memory (the rest used the dirty log).",
+            self.compare_epochs.to_string(),
+        );
         metric("last_transfer_seconds", "gauge", "Transfer time of the last checkpoint.", s(e.transfer_ns).to_string());
         metric("last_ack_seconds", "gauge", "Start to acknowledgement of the last checkpoint.", s(e.ack_ns).to_string());
         metric(
@@ -109,6 +130,11 @@ impl Stats {
             "gauge",
             "Hold time of the last released output.",
             s(e.output_delay_ns.unwrap_or(0)).to_string(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP vigil_replication_tracking How the next epoch's dirty pages are found.\n# TYPE vigil_replication_tracking gauge\nvigil_replication_tracking{{{l},mode=\"{}\"}} 1",
+            e.next_tracking.map_or("none".to_string(), |m| m.to_string())
         );
         let _ = writeln!(
             out,
