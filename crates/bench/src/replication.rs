@@ -293,7 +293,11 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
                 cpu = cpu_seconds(p.child.id()).unwrap_or(cpu);
                 if t.elapsed() > opts.compute_limit {
                     // Estimate from the last pass the guest reported.
-                    let pass = p.text().lines().filter_map(|l| l.strip_prefix("compute: pass ")?.split_whitespace().next()?.parse::<f64>().ok()).last();
+                    let pass = p
+                        .text()
+                        .lines()
+                        .filter_map(|l| l.strip_prefix("compute: pass ")?.split_whitespace().next()?.parse::<f64>().ok())
+                        .last();
                     p.kill();
                     let Some(pass) = pass else { bail!("compute reported no progress within {:?}", opts.compute_limit) };
                     row.compute_estimated = true;
@@ -413,7 +417,10 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
         "\nAccounting (tracking {}): share of epochs tracked by comparing memory, switches, time finding dirty pages, checkpoint page bytes sent, CPU time of the primary's and the backup's processes (all four workloads; the unprotected primary's is the guests' own)",
         bed.tracking
     );
-    println!("{:<14} {:>8} {:>9} {:>9} {:>10} {:>10} {:>12} {:>11}", "policy", "epochs", "compare", "switches", "find ms", "MB sent", "CPU primary", "CPU backup");
+    println!(
+        "{:<14} {:>8} {:>9} {:>9} {:>10} {:>10} {:>12} {:>11}",
+        "policy", "epochs", "compare", "switches", "find ms", "MB sent", "CPU primary", "CPU backup"
+    );
     for r in &rows {
         let share = if r.epochs.n > 0 { format!("{:.0} %", 100.0 * r.epochs.compare as f64 / r.epochs.n as f64) } else { "–".into() };
         println!(
@@ -429,7 +436,10 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
         );
     }
     for r in rows.iter().filter(|r| r.compute_estimated) {
-        println!("  {}: compute did not finish within {:?}; its time is estimated from the passes it reported", r.policy, opts.compute_limit);
+        println!(
+            "  {}: compute did not finish within {:?}; its time is estimated from the passes it reported",
+            r.policy, opts.compute_limit
+        );
     }
     println!("  host load at the end: {:.1}", load_average());
     for r in rows.iter().filter(|r| !r.spoiled.is_empty() || r.suspicions > 0) {
