@@ -127,6 +127,9 @@ struct ModelVm {
     vmm_written: u64,
     /// The VMM's tracker while protected.
     tracker: Option<DirtyTracker>,
+    /// Epochs closed in compare mode, and switches of mode.
+    compare_epochs: u64,
+    switches: u64,
     disk: [u64; DISK],
     state: u64,
     dirty: HashSet<usize>,
@@ -151,6 +154,8 @@ impl ModelVm {
             log: ModelLog::default(),
             vmm_written: 0,
             tracker: None,
+            compare_epochs: 0,
+            switches: 0,
             disk,
             state,
             dirty: HashSet::new(),
@@ -168,7 +173,9 @@ impl ModelVm {
         self.dirty.clear();
         self.vmm_written = 0;
         self.log.set_enabled(true).expect("model log");
-        self.tracker = Some(DirtyTracker::new(CELLS as u64));
+        let mut t = DirtyTracker::new(CELLS as u64, None);
+        t.set_warm_pages(2, CELLS as u64);
+        self.tracker = Some(t);
     }
 
     fn stop_tracking(&mut self) {
@@ -184,6 +191,8 @@ impl ModelVm {
         let Some(t) = self.tracker.as_mut() else { return truth };
         let vmm = [std::mem::take(&mut self.vmm_written)];
         let closed = t.close_epoch(&self.bytes, &vmm, &mut self.log, |_| next).expect("tracker");
+        self.compare_epochs += (closed.mode == Some(TrackingMode::Compare)) as u64;
+        self.switches += (closed.mode != closed.next) as u64;
         closed.pages.iter().map(|&p| p as usize).collect()
     }
 
@@ -866,6 +875,8 @@ fn without_faults_output_flows_and_the_vm_stays_protected() {
     assert!(w.outputs_seen > 100, "only {} outputs released", w.outputs_seen);
     assert!(p.vm.state - w.seen < 200, "output lags: state {} seen {}", p.vm.state, w.seen);
     assert!(w.takeovers.is_empty());
+    // The tracker really switched between its modes along the way.
+    assert!(p.vm.compare_epochs > 5 && p.vm.switches > 5, "{} compare epochs, {} switches", p.vm.compare_epochs, p.vm.switches);
 }
 
 #[test]

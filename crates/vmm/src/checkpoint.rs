@@ -148,7 +148,7 @@ impl Vm {
             // Starts the host's calibration in the background (log mode until it is known).
             let _ = crate::tracking::host_calibration();
         }
-        let tracker = DirtyTracker::new(self.mem.pages());
+        let tracker = DirtyTracker::new(self.mem.pages(), self.spare_shadow.take());
         self.protection = Some(Protection { epoch, tracker, chooser: Chooser::new(self.config.tracking) });
         Ok(())
     }
@@ -172,6 +172,7 @@ impl Vm {
         let Some(p) = self.protection.take() else {
             return Err(Error::Config("the VM is not protected".into()));
         };
+        self.spare_shadow = Some(p.tracker.into_shadow());
         self.next_epoch = p.epoch + 1;
         if let Some(tap) = self.tap.as_mut() {
             tap.unhold();

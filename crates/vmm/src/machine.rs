@@ -207,6 +207,8 @@ pub struct Vm {
     pub(crate) protection: Option<crate::checkpoint::Protection>,
     /// The number the next protection epoch gets (epochs are never reused by a VM).
     pub(crate) next_epoch: u64,
+    /// The dirty tracker's shadow buffer of an ended protection, for the next one.
+    pub(crate) spare_shadow: Option<Vec<u8>>,
     /// The port exit being handled must be issued again by the guest (a block request
     /// waiting for room in the disk mirror): its request block address.
     retry_block: Option<u64>,
@@ -273,6 +275,7 @@ impl Vm {
             exits: 0,
             protection: None,
             next_epoch: 1,
+            spare_shadow: None,
             retry_block: None,
         };
         m.set_memory_slot(dirty)?;

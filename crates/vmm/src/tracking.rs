@@ -12,7 +12,8 @@
 //!
 //! [`DirtyTracker`] keeps the shadow and the invariant that makes a switch lose nothing:
 //! every page whose shadow may differ from memory at the last checkpoint is in `stale`; in
-//! compare mode `stale` is empty. [`Chooser`] decides the next epoch's mode from measured
+//! compare mode `stale` is empty. The shadow is warmed up a bounded number of pages per
+//! checkpoint before a switch to compare mode, so no pause grows with the VM's size. [`Chooser`] decides the next epoch's mode from measured
 //! figures (dirty pages, the compare's own time, the host's fault cost from [`Calibration`]).
 //! The tracker does no I/O: the VMM gives it guest memory and a [`DirtyLog`] (KVM's), and the
 //! deterministic simulation of the replication protocol gives it a model VM's.
@@ -111,31 +112,68 @@ pub struct Closed {
     pub mode: Option<TrackingMode>,
     /// The mode of the epoch opened.
     pub next: Option<TrackingMode>,
+    /// Pages whose shadow is out of date after finding this epoch's pages (before any warm-up).
+    pub stale: u64,
     /// Time spent finding the pages (collecting the log, or comparing).
     pub find_ns: u64,
-    /// Time spent bringing the shadow up to date for a switch to compare mode, and switching
-    /// logging on or off.
+    /// Time spent on the shadow (warming it up, bringing it up to date for a switch to compare
+    /// mode) and turning logging on or off.
     pub switch_ns: u64,
-    /// Pages copied into the shadow for a switch to compare mode.
+    /// Pages copied into the shadow.
     pub shadow_filled: u64,
 }
+
+/// Most stale pages one checkpoint copies into the shadow while compare mode is wanted but the
+/// shadow is not ready (4 MiB: about a millisecond of the pause).
+pub const WARM_PAGES: u64 = 1024;
+
+/// Most stale pages a switch to compare mode copies (16 MiB: a few milliseconds of the
+/// pause); with more, the tracker warms the shadow up first.
+pub const SWITCH_PAGES: u64 = 4096;
 
 /// Per-VM tracking state while protected (see the module comment).
 pub struct DirtyTracker {
     mode: TrackingMode,
     pages: u64,
-    /// Guest memory as of the last checkpoint, except the pages in `stale` (empty until the
-    /// first switch to compare mode).
+    /// Guest memory as of the last checkpoint, except the pages in `stale`; allocated (zero,
+    /// untouched) when compare mode is first wanted.
     shadow: Vec<u8>,
-    /// One bit per page whose shadow may be out of date (all of them while `shadow` is empty).
+    /// One bit per page whose shadow may be out of date.
     stale: Vec<u64>,
+    /// Where the next warm-up starts looking for stale pages.
+    warm_cursor: u64,
+    /// Warm-up budget per checkpoint ([`WARM_PAGES`]) and most stale pages at a switch
+    /// ([`SWITCH_PAGES`]).
+    warm_pages: u64,
+    switch_pages: u64,
 }
 
 impl DirtyTracker {
     /// A tracker in log mode for a VM of `pages` pages; the caller has just turned the dirty
-    /// log on from a clean slate (so the first epoch's pages are what it collects).
-    pub fn new(pages: u64) -> DirtyTracker {
-        DirtyTracker { mode: TrackingMode::Log, pages, shadow: Vec::new(), stale: vec![0; pages.div_ceil(64) as usize] }
+    /// log on from a clean slate (so the first epoch's pages are what it collects). `shadow`
+    /// is the buffer of an earlier tracker of the same VM ([`DirtyTracker::into_shadow`]), kept
+    /// to spare its page faults; its contents count as out of date.
+    pub fn new(pages: u64, shadow: Option<Vec<u8>>) -> DirtyTracker {
+        let shadow = shadow.filter(|s| s.len() as u64 == pages * PAGE_SIZE).unwrap_or_default();
+        let mut stale = vec![!0u64; pages.div_ceil(64) as usize];
+        if let Some(last) = stale.last_mut() {
+            if pages % 64 != 0 {
+                *last = (1u64 << (pages % 64)) - 1;
+            }
+        }
+        DirtyTracker { mode: TrackingMode::Log, pages, shadow, stale, warm_cursor: 0, warm_pages: WARM_PAGES, switch_pages: SWITCH_PAGES }
+    }
+
+    /// Sets the warm-up budget per checkpoint and the most stale pages a switch copies (tests
+    /// use small ones).
+    pub fn set_warm_pages(&mut self, warm: u64, switch: u64) {
+        self.warm_pages = warm.max(1);
+        self.switch_pages = switch;
+    }
+
+    /// The shadow's buffer, for a later tracker of the same VM.
+    pub fn into_shadow(self) -> Vec<u8> {
+        self.shadow
     }
 
     /// The mode of the open epoch.
@@ -145,9 +183,6 @@ impl DirtyTracker {
 
     /// Pages whose shadow is out of date (what a switch to compare mode would copy).
     pub fn stale_pages(&self) -> u64 {
-        if self.shadow.is_empty() {
-            return self.pages;
-        }
         self.stale.iter().map(|w| w.count_ones() as u64).sum()
     }
 
@@ -157,10 +192,12 @@ impl DirtyTracker {
     /// next epoch in the mode `choose` picks from what was found. `mem` is all of guest memory
     /// as it is now.
     ///
-    /// A switch loses nothing: to compare mode, the shadow is brought up to date (every stale
-    /// page and every page of this epoch copied) and logging turned off; to log mode, logging
-    /// is turned on from a clean log, and the shadow, current now, goes stale page by page as
-    /// later epochs' logs say.
+    /// Switching to compare mode needs the shadow current: while more than [`SWITCH_PAGES`]
+    /// pages are stale, the tracker stays in log mode and copies up to [`WARM_PAGES`] stale
+    /// pages into the shadow instead (so no pause grows with the VM's size); then it copies the
+    /// rest and turns logging off. To log mode, logging is turned on
+    /// from a clean log, and the shadow, current now, goes stale page by page as later epochs'
+    /// logs say. Either way no page is lost.
     pub fn close_epoch(
         &mut self,
         mem: &[u8],
@@ -201,31 +238,65 @@ impl DirtyTracker {
             }
         }
         closed.find_ns = t.elapsed().as_nanos() as u64;
-        let next = choose(&closed);
+        closed.stale = self.stale_pages();
+        let mut next = choose(&closed);
         let t = Instant::now();
-        match (self.mode, next) {
-            (TrackingMode::Log, TrackingMode::Compare) => {
-                if self.shadow.is_empty() {
-                    self.shadow = mem.to_vec();
-                    closed.shadow_filled = self.pages;
-                } else {
-                    for p in pages_of_bits(&self.stale, self.pages) {
-                        let at = p as usize * PAGE;
-                        self.shadow[at..at + PAGE].copy_from_slice(&mem[at..at + PAGE]);
-                        closed.shadow_filled += 1;
-                    }
-                }
-                self.stale.iter_mut().for_each(|w| *w = 0);
+        if self.mode == TrackingMode::Log && next == TrackingMode::Compare {
+            if self.shadow.is_empty() {
+                self.shadow = new_shadow(mem.len());
+            }
+            if closed.stale > self.switch_pages {
+                closed.shadow_filled = self.warm(mem, self.warm_pages);
+                next = TrackingMode::Log;
+            } else {
+                closed.shadow_filled = self.warm(mem, u64::MAX);
                 log.set_enabled(false)?;
             }
-            (TrackingMode::Compare, TrackingMode::Log) => log.set_enabled(true)?,
-            _ => {}
+        } else if self.mode == TrackingMode::Compare && next == TrackingMode::Log {
+            log.set_enabled(true)?;
         }
         closed.switch_ns = t.elapsed().as_nanos() as u64;
         closed.next = Some(next);
         self.mode = next;
         Ok(closed)
     }
+
+    /// Copies up to `budget` stale pages from `mem` (memory at this checkpoint) into the
+    /// shadow, from where the last warm-up stopped; returns how many.
+    fn warm(&mut self, mem: &[u8], budget: u64) -> u64 {
+        let mut done = 0;
+        let words = self.stale.len() as u64;
+        for k in 0..words {
+            let i = ((self.warm_cursor / 64 + k) % words) as usize;
+            while self.stale[i] != 0 && done < budget {
+                let b = self.stale[i].trailing_zeros() as u64;
+                let at = (i as u64 * 64 + b) as usize * PAGE;
+                self.shadow[at..at + PAGE].copy_from_slice(&mem[at..at + PAGE]);
+                self.stale[i] &= !(1 << b);
+                done += 1;
+            }
+            if done >= budget {
+                self.warm_cursor = i as u64 * 64;
+                break;
+            }
+        }
+        done
+    }
+}
+
+/// A zeroed shadow buffer of `len` bytes, its pages not yet touched, asked to use transparent
+/// huge pages (first-touch faults dominate filling fresh memory on these hosts).
+fn new_shadow(len: usize) -> Vec<u8> {
+    let v = vec![0u8; len];
+    const HUGE: usize = 2 << 20;
+    let start = (v.as_ptr() as usize).next_multiple_of(HUGE);
+    let end = (v.as_ptr() as usize + len) & !(HUGE - 1);
+    if end > start {
+        // SAFETY: advice on whole pages inside our own allocation; it changes no contents and
+        // its failure (no THP support) is harmless.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+    }
+    v
 }
 
 /// Ascending page numbers of the set bits, below `pages`.
@@ -312,7 +383,10 @@ impl Chooser {
                 None => sample,
             });
         }
-        self.current = o.mode;
+        if o.mode != self.current {
+            self.since_switch = 0;
+            self.current = o.mode;
+        }
         self.since_switch = self.since_switch.saturating_add(1);
         let next = match (self.choice, cal) {
             (TrackingChoice::Fixed(m), _) => m,
@@ -327,9 +401,6 @@ impl Chooser {
                 }
             }
         };
-        if next != o.mode {
-            self.since_switch = 0;
-        }
         next
     }
 }
@@ -507,7 +578,8 @@ mod tests {
         let mut mem = vec![0u8; pages * PAGE];
         let mut replica = mem.clone();
         let mut log = ModelLog { on: true, bits: vec![0; pages.div_ceil(64)] };
-        let mut t = DirtyTracker::new(pages as u64);
+        let mut t = DirtyTracker::new(pages as u64, None);
+        t.set_warm_pages(32, 64);
         let mut seed = 0x1234_5678_9abc_def1u64;
         let mut rnd = move |n: u64| {
             seed ^= seed << 13;
@@ -516,6 +588,7 @@ mod tests {
             seed % n
         };
         let mut switches = 0;
+        let mut want = TrackingMode::Compare;
         for epoch in 0..400 {
             let mut vmm = vec![0u64; pages.div_ceil(64)];
             let writes = rnd(3) * rnd(60);
@@ -529,16 +602,22 @@ mod tests {
                     write(&mut mem, &mut log, p, b, v);
                 }
             }
-            let next = if rnd(3) == 0 { TrackingMode::Compare } else { TrackingMode::Log };
-            switches += (next != t.mode()) as u32;
-            let closed = t.close_epoch(&mem, &vmm, &mut log, |_| next).expect("close");
+            // What is wanted changes now and then (a warm-up takes several epochs).
+            if rnd(6) == 0 {
+                want = if want == TrackingMode::Log { TrackingMode::Compare } else { TrackingMode::Log };
+            }
+            let closed = t.close_epoch(&mem, &vmm, &mut log, |_| want).expect("close");
+            switches += (closed.next != closed.mode) as u32;
+            if closed.next == Some(TrackingMode::Compare) {
+                assert_eq!(t.stale_pages(), 0, "compare mode with a stale shadow");
+            }
             for p in closed.pages {
                 let at = p as usize * PAGE;
                 replica[at..at + PAGE].copy_from_slice(&mem[at..at + PAGE]);
             }
             assert!(replica == mem, "replica differs after epoch {epoch}");
         }
-        assert!(switches > 50);
+        assert!(switches > 30, "{switches} switches");
     }
 
     #[test]
