@@ -131,6 +131,9 @@ pub const WARM_PAGES: u64 = 1024;
 /// pause); with more, the tracker warms the shadow up first.
 pub const SWITCH_PAGES: u64 = 4096;
 
+/// A shadow this small is prepared at once (and deterministically, as the simulation needs).
+const INLINE_SHADOW: usize = 1 << 20;
+
 /// Per-VM tracking state while protected (see the module comment).
 pub struct DirtyTracker {
     mode: TrackingMode,
@@ -146,6 +149,8 @@ pub struct DirtyTracker {
     /// ([`SWITCH_PAGES`]).
     warm_pages: u64,
     switch_pages: u64,
+    /// The shadow's buffer being allocated and faulted in by another thread.
+    preparing: Option<std::thread::JoinHandle<Vec<u8>>>,
 }
 
 impl DirtyTracker {
@@ -161,7 +166,16 @@ impl DirtyTracker {
                 *last = (1u64 << (pages % 64)) - 1;
             }
         }
-        DirtyTracker { mode: TrackingMode::Log, pages, shadow, stale, warm_cursor: 0, warm_pages: WARM_PAGES, switch_pages: SWITCH_PAGES }
+        DirtyTracker {
+            mode: TrackingMode::Log,
+            pages,
+            shadow,
+            stale,
+            warm_cursor: 0,
+            warm_pages: WARM_PAGES,
+            switch_pages: SWITCH_PAGES,
+            preparing: None,
+        }
     }
 
     /// Sets the warm-up budget per checkpoint and the most stale pages a switch copies (tests
@@ -173,7 +187,10 @@ impl DirtyTracker {
 
     /// The shadow's buffer, for a later tracker of the same VM.
     pub fn into_shadow(self) -> Vec<u8> {
-        self.shadow
+        match self.preparing {
+            Some(h) if self.shadow.is_empty() => h.join().unwrap_or_default(),
+            _ => self.shadow,
+        }
     }
 
     /// The mode of the open epoch.
@@ -241,10 +258,23 @@ impl DirtyTracker {
         closed.stale = self.stale_pages();
         let mut next = choose(&closed);
         let t = Instant::now();
-        if self.mode == TrackingMode::Log && next == TrackingMode::Compare {
-            if self.shadow.is_empty() {
-                self.shadow = new_shadow(mem.len());
+        if self.mode == TrackingMode::Log && next == TrackingMode::Compare && self.shadow.is_empty() {
+            // Its pages are faulted in by another thread (first touch of fresh memory costs
+            // ~2.5 ms per MiB here): log mode until it is ready.
+            match self.preparing.take() {
+                Some(h) if h.is_finished() => self.shadow = h.join().map_err(|_| "the shadow's preparing thread panicked")?,
+                Some(h) => self.preparing = Some(h),
+                None if mem.len() <= INLINE_SHADOW => self.shadow = new_shadow(mem.len()),
+                None => {
+                    let len = mem.len();
+                    self.preparing = Some(std::thread::spawn(move || new_shadow(len)));
+                }
             }
+            if self.shadow.is_empty() {
+                next = TrackingMode::Log;
+            }
+        }
+        if self.mode == TrackingMode::Log && next == TrackingMode::Compare {
             if closed.stale > self.switch_pages {
                 closed.shadow_filled = self.warm(mem, self.warm_pages);
                 next = TrackingMode::Log;
@@ -284,10 +314,11 @@ impl DirtyTracker {
     }
 }
 
-/// A zeroed shadow buffer of `len` bytes, its pages not yet touched, asked to use transparent
-/// huge pages (first-touch faults dominate filling fresh memory on these hosts).
+/// A zeroed shadow buffer of `len` bytes, asked to use transparent huge pages, every page
+/// written once (first-touch faults dominate filling fresh memory on these hosts: this runs
+/// on its own thread, not in a checkpoint's pause).
 fn new_shadow(len: usize) -> Vec<u8> {
-    let v = vec![0u8; len];
+    let mut v = vec![0u8; len];
     const HUGE: usize = 2 << 20;
     let start = (v.as_ptr() as usize).next_multiple_of(HUGE);
     let end = (v.as_ptr() as usize + len) & !(HUGE - 1);
@@ -295,6 +326,11 @@ fn new_shadow(len: usize) -> Vec<u8> {
         // SAFETY: advice on whole pages inside our own allocation; it changes no contents and
         // its failure (no THP support) is harmless.
         unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+    }
+    for i in (0..len).step_by(PAGE) {
+        // Volatile: a write the compiler cannot drop, so that the page is really allocated.
+        // SAFETY: `i < len`, inside the vector.
+        unsafe { std::ptr::write_volatile(v.as_mut_ptr().add(i), 0) };
     }
     v
 }
