@@ -232,6 +232,14 @@ pub fn encode(msg: &Msg) -> Vec<u8> {
 /// Reads one frame. [`WireError::Closed`] means the peer closed between frames; a close
 /// inside a frame is [`WireError::Truncated`].
 pub fn read_msg(r: &mut impl Read) -> Result<Msg, WireError> {
+    read_msg_recycling(r, &mut Vec::new())
+}
+
+/// Reads one frame, as [`read_msg`]; a [`Msg::Pages`] frame's page data is read straight from
+/// `r` into a buffer taken from `spare` (an applied checkpoint's, whose pages are already
+/// mapped), not copied out of a payload buffer: the backup's receive path is then the socket's
+/// one copy into the staging buffer, and staging's one copy into the replica.
+pub fn read_msg_recycling(r: &mut impl Read, spare: &mut Vec<Vec<u8>>) -> Result<Msg, WireError> {
     let mut header = [0u8; 9];
     match read_full(r, &mut header)? {
         0 => return Err(WireError::Closed),
@@ -247,6 +255,9 @@ pub fn read_msg(r: &mut impl Read) -> Result<Msg, WireError> {
     if len > MAX_PAYLOAD {
         return Err(WireError::TooLong(len));
     }
+    if kind == K_PAGES {
+        return read_pages(r, &header, len, spare);
+    }
     let mut payload = vec![0u8; len + 4];
     if read_full(r, &mut payload)? != payload.len() {
         return Err(WireError::Truncated(kind_name(kind)));
@@ -260,6 +271,74 @@ pub fn read_msg(r: &mut impl Read) -> Result<Msg, WireError> {
         return Err(WireError::BadChecksum(kind_name(kind)));
     }
     decode_payload(kind, payload)
+}
+
+/// The rest of a [`Msg::Pages`] frame of payload length `len`: its fixed fields and page
+/// list, then the page data read into a recycled buffer, then the checksum over all of it.
+fn read_pages(r: &mut impl Read, header: &[u8; 9], len: usize, spare: &mut Vec<Vec<u8>>) -> Result<Msg, WireError> {
+    let name = kind_name(K_PAGES);
+    let bad = |reason: String| WireError::Malformed { kind: name, reason };
+    let mut exact = |buf: &mut [u8]| -> Result<(), WireError> {
+        if read_full(r, buf)? != buf.len() {
+            return Err(WireError::Truncated(name));
+        }
+        Ok(())
+    };
+    if len < 12 {
+        // Too short for its fixed fields: read it whole (the checksum decides what to say).
+        let mut rest = vec![0u8; len + 4];
+        exact(&mut rest)?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&header[4..]);
+        crc.update(&rest[..len]);
+        if crc.finalize().to_le_bytes() != rest[len..] {
+            return Err(WireError::BadChecksum(name));
+        }
+        return Err(bad(format!("cut short in {}", if len < 8 { "epoch" } else { "page count" })));
+    }
+    let mut fixed = [0u8; 12];
+    exact(&mut fixed)?;
+    let epoch = u64::from_le_bytes(fixed[..8].try_into().unwrap_or([0; 8]));
+    let n = u32::from_le_bytes(fixed[8..].try_into().unwrap_or([0; 4])) as usize;
+    // The announced sizes must add up before anything is allocated for them.
+    let list_len = n.checked_mul(8).filter(|l| 12 + l <= len);
+    let data_len = n.checked_mul(PAGE);
+    let (Some(list_len), Some(data_len)) = (list_len, data_len) else {
+        let mut rest = vec![0u8; len - 12 + 4];
+        exact(&mut rest)?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&header[4..]);
+        crc.update(&fixed);
+        crc.update(&rest[..len - 12]);
+        if crc.finalize().to_le_bytes() != rest[len - 12..] {
+            return Err(WireError::BadChecksum(name));
+        }
+        return Err(bad("cut short in page numbers".into()));
+    };
+    let mut list = vec![0u8; list_len];
+    exact(&mut list)?;
+    let rest_len = len - 12 - list_len;
+    let mut data = spare.pop().unwrap_or_default();
+    // A recycled buffer is only shortened (no zeroing); a new one is zeroed once.
+    data.resize(rest_len, 0);
+    exact(&mut data)?;
+    let mut crc_got = [0u8; 4];
+    exact(&mut crc_got)?;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&header[4..]);
+    crc.update(&fixed);
+    crc.update(&list);
+    crc.update(&data);
+    if crc.finalize().to_le_bytes() != crc_got {
+        spare.push(data);
+        return Err(WireError::BadChecksum(name));
+    }
+    if rest_len != data_len {
+        spare.push(data);
+        return Err(bad(format!("{n} pages announced but {rest_len} bytes of data")));
+    }
+    let pages = list.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+    Ok(Msg::Pages { epoch, pages, data })
 }
 
 /// Decodes a whole frame held in `bytes` (which must contain exactly one frame).
@@ -488,6 +567,25 @@ pub fn write_pages(w: &mut impl Write, epoch: u64, pages: &[u64], data: &[u8]) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pages_read_into_a_recycled_buffer_are_the_pages_sent() {
+        let data: Vec<u8> = (0..3 * PAGE).map(|i| (i * 7 % 251) as u8).collect();
+        let msg = Msg::Pages { epoch: 9, pages: vec![2, 3, 10], data };
+        let bytes = encode(&msg);
+        // A longer recycled buffer full of something else.
+        let mut spare = vec![vec![0xAA; 5 * PAGE]];
+        assert_eq!(read_msg_recycling(&mut &bytes[..], &mut spare), Ok(msg.clone()));
+        assert!(spare.is_empty(), "the buffer was used");
+        // A flipped byte in the page data: refused by the checksum, the buffer kept.
+        let mut bad = bytes.clone();
+        bad[9 + 12 + 24 + 100] ^= 1;
+        let mut spare = vec![Vec::new()];
+        assert_eq!(read_msg_recycling(&mut &bad[..], &mut spare), Err(WireError::BadChecksum("pages")));
+        assert_eq!(spare.len(), 1);
+        // Truncated inside the data.
+        assert_eq!(read_msg_recycling(&mut &bytes[..bytes.len() - 5000], &mut Vec::new()), Err(WireError::Truncated("pages")));
+    }
     use proptest::prelude::*;
 
     fn samples() -> Vec<Msg> {

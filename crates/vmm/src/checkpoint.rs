@@ -457,43 +457,58 @@ impl Replica {
     /// length; the vCPU blob parses), and only then writes pages, vCPU, clock and epoch. A
     /// refused checkpoint leaves the replica as it was.
     pub fn apply(&mut self, c: &Checkpoint) -> Result<()> {
-        self.validate(c).map_err(|reason| Error::Checkpoint { epoch: c.epoch, reason })?;
+        self.apply_parts(c.epoch, &[(&c.pages, &c.data)], &c.vcpu, c.guest_ns)
+    }
+
+    /// As [`Replica::apply`], for a checkpoint received as several parts (page numbers and
+    /// their data, in order, as the frames brought them): each page is copied once, from the
+    /// buffer it was received into to its place in the replica.
+    pub fn apply_parts<P: AsRef<[u64]>, D: AsRef<[u8]>>(&mut self, epoch: u64, parts: &[(P, D)], vcpu: &[u8], guest_ns: u64) -> Result<()> {
+        self.validate(epoch, parts, vcpu).map_err(|reason| Error::Checkpoint { epoch, reason })?;
         let mem = self.mem.as_mut_slice()?;
-        let mut src = 0;
-        for (first, count) in runs(&c.pages) {
-            let (at, len) = (first as usize * PAGE, count as usize * PAGE);
-            mem[at..at + len].copy_from_slice(&c.data[src..src + len]);
-            src += len;
+        for (pages, data) in parts {
+            let (pages, data) = (pages.as_ref(), data.as_ref());
+            let mut src = 0;
+            for (first, count) in runs(pages) {
+                let (at, len) = (first as usize * PAGE, count as usize * PAGE);
+                mem[at..at + len].copy_from_slice(&data[src..src + len]);
+                src += len;
+            }
         }
-        self.vcpu = Some(c.vcpu.clone());
-        self.guest_ns = c.guest_ns;
-        self.epoch = c.epoch;
+        self.vcpu = Some(vcpu.to_vec());
+        self.guest_ns = guest_ns;
+        self.epoch = epoch;
         Ok(())
     }
 
-    fn validate(&self, c: &Checkpoint) -> Result<(), String> {
-        if c.epoch == 0 {
+    fn validate<P: AsRef<[u64]>, D: AsRef<[u8]>>(&self, epoch: u64, parts: &[(P, D)], vcpu: &[u8]) -> Result<(), String> {
+        if epoch == 0 {
             return Err("epoch 0 (epochs start at 1)".into());
         }
-        if self.epoch != 0 && c.epoch != self.epoch + 1 {
+        if self.epoch != 0 && epoch != self.epoch + 1 {
             return Err(format!("does not follow the last applied epoch {}", self.epoch));
         }
         let pages = self.mem.pages();
         let mut prev = None;
-        for (i, &p) in c.pages.iter().enumerate() {
-            if p >= pages {
-                return Err(format!("page {p} (entry {i}) is outside guest memory ({pages} pages)"));
+        let mut i = 0usize;
+        for (list, data) in parts {
+            let (list, data) = (list.as_ref(), data.as_ref());
+            for &p in list {
+                if p >= pages {
+                    return Err(format!("page {p} (entry {i}) is outside guest memory ({pages} pages)"));
+                }
+                if prev.is_some_and(|q| p <= q) {
+                    return Err(format!("page {p} (entry {i}) is not above the one before it"));
+                }
+                prev = Some(p);
+                i += 1;
             }
-            if prev.is_some_and(|q| p <= q) {
-                return Err(format!("page {p} (entry {i}) is not above the one before it"));
+            let want = list.len().checked_mul(PAGE).ok_or("too many pages")?;
+            if data.len() != want {
+                return Err(format!("{} bytes of page data for {} pages (expected {want})", data.len(), list.len()));
             }
-            prev = Some(p);
         }
-        let want = c.pages.len().checked_mul(PAGE).ok_or("too many pages")?;
-        if c.data.len() != want {
-            return Err(format!("{} bytes of page data for {} pages (expected {want})", c.data.len(), c.pages.len()));
-        }
-        VcpuState::parse(&c.vcpu).map_err(|e| format!("vCPU state: {e}"))?;
+        VcpuState::parse(vcpu).map_err(|e| format!("vCPU state: {e}"))?;
         Ok(())
     }
 }
