@@ -59,6 +59,12 @@ pub struct Args {
     /// `replication`: dirty tracking of the protected VMs (auto, log, compare).
     #[arg(long, default_value = "auto")]
     tracking: vmm::TrackingChoice,
+    /// `replication`: compression of checkpoint pages on the wire (auto, on, off).
+    #[arg(long, default_value = "auto")]
+    compression: replication::compress::Compression,
+    /// `replication`: limit the replication link to this many Mbit/s (tc), e.g. 1000.
+    #[arg(long)]
+    link_mbit: Option<u32>,
     /// `replication`: seconds `compute` may run (beyond, its time is estimated from its
     /// progress).
     #[arg(long, default_value_t = 300)]
@@ -129,6 +135,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             failover_only: args.failover_only,
             json: args.json,
             tracking: args.tracking,
+            compression: args.compression,
+            link_mbit: args.link_mbit,
             compute_limit: Duration::from_secs(args.compute_limit),
         };
         crate::replication::run(&args.policies, &opts)?;

@@ -49,6 +49,9 @@ struct Epochs {
     switches: usize,
     /// Time finding dirty pages, summed (ms).
     find_ms: f64,
+    /// Page frame bytes on the wire, and checkpoints sent compressed.
+    wire_bytes: f64,
+    compressed: usize,
 }
 
 fn parse_epochs(text: &str) -> Epochs {
@@ -65,6 +68,8 @@ fn parse_epochs(text: &str) -> Epochs {
         e.compare += (r.tracking == Some(vmm::TrackingMode::Compare)) as usize;
         e.switches += (r.tracking != r.next_tracking) as usize;
         e.find_ms += ms(r.find_ns);
+        e.wire_bytes += r.wire_bytes as f64;
+        e.compressed += r.compressed as usize;
     }
     e
 }
@@ -81,8 +86,9 @@ struct Bed {
     _arbiter: Proc,
     images: std::collections::HashMap<&'static str, PathBuf>,
     run: usize,
-    /// `--tracking` of the protected VMs.
+    /// `--tracking` and `--compression` of the protected VMs.
     tracking: vmm::TrackingChoice,
+    compression: replication::compress::Compression,
 }
 
 impl Bed {
@@ -118,6 +124,7 @@ impl Bed {
         if let Some(p) = policy {
             args.extend(Host::A.protect_args(&Host::B.backup_addr(), image));
             args.extend(s(&["--policy", p, "--stats", "--tracking", &self.tracking.to_string()]));
+            args.extend(s(&["--compression", &self.compression.to_string()]));
         }
         args.push("--".into());
         args.extend(s(guest_args));
@@ -237,6 +244,10 @@ pub struct Options {
     pub json: bool,
     /// Dirty tracking of the protected VMs.
     pub tracking: vmm::TrackingChoice,
+    /// Compression of their checkpoints on the wire.
+    pub compression: replication::compress::Compression,
+    /// Limit the replication link to this many Mbit/s (tc in host A's namespace).
+    pub link_mbit: Option<u32>,
     /// How long `compute` may run; a run that takes longer is stopped and its time estimated
     /// from its progress.
     pub compute_limit: Duration,
@@ -269,7 +280,19 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
     let tb = Testbed::new("bench").map_err(anyhow::Error::msg)?;
     let mut arbiter = spawn(&tb.switch, &testbed::twohost::arbiter_args(&dir.join("arbiter.leases")), dir.join("arbiter.log"))?;
     wait_for(&mut arbiter, "serving leases", 10)?;
-    let mut bed = Bed { tb, dir: dir.clone(), _arbiter: arbiter, images, run: 0, tracking: opts.tracking };
+    if let Some(mbit) = opts.link_mbit {
+        // The replication link from host A, limited to `mbit` (a token bucket, as a real link
+        // of that rate would be).
+        let rate = format!("{mbit}mbit");
+        let out = Testbed::command(&tb.a, "tc")
+            .args(["qdisc", "replace", "dev", "rep", "root", "tbf", "rate", &rate, "burst", "256kb", "latency", "50ms"])
+            .output()
+            .context("cannot run tc (package iproute2)")?;
+        if !out.status.success() {
+            bail!("tc on the replication link: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+    }
+    let mut bed = Bed { tb, dir: dir.clone(), _arbiter: arbiter, images, run: 0, tracking: opts.tracking, compression: opts.compression };
     let mut rows = Vec::new();
     let modes: Vec<Option<&str>> = std::iter::once(None).chain(policies.iter().map(|p| Some(p.as_str()))).collect();
     let modes = if failover_only { vec![] } else { modes };
@@ -360,7 +383,7 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
                     "median_ack_ms": median(&r.epochs.ack_ms), "median_output_delay_ms": median(&r.epochs.delay_ms),
                     "taken_over_during": r.spoiled, "suspicions": r.suspicions,
                     "compute_estimated": r.compute_estimated, "compare_epochs": r.epochs.compare, "tracking_switches": r.epochs.switches,
-                    "bytes_sent": r.epochs.bytes, "cpu_primary_s": r.cpu_primary, "cpu_backup_s": r.cpu_backup, "find_ms_total": r.epochs.find_ms,
+                    "bytes_sent": r.epochs.bytes, "wire_bytes": r.epochs.wire_bytes, "compressed_checkpoints": r.epochs.compressed, "cpu_primary_s": r.cpu_primary, "cpu_backup_s": r.cpu_backup, "find_ms_total": r.epochs.find_ms,
                 })
             })
             .collect();
@@ -414,23 +437,28 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
         );
     }
     println!(
-        "\nAccounting (tracking {}): share of epochs tracked by comparing memory, switches, time finding dirty pages, checkpoint page bytes sent, CPU time of the primary's and the backup's processes (all four workloads; the unprotected primary's is the guests' own)",
-        bed.tracking
+        "\nAccounting (tracking {}, compression {}{}): share of epochs tracked by comparing memory, switches, time finding dirty pages, checkpoint page bytes, their bytes on the wire, share of checkpoints compressed, CPU time of the primary's and the backup's processes (all four workloads; the unprotected primary's is the guests' own)",
+        bed.tracking,
+        bed.compression,
+        opts.link_mbit.map(|m| format!(", replication link {m} Mbit/s")).unwrap_or_default()
     );
     println!(
-        "{:<14} {:>8} {:>9} {:>9} {:>10} {:>10} {:>12} {:>11}",
-        "policy", "epochs", "compare", "switches", "find ms", "MB sent", "CPU primary", "CPU backup"
+        "{:<14} {:>8} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10} {:>12} {:>11}",
+        "policy", "epochs", "compare", "switches", "find ms", "page MB", "wire MB", "compressed", "CPU primary", "CPU backup"
     );
     for r in &rows {
         let share = if r.epochs.n > 0 { format!("{:.0} %", 100.0 * r.epochs.compare as f64 / r.epochs.n as f64) } else { "–".into() };
+        let zshare = if r.epochs.n > 0 { format!("{:.0} %", 100.0 * r.epochs.compressed as f64 / r.epochs.n as f64) } else { "–".into() };
         println!(
-            "{:<14} {:>8} {:>9} {:>9} {:>10.0} {:>10.0} {:>10.1} s {:>9.1} s",
+            "{:<14} {:>8} {:>9} {:>9} {:>10.0} {:>10.0} {:>10.0} {:>10} {:>10.1} s {:>9.1} s",
             r.policy,
             r.epochs.n,
             share,
             r.epochs.switches,
             r.epochs.find_ms,
             r.epochs.bytes / 1e6,
+            r.epochs.wire_bytes / 1e6,
+            zshare,
             r.cpu_primary,
             r.cpu_backup
         );
@@ -456,7 +484,7 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
         );
     }
     let all: Vec<&Epochs> = rows.iter().skip(1).map(|r| &r.epochs).collect();
-    let bytes: f64 = all.iter().map(|e| e.bytes).sum();
+    let bytes: f64 = all.iter().map(|e| e.wire_bytes).sum();
     let transfer: f64 = all.iter().map(|e| e.transfer_ms).sum();
     println!("\nCheckpoint pause against dirty pages (the counter guest dirties a chosen number of pages; median of 7)");
     println!("{:>12} {:>12} {:>12} {:>12} {:>12}", "dirty pages", "pause ms", "copy ms", "GB/s copy", "call ms");
@@ -465,7 +493,7 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
         println!("{pages:>12.0} {pause:>12.3} {copy:>12.3} {rate:>12.2} {call:>12.3}");
     }
     println!(
-        "\nCheckpoint throughput to the backup: {:.0} MB in {:.0} ms of sending = {:.0} MB/s (all protected runs)",
+        "\nCheckpoint throughput to the backup: {:.0} MB on the wire in {:.0} ms of sending = {:.0} MB/s (all protected runs)",
         bytes / 1e6,
         transfer,
         if transfer > 0.0 { bytes / 1e6 / (transfer / 1e3) } else { 0.0 }

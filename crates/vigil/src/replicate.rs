@@ -57,6 +57,10 @@ pub struct ProtectArgs {
     /// on this host), log (KVM's dirty log) or compare (against the last checkpoint's copy).
     #[arg(long, default_value = "auto")]
     pub tracking: vmm::TrackingChoice,
+    /// Whether checkpoint pages travel compressed (LZ4): auto (per checkpoint, when the link
+    /// is the bottleneck, as measured), on or off.
+    #[arg(long, default_value = "auto")]
+    pub compression: replication::compress::Compression,
     /// Serve Prometheus metrics (GET /metrics) and the policy switch (POST /policy) here.
     #[arg(long, value_name = "HOST:PORT")]
     pub control: Option<String>,

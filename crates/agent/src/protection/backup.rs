@@ -434,6 +434,7 @@ fn take_over(
         state_file: opts.state_file.clone(),
         key: opts.key.clone(),
         vcpu_sched: opts.vcpu_sched.clone(),
+        compression: Default::default(),
     };
     primary::run(vm, ctl, inbox, popts, Start::TakeOver { granted_at: grant.at, gen: grant.gen }, clock)
 }

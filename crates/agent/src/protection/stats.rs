@@ -41,6 +41,11 @@ pub struct EpochStats {
     pub find_ns: u64,
     #[serde(default)]
     pub switch_ns: u64,
+    /// Bytes of the page frames on the wire, and whether they were compressed.
+    #[serde(default)]
+    pub wire_bytes: u64,
+    #[serde(default)]
+    pub compressed: bool,
 }
 
 impl EpochStats {
@@ -82,6 +87,9 @@ pub struct Stats {
     pub takeovers: u64,
     /// Acknowledged epochs tracked by comparing memory.
     pub compare_epochs: u64,
+    /// Page frame bytes on the wire, and checkpoints sent compressed.
+    pub wire_bytes_total: u64,
+    pub compressed: u64,
     pub last: EpochStats,
 }
 
@@ -101,6 +109,13 @@ impl Stats {
         metric("checkpoints_total", "counter", "Checkpoints acknowledged.", self.checkpoints.to_string());
         metric("pause_seconds_total", "counter", "Time the VM spent paused for checkpoints.", s(self.pause_ns_total).to_string());
         metric("bytes_total", "counter", "Checkpoint page bytes sent to the backup.", self.bytes_total.to_string());
+        metric(
+            "wire_bytes_total",
+            "counter",
+            "Bytes of checkpoint page frames on the wire (after compression).",
+            self.wire_bytes_total.to_string(),
+        );
+        metric("compressed_total", "counter", "Checkpoints whose pages travelled compressed.", self.compressed.to_string());
         metric("dirty_pages_total", "counter", "Dirty pages checkpointed.", self.pages_total.to_string());
         metric(
             "output_delay_seconds_total",
