@@ -485,6 +485,7 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
     }
     let all: Vec<&Epochs> = rows.iter().skip(1).map(|r| &r.epochs).collect();
     let bytes: f64 = all.iter().map(|e| e.wire_bytes).sum();
+    let page_bytes: f64 = all.iter().map(|e| e.bytes).sum();
     let transfer: f64 = all.iter().map(|e| e.transfer_ms).sum();
     println!("\nCheckpoint pause against dirty pages (the counter guest dirties a chosen number of pages; median of 7)");
     println!("{:>12} {:>12} {:>12} {:>12} {:>12}", "dirty pages", "pause ms", "copy ms", "GB/s copy", "call ms");
@@ -493,9 +494,11 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
         println!("{pages:>12.0} {pause:>12.3} {copy:>12.3} {rate:>12.2} {call:>12.3}");
     }
     println!(
-        "\nCheckpoint throughput to the backup: {:.0} MB on the wire in {:.0} ms of sending = {:.0} MB/s (all protected runs)",
+        "\nCheckpoint throughput to the backup: {:.0} MB of pages ({:.0} MB on the wire) in {:.0} ms of sending = {:.0} MB/s of pages, {:.0} MB/s on the wire (all protected runs)",
+        page_bytes / 1e6,
         bytes / 1e6,
         transfer,
+        if transfer > 0.0 { page_bytes / 1e6 / (transfer / 1e3) } else { 0.0 },
         if transfer > 0.0 { bytes / 1e6 / (transfer / 1e3) } else { 0.0 }
     );
     for (runs, client) in [(&failover, "a default Linux client"), (&failover_fast_client, "a client with rto_min 10ms on its route")] {

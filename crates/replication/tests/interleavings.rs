@@ -12,9 +12,9 @@
 //!   behind every output any client has seen;
 //! - the backup applies only whole checkpoints, in order: after each commit its memory equals
 //!   the primary's memory at that checkpoint, byte for byte — with the model VM's dirty pages
-//!   found by the VMM's own tracker (`vmm::tracking::DirtyTracker`) over a model dirty log,
-//!   its mode switched at random between the dirty log and comparing against the last
-//!   checkpoint, some writes made by the "VMM" (unseen by the log) and some returning a page to
+//!   found by the VMM's own tracker (`vmm::tracking::DirtyTracker`) over a model dirty log
+//!   (with manual protection, as KVM here), its mode switched at random among the dirty log,
+//!   comparing against the last checkpoint and the hybrid of both, some writes made by the "VMM" (unseen by the log) and some returning a page to
 //!   an earlier content;
 //! - and, without faults, output flows and a crashed primary is replaced within the timeout
 //!   plus the lease.
@@ -100,12 +100,21 @@ struct ModelLog {
     bits: u64,
 }
 
+/// With manual protection, as this project's KVM has: a collection leaves the bits set (the
+/// pages writable) until they are cleared.
 impl DirtyLog for ModelLog {
-    fn get_and_clear(&mut self) -> Result<Vec<u64>, String> {
+    fn get(&mut self) -> Result<Vec<u64>, String> {
         if !self.on {
             return Err("the model's dirty log is off".into());
         }
-        Ok(vec![std::mem::take(&mut self.bits)])
+        Ok(vec![self.bits])
+    }
+    fn manual(&self) -> bool {
+        true
+    }
+    fn clear(&mut self, bits: &[u64]) -> Result<(), String> {
+        self.bits &= !bits.first().copied().unwrap_or(0);
+        Ok(())
     }
     fn set_enabled(&mut self, on: bool) -> Result<(), String> {
         self.on = on;
@@ -130,6 +139,8 @@ struct ModelVm {
     /// Epochs closed in compare mode, and switches of mode.
     compare_epochs: u64,
     switches: u64,
+    hybrid_epochs: u64,
+    hot_max: u64,
     disk: [u64; DISK],
     state: u64,
     dirty: HashSet<usize>,
@@ -156,6 +167,8 @@ impl ModelVm {
             tracker: None,
             compare_epochs: 0,
             switches: 0,
+            hybrid_epochs: 0,
+            hot_max: 0,
             disk,
             state,
             dirty: HashSet::new(),
@@ -192,6 +205,8 @@ impl ModelVm {
         let vmm = [std::mem::take(&mut self.vmm_written)];
         let closed = t.close_epoch(&self.bytes, &vmm, &mut self.log, |_| next).expect("tracker");
         self.compare_epochs += (closed.mode == Some(TrackingMode::Compare)) as u64;
+        self.hybrid_epochs += (closed.mode == Some(TrackingMode::Hybrid)) as u64;
+        self.hot_max = self.hot_max.max(t.hot_pages());
         self.switches += (closed.mode != closed.next) as u64;
         closed.pages.iter().map(|&p| p as usize).collect()
     }
@@ -429,7 +444,7 @@ impl World {
                     p.sync_session = Some(session);
                 }
                 primary::Action::Checkpoint => {
-                    let next = if self.track_rng.chance(0.4) { TrackingMode::Compare } else { TrackingMode::Log };
+                    let next = [TrackingMode::Log, TrackingMode::Compare, TrackingMode::Hybrid][self.track_rng.below(3) as usize];
                     let p = &mut self.primaries[i];
                     p.vm.epoch += 1;
                     let epoch = p.vm.epoch;
@@ -877,6 +892,7 @@ fn without_faults_output_flows_and_the_vm_stays_protected() {
     assert!(w.takeovers.is_empty());
     // The tracker really switched between its modes along the way.
     assert!(p.vm.compare_epochs > 5 && p.vm.switches > 5, "{} compare epochs, {} switches", p.vm.compare_epochs, p.vm.switches);
+    assert!(p.vm.hybrid_epochs > 5 && p.vm.hot_max > 0, "{} hybrid epochs, at most {} hot pages", p.vm.hybrid_epochs, p.vm.hot_max);
 }
 
 #[test]

@@ -85,6 +85,8 @@ pub struct Checkpoint {
     /// Of `pause_ns`, the time a switch of tracking took (bringing the shadow up to date,
     /// turning logging on or off).
     pub switch_ns: u64,
+    /// Hybrid mode: the hot pages (writable, compared) after this checkpoint.
+    pub hot_pages: u64,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -104,6 +106,7 @@ impl std::fmt::Debug for Checkpoint {
             .field("next_tracking", &self.next_tracking)
             .field("find_ns", &self.find_ns)
             .field("switch_ns", &self.switch_ns)
+            .field("hot_pages", &self.hot_pages)
             .finish()
     }
 }
@@ -149,7 +152,8 @@ impl Vm {
             let _ = crate::tracking::host_calibration();
         }
         let tracker = DirtyTracker::new(self.mem.pages(), self.spare_shadow.take());
-        self.protection = Some(Protection { epoch, tracker, chooser: Chooser::new(self.config.tracking) });
+        let chooser = Chooser::new(self.config.tracking, self.manual_protect());
+        self.protection = Some(Protection { epoch, tracker, chooser });
         Ok(())
     }
 
@@ -235,14 +239,21 @@ impl Vm {
             return Err(Error::Checkpoint { epoch, reason: "the VM is not protected".into() });
         };
         let mem = mem.as_slice().map_err(fail)?;
+        if let Some(cal) = calibration.as_ref() {
+            // Keep a page hot while a comparison per epoch is cheaper than the fault it would
+            // take when written again.
+            tracker.set_demote_after((cal.fault_ns / cal.compare_ns_per_page.max(1.0)).clamp(2.0, 64.0) as u8);
+        }
+        let hot = tracker.hot_pages();
         let closed = tracker
             .close_epoch(mem, &vmm_written, &mut log, |c| {
                 let mode = c.mode.unwrap_or(TrackingMode::Log);
-                let o = Observation { mode, dirty: c.pages.len() as u64, pages: total, find_ns: c.find_ns };
+                let o = Observation { mode, dirty: c.pages.len() as u64, pages: total, find_ns: c.find_ns, hot };
                 chooser.next(&o, calibration.as_ref())
             })
             .map_err(|reason| Error::Checkpoint { epoch, reason: format!("dirty tracking: {reason}") })?;
         let pages = closed.pages;
+        let tracker_hot = tracker.hot_pages();
         let copy_start = Instant::now();
         data.clear();
         reserve_staging(&mut data, pages.len() * PAGE);
@@ -283,6 +294,7 @@ impl Vm {
             next_tracking: closed.next,
             find_ns: closed.find_ns,
             switch_ns: closed.switch_ns,
+            hot_pages: tracker_hot,
         })
     }
 

@@ -163,20 +163,53 @@ fn slot_region(vm: &VmFd, size: u64, host_base: u64, log_dirty: bool) -> Result<
     unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
 }
 
+const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: u64 = 168;
+/// `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`.
+const KVM_CLEAR_DIRTY_LOG: u64 = 0xC018_AEC0;
+
+/// Clears the dirty bits `bits` (one per page of slot 0, `pages` pages) and write-protects
+/// those pages again (manual dirty-log protection).
+fn clear_dirty_log(vm: &VmFd, pages: u64, bits: &[u64]) -> std::result::Result<(), String> {
+    if (bits.len() as u64) < pages.div_ceil(64) {
+        return Err(format!("a dirty bitmap of {} words for {pages} pages", bits.len()));
+    }
+    let mut arg = kvm_bindings::kvm_clear_dirty_log { slot: 0, num_pages: pages as u32, first_page: 0, ..Default::default() };
+    arg.__bindgen_anon_1.dirty_bitmap = bits.as_ptr() as *mut libc::c_void;
+    // SAFETY: KVM reads `pages` bits from the bitmap, which holds at least that many (checked
+    // above) and outlives the call; the VM fd is ours.
+    let r = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(vm), KVM_CLEAR_DIRTY_LOG as _, &arg) };
+    if r < 0 {
+        return Err(format!("KVM_CLEAR_DIRTY_LOG: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// KVM's dirty log of a VM's memory, as [`crate::tracking::DirtyLog`] sees it.
 pub(crate) struct KvmLog<'a> {
     vm: &'a VmFd,
     mem_size: u64,
     host_base: Result<u64>,
     logging: &'a mut bool,
+    manual: bool,
 }
 
 impl crate::tracking::DirtyLog for KvmLog<'_> {
-    fn get_and_clear(&mut self) -> std::result::Result<Vec<u64>, String> {
+    fn get(&mut self) -> std::result::Result<Vec<u64>, String> {
         if !*self.logging {
             return Err("dirty logging is off".into());
         }
         self.vm.get_dirty_log(0, self.mem_size as usize).map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"))
+    }
+
+    fn manual(&self) -> bool {
+        self.manual
+    }
+
+    fn clear(&mut self, bits: &[u64]) -> std::result::Result<(), String> {
+        if self.manual {
+            clear_dirty_log(self.vm, self.mem_size / vmm_abi::PAGE_SIZE, bits)?;
+        }
+        Ok(())
     }
 
     fn set_enabled(&mut self, on: bool) -> std::result::Result<(), String> {
@@ -199,6 +232,9 @@ pub struct Vm {
     pub(crate) tap: Option<Tap>,
     console: crate::devices::console::Console,
     pub(crate) dirty_logging: bool,
+    /// KVM's manual dirty-log protection is on: a collection must say which pages to
+    /// write-protect again ([`clear_dirty_log`]).
+    manual_protect: bool,
     paused: bool,
     /// KVM_RUN left an exit whose completion needs one more KVM_RUN (see `settle`).
     unsettled: bool,
@@ -243,6 +279,13 @@ impl Vm {
         }
         let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        // Manual dirty-log protection: collecting the log does not write-protect the pages
+        // again, the VMM says which to (so hot pages can stay writable: `tracking::Hot`).
+        let manual_protect = vm.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) & 1 != 0 && {
+            let cap =
+                kvm_bindings::kvm_enable_cap { cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 as u32, args: [1, 0, 0, 0], ..Default::default() };
+            vm.enable_cap(&cap).is_ok()
+        };
         let mem = match mem {
             Some(m) if m.size() != mem_bytes => {
                 return Err(Error::Config(format!("memory of {} bytes for a VM configured with {mem_bytes}", m.size())))
@@ -270,6 +313,7 @@ impl Vm {
             tap,
             console: crate::devices::console::Console::new(console),
             dirty_logging: false,
+            manual_protect,
             paused: false,
             unsettled: false,
             exits: 0,
@@ -297,6 +341,7 @@ impl Vm {
                 mem_size: self.mem.size(),
                 host_base: self.mem.host_base().map(|b| b as u64),
                 logging: &mut self.dirty_logging,
+                manual: self.manual_protect,
             },
             &self.mem,
             self.protection.as_mut(),
@@ -339,6 +384,11 @@ impl Vm {
         Ok(())
     }
 
+    /// Whether KVM's manual dirty-log protection is on (hybrid tracking possible).
+    pub fn manual_protect(&self) -> bool {
+        self.manual_protect
+    }
+
     /// The current state.
     pub fn status(&self) -> Status {
         Status {
@@ -373,6 +423,9 @@ impl Vm {
             return Err(Error::Config("dirty logging is off (start it first)".into()));
         }
         let mut bits = self.vm.get_dirty_log(0, self.mem.size() as usize).map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+        if self.manual_protect {
+            clear_dirty_log(&self.vm, self.mem.pages(), &bits).map_err(Error::Config)?;
+        }
         let vmm = self.mem.take_vmm_dirty();
         for (b, v) in bits.iter_mut().zip(vmm) {
             *b |= v;

@@ -555,8 +555,8 @@ fn kv_fails_over_to_the_replica_with_state_and_connection() {
 }
 
 /// Dirty tracking (`vmm::tracking`) on real KVM: a guest writing random bytes of random pages at
-/// a varying rate (some writes leaving a page as it was); epochs under log mode, compare mode and
-/// the automatic choice, with switches forced between them at chosen epochs. After every epoch
+/// a varying rate (some writes leaving a page as it was); epochs under log, compare and hybrid
+/// mode and the automatic choice, with switches forced between them at chosen epochs. After every epoch
 /// the primary is paused and its memory compared with the replica byte for byte.
 #[test]
 fn replica_equals_primary_after_every_epoch_in_every_tracking_mode_and_switch() {
@@ -586,11 +586,15 @@ fn replica_equals_primary_after_every_epoch_in_every_tracking_mode_and_switch() 
     plan.extend([log, compare, log, compare, compare, log, log, compare]);
     plan.extend([TrackingChoice::Auto; 6]);
     plan.extend([compare, log, compare]);
+    let hybrid = TrackingChoice::Fixed(TrackingMode::Hybrid);
+    plan.extend([hybrid; 8]);
+    plan.extend([log, hybrid, hybrid, compare, hybrid, hybrid, hybrid, log]);
     plan.extend([TrackingChoice::Auto; 4]);
     let mut buffer = None;
     let mut seen = std::collections::HashSet::new();
     let mut switches = 0;
     let mut dirty = vec![];
+    let mut hot = 0;
     for (i, choice) in plan.iter().enumerate() {
         assert!(ctl.call(Command::Tracking { choice: *choice }).ok);
         std::thread::sleep(Duration::from_millis(5 + (i as u64 * 7) % 20));
@@ -611,10 +615,15 @@ fn replica_equals_primary_after_every_epoch_in_every_tracking_mode_and_switch() 
         seen.insert(c.tracking.expect("mode"));
         switches += (c.tracking != c.next_tracking) as u32;
         dirty.push(c.pages.len());
+        hot = hot.max(c.hot_pages);
         assert!(ctl.call(Command::Resume).ok);
         buffer = Some(c.data);
     }
     assert!(seen.contains(&TrackingMode::Log) && seen.contains(&TrackingMode::Compare), "modes seen: {seen:?}");
+    // This host's KVM offers manual dirty-log protection (checked: `manual_protect`), so
+    // hybrid epochs ran too.
+    assert!(seen.contains(&TrackingMode::Hybrid), "modes seen: {seen:?}");
+    assert!(hot > 10, "hybrid mode kept at most {hot} pages hot");
     assert!(switches >= 6, "only {switches} switches");
     assert!(dirty.iter().filter(|d| **d > 50).count() > 5, "the guest dirtied too little: {dirty:?}");
     assert!(ctl.call(Command::Quit).ok);

@@ -417,6 +417,7 @@ impl Driver {
                     next_tracking: c.next_tracking,
                     find_ns: c.find_ns,
                     switch_ns: c.switch_ns,
+                    hot_pages: c.hot_pages,
                     ..EpochStats::default()
                 };
                 self.pending.insert(epoch, e);

@@ -41,6 +41,9 @@ pub struct EpochStats {
     pub find_ns: u64,
     #[serde(default)]
     pub switch_ns: u64,
+    /// Hybrid tracking's hot pages (writable, compared) after the checkpoint.
+    #[serde(default)]
+    pub hot_pages: u64,
     /// Bytes of the page frames on the wire, and whether they were compressed.
     #[serde(default)]
     pub wire_bytes: u64,
