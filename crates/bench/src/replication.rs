@@ -223,6 +223,9 @@ struct Row {
     cpu_backup: f64,
     /// `compute` did not finish within the limit: its time is estimated from its progress.
     compute_estimated: bool,
+    /// Times the primary lost its backup (and ran unprotected, output unheld, until a new one
+    /// had synchronised).
+    unprotected: usize,
 }
 
 /// Notes whether the backup of a finished workload took over or suspected the primary.
@@ -365,6 +368,7 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
             check_backup(&mut row, if busy == "0" { "kv" } else { "mixed" }, b);
         }
         row.epochs = parse_epochs(&log);
+        row.unprotected = log.matches("UNPROTECTED").count();
         row.seconds = seconds;
         rows.push(row);
     }
@@ -382,7 +386,7 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
                     "median_pause_ms": median(&r.epochs.pause_ms), "median_dirty_pages": median(&r.epochs.pages),
                     "median_ack_ms": median(&r.epochs.ack_ms), "median_output_delay_ms": median(&r.epochs.delay_ms),
                     "taken_over_during": r.spoiled, "suspicions": r.suspicions,
-                    "compute_estimated": r.compute_estimated, "compare_epochs": r.epochs.compare, "tracking_switches": r.epochs.switches,
+                    "compute_estimated": r.compute_estimated, "backup_lost": r.unprotected, "compare_epochs": r.epochs.compare, "tracking_switches": r.epochs.switches,
                     "bytes_sent": r.epochs.bytes, "wire_bytes": r.epochs.wire_bytes, "compressed_checkpoints": r.epochs.compressed, "cpu_primary_s": r.cpu_primary, "cpu_backup_s": r.cpu_backup, "find_ms_total": r.epochs.find_ms,
                 })
             })
@@ -470,6 +474,12 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
         );
     }
     println!("  host load at the end: {:.1}", load_average());
+    for r in rows.iter().filter(|r| r.unprotected > 0) {
+        println!(
+            "  {}: the primary lost its backup {} times (unprotected until a new one synchronised: figures of those stretches are not the policy's)",
+            r.policy, r.unprotected
+        );
+    }
     for r in rows.iter().filter(|r| !r.spoiled.is_empty() || r.suspicions > 0) {
         let spoiled = if r.spoiled.is_empty() {
             String::new()
