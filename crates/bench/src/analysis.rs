@@ -56,7 +56,7 @@ pub struct Args {
     /// `replication`: failovers to time.
     #[arg(long, default_value_t = 3)]
     failovers: usize,
-    /// `replication`: dirty tracking of the protected VMs (auto, log, compare).
+    /// `replication`: dirty tracking of the protected VMs (auto, log, compare, hybrid).
     #[arg(long, default_value = "auto")]
     tracking: vmm::TrackingChoice,
     /// `replication`: compression of checkpoint pages on the wire (auto, on, off).

@@ -53,8 +53,9 @@ pub struct ProtectArgs {
     /// Print a line of statistics per checkpoint on stderr.
     #[arg(long)]
     pub stats: bool,
-    /// How checkpoints find dirty pages: auto (per epoch, the cheaper of the two as measured
-    /// on this host), log (KVM's dirty log) or compare (against the last checkpoint's copy).
+    /// How checkpoints find dirty pages: auto (per epoch, the cheaper as measured on this
+    /// host), log (KVM's dirty log), compare (against the last checkpoint's copy) or hybrid
+    /// (log for cold pages, compare for hot ones).
     #[arg(long, default_value = "auto")]
     pub tracking: vmm::TrackingChoice,
     /// Whether checkpoint pages travel compressed (LZ4): auto (per checkpoint, when the link

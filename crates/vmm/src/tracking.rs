@@ -10,6 +10,9 @@
 //!   pages that differ are the dirty ones (and are copied into the shadow). Costs the host a
 //!   pass over memory during the pause (~0.3 µs a page), independent of the dirty rate.
 //!
+//! - [`TrackingMode::Hybrid`]: both, page by page, with KVM's manual dirty-log protection: hot
+//!   pages (dirty two epochs in a row) stay writable and are compared, cold ones are logged.
+//!
 //! [`DirtyTracker`] keeps the shadow and the invariant that makes a switch lose nothing:
 //! every page whose shadow may differ from memory at the last checkpoint is in `stale`; in
 //! compare mode `stale` is empty. The shadow is warmed up a bounded number of pages per
