@@ -11,7 +11,8 @@
 //!   pass over memory during the pause (~0.3 µs a page), independent of the dirty rate.
 //!
 //! - [`TrackingMode::Hybrid`]: both, page by page, with KVM's manual dirty-log protection: hot
-//!   pages (dirty two epochs in a row) stay writable and are compared, cold ones are logged.
+//!   pages (written since they were last found unchanged for a while) stay writable and are
+//!   compared, cold ones are logged.
 //!
 //! [`DirtyTracker`] keeps the shadow and the invariant that makes a switch lose nothing:
 //! every page whose shadow may differ from memory at the last checkpoint is in `stale`; in
@@ -40,9 +41,9 @@ pub enum TrackingMode {
     /// Comparing memory against the last checkpoint's copy (no faults; a pass over memory at
     /// each checkpoint).
     Compare,
-    /// The dirty log for cold pages, comparison for hot ones: a page dirty in two epochs in a
-    /// row is left writable (KVM's manual dirty-log protection) and compared against its
-    /// shadow at each checkpoint instead of faulting; a hot page unchanged for a while is
+    /// The dirty log for cold pages, comparison for hot ones: a page the log reports dirty is
+    /// left writable (KVM's manual dirty-log protection) and compared against its shadow at
+    /// each checkpoint instead of faulting again; a hot page unchanged for a while is
     /// write-protected again.
     Hybrid,
 }
@@ -183,10 +184,9 @@ pub struct DirtyTracker {
     switch_pages: u64,
     /// The shadow's buffer being allocated and faulted in by another thread.
     preparing: Option<std::thread::JoinHandle<Vec<u8>>>,
-    /// Hybrid mode: the hot pages (left writable, compared), the pages dirty in the last
-    /// epoch (a page dirty again becomes hot), and per hot page the epochs it has not changed.
+    /// Hybrid mode: the hot pages (left writable, compared), and per hot page the epochs it
+    /// has not changed.
     hot: Vec<u64>,
-    last_dirty: Vec<u64>,
     idle: Vec<u8>,
     /// A hot page unchanged for this many epochs is write-protected again.
     demote_after: u8,
@@ -216,7 +216,6 @@ impl DirtyTracker {
             switch_pages: SWITCH_PAGES,
             preparing: None,
             hot: vec![0; words],
-            last_dirty: vec![0; words],
             idle: Vec::new(),
             demote_after: DEMOTE_AFTER,
         }
@@ -344,9 +343,6 @@ impl DirtyTracker {
         } else if self.mode == TrackingMode::Compare && next != TrackingMode::Compare {
             log.set_enabled(true)?;
         }
-        if next != TrackingMode::Hybrid {
-            self.last_dirty.iter_mut().for_each(|w| *w = 0);
-        }
         closed.switch_ns = t.elapsed().as_nanos() as u64;
         closed.next = Some(next);
         self.mode = next;
@@ -367,14 +363,13 @@ impl DirtyTracker {
     }
 
     /// A hybrid epoch's dirty pages: the log's cold pages, and the hot pages that differ from
-    /// their shadow; then cold pages dirty twice in a row become hot (left writable, their
-    /// shadow taken now), hot pages unchanged for `demote_after` epochs become cold, and every
-    /// page that is not hot is write-protected again.
+    /// their shadow; then the cold dirty pages become hot (left writable, their shadow taken
+    /// now; once the shadow's buffer is ready), hot pages unchanged for `demote_after` epochs
+    /// become cold, and every page that is not hot is write-protected again.
     fn find_hybrid(&mut self, mem: &[u8], vmm: &[u64], log: &mut dyn DirtyLog) -> Result<Vec<u64>, String> {
         let raw = log.get()?;
         let shadow_ready = !self.shadow.is_empty();
         let mut pages = Vec::new();
-        let mut dirty = vec![0u64; self.stale.len()];
         if self.idle.len() as u64 != self.pages && shadow_ready {
             self.idle = vec![0; self.pages as usize];
         }
@@ -396,7 +391,6 @@ impl DirtyTracker {
                     if by_vmm & bit != 0 || now != &*old {
                         old.copy_from_slice(now);
                         pages.push(p);
-                        dirty[i] |= bit;
                         self.idle[p as usize] = 0;
                     } else {
                         self.idle[p as usize] = self.idle[p as usize].saturating_add(1);
@@ -406,9 +400,10 @@ impl DirtyTracker {
                     }
                 } else {
                     pages.push(p);
-                    dirty[i] |= bit;
-                    if shadow_ready && self.last_dirty[i] & bit != 0 {
-                        // Dirty twice in a row: hot from now on, its shadow current.
+                    if shadow_ready {
+                        // Written: hot from now on, its shadow current. (Waiting for a second
+                        // epoch in a row misses pages rewritten every other epoch, as a guest
+                        // slowed by faults rewrites half its working set an epoch.)
                         self.shadow[at..at + PAGE].copy_from_slice(&mem[at..at + PAGE]);
                         self.hot[i] |= bit;
                         self.stale[i] &= !bit;
@@ -422,7 +417,6 @@ impl DirtyTracker {
         // Write-protect again everything the log reported that is not hot (now).
         let clear: Vec<u64> = raw.iter().zip(&self.hot).map(|(r, h)| r & !h).collect();
         log.clear(&clear)?;
-        self.last_dirty = dirty;
         Ok(pages)
     }
 
