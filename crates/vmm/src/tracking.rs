@@ -566,6 +566,8 @@ impl Chooser {
             (TrackingChoice::Auto, Some(cal)) => {
                 let (log, cmp) = self.estimates(o, cal);
                 match o.mode {
+                    // Plain logging to hybrid costs nothing (the log stays on): at once.
+                    TrackingMode::Log if self.hybrid => TrackingMode::Hybrid,
                     _ if self.since_switch < Self::DWELL => o.mode,
                     TrackingMode::Log | TrackingMode::Hybrid if log > Self::MARGIN * cmp => TrackingMode::Compare,
                     TrackingMode::Compare if cmp > Self::MARGIN * log => logging,
