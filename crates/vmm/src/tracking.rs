@@ -595,23 +595,64 @@ impl fmt::Display for Calibration {
     }
 }
 
-/// How often the background calibration measures again.
-pub const RECALIBRATE: Duration = Duration::from_secs(60);
+/// How old a calibration may be before it is measured again (by whichever VMM process on the
+/// host needs it first).
+pub const RECALIBRATE: Duration = Duration::from_secs(300);
 
 static LATEST: Mutex<Option<Calibration>> = Mutex::new(None);
 static STARTED: OnceLock<()> = OnceLock::new();
 
-/// The host's latest calibration, if one has been measured. The first call starts a background
-/// thread that measures it (a probe VM for about half a second: [`Calibration::measure`]) and
-/// again every [`RECALIBRATE`] while the process lives; until the first result, `None`.
+/// Where the host's last calibration is kept for the VMM processes that start after it (a
+/// probe VM spinning for half a second at every VM's start would take the CPU from the VM and
+/// its backup on a small host): `fault_ns compare_ns_per_page unix_seconds`.
+fn calibration_file() -> std::path::PathBuf {
+    std::env::temp_dir().join("vigil-tracking-calibration")
+}
+
+fn load_calibration() -> Option<(Calibration, Duration)> {
+    let text = std::fs::read_to_string(calibration_file()).ok()?;
+    let f: Vec<f64> = text.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    let (fault_ns, compare_ns_per_page, at) = (*f.first()?, *f.get(1)?, *f.get(2)?);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64();
+    let valid = |v: f64| v.is_finite() && v > 0.0 && v < 1e9;
+    if !valid(fault_ns) || !valid(compare_ns_per_page) || at > now {
+        return None;
+    }
+    Some((Calibration { fault_ns, compare_ns_per_page }, Duration::from_secs_f64(now - at)))
+}
+
+fn store_calibration(c: &Calibration) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let tmp = calibration_file().with_extension(format!("{}", std::process::id()));
+    if std::fs::write(&tmp, format!("{} {} {now}\n", c.fault_ns, c.compare_ns_per_page)).is_ok() {
+        let _ = std::fs::rename(&tmp, calibration_file());
+    }
+}
+
+/// The host's latest calibration, if one is known. The first call starts a background thread
+/// that takes the host's stored calibration while it is younger than [`RECALIBRATE`], else
+/// measures it (a probe VM for about half a second: [`Calibration::measure`]) and stores it,
+/// and looks again every [`RECALIBRATE`]; until the first result, `None`.
 pub fn host_calibration() -> Option<Calibration> {
     STARTED.get_or_init(|| {
         let _ = std::thread::Builder::new().name("calibrate".into()).spawn(|| loop {
-            match Calibration::measure() {
-                Ok(c) => *LATEST.lock().unwrap_or_else(|e| e.into_inner()) = Some(c),
-                Err(e) => eprintln!("vmm: dirty-tracking calibration failed (log mode only until it works): {e}"),
-            }
-            std::thread::sleep(RECALIBRATE);
+            let wait = match load_calibration() {
+                Some((c, age)) if age < RECALIBRATE => {
+                    *LATEST.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
+                    RECALIBRATE - age
+                }
+                _ => {
+                    match Calibration::measure() {
+                        Ok(c) => {
+                            store_calibration(&c);
+                            *LATEST.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
+                        }
+                        Err(e) => eprintln!("vmm: dirty-tracking calibration failed (no comparison until it works): {e}"),
+                    }
+                    RECALIBRATE
+                }
+            };
+            std::thread::sleep(wait.max(Duration::from_secs(1)));
         });
     });
     *LATEST.lock().unwrap_or_else(|e| e.into_inner())
