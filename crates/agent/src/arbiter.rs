@@ -140,7 +140,7 @@ fn load(state: &State) -> Result<Option<String>> {
         State::Store(sock) => {
             let mut c = store::Client::connect(sock)?;
             let Some(ceiling) = c.try_read(&format!("{STORE_ROOT}/ceiling"))? else { return Ok(None) };
-            let mut text = format!("vigil-leases 1\n{}\n", String::from_utf8_lossy(&ceiling));
+            let mut text = format!("vigil-leases 2\n{}\n", String::from_utf8_lossy(&ceiling));
             let vms = match c.directory(&format!("{STORE_ROOT}/leases")) {
                 Ok(v) => v,
                 Err(store::Error::Store { errno: store::Errno::ENOENT, .. }) => Vec::new(),

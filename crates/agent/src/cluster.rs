@@ -11,6 +11,7 @@
 //! /vigil/vms/<vm>/migration       Migration: the source's snapshot of a migrating VM is ready
 //! /vigil/manager/leader           Leader: the manager that may act, and its generation
 //! /vigil/manager/generation       the last generation handed out (only grows)
+//! /vigil/manager/dashboard/<id>   the URL of that manager's dashboard
 //! /vigil/plans/<n>                a plan of the current table (its failed hosts inside)
 //! /vigil/plans/@meta              PlanMeta: which configuration the table was computed for
 //! /vigil/progress                 Progress: the plan being executed and how far it got
@@ -32,6 +33,8 @@ pub const PLAN_META: &str = "/vigil/plans/@meta";
 pub const PROGRESS: &str = "/vigil/progress";
 pub const EVENTS: &str = "/vigil/events";
 pub const CHAINS: &str = "/vigil/chains";
+/// `<id>` → the URL of that manager's dashboard.
+pub const DASHBOARDS: &str = "/vigil/manager/dashboard";
 
 pub fn chain_path(chain: &str) -> String {
     format!("{CHAINS}/{chain}")
@@ -168,7 +171,7 @@ pub enum CopyState {
 }
 
 /// What an agent runs for a VM on its host.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Actual {
     pub state: CopyState,
     /// The VMM's process.
@@ -183,6 +186,58 @@ pub struct Actual {
     /// A replicated running copy: whether its backup holds a committed replica.
     #[serde(default)]
     pub protected: Option<bool>,
+    /// A replicated running copy: its checkpoints over the last second.
+    #[serde(default)]
+    pub replication: Option<ReplicationFigures>,
+    /// The guest's jobs over the last read of its marks (`agent::monitor::PERIOD`).
+    #[serde(default)]
+    pub jobs: Option<JobFigures>,
+}
+
+/// A VM's job execution times over the last read (a quarter second), from the marks its guest writes
+/// (`agent::monitor`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobFigures {
+    /// Jobs that ended in the window, and since monitoring began.
+    pub jobs: u64,
+    pub total_jobs: u64,
+    pub exec_p50_us: f64,
+    pub exec_p99_us: f64,
+    pub exec_max_us: f64,
+    /// The observed arrival curve: (window length in ms, the most jobs started in any window
+    /// of that length over the last 2 s).
+    #[serde(default)]
+    pub arrivals: Vec<(f64, u64)>,
+    /// The last (up to) 64 jobs, and their median execution time: what the manager compares
+    /// with the model (a preempted job or two do not move it).
+    #[serde(default)]
+    pub recent_jobs: u64,
+    #[serde(default)]
+    pub recent_p50_us: f64,
+    /// Marks overwritten before they were read.
+    pub lost: u64,
+    /// When the window ended (ms since the Unix epoch).
+    pub at_ms: u64,
+}
+
+/// A protected VM's replication over the last second, as its primary measured it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplicationFigures {
+    pub policy: String,
+    /// The policy's current mode (e.g. `adaptive`'s interval choice).
+    pub mode: String,
+    /// Checkpoints acknowledged since the VM started.
+    pub checkpoints: u64,
+    pub per_second: f64,
+    /// The VM's pause per checkpoint (mean and largest in the window).
+    pub pause_mean_ms: f64,
+    pub pause_max_ms: f64,
+    pub bytes_per_second: f64,
+    /// How long released output was held (mean and largest in the window).
+    pub output_delay_mean_ms: f64,
+    pub output_delay_max_ms: f64,
+    /// When the window ended (ms since the Unix epoch).
+    pub at_ms: u64,
 }
 
 /// The manager allowed to act.

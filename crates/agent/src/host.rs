@@ -83,8 +83,15 @@ pub fn run(cfg: &Config) -> Result<()> {
     // A fence left from before this agent started belongs to an earlier failure of the host:
     // only a fence written while we hold the host stops us.
     let fenced_before = cluster::read::<Fence>(&mut store, &cluster::fence_path(&cfg.host))?.map(|f| f.generation);
-    let mut agent =
-        Agent { cfg: cfg.clone(), copies: BTreeMap::new(), beat: 0, last_renewal: Instant::now(), fenced_before, waiting: BTreeMap::new() };
+    let mut agent = Agent {
+        cfg: cfg.clone(),
+        copies: BTreeMap::new(),
+        beat: 0,
+        last_renewal: Instant::now(),
+        fenced_before,
+        waiting: BTreeMap::new(),
+        monitor: crate::monitor::Monitor::start(),
+    };
     agent.beat = cluster::read_counter(&mut store, &cluster::heartbeat_path(&cfg.host))?.unwrap_or(0);
     agent.adopt(&mut store)?;
     let _ = cluster::log_event(&mut store, &Event::now(&cfg.host, format!("agent started (pid {})", std::process::id())));
@@ -128,6 +135,8 @@ struct Agent {
     fenced_before: Option<u64>,
     /// VMs migrating here, waiting for their source's snapshot since.
     waiting: BTreeMap<String, Instant>,
+    /// Reads the running VMs' job marks.
+    monitor: crate::monitor::Monitor,
 }
 
 impl Agent {
@@ -328,9 +337,12 @@ impl Agent {
                 }
             }
             if let Some(c) = self.copies.get(&vm) {
-                let protected = (c.role == Role::Primary && c.state == CopyState::Running)
-                    .then(|| crate::protection::primary::ReplicationState::load(&self.state_file(&vm)).map(|s| s.protected))
+                let replication = (c.role == Role::Primary && c.state == CopyState::Running)
+                    .then(|| crate::protection::primary::ReplicationState::load(&self.state_file(&vm)))
                     .flatten();
+                let protected = replication.as_ref().map(|s| s.protected);
+                let replication = replication.and_then(|s| s.figures);
+                let jobs = (c.state == CopyState::Running).then(|| self.monitor.figures(&vm)).flatten();
                 let actual = Actual {
                     state: c.state,
                     pid: c.pid,
@@ -338,6 +350,8 @@ impl Agent {
                     restarts: c.restarts,
                     detail: c.detail.clone(),
                     protected,
+                    replication,
+                    jobs,
                 };
                 let path = cluster::actual_path(&vm, &host);
                 if cluster::read::<Actual>(store, &path)?.as_ref() != Some(&actual) {
@@ -345,6 +359,17 @@ impl Agent {
                 }
             }
         }
+        // Job monitoring follows the running copies (a backup that took over included).
+        let watched = self
+            .copies
+            .iter()
+            .filter(|(_, c)| c.state == CopyState::Running)
+            .filter_map(|(vm, c)| {
+                let spec: serde_json::Value = serde_json::from_slice(&c.spec).ok()?;
+                Some((vm.clone(), PathBuf::from(spec.get("api")?.as_str()?)))
+            })
+            .collect();
+        self.monitor.watch(watched);
         Ok(())
     }
 

@@ -12,6 +12,8 @@
 //!   machines over the `vmm` crate, TCP and threads, and their statistics and metrics;
 //! - [`arbiter`]: the lease table of `replication::lease` served over TCP, and its client;
 //! - [`domain`]: a VM's registration as a XenStore domain in the control-plane store;
+//! - [`monitor`]: the guests' job marks read from their VMMs, turned into execution times;
+//! - [`http`]: the small bounded HTTP server of vigil's endpoints (metrics, dashboard);
 //! - [`supervisor`]: runs a host component (the store server) as a child process, heartbeats
 //!   it and restarts it alone on a crash or hang.
 //!
@@ -24,6 +26,8 @@ pub mod cluster;
 pub mod domain;
 mod error;
 pub mod host;
+pub mod http;
+pub mod monitor;
 pub mod protection;
 pub mod realtime;
 pub mod supervisor;

@@ -44,9 +44,16 @@ pub struct Args {
     /// `store`: operations per measurement.
     #[arg(long, default_value_t = 2000)]
     ops: usize,
-    /// `store`: crashes and hangs injected (each).
+    /// `store`: crashes and hangs injected (each); `monitoring`: rounds of marks on and off.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// `policies`: the checkpoint policies to run (names, `analysed` included; default
+    /// fixed:25, fixed:5, floating, network, adaptive, analysed).
+    #[arg(long = "run-policies", value_delimiter = ',')]
+    policies_names: Vec<String>,
+    /// `policies`: seconds measured per policy.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
     /// `replication`: the checkpoint policies to compare.
     #[arg(long, value_delimiter = ',', default_value = "fixed:25,fixed:100,floating,network,adaptive")]
     policies: Vec<replication::PolicySpec>,
@@ -95,6 +102,12 @@ enum What {
     /// Dirty-page tracking: the guest's cost of a write-protection fault, the host's cost of
     /// comparing pages (needs KVM).
     Tracking,
+    /// The example's real-time chain through its protected VM under each checkpoint policy
+    /// (`--policies`, `analysed` among them), on a real cluster (needs root, KVM).
+    Policies,
+    /// What job marks cost a guest: kv under redis-benchmark with marks on and off, and the
+    /// VMM's read of a full trace ring (needs root, KVM).
+    Monitoring,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -144,6 +157,17 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     if let What::Cluster = args.what {
         return crate::cluster::run(args.kills, args.json);
+    }
+    if let What::Policies = args.what {
+        let names: Vec<String> = if args.policies_names.is_empty() {
+            ["fixed:25", "fixed:5", "floating", "network", "adaptive", "analysed"].map(String::from).to_vec()
+        } else {
+            args.policies_names.clone()
+        };
+        return crate::cluster::policies(&names, args.seconds, args.json);
+    }
+    if let What::Monitoring = args.what {
+        return crate::vmm::monitoring(&args.guests, args.rounds.max(1), args.json);
     }
     if let What::Store = args.what {
         return crate::store::run(args.ops, args.rounds, args.etcd, args.json);

@@ -82,7 +82,7 @@ impl Scene {
     fn up(model: &Path, dir: &Path, tag: &str) -> Result<Scene> {
         let _ = std::fs::remove_dir_all(dir);
         let d = dir.display().to_string();
-        let out = vigil(&["up", &model.display().to_string(), "--dir", &d, "--tag", tag, "--wait", "60"])?;
+        let out = vigil(&["up", &model.display().to_string(), "--dir", &d, "--tag", tag, "--wait", "60", "--http-port", "0"])?;
         let down = Down(d.clone());
         if !out.status.success() {
             bail!("vigil up: {}", String::from_utf8_lossy(&out.stderr));
@@ -266,7 +266,7 @@ fn migration(model: &Path, dir: &Path) -> Result<(f64, f64)> {
 /// The leading manager killed: ms until the standby leads.
 fn manager_failover(model: &Path, dir: &Path) -> Result<f64> {
     let d = dir.display().to_string();
-    let out = vigil(&["up", &model.display().to_string(), "--dir", &d, "--tag", "bc", "--wait", "60"])?;
+    let out = vigil(&["up", &model.display().to_string(), "--dir", &d, "--tag", "bc", "--wait", "60", "--http-port", "0"])?;
     let _down = Down(d.clone());
     if !out.status.success() {
         bail!("vigil up: {}", String::from_utf8_lossy(&out.stderr));
@@ -405,5 +405,142 @@ pub fn run(kills: usize, json: bool) -> Result<()> {
     );
     let t: Vec<Vec<String>> = tables.iter().map(|(n, s, ms)| vec![n.clone(), s.to_string(), format!("{ms:.0}")]).collect();
     print!("{}", model::text::table("plan table computation", &["configuration", "scenarios", "ms"], &t));
+    Ok(())
+}
+
+/// One policy's run in `vigil bench policies`.
+struct PolicyRun {
+    policy: String,
+    analysis: String,
+    per_second: f64,
+    paused_pct: f64,
+    delay_max_ms: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    late: u64,
+    samples: u64,
+}
+
+/// `vigil bench policies`: the example's real-time chain through its protected relay
+/// (protection: deadline 15 ms) under each checkpoint policy for `secs` seconds on a real
+/// cluster: checkpoints per second, the share of time the relay is paused, the longest
+/// output hold, the chain's measured latency and deadline misses — beside what the analysis
+/// says for the policy (fixed intervals and `analysed`; the others are not modelled).
+pub fn policies(policies: &[String], secs: u64, json: bool) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("vigil-bench-policies-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let base = std::fs::read_to_string(model(&dir)?)?;
+    let loaded = model::parse(&base, "substation.toml", &dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut runs = Vec::new();
+    for policy in policies {
+        let analysis = match policy.strip_prefix("fixed:").map(|t| t.parse::<f64>()) {
+            Some(Ok(ms)) => {
+                let t = rtc::Q::int((ms * 1000.0).round() as i64);
+                match model::replication::fixed_interval(&loaded, "relay", &t, None).map_err(anyhow::Error::msg)? {
+                    Some((true, commit)) => format!("holds (hold {})", model::units::human_time(&commit)),
+                    Some((false, commit)) => format!("MISSES (hold {})", model::units::human_time(&commit)),
+                    None => "unbounded".into(),
+                }
+            }
+            _ if policy == "analysed" => {
+                match model::replication::largest_fixed_interval(&loaded, "relay", None).map_err(anyhow::Error::msg)? {
+                    model::replication::Choice { interval: Some(t), .. } => {
+                        format!("holds: fixed:{}", model::units::trim_float(t.to_f64() / 1e3, 3))
+                    }
+                    _ => "no interval holds".into(),
+                }
+            }
+            _ => "not modelled".into(),
+        };
+        let text = base.replacen("policy = \"adaptive\"", &format!("policy = {policy:?}"), 1);
+        let m = dir.join(format!("substation-{}.toml", policy.replace(':', "-")));
+        std::fs::write(&m, text)?;
+        eprintln!("policy {policy}: bringing the cluster up");
+        let mut stalls = 0;
+        let scene = retry(&mut stalls, || Scene::up(&m, &dir.join("cluster"), "bp"))?;
+        std::thread::sleep(Duration::from_secs(2));
+        let first = status(&scene.d)?;
+        let chain0 = first["measured"]["protection"].clone();
+        let (mut per_second, mut paused, mut delay_max, mut p50, mut p99, mut max, mut n) =
+            (0.0, 0.0, 0.0f64, Vec::new(), 0.0f64, 0.0f64, 0.0f64);
+        let t0 = Instant::now();
+        let mut last_at = chain0["at_ms"].as_u64();
+        while t0.elapsed() < Duration::from_secs(secs) {
+            std::thread::sleep(Duration::from_millis(500));
+            let st = status(&scene.d)?;
+            let relay = st["vms"].as_array().and_then(|v| v.iter().find(|x| x["vm"] == "relay")).cloned().unwrap_or_default();
+            let f = &relay["figures"];
+            if let (Some(ps), Some(pm)) = (f["per_second"].as_f64(), f["pause_mean_ms"].as_f64()) {
+                per_second += ps;
+                paused += ps * pm / 10.0;
+                delay_max = delay_max.max(f["output_delay_max_ms"].as_f64().unwrap_or(0.0));
+                n += 1.0;
+            }
+            let c = &st["measured"]["protection"];
+            if c["at_ms"].as_u64() != last_at && c["window"].as_u64() > Some(0) {
+                last_at = c["at_ms"].as_u64();
+                p50.push(c["p50_ms"].as_f64().unwrap_or(0.0));
+                p99 = p99.max(c["p99_ms"].as_f64().unwrap_or(0.0));
+                max = max.max(c["max_ms"].as_f64().unwrap_or(0.0));
+            }
+        }
+        let last = status(&scene.d)?;
+        let chain1 = &last["measured"]["protection"];
+        let d = |k: &str| chain1[k].as_u64().unwrap_or(0).saturating_sub(chain0[k].as_u64().unwrap_or(0));
+        let run = PolicyRun {
+            policy: policy.clone(),
+            analysis,
+            per_second: per_second / n.max(1.0),
+            paused_pct: paused / n.max(1.0),
+            delay_max_ms: delay_max,
+            p50_ms: quantiles(&p50).0,
+            p99_ms: p99,
+            max_ms: max,
+            late: d("over_deadline"),
+            samples: d("samples"),
+        };
+        eprintln!(
+            "  {}: {:.0} ckpt/s, paused {:.1} %, hold ≤ {:.1} ms, chain p50 {:.2} max {:.2} ms, {} of {} late",
+            run.policy, run.per_second, run.paused_pct, run.delay_max_ms, run.p50_ms, run.max_ms, run.late, run.samples
+        );
+        runs.push(run);
+        drop(scene);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if json {
+        let v: Vec<_> = runs
+            .iter()
+            .map(|r| {
+                serde_json::json!({"policy": r.policy, "analysis": r.analysis, "checkpoints_per_second": r.per_second,
+                "paused_percent": r.paused_pct, "output_delay_max_ms": r.delay_max_ms, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
+                "max_ms": r.max_ms, "late": r.late, "samples": r.samples})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = runs
+        .iter()
+        .map(|r| {
+            vec![
+                r.policy.clone(),
+                r.analysis.clone(),
+                format!("{:.0}", r.per_second),
+                format!("{:.1} %", r.paused_pct),
+                format!("{:.1}", r.delay_max_ms),
+                format!("{:.2} / {:.2} / {:.2}", r.p50_ms, r.p99_ms, r.max_ms),
+                format!("{} of {}", r.late, r.samples),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        model::text::table(
+            &format!("chain protection (deadline 15 ms) through the protected relay, {secs} s per policy"),
+            &["policy", "analysis", "ckpt/s", "paused", "hold max ms", "latency p50 / p99 / max ms", "late"],
+            &rows
+        )
+    );
     Ok(())
 }

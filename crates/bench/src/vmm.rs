@@ -463,6 +463,10 @@ pub fn run(guests: &Path, json: bool) -> Result<()> {
         (Err(e), _) | (_, Err(e)) => row(&mut rows, "kv rows", "skipped".into(), &format!("{e:#}")),
     }
 
+    print_rows(&rows, json)
+}
+
+fn print_rows(rows: &[Row], json: bool) -> Result<()> {
     if json {
         let v: Vec<_> = rows.iter().map(|r| serde_json::json!({"what": r.what, "value": r.value, "note": r.note})).collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -470,9 +474,103 @@ pub fn run(guests: &Path, json: bool) -> Result<()> {
         let w = rows.iter().map(|r| r.what.chars().count()).max().unwrap_or(0);
         let wv = rows.iter().map(|r| r.value.chars().count()).max().unwrap_or(0);
         println!("{:w$}  {:>wv$}  note", "measure", "value");
-        for r in &rows {
+        for r in rows {
             println!("{:w$}  {:>wv$}  {}", r.what, r.value, r.note);
         }
     }
     Ok(())
+}
+
+/// kv in a VM on the bench's tap with `args`: redis-benchmark's SET and GET rates.
+fn kv_rates(kv: &Path, args: &[&str]) -> Result<(f64, f64)> {
+    let console = Console::default();
+    let (ctl, inbox) = channel_pair()?;
+    let mut config = VmConfig::new(kv, 64);
+    config.tap = Some("vbtap0".into());
+    config.net.ip = NS_IP_GUEST.parse()?;
+    config.net.prefix_len = 24;
+    config.args = args.iter().map(|a| a.to_string()).collect();
+    let c2 = console.clone();
+    let runner = std::thread::spawn(move || -> Result<Stop> {
+        let mut vm = Vm::create(config, Box::new(c2))?;
+        Ok(vm.run(Some(&inbox))?)
+    });
+    let addr = format!("{NS_IP_GUEST}:6379");
+    wait_for("kv to answer PING", Duration::from_secs(10), || ping(&addr)).with_context(|| console.text())?;
+    let r = redis_benchmark(6379, NS_IP_GUEST);
+    ctl.call(Command::Quit);
+    let _ = runner.join();
+    r
+}
+
+/// `vigil bench monitoring`: kv under redis-benchmark with job marks on (the default) and off
+/// (`trace=0`), alternated `rounds` times, and the VMM's read of a full trace ring.
+pub fn monitoring(guests: &Path, rounds: usize, json: bool) -> Result<()> {
+    let kv = guests.join("kv");
+    if !kv.exists() {
+        bail!("{}: missing (cargo build --release -p kv)", kv.display());
+    }
+    let _ns = Netns::new()?;
+    let mut rows = Vec::new();
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        // Alternate the order so that drift of the host favours neither.
+        let order: [bool; 2] = if r % 2 == 0 { [true, false] } else { [false, true] };
+        for marks in order {
+            let rates = kv_rates(&kv, if marks { &[] } else { &["trace=0"] })?;
+            eprintln!("  round {r}: marks {}: SET {:.0} GET {:.0} req/s", if marks { "on" } else { "off" }, rates.0, rates.1);
+            if marks {
+                on.push(rates)
+            } else {
+                off.push(rates)
+            }
+        }
+    }
+    let m = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| median(v.iter().map(f).collect());
+    let (on_set, off_set, on_get, off_get) = (m(&on, |x| x.0), m(&off, |x| x.0), m(&on, |x| x.1), m(&off, |x| x.1));
+    row(
+        &mut rows,
+        "redis-benchmark SET, marks on / off",
+        format!("{on_set:.0} / {off_set:.0} req/s = {:.3}", on_set / off_set),
+        "median of the rounds; one job (start, end) per batch of requests",
+    );
+    row(
+        &mut rows,
+        "redis-benchmark GET, marks on / off",
+        format!("{on_get:.0} / {off_get:.0} req/s = {:.3}", on_get / off_get),
+        "no exit per mark: two stores into guest memory",
+    );
+    // The read: a guest that fills the ring, then the VMM's `trace` command.
+    let counter = guests.join("counter");
+    if counter.exists() {
+        let (ctl, inbox) = channel_pair()?;
+        let mut config = VmConfig::new(&counter, 64);
+        config.args = vec!["marks".into(), "100000".into()];
+        let console = Console::default();
+        let c2 = console.clone();
+        let runner = std::thread::spawn(move || -> Result<Stop> {
+            let mut vm = Vm::create(config, Box::new(c2))?;
+            Ok(vm.run(Some(&inbox))?)
+        });
+        wait_for("the marks", Duration::from_secs(10), || console.text().contains("marks done"))?;
+        let t = Instant::now();
+        let full = ctl.call(Command::Trace);
+        let full_us = t.elapsed().as_secs_f64() * 1e6;
+        let read = full.trace.map_or(0, |t| t.marks.len());
+        let mut times = Vec::new();
+        for _ in 0..20 {
+            let t = Instant::now();
+            ctl.call(Command::Trace);
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        ctl.call(Command::Quit);
+        let _ = runner.join();
+        row(
+            &mut rows,
+            "VMM read of the trace ring",
+            format!("{full_us:.0} µs for {read} marks; {:.0} µs empty (median of 20)", median(times)),
+            "the command's round trip: a kick out of the guest's idle, a copy of the ring",
+        );
+    }
+    print_rows(&rows, json)
 }

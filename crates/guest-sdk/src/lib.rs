@@ -25,6 +25,7 @@ pub mod net;
 pub mod netstack;
 mod port;
 mod start;
+pub mod trace;
 
 pub use boot::{args, boot_info};
 pub use clock::{idle, now_ns};

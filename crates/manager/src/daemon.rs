@@ -88,16 +88,38 @@ fn crash_point(id: &str, generation: u64, done: usize) {
     }
 }
 
+/// Lowers the calling thread's priority (nice 10; threads it starts inherit it): a plan table
+/// computed in the background must not starve the manager's own loop, the store or the
+/// agents on a small machine.
+fn background() {
+    // SAFETY: setpriority(2) on the calling thread (who = 0 is the caller's thread id on
+    // Linux); it only changes a scheduling attribute.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+}
+
+/// How often the leader compares the VMs' measured execution times with the model.
+pub const DRIFT_CHECK: Duration = Duration::from_millis(250);
+
 /// The leader's state: rebuilt from the store each time this manager takes the lead.
 struct Lead {
     generation: u64,
     failed: Vec<String>,
     table: Table,
     detector: Detector,
-    /// A table being computed in the background.
+    /// A table being computed in the background, and why (logged with its verdicts).
     pending: Option<Receiver<Result<Table, String>>>,
+    pending_why: Option<String>,
     /// When the heartbeats were last read.
     last_round: Option<Instant>,
+    /// Execution times observed above the model's (µs, by VM), and the model with them
+    /// substituted, which every plan table is computed from once there is one.
+    observed: BTreeMap<String, f64>,
+    model: Option<Loaded>,
+    last_drift_check: Instant,
+    /// The upper arrival curves of the VMs' compared tasks under the plan in force (for the
+    /// scenario named), and the VMs already alerted for a burst under it.
+    arrival_curves: Option<(String, BTreeMap<String, rtc::Curve>)>,
+    burst_alerted: std::collections::BTreeSet<String>,
 }
 
 impl Lead {
@@ -128,6 +150,7 @@ impl Lead {
             let (tx, rx) = channel();
             let (loaded2, failed2, faults) = (loaded.clone(), failed.clone(), cfg.faults);
             std::thread::spawn(move || {
+                background();
                 let _ = tx.send(Table::compute(&loaded2, &failed2, faults, generation).map_err(|e| e.to_string()));
             });
             pending = Some(rx);
@@ -146,7 +169,20 @@ impl Lead {
                 ),
             );
         }
-        let mut lead = Lead { generation, failed: failed.clone(), table, detector, pending, last_round: None };
+        let mut lead = Lead {
+            generation,
+            failed: failed.clone(),
+            table,
+            detector,
+            pending,
+            pending_why: None,
+            last_round: None,
+            observed: BTreeMap::new(),
+            model: None,
+            last_drift_check: Instant::now(),
+            arrival_curves: None,
+            burst_alerted: Default::default(),
+        };
         // Finish a plan a previous leader began, or place the VMs for the first time.
         let any_desired =
             cluster::children(store, cluster::VMS)?.iter().any(|vm| store.try_read(&cluster::desired_path(vm)).ok().flatten().is_some());
@@ -180,13 +216,34 @@ impl Lead {
                 Ok(Ok(t)) => {
                     t.save(store)?;
                     let ms = t.meta.as_ref().map_or(0.0, |m| m.compute_ms);
+                    let why = self.pending_why.take().map(|w| format!(" {w}")).unwrap_or_default();
                     let _ = cluster::log_event(
                         store,
                         &Event::now(
                             &cfg.id,
-                            format!("plan table recomputed for failed {:?}: {} scenarios in {ms:.0} ms", self.failed, t.plans.len()),
+                            format!("plan table recomputed for failed {:?}{why}: {} scenarios in {ms:.0} ms", self.failed, t.plans.len()),
                         ),
                     );
+                    // What the new analysis says about the plan in force, beside the old one.
+                    if !why.is_empty() {
+                        let old = self.table.lookup(&self.failed).map(|p| p.chains.clone()).unwrap_or_default();
+                        for c in t.lookup(&self.failed).map(|p| p.chains.clone()).unwrap_or_default() {
+                            let was = old.iter().find(|o| o.chain == c.chain).and_then(|o| o.worst_ms);
+                            let ms = |x: Option<f64>| x.map_or("unbounded".to_string(), |v| format!("{v:.2} ms"));
+                            let verdict = match (c.worst_ms, c.deadline_ms) {
+                                (Some(w), Some(d)) if w > d => format!("MISSES its deadline {d:.2} ms"),
+                                (None, Some(_)) => "MISSES its deadline".to_string(),
+                                _ => "holds".to_string(),
+                            };
+                            let _ = cluster::log_event(
+                                store,
+                                &Event::now(
+                                    &cfg.id,
+                                    format!("new plan: chain {}: bound {} (was {}): {verdict}", c.chain, ms(c.worst_ms), ms(was)),
+                                ),
+                            );
+                        }
+                    }
                     self.table = t;
                     self.pending = None;
                 }
@@ -197,6 +254,10 @@ impl Lead {
                 Err(TryRecvError::Empty) => {}
                 Err(TryRecvError::Disconnected) => self.pending = None,
             }
+        }
+        if self.last_drift_check.elapsed() >= DRIFT_CHECK {
+            self.last_drift_check = Instant::now();
+            self.check_drift(cfg, loaded, store)?;
         }
         let hosts: Vec<String> = loaded.deployment.as_ref().map(|d| d.hosts.iter().map(|h| h.name.clone()).collect()).unwrap_or_default();
         let round = Instant::now();
@@ -238,11 +299,98 @@ impl Lead {
         self.execute(cfg, loaded, layout, store, &failed, detected)?;
         // The next table, for the configuration now in force, in the background.
         let (tx, rx) = channel();
-        let (loaded2, failed2, faults, generation) = (loaded.clone(), failed.clone(), cfg.faults, self.generation);
+        let (loaded2, failed2, faults, generation) =
+            (self.model.as_ref().unwrap_or(loaded).clone(), failed.clone(), cfg.faults, self.generation);
         std::thread::spawn(move || {
+            background();
             let _ = tx.send(Table::compute(&loaded2, &failed2, faults, generation).map_err(|e| e.to_string()));
         });
         self.pending = Some(rx);
+        Ok(())
+    }
+
+    /// Compares each running VM's measured execution times with the model: a VM whose jobs
+    /// take longer than its WCET is reported (an ALERT event naming it and by how much), and
+    /// the plan table is recomputed from the model with the observed times.
+    fn check_drift(&mut self, cfg: &Config, loaded: &Loaded, store: &mut store::Client) -> agent::Result<()> {
+        // The arrival curves the placement in force gives each VM's jobs.
+        let scenario = crate::table::plan_name(&self.failed);
+        if self.arrival_curves.as_ref().is_none_or(|(s, _)| *s != scenario) {
+            let model = self.model.as_ref().unwrap_or(loaded);
+            let mut curves = BTreeMap::new();
+            if let Some((_, a)) = crate::dashboard::analyse(model, self.table.lookup(&self.failed)) {
+                for r in &loaded.runs {
+                    if let Some((t, _)) = crate::drift::compared_task(model, &r.vm) {
+                        curves.insert(r.vm.clone(), a.tasks[t].input.upper.clone());
+                    }
+                }
+            }
+            self.arrival_curves = Some((scenario, curves));
+            self.burst_alerted.clear();
+        }
+        let mut found = Vec::new();
+        for r in &loaded.runs {
+            let Some(d) = cluster::read::<agent::cluster::Desired>(store, &cluster::desired_path(&r.vm))? else { continue };
+            let Some(host) = d.primary.as_ref().map(|p| p.host.clone()).filter(|h| !self.failed.contains(h)) else { continue };
+            let Some(jobs) = cluster::read::<agent::cluster::Actual>(store, &cluster::actual_path(&r.vm, &host))?.and_then(|a| a.jobs)
+            else {
+                continue;
+            };
+            if let Some(d) = crate::drift::check(loaded, &r.vm, &jobs, self.observed.get(&r.vm).copied()) {
+                found.push(d);
+            }
+            let upper = self.arrival_curves.as_ref().and_then(|(_, c)| c.get(&r.vm));
+            if let (Some(upper), false) = (upper, self.burst_alerted.contains(&r.vm)) {
+                if let Some(b) = crate::drift::check_arrivals(loaded, &r.vm, &jobs, upper) {
+                    let _ = cluster::log_event(store, &Event::now(&cfg.id, format!("ALERT: {b}")));
+                    self.burst_alerted.insert(r.vm.clone());
+                }
+            }
+        }
+        if found.is_empty() {
+            return Ok(());
+        }
+        for d in &found {
+            let _ = cluster::log_event(store, &Event::now(&cfg.id, format!("ALERT: {d}")));
+            self.observed.insert(d.vm.clone(), d.observed_us);
+        }
+        let model = crate::drift::observed_model(loaded, &self.observed);
+        // What the observed times mean for what runs now: the placement in force analysed.
+        let in_force = self.table.lookup(&self.failed);
+        if let (Some((sys, a)), Some(p)) = (crate::dashboard::analyse(&model, in_force), in_force) {
+            for (ch, r) in sys.chains.iter().zip(&a.chains) {
+                let was = p.chains.iter().find(|c| c.chain == ch.name).and_then(|c| c.worst_ms);
+                let ms = |x: Option<f64>| x.map_or("unbounded".to_string(), |v| format!("{v:.2} ms"));
+                let verdict = match (r.meets_deadline, &ch.deadline) {
+                    (Some(false), Some(d)) => format!("MISSES its deadline {:.2} ms", d.to_f64() / 1e3),
+                    _ => "holds".to_string(),
+                };
+                let worst = r.worst.as_ref().map(|w| w.to_f64() / 1e3);
+                let _ = cluster::log_event(
+                    store,
+                    &Event::now(
+                        &cfg.id,
+                        format!(
+                            "with the observed execution times, where the VMs run now: chain {}: bound {} (was {}): {verdict}",
+                            ch.name,
+                            ms(worst),
+                            ms(was)
+                        ),
+                    ),
+                );
+            }
+        }
+        self.model = Some(model.clone());
+        self.arrival_curves = None;
+        let (tx, rx) = channel();
+        let (failed, faults, generation) = (self.failed.clone(), cfg.faults, self.generation);
+        std::thread::spawn(move || {
+            background();
+            let _ = tx.send(Table::compute(&model, &failed, faults, generation).map_err(|e| e.to_string()));
+        });
+        self.pending = Some(rx);
+        let vms: Vec<&str> = found.iter().map(|d| d.vm.as_str()).collect();
+        self.pending_why = Some(format!("with the observed execution times of {}", vms.join(", ")));
         Ok(())
     }
 

@@ -114,6 +114,7 @@ impl ClusterFile {
             // retransmission (200 ms).
             timing: TimingSpec { heartbeat_ms: 10, timeout_ms: 100, lease_ms: 120, renew_ms: 20 },
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            analysed: BTreeMap::new(),
         }
     }
 }
@@ -270,6 +271,8 @@ pub struct UpOptions {
     /// host (in the host's namespace, so it reaches etcd over the host's link) and one for the
     /// managers.
     pub etcd: bool,
+    /// The managers' dashboards on 127.0.0.1:PORT+i (manager i); `Some(0)`: any free ports.
+    pub http_port: Option<u16>,
 }
 
 /// Debian's etcd-server.
@@ -452,7 +455,11 @@ pub fn up(o: &UpOptions) -> Result<ClusterFile, String> {
     let field_ns = cf.field_ns.clone();
     cf.spawn_kept("field", &o.exe, Some(&field_ns), s(&["field", "--dir", &dir.display().to_string()]), dir.join("field.log"))?;
     for m in 0..o.managers.max(1) {
-        let args = s(&["manager", "--dir", &dir.display().to_string(), "--id", &format!("m{m}"), "--faults", &o.faults.to_string()]);
+        let mut args = s(&["manager", "--dir", &dir.display().to_string(), "--id", &format!("m{m}"), "--faults", &o.faults.to_string()]);
+        if let Some(port) = o.http_port {
+            let port = if port == 0 { 0 } else { port.saturating_add(m as u16) };
+            args.extend(s(&["--http", &format!("127.0.0.1:{port}")]));
+        }
         cf.spawn_kept(&format!("manager:m{m}"), &o.exe, None, args, dir.join(format!("manager-m{m}.log")))?;
     }
     cf.save()?;
@@ -583,6 +590,12 @@ pub struct VmStatus {
     /// Remote-backup mode: `protected` (its backup holds a committed replica) or
     /// `unprotected`; `-` otherwise.
     pub replication: String,
+    /// A protected VM's checkpoints over the last second.
+    pub figures: Option<agent::cluster::ReplicationFigures>,
+    /// Its jobs' measured execution times (the last quarter second), and the WCET the model
+    /// declares for them (µs; `manager::drift`).
+    pub jobs: Option<agent::cluster::JobFigures>,
+    pub wcet_us: Option<f64>,
     pub detail: String,
 }
 
@@ -606,6 +619,10 @@ pub struct Status {
     pub plan: Option<crate::table::StoredPlan>,
     /// Scenarios of the table and how each is covered.
     pub coverage: BTreeMap<String, String>,
+    /// The whole plan table: what happens if each scenario's hosts fail.
+    pub plans: Vec<crate::table::StoredPlan>,
+    /// The managers' dashboards (URLs), as each manager recorded it.
+    pub dashboards: BTreeMap<String, String>,
     pub events: Vec<agent::cluster::Event>,
     /// Each probed chain's measured latency, beside its bound in the plan in force.
     pub measured: BTreeMap<String, agent::cluster::Measured>,
@@ -621,34 +638,40 @@ pub struct Status {
 
 /// Reads the cluster's state from its store.
 pub fn status(cf: &ClusterFile) -> Result<Status, String> {
-    use agent::cluster::{self, Actual, AgentRecord, CopyState, Desired, Fence, Progress};
-    let e = |e: agent::Error| e.to_string();
     let mut c = store::Client::connect(&cf.store).map_err(|e| e.to_string())?;
     c.set_retry_for(std::time::Duration::from_secs(2));
     let loaded = model::load(&cf.model).map_err(|e| e.to_string())?;
+    status_of(&mut c, &loaded)
+}
+
+/// The state of the cluster that runs `loaded`, read from its store through `c`.
+pub fn status_of(c: &mut store::Client, loaded: &model::Loaded) -> Result<Status, String> {
+    use agent::cluster::{self, Actual, AgentRecord, CopyState, Desired, Fence, Progress};
+    let e = |e: agent::Error| e.to_string();
     let mut hosts = Vec::new();
-    for h in cf.host_ns.keys() {
+    let names: Vec<String> = loaded.deployment.as_ref().map(|d| d.hosts.iter().map(|h| h.name.clone()).collect()).unwrap_or_default();
+    for h in &names {
         hosts.push(HostStatus {
             host: h.clone(),
-            heartbeat: cluster::read_counter(&mut c, &cluster::heartbeat_path(h)).map_err(e)?,
-            fenced: cluster::read::<Fence>(&mut c, &cluster::fence_path(h)).map_err(e)?.is_some(),
-            agent_pid: cluster::read::<AgentRecord>(&mut c, &cluster::agent_path(h)).map_err(e)?.map(|a| a.pid),
+            heartbeat: cluster::read_counter(c, &cluster::heartbeat_path(h)).map_err(e)?,
+            fenced: cluster::read::<Fence>(c, &cluster::fence_path(h)).map_err(e)?.is_some(),
+            agent_pid: cluster::read::<AgentRecord>(c, &cluster::agent_path(h)).map_err(e)?.map(|a| a.pid),
         });
     }
-    let progress: Option<Progress> = cluster::read(&mut c, cluster::PROGRESS).map_err(e)?;
+    let progress: Option<Progress> = cluster::read(c, cluster::PROGRESS).map_err(e)?;
     let failed = progress.as_ref().map(|p| p.failed.clone()).unwrap_or_default();
-    let table = crate::table::Table::load(&mut c).map_err(e)?;
+    let table = crate::table::Table::load(c).map_err(e)?;
     let plan = table.lookup(&failed).cloned();
     let mut vms = Vec::new();
     let dep = loaded.deployment.as_ref();
     for r in &loaded.runs {
         let mode =
             dep.and_then(|d| d.vms.iter().find(|v| v.name == r.vm)).map(|v| format!("{:?}", v.mode).to_lowercase()).unwrap_or_default();
-        let d: Option<Desired> = cluster::read(&mut c, &cluster::desired_path(&r.vm)).map_err(e)?;
+        let d: Option<Desired> = cluster::read(c, &cluster::desired_path(&r.vm)).map_err(e)?;
         let host = d.as_ref().and_then(|d| d.primary.as_ref().map(|p| p.host.clone()));
         let backup = d.as_ref().and_then(|d| d.backup.as_ref().map(|b| b.host.clone()));
         let actual: Option<Actual> = match &host {
-            Some(h) => cluster::read(&mut c, &cluster::actual_path(&r.vm, h)).map_err(e)?,
+            Some(h) => cluster::read(c, &cluster::actual_path(&r.vm, h)).map_err(e)?,
             None => None,
         };
         // A failed host's records are stale: nothing it reports counts.
@@ -680,6 +703,9 @@ pub fn status(cf: &ClusterFile) -> Result<Status, String> {
             backup,
             serving: serving || d.as_ref().is_some_and(|d| d.primary.is_none()),
             replication,
+            figures: actual.as_ref().and_then(|a| a.replication.clone()),
+            jobs: actual.as_ref().and_then(|a| a.jobs.clone()),
+            wcet_us: crate::drift::compared_task(loaded, &r.vm).map(|(_, w)| w),
             detail,
         });
     }
@@ -690,7 +716,7 @@ pub fn status(cf: &ClusterFile) -> Result<Status, String> {
     let ok = vms.iter().all(|v| v.serving) && chains_ok && plan.is_some() && deviations.is_empty() && plan_done;
     let mut measured = BTreeMap::new();
     for ch in &loaded.system.chains {
-        if let Some(m) = cluster::read::<agent::cluster::Measured>(&mut c, &cluster::chain_path(&ch.name)).map_err(e)? {
+        if let Some(m) = cluster::read::<agent::cluster::Measured>(c, &cluster::chain_path(&ch.name)).map_err(e)? {
             measured.insert(ch.name.clone(), m);
         }
     }
@@ -705,13 +731,21 @@ pub fn status(cf: &ClusterFile) -> Result<Status, String> {
         })
         .unwrap_or_default();
     Ok(Status {
-        leader: cluster::read(&mut c, cluster::LEADER).map_err(e)?,
+        leader: cluster::read(c, cluster::LEADER).map_err(e)?,
         hosts,
         vms,
         failed,
         plan,
         coverage,
-        events: cluster::events(&mut c, 20).map_err(e)?,
+        plans: table.plans.values().cloned().collect(),
+        dashboards: cluster::children(c, cluster::DASHBOARDS)
+            .map_err(e)?
+            .into_iter()
+            .filter_map(|id| {
+                c.try_read(&format!("{}/{id}", cluster::DASHBOARDS)).ok().flatten().map(|u| (id, String::from_utf8_lossy(&u).into_owned()))
+            })
+            .collect(),
+        events: cluster::events(c, 50).map_err(e)?,
         measured,
         deviations,
         above_bound,

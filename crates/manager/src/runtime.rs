@@ -35,7 +35,12 @@ pub struct Layout {
     /// CPUs of the machine (VMs are pinned to one per model processor when there are enough;
     /// then a VM with a reservation in the model also runs its vCPU under it, SCHED_DEADLINE).
     pub cpus: usize,
+    /// The policies `policy = "analysed"` stands for, by VM ([`Layout::analyse_policies`]).
+    pub analysed: BTreeMap<String, replication::PolicySpec>,
 }
+
+/// The `[[run]]` policy that asks the analysis for the interval.
+pub const ANALYSED: &str = "analysed";
 
 /// One VM of the model that runs.
 struct Runnable<'a> {
@@ -78,8 +83,37 @@ impl Layout {
         })
     }
 
-    fn policy(r: &model::run::Run) -> replication::PolicySpec {
-        r.policy.as_deref().and_then(|p| p.parse().ok()).unwrap_or_default()
+    fn policy(&self, r: &model::run::Run) -> replication::PolicySpec {
+        match r.policy.as_deref() {
+            Some(ANALYSED) => self.analysed.get(&r.vm).copied().unwrap_or_default(),
+            p => p.and_then(|p| p.parse().ok()).unwrap_or_default(),
+        }
+    }
+
+    /// Resolves every `policy = "analysed"` of the model: the longest fixed checkpoint interval
+    /// whose pauses and held output keep every deadline (`model::replication`). A VM for which
+    /// none does keeps the default policy, and the returned notes say so (for the event log).
+    pub fn analyse_policies(&mut self, loaded: &model::Loaded) -> Vec<String> {
+        let mut notes = Vec::new();
+        for r in loaded.runs.iter().filter(|r| r.policy.as_deref() == Some(ANALYSED)) {
+            let choice = model::replication::largest_fixed_interval(loaded, &r.vm, None);
+            let spec = match &choice {
+                Ok(model::replication::Choice { interval: Some(t), .. }) => {
+                    format!("fixed:{}", model::units::trim_float(t.to_f64() / 1000.0, 3)).parse::<replication::PolicySpec>().ok()
+                }
+                _ => None,
+            };
+            match (spec, choice) {
+                (Some(spec), Ok(c)) => {
+                    let hold = c.commit.as_ref().map(model::units::human_time).unwrap_or_default();
+                    notes.push(format!("{}: analysed checkpoint policy {spec} (output held at most {hold}; every deadline kept)", r.vm));
+                    self.analysed.insert(r.vm.clone(), spec);
+                }
+                (_, Ok(_)) => notes.push(format!("{}: no fixed checkpoint interval keeps every deadline; the default policy runs", r.vm)),
+                (_, Err(e)) => notes.push(format!("{}: policy \"analysed\": {e}", r.vm)),
+            }
+        }
+        notes
     }
 
     /// The spec of `r`'s running copy on `host`, protected by a backup on `backup`.
@@ -95,7 +129,7 @@ impl Layout {
             backup: addr,
             arbiter: self.arbiter.clone(),
             holder: host.to_string(),
-            policy: Self::policy(r),
+            policy: self.policy(r),
             timing: self.timing,
             stats: false,
             control: None,
@@ -120,7 +154,7 @@ impl Layout {
             control: None,
             stats: false,
             then_protect: then.and_then(|t| self.addr(t, x.index)),
-            then_policy: Self::policy(r),
+            then_policy: self.policy(r),
             timing: self.timing,
             state_file: None,
             key_file: self.key_file.clone(),
@@ -278,4 +312,35 @@ pub fn check_images(loaded: &Loaded, layout: &Layout) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_analysed_policy_is_the_longest_interval_that_keeps_the_deadlines() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/substation.toml");
+        let text = std::fs::read_to_string(path).unwrap().replacen("policy = \"adaptive\"", "policy = \"analysed\"", 1);
+        let loaded = model::parse(&text, "substation.toml", std::path::Path::new(".")).unwrap();
+        let mut layout = Layout {
+            host_ip: [("hostA", 1), ("hostB", 2), ("hostC", 3)].iter().map(|(h, i)| (h.to_string(), Ipv4Addr::new(10, 0, 0, *i))).collect(),
+            arbiter: "10.0.0.254:7000".into(),
+            key_file: "k".into(),
+            bridge: "br".into(),
+            images: BTreeMap::new(),
+            run_dir: "/tmp".into(),
+            timing: TimingSpec::default(),
+            cpus: 1,
+            analysed: BTreeMap::new(),
+        };
+        let notes = layout.analyse_policies(&loaded);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].starts_with("relay: analysed checkpoint policy fixed:5 "), "{notes:?}");
+        let relay = loaded.runs.iter().find(|r| r.vm == "relay").unwrap();
+        assert_eq!(layout.policy(relay).to_string(), "fixed:5");
+        // The other VMs keep theirs (control: the default).
+        let control = loaded.runs.iter().find(|r| r.vm == "control").unwrap();
+        assert_eq!(layout.policy(control), replication::PolicySpec::default());
+    }
 }

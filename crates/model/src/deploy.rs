@@ -16,7 +16,7 @@ use crate::units;
 use crate::validate::{Ctx, Site};
 use crate::{Item, ItemKind};
 use rtc::models::EventModel;
-use rtc::system::{Input, Policy, Resource, ResourceKind, Stream, System, Task};
+use rtc::system::{Blackout, Input, Policy, Resource, ResourceKind, Stream, System, Task};
 use rtc::Q;
 use std::collections::HashMap;
 
@@ -75,6 +75,13 @@ pub struct Checkpoint {
     /// Worst-case bytes per checkpoint.
     pub size: Q,
     pub interval: Q,
+    /// Longest pause of the VM per checkpoint: its reservations' blackout while protected.
+    pub pause: Option<Q>,
+    /// Longest hold of an output until its checkpoint is acknowledged, and the VM's tasks whose
+    /// completions leave the VM (or end a chain) and are held so while protected (when a
+    /// commit is declared).
+    pub commit: Option<Q>,
+    pub held: Vec<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -215,6 +222,14 @@ impl Deployment {
                 let active = running && pl.backup.is_some() && port.is_some();
                 set_work(&mut sys.tasks[c.task], &base.tasks[c.task], active);
                 sys.tasks[c.task].resource = port.unwrap_or(base.tasks[c.task].resource);
+                // While protected, the VM pauses for checkpoints and its output is held.
+                let blackout = c.pause.clone().filter(|_| active).map(|pause| Blackout { pause, every: c.interval.clone() });
+                for &r in vm.reservation.iter().chain(&vm.extra_reservations) {
+                    sys.resources[r].blackout = blackout.clone();
+                }
+                for &t in &c.held {
+                    sys.tasks[t].hold = c.commit.clone().filter(|_| active);
+                }
             }
         }
         for m in &self.messages {
@@ -295,6 +310,8 @@ pub(crate) fn build(p: Parts) -> Result<Option<Deployment>> {
             || v.checkpoint_size.is_some()
             || v.checkpoint_interval.is_some()
             || v.checkpoint_priority.is_some()
+            || v.checkpoint_pause.is_some()
+            || v.output_commit.is_some()
             || v.apart.is_some()
     };
     if raw.host.is_empty() {
@@ -314,6 +331,8 @@ pub(crate) fn build(p: Parts) -> Result<Option<Deployment>> {
                 ("checkpoint_size", r.checkpoint_size.is_some()),
                 ("checkpoint_interval", r.checkpoint_interval.is_some()),
                 ("checkpoint_priority", r.checkpoint_priority.is_some()),
+                ("checkpoint_pause", r.checkpoint_pause.is_some()),
+                ("output_commit", r.output_commit.is_some()),
                 ("apart", r.apart.is_some()),
             ];
             let key = given.iter().find(|(_, g)| *g).map(|(k, _)| *k);
@@ -374,7 +393,13 @@ pub(crate) fn build(p: Parts) -> Result<Option<Deployment>> {
             return Err(ctx.fail(&s, Some("name"), format!("the name {lb_name:?} is taken; vigil names this host's loopback so")));
         }
         let loopback = sys.resources.len();
-        sys.resources.push(Resource { name: lb_name, kind: ResourceKind::Dedicated { rate: lb }, policy: Policy::Fifo, cycle: None });
+        sys.resources.push(Resource {
+            blackout: None,
+            name: lb_name,
+            kind: ResourceKind::Dedicated { rate: lb },
+            policy: Policy::Fifo,
+            cycle: None,
+        });
         res_items.push(Item { kind: ItemKind::Host, line: ctx.line_at(s.span.start) });
         host_of.push(Some(hi));
         host_index.insert(&r.name, hi);
@@ -470,8 +495,13 @@ pub(crate) fn build(p: Parts) -> Result<Option<Deployment>> {
             (Some(_), false) => return Err(ctx.fail(&s, Some("backup"), format!("`backup` given, but mode {} keeps none", mode.name()))),
             (None, false) => None,
         };
-        for (k, given) in
-            [("checkpoint_size", &r.checkpoint_size), ("checkpoint_interval", &r.checkpoint_interval)].map(|(k, v)| (k, v.is_some()))
+        for (k, given) in [
+            ("checkpoint_size", &r.checkpoint_size),
+            ("checkpoint_interval", &r.checkpoint_interval),
+            ("checkpoint_pause", &r.checkpoint_pause),
+            ("output_commit", &r.output_commit),
+        ]
+        .map(|(k, v)| (k, v.is_some()))
         {
             if given && !mode.remote() {
                 return Err(ctx.fail(&s, Some(k), format!("`{k}` applies only to modes with a remote backup")));
@@ -569,6 +599,7 @@ pub(crate) fn build(p: Parts) -> Result<Option<Deployment>> {
             stream_items.push(Item { kind: ItemKind::Vm, line });
             let ti = sys.tasks.len();
             sys.tasks.push(Task {
+                hold: None,
                 name: tname,
                 resource: port,
                 input: Input::Stream(st),
@@ -581,7 +612,32 @@ pub(crate) fn build(p: Parts) -> Result<Option<Deployment>> {
             });
             task_items.push(Item { kind: ItemKind::Vm, line });
             vm_of_task.push(None);
-            Some(Checkpoint { task: ti, size, interval })
+            let pause = match &r.checkpoint_pause {
+                Some(v) => {
+                    let d = ctx.nonneg_time(&s, "checkpoint_pause", v)?;
+                    if d >= interval {
+                        return Err(ctx.fail(
+                            &s,
+                            Some("checkpoint_pause"),
+                            "`checkpoint_pause` must be shorter than `checkpoint_interval` (the VM would never run)",
+                        ));
+                    }
+                    if reservation.is_none() && d.is_positive() {
+                        return Err(ctx.fail(
+                            &s,
+                            Some("checkpoint_pause"),
+                            "`checkpoint_pause` needs the VM's reservation (`budget` and `period`): the pauses are taken out of its service",
+                        ));
+                    }
+                    d.is_positive().then_some(d)
+                }
+                None => None,
+            };
+            let commit = match &r.output_commit {
+                Some(v) => Some(ctx.nonneg_time(&s, "output_commit", v)?).filter(|d| d.is_positive()),
+                None => None,
+            };
+            Some(Checkpoint { task: ti, size, interval, pause, commit, held: Vec::new() })
         } else {
             if r.checkpoint_priority.is_some() {
                 return Err(ctx.fail(&s, Some("checkpoint_priority"), "`checkpoint_priority` applies only to modes with a remote backup"));
@@ -604,6 +660,22 @@ pub(crate) fn build(p: Parts) -> Result<Option<Deployment>> {
             checkpoint,
             apart: Vec::new(),
         });
+    }
+    // Held output: a protected VM's tasks whose completions leave the VM (a consumer elsewhere)
+    // or end a chain (the actuation goes out).
+    for v in vms.iter_mut() {
+        let Some(c) = v.checkpoint.as_mut() else { continue };
+        let inside = |t: usize| v.tasks.contains(&t);
+        c.held = v
+            .tasks
+            .iter()
+            .copied()
+            .filter(|&t| {
+                let leaves = (0..sys.tasks.len()).any(|u| sys.tasks[u].input == Input::Task(t) && !inside(u));
+                let ends = sys.chains.iter().any(|ch| ch.tasks.last() == Some(&t));
+                leaves || ends
+            })
+            .collect();
     }
     // Anti-affinity: resolve the names, make the relation symmetric, and check that the
     // placement as written keeps it.

@@ -8,7 +8,7 @@
 //! system; and the [`report::Report`] that maps analysis results back onto names for humans
 //! and JSON.
 //!
-//! Does not own: the analysis itself (`rtc`), the search for placements (`planner`), printing, plotting or exit codes (the `vigil`
+//! Does not own: the analysis itself (`rtc`), the search for placements (`planner`), printing or exit codes (the `vigil`
 //! binary). Nothing here panics on bad input: every problem is a [`ModelError`].
 //!
 //! Inside the [`System`] time is in microseconds; the work of a task on a processor or VM is in
@@ -16,7 +16,9 @@
 
 mod deploy;
 mod error;
+pub mod plot;
 mod raw;
+pub mod replication;
 pub mod report;
 pub mod run;
 pub mod text;

@@ -124,6 +124,12 @@ pub struct RawVm {
     pub checkpoint_size: Option<Val>,
     pub checkpoint_interval: Option<Val>,
     pub checkpoint_priority: Option<i64>,
+    /// Longest pause of the VM for one checkpoint (its reservation loses that much service
+    /// once per `checkpoint_interval`).
+    pub checkpoint_pause: Option<Val>,
+    /// Longest time a network output of the VM is held until the checkpoint that covers it is
+    /// acknowledged (added to chains whose output leaves the VM).
+    pub output_commit: Option<Val>,
     /// VMs it must never share a host with (anti-affinity, symmetric).
     pub apart: Option<Vec<String>>,
 }

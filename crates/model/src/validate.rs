@@ -139,7 +139,7 @@ impl<'a> Ctx<'a> {
         Ok(t)
     }
 
-    fn nonneg_time(&self, s: &Site, key: &str, v: &Val) -> Result<Q> {
+    pub(crate) fn nonneg_time(&self, s: &Site, key: &str, v: &Val) -> Result<Q> {
         let t = self.time(s, key, v)?;
         if t.is_negative() {
             return Err(self.fail(s, Some(key), format!("`{key}` must not be negative, got {}", show(v))));
@@ -305,7 +305,7 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
             ResourceKind::Dedicated { rate: speed }
         };
         res_index.insert(&r.name, sys.resources.len());
-        sys.resources.push(Resource { name: r.name.clone(), kind, policy, cycle });
+        sys.resources.push(Resource { blackout: None, name: r.name.clone(), kind, policy, cycle });
         res_items.push(Item { kind: ItemKind::Processor, line: ctx.line_at(s.span.start) });
         res_sites.push(s);
     }
@@ -329,7 +329,7 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
         };
         let kind = if latency.is_positive() { ResourceKind::BoundedDelay { rate, latency } } else { ResourceKind::Dedicated { rate } };
         res_index.insert(&r.name, sys.resources.len());
-        sys.resources.push(Resource { name: r.name.clone(), kind, policy, cycle });
+        sys.resources.push(Resource { blackout: None, name: r.name.clone(), kind, policy, cycle });
         res_items.push(Item { kind: ItemKind::Link, line: ctx.line_at(s.span.start) });
         res_sites.push(s);
     }
@@ -385,6 +385,7 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
                 let i = sys.resources.len();
                 res_index.insert(&r.name, i);
                 sys.resources.push(Resource {
+                    blackout: None,
                     name: r.name.clone(),
                     kind: ResourceKind::Reservation { host, budget, period, supply },
                     policy,
@@ -584,7 +585,18 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
         };
         let deadline = t.deadline.map(|v| ctx.positive_time(s, "deadline", v)).transpose()?;
         let slot = t.slot.map(|v| ctx.positive_time(s, "slot", v)).transpose()?;
-        sys.tasks.push(Task { name: s.name.clone(), resource, input, wcet, bcet, priority: t.priority, deadline, slot, workload });
+        sys.tasks.push(Task {
+            hold: None,
+            name: s.name.clone(),
+            resource,
+            input,
+            wcet,
+            bcet,
+            priority: t.priority,
+            deadline,
+            slot,
+            workload,
+        });
         task_items.push(Item { kind: s.kind, line: ctx.line_at(s.span.start) });
     }
 

@@ -78,6 +78,9 @@ struct Lease {
     holder: String,
     gen: u64,
     backup: Option<u64>,
+    /// The backup session whose takeover made this generation, until the new holder renews:
+    /// a repeated takeover by it (its grant was lost on the way) is granted again.
+    took: Option<u64>,
     /// Not durable: 0 in a restored table.
     expires_us: u64,
 }
@@ -107,8 +110,9 @@ impl Table {
                     self.raise_ceiling(*ttl_us);
                     let l = self.leases.get_mut(vm).expect("checked above");
                     l.expires_us = now_us.saturating_add(*ttl_us);
-                    if l.backup != *backup {
+                    if l.backup != *backup || l.took.is_some() {
                         l.backup = *backup;
+                        l.took = None;
                         self.version += 1;
                     }
                     return Answer::Granted { gen: *gen, backup: *backup };
@@ -123,12 +127,21 @@ impl Table {
                 let gen = last.map_or(0, |l| l.gen) + 1;
                 self.raise_ceiling(*ttl_us);
                 let expires_us = now_us.saturating_add(*ttl_us);
-                self.leases.insert(vm.clone(), Lease { holder: holder.clone(), gen, backup: *backup, expires_us });
+                self.leases.insert(vm.clone(), Lease { holder: holder.clone(), gen, backup: *backup, took: None, expires_us });
                 self.version += 1;
                 Answer::Granted { gen, backup: *backup }
             }
             Request::Takeover { vm, holder, session, ttl_us } => {
-                let Some(l) = self.leases.get(vm) else { return Answer::Unknown };
+                let Some(l) = self.leases.get_mut(vm) else { return Answer::Unknown };
+                if l.took == Some(*session) && l.holder == *holder {
+                    // The same takeover again: its grant did not reach the backup. The lease
+                    // is this copy's under the generation that grant made (served even while
+                    // recovering, like a renewal by the recorded holder).
+                    l.expires_us = now_us.saturating_add(*ttl_us);
+                    let gen = l.gen;
+                    self.raise_ceiling(*ttl_us);
+                    return Answer::Granted { gen, backup: None };
+                }
                 if l.backup != Some(*session) {
                     return Answer::Revoked;
                 }
@@ -141,7 +154,7 @@ impl Table {
                 let gen = l.gen + 1;
                 self.raise_ceiling(*ttl_us);
                 let expires_us = now_us.saturating_add(*ttl_us);
-                self.leases.insert(vm.clone(), Lease { holder: holder.clone(), gen, backup: None, expires_us });
+                self.leases.insert(vm.clone(), Lease { holder: holder.clone(), gen, backup: None, took: Some(*session), expires_us });
                 self.version += 1;
                 Answer::Granted { gen, backup: None }
             }
@@ -162,12 +175,12 @@ impl Table {
     }
 
     /// The durable state as text: one `ceiling <us>` line, then one
-    /// `lease <vm> <holder> <gen> <backup|->` line per VM.
+    /// `lease <vm> <holder> <gen> <backup|-> <took|->` line per VM (version 1 had no `took`).
     pub fn encode(&self) -> String {
-        let mut s = format!("vigil-leases 1\nceiling {}\n", self.ceiling_us);
+        let mut s = format!("vigil-leases 2\nceiling {}\n", self.ceiling_us);
+        let opt = |x: Option<u64>| x.map_or("-".into(), |b| b.to_string());
         for (vm, l) in &self.leases {
-            let backup = l.backup.map_or("-".into(), |b| b.to_string());
-            s.push_str(&format!("lease {vm} {} {} {backup}\n", l.holder, l.gen));
+            s.push_str(&format!("lease {vm} {} {} {} {}\n", l.holder, l.gen, opt(l.backup), opt(l.took)));
         }
         s
     }
@@ -179,8 +192,8 @@ impl Table {
         let mut t = Table::default();
         let mut lines = text.lines().enumerate();
         match lines.next() {
-            Some((_, "vigil-leases 1")) => {}
-            _ => return Err(Error::Lease("line 1: not a lease table (expected `vigil-leases 1`)".into())),
+            Some((_, "vigil-leases 1" | "vigil-leases 2")) => {}
+            _ => return Err(Error::Lease("line 1: not a lease table (expected `vigil-leases 2`)".into())),
         }
         for (i, line) in lines {
             let bad = |what: &str| Error::Lease(format!("line {}: {what}: {line:?}", i + 1));
@@ -190,13 +203,17 @@ impl Table {
                 ["ceiling", us] => {
                     t.ceiling_us = us.parse().ok().filter(|u| *u <= MAX_TTL_US).ok_or_else(|| bad("bad ceiling"))?;
                 }
-                ["lease", vm, holder, gen, backup] => {
+                // Lines of either version may meet (the store keeps one line per VM, written
+                // by whichever arbiter last changed it).
+                ["lease", vm, holder, gen, backup, rest @ ..] if rest.len() <= 1 => {
                     if !word_ok(vm) || !word_ok(holder) {
                         return Err(bad("bad name"));
                     }
                     let gen = gen.parse().ok().filter(|g| *g > 0).ok_or_else(|| bad("bad generation"))?;
-                    let backup = if *backup == "-" { None } else { Some(backup.parse().map_err(|_| bad("bad backup session"))?) };
-                    if t.leases.insert(vm.to_string(), Lease { holder: holder.to_string(), gen, backup, expires_us: 0 }).is_some() {
+                    let session = |w: &str| if w == "-" { Ok(None) } else { w.parse().map(Some).map_err(|_| bad("bad backup session")) };
+                    let backup = session(backup)?;
+                    let took = rest.first().map_or(Ok(None), |w| session(w))?;
+                    if t.leases.insert(vm.to_string(), Lease { holder: holder.to_string(), gen, backup, took, expires_us: 0 }).is_some() {
                         return Err(bad("a second lease for the same VM"));
                     }
                 }
@@ -330,8 +347,38 @@ mod tests {
         // The old primary is fenced: its generation is gone, now and forever.
         assert_eq!(t.handle(160, &renew("a", 1, Some(7))), Answer::Superseded { gen: 2, holder: "b".into() });
         assert_eq!(t.handle(10_000, &renew("a", 1, Some(7))), Answer::Superseded { gen: 2, holder: "b".into() });
-        // A second takeover by the same session cannot happen: the registration is gone.
-        assert_eq!(t.handle(300, &takeover("b", 7)), Answer::Revoked);
+        // Another session can never take over again: the registration is gone.
+        assert_eq!(t.handle(300, &takeover("c", 8)), Answer::Revoked);
+    }
+
+    /// Found with the dashboard test on a loaded host: the arbiter granted the takeover, but
+    /// its answer reached the backup after the backup's read timeout; the backup asked again
+    /// and was told `Revoked` (its registration was consumed by the grant it never saw), so it
+    /// abandoned the replica while the primary was fenced by that same grant: the VM was lost.
+    /// A takeover is idempotent for the session that made it: asking again is granted again,
+    /// under the same generation, and it survives a restart of the arbiter.
+    #[test]
+    fn a_takeover_whose_grant_was_lost_is_granted_again_to_the_same_session() {
+        let mut t = Table::default();
+        t.handle(0, &renew("a", 0, Some(7)));
+        assert_eq!(t.handle(150, &takeover("b", 7)), Answer::Granted { gen: 2, backup: None });
+        // The answer is lost; the backup asks again, later.
+        assert_eq!(t.handle(170, &takeover("b", 7)), Answer::Granted { gen: 2, backup: None });
+        assert_eq!(t.holder("kv", 260), Some("b"), "the repeated grant extends the lease");
+        // Through a restart of the arbiter too (even after its lease expired: nobody else
+        // could have taken it since, the generation is the one the grant made).
+        let mut r = Table::restore(&t.encode()).expect("restore");
+        assert_eq!(r.handle(5, &takeover("b", 7)), Answer::Granted { gen: 2, backup: None });
+        // Not for another holder name with the same session, nor once the copy renewed and
+        // registered a backup of its own, nor after someone else claimed the lease.
+        assert_eq!(t.handle(180, &takeover("x", 7)), Answer::Revoked);
+        assert_eq!(t.handle(190, &renew("b", 2, Some(9))), Answer::Granted { gen: 2, backup: Some(9) });
+        assert_eq!(t.handle(200, &takeover("b", 7)), Answer::Revoked);
+        let mut u = Table::default();
+        u.handle(0, &renew("a", 0, Some(7)));
+        u.handle(150, &takeover("b", 7));
+        assert_eq!(u.handle(10_000, &renew("c", 0, None)), Answer::Granted { gen: 3, backup: None });
+        assert_eq!(u.handle(10_001, &takeover("b", 7)), Answer::Revoked);
     }
 
     #[test]
@@ -358,6 +405,9 @@ mod tests {
         let mut t = Table::default();
         t.handle(0, &renew("a", 0, Some(7)));
         t.handle(200, &takeover("b", 7));
+        // The new holder's first renewal ends the takeover's retry window (durable); later
+        // plain renewals change nothing durable.
+        t.handle(240, &renew("b", 2, None));
         let v = t.version();
         t.handle(250, &renew("b", 2, None));
         assert_eq!(t.version(), v, "a plain renewal changes nothing durable");
@@ -405,11 +455,16 @@ mod tests {
         assert!(Request::parse("renew kv a 0 60000001 -").unwrap_err().to_string().contains("outside"));
         assert!(Request::parse("steal kv").unwrap_err().to_string().contains("bad request"));
         assert!(Answer::parse("granted x").is_err());
+        // Lines of both versions in one table (the store keeps each VM's last line).
+        let mixed = Table::restore("vigil-leases 2\nceiling 5\nlease a x 1 -\nlease b y 2 3 4\n").expect("mixed versions");
+        assert_eq!((mixed.generation("a"), mixed.generation("b")), (1, 2));
         for (text, what) in [
             ("", "line 1"),
             ("vigil-leases 1\nceiling x\n", "line 2: bad ceiling"),
             ("vigil-leases 1\nlease kv a 0 -\n", "line 2: bad generation"),
             ("vigil-leases 1\nlease kv a 1 -\nlease kv b 2 -\n", "line 3: a second lease"),
+            ("vigil-leases 2\nlease kv a 1 - - 3\n", "line 2: unexpected"),
+            ("vigil-leases 2\nlease kv a 1 - x\n", "line 2: bad backup session"),
             ("vigil-leases 1\nsteal\n", "line 2: unexpected"),
         ] {
             let e = Table::restore(text).unwrap_err().to_string();

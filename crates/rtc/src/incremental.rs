@@ -131,7 +131,7 @@ pub fn reanalyze(old: &System, prev: Analysis, sys: &System, opts: &Options) -> 
                 }
                 Input::Task(j) => {
                     let res = new[j].as_ref().unwrap_or(&prev.tasks[j]);
-                    res.wcrt.is_some().then(|| pair_of(&res.output))
+                    res.wcrt.is_some().then(|| network::released(sys, j, pair_of(&res.output)))
                 }
             })
         };

@@ -108,8 +108,44 @@ pub(crate) fn check_structure(sys: &System) -> Result<(), AnalysisError> {
     Ok(())
 }
 
-/// Base service curves of a resource.
+/// Base service curves of a resource, its blackout taken out of the lower curve.
 pub(crate) fn base_service(sys: &System, r: usize) -> Result<Pair, AnalysisError> {
+    let (upper, lower) = undisturbed_service(sys, r)?;
+    let Some(b) = &sys.resources[r].blackout else { return Ok((upper, lower)) };
+    let e = |m: String| res_err(sys, r, m);
+    if !b.pause.is_positive() || b.pause >= b.every {
+        return Err(e(format!("a pause of {} every {} (it must be positive and shorter than the period)", b.pause, b.every)));
+    }
+    let speed = match &sys.resources[r].kind {
+        ResourceKind::Dedicated { rate } | ResourceKind::BoundedDelay { rate, .. } => rate.clone(),
+        ResourceKind::Reservation { host, .. } => host_speed(sys, *host),
+    };
+    let lower = blackout_lower(&lower, &b.pause, &b.every, &speed).map_err(e)?;
+    Ok((upper, lower))
+}
+
+/// A lower service curve with pauses of up to `pause` every `every` taken out: in any window
+/// of length Δ the pauses cover at most B(Δ) = ⌊Δ/T⌋·d + min(d, Δ mod T) (T = every, d =
+/// pause) — the time a TDMA slot of T − d per cycle T leaves out — and each paused time unit
+/// takes at most `speed` work units of service, so the service is at least
+/// sup_{s ≤ Δ} max(0, β(s) − speed·B(s)) (service only accumulates).
+pub fn blackout_lower(lower: &Curve, pause: &Q, every: &Q, speed: &Q) -> Result<Curve, String> {
+    let (_, available) = models::tdma(&(every - pause), every, &Q::one()).map_err(|e| e.to_string())?;
+    let e = |c: CurveError| c.to_string();
+    let paused = Curve::affine(Q::zero(), Q::zero(), Q::one()).sub(&available).map_err(e)?.scale(speed);
+    lower.sub(&paused).map_err(e)?.clamp_nonnegative().map_err(e)?.running_max().map_err(e)
+}
+
+/// A task's completions as its consumers see them: held up to [`Task::hold`] longer.
+pub(crate) fn released(sys: &System, j: usize, out: Pair) -> Pair {
+    match &sys.tasks[j].hold {
+        Some(h) if h.is_positive() => component::propagate_jitter(&out, h, &Q::zero()),
+        _ => out,
+    }
+}
+
+/// Base service curves of a resource without its blackout.
+fn undisturbed_service(sys: &System, r: usize) -> Result<Pair, AnalysisError> {
     let res = &sys.resources[r];
     let e = |m: models::ModelError| res_err(sys, r, m.to_string());
     match &res.kind {
@@ -642,7 +678,7 @@ fn input_of(sys: &System, i: usize, streams: &[Pair], outputs: &[Option<Option<P
     match sys.tasks[i].input {
         Input::Stream(s) => Some(streams[s].clone()),
         Input::Task(j) => match &outputs[j] {
-            Some(o) => o.clone(),
+            Some(o) => o.clone().map(|o| released(sys, j, o)),
             // Not analysed yet (cyclic dependencies): start from the source without jitter.
             None => input_of(sys, j, streams, outputs),
         },
@@ -904,7 +940,9 @@ pub(crate) fn task_result(sys: &System, i: usize, o: Outcome, input: Pair) -> Ta
 
 pub(crate) fn chain_result(sys: &System, c: &Chain, tasks: &[TaskResult]) -> ChainResult {
     let best = c.tasks.iter().fold(Q::zero(), |acc, &i| acc + &tasks[i].bcrt);
-    let per_hop = c.tasks.iter().try_fold(Q::zero(), |acc, &i| tasks[i].wcrt.as_ref().map(|w| acc + w));
+    // Held output (replication's output commit) adds its delay once per hop that holds.
+    let holds = c.tasks.iter().filter_map(|&i| sys.tasks[i].hold.clone()).fold(Q::zero(), |a, h| a + h);
+    let per_hop = c.tasks.iter().try_fold(holds.clone(), |acc, &i| tasks[i].wcrt.as_ref().map(|w| acc + w));
     // Pay bursts only once: valid when every hop serves the stream FIFO through a service
     // curve of its own (fixed priority or TDMA).
     let pboo = if c.tasks.len() > 1
@@ -919,8 +957,10 @@ pub(crate) fn chain_result(sys: &System, c: &Chain, tasks: &[TaskResult]) -> Cha
         // pboo(L_up) − (L_up − L_lo) is not below the per-hop sum, neither is the exact pboo and
         // `worst` is the per-hop sum either way; otherwise the hops' services are recomputed
         // exactly, so `worst` is always what the exact services give (`docs/analysis.md` §9).
+        // A hop that holds its output is a pure delay element after it: its hold adds to the
+        // latency of the concatenated service.
         let input = &tasks[c.tasks[0]].input.upper;
-        let bound = |(r, l): (Q, Q)| input.hdev(&Curve::rate_latency(r, l)).ok();
+        let bound = |(r, l): (Q, Q)| input.hdev(&Curve::rate_latency(r, l + &holds)).ok();
         let up = pboo_params(sys, c, tasks, |_, bl, rho| bl.max_below_line(rho).ok());
         let pboo_up = up.clone().and_then(bound);
         match (&up, &pboo_up, &per_hop) {
@@ -1246,9 +1286,15 @@ mod tests {
     /// P2) and b1 (low, P2) → b2 (high, P1). Each low task waits for a high task whose input
     /// waits for the other low task: a cycle that only a fixed point resolves.
     fn crossing() -> System {
-        let cpu =
-            |n: &str| Resource { name: n.into(), kind: ResourceKind::Dedicated { rate: q(1) }, policy: Policy::FixedPriority, cycle: None };
+        let cpu = |n: &str| Resource {
+            blackout: None,
+            name: n.into(),
+            kind: ResourceKind::Dedicated { rate: q(1) },
+            policy: Policy::FixedPriority,
+            cycle: None,
+        };
         let task = |n: &str, r, input, prio| Task {
+            hold: None,
             name: n.into(),
             resource: r,
             input,

@@ -44,6 +44,7 @@ pub fn distributed_chains(tasks: usize, seed: u64) -> System {
     let mut sys = System::default();
     for p in 0..procs {
         sys.resources.push(Resource {
+            blackout: None,
             name: format!("cpu{p}"),
             kind: ResourceKind::Dedicated { rate: Q::one() },
             policy: Policy::FixedPriority,
@@ -54,6 +55,7 @@ pub fn distributed_chains(tasks: usize, seed: u64) -> System {
     let bw = Q::new(25, 2).unwrap_or_else(Q::one);
     for l in 0..links {
         sys.resources.push(Resource {
+            blackout: None,
             name: format!("link{l}"),
             kind: ResourceKind::Dedicated { rate: bw.clone() },
             policy: Policy::FixedPriority,
@@ -75,6 +77,7 @@ pub fn distributed_chains(tasks: usize, seed: u64) -> System {
         let base = sys.tasks.len();
         let prio = |p: i64| p * 1000 + (c as i64 % 1000);
         sys.tasks.push(Task {
+            hold: None,
             name: format!("c{c}.sense"),
             resource: p1,
             input: Input::Stream(c),
@@ -86,6 +89,7 @@ pub fn distributed_chains(tasks: usize, seed: u64) -> System {
             workload: None,
         });
         sys.tasks.push(Task {
+            hold: None,
             name: format!("c{c}.msg"),
             resource: link,
             input: Input::Task(base),
@@ -97,6 +101,7 @@ pub fn distributed_chains(tasks: usize, seed: u64) -> System {
             workload: None,
         });
         sys.tasks.push(Task {
+            hold: None,
             name: format!("c{c}.act"),
             resource: p2,
             input: Input::Task(base + 1),
@@ -123,6 +128,7 @@ pub fn independent_fp(tasks: usize, per_processor: usize, seed: u64) -> System {
     let mut sys = System::default();
     for p in 0..procs {
         sys.resources.push(Resource {
+            blackout: None,
             name: format!("cpu{p}"),
             kind: ResourceKind::Dedicated { rate: Q::one() },
             policy: Policy::FixedPriority,
@@ -144,6 +150,7 @@ pub fn independent_fp(tasks: usize, per_processor: usize, seed: u64) -> System {
             let i = sys.tasks.len();
             sys.streams.push(Stream { name: format!("s{i}"), model });
             sys.tasks.push(Task {
+                hold: None,
                 name: format!("t{p}_{k}"),
                 resource: p,
                 input: Input::Stream(i),

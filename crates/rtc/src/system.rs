@@ -44,6 +44,16 @@ pub struct Resource {
     pub policy: Policy,
     /// TDMA cycle length (only for [`Policy::Tdma`]).
     pub cycle: Option<Q>,
+    /// The resource stops serving for up to `pause` once every `every` (a protected VM paused
+    /// for its checkpoints): its lower service loses what those pauses could take.
+    pub blackout: Option<Blackout>,
+}
+
+/// Periodic pauses of a resource: at most `pause` once per `every` (0 < pause < every).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Blackout {
+    pub pause: Q,
+    pub every: Q,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -75,6 +85,10 @@ pub struct Task {
     pub slot: Option<Q>,
     /// Work of k consecutive activations, tighter than k·wcet / k·bcet (optional).
     pub workload: Option<WorkloadCurve>,
+    /// Each completion is released up to this long after it (output held until a checkpoint
+    /// that covers it is acknowledged): consumers see the completions with that much more
+    /// jitter, and a chain through the task takes that much longer.
+    pub hold: Option<Q>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -115,7 +115,7 @@ fn periodic_resource_equals_prosa_supply_analysis() {
         let period = r.pick(&[2i64, 3, 4, 5, 6]);
         let budget = r.int(1, period);
         let mut sys = single_resource(&ts, reservation(1, budget, period), Policy::FixedPriority);
-        sys.resources.push(Resource { name: "host".into(), kind: dedicated(), policy: Policy::FixedPriority, cycle: None });
+        sys.resources.push(Resource { blackout: None, name: "host".into(), kind: dedicated(), policy: Policy::FixedPriority, cycle: None });
         let got = rtc_wcrts(&sys);
         let sup = supply::Periodic::new(Service::from(budget as u64), Duration::from(period as u64));
         let rbfs: Vec<_> = ts.iter().map(rbf).collect();

@@ -154,7 +154,7 @@ fn reservation_bounds_hold() {
         let period = r.pick(&[2i64, 3, 4, 5]);
         let budget = r.int(1, period);
         let mut sys = single_resource(&ts, reservation(1, budget, period), Policy::FixedPriority);
-        sys.resources.push(Resource { name: "host".into(), kind: dedicated(), policy: Policy::FixedPriority, cycle: None });
+        sys.resources.push(Resource { blackout: None, name: "host".into(), kind: dedicated(), policy: Policy::FixedPriority, cycle: None });
         let a = analyze(&sys, &Options::default()).unwrap();
         let (jm, em) = modes(k as u64);
         let sp = specs(&ts, &mut g, jm, em);
@@ -184,7 +184,7 @@ fn two_hop_chains_hold_end_to_end() {
         let s2 = random_taskset(&mut r, n, 60, false);
         // Stage 2 task i processes the completions of stage 1 task i, with its own WCET.
         let mut sys = single_resource(&s1, dedicated(), Policy::FixedPriority);
-        sys.resources.push(Resource { name: "cpu1".into(), kind: dedicated(), policy: Policy::FixedPriority, cycle: None });
+        sys.resources.push(Resource { blackout: None, name: "cpu1".into(), kind: dedicated(), policy: Policy::FixedPriority, cycle: None });
         let prio: Vec<usize> = {
             let mut p: Vec<usize> = (0..n).collect();
             p.sort_by_key(|_| r.next());
@@ -192,6 +192,7 @@ fn two_hop_chains_hold_end_to_end() {
         };
         for i in 0..n {
             sys.tasks.push(Task {
+                hold: None,
                 name: format!("u{i}"),
                 resource: 1,
                 input: Input::Task(i),
@@ -251,11 +252,12 @@ fn workload_curves_tighten_and_hold() {
     let gamma_lo: Vec<rtc::Q> = [1, 2, 5].iter().map(|v| q(*v)).collect();
     let build = |with_curves: bool| {
         let mut sys = System::default();
-        sys.resources.push(Resource { name: "cpu".into(), kind: dedicated(), policy: Policy::FixedPriority, cycle: None });
+        sys.resources.push(Resource { blackout: None, name: "cpu".into(), kind: dedicated(), policy: Policy::FixedPriority, cycle: None });
         sys.streams.push(Stream { name: "a".into(), model: EventModel::Periodic { period: q(5) } });
         sys.streams.push(Stream { name: "b".into(), model: EventModel::Periodic { period: q(20) } });
         let wl = with_curves.then(|| WorkloadCurve { upper: gamma_up.clone(), lower: gamma_lo.clone() });
         sys.tasks.push(Task {
+            hold: None,
             name: "mf".into(),
             resource: 0,
             input: Input::Stream(0),
@@ -267,6 +269,7 @@ fn workload_curves_tighten_and_hold() {
             workload: wl,
         });
         sys.tasks.push(Task {
+            hold: None,
             name: "low".into(),
             resource: 0,
             input: Input::Stream(1),

@@ -21,6 +21,7 @@ use sim::{simulate, Supply, TaskSpec};
 fn token_bucket_into_rate_latency_is_tight() {
     let mut sys = System::default();
     sys.resources.push(Resource {
+        blackout: None,
         name: "srv".into(),
         kind: ResourceKind::BoundedDelay { rate: q(1), latency: q(10) },
         policy: Policy::FixedPriority,
@@ -28,6 +29,7 @@ fn token_bucket_into_rate_latency_is_tight() {
     });
     sys.streams.push(Stream { name: "tb".into(), model: EventModel::Bursty { period: q(10), burst: 5, min_distance: q(0) } });
     sys.tasks.push(Task {
+        hold: None,
         name: "t".into(),
         resource: 0,
         input: Input::Stream(0),
@@ -118,7 +120,7 @@ fn fixed_priority_backlogs_equal_brute_force_in_reservations() {
         let n = r.int(1, 4) as usize;
         let ts = random_taskset(&mut r, n, 90 * budget / period, k % 2 == 1);
         let mut sys = single_resource(&ts, reservation(1, budget, period), Policy::FixedPriority);
-        sys.resources.push(Resource { name: "host".into(), kind: dedicated(), policy: Policy::FixedPriority, cycle: None });
+        sys.resources.push(Resource { blackout: None, name: "host".into(), kind: dedicated(), policy: Policy::FixedPriority, cycle: None });
         let a = analyze(&sys, &Options::default()).unwrap();
         for i in 0..n {
             let (ev, work) = brute_backlog(&ts, i, |t| sbf(budget, period, t), 6000);
@@ -170,7 +172,7 @@ fn simulator_reaches_reservation_backlogs() {
         let n = r.int(1, 4) as usize;
         let ts = random_taskset(&mut r, n, 90 * budget / period, false);
         let mut sys = single_resource(&ts, reservation(1, budget, period), Policy::FixedPriority);
-        sys.resources.push(Resource { name: "host".into(), kind: dedicated(), policy: Policy::FixedPriority, cycle: None });
+        sys.resources.push(Resource { blackout: None, name: "host".into(), kind: dedicated(), policy: Policy::FixedPriority, cycle: None });
         let a = analyze(&sys, &Options::default()).unwrap();
         let h = 6000;
         let supply = Supply::periodic_resource(budget, period, h + period, |p| if p == 0 { 0 } else { period - budget });

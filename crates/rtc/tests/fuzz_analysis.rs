@@ -48,7 +48,7 @@ fn random_system(r: &mut Rng) -> System {
             Policy::Tdma,
         ]);
         let cycle = if policy == Policy::Tdma || r.int(0, 9) == 0 { Some(num(r)) } else { None };
-        sys.resources.push(Resource { name: format!("r{i}"), kind, policy, cycle });
+        sys.resources.push(Resource { blackout: None, name: format!("r{i}"), kind, policy, cycle });
     }
     for i in 0..ns {
         let model = match r.int(0, 4) {
@@ -70,6 +70,7 @@ fn random_system(r: &mut Rng) -> System {
             Input::Stream(idx(r, ns))
         };
         sys.tasks.push(Task {
+            hold: None,
             name: format!("t{i}"),
             resource: idx(r, nr),
             input,

@@ -19,7 +19,13 @@ fn random_system(r: &mut Rng) -> System {
     let policies = [Policy::FixedPriority, Policy::FixedPriorityNonPreemptive, Policy::Edf, Policy::Fifo];
     for p in 0..PROCESSORS {
         let policy = if p == 0 { Policy::FixedPriority } else { r.pick(&policies) };
-        sys.resources.push(Resource { name: format!("cpu{p}"), kind: ResourceKind::Dedicated { rate: q(1) }, policy, cycle: None });
+        sys.resources.push(Resource {
+            blackout: None,
+            name: format!("cpu{p}"),
+            kind: ResourceKind::Dedicated { rate: q(1) },
+            policy,
+            cycle: None,
+        });
     }
     for v in 0..RESERVATIONS {
         let period = r.pick(&[10, 20, 40]);
@@ -29,7 +35,7 @@ fn random_system(r: &mut Rng) -> System {
             period: q(period),
             supply: r.pick(&[SupplyModel::WorstCase, SupplyModel::Synchronous]),
         };
-        sys.resources.push(Resource { name: format!("vm{v}"), kind, policy: Policy::FixedPriority, cycle: None });
+        sys.resources.push(Resource { blackout: None, name: format!("vm{v}"), kind, policy: Policy::FixedPriority, cycle: None });
     }
     for l in 0..LINKS {
         let kind = if r.int(0, 1) == 0 {
@@ -38,7 +44,7 @@ fn random_system(r: &mut Rng) -> System {
             ResourceKind::BoundedDelay { rate: q(2), latency: q(r.int(1, 3)) }
         };
         let policy = r.pick(&[Policy::FixedPriority, Policy::Fifo]);
-        sys.resources.push(Resource { name: format!("link{l}"), kind, policy, cycle: None });
+        sys.resources.push(Resource { blackout: None, name: format!("link{l}"), kind, policy, cycle: None });
     }
     for s in 0..4 {
         let period = r.pick(&common::PERIODS) * 5;
@@ -59,6 +65,7 @@ fn random_system(r: &mut Rng) -> System {
             let wcet = q(r.int(1, 4));
             let deadline = if r.int(0, 2) > 0 { Some(q(r.int(20, 200))) } else { None };
             sys.tasks.push(Task {
+                hold: None,
                 name: format!("t{c}.{k}"),
                 resource,
                 input,

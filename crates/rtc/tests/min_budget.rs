@@ -95,7 +95,7 @@ fn system(ts: &[T], budget: i64, p: i64, model: SupplyModel, policy: Policy) -> 
     if let ResourceKind::Reservation { supply, .. } = &mut sys.resources[0].kind {
         *supply = model;
     }
-    sys.resources.push(Resource { name: "host".into(), kind: dedicated(), policy: Policy::FixedPriority, cycle: None });
+    sys.resources.push(Resource { blackout: None, name: "host".into(), kind: dedicated(), policy: Policy::FixedPriority, cycle: None });
     sys
 }
 

@@ -20,7 +20,7 @@ fn random_system(r: &mut Rng) -> System {
             0 => ResourceKind::BoundedDelay { rate: qf(r.int(2, 5), 2), latency: q(r.int(1, 5)) },
             _ => ResourceKind::Dedicated { rate: qf(r.int(2, 5), 2) },
         };
-        sys.resources.push(Resource { name: format!("cpu{p}"), kind, policy, cycle: None });
+        sys.resources.push(Resource { blackout: None, name: format!("cpu{p}"), kind, policy, cycle: None });
     }
     for v in 0..2 {
         let period = r.pick(&[10, 20, 25, 40]);
@@ -30,7 +30,7 @@ fn random_system(r: &mut Rng) -> System {
             period: q(period),
             supply: r.pick(&[SupplyModel::WorstCase, SupplyModel::Synchronous]),
         };
-        sys.resources.push(Resource { name: format!("vm{v}"), kind, policy: Policy::FixedPriority, cycle: None });
+        sys.resources.push(Resource { blackout: None, name: format!("vm{v}"), kind, policy: Policy::FixedPriority, cycle: None });
     }
     for s in 0..5 {
         let period = r.pick(&common::PERIODS) * 5;
@@ -48,6 +48,7 @@ fn random_system(r: &mut Rng) -> System {
             let input = if k == 0 { Input::Stream(c) } else { Input::Task(i - 1) };
             let wcet = q(r.int(1, 5));
             sys.tasks.push(Task {
+                hold: None,
                 name: format!("t{c}.{k}"),
                 resource: r.int(0, sys.resources.len() as i64 - 1) as usize,
                 input,

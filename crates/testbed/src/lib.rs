@@ -6,10 +6,12 @@
 //! - [`Proc`]: a process started inside a namespace with its output in a log file;
 //! - [`build_guest`]: guest images built from this workspace;
 //! - [`redis`]: a long-lived `redis-cli` client, one TCP connection;
-//! - [`etcd`]: a three-member etcd cluster on loopback.
+//! - [`etcd`]: a three-member etcd cluster on loopback;
+//! - [`browser`]: headless Chromium through chromedriver (WebDriver).
 //!
 //! Only test code (as a dev-dependency) and the `bench` crate use it; no library of vigil does.
 
+pub mod browser;
 pub mod etcd;
 mod guest;
 mod proc;

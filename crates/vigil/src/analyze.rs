@@ -1,7 +1,8 @@
-//! `vigil analyze FILE [--json] [--plot DIR]`.
+//! `vigil analyze FILE [--json] [--plot DIR] [--intervals]`.
 
-use crate::{plot, table, Outcome};
+use crate::{table, Outcome};
 use anyhow::Context;
+use model::plot;
 use model::report::Report;
 use rtc::system::{analyze, Options};
 use std::path::PathBuf;
@@ -20,6 +21,14 @@ pub struct Args {
     /// reported beside it. 0 skips the search.
     #[arg(long, value_name = "TIME", default_value = "1us", value_parser = budget_step)]
     pub budget_step: rtc::Q,
+    /// For every VM with a remote backup: the longest fixed checkpoint interval whose pauses
+    /// and held output keep every deadline (what `policy = "analysed"` runs).
+    #[arg(long)]
+    pub intervals: bool,
+    /// Substitute what the running cluster (`vigil up --dir DIR`) measured: each VM's job
+    /// execution time (the median of its recent jobs) where it exceeds the declared WCET.
+    #[arg(long, value_name = "DIR")]
+    pub observed: Option<PathBuf>,
 }
 
 fn budget_step(s: &str) -> Result<rtc::Q, String> {
@@ -39,6 +48,10 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             return Ok(Outcome::Invalid);
         }
     };
+    let loaded = match &args.observed {
+        Some(dir) => observed(loaded, dir)?,
+        None => loaded,
+    };
     let analysis = match analyze(&loaded.system, &Options { budget_step: args.budget_step.clone(), ..Options::default() }) {
         Ok(a) => a,
         Err(e) => {
@@ -53,16 +66,65 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         table::print(&report);
     }
     if let Some(dir) = &args.plot {
-        let written = plot::write_all(dir, &loaded, &analysis)?;
+        let written = plot::write_all(dir, &loaded, &analysis).map_err(anyhow::Error::msg)?;
         if !args.json {
             println!("\nwrote {} plot(s) to {}", written, dir.display());
         }
+    }
+    if args.intervals && !args.json {
+        print_intervals(&loaded);
     }
     let outcome = if report.all_deadlines_met { Outcome::Ok } else { Outcome::Miss };
     // The process ends after this command: freeing thousands of curves one by one would only
     // cost time (a few % of `vigil analyze` on 1,000 tasks).
     std::mem::forget((loaded, analysis, report));
     Ok(outcome)
+}
+
+/// The model with the execution times the cluster in `dir` measured, where they exceed the
+/// declared WCETs (`manager::drift`); each substitution is said on stderr.
+fn observed(loaded: model::Loaded, dir: &std::path::Path) -> anyhow::Result<model::Loaded> {
+    let cf = manager::local::ClusterFile::load(dir).map_err(anyhow::Error::msg)?;
+    let st = manager::local::status(&cf).map_err(anyhow::Error::msg)?;
+    let mut observed = std::collections::BTreeMap::new();
+    for v in &st.vms {
+        let (Some(j), Some(w)) = (&v.jobs, v.wcet_us) else { continue };
+        if j.recent_jobs >= manager::drift::MIN_JOBS && j.recent_p50_us > w {
+            eprintln!("observed: VM {}: execution time {:.0} µs (declared {w:.0} µs)", v.vm, j.recent_p50_us);
+            observed.insert(v.vm.clone(), j.recent_p50_us);
+        }
+    }
+    if observed.is_empty() {
+        eprintln!("observed: every VM's measured execution time is within its model");
+    }
+    Ok(manager::drift::observed_model(&loaded, &observed))
+}
+
+fn print_intervals(l: &model::Loaded) {
+    let vms: Vec<String> = l.deployment.iter().flat_map(|d| &d.vms).filter(|v| v.checkpoint.is_some()).map(|v| v.name.clone()).collect();
+    let ms = |q: &rtc::Q| model::units::human_time(q);
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|vm| match model::replication::largest_fixed_interval(l, vm, None) {
+            Ok(c) => vec![
+                vm.clone(),
+                ms(&c.pause),
+                c.interval.as_ref().map_or("none keeps every deadline".into(), |t| format!("fixed:{}", trim_ms(t))),
+                c.commit.as_ref().map_or("-".into(), ms),
+            ],
+            Err(e) => vec![vm.clone(), "-".into(), e, "-".into()],
+        })
+        .collect();
+    println!();
+    print!(
+        "{}",
+        model::text::table("Checkpoint intervals (longest that keeps every deadline)", &["vm", "pause", "policy", "output hold"], &rows)
+    );
+}
+
+/// A time in µs as milliseconds for a policy name (`2.5`, `50`).
+fn trim_ms(us: &rtc::Q) -> String {
+    model::units::trim_float(us.to_f64() / 1000.0, 3)
 }
 
 #[cfg(test)]
@@ -143,7 +205,7 @@ pub(crate) mod tests {
             let v: serde_json::Value = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
             assert_eq!(v["tasks"].as_array().unwrap().len(), l.system.tasks.len());
             assert!(v["tasks"][0]["wcrt_us"].is_string() && v["tasks"][0]["wcrt_ms"].is_f64());
-            let n = crate::plot::write_all(&dir, &l, &a).unwrap();
+            let n = model::plot::write_all(&dir, &l, &a).unwrap();
             assert_eq!(n, l.system.tasks.len());
             for t in &l.system.tasks {
                 let svg = std::fs::read_to_string(dir.join(format!("{}.svg", t.name))).unwrap();

@@ -40,6 +40,13 @@ pub struct UpArgs {
     /// end per host on it.
     #[arg(long)]
     etcd: bool,
+    /// The managers' dashboards (and /metrics) on 127.0.0.1:PORT, PORT+1, ... (0: any free
+    /// ports; `vigil status` shows where).
+    #[arg(long, default_value_t = 8470, value_name = "PORT")]
+    http_port: u16,
+    /// No dashboards.
+    #[arg(long, conflicts_with = "http_port")]
+    no_http: bool,
 }
 
 #[derive(clap::Args)]
@@ -56,6 +63,17 @@ pub struct StatusArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Print the status again every SECONDS until interrupted.
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "1")]
+    watch: Option<f64>,
+}
+
+#[derive(clap::Args)]
+pub struct TraceArgs {
+    /// The VM.
+    vm: String,
+    #[command(flatten)]
+    dir: DirArgs,
 }
 
 #[derive(clap::Args)]
@@ -103,6 +121,9 @@ pub struct ManagerArgs {
     id: String,
     #[arg(long, default_value_t = 1, value_name = "K")]
     faults: usize,
+    /// Serve the dashboard and /metrics here (HOST:PORT).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -142,6 +163,7 @@ pub fn up(a: &UpArgs) -> Result<u8> {
         period_ms: a.period_ms,
         wait: Duration::from_secs(a.wait),
         etcd: a.etcd,
+        http_port: (!a.no_http).then_some(a.http_port),
     };
     let cf = local::up(&o).map_err(anyhow::Error::msg)?;
     print_status(&local::status(&cf).map_err(anyhow::Error::msg)?);
@@ -151,13 +173,70 @@ pub fn up(a: &UpArgs) -> Result<u8> {
 
 pub fn status(a: &StatusArgs) -> Result<u8> {
     let cf = ClusterFile::load(&a.dir.dir).map_err(anyhow::Error::msg)?;
-    let st = local::status(&cf).map_err(anyhow::Error::msg)?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&st)?);
-    } else {
-        print_status(&st);
+    let every = match a.watch {
+        Some(s) if !(0.05..=3600.0).contains(&s) => bail!("--watch {s}: the period must be between 0.05 and 3600 seconds"),
+        s => s.map(Duration::from_secs_f64),
+    };
+    loop {
+        let st = local::status(&cf).map_err(anyhow::Error::msg);
+        let Some(every) = every else {
+            let st = st?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print_status(&st);
+            }
+            return Ok(if st.ok { 0 } else { 1 });
+        };
+        // Watching: clear the screen (not for JSON, one document per line), and keep going
+        // through a store that does not answer.
+        match st {
+            Ok(st) if a.json => println!("{}", serde_json::to_string(&st)?),
+            Ok(st) => {
+                print!("\x1b[H\x1b[2J");
+                println!("{}  (every {:.1} s; Ctrl-C to stop)", chrono_now(), every.as_secs_f64());
+                print_status(&st);
+            }
+            Err(e) => eprintln!("{e}"),
+        }
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(every);
     }
-    Ok(if st.ok { 0 } else { 1 })
+}
+
+/// The wall-clock time of day (UTC), for `--watch`.
+fn chrono_now() -> String {
+    let s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    format!("{:02}:{:02}:{:02} UTC", s / 3600 % 24, s / 60 % 60, s % 60)
+}
+
+/// `vigil trace VM`: what the cluster measures of one VM, as JSON: its job execution times
+/// beside its WCET, its replication, the chains it serves (measured beside analysed), and the
+/// events that name it.
+pub fn trace(a: &TraceArgs) -> Result<u8> {
+    let cf = ClusterFile::load(&a.dir.dir).map_err(anyhow::Error::msg)?;
+    let st = local::status(&cf).map_err(anyhow::Error::msg)?;
+    let Some(v) = st.vms.iter().find(|v| v.vm == a.vm) else {
+        bail!("no VM {:?} in the cluster (VMs: {})", a.vm, st.vms.iter().map(|v| v.vm.as_str()).collect::<Vec<_>>().join(", "));
+    };
+    let chains: Vec<serde_json::Value> = st
+        .measured
+        .iter()
+        .filter(|(_, m)| m.vm == a.vm)
+        .map(|(c, m)| {
+            let bound = st.plan.as_ref().and_then(|p| p.chains.iter().find(|x| &x.chain == c));
+            serde_json::json!({ "chain": c, "measured": m, "bound_ms": bound.and_then(|b| b.worst_ms), "deadline_ms": m.deadline_ms })
+        })
+        .collect();
+    let events: Vec<&agent::cluster::Event> = st.events.iter().filter(|e| e.what.contains(&a.vm)).collect();
+    let out = serde_json::json!({
+        "vm": v.vm, "host": v.host, "backup": v.backup, "serving": v.serving,
+        "jobs": v.jobs, "wcet_us": v.wcet_us, "replication": v.figures, "protection": v.replication,
+        "chains": chains, "events": events,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(0)
 }
 
 pub fn fail(a: &FailArgs) -> Result<u8> {
@@ -231,7 +310,24 @@ pub fn manager(a: &ManagerArgs) -> Result<u8> {
         grace: Duration::from_millis(cf.lease_ms * 10),
         faults: a.faults,
     };
-    manager::daemon::run(&cfg, &loaded, &cf.layout())?;
+    // The dashboard is for people: a manager without one still manages.
+    if let Some(addr) = &a.http {
+        match manager::dashboard::serve(addr, cf.store.clone(), loaded.clone(), a.id.clone()) {
+            Ok(bound) => tracing::info!("manager {}: dashboard on http://{bound}/", a.id),
+            Err(e) => tracing::error!("manager {}: NO DASHBOARD: cannot listen on {addr}: {e}", a.id),
+        }
+    }
+    let mut layout = cf.layout();
+    let notes = layout.analyse_policies(&loaded);
+    if !notes.is_empty() {
+        if let Ok(mut c) = store::Client::connect(&cf.store) {
+            for n in notes {
+                tracing::info!("manager {}: {n}", a.id);
+                let _ = agent::cluster::log_event(&mut c, &agent::cluster::Event::now(&a.id, n));
+            }
+        }
+    }
+    manager::daemon::run(&cfg, &loaded, &layout)?;
     Ok(0)
 }
 
@@ -293,6 +389,9 @@ fn print_status(st: &local::Status) {
     }
     let cov: Vec<String> = st.coverage.iter().map(|(s, c)| format!("{s}: {c}")).collect();
     println!("plan table: {}", cov.join(", "));
+    for (id, url) in &st.dashboards {
+        println!("dashboard of manager {id}: {url}  (Prometheus: {url}metrics)");
+    }
     for e in st.events.iter().rev().take(8).rev() {
         println!("  event [{}] {}", e.source, e.what);
     }

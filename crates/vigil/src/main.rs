@@ -16,7 +16,6 @@
 mod analyze;
 mod cluster;
 mod plan;
-mod plot;
 mod replicate;
 mod store;
 mod table;
@@ -59,6 +58,8 @@ enum Command {
     Status(cluster::StatusArgs),
     /// Fault injection: kill a host's agent and VMMs (SIGKILL) and cut its link.
     Fail(cluster::FailArgs),
+    /// What the cluster measures of one VM (execution times, replication, chains, events), as JSON.
+    Trace(cluster::TraceArgs),
     /// Stop the cluster and remove its namespaces.
     Down(cluster::DirArgs),
     /// Be the agent of one host: run what the manager places there.
@@ -136,6 +137,7 @@ fn main() -> ExitCode {
         Command::Up(args) => return status(cluster::up(&args)),
         Command::Status(args) => return status(cluster::status(&args)),
         Command::Fail(args) => return status(cluster::fail(&args)),
+        Command::Trace(args) => return status(cluster::trace(&args)),
         Command::Down(args) => return status(cluster::down(&args)),
         Command::Agent(args) => return status(cluster::agent(&args)),
         Command::Manager(args) => return status(cluster::manager(&args)),

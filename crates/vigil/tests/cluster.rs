@@ -79,10 +79,24 @@ impl Up {
     }
 
     fn start_model(name: &str, tag: &str, example_name: &str, extra: &[&str], env: &[(&str, &str)]) -> Up {
+        Up::start_edited(name, tag, example_name, extra, env, |t| t)
+    }
+
+    /// With the example's text changed by `edit` first.
+    fn start_edited(
+        name: &str,
+        tag: &str,
+        example_name: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        edit: impl Fn(String) -> String,
+    ) -> Up {
         let dir = workdir(name);
         let m = example(&dir, example_name);
+        std::fs::write(&m, edit(std::fs::read_to_string(&m).expect("model"))).expect("model");
         let cluster = dir.join("cluster");
-        let mut args = vec!["up", m.to_str().unwrap(), "--dir", cluster.to_str().unwrap(), "--tag", tag, "--wait", "60"];
+        let mut args =
+            vec!["up", m.to_str().unwrap(), "--dir", cluster.to_str().unwrap(), "--tag", tag, "--wait", "60", "--http-port", "0"];
         args.extend_from_slice(extra);
         let out = Command::new(env!("CARGO_BIN_EXE_vigil")).args(&args).envs(env.iter().copied()).output().expect("run vigil");
         let up = Up { dir: cluster };
@@ -481,4 +495,214 @@ fn bad_input_gets_a_clear_error() {
     let _ = first.wait();
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("host hostA already has an agent"), "{}", text(&out.stderr));
+}
+
+/// `curl -s URL` (a client no one here wrote): status code and body.
+fn curl(url: &str, extra: &[&str]) -> (String, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "10", "-w", "\n%{http_code}"])
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("run curl (package curl)");
+    let t = text(&out.stdout);
+    let (body, code) = t.rsplit_once('\n').unwrap_or(("", ""));
+    (code.to_string(), body.to_string())
+}
+
+#[test]
+fn the_dashboard_shows_the_cluster_in_a_real_browser_and_follows_a_host_failure() {
+    if no_kvm("the_dashboard_shows_the_cluster_in_a_real_browser_and_follows_a_host_failure") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The browser first: its start loads the machine, which must not stall the cluster's VMs
+    // (a stall of ~100 ms makes a backup take over).
+    let browser = testbed::browser::Browser::start().expect("headless chromium (packages chromium, chromium-driver)");
+    browser.goto("about:blank").expect("a blank page");
+    let up = Up::start("dashboard", "t6");
+    let st = up.wait("every VM serving, relay protected with figures, chains measured", 30, |ok, v| {
+        ok && vm(v, "relay")["replication"] == "protected"
+            && vm(v, "relay")["figures"]["checkpoints"].as_u64() > Some(0)
+            && v["measured"].as_object().is_some_and(|m| m.len() == 2)
+    });
+    // The dashboard's snapshot follows the store within its refresh period.
+    std::thread::sleep(Duration::from_millis(1200));
+    // Every manager serves a dashboard (a standby too) and says where in the store.
+    let urls = st["dashboards"].as_object().expect("dashboards");
+    assert_eq!(urls.len(), 2, "{st}");
+    let url = urls["m0"].as_str().expect("m0's URL").to_string();
+
+    // Prometheus metrics for every host, VM and chain, read with curl.
+    let (code, metrics) = curl(&format!("{url}metrics"), &[]);
+    assert_eq!(code, "200", "{metrics}");
+    for host in ["hostA", "hostB", "hostC"] {
+        assert!(metrics.contains(&format!("vigil_host_up{{host=\"{host}\"}} 1")), "{metrics}");
+    }
+    for needle in [
+        "vigil_cluster_ok 1",
+        "vigil_vm_serving{vm=\"logger\",host=\"hostA\",mode=\"normal\"} 1",
+        "vigil_vm_protected{vm=\"relay\",host=\"hostA\",mode=\"remote\"} 1",
+        "vigil_vm_checkpoints_per_second{vm=\"relay\"",
+        "vigil_chain_latency_seconds{chain=\"protection\",vm=\"relay\",quantile=\"0.99\"}",
+        "vigil_chain_bound_seconds{chain=\"regulation\",vm=\"control\"}",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing from:\n{metrics}");
+    }
+    // Bad requests get errors, not the page.
+    assert_eq!(curl(&format!("{url}nothing"), &[]).0, "404");
+    assert_eq!(curl(&format!("{url}api/state"), &["-X", "POST", "-d", "x"]).0, "405");
+    assert_eq!(curl(&format!("{url}plot/no-such-task.svg"), &[]).0, "404");
+    let mut raw = std::net::TcpStream::connect(url.trim_start_matches("http://").trim_end_matches('/')).expect("connect");
+    use std::io::{Read, Write};
+    raw.write_all(b"\x16\x03\x01garbage\r\n\r\n").expect("write");
+    let mut answer = String::new();
+    let _ = raw.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.0 400"), "{answer}");
+
+    // The page in headless Chromium.
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).expect("artifacts dir");
+    browser.goto(&url).expect("open the dashboard");
+    let count =
+        |b: &testbed::browser::Browser, css: &str| b.script(&format!("return document.querySelectorAll({css:?}).length")).ok()?.as_u64();
+    browser
+        .wait_for("the example cluster on the page", Duration::from_secs(20), |b| {
+            let ok = b.text("#verdict").ok()? == "ok";
+            let hosts = count(b, "#hosts tr[data-state=up]")? == 3;
+            let vms = count(b, "#vms tbody tr")? == 3;
+            let plans = count(b, "#plans tbody tr")? == 4;
+            let chains = b.text("#chains tr[data-chain=protection]").ok()?.contains("relay");
+            let protected = b.text("#vms tr[data-vm=relay]").ok()?.contains("protected");
+            // The plot of the selected task is drawn (an SVG the browser decoded).
+            let plot =
+                b.script("const i = document.querySelector('#plot img'); return !!i && i.complete && i.naturalWidth > 0").ok()? == true;
+            (ok && hosts && vms && plans && chains && protected && plot).then_some(())
+        })
+        .unwrap();
+    assert_eq!(browser.text("#scenario").unwrap(), "none");
+    browser.screenshot(&artifacts.join("dashboard-before.png")).expect("screenshot");
+
+    // A host fails: the page follows (host failed, plan hostA in force, VMs moved).
+    let out = vigil(&["fail", "hostA", "--dir", &up.d()]);
+    assert!(out.status.success(), "vigil fail: {}", text(&out.stderr));
+    browser
+        .wait_for("the page to show hostA failed and its plan in force", Duration::from_secs(30), |b| {
+            let failed = count(b, "#hosts tr[data-host=hostA][data-state=failed]")? == 1;
+            let scenario = b.text("#scenario").ok()? == "hostA";
+            let relay = b.text("#vms tr[data-vm=relay] td.host").ok()? == "hostB";
+            let logger = b.text("#vms tr[data-vm=logger] td.host").ok()? == "hostC";
+            let event = b.text("#events").ok()?.contains("host hostA failed");
+            let in_force = b.text("#plans tr.inforce").ok()?.starts_with("hostA (in force)");
+            (failed && scenario && relay && logger && event && in_force).then_some(())
+        })
+        .unwrap();
+    browser.screenshot(&artifacts.join("dashboard-after-hostA-failed.png")).expect("screenshot");
+    let (_, metrics) = curl(&format!("{url}metrics"), &[]);
+    assert!(metrics.contains("vigil_host_fenced{host=\"hostA\"} 1") && metrics.contains("vigil_failed_hosts 1"), "{metrics}");
+    eprintln!("screenshots in {}", artifacts.display());
+}
+
+/// The monitoring loop: the relay's guest is started with 2 ms of work per request (`work_us`)
+/// while the model declares 800 µs for its task. Its job marks (read by the VMM without an
+/// exit per mark) show it; the manager raises an alert naming the VM and by how much, the
+/// analysis with the observed execution time shows the protection chain missing its deadline,
+/// and the plan table is recomputed from it.
+#[test]
+fn a_vm_slower_than_its_model_is_detected_and_the_plan_table_follows() {
+    if no_kvm("a_vm_slower_than_its_model_is_detected_and_the_plan_table_follows") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let up = Up::start_edited("drift", "t7", "substation.toml", &[], &[], |t| {
+        t.replacen("port = 6379\npolicy = \"adaptive\"", "port = 6379\npolicy = \"adaptive\"\nargs = [\"work_us=2000\"]", 1)
+    });
+    let events = |v: &serde_json::Value| -> Vec<String> {
+        v["events"].as_array().map(|e| e.iter().filter_map(|x| x["what"].as_str().map(String::from)).collect()).unwrap_or_default()
+    };
+    let before = up.wait("the plan table", 30, |_, v| v["plans"].as_array().is_some_and(|p| !p.is_empty()))["plans"].clone();
+    let st = up.wait("the alert and the recomputed table", 30, |_, v| {
+        let e = events(v);
+        e.iter().any(|x| x.contains("ALERT: VM relay"))
+            && e.iter().any(|x| x.contains("with the observed execution times of relay"))
+            && vm(v, "relay")["jobs"]["recent_jobs"].as_u64() > Some(0)
+    });
+    let e = events(&st);
+    let alert = e.iter().find(|x| x.contains("ALERT: VM relay")).unwrap();
+    assert!(alert.contains("exceeds the WCET 800 µs of task protect by"), "{alert}");
+    // The measured execution time is at least the guest's 2 ms of work (more when the VM is
+    // paused for checkpoints or the host preempts it in the middle of a job).
+    let jobs = &vm(&st, "relay")["jobs"];
+    let median = jobs["recent_p50_us"].as_f64().expect("job figures");
+    assert!((1900.0..100_000.0).contains(&median), "{jobs}");
+    assert_eq!(vm(&st, "relay")["wcet_us"].as_f64(), Some(800.0));
+    // The other VMs do what their model says: no alert for them.
+    assert!(!e.iter().any(|x| x.contains("ALERT: VM control") || x.contains("ALERT: VM logger")), "{e:?}");
+    // The new analysis: where the VMs run now, the protection chain misses its deadline.
+    assert!(
+        e.iter().any(|x| x.starts_with("with the observed execution times, where the VMs run now: chain protection: bound")
+            && x.contains("MISSES its deadline 15.00 ms")),
+        "{e:?}"
+    );
+    // And the plan table is not the one computed from the declared model any more.
+    assert_ne!(st["plans"], before, "the plan table changed");
+    // The CLI: `vigil trace relay` (as JSON) and `vigil analyze --observed`.
+    let out = vigil(&["trace", "relay", "--dir", &up.d()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let t: serde_json::Value = serde_json::from_slice(&out.stdout).expect("trace JSON");
+    assert_eq!(t["wcet_us"].as_f64(), Some(800.0), "{t}");
+    assert!(t["jobs"]["recent_p50_us"].as_f64() > Some(800.0), "{t}");
+    assert!(t["events"].as_array().unwrap().iter().any(|e| e["what"].as_str().unwrap_or("").contains("ALERT: VM relay")), "{t}");
+    assert!(!vigil(&["trace", "ghost", "--dir", &up.d()]).status.success());
+    let model = up.file()["model"].as_str().expect("model path").to_string();
+    let plain = vigil(&["analyze", &model]);
+    assert_eq!(plain.status.code(), Some(0), "{}", text(&plain.stdout));
+    let observed = vigil(&["analyze", &model, "--observed", &up.d()]);
+    assert_eq!(observed.status.code(), Some(1), "the observed model misses a deadline: {}", text(&observed.stdout));
+    assert!(text(&observed.stderr).contains("observed: VM relay: execution time"), "{}", text(&observed.stderr));
+    // Arrivals: a client no one here wrote floods control (modelled as a 20 ms periodic
+    // stream) with requests: more jobs start in a window than its arrival curve allows.
+    assert!(!e.iter().any(|x| x.contains("jobs started within")), "no burst alert before the flood: {e:?}");
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &up.field_ns(),
+            "redis-benchmark",
+            "-h",
+            "10.99.0.51",
+            "-p",
+            "6379",
+            "-n",
+            "3000",
+            "-c",
+            "4",
+            "-t",
+            "ping",
+            "-q",
+        ])
+        .output()
+        .expect("redis-benchmark (package redis-tools)");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let st2 = up
+        .wait("the burst alert", 10, |_, v| events(v).iter().any(|x| x.contains("ALERT: VM control") && x.contains("jobs started within")));
+    let burst = events(&st2).into_iter().find(|x| x.contains("jobs started within")).unwrap();
+    assert!(burst.contains("the arrival curve of task regulate's input"), "{burst}");
+    eprintln!("{burst}");
+    // And the alert time: from the relay's start to the alert, and to the new table.
+    let at = |needle: &str| {
+        st["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["what"].as_str().is_some_and(|w| w.contains(needle)))
+            .and_then(|x| x["at_ms"].as_u64())
+            .unwrap()
+    };
+    let started = at("started the primary of relay");
+    eprintln!(
+        "relay started -> alert: {} ms; -> plan table recomputed: {} ms",
+        at("ALERT: VM relay") - started,
+        at("with the observed execution times of relay") - started
+    );
 }

@@ -186,3 +186,48 @@ pub const FRAME_MAX: u32 = 1514;
 pub const FRAME_MIN: u32 = 14;
 /// Largest number of buffers in one network request.
 pub const NET_MAX_BUFS: u32 = 64;
+
+/// The job-trace ring (no call, no exit): the guest writes marks — a job released, started,
+/// ended — into guest memory at [`TRACE_ADDR`], and the VMM reads them when asked (its
+/// `trace` command), between runs of the vCPU, so reads are never torn. The guest writes
+/// [`TraceHeader::magic`] once, then each record at `written % TRACE_CAPACITY` and increments
+/// `written`; it never waits for the VMM, and the VMM reports records it missed (more than
+/// [`TRACE_CAPACITY`] written between two reads) as lost. Timestamps are the raw TSC; the VMM
+/// converts them with its vCPU's TSC frequency. The ring is ordinary guest memory, so it
+/// survives snapshots, restores and checkpoint replication.
+pub const TRACE_ADDR: u64 = 0x10000;
+/// Bytes of the ring (header and records), below [`IMAGE_MIN_ADDR`].
+pub const TRACE_BYTES: u64 = 0x10000;
+/// Bytes before the first record.
+pub const TRACE_HEADER: u64 = 64;
+/// Records the ring holds.
+pub const TRACE_CAPACITY: u64 = (TRACE_BYTES - TRACE_HEADER) / core::mem::size_of::<TraceRecord>() as u64;
+/// `TraceHeader::magic` once the guest set the ring up.
+pub const TRACE_MAGIC: u64 = u64::from_le_bytes(*b"VIGILTR1");
+
+/// The ring's header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TraceHeader {
+    pub magic: u64,
+    /// Records written since the guest set the ring up.
+    pub written: u64,
+}
+
+/// One mark.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TraceRecord {
+    /// The guest's TSC when it made the mark.
+    pub tsc: u64,
+    /// [`MARK_RELEASE`], [`MARK_START`] or [`MARK_END`].
+    pub kind: u32,
+    /// The job's identity (the guest's choice, e.g. a request number), the same in its marks.
+    pub id: u32,
+}
+/// A job was released (its input arrived).
+pub const MARK_RELEASE: u32 = 1;
+/// A job started executing.
+pub const MARK_START: u32 = 2;
+/// A job ended.
+pub const MARK_END: u32 = 3;

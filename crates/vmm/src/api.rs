@@ -144,8 +144,15 @@ fn handle(conn: UnixStream, controller: &Controller) -> std::io::Result<()> {
 
 /// Sends one command to the API socket at `path` and returns the reply.
 pub fn call(path: &Path, cmd: &Command) -> Result<Reply> {
+    call_within(path, cmd, None)
+}
+
+/// [`call`], giving up when the VM does not answer within `timeout` (a monitor must not hang
+/// on a stuck VMM).
+pub fn call_within(path: &Path, cmd: &Command, timeout: Option<Duration>) -> Result<Reply> {
     let api_err = |reason: String| Error::Api { path: path.to_owned(), reason };
     let mut conn = UnixStream::connect(path).map_err(|e| api_err(format!("cannot connect: {e}")))?;
+    conn.set_read_timeout(timeout).and_then(|_| conn.set_write_timeout(timeout)).map_err(|e| api_err(e.to_string()))?;
     let mut text = serde_json::to_string(cmd).map_err(|e| api_err(e.to_string()))?;
     text.push('\n');
     // The server may have answered and closed before reading (too many clients): a failed

@@ -62,6 +62,9 @@ pub enum Command {
     /// In-process only.
     #[serde(skip)]
     MemoryView,
+    /// The guest's job marks written since the last `trace` (the reply's `trace`; see
+    /// [`vmm_abi::TRACE_ADDR`]).
+    Trace,
     /// Announce the VM's MAC and IP address on its tap (gratuitous ARP request and reply,
     /// `count` times each, at most [`crate::checkpoint::MAX_ANNOUNCE`]) after a takeover; the
     /// reply's `value` is the frames sent.
@@ -84,6 +87,9 @@ pub struct Reply {
     /// The epoch a `net-seal` closed, or frames sent by `net-release`/`net-unhold`/`announce`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub value: Option<u64>,
+    /// What `Command::Trace` read.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub trace: Option<Trace>,
     /// What `Command::Checkpoint` took (in-process only).
     #[serde(skip)]
     pub checkpoint: Option<Box<crate::checkpoint::Checkpoint>>,
@@ -101,6 +107,25 @@ impl Reply {
     pub fn err(e: impl ToString) -> Self {
         Reply { ok: false, error: Some(e.to_string()), ..Default::default() }
     }
+}
+
+/// Job marks read from the guest's trace ring.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Trace {
+    /// The vCPU's TSC frequency (kHz): marks' `tsc` ÷ this = milliseconds.
+    pub tsc_khz: u32,
+    /// Marks the guest wrote that were overwritten before this read.
+    pub lost: u64,
+    /// The marks, oldest first (at most [`vmm_abi::TRACE_CAPACITY`]).
+    pub marks: Vec<Mark>,
+}
+
+/// One mark ([`vmm_abi::TraceRecord`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Mark {
+    pub kind: u32,
+    pub id: u32,
+    pub tsc: u64,
 }
 
 type Request = (Command, Sender<Reply>);

@@ -248,6 +248,9 @@ pub struct Vm {
     /// The port exit being handled must be issued again by the guest (a block request
     /// waiting for room in the disk mirror): its request block address.
     retry_block: Option<u64>,
+    /// Trace records read so far (`None`: a restored VM, whose ring's records predate it and
+    /// are skipped at the first read).
+    trace_read: Option<u64>,
 }
 
 impl Vm {
@@ -261,7 +264,35 @@ impl Vm {
         vm.write_boot_info(loaded.end, stack_top)?;
         arch::setup_sregs(&vm.vcpu)?;
         arch::setup_regs(&vm.vcpu, loaded.entry, stack_top)?;
+        vm.trace_read = Some(0);
         Ok(vm)
+    }
+
+    /// The guest's job marks since the last call. The vCPU is stopped while this runs, so the
+    /// ring is read whole; whatever the guest wrote there (it is guest memory) gives at most
+    /// [`TRACE_CAPACITY`] marks, never an error.
+    pub fn read_trace(&mut self) -> crate::control::Trace {
+        use crate::control::{Mark, Trace};
+        let tsc_khz = self.vcpu.get_tsc_khz().unwrap_or(0);
+        let Ok(h) = self.mem.read_obj::<TraceHeader>(TRACE_ADDR) else { return Trace { tsc_khz, ..Trace::default() } };
+        if h.magic != TRACE_MAGIC {
+            return Trace { tsc_khz, ..Trace::default() };
+        }
+        // A ring that went backwards (the guest set it up again) starts over.
+        let read = match self.trace_read {
+            Some(r) if r <= h.written => r,
+            _ => h.written,
+        };
+        let from = read.max(h.written.saturating_sub(TRACE_CAPACITY));
+        let mut marks = Vec::with_capacity((h.written - from) as usize);
+        for n in from..h.written {
+            let at = TRACE_ADDR + TRACE_HEADER + (n % TRACE_CAPACITY) * std::mem::size_of::<TraceRecord>() as u64;
+            if let Ok(r) = self.mem.read_obj::<TraceRecord>(at) {
+                marks.push(Mark { kind: r.kind, id: r.id, tsc: r.tsc });
+            }
+        }
+        self.trace_read = Some(h.written);
+        Trace { tsc_khz, lost: from - read, marks }
     }
 
     /// KVM VM, vCPU, memory and devices, but nothing in memory and no registers set.
@@ -321,6 +352,7 @@ impl Vm {
             next_epoch: 1,
             spare_shadow: None,
             retry_block: None,
+            trace_read: None,
         };
         m.set_memory_slot(dirty)?;
         Ok(m)
@@ -675,6 +707,7 @@ impl Vm {
             }
             Command::MemoryView => self.mem.view().map(|v| Reply { memory_view: Some(v), ..Reply::ok() }),
             Command::Announce { count } => self.announce(count).map(|n| Reply { value: Some(n), ..Reply::ok() }),
+            Command::Trace => Ok(Reply { trace: Some(self.read_trace()), ..Reply::ok() }),
             Command::Quit => return (Reply::ok(), Some(Stop::Quit)),
         };
         (r.unwrap_or_else(Reply::err), None)

@@ -18,6 +18,8 @@
 //!   bytes of random pages of a PAGES-page buffer (mostly 0 or 1 into one of 4 places, so that
 //!   pages often return to an earlier content; sometimes the byte already there), idling 0–3 ms
 //!   between bursts: a varying dirty rate (tracking tests);
+//! - `marks N`: writes N job marks (start and end of N/2 jobs) into the trace ring, prints
+//!   `marks done`, then idles until stopped (trace benchmarks and tests);
 //! - `fault`: writes to an unmapped address (triple fault, there is no guest IDT);
 //! - `panic`: panics;
 //! - `badport`: writes to a port that no device owns;
@@ -38,6 +40,17 @@ fn parse(s: Option<&str>, default: u64) -> u64 {
 fn main() -> u32 {
     let mut a = args();
     match a.next().unwrap_or("count") {
+        "marks" => {
+            let n = parse(a.next(), 1000);
+            for i in 0..n / 2 {
+                guest_sdk::trace::start(i as u32);
+                guest_sdk::trace::end(i as u32);
+            }
+            println!("marks done");
+            loop {
+                guest_sdk::idle(u64::MAX);
+            }
+        }
         "count" => {
             let n = parse(a.next(), 10);
             let delay = parse(a.next(), 0) * 1_000_000;

@@ -16,7 +16,9 @@
 //!   pointing into a scratch area, some anywhere), then prints `fuzz done` and exits 0 (or
 //!   dies of what the VMM wrote into its memory: a guest fault, never a VMM failure);
 //! - `port-out PORT`: a 4-byte `out` to PORT (decimal or 0x hex), then exits 0;
-//! - `jump-past-memory`: jumps to the first address past guest memory.
+//! - `jump-past-memory`: jumps to the first address past guest memory;
+//! - `trace-scribble WRITTEN`: fills the trace ring with random bytes, sets its magic and its
+//!   `written` count to WRITTEN (e.g. 0xffffffffffffffff), prints `scribbled`, then idles.
 #![no_std]
 #![no_main]
 
@@ -181,6 +183,23 @@ fn main() -> u32 {
             out32(port, 0);
             println!("port-out 0x{port:x} returned");
             0
+        }
+        "trace-scribble" => {
+            let written = parse(a.next(), u64::MAX);
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            for off in (TRACE_HEADER..TRACE_BYTES).step_by(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // SAFETY: the trace ring is guest memory the ABI reserves for the guest.
+                unsafe { ((TRACE_ADDR + off) as *mut u64).write_volatile(x) };
+            }
+            // SAFETY: as above.
+            unsafe { (TRACE_ADDR as *mut TraceHeader).write_volatile(TraceHeader { magic: TRACE_MAGIC, written }) };
+            println!("scribbled");
+            loop {
+                guest_sdk::idle(u64::MAX);
+            }
         }
         "jump-past-memory" => {
             let top = guest_sdk::boot_info().mem_size;

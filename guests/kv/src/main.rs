@@ -4,6 +4,12 @@
 //! (a mixed workload): whenever no request is waiting, kv rewrites a slice of a working set
 //! of that many MiB instead of idling. With a disk, requests are logged there before their replies
 //! go out and replayed at start ([`disklog`]).
+//!
+//! Options (anywhere among the arguments): `work_us=N` adds N µs of busy work (TSC-timed) to
+//! each batch of requests a connection delivers — a calibrated execution time, raised to make
+//! a VM exceed the WCET its model declares; `trace=0` stops the job marks (on by default: each
+//! batch is one job, marked started and ended in the trace ring, which the VMM reads without
+//! an exit).
 #![no_std]
 #![no_main]
 
@@ -42,9 +48,32 @@ fn listen(stack: &mut Stack, port: u16) -> Option<Conn> {
 }
 
 fn main() -> u32 {
-    let mut args = guest_sdk::args();
+    let (mut work_us, mut trace) = (0u64, true);
+    let mut positional = alloc::vec::Vec::new();
+    for a in guest_sdk::args() {
+        match a.split_once('=') {
+            Some(("work_us", v)) => match v.parse() {
+                Ok(n) => work_us = n,
+                Err(_) => {
+                    println!("kv: work_us={v}: not a number of microseconds");
+                    return 2;
+                }
+            },
+            Some(("trace", v)) => trace = v != "0",
+            Some((k, _)) => {
+                println!("kv: unknown option {k:?} (work_us=N, trace=0|1)");
+                return 2;
+            }
+            None => positional.push(a),
+        }
+    }
+    let mut args = positional.into_iter();
     let port = args.next().and_then(|p| p.parse().ok()).unwrap_or(6379u16);
     let busy_mib: usize = args.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    if work_us > 0 {
+        guest_sdk::trace::tsc_per_us();
+    }
+    let mut job = 0u32;
     let mut busy: Vec<u64> = Vec::new();
     if busy.try_reserve_exact(busy_mib << 17).is_err() {
         println!("kv: cannot allocate {busy_mib} MiB of working set");
@@ -73,8 +102,16 @@ fn main() -> u32 {
                     (buf.len(), ())
                 });
                 let before = log.as_ref().map(|_| c.input.clone());
+                job = job.wrapping_add(1);
+                if trace {
+                    guest_sdk::trace::start(job);
+                }
+                guest_sdk::trace::spin_us(work_us);
                 if store.serve(&mut c.input, &mut c.output).is_err() {
                     c.closing = true;
+                }
+                if trace {
+                    guest_sdk::trace::end(job);
                 }
                 if let (Some(log), Some(before)) = (log.as_mut(), before) {
                     let used = before.len() - c.input.len();

@@ -55,11 +55,14 @@ pub struct Options {
     pub compression: replication::compress::Compression,
 }
 
-/// Whether a VM is protected, as its driver last reported it (the agent reads it).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Whether a VM is protected, as its driver last reported it, and the replication figures of
+/// the last second (the agent reads it and publishes it in the VM's `actual` record).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ReplicationState {
     pub protected: bool,
     pub detail: String,
+    #[serde(default)]
+    pub figures: Option<crate::cluster::ReplicationFigures>,
 }
 
 impl ReplicationState {
@@ -157,6 +160,56 @@ struct Driver {
     /// Whether the VM has a network device (output to release).
     has_net: bool,
     protected_logged: bool,
+    /// What the state file says (written when protection changes and once a second).
+    state: ReplicationState,
+    window: Window,
+}
+
+/// Checkpoints acknowledged and output released since the window began.
+struct Window {
+    since: std::time::Instant,
+    checkpoints: u64,
+    pause_ns: u64,
+    pause_max_ns: u64,
+    bytes: u64,
+    released: u64,
+    delay_ns: u64,
+    delay_max_ns: u64,
+}
+
+impl Window {
+    /// How often the state file gets the window's figures.
+    const LENGTH: Duration = Duration::from_secs(1);
+
+    fn new() -> Window {
+        Window {
+            since: std::time::Instant::now(),
+            checkpoints: 0,
+            pause_ns: 0,
+            pause_max_ns: 0,
+            bytes: 0,
+            released: 0,
+            delay_ns: 0,
+            delay_max_ns: 0,
+        }
+    }
+
+    fn figures(&self, policy: &str, mode: &str, total: u64) -> crate::cluster::ReplicationFigures {
+        let secs = self.since.elapsed().as_secs_f64().max(1e-3);
+        let ms = |ns: u64| ns as f64 / 1e6;
+        crate::cluster::ReplicationFigures {
+            policy: policy.to_string(),
+            mode: mode.to_string(),
+            checkpoints: total,
+            per_second: self.checkpoints as f64 / secs,
+            pause_mean_ms: if self.checkpoints > 0 { ms(self.pause_ns) / self.checkpoints as f64 } else { 0.0 },
+            pause_max_ms: ms(self.pause_max_ns),
+            bytes_per_second: self.bytes as f64 / secs,
+            output_delay_mean_ms: if self.released > 0 { ms(self.delay_ns) / self.released as f64 } else { 0.0 },
+            output_delay_max_ms: ms(self.delay_max_ns),
+            at_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        }
+    }
 }
 
 impl Driver {
@@ -200,6 +253,8 @@ impl Driver {
             debug: std::env::var_os("VIGIL_DEBUG").is_some(),
             has_net: true,
             protected_logged: false,
+            state: ReplicationState { protected: false, detail: "not yet protected".into(), figures: None },
+            window: Window::new(),
         })
     }
 
@@ -471,6 +526,12 @@ impl Driver {
         Ok(None)
     }
 
+    fn save_state(&self) {
+        if let Some(f) = &self.opts.state_file {
+            self.state.save(f);
+        }
+    }
+
     fn notice(&mut self, n: Notice) {
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         match n {
@@ -481,18 +542,18 @@ impl Driver {
             Notice::Protected { session } => {
                 stats.protected = true;
                 drop(stats);
-                if let Some(f) = &self.opts.state_file {
-                    ReplicationState { protected: true, detail: format!("session {session:x}") }.save(f);
-                }
+                self.state.protected = true;
+                self.state.detail = format!("session {session:x}");
+                self.save_state();
                 self.log(format!("protected: the backup holds a committed replica (session {session:x})"));
                 self.protected_logged = true;
             }
             Notice::Unprotected { reason } => {
                 stats.protected = false;
                 drop(stats);
-                if let Some(f) = &self.opts.state_file {
-                    ReplicationState { protected: false, detail: reason.clone() }.save(f);
-                }
+                self.state.protected = false;
+                self.state.detail = reason.clone();
+                self.save_state();
                 self.log(format!("UNPROTECTED: {reason}; the VM keeps running and accepts a new backup"));
             }
             Notice::Acked { epoch, duration_ns, mode } => {
@@ -507,12 +568,25 @@ impl Driver {
                     stats.wire_bytes_total += e.wire_bytes;
                     stats.compressed += e.compressed as u64;
                     stats.last = e.clone();
+                    self.window.checkpoints += 1;
+                    self.window.pause_ns += e.pause_ns;
+                    self.window.pause_max_ns = self.window.pause_max_ns.max(e.pause_ns);
+                    self.window.bytes += e.bytes;
+                }
+                if self.window.since.elapsed() >= Window::LENGTH {
+                    self.state.figures = Some(self.window.figures(&stats.policy, stats.mode, stats.checkpoints));
+                    self.window = Window::new();
+                    drop(stats);
+                    self.save_state();
                 }
             }
             Notice::Released { epoch, delay_ns } => {
                 if let Some(d) = delay_ns {
                     stats.output_delay_ns_total += d;
                     stats.released_with_output += 1;
+                    self.window.released += 1;
+                    self.window.delay_ns += d;
+                    self.window.delay_max_ns = self.window.delay_max_ns.max(d);
                 }
                 if let Some(mut e) = self.pending.remove(&epoch) {
                     e.output_delay_ns = delay_ns;

@@ -2,9 +2,9 @@
 //! Prometheus metrics on a small HTTP endpoint that also lets an operator switch the
 //! checkpoint policy while the VM runs (`POST /policy` with the policy name as the body).
 
+use crate::http::{Request, Response};
 use replication::PolicySpec;
 use std::fmt::Write as _;
-use std::io::{BufReader, Read, Write};
 use std::net::TcpListener;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
@@ -166,115 +166,41 @@ impl Stats {
 /// Shared statistics.
 pub type Shared = Arc<Mutex<Stats>>;
 
-/// Longest request line or header line of the metrics endpoint, and most header lines.
-const MAX_HTTP_LINE: usize = 4096;
-const MAX_HEADERS: usize = 64;
-/// Connections the endpoint serves at once (one thread each); more are answered 503.
-const MAX_HTTP_CONNECTIONS: usize = 16;
-
 /// Serves `GET /metrics` (Prometheus text) and, when `policy` is given, `POST /policy` (the
 /// body names the new checkpoint policy) on `addr`. Switching the policy needs the header
 /// `Authorization: Bearer <token>` with the cluster key's [`crate::auth::Key::control_token`];
-/// reading metrics needs nothing. Each connection is served on its own thread (at most
-/// [`MAX_HTTP_CONNECTIONS`]), lines and headers are bounded, and a client silent for 2 s is
-/// dropped, so one slow client never holds up another.
+/// reading metrics needs nothing. The server is [`crate::http`]'s: bounded, one thread per
+/// connection, so one slow client never holds up another.
 pub fn serve(addr: &str, stats: Shared, policy: Option<(Sender<PolicySpec>, crate::auth::Key)>) -> std::io::Result<std::net::SocketAddr> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
-    let policy = policy.map(|(tx, key)| (Arc::new(Mutex::new(tx)), key.control_token()));
-    let open = Arc::new(AtomicUsize::new(0));
-    std::thread::Builder::new().name("metrics".into()).spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            if open.fetch_add(1, Ordering::SeqCst) >= MAX_HTTP_CONNECTIONS {
-                open.fetch_sub(1, Ordering::SeqCst);
-                let _ = respond(&mut conn, "503 Service Unavailable", "too many connections\n");
-                continue;
-            }
-            let (stats, policy, open) = (stats.clone(), policy.clone(), open.clone());
-            let _ = std::thread::Builder::new().name("metrics-conn".into()).spawn(move || {
-                let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(2)));
-                let _ = conn.set_write_timeout(Some(std::time::Duration::from_secs(2)));
-                let (status, text) = match read_request(&conn) {
-                    Ok(req) => answer(&req, &stats, policy.as_ref()),
-                    Err(e) => ("400 Bad Request", format!("{e}\n")),
-                };
-                let _ = respond(&mut conn, status, &text);
-                open.fetch_sub(1, Ordering::SeqCst);
-            });
-        }
-    })?;
+    let policy = policy.map(|(tx, key)| (Mutex::new(tx), key.control_token()));
+    crate::http::serve(listener, "metrics", move |req| answer(req, &stats, policy.as_ref()))?;
     Ok(bound)
 }
 
-struct HttpRequest {
-    method: String,
-    path: String,
-    authorization: Option<String>,
-    body: Vec<u8>,
-}
-
-fn read_request(conn: &std::net::TcpStream) -> Result<HttpRequest, String> {
-    let mut r = BufReader::new(conn);
-    let line = |r: &mut BufReader<&std::net::TcpStream>| -> Result<String, String> {
-        match crate::arbiter::read_line(r, MAX_HTTP_LINE) {
-            Ok(Some(l)) => String::from_utf8(l).map_err(|_| "a request line that is not UTF-8".to_string()),
-            Ok(None) => Err("the request ended early".into()),
-            Err(e) => Err(format!("bad request: {e}")),
-        }
-    };
-    let request = line(&mut r)?;
-    let mut parts = request.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
-    let (mut length, mut authorization) = (0usize, None);
-    for n in 0.. {
-        if n == MAX_HEADERS {
-            return Err(format!("more than {MAX_HEADERS} header lines"));
-        }
-        let h = line(&mut r)?;
-        let h = h.trim_end_matches('\r');
-        if h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                length = v.trim().parse().map_err(|_| "a bad Content-Length".to_string())?;
-                if length > 4096 {
-                    return Err("a body over 4096 bytes".into());
-                }
-            } else if k.eq_ignore_ascii_case("authorization") {
-                authorization = Some(v.trim().to_string());
-            }
-        }
-    }
-    let mut body = vec![0; length];
-    r.read_exact(&mut body).map_err(|e| format!("the body: {e}"))?;
-    Ok(HttpRequest { method, path, authorization, body })
-}
-
-fn answer(req: &HttpRequest, stats: &Shared, policy: Option<&(Arc<Mutex<Sender<PolicySpec>>>, String)>) -> (&'static str, String) {
+fn answer(req: &Request, stats: &Shared, policy: Option<&(Mutex<Sender<PolicySpec>>, String)>) -> Response {
+    const PROMETHEUS: &str = "text/plain; version=0.0.4";
     match (req.method.as_str(), req.path.as_str()) {
-        ("GET", "/metrics") => ("200 OK", stats.lock().unwrap_or_else(|e| e.into_inner()).prometheus()),
+        ("GET", "/metrics") => Response::ok(PROMETHEUS, stats.lock().unwrap_or_else(|e| e.into_inner()).prometheus()),
         ("POST", "/policy") => {
-            let Some((tx, token)) = policy else { return ("409 Conflict", "no policy to change here\n".into()) };
+            let Some((tx, token)) = policy else { return Response::text("409 Conflict", "no policy to change here\n") };
             let given = req.authorization.as_deref().and_then(|a| a.strip_prefix("Bearer ")).unwrap_or("");
             if !crate::auth::same(given.as_bytes(), token.as_bytes()) {
-                return ("401 Unauthorized", "switching the policy needs `Authorization: Bearer <token>` (`vigil key token`)\n".into());
+                return Response::text(
+                    "401 Unauthorized",
+                    "switching the policy needs `Authorization: Bearer <token>` (`vigil key token`)\n",
+                );
             }
             let name = String::from_utf8_lossy(&req.body).trim().to_string();
             match name.parse::<PolicySpec>() {
                 Ok(spec) => {
                     let _ = tx.lock().unwrap_or_else(|e| e.into_inner()).send(spec);
-                    ("200 OK", format!("policy {spec}\n"))
+                    Response::text("200 OK", format!("policy {spec}\n"))
                 }
-                Err(e) => ("400 Bad Request", format!("{e}\n")),
+                Err(e) => Response::text("400 Bad Request", format!("{e}\n")),
             }
         }
-        _ => ("404 Not Found", "GET /metrics or POST /policy\n".into()),
+        _ => Response::text("404 Not Found", "GET /metrics or POST /policy\n"),
     }
-}
-
-fn respond(conn: &mut std::net::TcpStream, status: &str, text: &str) -> std::io::Result<()> {
-    write!(conn, "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{text}", text.len())
 }

@@ -43,7 +43,7 @@ pub fn random_taskset(r: &mut Rng, n: usize, umax: i64, jitter: bool) -> Vec<T> 
 /// A system with the task set on one resource of the given kind and policy.
 pub fn single_resource(ts: &[T], kind: ResourceKind, policy: Policy) -> System {
     let mut sys = System::default();
-    sys.resources.push(Resource { name: "cpu".into(), kind, policy, cycle: None });
+    sys.resources.push(Resource { blackout: None, name: "cpu".into(), kind, policy, cycle: None });
     for (i, t) in ts.iter().enumerate() {
         sys.streams.push(Stream {
             name: format!("s{i}"),
@@ -54,6 +54,7 @@ pub fn single_resource(ts: &[T], kind: ResourceKind, policy: Policy) -> System {
             },
         });
         sys.tasks.push(Task {
+            hold: None,
             name: format!("t{i}"),
             resource: 0,
             input: Input::Stream(i),

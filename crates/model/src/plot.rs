@@ -1,11 +1,11 @@
 //! SVG plots of a task's curves: its demand (arrival curves scaled by WCET/BCET into work
 //! units) against the service available to it. Hand-written SVG; the curves are drawn exactly
-//! from their segments (jumps as vertical lines), converted to floats only for drawing.
+//! from their segments (jumps as vertical lines), converted to floats only for drawing. Used by
+//! `vigil analyze --plot` and by the manager's dashboard.
 
-use anyhow::Context;
-use model::units::trim_float;
-use model::Loaded;
-use rtc::system::Analysis;
+use crate::units::trim_float;
+use crate::Loaded;
+use rtc::system::{Analysis, System};
 use rtc::{Curve, Seg, Q};
 use std::fmt::Write as _;
 use std::path::Path;
@@ -28,31 +28,39 @@ struct Line<'a> {
     dashed: bool,
 }
 
-/// Writes `DIR/<task>.svg` for every task; returns how many were written.
-pub fn write_all(dir: &Path, l: &Loaded, a: &Analysis) -> anyhow::Result<usize> {
-    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the plot folder", dir.display()))?;
+/// Writes `DIR/<task>.svg` for every task; returns how many were written. The error names
+/// the file.
+pub fn write_all(dir: &Path, l: &Loaded, a: &Analysis) -> Result<usize, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: cannot create the plot folder: {e}", dir.display()))?;
     let mut n = 0;
-    for (i, (t, r)) in l.system.tasks.iter().zip(&a.tasks).enumerate() {
-        let unit = l.work_unit(i);
-        let demand_u = r.input.upper.scale(&t.wcet);
-        let demand_l = r.input.lower.scale(&t.bcet);
-        let lines = [
-            Line { label: "demand upper (αᵘ·wcet)".into(), curve: &demand_u, color: "#c0392b", dashed: false },
-            Line { label: "demand lower (αˡ·bcet)".into(), curve: &demand_l, color: "#c0392b", dashed: true },
-            Line { label: "service upper (βᵘ)".into(), curve: &r.service.upper, color: "#1f5fa8", dashed: true },
-            Line { label: "service lower (βˡ)".into(), curve: &r.service.lower, color: "#1f5fa8", dashed: false },
-        ];
-        let horizon = horizon(&demand_u, &r.service.lower, r.wcrt.as_ref(), &lines);
-        let resource = l.system.resources.get(t.resource).map(|r| r.name.as_str()).unwrap_or("?");
-        let wcrt = r.wcrt.as_ref().map(model::units::human_time).unwrap_or_else(|| "unbounded".into());
-        let title = format!("task {} on {} — wcrt {}", t.name, resource, wcrt);
-        let svg = render(&title, unit, &lines, &horizon);
+    for i in 0..l.system.tasks.len() {
+        let svg = task_svg(l, &l.system, a, i);
         // Names are validated by `model` (letters, digits, '_', '-', '.'), so this stays in `dir`.
-        let path = dir.join(format!("{}.svg", t.name));
-        std::fs::write(&path, svg).with_context(|| format!("{}: cannot write", path.display()))?;
+        let path = dir.join(format!("{}.svg", l.system.tasks[i].name));
+        std::fs::write(&path, svg).map_err(|e| format!("{}: cannot write: {e}", path.display()))?;
         n += 1;
     }
     Ok(n)
+}
+
+/// The plot of task `i` of `sys` (the model's system, or the same system rewritten for a
+/// placement) under the analysis `a` of `sys`.
+pub fn task_svg(l: &Loaded, sys: &System, a: &Analysis, i: usize) -> String {
+    let (t, r) = (&sys.tasks[i], &a.tasks[i]);
+    let unit = l.work_unit(i);
+    let demand_u = r.input.upper.scale(&t.wcet);
+    let demand_l = r.input.lower.scale(&t.bcet);
+    let lines = [
+        Line { label: "demand upper (αᵘ·wcet)".into(), curve: &demand_u, color: "#c0392b", dashed: false },
+        Line { label: "demand lower (αˡ·bcet)".into(), curve: &demand_l, color: "#c0392b", dashed: true },
+        Line { label: "service upper (βᵘ)".into(), curve: &r.service.upper, color: "#1f5fa8", dashed: true },
+        Line { label: "service lower (βˡ)".into(), curve: &r.service.lower, color: "#1f5fa8", dashed: false },
+    ];
+    let horizon = horizon(&demand_u, &r.service.lower, r.wcrt.as_ref(), &lines);
+    let resource = sys.resources.get(t.resource).map(|r| r.name.as_str()).unwrap_or("?");
+    let wcrt = r.wcrt.as_ref().map(crate::units::human_time).unwrap_or_else(|| "unbounded".into());
+    let title = format!("task {} on {} — wcrt {}", t.name, resource, wcrt);
+    render(&title, unit, &lines, &horizon)
 }
 
 /// The time scale of the task: five mean inter-arrival times, three response times, two

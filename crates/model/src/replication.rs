@@ -1,0 +1,87 @@
+//! Checkpoint intervals chosen by the analysis (DESIGN §4: the longer the interval, the less
+//! replication costs, but a protected VM's output waits for the checkpoint that covers it).
+//!
+//! Under `fixed:T` an output waits at most T for its checkpoint to begin, the pause d, and the
+//! checkpoint's transfer to the backup (the worst-case response of the VM's checkpoint message
+//! on its port, which itself depends on T): a hold of T + d + W. The VM pauses d once per T.
+//! [`largest_fixed_interval`] tries intervals from the longest down and returns the first
+//! whose pauses and holds keep every deadline of the system.
+
+use crate::Loaded;
+use rtc::models::EventModel;
+use rtc::system::{analyze, Blackout, Input, Options};
+use rtc::Q;
+
+/// Intervals tried (µs), longest first.
+pub const CANDIDATES_US: [i64; 14] =
+    [500_000, 200_000, 150_000, 100_000, 75_000, 50_000, 40_000, 25_000, 20_000, 10_000, 5_000, 2_500, 1_000, 500];
+
+/// The analysis's choice for one VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    /// The longest interval that keeps every deadline (None: none does).
+    pub interval: Option<Q>,
+    /// Its output hold (T + pause + the checkpoint's worst-case transfer).
+    pub commit: Option<Q>,
+    pub pause: Q,
+}
+
+/// The longest fixed checkpoint interval (of [`CANDIDATES_US`]) for remote-mode VM `vm` that
+/// keeps every deadline, with `pause` (the VM's declared `checkpoint_pause` when `None`, e.g.
+/// a measured one) and the other VMs as declared. Errors name what is missing.
+pub fn largest_fixed_interval(l: &Loaded, vm: &str, pause: Option<Q>) -> Result<Choice, String> {
+    let pause = resolve_pause(l, vm, pause)?;
+    for us in CANDIDATES_US {
+        let t = Q::int(us);
+        if t <= pause {
+            continue;
+        }
+        if let Some((true, commit)) = fixed_interval(l, vm, &t, Some(pause.clone()))? {
+            return Ok(Choice { interval: Some(t), commit: Some(commit), pause });
+        }
+    }
+    Ok(Choice { interval: None, commit: None, pause })
+}
+
+fn resolve_pause(l: &Loaded, vm: &str, pause: Option<Q>) -> Result<Q, String> {
+    let dep = l.deployment.as_ref().ok_or("the model has no [[host]] items")?;
+    let v = dep.vms.iter().find(|v| v.name == vm).ok_or_else(|| format!("no VM {vm:?} in the model"))?;
+    let c = v.checkpoint.as_ref().ok_or_else(|| format!("VM {vm:?} has no remote backup, so no checkpoints"))?;
+    Ok(pause.or_else(|| c.pause.clone()).unwrap_or_else(Q::zero))
+}
+
+/// Whether every deadline holds with `vm` checkpointed under `fixed:T` (pauses of `pause`, its
+/// declared one when `None`), and the output hold that gives; `None` when the transfer bound
+/// does not settle or the system cannot be analysed.
+pub fn fixed_interval(l: &Loaded, vm: &str, t: &Q, pause: Option<Q>) -> Result<Option<(bool, Q)>, String> {
+    let pause = resolve_pause(l, vm, pause)?;
+    let dep = l.deployment.as_ref().ok_or("the model has no [[host]] items")?;
+    let v = dep.vms.iter().find(|v| v.name == vm).ok_or_else(|| format!("no VM {vm:?} in the model"))?;
+    let c = v.checkpoint.as_ref().ok_or_else(|| format!("VM {vm:?} has no remote backup, so no checkpoints"))?;
+    let Input::Stream(stream) = l.system.tasks[c.task].input else { return Err(format!("{vm}: checkpoint stream missing")) };
+    if *t <= pause {
+        return Err(format!("{vm}: an interval of {t} µs is not longer than the pause {pause} µs"));
+    }
+    let mut sys = l.system.clone();
+    sys.streams[stream].model = EventModel::Periodic { period: t.clone() };
+    let blackout = pause.is_positive().then(|| Blackout { pause: pause.clone(), every: t.clone() });
+    for &r in v.reservation.iter().chain(&v.extra_reservations) {
+        sys.resources[r].blackout = blackout.clone();
+    }
+    // The hold depends on the transfer time, which depends on the hold (through the traffic on
+    // the port): iterate until the transfer bound settles.
+    let mut transfer = Q::zero();
+    for _ in 0..4 {
+        let commit = t + &pause + &transfer;
+        for &h in &c.held {
+            sys.tasks[h].hold = Some(commit.clone());
+        }
+        let Ok(a) = analyze(&sys, &Options::default()) else { return Ok(None) };
+        let Some(w) = a.tasks[c.task].wcrt.clone() else { return Ok(None) };
+        if w == transfer {
+            return Ok(Some((a.all_deadlines_met(&sys), commit)));
+        }
+        transfer = w;
+    }
+    Ok(None)
+}
