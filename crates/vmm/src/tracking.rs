@@ -1,6 +1,6 @@
 //! Dirty-page tracking for checkpoints: which pages of a protected VM changed in an epoch.
 //!
-//! Owns the two ways of finding them and the switch between them, per epoch:
+//! Owns the ways of finding them and the switch between them, per epoch:
 //! - [`TrackingMode::Log`]: KVM's dirty log. Cheap for the host, but on nested PVM hosts every
 //!   first guest write to a page after each collection takes a write-protection fault
 //!   (measured 16–26 µs, `vigil bench tracking`), so a guest that rewrites thousands of pages
@@ -9,16 +9,17 @@
 //!   is compared against a *shadow* copy of guest memory as of the last checkpoint, and the
 //!   pages that differ are the dirty ones (and are copied into the shadow). Costs the host a
 //!   pass over memory during the pause (~0.3 µs a page), independent of the dirty rate.
-//!
 //! - [`TrackingMode::Hybrid`]: both, page by page, with KVM's manual dirty-log protection: hot
 //!   pages (written since they were last found unchanged for a while) stay writable and are
 //!   compared, cold ones are logged.
 //!
 //! [`DirtyTracker`] keeps the shadow and the invariant that makes a switch lose nothing:
 //! every page whose shadow may differ from memory at the last checkpoint is in `stale`; in
-//! compare mode `stale` is empty. The shadow is warmed up a bounded number of pages per
-//! checkpoint before a switch to compare mode, so no pause grows with the VM's size. [`Chooser`] decides the next epoch's mode from measured
-//! figures (dirty pages, the compare's own time, the host's fault cost from [`Calibration`]).
+//! compare mode `stale` is empty, and hot pages' shadows are always current. The shadow is
+//! warmed up a bounded number of pages per checkpoint before a switch to compare mode, so no
+//! pause grows with the VM's size. [`Chooser`] decides the next epoch's mode from measured
+//! figures (dirty and hot pages, the compare's own time, the host's fault cost from
+//! [`Calibration`]).
 //! The tracker does no I/O: the VMM gives it guest memory and a [`DirtyLog`] (KVM's), and the
 //! deterministic simulation of the replication protocol gives it a model VM's.
 //!
@@ -496,9 +497,11 @@ pub struct Observation {
 }
 
 /// Chooses each epoch's tracking from measured costs, in units of guest time lost per epoch:
-/// log mode costs `dirty × fault` (the guest's write-protection faults), compare mode costs the
-/// pass over memory in the pause (`pages × compare cost per page`, measured by every compare
-/// epoch, first from the host calibration). Switches when the other mode is estimated at least
+/// log mode costs `dirty × fault` (the guest's write-protection faults; in hybrid mode only the
+/// cold dirty pages fault, the hot ones cost a comparison each), compare mode costs the pass
+/// over memory in the pause (`pages × compare cost per page`, measured by every compare epoch,
+/// first from the host calibration). Where the log has manual protection, `auto` logs in
+/// hybrid mode. Switches when the other mode is estimated at least
 /// [`Chooser::MARGIN`] times cheaper, and not within [`Chooser::DWELL`] epochs of the last
 /// switch (a switch to compare mode costs a copy of the stale pages). Without a fault-cost
 /// calibration it keeps log mode.
