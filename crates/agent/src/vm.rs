@@ -36,6 +36,14 @@ pub struct VmSpec {
     /// Start with dirty-page logging on.
     #[serde(default)]
     pub dirty_log: bool,
+    /// How a protected VM's checkpoints find dirty pages: `auto` (per epoch, from measured
+    /// costs), `log` or `compare` (`vmm::tracking`).
+    #[serde(default)]
+    pub tracking: vmm::TrackingChoice,
+    /// Whether a protected VM's checkpoint pages travel compressed: `auto` (per checkpoint,
+    /// when the link is the bottleneck), `on` or `off` (`replication::compress`).
+    #[serde(with = "compression_str", default)]
+    pub compression: replication::compress::Compression,
     /// Announce the VM in the store as a domain.
     #[serde(default)]
     pub domain: Option<DomainSpec>,
@@ -156,6 +164,17 @@ pub struct Protection {
     pub state_file: Option<PathBuf>,
     /// The cluster's key file: the backup and the arbiter authenticate with it.
     pub key_file: PathBuf,
+}
+
+mod compression_str {
+    use replication::compress::Compression;
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(c: &Compression, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(c)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Compression, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 mod policy_str {
@@ -318,6 +337,8 @@ impl VmSpec {
             net: None,
             api: None,
             dirty_log: false,
+            tracking: Default::default(),
+            compression: Default::default(),
             domain: None,
             protection: None,
             scheduling: Scheduling::default(),
@@ -354,6 +375,7 @@ impl VmSpec {
         config.disk = self.disk.clone();
         config.args = self.args.clone();
         config.dirty_log = self.dirty_log;
+        config.tracking = self.tracking;
         if let Some(net) = &self.net {
             config.tap = Some(net.tap.clone());
             if let Some(ip) = net.ip {
@@ -508,6 +530,7 @@ fn run_protected(vm: Vm, spec: &VmSpec, p: &Protection, announce: bool) -> Resul
         state_file: p.state_file.clone(),
         key: crate::auth::Key::load(&p.key_file)?,
         vcpu_sched: spec.scheduling.clone(),
+        compression: spec.compression,
     };
     let outcome = protection::primary::run(vm, ctl, inbox, opts, protection::primary::Start::Fresh, protection::Clock::new())
         .map_err(|reason| Error::Replication { vm: spec.name.clone(), reason })?;

@@ -63,6 +63,19 @@ pub struct Args {
     /// `replication`: failovers to time.
     #[arg(long, default_value_t = 3)]
     failovers: usize,
+    /// `replication`: dirty tracking of the protected VMs (auto, log, compare, hybrid).
+    #[arg(long, default_value = "auto")]
+    tracking: vmm::TrackingChoice,
+    /// `replication`: compression of checkpoint pages on the wire (auto, on, off).
+    #[arg(long, default_value = "auto")]
+    compression: replication::compress::Compression,
+    /// `replication`: limit the replication link to this many Mbit/s (tc), e.g. 1000.
+    #[arg(long)]
+    link_mbit: Option<u32>,
+    /// `replication`: seconds `compute` may run (beyond, its time is estimated from its
+    /// progress).
+    #[arg(long, default_value_t = 300)]
+    compute_limit: u64,
     /// `replication`: only time failovers.
     #[arg(long)]
     failover_only: bool,
@@ -89,6 +102,9 @@ enum What {
     /// Local redundancy: voting's latency and throughput for 1-3 instances against one used
     /// directly, repair time (needs root, KVM, redis-tools; `--kills` repairs).
     Voting,
+    /// Dirty-page tracking: the guest's cost of a write-protection fault, the host's cost of
+    /// comparing pages (needs KVM).
+    Tracking,
     /// The example's real-time chain through its protected VM under each checkpoint policy
     /// (`--policies`, `analysed` among them), on a real cluster (needs root, KVM).
     Policies,
@@ -126,8 +142,20 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         crate::vmm::run(&args.guests, args.json)?;
         return Ok(());
     }
+    if let What::Tracking = args.what {
+        return crate::tracking::run(&args.guests, args.json);
+    }
     if let What::Replication = args.what {
-        crate::replication::run(&args.policies, args.failovers, args.failover_only, args.json)?;
+        let opts = crate::replication::Options {
+            failovers: args.failovers,
+            failover_only: args.failover_only,
+            json: args.json,
+            tracking: args.tracking,
+            compression: args.compression,
+            link_mbit: args.link_mbit,
+            compute_limit: Duration::from_secs(args.compute_limit),
+        };
+        crate::replication::run(&args.policies, &opts)?;
         return Ok(());
     }
     if let What::Voting = args.what {

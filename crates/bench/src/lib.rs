@@ -19,5 +19,6 @@ pub mod cluster;
 pub mod demo;
 pub mod replication;
 pub mod store;
+pub mod tracking;
 pub mod vmm;
 pub mod voting;

@@ -43,6 +43,15 @@ struct Epochs {
     transfer_ms: f64,
     ack_ms: Vec<f64>,
     delay_ms: Vec<f64>,
+    /// Epochs whose dirty pages were found by comparing memory (the rest: the dirty log).
+    compare: usize,
+    /// Switches of tracking mode.
+    switches: usize,
+    /// Time finding dirty pages, summed (ms).
+    find_ms: f64,
+    /// Page frame bytes on the wire, and checkpoints sent compressed.
+    wire_bytes: f64,
+    compressed: usize,
 }
 
 fn parse_epochs(text: &str) -> Epochs {
@@ -56,6 +65,11 @@ fn parse_epochs(text: &str) -> Epochs {
         e.transfer_ms += ms(r.transfer_ns);
         e.ack_ms.push(ms(r.ack_ns));
         e.delay_ms.extend(r.output_delay_ns.map(ms));
+        e.compare += (r.tracking == Some(vmm::TrackingMode::Compare)) as usize;
+        e.switches += (r.tracking != r.next_tracking) as usize;
+        e.find_ms += ms(r.find_ns);
+        e.wire_bytes += r.wire_bytes as f64;
+        e.compressed += r.compressed as usize;
     }
     e
 }
@@ -72,6 +86,9 @@ struct Bed {
     _arbiter: Proc,
     images: std::collections::HashMap<&'static str, PathBuf>,
     run: usize,
+    /// `--tracking` and `--compression` of the protected VMs.
+    tracking: vmm::TrackingChoice,
+    compression: replication::compress::Compression,
 }
 
 impl Bed {
@@ -106,7 +123,8 @@ impl Bed {
         }
         if let Some(p) = policy {
             args.extend(Host::A.protect_args(&Host::B.backup_addr(), image));
-            args.extend(s(&["--policy", p, "--stats"]));
+            args.extend(s(&["--policy", p, "--stats", "--tracking", &self.tracking.to_string()]));
+            args.extend(s(&["--compression", &self.compression.to_string()]));
         }
         args.push("--".into());
         args.extend(s(guest_args));
@@ -200,11 +218,20 @@ struct Row {
     spoiled: Vec<&'static str>,
     /// Times the backup suspected the primary (a stall of at least the timeout).
     suspicions: usize,
+    /// CPU time of the primary's and the backup's processes over all workloads (s).
+    cpu_primary: f64,
+    cpu_backup: f64,
+    /// `compute` did not finish within the limit: its time is estimated from its progress.
+    compute_estimated: bool,
+    /// Times the primary lost its backup (and ran unprotected, output unheld, until a new one
+    /// had synchronised).
+    unprotected: usize,
 }
 
 /// Notes whether the backup of a finished workload took over or suspected the primary.
 fn check_backup(row: &mut Row, what: &'static str, b: Option<Proc>) {
     if let Some(b) = b {
+        row.cpu_backup += cpu_seconds(b.child.id()).unwrap_or(0.0);
         let text = b.text();
         row.suspicions += text.matches("Suspecting").count();
         if text.contains("TAKING OVER") {
@@ -213,7 +240,35 @@ fn check_backup(row: &mut Row, what: &'static str, b: Option<Proc>) {
     }
 }
 
-pub fn run(policies: &[replication::PolicySpec], failovers: usize, failover_only: bool, json: bool) -> Result<()> {
+/// What `vigil bench replication` runs besides the policies.
+pub struct Options {
+    pub failovers: usize,
+    pub failover_only: bool,
+    pub json: bool,
+    /// Dirty tracking of the protected VMs.
+    pub tracking: vmm::TrackingChoice,
+    /// Compression of their checkpoints on the wire.
+    pub compression: replication::compress::Compression,
+    /// Limit the replication link to this many Mbit/s (tc in host A's namespace).
+    pub link_mbit: Option<u32>,
+    /// How long `compute` may run; a run that takes longer is stopped and its time estimated
+    /// from its progress.
+    pub compute_limit: Duration,
+}
+
+/// CPU time (user + system) a process has used so far, from /proc.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz)
+}
+
+pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
+    let (failovers, failover_only, json) = (opts.failovers, opts.failover_only, opts.json);
     let policies: Vec<String> = policies.iter().map(ToString::to_string).collect();
     if !Path::new("/dev/kvm").exists() {
         bail!("vigil bench replication needs /dev/kvm");
@@ -228,7 +283,19 @@ pub fn run(policies: &[replication::PolicySpec], failovers: usize, failover_only
     let tb = Testbed::new("bench").map_err(anyhow::Error::msg)?;
     let mut arbiter = spawn(&tb.switch, &testbed::twohost::arbiter_args(&dir.join("arbiter.leases")), dir.join("arbiter.log"))?;
     wait_for(&mut arbiter, "serving leases", 10)?;
-    let mut bed = Bed { tb, dir: dir.clone(), _arbiter: arbiter, images, run: 0 };
+    if let Some(mbit) = opts.link_mbit {
+        // The replication link from host A, limited to `mbit` (a token bucket, as a real link
+        // of that rate would be).
+        let rate = format!("{mbit}mbit");
+        let out = Testbed::command(&tb.a, "tc")
+            .args(["qdisc", "replace", "dev", "rep", "root", "tbf", "rate", &rate, "burst", "256kb", "latency", "50ms"])
+            .output()
+            .context("cannot run tc (package iproute2)")?;
+        if !out.status.success() {
+            bail!("tc on the replication link: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+    }
+    let mut bed = Bed { tb, dir: dir.clone(), _arbiter: arbiter, images, run: 0, tracking: opts.tracking, compression: opts.compression };
     let mut rows = Vec::new();
     let modes: Vec<Option<&str>> = std::iter::once(None).chain(policies.iter().map(|p| Some(p.as_str()))).collect();
     let modes = if failover_only { vec![] } else { modes };
@@ -242,15 +309,29 @@ pub fn run(policies: &[replication::PolicySpec], failovers: usize, failover_only
         // synchronisation of the protected runs included).
         {
             let t0 = Instant::now();
-            let (mut p, b) = bed.start_with("compute", false, mode, &["8", "100000", "10000000"], false)?;
+            let (mut p, b) = bed.start_with("compute", false, mode, &["8", "100000", "1000"], false)?;
             let t = t0;
-            while p.child.try_wait()?.is_none() {
-                if t.elapsed() > Duration::from_secs(300) {
-                    bail!("compute did not finish within 300 s");
+            let mut cpu = 0.0;
+            row.compute_s = loop {
+                if p.child.try_wait()?.is_some() {
+                    break t0.elapsed().as_secs_f64();
+                }
+                cpu = cpu_seconds(p.child.id()).unwrap_or(cpu);
+                if t.elapsed() > opts.compute_limit {
+                    // Estimate from the last pass the guest reported.
+                    let pass = p
+                        .text()
+                        .lines()
+                        .filter_map(|l| l.strip_prefix("compute: pass ")?.split_whitespace().next()?.parse::<f64>().ok())
+                        .last();
+                    p.kill();
+                    let Some(pass) = pass else { bail!("compute reported no progress within {:?}", opts.compute_limit) };
+                    row.compute_estimated = true;
+                    break t0.elapsed().as_secs_f64() * 100_000.0 / pass;
                 }
                 std::thread::sleep(Duration::from_millis(5));
-            }
-            row.compute_s = t0.elapsed().as_secs_f64();
+            };
+            row.cpu_primary += cpu;
             seconds += row.compute_s;
             log.push_str(&p.text());
             check_backup(&mut row, "compute", b);
@@ -265,6 +346,7 @@ pub fn run(policies: &[replication::PolicySpec], failovers: usize, failover_only
             }
             row.stream_mbs = n as f64 / 1e6 / d.as_secs_f64();
             seconds += d.as_secs_f64();
+            row.cpu_primary += cpu_seconds(p.child.id()).unwrap_or(0.0);
             log.push_str(&bed.quit(p)?);
             check_backup(&mut row, "stream", b);
         }
@@ -276,6 +358,7 @@ pub fn run(policies: &[replication::PolicySpec], failovers: usize, failover_only
             let (_, p50) = redis_bench(&bed.tb.client, 1, 100)?;
             let (rps, _) = redis_bench(&bed.tb.client, 16, 2000)?;
             seconds += t.elapsed().as_secs_f64();
+            row.cpu_primary += cpu_seconds(p.child.id()).unwrap_or(0.0);
             if busy == "0" {
                 (row.kv_p50_ms, row.kv_rps) = (p50, rps);
             } else {
@@ -285,6 +368,7 @@ pub fn run(policies: &[replication::PolicySpec], failovers: usize, failover_only
             check_backup(&mut row, if busy == "0" { "kv" } else { "mixed" }, b);
         }
         row.epochs = parse_epochs(&log);
+        row.unprotected = log.matches("UNPROTECTED").count();
         row.seconds = seconds;
         rows.push(row);
     }
@@ -302,6 +386,8 @@ pub fn run(policies: &[replication::PolicySpec], failovers: usize, failover_only
                     "median_pause_ms": median(&r.epochs.pause_ms), "median_dirty_pages": median(&r.epochs.pages),
                     "median_ack_ms": median(&r.epochs.ack_ms), "median_output_delay_ms": median(&r.epochs.delay_ms),
                     "taken_over_during": r.spoiled, "suspicions": r.suspicions,
+                    "compute_estimated": r.compute_estimated, "backup_lost": r.unprotected, "compare_epochs": r.epochs.compare, "tracking_switches": r.epochs.switches,
+                    "bytes_sent": r.epochs.bytes, "wire_bytes": r.epochs.wire_bytes, "compressed_checkpoints": r.epochs.compressed, "cpu_primary_s": r.cpu_primary, "cpu_backup_s": r.cpu_backup, "find_ms_total": r.epochs.find_ms,
                 })
             })
             .collect();
@@ -354,6 +440,46 @@ pub fn run(policies: &[replication::PolicySpec], failovers: usize, failover_only
             median(&r.epochs.pause_ms),
         );
     }
+    println!(
+        "\nAccounting (tracking {}, compression {}{}): share of epochs tracked by comparing memory, switches, time finding dirty pages, checkpoint page bytes, their bytes on the wire, share of checkpoints compressed, CPU time of the primary's and the backup's processes (all four workloads; the unprotected primary's is the guests' own)",
+        bed.tracking,
+        bed.compression,
+        opts.link_mbit.map(|m| format!(", replication link {m} Mbit/s")).unwrap_or_default()
+    );
+    println!(
+        "{:<14} {:>8} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10} {:>12} {:>11}",
+        "policy", "epochs", "compare", "switches", "find ms", "page MB", "wire MB", "compressed", "CPU primary", "CPU backup"
+    );
+    for r in &rows {
+        let share = if r.epochs.n > 0 { format!("{:.0} %", 100.0 * r.epochs.compare as f64 / r.epochs.n as f64) } else { "–".into() };
+        let zshare = if r.epochs.n > 0 { format!("{:.0} %", 100.0 * r.epochs.compressed as f64 / r.epochs.n as f64) } else { "–".into() };
+        println!(
+            "{:<14} {:>8} {:>9} {:>9} {:>10.0} {:>10.0} {:>10.0} {:>10} {:>10.1} s {:>9.1} s",
+            r.policy,
+            r.epochs.n,
+            share,
+            r.epochs.switches,
+            r.epochs.find_ms,
+            r.epochs.bytes / 1e6,
+            r.epochs.wire_bytes / 1e6,
+            zshare,
+            r.cpu_primary,
+            r.cpu_backup
+        );
+    }
+    for r in rows.iter().filter(|r| r.compute_estimated) {
+        println!(
+            "  {}: compute did not finish within {:?}; its time is estimated from the passes it reported",
+            r.policy, opts.compute_limit
+        );
+    }
+    println!("  host load at the end: {:.1}", load_average());
+    for r in rows.iter().filter(|r| r.unprotected > 0) {
+        println!(
+            "  {}: the primary lost its backup {} times (unprotected until a new one synchronised: figures of those stretches are not the policy's)",
+            r.policy, r.unprotected
+        );
+    }
     for r in rows.iter().filter(|r| !r.spoiled.is_empty() || r.suspicions > 0) {
         let spoiled = if r.spoiled.is_empty() {
             String::new()
@@ -368,7 +494,8 @@ pub fn run(policies: &[replication::PolicySpec], failovers: usize, failover_only
         );
     }
     let all: Vec<&Epochs> = rows.iter().skip(1).map(|r| &r.epochs).collect();
-    let bytes: f64 = all.iter().map(|e| e.bytes).sum();
+    let bytes: f64 = all.iter().map(|e| e.wire_bytes).sum();
+    let page_bytes: f64 = all.iter().map(|e| e.bytes).sum();
     let transfer: f64 = all.iter().map(|e| e.transfer_ms).sum();
     println!("\nCheckpoint pause against dirty pages (the counter guest dirties a chosen number of pages; median of 7)");
     println!("{:>12} {:>12} {:>12} {:>12} {:>12}", "dirty pages", "pause ms", "copy ms", "GB/s copy", "call ms");
@@ -377,9 +504,11 @@ pub fn run(policies: &[replication::PolicySpec], failovers: usize, failover_only
         println!("{pages:>12.0} {pause:>12.3} {copy:>12.3} {rate:>12.2} {call:>12.3}");
     }
     println!(
-        "\nCheckpoint throughput to the backup: {:.0} MB in {:.0} ms of sending = {:.0} MB/s (all protected runs)",
+        "\nCheckpoint throughput to the backup: {:.0} MB of pages ({:.0} MB on the wire) in {:.0} ms of sending = {:.0} MB/s of pages, {:.0} MB/s on the wire (all protected runs)",
+        page_bytes / 1e6,
         bytes / 1e6,
         transfer,
+        if transfer > 0.0 { page_bytes / 1e6 / (transfer / 1e3) } else { 0.0 },
         if transfer > 0.0 { bytes / 1e6 / (transfer / 1e3) } else { 0.0 }
     );
     for (runs, client) in [(&failover, "a default Linux client"), (&failover_fast_client, "a client with rto_min 10ms on its route")] {

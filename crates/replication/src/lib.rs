@@ -5,13 +5,15 @@
 //!   time passed in), tested deterministically through delays, losses, reordering and crashes;
 //! - [`wire`]: the checksummed frames on the TCP connection;
 //! - [`policy`]: when to checkpoint (`fixed:T`, `floating`, `network`, `adaptive`);
-//! - [`lease`]: fencing — the arbiter's lease table and its line protocol.
+//! - [`lease`]: fencing — the arbiter's lease table and its line protocol;
+//! - [`compress`]: when to compress a checkpoint's pages on the wire.
 //!
 //! It does no I/O and does not own the VM: the drivers in the `agent` crate perform the
 //! actions with the `vmm` crate (pause, dirty pages, held output, replica), sockets and
 //! threads, and serve the arbiter.
 
 pub mod backup;
+pub mod compress;
 pub mod lease;
 pub mod policy;
 pub mod primary;
@@ -31,6 +33,9 @@ pub enum Error {
     /// A lease request or answer that does not parse.
     #[error("{0}")]
     Lease(String),
+    /// A compression setting that does not parse.
+    #[error("{0}")]
+    Compression(String),
 }
 
 /// Timing of heartbeats, failure detection and the lease, shared by both sides (ns).

@@ -11,7 +11,11 @@
 //! - no acknowledged output lost: at a takeover, the replica's state is at least the state
 //!   behind every output any client has seen;
 //! - the backup applies only whole checkpoints, in order: after each commit its memory equals
-//!   the primary's memory at that checkpoint, byte for byte;
+//!   the primary's memory at that checkpoint, byte for byte — with the model VM's dirty pages
+//!   found by the VMM's own tracker (`vmm::tracking::DirtyTracker`) over a model dirty log
+//!   (with manual protection, as KVM here), its mode switched at random among the dirty log,
+//!   comparing against the last checkpoint and the hybrid of both, some writes made by the "VMM" (unseen by the log) and some returning a page to
+//!   an earlier content;
 //! - and, without faults, output flows and a crashed primary is replaced within the timeout
 //!   plus the lease.
 
@@ -22,6 +26,7 @@ use replication::primary::{self, Primary};
 use replication::wire::{Msg, PAGE};
 use replication::Timing;
 use std::collections::{BTreeMap, HashSet};
+use vmm::tracking::{DirtyLog, DirtyTracker, TrackingMode};
 
 const MS: u64 = 1_000_000;
 const CELLS: usize = 8;
@@ -92,10 +97,54 @@ impl Rng {
     }
 }
 
+/// The model VM's dirty log: the cells the guest wrote while logging is on.
+#[derive(Clone, Debug, Default)]
+struct ModelLog {
+    on: bool,
+    bits: u64,
+}
+
+/// With manual protection, as this project's KVM has: a collection leaves the bits set (the
+/// pages writable) until they are cleared.
+impl DirtyLog for ModelLog {
+    fn get(&mut self) -> Result<Vec<u64>, String> {
+        if !self.on {
+            return Err("the model's dirty log is off".into());
+        }
+        Ok(vec![self.bits])
+    }
+    fn manual(&self) -> bool {
+        true
+    }
+    fn clear(&mut self, bits: &[u64]) -> Result<(), String> {
+        self.bits &= !bits.first().copied().unwrap_or(0);
+        Ok(())
+    }
+    fn set_enabled(&mut self, on: bool) -> Result<(), String> {
+        self.on = on;
+        self.bits = 0;
+        Ok(())
+    }
+}
+
 /// The model VM: memory cells (one per page), output held by epoch.
-#[derive(Clone, Debug)]
 struct ModelVm {
     mem: [u64; CELLS],
+    /// The cells as guest memory (each page holds its cell's value in its first 8 bytes), for
+    /// the tracker's comparisons.
+    bytes: Vec<u8>,
+    /// Each cell's value before its last write (a write may put it back).
+    prev: [u64; CELLS],
+    log: ModelLog,
+    /// Cells the "VMM" wrote (as received frames are), which the dirty log does not see.
+    vmm_written: u64,
+    /// The VMM's tracker while protected.
+    tracker: Option<DirtyTracker>,
+    /// Epochs closed in compare mode, and switches of mode.
+    compare_epochs: u64,
+    switches: u64,
+    hybrid_epochs: u64,
+    hot_max: u64,
     disk: [u64; DISK],
     state: u64,
     dirty: HashSet<usize>,
@@ -109,14 +158,82 @@ struct ModelVm {
 
 impl ModelVm {
     fn new(mem: [u64; CELLS], disk: [u64; DISK], state: u64) -> ModelVm {
-        ModelVm { mem, disk, state, dirty: HashSet::new(), holding: false, tracking: false, open: vec![], sealed: vec![], epoch: 0 }
+        let mut bytes = vec![0u8; CELLS * PAGE];
+        for (c, v) in mem.iter().enumerate() {
+            bytes[c * PAGE..c * PAGE + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        ModelVm {
+            mem,
+            bytes,
+            prev: mem,
+            log: ModelLog::default(),
+            vmm_written: 0,
+            tracker: None,
+            compare_epochs: 0,
+            switches: 0,
+            hybrid_epochs: 0,
+            hot_max: 0,
+            disk,
+            state,
+            dirty: HashSet::new(),
+            holding: false,
+            tracking: false,
+            open: vec![],
+            sealed: vec![],
+            epoch: 0,
+        }
+    }
+
+    /// Starts tracking from a clean slate (protection: the dirty log on, a new tracker).
+    fn start_tracking(&mut self) {
+        self.tracking = true;
+        self.dirty.clear();
+        self.vmm_written = 0;
+        self.log.set_enabled(true).expect("model log");
+        let mut t = DirtyTracker::new(CELLS as u64, None);
+        t.set_warm_pages(2, CELLS as u64);
+        self.tracker = Some(t);
+    }
+
+    fn stop_tracking(&mut self) {
+        self.tracking = false;
+        self.tracker = None;
+        self.log.on = false;
+    }
+
+    /// The dirty cells of the epoch a checkpoint closes, found by the tracker, which then
+    /// tracks the next epoch in mode `next`.
+    fn checkpoint_dirty(&mut self, next: TrackingMode) -> Vec<usize> {
+        let truth: Vec<usize> = self.dirty.drain().collect();
+        let Some(t) = self.tracker.as_mut() else { return truth };
+        let vmm = [std::mem::take(&mut self.vmm_written)];
+        let closed = t.close_epoch(&self.bytes, &vmm, &mut self.log, |_| next).expect("tracker");
+        self.compare_epochs += (closed.mode == Some(TrackingMode::Compare)) as u64;
+        self.hybrid_epochs += (closed.mode == Some(TrackingMode::Hybrid)) as u64;
+        self.hot_max = self.hot_max.max(t.hot_pages());
+        self.switches += (closed.mode != closed.next) as u64;
+        closed.pages.iter().map(|&p| p as usize).collect()
+    }
+
+    fn write_cell(&mut self, cell: usize, v: u64, by_vmm: bool) {
+        self.prev[cell] = self.mem[cell];
+        self.mem[cell] = v;
+        self.bytes[cell * PAGE..cell * PAGE + 8].copy_from_slice(&v.to_le_bytes());
+        if by_vmm {
+            self.vmm_written |= 1 << cell;
+        } else if self.log.on {
+            self.log.bits |= 1 << cell;
+        }
     }
     /// One step of guest work: a memory write, maybe a disk write (returned as its block),
     /// maybe network output (returned as the state it shows).
     fn work(&mut self, rng: &mut Rng) -> (Option<usize>, Option<u64>) {
         self.state += 1;
         let cell = (self.state as usize * 7) % CELLS;
-        self.mem[cell] = self.state;
+        // Mostly a new value; sometimes the value before (a page back to an earlier content);
+        // sometimes written by the VMM.
+        let v = if rng.chance(0.15) { self.prev[cell] } else { self.state };
+        self.write_cell(cell, v, rng.chance(0.1));
         self.dirty.insert(cell);
         let disk = rng.chance(0.1).then(|| {
             let b = self.state as usize % DISK;
@@ -174,6 +291,9 @@ enum Wire {
 struct World {
     now: u64,
     rng: Rng,
+    /// Chooses each epoch's tracking mode (apart from `rng`, so the runs' other choices stay
+    /// as they were).
+    track_rng: Rng,
     faults: Faults,
     timing: Timing,
     arbiter: Table,
@@ -210,6 +330,7 @@ impl World {
         World {
             now: 0,
             rng: Rng(seed | 1),
+            track_rng: Rng((seed ^ 0x7ac4_1e55_d1e7_0001) | 1),
             faults,
             timing,
             arbiter: Table::default(),
@@ -304,14 +425,9 @@ impl World {
                 primary::Action::Hold => {
                     let vm = &mut self.primaries[i].vm;
                     vm.holding = true;
-                    vm.tracking = true;
-                    vm.dirty.clear();
+                    vm.start_tracking();
                 }
-                primary::Action::Track => {
-                    let vm = &mut self.primaries[i].vm;
-                    vm.tracking = true;
-                    vm.dirty.clear();
-                }
+                primary::Action::Track => self.primaries[i].vm.start_tracking(),
                 primary::Action::HoldOutput => self.primaries[i].vm.holding = true,
                 primary::Action::StartSync { session } => {
                     self.send(Wire::ToBackup(Msg::Hello {
@@ -332,13 +448,14 @@ impl World {
                     p.sync_session = Some(session);
                 }
                 primary::Action::Checkpoint => {
+                    let next = [TrackingMode::Log, TrackingMode::Compare, TrackingMode::Hybrid][self.track_rng.below(3) as usize];
                     let p = &mut self.primaries[i];
                     p.vm.epoch += 1;
                     let epoch = p.vm.epoch;
                     let open = std::mem::take(&mut p.vm.open);
                     let frames = open.len() as u64;
                     p.vm.sealed.push((epoch, open));
-                    let mut dirty: Vec<usize> = p.vm.dirty.drain().collect();
+                    let mut dirty = p.vm.checkpoint_dirty(next);
                     dirty.sort();
                     p.at_checkpoint.insert(epoch, (p.vm.mem, p.vm.disk, p.vm.state));
                     let disk_writes = p.disk_sent.remove(&epoch).unwrap_or(0);
@@ -380,7 +497,7 @@ impl World {
                 primary::Action::Unhold => {
                     let vm = &mut self.primaries[i].vm;
                     vm.holding = false;
-                    vm.tracking = false;
+                    vm.stop_tracking();
                     let mut out: Vec<u64> = vm.sealed.drain(..).flat_map(|(_, f)| f).collect();
                     out.append(&mut vm.open);
                     self.emit(&name, out);
@@ -789,6 +906,9 @@ fn without_faults_output_flows_and_the_vm_stays_protected() {
     assert!(w.outputs_seen > 100, "only {} outputs released", w.outputs_seen);
     assert!(p.vm.state - w.seen < 200, "output lags: state {} seen {}", p.vm.state, w.seen);
     assert!(w.takeovers.is_empty());
+    // The tracker really switched between its modes along the way.
+    assert!(p.vm.compare_epochs > 5 && p.vm.switches > 5, "{} compare epochs, {} switches", p.vm.compare_epochs, p.vm.switches);
+    assert!(p.vm.hybrid_epochs > 5 && p.vm.hot_max > 0, "{} hybrid epochs, at most {} hot pages", p.vm.hybrid_epochs, p.vm.hot_max);
 }
 
 #[test]

@@ -53,6 +53,15 @@ pub struct ProtectArgs {
     /// Print a line of statistics per checkpoint on stderr.
     #[arg(long)]
     pub stats: bool,
+    /// How checkpoints find dirty pages: auto (per epoch, the cheaper as measured on this
+    /// host), log (KVM's dirty log), compare (against the last checkpoint's copy) or hybrid
+    /// (log for cold pages, compare for hot ones).
+    #[arg(long, default_value = "auto")]
+    pub tracking: vmm::TrackingChoice,
+    /// Whether checkpoint pages travel compressed (LZ4): auto (per checkpoint, when the link
+    /// is the bottleneck, as measured), on or off.
+    #[arg(long, default_value = "auto")]
+    pub compression: replication::compress::Compression,
     /// Serve Prometheus metrics (GET /metrics) and the policy switch (POST /policy) here.
     #[arg(long, value_name = "HOST:PORT")]
     pub control: Option<String>,

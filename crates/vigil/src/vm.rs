@@ -216,6 +216,8 @@ fn run_spec(a: &RunArgs) -> Result<VmSpec> {
     spec.disk = a.disk.clone();
     spec.api = a.api.clone();
     spec.dirty_log = a.dirty_log;
+    spec.tracking = a.protect.tracking;
+    spec.compression = a.protect.compression;
     spec.domain = a.domain.spec();
     spec.net = a.tap.clone().map(|tap| NetSpec { tap, ip: a.ip, gateway: a.gateway, mac: a.mac, bridge: None });
     if a.tap.is_none() && (a.ip.is_some() || a.gateway.is_some() || a.mac.is_some()) {

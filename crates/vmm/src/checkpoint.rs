@@ -17,10 +17,11 @@
 //! write of epoch `k` already in the channel). Epoch numbers never repeat within a VM, also
 //! across unprotect/protect.
 
-use crate::machine::{pages_of, Vm, VmConfig};
+use crate::machine::{Vm, VmConfig};
 use crate::memory::GuestMem;
 use crate::mirror::MirrorSender;
 use crate::snapshot::{RestoreOverrides, VcpuState};
+use crate::tracking::{Chooser, DirtyTracker, Observation, TrackingChoice, TrackingMode};
 use crate::{Error, Result};
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -74,6 +75,18 @@ pub struct Checkpoint {
     /// backup missed disk writes, so the driver must drop it (unprotect) and synchronise a
     /// backup anew. The checkpoint itself is sound.
     pub disk_mirror_lost: Option<String>,
+    /// How this epoch's dirty pages were found ([`crate::tracking`]).
+    pub tracking: Option<TrackingMode>,
+    /// How the next epoch's will be (differs from `tracking` after a switch).
+    pub next_tracking: Option<TrackingMode>,
+    /// Of `pause_ns`, the time spent finding the dirty pages (collecting KVM's log, or
+    /// comparing memory against the shadow).
+    pub find_ns: u64,
+    /// Of `pause_ns`, the time a switch of tracking took (bringing the shadow up to date,
+    /// turning logging on or off).
+    pub switch_ns: u64,
+    /// Hybrid mode: the hot pages (writable, compared) after this checkpoint.
+    pub hot_pages: u64,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -89,6 +102,11 @@ impl std::fmt::Debug for Checkpoint {
             .field("pause_ns", &self.pause_ns)
             .field("copy_ns", &self.copy_ns)
             .field("disk_mirror_lost", &self.disk_mirror_lost)
+            .field("tracking", &self.tracking)
+            .field("next_tracking", &self.next_tracking)
+            .field("find_ns", &self.find_ns)
+            .field("switch_ns", &self.switch_ns)
+            .field("hot_pages", &self.hot_pages)
             .finish()
     }
 }
@@ -97,6 +115,10 @@ impl std::fmt::Debug for Checkpoint {
 pub(crate) struct Protection {
     /// The open epoch.
     epoch: u64,
+    /// Finds each epoch's dirty pages.
+    tracker: DirtyTracker,
+    /// Chooses each epoch's tracking mode.
+    chooser: Chooser,
 }
 
 impl Vm {
@@ -125,7 +147,13 @@ impl Vm {
         if let Some(block) = self.block.as_mut() {
             block.set_mirror(mirror, epoch);
         }
-        self.protection = Some(Protection { epoch });
+        if self.config.tracking == TrackingChoice::Auto {
+            // Starts the host's calibration in the background (log mode until it is known).
+            let _ = crate::tracking::host_calibration();
+        }
+        let tracker = DirtyTracker::new(self.mem.pages(), self.spare_shadow.take());
+        let chooser = Chooser::new(self.config.tracking, self.manual_protect());
+        self.protection = Some(Protection { epoch, tracker, chooser });
         Ok(())
     }
 
@@ -148,6 +176,7 @@ impl Vm {
         let Some(p) = self.protection.take() else {
             return Err(Error::Config("the VM is not protected".into()));
         };
+        self.spare_shadow = Some(p.tracker.into_shadow());
         self.next_epoch = p.epoch + 1;
         if let Some(tap) = self.tap.as_mut() {
             tap.unhold();
@@ -156,6 +185,18 @@ impl Vm {
             block.set_mirror(None, 0);
         }
         self.set_dirty_logging(false)
+    }
+
+    /// Chooses how dirty pages are found: from the next checkpoint's epoch on while protected
+    /// (the checkpoint closing the open epoch switches), else from the next protection on.
+    pub fn set_tracking(&mut self, choice: TrackingChoice) {
+        self.config.tracking = choice;
+        if let Some(p) = self.protection.as_mut() {
+            p.chooser.set_choice(choice);
+        }
+        if choice == TrackingChoice::Auto {
+            let _ = crate::tracking::host_calibration();
+        }
     }
 
     /// The open epoch while protected.
@@ -187,8 +228,32 @@ impl Vm {
 
     fn capture(&mut self, epoch: u64, mut data: Vec<u8>) -> Result<Checkpoint> {
         let fail = |e: Error| Error::Checkpoint { epoch, reason: e.to_string() };
-        let bits = self.dirty_bitmap_get_and_clear().map_err(fail)?;
-        let pages = pages_of(&bits);
+        let vmm_written = self.mem.take_vmm_dirty();
+        let calibration = match self.config.tracking {
+            TrackingChoice::Auto => crate::tracking::host_calibration(),
+            TrackingChoice::Fixed(_) => None,
+        };
+        let total = self.mem.pages();
+        let (mut log, mem, protection) = self.tracking_parts();
+        let Some(Protection { tracker, chooser, .. }) = protection else {
+            return Err(Error::Checkpoint { epoch, reason: "the VM is not protected".into() });
+        };
+        let mem = mem.as_slice().map_err(fail)?;
+        if let Some(cal) = calibration.as_ref() {
+            // Keep a page hot while a comparison per epoch is cheaper than the fault it would
+            // take when written again.
+            tracker.set_demote_after((cal.fault_ns / cal.compare_ns_per_page.max(1.0)).clamp(2.0, 64.0) as u8);
+        }
+        let hot = tracker.hot_pages();
+        let closed = tracker
+            .close_epoch(mem, &vmm_written, &mut log, |c| {
+                let mode = c.mode.unwrap_or(TrackingMode::Log);
+                let o = Observation { mode, dirty: c.pages.len() as u64, pages: total, find_ns: c.find_ns, hot };
+                chooser.next(&o, calibration.as_ref())
+            })
+            .map_err(|reason| Error::Checkpoint { epoch, reason: format!("dirty tracking: {reason}") })?;
+        let pages = closed.pages;
+        let tracker_hot = tracker.hot_pages();
         let copy_start = Instant::now();
         data.clear();
         reserve_staging(&mut data, pages.len() * PAGE);
@@ -213,7 +278,24 @@ impl Vm {
             p.epoch = epoch + 1;
         }
         let disk_mirror_lost = self.block.as_ref().and_then(|b| b.mirror_lost()).map(str::to_owned);
-        Ok(Checkpoint { epoch, pages, data, vcpu, guest_ns, output_frames, output_bytes, output, pause_ns: 0, copy_ns, disk_mirror_lost })
+        Ok(Checkpoint {
+            epoch,
+            pages,
+            data,
+            vcpu,
+            guest_ns,
+            output_frames,
+            output_bytes,
+            output,
+            pause_ns: 0,
+            copy_ns,
+            disk_mirror_lost,
+            tracking: closed.mode,
+            next_tracking: closed.next,
+            find_ns: closed.find_ns,
+            switch_ns: closed.switch_ns,
+            hot_pages: tracker_hot,
+        })
     }
 
     /// Sends network frames encoded as [`Checkpoint::output`] holds them on this VM's tap at
@@ -387,43 +469,58 @@ impl Replica {
     /// length; the vCPU blob parses), and only then writes pages, vCPU, clock and epoch. A
     /// refused checkpoint leaves the replica as it was.
     pub fn apply(&mut self, c: &Checkpoint) -> Result<()> {
-        self.validate(c).map_err(|reason| Error::Checkpoint { epoch: c.epoch, reason })?;
+        self.apply_parts(c.epoch, &[(&c.pages, &c.data)], &c.vcpu, c.guest_ns)
+    }
+
+    /// As [`Replica::apply`], for a checkpoint received as several parts (page numbers and
+    /// their data, in order, as the frames brought them): each page is copied once, from the
+    /// buffer it was received into to its place in the replica.
+    pub fn apply_parts<P: AsRef<[u64]>, D: AsRef<[u8]>>(&mut self, epoch: u64, parts: &[(P, D)], vcpu: &[u8], guest_ns: u64) -> Result<()> {
+        self.validate(epoch, parts, vcpu).map_err(|reason| Error::Checkpoint { epoch, reason })?;
         let mem = self.mem.as_mut_slice()?;
-        let mut src = 0;
-        for (first, count) in runs(&c.pages) {
-            let (at, len) = (first as usize * PAGE, count as usize * PAGE);
-            mem[at..at + len].copy_from_slice(&c.data[src..src + len]);
-            src += len;
+        for (pages, data) in parts {
+            let (pages, data) = (pages.as_ref(), data.as_ref());
+            let mut src = 0;
+            for (first, count) in runs(pages) {
+                let (at, len) = (first as usize * PAGE, count as usize * PAGE);
+                mem[at..at + len].copy_from_slice(&data[src..src + len]);
+                src += len;
+            }
         }
-        self.vcpu = Some(c.vcpu.clone());
-        self.guest_ns = c.guest_ns;
-        self.epoch = c.epoch;
+        self.vcpu = Some(vcpu.to_vec());
+        self.guest_ns = guest_ns;
+        self.epoch = epoch;
         Ok(())
     }
 
-    fn validate(&self, c: &Checkpoint) -> Result<(), String> {
-        if c.epoch == 0 {
+    fn validate<P: AsRef<[u64]>, D: AsRef<[u8]>>(&self, epoch: u64, parts: &[(P, D)], vcpu: &[u8]) -> Result<(), String> {
+        if epoch == 0 {
             return Err("epoch 0 (epochs start at 1)".into());
         }
-        if self.epoch != 0 && c.epoch != self.epoch + 1 {
+        if self.epoch != 0 && epoch != self.epoch + 1 {
             return Err(format!("does not follow the last applied epoch {}", self.epoch));
         }
         let pages = self.mem.pages();
         let mut prev = None;
-        for (i, &p) in c.pages.iter().enumerate() {
-            if p >= pages {
-                return Err(format!("page {p} (entry {i}) is outside guest memory ({pages} pages)"));
+        let mut i = 0usize;
+        for (list, data) in parts {
+            let (list, data) = (list.as_ref(), data.as_ref());
+            for &p in list {
+                if p >= pages {
+                    return Err(format!("page {p} (entry {i}) is outside guest memory ({pages} pages)"));
+                }
+                if prev.is_some_and(|q| p <= q) {
+                    return Err(format!("page {p} (entry {i}) is not above the one before it"));
+                }
+                prev = Some(p);
+                i += 1;
             }
-            if prev.is_some_and(|q| p <= q) {
-                return Err(format!("page {p} (entry {i}) is not above the one before it"));
+            let want = list.len().checked_mul(PAGE).ok_or("too many pages")?;
+            if data.len() != want {
+                return Err(format!("{} bytes of page data for {} pages (expected {want})", data.len(), list.len()));
             }
-            prev = Some(p);
         }
-        let want = c.pages.len().checked_mul(PAGE).ok_or("too many pages")?;
-        if c.data.len() != want {
-            return Err(format!("{} bytes of page data for {} pages (expected {want})", c.data.len(), c.pages.len()));
-        }
-        VcpuState::parse(&c.vcpu).map_err(|e| format!("vCPU state: {e}"))?;
+        VcpuState::parse(vcpu).map_err(|e| format!("vCPU state: {e}"))?;
         Ok(())
     }
 }

@@ -55,6 +55,9 @@ pub enum Command {
     /// several times faster). In-process only.
     #[serde(skip)]
     Checkpoint { buffer: Option<Vec<u8>> },
+    /// How dirty pages are found (`{"cmd":"tracking","choice":"auto"|"log"|"compare"}`), from
+    /// the next checkpoint's epoch on if protected, else from the next protection on.
+    Tracking { choice: crate::tracking::TrackingChoice },
     /// A view of all of guest memory for another thread (the reply's `memory_view`).
     /// In-process only.
     #[serde(skip)]

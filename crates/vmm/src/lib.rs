@@ -4,7 +4,8 @@
 //! IOPL 3 on identity-mapped pages (the design for this project's nested-PVM hosts, see
 //! DESIGN §3), loading a static ELF unikernel image, the boot information page, the
 //! paravirtual devices behind the ports of `vmm-abi` (console, clock, exit, idle, block, network
-//! over a tap device), pause/resume, snapshot and restore, dirty-page tracking, the primitives of
+//! over a tap device), pause/resume, snapshot and restore, dirty-page tracking (KVM's log or
+//! comparing against the last checkpoint, chosen per epoch: [`tracking`]), the primitives of
 //! checkpoint replication (protection, checkpoints, replicas, takeover: [`checkpoint`]), and the
 //! control API over a Unix socket. It does not own the replication protocol (the `replication`
 //! crate drives these primitives), scheduling reservations, or the guests themselves.
@@ -24,6 +25,7 @@ pub mod memory;
 pub mod mirror;
 pub mod sched;
 pub mod snapshot;
+pub mod tracking;
 
 pub use checkpoint::{Checkpoint, DiskWrite, Replica};
 pub use control::{channel_pair, Command, Controller, Inbox, Reply};
@@ -31,6 +33,7 @@ pub use error::{Error, Result};
 pub use machine::{pages_of, NetConfig, Status, Stop, Vm, VmConfig};
 pub use memory::MemoryView;
 pub use mirror::{mirror_channel, MirrorReceiver, MirrorSender};
+pub use tracking::{TrackingChoice, TrackingMode};
 
 /// Whether this host has KVM (tests skip only when it does not).
 pub fn kvm_available() -> bool {

@@ -31,6 +31,9 @@ pub struct VmConfig {
     pub args: Vec<String>,
     /// Start with KVM dirty logging on.
     pub dirty_log: bool,
+    /// How a protected VM's checkpoints find dirty pages (see [`crate::tracking`]).
+    #[serde(default)]
+    pub tracking: crate::tracking::TrackingChoice,
 }
 
 /// Network configuration handed to the guest in the boot page.
@@ -51,7 +54,16 @@ impl Default for NetConfig {
 impl VmConfig {
     /// A configuration with defaults for everything but the image and memory.
     pub fn new(image: impl Into<PathBuf>, mem_mib: u64) -> Self {
-        VmConfig { mem_mib, image: image.into(), disk: None, tap: None, net: NetConfig::default(), args: vec![], dirty_log: false }
+        VmConfig {
+            mem_mib,
+            image: image.into(),
+            disk: None,
+            tap: None,
+            net: NetConfig::default(),
+            args: vec![],
+            dirty_log: false,
+            tracking: Default::default(),
+        }
     }
 }
 
@@ -132,6 +144,82 @@ impl VcpuSched {
     }
 }
 
+/// Sets guest memory as KVM's memory slot 0, with or without dirty logging (turning logging on
+/// starts a clean log).
+fn memory_slot(vm: &VmFd, mem: &GuestMem, log_dirty: bool) -> Result<()> {
+    slot_region(vm, mem.size(), mem.host_base()? as u64, log_dirty)
+}
+
+fn slot_region(vm: &VmFd, size: u64, host_base: u64, log_dirty: bool) -> Result<()> {
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+        guest_phys_addr: 0,
+        memory_size: size,
+        userspace_addr: host_base,
+    };
+    // SAFETY: the region describes the VM's own guest memory mapping, which lives as long as
+    // the VM (the `Vm` owns both and drops the VM fd first: fields drop in declaration order).
+    unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
+}
+
+const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: u64 = 168;
+/// `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`.
+const KVM_CLEAR_DIRTY_LOG: u64 = 0xC018_AEC0;
+
+/// Clears the dirty bits `bits` (one per page of slot 0, `pages` pages) and write-protects
+/// those pages again (manual dirty-log protection).
+fn clear_dirty_log(vm: &VmFd, pages: u64, bits: &[u64]) -> std::result::Result<(), String> {
+    if (bits.len() as u64) < pages.div_ceil(64) {
+        return Err(format!("a dirty bitmap of {} words for {pages} pages", bits.len()));
+    }
+    let mut arg = kvm_bindings::kvm_clear_dirty_log { slot: 0, num_pages: pages as u32, first_page: 0, ..Default::default() };
+    arg.__bindgen_anon_1.dirty_bitmap = bits.as_ptr() as *mut libc::c_void;
+    // SAFETY: KVM reads `pages` bits from the bitmap, which holds at least that many (checked
+    // above) and outlives the call; the VM fd is ours.
+    let r = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(vm), KVM_CLEAR_DIRTY_LOG as _, &arg) };
+    if r < 0 {
+        return Err(format!("KVM_CLEAR_DIRTY_LOG: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// KVM's dirty log of a VM's memory, as [`crate::tracking::DirtyLog`] sees it.
+pub(crate) struct KvmLog<'a> {
+    vm: &'a VmFd,
+    mem_size: u64,
+    host_base: Result<u64>,
+    logging: &'a mut bool,
+    manual: bool,
+}
+
+impl crate::tracking::DirtyLog for KvmLog<'_> {
+    fn get(&mut self) -> std::result::Result<Vec<u64>, String> {
+        if !*self.logging {
+            return Err("dirty logging is off".into());
+        }
+        self.vm.get_dirty_log(0, self.mem_size as usize).map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"))
+    }
+
+    fn manual(&self) -> bool {
+        self.manual
+    }
+
+    fn clear(&mut self, bits: &[u64]) -> std::result::Result<(), String> {
+        if self.manual {
+            clear_dirty_log(self.vm, self.mem_size / vmm_abi::PAGE_SIZE, bits)?;
+        }
+        Ok(())
+    }
+
+    fn set_enabled(&mut self, on: bool) -> std::result::Result<(), String> {
+        let base = self.host_base.as_ref().map_err(|e| e.to_string())?;
+        slot_region(self.vm, self.mem_size, *base, on).map_err(|e| e.to_string())?;
+        *self.logging = on;
+        Ok(())
+    }
+}
+
 /// A virtual machine with one vCPU.
 pub struct Vm {
     _kvm: Kvm,
@@ -144,6 +232,9 @@ pub struct Vm {
     pub(crate) tap: Option<Tap>,
     console: crate::devices::console::Console,
     pub(crate) dirty_logging: bool,
+    /// KVM's manual dirty-log protection is on: a collection must say which pages to
+    /// write-protect again ([`clear_dirty_log`]).
+    manual_protect: bool,
     paused: bool,
     /// KVM_RUN left an exit whose completion needs one more KVM_RUN (see `settle`).
     unsettled: bool,
@@ -152,6 +243,8 @@ pub struct Vm {
     pub(crate) protection: Option<crate::checkpoint::Protection>,
     /// The number the next protection epoch gets (epochs are never reused by a VM).
     pub(crate) next_epoch: u64,
+    /// The dirty tracker's shadow buffer of an ended protection, for the next one.
+    pub(crate) spare_shadow: Option<Vec<u8>>,
     /// The port exit being handled must be issued again by the guest (a block request
     /// waiting for room in the disk mirror): its request block address.
     retry_block: Option<u64>,
@@ -217,6 +310,13 @@ impl Vm {
         }
         let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        // Manual dirty-log protection: collecting the log does not write-protect the pages
+        // again, the VMM says which to (so hot pages can stay writable: `tracking::Hot`).
+        let manual_protect = vm.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) & 1 != 0 && {
+            let cap =
+                kvm_bindings::kvm_enable_cap { cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 as u32, args: [1, 0, 0, 0], ..Default::default() };
+            vm.enable_cap(&cap).is_ok()
+        };
         let mem = match mem {
             Some(m) if m.size() != mem_bytes => {
                 return Err(Error::Config(format!("memory of {} bytes for a VM configured with {mem_bytes}", m.size())))
@@ -244,11 +344,13 @@ impl Vm {
             tap,
             console: crate::devices::console::Console::new(console),
             dirty_logging: false,
+            manual_protect,
             paused: false,
             unsettled: false,
             exits: 0,
             protection: None,
             next_epoch: 1,
+            spare_shadow: None,
             retry_block: None,
             trace_read: None,
         };
@@ -257,18 +359,25 @@ impl Vm {
     }
 
     fn set_memory_slot(&mut self, log_dirty: bool) -> Result<()> {
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
-            guest_phys_addr: 0,
-            memory_size: self.mem.size(),
-            userspace_addr: self.mem.host_base()? as u64,
-        };
-        // SAFETY: the region describes our own mapping, which lives as long as the VM (the
-        // `Vm` owns both and drops the VM fd first: fields drop in declaration order).
-        unsafe { self.vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        memory_slot(&self.vm, &self.mem, log_dirty)?;
         self.dirty_logging = log_dirty;
         Ok(())
+    }
+
+    /// The parts a checkpoint's dirty tracking works on at once: the tracker's KVM log, guest
+    /// memory, and the protection state.
+    pub(crate) fn tracking_parts(&mut self) -> (KvmLog<'_>, &GuestMem, Option<&mut crate::checkpoint::Protection>) {
+        (
+            KvmLog {
+                vm: &self.vm,
+                mem_size: self.mem.size(),
+                host_base: self.mem.host_base().map(|b| b as u64),
+                logging: &mut self.dirty_logging,
+                manual: self.manual_protect,
+            },
+            &self.mem,
+            self.protection.as_mut(),
+        )
     }
 
     fn write_boot_info(&mut self, image_end: u64, stack_top: u64) -> Result<()> {
@@ -307,6 +416,11 @@ impl Vm {
         Ok(())
     }
 
+    /// Whether KVM's manual dirty-log protection is on (hybrid tracking possible).
+    pub fn manual_protect(&self) -> bool {
+        self.manual_protect
+    }
+
     /// The current state.
     pub fn status(&self) -> Status {
         Status {
@@ -341,6 +455,9 @@ impl Vm {
             return Err(Error::Config("dirty logging is off (start it first)".into()));
         }
         let mut bits = self.vm.get_dirty_log(0, self.mem.size() as usize).map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+        if self.manual_protect {
+            clear_dirty_log(&self.vm, self.mem.pages(), &bits).map_err(Error::Config)?;
+        }
         let vmm = self.mem.take_vmm_dirty();
         for (b, v) in bits.iter_mut().zip(vmm) {
             *b |= v;
@@ -584,6 +701,10 @@ impl Vm {
             Command::HoldOutput => self.hold_output().map(|_| Reply::ok()),
             Command::Unprotect => self.unprotect().map(|_| Reply::ok()),
             Command::Checkpoint { buffer } => self.checkpoint(buffer).map(|c| Reply { checkpoint: Some(Box::new(c)), ..Reply::ok() }),
+            Command::Tracking { choice } => {
+                self.set_tracking(choice);
+                Ok(Reply::ok())
+            }
             Command::MemoryView => self.mem.view().map(|v| Reply { memory_view: Some(v), ..Reply::ok() }),
             Command::Announce { count } => self.announce(count).map(|n| Reply { value: Some(n), ..Reply::ok() }),
             Command::Trace => Ok(Reply { trace: Some(self.read_trace()), ..Reply::ok() }),

@@ -553,3 +553,79 @@ fn kv_fails_over_to_the_replica_with_state_and_connection() {
     assert!(bctl.call(Command::Quit).ok);
     assert_eq!(backup.join().expect("backup thread").expect("run"), Stop::Quit);
 }
+
+/// Dirty tracking (`vmm::tracking`) on real KVM: a guest writing random bytes of random pages at
+/// a varying rate (some writes leaving a page as it was); epochs under log, compare and hybrid
+/// mode and the automatic choice, with switches forced between them at chosen epochs. After every epoch
+/// the primary is paused and its memory compared with the replica byte for byte.
+#[test]
+fn replica_equals_primary_after_every_epoch_in_every_tracking_mode_and_switch() {
+    if skip_without_kvm("replica_equals_primary_after_every_epoch_in_every_tracking_mode_and_switch") {
+        return;
+    }
+    use vmm::{TrackingChoice, TrackingMode};
+    let console = Console::default();
+    let mut config = VmConfig::new(guest("counter"), 32);
+    config.args = vec!["random".into(), "2048".into(), "7".into()];
+    config.tracking = TrackingChoice::Fixed(TrackingMode::Log);
+    let mut vm = Vm::create(config.clone(), console.boxed()).expect("create VM");
+    let (ctl, inbox) = channel_pair().expect("control channel");
+    let runner = std::thread::spawn(move || vm.run(Some(&inbox)));
+    wait_for("random: writing", || console.text().contains("random: writing"));
+    assert!(ctl.call(Command::Protect { mirror: None, hold: true }).ok);
+    let view = ctl.call(Command::MemoryView).memory_view.expect("memory view");
+    let mut replica = Replica::new(config.clone()).expect("replica");
+    initial_copy(&view, &mut replica);
+    // The mode asked for before each epoch: runs of each mode and single-epoch switches.
+    let log = TrackingChoice::Fixed(TrackingMode::Log);
+    let compare = TrackingChoice::Fixed(TrackingMode::Compare);
+    // The first switch to compare mode waits for the shadow's warm-up (8,192 pages, 1,024 a
+    // checkpoint); later ones find most of it current.
+    let mut plan = vec![log; 3];
+    plan.extend([compare; 12]);
+    plan.extend([log, compare, log, compare, compare, log, log, compare]);
+    plan.extend([TrackingChoice::Auto; 6]);
+    plan.extend([compare, log, compare]);
+    let hybrid = TrackingChoice::Fixed(TrackingMode::Hybrid);
+    plan.extend([hybrid; 8]);
+    plan.extend([log, hybrid, hybrid, compare, hybrid, hybrid, hybrid, log]);
+    plan.extend([TrackingChoice::Auto; 4]);
+    let mut buffer = None;
+    let mut seen = std::collections::HashSet::new();
+    let mut switches = 0;
+    let mut dirty = vec![];
+    let mut hot = 0;
+    for (i, choice) in plan.iter().enumerate() {
+        assert!(ctl.call(Command::Tracking { choice: *choice }).ok);
+        std::thread::sleep(Duration::from_millis(5 + (i as u64 * 7) % 20));
+        // Pause first, so that the memory compared is the memory at the checkpoint.
+        assert!(ctl.call(Command::Pause).ok);
+        let c = checkpoint(&ctl, buffer.take());
+        replica.apply(&c).expect("apply");
+        let primary = snapshot_of(&view);
+        let replica_mem = replica.memory().as_slice().expect("replica memory");
+        assert!(
+            first_difference(&primary, replica_mem).is_none(),
+            "epoch {} ({:?}, then {:?}): page {:?} differs",
+            c.epoch,
+            c.tracking,
+            c.next_tracking,
+            first_difference(&primary, replica_mem)
+        );
+        seen.insert(c.tracking.expect("mode"));
+        switches += (c.tracking != c.next_tracking) as u32;
+        dirty.push(c.pages.len());
+        hot = hot.max(c.hot_pages);
+        assert!(ctl.call(Command::Resume).ok);
+        buffer = Some(c.data);
+    }
+    assert!(seen.contains(&TrackingMode::Log) && seen.contains(&TrackingMode::Compare), "modes seen: {seen:?}");
+    // This host's KVM offers manual dirty-log protection (checked: `manual_protect`), so
+    // hybrid epochs ran too.
+    assert!(seen.contains(&TrackingMode::Hybrid), "modes seen: {seen:?}");
+    assert!(hot > 10, "hybrid mode kept at most {hot} pages hot");
+    assert!(switches >= 6, "only {switches} switches");
+    assert!(dirty.iter().filter(|d| **d > 50).count() > 5, "the guest dirtied too little: {dirty:?}");
+    assert!(ctl.call(Command::Quit).ok);
+    assert_eq!(runner.join().expect("VM thread").expect("run"), Stop::Quit);
+}

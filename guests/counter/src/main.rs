@@ -16,6 +16,10 @@
 //!   20): dirties a known number of pages per round (checkpoint benchmarks);
 //! - `rdtsc N`: reads the TSC N times, prints `rdtsc N calls T ns` (what a trace mark's
 //!   timestamp costs);
+//! - `random PAGES [SEED]`: forever, in bursts of a random size (none to all of PAGES), writes
+//!   bytes of random pages of a PAGES-page buffer (mostly 0 or 1 into one of 4 places, so that
+//!   pages often return to an earlier content; sometimes the byte already there), idling 0–3 ms
+//!   between bursts: a varying dirty rate (tracking tests);
 //! - `marks N`: writes N job marks (start and end of N/2 jobs) into the trace ring, prints
 //!   `marks done`, then idles until stopped (trace benchmarks and tests);
 //! - `fault`: writes to an unmapped address (triple fault, there is no guest IDT);
@@ -171,6 +175,44 @@ fn main() -> u32 {
                 guest_sdk::clock::sleep_ns(delay);
             }
             0
+        }
+        "random" => {
+            let pages = parse(a.next(), 256).max(1) as usize;
+            let mut x = parse(a.next(), 1) | 1;
+            let mut next = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            let mut ws = alloc::vec::Vec::new();
+            if ws.try_reserve_exact(pages * 4096).is_err() {
+                println!("random: cannot allocate {pages} pages");
+                return 2;
+            }
+            ws.resize(pages * 4096, 0u8);
+            println!("random: writing");
+            loop {
+                let burst = match next() % 4 {
+                    0 => 0,
+                    1 => next() % 8,
+                    2 => next() % (pages as u64 / 4 + 1),
+                    _ => next() % (pages as u64 + 1),
+                };
+                for _ in 0..burst {
+                    // Mostly one of 4 bytes of a page set to 0 or 1, so that pages often return
+                    // to an earlier content (what a stale copy to compare against would miss).
+                    let page = (next() % pages as u64) as usize;
+                    let (at, v) = match next() % 8 {
+                        0 => (page * 4096 + (next() % 4096) as usize, next() as u8),
+                        1 => (page * 4096, ws[page * 4096]),
+                        _ => (page * 4096 + (next() % 4) as usize * 8, (next() % 2) as u8),
+                    };
+                    // SAFETY: `at < ws.len()`; volatile so that a write of the same value happens.
+                    unsafe { core::ptr::write_volatile(ws.as_mut_ptr().add(at), v) };
+                }
+                guest_sdk::clock::sleep_ns(next() % 3_000_000);
+            }
         }
         "fault" => {
             // SAFETY: deliberately invalid: page 0 is unmapped (the dangling pointer is address 8),

@@ -5,7 +5,7 @@
 
 use super::primary::{self, Outcome, Start};
 use super::stats::{self, Shared, Stats};
-use super::{handshake, spawn_arbiter, spawn_reader, Clock, Input, Side};
+use super::{handshake, spawn_arbiter, spawn_reader_recycling, Clock, Input, Side, Spare};
 use crate::auth::Key;
 use replication::backup::{Action, Backup, Event, Notice};
 use replication::wire::{self, WireError};
@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vmm::checkpoint::{Checkpoint, Replica};
+use vmm::checkpoint::Replica;
 use vmm::devices::net::Tap;
 use vmm::snapshot::RestoreOverrides;
 use vmm::{Command, Vm, VmConfig};
@@ -112,7 +112,7 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
     };
     let mut standby = standby;
     let mut sm = Backup::new(&opts.holder, opts.timing);
-    let mut st = State { replica: None, pages: Vec::new(), data: Vec::new(), conn: None, next_conn: 1, suspected_at: None };
+    let mut st = State { replica: None, frames: Vec::new(), spare: Spare::default(), conn: None, next_conn: 1, suspected_at: None };
     let mut actions: VecDeque<Action> = VecDeque::new();
     loop {
         while let Some(a) = actions.pop_front() {
@@ -120,8 +120,7 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
             match a {
                 Action::Reset { session, vm, mem_bytes, config } => {
                     st.replica = None;
-                    st.pages.clear();
-                    st.data.clear();
+                    st.frames = Vec::new();
                     let made = serde_json::from_slice::<VmConfig>(&config)
                         .map_err(|e| format!("the primary's VM configuration: {e}"))
                         .and_then(|c| {
@@ -154,31 +153,24 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                     }
                 }
                 Action::Stage { pages, data, .. } => {
-                    st.pages.extend_from_slice(&pages);
-                    st.data.extend_from_slice(&data);
+                    // Kept as received (no copy): applying copies each page once, into place.
+                    st.frames.push((pages, data));
                 }
                 Action::DiscardStaged => {
                     // Freed, not only emptied: a peer that never commits must not keep memory.
-                    st.pages = Vec::new();
-                    st.data = Vec::new();
+                    st.frames = Vec::new();
                 }
                 Action::Apply { epoch, guest_ns, vcpu, disk } => {
-                    let c = Checkpoint {
-                        epoch,
-                        pages: std::mem::take(&mut st.pages),
-                        data: std::mem::take(&mut st.data),
-                        vcpu,
-                        guest_ns,
-                        ..Checkpoint::default()
-                    };
                     let result = match st.replica.as_mut() {
-                        Some(r) => r.apply(&c).map_err(|e| e.to_string()).and_then(|_| write_disk(opts.disk.as_ref(), &disk)),
+                        Some(r) => r
+                            .apply_parts(epoch, &st.frames, &vcpu, guest_ns)
+                            .map_err(|e| e.to_string())
+                            .and_then(|_| write_disk(opts.disk.as_ref(), &disk)),
                         None => Err("no replica".to_string()),
                     };
-                    st.data = c.data;
-                    st.data.clear();
-                    st.pages = c.pages;
-                    st.pages.clear();
+                    for (_, data) in st.frames.drain(..) {
+                        st.spare.put(data);
+                    }
                     actions.extend(sm.handle(now, Event::Applied { epoch, result }));
                 }
                 Action::Send(m) => {
@@ -265,7 +257,7 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                 let _ = stream.set_nodelay(true);
                 match (stream.try_clone(), stream.try_clone()) {
                     (Ok(r), Ok(w)) => {
-                        spawn_reader(id, r, tx.clone());
+                        spawn_reader_recycling(id, r, tx.clone(), st.spare.clone());
                         st.conn = Some(Conn { id, stream, w: BufWriter::new(w) });
                         Some(Event::Connected)
                     }
@@ -315,8 +307,10 @@ impl Refusals {
 
 struct State {
     replica: Option<Replica>,
-    pages: Vec<u64>,
-    data: Vec<u8>,
+    /// The staged checkpoint: page numbers and data as each frame brought them.
+    frames: Vec<(Vec<u64>, Vec<u8>)>,
+    /// Buffers of applied checkpoints for the reader to receive into.
+    spare: Spare,
     conn: Option<Conn>,
     next_conn: u64,
     suspected_at: Option<Instant>,
@@ -440,6 +434,7 @@ fn take_over(
         state_file: opts.state_file.clone(),
         key: opts.key.clone(),
         vcpu_sched: opts.vcpu_sched.clone(),
+        compression: Default::default(),
     };
     primary::run(vm, ctl, inbox, popts, Start::TakeOver { granted_at: grant.at, gen: grant.gen }, clock)
 }

@@ -57,7 +57,8 @@ pub enum Input {
     /// The sender of connection `conn` finished the initial synchronisation.
     SyncSent { conn: u64 },
     /// The sender of connection `conn` wrote checkpoint `epoch` in `transfer_ns`.
-    Sent { conn: u64, epoch: u64, transfer_ns: u64, buffer: Vec<u8> },
+    /// (`wire_bytes`: its page frames' bytes, `compressed`: whether they were compressed.)
+    Sent { conn: u64, epoch: u64, transfer_ns: u64, buffer: Vec<u8>, wire_bytes: u64, compressed: bool },
     /// The sender of connection `conn` failed.
     SendFailed { conn: u64, reason: String },
     /// The VM stopped.
@@ -70,10 +71,41 @@ pub enum Input {
 
 /// Reads frames from `stream` on a thread until it fails, tagging them with `conn`.
 pub fn spawn_reader(conn: u64, stream: TcpStream, tx: Sender<Input>) {
+    spawn_reader_recycling(conn, stream, tx, Spare::default())
+}
+
+/// Page buffers of applied checkpoints, handed back to the reader for the next frames (their
+/// memory is mapped already: a fresh buffer costs a page fault per 4 KiB on these hosts).
+#[derive(Clone, Default)]
+pub struct Spare(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl Spare {
+    /// Most buffers kept (of up to 4 MiB each).
+    const MAX: usize = 16;
+
+    /// Keeps `buf` for a later frame (unless enough are kept already).
+    pub fn put(&self, buf: Vec<u8>) {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if v.len() < Self::MAX {
+            v.push(buf);
+        }
+    }
+
+    fn take(&self) -> Option<Vec<u8>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+}
+
+/// As [`spawn_reader`], reading pages into buffers from `spare`.
+pub fn spawn_reader_recycling(conn: u64, stream: TcpStream, tx: Sender<Input>, spare: Spare) {
     let _ = std::thread::Builder::new().name(format!("repl-read-{conn}")).spawn(move || {
         let mut r = std::io::BufReader::with_capacity(1 << 20, stream);
         loop {
-            let msg = wire::read_msg(&mut r);
+            let mut local: Vec<Vec<u8>> = spare.take().into_iter().collect();
+            let msg = wire::read_msg_recycling(&mut r, &mut local);
+            for b in local {
+                spare.put(b);
+            }
             let end = msg.is_err();
             if tx.send(Input::Frame { conn, msg }).is_err() || end {
                 return;

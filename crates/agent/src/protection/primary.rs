@@ -51,6 +51,8 @@ pub struct Options {
     pub key: Key,
     /// The vCPU thread's real-time scheduling (applied by that thread when it starts).
     pub vcpu_sched: crate::vm::Scheduling,
+    /// Whether checkpoint pages travel compressed (`replication::compress`).
+    pub compression: replication::compress::Compression,
 }
 
 /// Whether a VM is protected, as its driver last reported it, and the replication figures of
@@ -358,10 +360,12 @@ impl Driver {
             Input::Lease { sent_at, answer } => Some(Event::Lease { sent_at, answer }),
             Input::SyncSent { conn } if Some(conn) == current => Some(Event::SyncSent),
             Input::SyncSent { .. } => None,
-            Input::Sent { conn: _, epoch, transfer_ns, buffer } => {
+            Input::Sent { conn: _, epoch, transfer_ns, buffer, wire_bytes, compressed } => {
                 self.spare.push(buffer);
                 if let Some(e) = self.pending.get_mut(&epoch) {
                     e.transfer_ns = transfer_ns;
+                    e.wire_bytes = wire_bytes;
+                    e.compressed = compressed;
                 }
                 None
             }
@@ -387,7 +391,7 @@ impl Driver {
         let reader = stream.try_clone().map_err(|e| format!("backup connection: {e}"))?;
         let writer = stream.try_clone().map_err(|e| format!("backup connection: {e}"))?;
         spawn_reader(id, reader, self.tx.clone());
-        let out = spawn_sender(id, writer, self.mirror_rx.clone(), self.tx.clone());
+        let out = spawn_sender(id, writer, self.mirror_rx.clone(), self.tx.clone(), self.opts.compression);
         self.link = Some(Link { id, stream, out });
         Ok(())
     }
@@ -464,6 +468,11 @@ impl Driver {
                     bytes: c.data.len() as u64,
                     output_frames,
                     mode: sm.policy().1.into(),
+                    tracking: c.tracking,
+                    next_tracking: c.next_tracking,
+                    find_ns: c.find_ns,
+                    switch_ns: c.switch_ns,
+                    hot_pages: c.hot_pages,
                     ..EpochStats::default()
                 };
                 self.pending.insert(epoch, e);
@@ -555,6 +564,9 @@ impl Driver {
                     stats.pause_ns_total += e.pause_ns;
                     stats.bytes_total += e.bytes;
                     stats.pages_total += e.dirty_pages;
+                    stats.compare_epochs += (e.tracking == Some(vmm::TrackingMode::Compare)) as u64;
+                    stats.wire_bytes_total += e.wire_bytes;
+                    stats.compressed += e.compressed as u64;
                     stats.last = e.clone();
                     self.window.checkpoints += 1;
                     self.window.pause_ns += e.pause_ns;
@@ -607,9 +619,17 @@ fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, String> {
 }
 
 /// The sender thread of one connection.
-fn spawn_sender(conn: u64, stream: TcpStream, mirror: Arc<Mutex<MirrorReceiver>>, tx: Sender<Input>) -> Sender<Out> {
+fn spawn_sender(
+    conn: u64,
+    stream: TcpStream,
+    mirror: Arc<Mutex<MirrorReceiver>>,
+    tx: Sender<Input>,
+    compression: replication::compress::Compression,
+) -> Sender<Out> {
     let (otx, orx) = channel::<Out>();
     let _ = std::thread::Builder::new().name(format!("repl-send-{conn}")).spawn(move || {
+        let mut chooser = replication::compress::Chooser::new(compression);
+        let mut scratch = Vec::new();
         let mut s = Sender_ { w: BufWriter::with_capacity(1 << 20, stream), mirror, counts: HashMap::new(), synced: false };
         let result = (|| -> Result<(), String> {
             loop {
@@ -637,10 +657,31 @@ fn spawn_sender(conn: u64, stream: TcpStream, mirror: Arc<Mutex<MirrorReceiver>>
                             disk_writes,
                             vcpu: c.vcpu.clone(),
                         };
-                        wire::write_checkpoint(&mut s.w, c.epoch, &c.pages, &c.data, &commit).map_err(|e| e.to_string())?;
+                        let compressed = chooser.compress_next();
+                        let t1 = Instant::now();
+                        let mut counted = Counting { inner: &mut s.w, ns: 0 };
+                        let wire_bytes = wire::write_checkpoint_with(
+                            &mut counted,
+                            c.epoch,
+                            &c.pages,
+                            &c.data,
+                            &commit,
+                            compressed.then_some(&mut scratch),
+                        )
+                        .map_err(|e| e.to_string())?;
+                        let write_ns = counted.ns;
                         s.w.flush().map_err(|e| e.to_string())?;
+                        let pages_ns = t1.elapsed().as_nanos() as u64;
                         let transfer_ns = t0.elapsed().as_nanos() as u64;
-                        let _ = tx.send(Input::Sent { conn, epoch: c.epoch, transfer_ns, buffer: c.data });
+                        // Time writing is the link's; the rest of writing the pages, compressing.
+                        chooser.observe(&replication::compress::Sample {
+                            raw: c.data.len() as u64,
+                            wire: wire_bytes,
+                            compress_ns: if compressed { pages_ns.saturating_sub(write_ns) } else { 0 },
+                            send_ns: if compressed { write_ns } else { pages_ns },
+                            compressed,
+                        });
+                        let _ = tx.send(Input::Sent { conn, epoch: c.epoch, transfer_ns, buffer: c.data, wire_bytes, compressed });
                     }
                     Err(RecvTimeoutError::Timeout) => {
                         // A slice at a time, so that a checkpoint waits behind at most one.
@@ -737,5 +778,27 @@ impl Sender_ {
         }
         wire::write_msg(&mut self.w, &Msg::SyncEnd { pages, disk_chunks: chunks }).map_err(|e| e.to_string())?;
         self.w.flush().map_err(|e| e.to_string())
+    }
+}
+
+/// A writer that adds up the time spent in its inner writer (the socket's share of sending a
+/// checkpoint, as opposed to compressing it).
+struct Counting<'a, W: Write> {
+    inner: &'a mut W,
+    ns: u64,
+}
+
+impl<W: Write> Write for Counting<'_, W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let t = Instant::now();
+        let r = self.inner.write(b);
+        self.ns += t.elapsed().as_nanos() as u64;
+        r
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let t = Instant::now();
+        let r = self.inner.flush();
+        self.ns += t.elapsed().as_nanos() as u64;
+        r
     }
 }

@@ -29,6 +29,26 @@ pub struct EpochStats {
     pub output_delay_ns: Option<u64>,
     pub output_frames: u64,
     pub mode: std::borrow::Cow<'static, str>,
+    /// How the epoch's dirty pages were found (`log` or `compare`, `vmm::tracking`), and how
+    /// the next epoch's will be.
+    #[serde(default)]
+    pub tracking: Option<vmm::TrackingMode>,
+    #[serde(default)]
+    pub next_tracking: Option<vmm::TrackingMode>,
+    /// Of the VMM's pause, finding the dirty pages (collecting the log or comparing memory),
+    /// and switching the tracking.
+    #[serde(default)]
+    pub find_ns: u64,
+    #[serde(default)]
+    pub switch_ns: u64,
+    /// Hybrid tracking's hot pages (writable, compared) after the checkpoint.
+    #[serde(default)]
+    pub hot_pages: u64,
+    /// Bytes of the page frames on the wire, and whether they were compressed.
+    #[serde(default)]
+    pub wire_bytes: u64,
+    #[serde(default)]
+    pub compressed: bool,
 }
 
 impl EpochStats {
@@ -68,6 +88,11 @@ pub struct Stats {
     pub released_with_output: u64,
     pub refused: u64,
     pub takeovers: u64,
+    /// Acknowledged epochs tracked by comparing memory.
+    pub compare_epochs: u64,
+    /// Page frame bytes on the wire, and checkpoints sent compressed.
+    pub wire_bytes_total: u64,
+    pub compressed: u64,
     pub last: EpochStats,
 }
 
@@ -87,6 +112,13 @@ impl Stats {
         metric("checkpoints_total", "counter", "Checkpoints acknowledged.", self.checkpoints.to_string());
         metric("pause_seconds_total", "counter", "Time the VM spent paused for checkpoints.", s(self.pause_ns_total).to_string());
         metric("bytes_total", "counter", "Checkpoint page bytes sent to the backup.", self.bytes_total.to_string());
+        metric(
+            "wire_bytes_total",
+            "counter",
+            "Bytes of checkpoint page frames on the wire (after compression).",
+            self.wire_bytes_total.to_string(),
+        );
+        metric("compressed_total", "counter", "Checkpoints whose pages travelled compressed.", self.compressed.to_string());
         metric("dirty_pages_total", "counter", "Dirty pages checkpointed.", self.pages_total.to_string());
         metric(
             "output_delay_seconds_total",
@@ -102,6 +134,13 @@ impl Stats {
         metric("last_pause_seconds", "gauge", "Pause of the last checkpoint.", s(e.pause_ns).to_string());
         metric("last_copy_seconds", "gauge", "Page copying within the last pause.", s(e.copy_ns).to_string());
         metric("last_dirty_pages", "gauge", "Dirty pages of the last checkpoint.", e.dirty_pages.to_string());
+        metric("last_find_seconds", "gauge", "Finding the dirty pages within the last pause.", s(e.find_ns).to_string());
+        metric(
+            "compare_epochs_total",
+            "counter",
+            "Acknowledged epochs whose dirty pages were found by comparing memory (the rest used the dirty log).",
+            self.compare_epochs.to_string(),
+        );
         metric("last_transfer_seconds", "gauge", "Transfer time of the last checkpoint.", s(e.transfer_ns).to_string());
         metric("last_ack_seconds", "gauge", "Start to acknowledgement of the last checkpoint.", s(e.ack_ns).to_string());
         metric(
@@ -109,6 +148,11 @@ impl Stats {
             "gauge",
             "Hold time of the last released output.",
             s(e.output_delay_ns.unwrap_or(0)).to_string(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP vigil_replication_tracking How the next epoch's dirty pages are found.\n# TYPE vigil_replication_tracking gauge\nvigil_replication_tracking{{{l},mode=\"{}\"}} 1",
+            e.next_tracking.map_or("none".to_string(), |m| m.to_string())
         );
         let _ = writeln!(
             out,
