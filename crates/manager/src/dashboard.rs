@@ -58,7 +58,9 @@ struct Snapshot {
 pub fn serve(addr: &str, store: PathBuf, loaded: Loaded, id: String) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
-    let snap = Arc::new(Mutex::new(Snapshot::default()));
+    // Until the store answers (a client keeps trying for 10 s), the page says so.
+    let first = serde_json::json!({ "error": format!("no state read from the store at {} yet", store.display()), "served_by": id, "at_ms": now_ms() });
+    let snap = Arc::new(Mutex::new(Snapshot { json: Arc::new(first.to_string()), ..Snapshot::default() }));
     let loaded = Arc::new(loaded);
     {
         let (snap, loaded, id) = (snap.clone(), loaded.clone(), id.clone());
@@ -396,6 +398,37 @@ mod tests {
             let (name, value) = line.rsplit_once(' ').unwrap();
             assert!(name.starts_with("vigil_") && value.parse::<f64>().is_ok(), "{line}");
         }
+    }
+
+    /// Without a store (down, or never there) the page still answers: the last state, marked
+    /// stale with the reason; every path still gets an answer.
+    #[test]
+    fn without_a_store_the_dashboard_says_so_and_keeps_answering() {
+        use std::io::{Read, Write};
+        let loaded = model::load(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/substation.toml"))).unwrap();
+        let store = std::env::temp_dir().join(format!("vigil-no-store-{}.sock", std::process::id()));
+        let addr = serve("127.0.0.1:0", store, loaded, "m9".into()).expect("serve");
+        let get = |path: &str| {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            c.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes()).unwrap();
+            let mut out = String::new();
+            let _ = c.read_to_string(&mut out);
+            out
+        };
+        assert!(get("/api/state").contains("no state read from the store"), "a valid state from the start");
+        let t = std::time::Instant::now();
+        loop {
+            let state = get("/api/state");
+            if state.contains("cannot reach the store") {
+                assert!(state.starts_with("HTTP/1.0 200") && state.contains("\"served_by\":\"m9\""), "{state}");
+                break;
+            }
+            assert!(t.elapsed() < std::time::Duration::from_secs(15), "{state}");
+            std::thread::sleep(REFRESH / 5);
+        }
+        assert!(get("/").contains("<title>vigil"));
+        assert!(get("/metrics").starts_with("HTTP/1.0 200"));
+        assert!(get("/plot/protect.svg").starts_with("HTTP/1.0 404"), "no analysis without a state");
     }
 
     #[test]

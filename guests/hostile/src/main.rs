@@ -186,13 +186,10 @@ fn main() -> u32 {
         }
         "trace-scribble" => {
             let written = parse(a.next(), u64::MAX);
-            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
             for off in (TRACE_HEADER..TRACE_BYTES).step_by(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
                 // SAFETY: the trace ring is guest memory the ABI reserves for the guest.
-                unsafe { ((TRACE_ADDR + off) as *mut u64).write_volatile(x) };
+                unsafe { ((TRACE_ADDR + off) as *mut u64).write_volatile(rng.next()) };
             }
             // SAFETY: as above.
             unsafe { (TRACE_ADDR as *mut TraceHeader).write_volatile(TraceHeader { magic: TRACE_MAGIC, written }) };
