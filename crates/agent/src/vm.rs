@@ -77,6 +77,39 @@ pub struct NetSpec {
     /// A bridge the agent attaches the tap to before the VM starts.
     #[serde(default)]
     pub bridge: Option<String>,
+    /// Where the card's host I/O runs: in the VMM (`vmm`, the default) or in a supervised
+    /// backend process of the VM's own (`process`, `vigil backend net`: a crash or hang of it
+    /// costs the guest a delay, not the VM).
+    #[serde(default, skip_serializing_if = "BackendPlace::is_vmm")]
+    pub backend: BackendPlace,
+}
+
+/// Where a device's host I/O runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendPlace {
+    /// Inside the VMM process.
+    #[default]
+    Vmm,
+    /// In a backend process of its own, supervised by the VMM (`vmm::backend`).
+    Process,
+}
+
+impl BackendPlace {
+    fn is_vmm(&self) -> bool {
+        *self == BackendPlace::Vmm
+    }
+}
+
+impl FromStr for BackendPlace {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "vmm" => Ok(BackendPlace::Vmm),
+            "process" => Ok(BackendPlace::Process),
+            _ => Err(format!("{s:?}: expected vmm or process")),
+        }
+    }
 }
 
 /// An IPv4 address with its prefix length (`10.0.0.2/24`; `/24` when omitted).
@@ -388,6 +421,12 @@ impl VmSpec {
             if let Some(m) = net.mac {
                 config.net.mac = m.0;
             }
+            if net.backend == BackendPlace::Process {
+                // This very executable serves `vigil backend net`.
+                let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("vigil"));
+                config.net_backend =
+                    Some(vmm::backend::BackendProgram::new(exe, vec!["backend".into(), "net".into(), "--vm".into(), self.name.clone()]));
+            }
         }
         config
     }
@@ -644,6 +683,7 @@ mod tests {
             gateway: None,
             mac: Some("52:54:00:00:00:01".parse().unwrap()),
             bridge: None,
+            backend: BackendPlace::Process,
         });
         s.protection = Some(Protection {
             backup: "10.98.0.2:7100".into(),

@@ -77,6 +77,27 @@ enum Command {
     Keep(cluster::FieldArgs),
     /// Demonstrations: `vigil demo failover`.
     Demo(bench::demo::Args),
+    /// Be a device backend process (started by a VMM with its descriptors, never by hand).
+    #[command(hide = true)]
+    Backend(BackendArgs),
+}
+
+#[derive(clap::Args)]
+struct BackendArgs {
+    /// Which device: `net`.
+    device: String,
+    /// The VM served (a label for `ps` and `vigil fail --component net --vm VM`).
+    #[arg(long)]
+    vm: Option<String>,
+}
+
+/// `vigil backend net`: serves the VMM that started it until it closes the socket.
+fn backend(a: &BackendArgs) -> anyhow::Result<u8> {
+    if a.device != "net" {
+        anyhow::bail!("backend {:?}: only `net` runs as a process", a.device);
+    }
+    vmm::backend::serve_net().map_err(|e| anyhow::anyhow!("network backend of {}: {e}", a.vm.as_deref().unwrap_or("a VM")))?;
+    Ok(0)
 }
 
 /// How a command ended, as far as the exit status is concerned.
@@ -159,6 +180,7 @@ fn main() -> ExitCode {
         Command::Manager(args) => return status(cluster::manager(&args)),
         Command::Field(args) => return status(cluster::field(&args)),
         Command::Keep(args) => return status(cluster::keep(&args)),
+        Command::Backend(args) => return status(backend(&args)),
     };
     let outcome = result.unwrap_or_else(|e| {
         eprintln!("{}", describe(&e));

@@ -89,6 +89,10 @@ struct RunArgs {
     /// Guest MAC address, e.g. 52:54:00:12:34:56.
     #[arg(long)]
     mac: Option<Mac>,
+    /// Where the network card's host I/O runs: `vmm` (in this process) or `process` (a
+    /// supervised backend process, `vigil backend net`, restarted alone when it fails).
+    #[arg(long, default_value = "vmm", value_name = "vmm|process", requires = "tap")]
+    net_backend: agent::vm::BackendPlace,
     /// Control socket.
     #[arg(long)]
     api: Option<PathBuf>,
@@ -219,7 +223,7 @@ fn run_spec(a: &RunArgs) -> Result<VmSpec> {
     spec.tracking = a.protect.tracking;
     spec.compression = a.protect.compression;
     spec.domain = a.domain.spec();
-    spec.net = a.tap.clone().map(|tap| NetSpec { tap, ip: a.ip, gateway: a.gateway, mac: a.mac, bridge: None });
+    spec.net = a.tap.clone().map(|tap| NetSpec { tap, ip: a.ip, gateway: a.gateway, mac: a.mac, bridge: None, backend: a.net_backend });
     if a.tap.is_none() && (a.ip.is_some() || a.gateway.is_some() || a.mac.is_some()) {
         bail!("--ip, --gateway and --mac need --tap");
     }

@@ -7,7 +7,8 @@
 //! over a tap device), pause/resume, snapshot and restore, dirty-page tracking (KVM's log or
 //! comparing against the last checkpoint, chosen per epoch: [`tracking`]), the primitives of
 //! checkpoint replication (protection, checkpoints, replicas, takeover: [`checkpoint`]), and the
-//! control API over a Unix socket. It does not own the replication protocol (the `replication`
+//! control API over a Unix socket, and the network backend as a process of its own
+//! ([`backend`]). It does not own the replication protocol (the `replication`
 //! crate drives these primitives), scheduling reservations, or the guests themselves.
 //!
 //! A misbehaving guest never makes the VMM fail: every malformed request, crash or unexpected
@@ -15,6 +16,7 @@
 
 pub mod api;
 mod arch;
+pub mod backend;
 pub mod checkpoint;
 pub mod control;
 pub mod devices;

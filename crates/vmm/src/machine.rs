@@ -34,6 +34,10 @@ pub struct VmConfig {
     /// How a protected VM's checkpoints find dirty pages (see [`crate::tracking`]).
     #[serde(default)]
     pub tracking: crate::tracking::TrackingChoice,
+    /// Run the network device's host I/O in a backend process of its own
+    /// ([`crate::backend`]); `None` does it in the VMM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_backend: Option<crate::backend::BackendProgram>,
 }
 
 /// Network configuration handed to the guest in the boot page.
@@ -63,6 +67,7 @@ impl VmConfig {
             args: vec![],
             dirty_log: false,
             tracking: Default::default(),
+            net_backend: None,
         }
     }
 }
@@ -98,6 +103,9 @@ pub struct Status {
     /// How the vCPU thread is scheduled and what it consumed (read on that thread).
     #[serde(default)]
     pub vcpu: Option<VcpuSched>,
+    /// The network backend process, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_backend: Option<crate::backend::BackendStatus>,
 }
 
 /// The vCPU thread's scheduling policy and consumption.
@@ -321,7 +329,9 @@ impl Vm {
             Some(m) if m.size() != mem_bytes => {
                 return Err(Error::Config(format!("memory of {} bytes for a VM configured with {mem_bytes}", m.size())))
             }
+            Some(m) if config.net_backend.is_some() && config.tap.is_some() => m.into_shared()?,
             Some(m) => m,
+            None if config.net_backend.is_some() && config.tap.is_some() => GuestMem::new_shared(mem_bytes)?,
             None => GuestMem::new(mem_bytes)?,
         };
         let block = config.disk.as_deref().map(Block::open).transpose()?;
@@ -329,6 +339,10 @@ impl Vm {
             Some(t) => Some(t),
             None => config.tap.as_deref().map(Tap::open).transpose()?,
         };
+        let mut tap = tap;
+        if let (Some(t), Some(program)) = (tap.as_mut(), &config.net_backend) {
+            t.attach_backend(&mem, program)?;
+        }
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
@@ -430,6 +444,7 @@ impl Vm {
             dirty_logging: self.dirty_logging,
             exits: self.exits,
             vcpu: VcpuSched::of_this_thread(),
+            net_backend: self.tap.as_ref().and_then(|t| t.backend_status()),
         }
     }
 

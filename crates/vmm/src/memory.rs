@@ -13,6 +13,8 @@ pub struct GuestMem {
     size: u64,
     /// One bit per page the VMM wrote since the last [`GuestMem::take_vmm_dirty`].
     vmm_dirty: Vec<u64>,
+    /// The memfd behind the mapping, when the memory is shared with a backend process.
+    memfd: Option<Arc<std::fs::File>>,
 }
 
 impl GuestMem {
@@ -24,7 +26,49 @@ impl GuestMem {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
             .map_err(|e| Error::Memory(format!("cannot map {} MiB: {e}", size >> 20)))?;
         let pages = size / PAGE_SIZE;
-        Ok(GuestMem { mem: Arc::new(mem), size, vmm_dirty: vec![0; pages.div_ceil(64) as usize] })
+        Ok(GuestMem { mem: Arc::new(mem), size, vmm_dirty: vec![0; pages.div_ceil(64) as usize], memfd: None })
+    }
+
+    /// As [`GuestMem::new`], but the memory is a memfd mapped shared, so that a device backend
+    /// process can map it too ([`crate::backend`]).
+    pub fn new_shared(size: u64) -> Result<Self> {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
+            return Err(Error::Config(format!("memory size {size} is not a positive multiple of 4 KiB")));
+        }
+        let fd = crate::backend::shm::memfd(c"vigil-guest-memory", size).map_err(Error::Memory)?;
+        let file = Arc::new(std::fs::File::from(fd));
+        let f = vm_memory::FileOffset::from_arc(file.clone(), 0);
+        let mem = GuestMemoryMmap::from_ranges_with_files([(GuestAddress(0), size as usize, Some(f))])
+            .map_err(|e| Error::Memory(format!("cannot map {} MiB of shared memory: {e}", size >> 20)))?;
+        let pages = size / PAGE_SIZE;
+        Ok(GuestMem { mem: Arc::new(mem), size, vmm_dirty: vec![0; pages.div_ceil(64) as usize], memfd: Some(file) })
+    }
+
+    /// This memory as shared memory: itself when it already is, else a shared copy (the
+    /// VMM's dirty bitmap goes with it).
+    pub fn into_shared(self) -> Result<Self> {
+        if self.memfd.is_some() {
+            return Ok(self);
+        }
+        let mut shared = GuestMem::new_shared(self.size)?;
+        shared.as_mut_slice()?.copy_from_slice(self.as_slice()?);
+        shared.vmm_dirty = self.vmm_dirty;
+        Ok(shared)
+    }
+
+    /// The memfd behind a shared memory.
+    pub fn memfd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.memfd.as_ref().map(|f| f.as_fd())
+    }
+
+    /// Marks `[addr, addr+len)` written by someone other than the guest (a backend process):
+    /// the pages go into the VMM's dirty bitmap. Ranges outside memory are clipped.
+    pub fn mark_written(&mut self, addr: u64, len: u64) {
+        let end = addr.saturating_add(len).min(self.size);
+        if addr < end {
+            self.mark(addr, end - addr);
+        }
     }
 
     /// Size in bytes.

@@ -1,4 +1,7 @@
-//! The network device: Ethernet frames between the guest and a host tap device.
+//! The network device: Ethernet frames between the guest and a host tap device. The host I/O
+//! is done here, or by a backend process of the VM's own when one is attached
+//! ([`Tap::attach_backend`], [`crate::backend`]); the port handling, checks and held output stay
+//! here either way.
 
 use crate::memory::GuestMem;
 use crate::{Error, Result};
@@ -22,6 +25,8 @@ pub struct Tap {
     /// driver learns at once that output is waiting.
     output_hook: Option<Box<dyn Fn() + Send>>,
     hook_armed: bool,
+    /// The backend process doing the tap I/O, if any.
+    backend: Option<crate::backend::NetBackend>,
 }
 
 /// Most bytes of memory that held-back output takes at once (frames and their per-frame
@@ -159,7 +164,7 @@ impl Tap {
         if r < 0 {
             return Err(err(format!("TUNSETIFF: {}", std::io::Error::last_os_error())));
         }
-        Ok(Tap { fd, name: name.to_owned(), dropped: 0, hold: false, held: Held::new(HOLD_LIMIT), output_hook: None, hook_armed: true })
+        Ok(Tap { fd, name: name.to_owned(), dropped: 0, hold: false, held: Held::new(HOLD_LIMIT), output_hook: None, hook_armed: true, backend: None })
     }
 
     /// Interface name.
@@ -181,6 +186,15 @@ impl Tap {
         for (i, b) in bufs.iter().enumerate() {
             if !(FRAME_MIN..=FRAME_MAX).contains(&b.len) {
                 return Err(format!("transmit buffer {i}: frame of {} bytes (must be {FRAME_MIN}..={FRAME_MAX})", b.len));
+            }
+            if let (Some(backend), false) = (&self.backend, self.hold) {
+                mem.check(b.addr, b.len as u64).map_err(|e| format!("transmit buffer {i}: {e}"))?;
+                if i + 1 == bufs.len() {
+                    // All checked: the backend copies them from guest memory to the tap.
+                    let frames: Vec<(u64, u32)> = bufs.iter().map(|b| (b.addr, b.len)).collect();
+                    done = backend.tx(&frames);
+                }
+                continue;
             }
             let f = &mut frame[..b.len as usize];
             mem.read(b.addr, f).map_err(|e| format!("transmit buffer {i}: {e}"))?;
@@ -211,6 +225,25 @@ impl Tap {
     pub fn receive(&mut self, mem: &mut GuestMem, addr: u64) -> Result<(), String> {
         let req: NetRequest = mem.read_obj(addr)?;
         let mut bufs = read_bufs(mem, &req)?;
+        if let Some(backend) = &self.backend {
+            for (i, b) in bufs.iter().enumerate() {
+                if b.len < FRAME_MAX {
+                    return Err(format!("receive buffer {i}: capacity {} is below {FRAME_MAX}", b.len));
+                }
+                mem.check(b.addr, b.len as u64).map_err(|e| format!("receive buffer {i}: {e}"))?;
+            }
+            let lens = backend.rx(&bufs.iter().map(|b| (b.addr, b.len)).collect::<Vec<_>>());
+            // The backend may have written (a frame of at most FRAME_MAX bytes) into any buffer
+            // it was given: all of them go into the dirty bitmap, for replication.
+            for b in &bufs {
+                mem.mark_written(b.addr, FRAME_MAX as u64);
+            }
+            let done = lens.len().min(bufs.len());
+            for (b, l) in bufs.iter_mut().zip(&lens) {
+                b.len = *l;
+            }
+            return finish(mem, addr, req, &bufs[..done], done as u32);
+        }
         let mut frame = [0u8; 65536];
         let mut done = 0u32;
         for (i, b) in bufs.iter_mut().enumerate() {
@@ -308,6 +341,17 @@ impl Tap {
     /// Writes one frame from the VMM itself (not the guest) to the tap at once, bypassing any
     /// hold (announcements after a takeover).
     pub fn send_frame(&self, frame: &[u8]) -> Result<()> {
+        if let Some(backend) = &self.backend {
+            let mut p = Vec::with_capacity(frame.len() + 2);
+            if let Ok(n) = u16::try_from(frame.len()) {
+                p.extend_from_slice(&n.to_le_bytes());
+                p.extend_from_slice(frame);
+            }
+            if backend.send(&p) != 1 {
+                return Err(Error::Tap { name: self.name.clone(), reason: format!("the backend could not send a frame of {} bytes", frame.len()) });
+            }
+            return Ok(());
+        }
         // SAFETY: writes `frame.len()` initialised bytes from a live buffer to our own fd.
         let n = unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
         if n != frame.len() as isize {
@@ -321,6 +365,12 @@ impl Tap {
 
     /// Sends the held frames of every sealed epoch up to `epoch`; returns how many.
     pub fn release(&mut self, epoch: u64) -> usize {
+        if let Some(backend) = &self.backend {
+            let mut batch = Batch::new(backend);
+            let n = self.held.release(epoch, |f| batch.push(f));
+            batch.flush();
+            return n;
+        }
         let fd = self.fd.as_raw_fd();
         self.held.release(epoch, |f| {
             // SAFETY: writes `f.len()` initialised bytes from a live buffer to our own fd.
@@ -346,11 +396,55 @@ impl Tap {
         self.held.frames()
     }
 
+    /// Hands the tap's I/O to a backend process started from `program`, on guest memory
+    /// `mem` (which must be shared: [`GuestMem::new_shared`]).
+    pub fn attach_backend(&mut self, mem: &GuestMem, program: &crate::backend::BackendProgram) -> Result<()> {
+        let err = |reason: String| Error::Tap { name: self.name.clone(), reason };
+        let memfd = mem.memfd().ok_or_else(|| err("a network backend process needs shared guest memory".into()))?;
+        let backend = crate::backend::NetBackend::start(program, memfd, std::os::fd::AsFd::as_fd(&self.fd))
+            .map_err(|e| err(format!("network backend: {e}")))?;
+        self.backend = Some(backend);
+        Ok(())
+    }
+
+    /// The backend process's state, when the I/O is done by one.
+    pub fn backend_status(&self) -> Option<crate::backend::BackendStatus> {
+        self.backend.as_ref().map(|b| b.status())
+    }
+
     /// Whether a frame is waiting.
     pub fn readable(&self) -> bool {
         let mut p = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: polls one valid pollfd without blocking.
         unsafe { libc::poll(&mut p, 1, 0) > 0 && p.revents & libc::POLLIN != 0 }
+    }
+}
+
+/// Frames packed into backend `OP_SEND` messages of at most `MAX_PAYLOAD` bytes.
+struct Batch<'a> {
+    backend: &'a crate::backend::NetBackend,
+    payload: Vec<u8>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(backend: &'a crate::backend::NetBackend) -> Self {
+        Batch { backend, payload: Vec::new() }
+    }
+
+    fn push(&mut self, f: &[u8]) {
+        let Ok(n) = u16::try_from(f.len()) else { return };
+        if self.payload.len() + 2 + f.len() > crate::backend::wire::MAX_PAYLOAD {
+            self.flush();
+        }
+        self.payload.extend_from_slice(&n.to_le_bytes());
+        self.payload.extend_from_slice(f);
+    }
+
+    fn flush(&mut self) {
+        if !self.payload.is_empty() {
+            self.backend.send(&self.payload);
+            self.payload.clear();
+        }
     }
 }
 

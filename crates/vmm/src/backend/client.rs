@@ -1,0 +1,541 @@
+//! The VMM's side: starts the backend process, passes it its descriptors, sends it requests
+//! and waits for their replies, and supervises it — a crash (its exit, seen through a pidfd)
+//! or a hang (no reply within the request timeout; heartbeats while the guest does no I/O) gets
+//! it killed, started again and reconnected, and the request in flight replayed from where
+//! the progress page says the dead one stopped.
+
+use super::shm::{memfd, Mapping, Progress, PROGRESS_BYTES};
+use super::wire::{self, Reply, Request, MAX_MSG, STATUS_OK};
+use serde::{Deserialize, Serialize};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// How to start a backend process (the program is given its descriptors 3 to 6, see
+/// `serve::FD_SOCKET`...). `vigil vm run --net-backend process` runs `vigil backend net`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendProgram {
+    pub program: PathBuf,
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Heartbeat period while the guest does no network I/O (ms).
+    #[serde(default = "default_period")]
+    pub period_ms: u64,
+    /// A request unanswered this long means the backend hangs (ms).
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_period() -> u64 {
+    50
+}
+fn default_timeout() -> u64 {
+    150
+}
+
+impl BackendProgram {
+    pub fn new(program: impl Into<PathBuf>, args: Vec<String>) -> BackendProgram {
+        BackendProgram { program: program.into(), args, period_ms: default_period(), timeout_ms: default_timeout() }
+    }
+}
+
+/// One failure of the backend and its repair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incident {
+    /// `crashed: …`, `hung: …` or `misbehaved: …`.
+    pub cause: String,
+    pub old_pid: u32,
+    pub new_pid: u32,
+    /// How long the request in flight waited before the failure was declared (µs; 0 when
+    /// the monitor found it between requests).
+    pub waited_us: u64,
+    /// From the decision until the new process answered its first heartbeat (µs).
+    pub restart_us: u64,
+    /// Entries (frames) of the request in flight that the new process served again.
+    pub replayed: u32,
+    /// Entries the dead process had already served (not served again).
+    pub salvaged: u32,
+}
+
+/// What `status` reports of a backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub pid: u32,
+    pub requests: u64,
+    pub restarts: u64,
+    /// The last incidents (at most 32).
+    pub incidents: Vec<Incident>,
+}
+
+/// Restarts one request may go through before the backend is given up on for it (the frames
+/// are then dropped, like frames lost on a wire; the VM runs on).
+const MAX_RESTARTS: u32 = 5;
+
+/// A supervised network backend process.
+pub struct NetBackend {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    conn: Mutex<Conn>,
+    stop: AtomicBool,
+    status: Mutex<BackendStatus>,
+}
+
+struct Conn {
+    program: BackendProgram,
+    /// The descriptors handed to each process, duplicated above 63 (see `spawn`).
+    mem: OwnedFd,
+    tap: OwnedFd,
+    progress_fd: OwnedFd,
+    progress: Progress,
+    proc_: Option<Proc>,
+    seq: u32,
+    last_ok: Instant,
+    /// Heartbeats missed in a row.
+    missed: u32,
+    generation: u64,
+}
+
+struct Proc {
+    child: Child,
+    pidfd: OwnedFd,
+    sock: OwnedFd,
+}
+
+/// Why a round trip failed.
+enum Fault {
+    Crashed(String),
+    Hung(Duration),
+    Misbehaved(String),
+}
+
+impl Fault {
+    fn describe(&self) -> String {
+        match self {
+            Fault::Crashed(s) => format!("crashed: {s}"),
+            Fault::Hung(d) => format!("hung: no answer for {} ms", d.as_millis()),
+            Fault::Misbehaved(s) => format!("misbehaved: {s}"),
+        }
+    }
+}
+
+fn dup_high(fd: BorrowedFd<'_>, what: &str) -> Result<OwnedFd, String> {
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor we borrow; the result is checked and owned.
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 64) };
+    if n < 0 {
+        return Err(format!("duplicating the {what} descriptor: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `n` is a new descriptor owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+impl NetBackend {
+    /// Starts the backend `program` on guest memory `mem` (a memfd) and tap `tap`, waits for
+    /// its first heartbeat, and starts supervising it.
+    pub fn start(program: &BackendProgram, mem: BorrowedFd<'_>, tap: BorrowedFd<'_>) -> Result<NetBackend, String> {
+        let progress_fd = memfd(c"vigil-net-progress", PROGRESS_BYTES as u64)?;
+        let progress = Progress::new(Mapping::map(progress_fd.as_fd())?)?;
+        let mut conn = Conn {
+            program: program.clone(),
+            mem: dup_high(mem, "guest memory")?,
+            tap: dup_high(tap, "tap")?,
+            progress_fd: dup_high(progress_fd.as_fd(), "progress page")?,
+            progress,
+            proc_: None,
+            seq: 0,
+            last_ok: Instant::now(),
+            missed: 0,
+            generation: 0,
+        };
+        conn.spawn()?;
+        let pid = conn.pid();
+        let shared = Arc::new(Shared {
+            conn: Mutex::new(conn),
+            stop: AtomicBool::new(false),
+            status: Mutex::new(BackendStatus { pid, ..Default::default() }),
+        });
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("net-backend-monitor".into())
+            .spawn(move || monitor(&s))
+            .map_err(|e| format!("starting the backend's monitor: {e}"))?;
+        Ok(NetBackend { shared })
+    }
+
+    /// The backend's pid, restarts and incidents.
+    pub fn status(&self) -> BackendStatus {
+        self.shared.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Sends the frames at `frames` (guest address, length); returns how many went out.
+    pub fn tx(&self, frames: &[(u64, u32)]) -> u32 {
+        self.request(wire::OP_TX, frames, &[]).len() as u32
+    }
+
+    /// Fills the guest buffers `bufs` (address, capacity) with waiting frames; returns the
+    /// length of each frame delivered, in buffer order.
+    pub fn rx(&self, bufs: &[(u64, u32)]) -> Vec<u32> {
+        self.request(wire::OP_RX, bufs, &[])
+    }
+
+    /// Sends frames packed as `[len: u16 LE][frame]`... (at most `wire::MAX_PAYLOAD` bytes).
+    pub fn send(&self, payload: &[u8]) -> u32 {
+        self.request(wire::OP_SEND, &[], payload).len() as u32
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Conn> {
+        self.shared.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One request, replayed across restarts of the backend: returns what was served (for
+    /// receive the frame lengths; otherwise one entry per frame sent).
+    fn request(&self, op: u32, entries: &[(u64, u32)], payload: &[u8]) -> Vec<u32> {
+        let mut conn = self.lock();
+        let mut served: Vec<u32> = Vec::new();
+        let mut entries = entries;
+        let mut payload = payload;
+        let mut waited_since = Instant::now();
+        for _ in 0..=MAX_RESTARTS {
+            conn.seq = conn.seq.wrapping_add(1);
+            let seq = conn.seq;
+            let req = match op {
+                wire::OP_TX => Request::Tx { seq, frames: entries.to_vec() },
+                wire::OP_RX => Request::Rx { seq, bufs: entries.to_vec() },
+                _ => Request::Send { seq, payload: payload.to_vec() },
+            };
+            let count = if op == wire::OP_SEND { wire::send_frames(payload).count() } else { entries.len() };
+            let timeout = Duration::from_millis(conn.program.timeout_ms);
+            let fault = match conn.round_trip(&req.encode(), timeout) {
+                Ok(r) if r.status != STATUS_OK => Fault::Misbehaved(format!("refused a request: {}", r.reason)),
+                Ok(r) if r.done as usize > count => Fault::Misbehaved(format!("claims {} of {count} entries done", r.done)),
+                Ok(r) => match check_done(&conn.progress, op, seq, entries, r.done as usize) {
+                    Ok(lens) => {
+                        served.extend(lens);
+                        conn.last_ok = Instant::now();
+                        conn.missed = 0;
+                        self.count_request();
+                        return served;
+                    }
+                    Err(e) => Fault::Misbehaved(e),
+                },
+                Err(f) => f,
+            };
+            let waited = waited_since.elapsed();
+            // Dead first (a slow one must not go on serving), then read how far it got.
+            let old_pid = conn.pid();
+            conn.kill();
+            // What the dead process got done before it failed is not done again.
+            let salvaged = match op {
+                wire::OP_RX => {
+                    let lens = conn.progress.of(seq, count);
+                    let ok = lens.iter().zip(entries).take_while(|(l, (_, cap))| (1..=*cap).contains(*l)).count();
+                    served.extend(&lens[..ok]);
+                    ok
+                }
+                _ => {
+                    let n = conn.progress.done(seq, count);
+                    served.extend(std::iter::repeat_n(0, n));
+                    n
+                }
+            };
+            if op == wire::OP_SEND {
+                payload = skip_frames(payload, salvaged);
+            } else {
+                entries = &entries[salvaged..];
+            }
+            let replay = if op == wire::OP_SEND { wire::send_frames(payload).count() } else { entries.len() };
+            if let Err(e) = restart(&self.shared, &mut conn, old_pid, &fault, waited, replay as u32, salvaged as u32) {
+                eprintln!("vmm: network backend: cannot restart after it {}: {e}", fault.describe());
+                return served;
+            }
+            if replay == 0 {
+                self.count_request();
+                return served;
+            }
+            waited_since = Instant::now();
+        }
+        eprintln!("vmm: network backend: a request failed after {MAX_RESTARTS} restarts; its frames are dropped");
+        served
+    }
+
+    fn count_request(&self) {
+        if let Ok(mut s) = self.shared.status.lock() {
+            s.requests += 1;
+        }
+    }
+
+}
+
+/// The lengths of the `done` entries a reply says were served, checked against the progress
+/// page (receive: each length must fit its buffer).
+fn check_done(progress: &Progress, op: u32, seq: u32, entries: &[(u64, u32)], done: usize) -> Result<Vec<u32>, String> {
+    if op != wire::OP_RX {
+        return Ok(vec![0; done]);
+    }
+    let lens = progress.of(seq, done);
+    if lens.len() != done {
+        return Err(format!("replied {done} frames received but recorded {}", lens.len()));
+    }
+    for (i, (l, (_, cap))) in lens.iter().zip(entries).enumerate() {
+        if !(1..=*cap).contains(l) {
+            return Err(format!("frame {i}: {l} bytes in a buffer of {cap}"));
+        }
+    }
+    Ok(lens)
+}
+
+fn skip_frames(mut p: &[u8], n: usize) -> &[u8] {
+    for _ in 0..n {
+        let Some(len) = p.get(0..2) else { return &[] };
+        let l = 2 + u16::from_le_bytes([len[0], len[1]]) as usize;
+        p = p.get(l..).unwrap_or(&[]);
+    }
+    p
+}
+
+/// Starts a new process after `old_pid` failed (already killed and reaped) and records the
+/// incident.
+fn restart(shared: &Shared, conn: &mut Conn, old_pid: u32, fault: &Fault, waited: Duration, replayed: u32, salvaged: u32) -> Result<(), String> {
+    let t0 = Instant::now();
+    conn.kill();
+    let r = conn.spawn();
+    let incident = Incident {
+        cause: fault.describe(),
+        old_pid,
+        new_pid: conn.pid(),
+        waited_us: waited.as_micros() as u64,
+        restart_us: t0.elapsed().as_micros() as u64,
+        replayed,
+        salvaged,
+    };
+    eprintln!(
+        "vmm: network backend pid {old_pid} {}; restarted as pid {} in {:.1} ms ({replayed} entries replayed, {salvaged} salvaged)",
+        incident.cause,
+        incident.new_pid,
+        incident.restart_us as f64 / 1e3
+    );
+    if let Ok(mut s) = shared.status.lock() {
+        s.pid = incident.new_pid;
+        s.restarts += 1;
+        if s.incidents.len() >= 32 {
+            s.incidents.remove(0);
+        }
+        s.incidents.push(incident);
+    }
+    r
+}
+
+/// Watches the backend between requests: its exit at once (pidfd), a hang by heartbeats
+/// (only when no request succeeded within the period).
+fn monitor(shared: &Arc<Shared>) {
+    loop {
+        if shared.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let (pidfd, generation, period) = {
+            let conn = shared.conn.lock().unwrap_or_else(|p| p.into_inner());
+            let period = Duration::from_millis(conn.program.period_ms.max(1));
+            (conn.proc_.as_ref().and_then(|p| p.pidfd.try_clone().ok()), conn.generation, period)
+        };
+        let exited = match &pidfd {
+            Some(fd) => poll_in(&[fd.as_raw_fd()], period).first().copied().unwrap_or(false),
+            None => {
+                std::thread::sleep(period);
+                true
+            }
+        };
+        if shared.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(mut conn) = shared.conn.try_lock() else { continue };
+        if conn.generation != generation {
+            continue;
+        }
+        if exited {
+            let why = conn.exit_status();
+            let old_pid = conn.pid();
+            let _ = restart(shared, &mut conn, old_pid, &Fault::Crashed(why), Duration::ZERO, 0, 0);
+            continue;
+        }
+        if conn.last_ok.elapsed() < period {
+            continue;
+        }
+        conn.seq = conn.seq.wrapping_add(1);
+        let seq = conn.seq;
+        match conn.round_trip(&Request::Ping { seq }.encode(), period) {
+            Ok(_) => {
+                conn.last_ok = Instant::now();
+                conn.missed = 0;
+            }
+            Err(Fault::Crashed(why)) => {
+                let old_pid = conn.pid();
+                let _ = restart(shared, &mut conn, old_pid, &Fault::Crashed(why), Duration::ZERO, 0, 0);
+            }
+            Err(_) => {
+                conn.missed += 1;
+                if conn.missed >= 3 {
+                    let missed = conn.missed;
+                    let old_pid = conn.pid();
+                    let _ = restart(shared, &mut conn, old_pid, &Fault::Hung(period * missed), period * missed, 0, 0);
+                }
+            }
+        }
+    }
+}
+
+/// Which of `fds` became readable within `timeout`.
+fn poll_in(fds: &[RawFd], timeout: Duration) -> Vec<bool> {
+    let mut p: Vec<libc::pollfd> = fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: `p` is a live array of `p.len()` pollfds.
+    let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, ms) };
+    if n <= 0 {
+        return vec![false; fds.len()];
+    }
+    p.iter().map(|x| x.revents != 0).collect()
+}
+
+impl Conn {
+    fn pid(&self) -> u32 {
+        self.proc_.as_ref().map_or(0, |p| p.child.id())
+    }
+
+    fn exit_status(&mut self) -> String {
+        match self.proc_.as_mut().map(|p| p.child.try_wait()) {
+            Some(Ok(Some(st))) => st.to_string(),
+            _ => "exited".into(),
+        }
+    }
+
+    /// Sends `msg` and waits up to `timeout` for the reply of the same sequence number.
+    fn round_trip(&mut self, msg: &[u8], timeout: Duration) -> Result<Reply, Fault> {
+        let Some(p) = self.proc_.as_ref() else { return Err(Fault::Crashed("not running".into())) };
+        let (sock, pidfd) = (p.sock.as_raw_fd(), p.pidfd.as_raw_fd());
+        // SAFETY: sends our own buffer on our socket; MSG_NOSIGNAL turns a dead peer into EPIPE.
+        let n = unsafe { libc::send(sock, msg.as_ptr().cast(), msg.len(), libc::MSG_NOSIGNAL) };
+        if n != msg.len() as isize {
+            return Err(Fault::Crashed(format!("send: {}", std::io::Error::last_os_error())));
+        }
+        let start = Instant::now();
+        loop {
+            let left = timeout.saturating_sub(start.elapsed());
+            let ready = poll_in(&[sock, pidfd], left);
+            if ready[0] {
+                let mut buf = vec![0u8; MAX_MSG + 1];
+                // SAFETY: receives into our own buffer of that length.
+                let n = unsafe { libc::recv(sock, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+                if n == 0 {
+                    return Err(Fault::Crashed(self.exit_status()));
+                }
+                if n < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(Fault::Crashed(format!("recv: {e}")));
+                }
+                let reply = Reply::parse(&buf[..n as usize]).map_err(|e| Fault::Misbehaved(format!("a malformed reply: {e}")))?;
+                let want_seq = u32::from_le_bytes([msg[4], msg[5], msg[6], msg[7]]);
+                let want_op = u32::from_le_bytes([msg[0], msg[1], msg[2], msg[3]]);
+                if reply.seq != want_seq || reply.op != want_op {
+                    return Err(Fault::Misbehaved(format!(
+                        "a reply to request {} (op {}) for request {want_seq} (op {want_op})",
+                        reply.seq, reply.op
+                    )));
+                }
+                return Ok(reply);
+            }
+            if ready[1] {
+                return Err(Fault::Crashed(self.exit_status()));
+            }
+            if start.elapsed() >= timeout {
+                return Err(Fault::Hung(start.elapsed()));
+            }
+        }
+    }
+
+    /// Kills the process (a hung one too: SIGKILL ends a stopped process) and reaps it.
+    fn kill(&mut self) {
+        if let Some(mut p) = self.proc_.take() {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+
+    /// Starts a process with its descriptors at 3 (socket), 4 (guest memory), 5 (tap),
+    /// 6 (progress page), and waits for its first heartbeat.
+    fn spawn(&mut self) -> Result<(), String> {
+        self.generation += 1;
+        let mut pair = [0; 2];
+        // SAFETY: socketpair fills two descriptors, checked below.
+        if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, pair.as_mut_ptr()) } != 0 {
+            return Err(format!("socketpair: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: both descriptors were just created and are owned by nothing else.
+        let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+        let theirs = dup_high(theirs.as_fd(), "socket")?;
+        let fds = [theirs.as_raw_fd(), self.mem.as_raw_fd(), self.tap.as_raw_fd(), self.progress_fd.as_raw_fd()];
+        let mut cmd = Command::new(&self.program.program);
+        cmd.args(&self.program.args).stdin(Stdio::null());
+        // SAFETY: between fork and exec the closure only calls dup2(2) and prctl(2), which are
+        // async-signal-safe, and allocates nothing. The sources are all above 63, so no target
+        // (3..=6) overwrites a source still to be duplicated; dup2 clears close-on-exec on the
+        // targets.
+        unsafe {
+            cmd.pre_exec(move || {
+                for (i, fd) in fds.iter().enumerate() {
+                    if libc::dup2(*fd, super::serve::FD_SOCKET + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                // The backend dies with the VMM (with the thread that started it, which lives
+                // as long as the VM or restarts it).
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| format!("starting {}: {e}", self.program.program.display()))?;
+        drop(theirs);
+        // SAFETY: pidfd_open of our own child's pid (not yet reaped); the result is checked.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) } as RawFd;
+        if pidfd < 0 {
+            let e = std::io::Error::last_os_error();
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("pidfd_open: {e}"));
+        }
+        // SAFETY: a new descriptor owned by nothing else.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        // SAFETY: FD_CLOEXEC on our own descriptor.
+        unsafe { libc::fcntl(pidfd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+        self.proc_ = Some(Proc { child, pidfd, sock: ours });
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        match self.round_trip(&Request::Ping { seq }.encode(), Duration::from_secs(5)) {
+            Ok(_) => {
+                self.last_ok = Instant::now();
+                self.missed = 0;
+                Ok(())
+            }
+            Err(f) => {
+                self.kill();
+                Err(format!("the new backend {}", f.describe()))
+            }
+        }
+    }
+}
+
+impl Drop for NetBackend {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.lock().kill();
+    }
+}

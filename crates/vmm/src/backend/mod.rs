@@ -1,0 +1,23 @@
+//! Device backends as their own processes: today the network backend (`vigil backend net`).
+//!
+//! Owns the split between the VMM and a backend process and what keeps it safe: the VMM keeps
+//! the guest-facing device (the ports of `vmm-abi` and their request blocks, checked as
+//! before), output held per epoch for replication, the dirty-page bitmap, and the descriptors
+//! (guest memory as a memfd, the tap, a progress page). The backend process maps guest memory
+//! and does the device's host I/O: it copies transmitted frames from guest memory to the tap and
+//! received frames from the tap into guest buffers. One backend process per VM, started and
+//! supervised by its VMM ([`NetBackend`]): a crash or hang is detected, the process is killed
+//! and started again with the same descriptors, and the request in flight is replayed from the
+//! progress page, so the guest sees a delay. It does not own the block device (still inside the
+//! VMM) or the guest ABI (unchanged).
+//!
+//! Every message ([`wire`]) is parsed and every guest address bounds-checked on both sides; the
+//! VMM trusts nothing the backend writes (replies, progress page) beyond what it checked.
+
+mod client;
+pub mod serve;
+pub mod shm;
+pub mod wire;
+
+pub use client::{BackendProgram, BackendStatus, Incident, NetBackend};
+pub use serve::serve_net;

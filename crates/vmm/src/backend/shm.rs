@@ -1,0 +1,166 @@
+//! Shared memory between a VMM and its backend: a mapping of a memfd (guest memory, the
+//! progress page), reached only through bounds-checked copies, and the progress page itself.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// A `MAP_SHARED` mapping of a whole memfd. Its bytes may change under us at any time (the
+/// guest, the other process): they are only ever copied, never borrowed as Rust references.
+pub struct Mapping {
+    base: *mut u8,
+    size: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; every access goes through raw copies or atomics.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps all of `fd` (its size from fstat) read-write and shared.
+    pub fn map(fd: BorrowedFd<'_>) -> Result<Mapping, String> {
+        // SAFETY: fstat fills a plain struct for a descriptor we borrow.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `st` is a live, writable stat struct.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(format!("fstat: {}", std::io::Error::last_os_error()));
+        }
+        let size = st.st_size as usize;
+        if size == 0 || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(format!("not a memory file (mode 0o{:o}, {size} bytes)", st.st_mode));
+        }
+        // SAFETY: a fresh shared mapping of `size` bytes of `fd`; the kernel picks the address.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
+        if p == libc::MAP_FAILED {
+            return Err(format!("mmap of {size} bytes: {}", std::io::Error::last_os_error()));
+        }
+        Ok(Mapping { base: p.cast(), size })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size as u64
+    }
+
+    /// The host address of `[addr, addr+len)`, when that lies inside the mapping.
+    pub fn range(&self, addr: u64, len: usize) -> Result<*mut u8, String> {
+        match addr.checked_add(len as u64) {
+            Some(end) if end <= self.size as u64 => {
+                // SAFETY: `addr` is inside the mapping (checked), so the offset pointer stays in it.
+                Ok(unsafe { self.base.add(addr as usize) })
+            }
+            _ => Err(format!("range 0x{addr:x}+{len} is outside guest memory (0x{:x} bytes)", self.size)),
+        }
+    }
+
+    /// Copies `[addr, addr+buf.len())` into `buf`.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), String> {
+        let p = self.range(addr, buf.len())?;
+        // SAFETY: the source range lies inside the mapping (checked); the copy goes into our
+        // own buffer. Another agent may write those bytes meanwhile: a torn copy of plain bytes
+        // is the worst outcome, the same as a device reading memory the guest is writing.
+        unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    /// Copies `buf` to `[addr, addr+buf.len())`.
+    pub fn write(&self, addr: u64, buf: &[u8]) -> Result<(), String> {
+        let p = self.range(addr, buf.len())?;
+        // SAFETY: the destination range lies inside the writable mapping (checked); no Rust
+        // reference to it exists (see `read`).
+        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), p, buf.len()) };
+        Ok(())
+    }
+
+    fn atomic_u64(&self, off: usize) -> &AtomicU64 {
+        assert!(off + 8 <= self.size && off % 8 == 0, "progress field out of the page");
+        // SAFETY: in bounds and aligned (asserted; the mapping is page-aligned); the memory is
+        // only accessed atomically by both processes.
+        unsafe { AtomicU64::from_ptr(self.base.add(off).cast()) }
+    }
+
+    fn atomic_u32(&self, off: usize) -> &AtomicU32 {
+        assert!(off + 4 <= self.size && off % 4 == 0, "progress field out of the page");
+        // SAFETY: as in `atomic_u64`.
+        unsafe { AtomicU32::from_ptr(self.base.add(off).cast()) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`; no reference into it outlives `self`.
+        unsafe { libc::munmap(self.base.cast(), self.size) };
+    }
+}
+
+/// Bytes of the progress page.
+pub const PROGRESS_BYTES: usize = 4096;
+const SEQ: usize = 0;
+const DONE: usize = 8;
+const LENS: usize = 16;
+
+/// How far the backend got with the request it is serving: its sequence number, the entries
+/// done, and (receive) the length of each frame written. The backend updates it after each
+/// entry; after a crash the VMM reads it to replay only what was not done, so a frame is sent
+/// or delivered twice at most once per crash (the one in flight when it died).
+pub struct Progress {
+    map: Mapping,
+}
+
+impl Progress {
+    pub fn new(map: Mapping) -> Result<Progress, String> {
+        if map.size < PROGRESS_BYTES {
+            return Err(format!("a progress page of {} bytes (needs {PROGRESS_BYTES})", map.size));
+        }
+        Ok(Progress { map })
+    }
+
+    /// The backend starts serving request `seq`.
+    pub fn begin(&self, seq: u32) {
+        self.map.atomic_u64(DONE).store(0, Ordering::Release);
+        self.map.atomic_u64(SEQ).store(seq as u64, Ordering::Release);
+    }
+
+    /// The backend finished entry `i` (of length `len`, for receive).
+    pub fn record(&self, i: usize, len: u32) {
+        if i < super::wire::MAX_ENTRIES {
+            self.map.atomic_u32(LENS + 4 * i).store(len, Ordering::Release);
+        }
+        self.map.atomic_u64(DONE).store(i as u64 + 1, Ordering::Release);
+    }
+
+    /// What the page says about request `seq`: entries done and their lengths (nothing when
+    /// the backend never started it). Clamped to `count`: the page is written by another
+    /// process and trusted for nothing.
+    pub fn of(&self, seq: u32, count: usize) -> Vec<u32> {
+        if self.map.atomic_u64(SEQ).load(Ordering::Acquire) != seq as u64 {
+            return vec![];
+        }
+        let done = (self.map.atomic_u64(DONE).load(Ordering::Acquire) as usize).min(count).min(super::wire::MAX_ENTRIES);
+        (0..done).map(|i| self.map.atomic_u32(LENS + 4 * i).load(Ordering::Acquire)).collect()
+    }
+
+    /// The backend's claim of how many entries of request `seq` it did (see [`Progress::of`]).
+    pub fn done(&self, seq: u32, count: usize) -> usize {
+        if self.map.atomic_u64(SEQ).load(Ordering::Acquire) != seq as u64 {
+            return 0;
+        }
+        (self.map.atomic_u64(DONE).load(Ordering::Acquire) as usize).min(count)
+    }
+}
+
+/// A new memfd of `size` bytes.
+pub fn memfd(name: &std::ffi::CStr, size: u64) -> Result<std::os::fd::OwnedFd, String> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ftruncate on our own descriptor.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
+        return Err(format!("ftruncate to {size} bytes: {}", std::io::Error::last_os_error()));
+    }
+    Ok(fd)
+}
