@@ -6,6 +6,7 @@
 //! - [`Proc`]: a process started inside a namespace with its output in a log file;
 //! - [`build_guest`]: guest images built from this workspace;
 //! - [`redis`]: a long-lived `redis-cli` client, one TCP connection;
+//! - [`tapns`]: one namespace with a tap, a `vigil vm run` process on it;
 //! - [`etcd`]: a three-member etcd cluster on loopback;
 //! - [`browser`]: headless Chromium through chromedriver (WebDriver).
 //!
@@ -16,6 +17,7 @@ pub mod etcd;
 mod guest;
 mod proc;
 pub mod redis;
+pub mod tapns;
 pub mod twohost;
 
 pub use guest::build_guest;

@@ -1,0 +1,136 @@
+//! The network backend as a process of its own (`vigil vm run --net-backend process`) under
+//! real clients: killed (SIGKILL) or stopped (SIGSTOP, a hang) at random moments while
+//! `redis-cli` clients write and check every acknowledged reply. Nothing acknowledged may be
+//! lost, no request may run twice (each client's INCR counts exactly its requests), every
+//! client keeps its one TCP connection, and the VM keeps running.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use testbed::redis::{client_ports, RedisClient};
+use testbed::tapns::{TapNs, GUEST_IP};
+
+fn no_kvm(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return false;
+    }
+    eprintln!("{test}: skipped: /dev/kvm is absent on this host");
+    true
+}
+
+/// A short directory (control sockets have a path limit of 108 bytes).
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vigil-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn chaos(test: &str, signal: i32, faults: usize) {
+    if no_kvm(test) {
+        return;
+    }
+    let image = testbed::guest("kv").expect("kv guest");
+    let ns = TapNs::new(if signal == libc::SIGKILL { "comp-kill" } else { "comp-stop" }).expect("namespace");
+    let dir = scratch(if signal == libc::SIGKILL { "kill" } else { "stop" });
+    let mut vm = ns.start_vm(Path::new(env!("CARGO_BIN_EXE_vigil")), &image, "process", &dir).expect("start the VM");
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1;
+    eprintln!("{test}: seed {seed}");
+    let mut rng = Rng(seed);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..3)
+        .map(|c| {
+            let (ns_name, stop) = (ns.name.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut cli = RedisClient::new(&ns_name, GUEST_IP, 6379);
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    assert_eq!(cli.call(&format!("SET c{c}:k{i} v{i}")), "OK", "client {c}: SET number {i}");
+                    // A request served twice (or lost after its reply) would break the count.
+                    assert_eq!(cli.call(&format!("INCR c{c}:n")), i.to_string(), "client {c}: INCR number {i}");
+                }
+                (cli, i)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let peer = format!("{GUEST_IP}:6379");
+    let ports_before = client_ports(&ns.name, &peer, "redis-cli");
+    assert_eq!(ports_before.len(), 3, "three redis-cli connections: {ports_before:?}");
+
+    let mut restarts_seen = 0u64;
+    for k in 0..faults {
+        std::thread::sleep(Duration::from_millis(50 + rng.next() % 350));
+        let pid = vm.backend_pid();
+        assert!(pid != 0, "fault {k}: no backend pid in the VM's status");
+        // SAFETY: kill(2) of the backend process the VM reports (its pid, alive: the VMM has
+        // not reaped it, so it cannot be reused).
+        assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0, "kill {pid}");
+        let t = Instant::now();
+        loop {
+            let st = vm.status();
+            let restarts = st["net_backend"]["restarts"].as_u64().unwrap_or(0);
+            if restarts > restarts_seen && st["net_backend"]["pid"].as_u64() != Some(pid as u64) {
+                restarts_seen = restarts;
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(5), "fault {k}: backend {pid} not replaced within 5 s: {st}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(vm.running(), "fault {k}: the VMM ended:\n{}", vm.proc_.text());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let mut done = Vec::new();
+    for (c, h) in clients.into_iter().enumerate() {
+        let (cli, n) = h.join().unwrap_or_else(|_| panic!("client {c} failed; VM log:\n{}", vm.proc_.text()));
+        done.push((cli, n));
+    }
+    let ports_after = client_ports(&ns.name, &peer, "redis-cli");
+    assert_eq!(ports_before.iter().collect::<std::collections::BTreeSet<_>>(), ports_after.iter().collect(), "connections survive");
+
+    // Every acknowledged write is there, once.
+    let mut check = RedisClient::new(&ns.name, GUEST_IP, 6379);
+    let mut total = 0;
+    for (c, (_, n)) in done.iter().enumerate() {
+        assert_eq!(check.call(&format!("GET c{c}:n")), n.to_string(), "client {c}'s count");
+        for i in 1..=*n {
+            assert_eq!(check.call(&format!("GET c{c}:k{i}")), format!("v{i}"), "client {c}: key {i}");
+        }
+        total += n;
+    }
+    let st = vm.status();
+    let incidents = st["net_backend"]["incidents"].as_array().cloned().unwrap_or_default();
+    let want = if signal == libc::SIGKILL { "crashed" } else { "hung" };
+    assert!(incidents.iter().all(|i| i["cause"].as_str().is_some_and(|c| c.starts_with(want))), "{incidents:?}");
+    assert!(vm.running(), "the VMM ended:\n{}", vm.proc_.text());
+    eprintln!(
+        "{test}: {faults} faults, {total} acknowledged writes checked, {} restarts; incidents: {}",
+        restarts_seen,
+        serde_json::to_string(&incidents).unwrap_or_default()
+    );
+    drop(vm);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn net_backend_killed_at_random_moments_loses_nothing_acknowledged() {
+    chaos("net_backend_killed_at_random_moments_loses_nothing_acknowledged", libc::SIGKILL, 12);
+}
+
+#[test]
+fn net_backend_hung_at_random_moments_is_detected_and_replaced() {
+    chaos("net_backend_hung_at_random_moments_is_detected_and_replaced", libc::SIGSTOP, 6);
+}
