@@ -481,7 +481,8 @@ impl Conn {
         let theirs = dup_high(theirs.as_fd(), "socket")?;
         let fds = [theirs.as_raw_fd(), self.mem.as_raw_fd(), self.tap.as_raw_fd(), self.progress_fd.as_raw_fd()];
         let mut cmd = Command::new(&self.program.program);
-        cmd.args(&self.program.args).stdin(Stdio::null());
+        // Its stdout is unused (messages go to stderr, the VMM's log).
+        cmd.args(&self.program.args).stdin(Stdio::null()).stdout(Stdio::null());
         // SAFETY: between fork and exec the closure only calls dup2(2) and prctl(2), which are
         // async-signal-safe, and allocates nothing. The sources are all above 63, so no target
         // (3..=6) overwrites a source still to be duplicated; dup2 clears close-on-exec on the
@@ -537,5 +538,123 @@ impl Drop for NetBackend {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         self.lock().kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::serve::{FD_PROGRESS, FD_SOCKET};
+
+    /// Whether this process was started as a backend (descriptor 3 a seqpacket socket).
+    fn started_as_backend() -> bool {
+        let mut ty: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes one int into `ty`; a descriptor that is no socket fails.
+        let r = unsafe { libc::getsockopt(FD_SOCKET, libc::SOL_SOCKET, libc::SO_TYPE, (&mut ty as *mut libc::c_int).cast(), &mut len) };
+        r == 0 && ty == libc::SOCK_SEQPACKET
+    }
+
+    /// A backend that answers heartbeats and misbehaves on every other request, the way
+    /// `mode` says. Runs (as its own test) only in a process started by `NetBackend`.
+    fn fake(mode: &str) {
+        if !started_as_backend() {
+            return;
+        }
+        // SAFETY: descriptor 6 is the progress page the VMM passed.
+        let progress = Progress::new(Mapping::map(unsafe { BorrowedFd::borrow_raw(FD_PROGRESS) }).expect("map")).expect("page");
+        let mut buf = vec![0u8; MAX_MSG + 1];
+        let mut n_req = 0u32;
+        loop {
+            // SAFETY: receives into our own buffer.
+            let n = unsafe { libc::recv(FD_SOCKET, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n <= 0 {
+                std::process::exit(0);
+            }
+            let m = &buf[..n as usize];
+            let (op, seq, count) = (
+                u32::from_le_bytes([m[0], m[1], m[2], m[3]]),
+                u32::from_le_bytes([m[4], m[5], m[6], m[7]]),
+                u32::from_le_bytes([m[8], m[9], m[10], m[11]]),
+            );
+            let ok = |done: u32| Reply { op, seq, done, status: STATUS_OK, reason: String::new() }.encode();
+            let reply = if op == wire::OP_PING {
+                ok(0)
+            } else {
+                n_req += 1;
+                match mode {
+                    "crash" => std::process::exit(3),
+                    "silent" => loop {
+                        std::thread::sleep(Duration::from_secs(1));
+                    },
+                    _ => match n_req % 6 {
+                        0 => vec![0xff; 7],
+                        1 => Reply { op, seq: seq.wrapping_add(1), done: 0, status: STATUS_OK, reason: String::new() }.encode(),
+                        2 => ok(count + 5),
+                        3 => Reply { op, seq, done: 0, status: 9, reason: String::new() }.encode(),
+                        4 => {
+                            // Claims frames received, with lengths past their buffers.
+                            progress.begin(seq);
+                            for i in 0..count as usize {
+                                progress.record(i, 99_999);
+                            }
+                            ok(count)
+                        }
+                        _ => ok(count.saturating_sub(1)),
+                    },
+                }
+            };
+            // SAFETY: sends our own buffer on our socket.
+            unsafe { libc::send(FD_SOCKET, reply.as_ptr().cast(), reply.len(), libc::MSG_NOSIGNAL) };
+        }
+    }
+
+    #[test]
+    fn fake_backend_garbage() {
+        fake("garbage");
+    }
+    #[test]
+    fn fake_backend_crash() {
+        fake("crash");
+    }
+    #[test]
+    fn fake_backend_silent() {
+        fake("silent");
+    }
+
+    fn program(mode: &str) -> BackendProgram {
+        let exe = std::env::current_exe().expect("test binary");
+        let test = format!("backend::client::tests::fake_backend_{mode}");
+        BackendProgram { period_ms: 20, timeout_ms: 50, ..BackendProgram::new(exe, vec!["--exact".into(), test, "--test-threads=1".into(), "-q".into()]) }
+    }
+
+    /// A backend that answers garbage, crashes on every request or never answers costs the VM
+    /// its frames, never the VMM: each failure is detected, the backend replaced, and after
+    /// a few restarts the request is given up (frames dropped, as on a wire).
+    #[test]
+    fn a_misbehaving_backend_never_takes_the_vmm_down() {
+        let mem = memfd(c"test-guest", 1 << 20).expect("memfd");
+        let mut pair = [0; 2];
+        // SAFETY: socketpair fills two descriptors.
+        assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, pair.as_mut_ptr()) }, 0);
+        // SAFETY: both are new and ours.
+        let (tap, _peer) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+        for (mode, cause) in [("garbage", "misbehaved"), ("crash", "crashed"), ("silent", "hung")] {
+            let b = NetBackend::start(&program(mode), mem.as_fd(), tap.as_fd()).expect("start");
+            for round in 0..2 {
+                let lens = b.rx(&[(0x1000, 2048), (0x2000, 2048)]);
+                assert!(lens.len() <= 2 && lens.iter().all(|l| (1..=2048).contains(l)), "{mode} round {round}: {lens:?}");
+                assert!(b.tx(&[(0x1000, 60)]) <= 1);
+                let mut p = 60u16.to_le_bytes().to_vec();
+                p.extend([0u8; 60]);
+                assert!(b.send(&p) <= 1);
+            }
+            let st = b.status();
+            assert!(st.restarts >= 3, "{mode}: {st:?}");
+            assert!(st.incidents.iter().any(|i| i.cause.starts_with(cause)), "{mode}: {st:?}");
+        }
+        // A program that never answers its first heartbeat is refused with a reason.
+        let e = NetBackend::start(&BackendProgram::new("/bin/true", vec![]), mem.as_fd(), tap.as_fd()).err().expect("refused");
+        assert!(e.contains("the new backend crashed"), "{e}");
     }
 }
