@@ -111,6 +111,10 @@ enum What {
     /// What job marks cost a guest: kv under redis-benchmark with marks on and off, and the
     /// VMM's read of a full trace ring (needs root, KVM).
     Monitoring,
+    /// The network backend as a supervised process against inside the VMM: kv's tail latency
+    /// under redis-benchmark, a crash and a hang mid-run, recovery against a whole-VMM restart
+    /// (needs root, KVM, redis-tools; `--rounds`, `--ops` requests per test, `--kills`).
+    Components,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -171,6 +175,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             args.policies_names.clone()
         };
         return crate::cluster::policies(&names, args.seconds, args.json);
+    }
+    if let What::Components = args.what {
+        return crate::components::run(&crate::components::Options {
+            guests: args.guests.clone(),
+            rounds: args.rounds,
+            requests: args.ops,
+            kills: args.kills,
+            json: args.json,
+        });
     }
     if let What::Monitoring = args.what {
         return crate::vmm::monitoring(&args.guests, args.rounds.max(1), args.json);

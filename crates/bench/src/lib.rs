@@ -8,6 +8,7 @@
 //! - [`cluster`]: the MMS reacting to host failures of a real cluster, manager failover, plan
 //!   table computation;
 //! - [`voting`]: local redundancy's cost (latency, throughput) and repair time;
+//! - [`components`]: the network backend as a process: tail latency, failures, recovery;
 //! - [`demo`]: `vigil demo failover`.
 //!
 //! Every figure is a median or a range over repeated runs, printed as a table (or JSON).
@@ -16,6 +17,7 @@
 
 pub mod analysis;
 pub mod cluster;
+pub mod components;
 pub mod demo;
 pub mod replication;
 pub mod store;

@@ -232,6 +232,10 @@ impl Tap {
                 }
                 mem.check(b.addr, b.len as u64).map_err(|e| format!("receive buffer {i}: {e}"))?;
             }
+            // Nothing waiting (the VMM polls the tap it shares with the backend): no round trip.
+            if !self.readable() {
+                return finish(mem, addr, req, &[], 0);
+            }
             let lens = backend.rx(&bufs.iter().map(|b| (b.addr, b.len)).collect::<Vec<_>>());
             // The backend may have written (a frame of at most FRAME_MAX bytes) into any buffer
             // it was given: all of them go into the dirty bitmap, for replication.

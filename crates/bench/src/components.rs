@@ -1,0 +1,422 @@
+//! `vigil bench components`: what it costs to run the network backend as a supervised process
+//! of its own, and what it buys.
+//!
+//! - **Tail latency without failures**: the kv guest under `redis-benchmark` (SET and GET), with
+//!   the backend inside the VMM against the backend as a process, in alternating rounds;
+//!   medians over the rounds of p50, p95, p99, p99.9, mean and throughput, with their ratios.
+//! - **A failure mid-run**: the backend SIGKILLed (a crash) or SIGSTOPped (a hang) while
+//!   `redis-benchmark` runs: requests failed, the tail, and the VMM's own record of detection
+//!   and restart.
+//! - **Recovery**: the service gap a client that asks without pause sees when the backend is
+//!   killed, against the coarse restart a crash of an in-VMM backend forces (the whole VMM,
+//!   the guest booted again, its state lost).
+
+use anyhow::{bail, Context, Result};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use testbed::tapns::{TapNs, VmProc, GUEST_IP};
+
+/// What to run.
+pub struct Options {
+    /// Directory of the release-built guests (`kv`).
+    pub guests: PathBuf,
+    /// Rounds of each setup (alternating).
+    pub rounds: usize,
+    /// Requests per redis-benchmark test.
+    pub requests: usize,
+    /// Backend kills (and hangs) timed for recovery.
+    pub kills: usize,
+    pub json: bool,
+}
+
+/// One redis-benchmark test's figures (ms, and requests per second).
+#[derive(Debug, Clone, Default)]
+struct Lat {
+    completed: u64,
+    rps: f64,
+    avg: f64,
+    p50: f64,
+    p95: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+}
+
+/// Parses redis-benchmark's (7.x) full output: per test, the completed count, the percentile
+/// distribution (p99.9: the first line at or above 99.9 %) and the summary.
+fn parse(out: &str) -> Vec<(String, Lat)> {
+    let mut res: Vec<(String, Lat)> = Vec::new();
+    let text = out.replace('\r', "\n");
+    let mut lines = text.lines().peekable();
+    while let Some(l) = lines.next() {
+        let l = l.trim();
+        if let Some(name) = l.strip_prefix("====== ").and_then(|x| x.strip_suffix(" ======")) {
+            res.push((name.to_string(), Lat::default()));
+            continue;
+        }
+        let Some((_, lat)) = res.last_mut() else { continue };
+        if let Some(n) = l.split_whitespace().next().filter(|_| l.contains("requests completed in")) {
+            lat.completed = n.parse().unwrap_or(0);
+        } else if let Some((pct, rest)) = l.split_once("% <= ") {
+            if let (Ok(p), Some(ms)) = (pct.parse::<f64>(), rest.split_whitespace().next().and_then(|v| v.parse::<f64>().ok())) {
+                if p >= 99.9 && lat.p999 == 0.0 {
+                    lat.p999 = ms;
+                }
+            }
+        } else if let Some(r) = l.strip_prefix("throughput summary: ") {
+            lat.rps = r.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        } else if l.starts_with("avg") && l.contains("p99") {
+            if let Some(v) = lines.next() {
+                let v: Vec<f64> = v.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+                if let [avg, _min, p50, p95, p99, max] = v[..] {
+                    (lat.avg, lat.p50, lat.p95, lat.p99, lat.max) = (avg, p50, p95, p99, max);
+                }
+            }
+        }
+    }
+    // The cumulative distribution repeats percentiles: only the first block counts, which
+    // the `p999 == 0` check keeps.
+    res
+}
+
+fn redis_benchmark(ns: &TapNs, requests: usize, tests: &str) -> std::process::Command {
+    let mut c = ns.command("redis-benchmark");
+    c.args(["-h", GUEST_IP, "-p", "6379", "-c", "4", "-n", &requests.to_string(), "-t", tests]);
+    c
+}
+
+fn run_benchmark(ns: &TapNs, requests: usize, tests: &str) -> Result<Vec<(String, Lat)>> {
+    let out = redis_benchmark(ns, requests, tests).output().context("redis-benchmark (package redis-tools)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("redis-benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(parse(&text))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// A client that sends PING on one connection without pause from inside the namespace and
+/// records when each reply came.
+struct Prober {
+    replies: Arc<Mutex<Vec<Instant>>>,
+    errors: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn enter(ns: &str) -> Result<()> {
+    let path = format!("/var/run/netns/{ns}");
+    let f = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+    // SAFETY: setns on a namespace descriptor we opened; it moves only the calling thread.
+    if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {path}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Prober {
+    fn start(ns: &str) -> Result<Prober> {
+        let (replies, errors, stop) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicBool::new(false)));
+        let (r, e, s, ns) = (replies.clone(), errors.clone(), stop.clone(), ns.to_string());
+        let thread = std::thread::spawn(move || {
+            let run = || -> Result<()> {
+                enter(&ns)?;
+                let mut c = std::net::TcpStream::connect((GUEST_IP, 6379))?;
+                c.set_nodelay(true)?;
+                c.set_read_timeout(Some(Duration::from_secs(10)))?;
+                let mut buf = [0u8; 7];
+                while !s.load(Ordering::Relaxed) {
+                    c.write_all(b"PING\r\n")?;
+                    c.read_exact(&mut buf)?;
+                    if &buf != b"+PONG\r\n" {
+                        bail!("answer {:?}", String::from_utf8_lossy(&buf));
+                    }
+                    r.lock().map_err(|_| anyhow::anyhow!("lock"))?.push(Instant::now());
+                }
+                Ok(())
+            };
+            if let Err(err) = run() {
+                if let Ok(mut e) = e.lock() {
+                    e.push(err.to_string());
+                }
+            }
+        });
+        let p = Prober { replies, errors, stop, thread: Some(thread) };
+        let t = Instant::now();
+        while p.replies.lock().map(|r| r.len()).unwrap_or(0) < 10 {
+            if t.elapsed() > Duration::from_secs(10) {
+                bail!("the probe got no replies: {:?}", p.errors.lock().map(|e| e.clone()).unwrap_or_default());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(p)
+    }
+
+    /// The longest gap between replies from the last one before `at` to the first one after
+    /// `until` (waits up to 10 s for that one).
+    fn gap(&self, at: Instant, until: Instant) -> Result<Duration> {
+        let t = Instant::now();
+        loop {
+            {
+                let r = self.replies.lock().map_err(|_| anyhow::anyhow!("lock"))?;
+                if let Some(last) = r.iter().position(|x| *x > until) {
+                    let first = r.iter().rposition(|x| *x <= at).unwrap_or(0);
+                    let gap = r[first..=last].windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+                    return Ok(gap);
+                }
+            }
+            if let Some(e) = self.errors.lock().ok().and_then(|e| e.first().cloned()) {
+                bail!("the probe failed: {e}");
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                bail!("no reply within 10 s of the fault");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn stop(mut self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.errors.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+}
+
+fn signal(pid: u32, sig: i32) -> Result<()> {
+    if pid == 0 {
+        bail!("no backend process");
+    }
+    // SAFETY: kill(2) of the backend pid the VMM reports (its child, not reaped, so not reused).
+    if unsafe { libc::kill(pid as i32, sig) } != 0 {
+        bail!("kill {pid}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Waits until the VM reports `restarts` backend restarts; returns its last incident.
+fn wait_restart(vm: &VmProc, restarts: u64) -> Result<serde_json::Value> {
+    let t = Instant::now();
+    loop {
+        let st = vm.status();
+        if st["net_backend"]["restarts"].as_u64().unwrap_or(0) >= restarts {
+            return Ok(st["net_backend"]["incidents"].as_array().and_then(|a| a.last().cloned()).unwrap_or_default());
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            bail!("the backend was not restarted within 10 s: {st}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+struct Table {
+    rows: Vec<[String; 5]>,
+}
+
+impl Table {
+    fn add(&mut self, what: &str, a: String, b: String, ratio: String, note: &str) {
+        eprintln!("  {what}: {a} | {b} | {ratio}");
+        self.rows.push([what.into(), a, b, ratio, note.into()]);
+    }
+    fn print(&self, json: bool) -> Result<()> {
+        if json {
+            let v: Vec<_> = self
+                .rows
+                .iter()
+                .map(|r| serde_json::json!({"what": r[0], "in_vmm": r[1], "process": r[2], "ratio": r[3], "note": r[4]}))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            return Ok(());
+        }
+        let head = ["measure", "backend in VMM", "backend process", "ratio", "note"];
+        let w: Vec<usize> = (0..4).map(|i| self.rows.iter().map(|r| r[i].chars().count()).chain([head[i].len()]).max().unwrap_or(0)).collect();
+        println!("{:w0$}  {:>w1$}  {:>w2$}  {:>w3$}  {}", head[0], head[1], head[2], head[3], head[4], w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3]);
+        for r in &self.rows {
+            println!("{:w0$}  {:>w1$}  {:>w2$}  {:>w3$}  {}", r[0], r[1], r[2], r[3], r[4], w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3]);
+        }
+        Ok(())
+    }
+}
+
+pub fn run(o: &Options) -> Result<()> {
+    let kv = o.guests.join("kv");
+    if !kv.exists() {
+        bail!("{}: missing (cargo build --release -p kv)", kv.display());
+    }
+    let exe = std::env::current_exe().context("the vigil executable")?;
+    let ns = TapNs::new("bench-comp").map_err(anyhow::Error::msg)?;
+    let dir = std::env::temp_dir().join(format!("vigil-bench-comp-{}", std::process::id()));
+    let mut t = Table { rows: Vec::new() };
+
+    // 1. Tail latency without failures, alternating setups.
+    let mut per: [Vec<Vec<(String, Lat)>>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..o.rounds.max(1) {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for m in order {
+            let mode = ["vmm", "process"][m];
+            let vm = ns.start_vm(&exe, &kv, mode, &dir).map_err(anyhow::Error::msg)?;
+            run_benchmark(&ns, o.requests / 4, "set")?;
+            let r = run_benchmark(&ns, o.requests, "set,get")?;
+            eprintln!(
+                "  round {round}, backend {mode}: {}",
+                r.iter().map(|(n, l)| format!("{n} p50 {:.3} p99 {:.3} p99.9 {:.3} ms, {:.0}/s", l.p50, l.p99, l.p999, l.rps)).collect::<Vec<_>>().join("; ")
+            );
+            per[m].push(r);
+            drop(vm);
+        }
+    }
+    for test in ["SET", "GET"] {
+        let pick = |m: usize, f: fn(&Lat) -> f64| median(per[m].iter().filter_map(|r| r.iter().find(|(n, _)| n == test)).map(|(_, l)| f(l)).collect());
+        let metrics: [(&str, fn(&Lat) -> f64); 6] =
+            [("p50", |l| l.p50), ("p95", |l| l.p95), ("p99", |l| l.p99), ("p99.9", |l| l.p999), ("mean", |l| l.avg), ("throughput", |l| l.rps)];
+        for (name, f) in metrics {
+            let (a, b) = (pick(0, f), pick(1, f));
+            let unit = if name == "throughput" { "req/s" } else { "ms" };
+            let fmt = |v: f64| if name == "throughput" { format!("{v:.0} {unit}") } else { format!("{v:.3} {unit}") };
+            t.add(
+                &format!("{test} {name}"),
+                fmt(a),
+                fmt(b),
+                format!("{:.3}", b / a),
+                &format!("median of {} rounds of {} requests, 4 clients", o.rounds.max(1), o.requests),
+            );
+        }
+    }
+
+    // 2. A failure mid-run: SIGKILL, then SIGSTOP, of the backend while redis-benchmark runs.
+    for (sig, what) in [(libc::SIGKILL, "crash (SIGKILL)"), (libc::SIGSTOP, "hang (SIGSTOP)")] {
+        let vm = ns.start_vm(&exe, &kv, "process", &dir).map_err(anyhow::Error::msg)?;
+        // Long enough that the fault lands in the middle of it.
+        let n = (o.requests * 4).max(10_000);
+        let child = redis_benchmark(&ns, n, "set").stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn()?;
+        std::thread::sleep(Duration::from_millis(400));
+        signal(vm.backend_pid(), sig)?;
+        let incident = wait_restart(&vm, 1)?;
+        let out = child.wait_with_output()?;
+        let r = parse(&String::from_utf8_lossy(&out.stdout));
+        let l = r.first().map(|x| x.1.clone()).unwrap_or_default();
+        let failed = n as u64 - l.completed.min(n as u64);
+        let errs = String::from_utf8_lossy(&out.stderr).lines().filter(|l| !l.trim().is_empty()).count();
+        t.add(
+            &format!("backend {what} mid-run: failed requests"),
+            "-".into(),
+            format!("{failed} of {n}"),
+            "-".into(),
+            &format!("redis-benchmark SET, exit {}, {errs} error lines", out.status),
+        );
+        t.add(
+            &format!("backend {what} mid-run: p99 / max"),
+            "-".into(),
+            format!("{:.3} / {:.1} ms", l.p99, l.max),
+            "-".into(),
+            "the requests in flight wait for the restart",
+        );
+        t.add(
+            &format!("backend {what}: detection + restart"),
+            "-".into(),
+            format!(
+                "{:.1} + {:.1} ms",
+                incident["waited_us"].as_f64().unwrap_or(0.0) / 1e3,
+                incident["restart_us"].as_f64().unwrap_or(0.0) / 1e3
+            ),
+            "-".into(),
+            &format!("the VMM's record: {}", incident["cause"].as_str().unwrap_or("?")),
+        );
+        drop(vm);
+    }
+
+    // 3. Recovery: the gap a client sees after the backend is killed or hangs ...
+    let mut gaps: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    {
+        let vm = ns.start_vm(&exe, &kv, "process", &dir).map_err(anyhow::Error::msg)?;
+        let probe = Prober::start(&ns.name)?;
+        let mut restarts = 0;
+        for k in 0..o.kills.max(1) * 2 {
+            let (i, sig) = if k % 2 == 0 { (0, libc::SIGKILL) } else { (1, libc::SIGSTOP) };
+            std::thread::sleep(Duration::from_millis(200));
+            let at = Instant::now();
+            signal(vm.backend_pid(), sig)?;
+            restarts += 1;
+            wait_restart(&vm, restarts)?;
+            gaps[i].push(probe.gap(at, Instant::now())?.as_secs_f64() * 1e3);
+        }
+        let errors = probe.stop();
+        if !errors.is_empty() {
+            bail!("the probe's connection failed: {errors:?}");
+        }
+        drop(vm);
+    }
+    // ... against a restart of the whole VMM (what a crash of an in-VMM backend costs).
+    let mut coarse = Vec::new();
+    for _ in 0..o.kills.clamp(1, 3) {
+        let mut vm = ns.start_vm(&exe, &kv, "vmm", &dir).map_err(anyhow::Error::msg)?;
+        let at = Instant::now();
+        vm.proc_.kill();
+        let _vm2 = ns.start_vm(&exe, &kv, "vmm", &dir).map_err(anyhow::Error::msg)?;
+        // First PING answered on a new connection.
+        let (ns_name, probe_at) = (ns.name.clone(), at);
+        let took = std::thread::spawn(move || -> Result<Duration> {
+            enter(&ns_name)?;
+            loop {
+                if let Ok(mut c) = std::net::TcpStream::connect_timeout(&(GUEST_IP.parse::<std::net::Ipv4Addr>()?, 6379).into(), Duration::from_millis(200)) {
+                    let mut buf = [0u8; 7];
+                    if c.write_all(b"PING\r\n").is_ok() && c.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n" {
+                        return Ok(probe_at.elapsed());
+                    }
+                }
+                if probe_at.elapsed() > Duration::from_secs(30) {
+                    bail!("the restarted VM did not answer within 30 s");
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("probe thread"))??;
+        coarse.push(took.as_secs_f64() * 1e3);
+    }
+    let (kill_gap, stop_gap, coarse_ms) = (median(gaps[0].clone()), median(gaps[1].clone()), median(coarse.clone()));
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    t.add(
+        "service gap: net backend crash (SIGKILL)",
+        format!("{coarse_ms:.1} ms"),
+        format!("{kill_gap:.1} ms"),
+        format!("{:.3}", kill_gap / coarse_ms),
+        &format!(
+            "median (max {:.1} | {:.1} ms) of {} | {} faults; in VMM: the whole VMM restarted and the guest booted again, its state and connections lost",
+            max(&coarse),
+            max(&gaps[0]),
+            coarse.len(),
+            gaps[0].len()
+        ),
+    );
+    t.add(
+        "service gap: net backend hang (SIGSTOP)",
+        "-".into(),
+        format!("{stop_gap:.1} ms"),
+        format!("{:.3}", stop_gap / coarse_ms),
+        &format!("median (max {:.1} ms) of {}; detection is the 150 ms request timeout; the connection survives", max(&gaps[1]), gaps[1].len()),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    t.print(o.json)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redis_benchmark_output_parses() {
+        let out = "====== SET ======\n  3000 requests completed in 0.90 seconds\nLatency by percentile distribution:\n0.000% <= 0.303 milliseconds (cumulative count 2)\n99.805% <= 9.695 milliseconds (cumulative count 2995)\n99.902% <= 24.479 milliseconds (cumulative count 3000)\n100.000% <= 24.479 milliseconds (cumulative count 3000)\n\nCumulative distribution of latencies:\n99.950% <= 1.0 milliseconds (cumulative count 0)\nSummary:\n  throughput summary: 3329.63 requests per second\n  latency summary (msec):\n          avg       min       p50       p95       p99       max\n        0.882     0.104     0.863     1.223     1.471     2.015\n";
+        let r = super::parse(out);
+        assert_eq!(r.len(), 1);
+        let l = &r[0].1;
+        assert_eq!((l.completed, l.p999, l.p50, l.p99, l.max), (3000, 24.479, 0.863, 1.471, 2.015));
+        assert!((l.rps - 3329.63).abs() < 1e-6);
+    }
+}
