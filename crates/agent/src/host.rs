@@ -96,8 +96,11 @@ pub fn run(cfg: &Config) -> Result<()> {
     agent.adopt(&mut store)?;
     let _ = cluster::log_event(&mut store, &Event::now(&cfg.host, format!("agent started (pid {})", std::process::id())));
     tracing::info!("agent {}: holding the host; {} VMM(s) adopted", cfg.host, agent.copies.len());
+    let alive = alive_path(&cfg.state_dir);
     loop {
         let t0 = Instant::now();
+        // The respawner's heartbeat: a hung agent (this loop stopped) is killed and replaced.
+        let _ = std::fs::write(&alive, agent.beat.to_le_bytes());
         match agent.step(&mut store) {
             Ok(Step::Go) => {}
             Ok(Step::Fenced(generation)) => {
@@ -120,6 +123,11 @@ pub fn run(cfg: &Config) -> Result<()> {
         }
         std::thread::sleep(cfg.period.saturating_sub(t0.elapsed()));
     }
+}
+
+/// The file the agent rewrites every period (its heartbeat for `vigil agent --respawn`).
+pub fn alive_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("agent.alive")
 }
 
 enum Step {

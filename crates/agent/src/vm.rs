@@ -424,8 +424,16 @@ impl VmSpec {
             if net.backend == BackendPlace::Process {
                 // This very executable serves `vigil backend net`.
                 let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("vigil"));
-                config.net_backend =
-                    Some(vmm::backend::BackendProgram::new(exe, vec!["backend".into(), "net".into(), "--vm".into(), self.name.clone()]));
+                let mut program = vmm::backend::BackendProgram::new(exe, vec!["backend".into(), "net".into(), "--vm".into(), self.name.clone()]);
+                // A protected VM's vCPU must not wait on a hung backend for as long as its
+                // backup waits before it takes over (the checkpoint waits for the vCPU): the
+                // hang is declared, and heartbeats run, at a third of the replication timeout.
+                if let Some(p) = &self.protection {
+                    let third = (p.timing.timeout_ms / 3).max(5);
+                    program.timeout_ms = program.timeout_ms.min(third);
+                    program.period_ms = program.period_ms.min(third);
+                }
+                config.net_backend = Some(program);
             }
         }
         config

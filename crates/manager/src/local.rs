@@ -568,6 +568,11 @@ pub fn fail(dir: &Path, host: &str, partition: bool) -> Result<Vec<u32>, String>
     Ok(pids)
 }
 
+/// The pids of the processes in `host`'s namespace.
+pub fn host_pids(cf: &ClusterFile, host: &str) -> Result<Vec<u32>, String> {
+    Ok(pids_in(host_ns(cf, host)?))
+}
+
 /// Restores the link of a host cut off by [`fail`].
 pub fn heal(dir: &Path, host: &str) -> Result<(), String> {
     let cf = ClusterFile::load(dir)?;

@@ -89,7 +89,7 @@ impl Layout {
             gateway: None,
             mac: Some(Mac([0x52, 0x54, o[0], o[1], o[2], o[3]])),
             bridge: Some(self.bridge.clone()),
-            backend: Default::default(),
+            backend: if r.net_backend_process { agent::vm::BackendPlace::Process } else { agent::vm::BackendPlace::Vmm },
         })
     }
 

@@ -30,6 +30,7 @@ pub struct RawRun {
     pub ip: Option<String>,
     pub port: Option<i64>,
     pub policy: Option<String>,
+    pub net_backend: Option<String>,
 }
 
 /// How one VM runs.
@@ -46,6 +47,9 @@ pub struct Run {
     pub port: Option<u16>,
     /// Checkpoint policy name, checked by the replication crate when the VM starts.
     pub policy: Option<String>,
+    /// The network backend runs as a process of its own (`net_backend = "process"`), not
+    /// inside the VMM (`"vmm"`, the default).
+    pub net_backend_process: bool,
 }
 
 fn fail(ctx: &Ctx, name: &str, span: &Range<usize>, key: Option<&str>, msg: impl Into<String>) -> ModelError {
@@ -108,6 +112,11 @@ pub(crate) fn build(raw: &[Spanned<RawRun>], ctx: &Ctx, vms: &[(String, f64)]) -
             None => None,
             Some(p) => Some(u16::try_from(p).ok().filter(|p| *p > 0).ok_or_else(|| f(Some("port"), format!("{p} is not a TCP port")))?),
         };
+        let net_backend_process = match r.net_backend.as_deref() {
+            None | Some("vmm") => false,
+            Some("process") => true,
+            Some(other) => return Err(f(Some("net_backend"), format!("{other:?}: \"vmm\" or \"process\""))),
+        };
         out.push(Run {
             vm: r.vm.clone(),
             line: ctx.line_at(span.start),
@@ -117,6 +126,7 @@ pub(crate) fn build(raw: &[Spanned<RawRun>], ctx: &Ctx, vms: &[(String, f64)]) -
             ip,
             port,
             policy: r.policy.clone(),
+            net_backend_process,
         });
     }
     Ok(out)

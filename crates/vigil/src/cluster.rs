@@ -79,14 +79,27 @@ pub struct TraceArgs {
 #[derive(clap::Args)]
 pub struct FailArgs {
     /// The host to fail.
-    #[arg(required_unless_present = "instance")]
+    #[arg(required_unless_present_any = ["instance", "host_opt"])]
     host: Option<String>,
+    /// The host (as HOST).
+    #[arg(long = "host", value_name = "HOST", conflicts_with = "host")]
+    host_opt: Option<String>,
+    /// Fail one component of the host instead of all of it: `net` (a VM's network backend
+    /// process; --vm names the VM when the host runs several), `agent` (the host agent: its
+    /// VMs run on, a new agent re-adopts them), `store` (the store server under its
+    /// supervisor). SIGKILL, or SIGSTOP with --hang. `blk` is refused: the block backend still
+    /// runs inside the VMM.
+    #[arg(long, value_enum, conflicts_with_all = ["instance", "partition", "heal"])]
+    component: Option<Component>,
+    /// With --component net: the VM whose backend fails.
+    #[arg(long, requires = "component")]
+    vm: Option<String>,
     /// Fail one instance of a voted VM (mode `local`) instead, as VM#K (K from 1): its VMM
     /// is SIGKILLed (a crash), or SIGSTOPped with --hang; the voter masks it and repairs it.
     #[arg(long, value_name = "VM#K", conflicts_with_all = ["host", "partition", "heal"])]
     instance: Option<String>,
-    /// With --instance: a hang (SIGSTOP) instead of a crash.
-    #[arg(long, requires = "instance")]
+    /// With --instance or --component: a hang (SIGSTOP) instead of a crash.
+    #[arg(long)]
     hang: bool,
     /// With --instance: from now on one reply in N of that instance is wrong (the kv guest's
     /// `DEBUG WRONG-ANSWERS N`, sent to it alone through the voter) instead of a crash.
@@ -265,7 +278,13 @@ pub fn fail(a: &FailArgs) -> Result<u8> {
     if let Some(inst) = &a.instance {
         return fail_instance(&a.dir.dir, inst, a.hang, a.wrong);
     }
-    let Some(host) = &a.host else { bail!("which host? (or --instance VM#K)") };
+    let Some(host) = a.host.as_ref().or(a.host_opt.as_ref()) else { bail!("which host? (or --instance VM#K)") };
+    if let Some(c) = a.component {
+        return fail_component(&a.dir.dir, host, c, a.vm.as_deref(), a.hang);
+    }
+    if a.hang {
+        bail!("--hang goes with --instance or --component");
+    }
     if a.heal {
         local::heal(&a.dir.dir, host).map_err(anyhow::Error::msg)?;
         println!("host {host}: its link restored");
@@ -277,6 +296,80 @@ pub fn fail(a: &FailArgs) -> Result<u8> {
     } else {
         println!("host {host}: {} process(es) killed (SIGKILL), its link cut", pids.len());
     }
+    Ok(0)
+}
+
+/// A component of a host that `vigil fail --component` fails alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Component {
+    Net,
+    Blk,
+    Agent,
+    Store,
+}
+
+/// The command line of process `pid`, split at its NULs.
+fn cmdline(pid: u32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect()
+}
+
+/// Whether `args` has `flag` followed by `value`.
+fn has_flag(args: &[String], flag: &str, value: &str) -> bool {
+    args.windows(2).any(|w| w[0] == flag && w[1] == value)
+}
+
+/// `vigil fail --component C --host H [--vm V] [--hang]`: finds the one process of that
+/// component on that host (by its command line, among the host namespace's processes) and
+/// SIGKILLs or SIGSTOPs it. Whoever supervises it notices and replaces it: the VMM its network
+/// backend, the respawner the agent, the store's supervisor the store.
+fn fail_component(dir: &std::path::Path, host: &str, c: Component, vm: Option<&str>, hang: bool) -> Result<u8> {
+    let cf = manager::local::ClusterFile::load(dir).map_err(anyhow::Error::msg)?;
+    let candidates: Vec<(u32, Vec<String>)> = match c {
+        Component::Blk => bail!("the block backend runs inside the VMM process (not yet a process of its own): fail the host or the VMM instead"),
+        Component::Net => manager::local::host_pids(&cf, host)
+            .map_err(anyhow::Error::msg)?
+            .into_iter()
+            .map(|p| (p, cmdline(p)))
+            .filter(|(_, a)| a.windows(2).any(|w| w[0] == "backend" && w[1] == "net") && vm.is_none_or(|v| has_flag(a, "--vm", v)))
+            .collect(),
+        Component::Agent => manager::local::host_pids(&cf, host)
+            .map_err(anyhow::Error::msg)?
+            .into_iter()
+            .map(|p| (p, cmdline(p)))
+            .filter(|(_, a)| a.get(1).is_some_and(|x| x == "agent") && has_flag(a, "--host", host) && !a.iter().any(|x| x == "--respawn"))
+            .collect(),
+        Component::Store => {
+            // The store server is the child of its supervisor (the host's own front end with
+            // etcd, else the cluster's one store).
+            let sup = cf.pids.get(&format!("store:{host}")).or_else(|| cf.pids.get("store")).copied().context("no store in this cluster")?;
+            let children = std::fs::read_to_string(format!("/proc/{sup}/task/{sup}/children")).unwrap_or_default();
+            children.split_whitespace().filter_map(|p| p.parse().ok()).map(|p| (p, cmdline(p))).filter(|(_, a)| a.iter().any(|x| x == "serve")).collect()
+        }
+    };
+    let name = format!("{c:?}").to_lowercase();
+    let (pid, _) = match &candidates[..] {
+        [one] => one.clone(),
+        [] => bail!(
+            "host {host} runs no {name} process{} (a VM's network backend is a process only with `net_backend = \"process\"` in its [[run]])",
+            vm.map(|v| format!(" for VM {v}")).unwrap_or_default()
+        ),
+        many => bail!(
+            "host {host} runs {} {name} processes (pids {}): name the VM with --vm",
+            many.len(),
+            many.iter().map(|(p, _)| p.to_string()).collect::<Vec<_>>().join(", ")
+        ),
+    };
+    let sig = if hang { libc::SIGSTOP } else { libc::SIGKILL };
+    // SAFETY: kill(2) of a process just found by its command line; no memory is involved.
+    if unsafe { libc::kill(pid as i32, sig) } != 0 {
+        bail!("kill {pid}: {}", std::io::Error::last_os_error());
+    }
+    println!(
+        "host {host}: {name}{} (pid {pid}) {}",
+        vm.map(|v| format!(" of {v}")).unwrap_or_default(),
+        if hang { "stopped (SIGSTOP): a hang" } else { "killed (SIGKILL): a crash" }
+    );
     Ok(0)
 }
 
@@ -339,7 +432,10 @@ pub fn agent(a: &AgentArgs) -> Result<u8> {
     let exe = std::env::current_exe().context("cannot find the vigil executable")?;
     if a.respawn {
         let args: Vec<String> = std::env::args().skip(1).filter(|x| x != "--respawn").collect();
-        return respawn(&exe, &args);
+        // Hung: no heartbeat for a third of the lease (the host's lease must not run out
+        // before a new agent holds it).
+        let hang = Duration::from_millis((a.lease_ms / 3).max(3 * a.period_ms));
+        return respawn(&exe, &args, &agent::host::alive_path(&a.state), hang);
     }
     let cfg = agent::host::Config {
         host: a.host.clone(),
@@ -354,12 +450,29 @@ pub fn agent(a: &AgentArgs) -> Result<u8> {
 }
 
 /// Keeps `exe ARGS` running: starts it again when it dies (at once, then backing off while
-/// it keeps dying within a second); ends when it ends with status 0.
-fn respawn(exe: &std::path::Path, args: &[String]) -> Result<u8> {
+/// it keeps dying within a second), or when it hangs (it stops rewriting `alive` for `hang`:
+/// it is SIGKILLed first); ends when it ends with status 0.
+fn respawn(exe: &std::path::Path, args: &[String], alive: &std::path::Path, hang: Duration) -> Result<u8> {
     let mut fast_deaths = 0u32;
+    let modified = || std::fs::metadata(alive).and_then(|m| m.modified()).ok();
     loop {
         let started = std::time::Instant::now();
-        let st = std::process::Command::new(exe).args(args).status().context("cannot start the agent")?;
+        let start_mark = modified();
+        let mut child = std::process::Command::new(exe).args(args).spawn().context("cannot start the agent")?;
+        let st = loop {
+            if let Some(st) = child.try_wait()? {
+                break st;
+            }
+            // Only a heartbeat this child wrote counts (it takes a while to start).
+            let last = modified().filter(|m| Some(*m) != start_mark);
+            let stale = last.and_then(|m| m.elapsed().ok()).is_some_and(|age| age > hang);
+            if stale {
+                tracing::warn!("agent (pid {}) hung: no heartbeat for {} ms; killing it", child.id(), hang.as_millis());
+                let _ = child.kill();
+                break child.wait()?;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         if st.success() {
             return Ok(0);
         }

@@ -277,7 +277,8 @@ fn the_manager_an_agent_and_the_store_restart_without_a_failover() {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let up = Up::start("restart", "t2");
+    // Every VM's network backend runs as a process of its own.
+    let up = Up::start_edited("restart", "t2", "substation.toml", &[], &[], |t| t.replace("[[run]]\n", "[[run]]\nnet_backend = \"process\"\n"));
     let st = up.wait("every VM serving, control protected", 30, |ok, v| ok && vm(v, "control")["replication"] == "protected");
     let g1 = st["leader"]["generation"].as_u64().expect("generation");
     let leader = st["leader"]["id"].as_str().unwrap().to_string();
@@ -292,22 +293,43 @@ fn the_manager_an_agent_and_the_store_restart_without_a_failover() {
     let st = up.wait("a new leader", 10, |_, v| v["leader"]["id"].as_str().is_some_and(|id| id != leader));
     assert!(st["leader"]["generation"].as_u64().unwrap() > g1);
 
-    // 2. hostB's agent dies with its VMMs running: it is started again and re-adopts them.
-    let agent =
-        vm(&st, "control")["host"].as_str().map(|_| ()).and(st["hosts"].as_array().unwrap().iter().find(|h| h["host"] == "hostB")).unwrap()
-            ["agent_pid"]
-            .as_u64()
-            .unwrap();
-    kill(agent);
-    up.wait("hostB's agent back", 10, |_, v| {
-        v["hosts"].as_array().unwrap().iter().any(|h| h["host"] == "hostB" && h["agent_pid"].as_u64().is_some_and(|p| p != agent))
-    });
+    let d = up.d();
+    // 2. hostB's agent dies (`vigil fail --component agent`), then hangs (--hang), with its
+    // VMMs running: each time it is started again and re-adopts them.
+    let agent_pid = |v: &serde_json::Value| {
+        v["hosts"].as_array().unwrap().iter().find(|h| h["host"] == "hostB").and_then(|h| h["agent_pid"].as_u64()).unwrap()
+    };
+    for hang in [false, true] {
+        let agent = agent_pid(&up.status().1);
+        let mut args = vec!["fail", "--component", "agent", "--host", "hostB", "--dir", &d];
+        if hang {
+            args.push("--hang");
+        }
+        let out = vigil(&args);
+        assert!(out.status.success(), "vigil fail --component agent: {}", text(&out.stderr));
+        up.wait("hostB's agent back", 10, |_, v| {
+            v["hosts"].as_array().unwrap().iter().any(|h| h["host"] == "hostB" && h["agent_pid"].as_u64().is_some_and(|p| p != agent))
+        });
+    }
+
+    // 2b. control's network backend (on hostB) crashes, then hangs: its VMM starts it again;
+    // the client's connection and the VM's protection carry on.
+    assert_eq!(vm(&up.status().1, "control")["host"], "hostB");
+    for hang in [false, true] {
+        let mut args = vec!["fail", "--component", "net", "--host", "hostB", "--vm", "control", "--dir", &d];
+        if hang {
+            args.push("--hang");
+        }
+        let out = vigil(&args);
+        assert!(out.status.success(), "vigil fail --component net: {}", text(&out.stderr));
+        assert_eq!(c.call(&format!("SET backend-{hang} survived")), "OK");
+    }
+    let out = vigil(&["fail", "--component", "blk", "--host", "hostB", "--dir", &d]);
+    assert!(text(&out.stderr).contains("block backend runs inside the VMM"), "{}", text(&out.stderr));
 
     // 3. The store's server dies (its supervisor starts it again).
-    let sup = up.file()["pids"]["store"].as_u64().unwrap();
-    let children = std::fs::read_to_string(format!("/proc/{sup}/task/{sup}/children")).unwrap_or_default();
-    let server: u64 = children.split_whitespace().next().and_then(|p| p.parse().ok()).expect("the store server's pid");
-    kill(server);
+    let out = vigil(&["fail", "--component", "store", "--host", "hostB", "--dir", &d]);
+    assert!(out.status.success(), "vigil fail --component store: {}", text(&out.stderr));
     std::thread::sleep(Duration::from_millis(1500));
     let st = up.wait("the cluster as before", 10, |ok, _| ok);
     assert_eq!(st["failed"], serde_json::json!([]), "no host was failed for these restarts: {st}");
@@ -315,6 +337,8 @@ fn the_manager_an_agent_and_the_store_restart_without_a_failover() {
         ["relay", "control", "logger"].iter().map(|n| vm(&st, n)["detail"].as_str().unwrap().to_string()).collect();
     assert_eq!(pids_before, pids_after, "the VMMs kept running");
     assert_eq!(c.call("GET before"), "restarts", "the VM kept its state and its connection");
+    assert_eq!(c.call("GET backend-true"), "survived");
+    up.wait("control protected after its backend's failures", 10, |ok, v| ok && vm(v, "control")["replication"] == "protected");
 
     // 4. The arbiter and the field die too; the keeper starts them (and the manager killed in
     // step 1) again, and replication carries on with the restarted arbiter.
