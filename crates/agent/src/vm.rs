@@ -27,6 +27,10 @@ pub struct VmSpec {
     /// Disk image file.
     #[serde(default)]
     pub disk: Option<PathBuf>,
+    /// Where the disk's host I/O runs: in the VMM (`vmm`, the default) or in a supervised
+    /// backend process of the VM's own (`process`, `vigil backend blk`).
+    #[serde(default, skip_serializing_if = "BackendPlace::is_vmm")]
+    pub disk_backend: BackendPlace,
     /// Network card.
     #[serde(default)]
     pub net: Option<NetSpec>,
@@ -367,6 +371,7 @@ impl VmSpec {
             memory_mib,
             args: Vec::new(),
             disk: None,
+            disk_backend: BackendPlace::Vmm,
             net: None,
             api: None,
             dirty_log: false,
@@ -402,6 +407,22 @@ impl VmSpec {
         Ok(())
     }
 
+    /// How the VMM starts a backend process for `device` (`net`, `blk`): this very executable
+    /// (`vigil backend DEVICE`).
+    fn backend_program(&self, device: &str) -> vmm::backend::BackendProgram {
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("vigil"));
+        let mut program = vmm::backend::BackendProgram::new(exe, vec!["backend".into(), device.into(), "--vm".into(), self.name.clone()]);
+        // A protected VM's vCPU must not wait on a hung backend for as long as its backup
+        // waits before it takes over (the checkpoint waits for the vCPU): the hang is
+        // declared, and heartbeats run, at a third of the replication timeout.
+        if let Some(p) = &self.protection {
+            let third = (p.timing.timeout_ms / 3).max(5);
+            program.timeout_ms = program.timeout_ms.min(third);
+            program.period_ms = program.period_ms.min(third);
+        }
+        program
+    }
+
     /// The VMM's configuration.
     pub fn vm_config(&self) -> VmConfig {
         let mut config = VmConfig::new(&self.image, self.memory_mib);
@@ -409,6 +430,9 @@ impl VmSpec {
         config.args = self.args.clone();
         config.dirty_log = self.dirty_log;
         config.tracking = self.tracking;
+        if self.disk.is_some() && self.disk_backend == BackendPlace::Process {
+            config.blk_backend = Some(self.backend_program("blk"));
+        }
         if let Some(net) = &self.net {
             config.tap = Some(net.tap.clone());
             if let Some(ip) = net.ip {
@@ -422,18 +446,7 @@ impl VmSpec {
                 config.net.mac = m.0;
             }
             if net.backend == BackendPlace::Process {
-                // This very executable serves `vigil backend net`.
-                let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("vigil"));
-                let mut program = vmm::backend::BackendProgram::new(exe, vec!["backend".into(), "net".into(), "--vm".into(), self.name.clone()]);
-                // A protected VM's vCPU must not wait on a hung backend for as long as its
-                // backup waits before it takes over (the checkpoint waits for the vCPU): the
-                // hang is declared, and heartbeats run, at a third of the replication timeout.
-                if let Some(p) = &self.protection {
-                    let third = (p.timing.timeout_ms / 3).max(5);
-                    program.timeout_ms = program.timeout_ms.min(third);
-                    program.period_ms = program.period_ms.min(third);
-                }
-                config.net_backend = Some(program);
+                config.net_backend = Some(self.backend_program("net"));
             }
         }
         config

@@ -63,17 +63,22 @@ impl TapNs {
     /// with the network backend `backend` (`vmm` or `process`), its control socket and log in
     /// `dir`.
     pub fn start_vm(&self, vigil: &Path, image: &Path, backend: &str, dir: &Path) -> Result<VmProc, String> {
+        self.start_vm_with(vigil, image, &["--net-backend", backend], &format!("vm-{backend}"), dir)
+    }
+
+    /// As [`TapNs::start_vm`], with `extra` arguments for `vigil vm run` (the backends, a
+    /// disk), its socket and log named after `label`.
+    pub fn start_vm_with(&self, vigil: &Path, image: &Path, extra: &[&str], label: &str, dir: &Path) -> Result<VmProc, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let api = dir.join(format!("vm-{backend}.sock"));
+        let api = dir.join(format!("{label}.sock"));
         let _ = std::fs::remove_file(&api);
-        let args: Vec<String> = [
-            "vm", "run", "--mem", "64", "--tap", TAP, "--ip", "10.78.0.2/24", "--gateway", HOST_IP, "--net-backend", backend, "--image",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([image.display().to_string(), "--api".into(), api.display().to_string()])
-        .collect();
-        let mut p = crate::Proc::spawn(&self.name, vigil, &args, dir.join(format!("vm-{backend}.log")))?;
+        let args: Vec<String> = ["vm", "run", "--mem", "64", "--tap", TAP, "--ip", "10.78.0.2/24", "--gateway", HOST_IP]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .chain(["--image".into(), image.display().to_string(), "--api".into(), api.display().to_string()])
+            .collect();
+        let mut p = crate::Proc::spawn(&self.name, vigil, &args, dir.join(format!("{label}.log")))?;
         p.wait_for("kv: serving on", 1, 20)?;
         Ok(VmProc { proc_: p, api, vigil: vigil.to_path_buf() })
     }
@@ -101,7 +106,12 @@ impl VmProc {
 
     /// The pid of its network backend process (0 when it has none or does not answer).
     pub fn backend_pid(&self) -> u32 {
-        self.status()["net_backend"]["pid"].as_u64().unwrap_or(0) as u32
+        self.backend_pid_of("net_backend")
+    }
+
+    /// The pid of its backend `which` (`net_backend`, `blk_backend`; 0 when none).
+    pub fn backend_pid_of(&self, which: &str) -> u32 {
+        self.status()[which]["pid"].as_u64().unwrap_or(0) as u32
     }
 
     /// Whether the VMM process still runs.

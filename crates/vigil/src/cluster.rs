@@ -84,11 +84,10 @@ pub struct FailArgs {
     /// The host (as HOST).
     #[arg(long = "host", value_name = "HOST", conflicts_with = "host")]
     host_opt: Option<String>,
-    /// Fail one component of the host instead of all of it: `net` (a VM's network backend
-    /// process; --vm names the VM when the host runs several), `agent` (the host agent: its
-    /// VMs run on, a new agent re-adopts them), `store` (the store server under its
-    /// supervisor). SIGKILL, or SIGSTOP with --hang. `blk` is refused: the block backend still
-    /// runs inside the VMM.
+    /// Fail one component of the host instead of all of it: `net` or `blk` (a VM's network or
+    /// block backend process; --vm names the VM when the host runs several), `agent` (the
+    /// host agent: its VMs run on, a new agent re-adopts them), `store` (the store server
+    /// under its supervisor). SIGKILL, or SIGSTOP with --hang.
     #[arg(long, value_enum, conflicts_with_all = ["instance", "partition", "heal"])]
     component: Option<Component>,
     /// With --component net: the VM whose backend fails.
@@ -326,13 +325,15 @@ fn has_flag(args: &[String], flag: &str, value: &str) -> bool {
 fn fail_component(dir: &std::path::Path, host: &str, c: Component, vm: Option<&str>, hang: bool) -> Result<u8> {
     let cf = manager::local::ClusterFile::load(dir).map_err(anyhow::Error::msg)?;
     let candidates: Vec<(u32, Vec<String>)> = match c {
-        Component::Blk => bail!("the block backend runs inside the VMM process (not yet a process of its own): fail the host or the VMM instead"),
-        Component::Net => manager::local::host_pids(&cf, host)
-            .map_err(anyhow::Error::msg)?
-            .into_iter()
-            .map(|p| (p, cmdline(p)))
-            .filter(|(_, a)| a.windows(2).any(|w| w[0] == "backend" && w[1] == "net") && vm.is_none_or(|v| has_flag(a, "--vm", v)))
-            .collect(),
+        Component::Net | Component::Blk => {
+            let device = if c == Component::Net { "net" } else { "blk" };
+            manager::local::host_pids(&cf, host)
+                .map_err(anyhow::Error::msg)?
+                .into_iter()
+                .map(|p| (p, cmdline(p)))
+                .filter(|(_, a)| a.windows(2).any(|w| w[0] == "backend" && w[1] == device) && vm.is_none_or(|v| has_flag(a, "--vm", v)))
+                .collect()
+        }
         Component::Agent => manager::local::host_pids(&cf, host)
             .map_err(anyhow::Error::msg)?
             .into_iter()
@@ -347,11 +348,14 @@ fn fail_component(dir: &std::path::Path, host: &str, c: Component, vm: Option<&s
             children.split_whitespace().filter_map(|p| p.parse().ok()).map(|p| (p, cmdline(p))).filter(|(_, a)| a.iter().any(|x| x == "serve")).collect()
         }
     };
-    let name = format!("{c:?}").to_lowercase();
+    let name = match c {
+        Component::Net | Component::Blk => format!("{} backend", format!("{c:?}").to_lowercase()),
+        _ => format!("{c:?}").to_lowercase(),
+    };
     let (pid, _) = match &candidates[..] {
         [one] => one.clone(),
         [] => bail!(
-            "host {host} runs no {name} process{} (a VM's network backend is a process only with `net_backend = \"process\"` in its [[run]])",
+            "host {host} runs no {name} process{} (a VM's network backend is a process with `net_backend = \"process\"` in its [[run]]; a disk's with `vigil vm run --blk-backend process`)",
             vm.map(|v| format!(" for VM {v}")).unwrap_or_default()
         ),
         many => bail!(

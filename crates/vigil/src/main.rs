@@ -84,19 +84,19 @@ enum Command {
 
 #[derive(clap::Args)]
 struct BackendArgs {
-    /// Which device: `net`.
+    /// Which device: `net` or `blk`.
     device: String,
     /// The VM served (a label for `ps` and `vigil fail --component net --vm VM`).
     #[arg(long)]
     vm: Option<String>,
 }
 
-/// `vigil backend net`: serves the VMM that started it until it closes the socket.
+/// `vigil backend net|blk`: serves the VMM that started it until it closes the socket.
 fn backend(a: &BackendArgs) -> anyhow::Result<u8> {
-    if a.device != "net" {
-        anyhow::bail!("backend {:?}: only `net` runs as a process", a.device);
+    if a.device != "net" && a.device != "blk" {
+        anyhow::bail!("backend {:?}: `net` or `blk`", a.device);
     }
-    vmm::backend::serve_net().map_err(|e| anyhow::anyhow!("network backend of {}: {e}", a.vm.as_deref().unwrap_or("a VM")))?;
+    vmm::backend::serve().map_err(|e| anyhow::anyhow!("{} backend of {}: {e}", a.device, a.vm.as_deref().unwrap_or("a VM")))?;
     Ok(0)
 }
 

@@ -77,6 +77,10 @@ struct RunArgs {
     /// Disk image file.
     #[arg(long)]
     disk: Option<PathBuf>,
+    /// Where the disk's host I/O runs: `vmm` (in this process) or `process` (a supervised
+    /// backend process, `vigil backend blk`, restarted alone when it fails).
+    #[arg(long, default_value = "vmm", value_name = "vmm|process", requires = "disk")]
+    blk_backend: agent::vm::BackendPlace,
     /// Tap device for the network card (created if missing).
     #[arg(long)]
     tap: Option<String>,
@@ -218,6 +222,7 @@ fn run_spec(a: &RunArgs) -> Result<VmSpec> {
     let mut spec = VmSpec::new(&image, a.mem);
     spec.args = a.args.clone();
     spec.disk = a.disk.clone();
+    spec.disk_backend = a.blk_backend;
     spec.api = a.api.clone();
     spec.dirty_log = a.dirty_log;
     spec.tracking = a.protect.tracking;

@@ -1,8 +1,10 @@
-//! The network backend as a process of its own (`vigil vm run --net-backend process`) under
-//! real clients: killed (SIGKILL) or stopped (SIGSTOP, a hang) at random moments while
-//! `redis-cli` clients write and check every acknowledged reply. Nothing acknowledged may be
-//! lost, no request may run twice (each client's INCR counts exactly its requests), every
-//! client keeps its one TCP connection, and the VM keeps running.
+//! The network and block backends as processes of their own (`vigil vm run --net-backend
+//! process`, `--blk-backend process`) under real clients: killed (SIGKILL) or stopped
+//! (SIGSTOP, a hang) at random moments while `redis-cli` clients write and check every
+//! acknowledged reply. Nothing acknowledged may be lost, no request may run twice (each
+//! client's INCR counts exactly its requests), every client keeps its one TCP connection, and
+//! the VM keeps running. With the block backend, kv logs every request on its disk before it
+//! replies: a new VM on the same disk must find every acknowledged write there.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,14 +38,26 @@ impl Rng {
     }
 }
 
-fn chaos(test: &str, signal: i32, faults: usize) {
+/// `which`: `net_backend` or `blk_backend`, the backend that fails.
+fn chaos(test: &str, which: &str, signal: i32, faults: usize) {
     if no_kvm(test) {
         return;
     }
     let image = testbed::guest("kv").expect("kv guest");
-    let ns = TapNs::new(if signal == libc::SIGKILL { "comp-kill" } else { "comp-stop" }).expect("namespace");
-    let dir = scratch(if signal == libc::SIGKILL { "kill" } else { "stop" });
-    let mut vm = ns.start_vm(Path::new(env!("CARGO_BIN_EXE_vigil")), &image, "process", &dir).expect("start the VM");
+    let tag = format!("{}-{}", &which[..3], if signal == libc::SIGKILL { "kill" } else { "stop" });
+    let ns = TapNs::new(&tag).expect("namespace");
+    let dir = scratch(&tag);
+    std::fs::create_dir_all(&dir).expect("scratch");
+    let disk = dir.join("disk");
+    std::fs::write(&disk, vec![0u8; 16 << 20]).expect("disk");
+    let disk_arg = disk.display().to_string();
+    let vigil = Path::new(env!("CARGO_BIN_EXE_vigil"));
+    let extra: Vec<&str> = if which == "net_backend" {
+        vec!["--net-backend", "process"]
+    } else {
+        vec!["--disk", &disk_arg, "--blk-backend", "process"]
+    };
+    let mut vm = ns.start_vm_with(vigil, &image, &extra, "vm", &dir).expect("start the VM");
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1;
     eprintln!("{test}: seed {seed}");
     let mut rng = Rng(seed);
@@ -65,15 +79,22 @@ fn chaos(test: &str, signal: i32, faults: usize) {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
     let peer = format!("{GUEST_IP}:6379");
-    let ports_before = client_ports(&ns.name, &peer, "redis-cli");
-    assert_eq!(ports_before.len(), 3, "three redis-cli connections: {ports_before:?}");
+    let t = Instant::now();
+    let ports_before = loop {
+        let p = client_ports(&ns.name, &peer, "redis-cli");
+        if p.len() == 3 {
+            break p;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "three redis-cli connections: {p:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(100));
 
     let mut restarts_seen = 0u64;
     for k in 0..faults {
         std::thread::sleep(Duration::from_millis(50 + rng.next() % 350));
-        let pid = vm.backend_pid();
+        let pid = vm.backend_pid_of(which);
         assert!(pid != 0, "fault {k}: no backend pid in the VM's status");
         // SAFETY: kill(2) of the backend process the VM reports (its pid, alive: the VMM has
         // not reaped it, so it cannot be reused).
@@ -81,8 +102,8 @@ fn chaos(test: &str, signal: i32, faults: usize) {
         let t = Instant::now();
         loop {
             let st = vm.status();
-            let restarts = st["net_backend"]["restarts"].as_u64().unwrap_or(0);
-            if restarts > restarts_seen && st["net_backend"]["pid"].as_u64() != Some(pid as u64) {
+            let restarts = st[which]["restarts"].as_u64().unwrap_or(0);
+            if restarts > restarts_seen && st[which]["pid"].as_u64() != Some(pid as u64) {
                 restarts_seen = restarts;
                 break;
             }
@@ -112,7 +133,7 @@ fn chaos(test: &str, signal: i32, faults: usize) {
         total += n;
     }
     let st = vm.status();
-    let incidents = st["net_backend"]["incidents"].as_array().cloned().unwrap_or_default();
+    let incidents = st[which]["incidents"].as_array().cloned().unwrap_or_default();
     let want = if signal == libc::SIGKILL { "crashed" } else { "hung" };
     assert!(incidents.iter().all(|i| i["cause"].as_str().is_some_and(|c| c.starts_with(want))), "{incidents:?}");
     assert!(vm.running(), "the VMM ended:\n{}", vm.proc_.text());
@@ -121,16 +142,38 @@ fn chaos(test: &str, signal: i32, faults: usize) {
         restarts_seen,
         serde_json::to_string(&incidents).unwrap_or_default()
     );
+    drop(check);
     drop(vm);
+    if which == "blk_backend" {
+        // Every acknowledged write is on the disk: a new VM replays kv's log from it.
+        let _vm2 = ns.start_vm_with(vigil, &image, &["--disk", &disk_arg], "vm2", &dir).expect("restart on the disk");
+        let mut check = RedisClient::new(&ns.name, GUEST_IP, 6379);
+        for (c, (_, n)) in done.iter().enumerate() {
+            assert_eq!(check.call(&format!("GET c{c}:n")), n.to_string(), "client {c}'s count, replayed from the disk");
+            for i in (1..=*n).step_by(7).chain([*n]) {
+                assert_eq!(check.call(&format!("GET c{c}:k{i}")), format!("v{i}"), "client {c}: key {i}, replayed from the disk");
+            }
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn net_backend_killed_at_random_moments_loses_nothing_acknowledged() {
-    chaos("net_backend_killed_at_random_moments_loses_nothing_acknowledged", libc::SIGKILL, 12);
+    chaos("net_backend_killed_at_random_moments_loses_nothing_acknowledged", "net_backend", libc::SIGKILL, 12);
 }
 
 #[test]
 fn net_backend_hung_at_random_moments_is_detected_and_replaced() {
-    chaos("net_backend_hung_at_random_moments_is_detected_and_replaced", libc::SIGSTOP, 6);
+    chaos("net_backend_hung_at_random_moments_is_detected_and_replaced", "net_backend", libc::SIGSTOP, 6);
+}
+
+#[test]
+fn blk_backend_killed_at_random_moments_loses_no_acknowledged_write() {
+    chaos("blk_backend_killed_at_random_moments_loses_no_acknowledged_write", "blk_backend", libc::SIGKILL, 10);
+}
+
+#[test]
+fn blk_backend_hung_at_random_moments_is_detected_and_replaced() {
+    chaos("blk_backend_hung_at_random_moments_is_detected_and_replaced", "blk_backend", libc::SIGSTOP, 5);
 }

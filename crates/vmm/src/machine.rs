@@ -38,6 +38,10 @@ pub struct VmConfig {
     /// ([`crate::backend`]); `None` does it in the VMM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net_backend: Option<crate::backend::BackendProgram>,
+    /// Run the block device's disk I/O in a backend process of its own; `None` does it in
+    /// the VMM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blk_backend: Option<crate::backend::BackendProgram>,
 }
 
 /// Network configuration handed to the guest in the boot page.
@@ -68,6 +72,7 @@ impl VmConfig {
             dirty_log: false,
             tracking: Default::default(),
             net_backend: None,
+            blk_backend: None,
         }
     }
 }
@@ -106,6 +111,9 @@ pub struct Status {
     /// The network backend process, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net_backend: Option<crate::backend::BackendStatus>,
+    /// The block backend process, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blk_backend: Option<crate::backend::BackendStatus>,
 }
 
 /// The vCPU thread's scheduling policy and consumption.
@@ -325,16 +333,21 @@ impl Vm {
                 kvm_bindings::kvm_enable_cap { cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 as u32, args: [1, 0, 0, 0], ..Default::default() };
             vm.enable_cap(&cap).is_ok()
         };
+        // A backend process maps guest memory: it must be shared (a memfd).
+        let shared = (config.net_backend.is_some() && config.tap.is_some()) || (config.blk_backend.is_some() && config.disk.is_some());
         let mem = match mem {
             Some(m) if m.size() != mem_bytes => {
                 return Err(Error::Config(format!("memory of {} bytes for a VM configured with {mem_bytes}", m.size())))
             }
-            Some(m) if config.net_backend.is_some() && config.tap.is_some() => m.into_shared()?,
+            Some(m) if shared => m.into_shared()?,
             Some(m) => m,
-            None if config.net_backend.is_some() && config.tap.is_some() => GuestMem::new_shared(mem_bytes)?,
+            None if shared => GuestMem::new_shared(mem_bytes)?,
             None => GuestMem::new(mem_bytes)?,
         };
-        let block = config.disk.as_deref().map(Block::open).transpose()?;
+        let mut block = config.disk.as_deref().map(Block::open).transpose()?;
+        if let (Some(b), Some(program)) = (block.as_mut(), &config.blk_backend) {
+            b.attach_backend(&mem, program)?;
+        }
         let tap = match tap {
             Some(t) => Some(t),
             None => config.tap.as_deref().map(Tap::open).transpose()?,
@@ -445,6 +458,7 @@ impl Vm {
             exits: self.exits,
             vcpu: VcpuSched::of_this_thread(),
             net_backend: self.tap.as_ref().and_then(|t| t.backend_status()),
+            blk_backend: self.block.as_ref().and_then(|b| b.backend_status()),
         }
     }
 

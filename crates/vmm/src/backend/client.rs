@@ -75,12 +75,75 @@ pub struct BackendStatus {
 /// are then dropped, like frames lost on a wire; the VM runs on).
 const MAX_RESTARTS: u32 = 5;
 
-/// A supervised network backend process.
-pub struct NetBackend {
+/// Which device a backend serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Net,
+    Block,
+}
+
+impl Device {
+    fn name(self) -> &'static str {
+        match self {
+            Device::Net => "network",
+            Device::Block => "block",
+        }
+    }
+}
+
+/// A supervised backend process.
+pub struct Backend {
     shared: Arc<Shared>,
 }
 
+/// What one request asks of the backend.
+#[derive(Clone, Copy)]
+enum Work<'a> {
+    Tx(&'a [(u64, u32)]),
+    Rx(&'a [(u64, u32)]),
+    Send(&'a [u8]),
+    Block(&'a [wire::BlockEntry]),
+}
+
+impl<'a> Work<'a> {
+    fn count(&self) -> usize {
+        match self {
+            Work::Tx(e) | Work::Rx(e) => e.len(),
+            Work::Send(p) => wire::send_frames(p).count(),
+            Work::Block(d) => d.len(),
+        }
+    }
+
+    fn request(&self, seq: u32) -> Request {
+        match *self {
+            Work::Tx(e) => Request::Tx { seq, frames: e.to_vec() },
+            Work::Rx(e) => Request::Rx { seq, bufs: e.to_vec() },
+            Work::Send(p) => Request::Send { seq, payload: p.to_vec() },
+            Work::Block(d) => Request::Block { seq, descs: d.to_vec() },
+        }
+    }
+
+    /// The work left after the first `n` entries.
+    fn skip(self, n: usize) -> Work<'a> {
+        match self {
+            Work::Tx(e) => Work::Tx(&e[n.min(e.len())..]),
+            Work::Rx(e) => Work::Rx(&e[n.min(e.len())..]),
+            Work::Send(p) => Work::Send(skip_frames(p, n)),
+            Work::Block(d) => Work::Block(&d[n.min(d.len())..]),
+        }
+    }
+}
+
+/// What a request got done: per entry served, the frame length (receive) or 0; and whether a
+/// block request stopped at a host I/O error (after the entries served).
+#[derive(Debug, Default)]
+pub struct Served {
+    pub lens: Vec<u32>,
+    pub io_error: bool,
+}
+
 struct Shared {
+    device: Device,
     conn: Mutex<Conn>,
     stop: AtomicBool,
     status: Mutex<BackendStatus>,
@@ -134,11 +197,13 @@ fn dup_high(fd: BorrowedFd<'_>, what: &str) -> Result<OwnedFd, String> {
     Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
-impl NetBackend {
-    /// Starts the backend `program` on guest memory `mem` (a memfd) and tap `tap`, waits for
-    /// its first heartbeat, and starts supervising it.
-    pub fn start(program: &BackendProgram, mem: BorrowedFd<'_>, tap: BorrowedFd<'_>) -> Result<NetBackend, String> {
-        let progress_fd = memfd(c"vigil-net-progress", PROGRESS_BYTES as u64)?;
+impl Backend {
+    /// Starts the backend `program` for `device` on guest memory `mem` (a memfd) and the
+    /// device's descriptor `dev` (the tap, or the disk file), waits for its first heartbeat,
+    /// and starts supervising it.
+    pub fn start(device: Device, program: &BackendProgram, mem: BorrowedFd<'_>, dev: BorrowedFd<'_>) -> Result<Backend, String> {
+        let tap = dev;
+        let progress_fd = memfd(c"vigil-backend-progress", PROGRESS_BYTES as u64)?;
         let progress = Progress::new(Mapping::map(progress_fd.as_fd())?)?;
         let mut conn = Conn {
             program: program.clone(),
@@ -155,16 +220,17 @@ impl NetBackend {
         conn.spawn()?;
         let pid = conn.pid();
         let shared = Arc::new(Shared {
+            device,
             conn: Mutex::new(conn),
             stop: AtomicBool::new(false),
             status: Mutex::new(BackendStatus { pid, ..Default::default() }),
         });
         let s = shared.clone();
         std::thread::Builder::new()
-            .name("net-backend-monitor".into())
+            .name(format!("{}-backend-monitor", device.name()))
             .spawn(move || monitor(&s))
             .map_err(|e| format!("starting the backend's monitor: {e}"))?;
-        Ok(NetBackend { shared })
+        Ok(Backend { shared })
     }
 
     /// The backend's pid, restarts and incidents.
@@ -174,48 +240,59 @@ impl NetBackend {
 
     /// Sends the frames at `frames` (guest address, length); returns how many went out.
     pub fn tx(&self, frames: &[(u64, u32)]) -> u32 {
-        self.request(wire::OP_TX, frames, &[]).len() as u32
+        self.request(Work::Tx(frames)).lens.len() as u32
     }
 
     /// Fills the guest buffers `bufs` (address, capacity) with waiting frames; returns the
     /// length of each frame delivered, in buffer order.
     pub fn rx(&self, bufs: &[(u64, u32)]) -> Vec<u32> {
-        self.request(wire::OP_RX, bufs, &[])
+        self.request(Work::Rx(bufs)).lens
     }
 
     /// Sends frames packed as `[len: u16 LE][frame]`... (at most `wire::MAX_PAYLOAD` bytes).
     pub fn send(&self, payload: &[u8]) -> u32 {
-        self.request(wire::OP_SEND, &[], payload).len() as u32
+        self.request(Work::Send(payload)).lens.len() as u32
+    }
+
+    /// Runs block descriptors (checked by the caller); `Ok(())` when all ran, `Err(i)` when
+    /// descriptor `i` failed (a host I/O error, or the backend could not be brought back).
+    pub fn block(&self, descs: &[wire::BlockEntry]) -> Result<(), usize> {
+        let s = self.request(Work::Block(descs));
+        if s.io_error || s.lens.len() < descs.len() {
+            return Err(s.lens.len());
+        }
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, Conn> {
         self.shared.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// One request, replayed across restarts of the backend: returns what was served (for
-    /// receive the frame lengths; otherwise one entry per frame sent).
-    fn request(&self, op: u32, entries: &[(u64, u32)], payload: &[u8]) -> Vec<u32> {
+    /// One request, replayed across restarts of the backend: returns what was served.
+    fn request(&self, work: Work<'_>) -> Served {
         let mut conn = self.lock();
-        let mut served: Vec<u32> = Vec::new();
-        let mut entries = entries;
-        let mut payload = payload;
+        let mut served = Served::default();
+        let mut work = work;
         let mut waited_since = Instant::now();
+        let name = self.shared.device.name();
         for _ in 0..=MAX_RESTARTS {
             conn.seq = conn.seq.wrapping_add(1);
             let seq = conn.seq;
-            let req = match op {
-                wire::OP_TX => Request::Tx { seq, frames: entries.to_vec() },
-                wire::OP_RX => Request::Rx { seq, bufs: entries.to_vec() },
-                _ => Request::Send { seq, payload: payload.to_vec() },
-            };
-            let count = if op == wire::OP_SEND { wire::send_frames(payload).count() } else { entries.len() };
+            let count = work.count();
             let timeout = Duration::from_millis(conn.program.timeout_ms);
-            let fault = match conn.round_trip(&req.encode(), timeout) {
+            let fault = match conn.round_trip(&work.request(seq).encode(), timeout) {
+                Ok(r) if r.status == wire::STATUS_IO_ERROR && matches!(work, Work::Block(_)) && (r.done as usize) < count => {
+                    served.lens.extend(std::iter::repeat_n(0, r.done as usize));
+                    served.io_error = true;
+                    conn.last_ok = Instant::now();
+                    self.count_request();
+                    return served;
+                }
                 Ok(r) if r.status != STATUS_OK => Fault::Misbehaved(format!("refused a request: {}", r.reason)),
                 Ok(r) if r.done as usize > count => Fault::Misbehaved(format!("claims {} of {count} entries done", r.done)),
-                Ok(r) => match check_done(&conn.progress, op, seq, entries, r.done as usize) {
+                Ok(r) => match check_done(&conn.progress, work, seq, r.done as usize) {
                     Ok(lens) => {
-                        served.extend(lens);
+                        served.lens.extend(lens);
                         conn.last_ok = Instant::now();
                         conn.missed = 0;
                         self.count_request();
@@ -230,27 +307,23 @@ impl NetBackend {
             let old_pid = conn.pid();
             conn.kill();
             // What the dead process got done before it failed is not done again.
-            let salvaged = match op {
-                wire::OP_RX => {
+            let salvaged = match work {
+                Work::Rx(entries) => {
                     let lens = conn.progress.of(seq, count);
                     let ok = lens.iter().zip(entries).take_while(|(l, (_, cap))| (1..=*cap).contains(*l)).count();
-                    served.extend(&lens[..ok]);
+                    served.lens.extend(&lens[..ok]);
                     ok
                 }
                 _ => {
                     let n = conn.progress.done(seq, count);
-                    served.extend(std::iter::repeat_n(0, n));
+                    served.lens.extend(std::iter::repeat_n(0, n));
                     n
                 }
             };
-            if op == wire::OP_SEND {
-                payload = skip_frames(payload, salvaged);
-            } else {
-                entries = &entries[salvaged..];
-            }
-            let replay = if op == wire::OP_SEND { wire::send_frames(payload).count() } else { entries.len() };
+            work = work.skip(salvaged);
+            let replay = work.count();
             if let Err(e) = restart(&self.shared, &mut conn, old_pid, &fault, waited, replay as u32, salvaged as u32) {
-                eprintln!("vmm: network backend: cannot restart after it {}: {e}", fault.describe());
+                eprintln!("vmm: {name} backend: cannot restart after it {}: {e}", fault.describe());
                 return served;
             }
             if replay == 0 {
@@ -259,7 +332,7 @@ impl NetBackend {
             }
             waited_since = Instant::now();
         }
-        eprintln!("vmm: network backend: a request failed after {MAX_RESTARTS} restarts; its frames are dropped");
+        eprintln!("vmm: {name} backend: a request failed after {MAX_RESTARTS} restarts; given up (frames dropped, a block request fails)");
         served
     }
 
@@ -273,10 +346,8 @@ impl NetBackend {
 
 /// The lengths of the `done` entries a reply says were served, checked against the progress
 /// page (receive: each length must fit its buffer).
-fn check_done(progress: &Progress, op: u32, seq: u32, entries: &[(u64, u32)], done: usize) -> Result<Vec<u32>, String> {
-    if op != wire::OP_RX {
-        return Ok(vec![0; done]);
-    }
+fn check_done(progress: &Progress, work: Work<'_>, seq: u32, done: usize) -> Result<Vec<u32>, String> {
+    let Work::Rx(entries) = work else { return Ok(vec![0; done]) };
     let lens = progress.of(seq, done);
     if lens.len() != done {
         return Err(format!("replied {done} frames received but recorded {}", lens.len()));
@@ -314,7 +385,8 @@ fn restart(shared: &Shared, conn: &mut Conn, old_pid: u32, fault: &Fault, waited
         salvaged,
     };
     eprintln!(
-        "vmm: network backend pid {old_pid} {}; restarted as pid {} in {:.1} ms ({replayed} entries replayed, {salvaged} salvaged)",
+        "vmm: {} backend pid {old_pid} {}; restarted as pid {} in {:.1} ms ({replayed} entries replayed, {salvaged} salvaged)",
+        shared.device.name(),
         incident.cause,
         incident.new_pid,
         incident.restart_us as f64 / 1e3
@@ -534,7 +606,7 @@ impl Conn {
     }
 }
 
-impl Drop for NetBackend {
+impl Drop for Backend {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         self.lock().kill();
@@ -556,7 +628,7 @@ mod tests {
     }
 
     /// A backend that answers heartbeats and misbehaves on every other request, the way
-    /// `mode` says. Runs (as its own test) only in a process started by `NetBackend`.
+    /// `mode` says. Runs (as its own test) only in a process started by `Backend`.
     fn fake(mode: &str) {
         if !started_as_backend() {
             return;
@@ -640,7 +712,7 @@ mod tests {
         // SAFETY: both are new and ours.
         let (tap, _peer) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
         for (mode, cause) in [("garbage", "misbehaved"), ("crash", "crashed"), ("silent", "hung")] {
-            let b = NetBackend::start(&program(mode), mem.as_fd(), tap.as_fd()).expect("start");
+            let b = Backend::start(Device::Net, &program(mode), mem.as_fd(), tap.as_fd()).expect("start");
             for round in 0..2 {
                 let lens = b.rx(&[(0x1000, 2048), (0x2000, 2048)]);
                 assert!(lens.len() <= 2 && lens.iter().all(|l| (1..=2048).contains(l)), "{mode} round {round}: {lens:?}");
@@ -654,7 +726,7 @@ mod tests {
             assert!(st.incidents.iter().any(|i| i.cause.starts_with(cause)), "{mode}: {st:?}");
         }
         // A program that never answers its first heartbeat is refused with a reason.
-        let e = NetBackend::start(&BackendProgram::new("/bin/true", vec![]), mem.as_fd(), tap.as_fd()).err().expect("refused");
+        let e = Backend::start(Device::Net, &BackendProgram::new("/bin/true", vec![]), mem.as_fd(), tap.as_fd()).err().expect("refused");
         assert!(e.contains("the new backend crashed"), "{e}");
     }
 }

@@ -19,5 +19,5 @@ pub mod serve;
 pub mod shm;
 pub mod wire;
 
-pub use client::{BackendProgram, BackendStatus, Incident, NetBackend};
-pub use serve::serve_net;
+pub use client::{Backend, BackendProgram, BackendStatus, Device, Incident};
+pub use serve::serve;

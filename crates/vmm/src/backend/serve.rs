@@ -1,8 +1,9 @@
-//! The backend process's side: serves one VMM's network requests on the tap, reaching guest
-//! memory through its memfd. Started by the VMM with its descriptors at fixed numbers.
+//! The backend process's side: serves one VMM's requests on its device (the tap, or the disk
+//! file), reaching guest memory through its memfd. Started by the VMM with its descriptors at
+//! fixed numbers.
 
 use super::shm::{Mapping, Progress};
-use super::wire::{self, Reply, Request, MAX_MSG, STATUS_OK, STATUS_REFUSED};
+use super::wire::{self, Reply, Request, MAX_MSG, STATUS_IO_ERROR, STATUS_OK, STATUS_REFUSED};
 use std::os::fd::{BorrowedFd, RawFd};
 use vmm_abi::FRAME_MAX;
 
@@ -10,7 +11,7 @@ use vmm_abi::FRAME_MAX;
 pub const FD_SOCKET: RawFd = 3;
 /// Guest memory (memfd).
 pub const FD_MEMORY: RawFd = 4;
-/// The tap device.
+/// The device: the tap (network) or the disk file (block).
 pub const FD_TAP: RawFd = 5;
 /// The progress page (memfd).
 pub const FD_PROGRESS: RawFd = 6;
@@ -37,16 +38,82 @@ impl Handler {
             msg.get(4..8).map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
         );
         let (done, status, reason) = match Request::parse(msg).and_then(|r| self.serve(r)) {
-            Ok(done) => (done, STATUS_OK, String::new()),
+            Ok((done, status)) => (done, status, String::new()),
             Err(reason) => (0, STATUS_REFUSED, reason),
         };
         Reply { op, seq, done, status, reason }.encode()
     }
 
-    fn serve(&mut self, req: Request) -> Result<u32, String> {
+    fn serve(&mut self, req: Request) -> Result<(u32, u32), String> {
+        let seq = req.seq();
+        if let Request::Block { descs, .. } = req {
+            return self.block(seq, &descs);
+        }
+        self.serve_net(req).map(|done| (done, STATUS_OK))
+    }
+
+    /// Runs block descriptors in order (all checked first): `(done, STATUS_OK)`, or
+    /// `(i, STATUS_IO_ERROR)` when descriptor `i`'s host I/O failed.
+    fn block(&mut self, seq: u32, descs: &[wire::BlockEntry]) -> Result<(u32, u32), String> {
+        use vmm_abi::{BLOCK_FLUSH, BLOCK_READ, SECTOR_SIZE};
+        // SAFETY: fstat fills a plain struct for our own descriptor.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `st` is a live, writable stat struct.
+        if unsafe { libc::fstat(self.tap, &mut st) } != 0 {
+            return Err(format!("fstat of the disk: {}", std::io::Error::last_os_error()));
+        }
+        let disk_sectors = st.st_size as u64 / SECTOR_SIZE;
+        let mut ranges = Vec::with_capacity(descs.len());
+        for (i, d) in descs.iter().enumerate() {
+            if d.op == BLOCK_FLUSH {
+                ranges.push((std::ptr::null_mut(), 0, 0));
+                continue;
+            }
+            if d.sector.checked_add(d.sectors as u64).is_none_or(|e| e > disk_sectors) {
+                return Err(format!("descriptor {i}: sectors {}+{} beyond the disk ({disk_sectors} sectors)", d.sector, d.sectors));
+            }
+            let len = d.sectors as usize * SECTOR_SIZE as usize;
+            let p = self.mem.range(d.buf, len).map_err(|e| format!("descriptor {i}: buffer {e}"))?;
+            ranges.push((p, len, d.sector * SECTOR_SIZE));
+        }
+        self.progress.begin(seq);
+        for (i, (d, &(p, len, off))) in descs.iter().zip(&ranges).enumerate() {
+            let ok = match d.op {
+                // SAFETY: fdatasync of our own descriptor.
+                BLOCK_FLUSH => unsafe { libc::fdatasync(self.tap) == 0 },
+                op => {
+                    let mut at = 0usize;
+                    while at < len {
+                        // SAFETY: `p..p+len` lies inside the guest memory mapping (checked
+                        // above); the kernel copies between it and the file, no Rust reference
+                        // to the shared bytes is made.
+                        let n = unsafe {
+                            if op == BLOCK_READ {
+                                libc::pread(self.tap, p.add(at).cast(), len - at, (off + at as u64) as libc::off_t)
+                            } else {
+                                libc::pwrite(self.tap, p.add(at).cast(), len - at, (off + at as u64) as libc::off_t)
+                            }
+                        };
+                        if n <= 0 {
+                            break;
+                        }
+                        at += n as usize;
+                    }
+                    at == len
+                }
+            };
+            if !ok {
+                return Ok((i as u32, STATUS_IO_ERROR));
+            }
+            self.progress.record(i, 0);
+        }
+        Ok((descs.len() as u32, STATUS_OK))
+    }
+
+    fn serve_net(&mut self, req: Request) -> Result<u32, String> {
         let seq = req.seq();
         match req {
-            Request::Ping { .. } => Ok(0),
+            Request::Ping { .. } | Request::Block { .. } => Ok(0),
             Request::Tx { frames, .. } => {
                 for (i, &(addr, len)) in frames.iter().enumerate() {
                     self.mem.range(addr, len as usize).map_err(|e| format!("frame {i}: {e}"))?;
@@ -113,8 +180,9 @@ impl Handler {
 }
 
 /// The backend process's main loop: takes its descriptors ([`FD_SOCKET`]...) and serves until
-/// the VMM closes the socket (then `Ok`). A message that cannot be received is an error.
-pub fn serve_net() -> Result<(), String> {
+/// the VMM closes the socket (then `Ok`). A message that cannot be received is an error. The
+/// device (tap or disk) is whatever descriptor [`FD_TAP`] is: the requests say which.
+pub fn serve() -> Result<(), String> {
     // SAFETY: the VMM started this process with these descriptors open (see `client::spawn`);
     // borrowing them for the life of the process.
     let (mem_fd, progress_fd) = unsafe { (BorrowedFd::borrow_raw(FD_MEMORY), BorrowedFd::borrow_raw(FD_PROGRESS)) };

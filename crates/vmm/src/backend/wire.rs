@@ -16,6 +16,23 @@ pub const OP_RX: u32 = 2;
 pub const OP_SEND: u32 = 3;
 /// A heartbeat.
 pub const OP_PING: u32 = 4;
+/// Block device: run descriptors (24-byte entries `[op: u32][sectors: u32][sector: u64]
+/// [buf: u64]`) against the disk, in order.
+pub const OP_BLOCK: u32 = 5;
+
+/// Bytes of one block entry.
+pub const BLOCK_ENTRY: usize = 24;
+/// Most descriptors in one block request.
+pub const MAX_BLOCK_ENTRIES: usize = vmm_abi::BLOCK_MAX_DESCS as usize;
+
+/// One block descriptor of an [`OP_BLOCK`] request (the guest's `BlockDesc`, checked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockEntry {
+    pub op: u32,
+    pub sectors: u32,
+    pub sector: u64,
+    pub buf: u64,
+}
 
 /// Most entries in one request.
 pub const MAX_ENTRIES: usize = NET_MAX_BUFS as usize;
@@ -32,6 +49,8 @@ pub const MAX_MSG: usize = HEADER + MAX_PAYLOAD;
 pub const STATUS_OK: u32 = 0;
 /// Reply status: the request was malformed (a reason follows the header).
 pub const STATUS_REFUSED: u32 = 1;
+/// Reply status (block): the host I/O of descriptor `done` failed; those before it ran.
+pub const STATUS_IO_ERROR: u32 = 2;
 
 /// A request, as the backend reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,23 +59,41 @@ pub enum Request {
     Rx { seq: u32, bufs: Vec<(u64, u32)> },
     Send { seq: u32, payload: Vec<u8> },
     Ping { seq: u32 },
+    Block { seq: u32, descs: Vec<BlockEntry> },
 }
 
 impl Request {
     pub fn seq(&self) -> u32 {
         match self {
-            Request::Tx { seq, .. } | Request::Rx { seq, .. } | Request::Send { seq, .. } | Request::Ping { seq } => *seq,
+            Request::Tx { seq, .. }
+            | Request::Rx { seq, .. }
+            | Request::Send { seq, .. }
+            | Request::Ping { seq }
+            | Request::Block { seq, .. } => *seq,
         }
     }
 
     /// The message bytes: header `[op][seq][count][payload len]` (u32 LE each), then entries
     /// `[addr: u64][len: u32][0: u32]` or the payload.
     pub fn encode(&self) -> Vec<u8> {
+        if let Request::Block { seq, descs } = self {
+            let mut m = Vec::with_capacity(HEADER + descs.len() * BLOCK_ENTRY);
+            for v in [OP_BLOCK, *seq, descs.len() as u32, 0] {
+                m.extend_from_slice(&v.to_le_bytes());
+            }
+            for d in descs {
+                m.extend_from_slice(&d.op.to_le_bytes());
+                m.extend_from_slice(&d.sectors.to_le_bytes());
+                m.extend_from_slice(&d.sector.to_le_bytes());
+                m.extend_from_slice(&d.buf.to_le_bytes());
+            }
+            return m;
+        }
         let (op, seq, entries, payload): (u32, u32, &[(u64, u32)], &[u8]) = match self {
             Request::Tx { seq, frames } => (OP_TX, *seq, frames, &[]),
             Request::Rx { seq, bufs } => (OP_RX, *seq, bufs, &[]),
             Request::Send { seq, payload } => (OP_SEND, *seq, &[], payload),
-            Request::Ping { seq } => (OP_PING, *seq, &[], &[]),
+            Request::Ping { seq } | Request::Block { seq, .. } => (OP_PING, *seq, &[], &[]),
         };
         let mut m = Vec::with_capacity(HEADER + entries.len() * ENTRY + payload.len());
         for v in [op, seq, entries.len() as u32, payload.len() as u32] {
@@ -109,6 +146,31 @@ impl Request {
                 }
                 send_frames(body).try_for_each(|f| f.map(|_| ()))?;
                 Ok(Request::Send { seq, payload: body.to_vec() })
+            }
+            OP_BLOCK => {
+                if count > MAX_BLOCK_ENTRIES {
+                    return Err(format!("{count} block descriptors (at most {MAX_BLOCK_ENTRIES})"));
+                }
+                if plen != 0 || body.len() != count * BLOCK_ENTRY {
+                    return Err(format!("{} bytes after the header for {count} block descriptors", body.len()));
+                }
+                let descs = body
+                    .chunks_exact(BLOCK_ENTRY)
+                    .enumerate()
+                    .map(|(i, e)| {
+                        let w = |a: usize| u32::from_le_bytes([e[a], e[a + 1], e[a + 2], e[a + 3]]);
+                        let q = |a: usize| u64::from_le_bytes(e[a..a + 8].try_into().unwrap_or_default());
+                        let d = BlockEntry { op: w(0), sectors: w(4), sector: q(8), buf: q(16) };
+                        if ![vmm_abi::BLOCK_READ, vmm_abi::BLOCK_WRITE, vmm_abi::BLOCK_FLUSH].contains(&d.op) {
+                            return Err(format!("descriptor {i}: unknown operation {}", d.op));
+                        }
+                        if d.sectors > vmm_abi::BLOCK_MAX_SECTORS {
+                            return Err(format!("descriptor {i}: {} sectors (at most {})", d.sectors, vmm_abi::BLOCK_MAX_SECTORS));
+                        }
+                        Ok(d)
+                    })
+                    .collect::<Result<Vec<_>, String>>()?;
+                Ok(Request::Block { seq, descs })
             }
             OP_PING if count == 0 && plen == 0 && body.is_empty() => Ok(Request::Ping { seq }),
             OP_PING => Err("ping with a body".into()),
@@ -166,7 +228,7 @@ impl Reply {
     pub fn parse(m: &[u8]) -> Result<Reply, String> {
         let (op, seq, done, status) = header(m)?;
         let reason = String::from_utf8_lossy(&m[HEADER..]).into_owned();
-        if status != STATUS_OK && status != STATUS_REFUSED {
+        if ![STATUS_OK, STATUS_REFUSED, STATUS_IO_ERROR].contains(&status) {
             return Err(format!("reply status {status}"));
         }
         Ok(Reply { op, seq, done, status, reason })
@@ -200,6 +262,7 @@ mod tests {
             Request::Rx { seq: 2, bufs: vec![(0x3000, 2048)] },
             Request::Send { seq: 3, payload },
             Request::Ping { seq: 4 },
+            Request::Block { seq: 5, descs: vec![BlockEntry { op: 1, sectors: 8, sector: 3, buf: 0x4000 }, BlockEntry { op: 2, sectors: 0, sector: 0, buf: 0 }] },
         ] {
             assert_eq!(Request::parse(&r.encode()), Ok(r));
         }

@@ -1,4 +1,7 @@
-//! The block device: a host file, read and written in 512-byte sectors, in batches.
+//! The block device: a host file, read and written in 512-byte sectors, in batches. The
+//! reads and writes are done here, or by a backend process of the VM's own when one is
+//! attached ([`Block::attach_backend`], [`crate::backend`]); the checks, the disk mirror of a
+//! protected VM and the dirty bitmap stay here either way.
 
 use crate::checkpoint::DiskWrite;
 use crate::memory::GuestMem;
@@ -18,6 +21,8 @@ pub struct Block {
     path: PathBuf,
     sectors: u64,
     mirror: Option<Mirror>,
+    /// The backend process doing the disk I/O, if any.
+    backend: Option<crate::backend::Backend>,
 }
 
 /// Where guest writes are mirrored while the VM is protected.
@@ -37,7 +42,68 @@ impl Block {
     pub fn open(path: &Path) -> Result<Self> {
         let file = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(io("cannot open disk", path))?;
         let len = file.metadata().map_err(io("cannot stat disk", path))?.len();
-        Ok(Block { file, path: path.to_owned(), sectors: len / SECTOR_SIZE, mirror: None })
+        Ok(Block { file, path: path.to_owned(), sectors: len / SECTOR_SIZE, mirror: None, backend: None })
+    }
+
+    /// Hands the disk I/O to a backend process started from `program`, on guest memory `mem`
+    /// (which must be shared: [`GuestMem::new_shared`]).
+    pub fn attach_backend(&mut self, mem: &GuestMem, program: &crate::backend::BackendProgram) -> Result<()> {
+        let err = |reason: String| crate::Error::Config(format!("disk {}: {reason}", self.path.display()));
+        let memfd = mem.memfd().ok_or_else(|| err("a block backend process needs shared guest memory".into()))?;
+        let backend = crate::backend::Backend::start(crate::backend::Device::Block, program, memfd, std::os::fd::AsFd::as_fd(&self.file))
+            .map_err(|e| err(format!("block backend: {e}")))?;
+        self.backend = Some(backend);
+        Ok(())
+    }
+
+    /// The backend process's state, when the I/O is done by one.
+    pub fn backend_status(&self) -> Option<crate::backend::BackendStatus> {
+        self.backend.as_ref().map(|b| b.status())
+    }
+
+    /// [`Block::request`] through the backend process: every descriptor is checked here
+    /// first; the backend runs them; reads go into the dirty bitmap and writes to the mirror
+    /// here; the status is written once.
+    fn request_backend(&mut self, mem: &mut GuestMem, addr: u64, req: BlockRequest) -> Result<(), String> {
+        let Some(backend) = &self.backend else { return Err("no block backend".into()) };
+        let mut descs = Vec::with_capacity(req.count as usize);
+        for i in 0..req.count as u64 {
+            let d: BlockDesc = mem.read_obj(req.descs + i * std::mem::size_of::<BlockDesc>() as u64)?;
+            if d.op != BLOCK_FLUSH {
+                if d.op != BLOCK_READ && d.op != BLOCK_WRITE {
+                    return Err(format!("block descriptor {i}: unknown operation {}", d.op));
+                }
+                if d.sectors > BLOCK_MAX_SECTORS {
+                    return Err(format!("block descriptor {i}: {} sectors (at most {BLOCK_MAX_SECTORS})", d.sectors));
+                }
+                if d.sector.checked_add(d.sectors as u64).is_none_or(|e| e > self.sectors) {
+                    return Err(format!("block descriptor {i}: sectors {}+{} beyond the disk ({} sectors)", d.sector, d.sectors, self.sectors));
+                }
+                mem.check(d.buf, d.sectors as u64 * SECTOR_SIZE).map_err(|e| format!("block descriptor {i}: buffer {e}"))?;
+            }
+            descs.push(crate::backend::wire::BlockEntry { op: d.op, sectors: d.sectors, sector: d.sector, buf: d.buf });
+        }
+        let result = backend.block(&descs);
+        // The backend may have written any read buffer it was given (a failed request too).
+        for d in descs.iter().filter(|d| d.op == BLOCK_READ) {
+            mem.mark_written(d.buf, d.sectors as u64 * SECTOR_SIZE);
+        }
+        let ran = match result {
+            Ok(()) => descs.len(),
+            Err(i) => i,
+        };
+        if let Some(m) = self.mirror.as_mut().filter(|m| m.lost.is_none()) {
+            for d in descs[..ran].iter().filter(|d| d.op == BLOCK_WRITE) {
+                let mut data = vec![0u8; d.sectors as usize * SECTOR_SIZE as usize];
+                mem.read(d.buf, &mut data)?;
+                if let Err(e) = m.tx.send(DiskWrite { epoch: m.epoch, offset: d.sector * SECTOR_SIZE, data }, MIRROR_STALL) {
+                    m.lost = Some(format!("epoch {}: {e}", m.epoch));
+                    break;
+                }
+            }
+        }
+        let status = if result.is_ok() { BLOCK_OK } else { BLOCK_IO_ERROR };
+        mem.write_obj(addr, &BlockRequest { status, ..req })
     }
 
     /// Mirrors every guest write from now on to `tx`, tagged with `epoch` (until
@@ -115,6 +181,9 @@ impl Block {
         let req: BlockRequest = mem.read_obj(addr)?;
         if req.count > BLOCK_MAX_DESCS {
             return Err(format!("block request with {} descriptors (at most {BLOCK_MAX_DESCS})", req.count));
+        }
+        if self.backend.is_some() {
+            return self.request_backend(mem, addr, req);
         }
         let mut status = BLOCK_OK;
         let mut buf = Vec::new();

@@ -26,7 +26,7 @@ pub struct Tap {
     output_hook: Option<Box<dyn Fn() + Send>>,
     hook_armed: bool,
     /// The backend process doing the tap I/O, if any.
-    backend: Option<crate::backend::NetBackend>,
+    backend: Option<crate::backend::Backend>,
 }
 
 /// Most bytes of memory that held-back output takes at once (frames and their per-frame
@@ -405,7 +405,7 @@ impl Tap {
     pub fn attach_backend(&mut self, mem: &GuestMem, program: &crate::backend::BackendProgram) -> Result<()> {
         let err = |reason: String| Error::Tap { name: self.name.clone(), reason };
         let memfd = mem.memfd().ok_or_else(|| err("a network backend process needs shared guest memory".into()))?;
-        let backend = crate::backend::NetBackend::start(program, memfd, std::os::fd::AsFd::as_fd(&self.fd))
+        let backend = crate::backend::Backend::start(crate::backend::Device::Net, program, memfd, std::os::fd::AsFd::as_fd(&self.fd))
             .map_err(|e| err(format!("network backend: {e}")))?;
         self.backend = Some(backend);
         Ok(())
@@ -426,12 +426,12 @@ impl Tap {
 
 /// Frames packed into backend `OP_SEND` messages of at most `MAX_PAYLOAD` bytes.
 struct Batch<'a> {
-    backend: &'a crate::backend::NetBackend,
+    backend: &'a crate::backend::Backend,
     payload: Vec<u8>,
 }
 
 impl<'a> Batch<'a> {
-    fn new(backend: &'a crate::backend::NetBackend) -> Self {
+    fn new(backend: &'a crate::backend::Backend) -> Self {
         Batch { backend, payload: Vec::new() }
     }
 
