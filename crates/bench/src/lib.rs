@@ -18,6 +18,7 @@ pub mod analysis;
 pub mod cluster;
 pub mod demo;
 pub mod replication;
+pub mod rt;
 pub mod store;
 pub mod tracking;
 pub mod vmm;

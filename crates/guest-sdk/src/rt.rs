@@ -39,6 +39,9 @@ pub struct Job {
     pub release_ns: u64,
     pub start_ns: u64,
     pub end_ns: u64,
+    /// Time the job ran (its share of the time between releases and end, excluding
+    /// preemptions and the scheduler's own work).
+    pub exec_ns: u64,
 }
 
 /// What [`run`] measured.
@@ -102,6 +105,9 @@ struct TaskState {
     len: usize,
     /// The front job has run at some point: its start time.
     started: Option<u64>,
+    /// Time the front job has run so far, and when it last got the CPU.
+    ran: u64,
+    switched_in: u64,
     jobs: u32,
     _stack: Vec<u8>,
 }
@@ -181,12 +187,13 @@ impl Sched {
             let c = self.current;
             let t = &mut self.tasks[c];
             t.frame = frame;
+            t.ran += now.saturating_sub(t.switched_in);
             if reason == REASON_DONE && t.len > 0 {
                 let release_ns = t.queue[t.head];
                 let start_ns = t.started.take().unwrap_or(release_ns);
                 t.head = (t.head + 1) % QUEUE;
                 t.len -= 1;
-                let job = Job { task: c as u32, job: t.jobs, release_ns, start_ns, end_ns: now };
+                let job = Job { task: c as u32, job: t.jobs, release_ns, start_ns, end_ns: now, exec_ns: core::mem::take(&mut t.ran) };
                 t.jobs += 1;
                 if self.out.jobs.len() < self.out.jobs.capacity() {
                     self.out.jobs.push(job);
@@ -198,6 +205,7 @@ impl Sched {
             if let Some(i) = self.pick() {
                 let t = &mut self.tasks[i];
                 t.started.get_or_insert(now);
+                t.switched_in = now;
                 self.current = i;
                 upcall::arm(self.next_release());
                 return self.tasks[i].frame;
@@ -217,13 +225,15 @@ fn dispatch(frame: *mut UpcallFrame, reason: usize) -> *mut UpcallFrame {
     sched().dispatch(frame, reason)
 }
 
-/// Runs `tasks` under `policy`, releasing jobs from about 1 ms from now for `horizon_ms`, with
-/// [`work`] at `iters_per_us` iterations per µs of execution time; returns when every released
-/// job has ended.
-pub fn run(policy: Policy, tasks: &[Task], horizon_ms: u64, iters_per_us: u64) -> Outcome {
+/// Runs `tasks` under `policy`, releasing jobs together from about 1 ms from now (rounded up to
+/// a multiple of `align_ns` of the guest clock, if not 0) for `horizon_ms`, with [`work`] at
+/// `iters_per_us` iterations per µs of execution time; returns when every released job has
+/// ended.
+pub fn run(policy: Policy, tasks: &[Task], horizon_ms: u64, iters_per_us: u64, align_ns: u64) -> Outcome {
     let expected: Vec<u64> = tasks.iter().map(|t| work(t.exec_us * iters_per_us)).collect();
     WRONG.store(0, core::sync::atomic::Ordering::Relaxed);
     let t0 = crate::now_ns() + 1_000_000;
+    let t0 = if align_ns > 0 { t0.div_ceil(align_ns) * align_ns } else { t0 };
     let horizon_end = t0 + horizon_ms * 1_000_000;
     let capacity: u64 = tasks.iter().map(|t| horizon_ms * 1000 / t.period_us.max(1) + 1).sum();
     let mut states = Vec::with_capacity(tasks.len());
@@ -241,6 +251,8 @@ pub fn run(policy: Policy, tasks: &[Task], horizon_ms: u64, iters_per_us: u64) -
             head: 0,
             len: 0,
             started: None,
+            ran: 0,
+            switched_in: 0,
             jobs: 0,
             _stack: stack,
         });

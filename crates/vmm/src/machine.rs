@@ -444,6 +444,11 @@ impl Vm {
         }
     }
 
+    /// What the reservation the VMM enforces measured (`None`: none).
+    pub fn reservation_stats(&self) -> Option<crate::server::ServerStats> {
+        self.server.as_ref().map(|s| s.stats())
+    }
+
     /// Enforces a hard reservation of `budget_ns` every `period_ns` on the thread that runs
     /// the vCPU, by the VMM itself ([`crate::server`]; for hosts where SCHED_DEADLINE cannot
     /// run a vCPU). The caller runs that thread under SCHED_FIFO above every other real-time
@@ -811,9 +816,9 @@ impl Vm {
     /// upcall (delivered when due, its timer armed otherwise).
     fn before_entry(&mut self, inbox: Option<&Inbox>) -> Result<Option<Stop>> {
         while let Some(server) = self.server.as_mut() {
-            let Some(until) = server.before_entry()? else { break };
+            let Some(wait) = server.before_entry(self.clock.now_ns())? else { break };
             let from = crate::upcall::host_now_ns();
-            if let Some(stop) = self.wait_until(until, inbox)? {
+            if let Some(stop) = self.wait_until(from + wait, inbox)? {
                 return Ok(Some(stop));
             }
             if let Some(server) = self.server.as_mut() {

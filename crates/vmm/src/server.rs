@@ -10,6 +10,8 @@
 //! time the thread spends on the VMM's own work (exits, devices) is charged to the budget, as
 //! a CBS charges it; an overrun (the timer's and the exit's latency) is taken from the next
 //! period, so over any number of whole periods the thread never gets more than its share.
+//! Periods are aligned on the guest clock (multiples of the period), which a guest can use to
+//! make the reservation synchronous with its releases.
 //! Given the CPU whenever it has budget, the VM receives the supply of the periodic resource
 //! model (Shin and Lee): at least `budget` in every period, with a longest gap of
 //! 2·(period − budget) — the worst-case supply model of `vigil analyze`.
@@ -48,6 +50,8 @@ pub struct PeriodicServer {
     stats: ServerStats,
     throttled_ns: u64,
     cpu_total_start: Option<u64>,
+    /// The thread's CPU time at the last entry.
+    last_cpu: u64,
 }
 
 /// The calling thread's CPU time (ns).
@@ -71,32 +75,39 @@ impl PeriodicServer {
             stats: ServerStats { budget_us: budget_ns / 1000, period_us: period_ns / 1000, ..Default::default() },
             throttled_ns: 0,
             cpu_total_start: None,
+            last_cpu: 0,
         }
     }
 
-    /// Called by the vCPU thread before each entry into the guest: `None` when the guest may
-    /// run now (the timer is armed for the budget's end), or the host monotonic time until
-    /// which it must not (the budget is spent). The thread's timer is created on first use.
-    pub(crate) fn before_entry(&mut self) -> Result<Option<u64>> {
+    /// Called by the vCPU thread before each entry into the guest, at guest clock `guest_now`:
+    /// `None` when the guest may run now (the timer is armed for the budget's end), or how
+    /// long (ns) it must wait for the next period (the budget is spent). Periods are the
+    /// guest clock's multiples of the period, so a guest that releases its jobs at such
+    /// multiples gets a release-synchronous reservation. The thread's timer is created on
+    /// first use.
+    pub(crate) fn before_entry(&mut self, guest_now: u64) -> Result<Option<u64>> {
         if self.timer.is_none() {
             self.timer = Some(ThreadTimer::for_this_thread()?);
         }
         let now = host_now_ns();
         let cpu = thread_cpu_ns();
         self.cpu_total_start.get_or_insert(cpu);
-        if now >= self.period_end {
-            let overrun = if self.period_end == 0 { 0 } else { (cpu - self.cpu_at_start).saturating_sub(self.this_budget) };
+        self.last_cpu = cpu;
+        if guest_now >= self.period_end {
+            let first = self.period_end == 0 && self.stats.periods == 0;
+            let overrun = if first { 0 } else { (cpu - self.cpu_at_start).saturating_sub(self.this_budget) };
             self.stats.max_overrun_us = self.stats.max_overrun_us.max(overrun / 1000);
-            let missed = if self.period_end == 0 { 0 } else { (now - self.period_end) / self.period_ns };
-            self.period_end = if self.period_end == 0 { now + self.period_ns } else { self.period_end + (missed + 1) * self.period_ns };
+            let next_end = (guest_now / self.period_ns + 1) * self.period_ns;
+            let missed = !first && next_end > self.period_end + self.period_ns;
+            self.period_end = next_end;
             self.cpu_at_start = cpu;
             // An overrun is paid back in the next period (never more than a whole budget).
-            self.this_budget = self.budget_ns.saturating_sub(if missed == 0 { overrun } else { 0 });
+            self.this_budget = self.budget_ns.saturating_sub(if missed { 0 } else { overrun });
             self.stats.periods += 1;
         }
         let used = cpu - self.cpu_at_start;
         if used >= self.this_budget {
-            return Ok(Some(self.period_end));
+            return Ok(Some(self.period_end - guest_now));
         }
         if let Some(t) = self.timer.as_mut() {
             // Wall time passes at least as fast as CPU time: the timer fires at or before the
@@ -112,12 +123,12 @@ impl PeriodicServer {
         self.throttled_ns += ns;
     }
 
-    /// What it measured, as of now (call on the vCPU thread).
+    /// What it measured, as of the last entry into the guest.
     pub fn stats(&self) -> ServerStats {
         let mut s = self.stats.clone();
         s.throttled_ms = self.throttled_ns / 1_000_000;
         if let Some(start) = self.cpu_total_start {
-            s.used_ms = (thread_cpu_ns() - start) / 1_000_000;
+            s.used_ms = (self.last_cpu - start) / 1_000_000;
         }
         s
     }

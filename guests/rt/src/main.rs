@@ -7,11 +7,13 @@
 //! - `ms=N`: release jobs for N ms (default 1000);
 //! - `cal=N`: iterations of the work loop per µs (default: measured at start, the fastest of
 //!   40 trials);
+//! - `align=MS`: release the first jobs at a multiple of MS ms of the guest clock (where the
+//!   periods of a reservation the VMM enforces begin: a release-synchronous reservation);
 //! - `upcall N`: instead, measures N upcalls' latency (an upcall asked for 1–2 ms ahead while
 //!   the guest computes) and prints their deadline→handler latencies.
 //!
-//! Prints `rt: cal N`, then every job as `job TASK N RELEASE_US START_US END_US` (guest
-//! clock, µs from the first release), in batches, then `rt: done JOBS jobs, D dropped,
+//! Prints `rt: cal N`, then every job as `job TASK N RELEASE_US START_US END_US EXEC_US`
+//! (guest clock, µs from the first release; EXEC: the time it ran), in batches, then `rt: done JOBS jobs, D dropped,
 //! U upcalls, max latency L ns, W wrong` (W: jobs whose work came out different from an
 //! undisturbed run: a broken context switch) and exits 0.
 #![no_std]
@@ -43,6 +45,7 @@ fn main() -> u32 {
     let mut tasks = Vec::new();
     let mut horizon_ms = 1000;
     let mut cal = 0;
+    let mut align_ms = 0;
     let mut args = guest_sdk::args();
     while let Some(a) = args.next() {
         if a == "upcall" {
@@ -53,6 +56,8 @@ fn main() -> u32 {
             policy = Policy::Edf;
         } else if let Some(n) = a.strip_prefix("ms=") {
             horizon_ms = n.parse().unwrap_or(horizon_ms);
+        } else if let Some(n) = a.strip_prefix("align=") {
+            align_ms = n.parse().unwrap_or(0);
         } else if let Some(n) = a.strip_prefix("cal=") {
             cal = n.parse().unwrap_or(0);
         } else {
@@ -61,7 +66,7 @@ fn main() -> u32 {
                 [Some(c), Some(t)] if *c > 0 && c <= t => tasks.push(Task { exec_us: *c, period_us: *t, deadline_us: *t }),
                 [Some(c), Some(t), Some(d)] if *c > 0 && c <= d => tasks.push(Task { exec_us: *c, period_us: *t, deadline_us: *d }),
                 _ => {
-                    println!("rt: bad argument {a:?} (expected rm, edf, C/T[/D] in ms, ms=N, cal=N)");
+                    println!("rt: bad argument {a:?} (expected rm, edf, C/T[/D] in ms, ms=N, cal=N, align=MS)");
                     return 2;
                 }
             }
@@ -75,18 +80,19 @@ fn main() -> u32 {
         cal = guest_sdk::rt::calibrate(40);
     }
     println!("rt: cal {cal}");
-    let out = guest_sdk::rt::run(policy, &tasks, horizon_ms, cal);
+    let out = guest_sdk::rt::run(policy, &tasks, horizon_ms, cal, align_ms * 1_000_000);
     let t0 = out.jobs.iter().map(|j| j.release_ns).min().unwrap_or(0);
     let mut batch = String::new();
     for j in &out.jobs {
         let _ = writeln!(
             batch,
-            "job {} {} {} {} {}",
+            "job {} {} {} {} {} {}",
             j.task,
             j.job,
             (j.release_ns - t0) / 1000,
             (j.start_ns - t0) / 1000,
-            (j.end_ns - t0) / 1000
+            (j.end_ns - t0) / 1000,
+            j.exec_ns / 1000
         );
         if batch.len() > 16_000 {
             guest_sdk::console::write_raw(batch.as_bytes());
