@@ -326,7 +326,8 @@ fn cdf_svg(columns: &[Column], task: usize) -> String {
             let _ = write!(pts, "{px:.1},{y0:.1} {px:.1},{y1:.1} ");
         }
         let _ = write!(s, r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{pts}"/>"#);
-        let _ = write!(s, r#"<text x="{}" y="{}" fill="{colour}">{}</text>"#, l + 10.0, 48.0 + 16.0 * ci as f64, c.name);
+        let y = 30.0 + ph - 10.0 - 16.0 * (columns.len() - 1 - ci) as f64;
+        let _ = write!(s, r#"<text x="{}" y="{y}" fill="{colour}" text-anchor="end">{}</text>"#, l + pw - 10.0, c.name);
     }
     s.push_str("</svg>\n");
     s
