@@ -82,6 +82,15 @@ pub struct Args {
     /// `store`: also start a one-member etcd (/usr/bin/etcd) and compare with etcd used directly.
     #[arg(long)]
     etcd: bool,
+    /// `rt`: where the response-time CDF plots (SVG) go.
+    #[arg(long, default_value = "target/bench-rt")]
+    out: std::path::PathBuf,
+    /// `rt`: skip the search for the smallest budget that works in practice.
+    #[arg(long)]
+    no_search: bool,
+    /// `service`: repetitions of 10 clients × 10 requests per column.
+    #[arg(long, default_value_t = 20)]
+    repetitions: usize,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -115,6 +124,13 @@ enum What {
     /// under redis-benchmark, a crash and a hang mid-run, recovery against a whole-VMM restart
     /// (needs root, KVM, redis-tools; `--rounds`, `--ops` requests per test, `--kills`).
     Components,
+    /// Real-time VMs on a loaded host: a rate-monotonic task set as host threads, in a VM
+    /// unloaded, loaded, and loaded under the analysed and the smallest practical reservation;
+    /// upcall latency (needs root, KVM; `--seconds` per column, `--out` for the CDF plots).
+    Rt,
+    /// A CPU-bound request/response service (kv's ROTATE) as a host process, in a VM
+    /// unloaded, loaded, and loaded under a (3 ms, 5 ms) reservation (needs root, KVM).
+    Service,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -183,6 +199,17 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             requests: args.ops,
             kills: args.kills,
             json: args.json,
+        });
+    }
+    if let What::Service = args.what {
+        return crate::service::run(args.repetitions, args.json);
+    }
+    if let What::Rt = args.what {
+        return crate::rt::run(&crate::rt::Options {
+            seconds: args.seconds,
+            out: args.out.clone(),
+            json: args.json,
+            no_search: args.no_search,
         });
     }
     if let What::Monitoring = args.what {

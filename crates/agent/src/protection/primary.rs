@@ -130,7 +130,7 @@ pub fn run(vm: Vm, ctl: Controller, inbox: Inbox, opts: Options, start: Start, c
     std::thread::Builder::new()
         .name("vcpu0".into())
         .spawn(move || {
-            let r = sched.apply_to_vcpu().and_then(|()| vm.run(Some(&inbox)).map_err(|e| e.to_string()));
+            let r = sched.apply_to_vcpu(&mut vm).and_then(|()| vm.run(Some(&inbox)).map_err(|e| e.to_string()));
             let _ = vm_tx.send(Input::VmStopped(r));
         })
         .map_err(|e| format!("cannot start the vCPU thread: {e}"))?;
