@@ -100,6 +100,9 @@ fn run_benchmark(ns: &TapNs, requests: usize, tests: &str) -> Result<Vec<(String
     Ok(parse(&text))
 }
 
+/// One figure of a [`Lat`].
+type Metric = fn(&Lat) -> f64;
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -126,7 +129,8 @@ fn enter(ns: &str) -> Result<()> {
 
 impl Prober {
     fn start(ns: &str) -> Result<Prober> {
-        let (replies, errors, stop) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicBool::new(false)));
+        let (replies, errors, stop) =
+            (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicBool::new(false)));
         let (r, e, s, ns) = (replies.clone(), errors.clone(), stop.clone(), ns.to_string());
         let thread = std::thread::spawn(move || {
             let run = || -> Result<()> {
@@ -240,8 +244,20 @@ impl Table {
             return Ok(());
         }
         let head = ["measure", "backend in VMM", "backend process", "ratio", "note"];
-        let w: Vec<usize> = (0..4).map(|i| self.rows.iter().map(|r| r[i].chars().count()).chain([head[i].len()]).max().unwrap_or(0)).collect();
-        println!("{:w0$}  {:>w1$}  {:>w2$}  {:>w3$}  {}", head[0], head[1], head[2], head[3], head[4], w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3]);
+        let w: Vec<usize> =
+            (0..4).map(|i| self.rows.iter().map(|r| r[i].chars().count()).chain([head[i].len()]).max().unwrap_or(0)).collect();
+        println!(
+            "{:w0$}  {:>w1$}  {:>w2$}  {:>w3$}  {}",
+            head[0],
+            head[1],
+            head[2],
+            head[3],
+            head[4],
+            w0 = w[0],
+            w1 = w[1],
+            w2 = w[2],
+            w3 = w[3]
+        );
         for r in &self.rows {
             println!("{:w0$}  {:>w1$}  {:>w2$}  {:>w3$}  {}", r[0], r[1], r[2], r[3], r[4], w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3]);
         }
@@ -256,11 +272,8 @@ fn start(ns: &TapNs, exe: &std::path::Path, kv: &std::path::Path, mode: &str, di
     let f = std::fs::File::create(&disk)?;
     f.set_len(64 << 20)?;
     let d = disk.display().to_string();
-    let extra: Vec<&str> = if mode == "vmm" {
-        vec!["--disk", &d]
-    } else {
-        vec!["--disk", &d, "--net-backend", "process", "--blk-backend", "process"]
-    };
+    let extra: Vec<&str> =
+        if mode == "vmm" { vec!["--disk", &d] } else { vec!["--disk", &d, "--net-backend", "process", "--blk-backend", "process"] };
     ns.start_vm_with(exe, kv, &extra, &format!("vm-{mode}"), dir).map_err(anyhow::Error::msg)
 }
 
@@ -285,16 +298,27 @@ pub fn run(o: &Options) -> Result<()> {
             let r = run_benchmark(&ns, o.requests, "set,get")?;
             eprintln!(
                 "  round {round}, backend {mode}: {}",
-                r.iter().map(|(n, l)| format!("{n} p50 {:.3} p99 {:.3} p99.9 {:.3} ms, {:.0}/s", l.p50, l.p99, l.p999, l.rps)).collect::<Vec<_>>().join("; ")
+                r.iter()
+                    .map(|(n, l)| format!("{n} p50 {:.3} p99 {:.3} p99.9 {:.3} ms, {:.0}/s", l.p50, l.p99, l.p999, l.rps))
+                    .collect::<Vec<_>>()
+                    .join("; ")
             );
             per[m].push(r);
             drop(vm);
         }
     }
     for test in ["SET", "GET"] {
-        let pick = |m: usize, f: fn(&Lat) -> f64| median(per[m].iter().filter_map(|r| r.iter().find(|(n, _)| n == test)).map(|(_, l)| f(l)).collect());
-        let metrics: [(&str, fn(&Lat) -> f64); 6] =
-            [("p50", |l| l.p50), ("p95", |l| l.p95), ("p99", |l| l.p99), ("p99.9", |l| l.p999), ("mean", |l| l.avg), ("throughput", |l| l.rps)];
+        let pick = |m: usize, f: fn(&Lat) -> f64| {
+            median(per[m].iter().filter_map(|r| r.iter().find(|(n, _)| n == test)).map(|(_, l)| f(l)).collect())
+        };
+        let metrics: [(&str, Metric); 6] = [
+            ("p50", |l| l.p50),
+            ("p95", |l| l.p95),
+            ("p99", |l| l.p99),
+            ("p99.9", |l| l.p999),
+            ("mean", |l| l.avg),
+            ("throughput", |l| l.rps),
+        ];
         for (name, f) in metrics {
             let (a, b) = (pick(0, f), pick(1, f));
             let unit = if name == "throughput" { "req/s" } else { "ms" };
@@ -315,8 +339,7 @@ pub fn run(o: &Options) -> Result<()> {
             let vm = start(&ns, &exe, &kv, "process", &dir)?;
             // Long enough that the fault lands in the middle of it.
             let n = (o.requests * 4).max(10_000);
-            let child =
-                redis_benchmark(&ns, n, "set").stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn()?;
+            let child = redis_benchmark(&ns, n, "set").stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn()?;
             std::thread::sleep(Duration::from_millis(400));
             signal(vm.backend_pid_of(which), sig)?;
             let incident = wait_restart(&vm, which, 1)?;
@@ -355,7 +378,8 @@ pub fn run(o: &Options) -> Result<()> {
     }
 
     // 3. Recovery: the gap a client sees when a backend crashes or hangs ...
-    let kinds = [("net_backend", libc::SIGKILL), ("net_backend", libc::SIGSTOP), ("blk_backend", libc::SIGKILL), ("blk_backend", libc::SIGSTOP)];
+    let kinds =
+        [("net_backend", libc::SIGKILL), ("net_backend", libc::SIGSTOP), ("blk_backend", libc::SIGKILL), ("blk_backend", libc::SIGSTOP)];
     let mut gaps: [Vec<f64>; 4] = Default::default();
     {
         let vm = start(&ns, &exe, &kv, "process", &dir)?;
@@ -390,7 +414,10 @@ pub fn run(o: &Options) -> Result<()> {
         let took = std::thread::spawn(move || -> Result<Duration> {
             enter(&ns_name)?;
             loop {
-                if let Ok(mut c) = std::net::TcpStream::connect_timeout(&(GUEST_IP.parse::<std::net::Ipv4Addr>()?, 6379).into(), Duration::from_millis(200)) {
+                if let Ok(mut c) = std::net::TcpStream::connect_timeout(
+                    &(GUEST_IP.parse::<std::net::Ipv4Addr>()?, 6379).into(),
+                    Duration::from_millis(200),
+                ) {
                     let mut buf = [0u8; 7];
                     if c.write_all(b"PING\r\n").is_ok() && c.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n" {
                         return Ok(probe_at.elapsed());

@@ -54,7 +54,9 @@ impl TapNs {
     /// Runs `cmd ARGS` inside the namespace: (success, stdout, stderr).
     pub fn run(&self, cmd: &str, args: &[&str]) -> (bool, String, String) {
         match self.command(cmd).args(args).output() {
-            Ok(out) => (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned()),
+            Ok(out) => {
+                (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+            }
             Err(e) => (false, String::new(), format!("cannot run {cmd}: {e}")),
         }
     }
@@ -101,7 +103,9 @@ impl VmProc {
     /// `vigil vm status` as JSON (`Null` when it does not answer).
     pub fn status(&self) -> serde_json::Value {
         let out = Command::new(&self.vigil).args(["vm", "status", "--api"]).arg(&self.api).output();
-        out.ok().and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok()).map_or(serde_json::Value::Null, |v| v["status"].clone())
+        out.ok()
+            .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+            .map_or(serde_json::Value::Null, |v| v["status"].clone())
     }
 
     /// The pid of its network backend process (0 when it has none or does not answer).

@@ -343,9 +343,15 @@ fn fail_component(dir: &std::path::Path, host: &str, c: Component, vm: Option<&s
         Component::Store => {
             // The store server is the child of its supervisor (the host's own front end with
             // etcd, else the cluster's one store).
-            let sup = cf.pids.get(&format!("store:{host}")).or_else(|| cf.pids.get("store")).copied().context("no store in this cluster")?;
+            let sup =
+                cf.pids.get(&format!("store:{host}")).or_else(|| cf.pids.get("store")).copied().context("no store in this cluster")?;
             let children = std::fs::read_to_string(format!("/proc/{sup}/task/{sup}/children")).unwrap_or_default();
-            children.split_whitespace().filter_map(|p| p.parse().ok()).map(|p| (p, cmdline(p))).filter(|(_, a)| a.iter().any(|x| x == "serve")).collect()
+            children
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .map(|p| (p, cmdline(p)))
+                .filter(|(_, a)| a.iter().any(|x| x == "serve"))
+                .collect()
         }
     };
     let name = match c {

@@ -278,7 +278,8 @@ fn the_manager_an_agent_and_the_store_restart_without_a_failover() {
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // Every VM's network backend runs as a process of its own.
-    let up = Up::start_edited("restart", "t2", "substation.toml", &[], &[], |t| t.replace("[[run]]\n", "[[run]]\nnet_backend = \"process\"\n"));
+    let up =
+        Up::start_edited("restart", "t2", "substation.toml", &[], &[], |t| t.replace("[[run]]\n", "[[run]]\nnet_backend = \"process\"\n"));
     let st = up.wait("every VM serving, control protected", 30, |ok, v| ok && vm(v, "control")["replication"] == "protected");
     let g1 = st["leader"]["generation"].as_u64().expect("generation");
     let leader = st["leader"]["id"].as_str().unwrap().to_string();

@@ -52,11 +52,8 @@ fn chaos(test: &str, which: &str, signal: i32, faults: usize) {
     std::fs::write(&disk, vec![0u8; 16 << 20]).expect("disk");
     let disk_arg = disk.display().to_string();
     let vigil = Path::new(env!("CARGO_BIN_EXE_vigil"));
-    let extra: Vec<&str> = if which == "net_backend" {
-        vec!["--net-backend", "process"]
-    } else {
-        vec!["--disk", &disk_arg, "--blk-backend", "process"]
-    };
+    let extra: Vec<&str> =
+        if which == "net_backend" { vec!["--net-backend", "process"] } else { vec!["--disk", &disk_arg, "--blk-backend", "process"] };
     let mut vm = ns.start_vm_with(vigil, &image, &extra, "vm", &dir).expect("start the VM");
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1;
     eprintln!("{test}: seed {seed}");

@@ -341,7 +341,6 @@ impl Backend {
             s.requests += 1;
         }
     }
-
 }
 
 /// The lengths of the `done` entries a reply says were served, checked against the progress
@@ -371,7 +370,15 @@ fn skip_frames(mut p: &[u8], n: usize) -> &[u8] {
 
 /// Starts a new process after `old_pid` failed (already killed and reaped) and records the
 /// incident.
-fn restart(shared: &Shared, conn: &mut Conn, old_pid: u32, fault: &Fault, waited: Duration, replayed: u32, salvaged: u32) -> Result<(), String> {
+fn restart(
+    shared: &Shared,
+    conn: &mut Conn,
+    old_pid: u32,
+    fault: &Fault,
+    waited: Duration,
+    replayed: u32,
+    salvaged: u32,
+) -> Result<(), String> {
     let t0 = Instant::now();
     conn.kill();
     let r = conn.spawn();
@@ -697,7 +704,11 @@ mod tests {
     fn program(mode: &str) -> BackendProgram {
         let exe = std::env::current_exe().expect("test binary");
         let test = format!("backend::client::tests::fake_backend_{mode}");
-        BackendProgram { period_ms: 20, timeout_ms: 50, ..BackendProgram::new(exe, vec!["--exact".into(), test, "--test-threads=1".into(), "-q".into()]) }
+        BackendProgram {
+            period_ms: 20,
+            timeout_ms: 50,
+            ..BackendProgram::new(exe, vec!["--exact".into(), test, "--test-threads=1".into(), "-q".into()])
+        }
     }
 
     /// A backend that answers garbage, crashes on every request or never answers costs the VM

@@ -72,14 +72,14 @@ impl Mapping {
     }
 
     fn atomic_u64(&self, off: usize) -> &AtomicU64 {
-        assert!(off + 8 <= self.size && off % 8 == 0, "progress field out of the page");
+        assert!(off + 8 <= self.size && off.is_multiple_of(8), "progress field out of the page");
         // SAFETY: in bounds and aligned (asserted; the mapping is page-aligned); the memory is
         // only accessed atomically by both processes.
         unsafe { AtomicU64::from_ptr(self.base.add(off).cast()) }
     }
 
     fn atomic_u32(&self, off: usize) -> &AtomicU32 {
-        assert!(off + 4 <= self.size && off % 4 == 0, "progress field out of the page");
+        assert!(off + 4 <= self.size && off.is_multiple_of(4), "progress field out of the page");
         // SAFETY: as in `atomic_u64`.
         unsafe { AtomicU32::from_ptr(self.base.add(off).cast()) }
     }

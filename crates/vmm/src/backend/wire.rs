@@ -262,7 +262,10 @@ mod tests {
             Request::Rx { seq: 2, bufs: vec![(0x3000, 2048)] },
             Request::Send { seq: 3, payload },
             Request::Ping { seq: 4 },
-            Request::Block { seq: 5, descs: vec![BlockEntry { op: 1, sectors: 8, sector: 3, buf: 0x4000 }, BlockEntry { op: 2, sectors: 0, sector: 0, buf: 0 }] },
+            Request::Block {
+                seq: 5,
+                descs: vec![BlockEntry { op: 1, sectors: 8, sector: 3, buf: 0x4000 }, BlockEntry { op: 2, sectors: 0, sector: 0, buf: 0 }],
+            },
         ] {
             assert_eq!(Request::parse(&r.encode()), Ok(r));
         }

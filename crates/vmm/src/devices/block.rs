@@ -77,7 +77,10 @@ impl Block {
                     return Err(format!("block descriptor {i}: {} sectors (at most {BLOCK_MAX_SECTORS})", d.sectors));
                 }
                 if d.sector.checked_add(d.sectors as u64).is_none_or(|e| e > self.sectors) {
-                    return Err(format!("block descriptor {i}: sectors {}+{} beyond the disk ({} sectors)", d.sector, d.sectors, self.sectors));
+                    return Err(format!(
+                        "block descriptor {i}: sectors {}+{} beyond the disk ({} sectors)",
+                        d.sector, d.sectors, self.sectors
+                    ));
                 }
                 mem.check(d.buf, d.sectors as u64 * SECTOR_SIZE).map_err(|e| format!("block descriptor {i}: buffer {e}"))?;
             }

@@ -164,7 +164,16 @@ impl Tap {
         if r < 0 {
             return Err(err(format!("TUNSETIFF: {}", std::io::Error::last_os_error())));
         }
-        Ok(Tap { fd, name: name.to_owned(), dropped: 0, hold: false, held: Held::new(HOLD_LIMIT), output_hook: None, hook_armed: true, backend: None })
+        Ok(Tap {
+            fd,
+            name: name.to_owned(),
+            dropped: 0,
+            hold: false,
+            held: Held::new(HOLD_LIMIT),
+            output_hook: None,
+            hook_armed: true,
+            backend: None,
+        })
     }
 
     /// Interface name.
@@ -352,7 +361,10 @@ impl Tap {
                 p.extend_from_slice(frame);
             }
             if backend.send(&p) != 1 {
-                return Err(Error::Tap { name: self.name.clone(), reason: format!("the backend could not send a frame of {} bytes", frame.len()) });
+                return Err(Error::Tap {
+                    name: self.name.clone(),
+                    reason: format!("the backend could not send a frame of {} bytes", frame.len()),
+                });
             }
             return Ok(());
         }
