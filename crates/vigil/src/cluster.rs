@@ -442,9 +442,11 @@ pub fn agent(a: &AgentArgs) -> Result<u8> {
     let exe = std::env::current_exe().context("cannot find the vigil executable")?;
     if a.respawn {
         let args: Vec<String> = std::env::args().skip(1).filter(|x| x != "--respawn").collect();
-        // Hung: no heartbeat for a third of the lease (the host's lease must not run out
-        // before a new agent holds it).
-        let hang = Duration::from_millis((a.lease_ms / 3).max(3 * a.period_ms));
+        // Hung: no heartbeat for half the lease and two periods. Not less: an agent cut off
+        // from its store legitimately waits up to half a lease on one request (and must go on
+        // to fence itself, not be replaced); not much more: a new agent must renew the
+        // host's lease before the rest of it runs out.
+        let hang = Duration::from_millis(a.lease_ms / 2 + 2 * a.period_ms);
         return respawn(&exe, &args, &agent::host::alive_path(&a.state), hang);
     }
     let cfg = agent::host::Config {
