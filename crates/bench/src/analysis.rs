@@ -79,6 +79,9 @@ pub struct Args {
     /// `replication`: only time failovers.
     #[arg(long)]
     failover_only: bool,
+    /// `components`: kv without a disk (the network backend alone).
+    #[arg(long)]
+    no_disk: bool,
     /// `store`: also start a one-member etcd (/usr/bin/etcd) and compare with etcd used directly.
     #[arg(long)]
     etcd: bool,
@@ -198,6 +201,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             rounds: args.rounds,
             requests: args.ops,
             kills: args.kills,
+            no_disk: args.no_disk,
             json: args.json,
         });
     }

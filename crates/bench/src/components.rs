@@ -32,6 +32,9 @@ pub struct Options {
     pub requests: usize,
     /// Backend kills (and hangs) timed for recovery.
     pub kills: usize,
+    /// Run kv without a disk (only the network backend works then; the block rows are
+    /// skipped).
+    pub no_disk: bool,
     pub json: bool,
 }
 
@@ -265,9 +268,13 @@ impl Table {
     }
 }
 
-/// Starts kv on a fresh disk, with both backends in the VMM (`vmm`) or as processes.
-fn start(ns: &TapNs, exe: &std::path::Path, kv: &std::path::Path, mode: &str, dir: &std::path::Path) -> Result<VmProc> {
+/// Starts kv on a fresh disk (none with `no_disk`), with both backends in the VMM (`vmm`) or
+/// as processes.
+fn start(ns: &TapNs, exe: &std::path::Path, kv: &std::path::Path, mode: &str, dir: &std::path::Path, no_disk: bool) -> Result<VmProc> {
     std::fs::create_dir_all(dir)?;
+    if no_disk {
+        return ns.start_vm(exe, kv, mode, dir).map_err(anyhow::Error::msg);
+    }
     let disk = dir.join(format!("disk-{mode}"));
     let f = std::fs::File::create(&disk)?;
     f.set_len(64 << 20)?;
@@ -293,7 +300,7 @@ pub fn run(o: &Options) -> Result<()> {
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for m in order {
             let mode = ["vmm", "process"][m];
-            let vm = start(&ns, &exe, &kv, mode, &dir)?;
+            let vm = start(&ns, &exe, &kv, mode, &dir, o.no_disk)?;
             run_benchmark(&ns, o.requests / 4, "set")?;
             let r = run_benchmark(&ns, o.requests, "set,get")?;
             eprintln!(
@@ -328,15 +335,21 @@ pub fn run(o: &Options) -> Result<()> {
                 fmt(a),
                 fmt(b),
                 format!("{:.3}", b / a),
-                &format!("median of {} rounds of {} requests, 4 clients", o.rounds.max(1), o.requests),
+                &format!(
+                    "median of {} rounds of {} requests, 4 clients{}",
+                    o.rounds.max(1),
+                    o.requests,
+                    if o.no_disk { ", no disk" } else { ", kv logging to its disk" }
+                ),
             );
         }
     }
 
     // 2. A failure mid-run: SIGKILL, then SIGSTOP, of each backend while redis-benchmark runs.
-    for (which, dev) in [("net_backend", "net"), ("blk_backend", "blk")] {
+    let devices: &[(&str, &str)] = if o.no_disk { &[("net_backend", "net")] } else { &[("net_backend", "net"), ("blk_backend", "blk")] };
+    for &(which, dev) in devices {
         for (sig, what) in [(libc::SIGKILL, "crash (SIGKILL)"), (libc::SIGSTOP, "hang (SIGSTOP)")] {
-            let vm = start(&ns, &exe, &kv, "process", &dir)?;
+            let vm = start(&ns, &exe, &kv, "process", &dir, o.no_disk)?;
             // Long enough that the fault lands in the middle of it.
             let n = (o.requests * 4).max(10_000);
             let child = redis_benchmark(&ns, n, "set").stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn()?;
@@ -382,7 +395,7 @@ pub fn run(o: &Options) -> Result<()> {
         [("net_backend", libc::SIGKILL), ("net_backend", libc::SIGSTOP), ("blk_backend", libc::SIGKILL), ("blk_backend", libc::SIGSTOP)];
     let mut gaps: [Vec<f64>; 4] = Default::default();
     {
-        let vm = start(&ns, &exe, &kv, "process", &dir)?;
+        let vm = start(&ns, &exe, &kv, "process", &dir, o.no_disk)?;
         let probe = Prober::start(&ns.name)?;
         let mut restarts = [0u64; 2];
         for k in 0..o.kills.max(1) * kinds.len() {
@@ -405,10 +418,10 @@ pub fn run(o: &Options) -> Result<()> {
     // ... against a restart of the whole VMM (what a crash of an in-VMM backend costs).
     let mut coarse = Vec::new();
     for _ in 0..o.kills.clamp(1, 3) {
-        let mut vm = start(&ns, &exe, &kv, "vmm", &dir)?;
+        let mut vm = start(&ns, &exe, &kv, "vmm", &dir, o.no_disk)?;
         let at = Instant::now();
         vm.proc_.kill();
-        let _vm2 = start(&ns, &exe, &kv, "vmm", &dir)?;
+        let _vm2 = start(&ns, &exe, &kv, "vmm", &dir, o.no_disk)?;
         // First PING answered on a new connection.
         let (ns_name, probe_at) = (ns.name.clone(), at);
         let took = std::thread::spawn(move || -> Result<Duration> {
