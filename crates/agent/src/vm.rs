@@ -40,6 +40,9 @@ pub struct VmSpec {
     /// Start with dirty-page logging on.
     #[serde(default)]
     pub dirty_log: bool,
+    /// Guest memory as a shared memfd even without backend processes (benchmarks).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared_memory: bool,
     /// How a protected VM's checkpoints find dirty pages: `auto` (per epoch, from measured
     /// costs), `log` or `compare` (`vmm::tracking`).
     #[serde(default)]
@@ -387,6 +390,7 @@ impl VmSpec {
             net: None,
             api: None,
             dirty_log: false,
+            shared_memory: false,
             tracking: Default::default(),
             compression: Default::default(),
             domain: None,
@@ -441,6 +445,7 @@ impl VmSpec {
         config.disk = self.disk.clone();
         config.args = self.args.clone();
         config.dirty_log = self.dirty_log;
+        config.shared_memory = self.shared_memory;
         config.tracking = self.tracking;
         if self.disk.is_some() && self.disk_backend == BackendPlace::Process {
             config.blk_backend = Some(self.backend_program("blk"));

@@ -201,6 +201,22 @@ impl Prober {
     }
 }
 
+/// The pid of backend `which` of `vm`, asked again for up to 2 s (a status call can fail while
+/// the VMM is busy); the error quotes the last status.
+fn pid_of(vm: &VmProc, which: &str) -> Result<u32> {
+    let t = Instant::now();
+    loop {
+        let st = vm.status();
+        if let Some(pid) = st[which]["pid"].as_u64().filter(|p| *p != 0) {
+            return Ok(pid as u32);
+        }
+        if t.elapsed() > Duration::from_secs(2) {
+            bail!("no {which} process in the VM's status: {st}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn signal(pid: u32, sig: i32) -> Result<()> {
     if pid == 0 {
         bail!("no backend process");
@@ -268,19 +284,29 @@ impl Table {
     }
 }
 
-/// Starts kv on a fresh disk (none with `no_disk`), with both backends in the VMM (`vmm`) or
-/// as processes.
+/// Starts kv on a fresh disk (none with `no_disk`), with both backends in the VMM (`vmm`),
+/// in the VMM with guest memory a shared memfd as a backend process needs (`vmm-memfd`), or as
+/// processes (`process`).
 fn start(ns: &TapNs, exe: &std::path::Path, kv: &std::path::Path, mode: &str, dir: &std::path::Path, no_disk: bool) -> Result<VmProc> {
     std::fs::create_dir_all(dir)?;
-    if no_disk {
-        return ns.start_vm(exe, kv, mode, dir).map_err(anyhow::Error::msg);
-    }
     let disk = dir.join(format!("disk-{mode}"));
-    let f = std::fs::File::create(&disk)?;
-    f.set_len(64 << 20)?;
     let d = disk.display().to_string();
-    let extra: Vec<&str> =
-        if mode == "vmm" { vec!["--disk", &d] } else { vec!["--disk", &d, "--net-backend", "process", "--blk-backend", "process"] };
+    let mut extra: Vec<&str> = Vec::new();
+    if !no_disk {
+        let f = std::fs::File::create(&disk)?;
+        f.set_len(64 << 20)?;
+        extra.extend(["--disk", &d]);
+    }
+    match mode {
+        "vmm" => {}
+        "vmm-memfd" => extra.push("--shared-memory"),
+        _ => {
+            extra.extend(["--net-backend", "process"]);
+            if !no_disk {
+                extra.extend(["--blk-backend", "process"]);
+            }
+        }
+    }
     ns.start_vm_with(exe, kv, &extra, &format!("vm-{mode}"), dir).map_err(anyhow::Error::msg)
 }
 
@@ -294,12 +320,13 @@ pub fn run(o: &Options) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("vigil-bench-comp-{}", std::process::id()));
     let mut t = Table { rows: Vec::new() };
 
-    // 1. Tail latency without failures, alternating setups.
-    let mut per: [Vec<Vec<(String, Lat)>>; 2] = [Vec::new(), Vec::new()];
+    // 1. Tail latency without failures, alternating setups (rotating their order).
+    const MODES: [&str; 3] = ["vmm-memfd", "process", "vmm"];
+    let mut per: [Vec<Vec<(String, Lat)>>; 3] = Default::default();
     for round in 0..o.rounds.max(1) {
-        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-        for m in order {
-            let mode = ["vmm", "process"][m];
+        for j in 0..3 {
+            let m = (round + j) % 3;
+            let mode = MODES[m];
             let vm = start(&ns, &exe, &kv, mode, &dir, o.no_disk)?;
             run_benchmark(&ns, o.requests / 4, "set")?;
             let r = run_benchmark(&ns, o.requests, "set,get")?;
@@ -327,7 +354,7 @@ pub fn run(o: &Options) -> Result<()> {
             ("throughput", |l| l.rps),
         ];
         for (name, f) in metrics {
-            let (a, b) = (pick(0, f), pick(1, f));
+            let (a, b, anon) = (pick(0, f), pick(1, f), pick(2, f));
             let unit = if name == "throughput" { "req/s" } else { "ms" };
             let fmt = |v: f64| if name == "throughput" { format!("{v:.0} {unit}") } else { format!("{v:.3} {unit}") };
             t.add(
@@ -336,10 +363,12 @@ pub fn run(o: &Options) -> Result<()> {
                 fmt(b),
                 format!("{:.3}", b / a),
                 &format!(
-                    "median of {} rounds of {} requests, 4 clients{}",
+                    "median of {} rounds of {} requests, 4 clients{}; both with memfd guest memory; in VMM with anonymous memory: {} ({:.3} of memfd)",
                     o.rounds.max(1),
                     o.requests,
-                    if o.no_disk { ", no disk" } else { ", kv logging to its disk" }
+                    if o.no_disk { ", no disk" } else { ", kv logging to its disk" },
+                    fmt(anon),
+                    anon / a
                 ),
             );
         }
@@ -354,7 +383,7 @@ pub fn run(o: &Options) -> Result<()> {
             let n = (o.requests * 4).max(10_000);
             let child = redis_benchmark(&ns, n, "set").stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn()?;
             std::thread::sleep(Duration::from_millis(400));
-            signal(vm.backend_pid_of(which), sig)?;
+            signal(pid_of(&vm, which)?, sig)?;
             let incident = wait_restart(&vm, which, 1)?;
             let out = child.wait_with_output()?;
             let r = parse(&String::from_utf8_lossy(&out.stdout));
@@ -391,8 +420,9 @@ pub fn run(o: &Options) -> Result<()> {
     }
 
     // 3. Recovery: the gap a client sees when a backend crashes or hangs ...
-    let kinds =
+    let all =
         [("net_backend", libc::SIGKILL), ("net_backend", libc::SIGSTOP), ("blk_backend", libc::SIGKILL), ("blk_backend", libc::SIGSTOP)];
+    let kinds = if o.no_disk { &all[..2] } else { &all[..] };
     let mut gaps: [Vec<f64>; 4] = Default::default();
     {
         let vm = start(&ns, &exe, &kv, "process", &dir, o.no_disk)?;
@@ -403,7 +433,7 @@ pub fn run(o: &Options) -> Result<()> {
             let (which, sig) = kinds[i];
             std::thread::sleep(Duration::from_millis(200));
             let at = Instant::now();
-            signal(vm.backend_pid_of(which), sig)?;
+            signal(pid_of(&vm, which)?, sig)?;
             let r = &mut restarts[i / 2];
             *r += 1;
             wait_restart(&vm, which, *r)?;

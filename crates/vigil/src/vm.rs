@@ -103,6 +103,10 @@ struct RunArgs {
     /// Start with dirty-page logging on.
     #[arg(long)]
     dirty_log: bool,
+    /// Guest memory as a shared memfd even without backend processes (to compare the kinds
+    /// of memory: `vigil bench components`).
+    #[arg(long, hide = true)]
+    shared_memory: bool,
     /// When the VM ends, print how as one JSON line on stdout (after the guest's output):
     /// outcome, the guest's own status, the fault, the exit status.
     #[arg(long)]
@@ -234,6 +238,7 @@ fn run_spec(a: &RunArgs) -> Result<VmSpec> {
     spec.disk_backend = a.blk_backend;
     spec.api = a.api.clone();
     spec.dirty_log = a.dirty_log;
+    spec.shared_memory = a.shared_memory;
     spec.tracking = a.protect.tracking;
     spec.compression = a.protect.compression;
     spec.domain = a.domain.spec();

@@ -42,6 +42,10 @@ pub struct VmConfig {
     /// the VMM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blk_backend: Option<crate::backend::BackendProgram>,
+    /// Guest memory as a shared memfd even without a backend process (what a backend
+    /// process needs; for comparing the two kinds of memory).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared_memory: bool,
 }
 
 /// Network configuration handed to the guest in the boot page.
@@ -73,6 +77,7 @@ impl VmConfig {
             tracking: Default::default(),
             net_backend: None,
             blk_backend: None,
+            shared_memory: false,
         }
     }
 }
@@ -343,7 +348,9 @@ impl Vm {
             vm.enable_cap(&cap).is_ok()
         };
         // A backend process maps guest memory: it must be shared (a memfd).
-        let shared = (config.net_backend.is_some() && config.tap.is_some()) || (config.blk_backend.is_some() && config.disk.is_some());
+        let shared = config.shared_memory
+            || (config.net_backend.is_some() && config.tap.is_some())
+            || (config.blk_backend.is_some() && config.disk.is_some());
         let mem = match mem {
             Some(m) if m.size() != mem_bytes => {
                 return Err(Error::Config(format!("memory of {} bytes for a VM configured with {mem_bytes}", m.size())))

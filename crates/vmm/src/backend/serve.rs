@@ -205,6 +205,10 @@ pub fn serve() -> Result<(), String> {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
+            // The VMM is gone (it died with a request of ours unread): nothing left to serve.
+            if e.kind() == std::io::ErrorKind::ConnectionReset {
+                return Ok(());
+            }
             return Err(format!("receiving a request: {e}"));
         }
         let reply = h.handle(&buf[..n as usize]);
