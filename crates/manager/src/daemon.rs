@@ -150,6 +150,17 @@ impl Lead {
         for h in &failed {
             detector.mark_failed(h);
         }
+        // Execution times a predecessor observed above the model's: the model to plan with.
+        let observed: BTreeMap<String, f64> = cluster::read(store, cluster::OBSERVED)?.unwrap_or_default();
+        let model = (!observed.is_empty()).then(|| crate::drift::observed_model(loaded, &observed));
+        if !observed.is_empty() {
+            let list: Vec<String> = observed.iter().map(|(vm, us)| format!("{vm} {us:.0} µs")).collect();
+            let _ = cluster::log_event(
+                store,
+                &Event::now(&cfg.id, format!("planning with the execution times observed before this leader: {}", list.join(", "))),
+            );
+        }
+        let planning = model.as_ref().unwrap_or(loaded);
         let mut table = Table::load(store)?;
         let current = table.meta.as_ref().is_some_and(|m| m.failed == key(&failed));
         // The table in the store has the plan for the configuration in force (a predecessor
@@ -159,7 +170,7 @@ impl Lead {
         let mut pending = None;
         if usable && !current {
             let (tx, rx) = channel();
-            let (loaded2, failed2, faults) = (loaded.clone(), failed.clone(), cfg.faults);
+            let (loaded2, failed2, faults) = (planning.clone(), failed.clone(), cfg.faults);
             std::thread::spawn(move || {
                 background();
                 let _ = tx.send(Table::compute(&loaded2, &failed2, faults, generation).map_err(|e| e.to_string()));
@@ -170,7 +181,8 @@ impl Lead {
             // No plan for this configuration yet (first start): compute the table before
             // anything can fail, and keep it.
             let t0 = Instant::now();
-            table = Table::compute(loaded, &failed, cfg.faults, generation).map_err(|e| agent::Error::Cluster(format!("planning: {e}")))?;
+            table =
+                Table::compute(planning, &failed, cfg.faults, generation).map_err(|e| agent::Error::Cluster(format!("planning: {e}")))?;
             table.save(store)?;
             let _ = cluster::log_event(
                 store,
@@ -188,8 +200,8 @@ impl Lead {
             pending,
             pending_why: None,
             last_round: None,
-            observed: BTreeMap::new(),
-            model: None,
+            observed,
+            model,
             last_drift_check: Instant::now(),
             arrival_curves: None,
             burst_alerted: Default::default(),
@@ -456,6 +468,7 @@ impl Lead {
             let _ = cluster::log_event(store, &Event::now(&cfg.id, format!("ALERT: {d}")));
             self.observed.insert(d.vm.clone(), d.observed_us);
         }
+        cluster::write(store, cluster::OBSERVED, &self.observed)?;
         let model = crate::drift::observed_model(loaded, &self.observed);
         // What the observed times mean for what runs now: the placement in force analysed.
         let in_force = self.table.lookup(&self.failed);

@@ -727,6 +727,23 @@ fn a_vm_slower_than_its_model_is_detected_and_the_plan_table_follows() {
         at("ALERT: VM relay") - started,
         at("with the observed execution times of relay") - started
     );
+    // The leader dies: its successor plans with the observed execution times from the start
+    // (they are in the store), so the plan table stays the observed model's and the relay's
+    // drift is not news to it.
+    let recomputed = |v: &serde_json::Value| events(v).iter().filter(|x| x.contains("with the observed execution times of relay")).count();
+    let (_, st) = up.status();
+    let (leader, n) = (st["leader"]["id"].as_str().unwrap().to_string(), recomputed(&st));
+    let plans = st["plans"].clone();
+    kill(up.file()["pids"][format!("manager:{leader}")].as_u64().expect("manager pid"));
+    let st = up.wait("a new leader planning with the observed times", 15, |_, v| {
+        v["leader"]["id"].as_str().is_some_and(|id| id != leader)
+            && events(v).iter().any(|x| x.contains("planning with the execution times observed before this leader: relay"))
+    });
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let (_, st2) = up.status();
+    assert_eq!(recomputed(&st2), n, "the new leader re-learned the relay's execution time: {:?}", events(&st2));
+    assert_eq!(st2["plans"], plans, "the plan table went back to the declared model");
+    assert_ne!(st["plans"], before);
 }
 
 /// The relay's primary VMM is stopped (SIGSTOP) long enough for its backup to take over, then
