@@ -530,10 +530,15 @@ impl Lead {
         });
         self.pending = Some(rx);
         let vms: Vec<&str> = found.iter().map(|d| d.vm.as_str()).collect();
-        self.pending_why = Some(match (vms.is_empty(), bursts.is_empty()) {
+        let why = match (vms.is_empty(), bursts.is_empty()) {
             (false, true) => format!("with the observed execution times of {}", vms.join(", ")),
             (true, _) => format!("with the observed arrivals at {}", bursts.join(", ")),
             (false, false) => format!("with the observed execution times of {} and the arrivals at {}", vms.join(", "), bursts.join(", ")),
+        };
+        // A computation still running is superseded by this one, which includes what it was for.
+        self.pending_why = Some(match self.pending_why.take() {
+            Some(before) if before != why => format!("{before}; {why}"),
+            _ => why,
         });
         Ok(())
     }
