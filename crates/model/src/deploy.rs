@@ -82,6 +82,8 @@ pub struct Checkpoint {
     /// commit is declared).
     pub commit: Option<Q>,
     pub held: Vec<usize>,
+    /// The backup's staging and acknowledgement per checkpoint (`checkpoint_ack`).
+    pub ack: Option<Q>,
 }
 
 #[derive(Debug, Clone)]
@@ -319,6 +321,7 @@ pub(crate) fn build(p: Parts) -> Result<Option<Deployment>> {
             || v.voting_delay.is_some()
             || v.checkpoint_pause.is_some()
             || v.output_commit.is_some()
+            || v.checkpoint_ack.is_some()
             || v.apart.is_some()
     };
     if raw.host.is_empty() {
@@ -340,6 +343,7 @@ pub(crate) fn build(p: Parts) -> Result<Option<Deployment>> {
                 ("checkpoint_priority", r.checkpoint_priority.is_some()),
                 ("checkpoint_pause", r.checkpoint_pause.is_some()),
                 ("output_commit", r.output_commit.is_some()),
+                ("checkpoint_ack", r.checkpoint_ack.is_some()),
                 ("apart", r.apart.is_some()),
             ];
             let key = given.iter().find(|(_, g)| *g).map(|(k, _)| *k);
@@ -516,6 +520,7 @@ pub(crate) fn build(p: Parts) -> Result<Option<Deployment>> {
             ("checkpoint_interval", &r.checkpoint_interval),
             ("checkpoint_pause", &r.checkpoint_pause),
             ("output_commit", &r.output_commit),
+            ("checkpoint_ack", &r.checkpoint_ack),
         ]
         .map(|(k, v)| (k, v.is_some()))
         {
@@ -653,7 +658,11 @@ pub(crate) fn build(p: Parts) -> Result<Option<Deployment>> {
                 Some(v) => Some(ctx.nonneg_time(&s, "output_commit", v)?).filter(|d| d.is_positive()),
                 None => None,
             };
-            Some(Checkpoint { task: ti, size, interval, pause, commit, held: Vec::new() })
+            let ack = match &r.checkpoint_ack {
+                Some(v) => Some(ctx.nonneg_time(&s, "checkpoint_ack", v)?).filter(|d| d.is_positive()),
+                None => None,
+            };
+            Some(Checkpoint { task: ti, size, interval, pause, commit, held: Vec::new(), ack })
         } else {
             if r.checkpoint_priority.is_some() {
                 return Err(ctx.fail(&s, Some("checkpoint_priority"), "`checkpoint_priority` applies only to modes with a remote backup"));

@@ -132,6 +132,9 @@ pub struct RawVm {
     /// Longest time a network output of the VM is held until the checkpoint that covers it is
     /// acknowledged (added to chains whose output leaves the VM).
     pub output_commit: Option<Val>,
+    /// The backup's staging of a checkpoint and its acknowledgement's way back: the part of an
+    /// output's hold after the checkpoint's transfer (the `analysed` policy counts it).
+    pub checkpoint_ack: Option<Val>,
     /// VMs it must never share a host with (anti-affinity, symmetric).
     pub apart: Option<Vec<String>>,
 }

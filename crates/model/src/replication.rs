@@ -3,7 +3,8 @@
 //!
 //! Under `fixed:T` an output waits at most T for its checkpoint to begin, the pause d, and the
 //! checkpoint's transfer to the backup (the worst-case response of the VM's checkpoint message
-//! on its port, which itself depends on T): a hold of T + d + W. The VM pauses d once per T.
+//! on its port, which itself depends on T), then the backup's staging and acknowledgement A
+//! (`checkpoint_ack`): a hold of T + d + W + A. The VM pauses d once per T.
 //! [`largest_fixed_interval`] tries intervals from the longest down and returns the first
 //! whose pauses and holds keep every deadline of the system.
 
@@ -21,7 +22,7 @@ pub const CANDIDATES_US: [i64; 14] =
 pub struct Choice {
     /// The longest interval that keeps every deadline (None: none does).
     pub interval: Option<Q>,
-    /// Its output hold (T + pause + the checkpoint's worst-case transfer).
+    /// Its output hold (T + pause + the checkpoint's worst-case transfer + `checkpoint_ack`).
     pub commit: Option<Q>,
     pub pause: Q,
 }
@@ -72,7 +73,7 @@ pub fn fixed_interval(l: &Loaded, vm: &str, t: &Q, pause: Option<Q>) -> Result<O
     // the port): iterate until the transfer bound settles.
     let mut transfer = Q::zero();
     for _ in 0..4 {
-        let commit = t + &pause + &transfer;
+        let commit = &(t + &pause + &transfer) + c.ack.as_ref().unwrap_or(&Q::zero());
         for &h in &c.held {
             sys.tasks[h].hold = Some(commit.clone());
         }

@@ -641,7 +641,9 @@ fn bad_checkpoint_pauses_and_commits_are_explained() {
 fn the_longest_checkpoint_interval_that_keeps_every_deadline() {
     use crate::replication::largest_fixed_interval;
     use rtc::system::{analyze, Options};
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/substation.toml")).unwrap();
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/substation.toml")).unwrap();
+    // First without the example's `checkpoint_ack` (its effect is checked at the end).
+    let text: String = example.lines().filter(|l| !l.starts_with("checkpoint_ack")).map(|l| format!("{l}\n")).collect();
     let l = ok(&text);
     // relay's protection chain (deadline 15 ms) leaves it: fixed:T adds T + pause + transfer.
     let c = largest_fixed_interval(&l, "relay", None).unwrap();
@@ -662,4 +664,22 @@ fn the_longest_checkpoint_interval_that_keeps_every_deadline() {
     assert_eq!(largest_fixed_interval(&l, "relay", Some(q("14000"))).unwrap().interval, None);
     assert!(largest_fixed_interval(&l, "logger", None).unwrap_err().contains("no remote backup"));
     assert!(largest_fixed_interval(&l, "ghost", None).unwrap_err().contains("no VM"));
+    // The backup's staging and acknowledgement (`checkpoint_ack`) lengthen the hold by as much,
+    // and can only shorten the interval.
+    let acked = ok(&text.replacen("output_commit = \"7ms\"", "output_commit = \"7ms\"\ncheckpoint_ack = \"3ms\"", 1));
+    let c3 = largest_fixed_interval(&acked, "relay", None).unwrap();
+    match (c3.interval.clone(), c3.commit.clone()) {
+        (Some(t3), Some(commit3)) if t3 == t => assert_eq!(commit3, &commit + &q("3000")),
+        (Some(t3), _) => assert!(t3 < t, "{t3} after {t}"),
+        (None, _) => {}
+    }
+}
+
+#[test]
+fn bad_checkpoint_acks_are_explained() {
+    let with = |extra: &str| cluster_with("checkpoint_priority = 20\n", &format!("checkpoint_priority = 20\n{extra}\n"));
+    let t = with("checkpoint_ack = \"-1ms\"");
+    fails(&t, line_of(&t, "checkpoint_ack"), "relay", "must not be negative");
+    let t = cluster_with("name = \"logger\"\nhost = \"a1\"", "name = \"logger\"\nhost = \"a1\"\ncheckpoint_ack = \"2ms\"");
+    fails(&t, line_of(&t, "checkpoint_ack"), "logger", "applies only to modes with a remote backup");
 }
