@@ -736,6 +736,7 @@ impl World {
             if let Answer::Granted { gen, .. } = answer {
                 let ttl = match &req {
                     Request::Renew { ttl_us, .. } | Request::Takeover { ttl_us, .. } => ttl_us * 1000,
+                    Request::Handover { .. } => 0,
                 };
                 let e = self.grants.entry(gen).or_insert((node.clone(), 0));
                 assert_eq!(e.0, node, "generation {gen} granted to two copies");
