@@ -115,6 +115,8 @@ impl ClusterFile {
             timing: TimingSpec { heartbeat_ms: 10, timeout_ms: 100, lease_ms: 120, renew_ms: 20 },
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             analysed: BTreeMap::new(),
+            // `VIGIL_MIGRATION=stop-and-copy` (`vigil bench migration` compares the two).
+            migration: std::env::var("VIGIL_MIGRATION").ok().and_then(|m| m.parse().ok()).unwrap_or_default(),
         }
     }
 }

@@ -96,7 +96,7 @@ pub enum Notice {
     /// The primary is heard again.
     PrimaryBack,
     /// The primary handed the VM over after `epoch` (a planned handover): asking for the lease.
-    HandedOver { epoch: u64 },
+    HandedOver { epoch: u64, paused_ns: u64 },
     /// The arbiter says the primary's lease is still live.
     LeaseHeld { holder: String },
     /// The lease cannot be had now for another reason (the arbiter is unreachable, waits
@@ -343,13 +343,13 @@ impl Backup {
                 out.push(Action::Reset { session, vm, mem_bytes, config });
             }
             Msg::Heartbeat { .. } => {}
-            Msg::Handover { epoch } => match self.phase {
+            Msg::Handover { epoch, paused_ns } => match self.phase {
                 Phase::Replica { session, committed: Some(c) } if c == epoch && self.staging.is_none() => {
                     // The primary paused the VM for good after this epoch and gave its lease
                     // up: take over now rather than after a silence.
                     self.phase = Phase::Suspecting { session, committed: c };
                     self.next_try = 0;
-                    out.push(Action::Notice(Notice::HandedOver { epoch }));
+                    out.push(Action::Notice(Notice::HandedOver { epoch, paused_ns }));
                 }
                 _ => self.refuse(epoch, format!("a handover after epoch {epoch}, which is not the last committed one"), out),
             },
@@ -743,9 +743,9 @@ mod tests {
         let mut wrong = synced();
         apply(&mut wrong, 1);
         apply(&mut wrong, 2);
-        let out = wrong.handle(30, Event::Received(Msg::Handover { epoch: 1 }));
+        let out = wrong.handle(30, Event::Received(Msg::Handover { epoch: 1, paused_ns: 0 }));
         assert!(refused(&out).is_some_and(|r| r.contains("not the last committed")), "{out:?}");
-        let out = b.handle(31, Event::Received(Msg::Handover { epoch: 2 }));
+        let out = b.handle(31, Event::Received(Msg::Handover { epoch: 2, paused_ns: 0 }));
         assert!(out.iter().any(|a| matches!(a, Action::Lease(Request::Takeover { session: 9, .. }))), "{out:?}");
         let out = b.handle(32, Event::Lease { sent_at: 31, answer: Ok(Answer::Granted { gen: 2, backup: None }) });
         assert!(out.iter().any(|a| matches!(a, Action::TakeOver { epoch: 2, .. })), "{out:?}");

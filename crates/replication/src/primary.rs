@@ -171,6 +171,8 @@ pub struct Primary {
     fenced: bool,
     stopped: bool,
     handover: Handover,
+    /// When the VM was paused for a handover's last checkpoint.
+    paused_at: u64,
 }
 
 impl Primary {
@@ -205,6 +207,7 @@ impl Primary {
             fenced: false,
             stopped: false,
             handover: Handover::None,
+            paused_at: 0,
         }
     }
 
@@ -380,7 +383,7 @@ impl Primary {
                     Handover::Releasing { epoch, .. } => {
                         self.stopped = true;
                         self.link = Link::Idle { retry_at: u64::MAX };
-                        out.push(Action::Send(Msg::Handover { epoch }));
+                        out.push(Action::Send(Msg::Handover { epoch, paused_ns: now.saturating_sub(self.paused_at) }));
                         out.push(Action::HandedOver { epoch });
                         return out;
                     }
@@ -571,6 +574,7 @@ impl Primary {
         // The last checkpoint of a handover: the VM paused for good first.
         if self.handover == Handover::Asked && !self.checkpointing && self.inflight.is_none() {
             self.handover = Handover::Last { epoch: None };
+            self.paused_at = now;
             self.checkpointing = true;
             self.last_start = now;
             self.last_sent = now;
@@ -701,7 +705,7 @@ mod tests {
         assert!(out.contains(&Action::Lease(Request::Handover { vm: "vm".into(), holder: "a".into(), gen: 1, session: 5 })), "{out:?}");
         assert!(!out.iter().any(|a| matches!(a, Action::Release { .. })), "the backup sends the last output: {out:?}");
         let out = p.handle(15, Event::Lease { sent_at: 14, answer: Ok(Answer::Released) });
-        assert_eq!(out, vec![Action::Send(Msg::Handover { epoch: 2 }), Action::HandedOver { epoch: 2 }]);
+        assert_eq!(out, vec![Action::Send(Msg::Handover { epoch: 2, paused_ns: 5 }), Action::HandedOver { epoch: 2 }]);
         assert!(p.handle(16, Event::Tick).is_empty());
     }
 

@@ -63,7 +63,8 @@ pub enum Msg {
     /// Primary → backup, last on a connection: a planned handover (live migration). The
     /// primary paused the VM for good after `epoch`, which the backup acknowledged, and gave
     /// its lease up at the arbiter: the backup takes over now (without waiting out a silence).
-    Handover { epoch: u64 },
+    /// `paused_ns`: how long the VM had been paused when this was sent (the downtime so far).
+    Handover { epoch: u64, paused_ns: u64 },
 }
 
 /// Why bytes are not a frame.
@@ -206,8 +207,9 @@ impl Msg {
                 h.extend_from_slice(&seq.to_le_bytes());
                 &[]
             }
-            Msg::Handover { epoch } => {
+            Msg::Handover { epoch, paused_ns } => {
                 h.extend_from_slice(&epoch.to_le_bytes());
+                h.extend_from_slice(&paused_ns.to_le_bytes());
                 &[]
             }
         };
@@ -556,8 +558,9 @@ fn decode_payload(kind: u8, payload: Vec<u8>) -> Result<Msg, WireError> {
         }
         K_HANDOVER => {
             let epoch = f.u64("epoch")?;
+            let paused_ns = f.u64("pause")?;
             f.end()?;
-            Msg::Handover { epoch }
+            Msg::Handover { epoch, paused_ns }
         }
         k => return Err(WireError::UnknownKind(k)),
     };
@@ -802,7 +805,7 @@ mod tests {
             Msg::Ack { epoch: 4 },
             Msg::Refuse { epoch: 5, reason: "bad".into() },
             Msg::Heartbeat { seq: 99 },
-            Msg::Handover { epoch: 42 },
+            Msg::Handover { epoch: 42, paused_ns: 7 },
             Msg::Output { epoch: 4, released: 3, frames: frames(&[&[1; 60], &[2; 1514]]) },
         ]
     }

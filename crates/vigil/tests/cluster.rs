@@ -392,7 +392,10 @@ fn a_plan_that_migrates_a_running_vm_carries_its_state_and_its_connections() {
     assert_eq!(vm(&st, "relay")["host"], "hostB", "{st}");
     assert!(st["deviations"].as_array().is_some_and(Vec::is_empty), "{st}");
     let events: Vec<String> = st["events"].as_array().unwrap().iter().map(|e| e["what"].as_str().unwrap_or("").to_string()).collect();
-    assert!(events.iter().any(|e| e.contains("cache: migrating to hostC: paused and snapshotted")), "{events:?}");
+    // Pre-copy: protected to hostC while it ran on hostB, then handed over.
+    assert!(events.iter().any(|e| e.contains("cache: pre-copy migration to hostC started")), "{events:?}");
+    assert!(events.iter().any(|e| e.contains("cache: migrated from hostB to hostC by pre-copy")), "{events:?}");
+    assert!(!events.iter().any(|e| e.contains("paused and snapshotted")), "no stop-and-copy: {events:?}");
     writer.carry_on(5, Duration::from_secs(20));
     writer.finish();
 }
