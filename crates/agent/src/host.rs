@@ -147,7 +147,15 @@ struct Agent {
 struct Asked {
     asked: Option<Instant>,
     started: bool,
+    /// When this agent first saw the destination hold a replica.
+    protected_since: Option<Instant>,
     handover_asked: bool,
+}
+
+/// How long a migrating VM stays protected to its destination before the handover: none,
+/// unless `VIGIL_HANDOVER_DELAY_MS` says (tests kill the source in that window).
+fn handover_delay() -> Duration {
+    std::env::var("VIGIL_HANDOVER_DELAY_MS").ok().and_then(|v| v.parse().ok()).map_or(Duration::ZERO, Duration::from_millis)
 }
 
 impl Agent {
@@ -522,7 +530,8 @@ impl Agent {
         let protected = crate::protection::primary::ReplicationState::load(&state_file).is_some_and(|s| s.protected);
         let st = self.migrations.entry(vm.to_string()).or_default();
         if protected {
-            if st.handover_asked {
+            let since = *st.protected_since.get_or_insert_with(Instant::now);
+            if st.handover_asked || since.elapsed() < handover_delay() {
                 return;
             }
             match crate::migration::call(&sock, &crate::migration::Request::Handover) {

@@ -299,8 +299,14 @@ fn migrate_once(model: &Path, dir: &Path, method: &str) -> Result<(f64, f64, f64
             _ => number_after(&st, "the VM stopped for "),
         };
         let started = event_ms(&st, "plan hostA started");
-        if let (Some(stop), Some(started)) = (stop, started) {
-            return Ok((downtime, t_kill + end - started, stop));
+        // Pre-copy's end: the handover asked for, plus the VM's stop (the client's longest
+        // silence need not be the handover's); stop-and-copy's: the cache answers again.
+        let done = match method {
+            "stop-and-copy" => Some(t_kill + end),
+            _ => event_ms(&st, "cache: pre-copy to hostC: the destination holds a replica").zip(stop).map(|(t, s)| t + s),
+        };
+        if let (Some(stop), Some(started), Some(done)) = (stop, started, done) {
+            return Ok((downtime, done - started, stop));
         }
         if start.elapsed() > Duration::from_secs(20) {
             bail!("no {method} migration of the cache happened: {}", st["events"]);

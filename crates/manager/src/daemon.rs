@@ -404,6 +404,12 @@ impl Lead {
             if dest.as_ref().map(|a| a.state) != Some(CopyState::Running) {
                 continue;
             }
+            let source = cluster::read::<agent::cluster::Actual>(store, &cluster::actual_path(&r.vm, &p.host))?;
+            let how = if source.is_some_and(|a| a.state == CopyState::Exited) {
+                "handed over"
+            } else {
+                "the source stopped before the handover; the destination took over from its replica"
+            };
             if current.is_none() {
                 let mut all = BTreeMap::new();
                 for vm in cluster::children(store, cluster::VMS)? {
@@ -433,7 +439,7 @@ impl Lead {
                 &Event::now(
                     &cfg.id,
                     format!(
-                        "{}: migrated from {} to {} by pre-copy ({} ms after the plan asked for it); it runs on {} now",
+                        "{}: migrated from {} to {} by pre-copy ({how}; {} ms after the plan asked for it); it runs on {} now",
                         r.vm,
                         p.host,
                         m.host,

@@ -252,7 +252,12 @@ impl Layout {
             let mut migrate_from = None;
             if let (Some(s), Some(h)) = (&state_at, &host) {
                 if s != h {
-                    if !remote && cur_host.as_ref() == Some(s) && self.migration == Migration::PreCopy {
+                    if !alive(h) {
+                        // A plan for fewer failures (or none) than have happened: never move a
+                        // VM's state to a failed host.
+                        deviations.push(format!("{vm}: the plan in force puts it on the failed host {h}: it stays on {s}"));
+                        host = Some(s.clone());
+                    } else if !remote && cur_host.as_ref() == Some(s) && self.migration == Migration::PreCopy {
                         // A running VM moved off a live host: pre-copy migration. The source
                         // keeps running it, protected to a backup on the destination, until
                         // it hands it over (`agent::migration`); then the manager makes the

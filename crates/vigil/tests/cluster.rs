@@ -13,6 +13,8 @@
 //! - distributed, on a 3-member etcd cluster with a store front end per host: a host cut off
 //!   by a partition with its processes alive stops its VMs before the manager declares it
 //!   failed, and ends when the link comes back; no acknowledged write is lost;
+//! - a migration whose source's agent, then whole host, dies before the handover: the VM ends
+//!   on the destination from its replica, no acknowledged write lost, the same connection;
 //! - a plan that migrates a running VM off a live host (examples/crowded.toml): the VM moves
 //!   with its state and its clients' TCP connections (stop-and-copy through a snapshot);
 //! - bad input: a model that cannot run, `vigil fail` of an unknown host or without a
@@ -396,6 +398,46 @@ fn a_plan_that_migrates_a_running_vm_carries_its_state_and_its_connections() {
     assert!(events.iter().any(|e| e.contains("cache: pre-copy migration to hostC started")), "{events:?}");
     assert!(events.iter().any(|e| e.contains("cache: migrated from hostB to hostC by pre-copy")), "{events:?}");
     assert!(!events.iter().any(|e| e.contains("paused and snapshotted")), "no stop-and-copy: {events:?}");
+    writer.carry_on(5, Duration::from_secs(20));
+    writer.finish();
+}
+
+#[test]
+fn a_migration_whose_source_dies_midway_ends_at_the_destination_with_every_write() {
+    if no_kvm("a_migration_whose_source_dies_midway_ends_at_the_destination_with_every_write") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The source's agent waits 4 s with the cache protected to hostC before the handover:
+    // the window in which the source is killed.
+    let up = Up::start_model("migrate-dies", "t6", "crowded.toml", &[], &[("VIGIL_HANDOVER_DELAY_MS", "4000")]);
+    up.wait("every VM serving, relay protected", 30, |ok, v| ok && vm(v, "relay")["replication"] == "protected");
+    let writer = Writer::start(&up.field_ns(), "10.99.0.51");
+    assert!(vigil(&["fail", "hostA", "--dir", &up.d()]).status.success());
+    let events = |v: &serde_json::Value| -> Vec<String> {
+        v["events"].as_array().unwrap().iter().map(|e| e["what"].as_str().unwrap_or("").to_string()).collect()
+    };
+    up.wait("the cache protected to hostC", 30, |_, v| {
+        vm(v, "cache")["host"] == "hostB"
+            && vm(v, "cache")["replication"] == "protected"
+            && events(v).iter().any(|e| e.contains("cache: pre-copy migration to hostC started"))
+    });
+    writer.carry_on(5, Duration::from_secs(20));
+    // 1. The source's agent dies (its VMMs run on): a new one takes the migration over.
+    let agent = up.status().1["hosts"].as_array().unwrap().iter().find(|h| h["host"] == "hostB").unwrap()["agent_pid"].as_u64().unwrap();
+    kill(agent);
+    up.wait("hostB's agent back", 10, |_, v| {
+        v["hosts"].as_array().unwrap().iter().any(|h| h["host"] == "hostB" && h["agent_pid"].as_u64().is_some_and(|p| p != agent))
+    });
+    writer.carry_on(5, Duration::from_secs(20));
+    // 2. The source's host dies before the handover: the destination holds a committed
+    // replica and takes the VM over by itself (the arbiter's lease); the manager finishes the
+    // migration from the desired record.
+    assert!(vigil(&["fail", "hostB", "--dir", &up.d()]).status.success());
+    let st = up.wait("the cache running on hostC", 30, |_, v| vm(v, "cache")["host"] == "hostC" && vm(v, "cache")["serving"] == true);
+    let ev = events(&st);
+    assert!(!ev.iter().any(|e| e.contains("cache: handed over") || e.contains("handing over")), "the handover never happened: {ev:?}");
+    // Every acknowledged write is there, on the same connection: one copy served throughout.
     writer.carry_on(5, Duration::from_secs(20));
     writer.finish();
 }
