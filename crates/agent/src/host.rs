@@ -149,7 +149,7 @@ struct Asked {
     started: bool,
     /// When this agent first saw the destination hold a replica.
     protected_since: Option<Instant>,
-    handover_asked: bool,
+    handover_asked: Option<Instant>,
 }
 
 /// How long a migrating VM stays protected to its destination before the handover: none,
@@ -531,15 +531,19 @@ impl Agent {
         let st = self.migrations.entry(vm.to_string()).or_default();
         if protected {
             let since = *st.protected_since.get_or_insert_with(Instant::now);
-            if st.handover_asked || since.elapsed() < handover_delay() {
+            // Asked again after a while: a handover refused by the arbiter resumes the VM.
+            if st.handover_asked.is_some_and(|t| t.elapsed() < Duration::from_secs(2)) || since.elapsed() < handover_delay() {
                 return;
             }
             match crate::migration::call(&sock, &crate::migration::Request::Handover) {
                 Ok(detail) => {
-                    st.handover_asked = true;
-                    let what = format!("{vm}: pre-copy to {}: the destination holds a replica; {detail}", m.host);
-                    tracing::info!("agent {host}: {what}");
-                    let _ = cluster::log_event(store, &Event::now(&host, what));
+                    let first = st.handover_asked.is_none();
+                    st.handover_asked = Some(Instant::now());
+                    if first {
+                        let what = format!("{vm}: pre-copy to {}: the destination holds a replica; {detail}", m.host);
+                        tracing::info!("agent {host}: {what}");
+                        let _ = cluster::log_event(store, &Event::now(&host, what));
+                    }
                 }
                 Err(e) => tracing::debug!("agent {host}: {vm}: handover not started yet: {e}"),
             }

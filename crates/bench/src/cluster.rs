@@ -85,6 +85,10 @@ impl Scene {
 
     /// As [`Scene::up`], the cluster's processes started with `env`.
     fn up_with(model: &Path, dir: &Path, tag: &str, env: &[(&str, &str)]) -> Result<Scene> {
+        // A cluster a failed round left up would share the namespaces' names: down first.
+        if dir.join("cluster.json").exists() {
+            let _ = vigil(&["down", "--dir", &dir.display().to_string()]);
+        }
         let _ = std::fs::remove_dir_all(dir);
         let d = dir.display().to_string();
         let exe = std::env::current_exe().context("cannot find the vigil executable")?;
@@ -338,19 +342,33 @@ pub fn migration_bench(configs: &[String], runs: usize, json: bool) -> Result<()
         let model = crowded(&dir, mem, busy)?;
         let mut row = vec![format!("{mem}"), format!("{busy}")];
         for method in ["stop-and-copy", "pre-copy"] {
-            let (mut down, mut total, mut stop) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut down, mut total, mut stop, mut failed) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for r in 0..runs.max(1) {
-                let (d, t, s) = retry(&mut stalls, || migrate_once(&model, &dir.join("m"), method))?;
-                eprintln!("{mem} MiB writing {busy} MiB, {method} {}/{runs}: client silent {d:.0} ms, total {t:.0} ms, VM stopped {s:.1} ms", r + 1);
-                down.push(d);
-                total.push(t);
-                stop.push(s);
+                match retry(&mut stalls, || migrate_once(&model, &dir.join("m"), method)) {
+                    Ok((d, t, s)) => {
+                        eprintln!(
+                            "{mem} MiB writing {busy} MiB, {method} {}/{runs}: client silent {d:.0} ms, total {t:.0} ms, VM stopped {s:.1} ms",
+                            r + 1
+                        );
+                        down.push(d);
+                        total.push(t);
+                        stop.push(s);
+                    }
+                    Err(e) => {
+                        // Counted and shown, not hidden: keep the cluster's logs for a look.
+                        let keep = dir.join(format!("failed-{method}-{mem}-{busy}-{}", now_ms() as u64));
+                        let _ = Command::new("cp").args(["-r", &dir.join("m").display().to_string(), &keep.display().to_string()]).status();
+                        eprintln!("{mem} MiB writing {busy} MiB, {method} {}/{runs}: FAILED: {e:#} (logs in {})", r + 1, keep.display());
+                        failed.push(format!("{e:#}"));
+                    }
+                }
             }
             let (d, t, s) = (quantiles(&down), quantiles(&total), quantiles(&stop));
-            row.extend([format!("{:.0} / {:.0}", d.0, d.2), format!("{:.0}", t.0), format!("{:.1}", s.0)]);
+            let fails = if failed.is_empty() { String::new() } else { format!(" ({} failed)", failed.len()) };
+            row.extend([format!("{:.0} / {:.0}{fails}", d.0, d.2), format!("{:.0}", t.0), format!("{:.1}", s.0)]);
             records.push(serde_json::json!({
                 "memory_mib": mem, "writing_mib": busy, "method": method,
-                "client_silence_ms": down, "total_ms": total, "vm_stop_ms": stop,
+                "client_silence_ms": down, "total_ms": total, "vm_stop_ms": stop, "failed": failed,
             }));
         }
         rows.push(row);

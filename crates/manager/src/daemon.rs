@@ -128,7 +128,14 @@ struct Lead {
     /// measured before [`SETTLE`] has passed belong to the change (VMs starting, backups
     /// synchronising), which the analysis does not cover.
     settled_from: Instant,
+    /// Migrations whose source stopped with no copy running on the destination, since when.
+    stalled_migrations: BTreeMap<String, Instant>,
 }
+
+/// How long a migration whose source stopped waits for the destination to take over before
+/// it is abandoned (the destination takes over within the replication timeout and lease,
+/// about 220 ms under `vigil up`, if it holds a replica at all).
+pub const MIGRATION_TAKEOVER_WAIT: Duration = Duration::from_secs(2);
 
 /// How long after a change of placement measured latencies are not held against the bounds.
 pub const SETTLE: Duration = Duration::from_secs(3);
@@ -191,6 +198,7 @@ impl Lead {
             observed: BTreeMap::new(),
             model: None,
             last_drift_check: Instant::now(),
+            stalled_migrations: BTreeMap::new(),
             arrival_curves: None,
             burst_alerted: Default::default(),
             above_alerted: Default::default(),
@@ -401,10 +409,37 @@ impl Lead {
             let Some(d) = cluster::read::<Desired>(store, &cluster::desired_path(&r.vm))? else { continue };
             let Some((p, m)) = d.primary.as_ref().and_then(|p| Some((p, p.migrate_to.as_ref()?))) else { continue };
             let dest = cluster::read::<agent::cluster::Actual>(store, &cluster::actual_path(&r.vm, &m.host))?;
+            let source = cluster::read::<agent::cluster::Actual>(store, &cluster::actual_path(&r.vm, &p.host))?;
             if dest.as_ref().map(|a| a.state) != Some(CopyState::Running) {
+                // A source VMM that crashed before the destination held a replica (a live
+                // host: a failed one is the plan's): the destination never takes over. Once
+                // it has had the time to, the migration is abandoned — the destination's
+                // backup stopped, the VM restarted on its source as its mode says.
+                let crashed = source.as_ref().is_some_and(|a| a.state == CopyState::Failed) && !self.failed.contains(&p.host);
+                if !crashed {
+                    self.stalled_migrations.remove(&r.vm);
+                    continue;
+                }
+                let since = *self.stalled_migrations.entry(r.vm.clone()).or_insert_with(Instant::now);
+                if since.elapsed() < MIGRATION_TAKEOVER_WAIT {
+                    continue;
+                }
+                self.stalled_migrations.remove(&r.vm);
+                let back = Placed { restart: true, migrate_to: None, migrate_from: None, ..p.clone() };
+                cluster::write(store, &cluster::desired_path(&r.vm), &Desired { generation: self.generation, primary: Some(back), backup: None })?;
+                let _ = cluster::log_event(
+                    store,
+                    &Event::now(
+                        &cfg.id,
+                        format!(
+                            "{}: migration to {} abandoned: its VMM on {} stopped before {} held a replica; restarted on {} (DEVIATION from the plan)",
+                            r.vm, m.host, p.host, m.host, p.host
+                        ),
+                    ),
+                );
                 continue;
             }
-            let source = cluster::read::<agent::cluster::Actual>(store, &cluster::actual_path(&r.vm, &p.host))?;
+            self.stalled_migrations.remove(&r.vm);
             let how = if source.is_some_and(|a| a.state == CopyState::Exited) {
                 "handed over"
             } else {

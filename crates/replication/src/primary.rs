@@ -229,6 +229,11 @@ impl Primary {
         if !self.protected() || self.gen == 0 {
             return Err("not protected yet: the backup holds no committed replica".into());
         }
+        if self.registered != Some(self.wanted()) {
+            // Found by `vigil bench migration`: a handover asked for right after protection,
+            // before the arbiter registered the backup, was refused (revoked) for ever.
+            return Err("the arbiter has not registered the backup yet".into());
+        }
         self.handover = Handover::Asked;
         let mut out = Vec::new();
         self.poll(now, &mut out);
@@ -395,6 +400,15 @@ impl Primary {
                         self.next_renew = now;
                     }
                 }
+            }
+            Event::Lease { answer: Ok(Answer::Revoked | Answer::Unknown), .. } if matches!(self.handover, Handover::Releasing { .. }) => {
+                // The arbiter does not register this backup (its state was lost, or another
+                // registration came first): the backup can never take over, so the VM runs
+                // on here, protected as before; the handover may be asked for again.
+                self.lease_pending = false;
+                self.handover = Handover::None;
+                self.next_renew = now;
+                out.push(Action::ResumeVm);
             }
             Event::Lease { sent_at, answer } => {
                 self.lease_pending = false;
@@ -707,6 +721,26 @@ mod tests {
         let out = p.handle(15, Event::Lease { sent_at: 14, answer: Ok(Answer::Released) });
         assert_eq!(out, vec![Action::Send(Msg::Handover { epoch: 2, paused_ns: 5 }), Action::HandedOver { epoch: 2 }]);
         assert!(p.handle(16, Event::Tick).is_empty());
+    }
+
+    #[test]
+    fn a_handover_waits_for_the_backups_registration_and_a_refused_one_resumes_the_vm() {
+        let mut p = Primary::new("vm", "a", Timing::default(), Box::new(crate::policy::Adaptive::default()));
+        p.start(0);
+        p.handle(1, Event::Lease { sent_at: 0, answer: Ok(Answer::Granted { gen: 1, backup: None }) });
+        p.handle(2, Event::Connected { session: 5 });
+        p.handle(3, Event::SyncSent);
+        p.handle(4, Event::Staged { epoch: 1, output_frames: 0 });
+        p.handle(5, Event::Received(Msg::Ack { epoch: 1 }));
+        assert!(p.protected());
+        assert!(p.handover(6).unwrap_err().contains("not registered"), "protected, but the arbiter does not know the backup yet");
+        let mut p = protected();
+        p.handover(10).expect("registered");
+        p.handle(12, Event::Staged { epoch: 2, output_frames: 0 });
+        p.handle(14, Event::Received(Msg::Ack { epoch: 2 }));
+        let out = p.handle(15, Event::Lease { sent_at: 14, answer: Ok(Answer::Revoked) });
+        assert!(out.contains(&Action::ResumeVm), "{out:?}");
+        assert!(!p.handing_over() && p.protected());
     }
 
     #[test]

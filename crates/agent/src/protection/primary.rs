@@ -612,7 +612,7 @@ impl Driver {
                 self.call(Command::Pause)?;
             }
             Action::ResumeVm => {
-                self.log("the handover failed (the backup was lost): the VM runs on here");
+                self.log("the handover did not complete (the backup was lost, or the arbiter does not register it): the VM runs on here");
                 self.handover_started = None;
                 self.call(Command::Resume)?;
             }
