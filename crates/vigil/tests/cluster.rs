@@ -318,8 +318,18 @@ fn the_manager_an_agent_and_the_store_restart_without_a_failover() {
     assert_eq!(pids_before, pids_after, "the VMMs kept running");
     assert_eq!(c.call("GET before"), "restarts", "the VM kept its state and its connection");
 
-    // 4. The arbiter and the field die too; the keeper starts them (and the manager killed in
-    // step 1) again, and replication carries on with the restarted arbiter.
+    // 4. The keeper dies, then the arbiter and the field: the keeper's standby keeps now and
+    // starts them (and the manager killed in step 1) again, and replication carries on with
+    // the restarted arbiter.
+    let f = up.file();
+    let keeper = f["pids"]["keeper"].as_u64().expect("the keeper recorded itself");
+    assert!(f["pids"]["keeper-standby"].as_u64().is_some(), "a standby keeper: {f}");
+    kill(keeper);
+    let t = std::time::Instant::now();
+    while up.file()["pids"]["keeper"].as_u64() == Some(keeper) || up.file()["pids"]["keeper-standby"].as_u64().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(5), "the standby keeper did not take over: {}", up.file());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let f = up.file();
     let (arbiter, field_pid) = (f["pids"]["arbiter"].as_u64().unwrap(), f["pids"]["field"].as_u64().unwrap());
     kill(arbiter);
@@ -338,6 +348,7 @@ fn the_manager_an_agent_and_the_store_restart_without_a_failover() {
     let st = up.wait("control protected with the restarted arbiter", 15, |ok, v| ok && vm(v, "control")["replication"] == "protected");
     let events = st["events"].to_string();
     assert!(events.contains("arbiter had died; the keeper started it again"), "{events}");
+    assert!(events.contains("its standby (pid"), "{events}");
     assert_eq!(c.call("GET before"), "restarts");
 
     // A host the cluster does not have.
