@@ -289,11 +289,15 @@ impl Agent {
                     c.state = CopyState::Running;
                     c.spec = spec.clone();
                     // A planned handover (pre-copy migration) says how long the VM stopped.
-                    let handover = crate::protection::primary::ReplicationState::load(&self.cfg.state_dir.join(format!("{vm}.replication.json")))
-                        .and_then(|s| s.handover_ms)
-                        .map(|ms| format!(": handed over by its source, the VM stopped for {ms:.1} ms"))
-                        .unwrap_or_default();
-                    let _ = cluster::log_event(store, &Event::now(&host, format!("{vm}: the backup runs the VM now (pid {}){handover}", c.pid)));
+                    let handover =
+                        crate::protection::primary::ReplicationState::load(&self.cfg.state_dir.join(format!("{vm}.replication.json")))
+                            .and_then(|s| s.handover_ms)
+                            .map(|ms| format!(": handed over by its source, the VM stopped for {ms:.1} ms"))
+                            .unwrap_or_default();
+                    let _ = cluster::log_event(
+                        store,
+                        &Event::now(&host, format!("{vm}: the backup runs the VM now (pid {}){handover}", c.pid)),
+                    );
                     None
                 }
                 Some(c) if c.role != role => {

@@ -1,8 +1,10 @@
-//! Real-time scheduling of a VM's vCPU thread: a hard CBS reservation (Linux SCHED_DEADLINE,
-//! runtime Q every period P: the thread never runs more than Q per P, and gets Q per P however
-//! loaded the host is), or a fixed SCHED_FIFO priority. Applied by the thread that runs the
-//! vCPU to itself, after the VMM's other threads exist (they stay outside the reservation; a
-//! SCHED_DEADLINE thread could not start threads anyway).
+//! Real-time scheduling of a VM's vCPU thread: a hard reservation (runtime Q every period P:
+//! the thread never runs more than Q per P, and gets Q per P however loaded the host is), or a
+//! fixed SCHED_FIFO priority. A reservation is enforced by the kernel (Linux SCHED_DEADLINE, a
+//! CBS) or, where a vCPU cannot run under SCHED_DEADLINE (nested PVM), by the VMM itself
+//! (`vmm::server`: a periodic server over a SCHED_FIFO thread). Applied by the thread that
+//! runs the vCPU to itself, after the VMM's other threads exist (they stay outside the
+//! reservation; a SCHED_DEADLINE thread could not start threads anyway).
 
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
@@ -58,6 +60,47 @@ impl<'de> Deserialize<'de> for Reservation {
     }
 }
 
+/// Who enforces a vCPU's reservation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Enforcer {
+    /// The kernel where it can run a vCPU under SCHED_DEADLINE, else the VMM.
+    #[default]
+    Auto,
+    /// Linux SCHED_DEADLINE (a CBS with the kernel's admission control).
+    Kernel,
+    /// The VMM's periodic server (`vmm::server`) over SCHED_FIFO at [`SERVER_PRIORITY`] (or the
+    /// given priority): no host-wide admission control, the analysis of the host's model is it.
+    Vmm,
+}
+
+impl FromStr for Enforcer {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Enforcer, String> {
+        match s {
+            "auto" => Ok(Enforcer::Auto),
+            "kernel" => Ok(Enforcer::Kernel),
+            "vmm" => Ok(Enforcer::Vmm),
+            _ => Err(format!("enforcer {s:?}: expected auto, kernel or vmm")),
+        }
+    }
+}
+
+impl Enforcer {
+    /// `Auto` decided for this host.
+    pub fn resolve(self) -> Enforcer {
+        match self {
+            Enforcer::Auto if deadline_vcpus_stall() => Enforcer::Vmm,
+            Enforcer::Auto => Enforcer::Kernel,
+            e => e,
+        }
+    }
+}
+
+/// The SCHED_FIFO priority of a vCPU under a VMM-enforced reservation: above the host's other
+/// real-time work, which the reservation must not depend on.
+pub const SERVER_PRIORITY: u8 = 90;
+
 /// Whether this host's KVM is the nested PVM backend (`kvm_pvm` loaded), on which a vCPU
 /// thread under SCHED_DEADLINE makes no progress: measured, a guest computing for 19 ms did not
 /// finish in 10 s under any reservation (2ms/10ms to 900ms/1000ms), its thread spinning in the
@@ -72,7 +115,7 @@ pub fn reserve_vcpu(r: Reservation) -> Result<(), String> {
     if deadline_vcpus_stall() {
         return Err(format!(
             "reservation {r}: refused on this host: its KVM is the nested PVM backend (kvm_pvm), where a vCPU under \
-             SCHED_DEADLINE makes no progress (use --priority, or a host with hardware KVM)"
+             SCHED_DEADLINE makes no progress (use --enforcer vmm, or a host with hardware KVM)"
         ));
     }
     reserve(r)

@@ -235,18 +235,30 @@ pub struct Scheduling {
     /// Run the vCPU under SCHED_FIFO at this priority (1..=99): the model's fixed priority.
     #[serde(default)]
     pub fifo_priority: Option<u8>,
-    /// Run the vCPU under this hard CBS reservation (SCHED_DEADLINE): the model's budget and
-    /// period.
+    /// Run the vCPU under this hard reservation: the model's budget and period.
     #[serde(default)]
     pub reservation: Option<crate::realtime::Reservation>,
+    /// Who enforces the reservation.
+    #[serde(default)]
+    pub enforcer: crate::realtime::Enforcer,
 }
 
 impl Scheduling {
-    /// Applies the reservation or the priority to the calling thread (the vCPU's; call it after
-    /// the VMM's other threads are started, so they stay outside).
-    pub fn apply_to_vcpu(&self) -> Result<(), String> {
+    /// Applies the reservation or the priority to the calling thread, which runs `vm`'s vCPU
+    /// (call it after the VMM's other threads are started, so they stay outside).
+    pub fn apply_to_vcpu(&self, vm: &mut Vm) -> Result<(), String> {
+        use crate::realtime::Enforcer;
         match (self.reservation, self.fifo_priority) {
-            (Some(r), _) => crate::realtime::reserve_vcpu(r),
+            (Some(r), p) => match self.enforcer.resolve() {
+                Enforcer::Vmm => {
+                    crate::realtime::fifo(p.unwrap_or(crate::realtime::SERVER_PRIORITY))?;
+                    vm.set_reservation(r.runtime_us * 1000, r.period_us * 1000).map_err(|e| e.to_string())
+                }
+                _ if p.is_some() => {
+                    Err(format!("reservation {r}: a priority applies only to a reservation the VMM enforces (--enforcer vmm)"))
+                }
+                _ => crate::realtime::reserve_vcpu(r),
+            },
             (None, Some(p)) => crate::realtime::fifo(p),
             (None, None) => Ok(()),
         }
@@ -504,15 +516,15 @@ fn drive(mut vm: Vm, api_path: Option<&Path>, name: &str, announce: bool, sched:
         announce_again(ctl.clone());
     }
     let Some(api_path) = api_path else {
-        sched.apply_to_vcpu().map_err(|reason| Error::Spec { vm: name.into(), reason })?;
+        sched.apply_to_vcpu(&mut vm).map_err(|reason| Error::Spec { vm: name.into(), reason })?;
         let stop = vm.run(Some(&inbox)).map_err(vmm_err)?;
         return Ok(Outcome::Stopped(stop));
     };
     // With a control socket the VM can be migrated: its vCPU runs on a thread of its own,
     // and this one waits for it to stop or for the agent to ask for a migration.
     let (tx, rx) = std::sync::mpsc::channel::<protection::Input>();
-    let running = protection::primary::spawn_vcpu(vm, inbox, sched.clone(), tx.clone())
-        .map_err(|reason| Error::Spec { vm: name.into(), reason })?;
+    let running =
+        protection::primary::spawn_vcpu(vm, inbox, sched.clone(), tx.clone()).map_err(|reason| Error::Spec { vm: name.into(), reason })?;
     let mig_path = crate::migration::socket_path(api_path);
     let _mig = crate::migration::serve(&mig_path, tx.clone()).map_err(|e| Error::io("cannot listen on", &mig_path, e))?;
     loop {

@@ -88,6 +88,12 @@ pub struct Args {
     /// `store`: also start a one-member etcd (/usr/bin/etcd) and compare with etcd used directly.
     #[arg(long)]
     etcd: bool,
+    /// `rt`: where the response-time CDF plots (SVG) go.
+    #[arg(long, default_value = "target/bench-rt")]
+    out: std::path::PathBuf,
+    /// `rt`: skip the search for the smallest budget that works in practice.
+    #[arg(long)]
+    no_search: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -120,6 +126,10 @@ enum What {
     /// Live migration: stop-and-copy against pre-copy, downtime and total time against the
     /// VM's memory and how much it rewrites (`--cache`, `--runs`; needs root, KVM).
     Migration,
+    /// Real-time VMs on a loaded host: a rate-monotonic task set as host threads, in a VM
+    /// unloaded, loaded, and loaded under the analysed and the smallest practical reservation;
+    /// upcall latency (needs root, KVM; `--seconds` per column, `--out` for the CDF plots).
+    Rt,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -183,6 +193,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             args.policies_names.clone()
         };
         return crate::cluster::policies(&names, args.seconds, args.json);
+    }
+    if let What::Rt = args.what {
+        return crate::rt::run(&crate::rt::Options {
+            seconds: args.seconds,
+            out: args.out.clone(),
+            json: args.json,
+            no_search: args.no_search,
+        });
     }
     if let What::Monitoring = args.what {
         return crate::vmm::monitoring(&args.guests, args.rounds.max(1), args.json);

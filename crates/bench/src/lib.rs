@@ -8,6 +8,7 @@
 //! - [`cluster`]: the MMS reacting to host failures of a real cluster, manager failover, plan
 //!   table computation;
 //! - [`voting`]: local redundancy's cost (latency, throughput) and repair time;
+//! - [`rt`]: the loaded-host experiment with real-time VMs (reservations, upcalls);
 //! - [`demo`]: `vigil demo failover`.
 //!
 //! Every figure is a median or a range over repeated runs, printed as a table (or JSON).
@@ -18,6 +19,7 @@ pub mod analysis;
 pub mod cluster;
 pub mod demo;
 pub mod replication;
+pub mod rt;
 pub mod store;
 pub mod tracking;
 pub mod vmm;

@@ -8,8 +8,12 @@
 //! [`net`], [`exit`]), and with the `net-stack` feature a smoltcp interface over the network
 //! device ([`netstack`]). It does not own the ABI numbers (`vmm-abi`).
 //!
-//! The guest runs in 64-bit user mode with IOPL 3, single-threaded and without interrupts, so
-//! the global state here needs no locking.
+//! Paravirtual preemption: timer upcalls and context switches ([`upcall`]), and on them a
+//! real-time runtime of periodic tasks under rate-monotonic or EDF scheduling ([`rt`]).
+//!
+//! The guest runs in 64-bit user mode with IOPL 3, single-threaded and without interrupts (an
+//! upcall is delivered only to a guest that asked for one, and its handler must not touch the
+//! console or the heap), so the global state here needs no locking.
 #![no_std]
 
 extern crate alloc;
@@ -24,8 +28,10 @@ pub mod net;
 #[cfg(feature = "net-stack")]
 pub mod netstack;
 mod port;
+pub mod rt;
 mod start;
 pub mod trace;
+pub mod upcall;
 
 pub use boot::{args, boot_info};
 pub use clock::{idle, now_ns};

@@ -426,7 +426,11 @@ impl Lead {
                 }
                 self.stalled_migrations.remove(&r.vm);
                 let back = Placed { restart: true, migrate_to: None, migrate_from: None, ..p.clone() };
-                cluster::write(store, &cluster::desired_path(&r.vm), &Desired { generation: self.generation, primary: Some(back), backup: None })?;
+                cluster::write(
+                    store,
+                    &cluster::desired_path(&r.vm),
+                    &Desired { generation: self.generation, primary: Some(back), backup: None },
+                )?;
                 let _ = cluster::log_event(
                     store,
                     &Event::now(

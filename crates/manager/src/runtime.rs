@@ -310,8 +310,10 @@ impl Layout {
                 backup = None;
             }
             let cpus = t.map(|t| self.cpus_of(loaded, h_or(&host), &t.processors)).unwrap_or_default();
-            let reservation =
-                if cpus.is_empty() || agent::realtime::deadline_vcpus_stall() { None } else { reservation_of(loaded, x.index) };
+            // Reservations only where each model processor is a CPU of its own (the agent's
+            // `auto` enforcer picks the kernel's SCHED_DEADLINE, or the VMM's server on nested
+            // PVM).
+            let reservation = if cpus.is_empty() { None } else { reservation_of(loaded, x.index) };
             let primary = host.as_deref().map(|h| {
                 let mut spec = self.primary(&x, h, backup.as_deref(), cpus.clone());
                 spec.scheduling.reservation = reservation;

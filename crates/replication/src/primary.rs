@@ -85,9 +85,14 @@ enum Handover {
     /// Asked for: the last checkpoint is taken once the one in flight is acknowledged.
     Asked,
     /// The VM is paused for good and its last checkpoint was taken (`epoch` once staged).
-    Last { epoch: Option<u64> },
+    Last {
+        epoch: Option<u64>,
+    },
     /// The backup acknowledged the last checkpoint: the arbiter is asked to end the lease.
-    Releasing { epoch: u64, session: u64 },
+    Releasing {
+        epoch: u64,
+        session: u64,
+    },
 }
 
 /// Operator-visible changes.
@@ -757,10 +762,7 @@ mod tests {
             // The arbiter's answer to the handover may still come: the lease is renewed
             // without the backup before any output goes.
             let out = p.handle(21, Event::Lease { sent_at: 14, answer: Ok(Answer::Released) });
-            assert!(
-                out.iter().any(|a| matches!(a, Action::Lease(Request::Renew { gen: 1, backup: None, .. }))) || !acked,
-                "{out:?}"
-            );
+            assert!(out.iter().any(|a| matches!(a, Action::Lease(Request::Renew { gen: 1, backup: None, .. }))) || !acked, "{out:?}");
             assert!(!out.iter().any(|a| matches!(a, Action::Release { .. })), "{out:?}");
             assert!(!p.handing_over());
         }

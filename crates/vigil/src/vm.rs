@@ -102,13 +102,19 @@ struct RunArgs {
     /// Pin the VMM to these CPUs (comma-separated).
     #[arg(long, value_delimiter = ',', value_name = "CPU,...")]
     cpus: Vec<usize>,
-    /// Run the vCPU under SCHED_FIFO at this real-time priority (1..=99).
-    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=99), conflicts_with = "reservation")]
+    /// Run the vCPU under SCHED_FIFO at this real-time priority (1..=99); with a reservation
+    /// the VMM enforces, the priority it runs at (default 90).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=99))]
     priority: Option<u8>,
-    /// Run the vCPU under a hard CBS reservation (SCHED_DEADLINE): runtime Q every period P,
-    /// e.g. `2ms/10ms` (the VMM's other threads stay outside it).
+    /// Run the vCPU under a hard reservation: runtime Q every period P, e.g. `2ms/10ms` (the
+    /// VMM's other threads stay outside it).
     #[arg(long, value_name = "Q/P")]
     reservation: Option<agent::realtime::Reservation>,
+    /// Who enforces the reservation: `kernel` (SCHED_DEADLINE), `vmm` (the VMM's periodic
+    /// server over SCHED_FIFO), `auto` (the kernel unless this host's KVM cannot run a vCPU
+    /// under SCHED_DEADLINE: nested PVM).
+    #[arg(long, default_value = "auto", requires = "reservation")]
+    enforcer: agent::realtime::Enforcer,
     #[command(flatten)]
     domain: DomainArgs,
     #[command(flatten)]
@@ -135,9 +141,12 @@ struct RestoreArgs {
     /// Stay paused until a `resume` on the control socket.
     #[arg(long, requires = "api")]
     paused: bool,
-    /// Run the vCPU under a hard CBS reservation (SCHED_DEADLINE), e.g. `2ms/10ms`.
+    /// Run the vCPU under a hard reservation, e.g. `2ms/10ms` (as `run --reservation`).
     #[arg(long, value_name = "Q/P")]
     reservation: Option<agent::realtime::Reservation>,
+    /// As `run --enforcer`.
+    #[arg(long, default_value = "auto", requires = "reservation")]
+    enforcer: agent::realtime::Enforcer,
     /// As `run --json`.
     #[arg(long)]
     json: bool,
@@ -173,7 +182,7 @@ pub fn run(args: &Args) -> Result<u8> {
         }
         VmCommand::Restore(a) => {
             let overrides = RestoreOverrides { tap: a.tap.clone(), disk: a.disk.clone() };
-            let sched = Scheduling { cpus: Vec::new(), fifo_priority: None, reservation: a.reservation };
+            let sched = Scheduling { cpus: Vec::new(), fifo_priority: None, reservation: a.reservation, enforcer: a.enforcer };
             let outcome = agent::vm::restore(&a.dir, &overrides, a.paused, a.api.as_deref(), a.domain.spec().as_ref(), &sched);
             Ok(finish(a.json, &a.dir.display().to_string(), outcome.map_err(anyhow::Error::from)))
         }
@@ -223,7 +232,7 @@ fn run_spec(a: &RunArgs) -> Result<VmSpec> {
     if a.tap.is_none() && (a.ip.is_some() || a.gateway.is_some() || a.mac.is_some()) {
         bail!("--ip, --gateway and --mac need --tap");
     }
-    spec.scheduling = Scheduling { cpus: a.cpus.clone(), fifo_priority: a.priority, reservation: a.reservation };
+    spec.scheduling = Scheduling { cpus: a.cpus.clone(), fifo_priority: a.priority, reservation: a.reservation, enforcer: a.enforcer };
     if let Some(name) = &a.protect.name {
         spec.name = name.clone();
     }

@@ -231,3 +231,97 @@ pub const MARK_RELEASE: u32 = 1;
 pub const MARK_START: u32 = 2;
 /// A job ended.
 pub const MARK_END: u32 = 3;
+
+/// Timer upcalls (paravirtual preemption): the guest registers a handler and a deadline in the
+/// [`UpcallBlock`] at [`UPCALL_ADDR`] and tells the VMM with an `out` to [`PORT_UPCALL`] (the
+/// value is ignored). When the guest clock reaches the deadline and the block is not masked,
+/// the VMM stops the vCPU wherever it is, pushes an [`UpcallFrame`] with the interrupted
+/// registers below the interrupted stack pointer (past the 128-byte red zone, 16-byte
+/// aligned), and continues the vCPU at the handler with `rsp` = `rdi` = the frame's address
+/// (the frame's `cs` and `ss` are the ABI's user selectors).
+/// The deadline is consumed (set to `u64::MAX`) and the block masked; the handler saves the
+/// FPU/SSE state into the frame's `fxsave` area if it uses them, unmasks when it is ready for
+/// another upcall (then, if the VMM marked an upcall `pending` meanwhile, makes an exit to
+/// have it delivered), and returns to whatever frame it chooses (the interrupted one, or another
+/// task's: a frame is a complete user-mode context). The block is guest memory, so a pending
+/// upcall is carried by snapshots, checkpoints and takeovers; the VMM arms its host timer from
+/// it again after a restore.
+pub const PORT_UPCALL: u16 = 0x517;
+/// Guest-physical address of the [`UpcallBlock`] (below [`IMAGE_MIN_ADDR`], after the trace
+/// ring).
+pub const UPCALL_ADDR: u64 = TRACE_ADDR + TRACE_BYTES;
+/// `UpcallBlock::magic` once the guest registered a handler.
+pub const UPCALL_MAGIC: u64 = u64::from_le_bytes(*b"VIGILUP1");
+/// Bytes the VMM skips below the interrupted `rsp` before the frame (the System V red zone).
+pub const UPCALL_RED_ZONE: u64 = 128;
+
+/// The upcall control block, at [`UPCALL_ADDR`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UpcallBlock {
+    /// [`UPCALL_MAGIC`]: a handler is registered.
+    pub magic: u64,
+    /// Guest address of the handler.
+    pub handler: u64,
+    /// Guest clock time (ns) of the next upcall; `u64::MAX`: none. Consumed by delivery.
+    pub deadline_ns: u64,
+    /// Not 0: no upcall is delivered (the VMM sets it to 1 when it delivers one).
+    pub masked: u64,
+    /// Set by the VMM when the deadline passed while masked: the guest, having unmasked,
+    /// makes an exit (`out` to [`PORT_UPCALL`]) for it to be delivered. Cleared on delivery.
+    pub pending: u64,
+    /// Upcalls delivered so far (written by the VMM).
+    pub delivered: u64,
+    /// The deadline of the last upcall delivered (written by the VMM).
+    pub fired_ns: u64,
+    /// Guest clock time at which the VMM redirected the vCPU for it (written by the VMM):
+    /// `entered_ns - fired_ns` is the upcall's latency up to the handler's first instruction.
+    pub entered_ns: u64,
+}
+
+/// The interrupted context the VMM pushes for an upcall (and the guest for a voluntary
+/// switch): restoring it resumes the interrupted code exactly. 16-byte aligned.
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Debug)]
+pub struct UpcallFrame {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rbp: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub rcx: u64,
+    pub rbx: u64,
+    pub rax: u64,
+    /// From here on, the layout `iretq` pops: a guest resumes a frame by popping the 15
+    /// registers above and executing `iretq` (legal in user mode, and atomic: the interrupted
+    /// code's stack, red zone included, is never touched).
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+    /// `fxsave64` area for the handler (the VMM leaves it as it is).
+    pub fxsave: [u8; 512],
+}
+
+/// Offsets inside [`UpcallFrame`] that the guest's assembly uses.
+pub const FRAME_RIP: usize = 15 * 8;
+pub const FRAME_CS: usize = 16 * 8;
+pub const FRAME_RFLAGS: usize = 17 * 8;
+pub const FRAME_RSP: usize = 18 * 8;
+pub const FRAME_SS: usize = 19 * 8;
+pub const FRAME_FXSAVE: usize = 20 * 8;
+/// Offset of `UpcallBlock::masked`.
+pub const UPCALL_MASKED: u64 = 3 * 8;
+/// Offset of `UpcallBlock::pending`.
+pub const UPCALL_PENDING: u64 = 4 * 8;
+/// Size of an [`UpcallFrame`].
+pub const FRAME_SIZE: usize = core::mem::size_of::<UpcallFrame>();
+const _: () = assert!(FRAME_FXSAVE % 16 == 0 && FRAME_SIZE == FRAME_FXSAVE + 512);

@@ -23,8 +23,8 @@ const TSS_IOMAP_BYTES: u64 = 257;
 const TSS_LIMIT: u64 = TSS_IOMAP_OFFSET + TSS_IOMAP_BYTES;
 
 /// Selectors: user data (RPL 3), user 64-bit code (RPL 3), TSS.
-const USER_DS: u16 = 0x18 | 3;
-const USER_CS: u16 = 0x20 | 3;
+pub(crate) const USER_DS: u16 = 0x18 | 3;
+pub(crate) const USER_CS: u16 = 0x20 | 3;
 const TSS_SEL: u16 = 0x28;
 
 /// Writes page tables identity-mapping all of guest memory with the user bit set: 4 KiB pages

@@ -212,7 +212,7 @@ impl Shared {
 impl Inbox {
     /// Registers the calling thread as the vCPU thread, with `run` the vCPU's kvm_run page.
     pub(crate) fn attach(&self, run: *mut kvm_bindings::kvm_run) {
-        KVM_RUN.with(|c| c.set(run));
+        register_vcpu(run);
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
         *self.shared.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(me);
@@ -221,7 +221,7 @@ impl Inbox {
     /// Unregisters the vCPU thread.
     pub(crate) fn detach(&self) {
         *self.shared.thread.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+        register_vcpu(std::ptr::null_mut());
     }
 }
 
@@ -236,7 +236,7 @@ thread_local! {
     static KVM_RUN: Cell<*mut kvm_bindings::kvm_run> = const { Cell::new(std::ptr::null_mut()) };
 }
 
-fn kick_signal() -> libc::c_int {
+pub(crate) fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN() + 1
 }
 
@@ -249,6 +249,13 @@ extern "C" fn on_kick(_: libc::c_int) {
         // `detach` before the vCPU is dropped); a byte store is async-signal-safe.
         unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
     }
+}
+
+/// Registers `run` (or nothing: null) as the kvm_run page of the vCPU on the calling thread, for
+/// the kick signal's handler, which is installed if it was not.
+pub(crate) fn register_vcpu(run: *mut kvm_bindings::kvm_run) {
+    install_kick_handler();
+    KVM_RUN.with(|c| c.set(run));
 }
 
 fn install_kick_handler() {

@@ -24,8 +24,10 @@ mod machine;
 pub mod memory;
 pub mod mirror;
 pub mod sched;
+pub mod server;
 pub mod snapshot;
 pub mod tracking;
+mod upcall;
 
 pub use checkpoint::{Checkpoint, DiskWrite, Replica};
 pub use control::{channel_pair, Command, Controller, Inbox, Reply};

@@ -115,6 +115,9 @@ pub struct VcpuSched {
     pub cpu_ns: u64,
     pub wait_ns: u64,
     pub timeslices: u64,
+    /// The reservation the VMM enforces on the thread, and what it measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<crate::server::ServerStats>,
 }
 
 impl VcpuSched {
@@ -140,6 +143,7 @@ impl VcpuSched {
             cpu_ns: f.next().unwrap_or(0),
             wait_ns: f.next().unwrap_or(0),
             timeslices: f.next().unwrap_or(0),
+            server: None,
         })
     }
 }
@@ -251,6 +255,11 @@ pub struct Vm {
     /// Trace records read so far (`None`: a restored VM, whose ring's records predate it and
     /// are skipped at the first read).
     trace_read: Option<u64>,
+    /// The host timer that brings the vCPU thread out for the guest's next upcall (created on
+    /// the running thread when first needed, dropped at the end of each run).
+    upcall_timer: Option<crate::upcall::ThreadTimer>,
+    /// A reservation the VMM enforces on the vCPU thread ([`crate::server`]).
+    server: Option<crate::server::PeriodicServer>,
 }
 
 impl Vm {
@@ -353,6 +362,8 @@ impl Vm {
             spare_shadow: None,
             retry_block: None,
             trace_read: None,
+            upcall_timer: None,
+            server: None,
         };
         m.set_memory_slot(dirty)?;
         Ok(m)
@@ -429,8 +440,25 @@ impl Vm {
             mem_bytes: self.mem.size(),
             dirty_logging: self.dirty_logging,
             exits: self.exits,
-            vcpu: VcpuSched::of_this_thread(),
+            vcpu: VcpuSched::of_this_thread().map(|v| VcpuSched { server: self.server.as_ref().map(|s| s.stats()), ..v }),
         }
+    }
+
+    /// What the reservation the VMM enforces measured (`None`: none).
+    pub fn reservation_stats(&self) -> Option<crate::server::ServerStats> {
+        self.server.as_ref().map(|s| s.stats())
+    }
+
+    /// Enforces a hard reservation of `budget_ns` every `period_ns` on the thread that runs
+    /// the vCPU, by the VMM itself ([`crate::server`]; for hosts where SCHED_DEADLINE cannot
+    /// run a vCPU). The caller runs that thread under SCHED_FIFO above every other real-time
+    /// task of its CPU.
+    pub fn set_reservation(&mut self, budget_ns: u64, period_ns: u64) -> Result<()> {
+        if budget_ns == 0 || budget_ns > period_ns {
+            return Err(Error::Config(format!("a reservation of {budget_ns} ns every {period_ns} ns (0 < budget ≤ period)")));
+        }
+        self.server = Some(crate::server::PeriodicServer::new(budget_ns, period_ns));
+        Ok(())
     }
 
     /// Guest memory.
@@ -474,6 +502,8 @@ impl Vm {
     /// Runs until the guest exits or faults, or a `quit` command arrives. Commands from
     /// `inbox` are handled between exits.
     pub fn run(&mut self, inbox: Option<&Inbox>) -> Result<Stop> {
+        // The kick signal (commands, upcall and reservation timers) finds the vCPU through this.
+        crate::control::register_vcpu(self.vcpu.get_kvm_run());
         if let Some(i) = inbox {
             i.attach(self.vcpu.get_kvm_run());
         }
@@ -481,6 +511,10 @@ impl Vm {
         if let Some(i) = inbox {
             i.detach();
         }
+        crate::control::register_vcpu(std::ptr::null_mut());
+        // Timers signal the thread that created them: a later run (perhaps on another thread)
+        // makes its own.
+        self.upcall_timer = None;
         self.clock.pause();
         self.console.flush();
         result
@@ -491,11 +525,16 @@ impl Vm {
             self.clock.resume();
         }
         loop {
+            // A kick (command, upcall or reservation timer) that arrives from here on either
+            // is seen by the checks below or makes the next KVM_RUN return at once.
+            self.vcpu.set_kvm_immediate_exit(0);
             if let Some(inbox) = inbox {
-                self.vcpu.set_kvm_immediate_exit(0);
                 if let Some(stop) = self.handle_commands(inbox)? {
                     return Ok(stop);
                 }
+            }
+            if let Some(stop) = self.before_entry(inbox)? {
+                return Ok(stop);
             }
             let exit = match self.vcpu.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
@@ -730,6 +769,8 @@ impl Vm {
                 self.mem.write_obj(addr, &ClockRequest { now_ns: self.clock.now_ns() })?;
             }
             PORT_EXIT => return Ok(Some(Stop::Exited(value))),
+            // The upcall block changed: the next entry looks at it.
+            PORT_UPCALL => {}
             PORT_IDLE => {
                 let req: IdleRequest = self.mem.read_obj(addr)?;
                 if req.rx != 0 && self.tap.is_none() {
@@ -770,8 +811,100 @@ impl Vm {
         Ok(None)
     }
 
-    /// Blocks until a frame arrives, a command is sent, or guest time reaches `deadline`.
+    /// What happens between two runs of the vCPU besides commands: the reservation's budget
+    /// (waiting for the next period when it is spent, still serving commands) and the guest's
+    /// upcall (delivered when due, its timer armed otherwise).
+    fn before_entry(&mut self, inbox: Option<&Inbox>) -> Result<Option<Stop>> {
+        while let Some(server) = self.server.as_mut() {
+            let Some(wait) = server.before_entry(self.clock.now_ns())? else { break };
+            let from = crate::upcall::host_now_ns();
+            if let Some(stop) = self.wait_until(from + wait, inbox)? {
+                return Ok(Some(stop));
+            }
+            if let Some(server) = self.server.as_mut() {
+                server.throttled(crate::upcall::host_now_ns().saturating_sub(from));
+            }
+        }
+        self.upcall_check()
+    }
+
+    /// Waits until host monotonic time `until`, serving commands.
+    fn wait_until(&mut self, until: u64, inbox: Option<&Inbox>) -> Result<Option<Stop>> {
+        use std::os::fd::AsRawFd;
+        loop {
+            let now = crate::upcall::host_now_ns();
+            if now >= until {
+                return Ok(None);
+            }
+            let wait = until - now;
+            let ts = libc::timespec { tv_sec: (wait / 1_000_000_000) as i64, tv_nsec: (wait % 1_000_000_000) as i64 };
+            let mut fds: Vec<libc::pollfd> =
+                inbox.iter().map(|i| libc::pollfd { fd: i.shared.event.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+            // SAFETY: `fds` is a live array of `fds.len()` pollfds and `ts` a live timespec.
+            unsafe { libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, &ts, std::ptr::null()) };
+            if let Some(inbox) = inbox {
+                self.vcpu.set_kvm_immediate_exit(0);
+                if let Some(stop) = self.handle_commands(inbox)? {
+                    return Ok(Some(stop));
+                }
+            }
+        }
+    }
+
+    /// Delivers the guest's upcall if it is due, or arms the timer for it.
+    fn upcall_check(&mut self) -> Result<Option<Stop>> {
+        use crate::upcall::{deliver, due, host_now_ns, Due, ThreadTimer};
+        let Ok(block) = self.mem.read_obj::<UpcallBlock>(UPCALL_ADDR) else { return Ok(None) };
+        let now = self.clock.now_ns();
+        match due(&block, now) {
+            Due::Nothing => Ok(None),
+            Due::Masked if block.pending != 0 => Ok(None),
+            Due::Masked => {
+                let pending = UpcallBlock { pending: 1, ..block };
+                if let Err(reason) = self.mem.write_obj(UPCALL_ADDR, &pending) {
+                    return Ok(Some(Stop::Fault(self.describe(format!("upcall: {reason}")))));
+                }
+                Ok(None)
+            }
+            Due::At(deadline) => {
+                if self.upcall_timer.is_none() {
+                    self.upcall_timer = Some(ThreadTimer::for_this_thread()?);
+                }
+                let host = host_now_ns();
+                if let Some(t) = self.upcall_timer.as_mut() {
+                    t.fire_by(host + (deadline - now), host);
+                }
+                Ok(None)
+            }
+            Due::Now => {
+                self.settle()?;
+                let regs = self.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+                let d = match deliver(&regs, &block, self.clock.now_ns(), self.mem.size()) {
+                    Ok(d) => d,
+                    Err(reason) => return Ok(Some(Stop::Fault(self.describe(reason)))),
+                };
+                if let Err(reason) = self.mem.write_obj(d.frame_addr, &d.frame).and_then(|()| self.mem.write_obj(UPCALL_ADDR, &d.block)) {
+                    return Ok(Some(Stop::Fault(self.describe(format!("upcall: {reason}")))));
+                }
+                self.vcpu.set_regs(&d.regs).map_err(kvm_err("KVM_SET_REGS"))?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// The guest clock time of the next upcall that can be delivered (`u64::MAX`: none).
+    fn upcall_deadline(&self) -> u64 {
+        match self.mem.read_obj::<UpcallBlock>(UPCALL_ADDR).map(|b| crate::upcall::due(&b, self.clock.now_ns())) {
+            Ok(crate::upcall::Due::At(d)) => d,
+            Ok(crate::upcall::Due::Now) => 0,
+            Ok(crate::upcall::Due::Masked) | Ok(crate::upcall::Due::Nothing) | Err(_) => u64::MAX,
+        }
+    }
+
+    /// Blocks until a frame arrives, a command is sent, or guest time reaches `deadline` (or
+    /// the guest's next upcall is due).
     fn idle(&mut self, deadline: u64, inbox: Option<&Inbox>) -> u64 {
+        let deadline = deadline.min(self.upcall_deadline());
         let mut fds = Vec::with_capacity(2);
         if let Some(t) = &self.tap {
             fds.push(libc::pollfd { fd: t.raw_fd(), events: libc::POLLIN, revents: 0 });

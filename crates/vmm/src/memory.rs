@@ -229,6 +229,8 @@ unsafe impl Pod for vmm_abi::NetBuf {}
 unsafe impl Pod for vmm_abi::BootInfo {}
 unsafe impl Pod for vmm_abi::TraceHeader {}
 unsafe impl Pod for vmm_abi::TraceRecord {}
+unsafe impl Pod for vmm_abi::UpcallBlock {}
+unsafe impl Pod for vmm_abi::UpcallFrame {}
 unsafe impl Pod for kvm_bindings::kvm_regs {}
 unsafe impl Pod for kvm_bindings::kvm_sregs {}
 unsafe impl Pod for kvm_bindings::kvm_fpu {}

@@ -112,7 +112,8 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
     };
     let mut standby = standby;
     let mut sm = Backup::new(&opts.holder, opts.timing);
-    let mut st = State { replica: None, frames: Vec::new(), spare: Spare::default(), conn: None, next_conn: 1, suspected_at: None, handover: None };
+    let mut st =
+        State { replica: None, frames: Vec::new(), spare: Spare::default(), conn: None, next_conn: 1, suspected_at: None, handover: None };
     let mut actions: VecDeque<Action> = VecDeque::new();
     loop {
         while let Some(a) = actions.pop_front() {

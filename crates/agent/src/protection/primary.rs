@@ -152,7 +152,7 @@ pub fn spawn_vcpu(vm: Vm, inbox: Inbox, sched: crate::vm::Scheduling, tx: Sender
     std::thread::Builder::new()
         .name("vcpu0".into())
         .spawn(move || {
-            let r = sched.apply_to_vcpu().and_then(|()| vm.run(Some(&inbox)).map_err(|e| e.to_string()));
+            let r = sched.apply_to_vcpu(&mut vm).and_then(|()| vm.run(Some(&inbox)).map_err(|e| e.to_string()));
             let _ = vm_tx.send(Input::VmStopped(r));
         })
         .map_err(|e| format!("cannot start the vCPU thread: {e}"))?;
@@ -462,9 +462,14 @@ impl Driver {
                         Err(e) if sm.handing_over() => Ok(format!("handing over ({e})")),
                         Err(e) => Err(e),
                     },
-                    crate::migration::Request::Status => {
-                        Ok(if sm.handing_over() { "handing over" } else if sm.protected() { "protected" } else { "synchronising" }.into())
+                    crate::migration::Request::Status => Ok(if sm.handing_over() {
+                        "handing over"
+                    } else if sm.protected() {
+                        "protected"
+                    } else {
+                        "synchronising"
                     }
+                    .into()),
                 };
                 let _ = answer.send(reply);
                 None

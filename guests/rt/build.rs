@@ -1,0 +1,1 @@
+include!("../../crates/guest-sdk/build-guest.rs");
