@@ -428,6 +428,9 @@ impl World {
                     vm.start_tracking();
                 }
                 primary::Action::Track => self.primaries[i].vm.start_tracking(),
+                primary::Action::PauseVm | primary::Action::ResumeVm | primary::Action::HandedOver { .. } => {
+                    unreachable!("this simulation never asks for a handover")
+                }
                 primary::Action::HoldOutput => self.primaries[i].vm.holding = true,
                 primary::Action::StartSync { session } => {
                     self.send(Wire::ToBackup(Msg::Hello {
