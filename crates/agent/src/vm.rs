@@ -544,7 +544,7 @@ fn drive(mut vm: Vm, api_path: Option<&Path>, name: &str, announce: bool, sched:
                 };
                 tracing::info!("{name}: migrating: protecting the VM to {} (pre-copy rounds)", p.backup);
                 let _ = answer.send(Ok("synchronising".into()));
-                let start = protection::primary::Start::Fresh;
+                let start = protection::primary::Start::Running;
                 return protection::primary::run_attached(running, ctl, opts, start, protection::Clock::new(), tx, rx)
                     .map_err(|reason| Error::Replication { vm: name.into(), reason });
             }

@@ -276,6 +276,12 @@ fn migrate_once(model: &Path, dir: &Path, method: &str) -> Result<(f64, f64, f64
     let (end, downtime) = pinger.silence(t_kill, 5000.0)?;
     pinger.stop();
     let d = scene.d.clone();
+    if downtime > 1000.0 {
+        // Keep the logs of a long silence for a look.
+        let keep = dir.with_extension(format!("silent-{method}-{}", t_kill as u64));
+        let _ = Command::new("cp").args(["-r", &d, &keep.display().to_string()]).status();
+        eprintln!("client silent {downtime:.0} ms: logs in {}", keep.display());
+    }
     // The events come a little after the VM runs again (the manager's next check).
     let start = Instant::now();
     let number_after = |st: &serde_json::Value, needle: &str| -> Option<f64> {

@@ -261,6 +261,17 @@ impl Primary {
         out
     }
 
+    /// Starts protecting a VM that has been running unprotected (a migration's source, whose
+    /// output already flowed): the lease is claimed and a backup sought at once, but output is
+    /// not held — the new backup cannot take over before its first commit, and output is held
+    /// from the checkpoint that ends its synchronisation on, as for any new backup.
+    pub fn start_running(&mut self, now: u64) -> Vec<Action> {
+        self.last_start = now;
+        let mut out = Vec::new();
+        self.poll(now, &mut out);
+        out
+    }
+
     /// Continues as the primary after a takeover: the lease was granted at `granted_at` under
     /// generation `gen` with no backup registered, so the VM runs unprotected until a new
     /// backup joins.
@@ -726,6 +737,19 @@ mod tests {
         let out = p.handle(15, Event::Lease { sent_at: 14, answer: Ok(Answer::Released) });
         assert_eq!(out, vec![Action::Send(Msg::Handover { epoch: 2, paused_ns: 5 }), Action::HandedOver { epoch: 2 }]);
         assert!(p.handle(16, Event::Tick).is_empty());
+    }
+
+    #[test]
+    fn a_running_vm_protected_for_a_migration_keeps_its_output_flowing_until_the_first_checkpoint() {
+        let mut p = Primary::new("vm", "a", Timing::default(), Box::new(crate::policy::Adaptive::default()));
+        let out = p.start_running(0);
+        assert!(!out.iter().any(|a| matches!(a, Action::Hold | Action::HoldOutput)), "{out:?}");
+        assert!(out.iter().any(|a| matches!(a, Action::Lease(Request::Renew { gen: 0, .. }))), "the lease is claimed: {out:?}");
+        p.handle(1, Event::Lease { sent_at: 0, answer: Ok(Answer::Granted { gen: 1, backup: None }) });
+        let out = p.handle(2, Event::Connected { session: 5 });
+        assert!(out.contains(&Action::Track) && !out.contains(&Action::Hold), "{out:?}");
+        let out = p.handle(3, Event::SyncSent);
+        assert_eq!(out.iter().filter(|a| matches!(a, Action::HoldOutput | Action::Checkpoint)).count(), 2, "{out:?}");
     }
 
     #[test]

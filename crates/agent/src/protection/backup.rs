@@ -453,5 +453,16 @@ fn take_over(
         compression: Default::default(),
         handover_ms,
     };
-    primary::run(vm, ctl, inbox, popts, Start::TakeOver { granted_at: grant.at, gen: grant.gen }, clock)
+    // The VM can be migrated on from here (`crate::migration`): its process serves the
+    // migration socket beside its control socket.
+    let (tx, rx) = channel::<Input>();
+    let running = primary::spawn_vcpu(vm, inbox, opts.vcpu_sched.clone(), tx.clone())?;
+    let _mig = match &opts.api {
+        Some(p) => {
+            let path = crate::migration::socket_path(p);
+            Some(crate::migration::serve(&path, tx.clone()).map_err(|e| format!("migration socket {}: {e}", path.display()))?)
+        }
+        None => None,
+    };
+    primary::run_attached(running, ctl, popts, Start::TakeOver { granted_at: grant.at, gen: grant.gen }, clock, tx, rx)
 }

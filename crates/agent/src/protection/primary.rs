@@ -104,6 +104,9 @@ pub enum Start {
     /// A backup that just took over; the lease was granted at `granted_at` (by `clock`) under
     /// generation `gen`.
     TakeOver { granted_at: u64, gen: u64 },
+    /// A VM that ran unprotected until now (a migration's source): its output is not held
+    /// while the backup synchronises.
+    Running,
 }
 
 enum Out {
@@ -316,6 +319,7 @@ impl Driver {
         let mut actions: VecDeque<Action> = match start {
             Start::Fresh => sm.start(now),
             Start::TakeOver { granted_at, gen } => sm.after_takeover(now, granted_at, gen),
+            Start::Running => sm.start_running(now),
         }
         .into();
         loop {
@@ -446,6 +450,17 @@ impl Driver {
             }
             Input::Migrate(req, answer) => {
                 let reply = match req {
+                    crate::migration::Request::Protect(p) if self.opts.backup.is_none() => {
+                        // Unprotected (a copy that took over, with no backup planned): the
+                        // migration's destination becomes its backup; the state machine
+                        // connects to it at its next attempt.
+                        self.log(format!("migrating: protecting the VM to {} (pre-copy rounds)", p.backup));
+                        self.opts.backup = Some(p.backup.clone());
+                        if self.opts.state_file.is_none() {
+                            self.opts.state_file = p.state_file.clone();
+                        }
+                        Ok("synchronising".to_string())
+                    }
                     crate::migration::Request::Protect(p) if Some(&p.backup) == self.opts.backup.as_ref() => {
                         Ok(if sm.protected() { "protected".to_string() } else { "synchronising".to_string() })
                     }
