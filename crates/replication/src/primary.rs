@@ -93,6 +93,18 @@ enum Handover {
         epoch: u64,
         session: u64,
     },
+    /// The lease ended and the backup was told to take over (at `at`): waiting for it to
+    /// close the connection, which it does when it takes over (no heartbeats meanwhile).
+    Told {
+        epoch: u64,
+        at: u64,
+    },
+    /// The connection is gone: renewing the lease under this copy's generation without the
+    /// backup tells whether the backup took over (superseded: done) or never can (granted:
+    /// the VM resumes here).
+    Confirming {
+        epoch: u64,
+    },
 }
 
 /// Operator-visible changes.
@@ -346,6 +358,24 @@ impl Primary {
         if self.fenced || self.stopped {
             return out;
         }
+        if let (Handover::Confirming { epoch }, Event::Lease { answer: Ok(a), .. }) = (self.handover, &event) {
+            match a {
+                Answer::Superseded { .. } => {
+                    // The backup took over: the VM runs there now.
+                    self.lease_pending = false;
+                    self.stopped = true;
+                    out.push(Action::HandedOver { epoch });
+                    return out;
+                }
+                Answer::Granted { .. } => {
+                    // Renewed without the backup: it never took over and never can now.
+                    self.handover = Handover::None;
+                    self.link = Link::Idle { retry_at: now.saturating_add(self.timing.reconnect_ns) };
+                    out.push(Action::ResumeVm);
+                }
+                _ => {}
+            }
+        }
         match event {
             Event::Tick => {}
             Event::Connected { session } => {
@@ -402,10 +432,9 @@ impl Primary {
                 self.lease_pending = false;
                 match self.handover {
                     Handover::Releasing { epoch, .. } => {
-                        self.stopped = true;
-                        self.link = Link::Idle { retry_at: u64::MAX };
+                        self.lease_valid_until = 0;
+                        self.handover = Handover::Told { epoch, at: now };
                         out.push(Action::Send(Msg::Handover { epoch, paused_ns: now.saturating_sub(self.paused_at) }));
-                        out.push(Action::HandedOver { epoch });
                         return out;
                     }
                     _ => {
@@ -552,6 +581,18 @@ impl Primary {
             // the arbiter confirms the backup is deregistered (or says it took over: then
             // this copy is fenced), as whenever a backup is lost.
             Handover::Last { .. } | Handover::Releasing { .. } => out.push(Action::ResumeVm),
+            // Told to take over, the backup closes the connection when it does (or it died):
+            // the arbiter tells which, before anything runs again here.
+            Handover::Told { epoch, .. } | Handover::Confirming { epoch } => {
+                self.handover = Handover::Confirming { epoch };
+                if self.connected() {
+                    out.push(Action::Disconnect { reason: reason.clone() });
+                }
+                self.link = Link::Idle { retry_at: u64::MAX };
+                self.inflight = None;
+                self.next_renew = now;
+                return;
+            }
         }
         if self.connected() || self.link == Link::Connecting {
             out.push(Action::Disconnect { reason: reason.clone() });
@@ -567,8 +608,17 @@ impl Primary {
         if self.fenced {
             return;
         }
-        // The lease: while handing over, this copy asks to end it instead of renewing it.
-        if let Handover::Releasing { session, .. } = self.handover {
+        // A backup told to take over that neither closes the connection nor takes over in
+        // twice the timeout and the lease: ask the arbiter (as if it were lost).
+        if let Handover::Told { at, .. } = self.handover {
+            if now.saturating_sub(at) > 2 * (self.timing.timeout_ns + self.timing.lease_ttl_ns) {
+                self.lose_backup(now, "the backup did not take over".into(), out);
+            }
+        }
+        // The lease: while handing over, this copy asks to end it instead of renewing it, and
+        // asks nothing while the backup takes over.
+        if matches!(self.handover, Handover::Told { .. }) {
+        } else if let Handover::Releasing { session, .. } = self.handover {
             if !self.lease_pending {
                 self.lease_pending = true;
                 out.push(Action::Lease(Request::Handover { vm: self.vm.clone(), holder: self.holder.clone(), gen: self.gen, session }));
@@ -588,6 +638,9 @@ impl Primary {
             Link::Idle { retry_at } if now >= retry_at => {
                 self.link = Link::Connecting;
                 out.push(Action::Connect);
+            }
+            Link::Syncing { .. } | Link::Protected { .. } if matches!(self.handover, Handover::Told { .. }) => {
+                // Silent: a backup that missed the handover message times out and takes over.
             }
             Link::Syncing { .. } | Link::Protected { .. } => {
                 if now.saturating_sub(self.last_heard) > self.timing.timeout_ns {
@@ -641,7 +694,7 @@ impl Primary {
     }
 
     fn release(&mut self, now: u64, out: &mut Vec<Action>) {
-        if matches!(self.handover, Handover::Releasing { .. }) {
+        if matches!(self.handover, Handover::Releasing { .. } | Handover::Told { .. } | Handover::Confirming { .. }) {
             // The backup will send the last epochs' output when it takes over.
             return;
         }
@@ -735,8 +788,31 @@ mod tests {
         assert!(out.contains(&Action::Lease(Request::Handover { vm: "vm".into(), holder: "a".into(), gen: 1, session: 5 })), "{out:?}");
         assert!(!out.iter().any(|a| matches!(a, Action::Release { .. })), "the backup sends the last output: {out:?}");
         let out = p.handle(15, Event::Lease { sent_at: 14, answer: Ok(Answer::Released) });
-        assert_eq!(out, vec![Action::Send(Msg::Handover { epoch: 2, paused_ns: 5 }), Action::HandedOver { epoch: 2 }]);
-        assert!(p.handle(16, Event::Tick).is_empty());
+        assert_eq!(out, vec![Action::Send(Msg::Handover { epoch: 2, paused_ns: 5 })]);
+        // Silent now (no heartbeats, no lease requests) until the backup closes the connection.
+        let hb = Timing::default().heartbeat_ns;
+        assert!(p.handle(16 + hb * 3, Event::Tick).is_empty());
+        let out = p.handle(17 + hb * 3, Event::BackupLost { reason: "closed".into() });
+        assert!(out.iter().any(|a| matches!(a, Action::Lease(Request::Renew { gen: 1, backup: None, .. }))), "{out:?}");
+        assert!(!out.contains(&Action::ResumeVm), "{out:?}");
+        let out = p.handle(20 + hb * 3, Event::Lease { sent_at: 18, answer: Ok(Answer::Superseded { gen: 2, holder: "b".into() }) });
+        assert_eq!(out, vec![Action::HandedOver { epoch: 2 }]);
+        assert!(p.handle(21 + hb * 3, Event::Tick).is_empty());
+    }
+
+    #[test]
+    fn a_backup_that_dies_once_told_to_take_over_leaves_the_vm_here() {
+        let mut p = protected();
+        p.handover(10).expect("protected");
+        p.handle(12, Event::Staged { epoch: 2, output_frames: 1 });
+        p.handle(14, Event::Received(Msg::Ack { epoch: 2 }));
+        p.handle(15, Event::Lease { sent_at: 14, answer: Ok(Answer::Released) });
+        let out = p.handle(16, Event::BackupLost { reason: "reset".into() });
+        assert!(!out.contains(&Action::ResumeVm), "not before the arbiter says: {out:?}");
+        let out = p.handle(18, Event::Lease { sent_at: 16, answer: Ok(Answer::Granted { gen: 1, backup: None }) });
+        assert!(out.contains(&Action::ResumeVm), "{out:?}");
+        assert!(out.iter().any(|a| matches!(a, Action::Release { .. })), "its held output goes: {out:?}");
+        assert!(!p.handing_over());
     }
 
     #[test]
