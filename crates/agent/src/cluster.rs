@@ -35,6 +35,9 @@ pub const EVENTS: &str = "/vigil/events";
 pub const CHAINS: &str = "/vigil/chains";
 /// `<id>` → the URL of that manager's dashboard.
 pub const DASHBOARDS: &str = "/vigil/manager/dashboard";
+/// The execution times (µs, by VM) the leader observed above the model's: a new leader analyses
+/// and plans with them too.
+pub const OBSERVED: &str = "/vigil/manager/observed";
 
 pub fn chain_path(chain: &str) -> String {
     format!("{CHAINS}/{chain}")

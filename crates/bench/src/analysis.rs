@@ -94,6 +94,9 @@ pub struct Args {
     /// `rt`: skip the search for the smallest budget that works in practice.
     #[arg(long)]
     no_search: bool,
+    /// `service`: repetitions of 10 clients × 10 requests per column.
+    #[arg(long, default_value_t = 20)]
+    repetitions: usize,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -130,6 +133,9 @@ enum What {
     /// unloaded, loaded, and loaded under the analysed and the smallest practical reservation;
     /// upcall latency (needs root, KVM; `--seconds` per column, `--out` for the CDF plots).
     Rt,
+    /// A CPU-bound request/response service (kv's ROTATE) as a host process, in a VM
+    /// unloaded, loaded, and loaded under a (3 ms, 5 ms) reservation (needs root, KVM).
+    Service,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -193,6 +199,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             args.policies_names.clone()
         };
         return crate::cluster::policies(&names, args.seconds, args.json);
+    }
+    if let What::Service = args.what {
+        return crate::service::run(args.repetitions, args.json);
     }
     if let What::Rt = args.what {
         return crate::rt::run(&crate::rt::Options {

@@ -9,6 +9,7 @@
 //!   table computation;
 //! - [`voting`]: local redundancy's cost (latency, throughput) and repair time;
 //! - [`rt`]: the loaded-host experiment with real-time VMs (reservations, upcalls);
+//! - [`service`]: a CPU-bound service in a VM, unloaded, loaded and reserved;
 //! - [`demo`]: `vigil demo failover`.
 //!
 //! Every figure is a median or a range over repeated runs, printed as a table (or JSON).
@@ -20,6 +21,7 @@ pub mod cluster;
 pub mod demo;
 pub mod replication;
 pub mod rt;
+pub mod service;
 pub mod store;
 pub mod tracking;
 pub mod vmm;

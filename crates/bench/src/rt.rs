@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 /// (execution time, period) in ms.
 const S: [(u64, u64); 2] = [(30, 150), (50, 200)];
-const LOAD: [(u64, u64); 2] = [(50, 120), (20, 80)];
+pub(crate) const LOAD: [(u64, u64); 2] = [(50, 120), (20, 80)];
 const PERIOD_MS: u64 = 50;
 
 /// The guest SDK's `rt::work` recurrence, the same steps on the host.
@@ -39,7 +39,7 @@ fn work(iterations: u64) -> u64 {
     x
 }
 
-fn pin(cpu: usize) -> Result<()> {
+pub(crate) fn pin(cpu: usize) -> Result<()> {
     // SAFETY: a zeroed cpu_set_t is empty; CPU_SET writes inside it; sched_setaffinity reads it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -51,7 +51,7 @@ fn pin(cpu: usize) -> Result<()> {
     Ok(())
 }
 
-fn fifo(priority: i32) -> Result<()> {
+pub(crate) fn fifo(priority: i32) -> Result<()> {
     let p = libc::sched_param { sched_priority: priority };
     // SAFETY: sets the calling thread's policy with a valid sched_param.
     if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) } != 0 {
@@ -60,7 +60,7 @@ fn fifo(priority: i32) -> Result<()> {
     Ok(())
 }
 
-fn mono_ns() -> u64 {
+pub(crate) fn mono_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: writes into a live timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
@@ -86,7 +86,7 @@ fn sleep_until(ns: u64) {
 /// Periodic host tasks on `cpu`, rate-monotonic SCHED_FIFO priorities from `top` down, until
 /// `stop`; `cpu_time` jobs spin on the thread's own CPU clock (exactly C of CPU), others do
 /// `work` at `per_us`. Returns (task, release ns, end ns) per finished job.
-fn host_tasks(
+pub(crate) fn host_tasks(
     tasks: &[(u64, u64)],
     cpu: usize,
     top: i32,

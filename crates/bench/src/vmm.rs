@@ -50,14 +50,14 @@ fn row(rows: &mut Vec<Row>, what: &str, value: String, note: &str) {
     rows.push(Row { what: what.into(), value, note: note.into() });
 }
 
-const NS_IP_GUEST: &str = "10.78.0.2";
+pub(crate) const NS_IP_GUEST: &str = "10.78.0.2";
 
 /// A network namespace with a tap, entered by the calling thread (and so by the VMs and
 /// clients it starts); deleted on drop.
-struct Netns(String);
+pub(crate) struct Netns(String);
 
 impl Netns {
-    fn new() -> Result<Netns> {
+    pub(crate) fn new() -> Result<Netns> {
         let name = format!("vigil-bench-{}", std::process::id());
         let ip = |args: &[&str]| -> Result<()> {
             let out = std::process::Command::new("ip").args(args).output().context("cannot run ip (iproute2)")?;

@@ -1,7 +1,7 @@
 //! The key-value server of the `kv` guest, without I/O: a parser for the Redis protocol (RESP2
 //! request arrays and inline commands) and a store executing PING, ECHO, GET, SET, INCR, DECR,
 //! INCRBY, DEL, EXISTS, MGET, MSET, DBSIZE, FLUSHALL, SELECT, CONFIG GET (what redis-cli and
-//! redis-benchmark need). Bytes in, bytes out; the guest feeds it from smoltcp sockets and the
+//! redis-benchmark need), and ROTATE, a fixed CPU-bound computation for service benchmarks. Bytes in, bytes out; the guest feeds it from smoltcp sockets and the
 //! `kv-native` binary from std TCP streams, so the VM-versus-native benchmark compares the
 //! same logic. `no_std` + `alloc`.
 #![no_std]
@@ -27,11 +27,65 @@ pub struct Store {
     /// Fault injection (N-version tests): every `wrong_every`-th reply is wrong; 0 never.
     wrong_every: u64,
     replies: u64,
+    /// ROTATE's source image and result buffer (kept between calls).
+    image: Vec<u8>,
+    rotated: Vec<u8>,
+}
+
+/// Largest side of ROTATE's square image (two buffers of its square in bytes).
+pub const ROTATE_MAX: usize = 4096;
+
+/// sin and cos of `deg` degrees (Taylor series; no libm in `no_std`).
+fn sin_cos(deg: i64) -> (f64, f64) {
+    let x = (deg.rem_euclid(360) as f64 - 180.0) * core::f64::consts::PI / 180.0;
+    let (mut s, mut c, mut term_s, mut term_c) = (0.0, 0.0, x, 1.0);
+    for k in 0..12 {
+        s += term_s;
+        c += term_c;
+        let k = k as f64;
+        term_s *= -x * x / ((2.0 * k + 2.0) * (2.0 * k + 3.0));
+        term_c *= -x * x / ((2.0 * k + 1.0) * (2.0 * k + 2.0));
+    }
+    // x is deg − 180°: sin and cos change sign.
+    (-s, -c)
 }
 
 impl Store {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Rotates a SIZE×SIZE 8-bit image (a fixed pattern) by `deg` degrees about its centre,
+    /// nearest neighbour, and returns the sum of the result's pixels: the same work for the same
+    /// arguments, a stand-in for an image-processing request.
+    pub fn rotate(&mut self, n: usize, deg: i64) -> i64 {
+        if self.image.len() != n * n {
+            self.image = (0..n * n).map(|i| ((i % n) * 7 + (i / n) * 13 ^ (i % n) * (i / n)) as u8).collect();
+            self.rotated = alloc::vec![0; n * n];
+        }
+        let (sin, cos) = sin_cos(deg);
+        // 16.16 fixed point: source = R(−deg)·(destination − centre) + centre.
+        let fixed = |v: f64| if v >= 0.0 { (v * 65536.0 + 0.5) as i64 } else { (v * 65536.0 - 0.5) as i64 };
+        let (s, c) = (fixed(sin), fixed(cos));
+        let half = ((n as i64 - 1) << 16) / 2;
+        let mut sum = 0i64;
+        for y in 0..n {
+            let dy = ((y as i64) << 16) - half;
+            for x in 0..n {
+                let dx = ((x as i64) << 16) - half;
+                let sx = (c * dx + s * dy) >> 16;
+                let sy = (c * dy - s * dx) >> 16;
+                let (ix, iy) = ((sx + half + 0x8000) >> 16, (sy + half + 0x8000) >> 16);
+                let v = if ix >= 0 && iy >= 0 && (ix as usize) < n && (iy as usize) < n {
+                    self.image[iy as usize * n + ix as usize]
+                } else {
+                    0
+                };
+                self.rotated[y * n + x] = v;
+                sum += v as i64;
+            }
+        }
+        sum
     }
 
     /// Makes one reply in `every` wrong (0: none), the way a design fault of one version
@@ -168,6 +222,17 @@ impl Store {
                 out.extend_from_slice(b"+OK\r\n");
             }
             b"DBSIZE" => integer(out, self.map.len() as i64),
+            b"ROTATE" if arity(argc <= 3, out) => {
+                let size = if argc > 1 { parse_i64(args[1]) } else { Some(2000) };
+                let deg = if argc > 2 { parse_i64(args[2]) } else { Some(20) };
+                match (size, deg) {
+                    (Some(n), Some(d)) if (1..=ROTATE_MAX as i64).contains(&n) => {
+                        let sum = self.rotate(n as usize, d);
+                        integer(out, sum)
+                    }
+                    _ => error(out, "ERR usage: ROTATE [SIZE 1..4096] [DEGREES]"),
+                }
+            }
             b"FLUSHALL" | b"FLUSHDB" => {
                 self.map.clear();
                 out.extend_from_slice(b"+OK\r\n");
@@ -191,7 +256,7 @@ impl Store {
                     bulk(out, Some(b""));
                 }
             }
-            b"ECHO" | b"GET" | b"SET" | b"INCR" | b"DECR" | b"INCRBY" | b"DECRBY" | b"DEL" | b"EXISTS" | b"MGET" | b"MSET" => {} // wrong arity, already answered
+            b"ECHO" | b"GET" | b"SET" | b"INCR" | b"DECR" | b"INCRBY" | b"DECRBY" | b"DEL" | b"EXISTS" | b"MGET" | b"MSET" | b"ROTATE" => {} // wrong arity, already answered
             _ => {
                 out.extend_from_slice(b"-ERR unknown command '");
                 out.extend(cmd.iter().take(64).filter(|c| c.is_ascii_graphic()));
@@ -376,6 +441,28 @@ mod tests {
         store.serve(&mut i, &mut o).expect("well-formed");
         assert!(i.is_empty(), "left {:?}", std::string::String::from_utf8_lossy(&i));
         o
+    }
+
+    #[test]
+    fn rotate_is_a_rotation_and_refuses_bad_arguments() {
+        let mut s = Store::new();
+        let (sin, cos) = sin_cos(30);
+        assert!((sin - 0.5).abs() < 1e-12 && (cos - 0.75f64.sqrt()).abs() < 1e-12, "{sin} {cos}");
+        // 0° and 360° copy the image; 90° keeps every pixel of a square (its sum).
+        let whole: i64 = {
+            s.rotate(64, 0);
+            s.image.iter().map(|&v| v as i64).sum()
+        };
+        assert_eq!(s.rotate(64, 0), whole);
+        assert_eq!(s.rotate(64, 360), whole);
+        assert_eq!(s.rotate(64, 90), whole);
+        // 20° loses the corners.
+        let r = s.rotate(64, 20);
+        assert!(r < whole && r > whole / 2, "{r} of {whole}");
+        assert_eq!(run(&mut s, b"ROTATE 64 20\r\n"), std::format!(":{r}\r\n").into_bytes());
+        for bad in [&b"ROTATE 0\r\n"[..], b"ROTATE 5000\r\n", b"ROTATE x\r\n", b"ROTATE 4 5 6\r\n"] {
+            assert!(run(&mut s, bad).starts_with(b"-ERR"), "{:?}", std::string::String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

@@ -111,9 +111,9 @@ struct Lead {
     pending_why: Option<String>,
     /// When the heartbeats were last read.
     last_round: Option<Instant>,
-    /// Execution times observed above the model's (µs, by VM), and the model with them
+    /// Execution times and arrivals observed above the model's, and the model with them
     /// substituted, which every plan table is computed from once there is one.
-    observed: BTreeMap<String, f64>,
+    observed: crate::drift::Observed,
     model: Option<Loaded>,
     last_drift_check: Instant,
     /// The upper arrival curves of the VMs' compared tasks under the plan in force (for the
@@ -157,6 +157,18 @@ impl Lead {
         for h in &failed {
             detector.mark_failed(h);
         }
+        // What a predecessor observed above the model: the model to plan with.
+        let observed: crate::drift::Observed = cluster::read(store, cluster::OBSERVED)?.unwrap_or_default();
+        let model = (!observed.is_empty()).then(|| observed.model(loaded).0);
+        if !observed.is_empty() {
+            let mut list: Vec<String> = observed.exec_us.iter().map(|(vm, us)| format!("{vm} {us:.0} µs")).collect();
+            list.extend(observed.arrivals.keys().map(|vm| format!("the arrivals at {vm}")));
+            let _ = cluster::log_event(
+                store,
+                &Event::now(&cfg.id, format!("planning with the execution times observed before this leader: {}", list.join(", "))),
+            );
+        }
+        let planning = model.as_ref().unwrap_or(loaded);
         let mut table = Table::load(store)?;
         let current = table.meta.as_ref().is_some_and(|m| m.failed == key(&failed));
         // The table in the store has the plan for the configuration in force (a predecessor
@@ -166,7 +178,7 @@ impl Lead {
         let mut pending = None;
         if usable && !current {
             let (tx, rx) = channel();
-            let (loaded2, failed2, faults) = (loaded.clone(), failed.clone(), cfg.faults);
+            let (loaded2, failed2, faults) = (planning.clone(), failed.clone(), cfg.faults);
             std::thread::spawn(move || {
                 background();
                 let _ = tx.send(Table::compute(&loaded2, &failed2, faults, generation).map_err(|e| e.to_string()));
@@ -177,7 +189,8 @@ impl Lead {
             // No plan for this configuration yet (first start): compute the table before
             // anything can fail, and keep it.
             let t0 = Instant::now();
-            table = Table::compute(loaded, &failed, cfg.faults, generation).map_err(|e| agent::Error::Cluster(format!("planning: {e}")))?;
+            table =
+                Table::compute(planning, &failed, cfg.faults, generation).map_err(|e| agent::Error::Cluster(format!("planning: {e}")))?;
             table.save(store)?;
             let _ = cluster::log_event(
                 store,
@@ -195,8 +208,8 @@ impl Lead {
             pending,
             pending_why: None,
             last_round: None,
-            observed: BTreeMap::new(),
-            model: None,
+            observed,
+            model,
             last_drift_check: Instant::now(),
             stalled_migrations: BTreeMap::new(),
             arrival_curves: None,
@@ -498,6 +511,10 @@ impl Lead {
         // The arrival curves the placement in force gives each VM's jobs.
         let scenario = crate::table::plan_name(&self.failed);
         if self.arrival_curves.as_ref().is_none_or(|(s, _)| *s != scenario) {
+            // A new scenario starts the alerts afresh; a new model (observed values
+            // substituted) keeps them, so that a burst still growing is reported (and
+            // substituted) only when its excess over the new curve doubles.
+            let new_scenario = self.arrival_curves.as_ref().is_some_and(|(s, _)| *s != scenario);
             let model = self.model.as_ref().unwrap_or(loaded);
             let mut curves = BTreeMap::new();
             if let Some((_, a)) = crate::dashboard::analyse(model, self.table.lookup(&self.failed)) {
@@ -508,7 +525,9 @@ impl Lead {
                 }
             }
             self.arrival_curves = Some((scenario, curves));
-            self.burst_alerted.clear();
+            if new_scenario {
+                self.burst_alerted.clear();
+            }
             self.above_alerted.clear();
             self.settled_from = Instant::now();
         }
@@ -535,6 +554,7 @@ impl Lead {
             }
         }
         let mut found = Vec::new();
+        let mut bursts = Vec::new();
         for r in &loaded.runs {
             let Some(d) = cluster::read::<agent::cluster::Desired>(store, &cluster::desired_path(&r.vm))? else { continue };
             let Some(host) = d.primary.as_ref().map(|p| p.host.clone()).filter(|h| !self.failed.contains(h)) else { continue };
@@ -542,7 +562,7 @@ impl Lead {
             else {
                 continue;
             };
-            if let Some(d) = crate::drift::check(loaded, &r.vm, &jobs, self.observed.get(&r.vm).copied()) {
+            if let Some(d) = crate::drift::check(loaded, &r.vm, &jobs, self.observed.exec_us.get(&r.vm).copied()) {
                 found.push(d);
             }
             let upper = self.arrival_curves.as_ref().and_then(|(_, c)| c.get(&r.vm));
@@ -551,22 +571,40 @@ impl Lead {
                 if self.burst_alerted.get(&r.vm).is_none_or(|&before| excess >= 2 * before) {
                     let _ = cluster::log_event(store, &Event::now(&cfg.id, format!("ALERT: {b}")));
                     self.burst_alerted.insert(r.vm.clone(), excess);
+                    self.observed.add_arrivals(&r.vm, &jobs.arrivals);
+                    bursts.push(r.vm.clone());
                 }
             }
         }
-        if found.is_empty() {
+        if found.is_empty() && bursts.is_empty() {
             return Ok(());
         }
         for d in &found {
             let _ = cluster::log_event(store, &Event::now(&cfg.id, format!("ALERT: {d}")));
-            self.observed.insert(d.vm.clone(), d.observed_us);
+            self.observed.exec_us.insert(d.vm.clone(), d.observed_us);
         }
-        let model = crate::drift::observed_model(loaded, &self.observed);
+        cluster::write(store, cluster::OBSERVED, &self.observed)?;
+        let (model, changed) = self.observed.model(loaded);
+        if !bursts.is_empty() {
+            let what = if changed.is_empty() { "nothing to substitute".to_string() } else { changed.join("; ") };
+            let _ = cluster::log_event(store, &Event::now(&cfg.id, format!("with the observed arrivals: {what}")));
+        }
         // What the observed times mean for what runs now: the placement in force analysed.
         let in_force = self.table.lookup(&self.failed);
         if let (Some((sys, a)), Some(p)) = (crate::dashboard::analyse(&model, in_force), in_force) {
             for (ch, r) in sys.chains.iter().zip(&a.chains) {
-                let was = p.chains.iter().find(|c| c.chain == ch.name).and_then(|c| c.worst_ms);
+                let planned = p.chains.iter().find(|c| c.chain == ch.name);
+                if let Some(c) = planned.filter(|c| c.status == "lost" || c.status == "given-up") {
+                    let _ = cluster::log_event(
+                        store,
+                        &Event::now(
+                            &cfg.id,
+                            format!("chain {}: {} in the plan in force (its VMs do not run): not analysed", ch.name, c.status),
+                        ),
+                    );
+                    continue;
+                }
+                let was = planned.and_then(|c| c.worst_ms);
                 let ms = |x: Option<f64>| x.map_or("unbounded".to_string(), |v| format!("{v:.2} ms"));
                 let verdict = match (r.meets_deadline, &ch.deadline) {
                     (Some(false), Some(d)) => format!("MISSES its deadline {:.2} ms", d.to_f64() / 1e3),
@@ -578,7 +616,7 @@ impl Lead {
                     &Event::now(
                         &cfg.id,
                         format!(
-                            "with the observed execution times, where the VMs run now: chain {}: bound {} (was {}): {verdict}",
+                            "with the observed execution times and arrivals, where the VMs run now: chain {}: bound {} (was {}): {verdict}",
                             ch.name,
                             ms(worst),
                             ms(was)
@@ -597,7 +635,16 @@ impl Lead {
         });
         self.pending = Some(rx);
         let vms: Vec<&str> = found.iter().map(|d| d.vm.as_str()).collect();
-        self.pending_why = Some(format!("with the observed execution times of {}", vms.join(", ")));
+        let why = match (vms.is_empty(), bursts.is_empty()) {
+            (false, true) => format!("with the observed execution times of {}", vms.join(", ")),
+            (true, _) => format!("with the observed arrivals at {}", bursts.join(", ")),
+            (false, false) => format!("with the observed execution times of {} and the arrivals at {}", vms.join(", "), bursts.join(", ")),
+        };
+        // A computation still running is superseded by this one, which includes what it was for.
+        self.pending_why = Some(match self.pending_why.take() {
+            Some(before) if before != why => format!("{before}; {why}"),
+            _ => why,
+        });
         Ok(())
     }
 

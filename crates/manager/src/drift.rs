@@ -130,6 +130,121 @@ pub fn allowed_arrivals(l: &Loaded, plan: Option<&crate::table::StoredPlan>, vm:
         .collect()
 }
 
+/// What the leader observed above the model (kept in the store at `agent::cluster::OBSERVED`,
+/// so that its successor plans with it).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Observed {
+    /// Execution times (µs, by VM).
+    #[serde(default)]
+    pub exec_us: BTreeMap<String, f64>,
+    /// Most job starts per window (window ms, count), by VM: the largest seen per window.
+    #[serde(default)]
+    pub arrivals: BTreeMap<String, Vec<(f64, u64)>>,
+}
+
+impl Observed {
+    pub fn is_empty(&self) -> bool {
+        self.exec_us.is_empty() && self.arrivals.is_empty()
+    }
+
+    /// Adds `vm`'s window counts (keeping the largest per window).
+    pub fn add_arrivals(&mut self, vm: &str, windows: &[(f64, u64)]) {
+        let known = self.arrivals.entry(vm.to_string()).or_default();
+        for &(w, n) in windows {
+            match known.iter_mut().find(|(kw, _)| *kw == w) {
+                Some(k) => k.1 = k.1.max(n),
+                None => known.push((w, n)),
+            }
+        }
+    }
+
+    /// The model with all of it substituted, and what changed in the streams.
+    pub fn model(&self, l: &Loaded) -> (Loaded, Vec<String>) {
+        observed_arrivals_model(&observed_model(l, &self.exec_us), &self.arrivals)
+    }
+}
+
+/// The model with the arrivals observed at each VM (`agent::monitor`'s (window ms, most job
+/// starts) pairs, by VM) covered: the periodic or PJD stream feeding the VM's compared task gets
+/// the smallest jitter and the largest minimum distance (µs grain) under which every observed
+/// count is allowed (never less jitter or more distance than declared), and a shorter period
+/// when the longest window's count is a higher rate than declared. Returns the model and
+/// what changed, one line per stream; a VM fed by another task (a chain hop) or by a stream of
+/// another kind is left as it is and said so.
+pub fn observed_arrivals_model(l: &Loaded, observed: &BTreeMap<String, Vec<(f64, u64)>>) -> (Loaded, Vec<String>) {
+    use rtc::models::EventModel;
+    let mut m = l.clone();
+    let mut said = Vec::new();
+    for (vm, windows) in observed {
+        let Some((t, _)) = compared_task(l, vm) else { continue };
+        let rtc::system::Input::Stream(si) = l.system.tasks[t].input else {
+            said.push(format!(
+                "{vm}: its task {} is fed by another task: its observed arrivals are not substituted",
+                l.system.tasks[t].name
+            ));
+            continue;
+        };
+        let (period, jitter, distance) = match &m.system.streams[si].model {
+            EventModel::Periodic { period } => (period.clone(), Q::zero(), Q::zero()),
+            EventModel::Pjd { period, jitter, min_distance } => (period.clone(), jitter.clone(), min_distance.clone()),
+            other => {
+                said.push(format!(
+                    "{vm}: stream {} is {other:?}, not periodic or PJD: its observed arrivals are not substituted",
+                    m.system.streams[si].name
+                ));
+                continue;
+            }
+        };
+        let us = |x: f64| Q::int(x.round() as i64);
+        // A rate above the declared one over the longest window is a shorter period (a jitter
+        // alone would have to grow with the length of the excess).
+        let longest = windows.iter().filter(|(_, n)| *n >= 2).max_by(|a, b| a.0.total_cmp(&b.0));
+        let period = match longest {
+            Some(&(w_ms, n)) if us(w_ms * 1000.0 / n as f64) < period => us(w_ms * 1000.0 / n as f64).max(Q::one()),
+            _ => period,
+        };
+        let p_us = period.to_f64();
+        let mut j = jitter.clone();
+        let mut d = distance.clone();
+        for &(w_ms, n) in windows {
+            if n < 2 {
+                continue;
+            }
+            let w = w_ms * 1000.0;
+            // ⌈(w + J) / P⌉ ≥ n needs J > (n − 1)·P − w.
+            let need_j = us((n - 1) as f64 * p_us - w + 1.0);
+            if need_j > j {
+                j = need_j;
+            }
+            // ⌈w / d⌉ ≥ n needs d < w / (n − 1).
+            if d > Q::zero() {
+                let most_d = us((w / (n - 1) as f64 - 1.0).max(0.0));
+                if most_d < d {
+                    d = most_d;
+                }
+            }
+        }
+        let declared_period = match &m.system.streams[si].model {
+            EventModel::Periodic { period } | EventModel::Pjd { period, .. } => period.clone(),
+            _ => period.clone(),
+        };
+        if j != jitter || d != distance || period != declared_period {
+            said.push(format!(
+                "stream {} (into {vm}): period {:.3} → {:.3} ms, jitter {:.3} → {:.3} ms, minimum distance {:.3} → {:.3} ms",
+                m.system.streams[si].name,
+                declared_period.to_f64() / 1e3,
+                period.to_f64() / 1e3,
+                jitter.to_f64() / 1e3,
+                j.to_f64() / 1e3,
+                distance.to_f64() / 1e3,
+                d.to_f64() / 1e3
+            ));
+            m.system.streams[si].model = EventModel::Pjd { period, jitter: j, min_distance: d };
+        }
+    }
+    (m, said)
+}
+
 /// The model with the observed execution times (µs, by VM) in place of the declared WCETs of
 /// the compared tasks (never below what the model declares).
 pub fn observed_model(l: &Loaded, observed: &BTreeMap<String, f64>) -> Loaded {
@@ -196,6 +311,33 @@ mod tests {
         let a = rtc::system::analyze(&m.system, &rtc::system::Options::default()).unwrap();
         assert!(!a.all_deadlines_met(&m.system));
         assert!(rtc::system::analyze(&l.system, &rtc::system::Options::default()).unwrap().all_deadlines_met(&l.system));
+    }
+
+    #[test]
+    fn observed_arrivals_widen_the_streams_jitter_until_every_count_is_allowed() {
+        let l = substation();
+        let (vm, (t, _)) = l
+            .runs
+            .iter()
+            .filter_map(|r| compared_task(&l, &r.vm).map(|c| (r.vm.clone(), c)))
+            .find(|(_, (t, _))| matches!(l.system.tasks[*t].input, rtc::system::Input::Stream(_)))
+            .expect("a VM fed by a stream");
+        let windows = vec![(1.0, 5u64), (5.0, 7), (100.0, 9)];
+        let (m, said) = observed_arrivals_model(&l, &[(vm.clone(), windows.clone())].into());
+        assert_eq!(said.len(), 1, "{said:?}");
+        // Every observed count is now within the substituted upper curve; the declared one
+        // did not allow them.
+        let upper = |l: &Loaded| match l.system.tasks[t].input {
+            rtc::system::Input::Stream(s) => l.system.streams[s].model.curves().expect("curves").0,
+            _ => panic!("a stream"),
+        };
+        let (before, after) = (upper(&l), upper(&m));
+        let allows = |c: &rtc::Curve, w: f64, n: u64| c.eval_right(&Q::int((w * 1000.0) as i64)).floor().to_f64() as u64 >= n;
+        assert!(windows.iter().any(|&(w, n)| !allows(&before, w, n)));
+        assert!(windows.iter().all(|&(w, n)| allows(&after, w, n)), "{said:?}");
+        // Counts the model allowed change nothing.
+        let (same, said) = observed_arrivals_model(&l, &[(vm, vec![(1.0, 1)])].into());
+        assert!(said.is_empty() && same.system.streams == l.system.streams);
     }
 
     #[test]

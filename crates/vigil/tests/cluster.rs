@@ -705,7 +705,7 @@ fn a_vm_slower_than_its_model_is_detected_and_the_plan_table_follows() {
     }
     // The new analysis: where the VMs run now, the protection chain misses its deadline.
     assert!(
-        e.iter().any(|x| x.starts_with("with the observed execution times, where the VMs run now: chain protection: bound")
+        e.iter().any(|x| x.starts_with("with the observed execution times and arrivals, where the VMs run now: chain protection: bound")
             && x.contains("MISSES its deadline 15.00 ms")),
         "{e:?}"
     );
@@ -766,6 +766,14 @@ fn a_vm_slower_than_its_model_is_detected_and_the_plan_table_follows() {
     let st2 = up.wait("the burst alert", 10, |_, v| events(v).iter().any(flood));
     let burst = events(&st2).into_iter().find(flood).unwrap();
     assert!(burst.contains("the arrival curve of task regulate's input"), "{burst}");
+    // The observed arrivals go into the model: the stream into control gets the jitter they
+    // need, and the plan table is computed again with it.
+    let st3 = up.wait("the observed arrivals substituted and the table recomputed", 40, |_, v| {
+        let e = events(v);
+        e.iter().any(|x| x.starts_with("with the observed arrivals: stream") && x.contains("(into control): period"))
+            && e.iter().any(|x| x.starts_with("plan table recomputed") && x.contains("arrivals at control"))
+    });
+    eprintln!("{}", events(&st3).into_iter().find(|x| x.starts_with("with the observed arrivals: stream")).unwrap());
     eprintln!("{burst}");
     // And the alert time: from the relay's start to the alert, and to the new table.
     let at = |needle: &str| {
@@ -783,6 +791,31 @@ fn a_vm_slower_than_its_model_is_detected_and_the_plan_table_follows() {
         at("ALERT: VM relay") - started,
         at("with the observed execution times of relay") - started
     );
+    // The leader dies: its successor plans with the observed execution times from the start
+    // (they are in the store), so the plan table stays the observed model's and the relay's
+    // drift is not news to it.
+    let (_, st) = up.status();
+    let leader = st["leader"]["id"].as_str().unwrap().to_string();
+    let plans = st["plans"].clone();
+    kill(up.file()["pids"][format!("manager:{leader}")].as_u64().expect("manager pid"));
+    let st = up.wait("a new leader planning with the observed times", 15, |_, v| {
+        v["leader"]["id"].as_str().is_some_and(|id| id != leader)
+            && events(v).iter().any(|x| x.contains("planning with the execution times observed before this leader: relay"))
+    });
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let (_, st2) = up.status();
+    let e = events(&st2);
+    let since =
+        e.iter().position(|x| x.contains("planning with the execution times observed before this leader")).expect("the new leader's start");
+    // The known time, and any later alert's: only a time grown by more than 10 % is news.
+    let number_after = |x: &str, key: &str| x.split(key).nth(1).and_then(|r| r.split_whitespace().next()?.parse::<f64>().ok());
+    let known = number_after(&e[since], "before this leader: relay ").expect("the relay's known time");
+    for x in e[since..].iter().filter(|x| x.contains("ALERT: VM relay: measured execution time")) {
+        let t = number_after(x, "measured execution time ").expect("a time");
+        assert!(t > known * 1.1, "the new leader re-learned the relay's execution time ({t} µs, known {known} µs): {e:?}");
+    }
+    assert_ne!(st2["plans"], before, "the plan table went back to the declared model");
+    let _ = (plans, st);
 }
 
 /// The relay's primary VMM is stopped (SIGSTOP) long enough for its backup to take over, then

@@ -284,6 +284,54 @@ fn a_reservation_is_enforced_by_the_kernel_or_by_the_vmm() {
     let passes = std::fs::read_to_string(&console).unwrap_or_default().matches("compute: pass").count();
     assert!(passes >= 2, "the guest made no progress under its reservation: {passes} reports");
     if pvm {
+        // The reservation goes with the VM: snapshot, restore in a new process with
+        // --reservation, and the restored vCPU is held to its share again.
+        let mut child = vigil()
+            .args(["vm", "run", "--mem", "16", "--reservation", "2ms/10ms", "--image"])
+            .arg(&image)
+            .arg("--api")
+            .arg(&api)
+            .args(["--", "1", "0", "100"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start vigil vm run");
+        for _ in 0..500 {
+            if api.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let snap = dir.join("snap");
+        ctl(&["snapshot", snap.to_str().expect("utf-8 path")], &api);
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_file(&api);
+        let mut restored = vigil()
+            .args(["vm", "restore", "--reservation", "2ms/10ms", "--api"])
+            .arg(&api)
+            .arg(&snap)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("restore");
+        for _ in 0..500 {
+            if api.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let a = status(&api);
+        let t = std::time::Instant::now();
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let b = status(&api);
+        let wall = t.elapsed().as_nanos() as f64;
+        let _ = restored.kill();
+        let _ = restored.wait();
+        assert_eq!(a["server"]["budget_us"].as_u64(), Some(2000), "{a}");
+        let share = (b["cpu_ns"].as_u64().unwrap() - a["cpu_ns"].as_u64().unwrap()) as f64 / wall;
+        eprintln!("restored from a snapshot, the vCPU under 2ms/10ms used {:.1} % of a CPU", share * 100.0);
+        assert!((0.14..=0.22).contains(&share), "a restored 2ms/10ms reservation gave {:.1} % of a CPU", share * 100.0);
         // The VMM's server has no host-wide admission control: the kernel's is tested on
         // hardware KVM below, and on plain threads in `cargo test -p agent realtime`.
         return;
