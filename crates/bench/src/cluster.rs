@@ -255,7 +255,10 @@ fn crowded(dir: &Path, mem_mib: u64, busy_mib: u64) -> Result<PathBuf> {
     anyhow::ensure!(text.contains(&cache), "examples/crowded.toml: the cache's [[run]] item changed");
     let text = text.replace(
         &cache,
-        &format!("vm = \"cache\"\nimage = {:?}\nmemory = \"{mem_mib}MiB\"\nargs = [\"6379\", \"{busy_mib}\"]", kv.display().to_string()),
+        &format!(
+            "vm = \"cache\"\nimage = {:?}\nmemory = \"{mem_mib}MiB\"\nargs = [\"6379\", \"{busy_mib}\", \"trace=0\"]",
+            kv.display().to_string()
+        ),
     );
     let p = dir.join(format!("crowded-{mem_mib}-{busy_mib}.toml"));
     std::fs::write(&p, text)?;
