@@ -70,7 +70,7 @@ pub enum Enforcer {
     /// Linux SCHED_DEADLINE (a CBS with the kernel's admission control).
     Kernel,
     /// The VMM's periodic server (`vmm::server`) over SCHED_FIFO at [`SERVER_PRIORITY`] (or the
-    /// given priority): no host-wide admission control, the analysis of the host's model is it.
+    /// given priority), with the admission control of [`admit_vmm`].
     Vmm,
 }
 
@@ -144,6 +144,99 @@ pub fn reserve(r: Reservation) -> Result<(), String> {
     })
 }
 
+/// Where the VMM-enforced reservations of this host are registered (one line per vCPU thread:
+/// `pid tid runtime_us period_us cpu,cpu,...`), for their admission control; the environment
+/// variable `VIGIL_RESERVATIONS` names another file (tests).
+pub fn registry() -> std::path::PathBuf {
+    std::env::var_os("VIGIL_RESERVATIONS").map(Into::into).unwrap_or_else(|| "/run/vigil/vmm-reservations".into())
+}
+
+/// The share of each CPU the kernel lets real-time tasks have (sched_rt_runtime_us /
+/// sched_rt_period_us; 1 when unlimited).
+fn rt_share() -> f64 {
+    let read = |f: &str| std::fs::read_to_string(format!("/proc/sys/kernel/{f}")).ok().and_then(|t| t.trim().parse::<i64>().ok());
+    match (read("sched_rt_runtime_us"), read("sched_rt_period_us")) {
+        (Some(rt), Some(p)) if rt >= 0 && p > 0 => rt as f64 / p as f64,
+        _ => 1.0,
+    }
+}
+
+/// The CPUs the calling thread may run on.
+fn affinity() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity writes at most its size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above, for the calling thread (0).
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+        return Vec::new();
+    }
+    // SAFETY: CPU_ISSET reads inside the set.
+    (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
+}
+
+/// Admission control of a reservation the VMM enforces, for the calling thread (the vCPU's):
+/// under a lock of the host's registry ([`registry`]), entries of threads that ended are
+/// dropped, and the reservation is admitted when the reservations whose CPUs overlap the
+/// thread's, with it, take at most the kernel's real-time share of those CPUs; it is then
+/// registered for as long as the thread lives. The refusal names what is taken and what is left.
+pub fn admit_vmm(r: Reservation) -> Result<(), String> {
+    use std::io::{Read, Seek, Write};
+    let path = registry();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("reservation {r}: cannot create {}: {e}", dir.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("reservation {r}: cannot open {}: {e}", path.display()))?;
+    // SAFETY: flock(2) on a descriptor we own; released when it is closed.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) } != 0 {
+        return Err(format!("reservation {r}: cannot lock {}: {}", path.display(), std::io::Error::last_os_error()));
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(|e| format!("reservation {r}: cannot read {}: {e}", path.display()))?;
+    let alive = |pid: &str, tid: &str| std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists();
+    let mine = affinity();
+    let (mut taken, mut kept) = (0.0, Vec::new());
+    for line in text.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let [pid, tid, q, p, cpus] = w[..] else { continue };
+        let (Ok(q), Ok(p)) = (q.parse::<f64>(), p.parse::<f64>()) else { continue };
+        if !alive(pid, tid) || p <= 0.0 {
+            continue;
+        }
+        let theirs: Vec<usize> = cpus.split(',').filter_map(|c| c.parse().ok()).collect();
+        if theirs.iter().any(|c| mine.contains(c)) {
+            taken += q / p;
+        }
+        kept.push(line.to_string());
+    }
+    let share = r.runtime_us as f64 / r.period_us as f64;
+    let capacity = rt_share() * mine.len().max(1) as f64;
+    if taken + share > capacity + 1e-9 {
+        return Err(format!(
+            "reservation {r} refused by admission control: the reservations the VMM enforces on CPUs {mine:?} take {:.1} % of a CPU of the {:.1} % real-time tasks may have there (sched_rt_runtime_us / sched_rt_period_us of each of those {} CPUs); {:.1} % is left, {:.1} % was asked for",
+            taken * 100.0,
+            capacity * 100.0,
+            mine.len(),
+            ((capacity - taken) * 100.0).max(0.0),
+            share * 100.0
+        ));
+    }
+    // SAFETY: getpid and gettid have no preconditions.
+    let (pid, tid) = unsafe { (libc::getpid(), libc::gettid()) };
+    let cpus: Vec<String> = mine.iter().map(|c| c.to_string()).collect();
+    kept.push(format!("{pid} {tid} {} {} {}", r.runtime_us, r.period_us, cpus.join(",")));
+    let out = kept.join("\n") + "\n";
+    f.set_len(0)
+        .and_then(|()| f.rewind())
+        .and_then(|()| f.write_all(out.as_bytes()))
+        .map_err(|e| format!("reservation {r}: cannot write {}: {e}", path.display()))?;
+    Ok(())
+}
+
 /// The host's real-time limit, as the kernel states it.
 fn rt_limit() -> String {
     let read = |f: &str| std::fs::read_to_string(format!("/proc/sys/kernel/{f}")).ok().and_then(|t| t.trim().parse::<i64>().ok());
@@ -185,6 +278,22 @@ mod tests {
         }
     }
 
+    /// The VMM-enforced reservations' own admission control: threads of this test take 30 %
+    /// each until the CPUs' real-time share is used up; the next is refused with the figures;
+    /// once those threads end, their entries are dropped and the reservation is admitted.
+    #[test]
+    fn vmm_reservations_are_admitted_until_the_real_time_share_is_used_up() {
+        let dir = std::env::temp_dir().join(format!("vigil-registry-{}", std::process::id()));
+        std::env::set_var("VIGIL_RESERVATIONS", dir.join("reservations"));
+        let filler = VmmFiller::fill("3ms/10ms");
+        assert!(filler.admitted >= 1, "none admitted");
+        let e = std::thread::spawn(|| admit_vmm("3ms/10ms".parse().expect("r"))).join().expect("join").unwrap_err();
+        assert!(e.contains("refused by admission control") && e.contains("30.0 % was asked for"), "{e}");
+        drop(filler);
+        std::thread::spawn(|| admit_vmm("3ms/10ms".parse().expect("r"))).join().expect("join").expect("admitted once the others ended");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// Needs root (the tests run as root here, and in CI); the kernel's answer is checked, not
     /// assumed.
     #[test]
@@ -200,6 +309,48 @@ mod tests {
         let e = std::thread::spawn(|| reserve("200ms/1000ms".parse().expect("r"))).join().expect("join").unwrap_err();
         assert!(e.contains("refused by admission control") && e.contains("20.0 %"), "{e}");
         drop(filler);
+    }
+}
+
+/// Threads holding VMM-enforced reservation entries ([`admit_vmm`]) of `share` each until
+/// dropped, as many as the host admits. For tests of that admission control.
+pub struct VmmFiller {
+    pub admitted: usize,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl VmmFiller {
+    pub fn fill(share: &str) -> VmmFiller {
+        let r: Reservation = share.parse().expect("a reservation");
+        let (stop, rx) = std::sync::mpsc::channel::<()>();
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        let (mut threads, mut admitted) = (Vec::new(), 0);
+        for _ in 0..1000 {
+            let rx = rx.clone();
+            let (tx, got) = std::sync::mpsc::channel();
+            threads.push(std::thread::spawn(move || {
+                let ok = admit_vmm(r).is_ok();
+                let _ = tx.send(ok);
+                if ok {
+                    let _ = rx.lock().map(|r| r.recv());
+                }
+            }));
+            if !got.recv().unwrap_or(false) {
+                break;
+            }
+            admitted += 1;
+        }
+        VmmFiller { admitted, stop: Some(stop), threads }
+    }
+}
+
+impl Drop for VmmFiller {
+    fn drop(&mut self) {
+        self.stop.take();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 }
 

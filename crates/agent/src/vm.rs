@@ -251,6 +251,7 @@ impl Scheduling {
         match (self.reservation, self.fifo_priority) {
             (Some(r), p) => match self.enforcer.resolve() {
                 Enforcer::Vmm => {
+                    crate::realtime::admit_vmm(r)?;
                     crate::realtime::fifo(p.unwrap_or(crate::realtime::SERVER_PRIORITY))?;
                     vm.set_reservation(r.runtime_us * 1000, r.period_us * 1000).map_err(|e| e.to_string())
                 }

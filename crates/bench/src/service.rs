@@ -142,6 +142,7 @@ pub fn run(repetitions: usize, json: bool) -> Result<()> {
         format!(":{}", s.rotate(2000, 20))
     };
     let reps = repetitions.max(1);
+    let _isolated = crate::rt::IsolatedCpu::new(cpu);
     eprintln!("vigil bench service: {CLIENTS} clients × {REQUESTS} × ROTATE 2000 20, {reps} repetitions per column, service on CPU {cpu}");
     let mut rows = Vec::new();
 
@@ -183,6 +184,7 @@ pub fn run(repetitions: usize, json: bool) -> Result<()> {
             }
             Ok(vm.run(Some(&inbox))?)
         });
+        let _throttle = crate::rt::RtThrottleOff::new();
         let stop = Arc::new(AtomicBool::new(false));
         let load = if loaded { host_tasks(&LOAD, cpu, 30, None, mono_ns(), stop.clone()) } else { Vec::new() };
         let r = wait_serving(&addr).and_then(|()| (0..reps).map(|_| repetition(&addr, &expected, client_cpu)).collect::<Result<Vec<_>>>());

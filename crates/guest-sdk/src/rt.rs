@@ -8,7 +8,8 @@
 //! upcall, picks the highest-priority pending job and resumes its context; when no job is
 //! pending it idles until the next release. Every job's release, first start and end (guest
 //! clock, ns) is recorded; [`run`] returns them once every job released before the horizon
-//! has ended.
+//! has ended. Jobs are also marked in the trace ring ([`crate::trace`]: start and end, id =
+//! task << 24 | job), where the host's monitoring reads them.
 
 use crate::upcall::{self, REASON_TIMER};
 use alloc::vec::Vec;
@@ -194,6 +195,8 @@ impl Sched {
                 t.head = (t.head + 1) % QUEUE;
                 t.len -= 1;
                 let job = Job { task: c as u32, job: t.jobs, release_ns, start_ns, end_ns: now, exec_ns: core::mem::take(&mut t.ran) };
+                // The host's monitoring sees the job too (trace marks: no exit).
+                crate::trace::end(mark_id(c, t.jobs));
                 t.jobs += 1;
                 if self.out.jobs.len() < self.out.jobs.capacity() {
                     self.out.jobs.push(job);
@@ -204,6 +207,9 @@ impl Sched {
             self.release_due(now);
             if let Some(i) = self.pick() {
                 let t = &mut self.tasks[i];
+                if t.started.is_none() {
+                    crate::trace::start(mark_id(i, t.jobs));
+                }
                 t.started.get_or_insert(now);
                 t.switched_in = now;
                 self.current = i;
@@ -219,6 +225,11 @@ impl Sched {
             now = crate::clock::idle(next).now_ns;
         }
     }
+}
+
+/// A job's identity in the trace marks: the task in the top byte, the job number below.
+fn mark_id(task: usize, job: u32) -> u32 {
+    ((task as u32) << 24) | (job & 0x00ff_ffff)
 }
 
 fn dispatch(frame: *mut UpcallFrame, reason: usize) -> *mut UpcallFrame {

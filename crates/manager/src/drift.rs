@@ -195,12 +195,14 @@ pub fn observed_arrivals_model(l: &Loaded, observed: &BTreeMap<String, Vec<(f64,
                 continue;
             }
         };
-        let us = |x: f64| Q::int(x.round() as i64);
+        // Counts are of closed windows: a curve allows n starts in w when its right limit at w
+        // is n, which for PJD is ⌊(w + J) / P⌋ + 1 and for the distance ⌊w / d⌋ + 1.
+        let (up, down) = (|x: f64| Q::int(x.ceil() as i64), |x: f64| Q::int(x.floor() as i64));
         // A rate above the declared one over the longest window is a shorter period (a jitter
-        // alone would have to grow with the length of the excess).
+        // alone would have to grow with the length of the excess): n starts span w.
         let longest = windows.iter().filter(|(_, n)| *n >= 2).max_by(|a, b| a.0.total_cmp(&b.0));
         let period = match longest {
-            Some(&(w_ms, n)) if us(w_ms * 1000.0 / n as f64) < period => us(w_ms * 1000.0 / n as f64).max(Q::one()),
+            Some(&(w_ms, n)) if down(w_ms * 1000.0 / (n - 1) as f64) < period => down(w_ms * 1000.0 / (n - 1) as f64).max(Q::one()),
             _ => period,
         };
         let p_us = period.to_f64();
@@ -211,14 +213,14 @@ pub fn observed_arrivals_model(l: &Loaded, observed: &BTreeMap<String, Vec<(f64,
                 continue;
             }
             let w = w_ms * 1000.0;
-            // ⌈(w + J) / P⌉ ≥ n needs J > (n − 1)·P − w.
-            let need_j = us((n - 1) as f64 * p_us - w + 1.0);
+            // ⌊(w + J) / P⌋ + 1 ≥ n needs J ≥ (n − 1)·P − w.
+            let need_j = up((n - 1) as f64 * p_us - w);
             if need_j > j {
                 j = need_j;
             }
-            // ⌈w / d⌉ ≥ n needs d < w / (n − 1).
+            // ⌊w / d⌋ + 1 ≥ n needs d ≤ w / (n − 1).
             if d > Q::zero() {
-                let most_d = us((w / (n - 1) as f64 - 1.0).max(0.0));
+                let most_d = down(w / (n - 1) as f64);
                 if most_d < d {
                     d = most_d;
                 }
@@ -335,9 +337,18 @@ mod tests {
         let allows = |c: &rtc::Curve, w: f64, n: u64| c.eval_right(&Q::int((w * 1000.0) as i64)).floor().to_f64() as u64 >= n;
         assert!(windows.iter().any(|&(w, n)| !allows(&before, w, n)));
         assert!(windows.iter().all(|&(w, n)| allows(&after, w, n)), "{said:?}");
-        // Counts the model allowed change nothing.
-        let (same, said) = observed_arrivals_model(&l, &[(vm, vec![(1.0, 1)])].into());
-        assert!(said.is_empty() && same.system.streams == l.system.streams);
+        // Counts the model allows change nothing: one start in 1 ms, and as many in each window
+        // as a strictly periodic stream has in the closed window.
+        let period_ms = match l.system.tasks[t].input {
+            rtc::system::Input::Stream(s) => match &l.system.streams[s].model {
+                rtc::models::EventModel::Periodic { period } | rtc::models::EventModel::Pjd { period, .. } => period.to_f64() / 1e3,
+                _ => panic!("periodic"),
+            },
+            _ => panic!("a stream"),
+        };
+        let allowed: Vec<(f64, u64)> = [1.0, 100.0, 1000.0].iter().map(|&w| (w, (w / period_ms).floor() as u64 + 1)).collect();
+        let (same, said) = observed_arrivals_model(&l, &[(vm, allowed)].into());
+        assert!(said.is_empty() && same.system.streams == l.system.streams, "{said:?}");
     }
 
     #[test]

@@ -86,18 +86,30 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
 fn observed(loaded: model::Loaded, dir: &std::path::Path) -> anyhow::Result<model::Loaded> {
     let cf = manager::local::ClusterFile::load(dir).map_err(anyhow::Error::msg)?;
     let st = manager::local::status(&cf).map_err(anyhow::Error::msg)?;
-    let mut observed = std::collections::BTreeMap::new();
+    let mut observed = manager::drift::Observed::default();
     for v in &st.vms {
-        let (Some(j), Some(w)) = (&v.jobs, v.wcet_us) else { continue };
-        if j.recent_jobs >= manager::drift::MIN_JOBS && j.recent_p50_us > w {
+        let Some(j) = &v.jobs else { continue };
+        if let Some(w) = v.wcet_us.filter(|&w| j.recent_jobs >= manager::drift::MIN_JOBS && j.recent_p50_us > w) {
             eprintln!("observed: VM {}: execution time {:.0} µs (declared {w:.0} µs)", v.vm, j.recent_p50_us);
-            observed.insert(v.vm.clone(), j.recent_p50_us);
+            observed.exec_us.insert(v.vm.clone(), j.recent_p50_us);
+        }
+        // Arrivals beyond what the model allows (under its initial placement) go in too.
+        let allowed = manager::drift::allowed_arrivals(&loaded, None, &v.vm);
+        if j.arrivals.iter().any(|&(w, n)| allowed.iter().any(|&(aw, a)| aw == w && n > a)) {
+            observed.add_arrivals(&v.vm, &j.arrivals);
         }
     }
-    if observed.is_empty() {
+    if observed.exec_us.is_empty() {
         eprintln!("observed: every VM's measured execution time is within its model");
     }
-    Ok(manager::drift::observed_model(&loaded, &observed))
+    let (model, changed) = observed.model(&loaded);
+    for c in &changed {
+        eprintln!("observed: {c}");
+    }
+    if changed.is_empty() {
+        eprintln!("observed: every VM's measured arrivals are within its model");
+    }
+    Ok(model)
 }
 
 fn print_intervals(l: &model::Loaded) {

@@ -83,6 +83,13 @@ impl Cluster {
 
     /// The testbed, the arbiter and a backup on host B.
     fn new(tag: &str) -> Cluster {
+        let mut c = Cluster::new_without_backup(tag);
+        c.start_backup(Host::B);
+        c
+    }
+
+    /// The testbed and the arbiter.
+    fn new_without_backup(tag: &str) -> Cluster {
         let tb = Testbed::new(tag).expect("testbed");
         let dir = workspace().join(format!("target/failover-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -93,9 +100,7 @@ impl Cluster {
         let image = testbed::guest("kv").expect("the kv guest");
         let arbiter = spawn(&tb.switch, &arbiter_args(&dir.join("arbiter.leases")), dir.join("arbiter.log"));
         std::thread::sleep(Duration::from_millis(100));
-        let mut c = Cluster { tb, dir, _arbiter: arbiter, primary: (Host::A, dummy()), backup: None, image, n: 0 };
-        c.start_backup(Host::B);
-        c
+        Cluster { tb, dir, _arbiter: arbiter, primary: (Host::A, dummy()), backup: None, image, n: 0 }
     }
 
     /// kv on host A, protected by the backup at `protect`.
@@ -113,13 +118,58 @@ impl Cluster {
     }
 
     fn start_backup(&mut self, h: Host) {
+        self.start_backup_with(h, &[]);
+    }
+
+    fn start_backup_with(&mut self, h: Host, extra: &[String]) {
         self.n += 1;
         let mut args = h.backup_args(Some(h.other()));
+        args.extend(extra.iter().cloned());
         args.extend(["--disk".into(), disk(&self.dir, h).display().to_string()]);
         let p = spawn(self.tb.ns(h), &args, self.dir.join(format!("backup-{}-{}.log", self.n, h.name())));
         p.wait_count("backup: listening", 1, 10);
         self.backup = Some((h, p));
     }
+}
+
+/// A backup started with `--reservation` runs the VM under it once it takes over (the
+/// reservation goes with the VM): its vCPU is held to its share, and `vm status` on the
+/// backup's control socket says by whom.
+#[test]
+fn a_backup_that_takes_over_runs_the_vm_under_its_reservation() {
+    if no_kvm("a_backup_that_takes_over_runs_the_vm_under_its_reservation") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = Cluster::new_without_backup("rsv");
+    let api = c.dir.join("backup.sock");
+    c.start_backup_with(Host::B, &["--reservation".into(), "40ms/100ms".into(), "--api".into(), api.display().to_string()]);
+    c.start_primary(&Host::B.backup_addr());
+    let (_, mut primary) = std::mem::replace(&mut c.primary, (Host::A, dummy()));
+    primary.kill();
+    let (_, backup) = c.backup.take().expect("a backup");
+    backup.wait_count("TAKING OVER", 1, 10);
+    let status = || -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_vigil")).args(["vm", "status", "--api"]).arg(&api).output().expect("vigil vm status");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        v["status"]["vcpu"].clone()
+    };
+    let t = Instant::now();
+    let mut v = status();
+    while v["policy"] == "other" && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+        v = status();
+    }
+    if agent::realtime::deadline_vcpus_stall() {
+        assert_eq!(v["policy"], "fifo", "{v}");
+        assert_eq!((v["server"]["budget_us"].as_u64(), v["server"]["period_us"].as_u64()), (Some(40_000), Some(100_000)), "{v}");
+    } else {
+        assert_eq!(v["policy"], "deadline", "{v}");
+        assert_eq!((v["runtime_us"].as_u64(), v["period_us"].as_u64()), (Some(40_000), Some(100_000)), "{v}");
+    }
+    eprintln!("after the takeover: {v}");
+    c.primary = (Host::B, backup);
 }
 
 fn dummy() -> Proc {

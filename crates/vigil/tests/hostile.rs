@@ -194,6 +194,48 @@ fn random_requests_never_make_the_vmm_fail() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A guest that scribbles its upcall block (deadlines past, due, far and random; masks and
+/// pending bits at random; wild magics, handlers and stack pointers) and idles or computes in
+/// between: it ends cleanly or in a guest fault, never in a VMM failure or a hang.
+#[test]
+fn random_upcall_blocks_never_make_the_vmm_fail() {
+    need_kvm("random_upcall_blocks_never_make_the_vmm_fail");
+    let (mut faults, mut clean) = (0, 0);
+    for seed in 1..=30u64 {
+        let mut child = Command::new(vigil())
+            .args(["vm", "run", "--json", "--mem", "16", "--image"])
+            .arg(hostile())
+            .args(["--", "upcall-scribble", &seed.to_string(), "300"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run vigil");
+        let t = std::time::Instant::now();
+        while child.try_wait().expect("wait").is_none() {
+            if t.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                panic!("seed {seed}: the VM did not end in 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().expect("output");
+        let stderr = text(&out.stderr);
+        match out.status.code() {
+            Some(0) => {
+                assert!(text(&out.stdout).contains("upcall-scribble done"), "seed {seed}: {}", text(&out.stdout));
+                clean += 1
+            }
+            Some(126) => {
+                assert!(stderr.contains("guest fault: "), "seed {seed}: {stderr}");
+                faults += 1;
+            }
+            other => panic!("seed {seed}: exit status {other:?} (the VMM failed?): {stderr}"),
+        }
+        assert!(!stderr.contains("panicked"), "seed {seed}: {stderr}");
+    }
+    eprintln!("upcall-scribble: 30 seeds, {clean} ran all their rounds, {faults} ended in a guest fault");
+}
+
 #[test]
 fn console_and_held_output_floods_stay_bounded() {
     need_kvm("console_and_held_output_floods_stay_bounded");

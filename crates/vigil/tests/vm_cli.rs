@@ -332,8 +332,16 @@ fn a_reservation_is_enforced_by_the_kernel_or_by_the_vmm() {
         let share = (b["cpu_ns"].as_u64().unwrap() - a["cpu_ns"].as_u64().unwrap()) as f64 / wall;
         eprintln!("restored from a snapshot, the vCPU under 2ms/10ms used {:.1} % of a CPU", share * 100.0);
         assert!((0.14..=0.22).contains(&share), "a restored 2ms/10ms reservation gave {:.1} % of a CPU", share * 100.0);
-        // The VMM's server has no host-wide admission control: the kernel's is tested on
-        // hardware KVM below, and on plain threads in `cargo test -p agent realtime`.
+        // The VMM's own admission control: with the host's real-time share taken by other
+        // reservations (threads of this test), the VM is refused before it runs, with figures.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let filler = agent::realtime::VmmFiller::fill("1ms/10ms");
+        let out = vigil().args(["vm", "run", "--mem", "16", "--reservation", "2ms/10ms", "--image"]).arg(&image).output().expect("run");
+        drop(filler);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("refused by admission control") && err.contains("20.0 % was asked for"), "{err}");
+        eprintln!("{}", err.trim());
         return;
     }
 

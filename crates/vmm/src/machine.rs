@@ -872,7 +872,7 @@ impl Vm {
                 }
                 let host = host_now_ns();
                 if let Some(t) = self.upcall_timer.as_mut() {
-                    t.fire_by(host + (deadline - now), host);
+                    t.fire_by(host.saturating_add(deadline - now), host);
                 }
                 Ok(None)
             }

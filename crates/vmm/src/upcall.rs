@@ -135,7 +135,10 @@ impl ThreadTimer {
         }
         let spec = libc::itimerspec {
             it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
-            it_value: libc::timespec { tv_sec: (at_ns / 1_000_000_000) as i64, tv_nsec: (at_ns % 1_000_000_000).max(1) as i64 },
+            it_value: libc::timespec {
+                tv_sec: (at_ns / 1_000_000_000).min(i64::MAX as u64) as i64,
+                tv_nsec: (at_ns % 1_000_000_000).max(1) as i64,
+            },
         };
         // SAFETY: `self.id` is a live timer of this process; `spec` is a valid itimerspec.
         unsafe { libc::timer_settime(self.id, libc::TIMER_ABSTIME, &spec, std::ptr::null_mut()) };

@@ -18,7 +18,11 @@
 //! - `port-out PORT`: a 4-byte `out` to PORT (decimal or 0x hex), then exits 0;
 //! - `jump-past-memory`: jumps to the first address past guest memory;
 //! - `trace-scribble WRITTEN`: fills the trace ring with random bytes, sets its magic and its
-//!   `written` count to WRITTEN (e.g. 0xffffffffffffffff), prints `scribbled`, then idles.
+//!   `written` count to WRITTEN (e.g. 0xffffffffffffffff), prints `scribbled`, then idles;
+//! - `upcall-scribble SEED N`: N rounds of random upcall blocks (deadlines past, due, near, far
+//!   and random; masked and pending at random; now and then a random magic, handler or stack
+//!   pointer), each announced on the upcall port, then computing or idling; prints
+//!   `upcall-scribble done` and exits 0 (or dies of a wild handler or stack: a guest fault).
 #![no_std]
 #![no_main]
 
@@ -198,6 +202,7 @@ fn main() -> u32 {
                 guest_sdk::idle(u64::MAX);
             }
         }
+        "upcall-scribble" => upcall_scribble(parse(a.next(), 1), parse(a.next(), 300)),
         "jump-past-memory" => {
             let top = guest_sdk::boot_info().mem_size;
             guest_sdk::console::flush();
@@ -382,6 +387,77 @@ impl Rng {
 /// Random requests: ports, request blocks and the addresses, sizes and counts inside them,
 /// mostly plausible (so that a run goes deep before the first invalid one ends it), sometimes
 /// anything.
+/// Random upcall blocks; the SDK's entry (a dispatch that resumes what it interrupted) is the
+/// handler unless a round sets a wild one.
+fn upcall_scribble(seed: u64, n: u64) -> u32 {
+    fn resume_it(frame: *mut UpcallFrame, _: usize) -> *mut UpcallFrame {
+        frame
+    }
+    let mut r = Rng(seed | 1);
+    guest_sdk::upcall::register(resume_it);
+    let block = UPCALL_ADDR as *mut UpcallBlock;
+    // SAFETY: the upcall block is guest memory the ABI reserves for the guest.
+    let good = unsafe { (*block).handler };
+    for _ in 0..n {
+        let now = guest_sdk::now_ns();
+        let deadline = match r.next() % 6 {
+            0 => 0,
+            1 => now,
+            2 => now + r.next() % 300_000,
+            3 => u64::MAX,
+            4 => u64::MAX - 1,
+            _ => r.next(),
+        };
+        let b = UpcallBlock {
+            magic: if r.next() % 40 == 0 { r.next() } else { UPCALL_MAGIC },
+            handler: if r.next() % 400 == 0 { r.next() } else { good },
+            deadline_ns: deadline,
+            masked: if r.next() % 3 == 0 { r.next() } else { 0 },
+            pending: r.next() % 2,
+            delivered: r.next(),
+            fired_ns: r.next(),
+            entered_ns: r.next(),
+        };
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(block, b) };
+        out32(PORT_UPCALL, r.next() as u32);
+        match r.next() % 8 {
+            0 => {
+                guest_sdk::idle(now + r.next() % 200_000);
+            }
+            1 => {
+                // Unmask by resuming this very context.
+                guest_sdk::upcall::switch_out(1);
+            }
+            2 if r.next() % 20 == 0 => {
+                // An upcall due while the stack pointer is nowhere useful.
+                // Too low for a frame (the VMM must refuse, not write the GDT), or past memory.
+                let top = guest_sdk::boot_info().mem_size;
+                let sp = if r.next() % 2 == 0 { 0x1000 + r.next() % 0x300 } else { top + r.next() % 0x10000 };
+                // SAFETY: deliberately breaks the stack for the VMM to deal with; nothing
+                // returns here unless the VMM ignores the upcall (masked or not due yet).
+                unsafe {
+                    asm!(
+                        "mov {save}, rsp", "mov rsp, {sp}", "2:", "dec {n}", "jnz 2b", "mov rsp, {save}",
+                        save = out(reg) _, sp = in(reg) sp, n = inout(reg) 2_000_000u64 => _,
+                    )
+                };
+            }
+            _ => {
+                let mut x = r.next();
+                for _ in 0..(r.next() % 200_000) {
+                    x = core::hint::black_box(x.rotate_left(3) ^ 0x55);
+                }
+            }
+        }
+    }
+    guest_sdk::upcall::mask();
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!((*block).deadline_ns), u64::MAX) };
+    println!("upcall-scribble done");
+    0
+}
+
 fn fuzz(seed: u64, n: u64) -> u32 {
     let mut r = Rng(seed | 1);
     let info = guest_sdk::boot_info();
