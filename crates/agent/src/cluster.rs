@@ -129,6 +129,21 @@ pub struct Placed {
     /// stops it, this one restores it (stop-and-copy migration).
     #[serde(default)]
     pub migrate_from: Option<MigrateFrom>,
+    /// The VM moves from here to another live host by pre-copy ([`crate::migration`]): this
+    /// host's agent protects it to the backup placed there, then hands it over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrate_to: Option<MigrateTo>,
+}
+
+/// Where a VM migrating by pre-copy goes: the destination host (which runs the VM's backup
+/// while it is copied) and how the source protects the VM to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrateTo {
+    pub host: String,
+    pub protection: crate::vm::Protection,
+    /// When the manager asked for it (ms since the Unix epoch).
+    #[serde(default)]
+    pub since_ms: u64,
 }
 
 /// Where a migrating VM comes from.

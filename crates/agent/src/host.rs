@@ -91,6 +91,7 @@ pub fn run(cfg: &Config) -> Result<()> {
         fenced_before,
         waiting: BTreeMap::new(),
         monitor: crate::monitor::Monitor::start(),
+        migrations: BTreeMap::new(),
     };
     agent.beat = cluster::read_counter(&mut store, &cluster::heartbeat_path(&cfg.host))?.unwrap_or(0);
     agent.adopt(&mut store)?;
@@ -145,6 +146,24 @@ struct Agent {
     waiting: BTreeMap<String, Instant>,
     /// Reads the running VMs' job marks.
     monitor: crate::monitor::Monitor,
+    /// Pre-copy migrations away from this host, as far as this agent asked.
+    migrations: BTreeMap<String, Asked>,
+}
+
+/// What an agent asked of a VM migrating away.
+#[derive(Default)]
+struct Asked {
+    asked: Option<Instant>,
+    started: bool,
+    /// When this agent first saw the destination hold a replica.
+    protected_since: Option<Instant>,
+    handover_asked: Option<Instant>,
+}
+
+/// How long a migrating VM stays protected to its destination before the handover: none,
+/// unless `VIGIL_HANDOVER_DELAY_MS` says (tests kill the source in that window).
+fn handover_delay() -> Duration {
+    std::env::var("VIGIL_HANDOVER_DELAY_MS").ok().and_then(|v| v.parse().ok()).map_or(Duration::ZERO, Duration::from_millis)
 }
 
 impl Agent {
@@ -208,11 +227,15 @@ impl Agent {
         let mut wanted: BTreeMap<String, (Role, Vec<u8>, u64, bool)> = BTreeMap::new();
         let mut moving_out: BTreeMap<String, (String, PathBuf)> = BTreeMap::new();
         let mut moving_in: BTreeMap<String, cluster::MigrateFrom> = BTreeMap::new();
+        let mut precopy: BTreeMap<String, cluster::MigrateTo> = BTreeMap::new();
         for vm in cluster::children(store, cluster::VMS)? {
             let Some(d) = cluster::read::<Desired>(store, &cluster::desired_path(&vm))? else { continue };
             if let Some(p) = d.primary.as_ref().filter(|p| p.host == host) {
                 let spec = serde_json::to_vec_pretty(&p.spec).map_err(|e| Error::Cluster(e.to_string()))?;
                 wanted.insert(vm.clone(), (Role::Primary, spec, d.generation, p.restart));
+                if let Some(m) = &p.migrate_to {
+                    precopy.insert(vm.clone(), m.clone());
+                }
                 if let Some(m) = &p.migrate_from {
                     moving_in.insert(vm, m.clone());
                 }
@@ -273,7 +296,16 @@ impl Agent {
                     c.generation = generation;
                     c.state = CopyState::Running;
                     c.spec = spec.clone();
-                    let _ = cluster::log_event(store, &Event::now(&host, format!("{vm}: the backup runs the VM now (pid {})", c.pid)));
+                    // A planned handover (pre-copy migration) says how long the VM stopped.
+                    let handover =
+                        crate::protection::primary::ReplicationState::load(&self.cfg.state_dir.join(format!("{vm}.replication.json")))
+                            .and_then(|s| s.handover_ms)
+                            .map(|ms| format!(": handed over by its source, the VM stopped for {ms:.1} ms"))
+                            .unwrap_or_default();
+                    let _ = cluster::log_event(
+                        store,
+                        &Event::now(&host, format!("{vm}: the backup runs the VM now (pid {}){handover}", c.pid)),
+                    );
                     None
                 }
                 Some(c) if c.role != role => {
@@ -368,6 +400,11 @@ impl Agent {
                 }
             }
         }
+        // VMs migrating away by pre-copy: protected to the destination, then handed over.
+        for (vm, m) in precopy {
+            self.migrate_step(store, &vm, &m);
+        }
+        self.migrations.retain(|vm, _| self.copies.get(vm).is_some_and(|c| c.state == CopyState::Running));
         // Job monitoring follows the running copies (a backup that took over included).
         let watched = self
             .copies
@@ -489,6 +526,57 @@ impl Agent {
         cluster::write(store, &cluster::migration_path(vm), &m)?;
         let _ = vmm::api::call(&api, &vmm::Command::Quit);
         Ok(m)
+    }
+
+    /// One step of a pre-copy migration of `vm` away from this host: asks its VMM process to
+    /// protect it to the destination (again every second until it says it does: asking is
+    /// idempotent), and once the destination holds a committed replica, to hand it over. The
+    /// process reports the handover by ending with status 0; the manager then makes the
+    /// destination's copy the VM's primary. A restarted agent simply asks again.
+    fn migrate_step(&mut self, store: &mut store::Client, vm: &str, m: &cluster::MigrateTo) {
+        let host = self.cfg.host.clone();
+        let Some(c) = self.copies.get(vm).filter(|c| c.role == Role::Primary && c.state == CopyState::Running) else { return };
+        let Some(api) = serde_json::from_slice::<crate::VmSpec>(&c.spec).ok().and_then(|s| s.api) else { return };
+        let sock = crate::migration::socket_path(&api);
+        let state_file = self.state_file(vm);
+        let protected = crate::protection::primary::ReplicationState::load(&state_file).is_some_and(|s| s.protected);
+        let st = self.migrations.entry(vm.to_string()).or_default();
+        if protected {
+            let since = *st.protected_since.get_or_insert_with(Instant::now);
+            // Asked again after a while: a handover refused by the arbiter resumes the VM.
+            if st.handover_asked.is_some_and(|t| t.elapsed() < Duration::from_secs(2)) || since.elapsed() < handover_delay() {
+                return;
+            }
+            match crate::migration::call(&sock, &crate::migration::Request::Handover) {
+                Ok(detail) => {
+                    let first = st.handover_asked.is_none();
+                    st.handover_asked = Some(Instant::now());
+                    if first {
+                        let what = format!("{vm}: pre-copy to {}: the destination holds a replica; {detail}", m.host);
+                        tracing::info!("agent {host}: {what}");
+                        let _ = cluster::log_event(store, &Event::now(&host, what));
+                    }
+                }
+                Err(e) => tracing::debug!("agent {host}: {vm}: handover not started yet: {e}"),
+            }
+        } else if st.asked.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            st.asked = Some(Instant::now());
+            let mut p = m.protection.clone();
+            p.state_file = Some(state_file);
+            match crate::migration::call(&sock, &crate::migration::Request::Protect(Box::new(p))) {
+                Ok(detail) if !st.started => {
+                    st.started = true;
+                    let what = format!("{vm}: pre-copy migration to {} started ({detail})", m.host);
+                    tracing::info!("agent {host}: {what}");
+                    let _ = cluster::log_event(store, &Event::now(&host, what));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!("agent {host}: {vm}: cannot start the migration to {}: {e}", m.host);
+                    let _ = cluster::log_event(store, &Event::now(&host, format!("{vm}: cannot migrate to {} yet: {e}", m.host)));
+                }
+            }
+        }
     }
 
     /// Takes over the VMMs a previous agent of this host started and that still run.

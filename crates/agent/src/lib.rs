@@ -10,6 +10,8 @@
 //!   the fencing arbiter ([`vm::serve_arbiter`]);
 //! - [`protection`]: the thin drivers that run `replication`'s primary and backup state
 //!   machines over the `vmm` crate, TCP and threads, and their statistics and metrics;
+//! - [`migration`]: pre-copy live migration of a running VM (protect it to the destination,
+//!   then a planned handover);
 //! - [`arbiter`]: the lease table of `replication::lease` served over TCP, and its client;
 //! - [`domain`]: a VM's registration as a XenStore domain in the control-plane store;
 //! - [`voter`]: local redundancy: N instances of a VM behind one address, replies voted,
@@ -29,6 +31,7 @@ pub mod domain;
 mod error;
 pub mod host;
 pub mod http;
+pub mod migration;
 pub mod monitor;
 pub mod protection;
 pub mod realtime;

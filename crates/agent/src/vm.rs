@@ -360,6 +360,7 @@ impl RunReport {
                 ("fault", None, Some(reason.clone()), status::GUEST_FAULT)
             }
             Outcome::Fenced { holder } => ("fenced", None, Some(holder.clone()), status::FENCED),
+            Outcome::HandedOver { epoch } => ("handed-over", None, Some(format!("the destination runs it from epoch {epoch}")), 0),
         };
         RunReport { vm: vm.to_owned(), outcome: outcome.into(), guest_status, detail, exit_status }
     }
@@ -516,7 +517,7 @@ pub fn run_outcome(spec: &VmSpec) -> Result<Outcome> {
     if let Some(p) = &spec.protection {
         return run_protected(vm, spec, p, announce);
     }
-    drive(vm, spec.api.as_deref(), &spec.name, announce, &spec.scheduling)
+    drive(vm, spec.api.as_deref(), &spec.name, announce, &spec.scheduling, spec.disk.as_deref())
 }
 
 /// Announces the VM's address again 20, 100 and 500 ms from now: the first announcement can
@@ -546,7 +547,7 @@ fn run_restored(spec: &VmSpec, dir: &Path) -> Result<Outcome> {
     vm.resume();
     tracing::info!("{}: restored from {} in {:.1} ms and resumed", spec.name, dir.display(), t0.elapsed().as_secs_f64() * 1e3);
     let _domain = spec.domain.as_ref().map(|d| Domain::introduce(d, &spec.name)).transpose()?;
-    drive(vm, spec.api.as_deref(), &spec.name, spec.net.as_ref().is_some_and(|n| n.ip.is_some()), &spec.scheduling)
+    drive(vm, spec.api.as_deref(), &spec.name, spec.net.as_ref().is_some_and(|n| n.ip.is_some()), &spec.scheduling, spec.disk.as_deref())
 }
 
 /// Restores a VM from a snapshot directory and runs it; returns how the run ended.
@@ -564,13 +565,13 @@ pub fn restore(
         vm.resume();
     }
     let _domain = domain.map(|d| Domain::introduce(d, &name)).transpose()?;
-    drive(vm, api, &name, false, sched)
+    drive(vm, api, &name, false, sched, overrides.disk.as_deref())
 }
 
 /// Runs `vm` until it stops, serving its control socket at `api_path`; with `announce`, its
 /// address is announced again shortly after the start ([`announce_again`]). The calling thread
 /// runs the vCPU, under `sched` (applied once every other thread is started).
-fn drive(mut vm: Vm, api_path: Option<&Path>, name: &str, announce: bool, sched: &Scheduling) -> Result<Outcome> {
+fn drive(mut vm: Vm, api_path: Option<&Path>, name: &str, announce: bool, sched: &Scheduling, disk: Option<&Path>) -> Result<Outcome> {
     let vmm_err = |source| Error::Vmm { vm: name.to_owned(), source };
     if api_path.is_none() && vm.paused() {
         return Err(Error::Spec { vm: name.into(), reason: "a paused VM needs a control socket to be resumed".into() });
@@ -578,11 +579,73 @@ fn drive(mut vm: Vm, api_path: Option<&Path>, name: &str, announce: bool, sched:
     let (ctl, inbox) = vmm::channel_pair().map_err(vmm_err)?;
     let _server = api_path.map(|p| api::serve(p, ctl.clone())).transpose().map_err(vmm_err)?;
     if announce {
-        announce_again(ctl);
+        announce_again(ctl.clone());
     }
-    sched.apply_to_vcpu(&mut vm).map_err(|reason| Error::Spec { vm: name.into(), reason })?;
-    let stop = vm.run(Some(&inbox)).map_err(vmm_err)?;
-    Ok(Outcome::Stopped(stop))
+    let Some(api_path) = api_path else {
+        sched.apply_to_vcpu(&mut vm).map_err(|reason| Error::Spec { vm: name.into(), reason })?;
+        let stop = vm.run(Some(&inbox)).map_err(vmm_err)?;
+        return Ok(Outcome::Stopped(stop));
+    };
+    // With a control socket the VM can be migrated: its vCPU runs on a thread of its own,
+    // and this one waits for it to stop or for the agent to ask for a migration.
+    let (tx, rx) = std::sync::mpsc::channel::<protection::Input>();
+    let running =
+        protection::primary::spawn_vcpu(vm, inbox, sched.clone(), tx.clone()).map_err(|reason| Error::Spec { vm: name.into(), reason })?;
+    let mig_path = crate::migration::socket_path(api_path);
+    let _mig = crate::migration::serve(&mig_path, tx.clone()).map_err(|e| Error::io("cannot listen on", &mig_path, e))?;
+    loop {
+        let Ok(input) = rx.recv() else { return Err(Error::Spec { vm: name.into(), reason: "internal: the VM's channel closed".into() }) };
+        match input {
+            protection::Input::VmStopped(r) => {
+                let stop = r.map_err(|reason| Error::Spec { vm: name.into(), reason })?;
+                return Ok(Outcome::Stopped(stop));
+            }
+            protection::Input::Migrate(crate::migration::Request::Protect(p), answer) => {
+                let opts = match protection_options(name, &p, disk, sched, Default::default()) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        let _ = answer.send(Err(e.to_string()));
+                        continue;
+                    }
+                };
+                tracing::info!("{name}: migrating: protecting the VM to {} (pre-copy rounds)", p.backup);
+                let _ = answer.send(Ok("synchronising".into()));
+                let start = protection::primary::Start::Running;
+                return protection::primary::run_attached(running, ctl, opts, start, protection::Clock::new(), tx, rx)
+                    .map_err(|reason| Error::Replication { vm: name.into(), reason });
+            }
+            protection::Input::Migrate(_, answer) => {
+                let _ = answer.send(Err("not migrating: ask to protect the VM first".into()));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The replication driver's options for `vm` protected as `p` says.
+fn protection_options(
+    vm: &str,
+    p: &Protection,
+    disk: Option<&Path>,
+    sched: &Scheduling,
+    compression: replication::compress::Compression,
+) -> Result<protection::primary::Options> {
+    Ok(protection::primary::Options {
+        vm: vm.to_owned(),
+        holder: p.holder.clone(),
+        backup: Some(p.backup.clone()),
+        arbiter: p.arbiter.clone(),
+        policy: p.policy,
+        timing: p.timing.timing()?,
+        stats_lines: p.stats,
+        control: p.control.clone(),
+        disk: disk.map(Path::to_path_buf),
+        state_file: p.state_file.clone(),
+        key: crate::auth::Key::load(&p.key_file)?,
+        vcpu_sched: sched.clone(),
+        compression,
+        handover_ms: None,
+    })
 }
 
 fn run_protected(vm: Vm, spec: &VmSpec, p: &Protection, announce: bool) -> Result<Outcome> {
@@ -595,21 +658,7 @@ fn run_protected(vm: Vm, spec: &VmSpec, p: &Protection, announce: bool) -> Resul
         Some(path) => Some(vmm::api::serve(path, ctl.clone()).map_err(vmm_err)?),
         None => None,
     };
-    let opts = protection::primary::Options {
-        vm: spec.name.clone(),
-        holder: p.holder.clone(),
-        backup: Some(p.backup.clone()),
-        arbiter: p.arbiter.clone(),
-        policy: p.policy,
-        timing: p.timing.timing()?,
-        stats_lines: p.stats,
-        control: p.control.clone(),
-        disk: spec.disk.clone(),
-        state_file: p.state_file.clone(),
-        key: crate::auth::Key::load(&p.key_file)?,
-        vcpu_sched: spec.scheduling.clone(),
-        compression: spec.compression,
-    };
+    let opts = protection_options(&spec.name, p, spec.disk.as_deref(), &spec.scheduling, spec.compression)?;
     let outcome = protection::primary::run(vm, ctl, inbox, opts, protection::primary::Start::Fresh, protection::Clock::new())
         .map_err(|reason| Error::Replication { vm: spec.name.clone(), reason })?;
     Ok(outcome)

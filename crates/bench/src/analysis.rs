@@ -60,6 +60,12 @@ pub struct Args {
     /// `cluster`: host kills to time.
     #[arg(long, default_value_t = 10)]
     kills: usize,
+    /// `migration`: the cache's memory and the working set it rewrites, MEMORY_MIB:WRITING_MIB.
+    #[arg(long, value_delimiter = ',', default_value = "32:0,32:8,64:0,64:32")]
+    cache: Vec<String>,
+    /// `migration`: migrations per configuration and method.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
     /// `replication`: failovers to time.
     #[arg(long, default_value_t = 3)]
     failovers: usize,
@@ -127,6 +133,9 @@ enum What {
     /// under redis-benchmark, a crash and a hang mid-run, recovery against a whole-VMM restart
     /// (needs root, KVM, redis-tools; `--rounds`, `--ops` requests per test, `--kills`).
     Components,
+    /// Live migration: stop-and-copy against pre-copy, downtime and total time against the
+    /// VM's memory and how much it rewrites (`--cache`, `--runs`; needs root, KVM).
+    Migration,
     /// Real-time VMs on a loaded host: a rate-monotonic task set as host threads, in a VM
     /// unloaded, loaded, and loaded under the analysed and the smallest practical reservation;
     /// upcall latency (needs root, KVM; `--seconds` per column, `--out` for the CDF plots).
@@ -186,6 +195,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     if let What::Cluster = args.what {
         return crate::cluster::run(args.kills, args.json);
+    }
+    if let What::Migration = args.what {
+        return crate::cluster::migration_bench(&args.cache, args.runs, args.json);
     }
     if let What::Policies = args.what {
         let names: Vec<String> = if args.policies_names.is_empty() {

@@ -80,9 +80,23 @@ struct Scene {
 
 impl Scene {
     fn up(model: &Path, dir: &Path, tag: &str) -> Result<Scene> {
+        Scene::up_with(model, dir, tag, &[])
+    }
+
+    /// As [`Scene::up`], the cluster's processes started with `env`.
+    fn up_with(model: &Path, dir: &Path, tag: &str, env: &[(&str, &str)]) -> Result<Scene> {
+        // A cluster a failed round left up would share the namespaces' names: down first.
+        if dir.join("cluster.json").exists() {
+            let _ = vigil(&["down", "--dir", &dir.display().to_string()]);
+        }
         let _ = std::fs::remove_dir_all(dir);
         let d = dir.display().to_string();
-        let out = vigil(&["up", &model.display().to_string(), "--dir", &d, "--tag", tag, "--wait", "60", "--http-port", "0"])?;
+        let exe = std::env::current_exe().context("cannot find the vigil executable")?;
+        let out = Command::new(exe)
+            .args(["up", &model.display().to_string(), "--dir", &d, "--tag", tag, "--wait", "60", "--http-port", "0"])
+            .envs(env.iter().copied())
+            .output()
+            .context("vigil up")?;
         let down = Down(d.clone());
         if !out.status.success() {
             bail!("vigil up: {}", String::from_utf8_lossy(&out.stderr));
@@ -111,8 +125,14 @@ impl Scene {
         let thread = std::thread::spawn(move || {
             let mut c = RedisClient::new(&field, &ip, 6379);
             while !s2.load(std::sync::atomic::Ordering::Relaxed) {
-                if c.call("INCR bench").starts_with(|ch: char| ch.is_ascii_digit()) {
-                    let _ = tx.send(now_ms());
+                match c.try_call("INCR bench", Duration::from_secs(20)) {
+                    Some(a) if a.starts_with(|ch: char| ch.is_ascii_digit()) => {
+                        let _ = tx.send(now_ms());
+                    }
+                    Some(_) => {}
+                    // (The release profile aborts on a panic: give up quietly; the
+                    // measurement sees the silence.)
+                    None => return,
                 }
             }
         });
@@ -235,32 +255,143 @@ fn crowded(dir: &Path, mem_mib: u64, busy_mib: u64) -> Result<PathBuf> {
     anyhow::ensure!(text.contains(&cache), "examples/crowded.toml: the cache's [[run]] item changed");
     let text = text.replace(
         &cache,
-        &format!("vm = \"cache\"\nimage = {:?}\nmemory = \"{mem_mib}MiB\"\nargs = [\"6379\", \"{busy_mib}\"]", kv.display().to_string()),
+        &format!(
+            "vm = \"cache\"\nimage = {:?}\nmemory = \"{mem_mib}MiB\"\nargs = [\"6379\", \"{busy_mib}\", \"trace=0\"]",
+            kv.display().to_string()
+        ),
     );
     let p = dir.join(format!("crowded-{mem_mib}-{busy_mib}.toml"));
     std::fs::write(&p, text)?;
     Ok(p)
 }
 
-/// One migration of the cache (hostA's failure makes the plan migrate it from hostB to
-/// hostC): the client's longest silence (the downtime) and the source's pause-and-snapshot.
-fn migration(model: &Path, dir: &Path) -> Result<(f64, f64)> {
-    let scene = Scene::up(model, dir, "bm")?;
+/// One migration of the cache by `method` (`pre-copy` or `stop-and-copy`; hostA's failure
+/// makes the plan migrate it from hostB to hostC): the client's longest silence, the total
+/// time (the plan started → the cache answers on hostC), and the VM's own stop (pre-copy: the
+/// last pause until it runs on hostC, as the destination measured it; stop-and-copy: the
+/// pause and snapshot, which the restore then adds to).
+fn migrate_once(model: &Path, dir: &Path, method: &str) -> Result<(f64, f64, f64)> {
+    let scene = Scene::up_with(model, dir, "bm", &[("VIGIL_MIGRATION", method)])?;
     let pinger = scene.client("10.99.0.51");
     std::thread::sleep(Duration::from_millis(1000));
     pinger.clear();
     let t_kill = scene.fail_host_a()?;
-    let (_, downtime) = pinger.silence(t_kill, 4000.0)?;
+    let (end, downtime) = pinger.silence(t_kill, 5000.0)?;
     pinger.stop();
     let d = scene.d.clone();
-    let st = status(&d)?;
-    let snap = st["events"]
-        .as_array()
-        .and_then(|v| {
-            v.iter().find_map(|e| e["what"].as_str()?.split("paused and snapshotted in ").nth(1)?.split(' ').next()?.parse::<f64>().ok())
-        })
-        .context("no migration happened")?;
-    Ok((downtime, snap))
+    if downtime > 1000.0 {
+        // Keep the logs of a long silence for a look.
+        let keep = dir.with_extension(format!("silent-{method}-{}", t_kill as u64));
+        let _ = Command::new("cp").args(["-r", &d, &keep.display().to_string()]).status();
+        eprintln!("client silent {downtime:.0} ms: logs in {}", keep.display());
+    }
+    // The events come a little after the VM runs again (the manager's next check).
+    let start = Instant::now();
+    let number_after = |st: &serde_json::Value, needle: &str| -> Option<f64> {
+        st["events"].as_array()?.iter().find_map(|e| e["what"].as_str()?.split(needle).nth(1)?.split(' ').next()?.parse::<f64>().ok())
+    };
+    loop {
+        let st = status(&d)?;
+        let stop = match method {
+            "stop-and-copy" => number_after(&st, "paused and snapshotted in "),
+            _ => number_after(&st, "the VM stopped for "),
+        };
+        let started = event_ms(&st, "plan hostA started");
+        // Pre-copy's end: the handover asked for, plus the VM's stop (the client's longest
+        // silence need not be the handover's); stop-and-copy's: the cache answers again.
+        let done = match method {
+            "stop-and-copy" => Some(t_kill + end),
+            _ => event_ms(&st, "cache: pre-copy to hostC: the destination holds a replica").zip(stop).map(|(t, s)| t + s),
+        };
+        if let (Some(stop), Some(started), Some(done)) = (stop, started, done) {
+            return Ok((downtime, done - started, stop));
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!("no {method} migration of the cache happened: {}", st["events"]);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `vigil bench migration`: stop-and-copy and pre-copy side by side, for each cache size and
+/// working set (`MEMORY_MIB:WRITING_MIB`), `runs` migrations each.
+pub fn migration_bench(configs: &[String], runs: usize, json: bool) -> Result<()> {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/kvm").exists() {
+        bail!("vigil bench migration needs root and /dev/kvm");
+    }
+    let dir = testbed::workspace().join("target/bench-migration");
+    std::fs::create_dir_all(&dir)?;
+    let mut rows = Vec::new();
+    let mut records = Vec::new();
+    let mut stalls = 0;
+    for c in configs {
+        let (mem, busy) = c
+            .split_once(':')
+            .and_then(|(m, b)| Some((m.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
+            .with_context(|| format!("--cache {c:?}: expected MEMORY_MIB:WRITING_MIB, such as 64:32"))?;
+        if busy > mem / 2 {
+            bail!("--cache {c}: the working set ({busy} MiB) must fit in half the memory ({mem} MiB)");
+        }
+        let model = crowded(&dir, mem, busy)?;
+        let mut row = vec![format!("{mem}"), format!("{busy}")];
+        for method in ["stop-and-copy", "pre-copy"] {
+            let (mut down, mut total, mut stop, mut failed) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for r in 0..runs.max(1) {
+                match retry(&mut stalls, || migrate_once(&model, &dir.join("m"), method)) {
+                    Ok((d, t, s)) => {
+                        eprintln!(
+                            "{mem} MiB writing {busy} MiB, {method} {}/{runs}: client silent {d:.0} ms, total {t:.0} ms, VM stopped {s:.1} ms",
+                            r + 1
+                        );
+                        down.push(d);
+                        total.push(t);
+                        stop.push(s);
+                    }
+                    Err(e) => {
+                        // Counted and shown, not hidden: keep the cluster's logs for a look.
+                        let keep = dir.join(format!("failed-{method}-{mem}-{busy}-{}", now_ms() as u64));
+                        let _ = Command::new("cp").args(["-r", &dir.join("m").display().to_string(), &keep.display().to_string()]).status();
+                        eprintln!("{mem} MiB writing {busy} MiB, {method} {}/{runs}: FAILED: {e:#} (logs in {})", r + 1, keep.display());
+                        failed.push(format!("{e:#}"));
+                    }
+                }
+            }
+            let (d, t, s) = (quantiles(&down), quantiles(&total), quantiles(&stop));
+            let fails = if failed.is_empty() { String::new() } else { format!(" ({} failed)", failed.len()) };
+            row.extend([format!("{:.0} / {:.0}{fails}", d.0, d.2), format!("{:.0}", t.0), format!("{:.1}", s.0)]);
+            records.push(serde_json::json!({
+                "memory_mib": mem, "writing_mib": busy, "method": method,
+                "client_silence_ms": down, "total_ms": total, "vm_stop_ms": stop, "failed": failed,
+            }));
+        }
+        rows.push(row);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&records)?);
+        return Ok(());
+    }
+    print!(
+        "{}",
+        model::text::table(
+            &format!(
+                "migration of the cache (examples/crowded.toml, hostA's failure), {runs} runs each; ms (client silence p50 / max, total p50, VM stop p50)"
+            ),
+            &[
+                "memory MiB",
+                "writing MiB",
+                "stop-and-copy: client silence",
+                "total",
+                "pause+snapshot",
+                "pre-copy: client silence",
+                "total",
+                "VM stop",
+            ],
+            &rows
+        )
+    );
+    println!("start-up stalls (the relay never protected after vigil up; the round was run again): {stalls}");
+    Ok(())
 }
 
 /// The leading manager killed: ms until the standby leads.
@@ -313,20 +444,6 @@ pub fn run(kills: usize, json: bool) -> Result<()> {
     let mut failovers = Vec::new();
     for _ in 0..3 {
         failovers.push(manager_failover(&model, &dir.join("c"))?);
-    }
-    // Stop-and-copy migration against the VM's memory and its dirty rate.
-    let mut migrations = Vec::new();
-    for (mem, busy) in [(32u64, 0u64), (32, 8), (64, 0), (64, 32)] {
-        let m = crowded(&dir, mem, busy)?;
-        let mut down = Vec::new();
-        let mut snap = Vec::new();
-        for _ in 0..3 {
-            let (d, s) = retry(&mut stalls, || migration(&m, &dir.join("m")))?;
-            down.push(d);
-            snap.push(s);
-        }
-        eprintln!("migration of a {mem} MiB VM writing {busy} MiB: downtime {down:.0?} ms, snapshot {snap:.0?} ms");
-        migrations.push((mem, busy, quantiles(&down), quantiles(&snap)));
     }
     // Plan-table computation: the example, and synthetic clusters.
     let loaded = model::load(&model).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -389,20 +506,7 @@ pub fn run(kills: usize, json: bool) -> Result<()> {
     println!("start-up stalls (a replicated VM never protected after vigil up; the round was run again): {stalls}");
     let (p50, p90, max) = quantiles(&failovers);
     println!("manager failover (leader SIGKILLed, {} times): p50 {p50:.0} ms, p90 {p90:.0} ms, max {max:.0} ms", failovers.len());
-    let m: Vec<Vec<String>> = migrations
-        .iter()
-        .map(|(mem, busy, d, s)| {
-            vec![format!("{mem}"), format!("{busy}"), format!("{:.0}", d.0), format!("{:.0}", d.2), format!("{:.0}", s.0)]
-        })
-        .collect();
-    print!(
-        "{}",
-        model::text::table(
-            "stop-and-copy migration (the cache of examples/crowded.toml, 3 runs each); ms",
-            &["memory MiB", "writing MiB", "downtime p50", "downtime max", "pause+snapshot p50"],
-            &m
-        )
-    );
+    println!("migration (stop-and-copy against pre-copy): `vigil bench migration`");
     let t: Vec<Vec<String>> = tables.iter().map(|(n, s, ms)| vec![n.clone(), s.to_string(), format!("{ms:.0}")]).collect();
     print!("{}", model::text::table("plan table computation", &["configuration", "scenarios", "ms"], &t));
     Ok(())

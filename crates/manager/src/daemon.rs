@@ -8,7 +8,7 @@ use crate::detector::Detector;
 use crate::election::{Election, Role};
 use crate::runtime::{initial_targets, Layout};
 use crate::table::{key, plan_name, Table};
-use agent::cluster::{self, CopyState, Desired, Event, Fence, Progress};
+use agent::cluster::{self, CopyState, Desired, Event, Fence, Placed, Progress};
 use model::Loaded;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -128,7 +128,14 @@ struct Lead {
     /// measured before [`SETTLE`] has passed belong to the change (VMs starting, backups
     /// synchronising), which the analysis does not cover.
     settled_from: Instant,
+    /// Migrations whose source stopped with no copy running on the destination, since when.
+    stalled_migrations: BTreeMap<String, Instant>,
 }
+
+/// How long a migration whose source stopped waits for the destination to take over before
+/// it is abandoned (the destination takes over within the replication timeout and lease,
+/// about 220 ms under `vigil up`, if it holds a replica at all).
+pub const MIGRATION_TAKEOVER_WAIT: Duration = Duration::from_secs(2);
 
 /// How long after a change of placement measured latencies are not held against the bounds.
 pub const SETTLE: Duration = Duration::from_secs(3);
@@ -204,6 +211,7 @@ impl Lead {
             observed,
             model,
             last_drift_check: Instant::now(),
+            stalled_migrations: BTreeMap::new(),
             arrival_curves: None,
             burst_alerted: Default::default(),
             above_alerted: Default::default(),
@@ -283,6 +291,7 @@ impl Lead {
         }
         if self.last_drift_check.elapsed() >= DRIFT_CHECK {
             self.last_drift_check = Instant::now();
+            self.check_migrations(cfg, loaded, layout, store)?;
             self.check_takeovers(cfg, loaded, layout, store)?;
             self.check_drift(cfg, loaded, store)?;
         }
@@ -348,7 +357,8 @@ impl Lead {
         for r in &loaded.runs {
             let Some(d) = cluster::read::<Desired>(store, &cluster::desired_path(&r.vm))? else { continue };
             let (Some(p), Some(b)) = (&d.primary, &d.backup) else { continue };
-            if self.failed.contains(&p.host) || self.failed.contains(&b.host) {
+            if self.failed.contains(&p.host) || self.failed.contains(&b.host) || p.migrate_to.is_some() {
+                // (A migration's end looks like a takeover: `check_migrations` finishes it.)
                 continue;
             }
             let state = |h: &str, store: &mut store::Client| -> agent::Result<Option<CopyState>> {
@@ -392,6 +402,101 @@ impl Lead {
                         b.host,
                         next.backup.as_ref().map_or("none".to_string(), |x| x.host.clone()),
                         plan_name(&hypothetical),
+                    ),
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Pre-copy migrations (`agent::migration`): a VM whose desired record still names its
+    /// source with `migrate_to`, and whose copy on the destination runs it (the source handed
+    /// it over, or died after the destination held a replica and the destination took over),
+    /// gets the placement of the plan in force with its state on the destination: the
+    /// destination's copy becomes its primary (the same process; nothing restarts). The
+    /// desired record is the migration's progress in the store: a new leader finishes it the
+    /// same way.
+    fn check_migrations(&mut self, cfg: &Config, loaded: &Loaded, layout: &Layout, store: &mut store::Client) -> agent::Result<()> {
+        let mut current: Option<BTreeMap<String, Desired>> = None;
+        for r in &loaded.runs {
+            let Some(d) = cluster::read::<Desired>(store, &cluster::desired_path(&r.vm))? else { continue };
+            let Some((p, m)) = d.primary.as_ref().and_then(|p| Some((p, p.migrate_to.as_ref()?))) else { continue };
+            let dest = cluster::read::<agent::cluster::Actual>(store, &cluster::actual_path(&r.vm, &m.host))?;
+            let source = cluster::read::<agent::cluster::Actual>(store, &cluster::actual_path(&r.vm, &p.host))?;
+            if dest.as_ref().map(|a| a.state) != Some(CopyState::Running) {
+                // A source VMM that crashed before the destination held a replica (a live
+                // host: a failed one is the plan's): the destination never takes over. Once
+                // it has had the time to, the migration is abandoned — the destination's
+                // backup stopped, the VM restarted on its source as its mode says.
+                let crashed = source.as_ref().is_some_and(|a| a.state == CopyState::Failed) && !self.failed.contains(&p.host);
+                if !crashed {
+                    self.stalled_migrations.remove(&r.vm);
+                    continue;
+                }
+                let since = *self.stalled_migrations.entry(r.vm.clone()).or_insert_with(Instant::now);
+                if since.elapsed() < MIGRATION_TAKEOVER_WAIT {
+                    continue;
+                }
+                self.stalled_migrations.remove(&r.vm);
+                let back = Placed { restart: true, migrate_to: None, migrate_from: None, ..p.clone() };
+                cluster::write(
+                    store,
+                    &cluster::desired_path(&r.vm),
+                    &Desired { generation: self.generation, primary: Some(back), backup: None },
+                )?;
+                let _ = cluster::log_event(
+                    store,
+                    &Event::now(
+                        &cfg.id,
+                        format!(
+                            "{}: migration to {} abandoned: its VMM on {} stopped before {} held a replica; restarted on {} (DEVIATION from the plan)",
+                            r.vm, m.host, p.host, m.host, p.host
+                        ),
+                    ),
+                );
+                continue;
+            }
+            self.stalled_migrations.remove(&r.vm);
+            let how = if source.is_some_and(|a| a.state == CopyState::Exited) {
+                "handed over"
+            } else {
+                "the source stopped before the handover; the destination took over from its replica"
+            };
+            if current.is_none() {
+                let mut all = BTreeMap::new();
+                for vm in cluster::children(store, cluster::VMS)? {
+                    if let Some(x) = cluster::read::<Desired>(store, &cluster::desired_path(&vm))? {
+                        all.insert(vm, x);
+                    }
+                }
+                current = Some(all);
+            }
+            // The VM's state is on the destination now: the plan in force, from there.
+            let mut cur = current.clone().expect("read above");
+            let moved = Placed { host: m.host.clone(), spec: p.spec.clone(), restart: true, migrate_from: None, migrate_to: None };
+            cur.insert(r.vm.clone(), Desired { generation: d.generation, primary: Some(moved), backup: None });
+            let targets = match self.table.lookup(&self.failed) {
+                Some(plan) => plan.targets.clone(),
+                None => initial_targets(loaded),
+            };
+            let (desired, _) = layout.desired(loaded, &targets, &self.failed, &self.table, self.generation, &cur);
+            let Some(next) = desired.get(&r.vm) else { continue };
+            cluster::write(store, &cluster::desired_path(&r.vm), next)?;
+            if let Some(c) = current.as_mut() {
+                c.insert(r.vm.clone(), next.clone());
+            }
+            let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_millis() as u64);
+            let _ = cluster::log_event(
+                store,
+                &Event::now(
+                    &cfg.id,
+                    format!(
+                        "{}: migrated from {} to {} by pre-copy ({how}; {} ms after the plan asked for it); it runs on {} now",
+                        r.vm,
+                        p.host,
+                        m.host,
+                        now_ms.saturating_sub(m.since_ms),
+                        next.primary.as_ref().map_or("no host", |x| x.host.as_str()),
                     ),
                 ),
             );

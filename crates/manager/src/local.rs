@@ -115,6 +115,8 @@ impl ClusterFile {
             timing: TimingSpec { heartbeat_ms: 10, timeout_ms: 100, lease_ms: 120, renew_ms: 20 },
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             analysed: BTreeMap::new(),
+            // `VIGIL_MIGRATION=stop-and-copy` (`vigil bench migration` compares the two).
+            migration: std::env::var("VIGIL_MIGRATION").ok().and_then(|m| m.parse().ok()).unwrap_or_default(),
         }
     }
 }
@@ -463,9 +465,9 @@ pub fn up(o: &UpOptions) -> Result<ClusterFile, String> {
         cf.spawn_kept(&format!("manager:m{m}"), &o.exe, None, args, dir.join(format!("manager-m{m}.log")))?;
     }
     cf.save()?;
-    let pid = spawn_detached(None, &o.exe, &s(&["keep", "--dir", &dir.display().to_string()]), &dir.join("keeper.log"))?;
-    cf.pids.insert("keeper".into(), pid);
-    cf.save()?;
+    // The keeper records itself (and its standby) in cluster.json: from now on it is the only
+    // writer of the file.
+    spawn_detached(None, &o.exe, &s(&["keep", "--dir", &dir.display().to_string()]), &dir.join("keeper.log"))?;
     let start = std::time::Instant::now();
     loop {
         let st = status(&cf)?;
@@ -488,9 +490,13 @@ pub fn up(o: &UpOptions) -> Result<ClusterFile, String> {
 /// Stops everything of the cluster in `dir` and removes its namespaces.
 pub fn down(dir: &Path) -> Result<(), String> {
     let cf = ClusterFile::load(dir)?;
-    // The keeper first, or it would start again what is stopped next.
-    if let Some(&k) = cf.pids.get("keeper") {
-        kill(k);
+    // The keepers first, or they would start again what is stopped next (the standby first: the
+    // keeper would start it again; a standby that took the keeper's place finds no file).
+    let _ = std::fs::rename(ClusterFile::path(dir), dir.join("cluster.json.down"));
+    for name in [KEEPER_STANDBY, KEEPER] {
+        if let Some(&k) = cf.pids.get(name) {
+            kill(k);
+        }
     }
     for ns in cf.host_ns.values().chain([&cf.switch_ns, &cf.field_ns]) {
         for p in pids_in(ns) {
@@ -504,7 +510,7 @@ pub fn down(dir: &Path) -> Result<(), String> {
     remove_network(&cf.tag, cf.host_ns.len());
     // The namespaces of voted VMs' instances (their voters were killed above).
     agent::voter::driver::remove_stale_netns();
-    let _ = std::fs::remove_file(ClusterFile::path(dir));
+    let _ = std::fs::remove_file(dir.join("cluster.json.down"));
     Ok(())
 }
 
@@ -516,15 +522,66 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
+/// `cluster.json`'s names of the keeper and of its standby.
+pub const KEEPER: &str = "keeper";
+pub const KEEPER_STANDBY: &str = "keeper-standby";
+
 /// The keeper of the cluster in `dir` (`vigil keep`): every `period`, starts again each kept
 /// process that died (same namespace and arguments; its log goes on in `<log>.<n>`), counts
 /// the restart in `cluster.json` and in the store's event log. Returns when `cluster.json` is
 /// gone (`vigil down`).
+///
+/// Keepers come in pairs, so that something restarts the keeper too: the one holding
+/// `<dir>/keeper.lock` (an exclusive `flock`, released by the kernel when its holder dies)
+/// keeps, and keeps a standby `vigil keep` started; the standby waits for the lock. When the
+/// keeper dies, the standby takes the lock, records itself as the keeper, starts a new
+/// standby and keeps. Only the lock's holder writes `cluster.json` (after `vigil up`).
 pub fn keep(dir: &Path, exe: &Path, period: std::time::Duration) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let lock_path = dir.join("keeper.lock");
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("{}: {e}", lock_path.display()))?;
     loop {
-        std::thread::sleep(period);
+        // SAFETY: flock(2) on a descriptor we own; it blocks until the lock is ours.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(format!("{}: {e}", lock_path.display()));
+        }
+    }
+    let me = std::process::id();
+    let mut first = true;
+    loop {
+        if !first {
+            std::thread::sleep(period);
+        }
         let Ok(mut cf) = ClusterFile::load(dir) else { return Ok(()) };
         let mut changed = Vec::new();
+        if cf.pids.get(KEEPER) != Some(&me) {
+            if let Some(was) = cf.pids.insert(KEEPER.into(), me).filter(|p| *p != 0) {
+                eprintln!("keeper: the keeper (pid {was}) had died; its standby (pid {me}) keeps now");
+                changed.push(format!("keeper (pid {was}) had died; its standby (pid {me}) keeps now"));
+            }
+            cf.pids.remove(KEEPER_STANDBY);
+            cf.save()?;
+        }
+        first = false;
+        if !cf.pids.get(KEEPER_STANDBY).is_some_and(|&p| p != me && alive(p)) {
+            let args = vec!["keep".to_string(), "--dir".to_string(), dir.display().to_string()];
+            match spawn_detached(None, exe, &args, &dir.join("keeper-standby.log")) {
+                Ok(pid) => {
+                    cf.pids.insert(KEEPER_STANDBY.into(), pid);
+                    cf.save()?;
+                }
+                Err(e) => eprintln!("keeper: cannot start a standby: {e}"),
+            }
+        }
         for (name, k) in cf.kept.clone() {
             if cf.pids.get(&name).is_some_and(|&p| alive(p)) {
                 continue;

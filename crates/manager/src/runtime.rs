@@ -3,7 +3,7 @@
 //! protection by a backup on another host, the arbiter).
 
 use crate::table::{key, Table, Target};
-use agent::cluster::{Desired, MigrateFrom, Placed, PlacedBackup};
+use agent::cluster::{Desired, MigrateFrom, MigrateTo, Placed, PlacedBackup};
 use agent::vm::{BackupSpec, Ipv4Cidr, Mac, NetSpec, Protection, TimingSpec};
 use agent::VmSpec;
 use model::Loaded;
@@ -37,7 +37,35 @@ pub struct Layout {
     pub cpus: usize,
     /// The policies `policy = "analysed"` stands for, by VM ([`Layout::analyse_policies`]).
     pub analysed: BTreeMap<String, replication::PolicySpec>,
+    /// How a running VM moves off a live host (the plan's `migrate`).
+    pub migration: Migration,
 }
+
+/// How a running VM moves off a live host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Migration {
+    /// Pre-copy over the checkpoint machinery (`agent::migration`): the VM runs while its
+    /// memory is copied, then stops for the last dirty pages and a handover.
+    #[default]
+    PreCopy,
+    /// Pause, snapshot, restore on the destination (the VM stops for the whole copy).
+    StopAndCopy,
+}
+
+impl std::str::FromStr for Migration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Migration, String> {
+        match s {
+            "pre-copy" => Ok(Migration::PreCopy),
+            "stop-and-copy" => Ok(Migration::StopAndCopy),
+            _ => Err(format!("migration {s:?}: expected pre-copy or stop-and-copy")),
+        }
+    }
+}
+
+/// The checkpoint policy of a VM being copied by pre-copy: a round every 10 ms once the
+/// destination holds a replica, so that the last round (the downtime) carries little.
+pub const PRECOPY_POLICY: &str = "fixed:10";
 
 /// The `[[run]]` policy that asks the analysis for the interval.
 pub const ANALYSED: &str = "analysed";
@@ -214,16 +242,59 @@ impl Layout {
             let cur_host = cur.and_then(|c| c.primary.as_ref()).map(|p| p.host.clone());
             let cur_backup = cur.and_then(|c| c.backup.as_ref()).map(|b| b.host.clone());
             let alive = |h: &String| !failed.contains(h);
+            // A VM migrating by pre-copy has its backup on the destination.
+            let cur_migrate = cur.and_then(|c| c.primary.as_ref()).and_then(|p| p.migrate_to.clone());
             // Where the VM's state is now: its live host, or its backup's host after a takeover.
             let state_at = match (&cur_host, &cur_backup) {
                 (Some(h), _) if alive(h) => Some(h.clone()),
-                (_, Some(b)) if remote && alive(b) => Some(b.clone()),
+                (_, Some(b)) if (remote || cur_migrate.as_ref().is_some_and(|m| m.host == *b)) && alive(b) => Some(b.clone()),
                 _ => None,
             };
             let mut migrate_from = None;
             if let (Some(s), Some(h)) = (&state_at, &host) {
                 if s != h {
-                    if !remote && cur_host.as_ref() == Some(s) {
+                    if !alive(h) {
+                        // A plan for fewer failures (or none) than have happened: never move a
+                        // VM's state to a failed host.
+                        deviations.push(format!("{vm}: the plan in force puts it on the failed host {h}: it stays on {s}"));
+                        host = Some(s.clone());
+                    } else if !remote && cur_host.as_ref() == Some(s) && self.migration == Migration::PreCopy {
+                        // A running VM moved off a live host: pre-copy migration. The source
+                        // keeps running it, protected to a backup on the destination, until
+                        // it hands it over (`agent::migration`); then the manager makes the
+                        // destination's copy the primary (`daemon`, migrations).
+                        let cur_p = cur.and_then(|c| c.primary.as_ref()).expect("cur_host is the primary's host");
+                        let kept = cur_migrate.as_ref().filter(|m| m.host == *h);
+                        let to = kept.cloned().or_else(|| {
+                            let backup = self.addr(h, x.index)?;
+                            Some(MigrateTo {
+                                host: h.clone(),
+                                protection: Protection {
+                                    backup,
+                                    arbiter: self.arbiter.clone(),
+                                    holder: s.clone(),
+                                    policy: PRECOPY_POLICY.parse().unwrap_or_default(),
+                                    timing: self.timing,
+                                    stats: false,
+                                    control: None,
+                                    state_file: None,
+                                    key_file: self.key_file.clone(),
+                                },
+                                since_ms: std::time::SystemTime::now()
+                                    .duration_since(std::time::UNIX_EPOCH)
+                                    .map_or(0, |d| d.as_millis() as u64),
+                            })
+                        });
+                        let backup = self.backup(&x, h, None);
+                        if let (Some(to), Some(spec)) = (to, backup) {
+                            let primary = Placed { restart: false, migrate_from: None, migrate_to: Some(to), ..cur_p.clone() };
+                            let backup = Some(PlacedBackup { host: h.clone(), spec });
+                            out.insert(x.run.vm.clone(), Desired { generation, primary: Some(primary), backup });
+                            continue;
+                        }
+                        deviations.push(format!("{vm}: the plan moves it to {h}, which has no address: it stays on {s}"));
+                        host = Some(s.clone());
+                    } else if !remote && cur_host.as_ref() == Some(s) {
                         // A running VM moved off a live host: stop-and-copy migration.
                         migrate_from = Some(MigrateFrom { host: s.clone(), dir: self.run_dir.join(format!("migrate-{vm}-{generation}")) });
                     } else {
@@ -248,7 +319,7 @@ impl Layout {
                 let mut spec = self.primary(&x, h, backup.as_deref(), cpus.clone());
                 spec.scheduling.reservation = reservation;
                 spec.restore = migrate_from.as_ref().map(|m| m.dir.clone());
-                Placed { host: h.to_string(), spec, restart: !remote, migrate_from: migrate_from.clone() }
+                Placed { host: h.to_string(), spec, restart: !remote, migrate_from: migrate_from.clone(), migrate_to: None }
             });
             let backup = match (&host, &backup) {
                 (Some(h), Some(b)) => {
@@ -357,6 +428,7 @@ mod tests {
             timing: TimingSpec::default(),
             cpus: 1,
             analysed: BTreeMap::new(),
+            migration: Migration::PreCopy,
         };
         let notes = layout.analyse_policies(&loaded);
         assert_eq!(notes.len(), 1, "{notes:?}");

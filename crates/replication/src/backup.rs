@@ -95,6 +95,8 @@ pub enum Notice {
     Suspecting { silent_ns: u64 },
     /// The primary is heard again.
     PrimaryBack,
+    /// The primary handed the VM over after `epoch` (a planned handover): asking for the lease.
+    HandedOver { epoch: u64, paused_ns: u64 },
     /// The arbiter says the primary's lease is still live.
     LeaseHeld { holder: String },
     /// The lease cannot be had now for another reason (the arbiter is unreachable, waits
@@ -278,6 +280,10 @@ impl Backup {
                             self.next_try = now.saturating_add(self.timing.lease_renew_ns / 4);
                             self.trouble("the arbiter has no record of this VM's lease (was its state lost?)".into(), &mut out);
                         }
+                        Ok(Answer::Released) => {
+                            self.next_try = now.saturating_add(self.timing.lease_renew_ns / 4);
+                            self.trouble("unexpected answer: released".into(), &mut out);
+                        }
                         Ok(Answer::Superseded { holder, .. }) => {
                             // Not an answer to a takeover; keep asking.
                             self.next_try = now.saturating_add(self.timing.lease_renew_ns / 4);
@@ -337,6 +343,16 @@ impl Backup {
                 out.push(Action::Reset { session, vm, mem_bytes, config });
             }
             Msg::Heartbeat { .. } => {}
+            Msg::Handover { epoch, paused_ns } => match self.phase {
+                Phase::Replica { session, committed: Some(c) } if c == epoch && self.staging.is_none() => {
+                    // The primary paused the VM for good after this epoch and gave its lease
+                    // up: take over now rather than after a silence.
+                    self.phase = Phase::Suspecting { session, committed: c };
+                    self.next_try = 0;
+                    out.push(Action::Notice(Notice::HandedOver { epoch, paused_ns }));
+                }
+                _ => self.refuse(epoch, format!("a handover after epoch {epoch}, which is not the last committed one"), out),
+            },
             Msg::Sync { first_page, data } => match self.phase {
                 Phase::Replica { committed: None, .. } if !self.sync_done => {
                     self.sync_pages += (data.len() / crate::wire::PAGE) as u64;
@@ -719,6 +735,22 @@ mod tests {
     /// timeout, the backup asks for the lease, the primary is heard again, then the grant
     /// arrives. Dropping it would leave the VM with no copy at all (the primary is fenced by
     /// the grant): the backup must take over.
+    #[test]
+    fn a_handover_after_the_last_committed_epoch_asks_for_the_lease_at_once() {
+        let mut b = synced();
+        apply(&mut b, 1);
+        apply(&mut b, 2);
+        let mut wrong = synced();
+        apply(&mut wrong, 1);
+        apply(&mut wrong, 2);
+        let out = wrong.handle(30, Event::Received(Msg::Handover { epoch: 1, paused_ns: 0 }));
+        assert!(refused(&out).is_some_and(|r| r.contains("not the last committed")), "{out:?}");
+        let out = b.handle(31, Event::Received(Msg::Handover { epoch: 2, paused_ns: 0 }));
+        assert!(out.iter().any(|a| matches!(a, Action::Lease(Request::Takeover { session: 9, .. }))), "{out:?}");
+        let out = b.handle(32, Event::Lease { sent_at: 31, answer: Ok(Answer::Granted { gen: 2, backup: None }) });
+        assert!(out.iter().any(|a| matches!(a, Action::TakeOver { epoch: 2, .. })), "{out:?}");
+    }
+
     #[test]
     fn a_grant_that_arrives_after_the_primary_was_heard_again_is_taken() {
         let t = Timing::default();

@@ -34,7 +34,17 @@
 //!                                                           | denied unknown
 //! takeover <vm> <holder> <session> <ttl_us>                →  granted <gen> - | denied held <holder> <left_us> | denied revoked
 //!                                                           | denied recovering <left_us> | denied unknown
+//! handover <vm> <holder> <gen> <session>                    →  released | denied superseded <gen> <holder> | denied revoked
+//!                                                           | denied unknown
 //! ```
+//!
+//! **Planned handover (live migration).** The holder that paused its VM for good, once its
+//! registered backup acknowledged the last checkpoint, gives the lease up early: `handover`
+//! ends the lease now, keeping the registration, so that backup's takeover is granted at
+//! once instead of after the lease runs out. It is asked only by a copy that will never
+//! release output again, so ending its lease early cannot let two copies release at once;
+//! nothing about it is durable (expiry times are not), and a lost `handover` only costs the
+//! backup the wait for the expiry, as in a failure.
 //! A renewal under generation 0 *claims* the lease for a new copy (granted once no other lease
 //! is live). Leases last at most [`MAX_TTL_US`].
 
@@ -52,6 +62,9 @@ pub enum Request {
     Renew { vm: String, holder: String, gen: u64, ttl_us: u64, backup: Option<u64> },
     /// Take the lease over as the registered backup `session` (only once it has expired).
     Takeover { vm: String, holder: String, session: u64, ttl_us: u64 },
+    /// End the lease held under `gen` now, for the registered backup `session` to take over
+    /// at once (the holder paused its VM for good: a planned handover).
+    Handover { vm: String, holder: String, gen: u64, session: u64 },
 }
 
 /// The arbiter's answer.
@@ -71,6 +84,8 @@ pub enum Answer {
     Recovering { left_us: u64 },
     /// No lease for this VM.
     Unknown,
+    /// The lease ended early ([`Request::Handover`]): the registered backup may take over.
+    Released,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,6 +172,17 @@ impl Table {
                 self.leases.insert(vm.clone(), Lease { holder: holder.clone(), gen, backup: None, took: Some(*session), expires_us });
                 self.version += 1;
                 Answer::Granted { gen, backup: None }
+            }
+            Request::Handover { vm, holder, gen, session } => {
+                let Some(l) = self.leases.get_mut(vm) else { return Answer::Unknown };
+                if l.gen != *gen || l.holder != *holder {
+                    return Answer::Superseded { gen: l.gen, holder: l.holder.clone() };
+                }
+                if l.backup != Some(*session) {
+                    return Answer::Revoked;
+                }
+                l.expires_us = l.expires_us.min(now_us);
+                Answer::Released
             }
         }
     }
@@ -252,6 +278,7 @@ impl Request {
                 format!("renew {vm} {holder} {gen} {ttl_us} {}", backup.map_or("-".into(), |b| b.to_string()))
             }
             Request::Takeover { vm, holder, session, ttl_us } => format!("takeover {vm} {holder} {session} {ttl_us}"),
+            Request::Handover { vm, holder, gen, session } => format!("handover {vm} {holder} {gen} {session}"),
         }
     }
 
@@ -283,10 +310,18 @@ impl Request {
                 names(vm, holder)?;
                 Ok(Request::Takeover { vm: vm.to_string(), holder: holder.to_string(), session: num(session, "session")?, ttl_us: ttl(t)? })
             }
+            ["handover", vm, holder, gen, session] => {
+                names(vm, holder)?;
+                let gen = num(gen, "generation")?;
+                if gen == 0 {
+                    return Err(Error::Lease("a handover names the generation the holder was granted (not 0)".into()));
+                }
+                Ok(Request::Handover { vm: vm.to_string(), holder: holder.to_string(), gen, session: num(session, "session")? })
+            }
             _ => {
                 let shown: String = line.chars().take(80).collect();
                 Err(Error::Lease(format!(
-                    "bad request {shown:?} (expected `renew VM HOLDER GEN TTL_US BACKUP|-` or `takeover VM HOLDER SESSION TTL_US`)"
+                    "bad request {shown:?} (expected `renew VM HOLDER GEN TTL_US BACKUP|-` `takeover VM HOLDER SESSION TTL_US` or `handover VM HOLDER GEN SESSION`)"
                 )))
             }
         }
@@ -303,6 +338,7 @@ impl Answer {
             Answer::Revoked => "denied revoked".into(),
             Answer::Recovering { left_us } => format!("denied recovering {left_us}"),
             Answer::Unknown => "denied unknown".into(),
+            Answer::Released => "released".into(),
         }
     }
 
@@ -319,6 +355,7 @@ impl Answer {
             ["denied", "revoked"] => Ok(Answer::Revoked),
             ["denied", "recovering", left] => Ok(Answer::Recovering { left_us: n(left)? }),
             ["denied", "unknown"] => Ok(Answer::Unknown),
+            ["released"] => Ok(Answer::Released),
             _ => Err(bad()),
         }
     }
@@ -379,6 +416,29 @@ mod tests {
         u.handle(150, &takeover("b", 7));
         assert_eq!(u.handle(10_000, &renew("c", 0, None)), Answer::Granted { gen: 3, backup: None });
         assert_eq!(u.handle(10_001, &takeover("b", 7)), Answer::Revoked);
+    }
+
+    /// A planned handover ends the holder's lease at once for its registered backup, and for
+    /// no one else; a stale copy cannot hand over what it no longer holds.
+    #[test]
+    fn a_handover_lets_the_registered_backup_take_over_at_once() {
+        let mut t = Table::default();
+        t.handle(0, &renew("a", 0, Some(7)));
+        let handover = |holder: &str, gen, session| Request::Handover { vm: "kv".into(), holder: holder.into(), gen, session };
+        assert_eq!(t.handle(10, &handover("a", 1, 8)), Answer::Revoked, "not the registered backup");
+        assert_eq!(t.handle(10, &handover("a", 2, 7)), Answer::Superseded { gen: 1, holder: "a".into() });
+        assert_eq!(t.handle(10, &handover("x", 1, 7)), Answer::Superseded { gen: 1, holder: "a".into() });
+        assert_eq!(t.handle(20, &takeover("b", 7)), Answer::Held { holder: "a".into(), left_us: 80 });
+        assert_eq!(t.handle(20, &handover("a", 1, 7)), Answer::Released);
+        assert_eq!(t.holder("kv", 20), None);
+        assert_eq!(t.handle(20, &takeover("b", 8)), Answer::Revoked, "only the registered session");
+        assert_eq!(t.handle(21, &takeover("b", 7)), Answer::Granted { gen: 2, backup: None });
+        // The old holder is fenced, and cannot hand over again.
+        assert_eq!(t.handle(22, &renew("a", 1, Some(7))), Answer::Superseded { gen: 2, holder: "b".into() });
+        assert_eq!(t.handle(22, &handover("a", 1, 7)), Answer::Superseded { gen: 2, holder: "b".into() });
+        assert_eq!(Request::parse("handover kv a 0 7").unwrap_err().to_string().contains("not 0"), true);
+        assert_eq!(Request::parse(&handover("a", 3, 7).to_line()), Ok(handover("a", 3, 7)));
+        assert_eq!(Answer::parse("released"), Ok(Answer::Released));
     }
 
     #[test]

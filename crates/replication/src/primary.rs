@@ -69,6 +69,42 @@ pub enum Action {
     Fenced { holder: String },
     /// A change worth telling the operator (and the metrics).
     Notice(Notice),
+    /// Pause the VM for the last checkpoint of a handover (it stays paused).
+    PauseVm,
+    /// Resume the VM paused for a handover that failed (the backup was lost first).
+    ResumeVm,
+    /// The handover is done: the arbiter ended this copy's lease, and the backup was told to
+    /// take over from `epoch` ([`Msg::Handover`], sent just before). Stop the VM for good.
+    HandedOver { epoch: u64 },
+}
+
+/// A planned handover to the backup (live migration), as far as it got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handover {
+    None,
+    /// Asked for: the last checkpoint is taken once the one in flight is acknowledged.
+    Asked,
+    /// The VM is paused for good and its last checkpoint was taken (`epoch` once staged).
+    Last {
+        epoch: Option<u64>,
+    },
+    /// The backup acknowledged the last checkpoint: the arbiter is asked to end the lease.
+    Releasing {
+        epoch: u64,
+        session: u64,
+    },
+    /// The lease ended and the backup was told to take over (at `at`): waiting for it to
+    /// close the connection, which it does when it takes over (no heartbeats meanwhile).
+    Told {
+        epoch: u64,
+        at: u64,
+    },
+    /// The connection is gone: renewing the lease under this copy's generation without the
+    /// backup tells whether the backup took over (superseded: done) or never can (granted:
+    /// the VM resumes here).
+    Confirming {
+        epoch: u64,
+    },
 }
 
 /// Operator-visible changes.
@@ -151,6 +187,9 @@ pub struct Primary {
     arbiter_trouble: bool,
     fenced: bool,
     stopped: bool,
+    handover: Handover,
+    /// When the VM was paused for a handover's last checkpoint.
+    paused_at: u64,
 }
 
 impl Primary {
@@ -184,7 +223,43 @@ impl Primary {
             arbiter_trouble: false,
             fenced: false,
             stopped: false,
+            handover: Handover::None,
+            paused_at: 0,
         }
+    }
+
+    /// Starts a planned handover to the backup (live migration's last step): once the
+    /// checkpoint in flight is acknowledged, the VM is paused for good and a last checkpoint
+    /// taken; once the backup acknowledges it, the arbiter ends this copy's lease early and
+    /// the backup is told to take over ([`Action::HandedOver`]). Only a protected VM (a backup
+    /// with a committed replica) can be handed over. If the backup is lost before it
+    /// acknowledged the last checkpoint, the VM is resumed here; if it is lost after, this
+    /// copy renews its lease without the backup first (so that the backup can no longer take
+    /// over) and resumes only if that is granted — exactly one copy runs in every case.
+    pub fn handover(&mut self, now: u64) -> Result<Vec<Action>, String> {
+        if self.fenced || self.stopped {
+            return Err("the VM is stopped".into());
+        }
+        if self.handover != Handover::None {
+            return Err("a handover is in progress".into());
+        }
+        if !self.protected() || self.gen == 0 {
+            return Err("not protected yet: the backup holds no committed replica".into());
+        }
+        if self.registered != Some(self.wanted()) {
+            // Found by `vigil bench migration`: a handover asked for right after protection,
+            // before the arbiter registered the backup, was refused (revoked) for ever.
+            return Err("the arbiter has not registered the backup yet".into());
+        }
+        self.handover = Handover::Asked;
+        let mut out = Vec::new();
+        self.poll(now, &mut out);
+        Ok(out)
+    }
+
+    /// Whether a handover is in progress.
+    pub fn handing_over(&self) -> bool {
+        self.handover != Handover::None
     }
 
     /// Starts protection: output is held until the arbiter grants the lease, and a backup is
@@ -194,6 +269,17 @@ impl Primary {
         self.tracking = true;
         self.last_start = now;
         let mut out = vec![Action::Hold];
+        self.poll(now, &mut out);
+        out
+    }
+
+    /// Starts protecting a VM that has been running unprotected (a migration's source, whose
+    /// output already flowed): the lease is claimed and a backup sought at once, but output is
+    /// not held — the new backup cannot take over before its first commit, and output is held
+    /// from the checkpoint that ends its synchronisation on, as for any new backup.
+    pub fn start_running(&mut self, now: u64) -> Vec<Action> {
+        self.last_start = now;
+        let mut out = Vec::new();
         self.poll(now, &mut out);
         out
     }
@@ -272,6 +358,24 @@ impl Primary {
         if self.fenced || self.stopped {
             return out;
         }
+        if let (Handover::Confirming { epoch }, Event::Lease { answer: Ok(a), .. }) = (self.handover, &event) {
+            match a {
+                Answer::Superseded { .. } => {
+                    // The backup took over: the VM runs there now.
+                    self.lease_pending = false;
+                    self.stopped = true;
+                    out.push(Action::HandedOver { epoch });
+                    return out;
+                }
+                Answer::Granted { .. } => {
+                    // Renewed without the backup: it never took over and never can now.
+                    self.handover = Handover::None;
+                    self.link = Link::Idle { retry_at: now.saturating_add(self.timing.reconnect_ns) };
+                    out.push(Action::ResumeVm);
+                }
+                _ => {}
+            }
+        }
         match event {
             Event::Tick => {}
             Event::Connected { session } => {
@@ -306,6 +410,9 @@ impl Primary {
             }
             Event::Staged { epoch, output_frames } => {
                 self.checkpointing = false;
+                if self.handover == (Handover::Last { epoch: None }) {
+                    self.handover = Handover::Last { epoch: Some(epoch) };
+                }
                 self.sealed = self.sealed.max(epoch);
                 if let Some(t) = self.output_since.take() {
                     self.output_times.push((epoch, t));
@@ -320,6 +427,33 @@ impl Primary {
                 if self.holding && self.output_since.is_none() {
                     self.output_since = Some(now);
                 }
+            }
+            Event::Lease { answer: Ok(Answer::Released), .. } => {
+                self.lease_pending = false;
+                match self.handover {
+                    Handover::Releasing { epoch, .. } => {
+                        self.lease_valid_until = 0;
+                        self.handover = Handover::Told { epoch, at: now };
+                        out.push(Action::Send(Msg::Handover { epoch, paused_ns: now.saturating_sub(self.paused_at) }));
+                        return out;
+                    }
+                    _ => {
+                        // The handover was abandoned (the backup was lost) after the arbiter
+                        // ended the lease: renew it at once (under this generation, without
+                        // the backup) or learn that the backup took over.
+                        self.lease_valid_until = 0;
+                        self.next_renew = now;
+                    }
+                }
+            }
+            Event::Lease { answer: Ok(Answer::Revoked | Answer::Unknown), .. } if matches!(self.handover, Handover::Releasing { .. }) => {
+                // The arbiter does not register this backup (its state was lost, or another
+                // registration came first): the backup can never take over, so the VM runs
+                // on here, protected as before; the handover may be asked for again.
+                self.lease_pending = false;
+                self.handover = Handover::None;
+                self.next_renew = now;
+                out.push(Action::ResumeVm);
             }
             Event::Lease { sent_at, answer } => {
                 self.lease_pending = false;
@@ -363,6 +497,7 @@ impl Primary {
                         self.trouble(format!("the arbiter restarted and waits {} ms before granting leases", left_us / 1000), &mut out);
                     }
                     Ok(Answer::Revoked) => self.next_renew = now.saturating_add(self.timing.lease_renew_ns / 4),
+                    Ok(Answer::Released) => {}
                     Ok(Answer::Unknown) => {
                         // A renewal under a generation the arbiter has no record of: its
                         // state was lost. Output waits; keep asking.
@@ -425,6 +560,12 @@ impl Primary {
                         self.link = Link::Protected { session };
                         out.push(Action::Notice(Notice::Protected { session }));
                     }
+                    if let (Handover::Last { epoch: Some(last) }, Link::Protected { session }) = (self.handover, self.link) {
+                        if last == epoch {
+                            // The backup holds everything the VM will ever do here.
+                            self.handover = Handover::Releasing { epoch, session };
+                        }
+                    }
                 }
                 _ => self.lose_backup(now, format!("acknowledgement of epoch {epoch}, which is not in flight"), out),
             },
@@ -434,6 +575,25 @@ impl Primary {
     }
 
     fn lose_backup(&mut self, now: u64, reason: String, out: &mut Vec<Action>) {
+        match std::mem::replace(&mut self.handover, Handover::None) {
+            Handover::None | Handover::Asked => {}
+            // Paused for a handover that cannot finish: run on here. Output stays held until
+            // the arbiter confirms the backup is deregistered (or says it took over: then
+            // this copy is fenced), as whenever a backup is lost.
+            Handover::Last { .. } | Handover::Releasing { .. } => out.push(Action::ResumeVm),
+            // Told to take over, the backup closes the connection when it does (or it died):
+            // the arbiter tells which, before anything runs again here.
+            Handover::Told { epoch, .. } | Handover::Confirming { epoch } => {
+                self.handover = Handover::Confirming { epoch };
+                if self.connected() {
+                    out.push(Action::Disconnect { reason: reason.clone() });
+                }
+                self.link = Link::Idle { retry_at: u64::MAX };
+                self.inflight = None;
+                self.next_renew = now;
+                return;
+            }
+        }
         if self.connected() || self.link == Link::Connecting {
             out.push(Action::Disconnect { reason: reason.clone() });
             out.push(Action::Notice(Notice::Unprotected { reason }));
@@ -448,8 +608,22 @@ impl Primary {
         if self.fenced {
             return;
         }
-        // The lease.
-        if !self.lease_pending && now >= self.next_renew {
+        // A backup told to take over that neither closes the connection nor takes over in
+        // twice the timeout and the lease: ask the arbiter (as if it were lost).
+        if let Handover::Told { at, .. } = self.handover {
+            if now.saturating_sub(at) > 2 * (self.timing.timeout_ns + self.timing.lease_ttl_ns) {
+                self.lose_backup(now, "the backup did not take over".into(), out);
+            }
+        }
+        // The lease: while handing over, this copy asks to end it instead of renewing it, and
+        // asks nothing while the backup takes over.
+        if matches!(self.handover, Handover::Told { .. }) {
+        } else if let Handover::Releasing { session, .. } = self.handover {
+            if !self.lease_pending {
+                self.lease_pending = true;
+                out.push(Action::Lease(Request::Handover { vm: self.vm.clone(), holder: self.holder.clone(), gen: self.gen, session }));
+            }
+        } else if !self.lease_pending && now >= self.next_renew {
             self.lease_pending = true;
             out.push(Action::Lease(Request::Renew {
                 vm: self.vm.clone(),
@@ -465,6 +639,9 @@ impl Primary {
                 self.link = Link::Connecting;
                 out.push(Action::Connect);
             }
+            Link::Syncing { .. } | Link::Protected { .. } if matches!(self.handover, Handover::Told { .. }) => {
+                // Silent: a backup that missed the handover message times out and takes over.
+            }
             Link::Syncing { .. } | Link::Protected { .. } => {
                 if now.saturating_sub(self.last_heard) > self.timing.timeout_ns {
                     let ms = now.saturating_sub(self.last_heard) as f64 / 1e6;
@@ -477,8 +654,19 @@ impl Primary {
             }
             _ => {}
         }
+        // The last checkpoint of a handover: the VM paused for good first.
+        if self.handover == Handover::Asked && !self.checkpointing && self.inflight.is_none() {
+            self.handover = Handover::Last { epoch: None };
+            self.paused_at = now;
+            self.checkpointing = true;
+            self.last_start = now;
+            self.last_sent = now;
+            out.push(Action::PauseVm);
+            out.push(Action::Checkpoint);
+        }
         // The next checkpoint.
         let ready = match self.link {
+            _ if self.handover != Handover::None => false,
             Link::Syncing { sync_sent, .. } => sync_sent && self.acked_all(),
             Link::Protected { .. } => {
                 let view = View { now, last_start: self.last_start, output_since: self.output_since };
@@ -506,6 +694,10 @@ impl Primary {
     }
 
     fn release(&mut self, now: u64, out: &mut Vec<Action>) {
+        if matches!(self.handover, Handover::Releasing { .. } | Handover::Told { .. } | Handover::Confirming { .. }) {
+            // The backup will send the last epochs' output when it takes over.
+            return;
+        }
         if now >= self.lease_valid_until || self.registered != Some(self.wanted()) {
             return;
         }
@@ -562,5 +754,117 @@ mod tests {
         assert!(out.contains(&Action::Disconnect { reason: "the VM stopped".into() }));
         assert!(out.iter().any(|a| matches!(a, Action::Lease(Request::Renew { backup: None, .. }))));
         assert!(p.handle(1_000_000_000, Event::Tick).is_empty());
+    }
+
+    /// A protected primary with lease generation 1 and backup session 5 registered.
+    fn protected() -> Primary {
+        let mut p = Primary::new("vm", "a", Timing::default(), Box::new(crate::policy::Adaptive::default()));
+        p.start(0);
+        p.handle(1, Event::Lease { sent_at: 0, answer: Ok(Answer::Granted { gen: 1, backup: None }) });
+        p.handle(2, Event::Connected { session: 5 });
+        let out = p.handle(3, Event::SyncSent);
+        assert!(out.contains(&Action::Checkpoint), "{out:?}");
+        p.handle(4, Event::Staged { epoch: 1, output_frames: 0 });
+        p.handle(5, Event::Received(Msg::Ack { epoch: 1 }));
+        assert!(p.protected());
+        p.handle(6, Event::Lease { sent_at: 5, answer: Ok(Answer::Granted { gen: 1, backup: Some(5) }) });
+        p
+    }
+
+    #[test]
+    fn a_handover_pauses_takes_a_last_checkpoint_ends_the_lease_and_tells_the_backup() {
+        let mut p = Primary::new("vm", "a", Timing::default(), Box::new(crate::policy::Adaptive::default()));
+        p.start(0);
+        assert!(p.handover(1).unwrap_err().contains("not protected"));
+        let mut p = protected();
+        let out = p.handover(10).expect("protected");
+        assert_eq!(out.iter().filter(|a| matches!(a, Action::PauseVm | Action::Checkpoint)).count(), 2, "{out:?}");
+        assert!(p.handover(11).is_err(), "one at a time");
+        p.handle(12, Event::Staged { epoch: 2, output_frames: 1 });
+        // No more checkpoints; the acknowledgement of the last asks the arbiter to end the lease.
+        let out = p.handle(13, Event::Tick);
+        assert!(!out.contains(&Action::Checkpoint), "{out:?}");
+        let out = p.handle(14, Event::Received(Msg::Ack { epoch: 2 }));
+        assert!(out.contains(&Action::Lease(Request::Handover { vm: "vm".into(), holder: "a".into(), gen: 1, session: 5 })), "{out:?}");
+        assert!(!out.iter().any(|a| matches!(a, Action::Release { .. })), "the backup sends the last output: {out:?}");
+        let out = p.handle(15, Event::Lease { sent_at: 14, answer: Ok(Answer::Released) });
+        assert_eq!(out, vec![Action::Send(Msg::Handover { epoch: 2, paused_ns: 5 })]);
+        // Silent now (no heartbeats, no lease requests) until the backup closes the connection.
+        let hb = Timing::default().heartbeat_ns;
+        assert!(p.handle(16 + hb * 3, Event::Tick).is_empty());
+        let out = p.handle(17 + hb * 3, Event::BackupLost { reason: "closed".into() });
+        assert!(out.iter().any(|a| matches!(a, Action::Lease(Request::Renew { gen: 1, backup: None, .. }))), "{out:?}");
+        assert!(!out.contains(&Action::ResumeVm), "{out:?}");
+        let out = p.handle(20 + hb * 3, Event::Lease { sent_at: 18, answer: Ok(Answer::Superseded { gen: 2, holder: "b".into() }) });
+        assert_eq!(out, vec![Action::HandedOver { epoch: 2 }]);
+        assert!(p.handle(21 + hb * 3, Event::Tick).is_empty());
+    }
+
+    #[test]
+    fn a_backup_that_dies_once_told_to_take_over_leaves_the_vm_here() {
+        let mut p = protected();
+        p.handover(10).expect("protected");
+        p.handle(12, Event::Staged { epoch: 2, output_frames: 1 });
+        p.handle(14, Event::Received(Msg::Ack { epoch: 2 }));
+        p.handle(15, Event::Lease { sent_at: 14, answer: Ok(Answer::Released) });
+        let out = p.handle(16, Event::BackupLost { reason: "reset".into() });
+        assert!(!out.contains(&Action::ResumeVm), "not before the arbiter says: {out:?}");
+        let out = p.handle(18, Event::Lease { sent_at: 16, answer: Ok(Answer::Granted { gen: 1, backup: None }) });
+        assert!(out.contains(&Action::ResumeVm), "{out:?}");
+        assert!(out.iter().any(|a| matches!(a, Action::Release { .. })), "its held output goes: {out:?}");
+        assert!(!p.handing_over());
+    }
+
+    #[test]
+    fn a_running_vm_protected_for_a_migration_keeps_its_output_flowing_until_the_first_checkpoint() {
+        let mut p = Primary::new("vm", "a", Timing::default(), Box::new(crate::policy::Adaptive::default()));
+        let out = p.start_running(0);
+        assert!(!out.iter().any(|a| matches!(a, Action::Hold | Action::HoldOutput)), "{out:?}");
+        assert!(out.iter().any(|a| matches!(a, Action::Lease(Request::Renew { gen: 0, .. }))), "the lease is claimed: {out:?}");
+        p.handle(1, Event::Lease { sent_at: 0, answer: Ok(Answer::Granted { gen: 1, backup: None }) });
+        let out = p.handle(2, Event::Connected { session: 5 });
+        assert!(out.contains(&Action::Track) && !out.contains(&Action::Hold), "{out:?}");
+        let out = p.handle(3, Event::SyncSent);
+        assert_eq!(out.iter().filter(|a| matches!(a, Action::HoldOutput | Action::Checkpoint)).count(), 2, "{out:?}");
+    }
+
+    #[test]
+    fn a_handover_waits_for_the_backups_registration_and_a_refused_one_resumes_the_vm() {
+        let mut p = Primary::new("vm", "a", Timing::default(), Box::new(crate::policy::Adaptive::default()));
+        p.start(0);
+        p.handle(1, Event::Lease { sent_at: 0, answer: Ok(Answer::Granted { gen: 1, backup: None }) });
+        p.handle(2, Event::Connected { session: 5 });
+        p.handle(3, Event::SyncSent);
+        p.handle(4, Event::Staged { epoch: 1, output_frames: 0 });
+        p.handle(5, Event::Received(Msg::Ack { epoch: 1 }));
+        assert!(p.protected());
+        assert!(p.handover(6).unwrap_err().contains("not registered"), "protected, but the arbiter does not know the backup yet");
+        let mut p = protected();
+        p.handover(10).expect("registered");
+        p.handle(12, Event::Staged { epoch: 2, output_frames: 0 });
+        p.handle(14, Event::Received(Msg::Ack { epoch: 2 }));
+        let out = p.handle(15, Event::Lease { sent_at: 14, answer: Ok(Answer::Revoked) });
+        assert!(out.contains(&Action::ResumeVm), "{out:?}");
+        assert!(!p.handing_over() && p.protected());
+    }
+
+    #[test]
+    fn a_handover_whose_backup_is_lost_resumes_the_vm_and_deregisters_the_backup() {
+        for acked in [false, true] {
+            let mut p = protected();
+            p.handover(10).expect("protected");
+            p.handle(12, Event::Staged { epoch: 2, output_frames: 1 });
+            if acked {
+                p.handle(14, Event::Received(Msg::Ack { epoch: 2 }));
+            }
+            let out = p.handle(20, Event::BackupLost { reason: "gone".into() });
+            assert!(out.contains(&Action::ResumeVm), "{out:?}");
+            // The arbiter's answer to the handover may still come: the lease is renewed
+            // without the backup before any output goes.
+            let out = p.handle(21, Event::Lease { sent_at: 14, answer: Ok(Answer::Released) });
+            assert!(out.iter().any(|a| matches!(a, Action::Lease(Request::Renew { gen: 1, backup: None, .. }))) || !acked, "{out:?}");
+            assert!(!out.iter().any(|a| matches!(a, Action::Release { .. })), "{out:?}");
+            assert!(!p.handing_over());
+        }
     }
 }

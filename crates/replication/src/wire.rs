@@ -60,6 +60,11 @@ pub enum Msg {
     Refuse { epoch: u64, reason: String },
     /// Either way: still alive.
     Heartbeat { seq: u64 },
+    /// Primary → backup, last on a connection: a planned handover (live migration). The
+    /// primary paused the VM for good after `epoch`, which the backup acknowledged, and gave
+    /// its lease up at the arbiter: the backup takes over now (without waiting out a silence).
+    /// `paused_ns`: how long the VM had been paused when this was sent (the downtime so far).
+    Handover { epoch: u64, paused_ns: u64 },
 }
 
 /// Why bytes are not a frame.
@@ -96,6 +101,7 @@ const K_SYNC_END: u8 = 10;
 const K_OUTPUT: u8 = 11;
 /// [`Msg::Pages`] with its page data as one LZ4 block (see [`write_pages_lz4`]).
 const K_PAGES_LZ4: u8 = 12;
+const K_HANDOVER: u8 = 13;
 
 /// Largest network frame carried in [`Msg::Output`].
 pub const MAX_NET_FRAME: usize = 65535;
@@ -114,6 +120,7 @@ fn kind_name(k: u8) -> &'static str {
         K_SYNC_END => "sync-end",
         K_OUTPUT => "output",
         K_PAGES_LZ4 => "compressed pages",
+        K_HANDOVER => "handover",
         _ => "unknown",
     }
 }
@@ -137,6 +144,7 @@ impl Msg {
             Msg::DiskSync { .. } => K_DISK_SYNC,
             Msg::SyncEnd { .. } => K_SYNC_END,
             Msg::Output { .. } => K_OUTPUT,
+            Msg::Handover { .. } => K_HANDOVER,
         }
     }
 
@@ -197,6 +205,11 @@ impl Msg {
             }
             Msg::Heartbeat { seq } => {
                 h.extend_from_slice(&seq.to_le_bytes());
+                &[]
+            }
+            Msg::Handover { epoch, paused_ns } => {
+                h.extend_from_slice(&epoch.to_le_bytes());
+                h.extend_from_slice(&paused_ns.to_le_bytes());
                 &[]
             }
         };
@@ -543,6 +556,12 @@ fn decode_payload(kind: u8, payload: Vec<u8>) -> Result<Msg, WireError> {
             f.end()?;
             Msg::Heartbeat { seq }
         }
+        K_HANDOVER => {
+            let epoch = f.u64("epoch")?;
+            let paused_ns = f.u64("pause")?;
+            f.end()?;
+            Msg::Handover { epoch, paused_ns }
+        }
         k => return Err(WireError::UnknownKind(k)),
     };
     Ok(msg)
@@ -786,6 +805,7 @@ mod tests {
             Msg::Ack { epoch: 4 },
             Msg::Refuse { epoch: 5, reason: "bad".into() },
             Msg::Heartbeat { seq: 99 },
+            Msg::Handover { epoch: 42, paused_ns: 7 },
             Msg::Output { epoch: 4, released: 3, frames: frames(&[&[1; 60], &[2; 1514]]) },
         ]
     }

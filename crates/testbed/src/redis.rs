@@ -38,6 +38,14 @@ impl RedisClient {
         RedisClient { stdin, lines, child }
     }
 
+    /// Sends one request and waits at most `timeout` for its one-line answer; `None` if it
+    /// cannot be sent or no answer came (benchmarks, which must not abort: panics abort there).
+    pub fn try_call(&mut self, cmd: &str, timeout: Duration) -> Option<String> {
+        writeln!(self.stdin, "{cmd}").ok()?;
+        self.stdin.flush().ok()?;
+        self.lines.recv_timeout(timeout).ok()
+    }
+
     /// Sends one request and waits (at most 20 s) for its one-line answer.
     pub fn call(&mut self, cmd: &str) -> String {
         writeln!(self.stdin, "{cmd}").expect("write to redis-cli");

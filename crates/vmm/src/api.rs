@@ -25,14 +25,24 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client that does not take its reply for this long is disconnected.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A running API server; the socket file is removed on drop.
+/// A running API server; the socket file is removed on drop, after the replies being written
+/// are out (at most [`DRAIN`]): the reply to `quit` must reach its client before the process
+/// that served it ends.
 pub struct ApiServer {
     path: PathBuf,
+    in_flight: Arc<AtomicUsize>,
 }
+
+/// Longest wait on drop for replies being written.
+pub const DRAIN: Duration = Duration::from_secs(1);
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        let t = std::time::Instant::now();
+        while self.in_flight.load(Ordering::Acquire) > 0 && t.elapsed() < DRAIN {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }
 
@@ -43,6 +53,8 @@ pub fn serve(path: &Path, controller: Controller) -> Result<ApiServer> {
         std::fs::remove_file(path).map_err(|e| api_err(format!("cannot remove the old socket: {e}")))?;
     }
     let listener = UnixListener::bind(path).map_err(|e| api_err(format!("cannot listen: {e}")))?;
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let requests = in_flight.clone();
     std::thread::Builder::new()
         .name("vmm-api".into())
         .spawn(move || {
@@ -55,9 +67,9 @@ pub fn serve(path: &Path, controller: Controller) -> Result<ApiServer> {
                     let _ = send(&mut conn, &Reply::err(format!("too many control clients (at most {MAX_CLIENTS}); try again")));
                     continue;
                 }
-                let (controller, mine) = (controller.clone(), active.clone());
+                let (controller, mine, requests) = (controller.clone(), active.clone(), requests.clone());
                 let spawned = std::thread::Builder::new().name("vmm-api-client".into()).spawn(move || {
-                    let _ = handle(conn, &controller);
+                    let _ = handle(conn, &controller, &requests);
                     mine.fetch_sub(1, Ordering::AcqRel);
                 });
                 if spawned.is_err() {
@@ -66,7 +78,7 @@ pub fn serve(path: &Path, controller: Controller) -> Result<ApiServer> {
             }
         })
         .map_err(|e| api_err(format!("cannot start the API thread: {e}")))?;
-    Ok(ApiServer { path: path.to_owned() })
+    Ok(ApiServer { path: path.to_owned(), in_flight })
 }
 
 /// What reading one request line gave.
@@ -110,7 +122,7 @@ fn send(out: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
     out.write_all(text.as_bytes())
 }
 
-fn handle(conn: UnixStream, controller: &Controller) -> std::io::Result<()> {
+fn handle(conn: UnixStream, controller: &Controller, in_flight: &AtomicUsize) -> std::io::Result<()> {
     conn.set_read_timeout(Some(IDLE_TIMEOUT))?;
     conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let mut out = conn.try_clone()?;
@@ -131,6 +143,9 @@ fn handle(conn: UnixStream, controller: &Controller) -> std::io::Result<()> {
         if line.iter().all(|b| b.is_ascii_whitespace()) {
             continue;
         }
+        // Counted from the request to its reply written, so that the server's owner can wait
+        // for it before the process ends.
+        in_flight.fetch_add(1, Ordering::AcqRel);
         let reply = match std::str::from_utf8(&line) {
             Err(e) => Reply::err(format!("bad request: not UTF-8 text ({e})")),
             Ok(text) => match serde_json::from_str::<Command>(text) {
@@ -138,7 +153,9 @@ fn handle(conn: UnixStream, controller: &Controller) -> std::io::Result<()> {
                 Err(e) => Reply::err(format!("bad request: {e}")),
             },
         };
-        send(&mut out, &reply)?;
+        let sent = send(&mut out, &reply);
+        in_flight.fetch_sub(1, Ordering::AcqRel);
+        sent?;
     }
 }
 

@@ -112,7 +112,8 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
     };
     let mut standby = standby;
     let mut sm = Backup::new(&opts.holder, opts.timing);
-    let mut st = State { replica: None, frames: Vec::new(), spare: Spare::default(), conn: None, next_conn: 1, suspected_at: None };
+    let mut st =
+        State { replica: None, frames: Vec::new(), spare: Spare::default(), conn: None, next_conn: 1, suspected_at: None, handover: None };
     let mut actions: VecDeque<Action> = VecDeque::new();
     loop {
         while let Some(a) = actions.pop_front() {
@@ -201,7 +202,7 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                     stats.lock().unwrap_or_else(|e| e.into_inner()).takeovers += 1;
                     let vm_name = stats.lock().unwrap_or_else(|e| e.into_inner()).vm.clone();
                     let tap = standby.take().map(Standby::end);
-                    let grant = Grant { at: granted_at, gen, replay };
+                    let grant = Grant { at: granted_at, gen, replay, handover: st.handover.take() };
                     return take_over(replica, &opts, &vm_name, grant, clock, control_bound, tap);
                 }
                 Action::Abandon { reason } => {
@@ -225,6 +226,11 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                         Notice::Refused { .. } => {
                             s.refused += 1;
                             tracing::info!("backup: {n:?}");
+                        }
+                        Notice::HandedOver { epoch, paused_ns } => {
+                            st.handover = Some((Instant::now(), *paused_ns));
+                            st.suspected_at = Some(Instant::now());
+                            tracing::info!("backup: the primary handed the VM over after epoch {epoch}: taking over");
                         }
                         Notice::Suspecting { .. } => {
                             st.suspected_at = Some(Instant::now());
@@ -314,6 +320,8 @@ struct State {
     conn: Option<Conn>,
     next_conn: u64,
     suspected_at: Option<Instant>,
+    /// A planned handover's message: when it came, and how long the VM had been paused then.
+    handover: Option<(Instant, u64)>,
 }
 
 impl State {
@@ -381,6 +389,8 @@ struct Grant {
     at: u64,
     gen: u64,
     replay: Vec<u8>,
+    /// A planned handover: when its message came, and how long the VM had been paused then.
+    handover: Option<(Instant, u64)>,
 }
 
 fn take_over(
@@ -397,6 +407,12 @@ fn take_over(
     let vm = Vm::from_replica_with_tap(replica, &overrides, Box::new(std::io::stdout()), tap.flatten());
     let mut vm = vm.map_err(|e| format!("takeover: {e}"))?;
     vm.resume();
+    // A handover's downtime: the VM's pause at the source until the message left, plus here
+    // from the message to now (the message's way over the link is not counted).
+    let handover_ms = grant.handover.map(|(at, paused_ns)| paused_ns as f64 / 1e6 + at.elapsed().as_secs_f64() * 1e3);
+    if let Some(ms) = handover_ms {
+        tracing::info!("backup: handover done: the VM stopped for {ms:.1} ms (paused at the source → running here)");
+    }
     if vm.announce(1).is_err() {
         tracing::info!("backup: the VM has no network address to announce");
     }
@@ -435,6 +451,18 @@ fn take_over(
         key: opts.key.clone(),
         vcpu_sched: opts.vcpu_sched.clone(),
         compression: Default::default(),
+        handover_ms,
     };
-    primary::run(vm, ctl, inbox, popts, Start::TakeOver { granted_at: grant.at, gen: grant.gen }, clock)
+    // The VM can be migrated on from here (`crate::migration`): its process serves the
+    // migration socket beside its control socket.
+    let (tx, rx) = channel::<Input>();
+    let running = primary::spawn_vcpu(vm, inbox, opts.vcpu_sched.clone(), tx.clone())?;
+    let _mig = match &opts.api {
+        Some(p) => {
+            let path = crate::migration::socket_path(p);
+            Some(crate::migration::serve(&path, tx.clone()).map_err(|e| format!("migration socket {}: {e}", path.display()))?)
+        }
+        None => None,
+    };
+    primary::run_attached(running, ctl, popts, Start::TakeOver { granted_at: grant.at, gen: grant.gen }, clock, tx, rx)
 }

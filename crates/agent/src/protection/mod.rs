@@ -67,6 +67,9 @@ pub enum Input {
     Output,
     /// An operator asked for another checkpoint policy.
     Policy(PolicySpec),
+    /// The agent asks the VM's process to migrate it ([`crate::migration`]); the answer goes
+    /// back on the sender.
+    Migrate(crate::migration::Request, Sender<Result<String, String>>),
 }
 
 /// Reads frames from `stream` on a thread until it fails, tagging them with `conn`.

@@ -53,6 +53,9 @@ pub struct Options {
     pub vcpu_sched: crate::vm::Scheduling,
     /// Whether checkpoint pages travel compressed (`replication::compress`).
     pub compression: replication::compress::Compression,
+    /// This copy took over by a planned handover, the VM stopped this long (ms): reported in
+    /// the replication state.
+    pub handover_ms: Option<f64>,
 }
 
 /// Whether a VM is protected, as its driver last reported it, and the replication figures of
@@ -63,6 +66,10 @@ pub struct ReplicationState {
     pub detail: String,
     #[serde(default)]
     pub figures: Option<crate::cluster::ReplicationFigures>,
+    /// This copy took the VM over by a planned handover (live migration); the VM stopped
+    /// this long (ms), from its pause at the source to running here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover_ms: Option<f64>,
 }
 
 impl ReplicationState {
@@ -86,6 +93,8 @@ pub enum Outcome {
     Stopped(Stop),
     /// Another copy took the lease: this VM was stopped.
     Fenced { holder: String },
+    /// A planned handover: the backup runs the VM from `epoch` on; this copy was stopped.
+    HandedOver { epoch: u64 },
 }
 
 /// How the driver starts.
@@ -95,6 +104,9 @@ pub enum Start {
     /// A backup that just took over; the lease was granted at `granted_at` (by `clock`) under
     /// generation `gen`.
     TakeOver { granted_at: u64, gen: u64 },
+    /// A VM that ran unprotected until now (a migration's source): its output is not held
+    /// while the backup synchronises.
+    Running,
 }
 
 enum Out {
@@ -118,15 +130,28 @@ struct Link {
 /// that took over).
 pub fn run(vm: Vm, ctl: Controller, inbox: Inbox, opts: Options, start: Start, clock: Clock) -> Result<Outcome, String> {
     let (tx, rx) = channel::<Input>();
+    let running = spawn_vcpu(vm, inbox, opts.vcpu_sched.clone(), tx.clone())?;
+    run_attached(running, ctl, opts, start, clock, tx, rx)
+}
+
+/// A VM whose vCPU runs on its own thread ([`spawn_vcpu`]): what a driver needs to know of it.
+pub struct Running {
+    /// Its configuration (JSON), for the backup's replica.
+    pub config: Vec<u8>,
+    pub has_net: bool,
+}
+
+/// Starts `vm`'s vCPU on its own thread (under `sched`); it reports [`Input::Output`] (the
+/// first held frame of each epoch) and [`Input::VmStopped`] on `tx`.
+pub fn spawn_vcpu(vm: Vm, inbox: Inbox, sched: crate::vm::Scheduling, tx: Sender<Input>) -> Result<Running, String> {
     let vm_tx = tx.clone();
     let mut vm = vm;
     let config = serde_json::to_vec(vm.config()).map_err(|e| format!("the VM's configuration: {e}"))?;
     let has_net = vm.config().tap.is_some();
-    let hook_tx = tx.clone();
+    let hook_tx = tx;
     vm.set_output_hook(Box::new(move || {
         let _ = hook_tx.send(Input::Output);
     }));
-    let sched = opts.vcpu_sched.clone();
     std::thread::Builder::new()
         .name("vcpu0".into())
         .spawn(move || {
@@ -134,8 +159,22 @@ pub fn run(vm: Vm, ctl: Controller, inbox: Inbox, opts: Options, start: Start, c
             let _ = vm_tx.send(Input::VmStopped(r));
         })
         .map_err(|e| format!("cannot start the vCPU thread: {e}"))?;
-    let mut driver = Driver::new(ctl, opts, clock, tx, config)?;
-    driver.has_net = has_net;
+    Ok(Running { config, has_net })
+}
+
+/// Protects a VM that already runs ([`spawn_vcpu`]; its reports arrive on `rx`, which `tx`
+/// feeds) until it stops, is fenced or handed over.
+pub fn run_attached(
+    vm: Running,
+    ctl: Controller,
+    opts: Options,
+    start: Start,
+    clock: Clock,
+    tx: Sender<Input>,
+    rx: Receiver<Input>,
+) -> Result<Outcome, String> {
+    let mut driver = Driver::new(ctl, opts, clock, tx, vm.config)?;
+    driver.has_net = vm.has_net;
     driver.run(rx, start)
 }
 
@@ -163,6 +202,12 @@ struct Driver {
     /// What the state file says (written when protection changes and once a second).
     state: ReplicationState,
     window: Window,
+    /// Actions from a request outside the state machine's events (a handover), done next.
+    queued: Vec<Action>,
+    /// When a handover was asked for (its duration is logged).
+    handover_started: Option<Instant>,
+    /// The connection of a finished handover, closed once the backup took over.
+    closing: Option<(u64, TcpStream)>,
 }
 
 /// Checkpoints acknowledged and output released since the window began.
@@ -215,6 +260,7 @@ impl Window {
 impl Driver {
     fn new(ctl: Controller, opts: Options, clock: Clock, tx: Sender<Input>, config: Vec<u8>) -> Result<Driver, String> {
         let arbiter = spawn_arbiter(&opts.arbiter, Duration::from_nanos(opts.timing.lease_ttl_ns), opts.key.clone(), clock, tx.clone());
+        let handover_ms = opts.handover_ms;
         let stats: Shared = Arc::new(Mutex::new(Stats {
             vm: opts.vm.clone(),
             role: "primary",
@@ -253,8 +299,11 @@ impl Driver {
             debug: std::env::var_os("VIGIL_DEBUG").is_some(),
             has_net: true,
             protected_logged: false,
-            state: ReplicationState { protected: false, detail: "not yet protected".into(), figures: None },
+            state: ReplicationState { protected: false, detail: "not yet protected".into(), figures: None, handover_ms },
             window: Window::new(),
+            queued: Vec::new(),
+            handover_started: None,
+            closing: None,
         })
     }
 
@@ -270,6 +319,7 @@ impl Driver {
         let mut actions: VecDeque<Action> = match start {
             Start::Fresh => sm.start(now),
             Start::TakeOver { granted_at, gen } => sm.after_takeover(now, granted_at, gen),
+            Start::Running => sm.start_running(now),
         }
         .into();
         loop {
@@ -277,6 +327,20 @@ impl Driver {
                 let t0 = Instant::now();
                 let what = if self.debug { format!("{a:?}") } else { String::new() };
                 if let Some(outcome) = self.act(&mut sm, a, &mut actions)? {
+                    if let Some((id, stream)) = self.closing.take() {
+                        // The handover message is queued on the sender (its channel now
+                        // closed: it ends once the message is written); the backup closes the
+                        // connection when it takes over. Wait for that, a little.
+                        let deadline = Instant::now() + Duration::from_millis(1000);
+                        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                            match rx.recv_timeout(left) {
+                                Ok(Input::Frame { conn, msg: Err(_) }) if conn == id => break,
+                                Ok(_) => {}
+                                Err(_) => break,
+                            }
+                        }
+                        let _ = stream.shutdown(Shutdown::Both);
+                    }
                     return Ok(outcome);
                 }
                 if self.debug {
@@ -309,6 +373,7 @@ impl Driver {
             if let Some(ev) = event {
                 actions.extend(sm.handle(now, ev));
             }
+            actions.extend(self.queued.drain(..));
         }
     }
 
@@ -381,6 +446,47 @@ impl Driver {
                 sm.set_policy(spec.build());
                 self.log(format!("checkpoint policy now {spec}"));
                 self.stats.lock().unwrap_or_else(|e| e.into_inner()).policy = spec.to_string();
+                None
+            }
+            Input::Migrate(req, answer) => {
+                let reply = match req {
+                    crate::migration::Request::Protect(p) if self.opts.backup.is_none() => {
+                        // Unprotected (a copy that took over, with no backup planned): the
+                        // migration's destination becomes its backup; the state machine
+                        // connects to it at its next attempt.
+                        self.log(format!("migrating: protecting the VM to {} (pre-copy rounds)", p.backup));
+                        self.opts.backup = Some(p.backup.clone());
+                        if self.opts.state_file.is_none() {
+                            self.opts.state_file = p.state_file.clone();
+                        }
+                        Ok("synchronising".to_string())
+                    }
+                    crate::migration::Request::Protect(p) if Some(&p.backup) == self.opts.backup.as_ref() => {
+                        Ok(if sm.protected() { "protected".to_string() } else { "synchronising".to_string() })
+                    }
+                    crate::migration::Request::Protect(p) => {
+                        Err(format!("already protected by a backup at {}, not {}", self.opts.backup.as_deref().unwrap_or("none"), p.backup))
+                    }
+                    crate::migration::Request::Handover => match sm.handover(self.clock.now()) {
+                        Ok(actions) => {
+                            self.handover_started = Some(Instant::now());
+                            self.log("handing the VM over to its backup (pre-copy migration's last step)");
+                            self.queued.extend(actions);
+                            Ok("handing over".to_string())
+                        }
+                        Err(e) if sm.handing_over() => Ok(format!("handing over ({e})")),
+                        Err(e) => Err(e),
+                    },
+                    crate::migration::Request::Status => Ok(if sm.handing_over() {
+                        "handing over"
+                    } else if sm.protected() {
+                        "protected"
+                    } else {
+                        "synchronising"
+                    }
+                    .into()),
+                };
+                let _ = answer.send(reply);
                 None
             }
         }))
@@ -522,6 +628,30 @@ impl Driver {
                 return Ok(Some(Outcome::Fenced { holder }));
             }
             Action::Notice(n) => self.notice(n),
+            Action::PauseVm => {
+                self.call(Command::Pause)?;
+            }
+            Action::ResumeVm => {
+                self.log("the handover did not complete (the backup was lost, or the arbiter does not register it): the VM runs on here");
+                self.handover_started = None;
+                self.call(Command::Resume)?;
+            }
+            Action::HandedOver { epoch } => {
+                // The handover message went to the sender before this: close our side once
+                // it is written, and wait (a little) for the backup to close its side, which
+                // it does when it takes over.
+                let took = self.handover_started.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+                self.closing = self.link.take().map(|Link { id, stream, out }| {
+                    drop(out);
+                    (id, stream)
+                });
+                self.log(format!("handed over to the backup after epoch {epoch} ({took:.1} ms after it was asked); stopping this copy"));
+                self.state.protected = false;
+                self.state.detail = format!("handed over to the backup after epoch {epoch}");
+                self.save_state();
+                let _ = self.ctl.call(Command::Quit);
+                return Ok(Some(Outcome::HandedOver { epoch }));
+            }
         }
         Ok(None)
     }
