@@ -145,6 +145,8 @@ fn a_backup_that_takes_over_runs_the_vm_under_its_reservation() {
     let api = c.dir.join("backup.sock");
     c.start_backup_with(Host::B, &["--reservation".into(), "40ms/100ms".into(), "--api".into(), api.display().to_string()]);
     c.start_primary(&Host::B.backup_addr());
+    // (As in the SIGKILL test: not in the very moment the backup first holds a replica.)
+    std::thread::sleep(Duration::from_millis(500));
     let (_, mut primary) = std::mem::replace(&mut c.primary, (Host::A, dummy()));
     primary.kill();
     let (_, backup) = c.backup.take().expect("a backup");
