@@ -272,22 +272,7 @@ fn guest_run(image: &Path, cpu: usize, vcpu: Vcpu, cal: Option<u64>, seconds: u6
     Ok((console.text(), server))
 }
 
-#[derive(Clone, Default)]
-struct Console(Arc<std::sync::Mutex<Vec<u8>>>);
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
-    }
-}
-impl std::io::Write for Console {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use crate::vmm::Console;
 
 /// Response times and execution times (ms) per task from the guest's `job` lines.
 fn guest_jobs(out: &str) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {

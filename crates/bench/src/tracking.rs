@@ -10,22 +10,10 @@
 //! - what the VMM's own calibration ([`vmm::tracking::Calibration`]) says.
 
 use anyhow::{Context, Result};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm::{channel_pair, Command, Vm, VmConfig};
 
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Console {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use crate::vmm::Console;
 
 /// CPU time (user, system) of the calling thread.
 fn thread_cpu() -> (Duration, Duration) {
@@ -81,7 +69,7 @@ fn run_compute(image: &std::path::Path, ws_mib: u64, passes: u64, epoch: Option<
     let wall = t.elapsed();
     let (r, user, system) = runner.join().map_err(|_| anyhow::anyhow!("the vCPU thread panicked"))?;
     r.context("compute guest")?;
-    let text = String::from_utf8_lossy(&console.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    let text = console.text();
     anyhow::ensure!(text.contains("compute: done"), "compute did not finish: {text}");
     Ok(Run { wall, pages, collections, collect_time, user, system })
 }

@@ -9,11 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm::{channel_pair, Command, Stop, Vm, VmConfig};
 
+/// A guest's console captured in memory (shared by the benchmarks that run VMs in process).
 #[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
+pub(crate) struct Console(Arc<Mutex<Vec<u8>>>);
 
 impl Console {
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
     }
 }

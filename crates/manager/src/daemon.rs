@@ -378,13 +378,7 @@ impl Lead {
                 continue;
             };
             if current.is_none() {
-                let mut all = BTreeMap::new();
-                for vm in cluster::children(store, cluster::VMS)? {
-                    if let Some(x) = cluster::read::<Desired>(store, &cluster::desired_path(&vm))? {
-                        all.insert(vm, x);
-                    }
-                }
-                current = Some(all);
+                current = Some(all_desired(store)?);
             }
             let cur = current.as_ref().expect("read above");
             let (desired, _) = layout.desired(loaded, &plan.targets, &hypothetical, &self.table, self.generation, cur);
@@ -463,13 +457,7 @@ impl Lead {
                 "the source stopped before the handover; the destination took over from its replica"
             };
             if current.is_none() {
-                let mut all = BTreeMap::new();
-                for vm in cluster::children(store, cluster::VMS)? {
-                    if let Some(x) = cluster::read::<Desired>(store, &cluster::desired_path(&vm))? {
-                        all.insert(vm, x);
-                    }
-                }
-                current = Some(all);
+                current = Some(all_desired(store)?);
             }
             // The VM's state is on the destination now: the plan in force, from there.
             let mut cur = current.clone().expect("read above");
@@ -717,4 +705,15 @@ impl Lead {
         self.failed = failed.to_vec();
         Ok(())
     }
+}
+
+/// Every VM's desired record in the store.
+fn all_desired(store: &mut store::Client) -> agent::Result<BTreeMap<String, Desired>> {
+    let mut all = BTreeMap::new();
+    for vm in cluster::children(store, cluster::VMS)? {
+        if let Some(x) = cluster::read::<Desired>(store, &cluster::desired_path(&vm))? {
+            all.insert(vm, x);
+        }
+    }
+    Ok(all)
 }

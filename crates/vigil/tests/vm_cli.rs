@@ -36,6 +36,17 @@ fn no_kvm(test: &str) -> bool {
     true
 }
 
+/// Waits (at most 5 s) for a VM's control socket, then 300 ms for the VM to run.
+fn wait_for_socket(api: &Path) {
+    for _ in 0..500 {
+        if api.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+}
+
 fn ctl(args: &[&str], api: &Path) -> String {
     let out = vigil().arg("vm").args(args).arg("--api").arg(api).output().expect("run vigil");
     assert!(out.status.success(), "vigil vm {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -253,13 +264,7 @@ fn a_reservation_is_enforced_by_the_kernel_or_by_the_vmm() {
         let out: serde_json::Value = serde_json::from_str(&ctl(&["status"], api)).expect("json");
         out["status"]["vcpu"].clone()
     };
-    for _ in 0..500 {
-        if api.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    wait_for_socket(&api);
     let a = status(&api);
     let t = std::time::Instant::now();
     std::thread::sleep(std::time::Duration::from_secs(2));
@@ -295,13 +300,7 @@ fn a_reservation_is_enforced_by_the_kernel_or_by_the_vmm() {
             .stdout(Stdio::null())
             .spawn()
             .expect("start vigil vm run");
-        for _ in 0..500 {
-            if api.exists() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        wait_for_socket(&api);
         let snap = dir.join("snap");
         ctl(&["snapshot", snap.to_str().expect("utf-8 path")], &api);
         let _ = child.kill();
@@ -314,13 +313,7 @@ fn a_reservation_is_enforced_by_the_kernel_or_by_the_vmm() {
             .stdout(Stdio::null())
             .spawn()
             .expect("restore");
-        for _ in 0..500 {
-            if api.exists() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        wait_for_socket(&api);
         let a = status(&api);
         let t = std::time::Instant::now();
         std::thread::sleep(std::time::Duration::from_secs(1));
