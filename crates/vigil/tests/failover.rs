@@ -151,18 +151,19 @@ fn a_backup_that_takes_over_runs_the_vm_under_its_reservation() {
     primary.kill();
     let (_, backup) = c.backup.take().expect("a backup");
     backup.wait_count("TAKING OVER", 1, 10);
-    let status = || -> serde_json::Value {
+    // The control socket appears once the VM is built from the replica, after `TAKING OVER`.
+    let status = || -> Option<serde_json::Value> {
         let out = Command::new(env!("CARGO_BIN_EXE_vigil")).args(["vm", "status", "--api"]).arg(&api).output().expect("vigil vm status");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-        v["status"]["vcpu"].clone()
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok().filter(|_| out.status.success())?;
+        Some(v["status"]["vcpu"].clone())
     };
     let t = Instant::now();
     let mut v = status();
-    while v["policy"] == "other" && t.elapsed() < Duration::from_secs(10) {
+    while v.as_ref().is_none_or(|v| v["policy"] == "other") && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(100));
         v = status();
     }
+    let v = v.unwrap_or_else(|| panic!("no status from the backup's control socket in 10 s:\n{}", backup.text()));
     if agent::realtime::deadline_vcpus_stall() {
         assert_eq!(v["policy"], "fifo", "{v}");
         assert_eq!((v["server"]["budget_us"].as_u64(), v["server"]["period_us"].as_u64()), (Some(40_000), Some(100_000)), "{v}");
