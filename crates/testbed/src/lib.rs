@@ -23,6 +23,13 @@ pub mod twohost;
 pub use guest::build_guest;
 pub use proc::Proc;
 
+/// `tag` with the prefix in `VIGIL_TEST_NS` (empty if unset) before it: the tag of a test's
+/// network namespaces, so that two checkouts running their namespace tests at once (each with
+/// its own prefix, one or two characters) do not remove each other's.
+pub fn ns_tag(tag: &str) -> String {
+    format!("{}{tag}", std::env::var("VIGIL_TEST_NS").unwrap_or_default())
+}
+
 /// The root of this workspace (where `cargo build -p GUEST` works).
 pub fn workspace() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

@@ -132,6 +132,7 @@ fn ip(args: &[&str]) -> Result<Output, String> {
 impl Testbed {
     /// Builds the testbed; `tag` keeps concurrent testbeds apart (at most 6 characters).
     pub fn new(tag: &str) -> Result<Testbed, String> {
+        let tag = &crate::ns_tag(tag);
         let tb = Testbed { switch: format!("vg{tag}-sw"), a: format!("vg{tag}-a"), b: format!("vg{tag}-b"), client: format!("vg{tag}-c") };
         tb.remove();
         for ns in [&tb.switch, &tb.a, &tb.b, &tb.client] {

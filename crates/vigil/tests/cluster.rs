@@ -97,8 +97,9 @@ impl Up {
         let m = example(&dir, example_name);
         std::fs::write(&m, edit(std::fs::read_to_string(&m).expect("model"))).expect("model");
         let cluster = dir.join("cluster");
+        let tag = testbed::ns_tag(tag);
         let mut args =
-            vec!["up", m.to_str().unwrap(), "--dir", cluster.to_str().unwrap(), "--tag", tag, "--wait", "60", "--http-port", "0"];
+            vec!["up", m.to_str().unwrap(), "--dir", cluster.to_str().unwrap(), "--tag", &tag, "--wait", "60", "--http-port", "0"];
         args.extend_from_slice(extra);
         let out = Command::new(env!("CARGO_BIN_EXE_vigil")).args(&args).envs(env.iter().copied()).output().expect("run vigil");
         let up = Up { dir: cluster };

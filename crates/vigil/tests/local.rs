@@ -38,7 +38,7 @@ impl Local {
         let log = std::fs::File::create(dir.join("voter.log")).expect("log");
         let child = vigil()
             .args(["local", "--vm", tag, "--listen", &format!("127.0.0.1:{port}"), "--port", "6379", "-n", &n.to_string()])
-            .args(["--netns-prefix", &format!("vgl{tag}-"), "--dir"])
+            .args(["--netns-prefix", &format!("vgl{}-", testbed::ns_tag(tag)), "--dir"])
             .arg(&dir)
             .arg("--image")
             .arg(&image)
@@ -89,7 +89,7 @@ impl Local {
     /// What `redis-cli GET key` says on instance `i` directly (inside its namespace).
     fn get_direct(&self, tag: &str, i: usize, key: &str) -> String {
         let out = Command::new("ip")
-            .args(["netns", "exec", &format!("vgl{tag}-{i}"), "redis-cli", "-h", "10.250.0.2", "-p", "6379", "GET", key])
+            .args(["netns", "exec", &format!("vgl{}-{i}", testbed::ns_tag(tag)), "redis-cli", "-h", "10.250.0.2", "-p", "6379", "GET", key])
             .output()
             .expect("redis-cli");
         String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -337,21 +337,26 @@ fn vigil_up_runs_a_voted_vm_and_fail_instance_is_masked() {
             let _ = vigil().args(["down", "--dir", &self.0]).output();
         }
     }
-    let out = vigil().args(["up", &model.display().to_string(), "--dir", &d, "--tag", "vl", "--wait", "60"]).output().expect("vigil up");
+    let out = vigil()
+        .args(["up", &model.display().to_string(), "--dir", &d, "--tag", &testbed::ns_tag("vl"), "--wait", "60"])
+        .output()
+        .expect("vigil up");
     let _down = Down(d.clone());
     assert!(out.status.success(), "vigil up: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     // The voter opens the VM's address once all three guests serve.
     let t = Instant::now();
     loop {
-        let out =
-            Command::new("ip").args(["netns", "exec", "vgvl-f", "redis-cli", "-h", "10.99.0.50", "PING"]).output().expect("redis-cli");
+        let out = Command::new("ip")
+            .args(["netns", "exec", &format!("vg{}-f", testbed::ns_tag("vl")), "redis-cli", "-h", "10.99.0.50", "PING"])
+            .output()
+            .expect("redis-cli");
         if String::from_utf8_lossy(&out.stdout).trim() == "PONG" {
             break;
         }
         assert!(t.elapsed() < Duration::from_secs(30), "the relay does not answer: {}", String::from_utf8_lossy(&out.stdout));
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut c = testbed::redis::RedisClient::new("vgvl-f", "10.99.0.50", 6379);
+    let mut c = testbed::redis::RedisClient::new(&format!("vg{}-f", testbed::ns_tag("vl")), "10.99.0.50", 6379);
     let mut n = 0;
     let mut incr = |c: &mut testbed::redis::RedisClient, times: usize| {
         for _ in 0..times {
