@@ -516,6 +516,7 @@ impl Driver {
         // Only the command's name: a checkpoint command carries a buffer of megabytes.
         let what = match &cmd {
             Command::Protect { .. } => "protect",
+            Command::DrainInput => "drain-input",
             Command::Unprotect => "unprotect",
             Command::Checkpoint { .. } => "checkpoint",
             Command::MemoryView => "memory-view",
@@ -619,6 +620,15 @@ impl Driver {
                 self.call(Command::Unprotect)?;
             }
             Action::Send(m) => {
+                if matches!(m, Msg::Handover { .. }) {
+                    // What reached the VM during its final pause goes to the destination first
+                    // (as input, before the message that tells it to take over).
+                    match self.call(Command::DrainInput).map(|r| r.value.unwrap_or(0)) {
+                        Ok(0) => {}
+                        Ok(n) => self.log(format!("handover: {n} frames that arrived during the final pause go to the destination")),
+                        Err(e) => self.log(format!("handover: the frames of the final pause stay here: {e}")),
+                    }
+                }
                 if let Some(l) = &self.link {
                     let _ = l.out.send(Out::Msg(m));
                 }
