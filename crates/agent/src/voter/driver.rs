@@ -32,6 +32,10 @@ pub const MAX_SOURCES: usize = 64;
 pub const SOURCE_IDLE: Duration = Duration::from_secs(60);
 /// Datagram sources are the voter's clients from this identifier on.
 const SOURCE_BASE: Conn = 1 << 40;
+/// A takeover's replay is fed as clients from this identifier on, each a chunk of requests
+/// (the voter bounds one client's unanswered requests).
+const REPLAY_BASE: Conn = 1 << 50;
+const REPLAY_CHUNK: usize = 20_000;
 /// The guest's address inside each instance's namespace (and the host side of its tap).
 pub const GUEST_IP: &str = "10.250.0.2";
 pub const HOST_IP: &str = "10.250.0.1";
@@ -54,7 +58,7 @@ pub struct InstanceSpec {
 }
 
 /// A voted VM.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct GroupSpec {
     pub vm: String,
     /// The VM's address, where clients connect.
@@ -69,6 +73,15 @@ pub struct GroupSpec {
     pub config: Config,
     /// The cluster store: faults and repairs go to its event log too (`vigil status`).
     pub store: Option<PathBuf>,
+    /// Mode 4: the backup's address (`super::remote`) and the cluster's key.
+    pub backup: Option<(String, crate::auth::Key)>,
+    /// A takeover: the instances start from this replica's snapshot and its log is replayed
+    /// before the VM's address opens.
+    pub resume: Option<super::remote::Replica>,
+    /// Once the address is open, announce it on this interface (gratuitous ARP).
+    pub announce: Option<(std::net::Ipv4Addr, String)>,
+    /// Mode 4: whether the group is protected, for the agent (`ReplicationState`).
+    pub state_file: Option<PathBuf>,
 }
 
 /// A thread that appends what it is sent to the store's event log (a store that does not
@@ -185,6 +198,8 @@ enum Msg {
     Link(u64, Instance, Option<Vec<u8>>, String),
     /// An instance's process (of this incarnation) ended.
     Exited(Instance, u64, String),
+    /// Mode 4: the backup's sessions and acknowledgements.
+    Backup(super::remote::FromBackup),
 }
 
 struct Proc {
@@ -418,9 +433,57 @@ fn reader(tx: Sender<Msg>, mut s: TcpStream, what: impl Fn(Option<Vec<u8>>, Stri
     });
 }
 
+/// Opens the VM's address (TCP and UDP): clients' connections and datagrams go to the voter.
+fn open_address(spec: &GroupSpec, tx: &Sender<Msg>) -> Result<UdpSocket> {
+    let listener = TcpListener::bind(spec.listen).map_err(|e| Error::io("cannot listen on", spec.listen.to_string(), e))?;
+    {
+        let tx = tx.clone();
+        std::thread::Builder::new()
+            .name("voter-accept".into())
+            .spawn(move || {
+                let mut next: Conn = 1;
+                for s in listener.incoming() {
+                    let Ok(s) = s else { continue };
+                    let _ = s.set_nodelay(true);
+                    let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+                    if tx.send(Msg::Accepted(next, s)).is_err() {
+                        return;
+                    }
+                    next += 1;
+                }
+            })
+            .map_err(|e| Error::io("cannot start a thread for", spec.listen.to_string(), e))?;
+    }
+    // Datagrams to the same address and port: each a request (or several) of the client that
+    // is its source, in the same total order as the TCP clients'; each voted reply goes back
+    // to the source as one datagram.
+    let udp = UdpSocket::bind(spec.listen).map_err(|e| Error::io("cannot listen (UDP) on", spec.listen.to_string(), e))?;
+    {
+        let (tx, r) = (tx.clone(), udp.try_clone().map_err(|e| Error::io("cannot use", spec.listen.to_string(), e))?);
+        std::thread::Builder::new()
+            .name("voter-udp".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    match r.recv_from(&mut buf) {
+                        Ok((n, src)) => {
+                            if tx.send(Msg::Datagram(src, buf[..n].to_vec())).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            })
+            .map_err(|e| Error::io("cannot start a thread for", spec.listen.to_string(), e))?;
+    }
+    Ok(udp)
+}
+
 /// Starts the instances, waits until each guest accepts connections (`ready` limit), then
 /// serves clients until the process ends. Returns only on a setup error.
-pub fn run(spec: GroupSpec, ready: Duration) -> Result<()> {
+pub fn run(mut spec: GroupSpec, ready: Duration) -> Result<()> {
     let n = spec.instances.len();
     if n != spec.config.n {
         return Err(Error::Spec { vm: spec.vm.clone(), reason: format!("{} instances given for n = {}", n, spec.config.n) });
@@ -430,8 +493,9 @@ pub fn run(spec: GroupSpec, ready: Duration) -> Result<()> {
     let (tx, rx) = channel::<Msg>();
     // The instances.
     let mut procs = Vec::new();
+    let snapshot = spec.resume.as_ref().map(|r| r.snapshot.clone());
     for i in 0..n {
-        let child = start_vmm(&spec, i, None)?;
+        let child = start_vmm(&spec, i, snapshot.as_deref())?;
         procs.push(Proc { pid: child.id(), incarnation: 0 });
         watch(tx.clone(), i, 0, child);
     }
@@ -489,57 +553,44 @@ pub fn run(spec: GroupSpec, ready: Duration) -> Result<()> {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let listener = TcpListener::bind(spec.listen).map_err(|e| Error::io("cannot listen on", spec.listen.to_string(), e))?;
-    {
-        let tx = tx.clone();
-        std::thread::Builder::new()
-            .name("voter-accept".into())
-            .spawn(move || {
-                let mut next: Conn = 1;
-                for s in listener.incoming() {
-                    let Ok(s) = s else { continue };
-                    let _ = s.set_nodelay(true);
-                    let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
-                    if tx.send(Msg::Accepted(next, s)).is_err() {
-                        return;
-                    }
-                    next += 1;
-                }
-            })
-            .map_err(|e| Error::io("cannot start a thread for", spec.listen.to_string(), e))?;
-    }
-    // Datagrams to the same address and port: each a request (or several) of the client that
-    // is its source, in the same total order as the TCP clients'; each voted reply goes back
-    // to the source as one datagram.
-    let udp = UdpSocket::bind(spec.listen).map_err(|e| Error::io("cannot listen (UDP) on", spec.listen.to_string(), e))?;
-    {
-        let (tx, r) = (tx.clone(), udp.try_clone().map_err(|e| Error::io("cannot use", spec.listen.to_string(), e))?);
-        std::thread::Builder::new()
-            .name("voter-udp".into())
-            .spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                loop {
-                    match r.recv_from(&mut buf) {
-                        Ok((n, src)) => {
-                            if tx.send(Msg::Datagram(src, buf[..n].to_vec())).is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                    }
-                }
-            })
-            .map_err(|e| Error::io("cannot start a thread for", spec.listen.to_string(), e))?;
-    }
     // Fault injection only: the VM serves without it (a directory too deep for a socket path).
     if let Err(e) = control(&spec.dir.join("voter.sock"), n, tx.clone()) {
         tracing::warn!("{}: no control socket: {e}", spec.vm);
     }
-    tracing::info!("{}: {} instances voted behind {} (TCP and UDP)", spec.vm, n, spec.listen);
     let store_events = spec.store.clone().map(|s| store_logger(s, spec.vm.clone()));
+    let backup_tx = spec.backup.clone().map(|(addr, key)| {
+        let tx = tx.clone();
+        super::remote::start_sender(addr, spec.vm.clone(), key, move |m| {
+            let _ = tx.send(Msg::Backup(m));
+        })
+    });
+    // A takeover's replay: the log's requests, in chunks, before any client's.
+    let mut replay = std::collections::VecDeque::new();
+    if let Some(r) = spec.resume.as_mut() {
+        let mut chunk = Vec::new();
+        let mut count = 0;
+        for req in std::mem::take(&mut r.requests) {
+            chunk.extend_from_slice(&req);
+            count += 1;
+            if count == REPLAY_CHUNK || chunk.len() > 1 << 20 {
+                replay.push_back(std::mem::take(&mut chunk));
+                count = 0;
+            }
+        }
+        if !chunk.is_empty() {
+            replay.push_back(chunk);
+        }
+    }
     let mut d = Driver {
         store_events,
+        backup_tx,
+        backup_session: 0,
+        checkpoints: 0,
+        checkpoint_dir: None,
+        replay,
+        replayed: 0,
+        next_replay: REPLAY_BASE,
+        udp: None,
         spec,
         tx,
         procs,
@@ -549,7 +600,6 @@ pub fn run(spec: GroupSpec, ready: Duration) -> Result<()> {
         next_link: 1,
         start: Instant::now(),
         events: None,
-        udp,
         sources: HashMap::new(),
         source_of: HashMap::new(),
         next_source: SOURCE_BASE,
@@ -558,8 +608,7 @@ pub fn run(spec: GroupSpec, ready: Duration) -> Result<()> {
     for a in voter.start() {
         d.act(&voter, a);
     }
-    d.serve(&mut voter, rx);
-    Ok(())
+    d.serve(&mut voter, rx)
 }
 
 struct Driver {
@@ -574,7 +623,17 @@ struct Driver {
     start: Instant,
     events: Option<std::fs::File>,
     store_events: Option<Sender<String>>,
-    udp: UdpSocket,
+    /// The VM's address, once open (after a takeover's replay).
+    udp: Option<UdpSocket>,
+    /// Mode 4: the backup's sender, its current session, snapshots taken for it.
+    backup_tx: Option<Sender<super::remote::ToBackup>>,
+    backup_session: u64,
+    checkpoints: u64,
+    checkpoint_dir: Option<PathBuf>,
+    /// A takeover's requests still to replay (chunks), and how many were.
+    replay: std::collections::VecDeque<Vec<u8>>,
+    replayed: usize,
+    next_replay: Conn,
     /// Datagram source → (its client identifier, when it last sent).
     sources: HashMap<SocketAddr, (Conn, Instant)>,
     source_of: HashMap<Conn, SocketAddr>,
@@ -586,11 +645,51 @@ impl Driver {
         self.start.elapsed().as_nanos() as Nanos
     }
 
-    fn serve(&mut self, voter: &mut Voter, rx: Receiver<Msg>) {
+    fn serve(&mut self, voter: &mut Voter, rx: Receiver<Msg>) -> Result<()> {
         let mut last_tick = Instant::now();
+        let t0 = Instant::now();
         loop {
-            let msg = rx.recv_timeout(Duration::from_millis(10));
             let mut events = Vec::new();
+            // A takeover's replay, paced by the instances' answers; then the address opens.
+            if self.udp.is_none() && voter.unanswered() < REPLAY_CHUNK as u64 {
+                if let Some(chunk) = self.replay.pop_front() {
+                    let c = self.next_replay;
+                    self.next_replay += 1;
+                    self.replayed += 1;
+                    events.extend([Event::ClientOpened(c), Event::ClientBytes(c, chunk), Event::ClientClosed(c)]);
+                } else if voter.unanswered() == 0 {
+                    self.udp = Some(open_address(&self.spec, &self.tx)?);
+                    let what = match &self.spec.resume {
+                        Some(r) => format!(
+                            "{} instances restored from the replica's snapshot (after request {}) and its log replayed; serving in {} ms",
+                            self.spec.instances.len(),
+                            r.position,
+                            t0.elapsed().as_millis()
+                        ),
+                        None => format!("{} instances voted", self.spec.instances.len()),
+                    };
+                    tracing::info!("{}: {what} behind {} (TCP and UDP)", self.spec.vm, self.spec.listen);
+                    if self.spec.resume.is_some() {
+                        if let Some(tx) = &self.store_events {
+                            let _ = tx.send(format!("{}: took over: {what}", self.spec.vm));
+                        }
+                    }
+                    if let Some((ip, ifname)) = self.spec.announce.clone() {
+                        let vm = self.spec.vm.clone();
+                        let _ = std::thread::Builder::new().name("voter-arp".into()).spawn(move || {
+                            // Again a little later: a frame lost while the bridge learns is no matter.
+                            for wait in [0, 100, 400] {
+                                std::thread::sleep(Duration::from_millis(wait));
+                                if let Err(e) = super::remote::gratuitous_arp(&ifname, ip) {
+                                    tracing::warn!("{vm}: gratuitous ARP for {ip} on {ifname}: {e}");
+                                    return;
+                                }
+                            }
+                        });
+                    }
+                }
+            }
+            let msg = rx.recv_timeout(Duration::from_millis(if self.udp.is_none() { 1 } else { 10 }));
             match msg {
                 Ok(Msg::Event(e)) => events.push(e),
                 Ok(Msg::Accepted(c, s)) => {
@@ -676,8 +775,21 @@ impl Driver {
                         events.push(Event::InstanceExited(i, why));
                     }
                 }
+                Ok(Msg::Backup(m)) => match m {
+                    super::remote::FromBackup::Up(k) => {
+                        self.backup_session = k;
+                        tracing::info!("{}: the backup is connected (session {k})", self.spec.vm);
+                        events.push(Event::BackupConnected);
+                    }
+                    super::remote::FromBackup::Acked(k, upto) if k == self.backup_session => events.push(Event::BackupLogged(upto)),
+                    super::remote::FromBackup::Down(k, why) if k == self.backup_session => {
+                        self.backup_session = 0;
+                        events.push(Event::BackupLost(why));
+                    }
+                    _ => {}
+                },
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
             }
             if last_tick.elapsed() >= Duration::from_millis(10) {
                 last_tick = Instant::now();
@@ -709,7 +821,7 @@ impl Driver {
         match a {
             Action::ToClient(c, b) if c >= SOURCE_BASE => {
                 if let Some(src) = self.source_of.get(&c) {
-                    if let Err(e) = self.udp.send_to(&b, src) {
+                    if let Some(Err(e)) = self.udp.as_ref().map(|u| u.send_to(&b, src)) {
                         tracing::warn!("{}: a reply to {src} not sent: {e}", self.spec.vm);
                     }
                 }
@@ -802,6 +914,40 @@ impl Driver {
                     }
                 }
             }
+            Action::Checkpoint(d) => {
+                // Mode 4: a snapshot for the backup, in a directory of its own (the sender
+                // removes it once shipped).
+                self.checkpoints += 1;
+                let (api, dir, tx) =
+                    (api_path(&self.spec.dir, d), self.spec.dir.join(format!("ckpt-{}", self.checkpoints)), self.tx.clone());
+                self.checkpoint_dir = Some(dir.clone());
+                let _ = std::thread::Builder::new().name("voter-checkpoint".into()).spawn(move || {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    let t = Instant::now();
+                    let r = vmm::api::call(&api, &vmm::Command::Snapshot { dir: dir.clone() });
+                    let resumed = vmm::api::call(&api, &vmm::Command::Resume);
+                    let ev = match (r, resumed) {
+                        (Ok(r), Ok(q)) if r.ok && q.ok => {
+                            tracing::info!("snapshot of instance {d} for the backup in {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+                            Event::SnapshotTaken(d)
+                        }
+                        (Ok(r), _) if !r.ok => Event::SnapshotFailed(d, r.error.unwrap_or_default()),
+                        (Err(e), _) | (_, Err(e)) => Event::SnapshotFailed(d, e.to_string()),
+                        (_, Ok(q)) => Event::SnapshotFailed(d, format!("resume: {}", q.error.unwrap_or_default())),
+                    };
+                    let _ = tx.send(Msg::Event(ev));
+                });
+            }
+            Action::ShipSnapshot { donor, position } => {
+                if let (Some(tx), Some(dir)) = (&self.backup_tx, self.checkpoint_dir.take()) {
+                    let _ = tx.send(super::remote::ToBackup::Snapshot { session: self.backup_session, dir, position, donor: donor as u8 });
+                }
+            }
+            Action::Log { from, count, bytes } => {
+                if let Some(tx) = &self.backup_tx {
+                    let _ = tx.send(super::remote::ToBackup::Log { session: self.backup_session, from, count, bytes });
+                }
+            }
             Action::Report(r) => self.report(voter, &r),
         }
         None
@@ -824,9 +970,24 @@ impl Driver {
                 Report::Repaired { instance, donor, took } => {
                     format!("{}#{}: repaired from #{}'s snapshot in {} ms", self.spec.vm, instance + 1, donor + 1, took / 1_000_000)
                 }
+                Report::Protected { donor, position } => format!(
+                    "{}: protected: the backup holds #{}'s snapshot (after request {position}) and the log after it",
+                    self.spec.vm,
+                    donor + 1
+                ),
+                Report::Unprotected { reason } => format!("{}: unprotected: the backup is gone ({reason})", self.spec.vm),
                 other => format!("{}: {other:?}", self.spec.vm),
             };
             let _ = tx.send(what);
+        }
+        if let (Some(path), Report::Protected { .. } | Report::Unprotected { .. }) = (&self.spec.state_file, r) {
+            let st = crate::protection::primary::ReplicationState {
+                protected: voter.protected(),
+                detail: format!("{r:?}"),
+                figures: None,
+                handover_ms: None,
+            };
+            st.save(path);
         }
         if let Some(f) = self.events.as_mut() {
             let line = serde_json::json!({ "at_ms": self.start.elapsed().as_millis() as u64, "vm": self.spec.vm, "event": r });

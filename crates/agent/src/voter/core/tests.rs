@@ -368,6 +368,7 @@ impl Sim {
                     self.servers[instance] = Some(s);
                     self.pending.push_back(Event::Restored(instance));
                 }
+                Action::Checkpoint(_) | Action::ShipSnapshot { .. } | Action::Log { .. } => panic!("{a:?}: the simulation has no backup"),
                 Action::Report(r) => {
                     self.log.push(format!("{} {r:?}", self.now / 1_000_000));
                     assert!(
@@ -533,4 +534,109 @@ fn an_injected_request_goes_to_one_instance_and_its_reply_is_not_voted() {
     let acts = v.handle(0, bytes(1, b":1\r\n:2\r\n"));
     assert_eq!(to_client(&acts), b":2\r\n");
     assert!(reports(&acts).contains(&Report::Fault { instance: 2, fault: Fault::Outvoted { conn: 1, seq: 1 } }), "{acts:?}");
+}
+
+fn remote_voter(every: u64) -> Voter {
+    let mut cfg = Config::new(3, Policy::Suppress);
+    cfg.remote = true;
+    cfg.checkpoint_every = every;
+    let mut v = Voter::new(cfg).expect("config");
+    for a in v.start() {
+        let Action::Connect(i) = a else { panic!("{a:?}") };
+        v.handle(0, Event::InstanceConnected(i));
+    }
+    v
+}
+
+/// Mode 4: the backup gets a donor's snapshot, then the log from its position; once it holds
+/// both, a voted reply leaves only when its request is logged there; without the backup,
+/// replies flow (unprotected) and the held ones go out.
+#[test]
+fn mode_4_replies_wait_for_their_requests_in_the_backups_log() {
+    let mut v = remote_voter(0);
+    v.handle(0, Event::ClientOpened(1));
+    assert_eq!(v.handle(0, Event::BackupConnected), vec![Action::Checkpoint(0)]);
+    // While instance 0 is snapshotted, the others get the request (and vote it: unprotected).
+    let acts = v.handle(1, Event::ClientBytes(1, b"INCR k\r\n".to_vec()));
+    assert_eq!(acts, vec![Action::ToInstance(1, b"INCR k\r\n".to_vec()), Action::ToInstance(2, b"INCR k\r\n".to_vec())]);
+    v.handle(2, bytes(1, b":1\r\n"));
+    assert_eq!(to_client(&v.handle(2, bytes(2, b":1\r\n"))), b":1\r\n");
+    let acts = v.handle(3, Event::SnapshotTaken(0));
+    assert_eq!(
+        acts,
+        vec![
+            Action::ShipSnapshot { donor: 0, position: 0 },
+            Action::Log { from: 0, count: 1, bytes: b"INCR k\r\n".to_vec() },
+            Action::ToInstance(0, b"INCR k\r\n".to_vec()),
+        ]
+    );
+    assert!(!v.protected());
+    assert_eq!(reports(&v.handle(4, Event::BackupLogged(1))), vec![Report::Protected { donor: 0, position: 0 }]);
+    assert!(v.protected());
+    v.handle(4, bytes(0, b":1\r\n"));
+    // Protected: logged first, voted, held until the backup has it.
+    let acts = v.handle(5, Event::ClientBytes(1, b"INCR k\r\nGET k\r\n".to_vec()));
+    assert_eq!(acts[0], Action::Log { from: 1, count: 2, bytes: b"INCR k\r\nGET k\r\n".to_vec() });
+    for i in 0..3 {
+        assert!(to_client(&v.handle(6, bytes(i, b":2\r\n$1\r\n2\r\n"))).is_empty(), "not logged yet");
+    }
+    assert_eq!(to_client(&v.handle(7, Event::BackupLogged(2))), b":2\r\n");
+    assert_eq!(to_client(&v.handle(8, Event::BackupLogged(3))), b"$1\r\n2\r\n");
+    // An acknowledgement beyond what exists changes nothing.
+    assert!(v.handle(8, Event::BackupLogged(99)).is_empty());
+    // Held replies go out when the backup is lost; from then on replies are not held.
+    v.handle(9, Event::ClientBytes(1, b"INCR k\r\n".to_vec()));
+    for i in 0..3 {
+        v.handle(9, bytes(i, b":3\r\n"));
+    }
+    let acts = v.handle(10, Event::BackupLost("reset".into()));
+    assert_eq!(to_client(&acts), b":3\r\n");
+    assert_eq!(reports(&acts), vec![Report::Unprotected { reason: "reset".into() }]);
+    let acts = v.handle(11, Event::ClientBytes(1, b"PING\r\n".to_vec()));
+    assert!(!acts.iter().any(|a| matches!(a, Action::Log { .. })), "no log without a backup: {acts:?}");
+    for i in 0..2 {
+        v.handle(12, bytes(i, b"+PONG\r\n"));
+    }
+    assert_eq!(v.counters.replies, 5);
+    // A new backup: a new snapshot (its position is everything instance 0 was given).
+    assert_eq!(v.handle(13, Event::BackupConnected), vec![Action::Checkpoint(0)]);
+    assert_eq!(v.handle(14, Event::SnapshotTaken(0)), vec![Action::ShipSnapshot { donor: 0, position: 5 }]);
+}
+
+/// Mode 4: a new snapshot after `checkpoint_every` requests, shipped while the log goes on
+/// (no log from its position again); a snapshot for the backup that fails is tried again;
+/// a donor that fails hands it to another instance.
+#[test]
+fn mode_4_snapshots_again_and_survives_a_failing_donor() {
+    let mut v = remote_voter(2);
+    v.handle(0, Event::ClientOpened(1));
+    assert_eq!(v.handle(0, Event::BackupConnected), vec![Action::Checkpoint(0)]);
+    v.handle(1, Event::SnapshotTaken(0));
+    v.handle(1, Event::BackupLogged(0));
+    assert!(v.protected());
+    let acts = v.handle(2, Event::ClientBytes(1, b"INCR k\r\nINCR k\r\n".to_vec()));
+    assert!(acts.contains(&Action::Log { from: 0, count: 2, bytes: b"INCR k\r\nINCR k\r\n".to_vec() }));
+    v.handle(3, Event::BackupLogged(2));
+    v.handle(3, bytes(1, b":1\r\n:2\r\n"));
+    v.handle(3, bytes(2, b":1\r\n:2\r\n"));
+    // Instance 0 answers: it is quiet, its snapshot is taken.
+    let acts = v.handle(4, bytes(0, b":1\r\n:2\r\n"));
+    assert!(acts.contains(&Action::Checkpoint(0)), "{acts:?}");
+    // The snapshot fails: reported, tried again after the backoff.
+    let acts = v.handle(5, Event::SnapshotFailed(0, "disk full".into()));
+    assert_eq!(reports(&acts), vec![Report::CheckpointFailed { reason: "snapshot of instance 0: disk full".into() }]);
+    assert!(v.handle(6, Event::Tick).is_empty());
+    let acts = v.handle(5 + S, Event::Tick);
+    assert_eq!(acts, vec![Action::Checkpoint(0)]);
+    // The donor crashes while snapshotted: its repair comes first (from instance 1), then
+    // the backup's snapshot.
+    let acts = v.handle(5 + S, Event::InstanceExited(0, "killed".into()));
+    assert!(acts.contains(&Action::Snapshot(1)), "{acts:?}");
+    assert_eq!(v.handle(6 + S, Event::SnapshotTaken(1)), vec![Action::Restore { instance: 0, donor: 1 }]);
+    assert_eq!(v.handle(7 + S, Event::Restored(0)), vec![Action::Connect(0)]);
+    let acts = v.handle(8 + S, Event::InstanceConnected(0));
+    assert!(acts.contains(&Action::Checkpoint(0)), "{acts:?}");
+    let acts = v.handle(9 + S, Event::SnapshotTaken(0));
+    assert_eq!(acts, vec![Action::ShipSnapshot { donor: 0, position: 2 }], "the log goes on");
+    assert!(v.protected());
 }
