@@ -355,6 +355,18 @@ impl Agent {
                 self.fresh(store)?;
                 if why == "restarted after a crash" {
                     spec = fresh_spec(&spec);
+                    // A voted VM's voter continues its instances' state from its local replica.
+                    if role == Role::Primary {
+                        let mut replica = self.spec_file(&vm, role).into_os_string();
+                        replica.push(".local/replica");
+                        spec = serde_json::from_slice::<crate::VmSpec>(&spec)
+                            .ok()
+                            .and_then(|mut s| {
+                                s.local.as_mut()?.resume = Some(PathBuf::from(&replica)).filter(|r| r.join("current").is_file());
+                                serde_json::to_vec_pretty(&s).ok()
+                            })
+                            .unwrap_or(spec);
+                    }
                 }
                 let restarts = self.copies.get(&vm).map_or(0, |c| c.restarts + u32::from(why == "restarted after a crash"));
                 match self.spawn(&vm, role, &spec) {

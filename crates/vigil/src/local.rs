@@ -232,14 +232,29 @@ pub fn run(a: &Args) -> Result<u8> {
     }
     let mut config = Config::new(n, p.policy);
     config.hang_timeout = p.hang_timeout_ms.max(1) * 1_000_000;
-    config.remote = p.backup.is_some();
+    // A replica is kept (the local one, and the remote backup's in mode 4): a reply waits
+    // until its request is in it.
+    config.remote = true;
     let backup = match &p.backup {
         Some((addr, key)) => Some((addr.clone(), agent::auth::Key::load(key)?)),
         None => None,
     };
-    // A takeover: the replica is read before anything starts (a bad one is an error, named).
+    // A takeover, or a restart after the voter crashed: the replica is read before anything
+    // starts (a bad one is an error, named). The local one is moved aside first (a new one
+    // starts in its place).
+    let replica = p.dir.join("replica");
     let resume = match &p.resume {
-        Some(dir) => Some(agent::voter::remote::read_replica(dir).with_context(|| format!("the replica in {}", dir.display()))?),
+        Some(dir) => {
+            let dir = if *dir == replica {
+                let old = p.dir.join("replica.old");
+                let _ = std::fs::remove_dir_all(&old);
+                std::fs::rename(&replica, &old).with_context(|| format!("the replica in {}", replica.display()))?;
+                old
+            } else {
+                dir.clone()
+            };
+            Some(agent::voter::remote::read_replica(&dir).with_context(|| format!("the replica in {}", dir.display()))?)
+        }
         None => None,
     };
     for inst in &instances {
@@ -258,6 +273,7 @@ pub fn run(a: &Args) -> Result<u8> {
         resume,
         announce: p.identity.clone(),
         state_file: p.state_file.clone(),
+        replica: Some(replica),
     };
     let result = driver::run(spec, Duration::from_millis(a.ready_ms));
     cleanup();

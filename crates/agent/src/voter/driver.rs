@@ -82,6 +82,10 @@ pub struct GroupSpec {
     pub announce: Option<(std::net::Ipv4Addr, String)>,
     /// Mode 4: whether the group is protected, for the agent (`ReplicationState`).
     pub state_file: Option<PathBuf>,
+    /// Keep a replica here too (a snapshot, the log after it, `super::remote::Store`), so
+    /// that a voter restarted after a crash continues the instances' state (`resume`). Every
+    /// request is in its log before any instance gets it.
+    pub replica: Option<PathBuf>,
 }
 
 /// A thread that appends what it is sent to the store's event log (a store that does not
@@ -565,6 +569,7 @@ pub fn run(mut spec: GroupSpec, ready: Duration) -> Result<()> {
         })
     });
     // A takeover's replay: the log's requests, in chunks, before any client's.
+    let replay_count = spec.resume.as_ref().map_or(0, |r| r.requests.len());
     let mut replay = std::collections::VecDeque::new();
     if let Some(r) = spec.resume.as_mut() {
         let mut chunk = Vec::new();
@@ -581,14 +586,24 @@ pub fn run(mut spec: GroupSpec, ready: Duration) -> Result<()> {
             replay.push_back(chunk);
         }
     }
+    let local = match &spec.replica {
+        Some(dir) => {
+            let mut st = super::remote::Store::open(dir)?;
+            st.reset()?;
+            Some(st)
+        }
+        None => None,
+    };
     let mut d = Driver {
         store_events,
+        local,
         backup_tx,
         backup_session: 0,
         checkpoints: 0,
         checkpoint_dir: None,
         replay,
         replayed: 0,
+        replay_count,
         next_replay: REPLAY_BASE,
         udp: None,
         spec,
@@ -608,6 +623,10 @@ pub fn run(mut spec: GroupSpec, ready: Duration) -> Result<()> {
     for a in voter.start() {
         d.act(&voter, a);
     }
+    // Without a remote backup the local replica is the voter's backup, acknowledging at once.
+    if d.local.is_some() && d.backup_tx.is_none() {
+        d.feed(&mut voter, Event::BackupConnected);
+    }
     d.serve(&mut voter, rx)
 }
 
@@ -625,6 +644,8 @@ struct Driver {
     store_events: Option<Sender<String>>,
     /// The VM's address, once open (after a takeover's replay).
     udp: Option<UdpSocket>,
+    /// The local replica (a restarted voter resumes from it).
+    local: Option<super::remote::Store>,
     /// Mode 4: the backup's sender, its current session, snapshots taken for it.
     backup_tx: Option<Sender<super::remote::ToBackup>>,
     backup_session: u64,
@@ -633,6 +654,7 @@ struct Driver {
     /// A takeover's requests still to replay (chunks), and how many were.
     replay: std::collections::VecDeque<Vec<u8>>,
     replayed: usize,
+    replay_count: usize,
     next_replay: Conn,
     /// Datagram source → (its client identifier, when it last sent).
     sources: HashMap<SocketAddr, (Conn, Instant)>,
@@ -661,9 +683,10 @@ impl Driver {
                     self.udp = Some(open_address(&self.spec, &self.tx)?);
                     let what = match &self.spec.resume {
                         Some(r) => format!(
-                            "{} instances restored from the replica's snapshot (after request {}) and its log replayed; serving in {} ms",
+                            "{} instances restored from its snapshot (after request {}) and {} logged requests replayed; serving in {} ms",
                             self.spec.instances.len(),
                             r.position,
+                            self.replay_count,
                             t0.elapsed().as_millis()
                         ),
                         None => format!("{} instances voted", self.spec.instances.len()),
@@ -671,7 +694,7 @@ impl Driver {
                     tracing::info!("{}: {what} behind {} (TCP and UDP)", self.spec.vm, self.spec.listen);
                     if self.spec.resume.is_some() {
                         if let Some(tx) = &self.store_events {
-                            let _ = tx.send(format!("{}: took over: {what}", self.spec.vm));
+                            let _ = tx.send(format!("{}: continues from the replica: {what}", self.spec.vm));
                         }
                     }
                     if let Some((ip, ifname)) = self.spec.announce.clone() {
@@ -784,6 +807,11 @@ impl Driver {
                     super::remote::FromBackup::Acked(k, upto) if k == self.backup_session => events.push(Event::BackupLogged(upto)),
                     super::remote::FromBackup::Down(k, why) if k == self.backup_session => {
                         self.backup_session = 0;
+                        // The log stops until the next backup's snapshot: the local replica
+                        // would miss requests meanwhile, so it is void until then.
+                        if let Some(st) = self.local.as_mut() {
+                            let _ = st.reset();
+                        }
                         events.push(Event::BackupLost(why));
                     }
                     _ => {}
@@ -803,14 +831,19 @@ impl Driver {
                 }
             }
             for e in events {
-                let mut queue = std::collections::VecDeque::from([e]);
-                while let Some(e) = queue.pop_front() {
-                    let now = self.now();
-                    for a in voter.handle(now, e) {
-                        if let Some(back) = self.act(voter, a) {
-                            queue.push_back(back);
-                        }
-                    }
+                self.feed(voter, e);
+            }
+        }
+    }
+
+    /// Hands the voter one event and does what it says (and what that causes, in order).
+    fn feed(&mut self, voter: &mut Voter, e: Event) {
+        let mut queue = std::collections::VecDeque::from([e]);
+        while let Some(e) = queue.pop_front() {
+            let now = self.now();
+            for a in voter.handle(now, e) {
+                if let Some(back) = self.act(voter, a) {
+                    queue.push_back(back);
                 }
             }
         }
@@ -939,13 +972,44 @@ impl Driver {
                 });
             }
             Action::ShipSnapshot { donor, position } => {
-                if let (Some(tx), Some(dir)) = (&self.backup_tx, self.checkpoint_dir.take()) {
-                    let _ = tx.send(super::remote::ToBackup::Snapshot { session: self.backup_session, dir, position, donor: donor as u8 });
+                let dir = self.checkpoint_dir.take()?;
+                let local = self.local.as_mut().map(|st| st.link_snapshot(&dir, position));
+                if let Some(Err(e)) = &local {
+                    tracing::error!("{}: the local replica: {e}", self.spec.vm);
+                    self.local = None;
+                }
+                match &self.backup_tx {
+                    Some(tx) => {
+                        let _ =
+                            tx.send(super::remote::ToBackup::Snapshot { session: self.backup_session, dir, position, donor: donor as u8 });
+                    }
+                    None => {
+                        let _ = std::fs::remove_dir_all(&dir);
+                        return match self.local.as_ref().and_then(|st| st.acked()) {
+                            Some(upto) => Some(Event::BackupLogged(upto)),
+                            None => Some(Event::BackupLost("the local replica failed".into())),
+                        };
+                    }
                 }
             }
             Action::Log { from, count, bytes } => {
-                if let Some(tx) = &self.backup_tx {
-                    let _ = tx.send(super::remote::ToBackup::Log { session: self.backup_session, from, count, bytes });
+                // The local replica first: synchronously, before any instance gets them.
+                if let Some(st) = self.local.as_mut() {
+                    if let Err(e) = st.append(from, count, &bytes) {
+                        tracing::error!("{}: the local replica: {e}", self.spec.vm);
+                        self.local = None;
+                    }
+                }
+                match &self.backup_tx {
+                    Some(tx) => {
+                        let _ = tx.send(super::remote::ToBackup::Log { session: self.backup_session, from, count, bytes });
+                    }
+                    None => {
+                        return match self.local.as_ref().and_then(|st| st.acked()) {
+                            Some(upto) => Some(Event::BackupLogged(upto)),
+                            None => Some(Event::BackupLost("the local replica failed".into())),
+                        };
+                    }
                 }
             }
             Action::Report(r) => self.report(voter, &r),
@@ -970,8 +1034,13 @@ impl Driver {
                 Report::Repaired { instance, donor, took } => {
                     format!("{}#{}: repaired from #{}'s snapshot in {} ms", self.spec.vm, instance + 1, donor + 1, took / 1_000_000)
                 }
-                Report::Protected { donor, position } => format!(
+                Report::Protected { donor, position } if self.backup_tx.is_some() => format!(
                     "{}: protected: the backup holds #{}'s snapshot (after request {position}) and the log after it",
+                    self.spec.vm,
+                    donor + 1
+                ),
+                Report::Protected { donor, position } => format!(
+                    "{}: its local replica holds #{}'s snapshot (after request {position}) and the log after it",
                     self.spec.vm,
                     donor + 1
                 ),

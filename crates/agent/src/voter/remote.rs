@@ -203,8 +203,9 @@ pub fn read_replica(dir: &Path) -> Result<Replica> {
     Ok(Replica { snapshot, position, requests })
 }
 
-/// The receiver's replica on disk, for one session at a time.
-struct Store {
+/// A replica on disk (a snapshot, the log after it): the backup's (one session at a time), or
+/// the voter's own local one, which a restarted voter resumes from (`driver`).
+pub struct Store {
     dir: PathBuf,
     log: std::fs::File,
     /// This session: the complete snapshot's position, the next request the log expects.
@@ -213,14 +214,14 @@ struct Store {
 }
 
 impl Store {
-    fn open(dir: &Path) -> Result<Store> {
+    pub fn open(dir: &Path) -> Result<Store> {
         std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("log")).map_err(io("cannot open", dir))?;
         Ok(Store { dir: dir.to_path_buf(), log, snapshot: None, log_end: None })
     }
 
     /// A new session: the old replica is void before anything of the new one is kept.
-    fn reset(&mut self) -> Result<()> {
+    pub fn reset(&mut self) -> Result<()> {
         let _ = std::fs::remove_file(self.dir.join("current"));
         self.log.set_len(0).map_err(io("cannot truncate", &self.dir.join("log")))?;
         for e in std::fs::read_dir(&self.dir).map_err(io("cannot read", &self.dir))?.flatten() {
@@ -243,10 +244,20 @@ impl Store {
         f.write_all_at(data, offset).map_err(io("cannot write", &path))
     }
 
-    fn snapshot_done(&mut self, position: u64) -> Result<()> {
-        if self.log_end.is_some_and(|end| end < position) {
-            return Err(Error::Spec { vm: self.dir.display().to_string(), reason: format!("a snapshot at {position} beyond the log") });
+    /// The snapshot of `from` (its files linked, not copied) is the replica's, at `position`.
+    pub fn link_snapshot(&mut self, from: &Path, position: u64) -> Result<()> {
+        let dir = self.dir.join("incoming");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+        for name in SNAPSHOT_FILES {
+            std::fs::hard_link(from.join(name), dir.join(name)).map_err(io("cannot link", &from.join(name)))?;
         }
+        self.snapshot_done(position)
+    }
+
+    /// The snapshot received is complete: the state after `position` requests (it holds
+    /// every request before, logged or not).
+    fn snapshot_done(&mut self, position: u64) -> Result<()> {
         let to = self.dir.join(format!("snap-{position}"));
         let _ = std::fs::remove_dir_all(&to);
         std::fs::rename(self.dir.join("incoming"), &to).map_err(io("cannot rename", &to))?;
@@ -258,7 +269,7 @@ impl Store {
             }
         }
         self.snapshot = Some(position);
-        self.log_end.get_or_insert(position);
+        self.log_end = Some(self.log_end.unwrap_or(position).max(position));
         self.compact(position)
     }
 
@@ -285,10 +296,19 @@ impl Store {
         Ok(())
     }
 
-    fn append(&mut self, from: u64, count: u64, bytes: &[u8]) -> std::result::Result<(), String> {
+    /// Appends requests `from..from + count` (those it holds already are skipped).
+    pub fn append(&mut self, from: u64, count: u64, bytes: &[u8]) -> std::result::Result<(), String> {
         if let Some(end) = self.log_end {
-            if from != end {
+            if from > end {
                 return Err(format!("log from request {from}, expected {end}"));
+            }
+            if from + count <= end {
+                return Ok(());
+            }
+            if from < end {
+                let reqs = split(bytes)?;
+                let rest: Vec<u8> = reqs[(end - from) as usize..].concat();
+                return self.append(end, from + count - end, &rest);
             }
         }
         let mut rec = Vec::with_capacity(20 + bytes.len());
@@ -301,8 +321,8 @@ impl Store {
         Ok(())
     }
 
-    /// What the backup holds: every request before this one (with a complete snapshot).
-    fn acked(&self) -> Option<u64> {
+    /// What the replica holds: every request before this one (with a complete snapshot).
+    pub fn acked(&self) -> Option<u64> {
         let s = self.snapshot?;
         Some(self.log_end.unwrap_or(s).max(s))
     }
@@ -740,7 +760,10 @@ mod tests {
         st.snapshot_done(3).unwrap();
         assert_eq!(st.acked(), Some(5));
         assert!(st.append(6, 1, b"PING\r\n").unwrap_err().contains("expected 5"));
-        st.append(5, 1, b"GET a\r\n").unwrap();
+        // Requests it holds already are skipped.
+        st.append(4, 2, b"INCR b\r\nGET a\r\n").unwrap();
+        st.append(3, 1, b"INCR a\r\n").unwrap();
+        assert_eq!(st.acked(), Some(6));
         let r = read_replica(&dir).unwrap();
         assert_eq!((r.position, r.requests.len()), (3, 3));
         assert_eq!(r.requests[2], b"GET a\r\n");
