@@ -557,6 +557,27 @@ fn mode_4_a_host_failure_is_taken_over_with_voting_resumed() {
         })
     };
     std::thread::sleep(Duration::from_secs(2));
+    // Protected, the voted chain's measured latency (the field's probe) stays under its
+    // analysed bound, which counts the voting delay and the reply's hold for the log
+    // (`output_commit`).
+    let t = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(700));
+        let out = vigil().args(["status", "--dir", &d, "--json"]).output().expect("vigil status");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+        let m = &v["measured"]["protection"];
+        let bound =
+            v["plan"]["chains"].as_array().and_then(|a| a.iter().find(|c| c["chain"] == "protection")).map(|c| c["worst_ms"].clone());
+        if m["max_ms"].is_number() && v["above_bound"].as_array().is_some_and(|a| a.is_empty()) {
+            eprintln!(
+                "protection, on hostA protected by hostB: measured p50 {} ms, p99 {} ms, max {} ms; bound {:?} ms",
+                m["p50_ms"], m["p99_ms"], m["max_ms"], bound
+            );
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "above the bound: {m} > {bound:?}");
+    }
+    let failed_wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
     let out = vigil().args(["fail", "hostA", "--dir", &d]).output().expect("vigil fail");
     assert!(out.status.success(), "vigil fail: {}", String::from_utf8_lossy(&out.stderr));
     let failed_at = Instant::now();
@@ -596,6 +617,15 @@ fn mode_4_a_host_failure_is_taken_over_with_voting_resumed() {
     stop.store(true, Ordering::SeqCst);
     let (last, ok) = client.join().expect("client thread").unwrap_or_else(|e| panic!("{e}\n{text}"));
     let gaps = gaps.lock().unwrap().clone();
+    // The takeover's steps, ms after the failure.
+    let out = vigil().args(["status", "--dir", &d, "--json"]).output().expect("vigil status");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    for e in v["events"].as_array().into_iter().flatten() {
+        let at = e["at_ms"].as_i64().unwrap_or(0) - failed_wall;
+        if at >= 0 {
+            eprintln!("  +{at} ms [{}] {}", e["source"].as_str().unwrap_or(""), e["what"].as_str().unwrap_or(""));
+        }
+    }
     eprintln!("client: {ok} increments acknowledged, the last {last}; broken connections (silence, last value, next value): {gaps:?}");
     assert!(gaps.len() >= 2, "the client's connections to the voters cannot survive them: {gaps:?}");
     // Every acknowledged increment is in the state that continued.
