@@ -824,6 +824,7 @@ impl Voter {
     /// that the replies of one read go out in one write per client).
     fn decide(&mut self, seq: u64) {
         let quorum = self.quorum();
+        let lowered = self.lowered_quorum();
         let (n, policy) = (self.cfg.n, self.cfg.policy);
         let voting: Vec<bool> = (0..n).map(|i| self.is_voting(i)).collect();
         let live: Vec<bool> = (0..n).map(|i| self.is_live(i)).collect();
@@ -845,9 +846,17 @@ impl Voter {
             }
         }
         let Some((count, who)) = best else { return };
+        // While a donor is paused for a snapshot, the others may decide without it (its vote is
+        // still compared when it comes): see `lowered_quorum`.
+        let (quorum, paused) = match lowered {
+            Some((d, q)) if slot.votes[d].is_none() => (q, Some(d)),
+            _ => (quorum, None),
+        };
         // Live instances that will still answer it (a quiescing donor is given the request
         // after its snapshot; an instance restored after it never answers it).
-        let pending = (0..n).filter(|&i| live[i] && slot.votes[i].is_none() && links[i].as_ref().is_some_and(|l| l.got <= seq)).count();
+        let pending = (0..n)
+            .filter(|&i| Some(i) != paused && live[i] && slot.votes[i].is_none() && links[i].as_ref().is_some_and(|l| l.got <= seq))
+            .count();
         let all_agree = (0..n).all(|i| !voting[i] || slot.votes[i].is_none() || slot.votes[i] == slot.votes[who]);
         let conn = slot.conn;
         let chosen = if count >= quorum {
@@ -878,6 +887,24 @@ impl Voter {
         for i in losers {
             self.fault(i, Fault::Outvoted { conn, seq });
         }
+    }
+
+    /// The donor being quiesced and snapshotted, and the votes the other live instances need
+    /// meanwhile, when they may decide without it: during a repair (one instance is faulty
+    /// already; within the single-fault hypothesis the others are correct, so a reply of the
+    /// one that is left may go: replies never wait for the donor's snapshot), or during a
+    /// snapshot for the replica when the donor is not the primary and the policy prefers the
+    /// primary (N = 2: the primary's reply is the one the policy would send anyway). With three
+    /// instances all live the other two are a majority: nothing is lowered. The donor's reply
+    /// is compared when it comes, and a difference is reported as its fault.
+    fn lowered_quorum(&self) -> Option<(Instance, usize)> {
+        let r = self.repair?;
+        if !matches!(r.stage, Stage::Quiescing | Stage::Snapshotting) {
+            return None;
+        }
+        let others = self.live().saturating_sub(1);
+        let allowed = r.target.is_some() || (self.cfg.policy == Policy::PreferPrimary && r.donor != 0);
+        (allowed && others > 0).then(|| (r.donor, self.quorum().min(others)))
     }
 
     /// Sends the decided replies in order, forgets what every live instance has answered.
@@ -1028,7 +1055,11 @@ impl Voter {
         if target.is_none() && !checkpoint {
             return;
         }
-        let Some(donor) = (0..self.cfg.n).find(|&i| self.is_live(i)) else { return };
+        // A repair's donor is the first live instance; a snapshot for the replica is taken of
+        // the last (not the primary, whose reply the N = 2 policy prefers: `lowered_quorum`).
+        let donor =
+            if target.is_some() { (0..self.cfg.n).find(|&i| self.is_live(i)) } else { (0..self.cfg.n).rev().find(|&i| self.is_live(i)) };
+        let Some(donor) = donor else { return };
         if target.is_none() {
             self.want_checkpoint = None;
         }
