@@ -99,6 +99,9 @@ pub struct Config {
     pub max_backlog: usize,
     /// Time between a failed repair and the next attempt.
     pub repair_backoff: Nanos,
+    /// A donor whose snapshot is not done after this long has hung (a stopped VMM answers
+    /// no snapshot, and a donor gets no requests meanwhile, so the hang timeout cannot see it).
+    pub snapshot_timeout: Nanos,
     /// Mode 4 (local + remote): the group is protected by a backup on another host, which
     /// holds a donor's snapshot and the log of every request after it. While the backup is
     /// in step ([`Event::BackupLogged`]), a reply leaves only once its request is logged there.
@@ -118,6 +121,7 @@ impl Config {
             max_message: 1 << 20,
             max_backlog: 16 << 20,
             repair_backoff: 1_000_000_000,
+            snapshot_timeout: 2_000_000_000,
             remote: false,
             checkpoint_every: 20_000,
         }
@@ -137,6 +141,8 @@ pub enum Fault {
     Outvoted { conn: Conn, seq: u64 },
     /// It sent bytes that are no valid reply (or a reply to no request).
     Protocol { reason: String },
+    /// As a donor, its snapshot was not done after `after_ms`.
+    HungInSnapshot { after_ms: u64 },
 }
 
 impl std::fmt::Display for Fault {
@@ -146,6 +152,7 @@ impl std::fmt::Display for Fault {
             Fault::Hung { conn, seq } => write!(f, "hung (no reply to request {seq}, of client {conn})"),
             Fault::Outvoted { conn, seq } => write!(f, "outvoted (reply to request {seq}, of client {conn})"),
             Fault::Protocol { reason } => write!(f, "protocol error ({reason})"),
+            Fault::HungInSnapshot { after_ms } => write!(f, "hung (no snapshot after {after_ms} ms)"),
         }
     }
 }
@@ -320,6 +327,8 @@ struct Repair {
     target: Option<Instance>,
     donor: Instance,
     stage: Stage,
+    /// When the stage began.
+    since: Nanos,
 }
 
 /// The voter's connection to one instance.
@@ -343,6 +352,8 @@ struct Link {
 #[derive(Debug)]
 struct Slot {
     conn: Conn,
+    /// Decided by this instance alone while that donor was paused (`lowered_quorum`).
+    alone: Option<(Instance, Instance)>,
     votes: Vec<Option<Vec<u8>>>,
     decided: Option<Vec<u8>>,
     /// No reply could be decided and the policy suppressed it.
@@ -657,7 +668,7 @@ impl Voter {
             }
             self.reqs.push_back(r);
             self.total += 1;
-            self.slots.push_back(Slot { conn: c, votes: vec![None; self.cfg.n], decided: None, suppressed: false });
+            self.slots.push_back(Slot { conn: c, alone: None, votes: vec![None; self.cfg.n], decided: None, suppressed: false });
             self.counters.requests += 1;
             if let Some(cl) = self.clients.get_mut(&c) {
                 cl.pending += 1;
@@ -810,7 +821,15 @@ impl Voter {
         let Some(slot) = self.slots.get_mut((seq - self.slot_base) as usize) else { return };
         let conn = slot.conn;
         match &slot.decided {
-            Some(d) if *d != value => self.fault(i, Fault::Outvoted { conn, seq }),
+            Some(d) if *d != value => {
+                // Decided without it while it was paused: two instances disagree, and the one
+                // that decided was chosen (the primary, for N = 2 prefer-primary).
+                if let Some((chosen, _)) = slot.alone.filter(|&(_, d)| d == i) {
+                    self.counters.disagreements += 1;
+                    self.out.push(Action::Report(Report::Disagreement { conn, seq, chosen: Some(chosen) }));
+                }
+                self.fault(i, Fault::Outvoted { conn, seq })
+            }
             Some(_) => slot.votes[i] = Some(value),
             None if slot.suppressed => slot.votes[i] = Some(value),
             None => {
@@ -848,6 +867,7 @@ impl Voter {
         let Some((count, who)) = best else { return };
         // While a donor is paused for a snapshot, the others may decide without it (its vote is
         // still compared when it comes): see `lowered_quorum`.
+        let full_quorum = quorum;
         let (quorum, paused) = match lowered {
             Some((d, q)) if slot.votes[d].is_none() => (q, Some(d)),
             _ => (quorum, None),
@@ -881,6 +901,9 @@ impl Voter {
                 }
             }
         };
+        if let Some(d) = paused.filter(|_| count < full_quorum) {
+            slot.alone = Some((chosen, d));
+        }
         let value = slot.votes[chosen].clone();
         let losers: Vec<Instance> = (0..n).filter(|&i| voting[i] && slot.votes[i].is_some() && slot.votes[i] != value).collect();
         slot.decided = value;
@@ -1063,7 +1086,7 @@ impl Voter {
         if target.is_none() {
             self.want_checkpoint = None;
         }
-        self.repair = Some(Repair { target, donor, stage: Stage::Quiescing });
+        self.repair = Some(Repair { target, donor, stage: Stage::Quiescing, since: self.now });
         self.check_quiescent();
     }
 
@@ -1079,7 +1102,7 @@ impl Voter {
         let quiet =
             self.links[r.donor].as_ref().is_some_and(|l| l.open && l.got == l.next && (r.target.is_none() || self.emitted >= l.next));
         if quiet {
-            self.repair = Some(Repair { stage: Stage::Snapshotting, ..r });
+            self.repair = Some(Repair { stage: Stage::Snapshotting, since: self.now, ..r });
             self.out.push(if r.target.is_some() { Action::Snapshot(r.donor) } else { Action::Checkpoint(r.donor) });
         }
     }
@@ -1176,6 +1199,12 @@ impl Voter {
         }
         for (i, conn, seq) in hung {
             self.fault(i, Fault::Hung { conn, seq });
+        }
+        if let Some(r) = self.repair.filter(|r| r.stage == Stage::Snapshotting) {
+            let after = now.saturating_sub(r.since);
+            if after > self.cfg.snapshot_timeout {
+                self.fault(r.donor, Fault::HungInSnapshot { after_ms: after / 1_000_000 });
+            }
         }
     }
 }
