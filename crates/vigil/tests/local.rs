@@ -620,7 +620,7 @@ fn mode_4_a_host_failure_is_taken_over_with_voting_resumed() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let text = status();
-    let line = text.lines().filter(|l| l.contains("serving in")).last().unwrap_or_default().to_string();
+    let line = text.lines().rfind(|l| l.contains("serving in")).unwrap_or_default().to_string();
     eprintln!("the voter SIGKILLed; it serves again within {:?} ({})", killed_at.elapsed(), line.trim());
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::SeqCst);

@@ -286,7 +286,7 @@ impl Server {
             let v = self.counts.entry(key).or_default();
             *v += 1;
             self.served += 1;
-            let wrong = self.wrong_every > 0 && self.served % self.wrong_every == 0;
+            let wrong = self.wrong_every > 0 && self.served.is_multiple_of(self.wrong_every);
             out.extend_from_slice(format!(":{}\r\n", *v + wrong as i64).as_bytes());
         }
         out
@@ -389,7 +389,7 @@ impl Sim {
     fn serve_one(&mut self, i: Instance) -> Option<Event> {
         let s = self.servers[i].as_mut().filter(|s| !s.hung)?;
         let out = s.serve(self.links[i].as_mut()?);
-        (!out.is_empty()).then(|| Event::InstanceBytes(i, out))
+        (!out.is_empty()).then_some(Event::InstanceBytes(i, out))
     }
 
     fn run(&mut self, ev: Event) {
@@ -424,8 +424,8 @@ impl Sim {
                 0..=3 => {
                     // A client sends INCR on the one shared key.
                     let c = self.active[self.rand(3) as usize];
-                    if !self.clients.contains_key(&c) {
-                        self.clients.insert(c, (Vec::new(), 0));
+                    if let std::collections::btree_map::Entry::Vacant(e) = self.clients.entry(c) {
+                        e.insert((Vec::new(), 0));
                         self.run(Event::ClientOpened(c));
                     }
                     self.clients.get_mut(&c).expect("client").1 += 1;
