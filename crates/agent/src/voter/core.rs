@@ -413,6 +413,10 @@ pub struct Voter {
     want_checkpoint: Option<Nanos>,
     last_checkpoint: u64,
     last_donor: Instance,
+    /// Replies before this one left while the backup synchronised; `announced`: it holds
+    /// their requests too (protected).
+    protected_from: u64,
+    announced: bool,
     now: Nanos,
     out: Vec<Action>,
     pub counters: Counters,
@@ -445,6 +449,8 @@ impl Voter {
             want_checkpoint: None,
             last_checkpoint: 0,
             last_donor: 0,
+            protected_from: 0,
+            announced: false,
             now: 0,
             out: Vec::new(),
             counters: Counters::default(),
@@ -479,7 +485,7 @@ impl Voter {
 
     /// Mode 4: whether the backup holds a snapshot and the log (replies wait for it).
     pub fn protected(&self) -> bool {
-        self.backup == Backup::Protected
+        self.backup == Backup::Protected && self.announced
     }
 
     /// Requests whose replies are not yet decided and sent (the driver paces a replay by it).
@@ -537,18 +543,28 @@ impl Voter {
             Event::BackupConnected => {}
             Event::BackupLogged(upto) => {
                 if self.backup == Backup::Syncing && self.log_from.is_some() {
+                    // Replies are held from now on; the group is protected once the backup
+                    // also holds the requests of the replies released while it synchronised.
                     self.backup = Backup::Protected;
-                    self.out.push(Action::Report(Report::Protected { donor: self.last_donor, position: self.last_checkpoint }));
+                    self.announced = false;
+                    self.protected_from = self.emitted;
+                    // What an earlier backup acknowledged says nothing of this one (its
+                    // snapshot's position may be earlier: the donor's, not the newest request).
+                    self.logged = 0;
                 }
                 if self.backup == Backup::Protected {
                     self.logged = self.logged.max(upto.min(self.total));
+                    if !self.announced && self.logged >= self.protected_from {
+                        self.announced = true;
+                        self.out.push(Action::Report(Report::Protected { donor: self.last_donor, position: self.last_checkpoint }));
+                    }
                     self.emit();
                     self.check_quiescent();
                 }
             }
             Event::BackupLost(why) => {
                 if self.backup != Backup::Off {
-                    if self.backup == Backup::Protected {
+                    if self.protected() {
                         self.out.push(Action::Report(Report::Unprotected { reason: why }));
                     }
                     self.backup = Backup::Off;
@@ -678,7 +694,8 @@ impl Voter {
             // Mode 4: to the backup's log as they join the order, before any instance answers.
             self.out.push(Action::Log { from: first, count: self.total - first, bytes: log });
             let every = self.cfg.checkpoint_every;
-            if every > 0 && self.total - self.last_checkpoint >= every && self.want_checkpoint.is_none() {
+            let running = self.repair.is_some_and(|r| r.target.is_none());
+            if every > 0 && self.total - self.last_checkpoint >= every && self.want_checkpoint.is_none() && !running {
                 self.want_checkpoint = Some(self.now);
             }
         }

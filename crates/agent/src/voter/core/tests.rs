@@ -312,9 +312,93 @@ struct Sim {
     injected: Option<Instance>,
     seed: u64,
     log: Vec<String>,
+    /// Mode 4: frames on their way to the backup, in order; the snapshot being taken (the
+    /// donor's counter); the backup's replica: its snapshot's counter and position, and the
+    /// end of its log (requests are all `INCR k`, so a count stands for the log).
+    backup: bool,
+    wire: VecDeque<Wire>,
+    checkpoint: Option<i64>,
+    replica: Option<(i64, u64)>,
+    log_end: u64,
+    /// The largest value a client was sent.
+    max_seen: i64,
+    protected_checks: u64,
+}
+
+enum Wire {
+    Ship(i64, u64),
+    Log(u64, u64),
 }
 
 impl Sim {
+    fn count(s: &Server) -> i64 {
+        s.counts.values().sum()
+    }
+
+    /// The backup takes the frames sent so far (a random part of them); its one
+    /// acknowledgement comes back.
+    fn deliver(&mut self) -> Option<Event> {
+        if self.wire.is_empty() {
+            return None;
+        }
+        let n = 1 + self.rand(self.wire.len() as u64) as usize;
+        for _ in 0..n {
+            self.take_frame();
+        }
+        self.replica.map(|_| Event::BackupLogged(self.log_end))
+    }
+
+    fn take_frame(&mut self) {
+        let Some(frame) = self.wire.pop_front() else { return };
+        match frame {
+            Wire::Ship(count, pos) => {
+                assert_eq!(
+                    count as u64,
+                    pos,
+                    "seed {}: a snapshot after {pos} requests counts {count}\n{}",
+                    self.seed,
+                    self.log
+                        .iter()
+                        .filter(|l| l.contains("Checkpoint")
+                            || l.contains("Ship")
+                            || l.contains("Snapshot")
+                            || l.contains("backup")
+                            || l.contains("Backup"))
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+                self.replica = Some((count, pos));
+                self.log_end = self.log_end.max(pos);
+            }
+            Wire::Log(from, n) => {
+                if self.replica.is_some() || from <= self.log_end {
+                    assert!(from <= self.log_end || self.replica.is_none(), "seed {}: a gap in the log", self.seed);
+                }
+                self.log_end = self.log_end.max(from + n);
+            }
+        }
+    }
+
+    /// While the voter says it is protected, a takeover now (the replica's snapshot and its
+    /// log replayed) would hold every increment a client has seen.
+    fn check_replica(&mut self) {
+        if !self.backup || !self.v.protected() {
+            return;
+        }
+        let (count, pos) = self.replica.expect("protected without a replica");
+        let covered = count + (self.log_end - pos) as i64;
+        assert!(
+            covered >= self.max_seen,
+            "seed {}: a client saw {}, the replica holds {covered} ({count} + log {pos}..{})\n{}",
+            self.seed,
+            self.max_seen,
+            self.log_end,
+            self.log[self.log.len().saturating_sub(60)..].join("\n")
+        );
+        self.protected_checks += 1;
+    }
+
     fn rand(&mut self, n: u64) -> u64 {
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
@@ -330,6 +414,7 @@ impl Sim {
                     let text = String::from_utf8(b).expect("text");
                     let cl = self.clients.get_mut(&c).expect("client");
                     cl.0.extend(text.split("\r\n").filter(|x| !x.is_empty()).map(|x| x[1..].parse::<i64>().expect("integer")));
+                    self.max_seen = self.max_seen.max(cl.0.iter().copied().max().unwrap_or(0));
                 }
                 Action::CloseClient(c) => {
                     panic!("client {c} closed, seed {}: {:?}", self.seed, &self.log[self.log.len().saturating_sub(20)..])
@@ -368,7 +453,23 @@ impl Sim {
                     self.servers[instance] = Some(s);
                     self.pending.push_back(Event::Restored(instance));
                 }
-                Action::Checkpoint(_) | Action::ShipSnapshot { .. } | Action::Log { .. } => panic!("{a:?}: the simulation has no backup"),
+                Action::Checkpoint(d) => match &self.servers[d] {
+                    // A hung donor answers no snapshot (the voter's snapshot timeout finds it).
+                    Some(s) if s.hung => {}
+                    Some(s) => {
+                        self.checkpoint = Some(Self::count(s));
+                        self.pending.push_back(Event::SnapshotTaken(d));
+                    }
+                    None => self.pending.push_back(Event::SnapshotFailed(d, "gone".into())),
+                },
+                Action::ShipSnapshot { position, .. } => {
+                    let count = self.checkpoint.take().expect("a snapshot was taken");
+                    self.wire.push_back(Wire::Ship(count, position));
+                }
+                Action::Log { from, count, bytes } => {
+                    assert_eq!(resp_count(&bytes), count, "seed {}", self.seed);
+                    self.wire.push_back(Wire::Log(from, count));
+                }
                 Action::Report(r) => {
                     self.log.push(format!("{} {r:?}", self.now / 1_000_000));
                     // (A disagreement with a reply chosen is a paused donor's late vote differing
@@ -400,6 +501,7 @@ impl Sim {
             panic!("seed {}: {e}\n{}", self.seed, self.log[self.log.len().saturating_sub(30)..].join("\n"));
         }
         self.apply(acts);
+        self.check_replica();
     }
 
     fn step(&mut self) {
@@ -431,7 +533,24 @@ impl Sim {
                     self.clients.get_mut(&c).expect("client").1 += 1;
                     Event::ClientBytes(c, b"INCR k\r\n".to_vec())
                 }
-                4..=7 => {
+                4..=6 => {
+                    let i = self.rand(3) as usize;
+                    self.serve_one(i).unwrap_or(Event::Tick)
+                }
+                7 if self.backup => {
+                    if self.rand(300) == 0 {
+                        // The backup's connection breaks; a new session later voids its replica.
+                        self.wire.clear();
+                        self.log.push(format!("{} backup lost", self.now / 1_000_000));
+                        self.pending.push_back(Event::BackupConnected);
+                        self.replica = None;
+                        self.log_end = 0;
+                        Event::BackupLost("reset".into())
+                    } else {
+                        self.deliver().unwrap_or(Event::Tick)
+                    }
+                }
+                7 => {
                     let i = self.rand(3) as usize;
                     self.serve_one(i).unwrap_or(Event::Tick)
                 }
@@ -467,9 +586,37 @@ impl Sim {
 /// per client), none is lost; every fault is repaired; the instances' states end equal.
 #[test]
 fn simulation_never_shows_a_wrong_or_lost_reply() {
-    for seed in 1..=200u64 {
+    simulate(false);
+}
+
+/// The same with a backup (mode 4, and the voter's local replica): frames to it delayed at
+/// random, its connection lost now and then, a snapshot every 50 requests; whenever the voter
+/// says it is protected, the backup's snapshot and log hold every increment any client has
+/// seen (a takeover at that moment loses nothing acknowledged).
+#[test]
+fn simulation_with_a_backup_loses_nothing_acknowledged() {
+    simulate(true);
+}
+
+fn resp_count(bytes: &[u8]) -> u64 {
+    let mut n = 0;
+    let mut at = 0;
+    while let Ok(Some(r)) = resp::request(&bytes[at..], 1 << 20) {
+        at += r.len;
+        n += 1;
+    }
+    assert_eq!(at, bytes.len(), "whole requests");
+    n
+}
+
+fn simulate(backup: bool) {
+    // VIGIL_SIM_SEEDS=N runs more seeds (200 by default).
+    let seeds = std::env::var("VIGIL_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(200u64);
+    for seed in 1..=seeds {
         let mut cfg = Config::new(3, Policy::Suppress);
         cfg.hang_timeout = S;
+        cfg.remote = backup;
+        cfg.checkpoint_every = 50;
         let mut v = Voter::new(cfg).expect("config");
         let start = v.start();
         let mut sim = Sim {
@@ -487,8 +634,18 @@ fn simulation_never_shows_a_wrong_or_lost_reply() {
             injected: None,
             seed,
             log: Vec::new(),
+            backup,
+            wire: VecDeque::new(),
+            checkpoint: None,
+            replica: None,
+            log_end: 0,
+            max_seen: 0,
+            protected_checks: 0,
         };
         sim.apply(start);
+        if backup {
+            sim.pending.push_back(Event::BackupConnected);
+        }
         for _ in 0..3000 {
             sim.step();
         }
@@ -500,7 +657,7 @@ fn simulation_never_shows_a_wrong_or_lost_reply() {
             sim.now += 1_000_000;
             let ev = match sim.pending.pop_front() {
                 Some(e) => e,
-                None => (0..3).find_map(|i| sim.serve_one(i)).unwrap_or(Event::Tick),
+                None => (0..3).find_map(|i| sim.serve_one(i)).or_else(|| sim.deliver()).unwrap_or(Event::Tick),
             };
             sim.run(ev);
         }
@@ -521,6 +678,13 @@ fn simulation_never_shows_a_wrong_or_lost_reply() {
         assert!(states.iter().all(|x| *x == states[0]), "seed {seed}: states differ: {states:?}");
         assert!(sim.closed.len() > 3, "seed {seed}: clients came and went");
         assert!(sim.stopped.len() >= 2, "seed {seed}: faults were injected");
+        if backup {
+            assert!(sim.v.protected(), "seed {seed}: protected at the end");
+            assert!(sim.protected_checks > 100, "seed {seed}: only {} checks while protected", sim.protected_checks);
+            let (count, pos) = sim.replica.expect("a replica");
+            let final_count = sim.servers[0].as_ref().map(Sim::count).unwrap_or(0);
+            assert_eq!(count + (sim.log_end - pos) as i64, final_count, "seed {seed}: the replica holds every request");
+        }
     }
 }
 
