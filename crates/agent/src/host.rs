@@ -463,9 +463,25 @@ impl Agent {
     fn reported_state(&self, vm: &str, c: &Copy) -> CopyState {
         if self.took_over(vm, c) {
             CopyState::Running
+        } else if c.role == Role::Primary && c.state == CopyState::Running && !self.voter_serves(vm, c) {
+            CopyState::Starting
         } else {
             c.state
         }
+    }
+
+    /// A voted VM's voter serves once it has opened the VM's address (its `local.json`);
+    /// any other copy serves while it runs.
+    fn voter_serves(&self, vm: &str, c: &Copy) -> bool {
+        if !serde_json::from_slice::<crate::VmSpec>(&c.spec).ok().is_some_and(|s| s.local.is_some()) {
+            return true;
+        }
+        let mut state = self.spec_file(vm, Role::Primary).into_os_string();
+        state.push(".local/local.json");
+        std::fs::read(PathBuf::from(state))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<crate::voter::driver::GroupState>(&b).ok())
+            .is_some_and(|g| g.serving && g.voter_pid == c.pid)
     }
 
     /// Where a voted group's backup keeps its replica (`vigil local --receive --spec FILE`

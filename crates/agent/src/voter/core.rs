@@ -588,6 +588,8 @@ impl Voter {
             }
             Event::Tick => self.tick(),
         }
+        // (A donor may become quiet by any event: its connection opening, a fault elsewhere.)
+        self.check_quiescent();
         self.maybe_start_repair();
         std::mem::take(&mut self.out)
     }

@@ -220,6 +220,12 @@ pub struct GroupState {
     pub repairs: u64,
     pub faults: u64,
     pub replies: u64,
+    /// The VM's address is open (every guest serves; a replica's log is replayed).
+    #[serde(default)]
+    pub serving: bool,
+    /// The voter's pid (a state left by an earlier voter is not this one's).
+    #[serde(default)]
+    pub voter_pid: u32,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -681,6 +687,7 @@ impl Driver {
                     events.extend([Event::ClientOpened(c), Event::ClientBytes(c, chunk), Event::ClientClosed(c)]);
                 } else if voter.unanswered() == 0 {
                     self.udp = Some(open_address(&self.spec, &self.tx)?);
+                    self.write_state(voter);
                     let what = match &self.spec.resume {
                         Some(r) => format!(
                             "{} instances restored from its snapshot (after request {}) and {} logged requests replayed; serving in {} ms",
@@ -1080,6 +1087,8 @@ impl Driver {
             repairs: voter.counters.repairs,
             faults: voter.counters.faults,
             replies: voter.counters.replies,
+            serving: self.udp.is_some(),
+            voter_pid: std::process::id(),
         };
         if let Ok(text) = serde_json::to_vec_pretty(&state) {
             let _ = crate::replace_file(&self.spec.dir.join("local.json"), &text);

@@ -845,3 +845,16 @@ fn a_donor_that_never_snapshots_has_hung() {
     // The repair comes first, then the replica's snapshot of another donor.
     assert!(acts.contains(&Action::Snapshot(0)), "{acts:?}");
 }
+
+/// One instance, the replica's snapshot asked before its connection is open: the snapshot is
+/// taken once it opens (a quiescing donor gets no requests, so no reply would ever prompt it:
+/// `vigil bench voting` hung so with N = 1).
+#[test]
+fn a_snapshot_asked_before_the_donor_connects_is_taken_when_it_does() {
+    let mut cfg = Config::new(1, Policy::PreferPrimary);
+    cfg.remote = true;
+    let mut v = Voter::new(cfg).expect("config");
+    assert_eq!(v.start(), vec![Action::Connect(0)]);
+    assert!(v.handle(0, Event::BackupConnected).is_empty(), "not connected yet");
+    assert_eq!(v.handle(1, Event::InstanceConnected(0)), vec![Action::Checkpoint(0)]);
+}
