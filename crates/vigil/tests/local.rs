@@ -559,7 +559,24 @@ fn mode_4_a_host_failure_is_taken_over_with_voting_resumed() {
             Ok((last, ok))
         })
     };
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(1));
+    // The voter on hostA SIGKILLed first: its agent restarts it from its local replica, and it
+    // protects the group again with a new session to hostB (a new snapshot).
+    let pid = voter_pid(&cluster, "hostA").expect("the voter on hostA");
+    assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().expect("kill").success());
+    let t = Instant::now();
+    loop {
+        let v = status_json(&d);
+        let protected = events_with(&v, "protected: the backup holds");
+        let vm = v["vms"].as_array().and_then(|a| a.iter().find(|x| x["vm"] == "relay")).cloned().unwrap_or_default();
+        if events_with(&v, "continues from the replica") >= 1 && protected >= 2 && vm["replication"] == "protected" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "not protected again after the voter's restart: {}", status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("hostA's voter SIGKILLed: restarted from its local replica and protected again in {:?}", t.elapsed());
+    std::thread::sleep(Duration::from_secs(1));
     // Protected, the voted chain's measured latency (the field's probe) stays under its
     // analysed bound, which counts the voting delay and the reply's hold for the log
     // (`output_commit`).
@@ -584,7 +601,12 @@ fn mode_4_a_host_failure_is_taken_over_with_voting_resumed() {
     let out = vigil().args(["fail", "hostA", "--dir", &d]).output().expect("vigil fail");
     assert!(out.status.success(), "vigil fail: {}", String::from_utf8_lossy(&out.stderr));
     let failed_at = Instant::now();
-    let text = wait_for("continues from the replica", 30);
+    let t = Instant::now();
+    while events_with(&status_json(&d), "continues from the replica") < 2 {
+        assert!(t.elapsed() < Duration::from_secs(30), "hostB did not take over: {}", status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = status();
     let took = failed_at.elapsed();
     let line = text.lines().find(|l| l.contains("serving in")).unwrap_or_default();
     eprintln!("hostA failed; the relay serves on hostB within {took:?} ({})", line.trim());
@@ -604,10 +626,7 @@ fn mode_4_a_host_failure_is_taken_over_with_voting_resumed() {
     loop {
         let out = vigil().args(["status", "--dir", &d, "--json"]).output().expect("vigil status");
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
-        let n = v["events"]
-            .as_array()
-            .map_or(0, |a| a.iter().filter(|e| e["what"].as_str().is_some_and(|w| w.contains("continues from the replica"))).count());
-        if n >= 2 {
+        if events_with(&v, "continues from the replica") >= 3 {
             break;
         }
         assert!(t.elapsed() < Duration::from_secs(30), "the voter did not come back: {}", status());
@@ -630,7 +649,7 @@ fn mode_4_a_host_failure_is_taken_over_with_voting_resumed() {
         }
     }
     eprintln!("client: {ok} increments acknowledged, the last {last}; broken connections (silence, last value, next value): {gaps:?}");
-    assert!(gaps.len() >= 2, "the client's connections to the voters cannot survive them: {gaps:?}");
+    assert!(gaps.len() >= 3, "the client's connections to the voters cannot survive them: {gaps:?}");
     // Every acknowledged increment is in the state that continued.
     let mut c = testbed::redis::RedisClient::new(&field, "10.99.0.50", 6379);
     let now: u64 = c.call("GET m4").trim().parse().expect("a number");
@@ -652,4 +671,14 @@ fn voter_pid(cluster: &Path, host: &str) -> Option<u32> {
         }
     }
     None
+}
+
+fn status_json(d: &str) -> serde_json::Value {
+    let out = vigil().args(["status", "--dir", d, "--json"]).output().expect("vigil status");
+    serde_json::from_slice(&out.stdout).expect("status JSON")
+}
+
+/// How many of the cluster's events say `what`.
+fn events_with(v: &serde_json::Value, what: &str) -> usize {
+    v["events"].as_array().map_or(0, |a| a.iter().filter(|e| e["what"].as_str().is_some_and(|w| w.contains(what))).count())
 }
