@@ -597,6 +597,12 @@ fn mode_4_a_host_failure_is_taken_over_with_voting_resumed() {
         }
         assert!(t.elapsed() < Duration::from_secs(10), "above the bound: {m} > {bound:?}");
     }
+    // The reply's hold for the log (the model's `output_commit`), as hostA's voter measured it.
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(cluster.join("hosts/hostA/relay.primary.json.local/local.json")).expect("hostA's voter state"),
+    )
+    .expect("JSON");
+    eprintln!("the backup's log acknowledgements (the last window, ms): {}", state["log_ack_ms"]);
     let failed_wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
     let out = vigil().args(["fail", "hostA", "--dir", &d]).output().expect("vigil fail");
     assert!(out.status.success(), "vigil fail: {}", String::from_utf8_lossy(&out.stderr));

@@ -226,6 +226,29 @@ pub struct GroupState {
     /// The voter's pid (a state left by an earlier voter is not this one's).
     #[serde(default)]
     pub voter_pid: u32,
+    /// Mode 4: how long the backup took to hold a batch of logged requests (the last window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_ack_ms: Option<AckFigures>,
+}
+
+/// Times from sending requests to the backup's log to its acknowledgement, ms.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct AckFigures {
+    pub batches: usize,
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+fn figures(ms: &mut Vec<f64>) -> Option<AckFigures> {
+    if ms.is_empty() {
+        return None;
+    }
+    ms.sort_by(f64::total_cmp);
+    let q = |x: f64| ms[((ms.len() - 1) as f64 * x).round() as usize];
+    let f = AckFigures { batches: ms.len(), p50: q(0.5), p99: q(0.99), max: ms[ms.len() - 1] };
+    ms.clear();
+    Some(f)
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -603,6 +626,10 @@ pub fn run(mut spec: GroupSpec, ready: Duration) -> Result<()> {
     let mut d = Driver {
         store_events,
         local,
+        log_sent: Default::default(),
+        ack_ms: Vec::new(),
+        ack_report: Instant::now(),
+        ack_figures: None,
         backup_tx,
         backup_session: 0,
         checkpoints: 0,
@@ -652,6 +679,12 @@ struct Driver {
     udp: Option<UdpSocket>,
     /// The local replica (a restarted voter resumes from it).
     local: Option<super::remote::Store>,
+    /// Mode 4: requests sent to the backup's log (the end of each batch, when), the times to
+    /// its acknowledgement since the last report, and the last report's figures.
+    log_sent: std::collections::VecDeque<(u64, Instant)>,
+    ack_ms: Vec<f64>,
+    ack_report: Instant,
+    ack_figures: Option<AckFigures>,
     /// Mode 4: the backup's sender, its current session, snapshots taken for it.
     backup_tx: Option<Sender<super::remote::ToBackup>>,
     backup_session: u64,
@@ -811,9 +844,23 @@ impl Driver {
                         tracing::info!("{}: the backup is connected (session {k})", self.spec.vm);
                         events.push(Event::BackupConnected);
                     }
-                    super::remote::FromBackup::Acked(k, upto) if k == self.backup_session => events.push(Event::BackupLogged(upto)),
+                    super::remote::FromBackup::Acked(k, upto) if k == self.backup_session => {
+                        // How long the backup took to hold each batch of requests (a reply's
+                        // hold in mode 4: `output_commit` in the model).
+                        while self.log_sent.front().is_some_and(|&(end, _)| end <= upto) {
+                            let (_, t) = self.log_sent.pop_front().expect("front");
+                            self.ack_ms.push(t.elapsed().as_secs_f64() * 1e3);
+                        }
+                        if self.ack_ms.len() >= 4096 || self.ack_report.elapsed() > Duration::from_secs(2) {
+                            self.ack_figures = figures(&mut self.ack_ms);
+                            self.ack_report = Instant::now();
+                            self.write_state(voter);
+                        }
+                        events.push(Event::BackupLogged(upto));
+                    }
                     super::remote::FromBackup::Down(k, why) if k == self.backup_session => {
                         self.backup_session = 0;
+                        self.log_sent.clear();
                         // The log stops until the next backup's snapshot: the local replica
                         // would miss requests meanwhile, so it is void until then.
                         if let Some(st) = self.local.as_mut() {
@@ -1000,6 +1047,12 @@ impl Driver {
                 }
             }
             Action::Log { from, count, bytes } => {
+                if self.backup_tx.is_some() {
+                    self.log_sent.push_back((from + count, Instant::now()));
+                    if self.log_sent.len() > 100_000 {
+                        self.log_sent.pop_front();
+                    }
+                }
                 // The local replica first: synchronously, before any instance gets them.
                 if let Some(st) = self.local.as_mut() {
                     if let Err(e) = st.append(from, count, &bytes) {
@@ -1089,6 +1142,7 @@ impl Driver {
             replies: voter.counters.replies,
             serving: self.udp.is_some(),
             voter_pid: std::process::id(),
+            log_ack_ms: self.ack_figures,
         };
         if let Ok(text) = serde_json::to_vec_pretty(&state) {
             let _ = crate::replace_file(&self.spec.dir.join("local.json"), &text);
