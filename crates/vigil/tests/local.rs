@@ -598,11 +598,19 @@ fn mode_4_a_host_failure_is_taken_over_with_voting_resumed() {
         assert!(t.elapsed() < Duration::from_secs(10), "above the bound: {m} > {bound:?}");
     }
     // The reply's hold for the log (the model's `output_commit`), as hostA's voter measured it.
-    let state: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(cluster.join("hosts/hostA/relay.primary.json.local/local.json")).expect("hostA's voter state"),
-    )
-    .expect("JSON");
-    eprintln!("the backup's log acknowledgements (the last window, ms): {}", state["log_ack_ms"]);
+    let t = Instant::now();
+    let acks = loop {
+        let state: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(cluster.join("hosts/hostA/relay.primary.json.local/local.json")).expect("hostA's voter state"),
+        )
+        .expect("JSON");
+        if !state["log_ack_ms"].is_null() || t.elapsed() > Duration::from_secs(5) {
+            break state["log_ack_ms"].clone();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("the backup's log acknowledgements (the last window, ms): {acks}");
+    assert!(acks["batches"].as_u64().is_some_and(|b| b > 0), "no acknowledgement measured: {acks}");
     let failed_wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
     let out = vigil().args(["fail", "hostA", "--dir", &d]).output().expect("vigil fail");
     assert!(out.status.success(), "vigil fail: {}", String::from_utf8_lossy(&out.stderr));

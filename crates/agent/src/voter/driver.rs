@@ -851,7 +851,7 @@ impl Driver {
                             let (_, t) = self.log_sent.pop_front().expect("front");
                             self.ack_ms.push(t.elapsed().as_secs_f64() * 1e3);
                         }
-                        if self.ack_ms.len() >= 4096 || self.ack_report.elapsed() > Duration::from_secs(2) {
+                        if self.ack_ms.len() >= 4096 || (self.ack_report.elapsed() > Duration::from_secs(1) && !self.ack_ms.is_empty()) {
                             self.ack_figures = figures(&mut self.ack_ms);
                             self.ack_report = Instant::now();
                             self.write_state(voter);
