@@ -251,6 +251,16 @@ pub fn run(a: &Args) -> Result<u8> {
                 std::fs::rename(&replica, &old).with_context(|| format!("the replica in {}", replica.display()))?;
                 old
             } else {
+                // A backup's replica (a takeover): never one its primary went on without.
+                if let Some(sock) = &a.store {
+                    let mut c = store::Client::connect(sock).context("the cluster store")?;
+                    let dropped = c.try_read(&agent::voter::remote::dropped_path(&p.vm)).context("the cluster store")?;
+                    if let Err(e) = agent::voter::remote::check_not_dropped(dir, dropped.as_deref()) {
+                        let what = format!("{}: not taken over from its replica: {e}; it starts without its state", p.vm);
+                        let _ = agent::cluster::log_event(&mut c, &agent::cluster::Event::now(&format!("voter:{}", p.vm), what));
+                        bail!("{e}");
+                    }
+                }
                 dir.clone()
             };
             Some(agent::voter::remote::read_replica(&dir).with_context(|| format!("the replica in {}", dir.display()))?)

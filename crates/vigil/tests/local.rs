@@ -696,3 +696,81 @@ fn status_json(d: &str) -> serde_json::Value {
 fn events_with(v: &serde_json::Value, what: &str) -> usize {
     v["events"].as_array().map_or(0, |a| a.iter().filter(|e| e["what"].as_str().is_some_and(|w| w.contains(what))).count())
 }
+
+/// Mode 4, the backup's host is cut off (`vigil fail hostB --partition`: its link cut, its
+/// processes alive, so no acknowledgement and no reset ever comes; then SIGKILLed as a failed
+/// host): the voter on hostA gives the backup up after its acknowledgement timeout, records the dropped session in the store (a takeover never
+/// resumes from that replica), and serves on unprotected; the client's one connection never
+/// breaks and every reply is the next value.
+#[test]
+fn mode_4_a_backup_host_failure_leaves_the_vm_serving_unprotected() {
+    if no_kvm("mode_4_a_backup_host_failure_leaves_the_vm_serving_unprotected") {
+        return;
+    }
+    let tag = testbed::ns_tag("vb");
+    let dir = testbed::workspace().join(format!("target/local-m4b-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let kv = testbed::guest("kv").expect("kv guest");
+    let text = std::fs::read_to_string(testbed::workspace().join("examples/voted-remote.toml")).expect("example");
+    let model = dir.join("voted-remote.toml");
+    std::fs::write(&model, text.replace("image = \"kv\"", &format!("image = {:?}", kv.display().to_string()))).expect("model");
+    let d = dir.join("cluster").display().to_string();
+    struct Down(String);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            let _ = vigil().args(["down", "--dir", &self.0]).output();
+        }
+    }
+    let out = vigil().args(["up", &model.display().to_string(), "--dir", &d, "--tag", &tag, "--wait", "60"]).output().expect("vigil up");
+    let _down = Down(d.clone());
+    assert!(out.status.success(), "vigil up: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let relay =
+        |v: &serde_json::Value| v["vms"].as_array().and_then(|a| a.iter().find(|x| x["vm"] == "relay")).cloned().unwrap_or_default();
+    let t = Instant::now();
+    while relay(&status_json(&d))["replication"] != "protected" {
+        assert!(t.elapsed() < Duration::from_secs(60), "never protected: {}", relay(&status_json(&d)));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut c = testbed::redis::RedisClient::new(&format!("vg{tag}-f"), "10.99.0.50", 6379);
+    let mut n = 0u64;
+    let mut longest = Duration::ZERO;
+    let mut step = |c: &mut testbed::redis::RedisClient, times: usize| {
+        for _ in 0..times {
+            n += 1;
+            let t = Instant::now();
+            assert_eq!(c.call("INCR m4b"), n.to_string());
+            longest = longest.max(t.elapsed());
+        }
+    };
+    step(&mut c, 200);
+    let out = vigil().args(["fail", "hostB", "--partition", "--dir", &d]).output().expect("vigil fail");
+    assert!(out.status.success(), "vigil fail: {}", String::from_utf8_lossy(&out.stderr));
+    step(&mut c, 200);
+    let t = Instant::now();
+    loop {
+        let v = status_json(&d);
+        if relay(&v)["replication"] == "unprotected" && events_with(&v, "unprotected: the backup is gone") >= 1 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "not reported unprotected: {}", relay(&v));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    step(&mut c, 200);
+    let v = status_json(&d);
+    let what: Vec<String> = v["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["what"].as_str())
+        .filter(|w| w.contains("relay"))
+        .map(String::from)
+        .collect();
+    eprintln!(
+        "hostB cut off: 600 increments on one connection, all right; the longest reply {longest:?}; {:?}",
+        &what[what.len().saturating_sub(3)..]
+    );
+    assert!(longest < Duration::from_secs(3), "replies waited {longest:?} for the dead backup");
+    drop(_down);
+    let _ = std::fs::remove_dir_all(&dir);
+}

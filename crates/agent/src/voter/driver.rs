@@ -36,6 +36,8 @@ const SOURCE_BASE: Conn = 1 << 40;
 /// (the voter bounds one client's unanswered requests).
 const REPLAY_BASE: Conn = 1 << 50;
 const REPLAY_CHUNK: usize = 20_000;
+/// Mode 4: a backup that acknowledges nothing for this long is dropped.
+pub const ACK_TIMEOUT: Duration = Duration::from_millis(500);
 /// The guest's address inside each instance's namespace (and the host side of its tap).
 pub const GUEST_IP: &str = "10.250.0.2";
 pub const HOST_IP: &str = "10.250.0.1";
@@ -627,6 +629,10 @@ pub fn run(mut spec: GroupSpec, ready: Duration) -> Result<()> {
         store_events,
         local,
         log_sent: Default::default(),
+        backup_nonce: [0; 16],
+        pending_drop: None,
+        pending_up: None,
+        marker_client: None,
         ack_ms: Vec::new(),
         ack_report: Instant::now(),
         ack_figures: None,
@@ -679,6 +685,12 @@ struct Driver {
     udp: Option<UdpSocket>,
     /// The local replica (a restarted voter resumes from it).
     local: Option<super::remote::Store>,
+    /// Mode 4: the current session's nonce; a session dropped and not yet recorded in the
+    /// store (why, its nonce), and a new one waiting for that; the store client for it.
+    backup_nonce: [u8; 16],
+    pending_drop: Option<(String, [u8; 16])>,
+    pending_up: Option<(u64, [u8; 16])>,
+    marker_client: Option<store::Client>,
     /// Mode 4: requests sent to the backup's log (the end of each batch, when), the times to
     /// its acknowledgement since the last report, and the last report's figures.
     log_sent: std::collections::VecDeque<(u64, Instant)>,
@@ -839,8 +851,13 @@ impl Driver {
                     }
                 }
                 Ok(Msg::Backup(m)) => match m {
-                    super::remote::FromBackup::Up(k) => {
+                    super::remote::FromBackup::Up(k, nonce) if self.pending_drop.is_some() => {
+                        // Connected again before the drop of the last session is recorded.
+                        self.pending_up = Some((k, nonce));
+                    }
+                    super::remote::FromBackup::Up(k, nonce) => {
                         self.backup_session = k;
+                        self.backup_nonce = nonce;
                         tracing::info!("{}: the backup is connected (session {k})", self.spec.vm);
                         events.push(Event::BackupConnected);
                     }
@@ -858,16 +875,7 @@ impl Driver {
                         }
                         events.push(Event::BackupLogged(upto));
                     }
-                    super::remote::FromBackup::Down(k, why) if k == self.backup_session => {
-                        self.backup_session = 0;
-                        self.log_sent.clear();
-                        // The log stops until the next backup's snapshot: the local replica
-                        // would miss requests meanwhile, so it is void until then.
-                        if let Some(st) = self.local.as_mut() {
-                            let _ = st.reset();
-                        }
-                        events.push(Event::BackupLost(why));
-                    }
+                    super::remote::FromBackup::Down(k, why) if k == self.backup_session => self.begin_drop(why),
                     _ => {}
                 },
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -875,6 +883,17 @@ impl Driver {
             }
             if last_tick.elapsed() >= Duration::from_millis(10) {
                 last_tick = Instant::now();
+                // Mode 4: a backup that acknowledges nothing for ACK_TIMEOUT (its host died
+                // silently, its link is cut) is dropped, so that replies do not wait for ever.
+                if self.backup_session != 0 && self.log_sent.front().is_some_and(|(_, t)| t.elapsed() > ACK_TIMEOUT) {
+                    if let Some(tx) = &self.backup_tx {
+                        let _ = tx.send(super::remote::ToBackup::Drop { session: self.backup_session });
+                    }
+                    self.begin_drop(format!("no acknowledgement for {} ms", ACK_TIMEOUT.as_millis()));
+                }
+                if let Some(e) = self.finish_drop() {
+                    events.push(e);
+                }
                 events.push(Event::Tick);
                 let idle: Vec<SocketAddr> = self.sources.iter().filter(|(_, (_, t))| t.elapsed() > SOURCE_IDLE).map(|(a, _)| *a).collect();
                 for a in idle {
@@ -888,6 +907,50 @@ impl Driver {
                 self.feed(voter, e);
             }
         }
+    }
+
+    /// The backup's session ended or was given up: its acknowledgements count no more, and the
+    /// replies it held may go once the drop is recorded (`finish_drop`).
+    fn begin_drop(&mut self, why: String) {
+        self.backup_session = 0;
+        self.log_sent.clear();
+        // The log stops until the next backup's snapshot: the local replica would miss
+        // requests meanwhile, so it is void until then.
+        if let Some(st) = self.local.as_mut() {
+            let _ = st.reset();
+        }
+        self.pending_drop = Some((why, self.backup_nonce));
+    }
+
+    /// Records the dropped session in the store (`remote::dropped_path`) before the voter may
+    /// release what the backup never acknowledged: a takeover never resumes from a replica
+    /// its primary went on without. Until the store takes it, replies keep waiting (tried
+    /// again every tick). Then the session's loss, and a new session waiting, go to the voter.
+    fn finish_drop(&mut self) -> Option<Event> {
+        let (why, nonce) = self.pending_drop.clone()?;
+        if let Some(sock) = &self.spec.store {
+            if self.marker_client.is_none() {
+                self.marker_client = store::Client::connect(sock).ok().map(|mut c| {
+                    c.set_retry_for(Duration::ZERO);
+                    c.set_request_timeout(Duration::from_millis(500));
+                    c
+                });
+            }
+            let hex = crate::auth::hex(&nonce);
+            let ok =
+                self.marker_client.as_mut().is_some_and(|c| c.write(&super::remote::dropped_path(&self.spec.vm), hex.as_bytes()).is_ok());
+            if !ok {
+                self.marker_client = None;
+                tracing::warn!("{}: cannot record the dropped backup session in the store: replies wait", self.spec.vm);
+                return None;
+            }
+        }
+        self.pending_drop = None;
+        if let Some((k, nonce)) = self.pending_up.take() {
+            // (Delivered after the loss, as a new connection.)
+            let _ = self.tx.send(Msg::Backup(super::remote::FromBackup::Up(k, nonce)));
+        }
+        Some(Event::BackupLost(why))
     }
 
     /// Hands the voter one event and does what it says (and what that causes, in order).

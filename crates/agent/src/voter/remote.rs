@@ -153,6 +153,27 @@ fn split(bytes: &[u8]) -> std::result::Result<Vec<&[u8]>, String> {
     Ok(out)
 }
 
+/// Where a voted VM's primary records the backup session it stopped waiting for (the nonce,
+/// hex): a replica of that session may lack replies released since, and is never resumed.
+pub fn dropped_path(vm: &str) -> String {
+    format!("{}/{vm}/voted-dropped", crate::cluster::VMS)
+}
+
+/// Refuses a backup's replica that its primary dropped (`dropped`: the store's record).
+pub fn check_not_dropped(dir: &Path, dropped: Option<&[u8]>) -> Result<()> {
+    let session = std::fs::read(dir.join("session")).unwrap_or_default();
+    if !session.is_empty() && dropped.is_some_and(|d| d == session.as_slice()) {
+        return Err(Error::Spec {
+            vm: dir.display().to_string(),
+            reason: format!(
+                "the replica of session {} was dropped by its primary, which then went on without it: it may lack acknowledged replies",
+                String::from_utf8_lossy(&session)
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// A replica as a takeover uses it.
 #[derive(Debug)]
 pub struct Replica {
@@ -223,6 +244,7 @@ impl Store {
     /// A new session: the old replica is void before anything of the new one is kept.
     pub fn reset(&mut self) -> Result<()> {
         let _ = std::fs::remove_file(self.dir.join("current"));
+        let _ = std::fs::remove_file(self.dir.join("session"));
         self.log.set_len(0).map_err(io("cannot truncate", &self.dir.join("log")))?;
         for e in std::fs::read_dir(&self.dir).map_err(io("cannot read", &self.dir))?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -331,7 +353,10 @@ impl Store {
 /// Serves as a voted group's backup: accepts the primary voter's sessions on `listen` (a new
 /// one replaces the old) and keeps the replica in `dir`. Returns only on a setup error.
 pub fn serve_backup(listen: SocketAddr, dir: &Path, vm: &str, key: Key) -> Result<()> {
-    let store = Arc::new(Mutex::new(Store::open(dir)?));
+    // A replica left by an earlier receiver is void: its primary may have gone on without it.
+    let mut st = Store::open(dir)?;
+    st.reset()?;
+    let store = Arc::new(Mutex::new(st));
     let listener = TcpListener::bind(listen).map_err(|e| Error::io("cannot listen on", listen.to_string(), e))?;
     tracing::info!("{vm}: backup of the voted group on {listen}, replica in {}", dir.display());
     let current: Arc<Mutex<Option<TcpStream>>> = Arc::new(Mutex::new(None));
@@ -392,6 +417,7 @@ fn session(mut s: TcpStream, st: &mut Store, vm: &str, key: &Key) -> std::result
                     // No timeout from now on: an idle primary sends nothing.
                     s.set_read_timeout(None).map_err(|e| e.to_string())?;
                     st.reset().map_err(|e| e.to_string())?;
+                    crate::replace_file(&st.dir.join("session"), crate::auth::hex(&nonce).as_bytes()).map_err(|e| e.to_string())?;
                     tracing::info!("{vm}: a new session: the old replica is void");
                 }
                 _ if !authenticated => return Err("a frame before the hello".into()),
@@ -437,13 +463,18 @@ pub enum ToBackup {
         position: u64,
         donor: u8,
     },
+    /// End this session (the voter gave up waiting for its acknowledgements).
+    Drop {
+        session: u64,
+    },
 }
 
 /// What the sender reports.
 #[derive(Debug)]
 pub enum FromBackup {
-    /// A session is open (authenticated): the backup holds nothing of it yet.
-    Up(u64),
+    /// A session is open (authenticated; the backup's nonce names it): the backup holds
+    /// nothing of it yet.
+    Up(u64, [u8; 16]),
     Acked(u64, u64),
     Down(u64, String),
 }
@@ -465,7 +496,7 @@ pub fn start_sender(
         let mut warned = false;
         loop {
             session += 1;
-            let s = match connect(&addr, &vm, &key) {
+            let (s, nonce) = match connect(&addr, &vm, &key) {
                 Ok(s) => s,
                 Err(e) => {
                     if !warned {
@@ -513,7 +544,7 @@ pub fn start_sender(
                     let _ = r.shutdown(std::net::Shutdown::Both);
                 });
             }
-            report(FromBackup::Up(session));
+            report(FromBackup::Up(session, nonce));
             let why = send_session(s, session, &rx, &down);
             report(FromBackup::Down(session, why));
         }
@@ -521,7 +552,7 @@ pub fn start_sender(
     tx
 }
 
-fn connect(addr: &str, vm: &str, key: &Key) -> std::result::Result<TcpStream, String> {
+fn connect(addr: &str, vm: &str, key: &Key) -> std::result::Result<(TcpStream, [u8; 16]), String> {
     use std::net::ToSocketAddrs;
     let a = addr.to_socket_addrs().map_err(|e| e.to_string())?.next().ok_or("no address")?;
     let mut s = TcpStream::connect_timeout(&a, Duration::from_secs(1)).map_err(|e| e.to_string())?;
@@ -545,7 +576,7 @@ fn connect(addr: &str, vm: &str, key: &Key) -> std::result::Result<TcpStream, St
     };
     s.write_all(&Frame::Hello { tag: hello_tag(key, vm, &nonce), vm: vm.to_string() }.encode()).map_err(|e| e.to_string())?;
     s.set_read_timeout(None).map_err(|e| e.to_string())?;
-    Ok(s)
+    Ok((s, nonce))
 }
 
 /// One session's writes, until it fails.
@@ -586,6 +617,11 @@ fn send_session(mut s: TcpStream, session: u64, rx: &std::sync::mpsc::Receiver<T
             Some(ToBackup::Snapshot { dir, .. }) => {
                 let _ = std::fs::remove_dir_all(&dir);
             }
+            Some(ToBackup::Drop { session: k }) if k == session => {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+                return "dropped: no acknowledgement in time".into();
+            }
+            Some(ToBackup::Drop { .. }) => {}
             Some(ToBackup::Log { .. }) => {}
             None => {
                 // One chunk of the snapshot being shipped.
@@ -779,6 +815,11 @@ mod tests {
         let mut f = std::fs::OpenOptions::new().append(true).open(dir.join("log")).unwrap();
         f.write_all(&[0, 0, 0, 0, 0, 0, 0, 6, 0, 0]).unwrap();
         assert_eq!(read_replica(&dir).unwrap().requests.len(), 2);
+        // A replica its primary dropped is refused; another session's is not.
+        std::fs::write(dir.join("session"), b"00ff").unwrap();
+        assert!(check_not_dropped(&dir, Some(b"00ff")).unwrap_err().to_string().contains("dropped by its primary"));
+        assert!(check_not_dropped(&dir, Some(b"0100")).is_ok());
+        assert!(check_not_dropped(&dir, None).is_ok());
         // A new session voids the replica at once.
         st.reset().unwrap();
         assert!(read_replica(&dir).is_err());
