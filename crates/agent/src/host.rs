@@ -473,7 +473,7 @@ impl Agent {
     /// A voted VM's voter serves once it has opened the VM's address (its `local.json`);
     /// any other copy serves while it runs.
     fn voter_serves(&self, vm: &str, c: &Copy) -> bool {
-        if !serde_json::from_slice::<crate::VmSpec>(&c.spec).ok().is_some_and(|s| s.local.is_some()) {
+        if serde_json::from_slice::<crate::VmSpec>(&c.spec).ok().is_none_or(|s| s.local.is_none()) {
             return true;
         }
         let mut state = self.spec_file(vm, Role::Primary).into_os_string();
