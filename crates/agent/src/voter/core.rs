@@ -107,8 +107,10 @@ pub struct Config {
     /// in step ([`Event::BackupLogged`]), a reply leaves only once its request is logged there.
     pub remote: bool,
     /// Mode 4: a new snapshot for the backup after this many requests (0: only when a backup
-    /// connects), so that the log it replays at a takeover stays short.
+    /// connects), so that the log it replays at a takeover stays short,
     pub checkpoint_every: u64,
+    /// but not sooner than this after the last one (each writes the donor's memory).
+    pub checkpoint_min_interval: Nanos,
 }
 
 impl Config {
@@ -123,7 +125,8 @@ impl Config {
             repair_backoff: 1_000_000_000,
             snapshot_timeout: 2_000_000_000,
             remote: false,
-            checkpoint_every: 20_000,
+            checkpoint_every: 50_000,
+            checkpoint_min_interval: 2_000_000_000,
         }
     }
 }
@@ -413,6 +416,7 @@ pub struct Voter {
     want_checkpoint: Option<Nanos>,
     last_checkpoint: u64,
     last_donor: Instance,
+    last_checkpoint_at: Nanos,
     /// Replies before this one left while the backup synchronised; `announced`: it holds
     /// their requests too (protected).
     protected_from: u64,
@@ -449,6 +453,7 @@ impl Voter {
             want_checkpoint: None,
             last_checkpoint: 0,
             last_donor: 0,
+            last_checkpoint_at: 0,
             protected_from: 0,
             announced: false,
             now: 0,
@@ -698,7 +703,7 @@ impl Voter {
             let every = self.cfg.checkpoint_every;
             let running = self.repair.is_some_and(|r| r.target.is_none());
             if every > 0 && self.total - self.last_checkpoint >= every && self.want_checkpoint.is_none() && !running {
-                self.want_checkpoint = Some(self.now);
+                self.want_checkpoint = Some(self.now.max(self.last_checkpoint_at + self.cfg.checkpoint_min_interval));
             }
         }
         if pushed {
@@ -1143,6 +1148,7 @@ impl Voter {
                     self.log_from = Some(p);
                 }
                 self.last_checkpoint = p;
+                self.last_checkpoint_at = self.now;
                 self.last_donor = d;
             }
             self.give(d, self.total);

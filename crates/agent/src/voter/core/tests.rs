@@ -617,6 +617,7 @@ fn simulate(backup: bool) {
         cfg.hang_timeout = S;
         cfg.remote = backup;
         cfg.checkpoint_every = 50;
+        cfg.checkpoint_min_interval = 0;
         let mut v = Voter::new(cfg).expect("config");
         let start = v.start();
         let mut sim = Sim {
@@ -708,6 +709,7 @@ fn remote_voter(every: u64) -> Voter {
     let mut cfg = Config::new(3, Policy::Suppress);
     cfg.remote = true;
     cfg.checkpoint_every = every;
+    cfg.checkpoint_min_interval = 0;
     let mut v = Voter::new(cfg).expect("config");
     for a in v.start() {
         let Action::Connect(i) = a else { panic!("{a:?}") };
@@ -857,4 +859,29 @@ fn a_snapshot_asked_before_the_donor_connects_is_taken_when_it_does() {
     assert_eq!(v.start(), vec![Action::Connect(0)]);
     assert!(v.handle(0, Event::BackupConnected).is_empty(), "not connected yet");
     assert_eq!(v.handle(1, Event::InstanceConnected(0)), vec![Action::Checkpoint(0)]);
+}
+
+/// The replica's snapshots come after `checkpoint_every` requests, but never sooner than
+/// `checkpoint_min_interval` after the last one.
+#[test]
+fn replica_snapshots_are_spaced() {
+    let mut cfg = Config::new(3, Policy::Suppress);
+    cfg.remote = true;
+    cfg.checkpoint_every = 2;
+    cfg.checkpoint_min_interval = S;
+    let mut v = Voter::new(cfg).expect("config");
+    for a in v.start() {
+        let Action::Connect(i) = a else { panic!("{a:?}") };
+        v.handle(0, Event::InstanceConnected(i));
+    }
+    v.handle(0, Event::ClientOpened(1));
+    assert_eq!(v.handle(0, Event::BackupConnected), vec![Action::Checkpoint(2)]);
+    v.handle(1, Event::SnapshotTaken(2));
+    v.handle(1, Event::BackupLogged(0));
+    v.handle(2, Event::ClientBytes(1, b"PING\r\nPING\r\nPING\r\n".to_vec()));
+    for i in 0..3 {
+        v.handle(3, bytes(i, b"+PONG\r\n+PONG\r\n+PONG\r\n"));
+    }
+    assert!(!v.handle(S / 2, Event::Tick).iter().any(|a| matches!(a, Action::Checkpoint(_))), "too soon");
+    assert_eq!(v.handle(S + 1, Event::Tick), vec![Action::Checkpoint(2)]);
 }
