@@ -553,7 +553,10 @@ impl Driver {
             }
             Action::Hold | Action::Track => {
                 let mirror = self.opts.disk.as_ref().map(|_| self.mirror_tx.clone());
-                self.call(Command::Protect { mirror, hold: matches!(action, Action::Hold), input: Some(self.input.clone()) })?;
+                // `VIGIL_FORWARD_INPUT=0` turns the forwarding off (to measure what it brings).
+                let forward = std::env::var("VIGIL_FORWARD_INPUT").map_or(true, |v| v != "0");
+                let input = forward.then(|| self.input.clone());
+                self.call(Command::Protect { mirror, hold: matches!(action, Action::Hold), input })?;
             }
             Action::HoldOutput => {
                 self.call(Command::HoldOutput)?;
