@@ -5,7 +5,8 @@
 //!   a new backup is started on the dead host, and so on): every acknowledged write is there,
 //!   the connection is never reset, every request gets exactly one answer (an INCR counter
 //!   counts without gap or repeat), and the disk log the VM keeps holds every acknowledged
-//!   write and no torn record;
+//!   write and no torn record (the last rounds on a LAN that floods the VM's frames to both
+//!   hosts, so the new copy is also given the client's recent segments);
 //! - the backup is killed, the link between the hosts is cut, and delayed: the primary carries
 //!   on, the backup never takes over, and protection resumes.
 
@@ -269,6 +270,11 @@ fn sigkill_the_primary_again_and_again_with_a_client_watching() {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
+        // From the fourth round on, the LAN floods: the backup's standby tap sees the client's
+        // frames too and gives the new copy the last ones (TCP must drop what it already has).
+        if round == 3 {
+            c.tb.flood(true).expect("flood");
+        }
         std::thread::sleep(Duration::from_millis(150 + seed % 600));
         let before = done.load(Ordering::Relaxed);
         let (dead, mut victim) = std::mem::replace(&mut c.primary, (Host::A, dummy()));
