@@ -369,8 +369,28 @@ impl Agent {
                     }
                 }
                 let restarts = self.copies.get(&vm).map_or(0, |c| c.restarts + u32::from(why == "restarted after a crash"));
+                // A migration's snapshot is restored once: the VM ran on from it, so starting
+                // it again later (after a crash, or after this agent stopped it to fence
+                // itself) from that snapshot would bring back an older state under the same
+                // connections. It starts afresh instead, as any unreplicated VM does.
+                let restore = (role == Role::Primary).then(|| serde_json::from_slice::<crate::VmSpec>(&spec).ok()?.restore).flatten();
+                if let Some(r) = &restore {
+                    if std::fs::read(self.restored_file(&vm)).is_ok_and(|b| b == r.as_os_str().as_encoded_bytes()) {
+                        spec = fresh_spec(&spec);
+                        let what = format!(
+                            "{vm}: its migration snapshot was restored before and is older than the state it ran with: starting afresh"
+                        );
+                        tracing::info!("agent {host}: {what}");
+                        let _ = cluster::log_event(store, &Event::now(&host, what));
+                    }
+                }
                 match self.spawn(&vm, role, &spec) {
                     Ok((child, pid)) => {
+                        if let Some(r) =
+                            restore.filter(|_| serde_json::from_slice::<crate::VmSpec>(&spec).is_ok_and(|s| s.restore.is_some()))
+                        {
+                            let _ = crate::replace_file(&self.restored_file(&vm), r.as_os_str().as_encoded_bytes());
+                        }
                         let state = if role == Role::Primary { CopyState::Running } else { CopyState::Backup };
                         tracing::info!("agent {host}: {why} the {} of {vm} (pid {pid})", role.name());
                         let _ = cluster::log_event(store, &Event::now(&host, format!("{why} the {} of {vm} (pid {pid})", role.name())));
@@ -490,6 +510,12 @@ impl Agent {
         let mut p = self.spec_file(vm, Role::Backup).into_os_string();
         p.push(".local");
         p.into()
+    }
+
+    /// Which migration snapshot this host restored `vm` from last (that one is never restored
+    /// again).
+    fn restored_file(&self, vm: &str) -> PathBuf {
+        self.cfg.state_dir.join(format!("{vm}.restored"))
     }
 
     fn spec_file(&self, vm: &str, role: Role) -> PathBuf {
