@@ -38,6 +38,9 @@ pub const DASHBOARDS: &str = "/vigil/manager/dashboard";
 /// The execution times (µs, by VM) the leader observed above the model's: a new leader analyses
 /// and plans with them too.
 pub const OBSERVED: &str = "/vigil/manager/observed";
+/// The checkpoint intervals the leader chose for `policy = "analysed"` VMs from their measured
+/// pauses (`manager::interval`), by VM.
+pub const INTERVALS: &str = "/vigil/manager/intervals";
 
 pub fn chain_path(chain: &str) -> String {
     format!("{CHAINS}/{chain}")
@@ -254,6 +257,21 @@ pub struct ReplicationFigures {
     /// How long released output was held (mean and largest in the window).
     pub output_delay_mean_ms: f64,
     pub output_delay_max_ms: f64,
+    /// The backup's staging and acknowledgement per checkpoint, after the checkpoint's last
+    /// byte left (mean and largest in the window).
+    #[serde(default)]
+    pub ack_mean_ms: f64,
+    #[serde(default)]
+    pub ack_max_ms: f64,
+    /// The 99th percentiles in the window of the pause, of the page copying within it (the
+    /// part that grows with the dirty pages, hence with the interval), and of the backup's
+    /// acknowledgement: what the manager adapts the `analysed` policy's interval to.
+    #[serde(default)]
+    pub pause_p99_ms: f64,
+    #[serde(default)]
+    pub copy_p99_ms: f64,
+    #[serde(default)]
+    pub ack_p99_ms: f64,
     /// When the window ended (ms since the Unix epoch).
     pub at_ms: u64,
 }
