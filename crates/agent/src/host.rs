@@ -514,15 +514,23 @@ impl Agent {
             Role::Primary => serde_json::from_slice::<crate::VmSpec>(spec).ok().map(|mut s| {
                 if let Some(p) = s.protection.as_mut() {
                     p.state_file = file;
+                    p.arbiter = self.lease_service(&p.arbiter);
                 }
                 serde_json::to_vec_pretty(&s)
             }),
             Role::Backup => serde_json::from_slice::<crate::vm::BackupSpec>(spec).ok().map(|mut s| {
                 s.state_file = file;
+                s.arbiter = self.lease_service(&s.arbiter);
                 serde_json::to_vec_pretty(&s)
             }),
         };
         out.and_then(Result::ok).unwrap_or_else(|| spec.to_vec())
+    }
+
+    /// The lease service as this host's copies ask it: `store` (the cluster's lease records)
+    /// is this agent's own store front end.
+    fn lease_service(&self, service: &str) -> String {
+        lease_service(&self.cfg.store, service)
     }
 
     fn spawn(&self, vm: &str, role: Role, spec: &[u8]) -> Result<(Child, u32)> {
@@ -624,6 +632,7 @@ impl Agent {
             st.asked = Some(Instant::now());
             let mut p = m.protection.clone();
             p.state_file = Some(state_file);
+            p.arbiter = lease_service(&self.cfg.store, &p.arbiter);
             match crate::migration::call(&sock, &crate::migration::Request::Protect(Box::new(p))) {
                 Ok(detail) if !st.started => {
                     st.started = true;
@@ -769,6 +778,14 @@ fn lock(path: &Path, host: &str) -> Result<File> {
     let _ = f.set_len(0);
     let _ = std::io::Write::write_all(&mut &f, std::process::id().to_string().as_bytes());
     Ok(f)
+}
+
+/// `service` as the copies of a host whose agent uses the store at `store` ask it.
+fn lease_service(store: &std::path::Path, service: &str) -> String {
+    match service.parse() {
+        Ok(crate::fencing::Service::AgentStore) => format!("store:{}", store.display()),
+        _ => service.to_string(),
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,8 @@
 //! - [`migration`]: pre-copy live migration of a running VM (protect it to the destination,
 //!   then a planned handover);
 //! - [`arbiter`]: the lease table of `replication::lease` served over TCP, and its client;
+//! - [`fencing`]: the lease service a replicated VM's copies ask — the arbiter, or the VM's
+//!   lease record in the store (no arbiter process when a store is there);
 //! - [`domain`]: a VM's registration as a XenStore domain in the control-plane store;
 //! - [`voter`]: local redundancy: N instances of a VM behind one address, replies voted,
 //!   faulty instances repaired from a healthy one's snapshot;
@@ -29,6 +31,7 @@ pub mod auth;
 pub mod cluster;
 pub mod domain;
 mod error;
+pub mod fencing;
 pub mod host;
 pub mod http;
 pub mod migration;

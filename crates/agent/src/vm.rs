@@ -411,6 +411,7 @@ impl VmSpec {
     pub fn check(&self) -> Result<()> {
         if let Some(p) = &self.protection {
             p.timing.timing()?;
+            p.arbiter.parse::<crate::fencing::Service>().map_err(|e| self.err(e))?;
         }
         if let Some(d) = &self.disk {
             if !d.exists() {
@@ -727,6 +728,7 @@ pub struct BackupSpec {
 /// Runs the backup until it took over and the VM it then ran stopped; returns the exit status.
 pub fn run_backup(b: &BackupSpec) -> Result<u8> {
     let timing = b.timing.timing()?;
+    b.arbiter.parse::<crate::fencing::Service>().map_err(|reason| Error::Spec { vm: "backup".into(), reason })?;
     if let Some(d) = &b.disk {
         if !d.exists() {
             return Err(Error::Spec {

@@ -1,11 +1,12 @@
 //! The embedded cluster on one machine (`vigil up`): hosts as network namespaces joined by a
-//! bridge, the store under its supervisor, the fencing arbiter, an agent per host, the
-//! manager (and standbys), all as detached processes; `vigil status`, `vigil fail HOST` and
+//! bridge, the store under its supervisor, an agent per host, the manager (and standbys), all
+//! as detached processes (no fencing arbiter: replicated VMs hold their leases in the store,
+//! `agent::fencing`); `vigil status`, `vigil fail HOST` and
 //! `vigil down` find them through the cluster file `<dir>/cluster.json`.
 //!
 //! ```text
 //!   field ns   10.99.0.100 ──┐            (clients, sensors, actuators)
-//!   switch ns  br0 10.99.0.254, the arbiter on :7000
+//!   switch ns  br0 10.99.0.254 (with --etcd: the etcd members and the managers' store)
 //!   host i ns  uplink ── hostbr 10.99.0.<i+1> ── vt<k> (VM k's tap; VM addresses from [[run]])
 //! ```
 
@@ -19,7 +20,6 @@ use std::process::{Command, Stdio};
 
 /// The LAN prefix of the embedded cluster.
 pub const LAN: [u8; 3] = [10, 99, 0];
-pub const ARBITER_PORT: u16 = 7000;
 pub const FIELD_IP: &str = "10.99.0.100";
 pub const BRIDGE: &str = "hostbr";
 
@@ -35,7 +35,7 @@ pub struct ClusterFile {
     /// Host name → its namespace.
     pub host_ns: BTreeMap<String, String>,
     pub host_ip: BTreeMap<String, Ipv4Addr>,
-    /// Process name → pid (store, arbiter, agent:<host>, manager:<n>).
+    /// Process name → pid (store, agent:<host>, manager:<n>, field, etcd members).
     pub pids: BTreeMap<String, u32>,
     pub images: BTreeMap<String, PathBuf>,
     pub lease_ms: u64,
@@ -46,8 +46,8 @@ pub struct ClusterFile {
     pub host_store: BTreeMap<String, PathBuf>,
     #[serde(default)]
     pub etcd: Vec<String>,
-    /// Processes the keeper (`vigil keep`) starts again when they die: the arbiter, the
-    /// field, the managers (as systemd's `Restart=always` would on real hosts). A host's
+    /// Processes the keeper (`vigil keep`) starts again when they die: the field, the
+    /// managers (as systemd's `Restart=always` would on real hosts). A host's
     /// agent is not among them: a dead host is the manager's business.
     #[serde(default)]
     pub kept: BTreeMap<String, Kept>,
@@ -103,7 +103,8 @@ impl ClusterFile {
     pub fn layout(&self) -> Layout {
         Layout {
             host_ip: self.host_ip.clone(),
-            arbiter: format!("{}.254:{ARBITER_PORT}", lan()),
+            // Fencing leases in the store: each host's copies use their agent's store.
+            arbiter: "store".into(),
             key_file: self.key_file(),
             bridge: BRIDGE.into(),
             images: self.images.clone(),
@@ -426,14 +427,7 @@ pub fn up(o: &UpOptions) -> Result<ClusterFile, String> {
     let mut client =
         store::Client::connect(&store).map_err(|e| format!("the store did not come up: {e} (see {})", dir.join("store.log").display()))?;
     let _ = client.rm(agent::cluster::ROOT);
-    let arbiter = format!("{}.254:{ARBITER_PORT}", lan());
     agent::auth::Key::generate(&cf.key_file()).map_err(|e| e.to_string())?;
-    // The lease table's durable state lives in the cluster store (on etcd with --etcd: then
-    // it is replicated, and an arbiter started anywhere finds it).
-    let state = format!("store:{}", cf.store.display());
-    let key = cf.key_file().display().to_string();
-    let args = s(&["arbiter", "--listen", &arbiter, "--state", &state, "--key-file", &key]);
-    cf.spawn_kept("arbiter", &o.exe, Some(&switch_ns), args, dir.join("arbiter.log"))?;
     for (h, ns) in &host_ns {
         let state = dir.join("hosts").join(h);
         std::fs::create_dir_all(&state).map_err(|e| format!("{}: {e}", state.display()))?;

@@ -6,6 +6,8 @@
 //! - [`wire`]: the checksummed frames on the TCP connection;
 //! - [`policy`]: when to checkpoint (`fixed:T`, `floating`, `network`, `adaptive`);
 //! - [`lease`]: fencing — the arbiter's lease table and its line protocol;
+//! - [`stored`]: fencing without an arbiter — the lease as a record in the cluster's store,
+//!   decided by each copy in a store transaction;
 //! - [`compress`]: when to compress a checkpoint's pages on the wire.
 //!
 //! It does no I/O and does not own the VM: the drivers in the `agent` crate perform the
@@ -17,6 +19,7 @@ pub mod compress;
 pub mod lease;
 pub mod policy;
 pub mod primary;
+pub mod stored;
 pub mod wire;
 
 pub use policy::PolicySpec;

@@ -180,6 +180,8 @@ pub struct Primary {
     next_renew: u64,
     /// The backup registration the arbiter last confirmed (`None`: unknown yet).
     registered: Option<Option<u64>>,
+    /// The backup session whose protection was announced ([`Notice::Protected`]).
+    announced: Option<u64>,
     ever_granted: bool,
     /// The lease's generation granted to this copy (0: none yet).
     gen: u64,
@@ -218,6 +220,7 @@ impl Primary {
             lease_pending: false,
             next_renew: 0,
             registered: None,
+            announced: None,
             ever_granted: false,
             gen: 0,
             arbiter_trouble: false,
@@ -244,7 +247,7 @@ impl Primary {
             return Err("a handover is in progress".into());
         }
         if !self.protected() || self.gen == 0 {
-            return Err("not protected yet: the backup holds no committed replica".into());
+            return Err("not protected yet: no backup with a committed replica is registered in the lease".into());
         }
         if self.registered != Some(self.wanted()) {
             // Found by `vigil bench migration`: a handover asked for right after protection,
@@ -337,9 +340,21 @@ impl Primary {
         (self.policy.name(), self.policy.mode())
     }
 
-    /// Whether a backup holds a committed replica.
+    /// Whether a backup holds a committed replica and is registered in the lease, so that it
+    /// can take over (a backup that acknowledged its first checkpoint is registered with the
+    /// next renewal, about one round trip later).
     pub fn protected(&self) -> bool {
-        matches!(self.link, Link::Protected { .. })
+        matches!(self.link, Link::Protected { session } if self.registered == Some(Some(session)))
+    }
+
+    /// Announces protection once it holds ([`Primary::protected`]), once per backup session.
+    fn announce(&mut self, out: &mut Vec<Action>) {
+        if let Link::Protected { session } = self.link {
+            if self.protected() && self.announced != Some(session) {
+                self.announced = Some(session);
+                out.push(Action::Notice(Notice::Protected { session }));
+            }
+        }
     }
 
     /// Whether the lease was lost to another copy.
@@ -475,6 +490,7 @@ impl Primary {
                         self.registered = Some(backup);
                         self.ever_granted = true;
                         self.next_renew = if backup == self.wanted() { sent_at.saturating_add(self.timing.lease_renew_ns) } else { now };
+                        self.announce(&mut out);
                     }
                     Ok(Answer::Held { left_us, .. }) if !self.ever_granted => {
                         // Another copy's lease has not run out yet (a previous run): wait.
@@ -558,7 +574,7 @@ impl Primary {
                     out.push(Action::Notice(Notice::Acked { epoch, duration_ns: done.duration_ns, mode: self.policy.mode() }));
                     if let Link::Syncing { session, .. } = self.link {
                         self.link = Link::Protected { session };
-                        out.push(Action::Notice(Notice::Protected { session }));
+                        self.announce(out);
                     }
                     if let (Handover::Last { epoch: Some(last) }, Link::Protected { session }) = (self.handover, self.link) {
                         if last == epoch {
@@ -765,9 +781,11 @@ mod tests {
         let out = p.handle(3, Event::SyncSent);
         assert!(out.contains(&Action::Checkpoint), "{out:?}");
         p.handle(4, Event::Staged { epoch: 1, output_frames: 0 });
-        p.handle(5, Event::Received(Msg::Ack { epoch: 1 }));
+        let out = p.handle(5, Event::Received(Msg::Ack { epoch: 1 }));
+        assert!(!p.protected() && !out.iter().any(|a| matches!(a, Action::Notice(Notice::Protected { .. }))), "not registered yet");
+        let out = p.handle(6, Event::Lease { sent_at: 5, answer: Ok(Answer::Granted { gen: 1, backup: Some(5) }) });
         assert!(p.protected());
-        p.handle(6, Event::Lease { sent_at: 5, answer: Ok(Answer::Granted { gen: 1, backup: Some(5) }) });
+        assert!(out.contains(&Action::Notice(Notice::Protected { session: 5 })), "{out:?}");
         p
     }
 
@@ -837,8 +855,8 @@ mod tests {
         p.handle(3, Event::SyncSent);
         p.handle(4, Event::Staged { epoch: 1, output_frames: 0 });
         p.handle(5, Event::Received(Msg::Ack { epoch: 1 }));
-        assert!(p.protected());
-        assert!(p.handover(6).unwrap_err().contains("not registered"), "protected, but the arbiter does not know the backup yet");
+        assert!(!p.protected(), "the backup holds a replica but is not registered yet");
+        assert!(p.handover(6).unwrap_err().contains("not protected"), "the lease does not register the backup yet");
         let mut p = protected();
         p.handover(10).expect("registered");
         p.handle(12, Event::Staged { epoch: 2, output_frames: 0 });

@@ -23,6 +23,7 @@ use replication::backup::{self, Backup};
 use replication::lease::{Answer, Request, Table};
 use replication::policy;
 use replication::primary::{self, Primary};
+use replication::stored::{self, Observer, Record};
 use replication::wire::{Msg, PAGE};
 use replication::Timing;
 use std::collections::{BTreeMap, HashSet};
@@ -294,6 +295,39 @@ enum Wire {
     ToPrimary(Msg),
 }
 
+/// The lease service: the arbiter's table, or the record in the store that each copy decides
+/// on by its own observation (`replication::stored`).
+enum Service {
+    Arbiter(Table),
+    Stored { record: Option<Record>, observers: BTreeMap<String, Observer> },
+}
+
+impl Service {
+    fn record(&self, vm: &str) -> Option<(String, Option<u64>)> {
+        match self {
+            Service::Arbiter(t) => t.record(vm).map(|(h, b)| (h.to_string(), b)),
+            Service::Stored { record, .. } => record.as_ref().map(|r| (r.holder.clone(), r.backup)),
+        }
+    }
+
+    /// `arbiter_us` on the arbiter's clock; `real_us` when the store serves the transaction
+    /// (the requester's observation counts from there: the earliest it could receive it).
+    fn handle(&mut self, arbiter_us: u64, real_us: u64, node: &str, req: &Request) -> Answer {
+        match self {
+            Service::Arbiter(t) => t.handle(arbiter_us, req),
+            Service::Stored { record, observers } => {
+                let raw = record.as_ref().map(Record::encode);
+                let unchanged = observers.entry(node.to_string()).or_default().saw(raw.as_deref(), real_us);
+                let d = stored::decide(record.as_ref(), unchanged, req);
+                if let Some(w) = d.write {
+                    *record = Some(w);
+                }
+                d.answer
+            }
+        }
+    }
+}
+
 struct World {
     now: u64,
     rng: Rng,
@@ -302,7 +336,7 @@ struct World {
     track_rng: Rng,
     faults: Faults,
     timing: Timing,
-    arbiter: Table,
+    arbiter: Service,
     /// When the arbiter last (re)started: its clock counts from here.
     arbiter_epoch: u64,
     /// Every grant in real time: generation → (holder, expiry).
@@ -342,7 +376,7 @@ impl World {
             track_rng: Rng((seed ^ 0x7ac4_1e55_d1e7_0001) | 1),
             faults,
             timing,
-            arbiter: Table::default(),
+            arbiter: Service::Arbiter(Table::default()),
             arbiter_epoch: 0,
             grants: BTreeMap::new(),
             primaries: vec![PrimaryNode {
@@ -376,6 +410,12 @@ impl World {
             handover_started: false,
             handed_over: vec![],
         }
+    }
+
+    /// The same world with the lease in the store instead of the arbiter.
+    fn stored(mut self) -> World {
+        self.arbiter = Service::Stored { record: None, observers: BTreeMap::new() };
+        self
     }
 
     fn delay(&mut self) -> u64 {
@@ -562,7 +602,7 @@ impl World {
         // holder.
         let newest = self.grants.last_key_value().map(|(_, (h, exp))| (h.as_str(), *exp));
         let live = newest.is_some_and(|(h, exp)| h == node && exp > self.now);
-        let sole = self.arbiter.record(&self.vm_name) == Some((node, None));
+        let sole = self.arbiter.record(&self.vm_name) == Some((node.to_string(), None));
         assert!(live || sole, "t={} ms: {node} released output without holding the lease\n{}", self.now / MS, self.tail());
         for s in out {
             self.seen = self.seen.max(s);
@@ -758,19 +798,39 @@ impl World {
         // The arbiter: it restarts from its durable state (what it stored before answering)
         // with a fresh clock.
         if self.faults.arbiter_down.is_some_and(|(_, b)| now == b * MS) {
-            self.arbiter = Table::restore(&self.arbiter.encode()).expect("the durable state restores");
+            if let Service::Arbiter(t) = &mut self.arbiter {
+                *t = Table::restore(&t.encode()).expect("the durable state restores");
+            }
             self.arbiter_epoch = now;
             self.log.push(format!("{} arbiter restarts", now / MS));
+        }
+        // With the lease in the store, the backup watches the record every 10 ms (a failed
+        // read forgets what it saw).
+        if now.is_multiple_of(10 * MS) {
+            let down = self.arbiter_down();
+            if let (Some(b), Service::Stored { record, observers }) = (self.backup.as_ref(), &mut self.arbiter) {
+                if !self.faults.pauses.iter().any(|(n, a, e)| *n == b.name && now >= a * MS && now < e * MS) {
+                    let o = observers.entry(b.name.clone()).or_default();
+                    if down {
+                        o.forget();
+                    } else {
+                        o.saw(record.as_ref().map(Record::encode).as_deref(), now / 1000);
+                    }
+                }
+            }
         }
         let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.lease_inflight).into_iter().partition(|r| r.0 <= now);
         self.lease_inflight = rest;
         for (_, node, sent_at, req) in due {
             if self.isolated(&node) || self.arbiter_down() {
-                // The driver's arbiter client times out.
+                // The driver's client times out (and forgets what it saw of the record).
+                if let Service::Stored { observers, .. } = &mut self.arbiter {
+                    observers.remove(&node);
+                }
                 self.lease_errors.push((now + 30 * MS, node, sent_at));
                 continue;
             }
-            let answer = self.arbiter.handle((now - self.arbiter_epoch) / 1000, &req);
+            let answer = self.arbiter.handle((now - self.arbiter_epoch) / 1000, now / 1000, &node, &req);
             if let Answer::Granted { gen, .. } = answer {
                 let ttl = match &req {
                     Request::Renew { ttl_us, .. } | Request::Takeover { ttl_us, .. } => ttl_us * 1000,
@@ -935,9 +995,18 @@ impl BackupNode {
     }
 }
 
-#[test]
-fn without_faults_output_flows_and_the_vm_stays_protected() {
-    let mut w = World::new(1, Faults::none());
+/// A world whose lease service is the arbiter or (`stored`) the record in the store.
+fn world(stored: bool, seed: u64, faults: Faults) -> World {
+    let w = World::new(seed, faults);
+    if stored {
+        w.stored()
+    } else {
+        w
+    }
+}
+
+fn without_faults_output_flows_and_the_vm_stays_protected_in(stored: bool) {
+    let mut w = world(stored, 1, Faults::none());
     w.run(2000);
     assert!(w.protected(), "{}", w.tail());
     let p = &w.primaries[0];
@@ -950,9 +1019,8 @@ fn without_faults_output_flows_and_the_vm_stays_protected() {
     assert!(p.vm.hybrid_epochs > 5 && p.vm.hot_max > 0, "{} hybrid epochs, at most {} hot pages", p.vm.hybrid_epochs, p.vm.hot_max);
 }
 
-#[test]
-fn a_crashed_primary_is_replaced_within_timeout_plus_lease() {
-    let mut w = World::new(2, Faults { crash_primary_at: Some(700), ..Faults::none() });
+fn a_crashed_primary_is_replaced_within_timeout_plus_lease_in(stored: bool) {
+    let mut w = world(stored, 2, Faults { crash_primary_at: Some(700), ..Faults::none() });
     w.run(1500);
     assert_eq!(w.takeovers.len(), 1, "{}", w.tail());
     let t = w.takeovers[0] - 700 * MS;
@@ -964,9 +1032,8 @@ fn a_crashed_primary_is_replaced_within_timeout_plus_lease() {
     assert!(w.outputs_seen > before);
 }
 
-#[test]
-fn a_crashed_backup_leaves_the_primary_running_and_a_new_backup_protects_it_again() {
-    let mut w = World::new(3, Faults { crash_backup_at: Some(600), new_backup_after_ms: Some(400), ..Faults::none() });
+fn a_crashed_backup_leaves_the_primary_running_and_a_new_backup_protects_it_again_in(stored: bool) {
+    let mut w = world(stored, 3, Faults { crash_backup_at: Some(600), new_backup_after_ms: Some(400), ..Faults::none() });
     w.run(900);
     assert!(!w.protected());
     let before = w.outputs_seen;
@@ -977,9 +1044,8 @@ fn a_crashed_backup_leaves_the_primary_running_and_a_new_backup_protects_it_agai
     assert!(w.takeovers.is_empty());
 }
 
-#[test]
-fn a_cut_between_the_hosts_causes_no_split_brain() {
-    let mut w = World::new(4, Faults { cut: Some((500, 900)), ..Faults::none() });
+fn a_cut_between_the_hosts_causes_no_split_brain_in(stored: bool) {
+    let mut w = world(stored, 4, Faults { cut: Some((500, 900)), ..Faults::none() });
     w.run(2500);
     // The primary kept the lease, so the backup could not take over; it was dropped and a
     // new session protects the VM again after the link heals.
@@ -987,17 +1053,15 @@ fn a_cut_between_the_hosts_causes_no_split_brain() {
     assert!(w.protected(), "{}", w.tail());
 }
 
-#[test]
-fn an_isolated_primary_stops_releasing_before_the_backup_takes_over() {
-    let mut w = World::new(5, Faults { isolate: Some((500, 900)), ..Faults::none() });
+fn an_isolated_primary_stops_releasing_before_the_backup_takes_over_in(stored: bool) {
+    let mut w = world(stored, 5, Faults { isolate: Some((500, 900)), ..Faults::none() });
     w.run(1500);
     assert_eq!(w.takeovers.len(), 1, "{}", w.tail());
     assert!(w.primaries[0].fenced, "the old primary learns it was deposed\n{}", w.tail());
     assert!(w.log.iter().any(|l| l.contains("ArbiterUnreachable")));
 }
 
-#[test]
-fn crashes_at_every_step() {
+fn crashes_at_every_step_in(stored: bool) {
     // A short run, crashing one side at each half-millisecond step in turn.
     for side in 0..2 {
         for t in 1..=400u64 {
@@ -1007,7 +1071,7 @@ fn crashes_at_every_step() {
             } else {
                 Faults { crash_backup_at: Some(crash), new_backup_after_ms: Some(50), max_delay_ms: 2, ..Faults::none() }
             };
-            let mut w = World::new(100 + t, f);
+            let mut w = world(stored, 100 + t, f);
             w.run(crash + 400);
             if side == 1 {
                 assert!(w.takeovers.is_empty());
@@ -1016,8 +1080,7 @@ fn crashes_at_every_step() {
     }
 }
 
-#[test]
-fn random_delay_loss_reordering_and_crashes() {
+fn random_delay_loss_reordering_and_crashes_in(stored: bool) {
     let mut takeovers = 0;
     let mut refused = 0;
     let mut clean_crashes = 0;
@@ -1049,7 +1112,7 @@ fn random_delay_loss_reordering_and_crashes() {
             answer_loss: 0.0,
             handover_at: None,
         };
-        let mut w = World::new(seed + 1, f);
+        let mut w = world(stored, seed + 1, f);
         w.run(1200);
         takeovers += w.takeovers.len();
         replayed += w.replayed;
@@ -1072,9 +1135,8 @@ fn random_delay_loss_reordering_and_crashes() {
     assert!(refused > 20, "only {refused} refusals");
 }
 
-#[test]
-fn a_handover_moves_the_vm_to_its_backup_with_a_short_stop() {
-    let mut w = World::new(7, Faults { handover_at: Some(800), ..Faults::none() });
+fn a_handover_moves_the_vm_to_its_backup_with_a_short_stop_in(stored: bool) {
+    let mut w = world(stored, 7, Faults { handover_at: Some(800), ..Faults::none() });
     w.run(800);
     assert!(w.protected());
     w.run(400);
@@ -1094,8 +1156,7 @@ fn a_handover_moves_the_vm_to_its_backup_with_a_short_stop() {
 /// side, cuts, isolation and arbiter restarts: the world's checks hold at every step (no two
 /// copies release output, nothing a client saw is lost, the replica is the primary's memory
 /// at each commit), and without faults the VM always ends on the backup's host.
-#[test]
-fn handovers_under_random_faults_never_split_and_lose_nothing() {
+fn handovers_under_random_faults_never_split_and_lose_nothing_in(stored: bool) {
     let (mut moved, mut resumed, mut clean) = (0, 0, 0);
     for seed in 0..400u64 {
         let mut r = Rng(seed * 104_729 + 7);
@@ -1129,7 +1190,7 @@ fn handovers_under_random_faults_never_split_and_lose_nothing() {
         } else {
             Faults { max_delay_ms: 1 + r.below(5), handover_at: Some(400 + r.below(800)), ..Faults::none() }
         };
-        let mut w = World::new(seed + 11, f);
+        let mut w = world(stored, seed + 11, f);
         w.run(2000);
         moved += w.handed_over.len();
         resumed += w.log.iter().filter(|l| l.contains("resumed: the handover failed")).count();
@@ -1150,10 +1211,9 @@ fn handovers_under_random_faults_never_split_and_lose_nothing() {
 /// The reported loss of acknowledged writes: the primary is paused, the backup takes over and
 /// serves, the new primary is paused too, the arbiter restarts, and the old primary continues.
 /// The restarted arbiter must not hand the lease to the stale copy.
-#[test]
-fn a_restarted_arbiter_never_hands_the_lease_to_a_stale_primary() {
+fn a_restarted_arbiter_never_hands_the_lease_to_a_stale_primary_in(stored: bool) {
     let f = Faults { pauses: &[("host-a", 300, 1200), ("host-b", 700, 2000)], arbiter_down: Some((800, 850)), ..Faults::none() };
-    let mut w = World::new(11, f);
+    let mut w = world(stored, 11, f);
     w.run(1600);
     assert_eq!(w.takeovers.len(), 1, "{}", w.tail());
     assert!(w.takeovers[0] < 700 * MS, "host-b took over before it was paused\n{}", w.tail());
@@ -1169,10 +1229,9 @@ fn a_restarted_arbiter_never_hands_the_lease_to_a_stale_primary() {
 /// The VM is not lost when its primary dies while the arbiter is down: once the arbiter is
 /// back and has waited out the leases it may have granted, the backup takes over, and it
 /// said once (not at every retry) why it could not yet.
-#[test]
-fn the_primary_dies_while_the_arbiter_is_down_and_the_backup_takes_over_when_it_returns() {
+fn the_primary_dies_while_the_arbiter_is_down_and_the_backup_takes_over_when_it_returns_in(stored: bool) {
     let f = Faults { arbiter_down: Some((500, 900)), crash_primary_at: Some(600), ..Faults::none() };
-    let mut w = World::new(12, f);
+    let mut w = world(stored, 12, f);
     w.run(1500);
     assert_eq!(w.takeovers.len(), 1, "{}", w.tail());
     let after = w.takeovers[0] - 900 * MS;
@@ -1184,14 +1243,13 @@ fn the_primary_dies_while_the_arbiter_is_down_and_the_backup_takes_over_when_it_
     assert!(primary_said <= 1, "the primary repeated itself {primary_said} times");
 }
 
-#[test]
-fn arbiter_restarts_at_every_step() {
+fn arbiter_restarts_at_every_step_in(stored: bool) {
     let mut replaced = 0;
     for t in 1..=300u64 {
         let down = (t, t + 1 + (t * 37) % 250);
         let crash = (t % 3 == 0).then_some(t + (t * 13) % 300);
         let f = Faults { arbiter_down: Some(down), crash_primary_at: crash, max_delay_ms: 2, ..Faults::none() };
-        let mut w = World::new(500 + t, f);
+        let mut w = world(stored, 500 + t, f);
         w.run(down.1 + 900);
         if crash.is_some() && w.crashed_protected {
             assert_eq!(w.takeovers.len(), 1, "t={t} {f:?}\n{}", w.tail());
@@ -1207,15 +1265,14 @@ fn arbiter_restarts_at_every_step() {
 /// A primary that stalls for about the timeout (a loaded host) and comes back: whatever the
 /// arbiter decided, some copy keeps running the VM — if the backup was granted the lease
 /// after the primary was heard again, the backup takes over (the primary is fenced).
-#[test]
-fn a_stalled_primary_that_comes_back_never_leaves_the_vm_without_a_copy() {
+fn a_stalled_primary_that_comes_back_never_leaves_the_vm_without_a_copy_in(stored: bool) {
     static PAUSES: std::sync::OnceLock<Vec<[(&'static str, u64, u64); 1]>> = std::sync::OnceLock::new();
     let pauses = PAUSES.get_or_init(|| (40..200).step_by(2).map(|len| [("host-a", 300, 300 + len)]).collect());
     let mut takeovers = 0;
     for (i, p) in pauses.iter().enumerate() {
         for seed in 0..3 {
             let f = Faults { pauses: p, max_delay_ms: 2, arbiter_delay_ms: 15, ..Faults::none() };
-            let mut w = World::new(900 + i as u64 * 7 + seed, f);
+            let mut w = world(stored, 900 + i as u64 * 7 + seed, f);
             w.run(1200);
             takeovers += w.takeovers.len();
             let alive: Vec<_> = w.primaries.iter().filter(|p| !p.fenced).map(|p| p.name.clone()).collect();
@@ -1233,15 +1290,14 @@ fn a_stalled_primary_that_comes_back_never_leaves_the_vm_without_a_copy() {
 /// was gone and abandoned the replica, while the grant had fenced the primary: no copy ran the
 /// VM. With answers lost at random (and stalls that cause takeovers), some copy always runs
 /// the VM and output keeps flowing.
-#[test]
-fn lost_arbiter_answers_never_leave_the_vm_without_a_copy() {
+fn lost_arbiter_answers_never_leave_the_vm_without_a_copy_in(stored: bool) {
     static PAUSES: std::sync::OnceLock<Vec<[(&'static str, u64, u64); 1]>> = std::sync::OnceLock::new();
     let pauses = PAUSES.get_or_init(|| (60..200).step_by(4).map(|len| [("host-a", 300, 300 + len)]).collect());
     let (mut takeovers, mut lost_grants) = (0, 0);
     for (i, p) in pauses.iter().enumerate() {
         for seed in 0..4 {
             let f = Faults { pauses: p, max_delay_ms: 2, arbiter_delay_ms: 15, answer_loss: 0.3, ..Faults::none() };
-            let mut w = World::new(5_000 + i as u64 * 11 + seed, f);
+            let mut w = world(stored, 5_000 + i as u64 * 11 + seed, f);
             w.run(1200);
             takeovers += w.takeovers.len();
             lost_grants += w.log.iter().filter(|l| l.contains("is lost")).count();
@@ -1255,4 +1311,144 @@ fn lost_arbiter_answers_never_leave_the_vm_without_a_copy() {
         }
     }
     assert!(takeovers > 10 && lost_grants > 10, "the faults happened ({takeovers} takeovers, {lost_grants} answers lost)");
+}
+
+#[test]
+fn without_faults_output_flows_and_the_vm_stays_protected() {
+    without_faults_output_flows_and_the_vm_stays_protected_in(false)
+}
+
+#[test]
+fn without_faults_output_flows_and_the_vm_stays_protected_with_the_lease_in_the_store() {
+    without_faults_output_flows_and_the_vm_stays_protected_in(true)
+}
+
+#[test]
+fn a_crashed_primary_is_replaced_within_timeout_plus_lease() {
+    a_crashed_primary_is_replaced_within_timeout_plus_lease_in(false)
+}
+
+#[test]
+fn a_crashed_primary_is_replaced_within_timeout_plus_lease_with_the_lease_in_the_store() {
+    a_crashed_primary_is_replaced_within_timeout_plus_lease_in(true)
+}
+
+#[test]
+fn a_crashed_backup_leaves_the_primary_running_and_a_new_backup_protects_it_again() {
+    a_crashed_backup_leaves_the_primary_running_and_a_new_backup_protects_it_again_in(false)
+}
+
+#[test]
+fn a_crashed_backup_leaves_the_primary_running_and_a_new_backup_protects_it_again_with_the_lease_in_the_store() {
+    a_crashed_backup_leaves_the_primary_running_and_a_new_backup_protects_it_again_in(true)
+}
+
+#[test]
+fn a_cut_between_the_hosts_causes_no_split_brain() {
+    a_cut_between_the_hosts_causes_no_split_brain_in(false)
+}
+
+#[test]
+fn a_cut_between_the_hosts_causes_no_split_brain_with_the_lease_in_the_store() {
+    a_cut_between_the_hosts_causes_no_split_brain_in(true)
+}
+
+#[test]
+fn an_isolated_primary_stops_releasing_before_the_backup_takes_over() {
+    an_isolated_primary_stops_releasing_before_the_backup_takes_over_in(false)
+}
+
+#[test]
+fn an_isolated_primary_stops_releasing_before_the_backup_takes_over_with_the_lease_in_the_store() {
+    an_isolated_primary_stops_releasing_before_the_backup_takes_over_in(true)
+}
+
+#[test]
+fn crashes_at_every_step() {
+    crashes_at_every_step_in(false)
+}
+
+#[test]
+fn crashes_at_every_step_with_the_lease_in_the_store() {
+    crashes_at_every_step_in(true)
+}
+
+#[test]
+fn random_delay_loss_reordering_and_crashes() {
+    random_delay_loss_reordering_and_crashes_in(false)
+}
+
+#[test]
+fn random_delay_loss_reordering_and_crashes_with_the_lease_in_the_store() {
+    random_delay_loss_reordering_and_crashes_in(true)
+}
+
+#[test]
+fn a_handover_moves_the_vm_to_its_backup_with_a_short_stop() {
+    a_handover_moves_the_vm_to_its_backup_with_a_short_stop_in(false)
+}
+
+#[test]
+fn a_handover_moves_the_vm_to_its_backup_with_a_short_stop_with_the_lease_in_the_store() {
+    a_handover_moves_the_vm_to_its_backup_with_a_short_stop_in(true)
+}
+
+#[test]
+fn handovers_under_random_faults_never_split_and_lose_nothing() {
+    handovers_under_random_faults_never_split_and_lose_nothing_in(false)
+}
+
+#[test]
+fn handovers_under_random_faults_never_split_and_lose_nothing_with_the_lease_in_the_store() {
+    handovers_under_random_faults_never_split_and_lose_nothing_in(true)
+}
+
+#[test]
+fn a_restarted_arbiter_never_hands_the_lease_to_a_stale_primary() {
+    a_restarted_arbiter_never_hands_the_lease_to_a_stale_primary_in(false)
+}
+
+#[test]
+fn a_restarted_arbiter_never_hands_the_lease_to_a_stale_primary_with_the_lease_in_the_store() {
+    a_restarted_arbiter_never_hands_the_lease_to_a_stale_primary_in(true)
+}
+
+#[test]
+fn the_primary_dies_while_the_arbiter_is_down_and_the_backup_takes_over_when_it_returns() {
+    the_primary_dies_while_the_arbiter_is_down_and_the_backup_takes_over_when_it_returns_in(false)
+}
+
+#[test]
+fn the_primary_dies_while_the_arbiter_is_down_and_the_backup_takes_over_when_it_returns_with_the_lease_in_the_store() {
+    the_primary_dies_while_the_arbiter_is_down_and_the_backup_takes_over_when_it_returns_in(true)
+}
+
+#[test]
+fn arbiter_restarts_at_every_step() {
+    arbiter_restarts_at_every_step_in(false)
+}
+
+#[test]
+fn arbiter_restarts_at_every_step_with_the_lease_in_the_store() {
+    arbiter_restarts_at_every_step_in(true)
+}
+
+#[test]
+fn a_stalled_primary_that_comes_back_never_leaves_the_vm_without_a_copy() {
+    a_stalled_primary_that_comes_back_never_leaves_the_vm_without_a_copy_in(false)
+}
+
+#[test]
+fn a_stalled_primary_that_comes_back_never_leaves_the_vm_without_a_copy_with_the_lease_in_the_store() {
+    a_stalled_primary_that_comes_back_never_leaves_the_vm_without_a_copy_in(true)
+}
+
+#[test]
+fn lost_arbiter_answers_never_leave_the_vm_without_a_copy() {
+    lost_arbiter_answers_never_leave_the_vm_without_a_copy_in(false)
+}
+
+#[test]
+fn lost_arbiter_answers_never_leave_the_vm_without_a_copy_with_the_lease_in_the_store() {
+    lost_arbiter_answers_never_leave_the_vm_without_a_copy_in(true)
 }

@@ -63,6 +63,12 @@ static CLIENTS: AtomicU64 = AtomicU64::new(0);
 impl Client {
     /// Connects (retrying for up to the default 10 s while the server starts).
     pub fn connect(socket: &Path) -> Result<Client> {
+        Client::connect_within(socket, Duration::from_secs(10))
+    }
+
+    /// Connects, retrying for up to `d`, which is also how long later requests keep
+    /// reconnecting and wait for a reply (see [`Client::set_retry_for`]).
+    pub fn connect_within(socket: &Path, d: Duration) -> Result<Client> {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let id = format!("{}-{nanos}-{}", std::process::id(), CLIENTS.fetch_add(1, Ordering::Relaxed));
         let mut c = Client {
@@ -72,8 +78,8 @@ impl Client {
             next_req: 1,
             watches: Vec::new(),
             events: VecDeque::new(),
-            retry_for: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(10),
+            retry_for: d,
+            request_timeout: d,
             id,
             tx_seq: 0,
             reconnects: 0,

@@ -38,8 +38,9 @@ pub struct ProtectArgs {
     /// (`vigil backup --listen`).
     #[arg(long, value_name = "HOST:PORT", requires = "arbiter")]
     pub protect: Option<String>,
-    /// The fencing arbiter (`vigil arbiter`) at HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT")]
+    /// The lease service that fences the VM's copies: the arbiter (`vigil arbiter`) at
+    /// HOST:PORT, or `store:SOCKET` (the VM's lease record in vigil's store, no arbiter).
+    #[arg(long, value_name = "HOST:PORT|store:SOCKET")]
     pub arbiter: Option<String>,
     /// Checkpoint policy: fixed:T (ms), floating, network, adaptive[:BASE:MAX].
     #[arg(long, default_value = "adaptive")]
@@ -83,8 +84,9 @@ pub struct BackupArgs {
     /// Address to listen on for the primary (HOST:PORT).
     #[arg(long, required_unless_present = "spec")]
     listen: Option<String>,
-    /// The fencing arbiter at HOST:PORT.
-    #[arg(long, required_unless_present = "spec")]
+    /// The lease service: the arbiter at HOST:PORT, or `store:SOCKET` (the VM's lease record
+    /// in vigil's store).
+    #[arg(long, value_name = "HOST:PORT|store:SOCKET", required_unless_present = "spec")]
     arbiter: Option<String>,
     /// This host's name at the arbiter (default: the host name).
     #[arg(long)]

@@ -344,9 +344,9 @@ fn the_manager_an_agent_and_the_store_restart_without_a_failover() {
     assert_eq!(c.call("GET backend-true"), "survived");
     up.wait("control protected after its backend's failures", 10, |ok, v| ok && vm(v, "control")["replication"] == "protected");
 
-    // 4. The keeper dies, then the arbiter and the field: the keeper's standby keeps now and
-    // starts them (and the manager killed in step 1) again, and replication carries on with
-    // the restarted arbiter.
+    // 4. The keeper dies, then the field: the keeper's standby keeps now and starts it (and
+    // the manager killed in step 1) again. (No arbiter runs: replicated VMs hold their leases
+    // in the store, whose restart in step 3 changed nothing.)
     let f = up.file();
     let keeper = f["pids"]["keeper"].as_u64().expect("the keeper recorded itself");
     assert!(f["pids"]["keeper-standby"].as_u64().is_some(), "a standby keeper: {f}");
@@ -357,23 +357,23 @@ fn the_manager_an_agent_and_the_store_restart_without_a_failover() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let f = up.file();
-    let (arbiter, field_pid) = (f["pids"]["arbiter"].as_u64().unwrap(), f["pids"]["field"].as_u64().unwrap());
-    kill(arbiter);
+    assert!(f["pids"]["arbiter"].is_null(), "an arbiter runs: {f}");
+    let field_pid = f["pids"]["field"].as_u64().unwrap();
     kill(field_pid);
     let t = std::time::Instant::now();
     loop {
         let f = up.file();
         let restarted = |name: &str| f["kept"][name]["restarts"].as_u64().unwrap_or(0) >= 1;
-        if restarted("arbiter") && restarted("field") && restarted(&format!("manager:{leader}")) {
-            assert_ne!(f["pids"]["arbiter"].as_u64(), Some(arbiter));
+        if restarted("field") && restarted(&format!("manager:{leader}")) {
+            assert_ne!(f["pids"]["field"].as_u64(), Some(field_pid));
             break;
         }
         assert!(t.elapsed() < Duration::from_secs(10), "the keeper did not start them again: {f}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let st = up.wait("control protected with the restarted arbiter", 15, |ok, v| ok && vm(v, "control")["replication"] == "protected");
+    let st = up.wait("control protected", 15, |ok, v| ok && vm(v, "control")["replication"] == "protected");
     let events = st["events"].to_string();
-    assert!(events.contains("arbiter had died; the keeper started it again"), "{events}");
+    assert!(events.contains("field had died; the keeper started it again"), "{events}");
     assert!(events.contains("its standby (pid"), "{events}");
     assert_eq!(c.call("GET before"), "restarts");
 

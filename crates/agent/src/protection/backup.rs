@@ -133,6 +133,7 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                     match made {
                         Ok(r) => {
                             tracing::info!("backup: new session {session:x} for VM {vm} ({} MiB)", mem_bytes >> 20);
+                            arbiter.watch(&vm);
                             stats.lock().unwrap_or_else(|e| e.into_inner()).vm = vm;
                             st.replica = Some(r);
                         }

@@ -15,14 +15,14 @@ pub mod backup;
 pub mod primary;
 pub mod stats;
 
-use crate::arbiter;
 use crate::auth::{self, Key, TAG};
-use replication::lease::{Answer, Request};
+use crate::fencing;
+use replication::lease::Answer;
 use replication::wire::{self, Msg, WireError};
 use replication::PolicySpec;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 /// Nanoseconds since the driver started (the state machines' clock).
@@ -117,20 +117,14 @@ pub fn spawn_reader_recycling(conn: u64, stream: TcpStream, tx: Sender<Input>, s
     });
 }
 
-/// Sends arbiter requests from a thread (one at a time, with a timeout) and reports answers.
-pub fn spawn_arbiter(addr: &str, timeout: Duration, key: Key, clock: Clock, tx: Sender<Input>) -> Sender<Request> {
-    let (rtx, rrx): (Sender<Request>, Receiver<Request>) = channel();
-    let mut client = arbiter::Client::new(addr, timeout, key);
-    let _ = std::thread::Builder::new().name("repl-arbiter".into()).spawn(move || {
-        for req in rrx {
-            let sent_at = clock.now();
-            let answer = client.request(&req);
-            if tx.send(Input::Lease { sent_at, answer }).is_err() {
-                return;
-            }
-        }
-    });
-    rtx
+/// Sends lease requests to `service` (an arbiter's HOST:PORT, or `store:SOCKET`: the VM's lease
+/// record in the store, [`crate::fencing`]) from a thread, one at a time with a timeout, and
+/// reports answers.
+pub fn spawn_arbiter(service: &str, timeout: Duration, key: Key, clock: Clock, tx: Sender<Input>) -> fencing::Lease {
+    // Checked when the spec was read (`VmSpec::check`, `run_backup`): a bad one here answers
+    // every request with its error.
+    let service = service.parse::<fencing::Service>();
+    fencing::spawn(service, timeout, key, move || clock.now(), tx, |sent_at, answer| Input::Lease { sent_at, answer })
 }
 
 /// A random 64-bit id (sessions).

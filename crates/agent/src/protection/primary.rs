@@ -186,7 +186,7 @@ struct Driver {
     opts: Options,
     clock: Clock,
     tx: Sender<Input>,
-    arbiter: Sender<replication::lease::Request>,
+    arbiter: crate::fencing::Lease,
     stats: Shared,
     link: Option<Link>,
     next_conn: u64,
