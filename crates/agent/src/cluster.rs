@@ -239,6 +239,30 @@ pub struct JobFigures {
     pub lost: u64,
     /// When the window ended (ms since the Unix epoch).
     pub at_ms: u64,
+    /// Frames delivered to the guest and sent by it at its network device in the window
+    /// (timestamped by the VMM, `vmm::devices::net::FrameStamps`).
+    #[serde(default)]
+    pub frames_in: u64,
+    #[serde(default)]
+    pub frames_out: u64,
+    /// The observed arrival curve of the input frames: (window ms, the most frames delivered in
+    /// any window of that length over the last 2 s).
+    #[serde(default)]
+    pub frame_arrivals: Vec<(f64, u64)>,
+    /// Device-level latency in the window: from a frame delivered to the guest (the first since
+    /// its last output) to the guest's next frame out, as the device saw them (before any hold
+    /// for replication); how many, p50, p99 and largest (µs).
+    #[serde(default)]
+    pub device_samples: u64,
+    #[serde(default)]
+    pub device_p50_us: f64,
+    #[serde(default)]
+    pub device_p99_us: f64,
+    #[serde(default)]
+    pub device_max_us: f64,
+    /// Frame batches the VMM dropped before they were read.
+    #[serde(default)]
+    pub frames_lost: u64,
 }
 
 /// A protected VM's replication over the last second, as its primary measured it.
@@ -263,9 +287,10 @@ pub struct ReplicationFigures {
     pub ack_mean_ms: f64,
     #[serde(default)]
     pub ack_max_ms: f64,
-    /// The 99th percentiles in the window of the pause, of the page copying within it (the
-    /// part that grows with the dirty pages, hence with the interval), and of the backup's
-    /// acknowledgement: what the manager adapts the `analysed` policy's interval to.
+    /// The 99th percentiles over the last 10 s (under the policy in force) of the pause, of the
+    /// page copying within it (the part that grows with the dirty pages, hence with the
+    /// interval), and of the backup's acknowledgement: what the manager adapts the `analysed`
+    /// policy's interval to.
     #[serde(default)]
     pub pause_p99_ms: f64,
     #[serde(default)]

@@ -212,6 +212,7 @@ struct Driver {
     /// The connection of a finished handover, closed once the backup took over.
     closing: Option<(u64, TcpStream)>,
     injected: Injected,
+    recent: Recent,
 }
 
 /// Fault injection for tests and benchmarks: with `VIGIL_INJECT_PAUSE_DIR=DIR`, each checkpoint
@@ -255,11 +256,36 @@ struct Window {
     /// socket to its acknowledgement (the model's `checkpoint_ack`).
     ack_ns: u64,
     ack_max_ns: u64,
-    /// Each checkpoint's pause, page copying within it, and backup acknowledgement (for
-    /// their 99th percentiles; at most [`Window::SAMPLES`] each).
-    pauses: Vec<u64>,
-    copies: Vec<u64>,
-    acks: Vec<u64>,
+}
+
+/// The last [`Recent::SPAN`] of checkpoints (pause, page copying within it, the backup's
+/// acknowledgement), for their 99th percentiles: over seconds, not one window, so that a
+/// long interval's few checkpoints a second still leave a percentile below the maximum.
+#[derive(Default)]
+struct Recent {
+    samples: VecDeque<(Instant, u64, u64, u64)>,
+}
+
+impl Recent {
+    const SPAN: Duration = Duration::from_secs(10);
+    const MAX: usize = 8192;
+
+    fn add(&mut self, e: &EpochStats) {
+        let now = Instant::now();
+        if self.samples.len() == Self::MAX {
+            self.samples.pop_front();
+        }
+        self.samples.push_back((now, e.pause_ns, e.copy_ns, e.backup_ack_ns()));
+        while self.samples.front().is_some_and(|s| now.duration_since(s.0) > Self::SPAN) {
+            self.samples.pop_front();
+        }
+    }
+
+    /// The 99th percentiles of pause, copying and acknowledgement (ns).
+    fn p99(&self) -> (u64, u64, u64) {
+        let q = |f: fn(&(Instant, u64, u64, u64)) -> u64| quantile(&mut self.samples.iter().map(f).collect::<Vec<_>>(), 0.99);
+        (q(|s| s.1), q(|s| s.2), q(|s| s.3))
+    }
 }
 
 /// The `q` quantile of `v` (sorted in place), 0 when empty.
@@ -274,8 +300,6 @@ fn quantile(v: &mut [u64], q: f64) -> u64 {
 impl Window {
     /// How often the state file gets the window's figures.
     const LENGTH: Duration = Duration::from_secs(1);
-    /// Checkpoints whose figures a window keeps for its percentiles.
-    const SAMPLES: usize = 8192;
 
     fn add(&mut self, e: &EpochStats) {
         self.checkpoints += 1;
@@ -285,11 +309,6 @@ impl Window {
         let ack = e.backup_ack_ns();
         self.ack_ns += ack;
         self.ack_max_ns = self.ack_max_ns.max(ack);
-        if self.pauses.len() < Self::SAMPLES {
-            self.pauses.push(e.pause_ns);
-            self.copies.push(e.copy_ns);
-            self.acks.push(ack);
-        }
     }
 
     fn new() -> Window {
@@ -304,13 +323,11 @@ impl Window {
             delay_max_ns: 0,
             ack_ns: 0,
             ack_max_ns: 0,
-            pauses: Vec::new(),
-            copies: Vec::new(),
-            acks: Vec::new(),
         }
     }
 
-    fn figures(&mut self, policy: &str, mode: &str, total: u64) -> crate::cluster::ReplicationFigures {
+    fn figures(&self, policy: &str, mode: &str, total: u64, recent: &Recent) -> crate::cluster::ReplicationFigures {
+        let (pause_p99, copy_p99, ack_p99) = recent.p99();
         let secs = self.since.elapsed().as_secs_f64().max(1e-3);
         let ms = |ns: u64| ns as f64 / 1e6;
         crate::cluster::ReplicationFigures {
@@ -325,9 +342,9 @@ impl Window {
             output_delay_max_ms: ms(self.delay_max_ns),
             ack_mean_ms: if self.checkpoints > 0 { ms(self.ack_ns) / self.checkpoints as f64 } else { 0.0 },
             ack_max_ms: ms(self.ack_max_ns),
-            pause_p99_ms: ms(quantile(&mut self.pauses, 0.99)),
-            copy_p99_ms: ms(quantile(&mut self.copies, 0.99)),
-            ack_p99_ms: ms(quantile(&mut self.acks, 0.99)),
+            pause_p99_ms: ms(pause_p99),
+            copy_p99_ms: ms(copy_p99),
+            ack_p99_ms: ms(ack_p99),
             at_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
         }
     }
@@ -382,6 +399,7 @@ impl Driver {
             handover_started: None,
             closing: None,
             injected: Injected::from_env(),
+            recent: Recent::default(),
         })
     }
 
@@ -756,8 +774,9 @@ impl Driver {
         self.log(format!("checkpoint policy now {spec} (was {before})"));
         self.stats.lock().unwrap_or_else(|e| e.into_inner()).policy = spec.to_string();
         self.state.policy = Some(spec.to_string());
-        // The figures of a window are of one policy.
+        // The figures of a window (and the percentiles) are of one policy.
         self.window = Window::new();
+        self.recent = Recent::default();
         self.save_state();
     }
 
@@ -804,9 +823,10 @@ impl Driver {
                     stats.compressed += e.compressed as u64;
                     stats.last = e.clone();
                     self.window.add(e);
+                    self.recent.add(e);
                 }
                 if self.window.since.elapsed() >= Window::LENGTH {
-                    self.state.figures = Some(self.window.figures(&stats.policy, stats.mode, stats.checkpoints));
+                    self.state.figures = Some(self.window.figures(&stats.policy, stats.mode, stats.checkpoints, &self.recent));
                     self.window = Window::new();
                     drop(stats);
                     self.save_state();
