@@ -560,6 +560,8 @@ fn failovers_measured(bed: &mut Bed, runs: usize, rto_min_ms: Option<u32>) -> Re
         let (mut p, b) = bed.start("kv", true, Some("adaptive"), &[])?;
         let mut b = b.context("a backup")?;
         wait_for(&mut p, "kv: serving", 20)?;
+        // A failover is measured only from a protected VM (its backup registered in the lease).
+        wait_for(&mut p, "protected: the backup holds", 20)?;
         let mut cli = Testbed::command(&bed.tb.client, "redis-cli")
             .args(["-h", VM_IP])
             .stdin(Stdio::piped())
@@ -594,6 +596,10 @@ fn failovers_measured(bed: &mut Bed, runs: usize, rto_min_ms: Option<u32>) -> Re
             let _ = rx.recv_timeout(Duration::from_millis(50));
         }
         while rx.try_recv().is_ok() {}
+        // At a random point of the client's request cycle (about 1.5 ms), not in the instant
+        // after an answer reached this thread (the client has just sent its next request then).
+        let jitter = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() as u64) % 3_000;
+        std::thread::sleep(Duration::from_micros(jitter));
         let kill = Instant::now();
         p.kill();
         let first = loop {

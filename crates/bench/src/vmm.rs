@@ -147,7 +147,7 @@ fn checkpoint_medians(counter: &Path, pages: u64, fresh: bool) -> Result<(f64, f
     let runner = std::thread::spawn(move || vm.run(Some(&inbox)));
     let result = (|| -> Result<Vec<Sample>> {
         wait_for("round 1", Duration::from_secs(20), || console.text().contains("round 1\n"))?;
-        if !ctl.call(Command::Protect { mirror: None, hold: true }).ok {
+        if !ctl.call(Command::Protect { mirror: None, hold: true, input: None }).ok {
             bail!("protect failed");
         }
         let mut buffer = None;

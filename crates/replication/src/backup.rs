@@ -30,6 +30,10 @@ pub const MAX_OUTPUT: usize = 64 << 20;
 /// refused (protection ends with the reason, and the primary synchronises a backup anew).
 pub const DISK_HOLD_LIMIT: usize = 256 << 20;
 
+/// Most bytes of network input kept for epochs not yet committed; beyond it the oldest is
+/// dropped (it only spares a client a retransmission after a takeover).
+pub const MAX_INPUT: usize = 16 << 20;
+
 /// What happened, as the driver reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -76,7 +80,9 @@ pub enum Action {
     /// host, announce its addresses and run it; the arbiter granted the lease at `granted_at`.
     /// `replay` is the output of the committed epochs the primary had not reported released:
     /// send it again at once.
-    TakeOver { epoch: u64, granted_at: u64, gen: u64, replay: Vec<u8> },
+    /// `input` is the network input the VM received after that checkpoint (the replica has not
+    /// seen it): the driver gives it to the VM before it runs.
+    TakeOver { epoch: u64, granted_at: u64, gen: u64, replay: Vec<u8>, input: Vec<u8> },
     /// The replica can never be used (the primary dropped this backup, or never completed a
     /// checkpoint); wait for a new session.
     Abandon { reason: String },
@@ -132,6 +138,10 @@ pub struct Backup {
     /// known released (epoch, frames), and the highest epoch the primary reported released.
     staged_output: Vec<u8>,
     kept_output: VecDeque<(u64, Vec<u8>)>,
+    /// Network input the VM received in epochs not yet committed here ([`Msg::Input`]), and its
+    /// bytes.
+    input: VecDeque<(u64, Vec<u8>)>,
+    input_bytes: usize,
     released: u64,
     /// Disk writes not yet committed: (epoch, offset, data).
     disk: Vec<(u64, u64, Vec<u8>)>,
@@ -164,6 +174,8 @@ impl Backup {
             mem_pages: 0,
             staged_output: Vec::new(),
             kept_output: VecDeque::new(),
+            input: VecDeque::new(),
+            input_bytes: 0,
             released: 0,
             disk: Vec::new(),
             disk_bytes: 0,
@@ -261,7 +273,11 @@ impl Backup {
                             out.push(Action::Disconnect { reason: "taking over".into() });
                             let released = self.released;
                             let replay = self.kept_output.drain(..).filter(|(e, _)| *e > released).flat_map(|(_, f)| f).collect();
-                            out.push(Action::TakeOver { epoch: committed, granted_at: sent_at, gen, replay });
+                            // The input the replica has not seen: what arrived after the
+                            // committed checkpoint's epoch.
+                            let input = self.input.drain(..).filter(|(e, _)| *e > committed).flat_map(|(_, f)| f).collect();
+                            self.input_bytes = 0;
+                            out.push(Action::TakeOver { epoch: committed, granted_at: sent_at, gen, replay, input });
                             return out;
                         }
                         Ok(Answer::Held { holder, left_us }) => {
@@ -338,6 +354,8 @@ impl Backup {
                 self.disk.clear();
                 self.staged_output = Vec::new();
                 self.kept_output.clear();
+                self.input.clear();
+                self.input_bytes = 0;
                 self.released = 0;
                 (self.sync_pages, self.sync_chunks, self.sync_done) = (0, 0, false);
                 out.push(Action::Reset { session, vm, mem_bytes, config });
@@ -463,6 +481,22 @@ impl Backup {
                 self.released = self.released.max(released);
                 self.staged_output.extend_from_slice(&frames);
             }
+            Msg::Input { epoch, frames } => {
+                // Input of an epoch already committed here is in the replica: not kept.
+                let committed = match self.phase {
+                    Phase::Replica { committed, .. } => committed,
+                    _ => return,
+                };
+                if committed.is_some_and(|c| epoch <= c) || frames.is_empty() {
+                    return;
+                }
+                self.input_bytes += frames.len();
+                self.input.push_back((epoch, frames));
+                while self.input_bytes > MAX_INPUT {
+                    let Some((_, f)) = self.input.pop_front() else { break };
+                    self.input_bytes -= f.len();
+                }
+            }
             other => self.refuse(0, format!("unexpected {} message from the primary", other.kind()), out),
         }
     }
@@ -470,6 +504,11 @@ impl Backup {
     /// Keeps the just-committed epoch's output; forgets what is known released and, beyond
     /// [`MAX_OUTPUT`], the oldest.
     fn keep_output(&mut self, epoch: u64) {
+        // The input of committed epochs is in the replica now.
+        while self.input.front().is_some_and(|(e, _)| *e <= epoch) {
+            let (_, f) = self.input.pop_front().expect("checked");
+            self.input_bytes -= f.len();
+        }
         let frames = std::mem::take(&mut self.staged_output);
         if !frames.is_empty() {
             self.kept_output.push_back((epoch, frames));
@@ -695,7 +734,7 @@ mod tests {
         let out = b.handle(200 + t.timeout_ns, Event::Lease { sent_at: 150, answer: Ok(Answer::Held { holder: "a".into(), left_us: 10 }) });
         assert!(!out.iter().any(|a| matches!(a, Action::TakeOver { .. })));
         let out = b.handle(300 + t.timeout_ns, Event::Lease { sent_at: 250, answer: Ok(Answer::Granted { gen: 2, backup: None }) });
-        assert!(out.contains(&Action::TakeOver { epoch: 1, granted_at: 250, gen: 2, replay: vec![] }), "{out:?}");
+        assert!(out.contains(&Action::TakeOver { epoch: 1, granted_at: 250, gen: 2, replay: vec![], input: vec![] }), "{out:?}");
         assert!(b.active());
     }
 
@@ -729,6 +768,41 @@ mod tests {
         apply(&mut b, 1);
         let out = b.handle(50, Event::Received(Msg::Output { epoch: 5, released: 0, frames: vec![] }));
         assert!(refused(&out).is_some_and(|r| r.contains("out of order")), "{out:?}");
+    }
+
+    #[test]
+    fn a_takeover_gives_the_vm_the_input_received_after_the_committed_checkpoint() {
+        let t = Timing::default();
+        let mut b = synced();
+        let input = |b: &mut Backup, now, epoch, byte: u8| {
+            let frames = [&4u32.to_le_bytes()[..], &[byte; 4]].concat();
+            let out = b.handle(now, Event::Received(Msg::Input { epoch, frames }));
+            assert!(refused(&out).is_none(), "{out:?}");
+        };
+        // Input of epochs 1 and 2 (committed: in the replica), 3 (its checkpoint never
+        // arrives) and 4; epoch 1's input arrives again late (after its commit).
+        input(&mut b, 5, 1, 1);
+        apply(&mut b, 1);
+        input(&mut b, 11, 2, 2);
+        input(&mut b, 12, 1, 9);
+        apply(&mut b, 2);
+        input(&mut b, 21, 3, 3);
+        input(&mut b, 22, 4, 4);
+        let out = b.handle(100 + t.timeout_ns, Event::Tick);
+        assert!(out.iter().any(|a| matches!(a, Action::Lease(_))));
+        let out = b.handle(300 + t.timeout_ns, Event::Lease { sent_at: 250, answer: Ok(Answer::Granted { gen: 2, backup: None }) });
+        let Some(Action::TakeOver { epoch: 2, input, .. }) = out.iter().find(|a| matches!(a, Action::TakeOver { .. })) else {
+            panic!("{out:?}");
+        };
+        let want: Vec<u8> = [3u8, 4].iter().flat_map(|e| [&4u32.to_le_bytes()[..], &[*e; 4]].concat()).collect();
+        assert_eq!(*input, want);
+        // Bounded: the oldest goes first.
+        let mut b = synced();
+        let big = [&(60_000u32).to_le_bytes()[..], &vec![7u8; 60_000]].concat();
+        for i in 0..(2 * MAX_INPUT / 60_000) as u64 {
+            b.handle(i, Event::Received(Msg::Input { epoch: 1 + i, frames: big.clone() }));
+        }
+        assert!(b.input_bytes <= MAX_INPUT && b.input.front().is_some_and(|(e, _)| *e > 1));
     }
 
     /// Found by `vigil bench replication` on a loaded host: the primary stalls past the

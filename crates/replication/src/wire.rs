@@ -54,6 +54,10 @@ pub enum Msg {
     /// primary had released. The backup sends the committed epochs' output it does not know
     /// released again when it takes over.
     Output { epoch: u64, released: u64, frames: Vec<u8> },
+    /// Primary → backup: network input the VM received during `epoch` (frames as in
+    /// [`Msg::Output`]), sent as it arrives. A backup that takes over from a checkpoint before
+    /// `epoch` gives it to the VM it builds (the client need not send it again).
+    Input { epoch: u64, frames: Vec<u8> },
     /// Backup → primary: the checkpoint closing `epoch` is applied (and its disk writes too).
     Ack { epoch: u64 },
     /// Backup → primary: a checkpoint was refused; the backup keeps its last committed state.
@@ -102,6 +106,7 @@ const K_OUTPUT: u8 = 11;
 /// [`Msg::Pages`] with its page data as one LZ4 block (see [`write_pages_lz4`]).
 const K_PAGES_LZ4: u8 = 12;
 const K_HANDOVER: u8 = 13;
+const K_INPUT: u8 = 14;
 
 /// Largest network frame carried in [`Msg::Output`].
 pub const MAX_NET_FRAME: usize = 65535;
@@ -121,6 +126,7 @@ fn kind_name(k: u8) -> &'static str {
         K_OUTPUT => "output",
         K_PAGES_LZ4 => "compressed pages",
         K_HANDOVER => "handover",
+        K_INPUT => "input",
         _ => "unknown",
     }
 }
@@ -145,6 +151,7 @@ impl Msg {
             Msg::SyncEnd { .. } => K_SYNC_END,
             Msg::Output { .. } => K_OUTPUT,
             Msg::Handover { .. } => K_HANDOVER,
+            Msg::Input { .. } => K_INPUT,
         }
     }
 
@@ -193,6 +200,10 @@ impl Msg {
             Msg::Output { epoch, released, frames } => {
                 h.extend_from_slice(&epoch.to_le_bytes());
                 h.extend_from_slice(&released.to_le_bytes());
+                frames
+            }
+            Msg::Input { epoch, frames } => {
+                h.extend_from_slice(&epoch.to_le_bytes());
                 frames
             }
             Msg::Ack { epoch } => {
@@ -541,6 +552,14 @@ fn decode_payload(kind: u8, payload: Vec<u8>) -> Result<Msg, WireError> {
             }
             Msg::Output { epoch, released, frames }
         }
+        K_INPUT => {
+            let epoch = f.u64("epoch")?;
+            let frames = std::mem::take(&mut f.rest).to_vec();
+            if let Err(reason) = check_frames(&frames) {
+                return Err(f.bad(reason));
+            }
+            Msg::Input { epoch, frames }
+        }
         K_ACK => {
             let epoch = f.u64("epoch")?;
             f.end()?;
@@ -807,6 +826,7 @@ mod tests {
             Msg::Heartbeat { seq: 99 },
             Msg::Handover { epoch: 42, paused_ns: 7 },
             Msg::Output { epoch: 4, released: 3, frames: frames(&[&[1; 60], &[2; 1514]]) },
+            Msg::Input { epoch: 5, frames: frames(&[&[3; 60]]) },
         ]
     }
 

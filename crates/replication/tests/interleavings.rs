@@ -688,7 +688,7 @@ impl World {
                     let name = b.name.clone();
                     self.lease_inflight.push((at, name, now, req));
                 }
-                backup::Action::TakeOver { epoch, granted_at, gen, replay } => {
+                backup::Action::TakeOver { epoch, granted_at, gen, replay, .. } => {
                     let b = self.backup.take().expect("backup");
                     assert_eq!(b.committed_epochs.last(), Some(&epoch), "takes over from its last commit");
                     // Nothing a client saw is lost.

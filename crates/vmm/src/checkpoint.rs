@@ -129,6 +129,19 @@ impl Vm {
     /// bytes ([`crate::mirror`]): while it is full, guest disk writes wait. Call it before reading a
     /// [`crate::memory::MemoryView`] for the initial copy.
     pub fn protect(&mut self, mirror: Option<MirrorSender>, hold: bool) -> Result<()> {
+        self.protect_logging(mirror, hold, None)
+    }
+
+    /// As [`Vm::protect`], also copying every frame given to the guest, with its epoch, to
+    /// `input` (a primary forwards them to its backup, which gives the input that arrived after
+    /// the last checkpoint to the VM it builds at a takeover: a client's request that died with
+    /// the primary is answered without the client's retransmission).
+    pub fn protect_logging(
+        &mut self,
+        mirror: Option<MirrorSender>,
+        hold: bool,
+        input: Option<crate::devices::net::InputLog>,
+    ) -> Result<()> {
         if self.protection.is_some() {
             return Err(Error::Config("the VM is already protected".into()));
         }
@@ -143,6 +156,7 @@ impl Vm {
             if hold {
                 tap.hold();
             }
+            tap.set_input_log(input);
         }
         if let Some(block) = self.block.as_mut() {
             block.set_mirror(mirror, epoch);
@@ -180,6 +194,7 @@ impl Vm {
         self.next_epoch = p.epoch + 1;
         if let Some(tap) = self.tap.as_mut() {
             tap.unhold();
+            tap.set_input_log(None);
         }
         if let Some(block) = self.block.as_mut() {
             block.set_mirror(None, 0);
@@ -296,6 +311,12 @@ impl Vm {
             switch_ns: closed.switch_ns,
             hot_pages: tracker_hot,
         })
+    }
+
+    /// Gives the guest `frames` (encoded as [`Vm::send_frames`] takes them) before anything
+    /// from the network; returns how many.
+    pub fn inject_input(&mut self, frames: &[u8]) -> usize {
+        self.tap.as_mut().map_or(0, |t| t.inject(frames))
     }
 
     /// Sends network frames encoded as [`Checkpoint::output`] holds them on this VM's tap at

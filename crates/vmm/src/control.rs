@@ -42,9 +42,10 @@ pub enum Command {
     ReleaseAcked { epoch: u64 },
     /// Start protection (checkpoint replication, see [`crate::checkpoint`]): dirty logging
     /// on (from a clean slate), network output held if `hold` (with a tap), and every guest
-    /// disk write also sent on `mirror` (with a disk). In-process only.
+    /// disk write also sent on `mirror` (with a disk), and every frame given to the guest
+    /// copied to `input` (with a tap). In-process only.
     #[serde(skip)]
-    Protect { mirror: Option<crate::mirror::MirrorSender>, hold: bool },
+    Protect { mirror: Option<crate::mirror::MirrorSender>, hold: bool, input: Option<crate::devices::net::InputLog> },
     /// Start holding the output of a VM protected with `hold: false`. In-process only.
     #[serde(skip)]
     HoldOutput,

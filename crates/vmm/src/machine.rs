@@ -780,7 +780,7 @@ impl Vm {
                 (_, None) => Err(Error::Config("the VM has no network device".into())),
                 (Some(_), Some(tap)) => Ok(Reply { value: Some(tap.release(epoch) as u64), ..Reply::ok() }),
             },
-            Command::Protect { mirror, hold } => self.protect(mirror, hold).map(|_| Reply::ok()),
+            Command::Protect { mirror, hold, input } => self.protect_logging(mirror, hold, input).map(|_| Reply::ok()),
             Command::HoldOutput => self.hold_output().map(|_| Reply::ok()),
             Command::Unprotect => self.unprotect().map(|_| Reply::ok()),
             Command::Checkpoint { buffer } => self.checkpoint(buffer).map(|c| Reply { checkpoint: Some(Box::new(c)), ..Reply::ok() }),
@@ -958,7 +958,8 @@ impl Vm {
             fds.push(libc::pollfd { fd: i.shared.event.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         }
         let now = self.clock.now_ns();
-        if deadline > now {
+        let waiting = self.tap.as_ref().is_some_and(|t| t.has_pending());
+        if deadline > now && !waiting {
             let wait = deadline - now;
             let ts = libc::timespec { tv_sec: (wait / 1_000_000_000).min(i32::MAX as u64) as i64, tv_nsec: (wait % 1_000_000_000) as i64 };
             let tsp = if deadline == u64::MAX { std::ptr::null() } else { &ts as *const libc::timespec };

@@ -116,7 +116,7 @@ fn hostile_clients_neither_block_nor_bloat_the_api() {
     drop(crowd);
 
     // net-release is refused while the VM is protected (as net-unhold is), accepted after.
-    assert!(ctl.call(Command::Protect { mirror: None, hold: false }).ok);
+    assert!(ctl.call(Command::Protect { mirror: None, hold: false, input: None }).ok);
     let r = api::call(&sock, &Command::NetRelease { epoch: 1 }).expect("reply");
     assert!(!r.ok && r.error.as_deref().is_some_and(|e| e.contains("protected")), "{r:?}");
     let r = api::call(&sock, &Command::NetUnhold).expect("reply");

@@ -59,11 +59,11 @@ fn replica_follows_checkpoints_and_takes_over() {
         (vm, stop)
     });
     wait_for("count 5", || console.text().contains("count 5\n"));
-    assert!(ctl.call(Command::Protect { mirror: None, hold: true }).ok);
+    assert!(ctl.call(Command::Protect { mirror: None, hold: true, input: None }).ok);
     // While protected, nobody else may collect dirty pages or seal epochs.
     let r = ctl.call(Command::DirtyLogGetAndClear);
     assert!(!r.ok && r.error.as_deref().unwrap_or("").contains("protected"), "{r:?}");
-    assert!(!ctl.call(Command::Protect { mirror: None, hold: true }).ok, "protected twice");
+    assert!(!ctl.call(Command::Protect { mirror: None, hold: true, input: None }).ok, "protected twice");
 
     // Initial copy while the guest keeps counting.
     let view = ctl.call(Command::MemoryView).memory_view.expect("memory view");
@@ -136,7 +136,7 @@ fn initial_copy_under_heavy_writes_then_checkpoints_make_an_exact_replica() {
     let (ctl, inbox) = channel_pair().expect("control channel");
     let runner = std::thread::spawn(move || vm.run(Some(&inbox)));
     std::thread::sleep(Duration::from_millis(100));
-    assert!(ctl.call(Command::Protect { mirror: None, hold: true }).ok);
+    assert!(ctl.call(Command::Protect { mirror: None, hold: true, input: None }).ok);
     let view = ctl.call(Command::MemoryView).memory_view.expect("view");
     let mut replica = Replica::new(config).expect("replica");
     initial_copy(&view, &mut replica);
@@ -398,7 +398,7 @@ fn output_after_checkpoint_k_waits_for_release_of_k_plus_1() {
     wait_for("kv to serve", || console.text().contains("kv: serving"));
     ns.enter();
     let sniff = Sniffer::open(TAP);
-    assert!(ctl.call(Command::Protect { mirror: None, hold: true }).ok);
+    assert!(ctl.call(Command::Protect { mirror: None, hold: true, input: None }).ok);
     let k = checkpoint(&ctl, None);
     assert!(ctl.call(Command::ReleaseAcked { epoch: k.epoch }).ok);
     std::thread::sleep(Duration::from_millis(50));
@@ -480,7 +480,7 @@ fn kv_fails_over_to_the_replica_with_state_and_connection() {
     assert_eq!(cli(&["SET", "early", "before protection"]), "OK");
 
     // Protect, copy memory while kv runs, then checkpoint + apply + release every few ms.
-    assert!(ctl.call(Command::Protect { mirror: None, hold: true }).ok);
+    assert!(ctl.call(Command::Protect { mirror: None, hold: true, input: None }).ok);
     let view = ctl.call(Command::MemoryView).memory_view.expect("view");
     let mut replica = Replica::new(config.clone()).expect("replica");
     initial_copy(&view, &mut replica);
@@ -572,7 +572,7 @@ fn replica_equals_primary_after_every_epoch_in_every_tracking_mode_and_switch() 
     let (ctl, inbox) = channel_pair().expect("control channel");
     let runner = std::thread::spawn(move || vm.run(Some(&inbox)));
     wait_for("random: writing", || console.text().contains("random: writing"));
-    assert!(ctl.call(Command::Protect { mirror: None, hold: true }).ok);
+    assert!(ctl.call(Command::Protect { mirror: None, hold: true, input: None }).ok);
     let view = ctl.call(Command::MemoryView).memory_view.expect("memory view");
     let mut replica = Replica::new(config.clone()).expect("replica");
     initial_copy(&view, &mut replica);

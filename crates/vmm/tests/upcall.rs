@@ -162,7 +162,7 @@ fn a_preempted_guest_carries_on_exactly_after_snapshots_and_a_takeover() {
         let stop = vm.run(Some(&inbox));
         (vm, stop)
     });
-    assert!(ctl.call(Command::Protect { mirror: None, hold: false }).ok);
+    assert!(ctl.call(Command::Protect { mirror: None, hold: false, input: None }).ok);
     let view = ctl.call(Command::MemoryView).memory_view.expect("view");
     let mut replica = Replica::new(config).expect("replica");
     let mut all = vec![0u8; view.size() as usize];

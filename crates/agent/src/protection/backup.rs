@@ -194,7 +194,7 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                 Action::Lease(req) => {
                     let _ = arbiter.send(req);
                 }
-                Action::TakeOver { epoch, granted_at, gen, replay } => {
+                Action::TakeOver { epoch, granted_at, gen, replay, input } => {
                     let replica = st.replica.take().ok_or("internal: takeover without a replica")?;
                     let since = st.suspected_at.map(|t| Instant::now().duration_since(t).as_secs_f64() * 1e3).unwrap_or(0.0);
                     tracing::info!(
@@ -203,7 +203,7 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                     stats.lock().unwrap_or_else(|e| e.into_inner()).takeovers += 1;
                     let vm_name = stats.lock().unwrap_or_else(|e| e.into_inner()).vm.clone();
                     let tap = standby.take().map(Standby::end);
-                    let grant = Grant { at: granted_at, gen, replay, handover: st.handover.take() };
+                    let grant = Grant { at: granted_at, gen, replay, input, handover: st.handover.take() };
                     return take_over(replica, &opts, &vm_name, grant, clock, control_bound, tap);
                 }
                 Action::Abandon { reason } => {
@@ -390,6 +390,8 @@ struct Grant {
     at: u64,
     gen: u64,
     replay: Vec<u8>,
+    /// The input the VM received after the committed checkpoint, for the new copy.
+    input: Vec<u8>,
     /// A planned handover: when its message came, and how long the VM had been paused then.
     handover: Option<(Instant, u64)>,
 }
@@ -407,6 +409,13 @@ fn take_over(
     let overrides = RestoreOverrides { tap: opts.tap.clone(), disk: opts.disk.clone() };
     let vm = Vm::from_replica_with_tap(replica, &overrides, Box::new(std::io::stdout()), tap.flatten());
     let mut vm = vm.map_err(|e| format!("takeover: {e}"))?;
+    // The requests that reached the old primary after its last committed checkpoint: the
+    // guest gets them first (TCP drops what it already had), and answers without waiting for
+    // its clients to resend them.
+    match vm.inject_input(&grant.input) {
+        0 => {}
+        n => tracing::info!("backup: gave the VM {n} frames of input received after the committed checkpoint"),
+    }
     vm.resume();
     // A handover's downtime: the VM's pause at the source until the message left, plus here
     // from the message to now (the message's way over the link is not counted).

@@ -120,6 +120,8 @@ enum Out {
     },
     /// A checkpoint, and the highest epoch whose output was released when it was taken.
     Checkpoint(Box<Checkpoint>, u64),
+    /// The VM received input: forward it.
+    Input,
 }
 
 struct Link {
@@ -193,6 +195,8 @@ struct Driver {
     connecting: Option<u64>,
     mirror_tx: MirrorSender,
     mirror_rx: Arc<Mutex<MirrorReceiver>>,
+    /// The frames the VM receives, forwarded to the backup as they arrive.
+    input: vmm::devices::net::InputLog,
     spare: Vec<Vec<u8>>,
     pending: BTreeMap<u64, EpochStats>,
     /// The VM's configuration (JSON), for the backup's replica.
@@ -387,6 +391,7 @@ impl Driver {
             connecting: None,
             mirror_tx,
             mirror_rx: Arc::new(Mutex::new(mirror_rx)),
+            input: Default::default(),
             spare: Vec::new(),
             pending: BTreeMap::new(),
             config,
@@ -598,7 +603,12 @@ impl Driver {
         let reader = stream.try_clone().map_err(|e| format!("backup connection: {e}"))?;
         let writer = stream.try_clone().map_err(|e| format!("backup connection: {e}"))?;
         spawn_reader(id, reader, self.tx.clone());
-        let out = spawn_sender(id, writer, self.mirror_rx.clone(), self.tx.clone(), self.opts.compression);
+        let out = spawn_sender(id, writer, self.mirror_rx.clone(), self.input.clone(), self.tx.clone(), self.opts.compression);
+        // Input goes to the backup the moment the VM receives it, not at the sender's next tick.
+        let wake = Mutex::new(out.clone());
+        self.input.set_notify(Some(Box::new(move || {
+            let _ = wake.lock().unwrap_or_else(|e| e.into_inner()).send(Out::Input);
+        })));
         self.link = Some(Link { id, stream, out });
         Ok(())
     }
@@ -644,7 +654,7 @@ impl Driver {
             }
             Action::Hold | Action::Track => {
                 let mirror = self.opts.disk.as_ref().map(|_| self.mirror_tx.clone());
-                self.call(Command::Protect { mirror, hold: matches!(action, Action::Hold) })?;
+                self.call(Command::Protect { mirror, hold: matches!(action, Action::Hold), input: Some(self.input.clone()) })?;
             }
             Action::HoldOutput => {
                 self.call(Command::HoldOutput)?;
@@ -875,6 +885,7 @@ fn spawn_sender(
     conn: u64,
     stream: TcpStream,
     mirror: Arc<Mutex<MirrorReceiver>>,
+    input: vmm::devices::net::InputLog,
     tx: Sender<Input>,
     compression: replication::compress::Compression,
 ) -> Sender<Out> {
@@ -882,7 +893,7 @@ fn spawn_sender(
     let _ = std::thread::Builder::new().name(format!("repl-send-{conn}")).spawn(move || {
         let mut chooser = replication::compress::Chooser::new(compression);
         let mut scratch = Vec::new();
-        let mut s = Sender_ { w: BufWriter::with_capacity(1 << 20, stream), mirror, counts: HashMap::new(), synced: false };
+        let mut s = Sender_ { w: BufWriter::with_capacity(1 << 20, stream), mirror, input, counts: HashMap::new(), synced: false };
         let result = (|| -> Result<(), String> {
             loop {
                 match orx.recv_timeout(Duration::from_millis(2)) {
@@ -899,6 +910,7 @@ fn spawn_sender(
                     }
                     Ok(Out::Checkpoint(c, released)) => {
                         let t0 = Instant::now();
+                        s.send_input()?;
                         s.drain_mirror()?;
                         wire::write_output(&mut s.w, c.epoch, released, &c.output).map_err(|e| e.to_string())?;
                         let disk_writes = s.counts.remove(&c.epoch).unwrap_or(0);
@@ -935,7 +947,12 @@ fn spawn_sender(
                         });
                         let _ = tx.send(Input::Sent { conn, epoch: c.epoch, transfer_ns, buffer: c.data, wire_bytes, compressed });
                     }
+                    Ok(Out::Input) => {
+                        s.send_input()?;
+                        s.w.flush().map_err(|e| e.to_string())?;
+                    }
                     Err(RecvTimeoutError::Timeout) => {
+                        s.send_input()?;
                         // A slice at a time, so that a checkpoint waits behind at most one.
                         s.drain_mirror_upto(Some(1 << 20))?;
                         s.w.flush().map_err(|e| e.to_string())?;
@@ -954,6 +971,7 @@ fn spawn_sender(
 struct Sender_ {
     w: BufWriter<TcpStream>,
     mirror: Arc<Mutex<MirrorReceiver>>,
+    input: vmm::devices::net::InputLog,
     /// Disk writes sent per epoch on this connection.
     counts: HashMap<u64, u64>,
     /// Whether the synchronisation started (disk writes go out only after it: the ones
@@ -962,6 +980,25 @@ struct Sender_ {
 }
 
 impl Sender_ {
+    /// Forwards the frames the VM received since the last call, one message per epoch.
+    fn send_input(&mut self) -> Result<(), String> {
+        let mut frames: Vec<u8> = Vec::new();
+        let mut epoch = None;
+        for (e, f) in self.input.take() {
+            if epoch.is_some_and(|x| x != e) || frames.len() + f.len() > 1 << 20 {
+                let m = Msg::Input { epoch: epoch.unwrap_or(e), frames: std::mem::take(&mut frames) };
+                wire::write_msg(&mut self.w, &m).map_err(|e| e.to_string())?;
+            }
+            epoch = Some(e);
+            frames.extend_from_slice(&(f.len() as u32).to_le_bytes());
+            frames.extend_from_slice(&f);
+        }
+        if let Some(e) = epoch {
+            wire::write_msg(&mut self.w, &Msg::Input { epoch: e, frames }).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     /// Sends the disk writes queued now (not those the guest adds meanwhile: a guest that
     /// writes as fast as the link carries would keep a drain going for ever).
     fn drain_mirror(&mut self) -> Result<(), String> {

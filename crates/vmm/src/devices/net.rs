@@ -29,6 +29,12 @@ pub struct Tap {
     backend: Option<crate::backend::Backend>,
     /// When frames went in and out at this device ([`FrameStamps`]).
     stamps: FrameStamps,
+    /// Where a copy of every frame given to the guest goes, tagged with the open epoch (a
+    /// protected VM's primary forwards them to its backup: [`InputLog`]).
+    input_log: Option<InputLog>,
+    /// Frames to give the guest before any from the host (a backup that took over gives the
+    /// new copy the input the old primary received after the last checkpoint).
+    pending: std::collections::VecDeque<Vec<u8>>,
 }
 
 /// Whether network devices timestamp their frames ([`FrameStamps`]); on unless the process
@@ -69,6 +75,60 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime(2) writes the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Most bytes of input frames an [`InputLog`] keeps; beyond it the oldest are dropped (they
+/// only spare a client a retransmission).
+pub const INPUT_LOG_LIMIT: usize = 4 << 20;
+
+/// The frames the guest received, each with the epoch it arrived in, on their way from the
+/// vCPU thread to a replication driver. Lossy and bounded ([`INPUT_LOG_LIMIT`]): a frame
+/// that does not reach the backup only costs a client a retransmission after a takeover.
+#[derive(Clone, Default)]
+pub struct InputLog(std::sync::Arc<std::sync::Mutex<InputQueue>>);
+
+#[derive(Default)]
+struct InputQueue {
+    frames: std::collections::VecDeque<(u64, Vec<u8>)>,
+    bytes: usize,
+    /// Called when a frame arrives in an empty log (the driver's sender sends at once).
+    notify: Option<Box<dyn Fn() + Send>>,
+}
+
+impl std::fmt::Debug for InputLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InputLog")
+    }
+}
+
+impl InputLog {
+    fn push(&self, epoch: u64, frame: &[u8]) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let was_empty = g.frames.is_empty();
+        g.bytes += frame.len();
+        g.frames.push_back((epoch, frame.to_vec()));
+        while g.bytes > INPUT_LOG_LIMIT {
+            let Some((_, f)) = g.frames.pop_front() else { break };
+            g.bytes -= f.len();
+        }
+        if was_empty {
+            if let Some(n) = &g.notify {
+                n();
+            }
+        }
+    }
+
+    /// Takes every frame logged so far, oldest first.
+    pub fn take(&self) -> Vec<(u64, Vec<u8>)> {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.bytes = 0;
+        g.frames.drain(..).collect()
+    }
+
+    /// Sets what is called when a frame arrives in an empty log.
+    pub fn set_notify(&self, notify: Option<Box<dyn Fn() + Send>>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).notify = notify;
+    }
 }
 
 /// Most bytes of memory that held-back output takes at once (frames and their per-frame
@@ -215,6 +275,8 @@ impl Tap {
             output_hook: None,
             hook_armed: true,
             backend: None,
+            input_log: None,
+            pending: Default::default(),
             stamps: FrameStamps::default(),
         }
         .stamping_from_env())
@@ -305,6 +367,20 @@ impl Tap {
     fn receive_frames(&mut self, mem: &mut GuestMem, addr: u64) -> Result<u32, String> {
         let req: NetRequest = mem.read_obj(addr)?;
         let mut bufs = read_bufs(mem, &req)?;
+        if !self.pending.is_empty() {
+            let mut done = 0u32;
+            for (i, b) in bufs.iter_mut().enumerate() {
+                if b.len < FRAME_MAX {
+                    return Err(format!("receive buffer {i}: capacity {} is below {FRAME_MAX}", b.len));
+                }
+                let Some(f) = self.pending.pop_front() else { break };
+                mem.write(b.addr, &f)?;
+                b.len = f.len() as u32;
+                self.log_input(&f);
+                done += 1;
+            }
+            return finish(mem, addr, req, &bufs[..done as usize], done);
+        }
         if let Some(backend) = &self.backend {
             for (i, b) in bufs.iter().enumerate() {
                 if b.len < FRAME_MAX {
@@ -325,6 +401,15 @@ impl Tap {
             let done = lens.len().min(bufs.len());
             for (b, l) in bufs.iter_mut().zip(&lens) {
                 b.len = *l;
+            }
+            if let Some(log) = &self.input_log {
+                let epoch = self.held.next_epoch;
+                for b in &bufs[..done] {
+                    let mut f = vec![0u8; b.len as usize];
+                    if mem.read(b.addr, &mut f).is_ok() {
+                        log.push(epoch, &f);
+                    }
+                }
             }
             return finish(mem, addr, req, &bufs[..done], done as u32);
         }
@@ -348,11 +433,46 @@ impl Tap {
                 }
                 mem.write(b.addr, &frame[..n])?;
                 b.len = n as u32;
+                if let Some(log) = &self.input_log {
+                    log.push(self.held.next_epoch, &frame[..n]);
+                }
                 done += 1;
                 break;
             }
         }
         finish(mem, addr, req, &bufs, done)
+    }
+
+    fn log_input(&self, frame: &[u8]) {
+        if let Some(log) = &self.input_log {
+            log.push(self.held.next_epoch, frame);
+        }
+    }
+
+    /// Whether injected frames wait for the guest.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Logs a copy of every frame given to the guest from now on (`None`: stops).
+    pub fn set_input_log(&mut self, log: Option<InputLog>) {
+        self.input_log = log;
+    }
+
+    /// Gives the guest `frames` (each a 4-byte LE length and its bytes, at most [`FRAME_MAX`]
+    /// each) before anything from the host; returns how many.
+    pub fn inject(&mut self, mut frames: &[u8]) -> usize {
+        let mut n = 0;
+        while frames.len() >= 4 {
+            let len = u32::from_le_bytes([frames[0], frames[1], frames[2], frames[3]]) as usize;
+            let Some(f) = frames.get(4..4 + len) else { break };
+            if (1..=FRAME_MAX as usize).contains(&len) {
+                self.pending.push_back(f.to_vec());
+                n += 1;
+            }
+            frames = &frames[4 + len..];
+        }
+        n
     }
 
     /// Starts holding output back.
@@ -501,6 +621,9 @@ impl Tap {
 
     /// Whether a frame is waiting.
     pub fn readable(&self) -> bool {
+        if !self.pending.is_empty() {
+            return true;
+        }
         let mut p = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: polls one valid pollfd without blocking.
         unsafe { libc::poll(&mut p, 1, 0) > 0 && p.revents & libc::POLLIN != 0 }
