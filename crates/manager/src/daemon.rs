@@ -214,7 +214,9 @@ impl Lead {
                 &Event::now(&cfg.id, format!("planning with the execution times observed before this leader: {}", list.join(", "))),
             );
         }
-        let planning = model.as_ref().unwrap_or(loaded);
+        // The checkpoint intervals in force (`policy = "analysed"`): the plan counts their holds.
+        let intervals = start_intervals(loaded, layout, store)?;
+        let planning = &crate::interval::apply(model.as_ref().unwrap_or(loaded), intervals.all()).0;
         let mut table = Table::load(store)?;
         let current = table.meta.as_ref().is_some_and(|m| m.failed == key(&failed));
         // The table in the store has the plan for the configuration in force (a predecessor
@@ -246,7 +248,6 @@ impl Lead {
                 ),
             );
         }
-        let intervals = start_intervals(loaded, layout, store)?;
         let mut lead = Lead {
             intervals,
             last_interval_check: Instant::now(),
@@ -291,6 +292,28 @@ impl Lead {
             _ => {}
         }
         Ok(lead)
+    }
+
+    /// What plan tables are computed from: the model with what was observed (execution times,
+    /// arrivals) and the checkpoint intervals in force, with their pauses and holds.
+    fn planning_model(&self, loaded: &Loaded) -> Loaded {
+        crate::interval::apply(self.model.as_ref().unwrap_or(loaded), self.intervals.all()).0
+    }
+
+    /// Computes the plan table from [`Lead::planning_model`] in the background (a computation
+    /// still running is superseded, and its reason kept with this one's).
+    fn recompute_table(&mut self, cfg: &Config, loaded: &Loaded, why: String) {
+        let (tx, rx) = channel();
+        let (model, failed, faults, generation) = (self.planning_model(loaded), self.failed.clone(), cfg.faults, self.generation);
+        std::thread::spawn(move || {
+            background();
+            let _ = tx.send(Table::compute(&model, &failed, faults, generation).map_err(|e| e.to_string()));
+        });
+        self.pending = Some(rx);
+        self.pending_why = Some(match self.pending_why.take() {
+            Some(before) if before != why => format!("{before}; {why}"),
+            _ => why,
+        });
     }
 
     /// `base` with the checkpoint intervals in force (`policy = "analysed"` as adapted).
@@ -366,6 +389,18 @@ impl Lead {
             };
             tracing::info!("manager {}: {what}", cfg.id);
             let _ = cluster::log_event(store, &Event::now(&cfg.id, what));
+            // The plan table counts the interval's pause and hold: computed again with them.
+            match &decision {
+                Decision::Switch { to, .. } => {
+                    self.recompute_table(cfg, loaded, format!("with the checkpoint interval {} of {vm}", to.policy));
+                    self.arrival_curves = None;
+                }
+                Decision::Rebased { basis } => {
+                    self.recompute_table(cfg, loaded, format!("with the measured pauses of {vm} under {}", basis.policy));
+                    self.arrival_curves = None;
+                }
+                Decision::NoneHolds { .. } => {}
+            }
             let all: BTreeMap<String, crate::interval::Chosen> =
                 self.intervals.vms().filter_map(|v| Some((v.clone(), self.intervals.chosen(v)?.clone()))).collect();
             cluster::write(store, cluster::INTERVALS, &all)?;
@@ -470,8 +505,7 @@ impl Lead {
         self.execute(cfg, loaded, layout, store, &failed, detected)?;
         // The next table, for the configuration now in force, in the background.
         let (tx, rx) = channel();
-        let (loaded2, failed2, faults, generation) =
-            (self.model.as_ref().unwrap_or(loaded).clone(), failed.clone(), cfg.faults, self.generation);
+        let (loaded2, failed2, faults, generation) = (self.planning_model(loaded), failed.clone(), cfg.faults, self.generation);
         std::thread::spawn(move || {
             background();
             let _ = tx.send(Table::compute(&loaded2, &failed2, faults, generation).map_err(|e| e.to_string()));
@@ -638,7 +672,7 @@ impl Lead {
             // substituted) keeps them, so that a burst still growing is reported (and
             // substituted) only when its excess over the new curve doubles.
             let new_scenario = self.arrival_curves.as_ref().is_some_and(|(s, _)| *s != scenario);
-            let model = self.model.as_ref().unwrap_or(loaded);
+            let model = &self.planning_model(loaded);
             let mut curves = BTreeMap::new();
             if let Some((_, a)) = crate::dashboard::analyse(model, self.table.lookup(&self.failed)) {
                 for r in &loaded.runs {
@@ -707,7 +741,8 @@ impl Lead {
             self.observed.exec_us.insert(d.vm.clone(), d.observed_us);
         }
         cluster::write(store, cluster::OBSERVED, &self.observed)?;
-        let (model, changed) = self.observed.model(loaded);
+        let (observed_model, changed) = self.observed.model(loaded);
+        let model = crate::interval::apply(&observed_model, self.intervals.all()).0;
         if !bursts.is_empty() {
             let what = if changed.is_empty() { "nothing to substitute".to_string() } else { changed.join("; ") };
             let _ = cluster::log_event(store, &Event::now(&cfg.id, format!("with the observed arrivals: {what}")));
@@ -748,7 +783,7 @@ impl Lead {
                 );
             }
         }
-        self.model = Some(model.clone());
+        self.model = Some(observed_model);
         self.arrival_curves = None;
         let (tx, rx) = channel();
         let (failed, faults, generation) = (self.failed.clone(), cfg.faults, self.generation);

@@ -135,6 +135,11 @@ impl Adapter {
         }
     }
 
+    /// Every VM's chosen interval.
+    pub fn all(&self) -> impl Iterator<Item = (&String, &Chosen)> {
+        self.vms.iter().map(|(vm, v)| (vm, &v.chosen))
+    }
+
     /// The VMs tracked.
     pub fn vms(&self) -> impl Iterator<Item = &String> {
         self.vms.keys()
@@ -236,6 +241,27 @@ impl Adapter {
     }
 }
 
+/// `l` with each VM's chosen interval, its pause and output hold in place of the declared ones
+/// (`model::replication::with_interval`): what the plan table is computed from, so that its
+/// chains' bounds count the hold of the interval in force. Returns the model and what could
+/// not be substituted.
+pub fn apply<'a>(l: &Loaded, chosen: impl IntoIterator<Item = (&'a String, &'a Chosen)>) -> (Loaded, Vec<String>) {
+    let mut m = l.clone();
+    let mut said = Vec::new();
+    for (vm, c) in chosen {
+        let Some(t) = c.policy.strip_prefix("fixed:").and_then(|t| t.parse::<f64>().ok()) else { continue };
+        if c.hold_us <= 0.0 {
+            continue;
+        }
+        let us = |x: f64| Q::int(x.ceil() as i64);
+        match model::replication::with_interval(&m, vm, &us(t * 1000.0), &us(c.pause_us), &us(c.hold_us)) {
+            Ok(next) => m = next,
+            Err(e) => said.push(e),
+        }
+    }
+    (m, said)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,6 +344,33 @@ mod tests {
         let d = feed(&mut a, &l, 100_000, 6, 4.0, 1.0);
         assert_eq!(d, vec![Decision::NoneHolds { policy: "fixed:2.5".into(), pause_us: 5000.0, ack_us: 2750.0 }]);
         assert_eq!(a.chosen("relay").unwrap().policy, "fixed:2.5");
+    }
+
+    #[test]
+    fn the_plan_model_counts_the_hold_of_the_interval_in_force() {
+        let l = example();
+        let bound = |m: &Loaded| {
+            let a = rtc::system::analyze(&m.system, &rtc::system::Options::default()).unwrap();
+            let i = m.system.chains.iter().position(|c| c.name == "protection").unwrap();
+            a.chains[i].worst.clone().unwrap().to_f64()
+        };
+        // Declared: output_commit 7 ms. The interval's own analysis: fixed:2.5 holds 8.097 ms.
+        let chosen = declared(0);
+        let (m, said) = apply(&l, [(&"relay".to_string(), &chosen)]);
+        assert!(said.is_empty(), "{said:?}");
+        let dep = m.deployment.as_ref().unwrap();
+        let c = dep.vms.iter().find(|v| v.name == "relay").unwrap().checkpoint.as_ref().unwrap();
+        assert_eq!((c.interval.to_f64(), c.commit.as_ref().map(Q::to_f64)), (2500.0, Some(8097.0)));
+        assert!((bound(&m) - bound(&l) - 1097.0).abs() < 1.0, "{} → {}", bound(&l), bound(&m));
+        // fixed:5 (a hold of 10.6 ms, pauses half as often): the chain misses its 15 ms, as
+        // the interval's own analysis says (`vigil analyze --intervals`).
+        let longer = Chosen { policy: "fixed:5".into(), hold_us: 10_600.0, ..declared(0) };
+        let (m2, _) = apply(&l, [(&"relay".to_string(), &longer)]);
+        assert!(bound(&m2) > 15_000.0 && bound(&m2) > bound(&m), "{} → {}", bound(&m), bound(&m2));
+        assert!(!matches!(model::replication::fixed_interval(&l, "relay", &Q::int(5000), None), Ok(Some((true, _)))));
+        // Not a fixed interval, or no VM of that name: said, nothing changed.
+        let (_, said) = apply(&l, [(&"ghost".to_string(), &chosen)]);
+        assert_eq!(said.len(), 1, "{said:?}");
     }
 
     #[test]

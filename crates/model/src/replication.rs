@@ -135,3 +135,42 @@ pub fn largest_fixed_interval_measured(l: &Loaded, vm: &str, m: &Measured) -> Re
     }
     Ok(Choice { interval: None, commit: None, pause: m.pause.clone() })
 }
+
+/// `l` with remote-mode VM `vm` checkpointed every `t`, pausing `pause` each time and holding its
+/// output `hold` (what the interval's own analysis gives: [`Choice::commit`]): its checkpoint
+/// stream's period, its reservations' blackout and the hold of its output tasks, as the plan's
+/// analysis of every placement uses them (`Deployment::place`), instead of the declared
+/// `checkpoint_interval`, `checkpoint_pause` and `output_commit`.
+pub fn with_interval(l: &Loaded, vm: &str, t: &Q, pause: &Q, hold: &Q) -> Result<Loaded, String> {
+    let mut m = l.clone();
+    let dep = m.deployment.as_mut().ok_or("the model has no [[host]] items")?;
+    let v = dep.vms.iter_mut().find(|v| v.name == vm).ok_or_else(|| format!("no VM {vm:?} in the model"))?;
+    let c = v.checkpoint.as_mut().ok_or_else(|| format!("VM {vm:?} has no remote backup, so no checkpoints"))?;
+    if !t.is_positive() || pause >= t {
+        return Err(format!("{vm}: an interval of {t} µs with pauses of {pause} µs"));
+    }
+    c.interval = t.clone();
+    c.pause = pause.is_positive().then(|| pause.clone());
+    c.commit = hold.is_positive().then(|| hold.clone());
+    let (task, held) = (c.task, c.held.clone());
+    let reservations: Vec<usize> = v.reservation.iter().chain(&v.extra_reservations).copied().collect();
+    let Input::Stream(stream) = m.system.tasks[task].input else { return Err(format!("{vm}: checkpoint stream missing")) };
+    m.system.streams[stream].model = EventModel::Periodic { period: t.clone() };
+    // The system as placed now (the model's placement): where the VM is protected, its pauses
+    // and its hold as they are in force.
+    for r in reservations {
+        if m.system.resources[r].blackout.is_some() {
+            m.system.resources[r].blackout = pause.is_positive().then(|| Blackout { pause: pause.clone(), every: t.clone() });
+        }
+    }
+    for h in held {
+        if m.system.tasks[h].hold.is_some() {
+            m.system.tasks[h].hold = c_hold(hold);
+        }
+    }
+    Ok(m)
+}
+
+fn c_hold(hold: &Q) -> Option<Q> {
+    hold.is_positive().then(|| hold.clone())
+}
