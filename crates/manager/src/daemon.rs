@@ -216,6 +216,18 @@ impl Lead {
         }
         // The checkpoint intervals in force (`policy = "analysed"`): the plan counts their holds.
         let intervals = start_intervals(loaded, layout, store)?;
+        let kept: Vec<String> = cluster::read::<BTreeMap<String, crate::interval::Chosen>>(store, cluster::INTERVALS)?
+            .unwrap_or_default()
+            .iter()
+            .filter(|(vm, c)| intervals.chosen(vm).is_some_and(|x| x == *c))
+            .map(|(vm, c)| format!("{vm} {} (output held at most {:.2} ms)", c.policy, c.hold_us / 1e3))
+            .collect();
+        if !kept.is_empty() {
+            let _ = cluster::log_event(
+                store,
+                &Event::now(&cfg.id, format!("checkpoint intervals chosen before this leader: {}", kept.join(", "))),
+            );
+        }
         let planning = &crate::interval::apply(model.as_ref().unwrap_or(loaded), intervals.all()).0;
         let mut table = Table::load(store)?;
         let current = table.meta.as_ref().is_some_and(|m| m.failed == key(&failed));

@@ -1015,6 +1015,16 @@ fn the_analysed_checkpoint_interval_follows_the_measured_pauses() {
     // `vigil status` shows it.
     let out = vigil(&["status", "--dir", &up.d()]);
     assert!(text(&out.stdout).contains(&format!("protected {policy}")), "{}", text(&out.stdout));
+    // The leader dies: its successor carries on from the interval in force (kept in the store),
+    // not from the declared values.
+    let (_, st) = up.status();
+    let leader = st["leader"]["id"].as_str().unwrap().to_string();
+    kill(up.file()["pids"][format!("manager:{leader}")].as_u64().expect("manager pid"));
+    let st = up.wait("a new leader that knows the interval", 15, |_, v| {
+        v["leader"]["id"].as_str().is_some_and(|id| id != leader)
+            && events(v).iter().any(|x| x.starts_with(&format!("checkpoint intervals chosen before this leader: relay {policy} ")))
+    });
+    assert_eq!(vm(&st, "relay")["figures"]["policy"], policy.as_str());
     // The pause back to what it was: after a while (GROW_AFTER) a longer interval again —
     // unless the host stalls meanwhile (then the measured pauses or acknowledgements, not the
     // injection, say no: the event log shows which).
