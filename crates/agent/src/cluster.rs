@@ -183,6 +183,9 @@ pub struct PlacedBackup {
 pub enum CopyState {
     /// The VMM runs the VM.
     Running,
+    /// Its process runs but the VM does not serve yet (a voted VM's voter waits for its
+    /// instances' guests, or replays its replica's log).
+    Starting,
     /// The backup keeps the replica.
     Backup,
     /// The VM ended by itself (its guest exited).

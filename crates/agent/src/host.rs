@@ -127,6 +127,11 @@ pub fn run(cfg: &Config) -> Result<()> {
     }
 }
 
+/// Whether a backup's spec is a voted group's (mode 4).
+fn voted_backup(spec: &[u8]) -> bool {
+    serde_json::from_slice::<crate::vm::BackupSpec>(spec).ok().is_some_and(|s| s.local.is_some())
+}
+
 /// The file the agent rewrites every period (its heartbeat for `vigil agent --respawn`).
 pub fn alive_path(state_dir: &Path) -> PathBuf {
     state_dir.join("agent.alive")
@@ -300,6 +305,21 @@ impl Agent {
             self.waiting.remove(&vm);
             let action = match self.copies.get_mut(&vm) {
                 None => Some("started"),
+                Some(c) if c.role == Role::Backup && role == Role::Primary && voted_backup(&c.spec) => {
+                    // Mode 4: the voted group's backup holds a replica (a snapshot and the request
+                    // log); the VM's voter starts here from it. Its receiver must have stopped
+                    // writing first.
+                    stop(c);
+                    let replica = self.replica_dir(&vm);
+                    spec = serde_json::from_slice::<crate::VmSpec>(&spec)
+                        .ok()
+                        .and_then(|mut s| {
+                            s.local.as_mut()?.resume = Some(replica.clone());
+                            serde_json::to_vec_pretty(&s).ok()
+                        })
+                        .unwrap_or(spec);
+                    Some("took over from its replica")
+                }
                 Some(c) if c.role == Role::Backup && role == Role::Primary && matches!(c.state, CopyState::Running | CopyState::Backup) => {
                     // The backup took over (or is about to): the same process runs the VM now.
                     c.role = Role::Primary;
@@ -353,6 +373,18 @@ impl Agent {
                 self.fresh(store)?;
                 if why == "restarted after a crash" {
                     spec = fresh_spec(&spec);
+                    // A voted VM's voter continues its instances' state from its local replica.
+                    if role == Role::Primary {
+                        let mut replica = self.spec_file(&vm, role).into_os_string();
+                        replica.push(".local/replica");
+                        spec = serde_json::from_slice::<crate::VmSpec>(&spec)
+                            .ok()
+                            .and_then(|mut s| {
+                                s.local.as_mut()?.resume = Some(PathBuf::from(&replica)).filter(|r| r.join("current").is_file());
+                                serde_json::to_vec_pretty(&s).ok()
+                            })
+                            .unwrap_or(spec);
+                    }
                 }
                 let restarts = self.copies.get(&vm).map_or(0, |c| c.restarts + u32::from(why == "restarted after a crash"));
                 match self.spawn(&vm, role, &spec) {
@@ -492,9 +524,33 @@ impl Agent {
     fn reported_state(&self, vm: &str, c: &Copy) -> CopyState {
         if self.took_over(vm, c) {
             CopyState::Running
+        } else if c.role == Role::Primary && c.state == CopyState::Running && !self.voter_serves(vm, c) {
+            CopyState::Starting
         } else {
             c.state
         }
+    }
+
+    /// A voted VM's voter serves once it has opened the VM's address (its `local.json`);
+    /// any other copy serves while it runs.
+    fn voter_serves(&self, vm: &str, c: &Copy) -> bool {
+        if serde_json::from_slice::<crate::VmSpec>(&c.spec).ok().is_none_or(|s| s.local.is_none()) {
+            return true;
+        }
+        let mut state = self.spec_file(vm, Role::Primary).into_os_string();
+        state.push(".local/local.json");
+        std::fs::read(PathBuf::from(state))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<crate::voter::driver::GroupState>(&b).ok())
+            .is_some_and(|g| g.serving && g.voter_pid == c.pid)
+    }
+
+    /// Where a voted group's backup keeps its replica (`vigil local --receive --spec FILE`
+    /// keeps it in `FILE.local`).
+    fn replica_dir(&self, vm: &str) -> PathBuf {
+        let mut p = self.spec_file(vm, Role::Backup).into_os_string();
+        p.push(".local");
+        p.into()
     }
 
     fn spec_file(&self, vm: &str, role: Role) -> PathBuf {
@@ -539,8 +595,12 @@ impl Agent {
             Role::Primary => serde_json::from_slice::<crate::VmSpec>(spec).ok().and_then(|s| s.net).map(|n| (n.tap, n.bridge)),
             Role::Backup => serde_json::from_slice::<crate::vm::BackupSpec>(spec).ok().and_then(|s| Some((s.tap?, s.bridge))),
         };
-        // A voted VM's instances have taps of their own (`vigil local`).
-        let local = role == Role::Primary && serde_json::from_slice::<crate::VmSpec>(spec).ok().is_some_and(|s| s.local.is_some());
+        // A voted VM's instances have taps of their own (`vigil local`); its backup (mode 4)
+        // runs no VM until it takes over (`vigil local --receive`).
+        let local = match role {
+            Role::Primary => serde_json::from_slice::<crate::VmSpec>(spec).ok().is_some_and(|s| s.local.is_some()),
+            Role::Backup => voted_backup(spec),
+        };
         if let (Some((tap, Some(bridge))), false) = (tap, local) {
             ensure_tap(&tap, &bridge).map_err(|reason| Error::Spec { vm: vm.into(), reason })?;
         }
@@ -553,6 +613,7 @@ impl Agent {
         match role {
             Role::Primary if local => cmd.arg("local").arg("--store").arg(&self.cfg.store).arg("--spec"),
             Role::Primary => cmd.args(["vm", "run", "--spec"]),
+            Role::Backup if local => cmd.args(["local", "--receive", "--vm", vm, "--spec"]),
             Role::Backup => cmd.args(["backup", "--spec"]),
         };
         cmd.arg(&file).stdin(Stdio::null()).stdout(log).stderr(log2);

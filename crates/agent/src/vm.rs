@@ -723,6 +723,10 @@ pub struct BackupSpec {
     /// primary).
     #[serde(default)]
     pub scheduling: Scheduling,
+    /// Mode 4 (local + remote): the backup of a voted group (`vigil local --receive`: a
+    /// snapshot and the log of requests, `voter::remote`), not of one VMM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<crate::voter::LocalSpec>,
 }
 
 /// Runs the backup until it took over and the VM it then ran stopped; returns the exit status.

@@ -163,18 +163,7 @@ impl Layout {
         s.net = self.net(x.index, r);
         s.api = Some(self.run_dir.join(format!("{}.{host}.sock", r.vm)));
         s.scheduling.cpus = cpus;
-        // Local redundancy: voted instances behind the VM's address (mode local+remote is
-        // not run that way yet: it runs as remote).
-        if x.mode == Mode::Local && x.instances > 1 {
-            if let Some(port) = r.port {
-                s.local = Some(agent::voter::LocalSpec {
-                    instances: x.instances,
-                    port,
-                    policy: agent::voter::core::Policy::PreferPrimary,
-                    hang_timeout_ms: 500,
-                });
-            }
-        }
+        s.local = self.local(x);
         s.protection = backup.and_then(|b| self.addr(b, x.index)).map(|addr| Protection {
             backup: addr,
             arbiter: self.arbiter.clone(),
@@ -189,11 +178,26 @@ impl Layout {
         s
     }
 
+    /// Local redundancy: voted instances behind the VM's address. In mode local+remote the
+    /// voted group is protected as one unit: the backup holds a snapshot and the request log
+    /// (`agent::voter::remote`).
+    fn local(&self, x: &Runnable) -> Option<agent::voter::LocalSpec> {
+        let port = x.run.port?;
+        (matches!(x.mode, Mode::Local | Mode::LocalRemote) && x.instances > 1).then_some(agent::voter::LocalSpec {
+            instances: x.instances,
+            port,
+            policy: agent::voter::core::Policy::PreferPrimary,
+            hang_timeout_ms: 500,
+            resume: None,
+        })
+    }
+
     /// The spec of `r`'s backup on `host`; after a takeover it protects the VM with a backup
     /// on `then`.
     fn backup(&self, x: &Runnable, host: &str, then: Option<&str>) -> Option<BackupSpec> {
         let r = x.run;
         Some(BackupSpec {
+            local: self.local(x).filter(|_| x.mode == Mode::LocalRemote),
             listen: self.addr(host, x.index)?,
             arbiter: self.arbiter.clone(),
             holder: host.to_string(),
@@ -319,7 +323,10 @@ impl Layout {
                 let mut spec = self.primary(&x, h, backup.as_deref(), cpus.clone());
                 spec.scheduling.reservation = reservation;
                 spec.restore = migrate_from.as_ref().map(|m| m.dir.clone());
-                Placed { host: h.to_string(), spec, restart: !remote, migrate_from: migrate_from.clone(), migrate_to: None }
+                // A voted group's voter is restarted by its agent (its backup holds a replica
+                // but takes over only when the manager moves the VM there).
+                let restart = !remote || spec.local.is_some();
+                Placed { host: h.to_string(), spec, restart, migrate_from: migrate_from.clone(), migrate_to: None }
             });
             let backup = match (&host, &backup) {
                 (Some(h), Some(b)) => {

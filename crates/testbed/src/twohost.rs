@@ -165,6 +165,18 @@ impl Testbed {
         Ok(tb)
     }
 
+    /// Makes the LAN deliver every frame to every port (`on`: bridges that forget at once
+    /// where a MAC is, hubs), so the backup host's tap sees the client's frames to the VM too;
+    /// `off`: learning bridges again (the default).
+    pub fn flood(&self, on: bool) -> Result<(), String> {
+        let ageing = if on { "0" } else { "30000" };
+        self.exec(&self.switch, &["link", "set", "dev", "br0", "type", "bridge", "ageing_time", ageing])?;
+        for ns in [&self.a, &self.b] {
+            self.exec(ns, &["link", "set", "dev", "hostbr", "type", "bridge", "ageing_time", ageing])?;
+        }
+        Ok(())
+    }
+
     fn veth(&self, ns1: &str, n1: &str, ns2: &str, n2: &str) -> Result<(), String> {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -21,6 +21,16 @@ pub struct Args {
     /// The cluster store's socket: faults and repairs go to its event log.
     #[arg(long, value_name = "SOCKET")]
     store: Option<PathBuf>,
+    /// Mode 4 (local + remote): be the voted group's backup as the spec file (JSON
+    /// `agent::vm::BackupSpec` with a `local` section) says: keep the replica (the primary
+    /// voter's snapshot and request log) in `<spec>.local/` until the agent starts the VM
+    /// from it.
+    #[arg(long, requires = "spec")]
+    receive: bool,
+    /// Start the instances from this replica (a `--receive` directory) and replay its log
+    /// before the VM's address opens (a takeover; the agent sets it in the spec).
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
     /// The VM's name (its instances' namespaces are `<netns-prefix><i>`).
     #[arg(long, default_value = "vm")]
     vm: String,
@@ -94,6 +104,10 @@ struct Plan {
     hang_timeout_ms: u64,
     /// The VM's address, added to this bridge while the voter runs.
     identity: Option<(std::net::Ipv4Addr, String)>,
+    /// Mode 4: the backup's address and the cluster's key file; the replication state file.
+    backup: Option<(String, PathBuf)>,
+    state_file: Option<PathBuf>,
+    resume: Option<PathBuf>,
 }
 
 fn plan(a: &Args) -> Result<Plan> {
@@ -114,6 +128,9 @@ fn plan(a: &Args) -> Result<Plan> {
             policy: a.policy,
             hang_timeout_ms: a.hang_timeout_ms,
             identity: None,
+            backup: None,
+            state_file: None,
+            resume: a.resume.clone(),
         });
     };
     let text = std::fs::read(file).with_context(|| format!("spec {}", file.display()))?;
@@ -141,6 +158,9 @@ fn plan(a: &Args) -> Result<Plan> {
         policy: local.policy,
         hang_timeout_ms: local.hang_timeout_ms,
         identity: net.bridge.map(|b| (ip.addr, b)),
+        backup: spec.protection.as_ref().map(|p| (p.backup.clone(), p.key_file.clone())),
+        state_file: spec.protection.as_ref().and_then(|p| p.state_file.clone()),
+        resume: a.resume.clone().or(local.resume.clone()),
     })
 }
 
@@ -152,8 +172,28 @@ fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// `vigil local --receive --spec FILE`: a voted group's backup (mode 4).
+fn receive(a: &Args, file: &std::path::Path) -> Result<u8> {
+    let text = std::fs::read(file).with_context(|| format!("spec {}", file.display()))?;
+    let spec: agent::vm::BackupSpec =
+        serde_json::from_slice(&text).with_context(|| format!("spec {}: not a backup spec", file.display()))?;
+    if spec.local.is_none() {
+        bail!("spec {}: no `local` section: not the backup of a voted VM (use vigil backup)", file.display());
+    }
+    let listen: SocketAddr = spec.listen.parse().with_context(|| format!("spec {}: listen {:?}", file.display(), spec.listen))?;
+    let key = agent::auth::Key::load(&spec.key_file)?;
+    let mut dir = file.as_os_str().to_owned();
+    dir.push(".local");
+    agent::voter::remote::serve_backup(listen, std::path::Path::new(&dir), &a.vm, key)?;
+    Ok(0)
+}
+
 /// Runs the voted VM until the process is ended; returns the exit status.
 pub fn run(a: &Args) -> Result<u8> {
+    if a.receive {
+        let Some(file) = &a.spec else { bail!("--receive needs --spec") };
+        return receive(a, file);
+    }
     let p = plan(a)?;
     let n = p.n;
     if n == 0 || n > agent::voter::core::MAX_INSTANCES {
@@ -192,6 +232,41 @@ pub fn run(a: &Args) -> Result<u8> {
     }
     let mut config = Config::new(n, p.policy);
     config.hang_timeout = p.hang_timeout_ms.max(1) * 1_000_000;
+    // A replica is kept (the local one, and the remote backup's in mode 4): a reply waits
+    // until its request is in it.
+    config.remote = true;
+    let backup = match &p.backup {
+        Some((addr, key)) => Some((addr.clone(), agent::auth::Key::load(key)?)),
+        None => None,
+    };
+    // A takeover, or a restart after the voter crashed: the replica is read before anything
+    // starts (a bad one is an error, named). The local one is moved aside first (a new one
+    // starts in its place).
+    let replica = p.dir.join("replica");
+    let resume = match &p.resume {
+        Some(dir) => {
+            let dir = if *dir == replica {
+                let old = p.dir.join("replica.old");
+                let _ = std::fs::remove_dir_all(&old);
+                std::fs::rename(&replica, &old).with_context(|| format!("the replica in {}", replica.display()))?;
+                old
+            } else {
+                // A backup's replica (a takeover): never one its primary went on without.
+                if let Some(sock) = &a.store {
+                    let mut c = store::Client::connect(sock).context("the cluster store")?;
+                    let dropped = c.try_read(&agent::voter::remote::dropped_path(&p.vm)).context("the cluster store")?;
+                    if let Err(e) = agent::voter::remote::check_not_dropped(dir, dropped.as_deref()) {
+                        let what = format!("{}: not taken over from its replica: {e}; it starts without its state", p.vm);
+                        let _ = agent::cluster::log_event(&mut c, &agent::cluster::Event::now(&format!("voter:{}", p.vm), what));
+                        bail!("{e}");
+                    }
+                }
+                dir.clone()
+            };
+            Some(agent::voter::remote::read_replica(&dir).with_context(|| format!("the replica in {}", dir.display()))?)
+        }
+        None => None,
+    };
     for inst in &instances {
         driver::create_netns(&inst.netns)?;
     }
@@ -204,6 +279,11 @@ pub fn run(a: &Args) -> Result<u8> {
         dir: p.dir.clone(),
         config,
         store: a.store.clone(),
+        backup,
+        resume,
+        announce: p.identity.clone(),
+        state_file: p.state_file.clone(),
+        replica: Some(replica),
     };
     let result = driver::run(spec, Duration::from_millis(a.ready_ms));
     cleanup();

@@ -181,6 +181,7 @@ pub fn backup(a: &BackupArgs) -> Result<u8> {
         timing: a.timing.spec(),
         key_file: a.key_file.clone().context("--key-file")?,
         scheduling: agent::vm::Scheduling { reservation: a.reservation, ..Default::default() },
+        local: None,
     };
     Ok(agent::vm::run_backup(&spec)?)
 }

@@ -49,6 +49,11 @@ pub enum Command {
     /// Start holding the output of a VM protected with `hold: false`. In-process only.
     #[serde(skip)]
     HoldOutput,
+    /// Moves the frames waiting at the tap into the input log (a VM paused for good at a
+    /// planned handover: what reached it during the final pause goes to the destination).
+    /// In-process only.
+    #[serde(skip)]
+    DrainInput,
     /// End protection: dirty logging off, all held output sent, no more disk mirroring.
     Unprotect,
     /// Take a checkpoint of the protected VM: the reply's `checkpoint`. `buffer` is an old

@@ -782,6 +782,7 @@ impl Vm {
             },
             Command::Protect { mirror, hold, input } => self.protect_logging(mirror, hold, input).map(|_| Reply::ok()),
             Command::HoldOutput => self.hold_output().map(|_| Reply::ok()),
+            Command::DrainInput => Ok(Reply { value: self.tap.as_mut().map(|t| t.drain_to_log()), ..Reply::ok() }),
             Command::Unprotect => self.unprotect().map(|_| Reply::ok()),
             Command::Checkpoint { buffer } => self.checkpoint(buffer).map(|c| Reply { checkpoint: Some(Box::new(c)), ..Reply::ok() }),
             Command::Tracking { choice } => {

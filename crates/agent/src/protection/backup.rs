@@ -128,6 +128,9 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                             if c.mem_mib.saturating_mul(1 << 20) != mem_bytes {
                                 return Err(format!("the hello says {mem_bytes} bytes of memory, the configuration {} MiB", c.mem_mib));
                             }
+                            if let Some(s) = &standby {
+                                s.watch(c.net.mac);
+                            }
                             Replica::new(c).map_err(|e| e.to_string())
                         });
                     match made {
@@ -202,8 +205,12 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                     );
                     stats.lock().unwrap_or_else(|e| e.into_inner()).takeovers += 1;
                     let vm_name = stats.lock().unwrap_or_else(|e| e.into_inner()).vm.clone();
-                    let tap = standby.take().map(Standby::end);
-                    let grant = Grant { at: granted_at, gen, replay, input, handover: st.handover.take() };
+                    let (tap, seen) = match standby.take().map(Standby::end) {
+                        Some(Some((tap, seen))) => (Some(Some(tap)), seen),
+                        Some(None) => (Some(None), Vec::new()),
+                        None => (None, Vec::new()),
+                    };
+                    let grant = Grant { at: granted_at, gen, replay, input, seen, handover: st.handover.take() };
                     return take_over(replica, &opts, &vm_name, grant, clock, control_bound, tap);
                 }
                 Action::Abandon { reason } => {
@@ -353,34 +360,88 @@ fn write_disk(disk: Option<&PathBuf>, writes: &[(u64, Vec<u8>)]) -> Result<(), S
 /// link-state changes).
 struct Standby {
     stop: std::sync::mpsc::Sender<()>,
-    thread: std::thread::JoinHandle<Tap>,
+    thread: std::thread::JoinHandle<(Tap, VecDeque<(Instant, Vec<u8>)>)>,
+    /// The VM's MAC address, once a session named it (frames to it are kept).
+    mac: Arc<Mutex<Option<[u8; 6]>>>,
+}
+
+/// How long the standby keeps a frame addressed to the VM, and how many bytes at most.
+const STANDBY_KEEP: Duration = Duration::from_millis(300);
+const STANDBY_BYTES: usize = 4 << 20;
+
+/// Whether `frame` is an IPv4 TCP segment to `mac` that carries an acknowledgement and no
+/// SYN or RST: one the new copy may be given again at a takeover without harm (TCP drops a
+/// segment it already has by its sequence number).
+fn tcp_to(frame: &[u8], mac: &[u8; 6]) -> bool {
+    if frame.len() < 14 + 20 + 20 || frame[..6] != mac[..] || frame[12..14] != [0x08, 0x00] {
+        return false;
+    }
+    let ip = &frame[14..];
+    let ihl = ((ip[0] & 0x0f) as usize) * 4;
+    if ip[0] >> 4 != 4 || ihl < 20 || ip[9] != 6 || ip.len() < ihl + 20 {
+        return false;
+    }
+    let flags = ip[ihl + 13];
+    flags & 0x10 != 0 && flags & 0x06 == 0
 }
 
 impl Standby {
+    /// Keeps the VM's tap open (its carrier and bridge port up) and reads what reaches it. On
+    /// a network that delivers the VM's frames to this host too (a switch that floods them),
+    /// the TCP segments addressed to the VM in the last [`STANDBY_KEEP`] are kept: at a
+    /// takeover the new copy gets them, so a client's request the dead primary never read is
+    /// answered without the client's retransmission.
     fn open(name: &str) -> Result<Standby, String> {
         let tap = Tap::open(name).map_err(|e| e.to_string())?;
         let (stop, stopped) = channel::<()>();
+        let mac: Arc<Mutex<Option<[u8; 6]>>> = Arc::new(Mutex::new(None));
+        let vm_mac = mac.clone();
         let thread = std::thread::Builder::new()
             .name("tap-standby".into())
             .spawn(move || {
                 let mut buf = vec![0u8; 65536];
+                let mut kept: VecDeque<(Instant, Vec<u8>)> = VecDeque::new();
+                let mut bytes = 0usize;
                 while stopped.try_recv().is_err() {
                     let mut p = libc::pollfd { fd: tap.raw_fd(), events: libc::POLLIN, revents: 0 };
                     // SAFETY: polls one valid pollfd for at most 5 ms.
                     if unsafe { libc::poll(&mut p, 1, 5) } > 0 {
-                        // SAFETY: reads into our own buffer of its length from the tap's fd.
-                        while unsafe { libc::read(tap.raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+                        let mac = *vm_mac.lock().unwrap_or_else(|e| e.into_inner());
+                        loop {
+                            // SAFETY: reads into our own buffer of its length from the tap's fd.
+                            let n = unsafe { libc::read(tap.raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                            if n <= 0 {
+                                break;
+                            }
+                            let f = &buf[..n as usize];
+                            if mac.is_some_and(|m| tcp_to(f, &m)) && f.len() <= vmm_abi::FRAME_MAX as usize {
+                                bytes += f.len();
+                                kept.push_back((Instant::now(), f.to_vec()));
+                            }
+                        }
+                    }
+                    while kept.front().is_some_and(|(t, _)| t.elapsed() > STANDBY_KEEP) || bytes > STANDBY_BYTES {
+                        let Some((_, f)) = kept.pop_front() else { break };
+                        bytes -= f.len();
                     }
                 }
-                tap
+                (tap, kept)
             })
             .map_err(|e| e.to_string())?;
-        Ok(Standby { stop, thread })
+        Ok(Standby { stop, thread, mac })
     }
 
-    fn end(self) -> Option<Tap> {
+    /// The VM's MAC address (from a new session's configuration).
+    fn watch(&self, mac: [u8; 6]) {
+        *self.mac.lock().unwrap_or_else(|e| e.into_inner()) = Some(mac);
+    }
+
+    /// The tap, and the TCP segments to the VM kept (as frames: 4-byte LE length and bytes).
+    fn end(self) -> Option<(Tap, Vec<u8>)> {
         let _ = self.stop.send(());
-        self.thread.join().ok()
+        let (tap, kept) = self.thread.join().ok()?;
+        let frames = kept.into_iter().flat_map(|(_, f)| (f.len() as u32).to_le_bytes().into_iter().chain(f)).collect();
+        Some((tap, frames))
     }
 }
 
@@ -392,6 +453,8 @@ struct Grant {
     replay: Vec<u8>,
     /// The input the VM received after the committed checkpoint, for the new copy.
     input: Vec<u8>,
+    /// The TCP segments to the VM that reached this host's tap lately (a flooding network).
+    seen: Vec<u8>,
     /// A planned handover: when its message came, and how long the VM had been paused then.
     handover: Option<(Instant, u64)>,
 }
@@ -415,6 +478,11 @@ fn take_over(
     match vm.inject_input(&grant.input) {
         0 => {}
         n => tracing::info!("backup: gave the VM {n} frames of input received after the committed checkpoint"),
+    }
+    // Then what the network delivered here too (requests the primary may never have read).
+    match vm.inject_input(&grant.seen) {
+        0 => {}
+        n => tracing::info!("backup: gave the VM {n} TCP segments that reached this host in the last {} ms", STANDBY_KEEP.as_millis()),
     }
     vm.resume();
     // A handover's downtime: the VM's pause at the source until the message left, plus here

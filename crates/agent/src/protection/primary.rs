@@ -617,6 +617,7 @@ impl Driver {
         // Only the command's name: a checkpoint command carries a buffer of megabytes.
         let what = match &cmd {
             Command::Protect { .. } => "protect",
+            Command::DrainInput => "drain-input",
             Command::Unprotect => "unprotect",
             Command::Checkpoint { .. } => "checkpoint",
             Command::MemoryView => "memory-view",
@@ -654,7 +655,10 @@ impl Driver {
             }
             Action::Hold | Action::Track => {
                 let mirror = self.opts.disk.as_ref().map(|_| self.mirror_tx.clone());
-                self.call(Command::Protect { mirror, hold: matches!(action, Action::Hold), input: Some(self.input.clone()) })?;
+                // `VIGIL_FORWARD_INPUT=0` turns the forwarding off (to measure what it brings).
+                let forward = std::env::var("VIGIL_FORWARD_INPUT").map_or(true, |v| v != "0");
+                let input = forward.then(|| self.input.clone());
+                self.call(Command::Protect { mirror, hold: matches!(action, Action::Hold), input })?;
             }
             Action::HoldOutput => {
                 self.call(Command::HoldOutput)?;
@@ -726,6 +730,15 @@ impl Driver {
                 self.call(Command::Unprotect)?;
             }
             Action::Send(m) => {
+                if matches!(m, Msg::Handover { .. }) {
+                    // What reached the VM during its final pause goes to the destination first
+                    // (as input, before the message that tells it to take over).
+                    match self.call(Command::DrainInput).map(|r| r.value.unwrap_or(0)) {
+                        Ok(0) => {}
+                        Ok(n) => self.log(format!("handover: {n} frames that arrived during the final pause go to the destination")),
+                        Err(e) => self.log(format!("handover: the frames of the final pause stay here: {e}")),
+                    }
+                }
                 if let Some(l) = &self.link {
                     let _ = l.out.send(Out::Msg(m));
                 }

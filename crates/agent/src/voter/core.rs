@@ -99,6 +99,18 @@ pub struct Config {
     pub max_backlog: usize,
     /// Time between a failed repair and the next attempt.
     pub repair_backoff: Nanos,
+    /// A donor whose snapshot is not done after this long has hung (a stopped VMM answers
+    /// no snapshot, and a donor gets no requests meanwhile, so the hang timeout cannot see it).
+    pub snapshot_timeout: Nanos,
+    /// Mode 4 (local + remote): the group is protected by a backup on another host, which
+    /// holds a donor's snapshot and the log of every request after it. While the backup is
+    /// in step ([`Event::BackupLogged`]), a reply leaves only once its request is logged there.
+    pub remote: bool,
+    /// Mode 4: a new snapshot for the backup after this many requests (0: only when a backup
+    /// connects), so that the log it replays at a takeover stays short,
+    pub checkpoint_every: u64,
+    /// but not sooner than this after the last one (each writes the donor's memory).
+    pub checkpoint_min_interval: Nanos,
 }
 
 impl Config {
@@ -111,6 +123,10 @@ impl Config {
             max_message: 1 << 20,
             max_backlog: 16 << 20,
             repair_backoff: 1_000_000_000,
+            snapshot_timeout: 2_000_000_000,
+            remote: false,
+            checkpoint_every: 50_000,
+            checkpoint_min_interval: 2_000_000_000,
         }
     }
 }
@@ -128,6 +144,8 @@ pub enum Fault {
     Outvoted { conn: Conn, seq: u64 },
     /// It sent bytes that are no valid reply (or a reply to no request).
     Protocol { reason: String },
+    /// As a donor, its snapshot was not done after `after_ms`.
+    HungInSnapshot { after_ms: u64 },
 }
 
 impl std::fmt::Display for Fault {
@@ -137,6 +155,7 @@ impl std::fmt::Display for Fault {
             Fault::Hung { conn, seq } => write!(f, "hung (no reply to request {seq}, of client {conn})"),
             Fault::Outvoted { conn, seq } => write!(f, "outvoted (reply to request {seq}, of client {conn})"),
             Fault::Protocol { reason } => write!(f, "protocol error ({reason})"),
+            Fault::HungInSnapshot { after_ms } => write!(f, "hung (no snapshot after {after_ms} ms)"),
         }
     }
 }
@@ -176,6 +195,20 @@ pub enum Report {
         conn: Conn,
         reason: String,
     },
+    /// Mode 4: the backup holds instance `donor`'s snapshot (after `position` requests) and the
+    /// log from there: from now on a reply leaves only once its request is logged there.
+    Protected {
+        donor: Instance,
+        position: u64,
+    },
+    /// Mode 4: the backup is gone; replies leave without it until a new one is in step.
+    Unprotected {
+        reason: String,
+    },
+    /// Mode 4: a snapshot for the backup failed (tried again after the repair backoff).
+    CheckpointFailed {
+        reason: String,
+    },
 }
 
 /// What happened.
@@ -205,6 +238,12 @@ pub enum Event {
     /// Fault injection: send these bytes (one request) to instance `i` alone, outside the
     /// total order; its one reply is dropped unvoted.
     Inject(Instance, Vec<u8>),
+    /// Mode 4: the connection to the backup is open (a new session: it holds nothing yet).
+    BackupConnected,
+    /// Mode 4: the backup holds the snapshot and every request before this one.
+    BackupLogged(u64),
+    /// Mode 4: the connection to the backup ended.
+    BackupLost(String),
     /// Time passed (the driver ticks a few times per hang timeout).
     Tick,
 }
@@ -228,6 +267,22 @@ pub enum Action {
     Restore {
         instance: Instance,
         donor: Instance,
+    },
+    /// Mode 4: snapshot the donor (pause, write, resume) for the backup; answer with
+    /// [`Event::SnapshotTaken`] or [`Event::SnapshotFailed`].
+    Checkpoint(Instance),
+    /// Mode 4: send the donor's snapshot (just taken by [`Action::Checkpoint`]) to the backup:
+    /// it holds the state after the first `position` requests.
+    ShipSnapshot {
+        donor: Instance,
+        position: u64,
+    },
+    /// Mode 4: send requests `from..from + count` (their bytes, one after the other) to the
+    /// backup's log.
+    Log {
+        from: u64,
+        count: u64,
+        bytes: Vec<u8>,
     },
     Report(Report),
 }
@@ -257,11 +312,26 @@ enum Stage {
     Joining,
 }
 
+/// Mode 4: where the backup is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backup {
+    /// None connected (or not mode 4).
+    Off,
+    /// Connected; it has no complete snapshot yet: replies are not held.
+    Syncing,
+    /// It holds a snapshot and the log: replies wait for their request to be logged.
+    Protected,
+}
+
+/// A repair of `target` from `donor`'s snapshot, or (`target` none) a snapshot of `donor`
+/// for the backup (mode 4).
 #[derive(Debug, Clone, Copy)]
 struct Repair {
-    target: Instance,
+    target: Option<Instance>,
     donor: Instance,
     stage: Stage,
+    /// When the stage began.
+    since: Nanos,
 }
 
 /// The voter's connection to one instance.
@@ -285,6 +355,8 @@ struct Link {
 #[derive(Debug)]
 struct Slot {
     conn: Conn,
+    /// Decided by this instance alone while that donor was paused (`lowered_quorum`).
+    alone: Option<(Instance, Instance)>,
     votes: Vec<Option<Vec<u8>>>,
     decided: Option<Vec<u8>>,
     /// No reply could be decided and the policy suppressed it.
@@ -335,6 +407,20 @@ pub struct Voter {
     hold: Vec<Option<u64>>,
     repair: Option<Repair>,
     degraded: bool,
+    /// Mode 4: the backup, the requests it has logged (all before this one), where its log
+    /// of this session starts (none: no snapshot sent yet), whether it needs a new snapshot
+    /// (and from when), and the position of the last snapshot sent.
+    backup: Backup,
+    logged: u64,
+    log_from: Option<u64>,
+    want_checkpoint: Option<Nanos>,
+    last_checkpoint: u64,
+    last_donor: Instance,
+    last_checkpoint_at: Nanos,
+    /// Replies before this one left while the backup synchronised; `announced`: it holds
+    /// their requests too (protected).
+    protected_from: u64,
+    announced: bool,
     now: Nanos,
     out: Vec<Action>,
     pub counters: Counters,
@@ -361,6 +447,15 @@ impl Voter {
             emitted: 0,
             repair: None,
             degraded: false,
+            backup: Backup::Off,
+            logged: 0,
+            log_from: None,
+            want_checkpoint: None,
+            last_checkpoint: 0,
+            last_donor: 0,
+            last_checkpoint_at: 0,
+            protected_from: 0,
+            announced: false,
             now: 0,
             out: Vec::new(),
             counters: Counters::default(),
@@ -390,7 +485,17 @@ impl Voter {
 
     /// The instance under repair, if any.
     pub fn repairing(&self) -> Option<Instance> {
-        self.repair.map(|r| r.target)
+        self.repair.and_then(|r| r.target)
+    }
+
+    /// Mode 4: whether the backup holds a snapshot and the log (replies wait for it).
+    pub fn protected(&self) -> bool {
+        self.backup == Backup::Protected && self.announced
+    }
+
+    /// Requests whose replies are not yet decided and sent (the driver paces a replay by it).
+    pub fn unanswered(&self) -> u64 {
+        self.total - self.emitted
     }
 
     /// Open client connections.
@@ -435,8 +540,48 @@ impl Voter {
                 }
             }
             Event::Restored(i) => self.restored(i),
+            Event::BackupConnected if self.cfg.remote => {
+                self.backup = Backup::Syncing;
+                self.log_from = None;
+                self.want_checkpoint = Some(self.now);
+            }
+            Event::BackupConnected => {}
+            Event::BackupLogged(upto) => {
+                if self.backup == Backup::Syncing && self.log_from.is_some() {
+                    // Replies are held from now on; the group is protected once the backup
+                    // also holds the requests of the replies released while it synchronised.
+                    self.backup = Backup::Protected;
+                    self.announced = false;
+                    self.protected_from = self.emitted;
+                    // What an earlier backup acknowledged says nothing of this one (its
+                    // snapshot's position may be earlier: the donor's, not the newest request).
+                    self.logged = 0;
+                }
+                if self.backup == Backup::Protected {
+                    self.logged = self.logged.max(upto.min(self.total));
+                    if !self.announced && self.logged >= self.protected_from {
+                        self.announced = true;
+                        self.out.push(Action::Report(Report::Protected { donor: self.last_donor, position: self.last_checkpoint }));
+                    }
+                    self.emit();
+                    self.check_quiescent();
+                }
+            }
+            Event::BackupLost(why) => {
+                if self.backup != Backup::Off {
+                    if self.protected() {
+                        self.out.push(Action::Report(Report::Unprotected { reason: why }));
+                    }
+                    self.backup = Backup::Off;
+                    self.log_from = None;
+                    self.want_checkpoint = None;
+                    // What waited for the backup's log goes out now.
+                    self.emit();
+                    self.check_quiescent();
+                }
+            }
             Event::RestoreFailed(i, why) => {
-                if matches!(self.repair, Some(r) if r.target == i && r.stage == Stage::Restoring) {
+                if matches!(self.repair, Some(r) if r.target == Some(i) && r.stage == Stage::Restoring) {
                     self.repair_failed(format!("restore: {why}"));
                 }
             }
@@ -448,6 +593,8 @@ impl Voter {
             }
             Event::Tick => self.tick(),
         }
+        // (A donor may become quiet by any event: its connection opening, a fault elsewhere.)
+        self.check_quiescent();
         self.maybe_start_repair();
         std::mem::take(&mut self.out)
     }
@@ -530,6 +677,8 @@ impl Voter {
             }
         }
         let pushed = !reqs.is_empty();
+        let first = self.total;
+        let mut log = Vec::new();
         for r in reqs {
             let pending = self.clients.get(&c).map_or(0, |cl| cl.pending);
             if self.req_bytes + r.len() > self.cfg.max_backlog || pending >= MAX_OUTSTANDING {
@@ -537,12 +686,24 @@ impl Voter {
                 break;
             }
             self.req_bytes += r.len();
+            if self.log_from.is_some() {
+                log.extend_from_slice(&r);
+            }
             self.reqs.push_back(r);
             self.total += 1;
-            self.slots.push_back(Slot { conn: c, votes: vec![None; self.cfg.n], decided: None, suppressed: false });
+            self.slots.push_back(Slot { conn: c, alone: None, votes: vec![None; self.cfg.n], decided: None, suppressed: false });
             self.counters.requests += 1;
             if let Some(cl) = self.clients.get_mut(&c) {
                 cl.pending += 1;
+            }
+        }
+        if self.log_from.is_some() && self.total > first {
+            // Mode 4: to the backup's log as they join the order, before any instance answers.
+            self.out.push(Action::Log { from: first, count: self.total - first, bytes: log });
+            let every = self.cfg.checkpoint_every;
+            let running = self.repair.is_some_and(|r| r.target.is_none());
+            if every > 0 && self.total - self.last_checkpoint >= every && self.want_checkpoint.is_none() && !running {
+                self.want_checkpoint = Some(self.now.max(self.last_checkpoint_at + self.cfg.checkpoint_min_interval));
             }
         }
         if pushed {
@@ -684,7 +845,15 @@ impl Voter {
         let Some(slot) = self.slots.get_mut((seq - self.slot_base) as usize) else { return };
         let conn = slot.conn;
         match &slot.decided {
-            Some(d) if *d != value => self.fault(i, Fault::Outvoted { conn, seq }),
+            Some(d) if *d != value => {
+                // Decided without it while it was paused: two instances disagree, and the one
+                // that decided was chosen (the primary, for N = 2 prefer-primary).
+                if let Some((chosen, _)) = slot.alone.filter(|&(_, d)| d == i) {
+                    self.counters.disagreements += 1;
+                    self.out.push(Action::Report(Report::Disagreement { conn, seq, chosen: Some(chosen) }));
+                }
+                self.fault(i, Fault::Outvoted { conn, seq })
+            }
             Some(_) => slot.votes[i] = Some(value),
             None if slot.suppressed => slot.votes[i] = Some(value),
             None => {
@@ -698,6 +867,7 @@ impl Voter {
     /// that the replies of one read go out in one write per client).
     fn decide(&mut self, seq: u64) {
         let quorum = self.quorum();
+        let lowered = self.lowered_quorum();
         let (n, policy) = (self.cfg.n, self.cfg.policy);
         let voting: Vec<bool> = (0..n).map(|i| self.is_voting(i)).collect();
         let live: Vec<bool> = (0..n).map(|i| self.is_live(i)).collect();
@@ -719,9 +889,18 @@ impl Voter {
             }
         }
         let Some((count, who)) = best else { return };
+        // While a donor is paused for a snapshot, the others may decide without it (its vote is
+        // still compared when it comes): see `lowered_quorum`.
+        let full_quorum = quorum;
+        let (quorum, paused) = match lowered {
+            Some((d, q)) if slot.votes[d].is_none() => (q, Some(d)),
+            _ => (quorum, None),
+        };
         // Live instances that will still answer it (a quiescing donor is given the request
         // after its snapshot; an instance restored after it never answers it).
-        let pending = (0..n).filter(|&i| live[i] && slot.votes[i].is_none() && links[i].as_ref().is_some_and(|l| l.got <= seq)).count();
+        let pending = (0..n)
+            .filter(|&i| Some(i) != paused && live[i] && slot.votes[i].is_none() && links[i].as_ref().is_some_and(|l| l.got <= seq))
+            .count();
         let all_agree = (0..n).all(|i| !voting[i] || slot.votes[i].is_none() || slot.votes[i] == slot.votes[who]);
         let conn = slot.conn;
         let chosen = if count >= quorum {
@@ -746,12 +925,33 @@ impl Voter {
                 }
             }
         };
+        if let Some(d) = paused.filter(|_| count < full_quorum) {
+            slot.alone = Some((chosen, d));
+        }
         let value = slot.votes[chosen].clone();
         let losers: Vec<Instance> = (0..n).filter(|&i| voting[i] && slot.votes[i].is_some() && slot.votes[i] != value).collect();
         slot.decided = value;
         for i in losers {
             self.fault(i, Fault::Outvoted { conn, seq });
         }
+    }
+
+    /// The donor being quiesced and snapshotted, and the votes the other live instances need
+    /// meanwhile, when they may decide without it: during a repair (one instance is faulty
+    /// already; within the single-fault hypothesis the others are correct, so a reply of the
+    /// one that is left may go: replies never wait for the donor's snapshot), or during a
+    /// snapshot for the replica when the donor is not the primary and the policy prefers the
+    /// primary (N = 2: the primary's reply is the one the policy would send anyway). With three
+    /// instances all live the other two are a majority: nothing is lowered. The donor's reply
+    /// is compared when it comes, and a difference is reported as its fault.
+    fn lowered_quorum(&self) -> Option<(Instance, usize)> {
+        let r = self.repair?;
+        if !matches!(r.stage, Stage::Quiescing | Stage::Snapshotting) {
+            return None;
+        }
+        let others = self.live().saturating_sub(1);
+        let allowed = r.target.is_some() || (self.cfg.policy == Policy::PreferPrimary && r.donor != 0);
+        (allowed && others > 0).then(|| (r.donor, self.quorum().min(others)))
     }
 
     /// Sends the decided replies in order, forgets what every live instance has answered.
@@ -761,6 +961,9 @@ impl Voter {
         while let Some(slot) = self.slots.get((self.emitted - self.slot_base) as usize) {
             if !slot.resolved() {
                 break;
+            }
+            if self.backup == Backup::Protected && self.emitted >= self.logged {
+                break; // mode 4: its request is not logged at the backup yet
             }
             if slot.suppressed && self.clients.remove(&slot.conn).is_some() {
                 if let Some(k) = out.iter().position(|(c, _)| *c == slot.conn) {
@@ -837,14 +1040,21 @@ impl Voter {
         self.counters.faults += 1;
         self.out.push(Action::Report(Report::Fault { instance: i, fault }));
         self.states[i] = State::Faulty { since: self.now, retry_at: self.now };
-        if let Some(r) = self.repair {
-            if r.target == i {
+        if let Some(r) = self.repair.filter(|r| r.target.is_none()) {
+            if r.donor == i {
+                // The backup's snapshot is taken from another donor.
+                self.repair = None;
+                self.want_checkpoint = self.want_checkpoint.or(Some(self.now)).filter(|_| self.backup != Backup::Off);
+            }
+        } else if let Some(r) = self.repair {
+            let Some(target) = r.target else { unreachable!("a checkpoint is handled above") };
+            if target == i {
                 self.repair = None;
                 self.out.push(Action::Report(Report::RepairFailed { instance: i, reason: "it failed again while joining".into() }));
                 self.states[i] = State::Faulty { since: self.now, retry_at: self.now + self.cfg.repair_backoff };
             } else if r.donor == i {
                 // The donor failed: the repair starts again with another donor.
-                let t = r.target;
+                let t = target;
                 self.repair = None;
                 if matches!(self.states[t], State::Restoring { .. } | State::Joining { .. }) {
                     self.out.push(Action::Stop(t));
@@ -887,11 +1097,20 @@ impl Voter {
             return;
         }
         let now = self.now;
-        let Some(target) = (0..self.cfg.n).find(|&i| matches!(self.states[i], State::Faulty { retry_at, .. } if retry_at <= now)) else {
+        let target = (0..self.cfg.n).find(|&i| matches!(self.states[i], State::Faulty { retry_at, .. } if retry_at <= now));
+        let checkpoint = self.backup != Backup::Off && self.want_checkpoint.is_some_and(|t| t <= now);
+        if target.is_none() && !checkpoint {
             return;
-        };
-        let Some(donor) = (0..self.cfg.n).find(|&i| self.is_live(i)) else { return };
-        self.repair = Some(Repair { target, donor, stage: Stage::Quiescing });
+        }
+        // A repair's donor is the first live instance; a snapshot for the replica is taken of
+        // the last (not the primary, whose reply the N = 2 policy prefers: `lowered_quorum`).
+        let donor =
+            if target.is_some() { (0..self.cfg.n).find(|&i| self.is_live(i)) } else { (0..self.cfg.n).rev().find(|&i| self.is_live(i)) };
+        let Some(donor) = donor else { return };
+        if target.is_none() {
+            self.want_checkpoint = None;
+        }
+        self.repair = Some(Repair { target, donor, stage: Stage::Quiescing, since: self.now });
         self.check_quiescent();
     }
 
@@ -902,29 +1121,54 @@ impl Voter {
         if r.stage != Stage::Quiescing {
             return;
         }
-        let quiet = self.links[r.donor].as_ref().is_some_and(|l| l.open && l.got == l.next && self.emitted >= l.next);
+        // (A snapshot for the backup needs no reply voted: it is the donor's state after
+        // exactly the requests it answered.)
+        let quiet =
+            self.links[r.donor].as_ref().is_some_and(|l| l.open && l.got == l.next && (r.target.is_none() || self.emitted >= l.next));
         if quiet {
-            self.repair = Some(Repair { stage: Stage::Snapshotting, ..r });
-            self.out.push(Action::Snapshot(r.donor));
+            self.repair = Some(Repair { stage: Stage::Snapshotting, since: self.now, ..r });
+            self.out.push(if r.target.is_some() { Action::Snapshot(r.donor) } else { Action::Checkpoint(r.donor) });
         }
     }
 
     fn snapshot_taken(&mut self, d: Instance) {
         let Some(r) = self.repair.filter(|r| r.donor == d && r.stage == Stage::Snapshotting) else { return };
-        let since = match self.states[r.target] {
+        let Some(target) = r.target else {
+            // Mode 4: the snapshot goes to the backup, then (the first of this session) the
+            // requests from its position on; later ones follow as they come.
+            let p = self.links[d].as_ref().map_or(self.total, |l| l.next);
+            self.repair = None;
+            if self.backup != Backup::Off {
+                self.out.push(Action::ShipSnapshot { donor: d, position: p });
+                if self.log_from.is_none() {
+                    let bytes: Vec<u8> = self.reqs.iter().skip((p - self.req_base) as usize).flatten().copied().collect();
+                    if self.total > p {
+                        self.out.push(Action::Log { from: p, count: self.total - p, bytes });
+                    }
+                    self.log_from = Some(p);
+                }
+                self.last_checkpoint = p;
+                self.last_checkpoint_at = self.now;
+                self.last_donor = d;
+            }
+            self.give(d, self.total);
+            self.trim();
+            return;
+        };
+        let since = match self.states[target] {
             State::Faulty { since, .. } => since,
             _ => self.now,
         };
-        self.states[r.target] = State::Restoring { since };
+        self.states[target] = State::Restoring { since };
         self.repair = Some(Repair { stage: Stage::Restoring, ..r });
         // The snapshot holds the donor's state after the requests it was given.
-        self.hold[r.target] = Some(self.links[d].as_ref().map_or(self.total, |l| l.next));
+        self.hold[target] = Some(self.links[d].as_ref().map_or(self.total, |l| l.next));
         self.give(d, self.total);
-        self.out.push(Action::Restore { instance: r.target, donor: d });
+        self.out.push(Action::Restore { instance: target, donor: d });
     }
 
     fn restored(&mut self, i: Instance) {
-        let Some(r) = self.repair.filter(|r| r.target == i && r.stage == Stage::Restoring) else { return };
+        let Some(r) = self.repair.filter(|r| r.target == Some(i) && r.stage == Stage::Restoring) else { return };
         let since = match self.states[i] {
             State::Restoring { since } => since,
             _ => self.now,
@@ -940,19 +1184,29 @@ impl Voter {
 
     fn repair_failed(&mut self, reason: String) {
         let Some(r) = self.repair.take() else { return };
-        self.out.push(Action::Report(Report::RepairFailed { instance: r.target, reason }));
-        let since = match self.states[r.target] {
+        let Some(target) = r.target else {
+            // Mode 4: the backup's snapshot, tried again later.
+            self.out.push(Action::Report(Report::CheckpointFailed { reason }));
+            if self.backup != Backup::Off {
+                self.want_checkpoint = Some(self.now + self.cfg.repair_backoff);
+            }
+            self.give(r.donor, self.total);
+            self.trim();
+            return;
+        };
+        self.out.push(Action::Report(Report::RepairFailed { instance: target, reason }));
+        let since = match self.states[target] {
             State::Faulty { since, .. } | State::Restoring { since } | State::Joining { since } => since,
             State::Live => self.now,
         };
-        self.states[r.target] = State::Faulty { since, retry_at: self.now + self.cfg.repair_backoff };
-        self.hold[r.target] = None;
-        if self.links[r.target].take().is_some() {
-            self.out.push(Action::Disconnect(r.target));
+        self.states[target] = State::Faulty { since, retry_at: self.now + self.cfg.repair_backoff };
+        self.hold[target] = None;
+        if self.links[target].take().is_some() {
+            self.out.push(Action::Disconnect(target));
         }
         self.give(r.donor, self.total);
         self.trim();
-        self.out.push(Action::Stop(r.target));
+        self.out.push(Action::Stop(target));
     }
 
     fn tick(&mut self) {
@@ -970,6 +1224,12 @@ impl Voter {
         }
         for (i, conn, seq) in hung {
             self.fault(i, Fault::Hung { conn, seq });
+        }
+        if let Some(r) = self.repair.filter(|r| r.stage == Stage::Snapshotting) {
+            let after = now.saturating_sub(r.since);
+            if after > self.cfg.snapshot_timeout {
+                self.fault(r.donor, Fault::HungInSnapshot { after_ms: after / 1_000_000 });
+            }
         }
     }
 }

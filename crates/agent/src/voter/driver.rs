@@ -32,6 +32,12 @@ pub const MAX_SOURCES: usize = 64;
 pub const SOURCE_IDLE: Duration = Duration::from_secs(60);
 /// Datagram sources are the voter's clients from this identifier on.
 const SOURCE_BASE: Conn = 1 << 40;
+/// A takeover's replay is fed as clients from this identifier on, each a chunk of requests
+/// (the voter bounds one client's unanswered requests).
+const REPLAY_BASE: Conn = 1 << 50;
+const REPLAY_CHUNK: usize = 20_000;
+/// Mode 4: a backup that acknowledges nothing for this long is dropped.
+pub const ACK_TIMEOUT: Duration = Duration::from_millis(500);
 /// The guest's address inside each instance's namespace (and the host side of its tap).
 pub const GUEST_IP: &str = "10.250.0.2";
 pub const HOST_IP: &str = "10.250.0.1";
@@ -54,7 +60,7 @@ pub struct InstanceSpec {
 }
 
 /// A voted VM.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct GroupSpec {
     pub vm: String,
     /// The VM's address, where clients connect.
@@ -69,6 +75,19 @@ pub struct GroupSpec {
     pub config: Config,
     /// The cluster store: faults and repairs go to its event log too (`vigil status`).
     pub store: Option<PathBuf>,
+    /// Mode 4: the backup's address (`super::remote`) and the cluster's key.
+    pub backup: Option<(String, crate::auth::Key)>,
+    /// A takeover: the instances start from this replica's snapshot and its log is replayed
+    /// before the VM's address opens.
+    pub resume: Option<super::remote::Replica>,
+    /// Once the address is open, announce it on this interface (gratuitous ARP).
+    pub announce: Option<(std::net::Ipv4Addr, String)>,
+    /// Mode 4: whether the group is protected, for the agent (`ReplicationState`).
+    pub state_file: Option<PathBuf>,
+    /// Keep a replica here too (a snapshot, the log after it, `super::remote::Store`), so
+    /// that a voter restarted after a crash continues the instances' state (`resume`). Every
+    /// request is in its log before any instance gets it.
+    pub replica: Option<PathBuf>,
 }
 
 /// A thread that appends what it is sent to the store's event log (a store that does not
@@ -185,6 +204,8 @@ enum Msg {
     Link(u64, Instance, Option<Vec<u8>>, String),
     /// An instance's process (of this incarnation) ended.
     Exited(Instance, u64, String),
+    /// Mode 4: the backup's sessions and acknowledgements.
+    Backup(super::remote::FromBackup),
 }
 
 struct Proc {
@@ -201,6 +222,35 @@ pub struct GroupState {
     pub repairs: u64,
     pub faults: u64,
     pub replies: u64,
+    /// The VM's address is open (every guest serves; a replica's log is replayed).
+    #[serde(default)]
+    pub serving: bool,
+    /// The voter's pid (a state left by an earlier voter is not this one's).
+    #[serde(default)]
+    pub voter_pid: u32,
+    /// Mode 4: how long the backup took to hold a batch of logged requests (the last window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_ack_ms: Option<AckFigures>,
+}
+
+/// Times from sending requests to the backup's log to its acknowledgement, ms.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct AckFigures {
+    pub batches: usize,
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+fn figures(ms: &mut Vec<f64>) -> Option<AckFigures> {
+    if ms.is_empty() {
+        return None;
+    }
+    ms.sort_by(f64::total_cmp);
+    let q = |x: f64| ms[((ms.len() - 1) as f64 * x).round() as usize];
+    let f = AckFigures { batches: ms.len(), p50: q(0.5), p99: q(0.99), max: ms[ms.len() - 1] };
+    ms.clear();
+    Some(f)
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -418,9 +468,57 @@ fn reader(tx: Sender<Msg>, mut s: TcpStream, what: impl Fn(Option<Vec<u8>>, Stri
     });
 }
 
+/// Opens the VM's address (TCP and UDP): clients' connections and datagrams go to the voter.
+fn open_address(spec: &GroupSpec, tx: &Sender<Msg>) -> Result<UdpSocket> {
+    let listener = TcpListener::bind(spec.listen).map_err(|e| Error::io("cannot listen on", spec.listen.to_string(), e))?;
+    {
+        let tx = tx.clone();
+        std::thread::Builder::new()
+            .name("voter-accept".into())
+            .spawn(move || {
+                let mut next: Conn = 1;
+                for s in listener.incoming() {
+                    let Ok(s) = s else { continue };
+                    let _ = s.set_nodelay(true);
+                    let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+                    if tx.send(Msg::Accepted(next, s)).is_err() {
+                        return;
+                    }
+                    next += 1;
+                }
+            })
+            .map_err(|e| Error::io("cannot start a thread for", spec.listen.to_string(), e))?;
+    }
+    // Datagrams to the same address and port: each a request (or several) of the client that
+    // is its source, in the same total order as the TCP clients'; each voted reply goes back
+    // to the source as one datagram.
+    let udp = UdpSocket::bind(spec.listen).map_err(|e| Error::io("cannot listen (UDP) on", spec.listen.to_string(), e))?;
+    {
+        let (tx, r) = (tx.clone(), udp.try_clone().map_err(|e| Error::io("cannot use", spec.listen.to_string(), e))?);
+        std::thread::Builder::new()
+            .name("voter-udp".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    match r.recv_from(&mut buf) {
+                        Ok((n, src)) => {
+                            if tx.send(Msg::Datagram(src, buf[..n].to_vec())).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            })
+            .map_err(|e| Error::io("cannot start a thread for", spec.listen.to_string(), e))?;
+    }
+    Ok(udp)
+}
+
 /// Starts the instances, waits until each guest accepts connections (`ready` limit), then
 /// serves clients until the process ends. Returns only on a setup error.
-pub fn run(spec: GroupSpec, ready: Duration) -> Result<()> {
+pub fn run(mut spec: GroupSpec, ready: Duration) -> Result<()> {
     let n = spec.instances.len();
     if n != spec.config.n {
         return Err(Error::Spec { vm: spec.vm.clone(), reason: format!("{} instances given for n = {}", n, spec.config.n) });
@@ -430,8 +528,9 @@ pub fn run(spec: GroupSpec, ready: Duration) -> Result<()> {
     let (tx, rx) = channel::<Msg>();
     // The instances.
     let mut procs = Vec::new();
+    let snapshot = spec.resume.as_ref().map(|r| r.snapshot.clone());
     for i in 0..n {
-        let child = start_vmm(&spec, i, None)?;
+        let child = start_vmm(&spec, i, snapshot.as_deref())?;
         procs.push(Proc { pid: child.id(), incarnation: 0 });
         watch(tx.clone(), i, 0, child);
     }
@@ -489,57 +588,63 @@ pub fn run(spec: GroupSpec, ready: Duration) -> Result<()> {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let listener = TcpListener::bind(spec.listen).map_err(|e| Error::io("cannot listen on", spec.listen.to_string(), e))?;
-    {
-        let tx = tx.clone();
-        std::thread::Builder::new()
-            .name("voter-accept".into())
-            .spawn(move || {
-                let mut next: Conn = 1;
-                for s in listener.incoming() {
-                    let Ok(s) = s else { continue };
-                    let _ = s.set_nodelay(true);
-                    let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
-                    if tx.send(Msg::Accepted(next, s)).is_err() {
-                        return;
-                    }
-                    next += 1;
-                }
-            })
-            .map_err(|e| Error::io("cannot start a thread for", spec.listen.to_string(), e))?;
-    }
-    // Datagrams to the same address and port: each a request (or several) of the client that
-    // is its source, in the same total order as the TCP clients'; each voted reply goes back
-    // to the source as one datagram.
-    let udp = UdpSocket::bind(spec.listen).map_err(|e| Error::io("cannot listen (UDP) on", spec.listen.to_string(), e))?;
-    {
-        let (tx, r) = (tx.clone(), udp.try_clone().map_err(|e| Error::io("cannot use", spec.listen.to_string(), e))?);
-        std::thread::Builder::new()
-            .name("voter-udp".into())
-            .spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                loop {
-                    match r.recv_from(&mut buf) {
-                        Ok((n, src)) => {
-                            if tx.send(Msg::Datagram(src, buf[..n].to_vec())).is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                    }
-                }
-            })
-            .map_err(|e| Error::io("cannot start a thread for", spec.listen.to_string(), e))?;
-    }
     // Fault injection only: the VM serves without it (a directory too deep for a socket path).
     if let Err(e) = control(&spec.dir.join("voter.sock"), n, tx.clone()) {
         tracing::warn!("{}: no control socket: {e}", spec.vm);
     }
-    tracing::info!("{}: {} instances voted behind {} (TCP and UDP)", spec.vm, n, spec.listen);
     let store_events = spec.store.clone().map(|s| store_logger(s, spec.vm.clone()));
+    let backup_tx = spec.backup.clone().map(|(addr, key)| {
+        let tx = tx.clone();
+        super::remote::start_sender(addr, spec.vm.clone(), key, move |m| {
+            let _ = tx.send(Msg::Backup(m));
+        })
+    });
+    // A takeover's replay: the log's requests, in chunks, before any client's.
+    let replay_count = spec.resume.as_ref().map_or(0, |r| r.requests.len());
+    let mut replay = std::collections::VecDeque::new();
+    if let Some(r) = spec.resume.as_mut() {
+        let mut chunk = Vec::new();
+        let mut count = 0;
+        for req in std::mem::take(&mut r.requests) {
+            chunk.extend_from_slice(&req);
+            count += 1;
+            if count == REPLAY_CHUNK || chunk.len() > 1 << 20 {
+                replay.push_back(std::mem::take(&mut chunk));
+                count = 0;
+            }
+        }
+        if !chunk.is_empty() {
+            replay.push_back(chunk);
+        }
+    }
+    let local = match &spec.replica {
+        Some(dir) => {
+            let mut st = super::remote::Store::open(dir)?;
+            st.reset()?;
+            Some(st)
+        }
+        None => None,
+    };
     let mut d = Driver {
         store_events,
+        local,
+        log_sent: Default::default(),
+        backup_nonce: [0; 16],
+        pending_drop: None,
+        pending_up: None,
+        marker_client: None,
+        ack_ms: Vec::new(),
+        ack_report: Instant::now(),
+        ack_figures: None,
+        backup_tx,
+        backup_session: 0,
+        checkpoints: 0,
+        checkpoint_dir: None,
+        replay,
+        replayed: 0,
+        replay_count,
+        next_replay: REPLAY_BASE,
+        udp: None,
         spec,
         tx,
         procs,
@@ -549,7 +654,6 @@ pub fn run(spec: GroupSpec, ready: Duration) -> Result<()> {
         next_link: 1,
         start: Instant::now(),
         events: None,
-        udp,
         sources: HashMap::new(),
         source_of: HashMap::new(),
         next_source: SOURCE_BASE,
@@ -558,8 +662,11 @@ pub fn run(spec: GroupSpec, ready: Duration) -> Result<()> {
     for a in voter.start() {
         d.act(&voter, a);
     }
-    d.serve(&mut voter, rx);
-    Ok(())
+    // Without a remote backup the local replica is the voter's backup, acknowledging at once.
+    if d.local.is_some() && d.backup_tx.is_none() {
+        d.feed(&mut voter, Event::BackupConnected);
+    }
+    d.serve(&mut voter, rx)
 }
 
 struct Driver {
@@ -574,7 +681,32 @@ struct Driver {
     start: Instant,
     events: Option<std::fs::File>,
     store_events: Option<Sender<String>>,
-    udp: UdpSocket,
+    /// The VM's address, once open (after a takeover's replay).
+    udp: Option<UdpSocket>,
+    /// The local replica (a restarted voter resumes from it).
+    local: Option<super::remote::Store>,
+    /// Mode 4: the current session's nonce; a session dropped and not yet recorded in the
+    /// store (why, its nonce), and a new one waiting for that; the store client for it.
+    backup_nonce: [u8; 16],
+    pending_drop: Option<(String, [u8; 16])>,
+    pending_up: Option<(u64, [u8; 16])>,
+    marker_client: Option<store::Client>,
+    /// Mode 4: requests sent to the backup's log (the end of each batch, when), the times to
+    /// its acknowledgement since the last report, and the last report's figures.
+    log_sent: std::collections::VecDeque<(u64, Instant)>,
+    ack_ms: Vec<f64>,
+    ack_report: Instant,
+    ack_figures: Option<AckFigures>,
+    /// Mode 4: the backup's sender, its current session, snapshots taken for it.
+    backup_tx: Option<Sender<super::remote::ToBackup>>,
+    backup_session: u64,
+    checkpoints: u64,
+    checkpoint_dir: Option<PathBuf>,
+    /// A takeover's requests still to replay (chunks), and how many were.
+    replay: std::collections::VecDeque<Vec<u8>>,
+    replayed: usize,
+    replay_count: usize,
+    next_replay: Conn,
     /// Datagram source → (its client identifier, when it last sent).
     sources: HashMap<SocketAddr, (Conn, Instant)>,
     source_of: HashMap<Conn, SocketAddr>,
@@ -586,11 +718,53 @@ impl Driver {
         self.start.elapsed().as_nanos() as Nanos
     }
 
-    fn serve(&mut self, voter: &mut Voter, rx: Receiver<Msg>) {
+    fn serve(&mut self, voter: &mut Voter, rx: Receiver<Msg>) -> Result<()> {
         let mut last_tick = Instant::now();
+        let t0 = Instant::now();
         loop {
-            let msg = rx.recv_timeout(Duration::from_millis(10));
             let mut events = Vec::new();
+            // A takeover's replay, paced by the instances' answers; then the address opens.
+            if self.udp.is_none() && voter.unanswered() < REPLAY_CHUNK as u64 {
+                if let Some(chunk) = self.replay.pop_front() {
+                    let c = self.next_replay;
+                    self.next_replay += 1;
+                    self.replayed += 1;
+                    events.extend([Event::ClientOpened(c), Event::ClientBytes(c, chunk), Event::ClientClosed(c)]);
+                } else if voter.unanswered() == 0 {
+                    self.udp = Some(open_address(&self.spec, &self.tx)?);
+                    self.write_state(voter);
+                    let what = match &self.spec.resume {
+                        Some(r) => format!(
+                            "{} instances restored from its snapshot (after request {}) and {} logged requests replayed; serving in {} ms",
+                            self.spec.instances.len(),
+                            r.position,
+                            self.replay_count,
+                            t0.elapsed().as_millis()
+                        ),
+                        None => format!("{} instances voted", self.spec.instances.len()),
+                    };
+                    tracing::info!("{}: {what} behind {} (TCP and UDP)", self.spec.vm, self.spec.listen);
+                    if self.spec.resume.is_some() {
+                        if let Some(tx) = &self.store_events {
+                            let _ = tx.send(format!("{}: continues from the replica: {what}", self.spec.vm));
+                        }
+                    }
+                    if let Some((ip, ifname)) = self.spec.announce.clone() {
+                        let vm = self.spec.vm.clone();
+                        let _ = std::thread::Builder::new().name("voter-arp".into()).spawn(move || {
+                            // Again a little later: a frame lost while the bridge learns is no matter.
+                            for wait in [0, 100, 400] {
+                                std::thread::sleep(Duration::from_millis(wait));
+                                if let Err(e) = super::remote::gratuitous_arp(&ifname, ip) {
+                                    tracing::warn!("{vm}: gratuitous ARP for {ip} on {ifname}: {e}");
+                                    return;
+                                }
+                            }
+                        });
+                    }
+                }
+            }
+            let msg = rx.recv_timeout(Duration::from_millis(if self.udp.is_none() { 1 } else { 10 }));
             match msg {
                 Ok(Msg::Event(e)) => events.push(e),
                 Ok(Msg::Accepted(c, s)) => {
@@ -676,11 +850,50 @@ impl Driver {
                         events.push(Event::InstanceExited(i, why));
                     }
                 }
+                Ok(Msg::Backup(m)) => match m {
+                    super::remote::FromBackup::Up(k, nonce) if self.pending_drop.is_some() => {
+                        // Connected again before the drop of the last session is recorded.
+                        self.pending_up = Some((k, nonce));
+                    }
+                    super::remote::FromBackup::Up(k, nonce) => {
+                        self.backup_session = k;
+                        self.backup_nonce = nonce;
+                        tracing::info!("{}: the backup is connected (session {k})", self.spec.vm);
+                        events.push(Event::BackupConnected);
+                    }
+                    super::remote::FromBackup::Acked(k, upto) if k == self.backup_session => {
+                        // How long the backup took to hold each batch of requests (a reply's
+                        // hold in mode 4: `output_commit` in the model).
+                        while self.log_sent.front().is_some_and(|&(end, _)| end <= upto) {
+                            let (_, t) = self.log_sent.pop_front().expect("front");
+                            self.ack_ms.push(t.elapsed().as_secs_f64() * 1e3);
+                        }
+                        if self.ack_ms.len() >= 4096 || (self.ack_report.elapsed() > Duration::from_secs(1) && !self.ack_ms.is_empty()) {
+                            self.ack_figures = figures(&mut self.ack_ms);
+                            self.ack_report = Instant::now();
+                            self.write_state(voter);
+                        }
+                        events.push(Event::BackupLogged(upto));
+                    }
+                    super::remote::FromBackup::Down(k, why) if k == self.backup_session => self.begin_drop(why),
+                    _ => {}
+                },
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
             }
             if last_tick.elapsed() >= Duration::from_millis(10) {
                 last_tick = Instant::now();
+                // Mode 4: a backup that acknowledges nothing for ACK_TIMEOUT (its host died
+                // silently, its link is cut) is dropped, so that replies do not wait for ever.
+                if self.backup_session != 0 && self.log_sent.front().is_some_and(|(_, t)| t.elapsed() > ACK_TIMEOUT) {
+                    if let Some(tx) = &self.backup_tx {
+                        let _ = tx.send(super::remote::ToBackup::Drop { session: self.backup_session });
+                    }
+                    self.begin_drop(format!("no acknowledgement for {} ms", ACK_TIMEOUT.as_millis()));
+                }
+                if let Some(e) = self.finish_drop() {
+                    events.push(e);
+                }
                 events.push(Event::Tick);
                 let idle: Vec<SocketAddr> = self.sources.iter().filter(|(_, (_, t))| t.elapsed() > SOURCE_IDLE).map(|(a, _)| *a).collect();
                 for a in idle {
@@ -691,14 +904,63 @@ impl Driver {
                 }
             }
             for e in events {
-                let mut queue = std::collections::VecDeque::from([e]);
-                while let Some(e) = queue.pop_front() {
-                    let now = self.now();
-                    for a in voter.handle(now, e) {
-                        if let Some(back) = self.act(voter, a) {
-                            queue.push_back(back);
-                        }
-                    }
+                self.feed(voter, e);
+            }
+        }
+    }
+
+    /// The backup's session ended or was given up: its acknowledgements count no more, and the
+    /// replies it held may go once the drop is recorded (`finish_drop`).
+    fn begin_drop(&mut self, why: String) {
+        self.backup_session = 0;
+        self.log_sent.clear();
+        // The log stops until the next backup's snapshot: the local replica would miss
+        // requests meanwhile, so it is void until then.
+        if let Some(st) = self.local.as_mut() {
+            let _ = st.reset();
+        }
+        self.pending_drop = Some((why, self.backup_nonce));
+    }
+
+    /// Records the dropped session in the store (`remote::dropped_path`) before the voter may
+    /// release what the backup never acknowledged: a takeover never resumes from a replica
+    /// its primary went on without. Until the store takes it, replies keep waiting (tried
+    /// again every tick). Then the session's loss, and a new session waiting, go to the voter.
+    fn finish_drop(&mut self) -> Option<Event> {
+        let (why, nonce) = self.pending_drop.clone()?;
+        if let Some(sock) = &self.spec.store {
+            if self.marker_client.is_none() {
+                self.marker_client = store::Client::connect(sock).ok().map(|mut c| {
+                    c.set_retry_for(Duration::ZERO);
+                    c.set_request_timeout(Duration::from_millis(500));
+                    c
+                });
+            }
+            let hex = crate::auth::hex(&nonce);
+            let ok =
+                self.marker_client.as_mut().is_some_and(|c| c.write(&super::remote::dropped_path(&self.spec.vm), hex.as_bytes()).is_ok());
+            if !ok {
+                self.marker_client = None;
+                tracing::warn!("{}: cannot record the dropped backup session in the store: replies wait", self.spec.vm);
+                return None;
+            }
+        }
+        self.pending_drop = None;
+        if let Some((k, nonce)) = self.pending_up.take() {
+            // (Delivered after the loss, as a new connection.)
+            let _ = self.tx.send(Msg::Backup(super::remote::FromBackup::Up(k, nonce)));
+        }
+        Some(Event::BackupLost(why))
+    }
+
+    /// Hands the voter one event and does what it says (and what that causes, in order).
+    fn feed(&mut self, voter: &mut Voter, e: Event) {
+        let mut queue = std::collections::VecDeque::from([e]);
+        while let Some(e) = queue.pop_front() {
+            let now = self.now();
+            for a in voter.handle(now, e) {
+                if let Some(back) = self.act(voter, a) {
+                    queue.push_back(back);
                 }
             }
         }
@@ -709,7 +971,7 @@ impl Driver {
         match a {
             Action::ToClient(c, b) if c >= SOURCE_BASE => {
                 if let Some(src) = self.source_of.get(&c) {
-                    if let Err(e) = self.udp.send_to(&b, src) {
+                    if let Some(Err(e)) = self.udp.as_ref().map(|u| u.send_to(&b, src)) {
                         tracing::warn!("{}: a reply to {src} not sent: {e}", self.spec.vm);
                     }
                 }
@@ -802,6 +1064,77 @@ impl Driver {
                     }
                 }
             }
+            Action::Checkpoint(d) => {
+                // Mode 4: a snapshot for the backup, in a directory of its own (the sender
+                // removes it once shipped).
+                self.checkpoints += 1;
+                let (api, dir, tx) =
+                    (api_path(&self.spec.dir, d), self.spec.dir.join(format!("ckpt-{}", self.checkpoints)), self.tx.clone());
+                self.checkpoint_dir = Some(dir.clone());
+                let _ = std::thread::Builder::new().name("voter-checkpoint".into()).spawn(move || {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    let t = Instant::now();
+                    let r = vmm::api::call(&api, &vmm::Command::Snapshot { dir: dir.clone() });
+                    let resumed = vmm::api::call(&api, &vmm::Command::Resume);
+                    let ev = match (r, resumed) {
+                        (Ok(r), Ok(q)) if r.ok && q.ok => {
+                            tracing::info!("snapshot of instance {d} for the backup in {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+                            Event::SnapshotTaken(d)
+                        }
+                        (Ok(r), _) if !r.ok => Event::SnapshotFailed(d, r.error.unwrap_or_default()),
+                        (Err(e), _) | (_, Err(e)) => Event::SnapshotFailed(d, e.to_string()),
+                        (_, Ok(q)) => Event::SnapshotFailed(d, format!("resume: {}", q.error.unwrap_or_default())),
+                    };
+                    let _ = tx.send(Msg::Event(ev));
+                });
+            }
+            Action::ShipSnapshot { donor, position } => {
+                let dir = self.checkpoint_dir.take()?;
+                let local = self.local.as_mut().map(|st| st.link_snapshot(&dir, position));
+                if let Some(Err(e)) = &local {
+                    tracing::error!("{}: the local replica: {e}", self.spec.vm);
+                    self.local = None;
+                }
+                match &self.backup_tx {
+                    Some(tx) => {
+                        let _ =
+                            tx.send(super::remote::ToBackup::Snapshot { session: self.backup_session, dir, position, donor: donor as u8 });
+                    }
+                    None => {
+                        let _ = std::fs::remove_dir_all(&dir);
+                        return match self.local.as_ref().and_then(|st| st.acked()) {
+                            Some(upto) => Some(Event::BackupLogged(upto)),
+                            None => Some(Event::BackupLost("the local replica failed".into())),
+                        };
+                    }
+                }
+            }
+            Action::Log { from, count, bytes } => {
+                if self.backup_tx.is_some() {
+                    self.log_sent.push_back((from + count, Instant::now()));
+                    if self.log_sent.len() > 100_000 {
+                        self.log_sent.pop_front();
+                    }
+                }
+                // The local replica first: synchronously, before any instance gets them.
+                if let Some(st) = self.local.as_mut() {
+                    if let Err(e) = st.append(from, count, &bytes) {
+                        tracing::error!("{}: the local replica: {e}", self.spec.vm);
+                        self.local = None;
+                    }
+                }
+                match &self.backup_tx {
+                    Some(tx) => {
+                        let _ = tx.send(super::remote::ToBackup::Log { session: self.backup_session, from, count, bytes });
+                    }
+                    None => {
+                        return match self.local.as_ref().and_then(|st| st.acked()) {
+                            Some(upto) => Some(Event::BackupLogged(upto)),
+                            None => Some(Event::BackupLost("the local replica failed".into())),
+                        };
+                    }
+                }
+            }
             Action::Report(r) => self.report(voter, &r),
         }
         None
@@ -824,9 +1157,29 @@ impl Driver {
                 Report::Repaired { instance, donor, took } => {
                     format!("{}#{}: repaired from #{}'s snapshot in {} ms", self.spec.vm, instance + 1, donor + 1, took / 1_000_000)
                 }
+                Report::Protected { donor, position } if self.backup_tx.is_some() => format!(
+                    "{}: protected: the backup holds #{}'s snapshot (after request {position}) and the log after it",
+                    self.spec.vm,
+                    donor + 1
+                ),
+                Report::Protected { donor, position } => format!(
+                    "{}: its local replica holds #{}'s snapshot (after request {position}) and the log after it",
+                    self.spec.vm,
+                    donor + 1
+                ),
+                Report::Unprotected { reason } => format!("{}: unprotected: the backup is gone ({reason})", self.spec.vm),
                 other => format!("{}: {other:?}", self.spec.vm),
             };
             let _ = tx.send(what);
+        }
+        if let (Some(path), Report::Protected { .. } | Report::Unprotected { .. }) = (&self.spec.state_file, r) {
+            let st = crate::protection::primary::ReplicationState {
+                protected: voter.protected(),
+                detail: format!("{r:?}"),
+                figures: None,
+                handover_ms: None,
+            };
+            st.save(path);
         }
         if let Some(f) = self.events.as_mut() {
             let line = serde_json::json!({ "at_ms": self.start.elapsed().as_millis() as u64, "vm": self.spec.vm, "event": r });
@@ -850,6 +1203,9 @@ impl Driver {
             repairs: voter.counters.repairs,
             faults: voter.counters.faults,
             replies: voter.counters.replies,
+            serving: self.udp.is_some(),
+            voter_pid: std::process::id(),
+            log_ack_ms: self.ack_figures,
         };
         if let Ok(text) = serde_json::to_vec_pretty(&state) {
             let _ = crate::replace_file(&self.spec.dir.join("local.json"), &text);

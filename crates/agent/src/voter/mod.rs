@@ -18,6 +18,7 @@
 
 pub mod core;
 pub mod driver;
+pub mod remote;
 pub mod resp;
 
 /// A VM's local redundancy, as its [`crate::VmSpec`] gives it (`vigil up`, model mode
@@ -30,6 +31,10 @@ pub struct LocalSpec {
     pub policy: core::Policy,
     #[serde(default = "hang_timeout_ms")]
     pub hang_timeout_ms: u64,
+    /// A takeover in mode 4 (local + remote): the replica (a receiver's directory,
+    /// [`remote`]) the instances start from. Set by the agent of the backup's host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<std::path::PathBuf>,
 }
 
 fn prefer_primary() -> core::Policy {

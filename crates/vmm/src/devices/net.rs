@@ -449,6 +449,25 @@ impl Tap {
         }
     }
 
+    /// Reads every frame waiting at the tap into the input log (none without a log); returns
+    /// how many. For a VM paused for good: its guest will never read them.
+    pub fn drain_to_log(&mut self) -> u64 {
+        let Some(log) = self.input_log.clone() else { return 0 };
+        let mut frame = [0u8; 65536];
+        let mut n = 0;
+        loop {
+            // SAFETY: reads into our own stack buffer of the given length.
+            let r = unsafe { libc::read(self.fd.as_raw_fd(), frame.as_mut_ptr().cast(), frame.len()) };
+            if r <= 0 {
+                return n;
+            }
+            if r as usize <= FRAME_MAX as usize {
+                log.push(self.held.next_epoch, &frame[..r as usize]);
+                n += 1;
+            }
+        }
+    }
+
     /// Whether injected frames wait for the guest.
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
