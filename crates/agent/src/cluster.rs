@@ -38,6 +38,9 @@ pub const DASHBOARDS: &str = "/vigil/manager/dashboard";
 /// The execution times (µs, by VM) the leader observed above the model's: a new leader analyses
 /// and plans with them too.
 pub const OBSERVED: &str = "/vigil/manager/observed";
+/// The checkpoint intervals the leader chose for `policy = "analysed"` VMs from their measured
+/// pauses (`manager::interval`), by VM.
+pub const INTERVALS: &str = "/vigil/manager/intervals";
 
 pub fn chain_path(chain: &str) -> String {
     format!("{CHAINS}/{chain}")
@@ -239,6 +242,30 @@ pub struct JobFigures {
     pub lost: u64,
     /// When the window ended (ms since the Unix epoch).
     pub at_ms: u64,
+    /// Frames delivered to the guest and sent by it at its network device in the window
+    /// (timestamped by the VMM, `vmm::devices::net::FrameStamps`).
+    #[serde(default)]
+    pub frames_in: u64,
+    #[serde(default)]
+    pub frames_out: u64,
+    /// The observed arrival curve of the input frames: (window ms, the most frames delivered in
+    /// any window of that length over the last 2 s).
+    #[serde(default)]
+    pub frame_arrivals: Vec<(f64, u64)>,
+    /// Device-level latency in the window: from a frame delivered to the guest (the first since
+    /// its last output) to the guest's next frame out, as the device saw them (before any hold
+    /// for replication); how many, p50, p99 and largest (µs).
+    #[serde(default)]
+    pub device_samples: u64,
+    #[serde(default)]
+    pub device_p50_us: f64,
+    #[serde(default)]
+    pub device_p99_us: f64,
+    #[serde(default)]
+    pub device_max_us: f64,
+    /// Frame batches the VMM dropped before they were read.
+    #[serde(default)]
+    pub frames_lost: u64,
 }
 
 /// A protected VM's replication over the last second, as its primary measured it.
@@ -257,6 +284,22 @@ pub struct ReplicationFigures {
     /// How long released output was held (mean and largest in the window).
     pub output_delay_mean_ms: f64,
     pub output_delay_max_ms: f64,
+    /// The backup's staging and acknowledgement per checkpoint, after the checkpoint's last
+    /// byte left (mean and largest in the window).
+    #[serde(default)]
+    pub ack_mean_ms: f64,
+    #[serde(default)]
+    pub ack_max_ms: f64,
+    /// The 99th percentiles over the last 10 s (under the policy in force) of the pause, of the
+    /// page copying within it (the part that grows with the dirty pages, hence with the
+    /// interval), and of the backup's acknowledgement: what the manager adapts the `analysed`
+    /// policy's interval to.
+    #[serde(default)]
+    pub pause_p99_ms: f64,
+    #[serde(default)]
+    pub copy_p99_ms: f64,
+    #[serde(default)]
+    pub ack_p99_ms: f64,
     /// When the window ended (ms since the Unix epoch).
     pub at_ms: u64,
 }

@@ -92,6 +92,7 @@ pub fn run(cfg: &Config) -> Result<()> {
         waiting: BTreeMap::new(),
         monitor: crate::monitor::Monitor::start(),
         migrations: BTreeMap::new(),
+        policy_asked: BTreeMap::new(),
     };
     agent.beat = cluster::read_counter(&mut store, &cluster::heartbeat_path(&cfg.host))?.unwrap_or(0);
     agent.adopt(&mut store)?;
@@ -153,6 +154,8 @@ struct Agent {
     monitor: crate::monitor::Monitor,
     /// Pre-copy migrations away from this host, as far as this agent asked.
     migrations: BTreeMap<String, Asked>,
+    /// The checkpoint policy last asked of each VM's driver, and when.
+    policy_asked: BTreeMap<String, (String, Instant)>,
 }
 
 /// What an agent asked of a VM migrating away.
@@ -233,11 +236,17 @@ impl Agent {
         let mut moving_out: BTreeMap<String, (String, PathBuf)> = BTreeMap::new();
         let mut moving_in: BTreeMap<String, cluster::MigrateFrom> = BTreeMap::new();
         let mut precopy: BTreeMap<String, cluster::MigrateTo> = BTreeMap::new();
+        // The checkpoint policy each replicated VM here should run (its primary's, or what its
+        // backup runs after a takeover).
+        let mut policies: BTreeMap<String, replication::PolicySpec> = BTreeMap::new();
         for vm in cluster::children(store, cluster::VMS)? {
             let Some(d) = cluster::read::<Desired>(store, &cluster::desired_path(&vm))? else { continue };
             if let Some(p) = d.primary.as_ref().filter(|p| p.host == host) {
                 let spec = serde_json::to_vec_pretty(&p.spec).map_err(|e| Error::Cluster(e.to_string()))?;
                 wanted.insert(vm.clone(), (Role::Primary, spec, d.generation, p.restart));
+                if let Some(pr) = &p.spec.protection {
+                    policies.insert(vm.clone(), pr.policy);
+                }
                 if let Some(m) = &p.migrate_to {
                     precopy.insert(vm.clone(), m.clone());
                 }
@@ -246,6 +255,7 @@ impl Agent {
                 }
             } else if let Some(b) = d.backup.as_ref().filter(|b| b.host == host) {
                 let spec = serde_json::to_vec_pretty(&b.spec).map_err(|e| Error::Cluster(e.to_string()))?;
+                policies.insert(vm.clone(), b.spec.then_policy);
                 wanted.insert(vm, (Role::Backup, spec, d.generation, false));
             } else if let Some(p) = d.primary.as_ref() {
                 if let Some(m) = p.migrate_from.as_ref().filter(|m| m.host == host) {
@@ -331,6 +341,14 @@ impl Agent {
                 Some(c) if c.role != role => {
                     stop(c);
                     Some("restarted in its new role")
+                }
+                Some(c) if c.role == Role::Backup && c.spec != spec && c.state == CopyState::Backup && only_then_policy(&c.spec, &spec) => {
+                    // Only the policy it would run after a takeover changed (the manager
+                    // adapted the VM's checkpoint interval): no new synchronisation for that;
+                    // a backup that takes over is given the policy then
+                    // ([`Agent::apply_policies`]).
+                    c.spec = spec.clone();
+                    None
                 }
                 Some(c) if c.role == Role::Backup && c.spec != spec && c.state == CopyState::Backup => {
                     // Where it listens or what it does after a takeover changed: start over
@@ -452,6 +470,7 @@ impl Agent {
                 }
             }
         }
+        self.apply_policies(store, &policies);
         // VMs migrating away by pre-copy: protected to the destination, then handed over.
         for (vm, m) in precopy {
             self.migrate_step(store, &vm, &m);
@@ -469,6 +488,48 @@ impl Agent {
             .collect();
         self.monitor.watch(watched);
         Ok(())
+    }
+
+    /// Switches the checkpoint policy of each running replicated VM whose driver runs another
+    /// one than `policies` says (the manager adapted its interval; or a backup took over with
+    /// the policy it was started with) through the socket beside its control socket
+    /// ([`crate::migration::Request::Policy`]): the protection goes on, nothing is
+    /// synchronised again. Asked again at most once a second until the driver reports it.
+    fn apply_policies(&mut self, store: &mut store::Client, policies: &BTreeMap<String, replication::PolicySpec>) {
+        let host = self.cfg.host.clone();
+        for (vm, want) in policies {
+            let Some(c) = self.copies.get(vm) else { continue };
+            if self.reported_state(vm, c) != CopyState::Running {
+                continue;
+            }
+            let Some(state) = crate::protection::primary::ReplicationState::load(&self.state_file(vm)) else { continue };
+            let Some(runs) = state.policy else { continue };
+            let want = want.to_string();
+            if runs == want {
+                self.policy_asked.remove(vm);
+                continue;
+            }
+            if self.policy_asked.get(vm).is_some_and(|(p, t)| *p == want && t.elapsed() < Duration::from_secs(1)) {
+                continue;
+            }
+            self.policy_asked.insert(vm.clone(), (want.clone(), Instant::now()));
+            let Some(api) =
+                serde_json::from_slice::<serde_json::Value>(&c.spec).ok().and_then(|s| Some(PathBuf::from(s.get("api")?.as_str()?)))
+            else {
+                continue;
+            };
+            let pid = c.pid;
+            match crate::migration::call(&crate::migration::socket_path(&api), &crate::migration::Request::Policy { policy: want.clone() })
+            {
+                Ok(_) => {
+                    let what =
+                        format!("{vm}: checkpoint policy {runs} → {want} on the running copy (pid {pid}), without a new synchronisation");
+                    tracing::info!("agent {host}: {what}");
+                    let _ = cluster::log_event(store, &Event::now(&host, what));
+                }
+                Err(e) => tracing::warn!("agent {host}: {vm}: cannot switch its checkpoint policy to {want}: {e}"),
+            }
+        }
     }
 
     /// A backup copy whose process took the VM over: its replication driver (the primary's,
@@ -735,6 +796,17 @@ fn ensure_tap(tap: &str, bridge: &str) -> std::result::Result<(), String> {
 /// How long a migration's destination waits for the source's snapshot before starting afresh.
 const MIGRATION_WAIT: Duration = Duration::from_secs(10);
 
+/// Whether two backup specs differ at most in the policy the backup runs after a takeover.
+fn only_then_policy(a: &[u8], b: &[u8]) -> bool {
+    match (serde_json::from_slice::<crate::vm::BackupSpec>(a), serde_json::from_slice::<crate::vm::BackupSpec>(b)) {
+        (Ok(mut a), Ok(b)) => {
+            a.then_policy = b.then_policy;
+            a == b
+        }
+        _ => false,
+    }
+}
+
 /// A primary's spec without its snapshot to restore (a fresh start).
 fn fresh_spec(spec: &[u8]) -> Vec<u8> {
     match serde_json::from_slice::<crate::VmSpec>(spec) {
@@ -800,5 +872,24 @@ fn lease_service(store: &std::path::Path, service: &str) -> String {
     match service.parse() {
         Ok(crate::fencing::Service::AgentStore) => format!("store:{}", store.display()),
         _ => service.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backup_is_started_again_for_anything_but_its_next_policy() {
+        let spec = |then: &str, listen: &str| {
+            serde_json::to_vec_pretty(&serde_json::json!({
+                "listen": listen, "arbiter": "10.0.0.254:7000", "holder": "hostB", "then_policy": then, "key_file": "k"
+            }))
+            .unwrap()
+        };
+        assert!(only_then_policy(&spec("fixed:25", "10.0.0.2:7100"), &spec("fixed:10", "10.0.0.2:7100")));
+        assert!(only_then_policy(&spec("fixed:25", "10.0.0.2:7100"), &spec("fixed:25", "10.0.0.2:7100")));
+        assert!(!only_then_policy(&spec("fixed:25", "10.0.0.2:7100"), &spec("fixed:10", "10.0.0.3:7100")));
+        assert!(!only_then_policy(b"garbage", &spec("fixed:10", "10.0.0.2:7100")));
     }
 }

@@ -46,6 +46,10 @@ pub enum Request {
     Handover,
     /// How far the migration got.
     Status,
+    /// Run this checkpoint policy from the next checkpoint on (a protected VM's driver; the
+    /// protection goes on, no new synchronisation). The manager adapts the `analysed` policy
+    /// to the measured pauses this way.
+    Policy { policy: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -3,8 +3,12 @@
 //! become execution-time figures ([`JobFigures`]), which the agent publishes in the VM's
 //! `actual` record for the manager to compare with the model.
 //!
+//! The same read brings the timestamps of the frames that went in and out at the VM's network
+//! device (one host clock read per batch, by the VMM: no exit of their own), which become the
+//! input frames' observed arrival curve and the device-level latency ([`Frames`]).
+//!
 //! The reading runs on its own thread with a timeout per VM, so a stuck VMM never holds up
-//! the agent's lease; [`Jobs`] (marks to figures) is pure.
+//! the agent's lease; [`Jobs`] (marks to figures) and [`Frames`] are pure.
 
 use crate::cluster::JobFigures;
 use std::collections::BTreeMap;
@@ -98,8 +102,70 @@ impl Jobs {
             recent_p50_us: recent.get(recent.len() / 2).copied().unwrap_or(0.0),
             lost: t.lost,
             at_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+            ..JobFigures::default()
         })
     }
+}
+
+/// Frame timestamps to figures for one VM.
+#[derive(Debug, Default)]
+pub struct Frames {
+    /// Input batches (ns, frames) of the last [`ARRIVAL_HISTORY_MS`].
+    arrivals: std::collections::VecDeque<(u64, u32)>,
+    /// The first input since the guest's last output (ns).
+    waiting_since: Option<u64>,
+}
+
+impl Frames {
+    /// Adds one read's batches to `f` (a VM's figures of the same read).
+    pub fn add(&mut self, t: &vmm::control::Trace, f: &mut JobFigures) {
+        let mut latencies: Vec<f64> = Vec::new();
+        for b in &t.frames {
+            if b.output {
+                f.frames_out += b.frames as u64;
+                if let Some(since) = self.waiting_since.take() {
+                    latencies.push(b.at_ns.saturating_sub(since) as f64 / 1e3);
+                }
+            } else {
+                f.frames_in += b.frames as u64;
+                self.waiting_since.get_or_insert(b.at_ns);
+                if self.arrivals.len() == MAX_STARTS {
+                    self.arrivals.pop_front();
+                }
+                if self.arrivals.back().is_none_or(|&(at, _)| b.at_ns >= at) {
+                    self.arrivals.push_back((b.at_ns, b.frames));
+                }
+            }
+        }
+        if let Some(&(newest, _)) = self.arrivals.back() {
+            let horizon = (ARRIVAL_HISTORY_MS * 1e6) as u64;
+            while self.arrivals.front().is_some_and(|&(a, _)| newest - a > horizon) {
+                self.arrivals.pop_front();
+            }
+        }
+        f.frame_arrivals = ARRIVAL_WINDOWS_MS.iter().map(|&w| (w, most_frames_in_window(&self.arrivals, (w * 1e6) as u64))).collect();
+        latencies.sort_by(f64::total_cmp);
+        let q = |p: f64| latencies.get(((latencies.len().saturating_sub(1)) as f64 * p).round() as usize).copied().unwrap_or(0.0);
+        f.device_samples = latencies.len() as u64;
+        f.device_p50_us = q(0.5);
+        f.device_p99_us = q(0.99);
+        f.device_max_us = latencies.last().copied().unwrap_or(0.0);
+        f.frames_lost = t.frames_lost;
+    }
+}
+
+/// The most frames of the sorted batches `(ns, frames)` in any half-open window `[t, t + len)`.
+fn most_frames_in_window(batches: &std::collections::VecDeque<(u64, u32)>, len: u64) -> u64 {
+    let (mut best, mut sum, mut lo) = (0u64, 0u64, 0usize);
+    for hi in 0..batches.len() {
+        sum += batches[hi].1 as u64;
+        while batches[hi].0 - batches[lo].0 >= len {
+            sum -= batches[lo].1 as u64;
+            lo += 1;
+        }
+        best = best.max(sum);
+    }
+    best
 }
 
 /// The most of the sorted `times` in any half-open window `[t, t + len)`.
@@ -117,6 +183,7 @@ fn most_in_window(times: &std::collections::VecDeque<u64>, len: u64) -> u64 {
 struct Watched {
     api: PathBuf,
     jobs: Jobs,
+    frames: Frames,
     figures: Option<JobFigures>,
 }
 
@@ -140,8 +207,16 @@ impl Monitor {
                 let mut all = vms.lock().unwrap_or_else(|e| e.into_inner());
                 let Some(w) = all.get_mut(&vm) else { continue };
                 if let Ok(vmm::control::Reply { trace: Some(t), .. }) = reply {
-                    if let Some(f) = w.jobs.figures(&t) {
-                        w.figures = (f.total_jobs > 0).then_some(f);
+                    let jobs = w.jobs.figures(&t);
+                    let marked = jobs.as_ref().is_some_and(|f| f.total_jobs > 0);
+                    let mut f = jobs.unwrap_or_else(|| JobFigures {
+                        at_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+                        ..JobFigures::default()
+                    });
+                    w.frames.add(&t, &mut f);
+                    let framed = f.frames_in + f.frames_out > 0 || w.figures.as_ref().is_some_and(|o| o.frames_in + o.frames_out > 0);
+                    if marked || framed {
+                        w.figures = Some(f);
                     }
                 }
             }
@@ -154,7 +229,7 @@ impl Monitor {
         let mut all = self.vms.lock().unwrap_or_else(|e| e.into_inner());
         all.retain(|vm, w| wanted.get(vm) == Some(&w.api));
         for (vm, api) in wanted {
-            all.entry(vm).or_insert_with(|| Watched { api, jobs: Jobs::default(), figures: None });
+            all.entry(vm).or_insert_with(|| Watched { api, jobs: Jobs::default(), frames: Frames::default(), figures: None });
         }
     }
 
@@ -178,10 +253,16 @@ mod tests {
             tsc_khz: 1_000_000,
             lost: 0,
             marks: vec![m(vmm_abi::MARK_START, 1, 1000), m(vmm_abi::MARK_END, 1, 51_000), m(vmm_abi::MARK_START, 2, 60_000)],
+            ..Trace::default()
         };
         let f = j.figures(&t).unwrap();
         assert_eq!((f.jobs, f.exec_max_us), (1, 50.0));
-        let t = Trace { tsc_khz: 1_000_000, lost: 3, marks: vec![m(vmm_abi::MARK_END, 2, 260_000), m(vmm_abi::MARK_END, 9, 1)] };
+        let t = Trace {
+            tsc_khz: 1_000_000,
+            lost: 3,
+            marks: vec![m(vmm_abi::MARK_END, 2, 260_000), m(vmm_abi::MARK_END, 9, 1)],
+            ..Trace::default()
+        };
         let f = j.figures(&t).unwrap();
         assert_eq!((f.jobs, f.exec_max_us, f.total_jobs, f.lost), (1, 200.0, 2, 3), "an end without a start is skipped");
         assert_eq!((f.recent_jobs, f.recent_p50_us), (2, 200.0));
@@ -195,7 +276,7 @@ mod tests {
         // 1 MHz: 1000 ticks per ms. Starts every 5 ms, then three within 1 ms.
         let mut marks: Vec<Mark> = (0..10).map(|i| Mark { kind: vmm_abi::MARK_START, id: i, tsc: i as u64 * 5000 }).collect();
         marks.extend([45_200, 45_400].iter().enumerate().map(|(k, &tsc)| Mark { kind: vmm_abi::MARK_START, id: 100 + k as u32, tsc }));
-        let f = j.figures(&Trace { tsc_khz: 1000, lost: 0, marks }).unwrap();
+        let f = j.figures(&Trace { tsc_khz: 1000, lost: 0, marks, ..Trace::default() }).unwrap();
         let at = |w: f64| f.arrivals.iter().find(|a| a.0 == w).map(|a| a.1);
         assert_eq!(at(1.0), Some(3), "45000, 45200, 45400 within 1 ms");
         assert_eq!(at(5.0), Some(3));
@@ -204,10 +285,38 @@ mod tests {
     }
 
     #[test]
+    fn frame_stamps_become_arrivals_and_device_latency() {
+        use vmm::control::FrameBatch;
+        let b = |output, ms: f64, frames| FrameBatch { output, at_ns: (ms * 1e6) as u64, frames };
+        let mut fr = Frames::default();
+        // A request every 5 ms answered 200 µs later; then a burst of 3 batches (6 frames)
+        // within 1 ms answered once, 1 ms after the first of them.
+        let mut frames: Vec<FrameBatch> = (0..10).flat_map(|i| [b(false, i as f64 * 5.0, 1), b(true, i as f64 * 5.0 + 0.2, 1)]).collect();
+        frames.extend([b(false, 60.0, 2), b(false, 60.4, 2), b(false, 60.8, 2), b(true, 61.0, 3)]);
+        let t = Trace { frames, frames_lost: 2, ..Trace::default() };
+        let mut f = JobFigures::default();
+        fr.add(&t, &mut f);
+        assert_eq!((f.frames_in, f.frames_out, f.frames_lost), (16, 13, 2));
+        let at = |w: f64| f.frame_arrivals.iter().find(|a| a.0 == w).map(|a| a.1);
+        assert_eq!(at(1.0), Some(6), "three batches of 2 within 1 ms");
+        assert_eq!(at(1000.0), Some(16));
+        assert_eq!(f.device_samples, 11);
+        assert!((f.device_p50_us - 200.0).abs() < 1.0, "{f:?}");
+        assert!((f.device_max_us - 1000.0).abs() < 1.0, "from the burst's first frame: {f:?}");
+        // An input not answered yet in one read is answered in the next.
+        let mut f = JobFigures::default();
+        fr.add(&Trace { frames: vec![b(false, 100.0, 1)], ..Trace::default() }, &mut f);
+        assert_eq!(f.device_samples, 0);
+        let mut f = JobFigures::default();
+        fr.add(&Trace { frames: vec![b(true, 100.5, 1)], ..Trace::default() }, &mut f);
+        assert_eq!((f.device_samples, f.device_max_us.round()), (1, 500.0));
+    }
+
+    #[test]
     fn a_flood_of_unfinished_jobs_stays_bounded() {
         let mut j = Jobs::default();
         let marks = (0..10_000).map(|i| Mark { kind: vmm_abi::MARK_START, id: i, tsc: i as u64 }).collect();
-        j.figures(&Trace { tsc_khz: 1000, lost: 0, marks });
+        j.figures(&Trace { tsc_khz: 1000, lost: 0, marks, ..Trace::default() });
         assert_eq!(j.open.len(), MAX_OPEN);
     }
 }

@@ -615,6 +615,9 @@ fn drive(mut vm: Vm, api_path: Option<&Path>, name: &str, announce: bool, sched:
                 return protection::primary::run_attached(running, ctl, opts, start, protection::Clock::new(), tx, rx)
                     .map_err(|reason| Error::Replication { vm: name.into(), reason });
             }
+            protection::Input::Migrate(crate::migration::Request::Policy { .. }, answer) => {
+                let _ = answer.send(Err("the VM is not protected: it has no checkpoint policy".into()));
+            }
             protection::Input::Migrate(_, answer) => {
                 let _ = answer.send(Err("not migrating: ask to protect the VM first".into()));
             }
@@ -660,8 +663,20 @@ fn run_protected(vm: Vm, spec: &VmSpec, p: &Protection, announce: bool) -> Resul
         None => None,
     };
     let opts = protection_options(&spec.name, p, spec.disk.as_deref(), &spec.scheduling, spec.compression)?;
-    let outcome = protection::primary::run(vm, ctl, inbox, opts, protection::primary::Start::Fresh, protection::Clock::new())
-        .map_err(|reason| Error::Replication { vm: spec.name.clone(), reason })?;
+    let repl_err = |reason| Error::Replication { vm: spec.name.clone(), reason };
+    // With a control socket, the agent reaches the replication driver on the socket beside it
+    // (`crate::migration`): to switch the checkpoint policy while the VM runs.
+    let (tx, rx) = std::sync::mpsc::channel::<protection::Input>();
+    let running = protection::primary::spawn_vcpu(vm, inbox, spec.scheduling.clone(), tx.clone()).map_err(repl_err)?;
+    let _mig = match &spec.api {
+        Some(path) => {
+            let m = crate::migration::socket_path(path);
+            Some(crate::migration::serve(&m, tx.clone()).map_err(|e| Error::io("cannot listen on", &m, e))?)
+        }
+        None => None,
+    };
+    let start = protection::primary::Start::Fresh;
+    let outcome = protection::primary::run_attached(running, ctl, opts, start, protection::Clock::new(), tx, rx).map_err(repl_err)?;
     Ok(outcome)
 }
 

@@ -9,6 +9,7 @@ use rtc::models::{self, EventModel};
 use rtc::q::Q;
 use rtc::synthetic;
 use rtc::system::{analyze, Options};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
@@ -54,6 +55,14 @@ pub struct Args {
     /// `policies`: seconds measured per policy.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// `policies`: another model than examples/substation.toml (with its VM `relay`, its chain
+    /// `protection`, `policy = "adaptive"` in the relay's `[[run]]`, and `image = "kv"`).
+    #[arg(long = "policies-model", value_name = "FILE")]
+    policies_model: Option<PathBuf>,
+    /// `policies`: the relay's checkpoints kept this many µs longer from half-way through each
+    /// run (`VIGIL_INJECT_PAUSE_DIR`): how each policy copes when the pauses grow.
+    #[arg(long = "inject-pause-us", default_value_t = 0)]
+    inject_pause_us: u64,
     /// `replication`: the checkpoint policies to compare.
     #[arg(long, value_delimiter = ',', default_value = "fixed:25,fixed:100,floating,network,adaptive")]
     policies: Vec<replication::PolicySpec>,
@@ -205,7 +214,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         } else {
             args.policies_names.clone()
         };
-        return crate::cluster::policies(&names, args.seconds, args.json);
+        return crate::cluster::policies(&names, args.seconds, args.json, args.policies_model.as_deref(), args.inject_pause_us);
     }
     if let What::Components = args.what {
         return crate::components::run(&crate::components::Options {

@@ -91,6 +91,8 @@ impl Scene {
         }
         let _ = std::fs::remove_dir_all(dir);
         let d = dir.display().to_string();
+        // (VIGIL_TEST_NS before the tag: checkouts benchmarking at once use their own names.)
+        let tag = &testbed::ns_tag(tag);
         let exe = std::env::current_exe().context("cannot find the vigil executable")?;
         let out = Command::new(exe)
             .args(["up", &model.display().to_string(), "--dir", &d, "--tag", tag, "--wait", "60", "--http-port", "0"])
@@ -531,10 +533,23 @@ struct PolicyRun {
 /// cluster: checkpoints per second, the share of time the relay is paused, the longest
 /// output hold, the chain's measured latency and deadline misses — beside what the analysis
 /// says for the policy (fixed intervals and `analysed`; the others are not modelled).
-pub fn policies(policies: &[String], secs: u64, json: bool) -> Result<()> {
+pub fn policies(policies: &[String], secs: u64, json: bool, model_file: Option<&Path>, inject_us: u64) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("vigil-bench-policies-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let base = std::fs::read_to_string(model(&dir)?)?;
+    let base = match model_file {
+        Some(f) => {
+            let kv = testbed::guest("kv").map_err(anyhow::Error::msg)?;
+            std::fs::read_to_string(f)?.replace("image = \"kv\"", &format!("image = {:?}", kv.display().to_string()))
+        }
+        None => std::fs::read_to_string(model(&dir)?)?,
+    };
+    let deadline_ms = model::parse(&base, "model", &dir)
+        .ok()
+        .and_then(|l| l.system.chains.iter().find(|c| c.name == "protection").and_then(|c| c.deadline.clone()))
+        .map_or(15.0, |d| d.to_f64() / 1e3);
+    let inject = dir.join("inject");
+    std::fs::create_dir_all(&inject)?;
+    let inject_env = inject.display().to_string();
     let loaded = model::parse(&base, "substation.toml", &dir).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut runs = Vec::new();
     for policy in policies {
@@ -562,7 +577,8 @@ pub fn policies(policies: &[String], secs: u64, json: bool) -> Result<()> {
         std::fs::write(&m, text)?;
         eprintln!("policy {policy}: bringing the cluster up");
         let mut stalls = 0;
-        let scene = retry(&mut stalls, || Scene::up(&m, &dir.join("cluster"), "bp"))?;
+        let _ = std::fs::remove_file(inject.join("relay"));
+        let scene = retry(&mut stalls, || Scene::up_with(&m, &dir.join("cluster"), "bp", &[("VIGIL_INJECT_PAUSE_DIR", &inject_env)]))?;
         std::thread::sleep(Duration::from_secs(2));
         let first = status(&scene.d)?;
         let chain0 = first["measured"]["protection"].clone();
@@ -572,6 +588,9 @@ pub fn policies(policies: &[String], secs: u64, json: bool) -> Result<()> {
         let mut last_at = chain0["at_ms"].as_u64();
         while t0.elapsed() < Duration::from_secs(secs) {
             std::thread::sleep(Duration::from_millis(500));
+            if inject_us > 0 && t0.elapsed() >= Duration::from_secs(secs / 2) && !inject.join("relay").exists() {
+                std::fs::write(inject.join("relay"), inject_us.to_string())?;
+            }
             let st = status(&scene.d)?;
             let relay = st["vms"].as_array().and_then(|v| v.iter().find(|x| x["vm"] == "relay")).cloned().unwrap_or_default();
             let f = &relay["figures"];
@@ -591,6 +610,38 @@ pub fn policies(policies: &[String], secs: u64, json: bool) -> Result<()> {
         }
         let last = status(&scene.d)?;
         let chain1 = &last["measured"]["protection"];
+        // The `analysed` policy adapts while it runs: the intervals it went through, and why.
+        let changes: Vec<String> = last["events"]
+            .as_array()
+            .map(|e| {
+                e.iter()
+                    .filter_map(|x| x["what"].as_str())
+                    .filter(|w| w.starts_with("relay: checkpoint interval ") || w.starts_with("ALERT: relay: no fixed checkpoint interval"))
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for c in &changes {
+            eprintln!("  {c}");
+        }
+        let analysis = if policy == "analysed" {
+            let path: Vec<String> = changes
+                .iter()
+                .filter_map(|c| c.strip_prefix("relay: checkpoint interval ").and_then(|r| r.split_once(" → ")).map(|(_, to)| to))
+                .filter_map(|to| to.split_whitespace().next().map(String::from))
+                .collect();
+            let none = changes.iter().filter(|c| c.starts_with("ALERT")).count();
+            let mut a = analysis;
+            if !path.is_empty() {
+                a += &format!("; adapted → {}", path.join(" → "));
+            }
+            if none > 0 {
+                a += &format!("; {none}× no interval holds with the measured pauses");
+            }
+            a
+        } else {
+            analysis
+        };
         let d = |k: &str| chain1[k].as_u64().unwrap_or(0).saturating_sub(chain0[k].as_u64().unwrap_or(0));
         let run = PolicyRun {
             policy: policy.clone(),
@@ -641,7 +692,10 @@ pub fn policies(policies: &[String], secs: u64, json: bool) -> Result<()> {
     print!(
         "{}",
         model::text::table(
-            &format!("chain protection (deadline 15 ms) through the protected relay, {secs} s per policy"),
+            &format!(
+                "chain protection (deadline {deadline_ms} ms) through the protected relay, {secs} s per policy{}",
+                if inject_us > 0 { format!(", each pause {inject_us} µs longer from half-way") } else { String::new() }
+            ),
             &["policy", "analysis", "ckpt/s", "paused", "hold max ms", "latency p50 / p99 / max ms", "late"],
             &rows
         )

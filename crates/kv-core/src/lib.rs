@@ -30,6 +30,9 @@ pub struct Store {
     /// ROTATE's source image and result buffer (kept between calls).
     image: Vec<u8>,
     rotated: Vec<u8>,
+    /// `DEBUG DIRTY MIB` asked for a background working set of that many MiB (the server that
+    /// embeds the store applies it: [`Store::take_dirty_request`]).
+    dirty_request: Option<u64>,
 }
 
 /// Largest side of ROTATE's square image (two buffers of its square in bytes).
@@ -93,6 +96,11 @@ impl Store {
     /// changed byte, an empty string instead of nil, `+OJ` instead of `+OK`).
     pub fn inject_wrong_answers(&mut self, every: u64) {
         self.wrong_every = every;
+    }
+
+    /// The background working set (MiB) `DEBUG DIRTY` last asked for, once.
+    pub fn take_dirty_request(&mut self) -> Option<u64> {
+        self.dirty_request.take()
     }
 
     /// Number of keys.
@@ -247,6 +255,15 @@ impl Store {
                     out.extend_from_slice(b"+OK\r\n");
                 }
                 _ => error(out, "ERR value is not an integer or out of range"),
+            },
+            // Load injection: from now on the server rewrites a working set of N MiB whenever
+            // no request waits (the kv guest's `BUSY_MIB`), dirtying memory for checkpoints.
+            b"DEBUG" if argc == 3 && args[1].eq_ignore_ascii_case(b"DIRTY") => match parse_i64(args[2]) {
+                Some(n) if (0..=1024).contains(&n) => {
+                    self.dirty_request = Some(n as u64);
+                    out.extend_from_slice(b"+OK\r\n");
+                }
+                _ => error(out, "ERR usage: DEBUG DIRTY MIB (0..1024)"),
             },
             b"CONFIG" if argc >= 3 && args[1].eq_ignore_ascii_case(b"GET") => {
                 // No configuration to speak of: every asked parameter reads as empty.
@@ -476,6 +493,10 @@ mod tests {
         // Turned on and off at run time.
         assert_eq!(run(&mut s, b"DEBUG WRONG-ANSWERS 0\r\nINCR n\r\nINCR n\r\n"), b"+OK\r\n:5\r\n:6\r\n");
         assert_eq!(run(&mut s, b"DEBUG WRONG-ANSWERS 1\r\nINCR n\r\n"), b"+OK\r\n:8\r\n");
+        // DEBUG DIRTY asks the embedding server for a working set, once.
+        s.inject_wrong_answers(0);
+        assert_eq!(run(&mut s, b"DEBUG DIRTY 4\r\nDEBUG DIRTY x\r\n"), b"+OK\r\n-ERR usage: DEBUG DIRTY MIB (0..1024)\r\n");
+        assert_eq!((s.take_dirty_request(), s.take_dirty_request()), (Some(4), None));
     }
 
     #[test]

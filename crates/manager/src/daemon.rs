@@ -130,6 +130,52 @@ struct Lead {
     settled_from: Instant,
     /// Migrations whose source stopped with no copy running on the destination, since when.
     stalled_migrations: BTreeMap<String, Instant>,
+    /// The checkpoint intervals of `policy = "analysed"` VMs, chosen again from their
+    /// measured pauses ([`crate::interval`]); every desired record is written with them.
+    intervals: crate::interval::Adapter,
+    last_interval_check: Instant,
+}
+
+/// How often the leader reads the protected VMs' replication figures (their primaries write
+/// them once a second).
+pub const INTERVAL_CHECK: Duration = Duration::from_secs(1);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The intervals to start from: what a previous leader chose (in the store), else the
+/// analysis of the declared values (`layout.analysed`).
+fn start_intervals(loaded: &Loaded, layout: &Layout, store: &mut store::Client) -> agent::Result<crate::interval::Adapter> {
+    use crate::interval::Chosen;
+    let stored: BTreeMap<String, Chosen> = cluster::read(store, cluster::INTERVALS)?.unwrap_or_default();
+    let mut a = crate::interval::Adapter::default();
+    for (vm, spec) in &layout.analysed {
+        let kept = stored.get(vm).filter(|c| c.policy.parse::<replication::PolicySpec>().is_ok());
+        let chosen = match kept {
+            Some(c) => c.clone(),
+            None => {
+                let c = loaded.deployment.as_ref().and_then(|d| d.vms.iter().find(|v| v.name == *vm)).and_then(|v| v.checkpoint.as_ref());
+                let us = |q: Option<&rtc::Q>| q.map_or(0.0, rtc::Q::to_f64);
+                let (pause_us, ack_us) = (us(c.and_then(|c| c.pause.as_ref())), us(c.and_then(|c| c.ack.as_ref())));
+                let t = match spec {
+                    replication::PolicySpec::Fixed { interval_ns } => rtc::Q::int((*interval_ns / 1000) as i64),
+                    _ => continue,
+                };
+                let hold_us = model::replication::fixed_interval(loaded, vm, &t, None).ok().flatten().map_or(0.0, |(_, h)| h.to_f64());
+                Chosen {
+                    policy: spec.to_string(),
+                    pause_us,
+                    ack_us,
+                    hold_us,
+                    at_ms: now_ms(),
+                    why: "the declared pause and acknowledgement".into(),
+                }
+            }
+        };
+        a.track(vm, chosen);
+    }
+    Ok(a)
 }
 
 /// How long a migration whose source stopped waits for the destination to take over before
@@ -168,7 +214,21 @@ impl Lead {
                 &Event::now(&cfg.id, format!("planning with the execution times observed before this leader: {}", list.join(", "))),
             );
         }
-        let planning = model.as_ref().unwrap_or(loaded);
+        // The checkpoint intervals in force (`policy = "analysed"`): the plan counts their holds.
+        let intervals = start_intervals(loaded, layout, store)?;
+        let kept: Vec<String> = cluster::read::<BTreeMap<String, crate::interval::Chosen>>(store, cluster::INTERVALS)?
+            .unwrap_or_default()
+            .iter()
+            .filter(|(vm, c)| intervals.chosen(vm).is_some_and(|x| x == *c))
+            .map(|(vm, c)| format!("{vm} {} (output held at most {:.2} ms)", c.policy, c.hold_us / 1e3))
+            .collect();
+        if !kept.is_empty() {
+            let _ = cluster::log_event(
+                store,
+                &Event::now(&cfg.id, format!("checkpoint intervals chosen before this leader: {}", kept.join(", "))),
+            );
+        }
+        let planning = &crate::interval::apply(model.as_ref().unwrap_or(loaded), intervals.all()).0;
         let mut table = Table::load(store)?;
         let current = table.meta.as_ref().is_some_and(|m| m.failed == key(&failed));
         // The table in the store has the plan for the configuration in force (a predecessor
@@ -201,6 +261,8 @@ impl Lead {
             );
         }
         let mut lead = Lead {
+            intervals,
+            last_interval_check: Instant::now(),
             generation,
             failed: failed.clone(),
             table,
@@ -217,6 +279,7 @@ impl Lead {
             above_alerted: Default::default(),
             settled_from: Instant::now(),
         };
+        let layout = &lead.layout(layout);
         // Finish a plan a previous leader began, or place the VMs for the first time.
         let any_desired =
             cluster::children(store, cluster::VMS)?.iter().any(|vm| store.try_read(&cluster::desired_path(vm)).ok().flatten().is_some());
@@ -243,7 +306,122 @@ impl Lead {
         Ok(lead)
     }
 
+    /// What plan tables are computed from: the model with what was observed (execution times,
+    /// arrivals) and the checkpoint intervals in force, with their pauses and holds.
+    fn planning_model(&self, loaded: &Loaded) -> Loaded {
+        crate::interval::apply(self.model.as_ref().unwrap_or(loaded), self.intervals.all()).0
+    }
+
+    /// Computes the plan table from [`Lead::planning_model`] in the background (a computation
+    /// still running is superseded, and its reason kept with this one's).
+    fn recompute_table(&mut self, cfg: &Config, loaded: &Loaded, why: String) {
+        let (tx, rx) = channel();
+        let (model, failed, faults, generation) = (self.planning_model(loaded), self.failed.clone(), cfg.faults, self.generation);
+        std::thread::spawn(move || {
+            background();
+            let _ = tx.send(Table::compute(&model, &failed, faults, generation).map_err(|e| e.to_string()));
+        });
+        self.pending = Some(rx);
+        self.pending_why = Some(match self.pending_why.take() {
+            Some(before) if before != why => format!("{before}; {why}"),
+            _ => why,
+        });
+    }
+
+    /// `base` with the checkpoint intervals in force (`policy = "analysed"` as adapted).
+    fn layout(&self, base: &Layout) -> Layout {
+        let mut l = base.clone();
+        for vm in self.intervals.vms() {
+            if let Some(p) = self.intervals.chosen(vm).and_then(|c| c.policy.parse::<replication::PolicySpec>().ok()) {
+                l.analysed.insert(vm.clone(), p);
+            }
+        }
+        l
+    }
+
+    /// Chooses the `analysed` VMs' checkpoint intervals again from their measured pauses and
+    /// acknowledgements ([`crate::interval`]), with the model in force (observed execution
+    /// times and arrivals included); a new interval goes into the VM's desired record (its
+    /// primary's policy, and its backup's after a takeover), where its agent applies it to the
+    /// running driver without a new synchronisation.
+    fn check_intervals(&mut self, cfg: &Config, loaded: &Loaded, store: &mut store::Client) -> agent::Result<()> {
+        use crate::interval::Decision;
+        let vms: Vec<String> = self.intervals.vms().cloned().collect();
+        for vm in vms {
+            let Some(mut d) = cluster::read::<Desired>(store, &cluster::desired_path(&vm))? else { continue };
+            let Some(p) = d.primary.as_ref().filter(|p| !self.failed.contains(&p.host) && p.migrate_to.is_none()) else { continue };
+            let a = cluster::read::<agent::cluster::Actual>(store, &cluster::actual_path(&vm, &p.host))?;
+            let Some(a) = a.filter(|a| a.state == CopyState::Running && a.protected == Some(true)) else {
+                self.intervals.unprotected(&vm, now_ms());
+                continue;
+            };
+            if let Some(f) = &a.replication {
+                self.intervals.observe(&vm, f);
+            }
+            let t0 = Instant::now();
+            let decision = match self.intervals.decide(self.model.as_ref().unwrap_or(loaded), &vm, now_ms()) {
+                Ok(Some(x)) => x,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!("manager {}: {vm}: checkpoint interval: {e}", cfg.id);
+                    continue;
+                }
+            };
+            let took = t0.elapsed().as_secs_f64() * 1e3;
+            let what = match &decision {
+                Decision::Switch { from, to } => {
+                    let Ok(spec) = to.policy.parse::<replication::PolicySpec>() else { continue };
+                    if let Some(pr) = d.primary.as_mut().and_then(|p| p.spec.protection.as_mut()) {
+                        pr.policy = spec;
+                    }
+                    if let Some(b) = d.backup.as_mut() {
+                        b.spec.then_policy = spec;
+                    }
+                    d.generation = self.generation;
+                    cluster::write(store, &cluster::desired_path(&vm), &d)?;
+                    format!(
+                        "{vm}: checkpoint interval {from} → {} ({}); with them {} keeps every deadline, output held at most {:.2} ms (analysed in {took:.0} ms)",
+                        to.policy,
+                        to.why,
+                        to.policy,
+                        to.hold_us / 1e3
+                    )
+                }
+                Decision::Rebased { basis } => format!(
+                    "{vm}: checkpoint interval {} kept ({}); output held at most {:.2} ms (analysed in {took:.0} ms)",
+                    basis.policy,
+                    basis.why,
+                    basis.hold_us / 1e3
+                ),
+                Decision::NoneHolds { policy, pause_us, ack_us } => format!(
+                    "ALERT: {vm}: no fixed checkpoint interval keeps every deadline with the measured pause {:.2} ms and backup acknowledgement {:.2} ms (margin included): {policy} stays",
+                    pause_us / 1e3,
+                    ack_us / 1e3
+                ),
+            };
+            tracing::info!("manager {}: {what}", cfg.id);
+            let _ = cluster::log_event(store, &Event::now(&cfg.id, what));
+            // The plan table counts the interval's pause and hold: computed again with them.
+            match &decision {
+                Decision::Switch { to, .. } => {
+                    self.recompute_table(cfg, loaded, format!("with the checkpoint interval {} of {vm}", to.policy));
+                    self.arrival_curves = None;
+                }
+                Decision::Rebased { basis } => {
+                    self.recompute_table(cfg, loaded, format!("with the measured pauses of {vm} under {}", basis.policy));
+                    self.arrival_curves = None;
+                }
+                Decision::NoneHolds { .. } => {}
+            }
+            let all: BTreeMap<String, crate::interval::Chosen> =
+                self.intervals.vms().filter_map(|v| Some((v.clone(), self.intervals.chosen(v)?.clone()))).collect();
+            cluster::write(store, cluster::INTERVALS, &all)?;
+        }
+        Ok(())
+    }
+
     fn step(&mut self, cfg: &Config, loaded: &Loaded, layout: &Layout, store: &mut store::Client, clock: Instant) -> agent::Result<()> {
+        let layout = &self.layout(layout);
         // A table computed in the background replaces the current one.
         if let Some(rx) = &self.pending {
             match rx.try_recv() {
@@ -295,6 +473,10 @@ impl Lead {
             self.check_takeovers(cfg, loaded, layout, store)?;
             self.check_drift(cfg, loaded, store)?;
         }
+        if self.last_interval_check.elapsed() >= INTERVAL_CHECK {
+            self.last_interval_check = Instant::now();
+            self.check_intervals(cfg, loaded, store)?;
+        }
         let hosts: Vec<String> = loaded.deployment.as_ref().map(|d| d.hosts.iter().map(|h| h.name.clone()).collect()).unwrap_or_default();
         let round = Instant::now();
         let mut beats = Vec::with_capacity(hosts.len());
@@ -335,8 +517,7 @@ impl Lead {
         self.execute(cfg, loaded, layout, store, &failed, detected)?;
         // The next table, for the configuration now in force, in the background.
         let (tx, rx) = channel();
-        let (loaded2, failed2, faults, generation) =
-            (self.model.as_ref().unwrap_or(loaded).clone(), failed.clone(), cfg.faults, self.generation);
+        let (loaded2, failed2, faults, generation) = (self.planning_model(loaded), failed.clone(), cfg.faults, self.generation);
         std::thread::spawn(move || {
             background();
             let _ = tx.send(Table::compute(&loaded2, &failed2, faults, generation).map_err(|e| e.to_string()));
@@ -503,7 +684,7 @@ impl Lead {
             // substituted) keeps them, so that a burst still growing is reported (and
             // substituted) only when its excess over the new curve doubles.
             let new_scenario = self.arrival_curves.as_ref().is_some_and(|(s, _)| *s != scenario);
-            let model = self.model.as_ref().unwrap_or(loaded);
+            let model = &self.planning_model(loaded);
             let mut curves = BTreeMap::new();
             if let Some((_, a)) = crate::dashboard::analyse(model, self.table.lookup(&self.failed)) {
                 for r in &loaded.runs {
@@ -572,7 +753,8 @@ impl Lead {
             self.observed.exec_us.insert(d.vm.clone(), d.observed_us);
         }
         cluster::write(store, cluster::OBSERVED, &self.observed)?;
-        let (model, changed) = self.observed.model(loaded);
+        let (observed_model, changed) = self.observed.model(loaded);
+        let model = crate::interval::apply(&observed_model, self.intervals.all()).0;
         if !bursts.is_empty() {
             let what = if changed.is_empty() { "nothing to substitute".to_string() } else { changed.join("; ") };
             let _ = cluster::log_event(store, &Event::now(&cfg.id, format!("with the observed arrivals: {what}")));
@@ -613,7 +795,7 @@ impl Lead {
                 );
             }
         }
-        self.model = Some(model.clone());
+        self.model = Some(observed_model);
         self.arrival_curves = None;
         let (tx, rx) = channel();
         let (failed, faults, generation) = (self.failed.clone(), cfg.faults, self.generation);

@@ -319,6 +319,29 @@ pub fn prometheus(st: &Status) -> String {
         figures(|f| f.output_delay_max_ms / 1e3),
     );
     family("vm_replication_bytes_per_second", "gauge", "Checkpoint bytes sent per second (last second).", figures(|f| f.bytes_per_second));
+    family("vm_checkpoint_pause_p99_seconds", "gauge", "99th percentile of the pauses (last second).", figures(|f| f.pause_p99_ms / 1e3));
+    family(
+        "vm_checkpoint_ack_p99_seconds",
+        "gauge",
+        "99th percentile of the backup's staging and acknowledgement after a checkpoint's transfer (last second).",
+        figures(|f| f.ack_p99_ms / 1e3),
+    );
+    let jobs = |f: fn(&agent::cluster::JobFigures) -> f64| -> Vec<(String, f64)> {
+        st.vms.iter().filter_map(|v| v.jobs.as_ref().map(|x| (vm(v), f(x)))).collect()
+    };
+    family(
+        "vm_frames_in",
+        "gauge",
+        "Frames delivered to the VM at its network device (last read, a quarter second).",
+        jobs(|f| f.frames_in as f64),
+    );
+    family("vm_frames_out", "gauge", "Frames the VM sent at its network device (last read).", jobs(|f| f.frames_out as f64));
+    family(
+        "vm_device_latency_max_seconds",
+        "gauge",
+        "Longest time from a frame into the VM to its next frame out, at the device (last read).",
+        jobs(|f| f.device_max_us / 1e6),
+    );
     let bound = |chain: &str| st.plan.as_ref().and_then(|p| p.chains.iter().find(|c| c.chain == chain));
     let chain = |c: &str, m: &agent::cluster::Measured| format!("chain=\"{}\",vm=\"{}\"", label(c), label(&m.vm));
     let mut lat = Vec::new();

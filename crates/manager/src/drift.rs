@@ -285,6 +285,7 @@ mod tests {
             recent_p50_us: median,
             lost: 0,
             at_ms: 0,
+            ..JobFigures::default()
         }
     }
 

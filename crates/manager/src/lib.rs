@@ -8,6 +8,8 @@
 //!   machine;
 //! - [`drift`]: the running VMs' measured execution times against the model's WCETs (alerts,
 //!   and the model with the observed values that the plan table is then computed from);
+//! - [`interval`]: the `analysed` checkpoint policy chosen again from the measured pauses and
+//!   acknowledgements while the VMs run;
 //! - [`table`]: the plan table — a `planner` plan for every fault scenario of the current
 //!   configuration, in memory and in the store;
 //! - [`runtime`]: the cluster's network layout and each VM copy's `VmSpec` from the model;
@@ -26,6 +28,7 @@ pub mod detector;
 pub mod drift;
 pub mod election;
 pub mod field;
+pub mod interval;
 pub mod local;
 pub mod runtime;
 pub mod table;

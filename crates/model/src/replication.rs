@@ -55,6 +55,12 @@ fn resolve_pause(l: &Loaded, vm: &str, pause: Option<Q>) -> Result<Q, String> {
 /// declared one when `None`), and the output hold that gives; `None` when the transfer bound
 /// does not settle or the system cannot be analysed.
 pub fn fixed_interval(l: &Loaded, vm: &str, t: &Q, pause: Option<Q>) -> Result<Option<(bool, Q)>, String> {
+    fixed_interval_with(l, vm, t, pause, None)
+}
+
+/// As [`fixed_interval`], with the backup's staging and acknowledgement `ack` instead of the
+/// declared `checkpoint_ack` when given (a measured one).
+pub fn fixed_interval_with(l: &Loaded, vm: &str, t: &Q, pause: Option<Q>, ack: Option<Q>) -> Result<Option<(bool, Q)>, String> {
     let pause = resolve_pause(l, vm, pause)?;
     let dep = l.deployment.as_ref().ok_or("the model has no [[host]] items")?;
     let v = dep.vms.iter().find(|v| v.name == vm).ok_or_else(|| format!("no VM {vm:?} in the model"))?;
@@ -73,7 +79,7 @@ pub fn fixed_interval(l: &Loaded, vm: &str, t: &Q, pause: Option<Q>) -> Result<O
     // the port): iterate until the transfer bound settles.
     let mut transfer = Q::zero();
     for _ in 0..4 {
-        let commit = &(t + &pause + &transfer) + c.ack.as_ref().unwrap_or(&Q::zero());
+        let commit = &(t + &pause + &transfer) + ack.as_ref().or(c.ack.as_ref()).unwrap_or(&Q::zero());
         for &h in &c.held {
             sys.tasks[h].hold = Some(commit.clone());
         }
@@ -85,4 +91,86 @@ pub fn fixed_interval(l: &Loaded, vm: &str, t: &Q, pause: Option<Q>) -> Result<O
         transfer = w;
     }
     Ok(None)
+}
+
+/// What a running cluster measured of a protected VM's checkpoints under a fixed interval `at`
+/// (the policy it ran while they were measured): its pause, the part of the pause spent
+/// copying dirty pages, and the backup's staging and acknowledgement after the transfer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Measured {
+    pub pause: Q,
+    pub copy: Q,
+    pub ack: Q,
+    pub at: Q,
+}
+
+impl Measured {
+    /// The pause to expect under interval `t`: as measured for `t` up to `at`; for a longer
+    /// interval, the copying part grows in proportion (a guest dirties at most that many more
+    /// pages in a longer epoch — fewer when it rewrites the same ones), the rest (stopping the
+    /// vCPU, collecting the dirty log, comparing hot pages) does not depend on the interval.
+    pub fn pause_at(&self, t: &Q) -> Q {
+        if *t > self.at && self.at.is_positive() {
+            &self.pause + &(&(&self.copy * &(t - &self.at)) / &self.at)
+        } else {
+            self.pause.clone()
+        }
+    }
+}
+
+/// The longest fixed checkpoint interval (of [`CANDIDATES_US`]) for `vm` that keeps every
+/// deadline with the pause and acknowledgement a running cluster measured
+/// ([`Measured::pause_at`] for each candidate) instead of the declared ones.
+pub fn largest_fixed_interval_measured(l: &Loaded, vm: &str, m: &Measured) -> Result<Choice, String> {
+    resolve_pause(l, vm, None)?;
+    for us in CANDIDATES_US {
+        let t = Q::int(us);
+        let pause = m.pause_at(&t);
+        if t <= pause {
+            continue;
+        }
+        if let Some((true, commit)) = fixed_interval_with(l, vm, &t, Some(pause.clone()), Some(m.ack.clone()))? {
+            return Ok(Choice { interval: Some(t), commit: Some(commit), pause });
+        }
+    }
+    Ok(Choice { interval: None, commit: None, pause: m.pause.clone() })
+}
+
+/// `l` with remote-mode VM `vm` checkpointed every `t`, pausing `pause` each time and holding its
+/// output `hold` (what the interval's own analysis gives: [`Choice::commit`]): its checkpoint
+/// stream's period, its reservations' blackout and the hold of its output tasks, as the plan's
+/// analysis of every placement uses them (`Deployment::place`), instead of the declared
+/// `checkpoint_interval`, `checkpoint_pause` and `output_commit`.
+pub fn with_interval(l: &Loaded, vm: &str, t: &Q, pause: &Q, hold: &Q) -> Result<Loaded, String> {
+    let mut m = l.clone();
+    let dep = m.deployment.as_mut().ok_or("the model has no [[host]] items")?;
+    let v = dep.vms.iter_mut().find(|v| v.name == vm).ok_or_else(|| format!("no VM {vm:?} in the model"))?;
+    let c = v.checkpoint.as_mut().ok_or_else(|| format!("VM {vm:?} has no remote backup, so no checkpoints"))?;
+    if !t.is_positive() || pause >= t {
+        return Err(format!("{vm}: an interval of {t} µs with pauses of {pause} µs"));
+    }
+    c.interval = t.clone();
+    c.pause = pause.is_positive().then(|| pause.clone());
+    c.commit = hold.is_positive().then(|| hold.clone());
+    let (task, held) = (c.task, c.held.clone());
+    let reservations: Vec<usize> = v.reservation.iter().chain(&v.extra_reservations).copied().collect();
+    let Input::Stream(stream) = m.system.tasks[task].input else { return Err(format!("{vm}: checkpoint stream missing")) };
+    m.system.streams[stream].model = EventModel::Periodic { period: t.clone() };
+    // The system as placed now (the model's placement): where the VM is protected, its pauses
+    // and its hold as they are in force.
+    for r in reservations {
+        if m.system.resources[r].blackout.is_some() {
+            m.system.resources[r].blackout = pause.is_positive().then(|| Blackout { pause: pause.clone(), every: t.clone() });
+        }
+    }
+    for h in held {
+        if m.system.tasks[h].hold.is_some() {
+            m.system.tasks[h].hold = c_hold(hold);
+        }
+    }
+    Ok(m)
+}
+
+fn c_hold(hold: &Q) -> Option<Q> {
+    hold.is_positive().then(|| hold.clone())
 }

@@ -555,7 +555,11 @@ fn print_status(st: &local::Status) {
                 v.host.clone().unwrap_or_else(|| "-".into()),
                 v.backup.clone().unwrap_or_else(|| "-".into()),
                 if v.serving { "serving".into() } else { "DOWN".into() },
-                v.replication.clone(),
+                // With the checkpoint policy it runs (the `analysed` one adapts).
+                match &v.figures {
+                    Some(f) if v.replication != "-" => format!("{} {}", v.replication, f.policy),
+                    _ => v.replication.clone(),
+                },
                 v.detail.clone(),
             ]
         })

@@ -124,6 +124,22 @@ pub struct Trace {
     pub lost: u64,
     /// The marks, oldest first (at most [`vmm_abi::TRACE_CAPACITY`]).
     pub marks: Vec<Mark>,
+    /// Frames in and out at the VM's network device since the last read, in batches (one per
+    /// guest request), oldest first; batches dropped unread.
+    #[serde(default)]
+    pub frames: Vec<FrameBatch>,
+    #[serde(default)]
+    pub frames_lost: u64,
+}
+
+/// Frames moved by one guest request at the network device, and when (the host's
+/// `CLOCK_MONOTONIC`, ns) — `crate::devices::net::FrameStamps`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FrameBatch {
+    /// Sent by the guest (true) or delivered to it (false).
+    pub output: bool,
+    pub at_ns: u64,
+    pub frames: u32,
 }
 
 /// One mark ([`vmm_abi::TraceRecord`]).

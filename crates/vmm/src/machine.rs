@@ -302,6 +302,14 @@ impl Vm {
     /// ring is read whole; whatever the guest wrote there (it is guest memory) gives at most
     /// [`TRACE_CAPACITY`] marks, never an error.
     pub fn read_trace(&mut self) -> crate::control::Trace {
+        let mut t = self.read_marks();
+        if let Some(tap) = self.tap.as_mut() {
+            (t.frames, t.frames_lost) = tap.take_stamps();
+        }
+        t
+    }
+
+    fn read_marks(&mut self) -> crate::control::Trace {
         use crate::control::{Mark, Trace};
         let tsc_khz = self.vcpu.get_tsc_khz().unwrap_or(0);
         let Ok(h) = self.mem.read_obj::<TraceHeader>(TRACE_ADDR) else { return Trace { tsc_khz, ..Trace::default() } };
@@ -322,7 +330,7 @@ impl Vm {
             }
         }
         self.trace_read = Some(h.written);
-        Trace { tsc_khz, lost: from - read, marks }
+        Trace { tsc_khz, lost: from - read, marks, ..Trace::default() }
     }
 
     /// KVM VM, vCPU, memory and devices, but nothing in memory and no registers set.

@@ -3,7 +3,8 @@
 //! once it accepts connections. A second argument `BUSY_MIB` adds background computation
 //! (a mixed workload): whenever no request is waiting, kv rewrites a slice of a working set
 //! of that many MiB instead of idling. An argument `wrong=N` makes one reply in N wrong (a
-//! design fault, for the N-version tests of local redundancy). With a disk, requests are logged there before their replies
+//! design fault, for the N-version tests of local redundancy); `DEBUG DIRTY MIB` changes the
+//! background working set while it runs (load injection: more dirty pages per checkpoint). With a disk, requests are logged there before their replies
 //! go out and replayed at start ([`disklog`]).
 //!
 //! Options (anywhere among the arguments): `work_us=N` adds N µs of busy work (TSC-timed) to
@@ -123,6 +124,17 @@ fn main() -> u32 {
                 guest_sdk::trace::spin_us(work_us);
                 if store.serve(&mut c.input, &mut c.output).is_err() {
                     c.closing = true;
+                }
+                if let Some(mib) = store.take_dirty_request() {
+                    // `DEBUG DIRTY MIB`: a new background working set (0: none).
+                    let words = (mib as usize) << 17;
+                    if words > busy.len() && busy.try_reserve_exact(words - busy.len()).is_err() {
+                        println!("kv: cannot allocate {mib} MiB of working set");
+                    } else {
+                        busy.resize(words, 0);
+                        busy_at = 0;
+                        println!("kv: rewriting a working set of {mib} MiB in the background");
+                    }
                 }
                 if trace {
                     guest_sdk::trace::end(job);

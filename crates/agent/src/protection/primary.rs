@@ -70,6 +70,9 @@ pub struct ReplicationState {
     /// this long (ms), from its pause at the source to running here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handover_ms: Option<f64>,
+    /// The checkpoint policy the driver runs now (it may have been switched while it runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }
 
 impl ReplicationState {
@@ -212,6 +215,35 @@ struct Driver {
     handover_started: Option<Instant>,
     /// The connection of a finished handover, closed once the backup took over.
     closing: Option<(u64, TcpStream)>,
+    injected: Injected,
+    recent: Recent,
+}
+
+/// Fault injection for tests and benchmarks: with `VIGIL_INJECT_PAUSE_DIR=DIR`, each checkpoint
+/// of VM `vm` keeps the VM paused for the number of µs in the file `DIR/<vm>` longer (read at
+/// most every 200 ms; no file or 0: nothing), as a guest dirtying more memory or a slower host
+/// would. Used to make pauses grow while a VM runs (`manager::interval`).
+#[derive(Default)]
+struct Injected {
+    dir: Option<PathBuf>,
+    read_at: Option<Instant>,
+    pause: Duration,
+}
+
+impl Injected {
+    fn from_env() -> Injected {
+        Injected { dir: std::env::var_os("VIGIL_INJECT_PAUSE_DIR").map(PathBuf::from), ..Injected::default() }
+    }
+
+    fn pause(&mut self, vm: &str) -> Duration {
+        let Some(dir) = &self.dir else { return Duration::ZERO };
+        if self.read_at.is_none_or(|t| t.elapsed() >= Duration::from_millis(200)) {
+            self.read_at = Some(Instant::now());
+            let us = std::fs::read_to_string(dir.join(vm)).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+            self.pause = Duration::from_micros(us.min(1_000_000));
+        }
+        self.pause
+    }
 }
 
 /// Checkpoints acknowledged and output released since the window began.
@@ -224,11 +256,64 @@ struct Window {
     released: u64,
     delay_ns: u64,
     delay_max_ns: u64,
+    /// The backup's part of each acknowledgement: from the checkpoint's last byte on the
+    /// socket to its acknowledgement (the model's `checkpoint_ack`).
+    ack_ns: u64,
+    ack_max_ns: u64,
+}
+
+/// The last [`Recent::SPAN`] of checkpoints (pause, page copying within it, the backup's
+/// acknowledgement), for their 99th percentiles: over seconds, not one window, so that a
+/// long interval's few checkpoints a second still leave a percentile below the maximum.
+#[derive(Default)]
+struct Recent {
+    samples: VecDeque<(Instant, u64, u64, u64)>,
+}
+
+impl Recent {
+    const SPAN: Duration = Duration::from_secs(10);
+    const MAX: usize = 8192;
+
+    fn add(&mut self, e: &EpochStats) {
+        let now = Instant::now();
+        if self.samples.len() == Self::MAX {
+            self.samples.pop_front();
+        }
+        self.samples.push_back((now, e.pause_ns, e.copy_ns, e.backup_ack_ns()));
+        while self.samples.front().is_some_and(|s| now.duration_since(s.0) > Self::SPAN) {
+            self.samples.pop_front();
+        }
+    }
+
+    /// The 99th percentiles of pause, copying and acknowledgement (ns).
+    fn p99(&self) -> (u64, u64, u64) {
+        let q = |f: fn(&(Instant, u64, u64, u64)) -> u64| quantile(&mut self.samples.iter().map(f).collect::<Vec<_>>(), 0.99);
+        (q(|s| s.1), q(|s| s.2), q(|s| s.3))
+    }
+}
+
+/// The `q` quantile of `v` (sorted in place), 0 when empty.
+fn quantile(v: &mut [u64], q: f64) -> u64 {
+    if v.is_empty() {
+        return 0;
+    }
+    v.sort_unstable();
+    v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
 impl Window {
     /// How often the state file gets the window's figures.
     const LENGTH: Duration = Duration::from_secs(1);
+
+    fn add(&mut self, e: &EpochStats) {
+        self.checkpoints += 1;
+        self.pause_ns += e.pause_ns;
+        self.pause_max_ns = self.pause_max_ns.max(e.pause_ns);
+        self.bytes += e.bytes;
+        let ack = e.backup_ack_ns();
+        self.ack_ns += ack;
+        self.ack_max_ns = self.ack_max_ns.max(ack);
+    }
 
     fn new() -> Window {
         Window {
@@ -240,10 +325,13 @@ impl Window {
             released: 0,
             delay_ns: 0,
             delay_max_ns: 0,
+            ack_ns: 0,
+            ack_max_ns: 0,
         }
     }
 
-    fn figures(&self, policy: &str, mode: &str, total: u64) -> crate::cluster::ReplicationFigures {
+    fn figures(&self, policy: &str, mode: &str, total: u64, recent: &Recent) -> crate::cluster::ReplicationFigures {
+        let (pause_p99, copy_p99, ack_p99) = recent.p99();
         let secs = self.since.elapsed().as_secs_f64().max(1e-3);
         let ms = |ns: u64| ns as f64 / 1e6;
         crate::cluster::ReplicationFigures {
@@ -256,6 +344,11 @@ impl Window {
             bytes_per_second: self.bytes as f64 / secs,
             output_delay_mean_ms: if self.released > 0 { ms(self.delay_ns) / self.released as f64 } else { 0.0 },
             output_delay_max_ms: ms(self.delay_max_ns),
+            ack_mean_ms: if self.checkpoints > 0 { ms(self.ack_ns) / self.checkpoints as f64 } else { 0.0 },
+            ack_max_ms: ms(self.ack_max_ns),
+            pause_p99_ms: ms(pause_p99),
+            copy_p99_ms: ms(copy_p99),
+            ack_p99_ms: ms(ack_p99),
             at_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
         }
     }
@@ -265,6 +358,7 @@ impl Driver {
     fn new(ctl: Controller, opts: Options, clock: Clock, tx: Sender<Input>, config: Vec<u8>) -> Result<Driver, String> {
         let arbiter = spawn_arbiter(&opts.arbiter, Duration::from_nanos(opts.timing.lease_ttl_ns), opts.key.clone(), clock, tx.clone());
         let handover_ms = opts.handover_ms;
+        let policy = Some(opts.policy.to_string());
         let stats: Shared = Arc::new(Mutex::new(Stats {
             vm: opts.vm.clone(),
             role: "primary",
@@ -304,11 +398,13 @@ impl Driver {
             debug: std::env::var_os("VIGIL_DEBUG").is_some(),
             has_net: true,
             protected_logged: false,
-            state: ReplicationState { protected: false, detail: "not yet protected".into(), figures: None, handover_ms },
+            state: ReplicationState { protected: false, detail: "not yet protected".into(), figures: None, handover_ms, policy },
             window: Window::new(),
             queued: Vec::new(),
             handover_started: None,
             closing: None,
+            injected: Injected::from_env(),
+            recent: Recent::default(),
         })
     }
 
@@ -448,9 +544,7 @@ impl Driver {
             }
             Input::Output => Some(Event::Output),
             Input::Policy(spec) => {
-                sm.set_policy(spec.build());
-                self.log(format!("checkpoint policy now {spec}"));
-                self.stats.lock().unwrap_or_else(|e| e.into_inner()).policy = spec.to_string();
+                self.switch_policy(sm, spec);
                 None
             }
             Input::Migrate(req, answer) => {
@@ -481,6 +575,13 @@ impl Driver {
                         }
                         Err(e) if sm.handing_over() => Ok(format!("handing over ({e})")),
                         Err(e) => Err(e),
+                    },
+                    crate::migration::Request::Policy { policy } => match policy.parse::<PolicySpec>() {
+                        Ok(spec) => {
+                            self.switch_policy(sm, spec);
+                            Ok(format!("policy {spec}"))
+                        }
+                        Err(e) => Err(e.to_string()),
                     },
                     crate::migration::Request::Status => Ok(if sm.handing_over() {
                         "handing over"
@@ -574,7 +675,16 @@ impl Driver {
             Action::Checkpoint => {
                 let t0 = Instant::now();
                 let buffer = self.spare.pop();
+                // Fault injection: a longer pause (the VM stopped, as by a slow copy).
+                let extra = self.injected.pause(&self.opts.vm);
+                if !extra.is_zero() {
+                    self.call(Command::Pause)?;
+                    std::thread::sleep(extra);
+                }
                 let reply = self.call(Command::Checkpoint { buffer })?;
+                if !extra.is_zero() {
+                    self.call(Command::Resume)?;
+                }
                 let pause_ns = t0.elapsed().as_nanos() as u64;
                 let mut c = reply.checkpoint.ok_or("the VM returned no checkpoint")?;
                 let (epoch, output_frames) = (c.epoch, c.output_frames);
@@ -679,6 +789,20 @@ impl Driver {
         Ok(None)
     }
 
+    /// Runs `spec` from the next checkpoint on (the protection goes on: no new
+    /// synchronisation), and says so in the statistics and the replication state.
+    fn switch_policy(&mut self, sm: &mut Primary, spec: PolicySpec) {
+        let before = sm.policy().0;
+        sm.set_policy(spec.build());
+        self.log(format!("checkpoint policy now {spec} (was {before})"));
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).policy = spec.to_string();
+        self.state.policy = Some(spec.to_string());
+        // The figures of a window (and the percentiles) are of one policy.
+        self.window = Window::new();
+        self.recent = Recent::default();
+        self.save_state();
+    }
+
     fn save_state(&self) {
         if let Some(f) = &self.opts.state_file {
             self.state.save(f);
@@ -721,13 +845,11 @@ impl Driver {
                     stats.wire_bytes_total += e.wire_bytes;
                     stats.compressed += e.compressed as u64;
                     stats.last = e.clone();
-                    self.window.checkpoints += 1;
-                    self.window.pause_ns += e.pause_ns;
-                    self.window.pause_max_ns = self.window.pause_max_ns.max(e.pause_ns);
-                    self.window.bytes += e.bytes;
+                    self.window.add(e);
+                    self.recent.add(e);
                 }
                 if self.window.since.elapsed() >= Window::LENGTH {
-                    self.state.figures = Some(self.window.figures(&stats.policy, stats.mode, stats.checkpoints));
+                    self.state.figures = Some(self.window.figures(&stats.policy, stats.mode, stats.checkpoints, &self.recent));
                     self.window = Window::new();
                     drop(stats);
                     self.save_state();

@@ -52,6 +52,13 @@ pub struct EpochStats {
 }
 
 impl EpochStats {
+    /// The backup's part of the acknowledgement: from the checkpoint's last byte on the
+    /// socket to the acknowledgement (its reading, staging and applying, and the answer's way
+    /// back), i.e. `ack_ns` less the pause and the transfer.
+    pub fn backup_ack_ns(&self) -> u64 {
+        self.ack_ns.saturating_sub(self.pause_ns + self.transfer_ns)
+    }
+
     /// Key of the JSON line (`{"checkpoint": {...}}`), so that readers of a mixed log find it.
     pub const KEY: &'static str = "checkpoint";
 

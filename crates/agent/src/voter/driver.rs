@@ -1178,6 +1178,8 @@ impl Driver {
                 detail: format!("{r:?}"),
                 figures: None,
                 handover_ms: None,
+                // (No checkpoint policy: the agent never switches one here.)
+                policy: None,
             };
             st.save(path);
         }

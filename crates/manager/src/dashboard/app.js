@@ -81,9 +81,12 @@ function render(s) {
         ? el("span", { class: "bad" }, `${v.jobs.exec_p99_us.toFixed(0)} / ${v.wcet_us.toFixed(0)}`)
         : `${v.jobs.exec_p99_us.toFixed(0)} / ${v.wcet_us ? v.wcet_us.toFixed(0) : "–"}`) : "–"),
       el("td", {}, repl),
+      el("td", { class: "policy" }, f ? f.policy : "–"),
       el("td", { class: "num" }, f ? f.per_second.toFixed(1) : "–"),
       el("td", { class: "num" }, f ? `${ms(f.pause_mean_ms)} / ${ms(f.pause_max_ms)}` : "–"),
-      el("td", { class: "num" }, f ? `${ms(f.output_delay_mean_ms)} / ${ms(f.output_delay_max_ms)}` : "–"));
+      el("td", { class: "num" }, f ? `${ms(f.output_delay_mean_ms)} / ${ms(f.output_delay_max_ms)}` : "–"),
+      el("td", { class: "num device" }, v.jobs && v.jobs.device_samples > 0
+        ? `${v.jobs.device_p50_us.toFixed(0)} / ${v.jobs.device_max_us.toFixed(0)}` : "–"));
   }));
 
   const bounds = new Map(((st.plan || {}).chains || []).map((c) => [c.chain, c]));

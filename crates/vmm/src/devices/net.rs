@@ -27,12 +27,54 @@ pub struct Tap {
     hook_armed: bool,
     /// The backend process doing the tap I/O, if any.
     backend: Option<crate::backend::Backend>,
+    /// When frames went in and out at this device ([`FrameStamps`]).
+    stamps: FrameStamps,
     /// Where a copy of every frame given to the guest goes, tagged with the open epoch (a
     /// protected VM's primary forwards them to its backup: [`InputLog`]).
     input_log: Option<InputLog>,
     /// Frames to give the guest before any from the host (a backup that took over gives the
     /// new copy the input the old primary received after the last checkpoint).
     pending: std::collections::VecDeque<Vec<u8>>,
+}
+
+/// Whether network devices timestamp their frames ([`FrameStamps`]); on unless the process
+/// clears it (`VIGIL_FRAME_STAMPS=0` when a tap is opened, or a benchmark comparing).
+pub static FRAME_STAMPS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Batches of frames kept before the oldest are dropped (counted as lost): 4 s of one batch
+/// a millisecond each way, read four times a second by the agent's monitor.
+pub const STAMP_CAPACITY: usize = 8192;
+
+/// Timestamps of the frames that go in and out at a VM's network device, for monitoring
+/// (arrivals per input stream, device-level latency): one host clock read (`CLOCK_MONOTONIC`)
+/// per batch of frames moved by one guest request — at an exit the guest makes anyway, so no
+/// exit is added and a burst of frames costs one read. Read (and emptied) by the VMM's `trace`
+/// command.
+#[derive(Debug, Default)]
+pub struct FrameStamps {
+    batches: std::collections::VecDeque<crate::control::FrameBatch>,
+    lost: u64,
+}
+
+impl FrameStamps {
+    fn stamp(&mut self, output: bool, frames: u32) {
+        if frames == 0 || !FRAME_STAMPS.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        if self.batches.len() == STAMP_CAPACITY {
+            self.batches.pop_front();
+            self.lost += 1;
+        }
+        self.batches.push_back(crate::control::FrameBatch { output, at_ns: monotonic_ns(), frames });
+    }
+}
+
+/// The host's monotonic clock (ns).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime(2) writes the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Most bytes of input frames an [`InputLog`] keeps; beyond it the oldest are dropped (they
@@ -235,7 +277,23 @@ impl Tap {
             backend: None,
             input_log: None,
             pending: Default::default(),
-        })
+            stamps: FrameStamps::default(),
+        }
+        .stamping_from_env())
+    }
+
+    fn stamping_from_env(self) -> Self {
+        if std::env::var_os("VIGIL_FRAME_STAMPS").is_some_and(|v| v == "0") {
+            FRAME_STAMPS.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+        self
+    }
+
+    /// The frame batches stamped since the last call, oldest first, and how many were dropped
+    /// unread.
+    pub fn take_stamps(&mut self) -> (Vec<crate::control::FrameBatch>, u64) {
+        let lost = std::mem::take(&mut self.stamps.lost);
+        (self.stamps.batches.drain(..).collect(), lost)
     }
 
     /// Interface name.
@@ -250,6 +308,12 @@ impl Tap {
 
     /// Handles a transmit request at `addr`: sends each buffer as one frame.
     pub fn transmit(&mut self, mem: &mut GuestMem, addr: u64) -> Result<(), String> {
+        let done = self.transmit_frames(mem, addr)?;
+        self.stamps.stamp(true, done);
+        Ok(())
+    }
+
+    fn transmit_frames(&mut self, mem: &mut GuestMem, addr: u64) -> Result<u32, String> {
         let req: NetRequest = mem.read_obj(addr)?;
         let bufs = read_bufs(mem, &req)?;
         let mut frame = [0u8; FRAME_MAX as usize];
@@ -289,11 +353,18 @@ impl Tap {
             }
             done += 1;
         }
-        mem.write_obj(addr, &NetRequest { done, ..req })
+        mem.write_obj(addr, &NetRequest { done, ..req })?;
+        Ok(done)
     }
 
     /// Handles a receive request at `addr`: fills buffers with waiting frames.
     pub fn receive(&mut self, mem: &mut GuestMem, addr: u64) -> Result<(), String> {
+        let done = self.receive_frames(mem, addr)?;
+        self.stamps.stamp(false, done);
+        Ok(())
+    }
+
+    fn receive_frames(&mut self, mem: &mut GuestMem, addr: u64) -> Result<u32, String> {
         let req: NetRequest = mem.read_obj(addr)?;
         let mut bufs = read_bufs(mem, &req)?;
         if !self.pending.is_empty() {
@@ -613,11 +684,12 @@ fn read_bufs(mem: &GuestMem, req: &NetRequest) -> Result<Vec<NetBuf>, String> {
     (0..req.count as u64).map(|i| mem.read_obj(req.bufs + i * std::mem::size_of::<NetBuf>() as u64)).collect()
 }
 
-fn finish(mem: &mut GuestMem, addr: u64, req: NetRequest, filled: &[NetBuf], done: u32) -> Result<(), String> {
+fn finish(mem: &mut GuestMem, addr: u64, req: NetRequest, filled: &[NetBuf], done: u32) -> Result<u32, String> {
     for (i, b) in filled.iter().enumerate() {
         mem.write_obj(req.bufs + i as u64 * std::mem::size_of::<NetBuf>() as u64, b)?;
     }
-    mem.write_obj(addr, &NetRequest { done, ..req })
+    mem.write_obj(addr, &NetRequest { done, ..req })?;
+    Ok(done)
 }
 
 #[cfg(test)]
