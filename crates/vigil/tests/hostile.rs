@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use testbed::twohost::{Host, Testbed, ARBITER};
+use testbed::twohost::{Host, Testbed};
 use testbed::Proc;
 
 /// One at a time: floods load both cores.
@@ -339,9 +339,12 @@ fn a_disk_flood_over_a_slow_replication_link_stays_bounded() {
         .expect("tc");
     assert!(st.success(), "tc tbf on the replication link");
     let db = disk(&dir.join("disk-b"), 16);
-    let _arbiter =
-        Proc::spawn(&tb.switch, vigil(), &["arbiter".into(), "--listen".into(), ARBITER.into()], dir.join("arbiter.log")).expect("arbiter");
-    std::thread::sleep(Duration::from_millis(100));
+    // (Until the primary said `protected` only once the lease registered its backup, this
+    // test ran without an arbiter at all: its arguments lacked the state and the key.)
+    let mut arbiter =
+        Proc::spawn(&tb.switch, vigil(), &testbed::twohost::arbiter_args(&dir.join("arbiter.leases")), dir.join("arbiter.log"))
+            .expect("arbiter");
+    arbiter.wait_for("serving leases", 1, 10).expect("the arbiter serves");
     // Failure detection at 1 s instead of 60 ms on both sides: this test is about memory on a
     // saturated link of a loaded 2-core machine, where a 16 MiB guest request alone can hold
     // the vCPU thread for tens of milliseconds; the failure detector is the failover tests'.
