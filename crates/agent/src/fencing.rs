@@ -64,9 +64,10 @@ enum Command {
 pub struct Lease(Sender<Command>);
 
 impl Lease {
-    /// Asks `req`; the answer comes back on the driver's channel.
-    pub fn send(&self, req: Request) -> Result<(), ()> {
-        self.0.send(Command::Ask(req)).map_err(|_| ())
+    /// Asks `req`; the answer comes back on the driver's channel. `false`: the lease thread
+    /// is gone (the driver is ending).
+    pub fn send(&self, req: Request) -> bool {
+        self.0.send(Command::Ask(req)).is_ok()
     }
 
     /// Keeps watching `vm`'s record (a backup learns its VM's name from the primary's hello).

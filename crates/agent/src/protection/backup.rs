@@ -360,10 +360,13 @@ fn write_disk(disk: Option<&PathBuf>, writes: &[(u64, Vec<u8>)]) -> Result<(), S
 /// link-state changes).
 struct Standby {
     stop: std::sync::mpsc::Sender<()>,
-    thread: std::thread::JoinHandle<(Tap, VecDeque<(Instant, Vec<u8>)>)>,
+    thread: std::thread::JoinHandle<(Tap, Kept)>,
     /// The VM's MAC address, once a session named it (frames to it are kept).
     mac: Arc<Mutex<Option<[u8; 6]>>>,
 }
+
+/// The frames the standby kept, with when each arrived.
+type Kept = VecDeque<(Instant, Vec<u8>)>;
 
 /// How long the standby keeps a frame addressed to the VM, and how many bytes at most.
 const STANDBY_KEEP: Duration = Duration::from_millis(300);
@@ -400,7 +403,7 @@ impl Standby {
             .name("tap-standby".into())
             .spawn(move || {
                 let mut buf = vec![0u8; 65536];
-                let mut kept: VecDeque<(Instant, Vec<u8>)> = VecDeque::new();
+                let mut kept: Kept = VecDeque::new();
                 let mut bytes = 0usize;
                 while stopped.try_recv().is_err() {
                     let mut p = libc::pollfd { fd: tap.raw_fd(), events: libc::POLLIN, revents: 0 };
