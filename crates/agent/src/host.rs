@@ -15,7 +15,7 @@
 
 use crate::cluster::{self, Actual, AgentRecord, CopyState, Desired, Event, Fence};
 use crate::{Error, Result};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -92,6 +92,7 @@ pub fn run(cfg: &Config) -> Result<()> {
         waiting: BTreeMap::new(),
         monitor: crate::monitor::Monitor::start(),
         migrations: BTreeMap::new(),
+        self_fenced: BTreeSet::new(),
     };
     agent.beat = cluster::read_counter(&mut store, &cluster::heartbeat_path(&cfg.host))?.unwrap_or(0);
     agent.adopt(&mut store)?;
@@ -118,12 +119,20 @@ pub fn run(cfg: &Config) -> Result<()> {
                 // renewal, the manager may soon declare the host failed and start its VMs
                 // elsewhere; stop them first.
                 if agent.last_renewal.elapsed() > cfg.lease / 2 && !agent.copies.is_empty() {
+                    let voted = agent.copies.iter().filter(|(_, c)| c.role == Role::Primary && voted_primary(&c.spec));
+                    let voted: Vec<String> = voted.map(|(vm, _)| vm.clone()).collect();
+                    agent.self_fenced.extend(voted);
                     agent.stop_all("cannot renew the host's lease: self-fencing");
                 }
             }
         }
         std::thread::sleep(cfg.period.saturating_sub(t0.elapsed()));
     }
+}
+
+/// Whether a primary's spec is a voted VM's.
+fn voted_primary(spec: &[u8]) -> bool {
+    serde_json::from_slice::<crate::VmSpec>(spec).ok().is_some_and(|s| s.local.is_some())
 }
 
 /// Whether a backup's spec is a voted group's (mode 4).
@@ -153,6 +162,10 @@ struct Agent {
     monitor: crate::monitor::Monitor,
     /// Pre-copy migrations away from this host, as far as this agent asked.
     migrations: BTreeMap<String, Asked>,
+    /// Voted primaries this agent stopped while self-fencing (the host kept, never declared
+    /// failed): such a VM continues its instances' state from its local replica when it starts
+    /// here again, as after a crash of its voter.
+    self_fenced: BTreeSet<String>,
 }
 
 /// What an agent asked of a VM migrating away.
@@ -253,6 +266,9 @@ impl Agent {
                 }
             }
         }
+        // A self-fenced primary's local replica is the VM's state only while the VM stays
+        // wanted here as primary.
+        self.self_fenced.retain(|vm| wanted.get(vm).is_some_and(|w| w.0 == Role::Primary));
         // Stop what is no longer wanted here; a VM migrating away is snapshotted first.
         let unwanted: Vec<String> = self.copies.keys().filter(|vm| !wanted.contains_key(*vm)).cloned().collect();
         for vm in unwanted {
@@ -294,6 +310,7 @@ impl Agent {
             }
             self.waiting.remove(&vm);
             let action = match self.copies.get_mut(&vm) {
+                None if role == Role::Primary && self.self_fenced.contains(&vm) => Some("restarted after self-fencing"),
                 None => Some("started"),
                 Some(c) if c.role == Role::Backup && role == Role::Primary && voted_backup(&c.spec) => {
                     // Mode 4: the voted group's backup holds a replica (a snapshot and the request
@@ -353,9 +370,12 @@ impl Agent {
             };
             if let Some(why) = action {
                 self.fresh(store)?;
-                if why == "restarted after a crash" {
+                if why == "restarted after a crash" || why == "restarted after self-fencing" {
                     spec = fresh_spec(&spec);
-                    // A voted VM's voter continues its instances' state from its local replica.
+                    // A voted VM's voter continues its instances' state from its local replica
+                    // (after self-fencing too: the host was never declared failed, so nothing
+                    // ran the VM elsewhere, and a fresh start would lose acknowledged requests,
+                    // the backup's replica included, which the new voter's session voids).
                     if role == Role::Primary {
                         let mut replica = self.spec_file(&vm, role).into_os_string();
                         replica.push(".local/replica");
@@ -368,6 +388,7 @@ impl Agent {
                             .unwrap_or(spec);
                     }
                 }
+                self.self_fenced.remove(&vm);
                 let restarts = self.copies.get(&vm).map_or(0, |c| c.restarts + u32::from(why == "restarted after a crash"));
                 match self.spawn(&vm, role, &spec) {
                     Ok((child, pid)) => {
