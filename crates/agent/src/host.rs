@@ -309,6 +309,10 @@ impl Agent {
                 }
             }
             self.waiting.remove(&vm);
+            let changed = self
+                .copies
+                .get(&vm)
+                .is_some_and(|c| c.spec != spec && self.localised(&vm, role, &c.spec) != self.localised(&vm, role, &spec));
             let action = match self.copies.get_mut(&vm) {
                 None if role == Role::Primary && self.self_fenced.contains(&vm) => Some("restarted after self-fencing"),
                 None => Some("started"),
@@ -349,7 +353,10 @@ impl Agent {
                     stop(c);
                     Some("restarted in its new role")
                 }
-                Some(c) if c.role == Role::Backup && c.spec != spec && c.state == CopyState::Backup => {
+                // (A copy adopted after the agent's restart has the spec its file holds,
+                // localised: compared as this host runs it, or an unchanged backup would be
+                // restarted, voiding its replica.)
+                Some(c) if c.role == Role::Backup && changed && c.state == CopyState::Backup => {
                     // Where it listens or what it does after a takeover changed: start over
                     // (the primary synchronises it again).
                     stop(c);
@@ -522,10 +529,16 @@ impl Agent {
         self.cfg.state_dir.join(format!("{vm}.replication.json"))
     }
 
-    /// The spec as this host runs it: with its local replication state file.
+    /// The spec as this host runs it: with its local replication state file (removed: the
+    /// copy about to start writes it anew).
     fn localise(&self, vm: &str, role: Role, spec: &[u8]) -> Vec<u8> {
-        let file = Some(self.state_file(vm));
         let _ = std::fs::remove_file(self.state_file(vm));
+        self.localised(vm, role, spec)
+    }
+
+    /// `spec` as this host's copy runs it (the same for a spec already localised).
+    fn localised(&self, vm: &str, role: Role, spec: &[u8]) -> Vec<u8> {
+        let file = Some(self.state_file(vm));
         let out = match role {
             Role::Primary => serde_json::from_slice::<crate::VmSpec>(spec).ok().map(|mut s| {
                 if let Some(p) = s.protection.as_mut() {
