@@ -15,7 +15,7 @@
 
 use crate::cluster::{self, Actual, AgentRecord, CopyState, Desired, Event, Fence};
 use crate::{Error, Result};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -92,7 +92,7 @@ pub fn run(cfg: &Config) -> Result<()> {
         waiting: BTreeMap::new(),
         monitor: crate::monitor::Monitor::start(),
         migrations: BTreeMap::new(),
-        self_fenced: BTreeSet::new(),
+        self_fenced: BTreeMap::new(),
     };
     agent.beat = cluster::read_counter(&mut store, &cluster::heartbeat_path(&cfg.host))?.unwrap_or(0);
     agent.adopt(&mut store)?;
@@ -120,7 +120,7 @@ pub fn run(cfg: &Config) -> Result<()> {
                 // elsewhere; stop them first.
                 if agent.last_renewal.elapsed() > cfg.lease / 2 && !agent.copies.is_empty() {
                     let voted = agent.copies.iter().filter(|(_, c)| c.role == Role::Primary && voted_primary(&c.spec));
-                    let voted: Vec<String> = voted.map(|(vm, _)| vm.clone()).collect();
+                    let voted: Vec<(String, Option<PathBuf>)> = voted.map(|(vm, c)| (vm.clone(), resumed(&c.spec))).collect();
                     agent.self_fenced.extend(voted);
                     agent.stop_all("cannot renew the host's lease: self-fencing");
                 }
@@ -128,6 +128,11 @@ pub fn run(cfg: &Config) -> Result<()> {
         }
         std::thread::sleep(cfg.period.saturating_sub(t0.elapsed()));
     }
+}
+
+/// The replica a voted primary's voter was started from (`local.resume`).
+fn resumed(spec: &[u8]) -> Option<PathBuf> {
+    serde_json::from_slice::<crate::VmSpec>(spec).ok()?.local?.resume
 }
 
 /// Whether a primary's spec is a voted VM's.
@@ -165,7 +170,8 @@ struct Agent {
     /// Voted primaries this agent stopped while self-fencing (the host kept, never declared
     /// failed): such a VM continues its instances' state from its local replica when it starts
     /// here again, as after a crash of its voter.
-    self_fenced: BTreeSet<String>,
+    /// (With the replica its voter resumed, if any.)
+    self_fenced: BTreeMap<String, Option<PathBuf>>,
 }
 
 /// What an agent asked of a VM migrating away.
@@ -268,7 +274,7 @@ impl Agent {
         }
         // A self-fenced primary's local replica is the VM's state only while the VM stays
         // wanted here as primary.
-        self.self_fenced.retain(|vm| wanted.get(vm).is_some_and(|w| w.0 == Role::Primary));
+        self.self_fenced.retain(|vm, _| wanted.get(vm).is_some_and(|w| w.0 == Role::Primary));
         // Stop what is no longer wanted here; a VM migrating away is snapshotted first.
         let unwanted: Vec<String> = self.copies.keys().filter(|vm| !wanted.contains_key(*vm)).cloned().collect();
         for vm in unwanted {
@@ -314,7 +320,7 @@ impl Agent {
                 .get(&vm)
                 .is_some_and(|c| c.spec != spec && self.localised(&vm, role, &c.spec) != self.localised(&vm, role, &spec));
             let action = match self.copies.get_mut(&vm) {
-                None if role == Role::Primary && self.self_fenced.contains(&vm) => Some("restarted after self-fencing"),
+                None if role == Role::Primary && self.self_fenced.contains_key(&vm) => Some("restarted after self-fencing"),
                 None => Some("started"),
                 Some(c) if c.role == Role::Backup && role == Role::Primary && voted_backup(&c.spec) => {
                     // Mode 4: the voted group's backup holds a replica (a snapshot and the request
@@ -386,10 +392,18 @@ impl Agent {
                     if role == Role::Primary {
                         let mut replica = self.spec_file(&vm, role).into_os_string();
                         replica.push(".local/replica");
+                        // (`replica.old`: the one the last voter resumed, when it ended before
+                        // it had its own; `vigil local` takes that one then.)
+                        let held = |r: &Path| r.join("current").is_file() || r.with_file_name("replica.old").join("current").is_file();
+                        // Without a local one, the replica the last voter resumed (the backup's,
+                        // after a takeover): it ended before it had its own, serving nothing.
+                        let replica = PathBuf::from(&replica);
+                        let last = self.copies.get(&vm).and_then(|c| resumed(&c.spec)).or(self.self_fenced.get(&vm).cloned().flatten());
+                        let resume = if held(&replica) { Some(replica) } else { last.filter(|r| r.join("current").is_file()) };
                         spec = serde_json::from_slice::<crate::VmSpec>(&spec)
                             .ok()
                             .and_then(|mut s| {
-                                s.local.as_mut()?.resume = Some(PathBuf::from(&replica)).filter(|r| r.join("current").is_file());
+                                s.local.as_mut()?.resume = resume;
                                 serde_json::to_vec_pretty(&s).ok()
                             })
                             .unwrap_or(spec);

@@ -245,8 +245,13 @@ pub fn run(a: &Args) -> Result<u8> {
     let replica = p.dir.join("replica");
     let resume = match &p.resume {
         Some(dir) => {
-            let dir = if *dir == replica {
-                let old = p.dir.join("replica.old");
+            let old = p.dir.join("replica.old");
+            let dir = if *dir == replica && !replica.join("current").is_file() && old.join("current").is_file() {
+                // The voter before this one ended before it had a replica of its own (while
+                // its instances were restored: it served nothing): the one it resumed is the
+                // state.
+                old
+            } else if *dir == replica {
                 let _ = std::fs::remove_dir_all(&old);
                 std::fs::rename(&replica, &old).with_context(|| format!("the replica in {}", replica.display()))?;
                 old
