@@ -270,7 +270,12 @@ pub fn run(a: &Args) -> Result<u8> {
             };
             Some(agent::voter::remote::read_replica(&dir).with_context(|| format!("the replica in {}", dir.display()))?)
         }
-        None => None,
+        None => {
+            // A fresh start: an earlier life's replica is no state of this one (a restart
+            // takes `replica.old` only when the voter that set it aside had none of its own).
+            let _ = std::fs::remove_dir_all(p.dir.join("replica.old"));
+            None
+        }
     };
     for inst in &instances {
         driver::create_netns(&inst.netns)?;
