@@ -562,7 +562,7 @@ fn mode_4_a_host_failure_is_taken_over_with_voting_resumed() {
     std::thread::sleep(Duration::from_secs(1));
     // The voter on hostA SIGKILLed first: its agent restarts it from its local replica, and it
     // protects the group again with a new session to hostB (a new snapshot).
-    let pid = voter_pid(&cluster, "hostA").expect("the voter on hostA");
+    let pid = wait_voter_pid(&cluster, "hostA");
     assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().expect("kill").success());
     let t = Instant::now();
     loop {
@@ -681,7 +681,7 @@ fn mode_4_a_host_failure_is_taken_over_with_voting_resumed() {
     // The voter itself SIGKILLed (its instances die with it): hostB's agent starts it again,
     // and it continues the instances' state from its local replica.
     let continued = events_with(&status_json(&d), "continues from the replica");
-    let pid = voter_pid(&cluster, "hostB").expect("the voter on hostB");
+    let pid = wait_voter_pid(&cluster, "hostB");
     assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().expect("kill").success());
     let killed_at = Instant::now();
     let t = Instant::now();
@@ -718,6 +718,19 @@ fn mode_4_a_host_failure_is_taken_over_with_voting_resumed() {
     assert!(now >= last, "GET m4 = {now} after {last} was acknowledged");
     drop(_down);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The pid of host `host`'s voter, once it runs (its agent may be restarting it: after
+/// self-fencing on a loaded machine).
+fn wait_voter_pid(cluster: &Path, host: &str) -> u32 {
+    let t = Instant::now();
+    loop {
+        if let Some(pid) = voter_pid(cluster, host) {
+            return pid;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "no voter on {host}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The pid of the store's server (`vigil store serve`) of the cluster in `cluster`.
