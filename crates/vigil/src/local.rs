@@ -261,6 +261,9 @@ pub fn run(a: &Args) -> Result<u8> {
                     let mut c = store::Client::connect(sock).context("the cluster store")?;
                     let dropped = c.try_read(&agent::voter::remote::dropped_path(&p.vm)).context("the cluster store")?;
                     if let Err(e) = agent::voter::remote::check_not_dropped(dir, dropped.as_deref()) {
+                        // Void, so that no restart of this voter tries it again (the agent
+                        // resumes the replica the last voter resumed when it has none of its own).
+                        let _ = std::fs::remove_file(dir.join("current"));
                         let what = format!("{}: not taken over from its replica: {e}; it starts without its state", p.vm);
                         let _ = agent::cluster::log_event(&mut c, &agent::cluster::Event::now(&format!("voter:{}", p.vm), what));
                         bail!("{e}");
