@@ -93,6 +93,7 @@ pub fn run(cfg: &Config) -> Result<()> {
         monitor: crate::monitor::Monitor::start(),
         migrations: BTreeMap::new(),
         policy_asked: BTreeMap::new(),
+        self_fenced: BTreeMap::new(),
     };
     agent.beat = cluster::read_counter(&mut store, &cluster::heartbeat_path(&cfg.host))?.unwrap_or(0);
     agent.adopt(&mut store)?;
@@ -119,12 +120,25 @@ pub fn run(cfg: &Config) -> Result<()> {
                 // renewal, the manager may soon declare the host failed and start its VMs
                 // elsewhere; stop them first.
                 if agent.last_renewal.elapsed() > cfg.lease / 2 && !agent.copies.is_empty() {
+                    let voted = agent.copies.iter().filter(|(_, c)| c.role == Role::Primary && voted_primary(&c.spec));
+                    let voted: Vec<(String, Option<PathBuf>)> = voted.map(|(vm, c)| (vm.clone(), resumed(&c.spec))).collect();
+                    agent.self_fenced.extend(voted);
                     agent.stop_all("cannot renew the host's lease: self-fencing");
                 }
             }
         }
         std::thread::sleep(cfg.period.saturating_sub(t0.elapsed()));
     }
+}
+
+/// The replica a voted primary's voter was started from (`local.resume`).
+fn resumed(spec: &[u8]) -> Option<PathBuf> {
+    serde_json::from_slice::<crate::VmSpec>(spec).ok()?.local?.resume
+}
+
+/// Whether a primary's spec is a voted VM's.
+fn voted_primary(spec: &[u8]) -> bool {
+    serde_json::from_slice::<crate::VmSpec>(spec).ok().is_some_and(|s| s.local.is_some())
 }
 
 /// Whether a backup's spec is a voted group's (mode 4).
@@ -156,6 +170,11 @@ struct Agent {
     migrations: BTreeMap<String, Asked>,
     /// The checkpoint policy last asked of each VM's driver, and when.
     policy_asked: BTreeMap<String, (String, Instant)>,
+    /// Voted primaries this agent stopped while self-fencing (the host kept, never declared
+    /// failed): such a VM continues its instances' state from its local replica when it starts
+    /// here again, as after a crash of its voter.
+    /// (With the replica its voter resumed, if any.)
+    self_fenced: BTreeMap<String, Option<PathBuf>>,
 }
 
 /// What an agent asked of a VM migrating away.
@@ -263,6 +282,9 @@ impl Agent {
                 }
             }
         }
+        // A self-fenced primary's local replica is the VM's state only while the VM stays
+        // wanted here as primary.
+        self.self_fenced.retain(|vm, _| wanted.get(vm).is_some_and(|w| w.0 == Role::Primary));
         // Stop what is no longer wanted here; a VM migrating away is snapshotted first.
         let unwanted: Vec<String> = self.copies.keys().filter(|vm| !wanted.contains_key(*vm)).cloned().collect();
         for vm in unwanted {
@@ -303,7 +325,12 @@ impl Agent {
                 }
             }
             self.waiting.remove(&vm);
+            let changed = self
+                .copies
+                .get(&vm)
+                .is_some_and(|c| c.spec != spec && self.localised(&vm, role, &c.spec) != self.localised(&vm, role, &spec));
             let action = match self.copies.get_mut(&vm) {
+                None if role == Role::Primary && self.self_fenced.contains_key(&vm) => Some("restarted after self-fencing"),
                 None => Some("started"),
                 Some(c) if c.role == Role::Backup && role == Role::Primary && voted_backup(&c.spec) => {
                     // Mode 4: the voted group's backup holds a replica (a snapshot and the request
@@ -342,7 +369,7 @@ impl Agent {
                     stop(c);
                     Some("restarted in its new role")
                 }
-                Some(c) if c.role == Role::Backup && c.spec != spec && c.state == CopyState::Backup && only_then_policy(&c.spec, &spec) => {
+                Some(c) if c.role == Role::Backup && changed && c.state == CopyState::Backup && only_then_policy(&c.spec, &spec) => {
                     // Only the policy it would run after a takeover changed (the manager
                     // adapted the VM's checkpoint interval): no new synchronisation for that;
                     // a backup that takes over is given the policy then
@@ -350,7 +377,10 @@ impl Agent {
                     c.spec = spec.clone();
                     None
                 }
-                Some(c) if c.role == Role::Backup && c.spec != spec && c.state == CopyState::Backup => {
+                // (A copy adopted after the agent's restart has the spec its file holds,
+                // localised: compared as this host runs it, or an unchanged backup would be
+                // restarted, voiding its replica.)
+                Some(c) if c.role == Role::Backup && changed && c.state == CopyState::Backup => {
                     // Where it listens or what it does after a takeover changed: start over
                     // (the primary synchronises it again).
                     stop(c);
@@ -371,21 +401,33 @@ impl Agent {
             };
             if let Some(why) = action {
                 self.fresh(store)?;
-                if why == "restarted after a crash" {
+                if why == "restarted after a crash" || why == "restarted after self-fencing" {
                     spec = fresh_spec(&spec);
-                    // A voted VM's voter continues its instances' state from its local replica.
+                    // A voted VM's voter continues its instances' state from its local replica
+                    // (after self-fencing too: the host was never declared failed, so nothing
+                    // ran the VM elsewhere, and a fresh start would lose acknowledged requests,
+                    // the backup's replica included, which the new voter's session voids).
                     if role == Role::Primary {
                         let mut replica = self.spec_file(&vm, role).into_os_string();
                         replica.push(".local/replica");
+                        // (`replica.old`: the one the last voter resumed, when it ended before
+                        // it had its own; `vigil local` takes that one then.)
+                        let held = |r: &Path| r.join("current").is_file() || r.with_file_name("replica.old").join("current").is_file();
+                        // Without a local one, the replica the last voter resumed (the backup's,
+                        // after a takeover): it ended before it had its own, serving nothing.
+                        let replica = PathBuf::from(&replica);
+                        let last = self.copies.get(&vm).and_then(|c| resumed(&c.spec)).or(self.self_fenced.get(&vm).cloned().flatten());
+                        let resume = if held(&replica) { Some(replica) } else { last.filter(|r| r.join("current").is_file()) };
                         spec = serde_json::from_slice::<crate::VmSpec>(&spec)
                             .ok()
                             .and_then(|mut s| {
-                                s.local.as_mut()?.resume = Some(PathBuf::from(&replica)).filter(|r| r.join("current").is_file());
+                                s.local.as_mut()?.resume = resume;
                                 serde_json::to_vec_pretty(&s).ok()
                             })
                             .unwrap_or(spec);
                     }
                 }
+                self.self_fenced.remove(&vm);
                 let restarts = self.copies.get(&vm).map_or(0, |c| c.restarts + u32::from(why == "restarted after a crash"));
                 // A migration's snapshot is restored once: the VM ran on from it, so starting
                 // it again later (after a crash, or after this agent stopped it to fence
@@ -588,10 +630,16 @@ impl Agent {
         self.cfg.state_dir.join(format!("{vm}.replication.json"))
     }
 
-    /// The spec as this host runs it: with its local replication state file.
+    /// The spec as this host runs it: with its local replication state file (removed: the
+    /// copy about to start writes it anew).
     fn localise(&self, vm: &str, role: Role, spec: &[u8]) -> Vec<u8> {
-        let file = Some(self.state_file(vm));
         let _ = std::fs::remove_file(self.state_file(vm));
+        self.localised(vm, role, spec)
+    }
+
+    /// `spec` as this host's copy runs it (the same for a spec already localised).
+    fn localised(&self, vm: &str, role: Role, spec: &[u8]) -> Vec<u8> {
+        let file = Some(self.state_file(vm));
         let out = match role {
             Role::Primary => serde_json::from_slice::<crate::VmSpec>(spec).ok().map(|mut s| {
                 if let Some(p) = s.protection.as_mut() {

@@ -245,8 +245,13 @@ pub fn run(a: &Args) -> Result<u8> {
     let replica = p.dir.join("replica");
     let resume = match &p.resume {
         Some(dir) => {
-            let dir = if *dir == replica {
-                let old = p.dir.join("replica.old");
+            let old = p.dir.join("replica.old");
+            let dir = if *dir == replica && !replica.join("current").is_file() && old.join("current").is_file() {
+                // The voter before this one ended before it had a replica of its own (while
+                // its instances were restored: it served nothing): the one it resumed is the
+                // state.
+                old
+            } else if *dir == replica {
                 let _ = std::fs::remove_dir_all(&old);
                 std::fs::rename(&replica, &old).with_context(|| format!("the replica in {}", replica.display()))?;
                 old
@@ -256,6 +261,9 @@ pub fn run(a: &Args) -> Result<u8> {
                     let mut c = store::Client::connect(sock).context("the cluster store")?;
                     let dropped = c.try_read(&agent::voter::remote::dropped_path(&p.vm)).context("the cluster store")?;
                     if let Err(e) = agent::voter::remote::check_not_dropped(dir, dropped.as_deref()) {
+                        // Void, so that no restart of this voter tries it again (the agent
+                        // resumes the replica the last voter resumed when it has none of its own).
+                        let _ = std::fs::remove_file(dir.join("current"));
                         let what = format!("{}: not taken over from its replica: {e}; it starts without its state", p.vm);
                         let _ = agent::cluster::log_event(&mut c, &agent::cluster::Event::now(&format!("voter:{}", p.vm), what));
                         bail!("{e}");
@@ -265,7 +273,12 @@ pub fn run(a: &Args) -> Result<u8> {
             };
             Some(agent::voter::remote::read_replica(&dir).with_context(|| format!("the replica in {}", dir.display()))?)
         }
-        None => None,
+        None => {
+            // A fresh start: an earlier life's replica is no state of this one (a restart
+            // takes `replica.old` only when the voter that set it aside had none of its own).
+            let _ = std::fs::remove_dir_all(p.dir.join("replica.old"));
+            None
+        }
     };
     for inst in &instances {
         driver::create_netns(&inst.netns)?;

@@ -562,7 +562,7 @@ fn mode_4_a_host_failure_is_taken_over_with_voting_resumed() {
     std::thread::sleep(Duration::from_secs(1));
     // The voter on hostA SIGKILLed first: its agent restarts it from its local replica, and it
     // protects the group again with a new session to hostB (a new snapshot).
-    let pid = voter_pid(&cluster, "hostA").expect("the voter on hostA");
+    let pid = wait_voter_pid(&cluster, "hostA");
     assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().expect("kill").success());
     let t = Instant::now();
     loop {
@@ -576,6 +576,43 @@ fn mode_4_a_host_failure_is_taken_over_with_voting_resumed() {
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!("hostA's voter SIGKILLed: restarted from its local replica and protected again in {:?}", t.elapsed());
+    std::thread::sleep(Duration::from_secs(1));
+    // The store stalls (its server SIGSTOPped for 800 ms, more than half the hosts' 500 ms
+    // lease; its supervisor restarts it after 300 ms of missed heartbeats): both agents
+    // self-fence (hostA's voter stopped, hostB's receiver and logger),
+    // and the manager fails no host (it could not read the heartbeats either). hostA's agent
+    // starts the voter again from its local replica (it started afresh: every acknowledged
+    // increment lost, and the new session voided hostB's replica too), protected again.
+    let v = status_json(&d);
+    let (continued, protected) = (events_with(&v, "continues from the replica"), events_with(&v, "protected: the backup holds"));
+    let store = store_server_pid(&cluster).expect("the store's server");
+    assert!(Command::new("kill").args(["-STOP", &store.to_string()]).status().expect("kill").success());
+    std::thread::sleep(Duration::from_millis(800));
+    // (Its supervisor may have found it hung and started another by then.)
+    let _ = Command::new("kill").args(["-CONT", &store.to_string()]).stderr(Stdio::null()).status();
+    let t = Instant::now();
+    loop {
+        let v = status_json(&d);
+        let vm = v["vms"].as_array().and_then(|a| a.iter().find(|x| x["vm"] == "relay")).cloned().unwrap_or_default();
+        // (hostA's agent may instead hang in the stall and be replaced by its respawner, which
+        // adopts the voter still running: then nothing restarts it. Either way the client's
+        // every value is checked.)
+        let fenced = events_with(&v, "restarted after self-fencing the primary of relay") >= 1;
+        if (!fenced || events_with(&v, "continues from the replica") > continued)
+            && events_with(&v, "protected: the backup holds") > protected
+            && vm["replication"] == "protected"
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "not continued and protected again after self-fencing: {}", status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "the store stalled 800 ms: hostA self-fenced, its voter continued from its local replica, protected again in {:?}",
+        t.elapsed()
+    );
+    // (What hostB's takeover is counted from, should the manager fail hostA by itself.)
+    let settled = events_with(&status_json(&d), "continues from the replica");
     std::thread::sleep(Duration::from_secs(1));
     // Protected, the voted chain's measured latency (the field's probe) stays under its
     // analysed bound, which counts the voting delay and the reply's hold for the log
@@ -595,7 +632,7 @@ fn mode_4_a_host_failure_is_taken_over_with_voting_resumed() {
             );
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "above the bound: {m} > {bound:?}");
+        assert!(t.elapsed() < Duration::from_secs(20), "above the bound: {m} > {bound:?}");
     }
     // The reply's hold for the log (the model's `output_commit`), as hostA's voter measured it.
     let t = Instant::now();
@@ -611,18 +648,42 @@ fn mode_4_a_host_failure_is_taken_over_with_voting_resumed() {
     };
     eprintln!("the backup's log acknowledgements (the last window, ms): {acks}");
     assert!(acks["batches"].as_u64().is_some_and(|b| b > 0), "no acknowledgement measured: {acks}");
+    // hostA fails while the group is protected (a host failure while the backup
+    // resynchronises, after a restart of either side, is refused or loses the replica:
+    // `mode_4_a_dropped_replica_is_never_taken_over`).
+    // (Unless the manager found hostA failed by itself meanwhile — its agent hung on this
+    // loaded machine — and hostB took over already: the same takeover.)
+    let t = Instant::now();
+    let relay =
+        |v: &serde_json::Value| v["vms"].as_array().and_then(|a| a.iter().find(|x| x["vm"] == "relay")).cloned().unwrap_or_default();
+    let continued = loop {
+        let v = status_json(&d);
+        if relay(&v)["replication"] == "protected" && relay(&v)["host"] == "hostA" {
+            break events_with(&v, "continues from the replica");
+        }
+        if relay(&v)["host"] == "hostB" {
+            eprintln!("hostA was found failed before the test failed it: {}", status());
+            break settled;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "not protected before hostA's failure: {}", status());
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let failed_wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
     let out = vigil().args(["fail", "hostA", "--dir", &d]).output().expect("vigil fail");
     assert!(out.status.success(), "vigil fail: {}", String::from_utf8_lossy(&out.stderr));
     let failed_at = Instant::now();
     let t = Instant::now();
-    while events_with(&status_json(&d), "continues from the replica") < 2 {
+    loop {
+        let v = status_json(&d);
+        if events_with(&v, "continues from the replica") > continued && relay(&v)["host"] == "hostB" && relay(&v)["serving"] == true {
+            break;
+        }
         assert!(t.elapsed() < Duration::from_secs(30), "hostB did not take over: {}", status());
         std::thread::sleep(Duration::from_millis(100));
     }
     let text = status();
     let took = failed_at.elapsed();
-    let line = text.lines().find(|l| l.contains("serving in")).unwrap_or_default();
+    let line = text.lines().rfind(|l| l.contains("serving in")).unwrap_or_default();
     eprintln!("hostA failed; the relay serves on hostB within {took:?} ({})", line.trim());
     // Voting resumed on hostB: a crashed instance there is masked and repaired.
     std::thread::sleep(Duration::from_secs(1));
@@ -633,14 +694,15 @@ fn mode_4_a_host_failure_is_taken_over_with_voting_resumed() {
     std::thread::sleep(Duration::from_secs(1));
     // The voter itself SIGKILLed (its instances die with it): hostB's agent starts it again,
     // and it continues the instances' state from its local replica.
-    let pid = voter_pid(&cluster, "hostB").expect("the voter on hostB");
+    let continued = events_with(&status_json(&d), "continues from the replica");
+    let pid = wait_voter_pid(&cluster, "hostB");
     assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().expect("kill").success());
     let killed_at = Instant::now();
     let t = Instant::now();
     loop {
         let out = vigil().args(["status", "--dir", &d, "--json"]).output().expect("vigil status");
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
-        if events_with(&v, "continues from the replica") >= 3 {
+        if events_with(&v, "continues from the replica") > continued && relay(&v)["serving"] == true {
             break;
         }
         assert!(t.elapsed() < Duration::from_secs(30), "the voter did not come back: {}", status());
@@ -670,6 +732,34 @@ fn mode_4_a_host_failure_is_taken_over_with_voting_resumed() {
     assert!(now >= last, "GET m4 = {now} after {last} was acknowledged");
     drop(_down);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The pid of host `host`'s voter, once it runs (its agent may be restarting it: after
+/// self-fencing on a loaded machine).
+fn wait_voter_pid(cluster: &Path, host: &str) -> u32 {
+    let t = Instant::now();
+    loop {
+        if let Some(pid) = voter_pid(cluster, host) {
+            return pid;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "no voter on {host}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The pid of the store's server (`vigil store serve`) of the cluster in `cluster`.
+fn store_server_pid(cluster: &Path) -> Option<u32> {
+    let socket = std::fs::canonicalize(cluster).unwrap_or(cluster.to_path_buf()).join("store.sock");
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmd.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let socket_arg = args.windows(2).find(|w| w[0] == "--socket").map(|w| std::fs::canonicalize(&w[1]).unwrap_or(PathBuf::from(&w[1])));
+        if args.windows(2).any(|w| w[0] == "store" && w[1] == "serve") && socket_arg.is_some_and(|a| a == socket) {
+            return Some(pid);
+        }
+    }
+    None
 }
 
 /// The pid of the voter (`vigil local --spec`) of host `host` of the cluster in `cluster`.

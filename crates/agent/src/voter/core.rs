@@ -284,6 +284,15 @@ pub enum Action {
         count: u64,
         bytes: Vec<u8>,
     },
+    /// Append requests `from..from + count` to the local replica only (no backup session
+    /// logs them now: none, or a new one before its snapshot). The local replica stays
+    /// complete whatever the backup does, so a voter restarted after a crash never loses a
+    /// reply it released.
+    LogLocal {
+        from: u64,
+        count: u64,
+        bytes: Vec<u8>,
+    },
     Report(Report),
 }
 
@@ -414,6 +423,9 @@ pub struct Voter {
     logged: u64,
     log_from: Option<u64>,
     want_checkpoint: Option<Nanos>,
+    /// The local replica holds a snapshot: every request is logged to it from now on, with a
+    /// backup session or without ([`Action::LogLocal`]).
+    local_log: bool,
     last_checkpoint: u64,
     last_donor: Instance,
     last_checkpoint_at: Nanos,
@@ -451,6 +463,7 @@ impl Voter {
             logged: 0,
             log_from: None,
             want_checkpoint: None,
+            local_log: false,
             last_checkpoint: 0,
             last_donor: 0,
             last_checkpoint_at: 0,
@@ -471,6 +484,12 @@ impl Voter {
             }
         }
         std::mem::take(&mut self.out)
+    }
+
+    /// The local replica holds the instances' state before the first request (a voter
+    /// resuming a replica: its snapshot): every request is logged to it from the start.
+    pub fn log_locally(&mut self) {
+        self.local_log = true;
     }
 
     /// Whether the instance serves (takes part in votes).
@@ -686,7 +705,7 @@ impl Voter {
                 break;
             }
             self.req_bytes += r.len();
-            if self.log_from.is_some() {
+            if self.log_from.is_some() || self.local_log {
                 log.extend_from_slice(&r);
             }
             self.reqs.push_back(r);
@@ -705,6 +724,8 @@ impl Voter {
             if every > 0 && self.total - self.last_checkpoint >= every && self.want_checkpoint.is_none() && !running {
                 self.want_checkpoint = Some(self.now.max(self.last_checkpoint_at + self.cfg.checkpoint_min_interval));
             }
+        } else if self.local_log && self.total > first {
+            self.out.push(Action::LogLocal { from: first, count: self.total - first, bytes: log });
         }
         if pushed {
             // One write per instance for all the requests of this read.
@@ -1150,6 +1171,7 @@ impl Voter {
                 self.last_checkpoint = p;
                 self.last_checkpoint_at = self.now;
                 self.last_donor = d;
+                self.local_log = true;
             }
             self.give(d, self.total);
             self.trim();

@@ -617,14 +617,30 @@ pub fn run(mut spec: GroupSpec, ready: Duration) -> Result<()> {
             replay.push_back(chunk);
         }
     }
+    // The local replica starts as the replica resumed (its snapshot linked, the state before
+    // this voter's first request; the replay is logged after it), so that it holds every
+    // request from the start: a crash before this voter's first snapshot loses nothing.
+    let mut log_locally = false;
     let local = match &spec.replica {
         Some(dir) => {
             let mut st = super::remote::Store::open(dir)?;
             st.reset()?;
+            if let Some(r) = &spec.resume {
+                match st.link_snapshot(&r.snapshot, 0) {
+                    Ok(()) => log_locally = true,
+                    Err(e) => {
+                        tracing::warn!("{}: the local replica starts at the first snapshot: {e}", spec.vm);
+                        st.reset()?;
+                    }
+                }
+            }
             Some(st)
         }
         None => None,
     };
+    if log_locally {
+        voter.log_locally();
+    }
     let mut d = Driver {
         store_events,
         local,
@@ -910,15 +926,12 @@ impl Driver {
     }
 
     /// The backup's session ended or was given up: its acknowledgements count no more, and the
-    /// replies it held may go once the drop is recorded (`finish_drop`).
+    /// replies it held may go once the drop is recorded (`finish_drop`). The local replica
+    /// stays: every request goes on to its log (`Action::LogLocal`), so a voter restarted
+    /// while the group is unprotected continues every reply it released.
     fn begin_drop(&mut self, why: String) {
         self.backup_session = 0;
         self.log_sent.clear();
-        // The log stops until the next backup's snapshot: the local replica would miss
-        // requests meanwhile, so it is void until then.
-        if let Some(st) = self.local.as_mut() {
-            let _ = st.reset();
-        }
         self.pending_drop = Some((why, self.backup_nonce));
     }
 
@@ -1132,6 +1145,14 @@ impl Driver {
                             Some(upto) => Some(Event::BackupLogged(upto)),
                             None => Some(Event::BackupLost("the local replica failed".into())),
                         };
+                    }
+                }
+            }
+            Action::LogLocal { from, count, bytes } => {
+                if let Some(st) = self.local.as_mut() {
+                    if let Err(e) = st.append(from, count, &bytes) {
+                        tracing::error!("{}: the local replica: {e}", self.spec.vm);
+                        self.local = None;
                     }
                 }
             }

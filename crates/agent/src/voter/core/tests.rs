@@ -320,6 +320,11 @@ struct Sim {
     checkpoint: Option<i64>,
     replica: Option<(i64, u64)>,
     log_end: u64,
+    /// The voter's local replica (the driver's `remote::Store` on its own host): written as
+    /// the actions come (a snapshot shipped, the requests logged), never lost with the backup.
+    local: Option<(i64, u64)>,
+    local_end: u64,
+    local_checks: u64,
     /// The largest value a client was sent.
     max_seen: i64,
     protected_checks: u64,
@@ -378,6 +383,29 @@ impl Sim {
                 self.log_end = self.log_end.max(from + n);
             }
         }
+    }
+
+    fn log_local(&mut self, from: u64, count: u64) {
+        if self.local.is_some() {
+            assert!(from <= self.local_end, "seed {}: a gap in the local log: {from} after {}", self.seed, self.local_end);
+            self.local_end = self.local_end.max(from + count);
+        }
+    }
+
+    /// Once the local replica holds a snapshot, it holds every increment a client has seen
+    /// (a voter restarted now, after a crash, loses none), the backup connected or not.
+    fn check_local(&mut self) {
+        let Some((count, pos)) = self.local else { return };
+        let covered = count + (self.local_end - pos) as i64;
+        assert!(
+            covered >= self.max_seen,
+            "seed {}: a client saw {}, the local replica holds {covered} ({count} + log {pos}..{})\n{}",
+            self.seed,
+            self.max_seen,
+            self.local_end,
+            self.log[self.log.len().saturating_sub(60)..].join("\n")
+        );
+        self.local_checks += 1;
     }
 
     /// While the voter says it is protected, a takeover now (the replica's snapshot and its
@@ -465,10 +493,18 @@ impl Sim {
                 Action::ShipSnapshot { position, .. } => {
                     let count = self.checkpoint.take().expect("a snapshot was taken");
                     self.wire.push_back(Wire::Ship(count, position));
+                    self.local = Some((count, position));
+                    self.local_end = self.local_end.max(position);
                 }
                 Action::Log { from, count, bytes } => {
                     assert_eq!(resp_count(&bytes), count, "seed {}", self.seed);
                     self.wire.push_back(Wire::Log(from, count));
+                    self.log_local(from, count);
+                }
+                Action::LogLocal { from, count, bytes } => {
+                    assert_eq!(resp_count(&bytes), count, "seed {}", self.seed);
+                    assert!(self.local.is_some(), "seed {}: logged locally before any snapshot", self.seed);
+                    self.log_local(from, count);
                 }
                 Action::Report(r) => {
                     self.log.push(format!("{} {r:?}", self.now / 1_000_000));
@@ -502,6 +538,7 @@ impl Sim {
         }
         self.apply(acts);
         self.check_replica();
+        self.check_local();
     }
 
     fn step(&mut self) {
@@ -640,6 +677,9 @@ fn simulate(backup: bool) {
             checkpoint: None,
             replica: None,
             log_end: 0,
+            local: None,
+            local_end: 0,
+            local_checks: 0,
             max_seen: 0,
             protected_checks: 0,
         };
@@ -685,6 +725,9 @@ fn simulate(backup: bool) {
             let (count, pos) = sim.replica.expect("a replica");
             let final_count = sim.servers[0].as_ref().map(Sim::count).unwrap_or(0);
             assert_eq!(count + (sim.log_end - pos) as i64, final_count, "seed {seed}: the replica holds every request");
+            let (count, pos) = sim.local.expect("a local replica");
+            assert_eq!(count + (sim.local_end - pos) as i64, final_count, "seed {seed}: the local replica holds every request");
+            assert!(sim.local_checks > 1000, "seed {seed}: only {} checks of the local replica", sim.local_checks);
         }
     }
 }
