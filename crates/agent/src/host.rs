@@ -446,6 +446,7 @@ impl Agent {
                 }
                 match self.spawn(&vm, role, &spec) {
                     Ok((child, pid)) => {
+                        crash_after_spawn(&self.cfg.state_dir, &host, &vm);
                         if let Some(r) =
                             restore.filter(|_| serde_json::from_slice::<crate::VmSpec>(&spec).is_ok_and(|s| s.restore.is_some()))
                         {
@@ -812,7 +813,38 @@ impl Agent {
                 );
             }
         }
+        self.kill_orphans(store);
         Ok(())
+    }
+
+    /// Kills the processes running one of this host's spec files that no record names — a
+    /// copy the previous agent started and was replaced (by its respawner) before it recorded
+    /// it. Left alive, such an orphan holds the copy's port and tap, and the copy this agent
+    /// starts in its place crash-loops (found by the mode 4 test under load).
+    fn kill_orphans(&mut self, store: &mut store::Client) {
+        let Ok(entries) = std::fs::read_dir(&self.cfg.state_dir) else { return };
+        let files: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file() && p.to_str().is_some_and(|n| n.ends_with(".primary.json") || n.ends_with(".backup.json")))
+            .collect();
+        if files.is_empty() {
+            return;
+        }
+        let adopted: Vec<u32> = self.copies.values().map(|c| c.pid).collect();
+        let Ok(procs) = std::fs::read_dir("/proc") else { return };
+        for pid in procs.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()) {
+            if adopted.contains(&pid) || pid == std::process::id() || !alive(pid) {
+                continue;
+            }
+            if let Some(f) = files.iter().find(|f| runs_file(pid, f)) {
+                // SAFETY: kill(2) of a process running this host's spec file (checked above).
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                let what = format!("killed pid {pid}, left running {} by the previous agent but never recorded", f.display());
+                tracing::warn!("agent {}: {what}", self.cfg.host);
+                let _ = cluster::log_event(store, &Event::now(&self.cfg.host, what));
+            }
+        }
     }
 
     fn stop_all(&mut self, why: &str) {
@@ -913,6 +945,19 @@ fn lock(path: &Path, host: &str) -> Result<File> {
     let _ = f.set_len(0);
     let _ = std::io::Write::write_all(&mut &f, std::process::id().to_string().as_bytes());
     Ok(f)
+}
+
+/// Fault injection for tests: `VIGIL_AGENT_CRASH_AFTER_SPAWN=HOST:VM` makes HOST's agent abort
+/// right after it started a copy of VM, before it recorded it — once (a marker file in its
+/// state directory remembers), as an agent replaced by its respawner at that moment would.
+fn crash_after_spawn(state_dir: &Path, host: &str, vm: &str) {
+    let Ok(want) = std::env::var("VIGIL_AGENT_CRASH_AFTER_SPAWN") else { return };
+    let marker = state_dir.join("crashed-after-spawn");
+    if want == format!("{host}:{vm}") && !marker.exists() {
+        let _ = std::fs::write(&marker, vm);
+        tracing::error!("agent {host}: crashing right after starting a copy of {vm} (VIGIL_AGENT_CRASH_AFTER_SPAWN)");
+        std::process::abort();
+    }
 }
 
 /// `service` as the copies of a host whose agent uses the store at `store` ask it.

@@ -488,6 +488,28 @@ fn a_vm_moved_by_its_snapshot_never_comes_back_to_that_snapshot() {
     assert!(events.contains("starting afresh"), "{events}");
 }
 
+/// An agent that dies right after it started a copy, before recording it (found in the mode 4
+/// test, where the respawner had replaced a hung agent at that moment): the new agent must not
+/// leave that process running beside the copy it starts (the orphan held the port, the new
+/// copy crash-looped on "Address already in use").
+#[test]
+fn an_agent_that_dies_before_recording_a_copy_leaves_no_orphan() {
+    if no_kvm("an_agent_that_dies_before_recording_a_copy_leaves_no_orphan") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let up = Up::start_env("orphan", "ta", &[], &[("VIGIL_AGENT_CRASH_AFTER_SPAWN", "hostB:relay")]);
+    let st = up.wait("every VM serving, relay protected", 60, |ok, v| ok && vm(v, "relay")["replication"] == "protected");
+    // One backup of the relay runs on hostB, and it never had to fight for its port.
+    let host_b = up.file()["host_ns"]["hostB"].as_str().unwrap().to_string();
+    let backups = processes(&ns_pids(&host_b), "relay.backup.json");
+    assert_eq!(backups.len(), 1, "copies of relay's backup on hostB: {backups:?}");
+    let log = std::fs::read_to_string(up.dir.join("hosts/hostB/relay.backup.log")).unwrap_or_default();
+    assert!(!log.contains("Address already in use"), "{log}");
+    let events = st["events"].to_string();
+    assert!(events.contains("never recorded"), "the orphan was not found: {events}");
+}
+
 #[test]
 fn a_migration_whose_source_dies_midway_ends_at_the_destination_with_every_write() {
     if no_kvm("a_migration_whose_source_dies_midway_ends_at_the_destination_with_every_write") {
