@@ -405,17 +405,8 @@ mod tests {
     /// died) finds the generations and registrations there.
     #[test]
     fn the_table_in_the_store_survives_the_arbiter() {
-        let d = dir("store");
-        let cfg = store::server::Config {
-            socket: d.join("sock"),
-            data: d.join("data"),
-            quota: Default::default(),
-            etcd: None,
-            etcd_lease_ttl: 0,
-        };
-        let server = store::server::Server::bind(&cfg).expect("store");
-        std::thread::spawn(move || server.run());
-        let state: State = format!("store:{}", cfg.socket.display()).parse().expect("state");
+        let socket = crate::fencing::tests::store("arbiter-table");
+        let state: State = format!("store:{}", socket.display()).parse().expect("state");
         let a = serve(TcpListener::bind("127.0.0.1:0").expect("bind"), &state, key(1)).expect("serve");
         let mut c = Client::new(&a.addr.to_string(), Duration::from_secs(2), key(1));
         for vm in ["v", "w"] {

@@ -243,10 +243,11 @@ pub fn spawn<I: Send + 'static>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn store(name: &str) -> PathBuf {
+    /// A store server in a new directory, on a thread; its socket (shared with the arbiter's tests).
+    pub(crate) fn store(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("vigil-fencing-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).expect("dir");
