@@ -32,7 +32,7 @@
 //! daemon feeds the figures and applies them), so they are unit-tested here.
 
 use agent::cluster::ReplicationFigures;
-use model::replication::{largest_fixed_interval_measured, Measured};
+use model::replication::{fixed_interval_with, largest_fixed_interval_measured, Measured};
 use model::Loaded;
 use rtc::Q;
 use serde::{Deserialize, Serialize};
@@ -191,6 +191,18 @@ impl Adapter {
         let at = Q::int((at * 1000.0).round() as i64);
         let copy_us = (copy_ms * 1e3 * MARGIN).ceil();
         let m = Measured { pause: Q::int(pause_us as i64), copy: Q::int(copy_us as i64), ack: Q::int(ack_us as i64), at: at.clone() };
+        // When the values the interval in force was analysed for are exceeded, it stays if it
+        // still keeps every deadline with the measured ones (the search may find a longer
+        // one, not yet due, or — deadlines need not hold below an interval that keeps them —
+        // a shorter one in another bracket); its hold for them is the one it now stands for.
+        let at_hold = if exceeded && m.pause_at(&at) < at {
+            match fixed_interval_with(loaded, vm, &at, Some(m.pause_at(&at)), Some(m.ack.clone()))? {
+                Some((true, hold)) => Some(hold),
+                _ => None,
+            }
+        } else {
+            None
+        };
         let choice = largest_fixed_interval_measured(loaded, vm, &m)?;
         let why = |what: &str| {
             format!(
@@ -203,7 +215,7 @@ impl Adapter {
                 ((MARGIN - 1.0) * 100.0).round()
             )
         };
-        let Some(t) = choice.interval else {
+        let Some(t) = choice.interval.or_else(|| at_hold.as_ref().map(|_| at.clone())) else {
             if exceeded && v.none_alerted.is_none_or(|(p, a)| pause_us > 1.5 * p || ack_us > 1.5 * a) {
                 let (p, a) = v.none_alerted.unwrap_or_default();
                 v.none_alerted = Some((pause_us.max(p), ack_us.max(a)));
@@ -217,7 +229,7 @@ impl Adapter {
         v.none_alerted = None;
         let hold_us = choice.commit.as_ref().map_or(0.0, Q::to_f64);
         let to = |why: String| Chosen { policy: policy_name(&t), pause_us, ack_us, hold_us, at_ms: now_ms, why };
-        if t < at || (t > at && since >= GROW_AFTER) {
+        if (t < at && at_hold.is_none()) || (t > at && since >= GROW_AFTER) {
             let what = if t < at {
                 "the measured pauses or acknowledgements are too long for it"
             } else {
@@ -232,7 +244,8 @@ impl Adapter {
         if exceeded {
             // The same interval (or a longer one, not yet due) still holds with the measured
             // values: it stands for them now.
-            let keep = Chosen { policy: v.chosen.policy.clone(), at_ms: v.chosen.at_ms, ..to(why("still holds")) };
+            let hold_us = at_hold.as_ref().map_or(hold_us, Q::to_f64);
+            let keep = Chosen { policy: v.chosen.policy.clone(), at_ms: v.chosen.at_ms, hold_us, ..to(why("still holds")) };
             v.chosen = keep.clone();
             return Ok(Some(Decision::Rebased { basis: keep }));
         }
@@ -254,7 +267,7 @@ pub fn apply<'a>(l: &Loaded, chosen: impl IntoIterator<Item = (&'a String, &'a C
             continue;
         }
         let us = |x: f64| Q::int(x.ceil() as i64);
-        match model::replication::with_interval(&m, vm, &us(t * 1000.0), &us(c.pause_us), &us(c.hold_us)) {
+        match model::replication::with_interval(&m, vm, &Q::int((t * 1000.0).round() as i64), &us(c.pause_us), &us(c.hold_us)) {
             Ok(next) => m = next,
             Err(e) => said.push(e),
         }
@@ -274,8 +287,8 @@ mod tests {
 
     fn declared(at_ms: u64) -> Chosen {
         // What the manager starts from: the example's declared 500 µs pause and 3 ms
-        // acknowledgement give fixed:2.5.
-        Chosen { policy: "fixed:2.5".into(), pause_us: 500.0, ack_us: 3000.0, hold_us: 8097.0, at_ms, why: "declared".into() }
+        // acknowledgement give fixed:3.48 (a hold of 9.077 ms).
+        Chosen { policy: "fixed:3.48".into(), pause_us: 500.0, ack_us: 3000.0, hold_us: 9077.152, at_ms, why: "declared".into() }
     }
 
     /// A window with these 99th percentiles (the page copying a quarter of the pause).
@@ -317,33 +330,45 @@ mod tests {
         let d = feed(&mut a, &l, 40_000, 30, 0.2, 0.8);
         assert_eq!(d.len(), 1, "{d:?}");
         let Decision::Switch { from, to } = &d[0] else { panic!("{d:?}") };
-        assert_eq!(from, "fixed:2.5");
-        assert_eq!(to.policy, "fixed:5", "{to:?}");
+        assert_eq!(from, "fixed:3.48");
+        assert_eq!(to.policy, "fixed:6.37", "{to:?}");
         assert!(to.why.contains("allow a longer"), "{to:?}");
         assert_eq!((to.pause_us, to.ack_us), (250.0, 1000.0));
-        // Checked independently: fixed:5 holds with the pause it may reach (the copying part
-        // scaled from 2.5 to 5 ms: 250 + 63 µs) and the acknowledgement; fixed:10 does not
-        // (250 + 3 × 63 µs).
-        let ok = |t: i64, p: i64| model::replication::fixed_interval_with(&l, "relay", &Q::int(t), Some(Q::int(p)), Some(Q::int(1000)));
-        assert!(matches!(ok(5_000, 313), Ok(Some((true, _)))));
-        assert!(matches!(ok(10_000, 439), Ok(Some((false, _)))));
+        // Checked independently: fixed:6.37 holds with the pause it may reach (the copying part
+        // of 63 µs scaled from 3.48 to 6.37 ms) and the acknowledgement; 10 µs longer does not.
+        let measured = |p: i64, c: i64, a: i64, at: i64| model::replication::Measured {
+            pause: Q::int(p),
+            copy: Q::int(c),
+            ack: Q::int(a),
+            at: Q::int(at),
+        };
+        let ok = |t: i64, m: &model::replication::Measured| {
+            model::replication::fixed_interval_with(&l, "relay", &Q::int(t), Some(m.pause_at(&Q::int(t))), Some(m.ack.clone()))
+        };
+        let m = measured(250, 63, 1000, 3480);
+        assert!(matches!(ok(6_370, &m), Ok(Some((true, _)))));
+        assert!(matches!(ok(6_380, &m), Ok(Some((false, _)))));
         // Pauses as before but slower acknowledgements (the backup's host, or the link): at
-        // once (in the first decision with MIN_WINDOWS windows under fixed:5) back to fixed:2.5,
-        // which still holds.
-        let d = feed(&mut a, &l, 80_000, 5, 0.4, 1.6);
+        // once (in the first decision with MIN_WINDOWS windows under fixed:6.37) the longest
+        // interval that holds with them, fixed:4.48.
+        let d = feed(&mut a, &l, 80_000, 3, 0.4, 1.6);
         assert_eq!(d.len(), 1, "{d:?}");
         let Decision::Switch { from, to } = &d[0] else { panic!("{d:?}") };
-        assert_eq!((from.as_str(), to.policy.as_str()), ("fixed:5", "fixed:2.5"), "{to:?}");
+        assert_eq!((from.as_str(), to.policy.as_str()), ("fixed:6.37", "fixed:4.48"), "{to:?}");
         assert!(to.why.contains("too long") && to.why.contains("1.60 ms"), "{to:?}");
-        assert!(matches!(ok(2_500, 500), Ok(Some((true, _)))));
-        // Longer still, within what fixed:2.5 keeps: it stays, standing for them now.
-        let d = feed(&mut a, &l, 90_000, 5, 0.45, 2.2);
+        let m = measured(500, 125, 2000, 6370);
+        assert!(matches!(ok(4_480, &m), Ok(Some((true, _)))));
+        assert!(matches!(ok(4_490, &m), Ok(Some((false, _)))));
+        // Longer pauses, still within what fixed:4.48 keeps: it stays, standing for them now.
+        // (The pause is longer than fixed:4.48 was analysed for, the acknowledgement shorter.)
+        let d = feed(&mut a, &l, 85_000, 5, 0.52, 1.0);
         let [Decision::Rebased { basis }] = &d[..] else { panic!("{d:?}") };
-        assert_eq!((basis.policy.as_str(), basis.ack_us), ("fixed:2.5", 2750.0));
+        assert_eq!((basis.policy.as_str(), basis.pause_us, basis.ack_us), ("fixed:4.48", 650.0, 1250.0));
+        assert!(matches!(ok(4_480, &measured(650, 163, 1250, 4480)), Ok(Some((true, _)))));
         // Pauses so long that no interval holds: said once, the interval stays.
         let d = feed(&mut a, &l, 100_000, 6, 4.0, 1.0);
-        assert_eq!(d, vec![Decision::NoneHolds { policy: "fixed:2.5".into(), pause_us: 5000.0, ack_us: 2750.0 }]);
-        assert_eq!(a.chosen("relay").unwrap().policy, "fixed:2.5");
+        assert_eq!(d, vec![Decision::NoneHolds { policy: "fixed:4.48".into(), pause_us: 5000.0, ack_us: 1250.0 }]);
+        assert_eq!(a.chosen("relay").unwrap().policy, "fixed:4.48");
     }
 
     #[test]
@@ -354,14 +379,18 @@ mod tests {
             let i = m.system.chains.iter().position(|c| c.name == "protection").unwrap();
             a.chains[i].worst.clone().unwrap().to_f64()
         };
-        // Declared: output_commit 7 ms. The interval's own analysis: fixed:2.5 holds 8.097 ms.
+        // Declared: output_commit 7 ms. The interval's own analysis: fixed:3.48 holds 9.077 ms.
         let chosen = declared(0);
         let (m, said) = apply(&l, [(&"relay".to_string(), &chosen)]);
         assert!(said.is_empty(), "{said:?}");
         let dep = m.deployment.as_ref().unwrap();
         let c = dep.vms.iter().find(|v| v.name == "relay").unwrap().checkpoint.as_ref().unwrap();
-        assert_eq!((c.interval.to_f64(), c.commit.as_ref().map(Q::to_f64)), (2500.0, Some(8097.0)));
-        assert!((bound(&m) - bound(&l) - 1097.0).abs() < 1.0, "{} → {}", bound(&l), bound(&m));
+        // (The hold in whole µs, rounded up.)
+        assert_eq!((c.interval.to_f64(), c.commit.as_ref().map(Q::to_f64)), (3480.0, Some(9078.0)));
+        // The chain's bound grows by less than the 2.078 ms of extra hold (pauses every 3.48 ms
+        // instead of 2.5 take less from the relay's tasks), and stays within its 15 ms: the
+        // longest interval keeps it with 1.2 µs to spare.
+        assert!(bound(&m) - bound(&l) > 1000.0 && bound(&m) <= 15_000.0, "{} → {}", bound(&l), bound(&m));
         // fixed:5 (a hold of 10.6 ms, pauses half as often): the chain misses its 15 ms, as
         // the interval's own analysis says (`vigil analyze --intervals`).
         let longer = Chosen { policy: "fixed:5".into(), hold_us: 10_600.0, ..declared(0) };
@@ -380,12 +409,12 @@ mod tests {
         a.track("relay", declared(0));
         for i in 0..10 {
             a.observe("relay", &window("adaptive", 2_000 + i * 1000, 3.0, 9.0));
-            a.observe("relay", &ReplicationFigures { per_second: 0.0, ..window("fixed:2.5", 2_000 + i * 1000, 3.0, 9.0) });
+            a.observe("relay", &ReplicationFigures { per_second: 0.0, ..window("fixed:3.48", 2_000 + i * 1000, 3.0, 9.0) });
             assert_eq!(a.decide(&l, "relay", 2_000 + i * 1000).unwrap(), None);
         }
         // The same window read twice counts once.
         for _ in 0..5 {
-            a.observe("relay", &window("fixed:2.5", 20_000, 3.0, 9.0));
+            a.observe("relay", &window("fixed:3.48", 20_000, 3.0, 9.0));
         }
         assert_eq!(a.decide(&l, "relay", 20_000).unwrap(), None);
     }

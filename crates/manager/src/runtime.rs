@@ -439,11 +439,11 @@ mod tests {
         };
         let notes = layout.analyse_policies(&loaded);
         assert_eq!(notes.len(), 1, "{notes:?}");
-        // (fixed:2.5: the example's 3 ms of staging and acknowledgement make fixed:5's hold too
-        // long for the protection chain.)
-        assert!(notes[0].starts_with("relay: analysed checkpoint policy fixed:2.5 "), "{notes:?}");
+        // (fixed:3.48: the example's 3 ms of staging and acknowledgement make a longer
+        // interval's hold too long for the protection chain.)
+        assert!(notes[0].starts_with("relay: analysed checkpoint policy fixed:3.48 "), "{notes:?}");
         let relay = loaded.runs.iter().find(|r| r.vm == "relay").unwrap();
-        assert_eq!(layout.policy(relay).to_string(), "fixed:2.5");
+        assert_eq!(layout.policy(relay).to_string(), "fixed:3.48");
         // The other VMs keep theirs (control: the default).
         let control = loaded.runs.iter().find(|r| r.vm == "control").unwrap();
         assert_eq!(layout.policy(control), replication::PolicySpec::default());

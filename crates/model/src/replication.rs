@@ -5,15 +5,23 @@
 //! checkpoint's transfer to the backup (the worst-case response of the VM's checkpoint message
 //! on its port, which itself depends on T), then the backup's staging and acknowledgement A
 //! (`checkpoint_ack`): a hold of T + d + W + A. The VM pauses d once per T.
-//! [`largest_fixed_interval`] tries intervals from the longest down and returns the first
-//! whose pauses and holds keep every deadline of the system.
+//! [`largest_fixed_interval`] tries intervals from the longest down ([`CANDIDATES_US`]), and
+//! between the first whose pauses and holds keep every deadline of the system and the
+//! candidate above it (which breaks one) searches for the longest interval that keeps them, to
+//! three significant digits (the precision of a `fixed:T` policy's name in ms): e.g. 3.47 ms
+//! instead of the candidate 2.5 ms, up to 39 % less checkpointing for the same deadlines.
+//! Deadlines need not hold for every interval below one that keeps them (a pause that is a
+//! large part of a short interval starves the VM), so the search keeps the bracket it was
+//! given: an interval it returns was analysed and keeps every deadline, and the one a grid step
+//! above it was analysed and breaks one.
 
 use crate::Loaded;
 use rtc::models::EventModel;
 use rtc::system::{analyze, Blackout, Input, Options};
 use rtc::Q;
 
-/// Intervals tried (µs), longest first.
+/// Intervals tried first (µs), longest first; the longest that keeps every deadline is then
+/// refined up to the next one.
 pub const CANDIDATES_US: [i64; 14] =
     [500_000, 200_000, 150_000, 100_000, 75_000, 50_000, 40_000, 25_000, 20_000, 10_000, 5_000, 2_500, 1_000, 500];
 
@@ -27,21 +35,72 @@ pub struct Choice {
     pub pause: Q,
 }
 
-/// The longest fixed checkpoint interval (of [`CANDIDATES_US`]) for remote-mode VM `vm` that
+/// The longest fixed checkpoint interval (see the module's doc) for remote-mode VM `vm` that
 /// keeps every deadline, with `pause` (the VM's declared `checkpoint_pause` when `None`, e.g.
 /// a measured one) and the other VMs as declared. Errors name what is missing.
 pub fn largest_fixed_interval(l: &Loaded, vm: &str, pause: Option<Q>) -> Result<Choice, String> {
     let pause = resolve_pause(l, vm, pause)?;
-    for us in CANDIDATES_US {
+    let keeps = |us: i64| -> Result<Option<Q>, String> {
         let t = Q::int(us);
         if t <= pause {
-            continue;
+            return Ok(None);
         }
-        if let Some((true, commit)) = fixed_interval(l, vm, &t, Some(pause.clone()))? {
-            return Ok(Choice { interval: Some(t), commit: Some(commit), pause });
+        Ok(match fixed_interval(l, vm, &t, Some(pause.clone()))? {
+            Some((true, commit)) => Some(commit),
+            _ => None,
+        })
+    };
+    Ok(match longest_keeping(keeps)? {
+        Some((us, commit)) => Choice { interval: Some(Q::int(us)), commit: Some(commit), pause },
+        None => Choice { interval: None, commit: None, pause },
+    })
+}
+
+/// The step of the grid of intervals with three significant digits in ms around `us` (µs):
+/// 1 µs below 1 ms, 10 µs below 10 ms, ... (at least 1).
+fn grid_step(us: i64) -> i64 {
+    let mut step = 1;
+    while us >= step * 1_000 {
+        step *= 10;
+    }
+    step
+}
+
+/// The longest interval (µs) on the grid of three significant digits for which `keeps` gives
+/// the output hold (`None`: a deadline breaks): the first candidate of [`CANDIDATES_US`] that
+/// keeps every deadline, then a bisection between it and the candidate above it.
+fn longest_keeping(mut keeps: impl FnMut(i64) -> Result<Option<Q>, String>) -> Result<Option<(i64, Q)>, String> {
+    let mut above: Option<i64> = None;
+    for us in CANDIDATES_US {
+        let Some(commit) = keeps(us)? else {
+            above = Some(us);
+            continue;
+        };
+        let (mut lo, mut lo_commit) = (us, commit);
+        let Some(mut hi) = above else { return Ok(Some((lo, lo_commit))) };
+        loop {
+            let step = grid_step(lo);
+            let mid = lo + (hi - lo) / 2;
+            let mid = mid / grid_step(mid) * grid_step(mid);
+            if mid <= lo {
+                if hi - lo > step {
+                    // The bisection is down to one grid step of `lo` below a boundary that may
+                    // lie on a coarser grid: try the step itself.
+                    match keeps(lo + step)? {
+                        Some(c) => (lo, lo_commit) = (lo + step, c),
+                        None => hi = lo + step,
+                    }
+                    continue;
+                }
+                return Ok(Some((lo, lo_commit)));
+            }
+            match keeps(mid)? {
+                Some(c) => (lo, lo_commit) = (mid, c),
+                None => hi = mid,
+            }
         }
     }
-    Ok(Choice { interval: None, commit: None, pause })
+    Ok(None)
 }
 
 fn resolve_pause(l: &Loaded, vm: &str, pause: Option<Q>) -> Result<Q, String> {
@@ -118,22 +177,29 @@ impl Measured {
     }
 }
 
-/// The longest fixed checkpoint interval (of [`CANDIDATES_US`]) for `vm` that keeps every
+/// The longest fixed checkpoint interval (see the module's doc) for `vm` that keeps every
 /// deadline with the pause and acknowledgement a running cluster measured
 /// ([`Measured::pause_at`] for each candidate) instead of the declared ones.
 pub fn largest_fixed_interval_measured(l: &Loaded, vm: &str, m: &Measured) -> Result<Choice, String> {
     resolve_pause(l, vm, None)?;
-    for us in CANDIDATES_US {
+    let keeps = |us: i64| -> Result<Option<Q>, String> {
         let t = Q::int(us);
         let pause = m.pause_at(&t);
         if t <= pause {
-            continue;
+            return Ok(None);
         }
-        if let Some((true, commit)) = fixed_interval_with(l, vm, &t, Some(pause.clone()), Some(m.ack.clone()))? {
-            return Ok(Choice { interval: Some(t), commit: Some(commit), pause });
+        Ok(match fixed_interval_with(l, vm, &t, Some(pause), Some(m.ack.clone()))? {
+            Some((true, commit)) => Some(commit),
+            _ => None,
+        })
+    };
+    Ok(match longest_keeping(keeps)? {
+        Some((us, commit)) => {
+            let t = Q::int(us);
+            Choice { pause: m.pause_at(&t), interval: Some(t), commit: Some(commit) }
         }
-    }
-    Ok(Choice { interval: None, commit: None, pause: m.pause.clone() })
+        None => Choice { interval: None, commit: None, pause: m.pause.clone() },
+    })
 }
 
 /// `l` with remote-mode VM `vm` checkpointed every `t`, pausing `pause` each time and holding its

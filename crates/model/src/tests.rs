@@ -649,9 +649,24 @@ fn the_longest_checkpoint_interval_that_keeps_every_deadline() {
     let c = largest_fixed_interval(&l, "relay", None).unwrap();
     let t = c.interval.clone().expect("some interval keeps the deadlines");
     assert!(t < q("15000"), "{t}");
-    // The next longer candidate breaks a deadline; the chosen one keeps them all (checked
-    // here by hand: the same rewrite, analysed once more).
-    let next = crate::replication::CANDIDATES_US.iter().rev().map(|&u| q(&u.to_string())).find(|u| u > &t).unwrap();
+    // Between the candidate below it and the one above, every interval on the grid of three
+    // significant digits (10 µs steps below 10 ms) that is longer breaks a deadline: the search
+    // found the longest (checked exhaustively).
+    let above = crate::replication::CANDIDATES_US.iter().rev().map(|&u| q(&u.to_string())).find(|u| u > &t).unwrap();
+    let below = crate::replication::CANDIDATES_US.iter().map(|&u| q(&u.to_string())).find(|u| u <= &t).unwrap();
+    assert!(t >= below, "the search went below the candidate {below} µs: {t}");
+    eprintln!("relay: {t} µs (candidates {below} and {above} µs)");
+    let mut u = &t + &q("10");
+    while u < above {
+        assert!(
+            !matches!(crate::replication::fixed_interval(&l, "relay", &u, None).unwrap(), Some((true, _))),
+            "{u} µs keeps every deadline too, longer than the chosen {t} µs"
+        );
+        u = &u + &q("10");
+    }
+    // One step longer breaks a deadline; the chosen one keeps them all (checked here by hand:
+    // the same rewrite, analysed once more).
+    let next = &t + &q("10");
     let mut m = text.replace("checkpoint_interval = \"2500us\"", &format!("checkpoint_interval = \"{}us\"", next.to_f64()));
     let commit = c.commit.clone().unwrap();
     m = m.replacen("output_commit = \"7ms\"", &format!("output_commit = \"{}us\"", (&next + &(&commit - &t)).to_f64()), 1);
