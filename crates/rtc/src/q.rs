@@ -510,12 +510,22 @@ impl FromStr for Q {
         if !ip.chars().all(|c| c.is_ascii_digit()) || !fp.chars().all(|c| c.is_ascii_digit()) {
             return Err(err());
         }
-        let digits = format!("{ip}{fp}");
-        let n: BigInt = if digits.is_empty() { BigInt::zero() } else { digits.parse().map_err(|_| err())? };
-        let d = num_traits::pow(BigInt::from(10), fp.len());
-        let r = BigRational::new(if neg { -n } else { n }, d);
-        Ok(Q::from_big(r))
+        // Up to 18 digits fit an i64 with its power of ten: no big integers (a model's every
+        // time and size goes through here).
+        if ip.len() + fp.len() <= 18 {
+            let n = ip.bytes().chain(fp.bytes()).fold(0i64, |n, b| n * 10 + i64::from(b - b'0'));
+            return Ok(Q::from_i128(if neg { -i128::from(n) } else { i128::from(n) }, 10i128.pow(fp.len() as u32)));
+        }
+        decimal_big(neg, ip, fp).ok_or_else(err)
     }
+}
+
+/// The decimal `ip.fp` (ASCII digits, at least one), negated if `neg`, through big integers.
+fn decimal_big(neg: bool, ip: &str, fp: &str) -> Option<Q> {
+    let digits = format!("{ip}{fp}");
+    let n: BigInt = if digits.is_empty() { BigInt::zero() } else { digits.parse().ok()? };
+    let d = num_traits::pow(BigInt::from(10), fp.len());
+    Some(Q::from_big(BigRational::new(if neg { -n } else { n }, d)))
 }
 
 /// Shorthand for an integer rational.
@@ -549,6 +559,42 @@ mod tests {
         assert_eq!(qf(-7, 2).floor(), q(-4));
         assert_eq!(qf(-7, 2).ceil(), q(-3));
         assert_eq!(qf(7, 2).ceil(), q(4));
+    }
+
+    #[test]
+    fn short_decimals_parse_as_through_big_integers() {
+        // Every split of up to 19 digits (the fast path takes up to 18), signs, leading and
+        // trailing zeros, the largest 18-digit values.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut cases: Vec<String> = vec![
+            "999999999999999999".into(),
+            "99999999999999999.9".into(),
+            ".999999999999999999".into(),
+            "0.000000000000000001".into(),
+            "007".into(),
+            "5.".into(),
+            ".5".into(),
+        ];
+        for _ in 0..20_000 {
+            let len = 1 + (next() % 19) as usize;
+            let digits: String = (0..len).map(|_| char::from(b'0' + (next() % 10) as u8)).collect();
+            let at = (next() % (len as u64 + 1)) as usize;
+            let sign = ["", "-", "+"][(next() % 3) as usize];
+            cases.push(format!("{sign}{}.{}", &digits[..at], &digits[at..]));
+            cases.push(format!("{sign}{digits}"));
+        }
+        for c in cases {
+            let body = c.trim_start_matches(['-', '+']);
+            let (ip, fp) = body.split_once('.').unwrap_or((body, ""));
+            let want = decimal_big(c.starts_with('-'), ip, fp).unwrap();
+            assert_eq!(c.parse::<Q>().unwrap(), want, "{c}");
+        }
     }
 
     #[test]
