@@ -146,7 +146,7 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Loaded, ModelErr
     if text.len() as u64 > MAX_FILE_BYTES {
         return Err(ModelError::Syntax { file: file.into(), line: 1, msg: format!("file larger than {MAX_FILE_BYTES} bytes") });
     }
-    let raw: raw::RawFile = toml::from_str(text).map_err(|e| {
+    let raw: raw::RawFile = raw::read(text).map_err(|e| {
         let msg = e.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
         let at = e.span().map(|s| s.start);
         ModelError::Syntax {

@@ -179,3 +179,140 @@ pub struct RawChain {
     pub tasks: Vec<String>,
     pub deadline: Option<Val>,
 }
+
+/// Files at least this long are read in two halves on two threads ([`read`]).
+pub const SPLIT_READ_BYTES: usize = 64 * 1024;
+
+/// Reads `text` as TOML into a [`RawFile`]. A file of [`SPLIT_READ_BYTES`] or more is read in two
+/// halves on two threads, split at a line starting with `[[` near the middle, when both halves
+/// read on their own: then every construct around the split is closed in the first half (a
+/// multi-line string, array or inline table open across it leaves the first half unterminated,
+/// an error), every key of the second half belongs to a table that starts in it, and since
+/// every top-level key is an array of tables, the file is the first half's items followed by the
+/// second's — the second half's spans shifted by the split's offset. Otherwise (either half
+/// refused: a table of the second half that continues an item of the first, a construct across
+/// the split, or an error anywhere) the whole text is read at once, which gives the error.
+pub fn read(text: &str) -> Result<RawFile, toml::de::Error> {
+    if text.len() >= SPLIT_READ_BYTES {
+        if let Some(at) = split_point(text) {
+            let (a, b) = text.split_at(at);
+            let (ra, rb) = std::thread::scope(|s| {
+                let second = s.spawn(|| toml::from_str::<RawFile>(b));
+                (toml::from_str::<RawFile>(a), second.join())
+            });
+            if let (Ok(mut first), Ok(Ok(second))) = (ra, rb) {
+                first.append(second, at);
+                return Ok(first);
+            }
+        }
+    }
+    toml::from_str(text)
+}
+
+/// The start of the first line beginning with `[[` at or after the middle of `text`.
+fn split_point(text: &str) -> Option<usize> {
+    let mid = text.len() / 2;
+    let from = (mid..text.len()).find(|&i| text.is_char_boundary(i))?;
+    text[from..].match_indices("\n[[").next().map(|(i, _)| from + i + 1)
+}
+
+impl RawFile {
+    /// Appends the items of `o`, read from the text at byte `offset` on.
+    fn append(&mut self, o: RawFile, offset: usize) {
+        fn shift<T>(to: &mut Vec<Spanned<T>>, from: Vec<Spanned<T>>, offset: usize) {
+            to.extend(from.into_iter().map(|x| {
+                let span = x.span();
+                Spanned::new(span.start + offset..span.end + offset, x.into_inner())
+            }));
+        }
+        // Every field named: a new kind of item must be appended here too.
+        let RawFile { host, processor, link, vm, stream, task, chain, run } = o;
+        shift(&mut self.host, host, offset);
+        shift(&mut self.processor, processor, offset);
+        shift(&mut self.link, link, offset);
+        shift(&mut self.vm, vm, offset);
+        shift(&mut self.stream, stream, offset);
+        shift(&mut self.task, task, offset);
+        shift(&mut self.chain, chain, offset);
+        shift(&mut self.run, run, offset);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file of independent fixed-priority tasks (`examples/pycpa/compare.py`'s shape), with
+    /// `special` in the middle.
+    fn big(special: &str) -> String {
+        let part = |from: usize| {
+            let mut t = String::new();
+            for p in from..from + 50 {
+                t += &format!("[[processor]]\nname = \"cpu{p}\"\npolicy = \"fp\"\n\n");
+                for k in 0..10 {
+                    t += &format!(
+                        "[[stream]]\nname = \"st{p}_{k}\"\nmodel = \"pjd\"\nperiod = \"{}us\"\njitter = \"100us\"\n\n",
+                        1000 * (k + 1)
+                    );
+                    t += &format!(
+                        "[[task]]\nname = \"t{p}_{k}\"\non = \"cpu{p}\"\ninput = \"st{p}_{k}\"\nwcet = \"{}us\"\npriority = {}\n\n",
+                        10 + k,
+                        k + 1
+                    );
+                }
+            }
+            t
+        };
+        format!("{}{special}{}", part(0), part(50))
+    }
+
+    fn whole(text: &str) -> Result<String, String> {
+        toml::from_str::<RawFile>(text).map(|r| format!("{r:?}")).map_err(|e| e.to_string())
+    }
+
+    fn split(text: &str) -> Result<String, String> {
+        read(text).map(|r| format!("{r:?}")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_large_file_read_in_halves_is_read_as_a_whole() {
+        let t = big("");
+        assert!(t.len() >= SPLIT_READ_BYTES, "{}", t.len());
+        let at = split_point(&t).expect("a split point");
+        assert!(t[at..].starts_with("[[") && at >= t.len() / 2);
+        // Items, their order and every span (shifted back into the whole text) are the same.
+        let r = read(&t).unwrap();
+        assert_eq!(r.task.len(), 1000);
+        assert!(r.task.iter().any(|x| x.span().start > at));
+        assert_eq!(split(&t), whole(&t));
+        // Items of the second half really are read from there.
+        let last = r.task.last().unwrap();
+        assert!(t[last.span().start..].starts_with("[[task]]\nname = \"t99_9\""), "{:?}", &t[last.span()]);
+    }
+
+    #[test]
+    fn constructs_across_the_split_and_errors_read_as_in_the_whole_file() {
+        let pad = "# padding\n".repeat(400);
+        let cases = [
+            // A multi-line string across the split, holding a line that starts with `[[`: the
+            // whole file is valid, the first half alone is not.
+            format!("[[processor]]\nname = \"\"\"\n{pad}[[task]]\nname = \"inside\"\n\"\"\"\n\n"),
+            // A multi-line array across the split.
+            format!("[[processor]]\nname = \"p\"\npolicy = [\n{pad}[[1]],\n]\n\n"),
+            // A table of the second half continuing an item of the first.
+            format!("[[task]]\nname = \"t\"\n{pad}[[vm]]\nname = \"v\"\n[task.extra]\nx = 1\n\n"),
+            // An unknown kind of item, and a bad value, in the second half.
+            format!("{pad}[[gadget]]\nname = \"g\"\n\n"),
+            format!("{pad}[[task]]\nname = 7\n\n"),
+            // A duplicate key in an item of the second half.
+            format!("{pad}[[processor]]\nname = \"a\"\nname = \"b\"\n\n"),
+        ];
+        for special in cases {
+            let t = big(&special);
+            // The split falls inside the special part.
+            let (from, at) = (t.find(&special).unwrap(), split_point(&t).unwrap());
+            assert!(from < at && at < from + special.len(), "{special}");
+            assert_eq!(split(&t), whole(&t), "{special}");
+        }
+    }
+}
