@@ -636,6 +636,61 @@ impl Curve {
     pub fn add(&self, o: &Curve) -> Result<Curve> {
         self.binary(o, Op::Add)
     }
+
+    /// The pointwise sum of `curves` (0 for none): the curve adding them one by one (the first
+    /// plus the second, plus the third...) gives, in
+    /// one sweep over all their breakpoints. Adding k curves one by one merges the growing sum
+    /// with each next curve, evaluating every breakpoint of the sum again each time; the sweep
+    /// keeps the sum's current line (intercept and slope) and, at each breakpoint, only updates
+    /// the terms of the curves that change there.
+    pub fn sum(curves: &[Curve]) -> Result<Curve> {
+        match curves {
+            [] => return Ok(Curve::zero()),
+            [c] => return Ok(c.clone()),
+            _ => {}
+        }
+        let mut t = curves[0].t.clone();
+        let mut d = curves[0].d.clone();
+        for c in &curves[1..] {
+            t = Q::max(&t, &c.t);
+            d = Q::lcm(&d, &c.d).ok_or(CurveError::TooComplex)?;
+        }
+        let mut growth = Q::zero();
+        for c in curves {
+            growth = growth + &c.c * (&d / &c.d);
+        }
+        let h = &t + &d;
+        let lists = curves.iter().map(|c| c.unroll(&h)).collect::<Result<Vec<_>>>()?;
+        // Per curve: its current segment and that segment's line as intercept + slope·t.
+        let mut at = vec![0usize; lists.len()];
+        let intercept = |g: &Seg| &g.yr - &(&g.s * &g.x);
+        let (mut a, mut b) = (Q::zero(), Q::zero());
+        let (mut y0, mut yr0) = (Q::zero(), Q::zero());
+        for l in &lists {
+            a = a + intercept(&l[0]);
+            b = b + &l[0].s;
+            y0 = y0 + &l[0].y;
+            yr0 = yr0 + &l[0].yr;
+        }
+        let mut out = Vec::with_capacity(lists.iter().map(Vec::len).sum());
+        out.push(Seg::new(Q::zero(), y0, yr0, b.clone()));
+        loop {
+            let Some(x) = lists.iter().zip(&at).filter_map(|(l, &k)| l.get(k + 1).map(|g| &g.x)).min().cloned() else { break };
+            // The sum's left limit at x: every current line extends up to x.
+            let mut y = &a + &(&b * &x);
+            for (l, k) in lists.iter().zip(at.iter_mut()) {
+                let Some(new) = l.get(*k + 1).filter(|g| g.x == x) else { continue };
+                let old = &l[*k];
+                y = y + (&new.y - &old.at(&x));
+                a = a + (intercept(new) - intercept(old));
+                b = b + (&new.s - &old.s);
+                *k += 1;
+            }
+            let yr = &a + &(&b * &x);
+            out.push(Seg::new(x, y, yr, b.clone()));
+        }
+        Curve::from_parts(out, t, d, growth)
+    }
     pub fn sub(&self, o: &Curve) -> Result<Curve> {
         self.binary(o, Op::Sub)
     }

@@ -271,7 +271,8 @@ impl FpState {
         };
         self.horizon = h.clone();
         if let (Some(h), false) = (&h, self.served.is_empty()) {
-            let total = self.served.iter().try_fold(Curve::zero(), |total, (_, d)| total.add(&d.truncate_above(h)?))?;
+            let parts = self.served.iter().map(|(_, d)| d.truncate_above(h)).collect::<Result<Vec<_>, _>>()?;
+            let total = Curve::sum(&parts)?;
             self.cur = Some(component::remaining_lower(&(total, Curve::zero()), &cur)?);
             return Ok(());
         }

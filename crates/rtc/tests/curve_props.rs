@@ -211,6 +211,40 @@ proptest! {
         check_pointwise("ceil", &f.ceil().unwrap(), |x| bf.val(x).ceil(), 30);
     }
 
+    /// The sum of several curves in one sweep is the curve adding them one by one (the same
+    /// segments and periodic part, not only the same values), and its values, right and left
+    /// limits are the sums of theirs; with truncated curves too (what fixed-priority rebuilds
+    /// add).
+    #[test]
+    fn a_sum_in_one_sweep_is_the_sum_added_one_by_one(seed in any::<u64>()) {
+        let mut r = Rng(seed);
+        let k = r.int(0, 7) as usize;
+        let mut cs: Vec<Curve> = (0..k).map(|_| random_curve(&mut r, false)).collect();
+        if r.int(0, 2) == 0 {
+            let h = q(r.int(1, 30));
+            cs = cs.iter().map(|c| c.truncate_above(&h).unwrap()).collect();
+        }
+        let one_by_one = match cs.split_first() {
+            Some((first, rest)) => rest.iter().try_fold(first.clone(), |s, c| s.add(c)),
+            None => Ok(Curve::zero()),
+        };
+        match (Curve::sum(&cs), one_by_one) {
+            (Ok(swept), Ok(added)) => {
+                prop_assert_eq!(&swept, &added);
+                let bs: Vec<Brute> = cs.iter().map(Brute::of).collect();
+                for x in grid(40, 4) {
+                    prop_assert_eq!(swept.eval(&x), bs.iter().fold(Q::zero(), |a, b| a + b.val(&x)));
+                    prop_assert_eq!(swept.eval_right(&x), bs.iter().fold(Q::zero(), |a, b| a + b.right(&x)));
+                    if x.is_positive() {
+                        prop_assert_eq!(swept.eval_left(&x), bs.iter().fold(Q::zero(), |a, b| a + b.left(&x)));
+                    }
+                }
+            }
+            (Err(a), Err(b)) => prop_assert_eq!(a, b),
+            (a, b) => prop_assert!(false, "sum {:?} against added {:?}", a, b),
+        }
+    }
+
     #[test]
     fn convolution_matches_definition(seed in any::<u64>()) {
         let mut r = Rng(seed);
