@@ -960,10 +960,11 @@ fn a_takeover_while_the_primary_host_lives_is_adopted() {
 /// The `analysed` checkpoint policy follows the measured pauses (`manager::interval`). The
 /// relay runs `policy = "analysed"` in a model with room to adapt (its chain's deadline 40 ms,
 /// its reservation the whole processor, its task's WCET 300 µs): from the declared pause and
-/// acknowledgement the manager chooses fixed:25. Every checkpoint of the relay is made 4 ms
+/// acknowledgement the manager chooses the longest interval that keeps the deadline (fixed:33.4;
+/// fixed:25 when intervals were candidates). Every checkpoint of the relay is made 4 ms
 /// longer (`VIGIL_INJECT_PAUSE_DIR`: the VM stays paused, as for a guest dirtying much more
 /// memory — which on this machine also stalls everything else): with the measured pauses no
-/// interval of 25 ms or more keeps the deadline, so the manager chooses a shorter one, says
+/// interval as long keeps the deadline, so the manager chooses a shorter one, says
 /// why (old → new, the measured values) in the event log, writes it into the relay's desired
 /// record, and the relay's agent switches the running driver to it — no new synchronisation,
 /// the same backup, still protected — and the chain keeps its deadline. The choice is checked
@@ -997,12 +998,18 @@ fn the_analysed_checkpoint_interval_follows_the_measured_pauses() {
         Some((a.parse().ok()?, rest.split_whitespace().next()?.parse().ok()?))
     };
     let st = up.wait("the relay protected", 30, |_, v| vm(v, "relay")["replication"] == "protected");
-    assert!(events(&st).iter().any(|x| x.starts_with("relay: analysed checkpoint policy fixed:25 ")), "{:?}", events(&st));
+    // The interval chosen from the declared values (`vigil analyze --intervals` of this model).
+    let first = events(&st).iter().find_map(|x| {
+        x.strip_prefix("relay: analysed checkpoint policy fixed:").and_then(|r| r.split_whitespace().next()?.parse::<f64>().ok())
+    });
+    let first = first.unwrap_or_else(|| panic!("no analysed policy for the relay: {:?}", events(&st)));
+    let declared = model::replication::largest_fixed_interval(&loaded, "relay", None).expect("the analysis").interval.expect("an interval");
+    assert_eq!(first, declared.to_f64() / 1000.0, "the manager's choice is the analysis's");
     let backups = |v: &serde_json::Value| events(v).iter().filter(|x| x.contains("started the backup of relay")).count();
     let relay_pid = vm(&st, "relay")["detail"].as_str().unwrap_or("").to_string();
     // The pauses as measured, 4 ms longer than declared: a shorter interval.
     let shrunk = |v: &serde_json::Value| {
-        events(v).iter().any(|x| switch(x).is_some_and(|(a, b)| a == 25.0 && b < a) && x.contains("too long for it"))
+        events(v).iter().any(|x| switch(x).is_some_and(|(a, b)| a == first && b < a) && x.contains("too long for it"))
     };
     let t = Instant::now();
     let st = loop {
@@ -1024,19 +1031,21 @@ fn the_analysed_checkpoint_interval_follows_the_measured_pauses() {
         return;
     }
     let e = events(&st);
-    let chosen = e.iter().find(|x| switch(x).is_some_and(|(a, b)| a == 25.0 && b < a)).unwrap().clone();
+    let chosen = e.iter().find(|x| switch(x).is_some_and(|(a, b)| a == first && b < a)).unwrap().clone();
     eprintln!("{chosen}");
     let (_, to) = switch(&chosen).unwrap();
     let pause = number_after(&chosen, "99th percentiles of the pause ").expect("the measured pause");
     assert!(pause >= 4.0, "the injected pause is measured: {chosen}");
     // Checked independently: with the values the manager analysed (margin included), the new
-    // interval keeps every deadline and the longer candidates do not.
+    // interval keeps every deadline and no longer candidate up to the interval it replaced does
+    // (the values in the event are rounded to 10 µs and the copying part of the pause is not
+    // given, so the grid step above it is checked by the unit tests, not here).
     let analysed = chosen.split("analysed now with ").nth(1).expect("the analysed values");
     let p_ms: f64 = analysed.split(" ms").next().unwrap().parse().unwrap();
     let a_ms: f64 = analysed.split(" and ").nth(1).and_then(|r| r.split(" ms").next()).unwrap().parse().unwrap();
     let us = |ms: f64| rtc::Q::int((ms * 1000.0).round() as i64);
     let holds = |t_ms: f64| {
-        let m = model::replication::Measured { pause: us(p_ms), copy: rtc::Q::zero(), ack: us(a_ms), at: us(25.0) };
+        let m = model::replication::Measured { pause: us(p_ms), copy: rtc::Q::zero(), ack: us(a_ms), at: us(first) };
         matches!(
             model::replication::fixed_interval_with(&loaded, "relay", &us(t_ms), Some(m.pause_at(&us(t_ms))), Some(us(a_ms))),
             Ok(Some((true, _)))
@@ -1044,13 +1053,13 @@ fn the_analysed_checkpoint_interval_follows_the_measured_pauses() {
     };
     assert!(holds(to), "{chosen}");
     for longer in model::replication::CANDIDATES_US.iter().map(|&c| c as f64 / 1000.0).filter(|&c| c > to && c > p_ms) {
-        assert!(!holds(longer) || longer > 25.0, "fixed:{longer} would hold too: {chosen}");
+        assert!(!holds(longer) || longer > first, "fixed:{longer} would hold too: {chosen}");
     }
     // The relay's agent switched the running driver (the same process, no new backup).
     let policy = format!("fixed:{to}");
     let st = up.wait("the relay running the new interval", 15, |_, v| {
         vm(v, "relay")["figures"]["policy"] == policy.as_str()
-            && events(v).iter().any(|x| x.starts_with(&format!("relay: checkpoint policy fixed:25 → {policy} on the running copy")))
+            && events(v).iter().any(|x| x.starts_with(&format!("relay: checkpoint policy fixed:{first} → {policy} on the running copy")))
     });
     assert_eq!(vm(&st, "relay")["detail"].as_str().unwrap_or(""), relay_pid, "the same primary");
     assert_eq!(vm(&st, "relay")["replication"], "protected");
@@ -1058,6 +1067,11 @@ fn the_analysed_checkpoint_interval_follows_the_measured_pauses() {
     // The chain keeps its deadline under the new interval (5 s of the field's requests).
     let late = |v: &serde_json::Value| v["measured"]["protection"]["over_deadline"].as_u64().unwrap_or(0);
     let samples = |v: &serde_json::Value| v["measured"]["protection"]["samples"].as_u64().unwrap_or(0);
+    // Counted from two of the field's reports (1 s apart) after the switch: a report read at
+    // the switch may not yet hold the requests late under the interval before it (with the
+    // injected pause, fixed:33.4's hold passes 40 ms; that is why it was replaced).
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, st) = up.status();
     let (late0, n0) = (late(&st), samples(&st));
     std::thread::sleep(Duration::from_secs(5));
     let (_, st2) = up.status();
