@@ -1,17 +1,19 @@
 //! The VMM's side: starts the backend process, passes it its descriptors, sends it requests
-//! and waits for their replies, and supervises it — a crash (its exit, seen through a pidfd)
-//! or a hang (no reply within the request timeout; heartbeats while the guest does no I/O) gets
-//! it killed, started again and reconnected, and the request in flight replayed from where
-//! the progress page says the dead one stopped.
+//! and waits for their replies, fills the network backend's transmit ring, and supervises it —
+//! a crash (its exit, seen through a pidfd), a hang (no reply within the request timeout; a
+//! transmit ring whose tail does not move for as long; heartbeats while the guest does no I/O)
+//! or a lie (a reply or a ring tail that cannot be) gets it killed, started again and
+//! reconnected, and the request in flight replayed from where the progress page says the dead
+//! one stopped, and the ring from its tail.
 
-use super::shm::{memfd, Mapping, Progress, PROGRESS_BYTES};
+use super::shm::{self, memfd, Mapping, Progress, TxRing, PROGRESS_BYTES, RING_BYTES, RING_SLOTS};
 use super::wire::{self, Reply, Request, MAX_MSG, STATUS_OK};
 use serde::{Deserialize, Serialize};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -25,9 +27,15 @@ pub struct BackendProgram {
     /// Heartbeat period while the guest does no network I/O (ms).
     #[serde(default = "default_period")]
     pub period_ms: u64,
-    /// A request unanswered this long means the backend hangs (ms).
+    /// A request unanswered this long means the backend hangs (ms); so does a transmit ring
+    /// whose tail does not move for as long.
     #[serde(default = "default_timeout")]
     pub timeout_ms: u64,
+    /// Network: transmit synchronously, a round trip per guest request, instead of through
+    /// the transmit ring (what the backend did before the ring; `VIGIL_NET_TX_RING=0` sets it,
+    /// for benchmarks comparing the two).
+    #[serde(default)]
+    pub sync_tx: bool,
 }
 
 fn default_period() -> u64 {
@@ -39,7 +47,7 @@ fn default_timeout() -> u64 {
 
 impl BackendProgram {
     pub fn new(program: impl Into<PathBuf>, args: Vec<String>) -> BackendProgram {
-        BackendProgram { program: program.into(), args, period_ms: default_period(), timeout_ms: default_timeout() }
+        BackendProgram { program: program.into(), args, period_ms: default_period(), timeout_ms: default_timeout(), sync_tx: false }
     }
 }
 
@@ -59,6 +67,9 @@ pub struct Incident {
     pub replayed: u32,
     /// Entries the dead process had already served (not served again).
     pub salvaged: u32,
+    /// Transmit ring entries the dead process had not finished, sent by the new one.
+    #[serde(default)]
+    pub ring: u32,
 }
 
 /// What `status` reports of a backend.
@@ -69,6 +80,15 @@ pub struct BackendStatus {
     pub restarts: u64,
     /// The last incidents (at most 32).
     pub incidents: Vec<Incident>,
+    /// Frames the VMM put in the transmit ring (none without one).
+    #[serde(default)]
+    pub ring_frames: u64,
+    /// Times the ring was full and the vCPU waited for the backend to drain it.
+    #[serde(default)]
+    pub ring_full: u64,
+    /// Ring entries dropped by the VMM: every new backend died on them ([`MAX_RESTARTS`]).
+    #[serde(default)]
+    pub ring_dropped: u64,
 }
 
 /// Restarts one request may go through before the backend is given up on for it (the frames
@@ -147,6 +167,44 @@ struct Shared {
     conn: Mutex<Conn>,
     stop: AtomicBool,
     status: Mutex<BackendStatus>,
+    tx: Option<TxShared>,
+}
+
+/// The VMM's side of the transmit ring. The VMM is its only producer; it keeps its own head
+/// and checks the tail the backend writes against it, never trusting the shared page.
+struct TxShared {
+    ring: TxRing,
+    kick: OwnedFd,
+    /// The head being filled (not yet published beyond `published`); its lock makes one
+    /// producer at a time. Taken before `Shared::conn`, never after it.
+    head: Mutex<u64>,
+    /// The head the backend has been shown.
+    published: AtomicU64,
+    /// The highest tail read that checked: never above `published`, never decreasing.
+    good_tail: AtomicU64,
+}
+
+impl TxShared {
+    /// The ring's tail, checked: between the last good tail and the published head (read in
+    /// that order, so that a concurrent reader's progress never looks like a lie).
+    fn tail(&self) -> Result<u64, String> {
+        let good = self.good_tail.load(Ordering::Acquire);
+        let t = self.ring.tail();
+        let head = self.published.load(Ordering::Acquire);
+        if t < good || t > head {
+            return Err(format!("the transmit ring's tail reads {t} (last {good}, head {head})"));
+        }
+        self.good_tail.fetch_max(t, Ordering::AcqRel);
+        Ok(t)
+    }
+
+    /// Shows the backend every entry before `head`, kicking it when it may sleep.
+    fn publish(&self, head: u64) {
+        self.published.store(head, Ordering::Release);
+        if self.ring.publish(head) {
+            shm::kick(self.kick.as_raw_fd());
+        }
+    }
 }
 
 struct Conn {
@@ -156,6 +214,10 @@ struct Conn {
     tap: OwnedFd,
     progress_fd: OwnedFd,
     progress: Progress,
+    /// The transmit ring's memfd and kick eventfd (network), passed at 7 and 8.
+    ring_fds: Option<(OwnedFd, OwnedFd)>,
+    /// The ring's tail at the last restart and how many restarts in a row found it there.
+    ring_stuck: (u64, u32),
     proc_: Option<Proc>,
     seq: u32,
     last_ok: Instant,
@@ -205,12 +267,29 @@ impl Backend {
         let tap = dev;
         let progress_fd = memfd(c"vigil-backend-progress", PROGRESS_BYTES as u64)?;
         let progress = Progress::new(Mapping::map(progress_fd.as_fd())?)?;
+        let (tx, ring_fds) = if device == Device::Net && !program.sync_tx {
+            let ring_fd = memfd(c"vigil-backend-tx-ring", RING_BYTES as u64)?;
+            let kick = shm::eventfd()?;
+            let fds = (dup_high(ring_fd.as_fd(), "transmit ring")?, dup_high(kick.as_fd(), "kick")?);
+            let tx = TxShared {
+                ring: TxRing::new(Mapping::map(ring_fd.as_fd())?)?,
+                kick,
+                head: Mutex::new(0),
+                published: AtomicU64::new(0),
+                good_tail: AtomicU64::new(0),
+            };
+            (Some(tx), Some(fds))
+        } else {
+            (None, None)
+        };
         let mut conn = Conn {
             program: program.clone(),
             mem: dup_high(mem, "guest memory")?,
             tap: dup_high(tap, "tap")?,
             progress_fd: dup_high(progress_fd.as_fd(), "progress page")?,
             progress,
+            ring_fds,
+            ring_stuck: (0, 0),
             proc_: None,
             seq: 0,
             last_ok: Instant::now(),
@@ -224,6 +303,7 @@ impl Backend {
             conn: Mutex::new(conn),
             stop: AtomicBool::new(false),
             status: Mutex::new(BackendStatus { pid, ..Default::default() }),
+            tx,
         });
         let s = shared.clone();
         std::thread::Builder::new()
@@ -236,6 +316,81 @@ impl Backend {
     /// The backend's pid, restarts and incidents.
     pub fn status(&self) -> BackendStatus {
         self.shared.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Whether frames go out through the transmit ring ([`Backend::push`]) rather than
+    /// [`Backend::tx`] and [`Backend::send`].
+    pub fn has_ring(&self) -> bool {
+        self.shared.tx.is_some()
+    }
+
+    /// Puts `frame` (a checked frame, at most `FRAME_MAX` bytes) in the transmit ring, after
+    /// those before it; [`Backend::publish`] shows them to the backend. When the ring is full
+    /// the caller waits until the backend drained it (a round trip: the backend answers after
+    /// draining), replacing a backend that fails meanwhile. False when the frame could not
+    /// be queued (no ring, or no backend could be brought back): dropped, as on a wire.
+    pub fn push(&self, frame: &[u8]) -> bool {
+        let Some(tx) = &self.shared.tx else { return false };
+        let mut head = tx.head.lock().unwrap_or_else(|p| p.into_inner());
+        for _ in 0..=MAX_RESTARTS + 1 {
+            match tx.tail() {
+                Ok(t) if *head - t < RING_SLOTS => {
+                    if tx.ring.put(*head, frame).is_err() {
+                        return false;
+                    }
+                    *head += 1;
+                    if let Ok(mut s) = self.shared.status.lock() {
+                        s.ring_frames += 1;
+                    }
+                    return true;
+                }
+                Ok(_) => {
+                    // Full: what is queued must be visible before waiting for it to drain.
+                    tx.publish(*head);
+                    if let Ok(mut s) = self.shared.status.lock() {
+                        s.ring_full += 1;
+                    }
+                    self.drain();
+                }
+                Err(e) => self.replace(Fault::Misbehaved(e)),
+            }
+        }
+        false
+    }
+
+    /// Shows the backend every frame pushed so far (kicks it when it may be asleep).
+    pub fn publish(&self) {
+        if let Some(tx) = &self.shared.tx {
+            let head = tx.head.lock().unwrap_or_else(|p| p.into_inner());
+            tx.publish(*head);
+        }
+    }
+
+    /// Waits until the backend drained the transmit ring (a heartbeat: it answers after
+    /// draining), replacing it when it fails to answer.
+    pub fn drain(&self) {
+        let mut conn = self.lock();
+        conn.seq = conn.seq.wrapping_add(1);
+        let seq = conn.seq;
+        let start = Instant::now();
+        let timeout = Duration::from_millis(conn.program.timeout_ms);
+        match conn.round_trip(&Request::Ping { seq }.encode(), timeout) {
+            Ok(_) => {
+                conn.last_ok = Instant::now();
+                conn.missed = 0;
+            }
+            Err(f) => {
+                let old_pid = conn.pid();
+                let _ = restart(&self.shared, &mut conn, old_pid, &f, start.elapsed(), 0, 0);
+            }
+        }
+    }
+
+    /// Replaces the backend for `fault` found outside a request.
+    fn replace(&self, fault: Fault) {
+        let mut conn = self.lock();
+        let old_pid = conn.pid();
+        let _ = restart(&self.shared, &mut conn, old_pid, &fault, Duration::ZERO, 0, 0);
     }
 
     /// Sends the frames at `frames` (guest address, length); returns how many went out.
@@ -381,6 +536,33 @@ fn restart(
 ) -> Result<(), String> {
     let t0 = Instant::now();
     conn.kill();
+    // The transmit ring: no process touches it now. A tail that cannot be goes back to the
+    // last good one (those entries go out again); entries that killed every new process
+    // MAX_RESTARTS times in a row are dropped, one at a time.
+    let mut ring = 0;
+    let mut ring_dropped = 0;
+    if let Some(tx) = &shared.tx {
+        let tail = tx.tail().unwrap_or_else(|e| {
+            eprintln!("vmm: {} backend: {e}; the ring goes on from the last good tail", shared.device.name());
+            let good = tx.good_tail.load(Ordering::Acquire);
+            tx.ring.set_tail(good);
+            good
+        });
+        let head = tx.published.load(Ordering::Acquire);
+        let mut tail = tail;
+        if head > tail {
+            conn.ring_stuck = if conn.ring_stuck.0 == tail { (tail, conn.ring_stuck.1 + 1) } else { (tail, 1) };
+            if conn.ring_stuck.1 > MAX_RESTARTS {
+                eprintln!("vmm: {} backend: ring entry {tail} failed {MAX_RESTARTS} backends in a row; dropped", shared.device.name());
+                tail += 1;
+                tx.ring.set_tail(tail);
+                tx.good_tail.fetch_max(tail, Ordering::AcqRel);
+                conn.ring_stuck = (tail, 0);
+                ring_dropped = 1;
+            }
+        }
+        ring = (head - tail) as u32;
+    }
     let r = conn.spawn();
     let incident = Incident {
         cause: fault.describe(),
@@ -390,9 +572,10 @@ fn restart(
         restart_us: t0.elapsed().as_micros() as u64,
         replayed,
         salvaged,
+        ring,
     };
     eprintln!(
-        "vmm: {} backend pid {old_pid} {}; restarted as pid {} in {:.1} ms ({replayed} entries replayed, {salvaged} salvaged)",
+        "vmm: {} backend pid {old_pid} {}; restarted as pid {} in {:.1} ms ({replayed} entries replayed, {salvaged} salvaged, {ring} in the transmit ring)",
         shared.device.name(),
         incident.cause,
         incident.new_pid,
@@ -401,6 +584,7 @@ fn restart(
     if let Ok(mut s) = shared.status.lock() {
         s.pid = incident.new_pid;
         s.restarts += 1;
+        s.ring_dropped += ring_dropped;
         if s.incidents.len() >= 32 {
             s.incidents.remove(0);
         }
@@ -409,9 +593,13 @@ fn restart(
     r
 }
 
-/// Watches the backend between requests: its exit at once (pidfd), a hang by heartbeats
-/// (only when no request succeeded within the period).
+/// Watches the backend between requests: its exit at once (pidfd), a hang by a transmit ring
+/// whose tail stands still for the request timeout with entries in it, or by heartbeats (only
+/// when neither a request nor the ring made progress within the period); a ring tail that
+/// cannot be is a lie.
 fn monitor(shared: &Arc<Shared>) {
+    // The ring's tail when last seen and since when it has not moved with entries waiting.
+    let mut watch = (0u64, Instant::now());
     loop {
         if shared.stop.load(Ordering::Relaxed) {
             return;
@@ -440,6 +628,33 @@ fn monitor(shared: &Arc<Shared>) {
             let old_pid = conn.pid();
             let _ = restart(shared, &mut conn, old_pid, &Fault::Crashed(why), Duration::ZERO, 0, 0);
             continue;
+        }
+        if let Some(tx) = &shared.tx {
+            let fault = match tx.tail() {
+                Err(e) => Some(Fault::Misbehaved(e)),
+                Ok(t) => {
+                    let head = tx.published.load(Ordering::Acquire);
+                    if t != watch.0 {
+                        conn.last_ok = Instant::now();
+                        conn.missed = 0;
+                    }
+                    if t != watch.0 || head == t {
+                        watch = (t, Instant::now());
+                        None
+                    } else if watch.1.elapsed() >= Duration::from_millis(conn.program.timeout_ms) {
+                        Some(Fault::Hung(watch.1.elapsed()))
+                    } else {
+                        None
+                    }
+                }
+            };
+            if let Some(f) = fault {
+                let old_pid = conn.pid();
+                let waited = if let Fault::Hung(d) = f { d } else { Duration::ZERO };
+                let _ = restart(shared, &mut conn, old_pid, &f, waited, 0, 0);
+                watch = (tx.good_tail.load(Ordering::Acquire), Instant::now());
+                continue;
+            }
         }
         if conn.last_ok.elapsed() < period {
             continue;
@@ -547,7 +762,8 @@ impl Conn {
     }
 
     /// Starts a process with its descriptors at 3 (socket), 4 (guest memory), 5 (tap),
-    /// 6 (progress page), and waits for its first heartbeat.
+    /// 6 (progress page), 7 and 8 (the transmit ring and its kick, network), and waits for its
+    /// first heartbeat (answered once it drained the ring).
     fn spawn(&mut self) -> Result<(), String> {
         self.generation += 1;
         let mut pair = [0; 2];
@@ -558,18 +774,21 @@ impl Conn {
         // SAFETY: both descriptors were just created and are owned by nothing else.
         let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
         let theirs = dup_high(theirs.as_fd(), "socket")?;
-        let fds = [theirs.as_raw_fd(), self.mem.as_raw_fd(), self.tap.as_raw_fd(), self.progress_fd.as_raw_fd()];
+        let mut fds = [theirs.as_raw_fd(), self.mem.as_raw_fd(), self.tap.as_raw_fd(), self.progress_fd.as_raw_fd(), -1, -1];
+        if let Some((ring, kick)) = &self.ring_fds {
+            (fds[4], fds[5]) = (ring.as_raw_fd(), kick.as_raw_fd());
+        }
         let mut cmd = Command::new(&self.program.program);
         // Its stdout is unused (messages go to stderr, the VMM's log).
         cmd.args(&self.program.args).stdin(Stdio::null()).stdout(Stdio::null());
         // SAFETY: between fork and exec the closure only calls dup2(2) and prctl(2), which are
         // async-signal-safe, and allocates nothing. The sources are all above 63, so no target
-        // (3..=6) overwrites a source still to be duplicated; dup2 clears close-on-exec on the
-        // targets.
+        // (3..=8) overwrites a source still to be duplicated; dup2 clears close-on-exec on the
+        // targets. Without a ring, 7 and 8 stay closed (the parent's are close-on-exec).
         unsafe {
             cmd.pre_exec(move || {
                 for (i, fd) in fds.iter().enumerate() {
-                    if libc::dup2(*fd, super::serve::FD_SOCKET + i as i32) < 0 {
+                    if *fd >= 0 && libc::dup2(*fd, super::serve::FD_SOCKET + i as i32) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
@@ -616,6 +835,16 @@ impl Conn {
 impl Drop for Backend {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
+        // Frames the guest transmitted still go out (a heartbeat is answered once the ring is
+        // drained), within one request timeout.
+        if let Some(tx) = &self.shared.tx {
+            if tx.tail().is_ok_and(|t| t < tx.published.load(Ordering::Acquire)) {
+                let mut conn = self.lock();
+                conn.seq = conn.seq.wrapping_add(1);
+                let (seq, timeout) = (conn.seq, Duration::from_millis(conn.program.timeout_ms));
+                let _ = conn.round_trip(&Request::Ping { seq }.encode(), timeout);
+            }
+        }
         self.lock().kill();
     }
 }
@@ -640,8 +869,14 @@ mod tests {
         if !started_as_backend() {
             return;
         }
+        if mode == "real" {
+            let r = crate::backend::serve();
+            std::process::exit(if r.is_ok() { 0 } else { 2 });
+        }
         // SAFETY: descriptor 6 is the progress page the VMM passed.
         let progress = Progress::new(Mapping::map(unsafe { BorrowedFd::borrow_raw(FD_PROGRESS) }).expect("map")).expect("page");
+        // SAFETY: descriptor 7 is the transmit ring the VMM passed (network).
+        let ring = Mapping::map(unsafe { BorrowedFd::borrow_raw(crate::backend::serve::FD_RING) }).ok().and_then(|m| TxRing::new(m).ok());
         let mut buf = vec![0u8; MAX_MSG + 1];
         let mut n_req = 0u32;
         loop {
@@ -657,7 +892,17 @@ mod tests {
                 u32::from_le_bytes([m[8], m[9], m[10], m[11]]),
             );
             let ok = |done: u32| Reply { op, seq, done, status: STATUS_OK, reason: String::new() }.encode();
-            let reply = if op == wire::OP_PING {
+            let reply = if op == wire::OP_PING && mode == "scribble" {
+                // A buggy backend writing garbage over the ring: a tail past the head (or
+                // far past it), slots full of junk.
+                if let Some(r) = &ring {
+                    r.set_tail(if seq % 2 == 0 { u64::MAX } else { r.head() + 1000 });
+                    for i in 0..8u64 {
+                        r.scribble(4096 + i * 2048, &[0xa5; 64]);
+                    }
+                }
+                ok(0)
+            } else if op == wire::OP_PING {
                 ok(0)
             } else {
                 n_req += 1;
@@ -700,6 +945,14 @@ mod tests {
     fn fake_backend_silent() {
         fake("silent");
     }
+    #[test]
+    fn fake_backend_real() {
+        fake("real");
+    }
+    #[test]
+    fn fake_backend_scribble() {
+        fake("scribble");
+    }
 
     fn program(mode: &str) -> BackendProgram {
         let exe = std::env::current_exe().expect("test binary");
@@ -739,5 +992,231 @@ mod tests {
         // A program that never answers its first heartbeat is refused with a reason.
         let e = Backend::start(Device::Net, &BackendProgram::new("/bin/true", vec![]), mem.as_fd(), tap.as_fd()).err().expect("refused");
         assert!(e.contains("the new backend crashed"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod ring_tests {
+    use super::tests_support::*;
+    use super::*;
+
+    /// SIGKILL of a backend with frames queued in its transmit ring (stopped first, so that
+    /// they stay queued): the next process sends exactly those, none lost, none twice.
+    #[test]
+    fn frames_queued_in_the_ring_survive_a_sigkill_exactly_once() {
+        let t = Tap::new();
+        let b = Backend::start(Device::Net, &program("real", 50, 5_000), t.mem.as_fd(), t.tap.as_fd()).expect("start");
+        let reader = t.reader(200);
+        push_range(&b, 0..50);
+        b.drain();
+        let pid = b.status().pid;
+        signal(pid, libc::SIGSTOP);
+        push_range(&b, 50..150);
+        signal(pid, libc::SIGKILL);
+        wait_restarts(&b, 1);
+        push_range(&b, 150..200);
+        b.drain();
+        let got = reader.join().expect("reader");
+        assert_eq!(got, (0..200).collect::<Vec<u32>>());
+        let st = b.status();
+        assert_eq!(st.incidents.len(), 1, "{st:?}");
+        assert!(st.incidents[0].cause.starts_with("crashed"), "{st:?}");
+        assert_eq!(st.incidents[0].ring, 100, "{st:?}");
+        assert_eq!((st.ring_frames, st.ring_dropped), (200, 0), "{st:?}");
+    }
+
+    /// SIGKILLs at random moments while frames stream through the ring: none is lost; a
+    /// frame goes out twice only when a kill lands between its write and the tail's store.
+    #[test]
+    fn frames_stream_through_random_sigkills_without_loss() {
+        let t = Tap::new();
+        let b = Arc::new(Backend::start(Device::Net, &program("real", 50, 5_000), t.mem.as_fd(), t.tap.as_fd()).expect("start"));
+        const N: u32 = 3000;
+        let reader = t.reader(N as usize);
+        let pusher = {
+            let b = b.clone();
+            std::thread::spawn(move || {
+                for i in 0..N {
+                    assert!(b.push(&frame(i)), "frame {i} not queued");
+                    if i % 8 == 7 {
+                        b.publish();
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+                b.publish();
+            })
+        };
+        let mut x = 0x2545_f491_4f6c_dd1d_u64 ^ std::process::id() as u64;
+        let mut kills = 0;
+        while !pusher.is_finished() && kills < 15 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            std::thread::sleep(Duration::from_millis(5 + x % 30));
+            let before = b.status().restarts;
+            signal(b.status().pid, libc::SIGKILL);
+            kills += 1;
+            wait_restarts(&b, before + 1);
+        }
+        pusher.join().expect("pusher");
+        b.drain();
+        let got = reader.join().expect("reader");
+        let mut unique = got.clone();
+        unique.dedup();
+        assert_eq!(unique, (0..N).collect::<Vec<u32>>(), "lost or reordered frames after {kills} kills");
+        let twice = got.len() - unique.len();
+        assert!(twice <= kills, "{twice} frames sent twice in {kills} kills");
+        eprintln!("{kills} kills, {twice} frames sent twice, status {:?}", b.status().incidents.iter().map(|i| i.ring).collect::<Vec<_>>());
+    }
+
+    /// A stopped backend (SIGSTOP) with a full ring: the vCPU's wait for room times out, the
+    /// backend is declared hung, replaced, and the ring replayed; every frame goes out once.
+    #[test]
+    fn a_hung_backend_with_a_full_ring_is_replaced() {
+        let t = Tap::new();
+        let b = Backend::start(Device::Net, &program("real", 20, 100), t.mem.as_fd(), t.tap.as_fd()).expect("start");
+        let reader = t.reader(600);
+        push_range(&b, 0..50);
+        b.drain();
+        signal(b.status().pid, libc::SIGSTOP);
+        let start = Instant::now();
+        push_range(&b, 50..600);
+        b.drain();
+        assert!(start.elapsed() >= Duration::from_millis(100), "{:?}", start.elapsed());
+        let got = reader.join().expect("reader");
+        assert_eq!(got, (0..600).collect::<Vec<u32>>());
+        let st = b.status();
+        assert!(st.incidents.iter().any(|i| i.cause.starts_with("hung")), "{st:?}");
+        assert!(st.ring_full >= 1 && st.ring_dropped == 0, "{st:?}");
+    }
+
+    /// A backend that writes garbage over the ring (a tail past the head, junk in the slots)
+    /// is replaced each time it is caught; the VMM never panics, and frames the ring cannot
+    /// take are dropped, as on a wire.
+    #[test]
+    fn a_backend_scribbling_on_the_ring_never_takes_the_vmm_down() {
+        let t = Tap::new();
+        let b = Backend::start(Device::Net, &program("scribble", 20, 50), t.mem.as_fd(), t.tap.as_fd()).expect("start");
+        for i in 0..20 {
+            b.push(&frame(i));
+            b.publish();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let st = b.status();
+        assert!(st.restarts >= 3, "{st:?}");
+        assert!(st.incidents.iter().any(|i| i.cause.starts_with("misbehaved") && i.cause.contains("tail")), "{st:?}");
+        drop(b);
+        // The real backend after it: a ring reset to its last good tail works again.
+        let b = Backend::start(Device::Net, &program("real", 50, 5_000), t.mem.as_fd(), t.tap.as_fd()).expect("start");
+        let reader = t.reader(10);
+        push_range(&b, 0..10);
+        b.drain();
+        assert_eq!(reader.join().expect("reader"), (0..10).collect::<Vec<u32>>());
+    }
+}
+
+/// What the ring tests share: a guest memory, a "tap" (a datagram socket pair whose peer
+/// reads the frames), the test binary as a backend.
+#[cfg(test)]
+mod tests_support {
+    use super::*;
+
+    pub struct Tap {
+        pub mem: OwnedFd,
+        pub tap: OwnedFd,
+        pub peer: OwnedFd,
+    }
+
+    impl Tap {
+        pub fn new() -> Tap {
+            let mem = memfd(c"test-guest", 1 << 20).expect("memfd");
+            let mut pair = [0; 2];
+            // SAFETY: socketpair fills two descriptors.
+            assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0, pair.as_mut_ptr()) }, 0);
+            // SAFETY: both are new and ours.
+            let (tap, peer) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+            Tap { mem, tap, peer }
+        }
+
+        /// A thread reading frame numbers at the peer until `n` came or none for 3 s.
+        pub fn reader(&self, n: usize) -> std::thread::JoinHandle<Vec<u32>> {
+            let peer = self.peer.try_clone().expect("dup");
+            std::thread::spawn(move || {
+                let mut got = vec![];
+                let mut buf = [0u8; 2048];
+                let tv = libc::timeval { tv_sec: 3, tv_usec: 0 };
+                // SAFETY: sets a receive timeout from a live timeval on our own socket.
+                unsafe {
+                    libc::setsockopt(
+                        peer.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_RCVTIMEO,
+                        (&tv as *const libc::timeval).cast(),
+                        std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                    )
+                };
+                while got.len() < n + 50 {
+                    // SAFETY: reads into our own buffer.
+                    let r = unsafe { libc::read(peer.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                    if r < 4 {
+                        break;
+                    }
+                    got.push(u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]));
+                    if got.len() >= n && got.last() == Some(&(n as u32 - 1)) {
+                        // Anything more would be a duplicate: wait briefly for it.
+                        let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
+                        // SAFETY: as above.
+                        unsafe {
+                            libc::setsockopt(
+                                peer.as_raw_fd(),
+                                libc::SOL_SOCKET,
+                                libc::SO_RCVTIMEO,
+                                (&tv as *const libc::timeval).cast(),
+                                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                            )
+                        };
+                    }
+                }
+                got
+            })
+        }
+    }
+
+    pub fn program(mode: &str, period_ms: u64, timeout_ms: u64) -> BackendProgram {
+        let exe = std::env::current_exe().expect("test binary");
+        let test = format!("backend::client::tests::fake_backend_{mode}");
+        BackendProgram {
+            period_ms,
+            timeout_ms,
+            ..BackendProgram::new(exe, vec!["--exact".into(), test, "--test-threads=1".into(), "-q".into()])
+        }
+    }
+
+    /// A 60-byte frame carrying `i`.
+    pub fn frame(i: u32) -> Vec<u8> {
+        let mut f = vec![0u8; 60];
+        f[..4].copy_from_slice(&i.to_le_bytes());
+        f
+    }
+
+    pub fn push_range(b: &Backend, r: std::ops::Range<u32>) {
+        for i in r {
+            assert!(b.push(&frame(i)), "frame {i} not queued");
+        }
+        b.publish();
+    }
+
+    pub fn signal(pid: u32, sig: i32) {
+        assert!(pid != 0);
+        // SAFETY: kill(2) of the backend this test's VMM side started (its child).
+        unsafe { libc::kill(pid as i32, sig) };
+    }
+
+    pub fn wait_restarts(b: &Backend, n: u64) {
+        let t = Instant::now();
+        while b.status().restarts < n {
+            assert!(t.elapsed() < Duration::from_secs(5), "no restart: {:?}", b.status());
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }

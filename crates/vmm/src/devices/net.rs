@@ -324,6 +324,16 @@ impl Tap {
             }
             if let (Some(backend), false) = (&self.backend, self.hold) {
                 mem.check(b.addr, b.len as u64).map_err(|e| format!("transmit buffer {i}: {e}"))?;
+                if backend.has_ring() {
+                    // Copied into the transmit ring: the vCPU goes on, the backend sends it.
+                    let f = &mut frame[..b.len as usize];
+                    mem.read(b.addr, f).map_err(|e| format!("transmit buffer {i}: {e}"))?;
+                    if !backend.push(f) {
+                        break;
+                    }
+                    done += 1;
+                    continue;
+                }
                 if i + 1 == bufs.len() {
                     // All checked: the backend copies them from guest memory to the tap.
                     let frames: Vec<(u64, u32)> = bufs.iter().map(|b| (b.addr, b.len)).collect();
@@ -352,6 +362,9 @@ impl Tap {
                 break;
             }
             done += 1;
+        }
+        if let (Some(backend), false) = (&self.backend, self.hold) {
+            backend.publish();
         }
         mem.write_obj(addr, &NetRequest { done, ..req })?;
         Ok(done)
@@ -564,6 +577,17 @@ impl Tap {
     /// Writes one frame from the VMM itself (not the guest) to the tap at once, bypassing any
     /// hold (announcements after a takeover).
     pub fn send_frame(&self, frame: &[u8]) -> Result<()> {
+        if let Some(backend) = self.backend.as_ref().filter(|b| b.has_ring()) {
+            let queued = (FRAME_MIN as usize..=FRAME_MAX as usize).contains(&frame.len()) && backend.push(frame);
+            backend.publish();
+            if !queued {
+                return Err(Error::Tap {
+                    name: self.name.clone(),
+                    reason: format!("the backend could not take a frame of {} bytes", frame.len()),
+                });
+            }
+            return Ok(());
+        }
         if let Some(backend) = &self.backend {
             let mut p = Vec::with_capacity(frame.len() + 2);
             if let Ok(n) = u16::try_from(frame.len()) {
@@ -591,6 +615,15 @@ impl Tap {
 
     /// Sends the held frames of every sealed epoch up to `epoch`; returns how many.
     pub fn release(&mut self, epoch: u64) -> usize {
+        if let Some(backend) = self.backend.as_ref().filter(|b| b.has_ring()) {
+            // Only now, the backup having acknowledged the epoch, do these frames reach the
+            // backend: through the ring, in order with everything transmitted after them.
+            let n = self.held.release(epoch, |f| {
+                backend.push(f);
+            });
+            backend.publish();
+            return n;
+        }
         if let Some(backend) = &self.backend {
             let mut batch = Batch::new(backend);
             let n = self.held.release(epoch, |f| batch.push(f));
@@ -627,7 +660,11 @@ impl Tap {
     pub fn attach_backend(&mut self, mem: &GuestMem, program: &crate::backend::BackendProgram) -> Result<()> {
         let err = |reason: String| Error::Tap { name: self.name.clone(), reason };
         let memfd = mem.memfd().ok_or_else(|| err("a network backend process needs shared guest memory".into()))?;
-        let backend = crate::backend::Backend::start(crate::backend::Device::Net, program, memfd, std::os::fd::AsFd::as_fd(&self.fd))
+        let mut program = program.clone();
+        if std::env::var_os("VIGIL_NET_TX_RING").is_some_and(|v| v == "0") {
+            program.sync_tx = true;
+        }
+        let backend = crate::backend::Backend::start(crate::backend::Device::Net, &program, memfd, std::os::fd::AsFd::as_fd(&self.fd))
             .map_err(|e| err(format!("network backend: {e}")))?;
         self.backend = Some(backend);
         Ok(())
