@@ -6,7 +6,7 @@
 //! reconnected, and the request in flight replayed from where the progress page says the dead
 //! one stopped, and the ring from its tail.
 
-use super::shm::{self, memfd, Mapping, Progress, TxRing, PROGRESS_BYTES, RING_BYTES, RING_SLOTS};
+use super::shm::{self, memfd, FrameRing, Mapping, Progress, PROGRESS_BYTES, RING_BYTES, RING_SLOT, RING_SLOTS};
 use super::wire::{self, Reply, Request, MAX_MSG, STATUS_OK};
 use serde::{Deserialize, Serialize};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -36,6 +36,11 @@ pub struct BackendProgram {
     /// for benchmarks comparing the two).
     #[serde(default)]
     pub sync_tx: bool,
+    /// Network: receive synchronously, a round trip per guest request when the tap has a
+    /// frame, instead of through the receive ring the backend fills ahead
+    /// (`VIGIL_NET_RX_RING=0` sets it).
+    #[serde(default)]
+    pub sync_rx: bool,
 }
 
 fn default_period() -> u64 {
@@ -47,7 +52,14 @@ fn default_timeout() -> u64 {
 
 impl BackendProgram {
     pub fn new(program: impl Into<PathBuf>, args: Vec<String>) -> BackendProgram {
-        BackendProgram { program: program.into(), args, period_ms: default_period(), timeout_ms: default_timeout(), sync_tx: false }
+        BackendProgram {
+            program: program.into(),
+            args,
+            period_ms: default_period(),
+            timeout_ms: default_timeout(),
+            sync_tx: false,
+            sync_rx: false,
+        }
     }
 }
 
@@ -89,6 +101,9 @@ pub struct BackendStatus {
     /// Ring entries dropped by the VMM: every new backend died on them ([`MAX_RESTARTS`]).
     #[serde(default)]
     pub ring_dropped: u64,
+    /// Frames the VMM took from the receive ring (none without one).
+    #[serde(default)]
+    pub rx_ring_frames: u64,
 }
 
 /// Restarts one request may go through before the backend is given up on for it (the frames
@@ -168,12 +183,44 @@ struct Shared {
     stop: AtomicBool,
     status: Mutex<BackendStatus>,
     tx: Option<TxShared>,
+    rx: Option<RxShared>,
+}
+
+/// The VMM's side of the receive ring: the backend produces, the VMM (the vCPU thread) is its
+/// only consumer and checks every head the backend writes against its own tail.
+struct RxShared {
+    ring: FrameRing,
+    /// The backend's kick (the ring was full and now has room).
+    kick: OwnedFd,
+    /// Ours: the backend kicks it when it published frames while the VMM waited.
+    event: OwnedFd,
+    /// The tail being consumed; its lock makes one consumer at a time. Taken before
+    /// `Shared::conn`, never after it.
+    tail: Mutex<u64>,
+    /// The tail the backend has been shown.
+    consumed: AtomicU64,
+    /// The highest head read that checked: never below it, never more than a ring ahead of
+    /// the tail.
+    good_head: AtomicU64,
+}
+
+impl RxShared {
+    fn head(&self) -> Result<u64, String> {
+        let good = self.good_head.load(Ordering::Acquire);
+        let h = self.ring.head();
+        let tail = self.consumed.load(Ordering::Acquire);
+        if h < good || h > tail + RING_SLOTS {
+            return Err(format!("the receive ring's head reads {h} (last {good}, tail {tail})"));
+        }
+        self.good_head.fetch_max(h, Ordering::AcqRel);
+        Ok(h)
+    }
 }
 
 /// The VMM's side of the transmit ring. The VMM is its only producer; it keeps its own head
 /// and checks the tail the backend writes against it, never trusting the shared page.
 struct TxShared {
-    ring: TxRing,
+    ring: FrameRing,
     kick: OwnedFd,
     /// The head being filled (not yet published beyond `published`); its lock makes one
     /// producer at a time. Taken before `Shared::conn`, never after it.
@@ -214,8 +261,9 @@ struct Conn {
     tap: OwnedFd,
     progress_fd: OwnedFd,
     progress: Progress,
-    /// The transmit ring's memfd and kick eventfd (network), passed at 7 and 8.
-    ring_fds: Option<(OwnedFd, OwnedFd)>,
+    /// The rings' descriptors (network), passed at 7 to 10: the transmit ring, the backend's
+    /// kick, the receive ring, the VMM's receive event.
+    ring_fds: [Option<OwnedFd>; 4],
     /// The ring's tail at the last restart and how many restarts in a row found it there.
     ring_stuck: (u64, u32),
     proc_: Option<Proc>,
@@ -267,21 +315,38 @@ impl Backend {
         let tap = dev;
         let progress_fd = memfd(c"vigil-backend-progress", PROGRESS_BYTES as u64)?;
         let progress = Progress::new(Mapping::map(progress_fd.as_fd())?)?;
-        let (tx, ring_fds) = if device == Device::Net && !program.sync_tx {
+        let mut ring_fds: [Option<OwnedFd>; 4] = Default::default();
+        let kick = if device == Device::Net && !(program.sync_tx && program.sync_rx) { Some(shm::eventfd()?) } else { None };
+        if let Some(k) = &kick {
+            ring_fds[1] = Some(dup_high(k.as_fd(), "kick")?);
+        }
+        let mut tx = None;
+        if let (Some(k), false) = (&kick, program.sync_tx) {
             let ring_fd = memfd(c"vigil-backend-tx-ring", RING_BYTES as u64)?;
-            let kick = shm::eventfd()?;
-            let fds = (dup_high(ring_fd.as_fd(), "transmit ring")?, dup_high(kick.as_fd(), "kick")?);
-            let tx = TxShared {
-                ring: TxRing::new(Mapping::map(ring_fd.as_fd())?)?,
-                kick,
+            ring_fds[0] = Some(dup_high(ring_fd.as_fd(), "transmit ring")?);
+            tx = Some(TxShared {
+                ring: FrameRing::new(Mapping::map(ring_fd.as_fd())?)?,
+                kick: dup_high(k.as_fd(), "kick")?,
                 head: Mutex::new(0),
                 published: AtomicU64::new(0),
                 good_tail: AtomicU64::new(0),
-            };
-            (Some(tx), Some(fds))
-        } else {
-            (None, None)
-        };
+            });
+        }
+        let mut rx = None;
+        if let (Some(k), false) = (&kick, program.sync_rx) {
+            let ring_fd = memfd(c"vigil-backend-rx-ring", RING_BYTES as u64)?;
+            let event = shm::eventfd()?;
+            ring_fds[2] = Some(dup_high(ring_fd.as_fd(), "receive ring")?);
+            ring_fds[3] = Some(dup_high(event.as_fd(), "receive event")?);
+            rx = Some(RxShared {
+                ring: FrameRing::new(Mapping::map(ring_fd.as_fd())?)?,
+                kick: dup_high(k.as_fd(), "kick")?,
+                event,
+                tail: Mutex::new(0),
+                consumed: AtomicU64::new(0),
+                good_head: AtomicU64::new(0),
+            });
+        }
         let mut conn = Conn {
             program: program.clone(),
             mem: dup_high(mem, "guest memory")?,
@@ -304,6 +369,7 @@ impl Backend {
             stop: AtomicBool::new(false),
             status: Mutex::new(BackendStatus { pid, ..Default::default() }),
             tx,
+            rx,
         });
         let s = shared.clone();
         std::thread::Builder::new()
@@ -383,6 +449,82 @@ impl Backend {
                 let old_pid = conn.pid();
                 let _ = restart(&self.shared, &mut conn, old_pid, &f, start.elapsed(), 0, 0);
             }
+        }
+    }
+
+    /// Whether received frames come through the receive ring ([`Backend::rx_take`]) rather
+    /// than [`Backend::rx`].
+    pub fn has_rx_ring(&self) -> bool {
+        self.shared.rx.is_some()
+    }
+
+    /// Copies the next received frame into `buf` and returns its length; `None` when none
+    /// waits. A head or a slot that cannot be (the backend scribbled on the ring) gets the
+    /// backend replaced; a bad slot is skipped.
+    pub fn rx_take(&self, buf: &mut [u8; RING_SLOT]) -> Option<usize> {
+        let rx = self.shared.rx.as_ref()?;
+        let mut tail = rx.tail.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let head = match rx.head() {
+                Ok(h) => h,
+                Err(e) => {
+                    self.replace(Fault::Misbehaved(e));
+                    return None;
+                }
+            };
+            if *tail >= head {
+                return None;
+            }
+            let r = rx.ring.get(*tail, buf).map(|f| f.len());
+            *tail += 1;
+            match r {
+                Ok(n) => {
+                    if let Ok(mut s) = self.shared.status.lock() {
+                        s.rx_ring_frames += 1;
+                    }
+                    return Some(n);
+                }
+                Err(e) => self.replace(Fault::Misbehaved(e)),
+            }
+        }
+    }
+
+    /// Shows the backend the frames taken so far are consumed (their slots free), kicking it
+    /// when the ring was full (it stopped reading the tap).
+    pub fn rx_done(&self) {
+        let Some(rx) = &self.shared.rx else { return };
+        let tail = *rx.tail.lock().unwrap_or_else(|p| p.into_inner());
+        let old = rx.consumed.swap(tail, Ordering::AcqRel);
+        if old == tail {
+            return;
+        }
+        rx.ring.set_tail(tail);
+        if rx.good_head.load(Ordering::Acquire) >= old + RING_SLOTS {
+            shm::kick(rx.kick.as_raw_fd());
+        }
+    }
+
+    /// Whether the receive ring holds a frame not yet taken (false without a ring).
+    pub fn rx_pending(&self) -> bool {
+        self.shared.rx.as_ref().is_some_and(|rx| rx.ring.head() > rx.consumed.load(Ordering::Acquire))
+    }
+
+    /// The eventfd that becomes readable when the backend published frames while the VMM
+    /// waited ([`Backend::rx_prepare_wait`]).
+    pub fn rx_event_fd(&self) -> Option<RawFd> {
+        self.shared.rx.as_ref().map(|rx| rx.event.as_raw_fd())
+    }
+
+    /// About to wait on [`Backend::rx_event_fd`]: false when a frame already waits (do not).
+    pub fn rx_prepare_wait(&self) -> bool {
+        self.shared.rx.as_ref().is_none_or(|rx| rx.ring.may_sleep(rx.consumed.load(Ordering::Acquire)))
+    }
+
+    /// Done waiting.
+    pub fn rx_end_wait(&self) {
+        if let Some(rx) = &self.shared.rx {
+            rx.ring.awake();
+            shm::clear(rx.event.as_raw_fd());
         }
     }
 
@@ -563,6 +705,14 @@ fn restart(
         }
         ring = (head - tail) as u32;
     }
+    // The receive ring: frames the dead process published stay for the guest; a head that
+    // cannot be goes back to the last good one.
+    if let Some(rx) = &shared.rx {
+        if let Err(e) = rx.head() {
+            eprintln!("vmm: {} backend: {e}; the receive ring goes on from the last good head", shared.device.name());
+            rx.ring.set_head(rx.good_head.load(Ordering::Acquire));
+        }
+    }
     let r = conn.spawn();
     let incident = Incident {
         cause: fault.describe(),
@@ -600,6 +750,8 @@ fn restart(
 fn monitor(shared: &Arc<Shared>) {
     // The ring's tail when last seen and since when it has not moved with entries waiting.
     let mut watch = (0u64, Instant::now());
+    // The receive ring's head when last seen.
+    let mut rx_seen = 0u64;
     loop {
         if shared.stop.load(Ordering::Relaxed) {
             return;
@@ -609,8 +761,12 @@ fn monitor(shared: &Arc<Shared>) {
             let period = Duration::from_millis(conn.program.period_ms.max(1));
             (conn.proc_.as_ref().and_then(|p| p.pidfd.try_clone().ok()), conn.generation, period)
         };
+        // With ring entries waiting, look again soon: a stall is then timed from within 10 ms
+        // of its start, not from up to a period later.
+        let pending = shared.tx.as_ref().is_some_and(|tx| tx.ring.tail() < tx.published.load(Ordering::Acquire));
+        let wait = if pending { period.min(Duration::from_millis(10)) } else { period };
         let exited = match &pidfd {
-            Some(fd) => poll_in(&[fd.as_raw_fd()], period).first().copied().unwrap_or(false),
+            Some(fd) => poll_in(&[fd.as_raw_fd()], wait).first().copied().unwrap_or(false),
             None => {
                 std::thread::sleep(period);
                 true
@@ -654,6 +810,22 @@ fn monitor(shared: &Arc<Shared>) {
                 let _ = restart(shared, &mut conn, old_pid, &f, waited, 0, 0);
                 watch = (tx.good_tail.load(Ordering::Acquire), Instant::now());
                 continue;
+            }
+        }
+        if let Some(rx) = &shared.rx {
+            match rx.head() {
+                Err(e) => {
+                    let old_pid = conn.pid();
+                    let _ = restart(shared, &mut conn, old_pid, &Fault::Misbehaved(e), Duration::ZERO, 0, 0);
+                    continue;
+                }
+                // Frames received since the last look: alive.
+                Ok(h) if h != rx_seen => {
+                    rx_seen = h;
+                    conn.last_ok = Instant::now();
+                    conn.missed = 0;
+                }
+                Ok(_) => {}
             }
         }
         if conn.last_ok.elapsed() < period {
@@ -762,8 +934,9 @@ impl Conn {
     }
 
     /// Starts a process with its descriptors at 3 (socket), 4 (guest memory), 5 (tap),
-    /// 6 (progress page), 7 and 8 (the transmit ring and its kick, network), and waits for its
-    /// first heartbeat (answered once it drained the ring).
+    /// 6 (progress page), 7 to 10 (network: the transmit ring, the backend's kick, the receive
+    /// ring, the VMM's receive event), and waits for its first heartbeat (answered once it
+    /// drained the transmit ring).
     fn spawn(&mut self) -> Result<(), String> {
         self.generation += 1;
         let mut pair = [0; 2];
@@ -774,17 +947,17 @@ impl Conn {
         // SAFETY: both descriptors were just created and are owned by nothing else.
         let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
         let theirs = dup_high(theirs.as_fd(), "socket")?;
-        let mut fds = [theirs.as_raw_fd(), self.mem.as_raw_fd(), self.tap.as_raw_fd(), self.progress_fd.as_raw_fd(), -1, -1];
-        if let Some((ring, kick)) = &self.ring_fds {
-            (fds[4], fds[5]) = (ring.as_raw_fd(), kick.as_raw_fd());
+        let mut fds = [theirs.as_raw_fd(), self.mem.as_raw_fd(), self.tap.as_raw_fd(), self.progress_fd.as_raw_fd(), -1, -1, -1, -1];
+        for (i, fd) in self.ring_fds.iter().enumerate() {
+            fds[4 + i] = fd.as_ref().map_or(-1, |f| f.as_raw_fd());
         }
         let mut cmd = Command::new(&self.program.program);
         // Its stdout is unused (messages go to stderr, the VMM's log).
         cmd.args(&self.program.args).stdin(Stdio::null()).stdout(Stdio::null());
         // SAFETY: between fork and exec the closure only calls dup2(2) and prctl(2), which are
         // async-signal-safe, and allocates nothing. The sources are all above 63, so no target
-        // (3..=8) overwrites a source still to be duplicated; dup2 clears close-on-exec on the
-        // targets. Without a ring, 7 and 8 stay closed (the parent's are close-on-exec).
+        // (3..=10) overwrites a source still to be duplicated; dup2 clears close-on-exec on the
+        // targets. Without rings, 7 to 10 stay closed (the parent's are close-on-exec).
         unsafe {
             cmd.pre_exec(move || {
                 for (i, fd) in fds.iter().enumerate() {
@@ -876,7 +1049,11 @@ mod tests {
         // SAFETY: descriptor 6 is the progress page the VMM passed.
         let progress = Progress::new(Mapping::map(unsafe { BorrowedFd::borrow_raw(FD_PROGRESS) }).expect("map")).expect("page");
         // SAFETY: descriptor 7 is the transmit ring the VMM passed (network).
-        let ring = Mapping::map(unsafe { BorrowedFd::borrow_raw(crate::backend::serve::FD_RING) }).ok().and_then(|m| TxRing::new(m).ok());
+        let ring =
+            Mapping::map(unsafe { BorrowedFd::borrow_raw(crate::backend::serve::FD_RING) }).ok().and_then(|m| FrameRing::new(m).ok());
+        // SAFETY: descriptor 9 is the receive ring the VMM passed (network).
+        let rx_ring =
+            Mapping::map(unsafe { BorrowedFd::borrow_raw(crate::backend::serve::FD_RX_RING) }).ok().and_then(|m| FrameRing::new(m).ok());
         let mut buf = vec![0u8; MAX_MSG + 1];
         let mut n_req = 0u32;
         loop {
@@ -900,6 +1077,9 @@ mod tests {
                     for i in 0..8u64 {
                         r.scribble(4096 + i * 2048, &[0xa5; 64]);
                     }
+                }
+                if let Some(r) = &rx_ring {
+                    r.set_head(if seq % 2 == 0 { u64::MAX } else { r.tail() + 1000 });
                 }
                 ok(0)
             } else if op == wire::OP_PING {
@@ -1090,6 +1270,55 @@ mod ring_tests {
         assert!(st.ring_full >= 1 && st.ring_dropped == 0, "{st:?}");
     }
 
+    /// Frames the backend read ahead into the receive ring reach the VMM in order; frames that
+    /// arrive while it is stopped wait in the tap and the next process, after a SIGKILL, reads
+    /// them: none lost, none twice.
+    #[test]
+    fn received_frames_survive_a_sigkill_of_the_backend() {
+        let t = Tap::new();
+        let b = Backend::start(Device::Net, &program("real", 50, 5_000), t.mem.as_fd(), t.tap.as_fd()).expect("start");
+        let send = |r: std::ops::Range<u32>| {
+            let peer = t.peer.try_clone().expect("dup");
+            std::thread::spawn(move || {
+                for i in r {
+                    let f = frame(i);
+                    // SAFETY: writes our own buffer to our socket (blocking while its queue is full).
+                    assert_eq!(unsafe { libc::write(peer.as_raw_fd(), f.as_ptr().cast(), f.len()) }, 60);
+                }
+            })
+        };
+        let take = |n: usize, got: &mut Vec<u32>| {
+            let mut slot = [0u8; RING_SLOT];
+            let t0 = Instant::now();
+            while got.len() < n && t0.elapsed() < Duration::from_secs(5) {
+                match b.rx_take(&mut slot) {
+                    Some(len) => {
+                        assert_eq!(len, 60);
+                        got.push(u32::from_le_bytes([slot[0], slot[1], slot[2], slot[3]]));
+                    }
+                    None => {
+                        b.rx_done();
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+            b.rx_done();
+        };
+        let mut got = vec![];
+        send(0..100).join().expect("sender");
+        take(100, &mut got);
+        let pid = b.status().pid;
+        signal(pid, libc::SIGSTOP);
+        let sender = send(100..150);
+        std::thread::sleep(Duration::from_millis(20));
+        signal(pid, libc::SIGKILL);
+        wait_restarts(&b, 1);
+        sender.join().expect("sender");
+        take(150, &mut got);
+        assert_eq!(got, (0..150).collect::<Vec<u32>>());
+        assert_eq!(b.status().rx_ring_frames, 150);
+    }
+
     /// A backend that writes garbage over the ring (a tail past the head, junk in the slots)
     /// is replaced each time it is caught; the VMM never panics, and frames the ring cannot
     /// take are dropped, as on a wire.
@@ -1101,9 +1330,15 @@ mod ring_tests {
             b.push(&frame(i));
             b.publish();
         }
+        let mut slot = [0u8; RING_SLOT];
+        for _ in 0..5 {
+            assert_eq!(b.rx_take(&mut slot), None);
+            b.rx_done();
+        }
         std::thread::sleep(Duration::from_millis(100));
         let st = b.status();
         assert!(st.restarts >= 3, "{st:?}");
+        assert!(st.incidents.iter().any(|i| i.cause.contains("receive ring's head")), "{st:?}");
         assert!(st.incidents.iter().any(|i| i.cause.starts_with("misbehaved") && i.cause.contains("tail")), "{st:?}");
         drop(b);
         // The real backend after it: a ring reset to its last good tail works again.

@@ -2,7 +2,7 @@
 //! file), reaching guest memory through its memfd, and (network) drains the transmit ring the
 //! VMM fills. Started by the VMM with its descriptors at fixed numbers.
 
-use super::shm::{Mapping, Progress, TxRing, RING_SLOT, RING_SLOTS};
+use super::shm::{FrameRing, Mapping, Progress, RING_SLOT, RING_SLOTS};
 use super::wire::{self, Reply, Request, MAX_MSG, STATUS_IO_ERROR, STATUS_OK, STATUS_REFUSED};
 use std::os::fd::{BorrowedFd, RawFd};
 use vmm_abi::FRAME_MAX;
@@ -17,8 +17,13 @@ pub const FD_TAP: RawFd = 5;
 pub const FD_PROGRESS: RawFd = 6;
 /// The transmit ring (memfd; network only, else closed).
 pub const FD_RING: RawFd = 7;
-/// The eventfd the VMM kicks when it published ring entries while the backend slept.
+/// The eventfd the VMM kicks when it published transmit entries while the backend slept, or
+/// made room in a full receive ring.
 pub const FD_KICK: RawFd = 8;
+/// The receive ring (memfd; network only, else closed).
+pub const FD_RX_RING: RawFd = 9;
+/// The eventfd the backend kicks when it published received frames while the VMM waited.
+pub const FD_RX_EVENT: RawFd = 10;
 
 /// Serves one request at a time.
 pub struct Handler {
@@ -26,7 +31,11 @@ pub struct Handler {
     tap: RawFd,
     progress: Progress,
     /// The transmit ring, when the VMM passed one.
-    ring: Option<TxRing>,
+    ring: Option<FrameRing>,
+    /// The receive ring and the VMM's eventfd, when the VMM passed them.
+    rx: Option<(FrameRing, RawFd)>,
+    /// The tap blocks on reads (a VMM's tap does not; a test's socket may): poll first.
+    tap_blocking: bool,
     /// Frames from the tap larger than [`FRAME_MAX`], dropped.
     pub dropped: u64,
     /// Ring entries not sent: refused by the tap (a full queue, as on a wire) or not a frame.
@@ -35,12 +44,64 @@ pub struct Handler {
 
 impl Handler {
     pub fn new(mem: Mapping, tap: RawFd, progress: Progress) -> Handler {
-        Handler { mem, tap, progress, ring: None, dropped: 0, tx_dropped: 0 }
+        Handler { mem, tap, progress, ring: None, rx: None, tap_blocking: false, dropped: 0, tx_dropped: 0 }
     }
 
     /// Also drains transmit ring `ring`.
-    pub fn with_ring(self, ring: TxRing) -> Handler {
+    pub fn with_ring(self, ring: FrameRing) -> Handler {
         Handler { ring: Some(ring), ..self }
+    }
+
+    /// Also reads frames from the tap ahead into receive ring `ring`, kicking eventfd `event`
+    /// when the VMM waits for them.
+    pub fn with_rx_ring(self, ring: FrameRing, event: RawFd) -> Handler {
+        // SAFETY: F_GETFL on our own descriptor.
+        let flags = unsafe { libc::fcntl(self.tap, libc::F_GETFL) };
+        Handler { rx: Some((ring, event)), tap_blocking: flags >= 0 && flags & libc::O_NONBLOCK == 0, ..self }
+    }
+
+    /// Reads waiting frames from the tap into the receive ring while it has room, publishing
+    /// each (so a crash loses at most the frame being read); whether it still has room (then
+    /// the tap is worth waiting on). An error when the ring's counters are impossible.
+    pub fn fill_rx(&mut self) -> Result<bool, String> {
+        let Some((ring, event)) = &self.rx else { return Ok(false) };
+        let mut frame = [0u8; 65536];
+        let mut head = ring.head();
+        let mut kick = false;
+        let room = loop {
+            let tail = ring.tail();
+            if tail > head || head - tail > RING_SLOTS {
+                return Err(format!("receive ring with head {head} and tail {tail} ({RING_SLOTS} slots)"));
+            }
+            if head - tail == RING_SLOTS {
+                break false;
+            }
+            if self.tap_blocking {
+                let mut p = libc::pollfd { fd: self.tap, events: libc::POLLIN, revents: 0 };
+                // SAFETY: polls one live pollfd without waiting.
+                if unsafe { libc::poll(&mut p, 1, 0) } <= 0 {
+                    break true;
+                }
+            }
+            // SAFETY: reads into our own buffer of its length from the tap (non-blocking, or
+            // polled readable just now).
+            let n = unsafe { libc::read(self.tap, frame.as_mut_ptr().cast(), frame.len()) };
+            if n <= 0 {
+                break true;
+            }
+            let n = n as usize;
+            if n > FRAME_MAX as usize {
+                self.dropped += 1;
+                continue;
+            }
+            ring.put(head, &frame[..n])?;
+            head += 1;
+            kick |= ring.publish(head);
+        };
+        if kick {
+            super::shm::kick(*event);
+        }
+        Ok(room)
     }
 
     /// Sends every entry published in the transmit ring, in order, advancing its tail after
@@ -241,27 +302,42 @@ pub fn serve() -> Result<(), String> {
     }
     let mut h = Handler::new(mem, FD_TAP, progress);
     // SAFETY: fcntl(F_GETFD) only checks that the descriptors are open.
-    let ring_passed = unsafe { libc::fcntl(FD_RING, libc::F_GETFD) } >= 0 && unsafe { libc::fcntl(FD_KICK, libc::F_GETFD) } >= 0;
-    if ring_passed {
+    let open = |fd: RawFd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+    let kick_passed = open(FD_KICK);
+    if kick_passed && open(FD_RING) {
         // SAFETY: as above, descriptor 7 is the ring memfd the VMM passed.
         let ring_fd = unsafe { BorrowedFd::borrow_raw(FD_RING) };
-        h = h.with_ring(TxRing::new(Mapping::map(ring_fd).map_err(|e| format!("transmit ring (fd {FD_RING}): {e}"))?)?);
+        h = h.with_ring(FrameRing::new(Mapping::map(ring_fd).map_err(|e| format!("transmit ring (fd {FD_RING}): {e}"))?)?);
     }
+    if kick_passed && open(FD_RX_RING) && open(FD_RX_EVENT) {
+        // SAFETY: as above, descriptor 9 is the receive ring memfd the VMM passed.
+        let ring_fd = unsafe { BorrowedFd::borrow_raw(FD_RX_RING) };
+        let ring = FrameRing::new(Mapping::map(ring_fd).map_err(|e| format!("receive ring (fd {FD_RX_RING}): {e}"))?)?;
+        h = h.with_rx_ring(ring, FD_RX_EVENT);
+    }
+    let ring_passed = h.ring.is_some() || h.rx.is_some();
     let mut buf = vec![0u8; MAX_MSG + 1];
     loop {
         // Everything the VMM published goes out first: before any request is answered (so a
         // reply, a heartbeat's too, means the ring was drained up to when it was sent) and
-        // before sleeping.
+        // before sleeping. Waiting frames are read into the receive ring.
         h.drain_ring()?;
-        if let Some(ring) = &h.ring {
-            let tail = ring.tail();
-            if !ring.may_sleep(tail) {
-                continue;
+        let room = h.fill_rx()?;
+        if ring_passed {
+            if let Some(ring) = &h.ring {
+                if !ring.may_sleep(ring.tail()) {
+                    continue;
+                }
             }
-            let mut fds = [FD_SOCKET, FD_KICK].map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
-            // SAFETY: `fds` is a live array of two pollfds; EINTR just loops.
-            unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            ring.awake();
+            // The tap only while the receive ring has room for what it brings.
+            let tap = if room { FD_TAP } else { -1 };
+            let mut fds = [FD_SOCKET, FD_KICK, tap].map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+            // SAFETY: `fds` is a live array of three pollfds (a negative fd is ignored); EINTR
+            // just loops.
+            unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
+            if let Some(ring) = &h.ring {
+                ring.awake();
+            }
             if fds[1].revents != 0 {
                 super::shm::clear(FD_KICK);
             }
@@ -348,11 +424,11 @@ mod tests {
     /// panic or a read outside the ring.
     #[test]
     fn the_ring_is_drained_in_order_and_garbage_in_it_is_refused() {
-        use crate::backend::shm::{TxRing, RING_BYTES};
+        use crate::backend::shm::{FrameRing, RING_BYTES};
         let (h, _view, _fd, pair) = handler(64 << 10);
         let rfd = memfd(c"test-ring", RING_BYTES as u64).expect("memfd");
-        let mut h = h.with_ring(TxRing::new(Mapping::map(rfd.as_fd()).expect("map")).expect("ring"));
-        let vmm = TxRing::new(Mapping::map(rfd.as_fd()).expect("map")).expect("ring");
+        let mut h = h.with_ring(FrameRing::new(Mapping::map(rfd.as_fd()).expect("map")).expect("ring"));
+        let vmm = FrameRing::new(Mapping::map(rfd.as_fd()).expect("map")).expect("ring");
         for i in 0..5u8 {
             vmm.put(i as u64, &[i; 60]).expect("put");
         }

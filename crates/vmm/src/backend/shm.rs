@@ -165,40 +165,49 @@ pub fn memfd(name: &std::ffi::CStr, size: u64) -> Result<std::os::fd::OwnedFd, S
     Ok(fd)
 }
 
-/// Frames one transmit ring holds.
+/// Frames one ring holds.
 pub const RING_SLOTS: u64 = 256;
 /// Bytes of one slot: `[len: u32][0: u32][frame]`.
 pub const RING_SLOT: usize = 2048;
 /// Bytes of the ring's control page (before the slots).
 const RING_CONTROL: usize = 4096;
-/// Bytes of a transmit ring's memfd.
+/// Bytes of a ring's memfd.
 pub const RING_BYTES: usize = RING_CONTROL + RING_SLOTS as usize * RING_SLOT;
-/// Entries the VMM has published (written by the VMM only).
+/// Entries the producer has published (written by the producer; by the VMM while no backend
+/// runs).
 const HEAD: usize = 0;
-/// Entries the backend has finished: sent to the tap, or dropped because the tap refused them
-/// (written by the backend; by the VMM only while no backend runs).
+/// Entries the consumer has finished (written by the consumer; by the VMM while no backend
+/// runs).
 const TAIL: usize = 64;
-/// Nonzero while the backend may be asleep (written by the backend): the VMM then kicks it.
+/// Nonzero while the consumer may be asleep (written by the consumer): the producer then
+/// kicks it.
 const SLEEPING: usize = 128;
 
-/// The transmit ring between a VMM (the only producer) and its network backend (the only
-/// consumer), in a memfd both map: a guest's transmitted frames are copied into it and the
-/// vCPU goes on at once; the backend sends them to the tap in order. `HEAD` and `TAIL` are
-/// free-running counters (entry `i` lives in slot `i % RING_SLOTS`); the backend advances
-/// `TAIL` after each frame it wrote, so after a crash the next process sends exactly the
-/// entries from `TAIL` on (a frame is sent twice only when the process died between the
-/// write and the store that follows it). Both sides trust nothing the other wrote: the VMM
-/// keeps its own head and checks `TAIL` against it, the backend checks each slot's length.
-pub struct TxRing {
+/// A ring of frames between a VMM and its network backend, in a memfd both map, one producer
+/// and one consumer. `HEAD` and `TAIL` are free-running counters (entry `i` lives in slot
+/// `i % RING_SLOTS`).
+///
+/// - Transmit: the VMM produces (a guest's transmitted frames are copied in and the vCPU goes
+///   on at once), the backend consumes, sending them to the tap in order and advancing `TAIL`
+///   after each frame it wrote, so after a crash the next process sends exactly the entries
+///   from `TAIL` on (a frame is sent twice only when the process died between the write and
+///   the store that follows it).
+/// - Receive: the backend produces (frames read from the tap ahead of the guest's request),
+///   the VMM consumes, copying them into the guest's buffers itself (so it knows the pages it
+///   wrote). A frame is lost in a crash only when it was read from the tap but not published.
+///
+/// Both sides trust nothing the other wrote: the VMM keeps its own copy of its counter and
+/// checks the other's against it, and each slot's length is checked by whoever reads it.
+pub struct FrameRing {
     map: Mapping,
 }
 
-impl TxRing {
-    pub fn new(map: Mapping) -> Result<TxRing, String> {
+impl FrameRing {
+    pub fn new(map: Mapping) -> Result<FrameRing, String> {
         if map.size < RING_BYTES {
             return Err(format!("a transmit ring of {} bytes (needs {RING_BYTES})", map.size));
         }
-        Ok(TxRing { map })
+        Ok(FrameRing { map })
     }
 
     /// Entries published (the VMM's head, as the page says it).
@@ -215,6 +224,11 @@ impl TxRing {
     /// running).
     pub fn set_tail(&self, tail: u64) {
         self.map.atomic_u64(TAIL).store(tail, Ordering::Release);
+    }
+
+    /// Resets the head (the VMM, while no backend runs).
+    pub fn set_head(&self, head: u64) {
+        self.map.atomic_u64(HEAD).store(head, Ordering::SeqCst);
     }
 
     /// Copies `frame` (at most `RING_SLOT - 8` bytes; the caller checks) into the slot of

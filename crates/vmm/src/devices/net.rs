@@ -401,6 +401,23 @@ impl Tap {
                 }
                 mem.check(b.addr, b.len as u64).map_err(|e| format!("receive buffer {i}: {e}"))?;
             }
+            if backend.has_rx_ring() {
+                // The backend read the frames ahead into the receive ring: the VMM copies them
+                // into the guest's buffers itself, so `mem.write` marks the pages written.
+                let mut slot = [0u8; crate::backend::shm::RING_SLOT];
+                let mut done = 0;
+                for b in bufs.iter_mut() {
+                    let Some(n) = backend.rx_take(&mut slot) else { break };
+                    mem.write(b.addr, &slot[..n])?;
+                    b.len = n as u32;
+                    if let Some(log) = &self.input_log {
+                        log.push(self.held.next_epoch, &slot[..n]);
+                    }
+                    done += 1;
+                }
+                backend.rx_done();
+                return finish(mem, addr, req, &bufs[..done], done as u32);
+            }
             // Nothing waiting (the VMM polls the tap it shares with the backend): no round trip.
             if !self.readable() {
                 return finish(mem, addr, req, &[], 0);
@@ -468,6 +485,14 @@ impl Tap {
         let Some(log) = self.input_log.clone() else { return 0 };
         let mut frame = [0u8; 65536];
         let mut n = 0;
+        if let Some(backend) = self.backend.as_ref().filter(|b| b.has_rx_ring()) {
+            let mut slot = [0u8; crate::backend::shm::RING_SLOT];
+            while let Some(len) = backend.rx_take(&mut slot) {
+                log.push(self.held.next_epoch, &slot[..len]);
+                n += 1;
+            }
+            backend.rx_done();
+        }
         loop {
             // SAFETY: reads into our own stack buffer of the given length.
             let r = unsafe { libc::read(self.fd.as_raw_fd(), frame.as_mut_ptr().cast(), frame.len()) };
@@ -664,6 +689,9 @@ impl Tap {
         if std::env::var_os("VIGIL_NET_TX_RING").is_some_and(|v| v == "0") {
             program.sync_tx = true;
         }
+        if std::env::var_os("VIGIL_NET_RX_RING").is_some_and(|v| v == "0") {
+            program.sync_rx = true;
+        }
         let backend = crate::backend::Backend::start(crate::backend::Device::Net, &program, memfd, std::os::fd::AsFd::as_fd(&self.fd))
             .map_err(|e| err(format!("network backend: {e}")))?;
         self.backend = Some(backend);
@@ -675,10 +703,32 @@ impl Tap {
         self.backend.as_ref().map(|b| b.status())
     }
 
+    /// The descriptor that becomes readable when a frame arrives: the tap, or the receive
+    /// ring's event when a backend process reads the tap ahead. Wait on it between
+    /// [`Tap::prepare_wait`] and [`Tap::end_wait`].
+    pub fn wait_fd(&self) -> RawFd {
+        self.backend.as_ref().and_then(|b| b.rx_event_fd()).unwrap_or(self.fd.as_raw_fd())
+    }
+
+    /// About to wait on [`Tap::wait_fd`]: false when a frame already waits (do not wait).
+    pub fn prepare_wait(&self) -> bool {
+        self.pending.is_empty() && self.backend.as_ref().is_none_or(|b| b.rx_prepare_wait())
+    }
+
+    /// Done waiting on [`Tap::wait_fd`].
+    pub fn end_wait(&self) {
+        if let Some(b) = &self.backend {
+            b.rx_end_wait();
+        }
+    }
+
     /// Whether a frame is waiting.
     pub fn readable(&self) -> bool {
         if !self.pending.is_empty() {
             return true;
+        }
+        if let Some(b) = self.backend.as_ref().filter(|b| b.has_rx_ring()) {
+            return b.rx_pending();
         }
         let mut p = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: polls one valid pollfd without blocking.
