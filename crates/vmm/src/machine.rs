@@ -969,7 +969,7 @@ impl Vm {
             unsafe { libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, tsp, std::ptr::null()) };
         }
         if let Some(t) = &self.tap {
-            t.end_wait();
+            t.end_wait(fds.first().is_some_and(|p| p.revents != 0));
         }
         match &self.tap {
             Some(t) if t.readable() => EVENT_NET_RX,

@@ -520,11 +520,13 @@ impl Backend {
         self.shared.rx.as_ref().is_none_or(|rx| rx.ring.may_sleep(rx.consumed.load(Ordering::Acquire)))
     }
 
-    /// Done waiting.
-    pub fn rx_end_wait(&self) {
+    /// Done waiting; `woken`: the event fd was readable (it is then cleared).
+    pub fn rx_end_wait(&self, woken: bool) {
         if let Some(rx) = &self.shared.rx {
             rx.ring.awake();
-            shm::clear(rx.event.as_raw_fd());
+            if woken {
+                shm::clear(rx.event.as_raw_fd());
+            }
         }
     }
 

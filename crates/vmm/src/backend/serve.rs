@@ -90,7 +90,7 @@ impl Handler {
                 break true;
             }
             let n = n as usize;
-            if n > FRAME_MAX as usize {
+            if !(vmm_abi::FRAME_MIN as usize..=FRAME_MAX as usize).contains(&n) {
                 self.dropped += 1;
                 continue;
             }

@@ -715,10 +715,10 @@ impl Tap {
         self.pending.is_empty() && self.backend.as_ref().is_none_or(|b| b.rx_prepare_wait())
     }
 
-    /// Done waiting on [`Tap::wait_fd`].
-    pub fn end_wait(&self) {
+    /// Done waiting on [`Tap::wait_fd`]; `woken`: it was readable.
+    pub fn end_wait(&self, woken: bool) {
         if let Some(b) = &self.backend {
-            b.rx_end_wait();
+            b.rx_end_wait(woken);
         }
     }
 
