@@ -873,7 +873,12 @@ impl Conn {
         self.proc_.as_ref().map_or(0, |p| p.child.id())
     }
 
+    /// How the process ended; it is given up to 20 ms to finish dying (its socket closes
+    /// before its exit is reported), so that the cause says which signal killed it.
     fn exit_status(&mut self) -> String {
+        if let Some(p) = &self.proc_ {
+            poll_in(&[p.pidfd.as_raw_fd()], Duration::from_millis(20));
+        }
         match self.proc_.as_mut().map(|p| p.child.try_wait()) {
             Some(Ok(Some(st))) => st.to_string(),
             _ => "exited".into(),
@@ -1048,6 +1053,9 @@ mod tests {
             let r = crate::backend::serve();
             std::process::exit(if r.is_ok() { 0 } else { 2 });
         }
+        if mode == "forbidden" {
+            crate::backend::confine::confine().expect("seccomp");
+        }
         // SAFETY: descriptor 6 is the progress page the VMM passed.
         let progress = Progress::new(Mapping::map(unsafe { BorrowedFd::borrow_raw(FD_PROGRESS) }).expect("map")).expect("page");
         // SAFETY: descriptor 7 is the transmit ring the VMM passed (network).
@@ -1090,6 +1098,8 @@ mod tests {
                 n_req += 1;
                 match mode {
                     "crash" => std::process::exit(3),
+                    // SAFETY: socket(2) with constant arguments, refused by the filter.
+                    "forbidden" => vec![unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) } as u8],
                     "silent" => loop {
                         std::thread::sleep(Duration::from_secs(1));
                     },
@@ -1134,6 +1144,31 @@ mod tests {
     #[test]
     fn fake_backend_scribble() {
         fake("scribble");
+    }
+    #[test]
+    fn fake_backend_forbidden() {
+        fake("forbidden");
+    }
+
+    /// A backend under the seccomp filter that makes a forbidden system call (a socket) dies
+    /// of SIGSYS, and is replaced like any crashed backend; the VMM gives the request up after
+    /// a few restarts.
+    #[test]
+    fn a_forbidden_system_call_kills_the_backend_and_it_is_replaced() {
+        let mem = memfd(c"test-guest", 1 << 20).expect("memfd");
+        let mut pair = [0; 2];
+        // SAFETY: socketpair fills two descriptors.
+        assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, pair.as_mut_ptr()) }, 0);
+        // SAFETY: both are new and ours.
+        let (tap, _peer) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+        let b = Backend::start(Device::Net, &program("forbidden"), mem.as_fd(), tap.as_fd()).expect("start");
+        assert_eq!(b.tx(&[(0x1000, 60)]), 0);
+        let st = b.status();
+        assert!(st.restarts >= 3, "{st:?}");
+        // Each one crashed, of SIGSYS where its exit was collected in time to say so.
+        assert!(st.incidents.iter().all(|i| i.cause.starts_with("crashed")), "{st:?}");
+        assert!(st.incidents.iter().any(|i| i.cause.contains("SIGSYS")), "{st:?}");
+        assert!(st.pid != 0, "a backend runs again: {st:?}");
     }
 
     fn program(mode: &str) -> BackendProgram {
@@ -1193,6 +1228,7 @@ mod ring_tests {
         b.drain();
         let pid = b.status().pid;
         signal(pid, libc::SIGSTOP);
+        wait_stopped(pid);
         push_range(&b, 50..150);
         signal(pid, libc::SIGKILL);
         wait_restarts(&b, 1);
@@ -1260,7 +1296,9 @@ mod ring_tests {
         let reader = t.reader(600);
         push_range(&b, 0..50);
         b.drain();
-        signal(b.status().pid, libc::SIGSTOP);
+        let pid = b.status().pid;
+        signal(pid, libc::SIGSTOP);
+        wait_stopped(pid);
         let start = Instant::now();
         push_range(&b, 50..600);
         b.drain();
@@ -1311,6 +1349,7 @@ mod ring_tests {
         take(100, &mut got);
         let pid = b.status().pid;
         signal(pid, libc::SIGSTOP);
+        wait_stopped(pid);
         let sender = send(100..150);
         std::thread::sleep(Duration::from_millis(20));
         signal(pid, libc::SIGKILL);
@@ -1447,6 +1486,19 @@ mod tests_support {
         assert!(pid != 0);
         // SAFETY: kill(2) of the backend this test's VMM side started (its child).
         unsafe { libc::kill(pid as i32, sig) };
+    }
+
+    /// Waits until process `pid` is stopped (a signal takes effect asynchronously).
+    pub fn wait_stopped(pid: u32) {
+        let t = Instant::now();
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T')) {
+                return;
+            }
+            assert!(t.elapsed() < Duration::from_secs(5), "{pid} not stopped: {stat}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     pub fn wait_restarts(b: &Backend, n: u64) {

@@ -83,12 +83,7 @@ pub fn confine() -> Result<(), String> {
     // SAFETY: seccomp(2) reads the program through `fprog`, which points at `prog`, alive for
     // the call.
     let r = unsafe {
-        libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            libc::SECCOMP_FILTER_FLAG_TSYNC,
-            &fprog as *const libc::sock_fprog,
-        )
+        libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, libc::SECCOMP_FILTER_FLAG_TSYNC, &fprog as *const libc::sock_fprog)
     };
     if r != 0 {
         return Err(format!("seccomp: {}", std::io::Error::last_os_error()));

@@ -15,6 +15,7 @@
 //! VMM trusts nothing the backend writes (replies, progress page) beyond what it checked.
 
 mod client;
+pub mod confine;
 pub mod serve;
 pub mod shm;
 pub mod wire;

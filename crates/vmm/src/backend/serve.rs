@@ -316,6 +316,11 @@ pub fn serve() -> Result<(), String> {
         h = h.with_rx_ring(ring, FD_RX_EVENT);
     }
     let ring_passed = h.ring.is_some() || h.rx.is_some();
+    // Setup done: from here on only the system calls of `confine::ALLOWED`
+    // (`VIGIL_BACKEND_SECCOMP=0` leaves the filter out, for debugging).
+    if std::env::var_os("VIGIL_BACKEND_SECCOMP").is_none_or(|v| v != "0") {
+        super::confine::confine()?;
+    }
     let mut buf = vec![0u8; MAX_MSG + 1];
     loop {
         // Everything the VMM published goes out first: before any request is answered (so a
