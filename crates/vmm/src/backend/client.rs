@@ -229,6 +229,10 @@ struct TxShared {
     published: AtomicU64,
     /// The highest tail read that checked: never above `published`, never decreasing.
     good_tail: AtomicU64,
+    /// When entries were last published into an empty ring (ns since `base`): a stall of the
+    /// backend is timed from there.
+    waiting_since: AtomicU64,
+    base: Instant,
 }
 
 impl TxShared {
@@ -247,6 +251,9 @@ impl TxShared {
 
     /// Shows the backend every entry before `head`, kicking it when it may sleep.
     fn publish(&self, head: u64) {
+        if self.ring.tail() >= self.published.load(Ordering::Acquire) {
+            self.waiting_since.store(self.base.elapsed().as_nanos() as u64, Ordering::Release);
+        }
         self.published.store(head, Ordering::Release);
         if self.ring.publish(head) {
             shm::kick(self.kick.as_raw_fd());
@@ -330,6 +337,8 @@ impl Backend {
                 head: Mutex::new(0),
                 published: AtomicU64::new(0),
                 good_tail: AtomicU64::new(0),
+                waiting_since: AtomicU64::new(0),
+                base: Instant::now(),
             });
         }
         let mut rx = None;
@@ -752,20 +761,30 @@ fn restart(
 fn monitor(shared: &Arc<Shared>) {
     // The ring's tail when last seen and since when it has not moved with entries waiting.
     let mut watch = (0u64, Instant::now());
-    // The receive ring's head when last seen.
+    // The receive ring's head when last seen, and since when frames have waited at the tap
+    // with room in the ring and that head standing still.
     let mut rx_seen = 0u64;
+    let mut rx_since = Instant::now();
     loop {
         if shared.stop.load(Ordering::Relaxed) {
             return;
         }
-        let (pidfd, generation, period) = {
+        let (pidfd, generation, period, tap) = {
             let conn = shared.conn.lock().unwrap_or_else(|p| p.into_inner());
             let period = Duration::from_millis(conn.program.period_ms.max(1));
-            (conn.proc_.as_ref().and_then(|p| p.pidfd.try_clone().ok()), conn.generation, period)
+            (conn.proc_.as_ref().and_then(|p| p.pidfd.try_clone().ok()), conn.generation, period, conn.tap.as_raw_fd())
         };
-        // With ring entries waiting, look again soon: a stall is then timed from within 10 ms
-        // of its start, not from up to a period later.
-        let pending = shared.tx.as_ref().is_some_and(|tx| tx.ring.tail() < tx.published.load(Ordering::Acquire));
+        // Frames wait at the tap while the receive ring has room: the backend should be
+        // reading them.
+        let rx_backlog = || {
+            shared
+                .rx
+                .as_ref()
+                .is_some_and(|rx| rx.ring.head() < rx.consumed.load(Ordering::Acquire) + RING_SLOTS && poll_in(&[tap], Duration::ZERO)[0])
+        };
+        // With ring entries or frames at the tap waiting, look again soon: a stall is then
+        // timed closely, not from up to a period later.
+        let pending = shared.tx.as_ref().is_some_and(|tx| tx.ring.tail() < tx.published.load(Ordering::Acquire)) || rx_backlog();
         let wait = if pending { period.min(Duration::from_millis(10)) } else { period };
         let exited = match &pidfd {
             Some(fd) => poll_in(&[fd.as_raw_fd()], wait).first().copied().unwrap_or(false),
@@ -799,10 +818,16 @@ fn monitor(shared: &Arc<Shared>) {
                     if t != watch.0 || head == t {
                         watch = (t, Instant::now());
                         None
-                    } else if watch.1.elapsed() >= Duration::from_millis(conn.program.timeout_ms) {
-                        Some(Fault::Hung(watch.1.elapsed()))
                     } else {
-                        None
+                        // Stalled since the later of the tail's last change seen and the last
+                        // publish into an empty ring (never earlier than it really began).
+                        let published = tx.base + Duration::from_nanos(tx.waiting_since.load(Ordering::Acquire));
+                        let stalled = watch.1.max(published).elapsed();
+                        if stalled >= Duration::from_millis(conn.program.timeout_ms) {
+                            Some(Fault::Hung(stalled))
+                        } else {
+                            None
+                        }
                     }
                 }
             };
@@ -824,8 +849,16 @@ fn monitor(shared: &Arc<Shared>) {
                 // Frames received since the last look: alive.
                 Ok(h) if h != rx_seen => {
                     rx_seen = h;
+                    rx_since = Instant::now();
                     conn.last_ok = Instant::now();
                     conn.missed = 0;
+                }
+                Ok(_) if !rx_backlog() => rx_since = Instant::now(),
+                Ok(_) if rx_since.elapsed() >= Duration::from_millis(conn.program.timeout_ms) => {
+                    let (old_pid, stalled) = (conn.pid(), rx_since.elapsed());
+                    let _ = restart(shared, &mut conn, old_pid, &Fault::Hung(stalled), stalled, 0, 0);
+                    rx_since = Instant::now();
+                    continue;
                 }
                 Ok(_) => {}
             }
@@ -1358,6 +1391,38 @@ mod ring_tests {
         take(150, &mut got);
         assert_eq!(got, (0..150).collect::<Vec<u32>>());
         assert_eq!(b.status().rx_ring_frames, 150);
+    }
+
+    /// A stopped backend while frames wait at the tap (the receive ring has room): the monitor
+    /// declares it hung after the request timeout, not after missed heartbeats, and the next
+    /// process reads the frames.
+    #[test]
+    fn a_hung_backend_with_frames_waiting_at_the_tap_is_replaced() {
+        let t = Tap::new();
+        let b = Backend::start(Device::Net, &program("real", 50, 100), t.mem.as_fd(), t.tap.as_fd()).expect("start");
+        let pid = b.status().pid;
+        signal(pid, libc::SIGSTOP);
+        wait_stopped(pid);
+        let at = Instant::now();
+        let f = frame(7);
+        // SAFETY: writes our own buffer to our socket.
+        assert_eq!(unsafe { libc::write(t.peer.as_raw_fd(), f.as_ptr().cast(), f.len()) }, 60);
+        wait_restarts(&b, 1);
+        let took = at.elapsed();
+        let st = b.status();
+        assert!(st.incidents[0].cause.starts_with("hung"), "{st:?}");
+        assert!(took >= Duration::from_millis(100) && took < Duration::from_millis(1000), "{took:?}");
+        let mut slot = [0u8; RING_SLOT];
+        let t0 = Instant::now();
+        let got = loop {
+            if let Some(n) = b.rx_take(&mut slot) {
+                break n;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "no frame after the restart");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert_eq!((got, slot[0]), (60, 7));
+        eprintln!("hang detected and repaired in {took:?}");
     }
 
     /// A backend that writes garbage over the ring (a tail past the head, junk in the slots)
