@@ -285,8 +285,10 @@ impl Table {
 }
 
 /// Starts kv on a fresh disk (none with `no_disk`), with both backends in the VMM (`vmm`),
-/// in the VMM with guest memory a shared memfd as a backend process needs (`vmm-memfd`), or as
-/// processes (`process`).
+/// in the VMM with guest memory a shared memfd as a backend process needs (`vmm-memfd`), as
+/// processes (`process`), as processes with the network backend receiving synchronously
+/// (`process-txring`: its transmit ring only, `VIGIL_NET_RX_RING=0`), or as processes with
+/// the network backend synchronous both ways as before its rings (`process-sync`).
 fn start(ns: &TapNs, exe: &std::path::Path, kv: &std::path::Path, mode: &str, dir: &std::path::Path, no_disk: bool) -> Result<VmProc> {
     std::fs::create_dir_all(dir)?;
     let disk = dir.join(format!("disk-{mode}"));
@@ -300,6 +302,23 @@ fn start(ns: &TapNs, exe: &std::path::Path, kv: &std::path::Path, mode: &str, di
     match mode {
         "vmm" => {}
         "vmm-memfd" => extra.push("--shared-memory"),
+        "process-sync" | "process-txring" => {
+            extra.extend(["--net-backend", "process"]);
+            if !no_disk {
+                extra.extend(["--blk-backend", "process"]);
+            }
+            // Read by the VMM when it starts its backend; this thread is the only one
+            // running while VMs start.
+            let vars: &[&str] = if mode == "process-sync" { &["VIGIL_NET_TX_RING", "VIGIL_NET_RX_RING"] } else { &["VIGIL_NET_RX_RING"] };
+            for v in vars {
+                std::env::set_var(v, "0");
+            }
+            let vm = ns.start_vm_with(exe, kv, &extra, &format!("vm-{mode}"), dir).map_err(anyhow::Error::msg);
+            for v in vars {
+                std::env::remove_var(v);
+            }
+            return vm;
+        }
         _ => {
             extra.extend(["--net-backend", "process"]);
             if !no_disk {
@@ -321,11 +340,11 @@ pub fn run(o: &Options) -> Result<()> {
     let mut t = Table { rows: Vec::new() };
 
     // 1. Tail latency without failures, alternating setups (rotating their order).
-    const MODES: [&str; 3] = ["vmm-memfd", "process", "vmm"];
-    let mut per: [Vec<Vec<(String, Lat)>>; 3] = Default::default();
+    const MODES: [&str; 5] = ["vmm-memfd", "process", "vmm", "process-sync", "process-txring"];
+    let mut per: [Vec<Vec<(String, Lat)>>; 5] = Default::default();
     for round in 0..o.rounds.max(1) {
-        for j in 0..3 {
-            let m = (round + j) % 3;
+        for j in 0..5 {
+            let m = (round + j) % 5;
             let mode = MODES[m];
             let vm = start(&ns, &exe, &kv, mode, &dir, o.no_disk)?;
             run_benchmark(&ns, o.requests / 4, "set")?;
@@ -354,7 +373,7 @@ pub fn run(o: &Options) -> Result<()> {
             ("throughput", |l| l.rps),
         ];
         for (name, f) in metrics {
-            let (a, b, anon) = (pick(0, f), pick(1, f), pick(2, f));
+            let (a, b, anon, sync, txring) = (pick(0, f), pick(1, f), pick(2, f), pick(3, f), pick(4, f));
             let unit = if name == "throughput" { "req/s" } else { "ms" };
             let fmt = |v: f64| if name == "throughput" { format!("{v:.0} {unit}") } else { format!("{v:.3} {unit}") };
             t.add(
@@ -363,12 +382,16 @@ pub fn run(o: &Options) -> Result<()> {
                 fmt(b),
                 format!("{:.3}", b / a),
                 &format!(
-                    "median of {} rounds of {} requests, 4 clients{}; both with memfd guest memory; in VMM with anonymous memory: {} ({:.3} of memfd)",
+                    "median of {} rounds of {} requests, 4 clients{}; both with memfd guest memory; in VMM with anonymous memory: {} ({:.3} of memfd); process with both rings off (synchronous, as before them): {} ({:.3} of memfd); process with the transmit ring only: {} ({:.3} of memfd)",
                     o.rounds.max(1),
                     o.requests,
                     if o.no_disk { ", no disk" } else { ", kv logging to its disk" },
                     fmt(anon),
-                    anon / a
+                    anon / a,
+                    fmt(sync),
+                    sync / a,
+                    fmt(txring),
+                    txring / a
                 ),
             );
         }

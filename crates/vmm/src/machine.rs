@@ -952,14 +952,14 @@ impl Vm {
         let deadline = deadline.min(self.upcall_deadline());
         let mut fds = Vec::with_capacity(2);
         if let Some(t) = &self.tap {
-            fds.push(libc::pollfd { fd: t.raw_fd(), events: libc::POLLIN, revents: 0 });
+            fds.push(libc::pollfd { fd: t.wait_fd(), events: libc::POLLIN, revents: 0 });
         }
         if let Some(i) = inbox {
             use std::os::fd::AsRawFd;
             fds.push(libc::pollfd { fd: i.shared.event.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         }
         let now = self.clock.now_ns();
-        let waiting = self.tap.as_ref().is_some_and(|t| t.has_pending());
+        let waiting = self.tap.as_ref().is_some_and(|t| !t.prepare_wait());
         if deadline > now && !waiting {
             let wait = deadline - now;
             let ts = libc::timespec { tv_sec: (wait / 1_000_000_000).min(i32::MAX as u64) as i64, tv_nsec: (wait % 1_000_000_000) as i64 };
@@ -967,6 +967,9 @@ impl Vm {
             // SAFETY: `fds` is a live array of `fds.len()` pollfds, `tsp` null or a live
             // timespec. EINTR (a kick) simply ends the wait.
             unsafe { libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, tsp, std::ptr::null()) };
+        }
+        if let Some(t) = &self.tap {
+            t.end_wait(fds.first().is_some_and(|p| p.revents != 0));
         }
         match &self.tap {
             Some(t) if t.readable() => EVENT_NET_RX,

@@ -1,8 +1,8 @@
 //! The backend process's side: serves one VMM's requests on its device (the tap, or the disk
-//! file), reaching guest memory through its memfd. Started by the VMM with its descriptors at
-//! fixed numbers.
+//! file), reaching guest memory through its memfd, and (network) drains the transmit ring the
+//! VMM fills. Started by the VMM with its descriptors at fixed numbers.
 
-use super::shm::{Mapping, Progress};
+use super::shm::{FrameRing, Mapping, Progress, RING_SLOT, RING_SLOTS};
 use super::wire::{self, Reply, Request, MAX_MSG, STATUS_IO_ERROR, STATUS_OK, STATUS_REFUSED};
 use std::os::fd::{BorrowedFd, RawFd};
 use vmm_abi::FRAME_MAX;
@@ -15,19 +15,127 @@ pub const FD_MEMORY: RawFd = 4;
 pub const FD_TAP: RawFd = 5;
 /// The progress page (memfd).
 pub const FD_PROGRESS: RawFd = 6;
+/// The transmit ring (memfd; network only, else closed).
+pub const FD_RING: RawFd = 7;
+/// The eventfd the VMM kicks when it published transmit entries while the backend slept, or
+/// made room in a full receive ring.
+pub const FD_KICK: RawFd = 8;
+/// The receive ring (memfd; network only, else closed).
+pub const FD_RX_RING: RawFd = 9;
+/// The eventfd the backend kicks when it published received frames while the VMM waited.
+pub const FD_RX_EVENT: RawFd = 10;
 
 /// Serves one request at a time.
 pub struct Handler {
     mem: Mapping,
     tap: RawFd,
     progress: Progress,
+    /// The transmit ring, when the VMM passed one.
+    ring: Option<FrameRing>,
+    /// The receive ring and the VMM's eventfd, when the VMM passed them.
+    rx: Option<(FrameRing, RawFd)>,
+    /// The tap blocks on reads (a VMM's tap does not; a test's socket may): poll first.
+    tap_blocking: bool,
     /// Frames from the tap larger than [`FRAME_MAX`], dropped.
     pub dropped: u64,
+    /// Ring entries not sent: refused by the tap (a full queue, as on a wire) or not a frame.
+    pub tx_dropped: u64,
 }
 
 impl Handler {
     pub fn new(mem: Mapping, tap: RawFd, progress: Progress) -> Handler {
-        Handler { mem, tap, progress, dropped: 0 }
+        Handler { mem, tap, progress, ring: None, rx: None, tap_blocking: false, dropped: 0, tx_dropped: 0 }
+    }
+
+    /// Also drains transmit ring `ring`.
+    pub fn with_ring(self, ring: FrameRing) -> Handler {
+        Handler { ring: Some(ring), ..self }
+    }
+
+    /// Also reads frames from the tap ahead into receive ring `ring`, kicking eventfd `event`
+    /// when the VMM waits for them.
+    pub fn with_rx_ring(self, ring: FrameRing, event: RawFd) -> Handler {
+        // SAFETY: F_GETFL on our own descriptor.
+        let flags = unsafe { libc::fcntl(self.tap, libc::F_GETFL) };
+        Handler { rx: Some((ring, event)), tap_blocking: flags >= 0 && flags & libc::O_NONBLOCK == 0, ..self }
+    }
+
+    /// Reads waiting frames from the tap into the receive ring while it has room, publishing
+    /// each (so a crash loses at most the frame being read); whether it still has room (then
+    /// the tap is worth waiting on). An error when the ring's counters are impossible.
+    pub fn fill_rx(&mut self) -> Result<bool, String> {
+        let Some((ring, event)) = &self.rx else { return Ok(false) };
+        let mut frame = [0u8; 65536];
+        let mut head = ring.head();
+        let mut kick = false;
+        let room = loop {
+            let tail = ring.tail();
+            if tail > head || head - tail > RING_SLOTS {
+                return Err(format!("receive ring with head {head} and tail {tail} ({RING_SLOTS} slots)"));
+            }
+            if head - tail == RING_SLOTS {
+                break false;
+            }
+            if self.tap_blocking {
+                let mut p = libc::pollfd { fd: self.tap, events: libc::POLLIN, revents: 0 };
+                // SAFETY: polls one live pollfd without waiting.
+                if unsafe { libc::poll(&mut p, 1, 0) } <= 0 {
+                    break true;
+                }
+            }
+            // SAFETY: reads into our own buffer of its length from the tap (non-blocking, or
+            // polled readable just now).
+            let n = unsafe { libc::read(self.tap, frame.as_mut_ptr().cast(), frame.len()) };
+            if n <= 0 {
+                break true;
+            }
+            let n = n as usize;
+            if !(vmm_abi::FRAME_MIN as usize..=FRAME_MAX as usize).contains(&n) {
+                self.dropped += 1;
+                continue;
+            }
+            ring.put(head, &frame[..n])?;
+            head += 1;
+            kick |= ring.publish(head);
+        };
+        if kick {
+            super::shm::kick(*event);
+        }
+        Ok(room)
+    }
+
+    /// Sends every entry published in the transmit ring, in order, advancing its tail after
+    /// each; an error when the ring's counters are impossible (the process then exits and the
+    /// VMM starts another).
+    pub fn drain_ring(&mut self) -> Result<u64, String> {
+        let Some(ring) = &self.ring else { return Ok(0) };
+        let mut buf = [0u8; RING_SLOT];
+        let (mut sent, mut dropped) = (0, 0);
+        loop {
+            let (head, mut tail) = (ring.head(), ring.tail());
+            if head == tail {
+                break;
+            }
+            if head < tail || head - tail > RING_SLOTS {
+                return Err(format!("transmit ring with head {head} and tail {tail} ({RING_SLOTS} slots)"));
+            }
+            while tail < head {
+                match ring.get(tail, &mut buf) {
+                    // SAFETY: writes `f.len()` initialised bytes from a live buffer to the tap.
+                    Ok(f) if unsafe { libc::write(self.tap, f.as_ptr().cast(), f.len()) } >= 0 => sent += 1,
+                    // A full queue or link down: lost, as on a real wire.
+                    Ok(_) => dropped += 1,
+                    Err(e) => {
+                        eprintln!("vigil backend: {e}; skipped");
+                        dropped += 1;
+                    }
+                }
+                tail += 1;
+                ring.set_tail(tail);
+            }
+        }
+        self.tx_dropped += dropped;
+        Ok(sent)
     }
 
     /// Serves one message and returns the reply's bytes; a malformed message (or one naming
@@ -193,16 +301,64 @@ pub fn serve() -> Result<(), String> {
         return Err(format!("descriptors {FD_SOCKET} (socket) and {FD_TAP} (tap) must be open: started by a VMM?"));
     }
     let mut h = Handler::new(mem, FD_TAP, progress);
+    // SAFETY: fcntl(F_GETFD) only checks that the descriptors are open.
+    let open = |fd: RawFd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+    let kick_passed = open(FD_KICK);
+    if kick_passed && open(FD_RING) {
+        // SAFETY: as above, descriptor 7 is the ring memfd the VMM passed.
+        let ring_fd = unsafe { BorrowedFd::borrow_raw(FD_RING) };
+        h = h.with_ring(FrameRing::new(Mapping::map(ring_fd).map_err(|e| format!("transmit ring (fd {FD_RING}): {e}"))?)?);
+    }
+    if kick_passed && open(FD_RX_RING) && open(FD_RX_EVENT) {
+        // SAFETY: as above, descriptor 9 is the receive ring memfd the VMM passed.
+        let ring_fd = unsafe { BorrowedFd::borrow_raw(FD_RX_RING) };
+        let ring = FrameRing::new(Mapping::map(ring_fd).map_err(|e| format!("receive ring (fd {FD_RX_RING}): {e}"))?)?;
+        h = h.with_rx_ring(ring, FD_RX_EVENT);
+    }
+    let ring_passed = h.ring.is_some() || h.rx.is_some();
+    // Setup done: from here on only the system calls of `confine::ALLOWED`
+    // (`VIGIL_BACKEND_SECCOMP=0` leaves the filter out, for debugging).
+    if std::env::var_os("VIGIL_BACKEND_SECCOMP").is_none_or(|v| v != "0") {
+        super::confine::confine()?;
+    }
     let mut buf = vec![0u8; MAX_MSG + 1];
     loop {
+        // Everything the VMM published goes out first: before any request is answered (so a
+        // reply, a heartbeat's too, means the ring was drained up to when it was sent) and
+        // before sleeping. Waiting frames are read into the receive ring.
+        h.drain_ring()?;
+        let room = h.fill_rx()?;
+        if ring_passed {
+            if let Some(ring) = &h.ring {
+                if !ring.may_sleep(ring.tail()) {
+                    continue;
+                }
+            }
+            // The tap only while the receive ring has room for what it brings.
+            let tap = if room { FD_TAP } else { -1 };
+            let mut fds = [FD_SOCKET, FD_KICK, tap].map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+            // SAFETY: `fds` is a live array of three pollfds (a negative fd is ignored); EINTR
+            // just loops.
+            unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
+            if let Some(ring) = &h.ring {
+                ring.awake();
+            }
+            if fds[1].revents != 0 {
+                super::shm::clear(FD_KICK);
+            }
+            if fds[0].revents == 0 {
+                continue;
+            }
+            h.drain_ring()?;
+        }
         // SAFETY: receives at most `buf.len()` bytes into our own buffer.
-        let n = unsafe { libc::recv(FD_SOCKET, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let n = unsafe { libc::recv(FD_SOCKET, buf.as_mut_ptr().cast(), buf.len(), if ring_passed { libc::MSG_DONTWAIT } else { 0 }) };
         if n == 0 {
             return Ok(());
         }
         if n < 0 {
             let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
+            if e.kind() == std::io::ErrorKind::Interrupted || e.kind() == std::io::ErrorKind::WouldBlock {
                 continue;
             }
             // The VMM is gone (it died with a request of ours unread): nothing left to serve.
@@ -261,6 +417,48 @@ mod tests {
         let mut b = [0u8; 42];
         view.read(0x4000, &mut b).expect("read");
         assert_eq!(b, [42u8; 42]);
+        // SAFETY: closing the test's own descriptors.
+        unsafe {
+            libc::close(pair[0]);
+            libc::close(pair[1]);
+        }
+    }
+
+    /// The transmit ring: frames go out in order; a slot whose length is not a frame's (the
+    /// ring's memory scribbled on) is skipped, and impossible counters are an error, never a
+    /// panic or a read outside the ring.
+    #[test]
+    fn the_ring_is_drained_in_order_and_garbage_in_it_is_refused() {
+        use crate::backend::shm::{FrameRing, RING_BYTES};
+        let (h, _view, _fd, pair) = handler(64 << 10);
+        let rfd = memfd(c"test-ring", RING_BYTES as u64).expect("memfd");
+        let mut h = h.with_ring(FrameRing::new(Mapping::map(rfd.as_fd()).expect("map")).expect("ring"));
+        let vmm = FrameRing::new(Mapping::map(rfd.as_fd()).expect("map")).expect("ring");
+        for i in 0..5u8 {
+            vmm.put(i as u64, &[i; 60]).expect("put");
+        }
+        // Entry 2's length scribbled over: 70,000 bytes.
+        vmm.scribble(4096 + 2 * 2048, &70_000u32.to_le_bytes());
+        assert!(!vmm.publish(5));
+        assert_eq!(h.drain_ring(), Ok(4));
+        assert_eq!((vmm.tail(), h.tx_dropped), (5, 1));
+        let mut got = vec![];
+        let mut b = [0u8; 100];
+        // SAFETY: reads into our own buffer from the test's non-blocking socket.
+        while unsafe { libc::read(pair[1], b.as_mut_ptr().cast(), 100) } == 60 {
+            got.push(b[0]);
+        }
+        assert_eq!(got, [0, 1, 3, 4]);
+        // Nothing published past the tail: the backend may sleep.
+        assert!(vmm.may_sleep(5));
+        assert!(vmm.publish(5), "a sleeping backend is kicked");
+        vmm.awake();
+        // A head far past the tail, or behind it.
+        for (head, tail) in [(5 + 10_000, 5), (3, 5), (u64::MAX, 0)] {
+            vmm.set_tail(tail);
+            vmm.publish(head);
+            assert!(h.drain_ring().is_err_and(|e| e.contains("transmit ring")), "head {head} tail {tail}");
+        }
         // SAFETY: closing the test's own descriptors.
         unsafe {
             libc::close(pair[0]);

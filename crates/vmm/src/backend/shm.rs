@@ -164,3 +164,151 @@ pub fn memfd(name: &std::ffi::CStr, size: u64) -> Result<std::os::fd::OwnedFd, S
     }
     Ok(fd)
 }
+
+/// Frames one ring holds.
+pub const RING_SLOTS: u64 = 256;
+/// Bytes of one slot: `[len: u32][0: u32][frame]`.
+pub const RING_SLOT: usize = 2048;
+/// Bytes of the ring's control page (before the slots).
+const RING_CONTROL: usize = 4096;
+/// Bytes of a ring's memfd.
+pub const RING_BYTES: usize = RING_CONTROL + RING_SLOTS as usize * RING_SLOT;
+/// Entries the producer has published (written by the producer; by the VMM while no backend
+/// runs).
+const HEAD: usize = 0;
+/// Entries the consumer has finished (written by the consumer; by the VMM while no backend
+/// runs).
+const TAIL: usize = 64;
+/// Nonzero while the consumer may be asleep (written by the consumer): the producer then
+/// kicks it.
+const SLEEPING: usize = 128;
+
+/// A ring of frames between a VMM and its network backend, in a memfd both map, one producer
+/// and one consumer. `HEAD` and `TAIL` are free-running counters (entry `i` lives in slot
+/// `i % RING_SLOTS`).
+///
+/// - Transmit: the VMM produces (a guest's transmitted frames are copied in and the vCPU goes
+///   on at once), the backend consumes, sending them to the tap in order and advancing `TAIL`
+///   after each frame it wrote, so after a crash the next process sends exactly the entries
+///   from `TAIL` on (a frame is sent twice only when the process died between the write and
+///   the store that follows it).
+/// - Receive: the backend produces (frames read from the tap ahead of the guest's request),
+///   the VMM consumes, copying them into the guest's buffers itself (so it knows the pages it
+///   wrote). A frame is lost in a crash only when it was read from the tap but not published.
+///
+/// Both sides trust nothing the other wrote: the VMM keeps its own copy of its counter and
+/// checks the other's against it, and each slot's length is checked by whoever reads it.
+pub struct FrameRing {
+    map: Mapping,
+}
+
+impl FrameRing {
+    pub fn new(map: Mapping) -> Result<FrameRing, String> {
+        if map.size < RING_BYTES {
+            return Err(format!("a transmit ring of {} bytes (needs {RING_BYTES})", map.size));
+        }
+        Ok(FrameRing { map })
+    }
+
+    /// Entries published (the VMM's head, as the page says it).
+    pub fn head(&self) -> u64 {
+        self.map.atomic_u64(HEAD).load(Ordering::SeqCst)
+    }
+
+    /// Entries finished, as the page says it (untrusted on the VMM's side).
+    pub fn tail(&self) -> u64 {
+        self.map.atomic_u64(TAIL).load(Ordering::Acquire)
+    }
+
+    /// The backend finished every entry before `tail` (or the VMM resets it, no backend
+    /// running).
+    pub fn set_tail(&self, tail: u64) {
+        self.map.atomic_u64(TAIL).store(tail, Ordering::Release);
+    }
+
+    /// Resets the head (the VMM, while no backend runs).
+    pub fn set_head(&self, head: u64) {
+        self.map.atomic_u64(HEAD).store(head, Ordering::SeqCst);
+    }
+
+    /// Copies `frame` (at most `RING_SLOT - 8` bytes; the caller checks) into the slot of
+    /// entry `index`, which the consumer must have finished.
+    pub fn put(&self, index: u64, frame: &[u8]) -> Result<(), String> {
+        if frame.len() > RING_SLOT - 8 {
+            return Err(format!("a frame of {} bytes does not fit a ring slot", frame.len()));
+        }
+        let at = (RING_CONTROL + (index % RING_SLOTS) as usize * RING_SLOT) as u64;
+        self.map.write(at, &(frame.len() as u32).to_le_bytes())?;
+        self.map.write(at + 8, frame)
+    }
+
+    /// Publishes every entry before `head`; true when the backend may be asleep (kick it).
+    pub fn publish(&self, head: u64) -> bool {
+        self.map.atomic_u64(HEAD).store(head, Ordering::SeqCst);
+        self.map.atomic_u32(SLEEPING).load(Ordering::SeqCst) != 0
+    }
+
+    /// Copies entry `index` into `buf` and returns the frame; an error when its length is
+    /// not a frame's (the VMM never writes one: the slot was overwritten by someone else).
+    pub fn get<'b>(&self, index: u64, buf: &'b mut [u8; RING_SLOT]) -> Result<&'b [u8], String> {
+        let at = (RING_CONTROL + (index % RING_SLOTS) as usize * RING_SLOT) as u64;
+        let mut len = [0u8; 4];
+        self.map.read(at, &mut len)?;
+        let len = u32::from_le_bytes(len);
+        if !(vmm_abi::FRAME_MIN..=vmm_abi::FRAME_MAX).contains(&len) {
+            return Err(format!("ring entry {index}: a frame of {len} bytes"));
+        }
+        let f = &mut buf[..len as usize];
+        self.map.read(at + 8, f)?;
+        Ok(f)
+    }
+
+    /// The backend is about to sleep: true when it may (nothing published past `tail`);
+    /// otherwise it must go on (and the flag is cleared again).
+    pub fn may_sleep(&self, tail: u64) -> bool {
+        self.map.atomic_u32(SLEEPING).store(1, Ordering::SeqCst);
+        if self.map.atomic_u64(HEAD).load(Ordering::SeqCst) != tail {
+            self.awake();
+            return false;
+        }
+        true
+    }
+
+    /// The backend is awake.
+    pub fn awake(&self) {
+        self.map.atomic_u32(SLEEPING).store(0, Ordering::SeqCst);
+    }
+
+    /// Writes raw bytes at `offset` of the ring's memory (tests: a backend scribbling on it).
+    #[cfg(test)]
+    pub fn scribble(&self, offset: u64, bytes: &[u8]) {
+        let _ = self.map.write(offset, bytes);
+    }
+}
+
+/// A new eventfd (non-blocking, close-on-exec), for kicks.
+pub fn eventfd() -> Result<std::os::fd::OwnedFd, String> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: eventfd(2) with constant flags; the result is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!("eventfd: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: a new descriptor owned by nothing else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds one to eventfd `fd` (wakes whoever polls it).
+pub fn kick(fd: std::os::fd::RawFd) {
+    let one = 1u64;
+    // SAFETY: writes 8 bytes from a live u64 to an eventfd; a full counter (EAGAIN) already
+    // means a wakeup is pending.
+    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
+/// Resets eventfd `fd` (after a wakeup).
+pub fn clear(fd: std::os::fd::RawFd) {
+    let mut v = 0u64;
+    // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
+    unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+}

@@ -324,6 +324,16 @@ impl Tap {
             }
             if let (Some(backend), false) = (&self.backend, self.hold) {
                 mem.check(b.addr, b.len as u64).map_err(|e| format!("transmit buffer {i}: {e}"))?;
+                if backend.has_ring() {
+                    // Copied into the transmit ring: the vCPU goes on, the backend sends it.
+                    let f = &mut frame[..b.len as usize];
+                    mem.read(b.addr, f).map_err(|e| format!("transmit buffer {i}: {e}"))?;
+                    if !backend.push(f) {
+                        break;
+                    }
+                    done += 1;
+                    continue;
+                }
                 if i + 1 == bufs.len() {
                     // All checked: the backend copies them from guest memory to the tap.
                     let frames: Vec<(u64, u32)> = bufs.iter().map(|b| (b.addr, b.len)).collect();
@@ -352,6 +362,9 @@ impl Tap {
                 break;
             }
             done += 1;
+        }
+        if let (Some(backend), false) = (&self.backend, self.hold) {
+            backend.publish();
         }
         mem.write_obj(addr, &NetRequest { done, ..req })?;
         Ok(done)
@@ -387,6 +400,23 @@ impl Tap {
                     return Err(format!("receive buffer {i}: capacity {} is below {FRAME_MAX}", b.len));
                 }
                 mem.check(b.addr, b.len as u64).map_err(|e| format!("receive buffer {i}: {e}"))?;
+            }
+            if backend.has_rx_ring() {
+                // The backend read the frames ahead into the receive ring: the VMM copies them
+                // into the guest's buffers itself, so `mem.write` marks the pages written.
+                let mut slot = [0u8; crate::backend::shm::RING_SLOT];
+                let mut done = 0;
+                for b in bufs.iter_mut() {
+                    let Some(n) = backend.rx_take(&mut slot) else { break };
+                    mem.write(b.addr, &slot[..n])?;
+                    b.len = n as u32;
+                    if let Some(log) = &self.input_log {
+                        log.push(self.held.next_epoch, &slot[..n]);
+                    }
+                    done += 1;
+                }
+                backend.rx_done();
+                return finish(mem, addr, req, &bufs[..done], done as u32);
             }
             // Nothing waiting (the VMM polls the tap it shares with the backend): no round trip.
             if !self.readable() {
@@ -455,6 +485,14 @@ impl Tap {
         let Some(log) = self.input_log.clone() else { return 0 };
         let mut frame = [0u8; 65536];
         let mut n = 0;
+        if let Some(backend) = self.backend.as_ref().filter(|b| b.has_rx_ring()) {
+            let mut slot = [0u8; crate::backend::shm::RING_SLOT];
+            while let Some(len) = backend.rx_take(&mut slot) {
+                log.push(self.held.next_epoch, &slot[..len]);
+                n += 1;
+            }
+            backend.rx_done();
+        }
         loop {
             // SAFETY: reads into our own stack buffer of the given length.
             let r = unsafe { libc::read(self.fd.as_raw_fd(), frame.as_mut_ptr().cast(), frame.len()) };
@@ -564,6 +602,17 @@ impl Tap {
     /// Writes one frame from the VMM itself (not the guest) to the tap at once, bypassing any
     /// hold (announcements after a takeover).
     pub fn send_frame(&self, frame: &[u8]) -> Result<()> {
+        if let Some(backend) = self.backend.as_ref().filter(|b| b.has_ring()) {
+            let queued = (FRAME_MIN as usize..=FRAME_MAX as usize).contains(&frame.len()) && backend.push(frame);
+            backend.publish();
+            if !queued {
+                return Err(Error::Tap {
+                    name: self.name.clone(),
+                    reason: format!("the backend could not take a frame of {} bytes", frame.len()),
+                });
+            }
+            return Ok(());
+        }
         if let Some(backend) = &self.backend {
             let mut p = Vec::with_capacity(frame.len() + 2);
             if let Ok(n) = u16::try_from(frame.len()) {
@@ -591,6 +640,15 @@ impl Tap {
 
     /// Sends the held frames of every sealed epoch up to `epoch`; returns how many.
     pub fn release(&mut self, epoch: u64) -> usize {
+        if let Some(backend) = self.backend.as_ref().filter(|b| b.has_ring()) {
+            // Only now, the backup having acknowledged the epoch, do these frames reach the
+            // backend: through the ring, in order with everything transmitted after them.
+            let n = self.held.release(epoch, |f| {
+                backend.push(f);
+            });
+            backend.publish();
+            return n;
+        }
         if let Some(backend) = &self.backend {
             let mut batch = Batch::new(backend);
             let n = self.held.release(epoch, |f| batch.push(f));
@@ -627,7 +685,14 @@ impl Tap {
     pub fn attach_backend(&mut self, mem: &GuestMem, program: &crate::backend::BackendProgram) -> Result<()> {
         let err = |reason: String| Error::Tap { name: self.name.clone(), reason };
         let memfd = mem.memfd().ok_or_else(|| err("a network backend process needs shared guest memory".into()))?;
-        let backend = crate::backend::Backend::start(crate::backend::Device::Net, program, memfd, std::os::fd::AsFd::as_fd(&self.fd))
+        let mut program = program.clone();
+        if std::env::var_os("VIGIL_NET_TX_RING").is_some_and(|v| v == "0") {
+            program.sync_tx = true;
+        }
+        if std::env::var_os("VIGIL_NET_RX_RING").is_some_and(|v| v == "0") {
+            program.sync_rx = true;
+        }
+        let backend = crate::backend::Backend::start(crate::backend::Device::Net, &program, memfd, std::os::fd::AsFd::as_fd(&self.fd))
             .map_err(|e| err(format!("network backend: {e}")))?;
         self.backend = Some(backend);
         Ok(())
@@ -638,10 +703,32 @@ impl Tap {
         self.backend.as_ref().map(|b| b.status())
     }
 
+    /// The descriptor that becomes readable when a frame arrives: the tap, or the receive
+    /// ring's event when a backend process reads the tap ahead. Wait on it between
+    /// [`Tap::prepare_wait`] and [`Tap::end_wait`].
+    pub fn wait_fd(&self) -> RawFd {
+        self.backend.as_ref().and_then(|b| b.rx_event_fd()).unwrap_or(self.fd.as_raw_fd())
+    }
+
+    /// About to wait on [`Tap::wait_fd`]: false when a frame already waits (do not wait).
+    pub fn prepare_wait(&self) -> bool {
+        self.pending.is_empty() && self.backend.as_ref().is_none_or(|b| b.rx_prepare_wait())
+    }
+
+    /// Done waiting on [`Tap::wait_fd`]; `woken`: it was readable.
+    pub fn end_wait(&self, woken: bool) {
+        if let Some(b) = &self.backend {
+            b.rx_end_wait(woken);
+        }
+    }
+
     /// Whether a frame is waiting.
     pub fn readable(&self) -> bool {
         if !self.pending.is_empty() {
             return true;
+        }
+        if let Some(b) = self.backend.as_ref().filter(|b| b.has_rx_ring()) {
+            return b.rx_pending();
         }
         let mut p = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: polls one valid pollfd without blocking.
