@@ -528,7 +528,7 @@ pub fn run(mut spec: GroupSpec, ready: Duration) -> Result<()> {
     let (tx, rx) = channel::<Msg>();
     // The instances.
     let mut procs = Vec::new();
-    let snapshot = spec.resume.as_ref().map(|r| r.snapshot.clone());
+    let snapshot = spec.resume.as_ref().and_then(|r| r.snapshot.clone());
     for i in 0..n {
         let child = start_vmm(&spec, i, snapshot.as_deref())?;
         procs.push(Proc { pid: child.id(), incarnation: 0 });
@@ -618,20 +618,23 @@ pub fn run(mut spec: GroupSpec, ready: Duration) -> Result<()> {
         }
     }
     // The local replica starts as the replica resumed (its snapshot linked, the state before
-    // this voter's first request; the replay is logged after it), so that it holds every
-    // request from the start: a crash before this voter's first snapshot loses nothing.
+    // this voter's first request; the replay is logged after it), or on a fresh start as the
+    // instances' fresh boot, so that it holds every request from the start: a crash before
+    // this voter's first snapshot loses nothing.
     let mut log_locally = false;
     let local = match &spec.replica {
         Some(dir) => {
             let mut st = super::remote::Store::open(dir)?;
             st.reset()?;
-            if let Some(r) = &spec.resume {
-                match st.link_snapshot(&r.snapshot, 0) {
-                    Ok(()) => log_locally = true,
-                    Err(e) => {
-                        tracing::warn!("{}: the local replica starts at the first snapshot: {e}", spec.vm);
-                        st.reset()?;
-                    }
+            let base = match spec.resume.as_ref().map(|r| &r.snapshot) {
+                Some(Some(snapshot)) => st.link_snapshot(snapshot, 0),
+                Some(None) | None => st.mark_fresh(),
+            };
+            match base {
+                Ok(()) => log_locally = true,
+                Err(e) => {
+                    tracing::warn!("{}: the local replica starts at the first snapshot: {e}", spec.vm);
+                    st.reset()?;
                 }
             }
             Some(st)

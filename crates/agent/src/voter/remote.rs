@@ -174,11 +174,16 @@ pub fn check_not_dropped(dir: &Path, dropped: Option<&[u8]>) -> Result<()> {
     Ok(())
 }
 
+/// `current` of a replica whose base is the instances' fresh boot ([`Store::mark_fresh`]).
+const FRESH: &str = "fresh";
+
 /// A replica as a takeover uses it.
 #[derive(Debug)]
 pub struct Replica {
-    /// The complete snapshot: the group's state after `position` requests.
-    pub snapshot: PathBuf,
+    /// The complete snapshot: the group's state after `position` requests; `None`: the
+    /// instances booted afresh from their images (a local replica from a voter's fresh start,
+    /// before its first snapshot: `position` is 0 and the log holds every request).
+    pub snapshot: Option<PathBuf>,
     pub position: u64,
     /// The requests after it, in order.
     pub requests: Vec<Vec<u8>>,
@@ -194,8 +199,12 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
 pub fn read_replica(dir: &Path) -> Result<Replica> {
     let bad = |reason: String| Error::Spec { vm: dir.display().to_string(), reason };
     let current = std::fs::read_to_string(dir.join("current")).map_err(|e| bad(format!("no complete snapshot ({e})")))?;
-    let position: u64 = current.trim().parse().map_err(|_| bad(format!("current: {current:?} is no position")))?;
-    let snapshot = dir.join(format!("snap-{position}"));
+    let (position, snapshot) = if current.trim() == FRESH {
+        (0, None)
+    } else {
+        let position: u64 = current.trim().parse().map_err(|_| bad(format!("current: {current:?} is no position")))?;
+        (position, Some(dir.join(format!("snap-{position}"))))
+    };
     let log = std::fs::read(dir.join("log")).map_err(io("cannot read", &dir.join("log")))?;
     let mut requests = Vec::new();
     let mut next = position;
@@ -239,6 +248,17 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("log")).map_err(io("cannot open", dir))?;
         Ok(Store { dir: dir.to_path_buf(), log, snapshot: None, log_end: None })
+    }
+
+    /// The state before request 0 is the instances' fresh boot from their images: the replica
+    /// is complete from here on with the log alone (a voter's fresh start keeps every request
+    /// from the first, so that a crash before its first snapshot loses nothing). Call on an
+    /// empty replica ([`Store::reset`]).
+    pub fn mark_fresh(&mut self) -> Result<()> {
+        crate::replace_file(&self.dir.join("current"), FRESH.as_bytes()).map_err(io("cannot write", &self.dir))?;
+        self.snapshot = Some(0);
+        self.log_end = Some(0);
+        Ok(())
     }
 
     /// A new session: the old replica is void before anything of the new one is kept.
@@ -803,7 +823,7 @@ mod tests {
         let r = read_replica(&dir).unwrap();
         assert_eq!((r.position, r.requests.len()), (3, 3));
         assert_eq!(r.requests[2], b"GET a\r\n");
-        assert!(r.snapshot.join("vm.json").is_file());
+        assert!(r.snapshot.as_ref().is_some_and(|s| s.join("vm.json").is_file()));
         // A later snapshot inside a record: its requests before the position are skipped.
         st.file("vm.json", 0, b"{}").unwrap();
         st.snapshot_done(4).unwrap();
@@ -823,6 +843,33 @@ mod tests {
         // A new session voids the replica at once.
         st.reset().unwrap();
         assert!(read_replica(&dir).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A voter's fresh start: the replica is complete from the first request on, with the
+    /// instances' fresh boot as its base (it used to be empty until the first snapshot, and a
+    /// voter killed before that restarted without the state its clients had seen); the first
+    /// snapshot then replaces the base.
+    #[test]
+    fn a_fresh_start_is_a_replica_from_the_first_request() {
+        let dir = tmp("fresh");
+        let mut st = Store::open(&dir).unwrap();
+        st.reset().unwrap();
+        st.mark_fresh().unwrap();
+        assert_eq!(st.acked(), Some(0));
+        assert!(st.append(1, 1, b"INCR a\r\n").unwrap_err().contains("expected 0"));
+        st.append(0, 2, b"INCR a\r\nINCR a\r\n").unwrap();
+        st.append(2, 1, b"GET a\r\n").unwrap();
+        let r = read_replica(&dir).unwrap();
+        assert_eq!((r.snapshot.as_ref(), r.position), (None, 0));
+        assert_eq!(r.requests, vec![b"INCR a\r\n".to_vec(), b"INCR a\r\n".to_vec(), b"GET a\r\n".to_vec()]);
+        // The first snapshot (after request 2) takes over, the log before it is dropped.
+        st.file("vm.json", 0, b"{}").unwrap();
+        st.snapshot_done(2).unwrap();
+        let r = read_replica(&dir).unwrap();
+        assert_eq!(r.position, 2);
+        assert!(r.snapshot.is_some_and(|s| s.join("vm.json").is_file()));
+        assert_eq!(r.requests, vec![b"GET a\r\n".to_vec()]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
