@@ -674,8 +674,7 @@ impl Curve {
         }
         let mut out = Vec::with_capacity(lists.iter().map(Vec::len).sum());
         out.push(Seg::new(Q::zero(), y0, yr0, b.clone()));
-        loop {
-            let Some(x) = lists.iter().zip(&at).filter_map(|(l, &k)| l.get(k + 1).map(|g| &g.x)).min().cloned() else { break };
+        while let Some(x) = lists.iter().zip(&at).filter_map(|(l, &k)| l.get(k + 1).map(|g| &g.x)).min().cloned() {
             // The sum's left limit at x: every current line extends up to x.
             let mut y = &a + &(&b * &x);
             for (l, k) in lists.iter().zip(at.iter_mut()) {
