@@ -37,7 +37,7 @@ pub fn gpc(alpha: &Pair, beta: &Pair) -> Result<Gpc> {
 
 /// Service left over after serving `alpha` from `beta` (see [`Gpc::remaining`]).
 pub fn remaining_service(alpha: &Pair, beta: &Pair) -> Result<Pair> {
-    let lower = beta.1.sub(&alpha.0)?.running_max()?.clamp_nonnegative()?;
+    let lower = beta.1.sub_running_max_nonneg(&alpha.0)?;
     let upper = beta.0.sub(&alpha.1)?.running_min_ahead()?.clamp_nonnegative()?;
     Ok((upper, lower))
 }
@@ -45,7 +45,7 @@ pub fn remaining_service(alpha: &Pair, beta: &Pair) -> Result<Pair> {
 /// Lower remaining service only; the upper service is passed on unchanged (it still bounds
 /// what the lower priorities can get).
 pub fn remaining_lower(alpha: &Pair, beta: &Pair) -> Result<Pair> {
-    let lower = beta.1.sub(&alpha.0)?.running_max()?.clamp_nonnegative()?;
+    let lower = beta.1.sub_running_max_nonneg(&alpha.0)?;
     Ok((beta.0.clone(), lower))
 }
 

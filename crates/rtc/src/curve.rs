@@ -843,12 +843,32 @@ impl Curve {
     /// `sup_{0<=s<=t} f(s)`: the smallest non-decreasing curve above `f` (equal to the max-plus
     /// convolution with 0, computed by one forward scan).
     pub fn running_max(&self) -> Result<Curve> {
+        self.running_max_from(None)
+    }
+
+    /// `max(0, sup_{0<=s<=t} (f − g)(s))`: the service `f` leaves after a demand `g`
+    /// (`component::remaining_lower`). The same function as `f.sub(g)?.running_max()?
+    /// .clamp_nonnegative()`, in one pass over the difference, which is not normalised in
+    /// between (its transient may stay longer than it needs: the scan covers it anyway).
+    pub fn sub_running_max_nonneg(&self, g: &Curve) -> Result<Curve> {
+        let d = Q::lcm(&self.d, &g.d).ok_or(CurveError::TooComplex)?;
+        let c = &self.c * (&d / &self.d) - &g.c * (&d / &g.d);
+        let t = Q::max(&self.t, &g.t);
+        let h = &t + &d;
+        let mut segs = combine(&self.unroll(&h)?, &g.unroll(&h)?, &h, Op::Sub);
+        split_at(&mut segs, &t);
+        Curve { segs: Arc::new(segs), t, d, c }.running_max_from(Some(Q::zero()))
+    }
+
+    /// `max(floor, sup_{0<=s<=t} f(s))` (`floor`: none when `None`).
+    fn running_max_from(&self, floor: Option<Q>) -> Result<Curve> {
         let end = self.base_end();
         if !self.c.is_positive() {
             // Later periods never exceed the first: constant from T + d on.
             let segs = self.unroll(&end)?;
-            let mut out = scan_running_max(&segs, &end);
-            out.push(Seg::line(end.clone(), self.sup_on_base(), Q::zero()));
+            let mut out = scan_running_max(&segs, &end, floor.clone());
+            let sup = self.sup_on_base();
+            out.push(Seg::line(end.clone(), floor.map_or(sup.clone(), |f| Q::max(&f, &sup)), Q::zero()));
             return Curve::from_parts(out, end, Q::one(), Q::zero());
         }
         // For t >= T + d, r(t + d) = r(t) + c as soon as sup[T, t] f >= sup[0, T) f. Since
@@ -868,15 +888,20 @@ impl Curve {
             m
         };
         let pattern_sup = sup_of(&self.segs, p0, &end).unwrap_or_default();
+        // With a floor, the running maximum over [0, T) is at least the floor.
+        let pre = match (sup_of(&self.segs[..p0], 0, &self.t), &floor) {
+            (Some(p), Some(f)) => Some(Q::max(&p, f)),
+            (p, f) => p.or_else(|| f.clone()),
+        };
         let k = Q::one()
-            + match sup_of(&self.segs[..p0], 0, &self.t) {
+            + match pre {
                 Some(pre) if pre > pattern_sup => ((pre - &pattern_sup) / &self.c).ceil(),
                 _ => Q::zero(),
             };
         let t = &self.t + &k * &self.d;
         let h = &t + &self.d;
         let segs = self.unroll(&h)?;
-        Curve::from_parts(scan_running_max(&segs, &h), t, self.d.clone(), self.c.clone())
+        Curve::from_parts(scan_running_max(&segs, &h, floor), t, self.d.clone(), self.c.clone())
     }
 
     /// `inf_{u>=t} f(u)`: the largest non-decreasing curve below `f` (the max-plus deconvolution
@@ -1166,9 +1191,9 @@ impl Sweep<'_> {
 }
 
 /// Running maximum of a finite list on `[0, h)`.
-fn scan_running_max(segs: &[Seg], h: &Q) -> Vec<Seg> {
+fn scan_running_max(segs: &[Seg], h: &Q, floor: Option<Q>) -> Vec<Seg> {
     let mut out = Vec::with_capacity(segs.len());
-    let mut m: Option<Q> = None;
+    let mut m: Option<Q> = floor;
     for (i, s) in segs.iter().enumerate() {
         let e = seg_end(segs, i, h);
         let v = m.as_ref().map_or(s.y.clone(), |m| Q::max(m, &s.y));

@@ -245,6 +245,35 @@ proptest! {
         }
     }
 
+    /// The service left after a demand in one pass is the difference's running maximum
+    /// clamped at 0, computed step by step (values and one-sided limits; the same errors).
+    #[test]
+    fn the_service_left_in_one_pass_is_the_step_by_step_one(seed in any::<u64>()) {
+        let mut r = Rng(seed);
+        let mut f = random_curve(&mut r, false);
+        let mut g = random_curve(&mut r, false);
+        if r.int(0, 2) == 0 {
+            let h = q(r.int(1, 30));
+            f = f.truncate_below(&h).unwrap();
+            g = g.truncate_above(&h).unwrap();
+        }
+        let stepwise = f.sub(&g).and_then(|d| d.running_max()).and_then(|m| m.clamp_nonnegative());
+        match (f.sub_running_max_nonneg(&g), stepwise) {
+            (Ok(fused), Ok(want)) => {
+                for x in grid(40, 4) {
+                    prop_assert_eq!(fused.eval(&x), want.eval(&x), "at {} f={:?} g={:?}", x, f, g);
+                    prop_assert_eq!(fused.eval_right(&x), want.eval_right(&x));
+                    if x.is_positive() {
+                        prop_assert_eq!(fused.eval_left(&x), want.eval_left(&x));
+                    }
+                }
+                prop_assert_eq!(fused.rate(), want.rate());
+            }
+            (Err(a), Err(b)) => prop_assert_eq!(a, b),
+            (a, b) => prop_assert!(false, "one pass {:?} against step by step {:?}", a, b),
+        }
+    }
+
     #[test]
     fn convolution_matches_definition(seed in any::<u64>()) {
         let mut r = Rng(seed);
