@@ -205,16 +205,30 @@ struct RxShared {
 }
 
 impl RxShared {
+    /// The ring's head, checked: never below the last good head, never more than a ring ahead
+    /// of the tail.
     fn head(&self) -> Result<u64, String> {
-        let good = self.good_head.load(Ordering::Acquire);
-        let h = self.ring.head();
-        let tail = self.consumed.load(Ordering::Acquire);
-        if h < good || h > tail + RING_SLOTS {
-            return Err(format!("the receive ring's head reads {h} (last {good}, tail {tail})"));
-        }
-        self.good_head.fetch_max(h, Ordering::AcqRel);
-        Ok(h)
+        checked_counter(
+            &self.good_head,
+            || self.ring.head(),
+            || self.consumed.load(Ordering::Acquire) + RING_SLOTS,
+            "the receive ring's head",
+        )
     }
+}
+
+/// A counter the backend writes into shared memory, read as `read` gives it and accepted only
+/// between the last good value (`good`, which it then advances) and `limit` — read after it,
+/// so that a concurrent reader's progress never looks like a lie.
+fn checked_counter(good: &AtomicU64, read: impl FnOnce() -> u64, limit: impl FnOnce() -> u64, what: &str) -> Result<u64, String> {
+    let last = good.load(Ordering::Acquire);
+    let v = read();
+    let limit = limit();
+    if v < last || v > limit {
+        return Err(format!("{what} reads {v} (last {last}, at most {limit})"));
+    }
+    good.fetch_max(v, Ordering::AcqRel);
+    Ok(v)
 }
 
 /// The VMM's side of the transmit ring. The VMM is its only producer; it keeps its own head
@@ -239,14 +253,7 @@ impl TxShared {
     /// The ring's tail, checked: between the last good tail and the published head (read in
     /// that order, so that a concurrent reader's progress never looks like a lie).
     fn tail(&self) -> Result<u64, String> {
-        let good = self.good_tail.load(Ordering::Acquire);
-        let t = self.ring.tail();
-        let head = self.published.load(Ordering::Acquire);
-        if t < good || t > head {
-            return Err(format!("the transmit ring's tail reads {t} (last {good}, head {head})"));
-        }
-        self.good_tail.fetch_max(t, Ordering::AcqRel);
-        Ok(t)
+        checked_counter(&self.good_tail, || self.ring.tail(), || self.published.load(Ordering::Acquire), "the transmit ring's tail")
     }
 
     /// Shows the backend every entry before `head`, kicking it when it may sleep.
@@ -1250,6 +1257,16 @@ mod ring_tests {
     use super::tests_support::*;
     use super::*;
 
+    /// Frames `0..n` sent and drained, then the backend stopped (SIGSTOP, waited for): its pid.
+    fn sent_then_stopped(b: &Backend, n: u32) -> u32 {
+        push_range(b, 0..n);
+        b.drain();
+        let pid = b.status().pid;
+        signal(pid, libc::SIGSTOP);
+        wait_stopped(pid);
+        pid
+    }
+
     /// SIGKILL of a backend with frames queued in its transmit ring (stopped first, so that
     /// they stay queued): the next process sends exactly those, none lost, none twice.
     #[test]
@@ -1257,11 +1274,7 @@ mod ring_tests {
         let t = Tap::new();
         let b = Backend::start(Device::Net, &program("real", 50, 5_000), t.mem.as_fd(), t.tap.as_fd()).expect("start");
         let reader = t.reader(200);
-        push_range(&b, 0..50);
-        b.drain();
-        let pid = b.status().pid;
-        signal(pid, libc::SIGSTOP);
-        wait_stopped(pid);
+        let pid = sent_then_stopped(&b, 50);
         push_range(&b, 50..150);
         signal(pid, libc::SIGKILL);
         wait_restarts(&b, 1);
@@ -1327,11 +1340,7 @@ mod ring_tests {
         let t = Tap::new();
         let b = Backend::start(Device::Net, &program("real", 20, 100), t.mem.as_fd(), t.tap.as_fd()).expect("start");
         let reader = t.reader(600);
-        push_range(&b, 0..50);
-        b.drain();
-        let pid = b.status().pid;
-        signal(pid, libc::SIGSTOP);
-        wait_stopped(pid);
+        let pid = sent_then_stopped(&b, 50);
         let start = Instant::now();
         push_range(&b, 50..600);
         b.drain();
