@@ -1494,17 +1494,19 @@ mod tests_support {
             std::thread::spawn(move || {
                 let mut got = vec![];
                 let mut buf = [0u8; 2048];
-                let tv = libc::timeval { tv_sec: 3, tv_usec: 0 };
-                // SAFETY: sets a receive timeout from a live timeval on our own socket.
-                unsafe {
-                    libc::setsockopt(
-                        peer.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_RCVTIMEO,
-                        (&tv as *const libc::timeval).cast(),
-                        std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-                    )
+                let timeout = |tv: libc::timeval| {
+                    // SAFETY: sets a receive timeout from a live timeval on our own socket.
+                    unsafe {
+                        libc::setsockopt(
+                            peer.as_raw_fd(),
+                            libc::SOL_SOCKET,
+                            libc::SO_RCVTIMEO,
+                            (&tv as *const libc::timeval).cast(),
+                            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                        )
+                    }
                 };
+                timeout(libc::timeval { tv_sec: 3, tv_usec: 0 });
                 while got.len() < n + 50 {
                     // SAFETY: reads into our own buffer.
                     let r = unsafe { libc::read(peer.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -1514,17 +1516,7 @@ mod tests_support {
                     got.push(u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]));
                     if got.len() >= n && got.last() == Some(&(n as u32 - 1)) {
                         // Anything more would be a duplicate: wait briefly for it.
-                        let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
-                        // SAFETY: as above.
-                        unsafe {
-                            libc::setsockopt(
-                                peer.as_raw_fd(),
-                                libc::SOL_SOCKET,
-                                libc::SO_RCVTIMEO,
-                                (&tv as *const libc::timeval).cast(),
-                                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-                            )
-                        };
+                        timeout(libc::timeval { tv_sec: 0, tv_usec: 200_000 });
                     }
                 }
                 got
