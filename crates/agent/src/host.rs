@@ -746,13 +746,17 @@ impl Agent {
         let state_file = self.state_file(vm);
         let protected = crate::protection::primary::ReplicationState::load(&state_file).is_some_and(|s| s.protected);
         let st = self.migrations.entry(vm.to_string()).or_default();
-        if protected {
+        // The protection the state file reports counts only once the process accepted the
+        // destination as its backup (a replicated VM is protected to its old backup until
+        // then); the handover names the destination too, so it can never go to another copy.
+        if protected && st.started {
             let since = *st.protected_since.get_or_insert_with(Instant::now);
             // Asked again after a while: a handover refused by the arbiter resumes the VM.
             if st.handover_asked.is_some_and(|t| t.elapsed() < Duration::from_secs(2)) || since.elapsed() < handover_delay() {
                 return;
             }
-            match crate::migration::call(&sock, &crate::migration::Request::Handover) {
+            let handover = crate::migration::Request::Handover { to: Some(m.protection.backup.clone()) };
+            match crate::migration::call(&sock, &handover) {
                 Ok(detail) => {
                     let first = st.handover_asked.is_none();
                     st.handover_asked = Some(Instant::now());

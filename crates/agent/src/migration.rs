@@ -42,8 +42,13 @@ pub enum Request {
     /// Start protecting the VM to the backup (the destination): the pre-copy rounds.
     /// Idempotent: asked again for the same backup, it reports how far it got.
     Protect(Box<Protection>),
-    /// Hand the VM over to its backup once it holds a committed replica.
-    Handover,
+    /// Hand the VM over to its backup once it holds a committed replica — only if that backup
+    /// is the one at `to` (the migration's destination), when given: a replicated VM is
+    /// protected to another backup until its `Protect` replaced it.
+    Handover {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<String>,
+    },
     /// How far the migration got.
     Status,
     /// Run this checkpoint policy from the next checkpoint on (a protected VM's driver; the
@@ -188,7 +193,12 @@ mod tests {
             }
         });
         assert_eq!(call(&path, &Request::Status), Ok("synchronising".into()));
-        assert_eq!(call(&path, &Request::Handover), Err("not protected yet".into()));
+        assert_eq!(call(&path, &Request::Handover { to: None }), Err("not protected yet".into()));
+        // The destination travels with a handover, and an older agent's request without it
+        // still reads.
+        let to = Request::Handover { to: Some("10.0.0.3:7000".into()) };
+        assert_eq!(serde_json::from_str::<Request>(&serde_json::to_string(&to).expect("json")).expect("read"), to);
+        assert_eq!(serde_json::from_str::<Request>(r#"{"do":"handover"}"#).expect("read"), Request::Handover { to: None });
         // Garbage and an overlong line get an answer that says so.
         let mut s = UnixStream::connect(&path).expect("connect");
         s.write_all(b"{\"do\":\"steal\"}\n").expect("write");

@@ -220,11 +220,13 @@ impl Layout {
     /// configuration where `failed` hosts have failed. A backup's next backup (after it takes
     /// over) is the one the plan for its primary's host failing chooses, from `table`.
     ///
-    /// A move that would need the VM's state carried to another host — a running VM moved off
-    /// a live host (`migrate`), or a backup activated on a host other than the one holding
-    /// the replica — is not done (live migration is not implemented yet): the VM stays where
-    /// its state is, and the deviation is returned, so that the placement in force is never
-    /// mistaken for the analysed one.
+    /// A move that needs the VM's state carried to another host — a running VM moved off a
+    /// live host (`migrate`), or a replicated VM activated on a host other than the one
+    /// holding its replica — is a pre-copy migration from where the state is (with
+    /// [`Migration::StopAndCopy`], an unreplicated VM's snapshot instead). What cannot be
+    /// done (a voted group's move, a replicated VM under stop-and-copy, a host without an
+    /// address) is not: the VM stays where its state is, and the deviation is returned, so
+    /// that the placement in force is never mistaken for the analysed one.
     pub fn desired(
         &self,
         loaded: &Loaded,
@@ -262,12 +264,30 @@ impl Layout {
                         // VM's state to a failed host.
                         deviations.push(format!("{vm}: the plan in force puts it on the failed host {h}: it stays on {s}"));
                         host = Some(s.clone());
-                    } else if !remote && cur_host.as_ref() == Some(s) && self.migration == Migration::PreCopy {
+                    } else if self.migration == Migration::PreCopy && ((!remote && cur_host.as_ref() == Some(s)) || x.mode == Mode::Remote)
+                    {
                         // A running VM moved off a live host: pre-copy migration. The source
                         // keeps running it, protected to a backup on the destination, until
                         // it hands it over (`agent::migration`); then the manager makes the
                         // destination's copy the primary (`daemon`, migrations).
-                        let cur_p = cur.and_then(|c| c.primary.as_ref()).expect("cur_host is the primary's host");
+                        //
+                        // A replicated VM goes the same way: the destination replaces its
+                        // backup (a new synchronisation), then takes the VM over by a
+                        // handover, and protects it to the backup the plan gives it. Its
+                        // state may also be on its backup's host after its primary's host
+                        // failed (the backup takes over there by itself): when the plan
+                        // activates it elsewhere, it runs there first and migrates on.
+                        let cur_p = match cur.and_then(|c| c.primary.as_ref()).filter(|p| p.host == *s) {
+                            Some(p) => p.clone(),
+                            None => Placed {
+                                host: s.clone(),
+                                spec: self.primary(&x, s, None, Vec::new()),
+                                restart: false,
+                                migrate_from: None,
+                                migrate_to: None,
+                            },
+                        };
+                        let cur_p = &cur_p;
                         let kept = cur_migrate.as_ref().filter(|m| m.host == *h);
                         let to = kept.cloned().or_else(|| {
                             let backup = self.addr(h, x.index)?;
@@ -289,7 +309,9 @@ impl Layout {
                                     .map_or(0, |d| d.as_millis() as u64),
                             })
                         });
-                        let backup = self.backup(&x, h, None);
+                        // After the handover the destination protects the VM to the backup
+                        // the plan gives it (none for an unreplicated VM).
+                        let backup = self.backup(&x, h, backup.as_deref().filter(|b| b != h));
                         if let (Some(to), Some(spec)) = (to, backup) {
                             let primary = Placed { restart: false, migrate_from: None, migrate_to: Some(to), ..cur_p.clone() };
                             let backup = Some(PlacedBackup { host: h.clone(), spec });
@@ -303,7 +325,7 @@ impl Layout {
                         migrate_from = Some(MigrateFrom { host: s.clone(), dir: self.run_dir.join(format!("migrate-{vm}-{generation}")) });
                     } else {
                         deviations.push(format!(
-                            "{vm}: the plan moves it to {h}, which needs its replica carried there (not implemented): it stays on {s}"
+                            "{vm}: the plan moves it to {h}, which needs its replica carried there (a voted group's, or any under stop-and-copy migration: not done): it stays on {s}"
                         ));
                         host = Some(s.clone());
                     }
@@ -420,12 +442,8 @@ pub fn check_images(loaded: &Loaded, layout: &Layout) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn an_analysed_policy_is_the_longest_interval_that_keeps_the_deadlines() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/substation.toml");
-        let text = std::fs::read_to_string(path).unwrap().replacen("policy = \"adaptive\"", "policy = \"analysed\"", 1);
-        let loaded = model::parse(&text, "substation.toml", std::path::Path::new(".")).unwrap();
-        let mut layout = Layout {
+    fn layout() -> Layout {
+        Layout {
             host_ip: [("hostA", 1), ("hostB", 2), ("hostC", 3)].iter().map(|(h, i)| (h.to_string(), Ipv4Addr::new(10, 0, 0, *i))).collect(),
             arbiter: "10.0.0.254:7000".into(),
             key_file: "k".into(),
@@ -436,7 +454,15 @@ mod tests {
             cpus: 1,
             analysed: BTreeMap::new(),
             migration: Migration::PreCopy,
-        };
+        }
+    }
+
+    #[test]
+    fn an_analysed_policy_is_the_longest_interval_that_keeps_the_deadlines() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/substation.toml");
+        let text = std::fs::read_to_string(path).unwrap().replacen("policy = \"adaptive\"", "policy = \"analysed\"", 1);
+        let loaded = model::parse(&text, "substation.toml", std::path::Path::new(".")).unwrap();
+        let mut layout = layout();
         let notes = layout.analyse_policies(&loaded);
         assert_eq!(notes.len(), 1, "{notes:?}");
         // (fixed:3.48: the example's 3 ms of staging and acknowledgement make a longer
@@ -447,5 +473,66 @@ mod tests {
         // The other VMs keep theirs (control: the default).
         let control = loaded.runs.iter().find(|r| r.vm == "control").unwrap();
         assert_eq!(layout.policy(control), replication::PolicySpec::default());
+    }
+
+    /// examples/crowded.toml with its cache replicated to hostA (`tests/cluster.rs` runs it).
+    pub(crate) fn crowded_replicated() -> Loaded {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/crowded.toml");
+        let cache = "memory = \"64MiB\"\n[[vm]]\nname = \"logger\"";
+        let text = std::fs::read_to_string(path).unwrap();
+        assert!(text.contains(cache), "examples/crowded.toml changed");
+        let replicated = "memory = \"64MiB\"\nmode = \"remote\"\nbackup = \"hostA\"\ncheckpoint_size = \"1MiB\"\n\
+             checkpoint_interval = \"50ms\"\ncheckpoint_priority = 21\n[[vm]]\nname = \"logger\"";
+        model::parse(&text.replacen(cache, replicated, 1), "crowded.toml", std::path::Path::new(".")).unwrap()
+    }
+
+    /// The desired records after `failed` failed, from the records of the initial placement.
+    fn after(loaded: &Loaded, failed: &str) -> (BTreeMap<String, Desired>, Vec<String>) {
+        let layout = layout();
+        let table = Table::compute(loaded, &[], 1, 1).unwrap();
+        let (initial, deviations) = layout.desired(loaded, &initial_targets(loaded), &[], &table, 1, &BTreeMap::new());
+        assert!(deviations.is_empty(), "{deviations:?}");
+        let failed = vec![failed.to_string()];
+        let plan = table.lookup(&failed).unwrap();
+        layout.desired(loaded, &plan.targets, &failed, &table, 2, &initial)
+    }
+
+    #[test]
+    fn a_replicated_vm_the_plan_moves_off_a_live_host_migrates_and_is_protected_where_the_plan_says() {
+        let loaded = crowded_replicated();
+        // hostA fails: the cache loses its backup, and the plan moves it from hostB to hostC
+        // (to make room for the relay) with a new backup on hostB.
+        let (d, deviations) = after(&loaded, "hostA");
+        assert!(deviations.is_empty(), "{deviations:?}");
+        let cache = &d["cache"];
+        let p = cache.primary.as_ref().unwrap();
+        assert_eq!(p.host, "hostB", "it runs on where its state is until the handover");
+        let to = p.migrate_to.as_ref().expect("a pre-copy migration");
+        assert_eq!((to.host.as_str(), to.protection.backup.as_str()), ("hostC", "10.0.0.3:7101"));
+        let b = cache.backup.as_ref().unwrap();
+        assert_eq!(b.host, "hostC", "the destination is its backup meanwhile");
+        assert_eq!(b.spec.then_protect.as_deref(), Some("10.0.0.2:7101"), "then protected to hostB, as the plan says");
+    }
+
+    #[test]
+    fn a_replicated_vm_activated_away_from_its_replica_runs_there_first_and_migrates_on() {
+        let loaded = crowded_replicated();
+        // hostB fails: the cache's replica is on hostA, the plan activates it on hostC.
+        let (d, deviations) = after(&loaded, "hostB");
+        assert!(deviations.is_empty(), "{deviations:?}");
+        let cache = &d["cache"];
+        let p = cache.primary.as_ref().unwrap();
+        assert_eq!(p.host, "hostA", "its backup took over there");
+        assert!(!p.restart, "a replicated VM's state is not restarted afresh");
+        assert_eq!(p.migrate_to.as_ref().map(|m| m.host.as_str()), Some("hostC"));
+        let b = cache.backup.as_ref().unwrap();
+        assert_eq!((b.host.as_str(), b.spec.then_protect.as_deref()), ("hostC", Some("10.0.0.1:7101")));
+        // The same records again from those (a new leader re-executing the plan).
+        let layout = layout();
+        let table = Table::compute(&loaded, &[], 1, 1).unwrap();
+        let failed = vec!["hostB".to_string()];
+        let (again, _) = layout.desired(&loaded, &table.lookup(&failed).unwrap().targets, &failed, &table, 2, &d);
+        assert_eq!(again["cache"].primary.as_ref().unwrap().host, "hostA");
+        assert_eq!(again["cache"].primary.as_ref().unwrap().migrate_to.as_ref().unwrap().host, "hostC");
     }
 }

@@ -550,6 +550,58 @@ fn a_migration_whose_source_dies_midway_ends_at_the_destination_with_every_write
     writer.finish();
 }
 
+/// examples/crowded.toml with the cache replicated to hostA (and its job marks off): hostA's
+/// failure makes the plan move it off the live hostB to hostC (its backup lost, a new one on
+/// hostB); hostB's failure activates it on hostC, not on hostA where its replica is
+/// (`vigil plan` of it; `manager::runtime`'s tests).
+fn replicated_cache(text: String) -> String {
+    let cache = "memory = \"64MiB\"\n[[vm]]\nname = \"logger\"";
+    assert!(text.contains(cache), "examples/crowded.toml's cache changed");
+    let replicated = "memory = \"64MiB\"\nmode = \"remote\"\nbackup = \"hostA\"\ncheckpoint_size = \"1MiB\"\n\
+         checkpoint_interval = \"50ms\"\ncheckpoint_priority = 21\n[[vm]]\nname = \"logger\"";
+    quiet_cache(text.replacen(cache, replicated, 1))
+}
+
+/// Runs crowded.toml with its cache replicated, fails `host`, and checks that the cache ends
+/// on hostC protected by a backup on `then`, having migrated there by pre-copy, with every
+/// acknowledged write of a client on one TCP connection (and `expect` among the events).
+fn replicated_vm_moved_by_its_plan(name: &str, tag: &str, host: &str, then: &str, expect: &str) {
+    let up = Up::start_edited(name, tag, "crowded.toml", &[], &[], replicated_cache);
+    up.wait("every VM serving, both protected", 30, |ok, v| {
+        ok && vm(v, "relay")["replication"] == "protected" && vm(v, "cache")["replication"] == "protected"
+    });
+    let writer = Writer::start(&up.field_ns(), "10.99.0.51");
+    assert!(vigil(&["fail", host, "--dir", &up.d()]).status.success());
+    let st = up.wait("the cache on hostC, protected again", 60, |ok, v| {
+        ok && vm(v, "cache")["host"] == "hostC" && vm(v, "cache")["backup"] == then && vm(v, "cache")["replication"] == "protected"
+    });
+    assert!(st["deviations"].as_array().is_some_and(Vec::is_empty), "{st}");
+    let events: Vec<String> = st["events"].as_array().unwrap().iter().map(|e| e["what"].as_str().unwrap_or("").to_string()).collect();
+    assert!(events.iter().any(|e| e.contains(expect)), "{expect:?} in {events:?}");
+    assert!(events.iter().any(|e| e.contains("cache: pre-copy migration to hostC started")), "{events:?}");
+    assert!(events.iter().any(|e| e.contains("by pre-copy (handed over")), "{events:?}");
+    writer.carry_on(5, Duration::from_secs(20));
+    writer.finish();
+}
+
+#[test]
+fn a_replicated_vm_the_plan_moves_off_a_live_host_migrates_with_every_write() {
+    if no_kvm("a_replicated_vm_the_plan_moves_off_a_live_host_migrates_with_every_write") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    replicated_vm_moved_by_its_plan("migrate-r", "ta", "hostA", "hostB", "migration to hostC started (synchronising (backup replaced))");
+}
+
+#[test]
+fn a_replicated_vm_activated_away_from_its_replica_takes_over_there_and_migrates_on() {
+    if no_kvm("a_replicated_vm_activated_away_from_its_replica_takes_over_there_and_migrates_on") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    replicated_vm_moved_by_its_plan("activate-away", "tb", "hostB", "hostA", "cache: the backup runs the VM now");
+}
+
 /// examples/crowded.toml with the cache's job marks off (kv `trace=0`): the tests' client
 /// writes to it as fast as it answers, far above the model's 5 ms period, and the monitoring
 /// would (rightly) substitute that into the model and re-plan — these tests are about the

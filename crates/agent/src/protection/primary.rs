@@ -564,9 +564,22 @@ impl Driver {
                         Ok(if sm.protected() { "protected".to_string() } else { "synchronising".to_string() })
                     }
                     crate::migration::Request::Protect(p) => {
-                        Err(format!("already protected by a backup at {}, not {}", self.opts.backup.as_deref().unwrap_or("none"), p.backup))
+                        // A replicated VM the plan moves: the migration's destination replaces
+                        // its backup. The old one is dropped as a lost backup is (deregistered
+                        // from the lease at once, so it can no longer take over; output held
+                        // until the lease confirms it), and the destination synchronises; the
+                        // VM runs unprotected meanwhile, as after any loss of its backup.
+                        let old = self.opts.backup.replace(p.backup.clone()).unwrap_or_default();
+                        let reason = format!("the backup at {old} is replaced by the migration's destination {}", p.backup);
+                        self.log(format!("migrating: {reason} (pre-copy rounds)"));
+                        self.queued.extend(sm.handle(self.clock.now(), Event::BackupLost { reason }));
+                        Ok("synchronising (backup replaced)".to_string())
                     }
-                    crate::migration::Request::Handover => match sm.handover(self.clock.now()) {
+                    crate::migration::Request::Handover { to: Some(to) } if self.opts.backup.as_ref() != Some(&to) => Err(format!(
+                        "protected to {}, not to the migration's destination {to}: no handover",
+                        self.opts.backup.as_deref().unwrap_or("no backup")
+                    )),
+                    crate::migration::Request::Handover { .. } => match sm.handover(self.clock.now()) {
                         Ok(actions) => {
                             self.handover_started = Some(Instant::now());
                             self.log("handing the VM over to its backup (pre-copy migration's last step)");
