@@ -241,10 +241,14 @@ fn one(model: &Path, dir: &Path) -> Result<[f64; 6]> {
     let (all_serving, st) = plan_done.join().map_err(|_| anyhow::anyhow!("status thread"))??;
     let restarted = restarted.join().map_err(|_| anyhow::anyhow!("ping thread"))??;
     pinger.stop();
-    let detected = event_ms(&st, "host hostA failed").context("no failure event")? - t_kill;
-    let started = event_ms(&st, "plan hostA started").context("no plan event")? - t_kill;
-    let written = event_ms(&st, "plan hostA written").context("no plan event")? - t_kill;
-    Ok([detected, started, written, replicated, restarted, all_serving])
+    // Times count from the kill itself, which `vigil fail` logs (whole ms, never later than
+    // the kill), not from before that process started.
+    let kill = event_ms(&st, "host hostA: failure injected").unwrap_or(t_kill).max(t_kill);
+    let shift = kill - t_kill;
+    let detected = event_ms(&st, "host hostA failed").context("no failure event")? - kill;
+    let started = event_ms(&st, "plan hostA started").context("no plan event")? - kill;
+    let written = event_ms(&st, "plan hostA written").context("no plan event")? - kill;
+    Ok([detected, started, written, replicated - shift, restarted - shift, all_serving - shift])
 }
 
 /// examples/crowded.toml with the cache VM given `mem_mib` of memory and a background writer

@@ -71,8 +71,13 @@ pub fn run(cfg: &Config, loaded: &Loaded, layout: &Layout) -> agent::Result<()> 
                 }
             }
         }
-        let tick = if lead.is_some() { cfg.poll } else { cfg.period };
-        std::thread::sleep(tick.saturating_sub(t0.elapsed()));
+        let mut next = t0 + if lead.is_some() { cfg.poll } else { cfg.period };
+        // A lease that expires before the next reading is read again right then: a failure is
+        // found at its lease, not up to a polling period later.
+        if let Some(expiry) = lead.as_ref().and_then(|l| l.detector.next_expiry()) {
+            next = next.min(clock + Duration::from_nanos(expiry));
+        }
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
 }
 
@@ -467,6 +472,8 @@ impl Lead {
                 Err(TryRecvError::Disconnected) => self.pending = None,
             }
         }
+        // The hosts' leases first: a failure's plan goes before the periodic checks.
+        self.detect(cfg, loaded, layout, store, clock)?;
         if self.last_drift_check.elapsed() >= DRIFT_CHECK {
             self.last_drift_check = Instant::now();
             self.check_migrations(cfg, loaded, layout, store)?;
@@ -477,6 +484,12 @@ impl Lead {
             self.last_interval_check = Instant::now();
             self.check_intervals(cfg, loaded, store)?;
         }
+        Ok(())
+    }
+
+    /// Reads the hosts' heartbeats; a host whose lease expired is fenced and the plan for the
+    /// failures so far is executed (and the next table computed in the background).
+    fn detect(&mut self, cfg: &Config, loaded: &Loaded, layout: &Layout, store: &mut store::Client, clock: Instant) -> agent::Result<()> {
         let hosts: Vec<String> = loaded.deployment.as_ref().map(|d| d.hosts.iter().map(|h| h.name.clone()).collect()).unwrap_or_default();
         let round = Instant::now();
         let mut beats = Vec::with_capacity(hosts.len());

@@ -28,6 +28,19 @@ struct View {
     state: Liveness,
 }
 
+impl View {
+    /// How long this host may stay silent: `None` once it failed.
+    fn limit(&self, lease_ns: u64, grace_ns: u64) -> Option<u64> {
+        match self.state {
+            Liveness::Failed => None,
+            Liveness::Alive => Some(lease_ns),
+            // Seen once: the lease runs from when it was seen. Never seen: the grace.
+            Liveness::Unknown if self.last.is_some() => Some(lease_ns),
+            Liveness::Unknown => Some(grace_ns.max(lease_ns)),
+        }
+    }
+}
+
 /// The detector: hosts, their last heartbeat and when it changed (ns on the caller's clock).
 #[derive(Debug, Clone)]
 pub struct Detector {
@@ -70,20 +83,28 @@ impl Detector {
     /// Hosts whose lease expired since the last call (each reported once).
     pub fn expired(&mut self, now: u64) -> Vec<String> {
         let mut out = Vec::new();
+        let (lease_ns, grace_ns) = (self.lease_ns, self.grace_ns);
         for (h, v) in self.hosts.iter_mut() {
-            let limit = match v.state {
-                Liveness::Failed => continue,
-                Liveness::Alive => self.lease_ns,
-                // Seen once: the lease runs from when it was seen. Never seen: the grace.
-                Liveness::Unknown if v.last.is_some() => self.lease_ns,
-                Liveness::Unknown => self.grace_ns.max(self.lease_ns),
-            };
+            let Some(limit) = v.limit(lease_ns, grace_ns) else { continue };
             if now.saturating_sub(v.changed_at) > limit {
                 v.state = Liveness::Failed;
                 out.push(h.clone());
             }
         }
         out
+    }
+
+    /// When the next lease would expire if nothing changes (the earliest over the hosts not
+    /// failed yet): the caller reads the heartbeats once more right then, instead of finding
+    /// the expiry up to a polling period late.
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.hosts
+            .values()
+            .filter_map(|v| {
+                let limit = v.limit(self.lease_ns, self.grace_ns)?;
+                Some(v.changed_at.saturating_add(limit).saturating_add(1))
+            })
+            .min()
     }
 
     /// The caller could not read the heartbeats for a while (its own store was slow or
@@ -161,6 +182,22 @@ mod tests {
         d.observe("a", Some(2), 510 * MS);
         assert!(d.expired(600 * MS).is_empty());
         assert_eq!(d.expired(611 * MS), vec!["a".to_string()], "and fails if it stays silent for a lease after that");
+    }
+
+    #[test]
+    fn the_next_expiry_is_when_the_earliest_silent_host_would_fail() {
+        let mut d = Detector::new(["a".to_string(), "b".to_string()], 100 * MS, 300 * MS, 0);
+        assert_eq!(d.next_expiry(), Some(300 * MS + 1), "never heard from: the grace");
+        d.observe("a", Some(1), 10 * MS);
+        d.observe("a", Some(2), 40 * MS);
+        d.observe("b", Some(1), 20 * MS);
+        d.observe("b", Some(2), 50 * MS);
+        assert_eq!(d.next_expiry(), Some(140 * MS + 1), "a's lease, from when its counter last changed");
+        assert!(d.expired(140 * MS).is_empty(), "not a moment before");
+        assert_eq!(d.expired(d.next_expiry().unwrap()), vec!["a".to_string()]);
+        assert_eq!(d.next_expiry(), Some(150 * MS + 1), "a failed: b's is next");
+        assert_eq!(d.expired(150 * MS + 1), vec!["b".to_string()]);
+        assert_eq!(d.next_expiry(), None, "nobody left to fail");
     }
 
     #[test]

@@ -608,14 +608,34 @@ pub fn keep(dir: &Path, exe: &Path, period: std::time::Duration) -> Result<(), S
 
 /// Fault injection: SIGKILL of every process of `host` (its agent and its VMMs) and its link
 /// to the switch cut; with `partition`, only the link is cut (its processes live on, cut off).
+///
+/// The fault goes into the event log, dated when the processes were killed (the moment the
+/// benchmarks measure from): `host hostA: failure injected: …`.
 pub fn fail(dir: &Path, host: &str, partition: bool) -> Result<Vec<u32>, String> {
     let cf = ClusterFile::load(dir)?;
     let ns = host_ns(&cf, host)?;
     let pids = if partition { Vec::new() } else { pids_in(ns) };
+    let at = agent::cluster::Event::now("vigil fail", String::new()).at_ms;
     for &p in &pids {
         kill(p);
     }
     ns_ip(ns, &["link", "set", "uplink", "down"])?;
+    let what = if partition {
+        format!("host {host}: failure injected: its link cut, its processes run on")
+    } else {
+        format!("host {host}: failure injected: {} process(es) SIGKILLed, its link cut", pids.len())
+    };
+    // The injection happened whatever the store says; an unreachable store only loses the note.
+    let note =
+        store::Client::connect_within(&cf.store, std::time::Duration::from_millis(500)).map_err(|e| e.to_string()).and_then(|mut c| {
+            c.set_retry_for(std::time::Duration::from_millis(500));
+            c.set_request_timeout(std::time::Duration::from_millis(500));
+            agent::cluster::log_event(&mut c, &agent::cluster::Event { at_ms: at, source: "vigil fail".into(), what })
+                .map_err(|e| e.to_string())
+        });
+    if let Err(e) = note {
+        eprintln!("vigil fail: the fault is not in the event log: {e}");
+    }
     Ok(pids)
 }
 

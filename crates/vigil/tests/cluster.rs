@@ -265,6 +265,12 @@ fn a_failed_host_is_handled_by_its_plan_and_no_acknowledged_write_is_lost() {
     }
     let events: Vec<String> = st["events"].as_array().unwrap().iter().map(|e| e["what"].as_str().unwrap_or("").to_string()).collect();
     assert!(events.iter().any(|e| e.contains("host hostA failed")), "{events:?}");
+    // The injected fault is in the log too, before its detection.
+    let at = |needle: &str| {
+        st["events"].as_array().unwrap().iter().find(|e| e["what"].as_str().unwrap_or("").contains(needle)).map(|e| e["at_ms"].as_u64())
+    };
+    let (injected, detected) = (at("host hostA: failure injected").flatten(), at("host hostA failed").flatten());
+    assert!(injected.is_some_and(|i| detected.is_some_and(|d| i <= d)), "{events:?}");
     // The restarted logger answers on its address.
     let mut logger = RedisClient::new(&field, "10.99.0.52", 6379);
     assert_eq!(logger.call("PING"), "PONG");
