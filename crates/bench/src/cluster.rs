@@ -245,6 +245,7 @@ fn one(model: &Path, dir: &Path) -> Result<[f64; 6]> {
     // the kill), not from before that process started.
     let kill = event_ms(&st, "host hostA: failure injected").unwrap_or(t_kill).max(t_kill);
     let shift = kill - t_kill;
+    eprintln!("(vigil fail killed hostA's processes {shift:.0} ms after it was called)");
     let detected = event_ms(&st, "host hostA failed").context("no failure event")? - kill;
     let started = event_ms(&st, "plan hostA started").context("no plan event")? - kill;
     let written = event_ms(&st, "plan hostA written").context("no plan event")? - kill;
