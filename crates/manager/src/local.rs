@@ -293,20 +293,20 @@ fn pids_in(ns: &str) -> Vec<u32> {
 /// workspace in the current directory, built with cargo.
 pub fn resolve_images(loaded: &model::Loaded) -> Result<BTreeMap<String, PathBuf>, String> {
     let mut out = BTreeMap::new();
-    for r in &loaded.runs {
-        if out.contains_key(&r.image) {
+    for (r, image) in loaded.runs.iter().flat_map(|r| r.images().map(move |i| (r, i.to_string()))) {
+        if out.contains_key(&image) {
             continue;
         }
-        let as_path = Path::new(&r.image);
-        let release = Path::new("target/release").join(&r.image);
+        let as_path = Path::new(&image);
+        let release = Path::new("target/release").join(&image);
         let found = if as_path.is_file() {
             Some(as_path.to_path_buf())
         } else if release.is_file() {
             Some(release)
-        } else if Path::new("guests").join(&r.image).join("Cargo.toml").is_file() {
+        } else if Path::new("guests").join(&image).join("Cargo.toml").is_file() {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            eprintln!("vigil up: building guest {} (cargo build --release -p {})", r.image, r.image);
-            let st = Command::new(cargo).args(["build", "--release", "--quiet", "-p", &r.image]).status();
+            eprintln!("vigil up: building guest {image} (cargo build --release -p {image})");
+            let st = Command::new(cargo).args(["build", "--release", "--quiet", "-p", &image]).status();
             match st {
                 Ok(s) if s.success() && release.is_file() => Some(release),
                 _ => None,
@@ -316,11 +316,11 @@ pub fn resolve_images(loaded: &model::Loaded) -> Result<BTreeMap<String, PathBuf
         };
         let p = found.ok_or_else(|| {
             format!(
-                "{}:{}: run {:?}: image {:?} not found (a path, target/release/{0}, or a guest of this workspace)",
-                loaded.file, r.line, r.vm, r.image
+                "{}:{}: run {:?}: image {image:?} not found (a path, target/release/{image}, or a guest of this workspace)",
+                loaded.file, r.line, r.vm
             )
         })?;
-        out.insert(r.image.clone(), std::fs::canonicalize(&p).unwrap_or(p));
+        out.insert(image, std::fs::canonicalize(&p).unwrap_or(p));
     }
     Ok(out)
 }

@@ -189,6 +189,16 @@ impl Layout {
             policy: agent::voter::core::Policy::PreferPrimary,
             hang_timeout_ms: 500,
             resume: None,
+            versions: x
+                .run
+                .versions
+                .iter()
+                .map(|v| agent::voter::InstanceVersion {
+                    instance: v.instance,
+                    image: v.image.as_ref().map(|i| self.images.get(i).cloned().unwrap_or_else(|| PathBuf::from(i))),
+                    args: v.args.clone(),
+                })
+                .collect(),
         })
     }
 

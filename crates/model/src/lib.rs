@@ -160,8 +160,13 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Loaded, ModelErr
     })?;
     ctx.set_items(&raw);
     let mut loaded = validate::build(&raw, &ctx, base_dir)?;
-    let vms: Vec<(String, f64)> =
-        loaded.deployment.as_ref().map(|d| d.vms.iter().map(|v| (v.name.clone(), v.memory.to_f64())).collect()).unwrap_or_default();
+    let vms: Vec<run::VmFacts> = loaded
+        .deployment
+        .as_ref()
+        .map(|d| {
+            d.vms.iter().map(|v| run::VmFacts { name: v.name.clone(), memory: v.memory.to_f64(), instances: v.instances.len() }).collect()
+        })
+        .unwrap_or_default();
     loaded.runs = run::build(&raw.run, &ctx, &vms)?;
     Ok(loaded)
 }

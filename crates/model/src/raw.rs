@@ -234,7 +234,11 @@ impl RawFile {
         shift(&mut self.stream, stream, offset);
         shift(&mut self.task, task, offset);
         shift(&mut self.chain, chain, offset);
+        let first = self.run.len();
         shift(&mut self.run, run, offset);
+        for r in &mut self.run[first..] {
+            r.get_mut().shift(offset);
+        }
     }
 }
 
@@ -288,6 +292,16 @@ mod tests {
         // Items of the second half really are read from there.
         let last = r.task.last().unwrap();
         assert!(t[last.span().start..].starts_with("[[task]]\nname = \"t99_9\""), "{:?}", &t[last.span()]);
+    }
+
+    #[test]
+    fn tables_inside_an_item_of_the_second_half_keep_their_place() {
+        let t = format!("{}[[run]]\nvm = \"v\"\n[[run.instance]]\nnumber = 2\nargs = [\"x\"]\n", big(""));
+        let r = read(&t).unwrap();
+        let inst = &r.run[0].get_ref().instance.as_ref().unwrap()[0];
+        assert!(split_point(&t).unwrap() < r.run[0].span().start, "the run is in the second half");
+        assert!(t[inst.span().start..].starts_with("[[run.instance]]\nnumber = 2"), "{:?}", &t[inst.span()]);
+        assert_eq!(split(&t), whole(&t));
     }
 
     #[test]

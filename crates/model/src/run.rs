@@ -11,6 +11,13 @@
 //! ip = "10.99.0.50/24"    # its address on the cluster's LAN
 //! port = 6379             # the TCP port its clients use (probed by `vigil status`)
 //! policy = "adaptive"     # checkpoint policy in remote-backup mode
+//!
+//! # N-version (modes local and local+remote): instance K of the voted VM (1-based, as in
+//! # `vigil fail --instance relay#K`) runs another image, or the same with more arguments.
+//! [[run.instance]]
+//! number = 3
+//! image = "kv"            # the run's image when left out
+//! args = ["wrong=1000"]   # added to the run's args
 //! ```
 
 use crate::error::ModelError;
@@ -31,6 +38,37 @@ pub struct RawRun {
     pub port: Option<i64>,
     pub policy: Option<String>,
     pub net_backend: Option<String>,
+    pub instance: Option<Vec<Spanned<RawInstance>>>,
+}
+
+impl RawRun {
+    /// Moves the spans of its instances by `offset` (a file read in parts).
+    pub(crate) fn shift(&mut self, offset: usize) {
+        for i in self.instance.iter_mut().flatten() {
+            let span = i.span();
+            *i = Spanned::new(span.start + offset..span.end + offset, std::mem::take(i.get_mut()));
+        }
+    }
+}
+
+/// One `[[run.instance]]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInstance {
+    pub number: Option<i64>,
+    pub image: Option<String>,
+    pub args: Option<Vec<String>>,
+}
+
+/// What one instance of a voted VM runs differently (N-version).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version {
+    /// 0-based instance index (`number` − 1).
+    pub instance: usize,
+    /// Its image (a guest name or a path), instead of the run's.
+    pub image: Option<String>,
+    /// Added to the run's arguments.
+    pub args: Vec<String>,
 }
 
 /// How one VM runs.
@@ -50,21 +88,39 @@ pub struct Run {
     /// The network backend runs as a process of its own (`net_backend = "process"`), not
     /// inside the VMM (`"vmm"`, the default).
     pub net_backend_process: bool,
+    /// Instances that run another image or more arguments (N-version), by instance.
+    pub versions: Vec<Version>,
+}
+
+impl Run {
+    /// Every image the VM's instances run (the run's first).
+    pub fn images(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.image.as_str()).chain(self.versions.iter().filter_map(|v| v.image.as_deref()))
+    }
 }
 
 fn fail(ctx: &Ctx, name: &str, span: &Range<usize>, key: Option<&str>, msg: impl Into<String>) -> ModelError {
     ModelError::Invalid { file: ctx.file.to_string(), line: ctx.key_line(span, key), kind: "run", name: name.to_string(), msg: msg.into() }
 }
 
+/// What a `[[run]]` item is checked against: a VM of the deployment.
+pub(crate) struct VmFacts {
+    pub name: String,
+    /// Bytes it reserves on a host.
+    pub memory: f64,
+    /// Its instances (more than one in local redundancy).
+    pub instances: usize,
+}
+
 /// Checks the `[[run]]` items against the deployment's VMs.
-pub(crate) fn build(raw: &[Spanned<RawRun>], ctx: &Ctx, vms: &[(String, f64)]) -> Result<Vec<Run>, ModelError> {
+pub(crate) fn build(raw: &[Spanned<RawRun>], ctx: &Ctx, vms: &[VmFacts]) -> Result<Vec<Run>, ModelError> {
     let mut out: Vec<Run> = Vec::new();
     for item in raw {
         let span = item.span();
         let r = item.get_ref();
         let f = |key: Option<&str>, msg: String| fail(ctx, &r.vm, &span, key, msg);
-        let Some(&(_, reserved)) = vms.iter().find(|(n, _)| *n == r.vm) else {
-            let known: Vec<&str> = vms.iter().map(|(n, _)| n.as_str()).collect();
+        let Some(facts) = vms.iter().find(|v| v.name == r.vm) else {
+            let known: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
             return Err(f(Some("vm"), format!("no [[vm]] named {:?} with a host (known: {})", r.vm, known.join(", "))));
         };
         if let Some(prev) = out.iter().find(|x| x.vm == r.vm) {
@@ -82,10 +138,10 @@ pub(crate) fn build(raw: &[Spanned<RawRun>], ctx: &Ctx, vms: &[(String, f64)]) -
                 if !(1.0..=65536.0).contains(&mib) || mib.fract() != 0.0 {
                     return Err(f(Some("memory"), format!("{s}: a whole number of MiB from 1MiB to 64GiB")));
                 }
-                if mib * (1u64 << 20) as f64 > reserved {
+                if mib * (1u64 << 20) as f64 > facts.memory {
                     return Err(f(
                         Some("memory"),
-                        format!("{s} is more than the {} MiB its [[vm]] reserves on a host", reserved / (1u64 << 20) as f64),
+                        format!("{s} is more than the {} MiB its [[vm]] reserves on a host", facts.memory / (1u64 << 20) as f64),
                     ));
                 }
                 mib as u64
@@ -117,7 +173,34 @@ pub(crate) fn build(raw: &[Spanned<RawRun>], ctx: &Ctx, vms: &[(String, f64)]) -
             Some("process") => true,
             Some(other) => return Err(f(Some("net_backend"), format!("{other:?}: \"vmm\" or \"process\""))),
         };
+        let mut versions: Vec<Version> = Vec::new();
+        for inst in r.instance.iter().flatten() {
+            let ispan = inst.span();
+            let i = inst.get_ref();
+            let fi = |key: Option<&str>, msg: String| fail(ctx, &r.vm, &ispan, key, format!("[[run.instance]]: {msg}"));
+            let n = facts.instances;
+            if n < 2 {
+                return Err(fi(None, "the VM runs one instance: give its [[vm]] `instances` (mode local or local+remote) first".into()));
+            }
+            let number = i.number.ok_or_else(|| fi(None, format!("missing key `number` (which instance: 1 to {n})")))?;
+            let k = usize::try_from(number)
+                .ok()
+                .filter(|k| (1..=n).contains(k))
+                .ok_or_else(|| fi(Some("number"), format!("{number}: the VM has {n} instances, numbered 1 to {n}")))?;
+            if versions.iter().any(|v| v.instance == k - 1) {
+                return Err(fi(Some("number"), format!("instance {k} is given twice")));
+            }
+            if i.image.as_deref().is_some_and(|im| im.trim().is_empty()) {
+                return Err(fi(Some("image"), "empty image".into()));
+            }
+            if i.image.is_none() && i.args.as_ref().is_none_or(Vec::is_empty) {
+                return Err(fi(None, format!("instance {k} runs like the others: give it an `image` or `args`")));
+            }
+            versions.push(Version { instance: k - 1, image: i.image.clone(), args: i.args.clone().unwrap_or_default() });
+        }
+        versions.sort_by_key(|v| v.instance);
         out.push(Run {
+            versions,
             vm: r.vm.clone(),
             line: ctx.line_at(span.start),
             image,

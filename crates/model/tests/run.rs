@@ -61,3 +61,62 @@ fn bad_run_items_are_named_with_their_line() {
     let e = parse(&base.replace("port = 6379\npolicy", "port = 6379\nspeed = 3\npolicy")).expect_err("unknown key");
     assert!(e.contains("unknown field `speed`"), "{e}");
 }
+
+fn voted() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/voted.toml")).expect("example")
+}
+
+/// examples/voted.toml with `tables` after the relay's `[[run]]` keys.
+fn voted_with(tables: &str) -> String {
+    let run = "port = 6379\n\n[[run]]\nvm = \"logger\"";
+    let text = voted();
+    assert!(text.contains(run), "examples/voted.toml changed");
+    text.replacen(run, &format!("port = 6379\n{tables}\n[[run]]\nvm = \"logger\""), 1)
+}
+
+#[test]
+fn an_instance_of_a_voted_vm_may_run_another_version() {
+    let l = parse(&voted_with("[[run.instance]]\nnumber = 3\nargs = [\"wrong=1000\"]\n[[run.instance]]\nnumber = 2\nimage = \"kv-alt\"\n"))
+        .expect("parses");
+    let relay = l.runs.iter().find(|r| r.vm == "relay").expect("relay runs");
+    assert_eq!(
+        relay.versions,
+        vec![
+            model::run::Version { instance: 1, image: Some("kv-alt".into()), args: vec![] },
+            model::run::Version { instance: 2, image: None, args: vec!["wrong=1000".into()] },
+        ]
+    );
+    assert_eq!(relay.images().collect::<Vec<_>>(), vec!["kv", "kv-alt"]);
+    assert!(l.runs.iter().find(|r| r.vm == "logger").expect("logger").versions.is_empty());
+}
+
+#[test]
+fn bad_instance_versions_are_named_with_their_line() {
+    let line_in = |text: &str, needle: &str| text[..text.find(needle).expect(needle)].lines().count() + 1;
+    let cases: Vec<(String, &str, &str)> = vec![
+        (voted_with("[[run.instance]]\nnumber = 4\nargs = [\"x\"]\n"), "number = 4", "4: the VM has 3 instances, numbered 1 to 3"),
+        (voted_with("[[run.instance]]\nnumber = 0\nargs = [\"x\"]\n"), "number = 0", "numbered 1 to 3"),
+        (
+            voted_with("[[run.instance]]\nnumber = 2\nargs = [\"x\"]\n[[run.instance]]\nnumber = 2\nimage = \"y\"\n"),
+            "number = 2\nimage",
+            "instance 2 is given twice",
+        ),
+        (voted_with("[[run.instance]]\nnumber = 2\nimage = \"\"\n"), "image = \"\"", "empty image"),
+        (voted_with("[[run.instance]]\nnumber = 2\n"), "[[run.instance]]", "runs like the others"),
+        (voted_with("[[run.instance]]\nargs = [\"x\"]\n"), "[[run.instance]]", "missing key `number`"),
+    ];
+    for (text, at, want) in cases {
+        let e = parse(&text).expect_err(want);
+        let line = line_in(&text, at);
+        assert!(e.starts_with(&format!("m.toml:{line}: run ")), "{want}: {e} (expected line {line})");
+        assert!(e.contains(want), "{want}: {e}");
+    }
+    // An unknown key is refused by the reader, and a VM with one instance has no versions.
+    let e = parse(&voted_with("[[run.instance]]\nnumber = 2\nimages = \"x\"\n")).expect_err("unknown key");
+    assert!(e.contains("images"), "{e}");
+    let logger = voted();
+    assert!(logger.trim_end().ends_with("port = 6379"), "examples/voted.toml's last [[run]] is the logger's");
+    let logger = format!("{logger}\n[[run.instance]]\nnumber = 1\nargs = [\"x\"]\n");
+    let e = parse(&logger).expect_err("one instance");
+    assert!(e.contains("run \"logger\"") && e.contains("the VM runs one instance"), "{e}");
+}

@@ -108,6 +108,8 @@ struct Plan {
     backup: Option<(String, PathBuf)>,
     state_file: Option<PathBuf>,
     resume: Option<PathBuf>,
+    /// N-version: instances that run another image or more arguments.
+    versions: Vec<agent::voter::InstanceVersion>,
 }
 
 fn plan(a: &Args) -> Result<Plan> {
@@ -131,6 +133,7 @@ fn plan(a: &Args) -> Result<Plan> {
             backup: None,
             state_file: None,
             resume: a.resume.clone(),
+            versions: Vec::new(),
         });
     };
     let text = std::fs::read(file).with_context(|| format!("spec {}", file.display()))?;
@@ -161,6 +164,7 @@ fn plan(a: &Args) -> Result<Plan> {
         backup: spec.protection.as_ref().map(|p| (p.backup.clone(), p.key_file.clone())),
         state_file: spec.protection.as_ref().and_then(|p| p.state_file.clone()),
         resume: a.resume.clone().or(local.resume.clone()),
+        versions: local.versions.clone(),
     })
 }
 
@@ -205,6 +209,19 @@ pub fn run(a: &Args) -> Result<u8> {
     let mut instances: Vec<InstanceSpec> = (0..n)
         .map(|i| InstanceSpec { netns: format!("{}{i}", p.prefix), image: p.image.clone(), mem_mib: p.mem, args: p.args.clone() })
         .collect();
+    // N-version from the spec (the model's `[[run.instance]]`), then from the command line.
+    for v in &p.versions {
+        let Some(inst) = instances.get_mut(v.instance) else {
+            bail!("VM {}: a version for instance {} of {n}", p.vm, v.instance + 1);
+        };
+        if let Some(image) = &v.image {
+            if !image.is_file() {
+                bail!("VM {} instance {}: image {}: no such file", p.vm, v.instance + 1, image.display());
+            }
+            inst.image = image.clone();
+        }
+        inst.args.extend(v.args.iter().cloned());
+    }
     for (k, path) in indexed(&a.image_of, n, "image-of")? {
         if !std::path::Path::new(&path).is_file() {
             bail!("--image-of {k}={path}: no such file");

@@ -463,6 +463,70 @@ fn vigil_up_runs_a_voted_vm_and_fail_instance_is_masked() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// N-version through the model: `[[run.instance]]` gives instance 2 of the voted relay its own
+/// image file and a guest argument that makes it answer wrongly one reply in 20; `vigil up`
+/// runs it so, the client never sees a wrong reply, and the wrong version is outvoted and
+/// repaired (from a correct instance's snapshot).
+#[test]
+fn vigil_up_runs_an_n_version_instance_from_the_model_and_its_wrong_replies_are_masked() {
+    if no_kvm("vigil_up_runs_an_n_version_instance_from_the_model_and_its_wrong_replies_are_masked") {
+        return;
+    }
+    let dir = testbed::workspace().join(format!("target/local-nv-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let kv = testbed::guest("kv").expect("kv guest");
+    // Another image file for instance 2 (a second build would do the same: a file of its own).
+    let other = dir.join("kv-version-2");
+    std::fs::copy(&kv, &other).expect("copy the image");
+    let text = std::fs::read_to_string(testbed::workspace().join("examples/voted.toml")).expect("example");
+    let run = "port = 6379\n\n[[run]]\nvm = \"logger\"";
+    assert!(text.contains(run), "examples/voted.toml changed");
+    let version = format!(
+        "port = 6379\n[[run.instance]]\nnumber = 2\nimage = {:?}\nargs = [\"wrong=20\"]\n\n[[run]]\nvm = \"logger\"",
+        other.display().to_string()
+    );
+    let text = text.replacen(run, &version, 1).replace("image = \"kv\"", &format!("image = {:?}", kv.display().to_string()));
+    let model = dir.join("voted.toml");
+    std::fs::write(&model, text).expect("model");
+    let cluster = dir.join("cluster");
+    let d = cluster.display().to_string();
+    struct Down(String);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            let _ = vigil().args(["down", "--dir", &self.0]).output();
+        }
+    }
+    let tag = testbed::ns_tag("vn");
+    let out = vigil().args(["up", &model.display().to_string(), "--dir", &d, "--tag", &tag, "--wait", "60"]).output().expect("vigil up");
+    let _down = Down(d.clone());
+    assert!(out.status.success(), "vigil up: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // Instance 2's VMM runs the other image with the argument (the process's command line).
+    let runs_version = std::fs::read_dir("/proc").expect("/proc").flatten().any(|e| {
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        cmd.contains("kv-version-2") && cmd.contains("wrong=20")
+    });
+    assert!(runs_version, "no VMM runs kv-version-2 with wrong=20");
+    let mut c = testbed::redis::RedisClient::new(&format!("vg{tag}-f"), "10.99.0.50", 6379);
+    for n in 1..=200 {
+        assert_eq!(c.call("INCR versions"), n.to_string(), "a wrong reply reached the client");
+    }
+    let t = Instant::now();
+    loop {
+        let out = vigil().args(["status", "--dir", &d]).output().expect("vigil status");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("relay#2: outvoted") && text.contains("relay#2: repaired") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "the wrong version was not outvoted and repaired: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(c.call("GET versions"), "200");
+    drop(_down);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A periodic datagram chain through the voter: a sensor sends `INCR sensor` every 5 ms over
 /// UDP to the VM's address, each voted reply comes back as one datagram (the actuation), while
 /// an N-version instance answers wrongly (one in 200), one instance is SIGKILLed and another

@@ -35,6 +35,22 @@ pub struct LocalSpec {
     /// [`remote`]) the instances start from. Set by the agent of the backup's host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<std::path::PathBuf>,
+    /// N-version: instances that run another image, or the spec's with more arguments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub versions: Vec<InstanceVersion>,
+}
+
+/// What one instance of a voted VM runs differently from the spec (N-version programming).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InstanceVersion {
+    /// 0-based instance index.
+    pub instance: usize,
+    /// Its image, instead of the spec's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<std::path::PathBuf>,
+    /// Added to the spec's guest arguments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
 }
 
 fn prefer_primary() -> core::Policy {
