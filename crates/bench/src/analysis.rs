@@ -138,6 +138,10 @@ enum What {
     /// What job marks cost a guest: kv under redis-benchmark with marks on and off, and the
     /// VMM's read of a full trace ring (needs root, KVM).
     Monitoring,
+    /// Drift detection on a real cluster: the example's relay made slower than its model while
+    /// it runs (kv `DEBUG WORK`), timed to the alert and to the recomputed plan table
+    /// (`--rounds`; needs root, KVM).
+    Drift,
     /// The network backend as a supervised process against inside the VMM: kv's tail latency
     /// under redis-benchmark, a crash and a hang mid-run, recovery against a whole-VMM restart
     /// (needs root, KVM, redis-tools; `--rounds`, `--ops` requests per test, `--kills`).
@@ -204,6 +208,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     if let What::Cluster = args.what {
         return crate::cluster::run(args.kills, args.json);
+    }
+    if let What::Drift = args.what {
+        return crate::cluster::drift(args.rounds, args.json);
     }
     if let What::Migration = args.what {
         return crate::cluster::migration_bench(&args.cache, args.runs, args.json);

@@ -519,6 +519,92 @@ pub fn run(kills: usize, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `vigil bench drift`: drift detection on a real cluster. In each round the example comes up
+/// (the field's requests reach the relay at its chain's rate), runs 3 s as modelled, then the
+/// relay's guest is told to spend 2 ms on each request (`DEBUG WORK 2000`; the model declares
+/// 800 µs) and the event log is read for the alert naming it and for the plan table
+/// recomputed with the observed execution time: drift → alert → table, from the moment the
+/// guest answered the command (its reply leaves once the checkpoint holding it is
+/// acknowledged, so the slow jobs have begun by then).
+pub fn drift(rounds: usize, json: bool) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("vigil-bench-drift-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let m = model(&dir)?;
+    let mut rows: Vec<[f64; 3]> = Vec::new();
+    for r in 0..rounds {
+        let mut stalls = 0;
+        let scene = retry(&mut stalls, || Scene::up(&m, &dir.join("cluster"), "bd"))?;
+        std::thread::sleep(Duration::from_secs(3));
+        let out = Command::new("ip")
+            .args(["netns", "exec", &scene.field, "timeout", "5", "redis-cli", "-h", "10.99.0.50", "DEBUG", "WORK", "2000"])
+            .output()?;
+        let t0 = now_ms();
+        if String::from_utf8_lossy(&out.stdout).trim() != "OK" {
+            bail!("DEBUG WORK: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+        let start = Instant::now();
+        let (alert, table) = loop {
+            let st = status(&scene.d)?;
+            let alert = event_ms(&st, "ALERT: VM relay: measured execution time");
+            let table = event_ms(&st, "with the observed execution times of relay");
+            if let (Some(a), Some(t)) = (alert, table) {
+                break (a - t0, t - t0);
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("no alert and recomputed table for the relay within 30 s: {}", st["events"]);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let st = status(&scene.d)?;
+        let compute = st["events"]
+            .as_array()
+            .and_then(|e| {
+                e.iter().filter_map(|x| x["what"].as_str()).find(|w| w.contains("with the observed execution times of relay")).and_then(
+                    |w| {
+                        let (_, rest) = w.rsplit_once(" scenarios in ")?;
+                        rest.trim_end_matches(" ms").parse::<f64>().ok()
+                    },
+                )
+            })
+            .unwrap_or(f64::NAN);
+        eprintln!("round {}/{rounds}: drift → alert {alert:.0} ms, → plan table {table:.0} ms (its computation {compute:.0} ms)", r + 1);
+        rows.push([alert, table, compute]);
+        drop(scene);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let col = |i: usize| quantiles(&rows.iter().map(|r| r[i]).collect::<Vec<_>>());
+    let names = ["drift → alert", "drift → plan table recomputed", "of which the table's computation"];
+    if json {
+        let v: Vec<_> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let (p50, p90, max) = col(i);
+                serde_json::json!({"step": n, "p50_ms": p50, "p90_ms": p90, "max_ms": max})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"rounds": rows.len(), "steps": v}))?);
+        return Ok(());
+    }
+    let t: Vec<Vec<String>> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let (p50, p90, max) = col(i);
+            vec![n.to_string(), format!("{p50:.0}"), format!("{p90:.0}"), format!("{max:.0}")]
+        })
+        .collect();
+    print!(
+        "{}",
+        model::text::table(
+            &format!("the relay made slower than its model (2 ms per request, 800 µs declared), {} rounds; ms", rows.len()),
+            &["step", "p50", "p90", "max"],
+            &t
+        )
+    );
+    Ok(())
+}
+
 /// One policy's run in `vigil bench policies`.
 struct PolicyRun {
     policy: String,

@@ -33,6 +33,9 @@ pub struct Store {
     /// `DEBUG DIRTY MIB` asked for a background working set of that many MiB (the server that
     /// embeds the store applies it: [`Store::take_dirty_request`]).
     dirty_request: Option<u64>,
+    /// `DEBUG WORK US` asked for that much busy work per request from now on (the embedding
+    /// server applies it: [`Store::take_work_request`]).
+    work_request: Option<u64>,
 }
 
 /// Largest side of ROTATE's square image (two buffers of its square in bytes).
@@ -101,6 +104,11 @@ impl Store {
     /// The background working set (MiB) `DEBUG DIRTY` last asked for, once.
     pub fn take_dirty_request(&mut self) -> Option<u64> {
         self.dirty_request.take()
+    }
+
+    /// The busy work per request (µs) `DEBUG WORK` last asked for, once.
+    pub fn take_work_request(&mut self) -> Option<u64> {
+        self.work_request.take()
     }
 
     /// Number of keys.
@@ -264,6 +272,15 @@ impl Store {
                     out.extend_from_slice(b"+OK\r\n");
                 }
                 _ => error(out, "ERR usage: DEBUG DIRTY MIB (0..1024)"),
+            },
+            // Drift injection: from now on each request costs US µs of busy work more (the kv
+            // guest's `work_us`), as a guest slower than its model would be.
+            b"DEBUG" if argc == 3 && args[1].eq_ignore_ascii_case(b"WORK") => match parse_i64(args[2]) {
+                Some(n) if (0..=1_000_000).contains(&n) => {
+                    self.work_request = Some(n as u64);
+                    out.extend_from_slice(b"+OK\r\n");
+                }
+                _ => error(out, "ERR usage: DEBUG WORK US (0..1000000)"),
             },
             b"CONFIG" if argc >= 3 && args[1].eq_ignore_ascii_case(b"GET") => {
                 // No configuration to speak of: every asked parameter reads as empty.
@@ -497,6 +514,9 @@ mod tests {
         s.inject_wrong_answers(0);
         assert_eq!(run(&mut s, b"DEBUG DIRTY 4\r\nDEBUG DIRTY x\r\n"), b"+OK\r\n-ERR usage: DEBUG DIRTY MIB (0..1024)\r\n");
         assert_eq!((s.take_dirty_request(), s.take_dirty_request()), (Some(4), None));
+        // DEBUG WORK likewise, for the busy work per request.
+        assert_eq!(run(&mut s, b"DEBUG WORK 2000\r\nDEBUG WORK -1\r\n"), b"+OK\r\n-ERR usage: DEBUG WORK US (0..1000000)\r\n");
+        assert_eq!((s.take_work_request(), s.take_work_request()), (Some(2000), None));
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! (a mixed workload): whenever no request is waiting, kv rewrites a slice of a working set
 //! of that many MiB instead of idling. An argument `wrong=N` makes one reply in N wrong (a
 //! design fault, for the N-version tests of local redundancy); `DEBUG DIRTY MIB` changes the
-//! background working set while it runs (load injection: more dirty pages per checkpoint). With a disk, requests are logged there before their replies
+//! background working set while it runs (load injection: more dirty pages per checkpoint),
+//! `DEBUG WORK US` the busy work per request (drift injection: a guest that becomes slower than
+//! its model). With a disk, requests are logged there before their replies
 //! go out and replayed at start ([`disklog`]).
 //!
 //! Options (anywhere among the arguments): `work_us=N` adds N µs of busy work (TSC-timed) to
@@ -124,6 +126,14 @@ fn main() -> u32 {
                 guest_sdk::trace::spin_us(work_us);
                 if store.serve(&mut c.input, &mut c.output).is_err() {
                     c.closing = true;
+                }
+                if let Some(us) = store.take_work_request() {
+                    // `DEBUG WORK US`: from the next request on (a drift of the guest's timing).
+                    if us > 0 {
+                        guest_sdk::trace::tsc_per_us();
+                    }
+                    work_us = us;
+                    println!("kv: {us} us of busy work per request");
                 }
                 if let Some(mib) = store.take_dirty_request() {
                     // `DEBUG DIRTY MIB`: a new background working set (0: none).
