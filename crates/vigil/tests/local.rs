@@ -365,32 +365,49 @@ fn bad_input_is_named() {
 /// while a client (redis-cli, one TCP connection, from the field) increments a counter: every
 /// reply right, the same connection throughout, all three repaired, the events in `vigil
 /// status`.
+/// A cluster `vigil up` brought up from examples/voted.toml (its text changed by `edit`, which
+/// may put files into the test's directory), in `target/local-NAME-PID`; down and removed
+/// when dropped.
+struct VotedUp {
+    dir: PathBuf,
+    d: String,
+}
+
+impl VotedUp {
+    fn start(name: &str, tag: &str, edit: impl Fn(String, &Path) -> String) -> VotedUp {
+        let dir = testbed::workspace().join(format!("target/local-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let kv = testbed::guest("kv").expect("kv guest");
+        let text = std::fs::read_to_string(testbed::workspace().join("examples/voted.toml")).expect("example");
+        let text = edit(text, &dir).replace("image = \"kv\"", &format!("image = {:?}", kv.display().to_string()));
+        let model = dir.join("voted.toml");
+        std::fs::write(&model, text).expect("model");
+        let d = dir.join("cluster").display().to_string();
+        let out = vigil()
+            .args(["up", &model.display().to_string(), "--dir", &d, "--tag", &testbed::ns_tag(tag), "--wait", "60"])
+            .output()
+            .expect("vigil up");
+        let up = VotedUp { dir, d };
+        assert!(out.status.success(), "vigil up: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        up
+    }
+}
+
+impl Drop for VotedUp {
+    fn drop(&mut self) {
+        let _ = vigil().args(["down", "--dir", &self.d]).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[test]
 fn vigil_up_runs_a_voted_vm_and_fail_instance_is_masked() {
     if no_kvm("vigil_up_runs_a_voted_vm_and_fail_instance_is_masked") {
         return;
     }
-    let dir = testbed::workspace().join(format!("target/local-up-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let kv = testbed::guest("kv").expect("kv guest");
-    let text = std::fs::read_to_string(testbed::workspace().join("examples/voted.toml")).expect("example");
-    let model = dir.join("voted.toml");
-    std::fs::write(&model, text.replace("image = \"kv\"", &format!("image = {:?}", kv.display().to_string()))).expect("model");
-    let cluster = dir.join("cluster");
-    let d = cluster.display().to_string();
-    struct Down(String);
-    impl Drop for Down {
-        fn drop(&mut self) {
-            let _ = vigil().args(["down", "--dir", &self.0]).output();
-        }
-    }
-    let out = vigil()
-        .args(["up", &model.display().to_string(), "--dir", &d, "--tag", &testbed::ns_tag("vl"), "--wait", "60"])
-        .output()
-        .expect("vigil up");
-    let _down = Down(d.clone());
-    assert!(out.status.success(), "vigil up: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let up = VotedUp::start("up", "vl", |text, _| text);
+    let d = up.d.clone();
     // `vigil up --wait` returns once every VM serves: a voted VM serves once its voter has
     // opened the VM's address (all three guests serve), so the first request is answered.
     let out = Command::new("ip")
@@ -459,8 +476,7 @@ fn vigil_up_runs_a_voted_vm_and_fail_instance_is_masked() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("runs no voted instances"));
     let out = vigil().args(["fail", "--instance", "relay#4", "--dir", &d]).output().expect("vigil fail");
     assert!(String::from_utf8_lossy(&out.stderr).contains("has 3 instances: there is no #4"), "{}", String::from_utf8_lossy(&out.stderr));
-    drop(_down);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(up);
 }
 
 /// N-version through the model: `[[run.instance]]` gives instance 2 of the voted relay its own
@@ -472,35 +488,19 @@ fn vigil_up_runs_an_n_version_instance_from_the_model_and_its_wrong_replies_are_
     if no_kvm("vigil_up_runs_an_n_version_instance_from_the_model_and_its_wrong_replies_are_masked") {
         return;
     }
-    let dir = testbed::workspace().join(format!("target/local-nv-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let kv = testbed::guest("kv").expect("kv guest");
-    // Another image file for instance 2 (a second build would do the same: a file of its own).
-    let other = dir.join("kv-version-2");
-    std::fs::copy(&kv, &other).expect("copy the image");
-    let text = std::fs::read_to_string(testbed::workspace().join("examples/voted.toml")).expect("example");
-    let run = "port = 6379\n\n[[run]]\nvm = \"logger\"";
-    assert!(text.contains(run), "examples/voted.toml changed");
-    let version = format!(
-        "port = 6379\n[[run.instance]]\nnumber = 2\nimage = {:?}\nargs = [\"wrong=20\"]\n\n[[run]]\nvm = \"logger\"",
-        other.display().to_string()
-    );
-    let text = text.replacen(run, &version, 1).replace("image = \"kv\"", &format!("image = {:?}", kv.display().to_string()));
-    let model = dir.join("voted.toml");
-    std::fs::write(&model, text).expect("model");
-    let cluster = dir.join("cluster");
-    let d = cluster.display().to_string();
-    struct Down(String);
-    impl Drop for Down {
-        fn drop(&mut self) {
-            let _ = vigil().args(["down", "--dir", &self.0]).output();
-        }
-    }
-    let tag = testbed::ns_tag("vn");
-    let out = vigil().args(["up", &model.display().to_string(), "--dir", &d, "--tag", &tag, "--wait", "60"]).output().expect("vigil up");
-    let _down = Down(d.clone());
-    assert!(out.status.success(), "vigil up: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let up = VotedUp::start("nv", "vn", |text, dir| {
+        // Another image file for instance 2 (a second build would do the same: a file of its own).
+        let other = dir.join("kv-version-2");
+        std::fs::copy(testbed::guest("kv").expect("kv guest"), &other).expect("copy the image");
+        let run = "port = 6379\n\n[[run]]\nvm = \"logger\"";
+        assert!(text.contains(run), "examples/voted.toml changed");
+        let version = format!(
+            "port = 6379\n[[run.instance]]\nnumber = 2\nimage = {:?}\nargs = [\"wrong=20\"]\n\n[[run]]\nvm = \"logger\"",
+            other.display().to_string()
+        );
+        text.replacen(run, &version, 1)
+    });
+    let (d, tag) = (up.d.clone(), testbed::ns_tag("vn"));
     // Instance 2's VMM runs the other image with the argument (the process's command line).
     let runs_version = std::fs::read_dir("/proc").expect("/proc").flatten().any(|e| {
         let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
@@ -523,8 +523,6 @@ fn vigil_up_runs_an_n_version_instance_from_the_model_and_its_wrong_replies_are_
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(c.call("GET versions"), "200");
-    drop(_down);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A periodic datagram chain through the voter: a sensor sends `INCR sensor` every 5 ms over
