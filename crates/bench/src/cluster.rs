@@ -247,6 +247,12 @@ fn one(model: &Path, dir: &Path) -> Result<[f64; 6]> {
     let shift = kill - t_kill;
     eprintln!("(vigil fail killed hostA's processes {shift:.0} ms after it was called)");
     let detected = event_ms(&st, "host hostA failed").context("no failure event")? - kill;
+    if detected > 600.0 {
+        // Keep the logs of a late detection for a look (the lease is 500 ms).
+        let keep = dir.with_extension(format!("late-{}", t_kill as u64));
+        let _ = Command::new("cp").args(["-r", &d, &keep.display().to_string()]).status();
+        eprintln!("late detection ({detected:.0} ms): logs in {}", keep.display());
+    }
     let started = event_ms(&st, "plan hostA started").context("no plan event")? - kill;
     let written = event_ms(&st, "plan hostA written").context("no plan event")? - kill;
     Ok([detected, started, written, replicated - shift, restarted - shift, all_serving - shift])
