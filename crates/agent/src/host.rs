@@ -93,6 +93,7 @@ pub fn run(cfg: &Config) -> Result<()> {
         monitor: crate::monitor::Monitor::start(),
         migrations: BTreeMap::new(),
         policy_asked: BTreeMap::new(),
+        protection_asked: BTreeMap::new(),
         self_fenced: BTreeMap::new(),
     };
     agent.beat = cluster::read_counter(&mut store, &cluster::heartbeat_path(&cfg.host))?.unwrap_or(0);
@@ -170,6 +171,8 @@ struct Agent {
     migrations: BTreeMap<String, Asked>,
     /// The checkpoint policy last asked of each VM's driver, and when.
     policy_asked: BTreeMap<String, (String, Instant)>,
+    /// The backup each running primary was last asked to protect its VM to, and when.
+    protection_asked: BTreeMap<String, (String, Instant)>,
     /// Voted primaries this agent stopped while self-fencing (the host kept, never declared
     /// failed): such a VM continues its instances' state from its local replica when it starts
     /// here again, as after a crash of its voter.
@@ -258,6 +261,8 @@ impl Agent {
         // The checkpoint policy each replicated VM here should run (its primary's, or what its
         // backup runs after a takeover).
         let mut policies: BTreeMap<String, replication::PolicySpec> = BTreeMap::new();
+        // The backup each replicated VM's primary here should protect it to.
+        let mut protections: BTreeMap<String, crate::vm::Protection> = BTreeMap::new();
         for vm in cluster::children(store, cluster::VMS)? {
             let Some(d) = cluster::read::<Desired>(store, &cluster::desired_path(&vm))? else { continue };
             if let Some(p) = d.primary.as_ref().filter(|p| p.host == host) {
@@ -265,6 +270,9 @@ impl Agent {
                 wanted.insert(vm.clone(), (Role::Primary, spec, d.generation, p.restart));
                 if let Some(pr) = &p.spec.protection {
                     policies.insert(vm.clone(), pr.policy);
+                    if p.migrate_to.is_none() {
+                        protections.insert(vm.clone(), pr.clone());
+                    }
                 }
                 if let Some(m) = &p.migrate_to {
                     precopy.insert(vm.clone(), m.clone());
@@ -514,6 +522,7 @@ impl Agent {
             }
         }
         self.apply_policies(store, &policies);
+        self.apply_protections(store, &protections);
         // VMs migrating away by pre-copy: protected to the destination, then handed over.
         for (vm, m) in precopy {
             self.migrate_step(store, &vm, &m);
@@ -571,6 +580,44 @@ impl Agent {
                     let _ = cluster::log_event(store, &Event::now(&host, what));
                 }
                 Err(e) => tracing::warn!("agent {host}: {vm}: cannot switch its checkpoint policy to {want}: {e}"),
+            }
+        }
+    }
+
+    /// Running primaries that protect their VM to another backup than the desired record
+    /// says — a copy that took over with the backup its spec named when it started, or whose
+    /// backup's host failed and the plan gave it a new one — are asked to protect it to the
+    /// desired backup (a new synchronisation; the old backup is deregistered from the lease).
+    /// The driver reports where it protects to in its replication state.
+    fn apply_protections(&mut self, store: &mut store::Client, protections: &BTreeMap<String, crate::vm::Protection>) {
+        let host = self.cfg.host.clone();
+        for (vm, want) in protections {
+            let Some(c) = self.copies.get(vm) else { continue };
+            if c.role != Role::Primary || self.reported_state(vm, c) != CopyState::Running {
+                continue;
+            }
+            let Some(runs) = crate::protection::primary::ReplicationState::load(&self.state_file(vm)).and_then(|s| s.backup) else {
+                continue;
+            };
+            if runs == want.backup {
+                self.protection_asked.remove(vm);
+                continue;
+            }
+            if self.protection_asked.get(vm).is_some_and(|(b, t)| *b == want.backup && t.elapsed() < Duration::from_secs(1)) {
+                continue;
+            }
+            self.protection_asked.insert(vm.clone(), (want.backup.clone(), Instant::now()));
+            let Some(api) = serde_json::from_slice::<crate::VmSpec>(&c.spec).ok().and_then(|s| s.api) else { continue };
+            let mut p = want.clone();
+            p.state_file = Some(self.state_file(vm));
+            p.arbiter = self.lease_service(&p.arbiter);
+            match crate::migration::call(&crate::migration::socket_path(&api), &crate::migration::Request::Protect(Box::new(p))) {
+                Ok(detail) => {
+                    let what = format!("{vm}: protected to its backup at {} now, not {runs} ({detail})", want.backup);
+                    tracing::info!("agent {host}: {what}");
+                    let _ = cluster::log_event(store, &Event::now(&host, what));
+                }
+                Err(e) => tracing::warn!("agent {host}: {vm}: cannot give it its backup at {}: {e}", want.backup),
             }
         }
     }

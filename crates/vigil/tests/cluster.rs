@@ -556,6 +556,29 @@ fn a_migration_whose_source_dies_midway_ends_at_the_destination_with_every_write
     writer.finish();
 }
 
+/// A replicated VM whose backup's host fails keeps running where it is, and the plan's new
+/// backup (elsewhere) protects it again: the running primary is told its new backup (found
+/// missing: the relay's primary kept calling the dead hostB's address, unprotected for good).
+#[test]
+fn a_primary_whose_backup_host_fails_is_protected_again_by_the_plans_new_backup() {
+    if no_kvm("a_primary_whose_backup_host_fails_is_protected_again_by_the_plans_new_backup") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let up = Up::start("backup-lost", "tc");
+    up.wait("relay protected", 30, |ok, v| ok && vm(v, "relay")["replication"] == "protected" && vm(v, "relay")["backup"] == "hostB");
+    let writer = Writer::start(&up.field_ns(), "10.99.0.50");
+    // examples/substation.toml: hostB's failure leaves the relay on hostA with a new backup on
+    // hostC (`vigil plan`).
+    assert!(vigil(&["fail", "hostB", "--dir", &up.d()]).status.success());
+    let st = up.wait("the relay protected by its new backup on hostC", 30, |_, v| {
+        v["failed"] == serde_json::json!(["hostB"]) && vm(v, "relay")["backup"] == "hostC" && vm(v, "relay")["replication"] == "protected"
+    });
+    assert_eq!(vm(&st, "relay")["host"], "hostA", "{st}");
+    writer.carry_on(5, Duration::from_secs(20));
+    writer.finish();
+}
+
 /// examples/crowded.toml with the cache replicated to hostA (and its job marks off): hostA's
 /// failure makes the plan move it off the live hostB to hostC (its backup lost, a new one on
 /// hostB); hostB's failure activates it on hostC, not on hostA where its replica is

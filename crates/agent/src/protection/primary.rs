@@ -73,6 +73,10 @@ pub struct ReplicationState {
     /// The checkpoint policy the driver runs now (it may have been switched while it runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
+    /// The backup address the driver protects the VM to now (it may have been replaced while
+    /// it runs: a migration's destination, or the plan's backup after a takeover).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
 }
 
 impl ReplicationState {
@@ -359,6 +363,7 @@ impl Driver {
         let arbiter = spawn_arbiter(&opts.arbiter, Duration::from_nanos(opts.timing.lease_ttl_ns), opts.key.clone(), clock, tx.clone());
         let handover_ms = opts.handover_ms;
         let policy = Some(opts.policy.to_string());
+        let backup = opts.backup.clone();
         let stats: Shared = Arc::new(Mutex::new(Stats {
             vm: opts.vm.clone(),
             role: "primary",
@@ -398,7 +403,7 @@ impl Driver {
             debug: std::env::var_os("VIGIL_DEBUG").is_some(),
             has_net: true,
             protected_logged: false,
-            state: ReplicationState { protected: false, detail: "not yet protected".into(), figures: None, handover_ms, policy },
+            state: ReplicationState { protected: false, detail: "not yet protected".into(), figures: None, handover_ms, policy, backup },
             window: Window::new(),
             queued: Vec::new(),
             handover_started: None,
@@ -558,20 +563,26 @@ impl Driver {
                         if self.opts.state_file.is_none() {
                             self.opts.state_file = p.state_file.clone();
                         }
+                        self.state.backup = self.opts.backup.clone();
+                        self.save_state();
                         Ok("synchronising".to_string())
                     }
                     crate::migration::Request::Protect(p) if Some(&p.backup) == self.opts.backup.as_ref() => {
                         Ok(if sm.protected() { "protected".to_string() } else { "synchronising".to_string() })
                     }
                     crate::migration::Request::Protect(p) => {
-                        // A replicated VM the plan moves: the migration's destination replaces
-                        // its backup. The old one is dropped as a lost backup is (deregistered
-                        // from the lease at once, so it can no longer take over; output held
-                        // until the lease confirms it), and the destination synchronises; the
-                        // VM runs unprotected meanwhile, as after any loss of its backup.
+                        // Another backup for a protected VM: a replicated VM the plan moves
+                        // (the migration's destination), or the plan's backup for a copy that
+                        // took over with another one in its spec. The old one is dropped as a
+                        // lost backup is (deregistered from the lease at once, so it can no
+                        // longer take over; output held until the lease confirms it), and the
+                        // new one synchronises; the VM runs unprotected meanwhile, as after any
+                        // loss of its backup.
                         let old = self.opts.backup.replace(p.backup.clone()).unwrap_or_default();
-                        let reason = format!("the backup at {old} is replaced by the migration's destination {}", p.backup);
-                        self.log(format!("migrating: {reason} (pre-copy rounds)"));
+                        self.state.backup = self.opts.backup.clone();
+                        self.save_state();
+                        let reason = format!("the backup at {old} is replaced by {}", p.backup);
+                        self.log(format!("{reason} (a new synchronisation)"));
                         self.queued.extend(sm.handle(self.clock.now(), Event::BackupLost { reason }));
                         Ok("synchronising (backup replaced)".to_string())
                     }

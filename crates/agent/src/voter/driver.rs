@@ -1202,8 +1202,10 @@ impl Driver {
                 detail: format!("{r:?}"),
                 figures: None,
                 handover_ms: None,
-                // (No checkpoint policy: the agent never switches one here.)
+                // (No checkpoint policy and no backup to replace: the agent never switches
+                // them here.)
                 policy: None,
+                backup: None,
             };
             st.save(path);
         }
