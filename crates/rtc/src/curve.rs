@@ -444,12 +444,14 @@ impl Curve {
         if best != p0 {
             let t = self.segs[best].x.clone();
             let end = &t + &self.d;
-            let mut segs: Vec<Seg> = self.segs.iter().filter(|s| s.x < end).cloned().collect();
-            split_at(&mut segs, &t);
-            self.segs = Arc::new(merge_collinear(segs));
+            // The segments before the new end, in place (they are sorted; the list is usually
+            // this curve's own, just built).
+            let segs = Arc::make_mut(&mut self.segs);
+            segs.truncate(segs.partition_point(|s| s.x < end));
+            split_at(segs, &t);
+            *segs = merge_collinear(std::mem::take(segs));
+            split_at(segs, &t);
             self.t = t;
-            let tt = self.t.clone();
-            split_at(Arc::make_mut(&mut self.segs), &tt);
         }
     }
 
