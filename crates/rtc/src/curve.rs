@@ -1054,6 +1054,7 @@ impl Curve {
                 None => return Err(CurveError::Unbounded("service never reaches the demand")),
             };
             let segs = c.unroll(&h)?;
+            levels.reserve(3 * segs.len());
             for (i, s) in segs.iter().enumerate() {
                 let e = seg_end(&segs, i, &h);
                 for v in [s.y.clone(), s.yr.clone(), s.at(e)] {
