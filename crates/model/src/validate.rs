@@ -6,7 +6,7 @@ use crate::raw::*;
 use crate::report::policy_name;
 use crate::units;
 use crate::{Item, ItemKind, Loaded};
-use rtc::models::{EventModel, SupplyModel};
+use rtc::models::{CurveCache, EventModel, SupplyModel};
 use rtc::system::{Chain, Input, Policy, Resource, ResourceKind, Stream, System, Task};
 use rtc::Q;
 use std::collections::HashMap;
@@ -441,10 +441,12 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
     let mut stream_items = Vec::new();
     let mut stream_index: HashMap<&str, usize> = HashMap::new();
     let mut stream_rates: Vec<Q> = Vec::new();
+    // Streams often share a model: each distinct model's curves are built once.
+    let mut curves = CurveCache::new();
     for p in &raw.stream {
         let (r, s) = (p.get_ref(), site(ItemKind::Stream, &p.get_ref().name, p.span()));
         let model = stream_model(ctx, &s, r, base_dir)?;
-        let (upper, _) = model.curves().map_err(|e| ctx.fail(&s, None, e.to_string()))?;
+        let (upper, _) = curves.curves(&model).map_err(|e| ctx.fail(&s, None, e.to_string()))?;
         stream_index.insert(&r.name, sys.streams.len());
         stream_rates.push(upper.rate());
         sys.streams.push(Stream { name: r.name.clone(), model });

@@ -115,18 +115,11 @@ fn fin_right(segs: &[Seg], x: &Q) -> Q {
 }
 
 /// Merges adjacent segments that continue each other exactly.
-fn merge_collinear(segs: Vec<Seg>) -> Vec<Seg> {
-    let mut out: Vec<Seg> = Vec::with_capacity(segs.len());
-    for s in segs {
-        if let Some(p) = out.last() {
-            // Cheap tests first: most neighbours differ in slope or jump.
-            if s.s == p.s && s.y == s.yr && s.y == p.at(&s.x) {
-                continue;
-            }
-        }
-        out.push(s);
-    }
-    out
+fn merge_collinear(mut segs: Vec<Seg>) -> Vec<Seg> {
+    // In place: each segment is compared with the last one kept. Cheap tests first: most
+    // neighbours differ in slope or jump.
+    segs.dedup_by(|s, p| s.s == p.s && s.y == s.yr && s.y == p.at(&s.x));
+    segs
 }
 
 /// Splits a finite list so that `x` is a breakpoint (no-op if it already is or is out of range).
@@ -290,15 +283,19 @@ impl Curve {
     }
 
     fn unroll_raw(&self, h: &Q) -> Vec<Seg> {
-        let mut out: Vec<Seg> = self.segs.iter().filter(|s| &s.x < h).cloned().collect();
         let end = self.base_end();
-        if h <= &end {
+        // The last segment of an affine tail already extends to infinity.
+        let periods = if h > &end && !self.is_affine_tail() { ((h - &end) / &self.d).ceil().to_f64() } else { 0.0 };
+        let p0 = find_seg(&self.segs, &self.t);
+        // Reserved at once, for the base and one pattern per period started before `h`
+        // (segments are large: growing by doubling moved them several times).
+        // Two more: callers append a tail of up to two segments, or insert a breakpoint.
+        let room = self.segs.len() as f64 + periods * (self.segs.len() - p0) as f64 + 2.0;
+        let mut out: Vec<Seg> = Vec::with_capacity(room.min(MAX_SEGMENTS as f64) as usize);
+        out.extend(self.segs.iter().filter(|s| &s.x < h).cloned());
+        if periods == 0.0 {
             return out;
         }
-        if self.is_affine_tail() {
-            return out; // the last segment already extends to infinity
-        }
-        let p0 = find_seg(&self.segs, &self.t);
         let pattern = &self.segs[p0..];
         let mut k = Q::one();
         loop {
@@ -447,12 +444,14 @@ impl Curve {
         if best != p0 {
             let t = self.segs[best].x.clone();
             let end = &t + &self.d;
-            let mut segs: Vec<Seg> = self.segs.iter().filter(|s| s.x < end).cloned().collect();
-            split_at(&mut segs, &t);
-            self.segs = Arc::new(merge_collinear(segs));
+            // The segments before the new end, in place (they are sorted; the list is usually
+            // this curve's own, just built).
+            let segs = Arc::make_mut(&mut self.segs);
+            segs.truncate(segs.partition_point(|s| s.x < end));
+            split_at(segs, &t);
+            *segs = merge_collinear(std::mem::take(segs));
+            split_at(segs, &t);
             self.t = t;
-            let tt = self.t.clone();
-            split_at(Arc::make_mut(&mut self.segs), &tt);
         }
     }
 
@@ -1055,6 +1054,7 @@ impl Curve {
                 None => return Err(CurveError::Unbounded("service never reaches the demand")),
             };
             let segs = c.unroll(&h)?;
+            levels.reserve(3 * segs.len());
             for (i, s) in segs.iter().enumerate() {
                 let e = seg_end(&segs, i, &h);
                 for v in [s.y.clone(), s.yr.clone(), s.at(e)] {
@@ -1192,7 +1192,8 @@ impl Sweep<'_> {
 
 /// Running maximum of a finite list on `[0, h)`.
 fn scan_running_max(segs: &[Seg], h: &Q, floor: Option<Q>) -> Vec<Seg> {
-    let mut out = Vec::with_capacity(segs.len());
+    // At most two segments for each (reserved at once: growing would move them all).
+    let mut out = Vec::with_capacity(2 * segs.len());
     let mut m: Option<Q> = floor;
     for (i, s) in segs.iter().enumerate() {
         let e = seg_end(segs, i, h);

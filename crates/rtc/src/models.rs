@@ -28,7 +28,7 @@ fn need(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
 }
 
 /// How events arrive.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum EventModel {
     /// Exactly one event every `period`.
     Periodic { period: Q },
@@ -96,6 +96,33 @@ impl EventModel {
     /// Long-run events per time unit.
     pub fn rate(&self) -> Result<Q> {
         Ok(self.curves()?.0.rate())
+    }
+}
+
+/// The arrival curves of many event models, each distinct model's built once.
+///
+/// Systems often give many streams the same model (a 10 ms period, say): this owns the curves
+/// built so far, keyed by model, and hands out copies that share their segments (a [`Curve`]
+/// keeps them behind an `Arc`). A model whose curves cannot be built is not remembered; asking
+/// again gives the same error.
+#[derive(Debug, Default)]
+pub struct CurveCache {
+    built: std::collections::HashMap<EventModel, (Curve, Curve)>,
+}
+
+impl CurveCache {
+    pub fn new() -> CurveCache {
+        CurveCache::default()
+    }
+
+    /// [`EventModel::curves`] of `model`, built on the first request for an equal model.
+    pub fn curves(&mut self, model: &EventModel) -> Result<(Curve, Curve)> {
+        if let Some(c) = self.built.get(model) {
+            return Ok(c.clone());
+        }
+        let c = model.curves()?;
+        self.built.insert(model.clone(), c.clone());
+        Ok(c)
     }
 }
 
@@ -382,6 +409,24 @@ mod tests {
         assert_eq!(l.eval(&q(15)), q(1));
         assert!(EventModel::Trace { times: vec![q(1)], window: None }.curves().is_err());
         assert!(EventModel::Trace { times: vec![q(2), q(1)], window: None }.curves().is_err());
+    }
+
+    #[test]
+    fn cache_gives_each_models_curves() {
+        let models = [
+            EventModel::Periodic { period: q(10) },
+            EventModel::Pjd { period: q(10), jitter: q(3), min_distance: q(1) },
+            EventModel::Periodic { period: q(10) },
+            EventModel::Periodic { period: q(0) },
+            EventModel::Bursty { period: q(7), burst: 3, min_distance: q(2) },
+            EventModel::Pjd { period: q(10), jitter: q(3), min_distance: q(1) },
+        ];
+        let mut cache = CurveCache::new();
+        for m in &models {
+            assert_eq!(cache.curves(m), m.curves(), "{m:?}");
+            assert_eq!(cache.curves(m), m.curves(), "{m:?}, again");
+        }
+        assert_eq!(cache.built.len(), 3);
     }
 
     #[test]

@@ -831,8 +831,9 @@ pub(crate) fn analyze(sys: &System, opts: &Options) -> Result<Analysis, Analysis
 pub(crate) fn analyze_with(sys: &System, opts: &Options, truncate: bool) -> Result<Analysis, AnalysisError> {
     check_structure(sys)?;
     let mut streams = Vec::with_capacity(sys.streams.len());
+    let mut cache = models::CurveCache::new();
     for s in &sys.streams {
-        streams.push(s.model.curves().map_err(|e| AnalysisError::Stream { stream: s.name.clone(), msg: e.to_string() })?);
+        streams.push(cache.curves(&s.model).map_err(|e| AnalysisError::Stream { stream: s.name.clone(), msg: e.to_string() })?);
     }
     let mut tasks_on: Vec<Vec<usize>> = vec![Vec::new(); sys.resources.len()];
     for (i, t) in sys.tasks.iter().enumerate() {

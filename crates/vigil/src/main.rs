@@ -153,11 +153,33 @@ fn printing_only(c: &Command) -> bool {
     matches!(c, Command::Analyze(_) | Command::Plan(_) | Command::Status(_) | Command::Trace(_))
 }
 
+/// For a short process that allocates and frees many curves (`vigil analyze`): glibc's
+/// allocator keeps what is freed for reuse instead of returning it to the kernel. By default a
+/// block of 128 KiB or more (the TOML reader's token lists, long curves) is mapped on its own
+/// and unmapped when freed, and the heap's free top is trimmed: the next allocations then fault
+/// the same memory back in page by page. On the pyCPA comparison's file this takes a fifth of
+/// the page faults away. Does nothing on other C libraries.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // Blocks up to the largest threshold glibc accepts (32 MiB) come from the heap, and
+        // the heap is trimmed only once 64 MiB at its top are free.
+        // SAFETY: mallopt only sets allocator parameters; called before any thread starts.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if printing_only(&cli.command) {
         // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+    if matches!(cli.command, Command::Analyze(_)) {
+        keep_freed_memory();
     }
     init_logging();
     let result = match cli.command {
