@@ -368,9 +368,14 @@ fn load_reports_io_errors_and_uses_the_path() {
 #[test]
 fn the_documented_example_is_valid() {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/model-format.md")).unwrap();
-    let start = doc.find("```toml\n").expect("a toml block") + 8;
-    let end = start + doc[start..].find("```").expect("its end");
-    let l = ok(&doc[start..end]);
+    // The whole example: the TOML block with chains (others show one item kind).
+    let example = doc
+        .split("```toml\n")
+        .skip(1)
+        .map(|b| &b[..b.find("```").expect("a block's end")])
+        .find(|b| b.contains("[[chain]]"))
+        .expect("the whole example");
+    let l = ok(example);
     assert_eq!(l.system.tasks.len(), 5);
     assert_eq!(l.system.chains[0].tasks.len(), 4);
 }
