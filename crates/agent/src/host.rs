@@ -75,9 +75,18 @@ struct Copy {
 pub fn run(cfg: &Config) -> Result<()> {
     std::fs::create_dir_all(&cfg.state_dir).map_err(|e| Error::io("cannot create", &cfg.state_dir, e))?;
     let _lock = lock(&cfg.state_dir.join("agent.lock"), &cfg.host)?;
+    // From here on the host's VMs are stopped half a lease after the last renewal, whatever
+    // this thread is doing (blocked in the store, or not yet connected to it).
+    let watchdog = Watchdog::start(cfg);
     let mut store = store::Client::connect(&cfg.store)?;
     store.set_retry_for(cfg.lease / 2);
     store.set_request_timeout(cfg.lease / 2);
+    // The host's lease first, before anything else a new agent does (the previous agent's
+    // VMs run on, and the watchdog counts from its last renewal).
+    let renewal_ns = monotonic_ns();
+    let beat = cluster::read_counter(&mut store, &cluster::heartbeat_path(&cfg.host))?.unwrap_or(0) + 1;
+    store.write(&cluster::heartbeat_path(&cfg.host), beat.to_string().as_bytes())?;
+    watchdog.renewed(renewal_ns);
     let incarnation = crate::protection::random_id();
     cluster::write(&mut store, &cluster::agent_path(&cfg.host), &AgentRecord { pid: std::process::id(), incarnation })?;
     // A fence left from before this agent started belongs to an earlier failure of the host:
@@ -88,6 +97,7 @@ pub fn run(cfg: &Config) -> Result<()> {
         copies: BTreeMap::new(),
         beat: 0,
         last_renewal: Instant::now(),
+        watchdog: watchdog.clone(),
         fenced_before,
         waiting: BTreeMap::new(),
         monitor: crate::monitor::Monitor::start(),
@@ -96,7 +106,7 @@ pub fn run(cfg: &Config) -> Result<()> {
         protection_asked: BTreeMap::new(),
         self_fenced: BTreeMap::new(),
     };
-    agent.beat = cluster::read_counter(&mut store, &cluster::heartbeat_path(&cfg.host))?.unwrap_or(0);
+    agent.beat = beat;
     agent.adopt(&mut store)?;
     let _ = cluster::log_event(&mut store, &Event::now(&cfg.host, format!("agent started (pid {})", std::process::id())));
     tracing::info!("agent {}: holding the host; {} VMM(s) adopted", cfg.host, agent.copies.len());
@@ -105,6 +115,11 @@ pub fn run(cfg: &Config) -> Result<()> {
         let t0 = Instant::now();
         // The respawner's heartbeat: a hung agent (this loop stopped) is killed and replaced.
         let _ = std::fs::write(&alive, agent.beat.to_le_bytes());
+        if watchdog.take_fired() {
+            // The watchdog stopped the host's VMs while this loop could not renew: account
+            // for them as self-fenced.
+            agent.self_fence("the watchdog stopped them: the lease was not renewed for half of it");
+        }
         match agent.step(&mut store) {
             Ok(Step::Go) => {}
             Ok(Step::Fenced(generation)) => {
@@ -121,10 +136,7 @@ pub fn run(cfg: &Config) -> Result<()> {
                 // renewal, the manager may soon declare the host failed and start its VMs
                 // elsewhere; stop them first.
                 if agent.last_renewal.elapsed() > cfg.lease / 2 && !agent.copies.is_empty() {
-                    let voted = agent.copies.iter().filter(|(_, c)| c.role == Role::Primary && voted_primary(&c.spec));
-                    let voted: Vec<(String, Option<PathBuf>)> = voted.map(|(vm, c)| (vm.clone(), resumed(&c.spec))).collect();
-                    agent.self_fenced.extend(voted);
-                    agent.stop_all("cannot renew the host's lease: self-fencing");
+                    agent.self_fence("cannot renew the host's lease: self-fencing");
                 }
             }
         }
@@ -162,6 +174,8 @@ struct Agent {
     copies: BTreeMap<String, Copy>,
     beat: u64,
     last_renewal: Instant,
+    /// Stops the host's VMs on its own when renewals stop ([`Watchdog`]).
+    watchdog: Watchdog,
     fenced_before: Option<u64>,
     /// VMs migrating here, waiting for their source's snapshot since.
     waiting: BTreeMap<String, Instant>,
@@ -200,9 +214,11 @@ impl Agent {
     /// Rewrites the heartbeat (renews the host's lease).
     fn renew(&mut self, store: &mut store::Client) -> Result<()> {
         let started = Instant::now();
+        let started_ns = monotonic_ns();
         self.beat += 1;
         store.write(&cluster::heartbeat_path(&self.cfg.host), self.beat.to_string().as_bytes())?;
         self.last_renewal = started;
+        self.watchdog.renewed(started_ns);
         Ok(())
     }
 
@@ -873,12 +889,7 @@ impl Agent {
     /// it. Left alive, such an orphan holds the copy's port and tap, and the copy this agent
     /// starts in its place crash-loops (found by the mode 4 test under load).
     fn kill_orphans(&mut self, store: &mut store::Client) {
-        let Ok(entries) = std::fs::read_dir(&self.cfg.state_dir) else { return };
-        let files: Vec<PathBuf> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.is_file() && p.to_str().is_some_and(|n| n.ends_with(".primary.json") || n.ends_with(".backup.json")))
-            .collect();
+        let files = spec_files(&self.cfg.state_dir);
         if files.is_empty() {
             return;
         }
@@ -898,6 +909,15 @@ impl Agent {
         }
     }
 
+    /// Stops every copy (the host may be declared failed soon), remembering the voted
+    /// primaries' replicas to resume from if the host is not.
+    fn self_fence(&mut self, why: &str) {
+        let voted = self.copies.iter().filter(|(_, c)| c.role == Role::Primary && voted_primary(&c.spec));
+        let voted: Vec<(String, Option<PathBuf>)> = voted.map(|(vm, c)| (vm.clone(), resumed(&c.spec))).collect();
+        self.self_fenced.extend(voted);
+        self.stop_all(why);
+    }
+
     fn stop_all(&mut self, why: &str) {
         tracing::warn!("agent {}: {why}: stopping {} VMM(s)", self.cfg.host, self.copies.len());
         for c in self.copies.values_mut() {
@@ -905,6 +925,114 @@ impl Agent {
         }
         self.copies.clear();
     }
+}
+
+/// Self-fencing that does not depend on the agent's loop. The loop renews the host's lease
+/// through the store; a partition or a stalled store can block it in a store call for longer
+/// than half the lease — and a respawner may replace an agent blocked that long, by one that
+/// cannot reach the store to learn its VMs. The watchdog, a thread of its own, SIGKILLs every
+/// process running one of the host's spec files (VMMs, backups, voters: the same test
+/// [`Agent::kill_orphans`] uses) once three quarters of a lease have passed since the start of
+/// the last renewal, so the host's VMs stop before the manager can declare the host failed
+/// and start them elsewhere, with no store and no agent state.
+///
+/// The last renewal's time is also kept in a file (`agent.renewed`, the host's monotonic
+/// clock), so that an agent started after another (its respawner replaced it) counts from
+/// the previous agent's last renewal, not from its own start.
+#[derive(Clone)]
+struct Watchdog {
+    /// Start of the last successful renewal (ns of the host's monotonic clock).
+    renewed_ns: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// It stopped the host's VMs since the loop last asked.
+    fired: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    file: PathBuf,
+}
+
+/// The host's monotonic clock (ns): the same for every process of the host.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime(2) writes the timespec we own; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Watchdog {
+    fn start(cfg: &Config) -> Watchdog {
+        use std::sync::atomic::Ordering;
+        let file = cfg.state_dir.join("agent.renewed");
+        let now = monotonic_ns();
+        let previous = std::fs::read(&file).ok().and_then(|b| Some(u64::from_le_bytes(b.get(..8)?.try_into().ok()?))).filter(|&t| t <= now);
+        let w = Watchdog { renewed_ns: std::sync::Arc::new(previous.unwrap_or(now).into()), fired: Default::default(), file };
+        // Three quarters of the lease: later than the loop's own self-fencing (half), which
+        // is the rule when the loop runs; still a quarter of the lease before the manager can
+        // declare the host failed (a lease after it saw the last renewal).
+        let (me, limit, dir, host) = (w.clone(), cfg.lease.as_nanos() as u64 * 3 / 4, cfg.state_dir.clone(), cfg.host.clone());
+        let tick = (cfg.lease / 20).max(Duration::from_millis(2));
+        let spawned = std::thread::Builder::new().name("fencing-watchdog".into()).spawn(move || {
+            let mut armed = true;
+            loop {
+                let since = monotonic_ns().saturating_sub(me.renewed_ns.load(Ordering::Acquire));
+                if since <= limit {
+                    armed = true;
+                    continue;
+                }
+                if armed {
+                    armed = false;
+                    let killed = kill_host_processes(&dir);
+                    if !killed.is_empty() {
+                        me.fired.store(true, Ordering::Release);
+                        tracing::warn!(
+                            "agent {host}: the lease was last renewed {:.0} ms ago: self-fencing, killed {killed:?}",
+                            since as f64 / 1e6
+                        );
+                    }
+                }
+                std::thread::sleep(tick);
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!("agent {}: cannot start the fencing watchdog: {e}", cfg.host);
+        }
+        w
+    }
+
+    /// A renewal that started at `at_ns` ([`monotonic_ns`]) succeeded.
+    fn renewed(&self, at_ns: u64) {
+        self.renewed_ns.fetch_max(at_ns, std::sync::atomic::Ordering::AcqRel);
+        let _ = std::fs::write(&self.file, at_ns.to_le_bytes());
+    }
+
+    fn take_fired(&self) -> bool {
+        self.fired.swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+}
+
+/// SIGKILLs every process running one of the spec files in `state_dir`; their pids.
+fn kill_host_processes(state_dir: &Path) -> Vec<u32> {
+    let files = spec_files(state_dir);
+    let mut killed = Vec::new();
+    if files.is_empty() {
+        return killed;
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else { return killed };
+    for pid in procs.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()) {
+        if pid != std::process::id() && alive(pid) && files.iter().any(|f| runs_file(pid, f)) {
+            // SAFETY: kill(2) of a process running this host's spec file (checked above).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            killed.push(pid);
+        }
+    }
+    killed
+}
+
+/// The host's spec files (a copy's process runs one: `vm run --spec`, `backup --spec`, ...).
+fn spec_files(state_dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(state_dir) else { return Vec::new() };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.to_str().is_some_and(|n| n.ends_with(".primary.json") || n.ends_with(".backup.json")))
+        .collect()
 }
 
 /// Creates tap `tap` (if missing), attaches it to `bridge` and brings it up.
@@ -1022,6 +1150,71 @@ fn lease_service(store: &std::path::Path, service: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A process that runs `spec` (as its argument) for as long as it is left alone.
+    fn runs_spec(spec: &Path) -> Child {
+        Command::new("sh").args(["-c", "sleep 30"]).arg(spec).spawn().expect("sh")
+    }
+
+    fn watchdog_config(name: &str) -> Config {
+        let dir = std::env::temp_dir().join(format!("vigil-watchdog-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        Config {
+            host: "h".into(),
+            store: dir.join("nowhere.sock"),
+            state_dir: dir,
+            exe: "vigil".into(),
+            period: Duration::from_millis(20),
+            lease: Duration::from_millis(200),
+        }
+    }
+
+    /// The agent's loop renews nothing (blocked, or the store unreachable): the watchdog kills
+    /// the host's copies three quarters of a lease after the last renewal — and only them.
+    #[test]
+    fn the_watchdog_fences_the_host_when_renewals_stop_and_not_before() {
+        let cfg = watchdog_config("stop");
+        let spec = cfg.state_dir.join("vm.primary.json");
+        std::fs::write(&spec, "{}").expect("spec");
+        let mut copy = runs_spec(&spec);
+        let mut other = Command::new("sh").args(["-c", "sleep 30"]).spawn().expect("sh");
+        let w = Watchdog::start(&cfg);
+        // Renewed every 20 ms for 400 ms: nothing happens.
+        for _ in 0..20 {
+            w.renewed(monotonic_ns());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(copy.try_wait().expect("wait").is_none(), "killed while the lease was renewed");
+        assert!(!w.take_fired());
+        // Renewals stop: killed 150 ms (and a tick) later.
+        let stopped = Instant::now();
+        let st = copy.wait().expect("wait");
+        let after = stopped.elapsed();
+        assert!(!st.success() && after >= Duration::from_millis(120) && after < Duration::from_millis(1000), "{st:?} after {after:?}");
+        assert!(w.take_fired() && !w.take_fired(), "reported once");
+        assert!(other.try_wait().expect("wait").is_none(), "a process not running a spec of the host is left alone");
+        let _ = other.kill();
+        let _ = other.wait();
+        let _ = std::fs::remove_dir_all(&cfg.state_dir);
+    }
+
+    /// A new agent counts from the previous agent's last renewal (kept in a file), not from
+    /// its own start: one started long after it fences at once if it cannot renew.
+    #[test]
+    fn the_watchdog_counts_from_the_previous_agents_last_renewal() {
+        let cfg = watchdog_config("previous");
+        let spec = cfg.state_dir.join("vm.backup.json");
+        std::fs::write(&spec, "{}").expect("spec");
+        let mut copy = runs_spec(&spec);
+        // The previous agent's last renewal, a second ago, as it left it.
+        std::fs::write(cfg.state_dir.join("agent.renewed"), monotonic_ns().saturating_sub(1_000_000_000).to_le_bytes()).expect("file");
+        let t = Instant::now();
+        let _new = Watchdog::start(&cfg);
+        let st = copy.wait().expect("wait");
+        assert!(!st.success() && t.elapsed() < Duration::from_millis(500), "{st:?} after {:?}", t.elapsed());
+        let _ = std::fs::remove_dir_all(&cfg.state_dir);
+    }
 
     #[test]
     fn a_backup_is_started_again_for_anything_but_its_next_policy() {
