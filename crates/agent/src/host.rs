@@ -144,6 +144,10 @@ pub fn run(cfg: &Config) -> Result<()> {
     }
 }
 
+/// Why a voted primary starts again from its local replica when a new agent finds its voter
+/// gone ([`Agent::assignment_file`]).
+const AFTER_AGENT_RESTART: &str = "restarted after its agent's restart";
+
 /// The replica a voted primary's voter was started from (`local.resume`).
 fn resumed(spec: &[u8]) -> Option<PathBuf> {
     serde_json::from_slice::<crate::VmSpec>(spec).ok()?.local?.resume
@@ -327,6 +331,9 @@ impl Agent {
                     }
                 }
                 stop(&mut c);
+                if c.role == Role::Primary {
+                    let _ = std::fs::remove_file(self.assignment_file(&vm));
+                }
                 tracing::info!("agent {host}: stopped the {} of {vm}", c.role.name());
                 let _ = store.rm(&cluster::actual_path(&vm, &host));
                 let _ = cluster::log_event(store, &Event::now(&host, format!("stopped the {} of {vm}", c.role.name())));
@@ -353,8 +360,13 @@ impl Agent {
                 .copies
                 .get(&vm)
                 .is_some_and(|c| c.spec != spec && self.localised(&vm, role, &c.spec) != self.localised(&vm, role, &spec));
+            let assignment = self.assignment_file(&vm);
+            let same_assignment = std::fs::read_to_string(&assignment).ok().and_then(|s| s.trim().parse().ok()) == Some(generation);
             let action = match self.copies.get_mut(&vm) {
                 None if role == Role::Primary && self.self_fenced.contains_key(&vm) => Some("restarted after self-fencing"),
+                // Its voter stopped with the agent before this one (or by that agent's fencing
+                // watchdog), in the assignment still in force: nothing ran it elsewhere since.
+                None if role == Role::Primary && voted_primary(&spec) && same_assignment => Some(AFTER_AGENT_RESTART),
                 None => Some("started"),
                 Some(c) if c.role == Role::Backup && role == Role::Primary && voted_backup(&c.spec) => {
                     // Mode 4: the voted group's backup holds a replica (a snapshot and the request
@@ -411,6 +423,9 @@ impl Agent {
                     Some("restarted with a new spec")
                 }
                 Some(c) if matches!(c.state, CopyState::Running | CopyState::Backup) => {
+                    if generation > c.generation && c.role == Role::Primary && voted_primary(&c.spec) {
+                        let _ = crate::replace_file(&assignment, generation.to_string().as_bytes());
+                    }
                     c.generation = c.generation.max(generation);
                     None
                 }
@@ -425,7 +440,7 @@ impl Agent {
             };
             if let Some(why) = action {
                 self.fresh(store)?;
-                if why == "restarted after a crash" || why == "restarted after self-fencing" {
+                if why == "restarted after a crash" || why == "restarted after self-fencing" || why == AFTER_AGENT_RESTART {
                     spec = fresh_spec(&spec);
                     // A voted VM's voter continues its instances' state from its local replica
                     // (after self-fencing too: the host was never declared failed, so nothing
@@ -440,7 +455,13 @@ impl Agent {
                         // Without a local one, the replica the last voter resumed (the backup's,
                         // after a takeover): it ended before it had its own, serving nothing.
                         let replica = PathBuf::from(&replica);
-                        let last = self.copies.get(&vm).and_then(|c| resumed(&c.spec)).or(self.self_fenced.get(&vm).cloned().flatten());
+                        // (After an agent's restart: as the spec file the last agent wrote says.)
+                        let last = self
+                            .copies
+                            .get(&vm)
+                            .and_then(|c| resumed(&c.spec))
+                            .or(self.self_fenced.get(&vm).cloned().flatten())
+                            .or_else(|| std::fs::read(self.spec_file(&vm, role)).ok().and_then(|s| resumed(&s)));
                         let resume = if held(&replica) { Some(replica) } else { last.filter(|r| r.join("current").is_file()) };
                         spec = serde_json::from_slice::<crate::VmSpec>(&spec)
                             .ok()
@@ -470,6 +491,9 @@ impl Agent {
                 }
                 match self.spawn(&vm, role, &spec) {
                     Ok((child, pid)) => {
+                        if role == Role::Primary && voted_primary(&spec) {
+                            let _ = crate::replace_file(&self.assignment_file(&vm), generation.to_string().as_bytes());
+                        }
                         crash_after_spawn(&self.cfg.state_dir, &host, &vm);
                         if let Some(r) =
                             restore.filter(|_| serde_json::from_slice::<crate::VmSpec>(&spec).is_ok_and(|s| s.restore.is_some()))
@@ -683,6 +707,15 @@ impl Agent {
     /// again).
     fn restored_file(&self, vm: &str) -> PathBuf {
         self.cfg.state_dir.join(format!("{vm}.restored"))
+    }
+
+    /// The generation of the desired record under which this host last started (or kept) a
+    /// voted VM's primary. A new agent that finds no voter to adopt (it died with the agent
+    /// before, or that agent's fencing watchdog stopped it) continues the VM from its local
+    /// replica when the record in force is still that one: the VM was never placed elsewhere
+    /// since (a move writes a new generation), so the replica is its newest state.
+    fn assignment_file(&self, vm: &str) -> PathBuf {
+        self.cfg.state_dir.join(format!("{vm}.primary.assignment"))
     }
 
     fn spec_file(&self, vm: &str, role: Role) -> PathBuf {

@@ -351,6 +351,9 @@ pub fn up(o: &UpOptions) -> Result<ClusterFile, String> {
     let model = std::fs::canonicalize(&o.model).map_err(|e| format!("{}: {e}", o.model.display()))?;
     std::fs::create_dir_all(o.dir.join("run")).map_err(|e| format!("{}: {e}", o.dir.display()))?;
     let dir = std::fs::canonicalize(&o.dir).map_err(|e| format!("{}: {e}", o.dir.display()))?;
+    // A new cluster: the hosts' state from an earlier one in this directory (specs, replicas,
+    // the generations they ran under, which start again from 1) is no state of this one.
+    let _ = std::fs::remove_dir_all(dir.join("hosts"));
     let hosts: Vec<String> = dep.hosts.iter().map(|h| h.name.clone()).collect();
     let (switch_ns, field_ns, host_ns, host_ip) = build_network(&o.tag, &hosts)?;
     let store = dir.join("store.sock");
