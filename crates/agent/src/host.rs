@@ -89,9 +89,11 @@ pub fn run(cfg: &Config) -> Result<()> {
     watchdog.renewed(renewal_ns);
     let incarnation = crate::protection::random_id();
     cluster::write(&mut store, &cluster::agent_path(&cfg.host), &AgentRecord { pid: std::process::id(), incarnation })?;
-    // A fence left from before this agent started belongs to an earlier failure of the host:
-    // only a fence written while we hold the host stops us.
-    let fenced_before = cluster::read::<Fence>(&mut store, &cluster::fence_path(&cfg.host))?.map(|f| f.generation);
+    // A fence left from before the host started (in this boot) belongs to an earlier failure
+    // of the host: only a fence written since stops us — also when it was written while an
+    // earlier agent of this boot held the host (a respawned agent continues its life).
+    let fence_now = cluster::read::<Fence>(&mut store, &cluster::fence_path(&cfg.host))?.map(|f| f.generation);
+    let fenced_before = fence_baseline(&cfg.state_dir, fence_now);
     let mut agent = Agent {
         cfg: cfg.clone(),
         copies: BTreeMap::new(),
@@ -142,6 +144,31 @@ pub fn run(cfg: &Config) -> Result<()> {
         }
         std::thread::sleep(cfg.period.saturating_sub(t0.elapsed()));
     }
+}
+
+/// The fence this host had when its first agent of this boot started (kept in
+/// `<state>/agent.fence-baseline` with the kernel's boot id): a later agent of the same boot
+/// compares the fence with that, not with what it finds, so a fence written while an earlier
+/// agent held the host stops it too. A new boot (the host restarted after its failure) takes
+/// the fence it finds as the baseline: the host may rejoin. Without a boot id, what it finds.
+fn fence_baseline(state_dir: &Path, fence_now: Option<u64>) -> Option<u64> {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Baseline {
+        boot: String,
+        fenced_before: Option<u64>,
+    }
+    let Ok(boot) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|b| b.trim().to_string()) else {
+        return fence_now;
+    };
+    let path = state_dir.join("agent.fence-baseline");
+    let kept = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Baseline>(&b).ok());
+    if let Some(b) = kept.filter(|b| b.boot == boot) {
+        return b.fenced_before;
+    }
+    if let Ok(text) = serde_json::to_vec(&Baseline { boot, fenced_before: fence_now }) {
+        let _ = crate::replace_file(&path, &text);
+    }
+    fence_now
 }
 
 /// Why a voted primary starts again from its local replica when a new agent finds its voter
@@ -1183,6 +1210,24 @@ fn lease_service(store: &std::path::Path, service: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The first agent of a boot takes the fence it finds as the baseline; a later one of the
+    /// same boot keeps that baseline (a fence written meanwhile stops it); a new boot takes
+    /// what it finds.
+    #[test]
+    fn the_fence_baseline_lasts_the_boot() {
+        let dir = std::env::temp_dir().join(format!("vigil-fence-baseline-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(fence_baseline(&dir, None), None);
+        assert_eq!(fence_baseline(&dir, Some(4)), None, "fenced while an earlier agent of this boot held the host");
+        std::fs::write(dir.join("agent.fence-baseline"), br#"{"boot":"another boot","fenced_before":null}"#).unwrap();
+        assert_eq!(fence_baseline(&dir, Some(4)), Some(4), "a new boot: the host rejoins");
+        assert_eq!(fence_baseline(&dir, Some(7)), Some(4));
+        std::fs::write(dir.join("agent.fence-baseline"), b"garbage").unwrap();
+        assert_eq!(fence_baseline(&dir, Some(7)), Some(7), "an unreadable baseline is replaced");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// A process that runs `spec` (as its argument) for as long as it is left alone.
     fn runs_spec(spec: &Path) -> Child {

@@ -693,6 +693,17 @@ fn distributed_on_etcd_a_partitioned_host_stops_before_its_vms_run_elsewhere() {
     assert_eq!(vm(&st, "relay")["host"], "hostB", "{st}");
     assert_eq!(vm(&st, "logger")["host"], "hostC", "{st}");
 
+    // hostA's agent replaced meanwhile (its respawner takes a loop blocked on the cut-off
+    // store for hung, as on a loaded machine): the new agent, started after the fence, must
+    // heed it all the same — the fence ends the host's life in this boot, not one agent's.
+    // (It took the fence for one of an earlier failure and held the host on.)
+    let agents = processes(&ns_pids(&host_a), " agent ")
+        .into_iter()
+        .filter(|&p| !std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains("--respawn")));
+    for p in agents.collect::<Vec<_>>() {
+        let _ = Command::new("kill").args(["-KILL", &p.to_string()]).status();
+    }
+    std::thread::sleep(Duration::from_millis(300));
     // The link comes back: hostA's agent finds its host fenced and ends; nothing of hostA
     // answers for the relay (its address is served by hostB only).
     assert!(vigil(&["fail", "hostA", "--heal", "--dir", &up.d()]).status.success());
