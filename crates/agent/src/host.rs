@@ -171,9 +171,45 @@ fn fence_baseline(state_dir: &Path, fence_now: Option<u64>) -> Option<u64> {
     fence_now
 }
 
-/// Why a voted primary starts again from its local replica when a new agent finds its voter
-/// gone ([`Agent::assignment_file`]).
-const AFTER_AGENT_RESTART: &str = "restarted after its agent's restart";
+/// Why the agent starts a copy (the event log says it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// Wanted here and never run here in this assignment.
+    Fresh,
+    /// Its process crashed (restarted with backoff).
+    AfterCrash,
+    /// This agent stopped it while self-fencing; the host was never declared failed.
+    AfterSelfFencing,
+    /// A voted primary whose voter stopped with the agent before this one (or by that
+    /// agent's fencing watchdog), in the assignment still in force ([`Agent::assignment_file`]).
+    AfterAgentRestart,
+    /// Mode 4: the voted group's backup here becomes its primary, from the replica.
+    TakeOver,
+    /// Its role here changed.
+    NewRole,
+    /// A backup whose spec changed.
+    NewSpec,
+}
+
+impl Start {
+    fn what(self) -> &'static str {
+        match self {
+            Start::Fresh => "started",
+            Start::AfterCrash => "restarted after a crash",
+            Start::AfterSelfFencing => "restarted after self-fencing",
+            Start::AfterAgentRestart => "restarted after its agent's restart",
+            Start::TakeOver => "took over from its replica",
+            Start::NewRole => "restarted in its new role",
+            Start::NewSpec => "restarted with a new spec",
+        }
+    }
+
+    /// The VM continues where its last copy here stopped (a voted primary from its local
+    /// replica), not afresh from the desired record's spec.
+    fn continues(self) -> bool {
+        matches!(self, Start::AfterCrash | Start::AfterSelfFencing | Start::AfterAgentRestart)
+    }
+}
 
 /// The replica a voted primary's voter was started from (`local.resume`).
 fn resumed(spec: &[u8]) -> Option<PathBuf> {
@@ -390,11 +426,11 @@ impl Agent {
             let assignment = self.assignment_file(&vm);
             let same_assignment = std::fs::read_to_string(&assignment).ok().and_then(|s| s.trim().parse().ok()) == Some(generation);
             let action = match self.copies.get_mut(&vm) {
-                None if role == Role::Primary && self.self_fenced.contains_key(&vm) => Some("restarted after self-fencing"),
+                None if role == Role::Primary && self.self_fenced.contains_key(&vm) => Some(Start::AfterSelfFencing),
                 // Its voter stopped with the agent before this one (or by that agent's fencing
                 // watchdog), in the assignment still in force: nothing ran it elsewhere since.
-                None if role == Role::Primary && voted_primary(&spec) && same_assignment => Some(AFTER_AGENT_RESTART),
-                None => Some("started"),
+                None if role == Role::Primary && voted_primary(&spec) && same_assignment => Some(Start::AfterAgentRestart),
+                None => Some(Start::Fresh),
                 Some(c) if c.role == Role::Backup && role == Role::Primary && voted_backup(&c.spec) => {
                     // Mode 4: the voted group's backup holds a replica (a snapshot and the request
                     // log); the VM's voter starts here from it. Its receiver must have stopped
@@ -408,7 +444,7 @@ impl Agent {
                             serde_json::to_vec_pretty(&s).ok()
                         })
                         .unwrap_or(spec);
-                    Some("took over from its replica")
+                    Some(Start::TakeOver)
                 }
                 Some(c) if c.role == Role::Backup && role == Role::Primary && matches!(c.state, CopyState::Running | CopyState::Backup) => {
                     // The backup took over (or is about to): the same process runs the VM now.
@@ -430,7 +466,7 @@ impl Agent {
                 }
                 Some(c) if c.role != role => {
                     stop(c);
-                    Some("restarted in its new role")
+                    Some(Start::NewRole)
                 }
                 Some(c) if c.role == Role::Backup && changed && c.state == CopyState::Backup && only_then_policy(&c.spec, &spec) => {
                     // Only the policy it would run after a takeover changed (the manager
@@ -447,7 +483,7 @@ impl Agent {
                     // Where it listens or what it does after a takeover changed: start over
                     // (the primary synchronises it again).
                     stop(c);
-                    Some("restarted with a new spec")
+                    Some(Start::NewSpec)
                 }
                 Some(c) if matches!(c.state, CopyState::Running | CopyState::Backup) => {
                     if generation > c.generation && c.role == Role::Primary && voted_primary(&c.spec) {
@@ -460,14 +496,14 @@ impl Agent {
                     if c.retry_at.is_some_and(|t| Instant::now() < t) {
                         None
                     } else {
-                        Some("restarted after a crash")
+                        Some(Start::AfterCrash)
                     }
                 }
                 Some(_) => None,
             };
             if let Some(why) = action {
                 self.fresh(store)?;
-                if why == "restarted after a crash" || why == "restarted after self-fencing" || why == AFTER_AGENT_RESTART {
+                if why.continues() {
                     spec = fresh_spec(&spec);
                     // A voted VM's voter continues its instances' state from its local replica
                     // (after self-fencing too: the host was never declared failed, so nothing
@@ -500,7 +536,7 @@ impl Agent {
                     }
                 }
                 self.self_fenced.remove(&vm);
-                let restarts = self.copies.get(&vm).map_or(0, |c| c.restarts + u32::from(why == "restarted after a crash"));
+                let restarts = self.copies.get(&vm).map_or(0, |c| c.restarts + u32::from(why == Start::AfterCrash));
                 // A migration's snapshot is restored once: the VM ran on from it, so starting
                 // it again later (after a crash, or after this agent stopped it to fence
                 // itself) from that snapshot would bring back an older state under the same
@@ -528,6 +564,7 @@ impl Agent {
                             let _ = crate::replace_file(&self.restored_file(&vm), r.as_os_str().as_encoded_bytes());
                         }
                         let state = if role == Role::Primary { CopyState::Running } else { CopyState::Backup };
+                        let why = why.what();
                         tracing::info!("agent {host}: {why} the {} of {vm} (pid {pid})", role.name());
                         let _ = cluster::log_event(store, &Event::now(&host, format!("{why} the {} of {vm} (pid {pid})", role.name())));
                         self.copies.insert(
