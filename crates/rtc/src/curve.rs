@@ -1048,18 +1048,30 @@ impl Curve {
         };
         let mut levels: Vec<Q> = vec![Q::zero(), top.clone()];
         let mut unrolled: Vec<(Vec<Seg>, Q)> = Vec::with_capacity(2);
+        // A staircase demand (every piece flat) needs only its own levels when `top` is one of
+        // its values (always but when both rates are equal): within a step the deviation
+        // decreases, and a level y between two of its values v < y <= v' is first reached (and
+        // exceeded) where v' is, by the demand, and no later by the service, so v' deviates
+        // at least as much.
+        let mut staircase = !rf.is_positive() || rf < rg;
         for c in [self, g] {
             let h = match c.first_reach(&top, false) {
                 Some(t) => t + Q::one(),
                 None => return Err(CurveError::Unbounded("service never reaches the demand")),
             };
             let segs = c.unroll(&h)?;
-            levels.reserve(3 * segs.len());
-            for (i, s) in segs.iter().enumerate() {
-                let e = seg_end(&segs, i, &h);
-                for v in [s.y.clone(), s.yr.clone(), s.at(e)] {
-                    if !v.is_negative() && v <= top {
-                        levels.push(v);
+            let own_levels = unrolled.is_empty();
+            if own_levels {
+                staircase &= segs.iter().all(|s| s.s.is_zero());
+            }
+            if own_levels || !staircase {
+                levels.reserve(3 * segs.len());
+                for (i, s) in segs.iter().enumerate() {
+                    let e = seg_end(&segs, i, &h);
+                    for v in [s.y.clone(), s.yr.clone(), s.at(e)] {
+                        if !v.is_negative() && v <= top {
+                            levels.push(v);
+                        }
                     }
                 }
             }

@@ -13,6 +13,12 @@ use proptest::prelude::*;
 use rtc::q::{q, qf};
 use rtc::{Curve, Seg, Q};
 
+/// `f` with every piece made flat (still non-decreasing when `f` is).
+fn staircase_of(f: &Curve) -> Curve {
+    let segs = f.segments().iter().map(|s| Seg::new(s.x.clone(), s.y.clone(), s.yr.clone(), q(0))).collect();
+    Curve::from_parts(segs, f.periodic_start().clone(), f.period().clone(), f.increment().clone()).unwrap()
+}
+
 /// A random curve; `mono` makes it non-decreasing and starting at 0.
 fn random_curve(r: &mut Rng, mono: bool) -> Curve {
     let t = qf(r.int(0, 8), 2);
@@ -366,42 +372,47 @@ proptest! {
             }
             Err(_) => prop_assert!(f.rate() > g.rate() || (f.rate() == g.rate() && f.rate().is_positive())),
         }
-        match f.hdev(&g) {
-            Ok(dl) => {
-                // f(t) <= g(t + d) everywhere sampled, and no smaller shift works.
-                let eps = qf(1, 64);
-                let mut tight = false;
-                let mut ts = grid(40, 8);
-                ts.extend(bf.breakpoints(&q(40)));
-                // Where f crosses a level at which g jumps or bends, the supremum is approached
-                // just after the crossing: sample there too.
-                let mut levels = Vec::new();
-                for x in bg.breakpoints(&q(60)) {
-                    levels.extend([bg.val(&x), bg.left(&x), bg.right(&x)]);
-                }
-                for x in bf.breakpoints(&q(40)) {
-                    let (r0, nx) = (bf.right(&x), x.clone() + qf(1, 1_000_000));
-                    let slope = (bf.val(&nx) - &r0) / qf(1, 1_000_000);
-                    if slope.is_positive() {
-                        for l in &levels {
-                            let tc = &x + (l - &r0) / &slope;
-                            if tc >= x && tc < q(40) { ts.push(tc.clone()); ts.push(tc + &eps / q(4)); }
+        // The delay of `f` and of its staircase (every piece made flat; `hdev` then scans the
+        // demand's levels only).
+        for f in [f.clone(), staircase_of(&f)] {
+            let bf = Brute::of(&f);
+            match f.hdev(&g) {
+                Ok(dl) => {
+                    // f(t) <= g(t + d) everywhere sampled, and no smaller shift works.
+                    let eps = qf(1, 64);
+                    let mut tight = false;
+                    let mut ts = grid(40, 8);
+                    ts.extend(bf.breakpoints(&q(40)));
+                    // Where f crosses a level at which g jumps or bends, the supremum is approached
+                    // just after the crossing: sample there too.
+                    let mut levels = Vec::new();
+                    for x in bg.breakpoints(&q(60)) {
+                        levels.extend([bg.val(&x), bg.left(&x), bg.right(&x)]);
+                    }
+                    for x in bf.breakpoints(&q(40)) {
+                        let (r0, nx) = (bf.right(&x), x.clone() + qf(1, 1_000_000));
+                        let slope = (bf.val(&nx) - &r0) / qf(1, 1_000_000);
+                        if slope.is_positive() {
+                            for l in &levels {
+                                let tc = &x + (l - &r0) / &slope;
+                                if tc >= x && tc < q(40) { ts.push(tc.clone()); ts.push(tc + &eps / q(4)); }
+                            }
                         }
                     }
-                }
-                for t in &ts {
-                    // The infimum need not be attained: compare with the right limit.
-                    prop_assert!(bf.val(t) <= bg.right(&(t + &dl)), "f({})={} > g({}+)", t, bf.val(t), t + &dl);
-                    prop_assert!(bf.right(t) <= bg.right(&(t + &dl)));
-                    if dl.is_positive() {
-                        let d2 = &dl - &eps;
-                        let d2 = if d2.is_negative() { Q::zero() } else { d2 };
-                        if bf.val(t) > bg.val(&(t + &d2)) || bf.right(t) > bg.right(&(t + &d2)) { tight = true; }
+                    for t in &ts {
+                        // The infimum need not be attained: compare with the right limit.
+                        prop_assert!(bf.val(t) <= bg.right(&(t + &dl)), "f({})={} > g({}+)", t, bf.val(t), t + &dl);
+                        prop_assert!(bf.right(t) <= bg.right(&(t + &dl)));
+                        if dl.is_positive() {
+                            let d2 = &dl - &eps;
+                            let d2 = if d2.is_negative() { Q::zero() } else { d2 };
+                            if bf.val(t) > bg.val(&(t + &d2)) || bf.right(t) > bg.right(&(t + &d2)) { tight = true; }
+                        }
                     }
+                    prop_assert!(dl.is_zero() || tight, "hdev {} not tight f={:?} g={:?}", dl, f, g);
                 }
-                prop_assert!(dl.is_zero() || tight, "hdev {} not tight f={:?} g={:?}", dl, f, g);
+                Err(_) => prop_assert!(f.rate() > g.rate() || g.rate().is_zero()),
             }
-            Err(_) => prop_assert!(f.rate() > g.rate() || g.rate().is_zero()),
         }
     }
 }
