@@ -12,7 +12,7 @@
 //! periodically. Results that would need more than [`MAX_SEGMENTS`] segments are refused with
 //! [`CurveError::TooComplex`] instead of exhausting memory.
 
-use crate::q::Q;
+use crate::q::{LineOffsets, Q};
 use std::fmt;
 use std::sync::Arc;
 
@@ -326,59 +326,38 @@ impl Curve {
 
     /// Bounds `m <= f(t) - rate t <= M` over all `t >= 0` (values and one-sided limits).
     pub fn affine_bounds(&self) -> (Q, Q) {
-        let r = self.rate();
         let end = self.base_end();
-        let mut lo: Option<Q> = None;
-        let mut hi: Option<Q> = None;
-        let mut see = |v: Q| {
-            if lo.as_ref().is_none_or(|l| &v < l) {
-                lo = Some(v.clone());
-            }
-            if hi.as_ref().is_none_or(|h| &v > h) {
-                hi = Some(v);
-            }
-        };
-        // r·x at each breakpoint is computed once (it is r·e of the segment before).
-        let mut rx = &r * &self.segs[0].x;
+        let mut offsets = LineOffsets::new(&self.rate());
         for (i, s) in self.segs.iter().enumerate() {
             let e = seg_end(&self.segs, i, &end);
-            let re = &r * e;
-            see(&s.y - &rx);
-            see(&s.yr - &rx);
-            see(s.at(e) - &re);
-            rx = re;
+            offsets.see(&s.x, &s.y);
+            offsets.see(&s.x, &s.yr);
+            offsets.see(e, &s.at(e));
         }
-        (lo.unwrap_or_default(), hi.unwrap_or_default())
+        offsets.extremes().unwrap_or_default()
     }
 
     /// `inf (f(t) − rate·t)` over `t >= h` (values and one-sided limits): the offset of the best
     /// lower line of slope `rate` from `h` on (at least the `m` of [`Curve::affine_bounds`]).
     pub fn affine_lower_from(&self, h: &Q) -> Q {
-        let r = self.rate();
         let end = self.base_end();
         // From T on, f(t) − r·t repeats with period d: every phase of it comes again after h.
         let start = if h < &self.t { h } else { &self.t };
-        let mut lo: Option<Q> = None;
-        let mut see = |v: Q| {
-            if lo.as_ref().is_none_or(|l| &v < l) {
-                lo = Some(v);
-            }
-        };
+        let mut offsets = LineOffsets::new(&self.rate());
         for (i, s) in self.segs.iter().enumerate() {
             let e = seg_end(&self.segs, i, &end);
             if e <= start {
                 continue;
             }
             if &s.x >= start {
-                let rx = &r * &s.x;
-                see(&s.y - &rx);
-                see(&s.yr - &rx);
+                offsets.see(&s.x, &s.y);
+                offsets.see(&s.x, &s.yr);
             } else {
-                see(s.at(start) - &r * start);
+                offsets.see(start, &s.at(start));
             }
-            see(s.at(e) - &r * e);
+            offsets.see(e, &s.at(e));
         }
-        lo.unwrap_or_default()
+        offsets.extremes().map(|(lo, _)| lo).unwrap_or_default()
     }
 
     /// `true` when `f` never decreases (checked exactly on the description).
