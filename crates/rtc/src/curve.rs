@@ -965,7 +965,11 @@ impl Curve {
         if !h.is_positive() {
             return Err(CurveError::Invalid(format!("window end must be positive, got {h}")));
         }
-        let d = combine(&self.unroll(h)?, &g.unroll(h)?, h, Op::Sub);
+        let (fs, gs) = (self.unroll(h)?, g.unroll(h)?);
+        if fs.iter().all(|s| s.s.is_zero()) && g.is_nondecreasing() {
+            return Ok(staircase_above(&fs, &gs));
+        }
+        let d = combine(&fs, &gs, h, Op::Sub);
         let mut best = d[0].y.clone();
         for (i, s) in d.iter().enumerate() {
             for v in [&s.y, &s.yr, &s.at(seg_end(&d, i, h))] {
@@ -1179,6 +1183,34 @@ impl Sweep<'_> {
         }
         None
     }
+}
+
+/// `sup (f − g)` over the window of two finite lists on the same `[0, h)`, for a staircase `f`
+/// (every piece flat) and a non-decreasing `g`: within a step `f − g` does not increase, so the
+/// supremum is the value or the right limit at one of `f`'s breakpoints (the left limit at a
+/// step's end is no larger than its right limit at the start). `g` is evaluated there by one
+/// forward scan, without building the difference.
+fn staircase_above(f: &[Seg], g: &[Seg]) -> Q {
+    let mut best: Option<Q> = None;
+    let mut j = 0;
+    for s in f {
+        while g.get(j + 1).is_some_and(|n| n.x <= s.x) {
+            j += 1;
+        }
+        let at = &g[j];
+        let (v, vr) = if at.x == s.x {
+            (&s.y - &at.y, &s.yr - &at.yr)
+        } else {
+            let gx = at.at(&s.x);
+            (&s.y - &gx, &s.yr - &gx)
+        };
+        for v in [v, vr] {
+            if best.as_ref().is_none_or(|b| &v > b) {
+                best = Some(v);
+            }
+        }
+    }
+    best.unwrap_or_default()
 }
 
 /// Running maximum of a finite list on `[0, h)`.
