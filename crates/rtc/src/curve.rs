@@ -549,12 +549,14 @@ impl Curve {
             return Ok(self.clone());
         }
         let r = self.rate();
-        let (m, mx) = self.affine_bounds();
-        let off = if upper { mx.ceil() } else { m.floor() };
+        if upper {
+            return Curve::from_parts(self.truncated_above_segments(h)?, h.clone(), Q::one(), r);
+        }
+        let off = self.affine_bounds().0.floor();
         let mut segs = self.unroll(h)?;
         let line_at_h = &r * h + &off;
         // A non-decreasing lower curve stays at least at its left limit at h.
-        let floor = (!upper && self.is_nondecreasing()).then(|| self.eval_left(h)).filter(|f| f > &line_at_h);
+        let floor = self.is_nondecreasing().then(|| self.eval_left(h)).filter(|f| f > &line_at_h);
         match floor {
             Some(f) if r.is_positive() => {
                 // Flat until an integer time at which the line has reached f (after h, since f is
@@ -574,6 +576,40 @@ impl Curve {
                 Curve::from_parts(segs, h.clone(), Q::one(), r)
             }
         }
+    }
+
+    /// The segments of [`Curve::truncate_above`] (`h > 0`), not normalised: `f` on `[0, h)`,
+    /// then the line `rate·t + ⌈M⌉` (`f`'s own line when `f` is one from before `h` on).
+    fn truncated_above_segments(&self, h: &Q) -> Result<Vec<Seg>> {
+        let r = self.rate();
+        let at_h = if self.is_affine_tail() && h >= &self.base_end() { self.eval(h) } else { &r * h + self.affine_bounds().1.ceil() };
+        let mut segs = self.unroll(h)?;
+        segs.push(Seg::line(h.clone(), at_h, r));
+        Ok(segs)
+    }
+
+    /// The lower service a fixed-priority resource leaves after `demands`, all truncated at
+    /// `h > 0`: `max(0, sup_{s<=t} (f_h − Σ g_h)(s))` with `f_h` = [`Curve::truncate_below`]`(h)`
+    /// and each `g_h` = [`Curve::truncate_above`]`(h)` (the function that truncating each,
+    /// [`Curve::sum`] and [`Curve::sub_running_max_nonneg`] give). The difference is built in one
+    /// sweep over every breakpoint, without a curve per truncated demand or for their sum: from
+    /// `max(T, h)` on (`T` the periodic start of `f_h`) every term is periodic with `f_h`'s period.
+    pub fn left_after_truncated<'a>(&self, demands: impl IntoIterator<Item = &'a Curve>, h: &Q) -> Result<Curve> {
+        if !h.is_positive() {
+            return Err(CurveError::Invalid(format!("horizon must be positive, got {h}")));
+        }
+        let base = self.truncate_below(h)?;
+        let t = Q::max(&base.t, h);
+        let d = base.d.clone();
+        let mut c = base.c.clone();
+        let mut terms = vec![(base.unroll(&(&t + &d))?, false)];
+        for g in demands {
+            c = c - g.rate() * &d;
+            terms.push((g.truncated_above_segments(h)?, true));
+        }
+        let mut segs = signed_sum(&terms);
+        split_at(&mut segs, &t);
+        Curve { segs: Arc::new(segs), t, d, c }.running_max_from(Some(Q::zero()))
     }
 
     // ----------------------------------------------------------------- pointwise operations
@@ -638,34 +674,8 @@ impl Curve {
             growth = growth + &c.c * (&d / &c.d);
         }
         let h = &t + &d;
-        let lists = curves.iter().map(|c| c.unroll(&h)).collect::<Result<Vec<_>>>()?;
-        // Per curve: its current segment and that segment's line as intercept + slope·t.
-        let mut at = vec![0usize; lists.len()];
-        let intercept = |g: &Seg| &g.yr - &(&g.s * &g.x);
-        let (mut a, mut b) = (Q::zero(), Q::zero());
-        let (mut y0, mut yr0) = (Q::zero(), Q::zero());
-        for l in &lists {
-            a = a + intercept(&l[0]);
-            b = b + &l[0].s;
-            y0 = y0 + &l[0].y;
-            yr0 = yr0 + &l[0].yr;
-        }
-        let mut out = Vec::with_capacity(lists.iter().map(Vec::len).sum());
-        out.push(Seg::new(Q::zero(), y0, yr0, b.clone()));
-        while let Some(x) = lists.iter().zip(&at).filter_map(|(l, &k)| l.get(k + 1).map(|g| &g.x)).min().cloned() {
-            // The sum's left limit at x: every current line extends up to x.
-            let mut y = &a + &(&b * &x);
-            for (l, k) in lists.iter().zip(at.iter_mut()) {
-                let Some(new) = l.get(*k + 1).filter(|g| g.x == x) else { continue };
-                let old = &l[*k];
-                y = y + (&new.y - &old.at(&x));
-                a = a + (intercept(new) - intercept(old));
-                b = b + (&new.s - &old.s);
-                *k += 1;
-            }
-            let yr = &a + &(&b * &x);
-            out.push(Seg::new(x, y, yr, b.clone()));
-        }
+        let terms = curves.iter().map(|c| Ok((c.unroll(&h)?, false))).collect::<Result<Vec<_>>>()?;
+        let out = signed_sum(&terms);
         Curve::from_parts(out, t, d, growth)
     }
     pub fn sub(&self, o: &Curve) -> Result<Curve> {
@@ -1211,6 +1221,42 @@ fn staircase_above(f: &[Seg], g: &[Seg]) -> Q {
         }
     }
     best.unwrap_or_default()
+}
+
+/// `Σ ±l` of finite lists all starting at 0 (each term's last segment extends to the end of the
+/// result; `true`: subtracted), in one sweep over all their breakpoints (see [`Curve::sum`]).
+/// The sweep keeps the result's current line (intercept and slope) and, at each breakpoint,
+/// only updates the terms of the lists that change there.
+fn signed_sum(terms: &[(Vec<Seg>, bool)]) -> Vec<Seg> {
+    // Per list: its current segment and that segment's line as intercept + slope·t.
+    let mut at = vec![0usize; terms.len()];
+    let intercept = |g: &Seg| &g.yr - &(&g.s * &g.x);
+    let add = |acc: Q, v: &Q, minus: bool| if minus { acc - v } else { acc + v };
+    let (mut a, mut b) = (Q::zero(), Q::zero());
+    let (mut y0, mut yr0) = (Q::zero(), Q::zero());
+    for (l, minus) in terms {
+        a = add(a, &intercept(&l[0]), *minus);
+        b = add(b, &l[0].s, *minus);
+        y0 = add(y0, &l[0].y, *minus);
+        yr0 = add(yr0, &l[0].yr, *minus);
+    }
+    let mut out = Vec::with_capacity(terms.iter().map(|(l, _)| l.len()).sum());
+    out.push(Seg::new(Q::zero(), y0, yr0, b.clone()));
+    while let Some(x) = terms.iter().zip(&at).filter_map(|((l, _), &k)| l.get(k + 1).map(|g| &g.x)).min().cloned() {
+        // The sum's left limit at x: every current line extends up to x.
+        let mut y = &a + &(&b * &x);
+        for ((l, minus), k) in terms.iter().zip(at.iter_mut()) {
+            let Some(new) = l.get(*k + 1).filter(|g| g.x == x) else { continue };
+            let old = &l[*k];
+            y = add(y, &(&new.y - &old.at(&x)), *minus);
+            a = add(a, &(intercept(new) - intercept(old)), *minus);
+            b = add(b, &(&new.s - &old.s), *minus);
+            *k += 1;
+        }
+        let yr = &a + &(&b * &x);
+        out.push(Seg::new(x, y, yr, b.clone()));
+    }
+    out
 }
 
 /// Running maximum of a finite list on `[0, h)`.

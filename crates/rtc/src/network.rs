@@ -265,17 +265,16 @@ impl FpState {
     /// untruncated analysis computes them (the same function may come out with another periodic
     /// start at once, and exact services are compared curve for curve).
     fn rebuild(&mut self, sys: &System, h: Option<Q>) -> Result<(), CurveError> {
+        self.horizon = h.clone();
+        if let (Some(h), false) = (&h, self.served.is_empty()) {
+            let left = self.base.1.left_after_truncated(self.served.iter().map(|(_, d)| d), h)?;
+            self.cur = Some((self.base.0.clone(), left));
+            return Ok(());
+        }
         let mut cur = match &h {
             Some(h) => (self.base.0.clone(), self.base.1.truncate_below(h)?),
             None => self.base.clone(),
         };
-        self.horizon = h.clone();
-        if let (Some(h), false) = (&h, self.served.is_empty()) {
-            let parts = self.served.iter().map(|(_, d)| d.truncate_above(h)).collect::<Result<Vec<_>, _>>()?;
-            let total = Curve::sum(&parts)?;
-            self.cur = Some(component::remaining_lower(&(total, Curve::zero()), &cur)?);
-            return Ok(());
-        }
         for (i, d) in &self.served {
             let alpha = match &h {
                 Some(h) => (d.truncate_above(h)?, Curve::zero()),

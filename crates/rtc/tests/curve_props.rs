@@ -280,6 +280,38 @@ proptest! {
         }
     }
 
+    /// The service left after several demands all truncated at a horizon, in one sweep, is the
+    /// one truncating each, summing them and taking the sum out of the truncated service
+    /// (values and one-sided limits, also far beyond the horizon; the same errors).
+    #[test]
+    fn the_service_left_after_truncated_demands_is_the_composed_one(seed in any::<u64>()) {
+        let mut r = Rng(seed);
+        let mono = r.int(0, 2) > 0;
+        let f = random_curve(&mut r, mono);
+        let gs: Vec<Curve> = (0..r.int(0, 5)).map(|_| random_curve(&mut r, mono)).collect();
+        let h = qf(r.int(1, 60), r.int(1, 2));
+        let composed = gs
+            .iter()
+            .map(|g| g.truncate_above(&h))
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|parts| Curve::sum(&parts))
+            .and_then(|total| f.truncate_below(&h)?.sub_running_max_nonneg(&total));
+        match (f.left_after_truncated(&gs, &h), composed) {
+            (Ok(swept), Ok(want)) => {
+                for x in grid(40, 4).into_iter().chain([q(97), qf(1001, 3), q(5000)]) {
+                    prop_assert_eq!(swept.eval(&x), want.eval(&x), "at {} f={:?} gs={:?} h={}", x, f, gs, h);
+                    prop_assert_eq!(swept.eval_right(&x), want.eval_right(&x));
+                    if x.is_positive() {
+                        prop_assert_eq!(swept.eval_left(&x), want.eval_left(&x));
+                    }
+                }
+                prop_assert_eq!(swept.rate(), want.rate());
+            }
+            (Err(a), Err(b)) => prop_assert_eq!(a, b),
+            (a, b) => prop_assert!(false, "one sweep {:?} against composed {:?}", a, b),
+        }
+    }
+
     #[test]
     fn convolution_matches_definition(seed in any::<u64>()) {
         let mut r = Rng(seed);
