@@ -859,6 +859,26 @@ impl Curve {
             out.push(Seg::line(end.clone(), floor.map_or(sup.clone(), |f| Q::max(&f, &sup)), Q::zero()));
             return Curve::from_parts(out, end, Q::one(), Q::zero());
         }
+        if self.is_affine_tail() {
+            // From T on, f is one rising line (a truncated curve's tail): the running maximum
+            // stays at the maximum reached before the line until the line passes it, then
+            // follows the line. One scan, no bound on the periods needed.
+            let p0 = find_seg(&self.segs, &self.t);
+            let tail = &self.segs[p0];
+            let mut out = Vec::with_capacity(2 * p0 + 2);
+            let before = scan_running_max_onto(&mut out, &self.segs[..p0], &tail.x, floor);
+            let v = before.map_or(tail.y.clone(), |m| Q::max(&m, &tail.y));
+            let start = if tail.yr >= v {
+                out.push(Seg::new(tail.x.clone(), v, tail.yr.clone(), tail.s.clone()));
+                tail.x.clone()
+            } else {
+                let xc = &tail.x + (&v - &tail.yr) / &tail.s;
+                out.push(Seg::new(tail.x.clone(), v.clone(), v.clone(), Q::zero()));
+                out.push(Seg::line(xc.clone(), v, tail.s.clone()));
+                xc
+            };
+            return Curve::from_parts(out, start, self.d.clone(), self.c.clone());
+        }
         // For t >= T + d, r(t + d) = r(t) + c as soon as sup[T, t] f >= sup[0, T) f. Since
         // sup[T, T + jd] f >= sup[T, T + d] f + (j − 1) c, that holds from
         // T + (1 + max(0, ⌈(sup[0,T) − sup[T,T+d]) / c⌉)) d on.
@@ -1263,6 +1283,14 @@ fn signed_sum(terms: &[(Vec<Seg>, bool)]) -> Vec<Seg> {
 fn scan_running_max(segs: &[Seg], h: &Q, floor: Option<Q>) -> Vec<Seg> {
     // At most two segments for each (reserved at once: growing would move them all).
     let mut out = Vec::with_capacity(2 * segs.len());
+    scan_running_max_onto(&mut out, segs, h, floor);
+    merge_collinear(out)
+}
+
+/// Appends the running maximum of a finite list ending at `h`, above `floor`, to `out` (not
+/// merged); returns the maximum reached (the left limit at `h`), `None` for no segments and
+/// no floor.
+fn scan_running_max_onto(out: &mut Vec<Seg>, segs: &[Seg], h: &Q, floor: Option<Q>) -> Option<Q> {
     let mut m: Option<Q> = floor;
     for (i, s) in segs.iter().enumerate() {
         let e = seg_end(segs, i, h);
@@ -1285,7 +1313,7 @@ fn scan_running_max(segs: &[Seg], h: &Q, floor: Option<Q>) -> Vec<Seg> {
         }
         m = Some(cur);
     }
-    merge_collinear(out)
+    m
 }
 
 /// `inf_{u>=t}` of a finite list on `[0, h)`, given the infimum over `[h, ∞)`.

@@ -368,6 +368,8 @@ proptest! {
     fn closures(seed in any::<u64>()) {
         let mut r = Rng(seed);
         let f = random_curve(&mut r, false);
+        // A truncated curve ends in one line (its running maximum is then built in one scan).
+        let f = if r.int(0, 2) == 0 { f.truncate_above(&q(r.int(1, 15))).unwrap() } else { f };
         let b = Brute::of(&f);
         let m = f.running_max().unwrap();
         for t in grid(25, 4) {
