@@ -12,7 +12,7 @@
 //! periodically. Results that would need more than [`MAX_SEGMENTS`] segments are refused with
 //! [`CurveError::TooComplex`] instead of exhausting memory.
 
-use crate::q::Q;
+use crate::q::{LineOffsets, Q};
 use std::fmt;
 use std::sync::Arc;
 
@@ -326,59 +326,38 @@ impl Curve {
 
     /// Bounds `m <= f(t) - rate t <= M` over all `t >= 0` (values and one-sided limits).
     pub fn affine_bounds(&self) -> (Q, Q) {
-        let r = self.rate();
         let end = self.base_end();
-        let mut lo: Option<Q> = None;
-        let mut hi: Option<Q> = None;
-        let mut see = |v: Q| {
-            if lo.as_ref().is_none_or(|l| &v < l) {
-                lo = Some(v.clone());
-            }
-            if hi.as_ref().is_none_or(|h| &v > h) {
-                hi = Some(v);
-            }
-        };
-        // r·x at each breakpoint is computed once (it is r·e of the segment before).
-        let mut rx = &r * &self.segs[0].x;
+        let mut offsets = LineOffsets::new(&self.rate());
         for (i, s) in self.segs.iter().enumerate() {
             let e = seg_end(&self.segs, i, &end);
-            let re = &r * e;
-            see(&s.y - &rx);
-            see(&s.yr - &rx);
-            see(s.at(e) - &re);
-            rx = re;
+            offsets.see(&s.x, &s.y);
+            offsets.see(&s.x, &s.yr);
+            offsets.see(e, &s.at(e));
         }
-        (lo.unwrap_or_default(), hi.unwrap_or_default())
+        offsets.extremes().unwrap_or_default()
     }
 
     /// `inf (f(t) − rate·t)` over `t >= h` (values and one-sided limits): the offset of the best
     /// lower line of slope `rate` from `h` on (at least the `m` of [`Curve::affine_bounds`]).
     pub fn affine_lower_from(&self, h: &Q) -> Q {
-        let r = self.rate();
         let end = self.base_end();
         // From T on, f(t) − r·t repeats with period d: every phase of it comes again after h.
         let start = if h < &self.t { h } else { &self.t };
-        let mut lo: Option<Q> = None;
-        let mut see = |v: Q| {
-            if lo.as_ref().is_none_or(|l| &v < l) {
-                lo = Some(v);
-            }
-        };
+        let mut offsets = LineOffsets::new(&self.rate());
         for (i, s) in self.segs.iter().enumerate() {
             let e = seg_end(&self.segs, i, &end);
             if e <= start {
                 continue;
             }
             if &s.x >= start {
-                let rx = &r * &s.x;
-                see(&s.y - &rx);
-                see(&s.yr - &rx);
+                offsets.see(&s.x, &s.y);
+                offsets.see(&s.x, &s.yr);
             } else {
-                see(s.at(start) - &r * start);
+                offsets.see(start, &s.at(start));
             }
-            see(s.at(e) - &r * e);
+            offsets.see(e, &s.at(e));
         }
-        lo.unwrap_or_default()
+        offsets.extremes().map(|(lo, _)| lo).unwrap_or_default()
     }
 
     /// `true` when `f` never decreases (checked exactly on the description).
@@ -570,12 +549,14 @@ impl Curve {
             return Ok(self.clone());
         }
         let r = self.rate();
-        let (m, mx) = self.affine_bounds();
-        let off = if upper { mx.ceil() } else { m.floor() };
+        if upper {
+            return Curve::from_parts(self.truncated_above_segments(h)?, h.clone(), Q::one(), r);
+        }
+        let off = self.affine_bounds().0.floor();
         let mut segs = self.unroll(h)?;
         let line_at_h = &r * h + &off;
         // A non-decreasing lower curve stays at least at its left limit at h.
-        let floor = (!upper && self.is_nondecreasing()).then(|| self.eval_left(h)).filter(|f| f > &line_at_h);
+        let floor = self.is_nondecreasing().then(|| self.eval_left(h)).filter(|f| f > &line_at_h);
         match floor {
             Some(f) if r.is_positive() => {
                 // Flat until an integer time at which the line has reached f (after h, since f is
@@ -595,6 +576,40 @@ impl Curve {
                 Curve::from_parts(segs, h.clone(), Q::one(), r)
             }
         }
+    }
+
+    /// The segments of [`Curve::truncate_above`] (`h > 0`), not normalised: `f` on `[0, h)`,
+    /// then the line `rate·t + ⌈M⌉` (`f`'s own line when `f` is one from before `h` on).
+    fn truncated_above_segments(&self, h: &Q) -> Result<Vec<Seg>> {
+        let r = self.rate();
+        let at_h = if self.is_affine_tail() && h >= &self.base_end() { self.eval(h) } else { &r * h + self.affine_bounds().1.ceil() };
+        let mut segs = self.unroll(h)?;
+        segs.push(Seg::line(h.clone(), at_h, r));
+        Ok(segs)
+    }
+
+    /// The lower service a fixed-priority resource leaves after `demands`, all truncated at
+    /// `h > 0`: `max(0, sup_{s<=t} (f_h − Σ g_h)(s))` with `f_h` = [`Curve::truncate_below`]`(h)`
+    /// and each `g_h` = [`Curve::truncate_above`]`(h)` (the function that truncating each,
+    /// [`Curve::sum`] and [`Curve::sub_running_max_nonneg`] give). The difference is built in one
+    /// sweep over every breakpoint, without a curve per truncated demand or for their sum: from
+    /// `max(T, h)` on (`T` the periodic start of `f_h`) every term is periodic with `f_h`'s period.
+    pub fn left_after_truncated<'a>(&self, demands: impl IntoIterator<Item = &'a Curve>, h: &Q) -> Result<Curve> {
+        if !h.is_positive() {
+            return Err(CurveError::Invalid(format!("horizon must be positive, got {h}")));
+        }
+        let base = self.truncate_below(h)?;
+        let t = Q::max(&base.t, h);
+        let d = base.d.clone();
+        let mut c = base.c.clone();
+        let mut terms = vec![(base.unroll(&(&t + &d))?, false)];
+        for g in demands {
+            c = c - g.rate() * &d;
+            terms.push((g.truncated_above_segments(h)?, true));
+        }
+        let mut segs = signed_sum(&terms);
+        split_at(&mut segs, &t);
+        Curve { segs: Arc::new(segs), t, d, c }.running_max_from(Some(Q::zero()))
     }
 
     // ----------------------------------------------------------------- pointwise operations
@@ -659,34 +674,8 @@ impl Curve {
             growth = growth + &c.c * (&d / &c.d);
         }
         let h = &t + &d;
-        let lists = curves.iter().map(|c| c.unroll(&h)).collect::<Result<Vec<_>>>()?;
-        // Per curve: its current segment and that segment's line as intercept + slope·t.
-        let mut at = vec![0usize; lists.len()];
-        let intercept = |g: &Seg| &g.yr - &(&g.s * &g.x);
-        let (mut a, mut b) = (Q::zero(), Q::zero());
-        let (mut y0, mut yr0) = (Q::zero(), Q::zero());
-        for l in &lists {
-            a = a + intercept(&l[0]);
-            b = b + &l[0].s;
-            y0 = y0 + &l[0].y;
-            yr0 = yr0 + &l[0].yr;
-        }
-        let mut out = Vec::with_capacity(lists.iter().map(Vec::len).sum());
-        out.push(Seg::new(Q::zero(), y0, yr0, b.clone()));
-        while let Some(x) = lists.iter().zip(&at).filter_map(|(l, &k)| l.get(k + 1).map(|g| &g.x)).min().cloned() {
-            // The sum's left limit at x: every current line extends up to x.
-            let mut y = &a + &(&b * &x);
-            for (l, k) in lists.iter().zip(at.iter_mut()) {
-                let Some(new) = l.get(*k + 1).filter(|g| g.x == x) else { continue };
-                let old = &l[*k];
-                y = y + (&new.y - &old.at(&x));
-                a = a + (intercept(new) - intercept(old));
-                b = b + (&new.s - &old.s);
-                *k += 1;
-            }
-            let yr = &a + &(&b * &x);
-            out.push(Seg::new(x, y, yr, b.clone()));
-        }
+        let terms = curves.iter().map(|c| Ok((c.unroll(&h)?, false))).collect::<Result<Vec<_>>>()?;
+        let out = signed_sum(&terms);
         Curve::from_parts(out, t, d, growth)
     }
     pub fn sub(&self, o: &Curve) -> Result<Curve> {
@@ -870,6 +859,26 @@ impl Curve {
             out.push(Seg::line(end.clone(), floor.map_or(sup.clone(), |f| Q::max(&f, &sup)), Q::zero()));
             return Curve::from_parts(out, end, Q::one(), Q::zero());
         }
+        if self.is_affine_tail() {
+            // From T on, f is one rising line (a truncated curve's tail): the running maximum
+            // stays at the maximum reached before the line until the line passes it, then
+            // follows the line. One scan, no bound on the periods needed.
+            let p0 = find_seg(&self.segs, &self.t);
+            let tail = &self.segs[p0];
+            let mut out = Vec::with_capacity(2 * p0 + 2);
+            let before = scan_running_max_onto(&mut out, &self.segs[..p0], &tail.x, floor);
+            let v = before.map_or(tail.y.clone(), |m| Q::max(&m, &tail.y));
+            let start = if tail.yr >= v {
+                out.push(Seg::new(tail.x.clone(), v, tail.yr.clone(), tail.s.clone()));
+                tail.x.clone()
+            } else {
+                let xc = &tail.x + (&v - &tail.yr) / &tail.s;
+                out.push(Seg::new(tail.x.clone(), v.clone(), v.clone(), Q::zero()));
+                out.push(Seg::line(xc.clone(), v, tail.s.clone()));
+                xc
+            };
+            return Curve::from_parts(out, start, self.d.clone(), self.c.clone());
+        }
         // For t >= T + d, r(t + d) = r(t) + c as soon as sup[T, t] f >= sup[0, T) f. Since
         // sup[T, T + jd] f >= sup[T, T + d] f + (j − 1) c, that holds from
         // T + (1 + max(0, ⌈(sup[0,T) − sup[T,T+d]) / c⌉)) d on.
@@ -986,7 +995,11 @@ impl Curve {
         if !h.is_positive() {
             return Err(CurveError::Invalid(format!("window end must be positive, got {h}")));
         }
-        let d = combine(&self.unroll(h)?, &g.unroll(h)?, h, Op::Sub);
+        let (fs, gs) = (self.unroll(h)?, g.unroll(h)?);
+        if fs.iter().all(|s| s.s.is_zero()) && g.is_nondecreasing() {
+            return Ok(staircase_above(&fs, &gs));
+        }
+        let d = combine(&fs, &gs, h, Op::Sub);
         let mut best = d[0].y.clone();
         for (i, s) in d.iter().enumerate() {
             for v in [&s.y, &s.yr, &s.at(seg_end(&d, i, h))] {
@@ -1048,18 +1061,30 @@ impl Curve {
         };
         let mut levels: Vec<Q> = vec![Q::zero(), top.clone()];
         let mut unrolled: Vec<(Vec<Seg>, Q)> = Vec::with_capacity(2);
+        // A staircase demand (every piece flat) needs only its own levels when `top` is one of
+        // its values (always but when both rates are equal): within a step the deviation
+        // decreases, and a level y between two of its values v < y <= v' is first reached (and
+        // exceeded) where v' is, by the demand, and no later by the service, so v' deviates
+        // at least as much.
+        let mut staircase = !rf.is_positive() || rf < rg;
         for c in [self, g] {
             let h = match c.first_reach(&top, false) {
                 Some(t) => t + Q::one(),
                 None => return Err(CurveError::Unbounded("service never reaches the demand")),
             };
             let segs = c.unroll(&h)?;
-            levels.reserve(3 * segs.len());
-            for (i, s) in segs.iter().enumerate() {
-                let e = seg_end(&segs, i, &h);
-                for v in [s.y.clone(), s.yr.clone(), s.at(e)] {
-                    if !v.is_negative() && v <= top {
-                        levels.push(v);
+            let own_levels = unrolled.is_empty();
+            if own_levels {
+                staircase &= segs.iter().all(|s| s.s.is_zero());
+            }
+            if own_levels || !staircase {
+                levels.reserve(3 * segs.len());
+                for (i, s) in segs.iter().enumerate() {
+                    let e = seg_end(&segs, i, &h);
+                    for v in [s.y.clone(), s.yr.clone(), s.at(e)] {
+                        if !v.is_negative() && v <= top {
+                            levels.push(v);
+                        }
                     }
                 }
             }
@@ -1190,10 +1215,82 @@ impl Sweep<'_> {
     }
 }
 
+/// `sup (f − g)` over the window of two finite lists on the same `[0, h)`, for a staircase `f`
+/// (every piece flat) and a non-decreasing `g`: within a step `f − g` does not increase, so the
+/// supremum is the value or the right limit at one of `f`'s breakpoints (the left limit at a
+/// step's end is no larger than its right limit at the start). `g` is evaluated there by one
+/// forward scan, without building the difference.
+fn staircase_above(f: &[Seg], g: &[Seg]) -> Q {
+    let mut best: Option<Q> = None;
+    let mut j = 0;
+    for s in f {
+        while g.get(j + 1).is_some_and(|n| n.x <= s.x) {
+            j += 1;
+        }
+        let at = &g[j];
+        let (v, vr) = if at.x == s.x {
+            (&s.y - &at.y, &s.yr - &at.yr)
+        } else {
+            let gx = at.at(&s.x);
+            (&s.y - &gx, &s.yr - &gx)
+        };
+        for v in [v, vr] {
+            if best.as_ref().is_none_or(|b| &v > b) {
+                best = Some(v);
+            }
+        }
+    }
+    best.unwrap_or_default()
+}
+
+/// `Σ ±l` of finite lists all starting at 0 (each term's last segment extends to the end of the
+/// result; `true`: subtracted), in one sweep over all their breakpoints (see [`Curve::sum`]).
+/// The sweep keeps the result's current line (intercept and slope) and, at each breakpoint,
+/// only updates the terms of the lists that change there.
+fn signed_sum(terms: &[(Vec<Seg>, bool)]) -> Vec<Seg> {
+    // Per list: its current segment and that segment's line as intercept + slope·t.
+    let mut at = vec![0usize; terms.len()];
+    let intercept = |g: &Seg| &g.yr - &(&g.s * &g.x);
+    let add = |acc: Q, v: &Q, minus: bool| if minus { acc - v } else { acc + v };
+    let (mut a, mut b) = (Q::zero(), Q::zero());
+    let (mut y0, mut yr0) = (Q::zero(), Q::zero());
+    for (l, minus) in terms {
+        a = add(a, &intercept(&l[0]), *minus);
+        b = add(b, &l[0].s, *minus);
+        y0 = add(y0, &l[0].y, *minus);
+        yr0 = add(yr0, &l[0].yr, *minus);
+    }
+    let mut out = Vec::with_capacity(terms.iter().map(|(l, _)| l.len()).sum());
+    out.push(Seg::new(Q::zero(), y0, yr0, b.clone()));
+    while let Some(x) = terms.iter().zip(&at).filter_map(|((l, _), &k)| l.get(k + 1).map(|g| &g.x)).min().cloned() {
+        // The sum's left limit at x: every current line extends up to x.
+        let mut y = &a + &(&b * &x);
+        for ((l, minus), k) in terms.iter().zip(at.iter_mut()) {
+            let Some(new) = l.get(*k + 1).filter(|g| g.x == x) else { continue };
+            let old = &l[*k];
+            y = add(y, &(&new.y - &old.at(&x)), *minus);
+            a = add(a, &(intercept(new) - intercept(old)), *minus);
+            b = add(b, &(&new.s - &old.s), *minus);
+            *k += 1;
+        }
+        let yr = &a + &(&b * &x);
+        out.push(Seg::new(x, y, yr, b.clone()));
+    }
+    out
+}
+
 /// Running maximum of a finite list on `[0, h)`.
 fn scan_running_max(segs: &[Seg], h: &Q, floor: Option<Q>) -> Vec<Seg> {
     // At most two segments for each (reserved at once: growing would move them all).
     let mut out = Vec::with_capacity(2 * segs.len());
+    scan_running_max_onto(&mut out, segs, h, floor);
+    merge_collinear(out)
+}
+
+/// Appends the running maximum of a finite list ending at `h`, above `floor`, to `out` (not
+/// merged); returns the maximum reached (the left limit at `h`), `None` for no segments and
+/// no floor.
+fn scan_running_max_onto(out: &mut Vec<Seg>, segs: &[Seg], h: &Q, floor: Option<Q>) -> Option<Q> {
     let mut m: Option<Q> = floor;
     for (i, s) in segs.iter().enumerate() {
         let e = seg_end(segs, i, h);
@@ -1216,7 +1313,7 @@ fn scan_running_max(segs: &[Seg], h: &Q, floor: Option<Q>) -> Vec<Seg> {
         }
         m = Some(cur);
     }
-    merge_collinear(out)
+    m
 }
 
 /// `inf_{u>=t}` of a finite list on `[0, h)`, given the infimum over `[h, ∞)`.

@@ -9,6 +9,7 @@ use crate::curve::{Curve, CurveError};
 use crate::models;
 use crate::q::Q;
 use crate::system::*;
+use std::cell::OnceCell;
 
 pub(crate) struct Ctx<'a> {
     pub sys: &'a System,
@@ -265,17 +266,16 @@ impl FpState {
     /// untruncated analysis computes them (the same function may come out with another periodic
     /// start at once, and exact services are compared curve for curve).
     fn rebuild(&mut self, sys: &System, h: Option<Q>) -> Result<(), CurveError> {
+        self.horizon = h.clone();
+        if let (Some(h), false) = (&h, self.served.is_empty()) {
+            let left = self.base.1.left_after_truncated(self.served.iter().map(|(_, d)| d), h)?;
+            self.cur = Some((self.base.0.clone(), left));
+            return Ok(());
+        }
         let mut cur = match &h {
             Some(h) => (self.base.0.clone(), self.base.1.truncate_below(h)?),
             None => self.base.clone(),
         };
-        self.horizon = h.clone();
-        if let (Some(h), false) = (&h, self.served.is_empty()) {
-            let parts = self.served.iter().map(|(_, d)| d.truncate_above(h)).collect::<Result<Vec<_>, _>>()?;
-            let total = Curve::sum(&parts)?;
-            self.cur = Some(component::remaining_lower(&(total, Curve::zero()), &cur)?);
-            return Ok(());
-        }
         for (i, d) in &self.served {
             let alpha = match &h {
                 Some(h) => (d.truncate_above(h)?, Curve::zero()),
@@ -381,14 +381,15 @@ impl FpState {
             };
             // The delay first; backlogs and completion curves only once it is proven exact.
             let delay = demand.0.hdev(&svc_i.1);
+            let truncated = TruncatedService::new(&svc_i.1, &h);
             let res = match &delay {
-                Ok(d) if delay_is_exact(&h, &demand.0, &svc_i.1, d) => {
+                Ok(d) if delay_is_exact(&truncated, &demand.0, d) => {
                     component::task_bounds(ev, &w, &demand, &svc_i, d.clone(), ctx.opts.gpc_outputs).ok()
                 }
                 _ => None,
             };
             match res {
-                Some(b) if backlog_is_exact(&h, ev, &w, &demand.0, &svc_i.1, &b, self.backlog_below_h) => {
+                Some(b) if backlog_is_exact(&truncated, ev, &w, &demand.0, &b, self.backlog_below_h) => {
                     break (svc, Outcome { bounds: Some(b), service: svc_i, exact_until: Some(h), method, problem: None });
                 }
                 _ => match self.grow(&h, &demand.0, delay.as_ref().ok()) {
@@ -445,24 +446,47 @@ fn first_horizon(demand: &Curve, service: &Curve) -> Q {
 /// for t >= h), so the deviation there is at most TB = max(h − (Y0 − b)/r,
 /// (Y0 − m)/ρ − (Y0 − b)/r) (both terms decrease with y when ρ > r). If TB < delay, the delay is attained below Y0 and is exact
 /// (`docs/analysis.md` §9).
-fn delay_is_exact(h: &Q, demand: &Curve, service: &Curve, delay: &Q) -> bool {
+fn delay_is_exact(service: &TruncatedService, demand: &Curve, delay: &Q) -> bool {
     if delay.is_zero() {
         return true; // the exact delay is never below the truncated one, and never negative
     }
-    let (r, rho) = (demand.rate(), service.rate());
+    let (r, rho) = (demand.rate(), service.curve.rate());
     let (_, b) = demand.affine_bounds();
-    let m = service.affine_lower_from(h);
-    let y0 = service.eval_left(h);
+    let y0 = service.y0();
     if r.is_zero() {
         // The demand never exceeds b: no level at or above Y0 > b is ever reached.
-        return y0 > b;
+        return y0 > &b;
     }
     if !r.is_positive() || rho <= r {
         return false;
     }
-    let reach_demand = (&y0 - &b) / &r;
-    let tb = Q::max(&(h - &reach_demand), &((&y0 - &m) / &rho - &reach_demand));
+    let reach_demand = (y0 - &b) / &r;
+    let tb = Q::max(&(service.h - &reach_demand), &((y0 - service.m()) / &rho - &reach_demand));
     &tb < delay
+}
+
+/// A lower service curve exact on [0, h) and lower beyond, with what the exactness tests read
+/// of it, each computed once: its left limit Y0 at h, and m = inf over t >= h of (service − ρ·t)
+/// (the offset of its best lower line of slope ρ after h).
+struct TruncatedService<'a> {
+    curve: &'a Curve,
+    h: &'a Q,
+    y0: OnceCell<Q>,
+    m: OnceCell<Q>,
+}
+
+impl<'a> TruncatedService<'a> {
+    fn new(curve: &'a Curve, h: &'a Q) -> TruncatedService<'a> {
+        TruncatedService { curve, h, y0: OnceCell::new(), m: OnceCell::new() }
+    }
+
+    fn y0(&self) -> &Q {
+        self.y0.get_or_init(|| self.curve.eval_left(self.h))
+    }
+
+    fn m(&self) -> &Q {
+        self.m.get_or_init(|| self.curve.affine_lower_from(self.h))
+    }
 }
 
 /// Whether the backlogs of `b` (computed by [`component::backlog_on_service`] on a lower
@@ -477,43 +501,42 @@ fn delay_is_exact(h: &Q, demand: &Curve, service: &Curve, delay: &Q) -> bool {
 /// (ρ > r; the bound decreases with t). A deviation V > TB is therefore attained before h, where
 /// it is also the exact one. Work: V = the reported work backlog (unless 0, which is exact as
 /// the deviation is never negative); events: E = ⌈V/wcet⌉ with V > wcet·(E − 1).
-fn backlog_is_exact(h: &Q, ev: &Pair, w: &Workload, demand: &Curve, service: &Curve, b: &TaskBounds, below_h: bool) -> bool {
-    backlog_tail_is_below(h, ev, w, demand, service, b)
+fn backlog_is_exact(service: &TruncatedService, ev: &Pair, w: &Workload, demand: &Curve, b: &TaskBounds, below_h: bool) -> bool {
+    backlog_tail_is_below(service, ev, w, demand, b)
         || below_h && {
             let mut failed = false;
-            let lo = component::backlog_of_deviations(ev, w, demand, &b.wcrt, |d| d.vdev_before(service, h).inspect_err(|_| failed = true));
+            let lo = component::backlog_of_deviations(ev, w, demand, &b.wcrt, |d| {
+                d.vdev_before(service.curve, service.h).inspect_err(|_| failed = true)
+            });
             !failed && lo.0 == b.backlog && lo.1 == b.backlog_work
         }
 }
 
 /// The tail-bound test of [`backlog_is_exact`].
-fn backlog_tail_is_below(h: &Q, ev: &Pair, w: &Workload, demand: &Curve, service: &Curve, b: &TaskBounds) -> bool {
+fn backlog_tail_is_below(service: &TruncatedService, ev: &Pair, w: &Workload, demand: &Curve, b: &TaskBounds) -> bool {
     let tail_bound = |d: &Curve| -> Option<Q> {
-        let (r, rho) = (d.rate(), service.rate());
+        let (r, rho) = (d.rate(), service.curve.rate());
         let (_, top) = d.affine_bounds();
         if r.is_zero() {
-            Some(top - service.eval_left(h))
+            Some(top - service.y0())
         } else if rho > r {
-            Some((&r - &rho) * h + top - service.affine_lower_from(h))
+            Some((&r - &rho) * service.h + top - service.m())
         } else {
             None
         }
     };
-    let work_ok = b.backlog_work.is_zero() || tail_bound(demand).is_some_and(|tb| tb < b.backlog_work);
+    // The demand's bound serves both tests when the task has no workload curves.
+    let demand_bound = OnceCell::new();
+    let demand_bound = || demand_bound.get_or_init(|| tail_bound(demand)).clone();
+    let work_ok = b.backlog_work.is_zero() || demand_bound().is_some_and(|tb| tb < b.backlog_work);
     if !work_ok {
         return false;
     }
     if !w.wcet.is_positive() || b.backlog.is_zero() {
         return true;
     }
-    let scaled;
-    let d = if w.curves.is_none() {
-        demand
-    } else {
-        scaled = ev.0.scale(&w.wcet);
-        &scaled
-    };
-    tail_bound(d).is_some_and(|tb| tb <= &w.wcet * (&b.backlog - Q::one()))
+    let bound = if w.curves.is_none() { demand_bound() } else { tail_bound(&ev.0.scale(&w.wcet)) };
+    bound.is_some_and(|tb| tb <= &w.wcet * (&b.backlog - Q::one()))
 }
 
 /// Analyses the tasks of resource `r` given their activation curves and the base service.

@@ -292,6 +292,56 @@ impl Q {
     }
 }
 
+/// The least and greatest `v − r·t` over points `(t, v)` seen one by one (a curve's offsets from
+/// the line of slope `r`), exact. Points of integer coordinates (times and amounts in µs, the
+/// common case) with a small `r = p/q` are compared as the integers `q·v − p·t` (128-bit, no
+/// overflow for 64-bit operands), without building a rational per point; others as rationals.
+pub(crate) struct LineOffsets {
+    r: Q,
+    /// `r` as `(p, q)` when it is small.
+    small: Option<(i64, i64)>,
+    /// Extremes of `q·v − p·t` over the integer points.
+    int: Option<(i128, i128)>,
+    /// Extremes of `v − r·t` over the other points.
+    other: Option<(Q, Q)>,
+}
+
+impl LineOffsets {
+    pub(crate) fn new(r: &Q) -> LineOffsets {
+        let small = match r.0 {
+            Repr::Small(p, q) => Some((p, q)),
+            Repr::Big(_) => None,
+        };
+        LineOffsets { r: r.clone(), small, int: None, other: None }
+    }
+
+    pub(crate) fn see(&mut self, t: &Q, v: &Q) {
+        if let (Some((p, q)), Repr::Small(t, 1), Repr::Small(v, 1)) = (self.small, &t.0, &v.0) {
+            let k = *v as i128 * q as i128 - p as i128 * *t as i128;
+            self.int = Some(match self.int {
+                Some((lo, hi)) => (lo.min(k), hi.max(k)),
+                None => (k, k),
+            });
+            return;
+        }
+        let k = v - &self.r * t;
+        self.other = Some(match self.other.take() {
+            Some((lo, hi)) => (Q::min(&lo, &k), Q::max(&hi, &k)),
+            None => (k.clone(), k),
+        });
+    }
+
+    /// `(least, greatest)`, `None` before any point.
+    pub(crate) fn extremes(&self) -> Option<(Q, Q)> {
+        let int = self.int.zip(self.small).map(|((lo, hi), (_, q))| (Q::from_i128(lo, q as i128), Q::from_i128(hi, q as i128)));
+        match (int, &self.other) {
+            (Some((a, b)), Some((c, d))) => Some((Q::min(&a, c), Q::max(&b, d))),
+            (Some(e), None) => Some(e),
+            (None, o) => o.clone(),
+        }
+    }
+}
+
 impl Default for Q {
     fn default() -> Q {
         Q::zero()
@@ -637,6 +687,27 @@ mod tests {
                 let want = BigRational::new(bx.numer().lcm(by.numer()), bx.denom().gcd(by.denom()));
                 assert_eq!(Q::lcm(&x, &y), Some(Q::from_big(want)), "{x} {y}");
             }
+        }
+    }
+
+    #[test]
+    fn line_offsets_agree_with_rationals() {
+        // Integer and fractional points (extremes included) against v − r·t in rationals.
+        let mut r = crate::synthetic::Rng(5);
+        let edge = [0, 1, -1, i64::MAX, i64::MIN + 1, 1 << 40];
+        for _ in 0..2_000 {
+            let pick = |r: &mut crate::synthetic::Rng| if r.below(4) == 0 { edge[r.below(edge.len())] } else { r.int(-100_000, 100_000) };
+            let rate = Q::from_i128(pick(&mut r) as i128, pick(&mut r).unsigned_abs().max(1) as i128);
+            let mut offsets = LineOffsets::new(&rate);
+            let mut want: Option<(Q, Q)> = None;
+            for _ in 0..r.below(6) + 1 {
+                let den = if r.below(3) == 0 { r.int(2, 9) } else { 1 };
+                let (t, v) = (Q::from_i128(pick(&mut r) as i128, den as i128), Q::from_i128(pick(&mut r) as i128, 1));
+                offsets.see(&t, &v);
+                let k = &v - &rate * &t;
+                want = Some(want.map_or((k.clone(), k.clone()), |(lo, hi)| (Q::min(&lo, &k), Q::max(&hi, &k))));
+            }
+            assert_eq!(offsets.extremes(), want, "rate {rate}");
         }
     }
 

@@ -13,6 +13,12 @@ use proptest::prelude::*;
 use rtc::q::{q, qf};
 use rtc::{Curve, Seg, Q};
 
+/// `f` with every piece made flat (still non-decreasing when `f` is).
+fn staircase_of(f: &Curve) -> Curve {
+    let segs = f.segments().iter().map(|s| Seg::new(s.x.clone(), s.y.clone(), s.yr.clone(), q(0))).collect();
+    Curve::from_parts(segs, f.periodic_start().clone(), f.period().clone(), f.increment().clone()).unwrap()
+}
+
 /// A random curve; `mono` makes it non-decreasing and starting at 0.
 fn random_curve(r: &mut Rng, mono: bool) -> Curve {
     let t = qf(r.int(0, 8), 2);
@@ -274,6 +280,38 @@ proptest! {
         }
     }
 
+    /// The service left after several demands all truncated at a horizon, in one sweep, is the
+    /// one truncating each, summing them and taking the sum out of the truncated service
+    /// (values and one-sided limits, also far beyond the horizon; the same errors).
+    #[test]
+    fn the_service_left_after_truncated_demands_is_the_composed_one(seed in any::<u64>()) {
+        let mut r = Rng(seed);
+        let mono = r.int(0, 2) > 0;
+        let f = random_curve(&mut r, mono);
+        let gs: Vec<Curve> = (0..r.int(0, 5)).map(|_| random_curve(&mut r, mono)).collect();
+        let h = qf(r.int(1, 60), r.int(1, 2));
+        let composed = gs
+            .iter()
+            .map(|g| g.truncate_above(&h))
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|parts| Curve::sum(&parts))
+            .and_then(|total| f.truncate_below(&h)?.sub_running_max_nonneg(&total));
+        match (f.left_after_truncated(&gs, &h), composed) {
+            (Ok(swept), Ok(want)) => {
+                for x in grid(40, 4).into_iter().chain([q(97), qf(1001, 3), q(5000)]) {
+                    prop_assert_eq!(swept.eval(&x), want.eval(&x), "at {} f={:?} gs={:?} h={}", x, f, gs, h);
+                    prop_assert_eq!(swept.eval_right(&x), want.eval_right(&x));
+                    if x.is_positive() {
+                        prop_assert_eq!(swept.eval_left(&x), want.eval_left(&x));
+                    }
+                }
+                prop_assert_eq!(swept.rate(), want.rate());
+            }
+            (Err(a), Err(b)) => prop_assert_eq!(a, b),
+            (a, b) => prop_assert!(false, "one sweep {:?} against composed {:?}", a, b),
+        }
+    }
+
     #[test]
     fn convolution_matches_definition(seed in any::<u64>()) {
         let mut r = Rng(seed);
@@ -330,6 +368,8 @@ proptest! {
     fn closures(seed in any::<u64>()) {
         let mut r = Rng(seed);
         let f = random_curve(&mut r, false);
+        // A truncated curve ends in one line (its running maximum is then built in one scan).
+        let f = if r.int(0, 2) == 0 { f.truncate_above(&q(r.int(1, 15))).unwrap() } else { f };
         let b = Brute::of(&f);
         let m = f.running_max().unwrap();
         for t in grid(25, 4) {
@@ -348,60 +388,69 @@ proptest! {
         let mut r = Rng(seed);
         let f = random_curve(&mut r, true);
         let g = random_curve(&mut r, true);
-        let (bf, bg) = (Brute::of(&f), Brute::of(&g));
-        match f.vdev(&g) {
-            Ok(v) => {
-                // Never below any sampled difference, and attained at some breakpoint.
-                let mut best: Option<Q> = None;
-                let h = q(80);
-                let mut pts = bf.breakpoints(&h);
-                pts.extend(bg.breakpoints(&h));
-                for x in pts {
-                    for d in [bf.val(&x) - bg.val(&x), bf.right(&x) - bg.right(&x), bf.left(&x) - bg.left(&x)] {
-                        prop_assert!(d <= v, "vdev {} below {} at {}", v, d, x);
-                        if best.as_ref().is_none_or(|b| &d > b) { best = Some(d); }
-                    }
-                }
-                prop_assert_eq!(best.unwrap(), v);
-            }
-            Err(_) => prop_assert!(f.rate() > g.rate() || (f.rate() == g.rate() && f.rate().is_positive())),
-        }
-        match f.hdev(&g) {
-            Ok(dl) => {
-                // f(t) <= g(t + d) everywhere sampled, and no smaller shift works.
-                let eps = qf(1, 64);
-                let mut tight = false;
-                let mut ts = grid(40, 8);
-                ts.extend(bf.breakpoints(&q(40)));
-                // Where f crosses a level at which g jumps or bends, the supremum is approached
-                // just after the crossing: sample there too.
-                let mut levels = Vec::new();
-                for x in bg.breakpoints(&q(60)) {
-                    levels.extend([bg.val(&x), bg.left(&x), bg.right(&x)]);
-                }
-                for x in bf.breakpoints(&q(40)) {
-                    let (r0, nx) = (bf.right(&x), x.clone() + qf(1, 1_000_000));
-                    let slope = (bf.val(&nx) - &r0) / qf(1, 1_000_000);
-                    if slope.is_positive() {
-                        for l in &levels {
-                            let tc = &x + (l - &r0) / &slope;
-                            if tc >= x && tc < q(40) { ts.push(tc.clone()); ts.push(tc + &eps / q(4)); }
+        let bg = Brute::of(&g);
+        // The backlog of `f` and of its staircase (then scanned at its breakpoints only).
+        for f in [f.clone(), staircase_of(&f)] {
+            let bf = Brute::of(&f);
+            match f.vdev(&g) {
+                Ok(v) => {
+                    // Never below any sampled difference, and attained at some breakpoint.
+                    let mut best: Option<Q> = None;
+                    let h = q(80);
+                    let mut pts = bf.breakpoints(&h);
+                    pts.extend(bg.breakpoints(&h));
+                    for x in pts {
+                        for d in [bf.val(&x) - bg.val(&x), bf.right(&x) - bg.right(&x), bf.left(&x) - bg.left(&x)] {
+                            prop_assert!(d <= v, "vdev {} below {} at {}", v, d, x);
+                            if best.as_ref().is_none_or(|b| &d > b) { best = Some(d); }
                         }
                     }
+                    prop_assert_eq!(best.unwrap(), v);
                 }
-                for t in &ts {
-                    // The infimum need not be attained: compare with the right limit.
-                    prop_assert!(bf.val(t) <= bg.right(&(t + &dl)), "f({})={} > g({}+)", t, bf.val(t), t + &dl);
-                    prop_assert!(bf.right(t) <= bg.right(&(t + &dl)));
-                    if dl.is_positive() {
-                        let d2 = &dl - &eps;
-                        let d2 = if d2.is_negative() { Q::zero() } else { d2 };
-                        if bf.val(t) > bg.val(&(t + &d2)) || bf.right(t) > bg.right(&(t + &d2)) { tight = true; }
-                    }
-                }
-                prop_assert!(dl.is_zero() || tight, "hdev {} not tight f={:?} g={:?}", dl, f, g);
+                Err(_) => prop_assert!(f.rate() > g.rate() || (f.rate() == g.rate() && f.rate().is_positive())),
             }
-            Err(_) => prop_assert!(f.rate() > g.rate() || g.rate().is_zero()),
+        }
+        // The delay of `f` and of its staircase (every piece made flat; `hdev` then scans the
+        // demand's levels only).
+        for f in [f.clone(), staircase_of(&f)] {
+            let bf = Brute::of(&f);
+            match f.hdev(&g) {
+                Ok(dl) => {
+                    // f(t) <= g(t + d) everywhere sampled, and no smaller shift works.
+                    let eps = qf(1, 64);
+                    let mut tight = false;
+                    let mut ts = grid(40, 8);
+                    ts.extend(bf.breakpoints(&q(40)));
+                    // Where f crosses a level at which g jumps or bends, the supremum is approached
+                    // just after the crossing: sample there too.
+                    let mut levels = Vec::new();
+                    for x in bg.breakpoints(&q(60)) {
+                        levels.extend([bg.val(&x), bg.left(&x), bg.right(&x)]);
+                    }
+                    for x in bf.breakpoints(&q(40)) {
+                        let (r0, nx) = (bf.right(&x), x.clone() + qf(1, 1_000_000));
+                        let slope = (bf.val(&nx) - &r0) / qf(1, 1_000_000);
+                        if slope.is_positive() {
+                            for l in &levels {
+                                let tc = &x + (l - &r0) / &slope;
+                                if tc >= x && tc < q(40) { ts.push(tc.clone()); ts.push(tc + &eps / q(4)); }
+                            }
+                        }
+                    }
+                    for t in &ts {
+                        // The infimum need not be attained: compare with the right limit.
+                        prop_assert!(bf.val(t) <= bg.right(&(t + &dl)), "f({})={} > g({}+)", t, bf.val(t), t + &dl);
+                        prop_assert!(bf.right(t) <= bg.right(&(t + &dl)));
+                        if dl.is_positive() {
+                            let d2 = &dl - &eps;
+                            let d2 = if d2.is_negative() { Q::zero() } else { d2 };
+                            if bf.val(t) > bg.val(&(t + &d2)) || bf.right(t) > bg.right(&(t + &d2)) { tight = true; }
+                        }
+                    }
+                    prop_assert!(dl.is_zero() || tight, "hdev {} not tight f={:?} g={:?}", dl, f, g);
+                }
+                Err(_) => prop_assert!(f.rate() > g.rate() || g.rate().is_zero()),
+            }
         }
     }
 }
@@ -498,6 +547,8 @@ proptest! {
         let mut r = Rng(seed);
         let (mono_f, mono_g) = (r.int(0, 1) == 1, r.int(0, 1) == 1);
         let f = random_curve(&mut r, mono_f);
+        // A staircase `f` on a non-decreasing `g` is scanned at `f`'s breakpoints only.
+        let f = if r.int(0, 1) == 1 { staircase_of(&f) } else { f };
         let g = random_curve(&mut r, mono_g);
         let h = qf(r.int(1, 60), 2);
         let (bf, bg) = (Brute::of(&f), Brute::of(&g));
