@@ -1090,7 +1090,7 @@ impl Sender_ {
         if self.keep_copy {
             self.encoder.copy = BackupCopy::new(view.size());
             if self.encoder.copy.is_none() {
-                tracing::warn!("no memory for a copy of the backup's {} MiB: no XOR deltas this session", view.size() >> 20);
+                tracing::warn!("guest memory of {} bytes is not whole pages: no XOR deltas this session", view.size());
             }
         }
         const CHUNK: u64 = 256;
