@@ -47,8 +47,9 @@ pub struct VmSpec {
     /// costs), `log` or `compare` (`vmm::tracking`).
     #[serde(default)]
     pub tracking: vmm::TrackingChoice,
-    /// Whether a protected VM's checkpoint pages travel compressed: `auto` (per checkpoint,
-    /// when the link is the bottleneck), `on` or `off` (`replication::compress`).
+    /// How a protected VM's checkpoint pages travel: `auto` (per checkpoint, compressed when
+    /// the link is the bottleneck), `lz4` (or `on`), `xor` (deltas against the backup's copy,
+    /// then LZ4) or `off` (`replication::compress`).
     #[serde(with = "compression_str", default)]
     pub compression: replication::compress::Compression,
     /// Announce the VM in the store as a domain.

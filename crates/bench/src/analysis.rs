@@ -81,7 +81,7 @@ pub struct Args {
     /// `replication`: dirty tracking of the protected VMs (auto, log, compare, hybrid).
     #[arg(long, default_value = "auto")]
     tracking: vmm::TrackingChoice,
-    /// `replication`: compression of checkpoint pages on the wire (auto, on, off).
+    /// `replication`: compression of checkpoint pages on the wire (auto, lz4, xor, off).
     #[arg(long, default_value = "auto")]
     compression: replication::compress::Compression,
     /// `replication`: limit the replication link to this many Mbit/s (tc), e.g. 1000.

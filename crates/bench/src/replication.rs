@@ -49,9 +49,10 @@ struct Epochs {
     switches: usize,
     /// Time finding dirty pages, summed (ms).
     find_ms: f64,
-    /// Page frame bytes on the wire, and checkpoints sent compressed.
+    /// Page frame bytes on the wire, checkpoints sent compressed, and of them as XOR deltas.
     wire_bytes: f64,
     compressed: usize,
+    delta: usize,
 }
 
 fn parse_epochs(text: &str) -> Epochs {
@@ -70,6 +71,7 @@ fn parse_epochs(text: &str) -> Epochs {
         e.find_ms += ms(r.find_ns);
         e.wire_bytes += r.wire_bytes as f64;
         e.compressed += r.compressed as usize;
+        e.delta += r.delta as usize;
     }
     e
 }
@@ -391,7 +393,7 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
                     "median_ack_ms": median(&r.epochs.ack_ms), "median_output_delay_ms": median(&r.epochs.delay_ms),
                     "taken_over_during": r.spoiled, "suspicions": r.suspicions,
                     "compute_estimated": r.compute_estimated, "backup_lost": r.unprotected, "compare_epochs": r.epochs.compare, "tracking_switches": r.epochs.switches,
-                    "bytes_sent": r.epochs.bytes, "wire_bytes": r.epochs.wire_bytes, "compressed_checkpoints": r.epochs.compressed, "cpu_primary_s": r.cpu_primary, "cpu_backup_s": r.cpu_backup, "find_ms_total": r.epochs.find_ms,
+                    "bytes_sent": r.epochs.bytes, "wire_bytes": r.epochs.wire_bytes, "compressed_checkpoints": r.epochs.compressed, "delta_checkpoints": r.epochs.delta, "cpu_primary_s": r.cpu_primary, "cpu_backup_s": r.cpu_backup, "find_ms_total": r.epochs.find_ms,
                 })
             })
             .collect();
@@ -445,20 +447,32 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
         );
     }
     println!(
-        "\nAccounting (tracking {}, compression {}{}): share of epochs tracked by comparing memory, switches, time finding dirty pages, checkpoint page bytes, their bytes on the wire, share of checkpoints compressed, CPU time of the primary's and the backup's processes (all four workloads; the unprotected primary's is the guests' own)",
+        "\nAccounting (tracking {}, compression {}{}): share of epochs tracked by comparing memory, switches, time finding dirty pages, checkpoint page bytes, their bytes on the wire, page frame bytes per checkpoint, share of checkpoints compressed (as LZ4 or XOR deltas) and as XOR deltas, CPU time of the primary's and the backup's processes (all four workloads; the unprotected primary's is the guests' own)",
         bed.tracking,
         bed.compression,
         opts.link_mbit.map(|m| format!(", replication link {m} Mbit/s")).unwrap_or_default()
     );
     println!(
-        "{:<14} {:>8} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10} {:>12} {:>11}",
-        "policy", "epochs", "compare", "switches", "find ms", "page MB", "wire MB", "compressed", "CPU primary", "CPU backup"
+        "{:<14} {:>8} {:>9} {:>9} {:>10} {:>10} {:>10} {:>12} {:>10} {:>8} {:>12} {:>11}",
+        "policy",
+        "epochs",
+        "compare",
+        "switches",
+        "find ms",
+        "page MB",
+        "wire MB",
+        "wire KB/ckpt",
+        "compressed",
+        "delta",
+        "CPU primary",
+        "CPU backup"
     );
     for r in &rows {
         let share = if r.epochs.n > 0 { format!("{:.0} %", 100.0 * r.epochs.compare as f64 / r.epochs.n as f64) } else { "–".into() };
-        let zshare = if r.epochs.n > 0 { format!("{:.0} %", 100.0 * r.epochs.compressed as f64 / r.epochs.n as f64) } else { "–".into() };
+        let of_n = |k: usize| if r.epochs.n > 0 { format!("{:.0} %", 100.0 * k as f64 / r.epochs.n as f64) } else { "–".into() };
+        let per = if r.epochs.n > 0 { format!("{:.1}", r.epochs.wire_bytes / r.epochs.n as f64 / 1e3) } else { "–".into() };
         println!(
-            "{:<14} {:>8} {:>9} {:>9} {:>10.0} {:>10.0} {:>10.0} {:>10} {:>10.1} s {:>9.1} s",
+            "{:<14} {:>8} {:>9} {:>9} {:>10.0} {:>10.0} {:>10.0} {:>12} {:>10} {:>8} {:>10.1} s {:>9.1} s",
             r.policy,
             r.epochs.n,
             share,
@@ -466,7 +480,9 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
             r.epochs.find_ms,
             r.epochs.bytes / 1e6,
             r.epochs.wire_bytes / 1e6,
-            zshare,
+            per,
+            of_n(r.epochs.compressed),
+            of_n(r.epochs.delta),
             r.cpu_primary,
             r.cpu_backup
         );

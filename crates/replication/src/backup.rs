@@ -64,6 +64,12 @@ pub enum Action {
     WriteDisk { offset: u64, data: Vec<u8> },
     /// Stage dirty pages of the checkpoint being received.
     Stage { epoch: u64, pages: Vec<u64>, data: Vec<u8> },
+    /// Stage dirty pages sent as their XOR against the replica: rebuild them against the
+    /// replica's pages as it stands (the last committed checkpoint) with
+    /// [`crate::delta::resolve`], which checks the base and the result, then stage them as
+    /// [`Action::Stage`]; on any mismatch report [`Event::Corrupt`] (never apply a delta to
+    /// another base).
+    StageDelta { epoch: u64, pages: Vec<u64>, base_crcs: Vec<u32>, pages_crc: u32, xor: Vec<u8> },
     /// Discard the staged pages (the checkpoint was refused).
     DiscardStaged,
     /// Apply the staged pages, the vCPU state and the clock to the replica, then write the
@@ -418,26 +424,14 @@ impl Backup {
                 }
                 self.disk.push((epoch, offset, data));
             }
-            Msg::Pages { epoch, pages, data } => {
-                if !matches!(self.phase, Phase::Replica { .. }) {
-                    return self.refuse(epoch, "pages before a hello".into(), out);
-                }
-                if !self.sync_done {
-                    return self.refuse(epoch, "checkpoint pages before the end of the synchronisation".into(), out);
-                }
-                if let Some(e) = self.expected_epoch() {
-                    if e != epoch {
-                        return self.refuse(epoch, format!("pages of epoch {epoch} out of order (expected epoch {e})"), out);
-                    }
-                }
-                let n = self.staging.map_or(0, |(_, n)| n) + pages.len() as u64;
-                if n > self.mem_pages {
-                    let reason = format!("epoch {epoch} stages {n} pages, more than the VM's {} pages", self.mem_pages);
-                    return self.refuse(epoch, reason, out);
-                }
-                self.staging = Some((epoch, n));
-                out.push(Action::Stage { epoch, pages, data });
-            }
+            Msg::Pages { epoch, pages, data } => match self.may_stage(epoch, pages.len()) {
+                Ok(()) => out.push(Action::Stage { epoch, pages, data }),
+                Err(reason) => self.refuse(epoch, reason, out),
+            },
+            Msg::PagesDelta { epoch, pages, base_crcs, pages_crc, xor } => match self.may_stage(epoch, pages.len()) {
+                Ok(()) => out.push(Action::StageDelta { epoch, pages, base_crcs, pages_crc, xor }),
+                Err(reason) => self.refuse(epoch, reason, out),
+            },
             Msg::Commit { epoch, guest_ns, pages, disk_writes, vcpu } => {
                 if !matches!(self.phase, Phase::Replica { .. }) {
                     return self.refuse(epoch, "commit before a hello".into(), out);
@@ -499,6 +493,27 @@ impl Backup {
             }
             other => self.refuse(0, format!("unexpected {} message from the primary", other.kind()), out),
         }
+    }
+
+    /// Checks that `count` pages of `epoch` may be staged now, and counts them.
+    fn may_stage(&mut self, epoch: u64, count: usize) -> Result<(), String> {
+        if !matches!(self.phase, Phase::Replica { .. }) {
+            return Err("pages before a hello".into());
+        }
+        if !self.sync_done {
+            return Err("checkpoint pages before the end of the synchronisation".into());
+        }
+        if let Some(e) = self.expected_epoch() {
+            if e != epoch {
+                return Err(format!("pages of epoch {epoch} out of order (expected epoch {e})"));
+            }
+        }
+        let n = self.staging.map_or(0, |(_, n)| n) + count as u64;
+        if n > self.mem_pages {
+            return Err(format!("epoch {epoch} stages {n} pages, more than the VM's {} pages", self.mem_pages));
+        }
+        self.staging = Some((epoch, n));
+        Ok(())
     }
 
     /// Keeps the just-committed epoch's output; forgets what is known released and, beyond
@@ -710,6 +725,24 @@ mod tests {
         let out = b.handle(21, Event::Applied { epoch: 2, result: Err("page 99999 is outside guest memory".into()) });
         assert!(refused(&out).is_some_and(|r| r.contains("outside guest memory")), "{out:?}");
         assert_eq!(b.committed(), Some(1));
+    }
+
+    #[test]
+    fn delta_pages_are_staged_for_the_driver_to_rebuild_and_checked_like_pages() {
+        let mut b = synced();
+        apply(&mut b, 1);
+        let delta = |epoch| Msg::PagesDelta { epoch, pages: vec![1], base_crcs: vec![0], pages_crc: 0, xor: vec![0; 4096] };
+        let out = b.handle(20, Event::Received(delta(2)));
+        assert!(matches!(&out[..], [Action::StageDelta { epoch: 2, .. }]), "{out:?}");
+        // The driver found the base is not the replica's: refused, staging discarded.
+        let out = b.handle(21, Event::Corrupt { reason: "delta pages of epoch 2: page 1 of the replica is not the base".into() });
+        assert!(refused(&out).is_some_and(|r| r.contains("page 1 of the replica")), "{out:?}");
+        assert!(out.contains(&Action::DiscardStaged));
+        assert_eq!(b.committed(), Some(1));
+        let mut b = synced();
+        apply(&mut b, 1);
+        let out = b.handle(20, Event::Received(delta(3)));
+        assert!(refused(&out).is_some_and(|r| r.contains("out of order (expected epoch 2)")), "{out:?}");
     }
 
     #[test]

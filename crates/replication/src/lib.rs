@@ -8,7 +8,8 @@
 //! - [`lease`]: fencing — the arbiter's lease table and its line protocol;
 //! - [`stored`]: fencing without an arbiter — the lease as a record in the cluster's store,
 //!   decided by each copy in a store transaction;
-//! - [`compress`]: when to compress a checkpoint's pages on the wire.
+//! - [`compress`]: when to compress a checkpoint's pages on the wire, and how;
+//! - [`delta`]: checkpoint pages as their XOR against the backup's copy, checked at both ends.
 //!
 //! It does no I/O and does not own the VM: the drivers in the `agent` crate perform the
 //! actions with the `vmm` crate (pause, dirty pages, held output, replica), sockets and
@@ -16,6 +17,7 @@
 
 pub mod backup;
 pub mod compress;
+pub mod delta;
 pub mod lease;
 pub mod policy;
 pub mod primary;

@@ -17,7 +17,14 @@
 //! CRC covers the compressed bytes, so a damaged byte is refused before anything is
 //! decompressed; a block that does not decompress to exactly the announced pages, with their
 //! checksum, is refused too.
+//!
+//! Or as *delta pages* frames ([`Msg::PagesDelta`], [`crate::delta`]): each page XOR'd with
+//! the backup's copy of it, the XOR'd data as one LZ4 block, with a CRC-32 of each base page
+//! and one of the result (epoch, page numbers and new pages); the backup checks both against
+//! its replica and never applies a delta to another base.
 
+use crate::compress::Encoding;
+use crate::delta::BackupCopy;
 use std::io::{self, Read, Write};
 
 /// First four bytes of every frame.
@@ -46,6 +53,13 @@ pub enum Msg {
     DiskWrite { epoch: u64, offset: u64, data: Vec<u8> },
     /// Primary → backup: dirty pages of the checkpoint closing `epoch`.
     Pages { epoch: u64, pages: Vec<u64>, data: Vec<u8> },
+    /// Primary → backup: dirty pages of the checkpoint closing `epoch`, each as its XOR
+    /// against the backup's copy of the page (its replica as the session's last checkpoint
+    /// left it): `base_crcs` has the CRC-32 of each page's base, `pages_crc` the CRC-32 of
+    /// the epoch, page numbers and new pages ([`crate::delta::pages_crc`]). On the wire the
+    /// XOR'd data is one LZ4 block; here it is decompressed, not yet applied to a base
+    /// ([`crate::delta::resolve`]).
+    PagesDelta { epoch: u64, pages: Vec<u64>, base_crcs: Vec<u32>, pages_crc: u32, xor: Vec<u8> },
     /// Primary → backup: the end of the checkpoint closing `epoch`: the vCPU state, the guest
     /// clock, and counts to check the checkpoint arrived whole.
     Commit { epoch: u64, guest_ns: u64, pages: u64, disk_writes: u64, vcpu: Vec<u8> },
@@ -88,6 +102,10 @@ pub enum WireError {
     UnknownKind(u8),
     #[error("malformed {kind} frame: {reason}")]
     Malformed { kind: &'static str, reason: String },
+    /// A delta pages frame that cannot be applied: its base is not the replica's page, or
+    /// its result is not the pages it was computed from.
+    #[error("delta pages of epoch {epoch}: {reason}")]
+    Delta { epoch: u64, reason: String },
     #[error("{0}")]
     Io(String),
 }
@@ -107,6 +125,8 @@ const K_OUTPUT: u8 = 11;
 const K_PAGES_LZ4: u8 = 12;
 const K_HANDOVER: u8 = 13;
 const K_INPUT: u8 = 14;
+/// [`Msg::PagesDelta`]: pages as their XOR against the backup's copy, as one LZ4 block.
+const K_PAGES_DELTA: u8 = 15;
 
 /// Largest network frame carried in [`Msg::Output`].
 pub const MAX_NET_FRAME: usize = 65535;
@@ -127,6 +147,7 @@ fn kind_name(k: u8) -> &'static str {
         K_PAGES_LZ4 => "compressed pages",
         K_HANDOVER => "handover",
         K_INPUT => "input",
+        K_PAGES_DELTA => "delta pages",
         _ => "unknown",
     }
 }
@@ -152,6 +173,7 @@ impl Msg {
             Msg::Output { .. } => K_OUTPUT,
             Msg::Handover { .. } => K_HANDOVER,
             Msg::Input { .. } => K_INPUT,
+            Msg::PagesDelta { .. } => K_PAGES_DELTA,
         }
     }
 
@@ -223,6 +245,8 @@ impl Msg {
                 h.extend_from_slice(&paused_ns.to_le_bytes());
                 &[]
             }
+            // Compressed on the way out: [`write_msg`] writes it with `write_delta_frame`.
+            Msg::PagesDelta { .. } => &[],
         };
         (h, bulk)
     }
@@ -235,6 +259,9 @@ fn put_bytes(h: &mut Vec<u8>, b: &[u8]) {
 
 /// Writes one frame. The bulk data (pages, disk data) is written straight from the message.
 pub fn write_msg(w: &mut impl Write, msg: &Msg) -> io::Result<()> {
+    if let Msg::PagesDelta { epoch, pages, base_crcs, pages_crc, xor } = msg {
+        return write_delta_frame(w, *epoch, pages, base_crcs, *pages_crc, xor, &mut Vec::new()).map(|_| ());
+    }
     let (head, bulk) = msg.parts();
     let len = head.len() + bulk.len();
     if len > MAX_PAYLOAD {
@@ -294,6 +321,9 @@ pub fn read_msg_recycling(r: &mut impl Read, spare: &mut Vec<Vec<u8>>) -> Result
     }
     if kind == K_PAGES_LZ4 {
         return read_pages_lz4(r, &header, len, spare);
+    }
+    if kind == K_PAGES_DELTA {
+        return read_pages_delta(r, &header, len, spare);
     }
     let mut payload = vec![0u8; len + 4];
     if read_full(r, &mut payload)? != payload.len() {
@@ -420,6 +450,49 @@ fn read_pages_lz4(r: &mut impl Read, header: &[u8; 9], len: usize, spare: &mut V
     }
     let pages = list.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
     Ok(Msg::Pages { epoch, pages, data })
+}
+
+/// The rest of a delta pages frame: read whole, checked, then its block decompressed into a
+/// recycled buffer of exactly the announced pages (still XOR'd: [`crate::delta::resolve`]
+/// applies them to their base).
+fn read_pages_delta(r: &mut impl Read, header: &[u8; 9], len: usize, spare: &mut Vec<Vec<u8>>) -> Result<Msg, WireError> {
+    let name = kind_name(K_PAGES_DELTA);
+    let mut payload = vec![0u8; len + 4];
+    if read_full(r, &mut payload)? != payload.len() {
+        return Err(WireError::Truncated(name));
+    }
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&header[4..]);
+    crc.update(&payload[..len]);
+    if crc.finalize().to_le_bytes() != payload[len..] {
+        return Err(WireError::BadChecksum(name));
+    }
+    let mut f = Fields { kind: name, rest: &payload[..len] };
+    let epoch = f.u64("epoch")?;
+    let n = f.u32("page count")? as usize;
+    let list = f.take(n.checked_mul(8).ok_or_else(|| f.bad("page count overflows"))?, "page numbers")?;
+    let crcs = f.take(n.checked_mul(4).ok_or_else(|| f.bad("page count overflows"))?, "base checksums")?;
+    let raw = f.u32("data length")? as usize;
+    let pages_crc = f.u32("pages checksum")?;
+    if n.checked_mul(PAGE) != Some(raw) || raw > MAX_PAYLOAD {
+        return Err(f.bad(format!("{n} pages announced but {raw} bytes of data")));
+    }
+    let mut xor = spare.pop().unwrap_or_default();
+    xor.resize(raw, 0);
+    match lz4_flex::block::decompress_into(f.rest, &mut xor) {
+        Ok(got) if got == raw => {}
+        Ok(got) => {
+            spare.push(xor);
+            return Err(f.bad(format!("the block decompressed to {got} bytes, not the {raw} announced")));
+        }
+        Err(e) => {
+            spare.push(xor);
+            return Err(f.bad(format!("the block does not decompress: {e}")));
+        }
+    }
+    let pages = list.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+    let base_crcs = crcs.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4]))).collect();
+    Ok(Msg::PagesDelta { epoch, pages, base_crcs, pages_crc, xor })
 }
 
 /// Decodes a whole frame held in `bytes` (which must contain exactly one frame).
@@ -636,31 +709,127 @@ pub fn write_checkpoint(w: &mut impl Write, epoch: u64, pages: &[u64], data: &[u
     write_msg(w, commit)
 }
 
-/// As [`write_checkpoint`], each pages frame compressed ([`write_pages_lz4`]) when `scratch`
-/// is given (the compression buffer, kept between calls). Returns the bytes of page frames
-/// written.
-pub fn write_checkpoint_with(
+/// What a sender keeps between checkpoints to encode their pages: buffers for the XOR'd
+/// pages and the LZ4 block, and its copy of the backup's replica (the base of XOR deltas).
+#[derive(Debug, Default)]
+pub struct Encoder {
+    xor: Vec<u8>,
+    block: Vec<u8>,
+    /// The session's copy of the backup's replica: every page written with this encoder is
+    /// recorded in it (whatever the encoding); [`Encoding::Xor`] needs it complete.
+    pub copy: Option<BackupCopy>,
+}
+
+impl Encoder {
+    /// Whether checkpoints may be sent as XOR deltas (the copy is complete).
+    pub fn delta_ready(&self) -> bool {
+        self.copy.as_ref().is_some_and(BackupCopy::complete)
+    }
+}
+
+/// As [`write_checkpoint`], each pages frame as `encoding` says, with `enc`'s buffers (every
+/// page written is recorded in its copy of the backup's replica, if it has one;
+/// [`Encoding::Xor`] needs that copy complete: an error otherwise, before anything is
+/// written). Returns the bytes of page frames written.
+pub fn write_checkpoint_encoded(
     w: &mut impl Write,
     epoch: u64,
     pages: &[u64],
     data: &[u8],
     commit: &Msg,
-    mut scratch: Option<&mut Vec<u8>>,
+    encoding: Encoding,
+    enc: &mut Encoder,
 ) -> io::Result<u64> {
+    if encoding == Encoding::Xor && !enc.delta_ready() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "XOR deltas without a complete copy of the backup's pages"));
+    }
+    let Encoder { xor, block, copy } = enc;
     let mut bytes = 0u64;
     for (i, chunk) in pages.chunks(PAGES_PER_FRAME).enumerate() {
         let start = i * PAGES_PER_FRAME * PAGE;
         let part = data.get(start..start + chunk.len() * PAGE).ok_or_else(|| io::Error::other("staged data shorter than its pages"))?;
-        bytes += match scratch.as_deref_mut() {
-            Some(s) => write_pages_lz4(w, epoch, chunk, part, s)?,
-            None => {
+        bytes += match (encoding, copy.as_ref()) {
+            (Encoding::Xor, Some(c)) => write_pages_delta(w, epoch, chunk, part, c.memory(), xor, block)?,
+            (Encoding::Lz4, _) => write_pages_lz4(w, epoch, chunk, part, block)?,
+            _ => {
                 write_pages(w, epoch, chunk, part)?;
                 (9 + 12 + chunk.len() * 8 + part.len() + 4) as u64
             }
         };
+        if let Some(c) = copy.as_mut() {
+            c.record_pages(epoch, chunk, part).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        }
     }
     write_msg(w, commit)?;
     Ok(bytes)
+}
+
+/// Writes one [`Msg::PagesDelta`] frame for `pages` (their new contents in `data`) against
+/// `base`, the backup's memory as the sender last sent it (`xor` and `block`: buffers kept
+/// between calls); returns the frame's bytes.
+pub fn write_pages_delta(
+    w: &mut impl Write,
+    epoch: u64,
+    pages: &[u64],
+    data: &[u8],
+    base: &[u8],
+    xor: &mut Vec<u8>,
+    block: &mut Vec<u8>,
+) -> io::Result<u64> {
+    let base_crcs = crate::delta::encode(epoch, pages, data, base, xor).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let pages_crc = crate::delta::pages_crc(epoch, pages, data);
+    write_delta_frame(w, epoch, pages, &base_crcs, pages_crc, xor, block)
+}
+
+/// Writes a delta pages frame: the fields, then `xor` compressed as one LZ4 block (in
+/// `block`); returns the frame's bytes.
+fn write_delta_frame(
+    w: &mut impl Write,
+    epoch: u64,
+    pages: &[u64],
+    base_crcs: &[u32],
+    pages_crc: u32,
+    xor: &[u8],
+    block: &mut Vec<u8>,
+) -> io::Result<u64> {
+    if xor.len() != pages.len() * PAGE || base_crcs.len() != pages.len() || xor.len() > MAX_PAYLOAD {
+        return Err(io::Error::other(format!("{} bytes and {} base checksums for {} pages", xor.len(), base_crcs.len(), pages.len())));
+    }
+    let mut head = Vec::with_capacity(20 + pages.len() * 12);
+    head.extend_from_slice(&epoch.to_le_bytes());
+    head.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+    for p in pages {
+        head.extend_from_slice(&p.to_le_bytes());
+    }
+    for c in base_crcs {
+        head.extend_from_slice(&c.to_le_bytes());
+    }
+    head.extend_from_slice(&(xor.len() as u32).to_le_bytes());
+    head.extend_from_slice(&pages_crc.to_le_bytes());
+    block.resize(lz4_flex::block::get_maximum_output_size(xor.len()), 0);
+    let n = lz4_flex::block::compress_into(xor, block).map_err(io::Error::other)?;
+    write_frame(w, K_PAGES_DELTA, &head, &block[..n])
+}
+
+/// Writes a frame of `kind` whose payload is `head` then `bulk`; returns its bytes.
+fn write_frame(w: &mut impl Write, kind: u8, head: &[u8], bulk: &[u8]) -> io::Result<u64> {
+    let len = head.len() + bulk.len();
+    if len > MAX_PAYLOAD {
+        return Err(io::Error::other(format!("{} frame of {len} bytes", kind_name(kind))));
+    }
+    let mut header = [0u8; 9];
+    header[..4].copy_from_slice(&MAGIC);
+    header[4] = kind;
+    header[5..].copy_from_slice(&(len as u32).to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&header[4..]);
+    crc.update(head);
+    crc.update(bulk);
+    w.write_all(&header)?;
+    w.write_all(head)?;
+    w.write_all(bulk)?;
+    w.write_all(&crc.finalize().to_le_bytes())?;
+    Ok((9 + len + 4) as u64)
 }
 
 /// Writes one [`Msg::Pages`] frame with its page data compressed as one LZ4 block (in

@@ -15,11 +15,15 @@
 //!   found by the VMM's own tracker (`vmm::tracking::DirtyTracker`) over a model dirty log
 //!   (with manual protection, as KVM here), its mode switched at random among the dirty log,
 //!   comparing against the last checkpoint and the hybrid of both, some writes made by the "VMM" (unseen by the log) and some returning a page to
-//!   an earlier content;
+//!   an earlier content, and half the pages sent as XOR deltas against the sender's copy of
+//!   the backup's replica (`replication::delta`), rebuilt by the backup against its replica
+//!   after checking the base (a delta whose base is not the replica's is refused, never
+//!   applied);
 //! - and, without faults, output flows and a crashed primary is replaced within the timeout
 //!   plus the lease.
 
 use replication::backup::{self, Backup};
+use replication::delta::{self, BackupCopy};
 use replication::lease::{Answer, Request, Table};
 use replication::policy;
 use replication::primary::{self, Primary};
@@ -275,6 +279,9 @@ struct PrimaryNode {
     /// Sync cells still to send (cell index, at time).
     sync_queue: Vec<usize>,
     sync_session: Option<u64>,
+    /// The sender's copy of the backup's replica for the current session (made at its
+    /// synchronisation): the base of XOR deltas.
+    sent: Option<BackupCopy>,
     fenced: bool,
     /// Paused for good by a handover (until resumed if it fails).
     halted: bool,
@@ -288,6 +295,10 @@ struct BackupNode {
     replica_state: u64,
     staged: Vec<(usize, u64)>,
     committed_epochs: Vec<u64>,
+    /// Pages received as XOR deltas and rebuilt, and deltas refused (their base was not the
+    /// replica's page).
+    deltas: u64,
+    deltas_refused: u64,
 }
 
 enum Wire {
@@ -334,6 +345,8 @@ struct World {
     /// Chooses each epoch's tracking mode (apart from `rng`, so the runs' other choices stay
     /// as they were).
     track_rng: Rng,
+    /// Chooses which pages travel as XOR deltas (apart from `rng` likewise).
+    delta_rng: Rng,
     faults: Faults,
     timing: Timing,
     arbiter: Service,
@@ -374,6 +387,7 @@ impl World {
             now: 0,
             rng: Rng(seed | 1),
             track_rng: Rng((seed ^ 0x7ac4_1e55_d1e7_0001) | 1),
+            delta_rng: Rng((seed ^ 0xde17_a0de_17a0_0001) | 1),
             faults,
             timing,
             arbiter: Service::Arbiter(Table::default()),
@@ -389,6 +403,7 @@ impl World {
                 outq: vec![],
                 sync_queue: vec![],
                 sync_session: None,
+                sent: None,
                 fenced: false,
                 halted: false,
             }],
@@ -513,6 +528,9 @@ impl World {
                     p.outq.clear();
                     p.sync_queue = (0..CELLS).collect();
                     p.sync_session = Some(session);
+                    // A new session starts without a base: never a delta against the copy of
+                    // an older one.
+                    p.sent = BackupCopy::new((CELLS * PAGE) as u64);
                 }
                 primary::Action::Checkpoint => {
                     let next = [TrackingMode::Log, TrackingMode::Compare, TrackingMode::Hybrid][self.track_rng.below(3) as usize];
@@ -529,7 +547,21 @@ impl World {
                     let pages: Vec<(usize, u64)> = dirty.iter().map(|&c| (c, p.vm.mem[c])).collect();
                     let state = p.vm.state;
                     for (c, v) in &pages {
-                        p.outq.push(Msg::Pages { epoch, pages: vec![*c as u64], data: page(*v) });
+                        let (list, data) = (vec![*c as u64], page(*v));
+                        let as_delta = self.delta_rng.chance(0.5);
+                        let msg = match p.sent.as_mut().filter(|s| s.complete()) {
+                            Some(sent) if as_delta => {
+                                let mut xor = Vec::new();
+                                let base_crcs = delta::encode(epoch, &list, &data, sent.memory(), &mut xor).expect("encode");
+                                let pages_crc = delta::pages_crc(epoch, &list, &data);
+                                Msg::PagesDelta { epoch, pages: list.clone(), base_crcs, pages_crc, xor }
+                            }
+                            _ => Msg::Pages { epoch, pages: list.clone(), data: data.clone() },
+                        };
+                        if let Some(sent) = p.sent.as_mut() {
+                            sent.record_pages(epoch, &list, &data).expect("record");
+                        }
+                        p.outq.push(msg);
                     }
                     // The epoch's output travels with the checkpoint (each output is the VM
                     // state it shows, as an 8-byte frame).
@@ -649,6 +681,19 @@ impl World {
                 }
                 backup::Action::WriteSync { first_page, data } => b.replica[first_page as usize] = cell_of(&data),
                 backup::Action::Stage { pages, data, .. } => b.staged.push((pages[0] as usize, cell_of(&data))),
+                backup::Action::StageDelta { epoch, pages, base_crcs, pages_crc, mut xor } => {
+                    let replica: Vec<u8> = b.replica.iter().flat_map(|v| page(*v)).collect();
+                    match delta::resolve(epoch, &pages, &base_crcs, pages_crc, &mut xor, &replica) {
+                        Ok(()) => {
+                            b.deltas += 1;
+                            b.staged.push((pages[0] as usize, cell_of(&xor)));
+                        }
+                        Err(e) => {
+                            b.deltas_refused += 1;
+                            queue.extend(b.sm.handle(now, backup::Event::Corrupt { reason: e.to_string() }));
+                        }
+                    }
+                }
                 backup::Action::DiscardStaged => b.staged.clear(),
                 backup::Action::WriteDisk { offset, data } => b.disk[offset as usize] = cell_of(&data),
                 backup::Action::Apply { epoch, vcpu, disk, .. } => {
@@ -716,6 +761,7 @@ impl World {
                         outq: vec![],
                         sync_queue: vec![],
                         sync_session: None,
+                        sent: None,
                         fenced: false,
                         halted: false,
                     });
@@ -944,9 +990,15 @@ impl World {
                 if self.conn.as_ref().is_some_and(|x| x.1 == name) {
                     self.send(Wire::ToBackup(Msg::Sync { first_page: c as u64, data: page(v) }));
                 }
+                if let Some(sent) = self.primaries[i].sent.as_mut() {
+                    sent.record_range(c as u64, &page(v)).expect("record");
+                }
                 if self.primaries[i].sync_queue.is_empty() && self.primaries[i].sync_session.take().is_some() {
                     if self.conn.as_ref().is_some_and(|x| x.1 == name) {
                         self.send(Wire::ToBackup(Msg::SyncEnd { pages: CELLS as u64, disk_chunks: DISK as u64 }));
+                    }
+                    if let Some(sent) = self.primaries[i].sent.as_mut() {
+                        sent.set_complete();
                     }
                     let acts = self.primaries[i].sm.handle(now, primary::Event::SyncSent);
                     self.primary_actions(i, acts);
@@ -991,6 +1043,8 @@ impl BackupNode {
             replica_state: 0,
             staged: vec![],
             committed_epochs: vec![],
+            deltas: 0,
+            deltas_refused: 0,
         }
     }
 }
@@ -1017,6 +1071,9 @@ fn without_faults_output_flows_and_the_vm_stays_protected_in(stored: bool) {
     // The tracker really switched between its modes along the way.
     assert!(p.vm.compare_epochs > 5 && p.vm.switches > 5, "{} compare epochs, {} switches", p.vm.compare_epochs, p.vm.switches);
     assert!(p.vm.hybrid_epochs > 5 && p.vm.hot_max > 0, "{} hybrid epochs, at most {} hot pages", p.vm.hybrid_epochs, p.vm.hot_max);
+    // Pages travelled as XOR deltas, each rebuilt against the right base.
+    let b = w.backup.as_ref().expect("backup");
+    assert!(b.deltas > 20 && b.deltas_refused == 0, "{} deltas applied, {} refused", b.deltas, b.deltas_refused);
 }
 
 fn a_crashed_primary_is_replaced_within_timeout_plus_lease_in(stored: bool) {

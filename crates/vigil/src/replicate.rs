@@ -59,8 +59,9 @@ pub struct ProtectArgs {
     /// (log for cold pages, compare for hot ones).
     #[arg(long, default_value = "auto")]
     pub tracking: vmm::TrackingChoice,
-    /// Whether checkpoint pages travel compressed (LZ4): auto (per checkpoint, when the link
-    /// is the bottleneck, as measured), on or off.
+    /// How checkpoint pages travel: auto (per checkpoint, compressed when the link is the
+    /// bottleneck, as measured, as LZ4 or as XOR deltas, whichever pays), lz4 (`on`), xor (XOR
+    /// against the backup's copy of each page, then LZ4) or off.
     #[arg(long, default_value = "auto")]
     pub compression: replication::compress::Compression,
     /// Serve Prometheus metrics (GET /metrics) and the policy switch (POST /policy) here.

@@ -161,6 +161,23 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                     // Kept as received (no copy): applying copies each page once, into place.
                     st.frames.push((pages, data));
                 }
+                Action::StageDelta { epoch, pages, base_crcs, pages_crc, mut xor } => {
+                    // Rebuilt against the replica as the last committed checkpoint left it
+                    // (staged pages are applied only at the commit), after checking the base.
+                    let rebuilt = match st.replica.as_ref() {
+                        Some(r) => r.memory().as_slice().map_err(|e| e.to_string()).and_then(|mem| {
+                            replication::delta::resolve(epoch, &pages, &base_crcs, pages_crc, &mut xor, mem).map_err(|e| e.to_string())
+                        }),
+                        None => Err(format!("delta pages of epoch {epoch} without a replica")),
+                    };
+                    match rebuilt {
+                        Ok(()) => st.frames.push((pages, xor)),
+                        Err(reason) => {
+                            st.spare.put(xor);
+                            actions.extend(sm.handle(now, Event::Corrupt { reason }));
+                        }
+                    }
+                }
                 Action::DiscardStaged => {
                     // Freed, not only emptied: a peer that never commits must not keep memory.
                     st.frames = Vec::new();

@@ -57,8 +57,8 @@ pub enum Input {
     /// The sender of connection `conn` finished the initial synchronisation.
     SyncSent { conn: u64 },
     /// The sender of connection `conn` wrote checkpoint `epoch` in `transfer_ns`.
-    /// (`wire_bytes`: its page frames' bytes, `compressed`: whether they were compressed.)
-    Sent { conn: u64, epoch: u64, transfer_ns: u64, buffer: Vec<u8>, wire_bytes: u64, compressed: bool },
+    /// (`wire_bytes`: its page frames' bytes, `encoding`: how they travelled.)
+    Sent { conn: u64, epoch: u64, transfer_ns: u64, buffer: Vec<u8>, wire_bytes: u64, encoding: replication::compress::Encoding },
     /// The sender of connection `conn` failed.
     SendFailed { conn: u64, reason: String },
     /// The VM stopped.

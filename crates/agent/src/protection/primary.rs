@@ -10,6 +10,8 @@
 use super::stats::{self, EpochStats, Shared, Stats};
 use super::{handshake, random_id, spawn_arbiter, spawn_reader, Clock, Input, Side};
 use crate::auth::Key;
+use replication::compress::{Chooser, Compression, Encoding, Sample};
+use replication::delta::BackupCopy;
 use replication::primary::{Action, Event, Notice, Primary};
 use replication::wire::{self, Msg, PAGE};
 use replication::PolicySpec;
@@ -531,12 +533,13 @@ impl Driver {
             Input::Lease { sent_at, answer } => Some(Event::Lease { sent_at, answer }),
             Input::SyncSent { conn } if Some(conn) == current => Some(Event::SyncSent),
             Input::SyncSent { .. } => None,
-            Input::Sent { conn: _, epoch, transfer_ns, buffer, wire_bytes, compressed } => {
+            Input::Sent { conn: _, epoch, transfer_ns, buffer, wire_bytes, encoding } => {
                 self.spare.push(buffer);
                 if let Some(e) = self.pending.get_mut(&epoch) {
                     e.transfer_ns = transfer_ns;
                     e.wire_bytes = wire_bytes;
-                    e.compressed = compressed;
+                    e.compressed = encoding.compressed();
+                    e.delta = encoding == Encoding::Xor;
                 }
                 None
             }
@@ -868,6 +871,7 @@ impl Driver {
                     stats.compare_epochs += (e.tracking == Some(vmm::TrackingMode::Compare)) as u64;
                     stats.wire_bytes_total += e.wire_bytes;
                     stats.compressed += e.compressed as u64;
+                    stats.delta += e.delta as u64;
                     stats.last = e.clone();
                     self.window.add(e);
                     self.recent.add(e);
@@ -924,13 +928,22 @@ fn spawn_sender(
     mirror: Arc<Mutex<MirrorReceiver>>,
     input: vmm::devices::net::InputLog,
     tx: Sender<Input>,
-    compression: replication::compress::Compression,
+    compression: Compression,
 ) -> Sender<Out> {
     let (otx, orx) = channel::<Out>();
     let _ = std::thread::Builder::new().name(format!("repl-send-{conn}")).spawn(move || {
-        let mut chooser = replication::compress::Chooser::new(compression);
-        let mut scratch = Vec::new();
-        let mut s = Sender_ { w: BufWriter::with_capacity(1 << 20, stream), mirror, input, counts: HashMap::new(), synced: false };
+        let mut chooser = Chooser::new(compression);
+        // The copy of the backup's replica, kept only when deltas may be chosen.
+        let keep_copy = matches!(compression, Compression::Xor | Compression::Auto);
+        let mut s = Sender_ {
+            w: BufWriter::with_capacity(1 << 20, stream),
+            mirror,
+            input,
+            counts: HashMap::new(),
+            synced: false,
+            encoder: wire::Encoder::default(),
+            keep_copy,
+        };
         let result = (|| -> Result<(), String> {
             loop {
                 match orx.recv_timeout(Duration::from_millis(2)) {
@@ -958,31 +971,27 @@ fn spawn_sender(
                             disk_writes,
                             vcpu: c.vcpu.clone(),
                         };
-                        let compressed = chooser.compress_next();
+                        let encoding = chooser.next(s.encoder.delta_ready());
                         let t1 = Instant::now();
                         let mut counted = Counting { inner: &mut s.w, ns: 0 };
-                        let wire_bytes = wire::write_checkpoint_with(
-                            &mut counted,
-                            c.epoch,
-                            &c.pages,
-                            &c.data,
-                            &commit,
-                            compressed.then_some(&mut scratch),
-                        )
-                        .map_err(|e| e.to_string())?;
+                        let wire_bytes =
+                            wire::write_checkpoint_encoded(&mut counted, c.epoch, &c.pages, &c.data, &commit, encoding, &mut s.encoder)
+                                .map_err(|e| e.to_string())?;
                         let write_ns = counted.ns;
                         s.w.flush().map_err(|e| e.to_string())?;
                         let pages_ns = t1.elapsed().as_nanos() as u64;
                         let transfer_ns = t0.elapsed().as_nanos() as u64;
-                        // Time writing is the link's; the rest of writing the pages, compressing.
-                        chooser.observe(&replication::compress::Sample {
+                        // Time writing is the link's; the rest of writing the pages, encoding
+                        // them (and keeping the copy of the backup's pages).
+                        let compressed = encoding.compressed();
+                        chooser.observe(&Sample {
                             raw: c.data.len() as u64,
                             wire: wire_bytes,
                             compress_ns: if compressed { pages_ns.saturating_sub(write_ns) } else { 0 },
                             send_ns: if compressed { write_ns } else { pages_ns },
-                            compressed,
+                            encoding,
                         });
-                        let _ = tx.send(Input::Sent { conn, epoch: c.epoch, transfer_ns, buffer: c.data, wire_bytes, compressed });
+                        let _ = tx.send(Input::Sent { conn, epoch: c.epoch, transfer_ns, buffer: c.data, wire_bytes, encoding });
                     }
                     Ok(Out::Input) => {
                         s.send_input()?;
@@ -1014,6 +1023,11 @@ struct Sender_ {
     /// Whether the synchronisation started (disk writes go out only after it: the ones
     /// before are in what it reads).
     synced: bool,
+    /// Encoding buffers, and this session's copy of the backup's replica: every page as last
+    /// sent (made by the synchronisation, complete at its end), the base of XOR deltas.
+    encoder: wire::Encoder,
+    /// Whether to keep that copy (compression `xor` or `auto`).
+    keep_copy: bool,
 }
 
 impl Sender_ {
@@ -1070,6 +1084,15 @@ impl Sender_ {
         self.mirror.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.counts.clear();
         self.synced = true;
+        // A new session: a new copy, with no base until this synchronisation has sent every
+        // page (never the copy of an older session).
+        self.encoder.copy = None;
+        if self.keep_copy {
+            self.encoder.copy = BackupCopy::new(view.size());
+            if self.encoder.copy.is_none() {
+                tracing::warn!("guest memory of {} bytes is not whole pages: no XOR deltas this session", view.size());
+            }
+        }
         const CHUNK: u64 = 256;
         let pages = view.pages();
         let mut first = 0;
@@ -1077,6 +1100,9 @@ impl Sender_ {
             let n = CHUNK.min(pages - first);
             let mut data = vec![0u8; n as usize * PAGE];
             view.copy_range(first * PAGE as u64, &mut data).map_err(|e| e.to_string())?;
+            if let Some(copy) = self.encoder.copy.as_mut() {
+                copy.record_range(first, &data).map_err(|e| e.to_string())?;
+            }
             wire::write_msg(&mut self.w, &Msg::Sync { first_page: first, data }).map_err(|e| e.to_string())?;
             first += n;
             // Disk writes the guest makes meanwhile go out too (the backup holds them until
@@ -1103,6 +1129,9 @@ impl Sender_ {
             }
         }
         wire::write_msg(&mut self.w, &Msg::SyncEnd { pages, disk_chunks: chunks }).map_err(|e| e.to_string())?;
+        if let Some(copy) = self.encoder.copy.as_mut() {
+            copy.set_complete();
+        }
         self.w.flush().map_err(|e| e.to_string())
     }
 }

@@ -44,11 +44,14 @@ pub struct EpochStats {
     /// Hybrid tracking's hot pages (writable, compared) after the checkpoint.
     #[serde(default)]
     pub hot_pages: u64,
-    /// Bytes of the page frames on the wire, and whether they were compressed.
+    /// Bytes of the page frames on the wire, whether they were compressed, and whether as
+    /// XOR deltas against the backup's copy (`replication::delta`).
     #[serde(default)]
     pub wire_bytes: u64,
     #[serde(default)]
     pub compressed: bool,
+    #[serde(default)]
+    pub delta: bool,
 }
 
 impl EpochStats {
@@ -100,6 +103,8 @@ pub struct Stats {
     /// Page frame bytes on the wire, and checkpoints sent compressed.
     pub wire_bytes_total: u64,
     pub compressed: u64,
+    /// Checkpoints sent as XOR deltas (counted in `compressed` too).
+    pub delta: u64,
     pub last: EpochStats,
 }
 
@@ -126,6 +131,12 @@ impl Stats {
             self.wire_bytes_total.to_string(),
         );
         metric("compressed_total", "counter", "Checkpoints whose pages travelled compressed.", self.compressed.to_string());
+        metric(
+            "delta_total",
+            "counter",
+            "Checkpoints whose pages travelled as XOR deltas against the backup's copy (compressed).",
+            self.delta.to_string(),
+        );
         metric("dirty_pages_total", "counter", "Dirty pages checkpointed.", self.pages_total.to_string());
         metric(
             "output_delay_seconds_total",
