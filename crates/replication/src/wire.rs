@@ -412,16 +412,7 @@ fn read_pages(r: &mut impl Read, header: &[u8; 9], len: usize, spare: &mut Vec<V
 /// then its block decompressed into a recycled buffer of exactly the announced pages.
 fn read_pages_lz4(r: &mut impl Read, header: &[u8; 9], len: usize, spare: &mut Vec<Vec<u8>>) -> Result<Msg, WireError> {
     let name = kind_name(K_PAGES_LZ4);
-    let mut payload = vec![0u8; len + 4];
-    if read_full(r, &mut payload)? != payload.len() {
-        return Err(WireError::Truncated(name));
-    }
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&header[4..]);
-    crc.update(&payload[..len]);
-    if crc.finalize().to_le_bytes() != payload[len..] {
-        return Err(WireError::BadChecksum(name));
-    }
+    let payload = read_checked(r, header, len, name)?;
     let mut f = Fields { kind: name, rest: &payload[..len] };
     let epoch = f.u64("epoch")?;
     let n = f.u32("page count")? as usize;
@@ -431,19 +422,7 @@ fn read_pages_lz4(r: &mut impl Read, header: &[u8; 9], len: usize, spare: &mut V
     if n.checked_mul(PAGE) != Some(raw) || raw > MAX_PAYLOAD {
         return Err(f.bad(format!("{n} pages announced but {raw} bytes of data")));
     }
-    let mut data = spare.pop().unwrap_or_default();
-    data.resize(raw, 0);
-    match lz4_flex::block::decompress_into(f.rest, &mut data) {
-        Ok(got) if got == raw => {}
-        Ok(got) => {
-            spare.push(data);
-            return Err(f.bad(format!("the block decompressed to {got} bytes, not the {raw} announced")));
-        }
-        Err(e) => {
-            spare.push(data);
-            return Err(f.bad(format!("the block does not decompress: {e}")));
-        }
-    }
+    let data = decompress(&f, raw, spare)?;
     if crc32fast::hash(&data) != raw_crc {
         spare.push(data);
         return Err(f.bad("the decompressed pages do not match their checksum"));
@@ -452,11 +431,9 @@ fn read_pages_lz4(r: &mut impl Read, header: &[u8; 9], len: usize, spare: &mut V
     Ok(Msg::Pages { epoch, pages, data })
 }
 
-/// The rest of a delta pages frame: read whole, checked, then its block decompressed into a
-/// recycled buffer of exactly the announced pages (still XOR'd: [`crate::delta::resolve`]
-/// applies them to their base).
-fn read_pages_delta(r: &mut impl Read, header: &[u8; 9], len: usize, spare: &mut Vec<Vec<u8>>) -> Result<Msg, WireError> {
-    let name = kind_name(K_PAGES_DELTA);
+/// A compressed frame's payload of length `len` and its checksum (over the header's kind and
+/// length too), read whole and checked: the payload, then the four checksum bytes.
+fn read_checked(r: &mut impl Read, header: &[u8; 9], len: usize, name: &'static str) -> Result<Vec<u8>, WireError> {
     let mut payload = vec![0u8; len + 4];
     if read_full(r, &mut payload)? != payload.len() {
         return Err(WireError::Truncated(name));
@@ -467,6 +444,33 @@ fn read_pages_delta(r: &mut impl Read, header: &[u8; 9], len: usize, spare: &mut
     if crc.finalize().to_le_bytes() != payload[len..] {
         return Err(WireError::BadChecksum(name));
     }
+    Ok(payload)
+}
+
+/// The LZ4 block left in `f`, decompressed into a recycled buffer that must come out exactly
+/// `raw` bytes long (the buffer goes back to `spare` on an error).
+fn decompress(f: &Fields, raw: usize, spare: &mut Vec<Vec<u8>>) -> Result<Vec<u8>, WireError> {
+    let mut data = spare.pop().unwrap_or_default();
+    data.resize(raw, 0);
+    match lz4_flex::block::decompress_into(f.rest, &mut data) {
+        Ok(got) if got == raw => Ok(data),
+        Ok(got) => {
+            spare.push(data);
+            Err(f.bad(format!("the block decompressed to {got} bytes, not the {raw} announced")))
+        }
+        Err(e) => {
+            spare.push(data);
+            Err(f.bad(format!("the block does not decompress: {e}")))
+        }
+    }
+}
+
+/// The rest of a delta pages frame: read whole, checked, then its block decompressed into a
+/// recycled buffer of exactly the announced pages (still XOR'd: [`crate::delta::resolve`]
+/// applies them to their base).
+fn read_pages_delta(r: &mut impl Read, header: &[u8; 9], len: usize, spare: &mut Vec<Vec<u8>>) -> Result<Msg, WireError> {
+    let name = kind_name(K_PAGES_DELTA);
+    let payload = read_checked(r, header, len, name)?;
     let mut f = Fields { kind: name, rest: &payload[..len] };
     let epoch = f.u64("epoch")?;
     let n = f.u32("page count")? as usize;
@@ -477,19 +481,7 @@ fn read_pages_delta(r: &mut impl Read, header: &[u8; 9], len: usize, spare: &mut
     if n.checked_mul(PAGE) != Some(raw) || raw > MAX_PAYLOAD {
         return Err(f.bad(format!("{n} pages announced but {raw} bytes of data")));
     }
-    let mut xor = spare.pop().unwrap_or_default();
-    xor.resize(raw, 0);
-    match lz4_flex::block::decompress_into(f.rest, &mut xor) {
-        Ok(got) if got == raw => {}
-        Ok(got) => {
-            spare.push(xor);
-            return Err(f.bad(format!("the block decompressed to {got} bytes, not the {raw} announced")));
-        }
-        Err(e) => {
-            spare.push(xor);
-            return Err(f.bad(format!("the block does not decompress: {e}")));
-        }
-    }
+    let xor = decompress(&f, raw, spare)?;
     let pages = list.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
     let base_crcs = crcs.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4]))).collect();
     Ok(Msg::PagesDelta { epoch, pages, base_crcs, pages_crc, xor })
