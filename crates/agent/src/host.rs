@@ -424,7 +424,9 @@ impl Agent {
                 .get(&vm)
                 .is_some_and(|c| c.spec != spec && self.localised(&vm, role, &c.spec) != self.localised(&vm, role, &spec));
             let assignment = self.assignment_file(&vm);
-            let same_assignment = std::fs::read_to_string(&assignment).ok().and_then(|s| s.trim().parse().ok()) == Some(generation);
+            // (Read only for a copy not running here: every period otherwise.)
+            let same_assignment = !self.copies.contains_key(&vm)
+                && std::fs::read_to_string(&assignment).ok().and_then(|s| s.trim().parse().ok()) == Some(generation);
             let action = match self.copies.get_mut(&vm) {
                 None if role == Role::Primary && self.self_fenced.contains_key(&vm) => Some(Start::AfterSelfFencing),
                 // Its voter stopped with the agent before this one (or by that agent's fencing
