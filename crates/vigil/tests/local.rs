@@ -952,11 +952,15 @@ fn store_server_pid(cluster: &Path) -> Option<u32> {
 fn voter_pid(cluster: &Path, host: &str) -> Option<u32> {
     let spec = cluster.join("hosts").join(host).join("relay.primary.json");
     let spec = std::fs::canonicalize(&spec).unwrap_or(spec).display().to_string();
+    // (The test's own cluster only: the mode 4 tests run side by side, each with a hostA. Their
+    // directories differ in the component above `cluster`.)
+    let within = cluster.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let own = format!("{within}/cluster/hosts/{host}/relay.primary.json");
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
         let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
         let args: Vec<String> = cmd.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-        if args.iter().any(|a| a == "local") && args.iter().any(|a| *a == spec || a.ends_with(&format!("{host}/relay.primary.json"))) {
+        if args.iter().any(|a| a == "local") && args.iter().any(|a| *a == spec || a.ends_with(&own)) {
             return Some(pid);
         }
     }
