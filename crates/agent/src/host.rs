@@ -809,15 +809,27 @@ impl Agent {
                     p.state_file = file;
                     p.arbiter = self.lease_service(&p.arbiter);
                 }
+                s.disk = s.disk.map(|d| self.disk_path(&d));
                 serde_json::to_vec_pretty(&s)
             }),
             Role::Backup => serde_json::from_slice::<crate::vm::BackupSpec>(spec).ok().map(|mut s| {
                 s.state_file = file;
                 s.arbiter = self.lease_service(&s.arbiter);
+                s.disk = s.disk.map(|d| self.disk_path(&d));
                 serde_json::to_vec_pretty(&s)
             }),
         };
         out.and_then(Result::ok).unwrap_or_else(|| spec.to_vec())
+    }
+
+    /// Where this host keeps a disk a spec names: a relative path is in the state directory
+    /// (each host its own copy of the VM's disk).
+    fn disk_path(&self, disk: &Path) -> PathBuf {
+        if disk.is_relative() {
+            self.cfg.state_dir.join(disk)
+        } else {
+            disk.to_path_buf()
+        }
     }
 
     /// The lease service as this host's copies ask it: `store` (the cluster's lease records)
@@ -883,6 +895,15 @@ impl Agent {
             .map_err(|source| Error::Vmm { vm: vm.into(), source })?;
         if !reply.ok {
             return Err(Error::Spec { vm: vm.into(), reason: format!("snapshot: {}", reply.error.unwrap_or_default()) });
+        }
+        // The disk goes with the memory (the VM is paused and its block requests are
+        // synchronous: nothing writes it now); the destination moves it into place.
+        if let Some(disk) = spec.disk.as_deref().map(|d| self.disk_path(d)) {
+            let to = dir.join(crate::vm::SNAPSHOT_DISK);
+            std::fs::copy(&disk, &to).map_err(|e| Error::Spec {
+                vm: vm.into(),
+                reason: format!("cannot copy its disk {} into the snapshot {}: {e}", disk.display(), to.display()),
+            })?;
         }
         let m = cluster::Migration {
             dir: dir.to_path_buf(),

@@ -24,9 +24,13 @@ pub struct VmSpec {
     /// Arguments handed to the guest.
     #[serde(default)]
     pub args: Vec<String>,
-    /// Disk image file.
+    /// Disk image file. A relative path is the host's own copy, in its agent's state directory.
     #[serde(default)]
     pub disk: Option<PathBuf>,
+    /// The disk's size (MiB) when the file has to be created: a VM that starts where it has no
+    /// disk yet gets a new, zeroed one ([`prepare_disk`]); without it a missing disk is an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mib: Option<u64>,
     /// Where the disk's host I/O runs: in the VMM (`vmm`, the default) or in a supervised
     /// backend process of the VM's own (`process`, `vigil backend blk`).
     #[serde(default, skip_serializing_if = "BackendPlace::is_vmm")]
@@ -389,6 +393,7 @@ impl VmSpec {
             memory_mib,
             args: Vec::new(),
             disk: None,
+            disk_mib: None,
             disk_backend: BackendPlace::Vmm,
             net: None,
             api: None,
@@ -415,7 +420,7 @@ impl VmSpec {
             p.arbiter.parse::<crate::fencing::Service>().map_err(|e| self.err(e))?;
         }
         if let Some(d) = &self.disk {
-            if !d.exists() {
+            if !d.exists() && self.disk_mib.is_none() {
                 return Err(self.err(format!("disk {}: no such file", d.display())));
             }
         }
@@ -504,6 +509,9 @@ pub fn run(spec: &VmSpec) -> Result<u8> {
 /// As [`run`], returning how the run ended.
 pub fn run_outcome(spec: &VmSpec) -> Result<Outcome> {
     spec.check()?;
+    if let Some(disk) = &spec.disk {
+        prepare_disk(disk, spec.disk_mib, spec.restore.as_deref()).map_err(|reason| spec.err(reason))?;
+    }
     apply_placement(spec)?;
     if let Some(dir) = &spec.restore {
         return run_restored(spec, dir);
@@ -520,6 +528,41 @@ pub fn run_outcome(spec: &VmSpec) -> Result<Outcome> {
         return run_protected(vm, spec, p, announce);
     }
     drive(vm, spec.api.as_deref(), &spec.name, announce, &spec.scheduling, spec.disk.as_deref())
+}
+
+/// The name of a VM's disk in a migration snapshot (stop-and-copy carries the disk with the
+/// memory: `agent::host`, `migrate_out`).
+pub const SNAPSHOT_DISK: &str = "disk.img";
+
+/// Makes `disk` ready before a VM (or its backup) starts on this host: the disk a migration
+/// snapshot in `restore` carried replaces it (moved: a snapshot is restored once); a missing
+/// disk with a size is created, zeroed (sparse: blocks are allocated as the guest writes).
+pub fn prepare_disk(disk: &Path, size_mib: Option<u64>, restore: Option<&Path>) -> Result<(), String> {
+    if let Some(carried) = restore.map(|d| d.join(SNAPSHOT_DISK)).filter(|c| c.exists()) {
+        if std::fs::rename(&carried, disk).is_err() {
+            std::fs::copy(&carried, disk).map_err(|e| format!("disk {}: cannot copy {} there: {e}", disk.display(), carried.display()))?;
+        }
+        return Ok(());
+    }
+    match (disk.exists(), size_mib) {
+        (true, _) => Ok(()),
+        (false, None) => Err(format!("disk {}: no such file", disk.display())),
+        (false, Some(mib)) => {
+            let create = || -> std::io::Result<()> {
+                if let Some(parent) = disk.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(parent)?;
+                }
+                // A new name first, then renamed: a crash never leaves a short disk behind.
+                let mut tmp = disk.as_os_str().to_owned();
+                tmp.push(".new");
+                let f = std::fs::File::create(&tmp)?;
+                f.set_len(mib << 20)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, disk)
+            };
+            create().map_err(|e| format!("disk {}: cannot create it ({mib} MiB): {e}", disk.display()))
+        }
+    }
 }
 
 /// Announces the VM's address again 20, 100 and 500 ms from now: the first announcement can
@@ -696,9 +739,13 @@ pub struct BackupSpec {
     /// A bridge the agent attaches the tap to before the backup starts.
     #[serde(default)]
     pub bridge: Option<String>,
-    /// This host's copy of the VM's disk.
+    /// This host's copy of the VM's disk (relative: in the agent's state directory).
     #[serde(default)]
     pub disk: Option<PathBuf>,
+    /// Its size (MiB), to create it zeroed when this host has none yet (the initial
+    /// synchronisation fills it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mib: Option<u64>,
     /// The VM's control socket after a takeover.
     #[serde(default)]
     pub api: Option<PathBuf>,
@@ -735,6 +782,9 @@ pub fn run_backup(b: &BackupSpec) -> Result<u8> {
     let timing = b.timing.timing()?;
     b.arbiter.parse::<crate::fencing::Service>().map_err(|reason| Error::Spec { vm: "backup".into(), reason })?;
     if let Some(d) = &b.disk {
+        if b.disk_mib.is_some() {
+            prepare_disk(d, b.disk_mib, None).map_err(|reason| Error::Spec { vm: "backup".into(), reason })?;
+        }
         if !d.exists() {
             return Err(Error::Spec {
                 vm: "backup".into(),
@@ -817,6 +867,39 @@ mod tests {
         }
         assert!("52:54:00".parse::<Mac>().unwrap_err().contains("six bytes"));
         assert!("zz:54:00:00:00:00".parse::<Mac>().is_err());
+    }
+
+    #[test]
+    fn a_disk_is_created_zeroed_kept_or_taken_from_a_migration_snapshot() {
+        let dir = std::env::temp_dir().join(format!("vigil-prepare-disk-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let disk = dir.join("state/relay.disk");
+        // Missing, no size: an error naming the file.
+        let e = prepare_disk(&disk, None, None).unwrap_err();
+        assert!(e.contains("relay.disk: no such file"), "{e}");
+        // Missing with a size: created (its directory too), zeroed, of that size.
+        prepare_disk(&disk, Some(2), None).expect("create");
+        assert_eq!(std::fs::read(&disk).unwrap(), vec![0u8; 2 << 20]);
+        // Present: kept as it is (the size is for creating only).
+        std::fs::write(&disk, b"the VM's log").unwrap();
+        prepare_disk(&disk, Some(2), None).expect("keep");
+        assert_eq!(std::fs::read(&disk).unwrap(), b"the VM's log");
+        // A migration snapshot's disk replaces it, and is taken (restored once).
+        let snap = dir.join("migrate-relay-3");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::write(snap.join(SNAPSHOT_DISK), b"the source's disk").unwrap();
+        prepare_disk(&disk, Some(2), Some(&snap)).expect("carried");
+        assert_eq!(std::fs::read(&disk).unwrap(), b"the source's disk");
+        assert!(!snap.join(SNAPSHOT_DISK).exists());
+        // A snapshot without a disk leaves the host's own.
+        prepare_disk(&disk, Some(2), Some(&snap)).expect("no disk in the snapshot");
+        assert_eq!(std::fs::read(&disk).unwrap(), b"the source's disk");
+        // A spec that creates its disk passes the check.
+        let mut s = VmSpec::new("/images/kv", 64);
+        s.disk = Some(dir.join("other.disk"));
+        s.disk_mib = Some(1);
+        s.check().expect("a disk to create");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

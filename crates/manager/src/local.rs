@@ -495,15 +495,22 @@ pub fn down(dir: &Path) -> Result<(), String> {
             kill(k);
         }
     }
-    for ns in cf.host_ns.values().chain([&cf.switch_ns, &cf.field_ns]) {
-        for p in pids_in(ns) {
-            kill(p);
-        }
-    }
     for &p in cf.pids.values() {
         kill(p);
     }
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    // Every process in the cluster's namespaces, until none is left: an agent killed in one
+    // pass may have started a VM's process just after that pass listed the namespace's
+    // processes (seen after a test brought a cluster down while a plan started a backup: the
+    // backup outlived its cluster).
+    let namespaces: Vec<&String> = cf.host_ns.values().chain([&cf.switch_ns, &cf.field_ns]).collect();
+    for _ in 0..50 {
+        let left: Vec<u32> = namespaces.iter().flat_map(|ns| pids_in(ns)).collect();
+        if left.is_empty() {
+            break;
+        }
+        left.into_iter().for_each(kill);
+        std::thread::sleep(std::time::Duration::from_millis(40));
+    }
     remove_network(&cf.tag, cf.host_ns.len());
     // The namespaces of voted VMs' instances (their voters were killed above).
     agent::voter::driver::remove_stale_netns();

@@ -121,6 +121,13 @@ impl Layout {
         })
     }
 
+    /// The VM's disk, if it has one: a relative path, so that each host's agent keeps its own
+    /// copy in its state directory (created zeroed where the host has none; the backup's is
+    /// filled by the initial synchronisation, a migration's destination's by the migration).
+    fn disk(r: &model::run::Run) -> Option<PathBuf> {
+        r.disk_mib.map(|_| PathBuf::from(format!("{}.disk", r.vm)))
+    }
+
     fn policy(&self, r: &model::run::Run) -> replication::PolicySpec {
         match r.policy.as_deref() {
             Some(ANALYSED) => self.analysed.get(&r.vm).copied().unwrap_or_default(),
@@ -161,6 +168,11 @@ impl Layout {
         s.name = r.vm.clone();
         s.args = r.args.clone();
         s.net = self.net(x.index, r);
+        s.disk = Self::disk(r);
+        s.disk_mib = r.disk_mib;
+        if r.blk_backend_process {
+            s.disk_backend = agent::vm::BackendPlace::Process;
+        }
         s.api = Some(self.run_dir.join(format!("{}.{host}.sock", r.vm)));
         s.scheduling.cpus = cpus;
         s.local = self.local(x);
@@ -213,7 +225,8 @@ impl Layout {
             holder: host.to_string(),
             tap: self.net(x.index, r).map(|n| n.tap),
             bridge: Some(self.bridge.clone()),
-            disk: None,
+            disk: Self::disk(r),
+            disk_mib: r.disk_mib,
             api: Some(self.run_dir.join(format!("{}.{host}.sock", r.vm))),
             control: None,
             stats: false,

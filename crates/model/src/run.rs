@@ -11,6 +11,8 @@
 //! ip = "10.99.0.50/24"    # its address on the cluster's LAN
 //! port = 6379             # the TCP port its clients use (probed by `vigil status`)
 //! policy = "adaptive"     # checkpoint policy in remote-backup mode
+//! disk = "64MiB"          # a disk of its own on every host that holds a copy (mirrored to its backup)
+//! blk_backend = "process" # the disk's host I/O in a supervised process (default "vmm")
 //!
 //! # N-version (modes local and local+remote): instance K of the voted VM (1-based, as in
 //! # `vigil fail --instance relay#K`) runs another image, or the same with more arguments.
@@ -38,6 +40,8 @@ pub struct RawRun {
     pub port: Option<i64>,
     pub policy: Option<String>,
     pub net_backend: Option<String>,
+    pub disk: Option<Val>,
+    pub blk_backend: Option<String>,
     pub instance: Option<Vec<Spanned<RawInstance>>>,
 }
 
@@ -88,6 +92,12 @@ pub struct Run {
     /// The network backend runs as a process of its own (`net_backend = "process"`), not
     /// inside the VMM (`"vmm"`, the default).
     pub net_backend_process: bool,
+    /// The size of its disk (MiB), if it has one: each host that runs or backs up the VM keeps
+    /// its own copy (a new, zeroed one where it has none), mirrored to the backup with every
+    /// checkpoint in remote-backup mode.
+    pub disk_mib: Option<u64>,
+    /// The disk's backend runs as a process of its own (`blk_backend = "process"`).
+    pub blk_backend_process: bool,
     /// Instances that run another image or more arguments (N-version), by instance.
     pub versions: Vec<Version>,
 }
@@ -96,6 +106,14 @@ impl Run {
     /// Every image the VM's instances run (the run's first).
     pub fn images(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.image.as_str()).chain(self.versions.iter().filter_map(|v| v.image.as_deref()))
+    }
+}
+
+/// A value as written (for errors).
+fn val_text(v: &Val) -> String {
+    match v {
+        Val::Str(s) => s.clone(),
+        _ => String::new(),
     }
 }
 
@@ -130,23 +148,53 @@ pub(crate) fn build(raw: &[Spanned<RawRun>], ctx: &Ctx, vms: &[VmFacts]) -> Resu
         if image.trim().is_empty() {
             return Err(f(Some("image"), "empty image".into()));
         }
+        // A size in whole MiB, 1MiB to 64GiB.
+        let mib = |key: &str, v: &Val| -> Result<u64, ModelError> {
+            let Val::Str(s) = v else { return Err(f(Some(key), "a quantity with a unit, such as \"64MiB\"".into())) };
+            let q = crate::units::size(s).map_err(|e| f(Some(key), e))?;
+            let mib = q.to_f64() / (1u64 << 20) as f64;
+            if !(1.0..=65536.0).contains(&mib) || mib.fract() != 0.0 {
+                return Err(f(Some(key), format!("{s}: a whole number of MiB from 1MiB to 64GiB")));
+            }
+            Ok(mib as u64)
+        };
         let memory_mib = match &r.memory {
             None => 64,
-            Some(Val::Str(s)) => {
-                let q = crate::units::size(s).map_err(|e| f(Some("memory"), e))?;
-                let mib = q.to_f64() / (1u64 << 20) as f64;
-                if !(1.0..=65536.0).contains(&mib) || mib.fract() != 0.0 {
-                    return Err(f(Some("memory"), format!("{s}: a whole number of MiB from 1MiB to 64GiB")));
-                }
-                if mib * (1u64 << 20) as f64 > facts.memory {
+            Some(v) => {
+                let m = mib("memory", v)?;
+                if (m << 20) as f64 > facts.memory {
                     return Err(f(
                         Some("memory"),
-                        format!("{s} is more than the {} MiB its [[vm]] reserves on a host", facts.memory / (1u64 << 20) as f64),
+                        format!(
+                            "{} is more than the {} MiB its [[vm]] reserves on a host",
+                            val_text(v),
+                            facts.memory / (1u64 << 20) as f64
+                        ),
                     ));
                 }
-                mib as u64
+                m
             }
-            Some(_) => return Err(f(Some("memory"), "a quantity with a unit, such as \"64MiB\"".into())),
+        };
+        let disk_mib = match &r.disk {
+            None => None,
+            Some(_) if facts.instances > 1 => {
+                return Err(f(
+                    Some("disk"),
+                    format!(
+                        "the VM runs {} voted instances, which cannot share one disk (a disk per instance is not supported)",
+                        facts.instances
+                    ),
+                ))
+            }
+            Some(v) => Some(mib("disk", v)?),
+        };
+        let blk_backend_process = match r.blk_backend.as_deref() {
+            None | Some("vmm") => false,
+            Some("process") if disk_mib.is_none() => {
+                return Err(f(Some("blk_backend"), "the VM has no disk: give the [[run]] a `disk` (its size) first".into()))
+            }
+            Some("process") => true,
+            Some(other) => return Err(f(Some("blk_backend"), format!("{other:?}: \"vmm\" or \"process\""))),
         };
         let ip = match &r.ip {
             None => None,
@@ -210,6 +258,8 @@ pub(crate) fn build(raw: &[Spanned<RawRun>], ctx: &Ctx, vms: &[VmFacts]) -> Resu
             port,
             policy: r.policy.clone(),
             net_backend_process,
+            disk_mib,
+            blk_backend_process,
         });
     }
     Ok(out)

@@ -52,6 +52,31 @@ fn bad_run_items_are_named_with_their_line() {
             "missing key `image`",
         ),
         (base.replace("vm = \"logger\"\nimage", "vm = \"relay\"\nimage"), line_of("vm = \"logger\"\nimage"), "already has a [[run]] item"),
+        (
+            base.replace("port = 6379\npolicy", "port = 6379\ndisk = \"1.5MiB\"\npolicy"),
+            line_of("port = 6379\npolicy") + 1,
+            "whole number of MiB",
+        ),
+        (
+            base.replace("port = 6379\npolicy", "port = 6379\ndisk = 64\npolicy"),
+            line_of("port = 6379\npolicy") + 1,
+            "a quantity with a unit",
+        ),
+        (
+            base.replace("port = 6379\npolicy", "port = 6379\ndisk = \"128GiB\"\npolicy"),
+            line_of("port = 6379\npolicy") + 1,
+            "from 1MiB to 64GiB",
+        ),
+        (
+            base.replace("port = 6379\npolicy", "port = 6379\nblk_backend = \"process\"\npolicy"),
+            line_of("port = 6379\npolicy") + 1,
+            "the VM has no disk: give the [[run]] a `disk`",
+        ),
+        (
+            base.replace("port = 6379\npolicy", "port = 6379\ndisk = \"8MiB\"\nblk_backend = \"thread\"\npolicy"),
+            line_of("port = 6379\npolicy") + 2,
+            "\"thread\": \"vmm\" or \"process\"",
+        ),
     ];
     for (text, line, want) in cases {
         let e = parse(&text).expect_err(want);
@@ -60,6 +85,18 @@ fn bad_run_items_are_named_with_their_line() {
     }
     let e = parse(&base.replace("port = 6379\npolicy", "port = 6379\nspeed = 3\npolicy")).expect_err("unknown key");
     assert!(e.contains("unknown field `speed`"), "{e}");
+}
+
+#[test]
+fn a_vm_may_have_a_disk_with_its_backend_in_a_process() {
+    let text = example().replace("port = 6379\npolicy", "port = 6379\ndisk = \"16MiB\"\nblk_backend = \"process\"\npolicy");
+    let l = parse(&text).expect("parses");
+    let relay = l.runs.iter().find(|r| r.vm == "relay").expect("relay runs");
+    assert_eq!((relay.disk_mib, relay.blk_backend_process), (Some(16), true));
+    let control = l.runs.iter().find(|r| r.vm == "control").expect("control runs");
+    assert_eq!((control.disk_mib, control.blk_backend_process), (None, false));
+    let l = parse(&example().replace("port = 6379\npolicy", "port = 6379\ndisk = \"1GiB\"\npolicy")).expect("parses");
+    assert_eq!(l.runs.iter().find(|r| r.vm == "relay").map(|r| (r.disk_mib, r.blk_backend_process)), Some((Some(1024), false)));
 }
 
 fn voted() -> String {
@@ -119,4 +156,7 @@ fn bad_instance_versions_are_named_with_their_line() {
     let logger = format!("{logger}\n[[run.instance]]\nnumber = 1\nargs = [\"x\"]\n");
     let e = parse(&logger).expect_err("one instance");
     assert!(e.contains("run \"logger\"") && e.contains("the VM runs one instance"), "{e}");
+    // The voted instances cannot share one disk.
+    let e = parse(&voted_with("disk = \"8MiB\"\n")).expect_err("a voted VM's disk");
+    assert!(e.contains("run \"relay\"") && e.contains("3 voted instances, which cannot share one disk"), "{e}");
 }

@@ -361,7 +361,7 @@ fn fail_component(dir: &std::path::Path, host: &str, c: Component, vm: Option<&s
     let (pid, _) = match &candidates[..] {
         [one] => one.clone(),
         [] => bail!(
-            "host {host} runs no {name} process{} (a VM's network backend is a process with `net_backend = \"process\"` in its [[run]]; a disk's with `vigil vm run --blk-backend process`)",
+            "host {host} runs no {name} process{} (a VM's network backend is a process with `net_backend = \"process\"` in its [[run]]; a disk's with `disk = \"SIZE\"` and `blk_backend = \"process\"`)",
             vm.map(|v| format!(" for VM {v}")).unwrap_or_default()
         ),
         many => bail!(

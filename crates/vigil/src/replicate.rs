@@ -173,6 +173,7 @@ pub fn backup(a: &BackupArgs) -> Result<u8> {
         tap: a.tap.clone(),
         bridge: None,
         disk: a.disk.clone(),
+        disk_mib: None,
         api: a.api.clone(),
         control: a.control.clone(),
         stats: a.stats,

@@ -292,9 +292,14 @@ fn the_manager_an_agent_and_the_store_restart_without_a_failover() {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    // Every VM's network backend runs as a process of its own.
-    let up =
-        Up::start_edited("restart", "t2", "substation.toml", &[], &[], |t| t.replace("[[run]]\n", "[[run]]\nnet_backend = \"process\"\n"));
+    // Every VM's network backend runs as a process of its own; control has a disk, whose
+    // backend is a process too.
+    let up = Up::start_edited("restart", "t2", "substation.toml", &[], &[], |t| {
+        let control = "vm = \"control\"\n";
+        assert!(t.contains(control), "examples/substation.toml changed");
+        t.replace("[[run]]\n", "[[run]]\nnet_backend = \"process\"\n")
+            .replace(control, &format!("{control}disk = \"16MiB\"\nblk_backend = \"process\"\n"))
+    });
     let st = up.wait("every VM serving, control protected", 30, |ok, v| ok && vm(v, "control")["replication"] == "protected");
     let g1 = st["leader"]["generation"].as_u64().expect("generation");
     let leader = st["leader"]["id"].as_str().unwrap().to_string();
@@ -329,19 +334,22 @@ fn the_manager_an_agent_and_the_store_restart_without_a_failover() {
         });
     }
 
-    // 2b. control's network backend (on hostB) crashes, then hangs: its VMM starts it again;
-    // the client's connection and the VM's protection carry on.
+    // 2b. control's network backend (on hostB) crashes, then hangs, and so does its disk's:
+    // its VMM starts each again; the client's connection and the VM's protection carry on.
     assert_eq!(vm(&up.status().1, "control")["host"], "hostB");
-    for hang in [false, true] {
-        let mut args = vec!["fail", "--component", "net", "--host", "hostB", "--vm", "control", "--dir", &d];
-        if hang {
-            args.push("--hang");
+    for component in ["net", "blk"] {
+        for hang in [false, true] {
+            let mut args = vec!["fail", "--component", component, "--host", "hostB", "--vm", "control", "--dir", &d];
+            if hang {
+                args.push("--hang");
+            }
+            let out = vigil(&args);
+            assert!(out.status.success(), "vigil fail --component {component}: {}", text(&out.stderr));
+            assert_eq!(c.call(&format!("SET {component}-backend-{hang} survived")), "OK");
         }
-        let out = vigil(&args);
-        assert!(out.status.success(), "vigil fail --component net: {}", text(&out.stderr));
-        assert_eq!(c.call(&format!("SET backend-{hang} survived")), "OK");
     }
-    let out = vigil(&["fail", "--component", "blk", "--host", "hostB", "--dir", &d]);
+    // hostA's VMs have no disk.
+    let out = vigil(&["fail", "--component", "blk", "--host", "hostA", "--dir", &d]);
     assert!(!out.status.success() && text(&out.stderr).contains("runs no blk backend process"), "{}", text(&out.stderr));
 
     // 3. The store's server dies (its supervisor starts it again).
@@ -354,7 +362,8 @@ fn the_manager_an_agent_and_the_store_restart_without_a_failover() {
         ["relay", "control", "logger"].iter().map(|n| vm(&st, n)["detail"].as_str().unwrap().to_string()).collect();
     assert_eq!(pids_before, pids_after, "the VMMs kept running");
     assert_eq!(c.call("GET before"), "restarts", "the VM kept its state and its connection");
-    assert_eq!(c.call("GET backend-true"), "survived");
+    assert_eq!(c.call("GET net-backend-true"), "survived");
+    assert_eq!(c.call("GET blk-backend-true"), "survived");
     up.wait("control protected after its backend's failures", 10, |ok, v| ok && vm(v, "control")["replication"] == "protected");
 
     // 4. The keeper dies, then the field: the keeper's standby keeps now and starts it (and
@@ -400,6 +409,34 @@ fn the_manager_an_agent_and_the_store_restart_without_a_failover() {
     let st = up.wait("the plan for hostB executed", 30, |ok, v| ok && v["failed"] == serde_json::json!(["hostB"]));
     assert_eq!(vm(&st, "control")["host"], "hostC", "{st}");
     assert_eq!(c.call("GET before"), "restarts", "control's state survived its host");
+    assert_eq!(c.call("SET after takeover"), "OK");
+
+    // control's disk on hostC (its backup's copy, kept in step by the checkpoints, written by
+    // the VM since the takeover) holds kv's log of every write: a new VM replays it.
+    drop(c);
+    let disk = up.dir.join("hosts/hostC/control.disk");
+    drop(up);
+    replay_disk(
+        &disk,
+        &[("before", "restarts"), ("net-backend-true", "survived"), ("blk-backend-false", "survived"), ("after", "takeover")],
+    );
+}
+
+/// Starts kv on a copy of `disk` (a cluster's copy of a VM's disk, the cluster down) and checks
+/// that replaying its log gives every `(key, value)`.
+fn replay_disk(disk: &Path, want: &[(&str, &str)]) {
+    let copy = disk.with_extension("checked");
+    std::fs::copy(disk, &copy).unwrap_or_else(|e| panic!("{}: {e}", disk.display()));
+    let ns = testbed::tapns::TapNs::new("rdisk").expect("namespace");
+    let image = testbed::guest("kv").expect("kv guest");
+    let copy_arg = copy.display().to_string();
+    let _vm = ns
+        .start_vm_with(Path::new(env!("CARGO_BIN_EXE_vigil")), &image, &["--disk", &copy_arg], "replay", disk.parent().unwrap())
+        .expect("a VM on the disk");
+    let mut r = RedisClient::new(&ns.name, testbed::tapns::GUEST_IP, 6379);
+    for (k, v) in want {
+        assert_eq!(r.call(&format!("GET {k}")), *v, "{k}, replayed from {}", disk.display());
+    }
 }
 
 #[test]
@@ -433,8 +470,9 @@ fn a_plan_that_migrates_a_running_vm_carries_its_state_and_its_connections() {
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // examples/crowded.toml: when hostA fails, the plan migrates the cache (normal mode, on
-    // the live hostB) to hostC to make room for the relay's activation on hostB.
-    let up = Up::start_edited("migrate", "t5", "crowded.toml", &[], &[], quiet_cache);
+    // the live hostB) to hostC to make room for the relay's activation on hostB. The cache
+    // has a disk: the migration carries it.
+    let up = Up::start_edited("migrate", "t5", "crowded.toml", &[], &[], |t| with_disk(quiet_cache(t), "cache"));
     up.wait("every VM serving, relay protected", 30, |ok, v| ok && vm(v, "relay")["replication"] == "protected");
     let writer = Writer::start(&up.field_ns(), "10.99.0.51");
     assert!(vigil(&["fail", "hostA", "--dir", &up.d()]).status.success());
@@ -449,7 +487,12 @@ fn a_plan_that_migrates_a_running_vm_carries_its_state_and_its_connections() {
     assert!(events.iter().any(|e| e.contains("cache: migrated from hostB to hostC by pre-copy")), "{events:?}");
     assert!(!events.iter().any(|e| e.contains("paused and snapshotted")), "no stop-and-copy: {events:?}");
     writer.carry_on(5, Duration::from_secs(20));
-    writer.finish();
+    let n = writer.finish();
+    // Every acknowledged write is on the cache's disk on hostC.
+    let disk = up.dir.join("hosts/hostC/cache.disk");
+    drop(up);
+    let (last, ctr) = (format!("k{}", n - 1), n.to_string());
+    replay_disk(&disk, &[("k0", "v0"), (&last, &format!("v{}", n - 1)), ("ctr", &ctr)]);
 }
 
 /// Found by `vigil bench migration` (stop-and-copy): a VM that came by a snapshot and was
@@ -462,7 +505,10 @@ fn a_vm_moved_by_its_snapshot_never_comes_back_to_that_snapshot() {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let up = Up::start_edited("snapshot-once", "t9", "crowded.toml", &[], &[("VIGIL_MIGRATION", "stop-and-copy")], quiet_cache);
+    // The cache has a disk: the snapshot carries it.
+    let up = Up::start_edited("snapshot-once", "t9", "crowded.toml", &[], &[("VIGIL_MIGRATION", "stop-and-copy")], |t| {
+        with_disk(quiet_cache(t), "cache")
+    });
     up.wait("every VM serving, relay protected", 30, |ok, v| ok && vm(v, "relay")["replication"] == "protected");
     let field = up.field_ns();
     assert_eq!(RedisClient::new(&field, "10.99.0.51", 6379).call("SET k before-the-move"), "OK");
@@ -497,6 +543,7 @@ fn a_vm_moved_by_its_snapshot_never_comes_back_to_that_snapshot() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_ne!(got, "before-the-move", "the cache came back to its old snapshot");
+    assert_eq!(got, "after-the-move", "the cache started afresh replays its disk, which came with the snapshot");
     let events = up.status().1["events"].to_string();
     assert!(events.contains("starting afresh"), "{events}");
 }
@@ -642,6 +689,13 @@ fn a_replicated_vm_activated_away_from_its_replica_takes_over_there_and_migrates
 /// writes to it as fast as it answers, far above the model's 5 ms period, and the monitoring
 /// would (rightly) substitute that into the model and re-plan — these tests are about the
 /// migration the declared model's plan makes.
+/// The model with a 16 MiB disk for `vm` (its `[[run]]`), its backend a process.
+fn with_disk(text: String, vm: &str) -> String {
+    let run = format!("vm = \"{vm}\"\n");
+    assert!(text.contains(&run), "no [[run]] for {vm}");
+    text.replace(&run, &format!("{run}disk = \"16MiB\"\nblk_backend = \"process\"\n"))
+}
+
 fn quiet_cache(text: String) -> String {
     let cache = "vm = \"cache\"\n";
     assert!(text.contains(cache), "examples/crowded.toml's cache changed");
