@@ -2,7 +2,10 @@
 //! over its socket with `XS_CONTROL check` every period, and restarts only that component when
 //! it crashes (its exit is seen at once by a thread blocked in `waitpid`) or hangs (`misses`
 //! heartbeats in a row go unanswered; the child is then killed with SIGKILL). Every incident is
-//! reported with its detection and recovery times.
+//! reported with its detection and recovery times. A replacement that cannot start (it exits,
+//! or does not answer in time: the store's etcd front end on a host cut off from etcd) is
+//! started again after a pause that doubles up to [`MAX_RETRY_PAUSE`], for as long as it takes:
+//! a supervisor never gives its component up.
 
 use crate::{Error, Result};
 use std::ffi::OsString;
@@ -29,6 +32,21 @@ pub struct Config {
     pub misses: u32,
     /// How long a new child may take to answer its first heartbeat.
     pub start_timeout: Duration,
+}
+
+/// The longest pause between attempts to start a replacement.
+pub const MAX_RETRY_PAUSE: Duration = Duration::from_secs(2);
+const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// A replacement that could not start yet.
+#[derive(Debug)]
+struct Pending {
+    cause: Cause,
+    old_pid: u32,
+    detected_at: Instant,
+    /// The next attempt, and the pause after it fails too.
+    next_at: Instant,
+    pause: Duration,
 }
 
 /// Why a child was restarted.
@@ -62,13 +80,15 @@ pub struct Supervisor {
     missed: u32,
     next_req: u32,
     restarts: u64,
+    /// Set while no child runs: the last replacement could not start.
+    pending: Option<Pending>,
 }
 
 impl Supervisor {
     /// Starts the child and waits for its first heartbeat.
     pub fn start(cfg: Config) -> Result<Supervisor> {
         let (tx, rx) = channel();
-        let mut s = Supervisor { cfg, pid: 0, exited: rx, exited_tx: tx, hb: None, missed: 0, next_req: 1, restarts: 0 };
+        let mut s = Supervisor { cfg, pid: 0, exited: rx, exited_tx: tx, hb: None, missed: 0, next_req: 1, restarts: 0, pending: None };
         s.spawn()?;
         s.wait_ready()?;
         Ok(s)
@@ -187,33 +207,77 @@ impl Supervisor {
         }
     }
 
-    fn restart(&mut self, cause: Cause, detected_at: Instant) -> Result<Incident> {
+    /// Kills the running child and reaps it (its socket must be free for the next one).
+    fn kill_and_reap(&mut self) -> Result<()> {
         let old_pid = self.pid;
-        if matches!(cause, Cause::Hung { .. }) {
-            self.kill();
-            // Reap it before starting the replacement (the socket must be free).
-            loop {
-                match self.exited.recv_timeout(Duration::from_secs(5)) {
-                    Ok((pid, _)) if pid == old_pid => break,
-                    Ok(_) => {}
-                    Err(_) => return Err(Error::Supervisor(format!("pid {old_pid} survived SIGKILL"))),
-                }
+        if old_pid == 0 {
+            return Ok(());
+        }
+        self.kill();
+        loop {
+            match self.exited.recv_timeout(Duration::from_secs(5)) {
+                Ok((pid, _)) if pid == old_pid => break,
+                Ok(_) => {}
+                Err(_) => return Err(Error::Supervisor(format!("pid {old_pid} survived SIGKILL"))),
             }
         }
-        self.spawn()?;
-        self.wait_ready()?;
-        self.restarts += 1;
-        Ok(Incident { cause, old_pid, new_pid: self.pid, detected_at, recovery: detected_at.elapsed() })
+        self.pid = 0;
+        Ok(())
+    }
+
+    fn restart(&mut self, cause: Cause, detected_at: Instant) -> Result<Option<Incident>> {
+        let old_pid = self.pid;
+        if matches!(cause, Cause::Hung { .. }) {
+            self.kill_and_reap()?;
+        }
+        self.pid = 0;
+        self.attempt(Pending { cause, old_pid, detected_at, next_at: Instant::now(), pause: FIRST_RETRY_PAUSE })
+    }
+
+    /// Starts a replacement; if it cannot start, it is tried again after the pending pause.
+    fn attempt(&mut self, p: Pending) -> Result<Option<Incident>> {
+        let started = self.spawn().and_then(|()| self.wait_ready());
+        match started {
+            Ok(()) => {
+                self.restarts += 1;
+                let (cause, old_pid, detected_at) = (p.cause, p.old_pid, p.detected_at);
+                Ok(Some(Incident { cause, old_pid, new_pid: self.pid, detected_at, recovery: detected_at.elapsed() }))
+            }
+            Err(e) => {
+                // A child that did not answer in time is still running: not the next one's
+                // way.
+                self.kill_and_reap()?;
+                tracing::warn!("supervisor: {e}; trying again in {} ms", p.pause.as_millis());
+                let pause = (p.pause * 2).min(MAX_RETRY_PAUSE);
+                self.pending = Some(Pending { next_at: Instant::now() + p.pause, pause, ..p });
+                Ok(None)
+            }
+        }
+    }
+
+    /// Whether a child runs (false while a replacement could not start yet).
+    pub fn running(&self) -> bool {
+        self.pending.is_none()
     }
 
     /// Supervises for one heartbeat period: returns an incident if the child was restarted.
     pub fn step(&mut self) -> Result<Option<Incident>> {
+        if let Some(p) = self.pending.take() {
+            let wait = p.next_at.saturating_duration_since(Instant::now());
+            if wait > self.cfg.period {
+                std::thread::sleep(self.cfg.period);
+                self.pending = Some(p);
+                return Ok(None);
+            }
+            std::thread::sleep(wait);
+            return self.attempt(p);
+        }
         let period_end = Instant::now() + self.cfg.period;
         // Wait out the period, but wake up at once if the child exits.
         match self.exited.recv_timeout(self.cfg.period) {
             Ok((pid, st)) if pid == self.pid => {
                 let at = Instant::now();
-                return self.restart(Cause::Crashed(describe(&st)), at).map(Some);
+                return self.restart(Cause::Crashed(describe(&st)), at);
             }
             Ok(_) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return Err(Error::Supervisor("wait thread vanished".into())),
@@ -227,13 +291,13 @@ impl Supervisor {
         if let Ok((pid, st)) = self.exited.recv_timeout(Duration::from_millis(1)) {
             if pid == self.pid {
                 let at = Instant::now();
-                return self.restart(Cause::Crashed(describe(&st)), at).map(Some);
+                return self.restart(Cause::Crashed(describe(&st)), at);
             }
         }
         self.missed += 1;
         if self.missed >= self.cfg.misses {
             let missed = self.missed;
-            return self.restart(Cause::Hung { missed }, Instant::now()).map(Some);
+            return self.restart(Cause::Hung { missed }, Instant::now());
         }
         Ok(None)
     }
@@ -251,6 +315,9 @@ impl Supervisor {
 
     /// Kills the child and reaps it.
     pub fn shutdown(&mut self) {
+        if self.pid == 0 {
+            return;
+        }
         self.kill();
         let pid = self.pid;
         while let Ok((p, _)) = self.exited.recv_timeout(Duration::from_secs(5)) {

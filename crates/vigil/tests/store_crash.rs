@@ -202,3 +202,42 @@ fn hung_store_is_detected_by_heartbeats_and_replaced() {
     assert_eq!(c.read("/h/before").expect("read after restart"), b"1");
     c.write("/h/after", b"2").expect("write after restart");
 }
+
+/// Found by the etcd cluster test under load: a host's store front end restarted while its
+/// host was cut off from etcd could not start (it exits when no etcd member answers), and its
+/// supervisor gave up for good — the host never had a store again, not even once the link was
+/// back. A replacement that cannot start is tried again (with a growing pause) until one does.
+#[test]
+fn a_replacement_that_cannot_start_yet_is_tried_again_until_one_does() {
+    let (dir, cfg) = setup("retry");
+    let socket = cfg.socket.clone();
+    let mut sup = Supervisor::start(cfg).expect("store starts");
+    let mut c = Client::connect(&socket).expect("connects");
+    c.write("/r/before", b"1").expect("write");
+    // The server's data directory becomes unusable (a file in its place): a new server exits
+    // at once.
+    let data = dir.join("data");
+    let aside = dir.join("data.aside");
+    std::fs::rename(&data, &aside).expect("move the data aside");
+    std::fs::write(&data, b"not a directory").expect("a file in its place");
+    let old = sup.pid();
+    sigkill(old);
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_millis(1500) {
+        assert!(sup.step().expect("the supervisor goes on while no replacement can start").is_none());
+    }
+    // Usable again: the next attempt starts a server, with the data written before.
+    std::fs::remove_file(&data).expect("remove the file");
+    std::fs::rename(&aside, &data).expect("the data back");
+    let incident = loop {
+        if let Some(i) = sup.step().expect("supervisor") {
+            break i;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "no server started within 8.5 s of the data's return");
+    };
+    assert!(matches!(&incident.cause, Cause::Crashed(s) if s.contains("SIGKILL")), "{incident:?}");
+    assert_ne!(incident.new_pid, old);
+    assert!(incident.recovery >= Duration::from_millis(1500), "{incident:?}");
+    c.set_request_timeout(Duration::from_millis(500));
+    assert_eq!(c.read("/r/before").expect("read after the restart"), b"1");
+}
