@@ -69,6 +69,11 @@ struct Copy {
     retry_at: Option<Instant>,
     state: CopyState,
     detail: String,
+    /// A replicated primary stopped while the host fenced itself (by this agent, or by the
+    /// previous one's watchdog): its backup holds the VM's replica and takes it over; it is
+    /// started here again — afresh, its state lost — only if nothing took it over by
+    /// `retry_at` ([`Agent::takeover_grace`]).
+    left_to_backup: bool,
 }
 
 /// Runs the agent until it is fenced or killed. Returns `Ok` when the manager fenced the host.
@@ -219,6 +224,11 @@ fn resumed(spec: &[u8]) -> Option<PathBuf> {
 /// Whether a primary's spec is a voted VM's.
 fn voted_primary(spec: &[u8]) -> bool {
     serde_json::from_slice::<crate::VmSpec>(spec).ok().is_some_and(|s| s.local.is_some())
+}
+
+/// Whether a primary's spec is a replicated VM's (remote-backup mode, one instance).
+fn replicated_primary(spec: &[u8]) -> bool {
+    serde_json::from_slice::<crate::VmSpec>(spec).ok().is_some_and(|s| s.local.is_none() && s.protection.is_some())
 }
 
 /// Whether a backup's spec is a voted group's (mode 4).
@@ -432,6 +442,15 @@ impl Agent {
                 // Its voter stopped with the agent before this one (or by that agent's fencing
                 // watchdog), in the assignment still in force: nothing ran it elsewhere since.
                 None if role == Role::Primary && voted_primary(&spec) && same_assignment => Some(Start::AfterAgentRestart),
+                // A replicated primary that ran here under this assignment and is gone (the
+                // previous agent's watchdog stopped it): its backup holds the VM.
+                None if role == Role::Primary && replicated_primary(&spec) && same_assignment => {
+                    self.leave_to_backup(&vm, spec.clone(), generation, 0);
+                    let what = format!("{vm}: its primary stopped with the previous agent: left to its backup to take over");
+                    tracing::warn!("agent {host}: {what}");
+                    let _ = cluster::log_event(store, &Event::now(&host, what));
+                    None
+                }
                 None => Some(Start::Fresh),
                 Some(c) if c.role == Role::Backup && role == Role::Primary && voted_backup(&c.spec) => {
                     // Mode 4: the voted group's backup holds a replica (a snapshot and the request
@@ -454,6 +473,9 @@ impl Agent {
                     c.generation = generation;
                     c.state = CopyState::Running;
                     c.spec = spec.clone();
+                    if replicated_primary(&spec) {
+                        let _ = crate::replace_file(&assignment, generation.to_string().as_bytes());
+                    }
                     // A planned handover (pre-copy migration) says how long the VM stopped.
                     let handover =
                         crate::protection::primary::ReplicationState::load(&self.cfg.state_dir.join(format!("{vm}.replication.json")))
@@ -488,11 +510,24 @@ impl Agent {
                     Some(Start::NewSpec)
                 }
                 Some(c) if matches!(c.state, CopyState::Running | CopyState::Backup) => {
-                    if generation > c.generation && c.role == Role::Primary && voted_primary(&c.spec) {
+                    if generation > c.generation && c.role == Role::Primary && (voted_primary(&c.spec) || replicated_primary(&c.spec)) {
                         let _ = crate::replace_file(&assignment, generation.to_string().as_bytes());
                     }
                     c.generation = c.generation.max(generation);
                     None
+                }
+                Some(c) if c.left_to_backup && c.role == role => {
+                    if c.retry_at.is_some_and(|t| Instant::now() < t) {
+                        None
+                    } else {
+                        let what = format!(
+                            "{vm}: nothing took it over within {} s of its stop: starting it afresh",
+                            self.takeover_grace().as_secs()
+                        );
+                        tracing::warn!("agent {host}: {what}");
+                        let _ = cluster::log_event(store, &Event::now(&host, what));
+                        Some(Start::Fresh)
+                    }
                 }
                 Some(c) if c.state == CopyState::Failed && (restart || c.role == Role::Backup) => {
                     if c.retry_at.is_some_and(|t| Instant::now() < t) {
@@ -556,7 +591,7 @@ impl Agent {
                 }
                 match self.spawn(&vm, role, &spec) {
                     Ok((child, pid)) => {
-                        if role == Role::Primary && voted_primary(&spec) {
+                        if role == Role::Primary && (voted_primary(&spec) || replicated_primary(&spec)) {
                             let _ = crate::replace_file(&self.assignment_file(&vm), generation.to_string().as_bytes());
                         }
                         crash_after_spawn(&self.cfg.state_dir, &host, &vm);
@@ -581,6 +616,7 @@ impl Agent {
                                 retry_at: None,
                                 state,
                                 detail: String::new(),
+                                left_to_backup: false,
                             },
                         );
                     }
@@ -598,6 +634,7 @@ impl Agent {
                                 retry_at: Some(Instant::now() + backoff(restarts)),
                                 state: CopyState::Failed,
                                 detail: e.to_string(),
+                                left_to_backup: false,
                             },
                         );
                     }
@@ -996,6 +1033,7 @@ impl Agent {
                         retry_at: None,
                         state: a.state,
                         detail: String::new(),
+                        left_to_backup: false,
                     },
                 );
             }
@@ -1035,7 +1073,45 @@ impl Agent {
         let voted = self.copies.iter().filter(|(_, c)| c.role == Role::Primary && voted_primary(&c.spec));
         let voted: Vec<(String, Option<PathBuf>)> = voted.map(|(vm, c)| (vm.clone(), resumed(&c.spec))).collect();
         self.self_fenced.extend(voted);
+        let replicated: Vec<(String, Vec<u8>, u64, u32)> = self
+            .copies
+            .iter()
+            .filter(|(_, c)| c.role == Role::Primary && replicated_primary(&c.spec))
+            .map(|(vm, c)| (vm.clone(), c.spec.clone(), c.generation, c.restarts))
+            .collect();
         self.stop_all(why);
+        for (vm, spec, generation, restarts) in replicated {
+            self.leave_to_backup(&vm, spec, generation, restarts);
+        }
+    }
+
+    /// How long a replicated primary stopped by self-fencing waits for its backup to take it
+    /// over: the backup notices the silence within its replication timeout and takes over once
+    /// the primary's lease has run out; the manager then moves the VM there.
+    fn takeover_grace(&self) -> Duration {
+        (self.cfg.lease * 4).max(Duration::from_secs(5))
+    }
+
+    /// Records `vm`'s primary as stopped here and left to its backup (reported failed: the
+    /// manager moves the VM to the backup once it took over).
+    fn leave_to_backup(&mut self, vm: &str, spec: Vec<u8>, generation: u64, restarts: u32) {
+        let grace = self.takeover_grace();
+        let copy = Copy {
+            role: Role::Primary,
+            pid: 0,
+            child: None,
+            spec,
+            generation,
+            restarts,
+            retry_at: Some(Instant::now() + grace),
+            state: CopyState::Failed,
+            detail: format!(
+                "stopped while the host fenced itself; its backup takes it over (started here again after {} s if not)",
+                grace.as_secs()
+            ),
+            left_to_backup: true,
+        };
+        self.copies.insert(vm.to_string(), copy);
     }
 
     fn stop_all(&mut self, why: &str) {

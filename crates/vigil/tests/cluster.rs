@@ -771,6 +771,41 @@ fn distributed_on_etcd_a_partitioned_host_stops_before_its_vms_run_elsewhere() {
     writer.finish();
 }
 
+/// Found by the etcd test under load: a host whose agent fenced itself (it could not renew the
+/// host's lease for half of it) but was never declared failed started its replicated VM again
+/// afresh once the store answered — beside the VM its backup had taken over, or voiding the
+/// backup's replica with a new session: acknowledged writes were lost. A replicated primary
+/// stopped by self-fencing is its backup's to take over.
+#[test]
+fn on_etcd_a_host_that_fenced_itself_leaves_its_replicated_vm_to_its_backup() {
+    if no_kvm("on_etcd_a_host_that_fenced_itself_leaves_its_replicated_vm_to_its_backup") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let up = Up::start_with("selffence", "t10", &["--etcd", "--lease-ms", "1000", "--period-ms", "100"]);
+    up.wait("every VM serving, relay protected", 60, |ok, v| ok && vm(v, "relay")["replication"] == "protected");
+    let writer = Writer::start(&up.field_ns(), "10.99.0.50");
+    // hostA's store front end hangs: hostA's agent cannot renew the host's lease and stops its
+    // VMs; the front end's supervisor replaces it within a few hundred ms.
+    let out = vigil(&["fail", "--component", "store", "--host", "hostA", "--hang", "--dir", &up.d()]);
+    assert!(out.status.success(), "vigil fail --component store: {}", text(&out.stderr));
+    let st = up.wait("the relay on hostB", 30, |ok, v| ok && vm(v, "relay")["host"] == "hostB");
+    writer.carry_on(30, Duration::from_secs(20));
+    let events = st["events"].to_string();
+    // Taken over by the backup (or, if the manager declared hostA failed meanwhile, by the
+    // plan for hostA).
+    assert!(
+        events.contains("relay: its backup on hostB took over while hostA lives") || st["failed"] == serde_json::json!(["hostA"]),
+        "{events}"
+    );
+    // One copy of the relay runs: on hostB (hostA's agent did not start one again).
+    std::thread::sleep(Duration::from_millis(1500));
+    let host_a = up.file()["host_ns"]["hostA"].as_str().unwrap().to_string();
+    let relay_on_a = processes(&ns_pids(&host_a), "relay.primary.json");
+    assert!(relay_on_a.is_empty(), "hostA runs the relay again: {relay_on_a:?}");
+    writer.finish();
+}
+
 #[test]
 fn bad_input_gets_a_clear_error() {
     let dir = workdir("bad");
