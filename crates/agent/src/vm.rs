@@ -583,7 +583,11 @@ fn announce_again(ctl: vmm::Controller) {
 /// tap, announces its address here, and runs.
 fn run_restored(spec: &VmSpec, dir: &Path) -> Result<Outcome> {
     let vmm_err = |source| Error::Vmm { vm: spec.name.clone(), source };
-    let overrides = vmm::snapshot::RestoreOverrides { tap: spec.net.as_ref().map(|n| n.tap.clone()), disk: spec.disk.clone() };
+    let overrides = vmm::snapshot::RestoreOverrides {
+        tap: spec.net.as_ref().map(|n| n.tap.clone()),
+        disk: spec.disk.clone(),
+        backend_program: std::env::current_exe().ok(),
+    };
     let t0 = std::time::Instant::now();
     let mut vm = Vm::restore(dir, &overrides, Box::new(std::io::stdout())).map_err(vmm_err)?;
     if spec.net.as_ref().is_some_and(|n| n.ip.is_some()) {

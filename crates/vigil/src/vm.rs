@@ -193,7 +193,7 @@ pub fn run(args: &Args) -> Result<u8> {
             Ok(finish(a.json, &name, run_spec(a).and_then(|spec| Ok(agent::vm::run_outcome(&spec)?))))
         }
         VmCommand::Restore(a) => {
-            let overrides = RestoreOverrides { tap: a.tap.clone(), disk: a.disk.clone() };
+            let overrides = RestoreOverrides { tap: a.tap.clone(), disk: a.disk.clone(), backend_program: std::env::current_exe().ok() };
             let sched = Scheduling { cpus: Vec::new(), fifo_priority: None, reservation: a.reservation, enforcer: a.enforcer };
             let outcome = agent::vm::restore(&a.dir, &overrides, a.paused, a.api.as_deref(), a.domain.spec().as_ref(), &sched);
             Ok(finish(a.json, &a.dir.display().to_string(), outcome.map_err(anyhow::Error::from)))

@@ -90,6 +90,10 @@ impl Manifest {
 pub struct RestoreOverrides {
     pub tap: Option<String>,
     pub disk: Option<PathBuf>,
+    /// The program that runs the VM's backend processes on this host, used when the one the
+    /// configuration recorded (on the host that took the snapshot or ran the primary) does
+    /// not exist here. Arguments and timing stay as recorded.
+    pub backend_program: Option<PathBuf>,
 }
 
 impl RestoreOverrides {
@@ -100,6 +104,13 @@ impl RestoreOverrides {
         }
         if self.disk.is_some() {
             config.disk = self.disk.clone();
+        }
+        if let Some(program) = &self.backend_program {
+            for b in [config.net_backend.as_mut(), config.blk_backend.as_mut()].into_iter().flatten() {
+                if !b.program.exists() {
+                    b.program = program.clone();
+                }
+            }
         }
         config
     }
@@ -384,6 +395,21 @@ fn unique() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_backend_program_missing_here_is_replaced_on_restore() {
+        use crate::backend::BackendProgram;
+        let mut config = crate::VmConfig::new("/images/kv", 16);
+        config.net_backend = Some(BackendProgram::new("/elsewhere/bin/vigil", vec!["backend".into(), "net".into()]));
+        config.blk_backend = Some(BackendProgram::new("/bin/sh", vec!["backend".into(), "blk".into()]));
+        let o = super::RestoreOverrides { backend_program: Some("/here/vigil".into()), ..Default::default() };
+        let c = o.apply(config.clone());
+        let net = c.net_backend.expect("net");
+        assert_eq!(net.program, std::path::PathBuf::from("/here/vigil"), "missing here: replaced");
+        assert_eq!(net.args, vec!["backend".to_string(), "net".into()], "arguments as recorded");
+        assert_eq!(c.blk_backend.expect("blk").program, std::path::PathBuf::from("/bin/sh"), "present here: kept");
+        assert_eq!(super::RestoreOverrides::default().apply(config.clone()).net_backend, config.net_backend, "no override");
+    }
+
     use super::*;
     use proptest::prelude::*;
 

@@ -175,7 +175,7 @@ fn kv_state_and_an_open_connection_survive_snapshot_and_restore() {
         drop(vm);
         // A new VM from the snapshot, on the same tap (the old one is gone).
         // The snapshot's tap is used when the caller confirms it (as `--tap` does).
-        let confirm = vmm::snapshot::RestoreOverrides { tap: Some(TAP.into()), disk: None };
+        let confirm = vmm::snapshot::RestoreOverrides { tap: Some(TAP.into()), ..Default::default() };
         let mut restored = Vm::restore(&snap_dir, &confirm, out.boxed()).expect("restore");
         restored.resume();
         let (ctl2, inbox2) = channel_pair().expect("control channel");

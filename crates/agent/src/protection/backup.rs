@@ -489,7 +489,7 @@ fn take_over(
     tap: Option<Option<Tap>>,
 ) -> Result<Outcome, String> {
     let t0 = Instant::now();
-    let overrides = RestoreOverrides { tap: opts.tap.clone(), disk: opts.disk.clone() };
+    let overrides = RestoreOverrides { tap: opts.tap.clone(), disk: opts.disk.clone(), backend_program: std::env::current_exe().ok() };
     let vm = Vm::from_replica_with_tap(replica, &overrides, Box::new(std::io::stdout()), tap.flatten());
     let mut vm = vm.map_err(|e| format!("takeover: {e}"))?;
     // The requests that reached the old primary after its last committed checkpoint: the
