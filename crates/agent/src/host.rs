@@ -433,6 +433,7 @@ impl Agent {
                 .copies
                 .get(&vm)
                 .is_some_and(|c| c.spec != spec && self.localised(&vm, role, &c.spec) != self.localised(&vm, role, &spec));
+            let took_over_now = self.copies.get(&vm).is_some_and(|c| self.took_over(&vm, c));
             let assignment = self.assignment_file(&vm);
             // (Read only for a copy not running here: every period otherwise.)
             let same_assignment = !self.copies.contains_key(&vm)
@@ -492,14 +493,19 @@ impl Agent {
                     stop(c);
                     Some(Start::NewRole)
                 }
-                Some(c) if c.role == Role::Backup && changed && c.state == CopyState::Backup && only_then_policy(&c.spec, &spec) => {
-                    // Only the policy it would run after a takeover changed (the manager
-                    // adapted the VM's checkpoint interval): no new synchronisation for that;
-                    // a backup that takes over is given the policy then
-                    // ([`Agent::apply_policies`]).
+                Some(c) if c.role == Role::Backup && changed && c.state == CopyState::Backup && only_after_takeover(&c.spec, &spec) => {
+                    // Only what it does after a takeover changed — the policy (the manager
+                    // adapted the VM's checkpoint interval) or where it protects the VM then (a
+                    // plan for another host moved its next backup): no new synchronisation for
+                    // that; a backup that takes over is given both then
+                    // ([`Agent::apply_policies`], [`Agent::apply_protections`]).
                     c.spec = spec.clone();
                     None
                 }
+                // A backup that has just taken the VM over runs it: never stopped for a new
+                // spec (that killed the only running copy — the primary was fenced by the
+                // takeover — seen on a loaded CI machine); the manager moves the VM to it.
+                Some(c) if c.role == Role::Backup && changed && took_over_now => None,
                 // (A copy adopted after the agent's restart has the spec its file holds,
                 // localised: compared as this host runs it, or an unchanged backup would be
                 // restarted, voiding its replica.)
@@ -1252,10 +1258,11 @@ fn ensure_tap(tap: &str, bridge: &str) -> std::result::Result<(), String> {
 const MIGRATION_WAIT: Duration = Duration::from_secs(10);
 
 /// Whether two backup specs differ at most in the policy the backup runs after a takeover.
-fn only_then_policy(a: &[u8], b: &[u8]) -> bool {
+fn only_after_takeover(a: &[u8], b: &[u8]) -> bool {
     match (serde_json::from_slice::<crate::vm::BackupSpec>(a), serde_json::from_slice::<crate::vm::BackupSpec>(b)) {
         (Ok(mut a), Ok(b)) => {
             a.then_policy = b.then_policy;
+            a.then_protect = b.then_protect.clone();
             a == b
         }
         _ => false,
@@ -1451,16 +1458,19 @@ mod tests {
     }
 
     #[test]
-    fn a_backup_is_started_again_for_anything_but_its_next_policy() {
-        let spec = |then: &str, listen: &str| {
+    fn a_backup_is_started_again_for_anything_but_what_it_does_after_a_takeover() {
+        let spec = |then: &str, listen: &str, next: &str| {
             serde_json::to_vec_pretty(&serde_json::json!({
-                "listen": listen, "arbiter": "10.0.0.254:7000", "holder": "hostB", "then_policy": then, "key_file": "k"
+                "listen": listen, "arbiter": "10.0.0.254:7000", "holder": "hostB", "then_policy": then, "key_file": "k",
+                "then_protect": next
             }))
             .unwrap()
         };
-        assert!(only_then_policy(&spec("fixed:25", "10.0.0.2:7100"), &spec("fixed:10", "10.0.0.2:7100")));
-        assert!(only_then_policy(&spec("fixed:25", "10.0.0.2:7100"), &spec("fixed:25", "10.0.0.2:7100")));
-        assert!(!only_then_policy(&spec("fixed:25", "10.0.0.2:7100"), &spec("fixed:10", "10.0.0.3:7100")));
-        assert!(!only_then_policy(b"garbage", &spec("fixed:10", "10.0.0.2:7100")));
+        let (a, c) = ("10.0.0.1:7100", "10.0.0.3:7100");
+        assert!(only_after_takeover(&spec("fixed:25", "10.0.0.2:7100", a), &spec("fixed:10", "10.0.0.2:7100", a)));
+        assert!(only_after_takeover(&spec("fixed:25", "10.0.0.2:7100", a), &spec("fixed:25", "10.0.0.2:7100", a)));
+        assert!(only_after_takeover(&spec("fixed:25", "10.0.0.2:7100", a), &spec("fixed:10", "10.0.0.2:7100", c)), "its next backup");
+        assert!(!only_after_takeover(&spec("fixed:25", "10.0.0.2:7100", a), &spec("fixed:10", "10.0.0.3:7100", a)));
+        assert!(!only_after_takeover(b"garbage", &spec("fixed:10", "10.0.0.2:7100", a)));
     }
 }
