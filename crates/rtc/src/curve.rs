@@ -13,6 +13,7 @@
 //! [`CurveError::TooComplex`] instead of exhausting memory.
 
 use crate::q::{LineOffsets, Q};
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -280,6 +281,17 @@ impl Curve {
             }
         }
         Ok(self.unroll_raw(h))
+    }
+
+    /// [`Curve::unroll`] without copying when `[0, h)` lies within the described window (or the
+    /// curve is one line from its last segment on): the segments covering it are then a prefix of
+    /// the description, borrowed, the same list `unroll` copies.
+    fn unroll_view(&self, h: &Q) -> Result<Cow<'_, [Seg]>> {
+        if h <= &self.base_end() || self.is_affine_tail() {
+            let n = self.segs.partition_point(|s| &s.x < h);
+            return Ok(Cow::Borrowed(&self.segs[..n]));
+        }
+        self.unroll(h).map(Cow::Owned)
     }
 
     fn unroll_raw(&self, h: &Q) -> Vec<Seg> {
@@ -602,10 +614,10 @@ impl Curve {
         let t = Q::max(&base.t, h);
         let d = base.d.clone();
         let mut c = base.c.clone();
-        let mut terms = vec![(base.unroll(&(&t + &d))?, false)];
+        let mut terms = vec![(base.unroll_view(&(&t + &d))?, false)];
         for g in demands {
             c = c - g.rate() * &d;
-            terms.push((g.truncated_above_segments(h)?, true));
+            terms.push((Cow::Owned(g.truncated_above_segments(h)?), true));
         }
         let mut segs = signed_sum(&terms);
         split_at(&mut segs, &t);
@@ -642,8 +654,8 @@ impl Curve {
             }
         };
         let h = &t + &d;
-        let a = self.unroll(&h)?;
-        let b = o.unroll(&h)?;
+        let a = self.unroll_view(&h)?;
+        let b = o.unroll_view(&h)?;
         Curve::from_parts(combine(&a, &b, &h, op), t, d, c)
     }
 
@@ -674,7 +686,7 @@ impl Curve {
             growth = growth + &c.c * (&d / &c.d);
         }
         let h = &t + &d;
-        let terms = curves.iter().map(|c| Ok((c.unroll(&h)?, false))).collect::<Result<Vec<_>>>()?;
+        let terms = curves.iter().map(|c| Ok((c.unroll_view(&h)?, false))).collect::<Result<Vec<_>>>()?;
         let out = signed_sum(&terms);
         Curve::from_parts(out, t, d, growth)
     }
@@ -843,7 +855,7 @@ impl Curve {
         let c = &self.c * (&d / &self.d) - &g.c * (&d / &g.d);
         let t = Q::max(&self.t, &g.t);
         let h = &t + &d;
-        let mut segs = combine(&self.unroll(&h)?, &g.unroll(&h)?, &h, Op::Sub);
+        let mut segs = combine(&self.unroll_view(&h)?, &g.unroll_view(&h)?, &h, Op::Sub);
         split_at(&mut segs, &t);
         Curve { segs: Arc::new(segs), t, d, c }.running_max_from(Some(Q::zero()))
     }
@@ -853,7 +865,7 @@ impl Curve {
         let end = self.base_end();
         if !self.c.is_positive() {
             // Later periods never exceed the first: constant from T + d on.
-            let segs = self.unroll(&end)?;
+            let segs = self.unroll_view(&end)?;
             let mut out = scan_running_max(&segs, &end, floor.clone());
             let sup = self.sup_on_base();
             out.push(Seg::line(end.clone(), floor.map_or(sup.clone(), |f| Q::max(&f, &sup)), Q::zero()));
@@ -908,7 +920,7 @@ impl Curve {
             };
         let t = &self.t + &k * &self.d;
         let h = &t + &self.d;
-        let segs = self.unroll(&h)?;
+        let segs = self.unroll_view(&h)?;
         Curve::from_parts(scan_running_max(&segs, &h, floor), t, self.d.clone(), self.c.clone())
     }
 
@@ -995,7 +1007,7 @@ impl Curve {
         if !h.is_positive() {
             return Err(CurveError::Invalid(format!("window end must be positive, got {h}")));
         }
-        let (fs, gs) = (self.unroll(h)?, g.unroll(h)?);
+        let (fs, gs) = (self.unroll_view(h)?, g.unroll_view(h)?);
         if fs.iter().all(|s| s.s.is_zero()) && g.is_nondecreasing() {
             return Ok(staircase_above(&fs, &gs));
         }
@@ -1060,7 +1072,7 @@ impl Curve {
             Q::max(&ef, &eg) + lc
         };
         let mut levels: Vec<Q> = vec![Q::zero(), top.clone()];
-        let mut unrolled: Vec<(Vec<Seg>, Q)> = Vec::with_capacity(2);
+        let mut unrolled: Vec<(Cow<[Seg]>, Q)> = Vec::with_capacity(2);
         // A staircase demand (every piece flat) needs only its own levels when `top` is one of
         // its values (always but when both rates are equal): within a step the deviation
         // decreases, and a level y between two of its values v < y <= v' is first reached (and
@@ -1072,7 +1084,7 @@ impl Curve {
                 Some(t) => t + Q::one(),
                 None => return Err(CurveError::Unbounded("service never reaches the demand")),
             };
-            let segs = c.unroll(&h)?;
+            let segs = c.unroll_view(&h)?;
             let own_levels = unrolled.is_empty();
             if own_levels {
                 staircase &= segs.iter().all(|s| s.s.is_zero());
@@ -1247,7 +1259,7 @@ fn staircase_above(f: &[Seg], g: &[Seg]) -> Q {
 /// result; `true`: subtracted), in one sweep over all their breakpoints (see [`Curve::sum`]).
 /// The sweep keeps the result's current line (intercept and slope) and, at each breakpoint,
 /// only updates the terms of the lists that change there.
-fn signed_sum(terms: &[(Vec<Seg>, bool)]) -> Vec<Seg> {
+fn signed_sum(terms: &[(Cow<[Seg]>, bool)]) -> Vec<Seg> {
     // Per list: its current segment and that segment's line as intercept + slope·t.
     let mut at = vec![0usize; terms.len()];
     let intercept = |g: &Seg| &g.yr - &(&g.s * &g.x);
