@@ -15,7 +15,8 @@
 use crate::q::{LineOffsets, Q};
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::Arc;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, OnceLock};
 
 /// Upper limit on the number of segments an operation may materialise.
 pub const MAX_SEGMENTS: usize = 250_000;
@@ -81,6 +82,37 @@ pub struct Curve {
     t: Q,
     d: Q,
     c: Q,
+    memo: Memo,
+}
+
+/// Properties of a curve computed once, when first asked for (an analysis step asks for a
+/// service's and a demand's several times), and copied with it. Never part of the curve's
+/// value: curves compare and hash equal whatever either has computed. A curve's description is
+/// only changed while it is built, before anything is memoised (`Curve::normalized`), or with
+/// a fresh memo (`Curve::with_value_at_zero`).
+#[derive(Clone, Default)]
+struct Memo {
+    nondecreasing: OnceLock<bool>,
+    affine_bounds: OnceLock<Box<(Q, Q)>>,
+}
+
+impl Memo {
+    /// A memo of a curve known to be non-decreasing by construction.
+    fn nondecreasing() -> Memo {
+        Memo { nondecreasing: OnceLock::from(true), ..Memo::default() }
+    }
+}
+
+impl PartialEq for Memo {
+    fn eq(&self, _: &Memo) -> bool {
+        true
+    }
+}
+
+impl Eq for Memo {}
+
+impl Hash for Memo {
+    fn hash<H: Hasher>(&self, _: &mut H) {}
 }
 
 impl fmt::Debug for Curve {
@@ -166,7 +198,7 @@ impl Curve {
         let end = &t + &d;
         segs.retain(|s| s.x < end);
         let segs = merge_collinear(segs);
-        let mut c = Curve { segs: Arc::new(segs), t, d, c };
+        let mut c = Curve { segs: Arc::new(segs), t, d, c, memo: Memo::default() };
         // `t` must remain a breakpoint (merging may have removed it).
         let tt = c.t.clone();
         split_at(Arc::make_mut(&mut c.segs), &tt);
@@ -176,7 +208,7 @@ impl Curve {
 
     /// `f(t) = v` everywhere.
     pub fn constant(v: Q) -> Curve {
-        Curve { segs: Arc::new(vec![Seg::line(Q::zero(), v, Q::zero())]), t: Q::zero(), d: Q::one(), c: Q::zero() }
+        Curve { segs: Arc::new(vec![Seg::line(Q::zero(), v, Q::zero())]), t: Q::zero(), d: Q::one(), c: Q::zero(), memo: Memo::default() }
     }
 
     pub fn zero() -> Curve {
@@ -185,16 +217,23 @@ impl Curve {
 
     /// `f(0) = at0`, `f(t) = b + r t` for `t > 0`.
     pub fn affine(at0: Q, b: Q, r: Q) -> Curve {
-        Curve { segs: Arc::new(vec![Seg::new(Q::zero(), at0, b, r.clone())]), t: Q::zero(), d: Q::one(), c: r }.fix_origin_pattern()
+        Curve { segs: Arc::new(vec![Seg::new(Q::zero(), at0, b, r.clone())]), t: Q::zero(), d: Q::one(), c: r, memo: Memo::default() }
+            .fix_origin_pattern()
     }
 
     /// `f(t) = max(0, r (t - latency))` (a rate-latency service curve).
     pub fn rate_latency(r: Q, latency: Q) -> Curve {
         if latency.is_positive() {
             let segs = vec![Seg::line(Q::zero(), Q::zero(), Q::zero()), Seg::line(latency.clone(), Q::zero(), r.clone())];
-            Curve { segs: Arc::new(segs), t: latency, d: Q::one(), c: r }
+            Curve { segs: Arc::new(segs), t: latency, d: Q::one(), c: r, memo: Memo::default() }
         } else {
-            Curve { segs: Arc::new(vec![Seg::line(Q::zero(), Q::zero(), r.clone())]), t: Q::zero(), d: Q::one(), c: r }
+            Curve {
+                segs: Arc::new(vec![Seg::line(Q::zero(), Q::zero(), r.clone())]),
+                t: Q::zero(),
+                d: Q::one(),
+                c: r,
+                memo: Memo::default(),
+            }
         }
     }
 
@@ -338,6 +377,10 @@ impl Curve {
 
     /// Bounds `m <= f(t) - rate t <= M` over all `t >= 0` (values and one-sided limits).
     pub fn affine_bounds(&self) -> (Q, Q) {
+        (**self.memo.affine_bounds.get_or_init(|| Box::new(self.affine_bounds_scan()))).clone()
+    }
+
+    fn affine_bounds_scan(&self) -> (Q, Q) {
         let end = self.base_end();
         let mut offsets = LineOffsets::new(&self.rate());
         for (i, s) in self.segs.iter().enumerate() {
@@ -374,6 +417,10 @@ impl Curve {
 
     /// `true` when `f` never decreases (checked exactly on the description).
     pub fn is_nondecreasing(&self) -> bool {
+        *self.memo.nondecreasing.get_or_init(|| self.is_nondecreasing_scan())
+    }
+
+    fn is_nondecreasing_scan(&self) -> bool {
         if self.c.is_negative() {
             return false;
         }
@@ -495,7 +542,7 @@ impl Curve {
     /// `f + v`.
     pub fn offset(&self, v: &Q) -> Curve {
         let segs = self.segs.iter().map(|s| Seg::new(s.x.clone(), &s.y + v, &s.yr + v, s.s.clone())).collect::<Vec<Seg>>();
-        Curve { segs: Arc::new(segs), t: self.t.clone(), d: self.d.clone(), c: self.c.clone() }
+        Curve { segs: Arc::new(segs), t: self.t.clone(), d: self.d.clone(), c: self.c.clone(), memo: Memo::default() }
     }
 
     /// `g(t) = fill` for `t < delta`, `f(t - delta)` for `t >= delta` (delta >= 0).
@@ -526,11 +573,12 @@ impl Curve {
         let mut c = if self.t.is_zero() {
             let mut segs = self.unroll_raw(&(&self.d + &self.d));
             split_at(&mut segs, &self.d);
-            Curve { segs: Arc::new(segs), t: self.d.clone(), d: self.d.clone(), c: self.c.clone() }
+            Curve { segs: Arc::new(segs), t: self.d.clone(), d: self.d.clone(), c: self.c.clone(), memo: Memo::default() }
         } else {
             self.clone()
         };
         Arc::make_mut(&mut c.segs)[0].y = v.clone();
+        c.memo = Memo::default();
         c
     }
 
@@ -621,7 +669,7 @@ impl Curve {
         }
         let mut segs = signed_sum(&terms);
         split_at(&mut segs, &t);
-        Curve { segs: Arc::new(segs), t, d, c }.running_max_from(Some(Q::zero()))
+        Curve { segs: Arc::new(segs), t, d, c, memo: Memo::default() }.running_max_from(Some(Q::zero()))
     }
 
     // ----------------------------------------------------------------- pointwise operations
@@ -857,11 +905,20 @@ impl Curve {
         let h = &t + &d;
         let mut segs = combine(&self.unroll_view(&h)?, &g.unroll_view(&h)?, &h, Op::Sub);
         split_at(&mut segs, &t);
-        Curve { segs: Arc::new(segs), t, d, c }.running_max_from(Some(Q::zero()))
+        Curve { segs: Arc::new(segs), t, d, c, memo: Memo::default() }.running_max_from(Some(Q::zero()))
     }
 
-    /// `max(floor, sup_{0<=s<=t} f(s))` (`floor`: none when `None`).
+    /// `max(floor, sup_{0<=s<=t} f(s))` (`floor`: none when `None`), known to be non-decreasing
+    /// (a running maximum is; checked against the scan in debug builds and by the property
+    /// tests).
     fn running_max_from(&self, floor: Option<Q>) -> Result<Curve> {
+        let mut r = self.running_max_from_scan(floor)?;
+        debug_assert!(r.is_nondecreasing_scan(), "running maximum not non-decreasing: {r:?}");
+        r.memo = Memo::nondecreasing();
+        Ok(r)
+    }
+
+    fn running_max_from_scan(&self, floor: Option<Q>) -> Result<Curve> {
         let end = self.base_end();
         if !self.c.is_positive() {
             // Later periods never exceed the first: constant from T + d on.

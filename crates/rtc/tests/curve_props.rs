@@ -280,6 +280,37 @@ proptest! {
         }
     }
 
+    /// A curve's memoised properties (non-decreasing, affine bounds) are those a fresh copy of
+    /// its description computes, also for running maxima, which are marked non-decreasing when
+    /// built, and after the value at 0 is replaced.
+    #[test]
+    fn memoised_properties_are_those_of_a_fresh_curve(seed in any::<u64>()) {
+        let mut r = Rng(seed);
+        let (mf, mg) = (r.int(0, 2) > 0, r.int(0, 2) > 0);
+        let f = random_curve(&mut r, mf);
+        let g = random_curve(&mut r, mg);
+        let fresh = |c: &Curve| {
+            Curve::from_parts(c.segments().to_vec(), c.periodic_start().clone(), c.period().clone(), c.increment().clone())
+                .unwrap()
+        };
+        let h = q(r.int(1, 30));
+        let derived = [
+            f.running_max(),
+            f.sub_running_max_nonneg(&g),
+            f.left_after_truncated([&g], &h),
+            Ok(f.with_value_at_zero(&q(r.int(-3, 3)))),
+        ];
+        // Memoised before the value at 0 is replaced.
+        prop_assert_eq!(f.is_nondecreasing(), fresh(&f).is_nondecreasing());
+        for c in std::iter::once(f.clone()).chain(derived.into_iter().filter_map(Result::ok)) {
+            // Asked twice: the second answer comes from the memo.
+            for _ in 0..2 {
+                prop_assert_eq!(c.is_nondecreasing(), fresh(&c).is_nondecreasing(), "{:?}", c);
+                prop_assert_eq!(c.affine_bounds(), fresh(&c).affine_bounds(), "{:?}", c);
+            }
+        }
+    }
+
     /// The service left after several demands all truncated at a horizon, in one sweep, is the
     /// one truncating each, summing them and taking the sum out of the truncated service
     /// (values and one-sided limits, also far beyond the horizon; the same errors).
