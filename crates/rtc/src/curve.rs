@@ -399,7 +399,8 @@ impl Curve {
         // From T on, f(t) − r·t repeats with period d: every phase of it comes again after h.
         let start = if h < &self.t { h } else { &self.t };
         let mut offsets = LineOffsets::new(&self.rate());
-        for (i, s) in self.segs.iter().enumerate() {
+        // From the segment containing `start` (those before it end at or before `start`).
+        for (i, s) in self.segs.iter().enumerate().skip(find_seg(&self.segs, start)) {
             let e = seg_end(&self.segs, i, &end);
             if e <= start {
                 continue;
