@@ -300,8 +300,10 @@ pub(crate) struct LineOffsets {
     r: Q,
     /// `r` as `(p, q)` when it is small.
     small: Option<(i64, i64)>,
-    /// Extremes of `q·v − p·t` over the integer points.
-    int: Option<(i128, i128)>,
+    /// Least and greatest `q·v − p·t` over the integer points (`lo > hi` before any: every
+    /// value lies strictly between the 128-bit extremes, `|q·v|, |p·t| < 2^126`).
+    lo: i128,
+    hi: i128,
     /// Extremes of `v − r·t` over the other points.
     other: Option<(Q, Q)>,
 }
@@ -312,18 +314,23 @@ impl LineOffsets {
             Repr::Small(p, q) => Some((p, q)),
             Repr::Big(_) => None,
         };
-        LineOffsets { r: r.clone(), small, int: None, other: None }
+        LineOffsets { r: r.clone(), small, lo: i128::MAX, hi: i128::MIN, other: None }
     }
 
+    /// Integer points inline (a curve's every breakpoint goes through here), others out of line.
+    #[inline]
     pub(crate) fn see(&mut self, t: &Q, v: &Q) {
         if let (Some((p, q)), Repr::Small(t, 1), Repr::Small(v, 1)) = (self.small, &t.0, &v.0) {
             let k = *v as i128 * q as i128 - p as i128 * *t as i128;
-            self.int = Some(match self.int {
-                Some((lo, hi)) => (lo.min(k), hi.max(k)),
-                None => (k, k),
-            });
+            self.lo = self.lo.min(k);
+            self.hi = self.hi.max(k);
             return;
         }
+        self.see_other(t, v);
+    }
+
+    #[inline(never)]
+    fn see_other(&mut self, t: &Q, v: &Q) {
         let k = v - &self.r * t;
         self.other = Some(match self.other.take() {
             Some((lo, hi)) => (Q::min(&lo, &k), Q::max(&hi, &k)),
@@ -333,7 +340,8 @@ impl LineOffsets {
 
     /// `(least, greatest)`, `None` before any point.
     pub(crate) fn extremes(&self) -> Option<(Q, Q)> {
-        let int = self.int.zip(self.small).map(|((lo, hi), (_, q))| (Q::from_i128(lo, q as i128), Q::from_i128(hi, q as i128)));
+        let int =
+            self.small.filter(|_| self.lo <= self.hi).map(|(_, q)| (Q::from_i128(self.lo, q as i128), Q::from_i128(self.hi, q as i128)));
         match (int, &self.other) {
             (Some((a, b)), Some((c, d))) => Some((Q::min(&a, c), Q::max(&b, d))),
             (Some(e), None) => Some(e),
