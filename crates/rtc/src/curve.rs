@@ -1163,16 +1163,15 @@ impl Curve {
         levels.sort();
         levels.dedup();
         // Every level below `top` is first reached (and exceeded) inside the unrolled windows, so
-        // increasing levels are found by forward scans; `top` itself may be exceeded only later.
+        // increasing levels are found by forward scans; `top` itself may be exceeded only later,
+        // after the scan (which answers only with a point inside its window, hence the first
+        // reach of the whole curve, which is non-decreasing) found nothing.
         let sweep = |k: usize| Sweep { segs: &unrolled[k].0, end: &unrolled[k].1, i: 0 };
         let (mut sf, mut sg, mut sf_strict, mut sg_strict) = (sweep(0), sweep(1), sweep(0), sweep(1));
         let fsup = if rf.is_zero() { Some(top.clone()) } else { None };
         let mut best = Q::zero();
         for y in &levels {
-            let inside = y < &top;
-            let reach = |sw: &mut Sweep, c: &Curve, strict: bool| {
-                if inside { sw.reach(y, strict) } else { None }.or_else(|| c.first_reach(y, strict))
-            };
+            let reach = |sw: &mut Sweep, c: &Curve, strict: bool| sw.reach(y, strict).or_else(|| c.first_reach(y, strict));
             let Some(fi) = reach(&mut sf, self, false) else { continue };
             let gi = reach(&mut sg, g, false).ok_or(CurveError::Unbounded("service never reaches the demand"))?;
             best = Q::max(&best, &(gi - fi));
