@@ -66,10 +66,11 @@ fn gcd_u64(mut a: u64, mut b: u64) -> u64 {
 }
 
 impl Q {
-    /// Builds `n / d` from wide integers, normalising. `d` must not be zero.
+    /// Builds `n / d` from wide integers, normalising. `d` must not be zero. The common case
+    /// (both fit in 64 bits) inline, with 64-bit arithmetic only; the wide one out of line.
+    #[inline]
     fn from_i128(n: i128, d: i128) -> Q {
         debug_assert!(d != 0);
-        // Common case: both fit in 64 bits; reduce with 64-bit arithmetic only.
         if let (Ok(n64), Ok(d64)) = (i64::try_from(n), i64::try_from(d)) {
             if n64 != i64::MIN && d64 != i64::MIN {
                 let (n64, d64) = if d64 < 0 { (-n64, -d64) } else { (n64, d64) };
@@ -80,6 +81,11 @@ impl Q {
                 return if g > 1 { Q(Repr::Small(n64 / g, d64 / g)) } else { Q(Repr::Small(n64, d64)) };
             }
         }
+        Q::from_wide(n, d)
+    }
+
+    #[inline(never)]
+    fn from_wide(n: i128, d: i128) -> Q {
         let (mut n, mut d) = if d < 0 { (-n, -d) } else { (n, d) };
         if d == 1 {
             if let Ok(n) = i64::try_from(n) {
@@ -686,7 +692,11 @@ mod tests {
             let (d1, d2) = (if d1 < 0 { 1 } else { d1 }, if d2 < 0 { 1 } else { d2 });
             let (x, y) = (Q::from_i128(n1 as i128, d1 as i128), Q::from_i128(n2 as i128, d2 as i128));
             let (bx, by) = (x.to_big(), y.to_big());
-            for (got, want) in [(&x + &y, &bx + &by), (&x - &y, &bx - &by), (&x * &y, &bx * &by)] {
+            let mut ops = vec![(&x + &y, &bx + &by), (&x - &y, &bx - &by), (&x * &y, &bx * &by)];
+            if !y.is_zero() {
+                ops.push((&x / &y, &bx / &by));
+            }
+            for (got, want) in ops {
                 assert_eq!(got, Q::from_big(want.clone()), "{x} {y}");
                 assert_eq!(got.to_big(), want, "{x} {y}");
             }
