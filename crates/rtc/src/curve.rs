@@ -1507,9 +1507,16 @@ fn combine(a: &[Seg], b: &[Seg], h: &Q, op: Op) -> Vec<Seg> {
             ib += 1;
         }
         let (sa, sb) = (&a[ia], &b[ib]);
-        let va = if &sa.x == *x { sa.y.clone() } else { sa.at(x) };
-        let vb = if &sb.x == *x { sb.y.clone() } else { sb.at(x) };
-        let (ra, rb) = (sa.at(x), sb.at(x));
+        // Value and right limit at x: the segment's own at its start, else its line's (once).
+        let value_and_right = |s: &Seg| {
+            if &s.x == *x {
+                (s.y.clone(), s.yr.clone())
+            } else {
+                let v = s.at(x);
+                (v.clone(), v)
+            }
+        };
+        let ((va, ra), (vb, rb)) = (value_and_right(sa), value_and_right(sb));
         let nx = xs.get(k + 1).copied().unwrap_or(h);
         match op {
             Op::Add => out.push(Seg::new((*x).clone(), va + vb, ra + rb, &sa.s + &sb.s)),
