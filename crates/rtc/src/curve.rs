@@ -1371,12 +1371,12 @@ fn scan_running_max_onto(out: &mut Vec<Seg>, segs: &[Seg], h: &Q, floor: Option<
         if s.s.is_positive() && s.yr >= v {
             out.push(Seg::new(s.x.clone(), v, s.yr.clone(), s.s.clone()));
             cur = s.at(e);
-        } else if s.s.is_positive() && s.at(e) > cur {
+        } else if let Some(top) = s.s.is_positive().then(|| s.at(e)).filter(|top| top > &cur) {
             // Flat at `cur` until the line climbs above it.
             let xc = &s.x + (&cur - &s.yr) / &s.s;
             out.push(Seg::new(s.x.clone(), v, cur.clone(), Q::zero()));
             out.push(Seg::line(xc, cur, s.s.clone()));
-            cur = s.at(e);
+            cur = top;
         } else {
             out.push(Seg::new(s.x.clone(), v, cur.clone(), Q::zero()));
         }
