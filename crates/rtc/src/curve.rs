@@ -382,12 +382,19 @@ impl Curve {
 
     fn affine_bounds_scan(&self) -> (Q, Q) {
         let end = self.base_end();
-        let mut offsets = LineOffsets::new(&self.rate());
+        let r = self.rate();
+        let mut offsets = LineOffsets::new(&r);
         for (i, s) in self.segs.iter().enumerate() {
-            let e = seg_end(&self.segs, i, &end);
             offsets.see(&s.x, &s.y);
-            offsets.see(&s.x, &s.yr);
-            offsets.see(e, &s.at(e));
+            if s.yr != s.y {
+                offsets.see(&s.x, &s.yr);
+            }
+            // Along the open piece the offset changes linearly, by (s − r) per unit: with s = r
+            // its left limit at the end is the right limit at the start, already seen.
+            if s.s != r {
+                let e = seg_end(&self.segs, i, &end);
+                offsets.see(e, &s.at(e));
+            }
         }
         offsets.extremes().unwrap_or_default()
     }
@@ -398,7 +405,8 @@ impl Curve {
         let end = self.base_end();
         // From T on, f(t) − r·t repeats with period d: every phase of it comes again after h.
         let start = if h < &self.t { h } else { &self.t };
-        let mut offsets = LineOffsets::new(&self.rate());
+        let r = self.rate();
+        let mut offsets = LineOffsets::new(&r);
         // From the segment containing `start` (those before it end at or before `start`).
         for (i, s) in self.segs.iter().enumerate().skip(find_seg(&self.segs, start)) {
             let e = seg_end(&self.segs, i, &end);
@@ -407,11 +415,16 @@ impl Curve {
             }
             if &s.x >= start {
                 offsets.see(&s.x, &s.y);
-                offsets.see(&s.x, &s.yr);
+                if s.yr != s.y {
+                    offsets.see(&s.x, &s.yr);
+                }
             } else {
                 offsets.see(start, &s.at(start));
             }
-            offsets.see(e, &s.at(e));
+            // As in `affine_bounds`: with s = r the offset is constant along the piece.
+            if s.s != r {
+                offsets.see(e, &s.at(e));
+            }
         }
         offsets.extremes().map(|(lo, _)| lo).unwrap_or_default()
     }

@@ -528,6 +528,43 @@ proptest! {
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    /// The affine bounds (least and greatest `f(t) − rate·t`) and the lower offset from a time
+    /// on are the extremes of the offsets at every breakpoint over one period after the
+    /// transient (values and one-sided limits, read with `eval`): a piecewise-linear offset has
+    /// its extremes there, and it repeats from `T` on.
+    #[test]
+    fn affine_bounds_are_the_extreme_offsets_at_the_breakpoints(seed in any::<u64>()) {
+        let mut r = Rng(seed);
+        let mono = r.int(0, 1) == 1;
+        let f = random_curve(&mut r, mono);
+        let rate = f.rate();
+        let end = f.periodic_start() + f.period();
+        let from = qf(r.int(0, 40), 2);
+        let mut xs: Vec<Q> = f.segments().iter().map(|s| s.x.clone()).chain([end.clone(), from.clone()]).collect();
+        // Breakpoints after `from` that lie beyond the first period (`from` may be later).
+        let periods = (&from / f.period()).ceil() + q(1);
+        let mut k = q(1);
+        while k <= periods {
+            let shift = &k * f.period();
+            xs.extend(f.segments().iter().filter(|s| &s.x >= f.periodic_start()).map(|s| &s.x + &shift));
+            k = k + q(1);
+        }
+        let offsets = |x: &Q| {
+            let mut v = vec![f.eval(x) - &rate * x, f.eval_right(x) - &rate * x];
+            if x.is_positive() {
+                v.push(f.eval_left(x) - &rate * x);
+            }
+            v
+        };
+        let all: Vec<Q> = xs.iter().filter(|x| *x <= &end).flat_map(offsets).collect();
+        let want = (all.iter().min().unwrap().clone(), all.iter().max().unwrap().clone());
+        prop_assert_eq!(f.affine_bounds(), want, "{:?}", f);
+        // From `from` on: the value and the right limit at `from`, then everything after it.
+        let mut after: Vec<Q> = xs.iter().filter(|x| *x > &from).flat_map(offsets).collect();
+        after.extend([f.eval(&from) - &rate * &from, f.eval_right(&from) - &rate * &from]);
+        prop_assert_eq!(f.affine_lower_from(&from), after.iter().min().unwrap().clone(), "{:?} from {}", f, from);
+    }
+
     /// Truncation keeps the curve on [0, h) and only ever moves it up (`truncate_above`) or down
     /// (`truncate_below`, which also stays non-decreasing when the curve is), values and
     /// one-sided limits.
