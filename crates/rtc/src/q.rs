@@ -498,7 +498,12 @@ binop!(
     Div,
     div,
     |_, _| None,
-    |a, b, c, d| if c == 0 { None } else { Some(Q::from_i128(a as i128 * d as i128, b as i128 * c as i128)) },
+    |a, b, c, d| match (c, d) {
+        (0, _) => None,
+        // By one (a curve's rate over a period of 1): already in lowest terms.
+        (1, 1) => Some(Q(Repr::Small(a, b))),
+        _ => Some(Q::from_i128(a as i128 * d as i128, b as i128 * c as i128)),
+    },
     |x, y| if y.is_zero() { BigRational::zero() } else { x / y }
 );
 
