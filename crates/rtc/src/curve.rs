@@ -1121,6 +1121,13 @@ impl Curve {
     /// Horizontal deviation `sup_t inf {τ >= 0 : f(t) <= g(t + τ)}` (the delay bound when `f`
     /// is an arrival curve and `g` a service curve). Both must be non-decreasing.
     pub fn hdev(&self, g: &Curve) -> Result<Q> {
+        self.hdev_and_below(g, None).map(|(d, _)| d)
+    }
+
+    /// [`Curve::hdev`], and the largest deviation it found at a level below `y0` (`None`
+    /// without `y0`): a lower bound of the deviation over the levels below `y0`, which depends
+    /// only on where both curves first reach (and exceed) those levels.
+    pub fn hdev_and_below(&self, g: &Curve, y0: Option<&Q>) -> Result<(Q, Option<Q>)> {
         if !self.is_nondecreasing() || !g.is_nondecreasing() {
             return Err(CurveError::NotMonotone);
         }
@@ -1183,19 +1190,30 @@ impl Curve {
         let (mut sf, mut sg, mut sf_strict, mut sg_strict) = (sweep(0), sweep(1), sweep(0), sweep(1));
         let fsup = if rf.is_zero() { Some(top.clone()) } else { None };
         let mut best = Q::zero();
+        let mut below = y0.map(|_| Q::zero());
         for y in &levels {
             let reach = |sw: &mut Sweep, c: &Curve, strict: bool| sw.reach(y, strict).or_else(|| c.first_reach(y, strict));
+            let mut see = |d: Q| {
+                if let Some(b) = below.as_mut().filter(|_| y0.is_some_and(|y0| y < y0)) {
+                    if &d > b {
+                        *b = d.clone();
+                    }
+                }
+                if d > best {
+                    best = d;
+                }
+            };
             let Some(fi) = reach(&mut sf, self, false) else { continue };
             let gi = reach(&mut sg, g, false).ok_or(CurveError::Unbounded("service never reaches the demand"))?;
-            best = Q::max(&best, &(gi - fi));
+            see(gi - fi);
             if fsup.as_ref().is_none_or(|s| y < s) {
                 if let Some(fi) = reach(&mut sf_strict, self, true) {
                     let gi = reach(&mut sg_strict, g, true).ok_or(CurveError::Unbounded("service never exceeds the demand"))?;
-                    best = Q::max(&best, &(gi - fi));
+                    see(gi - fi);
                 }
             }
         }
-        Ok(best)
+        Ok((best, below))
     }
 
     /// `sup (r·t − f(t))` over `t` in `[0, h)` (values and one-sided limits, including the

@@ -565,6 +565,29 @@ proptest! {
         prop_assert_eq!(f.affine_lower_from(&from), after.iter().min().unwrap().clone(), "{:?} from {}", f, from);
     }
 
+    /// The delay found at levels below Y0 = g(h⁻) is the same on a service truncated at h
+    /// (`truncate_below`) and on the service itself, and when it is the whole delay on the
+    /// truncated service, that delay is the exact one (the shortcut of `FpState::step`).
+    #[test]
+    fn a_delay_attained_below_the_truncation_level_is_exact(seed in any::<u64>()) {
+        let mut r = Rng(seed);
+        let f = staircase_of(&random_curve(&mut r, true));
+        let g = random_curve(&mut r, true);
+        let h = qf(r.int(1, 40), 2);
+        let (Ok(exact), Ok(gh)) = (f.hdev(&g), g.truncate_below(&h)) else { return Ok(()) };
+        let y0 = g.eval_left(&h);
+        let (Ok((d, below)), Ok((de, below_exact))) = (f.hdev_and_below(&gh, Some(&y0)), f.hdev_and_below(&g, Some(&y0))) else {
+            return Ok(());
+        };
+        prop_assert_eq!(&de, &exact);
+        prop_assert_eq!(&d, &f.hdev(&gh).unwrap());
+        prop_assert!(d >= exact, "truncated {} below exact {}", d, exact);
+        prop_assert_eq!(&below, &below_exact, "f={:?} g={:?} h={}", f, g, h);
+        if below.as_ref() == Some(&d) {
+            prop_assert_eq!(&d, &exact, "f={:?} g={:?} h={}", f, g, h);
+        }
+    }
+
     /// Truncation keeps the curve on [0, h) and only ever moves it up (`truncate_above`) or down
     /// (`truncate_below`, which also stays non-decreasing when the curve is), values and
     /// one-sided limits.
