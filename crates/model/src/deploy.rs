@@ -11,6 +11,7 @@
 //! incrementally into another's.
 
 use crate::error::ModelError;
+use crate::names::NameMap;
 use crate::raw::{RawFile, RawVm};
 use crate::units;
 use crate::validate::{Ctx, Site};
@@ -18,7 +19,6 @@ use crate::{Item, ItemKind};
 use rtc::models::EventModel;
 use rtc::system::{Blackout, Input, Policy, Resource, ResourceKind, Stream, System, Task};
 use rtc::Q;
-use std::collections::HashMap;
 
 type Result<T> = std::result::Result<T, ModelError>;
 
@@ -292,8 +292,8 @@ pub(crate) struct Parts<'a> {
     pub task_items: &'a mut Vec<Item>,
     pub stream_items: &'a mut Vec<Item>,
     pub stream_rates: &'a mut Vec<Q>,
-    pub task_index: &'a HashMap<&'a str, usize>,
-    pub res_index: &'a HashMap<&'a str, usize>,
+    pub task_index: &'a NameMap<&'a str, usize>,
+    pub res_index: &'a NameMap<&'a str, usize>,
     pub processors: usize,
     pub links: usize,
 }
@@ -360,7 +360,7 @@ pub(crate) fn build(p: Parts) -> Result<Option<Deployment>> {
     let nres = sys.resources.len();
     let mut host_of: Vec<Option<usize>> = vec![None; nres];
     let mut hosts: Vec<Host> = Vec::new();
-    let mut host_index: HashMap<&str, usize> = HashMap::new();
+    let mut host_index: NameMap<&str, usize> = NameMap::default();
     for h in &raw.host {
         let (r, s) = (h.get_ref(), Site::new(ItemKind::Host, &h.get_ref().name, h.span()));
         let memory = match &r.memory {
@@ -847,7 +847,7 @@ pub(crate) fn build(p: Parts) -> Result<Option<Deployment>> {
     }
     // Tasks on ports move between ports with their VMs: fixed priorities must be unique across
     // all ports, not only per port.
-    let mut seen: HashMap<i64, usize> = HashMap::new();
+    let mut seen: NameMap<i64, usize> = NameMap::default();
     let port_tasks = messages.iter().map(|m| m.task).chain(vms.iter().filter_map(|v| v.checkpoint.as_ref().map(|c| c.task)));
     for t in port_tasks {
         let res = &sys.resources[sys.tasks[t].resource];

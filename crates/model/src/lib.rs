@@ -16,6 +16,7 @@
 
 mod deploy;
 mod error;
+mod names;
 pub mod plot;
 mod raw;
 pub mod replication;

@@ -2,6 +2,7 @@
 //! of the format (see `docs/model-format.md`) and blaming the item and line that breaks it.
 
 use crate::error::ModelError;
+use crate::names::{self, NameMap};
 use crate::raw::*;
 use crate::report::policy_name;
 use crate::units;
@@ -9,7 +10,6 @@ use crate::{Item, ItemKind, Loaded};
 use rtc::models::{CurveCache, EventModel, SupplyModel};
 use rtc::system::{Chain, Input, Policy, Resource, ResourceKind, Stream, System, Task};
 use rtc::Q;
-use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 
@@ -265,7 +265,7 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
     all.extend(raw.task.iter().map(|p| site(ItemKind::Task, &p.get_ref().name, p.span())));
     all.extend(raw.chain.iter().map(|p| site(ItemKind::Chain, &p.get_ref().name, p.span())));
     all.sort_by_key(|s| s.span.start);
-    let mut kind_of: HashMap<&str, (ItemKind, usize)> = HashMap::new();
+    let mut kind_of: NameMap<&str, (ItemKind, usize)> = names::with_capacity(total);
     for s in &all {
         if !valid_name(&s.name) {
             return Err(ctx.fail(
@@ -284,7 +284,7 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
     let mut sys = System::default();
     let mut res_items: Vec<Item> = Vec::new();
     let mut res_sites: Vec<Site> = Vec::new();
-    let mut res_index: HashMap<&str, usize> = HashMap::new();
+    let mut res_index: NameMap<&str, usize> = names::with_capacity(raw.processor.len() + raw.link.len() + raw.vm.len());
 
     // ------------------------------------------------------------- processors and links
     for p in &raw.processor {
@@ -338,7 +338,7 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
     // ------------------------------------------------------------- VMs
     let mut specs: Vec<TaskSpec> = Vec::new();
     // VMs without a reservation (they are a task on their host, not a resource).
-    let mut plain_vms: HashMap<&str, ()> = HashMap::new();
+    let mut plain_vms: NameMap<&str, ()> = NameMap::default();
     for p in &raw.vm {
         let (r, s) = (p.get_ref(), site(ItemKind::Vm, &p.get_ref().name, p.span()));
         let first = r.instances.as_ref().and_then(|l| l.first());
@@ -439,7 +439,7 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
 
     // ------------------------------------------------------------- streams
     let mut stream_items = Vec::new();
-    let mut stream_index: HashMap<&str, usize> = HashMap::new();
+    let mut stream_index: NameMap<&str, usize> = names::with_capacity(raw.stream.len());
     let mut stream_rates: Vec<Q> = Vec::new();
     // Streams often share a model: each distinct model's curves are built once.
     let mut curves = CurveCache::new();
@@ -473,7 +473,7 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
         });
     }
     specs.sort_by_key(|t| t.site.span.start);
-    let task_index: HashMap<&str, usize> = specs.iter().enumerate().map(|(i, t)| (t.site.name.as_str(), i)).collect();
+    let task_index: NameMap<&str, usize> = specs.iter().enumerate().map(|(i, t)| (t.site.name.as_str(), i)).collect();
     let mut task_items = Vec::new();
     for t in &specs {
         let s = &t.site;
@@ -603,16 +603,20 @@ pub(crate) fn build(raw: &RawFile, ctx: &Ctx, base_dir: &Path) -> Result<Loaded>
     }
 
     // ------------------------------------------------------------- per-resource rules
-    let mut prio_seen: HashMap<(usize, i64), usize> = HashMap::new();
+    let mut prio_seen: NameMap<(usize, i64), usize> = names::with_capacity(sys.tasks.len());
     let mut slots: Vec<Q> = vec![Q::zero(); sys.resources.len()];
+    let mut hosts_reservations = vec![false; sys.resources.len()];
+    for r in &sys.resources {
+        if let ResourceKind::Reservation { host, .. } = r.kind {
+            hosts_reservations[host] = true;
+        }
+    }
     for (i, t) in sys.tasks.iter().enumerate() {
         let s = &specs[i].site;
         let res = &sys.resources[t.resource];
         let rname = &res.name;
         let rkind = res_items[t.resource].kind.name();
-        if t.resource < processors
-            && sys.resources.iter().any(|r| matches!(r.kind, ResourceKind::Reservation { host, .. } if host == t.resource))
-        {
+        if t.resource < processors && hosts_reservations[t.resource] {
             return Err(ctx.fail(
                 s,
                 if s.kind == ItemKind::Vm { Some("host") } else { Some("on") },

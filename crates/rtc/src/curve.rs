@@ -13,8 +13,10 @@
 //! [`CurveError::TooComplex`] instead of exhausting memory.
 
 use crate::q::{LineOffsets, Q};
+use std::borrow::Cow;
 use std::fmt;
-use std::sync::Arc;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, OnceLock};
 
 /// Upper limit on the number of segments an operation may materialise.
 pub const MAX_SEGMENTS: usize = 250_000;
@@ -80,6 +82,37 @@ pub struct Curve {
     t: Q,
     d: Q,
     c: Q,
+    memo: Memo,
+}
+
+/// Properties of a curve computed once, when first asked for (an analysis step asks for a
+/// service's and a demand's several times), and copied with it. Never part of the curve's
+/// value: curves compare and hash equal whatever either has computed. A curve's description is
+/// only changed while it is built, before anything is memoised (`Curve::normalized`), or with
+/// a fresh memo (`Curve::with_value_at_zero`).
+#[derive(Clone, Default)]
+struct Memo {
+    nondecreasing: OnceLock<bool>,
+    affine_bounds: OnceLock<Box<(Q, Q)>>,
+}
+
+impl Memo {
+    /// A memo of a curve known to be non-decreasing by construction.
+    fn nondecreasing() -> Memo {
+        Memo { nondecreasing: OnceLock::from(true), ..Memo::default() }
+    }
+}
+
+impl PartialEq for Memo {
+    fn eq(&self, _: &Memo) -> bool {
+        true
+    }
+}
+
+impl Eq for Memo {}
+
+impl Hash for Memo {
+    fn hash<H: Hasher>(&self, _: &mut H) {}
 }
 
 impl fmt::Debug for Curve {
@@ -165,7 +198,7 @@ impl Curve {
         let end = &t + &d;
         segs.retain(|s| s.x < end);
         let segs = merge_collinear(segs);
-        let mut c = Curve { segs: Arc::new(segs), t, d, c };
+        let mut c = Curve { segs: Arc::new(segs), t, d, c, memo: Memo::default() };
         // `t` must remain a breakpoint (merging may have removed it).
         let tt = c.t.clone();
         split_at(Arc::make_mut(&mut c.segs), &tt);
@@ -175,7 +208,7 @@ impl Curve {
 
     /// `f(t) = v` everywhere.
     pub fn constant(v: Q) -> Curve {
-        Curve { segs: Arc::new(vec![Seg::line(Q::zero(), v, Q::zero())]), t: Q::zero(), d: Q::one(), c: Q::zero() }
+        Curve { segs: Arc::new(vec![Seg::line(Q::zero(), v, Q::zero())]), t: Q::zero(), d: Q::one(), c: Q::zero(), memo: Memo::default() }
     }
 
     pub fn zero() -> Curve {
@@ -184,16 +217,23 @@ impl Curve {
 
     /// `f(0) = at0`, `f(t) = b + r t` for `t > 0`.
     pub fn affine(at0: Q, b: Q, r: Q) -> Curve {
-        Curve { segs: Arc::new(vec![Seg::new(Q::zero(), at0, b, r.clone())]), t: Q::zero(), d: Q::one(), c: r }.fix_origin_pattern()
+        Curve { segs: Arc::new(vec![Seg::new(Q::zero(), at0, b, r.clone())]), t: Q::zero(), d: Q::one(), c: r, memo: Memo::default() }
+            .fix_origin_pattern()
     }
 
     /// `f(t) = max(0, r (t - latency))` (a rate-latency service curve).
     pub fn rate_latency(r: Q, latency: Q) -> Curve {
         if latency.is_positive() {
             let segs = vec![Seg::line(Q::zero(), Q::zero(), Q::zero()), Seg::line(latency.clone(), Q::zero(), r.clone())];
-            Curve { segs: Arc::new(segs), t: latency, d: Q::one(), c: r }
+            Curve { segs: Arc::new(segs), t: latency, d: Q::one(), c: r, memo: Memo::default() }
         } else {
-            Curve { segs: Arc::new(vec![Seg::line(Q::zero(), Q::zero(), r.clone())]), t: Q::zero(), d: Q::one(), c: r }
+            Curve {
+                segs: Arc::new(vec![Seg::line(Q::zero(), Q::zero(), r.clone())]),
+                t: Q::zero(),
+                d: Q::one(),
+                c: r,
+                memo: Memo::default(),
+            }
         }
     }
 
@@ -282,6 +322,17 @@ impl Curve {
         Ok(self.unroll_raw(h))
     }
 
+    /// [`Curve::unroll`] without copying when `[0, h)` lies within the described window (or the
+    /// curve is one line from its last segment on): the segments covering it are then a prefix of
+    /// the description, borrowed, the same list `unroll` copies.
+    fn unroll_view(&self, h: &Q) -> Result<Cow<'_, [Seg]>> {
+        if h <= &self.base_end() || self.is_affine_tail() {
+            let n = self.segs.partition_point(|s| &s.x < h);
+            return Ok(Cow::Borrowed(&self.segs[..n]));
+        }
+        self.unroll(h).map(Cow::Owned)
+    }
+
     fn unroll_raw(&self, h: &Q) -> Vec<Seg> {
         let end = self.base_end();
         // The last segment of an affine tail already extends to infinity.
@@ -326,13 +377,24 @@ impl Curve {
 
     /// Bounds `m <= f(t) - rate t <= M` over all `t >= 0` (values and one-sided limits).
     pub fn affine_bounds(&self) -> (Q, Q) {
+        (**self.memo.affine_bounds.get_or_init(|| Box::new(self.affine_bounds_scan()))).clone()
+    }
+
+    fn affine_bounds_scan(&self) -> (Q, Q) {
         let end = self.base_end();
-        let mut offsets = LineOffsets::new(&self.rate());
+        let r = self.rate();
+        let mut offsets = LineOffsets::new(&r);
         for (i, s) in self.segs.iter().enumerate() {
-            let e = seg_end(&self.segs, i, &end);
             offsets.see(&s.x, &s.y);
-            offsets.see(&s.x, &s.yr);
-            offsets.see(e, &s.at(e));
+            if s.yr != s.y {
+                offsets.see(&s.x, &s.yr);
+            }
+            // Along the open piece the offset changes linearly, by (s − r) per unit: with s = r
+            // its left limit at the end is the right limit at the start, already seen.
+            if s.s != r {
+                let e = seg_end(&self.segs, i, &end);
+                offsets.see(e, &s.at(e));
+            }
         }
         offsets.extremes().unwrap_or_default()
     }
@@ -343,25 +405,36 @@ impl Curve {
         let end = self.base_end();
         // From T on, f(t) − r·t repeats with period d: every phase of it comes again after h.
         let start = if h < &self.t { h } else { &self.t };
-        let mut offsets = LineOffsets::new(&self.rate());
-        for (i, s) in self.segs.iter().enumerate() {
+        let r = self.rate();
+        let mut offsets = LineOffsets::new(&r);
+        // From the segment containing `start` (those before it end at or before `start`).
+        for (i, s) in self.segs.iter().enumerate().skip(find_seg(&self.segs, start)) {
             let e = seg_end(&self.segs, i, &end);
             if e <= start {
                 continue;
             }
             if &s.x >= start {
                 offsets.see(&s.x, &s.y);
-                offsets.see(&s.x, &s.yr);
+                if s.yr != s.y {
+                    offsets.see(&s.x, &s.yr);
+                }
             } else {
                 offsets.see(start, &s.at(start));
             }
-            offsets.see(e, &s.at(e));
+            // As in `affine_bounds`: with s = r the offset is constant along the piece.
+            if s.s != r {
+                offsets.see(e, &s.at(e));
+            }
         }
         offsets.extremes().map(|(lo, _)| lo).unwrap_or_default()
     }
 
     /// `true` when `f` never decreases (checked exactly on the description).
     pub fn is_nondecreasing(&self) -> bool {
+        *self.memo.nondecreasing.get_or_init(|| self.is_nondecreasing_scan())
+    }
+
+    fn is_nondecreasing_scan(&self) -> bool {
         if self.c.is_negative() {
             return false;
         }
@@ -483,7 +556,7 @@ impl Curve {
     /// `f + v`.
     pub fn offset(&self, v: &Q) -> Curve {
         let segs = self.segs.iter().map(|s| Seg::new(s.x.clone(), &s.y + v, &s.yr + v, s.s.clone())).collect::<Vec<Seg>>();
-        Curve { segs: Arc::new(segs), t: self.t.clone(), d: self.d.clone(), c: self.c.clone() }
+        Curve { segs: Arc::new(segs), t: self.t.clone(), d: self.d.clone(), c: self.c.clone(), memo: Memo::default() }
     }
 
     /// `g(t) = fill` for `t < delta`, `f(t - delta)` for `t >= delta` (delta >= 0).
@@ -514,11 +587,12 @@ impl Curve {
         let mut c = if self.t.is_zero() {
             let mut segs = self.unroll_raw(&(&self.d + &self.d));
             split_at(&mut segs, &self.d);
-            Curve { segs: Arc::new(segs), t: self.d.clone(), d: self.d.clone(), c: self.c.clone() }
+            Curve { segs: Arc::new(segs), t: self.d.clone(), d: self.d.clone(), c: self.c.clone(), memo: Memo::default() }
         } else {
             self.clone()
         };
         Arc::make_mut(&mut c.segs)[0].y = v.clone();
+        c.memo = Memo::default();
         c
     }
 
@@ -602,14 +676,14 @@ impl Curve {
         let t = Q::max(&base.t, h);
         let d = base.d.clone();
         let mut c = base.c.clone();
-        let mut terms = vec![(base.unroll(&(&t + &d))?, false)];
+        let mut terms = vec![(base.unroll_view(&(&t + &d))?, false)];
         for g in demands {
             c = c - g.rate() * &d;
-            terms.push((g.truncated_above_segments(h)?, true));
+            terms.push((Cow::Owned(g.truncated_above_segments(h)?), true));
         }
         let mut segs = signed_sum(&terms);
         split_at(&mut segs, &t);
-        Curve { segs: Arc::new(segs), t, d, c }.running_max_from(Some(Q::zero()))
+        Curve { segs: Arc::new(segs), t, d, c, memo: Memo::default() }.running_max_from(Some(Q::zero()))
     }
 
     // ----------------------------------------------------------------- pointwise operations
@@ -642,8 +716,8 @@ impl Curve {
             }
         };
         let h = &t + &d;
-        let a = self.unroll(&h)?;
-        let b = o.unroll(&h)?;
+        let a = self.unroll_view(&h)?;
+        let b = o.unroll_view(&h)?;
         Curve::from_parts(combine(&a, &b, &h, op), t, d, c)
     }
 
@@ -674,7 +748,7 @@ impl Curve {
             growth = growth + &c.c * (&d / &c.d);
         }
         let h = &t + &d;
-        let terms = curves.iter().map(|c| Ok((c.unroll(&h)?, false))).collect::<Result<Vec<_>>>()?;
+        let terms = curves.iter().map(|c| Ok((c.unroll_view(&h)?, false))).collect::<Result<Vec<_>>>()?;
         let out = signed_sum(&terms);
         Curve::from_parts(out, t, d, growth)
     }
@@ -843,17 +917,26 @@ impl Curve {
         let c = &self.c * (&d / &self.d) - &g.c * (&d / &g.d);
         let t = Q::max(&self.t, &g.t);
         let h = &t + &d;
-        let mut segs = combine(&self.unroll(&h)?, &g.unroll(&h)?, &h, Op::Sub);
+        let mut segs = combine(&self.unroll_view(&h)?, &g.unroll_view(&h)?, &h, Op::Sub);
         split_at(&mut segs, &t);
-        Curve { segs: Arc::new(segs), t, d, c }.running_max_from(Some(Q::zero()))
+        Curve { segs: Arc::new(segs), t, d, c, memo: Memo::default() }.running_max_from(Some(Q::zero()))
     }
 
-    /// `max(floor, sup_{0<=s<=t} f(s))` (`floor`: none when `None`).
+    /// `max(floor, sup_{0<=s<=t} f(s))` (`floor`: none when `None`), known to be non-decreasing
+    /// (a running maximum is; checked against the scan in debug builds and by the property
+    /// tests).
     fn running_max_from(&self, floor: Option<Q>) -> Result<Curve> {
+        let mut r = self.running_max_from_scan(floor)?;
+        debug_assert!(r.is_nondecreasing_scan(), "running maximum not non-decreasing: {r:?}");
+        r.memo = Memo::nondecreasing();
+        Ok(r)
+    }
+
+    fn running_max_from_scan(&self, floor: Option<Q>) -> Result<Curve> {
         let end = self.base_end();
         if !self.c.is_positive() {
             // Later periods never exceed the first: constant from T + d on.
-            let segs = self.unroll(&end)?;
+            let segs = self.unroll_view(&end)?;
             let mut out = scan_running_max(&segs, &end, floor.clone());
             let sup = self.sup_on_base();
             out.push(Seg::line(end.clone(), floor.map_or(sup.clone(), |f| Q::max(&f, &sup)), Q::zero()));
@@ -908,7 +991,7 @@ impl Curve {
             };
         let t = &self.t + &k * &self.d;
         let h = &t + &self.d;
-        let segs = self.unroll(&h)?;
+        let segs = self.unroll_view(&h)?;
         Curve::from_parts(scan_running_max(&segs, &h, floor), t, self.d.clone(), self.c.clone())
     }
 
@@ -995,7 +1078,7 @@ impl Curve {
         if !h.is_positive() {
             return Err(CurveError::Invalid(format!("window end must be positive, got {h}")));
         }
-        let (fs, gs) = (self.unroll(h)?, g.unroll(h)?);
+        let (fs, gs) = (self.unroll_view(h)?, g.unroll_view(h)?);
         if fs.iter().all(|s| s.s.is_zero()) && g.is_nondecreasing() {
             return Ok(staircase_above(&fs, &gs));
         }
@@ -1038,6 +1121,13 @@ impl Curve {
     /// Horizontal deviation `sup_t inf {τ >= 0 : f(t) <= g(t + τ)}` (the delay bound when `f`
     /// is an arrival curve and `g` a service curve). Both must be non-decreasing.
     pub fn hdev(&self, g: &Curve) -> Result<Q> {
+        self.hdev_and_below(g, None).map(|(d, _)| d)
+    }
+
+    /// [`Curve::hdev`], and the largest deviation it found at a level below `y0` (`None`
+    /// without `y0`): a lower bound of the deviation over the levels below `y0`, which depends
+    /// only on where both curves first reach (and exceed) those levels.
+    pub fn hdev_and_below(&self, g: &Curve, y0: Option<&Q>) -> Result<(Q, Option<Q>)> {
         if !self.is_nondecreasing() || !g.is_nondecreasing() {
             return Err(CurveError::NotMonotone);
         }
@@ -1060,7 +1150,7 @@ impl Curve {
             Q::max(&ef, &eg) + lc
         };
         let mut levels: Vec<Q> = vec![Q::zero(), top.clone()];
-        let mut unrolled: Vec<(Vec<Seg>, Q)> = Vec::with_capacity(2);
+        let mut unrolled: Vec<(Cow<[Seg]>, Q)> = Vec::with_capacity(2);
         // A staircase demand (every piece flat) needs only its own levels when `top` is one of
         // its values (always but when both rates are equal): within a step the deviation
         // decreases, and a level y between two of its values v < y <= v' is first reached (and
@@ -1072,7 +1162,7 @@ impl Curve {
                 Some(t) => t + Q::one(),
                 None => return Err(CurveError::Unbounded("service never reaches the demand")),
             };
-            let segs = c.unroll(&h)?;
+            let segs = c.unroll_view(&h)?;
             let own_levels = unrolled.is_empty();
             if own_levels {
                 staircase &= segs.iter().all(|s| s.s.is_zero());
@@ -1093,27 +1183,37 @@ impl Curve {
         levels.sort();
         levels.dedup();
         // Every level below `top` is first reached (and exceeded) inside the unrolled windows, so
-        // increasing levels are found by forward scans; `top` itself may be exceeded only later.
+        // increasing levels are found by forward scans; `top` itself may be exceeded only later,
+        // after the scan (which answers only with a point inside its window, hence the first
+        // reach of the whole curve, which is non-decreasing) found nothing.
         let sweep = |k: usize| Sweep { segs: &unrolled[k].0, end: &unrolled[k].1, i: 0 };
         let (mut sf, mut sg, mut sf_strict, mut sg_strict) = (sweep(0), sweep(1), sweep(0), sweep(1));
         let fsup = if rf.is_zero() { Some(top.clone()) } else { None };
         let mut best = Q::zero();
+        let mut below = y0.map(|_| Q::zero());
         for y in &levels {
-            let inside = y < &top;
-            let reach = |sw: &mut Sweep, c: &Curve, strict: bool| {
-                if inside { sw.reach(y, strict) } else { None }.or_else(|| c.first_reach(y, strict))
+            let reach = |sw: &mut Sweep, c: &Curve, strict: bool| sw.reach(y, strict).or_else(|| c.first_reach(y, strict));
+            let mut see = |d: Q| {
+                if let Some(b) = below.as_mut().filter(|_| y0.is_some_and(|y0| y < y0)) {
+                    if &d > b {
+                        *b = d.clone();
+                    }
+                }
+                if d > best {
+                    best = d;
+                }
             };
             let Some(fi) = reach(&mut sf, self, false) else { continue };
             let gi = reach(&mut sg, g, false).ok_or(CurveError::Unbounded("service never reaches the demand"))?;
-            best = Q::max(&best, &(gi - fi));
+            see(gi - fi);
             if fsup.as_ref().is_none_or(|s| y < s) {
                 if let Some(fi) = reach(&mut sf_strict, self, true) {
                     let gi = reach(&mut sg_strict, g, true).ok_or(CurveError::Unbounded("service never exceeds the demand"))?;
-                    best = Q::max(&best, &(gi - fi));
+                    see(gi - fi);
                 }
             }
         }
-        Ok(best)
+        Ok((best, below))
     }
 
     /// `sup (r·t − f(t))` over `t` in `[0, h)` (values and one-sided limits, including the
@@ -1247,7 +1347,7 @@ fn staircase_above(f: &[Seg], g: &[Seg]) -> Q {
 /// result; `true`: subtracted), in one sweep over all their breakpoints (see [`Curve::sum`]).
 /// The sweep keeps the result's current line (intercept and slope) and, at each breakpoint,
 /// only updates the terms of the lists that change there.
-fn signed_sum(terms: &[(Vec<Seg>, bool)]) -> Vec<Seg> {
+fn signed_sum(terms: &[(Cow<[Seg]>, bool)]) -> Vec<Seg> {
     // Per list: its current segment and that segment's line as intercept + slope·t.
     let mut at = vec![0usize; terms.len()];
     let intercept = |g: &Seg| &g.yr - &(&g.s * &g.x);
@@ -1302,12 +1402,12 @@ fn scan_running_max_onto(out: &mut Vec<Seg>, segs: &[Seg], h: &Q, floor: Option<
         if s.s.is_positive() && s.yr >= v {
             out.push(Seg::new(s.x.clone(), v, s.yr.clone(), s.s.clone()));
             cur = s.at(e);
-        } else if s.s.is_positive() && s.at(e) > cur {
+        } else if let Some(top) = s.s.is_positive().then(|| s.at(e)).filter(|top| top > &cur) {
             // Flat at `cur` until the line climbs above it.
             let xc = &s.x + (&cur - &s.yr) / &s.s;
             out.push(Seg::new(s.x.clone(), v, cur.clone(), Q::zero()));
             out.push(Seg::line(xc, cur, s.s.clone()));
-            cur = s.at(e);
+            cur = top;
         } else {
             out.push(Seg::new(s.x.clone(), v, cur.clone(), Q::zero()));
         }
@@ -1438,9 +1538,16 @@ fn combine(a: &[Seg], b: &[Seg], h: &Q, op: Op) -> Vec<Seg> {
             ib += 1;
         }
         let (sa, sb) = (&a[ia], &b[ib]);
-        let va = if &sa.x == *x { sa.y.clone() } else { sa.at(x) };
-        let vb = if &sb.x == *x { sb.y.clone() } else { sb.at(x) };
-        let (ra, rb) = (sa.at(x), sb.at(x));
+        // Value and right limit at x: the segment's own at its start, else its line's (once).
+        let value_and_right = |s: &Seg| {
+            if &s.x == *x {
+                (s.y.clone(), s.yr.clone())
+            } else {
+                let v = s.at(x);
+                (v.clone(), v)
+            }
+        };
+        let ((va, ra), (vb, rb)) = (value_and_right(sa), value_and_right(sb));
         let nx = xs.get(k + 1).copied().unwrap_or(h);
         match op {
             Op::Add => out.push(Seg::new((*x).clone(), va + vb, ra + rb, &sa.s + &sb.s)),

@@ -380,14 +380,18 @@ impl FpState {
                 break (svc, outcome);
             };
             // The delay first; backlogs and completion curves only once it is proven exact.
-            let delay = demand.0.hdev(&svc_i.1);
+            // Where nothing reported depends on the horizon (`backlog_below_h`), also when the
+            // truncated delay is attained at a level below Y0: the deviation at those levels is
+            // exact and the exact delay is never above the truncated one (`docs/analysis.md` §9).
             let truncated = TruncatedService::new(&svc_i.1, &h);
+            let delay = demand.0.hdev_and_below(&svc_i.1, self.backlog_below_h.then(|| truncated.y0()));
             let res = match &delay {
-                Ok(d) if delay_is_exact(&truncated, &demand.0, d) => {
+                Ok((d, below)) if below.as_ref() == Some(d) || delay_is_exact(&truncated, &demand.0, d) => {
                     component::task_bounds(ev, &w, &demand, &svc_i, d.clone(), ctx.opts.gpc_outputs).ok()
                 }
                 _ => None,
             };
+            let delay = delay.map(|(d, _)| d);
             match res {
                 Some(b) if backlog_is_exact(&truncated, ev, &w, &demand.0, &b, self.backlog_below_h) => {
                     break (svc, Outcome { bounds: Some(b), service: svc_i, exact_until: Some(h), method, problem: None });

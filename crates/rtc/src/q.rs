@@ -66,10 +66,11 @@ fn gcd_u64(mut a: u64, mut b: u64) -> u64 {
 }
 
 impl Q {
-    /// Builds `n / d` from wide integers, normalising. `d` must not be zero.
+    /// Builds `n / d` from wide integers, normalising. `d` must not be zero. The common case
+    /// (both fit in 64 bits) inline, with 64-bit arithmetic only; the wide one out of line.
+    #[inline]
     fn from_i128(n: i128, d: i128) -> Q {
         debug_assert!(d != 0);
-        // Common case: both fit in 64 bits; reduce with 64-bit arithmetic only.
         if let (Ok(n64), Ok(d64)) = (i64::try_from(n), i64::try_from(d)) {
             if n64 != i64::MIN && d64 != i64::MIN {
                 let (n64, d64) = if d64 < 0 { (-n64, -d64) } else { (n64, d64) };
@@ -80,6 +81,11 @@ impl Q {
                 return if g > 1 { Q(Repr::Small(n64 / g, d64 / g)) } else { Q(Repr::Small(n64, d64)) };
             }
         }
+        Q::from_wide(n, d)
+    }
+
+    #[inline(never)]
+    fn from_wide(n: i128, d: i128) -> Q {
         let (mut n, mut d) = if d < 0 { (-n, -d) } else { (n, d) };
         if d == 1 {
             if let Ok(n) = i64::try_from(n) {
@@ -300,8 +306,10 @@ pub(crate) struct LineOffsets {
     r: Q,
     /// `r` as `(p, q)` when it is small.
     small: Option<(i64, i64)>,
-    /// Extremes of `q·v − p·t` over the integer points.
-    int: Option<(i128, i128)>,
+    /// Least and greatest `q·v − p·t` over the integer points (`lo > hi` before any: every
+    /// value lies strictly between the 128-bit extremes, `|q·v|, |p·t| < 2^126`).
+    lo: i128,
+    hi: i128,
     /// Extremes of `v − r·t` over the other points.
     other: Option<(Q, Q)>,
 }
@@ -312,18 +320,23 @@ impl LineOffsets {
             Repr::Small(p, q) => Some((p, q)),
             Repr::Big(_) => None,
         };
-        LineOffsets { r: r.clone(), small, int: None, other: None }
+        LineOffsets { r: r.clone(), small, lo: i128::MAX, hi: i128::MIN, other: None }
     }
 
+    /// Integer points inline (a curve's every breakpoint goes through here), others out of line.
+    #[inline]
     pub(crate) fn see(&mut self, t: &Q, v: &Q) {
         if let (Some((p, q)), Repr::Small(t, 1), Repr::Small(v, 1)) = (self.small, &t.0, &v.0) {
             let k = *v as i128 * q as i128 - p as i128 * *t as i128;
-            self.int = Some(match self.int {
-                Some((lo, hi)) => (lo.min(k), hi.max(k)),
-                None => (k, k),
-            });
+            self.lo = self.lo.min(k);
+            self.hi = self.hi.max(k);
             return;
         }
+        self.see_other(t, v);
+    }
+
+    #[inline(never)]
+    fn see_other(&mut self, t: &Q, v: &Q) {
         let k = v - &self.r * t;
         self.other = Some(match self.other.take() {
             Some((lo, hi)) => (Q::min(&lo, &k), Q::max(&hi, &k)),
@@ -333,7 +346,8 @@ impl LineOffsets {
 
     /// `(least, greatest)`, `None` before any point.
     pub(crate) fn extremes(&self) -> Option<(Q, Q)> {
-        let int = self.int.zip(self.small).map(|((lo, hi), (_, q))| (Q::from_i128(lo, q as i128), Q::from_i128(hi, q as i128)));
+        let int =
+            self.small.filter(|_| self.lo <= self.hi).map(|(_, q)| (Q::from_i128(self.lo, q as i128), Q::from_i128(self.hi, q as i128)));
         match (int, &self.other) {
             (Some((a, b)), Some((c, d))) => Some((Q::min(&a, c), Q::max(&b, d))),
             (Some(e), None) => Some(e),
@@ -484,7 +498,12 @@ binop!(
     Div,
     div,
     |_, _| None,
-    |a, b, c, d| if c == 0 { None } else { Some(Q::from_i128(a as i128 * d as i128, b as i128 * c as i128)) },
+    |a, b, c, d| match (c, d) {
+        (0, _) => None,
+        // By one (a curve's rate over a period of 1): already in lowest terms.
+        (1, 1) => Some(Q(Repr::Small(a, b))),
+        _ => Some(Q::from_i128(a as i128 * d as i128, b as i128 * c as i128)),
+    },
     |x, y| if y.is_zero() { BigRational::zero() } else { x / y }
 );
 
@@ -678,7 +697,11 @@ mod tests {
             let (d1, d2) = (if d1 < 0 { 1 } else { d1 }, if d2 < 0 { 1 } else { d2 });
             let (x, y) = (Q::from_i128(n1 as i128, d1 as i128), Q::from_i128(n2 as i128, d2 as i128));
             let (bx, by) = (x.to_big(), y.to_big());
-            for (got, want) in [(&x + &y, &bx + &by), (&x - &y, &bx - &by), (&x * &y, &bx * &by)] {
+            let mut ops = vec![(&x + &y, &bx + &by), (&x - &y, &bx - &by), (&x * &y, &bx * &by)];
+            if !y.is_zero() {
+                ops.push((&x / &y, &bx / &by));
+            }
+            for (got, want) in ops {
                 assert_eq!(got, Q::from_big(want.clone()), "{x} {y}");
                 assert_eq!(got.to_big(), want, "{x} {y}");
             }

@@ -280,6 +280,37 @@ proptest! {
         }
     }
 
+    /// A curve's memoised properties (non-decreasing, affine bounds) are those a fresh copy of
+    /// its description computes, also for running maxima, which are marked non-decreasing when
+    /// built, and after the value at 0 is replaced.
+    #[test]
+    fn memoised_properties_are_those_of_a_fresh_curve(seed in any::<u64>()) {
+        let mut r = Rng(seed);
+        let (mf, mg) = (r.int(0, 2) > 0, r.int(0, 2) > 0);
+        let f = random_curve(&mut r, mf);
+        let g = random_curve(&mut r, mg);
+        let fresh = |c: &Curve| {
+            Curve::from_parts(c.segments().to_vec(), c.periodic_start().clone(), c.period().clone(), c.increment().clone())
+                .unwrap()
+        };
+        let h = q(r.int(1, 30));
+        let derived = [
+            f.running_max(),
+            f.sub_running_max_nonneg(&g),
+            f.left_after_truncated([&g], &h),
+            Ok(f.with_value_at_zero(&q(r.int(-3, 3)))),
+        ];
+        // Memoised before the value at 0 is replaced.
+        prop_assert_eq!(f.is_nondecreasing(), fresh(&f).is_nondecreasing());
+        for c in std::iter::once(f.clone()).chain(derived.into_iter().filter_map(Result::ok)) {
+            // Asked twice: the second answer comes from the memo.
+            for _ in 0..2 {
+                prop_assert_eq!(c.is_nondecreasing(), fresh(&c).is_nondecreasing(), "{:?}", c);
+                prop_assert_eq!(c.affine_bounds(), fresh(&c).affine_bounds(), "{:?}", c);
+            }
+        }
+    }
+
     /// The service left after several demands all truncated at a horizon, in one sweep, is the
     /// one truncating each, summing them and taking the sum out of the truncated service
     /// (values and one-sided limits, also far beyond the horizon; the same errors).
@@ -497,6 +528,66 @@ proptest! {
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    /// The affine bounds (least and greatest `f(t) − rate·t`) and the lower offset from a time
+    /// on are the extremes of the offsets at every breakpoint over one period after the
+    /// transient (values and one-sided limits, read with `eval`): a piecewise-linear offset has
+    /// its extremes there, and it repeats from `T` on.
+    #[test]
+    fn affine_bounds_are_the_extreme_offsets_at_the_breakpoints(seed in any::<u64>()) {
+        let mut r = Rng(seed);
+        let mono = r.int(0, 1) == 1;
+        let f = random_curve(&mut r, mono);
+        let rate = f.rate();
+        let end = f.periodic_start() + f.period();
+        let from = qf(r.int(0, 40), 2);
+        let mut xs: Vec<Q> = f.segments().iter().map(|s| s.x.clone()).chain([end.clone(), from.clone()]).collect();
+        // Breakpoints after `from` that lie beyond the first period (`from` may be later).
+        let periods = (&from / f.period()).ceil() + q(1);
+        let mut k = q(1);
+        while k <= periods {
+            let shift = &k * f.period();
+            xs.extend(f.segments().iter().filter(|s| &s.x >= f.periodic_start()).map(|s| &s.x + &shift));
+            k = k + q(1);
+        }
+        let offsets = |x: &Q| {
+            let mut v = vec![f.eval(x) - &rate * x, f.eval_right(x) - &rate * x];
+            if x.is_positive() {
+                v.push(f.eval_left(x) - &rate * x);
+            }
+            v
+        };
+        let all: Vec<Q> = xs.iter().filter(|x| *x <= &end).flat_map(offsets).collect();
+        let want = (all.iter().min().unwrap().clone(), all.iter().max().unwrap().clone());
+        prop_assert_eq!(f.affine_bounds(), want, "{:?}", f);
+        // From `from` on: the value and the right limit at `from`, then everything after it.
+        let mut after: Vec<Q> = xs.iter().filter(|x| *x > &from).flat_map(offsets).collect();
+        after.extend([f.eval(&from) - &rate * &from, f.eval_right(&from) - &rate * &from]);
+        prop_assert_eq!(f.affine_lower_from(&from), after.iter().min().unwrap().clone(), "{:?} from {}", f, from);
+    }
+
+    /// The delay found at levels below Y0 = g(h⁻) is the same on a service truncated at h
+    /// (`truncate_below`) and on the service itself, and when it is the whole delay on the
+    /// truncated service, that delay is the exact one (the shortcut of `FpState::step`).
+    #[test]
+    fn a_delay_attained_below_the_truncation_level_is_exact(seed in any::<u64>()) {
+        let mut r = Rng(seed);
+        let f = staircase_of(&random_curve(&mut r, true));
+        let g = random_curve(&mut r, true);
+        let h = qf(r.int(1, 40), 2);
+        let (Ok(exact), Ok(gh)) = (f.hdev(&g), g.truncate_below(&h)) else { return Ok(()) };
+        let y0 = g.eval_left(&h);
+        let (Ok((d, below)), Ok((de, below_exact))) = (f.hdev_and_below(&gh, Some(&y0)), f.hdev_and_below(&g, Some(&y0))) else {
+            return Ok(());
+        };
+        prop_assert_eq!(&de, &exact);
+        prop_assert_eq!(&d, &f.hdev(&gh).unwrap());
+        prop_assert!(d >= exact, "truncated {} below exact {}", d, exact);
+        prop_assert_eq!(&below, &below_exact, "f={:?} g={:?} h={}", f, g, h);
+        if below.as_ref() == Some(&d) {
+            prop_assert_eq!(&d, &exact, "f={:?} g={:?} h={}", f, g, h);
+        }
+    }
+
     /// Truncation keeps the curve on [0, h) and only ever moves it up (`truncate_above`) or down
     /// (`truncate_below`, which also stays non-decreasing when the curve is), values and
     /// one-sided limits.
