@@ -302,6 +302,18 @@ impl Supervisor {
         Ok(None)
     }
 
+    /// Supervises until the next incident, for at most `limit`: `None` if none came (a
+    /// replacement that cannot start is retried for ever; a caller must not wait for ever).
+    pub fn next_incident(&mut self, limit: Duration) -> Result<Option<Incident>> {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if let Some(i) = self.step()? {
+                return Ok(Some(i));
+            }
+        }
+        Ok(None)
+    }
+
     /// Supervises until `stop` is set, reporting each incident; then stops the child.
     pub fn run(mut self, stop: &AtomicBool, mut report: impl FnMut(&Incident)) -> Result<()> {
         while !stop.load(Ordering::Relaxed) {

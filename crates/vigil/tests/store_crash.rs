@@ -122,7 +122,7 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     for _ in 0..kills {
         std::thread::sleep(Duration::from_millis(30 + rng.below(150)));
         sigkill(sup.pid());
-        incidents.push(next_incident(&mut sup));
+        incidents.push(sup.next_incident(Duration::from_secs(60)).expect("supervisor").expect("no replacement answered within 60 s"));
     }
     std::thread::sleep(Duration::from_millis(100));
     stop.store(true, Ordering::Relaxed);
@@ -130,7 +130,7 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     let mut check = Client::connect(&socket).expect("checker connects");
     // One more restart after the load: the watcher must see a write made after it.
     sigkill(sup.pid());
-    next_incident(&mut sup);
+    sup.next_incident(Duration::from_secs(60)).expect("supervisor").expect("no replacement answered within 60 s");
     let mut i = 0;
     while !seen.load(Ordering::Relaxed) {
         check.write("/crash/final/after-restart", i.to_string().as_bytes()).expect("write after restart");
@@ -186,7 +186,7 @@ fn hung_store_is_detected_by_heartbeats_and_replaced() {
     let old = sup.pid();
     let st = std::process::Command::new("kill").args(["-STOP", &old.to_string()]).status().expect("kill runs");
     assert!(st.success());
-    let incident = next_incident(&mut sup);
+    let incident = sup.next_incident(Duration::from_secs(60)).expect("supervisor").expect("no replacement answered within 60 s");
     assert_eq!(incident.cause, Cause::Hung { missed: 3 });
     assert_ne!(incident.new_pid, old);
     c.set_request_timeout(Duration::from_millis(500));
@@ -231,16 +231,4 @@ fn a_replacement_that_cannot_start_yet_is_tried_again_until_one_does() {
     assert!(incident.recovery >= Duration::from_millis(1500), "{incident:?}");
     c.set_request_timeout(Duration::from_millis(500));
     assert_eq!(c.read("/r/before").expect("read after the restart"), b"1");
-}
-
-/// The supervisor's next incident, waited for at most 60 s (a replacement that cannot start is
-/// retried for ever: the test must not wait for ever).
-fn next_incident(sup: &mut Supervisor) -> agent::supervisor::Incident {
-    let t = std::time::Instant::now();
-    loop {
-        if let Some(i) = sup.step().expect("supervisor") {
-            return i;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "no replacement answered within 60 s");
-    }
 }

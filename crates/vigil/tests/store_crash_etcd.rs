@@ -78,7 +78,7 @@ fn sigkill_of_the_store_on_etcd_loses_nothing_acknowledged() {
         }
         let st = Command::new("kill").args(["-KILL", &sup.pid().to_string()]).status().expect("kill runs");
         assert!(st.success());
-        let i = next_incident(&mut sup);
+        let i = sup.next_incident(Duration::from_secs(60)).expect("supervisor").expect("no replacement answered within 60 s");
         assert!(matches!(&i.cause, Cause::Crashed(s) if s.contains("SIGKILL")), "{i:?}");
     }
     std::thread::sleep(Duration::from_millis(100));
@@ -93,16 +93,4 @@ fn sigkill_of_the_store_on_etcd_loses_nothing_acknowledged() {
     sup.shutdown();
     drop(cluster);
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// The supervisor's next incident, waited for at most 60 s (a replacement that cannot start is
-/// retried for ever: the test must not wait for ever).
-fn next_incident(sup: &mut Supervisor) -> agent::supervisor::Incident {
-    let t = std::time::Instant::now();
-    loop {
-        if let Some(i) = sup.step().expect("supervisor") {
-            return i;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "no replacement answered within 60 s");
-    }
 }
