@@ -216,6 +216,10 @@ pub struct Actual {
     /// The guest's jobs over the last read of its marks (`agent::monitor::PERIOD`).
     #[serde(default)]
     pub jobs: Option<JobFigures>,
+    /// A copy that took the VM over by a planned handover (the last step of a pre-copy
+    /// migration): how long the VM stopped (ms). Absent after a takeover on a lost primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover_ms: Option<f64>,
 }
 
 /// A VM's job execution times over the last read (a quarter second), from the marks its guest writes

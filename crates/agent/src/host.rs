@@ -652,6 +652,7 @@ impl Agent {
                     .then(|| crate::protection::primary::ReplicationState::load(&self.state_file(&vm)))
                     .flatten();
                 let protected = replication.as_ref().map(|s| s.protected);
+                let handover_ms = replication.as_ref().and_then(|s| s.handover_ms);
                 let replication = replication.and_then(|s| s.figures);
                 let jobs = (state == CopyState::Running).then(|| self.monitor.figures(&vm)).flatten();
                 let actual = Actual {
@@ -663,6 +664,7 @@ impl Agent {
                     protected,
                     replication,
                     jobs,
+                    handover_ms,
                 };
                 let path = cluster::actual_path(&vm, &host);
                 if cluster::read::<Actual>(store, &path)?.as_ref() != Some(&actual) {
