@@ -97,6 +97,10 @@ pub struct Args {
     /// `components`: kv without a disk (the network backend alone).
     #[arg(long)]
     no_disk: bool,
+    /// `components`: skip the real cluster's rows (hostB's whole management restarted at once
+    /// against one component alone; `vigil up examples/crowded.toml` twice).
+    #[arg(long)]
+    no_cluster: bool,
     /// `store`: also start a one-member etcd (/usr/bin/etcd) and compare with etcd used directly.
     #[arg(long)]
     etcd: bool,
@@ -230,6 +234,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             requests: args.ops,
             kills: args.kills,
             no_disk: args.no_disk,
+            cluster: !args.no_cluster,
             json: args.json,
         });
     }

@@ -799,3 +799,210 @@ pub fn policies(policies: &[String], secs: u64, json: bool, model_file: Option<&
     );
     Ok(())
 }
+
+/// examples/crowded.toml with the cache given a 16 MiB disk and both device backends where
+/// `backends` says (`"vmm"` or `"process"`), its job marks off (the client's pace is not its
+/// model's).
+fn crowded_backends(dir: &Path, backends: &str) -> Result<PathBuf> {
+    let kv = testbed::guest("kv").map_err(anyhow::Error::msg)?;
+    let text = std::fs::read_to_string(testbed::workspace().join("examples/crowded.toml"))?;
+    let text = text.replace("image = \"kv\"", &format!("image = {:?}", kv.display().to_string()));
+    let cache = "vm = \"cache\"\n";
+    anyhow::ensure!(text.matches(cache).count() == 1, "examples/crowded.toml: the cache's [[run]] item changed");
+    let text = text.replace(
+        cache,
+        &format!(
+            "{cache}disk = \"16MiB\"\nnet_backend = \"{backends}\"\nblk_backend = \"{backends}\"\nargs = [\"6379\", \"0\", \"trace=0\"]\n"
+        ),
+    );
+    let p = dir.join(format!("crowded-{backends}.toml"));
+    std::fs::write(&p, text)?;
+    Ok(p)
+}
+
+/// A client sending `INCR` to `ip:6379` without pause, a new connection whenever one breaks
+/// or an answer is late; it checks every value (the next one, or one more per request left
+/// unanswered) and keeps when each answer came.
+struct Counter {
+    answers: std::sync::Arc<std::sync::Mutex<Vec<f64>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<std::result::Result<(u64, u64), String>>,
+}
+
+impl Counter {
+    fn start(field: &str, ip: &str) -> Counter {
+        use std::sync::atomic::Ordering::Relaxed;
+        let answers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (a, s, field, ip) = (answers.clone(), stop.clone(), field.to_string(), ip.to_string());
+        let thread = std::thread::spawn(move || {
+            let (mut last, mut unsure, mut reconnects) = (0u64, 0u64, 0u64);
+            let mut c = RedisClient::new(&field, &ip, 6379);
+            while !s.load(Relaxed) {
+                // (A short timeout: a connection attempt that finds nobody waits for the SYN's
+                // retransmission; the silence measured is the service's.)
+                match c.try_call("INCR domain", Duration::from_millis(300)).and_then(|x| x.trim().parse::<u64>().ok()) {
+                    Some(v) => {
+                        if v <= last || v > last + 1 + unsure {
+                            return Err(format!("INCR gave {v} after {last} ({unsure} requests unanswered in between)"));
+                        }
+                        (last, unsure) = (v, 0);
+                        a.lock().unwrap_or_else(|e| e.into_inner()).push(now_ms());
+                    }
+                    None => {
+                        unsure += 1;
+                        reconnects += 1;
+                        c = RedisClient::new(&field, &ip, 6379);
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+            Ok((last, reconnects))
+        });
+        Counter { answers, stop, thread }
+    }
+
+    /// Waits until the client has answers for `after_ms` past `t0` (at most 30 s), and returns
+    /// its longest silence that ends after `t0` (ms).
+    fn gap(&self, t0: f64, after_ms: f64) -> Result<f64> {
+        let start = Instant::now();
+        loop {
+            let answers = self.answers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if answers.last().is_some_and(|&l| l > t0 + after_ms) {
+                let before = answers.iter().copied().filter(|&x| x <= t0).last().unwrap_or(t0);
+                let mut prev = before;
+                let mut gap = 0.0f64;
+                for &x in answers.iter().filter(|&&x| x > t0) {
+                    gap = gap.max(x - prev);
+                    prev = x;
+                }
+                return Ok(gap);
+            }
+            if start.elapsed() > Duration::from_secs(30) || self.thread.is_finished() {
+                bail!("the client of the cache got no answer for 30 s after the fault");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The last value and the reconnections; an error if a value was wrong.
+    fn stop(self) -> Result<(u64, u64)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().map_err(|_| anyhow::anyhow!("client thread"))?.map_err(anyhow::Error::msg)
+    }
+}
+
+/// Processes of host `host` whose command line contains `needle` (NULs as spaces).
+fn host_processes(cf: &manager::local::ClusterFile, host: &str, needle: impl Fn(&str) -> bool) -> Result<Vec<u32>> {
+    Ok(manager::local::host_pids(cf, host)
+        .map_err(anyhow::Error::msg)?
+        .into_iter()
+        .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| needle(&String::from_utf8_lossy(&c).replace('\0', " "))))
+        .collect())
+}
+
+/// The service gaps of a real cluster's host management, measured by [`management_domain`].
+pub struct DomainGaps {
+    /// hostB's agent, its store server and the cache's VMM SIGKILLed at once with the backends
+    /// inside the VMM (the VMM must restart: the guest boots again and replays its disk log).
+    pub coarse_in_vmm: Vec<f64>,
+    /// The same with the backends as processes: the agent, the store server and both of the
+    /// cache's backends SIGKILLed at once (the VMM runs on).
+    pub coarse_process: Vec<f64>,
+    /// One component alone (`vigil fail --component`), backends as processes: (name, gaps).
+    pub alone: Vec<(&'static str, Vec<f64>)>,
+    /// The client's longest silence over the same window without any fault (its noise).
+    pub quiet: Vec<f64>,
+    /// Acknowledged increments checked, and connections the client had to open again.
+    pub increments: u64,
+    pub reconnects: u64,
+}
+
+/// `vigil up examples/crowded.toml` with the cache (kv, a disk) on hostB and a client
+/// incrementing a counter on it: the gap the client sees when everything that manages hostB
+/// restarts at once (agent, store, the cache's device backends), with the backends inside the
+/// VMM and as processes, and when one component fails alone. Every acknowledged increment is
+/// checked (the next value each time).
+pub fn management_domain(dir: &Path, kills: usize) -> Result<DomainGaps> {
+    std::fs::create_dir_all(dir)?;
+    let mut g = DomainGaps { coarse_in_vmm: vec![], coarse_process: vec![], alone: vec![], quiet: vec![], increments: 0, reconnects: 0 };
+    for backends in ["vmm", "process"] {
+        let model = crowded_backends(dir, backends)?;
+        let scene = Scene::up(&model, &dir.join(format!("cluster-{backends}")), "bd")?;
+        let cf = manager::local::ClusterFile::load(Path::new(&scene.d)).map_err(anyhow::Error::msg)?;
+        let client = Counter::start(&scene.field, "10.99.0.51");
+        std::thread::sleep(Duration::from_millis(1000));
+        for _ in 0..kills.max(1) {
+            g.quiet.push(client.gap(now_ms(), 1500.0)?);
+        }
+        // Everything that manages hostB at once.
+        for _ in 0..kills.max(1) {
+            let mut victims =
+                host_processes(&cf, "hostB", |c| c.contains(" agent ") && c.contains("--host hostB") && !c.contains("--respawn"))?;
+            let sup = cf.pids.get("store:hostB").or_else(|| cf.pids.get("store")).copied().context("no store in the cluster")?;
+            victims.extend(
+                std::fs::read_to_string(format!("/proc/{sup}/task/{sup}/children"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+            victims.extend(host_processes(&cf, "hostB", |c| c.contains(" backend ") && c.contains("--vm cache"))?);
+            if backends == "vmm" {
+                victims.extend(host_processes(&cf, "hostB", |c| c.contains("cache.primary.json") && !c.contains(" backend "))?);
+            }
+            let t0 = now_ms();
+            for p in &victims {
+                // SAFETY: kill(2) of a process found by its command line; no memory involved.
+                unsafe { libc::kill(*p as i32, libc::SIGKILL) };
+            }
+            let gap = client.gap(t0, 1500.0)?;
+            eprintln!(
+                "  hostB's management restarted (backends {backends}, {} processes killed): the cache silent {gap:.1} ms",
+                victims.len()
+            );
+            if backends == "vmm" { &mut g.coarse_in_vmm } else { &mut g.coarse_process }.push(gap);
+            wait_all_serving(&scene.d)?;
+        }
+        if backends == "process" {
+            for (name, args) in [
+                ("net backend", &["--component", "net", "--host", "hostB", "--vm", "cache"][..]),
+                ("blk backend", &["--component", "blk", "--host", "hostB", "--vm", "cache"][..]),
+                ("agent", &["--component", "agent", "--host", "hostB"][..]),
+                ("store", &["--component", "store", "--host", "hostB"][..]),
+            ] {
+                let mut gaps = Vec::new();
+                for _ in 0..kills.max(1) {
+                    let t0 = now_ms();
+                    let out = vigil(&[&["fail"], args, &["--dir", &scene.d]].concat())?;
+                    if !out.status.success() {
+                        bail!("vigil fail {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+                    }
+                    let gap = client.gap(t0, 1500.0)?;
+                    eprintln!("  {name} of hostB killed alone: the cache silent {gap:.1} ms");
+                    gaps.push(gap);
+                    wait_all_serving(&scene.d)?;
+                }
+                g.alone.push((name, gaps));
+            }
+        }
+        let (last, reconnects) = client.stop()?;
+        g.increments += last;
+        g.reconnects += reconnects;
+    }
+    Ok(g)
+}
+
+/// Waits (at most 30 s) until `vigil status` says every VM serves where the plan says.
+fn wait_all_serving(d: &str) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let st = status(d)?;
+        if st["ok"] == true {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("the cluster did not settle after the fault: {st}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -13,6 +13,9 @@
 //! - **Recovery**: the service gap a client that asks without pause sees when a backend fails,
 //!   against the coarse restart a crash of an in-VMM backend forces (the whole VMM, the guest
 //!   booted again and its log replayed, its connections lost).
+//! - **A real cluster** ([`crate::cluster::management_domain`]): everything that manages a host
+//!   (agent, store, the VM's backends) SIGKILLed at once — the coarse baseline — with the
+//!   backends in the VMM and as processes, against each component alone.
 
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
@@ -35,6 +38,9 @@ pub struct Options {
     /// Run kv without a disk (only the network backend works then; the block rows are
     /// skipped).
     pub no_disk: bool,
+    /// Also measure in a real cluster ([`crate::cluster::management_domain`]): a host's
+    /// whole management (agent, store, backends) restarted at once, against one component.
+    pub cluster: bool,
     pub json: bool,
 }
 
@@ -529,8 +535,67 @@ pub fn run(o: &Options) -> Result<()> {
             ),
         );
     }
+    if o.cluster {
+        domain_rows(&mut t, &dir.join("cluster"), o.kills.clamp(1, 3))?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
     t.print(o.json)
+}
+
+/// The rows of [`crate::cluster::management_domain`]: in a real cluster, everything that
+/// manages the host restarted at once (the coarse baseline: agent, store and the VM's device
+/// backends — with the backends in the VMM, the VMM with them) against one component alone.
+fn domain_rows(t: &mut Table, dir: &std::path::Path, kills: usize) -> Result<()> {
+    eprintln!("a real cluster (vigil up examples/crowded.toml, the cache with a disk on hostB) ...");
+    let g = crate::cluster::management_domain(dir, kills)?;
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let coarse = median(g.coarse_in_vmm.clone());
+    let fine = median(g.coarse_process.clone());
+    t.add(
+        "cluster: host's management restarted (agent, store, backends)",
+        format!("{coarse:.1} ms"),
+        format!("{fine:.1} ms"),
+        format!("{:.3}", fine / coarse),
+        &format!(
+            "median (max {:.1} / {:.1} ms) of {} each: hostB's agent, store server and the cache's backends SIGKILLed at once; in the VMM that is the VMM (the guest boots again and replays its disk log), as processes the VMM runs on",
+            max(&g.coarse_in_vmm),
+            max(&g.coarse_process),
+            g.coarse_in_vmm.len()
+        ),
+    );
+    for (name, gaps) in &g.alone {
+        let m = median(gaps.clone());
+        t.add(
+            &format!("cluster: {name} crash alone"),
+            "-".into(),
+            format!("{m:.1} ms"),
+            format!("{:.3}", m / coarse),
+            &format!(
+                "median (max {:.1} ms) of {} (`vigil fail --component`); against the whole restart with the backends in the VMM",
+                max(gaps),
+                gaps.len()
+            ),
+        );
+    }
+    t.add(
+        "cluster: no fault",
+        format!("{:.1} ms", median(g.quiet.clone())),
+        "-".into(),
+        "-".into(),
+        &format!(
+            "the client's longest silence over 1.5 s without a fault, median (max {:.1} ms) of {}: its noise",
+            max(&g.quiet),
+            g.quiet.len()
+        ),
+    );
+    t.add(
+        "cluster: acknowledged increments checked",
+        "-".into(),
+        format!("{}", g.increments),
+        "-".into(),
+        &format!("every value the next one (none lost or repeated); {} new connections after breaks or late answers", g.reconnects),
+    );
+    Ok(())
 }
 
 #[cfg(test)]

@@ -926,7 +926,17 @@ mod tests {
     use agent::cluster::Actual;
 
     fn copy(state: CopyState, handover_ms: Option<f64>) -> Actual {
-        Actual { state, pid: 7, generation: 1, restarts: 0, detail: String::new(), protected: None, replication: None, jobs: None, handover_ms }
+        Actual {
+            state,
+            pid: 7,
+            generation: 1,
+            restarts: 0,
+            detail: String::new(),
+            protected: None,
+            replication: None,
+            jobs: None,
+            handover_ms,
+        }
     }
 
     #[test]
