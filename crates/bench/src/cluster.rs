@@ -869,7 +869,7 @@ impl Counter {
         loop {
             let answers = self.answers.lock().unwrap_or_else(|e| e.into_inner()).clone();
             if answers.last().is_some_and(|&l| l > t0 + after_ms) {
-                let before = answers.iter().copied().filter(|&x| x <= t0).last().unwrap_or(t0);
+                let before = answers.iter().copied().rfind(|&x| x <= t0).unwrap_or(t0);
                 let mut prev = before;
                 let mut gap = 0.0f64;
                 for &x in answers.iter().filter(|&&x| x > t0) {
