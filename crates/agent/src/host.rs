@@ -406,6 +406,9 @@ impl Agent {
                 stop(&mut c);
                 if c.role == Role::Primary {
                     let _ = std::fs::remove_file(self.assignment_file(&vm));
+                } else {
+                    // Stopped on purpose (the backup moves): its replica is no takeover's.
+                    let _ = std::fs::remove_file(self.backup_assignment_file(&vm));
                 }
                 tracing::info!("agent {host}: stopped the {} of {vm}", c.role.name());
                 let _ = store.rm(&cluster::actual_path(&vm, &host));
@@ -438,11 +441,29 @@ impl Agent {
             // (Read only for a copy not running here: every period otherwise.)
             let same_assignment = !self.copies.contains_key(&vm)
                 && std::fs::read_to_string(&assignment).ok().and_then(|s| s.trim().parse().ok()) == Some(generation);
+            let backup_held = !self.copies.contains_key(&vm) && self.backup_replica_held(&vm);
+            let replica_dir = self.replica_dir(&vm);
             let action = match self.copies.get_mut(&vm) {
                 None if role == Role::Primary && self.self_fenced.contains_key(&vm) => Some(Start::AfterSelfFencing),
                 // Its voter stopped with the agent before this one (or by that agent's fencing
                 // watchdog), in the assignment still in force: nothing ran it elsewhere since.
                 None if role == Role::Primary && voted_primary(&spec) && same_assignment => Some(Start::AfterAgentRestart),
+                // Mode 4: the plan makes the voted group's backup here its primary, but its
+                // receiver is gone with the agent before this one (that agent's fencing watchdog
+                // stops it): the replica it left holds every request a reply was released for
+                // (`vigil local` still refuses one its primary went on without). It started
+                // the VM afresh, losing them (`mode_4_a_backups_agent_that_dies_at_the_takeover…`).
+                None if role == Role::Primary && voted_primary(&spec) && backup_held => {
+                    let replica = replica_dir.clone();
+                    spec = serde_json::from_slice::<crate::VmSpec>(&spec)
+                        .ok()
+                        .and_then(|mut s| {
+                            s.local.as_mut()?.resume = Some(replica.clone());
+                            serde_json::to_vec_pretty(&s).ok()
+                        })
+                        .unwrap_or(spec);
+                    Some(Start::TakeOver)
+                }
                 // A replicated primary that ran here under this assignment and is gone (the
                 // previous agent's watchdog stopped it): its backup holds the VM.
                 None if role == Role::Primary && replicated_primary(&spec) && same_assignment => {
@@ -457,6 +478,7 @@ impl Agent {
                     // Mode 4: the voted group's backup holds a replica (a snapshot and the request
                     // log); the VM's voter starts here from it. Its receiver must have stopped
                     // writing first.
+                    crash_on_takeover(&self.cfg.state_dir, &host, &vm, c);
                     stop(c);
                     let replica = self.replica_dir(&vm);
                     spec = serde_json::from_slice::<crate::VmSpec>(&spec)
@@ -599,6 +621,13 @@ impl Agent {
                     Ok((child, pid)) => {
                         if role == Role::Primary && (voted_primary(&spec) || replicated_primary(&spec)) {
                             let _ = crate::replace_file(&self.assignment_file(&vm), generation.to_string().as_bytes());
+                        }
+                        // A voted group's receiver runs here (its replica a takeover's until the
+                        // backup is stopped on purpose); a primary here has taken it over.
+                        if role == Role::Backup && voted_backup(&spec) {
+                            let _ = crate::replace_file(&self.backup_assignment_file(&vm), generation.to_string().as_bytes());
+                        } else if role == Role::Primary {
+                            let _ = std::fs::remove_file(self.backup_assignment_file(&vm));
                         }
                         crash_after_spawn(&self.cfg.state_dir, &host, &vm);
                         if let Some(r) =
@@ -827,6 +856,20 @@ impl Agent {
     /// since (a move writes a new generation), so the replica is its newest state.
     fn assignment_file(&self, vm: &str) -> PathBuf {
         self.cfg.state_dir.join(format!("{vm}.primary.assignment"))
+    }
+
+    /// Written when this host starts a voted group's backup (its receiver), removed when the
+    /// backup is stopped on purpose or a primary of the VM starts here: while it exists, the
+    /// replica in [`Agent::replica_dir`] is what a takeover here starts from, even when the
+    /// receiver is gone with an earlier agent.
+    fn backup_assignment_file(&self, vm: &str) -> PathBuf {
+        self.cfg.state_dir.join(format!("{vm}.backup.assignment"))
+    }
+
+    /// Whether a voted group's backup ran here, was never stopped on purpose, and left a
+    /// replica (a complete snapshot: its `current`).
+    fn backup_replica_held(&self, vm: &str) -> bool {
+        self.backup_assignment_file(vm).is_file() && self.replica_dir(vm).join("current").is_file()
     }
 
     fn spec_file(&self, vm: &str, role: Role) -> PathBuf {
@@ -1340,6 +1383,21 @@ fn crash_after_spawn(state_dir: &Path, host: &str, vm: &str) {
     if want == format!("{host}:{vm}") && !marker.exists() {
         let _ = std::fs::write(&marker, vm);
         tracing::error!("agent {host}: crashing right after starting a copy of {vm} (VIGIL_AGENT_CRASH_AFTER_SPAWN)");
+        std::process::abort();
+    }
+}
+
+/// Fault injection for tests: `VIGIL_AGENT_CRASH_ON_TAKEOVER=HOST:VM` makes HOST's agent, as it
+/// is about to turn its voted backup of VM into the primary, SIGKILL the backup's receiver and
+/// abort — once (a marker file in its state directory remembers) — as an agent replaced by its
+/// respawner at that moment, its receiver stopped by its fencing watchdog, would leave it.
+fn crash_on_takeover(state_dir: &Path, host: &str, vm: &str, c: &mut Copy) {
+    let Ok(want) = std::env::var("VIGIL_AGENT_CRASH_ON_TAKEOVER") else { return };
+    let marker = state_dir.join("crashed-on-takeover");
+    if want == format!("{host}:{vm}") && !marker.exists() {
+        let _ = std::fs::write(&marker, vm);
+        tracing::error!("agent {host}: crashing as it takes {vm} over, its receiver killed (VIGIL_AGENT_CRASH_ON_TAKEOVER)");
+        stop(c);
         std::process::abort();
     }
 }

@@ -375,17 +375,23 @@ struct VotedUp {
 
 impl VotedUp {
     fn start(name: &str, tag: &str, edit: impl Fn(String, &Path) -> String) -> VotedUp {
+        VotedUp::start_with(name, tag, "voted.toml", &[], edit)
+    }
+
+    /// `vigil up examples/EXAMPLE` (edited), its processes started with `env`.
+    fn start_with(name: &str, tag: &str, example: &str, env: &[(&str, &str)], edit: impl Fn(String, &Path) -> String) -> VotedUp {
         let dir = testbed::workspace().join(format!("target/local-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
         let kv = testbed::guest("kv").expect("kv guest");
-        let text = std::fs::read_to_string(testbed::workspace().join("examples/voted.toml")).expect("example");
+        let text = std::fs::read_to_string(testbed::workspace().join("examples").join(example)).expect("example");
         let text = edit(text, &dir).replace("image = \"kv\"", &format!("image = {:?}", kv.display().to_string()));
-        let model = dir.join("voted.toml");
+        let model = dir.join(example);
         std::fs::write(&model, text).expect("model");
         let d = dir.join("cluster").display().to_string();
         let out = vigil()
             .args(["up", &model.display().to_string(), "--dir", &d, "--tag", &testbed::ns_tag(tag), "--wait", "60"])
+            .envs(env.iter().copied())
             .output()
             .expect("vigil up");
         let up = VotedUp { dir, d };
@@ -529,6 +535,52 @@ fn a_voted_vm_whose_agent_and_voter_die_together_continues_every_value() {
     };
     assert_eq!(next.trim(), "31", "the state before the kills: {}", status_text(&d));
     assert!(events_with(&status_json(&d), "continues from the replica") >= 1, "{}", status_text(&d));
+    drop(up);
+}
+
+/// Mode 4: hostB's agent dies just as the plan activates its backup of the voted relay, its
+/// receiver stopped with it (what the fencing watchdog of an agent replaced by its respawner
+/// does): the new agent finds no receiver to turn into the primary. It takes the VM over from
+/// the replica the receiver left, which holds every acknowledged request.
+#[test]
+fn mode_4_a_backups_agent_that_dies_at_the_takeover_leaves_the_replica_to_the_next() {
+    if no_kvm("mode_4_a_backups_agent_that_dies_at_the_takeover_leaves_the_replica_to_the_next") {
+        return;
+    }
+    let up = VotedUp::start_with("m4d", "vd", "voted-remote.toml", &[("VIGIL_AGENT_CRASH_ON_TAKEOVER", "hostB:relay")], |t, _| t);
+    let d = up.d.clone();
+    let t = Instant::now();
+    while events_with(&status_json(&d), "protected: the backup holds") == 0 {
+        assert!(t.elapsed() < Duration::from_secs(60), "never protected: {}", status_text(&d));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let field = format!("vg{}-f", testbed::ns_tag("vd"));
+    let mut c = testbed::redis::RedisClient::new(&field, "10.99.0.50", 6379);
+    for k in 1..=50 {
+        assert_eq!(c.call("INCR held"), k.to_string());
+    }
+    let out = vigil().args(["fail", "hostA", "--dir", &d]).output().expect("vigil fail");
+    assert!(out.status.success(), "vigil fail: {}", String::from_utf8_lossy(&out.stderr));
+    let t = Instant::now();
+    // (A request whose answer never came may have run: one that connected just as hostB took
+    // the address over.)
+    let mut unsure = 0;
+    let next: u64 = loop {
+        let mut c = testbed::redis::RedisClient::new(&field, "10.99.0.50", 6379);
+        if let Some(v) = c.try_call("INCR held", Duration::from_secs(2)).and_then(|a| a.trim().parse().ok()) {
+            break v;
+        }
+        unsure += 1;
+        assert!(t.elapsed() < Duration::from_secs(60), "the relay never served on hostB: {}", status_text(&d));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let crashed = PathBuf::from(&d).join("hosts/hostB/crashed-on-takeover");
+    assert!(crashed.exists(), "hostB's agent never crashed at the takeover: {}", status_text(&d));
+    assert!((51..=51 + unsure).contains(&next), "INCR gave {next} after 50 ({unsure} unanswered): {}", status_text(&d));
+    let v = status_json(&d);
+    let relay = v["vms"].as_array().and_then(|a| a.iter().find(|x| x["vm"] == "relay")).cloned().unwrap_or_default();
+    assert_eq!(relay["host"], "hostB", "{}", status_text(&d));
+    assert!(events_with(&v, "took over from its replica the primary of relay") >= 1, "{}", status_text(&d));
     drop(up);
 }
 
