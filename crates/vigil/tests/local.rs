@@ -547,14 +547,14 @@ fn mode_4_a_backups_agent_that_dies_at_the_takeover_leaves_the_replica_to_the_ne
     if no_kvm("mode_4_a_backups_agent_that_dies_at_the_takeover_leaves_the_replica_to_the_next") {
         return;
     }
-    let up = VotedUp::start_with("m4d", "vd", "voted-remote.toml", &[("VIGIL_AGENT_CRASH_ON_TAKEOVER", "hostB:relay")], |t, _| t);
+    let up = VotedUp::start_with("m4-takeover", "vt", "voted-remote.toml", &[("VIGIL_AGENT_CRASH_ON_TAKEOVER", "hostB:relay")], |t, _| t);
     let d = up.d.clone();
     let t = Instant::now();
     while events_with(&status_json(&d), "protected: the backup holds") == 0 {
         assert!(t.elapsed() < Duration::from_secs(60), "never protected: {}", status_text(&d));
         std::thread::sleep(Duration::from_millis(100));
     }
-    let field = format!("vg{}-f", testbed::ns_tag("vd"));
+    let field = format!("vg{}-f", testbed::ns_tag("vt"));
     let mut c = testbed::redis::RedisClient::new(&field, "10.99.0.50", 6379);
     for k in 1..=50 {
         assert_eq!(c.call("INCR held"), k.to_string());
