@@ -16,12 +16,27 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// A scratch folder for this test, empty.
-fn scratch(test: &str) -> PathBuf {
+/// A scratch folder for this test, empty; removed when dropped.
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch(test: &str) -> Scratch {
     let d = std::env::temp_dir().join(format!("vigil-cli-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("temp dir");
-    d
+    Scratch(d)
 }
 
 /// Writes `body` to a file and runs `vigil analyze` on it.
@@ -160,7 +175,8 @@ fn json_report_parses() {
 #[test]
 
 fn plot_writes_one_svg_per_task() {
-    let d = scratch("plot").join("plots");
+    let scratch = scratch("plot");
+    let d = scratch.join("plots");
     let dir = d.display().to_string();
     let out = vigil(&["analyze", &example("control-loop.toml").display().to_string(), "--plot", &dir]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -310,8 +326,7 @@ fn bad_replication_options_exit_2_and_say_why() {
         (&["arbiter", "--listen", "127.0.0.1:0", "--state", "BADSTATE", "--key-file", "KEY"], "line 2: unexpected line"),
         (&["bench", "replication", "--policies", "fixed:25,bogus"], "checkpoint policy \"bogus\": unknown"),
     ];
-    let dir = std::env::temp_dir().join(format!("vigil-cli-keys-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = scratch("keys");
     std::fs::write(dir.join("key"), [7u8; 32]).expect("key");
     std::fs::write(dir.join("short"), [7u8; 8]).expect("key");
     std::fs::write(dir.join("bad"), "vigil-leases 1\nsteal everything\n").expect("state");
