@@ -386,6 +386,17 @@ impl Agent {
         // A self-fenced primary's local replica is the VM's state only while the VM stays
         // wanted here as primary.
         self.self_fenced.retain(|vm, _| wanted.get(vm).is_some_and(|w| w.0 == Role::Primary));
+        // A voted backup's replica is a takeover's only while the VM stays placed here (its
+        // backup, or the primary taking it over): an assignment that ended while no agent here
+        // stopped the receiver on purpose (it was gone with an earlier agent) ends now.
+        if let Ok(entries) = std::fs::read_dir(&self.cfg.state_dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.strip_suffix(".backup.assignment").is_some_and(|vm| !wanted.contains_key(vm)) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         // Stop what is no longer wanted here; a VM migrating away is snapshotted first.
         let unwanted: Vec<String> = self.copies.keys().filter(|vm| !wanted.contains_key(*vm)).cloned().collect();
         for vm in unwanted {
