@@ -378,11 +378,25 @@ pub fn write<T: Serialize>(c: &mut store::Client, path: &str, value: &T) -> crat
 
 /// Appends an event to the log (sequence numbers from a counter node, in a transaction).
 pub fn log_event(c: &mut store::Client, ev: &Event) -> crate::Result<u64> {
+    log_event_keeping(c, ev, EVENTS_KEPT)
+}
+
+/// Events the store keeps: logging one more removes the oldest (the log is bounded, and
+/// reading it — `vigil status`, the dashboard — lists its directory).
+pub const EVENTS_KEPT: u64 = 1000;
+
+/// [`log_event`], keeping the last `keep` events.
+pub fn log_event_keeping(c: &mut store::Client, ev: &Event, keep: u64) -> crate::Result<u64> {
     let bytes = serde_json::to_vec(ev).map_err(|e| crate::Error::Cluster(e.to_string()))?;
     let seq = c.transaction(|tx| {
         let next = tx.try_read(&format!("{EVENTS}/@next"))?.and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok()).unwrap_or(0);
         tx.write(&format!("{EVENTS}/@next"), (next + 1).to_string().as_bytes())?;
         tx.write(&event_path(next), &bytes)?;
+        if let Some(old) = next.checked_sub(keep.max(1)) {
+            if tx.try_read(&event_path(old))?.is_some() {
+                tx.rm(&event_path(old))?;
+            }
+        }
         Ok(next)
     })?;
     Ok(seq)

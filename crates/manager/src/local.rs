@@ -666,6 +666,9 @@ fn host_ns<'a>(cf: &'a ClusterFile, host: &str) -> Result<&'a String, String> {
         .ok_or_else(|| format!("unknown host {host:?} (hosts: {})", cf.host_ns.keys().cloned().collect::<Vec<_>>().join(", ")))
 }
 
+/// The newest events `vigil status` returns (of the store's last `agent::cluster::EVENTS_KEPT`).
+pub const STATUS_EVENTS: usize = 200;
+
 /// One VM in `vigil status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct VmStatus {
@@ -833,7 +836,7 @@ pub fn status_of(c: &mut store::Client, loaded: &model::Loaded) -> Result<Status
                 c.try_read(&format!("{}/{id}", cluster::DASHBOARDS)).ok().flatten().map(|u| (id, String::from_utf8_lossy(&u).into_owned()))
             })
             .collect(),
-        events: cluster::events(c, 50).map_err(e)?,
+        events: cluster::events(c, STATUS_EVENTS).map_err(e)?,
         measured,
         deviations,
         above_bound,

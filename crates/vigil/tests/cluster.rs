@@ -393,10 +393,13 @@ fn the_manager_an_agent_and_the_store_restart_without_a_failover() {
         assert!(t.elapsed() < Duration::from_secs(10), "the keeper did not start them again: {f}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let st = up.wait("control protected", 15, |ok, v| ok && vm(v, "control")["replication"] == "protected");
-    let events = st["events"].to_string();
-    assert!(events.contains("field had died; the keeper started it again"), "{events}");
-    assert!(events.contains("its standby (pid"), "{events}");
+    // (The keeper logs the restarts just after it records them in the cluster file.)
+    up.wait("control protected, the restarts logged", 15, |ok, v| {
+        let events = v["events"].to_string();
+        ok && vm(v, "control")["replication"] == "protected"
+            && events.contains("field had died; the keeper started it again")
+            && events.contains("its standby (pid")
+    });
     assert_eq!(c.call("GET before"), "restarts");
 
     // A host the cluster does not have.
@@ -477,7 +480,10 @@ fn a_plan_that_migrates_a_running_vm_carries_its_state_and_its_connections() {
     let writer = Writer::start(&up.field_ns(), "10.99.0.51");
     assert!(vigil(&["fail", "hostA", "--dir", &up.d()]).status.success());
     let st = up.wait("the cache migrated to hostC", 30, |ok, v| {
-        ok && vm(v, "cache")["host"] == "hostC" && v["failed"] == serde_json::json!(["hostA"])
+        // (The manager logs the migration's end just after it rewrites the VM's record.)
+        ok && vm(v, "cache")["host"] == "hostC"
+            && v["failed"] == serde_json::json!(["hostA"])
+            && v["events"].to_string().contains("cache: migrated from hostB to hostC by pre-copy")
     });
     assert_eq!(vm(&st, "relay")["host"], "hostB", "{st}");
     assert!(st["deviations"].as_array().is_some_and(Vec::is_empty), "{st}");
@@ -513,9 +519,10 @@ fn a_vm_moved_by_its_snapshot_never_comes_back_to_that_snapshot() {
     let field = up.field_ns();
     assert_eq!(RedisClient::new(&field, "10.99.0.51", 6379).call("SET k before-the-move"), "OK");
     assert!(vigil(&["fail", "hostA", "--dir", &up.d()]).status.success());
-    let st = up.wait("the cache moved to hostC", 30, |ok, v| ok && vm(v, "cache")["host"] == "hostC");
-    let events = st["events"].to_string();
-    assert!(events.contains("paused and snapshotted"), "stop-and-copy: {events}");
+    // (The source's agent logs its snapshot just after the destination may start from it.)
+    let st = up.wait("the cache moved to hostC", 30, |ok, v| {
+        ok && vm(v, "cache")["host"] == "hostC" && v["events"].to_string().contains("paused and snapshotted")
+    });
     let mut c = RedisClient::new(&field, "10.99.0.51", 6379);
     assert_eq!(c.call("GET k"), "before-the-move", "the snapshot carried the state");
     assert_eq!(c.call("SET k after-the-move"), "OK");
@@ -792,19 +799,18 @@ fn on_etcd_a_host_that_fenced_itself_leaves_its_replicated_vm_to_its_backup() {
     assert!(vigil(&["fail", "hostA", "--partition", "--dir", &up.d()]).status.success());
     std::thread::sleep(Duration::from_millis(2200));
     assert!(vigil(&["fail", "hostA", "--heal", "--dir", &up.d()]).status.success());
-    let st = up.wait("the relay on hostB", 30, |ok, v| ok && vm(v, "relay")["host"] == "hostB");
-    let events = st["events"].to_string();
     // Taken over by the backup (or, if the manager declared hostA failed after all, by the
-    // plan for hostA).
-    assert!(
-        events.contains("relay: its backup on hostB took over while hostA lives") || st["failed"] == serde_json::json!(["hostA"]),
-        "{events}"
-    );
+    // plan for hostA). (The manager logs the adoption just after it rewrites the VM's record.)
+    let st = up.wait("the relay on hostB, its takeover logged", 30, |ok, v| {
+        ok && vm(v, "relay")["host"] == "hostB"
+            && (v["events"].to_string().contains("relay: its backup on hostB took over while hostA lives")
+                || v["failed"] == serde_json::json!(["hostA"]))
+    });
     // One copy of the relay runs: on hostB (hostA's agent did not start one again).
     std::thread::sleep(Duration::from_millis(1500));
     let host_a = up.file()["host_ns"]["hostA"].as_str().unwrap().to_string();
     let relay_on_a = processes(&ns_pids(&host_a), "relay.primary.json");
-    assert!(relay_on_a.is_empty(), "hostA runs the relay again: {relay_on_a:?}\n{events}");
+    assert!(relay_on_a.is_empty(), "hostA runs the relay again: {relay_on_a:?}\n{}", st["events"]);
     writer.carry_on(30, Duration::from_secs(20));
     writer.finish();
 }
@@ -982,7 +988,8 @@ fn a_vm_slower_than_its_model_is_detected_and_the_plan_table_follows() {
             && vm(v, "relay")["jobs"]["recent_jobs"].as_u64() > Some(0)
     });
     let e = events(&st);
-    let alert = e.iter().find(|x| x.contains("ALERT: VM relay")).unwrap();
+    // (Not an arrival burst's alert, which jitter under load can add first.)
+    let alert = e.iter().find(|x| x.starts_with("ALERT: VM relay: measured execution time")).unwrap_or_else(|| panic!("{e:?}"));
     assert!(alert.contains("exceeds the WCET 800 µs of task protect by"), "{alert}");
     // The measured execution time is at least the guest's 2 ms of work (more when the VM is
     // paused for checkpoints or the host preempts it in the middle of a job).
@@ -1112,7 +1119,11 @@ fn a_vm_slower_than_its_model_is_detected_and_the_plan_table_follows() {
         let t = number_after(x, "measured execution time ").expect("a time");
         assert!(t > known * 1.1, "the new leader re-learned the relay's execution time ({t} µs, known {known} µs): {e:?}");
     }
-    assert!(e[since..].iter().any(|x| x.contains("planning with the execution times observed before this leader: relay")), "{e:?}");
+    // (Other VMs' observed times may come first in the list: under load they can drift too.)
+    assert!(
+        e[since..].iter().any(|x| x.starts_with("planning with the execution times observed before this leader:") && x.contains("relay ")),
+        "{e:?}"
+    );
     assert_ne!(st2["plans"], before, "the plan table went back to the declared model");
     let _ = plans;
 }
