@@ -1291,7 +1291,8 @@ fn the_analysed_checkpoint_interval_follows_the_measured_pauses() {
         eprintln!("load average {load}: {late_n} of {window_n} requests late under {policy}");
     }
     assert_eq!(backups(&st2), before, "no new backup: {:?}", events(&st2));
-    assert_eq!(vm(&st2, "relay")["replication"], "protected");
+    // (Under load a late acknowledgement can make it re-synchronise for a moment.)
+    up.wait("the relay protected", 10, |_, v| vm(v, "relay")["replication"] == "protected");
     // The frames at the relay's network device, timestamped by its VMM (`vmm::devices::net::
     // FrameStamps`): the field's requests in, the answers out, the device-level latency between.
     let jobs = &vm(&st2, "relay")["jobs"];
@@ -1300,9 +1301,19 @@ fn the_analysed_checkpoint_interval_follows_the_measured_pauses() {
     assert!(jobs["device_p50_us"].as_f64() < Some(1e6), "{jobs}");
     assert_eq!(jobs["frame_arrivals"].as_array().map(Vec::len), Some(10), "{jobs}");
     eprintln!("relay at its device: {jobs}");
-    // `vigil status` shows it.
-    let out = vigil(&["status", "--dir", &up.d()]);
-    assert!(text(&out.stdout).contains(&format!("protected {policy}")), "{}", text(&out.stdout));
+    // `vigil status` shows it (or a shorter one: the manager may have shrunk it again since).
+    let t = Instant::now();
+    loop {
+        let out = vigil(&["status", "--dir", &up.d()]);
+        let shown = text(&out.stdout);
+        if shown.contains(&format!("protected {policy}"))
+            || (shown.contains("protected fixed:") && !shown.contains(&format!("fixed:{first}")))
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{}", text(&out.stdout));
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // The leader dies: its successor carries on from the interval in force (kept in the store),
     // not from the declared values.
     let (_, st) = up.status();
