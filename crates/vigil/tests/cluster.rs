@@ -1222,15 +1222,34 @@ fn the_analysed_checkpoint_interval_follows_the_measured_pauses() {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
+    // Whether fixed:`t_ms` keeps every deadline with a measured pause `p_ms` and backup
+    // acknowledgement `a_ms` (checked here, independently of the manager).
+    let us = |ms: f64| rtc::Q::int((ms * 1000.0).round() as i64);
+    let holds_with = |t_ms: f64, p_ms: f64, a_ms: f64| {
+        let m = model::replication::Measured { pause: us(p_ms), copy: rtc::Q::zero(), ack: us(a_ms), at: us(first) };
+        matches!(
+            model::replication::fixed_interval_with(&loaded, "relay", &us(t_ms), Some(m.pause_at(&us(t_ms))), Some(us(a_ms))),
+            Ok(Some((true, _)))
+        )
+    };
     if !shrunk(&st) {
-        // Only a host stalling far beyond the injected pause excuses it: then the measured
-        // values leave no interval at all (said by an alert), at a load average of 4 or more.
+        // Only a host stalling far beyond the injected pause excuses it: the measured values
+        // then leave no interval at all, as the manager's alert says — checked here against
+        // the analysis with the alert's own values (seen in CI at load 3.1: an acknowledgement
+        // of 28 ms).
         let load: f64 =
             std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next()?.parse().ok()).unwrap_or(0.0);
         let e = events(&st);
-        let none = e.iter().filter(|x| x.starts_with("ALERT: relay: no fixed checkpoint interval")).count();
-        assert!(load >= 4.0 && none > 0, "no shorter interval within 60 s (load {load}): {e:?}");
-        eprintln!("SKIPPED the rest: the host stalls (load {load}): with the measured values no interval holds: {e:?}");
+        let none: Vec<&String> = e.iter().filter(|x| x.starts_with("ALERT: relay: no fixed checkpoint interval")).collect();
+        let last = none.last().unwrap_or_else(|| panic!("no shorter interval within 60 s and no alert (load {load}): {e:?}"));
+        let p_ms = number_after(last, "the measured pause ").expect("the measured pause");
+        let a_ms = number_after(last, "backup acknowledgement ").expect("the measured acknowledgement");
+        for c in model::replication::CANDIDATES_US.iter().map(|&c| c as f64 / 1000.0).filter(|&c| c < first) {
+            // (The event's values are rounded to 10 µs: a candidate that holds only with them
+            // rounded down is no contradiction.)
+            assert!(!holds_with(c, p_ms + 0.01, a_ms + 0.01), "fixed:{c} holds with the alert's values: {last}");
+        }
+        eprintln!("SKIPPED the rest: the host stalls (load {load}): with the measured values no interval holds: {last}");
         return;
     }
     let e = events(&st);
@@ -1246,14 +1265,7 @@ fn the_analysed_checkpoint_interval_follows_the_measured_pauses() {
     let analysed = chosen.split("analysed now with ").nth(1).expect("the analysed values");
     let p_ms: f64 = analysed.split(" ms").next().unwrap().parse().unwrap();
     let a_ms: f64 = analysed.split(" and ").nth(1).and_then(|r| r.split(" ms").next()).unwrap().parse().unwrap();
-    let us = |ms: f64| rtc::Q::int((ms * 1000.0).round() as i64);
-    let holds = |t_ms: f64| {
-        let m = model::replication::Measured { pause: us(p_ms), copy: rtc::Q::zero(), ack: us(a_ms), at: us(first) };
-        matches!(
-            model::replication::fixed_interval_with(&loaded, "relay", &us(t_ms), Some(m.pause_at(&us(t_ms))), Some(us(a_ms))),
-            Ok(Some((true, _)))
-        )
-    };
+    let holds = |t_ms: f64| holds_with(t_ms, p_ms, a_ms);
     assert!(holds(to), "{chosen}");
     for longer in model::replication::CANDIDATES_US.iter().map(|&c| c as f64 / 1000.0).filter(|&c| c > to && c > p_ms) {
         assert!(!holds(longer) || longer > first, "fixed:{longer} would hold too: {chosen}");
