@@ -399,7 +399,7 @@ impl Lead {
                     basis.hold_us / 1e3
                 ),
                 Decision::NoneHolds { policy, pause_us, ack_us } => format!(
-                    "ALERT: {vm}: no fixed checkpoint interval keeps every deadline with the measured pause {:.2} ms and backup acknowledgement {:.2} ms (margin included): {policy} stays",
+                    "ALERT: {vm}: no fixed checkpoint interval keeps every deadline with the measured pause {:.3} ms and backup acknowledgement {:.3} ms (margin included): {policy} stays",
                     pause_us / 1e3,
                     ack_us / 1e3
                 ),

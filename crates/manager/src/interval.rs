@@ -206,7 +206,7 @@ impl Adapter {
         let choice = largest_fixed_interval_measured(loaded, vm, &m)?;
         let why = |what: &str| {
             format!(
-                "{what}: 99th percentiles of the pause {pause_ms:.2} ms and of the backup's acknowledgement {ack_ms:.2} ms over the last {} s (the interval in force was analysed for {:.2} ms and {:.2} ms; analysed now with {:.2} ms and {:.2} ms, a {}% margin)",
+                "{what}: 99th percentiles of the pause {pause_ms:.2} ms and of the backup's acknowledgement {ack_ms:.2} ms over the last {} s (the interval in force was analysed for {:.2} ms and {:.2} ms; analysed now with {:.3} ms and {:.3} ms, a {}% margin)",
                 HISTORY / 1000,
                 basis.0 / 1e3,
                 basis.1 / 1e3,

@@ -1245,9 +1245,8 @@ fn the_analysed_checkpoint_interval_follows_the_measured_pauses() {
         let p_ms = number_after(last, "the measured pause ").expect("the measured pause");
         let a_ms = number_after(last, "backup acknowledgement ").expect("the measured acknowledgement");
         for c in model::replication::CANDIDATES_US.iter().map(|&c| c as f64 / 1000.0).filter(|&c| c < first) {
-            // (The event's values are rounded to 10 µs: a candidate that holds only with them
-            // rounded down is no contradiction.)
-            assert!(!holds_with(c, p_ms + 0.01, a_ms + 0.01), "fixed:{c} holds with the alert's values: {last}");
+            // (The alert gives the values analysed, in whole µs.)
+            assert!(!holds_with(c, p_ms, a_ms), "fixed:{c} holds with the alert's values: {last}");
         }
         eprintln!("SKIPPED the rest: the host stalls (load {load}): with the measured values no interval holds: {last}");
         return;
@@ -1258,10 +1257,11 @@ fn the_analysed_checkpoint_interval_follows_the_measured_pauses() {
     let (_, to) = switch(&chosen).unwrap();
     let pause = number_after(&chosen, "99th percentiles of the pause ").expect("the measured pause");
     assert!(pause >= 4.0, "the injected pause is measured: {chosen}");
-    // Checked independently: with the values the manager analysed (margin included), the new
-    // interval keeps every deadline and no longer candidate up to the interval it replaced does
-    // (the values in the event are rounded to 10 µs and the copying part of the pause is not
-    // given, so the grid step above it is checked by the unit tests, not here).
+    // Checked independently: with the values the manager analysed (margin included, given in
+    // whole µs: with 10 µs, a choice at the edge failed here in CI), the new interval keeps
+    // every deadline and no longer candidate up to the interval it replaced does (the copying
+    // part of the pause is not given, so the grid step above it is checked by the unit tests,
+    // not here).
     let analysed = chosen.split("analysed now with ").nth(1).expect("the analysed values");
     let p_ms: f64 = analysed.split(" ms").next().unwrap().parse().unwrap();
     let a_ms: f64 = analysed.split(" and ").nth(1).and_then(|r| r.split(" ms").next()).unwrap().parse().unwrap();
