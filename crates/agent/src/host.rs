@@ -221,6 +221,18 @@ fn resumed(spec: &[u8]) -> Option<PathBuf> {
     serde_json::from_slice::<crate::VmSpec>(spec).ok()?.local?.resume
 }
 
+/// A voted primary's spec with its voter resuming the replica in `dir` (none: afresh); any
+/// other spec as it is.
+fn resuming(spec: Vec<u8>, dir: Option<PathBuf>) -> Vec<u8> {
+    serde_json::from_slice::<crate::VmSpec>(&spec)
+        .ok()
+        .and_then(|mut s| {
+            s.local.as_mut()?.resume = dir;
+            serde_json::to_vec_pretty(&s).ok()
+        })
+        .unwrap_or(spec)
+}
+
 /// Whether a primary's spec is a voted VM's.
 fn voted_primary(spec: &[u8]) -> bool {
     serde_json::from_slice::<crate::VmSpec>(spec).ok().is_some_and(|s| s.local.is_some())
@@ -465,14 +477,7 @@ impl Agent {
                 // (`vigil local` still refuses one its primary went on without). It started
                 // the VM afresh, losing them (`mode_4_a_backups_agent_that_dies_at_the_takeover…`).
                 None if role == Role::Primary && voted_primary(&spec) && backup_held => {
-                    let replica = replica_dir.clone();
-                    spec = serde_json::from_slice::<crate::VmSpec>(&spec)
-                        .ok()
-                        .and_then(|mut s| {
-                            s.local.as_mut()?.resume = Some(replica.clone());
-                            serde_json::to_vec_pretty(&s).ok()
-                        })
-                        .unwrap_or(spec);
+                    spec = resuming(spec, Some(replica_dir.clone()));
                     Some(Start::TakeOver)
                 }
                 // A replicated primary that ran here under this assignment and is gone (the
@@ -491,14 +496,7 @@ impl Agent {
                     // writing first.
                     crash_on_takeover(&self.cfg.state_dir, &host, &vm, c);
                     stop(c);
-                    let replica = self.replica_dir(&vm);
-                    spec = serde_json::from_slice::<crate::VmSpec>(&spec)
-                        .ok()
-                        .and_then(|mut s| {
-                            s.local.as_mut()?.resume = Some(replica.clone());
-                            serde_json::to_vec_pretty(&s).ok()
-                        })
-                        .unwrap_or(spec);
+                    spec = resuming(spec, Some(replica_dir.clone()));
                     Some(Start::TakeOver)
                 }
                 Some(c) if c.role == Role::Backup && role == Role::Primary && matches!(c.state, CopyState::Running | CopyState::Backup) => {
@@ -602,13 +600,7 @@ impl Agent {
                             .or(self.self_fenced.get(&vm).cloned().flatten())
                             .or_else(|| std::fs::read(self.spec_file(&vm, role)).ok().and_then(|s| resumed(&s)));
                         let resume = if held(&replica) { Some(replica) } else { last.filter(|r| r.join("current").is_file()) };
-                        spec = serde_json::from_slice::<crate::VmSpec>(&spec)
-                            .ok()
-                            .and_then(|mut s| {
-                                s.local.as_mut()?.resume = resume;
-                                serde_json::to_vec_pretty(&s).ok()
-                            })
-                            .unwrap_or(spec);
+                        spec = resuming(spec, resume);
                     }
                 }
                 self.self_fenced.remove(&vm);
