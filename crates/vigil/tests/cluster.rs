@@ -1332,11 +1332,17 @@ fn the_analysed_checkpoint_interval_follows_the_measured_pauses() {
     let leader = st["leader"]["id"].as_str().unwrap().to_string();
     let g = st["leader"]["generation"].as_u64().expect("generation");
     kill(up.file()["pids"][format!("manager:{leader}")].as_u64().expect("manager pid"));
-    let st = up.wait("a new leader that knows the interval", 15, |_, v| {
-        new_lead(v, g)
-            && events(v).iter().any(|x| x.starts_with(&format!("checkpoint intervals chosen before this leader: relay {policy} ")))
-    });
-    assert_eq!(vm(&st, "relay")["figures"]["policy"], policy.as_str());
+    // (The interval in force then: the one chosen above, or a shorter one the manager chose
+    // since from newer measurements — seen in CI. Never the declared one.)
+    let known = |v: &serde_json::Value| {
+        events(v).iter().rev().find_map(|x| {
+            let rest = x.strip_prefix("checkpoint intervals chosen before this leader: relay fixed:")?;
+            rest.split_whitespace().next()?.parse::<f64>().ok()
+        })
+    };
+    let st = up.wait("a new leader that knows the interval", 15, |_, v| new_lead(v, g) && known(v).is_some_and(|t| t <= to));
+    let to = known(&st).expect("the interval the new leader knows");
+    let policy = format!("fixed:{to}");
     // The pause back to what it was: after a while (GROW_AFTER) a longer interval again —
     // unless the host stalls meanwhile (then the measured pauses or acknowledgements, not the
     // injection, say no: the event log shows which).
