@@ -23,7 +23,7 @@ use crate::vm::Protection;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Sender};
@@ -87,7 +87,7 @@ pub fn serve(path: &Path, tx: Sender<Input>) -> std::io::Result<Server> {
     if path.exists() {
         std::fs::remove_file(path)?;
     }
-    let listener = UnixListener::bind(path)?;
+    let listener = unixsock::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     std::thread::Builder::new().name("migrate-api".into()).spawn(move || {
         let active = Arc::new(AtomicUsize::new(0));
@@ -153,7 +153,7 @@ fn reply(w: &mut UnixStream, r: Result<String, String>) -> std::io::Result<()> {
 
 /// Sends `req` to the migration socket at `path`; the answer's detail, or why not.
 pub fn call(path: &Path, req: &Request) -> Result<String, String> {
-    let mut s = UnixStream::connect(path).map_err(|e| format!("migration socket {}: {e}", path.display()))?;
+    let mut s = unixsock::connect(path).map_err(|e| format!("migration socket {}: {e}", path.display()))?;
     // Short: the agent asks from its heartbeat loop (the VM's process answers from its
     // driver's loop, within a checkpoint's pause).
     s.set_read_timeout(Some(Duration::from_millis(300))).map_err(|e| e.to_string())?;

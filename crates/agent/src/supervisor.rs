@@ -165,7 +165,7 @@ impl Supervisor {
         self.next_req = self.next_req.wrapping_add(1);
         let run = |hb: &mut Option<UnixStream>| -> std::io::Result<bool> {
             if hb.is_none() {
-                *hb = Some(UnixStream::connect(&self.cfg.socket)?);
+                *hb = Some(unixsock::connect(&self.cfg.socket)?);
             }
             let Some(s) = hb.as_mut() else { return Ok(false) };
             s.set_read_timeout(Some(timeout))?;

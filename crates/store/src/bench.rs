@@ -97,7 +97,7 @@ struct Raw {
 
 impl Raw {
     fn open(sock: &Path) -> Result<Raw> {
-        let s = UnixStream::connect(sock).map_err(|e| Error::io("connecting to", sock, e))?;
+        let s = unixsock::connect(sock).map_err(|e| Error::io("connecting to", sock, e))?;
         Ok(Raw { s, buf: Vec::new(), req: 0 })
     }
 

@@ -109,7 +109,7 @@ impl Client {
         let had = self.stream.take().is_some();
         self.buf.clear();
         loop {
-            match UnixStream::connect(&self.socket) {
+            match unixsock::connect(&self.socket) {
                 Ok(s) => {
                     self.stream = Some(s);
                     if had {

@@ -381,7 +381,7 @@ impl Server {
             }
             std::fs::remove_file(&cfg.socket).map_err(|e| Error::io("removing stale socket", &cfg.socket, e))?;
         }
-        let listener = UnixListener::bind(&cfg.socket).map_err(|e| Error::io("binding", &cfg.socket, e))?;
+        let listener = unixsock::bind(&cfg.socket).map_err(|e| Error::io("binding", &cfg.socket, e))?;
         let shared_log = cfg.etcd.is_some();
         let inner = Inner { store, backend, written: 0, pending: VecDeque::new(), shared_log };
         let wake = Wake::new().map_err(|e| Error::io("creating an eventfd for", &cfg.socket, e))?;

@@ -39,3 +39,33 @@ pub fn workspace() -> std::path::PathBuf {
 pub fn guest(name: &str) -> Result<std::path::PathBuf, String> {
     build_guest(&workspace(), name)
 }
+
+/// The last `lines` lines (DEBUG lines left out) of every `*.log` file under `dir`, each under
+/// its path: what a failed cluster test prints, since its directory goes with it.
+pub fn log_tails(dir: &std::path::Path, lines: usize) -> String {
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "log") {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(dir, &mut files);
+    files.sort();
+    let mut text = String::new();
+    for f in files {
+        let body = String::from_utf8_lossy(&std::fs::read(&f).unwrap_or_default()).into_owned();
+        let kept: Vec<&str> = body.lines().filter(|l| !l.contains(" DEBUG ")).collect();
+        text.push_str(&format!("\n==== {} ====\n", f.display()));
+        for l in &kept[kept.len().saturating_sub(lines)..] {
+            text.push_str(l);
+            text.push('\n');
+        }
+    }
+    text
+}

@@ -103,7 +103,13 @@ impl Up {
         args.extend_from_slice(extra);
         let out = Command::new(env!("CARGO_BIN_EXE_vigil")).args(&args).envs(env.iter().copied()).output().expect("run vigil");
         let up = Up { dir: cluster };
-        assert!(out.status.success(), "vigil up: {}{}", text(&out.stdout), text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "vigil up: {}{}\nthe cluster's logs:{}",
+            text(&out.stdout),
+            text(&out.stderr),
+            testbed::log_tails(&up.dir, 15)
+        );
         up
     }
 

@@ -280,6 +280,30 @@ fn a_voter_killed_right_after_a_fresh_start_continues_every_value() {
     assert_eq!(incr(port, "f"), "5");
 }
 
+/// A voter whose directory is deep (here 150 bytes; in CI the clone's path made
+/// `…/relay.primary.json.local/i0.sock.migrate` 108 bytes) serves: its instances' sockets
+/// are longer than a socket address holds (107 bytes). (Every instance failed to start, the
+/// voter gave up after 20 s, and the agent restarted it in vain: `vigil up` never finished.)
+#[test]
+fn a_voter_in_a_deep_directory_serves() {
+    if no_kvm("a_voter_in_a_deep_directory_serves") {
+        return;
+    }
+    let port = 16384;
+    let base = testbed::workspace().join(format!("target/local-dp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let mut dir = std::fs::canonicalize(testbed::workspace()).expect("workspace").join(format!("target/local-dp-{}", std::process::id()));
+    while dir.as_os_str().len() < 150 {
+        dir.push("deeper");
+    }
+    let local = Local::start_in(dir, "dp", port, 3, &[]);
+    assert!(local.dir.join("i0.sock.migrate").as_os_str().len() > 107);
+    assert_eq!(incr(port, "deep"), "1", "{}", local.log());
+    assert_eq!(incr(port, "deep"), "2");
+    drop(local);
+    let _ = std::fs::remove_dir_all(&base);
+}
+
 #[test]
 fn two_instances_disagreeing_prefer_the_primary() {
     if no_kvm("two_instances_disagreeing_prefer_the_primary") {
@@ -391,14 +415,27 @@ impl VotedUp {
         let text = edit(text, &dir).replace("image = \"kv\"", &format!("image = {:?}", kv.display().to_string()));
         let model = dir.join(example);
         std::fs::write(&model, text).expect("model");
-        let d = dir.join("cluster").display().to_string();
+        // Deep enough that every socket of the cluster (the store's, the agents', the VMMs'
+        // and voters' below the hosts' directories) is longer than a socket address holds, as
+        // a user's directory may be (a CI checkout's made a VMM's 108 bytes once).
+        let mut cluster = std::fs::canonicalize(&dir).expect("dir");
+        while cluster.as_os_str().len() < 100 {
+            cluster.push("deep");
+        }
+        let d = cluster.join("cluster").display().to_string();
         let out = vigil()
             .args(["up", &model.display().to_string(), "--dir", &d, "--tag", &testbed::ns_tag(tag), "--wait", "60"])
             .envs(env.iter().copied())
             .output()
             .expect("vigil up");
         let up = VotedUp { dir, d };
-        assert!(out.status.success(), "vigil up: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "vigil up: {}{}\nthe cluster's logs:{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            testbed::log_tails(Path::new(&up.d), 15)
+        );
         up
     }
 }
@@ -726,7 +763,13 @@ fn mode_4_a_host_failure_is_taken_over_with_voting_resumed() {
     }
     let out = vigil().args(["up", &model.display().to_string(), "--dir", &d, "--tag", &tag, "--wait", "60"]).output().expect("vigil up");
     let _down = Down(d.clone());
-    assert!(out.status.success(), "vigil up: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "vigil up: {}{}\nthe cluster's logs:{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        testbed::log_tails(Path::new(&d), 15)
+    );
     let status = || String::from_utf8_lossy(&vigil().args(["status", "--dir", &d]).output().expect("vigil status").stdout).into_owned();
     let wait_for = |what: &str, limit: u64| {
         let t = Instant::now();
@@ -1068,7 +1111,13 @@ fn mode_4_a_backup_host_failure_leaves_the_vm_serving_unprotected() {
     }
     let out = vigil().args(["up", &model.display().to_string(), "--dir", &d, "--tag", &tag, "--wait", "60"]).output().expect("vigil up");
     let _down = Down(d.clone());
-    assert!(out.status.success(), "vigil up: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "vigil up: {}{}\nthe cluster's logs:{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        testbed::log_tails(Path::new(&d), 15)
+    );
     let relay =
         |v: &serde_json::Value| v["vms"].as_array().and_then(|a| a.iter().find(|x| x["vm"] == "relay")).cloned().unwrap_or_default();
     let t = Instant::now();
@@ -1146,7 +1195,13 @@ fn mode_4_a_dropped_replica_is_never_taken_over() {
     }
     let out = vigil().args(["up", &model.display().to_string(), "--dir", &d, "--tag", &tag, "--wait", "60"]).output().expect("vigil up");
     let _down = Down(d.clone());
-    assert!(out.status.success(), "vigil up: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "vigil up: {}{}\nthe cluster's logs:{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        testbed::log_tails(Path::new(&d), 15)
+    );
     let relay =
         |v: &serde_json::Value| v["vms"].as_array().and_then(|a| a.iter().find(|x| x["vm"] == "relay")).cloned().unwrap_or_default();
     let wait = |what: &dyn Fn(&serde_json::Value) -> bool, why: &str| {

@@ -10,7 +10,7 @@
 use crate::control::{Command, Controller, Reply};
 use crate::{Error, Result};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -52,7 +52,7 @@ pub fn serve(path: &Path, controller: Controller) -> Result<ApiServer> {
     if path.exists() {
         std::fs::remove_file(path).map_err(|e| api_err(format!("cannot remove the old socket: {e}")))?;
     }
-    let listener = UnixListener::bind(path).map_err(|e| api_err(format!("cannot listen: {e}")))?;
+    let listener = unixsock::bind(path).map_err(|e| api_err(format!("cannot listen: {e}")))?;
     let in_flight = Arc::new(AtomicUsize::new(0));
     let requests = in_flight.clone();
     std::thread::Builder::new()
@@ -168,7 +168,7 @@ pub fn call(path: &Path, cmd: &Command) -> Result<Reply> {
 /// on a stuck VMM).
 pub fn call_within(path: &Path, cmd: &Command, timeout: Option<Duration>) -> Result<Reply> {
     let api_err = |reason: String| Error::Api { path: path.to_owned(), reason };
-    let mut conn = UnixStream::connect(path).map_err(|e| api_err(format!("cannot connect: {e}")))?;
+    let mut conn = unixsock::connect(path).map_err(|e| api_err(format!("cannot connect: {e}")))?;
     conn.set_read_timeout(timeout).and_then(|_| conn.set_write_timeout(timeout)).map_err(|e| api_err(e.to_string()))?;
     let mut text = serde_json::to_string(cmd).map_err(|e| api_err(e.to_string()))?;
     text.push('\n');

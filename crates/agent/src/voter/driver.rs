@@ -322,7 +322,7 @@ fn wait_api(api: &Path, limit: Duration) -> Result<()> {
 /// `DEBUG WRONG-ANSWERS N`). Answers `ok` or `error: …`; one client at a time, 2 s each.
 fn control(path: &Path, n: usize, tx: Sender<Msg>) -> Result<()> {
     let _ = std::fs::remove_file(path);
-    let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| Error::io("cannot listen on", path, e))?;
+    let listener = unixsock::bind(path).map_err(|e| Error::io("cannot listen on", path, e))?;
     std::thread::Builder::new()
         .name("voter-control".into())
         .spawn(move || {
@@ -588,7 +588,7 @@ pub fn run(mut spec: GroupSpec, ready: Duration) -> Result<()> {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    // Fault injection only: the VM serves without it (a directory too deep for a socket path).
+    // Fault injection only: the VM serves without it.
     if let Err(e) = control(&spec.dir.join("voter.sock"), n, tx.clone()) {
         tracing::warn!("{}: no control socket: {e}", spec.vm);
     }
