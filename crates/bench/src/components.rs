@@ -294,7 +294,8 @@ impl Table {
 /// in the VMM with guest memory a shared memfd as a backend process needs (`vmm-memfd`), as
 /// processes (`process`), as processes with the network backend receiving synchronously
 /// (`process-txring`: its transmit ring only, `VIGIL_NET_RX_RING=0`), or as processes with
-/// the network backend synchronous both ways as before its rings (`process-sync`).
+/// both backends synchronous as before their rings (`process-sync`: the network both ways,
+/// and the block backend's writes, `VIGIL_BLK_WRITE_RING=0`).
 fn start(ns: &TapNs, exe: &std::path::Path, kv: &std::path::Path, mode: &str, dir: &std::path::Path, no_disk: bool) -> Result<VmProc> {
     std::fs::create_dir_all(dir)?;
     let disk = dir.join(format!("disk-{mode}"));
@@ -315,7 +316,8 @@ fn start(ns: &TapNs, exe: &std::path::Path, kv: &std::path::Path, mode: &str, di
             }
             // Read by the VMM when it starts its backend; this thread is the only one
             // running while VMs start.
-            let vars: &[&str] = if mode == "process-sync" { &["VIGIL_NET_TX_RING", "VIGIL_NET_RX_RING"] } else { &["VIGIL_NET_RX_RING"] };
+            let vars: &[&str] =
+                if mode == "process-sync" { &["VIGIL_NET_TX_RING", "VIGIL_NET_RX_RING", "VIGIL_BLK_WRITE_RING"] } else { &["VIGIL_NET_RX_RING"] };
             for v in vars {
                 std::env::set_var(v, "0");
             }

@@ -185,6 +185,11 @@ impl Vm {
     /// renamed into place; `vm.json`, with the checksums of the others, comes last.
     pub fn snapshot(&mut self, dir: &Path) -> Result<()> {
         self.pause()?;
+        // Whoever takes the snapshot may copy the disk file with it (a migration does): every
+        // write the guest was told is done must be in the file first.
+        if self.block.as_ref().is_some_and(|b| !b.settle()) {
+            return Err(crate::Error::Config("snapshot: the block backend could not write the guest's last writes to the disk".into()));
+        }
         std::fs::create_dir_all(dir).map_err(crate::error::io("cannot create snapshot directory", dir))?;
         let memory = self.mem.as_slice()?;
         write_part(dir, "memory.bin", memory)?;

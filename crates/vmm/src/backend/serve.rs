@@ -30,8 +30,10 @@ pub struct Handler {
     mem: Mapping,
     tap: RawFd,
     progress: Progress,
-    /// The transmit ring, when the VMM passed one.
+    /// The transmit ring (network) or the write ring (block), when the VMM passed one.
     ring: Option<FrameRing>,
+    /// `ring` carries a disk's writes, not frames.
+    disk_ring: bool,
     /// The receive ring and the VMM's eventfd, when the VMM passed them.
     rx: Option<(FrameRing, RawFd)>,
     /// The tap blocks on reads (a VMM's tap does not; a test's socket may): poll first.
@@ -44,12 +46,17 @@ pub struct Handler {
 
 impl Handler {
     pub fn new(mem: Mapping, tap: RawFd, progress: Progress) -> Handler {
-        Handler { mem, tap, progress, ring: None, rx: None, tap_blocking: false, dropped: 0, tx_dropped: 0 }
+        Handler { mem, tap, progress, ring: None, disk_ring: false, rx: None, tap_blocking: false, dropped: 0, tx_dropped: 0 }
     }
 
     /// Also drains transmit ring `ring`.
     pub fn with_ring(self, ring: FrameRing) -> Handler {
         Handler { ring: Some(ring), ..self }
+    }
+
+    /// Also writes the entries of block write ring `ring` to the disk.
+    pub fn with_write_ring(self, ring: FrameRing) -> Handler {
+        Handler { ring: Some(ring), disk_ring: true, ..self }
     }
 
     /// Also reads frames from the tap ahead into receive ring `ring`, kicking eventfd `event`
@@ -108,6 +115,9 @@ impl Handler {
     /// each; an error when the ring's counters are impossible (the process then exits and the
     /// VMM starts another).
     pub fn drain_ring(&mut self) -> Result<u64, String> {
+        if self.disk_ring {
+            return self.drain_writes();
+        }
         let Some(ring) = &self.ring else { return Ok(0) };
         let mut buf = [0u8; RING_SLOT];
         let (mut sent, mut dropped) = (0, 0);
@@ -136,6 +146,69 @@ impl Handler {
         }
         self.tx_dropped += dropped;
         Ok(sent)
+    }
+
+    /// Writes every entry published in the block write ring to the disk, in order, advancing
+    /// its tail after each; a write the host refuses (or that names sectors beyond the disk)
+    /// is counted in the ring's control page, for the guest's next flush to report. An error
+    /// when the ring's counters are impossible.
+    fn drain_writes(&mut self) -> Result<u64, String> {
+        let Some(ring) = &self.ring else { return Ok(0) };
+        let mut buf = vec![0u8; super::shm::WRITE_SLOT];
+        let mut written = 0;
+        let mut disk_bytes = None;
+        loop {
+            let (head, mut tail) = (ring.head(), ring.tail());
+            if head == tail {
+                break;
+            }
+            if head < tail || head - tail > RING_SLOTS {
+                return Err(format!("write ring with head {head} and tail {tail} ({RING_SLOTS} slots)"));
+            }
+            let size = match disk_bytes {
+                Some(n) => n,
+                None => {
+                    // SAFETY: fstat fills a plain struct for our own descriptor.
+                    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                    // SAFETY: `st` is a live, writable stat struct.
+                    let n = if unsafe { libc::fstat(self.tap, &mut st) } == 0 { st.st_size as u64 } else { 0 };
+                    *disk_bytes.insert(n)
+                }
+            };
+            while tail < head {
+                let ok = match ring.get_write(tail, &mut buf) {
+                    Ok((sector, data)) => {
+                        let off = sector.checked_mul(vmm_abi::SECTOR_SIZE).filter(|o| o.checked_add(data.len() as u64).is_some_and(|e| e <= size));
+                        off.is_some_and(|off| {
+                            let mut at = 0usize;
+                            while at < data.len() {
+                                // SAFETY: writes initialised bytes of our own buffer to the disk.
+                                let n = unsafe {
+                                    libc::pwrite(self.tap, data[at..].as_ptr().cast(), data.len() - at, (off + at as u64) as libc::off_t)
+                                };
+                                if n <= 0 {
+                                    break;
+                                }
+                                at += n as usize;
+                            }
+                            at == data.len()
+                        })
+                    }
+                    Err(e) => {
+                        eprintln!("vigil backend: {e}; skipped");
+                        false
+                    }
+                };
+                if ok {
+                    written += 1;
+                } else {
+                    ring.add_failed();
+                }
+                tail += 1;
+                ring.set_tail(tail);
+            }
+        }
+        Ok(written)
     }
 
     /// Serves one message and returns the reply's bytes; a malformed message (or one naming
@@ -287,6 +360,45 @@ impl Handler {
     }
 }
 
+/// Whether `fd` is a disk (a regular file or a block device) rather than a tap or a socket.
+fn is_disk(fd: RawFd) -> bool {
+    // SAFETY: fstat fills a plain struct for a descriptor we were given.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a live, writable stat struct.
+    let ok = unsafe { libc::fstat(fd, &mut st) } == 0;
+    ok && matches!(st.st_mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFBLK)
+}
+
+/// The eventfd SIGTERM's handler kicks (see [`term_event`]).
+static TERM_EVENT: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_term(_: libc::c_int) {
+    let fd = TERM_EVENT.load(std::sync::atomic::Ordering::Relaxed);
+    if fd >= 0 {
+        super::shm::kick(fd);
+    }
+}
+
+/// An eventfd that becomes readable when the process gets SIGTERM (its handler kicks it,
+/// on whichever thread takes the signal), for the main loop to poll with the socket.
+fn term_event() -> Result<RawFd, String> {
+    use std::os::fd::IntoRawFd;
+    let fd = super::shm::eventfd()?.into_raw_fd();
+    TERM_EVENT.store(fd, std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: installs a handler that only calls write(2) (async-signal-safe) on an eventfd.
+    let ok = unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_term as extern "C" fn(libc::c_int) as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut()) == 0
+    };
+    if !ok {
+        return Err(format!("sigaction(SIGTERM): {}", std::io::Error::last_os_error()));
+    }
+    Ok(fd)
+}
+
 /// The backend process's main loop: takes its descriptors ([`FD_SOCKET`]...) and serves until
 /// the VMM closes the socket (then `Ok`). A message that cannot be received is an error. The
 /// device (tap or disk) is whatever descriptor [`FD_TAP`] is: the requests say which.
@@ -307,9 +419,17 @@ pub fn serve() -> Result<(), String> {
     if kick_passed && open(FD_RING) {
         // SAFETY: as above, descriptor 7 is the ring memfd the VMM passed.
         let ring_fd = unsafe { BorrowedFd::borrow_raw(FD_RING) };
-        h = h.with_ring(FrameRing::new(Mapping::map(ring_fd).map_err(|e| format!("transmit ring (fd {FD_RING}): {e}"))?)?);
+        let map = Mapping::map(ring_fd).map_err(|e| format!("ring (fd {FD_RING}): {e}"))?;
+        h = if is_disk(FD_TAP) {
+            h.with_write_ring(FrameRing::for_writes(map).map_err(|e| format!("write ring (fd {FD_RING}): {e}"))?)
+        } else {
+            h.with_ring(FrameRing::new(map).map_err(|e| format!("transmit ring (fd {FD_RING}): {e}"))?)
+        };
     }
-    if kick_passed && open(FD_RX_RING) && open(FD_RX_EVENT) {
+    // A disk's writes wait in the ring after the guest was told they are done: when the VMM
+    // dies (its death signal to this process is SIGTERM then), they are written before exiting.
+    let term = if h.disk_ring { Some(term_event()?) } else { None };
+    if kick_passed && !h.disk_ring && open(FD_RX_RING) && open(FD_RX_EVENT) {
         // SAFETY: as above, descriptor 9 is the receive ring memfd the VMM passed.
         let ring_fd = unsafe { BorrowedFd::borrow_raw(FD_RX_RING) };
         let ring = FrameRing::new(Mapping::map(ring_fd).map_err(|e| format!("receive ring (fd {FD_RX_RING}): {e}"))?)?;
@@ -336,12 +456,16 @@ pub fn serve() -> Result<(), String> {
             }
             // The tap only while the receive ring has room for what it brings.
             let tap = if room { FD_TAP } else { -1 };
-            let mut fds = [FD_SOCKET, FD_KICK, tap].map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
-            // SAFETY: `fds` is a live array of three pollfds (a negative fd is ignored); EINTR
+            let mut fds = [FD_SOCKET, FD_KICK, tap, term.unwrap_or(-1)].map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+            // SAFETY: `fds` is a live array of four pollfds (a negative fd is ignored); EINTR
             // just loops.
-            unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
+            unsafe { libc::poll(fds.as_mut_ptr(), 4, -1) };
             if let Some(ring) = &h.ring {
                 ring.awake();
+            }
+            if fds[3].revents != 0 {
+                h.drain_ring()?;
+                return Ok(());
             }
             if fds[1].revents != 0 {
                 super::shm::clear(FD_KICK);
@@ -354,6 +478,8 @@ pub fn serve() -> Result<(), String> {
         // SAFETY: receives at most `buf.len()` bytes into our own buffer.
         let n = unsafe { libc::recv(FD_SOCKET, buf.as_mut_ptr().cast(), buf.len(), if ring_passed { libc::MSG_DONTWAIT } else { 0 }) };
         if n == 0 {
+            // The VMM closed the socket (it ended, or died): what it published is written.
+            h.drain_ring()?;
             return Ok(());
         }
         if n < 0 {
@@ -363,6 +489,7 @@ pub fn serve() -> Result<(), String> {
             }
             // The VMM is gone (it died with a request of ours unread): nothing left to serve.
             if e.kind() == std::io::ErrorKind::ConnectionReset {
+                h.drain_ring()?;
                 return Ok(());
             }
             return Err(format!("receiving a request: {e}"));

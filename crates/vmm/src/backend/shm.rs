@@ -182,6 +182,15 @@ const TAIL: usize = 64;
 /// Nonzero while the consumer may be asleep (written by the consumer): the producer then
 /// kicks it.
 const SLEEPING: usize = 128;
+/// Block write ring: writes whose host I/O failed (written by the consumer, counted up).
+const FAILED: usize = 192;
+
+/// Sectors one block write ring entry holds (a longer guest write takes several entries).
+pub const WRITE_SECTORS: usize = 8;
+/// Bytes of one block write ring slot: `[len: u32][0: u32][sector: u64][data]`.
+pub const WRITE_SLOT: usize = 16 + WRITE_SECTORS * vmm_abi::SECTOR_SIZE as usize;
+/// Bytes of a block write ring's memfd.
+pub const WRITE_RING_BYTES: usize = RING_CONTROL + RING_SLOTS as usize * WRITE_SLOT;
 
 /// A ring of frames between a VMM and its network backend, in a memfd both map, one producer
 /// and one consumer. `HEAD` and `TAIL` are free-running counters (entry `i` lives in slot
@@ -198,8 +207,16 @@ const SLEEPING: usize = 128;
 ///
 /// Both sides trust nothing the other wrote: the VMM keeps its own copy of its counter and
 /// checks the other's against it, and each slot's length is checked by whoever reads it.
+///
+/// The same layout with larger slots carries a disk's writes ([`FrameRing::for_writes`]): the
+/// VMM copies each guest write in (up to [`WRITE_SECTORS`] sectors an entry) and completes it
+/// for the guest at once; the backend writes the entries to the disk in order, advancing the
+/// tail after each, so after a crash the next process writes them again from the tail (a
+/// write of the same bytes to the same sectors, harmless). A write the host refused is
+/// counted in the control page and reported to the guest by its next flush.
 pub struct FrameRing {
     map: Mapping,
+    slot: usize,
 }
 
 impl FrameRing {
@@ -207,7 +224,58 @@ impl FrameRing {
         if map.size < RING_BYTES {
             return Err(format!("a transmit ring of {} bytes (needs {RING_BYTES})", map.size));
         }
-        Ok(FrameRing { map })
+        Ok(FrameRing { map, slot: RING_SLOT })
+    }
+
+    /// A block write ring (slots of [`WRITE_SLOT`] bytes).
+    pub fn for_writes(map: Mapping) -> Result<FrameRing, String> {
+        if map.size < WRITE_RING_BYTES {
+            return Err(format!("a block write ring of {} bytes (needs {WRITE_RING_BYTES})", map.size));
+        }
+        Ok(FrameRing { map, slot: WRITE_SLOT })
+    }
+
+    fn slot_at(&self, index: u64) -> u64 {
+        (RING_CONTROL + (index % RING_SLOTS) as usize * self.slot) as u64
+    }
+
+    /// Copies a write of `data` (whole sectors, at most [`WRITE_SECTORS`]) at `sector` into
+    /// the slot of entry `index`, which the consumer must have finished.
+    pub fn put_write(&self, index: u64, sector: u64, data: &[u8]) -> Result<(), String> {
+        let sector_size = vmm_abi::SECTOR_SIZE as usize;
+        if data.is_empty() || data.len() > self.slot - 16 || !data.len().is_multiple_of(sector_size) {
+            return Err(format!("a write of {} bytes does not fit a ring slot", data.len()));
+        }
+        let at = self.slot_at(index);
+        self.map.write(at, &(data.len() as u32).to_le_bytes())?;
+        self.map.write(at + 8, &sector.to_le_bytes())?;
+        self.map.write(at + 16, data)
+    }
+
+    /// Entry `index` of a block write ring: its sector and its data, copied into `buf` (of at
+    /// least [`WRITE_SLOT`] bytes); an error when its length is not whole sectors that fit.
+    pub fn get_write<'b>(&self, index: u64, buf: &'b mut [u8]) -> Result<(u64, &'b [u8]), String> {
+        let at = self.slot_at(index);
+        let mut head = [0u8; 16];
+        self.map.read(at, &mut head)?;
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let sector = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
+        if len == 0 || len > (self.slot - 16).min(buf.len()) || !len.is_multiple_of(vmm_abi::SECTOR_SIZE as usize) {
+            return Err(format!("write ring entry {index}: {len} bytes"));
+        }
+        let data = &mut buf[..len];
+        self.map.read(at + 16, data)?;
+        Ok((sector, data))
+    }
+
+    /// Writes the backend could not do (a block write ring; counted up by the backend).
+    pub fn failed(&self) -> u64 {
+        self.map.atomic_u64(FAILED).load(Ordering::Acquire)
+    }
+
+    /// The backend could not do one more write.
+    pub fn add_failed(&self) {
+        self.map.atomic_u64(FAILED).fetch_add(1, Ordering::AcqRel);
     }
 
     /// Entries published (the VMM's head, as the page says it).
@@ -234,10 +302,10 @@ impl FrameRing {
     /// Copies `frame` (at most `RING_SLOT - 8` bytes; the caller checks) into the slot of
     /// entry `index`, which the consumer must have finished.
     pub fn put(&self, index: u64, frame: &[u8]) -> Result<(), String> {
-        if frame.len() > RING_SLOT - 8 {
+        if frame.len() > self.slot - 8 {
             return Err(format!("a frame of {} bytes does not fit a ring slot", frame.len()));
         }
-        let at = (RING_CONTROL + (index % RING_SLOTS) as usize * RING_SLOT) as u64;
+        let at = self.slot_at(index);
         self.map.write(at, &(frame.len() as u32).to_le_bytes())?;
         self.map.write(at + 8, frame)
     }
@@ -251,7 +319,7 @@ impl FrameRing {
     /// Copies entry `index` into `buf` and returns the frame; an error when its length is
     /// not a frame's (the VMM never writes one: the slot was overwritten by someone else).
     pub fn get<'b>(&self, index: u64, buf: &'b mut [u8; RING_SLOT]) -> Result<&'b [u8], String> {
-        let at = (RING_CONTROL + (index % RING_SLOTS) as usize * RING_SLOT) as u64;
+        let at = self.slot_at(index);
         let mut len = [0u8; 4];
         self.map.read(at, &mut len)?;
         let len = u32::from_le_bytes(len);

@@ -15,6 +15,9 @@ use vmm_abi::{
     SECTOR_SIZE,
 };
 
+/// How long [`Block::open`] waits for a disk another process holds.
+pub const DISK_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A disk backed by a file (its size rounded down to whole sectors).
 pub struct Block {
     file: File,
@@ -23,6 +26,8 @@ pub struct Block {
     mirror: Option<Mirror>,
     /// The backend process doing the disk I/O, if any.
     backend: Option<crate::backend::Backend>,
+    /// Writes of the backend's write ring that failed, as already reported to the guest.
+    failed_seen: u64,
 }
 
 /// Where guest writes are mirrored while the VM is protected.
@@ -38,11 +43,31 @@ struct Mirror {
 }
 
 impl Block {
-    /// Opens `path` read-write.
+    /// Opens `path` read-write and locks it (an exclusive `flock`, held by this VMM and its
+    /// block backends, released when the last of them exits). A disk locked by another
+    /// process is waited for up to [`DISK_LOCK_WAIT`] — a block backend whose VMM died writes
+    /// the guest's last writes before it exits, and a VMM restarted on the disk must read
+    /// them — then refused: two VMMs writing one disk would corrupt it.
     pub fn open(path: &Path) -> Result<Self> {
         let file = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(io("cannot open disk", path))?;
+        let t = std::time::Instant::now();
+        // SAFETY: flock(2) on a descriptor we own (and keep: the lock lives with it).
+        while unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                return Err(crate::Error::Config(format!("disk {}: cannot lock it: {e}", path.display())));
+            }
+            if t.elapsed() >= DISK_LOCK_WAIT {
+                return Err(crate::Error::Config(format!(
+                    "disk {}: in use by another VMM (or its block backend) for {} s: refused",
+                    path.display(),
+                    DISK_LOCK_WAIT.as_secs()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let len = file.metadata().map_err(io("cannot stat disk", path))?.len();
-        Ok(Block { file, path: path.to_owned(), sectors: len / SECTOR_SIZE, mirror: None, backend: None })
+        Ok(Block { file, path: path.to_owned(), sectors: len / SECTOR_SIZE, mirror: None, backend: None, failed_seen: 0 })
     }
 
     /// Hands the disk I/O to a backend process started from `program`, on guest memory `mem`
@@ -50,7 +75,11 @@ impl Block {
     pub fn attach_backend(&mut self, mem: &GuestMem, program: &crate::backend::BackendProgram) -> Result<()> {
         let err = |reason: String| crate::Error::Config(format!("disk {}: {reason}", self.path.display()));
         let memfd = mem.memfd().ok_or_else(|| err("a block backend process needs shared guest memory".into()))?;
-        let backend = crate::backend::Backend::start(crate::backend::Device::Block, program, memfd, std::os::fd::AsFd::as_fd(&self.file))
+        let mut program = program.clone();
+        if std::env::var_os("VIGIL_BLK_WRITE_RING").is_some_and(|v| v == "0") {
+            program.sync_tx = true;
+        }
+        let backend = crate::backend::Backend::start(crate::backend::Device::Block, &program, memfd, std::os::fd::AsFd::as_fd(&self.file))
             .map_err(|e| err(format!("block backend: {e}")))?;
         self.backend = Some(backend);
         Ok(())
@@ -86,7 +115,39 @@ impl Block {
             }
             descs.push(crate::backend::wire::BlockEntry { op: d.op, sectors: d.sectors, sector: d.sector, buf: d.buf });
         }
+        // Only writes, and a write ring: copied into the ring and done for the guest at once
+        // (the backend writes them in order; a read or a flush after them waits until it
+        // has). With the mirror, the same bytes go to the backup.
+        if backend.has_ring() && descs.iter().all(|d| d.op == BLOCK_WRITE) {
+            let mut status = BLOCK_OK;
+            let mut data = Vec::new();
+            for d in &descs {
+                data.resize(d.sectors as usize * SECTOR_SIZE as usize, 0);
+                mem.read(d.buf, &mut data)?;
+                if data.is_empty() {
+                    continue;
+                }
+                if !backend.queue_write(d.sector, &data) {
+                    status = BLOCK_IO_ERROR;
+                    break;
+                }
+                if let Some(m) = self.mirror.as_mut().filter(|m| m.lost.is_none()) {
+                    if let Err(e) = m.tx.send(DiskWrite { epoch: m.epoch, offset: d.sector * SECTOR_SIZE, data: data.clone() }, MIRROR_STALL) {
+                        m.lost = Some(format!("epoch {}: {e}", m.epoch));
+                    }
+                }
+            }
+            backend.publish();
+            return mem.write_obj(addr, &BlockRequest { status, ..req });
+        }
         let result = backend.block(&descs);
+        // A write of the ring that failed on the host is the guest's to hear of at its next
+        // flush (as a disk with a write cache reports it).
+        let failed = backend.write_failures();
+        let failed_now = failed > self.failed_seen && descs.iter().any(|d| d.op == BLOCK_FLUSH);
+        if failed_now {
+            self.failed_seen = failed;
+        }
         // The backend may have written any read buffer it was given (a failed request too).
         for d in descs.iter().filter(|d| d.op == BLOCK_READ) {
             mem.mark_written(d.buf, d.sectors as u64 * SECTOR_SIZE);
@@ -105,8 +166,15 @@ impl Block {
                 }
             }
         }
-        let status = if result.is_ok() { BLOCK_OK } else { BLOCK_IO_ERROR };
+        let status = if result.is_ok() && !failed_now { BLOCK_OK } else { BLOCK_IO_ERROR };
         mem.write_obj(addr, &BlockRequest { status, ..req })
+    }
+
+    /// Waits until every write the guest was told is done is on the disk file (a process
+    /// backend may still hold some in its write ring): before anything reads the file from
+    /// outside, e.g. a snapshot that carries the disk. False when some could not be written.
+    pub fn settle(&self) -> bool {
+        self.backend.as_ref().is_none_or(|b| b.settle())
     }
 
     /// Mirrors every guest write from now on to `tx`, tagged with `epoch` (until
@@ -304,5 +372,54 @@ mod tests {
         assert!(served > 0 && refused > 0, "served {served}, refused {refused}");
         let _ = std::fs::remove_dir_all(&dir);
         let _ = BlockDesc::zeroed();
+    }
+
+    /// One request of `descs` (op, sectors, sector, buffer) at 0x800; its status.
+    fn run(disk: &mut Block, mem: &mut GuestMem, descs: &[(u32, u32, u64, u64)]) -> u32 {
+        for (k, &(op, sectors, sector, buf)) in descs.iter().enumerate() {
+            mem.write_obj(0x1000 + k as u64 * 24, &BlockDesc { op, sectors, sector, buf }).expect("desc");
+        }
+        mem.write_obj(0x800, &BlockRequest { count: descs.len() as u32, status: 99, descs: 0x1000 }).expect("req");
+        disk.request(mem, 0x800).expect("served");
+        mem.read_obj::<BlockRequest>(0x800).expect("req").status
+    }
+
+    /// With a block backend process and its write ring, a request of writes is done for the
+    /// guest at once; a read after it sees them (the backend writes the ring before it serves
+    /// the read), a flush finds them on the file, and a second disk open waits for the lock.
+    #[test]
+    fn writes_through_the_ring_are_read_back_and_flushed() {
+        let dir = std::env::temp_dir().join(format!("vigil-block-ring-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("disk");
+        std::fs::write(&path, vec![0u8; 256 * 512]).expect("disk");
+        let mut mem = GuestMem::new_shared(1 << 20).expect("memory");
+        let mut disk = Block::open(&path).expect("open");
+        let exe = std::env::current_exe().expect("test binary");
+        let program = crate::backend::BackendProgram::new(
+            exe,
+            vec!["--exact".into(), "backend::client::tests::fake_backend_real".into(), "--test-threads=1".into(), "-q".into()],
+        );
+        disk.attach_backend(&mem, &program).expect("backend");
+        mem.write(0x10000, &[7u8; 20 * 512]).expect("data");
+        mem.write(0x20000, &[9u8; 512]).expect("data");
+        // 20 sectors (three ring entries) at 10, one at 100.
+        assert_eq!(run(&mut disk, &mut mem, &[(BLOCK_WRITE, 20, 10, 0x10000), (BLOCK_WRITE, 1, 100, 0x20000)]), BLOCK_OK);
+        assert_eq!(run(&mut disk, &mut mem, &[(BLOCK_READ, 21, 9, 0x40000)]), BLOCK_OK);
+        let mut back = vec![0u8; 21 * 512];
+        mem.read(0x40000, &mut back).expect("read");
+        assert!(back[..512].iter().all(|&b| b == 0) && back[512..].iter().all(|&b| b == 7), "read after the write");
+        mem.write(0x20000, &[3u8; 512]).expect("data");
+        assert_eq!(run(&mut disk, &mut mem, &[(BLOCK_WRITE, 1, 100, 0x20000)]), BLOCK_OK);
+        assert_eq!(run(&mut disk, &mut mem, &[(BLOCK_FLUSH, 0, 0, 0)]), BLOCK_OK);
+        let file = std::fs::read(&path).expect("file");
+        assert!(file[10 * 512..30 * 512].iter().all(|&b| b == 7) && file[100 * 512..101 * 512].iter().all(|&b| b == 3));
+        // Another VMM on the same disk is refused while this one (and its backend) holds it.
+        let t = std::time::Instant::now();
+        let e = Block::open(&path).err().expect("refused");
+        assert!(e.to_string().contains("in use by another VMM") && t.elapsed() >= DISK_LOCK_WAIT, "{e}");
+        drop(disk);
+        Block::open(&path).expect("free once the first is gone");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
