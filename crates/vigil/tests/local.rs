@@ -443,7 +443,10 @@ impl VotedUp {
 impl Drop for VotedUp {
     fn drop(&mut self) {
         let _ = vigil().args(["down", "--dir", &self.d]).output();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // A failed test's logs stay (target/local-*).
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -761,30 +764,9 @@ fn mode_4_a_host_failure_is_taken_over_with_voting_resumed() {
         return;
     }
     let tag = testbed::ns_tag("vr");
-    let dir = testbed::workspace().join(format!("target/local-m4-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let kv = testbed::guest("kv").expect("kv guest");
-    let text = std::fs::read_to_string(testbed::workspace().join("examples/voted-remote.toml")).expect("example");
-    let model = dir.join("voted-remote.toml");
-    std::fs::write(&model, text.replace("image = \"kv\"", &format!("image = {:?}", kv.display().to_string()))).expect("model");
-    let cluster = dir.join("cluster");
-    let d = cluster.display().to_string();
-    struct Down(String);
-    impl Drop for Down {
-        fn drop(&mut self) {
-            let _ = vigil().args(["down", "--dir", &self.0]).output();
-        }
-    }
-    let out = vigil().args(["up", &model.display().to_string(), "--dir", &d, "--tag", &tag, "--wait", "60"]).output().expect("vigil up");
-    let _down = Down(d.clone());
-    assert!(
-        out.status.success(),
-        "vigil up: {}{}\nthe cluster's logs:{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        testbed::log_tails(Path::new(&d), 15)
-    );
+    let up = VotedUp::start_with("m4", "vr", "voted-remote.toml", &[], |t, _| t);
+    let d = up.d.clone();
+    let cluster = PathBuf::from(&d);
     let status = || String::from_utf8_lossy(&vigil().args(["status", "--dir", &d]).output().expect("vigil status").stdout).into_owned();
     let wait_for = |what: &str, limit: u64| {
         let t = Instant::now();
@@ -1038,8 +1020,7 @@ fn mode_4_a_host_failure_is_taken_over_with_voting_resumed() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert!(now >= last, "GET m4 = {now} after {last} was acknowledged");
-    drop(_down);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(up);
 }
 
 /// The pid of host `host`'s voter, once it runs (its agent may be restarting it: after
@@ -1110,29 +1091,8 @@ fn mode_4_a_backup_host_failure_leaves_the_vm_serving_unprotected() {
         return;
     }
     let tag = testbed::ns_tag("vb");
-    let dir = testbed::workspace().join(format!("target/local-m4b-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let kv = testbed::guest("kv").expect("kv guest");
-    let text = std::fs::read_to_string(testbed::workspace().join("examples/voted-remote.toml")).expect("example");
-    let model = dir.join("voted-remote.toml");
-    std::fs::write(&model, text.replace("image = \"kv\"", &format!("image = {:?}", kv.display().to_string()))).expect("model");
-    let d = dir.join("cluster").display().to_string();
-    struct Down(String);
-    impl Drop for Down {
-        fn drop(&mut self) {
-            let _ = vigil().args(["down", "--dir", &self.0]).output();
-        }
-    }
-    let out = vigil().args(["up", &model.display().to_string(), "--dir", &d, "--tag", &tag, "--wait", "60"]).output().expect("vigil up");
-    let _down = Down(d.clone());
-    assert!(
-        out.status.success(),
-        "vigil up: {}{}\nthe cluster's logs:{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        testbed::log_tails(Path::new(&d), 15)
-    );
+    let up = VotedUp::start_with("m4b", "vb", "voted-remote.toml", &[], |t, _| t);
+    let d = up.d.clone();
     let relay =
         |v: &serde_json::Value| v["vms"].as_array().and_then(|a| a.iter().find(|x| x["vm"] == "relay")).cloned().unwrap_or_default();
     let t = Instant::now();
@@ -1179,8 +1139,7 @@ fn mode_4_a_backup_host_failure_leaves_the_vm_serving_unprotected() {
         &what[what.len().saturating_sub(3)..]
     );
     assert!(longest < Duration::from_secs(3), "replies waited {longest:?} for the dead backup");
-    drop(_down);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(up);
 }
 
 /// Mode 4, a replica its primary went on without is never resumed: hostB's link is cut (on the
@@ -1194,29 +1153,8 @@ fn mode_4_a_dropped_replica_is_never_taken_over() {
         return;
     }
     let tag = testbed::ns_tag("vd");
-    let dir = testbed::workspace().join(format!("target/local-m4d-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let kv = testbed::guest("kv").expect("kv guest");
-    let text = std::fs::read_to_string(testbed::workspace().join("examples/voted-remote.toml")).expect("example");
-    let model = dir.join("voted-remote.toml");
-    std::fs::write(&model, text.replace("image = \"kv\"", &format!("image = {:?}", kv.display().to_string()))).expect("model");
-    let d = dir.join("cluster").display().to_string();
-    struct Down(String);
-    impl Drop for Down {
-        fn drop(&mut self) {
-            let _ = vigil().args(["down", "--dir", &self.0]).output();
-        }
-    }
-    let out = vigil().args(["up", &model.display().to_string(), "--dir", &d, "--tag", &tag, "--wait", "60"]).output().expect("vigil up");
-    let _down = Down(d.clone());
-    assert!(
-        out.status.success(),
-        "vigil up: {}{}\nthe cluster's logs:{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        testbed::log_tails(Path::new(&d), 15)
-    );
+    let up = VotedUp::start_with("m4d", "vd", "voted-remote.toml", &[], |t, _| t);
+    let d = up.d.clone();
     let relay =
         |v: &serde_json::Value| v["vms"].as_array().and_then(|a| a.iter().find(|x| x["vm"] == "relay")).cloned().unwrap_or_default();
     let wait = |what: &dyn Fn(&serde_json::Value) -> bool, why: &str| {
@@ -1264,8 +1202,7 @@ fn mode_4_a_dropped_replica_is_never_taken_over() {
     let line = text.lines().find(|l| l.contains("dropped by its primary")).unwrap_or_default().to_string();
     eprintln!("refused: {}; GET m4d on hostB: {got:?}", line.trim());
     assert!(got.is_empty() || got == "(nil)" || got.parse::<u64>().is_ok_and(|n| n == 0 || n >= 200), "a stale count: {got}");
-    drop(_down);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(up);
 }
 
 fn status_text(d: &str) -> String {

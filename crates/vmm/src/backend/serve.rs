@@ -551,6 +551,46 @@ mod tests {
         }
     }
 
+    /// The block write ring: entries go to the disk in order; an entry whose length is not
+    /// whole sectors (the ring's memory scribbled on), or whose sectors lie past the disk, is
+    /// counted as a failed write and skipped; impossible counters are an error, never a panic.
+    #[test]
+    fn the_write_ring_is_written_in_order_and_garbage_in_it_is_refused() {
+        use crate::backend::shm::{FrameRing, WRITE_RING_BYTES, WRITE_SLOT};
+        let dir = std::env::temp_dir().join(format!("vigil-serve-write-ring-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let disk = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.join("disk")).expect("disk");
+        disk.set_len(64 * 512).expect("size");
+        let (h, _view, _fd, pair) = handler(64 << 10);
+        let h = Handler { tap: std::os::fd::AsRawFd::as_raw_fd(&disk), ..h };
+        let rfd = memfd(c"test-write-ring", WRITE_RING_BYTES as u64).expect("memfd");
+        let mut h = h.with_write_ring(FrameRing::for_writes(Mapping::map(rfd.as_fd()).expect("map")).expect("ring"));
+        let vmm = FrameRing::for_writes(Mapping::map(rfd.as_fd()).expect("map")).expect("ring");
+        vmm.put_write(0, 0, &[1; 1024]).expect("put");
+        vmm.put_write(1, 2, &[2; 512]).expect("put");
+        vmm.put_write(2, 10, &[3; 512]).expect("put");
+        vmm.put_write(3, 63, &[4; 1024]).expect("put past the end");
+        vmm.put_write(4, 1, &[5; 512]).expect("put");
+        assert!(vmm.put_write(5, 0, &[0; 100]).is_err(), "not whole sectors");
+        assert!(vmm.put_write(5, 0, &vec![0; WRITE_SLOT]).is_err(), "larger than a slot");
+        // Entry 2's length scribbled over: 700 bytes.
+        vmm.scribble(4096 + 2 * WRITE_SLOT as u64, &700u32.to_le_bytes());
+        assert!(!vmm.publish(5));
+        assert_eq!(h.drain_ring(), Ok(3));
+        assert_eq!((vmm.tail(), vmm.failed()), (5, 2));
+        let bytes = std::fs::read(dir.join("disk")).expect("read");
+        assert!(bytes[..512].iter().all(|&b| b == 1) && bytes[512..1024].iter().all(|&b| b == 5), "the later write over the earlier");
+        assert!(bytes[1024..1536].iter().all(|&b| b == 2) && bytes[10 * 512..11 * 512].iter().all(|&b| b == 0));
+        vmm.set_tail(9);
+        assert!(h.drain_ring().is_err(), "a tail past the head");
+        // SAFETY: closing the test's own descriptors.
+        unsafe {
+            libc::close(pair[0]);
+            libc::close(pair[1]);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// The transmit ring: frames go out in order; a slot whose length is not a frame's (the
     /// ring's memory scribbled on) is skipped, and impossible counters are an error, never a
     /// panic or a read outside the ring.
