@@ -305,7 +305,18 @@ impl Agent {
         let started = Instant::now();
         let started_ns = monotonic_ns();
         self.beat += 1;
+        let since = self.last_renewal.elapsed();
         store.write(&cluster::heartbeat_path(&self.cfg.host), self.beat.to_string().as_bytes())?;
+        // A renewal late or slow is what a false self-fencing grows from: said, with which.
+        let took = started.elapsed();
+        if since + took > self.cfg.lease / 4 {
+            tracing::warn!(
+                "agent {}: lease renewed {:.0} ms after the last one (the store took {:.1} ms)",
+                self.cfg.host,
+                (since + took).as_secs_f64() * 1e3,
+                took.as_secs_f64() * 1e3
+            );
+        }
         self.last_renewal = started;
         self.watchdog.renewed(started_ns);
         Ok(())

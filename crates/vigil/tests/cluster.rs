@@ -153,6 +153,9 @@ impl Up {
 impl Drop for Up {
     fn drop(&mut self) {
         let _ = vigil(&["down", "--dir", &self.d()]);
+        if std::thread::panicking() {
+            eprintln!("the cluster's logs (in {}):{}", self.d(), testbed::log_tails(&self.dir, 15));
+        }
     }
 }
 

@@ -443,8 +443,10 @@ impl VotedUp {
 impl Drop for VotedUp {
     fn drop(&mut self) {
         let _ = vigil().args(["down", "--dir", &self.d]).output();
-        // A failed test's logs stay (target/local-*).
-        if !std::thread::panicking() {
+        // A failed test's logs stay (target/local-*), their ends in its output.
+        if std::thread::panicking() {
+            eprintln!("the cluster's logs (in {}):{}", self.d, testbed::log_tails(Path::new(&self.d), 15));
+        } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

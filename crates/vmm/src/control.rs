@@ -102,6 +102,10 @@ pub struct Reply {
     /// What `Command::MemoryView` returns (in-process only).
     #[serde(skip)]
     pub memory_view: Option<crate::memory::MemoryView>,
+    /// With `Command::MemoryView`: what settles the disk's write ring from another thread,
+    /// when a block backend process keeps one (in-process only).
+    #[serde(skip)]
+    pub disk_settler: Option<crate::backend::Settler>,
 }
 
 impl Reply {

@@ -789,7 +789,11 @@ impl Vm {
                 self.set_tracking(choice);
                 Ok(Reply::ok())
             }
-            Command::MemoryView => self.mem.view().map(|v| Reply { memory_view: Some(v), ..Reply::ok() }),
+            Command::MemoryView => self.mem.view().map(|v| Reply {
+                memory_view: Some(v),
+                disk_settler: self.block.as_ref().and_then(|b| b.settler()),
+                ..Reply::ok()
+            }),
             Command::Announce { count } => self.announce(count).map(|n| Reply { value: Some(n), ..Reply::ok() }),
             Command::Trace => Ok(Reply { trace: Some(self.read_trace()), ..Reply::ok() }),
             Command::Quit => return (Reply::ok(), Some(Stop::Quit)),

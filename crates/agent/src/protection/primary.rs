@@ -123,6 +123,8 @@ enum Out {
     Sync {
         view: MemoryView,
         disk: Option<PathBuf>,
+        /// The disk's write ring, settled before the disk is read.
+        settle: Option<vmm::backend::Settler>,
     },
     /// A checkpoint, and the highest epoch whose output was released when it was taken.
     Checkpoint(Box<Checkpoint>, u64),
@@ -691,12 +693,14 @@ impl Driver {
                 self.call(Command::HoldOutput)?;
             }
             Action::StartSync { session } => {
-                let view = self.call(Command::MemoryView)?.memory_view.ok_or("the VM returned no memory view")?;
+                let reply = self.call(Command::MemoryView)?;
+                let view = reply.memory_view.ok_or("the VM returned no memory view")?;
+                let settle = reply.disk_settler;
                 let config = self.config.clone();
                 if let Some(l) = &self.link {
                     let hello = Msg::Hello { session, vm: self.opts.vm.clone(), mem_bytes: view.size(), config };
                     let _ = l.out.send(Out::Msg(hello));
-                    let _ = l.out.send(Out::Sync { view, disk: self.opts.disk.clone() });
+                    let _ = l.out.send(Out::Sync { view, disk: self.opts.disk.clone(), settle });
                 }
             }
             Action::Checkpoint => {
@@ -954,8 +958,8 @@ fn spawn_sender(
                         wire::write_msg(&mut s.w, &m).map_err(|e| e.to_string())?;
                         s.w.flush().map_err(|e| e.to_string())?;
                     }
-                    Ok(Out::Sync { view, disk }) => {
-                        s.sync(&view, disk.as_deref())?;
+                    Ok(Out::Sync { view, disk, settle }) => {
+                        s.sync(&view, disk.as_deref(), settle.as_ref())?;
                         let _ = tx.send(Input::SyncSent { conn });
                     }
                     Ok(Out::Checkpoint(c, released)) => {
@@ -1079,9 +1083,14 @@ impl Sender_ {
     }
 
     /// All of memory, then all of the disk, while the VM runs; then the counts.
-    fn sync(&mut self, view: &MemoryView, disk: Option<&std::path::Path>) -> Result<(), String> {
-        // Writes queued before the synchronisation are in what it reads.
+    fn sync(&mut self, view: &MemoryView, disk: Option<&std::path::Path>, settle: Option<&vmm::backend::Settler>) -> Result<(), String> {
+        // Writes queued before the synchronisation are in what it reads: on the file, once a
+        // block backend's write ring holds none of them (the guest was told they are done
+        // when they entered it).
         self.mirror.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        if settle.is_some_and(|s| !s.settle()) {
+            return Err("the disk's block backend could not write the guest's last writes: no synchronisation".into());
+        }
         self.counts.clear();
         self.synced = true;
         // A new session: a new copy, with no base until this synchronisation has sent every

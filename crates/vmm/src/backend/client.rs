@@ -178,6 +178,26 @@ pub struct Served {
     pub io_error: bool,
 }
 
+/// Settles a backend's write ring from any thread ([`Backend::settler`]); does nothing once
+/// the backend is gone.
+#[derive(Clone)]
+pub struct Settler {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Settler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Settler({} backend)", self.shared.device.name())
+    }
+}
+
+impl Settler {
+    /// As [`Backend::settle`].
+    pub fn settle(&self) -> bool {
+        self.shared.stop.load(Ordering::Relaxed) || self.shared.settle()
+    }
+}
+
 struct Shared {
     device: Device,
     conn: Mutex<Conn>,
@@ -185,6 +205,53 @@ struct Shared {
     status: Mutex<BackendStatus>,
     tx: Option<TxShared>,
     rx: Option<RxShared>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Conn> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Shows the backend every entry pushed so far (kicks it when it may be asleep).
+    fn publish(&self) {
+        if let Some(tx) = &self.tx {
+            let head = tx.head.lock().unwrap_or_else(|p| p.into_inner());
+            tx.publish(*head);
+        }
+    }
+
+    /// A heartbeat, answered once the backend drained the ring; a backend that fails it is
+    /// replaced.
+    fn drain(&self) {
+        let mut conn = self.lock();
+        conn.seq = conn.seq.wrapping_add(1);
+        let seq = conn.seq;
+        let start = Instant::now();
+        let timeout = Duration::from_millis(conn.program.timeout_ms);
+        match conn.round_trip(&Request::Ping { seq }.encode(), timeout) {
+            Ok(_) => {
+                conn.last_ok = Instant::now();
+                conn.missed = 0;
+            }
+            Err(f) => {
+                let old_pid = conn.pid();
+                let _ = restart(self, &mut conn, old_pid, &f, start.elapsed(), 0, 0);
+            }
+        }
+    }
+
+    /// Every published entry done (see [`Backend::settle`]).
+    fn settle(&self) -> bool {
+        let Some(tx) = &self.tx else { return true };
+        self.publish();
+        for _ in 0..=MAX_RESTARTS {
+            if tx.tail().is_ok_and(|t| t >= tx.published.load(Ordering::Acquire)) {
+                return true;
+            }
+            self.drain();
+        }
+        tx.tail().is_ok_and(|t| t >= tx.published.load(Ordering::Acquire))
+    }
 }
 
 /// The VMM's side of the receive ring: the backend produces, the VMM (the vCPU thread) is its
@@ -460,15 +527,7 @@ impl Backend {
     /// replacing the backend while it fails to (at most [`MAX_RESTARTS`] times); false if
     /// entries are left.
     pub fn settle(&self) -> bool {
-        let Some(tx) = &self.shared.tx else { return true };
-        self.publish();
-        for _ in 0..=MAX_RESTARTS {
-            if tx.tail().is_ok_and(|t| t >= tx.published.load(Ordering::Acquire)) {
-                return true;
-            }
-            self.drain();
-        }
-        tx.tail().is_ok_and(|t| t >= tx.published.load(Ordering::Acquire))
+        self.shared.settle()
     }
 
     /// One entry into the ring (`put` writes entry `index`), waiting for room as [`Backend::push`].
@@ -503,30 +562,19 @@ impl Backend {
 
     /// Shows the backend every frame pushed so far (kicks it when it may be asleep).
     pub fn publish(&self) {
-        if let Some(tx) = &self.shared.tx {
-            let head = tx.head.lock().unwrap_or_else(|p| p.into_inner());
-            tx.publish(*head);
-        }
+        self.shared.publish();
     }
 
     /// Waits until the backend drained the transmit ring (a heartbeat: it answers after
     /// draining), replacing it when it fails to answer.
     pub fn drain(&self) {
-        let mut conn = self.lock();
-        conn.seq = conn.seq.wrapping_add(1);
-        let seq = conn.seq;
-        let start = Instant::now();
-        let timeout = Duration::from_millis(conn.program.timeout_ms);
-        match conn.round_trip(&Request::Ping { seq }.encode(), timeout) {
-            Ok(_) => {
-                conn.last_ok = Instant::now();
-                conn.missed = 0;
-            }
-            Err(f) => {
-                let old_pid = conn.pid();
-                let _ = restart(&self.shared, &mut conn, old_pid, &f, start.elapsed(), 0, 0);
-            }
-        }
+        self.shared.drain();
+    }
+
+    /// A handle that settles this backend's write ring from another thread (the protection's
+    /// synchronisation reads the disk file while the VM runs).
+    pub fn settler(&self) -> Settler {
+        Settler { shared: self.shared.clone() }
     }
 
     /// Whether received frames come through the receive ring ([`Backend::rx_take`]) rather
@@ -641,7 +689,7 @@ impl Backend {
     }
 
     fn lock(&self) -> MutexGuard<'_, Conn> {
-        self.shared.conn.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared.lock()
     }
 
     /// One request, replayed across restarts of the backend: returns what was served.
@@ -769,9 +817,20 @@ fn restart(
             tx.ring.set_tail(good);
             good
         });
+        // The shared head is the VMM's: a dead backend that wrote one past what was published
+        // would have the next one write stale slots of an earlier lap. (Read before
+        // `published`, which the producer stores first: only a scribble puts it ahead, and it
+        // is replaced only if still the same, so a concurrent publish is never undone.)
+        let shown = tx.ring.head();
         let head = tx.published.load(Ordering::Acquire);
+        if shown > head {
+            eprintln!("vmm: {} backend: the ring's head reads {shown}, {head} published; reset", shared.device.name());
+            tx.ring.replace_head(shown, head);
+        }
         let mut tail = tail;
-        if head > tail {
+        // A disk's write is never dropped (the guest was told it is done): the ring waits,
+        // and the guest waits once it is full.
+        if head > tail && shared.device == Device::Net {
             conn.ring_stuck = if conn.ring_stuck.0 == tail { (tail, conn.ring_stuck.1 + 1) } else { (tail, 1) };
             if conn.ring_stuck.1 > MAX_RESTARTS {
                 eprintln!("vmm: {} backend: ring entry {tail} failed {MAX_RESTARTS} backends in a row; dropped", shared.device.name());
@@ -780,10 +839,6 @@ fn restart(
                 tx.good_tail.fetch_max(tail, Ordering::AcqRel);
                 conn.ring_stuck = (tail, 0);
                 ring_dropped = 1;
-                if shared.device == Device::Block {
-                    // A write not done: the guest's next flush hears of it.
-                    tx.ring.add_failed();
-                }
             }
         }
         ring = (head - tail) as u32;
@@ -1067,7 +1122,7 @@ impl Conn {
         let mut cmd = Command::new(&self.program.program);
         // Its stdout is unused (messages go to stderr, the VMM's log).
         cmd.args(&self.program.args).stdin(Stdio::null()).stdout(Stdio::null());
-        // SAFETY: between fork and exec the closure only calls dup2(2), close(2) and prctl(2), which are
+        // SAFETY: between fork and exec the closure only calls dup2(2), close(2), sigprocmask(2) and prctl(2), which are
         // async-signal-safe, and allocates nothing. The sources are all above 63, so no target
         // (3..=10) overwrites a source still to be duplicated; dup2 clears close-on-exec on the
         // targets. Without rings, 7 to 10 stay closed (the parent's are close-on-exec).
@@ -1083,7 +1138,14 @@ impl Conn {
                     }
                 }
                 // The backend dies with the VMM (with the thread that started it, which lives
-                // as long as the VM or restarts it).
+                // as long as the VM or restarts it). SIGTERM (a disk's backend) stays blocked
+                // across exec until the backend has its handler, which writes the ring first.
+                if death_signal == libc::SIGTERM {
+                    let mut set: libc::sigset_t = std::mem::zeroed();
+                    libc::sigemptyset(&mut set);
+                    libc::sigaddset(&mut set, libc::SIGTERM);
+                    libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                }
                 if libc::prctl(libc::PR_SET_PDEATHSIG, death_signal) == -1 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -1756,6 +1818,25 @@ mod write_ring_tests {
         assert!(disk.bytes() == expected, "the disk differs from the guest's writes");
         let st = b.status();
         assert_eq!(st.incidents[0].ring, 0, "{st:?}");
+    }
+
+    /// The protection's thread settles the ring while the vCPU's writes are queued but not
+    /// yet published: they are published and written before it returns.
+    #[test]
+    fn another_thread_settles_the_ring_with_what_was_queued() {
+        let disk = Disk::new("settler", 512);
+        let t = Tap::new();
+        let b = Backend::start(Device::Block, &program("real", 50, 5_000), t.mem.as_fd(), disk.file.as_fd()).expect("start");
+        let mut expected = vec![0u8; 512 * SECTOR_SIZE as usize];
+        for i in 0..50 {
+            write(&b, &mut expected, i);
+        }
+        let s = b.settler();
+        assert!(std::thread::spawn(move || s.settle()).join().expect("thread"));
+        assert!(disk.bytes() == expected, "the disk differs from the guest's writes");
+        let s = b.settler();
+        drop(b);
+        assert!(s.settle(), "a settler outliving its backend does nothing");
     }
 
     /// A write the backend cannot do (here: sectors past the end of the disk, as a host error

@@ -25,5 +25,5 @@ pub mod serve;
 pub mod shm;
 pub mod wire;
 
-pub use client::{Backend, BackendProgram, BackendStatus, Device, Incident};
+pub use client::{Backend, BackendProgram, BackendStatus, Device, Incident, Settler};
 pub use serve::serve;

@@ -375,7 +375,11 @@ static TERM_EVENT: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::
 extern "C" fn on_term(_: libc::c_int) {
     let fd = TERM_EVENT.load(std::sync::atomic::Ordering::Relaxed);
     if fd >= 0 {
+        // SAFETY: errno is this thread's; saved and restored around the write.
+        let errno = unsafe { *libc::__errno_location() };
         super::shm::kick(fd);
+        // SAFETY: as above.
+        unsafe { *libc::__errno_location() = errno };
     }
 }
 
@@ -395,6 +399,15 @@ fn term_event() -> Result<RawFd, String> {
     };
     if !ok {
         return Err(format!("sigaction(SIGTERM): {}", std::io::Error::last_os_error()));
+    }
+    // The VMM starts a disk's backend with SIGTERM blocked (a death signal before the handler
+    // was in place would have ended it without writing the ring): taken from here on.
+    // SAFETY: plain signal-set manipulation on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
     }
     Ok(fd)
 }
@@ -441,6 +454,19 @@ pub fn serve() -> Result<(), String> {
     if std::env::var_os("VIGIL_BACKEND_SECCOMP").is_none_or(|v| v != "0") {
         super::confine::confine()?;
     }
+    let r = serve_loop(&mut h, ring_passed, term);
+    // However the loop ended (the VMM gone, told to end, a reply that could not be sent, a
+    // lie in the ring), a disk's writes the guest was told are done are written first.
+    if h.disk_ring {
+        if let Err(e) = h.drain_ring() {
+            eprintln!("vigil backend: the write ring at exit: {e}");
+        }
+    }
+    r
+}
+
+/// The main loop of [`serve`], until the VMM goes or the process is told to end.
+fn serve_loop(h: &mut Handler, ring_passed: bool, term: Option<RawFd>) -> Result<(), String> {
     let mut buf = vec![0u8; MAX_MSG + 1];
     loop {
         // Everything the VMM published goes out first: before any request is answered (so a

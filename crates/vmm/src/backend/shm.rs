@@ -299,6 +299,11 @@ impl FrameRing {
         self.map.atomic_u64(HEAD).store(head, Ordering::SeqCst);
     }
 
+    /// Sets the head to `head` if it still reads `was`.
+    pub fn replace_head(&self, was: u64, head: u64) {
+        let _ = self.map.atomic_u64(HEAD).compare_exchange(was, head, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
     /// Copies `frame` (at most `RING_SLOT - 8` bytes; the caller checks) into the slot of
     /// entry `index`, which the consumer must have finished.
     pub fn put(&self, index: u64, frame: &[u8]) -> Result<(), String> {

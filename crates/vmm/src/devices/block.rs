@@ -174,7 +174,15 @@ impl Block {
     /// backend may still hold some in its write ring): before anything reads the file from
     /// outside, e.g. a snapshot that carries the disk. False when some could not be written.
     pub fn settle(&self) -> bool {
-        self.backend.as_ref().is_none_or(|b| b.settle())
+        // (A write that failed and that the guest has not heard of yet fails the settling:
+        // whatever reads the file now would miss it, and the guest would never hear of it.)
+        self.backend.as_ref().is_none_or(|b| b.settle() && b.write_failures() <= self.failed_seen)
+    }
+
+    /// What settles the write ring from another thread (see [`Block::settle`]), when a
+    /// backend process keeps one.
+    pub fn settler(&self) -> Option<crate::backend::Settler> {
+        self.backend.as_ref().filter(|b| b.has_ring()).map(|b| b.settler())
     }
 
     /// Mirrors every guest write from now on to `tx`, tagged with `epoch` (until
