@@ -102,8 +102,13 @@ fn make_durable(shared: &Shared, seq: u64) {
     };
     match file {
         Ok(Some(f)) => {
+            let t = std::time::Instant::now();
             if let Err(e) = f.sync_data() {
                 fatal(&Error::io("syncing the store log", "log", e));
+            }
+            // A slow disk stalls every writer (the agents' lease renewals too): said.
+            if t.elapsed() >= std::time::Duration::from_millis(100) {
+                tracing::warn!("store: fdatasync of the log took {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
             }
         }
         Ok(None) => {}

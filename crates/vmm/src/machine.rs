@@ -954,6 +954,10 @@ impl Vm {
     /// the guest's next upcall is due).
     fn idle(&mut self, deadline: u64, inbox: Option<&Inbox>) -> u64 {
         let deadline = deadline.min(self.upcall_deadline());
+        // The disk's backend writes what the guest wrote while the guest idles.
+        if let Some(b) = &self.block {
+            b.kick_owed();
+        }
         let mut fds = Vec::with_capacity(2);
         if let Some(t) = &self.tap {
             fds.push(libc::pollfd { fd: t.wait_fd(), events: libc::POLLIN, revents: 0 });

@@ -314,6 +314,8 @@ struct TxShared {
     /// When entries were last published into an empty ring (ns since `base`): a stall of the
     /// backend is timed from there.
     waiting_since: AtomicU64,
+    /// Entries were published while the backend slept, without a kick ([`Backend::publish_lazy`]).
+    owed: AtomicBool,
     base: Instant,
 }
 
@@ -326,11 +328,31 @@ impl TxShared {
 
     /// Shows the backend every entry before `head`, kicking it when it may sleep.
     fn publish(&self, head: u64) {
+        self.publish_maybe_kick(head, true);
+    }
+
+    /// As [`TxShared::publish`]; without `kick`, a backend asleep is left so (the kick owed,
+    /// see [`Backend::publish_lazy`]) unless a quarter of the ring is waiting.
+    fn publish_maybe_kick(&self, head: u64, kick: bool) {
         if self.ring.tail() >= self.published.load(Ordering::Acquire) {
             self.waiting_since.store(self.base.elapsed().as_nanos() as u64, Ordering::Release);
         }
         self.published.store(head, Ordering::Release);
         if self.ring.publish(head) {
+            if kick || head.saturating_sub(self.good_tail.load(Ordering::Acquire)) >= RING_SLOTS / 4 {
+                self.owed.store(false, Ordering::Release);
+                shm::kick(self.kick.as_raw_fd());
+            } else {
+                self.owed.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Kicks the backend if a kick is owed; a stall of the backend is timed from this kick
+    /// (the entries waited for it, not for the backend).
+    fn kick_owed(&self) {
+        if self.owed.swap(false, Ordering::AcqRel) {
+            self.waiting_since.store(self.base.elapsed().as_nanos() as u64, Ordering::Release);
             shm::kick(self.kick.as_raw_fd());
         }
     }
@@ -431,6 +453,7 @@ impl Backend {
                 published: AtomicU64::new(0),
                 good_tail: AtomicU64::new(0),
                 waiting_since: AtomicU64::new(0),
+                owed: AtomicBool::new(false),
                 base: Instant::now(),
             });
         }
@@ -569,6 +592,25 @@ impl Backend {
     /// draining), replacing it when it fails to answer.
     pub fn drain(&self) {
         self.shared.drain();
+    }
+
+    /// As [`Backend::publish`], but a backend asleep is not woken for it (unless a quarter of
+    /// the ring waits): a disk's writes, which the guest was told are done, can wait for the
+    /// guest's idle call ([`Backend::kick_owed`]), for the next round trip (the backend
+    /// writes the ring before any reply) or for the monitor (within 10 ms), so that a burst of
+    /// writes costs the backend one wakeup.
+    pub fn publish_lazy(&self) {
+        if let Some(tx) = &self.shared.tx {
+            let head = tx.head.lock().unwrap_or_else(|p| p.into_inner());
+            tx.publish_maybe_kick(*head, false);
+        }
+    }
+
+    /// Wakes the backend if entries wait for it unkicked ([`Backend::publish_lazy`]).
+    pub fn kick_owed(&self) {
+        if let Some(tx) = &self.shared.tx {
+            tx.kick_owed();
+        }
     }
 
     /// A handle that settles this backend's write ring from another thread (the protection's
@@ -912,6 +954,10 @@ fn monitor(shared: &Arc<Shared>) {
         // With ring entries or frames at the tap waiting, look again soon: a stall is then
         // timed closely, not from up to a period later.
         let pending = shared.tx.as_ref().is_some_and(|tx| tx.ring.tail() < tx.published.load(Ordering::Acquire)) || rx_backlog();
+        // Entries published without a kick wait at most until this look.
+        if let Some(tx) = &shared.tx {
+            tx.kick_owed();
+        }
         let wait = if pending { period.min(Duration::from_millis(10)) } else { period };
         let exited = match &pidfd {
             Some(fd) => poll_in(&[fd.as_raw_fd()], wait).first().copied().unwrap_or(false),
@@ -934,6 +980,8 @@ fn monitor(shared: &Arc<Shared>) {
             continue;
         }
         if let Some(tx) = &shared.tx {
+            // (A kick owed since this thread's last look is given before the stall is judged.)
+            tx.kick_owed();
             let fault = match tx.tail() {
                 Err(e) => Some(Fault::Misbehaved(e)),
                 Ok(t) => {
@@ -1837,6 +1885,36 @@ mod write_ring_tests {
         let s = b.settler();
         drop(b);
         assert!(s.settle(), "a settler outliving its backend does nothing");
+    }
+
+    /// Writes published without a kick (`publish_lazy`) reach the disk anyway: at the guest's
+    /// idle call (`kick_owed`), or by the monitor's next look when the guest never idles.
+    #[test]
+    fn writes_published_without_a_kick_reach_the_disk() {
+        let disk = Disk::new("lazy", 512);
+        let t = Tap::new();
+        let b = Backend::start(Device::Block, &program("real", 50, 5_000), t.mem.as_fd(), disk.file.as_fd()).expect("start");
+        let mut expected = vec![0u8; 512 * SECTOR_SIZE as usize];
+        let written = |expected: &[u8]| {
+            let t = Instant::now();
+            while disk.bytes() != expected {
+                assert!(t.elapsed() < Duration::from_secs(2), "not written");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            t.elapsed()
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        write(&b, &mut expected, 1);
+        b.publish_lazy();
+        b.kick_owed();
+        written(&expected);
+        // No idle call: the monitor kicks it (its period is 50 ms here).
+        std::thread::sleep(Duration::from_millis(20));
+        write(&b, &mut expected, 2);
+        b.publish_lazy();
+        let took = written(&expected);
+        assert!(took < Duration::from_millis(500), "{took:?}");
+        assert_eq!(b.status().restarts, 0, "no false hang");
     }
 
     /// A write the backend cannot do (here: sectors past the end of the disk, as a host error

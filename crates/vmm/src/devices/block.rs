@@ -28,6 +28,8 @@ pub struct Block {
     backend: Option<crate::backend::Backend>,
     /// Writes of the backend's write ring that failed, as already reported to the guest.
     failed_seen: u64,
+    /// Wake the backend for each write (`VIGIL_BLK_KICK=each`), not when the guest idles.
+    kick_each_write: bool,
 }
 
 /// Where guest writes are mirrored while the VM is protected.
@@ -67,7 +69,7 @@ impl Block {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let len = file.metadata().map_err(io("cannot stat disk", path))?.len();
-        Ok(Block { file, path: path.to_owned(), sectors: len / SECTOR_SIZE, mirror: None, backend: None, failed_seen: 0 })
+        Ok(Block { file, path: path.to_owned(), sectors: len / SECTOR_SIZE, mirror: None, backend: None, failed_seen: 0, kick_each_write: false })
     }
 
     /// Hands the disk I/O to a backend process started from `program`, on guest memory `mem`
@@ -79,6 +81,7 @@ impl Block {
         if std::env::var_os("VIGIL_BLK_WRITE_RING").is_some_and(|v| v == "0") {
             program.sync_tx = true;
         }
+        self.kick_each_write = std::env::var_os("VIGIL_BLK_KICK").is_some_and(|v| v == "each");
         let backend = crate::backend::Backend::start(crate::backend::Device::Block, &program, memfd, std::os::fd::AsFd::as_fd(&self.file))
             .map_err(|e| err(format!("block backend: {e}")))?;
         self.backend = Some(backend);
@@ -137,7 +140,11 @@ impl Block {
                     }
                 }
             }
-            backend.publish();
+            if self.kick_each_write {
+                backend.publish();
+            } else {
+                backend.publish_lazy();
+            }
             return mem.write_obj(addr, &BlockRequest { status, ..req });
         }
         let result = backend.block(&descs);
@@ -177,6 +184,13 @@ impl Block {
         // (A write that failed and that the guest has not heard of yet fails the settling:
         // whatever reads the file now would miss it, and the guest would never hear of it.)
         self.backend.as_ref().is_none_or(|b| b.settle() && b.write_failures() <= self.failed_seen)
+    }
+
+    /// Wakes the backend for writes it was not woken for yet (the guest is about to idle).
+    pub fn kick_owed(&self) {
+        if let Some(b) = &self.backend {
+            b.kick_owed();
+        }
     }
 
     /// What settles the write ring from another thread (see [`Block::settle`]), when a
