@@ -308,8 +308,13 @@ fn commit(g: &mut Inner, mut f: impl FnMut(&mut Store, bool) -> (Option<Checkpoi
         }
         if g.backend.wants_compaction() {
             let Inner { store, backend, .. } = &mut *g;
+            let t = std::time::Instant::now();
             if let Err(e) = backend.compact_from(&mut store.snapshot_iter()) {
                 fatal(&e);
+            }
+            // Every request waits for it (it holds the store): a long one is said.
+            if t.elapsed() >= std::time::Duration::from_millis(100) {
+                tracing::warn!("store: compacting the log took {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
             }
         }
         return out;
