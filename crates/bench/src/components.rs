@@ -316,8 +316,11 @@ fn start(ns: &TapNs, exe: &std::path::Path, kv: &std::path::Path, mode: &str, di
             }
             // Read by the VMM when it starts its backend; this thread is the only one
             // running while VMs start.
-            let vars: &[&str] =
-                if mode == "process-sync" { &["VIGIL_NET_TX_RING", "VIGIL_NET_RX_RING", "VIGIL_BLK_WRITE_RING"] } else { &["VIGIL_NET_RX_RING"] };
+            let vars: &[&str] = if mode == "process-sync" {
+                &["VIGIL_NET_TX_RING", "VIGIL_NET_RX_RING", "VIGIL_BLK_WRITE_RING"]
+            } else {
+                &["VIGIL_NET_RX_RING"]
+            };
             for v in vars {
                 std::env::set_var(v, "0");
             }

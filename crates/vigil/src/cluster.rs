@@ -405,8 +405,7 @@ fn fail_instance(dir: &std::path::Path, which: &str, hang: bool, wrong: Option<u
     if let Some(n) = wrong {
         use std::io::{BufRead, Write};
         let control = std::fs::canonicalize(&control).unwrap_or(control);
-        let mut s =
-            unixsock::connect(&control).with_context(|| format!("the voter of {vm} ({})", control.display()))?;
+        let mut s = unixsock::connect(&control).with_context(|| format!("the voter of {vm} ({})", control.display()))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         writeln!(s, "inject {} DEBUG WRONG-ANSWERS {n}", k - 1)?;
         let mut answer = String::new();

@@ -683,7 +683,10 @@ fn vigil_up_runs_an_n_version_instance_from_the_model_and_its_wrong_replies_are_
         assert!(t.elapsed() < Duration::from_secs(30), "the wrong version was not outvoted and repaired: {}", status_text(&d));
         match c.try_call("INCR versions", Duration::from_secs(2)).and_then(|a| a.trim().parse::<u64>().ok()) {
             Some(got) => {
-                assert!((next..=next + unsure).contains(&got), "a wrong reply reached the client: {got}, {next} expected ({unsure} unanswered)");
+                assert!(
+                    (next..=next + unsure).contains(&got),
+                    "a wrong reply reached the client: {got}, {next} expected ({unsure} unanswered)"
+                );
                 (next, unsure) = (got + 1, 0);
             }
             None => {

@@ -6,7 +6,9 @@
 //! reconnected, and the request in flight replayed from where the progress page says the dead
 //! one stopped, and the ring from its tail.
 
-use super::shm::{self, memfd, FrameRing, Mapping, Progress, PROGRESS_BYTES, RING_BYTES, RING_SLOT, RING_SLOTS, WRITE_RING_BYTES, WRITE_SECTORS};
+use super::shm::{
+    self, memfd, FrameRing, Mapping, Progress, PROGRESS_BYTES, RING_BYTES, RING_SLOT, RING_SLOTS, WRITE_RING_BYTES, WRITE_SECTORS,
+};
 use super::wire::{self, Reply, Request, MAX_MSG, STATUS_OK};
 use serde::{Deserialize, Serialize};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -1798,6 +1800,15 @@ mod write_ring_tests {
         }
     }
 
+    /// The real backend on a new disk of `sectors` sectors (dropped in this order: the
+    /// backend settles its ring before the disk file goes).
+    fn started(name: &str, sectors: u64) -> (Backend, Tap, Disk) {
+        let disk = Disk::new(name, sectors);
+        let t = Tap::new();
+        let b = Backend::start(Device::Block, &program("real", 50, 5_000), t.mem.as_fd(), disk.file.as_fd()).expect("start");
+        (b, t, disk)
+    }
+
     /// Write `i`: 1 to 20 sectors (up to three ring entries) at a sector of its own, each byte
     /// `i`; the expected disk updated.
     fn write(b: &Backend, expected: &mut [u8], i: u32) {
@@ -1814,9 +1825,7 @@ mod write_ring_tests {
     /// sectors), and the disk holds exactly what the guest wrote.
     #[test]
     fn writes_queued_in_the_ring_survive_a_sigkill_of_the_backend() {
-        let disk = Disk::new("kill", 512);
-        let t = Tap::new();
-        let b = Backend::start(Device::Block, &program("real", 50, 5_000), t.mem.as_fd(), disk.file.as_fd()).expect("start");
+        let (b, _t, disk) = started("kill", 512);
         assert!(b.has_ring());
         let mut expected = vec![0u8; 512 * SECTOR_SIZE as usize];
         for i in 0..40 {
@@ -1848,9 +1857,7 @@ mod write_ring_tests {
     /// the ring first.
     #[test]
     fn a_backend_told_to_end_writes_the_ring_first() {
-        let disk = Disk::new("term", 512);
-        let t = Tap::new();
-        let b = Backend::start(Device::Block, &program("real", 50, 5_000), t.mem.as_fd(), disk.file.as_fd()).expect("start");
+        let (b, _t, disk) = started("term", 512);
         let mut expected = vec![0u8; 512 * SECTOR_SIZE as usize];
         let pid = b.status().pid;
         signal(pid, libc::SIGSTOP);
@@ -1872,9 +1879,7 @@ mod write_ring_tests {
     /// yet published: they are published and written before it returns.
     #[test]
     fn another_thread_settles_the_ring_with_what_was_queued() {
-        let disk = Disk::new("settler", 512);
-        let t = Tap::new();
-        let b = Backend::start(Device::Block, &program("real", 50, 5_000), t.mem.as_fd(), disk.file.as_fd()).expect("start");
+        let (b, _t, disk) = started("settler", 512);
         let mut expected = vec![0u8; 512 * SECTOR_SIZE as usize];
         for i in 0..50 {
             write(&b, &mut expected, i);
@@ -1891,9 +1896,7 @@ mod write_ring_tests {
     /// idle call (`kick_owed`), or by the monitor's next look when the guest never idles.
     #[test]
     fn writes_published_without_a_kick_reach_the_disk() {
-        let disk = Disk::new("lazy", 512);
-        let t = Tap::new();
-        let b = Backend::start(Device::Block, &program("real", 50, 5_000), t.mem.as_fd(), disk.file.as_fd()).expect("start");
+        let (b, _t, disk) = started("lazy", 512);
         let mut expected = vec![0u8; 512 * SECTOR_SIZE as usize];
         let written = |expected: &[u8]| {
             let t = Instant::now();
@@ -1921,9 +1924,7 @@ mod write_ring_tests {
     /// would) is counted, never retried forever, and the ring goes on.
     #[test]
     fn a_write_the_host_refuses_is_counted_and_the_ring_goes_on() {
-        let disk = Disk::new("fail", 64);
-        let t = Tap::new();
-        let b = Backend::start(Device::Block, &program("real", 50, 5_000), t.mem.as_fd(), disk.file.as_fd()).expect("start");
+        let (b, _t, disk) = started("fail", 64);
         assert!(b.queue_write(60, &vec![1u8; 8 * SECTOR_SIZE as usize]));
         assert!(b.queue_write(0, &vec![2u8; SECTOR_SIZE as usize]));
         assert!(b.settle());

@@ -121,14 +121,7 @@ impl Handler {
         let Some(ring) = &self.ring else { return Ok(0) };
         let mut buf = [0u8; RING_SLOT];
         let (mut sent, mut dropped) = (0, 0);
-        loop {
-            let (head, mut tail) = (ring.head(), ring.tail());
-            if head == tail {
-                break;
-            }
-            if head < tail || head - tail > RING_SLOTS {
-                return Err(format!("transmit ring with head {head} and tail {tail} ({RING_SLOTS} slots)"));
-            }
+        while let Some((head, mut tail)) = ring.waiting("transmit ring")? {
             while tail < head {
                 match ring.get(tail, &mut buf) {
                     // SAFETY: writes `f.len()` initialised bytes from a live buffer to the tap.
@@ -157,43 +150,14 @@ impl Handler {
         let mut buf = vec![0u8; super::shm::WRITE_SLOT];
         let mut written = 0;
         let mut disk_bytes = None;
-        loop {
-            let (head, mut tail) = (ring.head(), ring.tail());
-            if head == tail {
-                break;
-            }
-            if head < tail || head - tail > RING_SLOTS {
-                return Err(format!("write ring with head {head} and tail {tail} ({RING_SLOTS} slots)"));
-            }
-            let size = match disk_bytes {
-                Some(n) => n,
-                None => {
-                    // SAFETY: fstat fills a plain struct for our own descriptor.
-                    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-                    // SAFETY: `st` is a live, writable stat struct.
-                    let n = if unsafe { libc::fstat(self.tap, &mut st) } == 0 { st.st_size as u64 } else { 0 };
-                    *disk_bytes.insert(n)
-                }
-            };
+        while let Some((head, mut tail)) = ring.waiting("write ring")? {
+            let size = *disk_bytes.get_or_insert_with(|| stat(self.tap).map_or(0, |st| st.st_size as u64));
             while tail < head {
                 let ok = match ring.get_write(tail, &mut buf) {
-                    Ok((sector, data)) => {
-                        let off = sector.checked_mul(vmm_abi::SECTOR_SIZE).filter(|o| o.checked_add(data.len() as u64).is_some_and(|e| e <= size));
-                        off.is_some_and(|off| {
-                            let mut at = 0usize;
-                            while at < data.len() {
-                                // SAFETY: writes initialised bytes of our own buffer to the disk.
-                                let n = unsafe {
-                                    libc::pwrite(self.tap, data[at..].as_ptr().cast(), data.len() - at, (off + at as u64) as libc::off_t)
-                                };
-                                if n <= 0 {
-                                    break;
-                                }
-                                at += n as usize;
-                            }
-                            at == data.len()
-                        })
-                    }
+                    Ok((sector, data)) => sector
+                        .checked_mul(vmm_abi::SECTOR_SIZE)
+                        .filter(|o| o.checked_add(data.len() as u64).is_some_and(|e| e <= size))
+                        .is_some_and(|off| self.pwrite_all(data, off)),
                     Err(e) => {
                         eprintln!("vigil backend: {e}; skipped");
                         false
@@ -209,6 +173,20 @@ impl Handler {
             }
         }
         Ok(written)
+    }
+
+    /// Writes all of `data` at byte `off` of the disk; false when the host refuses.
+    fn pwrite_all(&self, data: &[u8], off: u64) -> bool {
+        let mut at = 0usize;
+        while at < data.len() {
+            // SAFETY: writes initialised bytes of a live buffer to the disk.
+            let n = unsafe { libc::pwrite(self.tap, data[at..].as_ptr().cast(), data.len() - at, (off + at as u64) as libc::off_t) };
+            if n <= 0 {
+                return false;
+            }
+            at += n as usize;
+        }
+        true
     }
 
     /// Serves one message and returns the reply's bytes; a malformed message (or one naming
@@ -237,12 +215,7 @@ impl Handler {
     /// `(i, STATUS_IO_ERROR)` when descriptor `i`'s host I/O failed.
     fn block(&mut self, seq: u32, descs: &[wire::BlockEntry]) -> Result<(u32, u32), String> {
         use vmm_abi::{BLOCK_FLUSH, BLOCK_READ, SECTOR_SIZE};
-        // SAFETY: fstat fills a plain struct for our own descriptor.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: `st` is a live, writable stat struct.
-        if unsafe { libc::fstat(self.tap, &mut st) } != 0 {
-            return Err(format!("fstat of the disk: {}", std::io::Error::last_os_error()));
-        }
+        let st = stat(self.tap).map_err(|e| format!("fstat of the disk: {e}"))?;
         let disk_sectors = st.st_size as u64 / SECTOR_SIZE;
         let mut ranges = Vec::with_capacity(descs.len());
         for (i, d) in descs.iter().enumerate() {
@@ -362,11 +335,18 @@ impl Handler {
 
 /// Whether `fd` is a disk (a regular file or a block device) rather than a tap or a socket.
 fn is_disk(fd: RawFd) -> bool {
+    stat(fd).is_ok_and(|st| matches!(st.st_mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFBLK))
+}
+
+/// `fstat` of descriptor `fd`.
+fn stat(fd: RawFd) -> std::io::Result<libc::stat> {
     // SAFETY: fstat fills a plain struct for a descriptor we were given.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: `st` is a live, writable stat struct.
-    let ok = unsafe { libc::fstat(fd, &mut st) } == 0;
-    ok && matches!(st.st_mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFBLK)
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st)
 }
 
 /// The eventfd SIGTERM's handler kicks (see [`term_event`]).

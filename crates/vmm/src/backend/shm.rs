@@ -336,6 +336,19 @@ impl FrameRing {
         Ok(f)
     }
 
+    /// The consumer's view: `(head, tail)` while entries wait, `None` when none does, an
+    /// error (naming the ring `what`) when the counters cannot be.
+    pub fn waiting(&self, what: &str) -> Result<Option<(u64, u64)>, String> {
+        let (head, tail) = (self.head(), self.tail());
+        if head == tail {
+            return Ok(None);
+        }
+        if head < tail || head - tail > RING_SLOTS {
+            return Err(format!("{what} with head {head} and tail {tail} ({RING_SLOTS} slots)"));
+        }
+        Ok(Some((head, tail)))
+    }
+
     /// The backend is about to sleep: true when it may (nothing published past `tail`);
     /// otherwise it must go on (and the flag is cleared again).
     pub fn may_sleep(&self, tail: u64) -> bool {

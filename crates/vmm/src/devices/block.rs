@@ -69,7 +69,15 @@ impl Block {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let len = file.metadata().map_err(io("cannot stat disk", path))?.len();
-        Ok(Block { file, path: path.to_owned(), sectors: len / SECTOR_SIZE, mirror: None, backend: None, failed_seen: 0, kick_each_write: false })
+        Ok(Block {
+            file,
+            path: path.to_owned(),
+            sectors: len / SECTOR_SIZE,
+            mirror: None,
+            backend: None,
+            failed_seen: 0,
+            kick_each_write: false,
+        })
     }
 
     /// Hands the disk I/O to a backend process started from `program`, on guest memory `mem`
@@ -135,7 +143,9 @@ impl Block {
                     break;
                 }
                 if let Some(m) = self.mirror.as_mut().filter(|m| m.lost.is_none()) {
-                    if let Err(e) = m.tx.send(DiskWrite { epoch: m.epoch, offset: d.sector * SECTOR_SIZE, data: data.clone() }, MIRROR_STALL) {
+                    if let Err(e) =
+                        m.tx.send(DiskWrite { epoch: m.epoch, offset: d.sector * SECTOR_SIZE, data: data.clone() }, MIRROR_STALL)
+                    {
                         m.lost = Some(format!("epoch {}: {e}", m.epoch));
                     }
                 }
