@@ -68,6 +68,11 @@ pub struct Measured {
     pub at_ms: u64,
 }
 
+/// The store's volatile nodes ([`store::server::Volatile`]): the hosts' heartbeats, so that a
+/// slow disk under the store delays neither an agent's lease renewal nor the manager's reading
+/// of it (the agent would otherwise fence itself, and the manager restart every lease).
+pub const VOLATILE_HEARTBEATS: &str = "/vigil/hosts/*/heartbeat";
+
 pub fn heartbeat_path(host: &str) -> String {
     format!("{HOSTS}/{host}/heartbeat")
 }

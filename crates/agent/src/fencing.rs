@@ -257,6 +257,7 @@ pub(crate) mod tests {
             quota: Default::default(),
             etcd: None,
             etcd_lease_ttl: 0,
+            volatile: Vec::new(),
         };
         let server = store::server::Server::bind(&cfg).expect("store");
         std::thread::spawn(move || server.run());

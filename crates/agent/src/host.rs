@@ -92,6 +92,10 @@ pub fn run(cfg: &Config) -> Result<()> {
     let beat = cluster::read_counter(&mut store, &cluster::heartbeat_path(&cfg.host))?.unwrap_or(0) + 1;
     store.write(&cluster::heartbeat_path(&cfg.host), beat.to_string().as_bytes())?;
     watchdog.renewed(renewal_ns);
+    // From here on a thread of its own renews the lease, on a connection of its own: a slow
+    // store call of this loop (a reply waiting for the store's disk) never delays a renewal.
+    let beat = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(beat));
+    let _renewer = Renewer::start(cfg, std::sync::Arc::clone(&beat), watchdog.clone())?;
     let incarnation = crate::protection::random_id();
     cluster::write(&mut store, &cluster::agent_path(&cfg.host), &AgentRecord { pid: std::process::id(), incarnation })?;
     // A fence left from before the host started (in this boot) belongs to an earlier failure
@@ -102,8 +106,7 @@ pub fn run(cfg: &Config) -> Result<()> {
     let mut agent = Agent {
         cfg: cfg.clone(),
         copies: BTreeMap::new(),
-        beat: 0,
-        last_renewal: Instant::now(),
+        beat,
         watchdog: watchdog.clone(),
         fenced_before,
         waiting: BTreeMap::new(),
@@ -113,15 +116,14 @@ pub fn run(cfg: &Config) -> Result<()> {
         protection_asked: BTreeMap::new(),
         self_fenced: BTreeMap::new(),
     };
-    agent.beat = beat;
     agent.adopt(&mut store)?;
     let _ = cluster::log_event(&mut store, &Event::now(&cfg.host, format!("agent started (pid {})", std::process::id())));
     tracing::info!("agent {}: holding the host; {} VMM(s) adopted", cfg.host, agent.copies.len());
-    let alive = alive_path(&cfg.state_dir);
     loop {
         let t0 = Instant::now();
-        // The respawner's heartbeat: a hung agent (this loop stopped) is killed and replaced.
-        let _ = std::fs::write(&alive, agent.beat.to_le_bytes());
+        // The respawner's heartbeat (sent by the renewer): a hung agent — this loop stuck, or
+        // the whole process stopped — is killed and replaced.
+        watchdog.looped();
         if watchdog.take_fired() {
             // The watchdog stopped the host's VMs while this loop could not renew: account
             // for them as self-fenced.
@@ -142,7 +144,7 @@ pub fn run(cfg: &Config) -> Result<()> {
                 // The lease could not be renewed: once half of it has gone by since the last
                 // renewal, the manager may soon declare the host failed and start its VMs
                 // elsewhere; stop them first.
-                if agent.last_renewal.elapsed() > cfg.lease / 2 && !agent.copies.is_empty() {
+                if agent.watchdog.since_renewal() > cfg.lease / 2 && !agent.copies.is_empty() {
                     agent.self_fence("cannot renew the host's lease: self-fencing");
                 }
             }
@@ -248,11 +250,6 @@ fn voted_backup(spec: &[u8]) -> bool {
     serde_json::from_slice::<crate::vm::BackupSpec>(spec).ok().is_some_and(|s| s.local.is_some())
 }
 
-/// The file the agent rewrites every period (its heartbeat for `vigil agent --respawn`).
-pub fn alive_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("agent.alive")
-}
-
 enum Step {
     Go,
     Fenced(u64),
@@ -261,8 +258,8 @@ enum Step {
 struct Agent {
     cfg: Config,
     copies: BTreeMap<String, Copy>,
-    beat: u64,
-    last_renewal: Instant,
+    /// The heartbeat counter last written (by the [`Renewer`] or by [`Agent::fresh`]).
+    beat: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Stops the host's VMs on its own when renewals stop ([`Watchdog`]).
     watchdog: Watchdog,
     fenced_before: Option<u64>,
@@ -300,39 +297,17 @@ fn handover_delay() -> Duration {
 }
 
 impl Agent {
-    /// Rewrites the heartbeat (renews the host's lease).
-    fn renew(&mut self, store: &mut store::Client) -> Result<()> {
-        let started = Instant::now();
-        let started_ns = monotonic_ns();
-        self.beat += 1;
-        let since = self.last_renewal.elapsed();
-        store.write(&cluster::heartbeat_path(&self.cfg.host), self.beat.to_string().as_bytes())?;
-        // A renewal late or slow is what a false self-fencing grows from: said, with which.
-        let took = started.elapsed();
-        if since + took > self.cfg.lease / 4 {
-            tracing::warn!(
-                "agent {}: lease renewed {:.0} ms after the last one (the store took {:.1} ms)",
-                self.cfg.host,
-                (since + took).as_secs_f64() * 1e3,
-                took.as_secs_f64() * 1e3
-            );
-        }
-        self.last_renewal = started;
-        self.watchdog.renewed(started_ns);
-        Ok(())
-    }
-
     /// Before acting: the agent may act only within half a lease of its last renewal (so the
-    /// manager cannot have declared the host failed); renew first if that has run out.
+    /// manager cannot have declared the host failed); renew here first if a quarter has run
+    /// out (the [`Renewer`] is late).
     fn fresh(&mut self, store: &mut store::Client) -> Result<()> {
-        if self.last_renewal.elapsed() >= self.cfg.lease / 4 {
-            self.renew(store)?;
+        if self.watchdog.since_renewal() >= self.cfg.lease / 4 {
+            renew(&self.cfg, store, &self.beat, &self.watchdog)?;
         }
         Ok(())
     }
 
     fn step(&mut self, store: &mut store::Client) -> Result<Step> {
-        self.renew(store)?;
         if let Some(f) = cluster::read::<Fence>(store, &cluster::fence_path(&self.cfg.host))? {
             if Some(f.generation) != self.fenced_before {
                 return Ok(Step::Fenced(f.generation));
@@ -1188,10 +1163,10 @@ impl Agent {
     }
 }
 
-/// Self-fencing that does not depend on the agent's loop. The loop renews the host's lease
-/// through the store; a partition or a stalled store can block it in a store call for longer
-/// than half the lease — and a respawner may replace an agent blocked that long, by one that
-/// cannot reach the store to learn its VMs. The watchdog, a thread of its own, SIGKILLs every
+/// Self-fencing that does not depend on the agent's loop. The [`Renewer`] renews the host's
+/// lease through the store; a partition or a stalled store can block it for longer than half
+/// the lease — and a respawner may replace an agent by one that cannot reach the store to
+/// learn its VMs. The watchdog, a thread of its own, SIGKILLs every
 /// process running one of the host's spec files (VMMs, backups, voters: the same test
 /// [`Agent::kill_orphans`] uses) once nine tenths of a lease have passed since the start of
 /// the last renewal, so the host's VMs stop before the manager can declare the host failed
@@ -1199,14 +1174,117 @@ impl Agent {
 ///
 /// The last renewal's time is also kept in a file (`agent.renewed`, the host's monotonic
 /// clock), so that an agent started after another (its respawner replaced it) counts from
-/// the previous agent's last renewal, not from its own start.
+/// the previous agent's last renewal, not from its own start. A thread of its own writes the
+/// file, and logs what the renewals report ([`Watchdog::say`]): neither a renewal nor the
+/// watchdog ever waits for the disk (a `write(2)` blocks while the file system commits its
+/// journal, hundreds of milliseconds when another process writes much to the same disk). A file
+/// written late holds an older time: a successor fences sooner, never later.
+///
+/// The watchdog's thread, which never waits for anything but its tick, also sends the
+/// respawner's heartbeat ([`ALIVE_FD`]) while the agent's loop has begun a round within
+/// [`LOOP_STUCK`]: an agent stopped whole (SIGSTOP) is replaced within the respawner's short
+/// limit, one whose loop is stuck within that longer one, and one merely waiting for a slow
+/// store never.
 #[derive(Clone)]
 struct Watchdog {
     /// Start of the last successful renewal (ns of the host's monotonic clock).
     renewed_ns: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// It stopped the host's VMs since the loop last asked.
     fired: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    file: PathBuf,
+    /// Lines for the log, written by the reporting thread.
+    notes: std::sync::mpsc::SyncSender<String>,
+    /// When the agent's loop last began a round (ns of the host's monotonic clock).
+    loop_ns: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Rewrites the host's heartbeat with the next beat (renews the host's lease), from `store`.
+/// The heartbeat is a volatile node ([`cluster::VOLATILE_HEARTBEATS`]): the store answers
+/// without waiting for its disk.
+fn renew(cfg: &Config, store: &mut store::Client, beat: &std::sync::atomic::AtomicU64, watchdog: &Watchdog) -> Result<()> {
+    let started = Instant::now();
+    let started_ns = monotonic_ns();
+    let since = watchdog.since_renewal();
+    let next = beat.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+    store.write(&cluster::heartbeat_path(&cfg.host), next.to_string().as_bytes())?;
+    // A renewal late or slow is what a false self-fencing grows from: said, with which.
+    let took = started.elapsed();
+    if since + took > cfg.lease / 4 {
+        watchdog.say(format!(
+            "agent {}: lease renewed {:.0} ms after the last one (the store took {:.1} ms)",
+            cfg.host,
+            (since + took).as_secs_f64() * 1e3,
+            took.as_secs_f64() * 1e3
+        ));
+    }
+    watchdog.renewed(started_ns);
+    Ok(())
+}
+
+/// Names the descriptor (inherited from `vigil agent --respawn`) of the pipe the agent's
+/// heartbeat for its respawner goes to: a byte every period.
+pub const ALIVE_FD: &str = "VIGIL_AGENT_ALIVE_FD";
+
+/// How long the agent's loop may go without finishing a round before its respawner is told
+/// nothing more (and replaces the agent): far longer than a round that waits for a slow store.
+const LOOP_STUCK: Duration = Duration::from_secs(10);
+
+/// Renews the host's lease every period on a thread and a store connection of its own, so that
+/// the agent's loop — whose reads wait for the store's disk, and which starts and stops VMs —
+/// never delays a renewal. Stops when dropped.
+struct Renewer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The writing end of the respawner's heartbeat pipe, if this agent has a respawner.
+fn alive_pipe() -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let fd: i32 = std::env::var(ALIVE_FD).ok()?.parse().ok().filter(|&fd| fd > 2)?;
+    // SAFETY: fcntl(2) only queries the descriptor; it is taken over below only if open.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return None;
+    }
+    // SAFETY: fcntl(2) on an open descriptor: never block on a full pipe; not inherited further.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+    }
+    // SAFETY: an open descriptor the respawner gave this process alone; owned from here on.
+    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+impl Renewer {
+    fn start(cfg: &Config, beat: std::sync::Arc<std::sync::atomic::AtomicU64>, watchdog: Watchdog) -> Result<Renewer> {
+        let mut store = store::Client::connect(&cfg.store)?;
+        store.set_retry_for(cfg.lease / 4);
+        store.set_request_timeout(cfg.lease / 4);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (dir, stopping) = (cfg.state_dir.clone(), std::sync::Arc::clone(&stop));
+        let cfg = cfg.clone();
+        std::thread::Builder::new()
+            .name("lease-renewer".into())
+            .spawn(move || {
+                let mut last_error: Option<Instant> = None;
+                while !stopping.load(std::sync::atomic::Ordering::Acquire) {
+                    let t0 = Instant::now();
+                    if let Err(e) = renew(&cfg, &mut store, &beat, &watchdog) {
+                        if last_error.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                            watchdog.say(format!("agent {}: renewing the host's lease: {e}", cfg.host));
+                            last_error = Some(Instant::now());
+                        }
+                    }
+                    std::thread::sleep(cfg.period.saturating_sub(t0.elapsed()));
+                }
+            })
+            .map_err(|e| Error::io("cannot start the lease renewer of", &dir, e))?;
+        Ok(Renewer { stop })
+    }
+}
+
+impl Drop for Renewer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// The host's monotonic clock (ns): the same for every process of the host.
@@ -1223,7 +1301,31 @@ impl Watchdog {
         let file = cfg.state_dir.join("agent.renewed");
         let now = monotonic_ns();
         let previous = std::fs::read(&file).ok().and_then(|b| Some(u64::from_le_bytes(b.get(..8)?.try_into().ok()?))).filter(|&t| t <= now);
-        let w = Watchdog { renewed_ns: std::sync::Arc::new(previous.unwrap_or(now).into()), fired: Default::default(), file };
+        let (notes, said) = std::sync::mpsc::sync_channel::<String>(64);
+        let w = Watchdog {
+            renewed_ns: std::sync::Arc::new(previous.unwrap_or(now).into()),
+            fired: Default::default(),
+            notes,
+            loop_ns: std::sync::Arc::new(now.into()),
+        };
+        let (renewed, tick) = (std::sync::Arc::clone(&w.renewed_ns), (cfg.lease / 20).max(Duration::from_millis(2)));
+        let reporter = std::thread::Builder::new().name("renewal-reporter".into()).spawn(move || {
+            let mut written = None;
+            loop {
+                match said.recv_timeout(tick) {
+                    Ok(line) => tracing::warn!("{line}"),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+                let at = renewed.load(Ordering::Acquire);
+                if written != Some(at) && std::fs::write(&file, at.to_le_bytes()).is_ok() {
+                    written = Some(at);
+                }
+            }
+        });
+        if let Err(e) = reporter {
+            tracing::error!("agent {}: cannot start the renewal reporter: {e}", cfg.host);
+        }
         // Nine tenths of the lease (and a tick): well after the loop's own self-fencing (half),
         // which is the rule while the loop runs, so that a loop merely slow under load is not
         // overruled; still before the manager can declare the host failed (a lease after it
@@ -1231,9 +1333,17 @@ impl Watchdog {
         // the other host's agent, the VMM's start).
         let (me, limit, dir, host) = (w.clone(), cfg.lease.as_nanos() as u64 * 9 / 10, cfg.state_dir.clone(), cfg.host.clone());
         let tick = (cfg.lease / 20).max(Duration::from_millis(2));
+        let alive = alive_pipe();
         let spawned = std::thread::Builder::new().name("fencing-watchdog".into()).spawn(move || {
+            use std::os::fd::AsRawFd;
             let mut armed = true;
             loop {
+                // The respawner's heartbeat, while the loop goes round.
+                let round = monotonic_ns().saturating_sub(me.loop_ns.load(Ordering::Acquire));
+                if let Some(fd) = alive.as_ref().filter(|_| round < LOOP_STUCK.as_nanos() as u64) {
+                    // SAFETY: writes one byte from a live local to a non-blocking pipe we own.
+                    unsafe { libc::write(fd.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+                }
                 let since = monotonic_ns().saturating_sub(me.renewed_ns.load(Ordering::Acquire));
                 if since <= limit {
                     armed = true;
@@ -1260,7 +1370,21 @@ impl Watchdog {
     /// A renewal that started at `at_ns` ([`monotonic_ns`]) succeeded.
     fn renewed(&self, at_ns: u64) {
         self.renewed_ns.fetch_max(at_ns, std::sync::atomic::Ordering::AcqRel);
-        let _ = std::fs::write(&self.file, at_ns.to_le_bytes());
+    }
+
+    /// Logs `line` from the reporting thread (dropped if 64 lines wait already).
+    fn say(&self, line: String) {
+        let _ = self.notes.try_send(line);
+    }
+
+    /// The agent's loop begins a round.
+    fn looped(&self) {
+        self.loop_ns.store(monotonic_ns(), std::sync::atomic::Ordering::Release);
+    }
+
+    /// Time since the start of the last successful renewal.
+    fn since_renewal(&self) -> Duration {
+        Duration::from_nanos(monotonic_ns().saturating_sub(self.renewed_ns.load(std::sync::atomic::Ordering::Acquire)))
     }
 
     fn take_fired(&self) -> bool {

@@ -408,6 +408,7 @@ pub fn up(o: &UpOptions) -> Result<ClusterFile, String> {
     let mut store_args =
         s(&["store", "supervise", "--socket", &store.display().to_string(), "--data", &dir.join("store-data").display().to_string()]);
     store_args.extend(etcd_args.iter().cloned());
+    store_args.extend(s(&["--volatile", agent::cluster::VOLATILE_HEARTBEATS]));
     // With etcd the managers' front end sits on the switch (it reaches etcd there).
     let store_ns = o.etcd.then_some(switch_ns.as_str());
     let pid = spawn_detached(store_ns, &o.exe, &store_args, &dir.join("store.log"))?;
@@ -421,6 +422,7 @@ pub fn up(o: &UpOptions) -> Result<ClusterFile, String> {
             let mut a =
                 s(&["store", "supervise", "--socket", &sock.display().to_string(), "--data", &hd.join("store-data").display().to_string()]);
             a.extend(etcd_args.iter().cloned());
+            a.extend(s(&["--volatile", agent::cluster::VOLATILE_HEARTBEATS]));
             let pid = spawn_detached(Some(ns), &o.exe, &a, &dir.join(format!("store-{h}.log")))?;
             cf.pids.insert(format!("store:{h}"), pid);
             cf.host_store.insert(h.clone(), sock);

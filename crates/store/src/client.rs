@@ -322,6 +322,12 @@ impl Client {
         self.request("control", "check", MsgType::Control, wire::strings(&["check"])).map(|_| ())
     }
 
+    /// `XS_CONTROL` with these arguments (`metrics`, `sync-delay MS`, ...): the reply's text.
+    pub fn control(&mut self, args: &[&str]) -> Result<String> {
+        let reply = self.request("control", args.first().copied().unwrap_or(""), MsgType::Control, wire::strings(args))?;
+        Ok(String::from_utf8_lossy(reply.strip_suffix(&[0]).unwrap_or(&reply)).into_owned())
+    }
+
     /// Adds a watch; it fires once right away and again after every reconnect.
     pub fn watch(&mut self, path: &str, token: &str) -> Result<()> {
         self.request("watch", path, MsgType::Watch, wire::strings(&[path, token]))?;

@@ -59,6 +59,9 @@ pub enum Error {
     /// No etcd member answered a request (or the cluster refused it).
     #[error("etcd: {0}")]
     Etcd(String),
+    /// The server's configuration is wrong (the message names what).
+    #[error("{0}")]
+    Config(String),
 }
 
 impl Error {

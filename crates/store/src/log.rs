@@ -2,6 +2,11 @@
 //! acknowledged request (a transaction is one record, so it is replayed whole or not at all),
 //! written and `fdatasync`'ed before the reply leaves the server.
 //!
+//! [`Backend::write`] only queues a record in memory; the server's syncer thread writes the
+//! queue to the file and syncs it ([`LogSync::sync`]). So the thread that serves requests never
+//! waits for the file system — not even for a `write(2)`, which blocks while the kernel commits
+//! its journal when other processes write much to the same disk.
+//!
 //! Files in the data directory:
 //! - `log.<n>`: records `[len: u32 LE][crc32: u32 LE][payload]`; the payload is a batch of
 //!   mutations, each `[len: u32 LE][bytes]` ([`Mutation::encode`]).
@@ -44,9 +49,9 @@ pub trait Backend: Send {
     fn write(&mut self, batch: &[Mutation]) -> Result<()> {
         self.append(batch)
     }
-    /// A handle on the current log file whose `sync_data` makes everything written so far
-    /// durable, usable without holding the backend; `None` if `write` is durable by itself.
-    fn syncer(&self) -> Result<Option<File>> {
+    /// A handle whose [`LogSync::sync`] makes everything written so far durable, usable without
+    /// holding the backend; `None` if `write` is durable by itself.
+    fn syncer(&self) -> Result<Option<LogSync>> {
         Ok(None)
     }
     /// Appends unless another front end sharing the log appended first: then `Ok(false)`, and
@@ -174,12 +179,34 @@ fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("syncing directory", dir, e))
 }
 
+/// Records queued for a log file, in order, and not written to it yet.
+type Queue = std::sync::Arc<std::sync::Mutex<Vec<u8>>>;
+
+/// Writes a log file's queued records and syncs the file, away from the backend's owner.
+pub struct LogSync {
+    file: File,
+    path: PathBuf,
+    queue: Queue,
+}
+
+impl LogSync {
+    /// Writes what is queued (in order: syncs of one file must not run at once) and
+    /// `fdatasync`s the file.
+    pub fn sync(&self) -> Result<()> {
+        let queued = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()));
+        (&self.file).write_all(&queued).map_err(|e| Error::io("appending to", &self.path, e))?;
+        self.file.sync_data().map_err(|e| Error::io("syncing", &self.path, e))
+    }
+}
+
 /// The log-structured backend in one directory.
 pub struct LogBackend {
     dir: PathBuf,
     /// Number of the log file being appended to.
     n: u64,
     file: Option<File>,
+    /// Records written for `file` since its last sync.
+    queue: Queue,
     log_bytes: u64,
     snapshot_bytes: u64,
 }
@@ -188,7 +215,7 @@ impl LogBackend {
     /// Opens (creating if needed) the data directory. Call [`Backend::load`] before appending.
     pub fn open(dir: &Path) -> Result<LogBackend> {
         fs::create_dir_all(dir).map_err(|e| Error::io("creating data directory", dir, e))?;
-        Ok(LogBackend { dir: dir.to_path_buf(), n: 0, file: None, log_bytes: 0, snapshot_bytes: 0 })
+        Ok(LogBackend { dir: dir.to_path_buf(), n: 0, file: None, queue: Queue::default(), log_bytes: 0, snapshot_bytes: 0 })
     }
 
     fn log_path(&self, n: u64) -> PathBuf {
@@ -214,6 +241,9 @@ impl LogBackend {
         self.log_bytes = f.metadata().map_err(|e| Error::io("reading log size", &path, e))?.len();
         sync_dir(&self.dir)?;
         self.file = Some(f);
+        // A new file gets a new queue: what is queued for the old one goes to the old one (a
+        // compaction's snapshot holds it anyway).
+        self.queue = Queue::default();
         self.n = n;
         Ok(())
     }
@@ -273,24 +303,24 @@ impl Backend for LogBackend {
 
     fn append(&mut self, batch: &[Mutation]) -> Result<()> {
         self.write(batch)?;
-        let path = self.log_path(self.n);
-        let f = self.file.as_mut().ok_or_else(|| Error::io("syncing", &path, std::io::Error::other("log not loaded")))?;
-        f.sync_data().map_err(|e| Error::io("syncing", &path, e))
+        self.syncer()?.map_or(Ok(()), |s| s.sync())
     }
 
     fn write(&mut self, batch: &[Mutation]) -> Result<()> {
+        if self.file.is_none() {
+            return Err(Error::io("appending to", self.log_path(self.n), std::io::Error::other("log not loaded")));
+        }
         let rec = record(&batch_payload(batch));
-        let path = self.log_path(self.n);
-        let f = self.file.as_mut().ok_or_else(|| Error::io("appending to", &path, std::io::Error::other("log not loaded")))?;
-        f.write_all(&rec).map_err(|e| Error::io("appending to", &path, e))?;
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(&rec);
         self.log_bytes += rec.len() as u64;
         Ok(())
     }
 
-    fn syncer(&self) -> Result<Option<File>> {
+    fn syncer(&self) -> Result<Option<LogSync>> {
         let path = self.log_path(self.n);
         let f = self.file.as_ref().ok_or_else(|| Error::io("syncing", &path, std::io::Error::other("log not loaded")))?;
-        f.try_clone().map(Some).map_err(|e| Error::io("duplicating handle of", &path, e))
+        let file = f.try_clone().map_err(|e| Error::io("duplicating handle of", &path, e))?;
+        Ok(Some(LogSync { file, path, queue: std::sync::Arc::clone(&self.queue) }))
     }
 
     fn wants_compaction(&self) -> bool {

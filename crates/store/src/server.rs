@@ -52,18 +52,108 @@ pub struct Config {
     /// With `etcd`: TTL in seconds of the lease that ties the domains this front end introduces
     /// to its life (0: 10 s).
     pub etcd_lease_ttl: u64,
+    /// Volatile nodes ([`Volatile`]): patterns of absolute paths, `*` standing for one
+    /// component (`/vigil/hosts/*/heartbeat`).
+    pub volatile: Vec<String>,
+}
+
+/// Nodes whose writer and readers need not wait for the disk: heartbeats, which only say "still
+/// alive" and are rewritten every period.
+///
+/// A write of a volatile node outside a transaction is applied and logged like any other, but
+/// its reply leaves before the `fdatasync` that makes it durable; a read of one outside a
+/// transaction, and the supervisor's `XS_CONTROL check`, are answered likewise. Each such reply
+/// still waits for every earlier message of its connection (replies stay in order). So a slow
+/// disk delays neither a heartbeat nor the reading of one, and nothing else changes: every
+/// other reply — reads of other nodes, and watch events — still waits for the sync covering
+/// every write made before it. What a crash of the store may take back is the last writes of a
+/// volatile node (its value goes back to an older one): a reader that judges liveness by a
+/// heartbeat *changing* only sees one more change.
+#[derive(Debug, Clone, Default)]
+pub struct Volatile {
+    patterns: Vec<Vec<String>>,
+}
+
+impl Volatile {
+    /// Parses the patterns; the error names the bad one.
+    pub fn new(patterns: &[String]) -> Result<Volatile> {
+        let mut out = Vec::new();
+        for p in patterns {
+            let parts: Vec<String> = p.strip_prefix('/').unwrap_or("").split('/').map(str::to_string).collect();
+            if !p.starts_with('/') || parts.iter().any(|c| c.is_empty() || (c.contains('*') && c != "*")) {
+                return Err(Error::Config(format!(
+                    "volatile node pattern {p:?}: expected an absolute path of non-empty components, `*` standing for one whole component"
+                )));
+            }
+            out.push(parts);
+        }
+        Ok(Volatile { patterns: out })
+    }
+
+    /// Whether the node at absolute path `path` is volatile.
+    pub fn matches(&self, path: &str) -> bool {
+        let Some(rest) = path.strip_prefix('/') else { return false };
+        self.patterns.iter().any(|pat| {
+            let mut comps = rest.split('/');
+            pat.iter().all(|want| comps.next().is_some_and(|c| (want == "*" && !c.is_empty()) || want == c)) && comps.next().is_none()
+        })
+    }
+
+    /// Whether `msg`'s reply may leave before the disk has what came before it: a read or
+    /// write of a volatile node outside a transaction, a `check`, and every step of a
+    /// transaction but its end. What a transaction reads counts only if it commits, and the
+    /// reply to its end waits for the sync that covers both its writes and every write its
+    /// reads saw — so a transaction costs one wait for the disk, not one per request.
+    fn answers_at_once(&self, msg: &Msg) -> bool {
+        let path = || wire::split(&msg.payload).first().and_then(|p| std::str::from_utf8(p).ok()).unwrap_or("");
+        match MsgType::from_u32(msg.ty) {
+            Some(MsgType::Control) => msg.payload.starts_with(b"check\0"),
+            Some(MsgType::TransactionStart) => true,
+            Some(MsgType::TransactionEnd) => false,
+            Some(
+                MsgType::Read
+                | MsgType::Write
+                | MsgType::Mkdir
+                | MsgType::Rm
+                | MsgType::Directory
+                | MsgType::DirectoryPart
+                | MsgType::GetPerms
+                | MsgType::SetPerms,
+            ) if msg.tx_id != 0 => true,
+            Some(MsgType::Read | MsgType::Write) if !self.patterns.is_empty() => self.matches(path()),
+            _ => false,
+        }
+    }
 }
 
 /// Encoded messages and the connections they go to.
 type Outgoing = Vec<(ConnId, Vec<u8>)>;
+
+/// Messages held until the backend is durable up to `upto`.
+struct Held {
+    upto: u64,
+    /// A reply that answers at once ([`Volatile`]): `upto` is its connection's previous
+    /// message's, lower than the entries queued before it.
+    at_once: bool,
+    sends: Outgoing,
+}
+
+impl Held {
+    fn new(upto: u64, sends: Outgoing) -> Held {
+        Held { upto, at_once: false, sends }
+    }
+}
 
 struct Inner {
     store: Store,
     backend: Box<dyn Backend>,
     /// Requests whose mutations were written to the backend, in order.
     written: u64,
-    /// Messages waiting for the sync covering `written` as it was when they were produced.
-    pending: VecDeque<(u64, Outgoing)>,
+    /// Messages waiting for the sync covering the position given (`written` as it was when they
+    /// were produced; for a reply that answers at once, its connection's previous message's).
+    pending: VecDeque<Held>,
+    /// How many of `pending` answer at once (they may be deliverable behind others).
+    pending_at_once: usize,
     /// The backend's log may be shared with other front ends (etcd): take a checkpoint before
     /// each mutating request, to undo it if another front end appended first.
     shared_log: bool,
@@ -76,8 +166,45 @@ struct Shared {
     sync: Mutex<()>,
     /// `written` as of the last completed sync.
     synced: AtomicU64,
-    /// Wakes the event loop when another thread (the etcd follower) queued messages.
+    /// Wakes the event loop when another thread (the etcd follower, the syncer) queued or
+    /// released messages.
     wake: Wake,
+    /// The position the event loop wants durable; the syncer thread waits on `want_changed`.
+    want: Mutex<u64>,
+    want_changed: std::sync::Condvar,
+    /// Fault injection: every sync of the log takes this many ms longer (a slow disk, for tests:
+    /// [`Server::set_sync_delay`]).
+    sync_delay_ms: AtomicU64,
+}
+
+/// The syncer thread: makes the backend durable up to what the event loop wants, then wakes the
+/// loop to deliver what waited for it. The loop goes on reading and applying requests while a
+/// sync runs (the next group of writes forms meanwhile), so a slow disk delays only the replies
+/// that wait for it, never a reply that answers at once ([`Volatile`]).
+fn syncer(shared: &Shared) {
+    loop {
+        let target = {
+            let mut want = shared.want.lock().unwrap_or_else(|p| p.into_inner());
+            while *want <= shared.synced.load(Ordering::Acquire) {
+                want = shared.want_changed.wait(want).unwrap_or_else(|p| p.into_inner());
+            }
+            *want
+        };
+        make_durable(shared, target);
+        shared.wake.wake();
+    }
+}
+
+/// Asks the syncer to make the backend durable up to `seq`.
+fn want_durable(shared: &Shared, seq: u64) {
+    if shared.synced.load(Ordering::Acquire) >= seq {
+        return;
+    }
+    let mut want = shared.want.lock().unwrap_or_else(|p| p.into_inner());
+    if *want < seq {
+        *want = seq;
+        shared.want_changed.notify_one();
+    }
 }
 
 fn fatal(e: &Error) -> ! {
@@ -102,9 +229,13 @@ fn make_durable(shared: &Shared, seq: u64) {
     };
     match file {
         Ok(Some(f)) => {
+            let delay = shared.sync_delay_ms.load(Ordering::Relaxed);
+            if delay > 0 {
+                std::thread::sleep(Duration::from_millis(delay));
+            }
             let t = std::time::Instant::now();
-            if let Err(e) = f.sync_data() {
-                fatal(&Error::io("syncing the store log", "log", e));
+            if let Err(e) = f.sync() {
+                fatal(&e);
             }
             // A slow disk stalls every writer (the agents' lease renewals too): said.
             if t.elapsed() >= std::time::Duration::from_millis(100) {
@@ -124,6 +255,7 @@ pub struct Server {
     socket: PathBuf,
     stats: Arc<Stats>,
     limits: Limits,
+    volatile: Volatile,
 }
 
 /// Bounds on what one connection may make the server hold.
@@ -261,7 +393,7 @@ fn catch_up(g: &mut Inner) -> Result<()> {
         }
     };
     let seq = g.written;
-    g.pending.push_back((seq, sends.into_iter().map(|(to, m)| (to, m.encode())).collect()));
+    g.pending.push_back(Held::new(seq, sends.into_iter().map(|(to, m)| (to, m.encode())).collect()));
     Ok(())
 }
 
@@ -345,7 +477,7 @@ fn follow_step(shared: &Shared, signal: Signal, reap: bool) {
                         if !held.contains(&d) {
                             let out = commit(g, |s, _| (Some(s.checkpoint_tree()), s.release_domain(d)));
                             let seq = g.written;
-                            g.pending.push_back((seq, out.sends.into_iter().map(|(to, m)| (to, m.encode())).collect()));
+                            g.pending.push_back(Held::new(seq, out.sends.into_iter().map(|(to, m)| (to, m.encode())).collect()));
                         }
                     }
                 }
@@ -393,9 +525,18 @@ impl Server {
         }
         let listener = unixsock::bind(&cfg.socket).map_err(|e| Error::io("binding", &cfg.socket, e))?;
         let shared_log = cfg.etcd.is_some();
-        let inner = Inner { store, backend, written: 0, pending: VecDeque::new(), shared_log };
+        let volatile = Volatile::new(&cfg.volatile)?;
+        let inner = Inner { store, backend, written: 0, pending: VecDeque::new(), pending_at_once: 0, shared_log };
         let wake = Wake::new().map_err(|e| Error::io("creating an eventfd for", &cfg.socket, e))?;
-        let shared = Arc::new(Shared { inner: Mutex::new(inner), sync: Mutex::new(()), synced: AtomicU64::new(0), wake });
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(inner),
+            sync: Mutex::new(()),
+            synced: AtomicU64::new(0),
+            wake,
+            want: Mutex::new(0),
+            want_changed: std::sync::Condvar::new(),
+            sync_delay_ms: AtomicU64::new(0),
+        });
         if let Some((endpoints, prefix)) = &cfg.etcd {
             // Follow the shared log: apply what other front ends append, fire watches, reap
             // domains whose lease expired (on a DELETE event, and at least every second).
@@ -416,7 +557,7 @@ impl Server {
         let fds = raise_fd_limit();
         let max = fds.saturating_sub(FD_RESERVE.min(fds / 4));
         stats.connections_max.store(max.max(1), Ordering::Relaxed);
-        Ok(Server { listener, shared, socket: cfg.socket.clone(), stats, limits: Limits::default() })
+        Ok(Server { listener, shared, socket: cfg.socket.clone(), stats, limits: Limits::default(), volatile })
     }
 
     /// The server's counters (connections, refusals), live while it runs.
@@ -427,6 +568,35 @@ impl Server {
     /// Number of nodes after recovery (for the start-up message).
     pub fn nodes(&self) -> usize {
         lock(&self.shared.inner).store.len()
+    }
+
+    /// Fault injection: from now on every sync of the log takes `delay` longer, as on a disk
+    /// that other writers keep busy (also `XS_CONTROL sync-delay MS`).
+    pub fn set_sync_delay(&self, delay: Duration) {
+        self.shared.sync_delay_ms.store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// vigil's `XS_CONTROL` extensions, answered by the server rather than the state machine:
+    /// `metrics` (the counters, in Prometheus' text format) and `sync-delay MS` (fault
+    /// injection: every later sync of the log takes MS longer, 0 ends it; at most 10 s). Every
+    /// client of the socket is privileged (dom0), as with xenstored's own controls.
+    fn control(&self, msg: &Msg) -> Option<String> {
+        if msg.ty != MsgType::Control as u32 {
+            return None;
+        }
+        let parts = wire::split(&msg.payload);
+        match parts.as_slice() {
+            [b"metrics", ..] => Some(self.stats.prometheus()),
+            [b"sync-delay", ms] => Some(match std::str::from_utf8(ms).ok().and_then(|m| m.parse::<u64>().ok()).filter(|&m| m <= 10_000) {
+                Some(ms) => {
+                    self.set_sync_delay(Duration::from_millis(ms));
+                    tracing::warn!("store: every sync of the log delayed by {ms} ms (XS_CONTROL sync-delay)");
+                    "OK".into()
+                }
+                None => "error: sync-delay takes milliseconds, 0 to 10000".into(),
+            }),
+            _ => None,
+        }
     }
 
     /// Changes the per-connection bounds (before [`Server::run`]).
@@ -446,6 +616,11 @@ impl Server {
         self.listener.set_nonblocking(true).map_err(setup)?;
         ep.add(self.listener.as_raw_fd(), epoll::IN, LISTENER).map_err(setup)?;
         ep.add(self.shared.wake.raw(), epoll::IN, WAKE).map_err(setup)?;
+        let shared = Arc::clone(&self.shared);
+        std::thread::Builder::new()
+            .name("store-syncer".into())
+            .spawn(move || syncer(&shared))
+            .map_err(|e| Error::io("starting the syncer thread of", &self.socket, e))?;
         let mut lp = Loop {
             ep,
             server: &self,
@@ -483,9 +658,8 @@ impl Server {
                     id => lp.on_event(id, ev.events),
                 }
             }
-            let seq = lp.process();
-            if let Some(seq) = seq {
-                make_durable(&self.shared, seq);
+            if let Some(seq) = lp.process() {
+                want_durable(&self.shared, seq);
             }
             lp.deliver();
         }
@@ -508,6 +682,12 @@ struct Conn {
     out: VecDeque<Vec<u8>>,
     sent: usize,
     out_bytes: usize,
+    /// Bytes of replies to its requests still waiting for the disk (counted with `out_bytes`
+    /// against the connection's bound: a client that pipelines during a slow sync is paused).
+    held_bytes: usize,
+    /// The position its last queued reply waits for (a reply that answers at once waits for
+    /// this, so that replies leave in order).
+    last_upto: u64,
     /// Watch events were dropped: fire every watch once when the queue has drained.
     overflowed: bool,
     /// The client closed its sending side (or sent an unframeable header): answer what was
@@ -547,7 +727,7 @@ impl Conn {
     }
 
     fn paused(&self, limits: &Limits) -> bool {
-        self.out_bytes >= limits.out_queue_bytes
+        self.out_bytes + self.held_bytes >= limits.out_queue_bytes
     }
 
     fn wanted(&self, limits: &Limits) -> u32 {
@@ -620,6 +800,8 @@ impl Loop<'_> {
                 out: VecDeque::new(),
                 sent: 0,
                 out_bytes: 0,
+                held_bytes: 0,
+                last_upto: 0,
                 overflowed: false,
                 read_closed: false,
                 interest: epoll::IN,
@@ -686,7 +868,9 @@ impl Loop<'_> {
                         h.copy_from_slice(&c.inbuf[used..used + HEADER_LEN]);
                         let (_, req_id, tx_id, _) = wire::parse_header(&h);
                         let e = Msg::new(MsgType::Error, req_id, tx_id, wire::strings(&[Errno::E2BIG.name()]));
-                        g.pending.push_back((g.written, vec![(id, e.encode())]));
+                        let e = e.encode();
+                        (c.held_bytes, c.last_upto) = (c.held_bytes + e.len(), g.written);
+                        g.pending.push_back(Held::new(g.written, vec![(id, e)]));
                         c.read_closed = true;
                         used = c.inbuf.len();
                         break;
@@ -695,20 +879,36 @@ impl Loop<'_> {
                 let (msg, n) = frame;
                 used += n;
                 handled += 1;
-                if msg.ty == MsgType::Control as u32 && msg.payload.starts_with(b"metrics\0") {
-                    // vigil's extension: the server's counters, in Prometheus' text format.
-                    let mut text = self.server.stats.prometheus().into_bytes();
+                if let Some(text) = self.server.control(&msg) {
+                    let mut text = text.into_bytes();
                     text.truncate(PAYLOAD_MAX - 1);
                     text.push(0);
-                    let reply = Msg { ty: msg.ty, req_id: msg.req_id, tx_id: msg.tx_id, payload: text };
-                    g.pending.push_back((g.written, vec![(id, reply.encode())]));
+                    let reply = Msg { ty: msg.ty, req_id: msg.req_id, tx_id: msg.tx_id, payload: text }.encode();
+                    (c.held_bytes, c.last_upto) = (c.held_bytes + reply.len(), g.written);
+                    g.pending.push_back(Held::new(g.written, vec![(id, reply)]));
                     continue;
                 }
+                let at_once = self.server.volatile.answers_at_once(&msg);
                 let out = commit(g, |s, shared_log| (if shared_log { s.checkpoint(id, &msg) } else { None }, s.handle(id, &msg)));
                 // Replies wait for the sync that covers every write made so far (reads included:
-                // nothing is shown that a crash could take back).
+                // nothing is shown that a crash could take back) — but for those of volatile
+                // nodes, which wait only for their connection's previous message.
                 let seq = g.written;
-                g.pending.push_back((seq, out.sends.into_iter().map(|(to, m)| (to, m.encode())).collect()));
+                let mut sends: Outgoing = out.sends.into_iter().map(|(to, m)| (to, m.encode())).collect();
+                let reply = (!sends.is_empty()).then(|| sends.remove(0));
+                if let Some((to, bytes)) = reply {
+                    c.held_bytes += bytes.len();
+                    if at_once {
+                        g.pending.push_back(Held { upto: c.last_upto, at_once: true, sends: vec![(to, bytes)] });
+                        g.pending_at_once += 1;
+                    } else {
+                        c.last_upto = seq;
+                        g.pending.push_back(Held::new(seq, vec![(to, bytes)]));
+                    }
+                }
+                if !sends.is_empty() {
+                    g.pending.push_back(Held::new(seq, sends));
+                }
             }
             c.inbuf.drain(..used);
             if c.inbuf.is_empty() && c.inbuf.capacity() > IN_BUFFER {
@@ -731,11 +931,31 @@ impl Loop<'_> {
             let shared = &self.server.shared;
             let mut g = lock(&shared.inner);
             let synced = shared.synced.load(Ordering::Acquire);
-            while g.pending.front().is_some_and(|(seq, _)| *seq <= synced) {
-                let Some((_, sends)) = g.pending.pop_front() else { break };
+            // Every entry the disk now covers, in queue order: a prefix, then (if any answer at
+            // once) those further back. A connection's entries wait for non-decreasing
+            // positions, so what leaves of each is a prefix of its own, in order.
+            let mut due = Vec::new();
+            while g.pending.front().is_some_and(|h| h.upto <= synced) {
+                due.extend(g.pending.pop_front());
+            }
+            if g.pending_at_once > 0 {
+                let mut i = 0;
+                while i < g.pending.len() {
+                    if g.pending[i].at_once && g.pending[i].upto <= synced {
+                        due.extend(g.pending.remove(i));
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            g.pending_at_once -= due.iter().filter(|h| h.at_once).count();
+            for Held { sends, .. } in due {
                 for (to, bytes) in sends {
                     let Some(c) = self.conns.get_mut(&to) else { continue };
                     let event = bytes[..4] == (MsgType::WatchEvent as u32).to_le_bytes();
+                    if !event {
+                        c.held_bytes = c.held_bytes.saturating_sub(bytes.len());
+                    }
                     if event && (c.overflowed || c.paused(&limits)) {
                         c.overflowed = true;
                         self.overflowed.insert(to);
@@ -836,5 +1056,40 @@ impl Loop<'_> {
         self.server.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
         self.ready.remove(&id);
         lock(&self.server.shared.inner).store.disconnect(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volatile_patterns_match_whole_components() {
+        let v = Volatile::new(&["/vigil/hosts/*/heartbeat".into(), "/beat".into()]).unwrap();
+        assert!(v.matches("/vigil/hosts/a/heartbeat"));
+        assert!(v.matches("/beat"));
+        for no in ["/vigil/hosts/a", "/vigil/hosts/a/heartbeat/x", "/vigil/hosts//heartbeat", "vigil/hosts/a/heartbeat", "/beatx", ""] {
+            assert!(!v.matches(no), "{no:?} matched");
+        }
+        let write = |tx, path: &str| Msg::new(MsgType::Write, 1, tx, format!("{path}\0v").into_bytes());
+        assert!(v.answers_at_once(&write(0, "/beat")));
+        assert!(!v.answers_at_once(&write(0, "/other")));
+        // Inside a transaction every step but the end answers at once; the end waits.
+        assert!(v.answers_at_once(&write(7, "/other")));
+        assert!(v.answers_at_once(&Msg::new(MsgType::TransactionStart, 1, 0, b"\0".to_vec())));
+        assert!(!v.answers_at_once(&Msg::new(MsgType::TransactionEnd, 1, 7, b"T\0".to_vec())));
+        // Not transactional whatever its id says: waits.
+        assert!(!v.answers_at_once(&Msg::new(MsgType::Introduce, 1, 7, b"5\0".to_vec())));
+        assert!(v.answers_at_once(&Msg::new(MsgType::Control, 1, 0, b"check\0".to_vec())));
+        assert!(!v.answers_at_once(&Msg::new(MsgType::Control, 1, 0, b"print\0x\0".to_vec())));
+        assert!(!v.answers_at_once(&Msg::new(MsgType::Read, 1, 0, Vec::new())));
+    }
+
+    #[test]
+    fn bad_volatile_patterns_are_refused_by_name() {
+        for bad in ["relative/x", "/a//b", "/a/b*", "/", "/a/"] {
+            let err = Volatile::new(&[bad.to_string()]).unwrap_err().to_string();
+            assert!(err.contains(&format!("{bad:?}")), "{bad}: {err}");
+        }
     }
 }

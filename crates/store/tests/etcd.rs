@@ -43,6 +43,7 @@ fn three_member_cluster_survives_one_member_and_a_new_front_end() {
         quota: Default::default(),
         etcd: Some((endpoints.clone(), prefix.clone())),
         etcd_lease_ttl: 0,
+        volatile: Vec::new(),
     };
     let a = Server::bind(&cfg("a.sock")).expect("front end a");
     std::thread::spawn(move || a.run());

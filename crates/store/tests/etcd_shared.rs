@@ -37,6 +37,7 @@ fn config(dir: &Path, name: &str, endpoints: &[String], prefix: &str, ttl: u64) 
         quota: Default::default(),
         etcd: Some((endpoints.to_vec(), prefix.to_string())),
         etcd_lease_ttl: ttl,
+        volatile: Vec::new(),
     }
 }
 
@@ -53,6 +54,7 @@ fn child_front_end() {
         quota: Default::default(),
         etcd: Some((endpoints, f[2].to_string())),
         etcd_lease_ttl: 2,
+        volatile: Vec::new(),
     };
     Server::bind(&cfg).expect("child front end").run().expect("child front end runs");
 }

@@ -100,6 +100,10 @@ pub struct FailArgs {
     /// With --instance or --component: a hang (SIGSTOP) instead of a crash.
     #[arg(long)]
     hang: bool,
+    /// With --component store: no crash, a slow disk — every sync of the store's log takes MS
+    /// longer from now on (0 ends it; at most 10000).
+    #[arg(long, value_name = "MS", conflicts_with = "hang")]
+    slow_disk: Option<u64>,
     /// With --instance: from now on one reply in N of that instance is wrong (the kv guest's
     /// `DEBUG WRONG-ANSWERS N`, sent to it alone through the voter) instead of a crash.
     #[arg(long, value_name = "N", requires = "instance", conflicts_with = "hang")]
@@ -278,6 +282,12 @@ pub fn fail(a: &FailArgs) -> Result<u8> {
         return fail_instance(&a.dir.dir, inst, a.hang, a.wrong);
     }
     let Some(host) = a.host.as_ref().or(a.host_opt.as_ref()) else { bail!("which host? (or --instance VM#K)") };
+    if let Some(ms) = a.slow_disk {
+        if a.component != Some(Component::Store) {
+            bail!("--slow-disk goes with --component store");
+        }
+        return slow_store_disk(&a.dir.dir, host, ms);
+    }
     if let Some(c) = a.component {
         return fail_component(&a.dir.dir, host, c, a.vm.as_deref(), a.hang);
     }
@@ -295,6 +305,23 @@ pub fn fail(a: &FailArgs) -> Result<u8> {
     } else {
         println!("host {host}: {} process(es) killed (SIGKILL), its link cut", pids.len());
     }
+    Ok(0)
+}
+
+/// `vigil fail --component store --host H --slow-disk MS`: the store that host uses makes every
+/// sync of its log MS longer (`XS_CONTROL sync-delay`), as a disk that other writers keep busy.
+fn slow_store_disk(dir: &std::path::Path, host: &str, ms: u64) -> Result<u8> {
+    let cf = manager::local::ClusterFile::load(dir).map_err(anyhow::Error::msg)?;
+    if !cf.host_ns.contains_key(host) {
+        bail!("unknown host {host:?} (hosts: {})", cf.host_ns.keys().cloned().collect::<Vec<_>>().join(", "));
+    }
+    let sock = cf.host_store.get(host).unwrap_or(&cf.store);
+    let mut c = store::Client::connect(sock).with_context(|| format!("the store at {}", sock.display()))?;
+    let reply = c.control(&["sync-delay", &ms.to_string()]).context("XS_CONTROL sync-delay")?;
+    if reply != "OK" {
+        bail!("the store at {}: {reply}", sock.display());
+    }
+    println!("host {host}: every sync of its store's log takes {ms} ms longer");
     Ok(0)
 }
 
@@ -441,12 +468,14 @@ pub fn agent(a: &AgentArgs) -> Result<u8> {
     let exe = std::env::current_exe().context("cannot find the vigil executable")?;
     if a.respawn {
         let args: Vec<String> = std::env::args().skip(1).filter(|x| x != "--respawn").collect();
-        // Hung: no heartbeat for half the lease and two periods. Not less: an agent cut off
-        // from its store legitimately waits up to half a lease on one request (and must go on
-        // to fence itself, not be replaced); not much more: a new agent must renew the
-        // host's lease before the rest of it runs out.
-        let hang = Duration::from_millis(a.lease_ms / 2 + 2 * a.period_ms);
-        return respawn(&exe, &args, &agent::host::alive_path(&a.state), hang);
+        // Hung: no heartbeat for a quarter lease and a period. The agent's fencing watchdog
+        // sends it every 1/20 lease while the agent's loop goes round (`agent::host::ALIVE_FD`),
+        // whatever the store does, so an agent stopped whole (SIGSTOP) is replaced with time
+        // left for the new one to renew the host's lease (its watchdog fences the host at nine
+        // tenths of a lease after the last renewal), while one that waits long for a slow
+        // store, or is cut off from it and goes on to fence itself, is not.
+        let hang = Duration::from_millis(a.lease_ms / 4 + a.period_ms);
+        return respawn(&exe, &args, hang);
     }
     let cfg = agent::host::Config {
         host: a.host.clone(),
@@ -461,23 +490,52 @@ pub fn agent(a: &AgentArgs) -> Result<u8> {
 }
 
 /// Keeps `exe ARGS` running: starts it again when it dies (at once, then backing off while
-/// it keeps dying within a second), or when it hangs (it stops rewriting `alive` for `hang`:
+/// it keeps dying within a second), or when it hangs (no heartbeat on its pipe for `hang`:
 /// it is SIGKILLed first); ends when it ends with status 0.
-fn respawn(exe: &std::path::Path, args: &[String], alive: &std::path::Path, hang: Duration) -> Result<u8> {
+///
+/// The heartbeat is a byte on a pipe whose writing end the child inherits (its number in
+/// `agent::host::ALIVE_FD`), not a file: neither side ever waits for a disk.
+fn respawn(exe: &std::path::Path, args: &[String], hang: Duration) -> Result<u8> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2(2) writes two descriptors into the array we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        bail!("cannot create the agent's heartbeat pipe: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: both were just returned by the kernel and are owned by nobody else.
+    let (beats, beat_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // The child inherits the writing end (and only it).
+    // SAFETY: fcntl(2) on a descriptor we own; clears its close-on-exec flag.
+    unsafe { libc::fcntl(beat_end.as_raw_fd(), libc::F_SETFD, 0) };
+    let heard = || {
+        let mut buf = [0u8; 256];
+        let mut any = false;
+        // SAFETY: reads into a live local buffer from a non-blocking descriptor we own.
+        while unsafe { libc::read(beats.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {
+            any = true;
+        }
+        any
+    };
     let mut fast_deaths = 0u32;
-    let modified = || std::fs::metadata(alive).and_then(|m| m.modified()).ok();
     loop {
         let started = std::time::Instant::now();
-        let start_mark = modified();
-        let mut child = std::process::Command::new(exe).args(args).spawn().context("cannot start the agent")?;
+        // What a previous child sent does not count for this one.
+        heard();
+        let mut child = std::process::Command::new(exe)
+            .args(args)
+            .env(agent::host::ALIVE_FD, beat_end.as_raw_fd().to_string())
+            .spawn()
+            .context("cannot start the agent")?;
+        // Only a heartbeat this child sent counts (it takes a while to start).
+        let mut last: Option<std::time::Instant> = None;
         let st = loop {
             if let Some(st) = child.try_wait()? {
                 break st;
             }
-            // Only a heartbeat this child wrote counts (it takes a while to start).
-            let last = modified().filter(|m| Some(*m) != start_mark);
-            let stale = last.and_then(|m| m.elapsed().ok()).is_some_and(|age| age > hang);
-            if stale {
+            if heard() {
+                last = Some(std::time::Instant::now());
+            }
+            if last.is_some_and(|t| t.elapsed() > hang) {
                 tracing::warn!("agent (pid {}) hung: no heartbeat for {} ms; killing it", child.id(), hang.as_millis());
                 let _ = child.kill();
                 break child.wait()?;

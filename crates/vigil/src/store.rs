@@ -30,6 +30,11 @@ struct ServeArgs {
     /// introduced are released (the TTL of its etcd lease).
     #[arg(long, default_value_t = 10)]
     etcd_lease_ttl: u64,
+    /// A volatile node pattern (repeatable): its reads and writes are answered without waiting
+    /// for the disk, and a crash may take back its last writes (for heartbeats). `*` stands
+    /// for one path component: `/vigil/hosts/*/heartbeat`.
+    #[arg(long, value_name = "PATTERN")]
+    volatile: Vec<String>,
 }
 
 impl ServeArgs {
@@ -39,6 +44,9 @@ impl ServeArgs {
         if !self.etcd.is_empty() {
             a.extend(["--etcd".into(), self.etcd.join(",").into(), "--etcd-prefix".into(), self.etcd_prefix.clone().into()]);
             a.extend(["--etcd-lease-ttl".into(), self.etcd_lease_ttl.to_string().into()]);
+        }
+        for v in &self.volatile {
+            a.extend(["--volatile".into(), v.into()]);
         }
         a
     }
@@ -63,7 +71,7 @@ enum Command {
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     match &args.command {
-        Command::Serve(ServeArgs { socket, data, etcd, etcd_prefix, etcd_lease_ttl }) => {
+        Command::Serve(ServeArgs { socket, data, etcd, etcd_prefix, etcd_lease_ttl, volatile }) => {
             let etcd = (!etcd.is_empty()).then(|| (etcd.clone(), etcd_prefix.clone()));
             let cfg = store::server::Config {
                 socket: socket.clone(),
@@ -71,6 +79,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                 quota: Default::default(),
                 etcd,
                 etcd_lease_ttl: *etcd_lease_ttl,
+                volatile: volatile.clone(),
             };
             let server = store::server::Server::bind(&cfg).context("vigil store serve")?;
             tracing::info!("vigil store: {} nodes recovered from {}, listening on {}", server.nodes(), data.display(), socket.display());

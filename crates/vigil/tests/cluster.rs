@@ -434,6 +434,64 @@ fn the_manager_an_agent_and_the_store_restart_without_a_failover() {
     );
 }
 
+/// A stall of the store's disk — every sync 300 ms longer for 3 s, as when other processes
+/// write much to the same disk (a bulk writer on this machine's disk makes `fdatasync` take
+/// 130–500 ms; in a CI run the store once stalled 300 ms) — fences nobody and fails no host:
+/// the agents renew the hosts' leases without waiting for the disk (heartbeats are volatile
+/// nodes of the store, renewed by a thread of their own), the manager reads them without
+/// waiting either, and the respawners' heartbeats do not depend on the store. Before, each
+/// agent's loop renewed between store calls that each waited for a sync: agents fenced
+/// themselves and their VMs were started again. A host failure afterwards is handled as ever.
+#[test]
+fn a_stall_of_the_stores_disk_fences_nobody() {
+    if no_kvm("a_stall_of_the_stores_disk_fences_nobody") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let up = Up::start("slow-disk", "t11");
+    let st = up.wait("every VM serving, control protected", 30, |ok, v| ok && vm(v, "control")["replication"] == "protected");
+    let pids_before: Vec<String> =
+        ["relay", "control", "logger"].iter().map(|n| vm(&st, n)["detail"].as_str().unwrap().to_string()).collect();
+    let field = up.field_ns();
+    let mut c = RedisClient::new(&field, "10.99.0.51", 6379);
+    assert_eq!(c.call("SET k before-the-stall"), "OK");
+    let slow = |ms: &str| {
+        let out = vigil(&["fail", "--component", "store", "--host", "hostB", "--slow-disk", ms, "--dir", &up.d()]);
+        assert!(out.status.success(), "vigil fail --slow-disk: {}", text(&out.stderr));
+    };
+    slow("300");
+    std::thread::sleep(Duration::from_secs(3));
+    slow("0");
+    let agent_logs = |what: &str| -> Vec<String> {
+        std::fs::read_dir(&up.dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("agent-"))
+            .flat_map(|e| std::fs::read_to_string(e.path()).unwrap_or_default().lines().map(str::to_string).collect::<Vec<_>>())
+            .filter(|l| l.contains(what))
+            .collect()
+    };
+    assert_eq!(agent_logs("self-fencing"), Vec::<String>::new(), "an agent fenced itself");
+    assert_eq!(agent_logs("hung"), Vec::<String>::new(), "an agent was taken for hung");
+    let st = up.wait("the cluster as before", 15, |ok, v| ok && vm(v, "control")["replication"] == "protected");
+    assert_eq!(st["failed"], serde_json::json!([]), "a host was failed for a slow disk: {st}");
+    let pids_after: Vec<String> =
+        ["relay", "control", "logger"].iter().map(|n| vm(&st, n)["detail"].as_str().unwrap().to_string()).collect();
+    assert_eq!(pids_before, pids_after, "the VMMs kept running");
+    assert_eq!(c.call("GET k"), "before-the-stall");
+
+    assert!(vigil(&["fail", "hostB", "--dir", &up.d()]).status.success());
+    let st = up.wait("the plan for hostB executed", 30, |ok, v| ok && v["failed"] == serde_json::json!(["hostB"]));
+    assert_eq!(vm(&st, "control")["host"], "hostC", "{st}");
+    assert_eq!(c.call("GET k"), "before-the-stall", "control's state survived its host");
+
+    // Bad input: only the store has a disk to slow, and a delay is bounded.
+    let out = vigil(&["fail", "--component", "agent", "--host", "hostA", "--slow-disk", "300", "--dir", &up.d()]);
+    assert!(!out.status.success() && text(&out.stderr).contains("--slow-disk goes with --component store"), "{}", text(&out.stderr));
+    let out = vigil(&["fail", "--component", "store", "--host", "hostA", "--slow-disk", "99999", "--dir", &up.d()]);
+    assert!(!out.status.success() && text(&out.stderr).contains("0 to 10000"), "{}", text(&out.stderr));
+}
+
 /// Starts kv on a copy of `disk` (a cluster's copy of a VM's disk, the cluster down) and checks
 /// that replaying its log gives every `(key, value)`.
 fn replay_disk(disk: &Path, want: &[(&str, &str)]) {

@@ -178,6 +178,7 @@ fn a_vm_is_introduced_and_released_in_the_store() {
         quota: Default::default(),
         etcd: None,
         etcd_lease_ttl: 0,
+        volatile: Vec::new(),
     };
     let server = store::server::Server::bind(&cfg).expect("store binds");
     std::thread::spawn(move || server.run());

@@ -14,7 +14,14 @@ pub fn start(test: &str, name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("vigil-{test}-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let cfg = Config { socket: dir.join("sock"), data: dir.join("data"), quota: Default::default(), etcd: None, etcd_lease_ttl: 0 };
+    let cfg = Config {
+        socket: dir.join("sock"),
+        data: dir.join("data"),
+        quota: Default::default(),
+        etcd: None,
+        etcd_lease_ttl: 0,
+        volatile: Vec::new(),
+    };
     let server = Server::bind(&cfg).expect("server binds");
     std::thread::spawn(move || server.run());
     cfg.socket
@@ -26,7 +33,7 @@ pub fn child_server(env: &str) {
     let Some(sock) = std::env::var_os(env) else { return };
     let sock = PathBuf::from(sock);
     let data = sock.with_extension("data");
-    let cfg = Config { socket: sock, data, quota: Default::default(), etcd: None, etcd_lease_ttl: 0 };
+    let cfg = Config { socket: sock, data, quota: Default::default(), etcd: None, etcd_lease_ttl: 0, volatile: Vec::new() };
     let server = Server::bind(&cfg).expect("server binds");
     let r = server.run();
     panic!("the server stopped: {r:?}");
