@@ -34,7 +34,7 @@ mod upcall;
 pub use checkpoint::{Checkpoint, DiskWrite, Replica};
 pub use control::{channel_pair, Command, Controller, Inbox, Reply};
 pub use error::{Error, Result};
-pub use machine::{pages_of, NetConfig, Status, Stop, Vm, VmConfig};
+pub use machine::{net_receive_ring, pages_of, NetConfig, Status, Stop, Vm, VmConfig};
 pub use memory::MemoryView;
 pub use mirror::{mirror_channel, MirrorReceiver, MirrorSender};
 pub use tracking::{TrackingChoice, TrackingMode};

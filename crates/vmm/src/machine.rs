@@ -378,7 +378,9 @@ impl Vm {
         };
         let mut tap = tap;
         if let (Some(t), Some(program)) = (tap.as_mut(), &config.net_backend) {
-            t.attach_backend(&mem, program)?;
+            let mut program = program.clone();
+            program.sync_rx |= !net_receive_ring(block.as_ref().is_some_and(|b| b.backend_status().is_some()));
+            t.attach_backend(&mem, &program)?;
         }
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -1048,3 +1050,18 @@ unsafe impl Send for Vm {}
 
 #[allow(dead_code)]
 fn _assert_pod<T: Pod>() {}
+
+/// Whether a VM's network backend process gets its receive ring (else it receives
+/// synchronously, a round trip when the tap has a frame). Yes, unless the VM's disk has a
+/// backend process too and this process may run on fewer than four CPUs: three busy processes
+/// (the vCPU, two backends) then share them, and measured on two shared cores with kv's disk
+/// log the receive ring cost 25–38 % at p99 while the setup without it was the in-VMM
+/// backends' equal (without a disk the ring was the better one; docs/components.md).
+/// `VIGIL_NET_RX_RING=1` (or `0`) decides instead.
+pub fn net_receive_ring(disk_backend: bool) -> bool {
+    match std::env::var("VIGIL_NET_RX_RING").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => !disk_backend || std::thread::available_parallelism().map_or(1, |n| n.get()) >= 4,
+    }
+}

@@ -40,8 +40,8 @@ pub struct BackendProgram {
     #[serde(default)]
     pub sync_tx: bool,
     /// Network: receive synchronously, a round trip per guest request when the tap has a
-    /// frame, instead of through the receive ring the backend fills ahead
-    /// (`VIGIL_NET_RX_RING=0` sets it).
+    /// frame, instead of through the receive ring the backend fills ahead (the VMM chooses:
+    /// [`crate::machine::net_receive_ring`]).
     #[serde(default)]
     pub sync_rx: bool,
 }

@@ -689,9 +689,6 @@ impl Tap {
         if std::env::var_os("VIGIL_NET_TX_RING").is_some_and(|v| v == "0") {
             program.sync_tx = true;
         }
-        if std::env::var_os("VIGIL_NET_RX_RING").is_some_and(|v| v == "0") {
-            program.sync_rx = true;
-        }
         let backend = crate::backend::Backend::start(crate::backend::Device::Net, &program, memfd, std::os::fd::AsFd::as_fd(&self.fd))
             .map_err(|e| err(format!("network backend: {e}")))?;
         self.backend = Some(backend);
