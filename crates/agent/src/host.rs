@@ -1239,9 +1239,15 @@ struct Renewer {
 fn alive_pipe() -> Option<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     let fd: i32 = std::env::var(ALIVE_FD).ok()?.parse().ok().filter(|&fd| fd > 2)?;
-    // SAFETY: fcntl(2) only queries the descriptor; it is taken over below only if open.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
+    std::env::remove_var(ALIVE_FD);
+    // SAFETY: fstat(2) and fcntl(2) only query the descriptor; it is taken over below only if
+    // it is an open pipe.
+    let (flags, is_pipe) = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        (libc::fcntl(fd, libc::F_GETFL), libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO)
+    };
+    if flags < 0 || !is_pipe {
+        tracing::warn!("agent: {ALIVE_FD}={fd} is not an open pipe: no heartbeat for the respawner");
         return None;
     }
     // SAFETY: fcntl(2) on an open descriptor: never block on a full pipe; not inherited further.
@@ -1267,7 +1273,17 @@ impl Renewer {
                 let mut last_error: Option<Instant> = None;
                 while !stopping.load(std::sync::atomic::Ordering::Acquire) {
                     let t0 = Instant::now();
-                    if let Err(e) = renew(&cfg, &mut store, &beat, &watchdog) {
+                    // An agent whose loop is stuck does not hold the host: the lease lapses
+                    // and the watchdog fences the host (a respawner replaces the agent first).
+                    if watchdog.since_loop() >= LOOP_STUCK {
+                        if last_error.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                            watchdog.say(format!(
+                                "agent {}: its loop has not gone round for {:?}: the lease is not renewed",
+                                cfg.host, LOOP_STUCK
+                            ));
+                            last_error = Some(Instant::now());
+                        }
+                    } else if let Err(e) = renew(&cfg, &mut store, &beat, &watchdog) {
                         if last_error.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                             watchdog.say(format!("agent {}: renewing the host's lease: {e}", cfg.host));
                             last_error = Some(Instant::now());
@@ -1298,6 +1314,9 @@ fn monotonic_ns() -> u64 {
 impl Watchdog {
     fn start(cfg: &Config) -> Watchdog {
         use std::sync::atomic::Ordering;
+        // First, while this process has no other thread (the variable is removed from the
+        // environment the agent's children inherit).
+        let alive = alive_pipe();
         let file = cfg.state_dir.join("agent.renewed");
         let now = monotonic_ns();
         let previous = std::fs::read(&file).ok().and_then(|b| Some(u64::from_le_bytes(b.get(..8)?.try_into().ok()?))).filter(|&t| t <= now);
@@ -1333,7 +1352,6 @@ impl Watchdog {
         // the other host's agent, the VMM's start).
         let (me, limit, dir, host) = (w.clone(), cfg.lease.as_nanos() as u64 * 9 / 10, cfg.state_dir.clone(), cfg.host.clone());
         let tick = (cfg.lease / 20).max(Duration::from_millis(2));
-        let alive = alive_pipe();
         let spawned = std::thread::Builder::new().name("fencing-watchdog".into()).spawn(move || {
             use std::os::fd::AsRawFd;
             let mut armed = true;
@@ -1380,6 +1398,11 @@ impl Watchdog {
     /// The agent's loop begins a round.
     fn looped(&self) {
         self.loop_ns.store(monotonic_ns(), std::sync::atomic::Ordering::Release);
+    }
+
+    /// Time since the agent's loop last began a round.
+    fn since_loop(&self) -> Duration {
+        Duration::from_nanos(monotonic_ns().saturating_sub(self.loop_ns.load(std::sync::atomic::Ordering::Acquire)))
     }
 
     /// Time since the start of the last successful renewal.

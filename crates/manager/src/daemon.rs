@@ -116,6 +116,9 @@ struct Lead {
     pending_why: Option<String>,
     /// When the heartbeats were last read.
     last_round: Option<Instant>,
+    /// The store client's reconnections then: a new connection may be to a restarted store,
+    /// which lost the heartbeats' last (volatile) values.
+    last_reconnects: u64,
     /// Execution times and arrivals observed above the model's, and the model with them
     /// substituted, which every plan table is computed from once there is one.
     observed: crate::drift::Observed,
@@ -275,6 +278,7 @@ impl Lead {
             pending,
             pending_why: None,
             last_round: None,
+            last_reconnects: 0,
             observed,
             model,
             last_drift_check: Instant::now(),
@@ -507,6 +511,14 @@ impl Lead {
                 cfg.id,
                 gap.as_secs_f64() * 1e3
             );
+        }
+        // The store answers heartbeat writes before they are durable: one that restarted may
+        // have lost renewals an agent counts on (the value it shows may be one this manager
+        // already saw). Every lease restarts with a new connection.
+        if store.reconnects() != self.last_reconnects {
+            self.last_reconnects = store.reconnects();
+            self.detector.restart_leases(now);
+            tracing::warn!("manager {}: reconnected to the store: leases restarted", cfg.id);
         }
         self.last_round = Some(Instant::now());
         for (h, beat) in hosts.iter().zip(beats) {

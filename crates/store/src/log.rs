@@ -54,6 +54,11 @@ pub trait Backend: Send {
     fn syncer(&self) -> Result<Option<LogSync>> {
         Ok(None)
     }
+    /// The embedded log, whose compaction the server runs on its syncer thread, apart from
+    /// the requests ([`LogBackend::rotate`]); `None`: compact in [`Backend::compact_from`].
+    fn as_log(&mut self) -> Option<&mut LogBackend> {
+        None
+    }
     /// Appends unless another front end sharing the log appended first: then `Ok(false)`, and
     /// the caller must [`Backend::catch_up`] and try again. A log nobody shares always appends.
     fn try_write(&mut self, batch: &[Mutation]) -> Result<bool> {
@@ -236,16 +241,86 @@ impl LogBackend {
     }
 
     fn open_log(&mut self, n: u64) -> Result<()> {
+        let f = create_log(&self.dir, &self.log_path(n))?;
+        self.install(n, f)
+    }
+
+    fn install(&mut self, n: u64, f: File) -> Result<()> {
         let path = self.log_path(n);
-        let f = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::io("opening log", &path, e))?;
         self.log_bytes = f.metadata().map_err(|e| Error::io("reading log size", &path, e))?.len();
-        sync_dir(&self.dir)?;
         self.file = Some(f);
-        // A new file gets a new queue: what is queued for the old one goes to the old one (a
-        // compaction's snapshot holds it anyway).
+        // A new file gets a new queue: what is queued for the old one is dropped (the
+        // snapshot that compaction writes holds it).
         self.queue = Queue::default();
         self.n = n;
         Ok(())
+    }
+
+    /// Compaction in three steps, so that its slow parts run without the backend:
+    /// 1. [`LogBackend::next_log`] names the next log file; [`create_log`] creates it;
+    /// 2. `rotate` switches writes to it (no file system call), and returns what the snapshot
+    ///    must cover (the old log's number) with the data directory;
+    /// 3. [`write_snapshot`] of the state as it was at the switch, then
+    ///    [`LogBackend::snapshot_written`].
+    ///
+    /// Nothing may sync the new log before step 3 ends: a crash in between leaves the old
+    /// snapshot and the old log, without the records queued for it since its last sync (none
+    /// was acknowledged), and an empty new log.
+    pub fn rotate(&mut self, file: File) -> Result<(u64, PathBuf)> {
+        let old = self.n;
+        self.install(old + 1, file)?;
+        Ok((old, self.dir.clone()))
+    }
+
+    /// The next log file's path and the data directory (compaction's step 1).
+    pub fn next_log(&self) -> (PathBuf, PathBuf) {
+        (self.log_path(self.n + 1), self.dir.clone())
+    }
+
+    /// The snapshot written has `bytes` (compaction's step 3).
+    pub fn snapshot_written(&mut self, bytes: u64) {
+        self.snapshot_bytes = bytes;
+    }
+}
+
+/// Creates log file `path` in `dir` (made durable in the directory).
+pub fn create_log(dir: &Path, path: &Path) -> Result<File> {
+    let f = OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io("opening log", path, e))?;
+    sync_dir(dir)?;
+    Ok(f)
+}
+
+/// Writes `snapshot` as covering `log.<covered>` in `dir` — 256 mutations to a record as they
+/// come, so it is never whole in memory — then removes that log; returns the snapshot's size.
+pub fn write_snapshot(dir: &Path, covered: u64, snapshot: &mut dyn Iterator<Item = Mutation>) -> Result<u64> {
+    let tmp = dir.join("snapshot.tmp");
+    let f = File::create(&tmp).map_err(|e| Error::io("creating", &tmp, e))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, f);
+    let wr = |e| Error::io("writing", &tmp, e);
+    let header = record(covered.to_string().as_bytes());
+    out.write_all(&header).map_err(wr)?;
+    let mut written = header.len() as u64;
+    let mut chunk = Vec::with_capacity(256);
+    loop {
+        chunk.clear();
+        chunk.extend((&mut *snapshot).take(256));
+        if chunk.is_empty() {
+            break;
+        }
+        let rec = record(&batch_payload(&chunk));
+        out.write_all(&rec).map_err(wr)?;
+        written += rec.len() as u64;
+    }
+    let f = out.into_inner().map_err(|e| wr(e.into_error()))?;
+    f.sync_all().map_err(wr)?;
+    let snap = dir.join("snapshot");
+    fs::rename(&tmp, &snap).map_err(|e| Error::io("renaming snapshot into", &snap, e))?;
+    sync_dir(dir)?;
+    let path = dir.join(format!("log.{covered}"));
+    match fs::remove_file(&path) {
+        Ok(()) => Ok(written),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(written),
+        Err(e) => Err(Error::io("removing compacted log", &path, e)),
     }
 }
 
@@ -331,41 +406,18 @@ impl Backend for LogBackend {
         self.compact_from(&mut snapshot.iter().cloned())
     }
 
-    /// Writes the snapshot 256 mutations to a record as they come: the snapshot is never whole
-    /// in memory.
+    /// The three steps of [`LogBackend::rotate`] in one go.
     fn compact_from(&mut self, snapshot: &mut dyn Iterator<Item = Mutation>) -> Result<()> {
-        let old = self.n;
-        self.open_log(old + 1)?;
-        let tmp = self.dir.join("snapshot.tmp");
-        let f = File::create(&tmp).map_err(|e| Error::io("creating", &tmp, e))?;
-        let mut out = std::io::BufWriter::with_capacity(1 << 16, f);
-        let wr = |e| Error::io("writing", &tmp, e);
-        let header = record(old.to_string().as_bytes());
-        out.write_all(&header).map_err(wr)?;
-        let mut written = header.len() as u64;
-        let mut chunk = Vec::with_capacity(256);
-        loop {
-            chunk.clear();
-            chunk.extend((&mut *snapshot).take(256));
-            if chunk.is_empty() {
-                break;
-            }
-            let rec = record(&batch_payload(&chunk));
-            out.write_all(&rec).map_err(wr)?;
-            written += rec.len() as u64;
-        }
-        let f = out.into_inner().map_err(|e| wr(e.into_error()))?;
-        f.sync_all().map_err(wr)?;
-        let snap = self.dir.join("snapshot");
-        fs::rename(&tmp, &snap).map_err(|e| Error::io("renaming snapshot into", &snap, e))?;
-        sync_dir(&self.dir)?;
-        self.snapshot_bytes = written;
-        let path = self.log_path(old);
-        match fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io("removing compacted log", &path, e)),
-        }
+        let (next, dir) = self.next_log();
+        let file = create_log(&dir, &next)?;
+        let (old, dir) = self.rotate(file)?;
+        let bytes = write_snapshot(&dir, old, snapshot)?;
+        self.snapshot_written(bytes);
+        Ok(())
+    }
+
+    fn as_log(&mut self) -> Option<&mut LogBackend> {
+        Some(self)
     }
 }
 

@@ -63,7 +63,8 @@ pub struct Config {
 /// A write of a volatile node outside a transaction is applied and logged like any other, but
 /// its reply leaves before the `fdatasync` that makes it durable; a read of one outside a
 /// transaction, and the supervisor's `XS_CONTROL check`, are answered likewise. Each such reply
-/// still waits for every earlier message of its connection (replies stay in order). So a slow
+/// still waits for every earlier reply of its connection (replies stay in order; a watch event
+/// queued before it may come after it, as events may anyway). So a slow
 /// disk delays neither a heartbeat nor the reading of one, and nothing else changes: every
 /// other reply — reads of other nodes, and watch events — still waits for the sync covering
 /// every write made before it. What a crash of the store may take back is the last writes of a
@@ -191,7 +192,43 @@ fn syncer(shared: &Shared) {
             *want
         };
         make_durable(shared, target);
+        compact_if_due(shared);
         shared.wake.wake();
+    }
+}
+
+/// Compacts the embedded log when it has grown enough ([`LogBackend::rotate`]): the request
+/// loop waits only while the next log is switched in and the tree copied, not for the disk.
+/// No sync runs meanwhile (this holds `sync`), as the rotation requires; the replies waiting
+/// for the records the snapshot covers are released when it is durable.
+fn compact_if_due(shared: &Shared) {
+    let _one = shared.sync.lock().unwrap_or_else(|p| p.into_inner());
+    let (next, dir) = {
+        let mut g = lock(&shared.inner);
+        if !g.backend.wants_compaction() {
+            return;
+        }
+        match g.backend.as_log() {
+            Some(log) => log.next_log(),
+            None => return,
+        }
+    };
+    let t = Instant::now();
+    let file = crate::log::create_log(&dir, &next).unwrap_or_else(|e| fatal(&e));
+    let (frozen, covered, upto) = {
+        let mut g = lock(&shared.inner);
+        let g = &mut *g;
+        let Some(log) = g.backend.as_log() else { return };
+        let (covered, _) = log.rotate(file).unwrap_or_else(|e| fatal(&e));
+        (g.store.freeze(), covered, g.written)
+    };
+    let bytes = crate::log::write_snapshot(&dir, covered, &mut frozen.mutations()).unwrap_or_else(|e| fatal(&e));
+    if let Some(log) = lock(&shared.inner).backend.as_log() {
+        log.snapshot_written(bytes);
+    }
+    shared.synced.fetch_max(upto, Ordering::AcqRel);
+    if t.elapsed() >= Duration::from_millis(100) {
+        tracing::warn!("store: compacting the log took {:.0} ms (requests went on meanwhile)", t.elapsed().as_secs_f64() * 1e3);
     }
 }
 
@@ -438,7 +475,8 @@ fn commit(g: &mut Inner, mut f: impl FnMut(&mut Store, bool) -> (Option<Checkpoi
                 }
             }
         }
-        if g.backend.wants_compaction() {
+        // The embedded log is compacted by the syncer thread, apart from the requests.
+        if g.backend.wants_compaction() && g.backend.as_log().is_none() {
             let Inner { store, backend, .. } = &mut *g;
             let t = std::time::Instant::now();
             if let Err(e) = backend.compact_from(&mut store.snapshot_iter()) {
@@ -1039,7 +1077,8 @@ impl Loop<'_> {
         let limits = self.server.limits;
         let Some(c) = self.conns.get_mut(&id) else { return };
         let pending_input = !c.inbuf.is_empty() && self.ready.contains(&id);
-        if c.read_closed && c.out.is_empty() && !pending_input && !c.overflowed {
+        // (Replies still waiting for the disk keep it open: they are delivered first.)
+        if c.read_closed && c.out.is_empty() && c.held_bytes == 0 && !pending_input && !c.overflowed {
             self.close(id);
             return;
         }

@@ -224,6 +224,25 @@ struct Conn {
     txs: BTreeMap<u32, Tx>,
 }
 
+/// The tree and the domains at one moment ([`Store::freeze`]).
+pub struct Frozen {
+    tree: Tree,
+}
+
+impl Frozen {
+    /// The mutations that rebuild it, as [`Store::snapshot_iter`].
+    pub fn mutations(&self) -> impl Iterator<Item = Mutation> + '_ {
+        tree_mutations(&self.tree)
+    }
+}
+
+fn tree_mutations(tree: &Tree) -> impl Iterator<Item = Mutation> + '_ {
+    let domains = tree.domains.iter().flat_map(|(&domid, &target)| {
+        std::iter::once(Mutation::Introduce { domid }).chain(target.map(|target| Mutation::Target { domid, target }))
+    });
+    tree.puts().chain(domains)
+}
+
 /// The whole store: the tree, the domains, and per-connection watches and transactions.
 #[derive(Debug)]
 pub struct Store {
@@ -432,10 +451,13 @@ impl Store {
 
     /// [`Store::snapshot`], one mutation at a time (compaction writes them as they come).
     pub fn snapshot_iter(&self) -> impl Iterator<Item = Mutation> + '_ {
-        let domains = self.tree.domains.iter().flat_map(|(&domid, &target)| {
-            std::iter::once(Mutation::Introduce { domid }).chain(target.map(|target| Mutation::Target { domid, target }))
-        });
-        self.tree.puts().chain(domains)
+        tree_mutations(&self.tree)
+    }
+
+    /// A copy of the tree and the domains as they are now, to write a snapshot from without
+    /// holding the store (the server's syncer thread compacts the log this way).
+    pub fn freeze(&self) -> Frozen {
+        Frozen { tree: self.tree.clone() }
     }
 
     /// Number of nodes (including `/`).

@@ -243,8 +243,10 @@ fn deep_paths_cost_linear_memory() {
     let after = srv.rss_kib();
     println!("40 writes 1,001 levels deep: server RSS {before} -> {after} KiB");
     // Full paths per node would hold 40 x 1,001 x ~1 KB = ~40 MB; components hold ~200 bytes
-    // a node, plus what one request's mutations (one full path per created node) take.
-    assert!(after < before + 16 * 1024, "RSS grew from {before} to {after} KiB");
+    // a node, plus what one request's mutations (one full path per created node) take, plus a
+    // copy of the tree while the log is compacted (the snapshot is written from the copy, on
+    // the syncer thread, while requests go on).
+    assert!(after < before + 28 * 1024, "RSS grew from {before} to {after} KiB");
     let m = raw_call(&mut s, MsgType::Read, 0, format!("/d39{}\0", "/a".repeat(1000)).as_bytes());
     assert_eq!(m.payload, b"v");
 }

@@ -144,3 +144,15 @@ fn replies_that_answer_at_once_keep_their_connections_order() {
     assert!(t.elapsed() < DELAY, "50 heartbeats waited for the disk: {:?}", t.elapsed());
     assert_eq!(got.iter().map(|m| m.req_id).collect::<Vec<_>>(), (100..150).collect::<Vec<_>>());
 }
+
+/// A client that sends a write and closes its sending side still gets the reply, which waits
+/// for the disk (the connection stays open until it is delivered).
+#[test]
+fn a_half_closed_connection_gets_the_replies_that_wait_for_the_disk() {
+    let sock = start("half-closed");
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.write_all(&Msg::new(MsgType::Write, 9, 0, b"/vigil/y\0value".to_vec()).encode()).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let got = replies(&mut s, 1);
+    assert_eq!((got[0].req_id, got[0].ty), (9, MsgType::Write as u32), "{got:?}");
+}

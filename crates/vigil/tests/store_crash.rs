@@ -176,6 +176,68 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     assert!(total_acked > 0 && !committed.is_empty());
 }
 
+/// The log is compacted by the server's syncer thread while requests go on (docs/store.md):
+/// SIGKILL at random moments while writes of 3.2 KB values make the log pass its 1 MiB
+/// threshold every few hundred writes — kills land before, during and after compactions — and
+/// every acknowledged write is there afterwards, with its value.
+#[test]
+fn sigkill_during_compactions_loses_nothing_acknowledged() {
+    let (dir, cfg) = setup("compact");
+    let socket = cfg.socket.clone();
+    let mut sup = Supervisor::start(cfg).expect("store starts");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..2 {
+        let (socket, stop) = (socket.clone(), Arc::clone(&stop));
+        writers.push(std::thread::spawn(move || {
+            let mut c = Client::connect(&socket).expect("writer connects");
+            let mut acked = Vec::new();
+            let mut k = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // Rewriting 8 keys: the log grows, the snapshot stays small, so compactions
+                // come often.
+                let key = format!("/compact/w{w}/k{}", k % 8);
+                let value = format!("{k:016}").repeat(200);
+                c.write(&key, value.as_bytes()).expect("write acknowledged eventually");
+                acked.push((key, k));
+                k += 1;
+            }
+            acked
+        }));
+    }
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let kills = 8;
+    let mut snapshots = 0;
+    for _ in 0..kills {
+        std::thread::sleep(Duration::from_millis(40 + rng.below(200)));
+        snapshots += usize::from(dir.join("data/snapshot").exists());
+        sigkill(sup.pid());
+        sup.next_incident(Duration::from_secs(60)).expect("supervisor").expect("no replacement answered within 60 s");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut check = Client::connect(&socket).expect("checker connects");
+    let mut last = std::collections::BTreeMap::new();
+    let mut total = 0;
+    for w in writers {
+        for (key, k) in w.join().expect("writer thread") {
+            last.insert(key, k);
+            total += 1;
+        }
+    }
+    for (key, k) in &last {
+        let got = check.read(key).expect("acknowledged write present");
+        assert_eq!(got, format!("{k:016}").repeat(200).into_bytes(), "{key}: not the last acknowledged value");
+    }
+    let logs = std::fs::read_dir(dir.join("data"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("log.")?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    eprintln!("{kills} kills: {total} acknowledged writes of 3.2 KB, the log at file {logs}");
+    assert!(total > 200 && logs >= 3 && snapshots > 0, "too few compactions to say anything: {total} writes, log file {logs}");
+}
+
 #[test]
 fn hung_store_is_detected_by_heartbeats_and_replaced() {
     let (_dir, cfg) = setup("hang");
