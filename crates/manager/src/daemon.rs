@@ -34,38 +34,79 @@ pub struct Config {
     pub faults: usize,
 }
 
+/// The election as its thread last left it.
+#[derive(Default)]
+struct Standing {
+    /// The generation this manager leads with, if it leads.
+    generation: Option<u64>,
+    /// Whether it may act now ([`Election::may_act`], as of the last step).
+    renewed: Option<Instant>,
+    /// The last step's error, for the log.
+    error: Option<String>,
+}
+
+/// Runs the manager's side of the election every period on a thread and a store connection of
+/// its own, so that the leader's work — many store requests, which wait for the store's disk
+/// — never delays the renewal of its lead (a standby would take the lead from a leader merely
+/// busy). The leader may act only within half a lease of its last renewal, as before.
+fn elect(cfg: &Config, standing: std::sync::Arc<std::sync::Mutex<Standing>>) -> agent::Result<()> {
+    let mut store = store::Client::connect(&cfg.store)?;
+    store.set_retry_for(cfg.lease / 2);
+    store.set_request_timeout(cfg.lease / 2);
+    let (id, lease, period) = (cfg.id.clone(), cfg.lease, cfg.period);
+    std::thread::Builder::new()
+        .name("election".into())
+        .spawn(move || {
+            let mut election = Election::new(id, lease);
+            loop {
+                let t0 = Instant::now();
+                let step = election.step(&mut store);
+                {
+                    let mut st = standing.lock().unwrap_or_else(|p| p.into_inner());
+                    match step {
+                        Ok(Role::Leader { generation, .. }) => {
+                            st.generation = Some(generation);
+                            st.renewed = Some(t0);
+                        }
+                        Ok(Role::Standby { .. }) => *st = Standing::default(),
+                        Err(e) => st.error = Some(e.to_string()),
+                    }
+                }
+                std::thread::sleep(period.saturating_sub(t0.elapsed()));
+            }
+        })
+        .map_err(|e| agent::Error::io("cannot start the election thread of", &cfg.store, e))?;
+    Ok(())
+}
+
 /// Runs the manager until killed.
 pub fn run(cfg: &Config, loaded: &Loaded, layout: &Layout) -> agent::Result<()> {
     let mut store = store::Client::connect(&cfg.store)?;
     store.set_retry_for(cfg.lease / 2);
     store.set_request_timeout(cfg.lease / 2);
-    let mut election = Election::new(cfg.id.clone(), cfg.lease);
+    let standing = std::sync::Arc::new(std::sync::Mutex::new(Standing::default()));
+    elect(cfg, std::sync::Arc::clone(&standing))?;
     let mut lead: Option<Lead> = None;
     let clock = Instant::now();
-    let mut renewed = Instant::now() - cfg.period;
     loop {
         let t0 = Instant::now();
-        let step = if t0.duration_since(renewed) >= cfg.period || lead.is_none() {
-            renewed = t0;
-            Some(election.step(&mut store))
-        } else {
-            None
+        let (generation, may_act) = {
+            let mut st = standing.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(e) = st.error.take() {
+                tracing::warn!("manager {}: election: {e}", cfg.id);
+            }
+            (st.generation, st.generation.is_some() && st.renewed.is_some_and(|t| t.elapsed() < cfg.lease / 2))
         };
-        match step {
-            None => {}
-            Some(step) => match step {
-                Ok(Role::Leader { generation, took_over }) => {
-                    if took_over || lead.is_none() {
-                        let _ = cluster::log_event(&mut store, &Event::now(&cfg.id, format!("manager leads with generation {generation}")));
-                        lead = Some(Lead::start(cfg, loaded, layout, &mut store, generation, clock)?);
-                    }
-                }
-                Ok(Role::Standby { .. }) => lead = None,
-                Err(e) => tracing::warn!("manager {}: election: {e}", cfg.id),
-            },
+        match generation {
+            Some(g) if lead.as_ref().is_none_or(|l| l.generation != g) => {
+                let _ = cluster::log_event(&mut store, &Event::now(&cfg.id, format!("manager leads with generation {g}")));
+                lead = Some(Lead::start(cfg, loaded, layout, &mut store, g, clock)?);
+            }
+            Some(_) => {}
+            None => lead = None,
         }
         if let Some(l) = lead.as_mut() {
-            if election.may_act() {
+            if may_act {
                 if let Err(e) = l.step(cfg, loaded, layout, &mut store, clock) {
                     tracing::warn!("manager {}: {e}", cfg.id);
                 }
