@@ -251,14 +251,7 @@ pub(crate) mod tests {
         let d = std::env::temp_dir().join(format!("vigil-fencing-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).expect("dir");
-        let cfg = store::server::Config {
-            socket: d.join("sock"),
-            data: d.join("data"),
-            quota: Default::default(),
-            etcd: None,
-            etcd_lease_ttl: 0,
-            volatile: Vec::new(),
-        };
+        let cfg = store::server::Config::local(d.join("sock"), d.join("data"));
         let server = store::server::Server::bind(&cfg).expect("store");
         std::thread::spawn(move || server.run());
         cfg.socket

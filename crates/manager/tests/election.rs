@@ -17,14 +17,7 @@ fn dir(name: &str) -> PathBuf {
 
 /// Serves a store on `dir/sock` with its log in `dir/data` (in this process).
 fn serve(dir: &Path) -> PathBuf {
-    let cfg = Config {
-        socket: dir.join("sock"),
-        data: dir.join("data"),
-        quota: Default::default(),
-        etcd: None,
-        etcd_lease_ttl: 0,
-        volatile: Vec::new(),
-    };
+    let cfg = Config::local(dir.join("sock"), dir.join("data"));
     let _ = std::fs::remove_file(&cfg.socket);
     let server = Server::bind(&cfg).expect("server binds");
     std::thread::spawn(move || server.run());

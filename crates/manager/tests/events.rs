@@ -8,14 +8,7 @@ fn the_event_log_keeps_only_the_newest_events() {
     let d = std::env::temp_dir().join(format!("vigil-events-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("temp dir");
-    let cfg = Config {
-        socket: d.join("sock"),
-        data: d.join("data"),
-        quota: Default::default(),
-        etcd: None,
-        etcd_lease_ttl: 0,
-        volatile: Vec::new(),
-    };
+    let cfg = Config::local(d.join("sock"), d.join("data"));
     let server = Server::bind(&cfg).expect("server binds");
     std::thread::spawn(move || server.run());
     let mut c = store::Client::connect(&cfg.socket).expect("connect");

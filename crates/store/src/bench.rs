@@ -168,14 +168,7 @@ pub fn transactions(nodes: usize, rounds: usize) -> Result<TxReport> {
     let _ = std::fs::remove_dir_all(&dir);
     let data = dir.join("data");
     populate(&data, nodes)?;
-    let cfg = Config {
-        socket: dir.join("sock"),
-        data: data.clone(),
-        quota: Default::default(),
-        etcd: None,
-        etcd_lease_ttl: 0,
-        volatile: Vec::new(),
-    };
+    let cfg = Config::local(dir.join("sock"), data.clone());
     let server = Server::bind(&cfg)?;
     let nodes = server.nodes();
     std::thread::spawn(move || server.run());

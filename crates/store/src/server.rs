@@ -57,6 +57,14 @@ pub struct Config {
     pub volatile: Vec<String>,
 }
 
+impl Config {
+    /// A store on the embedded log in `data`, listening on `socket`, with the default quota
+    /// and no volatile nodes.
+    pub fn local(socket: impl Into<PathBuf>, data: impl Into<PathBuf>) -> Config {
+        Config { socket: socket.into(), data: data.into(), quota: Quota::default(), etcd: None, etcd_lease_ttl: 0, volatile: Vec::new() }
+    }
+}
+
 /// Nodes whose writer and readers need not wait for the disk: heartbeats, which only say "still
 /// alive" and are rewritten every period.
 ///

@@ -16,14 +16,7 @@ fn start(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("vigil-slow-disk-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let cfg = Config {
-        socket: dir.join("sock"),
-        data: dir.join("data"),
-        quota: Default::default(),
-        etcd: None,
-        etcd_lease_ttl: 0,
-        volatile: vec!["/hosts/*/heartbeat".into()],
-    };
+    let cfg = Config { volatile: vec!["/hosts/*/heartbeat".into()], ..Config::local(dir.join("sock"), dir.join("data")) };
     let server = Server::bind(&cfg).expect("server binds");
     server.set_sync_delay(DELAY);
     std::thread::spawn(move || server.run());

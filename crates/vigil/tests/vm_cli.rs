@@ -172,14 +172,7 @@ fn a_vm_is_introduced_and_released_in_the_store() {
     let dir = std::env::temp_dir().join(format!("vigil-vm-store-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
-    let cfg = store::server::Config {
-        socket: dir.join("store.sock"),
-        data: dir.join("data"),
-        quota: Default::default(),
-        etcd: None,
-        etcd_lease_ttl: 0,
-        volatile: Vec::new(),
-    };
+    let cfg = store::server::Config::local(dir.join("store.sock"), dir.join("data"));
     let server = store::server::Server::bind(&cfg).expect("store binds");
     std::thread::spawn(move || server.run());
     let mut watcher = store::Client::connect(&cfg.socket).expect("watcher connects");

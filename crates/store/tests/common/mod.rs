@@ -14,14 +14,7 @@ pub fn start(test: &str, name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("vigil-{test}-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let cfg = Config {
-        socket: dir.join("sock"),
-        data: dir.join("data"),
-        quota: Default::default(),
-        etcd: None,
-        etcd_lease_ttl: 0,
-        volatile: Vec::new(),
-    };
+    let cfg = Config::local(dir.join("sock"), dir.join("data"));
     let server = Server::bind(&cfg).expect("server binds");
     std::thread::spawn(move || server.run());
     cfg.socket
