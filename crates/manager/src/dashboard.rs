@@ -202,7 +202,9 @@ pub(crate) fn analyse(loaded: &Loaded, plan: Option<&StoredPlan>) -> Option<(Sys
     };
     let mut placed = sys.clone();
     dep.apply(sys, &place, &mut placed);
-    match rtc::system::analyze(&placed, &planner::eval::planning_options()) {
+    // The plots draw each task's service curve.
+    let opts = rtc::system::Options { service_curves: true, ..planner::eval::planning_options() };
+    match rtc::system::analyze(&placed, &opts) {
         Ok(a) => Some((placed, a)),
         Err(e) => {
             tracing::warn!("dashboard: cannot analyse the plan in force: {e}");

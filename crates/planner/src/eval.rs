@@ -100,9 +100,10 @@ pub struct Evaluator<'a> {
 }
 
 /// Options for analyses inside the planner: no smallest-budget search (it is not needed to
-/// decide feasibility and costs a bisection per reservation).
+/// decide feasibility and costs a bisection per reservation) and no service curves (nothing
+/// the planner decides reads them; see `rtc::system::Options::service_curves`).
 pub fn planning_options() -> Options {
-    Options { budget_step: Q::zero(), ..Options::default() }
+    Options { budget_step: Q::zero(), service_curves: false, ..Options::default() }
 }
 
 impl<'a> Evaluator<'a> {

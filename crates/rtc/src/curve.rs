@@ -574,6 +574,14 @@ impl Curve {
         if !delta.is_positive() {
             return self.clone();
         }
+        // Whole periods past the periodic start only add their increment:
+        // f(x + k·d + r) = f(x + r) + k·c when x + r >= t, so shift by the rest r in
+        // [t, t + d) (unrolling about t + 3d instead of delta + t + 2d) and offset.
+        let periods = if delta >= &(&self.t + &self.d) { ((delta - &self.t) / &self.d).floor() } else { Q::zero() };
+        if periods.is_positive() {
+            let rest = delta - &periods * &self.d;
+            return self.shift_left(&rest).offset(&(&periods * &self.c));
+        }
         let h = delta + &self.t + &self.d + &self.d;
         let mut segs = self.unroll_raw(&h);
         let i = split_at(&mut segs, delta);

@@ -11,6 +11,7 @@
 //! binary). Every bound here is computed with exact arithmetic and is never optimistic; what is
 //! exact and what is only safe is listed in `docs/analysis.md`.
 
+mod busy_window;
 pub mod component;
 pub mod curve;
 pub mod incremental;

@@ -4,6 +4,7 @@
 //! tasks). When dependencies are cyclic, all resources are re-analysed until no completion curve
 //! changes (a fixed point), starting from the source streams' curves propagated without jitter.
 
+use crate::busy_window::{BusyWindow, Staircase};
 use crate::component::{self, Pair, TaskBounds, Workload};
 use crate::curve::{Curve, CurveError};
 use crate::models;
@@ -229,6 +230,10 @@ pub(crate) struct FpState {
     /// a chain's pboo (when it does not decide the worst case) is computed from them; elsewhere
     /// nothing reported depends on the horizon.
     backlog_below_h: bool,
+    /// The busy-window recurrences instead of curves ([`crate::busy_window`]), when the
+    /// resource and its tasks allow them: the processor so far and each task's activations
+    /// (in `order`).
+    classical: Option<(BusyWindow, Vec<Staircase>)>,
 }
 
 impl FpState {
@@ -237,6 +242,7 @@ impl FpState {
         let mut order = tasks.to_vec();
         order.sort_by_key(|&i| (sys.tasks[i].priority.unwrap_or(i64::MAX), i));
         let np = sys.resources[r].policy == Policy::FixedPriorityNonPreemptive;
+        let classical = classical(ctx, r, &order);
         FpState {
             np,
             order,
@@ -248,7 +254,34 @@ impl FpState {
             started: false,
             served: Vec::new(),
             backlog_below_h: !tasks.iter().any(|&i| ctx.chained.get(i).copied().unwrap_or(true)),
+            classical,
         }
+    }
+
+    /// The next task by the busy-window recurrences, if this resource uses them (`None`: by
+    /// curves; after a task the recurrences could not bound, every later task is by curves).
+    fn classical_step(&mut self, ctx: &Ctx, k: usize, ev: &Pair, w: &Workload) -> Option<Outcome> {
+        let (bw, acts) = self.classical.as_mut()?;
+        let i = self.order[k];
+        let s = acts.get(k)?.clone();
+        let Some(dev) = bw.task(&s, &w.wcet) else {
+            // Continue on exact curves, rebuilt from every demand served so far.
+            self.classical = None;
+            self.started = true;
+            self.exact(ctx.sys);
+            return None;
+        };
+        let demand = w.demand(ev);
+        let (backlog, backlog_work) = component::backlog_of_deviations(ev, w, &demand.0, &dev.delay, |_| Ok(dev.vertical.clone()));
+        let bcrt = component::best_case(&w.bcet, &self.base.0);
+        let output = component::propagate_jitter(ev, &dev.delay, &bcrt);
+        let (rate, burst) = bw.lower_line();
+        let lower = Curve::rate_latency(rate.clone(), burst / rate);
+        bw.push(s, w.wcet.clone());
+        self.served.push((i, demand.0));
+        let bounds = TaskBounds { wcrt: dev.delay, bcrt, backlog, backlog_work, output };
+        let service = (self.base.0.clone(), lower);
+        Some(Outcome { bounds: Some(bounds), service, exact_until: Some(Q::zero()), method: "fp: busy-window recurrences", problem: None })
     }
 
     pub(crate) fn done(&self) -> bool {
@@ -342,6 +375,9 @@ impl FpState {
             return Outcome { exact_until: self.horizon.clone(), ..o };
         };
         let w = Workload { wcet: sys.tasks[i].wcet.clone(), bcet: sys.tasks[i].bcet.clone(), curves: sys.tasks[i].workload.clone() };
+        if let Some(o) = self.classical_step(ctx, k, ev, &w) {
+            return o;
+        }
         let demand = w.demand(ev);
         if !self.started {
             self.started = true;
@@ -430,6 +466,35 @@ impl FpState {
         }
         outcome
     }
+}
+
+/// What [`FpState`] needs to analyse resource `r` by the busy-window recurrences, if it may
+/// (see [`Options::service_curves`]): a preemptive fixed-priority processor of its own rate,
+/// no blackout, every task activated by a stream of a standard event model, with a constant
+/// WCET and in no chain of several tasks, and a long-run demand below the rate.
+fn classical(ctx: &Ctx, r: usize, order: &[usize]) -> Option<(BusyWindow, Vec<Staircase>)> {
+    let (sys, opts) = (ctx.sys, ctx.opts);
+    let res = &sys.resources[r];
+    if opts.service_curves || opts.gpc_outputs || res.policy != Policy::FixedPriority || res.blackout.is_some() {
+        return None;
+    }
+    let ResourceKind::Dedicated { rate } = &res.kind else { return None };
+    if !rate.is_positive() {
+        return None;
+    }
+    let mut acts = Vec::with_capacity(order.len());
+    let mut demand = Q::zero();
+    for &i in order {
+        let t = &sys.tasks[i];
+        let Input::Stream(st) = t.input else { return None };
+        if t.workload.is_some() || ctx.chained.get(i).copied().unwrap_or(true) {
+            return None;
+        }
+        let s = Staircase::of(&sys.streams.get(st)?.model)?;
+        demand = demand + s.long_run() * &t.wcet;
+        acts.push(s);
+    }
+    (&demand < rate).then(|| (BusyWindow::new(rate.clone()), acts))
 }
 
 /// A first horizon for a fixed-priority resource: twice the point where the linear upper bound

@@ -224,11 +224,19 @@ pub struct Options {
     pub gpc_outputs: bool,
     /// Stop fixed-point iteration of cyclic dependencies after this many rounds.
     pub max_iterations: usize,
+    /// Report every task's service curve ([`TaskResult::service`]) as the analysis computes
+    /// it. When false, the tasks of a preemptive fixed-priority processor (dedicated, without
+    /// blackout) whose activations all come from standard event models and which no chain of
+    /// several tasks passes through are analysed by the busy-window recurrences
+    /// (`docs/analysis.md` §9) instead of curves: every delay, backlog, completion curve and
+    /// verdict is the same, and their reported service is a rate-latency lower bound
+    /// (`service_exact_until` 0). Much faster; plots want it true.
+    pub service_curves: bool,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { budget_step: Q::one(), gpc_outputs: false, max_iterations: 50 }
+        Options { budget_step: Q::one(), gpc_outputs: false, max_iterations: 50, service_curves: true }
     }
 }
 

@@ -213,6 +213,9 @@ proptest! {
         let s = qf(r.int(0, 9), 2);
         check_pointwise("shift_right", &f.shift_right(&s, &q(7)), |x| if x < &s { q(7) } else { bf.val(&(x - &s)) }, 30);
         check_pointwise("shift_left", &f.shift_left(&s), |x| bf.val(&(x + &s)), 30);
+        // Far beyond the periodic start (whole periods are taken as an offset).
+        let far = qf(r.int(0, 400), r.int(1, 3));
+        check_pointwise("shift_left far", &f.shift_left(&far), |x| bf.val(&(x + &far)), 30);
         check_pointwise("floor", &f.floor().unwrap(), |x| bf.val(x).floor(), 30);
         check_pointwise("ceil", &f.ceil().unwrap(), |x| bf.val(x).ceil(), 30);
     }

@@ -107,7 +107,8 @@ fn random_systems_never_panic() {
     let (mut ok, mut err) = (0, 0);
     for round in 0..1500 {
         let sys = random_system(&mut r);
-        let opts = Options { budget_step: q(r.int(1, 1000)), gpc_outputs: round % 5 == 0, max_iterations: 20 };
+        let opts =
+            Options { budget_step: q(r.int(1, 1000)), gpc_outputs: round % 5 == 0, max_iterations: 20, service_curves: round % 3 != 0 };
         match catch_unwind(AssertUnwindSafe(|| analyze(&sys, &opts))) {
             Ok(Ok(_)) => ok += 1,
             Ok(Err(e)) => {

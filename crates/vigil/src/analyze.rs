@@ -52,7 +52,9 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         Some(dir) => observed(loaded, dir)?,
         None => loaded,
     };
-    let analysis = match analyze(&loaded.system, &Options { budget_step: args.budget_step.clone(), ..Options::default() }) {
+    // Service curves are only drawn: without plots, the busy-window recurrences may replace them.
+    let opts = Options { budget_step: args.budget_step.clone(), service_curves: args.plot.is_some(), ..Options::default() };
+    let analysis = match analyze(&loaded.system, &opts) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("{}", loaded.locate(&e));
