@@ -145,11 +145,14 @@ struct Held {
     /// message's, lower than the entries queued before it.
     at_once: bool,
     sends: Outgoing,
+    /// Bytes its connection is charged beyond the reply's own until it leaves: the request,
+    /// whose record waits in the log's queue for the same sync.
+    charge: usize,
 }
 
 impl Held {
     fn new(upto: u64, sends: Outgoing) -> Held {
-        Held { upto, at_once: false, sends }
+        Held { upto, at_once: false, sends, charge: 0 }
     }
 }
 
@@ -728,8 +731,9 @@ struct Conn {
     out: VecDeque<Vec<u8>>,
     sent: usize,
     out_bytes: usize,
-    /// Bytes of replies to its requests still waiting for the disk (counted with `out_bytes`
-    /// against the connection's bound: a client that pipelines during a slow sync is paused).
+    /// Bytes of replies to its requests still waiting for the disk, and of those requests
+    /// (their records wait in the log's queue), counted with `out_bytes` against the
+    /// connection's bound: a client that pipelines during a slow sync is paused.
     held_bytes: usize,
     /// The position its last queued reply waits for (a reply that answers at once waits for
     /// this, so that replies leave in order).
@@ -945,11 +949,13 @@ impl Loop<'_> {
                 if let Some((to, bytes)) = reply {
                     c.held_bytes += bytes.len();
                     if at_once {
-                        g.pending.push_back(Held { upto: c.last_upto, at_once: true, sends: vec![(to, bytes)] });
+                        g.pending.push_back(Held { upto: c.last_upto, at_once: true, sends: vec![(to, bytes)], charge: 0 });
                         g.pending_at_once += 1;
                     } else {
                         c.last_upto = seq;
-                        g.pending.push_back(Held::new(seq, vec![(to, bytes)]));
+                        let charge = msg.payload.len();
+                        c.held_bytes += charge;
+                        g.pending.push_back(Held { charge, ..Held::new(seq, vec![(to, bytes)]) });
                     }
                 }
                 if !sends.is_empty() {
@@ -995,12 +1001,12 @@ impl Loop<'_> {
                 }
             }
             g.pending_at_once -= due.iter().filter(|h| h.at_once).count();
-            for Held { sends, .. } in due {
+            for Held { sends, charge, .. } in due {
                 for (to, bytes) in sends {
                     let Some(c) = self.conns.get_mut(&to) else { continue };
                     let event = bytes[..4] == (MsgType::WatchEvent as u32).to_le_bytes();
                     if !event {
-                        c.held_bytes = c.held_bytes.saturating_sub(bytes.len());
+                        c.held_bytes = c.held_bytes.saturating_sub(bytes.len() + charge);
                     }
                     if event && (c.overflowed || c.paused(&limits)) {
                         c.overflowed = true;

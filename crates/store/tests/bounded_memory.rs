@@ -284,3 +284,38 @@ fn transactions_on_a_large_tree_copy_nothing() {
         assert_eq!(c.read(&format!("/local/domain/{i}/data/k6")).expect("read"), format!("tx{i}").as_bytes());
     }
 }
+
+#[test]
+fn a_writer_pipelining_during_a_slow_sync_is_paused() {
+    let srv = Served::start("slowsync");
+    let mut c = Client::connect(&srv.sock).expect("client");
+    c.write("/k", b"v").expect("write");
+    // Every sync 2 s longer: a write's reply, and its record in the log, wait that long.
+    c.control(&["sync-delay", "2000"]).expect("sync-delay");
+    std::thread::sleep(Duration::from_millis(200));
+    let before = srv.rss_kib();
+    // 20,000 writes of 4 KB values (80 MB) pipelined and never answered in time: the records
+    // queued for the log count against the connection's bound as its replies do, so the
+    // server stops reading it after a few hundred KB.
+    let mut hog = UnixStream::connect(&srv.sock).expect("hog");
+    hog.set_write_timeout(Some(Duration::from_millis(1500))).expect("timeout");
+    let mut payload = b"/hog\0".to_vec();
+    payload.extend(std::iter::repeat_n(b'w', 4000));
+    let mut sent = 0u32;
+    for i in 0..20_000u32 {
+        if hog.write_all(&Msg::new(MsgType::Write, i, 0, payload.clone()).encode()).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    let after = srv.rss_kib();
+    println!("pipelining writer during a 2 s sync: {sent} of 20000 writes accepted; server RSS {before} -> {after} KiB");
+    // 256 KB of writes, plus what the socket buffers hold.
+    assert!(sent < 400, "the server read {sent} writes (of 4 KB) from a writer whose writes wait for the disk");
+    assert!(after < before + 8 * 1024, "RSS grew from {before} to {after} KiB");
+    // The supervisor's check is still answered at once.
+    let t = Instant::now();
+    c.control(&["check"]).expect("check");
+    assert!(t.elapsed() < Duration::from_millis(1000), "check took {:?}", t.elapsed());
+    c.control(&["sync-delay", "0"]).expect("sync-delay off");
+}
