@@ -1195,6 +1195,9 @@ struct Watchdog {
     notes: std::sync::mpsc::SyncSender<String>,
     /// When the agent's loop last began a round (ns of the host's monotonic clock).
     loop_ns: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// How long the loop may go without a round before the agent stops holding the host
+    /// ([`LOOP_STUCK`]).
+    loop_stuck: Duration,
 }
 
 /// Rewrites the host's heartbeat with the next beat (renews the host's lease), from `store`.
@@ -1275,11 +1278,11 @@ impl Renewer {
                     let t0 = Instant::now();
                     // An agent whose loop is stuck does not hold the host: the lease lapses
                     // and the watchdog fences the host (a respawner replaces the agent first).
-                    if watchdog.since_loop() >= LOOP_STUCK {
+                    if watchdog.since_loop() >= watchdog.loop_stuck {
                         if last_error.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                             watchdog.say(format!(
                                 "agent {}: its loop has not gone round for {:?}: the lease is not renewed",
-                                cfg.host, LOOP_STUCK
+                                cfg.host, watchdog.loop_stuck
                             ));
                             last_error = Some(Instant::now());
                         }
@@ -1313,6 +1316,11 @@ fn monotonic_ns() -> u64 {
 
 impl Watchdog {
     fn start(cfg: &Config) -> Watchdog {
+        Watchdog::start_with(cfg, LOOP_STUCK)
+    }
+
+    /// [`Watchdog::start`] with another limit for a stuck loop.
+    fn start_with(cfg: &Config, loop_stuck: Duration) -> Watchdog {
         use std::sync::atomic::Ordering;
         // First, while this process has no other thread (the variable is removed from the
         // environment the agent's children inherit).
@@ -1326,6 +1334,7 @@ impl Watchdog {
             fired: Default::default(),
             notes,
             loop_ns: std::sync::Arc::new(now.into()),
+            loop_stuck,
         };
         let (renewed, tick) = (std::sync::Arc::clone(&w.renewed_ns), (cfg.lease / 20).max(Duration::from_millis(2)));
         let reporter = std::thread::Builder::new().name("renewal-reporter".into()).spawn(move || {
@@ -1358,7 +1367,7 @@ impl Watchdog {
             loop {
                 // The respawner's heartbeat, while the loop goes round.
                 let round = monotonic_ns().saturating_sub(me.loop_ns.load(Ordering::Acquire));
-                if let Some(fd) = alive.as_ref().filter(|_| round < LOOP_STUCK.as_nanos() as u64) {
+                if let Some(fd) = alive.as_ref().filter(|_| round < me.loop_stuck.as_nanos() as u64) {
                     // SAFETY: writes one byte from a live local to a non-blocking pipe we own.
                     unsafe { libc::write(fd.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
                 }
@@ -1658,6 +1667,59 @@ mod tests {
         assert!(other.try_wait().expect("wait").is_none(), "a process not running a spec of the host is left alone");
         let _ = other.kill();
         let _ = other.wait();
+        let _ = std::fs::remove_dir_all(&cfg.state_dir);
+    }
+
+    /// The renewer renews the host's lease while the agent's loop goes round, stops once the
+    /// loop has not gone round for the stuck limit (here 300 ms instead of 10 s), and the
+    /// watchdog then fences the host; a loop that goes round again renews again.
+    #[test]
+    fn a_stuck_loop_stops_renewing_and_the_host_is_fenced() {
+        let mut cfg = watchdog_config("stuck");
+        // As `vigil up` serves it: heartbeats do not wait for the disk.
+        let sc = store::server::Config {
+            volatile: vec![cluster::VOLATILE_HEARTBEATS.into()],
+            ..store::server::Config::local(cfg.state_dir.join("store.sock"), cfg.state_dir.join("store"))
+        };
+        let server = store::server::Server::bind(&sc).expect("store");
+        std::thread::spawn(move || server.run());
+        cfg.store = sc.socket.clone();
+        let spec = cfg.state_dir.join("vm.primary.json");
+        std::fs::write(&spec, "{}").expect("spec");
+        let mut copy = runs_spec(&spec);
+        let w = Watchdog::start_with(&cfg, Duration::from_millis(300));
+        let beat = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let renewer = Renewer::start(&cfg, std::sync::Arc::clone(&beat), w.clone()).expect("renewer");
+        let mut reader = store::Client::connect(&sc.socket).expect("client");
+        let heartbeat = || beat.load(std::sync::atomic::Ordering::Acquire);
+        // The loop goes round every 20 ms for 600 ms: renewed all along, nobody fenced.
+        for _ in 0..30 {
+            w.looped();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let going = heartbeat();
+        assert!(going >= 15, "{going} renewals in 600 ms at a period of 20 ms");
+        // (Renewed on meanwhile: the store holds this beat or a later one.)
+        let stored: u64 =
+            String::from_utf8(reader.read(&cluster::heartbeat_path("h")).expect("heartbeat")).expect("utf-8").parse().expect("a beat");
+        // (The beat is counted before its write: `going` may still be on its way.)
+        assert!(stored + 1 >= going && stored <= heartbeat(), "the store holds beat {stored}, the renewer counted {going}");
+        assert!(copy.try_wait().expect("wait").is_none(), "fenced while the loop went round");
+        // The loop stops: renewals stop 300 ms later, the watchdog fences 180 ms after that.
+        let stuck = Instant::now();
+        let st = copy.wait().expect("wait");
+        let after = stuck.elapsed();
+        assert!(!st.success() && after >= Duration::from_millis(400) && after < Duration::from_millis(2000), "{st:?} after {after:?}");
+        let stopped = heartbeat();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(heartbeat(), stopped, "renewed while the loop was stuck");
+        // It goes round again: renewed again.
+        for _ in 0..10 {
+            w.looped();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(heartbeat() > stopped, "not renewed once the loop went round again");
+        drop(renewer);
         let _ = std::fs::remove_dir_all(&cfg.state_dir);
     }
 
