@@ -1218,6 +1218,25 @@ impl Conn {
         // SAFETY: FD_CLOEXEC on our own descriptor.
         unsafe { libc::fcntl(pidfd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
         self.proc_ = Some(Proc { child, pidfd, sock: ours });
+        // Both sides must be of the same protocol (the program may be another build's).
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        match self.round_trip(&Request::Hello { seq, version: wire::PROTOCOL }.encode(), Duration::from_secs(5)) {
+            Ok(r) if r.status == wire::STATUS_OK => {}
+            Ok(r) => {
+                self.kill();
+                return Err(format!(
+                    "the backend program {} does not take the VMM's ring protocol {}: {}",
+                    self.program.program.display(),
+                    wire::PROTOCOL,
+                    r.reason
+                ));
+            }
+            Err(f) => {
+                self.kill();
+                return Err(format!("the new backend {}", f.describe()));
+            }
+        }
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         match self.round_trip(&Request::Ping { seq }.encode(), Duration::from_secs(5)) {
@@ -1311,7 +1330,12 @@ mod tests {
                 u32::from_le_bytes([m[8], m[9], m[10], m[11]]),
             );
             let ok = |done: u32| Reply { op, seq, done, status: STATUS_OK, reason: String::new() }.encode();
-            let reply = if op == wire::OP_PING && mode == "scribble" {
+            let reply = if op == wire::OP_HELLO && mode == "other_protocol" {
+                // A backend of another build, as an older one answers a request it does not know.
+                Reply { op, seq, done: 0, status: wire::STATUS_REFUSED, reason: format!("unknown operation {op}") }.encode()
+            } else if op == wire::OP_HELLO {
+                ok(0)
+            } else if op == wire::OP_PING && mode == "scribble" {
                 // A buggy backend writing garbage over the ring: a tail past the head (or
                 // far past it), slots full of junk.
                 if let Some(r) = &ring {
@@ -1380,6 +1404,26 @@ mod tests {
     #[test]
     fn fake_backend_forbidden() {
         fake("forbidden");
+    }
+    #[test]
+    fn fake_backend_other_protocol() {
+        fake("other_protocol");
+    }
+
+    /// A backend program that does not take this VMM's ring protocol (another build of vigil)
+    /// is refused at its start, naming the program and the protocol, before any request.
+    #[test]
+    fn a_backend_of_another_protocol_is_refused_by_name() {
+        let mem = memfd(c"test-guest", 1 << 20).expect("memfd");
+        let mut pair = [0; 2];
+        // SAFETY: socketpair fills two descriptors.
+        assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, pair.as_mut_ptr()) }, 0);
+        // SAFETY: both are new and ours.
+        let (tap, _peer) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+        let p = program("other_protocol");
+        let e = Backend::start(Device::Net, &p, mem.as_fd(), tap.as_fd()).err().expect("refused");
+        assert!(e.contains(&format!("ring protocol {}", wire::PROTOCOL)) && e.contains(&p.program.display().to_string()), "{e}");
+        assert!(e.contains("unknown operation"), "{e}");
     }
 
     /// A backend under the seccomp filter that makes a forbidden system call (a socket) dies

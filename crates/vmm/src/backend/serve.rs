@@ -42,11 +42,24 @@ pub struct Handler {
     pub dropped: u64,
     /// Ring entries not sent: refused by the tap (a full queue, as on a wire) or not a frame.
     pub tx_dropped: u64,
+    /// The VMM said it speaks [`wire::PROTOCOL`] (`OP_HELLO`): requests are served.
+    greeted: bool,
 }
 
 impl Handler {
     pub fn new(mem: Mapping, tap: RawFd, progress: Progress) -> Handler {
-        Handler { mem, tap, progress, ring: None, disk_ring: false, rx: None, tap_blocking: false, dropped: 0, tx_dropped: 0 }
+        Handler {
+            mem,
+            tap,
+            progress,
+            ring: None,
+            disk_ring: false,
+            rx: None,
+            tap_blocking: false,
+            dropped: 0,
+            tx_dropped: 0,
+            greeted: false,
+        }
     }
 
     /// Also drains transmit ring `ring`.
@@ -204,6 +217,16 @@ impl Handler {
     }
 
     fn serve(&mut self, req: Request) -> Result<(u32, u32), String> {
+        if let Request::Hello { version, .. } = req {
+            if version != wire::PROTOCOL {
+                return Err(format!("the VMM speaks ring protocol {version}, this backend {}", wire::PROTOCOL));
+            }
+            self.greeted = true;
+            return Ok((0, STATUS_OK));
+        }
+        if !self.greeted {
+            return Err(format!("a request before the hello (this backend speaks ring protocol {})", wire::PROTOCOL));
+        }
         let seq = req.seq();
         if let Request::Block { descs, .. } = req {
             return self.block(seq, &descs);
@@ -267,7 +290,7 @@ impl Handler {
     fn serve_net(&mut self, req: Request) -> Result<u32, String> {
         let seq = req.seq();
         match req {
-            Request::Ping { .. } | Request::Block { .. } => Ok(0),
+            Request::Ping { .. } | Request::Block { .. } | Request::Hello { .. } => Ok(0),
             Request::Tx { frames, .. } => {
                 for (i, &(addr, len)) in frames.iter().enumerate() {
                     self.mem.range(addr, len as usize).map_err(|e| format!("frame {i}: {e}"))?;
@@ -525,8 +548,34 @@ mod tests {
             pair[0],
             Progress::new(Mapping::map(pfd.as_fd()).expect("map")).expect("progress"),
         );
+        let mut h = h;
+        let r = Reply::parse(&h.handle(&Request::Hello { seq: 0, version: wire::PROTOCOL }.encode())).expect("reply");
+        assert_eq!(r.status, STATUS_OK, "{r:?}");
         let view = Mapping::map(memfd_.as_fd()).expect("map");
         (h, view, memfd_, pair)
+    }
+
+    /// Nothing is served before a hello, nor after a hello of another protocol (a VMM of
+    /// another build): each is refused with the versions.
+    #[test]
+    fn only_a_vmm_of_the_same_protocol_is_served() {
+        let (h, _view, _fd, _pair) = handler(1 << 20);
+        let mut h = Handler { greeted: false, ..h };
+        let ping = Request::Ping { seq: 1 }.encode();
+        let r = Reply::parse(&h.handle(&ping)).expect("reply");
+        assert_eq!(r.status, STATUS_REFUSED);
+        assert!(r.reason.contains("before the hello"), "{r:?}");
+        let r = Reply::parse(&h.handle(&Request::Hello { seq: 2, version: wire::PROTOCOL + 1 }.encode())).expect("reply");
+        assert_eq!(r.status, STATUS_REFUSED);
+        assert!(r.reason.contains(&format!("protocol {}", wire::PROTOCOL + 1)), "{r:?}");
+        assert_eq!(Reply::parse(&h.handle(&ping)).expect("reply").status, STATUS_REFUSED, "still not greeted");
+        // A hello cut short is refused too.
+        let mut short = Request::Hello { seq: 3, version: wire::PROTOCOL }.encode();
+        short.truncate(18);
+        short[12..16].copy_from_slice(&2u32.to_le_bytes());
+        assert_eq!(Reply::parse(&h.handle(&short)).expect("reply").status, STATUS_REFUSED);
+        assert_eq!(Reply::parse(&h.handle(&Request::Hello { seq: 4, version: wire::PROTOCOL }.encode())).expect("reply").status, STATUS_OK);
+        assert_eq!(Reply::parse(&h.handle(&ping)).expect("reply").status, STATUS_OK);
     }
 
     #[test]

@@ -19,6 +19,15 @@ pub const OP_PING: u32 = 4;
 /// Block device: run descriptors (24-byte entries `[op: u32][sectors: u32][sector: u64]
 /// [buf: u64]`) against the disk, in order.
 pub const OP_BLOCK: u32 = 5;
+/// The first request on a connection: the VMM's [`PROTOCOL`] (payload: u32 LE). A backend
+/// refuses every other request until it has agreed to one.
+pub const OP_HELLO: u32 = 6;
+
+/// The version of everything a VMM and its backend processes share: these messages, the rings
+/// and the progress page (`shm`), the descriptor numbers. Raise it with any change to them: a
+/// backend program of another build (a VM restored on a machine whose recorded `vigil` is
+/// older, say) is then refused by name at its start instead of misreading the rings.
+pub const PROTOCOL: u32 = 1;
 
 /// Bytes of one block entry.
 pub const BLOCK_ENTRY: usize = 24;
@@ -60,6 +69,7 @@ pub enum Request {
     Send { seq: u32, payload: Vec<u8> },
     Ping { seq: u32 },
     Block { seq: u32, descs: Vec<BlockEntry> },
+    Hello { seq: u32, version: u32 },
 }
 
 impl Request {
@@ -69,7 +79,8 @@ impl Request {
             | Request::Rx { seq, .. }
             | Request::Send { seq, .. }
             | Request::Ping { seq }
-            | Request::Block { seq, .. } => *seq,
+            | Request::Block { seq, .. }
+            | Request::Hello { seq, .. } => *seq,
         }
     }
 
@@ -89,11 +100,14 @@ impl Request {
             }
             return m;
         }
+        if let Request::Hello { seq, version } = self {
+            return [OP_HELLO, *seq, 0, 4, *version].iter().flat_map(|v| v.to_le_bytes()).collect();
+        }
         let (op, seq, entries, payload): (u32, u32, &[(u64, u32)], &[u8]) = match self {
             Request::Tx { seq, frames } => (OP_TX, *seq, frames, &[]),
             Request::Rx { seq, bufs } => (OP_RX, *seq, bufs, &[]),
             Request::Send { seq, payload } => (OP_SEND, *seq, &[], payload),
-            Request::Ping { seq } | Request::Block { seq, .. } => (OP_PING, *seq, &[], &[]),
+            Request::Ping { seq } | Request::Block { seq, .. } | Request::Hello { seq, .. } => (OP_PING, *seq, &[], &[]),
         };
         let mut m = Vec::with_capacity(HEADER + entries.len() * ENTRY + payload.len());
         for v in [op, seq, entries.len() as u32, payload.len() as u32] {
@@ -174,6 +188,10 @@ impl Request {
             }
             OP_PING if count == 0 && plen == 0 && body.is_empty() => Ok(Request::Ping { seq }),
             OP_PING => Err("ping with a body".into()),
+            OP_HELLO if count == 0 && plen == 4 && body.len() == 4 => {
+                Ok(Request::Hello { seq, version: u32::from_le_bytes([body[0], body[1], body[2], body[3]]) })
+            }
+            OP_HELLO => Err(format!("hello of {} bytes (4 expected)", body.len())),
             op => Err(format!("unknown operation {op}")),
         }
     }
@@ -262,6 +280,7 @@ mod tests {
             Request::Rx { seq: 2, bufs: vec![(0x3000, 2048)] },
             Request::Send { seq: 3, payload },
             Request::Ping { seq: 4 },
+            Request::Hello { seq: 5, version: PROTOCOL },
             Request::Block {
                 seq: 5,
                 descs: vec![BlockEntry { op: 1, sectors: 8, sector: 3, buf: 0x4000 }, BlockEntry { op: 2, sectors: 0, sector: 0, buf: 0 }],
