@@ -44,20 +44,66 @@ struct Mirror {
     waiting: Option<(std::time::Instant, u64)>,
 }
 
+/// Sends SIGCONT to every other process that has `file` open (the same device and inode) and
+/// is stopped with SIGTERM pending, and returns their pids. A block backend's death signal is
+/// SIGTERM, which it handles by writing its ring and exiting; stopped when its VMM died, it
+/// would hold the disk (and the guest's last writes) until someone continued it. A process
+/// stopped without a pending SIGTERM (a hang injected, a debugger) is left as it is.
+pub fn continue_stopped_holders(file: &File) -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(me) = file.metadata() else { return Vec::new() };
+    let own = std::process::id();
+    let mut continued = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else { return continued };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()).filter(|&n| n != own) else { continue };
+        let Ok(status) = std::fs::read_to_string(p.path().join("status")) else { continue };
+        let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+        let stopped = field("State:").is_some_and(|s| s.starts_with('T'));
+        let term = 1u64 << (libc::SIGTERM - 1);
+        let pending =
+            ["SigPnd:", "ShdPnd:"].iter().any(|f| field(f).and_then(|m| u64::from_str_radix(m, 16).ok()).is_some_and(|m| m & term != 0));
+        if !stopped || !pending {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else { continue };
+        let holds = fds.flatten().any(|fd| std::fs::metadata(fd.path()).is_ok_and(|m| m.dev() == me.dev() && m.ino() == me.ino()));
+        // SAFETY: kill(2) with a pid read from /proc and a constant signal.
+        if holds && unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) } == 0 {
+            continued.push(pid);
+        }
+    }
+    continued
+}
+
 impl Block {
     /// Opens `path` read-write and locks it (an exclusive `flock`, held by this VMM and its
     /// block backends, released when the last of them exits). A disk locked by another
     /// process is waited for up to [`DISK_LOCK_WAIT`] — a block backend whose VMM died writes
     /// the guest's last writes before it exits, and a VMM restarted on the disk must read
     /// them — then refused: two VMMs writing one disk would corrupt it.
+    ///
+    /// A holder stopped (SIGSTOP) with a SIGTERM pending — a block backend whose VMM died while
+    /// it was stopped, told to end by its death signal — is continued, so that it writes what
+    /// its ring holds and exits ([`continue_stopped_holders`]).
     pub fn open(path: &Path) -> Result<Self> {
         let file = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(io("cannot open disk", path))?;
         let t = std::time::Instant::now();
+        let mut looked = None;
         // SAFETY: flock(2) on a descriptor we own (and keep: the lock lives with it).
         while unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() != std::io::ErrorKind::WouldBlock {
                 return Err(crate::Error::Config(format!("disk {}: cannot lock it: {e}", path.display())));
+            }
+            // A scan of every process: only after a moment, and not at every turn.
+            if t.elapsed() >= std::time::Duration::from_millis(50)
+                && looked.is_none_or(|l: std::time::Instant| l.elapsed() >= std::time::Duration::from_millis(250))
+            {
+                looked = Some(std::time::Instant::now());
+                for pid in continue_stopped_holders(&file) {
+                    eprintln!("vmm: disk {}: its holder {pid} was stopped with SIGTERM pending: continued, to end", path.display());
+                }
             }
             if t.elapsed() >= DISK_LOCK_WAIT {
                 return Err(crate::Error::Config(format!(
@@ -355,6 +401,62 @@ fn write_bytes(mem: &GuestMem, addr: u64) -> usize {
 mod tests {
     use super::*;
     use crate::memory::Pod;
+
+    /// A process holding the disk's lock, stopped, with and without a SIGTERM pending.
+    fn stopped_holder(path: &Path, term: bool) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(path).expect("disk");
+        // SAFETY: flock(2) on a descriptor we own.
+        assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("30");
+        // SAFETY: between fork and exec only fcntl(2), async-signal-safe: the locked
+        // descriptor stays open across exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::fcntl(fd, libc::F_SETFD, 0);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("sleep");
+        drop(f);
+        let pid = child.id() as libc::pid_t;
+        // SAFETY: signals to our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGSTOP);
+            if term {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+        child
+    }
+
+    /// The disk's holder stopped with SIGTERM pending (a block backend whose VMM died while it
+    /// was stopped) is continued and ends, and the disk opens well within the wait; one stopped
+    /// without it (a hang) is left alone and the disk refused.
+    #[test]
+    fn a_stopped_holder_told_to_end_is_continued_and_the_disk_opens() {
+        let dir = std::env::temp_dir().join(format!("vigil-block-stopped-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("disk");
+        std::fs::write(&path, vec![0u8; 64 * 512]).expect("disk");
+        let mut told = stopped_holder(&path, true);
+        let t = std::time::Instant::now();
+        let disk = Block::open(&path).expect("opens once the holder ended");
+        assert!(t.elapsed() < DISK_LOCK_WAIT / 2, "took {:?}", t.elapsed());
+        let st = told.wait().expect("wait");
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(libc::SIGTERM), "{st:?}");
+        drop(disk);
+        let mut hung = stopped_holder(&path, false);
+        let e = Block::open(&path).err().expect("refused");
+        assert!(e.to_string().contains("in use by another VMM"), "{e}");
+        assert!(hung.try_wait().expect("wait").is_none(), "a stopped holder without SIGTERM pending was ended");
+        let _ = hung.kill();
+        let _ = hung.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// Random request blocks and descriptors never panic the device: each is either served
     /// or refused with a reason.
