@@ -4,7 +4,8 @@
 //! acknowledged reply. Nothing acknowledged may be lost, no request may run twice (each
 //! client's INCR counts exactly its requests), every client keeps its one TCP connection, and
 //! the VM keeps running. With the block backend, kv logs every request on its disk before it
-//! replies: a new VM on the same disk must find every acknowledged write there.
+//! replies: a new VM on the same disk must find every acknowledged write there — also when the
+//! VMM was killed while its block backend was stopped.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -173,4 +174,74 @@ fn blk_backend_killed_at_random_moments_loses_no_acknowledged_write() {
 #[test]
 fn blk_backend_hung_at_random_moments_is_detected_and_replaced() {
     chaos("blk_backend_hung_at_random_moments_is_detected_and_replaced", "blk_backend", libc::SIGSTOP, 5);
+}
+
+/// A VMM killed while its block backend is stopped (SIGSTOP, before the VMM noticed the hang):
+/// the backend's death signal (SIGTERM) waits pending, and the backend holds the disk and what
+/// its write ring holds. A VMM started on the disk continues it, so that it writes them and
+/// exits: the new VM opens the disk at once and finds every write a client was answered for.
+#[test]
+fn a_vmm_killed_while_its_blk_backend_is_stopped_hands_the_disk_over() {
+    let test = "a_vmm_killed_while_its_blk_backend_is_stopped_hands_the_disk_over";
+    if no_kvm(test) {
+        return;
+    }
+    let image = testbed::guest("kv").expect("kv guest");
+    let ns = TapNs::new("blk-orph").expect("namespace");
+    let dir = scratch("blk-orph");
+    std::fs::create_dir_all(&dir).expect("scratch");
+    let disk = dir.join("disk");
+    std::fs::write(&disk, vec![0u8; 16 << 20]).expect("disk");
+    let disk_arg = disk.display().to_string();
+    let vigil = Path::new(env!("CARGO_BIN_EXE_vigil"));
+    let mut vm = ns.start_vm_with(vigil, &image, &["--disk", &disk_arg, "--blk-backend", "process"], "vm", &dir).expect("start the VM");
+    // A client writing as fast as it is answered, until the VMM is gone: what it was answered
+    // for counts.
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let client = {
+        let (ns_name, acked) = (ns.name.clone(), acked.clone());
+        std::thread::spawn(move || {
+            let mut cli = RedisClient::new(&ns_name, GUEST_IP, 6379);
+            for i in 1u64.. {
+                if cli.try_call(&format!("SET k{i} v{i}"), Duration::from_secs(3)).as_deref() != Some("OK") {
+                    break;
+                }
+                acked.store(i, Ordering::Release);
+            }
+        })
+    };
+    let t = Instant::now();
+    while acked.load(Ordering::Acquire) < 200 {
+        assert!(t.elapsed() < Duration::from_secs(20), "the client is not answered");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let backend = vm.backend_pid_of("blk_backend");
+    assert!(backend != 0, "no block backend in the VM's status");
+    // SAFETY: kill(2) of the backend the VM reports (alive: its VMM has not reaped it).
+    assert_eq!(unsafe { libc::kill(backend as i32, libc::SIGSTOP) }, 0);
+    std::thread::sleep(Duration::from_millis(20));
+    vm.proc_.kill();
+    client.join().expect("client");
+    let n = acked.load(Ordering::Acquire);
+    let t = Instant::now();
+    let vm2 = ns.start_vm_with(vigil, &image, &["--disk", &disk_arg], "vm2", &dir);
+    let took = t.elapsed();
+    // The old backend has ended (a zombie until whoever inherited it reaps it).
+    let state = std::fs::read_to_string(format!("/proc/{backend}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("State:")).map(|s| s.trim().to_string()));
+    let backend_left = state.as_deref().is_some_and(|s| !s.starts_with('Z'));
+    eprintln!("{test}: the old backend {backend}: {state:?}");
+    if backend_left {
+        // SAFETY: as above; it must not outlive the test.
+        unsafe { libc::kill(backend as i32, libc::SIGKILL) };
+    }
+    let _vm2 = vm2.expect("a VM on the disk its stopped backend held");
+    assert!(!backend_left, "the stopped backend of the killed VMM is still there");
+    let mut check = RedisClient::new(&ns.name, GUEST_IP, 6379);
+    for i in 1..=n {
+        assert_eq!(check.call(&format!("GET k{i}")), format!("v{i}"), "key {i} of {n} acknowledged, replayed from the disk");
+    }
+    eprintln!("{test}: {n} acknowledged writes replayed; the new VM started in {took:?}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
