@@ -73,7 +73,7 @@ impl Staircase {
         }
         if let (Some([p, j, b, d]), Some(t)) = (self.ints, t.to_i64()) {
             // ⌈x/p⌉ for x > 0 is (x − 1)/p + 1 in integer division.
-            let by_period = t.checked_add(j).map(|x| (x - 1) / p + b);
+            let by_period = t.checked_add(j).and_then(|x| ((x - 1) / p).checked_add(b - 1)).and_then(|n| n.checked_add(1));
             let n = match (by_period, d > 0) {
                 (Some(n), true) => Some(n.min((t - 1) / d + 1)),
                 (n, _) => n,
@@ -234,5 +234,37 @@ impl BusyWindow {
         self.rho = &self.rho + &rate * &wcet;
         self.burst = &self.burst + &burst * &wcet;
         self.higher.push((s, wcet));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::q::{q, qf};
+
+    /// η in 64-bit integers is the rational formula, and falls back to it where the integers
+    /// would overflow.
+    #[test]
+    fn events_in_integers_match_the_rational_formula() {
+        let models = [
+            EventModel::Periodic { period: q(7) },
+            EventModel::Pjd { period: q(10), jitter: q(23), min_distance: q(3) },
+            EventModel::Sporadic { min_distance: q(4) },
+            EventModel::Bursty { period: q(9), burst: 3, min_distance: q(2) },
+            EventModel::Bursty { period: q(9), burst: i64::MAX - 5, min_distance: q(0) },
+            EventModel::Pjd { period: q(1), jitter: q(i64::MAX - 1), min_distance: q(0) },
+        ];
+        for m in &models {
+            let s = Staircase::of(m).expect("a standard model");
+            let rational = Staircase { ints: None, ..s.clone() };
+            for t in [q(0), q(1), q(6), q(7), q(8), q(30), q(1_000_000), q(i64::MAX - 1), qf(15, 2)] {
+                assert_eq!(s.events(&t), rational.events(&t), "{m:?} at {t}");
+            }
+        }
+        let curve = EventModel::Pjd { period: q(10), jitter: q(23), min_distance: q(3) }.curves().expect("curves").0;
+        let s = Staircase::of(&EventModel::Pjd { period: q(10), jitter: q(23), min_distance: q(3) }).expect("pjd");
+        for t in (0..200).map(|t| qf(t, 4)) {
+            assert_eq!(s.events(&t), curve.eval(&t), "η = αu at {t}");
+        }
     }
 }
