@@ -939,6 +939,7 @@ impl Loop<'_> {
                     continue;
                 }
                 let at_once = self.server.volatile.answers_at_once(&msg);
+                let before = g.written;
                 let out = commit(g, |s, shared_log| (if shared_log { s.checkpoint(id, &msg) } else { None }, s.handle(id, &msg)));
                 // Replies wait for the sync that covers every write made so far (reads included:
                 // nothing is shown that a crash could take back) — but for those of volatile
@@ -953,7 +954,8 @@ impl Loop<'_> {
                         g.pending_at_once += 1;
                     } else {
                         c.last_upto = seq;
-                        let charge = msg.payload.len();
+                        // A request that wrote: its record waits in the log's queue too.
+                        let charge = if seq > before { msg.payload.len() } else { 0 };
                         c.held_bytes += charge;
                         g.pending.push_back(Held { charge, ..Held::new(seq, vec![(to, bytes)]) });
                     }
@@ -1005,6 +1007,8 @@ impl Loop<'_> {
                 for (to, bytes) in sends {
                     let Some(c) = self.conns.get_mut(&to) else { continue };
                     let event = bytes[..4] == (MsgType::WatchEvent as u32).to_le_bytes();
+                    // A reply takes its request's charge off: that alone may un-pause it.
+                    let paused_before = c.paused(&limits);
                     if !event {
                         c.held_bytes = c.held_bytes.saturating_sub(bytes.len() + charge);
                     }
@@ -1020,6 +1024,10 @@ impl Loop<'_> {
                     c.out.push_back(bytes);
                     if !was_paused && c.paused(&limits) {
                         self.server.stats.connections_paused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if paused_before && !c.paused(&limits) && !c.inbuf.is_empty() {
+                        // Resume the requests it sent while paused (`flush` sees it unpaused).
+                        self.ready.insert(to);
                     }
                     touched.insert(to);
                 }

@@ -84,7 +84,8 @@ impl Handler {
     /// each (so a crash loses at most the frame being read); whether it still has room (then
     /// the tap is worth waiting on). An error when the ring's counters are impossible.
     pub fn fill_rx(&mut self) -> Result<bool, String> {
-        let Some((ring, event)) = &self.rx else { return Ok(false) };
+        // No ring is touched before the VMM said it lays them out as this build does.
+        let Some((ring, event)) = self.rx.as_ref().filter(|_| self.greeted) else { return Ok(false) };
         let mut frame = [0u8; 65536];
         let mut head = ring.head();
         let mut kick = false;
@@ -128,6 +129,9 @@ impl Handler {
     /// each; an error when the ring's counters are impossible (the process then exits and the
     /// VMM starts another).
     pub fn drain_ring(&mut self) -> Result<u64, String> {
+        if !self.greeted {
+            return Ok(0);
+        }
         if self.disk_ring {
             return self.drain_writes();
         }
@@ -471,6 +475,24 @@ pub fn serve() -> Result<(), String> {
 /// The main loop of [`serve`], until the VMM goes or the process is told to end.
 fn serve_loop(h: &mut Handler, ring_passed: bool, term: Option<RawFd>) -> Result<(), String> {
     let mut buf = vec![0u8; MAX_MSG + 1];
+    // The hello first, before any ring is touched (a VMM of another protocol lays them out
+    // otherwise): the VMM sends it at once and waits for the answer.
+    // SAFETY: receives at most `buf.len()` bytes into our own buffer (blocking).
+    let n = unsafe { libc::recv(FD_SOCKET, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n == 0 {
+        return Ok(());
+    }
+    if n < 0 {
+        return Err(format!("receiving the hello: {}", std::io::Error::last_os_error()));
+    }
+    let reply = h.handle(&buf[..n as usize]);
+    // SAFETY: sends our own reply buffer on our socket.
+    if unsafe { libc::send(FD_SOCKET, reply.as_ptr().cast(), reply.len(), libc::MSG_NOSIGNAL) } < 0 {
+        return Err(format!("sending a reply: {}", std::io::Error::last_os_error()));
+    }
+    if !h.greeted {
+        return Err(format!("the VMM's first message was no hello of ring protocol {}", wire::PROTOCOL));
+    }
     loop {
         // Everything the VMM published goes out first: before any request is answered (so a
         // reply, a heartbeat's too, means the ring was drained up to when it was sent) and
@@ -556,11 +578,20 @@ mod tests {
     }
 
     /// Nothing is served before a hello, nor after a hello of another protocol (a VMM of
-    /// another build): each is refused with the versions.
+    /// another build): each is refused with the versions, and no ring is read or written.
     #[test]
     fn only_a_vmm_of_the_same_protocol_is_served() {
         let (h, _view, _fd, _pair) = handler(1 << 20);
-        let mut h = Handler { greeted: false, ..h };
+        let ring_fd = memfd(c"test-ring", crate::backend::shm::RING_BYTES as u64).expect("memfd");
+        let ring = FrameRing::new(Mapping::map(ring_fd.as_fd()).expect("map")).expect("ring");
+        let vmm_side = FrameRing::new(Mapping::map(ring_fd.as_fd()).expect("map")).expect("ring");
+        let mut h = Handler { greeted: false, ..h.with_ring(ring) };
+        // An entry published in the transmit ring stays there until the hello.
+        vmm_side.set_head(1);
+        assert_eq!(h.drain_ring(), Ok(0));
+        assert_eq!(h.fill_rx(), Ok(false));
+        assert_eq!(vmm_side.tail(), 0, "the ring was read before the hello");
+        vmm_side.set_head(0);
         let ping = Request::Ping { seq: 1 }.encode();
         let r = Reply::parse(&h.handle(&ping)).expect("reply");
         assert_eq!(r.status, STATUS_REFUSED);
