@@ -57,6 +57,15 @@ pub fn continue_stopped_holders(file: &File) -> Vec<u32> {
     let Ok(procs) = std::fs::read_dir("/proc") else { return continued };
     for p in procs.flatten() {
         let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()).filter(|&n| n != own) else { continue };
+        // The process first, then what /proc says of it: a pid reused after this refers to
+        // another process than the pidfd, which then can no longer be signalled (ESRCH).
+        // SAFETY: pidfd_open(2) of a pid; the result is checked and owned below.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) } as i32;
+        if pidfd < 0 {
+            continue;
+        }
+        // SAFETY: a new descriptor owned by nothing else.
+        let pidfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(pidfd) };
         let Ok(status) = std::fs::read_to_string(p.path().join("status")) else { continue };
         let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
         let stopped = field("State:").is_some_and(|s| s.starts_with('T'));
@@ -68,8 +77,9 @@ pub fn continue_stopped_holders(file: &File) -> Vec<u32> {
         }
         let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else { continue };
         let holds = fds.flatten().any(|fd| std::fs::metadata(fd.path()).is_ok_and(|m| m.dev() == me.dev() && m.ino() == me.ino()));
-        // SAFETY: kill(2) with a pid read from /proc and a constant signal.
-        if holds && unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) } == 0 {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&pidfd);
+        // SAFETY: pidfd_send_signal(2) on our own pidfd with a constant signal and no info.
+        if holds && unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd, libc::SIGCONT, std::ptr::null::<libc::siginfo_t>(), 0) } == 0 {
             continued.push(pid);
         }
     }
