@@ -45,9 +45,11 @@ pub struct Args {
     /// `store`: operations per measurement.
     #[arg(long, default_value_t = 2000)]
     ops: usize,
-    /// `store`: crashes and hangs injected (each); `monitoring`: rounds of marks on and off.
-    #[arg(long, default_value_t = 5)]
-    rounds: usize,
+    /// `store`: crashes and hangs injected (each); `monitoring`: rounds of marks on and off;
+    /// `replication`: rounds of every policy, interleaved, medians shown (default 5; 1 for
+    /// `replication`).
+    #[arg(long)]
+    rounds: Option<usize>,
     /// `policies`: the checkpoint policies to run (names, `analysed` included; default
     /// fixed:25, fixed:5, floating, network, adaptive, analysed).
     #[arg(long = "run-policies", value_delimiter = ',')]
@@ -203,6 +205,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             compression: args.compression,
             link_mbit: args.link_mbit,
             compute_limit: Duration::from_secs(args.compute_limit),
+            rounds: args.rounds.unwrap_or(1),
         };
         crate::replication::run(&args.policies, &opts)?;
         return Ok(());
@@ -214,7 +217,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         return crate::cluster::run(args.kills, args.json);
     }
     if let What::Drift = args.what {
-        return crate::cluster::drift(args.rounds, args.json);
+        return crate::cluster::drift(args.rounds.unwrap_or(5), args.json);
     }
     if let What::Migration = args.what {
         return crate::cluster::migration_bench(&args.cache, args.runs, args.json);
@@ -230,7 +233,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if let What::Components = args.what {
         return crate::components::run(&crate::components::Options {
             guests: args.guests.clone(),
-            rounds: args.rounds,
+            rounds: args.rounds.unwrap_or(5),
             requests: args.ops,
             kills: args.kills,
             no_disk: args.no_disk,
@@ -250,10 +253,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         });
     }
     if let What::Monitoring = args.what {
-        return crate::vmm::monitoring(&args.guests, args.rounds.max(1), args.json);
+        return crate::vmm::monitoring(&args.guests, args.rounds.unwrap_or(5).max(1), args.json);
     }
     if let What::Store = args.what {
-        return crate::store::run(args.ops, args.rounds, args.etcd, args.json);
+        return crate::store::run(args.ops, args.rounds.unwrap_or(5), args.etcd, args.json);
     }
     let mut rows = Vec::new();
     let mut prev: Option<(usize, f64)> = None;

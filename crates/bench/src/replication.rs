@@ -256,6 +256,52 @@ pub struct Options {
     /// How long `compute` may run; a run that takes longer is stopped and its time estimated
     /// from its progress.
     pub compute_limit: Duration,
+    /// Rounds of every policy, interleaved (unprotected, each policy, again...): the table
+    /// shows each figure's median over the rounds, and each round's ratios beside it.
+    pub rounds: usize,
+}
+
+impl Row {
+    /// One row of `rounds` rows of a policy: each workload's figure the median over the
+    /// rounds, the checkpoints and counts of all of them, CPU times per round.
+    fn median_of(rounds: &[Row]) -> Row {
+        let m = |f: fn(&Row) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
+        let n = rounds.len().max(1) as f64;
+        let mut epochs = Epochs::default();
+        for r in rounds {
+            let e = &r.epochs;
+            epochs.n += e.n;
+            epochs.pause_ms.extend(&e.pause_ms);
+            epochs.pages.extend(&e.pages);
+            epochs.bytes += e.bytes;
+            epochs.transfer_ms += e.transfer_ms;
+            epochs.ack_ms.extend(&e.ack_ms);
+            epochs.delay_ms.extend(&e.delay_ms);
+            epochs.compare += e.compare;
+            epochs.switches += e.switches;
+            epochs.find_ms += e.find_ms;
+            epochs.wire_bytes += e.wire_bytes;
+            epochs.compressed += e.compressed;
+            epochs.delta += e.delta;
+        }
+        Row {
+            policy: rounds.first().map(|r| r.policy.clone()).unwrap_or_default(),
+            compute_s: m(|r| r.compute_s),
+            stream_mbs: m(|r| r.stream_mbs),
+            kv_p50_ms: m(|r| r.kv_p50_ms),
+            kv_rps: m(|r| r.kv_rps),
+            mixed_p50_ms: m(|r| r.mixed_p50_ms),
+            mixed_rps: m(|r| r.mixed_rps),
+            epochs,
+            seconds: rounds.iter().map(|r| r.seconds).sum(),
+            spoiled: rounds.iter().flat_map(|r| r.spoiled.iter().copied()).collect(),
+            suspicions: rounds.iter().map(|r| r.suspicions).sum(),
+            cpu_primary: rounds.iter().map(|r| r.cpu_primary).sum::<f64>() / n,
+            cpu_backup: rounds.iter().map(|r| r.cpu_backup).sum::<f64>() / n,
+            compute_estimated: rounds.iter().any(|r| r.compute_estimated),
+            unprotected: rounds.iter().map(|r| r.unprotected).sum(),
+        }
+    }
 }
 
 /// CPU time (user + system) a process has used so far, from /proc.
@@ -298,82 +344,91 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
         }
     }
     let mut bed = Bed { tb, dir: dir.clone(), _arbiter: arbiter, images, run: 0, tracking: opts.tracking, compression: opts.compression };
-    let mut rows = Vec::new();
     let modes: Vec<Option<&str>> = std::iter::once(None).chain(policies.iter().map(|p| Some(p.as_str()))).collect();
     let modes = if failover_only { vec![] } else { modes };
-    for mode in modes {
-        let name = mode.unwrap_or("unprotected").to_string();
-        eprintln!("bench replication: {name}");
-        let mut row = Row { policy: name, ..Row::default() };
-        let mut log = String::new();
-        let mut seconds = 0.0;
-        // compute: 8 MiB working set, 100,000 passes (from start to exit, the initial
-        // synchronisation of the protected runs included).
-        {
-            let t0 = Instant::now();
-            let (mut p, b) = bed.start_with("compute", false, mode, &["8", "100000", "1000"], false)?;
-            let t = t0;
-            let mut cpu = 0.0;
-            row.compute_s = loop {
-                if p.child.try_wait()?.is_some() {
-                    break t0.elapsed().as_secs_f64();
-                }
-                cpu = cpu_seconds(p.child.id()).unwrap_or(cpu);
-                if t.elapsed() > opts.compute_limit {
-                    // Estimate from the last pass the guest reported.
-                    let pass = p
-                        .text()
-                        .lines()
-                        .filter_map(|l| l.strip_prefix("compute: pass ")?.split_whitespace().next()?.parse::<f64>().ok())
-                        .last();
-                    p.kill();
-                    let Some(pass) = pass else { bail!("compute reported no progress within {:?}", opts.compute_limit) };
-                    row.compute_estimated = true;
-                    break t0.elapsed().as_secs_f64() * 100_000.0 / pass;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            };
-            row.cpu_primary += cpu;
-            seconds += row.compute_s;
-            log.push_str(&p.text());
-            check_backup(&mut row, "compute", b);
-        }
-        // stream: 50 MB to a client.
-        {
-            let (mut p, b) = bed.start("stream", true, mode, &["50"])?;
-            wait_for(&mut p, "stream: serving", 20)?;
-            let (n, d) = stream_client(&bed.tb.client)?;
-            if n != 50_000_000 {
-                bail!("the stream client got {n} bytes, not 50,000,000");
-            }
-            row.stream_mbs = n as f64 / 1e6 / d.as_secs_f64();
-            seconds += d.as_secs_f64();
-            row.cpu_primary += cpu_seconds(p.child.id()).unwrap_or(0.0);
-            log.push_str(&bed.quit(p)?);
-            check_backup(&mut row, "stream", b);
-        }
-        // kv and mixed.
-        for busy in ["0", "8"] {
-            let (mut p, b) = bed.start("kv", true, mode, &["6379", busy])?;
-            wait_for(&mut p, "kv: serving", 20)?;
-            let t = Instant::now();
-            let (_, p50) = redis_bench(&bed.tb.client, 1, 100)?;
-            let (rps, _) = redis_bench(&bed.tb.client, 16, 2000)?;
-            seconds += t.elapsed().as_secs_f64();
-            row.cpu_primary += cpu_seconds(p.child.id()).unwrap_or(0.0);
-            if busy == "0" {
-                (row.kv_p50_ms, row.kv_rps) = (p50, rps);
+    let rounds = opts.rounds.max(1);
+    // Per mode, its row of each round.
+    let mut per_round: Vec<Vec<Row>> = vec![Vec::new(); modes.len()];
+    for round in 0..rounds {
+        for (k, &mode) in modes.iter().enumerate() {
+            let name = mode.unwrap_or("unprotected").to_string();
+            if rounds > 1 {
+                eprintln!("bench replication: {name} (round {} of {rounds})", round + 1);
             } else {
-                (row.mixed_p50_ms, row.mixed_rps) = (p50, rps);
+                eprintln!("bench replication: {name}");
             }
-            log.push_str(&bed.quit(p)?);
-            check_backup(&mut row, if busy == "0" { "kv" } else { "mixed" }, b);
+            let mut row = Row { policy: name, ..Row::default() };
+            let mut log = String::new();
+            let mut seconds = 0.0;
+            // compute: 8 MiB working set, 100,000 passes (from start to exit, the initial
+            // synchronisation of the protected runs included).
+            {
+                let t0 = Instant::now();
+                let (mut p, b) = bed.start_with("compute", false, mode, &["8", "100000", "1000"], false)?;
+                let t = t0;
+                let mut cpu = 0.0;
+                row.compute_s = loop {
+                    if p.child.try_wait()?.is_some() {
+                        break t0.elapsed().as_secs_f64();
+                    }
+                    cpu = cpu_seconds(p.child.id()).unwrap_or(cpu);
+                    if t.elapsed() > opts.compute_limit {
+                        // Estimate from the last pass the guest reported.
+                        let pass = p
+                            .text()
+                            .lines()
+                            .filter_map(|l| l.strip_prefix("compute: pass ")?.split_whitespace().next()?.parse::<f64>().ok())
+                            .last();
+                        p.kill();
+                        let Some(pass) = pass else { bail!("compute reported no progress within {:?}", opts.compute_limit) };
+                        row.compute_estimated = true;
+                        break t0.elapsed().as_secs_f64() * 100_000.0 / pass;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                };
+                row.cpu_primary += cpu;
+                seconds += row.compute_s;
+                log.push_str(&p.text());
+                check_backup(&mut row, "compute", b);
+            }
+            // stream: 50 MB to a client.
+            {
+                let (mut p, b) = bed.start("stream", true, mode, &["50"])?;
+                wait_for(&mut p, "stream: serving", 20)?;
+                let (n, d) = stream_client(&bed.tb.client)?;
+                if n != 50_000_000 {
+                    bail!("the stream client got {n} bytes, not 50,000,000");
+                }
+                row.stream_mbs = n as f64 / 1e6 / d.as_secs_f64();
+                seconds += d.as_secs_f64();
+                row.cpu_primary += cpu_seconds(p.child.id()).unwrap_or(0.0);
+                log.push_str(&bed.quit(p)?);
+                check_backup(&mut row, "stream", b);
+            }
+            // kv and mixed.
+            for busy in ["0", "8"] {
+                let (mut p, b) = bed.start("kv", true, mode, &["6379", busy])?;
+                wait_for(&mut p, "kv: serving", 20)?;
+                let t = Instant::now();
+                let (_, p50) = redis_bench(&bed.tb.client, 1, 100)?;
+                let (rps, _) = redis_bench(&bed.tb.client, 16, 2000)?;
+                seconds += t.elapsed().as_secs_f64();
+                row.cpu_primary += cpu_seconds(p.child.id()).unwrap_or(0.0);
+                if busy == "0" {
+                    (row.kv_p50_ms, row.kv_rps) = (p50, rps);
+                } else {
+                    (row.mixed_p50_ms, row.mixed_rps) = (p50, rps);
+                }
+                log.push_str(&bed.quit(p)?);
+                check_backup(&mut row, if busy == "0" { "kv" } else { "mixed" }, b);
+            }
+            row.epochs = parse_epochs(&log);
+            row.unprotected = log.matches("UNPROTECTED").count();
+            row.seconds = seconds;
+            per_round[k].push(row);
         }
-        row.epochs = parse_epochs(&log);
-        row.unprotected = log.matches("UNPROTECTED").count();
-        row.seconds = seconds;
-        rows.push(row);
     }
+    let rows: Vec<Row> = per_round.iter().map(|r| Row::median_of(r)).collect();
     let checkpoints = if failover_only { vec![] } else { checkpoint_table(&bed)? };
     let failover = failovers_measured(&mut bed, failovers, None)?;
     let failover_fast_client = failovers_measured(&mut bed, failovers, Some(10))?;
@@ -445,6 +500,23 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
             rate,
             median(&r.epochs.pause_ms),
         );
+    }
+    if rounds > 1 {
+        println!("\n{rounds} rounds: the figures above are medians; each round's ratios to the same round's unprotected run:");
+        println!("{:<14} {:<24} {:<24} {:<24} {:<24}", "policy", "compute", "kv p50", "mixed p50", "mixed r/s");
+        let ratios = |rs: &[Row], f: fn(&Row) -> f64| {
+            rs.iter().zip(&per_round[0]).map(|(r, b)| format!("{:.2}", f(r) / f(b))).collect::<Vec<_>>().join(" ")
+        };
+        for rs in per_round.iter().skip(1) {
+            println!(
+                "{:<14} {:<24} {:<24} {:<24} {:<24}",
+                rs[0].policy,
+                ratios(rs, |r| r.compute_s),
+                ratios(rs, |r| r.kv_p50_ms),
+                ratios(rs, |r| r.mixed_p50_ms),
+                ratios(rs, |r| r.mixed_rps)
+            );
+        }
     }
     println!(
         "\nAccounting (tracking {}, compression {}{}): share of epochs tracked by comparing memory, switches, time finding dirty pages, checkpoint page bytes, their bytes on the wire, page frame bytes per checkpoint, share of checkpoints compressed (as LZ4 or XOR deltas) and as XOR deltas, CPU time of the primary's and the backup's processes (all four workloads; the unprotected primary's is the guests' own)",

@@ -212,9 +212,10 @@ impl ModelVm {
 
     /// The dirty cells of the epoch a checkpoint closes, found by the tracker, which then
     /// tracks the next epoch in mode `next`.
-    fn checkpoint_dirty(&mut self, next: TrackingMode) -> Vec<usize> {
+    fn checkpoint_dirty(&mut self, next: TrackingMode, hot_limit: u64) -> Vec<usize> {
         let truth: Vec<usize> = self.dirty.drain().collect();
         let Some(t) = self.tracker.as_mut() else { return truth };
+        t.set_hot_limit(hot_limit);
         let vmm = [std::mem::take(&mut self.vmm_written)];
         let closed = t.close_epoch(&self.bytes, &vmm, &mut self.log, |_| next).expect("tracker");
         self.compare_epochs += (closed.mode == Some(TrackingMode::Compare)) as u64;
@@ -534,13 +535,15 @@ impl World {
                 }
                 primary::Action::Checkpoint => {
                     let next = [TrackingMode::Log, TrackingMode::Compare, TrackingMode::Hybrid][self.track_rng.below(3) as usize];
+                    // Sometimes output waits and the hot set is limited, as the VMM does.
+                    let hot_limit = if self.track_rng.below(3) == 0 { self.track_rng.below(3) } else { u64::MAX };
                     let p = &mut self.primaries[i];
                     p.vm.epoch += 1;
                     let epoch = p.vm.epoch;
                     let open = std::mem::take(&mut p.vm.open);
                     let frames = open.len() as u64;
                     p.vm.sealed.push((epoch, open));
-                    let mut dirty = p.vm.checkpoint_dirty(next);
+                    let mut dirty = p.vm.checkpoint_dirty(next, hot_limit);
                     dirty.sort();
                     p.at_checkpoint.insert(epoch, (p.vm.mem, p.vm.disk, p.vm.state));
                     let disk_writes = p.disk_sent.remove(&epoch).unwrap_or(0);

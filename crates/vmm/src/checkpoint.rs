@@ -249,6 +249,8 @@ impl Vm {
             TrackingChoice::Fixed(_) => None,
         };
         let total = self.mem.pages();
+        // Output waits for this checkpoint: the checkpoint's duration is in a reply's latency.
+        let output_waits = self.tap.as_ref().is_some_and(|t| t.held_frames() > 0);
         let (mut log, mem, protection) = self.tracking_parts();
         let Some(Protection { tracker, chooser, .. }) = protection else {
             return Err(Error::Checkpoint { epoch, reason: "the VM is not protected".into() });
@@ -259,11 +261,12 @@ impl Vm {
             // take when written again.
             tracker.set_demote_after((cal.fault_ns / cal.compare_ns_per_page.max(1.0)).clamp(2.0, 64.0) as u8);
         }
+        tracker.set_hot_limit(chooser.hot_limit(output_waits));
         let hot = tracker.hot_pages();
         let closed = tracker
             .close_epoch(mem, &vmm_written, &mut log, |c| {
                 let mode = c.mode.unwrap_or(TrackingMode::Log);
-                let o = Observation { mode, dirty: c.pages.len() as u64, pages: total, find_ns: c.find_ns, hot };
+                let o = Observation { mode, dirty: c.pages.len() as u64, pages: total, find_ns: c.find_ns, hot, output_waits };
                 chooser.next(&o, calibration.as_ref())
             })
             .map_err(|reason| Error::Checkpoint { epoch, reason: format!("dirty tracking: {reason}") })?;

@@ -191,6 +191,8 @@ pub struct DirtyTracker {
     idle: Vec<u8>,
     /// A hot page unchanged for this many epochs is write-protected again.
     demote_after: u8,
+    /// Most hot pages the next hybrid epoch closes with ([`DirtyTracker::set_hot_limit`]).
+    hot_limit: u64,
 }
 
 impl DirtyTracker {
@@ -219,6 +221,7 @@ impl DirtyTracker {
             hot: vec![0; words],
             idle: Vec::new(),
             demote_after: DEMOTE_AFTER,
+            hot_limit: u64::MAX,
         }
     }
 
@@ -232,6 +235,14 @@ impl DirtyTracker {
     /// when it is written again).
     pub fn set_demote_after(&mut self, epochs: u8) {
         self.demote_after = epochs.max(1);
+    }
+
+    /// Sets the most hot pages the next hybrid epoch closes with (`u64::MAX`: no limit;
+    /// [`Chooser::hot_limit`]). Pages already hot keep their place, in page order; beyond the
+    /// limit a hot page is write-protected again after its comparison and a newly written
+    /// page is not made hot, so their next writes fault, as in log mode.
+    pub fn set_hot_limit(&mut self, pages: u64) {
+        self.hot_limit = pages;
     }
 
     /// Sets the warm-up budget per checkpoint and the most stale pages a switch copies (tests
@@ -374,6 +385,10 @@ impl DirtyTracker {
         if self.idle.len() as u64 != self.pages && shadow_ready {
             self.idle = vec![0; self.pages as usize];
         }
+        // Room for pages made hot in this epoch: what the limit leaves after the hot pages.
+        let mut room = self.hot_limit.saturating_sub(self.hot_pages());
+        // Hot pages kept so far (against the limit).
+        let mut kept = 0u64;
         for i in 0..self.stale.len() {
             let logged = raw.get(i).copied().unwrap_or(0);
             let by_vmm = vmm.get(i).copied().unwrap_or(0);
@@ -399,9 +414,22 @@ impl DirtyTracker {
                             self.hot[i] &= !bit;
                         }
                     }
+                    if self.hot[i] & bit != 0 {
+                        if kept < self.hot_limit {
+                            kept += 1;
+                        } else {
+                            // Over the limit: write-protected again below (its shadow is
+                            // current: compared, and copied if it changed, just now).
+                            self.hot[i] &= !bit;
+                        }
+                    }
                 } else {
                     pages.push(p);
-                    if shadow_ready {
+                    if shadow_ready && room == 0 {
+                        // No room: logged, its shadow out of date, as in log mode.
+                        self.stale[i] |= bit;
+                    } else if shadow_ready {
+                        room -= 1;
                         // Written: hot from now on, its shadow current. (Waiting for a second
                         // epoch in a row misses pages rewritten every other epoch, as a guest
                         // slowed by faults rewrites half its working set an epoch.)
@@ -494,6 +522,8 @@ pub struct Observation {
     pub find_ns: u64,
     /// Of them, hybrid mode's hot pages (compared, no faults); the others took faults.
     pub hot: u64,
+    /// Network output waits for the checkpoint closing the epoch.
+    pub output_waits: bool,
 }
 
 /// Chooses each epoch's tracking from measured costs, in units of guest time lost per epoch:
@@ -504,7 +534,9 @@ pub struct Observation {
 /// hybrid mode. Switches when the other mode is estimated at least
 /// [`Chooser::MARGIN`] times cheaper, and not within [`Chooser::DWELL`] epochs of the last
 /// switch (a switch to compare mode costs a copy of the stale pages). Without a fault-cost
-/// calibration it keeps log mode.
+/// calibration it keeps log mode. While output waits for the checkpoint, the checkpoint's
+/// duration is in a reply's latency: the hot set is limited ([`Chooser::hot_limit`]) and a
+/// compare pass longer than [`Chooser::OUTPUT_FIND_NS`] gives way to logging at once.
 #[derive(Debug, Clone)]
 pub struct Chooser {
     choice: TrackingChoice,
@@ -521,11 +553,32 @@ impl Chooser {
     pub const MARGIN: f64 = 1.5;
     /// Epochs to stay in a mode after a switch.
     pub const DWELL: u32 = 8;
+    /// Longest search for dirty pages (ns) in a pause while output waits for the checkpoint:
+    /// compare mode beyond it gives way to logging.
+    pub const OUTPUT_FIND_NS: u64 = 500_000;
+    /// Most hot pages while output waits for the checkpoint. Each hot page that changed costs
+    /// every checkpoint a reply waits for about 8 µs here (compared, copied, sent, applied:
+    /// 3.1 ms for 381 pages in `mixed`), so 128 cost at most about a millisecond, and the
+    /// pages a request or a stream rewrites fit (kv's hot set under redis-benchmark: about
+    /// 55; the stream guest's: about 90). A guest rewriting more takes the log's faults on
+    /// the rest, which slow it to what its checkpoints carry quickly, instead of putting all
+    /// its pages in every checkpoint.
+    pub const OUTPUT_HOT_PAGES: u64 = 128;
 
     /// A chooser for `choice`, starting in log mode; `hybrid`: the dirty log has manual
     /// protection, so `auto` may use hybrid mode (instead of plain logging).
     pub fn new(choice: TrackingChoice, hybrid: bool) -> Chooser {
         Chooser { choice, compare_ns_per_page: None, since_switch: 0, current: TrackingMode::Log, hybrid }
+    }
+
+    /// The most hot pages for the epoch being closed: [`Chooser::OUTPUT_HOT_PAGES`] while
+    /// output waits for the checkpoint (and the choice is `auto`), else no limit.
+    pub fn hot_limit(&self, output_waits: bool) -> u64 {
+        if output_waits && self.choice == TrackingChoice::Auto {
+            Self::OUTPUT_HOT_PAGES
+        } else {
+            u64::MAX
+        }
     }
 
     /// The choice it follows.
@@ -566,6 +619,12 @@ impl Chooser {
         let next = match (self.choice, cal) {
             (TrackingChoice::Fixed(m), _) => m,
             (TrackingChoice::Auto, None) => logging,
+            // Output waits for the checkpoint: no pass over memory that does not fit the
+            // budget (the hot set is held to it: `hot_limit`).
+            (TrackingChoice::Auto, Some(_)) if o.output_waits => match o.mode {
+                TrackingMode::Compare if o.find_ns <= Self::OUTPUT_FIND_NS => TrackingMode::Compare,
+                _ => logging,
+            },
             (TrackingChoice::Auto, Some(cal)) => {
                 let (log, cmp) = self.estimates(o, cal);
                 match o.mode {
@@ -864,6 +923,8 @@ mod tests {
         t.set_demote_after(3);
         let mut switches = 0;
         let mut hot_seen = 0;
+        // Hybrid epochs closed under a limit below the hot pages they started with.
+        let mut limited = 0;
         let mut want = TrackingMode::Compare;
         for epoch in 0..400 {
             let mut vmm = vec![0u64; pages.div_ceil(64)];
@@ -880,13 +941,19 @@ mod tests {
                     write(&mut mem, &mut log, p, b, v);
                 }
             }
+            let hot_before = t.hot_pages();
             // What is wanted changes now and then (a warm-up takes several epochs).
             if rnd(6) == 0 {
                 want = [TrackingMode::Log, TrackingMode::Compare, TrackingMode::Hybrid][rnd(3) as usize];
             }
+            // Now and then output waits and the hot set is limited, often below what is hot.
+            let limit = if rnd(3) == 0 { rnd(6) } else { u64::MAX };
+            t.set_hot_limit(limit);
             let closed = t.close_epoch(&mem, &vmm, &mut log, |_| want).expect("close");
             switches += (closed.next != closed.mode) as u32;
             hot_seen = hot_seen.max(t.hot_pages());
+            assert!(t.hot_pages() <= limit, "{} hot pages over the limit of {limit}", t.hot_pages());
+            limited += (limit < hot_before && closed.mode == Some(TrackingMode::Hybrid)) as u32;
             if closed.next == Some(TrackingMode::Compare) {
                 assert_eq!(t.stale_pages(), 0, "compare mode with a stale shadow");
             }
@@ -898,19 +965,49 @@ mod tests {
         }
         assert!(switches > 8, "{switches} switches");
         assert_eq!(hot_seen > 0, manual, "hot pages: {hot_seen}");
+        assert!(!manual || limited >= 10, "{limited} hybrid epochs closed with fewer hot pages allowed than they had");
+    }
+
+    /// While output waits, `auto` limits the hot set and leaves a compare mode whose pass is
+    /// longer than the budget at once; a fixed choice is left alone.
+    #[test]
+    fn waiting_output_limits_the_hot_set_and_the_search() {
+        let cal = Calibration { fault_ns: 20_000.0, compare_ns_per_page: 300.0 };
+        let mut c = Chooser::new(TrackingChoice::Auto, true);
+        assert_eq!(c.hot_limit(true), Chooser::OUTPUT_HOT_PAGES);
+        assert_eq!(c.hot_limit(false), u64::MAX);
+        // Many dirty pages: compare mode (after the dwell), while nothing waits.
+        let heavy = Observation { mode: TrackingMode::Hybrid, dirty: 8000, pages: 16384, find_ns: 50_000, hot: 0, output_waits: false };
+        let mut mode = TrackingMode::Hybrid;
+        for _ in 0..Chooser::DWELL + 1 {
+            mode = c.next(&Observation { mode, ..heavy }, Some(&cal));
+        }
+        assert_eq!(mode, TrackingMode::Compare);
+        // Output waits: a 4.9 ms pass goes at once; a pass within the budget stays.
+        let slow = Observation { mode, find_ns: 16384 * 300, output_waits: true, ..heavy };
+        assert_eq!(c.next(&slow, Some(&cal)), TrackingMode::Hybrid);
+        let quick = Observation { mode: TrackingMode::Compare, pages: 1024, find_ns: 1024 * 300, output_waits: true, ..heavy };
+        assert_eq!(c.next(&quick, Some(&cal)), TrackingMode::Compare);
+        // Without manual protection: plain logging.
+        let mut plain = Chooser::new(TrackingChoice::Auto, false);
+        assert_eq!(plain.next(&Observation { mode: TrackingMode::Compare, ..slow }, Some(&cal)), TrackingMode::Log);
+        // A fixed choice is the user's: no limit, no switch.
+        let mut fixed = Chooser::new(TrackingChoice::Fixed(TrackingMode::Hybrid), true);
+        assert_eq!(fixed.hot_limit(true), u64::MAX);
+        assert_eq!(fixed.next(&Observation { mode: TrackingMode::Hybrid, ..slow }, Some(&cal)), TrackingMode::Hybrid);
     }
 
     #[test]
     fn the_chooser_prefers_compare_for_many_dirty_pages_and_log_for_few() {
         let cal = Calibration { fault_ns: 20_000.0, compare_ns_per_page: 300.0 };
         let mut c = Chooser::new(TrackingChoice::Auto, false);
-        let heavy = Observation { mode: TrackingMode::Log, dirty: 2000, pages: 16384, find_ns: 50_000, hot: 0 };
+        let heavy = Observation { mode: TrackingMode::Log, dirty: 2000, pages: 16384, find_ns: 50_000, hot: 0, output_waits: false };
         let mut mode = TrackingMode::Log;
         for _ in 0..Chooser::DWELL + 1 {
             mode = c.next(&Observation { mode, ..heavy }, Some(&cal));
         }
         assert_eq!(mode, TrackingMode::Compare);
-        let light = Observation { mode, dirty: 10, pages: 16384, find_ns: 16384 * 300, hot: 0 };
+        let light = Observation { mode, dirty: 10, pages: 16384, find_ns: 16384 * 300, hot: 0, output_waits: false };
         for _ in 0..Chooser::DWELL + 1 {
             mode = c.next(&Observation { mode, ..light }, Some(&cal));
         }
