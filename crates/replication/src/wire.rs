@@ -35,6 +35,9 @@ pub const PAGE: usize = 4096;
 pub const MAX_PAYLOAD: usize = 32 << 20;
 /// Pages per [`Msg::Pages`] frame the encoder produces (well under [`MAX_PAYLOAD`]).
 pub const PAGES_PER_FRAME: usize = 1024;
+/// Pages per compressed or delta frame: encoding 1,024 pages took up to 40 ms on a loaded
+/// host, all of it silence on the link (the backup's timeout is 60 ms by default).
+pub const ENCODED_PAGES_PER_FRAME: usize = 256;
 
 /// Everything the two sides say to each other.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -722,7 +725,8 @@ impl Encoder {
 /// As [`write_checkpoint`], each pages frame as `encoding` says, with `enc`'s buffers (every
 /// page written is recorded in its copy of the backup's replica, if it has one;
 /// [`Encoding::Xor`] needs that copy complete: an error otherwise, before anything is
-/// written). Returns the bytes of page frames written.
+/// written). Each pages frame is flushed as soon as it is written. Returns the bytes of page
+/// frames written.
 pub fn write_checkpoint_encoded(
     w: &mut impl Write,
     epoch: u64,
@@ -737,8 +741,9 @@ pub fn write_checkpoint_encoded(
     }
     let Encoder { xor, block, copy } = enc;
     let mut bytes = 0u64;
-    for (i, chunk) in pages.chunks(PAGES_PER_FRAME).enumerate() {
-        let start = i * PAGES_PER_FRAME * PAGE;
+    let per_frame = if encoding == Encoding::Raw { PAGES_PER_FRAME } else { ENCODED_PAGES_PER_FRAME };
+    for (i, chunk) in pages.chunks(per_frame).enumerate() {
+        let start = i * per_frame * PAGE;
         let part = data.get(start..start + chunk.len() * PAGE).ok_or_else(|| io::Error::other("staged data shorter than its pages"))?;
         bytes += match (encoding, copy.as_ref()) {
             (Encoding::Xor, Some(c)) => write_pages_delta(w, epoch, chunk, part, c.memory(), xor, block)?,
@@ -751,6 +756,9 @@ pub fn write_checkpoint_encoded(
         if let Some(c) = copy.as_mut() {
             c.record_pages(epoch, chunk, part).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         }
+        // On the link now, not when a buffer fills: the backup counts its silence from the
+        // last frame it read, and encoding the next one can take tens of milliseconds.
+        w.flush()?;
     }
     write_msg(w, commit)?;
     Ok(bytes)
@@ -1062,6 +1070,37 @@ mod tests {
         }
         assert_eq!(seen, pages);
         assert_eq!(read_msg(&mut r), Err(WireError::Closed));
+    }
+
+    /// Each pages frame reaches the link as soon as it is written, even through a large
+    /// buffer: the backup's silence timeout counts from the last frame it read. (Compressed
+    /// frames of a 3,118-page checkpoint sat in the sender's 1 MiB buffer until the whole
+    /// checkpoint was encoded: 83 ms of silence under load, past the 60 ms timeout, and the
+    /// backup abandoned the synchronisation it had just received.)
+    #[test]
+    fn every_frame_of_a_checkpoint_is_flushed_as_it_is_written() {
+        /// The link: what reached it, write by write.
+        #[derive(Default)]
+        struct Link(Vec<usize>);
+        impl Write for Link {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.push(b.len());
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let pages: Vec<u64> = (0..3 * PAGES_PER_FRAME as u64).collect();
+        let data = vec![0u8; pages.len() * PAGE];
+        let commit = Msg::Commit { epoch: 1, guest_ns: 0, pages: pages.len() as u64, disk_writes: 0, vcpu: vec![] };
+        for encoding in [Encoding::Lz4, Encoding::Raw] {
+            let mut w = io::BufWriter::with_capacity(1 << 20, Link::default());
+            write_checkpoint_encoded(&mut w, 1, &pages, &data, &commit, encoding, &mut Encoder::default()).expect("write");
+            // Three frames on the link before the commit is written (it may wait for the
+            // caller's flush).
+            assert!(w.get_ref().0.len() >= 3, "{encoding:?}: {} writes reached the link", w.get_ref().0.len());
+        }
     }
 
     #[test]

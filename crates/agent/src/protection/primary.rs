@@ -632,7 +632,8 @@ impl Driver {
         let reader = stream.try_clone().map_err(|e| format!("backup connection: {e}"))?;
         let writer = stream.try_clone().map_err(|e| format!("backup connection: {e}"))?;
         spawn_reader(id, reader, self.tx.clone());
-        let out = spawn_sender(id, writer, self.mirror_rx.clone(), self.input.clone(), self.tx.clone(), self.opts.compression);
+        let keepalive = Duration::from_nanos(self.opts.timing.heartbeat_ns);
+        let out = spawn_sender(id, writer, self.mirror_rx.clone(), self.input.clone(), self.tx.clone(), self.opts.compression, keepalive);
         // Input goes to the backup the moment the VM receives it, not at the sender's next tick.
         let wake = Mutex::new(out.clone());
         self.input.set_notify(Some(Box::new(move || {
@@ -925,7 +926,11 @@ fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, String> {
     TcpStream::connect_timeout(&sa, timeout).map_err(|e| format!("backup {addr}: {e}"))
 }
 
-/// The sender thread of one connection.
+/// The sender thread of one connection. It never leaves the link silent for longer than
+/// `keepalive` while it waits for work: the backup's silence timeout runs from the last frame
+/// it read, and the state machine's own heartbeats stop while a checkpoint is taken (the
+/// checkpoint's frames are the word then, but they come only once the pause and the first
+/// frame's encoding are done).
 fn spawn_sender(
     conn: u64,
     stream: TcpStream,
@@ -933,6 +938,7 @@ fn spawn_sender(
     input: vmm::devices::net::InputLog,
     tx: Sender<Input>,
     compression: Compression,
+    keepalive: Duration,
 ) -> Sender<Out> {
     let (otx, orx) = channel::<Out>();
     let _ = std::thread::Builder::new().name(format!("repl-send-{conn}")).spawn(move || {
@@ -948,9 +954,15 @@ fn spawn_sender(
             encoder: wire::Encoder::default(),
             keep_copy,
         };
+        // When the link last carried anything (a flush after a write).
+        let mut last_word = Instant::now();
         let result = (|| -> Result<(), String> {
             loop {
-                match orx.recv_timeout(Duration::from_millis(2)) {
+                let next = orx.recv_timeout(Duration::from_millis(2));
+                if next.is_ok() {
+                    last_word = Instant::now();
+                }
+                match next {
                     Ok(Out::Msg(m)) => {
                         // A heartbeat (or a hello) goes ahead of queued disk writes: it needs
                         // no order with them, and behind a full mirror on a slow link it
@@ -1005,6 +1017,10 @@ fn spawn_sender(
                         s.send_input()?;
                         // A slice at a time, so that a checkpoint waits behind at most one.
                         s.drain_mirror_upto(Some(1 << 20))?;
+                        if last_word.elapsed() >= keepalive {
+                            wire::write_msg(&mut s.w, &Msg::Heartbeat { seq: 0 }).map_err(|e| e.to_string())?;
+                            last_word = Instant::now();
+                        }
                         s.w.flush().map_err(|e| e.to_string())?;
                     }
                     Err(RecvTimeoutError::Disconnected) => return Ok(()),
@@ -1016,6 +1032,42 @@ fn spawn_sender(
         }
     });
     otx
+}
+
+#[cfg(test)]
+mod sender_tests {
+    use super::*;
+
+    /// Nothing to send for 300 ms: the backup still hears a heartbeat every `keepalive`.
+    #[test]
+    fn an_idle_sender_keeps_the_link_alive() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let stream = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (mut backup, _) = listener.accept().expect("accept");
+        let (_mirror_tx, mirror_rx) = vmm::mirror_channel(vmm::mirror::MIRROR_LIMIT);
+        let (tx, _rx) = channel();
+        let out = spawn_sender(
+            1,
+            stream,
+            Arc::new(Mutex::new(mirror_rx)),
+            vmm::devices::net::InputLog::default(),
+            tx,
+            Compression::Off,
+            Duration::from_millis(10),
+        );
+        backup.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let t = Instant::now();
+        let mut heard = 0;
+        while t.elapsed() < Duration::from_millis(300) {
+            match wire::read_msg(&mut backup) {
+                Ok(Msg::Heartbeat { .. }) => heard += 1,
+                other => panic!("the backup read {other:?}"),
+            }
+        }
+        drop(out);
+        // 30 intervals of 10 ms; the thread wakes every 2 ms, the host may be loaded.
+        assert!(heard >= 10, "{heard} heartbeats in 300 ms of silence");
+    }
 }
 
 struct Sender_ {
