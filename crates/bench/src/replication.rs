@@ -76,10 +76,15 @@ fn parse_epochs(text: &str) -> Epochs {
     e
 }
 
+/// The median (of an even count, the mean of the two middle values).
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 0 => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        n => v[n / 2],
+    }
 }
 
 struct Bed {

@@ -265,6 +265,12 @@ impl Primary {
         self.handover != Handover::None
     }
 
+    /// Whether this copy is silent on purpose: the backup was told to take over, and one that
+    /// missed the message must time out (nothing may be sent to it, not even a heartbeat).
+    pub fn silent(&self) -> bool {
+        matches!(self.handover, Handover::Told { .. })
+    }
+
     /// Starts protection: output is held until the arbiter grants the lease, and a backup is
     /// sought at once.
     pub fn start(&mut self, now: u64) -> Vec<Action> {

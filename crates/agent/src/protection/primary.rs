@@ -211,6 +211,8 @@ struct Driver {
     config: Vec<u8>,
     /// Print every action and its duration (`VIGIL_DEBUG` set).
     debug: bool,
+    /// The senders' leave to keep the link alive ([`Voice`]).
+    voice: Voice,
     /// Whether the VM has a network device (output to release).
     has_net: bool,
     protected_logged: bool,
@@ -405,6 +407,7 @@ impl Driver {
             pending: BTreeMap::new(),
             config,
             debug: std::env::var_os("VIGIL_DEBUG").is_some(),
+            voice: Voice::new(clock),
             has_net: true,
             protected_logged: false,
             state: ReplicationState { protected: false, detail: "not yet protected".into(), figures: None, handover_ms, policy, backup },
@@ -434,6 +437,7 @@ impl Driver {
         .into();
         loop {
             while let Some(a) = actions.pop_front() {
+                self.voice.renew(timing.heartbeat_ns, sm.silent());
                 let t0 = Instant::now();
                 let what = if self.debug { format!("{a:?}") } else { String::new() };
                 if let Some(outcome) = self.act(&mut sm, a, &mut actions)? {
@@ -464,6 +468,8 @@ impl Driver {
             }
             let now = self.clock.now();
             let wait = sm.next_wakeup(now).saturating_sub(now).min(5_000_000);
+            // Leave to speak for as long as this loop may wait, and a heartbeat beyond.
+            self.voice.renew(wait.saturating_add(timing.heartbeat_ns), sm.silent());
             let input = match rx.recv_timeout(Duration::from_nanos(wait)) {
                 Ok(i) => Some(i),
                 Err(RecvTimeoutError::Timeout) => None,
@@ -633,7 +639,16 @@ impl Driver {
         let writer = stream.try_clone().map_err(|e| format!("backup connection: {e}"))?;
         spawn_reader(id, reader, self.tx.clone());
         let keepalive = Duration::from_nanos(self.opts.timing.heartbeat_ns);
-        let out = spawn_sender(id, writer, self.mirror_rx.clone(), self.input.clone(), self.tx.clone(), self.opts.compression, keepalive);
+        let out = spawn_sender(
+            id,
+            writer,
+            self.mirror_rx.clone(),
+            self.input.clone(),
+            self.tx.clone(),
+            self.opts.compression,
+            keepalive,
+            self.voice.clone(),
+        );
         // Input goes to the backup the moment the VM receives it, not at the sender's next tick.
         let wake = Mutex::new(out.clone());
         self.input.set_notify(Some(Box::new(move || {
@@ -926,11 +941,39 @@ fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, String> {
     TcpStream::connect_timeout(&sa, timeout).map_err(|e| format!("backup {addr}: {e}"))
 }
 
-/// The sender thread of one connection. It never leaves the link silent for longer than
-/// `keepalive` while it waits for work: the backup's silence timeout runs from the last frame
-/// it read, and the state machine's own heartbeats stop while a checkpoint is taken (the
-/// checkpoint's frames are the word then, but they come only once the pause and the first
-/// frame's encoding are done).
+/// The driver's leave for its sender threads to keep the link alive on its behalf: renewed
+/// by the driver loop on every pass for one heartbeat interval, withdrawn when the state
+/// machine is silent on purpose. A driver stuck in a VMM call stops renewing it, so its
+/// silence still reaches the backup (which then suspects it and asks the arbiter) a
+/// heartbeat interval later, as before there was a keepalive.
+#[derive(Clone)]
+struct Voice {
+    clock: Clock,
+    until: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Voice {
+    fn new(clock: Clock) -> Voice {
+        Voice { clock, until: Arc::new(std::sync::atomic::AtomicU64::new(0)) }
+    }
+
+    /// Leave for `ns` from now, or none when `silent`.
+    fn renew(&self, ns: u64, silent: bool) {
+        let until = if silent { 0 } else { self.clock.now().saturating_add(ns) };
+        self.until.store(until, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn may_speak(&self) -> bool {
+        self.clock.now() < self.until.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The sender thread of one connection. While `voice` allows it, it never leaves the link
+/// silent for longer than `keepalive` while it waits for work: the backup's silence timeout
+/// runs from the last frame it read, and the state machine's own heartbeats stop while a
+/// checkpoint is taken (the checkpoint's frames are the word then, but they come only once the
+/// pause and the first frame's encoding are done).
+#[allow(clippy::too_many_arguments)]
 fn spawn_sender(
     conn: u64,
     stream: TcpStream,
@@ -939,6 +982,7 @@ fn spawn_sender(
     tx: Sender<Input>,
     compression: Compression,
     keepalive: Duration,
+    voice: Voice,
 ) -> Sender<Out> {
     let (otx, orx) = channel::<Out>();
     let _ = std::thread::Builder::new().name(format!("repl-send-{conn}")).spawn(move || {
@@ -954,8 +998,11 @@ fn spawn_sender(
             encoder: wire::Encoder::default(),
             keep_copy,
         };
-        // When the link last carried anything (a flush after a write).
+        // When the link last carried anything (a flush after a write); after a handover the
+        // primary is silent on purpose (a backup that missed the handover message times out
+        // and takes over), so no keepalive then.
         let mut last_word = Instant::now();
+        let mut handed_over = false;
         let result = (|| -> Result<(), String> {
             loop {
                 let next = orx.recv_timeout(Duration::from_millis(2));
@@ -967,6 +1014,7 @@ fn spawn_sender(
                         // A heartbeat (or a hello) goes ahead of queued disk writes: it needs
                         // no order with them, and behind a full mirror on a slow link it
                         // would arrive seconds late.
+                        handed_over |= matches!(m, Msg::Handover { .. });
                         wire::write_msg(&mut s.w, &m).map_err(|e| e.to_string())?;
                         s.w.flush().map_err(|e| e.to_string())?;
                     }
@@ -1017,7 +1065,7 @@ fn spawn_sender(
                         s.send_input()?;
                         // A slice at a time, so that a checkpoint waits behind at most one.
                         s.drain_mirror_upto(Some(1 << 20))?;
-                        if last_word.elapsed() >= keepalive {
+                        if !handed_over && last_word.elapsed() >= keepalive && voice.may_speak() {
                             wire::write_msg(&mut s.w, &Msg::Heartbeat { seq: 0 }).map_err(|e| e.to_string())?;
                             last_word = Instant::now();
                         }
@@ -1038,14 +1086,17 @@ fn spawn_sender(
 mod sender_tests {
     use super::*;
 
-    /// Nothing to send for 300 ms: the backup still hears a heartbeat every `keepalive`.
+    /// Nothing to send for 300 ms: the backup still hears a heartbeat every `keepalive`, while
+    /// the driver's leave lasts; after it ends, and after a handover message, nothing.
     #[test]
-    fn an_idle_sender_keeps_the_link_alive() {
+    fn an_idle_sender_keeps_the_link_alive_until_a_handover() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let stream = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (mut backup, _) = listener.accept().expect("accept");
         let (_mirror_tx, mirror_rx) = vmm::mirror_channel(vmm::mirror::MIRROR_LIMIT);
         let (tx, _rx) = channel();
+        let voice = Voice::new(Clock::new());
+        voice.renew(10_000_000_000, false);
         let out = spawn_sender(
             1,
             stream,
@@ -1054,6 +1105,7 @@ mod sender_tests {
             tx,
             Compression::Off,
             Duration::from_millis(10),
+            voice.clone(),
         );
         backup.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
         let t = Instant::now();
@@ -1064,9 +1116,41 @@ mod sender_tests {
                 other => panic!("the backup read {other:?}"),
             }
         }
-        drop(out);
         // 30 intervals of 10 ms; the thread wakes every 2 ms, the host may be loaded.
         assert!(heard >= 10, "{heard} heartbeats in 300 ms of silence");
+        // A driver that stops renewing the leave (stuck in a VMM call): silence, so the backup
+        // can suspect it.
+        voice.renew(0, false);
+        backup.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+        let t = Instant::now();
+        let mut quiet = false;
+        while !quiet && t.elapsed() < Duration::from_secs(2) {
+            match wire::read_msg(&mut backup) {
+                Ok(Msg::Heartbeat { .. }) => {}
+                Ok(m) => panic!("the backup read {m:?}"),
+                Err(_) => quiet = true,
+            }
+        }
+        assert!(quiet, "heartbeats went on for 2 s after the driver's leave ended");
+        // The leave again, then a handover: the handover message, then nothing.
+        backup.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        voice.renew(10_000_000_000, false);
+        // After a handover the primary is silent on purpose (the leave stays: the sender
+        // itself knows).
+        out.send(Out::Msg(Msg::Handover { epoch: 7, paused_ns: 0 })).expect("send");
+        loop {
+            match wire::read_msg(&mut backup) {
+                Ok(Msg::Heartbeat { .. }) => continue,
+                Ok(Msg::Handover { epoch: 7, .. }) => break,
+                other => panic!("the backup read {other:?}"),
+            }
+        }
+        backup.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+        match wire::read_msg(&mut backup) {
+            Err(_) => {}
+            Ok(m) => panic!("after the handover the backup read {m:?}"),
+        }
+        drop(out);
     }
 }
 
