@@ -89,6 +89,10 @@ pub struct Args {
     /// `replication`: limit the replication link to this many Mbit/s (tc), e.g. 1000.
     #[arg(long)]
     link_mbit: Option<u32>,
+    /// `replication`: the replication link's MTU: 65535 behaves as loopback (65536), 9000 is
+    /// a jumbo-frame link, 1500 plain Ethernet.
+    #[arg(long, default_value_t = 65535, value_parser = clap::value_parser!(u32).range(1280..=65535))]
+    link_mtu: u32,
     /// `replication`: seconds `compute` may run (beyond, its time is estimated from its
     /// progress).
     #[arg(long, default_value_t = 300)]
@@ -204,6 +208,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             tracking: args.tracking,
             compression: args.compression,
             link_mbit: args.link_mbit,
+            link_mtu: args.link_mtu,
             compute_limit: Duration::from_secs(args.compute_limit),
             rounds: args.rounds.unwrap_or(1),
         };

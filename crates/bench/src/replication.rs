@@ -53,6 +53,8 @@ struct Epochs {
     wire_bytes: f64,
     compressed: usize,
     delta: usize,
+    /// Each checkpoint's page bytes over its sending time (MB/s).
+    send_mbs: Vec<f64>,
 }
 
 fn parse_epochs(text: &str) -> Epochs {
@@ -64,6 +66,9 @@ fn parse_epochs(text: &str) -> Epochs {
         e.pages.push(r.dirty_pages as f64);
         e.bytes += r.bytes as f64;
         e.transfer_ms += ms(r.transfer_ns);
+        if r.transfer_ns > 0 {
+            e.send_mbs.push(r.bytes as f64 / 1e6 / (r.transfer_ns as f64 / 1e9));
+        }
         e.ack_ms.push(ms(r.ack_ns));
         e.delay_ms.extend(r.output_delay_ns.map(ms));
         e.compare += (r.tracking == Some(vmm::TrackingMode::Compare)) as usize;
@@ -96,6 +101,9 @@ struct Bed {
     /// `--tracking` and `--compression` of the protected VMs.
     tracking: vmm::TrackingChoice,
     compression: replication::compress::Compression,
+    /// When the last primary was started (its backup, on the other host, was already
+    /// listening, as a backup host's agent is).
+    primary_started: Instant,
 }
 
 impl Bed {
@@ -135,6 +143,7 @@ impl Bed {
         }
         args.push("--".into());
         args.extend(s(guest_args));
+        self.primary_started = Instant::now();
         let mut p = spawn(&self.tb.a, &args, self.dir.join(format!("{}-primary.log", self.run)))?;
         if policy.is_some() && wait {
             wait_for(&mut p, "protected: the backup holds", 30)?;
@@ -258,6 +267,8 @@ pub struct Options {
     pub compression: replication::compress::Compression,
     /// Limit the replication link to this many Mbit/s (tc in host A's namespace).
     pub link_mbit: Option<u32>,
+    /// The replication link's MTU.
+    pub link_mtu: u32,
     /// How long `compute` may run; a run that takes longer is stopped and its time estimated
     /// from its progress.
     pub compute_limit: Duration,
@@ -336,6 +347,7 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
     let tb = Testbed::new("bench").map_err(anyhow::Error::msg)?;
     let mut arbiter = spawn(&tb.switch, &testbed::twohost::arbiter_args(&dir.join("arbiter.leases")), dir.join("arbiter.log"))?;
     wait_for(&mut arbiter, "serving leases", 10)?;
+    tb.set_replication_mtu(opts.link_mtu).map_err(anyhow::Error::msg)?;
     if let Some(mbit) = opts.link_mbit {
         // The replication link from host A, limited to `mbit` (a token bucket, as a real link
         // of that rate would be).
@@ -348,7 +360,7 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
             bail!("tc on the replication link: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
     }
-    let mut bed = Bed { tb, dir: dir.clone(), _arbiter: arbiter, images, run: 0, tracking: opts.tracking, compression: opts.compression };
+    let mut bed = Bed { tb, dir: dir.clone(), _arbiter: arbiter, images, run: 0, tracking: opts.tracking, compression: opts.compression, primary_started: Instant::now() };
     let modes: Vec<Option<&str>> = std::iter::once(None).chain(policies.iter().map(|p| Some(p.as_str()))).collect();
     let modes = if failover_only { vec![] } else { modes };
     let rounds = opts.rounds.max(1);
@@ -365,11 +377,12 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
             let mut row = Row { policy: name, ..Row::default() };
             let mut log = String::new();
             let mut seconds = 0.0;
-            // compute: 8 MiB working set, 100,000 passes (from start to exit, the initial
-            // synchronisation of the protected runs included).
+            // compute: 8 MiB working set, 100,000 passes (from the primary's start to its
+            // exit, the initial synchronisation of the protected runs included; the backup's
+            // own start before it is not the VM's time).
             {
-                let t0 = Instant::now();
                 let (mut p, b) = bed.start_with("compute", false, mode, &["8", "100000", "1000"], false)?;
+                let t0 = bed.primary_started;
                 let t = t0;
                 let mut cpu = 0.0;
                 row.compute_s = loop {
@@ -435,6 +448,11 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
     }
     let rows: Vec<Row> = per_round.iter().map(|r| Row::median_of(r)).collect();
     let checkpoints = if failover_only { vec![] } else { checkpoint_table(&bed)? };
+    // The link's speed measured just before and just after vigil's, against the host's drift.
+    let burst = IDLE_PAGES as usize * replication::wire::PAGE;
+    let raw_before = if failover_only { 0.0 } else { raw_bursts(&bed.tb, burst, 30)? };
+    let idle = if failover_only { Epochs::default() } else { idle_throughput(&mut bed)? };
+    let raw_after = if failover_only { 0.0 } else { raw_bursts(&bed.tb, burst, 30)? };
     let failover = failovers_measured(&mut bed, failovers, None)?;
     let failover_fast_client = failovers_measured(&mut bed, failovers, Some(10))?;
     bed.tb.flood(true).map_err(anyhow::Error::msg)?;
@@ -460,7 +478,7 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({"policies": j, "failover_ms": failover, "failover_rto_min_10ms": failover_fast_client, "failover_flooding_lan": failover_flooded})
+                &serde_json::json!({"policies": j, "idle_guest_throughput_mb_per_s": rate(idle.bytes, idle.transfer_ms), "idle_guest_median_checkpoint_mb_per_s": median(&idle.send_mbs), "raw_burst_mb_per_s": [raw_before, raw_after], "failover_ms": failover, "failover_rto_min_10ms": failover_fast_client, "failover_flooding_lan": failover_flooded})
             )?
         );
         return Ok(());
@@ -527,7 +545,7 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
         "\nAccounting (tracking {}, compression {}{}): share of epochs tracked by comparing memory, switches, time finding dirty pages, checkpoint page bytes, their bytes on the wire, page frame bytes per checkpoint, share of checkpoints compressed (as LZ4 or XOR deltas) and as XOR deltas, CPU time of the primary's and the backup's processes (all four workloads; the unprotected primary's is the guests' own)",
         bed.tracking,
         bed.compression,
-        opts.link_mbit.map(|m| format!(", replication link {m} Mbit/s")).unwrap_or_default()
+        format!(", replication link MTU {}{}", opts.link_mtu, opts.link_mbit.map(|m| format!(", {m} Mbit/s")).unwrap_or_default())
     );
     println!(
         "{:<14} {:>8} {:>9} {:>9} {:>10} {:>10} {:>10} {:>12} {:>10} {:>8} {:>12} {:>11}",
@@ -608,6 +626,21 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
         if transfer > 0.0 { page_bytes / 1e6 / (transfer / 1e3) } else { 0.0 },
         if transfer > 0.0 { bytes / 1e6 / (transfer / 1e3) } else { 0.0 }
     );
+    println!(
+        "Checkpoint throughput to the backup, the guest idle between checkpoints (the counter guest rewrites {IDLE_PAGES} pages every {IDLE_ROUND_MS} ms, fixed:{IDLE_ROUND_MS}, {IDLE_SECONDS} s): {} checkpoints, median {:.0} pages, {:.0} MB of pages ({:.0} MB on the wire) in {:.0} ms of sending = {:.0} MB/s of pages; median checkpoint {:.0} MB/s",
+        idle.n,
+        median(&idle.pages),
+        idle.bytes / 1e6,
+        idle.wire_bytes / 1e6,
+        idle.transfer_ms,
+        rate(idle.bytes, idle.transfer_ms),
+        median(&idle.send_mbs)
+    );
+    let raw = (raw_before + raw_after) / 2.0;
+    println!(
+        "  the link itself, the same bursts without vigil (written whole, read whole into one buffer; median of 30 before and of 30 after): {raw_before:.0} and {raw_after:.0} MB/s; vigil's median checkpoint reaches {:.2} of their mean",
+        median(&idle.send_mbs) / raw
+    );
     for (runs, client) in [
         (&failover, "a default Linux client"),
         (&failover_fast_client, "a client with rto_min 10ms on its route"),
@@ -644,6 +677,87 @@ fn load_average() -> f64 {
 }
 
 /// Pause against dirty pages, with the counter guest (see `vigil bench vmm`).
+/// MB/s from bytes and milliseconds (0 without time).
+fn rate(bytes: f64, ms: f64) -> f64 {
+    if ms > 0.0 {
+        bytes / 1e6 / (ms / 1e3)
+    } else {
+        0.0
+    }
+}
+
+const IDLE_PAGES: u64 = 8192;
+const IDLE_ROUND_MS: u64 = 100;
+const IDLE_SECONDS: u64 = 5;
+
+/// The checkpoint path's own speed: a protected guest that rewrites [`IDLE_PAGES`] pages, then
+/// sleeps for a checkpoint interval, so that the primary's sender and the backup's receiver
+/// have the cores to themselves (in the workloads above, a guest's vCPU holds one of this
+/// host's two cores while they run, and they share the other).
+fn idle_throughput(bed: &mut Bed) -> Result<Epochs> {
+    let (pages, delay) = (IDLE_PAGES.to_string(), IDLE_ROUND_MS.to_string());
+    let policy = format!("fixed:{IDLE_ROUND_MS}");
+    let (mut p, b) = bed.start("counter", false, Some(&policy), &["rounds", &pages, "0", &delay])?;
+    wait_for(&mut p, "round 2", 30)?;
+    std::thread::sleep(Duration::from_secs(IDLE_SECONDS));
+    let log = bed.quit(p)?;
+    drop(b);
+    Ok(parse_epochs(&log))
+}
+
+/// The link's own speed for the same traffic: `count` bursts of `bytes` from host A to host
+/// B over the replication link, one every [`IDLE_ROUND_MS`], each written whole and read whole
+/// into one reused buffer, then answered with one byte before the next; returns the median
+/// MB/s of a burst, timed as the primary times a checkpoint's sending (until the last byte is
+/// written to the socket). No framing, checksums or replica: what a checkpoint of that size
+/// cannot beat on this link.
+fn raw_bursts(tb: &Testbed, bytes: usize, count: usize) -> Result<f64> {
+    let addr = format!("{}:7199", Host::B.rep_ip());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::result::Result<(), String>>();
+    let b = std::thread::scope(|scope| -> Result<f64> {
+        let receiver = scope.spawn(|| -> std::result::Result<(), String> {
+            let listener = tb.enter(Host::B).and_then(|_| std::net::TcpListener::bind(&addr).map_err(|e| format!("bind {addr}: {e}")));
+            let listener = match listener {
+                Ok(l) => {
+                    let _ = ready_tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.clone()));
+                    return Err(e);
+                }
+            };
+            let (mut c, _) = listener.accept().map_err(|e| e.to_string())?;
+            let mut buf = vec![0u8; bytes];
+            for _ in 0..count {
+                c.read_exact(&mut buf).map_err(|e| e.to_string())?;
+                c.write_all(b"k").map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        });
+        ready_rx.recv().map_err(|_| anyhow::anyhow!("the receiver ended"))?.map_err(anyhow::Error::msg)?;
+        let sender = scope.spawn(|| -> std::result::Result<Vec<f64>, String> {
+            tb.enter(Host::A)?;
+            let mut s = std::net::TcpStream::connect(&addr).map_err(|e| format!("connect {addr}: {e}"))?;
+            let data = vec![7u8; bytes];
+            let mut ack = [0u8; 1];
+            let mut rates = Vec::new();
+            for _ in 0..count {
+                let t = Instant::now();
+                s.write_all(&data).map_err(|e| e.to_string())?;
+                rates.push(bytes as f64 / 1e6 / t.elapsed().as_secs_f64());
+                s.read_exact(&mut ack).map_err(|e| e.to_string())?;
+                std::thread::sleep(Duration::from_millis(IDLE_ROUND_MS));
+            }
+            Ok(rates)
+        });
+        let rates = sender.join().map_err(|_| anyhow::anyhow!("the sender panicked"))?.map_err(anyhow::Error::msg)?;
+        receiver.join().map_err(|_| anyhow::anyhow!("the receiver panicked"))?.map_err(anyhow::Error::msg)?;
+        Ok(median(&rates))
+    })?;
+    Ok(b)
+}
+
 fn checkpoint_table(bed: &Bed) -> Result<Vec<(f64, f64, f64, f64)>> {
     crate::vmm::checkpoint_samples(&bed.images["counter"])
 }
