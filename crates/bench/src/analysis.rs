@@ -100,6 +100,9 @@ pub struct Args {
     /// `replication`: only time failovers.
     #[arg(long)]
     failover_only: bool,
+    /// `replication`: only measure the checkpoint path's throughput against the link's own.
+    #[arg(long, conflicts_with = "failover_only")]
+    throughput_only: bool,
     /// `components`: kv without a disk (the network backend alone).
     #[arg(long)]
     no_disk: bool,
@@ -204,6 +207,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let opts = crate::replication::Options {
             failovers: args.failovers,
             failover_only: args.failover_only,
+            throughput_only: args.throughput_only,
             json: args.json,
             tracking: args.tracking,
             compression: args.compression,
