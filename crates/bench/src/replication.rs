@@ -362,7 +362,16 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
             bail!("tc on the replication link: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
     }
-    let mut bed = Bed { tb, dir: dir.clone(), _arbiter: arbiter, images, run: 0, tracking: opts.tracking, compression: opts.compression, primary_started: Instant::now() };
+    let mut bed = Bed {
+        tb,
+        dir: dir.clone(),
+        _arbiter: arbiter,
+        images,
+        run: 0,
+        tracking: opts.tracking,
+        compression: opts.compression,
+        primary_started: Instant::now(),
+    };
     if opts.throughput_only {
         let t = Throughput::measure(&mut bed)?;
         if json {

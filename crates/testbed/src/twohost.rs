@@ -216,8 +216,8 @@ impl Testbed {
 
     /// Sets the MTU of the replication link on both hosts (1,500 as created; up to 65,535 on a
     /// veth, loopback's 65,536 being the same in effect). Measured here with iperf3, one TCP
-    /// stream: ~1.6–1.8 GB/s at 1,500, 2.1–2.7 GB/s at 9,000 (jumbo frames), 3.9–4.3 GB/s at
-    /// 65,535: the per-packet cost, not the copy, bounds a veth at Ethernet's MTU.
+    /// stream: 1.6–1.9 GB/s at 1,500, 2.0–2.7 GB/s at 9,000 (jumbo frames), 3.9–4.3 GB/s at
+    /// 65,535 (a steady stream; bursts of a checkpoint's size gain far less, docs/replication.md).
     pub fn set_replication_mtu(&self, mtu: u32) -> Result<(), String> {
         for ns in [&self.a, &self.b] {
             self.exec(ns, &["link", "set", "dev", "rep", "mtu", &mtu.to_string()])?;
