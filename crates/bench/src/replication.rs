@@ -792,7 +792,19 @@ fn raw_bursts(tb: &Testbed, bytes: usize, count: usize) -> Result<f64> {
                     return Err(e);
                 }
             };
-            let (mut c, _) = listener.accept().map_err(|e| e.to_string())?;
+            // Not for ever: a sender that failed to connect must not hang the bench.
+            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let t = Instant::now();
+            let mut c = loop {
+                match listener.accept() {
+                    Ok((c, _)) => break c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && t.elapsed() < Duration::from_secs(10) => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(e) => return Err(format!("accepting the burst sender: {e}")),
+                }
+            };
+            c.set_nonblocking(false).and_then(|_| c.set_read_timeout(Some(Duration::from_secs(10)))).map_err(|e| e.to_string())?;
             let mut buf = vec![0u8; bytes];
             for _ in 0..count {
                 c.read_exact(&mut buf).map_err(|e| e.to_string())?;
@@ -804,6 +816,9 @@ fn raw_bursts(tb: &Testbed, bytes: usize, count: usize) -> Result<f64> {
         let sender = scope.spawn(|| -> std::result::Result<Vec<f64>, String> {
             tb.enter(Host::A)?;
             let mut s = std::net::TcpStream::connect(&addr).map_err(|e| format!("connect {addr}: {e}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .and_then(|_| s.set_write_timeout(Some(Duration::from_secs(10))))
+                .map_err(|e| e.to_string())?;
             let data = vec![7u8; bytes];
             let mut ack = [0u8; 1];
             let mut rates = Vec::new();
