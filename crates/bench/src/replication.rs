@@ -558,10 +558,11 @@ pub fn run(policies: &[replication::PolicySpec], opts: &Options) -> Result<()> {
         }
     }
     println!(
-        "\nAccounting (tracking {}, compression {}{}): share of epochs tracked by comparing memory, switches, time finding dirty pages, checkpoint page bytes, their bytes on the wire, page frame bytes per checkpoint, share of checkpoints compressed (as LZ4 or XOR deltas) and as XOR deltas, CPU time of the primary's and the backup's processes (all four workloads; the unprotected primary's is the guests' own)",
+        "\nAccounting (tracking {}, compression {}, replication link MTU {}{}): share of epochs tracked by comparing memory, switches, time finding dirty pages, checkpoint page bytes, their bytes on the wire, page frame bytes per checkpoint, share of checkpoints compressed (as LZ4 or XOR deltas) and as XOR deltas, CPU time of the primary's and the backup's processes (all four workloads; the unprotected primary's is the guests' own)",
         bed.tracking,
         bed.compression,
-        format!(", replication link MTU {}{}", opts.link_mtu, opts.link_mbit.map(|m| format!(", {m} Mbit/s")).unwrap_or_default())
+        opts.link_mtu,
+        opts.link_mbit.map(|m| format!(", {m} Mbit/s")).unwrap_or_default()
     );
     println!(
         "{:<14} {:>8} {:>9} {:>9} {:>10} {:>10} {:>10} {:>12} {:>10} {:>8} {:>12} {:>11}",
