@@ -128,9 +128,14 @@ fn run_command(mut c: std::process::Command) -> Result<Vec<(String, Lat)>> {
 /// One figure of a [`Lat`].
 type Metric = fn(&Lat) -> f64;
 
+/// The median (of an even count, the mean of the two middle values).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 0 => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        n => v[n / 2],
+    }
 }
 
 /// A client that sends PING on one connection without pause from inside the namespace and
@@ -423,7 +428,11 @@ pub fn run(o: &Options) -> Result<()> {
                     "median of {} rounds of {} requests, 4 clients{}; both with memfd guest memory; process with {chosen}; in VMM with anonymous memory: {} ({:.3} of memfd); process with both rings off (synchronous, as before them): {} ({:.3} of memfd); process with {other}: {} ({:.3} of memfd)",
                     o.rounds.max(1),
                     requests,
-                    if o.no_disk { ", no disk" } else { ", kv logging to its disk" },
+                    match (o.no_disk, test == service) {
+                        (true, _) => ", no disk",
+                        (false, false) => ", kv logging to its disk",
+                        (false, true) => ", kv with its disk (ROTATE writes nothing to it)",
+                    },
                     fmt(anon),
                     anon / a,
                     fmt(sync),
