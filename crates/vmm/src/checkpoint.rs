@@ -407,6 +407,20 @@ fn reserve_staging(data: &mut Vec<u8>, len: usize) {
     }
 }
 
+/// Readies a staging buffer for checkpoints of up to `len` bytes, outside any pause: a buffer
+/// with less room is replaced by one of `len` bytes whose pages are all touched now (a page
+/// fault each, on the caller's thread), so that the copy of a later pause finds them mapped.
+/// A 32 MiB copy into a buffer that had just grown took 34–74 ms on these hosts, more than the
+/// backup waits before it suspects its primary. The buffer comes back empty.
+pub fn prepare_staging(data: &mut Vec<u8>, len: usize) {
+    if data.capacity() >= len {
+        return;
+    }
+    reserve_staging(data, len);
+    data.resize(len, 0);
+    data.clear();
+}
+
 /// Runs of consecutive page numbers in an ascending list, as (first, count).
 fn runs(pages: &[u64]) -> impl Iterator<Item = (u64, u64)> + '_ {
     let mut i = 0;
@@ -591,6 +605,21 @@ pub fn gratuitous_arp(mac: [u8; 6], ip: Ipv4Addr, op: ArpOp) -> [u8; ARP_FRAME_L
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A prepared buffer is the one the pause's copy then uses: no new allocation for a
+    /// checkpoint that fits.
+    #[test]
+    fn a_prepared_staging_buffer_is_kept_by_the_pause() {
+        let mut data = Vec::new();
+        prepare_staging(&mut data, 64 * PAGE);
+        assert!(data.is_empty() && data.capacity() >= 64 * PAGE);
+        let at = data.as_ptr();
+        reserve_staging(&mut data, 40 * PAGE);
+        assert_eq!(data.as_ptr(), at, "the pause allocated again");
+        // A smaller request leaves a larger buffer as it is.
+        prepare_staging(&mut data, 8 * PAGE);
+        assert_eq!(data.as_ptr(), at);
+    }
 
     #[test]
     fn runs_group_consecutive_pages() {

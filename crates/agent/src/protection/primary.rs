@@ -997,6 +997,8 @@ fn spawn_sender(
             synced: false,
             encoder: wire::Encoder::default(),
             keep_copy,
+            mem_bytes: 0,
+            largest: 0,
         };
         // When the link last carried anything (a flush after a write); after a handover the
         // primary is silent on purpose (a backup that missed the handover message times out
@@ -1055,7 +1057,13 @@ fn spawn_sender(
                             send_ns: if compressed { write_ns } else { pages_ns },
                             encoding,
                         });
-                        let _ = tx.send(Input::Sent { conn, epoch: c.epoch, transfer_ns, buffer: c.data, wire_bytes, encoding });
+                        // The buffer goes back to the driver for a later pause, with room for
+                        // twice the largest checkpoint so far (at most the VM's memory), its
+                        // pages mapped here rather than by that pause's copy.
+                        let mut buffer = c.data;
+                        s.largest = s.largest.max(buffer.len());
+                        vmm::checkpoint::prepare_staging(&mut buffer, (2 * s.largest).min(s.mem_bytes.max(s.largest)));
+                        let _ = tx.send(Input::Sent { conn, epoch: c.epoch, transfer_ns, buffer, wire_bytes, encoding });
                     }
                     Ok(Out::Input) => {
                         s.send_input()?;
@@ -1168,6 +1176,10 @@ struct Sender_ {
     encoder: wire::Encoder,
     /// Whether to keep that copy (compression `xor` or `auto`).
     keep_copy: bool,
+    /// The VM's memory (bytes, from the synchronisation) and the largest checkpoint sent on
+    /// this connection (page bytes): the staging buffers are readied for twice that.
+    mem_bytes: usize,
+    largest: usize,
 }
 
 impl Sender_ {
@@ -1220,6 +1232,7 @@ impl Sender_ {
 
     /// All of memory, then all of the disk, while the VM runs; then the counts.
     fn sync(&mut self, view: &MemoryView, disk: Option<&std::path::Path>, settle: Option<&vmm::backend::Settler>) -> Result<(), String> {
+        self.mem_bytes = view.size() as usize;
         // Writes queued before the synchronisation are in what it reads: on the file, once a
         // block backend's write ring holds none of them (the guest was told they are done
         // when they entered it).
