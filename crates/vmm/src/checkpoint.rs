@@ -411,7 +411,7 @@ fn reserve_staging(data: &mut Vec<u8>, len: usize) {
 /// with less room is replaced by one of `len` bytes whose pages are all touched now (a page
 /// fault each, on the caller's thread), so that the copy of a later pause finds them mapped.
 /// A 32 MiB copy into a buffer that had just grown took 34–74 ms on these hosts, more than the
-/// backup waits before it suspects its primary. The buffer comes back empty.
+/// backup waits before it suspects its primary. A buffer that had room is left as it was.
 pub fn prepare_staging(data: &mut Vec<u8>, len: usize) {
     if data.capacity() >= len {
         return;

@@ -199,8 +199,15 @@ impl MirrorReceiver {
 
 impl Drop for MirrorReceiver {
     fn drop(&mut self) {
-        self.clear();
-        self.shared.lock().receiver_gone = true;
+        // Gone and emptied under one lock: a sender woken by the emptying must find the
+        // receiver gone, not room (a write queued then would be lost unannounced; the unit
+        // test below failed that way once under load).
+        let mut q = self.shared.lock();
+        q.receiver_gone = true;
+        q.taken += q.bytes as u64;
+        q.writes.clear();
+        q.bytes = 0;
+        drop(q);
         self.shared.changed.notify_all();
     }
 }

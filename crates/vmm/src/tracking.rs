@@ -586,13 +586,16 @@ impl Chooser {
 
     /// The most hot pages for the epoch being closed, under `auto` (a fixed choice: no limit):
     /// as many as hybrid mode searches in [`Chooser::PAUSE_FIND_NS`] at the cost per hot page
-    /// measured so far (none measured yet: no limit), and at most
+    /// measured so far (none measured yet: no limit), never fewer than
+    /// [`Chooser::OUTPUT_HOT_PAGES`] (one sample inflated by a burst of pages made hot must not
+    /// shut the hot set, after which nothing would be measured again), and at most
     /// [`Chooser::OUTPUT_HOT_PAGES`] while output waits for the checkpoint.
     pub fn hot_limit(&self, output_waits: bool) -> u64 {
         if self.choice != TrackingChoice::Auto {
             return u64::MAX;
         }
-        let budget = self.hot_ns_per_page.map_or(u64::MAX, |ns| (Self::PAUSE_FIND_NS as f64 / ns.max(1.0)) as u64);
+        let budget =
+            self.hot_ns_per_page.map_or(u64::MAX, |ns| ((Self::PAUSE_FIND_NS as f64 / ns.max(1.0)) as u64).max(Self::OUTPUT_HOT_PAGES));
         if output_waits {
             budget.min(Self::OUTPUT_HOT_PAGES)
         } else {
@@ -1047,6 +1050,11 @@ mod tests {
         assert!(limit as f64 * per_page <= Chooser::PAUSE_FIND_NS as f64 + per_page, "{limit} pages take longer than the budget");
         assert!(limit as f64 * per_page > 0.9 * Chooser::PAUSE_FIND_NS as f64, "{limit} pages leave the budget unused");
         assert_eq!(c.hot_limit(true), limit.min(Chooser::OUTPUT_HOT_PAGES));
+        // One sample inflated by a burst of pages made hot over a single hot page does not
+        // shut the hot set.
+        let mut burst = Chooser::new(TrackingChoice::Auto, true);
+        burst.next(&Observation { find_ns: 30_000_000, hot: 1, ..big }, Some(&cal));
+        assert_eq!(burst.hot_limit(false), Chooser::OUTPUT_HOT_PAGES);
         // A VM of 1 GiB: a compare pass (78 ms at 300 ns a page) is never chosen, however
         // many faults logging costs.
         let mut huge = Chooser::new(TrackingChoice::Auto, true);

@@ -59,6 +59,9 @@ pub enum Input {
     /// The sender of connection `conn` wrote checkpoint `epoch` in `transfer_ns`.
     /// (`wire_bytes`: its page frames' bytes, `encoding`: how they travelled.)
     Sent { conn: u64, epoch: u64, transfer_ns: u64, buffer: Vec<u8>, wire_bytes: u64, encoding: replication::compress::Encoding },
+    /// A staging buffer readied for later checkpoints (its pages mapped) on a thread of its
+    /// own, for the driver's spares.
+    Spare { buffer: Vec<u8> },
     /// The sender of connection `conn` failed.
     SendFailed { conn: u64, reason: String },
     /// The VM stopped.

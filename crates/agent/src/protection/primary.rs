@@ -542,13 +542,20 @@ impl Driver {
             Input::SyncSent { conn } if Some(conn) == current => Some(Event::SyncSent),
             Input::SyncSent { .. } => None,
             Input::Sent { conn: _, epoch, transfer_ns, buffer, wire_bytes, encoding } => {
-                self.spare.push(buffer);
+                // An empty one is being readied elsewhere ([`Input::Spare`]).
+                if buffer.capacity() > 0 {
+                    self.spare.push(buffer);
+                }
                 if let Some(e) = self.pending.get_mut(&epoch) {
                     e.transfer_ns = transfer_ns;
                     e.wire_bytes = wire_bytes;
                     e.compressed = encoding.compressed();
                     e.delta = encoding == Encoding::Xor;
                 }
+                None
+            }
+            Input::Spare { buffer } => {
+                self.spare.push(buffer);
                 None
             }
             Input::SendFailed { conn, reason } if Some(conn) == current => Some(Event::BackupLost { reason }),
@@ -1059,10 +1066,22 @@ fn spawn_sender(
                         });
                         // The buffer goes back to the driver for a later pause, with room for
                         // twice the largest checkpoint so far (at most the VM's memory), its
-                        // pages mapped here rather than by that pause's copy.
-                        let mut buffer = c.data;
-                        s.largest = s.largest.max(buffer.len());
-                        vmm::checkpoint::prepare_staging(&mut buffer, (2 * s.largest).min(s.mem_bytes.max(s.largest)));
+                        // pages mapped beforehand rather than by that pause's copy. Growing it
+                        // takes a page fault per 4 KiB (about 100 ms for 64 MiB here): on a
+                        // thread of its own, so that this one keeps the link alive meanwhile
+                        // and the checkpoint's figures arrive before its acknowledgement.
+                        s.largest = s.largest.max(c.data.len());
+                        let want = (2 * s.largest).min(s.mem_bytes.max(s.largest));
+                        let buffer = if c.data.capacity() >= want {
+                            c.data
+                        } else {
+                            let (mut grown, tx) = (c.data, tx.clone());
+                            let _ = std::thread::Builder::new().name("repl-staging".into()).spawn(move || {
+                                vmm::checkpoint::prepare_staging(&mut grown, want);
+                                let _ = tx.send(Input::Spare { buffer: grown });
+                            });
+                            Vec::new()
+                        };
                         let _ = tx.send(Input::Sent { conn, epoch: c.epoch, transfer_ns, buffer, wire_bytes, encoding });
                     }
                     Ok(Out::Input) => {
